@@ -1,0 +1,99 @@
+"""Chain attention (paper §3.2.1) and its KV-sharing variant CoLM-Air (§3.3).
+
+Each chain owns ``chains[i]`` query heads. Without KV sharing it also owns its K/V heads (GQA within
+the chain); with KV sharing all K/V heads are computed from chain 1's features and every chain's
+query heads read them, chain-locally grouped (local query head j of chain i reads K/V head
+``j // (chains[i] / n_kv_heads)``), which for one chain is exactly Llama's GQA.
+
+Path of one call: chain Linears give q (active chains) and k, v (their K/V heads); RoPE; heads are
+reordered so one GQA attention call serves all chains; the cache (if any) stores k, v and attends;
+the output chain Linear maps back.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from colm.attention_backend import attention
+from colm.chain_linear import ChainLinear
+from colm.config import ModelConfig
+from colm.rope import apply_rope
+
+
+@lru_cache(maxsize=None)
+def _air_order(chains: tuple[int, ...], n_kv: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    order = []
+    starts = [sum(chains[:i]) for i in range(len(chains))]
+    for g in range(n_kv):
+        for start, c in zip(starts, chains):
+            r = c // n_kv
+            order.extend(range(start + g * r, start + (g + 1) * r))
+    inverse = [0] * len(order)
+    for pos, h in enumerate(order):
+        inverse[h] = pos
+    return tuple(order), tuple(inverse)
+
+
+def query_head_order(cfg: ModelConfig, scale: int) -> tuple[list[int], list[int]] | None:
+    """Permutation putting query heads in GQA order (head h reads K/V head h // group), and its inverse.
+
+    None when the natural order already is (no KV sharing, or a single active chain).
+    """
+    if not cfg.kv_sharing or scale == 1:
+        return None
+    order, inverse = _air_order(cfg.chains[:scale], cfg.n_kv_heads)
+    return list(order), list(inverse)
+
+
+def default_attend(q, k, v, q_start: int):
+    return attention(q, k, v, q_start=q_start)
+
+
+class ChainAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        hd = cfg.head_dim
+        dims = cfg.chain_dims
+        self.wq = ChainLinear(dims, dims, device=device, dtype=dtype)
+        if cfg.kv_sharing:
+            # K/V read chain 1 only: a one-chain Linear [n_kv*hd, d_1].
+            kv_in, kv_out = [dims[0]], [cfg.n_kv_heads * hd]
+        else:
+            kv_in, kv_out = dims, [h * hd for h in cfg.kv_heads_per_chain]
+        self.wk = ChainLinear(kv_in, kv_out, device=device, dtype=dtype)
+        self.wv = ChainLinear(kv_in, kv_out, device=device, dtype=dtype)
+        self.wo = ChainLinear(dims, dims, device=device, dtype=dtype)
+
+    def project_qkv(self, x: torch.Tensor, scale: int, cos: torch.Tensor, sin: torch.Tensor):
+        """x [b, t, D_k] -> q [b, Hq_k, t, hd], k, v [b, Hkv_k, t, hd] with RoPE applied."""
+        b, t, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.wq(x, scale).view(b, t, -1, hd).transpose(1, 2)
+        if self.cfg.kv_sharing:
+            x1 = x[..., : self.cfg.chain_dims[0]]
+            k, v = self.wk(x1), self.wv(x1)
+        else:
+            k, v = self.wk(x, scale), self.wv(x, scale)
+        k = k.view(b, t, -1, hd).transpose(1, 2)
+        v = v.view(b, t, -1, hd).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, scale: int, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                q_start: int = 0) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project_qkv(x, scale, cos, sin)
+        order = query_head_order(self.cfg, scale)
+        if order is not None:
+            q = q[:, order[0]]
+        if cache is None:
+            o = default_attend(q, k, v, q_start)
+        else:
+            o = cache.attend(self.layer_idx, q, k, v)  # [b, Hq_k, t, hd]
+        if order is not None:
+            o = o[:, order[1]]
+        return self.wo(o.transpose(1, 2).reshape(b, t, -1), scale)

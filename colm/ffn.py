@@ -1,0 +1,23 @@
+"""SwiGLU feed-forward network built from chain Linears (paper Algorithm 5)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colm.chain_linear import ChainLinear
+from colm.config import ModelConfig
+
+
+class ChainFFN(nn.Module):
+    def __init__(self, cfg: ModelConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        dims, hidden = cfg.chain_dims, cfg.ffn_dims
+        self.w1 = ChainLinear(dims, hidden, device=device, dtype=dtype)  # gate
+        self.w3 = ChainLinear(dims, hidden, device=device, dtype=dtype)  # up
+        self.w2 = ChainLinear(hidden, dims, device=device, dtype=dtype)  # down
+
+    def forward(self, x: torch.Tensor, scale: int) -> torch.Tensor:
+        # x [b, t, D_k] -> [b, t, F_k] -> [b, t, D_k]
+        return self.w2(F.silu(self.w1(x, scale)) * self.w3(x, scale), scale)
