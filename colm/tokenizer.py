@@ -1,0 +1,107 @@
+"""Tokenizers: byte-level for tiny models; SentencePiece or HF ``tokenizer.json`` from a local path.
+
+All expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``bos_id``,
+``eos_id`` and ``spec()`` (what ``config.json`` records so the checkpoint reloads the same one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255, then BOS=256, EOS=257, PAD=258 (vocab >= 259)."""
+
+    bos_id, eos_id, pad_id = 256, 257, 258
+    vocab_size = 259
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.bos_id] + ids if add_bos else ids
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids) -> bytes:
+        return bytes(i for i in ids if 0 <= i < 256)
+
+    def spec(self) -> dict:
+        return {"kind": "byte"}
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_file: str) -> None:
+        import sentencepiece as spm
+
+        self.path = str(model_file)
+        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return [self.bos_id] + ids if add_bos and self.bos_id >= 0 else ids
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def spec(self) -> dict:
+        return {"kind": "sentencepiece", "file": "tokenizer.model"}
+
+
+class HFTokenizer:
+    def __init__(self, json_file: str, bos: str | None = None, eos: str | None = None) -> None:
+        from tokenizers import Tokenizer
+
+        self.path = str(json_file)
+        self.tok = Tokenizer.from_file(self.path)
+        self.vocab_size = self.tok.get_vocab_size()
+        self.bos_id = self._find(bos, ["<|begin_of_text|>", "<s>", "<bos>"])
+        self.eos_id = self._find(eos, ["<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>"])
+
+    def _find(self, explicit, candidates) -> int:
+        for tok in ([explicit] if explicit else []) + candidates:
+            i = self.tok.token_to_id(tok)
+            if i is not None:
+                return i
+        return -1
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] + ids if add_bos and self.bos_id >= 0 else ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+    def spec(self) -> dict:
+        return {"kind": "hf", "file": "tokenizer.json"}
+
+
+def load_tokenizer(spec: dict | None, directory: str | Path | None = None):
+    """Build the tokenizer a checkpoint's ``config.json`` names (files looked up in ``directory``)."""
+    spec = spec or {"kind": "byte"}
+    kind = spec.get("kind")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind not in ("sentencepiece", "hf"):
+        raise ValueError(f"tokenizer kind {kind!r}: allowed are 'byte', 'sentencepiece', 'hf'")
+    file = Path(directory or ".") / spec.get("file", "tokenizer.model" if kind == "sentencepiece" else "tokenizer.json")
+    if not file.is_file():
+        raise ValueError(f"tokenizer file {file} not found (tokenizer kind {kind!r})")
+    return SentencePieceTokenizer(str(file)) if kind == "sentencepiece" else HFTokenizer(str(file))
+
+
+def tokenizer_from_files(directory: str | Path):
+    """Pick the tokenizer of a directory by its files: tokenizer.json, else tokenizer.model, else bytes."""
+    d = Path(directory)
+    if (d / "tokenizer.json").is_file():
+        return HFTokenizer(str(d / "tokenizer.json"))
+    if (d / "tokenizer.model").is_file():
+        return SentencePieceTokenizer(str(d / "tokenizer.model"))
+    return ByteTokenizer()
+
+
+def load_checkpoint_tokenizer(model_dir: str | Path):
+    from colm.checkpoint import read_meta
+
+    return load_tokenizer(read_meta(model_dir).get("tokenizer"), model_dir)
