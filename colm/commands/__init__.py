@@ -1,0 +1,1 @@
+"""Subcommands of the ``colm`` CLI; each module has ``register(subparsers)``."""

@@ -1,0 +1,56 @@
+"""``colm generate``: the single-process reference generator."""
+
+from __future__ import annotations
+
+import sys
+
+from colm.commands.common import add_device_args, resolve_dtype
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a checkpoint at a chosen scale (the reference path)",
+                       description="Greedy when --temperature is 0. --switch-at N --switch-scale K changes the scale "
+                                   "from generated token N on (CoLM-Air: no recomputation).")
+    p.add_argument("--model", required=True, help="colm checkpoint directory")
+    p.add_argument("--scale", type=int, default=None, help="number of active chains (default: all)")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--switch-at", type=int, default=None, help="generated-token index where the scale changes")
+    p.add_argument("--switch-scale", type=int, default=None, help="scale used from --switch-at on")
+    p.add_argument("--ids", action="store_true", help="print token ids instead of text")
+    add_device_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from colm import checkpoint
+    from colm.generate import generate
+    from colm.sampling import SamplingParams
+    from colm.tokenizer import load_checkpoint_tokenizer
+
+    cfg = checkpoint.load_config(args.model)
+    scale = cfg.check_scale(args.scale)
+    top = max(scale, args.switch_scale or 0)
+    # The reference loads only the chains it will use.
+    model = checkpoint.load(args.model, scale=top, device=args.device, dtype=resolve_dtype(args.dtype)).eval()
+    tok = load_checkpoint_tokenizer(args.model)
+    schedule = None
+    if args.switch_at is not None:
+        if args.switch_scale is None:
+            raise ValueError("--switch-at needs --switch-scale")
+        schedule = lambda i: args.switch_scale if i >= args.switch_at else scale  # noqa: E731
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    prompt_ids = tok.encode(args.prompt)
+    res = generate(model, prompt_ids, params, scale=scale, scale_schedule=schedule, eos_id=tok.eos_id,
+                   decode=tok.decode)
+    if args.ids:
+        print(" ".join(map(str, res.token_ids)))
+    else:
+        sys.stdout.write(args.prompt + tok.decode(res.token_ids) + "\n")
+    print(f"[colm generate] scale={scale} tokens={len(res.token_ids)} finish={res.finish_reason}", file=sys.stderr)
+    return 0
