@@ -1,0 +1,1 @@
+"""colm.decode_worker package."""

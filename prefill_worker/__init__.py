@@ -1,0 +1,1 @@
+"""colm.prefill_worker package."""

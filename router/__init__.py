@@ -1,0 +1,1 @@
+"""colm.router package."""
