@@ -1,0 +1,126 @@
+"""Placement: which prefill and which decode worker serve a request, and who is healthy.
+
+The registry keeps each worker's latest report plus what the router itself has sent it since (so
+two requests arriving between reports do not both land on the same "least loaded" worker).
+Prefill: least queued tokens. Decode: enough free KV blocks, then most free blocks per running
+sequence. A worker that fails a call or a health check is taken out until it reports again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from colm.router.policy import WorkerReport
+
+
+class NoWorker(Exception):
+    """No healthy worker of a role can take the request (UNAVAILABLE, or RESOURCE_EXHAUSTED if all are full)."""
+
+    def __init__(self, message: str, full: bool = False) -> None:
+        super().__init__(message)
+        self.full = full
+
+
+@dataclass
+class WorkerState:
+    worker_id: str
+    role: str
+    address: str = ""
+    healthy: bool = True
+    report: WorkerReport | None = None
+    reported_at: float = 0.0
+    pending_tokens: int = 0  # prefill: tokens sent since the last report
+    pending_blocks: int = 0  # decode: blocks of requests placed since the last report
+    pending_seqs: int = 0
+    inflight: set = field(default_factory=set)  # request ids placed here and not finished
+    failures: int = 0
+
+
+class WorkerRegistry:
+    def __init__(self, block_size: int = 16, stale_after_s: float = 10.0) -> None:
+        self.block_size = block_size
+        self.stale_after_s = stale_after_s
+        self.workers: dict[str, WorkerState] = {}
+
+    def add(self, worker_id: str, role: str, address: str = "") -> WorkerState:
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"role={role!r}: must be 'prefill' or 'decode'")
+        w = self.workers.get(worker_id) or WorkerState(worker_id, role, address)
+        w.address = address or w.address
+        self.workers[worker_id] = w
+        return w
+
+    def remove(self, worker_id: str) -> None:
+        self.workers.pop(worker_id, None)
+
+    def update(self, report: WorkerReport, now: float | None = None) -> None:
+        w = self.workers.get(report.worker_id) or self.add(report.worker_id, report.role)
+        w.report, w.reported_at = report, time.monotonic() if now is None else now
+        w.pending_tokens = w.pending_blocks = w.pending_seqs = 0
+        w.healthy, w.failures = True, 0
+
+    def mark_unhealthy(self, worker_id: str) -> list[str]:
+        """Take a worker out; returns the request ids that were in flight there."""
+        w = self.workers.get(worker_id)
+        if w is None:
+            return []
+        w.healthy = False
+        w.failures += 1
+        return sorted(w.inflight)
+
+    def healthy(self, role: str, now: float | None = None) -> list[WorkerState]:
+        now = time.monotonic() if now is None else now
+        out = []
+        for w in self.workers.values():
+            if w.role != role or not w.healthy:
+                continue
+            if w.report is not None and now - w.reported_at > self.stale_after_s:
+                continue  # silent for too long: treat as failed until it reports again
+            out.append(w)
+        return out
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- choices -------------------------------------------------------------------------------
+    def pick_prefill(self, prompt_tokens: int, exclude: set[str] = frozenset()) -> WorkerState:
+        cands = [w for w in self.healthy("prefill") if w.worker_id not in exclude]
+        if not cands:
+            raise NoWorker("no healthy prefill worker")
+
+        def queued(w: WorkerState) -> int:
+            return (w.report.queued_tokens if w.report else 0) + w.pending_tokens
+
+        w = min(cands, key=lambda w: (queued(w), w.worker_id))
+        w.pending_tokens += prompt_tokens
+        return w
+
+    def pick_decode(self, total_tokens: int, exclude: set[str] = frozenset()) -> WorkerState:
+        need = self.blocks_for(total_tokens)
+        cands = [w for w in self.healthy("decode") if w.worker_id not in exclude]
+        if not cands:
+            raise NoWorker("no healthy decode worker")
+
+        def free(w: WorkerState) -> float:
+            # No report yet: assume room, ranked after reported workers with room.
+            return (w.report.free_blocks if w.report else float(need)) - w.pending_blocks
+
+        def batch(w: WorkerState) -> int:
+            return (w.report.num_running + w.report.num_waiting if w.report else 0) + w.pending_seqs
+
+        fit = [w for w in cands if free(w) >= need]
+        if not fit:
+            raise NoWorker(f"no decode worker has {need} free KV blocks", full=True)
+        w = max(fit, key=lambda w: (free(w) / (1 + batch(w)), -batch(w), w.worker_id))
+        w.pending_blocks += need
+        w.pending_seqs += 1
+        return w
+
+    def start(self, worker_id: str, request_id: str) -> None:
+        if worker_id in self.workers:
+            self.workers[worker_id].inflight.add(request_id)
+
+    def finish(self, worker_id: str, request_id: str) -> None:
+        if worker_id in self.workers:
+            self.workers[worker_id].inflight.discard(request_id)

@@ -1,0 +1,274 @@
+"""Scale-by-budget policy: a live latency model per scale and the choice of a request's scale.
+
+Workers report what they measured (``WorkerReport``: prefill throughput and queued tokens; decode
+step time per scale at the batch size it ran, free KV blocks). ``LatencyModel`` smooths those into
+per-scale estimates (exponentially weighted), and predicts for a new request
+
+    TTFT(k)  = prefill queue wait + prompt / prefill rate + KV hand-off + one decode step at scale k
+    TPOT(k)  = decode step time at scale k with the request added to the running batch
+
+``ScalePolicy.choose`` gives each request the largest scale whose prediction fits its budget; when
+none fits it degrades to the smallest scale or rejects, as the request asks. ``ScalePolicy.rebalance``
+lowers the scale of running requests whose per-token budget is no longer met (CoLM-Air switches
+scale without recomputation). The class is plain (no I/O, no clock of its own) so tests can feed it
+synthetic reports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Iterable, Sequence
+
+
+class OnMiss(str, Enum):
+    """What to do when no scale meets a request's budget."""
+
+    DEGRADE = "degrade"  # serve at the smallest scale anyway
+    REJECT = "reject"  # fail with RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A request's latency budget; ``None`` fields are unconstrained."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    deadline_ms: float | None = None  # end-to-end, for the whole generation
+    on_miss: OnMiss = OnMiss.DEGRADE
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_ms", "tpot_ms", "deadline_ms"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+                raise ValueError(f"budget.{name}={v!r}: must be a positive number of milliseconds")
+        object.__setattr__(self, "on_miss", OnMiss(self.on_miss))
+
+    @property
+    def empty(self) -> bool:
+        return self.ttft_ms is None and self.tpot_ms is None and self.deadline_ms is None
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What one worker measured recently. Times in milliseconds."""
+
+    worker_id: str
+    role: str  # "prefill" | "decode"
+    queued_tokens: int = 0  # prefill: prompt tokens waiting or running
+    prefill_tokens_per_s: float | None = None  # prefill: measured throughput
+    num_running: int = 0  # decode: sequences in the batch
+    num_waiting: int = 0  # decode: admitted but not yet running
+    step_ms: dict[int, float] = field(default_factory=dict)  # decode: step time per scale at batch num_running
+    free_blocks: int = 0
+    total_blocks: int = 0
+    transfer_ms_per_mtoken: float | None = None  # KV hand-off time per million prompt tokens
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):
+            raise ValueError(f"role={self.role!r}: must be 'prefill' or 'decode'")
+        for name in ("queued_tokens", "num_running", "num_waiting", "free_blocks", "total_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
+        object.__setattr__(self, "step_ms", {int(k): float(v) for k, v in self.step_ms.items()})
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Priors (used until workers report) and smoothing."""
+
+    num_scales: int
+    param_counts: tuple[int, ...]  # parameters of the scale-k sub-model, k = 1..num_scales
+    kv_sharing: bool = True
+    alpha: float = 0.3  # weight of a new measurement in the moving average
+    prior_step_ms_full: float = 20.0  # decode step of the full model, batch 1, before any report
+    prior_prefill_tokens_per_s: float = 20000.0
+    prior_transfer_ms_per_mtoken: float = 0.0
+    per_seq_step_fraction: float = 0.02  # extra step time per sequence added, as a fraction of the step
+    headroom: float = 1.0  # predictions are multiplied by this before comparing with a budget
+
+    def __post_init__(self) -> None:
+        if self.num_scales < 1:
+            raise ValueError(f"num_scales={self.num_scales}: must be >= 1")
+        if len(self.param_counts) != self.num_scales or any(p <= 0 for p in self.param_counts):
+            raise ValueError(f"param_counts={self.param_counts}: need {self.num_scales} positive counts")
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"alpha={self.alpha}: must be in (0, 1]")
+        if self.headroom < 1:
+            raise ValueError(f"headroom={self.headroom}: must be >= 1")
+        for name in ("prior_step_ms_full", "prior_prefill_tokens_per_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+
+    @classmethod
+    def from_model(cls, cfg, **kw) -> "PolicyConfig":
+        n = cfg.num_chains
+        return cls(num_scales=n, param_counts=tuple(cfg.num_params(k) for k in range(1, n + 1)),
+                   kv_sharing=cfg.kv_sharing, **kw)
+
+
+def _ewma(old: float | None, new: float, alpha: float) -> float:
+    return new if old is None else (1 - alpha) * old + alpha * new
+
+
+class LatencyModel:
+    """Smoothed per-scale latency estimates built from worker reports."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        self.cfg = cfg
+        self.step_ms: dict[int, float] = {}  # scale -> smoothed step time at the batch it was measured
+        self.step_batch: dict[int, float] = {}  # scale -> smoothed batch size of those measurements
+        self.prefill_tps: float | None = None
+        self.transfer_ms_per_mtoken: float | None = None
+        self.prefill_queue: dict[str, int] = {}  # worker -> queued tokens (latest)
+        self.decode_load: dict[str, int] = {}  # worker -> running + waiting (latest)
+
+    def observe(self, r: WorkerReport) -> None:
+        a = self.cfg.alpha
+        if r.role == "prefill":
+            self.prefill_queue[r.worker_id] = r.queued_tokens
+            if r.prefill_tokens_per_s:
+                self.prefill_tps = _ewma(self.prefill_tps, r.prefill_tokens_per_s, a)
+        else:
+            self.decode_load[r.worker_id] = r.num_running + r.num_waiting
+            for k, ms in r.step_ms.items():
+                if 1 <= k <= self.cfg.num_scales and ms > 0:
+                    self.step_ms[k] = _ewma(self.step_ms.get(k), ms, a)
+                    self.step_batch[k] = _ewma(self.step_batch.get(k), max(1, r.num_running), a)
+        if r.transfer_ms_per_mtoken is not None:
+            self.transfer_ms_per_mtoken = _ewma(self.transfer_ms_per_mtoken, r.transfer_ms_per_mtoken, a)
+
+    def forget(self, worker_id: str) -> None:
+        self.prefill_queue.pop(worker_id, None)
+        self.decode_load.pop(worker_id, None)
+
+    # ---- predictions ---------------------------------------------------------------------------
+    def base_step_ms(self, scale: int) -> float:
+        """Step time at scale k and batch 1: measured if reported, else scaled from a measured scale
+        by parameter count (decode is bound by reading weights), else the prior."""
+        c = self.cfg
+        f = c.per_seq_step_fraction
+        if scale in self.step_ms:
+            return self.step_ms[scale] / (1 + f * (self.step_batch[scale] - 1))
+        for k in sorted(self.step_ms, key=lambda k: abs(k - scale)):
+            return self.base_step_ms(k) * c.param_counts[scale - 1] / c.param_counts[k - 1]
+        return c.prior_step_ms_full * c.param_counts[scale - 1] / c.param_counts[-1]
+
+    def decode_batch(self) -> float:
+        """Sequences per decode worker now (mean over workers)."""
+        if not self.decode_load:
+            return 0.0
+        return sum(self.decode_load.values()) / len(self.decode_load)
+
+    def tpot_ms(self, scale: int, batch: float | None = None) -> float:
+        b = (self.decode_batch() + 1) if batch is None else batch
+        return self.base_step_ms(scale) * (1 + self.cfg.per_seq_step_fraction * (max(1.0, b) - 1))
+
+    def ttft_ms(self, scale: int, prompt_tokens: int) -> float:
+        tps = self.prefill_tps or self.cfg.prior_prefill_tokens_per_s
+        queued = min(self.prefill_queue.values()) if self.prefill_queue else 0
+        transfer = self.transfer_ms_per_mtoken
+        if transfer is None:
+            transfer = self.cfg.prior_transfer_ms_per_mtoken
+        return 1000.0 * (queued + prompt_tokens) / tps + transfer * prompt_tokens / 1e6 + self.tpot_ms(scale)
+
+
+@dataclass(frozen=True)
+class Decision:
+    scale: int
+    ttft_ms: float  # predicted
+    tpot_ms: float  # predicted
+    degraded: bool  # no scale met the budget; served at the smallest scale
+
+
+class BudgetUnmet(Exception):
+    """No scale meets the budget and the request asked to be rejected (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class RunningRequest:
+    """What ``rebalance`` needs to know about a request being decoded."""
+
+    request_id: str
+    scale: int
+    budget: Budget
+    pinned: bool = False
+
+
+class ScalePolicy:
+    def __init__(self, cfg: PolicyConfig) -> None:
+        self.cfg = cfg
+        self.model = LatencyModel(cfg)
+
+    def observe(self, reports: Iterable[WorkerReport]) -> None:
+        for r in reports:
+            self.model.observe(r)
+
+    def fits(self, scale: int, budget: Budget, prompt_tokens: int, max_new_tokens: int) -> tuple[bool, float, float]:
+        h = self.cfg.headroom
+        ttft = self.model.ttft_ms(scale, prompt_tokens)
+        tpot = self.model.tpot_ms(scale)
+        ok = True
+        if budget.ttft_ms is not None and ttft * h > budget.ttft_ms:
+            ok = False
+        if budget.tpot_ms is not None and tpot * h > budget.tpot_ms:
+            ok = False
+        if budget.deadline_ms is not None and (ttft + tpot * max(0, max_new_tokens - 1)) * h > budget.deadline_ms:
+            ok = False
+        return ok, ttft, tpot
+
+    def choose(self, budget: Budget, prompt_tokens: int, max_new_tokens: int, pinned_scale: int | None = None,
+               max_scale: int | None = None) -> Decision:
+        """The largest scale (<= max_scale) whose predicted latency fits ``budget``."""
+        top = self.cfg.num_scales if max_scale is None else min(max_scale, self.cfg.num_scales)
+        if pinned_scale is not None:
+            if not 1 <= pinned_scale <= self.cfg.num_scales:
+                raise ValueError(f"scale={pinned_scale}: must be in 1..{self.cfg.num_scales}")
+            ok, ttft, tpot = self.fits(pinned_scale, budget, prompt_tokens, max_new_tokens)
+            if not ok and budget.on_miss is OnMiss.REJECT:
+                raise BudgetUnmet(f"pinned scale {pinned_scale} is predicted at TTFT {ttft:.1f} ms, TPOT {tpot:.1f} ms: "
+                                  "over budget", self.retry_after_s())
+            return Decision(pinned_scale, ttft, tpot, degraded=False)
+        for k in range(top, 0, -1):
+            ok, ttft, tpot = self.fits(k, budget, prompt_tokens, max_new_tokens)
+            if ok:
+                return Decision(k, ttft, tpot, degraded=False)
+        ttft, tpot = self.model.ttft_ms(1, prompt_tokens), self.model.tpot_ms(1)
+        if budget.on_miss is OnMiss.REJECT:
+            raise BudgetUnmet(f"no scale meets the budget (scale 1 predicted at TTFT {ttft:.1f} ms, TPOT {tpot:.1f} ms)",
+                              self.retry_after_s())
+        return Decision(1, ttft, tpot, degraded=True)
+
+    def rebalance(self, running: Sequence[RunningRequest]) -> dict[str, int]:
+        """New scales for running requests whose per-token budget the current batch breaks.
+
+        Only CoLM-Air can lower a running request's scale for free, so other models get no changes.
+        Returns {request_id: new_scale} for the requests to move (never raises a scale)."""
+        if not self.cfg.kv_sharing:
+            return {}
+        changes: dict[str, int] = {}
+        h = self.cfg.headroom
+        for r in running:
+            if r.pinned or r.budget.tpot_ms is None or r.scale == 1:
+                continue
+            if self.model.tpot_ms(r.scale, self.model.decode_batch()) * h <= r.budget.tpot_ms:
+                continue
+            k = r.scale - 1
+            while k > 1 and self.model.tpot_ms(k, self.model.decode_batch()) * h > r.budget.tpot_ms:
+                k -= 1
+            changes[r.request_id] = k
+        return changes
+
+    def retry_after_s(self) -> float:
+        """A hint for a rejected client: about the time the current decode batch needs to drain a bit."""
+        return round(max(0.05, self.model.tpot_ms(1) * max(1.0, self.model.decode_batch()) / 1000.0), 3)
+
+    def estimates(self) -> dict[int, dict[str, float]]:
+        """Per-scale predictions for a 128-token prompt (ListScales)."""
+        return {k: {"ttft_ms": self.model.ttft_ms(k, 128), "tpot_ms": self.model.tpot_ms(k)}
+                for k in range(1, self.cfg.num_scales + 1)}

@@ -1,0 +1,147 @@
+"""Scale policy, placement and admission fed with synthetic worker reports (no I/O)."""
+
+import asyncio
+import time
+
+import pytest
+
+from colm.presets import preset
+from colm.router.admission import Admission, Overloaded
+from colm.router.placement import NoWorker, WorkerRegistry
+from colm.router.policy import (Budget, BudgetUnmet, OnMiss, PolicyConfig, RunningRequest, ScalePolicy,
+                                WorkerReport)
+
+
+def make_policy(**kw):
+    return ScalePolicy(PolicyConfig(num_scales=3, param_counts=(100, 200, 400), alpha=1.0, **kw))
+
+
+def decode_report(step_ms, running=1, wid="d0", free=100):
+    return WorkerReport(wid, "decode", num_running=running, step_ms=step_ms, free_blocks=free, total_blocks=100)
+
+
+def test_loose_budget_gets_largest_tight_gets_smaller():
+    p = make_policy(per_seq_step_fraction=0.0)
+    p.observe([decode_report({1: 5.0, 2: 10.0, 3: 20.0}),
+               WorkerReport("p0", "prefill", queued_tokens=0, prefill_tokens_per_s=10000)])
+    assert p.choose(Budget(tpot_ms=100), 10, 8).scale == 3
+    assert p.choose(Budget(tpot_ms=15), 10, 8).scale == 2
+    assert p.choose(Budget(tpot_ms=6), 10, 8).scale == 1
+    assert p.choose(Budget(), 10, 8).scale == 3
+    # TTFT = 1000 * 100 / 10000 = 10 ms prefill + one step at the scale
+    d = p.choose(Budget(ttft_ms=21), 100, 8)
+    assert d.scale == 2 and d.ttft_ms == pytest.approx(20.0) and not d.degraded
+    # deadline: ttft + 7 * tpot
+    assert p.choose(Budget(deadline_ms=10 + 8 * 10.0 + 1), 100, 8).scale == 2
+
+
+def test_unmeetable_budget_degrades_or_rejects():
+    p = make_policy(per_seq_step_fraction=0.0)
+    p.observe([decode_report({1: 5.0, 2: 10.0, 3: 20.0})])
+    d = p.choose(Budget(tpot_ms=1.0), 10, 8)
+    assert d.scale == 1 and d.degraded
+    with pytest.raises(BudgetUnmet) as e:
+        p.choose(Budget(tpot_ms=1.0, on_miss=OnMiss.REJECT), 10, 8)
+    assert e.value.retry_after_s > 0
+    with pytest.raises(BudgetUnmet):
+        p.choose(Budget(tpot_ms=1.0, on_miss="reject"), 10, 8, pinned_scale=3)
+    assert p.choose(Budget(tpot_ms=1.0), 10, 8, pinned_scale=3).scale == 3
+    with pytest.raises(ValueError, match="scale=4"):
+        p.choose(Budget(), 10, 8, pinned_scale=4)
+
+
+def test_unreported_scales_scale_by_params_and_ewma_smooths():
+    p = ScalePolicy(PolicyConfig(num_scales=3, param_counts=(100, 200, 400), alpha=0.5, per_seq_step_fraction=0.0))
+    # prior: full-model step 20 ms, others by parameter ratio
+    assert p.model.tpot_ms(1) == pytest.approx(5.0)
+    p.observe([decode_report({1: 8.0})])
+    assert p.model.tpot_ms(3) == pytest.approx(32.0)  # 8 ms * 400/100
+    p.observe([decode_report({1: 4.0})])
+    assert p.model.tpot_ms(1) == pytest.approx(6.0)  # 0.5 * 8 + 0.5 * 4
+
+
+def test_load_raises_prediction_and_rebalance_lowers_running_scales():
+    p = make_policy(per_seq_step_fraction=0.1)
+    p.observe([decode_report({1: 5.0, 2: 10.0, 3: 20.0}, running=1)])
+    assert p.choose(Budget(tpot_ms=25), 10, 8).scale == 3  # batch 2: 20 * 1.1 = 22
+    p.observe([decode_report({1: 5.0 * 2.0, 2: 10.0 * 2.0, 3: 20.0 * 2.0}, running=11)])  # batch 11 doubles steps
+    assert p.model.tpot_ms(3, 11) == pytest.approx(40.0)
+    assert p.choose(Budget(tpot_ms=25), 10, 8).scale == 2
+    running = [RunningRequest("a", 3, Budget(tpot_ms=25)), RunningRequest("b", 3, Budget(tpot_ms=100)),
+               RunningRequest("c", 3, Budget(tpot_ms=1)), RunningRequest("d", 3, Budget(tpot_ms=1), pinned=True)]
+    assert p.rebalance(running) == {"a": 2, "c": 1}
+    non_air = ScalePolicy(PolicyConfig(num_scales=3, param_counts=(100, 200, 400), kv_sharing=False))
+    assert non_air.rebalance(running) == {}
+
+
+def test_from_model_and_validation():
+    cfg = PolicyConfig.from_model(preset("tiny-air"))
+    assert cfg.num_scales == 2 and cfg.param_counts[0] < cfg.param_counts[1]
+    with pytest.raises(ValueError, match="alpha=0"):
+        PolicyConfig(num_scales=1, param_counts=(1,), alpha=0)
+    with pytest.raises(ValueError, match="budget.ttft_ms=-1"):
+        Budget(ttft_ms=-1)
+    with pytest.raises(ValueError, match="role='x'"):
+        WorkerReport("w", "x")
+
+
+def test_placement_least_loaded_and_failures():
+    reg = WorkerRegistry(block_size=16)
+    for wid, q in (("p0", 500), ("p1", 100)):
+        reg.update(WorkerReport(wid, "prefill", queued_tokens=q))
+    assert reg.pick_prefill(300).worker_id == "p1"  # 100 queued
+    assert reg.pick_prefill(300).worker_id == "p1"  # 400 < 500
+    assert reg.pick_prefill(10).worker_id == "p0"  # 700 > 500
+    reg.update(WorkerReport("d0", "decode", free_blocks=10, total_blocks=10, num_running=0))
+    reg.update(WorkerReport("d1", "decode", free_blocks=4, total_blocks=10, num_running=0))
+    assert reg.pick_decode(64).worker_id == "d0"  # needs 4 blocks; d0 has more per sequence
+    assert reg.pick_decode(64).worker_id == "d1"  # d0: 6 free / 2 seqs < d1: 4 free / 1
+    assert reg.pick_decode(64).worker_id == "d0"  # d1 has 0 free now
+    with pytest.raises(NoWorker) as e:
+        reg.pick_decode(64)
+    assert e.value.full
+    reg.start("d0", "r1")
+    assert reg.mark_unhealthy("d0") == ["r1"]
+    reg.update(WorkerReport("d1", "decode", free_blocks=10, total_blocks=10))
+    assert reg.pick_decode(16, exclude=set()).worker_id == "d1"
+    with pytest.raises(NoWorker):
+        reg.pick_decode(16, exclude={"d1"})
+    # a stale worker is out until it reports again
+    reg.update(WorkerReport("d1", "decode", free_blocks=10, total_blocks=10), now=time.monotonic() - 60)
+    assert reg.healthy("decode") == []
+
+
+def test_admission_bounds_queue_and_deadline():
+    async def main():
+        adm = Admission(max_running=1, max_queued=1, retry_after_s=0.25)
+        order = []
+        gate = asyncio.Event()
+
+        async def job(name, deadline=None):
+            async with adm.slot(deadline):
+                order.append(name)
+                await gate.wait()
+
+        t1 = asyncio.create_task(job("a"))
+        await asyncio.sleep(0)
+        t2 = asyncio.create_task(job("b"))
+        await asyncio.sleep(0)
+        assert adm.num_running == 1 and adm.num_queued == 1
+        with pytest.raises(Overloaded) as e:
+            async with adm.slot():
+                pass
+        assert e.value.retry_after_s == 0.25
+        gate.set()
+        await asyncio.gather(t1, t2)
+        assert order == ["a", "b"] and adm.num_running == 0
+        gate.clear()
+        t3 = asyncio.create_task(job("c"))
+        await asyncio.sleep(0)
+        with pytest.raises(asyncio.TimeoutError):
+            await job("d", deadline=time.monotonic() + 0.05)
+        assert adm.num_queued == 0
+        gate.set()
+        await t3
+        assert adm.num_running == 0
+
+    asyncio.run(main())
