@@ -1,0 +1,47 @@
+"""Invariant 4, CoLM-Air: K/V identical at every scale; a chain-1-only model prefills exactly the
+full model's K/V."""
+
+import pytest
+import torch
+
+from colm import checkpoint
+from colm.kv_cache import ContiguousKVCache
+from tests.conftest import make_model
+
+
+@pytest.mark.parametrize("name", ["tiny-air", "tiny-air-3chain"])
+def test_air_kv_same_at_every_scale_and_from_chain1_only_load(name, tmp_path):
+    model = make_model(name, seed=8)
+    cfg = model.cfg
+    checkpoint.save(model, tmp_path)
+    chain1 = checkpoint.load(tmp_path, scale=1)
+    assert chain1.cfg.num_chains == 1 and chain1.cfg.n_kv_heads == cfg.n_kv_heads
+    tokens = torch.randint(0, cfg.vocab_size, (2, 13))
+    caches = {}
+    with torch.no_grad():
+        for k in range(1, cfg.num_chains + 1):
+            caches[k] = ContiguousKVCache(cfg, 2, 13)
+            model(tokens, scale=k, cache=caches[k])
+        only1 = ContiguousKVCache(chain1.cfg, 2, 13)
+        chain1(tokens, cache=only1)
+    for layer in range(cfg.n_layers):
+        k_ref, v_ref = caches[cfg.num_chains].layer_kv(layer)
+        assert k_ref.abs().sum() > 0
+        for k in range(1, cfg.num_chains):
+            kk, vv = caches[k].layer_kv(layer)
+            assert torch.equal(kk, k_ref) and torch.equal(vv, v_ref)
+        kk, vv = only1.layer_kv(layer)
+        assert torch.equal(kk, k_ref) and torch.equal(vv, v_ref)
+
+
+def test_non_air_kv_differs_by_scale_only_in_later_chains():
+    model = make_model("tiny", seed=9)
+    tokens = torch.randint(0, 260, (1, 6))
+    c1, c2 = ContiguousKVCache(model.cfg, 1, 6), ContiguousKVCache(model.cfg, 1, 6)
+    with torch.no_grad():
+        model(tokens, scale=1, cache=c1)
+        model(tokens, scale=2, cache=c2)
+    k1, _ = c1.layer_kv(0)
+    k2, _ = c2.layer_kv(0)
+    assert k1.shape[1] == 1 and k2.shape[1] == 2  # chain 1 owns one K/V head, chain 2 another
+    assert torch.equal(k1, k2[:, :1])
