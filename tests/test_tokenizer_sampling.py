@@ -1,0 +1,97 @@
+"""Tokenizers (byte, SentencePiece and HF tokenizer.json trained here on text shipped with Python)
+and sampling (greedy, temperature, top-k, top-p, seeds, stop conditions)."""
+
+import pytest
+import torch
+
+from colm.generate import generate
+from colm.sampling import SamplingParams, filtered_probs, sample_next
+from colm.tokenizer import ByteTokenizer, load_tokenizer, tokenizer_from_files
+from tests.conftest import make_model
+
+
+def corpus() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n".join(list(topics.values())[:40])
+
+
+def test_byte_tokenizer_roundtrip():
+    tok = ByteTokenizer()
+    text = "chains: ξ(x, n) — naïve ✓"
+    ids = tok.encode(text, add_bos=True)
+    assert ids[0] == tok.bos_id and max(ids[1:]) < 256
+    assert tok.decode(ids) == text
+    assert load_tokenizer({"kind": "byte"}).encode("a") == [97]
+    with pytest.raises(ValueError, match="tokenizer kind 'gpt'"):
+        load_tokenizer({"kind": "gpt"})
+
+
+def test_sentencepiece_and_hf_json_from_local_files(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    tokenizers = pytest.importorskip("tokenizers")
+    text_file = tmp_path / "corpus.txt"
+    text_file.write_text(corpus())
+    spm.SentencePieceTrainer.train(input=str(text_file), model_prefix=str(tmp_path / "tokenizer"), vocab_size=300,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    sp = tokenizer_from_files(tmp_path)
+    sample = "The import statement binds names."
+    assert sp.vocab_size == 300 and sp.decode(sp.encode(sample)) == sample
+    assert sp.encode(sample, add_bos=True)[0] == 1 and sp.eos_id == 2
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train([str(text_file)], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = tokenizer_from_files(tmp_path)  # tokenizer.json wins over tokenizer.model
+    assert tok.spec()["kind"] == "hf" and tok.bos_id == 1 and tok.eos_id == 2
+    assert tok.decode(tok.encode(sample)) == sample
+    with pytest.raises(ValueError, match="not found"):
+        load_tokenizer({"kind": "hf", "file": "nope.json"}, tmp_path)
+
+
+def test_sampling_params_validation():
+    for kw, needle in [({"temperature": -1}, "temperature=-1"), ({"top_p": 0}, "top_p=0"),
+                       ({"top_k": -2}, "top_k=-2"), ({"max_new_tokens": -1}, "max_new_tokens=-1"),
+                       ({"stop_strings": ("",)}, "stop_strings")]:
+        with pytest.raises(ValueError, match=needle):
+            SamplingParams(**kw)
+
+
+def test_filters_and_seeded_sampling():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
+    p = filtered_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert (p[2:] == 0).all() and torch.isclose(p.sum(), torch.tensor(1.0))
+    full = torch.softmax(logits, -1)
+    p = filtered_probs(logits, SamplingParams(temperature=1.0, top_p=0.8))
+    # smallest prefix with mass >= 0.8: the top two tokens hold 0.245+0.665 = 0.91
+    assert full[0] < 0.8 < full[0] + full[1]
+    assert (p[2:] == 0).all() and p[0] > p[1] > 0
+    params = SamplingParams(temperature=0.9, seed=123)
+    a = [sample_next(logits, params, g) for g in [params.make_generator()] for _ in range(20)]
+    b = [sample_next(logits, params, g) for g in [params.make_generator()] for _ in range(20)]
+    assert a == b and len(set(a)) > 1
+    assert sample_next(logits, SamplingParams(), None) == 0
+
+
+def test_generate_stops_and_validates():
+    model = make_model("tiny-air", seed=18)
+    prompt = [5, 6, 7, 8]
+    free = generate(model, prompt, SamplingParams(max_new_tokens=10), scale=2).token_ids
+    stop_tok = free[3]
+    first = free.index(stop_tok)
+    res = generate(model, prompt, SamplingParams(max_new_tokens=10, stop_token_ids=(stop_tok,)), scale=2)
+    assert res.token_ids == free[: first + 1] and res.finish_reason == "stop"
+    res = generate(model, prompt, SamplingParams(max_new_tokens=10), scale=2, eos_id=stop_tok)
+    assert res.finish_reason == "stop"
+    res = generate(model, prompt, SamplingParams(max_new_tokens=10, ignore_eos=True), scale=2, eos_id=stop_tok)
+    assert res.token_ids == free and res.finish_reason == "length"
+    res = generate(model, prompt, SamplingParams(max_new_tokens=6), scale_schedule=lambda i: 1 if i < 3 else 2)
+    assert res.scales == [1, 1, 1, 2, 2, 2]
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        generate(model, [], SamplingParams())
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        generate(model, [1] * 500, SamplingParams(max_new_tokens=20))
