@@ -1,0 +1,189 @@
+"""Chain-linear Triton kernels against a float64 reference: forward, input grad, weight grad, bias grad.
+
+The CPU cases run the real kernels in Triton's interpreter (``TRITON_INTERPRET=1``, set by the
+fixture below) at small shapes on CPU tensors; the CUDA cases compile them and skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+cl = importlib.import_module("colm.kernels.chain_linear")  # the module (the package re-exports the function)
+
+INTERP = cl.GemmConfig(16, 16, 16, 1, 1)
+
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Triton fixes interpreter vs compiler when it is imported, so the interpreter cases run in a child
+# pytest with TRITON_INTERPRET=1 (test_interpreter_suite) unless this process already interprets.
+interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside test_interpreter_suite's child process")
+
+
+def test_interpreter_suite():
+    if IN_INTERPRETER:
+        pytest.skip("this process is the interpreter run")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interpreter"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _poison_allocator(numel: int, device) -> None:
+    """Leave NaN in the caching allocator's next blocks so an unwritten output element shows up."""
+    if device == "cuda":
+        for _ in range(4):
+            torch.full((numel,), float("nan"), device=device, dtype=torch.float16)
+
+
+def _make(ins, outs, tokens_shape, dtype, device, bias, frozen=()):
+    prefix = [sum(ins[: i + 1]) for i in range(len(ins))]
+    ws = [(torch.randn(o, p, device=device) / p**0.5).to(dtype) for o, p in zip(outs, prefix)]
+    bs = [torch.randn(o, device=device).to(dtype) for o in outs] if bias else None
+    for i, w in enumerate(ws):
+        w.requires_grad_(i not in frozen)
+    if bs:
+        for b in bs:
+            b.requires_grad_()
+    x = torch.randn(*tokens_shape, prefix[-1], device=device).to(dtype).requires_grad_()
+    return x, ws, bs
+
+
+def _check(ins, outs, tokens_shape, dtype, device, bias, configs=None, frozen=(), tol=None):
+    x, ws, bs = _make(ins, outs, tokens_shape, dtype, device, bias, frozen)
+    _poison_allocator(x.shape[:-1].numel() * max(sum(outs), x.shape[-1]), device)
+    y = cl.chain_linear_triton(x, ws, bs, configs)
+    assert y.shape == (*tokens_shape, sum(outs)) and not torch.isnan(y).any()
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    xd = x.detach().double().requires_grad_()
+    wd = [w.detach().double().requires_grad_() for w in ws]
+    bd = [b.detach().double().requires_grad_() for b in bs] if bs else None
+    yr = cl.chain_linear_ref(xd, wd, bd)
+    yr.backward(g.double())
+
+    tol = tol or (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    assert _rel(y, yr) < tol
+    assert _rel(x.grad, xd.grad) < tol
+    for i, (w, r) in enumerate(zip(ws, wd)):
+        if i in frozen:
+            assert w.grad is None
+        else:
+            assert w.grad.shape == w.shape and _rel(w.grad, r.grad) < tol, i
+    if bs:
+        for b, r in zip(bs, bd):
+            assert _rel(b.grad, r.grad) < tol
+
+
+# ---------------------------------------------------------------- CPU, Triton interpreter
+
+INTERP_CASES = [
+    # (in chains, out chains, token shape)
+    ([16, 16], [16, 16], (2, 16)),  # every dimension a multiple of the block: the unmasked path
+    ([16, 32, 24], [32, 16, 40], (37,)),  # unequal chains, ragged token count
+    ([8, 24, 16, 8], [24, 8, 8, 16], (3, 5)),  # chains smaller than a block, 15 tokens
+    ([20, 12], [12, 36], (1,)),  # one token, sizes not multiples of 8
+]
+
+
+@interp
+@pytest.mark.parametrize("ins,outs,tokens", INTERP_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_interpreter_matches_float64(ins, outs, tokens, dtype):
+    torch.manual_seed(hash((tuple(ins), tuple(outs), str(dtype))) % 2**31)
+    _check(ins, outs, tokens, dtype, "cpu", bias=len(ins) % 2 == 1, configs={"fwd": INTERP, "bwd_i": INTERP, "bwd_w": INTERP})
+
+
+@interp
+@pytest.mark.parametrize("nested", [False, True])
+def test_interpreter_input_grad_loop_variants(nested):
+    torch.manual_seed(1 + nested)
+    cfg = INTERP._replace(nested=nested)
+    _check([16, 32, 16], [16, 48, 32], (21,), torch.bfloat16, "cpu", bias=True, configs={"bwd_i": cfg, "fwd": INTERP, "bwd_w": INTERP})
+
+
+@interp
+def test_interpreter_frozen_chains_get_no_grad():
+    torch.manual_seed(3)
+    _check([16, 16, 16], [16, 16, 32], (9,), torch.float16, "cpu", bias=False, frozen=(0, 1))
+
+
+@interp
+def test_interpreter_strided_rows_and_causality():
+    """x as a column slice of a wider buffer (row stride != width); chain i's output ignores chains > i."""
+    torch.manual_seed(4)
+    ins, outs = [16, 16], [16, 32]
+    _, ws, _ = _make(ins, outs, (5,), torch.float16, "cpu", bias=False)
+    wide = torch.randn(13, 48).half()
+    x = wide[:, :32]
+    y = cl.chain_linear_triton(x, ws)
+    assert _rel(y, cl.chain_linear_ref(x.double(), [w.detach().double() for w in ws])) < 2e-3
+    x2 = x.clone()
+    x2[:, 16:] = torch.randn(13, 16).half()
+    y2 = cl.chain_linear_triton(x2, ws)
+    assert torch.equal(y[:, :16], y2[:, :16])
+
+
+def test_dispatcher_uses_reference_on_cpu():
+    x, ws, bs = _make([8, 8], [8, 8], (4,), torch.float32, "cpu", bias=True)
+    assert torch.equal(cl.chain_linear(x, ws, bs), cl.chain_linear_ref(x, ws, bs))
+
+
+def test_bad_arguments_raise():
+    x, ws, _ = _make([8, 8], [8, 8], (4,), torch.float32, "cpu", bias=False)
+    with pytest.raises(ValueError, match="features"):
+        cl.check_chain_linear_args(x[:, :8], ws, None)
+    with pytest.raises(ValueError, match="weights\\[1\\]"):
+        cl.check_chain_linear_args(x, [ws[0], ws[0]], None)
+
+
+# ---------------------------------------------------------------- CUDA, compiled kernels
+
+GPU_CASES = [
+    ([512] * 4, [512] * 4, (2, 1024)),  # the 1B {8,8,8,8} attention shape
+    ([512] * 4, [2048] * 4, (3000,)),  # FFN up, ragged tokens
+    ([2048] * 4, [512] * 4, (777,)),  # FFN down
+    ([1024, 1024], [1024, 1024], (4096,)),
+    ([64, 192, 128, 384], [320, 64, 192, 128], (1000,)),  # unequal chains
+    ([40, 88, 24], [72, 120, 56], (333,)),  # sizes off every block multiple
+    ([1024] * 8, [1024] * 8, (257,)),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("ins,outs,tokens", GPU_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_matches_float64(ins, outs, tokens, dtype):
+    torch.manual_seed(sum(ins) + sum(outs) + tokens[-1])
+    _check(ins, outs, tokens, dtype, "cuda", bias=len(ins) != 4, frozen=(0,) if len(ins) == 8 else ())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cfg", cl.BWD_INPUT_CONFIGS + cl.FWD_CONFIGS[5:])
+def test_cuda_every_config(cfg):
+    torch.manual_seed(7)
+    w_cfg = cfg._replace(nested=False)
+    _check([256, 128, 384], [128, 384, 256], (1500,), torch.bfloat16, "cuda", bias=True,
+           configs={"fwd": w_cfg, "bwd_i": cfg, "bwd_w": w_cfg})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_dispatcher_takes_triton_and_ref_env(monkeypatch):
+    x, ws, _ = _make([512, 512], [512, 512], (64,), torch.bfloat16, "cuda", bias=False)
+    y = cl.chain_linear(x, ws)
+    assert _rel(y, cl.chain_linear_ref(x.double(), [w.detach().double() for w in ws])) < 1e-2
+    monkeypatch.setenv("COLM_CHAIN_LINEAR", "ref")
+    assert torch.equal(cl.chain_linear(x, ws), cl.chain_linear_ref(x, ws))
+
