@@ -17,6 +17,9 @@ COMMAND_MODULES = [
     "convert_hf",
     "expand",
     "info",
+    "prepare_data",
+    "train",
+    "eval",
 ]
 
 

@@ -1,0 +1,1 @@
+"""Evaluation: per-scale perplexity and an lm-evaluation-harness adapter."""

@@ -1,0 +1,208 @@
+"""The training loop behind ``colm train`` and ``python -m colm.train`` (torchrun-ready).
+
+Path of a run: read the config -> start the process group (if torchrun) -> build the model (preset
+or checkpoint) -> freeze chains / add LoRA per ``tuning.mode`` -> wrap in ``TrainModule`` -> FSDP2
+(several processes) -> AdamW -> resume from ``out_dir/state`` if present -> steps (progress bar,
+``log.jsonl``, periodic eval and state saves) -> final state, plain checkpoint in ``out_dir/model``,
+``loss.png`` with one curve per scale and a summary line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from colm import checkpoint
+from colm.model import CoLM
+from colm.presets import preset
+from colm.train import state as train_state
+from colm.train.config import TrainConfig
+from colm.train.data import PackedLoader, TokenFile
+from colm.train.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, shard_model
+from colm.train.freeze import ChainFreezer
+from colm.train.lora import apply_lora
+from colm.train.step import TrainModule, build_optimizer, lr_at, train_step
+
+
+def build_model(cfg: TrainConfig) -> tuple[CoLM, dict, str | None]:
+    """fp32 CPU model, its tokenizer spec and the directory to copy tokenizer files from."""
+    m = cfg.model
+    if m.checkpoint:
+        model = checkpoint.load(m.checkpoint, dtype=torch.float32)
+        tok = checkpoint.read_meta(m.checkpoint).get("tokenizer", {"kind": "byte"})
+        return model, tok, m.checkpoint
+    model_cfg = preset(m.preset, **m.overrides) if m.overrides else preset(m.preset)
+    model = CoLM(model_cfg).reset_parameters(std=m.init_std, seed=cfg.run.seed)
+    return model, None, None
+
+
+@torch.no_grad()
+def evaluate(module: TrainModule, loader: PackedLoader, num_batches: int, info: DistInfo, bf16: bool) -> list[float]:
+    """Mean per-scale cross-entropy over the first ``num_batches`` validation batches."""
+    saved = module.loss_kind, module.log_all_scales
+    module.loss_kind, module.log_all_scales = "final", True
+    total, count = None, 0
+    try:
+        for x, y in loader.sequential_batches(num_batches, device=info.device):
+            with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and not info.distributed else torch.autocast("cpu", enabled=False):
+                _, per = module(x, y)
+            total = per if total is None else total + per
+            count += 1
+    finally:
+        module.loss_kind, module.log_all_scales = saved
+    return all_reduce_mean(total / count, info).tolist()
+
+
+def _plot(log_path: Path, png: Path, num_scales: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    train = [r for r in rows if r["kind"] == "train"]
+    val = [r for r in rows if r["kind"] == "val"]
+    for k in range(num_scales):
+        pts = [(r["step"], r["scale_loss"][k]) for r in train if r["scale_loss"][k] is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=f"train scale {k + 1}", lw=1.2)
+        vpts = [(r["step"], r["scale_loss"][k]) for r in val]
+        if vpts:
+            ax.plot(*zip(*vpts), "o--", label=f"val scale {k + 1}", ms=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("CoLM training loss per scale")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def _nan_to_none(values: list[float]) -> list[float | None]:
+    return [None if v != v else round(v, 6) for v in values]
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training as configured; returns the summary (also written to summary.json)."""
+    info = init_distributed(cfg.run.device)
+    try:
+        return _train(cfg, info)
+    finally:
+        cleanup(info)
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> dict:
+    out = Path(cfg.run.out_dir)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
+    torch.manual_seed(cfg.run.seed)
+    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and info.device.type == "cuda")
+    model, tok_spec, tok_dir = build_model(cfg)
+    mcfg = model.cfg
+    train_file = TokenFile(cfg.data.train)
+    if train_file.meta["vocab_size"] > mcfg.vocab_size:
+        raise ValueError(f"data.train={cfg.data.train}: tokenizer vocab {train_file.meta['vocab_size']} exceeds "
+                         f"the model's vocab_size={mcfg.vocab_size}")
+    tok_spec = tok_spec or train_file.meta.get("tokenizer", {"kind": "byte"})
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    t = cfg.tuning
+    lora = None
+    freezer = None
+    if t.lora_rank:
+        lora = {"first_chain": t.num_frozen_chains, "rank": t.lora_rank, "alpha": t.lora_alpha, "targets": t.lora_targets}
+        apply_lora(model, **lora)
+    elif t.mode != "pretrain" or t.num_frozen_chains:
+        freezer = ChainFreezer(model, t.num_frozen_chains, freeze_backbone=t.mode == "heads")
+    model.to(info.device)
+    module = TrainModule(model, cfg.loss.kind, cfg.loss.weights, hidden_grad=t.mode != "heads")
+    shard_model(module, model.layers, info, bf16)
+    if freezer is not None:
+        freezer.snapshot()
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    o = cfg.optim
+    optimizer = build_optimizer(trainable, o.lr, o.weight_decay, o.betas, o.eps)
+    loader = PackedLoader(train_file, cfg.data.seq_len, cfg.data.micro_batch, o.grad_accum, info.rank,
+                          info.world_size, cfg.data.seed)
+    val_loader = (PackedLoader(TokenFile(cfg.data.val), cfg.data.seq_len, cfg.data.micro_batch, 1, info.rank,
+                               info.world_size, cfg.data.seed) if cfg.data.val else None)
+
+    start = 0
+    log_path = out / "log.jsonl"
+    if cfg.run.resume and train_state.latest_step(out) is not None:
+        start = train_state.load_state(out, module, optimizer)["step"]
+        if freezer is not None:
+            freezer.snapshot()
+    if info.is_main:
+        # Keep the log consistent with the state: drop entries past the resumed step.
+        old = log_path.read_text().splitlines() if log_path.exists() and start else []
+        log_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] < start))
+    barrier(info)
+
+    tokens_per_step = loader.windows_per_step * cfg.data.seq_len
+    num_trainable = sum(p.numel() for _, p in trainable)
+    bar = None
+    if cfg.run.progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=o.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    history = []
+    t0 = time.perf_counter()
+    step = start
+    for step in range(start, o.steps):
+        lr = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule, o.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        batches = [loader.batch(step, micro, info.device) for micro in range(o.grad_accum)]
+        loss, per, gnorm = train_step(module, optimizer, batches, o.grad_clip, autocast_bf16=bf16 and not info.distributed,
+                                      freezer=freezer, fsdp=info.distributed)
+        loss = all_reduce_mean(loss, info)
+        per = all_reduce_mean(per, info)
+        row = {"kind": "train", "step": step, "loss": round(float(loss), 6), "scale_loss": _nan_to_none(per.tolist()),
+               "lr": lr, "grad_norm": round(gnorm, 6)}
+        history.append(row)
+        if info.is_main and (step % cfg.run.log_every == 0 or step == o.steps - 1):
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+        done = step + 1
+        if val_loader is not None and cfg.run.eval_every and done % cfg.run.eval_every == 0 and done < o.steps:
+            _log_val(module, val_loader, cfg, info, bf16, done - 1, log_path)
+        if cfg.run.save_every and done % cfg.run.save_every == 0 and done < o.steps:
+            train_state.save_state(out, module, optimizer, done, info, {"tokens_seen": done * tokens_per_step})
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    val = _log_val(module, val_loader, cfg, info, bf16, o.steps - 1, log_path) if val_loader is not None else None
+    train_state.save_state(out, module, optimizer, o.steps, info, {"tokens_seen": o.steps * tokens_per_step})
+    full = train_state.full_model_state(module)
+    summary = {"steps": o.steps, "resumed_from": start, "world_size": info.world_size, "num_trainable": num_trainable,
+               "tokens_per_step": tokens_per_step, "elapsed_s": round(elapsed, 3),
+               "tokens_per_s": round((o.steps - start) * tokens_per_step / elapsed, 1) if elapsed > 0 and o.steps > start else None,
+               "final_train_scale_loss": history[-1]["scale_loss"] if history else None, "val_scale_loss": val,
+               "history": [r["loss"] for r in history], "model_dir": str(out / "model")}
+    if info.is_main:
+        train_state.export_model(full, mcfg, out / "model", tok_spec, copy_tokenizer_from=tok_dir, lora=lora)
+        if cfg.run.plot:
+            _plot(log_path, out / "loss.png", mcfg.num_chains)
+        (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+        scales = " ".join(f"s{k + 1}={v:.4f}" for k, v in enumerate(val or summary["final_train_scale_loss"] or []) if v is not None)
+        print(f"trained {o.steps - start} steps ({start}->{o.steps}) on {info.world_size} process(es), "
+              f"{summary['tokens_per_s']} tok/s; {'val' if val else 'train'} loss per scale: {scales}; model -> {out / 'model'}")
+    barrier(info)
+    return summary
+
+
+def _log_val(module, val_loader, cfg, info, bf16, step, log_path) -> list[float]:
+    val = evaluate(module, val_loader, cfg.run.eval_batches, info, bf16)
+    if info.is_main:
+        with log_path.open("a") as f:
+            f.write(json.dumps({"kind": "val", "step": step, "scale_loss": [round(v, 6) for v in val]}) + "\n")
+    return val

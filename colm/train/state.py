@@ -1,0 +1,92 @@
+"""Resumable training state and the final model export.
+
+``save_state`` writes model + optimizer with torch Distributed Checkpoint (DCP; every rank writes
+its own shards, also for a single process) to ``out_dir/state/step_{N}`` together with
+``train_state.json`` (step, data position, RNG seed) and then points ``out_dir/state/latest`` at it,
+so a crash mid-save never leaves a broken "latest". ``load_state`` restores all of it in place.
+``export_model`` gathers the full weights onto rank 0 and writes an ordinary colm checkpoint
+(safetensors), with LoRA adapters merged into the base weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                      set_state_dict)
+
+from colm import checkpoint
+from colm.model import CoLM
+from colm.train.distributed import DistInfo, barrier
+
+STATE_DIR = "state"
+LATEST = "latest"
+
+
+def latest_step(out_dir: str | Path) -> int | None:
+    marker = Path(out_dir) / STATE_DIR / LATEST
+    return int(marker.read_text().strip()) if marker.is_file() else None
+
+
+def save_state(out_dir: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+               info: DistInfo, extra: dict | None = None) -> Path:
+    root = Path(out_dir) / STATE_DIR
+    path = root / f"step_{step}"
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    with warnings.catch_warnings():  # a single process saves without a process group on purpose
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    barrier(info)
+    if info.is_main:
+        (path / "train_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+        previous = latest_step(out_dir)
+        tmp = root / f"{LATEST}.tmp"
+        tmp.write_text(str(step))
+        tmp.replace(root / LATEST)
+        if previous is not None and previous != step:
+            shutil.rmtree(root / f"step_{previous}", ignore_errors=True)
+    barrier(info)
+    return path
+
+
+def load_state(out_dir: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore the latest state into ``module``/``optimizer``; returns its train_state.json."""
+    step = latest_step(out_dir)
+    if step is None:
+        raise ValueError(f"{out_dir}: no saved training state")
+    path = Path(out_dir) / STATE_DIR / f"step_{step}"
+    model_sd, optim_sd = get_state_dict(module, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return json.loads((path / "train_state.json").read_text())
+
+
+def full_model_state(module: nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict of the wrapped CoLM (collective: every rank must call it)."""
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def export_model(state: dict[str, torch.Tensor], cfg, out: str | Path, tokenizer: dict | None,
+                 copy_tokenizer_from: str | None = None, lora: dict | None = None) -> Path:
+    """Write ``state`` (a CoLM state dict, LoRA keys allowed) as a plain fp32 colm checkpoint."""
+    from colm.train.lora import apply_lora, merge_lora
+
+    model = CoLM(cfg)
+    if lora:
+        apply_lora(model, **lora)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"export: state does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if lora:
+        merge_lora(model)
+    return checkpoint.save(model, out, tokenizer=tokenizer, copy_tokenizer_from=copy_tokenizer_from)
