@@ -64,6 +64,8 @@ class WorkerReport:
     free_blocks: int = 0
     total_blocks: int = 0
     transfer_ms_per_mtoken: float | None = None  # KV hand-off time per million prompt tokens
+    transfer_bytes: int = 0  # KV bytes handed over so far (worker total)
+    transfer_s: float = 0.0  # time spent on those hand-offs
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):

@@ -1,0 +1,70 @@
+"""What the router needs from the workers, as one small interface, and the errors it may raise.
+
+``Backend`` hides how workers are reached (in-process engines, gRPC to worker processes, Ray
+actors that run those gRPC services). The router only ever:
+
+* lists workers and polls each for a ``WorkerReport`` (a failed poll marks it unhealthy),
+* streams one request's tokens through a chosen prefill and decode worker,
+* changes a running request's scale, aborts it, or scores a prompt (echo/logprobs).
+
+A stream that breaks because a worker died raises ``WorkerFailed`` naming it; the router then
+retries elsewhere with the tokens produced so far appended to the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+from colm.router.policy import WorkerReport
+from colm.sampling import SamplingParams
+
+
+class WorkerFailed(Exception):
+    """A worker died or stopped answering; ``worker_id`` names it."""
+
+    def __init__(self, worker_id: str, message: str = "") -> None:
+        super().__init__(f"worker {worker_id} failed: {message}" if message else f"worker {worker_id} failed")
+        self.worker_id = worker_id
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    role: str  # "prefill" | "decode"
+    address: str = ""
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    scale: int
+    timeout_s: float  # time left before the request's deadline
+    eos_id: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineToken:
+    token_id: int
+    scale: int
+    logprob: float = 0.0
+
+
+class Backend(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def workers(self) -> list[WorkerInfo]: ...
+
+    async def poll(self, worker_id: str) -> WorkerReport: ...
+
+    def generate(self, req: EngineRequest, prefill_id: str, decode_id: str) -> AsyncIterator[EngineToken]: ...
+
+    async def set_scale(self, decode_id: str, request_id: str, scale: int) -> None: ...
+
+    async def abort(self, decode_id: str, request_id: str) -> None: ...
+
+    async def prompt_logprobs(self, decode_id: str, prompt_ids: list[int], scale: int) -> list[float]: ...

@@ -1,0 +1,54 @@
+"""RouterConfig: ports, limits, security and policy knobs of the router (one frozen dataclass)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"  # nothing listens on 0.0.0.0 unless configured
+    grpc_port: int = 50051  # 0 = pick a free port
+    http_port: int | None = 8000  # OpenAI-compatible HTTP; None = off
+    metrics_port: int | None = None  # Prometheus; None = off
+    api_key: str | None = None  # public endpoints require it when set
+    tls_cert: str | None = None  # PEM files; both or neither
+    tls_key: str | None = None
+    max_running: int = 64
+    max_queued: int = 256
+    default_deadline_s: float = 120.0
+    max_message_bytes: int = 4 << 20
+    max_retries: int = 2
+    token_timeout_s: float = 30.0  # no token for this long: the worker is treated as failed
+    poll_interval_s: float = 0.2
+    rebalance: bool = True
+    ewma_alpha: float = 0.3
+    headroom: float = 1.0
+    served_model_name: str = "colm"
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_port", "http_port", "metrics_port"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or not 0 <= v <= 65535):
+                raise ValueError(f"router.{name}={v!r}: must be a port number 0..65535 (0 = any free port)")
+        for name in ("max_running", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"router.{name}={getattr(self, name)}: must be >= 1")
+        for name in ("max_queued", "max_retries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"router.{name}={getattr(self, name)}: must be >= 0")
+        for name in ("default_deadline_s", "token_timeout_s", "poll_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"router.{name}={getattr(self, name)}: must be > 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("router.tls_cert and router.tls_key: give both or neither")
+        if not 0 < self.ewma_alpha <= 1:
+            raise ValueError(f"router.ewma_alpha={self.ewma_alpha}: must be in (0, 1]")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RouterConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"router: unknown fields {unknown}; allowed: {sorted(known)}")
+        return cls(**d)

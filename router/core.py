@@ -1,0 +1,313 @@
+"""The router's request path, independent of gRPC and HTTP.
+
+A request's path: ``validate`` (ValueError -> INVALID_ARGUMENT) -> admission slot under the
+request's deadline (Overloaded -> RESOURCE_EXHAUSTED) -> the policy picks the scale from the live
+latency model (BudgetUnmet -> RESOURCE_EXHAUSTED) -> placement picks a prefill and a decode worker
+-> the backend streams tokens, which the router checks for stop conditions and detokenizes
+incrementally. If a worker dies mid-stream, the request is retried on other workers with the
+tokens produced so far appended to the prompt, as long as its deadline and retry count allow.
+
+Background tasks poll every worker for a report (feeding placement, the latency model and the
+metrics; a failed poll takes the worker out) and lower the scale of running requests whose
+per-token budget the current load breaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator
+
+from colm.router.admission import Admission
+from colm.router.backend import Backend, EngineRequest, WorkerFailed
+from colm.router.config import RouterConfig
+from colm.router.metrics import RouterMetrics
+from colm.router.placement import NoWorker, WorkerRegistry
+from colm.router.policy import Budget, Decision, PolicyConfig, RunningRequest, ScalePolicy
+from colm.sampling import SamplingParams
+
+log = logging.getLogger("colm.router")
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class Unavailable(Exception):
+    pass
+
+
+@dataclass
+class RequestSpec:
+    """A validated request."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    budget: Budget = field(default_factory=Budget)
+    scale: int | None = None  # pinned
+    prompt_logprobs: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+    deadline: float = 0.0  # absolute monotonic
+
+
+@dataclass
+class Event:
+    """One step of a response: the decision first, then tokens, then the finish."""
+
+    kind: str  # "decision" | "token" | "finish"
+    decision: Decision | None = None
+    token_id: int = 0
+    text: str = ""
+    scale: int = 0
+    time_ms: float = 0.0
+    logprob: float = 0.0
+    finish_reason: str = ""
+    prompt_logprobs: list[float] | None = None
+    usage: dict | None = None
+
+
+class Router:
+    def __init__(self, cfg: RouterConfig, model_cfg, tokenizer, backend: Backend, block_size: int = 16) -> None:
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.policy = ScalePolicy(PolicyConfig.from_model(model_cfg, alpha=cfg.ewma_alpha, headroom=cfg.headroom))
+        self.registry = WorkerRegistry(block_size=block_size, stale_after_s=max(10.0, 20 * cfg.poll_interval_s))
+        self.admission = Admission(cfg.max_running, cfg.max_queued)
+        self.metrics = RouterMetrics()
+        self.running: dict[str, tuple[RunningRequest, str]] = {}  # request id -> (state, decode worker)
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.backend.start()
+        await self.refresh_workers()
+        await self.poll_once()
+        self._tasks = [asyncio.create_task(self._poll_loop())]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.backend.close()
+
+    async def refresh_workers(self) -> None:
+        known = set()
+        for w in self.backend.workers():
+            known.add(w.worker_id)
+            self.registry.add(w.worker_id, w.role, w.address)
+        for wid in list(self.registry.workers):
+            if wid not in known:
+                self.registry.remove(wid)
+
+    async def poll_once(self) -> None:
+        async def one(w):
+            try:
+                r = await asyncio.wait_for(self.backend.poll(w.worker_id), timeout=max(1.0, 5 * self.cfg.poll_interval_s))
+            except Exception as e:  # any failure to answer takes the worker out until it reports again
+                if w.healthy:
+                    log.warning("worker %s failed its health poll: %s", w.worker_id, e)
+                self.registry.mark_unhealthy(w.worker_id)
+                self.metrics.worker_healthy.labels(w.worker_id, w.role).set(0)
+                return
+            self.registry.update(r)
+            self.policy.observe([r])
+            self.metrics.worker_healthy.labels(w.worker_id, w.role).set(1)
+            if r.role == "decode":
+                self.metrics.kv_used.labels(w.worker_id).set(r.total_blocks - r.free_blocks)
+                self.metrics.kv_total.labels(w.worker_id).set(r.total_blocks)
+            else:
+                self.metrics.prefill_queue.labels(w.worker_id).set(r.queued_tokens)
+            self.metrics.transfer_bytes.labels(w.worker_id).set(r.transfer_bytes)
+            self.metrics.transfer_seconds.labels(w.worker_id).set(r.transfer_s)
+
+        await asyncio.gather(*(one(w) for w in list(self.registry.workers.values())))
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.poll_interval_s)
+            try:
+                await self.refresh_workers()
+                await self.poll_once()
+                if self.cfg.rebalance:
+                    await self.rebalance_once()
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("router poll loop")
+
+    async def rebalance_once(self) -> None:
+        states = [s for s, _ in self.running.values()]
+        for rid, scale in self.policy.rebalance(states).items():
+            state, decode_id = self.running.get(rid, (None, None))
+            if state is None:
+                continue
+            with contextlib.suppress(Exception):
+                await self.backend.set_scale(decode_id, rid, scale)
+                state.scale = scale
+                self.metrics.scale_changes.inc()
+
+    # ---- requests ------------------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int] | None, text: bytes | str | None, params: SamplingParams | dict,
+                 budget: Budget | None = None, scale: int | None = None, request_id: str = "",
+                 prompt_logprobs: bool = False) -> RequestSpec:
+        """Build a RequestSpec or raise ValueError with a message naming the bad field."""
+        cfg = self.model_cfg
+        if isinstance(params, dict):
+            params = SamplingParams(**params)
+        if text is not None and prompt_ids:
+            raise ValueError("give the prompt as text or as token ids, not both")
+        if text is not None:
+            if isinstance(text, bytes):
+                try:
+                    text = text.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"prompt text is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            prompt_ids = self.tokenizer.encode(text)
+        prompt_ids = list(prompt_ids or [])
+        if not prompt_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        bad = [t for t in prompt_ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary 0..{cfg.vocab_size - 1}")
+        if len(prompt_ids) + params.max_new_tokens > cfg.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                             f"the context of {cfg.max_seq_len} tokens")
+        if scale is not None:
+            cfg.check_scale(scale)
+        budget = budget or Budget()
+        now = time.monotonic()
+        deadline_s = budget.deadline_ms / 1000 if budget.deadline_ms else self.cfg.default_deadline_s
+        return RequestSpec(request_id or uuid.uuid4().hex, prompt_ids, params, budget, scale, prompt_logprobs,
+                           arrival=now, deadline=now + deadline_s)
+
+    async def generate(self, spec: RequestSpec) -> AsyncIterator[Event]:
+        """Stream a request's events. Raises Overloaded / BudgetUnmet / DeadlineExceeded / Unavailable."""
+        status, scale = "error", 0
+        self.metrics.queued.set(self.admission.num_queued + 1)
+        try:
+            async with self.admission.slot(spec.deadline):
+                self.metrics.queued.set(self.admission.num_queued)
+                self.metrics.running.set(self.admission.num_running)
+                decision = self.policy.choose(spec.budget, len(spec.prompt_ids), spec.params.max_new_tokens,
+                                              pinned_scale=spec.scale)
+                scale = decision.scale
+                if decision.degraded:
+                    self.metrics.degraded.inc()
+                async for ev in self._serve(spec, decision):
+                    yield ev
+                    if ev.kind == "finish":
+                        status = "ok"
+        except asyncio.TimeoutError:
+            status = "deadline"
+            raise DeadlineExceeded(f"request {spec.request_id} waited past its deadline for admission") from None
+        except BaseException as e:
+            status = {"Overloaded": "overloaded", "BudgetUnmet": "rejected", "DeadlineExceeded": "deadline",
+                      "Unavailable": "unavailable", "CancelledError": "cancelled",
+                      "GeneratorExit": "cancelled"}.get(type(e).__name__, "error")
+            raise
+        finally:
+            self.metrics.requests.labels(status, str(scale)).inc()
+            self.metrics.running.set(self.admission.num_running)
+
+    async def _serve(self, spec: RequestSpec, decision: Decision) -> AsyncIterator[Event]:
+        yield Event("decision", decision=decision)
+        if spec.prompt_logprobs:
+            decode = self.registry.pick_decode(len(spec.prompt_ids))
+            lp = await self.backend.prompt_logprobs(decode.worker_id, spec.prompt_ids, decision.scale)
+            yield Event("prompt_logprobs", prompt_logprobs=lp)
+        params = spec.params
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos and self.tokenizer.eos_id is not None and self.tokenizer.eos_id >= 0:
+            stops.add(self.tokenizer.eos_id)
+        out: list[int] = []
+        text_sent = ""
+        times: list[float] = []
+        failed: set[str] = set()
+        retries = 0
+        state = RunningRequest(spec.request_id, decision.scale, spec.budget, pinned=spec.scale is not None)
+        finish = "length"
+        while len(out) < params.max_new_tokens:
+            left = spec.deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"request {spec.request_id} passed its deadline after {len(out)} tokens")
+            prompt = spec.prompt_ids + out
+            try:
+                prefill = self.registry.pick_prefill(len(prompt), exclude=failed)
+                decode = self.registry.pick_decode(len(prompt) + params.max_new_tokens - len(out), exclude=failed)
+            except NoWorker as e:
+                raise Unavailable(f"request {spec.request_id}: {e}") from None
+            req = EngineRequest(f"{spec.request_id}.{retries}" if retries else spec.request_id, tuple(prompt),
+                                replace(params, max_new_tokens=params.max_new_tokens - len(out), stop_strings=()),
+                                state.scale, left, self.tokenizer.eos_id)
+            self.registry.start(prefill.worker_id, spec.request_id)
+            self.registry.start(decode.worker_id, spec.request_id)
+            self.running[req.request_id] = (state, decode.worker_id)
+            stream = self.backend.generate(req, prefill.worker_id, decode.worker_id)
+            try:
+                while True:
+                    left = spec.deadline - time.monotonic()
+                    if left <= 0:
+                        raise DeadlineExceeded(f"request {spec.request_id} passed its deadline after {len(out)} tokens")
+                    try:
+                        tok = await asyncio.wait_for(anext(stream), min(left, self.cfg.token_timeout_s))
+                    except StopAsyncIteration:
+                        break
+                    except asyncio.TimeoutError:
+                        if left <= self.cfg.token_timeout_s:
+                            raise DeadlineExceeded(f"request {spec.request_id} passed its deadline") from None
+                        raise WorkerFailed(decode.worker_id, f"no token for {self.cfg.token_timeout_s} s") from None
+                    now_ms = (time.monotonic() - spec.arrival) * 1e3
+                    out.append(tok.token_id)
+                    times.append(now_ms)
+                    full = self.tokenizer.decode(out)
+                    # Hold back a trailing partial UTF-8 character until the next token completes it.
+                    visible = full[:-1] if full.endswith("\ufffd") else full
+                    delta, text_sent = visible[len(text_sent):], visible if visible.startswith(text_sent) else text_sent
+                    self.metrics.tokens.labels(str(tok.scale)).inc()
+                    yield Event("token", token_id=tok.token_id, text=delta, scale=tok.scale, time_ms=now_ms,
+                                logprob=tok.logprob)
+                    if tok.token_id in stops:
+                        finish = "stop"
+                        break
+                    if params.stop_strings and any(s in full for s in params.stop_strings):
+                        finish = "stop"
+                        break
+                    if len(out) >= params.max_new_tokens:
+                        break
+                if finish != "stop" and len(out) < params.max_new_tokens:
+                    finish = "stop"  # the engine ended early: it applied a stop condition of its own
+                break
+            except WorkerFailed as e:
+                retries += 1
+                self.metrics.retries.inc()
+                failed.add(e.worker_id)
+                for rid in self.registry.mark_unhealthy(e.worker_id):
+                    log.info("request %s was in flight on failed worker %s", rid, e.worker_id)
+                if retries > self.cfg.max_retries:
+                    raise Unavailable(f"request {spec.request_id}: {e}; gave up after {retries - 1} retries") from None
+                log.warning("request %s: %s; retrying (%d) with %d tokens done", spec.request_id, e, retries, len(out))
+            finally:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+                self.running.pop(req.request_id, None)
+                self.registry.finish(prefill.worker_id, spec.request_id)
+                self.registry.finish(decode.worker_id, spec.request_id)
+        ttft = times[0] if times else 0.0
+        total = (time.monotonic() - spec.arrival) * 1e3
+        sc = str(decision.scale)
+        if times:
+            self.metrics.ttft.labels(sc).observe(ttft / 1e3)
+            if len(times) > 1:
+                self.metrics.tpot.labels(sc).observe((times[-1] - times[0]) / (len(times) - 1) / 1e3)
+        self.metrics.e2e.labels(sc).observe(total / 1e3)
+        tail = self.tokenizer.decode(out)[len(text_sent):]
+        yield Event("finish", text=tail, finish_reason=finish,
+                    usage={"prompt_tokens": len(spec.prompt_ids), "completion_tokens": len(out), "ttft_ms": ttft,
+                           "total_ms": total, "retries": retries})

@@ -1,0 +1,241 @@
+"""The router's public gRPC service (``colm.v1.Colm``), with health checking and reflection.
+
+One interceptor guards every method: it checks the API key when one is configured (metadata
+``authorization: Bearer KEY`` or ``x-api-key: KEY``, constant-time compare) and maps exceptions to
+status codes (ValueError -> INVALID_ARGUMENT, Overloaded / BudgetUnmet / full pools ->
+RESOURCE_EXHAUSTED with a ``retry-after-s`` trailer, deadline -> DEADLINE_EXCEEDED, no worker ->
+UNAVAILABLE, anything else -> INTERNAL), logging the request id. The servicer only converts
+messages to the router core's types and back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+
+import grpc
+
+from colm.proto import load_proto
+from colm.router.admission import Overloaded
+from colm.router.core import DeadlineExceeded, Router, Unavailable
+from colm.router.placement import NoWorker
+from colm.router.policy import Budget, BudgetUnmet
+from colm.sampling import SamplingParams
+
+log = logging.getLogger("colm.router")
+pb2, pb2_grpc = load_proto("public")
+SERVICE_NAME = "colm.v1.Colm"
+
+
+def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, float | None]:
+    if isinstance(e, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e), None
+    if isinstance(e, (Overloaded, BudgetUnmet)):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), e.retry_after_s
+    if isinstance(e, NoWorker) and e.full:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), 1.0
+    if isinstance(e, (DeadlineExceeded, asyncio.TimeoutError)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(e) or "deadline exceeded", None
+    if isinstance(e, (Unavailable, NoWorker)):
+        return grpc.StatusCode.UNAVAILABLE, str(e), None
+    return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}", None
+
+
+def _key_ok(metadata, api_key: str | None) -> bool:
+    if not api_key:
+        return True
+    md = dict(metadata or ())
+    given = md.get("x-api-key") or md.get("authorization", "").removeprefix("Bearer ").strip()
+    return hmac.compare_digest(given.encode(), api_key.encode())
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """API key check and exception -> status mapping for the public service."""
+
+    def __init__(self, api_key: str | None) -> None:
+        self.api_key = api_key
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        key_ok = _key_ok(details.invocation_metadata, self.api_key)
+
+        async def fail(context, e: BaseException):
+            code, msg, retry = status_for(e)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", details.method, exc_info=e)
+            if retry is not None:
+                context.set_trailing_metadata((("retry-after-s", f"{retry:.3f}"),))
+            await context.abort(code, msg)
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary(request, context):
+                if not key_ok:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
+                try:
+                    return await inner(request, context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as e:
+                    await fail(context, e)
+
+            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            inner_stream = handler.unary_stream
+
+            async def stream(request, context):
+                if not key_ok:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
+                try:
+                    async for item in inner_stream(request, context):
+                        yield item
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as e:
+                    await fail(context, e)
+
+            return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer,
+                                                        handler.response_serializer)
+        return handler
+
+
+def spec_from_proto(router: Router, req) -> "object":
+    """GenerateRequest -> RequestSpec (ValueError on anything malformed)."""
+    if req.ByteSize() > router.cfg.max_message_bytes:
+        raise ValueError(f"request of {req.ByteSize()} bytes exceeds the limit of {router.cfg.max_message_bytes}")
+    s = req.sampling
+    if s.max_new_tokens < 0:
+        raise ValueError(f"sampling.max_new_tokens={s.max_new_tokens}: must be >= 0")
+    if req.scale < 0:
+        raise ValueError(f"scale={req.scale}: must be >= 1 (or 0 to let the router choose)")
+    params = SamplingParams(max_new_tokens=s.max_new_tokens or 16, temperature=s.temperature, top_k=s.top_k,
+                            top_p=s.top_p or 1.0, seed=s.seed if s.HasField("seed") else None,
+                            stop_token_ids=tuple(s.stop_token_ids), stop_strings=tuple(s.stop), ignore_eos=s.ignore_eos)
+    b = req.budget
+    budget = Budget(ttft_ms=b.ttft_ms or None, tpot_ms=b.tpot_ms or None, deadline_ms=b.deadline_ms or None,
+                    on_miss="reject" if b.on_miss == pb2.ON_MISS_REJECT else "degrade")
+    which = req.WhichOneof("prompt")
+    text = req.text if which == "text" else None
+    ids = list(req.token_ids.ids) if which == "token_ids" else None
+    return router.validate(ids, text, params, budget, req.scale or None, req.request_id, req.prompt_logprobs > 0)
+
+
+def _decision(d, prompt_tokens: int):
+    return pb2.Decision(scale=d.scale, predicted_ttft_ms=d.ttft_ms, predicted_tpot_ms=d.tpot_ms, degraded=d.degraded,
+                        prompt_tokens=prompt_tokens)
+
+
+class ColmServicer(pb2_grpc.ColmServicer):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def Generate(self, request, context):
+        spec = spec_from_proto(self.router, request)
+        first = pb2.GenerateResponse(request_id=spec.request_id)
+        async for ev in self.router.generate(spec):
+            if ev.kind == "decision":
+                first.decision.CopyFrom(_decision(ev.decision, len(spec.prompt_ids)))
+                if not spec.prompt_logprobs:
+                    yield first
+            elif ev.kind == "prompt_logprobs":
+                first.prompt_logprobs.extend(ev.prompt_logprobs)
+                yield first
+            elif ev.kind == "token":
+                yield pb2.GenerateResponse(request_id=spec.request_id, tokens=[pb2.Token(
+                    id=ev.token_id, text=ev.text, scale=ev.scale, time_ms=ev.time_ms, logprob=ev.logprob)])
+            else:
+                yield pb2.GenerateResponse(request_id=spec.request_id, text=ev.text, finish_reason=ev.finish_reason,
+                                           usage=pb2.Usage(**ev.usage))
+
+    async def Complete(self, request, context):
+        spec = spec_from_proto(self.router, request)
+        resp = pb2.CompleteResponse(request_id=spec.request_id)
+        text = []
+        async for ev in self.router.generate(spec):
+            if ev.kind == "decision":
+                resp.decision.CopyFrom(_decision(ev.decision, len(spec.prompt_ids)))
+            elif ev.kind == "prompt_logprobs":
+                resp.prompt_logprobs.extend(ev.prompt_logprobs)
+            elif ev.kind == "token":
+                resp.tokens.append(pb2.Token(id=ev.token_id, text=ev.text, scale=ev.scale, time_ms=ev.time_ms,
+                                             logprob=ev.logprob))
+                text.append(ev.text)
+            else:
+                text.append(ev.text)
+                resp.finish_reason = ev.finish_reason
+                resp.usage.CopyFrom(pb2.Usage(**ev.usage))
+        resp.text = "".join(text)
+        return resp
+
+    async def Tokenize(self, request, context):
+        try:
+            text = request.text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"text is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        cfg = self.router.model_cfg
+        return pb2.TokenizeResponse(ids=self.router.tokenizer.encode(text), vocab_size=cfg.vocab_size,
+                                    max_seq_len=cfg.max_seq_len)
+
+    async def ListScales(self, request, context):
+        r = self.router
+        cfg = r.model_cfg
+        est = r.policy.estimates()
+        out = pb2.ListScalesResponse(model=r.cfg.served_model_name, kv_sharing=cfg.kv_sharing)
+        for k in range(1, cfg.num_chains + 1):
+            out.scales.append(pb2.ScaleInfo(scale=k, num_params=cfg.num_params(k), dim=cfg.scale_dim(k),
+                                            predicted_ttft_ms=est[k]["ttft_ms"], predicted_tpot_ms=est[k]["tpot_ms"],
+                                            measured_step_ms=r.policy.model.step_ms.get(k, 0.0)))
+        return out
+
+    async def Health(self, request, context):
+        r = self.router
+        out = pb2.HealthResponse(queued=r.admission.num_queued, running=r.admission.num_running)
+        for w in r.registry.workers.values():
+            rep = w.report
+            out.workers.append(pb2.WorkerHealth(worker_id=w.worker_id, role=w.role, healthy=w.healthy,
+                                                inflight=len(w.inflight),
+                                                free_blocks=rep.free_blocks if rep else 0,
+                                                total_blocks=rep.total_blocks if rep else 0))
+        out.serving = any(w.healthy and w.role == "decode" for w in r.registry.workers.values())
+        return out
+
+
+async def start_grpc(router: Router) -> tuple[grpc.aio.Server, int]:
+    """Start the public gRPC server; returns (server, bound port)."""
+    cfg = router.cfg
+    # gRPC's own limit sits above ours so that an oversized request gets our INVALID_ARGUMENT message.
+    opts = [("grpc.max_receive_message_length", 2 * cfg.max_message_bytes + (1 << 20)),
+            ("grpc.max_send_message_length", 2 * cfg.max_message_bytes + (1 << 20))]
+    server = grpc.aio.server(interceptors=[GuardInterceptor(cfg.api_key)], options=opts)
+    pb2_grpc.add_ColmServicer_to_server(ColmServicer(router), server)
+    names = [SERVICE_NAME]
+    try:
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        hs = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+        await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await hs.set("", health_pb2.HealthCheckResponse.SERVING)
+        names.append(health.SERVICE_NAME)
+    except ImportError:
+        log.info("grpcio-health-checking not installed: no grpc.health.v1")
+    try:
+        from grpc_reflection.v1alpha import reflection
+
+        names.append(reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+    except ImportError:
+        log.info("grpcio-reflection not installed: no server reflection")
+    addr = f"{cfg.host}:{cfg.grpc_port}"
+    if cfg.tls_cert:
+        with open(cfg.tls_key, "rb") as fk, open(cfg.tls_cert, "rb") as fc:
+            creds = grpc.ssl_server_credentials([(fk.read(), fc.read())])
+        port = server.add_secure_port(addr, creds)
+    else:
+        port = server.add_insecure_port(addr)
+    await server.start()
+    return server, port

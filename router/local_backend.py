@@ -1,0 +1,140 @@
+"""An in-process backend: one full model, one thread per request, no disaggregation.
+
+It serves two purposes: the router's unit tests (a real model, real step times, no workers), and
+the "colocated" baseline of the load test when no engines are available. Each request runs the
+reference decoding loop (contiguous KV cache, prompt prefilled at the first token's scale) in a
+worker thread; its scale is read before every step so ``set_scale`` acts mid-generation, exactly
+like ``colm.generate`` with a scale schedule. Step times per scale are measured and reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import defaultdict
+from typing import AsyncIterator
+
+import torch
+
+from colm.kv_cache import ContiguousKVCache
+from colm.router.backend import EngineRequest, EngineToken, WorkerInfo
+from colm.router.policy import WorkerReport
+from colm.sampling import sample_next
+
+PREFILL_ID, DECODE_ID = "local-prefill-0", "local-decode-0"
+
+
+class LocalBackend:
+    def __init__(self, model, max_concurrency: int = 4, fixed_scale: int | None = None) -> None:
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.fixed_scale = fixed_scale  # baseline: ignore the router's choice
+        self._sem = threading.Semaphore(max_concurrency)
+        self._scales: dict[str, int] = {}
+        self._aborted: set[str] = set()
+        self._step_ms: dict[int, float] = {}
+        self._running = 0
+        self._prefill_tokens = 0
+        self._prefill_s = 0.0
+        self._lock = threading.Lock()
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def workers(self) -> list[WorkerInfo]:
+        return [WorkerInfo(PREFILL_ID, "prefill"), WorkerInfo(DECODE_ID, "decode")]
+
+    async def poll(self, worker_id: str) -> WorkerReport:
+        with self._lock:
+            if worker_id == PREFILL_ID:
+                tps = self._prefill_tokens / self._prefill_s if self._prefill_s > 0 else None
+                return WorkerReport(worker_id, "prefill", prefill_tokens_per_s=tps)
+            return WorkerReport(worker_id, "decode", num_running=self._running, step_ms=dict(self._step_ms),
+                                free_blocks=10**6, total_blocks=10**6)
+
+    def _run(self, req: EngineRequest, emit) -> None:
+        device = self.model.inv_freq.device
+        dtype = next(self.model.parameters()).dtype
+        params = req.params
+        gen = params.make_generator()
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos or req.eos_id is None else {req.eos_id})
+        cache = ContiguousKVCache(self.cfg, 1, len(req.prompt_ids) + params.max_new_tokens, device=device, dtype=dtype)
+        x = torch.tensor([list(req.prompt_ids)], device=device)
+        with self._sem, torch.no_grad():
+            with self._lock:
+                self._running += 1
+            try:
+                for i in range(params.max_new_tokens):
+                    if req.request_id in self._aborted:
+                        return
+                    scale = self.fixed_scale or self._scales.get(req.request_id, req.scale)
+                    t0 = time.perf_counter()
+                    logits = self.model(x, scale=scale, cache=cache)[0, -1].float().cpu()  # [V]
+                    dt = time.perf_counter() - t0
+                    with self._lock:
+                        if i == 0:
+                            self._prefill_tokens += x.shape[1]
+                            self._prefill_s += dt
+                        else:
+                            old = self._step_ms.get(scale)
+                            self._step_ms[scale] = dt * 1e3 if old is None else 0.8 * old + 0.2 * dt * 1e3
+                    tok = sample_next(logits, params, gen)
+                    emit(EngineToken(tok, scale, float(torch.log_softmax(logits, -1)[tok])))
+                    if tok in stops:
+                        return
+                    x = torch.tensor([[tok]], device=device)
+            finally:
+                with self._lock:
+                    self._running -= 1
+
+    async def generate(self, req: EngineRequest, prefill_id: str, decode_id: str) -> AsyncIterator[EngineToken]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        done = object()
+        self._scales[req.request_id] = req.scale
+
+        def work():
+            try:
+                self._run(req, lambda t: loop.call_soon_threadsafe(q.put_nowait, t))
+                loop.call_soon_threadsafe(q.put_nowait, done)
+            except BaseException as e:  # surfaced to the router as this request's error
+                loop.call_soon_threadsafe(q.put_nowait, e)
+
+        fut = loop.run_in_executor(None, work)
+        try:
+            while True:
+                item = await q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._aborted.add(req.request_id)
+            await asyncio.shield(fut)
+            self._aborted.discard(req.request_id)
+            self._scales.pop(req.request_id, None)
+
+    async def set_scale(self, decode_id: str, request_id: str, scale: int) -> None:
+        if request_id in self._scales:
+            self._scales[request_id] = scale
+
+    async def abort(self, decode_id: str, request_id: str) -> None:
+        self._aborted.add(request_id)
+
+    async def prompt_logprobs(self, decode_id: str, prompt_ids: list[int], scale: int) -> list[float]:
+        return await asyncio.get_running_loop().run_in_executor(None, score_prompt, self.model, prompt_ids, scale)
+
+
+@torch.no_grad()
+def score_prompt(model, prompt_ids: list[int], scale: int) -> list[float]:
+    """log p(token_t | tokens_<t) for every prompt token; the first is 0 (nothing predicts it)."""
+    device = model.inv_freq.device
+    ids = torch.tensor([list(prompt_ids)], device=device)
+    logp = torch.log_softmax(model(ids, scale=scale)[0].float(), dim=-1)  # [t, V]
+    picked = logp[:-1].gather(1, ids[0, 1:, None])[:, 0]
+    return [0.0] + picked.cpu().tolist()
