@@ -1,0 +1,145 @@
+"""gRPC plumbing shared by the internal services: cluster-token auth, error mapping, size limits.
+
+``make_server(address, cluster_token, ...)`` builds a ``grpc.server`` whose interceptor rejects calls
+without the cluster token (constant-time compare, UNAUTHENTICATED) and maps engine exceptions to
+status codes (see ``colm.errors``), logging the request id. ``make_channel`` sets the same explicit
+message-size limits on the client side; ``auth_metadata`` is the metadata every client call sends.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from concurrent import futures
+
+import grpc
+
+from colm.errors import (CapacityError, DeadlineError, PeerUnavailableError, RequestAbortedError, TransferError,
+                         UnknownRequestError)
+
+log = logging.getLogger("colm.rpc")
+
+TOKEN_KEY = "x-colm-cluster-token"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # KV chunks are a few MiB; anything near this is a bug or an attack
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+# Order matters: subclasses before their bases (UnknownRequestError is a KeyError, DeadlineError a TimeoutError).
+_STATUS = [
+    (UnknownRequestError, grpc.StatusCode.NOT_FOUND),
+    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (TransferError, grpc.StatusCode.DATA_LOSS),
+    (PeerUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (RequestAbortedError, grpc.StatusCode.CANCELLED),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+]
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        code = exc.code()
+        return grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.UNAVAILABLE else code
+    for cls, code in _STATUS:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def auth_metadata(cluster_token: str) -> tuple[tuple[str, str], ...]:
+    return ((TOKEN_KEY, cluster_token),)
+
+
+def _request_id(request) -> str:
+    return getattr(request, "request_id", "") or "-"
+
+
+class ServiceInterceptor(grpc.ServerInterceptor):
+    """Token check on every call, then engine exceptions -> gRPC status codes."""
+
+    def __init__(self, cluster_token: str) -> None:
+        if not cluster_token:
+            raise ValueError("cluster_token is empty: internal endpoints always require one")
+        self._token = cluster_token.encode()
+
+    def intercept_service(self, continuation, details):
+        sent = dict(details.invocation_metadata or ()).get(TOKEN_KEY, "")
+        sent = sent.encode() if isinstance(sent, str) else sent
+        if not hmac.compare_digest(sent, self._token):
+            def deny(request_or_iterator, context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
+
+            return grpc.unary_unary_rpc_method_handler(deny)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method),
+                                                       handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary, method),
+                                                        handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream, method),
+                                                        handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(_wrap_stream(handler.stream_stream, method),
+                                                     handler.request_deserializer, handler.response_serializer)
+
+
+def _fail(context, method: str, request, exc: BaseException):
+    code = status_for(exc)
+    level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
+    log.log(level, "%s request_id=%s -> %s: %s", method, _request_id(request), code.name, exc,
+            exc_info=code == grpc.StatusCode.INTERNAL)
+    context.abort(code, f"{type(exc).__name__}: {exc}")
+
+
+def _wrap_unary(fn, method):
+    def wrapped(request, context):
+        try:
+            return fn(request, context)
+        except Exception as exc:  # noqa: BLE001 - the boundary maps every failure to a status
+            if _already_aborted(exc):
+                raise
+            _fail(context, method, request, exc)
+
+    return wrapped
+
+
+def _wrap_stream(fn, method):
+    def wrapped(request, context):
+        try:
+            yield from fn(request, context)
+        except Exception as exc:  # noqa: BLE001
+            if _already_aborted(exc):
+                raise
+            _fail(context, method, request, exc)
+
+    return wrapped
+
+
+def _already_aborted(exc: BaseException) -> bool:
+    # context.abort raises a bare Exception subclass from grpc._server; let it through untouched.
+    return type(exc).__module__.startswith("grpc") and not isinstance(exc, grpc.RpcError)
+
+
+def make_server(address: str, cluster_token: str, max_workers: int = 32) -> tuple[grpc.Server, int]:
+    """A server bound to ``address`` (use "127.0.0.1:0" for an ephemeral port); returns (server, port)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="colm-rpc"),
+                         interceptors=[ServiceInterceptor(cluster_token)], options=CHANNEL_OPTIONS)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    return server, port
+
+
+def make_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
