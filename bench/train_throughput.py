@@ -1,0 +1,151 @@
+"""Training throughput (tokens/s, MFU) of the 1B-shape CoLM {16,16} against a {32} model (= Llama).
+
+Every variant runs the same step (``colm.train.step.train_step``: forward, loss, backward, grad
+clip, AdamW) on the same random token batches, side by side in one process, timed with CUDA events
+(median over the timed steps after warm-up). Two precision paths are measured:
+
+* ``autocast``: fp32 master weights, ``torch.autocast(bf16)`` (what ``colm train`` does on one GPU;
+  chain Linears go through per-chain cuBLAS GEMMs, since the Triton kernel wants bf16 weights);
+* ``fsdp-bf16``: FSDP2 over a 1-rank process group with bf16 parameters and fp32 reduction (what
+  several GPUs run; chain Linears with more than one chain use the Triton block-sparse kernel).
+
+MFU uses the PaLM / nanoGPT count: 6 x (matmul parameters, block-sparse counted exactly, head
+included) + 12 x layers x dim x seq per token, over the dense bf16 peak of the GPU.
+
+    python bench/train_throughput.py --out bench/results/train_throughput_h100_2026-11-23.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+
+import torch
+
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def flops_per_token(cfg, seq_len: int, loss_kind: str) -> float:
+    norms = cfg.n_layers * 2 * cfg.dim + cfg.dim
+    matmul = cfg.num_params() - norms - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
+    if loss_kind == "multi_chain":  # one extra head product per smaller scale
+        matmul += sum(cfg.vocab_size * cfg.scale_dim(k) for k in range(1, cfg.num_chains))
+    return 6 * matmul + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+def peak_flops(name: str) -> float:
+    for key, value in PEAK_BF16.items():
+        if key in name:
+            return value
+    return float("nan")
+
+
+def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup):
+    from colm.model import CoLM
+    from colm.train.step import TrainModule, build_optimizer, train_step
+
+    torch.manual_seed(0)
+    model = CoLM(cfg, device="cuda").reset_parameters(seed=0)
+    module = TrainModule(model, loss_kind, log_all_scales=False)
+    fsdp = precision == "fsdp-bf16"
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(module, mp_policy=mp, reshard_after_forward=False)
+    opt = build_optimizer(list(module.named_parameters()), 3e-4, 0.1, (0.9, 0.95), 1e-8)
+    times, losses = [], []
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss, _, _ = train_step(module, opt, [batches[i % len(batches)]], 1.0, autocast_bf16=not fsdp)
+        end.record()
+        torch.cuda.synchronize()
+        losses.append(float(loss))
+        if i >= warmup:
+            times.append(start.elapsed_time(end) / 1e3)
+    mem = torch.cuda.max_memory_allocated() / 2**30
+    del module, model, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return times, losses, mem
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default="bench/results/train_throughput.json")
+    args = ap.parse_args()
+    from colm.presets import preset
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    torch.distributed.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    dev_name = torch.cuda.get_device_name(0)
+    peak = peak_flops(dev_name)
+    g = torch.Generator().manual_seed(0)
+    models = {"{32} (Llama)": preset("llama-3.2-1b"), "{16,16}": preset("llama-3.2-1b-16-16"),
+              "{16,16} Air": preset("llama-3.2-1b-16-16-air")}
+    batches = []
+    for _ in range(4):
+        tok = torch.randint(0, 128256, (args.batch, args.seq + 1), generator=g).cuda()
+        batches.append((tok[:, :-1], tok[:, 1:]))
+    variants = [(m, p, "final") for p in ("autocast", "fsdp-bf16") for m in models]
+    variants += [("{16,16}", "fsdp-bf16", "multi_chain"), ("{16,16} Air", "fsdp-bf16", "multi_chain")]
+    rows = []
+    tokens = args.batch * args.seq
+    for mname, precision, loss_kind in variants:
+        cfg = models[mname]
+        t0 = time.perf_counter()
+        try:
+            times, losses, mem = run_variant(mname, cfg, precision, loss_kind, batches, args.steps, args.warmup)
+        except torch.OutOfMemoryError as e:
+            rows.append({"model": mname, "precision": precision, "loss": loss_kind, "error": f"OOM: {e}"[:200]})
+            gc.collect(); torch.cuda.empty_cache()
+            continue
+        med = statistics.median(times)
+        fpt = flops_per_token(cfg, args.seq, loss_kind)
+        rows.append({"model": mname, "precision": precision, "loss": loss_kind, "chains": list(cfg.chains),
+                     "kv_sharing": cfg.kv_sharing, "params": cfg.num_params(), "step_ms_median": med * 1e3,
+                     "step_ms_all": [round(t * 1e3, 3) for t in times], "tokens_per_s": tokens / med,
+                     "flops_per_token": fpt, "tflops": fpt * tokens / med / 1e12, "mfu": fpt * tokens / med / peak,
+                     "peak_mem_gib": mem, "losses": losses, "wall_s": time.perf_counter() - t0})
+        print(f"{mname:14s} {precision:10s} {loss_kind:11s} {med * 1e3:8.1f} ms  {tokens / med:9.0f} tok/s  "
+              f"MFU {rows[-1]['mfu']:.3f}  mem {mem:.1f} GiB", flush=True)
+    base = {r["precision"]: r for r in rows if r.get("model") == "{32} (Llama)" and "error" not in r}
+    for r in rows:
+        if "error" not in r and r["precision"] in base:
+            r["tokens_per_s_vs_llama"] = r["tokens_per_s"] / base[r["precision"]]["tokens_per_s"]
+    import triton
+
+    result = {"bench": "train_throughput", "device": dev_name, "torch": torch.__version__, "triton": triton.__version__,
+              "batch": args.batch, "seq_len": args.seq, "tokens_per_step": tokens, "timed_steps": args.steps,
+              "warmup_steps": args.warmup, "peak_bf16_flops": peak,
+              "mfu_convention": "6*matmul_params + 12*layers*dim*seq per token (PaLM/nanoGPT), dense bf16 peak",
+              "rows": rows}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\n{'model':14s} {'precision':10s} {'loss':11s} {'ms/step':>8s} {'tok/s':>9s} {'MFU':>6s} {'vs {32}':>8s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:14s} {r['precision']:10s} {r['loss']:11s} {r['error'][:60]}")
+            continue
+        print(f"{r['model']:14s} {r['precision']:10s} {r['loss']:11s} {r['step_ms_median']:8.1f} {r['tokens_per_s']:9.0f} "
+              f"{r['mfu']:6.3f} {r.get('tokens_per_s_vs_llama', float('nan')):8.3f}")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
