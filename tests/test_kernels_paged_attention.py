@@ -1,0 +1,156 @@
+"""Paged decode attention and the KV-pool write kernel against float64 references.
+
+CPU: the Triton kernels run in Triton's interpreter inside a child pytest (Triton fixes interpreter
+vs compiler at import), small shapes. CUDA: compiled kernels, 1B-like shapes; skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+pa = importlib.import_module("colm.kernels.paged_attention")
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside test_interpreter_suite's child process")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_interpreter_suite():
+    if IN_INTERPRETER:
+        pytest.skip("this process is the interpreter run")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interpreter"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
+
+
+def _rel(a, ref):
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _paged_case(batch, hq, hkv, d, block_size, lens, dtype, device, extra_blocks=3):
+    """Random pools with each sequence's blocks scattered (a shuffled block table)."""
+    per_seq = [-(-n // block_size) for n in lens]
+    width = max(per_seq) + 1
+    num_blocks = sum(per_seq) + extra_blocks
+    perm = torch.randperm(num_blocks)
+    tables = torch.zeros(batch, width, dtype=torch.int32)
+    pos = 0
+    for b, p in enumerate(per_seq):
+        tables[b, :p] = perm[pos:pos + p].int()
+        tables[b, p:] = perm[-1].int()  # padding entries point at a real (unused) block
+        pos += p
+    k_pool = torch.randn(num_blocks, block_size, hkv, d).to(dtype).to(device)
+    v_pool = torch.randn(num_blocks, block_size, hkv, d).to(dtype).to(device)
+    q = torch.randn(batch, hq, d).to(dtype).to(device)
+    return q, k_pool, v_pool, tables.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+def _check_decode(batch, hq, hkv, d, block_size, lens, dtype, device, launch=None, sm_scale=None):
+    q, kp, vp, bt, cl = _paged_case(batch, hq, hkv, d, block_size, lens, dtype, device)
+    if device == "cuda":
+        torch.full((batch * hq * d * 4,), float("nan"), device=device, dtype=dtype)  # poison the allocator
+    out = pa.paged_decode_attention_triton(q, kp, vp, bt, cl, sm_scale, launch=launch)
+    ref = pa.paged_decode_attention_ref(q.double(), kp.double(), vp.double(), bt, cl, sm_scale)
+    assert not torch.isnan(out).any()
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert _rel(out, ref) < tol, (_rel(out, ref), launch)
+
+
+def _check_write(t, hkv, d, block_size, num_blocks, dtype, device):
+    k = torch.randn(t, hkv, d).to(dtype).to(device)
+    v = torch.randn(t, hkv, d).to(dtype).to(device)
+    slots = torch.randperm(num_blocks * block_size)[:t].to(torch.int64)
+    slots[::3] = -1  # skipped tokens
+    slots = slots.to(device)
+    kp = torch.randn(num_blocks, block_size, hkv, d).to(dtype).to(device)
+    vp = torch.randn(num_blocks, block_size, hkv, d).to(dtype).to(device)
+    kp_ref, vp_ref = kp.clone(), vp.clone()
+    pa.write_kv_to_pool_triton(k, v, kp, vp, slots)
+    pa.write_kv_to_pool_ref(k, v, kp_ref, vp_ref, slots)
+    assert torch.equal(kp, kp_ref) and torch.equal(vp, vp_ref)
+    written = slots[slots >= 0]
+    assert torch.equal(kp.view(-1, hkv, d)[written], k[(slots >= 0)])
+
+
+# ---------------------------------------------------------------- CPU, Triton interpreter
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_interpreter_decode_matches_float64(dtype, splits):
+    torch.manual_seed(splits)
+    _check_decode(3, 4, 2, 16, 4, [1, 37, 22], dtype, "cpu", launch={"block_t": 16, "num_splits": splits})
+
+
+@interp
+def test_interpreter_decode_gqa_group8_odd_head_dim_and_scale():
+    torch.manual_seed(5)
+    _check_decode(2, 8, 1, 24, 8, [19, 40], torch.float16, "cpu", launch={"block_t": 16, "num_splits": 2}, sm_scale=0.3)
+
+
+@interp
+def test_interpreter_write_kv_matches_reference():
+    torch.manual_seed(6)
+    _check_write(11, 2, 16, 4, 6, torch.bfloat16, "cpu")
+
+
+def test_dispatch_uses_reference_on_cpu():
+    torch.manual_seed(7)
+    q, kp, vp, bt, cl = _paged_case(2, 4, 2, 8, 4, [5, 9], torch.float32, "cpu")
+    assert torch.equal(pa.paged_decode_attention(q, kp, vp, bt, cl), pa.paged_decode_attention_ref(q, kp, vp, bt, cl))
+    with pytest.raises(ValueError, match="int32"):
+        pa.paged_decode_attention(q, kp, vp, bt.long(), cl)
+
+
+def test_reference_matches_dense_attention():
+    """The reference itself against SDPA on the gathered contiguous cache."""
+    torch.manual_seed(8)
+    q, kp, vp, bt, cl = _paged_case(2, 4, 2, 8, 4, [5, 9], torch.float64, "cpu")
+    out = pa.paged_decode_attention_ref(q, kp, vp, bt, cl)
+    for b, n in enumerate(cl.tolist()):
+        k = kp[bt[b].long()].reshape(-1, 2, 8)[:n].transpose(0, 1).repeat_interleave(2, 0)  # [Hq, n, D]
+        v = vp[bt[b].long()].reshape(-1, 2, 8)[:n].transpose(0, 1).repeat_interleave(2, 0)
+        ref = torch.nn.functional.scaled_dot_product_attention(q[b][:, None], k, v)[:, 0]
+        assert torch.allclose(out[b], ref, atol=1e-12)
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_cuda_decode_1b_shape(dtype, block_size):
+    torch.manual_seed(block_size)
+    lens = torch.randint(1, 3000, (9,)).tolist() + [1, 4096]
+    _check_decode(len(lens), 32, 8, 64, block_size, lens, dtype, "cuda")
+
+
+@cuda
+@pytest.mark.parametrize("launch", [{"num_splits": 1}, {"num_splits": 7}, {"block_t": 128, "num_warps": 8},
+                                    {"block_t": 32, "num_stages": 2}])
+def test_cuda_decode_launch_variants(launch):
+    torch.manual_seed(11)
+    _check_decode(5, 32, 8, 64, 16, [1, 17, 500, 2049, 1234], torch.bfloat16, "cuda", launch=launch)
+
+
+@cuda
+def test_cuda_decode_head_dim_128_group_2():
+    torch.manual_seed(12)
+    _check_decode(4, 16, 8, 128, 32, [33, 1000, 7, 64], torch.bfloat16, "cuda")
+
+
+@cuda
+def test_cuda_write_kv():
+    torch.manual_seed(13)
+    _check_write(300, 8, 64, 16, 40, torch.bfloat16, "cuda")
