@@ -67,4 +67,5 @@ class Backend(Protocol):
 
     async def abort(self, decode_id: str, request_id: str) -> None: ...
 
-    async def prompt_logprobs(self, decode_id: str, prompt_ids: list[int], scale: int) -> list[float]: ...
+    async def prompt_logprobs(self, decode_id: str, prompt_ids: list[int], scale: int) -> list[tuple[float, int, float]]:
+        """Per prompt token: (its log-probability, the most likely token, that one's log-probability)."""

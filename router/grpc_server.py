@@ -129,6 +129,12 @@ def _decision(d, prompt_tokens: int):
                         prompt_tokens=prompt_tokens)
 
 
+def _fill_prompt_logprobs(msg, rows) -> None:
+    msg.prompt_logprobs.extend(r[0] for r in rows)
+    msg.prompt_top_ids.extend(r[1] for r in rows)
+    msg.prompt_top_logprobs.extend(r[2] for r in rows)
+
+
 class ColmServicer(pb2_grpc.ColmServicer):
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -142,7 +148,7 @@ class ColmServicer(pb2_grpc.ColmServicer):
                 if not spec.prompt_logprobs:
                     yield first
             elif ev.kind == "prompt_logprobs":
-                first.prompt_logprobs.extend(ev.prompt_logprobs)
+                _fill_prompt_logprobs(first, ev.prompt_logprobs)
                 yield first
             elif ev.kind == "token":
                 yield pb2.GenerateResponse(request_id=spec.request_id, tokens=[pb2.Token(
@@ -159,7 +165,7 @@ class ColmServicer(pb2_grpc.ColmServicer):
             if ev.kind == "decision":
                 resp.decision.CopyFrom(_decision(ev.decision, len(spec.prompt_ids)))
             elif ev.kind == "prompt_logprobs":
-                resp.prompt_logprobs.extend(ev.prompt_logprobs)
+                _fill_prompt_logprobs(resp, ev.prompt_logprobs)
             elif ev.kind == "token":
                 resp.tokens.append(pb2.Token(id=ev.token_id, text=ev.text, scale=ev.scale, time_ms=ev.time_ms,
                                              logprob=ev.logprob))

@@ -1,0 +1,201 @@
+"""The router's backend over the workers' internal gRPC API (``proto/colm/v1/kv.proto``).
+
+A request's path: ``DecodeWorker.Reserve`` (KV blocks for prompt + max_new_tokens) ->
+``PrefillWorker.Prefill`` (chain-1 forward, K/V pushed to the decode worker) running concurrently
+with ``DecodeWorker.StartGeneration`` (waits for the KV, then streams tokens). Any exit other than
+a finished stream aborts the request on the decode worker so its blocks are freed. A call that
+fails with UNAVAILABLE / DEADLINE_EXCEEDED on a worker (or a dead channel) raises ``WorkerFailed``
+naming that worker, and the router retries elsewhere. Every call carries the cluster token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator
+
+import grpc
+
+from colm.proto import load_proto
+from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo
+from colm.router.policy import WorkerReport
+
+log = logging.getLogger("colm.router")
+kv_pb2, kv_pb2_grpc = load_proto("kv")
+TOKEN_KEY = "x-colm-cluster-token"
+FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+                  grpc.StatusCode.INTERNAL}
+
+
+class GrpcBackend:
+    def __init__(self, workers: list[WorkerInfo], cluster_token: str = "", scorer=None,
+                 max_message_bytes: int = 64 << 20) -> None:
+        self.cluster_token = cluster_token
+        self.scorer = scorer  # optional full model in this process, for prompt logprobs (echo)
+        self.max_message_bytes = max_message_bytes
+        self._workers: dict[str, WorkerInfo] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._host_ids: dict[str, str] = {}
+        self.set_workers(workers)
+
+    # ---- workers -------------------------------------------------------------------------------
+    def set_workers(self, workers: list[WorkerInfo]) -> None:
+        """Replace the worker list (a restarted actor may come back on a new address)."""
+        new = {w.worker_id: w for w in workers}
+        for wid, w in list(self._workers.items()):
+            if wid not in new or new[wid].address != w.address:
+                ch = self._channels.pop(wid, None)
+                if ch is not None:
+                    asyncio.ensure_future(ch.close()) if _loop_running() else None
+        self._workers = new
+
+    def workers(self) -> list[WorkerInfo]:
+        return list(self._workers.values())
+
+    def _channel(self, worker_id: str) -> grpc.aio.Channel:
+        ch = self._channels.get(worker_id)
+        if ch is None:
+            w = self._workers.get(worker_id)
+            if w is None:
+                raise WorkerFailed(worker_id, "unknown worker")
+            opts = [("grpc.max_receive_message_length", self.max_message_bytes),
+                    ("grpc.max_send_message_length", self.max_message_bytes)]
+            ch = self._channels[worker_id] = grpc.aio.insecure_channel(w.address, options=opts)
+        return ch
+
+    def _md(self):
+        return ((TOKEN_KEY, self.cluster_token),)
+
+    def _decode(self, worker_id: str):
+        return kv_pb2_grpc.DecodeWorkerStub(self._channel(worker_id))
+
+    def _prefill(self, worker_id: str):
+        return kv_pb2_grpc.PrefillWorkerStub(self._channel(worker_id))
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+    async def poll(self, worker_id: str) -> WorkerReport:
+        w = self._workers[worker_id]
+        if w.role == "decode":
+            s = await self._decode(worker_id).Stats(kv_pb2.DecodeStatsRequest(), metadata=self._md(), timeout=2.0)
+            self._host_ids[worker_id] = s.host_id
+            return WorkerReport(worker_id, "decode", num_running=s.num_running, num_waiting=s.num_reserved,
+                                step_ms={int(k): v for k, v in s.step_ms_by_scale.items()},
+                                free_blocks=s.num_free_blocks, total_blocks=s.num_blocks)
+        s = await self._prefill(worker_id).Stats(kv_pb2.PrefillStatsRequest(), metadata=self._md(), timeout=2.0)
+        self._host_ids[worker_id] = s.host_id
+        return WorkerReport(worker_id, "prefill", queued_tokens=s.num_queued_tokens,
+                            prefill_tokens_per_s=s.tokens_per_s or None)
+
+    # ---- one request ---------------------------------------------------------------------------
+    async def generate(self, req: EngineRequest, prefill_id: str, decode_id: str) -> AsyncIterator[EngineToken]:
+        p = req.params
+        timeout = max(0.05, req.timeout_s)
+        decode = self._decode(decode_id)
+        md = self._md()
+        finished = False
+        prefill_task = None
+        try:
+            try:
+                reply = await decode.Reserve(kv_pb2.ReserveRequest(
+                    request_id=req.request_id, prompt_len=len(req.prompt_ids), max_new_tokens=p.max_new_tokens,
+                    timeout_s=timeout), metadata=md, timeout=min(timeout, 10.0))
+            except grpc.aio.AioRpcError as e:
+                raise self._failure(e, decode_id) from None
+            same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)
+            prefill_task = asyncio.create_task(self._prefill(prefill_id).Prefill(kv_pb2.PrefillRequest(
+                request_id=req.request_id, token_ids=list(req.prompt_ids), decode_address=self._workers[decode_id].address,
+                same_host=same_host, timeout_s=timeout), metadata=md, timeout=timeout))
+            sampling = kv_pb2.DecodeSampling(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
+                                             top_p=p.top_p, stop_token_ids=list(p.stop_token_ids),
+                                             ignore_eos=p.ignore_eos)
+            if p.seed is not None:
+                sampling.seed = p.seed
+            call = decode.StartGeneration(kv_pb2.StartGenerationRequest(
+                request_id=req.request_id, last_token_id=req.prompt_ids[-1], sampling=sampling, scale=req.scale,
+                kv_timeout_s=timeout), metadata=md, timeout=timeout)
+            it = call.__aiter__()
+            while True:
+                next_tok = asyncio.ensure_future(anext(it))
+                waits = {next_tok} if prefill_task.done() else {next_tok, prefill_task}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if prefill_task.done() and not prefill_task.cancelled() and prefill_task.exception() is not None:
+                    next_tok.cancel()
+                    raise await self._prefill_failure(prefill_task.exception(), prefill_id, decode_id)
+                try:
+                    ev = await next_tok
+                except StopAsyncIteration:
+                    finished = True
+                    return
+                except grpc.aio.AioRpcError as e:
+                    raise self._failure(e, decode_id) from None
+                yield EngineToken(ev.token_id, ev.scale, ev.logprob)
+                if ev.finish_reason:
+                    finished = True
+                    return
+        finally:
+            if prefill_task is not None and not prefill_task.done():
+                prefill_task.cancel()
+            if not finished:
+                with contextlib.suppress(Exception):
+                    await decode.Abort(kv_pb2.AbortRequest(request_id=req.request_id), metadata=md, timeout=2.0)
+
+    async def _prefill_failure(self, e: BaseException, prefill_id: str, decode_id: str) -> Exception:
+        """A failed Prefill may mean the decode worker it pushes to is gone: blame whoever does not answer."""
+        if not isinstance(e, grpc.aio.AioRpcError):
+            return e
+        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS):
+            try:
+                await self.poll(decode_id)
+            except Exception:
+                return WorkerFailed(decode_id, f"unreachable while {prefill_id} pushed KV: {e.details()}")
+        return self._failure(e, prefill_id)
+
+    def _failure(self, e: grpc.aio.AioRpcError, worker_id: str) -> Exception:
+        if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            return ValueError(e.details())
+        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            from colm.router.placement import NoWorker
+
+            return NoWorker(f"{worker_id}: {e.details()}", full=True)
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            from colm.router.core import DeadlineExceeded
+
+            return DeadlineExceeded(f"{worker_id}: {e.details()}")
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED or e.code() == grpc.StatusCode.PERMISSION_DENIED:
+            return RuntimeError(f"{worker_id} refused the cluster token: {e.details()}")
+        return WorkerFailed(worker_id, f"{e.code().name}: {e.details()}")
+
+    async def set_scale(self, decode_id: str, request_id: str, scale: int) -> None:
+        await self._decode(decode_id).SetScale(kv_pb2.SetScaleRequest(request_id=request_id, scale=scale),
+                                               metadata=self._md(), timeout=2.0)
+
+    async def abort(self, decode_id: str, request_id: str) -> None:
+        await self._decode(decode_id).Abort(kv_pb2.AbortRequest(request_id=request_id), metadata=self._md(), timeout=2.0)
+
+    async def prompt_logprobs(self, decode_id: str, prompt_ids: list[int], scale: int):
+        if self.scorer is not None:  # a local model also gives the most likely token (lm-eval's is_greedy)
+            from colm.router.local_backend import score_prompt
+
+            return await asyncio.get_running_loop().run_in_executor(None, score_prompt, self.scorer, prompt_ids, scale)
+        try:
+            r = await self._decode(decode_id).Score(kv_pb2.ScoreRequest(token_ids=list(prompt_ids), scale=scale),
+                                                    metadata=self._md(), timeout=60.0)
+        except grpc.aio.AioRpcError as e:
+            raise self._failure(e, decode_id) from None
+        return [(lp, -1, lp) for lp in r.logprobs]  # -1: the worker does not say which token was most likely
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False

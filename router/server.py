@@ -1,0 +1,52 @@
+"""Run a router: its gRPC service, the OpenAI-compatible HTTP front and the metrics port, on one loop.
+
+``RouterServer.start()`` returns once everything listens; ``addresses`` says where. Used by the
+launcher (``colm serve``), by the GPU load test (engines as plain processes) and by tests.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from colm.router.core import Router
+
+log = logging.getLogger("colm.router")
+
+
+class RouterServer:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.grpc_server = None
+        self.http_runner = None
+        self.metrics_server = None
+        self.addresses: dict[str, str] = {}
+
+    async def start(self) -> dict[str, str]:
+        from colm.router.grpc_server import start_grpc
+
+        cfg = self.router.cfg
+        await self.router.start()
+        self.grpc_server, port = await start_grpc(self.router)
+        self.addresses["grpc"] = f"{cfg.host}:{port}"
+        if cfg.http_port is not None:
+            from colm.router.http_api import start_http
+
+            self.http_runner, hport = await start_http(self.router)
+            scheme = "https" if cfg.tls_cert else "http"
+            self.addresses["http"] = f"{scheme}://{cfg.host}:{hport}"
+        if cfg.metrics_port is not None:
+            from colm.router.metrics import serve_metrics
+
+            self.metrics_server = serve_metrics(self.router.metrics.registry, cfg.host, cfg.metrics_port)
+            mport = self.metrics_server[0].server_port
+            self.addresses["metrics"] = f"http://{cfg.host}:{mport}/metrics"
+        return self.addresses
+
+    async def stop(self) -> None:
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=1.0)
+        if self.metrics_server is not None:
+            self.metrics_server[0].shutdown()
+        await self.router.close()
