@@ -24,7 +24,8 @@ def _positive(obj, *names: str, allow_zero: bool = False) -> None:
         value = getattr(obj, name)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
         if not ok:
-            raise ValueError(f"{type(obj).__name__.lower()}.{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
+            section = type(obj).__name__.removesuffix("Section").lower()
+            raise ValueError(f"{section}.{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
 
 
 @dataclass(frozen=True)
