@@ -18,6 +18,7 @@ plain-PyTorch ``*_ref`` on the CPU.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -204,9 +205,14 @@ def _check_decode_args(q, k_pool, v_pool, block_tables, context_lens):
         raise ValueError("paged_decode_attention: block_tables and context_lens must be int32")
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def _default_launch(num_programs: int, max_ctx: int, device) -> dict:
     """Split the context so that about two waves of programs cover the GPU."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    sms = _num_sms(device)
     splits = max(1, min(-(-2 * sms // num_programs), -(-max_ctx // 512)))
     return {"block_t": 64, "num_warps": 4, "num_stages": 3, "num_splits": splits}
 
