@@ -77,7 +77,12 @@ class ChainFreezer:
         self._snapshot: list[torch.Tensor | None] = []
 
     def snapshot(self) -> None:
-        """Remember the frozen slices (call once the parameters are in their final placement)."""
+        """Remember the frozen slices (call once the parameters are in their final placement).
+
+        FSDP2 replaces parameters by sharded ones, so they are looked up again by name here.
+        """
+        current = dict(self.model.named_parameters())
+        self.shared = [(name, current[name]) for name, _ in self.shared]
         with torch.no_grad():
             self._snapshot = [None if (r := _frozen_region(p, self.width)) is None else r.clone() for _, p in self.shared]
 
