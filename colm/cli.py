@@ -20,6 +20,9 @@ COMMAND_MODULES = [
     "prepare_data",
     "train",
     "eval",
+    "serve",
+    "client",
+    "loadtest",
 ]
 
 

@@ -146,7 +146,9 @@ class HttpApi:
             if want_lp:
                 all_ids = (spec.prompt_ids if echo else []) + toks
                 token_lps = ([None] + [r[0] for r in plp[1:]] if echo else []) + lps
-                tops = ([None] + [{self._piece(r[1]): r[2]} for r in plp[1:]] if echo else [])
+                # top id -1: the worker did not name the most likely token; report the token itself
+                tops = ([None] + [{self._piece(r[1] if r[1] >= 0 else t): r[2]}
+                                  for r, t in zip(plp[1:], spec.prompt_ids[1:])] if echo else [])
                 tops += [{self._piece(t): lp} for t, lp in zip(toks, lps)]
                 offsets, pos = [], 0
                 for t in all_ids:

@@ -1,0 +1,72 @@
+"""``colm serve``: start the service (Ray cluster, prefill/decode workers, router) and keep it up."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model: embedded local Ray cluster (or --address auto), workers, router",
+                       description="With no --config, uses the bundled deploy/serve.yaml: the tiny CoLM-Air demo "
+                                   "model on this machine's CPU or GPU. Ctrl-C stops everything.")
+    p.add_argument("--config", default=None, help="serve.yaml (default: the bundled one)")
+    p.add_argument("--model", default=None, help="checkpoint dir (overrides model.path)")
+    p.add_argument("--address", default=None, help="Ray address: 'auto' joins a running cluster (default: embedded)")
+    p.add_argument("--host", default=None, help="router listen address (default 127.0.0.1)")
+    p.add_argument("--grpc-port", type=int, default=None)
+    p.add_argument("--http-port", type=int, default=None)
+    p.add_argument("--num-prefill", type=int, default=None)
+    p.add_argument("--num-decode", type=int, default=None)
+    p.set_defaults(func=run)
+
+
+def load_config(args):
+    import yaml
+
+    from colm.deploy.config import ClusterConfig, bundled_serve_yaml
+
+    with open(args.config or bundled_serve_yaml()) as f:
+        d = yaml.safe_load(f) or {}
+    for section, key, value in (("model", "path", args.model), ("ray", "address", args.address),
+                                ("router", "host", args.host), ("router", "grpc_port", args.grpc_port),
+                                ("router", "http_port", args.http_port), ("workers", "num_prefill", args.num_prefill),
+                                ("workers", "num_decode", args.num_decode)):
+        if value is not None:
+            d.setdefault(section, {})
+            d[section] = dict(d[section] or {}, **{key: value})
+    return ClusterConfig.from_dict(d)
+
+
+def run(args) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from colm.deploy.launcher import Launcher
+
+    logging.basicConfig(level=logging.INFO, format="[colm serve] %(levelname)s %(message)s")
+    cfg = load_config(args)
+
+    async def main() -> None:
+        launcher = Launcher(cfg)
+        addrs = await launcher.start()
+        print(f"[colm serve] model {launcher.model_path or cfg.model.path or 'tiny-air demo'} ready", file=sys.stderr)
+        for kind, addr in addrs.items():
+            print(f"[colm serve] {kind:7s} {addr}", file=sys.stderr)
+        grpc_addr = addrs["grpc"]
+        print(f"[colm serve] try: colm client generate --addr {grpc_addr} --prompt 'Hello, chains' --stream",
+              file=sys.stderr)
+        if "http" in addrs:
+            print(f"[colm serve]  or: curl {addrs['http']}/v1/completions -H 'Content-Type: application/json' "
+                  "-d '{\"prompt\": \"Hello, chains\", \"max_tokens\": 16, \"tpot_ms\": 50}'", file=sys.stderr)
+        sys.stderr.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("[colm serve] stopping", file=sys.stderr)
+        await launcher.stop()
+
+    asyncio.run(main())
+    return 0

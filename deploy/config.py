@@ -1,0 +1,148 @@
+"""ClusterConfig: the whole service's configuration, read once from ``deploy/serve.yaml``.
+
+It composes one section per part (``model``, ``workers``, ``prefill``, ``decode``, ``router``,
+``security``, ``ray``); each part later receives only its own section. The engines' sections are
+validated by their own config classes (``PrefillConfig``, ``DecodeConfig``) when those are
+installed. ``env:NAME`` as a string value reads the environment variable NAME.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from colm.router.config import RouterConfig
+
+SECTIONS = ("model", "workers", "prefill", "decode", "router", "security", "ray")
+
+
+def _expand_env(v):
+    if isinstance(v, str) and v.startswith("env:"):
+        return os.environ.get(v[4:]) or None
+    if isinstance(v, dict):
+        return {k: _expand_env(x) for k, x in v.items()}
+    return v
+
+
+def _from_dict(cls, section: str, d: dict | None):
+    d = dict(d or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{section}: unknown fields {unknown}; allowed: {sorted(known)}")
+    return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str | None = None  # colm checkpoint directory; None = build the bundled tiny-air demo model
+    preset: str = "tiny-air"  # used only to build the demo model
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto = cuda when the worker has a GPU, else cpu
+    score_prompts: bool = True  # the router keeps a copy for prompt logprobs (echo); off for large models
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype={self.dtype!r}: allowed are float32, bfloat16, float16")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"model.device={self.device!r}: allowed are auto, cpu, cuda")
+
+
+@dataclass(frozen=True)
+class WorkersSection:
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_gpus_per_worker: float | str = "auto"  # auto = 1 when the cluster has GPUs, else 0
+    num_cpus_per_worker: float = 1.0
+    prefill_resources: dict = field(default_factory=dict)  # e.g. {"prefill": 1} to pin to a node pool
+    decode_resources: dict = field(default_factory=dict)
+    max_restarts: int = 3  # Ray restarts a dead worker actor this many times
+    host: str = "127.0.0.1"  # where workers' internal gRPC listens; set a node IP for multi-node clusters
+
+    def __post_init__(self) -> None:
+        for name in ("num_prefill", "num_decode"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"workers.{name}={v!r}: must be an integer >= 1")
+        g = self.num_gpus_per_worker
+        if g != "auto" and (not isinstance(g, (int, float)) or g < 0):
+            raise ValueError(f"workers.num_gpus_per_worker={g!r}: must be 'auto' or a number >= 0")
+        if self.max_restarts < -1:
+            raise ValueError(f"workers.max_restarts={self.max_restarts}: must be >= -1 (-1 = forever)")
+        for name in ("prefill_resources", "decode_resources"):
+            res = getattr(self, name)
+            if not isinstance(res, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in res.values()):
+                raise ValueError(f"workers.{name}={res!r}: must map resource names to positive amounts")
+
+
+@dataclass(frozen=True)
+class SecuritySection:
+    cluster_token: str | None = None  # None = a random token per launch (workers get it from the launcher)
+
+    def __post_init__(self) -> None:
+        if self.cluster_token is not None and len(self.cluster_token) < 16:
+            raise ValueError("security.cluster_token: must be at least 16 characters")
+
+
+@dataclass(frozen=True)
+class RaySection:
+    address: str | None = None  # None = start an embedded local Ray cluster; "auto" = join the running one
+    namespace: str = "colm"
+    num_cpus: int | None = None  # embedded cluster only
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"ray.num_cpus={self.num_cpus}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    workers: WorkersSection = field(default_factory=WorkersSection)
+    prefill: dict = field(default_factory=dict)  # -> colm.prefill_worker PrefillConfig
+    decode: dict = field(default_factory=dict)  # -> colm.decode_worker DecodeConfig
+    router: RouterConfig = field(default_factory=RouterConfig)
+    security: SecuritySection = field(default_factory=SecuritySection)
+    ray: RaySection = field(default_factory=RaySection)
+
+    def __post_init__(self) -> None:
+        # Validate the engines' sections with their own classes when they are importable.
+        for name, mod, cls in (("prefill", "colm.prefill_worker.config", "PrefillConfig"),
+                               ("decode", "colm.decode_worker.config", "DecodeConfig")):
+            try:
+                klass = getattr(__import__(mod, fromlist=[cls]), cls)
+            except (ImportError, AttributeError):
+                continue
+            _from_dict(klass, name, getattr(self, name))
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ClusterConfig":
+        d = _expand_env(dict(d or {}))
+        unknown = sorted(set(d) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"serve config: unknown sections {unknown}; allowed: {list(SECTIONS)}")
+        for name in ("prefill", "decode"):
+            if not isinstance(d.get(name) or {}, dict):
+                raise ValueError(f"{name}: must be a mapping")
+        return cls(model=_from_dict(ModelSection, "model", d.get("model")),
+                   workers=_from_dict(WorkersSection, "workers", d.get("workers")),
+                   prefill=dict(d.get("prefill") or {}), decode=dict(d.get("decode") or {}),
+                   router=RouterConfig.from_dict(dict(d.get("router") or {})),
+                   security=_from_dict(SecuritySection, "security", d.get("security")),
+                   ray=_from_dict(RaySection, "ray", d.get("ray")))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "ClusterConfig":
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f))
+
+    def token(self) -> str:
+        return self.security.cluster_token or secrets.token_urlsafe(24)
+
+
+def bundled_serve_yaml() -> Path:
+    return Path(__file__).resolve().parent / "serve.yaml"

@@ -1,0 +1,132 @@
+"""The launcher behind ``colm serve``: Ray cluster, worker actors, router, until interrupted.
+
+Path of a launch: read ``ClusterConfig`` -> resolve the model (build the bundled tiny-air demo
+checkpoint into a cache directory when no path is given) -> ``ray.init`` (embedded local cluster,
+or join ``--address auto``) -> start N prefill and M decode actors (``deploy/actors.py``; GPUs when
+the cluster has them, custom resources to pin pools, restart on failure) and collect their gRPC
+addresses -> run the router (gRPC + HTTP + metrics) in this driver process over those workers ->
+every second re-read the actors' addresses so a restarted actor comes back into service.
+
+If the engine packages are not installed, the router serves the model in-process (no
+disaggregation) so the demo still answers; the log says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from colm.deploy.config import ClusterConfig
+
+log = logging.getLogger("colm.serve")
+
+
+def demo_model_dir(preset_name: str) -> Path:
+    root = Path(os.environ.get("COLM_CACHE", Path.home() / ".cache" / "colm")) / "models"
+    return root / f"{preset_name}-demo-seed0"
+
+
+def ensure_model(cfg: ClusterConfig) -> str:
+    """The checkpoint to serve: the configured path, or the demo model (built once, atomically)."""
+    if cfg.model.path:
+        if not (Path(cfg.model.path) / "config.json").is_file():
+            raise ValueError(f"model.path={cfg.model.path!r}: not a colm checkpoint (no config.json)")
+        return cfg.model.path
+    out = demo_model_dir(cfg.model.preset)
+    if (out / "config.json").is_file():
+        return str(out)
+    import tempfile
+
+    from colm import checkpoint
+    from colm.model import CoLM
+    from colm.presets import preset
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    model = CoLM(preset(cfg.model.preset)).reset_parameters(std=0.02, seed=0)
+    checkpoint.save(model, tmp, tokenizer={"kind": "byte"})
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another launcher won the race; its checkpoint is the same
+        pass
+    return str(out)
+
+
+class Launcher:
+    def __init__(self, cfg: ClusterConfig, model_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.model_path = model_path
+        self.token = cfg.token()
+        self.pool = None  # deploy.actors.WorkerPool when engines run as actors
+        self.server = None
+        self.addresses: dict[str, str] = {}
+        self._watch: asyncio.Task | None = None
+
+    def _init_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        r = self.cfg.ray
+        kw = dict(namespace=r.namespace, log_to_driver=False, configure_logging=False)
+        if r.address:
+            ray.init(address=r.address, **kw)
+        else:
+            ray.init(num_cpus=r.num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False, **kw)
+
+    async def start(self) -> dict[str, str]:
+        from colm import checkpoint
+        from colm.router.core import Router
+        from colm.router.server import RouterServer
+        from colm.tokenizer import load_checkpoint_tokenizer
+
+        cfg = self.cfg
+        path = self.model_path or ensure_model(cfg)
+        model_cfg = checkpoint.load_config(path)
+        tokenizer = load_checkpoint_tokenizer(path)
+        backend, block_size = None, int(cfg.decode.get("block_size", 16))
+        try:
+            from colm.deploy.actors import WorkerPool, engines_available
+
+            if engines_available():
+                self._init_ray()
+                self.pool = WorkerPool(cfg, path, self.token)
+                infos = await asyncio.get_running_loop().run_in_executor(None, self.pool.start)
+                from colm.router.grpc_backend import GrpcBackend
+
+                scorer = checkpoint.load(path).eval() if cfg.model.score_prompts else None
+                backend = GrpcBackend(infos, cluster_token=self.token, scorer=scorer)
+        except ImportError as e:
+            log.warning("engines unavailable (%s)", e)
+        if backend is None:
+            from colm.router.local_backend import LocalBackend
+
+            log.warning("serving in-process without prefill/decode workers (engine packages not installed)")
+            backend = LocalBackend(checkpoint.load(path).eval())
+        router = Router(cfg.router, model_cfg, tokenizer, backend, block_size=block_size)
+        self.server = RouterServer(router)
+        self.addresses = await self.server.start()
+        if self.pool is not None:
+            self._watch = asyncio.create_task(self._watch_workers(backend))
+        return self.addresses
+
+    async def _watch_workers(self, backend) -> None:
+        """Restarted actors may listen on new ports: keep the backend's worker list current."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                infos = await loop.run_in_executor(None, self.pool.refresh)
+                backend.set_workers(infos)
+            except Exception as e:  # keep watching; the router's polls take dead workers out meanwhile
+                log.debug("worker refresh failed: %s", e)
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.server is not None:
+            await self.server.stop()
+        if self.pool is not None:
+            self.pool.stop()
