@@ -1,0 +1,267 @@
+"""Load test of a colm service over its public gRPC API.
+
+Open loop: Poisson arrivals at each rate of a list (requests are sent on schedule whatever the
+server does); closed loop: a fixed number of concurrent clients. Prompt and output lengths are
+drawn uniformly from ranges; each request draws a latency budget from a weighted mix. For each
+rate (and each scale within it) the report gives throughput, TTFT / TPOT / ITL / end-to-end
+percentiles, goodput (requests per second that met the SLO) and errors by status; JSON and a PNG
+(latency vs rate, scale mix vs rate) are written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import grpc
+import numpy as np
+
+from colm.proto import load_proto
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    rates: tuple[float, ...] = (2.0, 4.0, 8.0)  # requests/s (open loop)
+    num_requests: int = 200  # in total, split evenly over the rates
+    concurrency: int = 0  # > 0: closed loop with this many clients (rates ignored)
+    prompt_len: tuple[int, int] = (8, 32)  # tokens, uniform inclusive
+    output_len: tuple[int, int] = (4, 16)
+    budgets: tuple[tuple[str, float], ...] = (("none", 1.0),)  # ("tpot:20", w), ("ttft:100", w), ("scale:1", w)
+    slo_ttft_ms: float = 1000.0
+    slo_tpot_ms: float = 100.0
+    timeout_s: float = 60.0
+    seed: int = 0
+    vocab: int = 256  # prompt token ids are drawn from [0, vocab)
+
+    def __post_init__(self) -> None:
+        if self.num_requests < 1:
+            raise ValueError(f"num_requests={self.num_requests}: must be >= 1")
+        if self.concurrency < 0:
+            raise ValueError(f"concurrency={self.concurrency}: must be >= 0")
+        if not self.concurrency and (not self.rates or any(r <= 0 for r in self.rates)):
+            raise ValueError(f"rates={self.rates}: need positive request rates (or concurrency > 0)")
+        for name in ("prompt_len", "output_len"):
+            lo, hi = getattr(self, name)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"{name}={(lo, hi)}: need 1 <= low <= high")
+        for kind, w in self.budgets:
+            parse_budget(kind)
+            if w <= 0:
+                raise ValueError(f"budgets: weight {w} of {kind!r} must be > 0")
+
+
+def parse_budget(kind: str) -> dict:
+    """'none' | 'ttft:MS' | 'tpot:MS' | 'deadline:MS' | 'scale:K', joined by '+' (e.g. 'ttft:200+tpot:20')."""
+    out: dict = {}
+    for part in kind.split("+"):
+        if part == "none":
+            continue
+        name, _, val = part.partition(":")
+        if name not in ("ttft", "tpot", "deadline", "scale") or not val:
+            raise ValueError(f"budget {kind!r}: parts are none, ttft:MS, tpot:MS, deadline:MS, scale:K")
+        out[name] = int(val) if name == "scale" else float(val)
+    return out
+
+
+@dataclass
+class Result:
+    rate: float
+    budget: str
+    status: str = "OK"
+    scale: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft_ms: float = 0.0
+    e2e_ms: float = 0.0
+    itl_ms: list = field(default_factory=list)
+    retries: int = 0
+
+    @property
+    def tpot_ms(self) -> float:
+        return (self.e2e_ms - self.ttft_ms) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
+
+
+async def one_request(stub, pb2, spec: LoadSpec, rng: random.Random, rate: float, metadata) -> Result:
+    kind = rng.choices([b for b, _ in spec.budgets], weights=[w for _, w in spec.budgets])[0]
+    b = parse_budget(kind)
+    plen = rng.randint(*spec.prompt_len)
+    olen = rng.randint(*spec.output_len)
+    req = pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=[rng.randrange(spec.vocab) for _ in range(plen)]),
+                              sampling=pb2.Sampling(max_new_tokens=olen, ignore_eos=True),
+                              budget=pb2.LatencyBudget(ttft_ms=b.get("ttft", 0), tpot_ms=b.get("tpot", 0),
+                                                       deadline_ms=b.get("deadline", 0)),
+                              scale=b.get("scale", 0))
+    res = Result(rate, kind, prompt_tokens=plen)
+    t0 = time.perf_counter()
+    last = None
+    try:
+        async for m in stub.Generate(req, metadata=metadata, timeout=spec.timeout_s):
+            if m.HasField("decision"):
+                res.scale = m.decision.scale
+            for _ in m.tokens:
+                now = (time.perf_counter() - t0) * 1e3
+                if last is None:
+                    res.ttft_ms = now
+                else:
+                    res.itl_ms.append(now - last)
+                last = now
+                res.output_tokens += 1
+            if m.finish_reason:
+                res.retries = m.usage.retries
+    except grpc.aio.AioRpcError as e:
+        res.status = e.code().name
+    res.e2e_ms = (time.perf_counter() - t0) * 1e3
+    return res
+
+
+async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None,
+                   progress: bool = True) -> tuple[list[Result], dict[float, float]]:
+    """Returns every request's result and each rate's wall time (first send to last answer)."""
+    pb2, pb2_grpc = load_proto("public")
+    md = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    rng = random.Random(spec.seed)
+    results: list[Result] = []
+    wall: dict[float, float] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=spec.num_requests, desc="loadtest", unit="req")
+    async with grpc.aio.insecure_channel(addr) as ch:
+        stub = pb2_grpc.ColmStub(ch)
+
+        async def tracked(rate):
+            r = await one_request(stub, pb2, spec, random.Random(rng.random()), rate, md)
+            results.append(r)
+            if bar:
+                bar.update(1)
+
+        if spec.concurrency:
+            todo = iter(range(spec.num_requests))
+
+            async def client():
+                for _ in todo:
+                    await tracked(0.0)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(spec.concurrency)))
+            wall[0.0] = time.perf_counter() - t0
+        else:
+            per_rate = [spec.num_requests // len(spec.rates)] * len(spec.rates)
+            per_rate[-1] += spec.num_requests - sum(per_rate)
+            for rate, n in zip(spec.rates, per_rate):
+                tasks = []
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    tasks.append(asyncio.create_task(tracked(rate)))
+                    await asyncio.sleep(rng.expovariate(rate))  # Poisson arrivals
+                await asyncio.gather(*tasks)
+                wall[rate] = time.perf_counter() - t0
+    if bar:
+        bar.close()
+    return results, wall
+
+
+def _pct(xs, qs=(50, 90, 99)) -> dict:
+    if not xs:
+        return {f"p{q}": None for q in qs}
+    a = np.asarray(xs, dtype=float)
+    return {f"p{q}": float(np.percentile(a, q)) for q in qs}
+
+
+def summarize(results: list[Result], spec: LoadSpec, wall_s: dict[float, float] | None = None) -> dict:
+    def block(rs: list[Result], seconds: float | None) -> dict:
+        ok = [r for r in rs if r.status == "OK"]
+        good = [r for r in ok if r.ttft_ms <= spec.slo_ttft_ms and r.tpot_ms <= spec.slo_tpot_ms]
+        errors: dict[str, int] = {}
+        for r in rs:
+            if r.status != "OK":
+                errors[r.status] = errors.get(r.status, 0) + 1
+        span = seconds or max((r.e2e_ms for r in rs), default=1.0) / 1e3
+        return {"num_requests": len(rs), "num_ok": len(ok), "num_good": len(good), "errors": errors,
+                "throughput_rps": len(ok) / span, "output_tokens_per_s": sum(r.output_tokens for r in ok) / span,
+                "goodput_rps": len(good) / span, "slo_attainment": len(good) / len(rs) if rs else 0.0,
+                "ttft_ms": _pct([r.ttft_ms for r in ok]), "tpot_ms": _pct([r.tpot_ms for r in ok if r.output_tokens > 1]),
+                "itl_ms": _pct([x for r in ok for x in r.itl_ms]), "e2e_ms": _pct([r.e2e_ms for r in ok]),
+                "retries": sum(r.retries for r in rs)}
+
+    rates = sorted({r.rate for r in results})
+    out = {"spec": asdict(spec), "rates": []}
+    for rate in rates:
+        rs = [r for r in results if r.rate == rate]
+        entry = {"rate": rate, **block(rs, (wall_s or {}).get(rate))}
+        scales = sorted({r.scale for r in rs if r.status == "OK"})
+        entry["by_scale"] = {str(k): block([r for r in rs if r.scale == k and r.status == "OK"], (wall_s or {}).get(rate))
+                             for k in scales}
+        entry["scale_mix"] = {str(k): sum(1 for r in rs if r.scale == k and r.status == "OK") / max(1, len(rs))
+                              for k in scales}
+        out["rates"].append(entry)
+    out["total"] = block(results, sum((wall_s or {}).values()) or None)
+    return out
+
+
+def plot(summary: dict, path: str, title: str = "colm load test", baseline: dict | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for s, label, style in ((summary, "colm", "-"), (baseline, "baseline", "--")):
+        if not s:
+            continue
+        rates = [e["rate"] for e in s["rates"]]
+        for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")):
+            for q in ("p50", "p99"):
+                ax1.plot(rates, [e[key][q] or float("nan") for e in s["rates"]], style, marker="o",
+                         label=f"{label} {name} {q}")
+        ax3.plot(rates, [e["goodput_rps"] for e in s["rates"]], style, marker="o", label=f"{label} goodput")
+        ax3.plot(rates, [e["throughput_rps"] for e in s["rates"]], style, marker="x", alpha=0.5,
+                 label=f"{label} throughput")
+    ax1.set(xlabel="request rate (req/s)", ylabel="ms", title="latency vs rate", yscale="log")
+    ax1.legend(fontsize=7)
+    rates = [e["rate"] for e in summary["rates"]]
+    scales = sorted({k for e in summary["rates"] for k in e["scale_mix"]}, key=int)
+    bottom = np.zeros(len(rates))
+    for k in scales:
+        frac = np.array([e["scale_mix"].get(k, 0.0) for e in summary["rates"]])
+        ax2.bar([str(r) for r in rates], frac, bottom=bottom, label=f"scale {k}")
+        bottom += frac
+    ax2.set(xlabel="request rate (req/s)", ylabel="fraction of requests", title="scale mix vs rate")
+    ax2.legend(fontsize=7)
+    ax3.set(xlabel="request rate (req/s)", ylabel="req/s", title="goodput under SLO")
+    ax3.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(summary: dict) -> str:
+    lines = [f"{'rate':>6} {'ok':>4} {'good':>4} {'rps':>7} {'goodput':>8} {'ttft p50':>9} {'ttft p99':>9} "
+             f"{'tpot p50':>9} {'tpot p99':>9} {'e2e p99':>9}  scale mix / errors"]
+    f = lambda v: f"{v:9.1f}" if v is not None else f"{'-':>9}"  # noqa: E731
+    for e in summary["rates"]:
+        mix = " ".join(f"{k}:{v:.2f}" for k, v in e["scale_mix"].items())
+        lines.append(f"{e['rate']:6.1f} {e['num_ok']:4d} {e['num_good']:4d} {e['throughput_rps']:7.2f} "
+                     f"{e['goodput_rps']:8.2f} {f(e['ttft_ms']['p50'])} {f(e['ttft_ms']['p99'])} "
+                     f"{f(e['tpot_ms']['p50'])} {f(e['tpot_ms']['p99'])} {f(e['e2e_ms']['p99'])}  {mix} {e['errors'] or ''}")
+    return "\n".join(lines)
+
+
+def run(addr: str, spec: LoadSpec, out_json: str | None = None, out_png: str | None = None,
+        api_key: str | None = None, progress: bool = True, meta: dict | None = None) -> dict:
+    t0 = time.perf_counter()
+    results, wall = asyncio.run(run_load(addr, spec, api_key, progress))
+    summary = summarize(results, spec, wall)
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["meta"] = meta or {}
+    if out_json:
+        with open(out_json, "w") as fh:
+            json.dump(summary, fh, indent=2)
+    if out_png:
+        plot(summary, out_png)
+    return summary
