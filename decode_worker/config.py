@@ -1,0 +1,39 @@
+"""``DecodeConfig``: the decode worker's settings (frozen, validated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIXED_SCALE_MODES = ("widest", "group")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_size: int = 16
+    num_blocks: int = 0                  # 0 = size the pool from free device memory (CUDA only)
+    gpu_memory_fraction: float = 0.85    # of the memory free after loading weights, when num_blocks = 0
+    max_batch_size: int = 64             # sequences per decode step
+    mixed_scale_mode: str = "widest"     # "widest": one forward at the batch's widest scale, each head at its own
+                                         # scale; "group": one forward per scale group (bench/decode.py compares)
+    reservation_timeout_s: float = 600.0 # a reservation not finished by then is freed (DEADLINE_EXCEEDED)
+    kv_timeout_s: float = 60.0           # StartGeneration waits this long for the KV to arrive
+    max_reservations: int = 4096
+    use_cuda_graphs: bool = True         # capture the decode step per batch-size bucket on CUDA
+    idle_wait_s: float = 0.005           # the step loop's wait when nothing runs
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size}: must be a positive power of two")
+        if self.num_blocks < 0:
+            raise ValueError(f"num_blocks={self.num_blocks}: must be >= 0 (0 = from free device memory)")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError(f"gpu_memory_fraction={self.gpu_memory_fraction}: must be in (0, 1]")
+        if self.max_batch_size <= 0:
+            raise ValueError(f"max_batch_size={self.max_batch_size}: must be > 0")
+        if self.mixed_scale_mode not in MIXED_SCALE_MODES:
+            raise ValueError(f"mixed_scale_mode={self.mixed_scale_mode!r}: allowed are {MIXED_SCALE_MODES}")
+        for name in ("reservation_timeout_s", "kv_timeout_s", "idle_wait_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+        if self.max_reservations <= 0:
+            raise ValueError(f"max_reservations={self.max_reservations}: must be > 0")

@@ -1,0 +1,372 @@
+"""``DecodeEngine``: the full-chain decode worker's core (plain class: no gRPC, no Ray).
+
+Path of a request: ``reserve`` takes blocks for prompt + max_new_tokens from the ``BlockPool`` ->
+``begin_kv`` / ``write_kv`` / ``finish_kv`` fill them with the prompt's K/V (all but the last token)
+-> ``start_generation`` gives sampling, scale and returns a ``TokenStream`` -> the step loop admits
+the request once its KV is complete and feeds the last prompt token at the request's scale (that
+step yields token 1), then one token per step in the continuous batch (``decode_worker.step``);
+``set_scale`` applies from the next token -> finish / abort / deadline / failure frees the blocks.
+
+Threads: gRPC handlers call the public methods; one loop thread (``start``) runs the steps. All
+bookkeeping is under one lock; the forward runs outside it. A running request is ended only by the
+loop thread (``cancel`` marks it), so its blocks are never freed under a step that reads them.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from colm import checkpoint
+from colm.errors import CapacityError, DeadlineError, RequestAbortedError, TransferError, UnknownRequestError
+from colm.kv_wire import KVLayout, parse_dtype
+from colm.model import CoLM
+from colm.sampling import SamplingParams
+
+from colm.decode_worker.block_pool import BlockPool, blocks_for, num_blocks_from_memory
+from colm.decode_worker.config import DecodeConfig
+from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, elapsed_ms, stop_reason
+from colm.decode_worker.step import decode_step
+
+
+@dataclass
+class DecodeStats:
+    host_id: str
+    num_chains: int
+    num_blocks: int
+    num_free_blocks: int
+    block_size: int
+    num_reserved: int
+    num_running: int
+    num_steps: int
+    step_ms_by_scale: dict[int, float] = field(default_factory=dict)
+    last_step_ms: float = 0.0
+    last_batch_size: int = 0
+    num_finished: int = 0
+    num_failed: int = 0
+
+
+class DecodeEngine:
+    def __init__(self, model: CoLM, config: DecodeConfig | None = None, eos_id: int | None = None,
+                 detokenize=None, host_id: str | None = None) -> None:
+        cfg = model.cfg
+        if not cfg.kv_sharing:
+            raise ValueError("DecodeEngine needs a CoLM-Air model (kv_sharing=True): the prefill worker's chain-1 "
+                             "K/V are the full model's K/V only with KV sharing")
+        self.model = model.eval()
+        self.cfg = cfg
+        self.config = config or DecodeConfig()
+        self.eos_id = eos_id
+        self.detokenize = detokenize
+        self.host_id = host_id or socket.gethostname()
+        self.device = model.inv_freq.device
+        self.dtype = next(model.parameters()).dtype
+        num_blocks = self.config.num_blocks
+        if num_blocks == 0:
+            if self.device.type != "cuda":
+                raise ValueError("DecodeConfig.num_blocks=0 sizes the pool from free GPU memory: give a count on CPU")
+            num_blocks = num_blocks_from_memory(cfg, self.config.block_size, self.dtype, self.device,
+                                                self.config.gpu_memory_fraction)
+        self.pool = BlockPool(cfg, num_blocks, self.config.block_size, self.device, self.dtype)
+        self._requests: dict[str, DecodeRequest] = {}
+        self._running: list[DecodeRequest] = []
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._step_ms: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=64))
+        self._num_steps = self._num_finished = self._num_failed = 0
+        self._last_step_ms, self._last_batch = 0.0, 0
+
+    @classmethod
+    def from_checkpoint(cls, path, config: DecodeConfig | None = None, device="cpu", dtype=None,
+                        host_id: str | None = None) -> "DecodeEngine":
+        from colm.tokenizer import load_checkpoint_tokenizer
+
+        model = checkpoint.load(path, scale=None, device=device, dtype=dtype)
+        tok = load_checkpoint_tokenizer(path)
+        return cls(model, config, eos_id=getattr(tok, "eos_id", None), detokenize=tok.decode, host_id=host_id)
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> "DecodeEngine":
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="colm-decode-loop", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        with self._lock:
+            for req in list(self._requests.values()):
+                self._finalize(req, RequestAbortedError(f"request {req.request_id}: decode engine stopped"))
+
+    def alive(self) -> bool:
+        return not self._stop
+
+    # ---------------------------------------------------------------- reservation and KV
+    def reserve(self, request_id: str, prompt_len: int, max_new_tokens: int,
+                timeout_s: float | None = None) -> Reservation:
+        if not request_id or not isinstance(request_id, str):
+            raise ValueError(f"request_id={request_id!r}: must be a non-empty string")
+        if prompt_len < 1 or max_new_tokens < 1:
+            raise ValueError(f"prompt_len={prompt_len}, max_new_tokens={max_new_tokens}: both must be >= 1")
+        if prompt_len + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(f"prompt_len ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_seq_len={self.cfg.max_seq_len}")
+        n = blocks_for(prompt_len + max_new_tokens - 1, self.pool.block_size)
+        with self._lock:
+            if request_id in self._requests:
+                raise ValueError(f"request_id={request_id!r} is already reserved")
+            if len(self._requests) >= self.config.max_reservations:
+                raise CapacityError(f"{len(self._requests)} reservations held (max_reservations)")
+            blocks = self.pool.allocate(n)  # CapacityError when the pool is full
+            timeout = timeout_s or self.config.reservation_timeout_s
+            req = DecodeRequest(request_id, prompt_len, max_new_tokens, blocks, time.monotonic() + timeout)
+            req.kv_done = prompt_len == 1  # nothing before the last token: no KV to wait for
+            self._requests[request_id] = req
+        return Reservation(request_id, n, self.pool.block_size, self.host_id)
+
+    def _get(self, request_id: str) -> DecodeRequest:
+        req = self._requests.get(request_id)
+        if req is None:
+            raise UnknownRequestError(f"request {request_id!r} is not reserved on this decode worker")
+        return req
+
+    def begin_kv(self, request_id: str, layout: KVLayout) -> None:
+        with self._lock:
+            req = self._get(request_id)
+            try:
+                if req.layout is not None or (req.kv_done and req.prompt_len > 1):
+                    raise TransferError(f"request {request_id}: a KV stream was already received")
+                want = (self.cfg.n_layers, req.prompt_len - 1, self.cfg.n_kv_heads, self.cfg.head_dim)
+                got = (layout.num_layers, layout.num_tokens, layout.num_kv_heads, layout.head_dim)
+                if got != want:
+                    raise TransferError(f"request {request_id}: KV stream of (layers, tokens, kv_heads, head_dim)={got}, "
+                                        f"the reservation needs {want}")
+                req.layout = layout
+                req.written = np.zeros((layout.num_layers, layout.num_tokens), dtype=bool)
+            except TransferError as e:
+                self._fail(req, e)
+                raise
+
+    def write_kv(self, request_id: str, layer_start: int, layer_end: int, token_start: int, token_end: int,
+                 kv: torch.Tensor, seq: int | None = None) -> None:
+        """kv [layers, tokens, 2, kv_heads, head_dim] for layers/tokens [start, end)."""
+        with self._lock:
+            req = self._get(request_id)
+            try:
+                lay = req.layout
+                if lay is None:
+                    raise TransferError(f"request {request_id}: KV chunk before the stream header")
+                if seq is not None and seq != req.next_chunk_seq:
+                    raise TransferError(f"request {request_id}: chunk seq {seq}, expected {req.next_chunk_seq}")
+                if not (0 <= layer_start < layer_end <= lay.num_layers and 0 <= token_start < token_end <= lay.num_tokens):
+                    raise TransferError(f"request {request_id}: chunk layers [{layer_start},{layer_end}) tokens "
+                                        f"[{token_start},{token_end}) outside {lay.num_layers} layers x {lay.num_tokens} tokens")
+                shape = (layer_end - layer_start, token_end - token_start, 2, lay.num_kv_heads, lay.head_dim)
+                if tuple(kv.shape) != shape:
+                    raise TransferError(f"request {request_id}: chunk shape {list(kv.shape)}, its ranges need {list(shape)}")
+                cells = req.written[layer_start:layer_end, token_start:token_end]
+                if cells.any():
+                    raise TransferError(f"request {request_id}: chunk overlaps K/V already received")
+                slots = self.pool.slots(req.blocks, token_start, token_end).to(self.device)
+                kv = kv.to(self.device, self.dtype, non_blocking=True)
+                nl = layer_end - layer_start
+                self.pool.k[layer_start:layer_end].view(nl, -1, lay.num_kv_heads, lay.head_dim)[:, slots] = kv[:, :, 0]
+                self.pool.v[layer_start:layer_end].view(nl, -1, lay.num_kv_heads, lay.head_dim)[:, slots] = kv[:, :, 1]
+                cells[:] = True
+                req.next_chunk_seq += 1
+            except TransferError as e:
+                self._fail(req, e)
+                raise
+
+    def finish_kv(self, request_id: str, num_tokens: int | None = None) -> None:
+        with self._wake:
+            req = self._get(request_id)
+            if req.prompt_len == 1 and req.layout is None:
+                req.kv_done = True
+                return
+            try:
+                if req.layout is None:
+                    raise TransferError(f"request {request_id}: KV stream ended before its header")
+                if num_tokens is not None and num_tokens != req.layout.num_tokens:
+                    raise TransferError(f"request {request_id}: stream says {num_tokens} tokens, header {req.layout.num_tokens}")
+                missing = int((~req.written).sum())
+                if missing:
+                    raise TransferError(f"request {request_id}: KV stream ended with {missing} (layer, token) cells missing")
+            except TransferError as e:
+                self._fail(req, e)
+                raise
+            req.kv_done = True
+            self._wake.notify_all()
+
+    def fail_kv(self, request_id: str, exc: BaseException) -> None:
+        """The KV stream broke (truncated, dead peer): the request fails and its blocks are freed."""
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is not None and not req.kv_done:
+                self._fail(req, exc)
+
+    # ---------------------------------------------------------------- generation control
+    def start_generation(self, request_id: str, last_token_id: int, params: SamplingParams,
+                         scale: int | None = None, kv_timeout_s: float | None = None) -> TokenStream:
+        with self._wake:
+            req = self._get(request_id)
+            try:
+                if req.started:
+                    raise ValueError(f"request {request_id}: generation already started")
+                scale = self.cfg.check_scale(scale)
+                if not 0 <= last_token_id < self.cfg.vocab_size:
+                    raise ValueError(f"last_token_id={last_token_id}: outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+                if not 1 <= params.max_new_tokens <= req.max_new_tokens:
+                    raise ValueError(f"max_new_tokens={params.max_new_tokens}: must be in 1..{req.max_new_tokens} "
+                                     "(the reservation's)")
+            except ValueError as e:
+                self._fail(req, e)  # the router will not reuse a reservation whose start failed
+                raise
+            req.started, req.params, req.scale, req.last_token_id = True, params, scale, last_token_id
+            req.generator = params.make_generator()
+            req.stream = TokenStream(request_id, self.alive)
+            req.t_start = time.perf_counter()
+            req.kv_deadline = time.monotonic() + (kv_timeout_s or self.config.kv_timeout_s)
+            req.num_cached = req.prompt_len - 1
+            req.next_input = last_token_id
+            self._wake.notify_all()
+            return req.stream
+
+    def set_scale(self, request_id: str, scale: int) -> int:
+        scale = self.cfg.check_scale(scale)
+        with self._lock:
+            self._get(request_id).scale = scale  # read by the next step
+        return scale
+
+    def abort(self, request_id: str) -> bool:
+        with self._wake:
+            req = self._requests.get(request_id)
+            if req is None:
+                return False
+            self._fail(req, RequestAbortedError(f"request {request_id} aborted"))
+            self._wake.notify_all()
+            return True
+
+    def _fail(self, req: DecodeRequest, exc: BaseException) -> None:
+        if req.running:
+            req.cancel = req.cancel or exc
+        else:
+            self._finalize(req, exc)
+
+    def _finalize(self, req: DecodeRequest, exc: BaseException | None = None) -> None:
+        if self._requests.get(req.request_id) is not req:
+            return
+        del self._requests[req.request_id]
+        if req.running:
+            self._running.remove(req)
+            req.running = False
+        self.pool.free(req.blocks)
+        req.blocks = []
+        if exc is None:
+            self._num_finished += 1
+        else:
+            self._num_failed += 1
+        if req.stream is not None:
+            req.stream.close(exc)
+
+    # ---------------------------------------------------------------- the step loop
+    def _loop(self) -> None:
+        while not self._stop:
+            if self.step() == 0:
+                with self._wake:
+                    if not self._stop:
+                        self._wake.wait(self.config.idle_wait_s)
+
+    def _housekeep(self) -> None:
+        now = time.monotonic()
+        for req in list(self._requests.values()):
+            if req.running:
+                if req.cancel is None and now > req.deadline:
+                    req.cancel = DeadlineError(f"request {req.request_id}: reservation deadline passed")
+                if req.cancel is not None:
+                    self._finalize(req, req.cancel)
+            elif now > req.deadline:
+                self._finalize(req, DeadlineError(f"request {req.request_id}: reservation deadline passed"))
+            elif req.started and not req.kv_done and now > req.kv_deadline:
+                self._finalize(req, DeadlineError(f"request {req.request_id}: KV did not arrive in time"))
+        for req in list(self._requests.values()):  # arrival order (dicts keep insertion order)
+            if len(self._running) >= self.config.max_batch_size:
+                break
+            if req.started and req.kv_done and not req.running:
+                req.running = True
+                self._running.append(req)
+
+    def step(self) -> int:
+        """Admit ready requests and advance every running sequence by one token; returns the batch size."""
+        with self._lock:
+            self._housekeep()
+            batch = list(self._running)
+            scales = [r.scale for r in batch]
+        if not batch:
+            return 0
+        t0 = time.perf_counter()
+        results = decode_step(self.model, batch, self.pool, scales, self.config.mixed_scale_mode)
+        dt = (time.perf_counter() - t0) * 1000.0
+        with self._lock:
+            self._num_steps += 1
+            self._last_step_ms, self._last_batch = dt, len(batch)
+            self._step_ms[max(scales)].append(dt)
+            for req, s, (tok, lp) in zip(batch, scales, results):
+                if req.cancel is not None or not req.running:
+                    continue
+                req.num_cached += 1
+                req.out_tokens.append(tok)
+                req.next_input = tok
+                reason = stop_reason(req, tok, self.eos_id, self.detokenize)
+                req.stream.push(TokenEvent(req.request_id, tok, len(req.out_tokens) - 1, s, reason,
+                                           elapsed_ms(req.t_start), lp))
+                if reason:
+                    self._finalize(req)
+        return len(batch)
+
+    # ---------------------------------------------------------------- read-only
+    @torch.no_grad()
+    def score(self, token_ids: list[int], scale: int | None = None) -> list[float]:
+        """Log-probability of each prompt token given the ones before (the first gets 0.0)."""
+        scale = self.cfg.check_scale(scale)
+        if not token_ids or len(token_ids) > self.cfg.max_seq_len:
+            raise ValueError(f"score: need 1..{self.cfg.max_seq_len} tokens, got {len(token_ids)}")
+        ids = torch.tensor([token_ids], device=self.device)
+        if int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
+            raise ValueError(f"score: token ids must be in 0..{self.cfg.vocab_size - 1}")
+        logp = torch.log_softmax(self.model(ids, scale=scale)[0, :-1].float(), dim=-1)
+        return [0.0] + logp.gather(1, ids[0, 1:, None])[:, 0].tolist()
+
+    def stats(self) -> DecodeStats:
+        with self._lock:
+            return DecodeStats(
+                host_id=self.host_id, num_chains=self.cfg.num_chains, num_blocks=self.pool.num_blocks,
+                num_free_blocks=self.pool.num_free, block_size=self.pool.block_size,
+                num_reserved=len(self._requests) - len(self._running), num_running=len(self._running),
+                num_steps=self._num_steps,
+                step_ms_by_scale={s: statistics.median(d) for s, d in self._step_ms.items() if d},
+                last_step_ms=self._last_step_ms, last_batch_size=self._last_batch,
+                num_finished=self._num_finished, num_failed=self._num_failed)
+
+    def kv_dtype(self) -> str:
+        from colm.kv_wire import dtype_name
+
+        return dtype_name(self.dtype)
+
+
+__all__ = ["DecodeEngine", "DecodeConfig", "DecodeStats", "Reservation", "TokenEvent", "TokenStream", "parse_dtype"]

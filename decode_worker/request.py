@@ -1,0 +1,131 @@
+"""A decode request's state, its token stream, and the stop rules.
+
+Path of a request through the decode engine: ``reserve`` creates a ``DecodeRequest`` holding its
+blocks -> the KV stream fills them (``written`` marks every (layer, token) cell exactly once) ->
+``start_generation`` attaches sampling, scale and a ``TokenStream`` -> once ``kv_done`` and
+started, the step loop admits it to the running batch; each step appends one token -> finish,
+abort, deadline or failure ends it and frees the blocks (the stream gets the final event or the
+exception).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from colm.errors import RequestAbortedError
+from colm.kv_wire import KVLayout
+from colm.sampling import SamplingParams
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token_id: int
+    index: int
+    scale: int
+    finish_reason: str  # "" while running; "stop" | "length" on the last token
+    time_ms: float
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Reservation:
+    request_id: str
+    num_blocks: int
+    block_size: int
+    host_id: str
+
+
+class TokenStream:
+    """Iterator of ``TokenEvent``s; raises the request's failure (aborted, deadline, transfer error)."""
+
+    def __init__(self, request_id: str, alive: Callable[[], bool], poll_s: float = 0.25) -> None:
+        self.request_id = request_id
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._alive = alive
+        self._poll_s = poll_s
+        self._done = False
+
+    def push(self, item) -> None:
+        self._q.put(item)
+
+    def close(self, exc: BaseException | None = None) -> None:
+        self._q.put(exc if exc is not None else _END)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> TokenEvent:
+        if self._done:
+            raise StopIteration
+        while True:
+            try:
+                item = self._q.get(timeout=self._poll_s)
+                break
+            except queue.Empty:
+                if not self._alive():
+                    self._done = True
+                    raise RequestAbortedError(f"request {self.request_id}: decode engine stopped") from None
+        if item is _END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finish_reason:
+            self._done = True
+            self._q.put(_END)
+        return item
+
+
+@dataclass(eq=False)
+class DecodeRequest:
+    request_id: str
+    prompt_len: int
+    max_new_tokens: int
+    blocks: list[int]
+    deadline: float                            # time.monotonic() after which the reservation is freed
+    layout: KVLayout | None = None
+    written: np.ndarray | None = None          # [layers, tokens] bool: cells of K/V received
+    next_chunk_seq: int = 0
+    kv_done: bool = False
+    started: bool = False
+    last_token_id: int = 0
+    params: SamplingParams | None = None
+    scale: int = 1
+    generator: torch.Generator | None = None
+    stream: TokenStream | None = None
+    t_start: float = 0.0
+    kv_deadline: float = float("inf")
+    out_tokens: list[int] = field(default_factory=list)
+    num_cached: int = 0                        # positions whose K/V are in the pool
+    next_input: int = 0                        # token fed to the next step
+    running: bool = False
+    cancel: BaseException | None = None        # set by abort/failure while running; the step loop ends it
+
+
+def stop_reason(req: DecodeRequest, token: int, eos_id: int | None,
+                detokenize: Callable[[list[int]], str] | None) -> str:
+    """Same rules and order as ``colm.generate.generate``: stop token / EOS, stop string, length."""
+    p = req.params
+    if token in p.stop_token_ids or (eos_id is not None and not p.ignore_eos and token == eos_id):
+        return "stop"
+    if p.stop_strings and detokenize is not None:
+        text = detokenize(req.out_tokens)
+        if any(s in text for s in p.stop_strings):
+            return "stop"
+    if len(req.out_tokens) >= p.max_new_tokens:
+        return "length"
+    return ""
+
+
+def elapsed_ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0

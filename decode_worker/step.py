@@ -1,0 +1,70 @@
+"""One continuous-batching decode step: every running sequence advances by one token.
+
+Sequences at different scales share the step in one of two ways (``DecodeConfig.mixed_scale_mode``):
+
+* ``"widest"``: one forward at the batch's widest scale; chain causality makes the first k chains
+  of that hidden state exactly the scale-k hidden state, so each sequence's logits come from the
+  head's first k chains (``model.logits(h, k)``). Weights are read once per step.
+* ``"group"``: one forward per scale over that scale's sequences: fewer FLOPs for small scales,
+  chain-1 weights read once per group.
+
+Sampling follows ``colm.sampling`` exactly (greedy argmax on the device; seeded sampling on the CPU
+with the request's generator), so tokens match the reference generator.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from colm.sampling import sample_next
+
+from colm.decode_worker.paged_cache import PagedStepCache
+
+
+def _step_tensors(batch, pool, device):
+    bs = pool.block_size
+    width = max(len(r.blocks) for r in batch)
+    tables = torch.zeros(len(batch), width, dtype=torch.int32)
+    for i, r in enumerate(batch):
+        tables[i, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
+    pos = [r.num_cached for r in batch]
+    slots = [r.blocks[p // bs] * bs + p % bs for r, p in zip(batch, pos)]
+    tokens = torch.tensor([[r.next_input] for r in batch], device=device)  # [B, 1]
+    positions = torch.tensor([[p] for p in pos], device=device)  # [B, 1]
+    cache = PagedStepCache(pool, tables.to(device), torch.tensor([p + 1 for p in pos], dtype=torch.int32, device=device),
+                           torch.tensor(slots, dtype=torch.int64, device=device), length=max(pos))
+    return tokens, positions, cache
+
+
+def _hidden(model, batch, pool, scale, device):
+    tokens, positions, cache = _step_tensors(batch, pool, device)
+    return model.hidden(tokens, scale=scale, cache=cache, positions=positions)[:, 0]  # [B, D_scale]
+
+
+@torch.no_grad()
+def decode_step(model, batch, pool, scales: list[int], mode: str = "widest") -> list[tuple[int, float]]:
+    """Run one step for ``batch`` (DecodeRequests) at ``scales`` (one per row); returns (token, logprob) per row."""
+    device = model.inv_freq.device
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(scales):
+        groups.setdefault(s, []).append(i)
+    if mode == "widest" or len(groups) == 1:
+        hidden = _hidden(model, batch, pool, max(scales), device)
+        per_group = {s: (idx, hidden[idx] if len(groups) > 1 else hidden) for s, idx in groups.items()}
+    else:
+        per_group = {s: (idx, _hidden(model, [batch[i] for i in idx], pool, s, device)) for s, idx in groups.items()}
+    out: list[tuple[int, float] | None] = [None] * len(batch)
+    for s, (idx, h) in per_group.items():
+        logits = model.logits(h, s)  # [n, V]
+        logp = F.log_softmax(logits.float(), dim=-1)
+        greedy = logits.argmax(dim=-1)
+        toks = greedy.tolist()
+        for j, i in enumerate(idx):
+            r = batch[i]
+            if not r.params.greedy:
+                toks[j] = sample_next(logits[j].cpu(), r.params, r.generator)
+        lps = logp.gather(1, torch.tensor(toks, device=logp.device)[:, None])[:, 0].tolist()
+        for j, i in enumerate(idx):
+            out[i] = (toks[j], lps[j])
+    return out  # type: ignore[return-value]

@@ -1,0 +1,29 @@
+"""``PrefillConfig``: the prefill worker's settings (frozen, validated)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from colm.kv_wire import CHECKSUMS
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    max_batch_tokens: int = 16384      # padded tokens (rows x longest prompt) per batched forward
+    max_batch_size: int = 32           # prompts per batch
+    chunk_size: int = 8192             # prompt tokens per forward chunk; longer prompts are chunked and run alone
+    max_queue: int = 1024              # queued prompts before submit raises CapacityError
+    kv_chunk_bytes: int = 4 << 20      # payload of one KV message on the wire
+    default_timeout_s: float = 60.0    # queue + compute + transfer, when a request gives none
+    checksum: str = "crc32"            # "crc32" | "none"
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_tokens", "max_batch_size", "chunk_size", "max_queue", "kv_chunk_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+        if self.chunk_size > self.max_batch_tokens:
+            raise ValueError(f"chunk_size={self.chunk_size} exceeds max_batch_tokens={self.max_batch_tokens}")
+        if self.default_timeout_s <= 0:
+            raise ValueError(f"default_timeout_s={self.default_timeout_s}: must be > 0")
+        if self.checksum not in CHECKSUMS:
+            raise ValueError(f"checksum={self.checksum!r}: allowed are {CHECKSUMS}")

@@ -1,0 +1,298 @@
+"""``PrefillEngine``: chain-1-only prefill of CoLM-Air prompts (plain class: no gRPC, no Ray).
+
+It holds only the scale-1 sub-model (``checkpoint.load(dir, scale=1)``): with KV sharing every
+layer's K/V come from chain 1, so the chain-1 forward yields exactly the full model's K/V.
+
+Path of a request: ``submit(request_id, token_ids, sink)`` queues it -> the loop thread takes a batch
+(FIFO, up to ``max_batch_tokens`` padded tokens; a prompt longer than ``chunk_size`` runs alone) ->
+``_forward`` runs the batch chunk by chunk (activations of one chunk at a time, K/V of earlier chunks
+kept for attention); after each layer's K/V projection it hands each request's slice to its sink
+(``put``), so the transfer overlaps the remaining layers -> ``sink.finish`` waits for delivery on a
+completion thread while the next batch computes -> the request's future resolves to a
+``PrefillResult``. K/V of all prompt tokens but the last are produced: decode runs the last token.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from colm import checkpoint
+from colm.attention_backend import attention
+from colm.config import ModelConfig
+from colm.errors import CapacityError, DeadlineError
+from colm.kv_wire import KVLayout, dtype_name
+from colm.model import CoLM
+from colm.rope import rope_cos_sin
+
+from colm.prefill_worker.config import PrefillConfig
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    request_id: str
+    num_tokens: int    # tokens of K/V produced (prompt length - 1)
+    num_bytes: int
+    queue_ms: float
+    compute_ms: float  # the batch's forward (shared by its requests)
+    total_ms: float    # submit -> delivered
+    path: str
+
+
+@dataclass(eq=False)
+class _Job:
+    request_id: str
+    tokens: list[int]  # prompt[:-1]
+    sink: object
+    deadline: float
+    t_submit: float
+    future: Future = field(default_factory=Future)
+    failed: BaseException | None = None
+
+
+@dataclass
+class PrefillStats:
+    host_id: str
+    num_queued: int
+    num_queued_tokens: int
+    num_done: int
+    num_failed: int
+    tokens_per_s: float
+    num_params: int
+
+
+def check_air(cfg: ModelConfig) -> None:
+    if not cfg.kv_sharing:
+        raise ValueError("PrefillEngine serves CoLM-Air checkpoints only (kv_sharing=True): without KV sharing a "
+                         "layer's K/V depend on every chain, so a chain-1 prefill cannot produce them")
+
+
+class PrefillEngine:
+    def __init__(self, model: CoLM, full_cfg: ModelConfig, config: PrefillConfig | None = None,
+                 host_id: str | None = None) -> None:
+        check_air(full_cfg)
+        if model.cfg.num_chains != 1:
+            raise ValueError(f"PrefillEngine holds the chain-1 sub-model; got a model of {model.cfg.num_chains} chains "
+                             "(load it with checkpoint.load(dir, scale=1))")
+        self.model = model.eval()
+        self.full_cfg = full_cfg
+        self.config = config or PrefillConfig()
+        self.host_id = host_id or socket.gethostname()
+        self.device = model.inv_freq.device
+        self.dtype = next(model.parameters()).dtype
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._finisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="colm-prefill-finish")
+        self._num_done = self._num_failed = 0
+        self._recent: collections.deque = collections.deque(maxlen=32)  # (tokens, seconds)
+
+    @classmethod
+    def from_checkpoint(cls, path, config: PrefillConfig | None = None, device="cpu", dtype=None,
+                        host_id: str | None = None) -> "PrefillEngine":
+        full = checkpoint.load_config(path)
+        check_air(full)  # before reading any weight
+        return cls(checkpoint.load(path, scale=1, device=device, dtype=dtype), full, config, host_id)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # ---------------------------------------------------------------- queue
+    def start(self) -> "PrefillEngine":
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="colm-prefill-loop", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        with self._cv:
+            while self._queue:
+                self._fail(self._queue.popleft(), RuntimeError("prefill engine stopped"))
+
+    def submit(self, request_id: str, token_ids, sink, timeout_s: float | None = None) -> Future:
+        ids = [int(t) for t in token_ids]
+        if not request_id:
+            raise ValueError("request_id is empty")
+        if not ids:
+            raise ValueError(f"request {request_id}: token_ids is empty")
+        if min(ids) < 0 or max(ids) >= self.full_cfg.vocab_size:
+            raise ValueError(f"request {request_id}: token ids must be in 0..{self.full_cfg.vocab_size - 1}")
+        if len(ids) > self.full_cfg.max_seq_len:
+            raise ValueError(f"request {request_id}: {len(ids)} tokens exceed max_seq_len={self.full_cfg.max_seq_len}")
+        now = time.monotonic()
+        job = _Job(request_id, ids[:-1], sink, now + (timeout_s or self.config.default_timeout_s), time.perf_counter())
+        with self._cv:
+            if len(self._queue) >= self.config.max_queue:
+                raise CapacityError(f"prefill queue full ({len(self._queue)} prompts)")
+            self._queue.append(job)
+            self._cv.notify()
+        return job.future
+
+    def prefill(self, request_id: str, token_ids, sink, timeout_s: float | None = None) -> PrefillResult:
+        """Submit and wait; runs the batch inline when the loop thread is not started."""
+        fut = self.submit(request_id, token_ids, sink, timeout_s)
+        if self._thread is None:
+            while not fut.done() and self.run_once():
+                pass
+        return fut.result(timeout=timeout_s or self.config.default_timeout_s)
+
+    def _take_batch(self) -> list[_Job]:
+        now = time.monotonic()
+        while self._queue and self._queue[0].deadline < now:
+            self._fail(self._queue.popleft(), DeadlineError("prefill deadline passed while queued"))
+        if not self._queue:
+            return []
+        first = self._queue.popleft()
+        batch = [first]
+        if len(first.tokens) > self.config.chunk_size:
+            return batch
+        longest = max(len(first.tokens), 1)
+        while self._queue and len(batch) < self.config.max_batch_size:
+            n = len(self._queue[0].tokens)
+            if n > self.config.chunk_size or (len(batch) + 1) * max(longest, n) > self.config.max_batch_tokens:
+                break
+            batch.append(self._queue.popleft())
+            longest = max(longest, n)
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+            self.run_once()
+
+    def run_once(self) -> bool:
+        """Take one batch from the queue and run it; False when the queue was empty."""
+        with self._cv:
+            batch = self._take_batch()
+        if not batch:
+            return False
+        self._run(batch)
+        return True
+
+    # ---------------------------------------------------------------- compute
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        if job.future.done():
+            return
+        job.failed = job.failed or exc
+        try:
+            job.sink.fail(exc)
+        finally:
+            self._num_failed += 1
+            job.future.set_exception(exc)
+
+    def _run(self, batch: list[_Job]) -> None:
+        t0 = time.perf_counter()
+        cfg = self.model.cfg
+        for job in batch:
+            try:
+                job.sink.begin(KVLayout(cfg.n_layers, len(job.tokens), cfg.n_kv_heads, cfg.head_dim, dtype_name(self.dtype)))
+            except Exception as e:  # noqa: BLE001 - one bad peer must not sink the batch
+                self._fail(job, e)
+        live = [j for j in batch if not j.future.done() and j.tokens]
+        try:
+            if live:
+                self._forward(live)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+        except Exception as e:  # noqa: BLE001
+            for job in live:
+                self._fail(job, e)
+            return
+        compute_ms = (time.perf_counter() - t0) * 1000.0
+        self._recent.append((sum(len(j.tokens) + 1 for j in batch), compute_ms / 1000.0))
+        for job in batch:
+            if not job.future.done():
+                self._finisher.submit(self._complete, job, t0, compute_ms)
+
+    def _complete(self, job: _Job, t0: float, compute_ms: float) -> None:
+        try:
+            num_bytes = job.sink.finish(max(0.1, job.deadline - time.monotonic()))
+        except Exception as e:  # noqa: BLE001
+            self._fail(job, e)
+            return
+        self._num_done += 1
+        now = time.perf_counter()
+        job.future.set_result(PrefillResult(job.request_id, len(job.tokens), num_bytes, (t0 - job.t_submit) * 1000.0,
+                                            compute_ms, (now - job.t_submit) * 1000.0, job.sink.path))
+
+    def _emit(self, jobs: list[_Job], layer: int, c0: int, c1: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        # k, v [b, Hkv, t, hd] of positions c0..c1-1 -> each request's real tokens as [1, t_r, 2, Hkv, hd]
+        for row, job in enumerate(jobs):
+            end = min(c1, len(job.tokens))
+            if end <= c0 or job.future.done():
+                continue
+            kv = torch.stack((k[row, :, : end - c0], v[row, :, : end - c0]), dim=0).permute(2, 0, 1, 3)[None]
+            try:
+                job.sink.put(layer, layer + 1, c0, end, kv.contiguous())
+            except Exception as e:  # noqa: BLE001 - the peer of this request failed; the rest go on
+                self._fail(job, e)
+
+    @torch.no_grad()
+    def _forward(self, jobs: list[_Job]) -> None:
+        model, cfg = self.model, self.model.cfg
+        T = max(len(j.tokens) for j in jobs)
+        tokens = torch.zeros(len(jobs), T, dtype=torch.long)
+        for row, job in enumerate(jobs):  # right padding: causal attention keeps real tokens exact
+            tokens[row, : len(job.tokens)] = torch.tensor(job.tokens)
+        tokens = tokens.to(self.device)
+        group = cfg.n_heads // cfg.n_kv_heads
+        shape = (len(jobs), cfg.n_kv_heads, T, cfg.head_dim)
+        keys = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.n_layers)]
+        values = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.n_layers)]
+        last = cfg.n_layers - 1
+        for c0 in range(0, T, self.config.chunk_size):
+            c1 = min(T, c0 + self.config.chunk_size)
+            t = c1 - c0
+            x = F.embedding(tokens[:, c0:c1], model.embed.weight)  # [b, t, D_1]
+            positions = torch.arange(c0, c1, device=self.device).expand(len(jobs), t)
+            cos, sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
+            for li, layer in enumerate(model.layers):
+                q, k, v = layer.attn.project_qkv(layer.attn_norm(x), 1, cos, sin)  # [b, H, t, hd]
+                keys[li][:, :, c0:c1] = k
+                values[li][:, :, c0:c1] = v
+                self._emit(jobs, li, c0, c1, k, v)
+                if li == last:
+                    break  # the last layer's output feeds nothing we need: only its K/V are
+                o = _chunk_attention(q, keys[li][:, :, :c1], values[li][:, :, :c1], c0, group)
+                x = x + layer.attn.wo(o.transpose(1, 2).reshape(len(jobs), t, -1), 1)
+                x = x + layer.ffn(layer.ffn_norm(x), 1)
+
+    def stats(self) -> PrefillStats:
+        with self._cv:
+            queued = list(self._queue)
+        toks = sum(n for n, _ in self._recent)
+        secs = sum(s for _, s in self._recent)
+        return PrefillStats(self.host_id, len(queued), sum(len(j.tokens) + 1 for j in queued), self._num_done,
+                            self._num_failed, toks / secs if secs > 0 else 0.0, self.num_params)
+
+
+def _chunk_attention(q, k, v, q_start: int, group: int) -> torch.Tensor:
+    """Causal attention of a chunk's queries (positions q_start..) over keys 0..; q [b, Hq, t, hd], k/v [b, Hkv, T, hd]."""
+    if q_start == 0:
+        return attention(q, k, v, q_start=0)
+    # Lower-right causal bias keeps SDPA on its fused kernels (no [t, T] mask tensor); K/V heads are
+    # expanded because the fused paths do not all take grouped queries.
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]))

@@ -1,0 +1,120 @@
+"""Where a prefill's K/V go: the ``KVSink`` protocol and the sinks that need no network.
+
+The engine calls ``begin(layout)``, then ``put(layer_start, layer_end, token_start, token_end, kv)``
+with ``kv [layers, tokens, 2, kv_heads, head_dim]`` as soon as a layer's K/V of a chunk exist (the
+tensor is the sink's to keep; the engine never writes it again), then ``finish(timeout_s)`` once the
+forward is done (waits until everything is delivered, returns the bytes sent) or ``fail(exc)``.
+
+``StagedKVSink`` is the base of the remote sinks (``colm.prefill_worker.kv_push``): ``put`` starts
+an asynchronous device->pinned-host copy and queues it, so the transfer of layer l overlaps the
+compute of layer l+1; the consumer waits for the copy's event before reading the bytes.
+"""
+
+from __future__ import annotations
+
+import queue
+from typing import Protocol
+
+import torch
+
+from colm.kv_wire import KVLayout
+
+
+class KVSink(Protocol):
+    path: str
+
+    def begin(self, layout: KVLayout) -> None: ...
+
+    def put(self, layer_start: int, layer_end: int, token_start: int, token_end: int, kv: torch.Tensor) -> None: ...
+
+    def finish(self, timeout_s: float) -> int: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+
+class NullKVSink:
+    """Counts and drops the K/V (prefill compute alone, for benchmarks)."""
+
+    path = "none"
+
+    def __init__(self) -> None:
+        self.num_bytes = 0
+
+    def begin(self, layout: KVLayout) -> None:
+        self.num_bytes = 0
+
+    def put(self, layer_start, layer_end, token_start, token_end, kv) -> None:
+        self.num_bytes += kv.numel() * kv.element_size()
+
+    def finish(self, timeout_s: float) -> int:
+        return self.num_bytes
+
+    def fail(self, exc: BaseException) -> None:
+        pass
+
+
+class LocalKVSink:
+    """Writes straight into a ``DecodeEngine`` of the same process (device to device, no copy to host)."""
+
+    path = "local"
+
+    def __init__(self, decode_engine, request_id: str) -> None:
+        self.engine = decode_engine
+        self.request_id = request_id
+        self.num_bytes = 0
+        self._num_tokens = 0
+        self._seq = 0
+
+    def begin(self, layout: KVLayout) -> None:
+        self._num_tokens = layout.num_tokens
+        self.engine.begin_kv(self.request_id, layout)
+
+    def put(self, layer_start, layer_end, token_start, token_end, kv) -> None:
+        self.engine.write_kv(self.request_id, layer_start, layer_end, token_start, token_end, kv, seq=self._seq)
+        self._seq += 1
+        self.num_bytes += kv.numel() * kv.element_size()
+
+    def finish(self, timeout_s: float) -> int:
+        self.engine.finish_kv(self.request_id, self._num_tokens)
+        return self.num_bytes
+
+    def fail(self, exc: BaseException) -> None:
+        self.engine.fail_kv(self.request_id, exc)
+
+
+_END = object()
+
+
+class StagedKVSink:
+    """Base of sinks that ship bytes from host memory: ``put`` stages to pinned host memory asynchronously."""
+
+    path = "staged"
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, layer_start, layer_end, token_start, token_end, kv) -> None:
+        if kv.is_cuda:
+            host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
+            host.copy_(kv, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = kv.contiguous(), None
+        self._q.put(((layer_start, layer_end, token_start, token_end), host, event))
+
+    def _staged(self):
+        """Yields ((l0, l1, t0, t1), host tensor) in put order until ``finish``/``fail`` ends the stream."""
+        while True:
+            item = self._q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            ranges, host, event = item
+            if event is not None:
+                event.synchronize()
+            yield ranges, host
+
+    def _close_queue(self, exc: BaseException | None = None) -> None:
+        self._q.put(_END if exc is None else exc)
