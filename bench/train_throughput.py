@@ -44,37 +44,43 @@ def peak_flops(name: str) -> float:
     return float("nan")
 
 
-def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup):
+def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device="cuda"):
     from colm.model import CoLM
     from colm.train.step import TrainModule, build_optimizer, train_step
 
     torch.manual_seed(0)
-    model = CoLM(cfg, device="cuda").reset_parameters(seed=0)
+    cuda = device == "cuda"
+    model = CoLM(cfg, device=device).reset_parameters(seed=0)
     module = TrainModule(model, loss_kind, log_all_scales=False)
     fsdp = precision == "fsdp-bf16"
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
         for block in model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(module, mp_policy=mp, reshard_after_forward=False)
     opt = build_optimizer(list(module.named_parameters()), 3e-4, 0.1, (0.9, 0.95), 1e-8)
     times, losses = [], []
     for i in range(warmup + steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss, _, _ = train_step(module, opt, [batches[i % len(batches)]], 1.0, autocast_bf16=not fsdp)
-        end.record()
-        torch.cuda.synchronize()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        loss, _, _ = train_step(module, opt, [batches[i % len(batches)]], 1.0, autocast_bf16=cuda and not fsdp)
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+        elapsed = start.elapsed_time(end) / 1e3 if cuda else time.perf_counter() - t0
         losses.append(float(loss))
         if i >= warmup:
-            times.append(start.elapsed_time(end) / 1e3)
-    mem = torch.cuda.max_memory_allocated() / 2**30
+            times.append(elapsed)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     del module, model, opt
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     return times, losses, mem
 
 
@@ -85,21 +91,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="bench/results/train_throughput.json")
+    ap.add_argument("--smoke", action="store_true", help="CPU check of the script on tiny models (no figures)")
     args = ap.parse_args()
     from colm.presets import preset
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
-    torch.distributed.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
-    torch.backends.cuda.matmul.allow_tf32 = True
-    dev_name = torch.cuda.get_device_name(0)
+    device = "cpu" if args.smoke else "cuda"
+    if args.smoke:
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+        dev_name = "cpu (smoke run, not a measurement)"
+        models = {"{32} (Llama)": preset("tiny-1chain"), "{16,16}": preset("tiny"), "{16,16} Air": preset("tiny-air")}
+    else:
+        torch.distributed.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        dev_name = torch.cuda.get_device_name(0)
+        models = {"{32} (Llama)": preset("llama-3.2-1b"), "{16,16}": preset("llama-3.2-1b-16-16"),
+                  "{16,16} Air": preset("llama-3.2-1b-16-16-air")}
     peak = peak_flops(dev_name)
     g = torch.Generator().manual_seed(0)
-    models = {"{32} (Llama)": preset("llama-3.2-1b"), "{16,16}": preset("llama-3.2-1b-16-16"),
-              "{16,16} Air": preset("llama-3.2-1b-16-16-air")}
+    vocab = next(iter(models.values())).vocab_size
     batches = []
     for _ in range(4):
-        tok = torch.randint(0, 128256, (args.batch, args.seq + 1), generator=g).cuda()
+        tok = torch.randint(0, vocab, (args.batch, args.seq + 1), generator=g).to(device)
         batches.append((tok[:, :-1], tok[:, 1:]))
     variants = [(m, p, "final") for p in ("autocast", "fsdp-bf16") for m in models]
     variants += [("{16,16}", "fsdp-bf16", "multi_chain"), ("{16,16} Air", "fsdp-bf16", "multi_chain")]
@@ -109,10 +123,11 @@ def main() -> None:
         cfg = models[mname]
         t0 = time.perf_counter()
         try:
-            times, losses, mem = run_variant(mname, cfg, precision, loss_kind, batches, args.steps, args.warmup)
+            times, losses, mem = run_variant(mname, cfg, precision, loss_kind, batches, args.steps, args.warmup, device)
         except torch.OutOfMemoryError as e:
             rows.append({"model": mname, "precision": precision, "loss": loss_kind, "error": f"OOM: {e}"[:200]})
-            gc.collect(); torch.cuda.empty_cache()
+            gc.collect()
+            torch.cuda.empty_cache()
             continue
         med = statistics.median(times)
         fpt = flops_per_token(cfg, args.seq, loss_kind)
@@ -127,9 +142,13 @@ def main() -> None:
     for r in rows:
         if "error" not in r and r["precision"] in base:
             r["tokens_per_s_vs_llama"] = r["tokens_per_s"] / base[r["precision"]]["tokens_per_s"]
-    import triton
+    try:
+        import triton
 
-    result = {"bench": "train_throughput", "device": dev_name, "torch": torch.__version__, "triton": triton.__version__,
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    result = {"bench": "train_throughput", "device": dev_name, "torch": torch.__version__, "triton": triton_version,
               "batch": args.batch, "seq_len": args.seq, "tokens_per_step": tokens, "timed_steps": args.steps,
               "warmup_steps": args.warmup, "peak_bf16_flops": peak,
               "mfu_convention": "6*matmul_params + 12*layers*dim*seq per token (PaLM/nanoGPT), dense bf16 peak",
