@@ -288,7 +288,10 @@ if HAS_TRITON:
             b_off = tl.load(row + 4)
             acc += tl.load(b_ptr + b_off + rn_ld).to(tl.float32)[None, :]
         y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + y_col + rn[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < n_valid)[None, :])
+        if EVEN_N:  # a column-free mask keeps the stores vectorised
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None])
+        else:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < n_valid)[None, :])
 
     @triton.jit
     def _chain_bwd_input_kernel(
@@ -369,7 +372,10 @@ if HAS_TRITON:
                 else:
                     acc = tl.dot(a, b, acc)
         dx_ptrs = dx_ptr + rm[:, None].to(tl.int64) * stride_dxm + x_col + rn[None, :]
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < n_valid)[None, :])
+        if EVEN_N:
+            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm < M)[:, None])
+        else:
+            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < n_valid)[None, :])
 
     @triton.jit
     def _chain_bwd_weight_kernel(
@@ -417,7 +423,10 @@ if HAS_TRITON:
             else:
                 acc = tl.dot(a, b, acc)
         dw_ptrs = dw_ptr + dw_off + rm[:, None] * P + rn[None, :]
-        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(rm < m_valid)[:, None] & (rn < n_valid)[None, :])
+        if EVEN_M and EVEN_N:
+            tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty))
+        else:
+            tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=(rm < m_valid)[:, None] & (rn < n_valid)[None, :])
 
 
 # --------------------------------------------------------------------------------------------------
