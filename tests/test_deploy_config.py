@@ -1,0 +1,95 @@
+"""The deploy manifests parse and validate; the launcher's config accepts serve.yaml and refuses bad ones."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from colm.commands.serve import load_config
+from colm.deploy.config import ClusterConfig, bundled_serve_yaml
+from colm.deploy.launcher import demo_model_dir, ensure_model
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def test_serve_yaml_is_accepted_with_safe_defaults():
+    cfg = ClusterConfig.from_yaml(DEPLOY / "serve.yaml")
+    assert bundled_serve_yaml() == (DEPLOY / "serve.yaml").resolve()
+    assert cfg.router.host == "127.0.0.1" and cfg.workers.host == "127.0.0.1"  # nothing on 0.0.0.0 by default
+    assert cfg.workers.num_prefill >= 1 and cfg.workers.num_decode >= 1
+    assert cfg.decode["block_size"] == 16 and cfg.model.path is None
+    assert len(cfg.token()) >= 16 and cfg.token() != cfg.token()  # random per launch when unset
+
+
+def test_serve_yaml_errors_name_the_field(monkeypatch):
+    base = yaml.safe_load((DEPLOY / "serve.yaml").read_text())
+    cases = [({"router": {"grpc_port": 70000}}, "router.grpc_port=70000"),
+             ({"router": {"bogus": 1}}, "router: unknown fields ['bogus']"),
+             ({"workers": {"num_decode": 0}}, "workers.num_decode=0"),
+             ({"workers": {"decode_resources": {"decode": -1}}}, "workers.decode_resources"),
+             ({"model": {"dtype": "int8"}}, "model.dtype='int8'"),
+             ({"security": {"cluster_token": "short"}}, "security.cluster_token"),
+             ({"nonsense": {}}, "unknown sections ['nonsense']"),
+             ({"router": {"tls_cert": "a.pem"}}, "tls_cert and router.tls_key")]
+    for patch, msg in cases:
+        d = {k: dict(v or {}) if isinstance(v, dict) else v for k, v in base.items()}
+        for section, values in patch.items():
+            d[section] = {**(d.get(section) or {}), **values}
+        with pytest.raises(ValueError) as e:
+            ClusterConfig.from_dict(d)
+        assert msg in str(e.value)
+    monkeypatch.setenv("COLM_TEST_TOKEN", "t" * 20)
+    cfg = ClusterConfig.from_dict({"security": {"cluster_token": "env:COLM_TEST_TOKEN"}})
+    assert cfg.token() == "t" * 20
+
+
+def test_decode_section_is_checked_by_the_engine_config():
+    pytest.importorskip("colm.decode_worker.config")
+    with pytest.raises(ValueError, match="block_size=3"):
+        ClusterConfig.from_dict({"decode": {"block_size": 3}})
+    with pytest.raises(ValueError, match="unknown fields"):
+        ClusterConfig.from_dict({"decode": {"no_such_field": 1}})
+
+
+def test_serve_cli_overrides(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(config=None, model=None, address="auto", host="10.1.2.3", grpc_port=1234,
+                              http_port=None, num_prefill=2, num_decode=3)
+    cfg = load_config(args)
+    assert (cfg.ray.address, cfg.router.host, cfg.router.grpc_port) == ("auto", "10.1.2.3", 1234)
+    assert (cfg.workers.num_prefill, cfg.workers.num_decode) == (2, 3)
+
+
+def test_cluster_yaml_for_ray_up():
+    d = yaml.safe_load((DEPLOY / "cluster.yaml").read_text())
+    assert d["provider"]["type"] == "local" and d["provider"]["head_ip"]
+    assert len(d["provider"]["worker_ips"]) >= 1
+    assert {"cluster_name", "head_start_ray_commands", "worker_start_ray_commands", "setup_commands"} <= set(d)
+    assert any("--head" in c for c in d["head_start_ray_commands"])
+    text = (DEPLOY / "cluster.yaml").read_text()
+    assert "prefill_gpu" in text and "decode_gpu" in text  # the commented cloud example
+
+
+def test_kuberay_manifest():
+    docs = list(yaml.safe_load_all((DEPLOY / "kuberay.yaml").read_text()))
+    rc = next(d for d in docs if d["kind"] == "RayCluster")
+    assert rc["apiVersion"].startswith("ray.io/")
+    groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
+    assert set(groups) == {"prefill", "decode"}
+    for g in groups.values():
+        assert g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    head = rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "colm serve --address auto" in " ".join(head["args"])
+    assert {p["containerPort"] for p in head["ports"]} == {50051, 8000, 9400}
+
+
+def test_demo_model_is_built_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLM_CACHE", str(tmp_path))
+    cfg = ClusterConfig()
+    path = ensure_model(cfg)
+    assert Path(path) == demo_model_dir("tiny-air") and (Path(path) / "config.json").is_file()
+    mtime = (Path(path) / "model.safetensors").stat().st_mtime
+    assert ensure_model(cfg) == path and (Path(path) / "model.safetensors").stat().st_mtime == mtime
+    with pytest.raises(ValueError, match="not a colm checkpoint"):
+        ensure_model(ClusterConfig.from_dict({"model": {"path": str(tmp_path / "nope")}}))

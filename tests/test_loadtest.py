@@ -1,0 +1,40 @@
+"""A 200-request load test at several rates against a router serving tiny-air: JSON and PNG written."""
+
+import json
+
+from colm.loadtest import LoadSpec, run, table
+from colm.model import CoLM
+from colm.presets import preset
+from colm.router.config import RouterConfig
+from colm.router.core import Router
+from colm.router.local_backend import LocalBackend
+from colm.tokenizer import ByteTokenizer
+from router_helpers import BackgroundRouter
+
+
+def test_loadtest_200_requests_writes_json_and_png(tmp_path):
+    cfg = preset("tiny-air")
+    model = CoLM(cfg).reset_parameters(seed=0).eval()
+    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05), cfg, ByteTokenizer(),
+                    LocalBackend(model, max_concurrency=2))
+    bg = BackgroundRouter(router)
+    try:
+        spec = LoadSpec(rates=(40.0, 80.0, 160.0), num_requests=200, prompt_len=(4, 12), output_len=(2, 6),
+                        budgets=(("none", 1.0), ("scale:1", 1.0), ("tpot:1000", 1.0)), slo_ttft_ms=5000,
+                        slo_tpot_ms=1000)
+        out_json, out_png = tmp_path / "lt.json", tmp_path / "lt.png"
+        summary = run(bg.grpc_addr, spec, str(out_json), str(out_png), progress=False)
+    finally:
+        bg.stop()
+    data = json.loads(out_json.read_text())
+    assert data["total"]["num_requests"] == 200 and data["total"]["num_ok"] == 200
+    assert [e["rate"] for e in data["rates"]] == [40.0, 80.0, 160.0]
+    assert sum(e["num_requests"] for e in data["rates"]) == 200
+    for e in data["rates"]:
+        assert e["ttft_ms"]["p50"] <= e["ttft_ms"]["p99"] and e["throughput_rps"] > 0
+        assert abs(sum(e["scale_mix"].values()) - 1.0) < 1e-9
+        assert set(e["by_scale"]) <= {"1", "2"}
+    # pinned scale-1 requests are served at scale 1; unconstrained ones at the full scale
+    assert all(e["scale_mix"].get("1", 0) > 0 and e["scale_mix"].get("2", 0) > 0 for e in data["rates"])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "rate" in table(summary)

@@ -1,0 +1,168 @@
+"""The router's public gRPC and HTTP APIs over loopback, with an in-process tiny-air model."""
+
+import threading
+
+import grpc
+import pytest
+import torch
+
+from colm.client import Client
+from colm.generate import generate
+from colm.model import CoLM
+from colm.presets import preset
+from colm.router.config import RouterConfig
+from colm.router.core import Router
+from colm.router.local_backend import LocalBackend
+from colm.sampling import SamplingParams
+from colm.tokenizer import ByteTokenizer
+from router_helpers import BackgroundRouter, post_json
+
+API_KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def served():
+    torch.manual_seed(0)
+    cfg = preset("tiny-air")
+    model = CoLM(cfg).reset_parameters(seed=1).eval()
+    router = Router(RouterConfig(grpc_port=0, http_port=0, metrics_port=0, max_running=8, max_queued=8,
+                                 poll_interval_s=0.05), cfg, ByteTokenizer(), LocalBackend(model))
+    bg = BackgroundRouter(router)
+    yield bg, model
+    bg.stop()
+
+
+def ref_tokens(model, prompt, n, scale):
+    return generate(model, ByteTokenizer().encode(prompt), SamplingParams(max_new_tokens=n), scale=scale,
+                    eos_id=ByteTokenizer.eos_id).token_ids
+
+
+def test_grpc_greedy_matches_reference_at_every_scale(served):
+    bg, model = served
+    with Client(bg.grpc_addr) as c:
+        for scale in (1, 2):
+            r = c.complete("Hello, chains", max_new_tokens=12, scale=scale)
+            assert r["token_ids"] == ref_tokens(model, "Hello, chains", 12, scale)
+            assert set(r["scales"]) == {scale} and r["scale"] == scale
+            streamed = [ev["id"] for ev in c.stream("Hello, chains", max_new_tokens=12, scale=scale)
+                        if ev["kind"] == "token"]
+            assert streamed == r["token_ids"]
+        assert c.tokenize("ab") == [97, 98]
+        scales = c.list_scales()
+        assert [s["scale"] for s in scales] == [1, 2] and scales[0]["num_params"] < scales[1]["num_params"]
+        h = c.health()
+        assert h["serving"] and {w["role"] for w in h["workers"]} == {"prefill", "decode"}
+
+
+def test_http_completions_match_reference_and_echo_logprobs(served):
+    bg, model = served
+    url = bg.http_url
+    status, body = post_json(f"{url}/v1/completions", {"prompt": "Hello", "max_tokens": 6, "temperature": 0,
+                                                       "scale": 1})
+    assert status == 200, body
+    ref = ref_tokens(model, "Hello", 6, 1)
+    assert body["choices"][0]["text"] == ByteTokenizer().decode(ref) and body["choices"][0]["scale"] == 1
+    assert body["usage"]["completion_tokens"] == 6
+    # lm-eval loglikelihood style: echo + logprobs, no new tokens, at scale 2
+    status, body = post_json(f"{url}/v1/completions", {"prompt": ["abcd", [97, 98]], "max_tokens": 0, "echo": True,
+                                                       "logprobs": 1, "temperature": 0, "scale": 2})
+    assert status == 200, body
+    lp = body["choices"][0]["logprobs"]
+    ids = torch.tensor([[97, 98, 99, 100]])
+    want = torch.log_softmax(model(ids, scale=2)[0, :-1].float(), -1).gather(1, ids[0, 1:, None])[:, 0]
+    assert lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx(want.tolist(), abs=1e-5)
+    assert lp["tokens"] == ["a", "b", "c", "d"] and body["choices"][0]["text"] == "abcd"
+    assert all(max(t.values()) >= x - 1e-6 for t, x in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:]))
+    # streaming
+    import urllib.request, json
+    req = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(
+        {"prompt": "Hello", "max_tokens": 6, "temperature": 0, "scale": 1, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        events = [l[6:] for l in r.read().decode().splitlines() if l.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert [c["choices"][0]["token_id"] for c in chunks if "token_id" in c["choices"][0]] == ref
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    for path in ("/v1/models", "/tokenizer_info"):
+        with urllib.request.urlopen(url + path, timeout=10) as r:
+            assert r.status == 200
+    assert post_json(f"{url}/tokenize", {"prompt": "hi"})[1]["tokens"] == [104, 105]
+    assert post_json(f"{url}/detokenize", {"tokens": [104, 105]})[1]["prompt"] == "hi"
+
+
+MALFORMED = [
+    (dict(prompt=""), "prompt is empty"),
+    (dict(prompt="x" * 600), "exceeds the context"),
+    (dict(prompt="hi", max_new_tokens=-1), "max_new_tokens=-1"),
+    (dict(prompt="hi", scale=3), "scale=3"),
+    (dict(prompt=b"\xff\xfehi"), "not valid UTF-8"),
+    (dict(prompt=[5, 999]), "outside the vocabulary"),
+    (dict(prompt="y" * (5 << 20)), "exceeds the limit"),
+]
+
+
+def test_malformed_requests_are_invalid_argument_and_do_not_disturb_others(served):
+    bg, model = served
+    ref = ref_tokens(model, "steady", 40, 2)
+    out = {}
+
+    def long_request():
+        with Client(bg.grpc_addr) as c:
+            out["r"] = c.complete("steady", max_new_tokens=40, scale=2)
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    with Client(bg.grpc_addr) as c:
+        for kw, msg in MALFORMED:
+            prompt = kw.pop("prompt")
+            with pytest.raises(grpc.RpcError) as e:
+                c.complete(prompt, **{"max_new_tokens": 4, **kw})
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (msg, e.value.details())
+            assert msg in e.value.details()
+    t.join(60)
+    assert out["r"]["token_ids"] == ref
+    status, body = post_json(f"{bg.http_url}/v1/completions", None, raw=b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = post_json(f"{bg.http_url}/v1/completions", {"prompt": "hi", "max_tokens": -2})
+    assert status == 400 and "max_tokens=-2" in body["error"]["message"]
+
+
+def test_budget_picks_scale_from_measured_latency_and_degrades_or_rejects(served):
+    bg, model = served
+    r = bg.router
+    with Client(bg.grpc_addr) as c:
+        for scale in (1, 2, 1, 2):  # warm up both scales so step times are measured
+            c.complete("warm up the latency model", max_new_tokens=16, scale=scale)
+        bg.call(r.poll_once())
+        s1, s2 = r.policy.model.tpot_ms(1), r.policy.model.tpot_ms(2)
+        assert 1 in r.policy.model.step_ms and 2 in r.policy.model.step_ms and s1 < s2
+        loose = c.complete("budget", max_new_tokens=4, tpot_ms=s2 * 10)
+        tight = c.complete("budget", max_new_tokens=4, tpot_ms=(s1 + s2) / 2)
+        assert loose["scale"] == 2 and tight["scale"] == 1 and not tight["degraded"]
+        impossible = c.complete("budget", max_new_tokens=4, tpot_ms=s1 / 100)
+        assert impossible["scale"] == 1 and impossible["degraded"] and len(impossible["token_ids"]) == 4
+        with pytest.raises(grpc.RpcError) as e:
+            c.complete("budget", max_new_tokens=4, tpot_ms=s1 / 100, reject=True)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert dict(e.value.trailing_metadata()).get("retry-after-s")
+
+
+def test_api_key_required_when_configured():
+    cfg = preset("tiny-air")
+    model = CoLM(cfg).reset_parameters(seed=1).eval()
+    router = Router(RouterConfig(grpc_port=0, http_port=0, api_key=API_KEY), cfg, ByteTokenizer(), LocalBackend(model))
+    bg = BackgroundRouter(router)
+    try:
+        with Client(bg.grpc_addr) as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.complete("hi", max_new_tokens=2)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with Client(bg.grpc_addr, api_key=API_KEY) as c:
+            assert len(c.complete("hi", max_new_tokens=2)["token_ids"]) == 2
+        assert post_json(f"{bg.http_url}/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 401
+        assert post_json(f"{bg.http_url}/v1/completions", {"prompt": "hi", "max_tokens": 2},
+                         headers={"Authorization": f"Bearer {API_KEY}"})[0] == 200
+    finally:
+        bg.stop()
