@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import colm.kernels._tuning as tuning
-from colm.kernels.chain_linear import (_layout, chain_linear_backward_input, chain_linear_backward_weight,
+from colm.kernels.chain_linear import (_layout, _shape_key, chain_linear_backward_input, chain_linear_backward_weight,
                                        chain_linear_forward, chain_linear_ref)
 
 # (name, in chains, out chains, tokens)
@@ -108,9 +108,13 @@ def run_case(name, ins, outs, tokens, quick, dtype=torch.bfloat16):
     errs["bwd_w"] = (num / den) ** 0.5
 
     times = {impl: {p: bench(fn, quick) for p, fn in passes.items()} for impl, passes in impls.items()}
+    chosen = {"fwd": tuning._BEST.get(_shape_key("fwd", x, lay, (False,))),
+              "bwd_i": tuning._BEST.get(_shape_key("bwd_i", dy, lay)),
+              "bwd_w": tuning._BEST.get(_shape_key("bwd_w", x, lay, (tuple(range(len(ws))),)))}
     flops_dense = 2 * tokens * n_out * k_in
     res = {"name": name, "in_chains": ins, "out_chains": outs, "tokens": tokens, "dtype": str(dtype),
            "nonzero_fraction": nonzero, "rel_err_vs_fp32": errs, "ms": times,
+           "chosen_config": {p: (c._asdict() if c is not None else None) for p, c in chosen.items()},
            "dense_tflops": {p: flops_dense / times["dense"][p] / 1e9 for p in PASSES},
            "ours_tflops": {p: flops_dense * nonzero / times["ours"][p] / 1e9 for p in PASSES},
            "vs_dense": {impl: {p: times[impl][p] / times["dense"][p] for p in PASSES} for impl in impls},
@@ -145,7 +149,7 @@ def main() -> None:
             vd = r["vs_dense"]
             print(f"{r['name']:30s} {p:6s} {r['ms']['dense'][p]:9.3f} {vd['naive'][p]:7.3f} {vd['masked'][p]:7.3f} "
                   f"{vd['ours'][p]:7.3f}   {'':15s} {r['vs_floor']['ours'][p]:10.3f} {r['vs_floor']['naive'][p]:11.3f} "
-                  f"{r['ours_tflops'][p]:9.1f} {r['rel_err_vs_fp32'][p]:8.1e}")
+                  f"{r['ours_tflops'][p]:9.1f} {r['rel_err_vs_fp32'][p]:8.1e}  {tuple(r['chosen_config'][p].values()) if r['chosen_config'][p] else ''}")
     path = args.out or os.path.join(os.environ.get("OUT", "bench/results"),
                                     f"chain_linear_{dev.split()[1].lower() if len(dev.split()) > 1 else 'gpu'}_{out['date']}.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

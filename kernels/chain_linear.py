@@ -133,6 +133,9 @@ BWD_WEIGHT_CONFIGS = [
     GemmConfig(128, 128, 128, 8, 3),
 ]
 INTERPRETER_CONFIG = GemmConfig(16, 16, 16, 1, 1)
+# Not a Triton config: the per-chain cuBLAS loop. The tuner weighs it against the kernels, so a shape
+# where the loop wins (few rows, e.g. decode steps, where cuBLAS splits K) never runs slower than it.
+PER_CHAIN_CUBLAS = GemmConfig(0, 0, 0, 0, 0)
 
 _TABLES: dict[tuple, torch.Tensor] = {}
 GROUP_N = 8
@@ -460,6 +463,11 @@ def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = 
     aligned = _aligned(lay, list(weights) + ([x2d, y] + (list(biases) if biases else []))) and x2d.stride(0) % 8 == 0
 
     def launch(cfg):
+        if cfg == PER_CHAIN_CUBLAS:
+            for i, w in enumerate(weights):
+                s = lay.out_start[i]
+                y[:, s:s + lay.outs[i]] = torch.nn.functional.linear(x2d[:, :lay.prefix[i]], w, biases[i] if biases else None)
+            return
         tab = _fwd_table(lay, weights, biases, cfg.block_n, x2d.device)
         num_m, num_n = triton.cdiv(m, cfg.block_m), tab.shape[0]
         _chain_fwd_kernel[(num_m * num_n,)](
@@ -471,7 +479,7 @@ def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = 
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = _pick("fwd", _shape_key("fwd", x2d, lay, (biases is not None,)), FWD_CONFIGS, launch, config)
+    cfg = _pick("fwd", _shape_key("fwd", x2d, lay, (biases is not None,)), FWD_CONFIGS + [PER_CHAIN_CUBLAS], launch, config)
     launch(cfg)
     return y
 
@@ -485,6 +493,13 @@ def chain_linear_backward_input(dy, weights, lay, config: GemmConfig | None = No
     aligned = _aligned(lay, list(weights) + [dy, dx]) and dy.stride(0) % 8 == 0
 
     def launch(cfg):
+        if cfg == PER_CHAIN_CUBLAS:
+            n = len(weights)
+            torch.mm(dy[:, lay.out_start[-1]:], weights[-1], out=dx)
+            for i in range(n - 1):
+                s = lay.out_start[i]
+                dx[:, :lay.prefix[i]].addmm_(dy[:, s:s + lay.outs[i]], weights[i])
+            return
         tiles, chunks, chains, num_n, num_chunks = _bwd_input_tables(lay, weights, cfg.block_n, cfg.block_k, dy.device)
         num_m = triton.cdiv(m, cfg.block_m)
         _chain_bwd_input_kernel[(num_m * num_n,)](
@@ -496,7 +511,7 @@ def chain_linear_backward_input(dy, weights, lay, config: GemmConfig | None = No
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = _pick("bwd_i", _shape_key("bwd_i", dy, lay), BWD_INPUT_CONFIGS, launch, config)
+    cfg = _pick("bwd_i", _shape_key("bwd_i", dy, lay), BWD_INPUT_CONFIGS + [PER_CHAIN_CUBLAS], launch, config)
     launch(cfg)
     return dx
 
@@ -516,6 +531,11 @@ def chain_linear_backward_weight(dy, x2d, lay, need: Sequence[int], config: Gemm
     aligned = _aligned(lay, [dy, x2d, flat]) and dy.stride(0) % 8 == 0 and x2d.stride(0) % 8 == 0
 
     def launch(cfg):
+        if cfg == PER_CHAIN_CUBLAS:
+            for i in need:
+                s = lay.out_start[i]
+                torch.mm(dy[:, s:s + lay.outs[i]].t(), x2d[:, :lay.prefix[i]], out=grads[i])
+            return
         tab = _bwd_weight_table(lay, need, cfg.block_m, cfg.block_n, x2d.device)
         _chain_bwd_weight_kernel[(tab.shape[0],)](
             dy, x2d, flat, tab, m, dy.stride(0), x2d.stride(0),
@@ -525,7 +545,7 @@ def chain_linear_backward_weight(dy, x2d, lay, need: Sequence[int], config: Gemm
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
-    cfg = _pick("bwd_w", _shape_key("bwd_w", x2d, lay, (tuple(need),)), BWD_WEIGHT_CONFIGS, launch, config)
+    cfg = _pick("bwd_w", _shape_key("bwd_w", x2d, lay, (tuple(need),)), BWD_WEIGHT_CONFIGS + [PER_CHAIN_CUBLAS], launch, config)
     launch(cfg)
     return grads
 

@@ -136,6 +136,14 @@ def test_interpreter_strided_rows_and_causality():
     assert torch.equal(y[:, :16], y2[:, :16])
 
 
+def test_per_chain_cublas_candidate_matches_float64():
+    """The tuner's non-Triton candidate (per-chain BLAS into the same buffers) computes the same function."""
+    torch.manual_seed(9)
+    per = cl.PER_CHAIN_CUBLAS
+    _check([16, 32, 24], [32, 16, 40], (2, 11), torch.bfloat16, "cpu", bias=True, frozen=(1,),
+           configs={"fwd": per, "bwd_i": per, "bwd_w": per})
+
+
 def test_dispatcher_uses_reference_on_cpu():
     x, ws, bs = _make([8, 8], [8, 8], (4,), torch.float32, "cpu", bias=True)
     assert torch.equal(cl.chain_linear(x, ws, bs), cl.chain_linear_ref(x, ws, bs))
