@@ -68,11 +68,12 @@ def _plot(log_path: Path, png: Path, num_scales: int) -> None:
     val = [r for r in rows if r["kind"] == "val"]
     for k in range(num_scales):
         pts = [(r["step"], r["scale_loss"][k]) for r in train if r["scale_loss"][k] is not None]
+        color = f"C{k}"  # one colour per scale, train solid and val dashed
         if pts:
-            ax.plot(*zip(*pts), label=f"train scale {k + 1}", lw=1.2)
+            ax.plot(*zip(*pts), label=f"train scale {k + 1}", lw=1.2, color=color, alpha=0.8)
         vpts = [(r["step"], r["scale_loss"][k]) for r in val]
         if vpts:
-            ax.plot(*zip(*vpts), "o--", label=f"val scale {k + 1}", ms=4)
+            ax.plot(*zip(*vpts), "o--", label=f"val scale {k + 1}", ms=4, color=color)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("CoLM training loss per scale")
