@@ -1,0 +1,100 @@
+"""A backend over prefill and decode engines living in the router's process (no gRPC, no Ray).
+
+Same request path as the gRPC backend, with direct calls: ``DecodeEngine.reserve`` ->
+``PrefillEngine.submit`` with a ``LocalKVSink`` writing the chain-1 K/V straight into the decode
+engine's reserved blocks -> ``DecodeEngine.start_generation`` whose token stream is read in a
+thread and handed to the event loop. Used by tests (the disaggregated path without processes) and
+by benchmarks on a machine without Ray. A stopped engine counts as a dead worker (``WorkerFailed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
+from colm.errors import CapacityError, RequestAbortedError
+from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo
+from colm.router.placement import NoWorker
+from colm.router.policy import WorkerReport
+
+
+class EngineBackend:
+    def __init__(self, prefill: dict, decode: dict) -> None:
+        self.prefill = dict(prefill)  # worker id -> PrefillEngine
+        self.decode = dict(decode)  # worker id -> DecodeEngine
+
+    async def start(self) -> None:
+        for e in list(self.prefill.values()) + list(self.decode.values()):
+            e.start()
+
+    async def close(self) -> None:
+        for e in list(self.prefill.values()) + list(self.decode.values()):
+            e.stop()
+
+    def workers(self) -> list[WorkerInfo]:
+        return [WorkerInfo(w, "prefill") for w in self.prefill] + [WorkerInfo(w, "decode") for w in self.decode]
+
+    async def poll(self, worker_id: str) -> WorkerReport:
+        if worker_id in self.prefill:
+            e = self.prefill[worker_id]
+            if e._thread is None:
+                raise WorkerFailed(worker_id, "prefill engine stopped")
+            s = e.stats()
+            return WorkerReport(worker_id, "prefill", queued_tokens=s.num_queued_tokens,
+                                prefill_tokens_per_s=s.tokens_per_s or None)
+        e = self.decode[worker_id]
+        if not e.alive():
+            raise WorkerFailed(worker_id, "decode engine stopped")
+        s = e.stats()
+        return WorkerReport(worker_id, "decode", num_running=s.num_running, num_waiting=s.num_reserved,
+                            step_ms=dict(s.step_ms_by_scale), free_blocks=s.num_free_blocks, total_blocks=s.num_blocks)
+
+    async def generate(self, req: EngineRequest, prefill_id: str, decode_id: str) -> AsyncIterator[EngineToken]:
+        from colm.prefill_worker.sinks import LocalKVSink
+
+        de, pe = self.decode[decode_id], self.prefill[prefill_id]
+        loop = asyncio.get_running_loop()
+        if not de.alive():
+            raise WorkerFailed(decode_id, "decode engine stopped")
+        try:
+            de.reserve(req.request_id, len(req.prompt_ids), req.params.max_new_tokens, timeout_s=req.timeout_s)
+        except CapacityError as e:
+            raise NoWorker(f"{decode_id}: {e}", full=True) from None
+        finished = False
+        try:
+            if len(req.prompt_ids) > 1:
+                fut = pe.submit(req.request_id, list(req.prompt_ids), LocalKVSink(de, req.request_id),
+                                timeout_s=req.timeout_s)
+                fut.add_done_callback(lambda f: f.exception() and de.fail_kv(req.request_id, f.exception()))
+            stream = de.start_generation(req.request_id, req.prompt_ids[-1], req.params, scale=req.scale,
+                                         kv_timeout_s=req.timeout_s)
+            it = iter(stream)
+            done = object()
+            while True:
+                try:
+                    ev = await loop.run_in_executor(None, next, it, done)
+                except RequestAbortedError as e:
+                    raise WorkerFailed(decode_id, str(e)) from None
+                if ev is done:
+                    finished = True
+                    return
+                yield EngineToken(ev.token_id, ev.scale, ev.logprob)
+                if ev.finish_reason:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                with contextlib.suppress(Exception):
+                    de.abort(req.request_id)
+
+    async def set_scale(self, decode_id: str, request_id: str, scale: int) -> None:
+        self.decode[decode_id].set_scale(request_id, scale)
+
+    async def abort(self, decode_id: str, request_id: str) -> None:
+        self.decode[decode_id].abort(request_id)
+
+    async def prompt_logprobs(self, decode_id: str, prompt_ids: list[int], scale: int):
+        lps = await asyncio.get_running_loop().run_in_executor(None, self.decode[decode_id].score, list(prompt_ids),
+                                                               scale)
+        return [(lp, -1, lp) for lp in lps]
