@@ -304,8 +304,13 @@ class Router:
         sc = str(decision.scale)
         if times:
             self.metrics.ttft.labels(sc).observe(ttft / 1e3)
-            if len(times) > 1:
-                self.metrics.tpot.labels(sc).observe((times[-1] - times[0]) / (len(times) - 1) / 1e3)
+            tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+            if tpot is not None:
+                self.metrics.tpot.labels(sc).observe(tpot / 1e3)
+            if retries == 0 and state.scale == decision.scale:  # a clean sample of the latency model's error
+                m = self.policy.model
+                m.observe_request(m.ttft_ms(decision.scale, len(spec.prompt_ids), corrected=False), ttft,
+                                  m.tpot_ms(decision.scale, corrected=False), tpot)
         self.metrics.e2e.labels(sc).observe(total / 1e3)
         tail = self.tokenizer.decode(out)[len(text_sent):]
         yield Event("finish", text=tail, finish_reason=finish,

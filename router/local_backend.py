@@ -26,10 +26,13 @@ PREFILL_ID, DECODE_ID = "local-prefill-0", "local-decode-0"
 
 
 class LocalBackend:
-    def __init__(self, model, max_concurrency: int = 4, fixed_scale: int | None = None) -> None:
+    def __init__(self, model, max_concurrency: int = 4, fixed_scale: int | None = None,
+                 step_delay_s: dict[int, float] | None = None) -> None:
         self.model = model.eval()
         self.cfg = model.cfg
         self.fixed_scale = fixed_scale  # baseline: ignore the router's choice
+        # Extra time per step by scale: simulates a slower device so tests see distinct latencies per scale.
+        self.step_delay_s = dict(step_delay_s or {})
         self._sem = threading.Semaphore(max_concurrency)
         self._scales: dict[str, int] = {}
         self._aborted: set[str] = set()
@@ -74,6 +77,8 @@ class LocalBackend:
                     scale = self.fixed_scale or self._scales.get(req.request_id, req.scale)
                     t0 = time.perf_counter()
                     logits = self.model(x, scale=scale, cache=cache)[0, -1].float().cpu()  # [V]
+                    if self.step_delay_s.get(scale):
+                        time.sleep(self.step_delay_s[scale])
                     dt = time.perf_counter() - t0
                     with self._lock:
                         if i == 0:

@@ -123,6 +123,10 @@ class LatencyModel:
         self.step_batch: dict[int, float] = {}  # scale -> smoothed batch size of those measurements
         self.prefill_tps: float | None = None
         self.transfer_ms_per_mtoken: float | None = None
+        # Observed / predicted latency of finished requests (router and network overheads the
+        # workers' step times do not see), smoothed; multiplies every prediction.
+        self.ttft_correction = 1.0
+        self.tpot_correction = 1.0
         self.prefill_queue: dict[str, int] = {}  # worker -> queued tokens (latest)
         self.decode_load: dict[str, int] = {}  # worker -> running + waiting (latest)
 
@@ -140,6 +144,15 @@ class LatencyModel:
                     self.step_batch[k] = _ewma(self.step_batch.get(k), max(1, r.num_running), a)
         if r.transfer_ms_per_mtoken is not None:
             self.transfer_ms_per_mtoken = _ewma(self.transfer_ms_per_mtoken, r.transfer_ms_per_mtoken, a)
+
+    def observe_request(self, predicted_ttft_ms: float, ttft_ms: float, predicted_tpot_ms: float,
+                        tpot_ms: float | None) -> None:
+        """Feedback from a finished request: what was predicted (uncorrected) vs what the client saw."""
+        a = self.cfg.alpha
+        if predicted_ttft_ms > 0 and ttft_ms > 0:
+            self.ttft_correction = min(10.0, max(0.5, _ewma(self.ttft_correction, ttft_ms / predicted_ttft_ms, a)))
+        if tpot_ms and predicted_tpot_ms > 0:
+            self.tpot_correction = min(10.0, max(0.5, _ewma(self.tpot_correction, tpot_ms / predicted_tpot_ms, a)))
 
     def forget(self, worker_id: str) -> None:
         self.prefill_queue.pop(worker_id, None)
@@ -163,17 +176,21 @@ class LatencyModel:
             return 0.0
         return sum(self.decode_load.values()) / len(self.decode_load)
 
-    def tpot_ms(self, scale: int, batch: float | None = None) -> float:
+    def tpot_ms(self, scale: int, batch: float | None = None, corrected: bool = True) -> float:
         b = (self.decode_batch() + 1) if batch is None else batch
-        return self.base_step_ms(scale) * (1 + self.cfg.per_seq_step_fraction * (max(1.0, b) - 1))
+        raw = self.base_step_ms(scale) * (1 + self.cfg.per_seq_step_fraction * (max(1.0, b) - 1))
+        return raw * (self.tpot_correction if corrected else 1.0)
 
-    def ttft_ms(self, scale: int, prompt_tokens: int) -> float:
+    def ttft_ms(self, scale: int, prompt_tokens: int, corrected: bool = True) -> float:
+        return self._ttft_raw(scale, prompt_tokens) * (self.ttft_correction if corrected else 1.0)
+
+    def _ttft_raw(self, scale: int, prompt_tokens: int) -> float:
         tps = self.prefill_tps or self.cfg.prior_prefill_tokens_per_s
         queued = min(self.prefill_queue.values()) if self.prefill_queue else 0
         transfer = self.transfer_ms_per_mtoken
         if transfer is None:
             transfer = self.cfg.prior_transfer_ms_per_mtoken
-        return 1000.0 * (queued + prompt_tokens) / tps + transfer * prompt_tokens / 1e6 + self.tpot_ms(scale)
+        return 1000.0 * (queued + prompt_tokens) / tps + transfer * prompt_tokens / 1e6 + self.tpot_ms(scale, corrected=False)
 
 
 @dataclass(frozen=True)

@@ -50,3 +50,38 @@ class RouterServer:
         if self.metrics_server is not None:
             self.metrics_server[0].shutdown()
         await self.router.close()
+
+
+class ThreadedRouterServer:
+    """A RouterServer on its own event loop in a background thread (benchmarks and tests).
+
+    ``call(coro)`` runs a coroutine on that loop and returns its result."""
+
+    def __init__(self, router: Router) -> None:
+        import asyncio
+        import threading
+
+        self.router = router
+        self.server = RouterServer(router)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="colm-router", daemon=True)
+        self.thread.start()
+        self.addresses = self.call(self.server.start())
+
+    def call(self, coro, timeout: float = 60.0):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def grpc_addr(self) -> str:
+        return self.addresses["grpc"]
+
+    @property
+    def http_url(self) -> str:
+        return self.addresses["http"]
+
+    def stop(self) -> None:
+        self.call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

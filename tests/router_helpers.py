@@ -2,38 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
+from colm.router.server import ThreadedRouterServer
 
 
-class BackgroundRouter:
-    """Runs ``RouterServer(router)`` on its own loop in a thread; ``call(coro)`` runs a coroutine there."""
-
-    def __init__(self, router) -> None:
-        from colm.router.server import RouterServer
-
-        self.router = router
-        self.server = RouterServer(router)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.addresses = self.call(self.server.start())
-
-    def call(self, coro, timeout: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    @property
-    def grpc_addr(self) -> str:
-        return self.addresses["grpc"]
-
-    @property
-    def http_url(self) -> str:
-        return self.addresses["http"]
-
-    def stop(self) -> None:
-        self.call(self.server.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+BackgroundRouter = ThreadedRouterServer
 
 
 def post_json(url: str, body, headers=None, raw: bytes | None = None):

@@ -129,24 +129,38 @@ def test_malformed_requests_are_invalid_argument_and_do_not_disturb_others(serve
     assert status == 400 and "max_tokens=-2" in body["error"]["message"]
 
 
-def test_budget_picks_scale_from_measured_latency_and_degrades_or_rejects(served):
-    bg, model = served
-    r = bg.router
-    with Client(bg.grpc_addr) as c:
-        for scale in (1, 2, 1, 2):  # warm up both scales so step times are measured
-            c.complete("warm up the latency model", max_new_tokens=16, scale=scale)
-        bg.call(r.poll_once())
-        s1, s2 = r.policy.model.tpot_ms(1), r.policy.model.tpot_ms(2)
-        assert 1 in r.policy.model.step_ms and 2 in r.policy.model.step_ms and s1 < s2
-        loose = c.complete("budget", max_new_tokens=4, tpot_ms=s2 * 10)
-        tight = c.complete("budget", max_new_tokens=4, tpot_ms=(s1 + s2) / 2)
-        assert loose["scale"] == 2 and tight["scale"] == 1 and not tight["degraded"]
-        impossible = c.complete("budget", max_new_tokens=4, tpot_ms=s1 / 100)
-        assert impossible["scale"] == 1 and impossible["degraded"] and len(impossible["token_ids"]) == 4
-        with pytest.raises(grpc.RpcError) as e:
-            c.complete("budget", max_new_tokens=4, tpot_ms=s1 / 100, reject=True)
-        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert dict(e.value.trailing_metadata()).get("retry-after-s")
+def test_budget_picks_scale_from_measured_latency_and_degrades_or_rejects():
+    # A backend whose steps take 5 ms more at scale 1 and 25 ms more at scale 2 (a "slow device"): the
+    # router must learn this from measurements alone (its priors say nothing about it).
+    cfg = preset("tiny-air")
+    model = CoLM(cfg).reset_parameters(seed=1).eval()
+    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05), cfg, ByteTokenizer(),
+                    LocalBackend(model, step_delay_s={1: 0.005, 2: 0.025}))
+    bg = BackgroundRouter(router)
+    r = router
+    try:
+        with Client(bg.grpc_addr) as c:
+            for scale in (1, 2):  # warm up both scales so step times are measured
+                c.complete("warm up the latency model", max_new_tokens=8, scale=scale)
+            bg.call(r.poll_once())
+            s1, s2 = r.policy.model.tpot_ms(1), r.policy.model.tpot_ms(2)
+            assert 5 <= s1 < 15 and 25 <= s2 < 45, (s1, s2)
+            loose = c.complete("budget", max_new_tokens=4, tpot_ms=100)
+            tight = c.complete("budget", max_new_tokens=4, tpot_ms=18)
+            assert loose["scale"] == 2 and tight["scale"] == 1 and not tight["degraded"]
+            assert set(tight["scales"]) == {1}
+            # a TTFT budget: prefill + one step at the scale
+            assert c.complete("budget", max_new_tokens=4, ttft_ms=18)["scale"] == 1
+            impossible = c.complete("budget", max_new_tokens=4, tpot_ms=1)
+            assert impossible["scale"] == 1 and impossible["degraded"] and len(impossible["token_ids"]) == 4
+            with pytest.raises(grpc.RpcError) as e:
+                c.complete("budget", max_new_tokens=4, tpot_ms=1, reject=True)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert float(dict(e.value.trailing_metadata())["retry-after-s"]) > 0
+            scales = {s["scale"]: s for s in c.list_scales()}
+            assert scales[2]["measured_step_ms"] > scales[1]["measured_step_ms"] > 0
+    finally:
+        bg.stop()
 
 
 def test_api_key_required_when_configured():

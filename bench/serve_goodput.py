@@ -1,0 +1,157 @@
+"""Goodput of the colm service vs a colocated full-model server, same GPU, same load-test harness.
+
+colm:      router (scale by budget) -> chain-1 PrefillEngine -> DecodeEngine (all chains), each
+           request carrying the SLO as its budget (degrade when unmet).
+baseline:  the same router and DecodeEngine, but prompts are prefilled by the FULL model
+           (``FullPrefillEngine``) and every request is pinned to the full scale: no disaggregated
+           chain-1 prefill, no scale choice.
+
+Both run on one GPU with engines as threads of one process (Ray is not in the GPU image); the load
+generator is a separate process (``colm loadtest``) speaking gRPC to the router. The SLO is set
+from a calibration of the baseline at low load (``--slo-scale`` times its batch-1 TPOT and TTFT),
+so the baseline meets it when idle. Writes PREFIX.json (both summaries + per-rate goodput ratio)
+and PREFIX.png.
+
+    python bench/serve_goodput.py --preset llama-3.2-1b-16-16-air --out bench/results/serve_goodput_h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def build_checkpoint(preset_name: str, dtype, device: str) -> str:
+    from colm import checkpoint
+    from colm.model import CoLM
+    from colm.presets import preset
+
+    path = os.path.join(tempfile.gettempdir(), f"colm-bench-{preset_name}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        model = CoLM(preset(preset_name, max_seq_len=8192), device=device, dtype=torch.float32)
+        model.reset_parameters(std=0.02, seed=0)
+        checkpoint.save(model.to(dtype), path, tokenizer={"kind": "byte"})
+        del model
+    return path
+
+
+def make_router(mode: str, ckpt: str, dtype, device: str, num_blocks: int):
+    from colm import checkpoint
+    from colm.decode_worker.config import DecodeConfig
+    from colm.decode_worker.engine import DecodeEngine
+    from colm.router.colocated import FullPrefillEngine
+    from colm.router.config import RouterConfig
+    from colm.router.core import Router
+    from colm.router.engine_backend import EngineBackend
+    from colm.router.server import ThreadedRouterServer
+    from colm.tokenizer import ByteTokenizer
+
+    de = DecodeEngine.from_checkpoint(ckpt, DecodeConfig(num_blocks=num_blocks, max_batch_size=64), device=device,
+                                      dtype=dtype)
+    if mode == "colm":
+        from colm.prefill_worker.engine import PrefillEngine
+
+        pe = PrefillEngine.from_checkpoint(ckpt, device=device, dtype=dtype)
+    else:
+        pe = FullPrefillEngine(de.model)
+    cfg = RouterConfig(grpc_port=0, http_port=None, max_running=512, max_queued=4096, poll_interval_s=0.1,
+                       default_deadline_s=300, token_timeout_s=120, served_model_name=f"bench-{mode}")
+    router = Router(cfg, checkpoint.load_config(ckpt), ByteTokenizer(), EngineBackend({"prefill-0": pe},
+                                                                                      {"decode-0": de}))
+    return ThreadedRouterServer(router), de
+
+
+def calibrate(addr: str, prompt_len: int, out_len: int, scale: int, n: int = 4) -> dict:
+    from colm.client import Client
+
+    ttft, tpot = [], []
+    with Client(addr) as c:
+        for i in range(n + 1):
+            r = c.complete([7 + i] * prompt_len, max_new_tokens=out_len, scale=scale)
+            if i:  # the first warms up
+                t = r["times_ms"]
+                ttft.append(t[0])
+                tpot.append((t[-1] - t[0]) / (len(t) - 1))
+    return {"ttft_ms": sorted(ttft)[len(ttft) // 2], "tpot_ms": sorted(tpot)[len(tpot) // 2]}
+
+
+def loadtest(addr: str, args, budgets: str, slo: dict, out: str) -> dict:
+    cmd = [sys.executable, "-m", "colm.cli", "loadtest", "--addr", addr, "--rates", args.rates,
+           "--num-requests", str(args.num_requests), "--prompt-len", args.prompt_len, "--output-len", args.output_len,
+           "--budgets", budgets, "--slo-ttft-ms", f"{slo['ttft_ms']:.3f}", "--slo-tpot-ms", f"{slo['tpot_ms']:.3f}",
+           "--timeout-s", "300", "--out", out]
+    subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    with open(out + ".json") as f:
+        return json.load(f)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llama-3.2-1b-16-16-air")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--rates", default="4,8,16,32")
+    ap.add_argument("--num-requests", type=int, default=240)
+    ap.add_argument("--prompt-len", default="512,2048")
+    ap.add_argument("--output-len", default="32,96")
+    ap.add_argument("--num-blocks", type=int, default=16384)
+    ap.add_argument("--slo-scale", type=float, default=1.5, help="SLO = this x the baseline's idle TTFT and TPOT")
+    ap.add_argument("--out", default="bench/results/serve_goodput")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = args.device
+    dtype = getattr(torch, args.dtype)
+    t0 = time.time()
+    ckpt = build_checkpoint(args.preset, dtype, device)
+    plo, phi = (int(x) for x in args.prompt_len.split(","))
+    olo, ohi = (int(x) for x in args.output_len.split(","))
+    runs, calib, slo = {}, {}, None
+    for mode in ("baseline", "colm"):
+        server, de = make_router(mode, ckpt, dtype, device, args.num_blocks)
+        try:
+            full = server.router.model_cfg.num_chains
+            calib[mode] = {str(k): calibrate(server.grpc_addr, (plo + phi) // 2, (olo + ohi) // 2, k)
+                           for k in ((full,) if mode == "baseline" else range(1, full + 1))}
+            if slo is None:
+                base = calib["baseline"][str(full)]
+                slo = {"ttft_ms": args.slo_scale * base["ttft_ms"], "tpot_ms": args.slo_scale * base["tpot_ms"]}
+            budgets = f"scale:{full}" if mode == "baseline" else f"ttft:{slo['ttft_ms']:.3f}+tpot:{slo['tpot_ms']:.3f}"
+            runs[mode] = loadtest(server.grpc_addr, args, budgets, slo, f"{args.out}_{mode}")
+            runs[mode]["decode_stats_after"] = vars(de.stats())
+        finally:
+            server.stop()
+            del de, server
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    from colm.loadtest import plot
+
+    ratio = [{"rate": c["rate"], "colm_goodput_rps": c["goodput_rps"], "baseline_goodput_rps": b["goodput_rps"],
+              "ratio": (c["goodput_rps"] / b["goodput_rps"]) if b["goodput_rps"] else None}
+             for c, b in zip(runs["colm"]["rates"], runs["baseline"]["rates"])]
+    best_c = max(r["colm_goodput_rps"] for r in ratio)
+    best_b = max(r["baseline_goodput_rps"] for r in ratio)
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "preset": args.preset,
+              "dtype": args.dtype, "args": vars(args), "slo": slo, "calibration": calib, "per_rate": ratio,
+              "max_goodput_rps": {"colm": best_c, "baseline": best_b, "ratio": best_c / best_b if best_b else None},
+              "colm": runs["colm"], "baseline": runs["baseline"], "wall_s": time.time() - t0,
+              "setup": "one GPU; router + engines as threads of one process; load generator in another process"}
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    plot(runs["colm"], args.out + ".png", title=f"{args.preset} on {result['device']}: colm vs colocated full model "
+         f"(SLO TTFT {slo['ttft_ms']:.0f} ms, TPOT {slo['tpot_ms']:.1f} ms)", baseline=runs["baseline"])
+    print(f"{'rate':>6} {'colm goodput':>13} {'baseline':>9} {'ratio':>6}")
+    for r in ratio:
+        print(f"{r['rate']:6.1f} {r['colm_goodput_rps']:13.2f} {r['baseline_goodput_rps']:9.2f} "
+              f"{r['ratio'] if r['ratio'] is None else round(r['ratio'], 2)!s:>6}")
+    print(f"max goodput: colm {best_c:.2f} req/s, baseline {best_b:.2f} req/s; SLO {slo}; calib {calib}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
