@@ -16,3 +16,12 @@ def add_device_args(p) -> None:
 
 def resolve_dtype(name: str | None):
     return None if name is None else DTYPES[name]
+
+
+def resolve_model_dir(name: str) -> str:
+    """``demo`` names the bundled demo checkpoint; anything else is a directory path."""
+    if name == "demo":
+        from colm.assets import demo_model_dir
+
+        return str(demo_model_dir())
+    return name

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from colm.commands.common import add_device_args, resolve_dtype
+from colm.commands.common import add_device_args, resolve_dtype, resolve_model_dir
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a checkpoint at a chosen scale (the reference path)",
                        description="Greedy when --temperature is 0. --switch-at N --switch-scale K changes the scale "
                                    "from generated token N on (CoLM-Air: no recomputation).")
-    p.add_argument("--model", required=True, help="colm checkpoint directory")
+    p.add_argument("--model", required=True, help="colm checkpoint directory, or 'demo' for the bundled demo model")
     p.add_argument("--scale", type=int, default=None, help="number of active chains (default: all)")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -32,6 +32,7 @@ def run(args) -> int:
     from colm.sampling import SamplingParams
     from colm.tokenizer import load_checkpoint_tokenizer
 
+    args.model = resolve_model_dir(args.model)
     cfg = checkpoint.load_config(args.model)
     scale = cfg.check_scale(args.scale)
     top = max(scale, args.switch_scale or 0)
