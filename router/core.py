@@ -307,9 +307,10 @@ class Router:
             tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
             if tpot is not None:
                 self.metrics.tpot.labels(sc).observe(tpot / 1e3)
-            if retries == 0 and state.scale == decision.scale:  # a clean sample of the latency model's error
+            if retries == 0 and state.scale == decision.scale and decision.scale in self.policy.model.step_ms:
+                # a clean sample of the error of a prediction made from measurements (not from priors)
                 m = self.policy.model
-                m.observe_request(m.ttft_ms(decision.scale, len(spec.prompt_ids), corrected=False), ttft,
+                m.observe_request(decision.scale, m.ttft_ms(decision.scale, len(spec.prompt_ids), corrected=False), ttft,
                                   m.tpot_ms(decision.scale, corrected=False), tpot)
         self.metrics.e2e.labels(sc).observe(total / 1e3)
         tail = self.tokenizer.decode(out)[len(text_sent):]

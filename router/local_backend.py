@@ -10,9 +10,10 @@ like ``colm.generate`` with a scale schedule. Step times per scale are measured 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import AsyncIterator
 
 import torch
@@ -36,7 +37,7 @@ class LocalBackend:
         self._sem = threading.Semaphore(max_concurrency)
         self._scales: dict[str, int] = {}
         self._aborted: set[str] = set()
-        self._step_ms: dict[int, float] = {}
+        self._step_ms: dict[int, deque] = defaultdict(lambda: deque(maxlen=32))  # recent step times per scale
         self._running = 0
         self._prefill_tokens = 0
         self._prefill_s = 0.0
@@ -56,7 +57,9 @@ class LocalBackend:
             if worker_id == PREFILL_ID:
                 tps = self._prefill_tokens / self._prefill_s if self._prefill_s > 0 else None
                 return WorkerReport(worker_id, "prefill", prefill_tokens_per_s=tps)
-            return WorkerReport(worker_id, "decode", num_running=self._running, step_ms=dict(self._step_ms),
+            # The median, like the decode engine reports: one slow first step must not skew the estimate.
+            step_ms = {k: statistics.median(v) for k, v in self._step_ms.items() if v}
+            return WorkerReport(worker_id, "decode", num_running=self._running, step_ms=step_ms,
                                 free_blocks=10**6, total_blocks=10**6)
 
     def _run(self, req: EngineRequest, emit) -> None:
@@ -85,8 +88,7 @@ class LocalBackend:
                             self._prefill_tokens += x.shape[1]
                             self._prefill_s += dt
                         else:
-                            old = self._step_ms.get(scale)
-                            self._step_ms[scale] = dt * 1e3 if old is None else 0.8 * old + 0.2 * dt * 1e3
+                            self._step_ms[scale].append(dt * 1e3)
                     tok = sample_next(logits, params, gen)
                     emit(EngineToken(tok, scale, float(torch.log_softmax(logits, -1)[tok])))
                     if tok in stops:

@@ -125,8 +125,8 @@ class LatencyModel:
         self.transfer_ms_per_mtoken: float | None = None
         # Observed / predicted latency of finished requests (router and network overheads the
         # workers' step times do not see), smoothed; multiplies every prediction.
-        self.ttft_correction = 1.0
-        self.tpot_correction = 1.0
+        self.ttft_correction: dict[int, float] = {}  # scale -> factor
+        self.tpot_correction: dict[int, float] = {}
         self.prefill_queue: dict[str, int] = {}  # worker -> queued tokens (latest)
         self.decode_load: dict[str, int] = {}  # worker -> running + waiting (latest)
 
@@ -145,14 +145,16 @@ class LatencyModel:
         if r.transfer_ms_per_mtoken is not None:
             self.transfer_ms_per_mtoken = _ewma(self.transfer_ms_per_mtoken, r.transfer_ms_per_mtoken, a)
 
-    def observe_request(self, predicted_ttft_ms: float, ttft_ms: float, predicted_tpot_ms: float,
+    def observe_request(self, scale: int, predicted_ttft_ms: float, ttft_ms: float, predicted_tpot_ms: float,
                         tpot_ms: float | None) -> None:
         """Feedback from a finished request: what was predicted (uncorrected) vs what the client saw."""
         a = self.cfg.alpha
         if predicted_ttft_ms > 0 and ttft_ms > 0:
-            self.ttft_correction = min(10.0, max(0.5, _ewma(self.ttft_correction, ttft_ms / predicted_ttft_ms, a)))
+            old = self.ttft_correction.get(scale)
+            self.ttft_correction[scale] = min(10.0, max(0.5, _ewma(old, ttft_ms / predicted_ttft_ms, a)))
         if tpot_ms and predicted_tpot_ms > 0:
-            self.tpot_correction = min(10.0, max(0.5, _ewma(self.tpot_correction, tpot_ms / predicted_tpot_ms, a)))
+            old = self.tpot_correction.get(scale)
+            self.tpot_correction[scale] = min(10.0, max(0.5, _ewma(old, tpot_ms / predicted_tpot_ms, a)))
 
     def forget(self, worker_id: str) -> None:
         self.prefill_queue.pop(worker_id, None)
@@ -179,10 +181,10 @@ class LatencyModel:
     def tpot_ms(self, scale: int, batch: float | None = None, corrected: bool = True) -> float:
         b = (self.decode_batch() + 1) if batch is None else batch
         raw = self.base_step_ms(scale) * (1 + self.cfg.per_seq_step_fraction * (max(1.0, b) - 1))
-        return raw * (self.tpot_correction if corrected else 1.0)
+        return raw * (self.tpot_correction.get(scale, 1.0) if corrected else 1.0)
 
     def ttft_ms(self, scale: int, prompt_tokens: int, corrected: bool = True) -> float:
-        return self._ttft_raw(scale, prompt_tokens) * (self.ttft_correction if corrected else 1.0)
+        return self._ttft_raw(scale, prompt_tokens) * (self.ttft_correction.get(scale, 1.0) if corrected else 1.0)
 
     def _ttft_raw(self, scale: int, prompt_tokens: int) -> float:
         tps = self.prefill_tps or self.cfg.prior_prefill_tokens_per_s
