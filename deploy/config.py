@@ -39,8 +39,8 @@ def _from_dict(cls, section: str, d: dict | None):
 
 @dataclass(frozen=True)
 class ModelSection:
-    path: str | None = None  # colm checkpoint directory; None = build the bundled tiny-air demo model
-    preset: str = "tiny-air"  # used only to build the demo model
+    path: str | None = None  # colm checkpoint directory or "demo"; None = the demo model below
+    preset: str = "demo"  # with no path: "demo" = the bundled trained CoLM-Air {4,4}; a preset name = random weights
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto = cuda when the worker has a GPU, else cpu
     score_prompts: bool = True  # the router keeps a copy for prompt logprobs (echo); off for large models

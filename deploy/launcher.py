@@ -29,11 +29,17 @@ def demo_model_dir(preset_name: str) -> Path:
 
 
 def ensure_model(cfg: ClusterConfig) -> str:
-    """The checkpoint to serve: the configured path, or the demo model (built once, atomically)."""
-    if cfg.model.path:
-        if not (Path(cfg.model.path) / "config.json").is_file():
-            raise ValueError(f"model.path={cfg.model.path!r}: not a colm checkpoint (no config.json)")
-        return cfg.model.path
+    """The checkpoint to serve: the configured path, the bundled demo, or a random-weight checkpoint of
+    ``model.preset`` built once into a cache directory (atomically, so concurrent launchers agree)."""
+    path = cfg.model.path
+    if path is None and cfg.model.preset == "demo" or path == "demo":
+        from colm.assets import demo_model_dir as bundled_demo
+
+        return str(bundled_demo())
+    if path:
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"model.path={path!r}: not a colm checkpoint (no config.json)")
+        return path
     out = demo_model_dir(cfg.model.preset)
     if (out / "config.json").is_file():
         return str(out)
@@ -101,16 +107,49 @@ class Launcher:
         except ImportError as e:
             log.warning("engines unavailable (%s)", e)
         if backend is None:
-            from colm.router.local_backend import LocalBackend
-
-            log.warning("serving in-process without prefill/decode workers (engine packages not installed)")
-            backend = LocalBackend(checkpoint.load(path).eval())
+            backend = self._in_process_backend(path, model_cfg)
+        self.model_path = path
         router = Router(cfg.router, model_cfg, tokenizer, backend, block_size=block_size)
         self.server = RouterServer(router)
         self.addresses = await self.server.start()
         if self.pool is not None:
             self._watch = asyncio.create_task(self._watch_workers(backend))
         return self.addresses
+
+    def _in_process_backend(self, path: str, model_cfg):
+        """No worker actors available: run the engines in this process (still prefill -> decode with a
+        KV hand-off), or, for a model the chain-1 prefill engine cannot serve, one full model."""
+        try:
+            from colm.decode_worker.config import DecodeConfig
+            from colm.decode_worker.engine import DecodeEngine
+            from colm.prefill_worker.config import PrefillConfig
+            from colm.prefill_worker.engine import PrefillEngine
+            from colm.router.engine_backend import EngineBackend
+
+            if model_cfg.kv_sharing:
+                w, device = self.cfg.workers, self._device()
+                dtype = getattr(__import__("torch"), self.cfg.model.dtype)
+                prefill = {f"prefill-{i}": PrefillEngine.from_checkpoint(path, PrefillConfig(**self.cfg.prefill),
+                                                                         device=device, dtype=dtype)
+                           for i in range(w.num_prefill)}
+                decode = {f"decode-{i}": DecodeEngine.from_checkpoint(path, DecodeConfig(**self.cfg.decode),
+                                                                      device=device, dtype=dtype)
+                          for i in range(w.num_decode)}
+                log.warning("no Ray worker actors available: prefill and decode engines run in this process")
+                return EngineBackend(prefill, decode)
+        except ImportError as e:
+            log.warning("engines unavailable (%s)", e)
+        from colm import checkpoint
+        from colm.router.local_backend import LocalBackend
+
+        log.warning("serving one full model in-process (no prefill/decode split)")
+        return LocalBackend(checkpoint.load(path).eval())
+
+    def _device(self) -> str:
+        import torch
+
+        d = self.cfg.model.device
+        return ("cuda" if torch.cuda.is_available() else "cpu") if d == "auto" else d
 
     async def _watch_workers(self, backend) -> None:
         """Restarted actors may listen on new ports: keep the backend's worker list current."""

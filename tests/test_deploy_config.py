@@ -84,9 +84,13 @@ def test_kuberay_manifest():
     assert {p["containerPort"] for p in head["ports"]} == {50051, 8000, 9400}
 
 
-def test_demo_model_is_built_once(tmp_path, monkeypatch):
+def test_demo_model_default_and_random_preset_built_once(tmp_path, monkeypatch):
+    from colm.assets import demo_model_dir as bundled
+
+    assert ensure_model(ClusterConfig()) == str(bundled())
+    assert ensure_model(ClusterConfig.from_dict({"model": {"path": "demo"}})) == str(bundled())
     monkeypatch.setenv("COLM_CACHE", str(tmp_path))
-    cfg = ClusterConfig()
+    cfg = ClusterConfig.from_dict({"model": {"preset": "tiny-air"}})
     path = ensure_model(cfg)
     assert Path(path) == demo_model_dir("tiny-air") and (Path(path) / "config.json").is_file()
     mtime = (Path(path) / "model.safetensors").stat().st_mtime

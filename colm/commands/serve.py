@@ -54,11 +54,11 @@ def run(args) -> int:
         for kind, addr in addrs.items():
             print(f"[colm serve] {kind:7s} {addr}", file=sys.stderr)
         grpc_addr = addrs["grpc"]
-        print(f"[colm serve] try: colm client generate --addr {grpc_addr} --prompt 'Hello, chains' --stream",
+        print(f"[colm serve] try: colm client generate --addr {grpc_addr} --prompt 'The import statement' --stream",
               file=sys.stderr)
         if "http" in addrs:
             print(f"[colm serve]  or: curl {addrs['http']}/v1/completions -H 'Content-Type: application/json' "
-                  "-d '{\"prompt\": \"Hello, chains\", \"max_tokens\": 16, \"tpot_ms\": 50}'", file=sys.stderr)
+                  "-d '{\"prompt\": \"The import statement\", \"max_tokens\": 16, \"tpot_ms\": 50}'", file=sys.stderr)
         sys.stderr.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
