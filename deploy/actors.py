@@ -1,11 +1,10 @@
 """Worker actors on Ray: start N prefill and M decode actors, know their addresses, replace the dead.
 
-The actor classes themselves belong to the engines (``colm.prefill_worker.actor``,
-``colm.decode_worker.actor``); each builds its engine, serves its gRPC front on
-``workers.host`` and answers ``address()``. Here we only decide resources (``num_gpus`` when the
-cluster has GPUs, custom resources to pin a role to a node pool), ask Ray to restart a dead actor
-(``max_restarts``), and map actors to the router's ``WorkerInfo``. A restarted actor gets a new
-port, so ``refresh()`` re-reads every address.
+``WorkerActor`` wraps an engine and its gRPC server (``PrefillServer`` / ``DecodeServer`` of the
+engines' service modules) listening on ``workers.host``. ``WorkerPool`` decides resources
+(``num_gpus`` when the cluster has GPUs, custom resources to pin a role to a node pool), asks Ray
+to restart a dead actor (``max_restarts``), and maps actors to the router's ``WorkerInfo``. A
+restarted actor listens on a new port, so ``refresh()`` re-reads every address.
 """
 
 from __future__ import annotations
@@ -16,24 +15,55 @@ import logging
 from colm.router.backend import WorkerInfo
 
 log = logging.getLogger("colm.serve")
-ROLES = {"prefill": "colm.prefill_worker.actor", "decode": "colm.decode_worker.actor"}
+SERVERS = {"prefill": ("colm.prefill_worker.service", "PrefillServer"),
+           "decode": ("colm.decode_worker.service", "DecodeServer")}
 
 
 def engines_available() -> bool:
-    for mod in ROLES.values():
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            return False
+    """Both engines' gRPC servers are importable (then workers can run as actors)."""
+    try:
+        for mod, name in SERVERS.values():
+            getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError):
+        return False
     return True
 
 
-def actor_class(role: str):
-    mod = importlib.import_module(ROLES[role])
-    for name in ("PrefillActor", "DecodeActor", "PrefillWorkerActor", "DecodeWorkerActor", "WorkerActor"):
-        if hasattr(mod, name) and name.lower().startswith((role, "worker")):
-            return getattr(mod, name)
-    raise ImportError(f"{ROLES[role]} defines no actor class")
+class WorkerActor:
+    """One prefill or decode worker: builds the engine, serves its internal gRPC API, tells its address.
+
+    Ray runs this class as an actor (``ray.remote`` is applied by ``WorkerPool``, so the class stays
+    importable without Ray); after a crash Ray re-runs ``__init__``, which listens on a new port."""
+
+    def __init__(self, role: str, model_path: str, section: dict, token: str, host: str, dtype: str,
+                 device: str) -> None:
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype = getattr(torch, dtype)
+        mod, name = SERVERS[role]
+        server_cls = getattr(importlib.import_module(mod), name)
+        if role == "decode":
+            from colm.decode_worker.config import DecodeConfig
+            from colm.decode_worker.engine import DecodeEngine
+
+            engine = DecodeEngine.from_checkpoint(model_path, DecodeConfig(**section), device=device, dtype=torch_dtype)
+        else:
+            from colm.prefill_worker.config import PrefillConfig
+            from colm.prefill_worker.engine import PrefillEngine
+
+            engine = PrefillEngine.from_checkpoint(model_path, PrefillConfig(**section), device=device,
+                                                   dtype=torch_dtype)
+        self.server = server_cls(engine, token, f"{host}:0").start()
+
+    def address(self) -> str:
+        return self.server.address
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
 
 class WorkerPool:
@@ -57,19 +87,19 @@ class WorkerPool:
         w = self.cfg.workers
         res = w.prefill_resources if role == "prefill" else w.decode_resources
         return dict(num_gpus=self._num_gpus(), num_cpus=w.num_cpus_per_worker, resources=dict(res) or None,
-                    max_restarts=w.max_restarts, max_task_retries=0)
+                    max_restarts=w.max_restarts, max_task_retries=0, max_concurrency=4)
 
     def start(self) -> list[WorkerInfo]:
         import ray
 
         w = self.cfg.workers
+        actor = ray.remote(WorkerActor)
         for role, count in (("decode", w.num_decode), ("prefill", w.num_prefill)):
-            cls = ray.remote(actor_class(role)) if not hasattr(actor_class(role), "remote") else actor_class(role)
             section = dict(self.cfg.decode if role == "decode" else self.cfg.prefill)
             for i in range(count):
                 wid = f"{role}-{i}"
-                self.actors[wid] = cls.options(name=f"colm-{wid}", **self._options(role)).remote(
-                    self.model_path, section, self.token, w.host, self.cfg.model.dtype, self.cfg.model.device)
+                self.actors[wid] = actor.options(**self._options(role)).remote(
+                    role, self.model_path, section, self.token, w.host, self.cfg.model.dtype, self.cfg.model.device)
                 self.roles[wid] = role
         return self.refresh(timeout_s=300.0)
 
