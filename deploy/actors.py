@@ -56,9 +56,15 @@ class WorkerActor:
             engine = PrefillEngine.from_checkpoint(model_path, PrefillConfig(**section), device=device,
                                                    dtype=torch_dtype)
         self.server = server_cls(engine, token, f"{host}:0").start()
+        from colm.router.metrics import serve_metrics, worker_registry
+
+        self.metrics_server = serve_metrics(worker_registry(engine, role, f"{role}@{self.server.address}"), host, 0)
 
     def address(self) -> str:
         return self.server.address
+
+    def metrics_address(self) -> str:
+        return f"http://{self.metrics_server[0].server_address[0]}:{self.metrics_server[0].server_port}/metrics"
 
     def pid(self) -> int:
         import os

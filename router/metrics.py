@@ -37,6 +37,33 @@ class RouterMetrics:
                                       ["worker"], registry=r)
 
 
+class EngineStatsCollector:
+    """Exposes a worker engine's ``stats()`` (a dataclass of numbers) as gauges ``colm_<role>_<field>``."""
+
+    def __init__(self, engine, role: str, worker_id: str) -> None:
+        self.engine, self.role, self.worker_id = engine, role, worker_id
+
+    def collect(self):
+        import dataclasses
+
+        from prometheus_client.core import GaugeMetricFamily
+
+        stats = self.engine.stats()
+        for f in dataclasses.fields(stats):
+            value = getattr(stats, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            g = GaugeMetricFamily(f"colm_{self.role}_{f.name}", f"{self.role} engine {f.name}", labels=["worker"])
+            g.add_metric([self.worker_id], float(value))
+            yield g
+
+
+def worker_registry(engine, role: str, worker_id: str) -> CollectorRegistry:
+    r = CollectorRegistry()
+    r.register(EngineStatsCollector(engine, role, worker_id))
+    return r
+
+
 def serve_metrics(registry: CollectorRegistry, host: str, port: int):
     """Start a metrics HTTP server in a thread; returns (server, thread)."""
     return start_http_server(port, addr=host, registry=registry)
