@@ -61,8 +61,9 @@ def ensure_model(cfg: ClusterConfig) -> str:
 
 
 class Launcher:
-    def __init__(self, cfg: ClusterConfig, model_path: str | None = None) -> None:
+    def __init__(self, cfg: ClusterConfig, model_path: str | None = None, colocated: bool = False) -> None:
         self.cfg = cfg
+        self.colocated = colocated  # the baseline: one full model prefills and decodes, full scale only
         self.model_path = model_path
         self.token = cfg.token()
         self.pool = None  # deploy.actors.WorkerPool when engines run as actors
@@ -96,7 +97,7 @@ class Launcher:
         try:
             from colm.deploy.actors import WorkerPool, engines_available
 
-            if engines_available():
+            if engines_available() and not self.colocated:
                 self._init_ray()
                 self.pool = WorkerPool(cfg, path, self.token)
                 infos = await asyncio.get_running_loop().run_in_executor(None, self.pool.start)
@@ -107,9 +108,14 @@ class Launcher:
         except ImportError as e:
             log.warning("engines unavailable (%s)", e)
         if backend is None:
-            backend = self._in_process_backend(path, model_cfg)
+            backend = self._colocated_backend(path) if self.colocated else self._in_process_backend(path, model_cfg)
         self.model_path = path
-        router = Router(cfg.router, model_cfg, tokenizer, backend, block_size=block_size)
+        router_cfg = cfg.router
+        if self.colocated:
+            import dataclasses
+
+            router_cfg = dataclasses.replace(router_cfg, fixed_scale=model_cfg.num_chains)
+        router = Router(router_cfg, model_cfg, tokenizer, backend, block_size=block_size)
         self.server = RouterServer(router)
         self.addresses = await self.server.start()
         if self.pool is not None:
@@ -144,6 +150,21 @@ class Launcher:
 
         log.warning("serving one full model in-process (no prefill/decode split)")
         return LocalBackend(checkpoint.load(path).eval())
+
+    def _colocated_backend(self, path: str):
+        """The load test's baseline on the same resources: one process, the full model prefills (all
+        chains) and decodes every request at the full scale, with the same decode engine."""
+        import torch
+
+        from colm.decode_worker.config import DecodeConfig
+        from colm.decode_worker.engine import DecodeEngine
+        from colm.router.colocated import FullPrefillEngine
+        from colm.router.engine_backend import EngineBackend
+
+        de = DecodeEngine.from_checkpoint(path, DecodeConfig(**self.cfg.decode), device=self._device(),
+                                          dtype=getattr(torch, self.cfg.model.dtype))
+        log.warning("colocated baseline: full-model prefill and decode in this process, full scale only")
+        return EngineBackend({"colocated-prefill": FullPrefillEngine(de.model)}, {"colocated-decode": de})
 
     def _device(self) -> str:
         import torch

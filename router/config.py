@@ -25,6 +25,7 @@ class RouterConfig:
     ewma_alpha: float = 0.3
     headroom: float = 1.0
     served_model_name: str = "colm"
+    fixed_scale: int | None = None  # serve every request at this scale (the colocated baseline: no scale choice)
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port", "metrics_port"):
@@ -42,6 +43,8 @@ class RouterConfig:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("router.tls_cert and router.tls_key: give both or neither")
+        if self.fixed_scale is not None and (not isinstance(self.fixed_scale, int) or self.fixed_scale < 1):
+            raise ValueError(f"router.fixed_scale={self.fixed_scale!r}: must be a scale >= 1 or null")
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"router.ewma_alpha={self.ewma_alpha}: must be in (0, 1]")
 

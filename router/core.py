@@ -196,7 +196,7 @@ class Router:
                 self.metrics.queued.set(self.admission.num_queued)
                 self.metrics.running.set(self.admission.num_running)
                 decision = self.policy.choose(spec.budget, len(spec.prompt_ids), spec.params.max_new_tokens,
-                                              pinned_scale=spec.scale)
+                                              pinned_scale=self.cfg.fixed_scale or spec.scale)
                 scale = decision.scale
                 if decision.degraded:
                     self.metrics.degraded.inc()

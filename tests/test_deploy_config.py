@@ -55,7 +55,7 @@ def test_serve_cli_overrides(tmp_path):
     import argparse
 
     args = argparse.Namespace(config=None, model=None, address="auto", host="10.1.2.3", grpc_port=1234,
-                              http_port=None, num_prefill=2, num_decode=3)
+                              http_port=None, num_prefill=2, num_decode=3, colocated=False)
     cfg = load_config(args)
     assert (cfg.ray.address, cfg.router.host, cfg.router.grpc_port) == ("auto", "10.1.2.3", 1234)
     assert (cfg.workers.num_prefill, cfg.workers.num_decode) == (2, 3)

@@ -38,3 +38,30 @@ def test_loadtest_200_requests_writes_json_and_png(tmp_path):
     assert all(e["scale_mix"].get("1", 0) > 0 and e["scale_mix"].get("2", 0) > 0 for e in data["rates"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "rate" in table(summary)
+
+
+def test_closed_loop_against_the_colocated_baseline(tmp_path):
+    """`colm serve --colocated`: full-model prefill + decode, every request at the full scale."""
+    import asyncio
+    import threading
+
+    from colm.deploy.config import ClusterConfig
+    from colm.deploy.launcher import Launcher
+
+    cfg = ClusterConfig.from_dict({"model": {"path": "demo"}, "decode": {"num_blocks": 256},
+                                   "router": {"grpc_port": 0, "http_port": None, "metrics_port": None}})
+    launcher = Launcher(cfg, colocated=True)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    addrs = asyncio.run_coroutine_threadsafe(launcher.start(), loop).result(120)
+    try:
+        spec = LoadSpec(concurrency=4, num_requests=20, prompt_len=(4, 12), output_len=(2, 6),
+                        budgets=(("tpot:0.001", 1.0), ("scale:1", 1.0)))
+        summary = run(addrs["grpc"], spec, str(tmp_path / "c.json"), str(tmp_path / "c.png"), progress=False)
+    finally:
+        asyncio.run_coroutine_threadsafe(launcher.stop(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+    assert summary["total"]["num_ok"] == 20
+    assert summary["rates"][0]["scale_mix"] == {"2": 1.0}  # no scale choice, whatever the budget or pin
+    de = launcher.server.router.backend.decode["colocated-decode"]
+    assert de.stats().num_free_blocks == de.stats().num_blocks

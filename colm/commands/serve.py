@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--http-port", type=int, default=None)
     p.add_argument("--num-prefill", type=int, default=None)
     p.add_argument("--num-decode", type=int, default=None)
+    p.add_argument("--colocated", action="store_true",
+                   help="baseline for load tests: one full-model server (no disaggregation, no scale choice)")
     p.set_defaults(func=run)
 
 
@@ -48,7 +50,7 @@ def run(args) -> int:
     cfg = load_config(args)
 
     async def main() -> None:
-        launcher = Launcher(cfg)
+        launcher = Launcher(cfg, colocated=args.colocated)
         addrs = await launcher.start()
         print(f"[colm serve] model {launcher.model_path or cfg.model.path or 'tiny-air demo'} ready", file=sys.stderr)
         for kind, addr in addrs.items():
