@@ -83,6 +83,7 @@ class Router:
         self.metrics = RouterMetrics()
         self.running: dict[str, tuple[RunningRequest, str]] = {}  # request id -> (state, decode worker)
         self._tasks: list[asyncio.Task] = []
+        self._failovers: dict[str, asyncio.Future] = {}  # request id -> set to a worker id when it fails a poll
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -115,7 +116,10 @@ class Router:
             except Exception as e:  # any failure to answer takes the worker out until it reports again
                 if w.healthy:
                     log.warning("worker %s failed its health poll: %s", w.worker_id, e)
-                self.registry.mark_unhealthy(w.worker_id)
+                for rid in self.registry.mark_unhealthy(w.worker_id):
+                    fut = self._failovers.get(rid)
+                    if fut is not None and not fut.done():
+                        fut.set_result(w.worker_id)  # the request retries elsewhere now, not at its timeout
                 self.metrics.worker_healthy.labels(w.worker_id, w.role).set(0)
                 return
             self.registry.update(r)
@@ -249,20 +253,29 @@ class Router:
             self.registry.start(prefill.worker_id, spec.request_id)
             self.registry.start(decode.worker_id, spec.request_id)
             self.running[req.request_id] = (state, decode.worker_id)
+            failover = self._failovers[spec.request_id] = asyncio.get_running_loop().create_future()
             stream = self.backend.generate(req, prefill.worker_id, decode.worker_id)
             try:
                 while True:
                     left = spec.deadline - time.monotonic()
                     if left <= 0:
                         raise DeadlineExceeded(f"request {spec.request_id} passed its deadline after {len(out)} tokens")
+                    next_tok = asyncio.ensure_future(anext(stream))
+                    await asyncio.wait({next_tok, failover}, timeout=min(left, self.cfg.token_timeout_s),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if not next_tok.done():
+                        next_tok.cancel()
+                        with contextlib.suppress(BaseException):
+                            await next_tok
+                        if failover.done():  # a health poll took one of this attempt's workers out
+                            raise WorkerFailed(failover.result(), "failed its health check")
+                        if left <= self.cfg.token_timeout_s:
+                            raise DeadlineExceeded(f"request {spec.request_id} passed its deadline")
+                        raise WorkerFailed(decode.worker_id, f"no token for {self.cfg.token_timeout_s} s")
                     try:
-                        tok = await asyncio.wait_for(anext(stream), min(left, self.cfg.token_timeout_s))
+                        tok = next_tok.result()
                     except StopAsyncIteration:
                         break
-                    except asyncio.TimeoutError:
-                        if left <= self.cfg.token_timeout_s:
-                            raise DeadlineExceeded(f"request {spec.request_id} passed its deadline") from None
-                        raise WorkerFailed(decode.worker_id, f"no token for {self.cfg.token_timeout_s} s") from None
                     now_ms = (time.monotonic() - spec.arrival) * 1e3
                     out.append(tok.token_id)
                     times.append(now_ms)
@@ -296,6 +309,9 @@ class Router:
             finally:
                 with contextlib.suppress(Exception):
                     await stream.aclose()
+                self._failovers.pop(spec.request_id, None)
+                if not failover.done():
+                    failover.cancel()
                 self.running.pop(req.request_id, None)
                 self.registry.finish(prefill.worker_id, spec.request_id)
                 self.registry.finish(decode.worker_id, spec.request_id)

@@ -1,6 +1,7 @@
 """The router's public gRPC and HTTP APIs over loopback, with an in-process tiny-air model."""
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -184,5 +185,65 @@ def test_api_key_required_when_configured():
         assert post_json(f"{bg.http_url}/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 401
         assert post_json(f"{bg.http_url}/v1/completions", {"prompt": "hi", "max_tokens": 2},
                          headers={"Authorization": f"Bearer {API_KEY}"})[0] == 200
+    finally:
+        bg.stop()
+
+
+def test_hung_worker_fails_its_health_poll_and_requests_move_on():
+    """A decode worker that stops answering (no error, no tokens) is taken out by the health poll, and
+    the requests waiting on it continue on another worker long before the per-token timeout."""
+    import asyncio
+
+    from colm.router.backend import WorkerInfo
+    from colm.router.policy import WorkerReport
+
+    cfg = preset("tiny-air")
+    model = CoLM(cfg).reset_parameters(seed=1).eval()
+    good = LocalBackend(model)
+
+    class HangingBackend:
+        hung = False
+
+        async def start(self):
+            pass
+
+        async def close(self):
+            pass
+
+        def workers(self):
+            return [WorkerInfo("p0", "prefill"), WorkerInfo("d-hang", "decode"), WorkerInfo("d-good", "decode")]
+
+        async def poll(self, wid):
+            if wid == "d-hang":
+                if self.hung:
+                    raise TimeoutError("no answer")
+                return WorkerReport(wid, "decode", free_blocks=1000, total_blocks=1000)
+            if wid == "d-good":
+                return WorkerReport(wid, "decode", free_blocks=10, total_blocks=10)
+            return WorkerReport(wid, "prefill")
+
+        async def generate(self, req, prefill_id, decode_id):
+            if decode_id == "d-hang":
+                self.hung = True
+                await asyncio.Event().wait()
+            async for t in good.generate(req, prefill_id, decode_id):
+                yield t
+
+        async def set_scale(self, *a):
+            pass
+
+        async def abort(self, *a):
+            pass
+
+    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.1, token_timeout_s=60), cfg,
+                    ByteTokenizer(), HangingBackend())
+    bg = BackgroundRouter(router)
+    try:
+        with Client(bg.grpc_addr) as c:
+            t0 = time.time()
+            r = c.complete("Hello, chains", max_new_tokens=8, scale=2)
+            assert time.time() - t0 < 10
+            assert r["token_ids"] == ref_tokens(model, "Hello, chains", 8, 2) and r["usage"]["retries"] == 1
+            assert {w["worker_id"]: w["healthy"] for w in c.health()["workers"]}["d-hang"] is False
     finally:
         bg.stop()
