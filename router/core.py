@@ -67,7 +67,7 @@ class Event:
     time_ms: float = 0.0
     logprob: float = 0.0
     finish_reason: str = ""
-    prompt_logprobs: list[float] | None = None
+    prompt_logprobs: list[tuple[float, int, float]] | None = None  # (logprob, top id, top logprob)
     usage: dict | None = None
 
 

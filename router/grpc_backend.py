@@ -46,8 +46,8 @@ class GrpcBackend:
         for wid, w in list(self._workers.items()):
             if wid not in new or new[wid].address != w.address:
                 ch = self._channels.pop(wid, None)
-                if ch is not None:
-                    asyncio.ensure_future(ch.close()) if _loop_running() else None
+                if ch is not None and _loop_running():  # calls still on it end with CANCELLED -> failover
+                    asyncio.ensure_future(ch.close())
         self._workers = new
 
     def workers(self) -> list[WorkerInfo]:
