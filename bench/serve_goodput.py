@@ -122,7 +122,7 @@ def main() -> int:
                 base = calib["baseline"][str(full)]
                 slo = {"ttft_ms": args.slo_scale * base["ttft_ms"], "tpot_ms": args.slo_scale * base["tpot_ms"]}
             budgets = f"scale:{full}" if mode == "baseline" else f"ttft:{slo['ttft_ms']:.3f}+tpot:{slo['tpot_ms']:.3f}"
-            runs[mode] = loadtest(server.grpc_addr, args, budgets, slo, f"{args.out}_{mode}")
+            runs[mode] = loadtest(server.grpc_addr, args, budgets, slo, os.path.join(tempfile.mkdtemp(), mode))
             runs[mode]["decode_stats_after"] = vars(de.stats())
         finally:
             server.stop()
