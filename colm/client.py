@@ -41,10 +41,11 @@ class Client:
     def request(self, prompt: str | list[int], max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                 top_k: int = 0, seed: int | None = None, scale: int | None = None, ttft_ms: float | None = None,
                 tpot_ms: float | None = None, deadline_ms: float | None = None, reject: bool = False,
-                stop: tuple[str, ...] = (), prompt_logprobs: bool = False, request_id: str = ""):
+                stop: tuple[str, ...] = (), prompt_logprobs: bool = False, request_id: str = "",
+                ignore_eos: bool = False):
         pb2 = self.pb2
         sampling = pb2.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                stop=list(stop))
+                                stop=list(stop), ignore_eos=ignore_eos)
         if seed is not None:
             sampling.seed = seed
         budget = pb2.LatencyBudget(ttft_ms=ttft_ms or 0, tpot_ms=tpot_ms or 0, deadline_ms=deadline_ms or 0,

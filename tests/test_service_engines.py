@@ -39,10 +39,10 @@ def make(ckpt, num_decode=1, **router_kw):
     return BackgroundRouter(router), prefill, decode
 
 
-def reference(ckpt, prompt, n, scale=None, schedule=None):
+def reference(ckpt, prompt, n, scale=None, schedule=None, ignore_eos=False):
     model = checkpoint.load(ckpt).eval()
-    return generate(model, ByteTokenizer().encode(prompt), SamplingParams(max_new_tokens=n), scale=scale,
-                    scale_schedule=schedule, eos_id=ByteTokenizer.eos_id).token_ids
+    return generate(model, ByteTokenizer().encode(prompt), SamplingParams(max_new_tokens=n, ignore_eos=ignore_eos),
+                    scale=scale, scale_schedule=schedule, eos_id=ByteTokenizer.eos_id).token_ids
 
 
 def test_disaggregated_greedy_equals_reference_and_scale_switch(ckpt):
@@ -101,5 +101,35 @@ def test_decode_worker_death_is_retried_on_another_and_pools_free(ckpt):
         assert {w["worker_id"]: w["healthy"] for w in h["workers"]}["decode-0"] is False
         s = decode["decode-1"].stats()
         assert s.num_free_blocks == s.num_blocks and s.num_running == 0
+    finally:
+        bg.stop()
+
+
+def test_overload_moves_running_requests_to_a_smaller_scale(ckpt):
+    """When the live latency model says a running request's per-token budget no longer holds at its
+    scale, the router lowers that request's scale mid-generation; tokens stay those of the reference
+    run with the same scale schedule (CoLM-Air: nothing is recomputed)."""
+    from colm.router.policy import WorkerReport
+
+    bg, prefill, decode = make(ckpt, rebalance=False)
+    try:
+        out = []
+        with Client(bg.grpc_addr) as c:
+            for ev in c.stream("under pressure", max_new_tokens=200, tpot_ms=500, ignore_eos=True):
+                if ev["kind"] == "decision":
+                    assert ev["scale"] == 2
+                if ev["kind"] == "token":
+                    out.append((ev["id"], ev["scale"]))
+                    if len(out) == 3:  # the decode worker reports that scale 2 now takes 2 s per step
+                        bg.router.policy.observe([WorkerReport("decode-0", "decode", num_running=1,
+                                                               step_ms={1: 5.0, 2: 2000.0}, free_blocks=100,
+                                                               total_blocks=128)])
+                        bg.call(bg.router.rebalance_once())
+        scales = [s for _, s in out]
+        first1 = scales.index(1)
+        assert 3 <= first1 < 200 and scales == [2] * first1 + [1] * (200 - first1)
+        want = reference(ckpt, "under pressure", 200, schedule=lambda i: 2 if i < first1 else 1, ignore_eos=True)
+        assert [t for t, _ in out] == want
+        assert bg.router.metrics.scale_changes._value.get() == 1
     finally:
         bg.stop()
