@@ -247,3 +247,34 @@ def test_hung_worker_fails_its_health_poll_and_requests_move_on():
             assert {w["worker_id"]: w["healthy"] for w in c.health()["workers"]}["d-hang"] is False
     finally:
         bg.stop()
+
+
+def test_tls_on_grpc_and_http(tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+    import urllib.request
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    cfg = preset("tiny-air")
+    model = CoLM(cfg).reset_parameters(seed=1).eval()
+    router = Router(RouterConfig(grpc_port=0, http_port=0, tls_cert=str(cert), tls_key=str(key)), cfg,
+                    ByteTokenizer(), LocalBackend(model))
+    bg = BackgroundRouter(router)
+    try:
+        assert bg.http_url.startswith("https://")
+        with Client(bg.grpc_addr, tls_ca=str(cert)) as c:
+            assert c.complete("hi", max_new_tokens=3, scale=1)["token_ids"] == ref_tokens(model, "hi", 3, 1)
+        ctx = ssl.create_default_context(cafile=str(cert))
+        with urllib.request.urlopen(bg.http_url + "/v1/models", context=ctx, timeout=10) as r:
+            assert r.status == 200
+        with pytest.raises(grpc.RpcError):  # plaintext to a TLS port fails
+            with Client(bg.grpc_addr, timeout_s=3) as c:
+                c.complete("hi", max_new_tokens=1)
+    finally:
+        bg.stop()
