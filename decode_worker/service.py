@@ -1,0 +1,166 @@
+"""gRPC front of the decode engine: service ``colm.v1.DecodeWorker`` (see ``proto/colm/v1/kv.proto``).
+
+``PushKV`` is where the KV hand-off lands: header -> ``engine.begin_kv`` (attaching the sender's
+shared-memory segment on the same-host path) -> per chunk: size and crc32 check, then
+``engine.write_kv`` into the reserved blocks -> ``KVEnd`` -> ``engine.finish_kv`` and an ack. A
+checksum mismatch, gap, or a stream that ends or breaks before ``KVEnd`` fails that request (its
+blocks are freed); the worker goes on serving. Errors map to status codes in ``colm.proto.rpc``.
+"""
+
+from __future__ import annotations
+
+
+import grpc
+
+from colm.errors import PeerUnavailableError, TransferError
+from colm.kv_wire import KVLayout, bytes_to_tensor, checksum, open_segment
+from colm.proto import load_proto
+from colm.proto.rpc import make_server
+from colm.sampling import SamplingParams
+
+from colm.decode_worker.engine import DecodeEngine
+
+kv_pb2, kv_pb2_grpc = load_proto("kv")
+
+
+def sampling_from_proto(s) -> SamplingParams:
+    return SamplingParams(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature), top_k=int(s.top_k),
+                          top_p=float(s.top_p) if s.top_p > 0 else 1.0, seed=int(s.seed) if s.HasField("seed") else None,
+                          stop_token_ids=tuple(s.stop_token_ids), stop_strings=tuple(s.stop_strings),
+                          ignore_eos=bool(s.ignore_eos))
+
+
+class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, engine: DecodeEngine) -> None:
+        self.engine = engine
+
+    def Reserve(self, request, context):
+        r = self.engine.reserve(request.request_id, int(request.prompt_len), int(request.max_new_tokens),
+                                request.timeout_s or None)
+        return kv_pb2.ReserveReply(request_id=r.request_id, num_blocks=r.num_blocks, block_size=r.block_size,
+                                   host_id=r.host_id)
+
+    def PushKV(self, request_iterator, context):
+        state = {"rid": None, "done": False}
+
+        def on_end():  # the peer vanished mid-stream: free the request's blocks
+            if state["rid"] and not state["done"]:
+                self.engine.fail_kv(state["rid"], PeerUnavailableError(f"request {state['rid']}: KV stream broke"))
+
+        context.add_callback(on_end)
+        segment = None
+        header = None
+        try:
+            for msg in request_iterator:
+                kind = msg.WhichOneof("kind")
+                if kind == "header":
+                    if header is not None:
+                        raise TransferError("second KV header in one stream")
+                    header = msg.header
+                    layout = KVLayout(header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim,
+                                      header.dtype)
+                    state["rid"] = header.request_id
+                    self.engine.begin_kv(header.request_id, layout)
+                    if header.shm_name:
+                        segment = open_segment(header.shm_name)
+                elif header is None:
+                    raise TransferError("KV stream does not start with a header")
+                elif kind == "chunk":
+                    self._write_chunk(header, msg.chunk, segment)
+                elif kind == "end":
+                    self.engine.finish_kv(header.request_id, header.num_tokens)
+                    state["done"] = True
+                    return kv_pb2.KVAck(request_id=header.request_id, num_chunks=msg.end.num_chunks,
+                                        num_bytes=msg.end.num_bytes)
+            raise TransferError(f"request {state['rid']}: KV stream ended without KVEnd (truncated)")
+        except Exception as e:
+            if state["rid"] and not state["done"]:
+                self.engine.fail_kv(state["rid"], e if isinstance(e, TransferError) else TransferError(str(e)))
+            if isinstance(e, grpc.RpcError) or not context.is_active():
+                raise PeerUnavailableError(f"request {state['rid']}: KV stream broke") from None
+            raise
+        finally:
+            if segment is not None:
+                try:
+                    segment.close()
+                except BufferError:  # a view is still alive somewhere; the mapping goes with the process
+                    pass
+
+    def _write_chunk(self, header, c, segment) -> None:
+        rid = header.request_id
+        if c.dtype != header.dtype:
+            raise TransferError(f"request {rid}: chunk dtype {c.dtype!r}, header {header.dtype!r}")
+        if segment is not None:
+            if c.data:
+                raise TransferError(f"request {rid}: inline bytes on the shared-memory path")
+            if c.shm_offset + c.nbytes > segment.size:
+                raise TransferError(f"request {rid}: chunk [{c.shm_offset}, +{c.nbytes}) outside the segment")
+            payload = segment.buf[c.shm_offset : c.shm_offset + c.nbytes]
+        else:
+            payload = memoryview(c.data)
+        if len(payload) != c.nbytes:
+            raise TransferError(f"request {rid}: chunk {c.seq} has {len(payload)} bytes, says {c.nbytes}")
+        if header.checksum == "crc32" and checksum(payload) != c.crc32:
+            raise TransferError(f"request {rid}: checksum mismatch in chunk {c.seq}")
+        try:
+            kv = bytes_to_tensor(payload, c.dtype, tuple(c.shape))
+        except ValueError as e:
+            raise TransferError(f"request {rid}: chunk {c.seq}: {e}") from None
+        self.engine.write_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, kv, seq=c.seq)
+        del kv, payload
+
+    def StartGeneration(self, request, context):
+        rid = request.request_id
+        try:
+            params = sampling_from_proto(request.sampling)
+        except ValueError:
+            self.engine.abort(rid)
+            raise
+        stream = self.engine.start_generation(rid, int(request.last_token_id), params, int(request.scale) or None,
+                                              request.kv_timeout_s or None)
+        context.add_callback(lambda: self.engine.abort(rid))  # client gone: stop generating (no-op when finished)
+        for ev in stream:
+            yield kv_pb2.TokenEvent(request_id=rid, token_id=ev.token_id, index=ev.index, scale=ev.scale,
+                                    finish_reason=ev.finish_reason, time_ms=ev.time_ms, logprob=ev.logprob)
+
+    def SetScale(self, request, context):
+        return kv_pb2.SetScaleReply(request_id=request.request_id,
+                                    scale=self.engine.set_scale(request.request_id, int(request.scale)))
+
+    def Abort(self, request, context):
+        return kv_pb2.AbortReply(request_id=request.request_id, found=self.engine.abort(request.request_id))
+
+    def Stats(self, request, context):
+        s = self.engine.stats()
+        return kv_pb2.DecodeStats(host_id=s.host_id, num_chains=s.num_chains, num_blocks=s.num_blocks,
+                                  num_free_blocks=s.num_free_blocks, block_size=s.block_size,
+                                  num_reserved=s.num_reserved, num_running=s.num_running, num_steps=s.num_steps,
+                                  step_ms_by_scale=s.step_ms_by_scale, last_step_ms=s.last_step_ms,
+                                  last_batch_size=s.last_batch_size, num_finished=s.num_finished,
+                                  num_failed=s.num_failed)
+
+    def Score(self, request, context):
+        return kv_pb2.ScoreReply(logprobs=self.engine.score(list(request.token_ids), int(request.scale) or None))
+
+
+class DecodeServer:
+    """The engine's loop plus its gRPC server on ``address`` ("127.0.0.1:0" picks a free port)."""
+
+    def __init__(self, engine: DecodeEngine, cluster_token: str, address: str = "127.0.0.1:0",
+                 max_workers: int = 64) -> None:
+        self.engine = engine
+        self.server, self.port = make_server(address, cluster_token, max_workers)
+        kv_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeService(engine), self.server)
+        host = address.rsplit(":", 1)[0]
+        self.address = f"{host}:{self.port}"
+
+    def start(self) -> "DecodeServer":
+        self.engine.start()
+        self.server.start()
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.server.stop(grace).wait()
+        self.engine.stop()
+
+

@@ -1,0 +1,116 @@
+"""Remote KV sinks: push a request's K/V to a decode worker with ``DecodeWorker.PushKV``.
+
+``GrpcKVSink`` (cross-host) puts the raw bytes in the chunk messages; with ``shm=True`` (same host)
+the bytes go into a POSIX shared-memory segment this side creates and the messages only say where
+(offset, size, crc32). Path of one request: ``begin`` opens the client stream (header first) ->
+each ``put`` is staged to host memory (``StagedKVSink``) and the stream's generator, run by gRPC's
+sender thread, cuts it into chunks of at most ``chunk_bytes`` -> ``finish`` sends ``KVEnd`` and waits
+for the ack within the deadline -> the segment is unlinked. ``fail`` ends the stream without
+``KVEnd`` and cancels it, so decode frees the request's blocks.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from colm.errors import PeerUnavailableError, TransferError
+from colm.kv_wire import KVLayout, checksum, create_segment, shm_name_for, tensor_bytes
+from colm.proto import load_proto
+from colm.proto.rpc import auth_metadata
+
+from colm.prefill_worker.sinks import StagedKVSink
+
+kv_pb2, kv_pb2_grpc = load_proto("kv")
+
+
+class GrpcKVSink(StagedKVSink):
+    def __init__(self, stub, request_id: str, cluster_token: str, chunk_bytes: int = 4 << 20,
+                 checksum_kind: str = "crc32", timeout_s: float = 60.0, shm: bool = False) -> None:
+        super().__init__()
+        self.stub = stub
+        self.request_id = request_id
+        self.metadata = auth_metadata(cluster_token)
+        self.chunk_bytes = chunk_bytes
+        self.checksum_kind = checksum_kind
+        self.timeout_s = timeout_s
+        self.shm = shm
+        self.path = "shm" if shm else "grpc"
+        self.num_bytes = 0
+        self._num_chunks = 0
+        self._segment = None
+        self._future = None
+        self._layout: KVLayout | None = None
+
+    def begin(self, layout: KVLayout) -> None:
+        self._layout = layout
+        shm_name = ""
+        if self.shm:
+            shm_name = shm_name_for(self.request_id, str(id(self)))
+            self._segment = create_segment(shm_name, layout.num_bytes)
+        header = kv_pb2.KVHeader(request_id=self.request_id, num_layers=layout.num_layers, num_tokens=layout.num_tokens,
+                                 num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
+                                 shm_name=shm_name, checksum=self.checksum_kind)
+        self._future = self.stub.PushKV.future(self._messages(header), timeout=self.timeout_s, metadata=self.metadata)
+
+    def _messages(self, header):
+        yield kv_pb2.KVMessage(header=header)
+        per_token = self._layout.bytes_per_token_layer
+        for (l0, l1, t0, t1), host in self._staged():
+            step = max(1, self.chunk_bytes // (per_token * (l1 - l0)))
+            for a in range(t0, t1, step):
+                b = min(t1, a + step)
+                piece = host[:, a - t0 : b - t0]  # [layers, tokens, 2, Hkv, hd]: token slices stay contiguous
+                payload = tensor_bytes(piece)
+                chunk = kv_pb2.KVChunk(seq=self._num_chunks, layer_start=l0, layer_end=l1, token_start=a, token_end=b,
+                                       dtype=self._layout.dtype, shape=list(piece.shape), nbytes=len(payload),
+                                       crc32=checksum(payload, self.checksum_kind))
+                if self._segment is not None:
+                    chunk.shm_offset = self.num_bytes
+                    self._segment.buf[self.num_bytes : self.num_bytes + len(payload)] = payload
+                else:
+                    chunk.data = payload.tobytes()
+                self.num_bytes += len(payload)
+                self._num_chunks += 1
+                yield kv_pb2.KVMessage(chunk=chunk)
+        yield kv_pb2.KVMessage(end=kv_pb2.KVEnd(num_chunks=self._num_chunks, num_bytes=self.num_bytes))
+
+    def finish(self, timeout_s: float) -> int:
+        self._close_queue()
+        try:
+            ack = self._future.result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            self._future.cancel()
+            raise TimeoutError(f"request {self.request_id}: KV push not acknowledged in {timeout_s:.1f} s") from None
+        except grpc.RpcError as e:
+            raise _peer_error(self.request_id, e) from None
+        finally:
+            self._release()
+        if ack.num_chunks != self._num_chunks or ack.num_bytes != self.num_bytes:
+            raise TransferError(f"request {self.request_id}: decode acknowledged {ack.num_chunks} chunks / "
+                                f"{ack.num_bytes} bytes, sent {self._num_chunks} / {self.num_bytes}")
+        return self.num_bytes
+
+    def fail(self, exc: BaseException) -> None:
+        self._close_queue(_Stop())
+        if self._future is not None:
+            self._future.cancel()
+        self._release()
+
+    def _release(self) -> None:
+        if self._segment is not None:
+            seg, self._segment = self._segment, None
+            seg.close()
+            seg.unlink()
+
+
+class _Stop(Exception):
+    """Ends the request stream without KVEnd (decode sees a truncated stream)."""
+
+
+def _peer_error(request_id: str, e: grpc.RpcError) -> Exception:
+    code = e.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return PeerUnavailableError(f"request {request_id}: decode worker unavailable ({e.details()})")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return TimeoutError(f"request {request_id}: KV push deadline exceeded")
+    return e

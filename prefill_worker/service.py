@@ -1,0 +1,68 @@
+"""gRPC front of the prefill engine: service ``colm.v1.PrefillWorker`` (see ``proto/colm/v1/kv.proto``).
+
+``Prefill`` builds a remote sink to the named decode worker (bytes over ``PushKV``, or shared
+memory when ``same_host``), submits the prompt to the engine and waits within the request's
+deadline. Channels to decode workers are cached per address.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from colm.proto import load_proto
+from colm.proto.rpc import make_channel, make_server
+
+from colm.prefill_worker.engine import PrefillEngine
+from colm.prefill_worker.kv_push import GrpcKVSink
+
+kv_pb2, kv_pb2_grpc = load_proto("kv")
+
+
+class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
+    def __init__(self, engine: PrefillEngine, cluster_token: str) -> None:
+        self.engine = engine
+        self.cluster_token = cluster_token
+        self._stubs: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def _stub(self, address: str):
+        if not address:
+            raise ValueError("decode_address is empty")
+        with self._lock:
+            if address not in self._stubs:
+                self._stubs[address] = kv_pb2_grpc.DecodeWorkerStub(make_channel(address))
+            return self._stubs[address]
+
+    def Prefill(self, request, context):
+        timeout = request.timeout_s or self.engine.config.default_timeout_s
+        sink = GrpcKVSink(self._stub(request.decode_address), request.request_id, self.cluster_token,
+                          self.engine.config.kv_chunk_bytes, self.engine.config.checksum, timeout, shm=request.same_host)
+        r = self.engine.submit(request.request_id, list(request.token_ids), sink, timeout).result(timeout=timeout)
+        return kv_pb2.PrefillReply(request_id=r.request_id, num_tokens=r.num_tokens, num_bytes=r.num_bytes,
+                                   queue_ms=r.queue_ms, compute_ms=r.compute_ms, total_ms=r.total_ms, path=r.path)
+
+    def Stats(self, request, context):
+        s = self.engine.stats()
+        return kv_pb2.PrefillStats(host_id=s.host_id, num_queued=s.num_queued, num_queued_tokens=s.num_queued_tokens,
+                                   num_done=s.num_done, num_failed=s.num_failed, tokens_per_s=s.tokens_per_s,
+                                   num_params=s.num_params)
+
+
+class PrefillServer:
+    """The engine's loop plus its gRPC server on ``address`` ("127.0.0.1:0" picks a free port)."""
+
+    def __init__(self, engine: PrefillEngine, cluster_token: str, address: str = "127.0.0.1:0",
+                 max_workers: int = 64) -> None:
+        self.engine = engine
+        self.server, self.port = make_server(address, cluster_token, max_workers)
+        kv_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillService(engine, cluster_token), self.server)
+        self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
+
+    def start(self) -> "PrefillServer":
+        self.engine.start()
+        self.server.start()
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.server.stop(grace).wait()
+        self.engine.stop()
