@@ -1,0 +1,63 @@
+"""Prefill engine: chain-1 weights only, refuses non-Air, K/V equal the full model's, chunking exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from colm import checkpoint
+from colm.kv_cache import ContiguousKVCache
+from colm.prefill_worker.config import PrefillConfig
+from colm.prefill_worker.engine import PrefillEngine
+from colm.prefill_worker.sinks import NullKVSink
+from conftest import make_model
+from _engine_helpers import prompts, save_tiny_air
+
+
+class CaptureSink(NullKVSink):
+    def begin(self, layout):
+        self.layout = layout
+        self.k = torch.full((layout.num_layers, layout.num_tokens, 2, layout.num_kv_heads, layout.head_dim), float("nan"))
+
+    def put(self, l0, l1, t0, t1, kv):
+        assert torch.isnan(self.k[l0:l1, t0:t1]).all(), "a cell was sent twice"
+        self.k[l0:l1, t0:t1] = kv
+
+
+def test_prefill_holds_only_chain_1(tmp_path):
+    full = save_tiny_air(tmp_path)
+    eng = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig())
+    cfg = full.cfg
+    assert eng.num_params == cfg.num_params(1) < cfg.num_params()
+    nbytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
+    assert nbytes == cfg.num_params(1) * 4
+    # no tensor of a chain > 1: every chain Linear has exactly one weight, widths are chain 1's
+    names = [n for n, _ in eng.model.named_parameters()]
+    assert not any(".weights.1" in n for n in names)
+    assert eng.model.embed.weight.shape[1] == cfg.chain_dims[0]
+
+
+def test_prefill_refuses_non_air(tmp_path):
+    checkpoint.save(make_model("tiny"), tmp_path)
+    with pytest.raises(ValueError, match="CoLM-Air"):
+        PrefillEngine.from_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("chunk_size", [64, 7])
+def test_prefill_kv_equals_full_model(tmp_path, chunk_size):
+    full = save_tiny_air(tmp_path)
+    eng = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(chunk_size=chunk_size, max_batch_tokens=256))
+    batch = prompts([3, 20, 11])
+    sinks = [CaptureSink() for _ in batch]
+    futs = [eng.submit(f"r{i}", p, s) for i, (p, s) in enumerate(zip(batch, sinks))]
+    assert eng.run_once()  # the three short prompts form one padded batch (or chunked alone)
+    while eng.run_once():
+        pass
+    for p, s, f in zip(batch, sinks, futs):
+        assert f.result().num_tokens == len(p) - 1
+        cache = ContiguousKVCache(full.cfg, 1, len(p))
+        full(torch.tensor([p[:-1]]), scale=2, cache=cache)  # the full model's K/V at full scale
+        for layer in range(full.cfg.n_layers):
+            k, v = cache.layer_kv(layer)  # [1, Hkv, T, hd]
+            torch.testing.assert_close(s.k[layer, :, 0], k[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(s.k[layer, :, 1], v[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
