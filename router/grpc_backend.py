@@ -110,7 +110,7 @@ class GrpcBackend:
             except grpc.aio.AioRpcError as e:
                 raise self._failure(e, decode_id) from None
             same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)
-            prefill_task = asyncio.create_task(self._prefill(prefill_id).Prefill(kv_pb2.PrefillRequest(
+            prefill_task = asyncio.ensure_future(self._prefill(prefill_id).Prefill(kv_pb2.PrefillRequest(
                 request_id=req.request_id, token_ids=list(req.prompt_ids), decode_address=self._workers[decode_id].address,
                 same_host=same_host, timeout_s=timeout), metadata=md, timeout=timeout))
             sampling = kv_pb2.DecodeSampling(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,

@@ -95,3 +95,27 @@ def test_killing_an_actor_during_load_loses_no_request(service, victim):
         time.sleep(0.5)
     assert all(w["healthy"] for w in ws.values()), ws
     assert all(w["free_blocks"] == w["total_blocks"] for w in ws.values() if w["role"] == "decode"), ws
+
+
+def test_internal_endpoints_refuse_calls_without_the_cluster_token(service):
+    import grpc
+
+    from colm.proto import load_proto
+
+    kv_pb2, kv_pb2_grpc = load_proto("kv")
+    launcher, addrs, _ = service
+    infos = {w.worker_id: w.address for w in launcher.pool.refresh()}
+    for wid, addr in infos.items():
+        assert addr.startswith("127.0.0.1:")  # internal endpoints stay on loopback unless configured
+        with grpc.insecure_channel(addr) as ch:
+            if wid.startswith("decode"):
+                call = lambda md: kv_pb2_grpc.DecodeWorkerStub(ch).Stats(kv_pb2.DecodeStatsRequest(), metadata=md,  # noqa: E731
+                                                                          timeout=10)
+            else:
+                call = lambda md: kv_pb2_grpc.PrefillWorkerStub(ch).Stats(kv_pb2.PrefillStatsRequest(), metadata=md,  # noqa: E731
+                                                                           timeout=10)
+            for md in ((), (("x-colm-cluster-token", "wrong-token-0123456789"),)):
+                with pytest.raises(grpc.RpcError) as e:
+                    call(md)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            call((("x-colm-cluster-token", launcher.token),))  # the launcher's token works
