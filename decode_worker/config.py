@@ -18,7 +18,6 @@ class DecodeConfig:
     reservation_timeout_s: float = 600.0 # a reservation not finished by then is freed (DEADLINE_EXCEEDED)
     kv_timeout_s: float = 60.0           # StartGeneration waits this long for the KV to arrive
     max_reservations: int = 4096
-    use_cuda_graphs: bool = True         # capture the decode step per batch-size bucket on CUDA
     idle_wait_s: float = 0.005           # the step loop's wait when nothing runs
 
     def __post_init__(self) -> None:

@@ -1,0 +1,316 @@
+"""GPU benchmark of the serving engines, in three sections (one JSON each under ``--out``):
+
+* prefill: chain-1 prefill (PrefillEngine, K/V emitted) vs the full model's prefill of the same
+  CoLM-Air model vs HF transformers' LlamaModel of the 1B shape, at 2K/8K/32K (+128K chunked).
+* handoff: TTFT of an 8K prompt through prefill -> KV transfer -> first token, per path (in-process
+  device copy, gRPC bytes, shared memory), vs chain-1 prefill compute alone; stream GB/s.
+* decode: tokens/s of the decode engine at batch 1/8/64, context 2K, full scale and scale 1, mixed
+  scales in both modes, vs HF ``generate`` on the same shape; batch-1 step vs the weight-read floor.
+
+Random bf16 weights, random tokens; times are medians of synchronised runs after warm-up.
+Usage: python bench/engines.py --out DIR [--sections prefill,handoff,decode] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+DEV = "cuda"
+DT = torch.bfloat16
+
+
+def timed(fn, reps=5, warmup=1):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def colm_model(name, scale=None):
+    from colm.model import CoLM
+    from colm.presets import preset
+
+    cfg = preset(name)
+    if scale is not None:
+        cfg = cfg.sub_config(scale)
+    return CoLM(cfg, device=DEV, dtype=DT).reset_parameters(std=0.02, seed=0).eval()
+
+
+def hf_llama(cfg, causal_lm=False):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden,
+                     num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                     max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, tie_word_embeddings=True,
+                     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}, attn_implementation="sdpa")
+    cls = LlamaForCausalLM if causal_lm else LlamaModel
+    with torch.device(DEV):
+        m = cls(hc).to(DT).eval()
+    return m
+
+
+def free():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def guard(results, key, fn):
+    try:
+        results[key] = fn()
+    except Exception as e:  # noqa: BLE001 - a failed cell is reported, the sweep goes on
+        results[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        traceback.print_exc()
+        free()
+
+
+# ------------------------------------------------------------------------------------------ prefill
+@torch.no_grad()
+def bench_prefill(quick):
+    from colm.prefill_worker.config import PrefillConfig
+    from colm.prefill_worker.engine import PrefillEngine
+    from colm.prefill_worker.sinks import NullKVSink
+    from colm.presets import preset
+
+    lengths = [2048, 8192] if quick else [2048, 8192, 32768]
+    out = {"lengths": lengths, "models": {}}
+    hf = hf_llama(preset("llama-3.2-1b-16-16-air"))
+    hf_ms = {}
+    for T in lengths:
+        ids = torch.randint(0, 128000, (1, T), device=DEV)
+        guard(hf_ms, T, lambda: timed(lambda: hf(input_ids=ids, use_cache=False), reps=3 if T > 8192 else 5))
+    out["hf_llama_ms"] = hf_ms
+    del hf
+    free()
+    for name in ("llama-3.2-1b-16-16-air", "llama-3.2-1b-8-8-8-8-air"):
+        row = {"full_ms": {}, "chain1_engine_ms": {}, "chain1_hidden_ms": {}}
+        full = colm_model(name)
+        for T in lengths:
+            ids = torch.randint(0, 128000, (1, T), device=DEV)
+            guard(row["full_ms"], T, lambda: timed(lambda: full.hidden(ids), reps=3 if T > 8192 else 5))
+            guard(row["chain1_hidden_ms"], T, lambda: timed(lambda: full.hidden(ids, scale=1), reps=3 if T > 8192 else 5))
+        cfg = full.cfg
+        del full
+        free()
+        sub = colm_model(name, scale=1)
+        eng = PrefillEngine(sub, cfg, PrefillConfig(chunk_size=32768, max_batch_tokens=32768))
+        for T in lengths:
+            toks = torch.randint(0, 128000, (T + 1,)).tolist()  # +1: the engine emits K/V of all but the last
+            guard(row["chain1_engine_ms"], T, lambda: timed(lambda: eng.prefill("b", toks, NullKVSink()),
+                                                            reps=3 if T > 8192 else 5))
+        if not quick:
+            eng128 = PrefillEngine(sub, cfg, PrefillConfig(chunk_size=16384, max_batch_tokens=16384))
+            toks = torch.randint(0, 128000, (131072,)).tolist()
+            torch.cuda.reset_peak_memory_stats()
+            guard(row, "chain1_engine_128k_chunked_ms", lambda: timed(lambda: eng128.prefill("b", toks, NullKVSink()),
+                                                                      reps=2, warmup=1))
+            row["chain1_128k_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        row["speedup_chain1_vs_full"] = {T: _ratio(row["full_ms"].get(T), row["chain1_engine_ms"].get(T)) for T in lengths}
+        row["full_vs_hf"] = {T: _ratio(row["full_ms"].get(T), hf_ms.get(T)) for T in lengths}
+        out["models"][name] = row
+        del sub, eng
+        free()
+    return out
+
+
+def _ratio(a, b):
+    return a / b if isinstance(a, float) and isinstance(b, float) else None
+
+
+# ------------------------------------------------------------------------------------------ handoff
+@torch.no_grad()
+def bench_handoff(quick):
+    from colm.decode_worker.config import DecodeConfig
+    from colm.decode_worker.engine import DecodeEngine
+    from colm.decode_worker.service import DecodeServer
+    from colm.prefill_worker.config import PrefillConfig
+    from colm.prefill_worker.engine import PrefillEngine
+    from colm.prefill_worker.service import PrefillServer
+    from colm.prefill_worker.sinks import LocalKVSink, NullKVSink
+    from colm.proto import load_proto
+    from colm.proto.rpc import auth_metadata, make_channel
+    from colm.sampling import SamplingParams
+
+    kv_pb2, kv_pb2_grpc = load_proto("kv")
+    name, T = "llama-3.2-1b-16-16-air", 8192
+    full = colm_model(name)
+    sub = colm_model(name, scale=1)
+    de = DecodeEngine(full, DecodeConfig(num_blocks=2048, block_size=16)).start()
+    pe = PrefillEngine(sub, full.cfg, PrefillConfig(chunk_size=8192, max_batch_tokens=8192)).start()
+    prompt = torch.randint(0, 128000, (T,)).tolist()
+    params = SamplingParams(max_new_tokens=1)
+    out = {"prompt_tokens": T, "kv_bytes": full.cfg.n_layers * (T - 1) * 2 * full.cfg.n_kv_heads * full.cfg.head_dim * 2}
+    out["chain1_compute_ms"] = timed(lambda: pe.prefill("c", prompt, NullKVSink()), reps=5)
+    n = [0]
+
+    def local():
+        n[0] += 1
+        rid = f"l{n[0]}"
+        de.reserve(rid, T, 1)
+        pe.submit(rid, prompt, LocalKVSink(de, rid))
+        return next(iter(de.start_generation(rid, prompt[-1], params, scale=2)))
+
+    out["local_ttft_ms"] = timed(local, reps=5)
+    token = "bench"
+    ds = DecodeServer(de, token)
+    ds.server.start()
+    ps = PrefillServer(pe, token)
+    ps.server.start()
+    md = auth_metadata(token)
+    d = kv_pb2_grpc.DecodeWorkerStub(make_channel(ds.address))
+    p = kv_pb2_grpc.PrefillWorkerStub(make_channel(ps.address))
+    for path, same_host in (("grpc", False), ("shm", True)):
+        replies = []
+
+        def remote():
+            n[0] += 1
+            rid = f"r{n[0]}"
+            d.Reserve(kv_pb2.ReserveRequest(request_id=rid, prompt_len=T, max_new_tokens=1), metadata=md, timeout=30)
+            th = threading.Thread(target=lambda: replies.append(p.Prefill(kv_pb2.PrefillRequest(
+                request_id=rid, token_ids=prompt, decode_address=ds.address, same_host=same_host), metadata=md, timeout=60)))
+            th.start()
+            req = kv_pb2.StartGenerationRequest(request_id=rid, last_token_id=prompt[-1], scale=2,
+                                                sampling=kv_pb2.DecodeSampling(max_new_tokens=1))
+            ev = next(iter(d.StartGeneration(req, metadata=md, timeout=60)))
+            th.join()
+            return ev
+
+        guard(out, f"{path}_ttft_ms", lambda: timed(remote, reps=3))
+        if replies:
+            r = replies[-1]
+            out[f"{path}_stream_total_ms"] = r.total_ms
+            out[f"{path}_stream_gb_s"] = r.num_bytes / (r.total_ms / 1000) / 1e9
+    for k in ("local", "grpc", "shm"):
+        v = out.get(f"{k}_ttft_ms")
+        if isinstance(v, float):
+            out[f"{k}_ttft_over_compute"] = v / out["chain1_compute_ms"]
+    ps.server.stop(0)
+    ds.server.stop(0)
+    pe.stop()
+    de.stop()
+    del full, sub, de, pe
+    free()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ decode
+@torch.no_grad()
+def bench_decode(quick):
+    from colm.decode_worker.config import DecodeConfig
+    from colm.decode_worker.engine import DecodeEngine
+    from colm.sampling import SamplingParams
+
+    name, ctx = "llama-3.2-1b-16-16-air", 2048
+    batches = [1, 8] if quick else [1, 8, 64]
+    full = colm_model(name)
+    cfg = full.cfg
+    out = {"context": ctx, "ours_step_ms": {}, "hf_step_ms": {}}
+    x = torch.randn(256 << 20, device=DEV)  # 1 GiB
+    copy_ms = timed(lambda: x.clone(), reps=10)
+    bw = 2 * x.numel() * 4 / (copy_ms / 1000)
+    del x
+    weight_bytes = sum(p.numel() for p in full.parameters()) * 2
+    kv_bytes = cfg.n_layers * ctx * 2 * cfg.n_kv_heads * cfg.head_dim * 2
+    out.update(measured_copy_gb_s=bw / 1e9, weight_bytes=weight_bytes,
+               floor_batch1_ms=(weight_bytes + kv_bytes) / bw * 1000)
+
+    def engine_steps(mode, scales, steps=12):
+        B = len(scales)
+        de = DecodeEngine(full, DecodeConfig(num_blocks=B * (ctx + 64) // 16 + 8, block_size=16, max_batch_size=B,
+                                             mixed_scale_mode=mode))
+        de.pool.k.normal_()
+        de.pool.v.normal_()
+        params = SamplingParams(max_new_tokens=steps + 8, ignore_eos=True)
+        for i, s in enumerate(scales):
+            de.reserve(f"q{i}", ctx, steps + 8)
+            de._requests[f"q{i}"].kv_done = True  # the pool already holds (random) K/V of the context
+            de.start_generation(f"q{i}", 1, params, scale=s)
+        for _ in range(3):
+            de.step()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            de.step()
+            times.append((time.perf_counter() - t0) * 1000)
+        de.stop()
+        del de
+        free()
+        return statistics.median(times)
+
+    for B in batches:
+        for s in (1, 2):
+            guard(out["ours_step_ms"], f"b{B}_scale{s}", lambda: engine_steps("widest", [s] * B))
+    B = batches[-1]
+    mixed = [1 + i % 2 for i in range(B)]
+    out["mixed_batch"] = B
+    guard(out, "mixed_widest_ms", lambda: engine_steps("widest", mixed))
+    guard(out, "mixed_group_ms", lambda: engine_steps("group", mixed))
+    out["tokens_per_s"] = {k: int(k.split("_")[0][1:]) / (v / 1000) for k, v in out["ours_step_ms"].items()
+                           if isinstance(v, float)}
+    del full
+    free()
+    hf = hf_llama(cfg, causal_lm=True)
+
+    def hf_step(B):
+        ids = torch.randint(0, 128000, (B, ctx), device=DEV)
+        kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+        short = timed(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw), reps=3)
+        long = timed(lambda: hf.generate(ids, max_new_tokens=17, min_new_tokens=17, **kw), reps=3)
+        return (long - short) / 16
+
+    for B in batches:
+        guard(out["hf_step_ms"], f"b{B}", lambda: hf_step(B))
+    ours_b1 = out["ours_step_ms"].get("b1_scale2")
+    if isinstance(ours_b1, float):
+        out["batch1_step_over_floor"] = ours_b1 / out["floor_batch1_ms"]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sections", default="prefill,handoff,decode")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bfloat16",
+            "date": time.strftime("%Y-%m-%d")}
+    try:
+        import transformers
+
+        meta["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    from colm.decode_worker.paged_cache import HAS_KERNEL
+
+    meta["paged_attention_kernel"] = HAS_KERNEL
+    fns = {"prefill": bench_prefill, "handoff": bench_handoff, "decode": bench_decode}
+    for sec in args.sections.split(","):
+        t0 = time.time()
+        res = {"meta": meta}
+        guard(res, "results", lambda: fns[sec](args.quick))
+        res["wall_s"] = time.time() - t0
+        (outdir / f"{sec}.json").write_text(json.dumps(res, indent=1, default=str))
+        print(f"== {sec} ({res['wall_s']:.0f} s)")
+        print(json.dumps(res["results"], indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
