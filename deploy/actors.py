@@ -107,9 +107,9 @@ class WorkerPool:
                 self.actors[wid] = actor.options(**self._options(role)).remote(
                     role, self.model_path, section, self.token, w.host, self.cfg.model.dtype, self.cfg.model.device)
                 self.roles[wid] = role
-        return self.refresh(timeout_s=300.0)
+        return self.refresh(timeout_s=120.0, require_all=True)
 
-    def refresh(self, timeout_s: float = 5.0) -> list[WorkerInfo]:
+    def refresh(self, timeout_s: float = 5.0, require_all: bool = False) -> list[WorkerInfo]:
         import ray
 
         refs = {wid: a.address.remote() for wid, a in self.actors.items()}
@@ -117,6 +117,10 @@ class WorkerPool:
             try:
                 self.addresses[wid] = ray.get(ref, timeout=timeout_s)
             except Exception as e:  # dead or restarting: keep the last address; the router's polls fail over
+                if require_all:
+                    raise RuntimeError(
+                        f"worker {wid} did not start within {timeout_s:.0f} s ({type(e).__name__}: {e}); check that the "
+                        f"Ray cluster has the resources it asks for: {self._options(self.roles[wid])}") from None
                 log.debug("%s has no address now: %s", wid, e)
         return [WorkerInfo(wid, self.roles[wid], addr) for wid, addr in self.addresses.items()]
 

@@ -81,7 +81,10 @@ class Launcher:
         if r.address:
             ray.init(address=r.address, **kw)
         else:
-            ray.init(num_cpus=r.num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False, **kw)
+            w = self.cfg.workers
+            # Logical CPUs are scheduling tokens: give the embedded cluster room for every worker actor.
+            need = int(-(-(w.num_prefill + w.num_decode) * w.num_cpus_per_worker // 1))
+            ray.init(num_cpus=r.num_cpus or max(2, os.cpu_count() or 2, need), include_dashboard=False, **kw)
 
     async def start(self) -> dict[str, str]:
         from colm import checkpoint

@@ -52,7 +52,11 @@ def run(args) -> int:
     async def main() -> None:
         launcher = Launcher(cfg, colocated=args.colocated)
         addrs = await launcher.start()
-        print(f"[colm serve] model {launcher.model_path or cfg.model.path or 'tiny-air demo'} ready", file=sys.stderr)
+        print(f"[colm serve] model {launcher.model_path} ready", file=sys.stderr)
+        backend = launcher.server.router.backend
+        where = "Ray actors" if launcher.pool is not None else "in this process"
+        workers = ", ".join(f"{w.worker_id}{'@' + w.address if w.address else ''}" for w in backend.workers())
+        print(f"[colm serve] workers ({where}): {workers}", file=sys.stderr)
         for kind, addr in addrs.items():
             print(f"[colm serve] {kind:7s} {addr}", file=sys.stderr)
         grpc_addr = addrs["grpc"]
