@@ -193,3 +193,7 @@ class Launcher:
             await self.server.stop()
         if self.pool is not None:
             self.pool.stop()
+            if not self.cfg.ray.address:  # the embedded cluster is ours to end
+                import ray
+
+                ray.shutdown()

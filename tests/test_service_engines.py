@@ -32,7 +32,7 @@ def ckpt(tmp_path_factory):
 
 def make(ckpt, num_decode=1, **router_kw):
     prefill = {"prefill-0": PrefillEngine.from_checkpoint(ckpt)}
-    decode = {f"decode-{i}": DecodeEngine.from_checkpoint(ckpt, DecodeConfig(num_blocks=128, use_cuda_graphs=False))
+    decode = {f"decode-{i}": DecodeEngine.from_checkpoint(ckpt, DecodeConfig(num_blocks=128))
               for i in range(num_decode)}
     cfg = RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, **router_kw)
     router = Router(cfg, checkpoint.load_config(ckpt), ByteTokenizer(), EngineBackend(prefill, decode))

@@ -39,6 +39,22 @@ def load_config(args):
     return ClusterConfig.from_dict(d)
 
 
+def announce(launcher, addrs: dict) -> None:
+    backend = launcher.server.router.backend
+    where = "Ray actors" if launcher.pool is not None else "in this process"
+    workers = ", ".join(f"{w.worker_id}{'@' + w.address if w.address else ''}" for w in backend.workers())
+    print(f"[colm serve] model {launcher.model_path} ready", file=sys.stderr)
+    print(f"[colm serve] workers ({where}): {workers}", file=sys.stderr)
+    for kind, addr in addrs.items():
+        print(f"[colm serve] {kind:7s} {addr}", file=sys.stderr)
+    print(f"[colm serve] try: colm client generate --addr {addrs['grpc']} --prompt 'The import statement' --stream",
+          file=sys.stderr)
+    if "http" in addrs:
+        print(f"[colm serve]  or: curl {addrs['http']}/v1/completions -H 'Content-Type: application/json' "
+              "-d '{\"prompt\": \"The import statement\", \"max_tokens\": 16, \"tpot_ms\": 50}'", file=sys.stderr)
+    sys.stderr.flush()
+
+
 def run(args) -> int:
     import asyncio
     import logging
@@ -50,29 +66,19 @@ def run(args) -> int:
     cfg = load_config(args)
 
     async def main() -> None:
-        launcher = Launcher(cfg, colocated=args.colocated)
-        addrs = await launcher.start()
-        print(f"[colm serve] model {launcher.model_path} ready", file=sys.stderr)
-        backend = launcher.server.router.backend
-        where = "Ray actors" if launcher.pool is not None else "in this process"
-        workers = ", ".join(f"{w.worker_id}{'@' + w.address if w.address else ''}" for w in backend.workers())
-        print(f"[colm serve] workers ({where}): {workers}", file=sys.stderr)
-        for kind, addr in addrs.items():
-            print(f"[colm serve] {kind:7s} {addr}", file=sys.stderr)
-        grpc_addr = addrs["grpc"]
-        print(f"[colm serve] try: colm client generate --addr {grpc_addr} --prompt 'The import statement' --stream",
-              file=sys.stderr)
-        if "http" in addrs:
-            print(f"[colm serve]  or: curl {addrs['http']}/v1/completions -H 'Content-Type: application/json' "
-                  "-d '{\"prompt\": \"The import statement\", \"max_tokens\": 16, \"tpot_ms\": 50}'", file=sys.stderr)
-        sys.stderr.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM):  # before starting: Ctrl-C during start-up stops cleanly too
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        print("[colm serve] stopping", file=sys.stderr)
-        await launcher.stop()
+        launcher = Launcher(cfg, colocated=args.colocated)
+        try:
+            addrs = await launcher.start()
+            if not stop.is_set():
+                announce(launcher, addrs)
+                await stop.wait()
+        finally:
+            print("[colm serve] stopping", file=sys.stderr)
+            await launcher.stop()
 
     asyncio.run(main())
     return 0
