@@ -6,7 +6,8 @@ baseline:  the same router and DecodeEngine, but prompts are prefilled by the FU
            (``FullPrefillEngine``) and every request is pinned to the full scale: no disaggregated
            chain-1 prefill, no scale choice.
 
-Both run on one GPU with engines as threads of one process (Ray is not in the GPU image); the load
+Both run on one device. colm's engines are plain processes (``colm.deploy.worker_main``: gRPC,
+KV over shared memory; Ray is not in the GPU image); the baseline is one process. The load
 generator is a separate process (``colm loadtest``) speaking gRPC to the router. The SLO is set
 from a calibration of the baseline at low load (``--slo-scale`` times its batch-1 TPOT and TTFT),
 so the baseline meets it when idle. Writes PREFIX.json (both summaries + per-rate goodput ratio)
@@ -42,30 +43,66 @@ def build_checkpoint(preset_name: str, dtype, device: str) -> str:
     return path
 
 
-def make_router(mode: str, ckpt: str, dtype, device: str, num_blocks: int):
+def start_worker(role: str, ckpt: str, args, token: str, section: dict) -> tuple[subprocess.Popen, str]:
+    """One engine as a plain process (colm.deploy.worker_main); returns (process, its gRPC address)."""
+    cmd = [sys.executable, "-m", "colm.deploy.worker_main", "--role", role, "--model", ckpt, "--device", args.device,
+           "--dtype", args.dtype, "--config", json.dumps(section)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "COLM_CLUSTER_TOKEN": token})
+    line = proc.stdout.readline().split()
+    if len(line) != 3 or line[0] != "READY":
+        proc.kill()
+        raise RuntimeError(f"{role} worker did not start: {line}")
+    return proc, line[2]
+
+
+def make_router(mode: str, ckpt: str, dtype, args):
+    """colm: router here, prefill and decode workers as processes (gRPC, KV over shared memory).
+    baseline: router here with the full-model prefill and the decode engine in this process."""
+    import secrets
+
     from colm import checkpoint
     from colm.decode_worker.config import DecodeConfig
     from colm.decode_worker.engine import DecodeEngine
+    from colm.router.backend import WorkerInfo
     from colm.router.colocated import FullPrefillEngine
     from colm.router.config import RouterConfig
     from colm.router.core import Router
     from colm.router.engine_backend import EngineBackend
+    from colm.router.grpc_backend import GrpcBackend
     from colm.router.server import ThreadedRouterServer
     from colm.tokenizer import ByteTokenizer
 
-    de = DecodeEngine.from_checkpoint(ckpt, DecodeConfig(num_blocks=num_blocks, max_batch_size=64), device=device,
-                                      dtype=dtype)
-    if mode == "colm":
-        from colm.prefill_worker.engine import PrefillEngine
-
-        pe = PrefillEngine.from_checkpoint(ckpt, device=device, dtype=dtype)
+    decode_section = {"num_blocks": args.num_blocks, "max_batch_size": 64}
+    procs = []
+    if mode == "colm" and args.workers == "procs":
+        token = secrets.token_urlsafe(24)
+        d, daddr = start_worker("decode", ckpt, args, token, decode_section)
+        p, paddr = start_worker("prefill", ckpt, args, token, {})
+        procs = [d, p]
+        backend = GrpcBackend([WorkerInfo("decode-0", "decode", daddr), WorkerInfo("prefill-0", "prefill", paddr)],
+                              cluster_token=token)
     else:
-        pe = FullPrefillEngine(de.model)
+        de = DecodeEngine.from_checkpoint(ckpt, DecodeConfig(**decode_section), device=args.device, dtype=dtype)
+        if mode == "colm":
+            from colm.prefill_worker.engine import PrefillEngine
+
+            pe = PrefillEngine.from_checkpoint(ckpt, device=args.device, dtype=dtype)
+        else:
+            pe = FullPrefillEngine(de.model)
+        backend = EngineBackend({"prefill-0": pe}, {"decode-0": de})
     cfg = RouterConfig(grpc_port=0, http_port=None, max_running=512, max_queued=4096, poll_interval_s=0.1,
                        default_deadline_s=300, token_timeout_s=120, served_model_name=f"bench-{mode}")
-    router = Router(cfg, checkpoint.load_config(ckpt), ByteTokenizer(), EngineBackend({"prefill-0": pe},
-                                                                                      {"decode-0": de}))
-    return ThreadedRouterServer(router), de
+    router = Router(cfg, checkpoint.load_config(ckpt), ByteTokenizer(), backend)
+    return ThreadedRouterServer(router), procs
+
+
+def decode_stats(server) -> dict:
+    import asyncio
+
+    backend = server.router.backend
+    wid = next(w.worker_id for w in backend.workers() if w.role == "decode")
+    rep = asyncio.run_coroutine_threadsafe(backend.poll(wid), server.loop).result(10)
+    return {"free_blocks": rep.free_blocks, "total_blocks": rep.total_blocks, "step_ms": rep.step_ms}
 
 
 def calibrate(addr: str, prompt_len: int, out_len: int, scale: int, n: int = 4) -> dict:
@@ -104,6 +141,8 @@ def main() -> int:
     ap.add_argument("--slo-scale", type=float, default=1.5, help="SLO = this x the baseline's idle TTFT and TPOT")
     ap.add_argument("--out", default="bench/results/serve_goodput")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workers", choices=["procs", "inproc"], default="procs",
+                    help="colm's engines as plain processes (gRPC + shared-memory KV) or threads of this process")
     args = ap.parse_args()
     device = args.device
     dtype = getattr(torch, args.dtype)
@@ -113,7 +152,7 @@ def main() -> int:
     olo, ohi = (int(x) for x in args.output_len.split(","))
     runs, calib, slo = {}, {}, None
     for mode in ("baseline", "colm"):
-        server, de = make_router(mode, ckpt, dtype, device, args.num_blocks)
+        server, procs = make_router(mode, ckpt, dtype, args)
         try:
             full = server.router.model_cfg.num_chains
             calib[mode] = {str(k): calibrate(server.grpc_addr, (plo + phi) // 2, (olo + ohi) // 2, k)
@@ -123,10 +162,13 @@ def main() -> int:
                 slo = {"ttft_ms": args.slo_scale * base["ttft_ms"], "tpot_ms": args.slo_scale * base["tpot_ms"]}
             budgets = f"scale:{full}" if mode == "baseline" else f"ttft:{slo['ttft_ms']:.3f}+tpot:{slo['tpot_ms']:.3f}"
             runs[mode] = loadtest(server.grpc_addr, args, budgets, slo, os.path.join(tempfile.mkdtemp(), mode))
-            runs[mode]["decode_stats_after"] = vars(de.stats())
+            runs[mode]["decode_stats_after"] = decode_stats(server)
         finally:
             server.stop()
-            del de, server
+            for p in procs:
+                p.terminate()
+                p.wait(30)
+            del server
             if device == "cuda":
                 torch.cuda.empty_cache()
     from colm.loadtest import plot
@@ -140,7 +182,9 @@ def main() -> int:
               "dtype": args.dtype, "args": vars(args), "slo": slo, "calibration": calib, "per_rate": ratio,
               "max_goodput_rps": {"colm": best_c, "baseline": best_b, "ratio": best_c / best_b if best_b else None},
               "colm": runs["colm"], "baseline": runs["baseline"], "wall_s": time.time() - t0,
-              "setup": "one GPU; router + engines as threads of one process; load generator in another process"}
+              "setup": (f"one device; colm: router process + prefill and decode worker processes ({args.workers}); "
+                        "baseline: router + full-model prefill + decode engine in one process; load generator in "
+                        "another process")}
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=2)
     plot(runs["colm"], args.out + ".png", title=f"{args.preset} on {result['device']}: colm vs colocated full model "
