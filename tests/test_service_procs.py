@@ -1,0 +1,71 @@
+"""Router -> prefill and decode workers as plain processes (colm.deploy.worker_main) over gRPC."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("colm.decode_worker.service")
+
+from colm import checkpoint  # noqa: E402
+from colm.assets import demo_model_dir  # noqa: E402
+from colm.client import Client  # noqa: E402
+from colm.generate import generate  # noqa: E402
+from colm.router.backend import WorkerInfo  # noqa: E402
+from colm.router.config import RouterConfig  # noqa: E402
+from colm.router.core import Router  # noqa: E402
+from colm.router.grpc_backend import GrpcBackend  # noqa: E402
+from colm.sampling import SamplingParams  # noqa: E402
+from colm.tokenizer import ByteTokenizer  # noqa: E402
+from router_helpers import BackgroundRouter  # noqa: E402
+
+TOKEN = "proc-test-token-0123456789"
+
+
+def test_worker_processes_serve_reference_tokens_and_refuse_a_wrong_token():
+    model_dir = str(demo_model_dir())
+    env = {**os.environ, "COLM_CLUSTER_TOKEN": TOKEN}
+    procs, addrs = [], {}
+    try:
+        for role, cfg in (("decode", '{"num_blocks": 256}'), ("prefill", "{}")):
+            p = subprocess.Popen([sys.executable, "-m", "colm.deploy.worker_main", "--role", role, "--model", model_dir,
+                                  "--config", cfg], stdout=subprocess.PIPE, text=True, env=env)
+            procs.append(p)
+            ready = p.stdout.readline().split()
+            assert ready[:2] == ["READY", role], ready
+            addrs[role] = ready[2]
+        workers = [WorkerInfo("decode-0", "decode", addrs["decode"]), WorkerInfo("prefill-0", "prefill", addrs["prefill"])]
+        model = checkpoint.load(model_dir).eval()
+        tok = ByteTokenizer()
+        bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None), checkpoint.load_config(model_dir), tok,
+                                     GrpcBackend(workers, cluster_token=TOKEN)))
+        try:
+            with Client(bg.grpc_addr) as c:
+                for scale in (1, 2):
+                    want = generate(model, tok.encode("The import statement"), SamplingParams(max_new_tokens=16),
+                                    scale=scale, eos_id=tok.eos_id).token_ids
+                    assert c.complete("The import statement", max_new_tokens=16, scale=scale)["token_ids"] == want
+                bg.call(bg.router.poll_once())  # a fresh report: the blocks of finished requests are back
+                h = c.health()
+                assert all(w["healthy"] for w in h["workers"])
+                assert [w for w in h["workers"] if w["role"] == "decode"][0]["free_blocks"] == 256
+        finally:
+            bg.stop()
+        # a router holding the wrong token gets nothing from the workers: they never become healthy
+        bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None), checkpoint.load_config(model_dir), tok,
+                                     GrpcBackend(workers, cluster_token="wrong-token-0123456789")))
+        try:
+            with Client(bg.grpc_addr) as c:
+                assert not any(w["healthy"] for w in c.health()["workers"])
+                import grpc
+
+                with pytest.raises(grpc.RpcError) as e:
+                    c.complete("The import statement", max_new_tokens=4)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            bg.stop()
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(30)
