@@ -37,6 +37,7 @@ class GrpcBackend:
         self._workers: dict[str, WorkerInfo] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._host_ids: dict[str, str] = {}
+        self._transfer: dict[str, list] = {}  # prefill worker -> [bytes, seconds, tokens] handed to decode so far
         self.set_workers(workers)
 
     # ---- workers -------------------------------------------------------------------------------
@@ -91,8 +92,10 @@ class GrpcBackend:
                                 free_blocks=s.num_free_blocks, total_blocks=s.num_blocks)
         s = await self._prefill(worker_id).Stats(kv_pb2.PrefillStatsRequest(), metadata=self._md(), timeout=2.0)
         self._host_ids[worker_id] = s.host_id
+        nbytes, seconds, tokens = self._transfer.get(worker_id, (0, 0.0, 0))
         return WorkerReport(worker_id, "prefill", queued_tokens=s.num_queued_tokens,
-                            prefill_tokens_per_s=s.tokens_per_s or None)
+                            prefill_tokens_per_s=s.tokens_per_s or None, transfer_bytes=nbytes, transfer_s=seconds,
+                            transfer_ms_per_mtoken=seconds * 1e9 / tokens if tokens else None)
 
     # ---- one request ---------------------------------------------------------------------------
     async def generate(self, req: EngineRequest, prefill_id: str, decode_id: str) -> AsyncIterator[EngineToken]:
@@ -113,6 +116,7 @@ class GrpcBackend:
             prefill_task = asyncio.ensure_future(self._prefill(prefill_id).Prefill(kv_pb2.PrefillRequest(
                 request_id=req.request_id, token_ids=list(req.prompt_ids), decode_address=self._workers[decode_id].address,
                 same_host=same_host, timeout_s=timeout), metadata=md, timeout=timeout))
+            prefill_task.add_done_callback(lambda t: self._count_transfer(prefill_id, t))
             sampling = kv_pb2.DecodeSampling(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
                                              top_p=p.top_p, stop_token_ids=list(p.stop_token_ids),
                                              ignore_eos=p.ignore_eos)
@@ -146,6 +150,15 @@ class GrpcBackend:
             if not finished:
                 with contextlib.suppress(Exception):
                     await decode.Abort(kv_pb2.AbortRequest(request_id=req.request_id), metadata=md, timeout=2.0)
+
+    def _count_transfer(self, prefill_id: str, task: asyncio.Future) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        r = task.result()  # PrefillReply: the hand-off is what the total holds beyond queueing and compute
+        t = self._transfer.setdefault(prefill_id, [0, 0.0, 0])
+        t[0] += r.num_bytes
+        t[1] += max(0.0, r.total_ms - r.queue_ms - r.compute_ms) / 1e3
+        t[2] += r.num_tokens
 
     async def _prefill_failure(self, e: BaseException, prefill_id: str, decode_id: str) -> Exception:
         """A failed Prefill may mean the decode worker it pushes to is gone: blame whoever does not answer."""

@@ -50,6 +50,10 @@ def test_worker_processes_serve_reference_tokens_and_refuse_a_wrong_token():
                 h = c.health()
                 assert all(w["healthy"] for w in h["workers"])
                 assert [w for w in h["workers"] if w["role"] == "decode"][0]["free_blocks"] == 256
+                # the KV hand-off is counted: 2 requests x 19 prompt tokens (all but the last) x 4 layers x K,V x
+                # 4 heads x 32 dims x 4 bytes
+                m = bg.router.metrics.transfer_bytes.labels("prefill-0")._value.get()
+                assert m == 2 * 19 * 4 * 2 * 4 * 32 * 4
         finally:
             bg.stop()
         # a router holding the wrong token gets nothing from the workers: they never become healthy
