@@ -278,3 +278,20 @@ def test_tls_on_grpc_and_http(tmp_path):
                 c.complete("hi", max_new_tokens=1)
     finally:
         bg.stop()
+
+
+def test_colm_client_cli(served, capsys):
+    from colm.cli import main
+
+    bg, model = served
+    ref = ref_tokens(model, "Hello", 5, 1)
+    assert main(["client", "generate", "--addr", bg.grpc_addr, "--prompt", "Hello", "--max-new-tokens", "5",
+                 "--scale", "1", "--ids"]) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in ref]
+    assert main(["client", "generate", "--addr", bg.grpc_addr, "--prompt", "Hello", "--max-new-tokens", "5",
+                 "--scale", "1", "--ids", "--stream"]) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in ref]
+    assert main(["client", "generate", "--addr", bg.grpc_addr, "--prompt", "Hello", "--max-new-tokens", "-3"]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    assert main(["client", "tokenize", "--addr", bg.grpc_addr, "--text", "ab"]) == 0
+    assert capsys.readouterr().out.split() == ["97", "98"]
