@@ -161,13 +161,20 @@ def main() -> int:
                 base = calib["baseline"][str(full)]
                 slo = {"ttft_ms": args.slo_scale * base["ttft_ms"], "tpot_ms": args.slo_scale * base["tpot_ms"]}
             budgets = f"scale:{full}" if mode == "baseline" else f"ttft:{slo['ttft_ms']:.3f}+tpot:{slo['tpot_ms']:.3f}"
+            print(f"[{mode}] calibration {calib[mode]}; SLO {slo}", flush=True)
             runs[mode] = loadtest(server.grpc_addr, args, budgets, slo, os.path.join(tempfile.mkdtemp(), mode))
             runs[mode]["decode_stats_after"] = decode_stats(server)
+            with open(f"{args.out}_{mode}.json", "w") as f:  # kept even if a later phase fails
+                json.dump({"calibration": calib[mode], "slo": slo, **runs[mode]}, f, indent=2)
         finally:
             server.stop()
             for p in procs:
                 p.terminate()
-                p.wait(30)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(10)
             del server
             if device == "cuda":
                 torch.cuda.empty_cache()
