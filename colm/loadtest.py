@@ -200,6 +200,12 @@ def summarize(results: list[Result], spec: LoadSpec, wall_s: dict[float, float] 
                               for k in scales}
         out["rates"].append(entry)
     out["total"] = block(results, sum((wall_s or {}).values()) or None)
+    # every request, so goodput can be recomputed later at another SLO
+    out["requests"] = {"fields": ["rate", "budget", "status", "scale", "prompt_tokens", "output_tokens", "ttft_ms",
+                                  "tpot_ms", "e2e_ms", "retries"],
+                       "rows": [[r.rate, r.budget, r.status, r.scale, r.prompt_tokens, r.output_tokens,
+                                 round(r.ttft_ms, 3), round(r.tpot_ms, 3), round(r.e2e_ms, 3), r.retries]
+                                for r in results]}
     return out
 
 
