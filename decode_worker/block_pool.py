@@ -63,7 +63,7 @@ class BlockPool:
             for b in blocks:
                 if not 0 <= b < self.num_blocks or self._is_free[b]:
                     raise ValueError(f"free: block {b} is not allocated (double free or foreign id)")
-            for b in blocks:
+            for b in reversed(blocks):  # pushed back so that the next allocate pops them in ascending order
                 self._is_free[b] = True
                 self._free.append(b)
 
@@ -72,3 +72,19 @@ class BlockPool:
         pos = torch.arange(start, end)
         table = torch.tensor(blocks, dtype=torch.int64)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def runs(self, blocks: list[int], start: int, end: int) -> list[tuple[int, int, int]]:
+        """Token positions start..end-1 as maximal runs of consecutive slots: [(token_a, token_b, first_slot)].
+        Blocks come off the free stack in ascending order, so a request's blocks are mostly one run."""
+        bs = self.block_size
+        out: list[list[int]] = []
+        pos = start
+        while pos < end:
+            stop = min(end, (pos // bs + 1) * bs)
+            slot = blocks[pos // bs] * bs + pos % bs
+            if out and out[-1][2] + (out[-1][1] - out[-1][0]) == slot:
+                out[-1][1] = stop
+            else:
+                out.append([pos, stop, slot])
+            pos = stop
+        return [tuple(r) for r in out]

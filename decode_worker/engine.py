@@ -182,11 +182,19 @@ class DecodeEngine:
                 cells = req.written[layer_start:layer_end, token_start:token_end]
                 if cells.any():
                     raise TransferError(f"request {request_id}: chunk overlaps K/V already received")
-                slots = self.pool.slots(req.blocks, token_start, token_end).to(self.device)
                 kv = kv.to(self.device, self.dtype, non_blocking=True)
                 nl = layer_end - layer_start
-                self.pool.k[layer_start:layer_end].view(nl, -1, lay.num_kv_heads, lay.head_dim)[:, slots] = kv[:, :, 0]
-                self.pool.v[layer_start:layer_end].view(nl, -1, lay.num_kv_heads, lay.head_dim)[:, slots] = kv[:, :, 1]
+                kp = self.pool.k[layer_start:layer_end].view(nl, -1, lay.num_kv_heads, lay.head_dim)  # [nl, slots, H, hd]
+                vp = self.pool.v[layer_start:layer_end].view(nl, -1, lay.num_kv_heads, lay.head_dim)
+                runs = self.pool.runs(req.blocks, token_start, token_end)
+                if len(runs) <= 8:  # consecutive blocks: plain slice copies (no index tensor, no scatter)
+                    for a, b, s in runs:
+                        kp[:, s : s + b - a].copy_(kv[:, a - token_start : b - token_start, 0])
+                        vp[:, s : s + b - a].copy_(kv[:, a - token_start : b - token_start, 1])
+                else:
+                    slots = self.pool.slots(req.blocks, token_start, token_end).to(self.device)
+                    kp[:, slots] = kv[:, :, 0]
+                    vp[:, slots] = kv[:, :, 1]
                 cells[:] = True
                 req.next_chunk_seq += 1
             except TransferError as e:

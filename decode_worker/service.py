@@ -1,10 +1,13 @@
 """gRPC front of the decode engine: service ``colm.v1.DecodeWorker`` (see ``proto/colm/v1/kv.proto``).
 
 ``PushKV`` is where the KV hand-off lands: header -> ``engine.begin_kv`` (attaching the sender's
-shared-memory segment on the same-host path) -> per chunk: size and crc32 check, then
+shared-memory segment on the same-host path) -> per chunk: size and checksum check, then
 ``engine.write_kv`` into the reserved blocks -> ``KVEnd`` -> ``engine.finish_kv`` and an ack. A
 checksum mismatch, gap, or a stream that ends or breaks before ``KVEnd`` fails that request (its
 blocks are freed); the worker goes on serving. Errors map to status codes in ``colm.proto.rpc``.
+
+``PushKV`` messages are deserialised by ``read_kv_message``: a chunk's payload stays a view of the
+received buffer (``colm.kv_wire.split_chunk_message``) and only its metadata goes through protobuf.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import grpc
 
 from colm.errors import PeerUnavailableError, TransferError
-from colm.kv_wire import KVLayout, bytes_to_tensor, checksum, open_segment
+from colm.kv_wire import CHECKSUMS, KVLayout, bytes_to_tensor, checksum, open_segment, split_chunk_message
 from colm.proto import load_proto
 from colm.proto.rpc import make_server
 from colm.sampling import SamplingParams
@@ -21,6 +24,48 @@ from colm.sampling import SamplingParams
 from colm.decode_worker.engine import DecodeEngine
 
 kv_pb2, kv_pb2_grpc = load_proto("kv")
+
+
+class RawChunkMessage:
+    """A ``KVMessage`` holding a chunk whose payload was left out of protobuf (``payload``: a memoryview)."""
+
+    __slots__ = ("chunk", "payload")
+
+    def __init__(self, chunk, payload: memoryview) -> None:
+        self.chunk, self.payload = chunk, payload
+
+    def WhichOneof(self, name: str) -> str:  # noqa: N802 - the protobuf message API the service loop uses
+        return "chunk"
+
+
+def read_kv_message(raw: bytes):
+    split = split_chunk_message(raw)
+    if split is None:
+        return kv_pb2.KVMessage.FromString(raw)
+    return RawChunkMessage(kv_pb2.KVChunk.FromString(split[0]), split[1])
+
+
+def add_decode_service(servicer, server) -> None:
+    """``add_DecodeWorkerServicer_to_server`` with ``PushKV`` requests read by ``read_kv_message``."""
+
+    class _Capture:
+        handlers: dict = {}
+
+        def add_generic_rpc_handlers(self, handlers) -> None:
+            pass
+
+        def add_registered_method_handlers(self, name, handlers) -> None:
+            self.name, self.handlers = name, dict(handlers)
+
+    cap = _Capture()
+    kv_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, cap)
+    if "PushKV" not in cap.handlers:  # generated code of another grpc version: keep its handlers
+        kv_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
+        return
+    handlers = dict(cap.handlers)
+    handlers["PushKV"] = handlers["PushKV"]._replace(request_deserializer=read_kv_message)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(cap.name, handlers),))
+    server.add_registered_method_handlers(cap.name, handlers)
 
 
 def sampling_from_proto(s) -> SamplingParams:
@@ -60,13 +105,15 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                     layout = KVLayout(header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim,
                                       header.dtype)
                     state["rid"] = header.request_id
+                    if header.checksum not in CHECKSUMS + ("",):  # "" (field unset) = none
+                        raise TransferError(f"request {header.request_id}: checksum {header.checksum!r} unknown")
                     self.engine.begin_kv(header.request_id, layout)
                     if header.shm_name:
                         segment = open_segment(header.shm_name)
                 elif header is None:
                     raise TransferError("KV stream does not start with a header")
                 elif kind == "chunk":
-                    self._write_chunk(header, msg.chunk, segment)
+                    self._write_chunk(header, msg.chunk, segment, getattr(msg, "payload", None))
                 elif kind == "end":
                     self.engine.finish_kv(header.request_id, header.num_tokens)
                     state["done"] = True
@@ -86,28 +133,28 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                 except BufferError:  # a view is still alive somewhere; the mapping goes with the process
                     pass
 
-    def _write_chunk(self, header, c, segment) -> None:
+    def _write_chunk(self, header, c, segment, inline=None) -> None:
         rid = header.request_id
         if c.dtype != header.dtype:
             raise TransferError(f"request {rid}: chunk dtype {c.dtype!r}, header {header.dtype!r}")
         if segment is not None:
-            if c.data:
+            if c.data or inline:
                 raise TransferError(f"request {rid}: inline bytes on the shared-memory path")
             if c.shm_offset + c.nbytes > segment.size:
                 raise TransferError(f"request {rid}: chunk [{c.shm_offset}, +{c.nbytes}) outside the segment")
             payload = segment.buf[c.shm_offset : c.shm_offset + c.nbytes]
         else:
-            payload = memoryview(c.data)
+            payload = inline if inline is not None else memoryview(c.data)
         if len(payload) != c.nbytes:
             raise TransferError(f"request {rid}: chunk {c.seq} has {len(payload)} bytes, says {c.nbytes}")
-        if header.checksum == "crc32" and checksum(payload) != c.crc32:
+        if header.checksum not in ("none", "") and checksum(payload, header.checksum) != c.crc32:
             raise TransferError(f"request {rid}: checksum mismatch in chunk {c.seq}")
         try:
             kv = bytes_to_tensor(payload, c.dtype, tuple(c.shape))
         except ValueError as e:
             raise TransferError(f"request {rid}: chunk {c.seq}: {e}") from None
         self.engine.write_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, kv, seq=c.seq)
-        del kv, payload
+        del kv, payload, inline
 
     def StartGeneration(self, request, context):
         rid = request.request_id
@@ -150,7 +197,7 @@ class DecodeServer:
                  max_workers: int = 64) -> None:
         self.engine = engine
         self.server, self.port = make_server(address, cluster_token, max_workers)
-        kv_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeService(engine), self.server)
+        add_decode_service(DecodeService(engine), self.server)
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
 

@@ -2,25 +2,47 @@
 
 ``GrpcKVSink`` (cross-host) puts the raw bytes in the chunk messages; with ``shm=True`` (same host)
 the bytes go into a POSIX shared-memory segment this side creates and the messages only say where
-(offset, size, crc32). Path of one request: ``begin`` opens the client stream (header first) ->
+(offset, size, checksum). Path of one request: ``begin`` opens the client stream (header first) ->
 each ``put`` is staged to host memory (``StagedKVSink``) and the stream's generator, run by gRPC's
-sender thread, cuts it into chunks of at most ``chunk_bytes`` -> ``finish`` sends ``KVEnd`` and waits
+sender thread, cuts it into chunks of at most ``chunk_bytes`` (bytes path; one chunk per ``put`` on
+the shared-memory path, where a chunk is only an offset) -> ``finish`` sends ``KVEnd`` and waits
 for the ack within the deadline -> the segment is unlinked. ``fail`` ends the stream without
 ``KVEnd`` and cancels it, so decode frees the request's blocks.
+
+Copies per payload byte: bytes path, one into the message (``encode_chunk_message``, through
+``decode_stub``'s ``PushKVRaw``; a plain stub falls back to protobuf messages, two copies); shared
+memory, one into the segment (``torch`` copy, off the GIL).
 """
 
 from __future__ import annotations
 
 import grpc
+import torch
 
 from colm.errors import PeerUnavailableError, TransferError
-from colm.kv_wire import KVLayout, checksum, create_segment, shm_name_for, tensor_bytes
+from colm.kv_wire import KVLayout, checksum, create_segment, encode_chunk_message, shm_name_for, tensor_bytes
 from colm.proto import load_proto
-from colm.proto.rpc import auth_metadata
+from colm.proto.rpc import auth_metadata, make_channel
 
 from colm.prefill_worker.sinks import StagedKVSink
 
 kv_pb2, kv_pb2_grpc = load_proto("kv")
+
+PUSH_KV_METHOD = "/colm.v1.DecodeWorker/PushKV"
+
+
+def _serialize(msg) -> bytes:
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+def decode_stub(target):
+    """A ``DecodeWorkerStub`` (``target``: address or channel) plus ``PushKVRaw``: ``PushKV`` whose request
+    stream may hold pre-serialised chunk messages (bytes), so payloads skip protobuf."""
+    channel = make_channel(target) if isinstance(target, str) else target
+    stub = kv_pb2_grpc.DecodeWorkerStub(channel)
+    stub.PushKVRaw = channel.stream_unary(PUSH_KV_METHOD, request_serializer=_serialize,
+                                          response_deserializer=kv_pb2.KVAck.FromString)
+    return stub
 
 
 class GrpcKVSink(StagedKVSink):
@@ -40,6 +62,7 @@ class GrpcKVSink(StagedKVSink):
         self._segment = None
         self._future = None
         self._layout: KVLayout | None = None
+        self._raw = False
 
     def begin(self, layout: KVLayout) -> None:
         self._layout = layout
@@ -50,28 +73,43 @@ class GrpcKVSink(StagedKVSink):
         header = kv_pb2.KVHeader(request_id=self.request_id, num_layers=layout.num_layers, num_tokens=layout.num_tokens,
                                  num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
                                  shm_name=shm_name, checksum=self.checksum_kind)
-        self._future = self.stub.PushKV.future(self._messages(header), timeout=self.timeout_s, metadata=self.metadata)
+        raw = getattr(self.stub, "PushKVRaw", None)
+        self._raw = raw is not None
+        call = raw if raw is not None else self.stub.PushKV
+        self._future = call.future(self._messages(header), timeout=self.timeout_s, metadata=self.metadata)
 
     def _messages(self, header):
         yield kv_pb2.KVMessage(header=header)
         per_token = self._layout.bytes_per_token_layer
-        for (l0, l1, t0, t1), host in self._staged():
-            step = max(1, self.chunk_bytes // (per_token * (l1 - l0)))
-            for a in range(t0, t1, step):
-                b = min(t1, a + step)
-                piece = host[:, a - t0 : b - t0]  # [layers, tokens, 2, Hkv, hd]: token slices stay contiguous
-                payload = tensor_bytes(piece)
-                chunk = kv_pb2.KVChunk(seq=self._num_chunks, layer_start=l0, layer_end=l1, token_start=a, token_end=b,
-                                       dtype=self._layout.dtype, shape=list(piece.shape), nbytes=len(payload),
-                                       crc32=checksum(payload, self.checksum_kind))
-                if self._segment is not None:
-                    chunk.shm_offset = self.num_bytes
-                    self._segment.buf[self.num_bytes : self.num_bytes + len(payload)] = payload
-                else:
-                    chunk.data = payload.tobytes()
-                self.num_bytes += len(payload)
-                self._num_chunks += 1
-                yield kv_pb2.KVMessage(chunk=chunk)
+        seg = None
+        if self._segment is not None:  # the whole segment as a byte tensor: torch copies release the GIL
+            seg = torch.frombuffer(self._segment.buf, dtype=torch.uint8)
+        try:
+            for (l0, l1, t0, t1), host in self._staged():
+                # bytes path: chunks of at most chunk_bytes (message size limit); shm path: one chunk per put
+                step = t1 - t0 if seg is not None else max(1, self.chunk_bytes // (per_token * (l1 - l0)))
+                for a in range(t0, t1, step):
+                    b = min(t1, a + step)
+                    piece = host[:, a - t0 : b - t0]  # [layers, tokens, 2, Hkv, hd]: token slices stay contiguous
+                    payload = tensor_bytes(piece)
+                    chunk = kv_pb2.KVChunk(seq=self._num_chunks, layer_start=l0, layer_end=l1, token_start=a,
+                                           token_end=b, dtype=self._layout.dtype, shape=list(piece.shape),
+                                           nbytes=len(payload), crc32=checksum(payload, self.checksum_kind))
+                    if seg is not None:
+                        chunk.shm_offset = self.num_bytes
+                        seg[self.num_bytes : self.num_bytes + len(payload)].copy_(torch.frombuffer(payload, dtype=torch.uint8))
+                        msg = kv_pb2.KVMessage(chunk=chunk)
+                    elif self._raw:
+                        msg = encode_chunk_message(chunk.SerializeToString(), payload)
+                    else:
+                        chunk.data = payload.tobytes()
+                        msg = kv_pb2.KVMessage(chunk=chunk)
+                    self.num_bytes += len(payload)
+                    self._num_chunks += 1
+                    del payload, piece
+                    yield msg
+        finally:
+            del seg  # the segment can only be closed once no tensor views it
         yield kv_pb2.KVMessage(end=kv_pb2.KVEnd(num_chunks=self._num_chunks, num_bytes=self.num_bytes))
 
     def finish(self, timeout_s: float) -> int:
@@ -99,7 +137,10 @@ class GrpcKVSink(StagedKVSink):
     def _release(self) -> None:
         if self._segment is not None:
             seg, self._segment = self._segment, None
-            seg.close()
+            try:
+                seg.close()
+            except BufferError:  # a view of an unfinished stream is still alive; the mapping goes with it
+                pass
             seg.unlink()
 
 

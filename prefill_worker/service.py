@@ -13,7 +13,7 @@ from colm.proto import load_proto
 from colm.proto.rpc import make_channel, make_server
 
 from colm.prefill_worker.engine import PrefillEngine
-from colm.prefill_worker.kv_push import GrpcKVSink
+from colm.prefill_worker.kv_push import GrpcKVSink, decode_stub
 
 kv_pb2, kv_pb2_grpc = load_proto("kv")
 
@@ -30,13 +30,15 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
             raise ValueError("decode_address is empty")
         with self._lock:
             if address not in self._stubs:
-                self._stubs[address] = kv_pb2_grpc.DecodeWorkerStub(make_channel(address))
+                self._stubs[address] = decode_stub(address)
             return self._stubs[address]
 
     def Prefill(self, request, context):
         timeout = request.timeout_s or self.engine.config.default_timeout_s
         sink = GrpcKVSink(self._stub(request.decode_address), request.request_id, self.cluster_token,
-                          self.engine.config.kv_chunk_bytes, self.engine.config.checksum, timeout, shm=request.same_host)
+                          self.engine.config.kv_chunk_bytes,
+                          self.engine.config.shm_checksum if request.same_host else self.engine.config.checksum,
+                          timeout, shm=request.same_host)
         r = self.engine.submit(request.request_id, list(request.token_ids), sink, timeout).result(timeout=timeout)
         return kv_pb2.PrefillReply(request_id=r.request_id, num_tokens=r.num_tokens, num_bytes=r.num_bytes,
                                    queue_ms=r.queue_ms, compute_ms=r.compute_ms, total_ms=r.total_ms, path=r.path)
