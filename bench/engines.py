@@ -4,8 +4,9 @@
   CoLM-Air model vs HF transformers' LlamaModel of the 1B shape, at 2K/8K/32K (+128K chunked).
 * handoff: TTFT of an 8K prompt through prefill -> KV transfer -> first token, per path (in-process
   device copy, gRPC bytes, shared memory), vs chain-1 prefill compute alone; stream GB/s.
-* decode: tokens/s of the decode engine at batch 1/8/64, context 2K, full scale and scale 1, mixed
-  scales in both modes, vs HF ``generate`` on the same shape; batch-1 step vs the weight-read floor.
+* decode: tokens/s of the decode engine (CUDA graphs; eager side by side at batch 1 and 64) at batch
+  1/8/64, context 2K, full scale and scale 1, mixed scales in both modes, vs HF ``generate`` on the
+  same shape; batch-1 step vs the weight-read floor.
 
 Random bf16 weights, random tokens; times are medians of synchronised runs after warm-up.
 Usage: python bench/engines.py --out DIR [--sections prefill,handoff,decode] [--quick]
@@ -229,10 +230,10 @@ def bench_decode(quick):
     out.update(measured_copy_gb_s=bw / 1e9, weight_bytes=weight_bytes,
                floor_batch1_ms=(weight_bytes + kv_bytes) / bw * 1000)
 
-    def engine_steps(mode, scales, steps=12):
+    def engine_steps(mode, scales, steps=12, graphs=True):
         B = len(scales)
         de = DecodeEngine(full, DecodeConfig(num_blocks=B * (ctx + 64) // 16 + 8, block_size=16, max_batch_size=B,
-                                             mixed_scale_mode=mode))
+                                             mixed_scale_mode=mode, cuda_graphs=graphs))
         de.pool.k.normal_()
         de.pool.v.normal_()
         params = SamplingParams(max_new_tokens=steps + 8, ignore_eos=True)
@@ -248,6 +249,9 @@ def bench_decode(quick):
             t0 = time.perf_counter()
             de.step()
             times.append((time.perf_counter() - t0) * 1000)
+        if graphs:
+            out["graphs_captured"] = out.get("graphs_captured", 0) + de.graphs.num_captures
+            out["graphs_enabled"] = out.get("graphs_enabled", True) and de.graphs.enabled
         de.stop()
         del de
         free()
@@ -256,6 +260,9 @@ def bench_decode(quick):
     for B in batches:
         for s in (1, 2):
             guard(out["ours_step_ms"], f"b{B}_scale{s}", lambda: engine_steps("widest", [s] * B))
+    out["eager_step_ms"] = {}  # the same steps without CUDA graphs, side by side
+    for B in (1, batches[-1]):
+        guard(out["eager_step_ms"], f"b{B}_scale2", lambda: engine_steps("widest", [2] * B, graphs=False))
     B = batches[-1]
     mixed = [1 + i % 2 for i in range(B)]
     out["mixed_batch"] = B
@@ -300,7 +307,10 @@ def main():
         pass
     from colm.decode_worker.paged_cache import HAS_KERNEL
 
+    from colm.kv_wire import default_checksum
+
     meta["paged_attention_kernel"] = HAS_KERNEL
+    meta["kv_checksum_bytes_path"] = default_checksum()
     fns = {"prefill": bench_prefill, "handoff": bench_handoff, "decode": bench_decode}
     for sec in args.sections.split(","):
         t0 = time.time()

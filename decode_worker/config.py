@@ -19,6 +19,7 @@ class DecodeConfig:
     kv_timeout_s: float = 60.0           # StartGeneration waits this long for the KV to arrive
     max_reservations: int = 4096
     idle_wait_s: float = 0.005           # the step loop's wait when nothing runs
+    cuda_graphs: bool = True             # replay the decode forward from CUDA graphs (CUDA only; eager elsewhere)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

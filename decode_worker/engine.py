@@ -32,6 +32,7 @@ from colm.sampling import SamplingParams
 
 from colm.decode_worker.block_pool import BlockPool, blocks_for, num_blocks_from_memory
 from colm.decode_worker.config import DecodeConfig
+from colm.decode_worker.graphs import DecodeGraphs
 from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, elapsed_ms, stop_reason
 from colm.decode_worker.step import decode_step
 
@@ -75,6 +76,8 @@ class DecodeEngine:
             num_blocks = num_blocks_from_memory(cfg, self.config.block_size, self.dtype, self.device,
                                                 self.config.gpu_memory_fraction)
         self.pool = BlockPool(cfg, num_blocks, self.config.block_size, self.device, self.dtype)
+        self.graphs = (DecodeGraphs(self.model, self.pool, self.config.max_batch_size)
+                       if self.config.cuda_graphs and self.device.type == "cuda" else None)
         self._requests: dict[str, DecodeRequest] = {}
         self._running: list[DecodeRequest] = []
         self._lock = threading.RLock()
@@ -328,7 +331,7 @@ class DecodeEngine:
         if not batch:
             return 0
         t0 = time.perf_counter()
-        results = decode_step(self.model, batch, self.pool, scales, self.config.mixed_scale_mode)
+        results = decode_step(self.model, batch, self.pool, scales, self.config.mixed_scale_mode, self.graphs)
         dt = (time.perf_counter() - t0) * 1000.0
         with self._lock:
             self._num_steps += 1

@@ -37,23 +37,29 @@ def _step_tensors(batch, pool, device):
     return tokens, positions, cache
 
 
-def _hidden(model, batch, pool, scale, device):
+def _hidden(model, batch, pool, scale, device, graphs=None):
+    if graphs is not None:
+        h = graphs.hidden(batch, scale)  # CUDA graph replay; None when graphs do not apply
+        if h is not None:
+            return h
     tokens, positions, cache = _step_tensors(batch, pool, device)
     return model.hidden(tokens, scale=scale, cache=cache, positions=positions)[:, 0]  # [B, D_scale]
 
 
 @torch.no_grad()
-def decode_step(model, batch, pool, scales: list[int], mode: str = "widest") -> list[tuple[int, float]]:
-    """Run one step for ``batch`` (DecodeRequests) at ``scales`` (one per row); returns (token, logprob) per row."""
+def decode_step(model, batch, pool, scales: list[int], mode: str = "widest", graphs=None) -> list[tuple[int, float]]:
+    """Run one step for ``batch`` (DecodeRequests) at ``scales`` (one per row); returns (token, logprob) per row.
+    ``graphs``: a ``decode_worker.graphs.DecodeGraphs`` to replay the forward from (CUDA), or None (eager)."""
     device = model.inv_freq.device
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(scales):
         groups.setdefault(s, []).append(i)
     if mode == "widest" or len(groups) == 1:
-        hidden = _hidden(model, batch, pool, max(scales), device)
+        hidden = _hidden(model, batch, pool, max(scales), device, graphs)
         per_group = {s: (idx, hidden[idx] if len(groups) > 1 else hidden) for s, idx in groups.items()}
     else:
-        per_group = {s: (idx, _hidden(model, [batch[i] for i in idx], pool, s, device)) for s, idx in groups.items()}
+        per_group = {s: (idx, _hidden(model, [batch[i] for i in idx], pool, s, device, graphs))
+                     for s, idx in groups.items()}
     out: list[tuple[int, float] | None] = [None] * len(batch)
     for s, (idx, h) in per_group.items():
         logits = model.logits(h, s)  # [n, V]

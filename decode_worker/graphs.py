@@ -1,0 +1,125 @@
+"""CUDA graphs of the decode forward: one captured ``model.hidden`` per (batch bucket, table width, scale).
+
+An eager decode step of a 1B model launches hundreds of small kernels from Python and spends far
+longer on that than on reading the weights; a replayed graph launches them all at once. Graphs read
+their inputs from static buffers, so a step copies its tokens, positions, block tables, context
+lengths and slot mapping into the buffers of its bucket (batch size rounded up to a power of two,
+table width likewise) and replays. Padding rows write nowhere (slot -1, which the Triton K/V write
+skips) and attend to one token of block 0; their outputs are dropped.
+
+Capture is lazy (first step of a new key) and preceded by eager warm-up runs on the same buffers,
+which compile and tune every Triton kernel (``colm.kernels._tuning``) and build the chain-linear
+kernel's host tables outside the capture: nothing inside a captured step syncs with the host. All
+graphs share one memory pool. A capture that fails turns graphs off for the engine (eager from then
+on, with a warning), so a graph problem costs speed, never a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from colm.decode_worker.paged_cache import PagedStepCache
+
+log = logging.getLogger("colm.decode.graphs")
+
+
+def _bucket(n: int, least: int = 1) -> int:
+    b = least
+    while b < n:
+        b *= 2
+    return b
+
+
+class _Graph:
+    def __init__(self, B: int, W: int, device) -> None:
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)     # [B, 1]
+        self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)  # [B, 1]
+        self.tables = torch.zeros(B, W, dtype=torch.int32, device=device)    # [B, W]
+        self.ctx = torch.ones(B, dtype=torch.int32, device=device)           # [B]
+        self.slots = torch.full((B,), -1, dtype=torch.int64, device=device)  # [B]
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None  # [B, D_scale], valid after a replay
+
+
+class DecodeGraphs:
+    """Captured decode forwards of ``model`` against ``pool`` for batches of up to ``max_batch`` sequences."""
+
+    def __init__(self, model, pool, max_batch: int, warmup: int = 2) -> None:
+        self.model, self.pool = model, pool
+        self.device = model.inv_freq.device
+        self.max_batch = _bucket(max_batch)
+        self.warmup = warmup
+        self.enabled = self.device.type == "cuda"
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}
+        self._pool_handle = torch.cuda.graph_pool_handle() if self.enabled else None
+        self._lock = threading.Lock()
+        self.num_captures = 0
+
+    def _fill(self, g: _Graph, batch) -> None:
+        bs = self.pool.block_size
+        n, (B, W) = len(batch), g.tables.shape
+        tables = torch.zeros(B, W, dtype=torch.int32)
+        ints = torch.zeros(4, B, dtype=torch.int64)  # tokens, positions, context lengths, slots
+        ints[2] = 1
+        ints[3] = -1
+        for i, r in enumerate(batch):
+            tables[i, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
+            p = r.num_cached
+            ints[0, i], ints[1, i], ints[2, i], ints[3, i] = r.next_input, p, p + 1, r.blocks[p // bs] * bs + p % bs
+        ints = ints.pin_memory().to(self.device, non_blocking=True)
+        g.tables.copy_(tables.pin_memory(), non_blocking=True)
+        g.tokens.copy_(ints[0, :, None])
+        g.positions.copy_(ints[1, :, None])
+        g.ctx.copy_(ints[2])
+        g.slots.copy_(ints[3])
+        del n
+
+    def _forward(self, g: _Graph, scale: int) -> torch.Tensor:
+        cache = PagedStepCache(self.pool, g.tables, g.ctx, g.slots, length=0)
+        return self.model.hidden(g.tokens, scale=scale, cache=cache, positions=g.positions)[:, 0]  # [B, D_scale]
+
+    @torch.no_grad()
+    def hidden(self, batch, scale: int) -> torch.Tensor | None:
+        """Final hidden states [len(batch), D_scale] of one decode step, or None when graphs do not apply."""
+        if not self.enabled or len(batch) > self.max_batch:
+            return None
+        B = _bucket(len(batch))
+        W = _bucket(max(len(r.blocks) for r in batch), 16)
+        key = (B, W, scale)
+        with self._lock:
+            g = self._graphs.get(key)
+            if g is None:
+                g = _Graph(B, W, self.device)
+                self._fill(g, batch)
+                try:
+                    self._capture(g, scale)
+                except Exception as e:  # noqa: BLE001 - fall back to eager for good
+                    log.warning("CUDA graph capture failed for batch %d, width %d, scale %d (%s): decode runs eager",
+                                B, W, scale, e)
+                    self.enabled = False
+                    torch.cuda.synchronize(self.device)
+                    return None
+                self._graphs[key] = g
+            self._fill(g, batch)
+            g.graph.replay()
+            return g.out[: len(batch)]
+
+    def _capture(self, g: _Graph, scale: int) -> None:
+        # Warm-up on a side stream (as torch.cuda.graphs asks): compiles and tunes the kernels for these shapes.
+        # Re-running the step is harmless: it writes the same K/V into the same slots.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self._forward(g, scale)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: gRPC threads may copy K/V into the pool meanwhile; that must not break the capture
+        with torch.cuda.graph(graph, pool=self._pool_handle, capture_error_mode="thread_local"):
+            g.out = self._forward(g, scale)
+        g.graph = graph
+        self.num_captures += 1
