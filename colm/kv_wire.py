@@ -17,6 +17,8 @@ format, so either end also interoperates with plain protobuf messages.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import zlib
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -184,6 +186,47 @@ def bytes_to_tensor(buf, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
         arr = np.frombuffer(buf, dtype=np.int16).reshape(shape)
         return torch.from_numpy(arr).view(torch.bfloat16)
     return torch.from_numpy(np.frombuffer(buf, dtype=torch.empty(0, dtype=d).numpy().dtype).reshape(shape))
+
+
+_DONE = object()
+
+
+def prefetch(iterable, depth: int = 2, name: str = "colm-kv-prefetch"):
+    """Iterate ``iterable`` on a helper thread, up to ``depth`` items ahead: a KV stream's producer (encode,
+    checksum) and consumer (gRPC send; or gRPC receive and the decode side's copy) overlap instead of
+    taking turns. Exceptions of the producer are raised here, in order; closing this generator stops it."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pump() -> None:
+        try:
+            for item in iterable:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(e)
+
+    threading.Thread(target=pump, name=name, daemon=True).start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def shm_name_for(request_id: str, nonce: str = "") -> str:

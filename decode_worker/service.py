@@ -16,7 +16,7 @@ from __future__ import annotations
 import grpc
 
 from colm.errors import PeerUnavailableError, TransferError
-from colm.kv_wire import CHECKSUMS, KVLayout, bytes_to_tensor, checksum, open_segment, split_chunk_message
+from colm.kv_wire import CHECKSUMS, KVLayout, bytes_to_tensor, checksum, open_segment, prefetch, split_chunk_message
 from colm.proto import load_proto
 from colm.proto.rpc import make_server
 from colm.sampling import SamplingParams
@@ -96,7 +96,7 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
         segment = None
         header = None
         try:
-            for msg in request_iterator:
+            for msg in prefetch(request_iterator, name="colm-kv-receive"):  # receive the next while this one is written
                 kind = msg.WhichOneof("kind")
                 if kind == "header":
                     if header is not None:

@@ -20,7 +20,7 @@ import grpc
 import torch
 
 from colm.errors import PeerUnavailableError, TransferError
-from colm.kv_wire import KVLayout, checksum, create_segment, encode_chunk_message, shm_name_for, tensor_bytes
+from colm.kv_wire import KVLayout, checksum, create_segment, encode_chunk_message, prefetch, shm_name_for, tensor_bytes
 from colm.proto import load_proto
 from colm.proto.rpc import auth_metadata, make_channel
 
@@ -76,7 +76,9 @@ class GrpcKVSink(StagedKVSink):
         raw = getattr(self.stub, "PushKVRaw", None)
         self._raw = raw is not None
         call = raw if raw is not None else self.stub.PushKV
-        self._future = call.future(self._messages(header), timeout=self.timeout_s, metadata=self.metadata)
+        # encoding runs a message or two ahead of gRPC's sender thread, which waits for each write
+        self._future = call.future(prefetch(self._messages(header), name="colm-kv-encode"), timeout=self.timeout_s,
+                                   metadata=self.metadata)
 
     def _messages(self, header):
         yield kv_pb2.KVMessage(header=header)
