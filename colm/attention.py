@@ -83,11 +83,21 @@ class ChainAttention(nn.Module):
         v = v.view(b, t, -1, hd).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def _head_order(self, scale: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # query_head_order as index tensors on the device, made once: a Python-list index is copied to
+        # the GPU with a host sync on every call, which also cannot run inside a CUDA graph capture
+        cache = self.__dict__.setdefault("_order_cache", {})
+        key = (scale, device)
+        if key not in cache:
+            order = query_head_order(self.cfg, scale)
+            cache[key] = None if order is None else tuple(torch.tensor(o, device=device) for o in order)
+        return cache[key]
+
     def forward(self, x: torch.Tensor, scale: int, cos: torch.Tensor, sin: torch.Tensor, cache=None,
                 q_start: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x, scale, cos, sin)
-        order = query_head_order(self.cfg, scale)
+        order = self._head_order(scale, q.device)
         if order is not None:
             q = q[:, order[0]]
         if cache is None:
