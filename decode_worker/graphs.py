@@ -60,7 +60,7 @@ class DecodeGraphs:
 
     def _fill(self, g: _Graph, batch) -> None:
         bs = self.pool.block_size
-        n, (B, W) = len(batch), g.tables.shape
+        B, W = g.tables.shape
         tables = torch.zeros(B, W, dtype=torch.int32)
         ints = torch.zeros(4, B, dtype=torch.int64)  # tokens, positions, context lengths, slots
         ints[2] = 1
@@ -69,13 +69,14 @@ class DecodeGraphs:
             tables[i, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
             p = r.num_cached
             ints[0, i], ints[1, i], ints[2, i], ints[3, i] = r.next_input, p, p + 1, r.blocks[p // bs] * bs + p % bs
-        ints = ints.pin_memory().to(self.device, non_blocking=True)
-        g.tables.copy_(tables.pin_memory(), non_blocking=True)
+        if self.device.type == "cuda":  # pinned: the copies are asynchronous
+            ints, tables = ints.pin_memory(), tables.pin_memory()
+        ints = ints.to(self.device, non_blocking=True)
+        g.tables.copy_(tables, non_blocking=True)
         g.tokens.copy_(ints[0, :, None])
         g.positions.copy_(ints[1, :, None])
         g.ctx.copy_(ints[2])
         g.slots.copy_(ints[3])
-        del n
 
     def _forward(self, g: _Graph, scale: int) -> torch.Tensor:
         cache = PagedStepCache(self.pool, g.tables, g.ctx, g.slots, length=0)
