@@ -4,7 +4,8 @@ A decode worker process (real ``DecodeServer`` + ``DecodeEngine`` of a model who
 Air shape: 16 layers, 8 KV heads, head_dim 64, bf16) receives one request's K/V pushed by this
 process through the real sender (``GrpcKVSink``) on each path: gRPC bytes and shared memory.
 Default: 8191 tokens = 268 MB of KV, the 8K-prompt hand-off of ``bench/engines.py``. Prints GB/s
-(begin -> acknowledged) per path; ``--profile`` adds cProfile tables of both ends (the receiver's
+(begin -> acknowledged) per path, and the ceiling: the same bytes as bare gRPC messages into a
+handler that only counts them; ``--profile`` adds cProfile tables of both ends (the receiver's
 ``PushKV`` handler thread and this process).
 
 Usage: python bench/kv_transfer.py [--tokens 8191] [--reps 3] [--chunk-mib 16] [--profile] [--json PATH]
@@ -56,7 +57,15 @@ def _receiver(tokens: int, profile: bool, conn) -> None:
                 prof.disable()
 
         DecodeService.PushKV = push
-    server = DecodeServer(eng, TOKEN).start()
+    server = DecodeServer(eng, TOKEN)
+    import grpc
+
+    def sink(it, ctx):  # the ceiling: bare gRPC bytes, nothing done with them
+        return str(sum(len(m) for m in it)).encode()
+
+    server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "colm.bench.Sink", {"Push": grpc.stream_unary_rpc_method_handler(sink)}),))
+    server.start()
     conn.send(server.address)
     conn.recv()  # stop
     server.stop(0)
@@ -90,8 +99,11 @@ def push_once(stub, rid: str, layers: list[torch.Tensor], shm: bool, chunk_bytes
 
 
 def main() -> None:
-    from colm.kv_wire import default_checksum
-    from colm.prefill_worker.kv_push import decode_stub
+    try:  # tolerate an older checkout (``--before``-style runs of the same script on the previous code)
+        from colm.kv_wire import default_checksum
+        from colm.prefill_worker.kv_push import decode_stub
+    except ImportError:
+        default_checksum, decode_stub = (lambda: "crc32"), None
     from colm.prefill_worker.config import PrefillConfig
     from colm.proto import load_proto
     from colm.proto.rpc import make_channel
@@ -104,6 +116,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--plain-stub", action="store_true", help="protobuf-serialised chunks (no PushKVRaw)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--label", default="", help="stored in the JSON (e.g. the commit measured)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     _, kv_pb2_grpc = load_proto("kv")
@@ -116,16 +129,19 @@ def main() -> None:
     proc = ctx.Process(target=_receiver, args=(args.tokens, args.profile, there), daemon=True)
     proc.start()
     address = here.recv()
-    stub = decode_stub(address) if not args.plain_stub else kv_pb2_grpc.DecodeWorkerStub(make_channel(address))
+    raw = decode_stub is not None and not args.plain_stub
+    stub = decode_stub(address) if raw else kv_pb2_grpc.DecodeWorkerStub(make_channel(address))
     pc = PrefillConfig()
     chunk = int(args.chunk_mib * 2**20)
-    out = {"device": "cpu", "torch": torch.__version__, "tokens": args.tokens, "kv_bytes": None, "chunk_bytes": chunk,
-           "checksum_grpc": args.checksum or pc.checksum, "checksum_shm": pc.shm_checksum,
-           "raw_chunks": not args.plain_stub, "paths": {}}
+    import os
+
+    out = {"label": args.label, "device": f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__, "tokens": args.tokens, "kv_bytes": None, "chunk_bytes": chunk,
+           "checksum_grpc": args.checksum or pc.checksum, "checksum_shm": getattr(pc, 'shm_checksum', pc.checksum),
+           "raw_chunks": raw, "paths": {}}
     prof = cProfile.Profile() if args.profile else None
     n_req = 0
     for path, shm in (("grpc", False), ("shm", True)):
-        csum = (args.checksum or pc.checksum) if not shm else pc.shm_checksum
+        csum = (args.checksum or pc.checksum) if not shm else getattr(pc, 'shm_checksum', pc.checksum)
         times = []
         push_once(stub, f"warm-{path}", layers, shm, chunk, csum)
         for _ in range(args.reps):
@@ -139,14 +155,26 @@ def main() -> None:
             out["kv_bytes"] = n
         med = statistics.median(times)
         out["paths"][path] = {"ms": med * 1000, "gb_s": out["kv_bytes"] / med / 1e9, "checksum": csum}
+    from colm.proto.rpc import auth_metadata
+
+    bare = make_channel(address).stream_unary("/colm.bench.Sink/Push")
+    msg = b"\0" * chunk
+    n_msgs = max(1, (out["kv_bytes"] or chunk) // chunk)
+    times = []
+    for _ in range(args.reps + 1):
+        t0 = time.perf_counter()
+        bare(iter([msg] * n_msgs), metadata=auth_metadata(TOKEN), timeout=120)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times[1:])
+    out["paths"]["bare_grpc_bytes"] = {"ms": med * 1000, "gb_s": n_msgs * chunk / med / 1e9, "checksum": "-"}
     here.send("stop")
     recv_prof = here.recv()
     proc.join(10)
     print(f"KV transfer, {args.tokens} tokens, {out['kv_bytes'] / 1e6:.0f} MB, chunk {chunk / 2**20:.1f} MiB, "
           f"default checksum here: {default_checksum()}")
-    print(f"{'path':6} {'checksum':9} {'ms':>8} {'GB/s':>7}")
+    print(f"{'path':16} {'checksum':9} {'ms':>8} {'GB/s':>7}")
     for path, r in out["paths"].items():
-        print(f"{path:6} {r['checksum']:9} {r['ms']:8.1f} {r['gb_s']:7.2f}")
+        print(f"{path:16} {r['checksum']:9} {r['ms']:8.1f} {r['gb_s']:7.2f}")
     if prof is not None:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)

@@ -1,6 +1,7 @@
-"""Decode engine on CUDA with CUDA graphs (skipped without a GPU): tokens equal ``colm.generate``
+"""Decode engine with CUDA graphs. On CUDA (skipped without a GPU): tokens equal ``colm.generate``
 for a staggered, mixed-scale batch with a scale switch; graph replay equals the eager forward in
-bf16 (Triton chain-linear and paged attention inside the graph) for a padded batch bucket."""
+bf16 (Triton chain-linear and paged attention inside the graph) for a padded batch bucket. On any
+device: the graphs' static buffers, filled for a padded bucket, give the eager step's hidden states."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.engine import DecodeEngine
+from colm.decode_worker.graphs import DecodeGraphs, _bucket, _Graph
 from colm.decode_worker.step import _step_tensors
 from colm.generate import generate
 from colm.prefill_worker.engine import PrefillEngine
@@ -20,7 +22,7 @@ from colm.sampling import SamplingParams
 from _engine_helpers import prompts
 from conftest import make_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _pair(dtype, tmp_path):
@@ -31,6 +33,7 @@ def _pair(dtype, tmp_path):
             checkpoint.load(tmp_path, scale=1, device="cuda", dtype=dtype))
 
 
+@cuda
 def test_graph_engine_matches_reference_float32(tmp_path):
     full, sub = _pair(torch.float32, tmp_path)
     de = DecodeEngine(full, DecodeConfig(num_blocks=128, block_size=4, max_batch_size=8)).start()
@@ -63,6 +66,7 @@ def test_graph_engine_matches_reference_float32(tmp_path):
     assert de.pool.num_free == de.pool.num_blocks
 
 
+@cuda
 def test_graph_replay_equals_eager_bf16(tmp_path):
     full, _ = _pair(torch.bfloat16, tmp_path)
     de = DecodeEngine(full, DecodeConfig(num_blocks=64, block_size=4, max_batch_size=8))
@@ -85,3 +89,28 @@ def test_graph_replay_equals_eager_bf16(tmp_path):
         torch.testing.assert_close(graph, eager, atol=2e-2, rtol=2e-2)
         assert torch.equal(graph, again)
     de.stop()
+
+
+def test_static_buffers_of_a_padded_bucket_give_the_eager_step():
+    model = make_model("tiny-air")
+    de = DecodeEngine(model, DecodeConfig(num_blocks=64, block_size=4, max_batch_size=8))
+    de.pool.k.normal_()
+    de.pool.v.normal_()
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    for i, n in enumerate((5, 17, 30)):
+        de.reserve(f"q{i}", n, 4)
+        de._requests[f"q{i}"].kv_done = True
+        de.start_generation(f"q{i}", 7 + i, params, scale=2)
+    de._housekeep()
+    batch = list(de._running)
+    graphs = DecodeGraphs(model, de.pool, 8)
+    g = _Graph(_bucket(len(batch)), _bucket(max(len(r.blocks) for r in batch), 16), "cpu")
+    graphs._fill(g, batch)
+    assert g.tokens[:, 0].tolist() == [7, 8, 9, 0] and g.positions[:, 0].tolist() == [4, 16, 29, 0]
+    assert g.ctx.tolist() == [5, 17, 30, 1] and g.slots[3] == -1 and not g.tables[3].any()
+    g.slots[3] = de.pool.num_blocks * 4 - 1  # the CPU reference write has no "skip" for -1: an unused slot
+    with torch.no_grad():
+        tokens, positions, cache = _step_tensors(batch, de.pool, torch.device("cpu"))
+        eager = model.hidden(tokens, scale=2, cache=cache, positions=positions)[:, 0]
+        torch.testing.assert_close(graphs._forward(g, 2)[:3], eager, atol=1e-6, rtol=1e-6)
+    assert graphs.hidden(batch, 2) is None  # no CUDA: the step runs eager
