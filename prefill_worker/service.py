@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 from colm.proto import load_proto
-from colm.proto.rpc import make_channel, make_server
+from colm.proto.rpc import make_server
 
 from colm.prefill_worker.engine import PrefillEngine
 from colm.prefill_worker.kv_push import GrpcKVSink, decode_stub
