@@ -305,7 +305,7 @@ def main():
         meta["transformers"] = transformers.__version__
     except ImportError:
         pass
-    from colm.decode_worker.paged_cache import HAS_KERNEL
+    from colm.kernels.paged_attention import HAS_TRITON as HAS_KERNEL
 
     from colm.kv_wire import default_checksum
 

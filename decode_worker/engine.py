@@ -29,6 +29,7 @@ from colm.errors import CapacityError, DeadlineError, RequestAbortedError, Trans
 from colm.kv_wire import KVLayout, parse_dtype
 from colm.model import CoLM
 from colm.sampling import SamplingParams
+from colm.scoring import prompt_logprobs
 
 from colm.decode_worker.block_pool import BlockPool, blocks_for, num_blocks_from_memory
 from colm.decode_worker.config import DecodeConfig
@@ -351,17 +352,9 @@ class DecodeEngine:
         return len(batch)
 
     # ---------------------------------------------------------------- read-only
-    @torch.no_grad()
-    def score(self, token_ids: list[int], scale: int | None = None) -> list[float]:
-        """Log-probability of each prompt token given the ones before (the first gets 0.0)."""
-        scale = self.cfg.check_scale(scale)
-        if not token_ids or len(token_ids) > self.cfg.max_seq_len:
-            raise ValueError(f"score: need 1..{self.cfg.max_seq_len} tokens, got {len(token_ids)}")
-        ids = torch.tensor([token_ids], device=self.device)
-        if int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
-            raise ValueError(f"score: token ids must be in 0..{self.cfg.vocab_size - 1}")
-        logp = torch.log_softmax(self.model(ids, scale=scale)[0, :-1].float(), dim=-1)
-        return [0.0] + logp.gather(1, ids[0, 1:, None])[:, 0].tolist()
+    def score(self, token_ids: list[int], scale: int | None = None) -> list[tuple[float, int, float]]:
+        """Per prompt token: (log p given the ones before, most likely token id, its log p); first (0.0, -1, 0.0)."""
+        return prompt_logprobs(self.model, list(token_ids), scale)
 
     def stats(self) -> DecodeStats:
         with self._lock:

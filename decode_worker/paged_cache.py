@@ -9,43 +9,10 @@ module's own plain-PyTorch reference stands in otherwise.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-try:
-    from colm.kernels.paged_attention import paged_decode_attention, write_kv_to_pool
-
-    HAS_KERNEL = True
-except ImportError:  # the kernels issue has not landed in this checkout
-    HAS_KERNEL = False
-
-
-def paged_decode_attention_ref(q, k_pool, v_pool, block_tables, context_lens, sm_scale=None):
-    """q [B, Hq, D] over pools [N, bs, Hkv, D] -> [B, Hq, D]; padded gather + masked softmax in float32."""
-    b, hq, d = q.shape
-    bs, hkv = k_pool.shape[1], k_pool.shape[2]
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    tables = block_tables.long()
-    k = k_pool[tables].flatten(1, 2).float()  # [B, T_max, Hkv, D]
-    v = v_pool[tables].flatten(1, 2).float()
-    qg = q.float().view(b, hkv, hq // hkv, d)  # query head h reads kv head h // group
-    s = torch.einsum("bkgd,btkd->bkgt", qg, k) * scale  # [B, Hkv, g, T_max]
-    valid = torch.arange(k.shape[1], device=q.device)[None, :] < context_lens.long()[:, None]  # [B, T_max]
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    o = torch.einsum("bkgt,btkd->bkgd", s.softmax(-1), v)
-    return o.reshape(b, hq, d).to(q.dtype)
-
-
-def write_kv_to_pool_ref(k, v, k_pool, v_pool, slot_mapping):
-    hkv, d = k_pool.shape[2], k_pool.shape[3]
-    k_pool.view(-1, hkv, d)[slot_mapping] = k.to(k_pool.dtype)
-    v_pool.view(-1, hkv, d)[slot_mapping] = v.to(v_pool.dtype)
-
-
-if not HAS_KERNEL:
-    paged_decode_attention = paged_decode_attention_ref
-    write_kv_to_pool = write_kv_to_pool_ref
+# The kernels' entry points run Triton on CUDA and their plain-PyTorch references elsewhere.
+from colm.kernels.paged_attention import paged_decode_attention, write_kv_to_pool
 
 
 class PagedStepCache:

@@ -187,7 +187,9 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                   num_failed=s.num_failed)
 
     def Score(self, request, context):
-        return kv_pb2.ScoreReply(logprobs=self.engine.score(list(request.token_ids), int(request.scale) or None))
+        rows = self.engine.score(list(request.token_ids), int(request.scale) or None)
+        return kv_pb2.ScoreReply(logprobs=[r[0] for r in rows], top_token_ids=[r[1] for r in rows],
+                                 top_logprobs=[r[2] for r in rows])
 
 
 class DecodeServer:

@@ -43,7 +43,7 @@ class ModelSection:
     preset: str = "demo"  # with no path: "demo" = the bundled trained CoLM-Air {4,4}; a preset name = random weights
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto = cuda when the worker has a GPU, else cpu
-    score_prompts: bool = True  # the router keeps a copy for prompt logprobs (echo); off for large models
+    score_prompts: bool = False  # the router keeps its own model copy for echo/logprobs (else a decode worker scores)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -95,6 +95,5 @@ class EngineBackend:
         self.decode[decode_id].abort(request_id)
 
     async def prompt_logprobs(self, decode_id: str, prompt_ids: list[int], scale: int):
-        lps = await asyncio.get_running_loop().run_in_executor(None, self.decode[decode_id].score, list(prompt_ids),
-                                                               scale)
-        return [(lp, -1, lp) for lp in lps]
+        return await asyncio.get_running_loop().run_in_executor(None, self.decode[decode_id].score, list(prompt_ids),
+                                                                scale)

@@ -19,6 +19,7 @@ import grpc
 
 from colm.proto import load_proto
 from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo
+from colm.scoring import prompt_logprobs
 from colm.router.policy import WorkerReport
 
 log = logging.getLogger("colm.router")
@@ -194,16 +195,14 @@ class GrpcBackend:
         await self._decode(decode_id).Abort(kv_pb2.AbortRequest(request_id=request_id), metadata=self._md(), timeout=2.0)
 
     async def prompt_logprobs(self, decode_id: str, prompt_ids: list[int], scale: int):
-        if self.scorer is not None:  # a local model also gives the most likely token (lm-eval's is_greedy)
-            from colm.router.local_backend import score_prompt
-
-            return await asyncio.get_running_loop().run_in_executor(None, score_prompt, self.scorer, prompt_ids, scale)
+        if self.scorer is not None:  # optional local copy: scores without loading a decode worker
+            return await asyncio.get_running_loop().run_in_executor(None, prompt_logprobs, self.scorer, prompt_ids, scale)
         try:
             r = await self._decode(decode_id).Score(kv_pb2.ScoreRequest(token_ids=list(prompt_ids), scale=scale),
                                                     metadata=self._md(), timeout=60.0)
         except grpc.aio.AioRpcError as e:
             raise self._failure(e, decode_id) from None
-        return [(lp, -1, lp) for lp in r.logprobs]  # -1: the worker does not say which token was most likely
+        return list(zip(r.logprobs, r.top_token_ids, r.top_logprobs))
 
 
 def _loop_running() -> bool:

@@ -22,6 +22,7 @@ from colm.kv_cache import ContiguousKVCache
 from colm.router.backend import EngineRequest, EngineToken, WorkerInfo
 from colm.router.policy import WorkerReport
 from colm.sampling import sample_next
+from colm.scoring import prompt_logprobs
 
 PREFILL_ID, DECODE_ID = "local-prefill-0", "local-decode-0"
 
@@ -134,18 +135,4 @@ class LocalBackend:
         self._aborted.add(request_id)
 
     async def prompt_logprobs(self, decode_id: str, prompt_ids: list[int], scale: int):
-        return await asyncio.get_running_loop().run_in_executor(None, score_prompt, self.model, prompt_ids, scale)
-
-
-@torch.no_grad()
-def score_prompt(model, prompt_ids: list[int], scale: int) -> list[tuple[float, int, float]]:
-    """Per prompt token: (log p(token_t | tokens_<t), most likely token id, its log p).
-
-    The first token has nothing predicting it: (0.0, -1, 0.0)."""
-    device = model.inv_freq.device
-    ids = torch.tensor([list(prompt_ids)], device=device)
-    logp = torch.log_softmax(model(ids, scale=scale)[0].float(), dim=-1)[:-1]  # [t-1, V]
-    picked = logp.gather(1, ids[0, 1:, None])[:, 0]
-    top_lp, top_id = logp.max(dim=-1)
-    rows = zip(picked.cpu().tolist(), top_id.cpu().tolist(), top_lp.cpu().tolist())
-    return [(0.0, -1, 0.0)] + [(a, int(b), c) for a, b, c in rows]
+        return await asyncio.get_running_loop().run_in_executor(None, prompt_logprobs, self.model, prompt_ids, scale)

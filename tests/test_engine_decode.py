@@ -115,6 +115,6 @@ def test_reservation_errors_and_abort(setup):
         while de.pool.num_free != 8 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert de.pool.num_free == 8 and not de.abort("b")
-        assert de.score([1, 2, 3], scale=1)[0] == 0.0
+        assert de.score([1, 2, 3], scale=1)[0] == (0.0, -1, 0.0)
     finally:
         de.stop()

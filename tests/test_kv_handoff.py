@@ -95,3 +95,23 @@ def test_auth_required(cluster):
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     s = p.Stats(kv_pb2.PrefillStatsRequest(), metadata=MD, timeout=5)
     assert s.num_params == cluster[0].cfg.num_params(1)
+
+
+def test_score_gives_logprobs_and_greedy_tokens(cluster):
+    """Score over gRPC (what the router's echo/logprobs uses) against a direct log-softmax of the model."""
+    import torch
+
+    full, _, _, d, _ = cluster
+    ids = [5, 40, 77, 120, 3, 9]
+    for scale in (1, 2):
+        r = d.Score(kv_pb2.ScoreRequest(token_ids=ids, scale=scale), metadata=MD, timeout=10)
+        with torch.no_grad():
+            logp = torch.log_softmax(full(torch.tensor([ids]), scale=scale)[0, :-1].float(), -1)
+        assert r.logprobs[0] == 0.0 and r.top_token_ids[0] == -1
+        assert list(r.logprobs[1:]) == pytest.approx(logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist(),
+                                                     abs=1e-5)
+        assert list(r.top_token_ids[1:]) == logp.argmax(-1).tolist()
+        assert list(r.top_logprobs[1:]) == pytest.approx(logp.max(-1).values.tolist(), abs=1e-5)
+    with pytest.raises(grpc.RpcError) as e:
+        d.Score(kv_pb2.ScoreRequest(token_ids=[5, 999], scale=1), metadata=MD, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
