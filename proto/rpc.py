@@ -134,8 +134,12 @@ def _already_aborted(exc: BaseException) -> bool:
 def make_server(address: str, cluster_token: str, max_workers: int = 32) -> tuple[grpc.Server, int]:
     """A server bound to ``address`` (use "127.0.0.1:0" for an ephemeral port); returns (server, port)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="colm-rpc"),
-                         interceptors=[ServiceInterceptor(cluster_token)], options=CHANNEL_OPTIONS)
-    port = server.add_insecure_port(address)
+                         interceptors=[ServiceInterceptor(cluster_token)],
+                         options=CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)])  # a taken port fails, never shared
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises instead of returning 0 on a failed bind
+        port = 0
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
     return server, port

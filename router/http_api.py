@@ -240,6 +240,11 @@ async def start_http(router: Router) -> tuple[web.AppRunner, int]:
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
     site = web.TCPSite(runner, cfg.host, cfg.http_port, ssl_context=ssl_ctx)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise OSError(e.errno, f"router.http_port: cannot listen on {cfg.host}:{cfg.http_port} ({e.strerror}); "
+                               "choose another port (0 = any free one)") from None
     port = site._server.sockets[0].getsockname()[1]
     return runner, port

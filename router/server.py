@@ -22,6 +22,13 @@ class RouterServer:
         self.addresses: dict[str, str] = {}
 
     async def start(self) -> dict[str, str]:
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()  # whatever did start (router loop, gRPC) must not outlive a failed start
+            raise
+
+    async def _start(self) -> dict[str, str]:
         from colm.router.grpc_server import start_grpc
 
         cfg = self.router.cfg
@@ -66,7 +73,12 @@ class ThreadedRouterServer:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="colm-router", daemon=True)
         self.thread.start()
-        self.addresses = self.call(self.server.start())
+        try:
+            self.addresses = self.call(self.server.start())
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+            raise
 
     def call(self, coro, timeout: float = 60.0):
         import asyncio

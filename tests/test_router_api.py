@@ -295,3 +295,15 @@ def test_colm_client_cli(served, capsys):
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
     assert main(["client", "tokenize", "--addr", bg.grpc_addr, "--text", "ab"]) == 0
     assert capsys.readouterr().out.split() == ["97", "98"]
+
+
+def test_taken_ports_fail_with_the_field_named(served):
+    """A second router on the same ports must refuse (gRPC would otherwise share the port silently)."""
+    bg, model = served
+    grpc_port = int(bg.grpc_addr.rsplit(":", 1)[1])
+    http_port = int(bg.http_url.rsplit(":", 1)[1])
+    for ports, field in (({"grpc_port": grpc_port, "http_port": 0}, "router.grpc_port"),
+                         ({"grpc_port": 0, "http_port": http_port}, "router.http_port")):
+        router = Router(RouterConfig(metrics_port=0, **ports), model.cfg, ByteTokenizer(), LocalBackend(model))
+        with pytest.raises(OSError, match=field):
+            BackgroundRouter(router)

@@ -80,5 +80,9 @@ def run(args) -> int:
             print("[colm serve] stopping", file=sys.stderr)
             await launcher.stop()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OSError as e:  # a port in use or an address we cannot bind: say which, no traceback
+        print(f"colm serve: error: {e}", file=sys.stderr)
+        return 2
     return 0
