@@ -31,7 +31,8 @@ def ref_loglik(model, scale, context: str, continuation: str) -> float:
 
 
 def test_local_completions_multiple_choice_matches_reference(tmp_path):
-    from lm_eval.tasks import TaskManager
+    import lm_eval.models.openai_completions  # noqa: F401  registers local-completions even if another test
+    from lm_eval.tasks import TaskManager     # already materialised lm-eval's model registry
 
     cfg = preset("tiny-air")
     model = CoLM(cfg).reset_parameters(seed=3, std=0.3).eval()
