@@ -6,7 +6,7 @@ a per-request ``torch.Generator`` (seeded), so the same seed gives the same toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

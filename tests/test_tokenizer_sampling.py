@@ -29,7 +29,7 @@ def test_byte_tokenizer_roundtrip():
 
 def test_sentencepiece_and_hf_json_from_local_files(tmp_path):
     spm = pytest.importorskip("sentencepiece")
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     text_file = tmp_path / "corpus.txt"
     text_file.write_text(corpus())
     spm.SentencePieceTrainer.train(input=str(text_file), model_prefix=str(tmp_path / "tokenizer"), vocab_size=300,
