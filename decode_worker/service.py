@@ -18,7 +18,7 @@ import grpc
 from colm.errors import PeerUnavailableError, TransferError
 from colm.kv_wire import CHECKSUMS, KVLayout, bytes_to_tensor, checksum, open_segment, prefetch, split_chunk_message
 from colm.proto import load_proto
-from colm.proto.rpc import make_server
+from colm.proto.rpc import EngineServer
 from colm.sampling import SamplingParams
 
 from colm.decode_worker.engine import DecodeEngine
@@ -192,24 +192,12 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                  top_logprobs=[r[2] for r in rows])
 
 
-class DecodeServer:
-    """The engine's loop plus its gRPC server on ``address`` ("127.0.0.1:0" picks a free port)."""
+class DecodeServer(EngineServer):
+    """The decode engine's loop plus ``colm.v1.DecodeWorker`` on ``address``."""
 
     def __init__(self, engine: DecodeEngine, cluster_token: str, address: str = "127.0.0.1:0",
                  max_workers: int = 64) -> None:
-        self.engine = engine
-        self.server, self.port = make_server(address, cluster_token, max_workers)
-        add_decode_service(DecodeService(engine), self.server)
-        host = address.rsplit(":", 1)[0]
-        self.address = f"{host}:{self.port}"
-
-    def start(self) -> "DecodeServer":
-        self.engine.start()
-        self.server.start()
-        return self
-
-    def stop(self, grace: float | None = 1.0) -> None:
-        self.server.stop(grace).wait()
-        self.engine.stop()
+        super().__init__(engine, cluster_token, address,
+                         lambda server: add_decode_service(DecodeService(engine), server), max_workers)
 
 

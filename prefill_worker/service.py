@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 from colm.proto import load_proto
-from colm.proto.rpc import make_server
+from colm.proto.rpc import EngineServer
 
 from colm.prefill_worker.engine import PrefillEngine
 from colm.prefill_worker.kv_push import GrpcKVSink, decode_stub
@@ -50,21 +50,10 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
                                    num_params=s.num_params)
 
 
-class PrefillServer:
-    """The engine's loop plus its gRPC server on ``address`` ("127.0.0.1:0" picks a free port)."""
+class PrefillServer(EngineServer):
+    """The prefill engine's loop plus ``colm.v1.PrefillWorker`` on ``address``."""
 
     def __init__(self, engine: PrefillEngine, cluster_token: str, address: str = "127.0.0.1:0",
                  max_workers: int = 64) -> None:
-        self.engine = engine
-        self.server, self.port = make_server(address, cluster_token, max_workers)
-        kv_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillService(engine, cluster_token), self.server)
-        self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
-
-    def start(self) -> "PrefillServer":
-        self.engine.start()
-        self.server.start()
-        return self
-
-    def stop(self, grace: float | None = 1.0) -> None:
-        self.server.stop(grace).wait()
-        self.engine.stop()
+        super().__init__(engine, cluster_token, address, lambda server: kv_pb2_grpc.add_PrefillWorkerServicer_to_server(
+            PrefillService(engine, cluster_token), server), max_workers)

@@ -147,3 +147,24 @@ def make_server(address: str, cluster_token: str, max_workers: int = 32) -> tupl
 
 def make_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+class EngineServer:
+    """An engine's loop plus its gRPC server on ``address`` ("127.0.0.1:0" picks a free port).
+
+    ``add_service(server)`` registers the worker's servicer; ``start``/``stop`` run both together."""
+
+    def __init__(self, engine, cluster_token: str, address: str, add_service, max_workers: int = 64) -> None:
+        self.engine = engine
+        self.server, self.port = make_server(address, cluster_token, max_workers)
+        add_service(self.server)
+        self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
+
+    def start(self):
+        self.engine.start()
+        self.server.start()
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.server.stop(grace).wait()
+        self.engine.stop()
