@@ -45,8 +45,9 @@ def test_convert_hf_logits_and_greedy(tmp_path, tie, rope_scaling):
 
     prompt = tokens[0, :20].tolist()
     with torch.no_grad():
-        hf_out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)[0, 20:].tolist()
+        # explicit mask: otherwise HF infers one from pad_token_id and masks any prompt token equal to it
+        hf_out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 20, dtype=torch.long),
+                             max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 20:].tolist()
     ours_out = generate(model, prompt, SamplingParams(max_new_tokens=12)).token_ids
     assert ours_out == hf_out
 
