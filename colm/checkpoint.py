@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from colm.config import ModelConfig
 from colm.model import CoLM
+from colm.rope import rope_inv_freq
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -76,7 +77,9 @@ def load(path: str | os.PathLike, scale: int | None = None, device: str | torch.
     with torch.device("meta"):
         model = CoLM(sub)
     model = model.to_empty(device=device).to(dtype)
-    model.reset_parameters()  # recomputes RoPE buffers; every parameter is overwritten below
+    # Parameters are all overwritten below; only the (non-persistent) RoPE buffer needs computing.
+    # It stays float32 whatever the weights' dtype, as in a freshly built model.
+    model.inv_freq = rope_inv_freq(sub).to(device)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ValueError(f"{path}: missing {WEIGHTS_FILE}")
