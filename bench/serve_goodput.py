@@ -123,7 +123,7 @@ def loadtest(addr: str, args, budgets: str, slo: dict, out: str) -> dict:
     cmd = [sys.executable, "-m", "colm.cli", "loadtest", "--addr", addr, "--rates", args.rates,
            "--num-requests", str(args.num_requests), "--prompt-len", args.prompt_len, "--output-len", args.output_len,
            "--budgets", budgets, "--slo-ttft-ms", f"{slo['ttft_ms']:.3f}", "--slo-tpot-ms", f"{slo['tpot_ms']:.3f}",
-           "--timeout-s", "300", "--out", out]
+           "--timeout-s", "300", "--warmup-requests", str(args.warmup_requests), "--out", out]
     subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
     with open(out + ".json") as f:
         return json.load(f)
@@ -138,6 +138,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", default="512,2048")
     ap.add_argument("--output-len", default="32,96")
     ap.add_argument("--num-blocks", type=int, default=16384)
+    ap.add_argument("--warmup-requests", type=int, default=16,
+                    help="unmeasured requests before the first rate (kernel tuning, CUDA graphs)")
     ap.add_argument("--slo-scale", type=float, default=1.5, help="SLO = this x the baseline's idle TTFT and TPOT")
     ap.add_argument("--out", default="bench/results/serve_goodput")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

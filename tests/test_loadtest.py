@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from colm.loadtest import LoadSpec, run, table
 from colm.model import CoLM
 from colm.presets import preset
@@ -56,12 +58,20 @@ def test_closed_loop_against_the_colocated_baseline(tmp_path):
     addrs = asyncio.run_coroutine_threadsafe(launcher.start(), loop).result(120)
     try:
         spec = LoadSpec(concurrency=4, num_requests=20, prompt_len=(4, 12), output_len=(2, 6),
-                        budgets=(("tpot:0.001", 1.0), ("scale:1", 1.0)))
+                        budgets=(("tpot:0.001", 1.0), ("scale:1", 1.0)), warmup_requests=6)
         summary = run(addrs["grpc"], spec, str(tmp_path / "c.json"), str(tmp_path / "c.png"), progress=False)
     finally:
         asyncio.run_coroutine_threadsafe(launcher.stop(), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
-    assert summary["total"]["num_ok"] == 20
+    assert summary["total"]["num_ok"] == 20 and summary["total"]["num_requests"] == 20
     assert summary["rates"][0]["scale_mix"] == {"2": 1.0}  # no scale choice, whatever the budget or pin
     de = launcher.server.router.backend.decode["colocated-decode"]
     assert de.stats().num_free_blocks == de.stats().num_blocks
+    assert de.stats().num_finished == 26  # the 6 warm-up requests ran but are not in the summary
+
+
+def test_warmup_settings_are_validated():
+    with pytest.raises(ValueError, match="warmup_requests=-1"):
+        LoadSpec(warmup_requests=-1)
+    with pytest.raises(ValueError, match="warmup_concurrency=0"):
+        LoadSpec(warmup_concurrency=0)
