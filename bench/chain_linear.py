@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import platform
 
 import torch
 import torch.nn.functional as F
 
+from _results import write_result  # bench/ is sys.path[0] when a bench runs as a script
 import colm.kernels._tuning as tuning
 from colm.kernels.chain_linear import (_layout, _shape_key, chain_linear_backward_input, chain_linear_backward_weight,
                                        chain_linear_forward, chain_linear_ref)
@@ -150,12 +149,7 @@ def main() -> None:
             print(f"{r['name']:30s} {p:6s} {r['ms']['dense'][p]:9.3f} {vd['naive'][p]:7.3f} {vd['masked'][p]:7.3f} "
                   f"{vd['ours'][p]:7.3f}   {'':15s} {r['vs_floor']['ours'][p]:10.3f} {r['vs_floor']['naive'][p]:11.3f} "
                   f"{r['ours_tflops'][p]:9.1f} {r['rel_err_vs_fp32'][p]:8.1e}  {tuple(r['chosen_config'][p].values()) if r['chosen_config'][p] else ''}")
-    path = args.out or os.path.join(os.environ.get("OUT", "bench/results"),
-                                    f"chain_linear_{dev.split()[1].lower() if len(dev.split()) > 1 else 'gpu'}_{out['date']}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {path}")
+    write_result(out, "chain_linear", dev, out["date"], args.out)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import platform
 
 import torch
 import torch.nn.functional as F
 
+from _results import write_result  # bench/ is sys.path[0] when a bench runs as a script
 from colm.kernels.paged_attention import paged_decode_attention_triton, write_kv_to_pool_triton
 
 HQ, HKV, D, BLOCK = 32, 8, 64, 16
@@ -124,12 +123,7 @@ def main() -> None:
     for s in sweep:
         print(f"sweep b64x8k {s['launch']}: {s['ms']:.4f} ms, {s['frac_of_copy']:.2f} of copy")
     print(f"copy ceiling {ceiling:.0f} GB/s; write_kv " + ", ".join(f"{w['tokens']} tok {w['ms']*1e3:.1f} us" for w in write))
-    path = args.out or os.path.join(os.environ.get("OUT", "bench/results"),
-                                    f"paged_attention_{dev.split()[1].lower() if len(dev.split()) > 1 else 'gpu'}_{res['date']}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"wrote {path}")
+    write_result(res, "paged_attention", dev, res["date"], args.out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -17,6 +16,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from _results import write_result  # bench/ is sys.path[0] when a bench runs as a script
 from colm.model import CoLM
 from colm.presets import preset
 
@@ -74,12 +74,7 @@ def main() -> None:
            "speedup": med["ref"] / med["kernel"], "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
     print(f"{args.preset} batch {args.batch} x seq {args.seq}: kernel {med['kernel']:.1f} ms, naive loop {med['ref']:.1f} ms,"
           f" ratio {res['kernel_over_naive']:.3f} (speedup {res['speedup']:.3f}x)")
-    path = args.out or os.path.join(os.environ.get("OUT", "bench/results"),
-                                    f"train_step_kernel_{dev.split()[1].lower() if len(dev.split()) > 1 else 'gpu'}_{res['date']}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"wrote {path}")
+    write_result(res, "train_step_kernel", dev, res["date"], args.out)
 
 
 if __name__ == "__main__":

@@ -131,18 +131,28 @@ def _already_aborted(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("grpc") and not isinstance(exc, grpc.RpcError)
 
 
+# Servers refuse SO_REUSEPORT: a second server on a taken port must fail, not share it silently.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+def bind_port(server, address: str, what: str, credentials=None) -> int:
+    """Bind ``server`` (sync or aio) to ``address``; OSError naming ``what`` if the port cannot be had."""
+    try:
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
+    except RuntimeError:  # grpcio raises instead of returning 0 on a failed bind
+        port = 0
+    if port == 0:
+        raise OSError(f"{what}: cannot listen on {address} (in use?); choose another port (0 = any free one)")
+    return port
+
+
 def make_server(address: str, cluster_token: str, max_workers: int = 32) -> tuple[grpc.Server, int]:
     """A server bound to ``address`` (use "127.0.0.1:0" for an ephemeral port); returns (server, port)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="colm-rpc"),
                          interceptors=[ServiceInterceptor(cluster_token)],
-                         options=CHANNEL_OPTIONS + [("grpc.so_reuseport", 0)])  # a taken port fails, never shared
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:  # grpcio raises instead of returning 0 on a failed bind
-        port = 0
-    if port == 0:
-        raise OSError(f"cannot bind gRPC server to {address}")
-    return server, port
+                         options=CHANNEL_OPTIONS + SERVER_OPTIONS)
+    return server, bind_port(server, address, "worker gRPC address")
 
 
 def make_channel(address: str) -> grpc.Channel:

@@ -17,6 +17,7 @@ import logging
 import grpc
 
 from colm.proto import load_proto
+from colm.proto.rpc import SERVER_OPTIONS, bind_port
 from colm.router.admission import Overloaded
 from colm.router.core import DeadlineExceeded, Router, Unavailable
 from colm.router.placement import NoWorker
@@ -216,7 +217,7 @@ async def start_grpc(router: Router) -> tuple[grpc.aio.Server, int]:
     # gRPC's own limit sits above ours so that an oversized request gets our INVALID_ARGUMENT message.
     opts = [("grpc.max_receive_message_length", 2 * cfg.max_message_bytes + (1 << 20)),
             ("grpc.max_send_message_length", 2 * cfg.max_message_bytes + (1 << 20)),
-            ("grpc.so_reuseport", 0)]  # a second server on a taken port must fail, not share it silently
+            *SERVER_OPTIONS]
     server = grpc.aio.server(interceptors=[GuardInterceptor(cfg.api_key)], options=opts)
     pb2_grpc.add_ColmServicer_to_server(ColmServicer(router), server)
     names = [SERVICE_NAME]
@@ -238,16 +239,10 @@ async def start_grpc(router: Router) -> tuple[grpc.aio.Server, int]:
     except ImportError:
         log.info("grpcio-reflection not installed: no server reflection")
     addr = f"{cfg.host}:{cfg.grpc_port}"
-    try:
-        if cfg.tls_cert:
-            with open(cfg.tls_key, "rb") as fk, open(cfg.tls_cert, "rb") as fc:
-                creds = grpc.ssl_server_credentials([(fk.read(), fc.read())])
-            port = server.add_secure_port(addr, creds)
-        else:
-            port = server.add_insecure_port(addr)
-    except RuntimeError:  # grpcio raises instead of returning 0 on a failed bind
-        port = 0
-    if port == 0:
-        raise OSError(f"router.grpc_port: cannot listen on {addr} (in use?); choose another port (0 = any free one)")
+    creds = None
+    if cfg.tls_cert:
+        with open(cfg.tls_key, "rb") as fk, open(cfg.tls_cert, "rb") as fc:
+            creds = grpc.ssl_server_credentials([(fk.read(), fc.read())])
+    port = bind_port(server, addr, "router.grpc_port", creds)
     await server.start()
     return server, port

@@ -1,0 +1,18 @@
+"""Where a benchmark's JSON goes: ``--out`` if given, else ``$OUT`` (the device tool) or bench/results/,
+named ``<benchmark>_<device>_<date>.json`` (device: the GPU's model word, e.g. ``h100``)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def write_result(payload: dict, benchmark: str, device_name: str, date: str, out: str | None = None) -> str:
+    words = device_name.split()
+    device = words[1].lower() if len(words) > 1 else "gpu"
+    path = out or os.path.join(os.environ.get("OUT", "bench/results"), f"{benchmark}_{device}_{date}.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"wrote {path}")
+    return path
