@@ -7,12 +7,11 @@ fixture below) at small shapes on CPU tensors; the CUDA cases compile them and s
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from _kernel_helpers import interp, run_interpreter_cases
 
 triton = pytest.importorskip("triton")
 
@@ -21,19 +20,10 @@ cl = importlib.import_module("colm.kernels.chain_linear")  # the module (the pac
 INTERP = cl.GemmConfig(16, 16, 16, 1, 1)
 
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# Triton fixes interpreter vs compiler when it is imported, so the interpreter cases run in a child
-# pytest with TRITON_INTERPRET=1 (test_interpreter_suite) unless this process already interprets.
-interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside test_interpreter_suite's child process")
 
 
 def test_interpreter_suite():
-    if IN_INTERPRETER:
-        pytest.skip("this process is the interpreter run")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interpreter"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
+    run_interpreter_cases(__file__)
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -7,29 +7,21 @@ vs compiler at import), small shapes. CUDA: compiled kernels, 1B-like shapes; sk
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from _kernel_helpers import interp, run_interpreter_cases
 
 triton = pytest.importorskip("triton")
 
 pa = importlib.import_module("colm.kernels.paged_attention")
 
-IN_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside test_interpreter_suite's child process")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def test_interpreter_suite():
-    if IN_INTERPRETER:
-        pytest.skip("this process is the interpreter run")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interpreter"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
+    run_interpreter_cases(__file__)
 
 
 def _rel(a, ref):
