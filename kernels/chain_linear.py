@@ -243,20 +243,26 @@ def _bwd_weight_table(lay, need, bm, bn, device):
 if HAS_TRITON:
 
     @triton.jit
+    def _grouped_tile(pid, num_m_tiles, num_n_tiles, GROUP: tl.constexpr):
+        """(M tile, table row) of program ``pid``.
+
+        Walks GROUP table rows (same-length tiles) across all M tiles before the next GROUP rows: keeps
+        the table's longest-first order and reuses W tiles and x rows in L2."""
+        per_group = GROUP * num_m_tiles
+        first_n = (pid // per_group) * GROUP
+        size_n = tl.minimum(num_n_tiles - first_n, GROUP)
+        pid_m = (pid % per_group) // size_n
+        pid_n = first_n + (pid % per_group) % size_n
+        return pid_m, pid_n
+
+    @triton.jit
     def _chain_fwd_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # x [M, P_k], W_1 (base of all W_i), b_1, y [M, ΣO], table
         M, stride_xm, stride_ym, num_m_tiles, num_n_tiles,
         HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     ):
-        # Walk GROUP table rows (same-length tiles) across all M tiles before the next GROUP rows:
-        # keeps the table's longest-first order and reuses W tiles and x rows in L2.
-        pid = tl.program_id(0)
-        per_group = GROUP * num_m_tiles
-        first_n = (pid // per_group) * GROUP
-        size_n = tl.minimum(num_n_tiles - first_n, GROUP)
-        pid_m = (pid % per_group) // size_n
-        pid_n = first_n + (pid % per_group) % size_n
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m_tiles, num_n_tiles, GROUP)
         row = tab_ptr + pid_n * 5
         w_off = tl.load(row)
         K = tl.load(row + 1).to(tl.int32)
@@ -304,14 +310,7 @@ if HAS_TRITON:
         NESTED: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     ):
-        # Walk GROUP table rows (same-length tiles) across all M tiles before the next GROUP rows:
-        # keeps the table's longest-first order and reuses W tiles and x rows in L2.
-        pid = tl.program_id(0)
-        per_group = GROUP * num_m_tiles
-        first_n = (pid // per_group) * GROUP
-        size_n = tl.minimum(num_n_tiles - first_n, GROUP)
-        pid_m = (pid % per_group) // size_n
-        pid_n = first_n + (pid % per_group) % size_n
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m_tiles, num_n_tiles, GROUP)
         tile = tile_ptr + pid_n * 4
         x_col = tl.load(tile)
         n_valid = tl.load(tile + 1).to(tl.int32)
