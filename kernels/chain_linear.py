@@ -256,6 +256,20 @@ if HAS_TRITON:
         return pid_m, pid_n
 
     @triton.jit
+    def _load_dot(acc, a_ptrs, b_ptrs, rk, k_limit, EVEN: tl.constexpr, UPCAST: tl.constexpr):
+        """acc += a @ b for one K step; a [BM, BK], b [BK, BN], K positions >= k_limit read as 0 unless EVEN."""
+        if EVEN:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = rk < k_limit
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if UPCAST:  # the interpreter multiplies bf16 as raw uint16 bits: widen there
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a, b, acc)
+
+    @triton.jit
     def _chain_fwd_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # x [M, P_k], W_1 (base of all W_i), b_1, y [M, ΣO], table
         M, stride_xm, stride_ym, num_m_tiles, num_n_tiles,
@@ -281,17 +295,7 @@ if HAS_TRITON:
         b_ptrs = w_ptr + w_off + rn_ld[None, :].to(tl.int64) * K + rk[:, None]  # [BK, BN] = W_i tileᵀ
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                k_ok = rk < K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            if UPCAST:  # the interpreter multiplies bf16 as raw uint16 bits: widen there
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _load_dot(acc, a_ptrs, b_ptrs, rk, K - k * BLOCK_K, EVEN_K, UPCAST)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         if HAS_BIAS:
@@ -338,17 +342,7 @@ if HAS_TRITON:
                 a_ptrs = a_base + dy_col
                 b_ptrs = w_ptr + w_off + rk[:, None] * P + b_cols  # [BK, BN]
                 for kk in range(0, tl.cdiv(n_out, BLOCK_K)):
-                    if EVEN_K:
-                        a = tl.load(a_ptrs)
-                        b = tl.load(b_ptrs)
-                    else:
-                        k_ok = rk < n_out - kk * BLOCK_K
-                        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-                    if UPCAST:  # the interpreter multiplies bf16 as raw uint16 bits: widen there
-                        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-                    else:
-                        acc = tl.dot(a, b, acc)
+                    acc = _load_dot(acc, a_ptrs, b_ptrs, rk, n_out - kk * BLOCK_K, EVEN_K, UPCAST)
                     a_ptrs += BLOCK_K
                     b_ptrs += BLOCK_K * P
         else:
@@ -363,17 +357,7 @@ if HAS_TRITON:
                     dy_col = tl.multiple_of(dy_col, 8)
                 a_ptrs = a_base + dy_col
                 b_ptrs = w_ptr + w_off + rk[:, None] * P + b_cols
-                if EVEN_K:
-                    a = tl.load(a_ptrs)
-                    b = tl.load(b_ptrs)
-                else:
-                    k_ok = rk < tl.load(info + 3).to(tl.int32)
-                    a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                    b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-                if UPCAST:  # the interpreter multiplies bf16 as raw uint16 bits: widen there
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-                else:
-                    acc = tl.dot(a, b, acc)
+                acc = _load_dot(acc, a_ptrs, b_ptrs, rk, tl.load(info + 3).to(tl.int32), EVEN_K, UPCAST)
         dx_ptrs = dx_ptr + rm[:, None].to(tl.int64) * stride_dxm + x_col + rn[None, :]
         if EVEN_N:
             tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm < M)[:, None])
@@ -408,23 +392,12 @@ if HAS_TRITON:
         b_ptrs = x_ptr + rk[:, None].to(tl.int64) * stride_xm + x_col + rn_ld[None, :]  # [BK, BN]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for _ in range(0, M // BLOCK_K):
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-            if UPCAST:  # the interpreter multiplies bf16 as raw uint16 bits: widen there
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _load_dot(acc, a_ptrs, b_ptrs, rk, BLOCK_K, True, UPCAST)
             a_ptrs += BLOCK_K * stride_dym
             b_ptrs += BLOCK_K * stride_xm
         tail = M % BLOCK_K
         if tail != 0:
-            t_ok = rk < tail
-            a = tl.load(a_ptrs, mask=t_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=t_ok[:, None], other=0.0)
-            if UPCAST:  # the interpreter multiplies bf16 as raw uint16 bits: widen there
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _load_dot(acc, a_ptrs, b_ptrs, rk, tail, False, UPCAST)
         dw_ptrs = dw_ptr + dw_off + rm[:, None] * P + rn[None, :]
         if EVEN_M and EVEN_N:
             tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty))
