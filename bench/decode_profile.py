@@ -1,0 +1,122 @@
+"""Where a decode step's time goes (GPU): graph replay vs host work, kernels per step, per-op GPU time.
+
+For the 1B-shape CoLM-Air {16,16} model at batch B and context C (random weights, random K/V):
+* the engine's whole step (``DecodeEngine.step``), the captured forward's replay alone (CUDA events),
+  and the eager forward, side by side;
+* a ``torch.profiler`` table of one eager forward: GPU time per kernel name, kernel count;
+* the chain-linear tuner's choices for the step's shapes.
+
+    python bench/decode_profile.py [--out FILE] [--batch 1] [--context 2048] [--scale 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from _results import write_result  # bench/ is sys.path[0] when a bench runs as a script
+
+
+def cuda_ms(fn, reps=50, warmup=5):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--scale", type=int, default=2)
+    ap.add_argument("--model", default="llama-3.2-1b-16-16-air")
+    args = ap.parse_args()
+
+    import colm.kernels._tuning as tuning
+    from colm.decode_worker.config import DecodeConfig
+    from colm.decode_worker.engine import DecodeEngine
+    from colm.decode_worker.step import _step_tensors
+    from colm.model import CoLM
+    from colm.presets import preset
+    from colm.sampling import SamplingParams
+
+    B, ctx, scale = args.batch, args.context, args.scale
+    model = CoLM(preset(args.model), device="cuda", dtype=torch.bfloat16).reset_parameters(std=0.02, seed=0).eval()
+    de = DecodeEngine(model, DecodeConfig(num_blocks=B * (ctx + 256) // 16 + 8, block_size=16, max_batch_size=B))
+    de.pool.k.normal_()
+    de.pool.v.normal_()
+    params = SamplingParams(max_new_tokens=200, ignore_eos=True)
+    for i in range(B):
+        de.reserve(f"q{i}", ctx, 200)
+        de._requests[f"q{i}"].kv_done = True
+        de.start_generation(f"q{i}", 1, params, scale=scale)
+    for _ in range(4):
+        de.step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        de.step()
+        times.append((time.perf_counter() - t0) * 1000)
+    res = {"model": args.model, "batch": B, "context": ctx, "scale": scale, "device": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "engine_step_ms": statistics.median(times)}
+    batch = list(de._running)
+    graphs = de.graphs
+    g = next(iter(graphs._graphs.values())) if graphs is not None and graphs._graphs else None
+    if g is not None:
+        res["graph_replay_ms"] = cuda_ms(g.graph.replay)
+        h = g.out[:B]
+        res["logits_logsoftmax_argmax_ms"] = cuda_ms(
+            lambda: torch.log_softmax(model.logits(h, scale).float(), -1).argmax(-1))
+    tokens, positions, cache = _step_tensors(batch, de.pool, "cuda")
+    res["eager_forward_ms"] = cuda_ms(lambda: model.hidden(tokens, scale=scale, cache=cache, positions=positions), reps=10)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        model.hidden(tokens, scale=scale, cache=cache, positions=positions)
+    res["eager_forward_host_ms"] = (time.perf_counter() - t0) * 1000 / 5
+    torch.cuda.synchronize()
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        model.hidden(tokens, scale=scale, cache=cache, positions=positions)
+        torch.cuda.synchronize()
+    kernels = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(ev.name[:90], [0, 0.0])
+            k[0] += 1
+            k[1] += ev.device_time_total / 1000 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1000
+    rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+    res["kernels_per_forward"] = sum(c for c, _ in kernels.values())
+    res["kernel_gpu_ms_total"] = sum(t for _, t in kernels.values())
+    res["kernels"] = [{"name": n, "count": c, "gpu_ms": t} for n, (c, t) in rows]
+    res["cpu_ops"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+    res["tuning"] = tuning.tuning_log()
+    de.stop()
+    print(f"engine step {res['engine_step_ms']:.3f} ms | graph replay {res.get('graph_replay_ms', float('nan')):.3f} ms"
+          f" | eager fwd {res['eager_forward_ms']:.3f} ms (host {res['eager_forward_host_ms']:.3f}) | logits "
+          f"{res.get('logits_logsoftmax_argmax_ms', float('nan')):.3f} ms")
+    print(f"kernels per forward {res['kernels_per_forward']}, their GPU time {res['kernel_gpu_ms_total']:.3f} ms")
+    print(f"{'kernel':90s} {'n':>5s} {'ms':>8s}")
+    for r in res["kernels"][:40]:
+        print(f"{r['name']:90s} {r['count']:5d} {r['gpu_ms']:8.3f}")
+    print(res["cpu_ops"])
+    write_result(res, f"decode_profile_b{B}_s{scale}", res["device"], time.strftime("%Y-%m-%d"), args.out)
+
+
+if __name__ == "__main__":
+    main()
