@@ -42,6 +42,12 @@ class _Graph:
         self.slots = torch.full((B,), -1, dtype=torch.int64, device=device)  # [B]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None  # [B, D_scale], valid after a replay
+        # Host staging, pinned so the per-step copies are asynchronous. A step's copies have finished
+        # before the next step writes here: each step reads its sampled tokens back (a sync) first.
+        pin = torch.device(device).type == "cuda"
+        self.host_ints = torch.zeros(4, B, dtype=torch.int64, pin_memory=pin)  # tokens, positions, ctx, slots
+        self.host_tables = torch.zeros(B, W, dtype=torch.int32, pin_memory=pin)
+        self.table_rows: list = [None] * B  # the block list each table row was last built from
 
 
 class DecodeGraphs:
@@ -60,23 +66,29 @@ class DecodeGraphs:
 
     def _fill(self, g: _Graph, batch) -> None:
         bs = self.pool.block_size
-        B, W = g.tables.shape
-        tables = torch.zeros(B, W, dtype=torch.int32)
-        ints = torch.zeros(4, B, dtype=torch.int64)  # tokens, positions, context lengths, slots
-        ints[2] = 1
-        ints[3] = -1
+        ints, tables = g.host_ints.numpy(), g.host_tables.numpy()  # views of the pinned buffers
+        ints[0], ints[1], ints[2], ints[3] = 0, 0, 1, -1  # padding rows: token 0 at slot -1, one context token
+        tables_changed = False
         for i, r in enumerate(batch):
-            tables[i, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
+            if g.table_rows[i] is not r.blocks:  # a request's block list is fixed at reservation: rebuild on change only
+                tables[i].fill(0)
+                tables[i, : len(r.blocks)] = r.blocks
+                g.table_rows[i] = r.blocks
+                tables_changed = True
             p = r.num_cached
             ints[0, i], ints[1, i], ints[2, i], ints[3, i] = r.next_input, p, p + 1, r.blocks[p // bs] * bs + p % bs
-        if self.device.type == "cuda":  # pinned: the copies are asynchronous
-            ints, tables = ints.pin_memory(), tables.pin_memory()
-        ints = ints.to(self.device, non_blocking=True)
-        g.tables.copy_(tables, non_blocking=True)
-        g.tokens.copy_(ints[0, :, None])
-        g.positions.copy_(ints[1, :, None])
-        g.ctx.copy_(ints[2])
-        g.slots.copy_(ints[3])
+        for i in range(len(batch), len(g.table_rows)):
+            if g.table_rows[i] is not None:
+                tables[i].fill(0)
+                g.table_rows[i] = None
+                tables_changed = True
+        if tables_changed:
+            g.tables.copy_(g.host_tables, non_blocking=True)
+        dev_ints = g.host_ints.to(self.device, non_blocking=True)  # [4, B]
+        g.tokens.copy_(dev_ints[0, :, None])
+        g.positions.copy_(dev_ints[1, :, None])
+        g.ctx.copy_(dev_ints[2].to(torch.int32))
+        g.slots.copy_(dev_ints[3])
 
     def _forward(self, g: _Graph, scale: int) -> torch.Tensor:
         cache = PagedStepCache(self.pool, g.tables, g.ctx, g.slots, length=0)

@@ -15,7 +15,6 @@ with the request's generator), so tokens match the reference generator.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from colm.sampling import sample_next
 
@@ -63,14 +62,21 @@ def decode_step(model, batch, pool, scales: list[int], mode: str = "widest", gra
     out: list[tuple[int, float] | None] = [None] * len(batch)
     for s, (idx, h) in per_group.items():
         logits = model.logits(h, s)  # [n, V]
-        logp = F.log_softmax(logits.float(), dim=-1)
-        greedy = logits.argmax(dim=-1)
-        toks = greedy.tolist()
-        for j, i in enumerate(idx):
-            r = batch[i]
-            if not r.params.greedy:
-                toks[j] = sample_next(logits[j].cpu(), r.params, r.generator)
-        lps = logp.gather(1, torch.tensor(toks, device=logp.device)[:, None])[:, 0].tolist()
+        lse = torch.logsumexp(logits.float(), dim=-1)  # [n]: log p(t) = logit(t) - lse
+        greedy = logits.argmax(dim=-1, keepdim=True)  # [n, 1]
+        if all(batch[i].params.greedy for i in idx):
+            # one device->host read for tokens and log-probs (float64 holds every token id exactly)
+            lp = logits.gather(1, greedy)[:, 0].float() - lse
+            both = torch.stack([greedy[:, 0].double(), lp.double()]).tolist()
+            toks, lps = [int(t) for t in both[0]], both[1]
+        else:
+            toks = greedy[:, 0].tolist()
+            for j, i in enumerate(idx):
+                r = batch[i]
+                if not r.params.greedy:
+                    toks[j] = sample_next(logits[j].cpu(), r.params, r.generator)
+            chosen = torch.tensor(toks, device=logits.device)[:, None]
+            lps = (logits.gather(1, chosen)[:, 0].float() - lse).tolist()
         for j, i in enumerate(idx):
             out[i] = (toks[j], lps[j])
     return out  # type: ignore[return-value]
