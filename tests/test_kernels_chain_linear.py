@@ -126,6 +126,88 @@ def test_interpreter_strided_rows_and_causality():
     assert torch.equal(y[:, :16], y2[:, :16])
 
 
+# The forward's Hopper variants, forced through ``config=``: persistent flat K-step loop, TMA descriptors.
+FWD_VARIANTS = {"persistent": INTERP._replace(persistent=True), "tma": INTERP._replace(tma=True),
+                "persistent-tma": INTERP._replace(persistent=True, tma=True)}
+FWD_KERNELS = ("_chain_fwd_kernel", "_chain_fwd_persistent_kernel", "_chain_fwd_tma_kernel")
+
+
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __getitem__(self, grid):
+        self.calls += 1
+        return self.kernel[grid]
+
+
+def _forward_with_spies(monkeypatch, x, ws, bs, cfg):
+    """chain_linear_forward with ``cfg`` on detached copies; returns (y, names of the kernels launched)."""
+    spies = {name: _LaunchSpy(getattr(cl, name)) for name in FWD_KERNELS}
+    for name, spy in spies.items():
+        monkeypatch.setattr(cl, name, spy)
+    x2d = x.detach().reshape(-1, x.shape[-1])
+    ws = [w.detach() for w in ws]
+    y = cl.chain_linear_forward(x2d, ws, [b.detach() for b in bs] if bs else None, cl._layout(ws), cfg)
+    return y, {name for name, spy in spies.items() if spy.calls}
+
+
+@interp
+@pytest.mark.parametrize("variant", list(FWD_VARIANTS))
+@pytest.mark.parametrize("ins,outs,tokens", INTERP_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_interpreter_forward_variants_match_float64(variant, ins, outs, tokens, bias, monkeypatch):
+    """Every case has ragged chain ends or tokens; the [20, 12] case is unaligned, so TMA falls back."""
+    cfg = FWD_VARIANTS[variant]
+    dtype = torch.float16 if bias else torch.bfloat16
+    torch.manual_seed(hash((variant, tuple(ins), bias)) % 2**31)
+    x, ws, bs = _make(ins, outs, tokens, dtype, "cpu", bias)
+    y, launched = _forward_with_spies(monkeypatch, x, ws, bs, cfg)
+    xd = x.detach().double().reshape(y.shape[0], -1)
+    ref = cl.chain_linear_ref(xd, [w.detach().double() for w in ws], [b.detach().double() for b in bs] if bs else None)
+    assert _rel(y, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    aligned = all(d % 8 == 0 for d in ins + outs)
+    expected = ("_chain_fwd_tma_kernel" if cfg.tma and aligned else
+                "_chain_fwd_persistent_kernel" if cfg.persistent else "_chain_fwd_kernel")
+    assert launched == {expected}
+
+
+@interp
+@pytest.mark.parametrize("variant", ["plain"] + list(FWD_VARIANTS))
+def test_interpreter_forward_never_reads_later_chains(variant, monkeypatch):
+    """NaN inputs of chains 2-3 stay out of chain 1's outputs. Chain 1's prefix (24) ends inside a
+    16-wide K block, so its last K step reaches chain 2's columns: masks, or a per-tile x descriptor
+    clipped at the prefix, must keep them out."""
+    cfg = FWD_VARIANTS.get(variant, INTERP)
+    torch.manual_seed(11)
+    x, ws, _ = _make([24, 16, 16], [16, 24, 16], (21,), torch.bfloat16, "cpu", bias=False)
+    x = x.detach().clone()
+    x[:, 24:] = float("nan")
+    y, launched = _forward_with_spies(monkeypatch, x, ws, None, cfg)
+    ref = cl.chain_linear_ref(x[:, :24].double(), [ws[0].detach().double()])
+    assert not torch.isnan(y[:, :16]).any() and _rel(y[:, :16], ref) < 1e-2
+    assert torch.isnan(y[:, 16:]).all()
+    assert launched == {"_chain_fwd_tma_kernel"} if cfg.tma else len(launched) == 1
+
+
+def test_tma_variant_falls_back_where_not_allowed(monkeypatch):
+    """Unaligned layouts, chips without TMA (here: the CPU, compiled) and Triton builds without
+    device-side descriptors run the same blocks with pointer loads."""
+    cfg = cl.FWD_CONFIGS[0]._replace(persistent=True, tma=True)
+    plain = cfg._replace(tma=False)
+    cpu = torch.device("cpu")
+    assert cl._fwd_variant(cfg, False, cpu) == plain
+    assert cl._fwd_variant(cfg, True, cpu) == plain
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs descriptors on the CPU...
+    assert cl._fwd_variant(cfg, True, cpu) == cfg
+    monkeypatch.setattr(cl, "HAS_TMA", False)  # ...unless this Triton has none
+    assert cl._fwd_variant(cfg, True, cpu) == plain
+    # the input-grad candidates are built from the first five forward configs, untouched by the variants
+    assert cl.FWD_CONFIGS[:5] == [c._replace(nested=False) for c in cl.BWD_INPUT_CONFIGS[::2]]
+
+
 def test_per_chain_cublas_candidate_matches_float64():
     """The tuner's non-Triton candidate (per-chain BLAS into the same buffers) computes the same function."""
     torch.manual_seed(9)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 
 import pytest
 
@@ -65,6 +66,55 @@ def test_chain_linear_masked_variants_compile():
     assert "wgmma.mma_async" in k.asm["ptx"]
     k = _gemm("bwd_w", cl.BWD_WEIGHT_CONFIGS[1], even=False)
     assert "wgmma.mma_async" in k.asm["ptx"]
+
+
+def _fwd_variant(cfg, even=True, bias=False):
+    """The forward's persistent (flat K-step loop) or TMA kernel, as chain_linear_forward launches it."""
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tab_ptr": "*i64", "M": "i32"}
+    const = dict(HAS_BIAS=bias, EVEN_N=even, EVEN_K=even, UPCAST=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                 BLOCK_K=cfg.block_k, GROUP=8)
+    if cfg.tma:
+        sig.update(K_all="i32", N_all="i32")
+        fn = cl._chain_fwd_tma_kernel
+    else:
+        const.update(ALIGNED=True, CHUNK=128)
+        fn = cl._chain_fwd_persistent_kernel
+    sig.update(stride_xm="i32", stride_ym="i32", num_m_tiles="i32", num_n_tiles="i32", num_programs="i32")
+    div = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "tab_ptr", "stride_xm", "stride_ym")
+    return off.compile_kernel(fn, sig, const, cfg.num_warps, cfg.num_stages, div)
+
+
+HOPPER_FWD = [c for c in cl.FWD_CONFIGS if c.persistent or c.tma]
+
+
+@pytest.mark.parametrize("cfg", HOPPER_FWD, ids=lambda c: f"{c.block_m}x{c.block_n}{'-persistent' * c.persistent}{'-tma' * c.tma}")
+def test_chain_linear_hopper_forward_variants(cfg):
+    if cfg.tma and not cl.HAS_TMA:
+        pytest.skip("this Triton has no device-side tensor descriptors")
+    k = _fwd_variant(cfg)
+    ptx = k.asm["ptx"]
+    assert "wgmma.mma_async" in ptx, "Hopper tensor-core path missing"
+    if cfg.tma:
+        # loads: shared::cluster (Triton 3.6) or shared::cta (3.9) destination; stores: from shared::cta
+        assert re.search(r"cp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", ptx), "operands are not loaded by TMA"
+        assert "cp.async.bulk.tensor.2d.global.shared::cta" in ptx, "the result is not stored by TMA"
+    else:
+        assert "cp.async.cg.shared.global" in ptx, "operands are not loaded by 16-byte async copies"
+        assert "st.global.v4" in ptx, "epilogue stores are not vectorised"
+    use = off.resource_usage(k)
+    assert use["LOCAL"] == 0 and use["STACK"] == 0, use
+    assert k.metadata.shared <= HOPPER_SMEM
+
+
+def test_chain_linear_hopper_masked_variants_compile():
+    """Ragged chains with bias: per-tile x / y descriptors (TMA) or masked loads (persistent)."""
+    for cfg in HOPPER_FWD:
+        if cfg.tma and not cl.HAS_TMA:
+            continue
+        k = _fwd_variant(cfg, even=False, bias=True)
+        assert "wgmma.mma_async" in k.asm["ptx"] and k.metadata.shared <= HOPPER_SMEM
+        if cfg.tma or cfg.block_n == 128:  # 128x256 masked tiles spill a little, as the plain kernel's do
+            assert off.resource_usage(k)["STACK"] == 0, cfg
 
 
 def test_paged_decode_kernels_compile():
