@@ -20,7 +20,7 @@ from torch import nn
 from colm.attention_backend import attention
 from colm.chain_linear import ChainLinear
 from colm.config import ModelConfig
-from colm.rope import apply_rope
+from colm.rope import apply_rope_qk
 
 
 @lru_cache(maxsize=None)
@@ -81,7 +81,8 @@ class ChainAttention(nn.Module):
             k, v = self.wk(x, scale), self.wv(x, scale)
         k = k.view(b, t, -1, hd).transpose(1, 2)
         v = v.view(b, t, -1, hd).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        q, k = apply_rope_qk(q, k, cos, sin)  # one launch for both on CUDA
+        return q, k, v
 
     def _head_order(self, scale: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
         # query_head_order as index tensors on the device, made once: a Python-list index is copied to

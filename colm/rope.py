@@ -1,4 +1,8 @@
-"""Rotary position embeddings (Llama convention: rotate-half), with Llama-3 and linear scaling."""
+"""Rotary position embeddings (Llama convention: rotate-half), with Llama-3 and linear scaling.
+
+``apply_rope`` / ``apply_rope_qk`` come from ``colm.kernels.rope``: one Triton launch for q and k on
+CUDA bf16/fp16 at inference, the plain-PyTorch reference (``apply_rope_ref``) elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,9 @@ import math
 import torch
 
 from colm.config import ModelConfig
+from colm.kernels.rope import apply_rope, apply_rope_qk, apply_rope_ref, rotate_half
+
+__all__ = ["apply_rope", "apply_rope_qk", "apply_rope_ref", "rope_cos_sin", "rope_inv_freq", "rotate_half"]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -34,13 +41,3 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)[None, None, :]  # [b, t, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [b, heads, t, head_dim]."""
-    return x * cos + rotate_half(x) * sin

@@ -14,8 +14,9 @@ import tempfile
 
 
 def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, object], num_warps: int,
-                   num_stages: int, divisible_by_16: tuple[str, ...] = (), arch: int = 90):
-    """``signature`` maps runtime args to Triton types ("*bf16", "i32", "fp32"); ``constexprs`` the rest."""
+                   num_stages: int, divisible_by_16: tuple[str, ...] = (), arch: int = 90, **options):
+    """``signature`` maps runtime args to Triton types ("*bf16", "i32", "fp32"); ``constexprs`` the rest;
+    ``options``: further compile options as a launch would pass them (e.g. ``enable_fp_fusion=False``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -25,7 +26,7 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, object],
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages, **options})
 
 
 def resource_usage(kernel) -> dict[str, int]:
