@@ -137,6 +137,17 @@ FWD_CONFIGS = [
     GemmConfig(128, 256, 64, 8, 3, persistent=True, tma=True),
     GemmConfig(128, 128, 64, 8, 4, persistent=True, tma=True),
 ]
+# Few rows (decode steps, M <= 64): the pass reads the weights once; narrow tiles and long K-steps give
+# enough programs to keep HBM busy (a 2048-wide output is 64 programs at BLOCK_N 32), one launch per layer.
+FWD_SMALL_M_CONFIGS = [
+    GemmConfig(16, 32, 128, 4, 4),
+    GemmConfig(16, 64, 128, 4, 4),
+    GemmConfig(16, 32, 256, 4, 3),
+    GemmConfig(16, 16, 256, 4, 4),
+    GemmConfig(32, 64, 128, 4, 4),
+    GemmConfig(64, 64, 128, 4, 4),
+]
+SMALL_M = 64
 BWD_INPUT_CONFIGS = [c._replace(nested=n) for c in FWD_CONFIGS[:5] for n in (False, True)]
 BWD_WEIGHT_CONFIGS = [
     GemmConfig(128, 256, 64, 8, 3),
@@ -624,8 +635,13 @@ def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = 
         else:
             _chain_fwd_kernel[(num_tiles,)](*args, m, x2d.stride(0), y.stride(0), num_m, num_n, ALIGNED=aligned, **flags)
 
-    candidates = [c for c in FWD_CONFIGS if _fwd_variant(c, aligned, x2d.device) == c]  # no TMA duplicates
-    cfg = _pick("fwd", _shape_key("fwd", x2d, lay, (biases is not None,)), candidates + [PER_CHAIN_CUBLAS], launch, config)
+    key = _shape_key("fwd", x2d, lay, (biases is not None, aligned))
+    cfg = config or _tuning._BEST.get(key)  # the tuned config: no per-call candidate list
+    if cfg is None:
+        candidates = [c for c in FWD_CONFIGS if _fwd_variant(c, aligned, x2d.device) == c]  # no TMA duplicates
+        if m <= SMALL_M:
+            candidates = FWD_SMALL_M_CONFIGS + candidates
+        cfg = _pick("fwd", key, candidates + [PER_CHAIN_CUBLAS], launch, config)
     launch(cfg)
     return y
 

@@ -260,6 +260,19 @@ def test_cuda_every_config(cfg):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cfg", cl.FWD_SMALL_M_CONFIGS)
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_cuda_small_m_forward_configs(cfg, rows):
+    """Decode-step shapes: few rows, unequal chains, bias; the forward against float64."""
+    torch.manual_seed(rows)
+    x, ws, bs = _make([256, 128, 384], [128, 384, 256], (rows,), torch.bfloat16, "cuda", True)
+    y = cl.chain_linear_forward(x.detach(), [w.detach() for w in ws], [b.detach() for b in bs],
+                                cl._layout(ws), cfg)
+    ref = cl.chain_linear_ref(x.detach().double(), [w.detach().double() for w in ws], [b.detach().double() for b in bs])
+    assert _rel(y, ref) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_dispatcher_takes_triton_and_ref_env(monkeypatch):
     x, ws, _ = _make([512, 512], [512, 512], (64,), torch.bfloat16, "cuda", bias=False)
     y = cl.chain_linear(x, ws)
