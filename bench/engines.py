@@ -3,7 +3,11 @@
 * prefill: chain-1 prefill (PrefillEngine, K/V emitted) vs the full model's prefill of the same
   CoLM-Air model vs HF transformers' LlamaModel of the 1B shape, at 2K/8K/32K (+128K chunked).
 * handoff: TTFT of an 8K prompt through prefill -> KV transfer -> first token, per path (in-process
-  device copy, gRPC bytes, shared memory), vs chain-1 prefill compute alone; stream GB/s.
+  device copy, gRPC bytes, shared memory, cuda_ipc), vs chain-1 prefill compute alone; stream GB/s.
+  The remote paths run both gRPC servers in this process (cuda_ipc then hands the staging tensor over
+  directly: CUDA IPC cannot open a handle in its own process); ``cuda_ipc_proc`` runs decode in a
+  spawned child on the same GPU, the real CUDA IPC path. The in-process path also reports where its
+  time goes (``local_breakdown_ms``: perf_counter stamps from submit).
 * decode: tokens/s of the decode engine (CUDA graphs; eager side by side at batch 1 and 64) at batch
   1/8/64, context 2K, full scale and scale 1, mixed scales in both modes, vs HF ``generate`` on the
   same shape; batch-1 step vs the weight-read floor.
@@ -167,6 +171,8 @@ def bench_handoff(quick):
         return next(iter(de.start_generation(rid, prompt[-1], params, scale=2)))
 
     out["local_ttft_ms"] = timed(local, reps=5)
+    out["local_breakdown_ms"] = local_breakdown(pe, de, prompt, params, n)
+    print("local hand-off, ms from submit (medians):", json.dumps(out["local_breakdown_ms"]), flush=True)
     token = "bench"
     ds = DecodeServer(de, token)
     ds.server.start()
@@ -175,7 +181,7 @@ def bench_handoff(quick):
     md = auth_metadata(token)
     d = kv_pb2_grpc.DecodeWorkerStub(make_channel(ds.address))
     p = kv_pb2_grpc.PrefillWorkerStub(make_channel(ps.address))
-    for path, same_host in (("grpc", False), ("shm", True)):
+    def measure(path, d, address):
         replies = []
 
         def remote():
@@ -183,7 +189,8 @@ def bench_handoff(quick):
             rid = f"r{n[0]}"
             d.Reserve(kv_pb2.ReserveRequest(request_id=rid, prompt_len=T, max_new_tokens=1), metadata=md, timeout=30)
             th = threading.Thread(target=lambda: replies.append(p.Prefill(kv_pb2.PrefillRequest(
-                request_id=rid, token_ids=prompt, decode_address=ds.address, same_host=same_host), metadata=md, timeout=60)))
+                request_id=rid, token_ids=prompt, decode_address=address, same_host=path != "grpc", path=path),
+                metadata=md, timeout=60)))
             th.start()
             req = kv_pb2.StartGenerationRequest(request_id=rid, last_token_id=prompt[-1], scale=2,
                                                 sampling=kv_pb2.DecodeSampling(max_new_tokens=1))
@@ -191,12 +198,26 @@ def bench_handoff(quick):
             th.join()
             return ev
 
-        guard(out, f"{path}_ttft_ms", lambda: timed(remote, reps=3))
+        key = path if address == ds.address else f"{path}_proc"
+        guard(out, f"{key}_ttft_ms", lambda: timed(remote, reps=3))
         if replies:
             r = replies[-1]
-            out[f"{path}_stream_total_ms"] = r.total_ms
-            out[f"{path}_stream_gb_s"] = r.num_bytes / (r.total_ms / 1000) / 1e9
-    for k in ("local", "grpc", "shm"):
+            out[f"{key}_path"] = r.path
+            out[f"{key}_stream_total_ms"] = r.total_ms
+            out[f"{key}_stream_gb_s"] = r.num_bytes / (r.total_ms / 1000) / 1e9
+
+    for path in ("grpc", "shm", "cuda_ipc"):
+        measure(path, d, ds.address)
+
+    def in_child():
+        from colm.decode_worker.spawn import DecodeProcess
+
+        with DecodeProcess(_bench_decode_engine, (name,), token) as child:
+            measure("cuda_ipc", kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address)), child.address)
+        return True
+
+    guard(out, "cuda_ipc_proc_ran", in_child)
+    for k in ("local", "grpc", "shm", "cuda_ipc", "cuda_ipc_proc"):
         v = out.get(f"{k}_ttft_ms")
         if isinstance(v, float):
             out[f"{k}_ttft_over_compute"] = v / out["chain1_compute_ms"]
@@ -207,6 +228,59 @@ def bench_handoff(quick):
     del full, sub, de, pe
     free()
     return out
+
+
+def local_breakdown(pe, de, prompt, params, n, reps=5):
+    """Where the in-process hand-off's TTFT goes: perf_counter stamps (ms after submit), medians of ``reps``
+    runs after one warm-up. compute/queue come from the PrefillResult; first_step is the decode step
+    that produced the token (it runs the last prompt token over the 8K context)."""
+    from colm.prefill_worker.sinks import LocalKVSink
+
+    class StampedSink(LocalKVSink):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.t = {}
+
+        def begin(self, layout):
+            self.t["begin"] = time.perf_counter()
+            super().begin(layout)
+
+        def put(self, *args):
+            self.t.setdefault("first_put", time.perf_counter())
+            super().put(*args)
+            self.t["last_put"] = time.perf_counter()
+
+        def finish(self, timeout_s):
+            self.t["finish_called"] = time.perf_counter()
+            num_bytes = super().finish(timeout_s)
+            self.t["finish_kv_done"] = time.perf_counter()
+            return num_bytes
+
+    rows = []
+    for _ in range(reps + 1):
+        n[0] += 1
+        rid = f"lb{n[0]}"
+        de.reserve(rid, len(prompt), 1)
+        sink = StampedSink(de, rid)
+        t0 = time.perf_counter()
+        fut = pe.submit(rid, prompt, sink)
+        ev = next(iter(de.start_generation(rid, prompt[-1], params, scale=2)))
+        t_token = time.perf_counter()
+        res = fut.result(timeout=60)
+        row = {k: (v - t0) * 1000 for k, v in sink.t.items()}
+        row.update(first_token=(t_token - t0) * 1000, queue_ms=res.queue_ms, compute_ms=res.compute_ms,
+                   first_step_ms=de.stats().last_step_ms, token_event_time_ms=ev.time_ms)
+        rows.append(row)
+    rows = rows[1:]
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def _bench_decode_engine(name):
+    """The decode engine of ``bench_handoff``'s spawned child (same random weights as the parent's)."""
+    from colm.decode_worker.config import DecodeConfig
+    from colm.decode_worker.engine import DecodeEngine
+
+    return DecodeEngine(colm_model(name), DecodeConfig(num_blocks=2048, block_size=16))
 
 
 # ------------------------------------------------------------------------------------------ decode

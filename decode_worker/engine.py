@@ -167,8 +167,10 @@ class DecodeEngine:
                 raise
 
     def write_kv(self, request_id: str, layer_start: int, layer_end: int, token_start: int, token_end: int,
-                 kv: torch.Tensor, seq: int | None = None) -> None:
-        """kv [layers, tokens, 2, kv_heads, head_dim] for layers/tokens [start, end)."""
+                 kv: torch.Tensor, seq: int | None = None, sync: bool = False) -> None:
+        """kv [layers, tokens, 2, kv_heads, head_dim] for layers/tokens [start, end). ``sync``: wait for the
+        device copies before returning (and before the lock is released): the cuda_ipc path reads another
+        process's memory, which its owner frees after the ack, and blocks must not be freed under a copy."""
         with self._lock:
             req = self._get(request_id)
             try:
@@ -199,6 +201,8 @@ class DecodeEngine:
                     slots = self.pool.slots(req.blocks, token_start, token_end).to(self.device)
                     kp[:, slots] = kv[:, :, 0]
                     vp[:, slots] = kv[:, :, 1]
+                if sync and self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).synchronize()
                 cells[:] = True
                 req.next_chunk_seq += 1
             except TransferError as e:

@@ -6,17 +6,26 @@ shared-memory segment on the same-host path) -> per chunk: size and checksum che
 checksum mismatch, gap, or a stream that ends or breaks before ``KVEnd`` fails that request (its
 blocks are freed); the worker goes on serving. Errors map to status codes in ``colm.proto.rpc``.
 
+On the cuda_ipc path the header carries a CUDA IPC handle of the sender's device staging tensor
+(``colm.kv_ipc``): it is opened once per stream (mappings cached per handle), each chunk names only
+a range of it, copied into the blocks on a side stream and synchronised before the next message,
+so the ack means decode is done reading the sender's memory.
+
 ``PushKV`` messages are deserialised by ``read_kv_message``: a chunk's payload stays a view of the
 received buffer (``colm.kv_wire.split_chunk_message``) and only its metadata goes through protobuf.
 """
 
 from __future__ import annotations
 
+import contextlib
 
 import grpc
+import torch
 
 from colm.errors import PeerUnavailableError, TransferError
-from colm.kv_wire import CHECKSUMS, KVLayout, bytes_to_tensor, checksum, open_segment, prefetch, split_chunk_message
+from colm.kv_ipc import StagingOpener
+from colm.kv_wire import (CHECKSUMS, KVLayout, bytes_to_tensor, checksum, open_segment, prefetch, split_chunk_message,
+                          tensor_bytes)
 from colm.proto import load_proto
 from colm.proto.rpc import EngineServer
 from colm.sampling import SamplingParams
@@ -78,12 +87,14 @@ def sampling_from_proto(s) -> SamplingParams:
 class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
     def __init__(self, engine: DecodeEngine) -> None:
         self.engine = engine
+        self.ipc = StagingOpener()
+        self._copy_stream = None  # cuda_ipc copies: off the step loop's stream, so a sync waits only for them
 
     def Reserve(self, request, context):
         r = self.engine.reserve(request.request_id, int(request.prompt_len), int(request.max_new_tokens),
                                 request.timeout_s or None)
         return kv_pb2.ReserveReply(request_id=r.request_id, num_blocks=r.num_blocks, block_size=r.block_size,
-                                   host_id=r.host_id)
+                                   host_id=r.host_id, cuda_kv=self.engine.device.type == "cuda")
 
     def PushKV(self, request_iterator, context):
         state = {"rid": None, "done": False}
@@ -94,6 +105,7 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
 
         context.add_callback(on_end)
         segment = None
+        staging = None  # cuda_ipc: the sender's [layers, tokens, 2, kv_heads, head_dim], mapped here
         header = None
         try:
             for msg in prefetch(request_iterator, name="colm-kv-receive"):  # receive the next while this one is written
@@ -110,10 +122,12 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                     self.engine.begin_kv(header.request_id, layout)
                     if header.shm_name:
                         segment = open_segment(header.shm_name)
+                    elif header.ipc_process and layout.num_tokens:
+                        staging = self.ipc.open(header, layout)
                 elif header is None:
                     raise TransferError("KV stream does not start with a header")
                 elif kind == "chunk":
-                    self._write_chunk(header, msg.chunk, segment, getattr(msg, "payload", None))
+                    self._write_chunk(header, msg.chunk, segment, getattr(msg, "payload", None), staging)
                 elif kind == "end":
                     self.engine.finish_kv(header.request_id, header.num_tokens)
                     state["done"] = True
@@ -133,10 +147,13 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                 except BufferError:  # a view is still alive somewhere; the mapping goes with the process
                     pass
 
-    def _write_chunk(self, header, c, segment, inline=None) -> None:
+    def _write_chunk(self, header, c, segment, inline=None, staging=None) -> None:
         rid = header.request_id
         if c.dtype != header.dtype:
             raise TransferError(f"request {rid}: chunk dtype {c.dtype!r}, header {header.dtype!r}")
+        if staging is not None:
+            self._write_ipc_chunk(header, c, staging, inline)
+            return
         if segment is not None:
             if c.data or inline:
                 raise TransferError(f"request {rid}: inline bytes on the shared-memory path")
@@ -155,6 +172,26 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
             raise TransferError(f"request {rid}: chunk {c.seq}: {e}") from None
         self.engine.write_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, kv, seq=c.seq)
         del kv, payload, inline
+
+    def _write_ipc_chunk(self, header, c, staging, inline) -> None:
+        rid = header.request_id
+        if c.data or inline:
+            raise TransferError(f"request {rid}: inline bytes on the cuda_ipc path")
+        kv = staging[c.layer_start : c.layer_end, c.token_start : c.token_end]  # ranges checked by write_kv
+        if c.nbytes != kv.numel() * kv.element_size():
+            raise TransferError(f"request {rid}: chunk {c.seq} says {c.nbytes} bytes, its ranges hold "
+                                f"{kv.numel() * kv.element_size()}")
+        if header.checksum not in ("none", "") and checksum(tensor_bytes(kv.contiguous().cpu()), header.checksum) != c.crc32:
+            raise TransferError(f"request {rid}: checksum mismatch in chunk {c.seq}")
+        with self._ipc_stream(kv):
+            self.engine.write_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, kv, seq=c.seq, sync=True)
+
+    def _ipc_stream(self, kv):
+        if not (kv.is_cuda and self.engine.device.type == "cuda"):
+            return contextlib.nullcontext()
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.engine.device)
+        return torch.cuda.stream(self._copy_stream)
 
     def StartGeneration(self, request, context):
         rid = request.request_id

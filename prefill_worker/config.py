@@ -17,6 +17,7 @@ class PrefillConfig:
     default_timeout_s: float = 60.0    # queue + compute + transfer, when a request gives none
     checksum: str = default_checksum() # bytes path: "crc32c" (when the crc32c package is installed) | "crc32" | "none"
     shm_checksum: str = "none"         # shared-memory path: the bytes never leave this host's memory
+    ipc_checksum: str = "none"         # cuda_ipc path: the bytes never leave the GPU (a checksum costs a host copy)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_size", "chunk_size", "max_queue", "kv_chunk_bytes"):
@@ -26,8 +27,8 @@ class PrefillConfig:
             raise ValueError(f"chunk_size={self.chunk_size} exceeds max_batch_tokens={self.max_batch_tokens}")
         if self.default_timeout_s <= 0:
             raise ValueError(f"default_timeout_s={self.default_timeout_s}: must be > 0")
-        for name in ("checksum", "shm_checksum"):
+        for name in ("checksum", "shm_checksum", "ipc_checksum"):
             if getattr(self, name) not in CHECKSUMS:
                 raise ValueError(f"{name}={getattr(self, name)!r}: allowed are {CHECKSUMS}")
-        if "crc32c" in (self.checksum, self.shm_checksum) and default_checksum() != "crc32c":
+        if "crc32c" in (self.checksum, self.shm_checksum, self.ipc_checksum) and default_checksum() != "crc32c":
             raise ValueError("checksum='crc32c' needs the crc32c package (pip install crc32c)")

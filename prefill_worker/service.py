@@ -1,8 +1,9 @@
 """gRPC front of the prefill engine: service ``colm.v1.PrefillWorker`` (see ``proto/colm/v1/kv.proto``).
 
-``Prefill`` builds a remote sink to the named decode worker (bytes over ``PushKV``, or shared
-memory when ``same_host``), submits the prompt to the engine and waits within the request's
-deadline. Channels to decode workers are cached per address.
+``Prefill`` picks the request's hand-off path (``colm.prefill_worker.paths.choose_path``: bytes over
+``PushKV``, shared memory, or CUDA IPC), builds that remote sink to the named decode worker, submits
+the prompt to the engine and waits within the request's deadline. Channels to decode workers are
+cached per address.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from colm.proto import load_proto
 from colm.proto.rpc import EngineServer
 
 from colm.prefill_worker.engine import PrefillEngine
+from colm.prefill_worker.ipc_sink import IpcKVSink
 from colm.prefill_worker.kv_push import GrpcKVSink, decode_stub
+from colm.prefill_worker.paths import choose_path
 
 kv_pb2, kv_pb2_grpc = load_proto("kv")
 
@@ -35,10 +38,14 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
 
     def Prefill(self, request, context):
         timeout = request.timeout_s or self.engine.config.default_timeout_s
-        sink = GrpcKVSink(self._stub(request.decode_address), request.request_id, self.cluster_token,
-                          self.engine.config.kv_chunk_bytes,
-                          self.engine.config.shm_checksum if request.same_host else self.engine.config.checksum,
-                          timeout, shm=request.same_host)
+        cfg = self.engine.config
+        path = choose_path(request.path, request.same_host, self.engine.device.type == "cuda", request.decode_cuda)
+        stub = self._stub(request.decode_address)
+        if path == "cuda_ipc":
+            sink = IpcKVSink(stub, request.request_id, self.cluster_token, self.engine.device, cfg.ipc_checksum, timeout)
+        else:
+            sink = GrpcKVSink(stub, request.request_id, self.cluster_token, cfg.kv_chunk_bytes,
+                              cfg.shm_checksum if path == "shm" else cfg.checksum, timeout, shm=path == "shm")
         r = self.engine.submit(request.request_id, list(request.token_ids), sink, timeout).result(timeout=timeout)
         return kv_pb2.PrefillReply(request_id=r.request_id, num_tokens=r.num_tokens, num_bytes=r.num_bytes,
                                    queue_ms=r.queue_ms, compute_ms=r.compute_ms, total_ms=r.total_ms, path=r.path)

@@ -19,3 +19,26 @@ def save_tiny_air(path, name: str = "tiny-air"):
 def prompts(lengths, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+def decode_engine_from(path, device: str = "cpu", dtype: str = "float32", num_blocks: int = 128, block_size: int = 4,
+                       write_delay_s: float = 0.0):
+    """A ``DecodeEngine`` of the checkpoint at ``path``: the factory ``DecodeProcess`` children call (by name).
+    ``write_delay_s`` slows every ``write_kv`` (fault tests kill the child mid-stream)."""
+    import time
+
+    from colm.decode_worker.config import DecodeConfig
+    from colm.decode_worker.engine import DecodeEngine
+    from colm.kv_wire import parse_dtype
+
+    engine = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=num_blocks, block_size=block_size),
+                                          device=device, dtype=parse_dtype(dtype))
+    if write_delay_s:
+        write = engine.write_kv
+
+        def slow_write(*args, **kwargs):
+            time.sleep(write_delay_s)
+            return write(*args, **kwargs)
+
+        engine.write_kv = slow_write
+    return engine

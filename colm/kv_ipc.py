@@ -1,0 +1,176 @@
+"""CUDA IPC side of the KV hand-off (no gRPC): export a device staging tensor, open it in another process.
+
+Path of one request: the sender allocates one staging tensor ``[layers, tokens, 2, kv_heads, head_dim]``
+through torch (the caching allocator reuses its segment for later requests) and ``export_staging``
+registers it in this process and shares its allocation (``storage._share_cuda_()``); the handle
+fields travel in the ``KVHeader`` -> the receiver's ``StagingOpener.open`` maps the allocation
+(``UntypedStorage._new_shared_cuda``; mappings are cached per (device, handle), so a reused segment
+is not reopened) or, in the sender's own process (CUDA cannot open a handle there), takes the
+registered tensor itself -> the receiver copies ranges out of it as chunk messages arrive -> the
+sender frees the staging tensor after the receiver's ack (``release_staging``).
+
+Lifetime: torch's IPC ref-counting would keep a freed staging block out of the caching allocator
+("limbo") until the receiver's mapping dies, and forever if the receiver dies first. The sender
+therefore drops torch's counter right after sharing and the KV protocol owns the lifetime: the
+receiver finishes (and synchronises) its copies before it acks, the sender frees only after the ack
+or once the stream has failed.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from colm.errors import TransferError
+from colm.kv_wire import KVLayout, parse_dtype
+
+_local: dict[str, torch.Tensor] = {}  # ipc_key -> staging tensor of a sender in this process
+_local_lock = threading.Lock()
+_process = {"pid": None, "id": ""}
+
+
+def process_id() -> str:
+    """``"<host>:<pid>:<nonce>"``, new in every process (a forked child gets its own)."""
+    if _process["pid"] != os.getpid():
+        _process.update(pid=os.getpid(), id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}")
+    return _process["id"]
+
+
+def device_uuid(index: int) -> str:
+    try:
+        return str(torch.cuda.get_device_properties(index).uuid)
+    except (AttributeError, RuntimeError, AssertionError):
+        return ""
+
+
+@dataclass(frozen=True)
+class StagingExport:
+    """What the ``KVHeader``'s ``ipc_*`` fields carry."""
+
+    ipc_process: str
+    ipc_key: str
+    ipc_handle: bytes = b""
+    ipc_device: int = 0
+    ipc_device_uuid: str = ""
+    ipc_offset_bytes: int = 0
+    ipc_size_bytes: int = 0
+
+    def header_fields(self) -> dict:
+        return dict(self.__dict__)
+
+
+def export_staging(staging: torch.Tensor) -> StagingExport:
+    """Register ``staging`` (contiguous, storage offset 0) for receivers in this process and, on CUDA,
+    share its allocation for receivers in other processes of this host."""
+    if not staging.is_contiguous() or staging.storage_offset() != 0:
+        raise ValueError("the KV staging tensor must be contiguous and start its storage")
+    key = uuid.uuid4().hex
+    with _local_lock:
+        _local[key] = staging
+    if staging.device.type != "cuda":  # CPU: only a receiver in this process can read it (tests)
+        return StagingExport(process_id(), key, ipc_size_bytes=staging.numel() * staging.element_size())
+    try:
+        (device, handle, size_bytes, offset_bytes, ref_counter_handle, ref_counter_offset, _event_handle,
+         _event_sync_required) = staging.untyped_storage()._share_cuda_()
+        # Give torch's IPC counter back at once (see the module docstring): the block returns to the caching
+        # allocator as soon as this process frees the tensor, whatever happens to the receiver.
+        torch.UntypedStorage._release_ipc_counter_cuda(ref_counter_handle, ref_counter_offset)
+    except BaseException:
+        release_staging(key)
+        raise
+    return StagingExport(process_id(), key, bytes(handle), int(device), device_uuid(int(device)), int(offset_bytes),
+                         int(size_bytes))
+
+
+def release_staging(key: str) -> None:
+    with _local_lock:
+        _local.pop(key, None)
+
+
+class StagingOpener:
+    """The receiver's side: header fields -> the sender's staging tensor, viewed in this process."""
+
+    def __init__(self, max_handles: int = 16) -> None:
+        self.max_handles = max_handles
+        self._cache: collections.OrderedDict = collections.OrderedDict()  # (device, handle) -> (offset, size, storage)
+        self._lock = threading.Lock()
+        self.num_opened = 0  # cudaIpcOpenMemHandle-level opens (cache misses), for tests and stats
+
+    def open(self, header, layout: KVLayout) -> torch.Tensor:
+        """``header``: a ``KVHeader`` (or anything with its ``ipc_*`` fields and ``request_id``)."""
+        rid = header.request_id
+        shape = (layout.num_layers, layout.num_tokens, 2, layout.num_kv_heads, layout.head_dim)
+        dtype = parse_dtype(layout.dtype)
+        if header.ipc_size_bytes < layout.num_bytes:
+            raise TransferError(f"request {rid}: CUDA IPC staging of {header.ipc_size_bytes} bytes, the layout needs "
+                                f"{layout.num_bytes}")
+        if header.ipc_process == process_id():  # the sender is this process: CUDA IPC cannot open its own handle
+            with _local_lock:
+                staging = _local.get(header.ipc_key)
+            if staging is None:
+                raise TransferError(f"request {rid}: cuda_ipc staging {header.ipc_key!r} is not registered in this "
+                                    "process (the sender released it)")
+            if tuple(staging.shape) != shape or staging.dtype != dtype:
+                raise TransferError(f"request {rid}: cuda_ipc staging is {list(staging.shape)} {staging.dtype}, the "
+                                    f"layout needs {list(shape)} {dtype}")
+            return staging
+        sender_host = header.ipc_process.split(":", 1)[0]
+        if sender_host != socket.gethostname():
+            raise TransferError(f"request {rid}: cuda_ipc needs both workers on one host; the sender is on "
+                                f"{sender_host!r}, this decode worker on {socket.gethostname()!r}")
+        if not header.ipc_handle:
+            raise TransferError(f"request {rid}: the sender's staging tensor is not on CUDA (no IPC handle); "
+                                "only a decode engine in the same process can read it")
+        if not torch.cuda.is_available():
+            raise ValueError(f"request {rid}: path 'cuda_ipc' needs CUDA on the decode worker; it has none "
+                             "(use path 'shm' or 'grpc')")
+        device = self._local_device(header)
+        storage = self._storage(device, bytes(header.ipc_handle), int(header.ipc_offset_bytes),
+                                int(header.ipc_size_bytes), rid)
+        flat = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", device)).set_(storage)
+        return flat[: layout.num_bytes].view(dtype).view(shape)
+
+    def _local_device(self, header) -> int:
+        n = torch.cuda.device_count()
+        if header.ipc_device_uuid:
+            for i in range(n):
+                if device_uuid(i) == header.ipc_device_uuid:
+                    return i
+            if any(device_uuid(i) for i in range(n)):
+                raise TransferError(f"request {header.request_id}: the prefill worker's GPU {header.ipc_device_uuid} "
+                                    "is not visible to this decode worker (CUDA_VISIBLE_DEVICES)")
+        if header.ipc_device >= n:
+            raise TransferError(f"request {header.request_id}: the prefill worker's cuda:{header.ipc_device} does not "
+                                f"exist here ({n} devices)")
+        return int(header.ipc_device)
+
+    def _storage(self, device: int, handle: bytes, offset: int, size: int, rid: str):
+        key = (device, handle)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] == offset and hit[1] == size:
+                self._cache.move_to_end(key)
+                return hit[2]
+            if hit is None:
+                self.num_opened += 1
+            try:
+                # (device, handle, size, offset, ref counter handle, ref counter offset, event handle, event sync):
+                # the sender gave its ref counter back and orders the data itself (a chunk message is sent once
+                # its copy has finished), so no counter and no event here. While an older view of the same
+                # allocation is cached, torch reuses its mapping instead of reopening the handle.
+                storage = torch.UntypedStorage._new_shared_cuda(device, handle, size, offset, b"", 0, b"", False)
+            except Exception as e:  # noqa: BLE001 - driver errors surface as RuntimeError of several kinds
+                raise TransferError(f"request {rid}: cannot open the prefill worker's CUDA IPC handle on cuda:{device} "
+                                    f"({type(e).__name__}: {str(e).strip()[:200]}); cuda_ipc needs both workers "
+                                    "on one host, in different processes, with the GPU visible to both") from None
+            self._cache[key] = (offset, size, storage)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.max_handles:
+                self._cache.popitem(last=False)
+            return storage

@@ -1,0 +1,82 @@
+"""``IpcKVSink``: the cuda_ipc hand-off. K/V move device to device; ``PushKV`` only signals.
+
+Path of one request: ``begin(layout)`` allocates one staging tensor for the request's whole K/V
+(``[layers, tokens, 2, kv_heads, head_dim]``, the engine's dtype, through torch's caching allocator so
+later requests reuse the segment), exports it (``colm.kv_ipc.export_staging``: CUDA IPC handle in the
+``KVHeader``) and opens the ``PushKV`` stream -> each ``put`` copies its K/V into the staging tensor on
+the current stream and records an event -> the stream's generator (a helper thread) waits for that
+event, then sends a ``KVChunk`` with the layer/token ranges and no payload, so decode copies those
+ranges while later layers compute -> ``finish`` sends ``KVEnd`` and waits for the ack (decode acks
+only once its copies are done) -> the staging tensor is freed. ``fail`` cancels the stream (decode
+frees the request's blocks) and frees it too.
+
+On a CPU engine the staging tensor can only be read by a decode engine in the same process (tests);
+``colm.prefill_worker.service`` refuses the path without CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from colm.kv_ipc import export_staging, release_staging
+from colm.kv_wire import KVLayout, checksum, parse_dtype, prefetch, tensor_bytes
+from colm.prefill_worker.kv_push import GrpcKVSink, kv_pb2
+
+
+class IpcKVSink(GrpcKVSink):
+    path = "cuda_ipc"
+
+    def __init__(self, stub, request_id: str, cluster_token: str, device, checksum_kind: str = "none",
+                 timeout_s: float = 60.0) -> None:
+        super().__init__(stub, request_id, cluster_token, checksum_kind=checksum_kind, timeout_s=timeout_s)
+        self.path = "cuda_ipc"
+        self.device = torch.device(device)
+        self._staging: torch.Tensor | None = None  # [layers, tokens, 2, kv_heads, head_dim]
+        self._key = ""
+
+    def begin(self, layout: KVLayout) -> None:
+        self._layout = layout
+        fields = {}
+        if layout.num_tokens:
+            self._staging = torch.empty((layout.num_layers, layout.num_tokens, 2, layout.num_kv_heads, layout.head_dim),
+                                        dtype=parse_dtype(layout.dtype), device=self.device)
+            export = export_staging(self._staging)
+            self._key = export.ipc_key
+            fields = export.header_fields()
+        header = kv_pb2.KVHeader(request_id=self.request_id, num_layers=layout.num_layers, num_tokens=layout.num_tokens,
+                                 num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
+                                 checksum=self.checksum_kind, **fields)
+        # a helper thread waits for each copy's event, so gRPC's sender thread never blocks on the GPU
+        self._future = self.stub.PushKV.future(prefetch(self._messages(header), name="colm-kv-ipc"),
+                                               timeout=self.timeout_s, metadata=self.metadata)
+
+    def put(self, layer_start, layer_end, token_start, token_end, kv) -> None:
+        self._staging[layer_start:layer_end, token_start:token_end].copy_(kv, non_blocking=True)
+        event = None
+        if self._staging.is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self._staging.device))
+        self._q.put(((layer_start, layer_end, token_start, token_end), None, event))
+
+    def _messages(self, header):
+        yield kv_pb2.KVMessage(header=header)
+        staging = self._staging
+        for (l0, l1, t0, t1), _ in self._staged():  # yields once the put's copy has finished
+            piece = staging[l0:l1, t0:t1]  # [layers, tokens, 2, Hkv, hd]
+            nbytes = piece.numel() * piece.element_size()
+            crc = 0
+            if self.checksum_kind != "none":  # optional; costs a device->host copy of the range
+                crc = checksum(tensor_bytes(piece.contiguous().cpu()), self.checksum_kind)
+            yield kv_pb2.KVMessage(chunk=kv_pb2.KVChunk(seq=self._num_chunks, layer_start=l0, layer_end=l1,
+                                                        token_start=t0, token_end=t1, dtype=self._layout.dtype,
+                                                        shape=list(piece.shape), nbytes=nbytes, crc32=crc))
+            self.num_bytes += nbytes
+            self._num_chunks += 1
+        yield kv_pb2.KVMessage(end=kv_pb2.KVEnd(num_chunks=self._num_chunks, num_bytes=self.num_bytes))
+
+    def _release(self) -> None:
+        if self._key:
+            release_staging(self._key)
+            self._key = ""
+        self._staging = None  # back to the caching allocator (decode acked, or the stream is gone)
+        super()._release()

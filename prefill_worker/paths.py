@@ -1,0 +1,31 @@
+"""Which KV hand-off path a ``Prefill`` request takes (``PrefillRequest.path``).
+
+| path | payload | when |
+| --- | --- | --- |
+| ``grpc`` | raw bytes in the ``PushKV`` chunks | any two hosts |
+| ``shm`` | POSIX shared memory, ``PushKV`` only signals | same host |
+| ``cuda_ipc`` | one device staging tensor opened by decode through CUDA IPC, ``PushKV`` only signals | same host, both on CUDA |
+
+``""`` keeps the behaviour of requests from before ``path`` existed (``shm`` when ``same_host``, else
+``grpc``); ``auto`` takes the fastest path the request's flags allow.
+"""
+
+from __future__ import annotations
+
+TRANSFER_PATHS = ("auto", "grpc", "shm", "cuda_ipc")
+
+
+def choose_path(path: str, same_host: bool, prefill_cuda: bool, decode_cuda: bool) -> str:
+    """-> "grpc" | "shm" | "cuda_ipc"; ValueError for an unknown path, or cuda_ipc without CUDA on this side."""
+    if path == "":
+        return "shm" if same_host else "grpc"
+    if path not in TRANSFER_PATHS:
+        raise ValueError(f"path={path!r}: allowed are {('',) + TRANSFER_PATHS}")
+    if path == "auto":
+        if same_host and prefill_cuda and decode_cuda:
+            return "cuda_ipc"
+        return "shm" if same_host else "grpc"
+    if path == "cuda_ipc" and not prefill_cuda:
+        raise ValueError("path='cuda_ipc' needs the prefill worker on CUDA; this one runs on CPU "
+                         "(use path 'shm', 'grpc' or 'auto')")
+    return path

@@ -1,0 +1,159 @@
+"""The cuda_ipc hand-off on a GPU (skipped without CUDA). Prefill serves from this process; decode runs
+in spawned children (``DecodeProcess``: CUDA IPC cannot open a handle in the process that made it),
+both on the same GPU. Greedy tokens equal ``colm.generate`` (float32) at both scales, also with
+``path="auto"``; a decode child killed mid-stream fails only that request with UNAVAILABLE, prefill's
+staging memory goes back, and prefill keeps serving another decode child over cuda_ipc."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from colm import checkpoint, kv_ipc
+from colm.decode_worker.spawn import DecodeProcess
+from colm.generate import generate
+from colm.prefill_worker.config import PrefillConfig
+from colm.prefill_worker.engine import PrefillEngine
+from colm.prefill_worker.service import PrefillServer
+from colm.proto import load_proto
+from colm.proto.rpc import auth_metadata, make_channel
+from colm.sampling import SamplingParams
+from _engine_helpers import TOKEN, decode_engine_from, prompts, save_tiny_air
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+kv_pb2, kv_pb2_grpc = load_proto("kv")
+MD = auth_metadata(TOKEN)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_air_ipc_gpu")
+    save_tiny_air(path)
+    full = checkpoint.load(path, scale=None, device="cuda", dtype=torch.float32)
+    pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, max_batch_tokens=64), device="cuda",
+                                       dtype=torch.float32)
+    prefill = PrefillServer(pe, TOKEN).start()
+    p = kv_pb2_grpc.PrefillWorkerStub(make_channel(prefill.address))
+    yield str(path), full, pe, p
+    prefill.stop()
+
+
+def decode_child(path, write_delay_s=0.0):
+    return DecodeProcess(decode_engine_from, (path, "cuda", "float32", 256, 4, write_delay_s), TOKEN)
+
+
+def run_request(d, p, address, rid, prompt, scale, max_new=8, path="cuda_ipc"):
+    r = d.Reserve(kv_pb2.ReserveRequest(request_id=rid, prompt_len=len(prompt), max_new_tokens=max_new), metadata=MD,
+                  timeout=10)
+    assert r.cuda_kv
+    reply = {}
+
+    def prefill():
+        reply["r"] = p.Prefill(kv_pb2.PrefillRequest(request_id=rid, token_ids=prompt, decode_address=address,
+                                                     same_host=True, path=path, decode_cuda=r.cuda_kv),
+                               metadata=MD, timeout=60)
+
+    th = threading.Thread(target=prefill)
+    th.start()
+    req = kv_pb2.StartGenerationRequest(request_id=rid, last_token_id=prompt[-1], scale=scale,
+                                        sampling=kv_pb2.DecodeSampling(max_new_tokens=max_new, ignore_eos=True))
+    tokens = [ev.token_id for ev in d.StartGeneration(req, metadata=MD, timeout=120)]
+    th.join()
+    return tokens, reply["r"]
+
+
+def reference(full, prompt, scale, max_new=8):
+    return generate(full, prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True), scale=scale).token_ids
+
+
+def wait_pool_free(d, timeout=10.0):
+    end = time.monotonic() + timeout
+    while True:
+        s = d.Stats(kv_pb2.DecodeStatsRequest(), metadata=MD, timeout=5)
+        if s.num_free_blocks == s.num_blocks or time.monotonic() > end:
+            return s
+        time.sleep(0.05)
+
+
+def test_cuda_ipc_across_processes_matches_reference(setup):
+    path, full, _, p = setup
+    with decode_child(path) as child:
+        d = kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address))
+        results, threads = {}, []
+        for i, prompt in enumerate(prompts([2, 19, 33, 57], seed=11)):
+            for scale in (1, 2):
+                rid = f"ipc-{i}-{scale}"
+
+                def one(rid=rid, prompt=prompt, scale=scale):
+                    results[rid] = (prompt, scale, run_request(d, p, child.address, rid, prompt, scale))
+
+                threads.append(threading.Thread(target=one))
+                threads[-1].start()
+        for th in threads:
+            th.join()
+        assert len(results) == 8
+        for rid, (prompt, scale, (tokens, reply)) in results.items():
+            assert tokens == reference(full, prompt, scale), rid
+            assert reply.path == "cuda_ipc" and reply.num_tokens == len(prompt) - 1
+        prompt = prompts([40], seed=3)[0]
+        tokens, reply = run_request(d, p, child.address, "ipc-auto", prompt, 2, path="auto")
+        assert reply.path == "cuda_ipc" and tokens == reference(full, prompt, 2)
+        s = wait_pool_free(d)
+        assert s.num_free_blocks == s.num_blocks and s.num_failed == 0
+    assert not kv_ipc._local
+
+
+def test_decode_child_killed_mid_stream(setup):
+    path, full, pe, p = setup
+    with decode_child(path) as healthy:
+        d = kv_pb2_grpc.DecodeWorkerStub(make_channel(healthy.address))
+        warm = prompts([30], seed=5)[0]
+        assert run_request(d, p, healthy.address, "warm", warm, 1)[0] == reference(full, warm, 1)
+        torch.cuda.synchronize()
+        allocated = torch.cuda.memory_allocated()
+        failed_before = pe.stats().num_failed
+
+        slow = decode_child(path, write_delay_s=0.25)  # 2 layers x 8 chunks of 16 tokens: ~4 s of writes
+        try:
+            ds = kv_pb2_grpc.DecodeWorkerStub(make_channel(slow.address))
+            prompt = prompts([129], seed=6)[0]
+            ds.Reserve(kv_pb2.ReserveRequest(request_id="doomed", prompt_len=len(prompt), max_new_tokens=4),
+                       metadata=MD, timeout=10)
+            err = {}
+
+            def prefill():
+                try:
+                    p.Prefill(kv_pb2.PrefillRequest(request_id="doomed", token_ids=prompt, decode_address=slow.address,
+                                                    path="cuda_ipc"), metadata=MD, timeout=60)
+                except grpc.RpcError as e:
+                    err["e"] = e
+
+            th = threading.Thread(target=prefill)
+            th.start()
+            end = time.monotonic() + 30
+            while not kv_ipc._local and time.monotonic() < end:  # the staging tensor exists: the stream is open
+                time.sleep(0.005)
+            assert kv_ipc._local, "the cuda_ipc request never started"
+            time.sleep(0.5)  # decode is inside its (slowed) chunk writes
+            slow.kill()
+            th.join(60)
+        finally:
+            slow.stop()
+        assert "e" in err, "the request should fail when its decode worker dies"
+        assert err["e"].code() == grpc.StatusCode.UNAVAILABLE, err["e"].details()
+        assert pe.stats().num_failed == failed_before + 1
+        end = time.monotonic() + 5  # the staging tensor goes back to the caching allocator (no IPC limbo)
+        while (kv_ipc._local or torch.cuda.memory_allocated() > allocated) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not kv_ipc._local
+        assert torch.cuda.memory_allocated() <= allocated
+
+        again = prompts([45], seed=8)[0]  # prefill keeps serving over cuda_ipc
+        tokens, reply = run_request(d, p, healthy.address, "after-kill", again, 2)
+        assert reply.path == "cuda_ipc" and tokens == reference(full, again, 2)
+        assert wait_pool_free(d).num_failed == 0
