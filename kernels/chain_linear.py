@@ -564,12 +564,12 @@ def _upcast(t: torch.Tensor) -> bool:
     return _tuning.interpreting() and t.dtype == torch.bfloat16
 
 
-def _pick(pass_name, key, candidates, launch, config):
+def _pick(pass_name, key, candidates, launch, config, graph: bool = False):
     if config is not None:
         return config
     if _tuning.interpreting():
         return INTERPRETER_CONFIG
-    return _tuning.pick(key, candidates, launch)
+    return _tuning.pick(key, candidates, launch, graph=graph)
 
 
 def _tma_supported(device: torch.device) -> bool:
@@ -641,7 +641,8 @@ def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = 
         candidates = [c for c in FWD_CONFIGS if _fwd_variant(c, aligned, x2d.device) == c]  # no TMA duplicates
         if m <= SMALL_M:
             candidates = FWD_SMALL_M_CONFIGS + candidates
-        cfg = _pick("fwd", key, candidates + [PER_CHAIN_CUBLAS], launch, config)
+        # few rows: decode steps, replayed from CUDA graphs, so timed as graph replays
+        cfg = _pick("fwd", key, candidates + [PER_CHAIN_CUBLAS], launch, config, graph=m <= SMALL_M and x2d.is_cuda)
     launch(cfg)
     return y
 

@@ -63,7 +63,10 @@ def _check_norm(rows, chain_dims, width, dtype, device, row_stride=None, weight_
     ulps = _ulps(out, ref)
     exact = (ulps == 0).float().mean().item()
     print(f"rmsnorm {lead} dims {dims} {dtype}: {exact:.5f} exact, max {ulps.max().item()} ulp")
-    assert ulps.max().item() <= 1, ulps.max()
+    # The fp32 reductions run in another order, so a normalised value may round to the neighbouring
+    # bf16 (1 ulp); the weight multiply can turn that into 2 ulp of the product across a binade edge
+    # (seen on an H100: 2 ulp at 8193 rows, 99.999% of elements equal).
+    assert ulps.max().item() <= 2, ulps.max()
     assert exact >= 0.99, exact
     return exact
 
