@@ -31,8 +31,11 @@ FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.S
 
 class GrpcBackend:
     def __init__(self, workers: list[WorkerInfo], cluster_token: str = "", scorer=None,
-                 max_message_bytes: int = 64 << 20) -> None:
+                 max_message_bytes: int = 64 << 20, kv_path: str = "auto") -> None:
         self.cluster_token = cluster_token
+        # KV hand-off path asked of prefill workers ("auto": CUDA IPC on one host with both pools on CUDA,
+        # shared memory on one host otherwise, gRPC bytes across hosts; see colm.prefill_worker.paths)
+        self.kv_path = kv_path
         self.scorer = scorer  # optional full model in this process, for prompt logprobs (echo)
         self.max_message_bytes = max_message_bytes
         self._workers: dict[str, WorkerInfo] = {}
@@ -116,7 +119,8 @@ class GrpcBackend:
             same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)
             prefill_task = asyncio.ensure_future(self._prefill(prefill_id).Prefill(kv_pb2.PrefillRequest(
                 request_id=req.request_id, token_ids=list(req.prompt_ids), decode_address=self._workers[decode_id].address,
-                same_host=same_host, timeout_s=timeout), metadata=md, timeout=timeout))
+                same_host=same_host, timeout_s=timeout, path=self.kv_path, decode_cuda=reply.cuda_kv),
+                metadata=md, timeout=timeout))
             prefill_task.add_done_callback(lambda t: self._count_transfer(prefill_id, t))
             sampling = kv_pb2.DecodeSampling(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
                                              top_p=p.top_p, stop_token_ids=list(p.stop_token_ids),
