@@ -121,6 +121,12 @@ class DecodeGraphs:
             return g.out[: len(batch)]
 
     def _capture(self, g: _Graph, scale: int) -> None:
+        from colm.kernels._tuning import DEVICE_WIDE_LOCK
+
+        with DEVICE_WIDE_LOCK:  # no kernel tuning (a device-wide sync) in another thread meanwhile
+            self._capture_locked(g, scale)
+
+    def _capture_locked(self, g: _Graph, scale: int) -> None:
         # Warm-up on a side stream (as torch.cuda.graphs asks): compiles and tunes the kernels for these shapes.
         # Re-running the step is harmless: it writes the same K/V into the same slots.
         side = torch.cuda.Stream(self.device)

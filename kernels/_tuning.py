@@ -11,9 +11,14 @@ candidate is used without timing.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Callable, Hashable, Sequence
 
 _BEST: dict[Hashable, object] = {}
+# Held while a CUDA graph is captured (colm.decode_worker.graphs) and while candidates are timed here:
+# timing synchronises the whole device, which fails -- and invalidates the capture -- if another thread
+# of the process (e.g. a colocated prefill engine meeting a new shape) captures at the same moment.
+DEVICE_WIDE_LOCK = threading.RLock()
 _LOG: list[dict] = []
 
 
@@ -48,6 +53,13 @@ def pick(key: Hashable, candidates: Sequence[object], launch: Callable[[object],
             return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
         return triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median")
 
+    with DEVICE_WIDE_LOCK:
+        return _tune(key, candidates, time_one, graph)
+
+
+def _tune(key, candidates, time_one, graph):
+    if key in _BEST:  # another thread tuned it while this one waited for the lock
+        return _BEST[key]
     timings = []
     for cfg in candidates:
         try:

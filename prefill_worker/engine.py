@@ -214,7 +214,11 @@ class PrefillEngine:
             if live:
                 self._forward(live)
                 if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+                    # wait for this thread's stream only: a device-wide sync fails (and breaks the capture)
+                    # while a decode engine in the same process captures a CUDA graph
+                    done = torch.cuda.Event()
+                    done.record()
+                    done.synchronize()
         except Exception as e:  # noqa: BLE001
             for job in live:
                 self._fail(job, e)

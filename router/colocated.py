@@ -93,8 +93,10 @@ class FullPrefillEngine:
                               for layer in range(cfg.n_layers)])
             sink.put(0, cfg.n_layers, 0, len(ids), kv)
             sink.finish(30.0)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            if device.type == "cuda":  # this stream only: the decode engine may be capturing a CUDA graph
+                done = torch.cuda.Event()
+                done.record()
+                done.synchronize()
             self._recent.append((len(ids), time.perf_counter() - t0))
             fut.set_result(len(ids))
         except BaseException as e:  # the request fails, the loop goes on
