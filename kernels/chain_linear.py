@@ -294,13 +294,8 @@ if HAS_TRITON:
         return tl.dot(a, b, acc)
 
     @triton.jit
-    def _chain_fwd_kernel(
-        x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # x [M, P_k], W_1 (base of all W_i), b_1, y [M, ΣO], table
-        M, stride_xm, stride_ym, num_m_tiles, num_n_tiles,
-        HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    ):
-        pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m_tiles, num_n_tiles, GROUP)
+    def _fwd_tile_row(tab_ptr, pid_n, ALIGNED: tl.constexpr):
+        """Forward table row ``pid_n``: (row pointer, W_i offset, K = P_i, first y column, valid columns)."""
         row = tab_ptr + pid_n * 5
         w_off = tl.load(row)
         K = tl.load(row + 1).to(tl.int32)
@@ -310,6 +305,32 @@ if HAS_TRITON:
             w_off = tl.multiple_of(w_off, 8)
             K = tl.multiple_of(K, 8)
             y_col = tl.multiple_of(y_col, 8)
+        return row, w_off, K, y_col, n_valid
+
+    @triton.jit
+    def _with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N: tl.constexpr):
+        """acc + the tile's bias columns (forward table row ``row``: bias offset in its 5th field)."""
+        rn_ld = rn if EVEN_N else rn % n_valid
+        return acc + tl.load(b_ptr + tl.load(row + 4) + rn_ld).to(tl.float32)[None, :]
+
+    @triton.jit
+    def _store_tile(out_ptr, acc, rm, rn, stride_m, col, M, n_valid, EVEN_N: tl.constexpr):
+        """out[rm, col + rn] = acc for rows < M (and columns < n_valid unless EVEN_N)."""
+        ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_m + col + rn[None, :]
+        if EVEN_N:  # a column-free mask keeps the stores vectorised
+            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None])
+        else:
+            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < n_valid)[None, :])
+
+    @triton.jit
+    def _chain_fwd_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # x [M, P_k], W_1 (base of all W_i), b_1, y [M, ΣO], table
+        M, stride_xm, stride_ym, num_m_tiles, num_n_tiles,
+        HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    ):
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m_tiles, num_n_tiles, GROUP)
+        row, w_off, K, y_col, n_valid = _fwd_tile_row(tab_ptr, pid_n, ALIGNED)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -323,13 +344,8 @@ if HAS_TRITON:
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         if HAS_BIAS:
-            b_off = tl.load(row + 4)
-            acc += tl.load(b_ptr + b_off + rn_ld).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + y_col + rn[None, :]
-        if EVEN_N:  # a column-free mask keeps the stores vectorised
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None])
-        else:
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < n_valid)[None, :])
+            acc = _with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N)
+        _store_tile(y_ptr, acc, rm, rn, stride_ym, y_col, M, n_valid, EVEN_N)
 
     @triton.jit
     def _chain_fwd_persistent_kernel(
@@ -371,15 +387,7 @@ if HAS_TRITON:
             if ki == 0:  # next tile
                 tile += num_programs
                 pid_m, pid_n = _grouped_tile(tile, num_m_tiles, num_n_tiles, GROUP)
-                row = tab_ptr + pid_n * 5
-                w_off = tl.load(row)
-                K = tl.load(row + 1).to(tl.int32)
-                y_col = tl.load(row + 2)
-                n_valid = tl.load(row + 3).to(tl.int32)
-                if ALIGNED:
-                    w_off = tl.multiple_of(w_off, 8)
-                    K = tl.multiple_of(K, 8)
-                    y_col = tl.multiple_of(y_col, 8)
+                row, w_off, K, y_col, n_valid = _fwd_tile_row(tab_ptr, pid_n, ALIGNED)
                 num_k = tl.cdiv(K, BLOCK_K)
                 rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
                 rm_ld = (rm % M).to(tl.int64)  # clamp instead of masking; the store masks
@@ -392,13 +400,8 @@ if HAS_TRITON:
             b_ptrs += BLOCK_K
             if ki == num_k - 1:  # epilogue of this tile
                 if HAS_BIAS:
-                    rn_b = rn if EVEN_N else rn % n_valid
-                    acc += tl.load(b_ptr + tl.load(row + 4) + rn_b).to(tl.float32)[None, :]
-                y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + y_col + rn[None, :]
-                if EVEN_N:
-                    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None])
-                else:
-                    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < n_valid)[None, :])
+                    acc = _with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N)
+                _store_tile(y_ptr, acc, rm, rn, stride_ym, y_col, M, n_valid, EVEN_N)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     @triton.jit
@@ -442,8 +445,7 @@ if HAS_TRITON:
                 else:
                     acc = tl.dot(a, b.T, acc)
             if HAS_BIAS:
-                rn_ld = rn if EVEN_N else rn % n_valid
-                acc += tl.load(b_ptr + tl.load(row + 4) + rn_ld).to(tl.float32)[None, :]
+                acc = _with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N)
             out = acc.to(y_ptr.dtype.element_ty)
             if EVEN_N:
                 y_all.store([off_m, y_col], out)
@@ -503,11 +505,7 @@ if HAS_TRITON:
                 a_ptrs = a_base + dy_col
                 b_ptrs = w_ptr + w_off + rk[:, None] * P + b_cols
                 acc = _load_dot(acc, a_ptrs, b_ptrs, rk, tl.load(info + 3).to(tl.int32), EVEN_K, UPCAST)
-        dx_ptrs = dx_ptr + rm[:, None].to(tl.int64) * stride_dxm + x_col + rn[None, :]
-        if EVEN_N:
-            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm < M)[:, None])
-        else:
-            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < n_valid)[None, :])
+        _store_tile(dx_ptr, acc, rm, rn, stride_dxm, x_col, M, n_valid, EVEN_N)
 
     @triton.jit
     def _chain_bwd_weight_kernel(
