@@ -36,6 +36,7 @@ from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.graphs import DecodeGraphs
 from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, elapsed_ms, stop_reason
 from colm.decode_worker.step import decode_step
+from colm.loop_thread import LoopThread
 
 
 @dataclass
@@ -83,8 +84,7 @@ class DecodeEngine:
         self._running: list[DecodeRequest] = []
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
-        self._thread: threading.Thread | None = None
-        self._stop = False
+        self._runner = LoopThread(self._loop, "colm-decode-loop", self._wake, join_timeout_s=10)
         self._step_ms: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=64))
         self._num_steps = self._num_finished = self._num_failed = 0
         self._last_step_ms, self._last_batch = 0.0, 0
@@ -100,25 +100,17 @@ class DecodeEngine:
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> "DecodeEngine":
-        if self._thread is None:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="colm-decode-loop", daemon=True)
-            self._thread.start()
+        self._runner.start()
         return self
 
     def stop(self) -> None:
-        with self._wake:
-            self._stop = True
-            self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._runner.stop()
         with self._lock:
             for req in list(self._requests.values()):
                 self._finalize(req, RequestAbortedError(f"request {req.request_id}: decode engine stopped"))
 
     def alive(self) -> bool:
-        return not self._stop
+        return not self._runner.stopping
 
     # ---------------------------------------------------------------- reservation and KV
     def reserve(self, request_id: str, prompt_len: int, max_new_tokens: int,
@@ -302,10 +294,10 @@ class DecodeEngine:
 
     # ---------------------------------------------------------------- the step loop
     def _loop(self) -> None:
-        while not self._stop:
+        while not self._runner.stopping:
             if self.step() == 0:
                 with self._wake:
-                    if not self._stop:
+                    if not self._runner.stopping:
                         self._wake.wait(self.config.idle_wait_s)
 
     def _housekeep(self) -> None:

@@ -34,6 +34,7 @@ from colm.model import CoLM
 from colm.rope import rope_cos_sin
 
 from colm.prefill_worker.config import PrefillConfig
+from colm.loop_thread import LoopThread
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,7 @@ class PrefillEngine:
         self.dtype = next(model.parameters()).dtype
         self._queue: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()
-        self._stop = False
-        self._thread: threading.Thread | None = None
+        self._runner = LoopThread(self._loop, "colm-prefill-loop", self._cv, join_timeout_s=30)
         self._finisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="colm-prefill-finish")
         self._num_done = self._num_failed = 0
         self._recent: collections.deque = collections.deque(maxlen=32)  # (tokens, seconds)
@@ -109,22 +109,18 @@ class PrefillEngine:
 
     # ---------------------------------------------------------------- queue
     def start(self) -> "PrefillEngine":
-        if self._thread is None:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="colm-prefill-loop", daemon=True)
-            self._thread.start()
+        self._runner.start()
         return self
 
     def stop(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._runner.stop()
         with self._cv:
             while self._queue:
                 self._fail(self._queue.popleft(), RuntimeError("prefill engine stopped"))
+
+    def alive(self) -> bool:
+        """The loop thread runs (started and not stopped)."""
+        return self._runner.started
 
     def submit(self, request_id: str, token_ids, sink, timeout_s: float | None = None) -> Future:
         ids = [int(t) for t in token_ids]
@@ -148,7 +144,7 @@ class PrefillEngine:
     def prefill(self, request_id: str, token_ids, sink, timeout_s: float | None = None) -> PrefillResult:
         """Submit and wait; runs the batch inline when the loop thread is not started."""
         fut = self.submit(request_id, token_ids, sink, timeout_s)
-        if self._thread is None:
+        if not self._runner.started:
             while not fut.done() and self.run_once():
                 pass
         return fut.result(timeout=timeout_s or self.config.default_timeout_s)
@@ -175,9 +171,9 @@ class PrefillEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._stop:
+                while not self._queue and not self._runner.stopping:
                     self._cv.wait()
-                if self._stop:
+                if self._runner.stopping:
                     return
             self.run_once()
 

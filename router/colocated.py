@@ -20,6 +20,7 @@ import torch
 
 from colm.kv_cache import ContiguousKVCache
 from colm.kv_wire import KVLayout, dtype_name
+from colm.loop_thread import LoopThread
 
 
 @dataclass
@@ -35,24 +36,19 @@ class FullPrefillEngine:
         self.cfg = model.cfg
         self._queue: collections.deque = collections.deque()
         self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stop = False
+        self._runner = LoopThread(self._loop, "colm-full-prefill", self._cv, join_timeout_s=30)
         self._recent: collections.deque = collections.deque(maxlen=32)  # (tokens, seconds)
 
     def start(self) -> "FullPrefillEngine":
-        if self._thread is None:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="colm-full-prefill", daemon=True)
-            self._thread.start()
+        self._runner.start()
         return self
 
     def stop(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._runner.stop()
+
+    def alive(self) -> bool:
+        """The loop thread runs (started and not stopped)."""
+        return self._runner.started
 
     def submit(self, request_id: str, token_ids, sink, timeout_s: float | None = None) -> Future:
         fut: Future = Future()
@@ -72,9 +68,9 @@ class FullPrefillEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._stop:
+                while not self._queue and not self._runner.stopping:
                     self._cv.wait(0.1)
-                if self._stop:
+                if self._runner.stopping:
                     return
                 job = self._queue.popleft()
             self._run(*job)

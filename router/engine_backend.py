@@ -38,7 +38,7 @@ class EngineBackend:
     async def poll(self, worker_id: str) -> WorkerReport:
         if worker_id in self.prefill:
             e = self.prefill[worker_id]
-            if getattr(e, "_thread", None) is None:
+            if not e.alive():
                 raise WorkerFailed(worker_id, "prefill engine stopped")
             s = e.stats()
             return WorkerReport(worker_id, "prefill", queued_tokens=s.num_queued_tokens,
