@@ -1,10 +1,13 @@
 """Where a benchmark's JSON goes: ``--out`` if given, else ``$OUT`` (the device tool) or bench/results/,
-named ``<benchmark>_<device>_<date>.json`` (device: the GPU's model word, e.g. ``h100``)."""
+named ``<benchmark>_<device>_<date>.json`` (device: the GPU's model word, e.g. ``h100``); and the
+run facts every GPU benchmark's JSON starts with (``run_meta``)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
 
 
 def write_result(payload: dict, benchmark: str, device_name: str, date: str, out: str | None = None) -> str:
@@ -16,3 +19,18 @@ def write_result(payload: dict, benchmark: str, device_name: str, date: str, out
         json.dump(payload, f, indent=1)
     print(f"wrote {path}")
     return path
+
+
+def run_meta(benchmark: str) -> dict:
+    """{benchmark, device, torch, triton, python, date} of this run (the CUDA device's name)."""
+    import torch
+
+    meta = {"benchmark": benchmark, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    meta.update(python=platform.python_version(), date=datetime.date.today().isoformat())
+    return meta

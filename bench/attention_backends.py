@@ -13,26 +13,13 @@ full model and of the chain-1 sub-model at the same length with SDPA's default a
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from _results import write_result  # bench/ is sys.path[0] when a bench runs as a script
-
-
-def cuda_ms(fn, reps=5, warmup=2):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / reps
+from _results import run_meta, write_result  # bench/ is sys.path[0] when a bench runs as a script
+from _timing import cuda_ms
 
 
 def attn_cases(T, res):
@@ -105,14 +92,13 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--lengths", default="8192,32768")
     args = ap.parse_args()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "cudnn": torch.backends.cudnn.version(), "attention": {}, "prefill": {}}
+    res = {**run_meta("attention_backends"), "cudnn": torch.backends.cudnn.version(), "attention": {}, "prefill": {}}
     lengths = [int(x) for x in args.lengths.split(",")]
     for T in lengths:
         attn_cases(T, res["attention"])
     for T in lengths:
         prefill_cases(T, res["prefill"])
-    write_result(res, "attention_backends", res["device"], time.strftime("%Y-%m-%d"), args.out)
+    write_result(res, "attention_backends", res["device"], res["date"], args.out)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,11 @@ lower-triangular weight, (n+1)/2n for n equal chains).
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 
 import torch
 import torch.nn.functional as F
 
-from _results import write_result  # bench/ is sys.path[0] when a bench runs as a script
+from _results import run_meta, write_result  # bench/ is sys.path[0] when a bench runs as a script
 import colm.kernels._tuning as tuning
 from colm.kernels.chain_linear import (_layout, _shape_key, chain_linear_backward_input, chain_linear_backward_weight,
                                        chain_linear_forward, chain_linear_ref)
@@ -134,11 +132,7 @@ def main() -> None:
         results.append(run_case(*case, quick=args.quick))
         r = results[-1]
         print(f"{r['name']:30s} ours/floor " + " ".join(f"{p}={r['vs_floor']['ours'][p]:.3f}" for p in PASSES), flush=True)
-    import triton
-
-    dev = torch.cuda.get_device_name()
-    out = {"benchmark": "chain_linear", "device": dev, "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+    out = {**run_meta("chain_linear"),
            "timing": "triton.testing.do_bench median, L2 flushed, CUDA events", "cases": results,
            "tuning": tuning.tuning_log()}
     print(f"\n{'case':30s} {'pass':6s} {'dense ms':>9s} {'naive':>7s} {'masked':>7s} {'ours':>7s}   (ratio to dense) "
@@ -149,7 +143,7 @@ def main() -> None:
             print(f"{r['name']:30s} {p:6s} {r['ms']['dense'][p]:9.3f} {vd['naive'][p]:7.3f} {vd['masked'][p]:7.3f} "
                   f"{vd['ours'][p]:7.3f}   {'':15s} {r['vs_floor']['ours'][p]:10.3f} {r['vs_floor']['naive'][p]:11.3f} "
                   f"{r['ours_tflops'][p]:9.1f} {r['rel_err_vs_fp32'][p]:8.1e}  {tuple(r['chosen_config'][p].values()) if r['chosen_config'][p] else ''}")
-    write_result(out, "chain_linear", dev, out["date"], args.out)
+    write_result(out, "chain_linear", out["device"], out["date"], args.out)
 
 
 if __name__ == "__main__":

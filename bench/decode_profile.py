@@ -12,27 +12,13 @@ For the 1B-shape CoLM-Air {16,16} model at batch B and context C (random weights
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from _results import write_result  # bench/ is sys.path[0] when a bench runs as a script
-
-
-def cuda_ms(fn, reps=50, warmup=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+from _results import run_meta, write_result  # bench/ is sys.path[0] when a bench runs as a script
+from _timing import cuda_ms
 
 
 @torch.no_grad()
@@ -71,18 +57,18 @@ def main() -> None:
         t0 = time.perf_counter()
         de.step()
         times.append((time.perf_counter() - t0) * 1000)
-    res = {"model": args.model, "batch": B, "context": ctx, "scale": scale, "device": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "engine_step_ms": statistics.median(times)}
+    res = {**run_meta("decode_profile"), "model": args.model, "batch": B, "context": ctx, "scale": scale,
+           "engine_step_ms": statistics.median(times)}
     batch = list(de._running)
     graphs = de.graphs
     g = next(iter(graphs._graphs.values())) if graphs is not None and graphs._graphs else None
     if g is not None:
-        res["graph_replay_ms"] = cuda_ms(g.graph.replay)
+        res["graph_replay_ms"] = cuda_ms(g.graph.replay, reps=50, warmup=5)
         h = g.out[:B]
         res["logits_logsoftmax_argmax_ms"] = cuda_ms(
-            lambda: torch.log_softmax(model.logits(h, scale).float(), -1).argmax(-1))
+            lambda: torch.log_softmax(model.logits(h, scale).float(), -1).argmax(-1), reps=50, warmup=5)
     tokens, positions, cache = _step_tensors(batch, de.pool, "cuda")
-    res["eager_forward_ms"] = cuda_ms(lambda: model.hidden(tokens, scale=scale, cache=cache, positions=positions), reps=10)
+    res["eager_forward_ms"] = cuda_ms(lambda: model.hidden(tokens, scale=scale, cache=cache, positions=positions), reps=10, warmup=5)
     t0 = time.perf_counter()
     for _ in range(5):
         model.hidden(tokens, scale=scale, cache=cache, positions=positions)
@@ -115,7 +101,7 @@ def main() -> None:
     for r in res["kernels"][:40]:
         print(f"{r['name']:90s} {r['count']:5d} {r['gpu_ms']:8.3f}")
     print(res["cpu_ops"])
-    write_result(res, f"decode_profile_b{B}_s{scale}", res["device"], time.strftime("%Y-%m-%d"), args.out)
+    write_result(res, f"decode_profile_b{B}_s{scale}", res["device"], res["date"], args.out)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,10 @@ call launches (torch profiler); ``exact`` = share of output elements equal to th
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 
 import torch
 
-from _results import write_result  # bench/ is sys.path[0] when a bench runs as a script
+from _results import run_meta, write_result  # bench/ is sys.path[0] when a bench runs as a script
 from colm.kernels.rmsnorm import chain_rmsnorm_ref, chain_rmsnorm_triton
 from colm.kernels.rope import apply_rope_ref, rope_qk_triton
 from colm.rope import rope_cos_sin
@@ -109,11 +107,7 @@ def main() -> None:
             rows.append(row("rope_qk", f"b {b} t {t}", ours, ref, bytes_moved, args.quick, out, ref_out))
             del q, k, cos, sin
             torch.cuda.empty_cache()
-    import triton
-
-    dev = torch.cuda.get_device_name()
-    res = {"benchmark": "norm_rope", "device": dev, "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+    res = {**run_meta("norm_rope"),
            "shape": {"width": WIDTH, "chains": CHAINS, "q_heads": HQ, "kv_heads": HKV, "head_dim": HD, "dtype": "bfloat16"},
            "rows": rows, "timing": "ms: do_bench median (L2 flushed); ms_graph: do_bench_cudagraph median"}
     print(f"\n{'op':7s} {'shape':28s} {'ours us':>9s} {'ref us':>9s} {'graph ours':>10s} {'graph ref':>10s} "
@@ -122,7 +116,7 @@ def main() -> None:
         print(f"{r['op']:7s} {r['shape']:28s} {r['ms']*1e3:9.1f} {r['ms_ref']*1e3:9.1f} {r['ms_graph']*1e3:10.1f} "
               f"{r['ms_ref_graph']*1e3:10.1f} {r['speedup_graph']:10.2f} {r['gbps_graph']:8.0f} "
               f"{r['kernels']:>3d}/{r['kernels_ref']:<4d} {r['exact']:8.5f}")
-    write_result(res, "norm_rope", dev, res["date"], args.out)
+    write_result(res, "norm_rope", res["device"], res["date"], args.out)
 
 
 if __name__ == "__main__":

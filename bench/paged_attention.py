@@ -13,13 +13,11 @@ device-to-device copy (bytes read + bytes written). Times are medians of CUDA-ev
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 
 import torch
 import torch.nn.functional as F
 
-from _results import write_result  # bench/ is sys.path[0] when a bench runs as a script
+from _results import run_meta, write_result  # bench/ is sys.path[0] when a bench runs as a script
 from colm.kernels.paged_attention import paged_decode_attention_triton, write_kv_to_pool_triton
 
 HQ, HKV, D, BLOCK = 32, 8, 64, 16
@@ -108,11 +106,7 @@ def main() -> None:
         v = torch.randn_like(k)
         slots = torch.randperm(4096 * BLOCK, device="cuda")[:t]
         write.append({"tokens": t, "ms": bench(lambda: write_kv_to_pool_triton(k, v, kp, vp, slots), args.quick)})
-    import triton
-
-    dev = torch.cuda.get_device_name()
-    res = {"benchmark": "paged_attention", "device": dev, "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+    res = {**run_meta("paged_attention"),
            "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "block_size": BLOCK, "dtype": "bfloat16"},
            "copy_ceiling_gbps": ceiling, "rows": rows, "launch_sweep_b64_ctx8k": sweep, "write_kv": write,
            "timing": "triton.testing.do_bench median, L2 flushed, CUDA events"}
@@ -123,7 +117,7 @@ def main() -> None:
     for s in sweep:
         print(f"sweep b64x8k {s['launch']}: {s['ms']:.4f} ms, {s['frac_of_copy']:.2f} of copy")
     print(f"copy ceiling {ceiling:.0f} GB/s; write_kv " + ", ".join(f"{w['tokens']} tok {w['ms']*1e3:.1f} us" for w in write))
-    write_result(res, "paged_attention", dev, res["date"], args.out)
+    write_result(res, "paged_attention", res["device"], res["date"], args.out)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,13 @@ Llama-3.2-1B-shape CoLM {8,8,8,8} (bf16 weights) with the Triton kernel vs the n
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 
 import torch
 import torch.nn.functional as F
 
-from _results import write_result  # bench/ is sys.path[0] when a bench runs as a script
+from _results import run_meta, write_result  # bench/ is sys.path[0] when a bench runs as a script
 from colm.model import CoLM
 from colm.presets import preset
 
@@ -64,17 +62,13 @@ def main() -> None:
         for mode in ("kernel", "ref"):
             times[mode] += timed(model, tokens, mode, args.steps // 2)
     med = {m: statistics.median(t) for m, t in times.items()}
-    import triton
-
-    dev = torch.cuda.get_device_name()
-    res = {"benchmark": "train_step_kernel", "device": dev, "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version(), "date": datetime.date.today().isoformat(), "preset": args.preset,
+    res = {**run_meta("train_step_kernel"), "preset": args.preset,
            "batch": args.batch, "seq": args.seq, "dtype": "bfloat16", "step": "forward + cross-entropy + backward",
            "ms_median": med, "ms_all": times, "kernel_over_naive": med["kernel"] / med["ref"],
            "speedup": med["ref"] / med["kernel"], "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
     print(f"{args.preset} batch {args.batch} x seq {args.seq}: kernel {med['kernel']:.1f} ms, naive loop {med['ref']:.1f} ms,"
           f" ratio {res['kernel_over_naive']:.3f} (speedup {res['speedup']:.3f}x)")
-    write_result(res, "train_step_kernel", dev, res["date"], args.out)
+    write_result(res, "train_step_kernel", res["device"], res["date"], args.out)
 
 
 if __name__ == "__main__":
