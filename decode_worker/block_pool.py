@@ -67,6 +67,10 @@ class BlockPool:
                 self._is_free[b] = True
                 self._free.append(b)
 
+    def slot(self, blocks: list[int], pos: int) -> int:
+        """Flat slot id of token position ``pos`` of a sequence holding ``blocks``."""
+        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+
     def slots(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
         """Flat slot ids [end - start] (int64) of token positions start..end-1 of a sequence."""
         pos = torch.arange(start, end)

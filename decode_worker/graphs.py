@@ -48,6 +48,7 @@ class _Graph:
         self.host_ints = torch.zeros(4, B, dtype=torch.int64, pin_memory=pin)  # tokens, positions, ctx, slots
         self.host_tables = torch.zeros(B, W, dtype=torch.int32, pin_memory=pin)
         self.table_rows: list = [None] * B  # the block list each table row was last built from
+        self.dev_ints = torch.zeros(4, B, dtype=torch.int64, device=device)  # device copy of host_ints
 
 
 class DecodeGraphs:
@@ -65,7 +66,6 @@ class DecodeGraphs:
         self.num_captures = 0
 
     def _fill(self, g: _Graph, batch) -> None:
-        bs = self.pool.block_size
         ints, tables = g.host_ints.numpy(), g.host_tables.numpy()  # views of the pinned buffers
         ints[0], ints[1], ints[2], ints[3] = 0, 0, 1, -1  # padding rows: token 0 at slot -1, one context token
         tables_changed = False
@@ -76,7 +76,7 @@ class DecodeGraphs:
                 g.table_rows[i] = r.blocks
                 tables_changed = True
             p = r.num_cached
-            ints[0, i], ints[1, i], ints[2, i], ints[3, i] = r.next_input, p, p + 1, r.blocks[p // bs] * bs + p % bs
+            ints[0, i], ints[1, i], ints[2, i], ints[3, i] = r.next_input, p, p + 1, self.pool.slot(r.blocks, p)
         for i in range(len(batch), len(g.table_rows)):
             if g.table_rows[i] is not None:
                 tables[i].fill(0)
@@ -84,11 +84,11 @@ class DecodeGraphs:
                 tables_changed = True
         if tables_changed:
             g.tables.copy_(g.host_tables, non_blocking=True)
-        dev_ints = g.host_ints.to(self.device, non_blocking=True)  # [4, B]
-        g.tokens.copy_(dev_ints[0, :, None])
-        g.positions.copy_(dev_ints[1, :, None])
-        g.ctx.copy_(dev_ints[2].to(torch.int32))
-        g.slots.copy_(dev_ints[3])
+        g.dev_ints.copy_(g.host_ints, non_blocking=True)  # one upload, then on-device scatters
+        g.tokens.copy_(g.dev_ints[0, :, None])
+        g.positions.copy_(g.dev_ints[1, :, None])
+        g.ctx.copy_(g.dev_ints[2])  # int64 -> int32 within copy_
+        g.slots.copy_(g.dev_ints[3])
 
     def _forward(self, g: _Graph, scale: int) -> torch.Tensor:
         cache = PagedStepCache(self.pool, g.tables, g.ctx, g.slots, length=0)

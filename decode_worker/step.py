@@ -22,13 +22,12 @@ from colm.decode_worker.paged_cache import PagedStepCache
 
 
 def _step_tensors(batch, pool, device):
-    bs = pool.block_size
     width = max(len(r.blocks) for r in batch)
     tables = torch.zeros(len(batch), width, dtype=torch.int32)
     for i, r in enumerate(batch):
         tables[i, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
     pos = [r.num_cached for r in batch]
-    slots = [r.blocks[p // bs] * bs + p % bs for r, p in zip(batch, pos)]
+    slots = [pool.slot(r.blocks, p) for r, p in zip(batch, pos)]
     tokens = torch.tensor([[r.next_input] for r in batch], device=device)  # [B, 1]
     positions = torch.tensor([[p] for p in pos], device=device)  # [B, 1]
     cache = PagedStepCache(pool, tables.to(device), torch.tensor([p + 1 for p in pos], dtype=torch.int32, device=device),

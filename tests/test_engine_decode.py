@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.engine import DecodeEngine
@@ -118,3 +119,27 @@ def test_reservation_errors_and_abort(setup):
         assert de.score([1, 2, 3], scale=1)[0] == (0.0, -1, 0.0)
     finally:
         de.stop()
+
+
+def test_graph_step_buffers_fill_on_cpu():
+    """The CUDA-graph step's static inputs (staging logic only; the replay itself needs a GPU)."""
+    import types
+
+    from colm.decode_worker.block_pool import BlockPool
+    from colm.decode_worker.graphs import DecodeGraphs, _Graph
+
+    pool = BlockPool.__new__(BlockPool)
+    pool.block_size = 4
+    graphs = DecodeGraphs.__new__(DecodeGraphs)
+    graphs.pool, graphs.device = pool, torch.device("cpu")
+    g = _Graph(4, 16, "cpu")
+    req = lambda blocks, cached, token: types.SimpleNamespace(blocks=blocks, num_cached=cached, next_input=token)  # noqa: E731
+    a, b = req([3, 7, 9], 5, 11), req([2], 1, 12)
+    graphs._fill(g, [a, b])
+    assert g.tokens[:, 0].tolist() == [11, 12, 0, 0] and g.positions[:, 0].tolist() == [5, 1, 0, 0]
+    assert g.ctx.tolist() == [6, 2, 1, 1] and g.ctx.dtype == torch.int32
+    assert g.slots.tolist() == [7 * 4 + 1, 2 * 4 + 1, -1, -1]  # padding rows write nowhere
+    assert g.tables[:2, :4].tolist() == [[3, 7, 9, 0], [2, 0, 0, 0]]
+    graphs._fill(g, [b])  # rows move: row 0 now b, row 1 padding again
+    assert g.tokens[:, 0].tolist() == [12, 0, 0, 0] and g.slots.tolist() == [9, -1, -1, -1]
+    assert g.tables[:2, :4].tolist() == [[2, 0, 0, 0], [0, 0, 0, 0]]
