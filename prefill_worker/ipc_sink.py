@@ -24,8 +24,6 @@ from colm.prefill_worker.kv_push import GrpcKVSink, kv_pb2
 
 
 class IpcKVSink(GrpcKVSink):
-    path = "cuda_ipc"
-
     def __init__(self, stub, request_id: str, cluster_token: str, device, checksum_kind: str = "none",
                  timeout_s: float = 60.0) -> None:
         super().__init__(stub, request_id, cluster_token, checksum_kind=checksum_kind, timeout_s=timeout_s)
