@@ -119,6 +119,7 @@ class GemmConfig(NamedTuple):
     nested: bool = False  # input grad only: loop chains, then K within a chain (else one flat K-loop)
     persistent: bool = False  # forward only: one program per SM walks its tiles in one flat K-step loop
     tma: bool = False  # forward only: operands and result through TMA tensor descriptors (sm_90+, aligned)
+    gemv: bool = False  # forward only, M <= 8: the CUDA-core matrix-vector kernel (``chain_linear_gemv``)
 
 
 # Hopper-friendly candidates (wgmma tiles); the first is the untuned default.
@@ -611,6 +612,9 @@ def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = 
                 s = lay.out_start[i]
                 y[:, s:s + lay.outs[i]] = torch.nn.functional.linear(x2d[:, :lay.prefix[i]], w, biases[i] if biases else None)
             return
+        if cfg.gemv:
+            _gemv.gemv_forward(x2d, weights, biases, lay, y, cfg, aligned)
+            return
         cfg = _fwd_variant(cfg, aligned, x2d.device)
         tab = _fwd_table(lay, weights, biases, cfg.block_n, x2d.device)
         num_m, num_n = triton.cdiv(m, cfg.block_m), tab.shape[0]
@@ -639,6 +643,8 @@ def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = 
         candidates = [c for c in FWD_CONFIGS if _fwd_variant(c, aligned, x2d.device) == c]  # no TMA duplicates
         if m <= SMALL_M:
             candidates = FWD_SMALL_M_CONFIGS + candidates
+        if m <= _gemv.MAX_ROWS:
+            candidates = _gemv.GEMV_CONFIGS + candidates
         # few rows: decode steps, replayed from CUDA graphs, so timed as graph replays
         cfg = _pick("fwd", key, candidates + [PER_CHAIN_CUBLAS], launch, config, graph=m <= SMALL_M and x2d.is_cuda)
     launch(cfg)
@@ -771,3 +777,7 @@ def chain_linear_triton(
         raise ValueError("chain_linear: biases must be contiguous and of the input's dtype")
     params = list(weights) + (list(biases) if biases is not None else [])
     return ChainLinearFunction.apply(x, len(weights), biases is not None, configs or {}, *params)
+
+
+# At the end: the few-row kernel's module builds on this one's table and jit helpers.
+from colm.kernels import chain_linear_gemv as _gemv  # noqa: E402

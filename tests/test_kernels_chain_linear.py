@@ -192,6 +192,43 @@ def test_interpreter_forward_never_reads_later_chains(variant, monkeypatch):
     assert launched == {"_chain_fwd_tma_kernel"} if cfg.tma else len(launched) == 1
 
 
+# The few-row (decode) kernel, forced through ``config=``: rows 1..8, ragged chains, bias or not.
+GEMV_INTERP = [cl.GemmConfig(0, 8, 16, 1, 1, gemv=True), cl.GemmConfig(0, 4, 64, 2, 1, gemv=True)]
+GEMV_CASES = [([16, 16], [16, 16], (8,)), ([16, 32, 24], [32, 16, 40], (5,)), ([8, 24, 16, 8], [24, 8, 8, 16], (3,)),
+              ([20, 12], [12, 36], (1,))]
+
+
+@interp
+@pytest.mark.parametrize("cfg", GEMV_INTERP)
+@pytest.mark.parametrize("ins,outs,tokens", GEMV_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_interpreter_gemv_forward_matches_float64(cfg, ins, outs, tokens, bias):
+    dtype = torch.float16 if bias else torch.bfloat16
+    torch.manual_seed(hash((cfg, tuple(ins), bias)) % 2**31)
+    x, ws, bs = _make(ins, outs, tokens, dtype, "cpu", bias)
+    y = cl.chain_linear_forward(x.detach(), [w.detach() for w in ws], [b.detach() for b in bs] if bs else None,
+                                cl._layout(ws), cfg)
+    ref = cl.chain_linear_ref(x.detach().double(), [w.detach().double() for w in ws],
+                              [b.detach().double() for b in bs] if bs else None)
+    assert y.shape == ref.shape and _rel(y, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@interp
+def test_interpreter_gemv_never_reads_later_chains_and_caps_rows():
+    """Chain 1's prefix (24) ends inside a 16-wide K piece: NaN in chains 2-3 must not reach its outputs."""
+    torch.manual_seed(12)
+    x, ws, _ = _make([24, 16, 16], [16, 24, 16], (6,), torch.bfloat16, "cpu", bias=False)
+    x = x.detach().clone()
+    x[:, 24:] = float("nan")
+    y = cl.chain_linear_forward(x, [w.detach() for w in ws], None, cl._layout(ws), GEMV_INTERP[0])
+    ref = cl.chain_linear_ref(x[:, :24].double(), [ws[0].detach().double()])
+    assert not torch.isnan(y[:, :16]).any() and _rel(y[:, :16], ref) < 1e-2
+    assert torch.isnan(y[:, 16:]).all()
+    x9 = torch.randn(9, 56, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="9 rows"):
+        cl.chain_linear_forward(x9, [w.detach() for w in ws], None, cl._layout(ws), GEMV_INTERP[0])
+
+
 def test_tma_variant_falls_back_where_not_allowed(monkeypatch):
     """Unaligned layouts, chips without TMA (here: the CPU, compiled) and Triton builds without
     device-side descriptors run the same blocks with pointer loads."""
@@ -270,6 +307,21 @@ def test_cuda_small_m_forward_configs(cfg, rows):
                                 cl._layout(ws), cfg)
     ref = cl.chain_linear_ref(x.detach().double(), [w.detach().double() for w in ws], [b.detach().double() for b in bs])
     assert _rel(y, ref) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cfg", cl._gemv.GEMV_CONFIGS)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_cuda_gemv_forward_configs(cfg, rows):
+    """The few-row kernel at decode shapes (unequal chains, bias; a {16,16} 1B FFN-down) against float64."""
+    torch.manual_seed(rows + 100)
+    for ins, outs in (([256, 128, 384], [128, 384, 256]), ([4096, 4096], [1024, 1024])):
+        x, ws, bs = _make(ins, outs, (rows,), torch.bfloat16, "cuda", True)
+        y = cl.chain_linear_forward(x.detach(), [w.detach() for w in ws], [b.detach() for b in bs],
+                                    cl._layout(ws), cfg)
+        ref = cl.chain_linear_ref(x.detach().double(), [w.detach().double() for w in ws],
+                                  [b.detach().double() for b in bs])
+        assert _rel(y, ref) < 1e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

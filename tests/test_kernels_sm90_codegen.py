@@ -117,6 +117,28 @@ def test_chain_linear_hopper_masked_variants_compile():
             assert off.resource_usage(k)["STACK"] == 0, cfg
 
 
+gv = importlib.import_module("colm.kernels.chain_linear_gemv")
+
+
+@pytest.mark.parametrize("cfg", gv.GEMV_CONFIGS, ids=lambda c: f"n{c.block_n}-k{c.block_k}-w{c.num_warps}")
+@pytest.mark.parametrize("rows", [1, 8])
+def test_chain_linear_gemv_compiles_without_spills(cfg, rows):
+    """The few-row kernel at the block shape its launcher picks for ``rows``: 16-byte weight loads, no spills."""
+    bm, bk = gv.block_m(rows), cfg.block_k
+    while bm * cfg.block_n * bk > gv.PARTIALS_PER_THREAD * 32 * cfg.num_warps and bk > 32:
+        bk //= 2
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tab_ptr": "*i64", "M": "i32",
+           "stride_xm": "i32", "stride_ym": "i32"}
+    for even, bias in ((True, False), (False, True)):
+        const = dict(HAS_BIAS=bias, EVEN_N=even, EVEN_K=even, ALIGNED=True, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk)
+        k = off.compile_kernel(gv._chain_gemv_kernel, sig, const, cfg.num_warps, cfg.num_stages,
+                               ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "tab_ptr", "stride_xm", "stride_ym"))
+        if even:
+            assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", k.asm["ptx"]), "weights are not read in 16-byte loads"
+        use = off.resource_usage(k)
+        assert use["LOCAL"] == 0 and use["STACK"] == 0, (cfg, rows, even, use)
+
+
 def test_paged_decode_kernels_compile():
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*bf16",
            "part_ptr": "*fp32", "qk_scale": "fp32", "stride_qb": "i32", "stride_qh": "i32", "stride_ob": "i32",

@@ -1,0 +1,98 @@
+"""Few-row chain Linear forward (decode steps): a matrix-vector kernel over the same tile table.
+
+A decode step multiplies a handful of rows (the running sequences) by every weight of the layer, so
+it is a pure weight read: the time is bytes / bandwidth once enough loads are in flight. The GEMM
+kernels of ``colm.kernels.chain_linear`` pad the rows to a 16-row MMA tile and need 32+ output
+columns per program, which leaves a 2048-wide output with 64 programs: too few to keep HBM busy
+(measured 1.2 TB/s on an H100 at batch 1). This kernel has no MMA shape limits: a program owns
+``BLOCK_N`` (4-16) output columns of one chain, streams that slab of ``W_i`` in ``BLOCK_K``-long
+coalesced row pieces, multiplies by all M <= ``BLOCK_M`` rows on the CUDA cores in fp32 and reduces
+over K once at the end, so a 2048-wide output gives 128-512 programs.
+
+Same layout and table as the GEMM forward (rows ``[w_off, P_i, y_col, n_valid, b_off]`` per tile of
+``BLOCK_N`` columns, longest K first), same masking rules (no read of input columns >= P_i), same
+fp32 accumulation. It is one more candidate of the forward tuner for M <= ``MAX_ROWS``, timed as a
+graph replay like the other few-row candidates, so it runs only where it is measured fastest.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+# the module, not the function of the same name that ``colm.kernels`` re-exports
+_cl = importlib.import_module("colm.kernels.chain_linear")
+
+MAX_ROWS = 8  # rows per launch: the [BLOCK_M, BLOCK_N, BLOCK_K] fp32 partials live in registers
+PARTIALS_PER_THREAD = 64  # fp32 registers per thread for them; BLOCK_K shrinks with the rows to keep it
+
+# (block_m is set per launch from M; block_n, block_k, num_warps, num_stages)
+GEMV_CONFIGS = [
+    _cl.GemmConfig(0, 8, 512, 4, 3, gemv=True),
+    _cl.GemmConfig(0, 4, 512, 4, 3, gemv=True),
+    _cl.GemmConfig(0, 16, 256, 4, 3, gemv=True),
+    _cl.GemmConfig(0, 8, 1024, 8, 2, gemv=True),
+    _cl.GemmConfig(0, 16, 512, 8, 2, gemv=True),
+]
+
+if _cl.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _chain_gemv_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # x [M, P_k], W_1 (base of all W_i), b_1, y [M, ΣO], table
+        M, stride_xm, stride_ym,
+        HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """y[:, tile columns] = x[:, :P_i] @ W_i[tile rows]ᵀ for table row ``program_id`` (all M rows)."""
+        row, w_off, K, y_col, n_valid = _cl._fwd_tile_row(tab_ptr, tl.program_id(0), ALIGNED)
+        rm = tl.arange(0, BLOCK_M)
+        rn = tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        rm_ld = (rm % M).to(tl.int64)  # padding rows re-read row 0..M-1; the store drops them
+        rn_ld = rn if EVEN_N else rn % n_valid
+        x_ptrs = x_ptr + rm_ld[:, None] * stride_xm + rk[None, :]  # [BM, BK]
+        w_ptrs = w_ptr + w_off + rn_ld[:, None].to(tl.int64) * K + rk[None, :]  # [BN, BK]: rows of W_i
+        part = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                x = tl.load(x_ptrs)
+            else:
+                k_ok = rk < K - k * BLOCK_K  # never read input columns >= P_i (later chains)
+                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+                x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            part += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]  # [BM, BN, BK]
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        acc = tl.sum(part, axis=2)  # [BM, BN]
+        if HAS_BIAS:
+            acc = _cl._with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N)
+        _cl._store_tile(y_ptr, acc, rm, rn, stride_ym, y_col, M, n_valid, EVEN_N)
+
+
+def block_m(m: int) -> int:
+    """Rows of the register tile for ``m`` rows: the next power of two (Triton block shapes)."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def gemv_forward(x2d: torch.Tensor, weights, biases, lay, y: torch.Tensor, cfg, aligned: bool) -> None:
+    """y [M, ΣO] = chain Linear of x2d [M, P_k] with ``cfg`` (a ``GEMV_CONFIGS`` entry), M <= MAX_ROWS."""
+    m = x2d.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"gemv_forward: {m} rows, at most {MAX_ROWS}")
+    bm = block_m(m)
+    bk = cfg.block_k
+    while bm * cfg.block_n * bk > PARTIALS_PER_THREAD * 32 * cfg.num_warps and bk > 32:
+        bk //= 2  # more rows: shorter K pieces, so the fp32 partials stay in registers
+    tab = _cl._fwd_table(lay, weights, biases, cfg.block_n, x2d.device)
+    _chain_gemv_kernel[(tab.shape[0],)](
+        x2d, weights[0], biases[0] if biases else x2d, y, tab, m, x2d.stride(0), y.stride(0),
+        HAS_BIAS=biases is not None, EVEN_N=all(o % cfg.block_n == 0 for o in lay.outs),
+        EVEN_K=all(p % bk == 0 for p in lay.prefix), ALIGNED=aligned,
+        BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
