@@ -4,12 +4,18 @@ K and V of all layers live in two tensors ``[layers, num_blocks, block_size, kv_
 ``k_pool[l]`` is the per-layer pool the paged attention kernel reads. A request takes whole blocks
 with ``allocate`` (after ``can_allocate``) and gives them back with ``free``; double frees and
 foreign block ids are refused so leaks and aliasing show up as errors, not as wrong tokens.
+
+Received K/V go in through ``write`` with a ``CopyPlan`` (``copy_plan``): where a token range of a
+sequence lands, made once per range and reused for every layer of it, so the per-layer host work
+is the copies' launches alone (the hand-off's writes sit on the prefill's launch path).
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from colm.config import ModelConfig
@@ -29,6 +35,20 @@ def num_blocks_from_memory(cfg: ModelConfig, block_size: int, dtype: torch.dtype
     return max(1, int(free * fraction) // bytes_per_block(cfg, block_size, dtype))
 
 
+MAX_SLICE_RUNS = 8  # a token range of more runs of consecutive slots is written with one scatter per K and V
+
+
+@dataclass(frozen=True, eq=False)
+class CopyPlan:
+    """Where token positions start..end-1 of a sequence land in the pool. ``runs`` [(offset_a, offset_b, first_slot)]
+    with offsets from ``start`` when the range is at most ``MAX_SLICE_RUNS`` runs of consecutive slots (slice
+    copies: no index tensor); else ``slots`` [end - start] int64 on the pool's device (one scatter per K and V)."""
+    start: int
+    end: int
+    runs: tuple[tuple[int, int, int], ...] = ()
+    slots: torch.Tensor | None = None
+
+
 class BlockPool:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device, dtype: torch.dtype) -> None:
         if num_blocks <= 0:
@@ -38,6 +58,9 @@ class BlockPool:
         shape = (cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, N, bs, Hkv, hd]
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        flat = (cfg.n_layers, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
+        self._k_slots = self.k.view(flat)  # [L, slots, Hkv, hd]: slot = block * block_size + offset
+        self._v_slots = self.v.view(flat)
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
         self._is_free = [True] * num_blocks
         self._lock = threading.Lock()
@@ -73,22 +96,59 @@ class BlockPool:
 
     def slots(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
         """Flat slot ids [end - start] (int64) of token positions start..end-1 of a sequence."""
-        pos = torch.arange(start, end)
-        table = torch.tensor(blocks, dtype=torch.int64)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+        if start >= end:
+            return torch.empty(0, dtype=torch.int64)
+        first, ids = self._touched(blocks, start, end)
+        bs = self.block_size
+        table = (np.asarray(ids, dtype=np.int64)[:, None] * bs + np.arange(bs)).reshape(-1)  # slots of blocks ids
+        return torch.from_numpy(table[start - first * bs : end - first * bs])
 
     def runs(self, blocks: list[int], start: int, end: int) -> list[tuple[int, int, int]]:
         """Token positions start..end-1 as maximal runs of consecutive slots: [(token_a, token_b, first_slot)].
         Blocks come off the free stack in ascending order, so a request's blocks are mostly one run."""
+        if start >= end:
+            return []
+        return self._runs(start, end, *self._run_heads(blocks, start, end))
+
+    def _touched(self, blocks: list[int], start: int, end: int) -> tuple[int, list[int]]:
+        """(first, ids): ids = blocks[first:], the blocks that positions start..end-1 (start < end) lie in."""
+        first, last = start // self.block_size, (end - 1) // self.block_size
+        if last >= len(blocks):
+            raise IndexError(f"token {end - 1} is past the {len(blocks)} blocks of the sequence")
+        return first, blocks[first : last + 1]
+
+    def _run_heads(self, blocks: list[int], start: int, end: int) -> tuple[int, list[int], list[int]]:
+        """(first, ids, heads): ``_touched`` plus heads = the indices into ids where a run of consecutive block ids
+        (so of consecutive slots) begins. One vectorised pass, no per-block loop."""
+        first, ids = self._touched(blocks, start, end)
+        arr = np.asarray(ids, dtype=np.int64)  # [n]
+        return first, ids, [0, *(np.flatnonzero(arr[1:] != arr[:-1] + 1) + 1).tolist()]
+
+    def _runs(self, start: int, end: int, first: int, ids: list[int], heads: list[int]) -> list[tuple[int, int, int]]:
         bs = self.block_size
-        out: list[list[int]] = []
-        pos = start
-        while pos < end:
-            stop = min(end, (pos // bs + 1) * bs)
-            slot = blocks[pos // bs] * bs + pos % bs
-            if out and out[-1][2] + (out[-1][1] - out[-1][0]) == slot:
-                out[-1][1] = stop
-            else:
-                out.append([pos, stop, slot])
-            pos = stop
-        return [tuple(r) for r in out]
+        out = []
+        for i, j in zip(heads, heads[1:] + [len(ids)]):  # one run: blocks ids[i:j]
+            a = max(start, (first + i) * bs)
+            out.append((a, min(end, (first + j) * bs), ids[i] * bs + a % bs))
+        return out
+
+    def copy_plan(self, blocks: list[int], start: int, end: int) -> CopyPlan:
+        """The ``CopyPlan`` of token positions start..end-1 (start < end) of a sequence holding ``blocks``."""
+        first, ids, heads = self._run_heads(blocks, start, end)
+        if len(heads) <= MAX_SLICE_RUNS:
+            runs = self._runs(start, end, first, ids, heads)
+            return CopyPlan(start, end, runs=tuple((a - start, b - start, s) for a, b, s in runs))
+        return CopyPlan(start, end, slots=self.slots(blocks, start, end).to(self.k.device))
+
+    def write(self, plan: CopyPlan, layer_start: int, layer_end: int, kv: torch.Tensor) -> None:
+        """kv [layer_end - layer_start, plan.end - plan.start, 2, Hkv, hd] (the pool's device and dtype) into the
+        plan's slots of layers layer_start..layer_end-1; asynchronous on a CUDA pool (current stream)."""
+        kp = self._k_slots[layer_start:layer_end]  # [nl, slots, Hkv, hd]
+        vp = self._v_slots[layer_start:layer_end]
+        if plan.slots is None:
+            for a, b, s in plan.runs:
+                kp[:, s : s + b - a].copy_(kv[:, a:b, 0])
+                vp[:, s : s + b - a].copy_(kv[:, a:b, 1])
+        else:
+            kp[:, plan.slots] = kv[:, :, 0]
+            vp[:, plan.slots] = kv[:, :, 1]

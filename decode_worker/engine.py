@@ -31,12 +31,14 @@ from colm.model import CoLM
 from colm.sampling import SamplingParams
 from colm.scoring import prompt_logprobs
 
-from colm.decode_worker.block_pool import BlockPool, blocks_for, num_blocks_from_memory
+from colm.decode_worker.block_pool import BlockPool, CopyPlan, blocks_for, num_blocks_from_memory
 from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.graphs import DecodeGraphs
 from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, elapsed_ms, stop_reason
 from colm.decode_worker.step import decode_step
 from colm.loop_thread import LoopThread
+
+MAX_COPY_PLANS = 64  # copy plans kept per request (one per token range its chunks use)
 
 
 @dataclass
@@ -181,18 +183,7 @@ class DecodeEngine:
                 if cells.any():
                     raise TransferError(f"request {request_id}: chunk overlaps K/V already received")
                 kv = kv.to(self.device, self.dtype, non_blocking=True)
-                nl = layer_end - layer_start
-                kp = self.pool.k[layer_start:layer_end].view(nl, -1, lay.num_kv_heads, lay.head_dim)  # [nl, slots, H, hd]
-                vp = self.pool.v[layer_start:layer_end].view(nl, -1, lay.num_kv_heads, lay.head_dim)
-                runs = self.pool.runs(req.blocks, token_start, token_end)
-                if len(runs) <= 8:  # consecutive blocks: plain slice copies (no index tensor, no scatter)
-                    for a, b, s in runs:
-                        kp[:, s : s + b - a].copy_(kv[:, a - token_start : b - token_start, 0])
-                        vp[:, s : s + b - a].copy_(kv[:, a - token_start : b - token_start, 1])
-                else:
-                    slots = self.pool.slots(req.blocks, token_start, token_end).to(self.device)
-                    kp[:, slots] = kv[:, :, 0]
-                    vp[:, slots] = kv[:, :, 1]
+                self.pool.write(self._copy_plan(req, token_start, token_end), layer_start, layer_end, kv)
                 if sync and self.device.type == "cuda":
                     torch.cuda.current_stream(self.device).synchronize()
                 cells[:] = True
@@ -200,6 +191,18 @@ class DecodeEngine:
             except TransferError as e:
                 self._fail(req, e)
                 raise
+
+    def _copy_plan(self, req: DecodeRequest, token_start: int, token_end: int) -> CopyPlan:
+        """Where tokens [token_start, token_end) of ``req`` land: made by the first chunk of that range and kept on the
+        request (freed with it), so the chunks of the range's other layers skip the per-block walk and the slot
+        upload. A request's blocks never change while it holds them, so a kept plan cannot go stale."""
+        key = (token_start, token_end)
+        plan = req.copy_plans.get(key)
+        if plan is None:
+            if len(req.copy_plans) >= MAX_COPY_PLANS:  # senders reuse a few ranges; bound odd ones
+                req.copy_plans.clear()
+            plan = req.copy_plans[key] = self.pool.copy_plan(req.blocks, token_start, token_end)
+        return plan
 
     def finish_kv(self, request_id: str, num_tokens: int | None = None) -> None:
         with self._wake:
@@ -285,6 +288,7 @@ class DecodeEngine:
             req.running = False
         self.pool.free(req.blocks)
         req.blocks = []
+        req.copy_plans.clear()  # slot-index tensors go back now, not when the last reference to req does
         if exc is None:
             self._num_finished += 1
         else:

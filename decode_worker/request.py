@@ -1,7 +1,8 @@
 """A decode request's state, its token stream, and the stop rules.
 
 Path of a request through the decode engine: ``reserve`` creates a ``DecodeRequest`` holding its
-blocks -> the KV stream fills them (``written`` marks every (layer, token) cell exactly once) ->
+blocks -> the KV stream fills them (``written`` marks every (layer, token) cell exactly once;
+``copy_plans`` keeps where each chunk token range lands, so its later layers reuse it) ->
 ``start_generation`` attaches sampling, scale and a ``TokenStream`` -> once ``kv_done`` and
 started, the step loop admits it to the running batch; each step appends one token -> finish,
 abort, deadline or failure ends it and frees the blocks (the stream gets the final event or the
@@ -18,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from colm.decode_worker.block_pool import CopyPlan
 from colm.errors import RequestAbortedError
 from colm.kv_wire import KVLayout
 from colm.sampling import SamplingParams
@@ -96,6 +98,7 @@ class DecodeRequest:
     layout: KVLayout | None = None
     written: np.ndarray | None = None          # [layers, tokens] bool: cells of K/V received
     next_chunk_seq: int = 0
+    copy_plans: dict[tuple[int, int], CopyPlan] = field(default_factory=dict)  # (token_start, token_end) -> plan
     kv_done: bool = False
     started: bool = False
     last_token_id: int = 0

@@ -238,13 +238,17 @@ class PrefillEngine:
 
     def _emit(self, jobs: list[_Job], layer: int, c0: int, c1: int, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v [b, Hkv, t, hd] of positions c0..c1-1 -> each request's real tokens as [1, t_r, 2, Hkv, hd]
-        for row, job in enumerate(jobs):
-            end = min(c1, len(job.tokens))
-            if end <= c0 or job.future.done():
-                continue
-            kv = torch.stack((k[row, :, : end - c0], v[row, :, : end - c0]), dim=0).permute(2, 0, 1, 3)[None]
+        live = [(row, job, min(c1, len(job.tokens))) for row, job in enumerate(jobs)
+                if min(c1, len(job.tokens)) > c0 and not job.future.done()]
+        if not live:
+            return
+        # One fresh tensor for the batch, in the sinks' layout: one stack (two copies at most) per layer, however
+        # many requests (this runs on the prefill's launch path). Each sink gets a contiguous row view, which the
+        # engine never writes again.
+        kv = torch.stack((k.transpose(1, 2), v.transpose(1, 2)), dim=2)  # [b, t, 2, Hkv, hd]
+        for row, job, end in live:
             try:
-                job.sink.put(layer, layer + 1, c0, end, kv.contiguous())
+                job.sink.put(layer, layer + 1, c0, end, kv[row : row + 1, : end - c0])
             except Exception as e:  # noqa: BLE001 - the peer of this request failed; the rest go on
                 self._fail(job, e)
 

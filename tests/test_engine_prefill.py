@@ -18,10 +18,13 @@ class CaptureSink(NullKVSink):
     def begin(self, layout):
         self.layout = layout
         self.k = torch.full((layout.num_layers, layout.num_tokens, 2, layout.num_kv_heads, layout.head_dim), float("nan"))
+        self.kept = []  # (tensor handed over, its bytes at put time): the engine must never write it again
 
     def put(self, l0, l1, t0, t1, kv):
         assert torch.isnan(self.k[l0:l1, t0:t1]).all(), "a cell was sent twice"
+        assert kv.shape == self.k[l0:l1, t0:t1].shape and kv.is_contiguous()
         self.k[l0:l1, t0:t1] = kv
+        self.kept.append((kv, kv.clone()))
 
 
 def test_prefill_holds_only_chain_1(tmp_path):
@@ -55,6 +58,7 @@ def test_prefill_kv_equals_full_model(tmp_path, chunk_size):
         pass
     for p, s, f in zip(batch, sinks, futs):
         assert f.result().num_tokens == len(p) - 1
+        assert all(torch.equal(kv, copy) for kv, copy in s.kept)
         cache = ContiguousKVCache(full.cfg, 1, len(p))
         full(torch.tensor([p[:-1]]), scale=2, cache=cache)  # the full model's K/V at full scale
         for layer in range(full.cfg.n_layers):
