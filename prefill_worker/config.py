@@ -18,9 +18,14 @@ class PrefillConfig:
     checksum: str = default_checksum() # bytes path: "crc32c" (when the crc32c package is installed) | "crc32" | "none"
     shm_checksum: str = "none"         # shared-memory path: the bytes never leave this host's memory
     ipc_checksum: str = "none"         # cuda_ipc path: the bytes never leave the GPU (a checksum costs a host copy)
+    # CUDA only: a batch's length is padded up to a multiple of this. SDPA's cuDNN attention builds an
+    # execution plan per sequence length (tens of ms), so unpadded prompts of ever-new lengths paid that in
+    # their TTFT under load; buckets bound the shapes (right padding leaves the real tokens exact).
+    # With chunk_size a multiple of it, every chunk's length is one too.
+    length_bucket: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_batch_size", "chunk_size", "max_queue", "kv_chunk_bytes"):
+        for name in ("max_batch_tokens", "max_batch_size", "chunk_size", "max_queue", "kv_chunk_bytes", "length_bucket"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
         if self.chunk_size > self.max_batch_tokens:

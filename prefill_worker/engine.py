@@ -255,7 +255,7 @@ class PrefillEngine:
     @torch.no_grad()
     def _forward(self, jobs: list[_Job]) -> None:
         model, cfg = self.model, self.model.cfg
-        T = max(len(j.tokens) for j in jobs)
+        T = padded_length(max(len(j.tokens) for j in jobs), self.config.length_bucket, self.device)
         tokens = torch.zeros(len(jobs), T, dtype=torch.long)
         for row, job in enumerate(jobs):  # right padding: causal attention keeps real tokens exact
             tokens[row, : len(job.tokens)] = torch.tensor(job.tokens)
@@ -289,6 +289,13 @@ class PrefillEngine:
         secs = sum(s for _, s in self._recent)
         return PrefillStats(self.host_id, len(queued), sum(len(j.tokens) + 1 for j in queued), self._num_done,
                             self._num_failed, toks / secs if secs > 0 else 0.0, self.num_params)
+
+
+def padded_length(n: int, bucket: int, device: torch.device) -> int:
+    """``n`` rounded up to a multiple of ``bucket`` on CUDA (bounded attention shapes), ``n`` elsewhere."""
+    if device.type != "cuda":
+        return n
+    return -(-n // bucket) * bucket
 
 
 def _chunk_attention(q, k, v, q_start: int, group: int) -> torch.Tensor:

@@ -21,6 +21,8 @@ import torch
 from colm.kv_cache import ContiguousKVCache
 from colm.kv_wire import KVLayout, dtype_name
 from colm.loop_thread import LoopThread
+from colm.prefill_worker.config import PrefillConfig
+from colm.prefill_worker.engine import padded_length
 
 
 @dataclass
@@ -81,11 +83,14 @@ class FullPrefillEngine:
             t0 = time.perf_counter()
             cfg, device = self.cfg, self.model.inv_freq.device
             dtype = next(self.model.parameters()).dtype
-            cache = ContiguousKVCache(cfg, 1, max(1, len(ids)), device=device, dtype=dtype)
-            self.model.hidden(torch.tensor([ids], device=device), scale=cfg.num_chains, cache=cache)  # full width
+            # right-padded to the prefill worker's length bucket on CUDA, as PrefillEngine pads (same shapes)
+            n = padded_length(max(1, len(ids)), PrefillConfig.length_bucket, device)
+            cache = ContiguousKVCache(cfg, 1, n, device=device, dtype=dtype)
+            padded = list(ids) + [0] * (n - len(ids))
+            self.model.hidden(torch.tensor([padded], device=device), scale=cfg.num_chains, cache=cache)  # full width
             sink.begin(KVLayout(cfg.n_layers, len(ids), cfg.n_kv_heads, cfg.head_dim, dtype_name(dtype)))
             # [layers, tokens, 2, kv_heads, head_dim]
-            kv = torch.stack([torch.stack(cache.layer_kv(layer), dim=0)[:, 0].permute(2, 0, 1, 3)
+            kv = torch.stack([torch.stack(cache.layer_kv(layer), dim=0)[:, 0, :, : len(ids)].permute(2, 0, 1, 3)
                               for layer in range(cfg.n_layers)])
             sink.put(0, cfg.n_layers, 0, len(ids), kv)
             sink.finish(30.0)

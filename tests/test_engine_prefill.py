@@ -8,7 +8,8 @@ import torch
 from colm import checkpoint
 from colm.kv_cache import ContiguousKVCache
 from colm.prefill_worker.config import PrefillConfig
-from colm.prefill_worker.engine import PrefillEngine
+from colm.prefill_worker import engine as engine_mod
+from colm.prefill_worker.engine import PrefillEngine, padded_length
 from colm.prefill_worker.sinks import NullKVSink
 from conftest import make_model
 from _engine_helpers import prompts, save_tiny_air
@@ -46,10 +47,20 @@ def test_prefill_refuses_non_air(tmp_path):
         PrefillEngine.from_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("chunk_size", [64, 7])
-def test_prefill_kv_equals_full_model(tmp_path, chunk_size):
+def test_padded_length_buckets_cuda_lengths_only():
+    assert padded_length(300, 256, torch.device("cuda")) == 512
+    assert padded_length(512, 256, torch.device("cuda")) == 512
+    assert padded_length(300, 256, torch.device("cpu")) == 300
+
+
+@pytest.mark.parametrize("chunk_size,bucket", [(64, None), (7, None), (64, 16), (7, 5)])
+def test_prefill_kv_equals_full_model(tmp_path, chunk_size, bucket, monkeypatch):
+    """``bucket``: lengths padded as on CUDA (forced here on the CPU); the real tokens' K/V must not change."""
+    if bucket:
+        monkeypatch.setattr(engine_mod, "padded_length", lambda n, b, device: -(-n // b) * b)
     full = save_tiny_air(tmp_path)
-    eng = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(chunk_size=chunk_size, max_batch_tokens=256))
+    eng = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(chunk_size=chunk_size, max_batch_tokens=256,
+                                                                length_bucket=bucket or 256))
     batch = prompts([3, 20, 11])
     sinks = [CaptureSink() for _ in batch]
     futs = [eng.submit(f"r{i}", p, s) for i, (p, s) in enumerate(zip(batch, sinks))]
@@ -65,3 +76,26 @@ def test_prefill_kv_equals_full_model(tmp_path, chunk_size):
             k, v = cache.layer_kv(layer)  # [1, Hkv, T, hd]
             torch.testing.assert_close(s.k[layer, :, 0], k[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(s.k[layer, :, 1], v[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("forced_bucket", [None, 16])
+def test_colocated_full_prefill_kv_equals_full_model(tmp_path, forced_bucket, monkeypatch):
+    """The baseline's full-model prefill (padded as on CUDA when ``forced_bucket``) hands over exact K/V."""
+    from concurrent.futures import Future
+
+    from colm.router import colocated
+
+    if forced_bucket:
+        monkeypatch.setattr(colocated, "padded_length", lambda n, b, device: -(-n // forced_bucket) * forced_bucket)
+    full = save_tiny_air(tmp_path)
+    eng = colocated.FullPrefillEngine(full)
+    p = prompts([21])[0][:-1]
+    sink, fut = CaptureSink(), Future()
+    eng._run("r0", p, sink, fut)
+    assert fut.result() == len(p)
+    cache = ContiguousKVCache(full.cfg, 1, len(p))
+    full(torch.tensor([p]), scale=2, cache=cache)
+    for layer in range(full.cfg.n_layers):
+        k, v = cache.layer_kv(layer)  # [1, Hkv, T, hd]
+        torch.testing.assert_close(sink.k[layer, :, 0], k[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sink.k[layer, :, 1], v[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
