@@ -7,6 +7,10 @@ lengths and slot mapping into the buffers of its bucket (batch size rounded up t
 table width likewise) and replays. Padding rows write nowhere (slot -1, which the Triton K/V write
 skips) and attend to one token of block 0; their outputs are dropped.
 
+A graph of a batch whose rows share one scale also holds the head (``head_outputs``: logits, log-sum-exp,
+argmax, the greedy log-probs packed for one host read), so a greedy step is a replay and one read; a mixed-
+scale batch's graph stops at the hidden states and each scale's head runs eagerly.
+
 Capture is lazy (first step of a new key) and preceded by eager warm-up runs on the same buffers,
 which compile and tune every Triton kernel (``colm.kernels._tuning``) and build the chain-linear
 kernel's host tables outside the capture: nothing inside a captured step syncs with the host. All
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import NamedTuple
 
 import torch
 
@@ -42,6 +47,7 @@ class _Graph:
         self.slots = torch.full((B,), -1, dtype=torch.int64, device=device)  # [B]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None  # [B, D_scale], valid after a replay
+        self.head: StepHead | None = None  # logits and greedy picks, when the graph includes the head
         # Host staging, pinned so the per-step copies are asynchronous. A step's copies have finished
         # before the next step writes here: each step reads its sampled tokens back (a sync) first.
         pin = torch.device(device).type == "cuda"
@@ -49,6 +55,24 @@ class _Graph:
         self.host_tables = torch.zeros(B, W, dtype=torch.int32, pin_memory=pin)
         self.table_rows: list = [None] * B  # the block list each table row was last built from
         self.dev_ints = torch.zeros(4, B, dtype=torch.int64, device=device)  # device copy of host_ints
+
+
+class StepHead(NamedTuple):
+    """The head of a decode step at one scale, as ``head_outputs`` computes it (inside a graph or eagerly)."""
+
+    logits: torch.Tensor  # [B, V]
+    lse: torch.Tensor  # [B] float32: log p(t) = logit(t) - lse
+    greedy: torch.Tensor  # [B, 1] argmax token ids
+    packed: torch.Tensor  # [2, B] float64: greedy ids (exact in float64) and their log-probs, for one host read
+
+
+def head_outputs(model, hidden: torch.Tensor, scale: int) -> StepHead:
+    """Scale-``scale`` logits of ``hidden [B, D>=scale]`` and everything a greedy step reads back."""
+    logits = model.logits(hidden, scale)  # [B, V]
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    greedy = logits.argmax(dim=-1, keepdim=True)
+    lp = logits.gather(1, greedy)[:, 0].float() - lse
+    return StepHead(logits, lse, greedy, torch.stack([greedy[:, 0].double(), lp.double()]))
 
 
 class DecodeGraphs:
@@ -90,25 +114,43 @@ class DecodeGraphs:
         g.ctx.copy_(g.dev_ints[2])  # int64 -> int32 within copy_
         g.slots.copy_(g.dev_ints[3])
 
-    def _forward(self, g: _Graph, scale: int) -> torch.Tensor:
+    def _forward(self, g: _Graph, scale: int, head: bool = False) -> torch.Tensor:
         cache = PagedStepCache(self.pool, g.tables, g.ctx, g.slots, length=0)
-        return self.model.hidden(g.tokens, scale=scale, cache=cache, positions=g.positions)[:, 0]  # [B, D_scale]
+        out = self.model.hidden(g.tokens, scale=scale, cache=cache, positions=g.positions)[:, 0]  # [B, D_scale]
+        if head:
+            g.head = head_outputs(self.model, out, scale)
+        return out
 
     @torch.no_grad()
     def hidden(self, batch, scale: int) -> torch.Tensor | None:
         """Final hidden states [len(batch), D_scale] of one decode step, or None when graphs do not apply."""
+        g = self._replay(batch, scale, head=False)
+        return None if g is None else g.out[: len(batch)]
+
+    @torch.no_grad()
+    def step_head(self, batch, scale: int) -> StepHead | None:
+        """One decode step with the head inside the graph (every row at ``scale``): its ``StepHead`` sliced
+        to ``len(batch)`` rows, or None when graphs do not apply. A greedy step then costs one replay and
+        one device->host read of ``packed``; the logits stay for rows that sample."""
+        g = self._replay(batch, scale, head=True)
+        if g is None:
+            return None
+        n, h = len(batch), g.head
+        return StepHead(h.logits[:n], h.lse[:n], h.greedy[:n], h.packed[:, :n])
+
+    def _replay(self, batch, scale: int, head: bool) -> _Graph | None:
         if not self.enabled or len(batch) > self.max_batch:
             return None
         B = _bucket(len(batch))
         W = _bucket(max(len(r.blocks) for r in batch), 16)
-        key = (B, W, scale)
+        key = (B, W, scale, head)
         with self._lock:
             g = self._graphs.get(key)
             if g is None:
                 g = _Graph(B, W, self.device)
                 self._fill(g, batch)
                 try:
-                    self._capture(g, scale)
+                    self._capture(g, scale, head)
                 except Exception as e:  # noqa: BLE001 - fall back to eager for good
                     log.warning("CUDA graph capture failed for batch %d, width %d, scale %d (%s): decode runs eager",
                                 B, W, scale, e)
@@ -118,27 +160,27 @@ class DecodeGraphs:
                 self._graphs[key] = g
             self._fill(g, batch)
             g.graph.replay()
-            return g.out[: len(batch)]
+            return g
 
-    def _capture(self, g: _Graph, scale: int) -> None:
+    def _capture(self, g: _Graph, scale: int, head: bool) -> None:
         from colm.kernels._tuning import DEVICE_WIDE_LOCK
 
         with DEVICE_WIDE_LOCK:  # no kernel tuning (a device-wide sync) in another thread meanwhile
-            self._capture_locked(g, scale)
+            self._capture_locked(g, scale, head)
 
-    def _capture_locked(self, g: _Graph, scale: int) -> None:
+    def _capture_locked(self, g: _Graph, scale: int, head: bool) -> None:
         # Warm-up on a side stream (as torch.cuda.graphs asks): compiles and tunes the kernels for these shapes.
         # Re-running the step is harmless: it writes the same K/V into the same slots.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self._forward(g, scale)
+                self._forward(g, scale, head)
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         # thread_local: gRPC threads may copy K/V into the pool meanwhile; that must not break the capture
         with torch.cuda.graph(graph, pool=self._pool_handle, capture_error_mode="thread_local"):
-            g.out = self._forward(g, scale)
+            g.out = self._forward(g, scale, head)
         g.graph = graph
         self.num_captures += 1

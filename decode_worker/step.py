@@ -18,6 +18,7 @@ import torch
 
 from colm.sampling import sample_next
 
+from colm.decode_worker.graphs import StepHead, head_outputs
 from colm.decode_worker.paged_cache import PagedStepCache
 
 
@@ -52,6 +53,10 @@ def decode_step(model, batch, pool, scales: list[int], mode: str = "widest", gra
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(scales):
         groups.setdefault(s, []).append(i)
+    if len(groups) == 1 and graphs is not None:
+        head = graphs.step_head(batch, scales[0])  # forward and head in one replay; None when graphs do not apply
+        if head is not None:
+            return _picks(head, batch)
     if mode == "widest" or len(groups) == 1:
         hidden = _hidden(model, batch, pool, max(scales), device, graphs)
         per_group = {s: (idx, hidden[idx] if len(groups) > 1 else hidden) for s, idx in groups.items()}
@@ -60,22 +65,21 @@ def decode_step(model, batch, pool, scales: list[int], mode: str = "widest", gra
                      for s, idx in groups.items()}
     out: list[tuple[int, float] | None] = [None] * len(batch)
     for s, (idx, h) in per_group.items():
-        logits = model.logits(h, s)  # [n, V]
-        lse = torch.logsumexp(logits.float(), dim=-1)  # [n]: log p(t) = logit(t) - lse
-        greedy = logits.argmax(dim=-1, keepdim=True)  # [n, 1]
-        if all(batch[i].params.greedy for i in idx):
-            # one device->host read for tokens and log-probs (float64 holds every token id exactly)
-            lp = logits.gather(1, greedy)[:, 0].float() - lse
-            both = torch.stack([greedy[:, 0].double(), lp.double()]).tolist()
-            toks, lps = [int(t) for t in both[0]], both[1]
-        else:
-            toks = greedy[:, 0].tolist()
-            for j, i in enumerate(idx):
-                r = batch[i]
-                if not r.params.greedy:
-                    toks[j] = sample_next(logits[j].cpu(), r.params, r.generator)
-            chosen = torch.tensor(toks, device=logits.device)[:, None]
-            lps = (logits.gather(1, chosen)[:, 0].float() - lse).tolist()
-        for j, i in enumerate(idx):
-            out[i] = (toks[j], lps[j])
+        for j, pick in enumerate(_picks(head_outputs(model, h, s), [batch[i] for i in idx])):
+            out[idx[j]] = pick
     return out  # type: ignore[return-value]
+
+
+def _picks(head: StepHead, rows) -> list[tuple[int, float]]:
+    """(token, log-prob) per row from the step's head: greedy rows read ``packed`` (one device->host copy),
+    sampling rows draw from their logits with their own generator."""
+    if all(r.params.greedy for r in rows):
+        both = head.packed.tolist()  # float64 holds every token id exactly
+        return [(int(t), lp) for t, lp in zip(both[0], both[1])]
+    toks = head.greedy[:, 0].tolist()
+    for j, r in enumerate(rows):
+        if not r.params.greedy:
+            toks[j] = sample_next(head.logits[j].cpu(), r.params, r.generator)
+    chosen = torch.tensor(toks, device=head.logits.device)[:, None]
+    lps = (head.logits.gather(1, chosen)[:, 0].float() - head.lse).tolist()
+    return list(zip(toks, lps))

@@ -12,7 +12,8 @@ import torch
 
 from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.engine import DecodeEngine
-from colm.decode_worker.graphs import DecodeGraphs, _bucket, _Graph
+from colm.decode_worker.graphs import DecodeGraphs, _bucket, _Graph, head_outputs
+from colm.decode_worker.step import _picks
 from colm.decode_worker.step import _step_tensors
 from colm.generate import generate
 from colm.prefill_worker.engine import PrefillEngine
@@ -85,9 +86,13 @@ def test_graph_replay_equals_eager_bf16(tmp_path):
             eager = full.hidden(tokens, scale=scale, cache=cache, positions=positions)[:, 0].float()
             graph = de.graphs.hidden(batch, scale).float()
             again = de.graphs.hidden(batch, scale).float()  # a replay of the captured graph
+            head = de.graphs.step_head(batch, scale)  # the graph that also holds the head
+            ref = head_outputs(full, de.graphs.hidden(batch, scale), scale)
         assert de.graphs.enabled
         torch.testing.assert_close(graph, eager, atol=2e-2, rtol=2e-2)
         assert torch.equal(graph, again)
+        assert head.logits.shape == (3, full.cfg.vocab_size) and head.packed.shape == (2, 3)
+        assert torch.equal(head.logits, ref.logits) and torch.equal(head.packed, ref.packed)
     de.stop()
 
 
@@ -113,4 +118,13 @@ def test_static_buffers_of_a_padded_bucket_give_the_eager_step():
         tokens, positions, cache = _step_tensors(batch, de.pool, torch.device("cpu"))
         eager = model.hidden(tokens, scale=2, cache=cache, positions=positions)[:, 0]
         torch.testing.assert_close(graphs._forward(g, 2)[:3], eager, atol=1e-6, rtol=1e-6)
+        h = graphs._forward(g, 1, head=True)  # the head as a head graph captures it
+        ref = head_outputs(model, model.hidden(tokens, scale=1, cache=_step_tensors(batch, de.pool, torch.device("cpu"))[2],
+                                               positions=positions)[:, 0], 1)
+        torch.testing.assert_close(g.head.logits[:3], ref.logits, atol=1e-5, rtol=1e-5)
+        assert g.head.greedy[:3].tolist() == ref.greedy.tolist() and h.shape[0] == 4
+        picks = _picks(g.head._replace(packed=g.head.packed[:, :3]), batch)  # greedy rows: one read of packed
+        assert [t for t, _ in picks] == ref.greedy[:, 0].tolist()
+        torch.testing.assert_close(torch.tensor([lp for _, lp in picks], dtype=torch.float64), ref.packed[1],
+                                   atol=1e-5, rtol=1e-5)
     assert graphs.hidden(batch, 2) is None  # no CUDA: the step runs eager
