@@ -15,6 +15,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from colm.attention_backend import attention
@@ -69,6 +70,18 @@ class ChainAttention(nn.Module):
         self.wv = ChainLinear(kv_in, kv_out, device=device, dtype=dtype)
         self.wo = ChainLinear(dims, dims, device=device, dtype=dtype)
 
+    def fuse_kv(self) -> None:
+        """CoLM-Air inference: K and V from one [2*Hkv*hd, d_1] weight (one GEMM instead of two per layer).
+
+        ``wk``/``wv`` keep their parameters, as views of the fused tensor (same values, same state_dict
+        keys); a no-op without KV sharing or when fused already. For engines, not for training."""
+        if not self.cfg.kv_sharing or self.__dict__.get("_wkv") is not None:
+            return
+        wk, wv = self.wk.weights[0], self.wv.weights[0]  # [Hkv*hd, d_1] each
+        fused = torch.cat([wk.detach(), wv.detach()])  # [2*Hkv*hd, d_1]
+        wk.data, wv.data = fused[: wk.shape[0]], fused[wk.shape[0]:]
+        self.__dict__["_wkv"] = fused  # a plain attribute: not a parameter or buffer of the module
+
     def project_qkv(self, x: torch.Tensor, scale: int, cos: torch.Tensor, sin: torch.Tensor):
         """x [b, t, D_k] -> q [b, Hq_k, t, hd], k, v [b, Hkv_k, t, hd] with RoPE applied."""
         b, t, _ = x.shape
@@ -76,7 +89,11 @@ class ChainAttention(nn.Module):
         q = self.wq(x, scale).view(b, t, -1, hd).transpose(1, 2)
         if self.cfg.kv_sharing:
             x1 = x[..., : self.cfg.chain_dims[0]]
-            k, v = self.wk(x1), self.wv(x1)
+            wkv = self.__dict__.get("_wkv")
+            if wkv is not None:
+                k, v = F.linear(x1, wkv).chunk(2, dim=-1)  # views of one [b, t, 2*Hkv*hd] result
+            else:
+                k, v = self.wk(x1), self.wv(x1)
         else:
             k, v = self.wk(x, scale), self.wv(x, scale)
         k = k.view(b, t, -1, hd).transpose(1, 2)

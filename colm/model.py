@@ -87,6 +87,12 @@ class CoLM(nn.Module):
             cache.advance(t, self.cfg.scale_kv_heads(scale))
         return self.norm(x)
 
+    def fuse_kv_projections(self) -> "CoLM":
+        """Inference engines: every layer's K and V projections as one GEMM (CoLM-Air; see ChainAttention.fuse_kv)."""
+        for layer in self.layers:
+            layer.attn.fuse_kv()
+        return self
+
     def logits(self, hidden: torch.Tensor, scale: int | None = None) -> torch.Tensor:
         """Scale-k logits from hidden states of any scale >= k: the head's first k chains' columns."""
         scale = self.cfg.check_scale(scale)

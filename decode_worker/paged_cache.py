@@ -31,7 +31,7 @@ class PagedStepCache:
         if q.shape[2] != 1:
             raise ValueError(f"PagedStepCache: one token per sequence per step, got {q.shape[2]}")
         kp, vp = self.pool.k[layer_idx], self.pool.v[layer_idx]
-        write_kv_to_pool(k[:, :, 0].contiguous(), v[:, :, 0].contiguous(), kp, vp, self.slot_mapping)
+        write_kv_to_pool(k[:, :, 0], v[:, :, 0], kp, vp, self.slot_mapping)  # any strides (fused K/V are views)
         o = paged_decode_attention(q[:, :, 0].contiguous(), kp, vp, self.block_tables, self.context_lens)
         return o[:, :, None]  # [B, Hq, 1, hd]
 

@@ -88,6 +88,8 @@ class PrefillEngine:
         self.config = config or PrefillConfig()
         self.host_id = host_id or socket.gethostname()
         self.device = model.inv_freq.device
+        if self.device.type == "cuda":
+            model.fuse_kv_projections()  # one K/V GEMM per layer (CPU keeps the separate ones: bit-stable tests)
         self.dtype = next(model.parameters()).dtype
         self._queue: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()

@@ -45,3 +45,26 @@ def test_non_air_kv_differs_by_scale_only_in_later_chains():
     k2, _ = c2.layer_kv(0)
     assert k1.shape[1] == 1 and k2.shape[1] == 2  # chain 1 owns one K/V head, chain 2 another
     assert torch.equal(k1, k2[:, :1])
+
+
+def test_fused_kv_projection_same_outputs_and_parameters():
+    """Engines fuse each layer's K and V weights into one GEMM: same hidden states at every scale, same
+    parameters and state_dict (views of the fused tensor), and a no-op for a model without KV sharing."""
+    torch.manual_seed(5)
+    model = make_model("tiny-air")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = [model.hidden(tokens, scale=s) for s in range(1, model.cfg.num_chains + 1)]
+        model.fuse_kv_projections()
+        fused = [model.hidden(tokens, scale=s) for s in range(1, model.cfg.num_chains + 1)]
+    attn = model.layers[0].attn
+    assert attn.__dict__["_wkv"].data_ptr() == attn.wk.weights[0].data_ptr()
+    assert attn.wv.weights[0].data_ptr() == attn.wk.weights[0].data_ptr() + attn.wk.weights[0].numel() * 4
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    for r, f in zip(ref, fused):
+        torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-5)
+    plain = make_model("tiny")
+    plain.fuse_kv_projections()
+    assert plain.layers[0].attn.__dict__.get("_wkv") is None
