@@ -47,7 +47,9 @@ def start_worker(role: str, ckpt: str, args, token: str, section: dict) -> tuple
     """One engine as a plain process (colm.deploy.worker_main); returns (process, its gRPC address)."""
     cmd = [sys.executable, "-m", "colm.deploy.worker_main", "--role", role, "--model", ckpt, "--device", args.device,
            "--dtype", args.dtype, "--config", json.dumps(section)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "COLM_CLUSTER_TOKEN": token})
+    log = open(f"{args.out}_{role}.log", "w")  # the worker's stderr: kept for a post-mortem if it dies
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                            env={**os.environ, "COLM_CLUSTER_TOKEN": token})
     line = proc.stdout.readline().split()
     if len(line) != 3 or line[0] != "READY":
         proc.kill()
@@ -142,6 +144,7 @@ def main() -> int:
                     help="unmeasured requests before the first rate (kernel tuning, CUDA graphs)")
     ap.add_argument("--slo-scale", type=float, default=1.5, help="SLO = this x the baseline's idle TTFT and TPOT")
     ap.add_argument("--out", default="bench/results/serve_goodput")
+    ap.add_argument("--modes", default="baseline,colm", help="systems to run, in order (the first sets the SLO)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", choices=["procs", "inproc"], default="procs",
                     help="colm's engines as plain processes (gRPC + shared-memory KV) or threads of this process")
@@ -153,14 +156,14 @@ def main() -> int:
     plo, phi = (int(x) for x in args.prompt_len.split(","))
     olo, ohi = (int(x) for x in args.output_len.split(","))
     runs, calib, slo = {}, {}, None
-    for mode in ("baseline", "colm"):
+    for mode in args.modes.split(","):
         server, procs = make_router(mode, ckpt, dtype, args)
         try:
             full = server.router.model_cfg.num_chains
             calib[mode] = {str(k): calibrate(server.grpc_addr, (plo + phi) // 2, (olo + ohi) // 2, k)
                            for k in ((full,) if mode == "baseline" else range(1, full + 1))}
             if slo is None:
-                base = calib["baseline"][str(full)]
+                base = calib[mode][str(full)]  # the baseline's, unless only colm runs
                 slo = {"ttft_ms": args.slo_scale * base["ttft_ms"], "tpot_ms": args.slo_scale * base["tpot_ms"]}
             budgets = f"scale:{full}" if mode == "baseline" else f"ttft:{slo['ttft_ms']:.3f}+tpot:{slo['tpot_ms']:.3f}"
             print(f"[{mode}] calibration {calib[mode]}; SLO {slo}", flush=True)
@@ -180,6 +183,8 @@ def main() -> int:
             del server
             if device == "cuda":
                 torch.cuda.empty_cache()
+    if set(runs) != {"baseline", "colm"}:
+        return 0  # one system only: its PREFIX_MODE.json is the result
     from colm.loadtest import plot
 
     ratio = [{"rate": c["rate"], "colm_goodput_rps": c["goodput_rps"], "baseline_goodput_rps": b["goodput_rps"],
