@@ -1,0 +1,52 @@
+"""Goodput of two load-test runs at one SLO: re-scores each run's per-request records.
+
+``colm loadtest`` keeps every request's TTFT and TPOT, so runs made at different SLOs (or on
+different occasions) can be compared at the same SLO afterwards. For each SLO given (by default
+each run's own), prints and writes per-rate goodput = requests meeting it / the rate's wall time.
+
+    python bench/goodput_rescore.py A.json B.json --out bench/results/NAME.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def rescore(run: dict, slo: dict) -> dict[float, dict]:
+    fields = run["requests"]["fields"]
+    col = {k: i for i, k in enumerate(fields)}
+    rows = run["requests"]["rows"]
+    out = {}
+    for r in run["rates"]:
+        ok = [x for x in rows if x[col["rate"]] == r["rate"] and x[col["status"]] == "OK"]
+        good = sum(1 for x in ok if x[col["ttft_ms"]] <= slo["ttft_ms"] and x[col["tpot_ms"]] <= slo["tpot_ms"])
+        wall_s = r["num_requests"] / r["throughput_rps"] if r["throughput_rps"] else None
+        out[r["rate"]] = {"good": good, "ok": len(ok), "num_requests": r["num_requests"],
+                          "goodput_rps": good / wall_s if wall_s else 0.0}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+", help="load-test JSONs (colm loadtest / serve_goodput PREFIX_MODE.json)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    runs = {p: json.load(open(p)) for p in args.runs}
+    slos = {f"slo_of:{p}": r["slo"] for p, r in runs.items() if "slo" in r}
+    result = {"slos": slos, "goodput": {}}
+    for name, slo in slos.items():
+        result["goodput"][name] = {p: rescore(r, slo) for p, r in runs.items()}
+        print(f"SLO TTFT {slo['ttft_ms']:.1f} ms, TPOT {slo['tpot_ms']:.2f} ms ({name})")
+        for p, per_rate in result["goodput"][name].items():
+            best = max(v["goodput_rps"] for v in per_rate.values())
+            cells = "  ".join(f"{rate:g}: {v['goodput_rps']:.2f}" for rate, v in per_rate.items())
+            print(f"  {p}: {cells}  (max {best:.2f} req/s)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
