@@ -15,6 +15,7 @@ loop thread (``cancel`` marks it), so its blocks are never freed under a step th
 from __future__ import annotations
 
 import collections
+import logging
 import socket
 import statistics
 import threading
@@ -36,6 +37,8 @@ from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.graphs import DecodeGraphs
 from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, elapsed_ms, stop_reason
 from colm.decode_worker.step import decode_step
+
+log = logging.getLogger("colm.decode")
 from colm.loop_thread import LoopThread
 
 MAX_COPY_PLANS = 64  # copy plans kept per request (one per token range its chunks use)
@@ -90,7 +93,7 @@ class DecodeEngine:
         self._wake = threading.Condition(self._lock)
         self._runner = LoopThread(self._loop, "colm-decode-loop", self._wake, join_timeout_s=10)
         self._step_ms: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=64))
-        self._num_steps = self._num_finished = self._num_failed = 0
+        self._num_steps = self._num_finished = self._num_failed = self._num_step_errors = 0
         self._last_step_ms, self._last_batch = 0.0, 0
 
     @classmethod
@@ -334,7 +337,16 @@ class DecodeEngine:
         if not batch:
             return 0
         t0 = time.perf_counter()
-        results = decode_step(self.model, batch, self.pool, scales, self.config.mixed_scale_mode, self.graphs)
+        try:
+            results = decode_step(self.model, batch, self.pool, scales, self.config.mixed_scale_mode, self.graphs)
+        except Exception as e:  # noqa: BLE001 - a failed step ends its batch, never the engine's loop
+            log.exception("decode step of %d sequences failed; their requests end with an error", len(batch))
+            err = RuntimeError(f"decode step failed ({type(e).__name__}: {e}); the worker goes on serving")
+            with self._lock:
+                self._num_step_errors += 1
+                for req in batch:
+                    self._finalize(req, err)
+            return len(batch)
         dt = (time.perf_counter() - t0) * 1000.0
         with self._lock:
             self._num_steps += 1

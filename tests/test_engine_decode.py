@@ -143,3 +143,40 @@ def test_graph_step_buffers_fill_on_cpu():
     graphs._fill(g, [b])  # rows move: row 0 now b, row 1 padding again
     assert g.tokens[:, 0].tolist() == [12, 0, 0, 0] and g.slots.tolist() == [9, -1, -1, -1]
     assert g.tables[:2, :4].tolist() == [[2, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_failed_step_ends_its_batch_not_the_engine(setup, monkeypatch):
+    """A decode step that raises (e.g. a CUDA error, a kernel with no runnable config) fails the requests
+    of that batch with a clear error and frees their blocks; the loop goes on and serves the next one."""
+    from colm.decode_worker import engine as engine_mod
+
+    path, full = setup
+    de, pe = _engines(path)
+    real, calls = engine_mod.decode_step, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # the second step of the first request
+            raise RuntimeError("injected step failure")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine_mod, "decode_step", flaky)
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    try:
+        p = prompts([12])[0]
+        de.reserve("bad", len(p), 5)
+        pe.submit("bad", p, LocalKVSink(de, "bad"))
+        events = []
+        with pytest.raises(RuntimeError, match="decode step failed .*injected step failure.*goes on serving"):
+            for e in de.start_generation("bad", p[-1], params, scale=2):
+                events.append(e)
+        assert len(events) == 1  # the first step's token came out before the failure
+        q = prompts([7])[0]
+        de.reserve("good", len(q), 5)
+        pe.submit("good", q, LocalKVSink(de, "good"))
+        got = [e.token_id for e in de.start_generation("good", q[-1], params, scale=2)]
+        assert got == generate(full, q, params, scale=2).token_ids
+        assert de.alive() and de._num_step_errors == 1
+    finally:
+        pe.stop(), de.stop()
+    assert de.pool.num_free == de.pool.num_blocks
