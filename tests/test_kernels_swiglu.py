@@ -1,0 +1,96 @@
+"""SwiGLU gate product kernel (``colm.kernels.swiglu``) against ``F.silu(a) * b``.
+
+CPU: the kernel in Triton's interpreter (child pytest), bf16 and fp16, ragged sizes; CUDA: 1B FFN
+shapes and the dispatcher; offline: it compiles for sm_90 without spills or FMA contraction.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+
+import pytest
+import torch
+
+from _kernel_helpers import IN_INTERPRETER, interp, run_interpreter_cases
+
+triton = pytest.importorskip("triton")
+sw = importlib.import_module("colm.kernels.swiglu")
+off = importlib.import_module("colm.kernels._offline")
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+sm90 = pytest.mark.skipif(
+    IN_INTERPRETER or not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")),
+    reason="needs the compiler (not the interpreter) and Triton's NVIDIA tools")
+
+
+def test_interpreter_suite():
+    run_interpreter_cases(__file__)
+
+
+def _check(shape, dtype, device):
+    a = (torch.randn(shape, device=device) * 3).to(dtype)
+    b = torch.randn(shape, device=device).to(dtype)
+    out = sw.silu_mul_triton(a, b)
+    ref = sw.silu_mul_ref(a, b)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    diff = (out.float() - ref.float()).abs()
+    ulp = ref.float().abs() * (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10) + 1e-6
+    assert (diff <= ulp).all(), diff.max()  # at most one ulp anywhere
+    assert (out == ref).float().mean() > 0.99  # and almost everywhere bit-equal
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 1000), (1, 2048), (2, 5, 77), (1,)])
+def test_interpreter_silu_mul_matches_reference(dtype, shape):
+    torch.manual_seed(sum(shape))
+    _check(shape, dtype, "cpu")
+
+
+@interp
+def test_interpreter_silu_mul_rejects_mismatched_inputs():
+    a = torch.randn(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        sw.silu_mul_triton(a, a[:, :4])
+    with pytest.raises(ValueError, match="contiguous"):
+        sw.silu_mul_triton(a.t(), a.t())
+    assert sw.silu_mul_triton(a[:0], a[:0]).shape == (0, 8)
+
+
+def test_cpu_dispatch_is_the_reference_and_ffn_unchanged():
+    from colm.ffn import ChainFFN
+    from conftest import make_model
+
+    a, b = torch.randn(3, 16), torch.randn(3, 16)
+    assert torch.equal(sw.silu_mul(a, b), torch.nn.functional.silu(a) * b)
+    model = make_model("tiny-air")
+    ffn: ChainFFN = model.layers[0].ffn
+    x = torch.randn(2, 3, model.cfg.dim)
+    expect = ffn.w2(torch.nn.functional.silu(ffn.w1(x, 2)) * ffn.w3(x, 2), 2)
+    assert torch.equal(ffn(x, 2), expect)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 8192), (64, 1, 8192), (2048, 4096)])
+def test_cuda_silu_mul_1b_shapes(dtype, shape):
+    torch.manual_seed(0)
+    _check(shape, dtype, "cuda")
+    a = torch.randn(shape, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        assert sw._use_triton(a, a)
+    assert not sw._use_triton(a.requires_grad_(), a)  # autograd: the reference
+
+
+@sm90
+def test_sm90_silu_mul_compiles_clean():
+    sig = {"a_ptr": "*bf16", "b_ptr": "*bf16", "o_ptr": "*bf16", "n": "i32"}
+    k = off.compile_kernel(sw._silu_mul_kernel, sig, dict(BLOCK=sw.BLOCK, EMULATE=False), 8, 1,
+                           ("a_ptr", "b_ptr", "o_ptr", "n"), enable_fp_fusion=False)  # n % 16 == 0, as launches specialise it
+    ptx = k.asm["ptx"]
+    use = off.resource_usage(k)
+    assert use["LOCAL"] == 0 and use["STACK"] == 0, use
+    assert not re.search(r"\bfma\.", ptx), "a multiply-add was contracted into an FMA"
+    assert re.search(r"ld\.global(\.\w+)*\.v2", ptx), "inputs are not read in vectors"
