@@ -27,8 +27,9 @@ class Block(nn.Module):
         self.ffn = ChainFFN(cfg, device=device, dtype=dtype)
 
     def forward(self, x, scale, cos, sin, cache=None, q_start=0):
-        x = x + self.attn(self.attn_norm(x), scale, cos, sin, cache, q_start)
-        return x + self.ffn(self.ffn_norm(x), scale)
+        # residual add and the FFN's norm in one kernel on CUDA (the same roundings as add, then norm)
+        x, h = self.ffn_norm.add_forward(x, self.attn(self.attn_norm(x), scale, cos, sin, cache, q_start))
+        return x + self.ffn(h, scale)
 
 
 class CoLM(nn.Module):

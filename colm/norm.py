@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from colm.kernels.rmsnorm import chain_rmsnorm
+from colm.kernels.rmsnorm import chain_add_rmsnorm, chain_rmsnorm
 
 
 class ChainRMSNorm(nn.Module):
@@ -22,7 +22,13 @@ class ChainRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., d_1 + ... + d_k] for the active scale k
-        width = x.shape[-1]
+        return chain_rmsnorm(x, self.weight, self._active_dims(x.shape[-1]), self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, norm(h)) for h = x + residual, in one launch on CUDA at inference."""
+        return chain_add_rmsnorm(x, residual, self.weight, self._active_dims(x.shape[-1]), self.eps)
+
+    def _active_dims(self, width: int) -> list[int]:
         dims, total = [], 0
         for d in self.chain_dims:
             if total >= width:
@@ -31,4 +37,4 @@ class ChainRMSNorm(nn.Module):
             total += d
         if total != width:
             raise ValueError(f"ChainRMSNorm: input width {width} is not a chain boundary of {self.chain_dims}")
-        return chain_rmsnorm(x, self.weight, dims, self.eps)
+        return dims

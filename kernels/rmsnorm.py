@@ -83,18 +83,32 @@ if HAS_TRITON:
         tl.store(o_ptrs, o.to(o_ptrs.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _residual_in(x_ptr, r_ptr, h_ptr, row, stride_x, stride_r, stride_h, col, ok,
+                     HAS_RES: tl.constexpr, EMULATE: tl.constexpr):
+        """The row to normalise, as fp32: x, or h = x + r rounded to x's dtype (stored to h) when HAS_RES."""
+        x = tl.load(x_ptr + row * stride_x + col, mask=ok, other=0.0)
+        xf = x.to(tl.float32)
+        if HAS_RES:
+            xf = xf + tl.load(r_ptr + row * stride_r + col, mask=ok, other=0.0).to(tl.float32)
+            if EMULATE[0]:
+                xf = _round_bf16(xf)
+            xf = xf.to(x.dtype).to(tl.float32)  # the sum in x's dtype, as torch's add keeps it
+            tl.store(h_ptr + row * stride_h + col, xf.to(h_ptr.dtype.element_ty), mask=ok)
+        return xf, x
+
+    @triton.jit
     def _rmsnorm_equal_kernel(
         x_ptr, w_ptr, out_ptr, stride_x, stride_o, eps,
+        r_ptr, h_ptr, stride_r, stride_h,  # residual in, sum out (HAS_RES only)
         NUM_CHAINS: tl.constexpr, CHAIN: tl.constexpr, NC_PAD: tl.constexpr, C_PAD: tl.constexpr,
-        EMULATE: tl.constexpr,
+        EMULATE: tl.constexpr, HAS_RES: tl.constexpr = False,
     ):
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, NC_PAD)[:, None]  # chain
         j = tl.arange(0, C_PAD)[None, :]  # feature within the chain
         ok = (c < NUM_CHAINS) & (j < CHAIN)
         col = c * CHAIN + j  # [NC, C]
-        x = tl.load(x_ptr + row * stride_x + col, mask=ok, other=0.0)
-        xf = x.to(tl.float32)
+        xf, x = _residual_in(x_ptr, r_ptr, h_ptr, row, stride_x, stride_r, stride_h, col, ok, HAS_RES, EMULATE)
         ss = tl.sum(xf * xf, 1)  # [NC]
         rstd = tl.rsqrt(ss * (1.0 / CHAIN) + eps)
         _scale_store(xf, rstd[:, None], w_ptr + col, out_ptr + row * stride_o + col, ok, x.dtype, EMULATE)
@@ -102,14 +116,14 @@ if HAS_TRITON:
     @triton.jit
     def _rmsnorm_general_kernel(
         x_ptr, w_ptr, out_ptr, stride_x, stride_o, eps,
+        r_ptr, h_ptr, stride_r, stride_h,  # residual in, sum out (HAS_RES only)
         BOUNDS: tl.constexpr, NUM_CHAINS: tl.constexpr, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
-        EMULATE: tl.constexpr,
+        EMULATE: tl.constexpr, HAS_RES: tl.constexpr = False,
     ):
         row = tl.program_id(0).to(tl.int64)
         col = tl.arange(0, BLOCK)
         ok = col < WIDTH
-        x = tl.load(x_ptr + row * stride_x + col, mask=ok, other=0.0)
-        xf = x.to(tl.float32)
+        xf, x = _residual_in(x_ptr, r_ptr, h_ptr, row, stride_x, stride_r, stride_h, col, ok, HAS_RES, EMULATE)
         sq = xf * xf
         rstd = tl.zeros((BLOCK,), tl.float32)
         for i in tl.static_range(NUM_CHAINS):  # BOUNDS = (0, d_1, d_1 + d_2, ..., width)
@@ -130,39 +144,55 @@ def _num_warps(block: int) -> int:
 
 
 def chain_rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, chain_dims: Sequence[int], eps: float,
-                         num_warps: int | None = None) -> torch.Tensor:
-    """The Triton chain RMSNorm of ``x [..., sum(chain_dims)]`` (any float dtype; see module docstring)."""
+                         num_warps: int | None = None, residual: torch.Tensor | None = None):
+    """The Triton chain RMSNorm of ``x [..., sum(chain_dims)]`` (any float dtype; see module docstring).
+
+    With ``residual`` (x's shape and dtype) it normalises h = x + residual in the same launch and
+    returns ``(h, norm(h))``; h is rounded to x's dtype exactly as ``x + residual`` is."""
     dims = [int(d) for d in chain_dims]
     width = x.shape[-1]
     if not dims or min(dims) <= 0 or sum(dims) != width:
         raise ValueError(f"chain_rmsnorm: chain dims {dims} do not sum to the input width {width}")
     if weight.dim() != 1 or weight.shape[0] < width or weight.stride(0) != 1:
         raise ValueError(f"chain_rmsnorm: weight must be a contiguous vector of >= {width}, got {tuple(weight.shape)}")
-    x2 = x.reshape(-1, width)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"chain_rmsnorm: residual {tuple(residual.shape)} {residual.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype}")
+    x2 = _rows(x, width)
     rows = x2.shape[0]
     out = torch.empty((rows, width), device=x.device, dtype=torch.result_type(weight, x))
-    if rows == 0:
+    r2 = _rows(residual, width) if residual is not None else x2
+    h = torch.empty((rows, width), device=x.device, dtype=x.dtype) if residual is not None else out
+    if rows:
+        interp = _tuning.interpreting()
+        emulate = (interp and x.dtype == torch.bfloat16, interp and out.dtype == torch.bfloat16)
+        res_args = (r2, h, r2.stride(0), h.stride(0))
+        if len(set(dims)) == 1:
+            nc, c = len(dims), dims[0]
+            block = triton.next_power_of_2(nc) * triton.next_power_of_2(c)
+            _rmsnorm_equal_kernel[(rows,)](
+                x2, weight, out, x2.stride(0), out.stride(0), eps, *res_args,
+                NUM_CHAINS=nc, CHAIN=c, NC_PAD=triton.next_power_of_2(nc), C_PAD=triton.next_power_of_2(c),
+                EMULATE=emulate, HAS_RES=residual is not None, num_warps=num_warps or _num_warps(block),
+                enable_fp_fusion=False,
+            )
+        else:
+            block = triton.next_power_of_2(width)
+            _rmsnorm_general_kernel[(rows,)](
+                x2, weight, out, x2.stride(0), out.stride(0), eps, *res_args,
+                BOUNDS=tuple([0] + list(accumulate(dims))), NUM_CHAINS=len(dims), WIDTH=width, BLOCK=block,
+                EMULATE=emulate, HAS_RES=residual is not None, num_warps=num_warps or _num_warps(block),
+                enable_fp_fusion=False,
+            )
+    if residual is None:
         return out.view(x.shape)
-    interp = _tuning.interpreting()
-    emulate = (interp and x.dtype == torch.bfloat16, interp and out.dtype == torch.bfloat16)
-    if len(set(dims)) == 1:
-        nc, c = len(dims), dims[0]
-        block = triton.next_power_of_2(nc) * triton.next_power_of_2(c)
-        _rmsnorm_equal_kernel[(rows,)](
-            x2, weight, out, x2.stride(0), out.stride(0), eps,
-            NUM_CHAINS=nc, CHAIN=c, NC_PAD=triton.next_power_of_2(nc), C_PAD=triton.next_power_of_2(c),
-            EMULATE=emulate, num_warps=num_warps or _num_warps(block), enable_fp_fusion=False,
-        )
-    else:
-        block = triton.next_power_of_2(width)
-        _rmsnorm_general_kernel[(rows,)](
-            x2, weight, out, x2.stride(0), out.stride(0), eps,
-            BOUNDS=tuple([0] + list(accumulate(dims))), NUM_CHAINS=len(dims), WIDTH=width, BLOCK=block,
-            EMULATE=emulate, num_warps=num_warps or _num_warps(block), enable_fp_fusion=False,
-        )
-    return out.view(x.shape)
+    return h.view(x.shape), out.view(x.shape)
+
+
+def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[..., width] -> [rows, width] with unit column stride (a view when possible)."""
+    t2 = t.reshape(-1, width)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 def _use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -175,3 +205,13 @@ def chain_rmsnorm(x: torch.Tensor, weight: torch.Tensor, chain_dims: Sequence[in
     if _use_triton(x, weight):
         return chain_rmsnorm_triton(x, weight, chain_dims, eps)
     return chain_rmsnorm_ref(x, weight, chain_dims, eps)
+
+
+def chain_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, chain_dims: Sequence[int],
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, norm(h)) for h = x + residual: one Triton launch on CUDA bf16/fp16 without autograd, else the
+    reference add and norm (the same roundings)."""
+    if _use_triton(x, weight) and _use_triton(residual, weight) and residual.shape == x.shape:
+        return chain_rmsnorm_triton(x, weight, chain_dims, eps, residual=residual)
+    h = x + residual
+    return h, chain_rmsnorm(h, weight, chain_dims, eps)

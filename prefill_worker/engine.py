@@ -281,8 +281,8 @@ class PrefillEngine:
                 if li == last:
                     break  # the last layer's output feeds nothing we need: only its K/V are
                 o = _chunk_attention(q, keys[li][:, :, :c1], values[li][:, :, :c1], c0, group)
-                x = x + layer.attn.wo(o.transpose(1, 2).reshape(len(jobs), t, -1), 1)
-                x = x + layer.ffn(layer.ffn_norm(x), 1)
+                x, h = layer.ffn_norm.add_forward(x, layer.attn.wo(o.transpose(1, 2).reshape(len(jobs), t, -1), 1))
+                x = x + layer.ffn(h, 1)
 
     def stats(self) -> PrefillStats:
         with self._cv:

@@ -120,6 +120,25 @@ def test_interpreter_rmsnorm_leading_dims_strided_rows_and_fp32_weight():
 
 @interp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chain_dims,width", [([32, 32], 64), ([16, 48, 8], 72), ([16, 16, 16, 16], 48)])
+def test_interpreter_add_rmsnorm_matches_add_then_norm(dtype, chain_dims, width):
+    """The fused residual add: h bit-equal to x + r, norm(h) equal to the unfused kernel's (same code after
+    the add), and within the norm's tolerance of the reference."""
+    torch.manual_seed(width + 7)
+    dims = [d for i, d in enumerate(chain_dims) if sum(chain_dims[: i + 1]) <= width]
+    x = (torch.randn(5, 3, width) * 3).to(dtype)
+    r = (torch.randn(5, 3, width) * 3).to(dtype)
+    w = (1 + 0.5 * torch.randn(sum(chain_dims))).to(dtype)
+    h, out = rn.chain_rmsnorm_triton(x, w, dims, 1e-5, residual=r)
+    assert torch.equal(h, x + r)
+    assert torch.equal(out, rn.chain_rmsnorm_triton(x + r, w, dims, 1e-5))
+    assert _ulps(out, rn.chain_rmsnorm_ref(x + r, w, dims, 1e-5)).max() <= 1
+    with pytest.raises(ValueError, match="residual"):
+        rn.chain_rmsnorm_triton(x, w, dims, 1e-5, residual=r[:, :2])
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_interpreter_rope_matches_reference_bitwise(dtype):
     torch.manual_seed(2)
     _check_rope(2, 4, 2, 5, 16, dtype, "cpu")
@@ -157,6 +176,25 @@ def test_cuda_rmsnorm_1b_shapes(dtype, chain_dims, width):
     torch.manual_seed(width + len(chain_dims))
     for rows in (1, 64, 8193):
         _check_norm(rows, chain_dims, width, dtype, "cuda")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chain_dims", [[1024, 1024], [512, 1536]])
+def test_cuda_add_rmsnorm_1b_shapes(dtype, chain_dims):
+    """Fused residual add: h == x + r bit for bit, norm(h) == the plain kernel on x + r; the dispatcher
+    takes it without autograd and the eager pair with it."""
+    torch.manual_seed(len(chain_dims))
+    for rows in (1, 64, 4097):
+        x = (torch.randn(rows, 2048, device="cuda") * 3).to(dtype)
+        r = (torch.randn(rows, 2048, device="cuda") * 3).to(dtype)
+        w = (1 + 0.5 * torch.randn(2048, device="cuda")).to(dtype)
+        with torch.no_grad():
+            h, out = rn.chain_add_rmsnorm(x, r, w, chain_dims, 1e-5)
+        assert torch.equal(h, x + r) and torch.equal(out, rn.chain_rmsnorm_triton(x + r, w, chain_dims, 1e-5))
+    xg = x.clone().requires_grad_()
+    h, out = rn.chain_add_rmsnorm(xg, r, w, chain_dims, 1e-5)
+    assert h.grad_fn is not None and out.grad_fn is not None
 
 
 @cuda
@@ -206,8 +244,9 @@ def test_cuda_dispatch_and_graph_capture():
 
 # ---------------------------------------------------------------- offline sm_90 code generation
 
-_NORM_SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "stride_x": "i32", "stride_o": "i32", "eps": "fp32"}
-_NORM_DIV = ("x_ptr", "w_ptr", "out_ptr", "stride_x", "stride_o")
+_NORM_SIG = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "stride_x": "i32", "stride_o": "i32", "eps": "fp32",
+             "r_ptr": "*bf16", "h_ptr": "*bf16", "stride_r": "i32", "stride_h": "i32"}
+_NORM_DIV = ("x_ptr", "w_ptr", "out_ptr", "stride_x", "stride_o", "r_ptr", "h_ptr", "stride_r", "stride_h")
 
 
 def _assert_clean(kernel, vector_io=True):
@@ -222,10 +261,12 @@ def _assert_clean(kernel, vector_io=True):
 
 @sm90
 @pytest.mark.parametrize("chains", [2, 4])
-def test_sm90_rmsnorm_equal_chains_compiles_clean(chains):
+@pytest.mark.parametrize("residual", [False, True])
+def test_sm90_rmsnorm_equal_chains_compiles_clean(chains, residual):
     c = 2048 // chains
     k = off.compile_kernel(rn._rmsnorm_equal_kernel, _NORM_SIG,
-                           dict(NUM_CHAINS=chains, CHAIN=c, NC_PAD=chains, C_PAD=c, EMULATE=(False, False)),
+                           dict(NUM_CHAINS=chains, CHAIN=c, NC_PAD=chains, C_PAD=c, EMULATE=(False, False),
+                                HAS_RES=residual),
                            rn._num_warps(2048), 1, _NORM_DIV, enable_fp_fusion=False)
     ptx = _assert_clean(k)
     assert "rsqrt.approx" in ptx
@@ -234,7 +275,8 @@ def test_sm90_rmsnorm_equal_chains_compiles_clean(chains):
 @sm90
 def test_sm90_rmsnorm_unequal_chains_compiles_clean():
     k = off.compile_kernel(rn._rmsnorm_general_kernel, _NORM_SIG,
-                           dict(BOUNDS=(0, 512, 1536, 2048), NUM_CHAINS=3, WIDTH=2048, BLOCK=2048, EMULATE=(False, False)),
+                           dict(BOUNDS=(0, 512, 1536, 2048), NUM_CHAINS=3, WIDTH=2048, BLOCK=2048, EMULATE=(False, False),
+                                HAS_RES=True),
                            rn._num_warps(2048), 1, _NORM_DIV, enable_fp_fusion=False)
     _assert_clean(k)
 
