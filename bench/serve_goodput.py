@@ -47,9 +47,9 @@ def start_worker(role: str, ckpt: str, args, token: str, section: dict) -> tuple
     """One engine as a plain process (colm.deploy.worker_main); returns (process, its gRPC address)."""
     cmd = [sys.executable, "-m", "colm.deploy.worker_main", "--role", role, "--model", ckpt, "--device", args.device,
            "--dtype", args.dtype, "--config", json.dumps(section)]
-    log = open(f"{args.out}_{role}.log", "w")  # the worker's stderr: kept for a post-mortem if it dies
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                            env={**os.environ, "COLM_CLUSTER_TOKEN": token})
+    with open(f"{args.out}_{role}.log", "w") as log:  # the worker's stderr (the child keeps its own handle)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                                env={**os.environ, "COLM_CLUSTER_TOKEN": token})
     line = proc.stdout.readline().split()
     if len(line) != 3 or line[0] != "READY":
         proc.kill()

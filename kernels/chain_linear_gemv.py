@@ -79,15 +79,21 @@ def block_m(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
 
+def launch_blocks(m: int, cfg) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_K) a launch for ``m`` rows uses: more rows, shorter K pieces, so the fp32 partials
+    [BLOCK_M, BLOCK_N, BLOCK_K] stay within PARTIALS_PER_THREAD registers per thread."""
+    bm, bk = block_m(m), cfg.block_k
+    while bm * cfg.block_n * bk > PARTIALS_PER_THREAD * 32 * cfg.num_warps and bk > 32:
+        bk //= 2
+    return bm, bk
+
+
 def gemv_forward(x2d: torch.Tensor, weights, biases, lay, y: torch.Tensor, cfg, aligned: bool) -> None:
     """y [M, ΣO] = chain Linear of x2d [M, P_k] with ``cfg`` (a ``GEMV_CONFIGS`` entry), M <= MAX_ROWS."""
     m = x2d.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"gemv_forward: {m} rows, at most {MAX_ROWS}")
-    bm = block_m(m)
-    bk = cfg.block_k
-    while bm * cfg.block_n * bk > PARTIALS_PER_THREAD * 32 * cfg.num_warps and bk > 32:
-        bk //= 2  # more rows: shorter K pieces, so the fp32 partials stay in registers
+    bm, bk = launch_blocks(m, cfg)
     tab = _cl._fwd_table(lay, weights, biases, cfg.block_n, x2d.device)
     _chain_gemv_kernel[(tab.shape[0],)](
         x2d, weights[0], biases[0] if biases else x2d, y, tab, m, x2d.stride(0), y.stride(0),

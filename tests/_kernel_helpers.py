@@ -17,6 +17,19 @@ IN_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside test_interpreter_suite's child process")
 
 
+def _has_nvidia_tools() -> bool:
+    try:
+        import triton
+    except ImportError:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+
+
+# offline sm_90 code generation: the compiler (not the interpreter) and Triton's NVIDIA tools
+sm90 = pytest.mark.skipif(IN_INTERPRETER or not _has_nvidia_tools(),
+                          reason="needs the compiler (not the interpreter) and Triton's NVIDIA tools")
+
+
 def run_interpreter_cases(test_file: str) -> None:
     """Run ``test_file``'s interpreter cases in a child pytest and assert they all passed."""
     if IN_INTERPRETER:

@@ -11,13 +11,12 @@ squares, reduced in another order, moves rstd by one fp32 bit (the share of exac
 from __future__ import annotations
 
 import importlib
-import os
 import re
 
 import pytest
 import torch
 
-from _kernel_helpers import IN_INTERPRETER, interp, run_interpreter_cases
+from _kernel_helpers import interp, run_interpreter_cases, sm90
 
 triton = pytest.importorskip("triton")
 
@@ -26,9 +25,6 @@ rp = importlib.import_module("colm.kernels.rope")
 off = importlib.import_module("colm.kernels._offline")
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-sm90 = pytest.mark.skipif(
-    IN_INTERPRETER or not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")),
-    reason="needs the compiler (not the interpreter) and Triton's NVIDIA tools")
 
 
 def test_interpreter_suite():

@@ -124,9 +124,7 @@ gv = importlib.import_module("colm.kernels.chain_linear_gemv")
 @pytest.mark.parametrize("rows", [1, 8])
 def test_chain_linear_gemv_compiles_without_spills(cfg, rows):
     """The few-row kernel at the block shape its launcher picks for ``rows``: 16-byte weight loads, no spills."""
-    bm, bk = gv.block_m(rows), cfg.block_k
-    while bm * cfg.block_n * bk > gv.PARTIALS_PER_THREAD * 32 * cfg.num_warps and bk > 32:
-        bk //= 2
+    bm, bk = gv.launch_blocks(rows, cfg)
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tab_ptr": "*i64", "M": "i32",
            "stride_xm": "i32", "stride_ym": "i32"}
     for even, bias in ((True, False), (False, True)):
