@@ -77,19 +77,26 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        model.hidden(tokens, scale=scale, cache=cache, positions=positions)
-        torch.cuda.synchronize()
-    kernels = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            k = kernels.setdefault(ev.name[:90], [0, 0.0])
-            k[0] += 1
-            k[1] += ev.device_time_total / 1000 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1000
-    rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
-    res["kernels_per_forward"] = sum(c for c, _ in kernels.values())
-    res["kernel_gpu_ms_total"] = sum(t for _, t in kernels.values())
-    res["kernels"] = [{"name": n, "count": c, "gpu_ms": t} for n, (c, t) in rows]
+    from colm.decode_worker.graphs import head_outputs
+
+    def kernel_table(fn):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        kernels = {}
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                k = kernels.setdefault(ev.name[:90], [0, 0.0])
+                k[0] += 1
+                k[1] += ev.device_time_total / 1000 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1000
+        rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+        return prof, [{"name": n, "count": c, "gpu_ms": t} for n, (c, t) in rows]
+
+    prof, res["kernels"] = kernel_table(lambda: model.hidden(tokens, scale=scale, cache=cache, positions=positions))
+    res["kernels_per_forward"] = sum(r["count"] for r in res["kernels"])
+    res["kernel_gpu_ms_total"] = sum(r["gpu_ms"] for r in res["kernels"])
+    h = model.hidden(tokens, scale=scale, cache=cache, positions=positions)[:, 0]
+    _, res["head_kernels"] = kernel_table(lambda: head_outputs(model, h, scale))  # what the graph's head runs
     res["cpu_ops"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
     res["tuning"] = tuning.tuning_log()
     de.stop()
@@ -99,6 +106,9 @@ def main() -> None:
     print(f"kernels per forward {res['kernels_per_forward']}, their GPU time {res['kernel_gpu_ms_total']:.3f} ms")
     print(f"{'kernel':90s} {'n':>5s} {'ms':>8s}")
     for r in res["kernels"][:40]:
+        print(f"{r['name']:90s} {r['count']:5d} {r['gpu_ms']:8.3f}")
+    print("head (inside the graph for single-scale batches):")
+    for r in res["head_kernels"]:
         print(f"{r['name']:90s} {r['count']:5d} {r['gpu_ms']:8.3f}")
     print(res["cpu_ops"])
     write_result(res, f"decode_profile_b{B}_s{scale}", res["device"], res["date"], args.out)

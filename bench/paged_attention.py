@@ -60,12 +60,60 @@ def make_case(batch, ctx, dtype=torch.bfloat16):
     return q, k_pool, v_pool, tables, lens
 
 
+def graph_split_sweep(quick) -> list[dict]:
+    """Batch-1/8 decode as the engine runs it: 16 layers' calls (each its own pool, as in the model)
+    captured in one CUDA graph, with CoLM-Air's head map, for a range of ``num_splits`` (None = the
+    default heuristic). Per-call time = replay time / 16 (CUDA events, median)."""
+    from colm.attention import query_head_order
+    from colm.presets import preset
+
+    order = query_head_order(preset("llama-3.2-1b-16-16-air"), 2)[0]
+    head_map = torch.tensor(order, device="cuda", dtype=torch.int32)
+    out = []
+    for batch, ctx in ((1, 2048), (1, 8192), (8, 2048)):
+        cases = [make_case(batch, ctx) for _ in range(16)]
+        for splits in (None, 1, 2, 4, 8, 16, 32, 64):
+            launch = None if splits is None else {"num_splits": splits}
+
+            def layers():
+                for q, kp, vp, bt, cl in cases:
+                    paged_decode_attention_triton(q, kp, vp, bt, cl, launch=launch, head_map=head_map)
+
+            layers()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                layers()
+            times = []
+            for _ in range(10 if quick else 50):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                graph.replay()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 16)
+            times.sort()
+            row = {"batch": batch, "context": ctx, "num_splits": splits or "default", "ms_per_layer": times[len(times) // 2]}
+            out.append(row)
+            print(f"graph sweep B={batch} ctx={ctx} splits={row['num_splits']}: {row['ms_per_layer'] * 1e3:.2f} us/layer",
+                  flush=True)
+        del cases
+        torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--graph-sweep-only", action="store_true", help="only the batch-1/8 in-graph num_splits sweep")
     args = ap.parse_args()
     torch.manual_seed(0)
+    graph_sweep = graph_split_sweep(args.quick)
+    if args.graph_sweep_only:
+        meta = run_meta("paged_attention_graph_sweep")
+        write_result({**meta, "rows": graph_sweep}, meta["benchmark"], meta["device"], meta["date"], args.out)
+        return
     ceiling = copy_ceiling(args.quick)
     print(f"copy ceiling {ceiling:.0f} GB/s", flush=True)
     rows, sweep = [], []
@@ -108,7 +156,7 @@ def main() -> None:
         write.append({"tokens": t, "ms": bench(lambda: write_kv_to_pool_triton(k, v, kp, vp, slots), args.quick)})
     res = {**run_meta("paged_attention"),
            "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "block_size": BLOCK, "dtype": "bfloat16"},
-           "copy_ceiling_gbps": ceiling, "rows": rows, "launch_sweep_b64_ctx8k": sweep, "write_kv": write,
+           "copy_ceiling_gbps": ceiling, "rows": rows, "graph_split_sweep": graph_sweep, "launch_sweep_b64_ctx8k": sweep, "write_kv": write,
            "timing": "triton.testing.do_bench median, L2 flushed, CUDA events"}
     print(f"\n{'batch':>5s} {'ctx':>6s} {'ours ms':>9s} {'GB/s':>6s} {'/copy':>6s} {'sdpa ms':>9s} {'GB/s':>6s} {'/copy':>6s} {'speedup':>7s}")
     for r in rows:

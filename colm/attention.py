@@ -101,14 +101,17 @@ class ChainAttention(nn.Module):
         q, k = apply_rope_qk(q, k, cos, sin)  # one launch for both on CUDA
         return q, k, v
 
-    def _head_order(self, scale: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _head_order(self, scale: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         # query_head_order as index tensors on the device, made once: a Python-list index is copied to
-        # the GPU with a host sync on every call, which also cannot run inside a CUDA graph capture
+        # the GPU with a host sync on every call, which also cannot run inside a CUDA graph capture.
+        # (order, inverse, order as int32 for caches that take a head map)
         cache = self.__dict__.setdefault("_order_cache", {})
         key = (scale, device)
         if key not in cache:
             order = query_head_order(self.cfg, scale)
-            cache[key] = None if order is None else tuple(torch.tensor(o, device=device) for o in order)
+            cache[key] = None if order is None else (
+                torch.tensor(order[0], device=device), torch.tensor(order[1], device=device),
+                torch.tensor(order[0], device=device, dtype=torch.int32))
         return cache[key]
 
     def forward(self, x: torch.Tensor, scale: int, cos: torch.Tensor, sin: torch.Tensor, cache=None,
@@ -116,12 +119,16 @@ class ChainAttention(nn.Module):
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x, scale, cos, sin)
         order = self._head_order(scale, q.device)
-        if order is not None:
-            q = q[:, order[0]]
-        if cache is None:
-            o = default_attend(q, k, v, q_start)
+        if order is not None and getattr(cache, "takes_head_map", False):
+            # the cache's kernel reads q and writes o in the heads' own order: no gathers
+            o = cache.attend(self.layer_idx, q, k, v, head_map=order[2])  # [b, Hq_k, t, hd]
         else:
-            o = cache.attend(self.layer_idx, q, k, v)  # [b, Hq_k, t, hd]
-        if order is not None:
-            o = o[:, order[1]]
+            if order is not None:
+                q = q[:, order[0]]
+            if cache is None:
+                o = default_attend(q, k, v, q_start)
+            else:
+                o = cache.attend(self.layer_idx, q, k, v)  # [b, Hq_k, t, hd]
+            if order is not None:
+                o = o[:, order[1]]
         return self.wo(o.transpose(1, 2).reshape(b, t, -1), scale)

@@ -26,10 +26,16 @@ class Block(nn.Module):
         self.ffn_norm = ChainRMSNorm(cfg.chain_dims, cfg.norm_eps, device=device, dtype=dtype)
         self.ffn = ChainFFN(cfg, device=device, dtype=dtype)
 
-    def forward(self, x, scale, cos, sin, cache=None, q_start=0):
-        # residual add and the FFN's norm in one kernel on CUDA (the same roundings as add, then norm)
-        x, h = self.ffn_norm.add_forward(x, self.attn(self.attn_norm(x), scale, cos, sin, cache, q_start))
-        return x + self.ffn(h, scale)
+    def forward(self, x, scale, cos, sin, cache=None, q_start=0, pending=None):
+        """x [b, t, D_k]: the residual stream; ``pending``: the previous block's FFN output, not yet added
+        (None for the first block). Returns (stream, this block's FFN output): each residual add runs in
+        one kernel with the norm after it on CUDA (the same roundings as add, then norm)."""
+        if pending is None:
+            a = self.attn_norm(x)
+        else:
+            x, a = self.attn_norm.add_forward(x, pending)
+        x, h = self.ffn_norm.add_forward(x, self.attn(a, scale, cos, sin, cache, q_start))
+        return x, self.ffn(h, scale)
 
 
 class CoLM(nn.Module):
@@ -79,14 +85,16 @@ class CoLM(nn.Module):
         d = self.cfg.scale_dim(scale)
         x = F.embedding(tokens, self.embed.weight[:, :d])  # [b, t, D_k]
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        pending = None  # the last block's FFN output: added to the stream by the next norm's kernel
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, scale, cos, sin, None, q_start, use_reentrant=False)
+                x, pending = torch.utils.checkpoint.checkpoint(layer, x, scale, cos, sin, None, q_start, pending,
+                                                               use_reentrant=False)
             else:
-                x = layer(x, scale, cos, sin, cache, q_start)
+                x, pending = layer(x, scale, cos, sin, cache, q_start, pending)
         if cache is not None:
             cache.advance(t, self.cfg.scale_kv_heads(scale))
-        return self.norm(x)
+        return self.norm(x) if pending is None else self.norm.add_forward(x, pending)[1]
 
     def fuse_kv_projections(self) -> "CoLM":
         """Inference engines: every layer's K and V projections as one GEMM (CoLM-Air; see ChainAttention.fuse_kv)."""

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from colm.decode_worker.paged_cache import PagedStepCache
+from colm.kernels.greedy_head import greedy_head
 
 log = logging.getLogger("colm.decode.graphs")
 
@@ -40,11 +41,14 @@ def _bucket(n: int, least: int = 1) -> int:
 
 class _Graph:
     def __init__(self, B: int, W: int, device) -> None:
-        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)     # [B, 1]
-        self.positions = torch.zeros(B, 1, dtype=torch.long, device=device)  # [B, 1]
+        # The graph's inputs: one upload of dev_ints per step; tokens, positions and slots are views of
+        # it and the int32 context lengths are converted inside the graph (no launches outside it).
+        self.dev_ints = torch.zeros(4, B, dtype=torch.int64, device=device)  # tokens, positions, ctx, slots
+        self.tokens = self.dev_ints[0, :, None]     # [B, 1]
+        self.positions = self.dev_ints[1, :, None]  # [B, 1]
+        self.slots = self.dev_ints[3]               # [B]
+        self.ctx = torch.ones(B, dtype=torch.int32, device=device)           # [B], from dev_ints[2]
         self.tables = torch.zeros(B, W, dtype=torch.int32, device=device)    # [B, W]
-        self.ctx = torch.ones(B, dtype=torch.int32, device=device)           # [B]
-        self.slots = torch.full((B,), -1, dtype=torch.int64, device=device)  # [B]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None  # [B, D_scale], valid after a replay
         self.head: StepHead | None = None  # logits and greedy picks, when the graph includes the head
@@ -54,7 +58,6 @@ class _Graph:
         self.host_ints = torch.zeros(4, B, dtype=torch.int64, pin_memory=pin)  # tokens, positions, ctx, slots
         self.host_tables = torch.zeros(B, W, dtype=torch.int32, pin_memory=pin)
         self.table_rows: list = [None] * B  # the block list each table row was last built from
-        self.dev_ints = torch.zeros(4, B, dtype=torch.int64, device=device)  # device copy of host_ints
 
 
 class StepHead(NamedTuple):
@@ -69,10 +72,7 @@ class StepHead(NamedTuple):
 def head_outputs(model, hidden: torch.Tensor, scale: int) -> StepHead:
     """Scale-``scale`` logits of ``hidden [B, D>=scale]`` and everything a greedy step reads back."""
     logits = model.logits(hidden, scale)  # [B, V]
-    lse = torch.logsumexp(logits.float(), dim=-1)
-    greedy = logits.argmax(dim=-1, keepdim=True)
-    lp = logits.gather(1, greedy)[:, 0].float() - lse
-    return StepHead(logits, lse, greedy, torch.stack([greedy[:, 0].double(), lp.double()]))
+    return StepHead(logits, *greedy_head(logits))  # two launches on CUDA (colm.kernels.greedy_head)
 
 
 class DecodeGraphs:
@@ -108,13 +108,10 @@ class DecodeGraphs:
                 tables_changed = True
         if tables_changed:
             g.tables.copy_(g.host_tables, non_blocking=True)
-        g.dev_ints.copy_(g.host_ints, non_blocking=True)  # one upload, then on-device scatters
-        g.tokens.copy_(g.dev_ints[0, :, None])
-        g.positions.copy_(g.dev_ints[1, :, None])
-        g.ctx.copy_(g.dev_ints[2])  # int64 -> int32 within copy_
-        g.slots.copy_(g.dev_ints[3])
+        g.dev_ints.copy_(g.host_ints, non_blocking=True)  # one upload: the graph reads its views
 
     def _forward(self, g: _Graph, scale: int, head: bool = False) -> torch.Tensor:
+        g.ctx.copy_(g.dev_ints[2])  # int64 -> int32, inside the graph
         cache = PagedStepCache(self.pool, g.tables, g.ctx, g.slots, length=0)
         out = self.model.hidden(g.tokens, scale=scale, cache=cache, positions=g.positions)[:, 0]  # [B, D_scale]
         if head:

@@ -18,6 +18,8 @@ from colm.kernels.paged_attention import paged_decode_attention, write_kv_to_poo
 class PagedStepCache:
     """One decode step of B sequences (one new token each) against a ``BlockPool``."""
 
+    takes_head_map = True  # attend() accepts CoLM-Air's query head order (no gathers around the kernel)
+
     def __init__(self, pool, block_tables: torch.Tensor, context_lens: torch.Tensor, slot_mapping: torch.Tensor,
                  length: int = 0) -> None:
         self.pool = pool
@@ -26,13 +28,15 @@ class PagedStepCache:
         self.slot_mapping = slot_mapping  # [B] int64: where the new token's K/V go
         self.length = length              # only for the model's max_seq_len check (positions are explicit)
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q [B, Hq, 1, hd]; k, v [B, Hkv, 1, hd]
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               head_map: torch.Tensor | None = None) -> torch.Tensor:
+        # q [B, Hq, 1, hd]; k, v [B, Hkv, 1, hd]; head_map [Hq] int32: query head head_map[j] reads KV head j // group
         if q.shape[2] != 1:
             raise ValueError(f"PagedStepCache: one token per sequence per step, got {q.shape[2]}")
         kp, vp = self.pool.k[layer_idx], self.pool.v[layer_idx]
         write_kv_to_pool(k[:, :, 0], v[:, :, 0], kp, vp, self.slot_mapping)  # any strides (fused K/V are views)
-        o = paged_decode_attention(q[:, :, 0].contiguous(), kp, vp, self.block_tables, self.context_lens)
+        o = paged_decode_attention(q[:, :, 0].contiguous(), kp, vp, self.block_tables, self.context_lens,
+                                   head_map=head_map)
         return o[:, :, None]  # [B, Hq, 1, hd]
 
     def advance(self, num_tokens: int, kv_heads: int | None = None) -> None:

@@ -644,9 +644,13 @@ def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = 
         if m <= SMALL_M:
             candidates = FWD_SMALL_M_CONFIGS + candidates
         if m <= _gemv.MAX_ROWS:
-            candidates = _gemv.GEMV_CONFIGS + candidates
+            candidates = _gemv.gemv_configs(m) + candidates
+        if m == 1:  # only the configurations measured fastest with the weights cold (see chain_linear_gemv)
+            candidates = _gemv.gemv_configs(1)
+        else:
+            candidates = candidates + [PER_CHAIN_CUBLAS]
         # few rows: decode steps, replayed from CUDA graphs, so timed as graph replays
-        cfg = _pick("fwd", key, candidates + [PER_CHAIN_CUBLAS], launch, config, graph=m <= SMALL_M and x2d.is_cuda)
+        cfg = _pick("fwd", key, candidates, launch, config, graph=m <= SMALL_M and x2d.is_cuda)
     launch(cfg)
     return y
 

@@ -8,7 +8,10 @@ Path of one decode step: the engine computes q/k/v for the new token of each seq
 ``write_kv_to_pool`` with each token's slot (negative = skip, e.g. padding), then
 ``paged_decode_attention`` with ``context_lens`` counting that token. GQA is native: query head h
 reads KV head ``h // (Hq // Hkv)``; one program serves all query heads of a KV head, so each K/V
-byte is read once.
+byte is read once. An optional ``head_map [Hq]`` (int32) generalises the grouping: query head
+``head_map[j]`` reads KV head ``j // group``, and its output goes back to head ``head_map[j]``. CoLM-Air
+uses it for its chain-local grouping (``colm.attention.query_head_order``), so the decode step needs
+no gathers of q and o into and out of GQA order.
 
 The Triton decode kernel is split-K ("flash-decoding"): when batch × KV heads cannot fill the GPU,
 each sequence's context is cut into ``num_splits`` ranges whose partial softmax states (running max,
@@ -41,8 +44,16 @@ LOG2E = 1.4426950408889634
 # --------------------------------------------------------------------------------------------------
 
 
-def paged_decode_attention_ref(q, k_pool, v_pool, block_tables, context_lens, sm_scale=None) -> torch.Tensor:
-    """One query token per sequence against its paged context; float32 math (float64 if q is)."""
+def paged_decode_attention_ref(q, k_pool, v_pool, block_tables, context_lens, sm_scale=None,
+                               head_map=None) -> torch.Tensor:
+    """One query token per sequence against its paged context; float32 math (float64 if q is).
+    ``head_map`` [Hq] (optional): query head ``head_map[j]`` reads KV head ``j // group`` (see the module
+    docstring); None is the identity."""
+    if head_map is not None:
+        inverse = torch.empty_like(head_map)
+        inverse[head_map.long()] = torch.arange(len(head_map), dtype=head_map.dtype, device=head_map.device)
+        out = paged_decode_attention_ref(q[:, head_map.long()], k_pool, v_pool, block_tables, context_lens, sm_scale)
+        return out[:, inverse.long()]
     b_count, hq, d = q.shape
     block_size, hkv = k_pool.shape[1], k_pool.shape[2]
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
@@ -77,12 +88,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_ptr,
+        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_ptr, map_ptr,
         qk_scale, stride_qb, stride_qh, stride_ob, stride_oh, stride_btb,
         block_size, tokens_per_split, num_splits,
         NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-        SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+        SPLIT: tl.constexpr, UPCAST: tl.constexpr, HEAD_MAP: tl.constexpr,
     ):
         pid = tl.program_id(0)  # b * NUM_KV + kv head
         split = tl.program_id(1)
@@ -97,6 +108,8 @@ if HAS_TRITON:
         g_ok = g < GROUP
         d_ok = d < HEAD_DIM
         heads = h * GROUP + g
+        if HEAD_MAP:  # the query heads this KV head serves, in any order
+            heads = tl.load(map_ptr + heads, mask=g_ok, other=0)
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                     mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [G, D]
         if UPCAST:
@@ -186,7 +199,7 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_decode_args(q, k_pool, v_pool, block_tables, context_lens):
+def _check_decode_args(q, k_pool, v_pool, block_tables, context_lens, head_map=None):
     if q.dim() != 3:
         raise ValueError(f"paged_decode_attention: q must be [B, Hq, D], got {tuple(q.shape)}")
     if k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
@@ -203,6 +216,10 @@ def _check_decode_args(q, k_pool, v_pool, block_tables, context_lens):
                          f"{tuple(context_lens.shape)} do not match batch {b}")
     if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
         raise ValueError("paged_decode_attention: block_tables and context_lens must be int32")
+    if head_map is not None and (head_map.dtype != torch.int32 or tuple(head_map.shape) != (hq,)
+                                 or head_map.device != q.device):
+        raise ValueError(f"paged_decode_attention: head_map must be int32 [{hq}] on {q.device}, got "
+                         f"{head_map.dtype} {tuple(head_map.shape)} on {head_map.device}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,17 +227,22 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
+MIN_SPLIT_TOKENS = 128  # a split walks at least this many tokens (two BLOCK_T tiles)
+
+
 def _default_launch(num_programs: int, max_ctx: int, device) -> dict:
-    """Split the context so that about two waves of programs cover the GPU."""
+    """Split the context so that about two waves of programs cover the GPU. At batch 1 a program's
+    tiles are a chain of dependent loads (block table, then K, then V), so its latency, not bandwidth,
+    sets the time: short splits (``MIN_SPLIT_TOKENS``) keep each chain short."""
     sms = _num_sms(device)
-    splits = max(1, min(-(-2 * sms // num_programs), -(-max_ctx // 512)))
+    splits = max(1, min(-(-2 * sms // num_programs), -(-max_ctx // MIN_SPLIT_TOKENS)))
     return {"block_t": 64, "num_warps": 4, "num_stages": 3, "num_splits": splits}
 
 
 def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens, sm_scale=None,
-                                  launch: dict | None = None) -> torch.Tensor:
+                                  launch: dict | None = None, head_map=None) -> torch.Tensor:
     """Triton decode attention (see module docstring); ``launch`` may pin block_t/num_warps/num_stages/num_splits."""
-    _check_decode_args(q, k_pool, v_pool, block_tables, context_lens)
+    _check_decode_args(q, k_pool, v_pool, block_tables, context_lens, head_map)
     if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
         raise ValueError("paged_decode_attention: k_pool and v_pool must be contiguous")
     if q.stride(-1) != 1:
@@ -242,12 +264,12 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens,
             if splits > 1 else out)
     upcast = _tuning.interpreting() and q.dtype == torch.bfloat16
     _paged_decode_kernel[(b * hkv, splits)](
-        q, k_pool, v_pool, block_tables, context_lens, out, part,
+        q, k_pool, v_pool, block_tables, context_lens, out, part, out if head_map is None else head_map,
         scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         block_size, per_split, splits,
         NUM_KV=hkv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_T=block_t, SPLIT=splits > 1, UPCAST=upcast,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HEAD_MAP=head_map is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits > 1:
         _merge_splits_kernel[(b * hq,)](
@@ -280,12 +302,15 @@ def write_kv_to_pool_triton(k, v, k_pool, v_pool, slot_mapping) -> None:
     )
 
 
-def paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, sm_scale=None) -> torch.Tensor:
-    """out [B, Hq, D]: softmax(q kᵀ · scale) v over each sequence's paged context (Triton on CUDA)."""
+def paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, sm_scale=None,
+                           head_map=None) -> torch.Tensor:
+    """out [B, Hq, D]: softmax(q kᵀ · scale) v over each sequence's paged context (Triton on CUDA).
+    ``head_map``: see the module docstring."""
     if HAS_TRITON and q.is_cuda:
-        return paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens, sm_scale)
-    _check_decode_args(q, k_pool, v_pool, block_tables, context_lens)
-    return paged_decode_attention_ref(q, k_pool, v_pool, block_tables, context_lens, sm_scale)
+        return paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens, sm_scale,
+                                             head_map=head_map)
+    _check_decode_args(q, k_pool, v_pool, block_tables, context_lens, head_map)
+    return paged_decode_attention_ref(q, k_pool, v_pool, block_tables, context_lens, sm_scale, head_map)
 
 
 def write_kv_to_pool(k, v, k_pool, v_pool, slot_mapping) -> None:

@@ -6,8 +6,8 @@ kernels (SiLU, then the product) with an intermediate tensor; this is one launch
 input dtype, then the product in fp32 rounded once. ``tl.exp`` and torch's ``expf`` may differ in the
 last fp32 bit, so an output element can, rarely, differ by one ulp. FP fusion is off for the launch.
 
-``silu_mul`` runs Triton for contiguous same-shape CUDA bf16/fp16 tensors when no gradient is needed
-and ``silu_mul_ref`` otherwise.
+``silu_mul`` runs Triton for contiguous same-shape CUDA bf16 tensors when no gradient is needed and
+``silu_mul_ref`` otherwise (fp16 included: see ``_use_triton``).
 """
 
 from __future__ import annotations
@@ -71,13 +71,15 @@ def silu_mul_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _use_triton(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (HAS_TRITON and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and a.dtype == b.dtype
+    # bf16 only: on an H100 the fp16 kernel was 2 ulps off torch for some inputs (e.g. a = -4.921875,
+    # where SiLU rounds to the fp16 below torch's); cause not found, so fp16 takes the reference
+    return (HAS_TRITON and a.is_cuda and a.dtype == torch.bfloat16 and a.dtype == b.dtype
             and a.shape == b.shape and a.is_contiguous() and b.is_contiguous()
             and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)))
 
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """silu(a) * b: one Triton launch on CUDA bf16/fp16 without autograd, else the reference."""
+    """silu(a) * b: one Triton launch on CUDA bf16 without autograd, else the reference."""
     if _use_triton(a, b):
         return silu_mul_triton(a, b)
     return silu_mul_ref(a, b)

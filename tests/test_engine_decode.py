@@ -137,6 +137,8 @@ def test_graph_step_buffers_fill_on_cpu():
     a, b = req([3, 7, 9], 5, 11), req([2], 1, 12)
     graphs._fill(g, [a, b])
     assert g.tokens[:, 0].tolist() == [11, 12, 0, 0] and g.positions[:, 0].tolist() == [5, 1, 0, 0]
+    assert g.dev_ints[2].tolist() == [6, 2, 1, 1]  # context lengths; the graph converts them to int32 itself
+    g.ctx.copy_(g.dev_ints[2])
     assert g.ctx.tolist() == [6, 2, 1, 1] and g.ctx.dtype == torch.int32
     assert g.slots.tolist() == [7 * 4 + 1, 2 * 4 + 1, -1, -1]  # padding rows write nowhere
     assert g.tables[:2, :4].tolist() == [[3, 7, 9, 0], [2, 0, 0, 0]]

@@ -46,12 +46,38 @@ def _paged_case(batch, hq, hkv, d, block_size, lens, dtype, device, extra_blocks
     return q, k_pool, v_pool, tables.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
 
 
-def _check_decode(batch, hq, hkv, d, block_size, lens, dtype, device, launch=None, sm_scale=None):
+def _mapped_ref(q, kp, vp, bt, cl, head_map, sm_scale=None):
+    """float64 attention where query head head_map[j] reads KV head j // group, written head by head
+    (independent of the kernels' reference)."""
+    b_count, hq, d = q.shape
+    block_size, hkv = kp.shape[1], kp.shape[2]
+    kv_of = [0] * hq
+    for j, h in enumerate(head_map.tolist()):
+        kv_of[h] = j // (hq // hkv)
+    scale = d ** -0.5 if sm_scale is None else sm_scale
+    out = torch.empty(b_count, hq, d, dtype=torch.float64)
+    for b in range(b_count):
+        n = int(cl[b])
+        k = kp[bt[b].long().cpu()].reshape(-1, hkv, d)[:n].double().cpu()
+        v = vp[bt[b].long().cpu()].reshape(-1, hkv, d)[:n].double().cpu()
+        for h in range(hq):
+            w = (k[:, kv_of[h]] @ q[b, h].double().cpu() * scale).softmax(0)  # [n]
+            out[b, h] = w @ v[:, kv_of[h]]
+    return out
+
+
+def _check_decode(batch, hq, hkv, d, block_size, lens, dtype, device, launch=None, sm_scale=None, mapped=False):
     q, kp, vp, bt, cl = _paged_case(batch, hq, hkv, d, block_size, lens, dtype, device)
+    head_map = torch.randperm(hq).int().to(device) if mapped else None
     if device == "cuda":
         torch.full((batch * hq * d * 4,), float("nan"), device=device, dtype=dtype)  # poison the allocator
-    out = pa.paged_decode_attention_triton(q, kp, vp, bt, cl, sm_scale, launch=launch)
-    ref = pa.paged_decode_attention_ref(q.double(), kp.double(), vp.double(), bt, cl, sm_scale)
+    out = pa.paged_decode_attention_triton(q, kp, vp, bt, cl, sm_scale, launch=launch, head_map=head_map)
+    if mapped:
+        ref = _mapped_ref(q, kp, vp, bt, cl, head_map, sm_scale).to(out.device)
+        assert _rel(pa.paged_decode_attention_ref(q.double(), kp.double(), vp.double(), bt, cl, sm_scale,
+                                                  head_map), ref) < 1e-12
+    else:
+        ref = pa.paged_decode_attention_ref(q.double(), kp.double(), vp.double(), bt, cl, sm_scale)
     assert not torch.isnan(out).any()
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
     assert _rel(out, ref) < tol, (_rel(out, ref), launch)
@@ -88,6 +114,21 @@ def test_interpreter_decode_matches_float64(dtype, splits):
 def test_interpreter_decode_gqa_group8_odd_head_dim_and_scale():
     torch.manual_seed(5)
     _check_decode(2, 8, 1, 24, 8, [19, 40], torch.float16, "cpu", launch={"block_t": 16, "num_splits": 2}, sm_scale=0.3)
+
+
+@interp
+@pytest.mark.parametrize("splits", [1, 3])
+def test_interpreter_decode_with_head_map(splits):
+    """CoLM-Air's chain-local grouping as a head map: q read and o written in the heads' own order."""
+    torch.manual_seed(10 + splits)
+    _check_decode(2, 8, 2, 16, 4, [9, 30], torch.bfloat16, "cpu", launch={"block_t": 16, "num_splits": splits},
+                  mapped=True)
+
+
+def test_head_map_is_checked():
+    q, kp, vp, bt, cl = _paged_case(1, 4, 2, 8, 4, [5], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="head_map must be int32 \\[4\\]"):
+        pa.paged_decode_attention(q, kp, vp, bt, cl, head_map=torch.arange(4))
 
 
 @interp
@@ -140,6 +181,13 @@ def test_cuda_decode_launch_variants(launch):
 def test_cuda_decode_head_dim_128_group_2():
     torch.manual_seed(12)
     _check_decode(4, 16, 8, 128, 32, [33, 1000, 7, 64], torch.bfloat16, "cuda")
+
+
+@cuda
+@pytest.mark.parametrize("launch", [None, {"num_splits": 1}])
+def test_cuda_decode_head_map(launch):
+    torch.manual_seed(23)
+    _check_decode(3, 32, 8, 64, 16, [7, 300, 2049], torch.bfloat16, "cuda", launch=launch, mapped=True)
 
 
 @cuda

@@ -139,10 +139,11 @@ def test_chain_linear_gemv_compiles_without_spills(cfg, rows):
 
 def test_paged_decode_kernels_compile():
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*bf16",
-           "part_ptr": "*fp32", "qk_scale": "fp32", "stride_qb": "i32", "stride_qh": "i32", "stride_ob": "i32",
+           "part_ptr": "*fp32", "map_ptr": "*i32", "qk_scale": "fp32", "stride_qb": "i32", "stride_qh": "i32", "stride_ob": "i32",
            "stride_oh": "i32", "stride_btb": "i32", "block_size": "i32", "tokens_per_split": "i32", "num_splits": "i32"}
-    for split in (False, True):
-        const = dict(NUM_KV=8, GROUP=4, GROUP_PAD=16, HEAD_DIM=64, D_PAD=64, BLOCK_T=64, SPLIT=split, UPCAST=False)
+    for split, head_map in ((False, False), (True, False), (True, True)):
+        const = dict(NUM_KV=8, GROUP=4, GROUP_PAD=16, HEAD_DIM=64, D_PAD=64, BLOCK_T=64, SPLIT=split, UPCAST=False,
+                     HEAD_MAP=head_map)
         k = off.compile_kernel(pa._paged_decode_kernel, sig, const, 4, 3, ("q_ptr", "k_ptr", "v_ptr", "out_ptr"))
         ptx = k.asm["ptx"]
         assert "cp.async.cg.shared.global" in ptx, "K/V gathers are not pipelined through async copies"

@@ -33,8 +33,10 @@ def _check(shape, dtype, device):
     assert out.dtype == ref.dtype and out.shape == ref.shape
     diff = (out.float() - ref.float()).abs()
     ulp = ref.float().abs() * (2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10) + 1e-6
-    assert (diff <= ulp).all(), diff.max()  # at most one ulp anywhere
-    assert (out == ref).float().mean() > 0.99  # and almost everywhere bit-equal
+    bad = diff > ulp
+    assert not bad.any(), (int(bad.sum()), a[bad][:4].tolist(), b[bad][:4].tolist(), out[bad][:4].tolist(),
+                           ref[bad][:4].tolist())  # at most one ulp anywhere
+    assert (out == ref).float().mean() > 0.99, (out == ref).float().mean()  # and almost everywhere bit-equal
 
 
 @interp
@@ -69,14 +71,14 @@ def test_cpu_dispatch_is_the_reference_and_ffn_unchanged():
 
 
 @cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1, 8192), (64, 1, 8192), (2048, 4096)])
-def test_cuda_silu_mul_1b_shapes(dtype, shape):
+def test_cuda_silu_mul_1b_shapes(shape):
     torch.manual_seed(0)
-    _check(shape, dtype, "cuda")
-    a = torch.randn(shape, device="cuda", dtype=dtype)
+    _check(shape, torch.bfloat16, "cuda")
+    a = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         assert sw._use_triton(a, a)
+        assert not sw._use_triton(a.half(), a.half())  # fp16: the reference (see _use_triton)
     assert not sw._use_triton(a.requires_grad_(), a)  # autograd: the reference
 
 

@@ -55,7 +55,8 @@ def test_every_layer_type(name):
         "norm": lambda x: norm(x),
         "attention": lambda x: attn(x, cfg.num_chains, cos, sin),
         "ffn": lambda x: ffn(x, cfg.num_chains),
-        "block": lambda x: block(x, cfg.num_chains, cos, sin),
+        "block": lambda x: torch.add(*block(x, cfg.num_chains, cos, sin)),  # stream + the block's FFN output
+        "block_pending": lambda x: torch.add(*block(x, cfg.num_chains, cos, sin, pending=x.flip(1))),
     }
     x = torch.randn(b, t, cfg.dim)
     with torch.no_grad():
