@@ -27,6 +27,7 @@ import torch
 
 from colm import checkpoint
 from colm.errors import CapacityError, DeadlineError, RequestAbortedError, TransferError, UnknownRequestError
+from colm.kernels._tuning import DEVICE_WIDE_LOCK
 from colm.kv_wire import KVLayout, parse_dtype
 from colm.model import CoLM
 from colm.sampling import SamplingParams
@@ -169,8 +170,10 @@ class DecodeEngine:
                  kv: torch.Tensor, seq: int | None = None, sync: bool = False) -> None:
         """kv [layers, tokens, 2, kv_heads, head_dim] for layers/tokens [start, end). ``sync``: wait for the
         device copies before returning (and before the lock is released): the cuda_ipc path reads another
-        process's memory, which its owner frees after the ack, and blocks must not be freed under a copy."""
-        with self._lock:
+        process's memory, which its owner frees after the ack, and blocks must not be freed under a copy.
+        The device work holds ``DEVICE_WIDE_LOCK`` (taken before the engine's lock, always in that order):
+        it must not meet a CUDA graph capture or a kernel tuning of the step loop."""
+        with DEVICE_WIDE_LOCK, self._lock:
             req = self._get(request_id)
             try:
                 lay = req.layout

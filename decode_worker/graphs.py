@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from colm.decode_worker.paged_cache import PagedStepCache
+from colm.kernels._tuning import DEVICE_WIDE_LOCK, capture_without_gc
 from colm.kernels.greedy_head import greedy_head
 
 log = logging.getLogger("colm.decode.graphs")
@@ -160,7 +161,6 @@ class DecodeGraphs:
             return g
 
     def _capture(self, g: _Graph, scale: int, head: bool) -> None:
-        from colm.kernels._tuning import DEVICE_WIDE_LOCK
 
         with DEVICE_WIDE_LOCK:  # no kernel tuning (a device-wide sync) in another thread meanwhile
             self._capture_locked(g, scale, head)
@@ -177,7 +177,7 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         # thread_local: gRPC threads may copy K/V into the pool meanwhile; that must not break the capture
-        with torch.cuda.graph(graph, pool=self._pool_handle, capture_error_mode="thread_local"):
+        with capture_without_gc(graph, pool=self._pool_handle):
             g.out = self._forward(g, scale, head)
         g.graph = graph
         self.num_captures += 1

@@ -23,6 +23,7 @@ import grpc
 import torch
 
 from colm.errors import PeerUnavailableError, TransferError
+from colm.kernels._tuning import DEVICE_WIDE_LOCK
 from colm.kv_ipc import StagingOpener
 from colm.kv_wire import (CHECKSUMS, KVLayout, bytes_to_tensor, checksum, open_segment, prefetch, split_chunk_message,
                           tensor_bytes)
@@ -123,7 +124,8 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                     if header.shm_name:
                         segment = open_segment(header.shm_name)
                     elif header.ipc_process and layout.num_tokens:
-                        staging = self.ipc.open(header, layout)
+                        with DEVICE_WIDE_LOCK:  # opens a CUDA IPC mapping: not during a capture or tuning
+                            staging = self.ipc.open(header, layout)
                 elif header is None:
                     raise TransferError("KV stream does not start with a header")
                 elif kind == "chunk":
@@ -181,8 +183,11 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
         if c.nbytes != kv.numel() * kv.element_size():
             raise TransferError(f"request {rid}: chunk {c.seq} says {c.nbytes} bytes, its ranges hold "
                                 f"{kv.numel() * kv.element_size()}")
-        if header.checksum not in ("none", "") and checksum(tensor_bytes(kv.contiguous().cpu()), header.checksum) != c.crc32:
-            raise TransferError(f"request {rid}: checksum mismatch in chunk {c.seq}")
+        if header.checksum not in ("none", ""):
+            with DEVICE_WIDE_LOCK:  # a device->host copy (a sync): not during a capture or tuning
+                host = kv.contiguous().cpu()
+            if checksum(tensor_bytes(host), header.checksum) != c.crc32:
+                raise TransferError(f"request {rid}: checksum mismatch in chunk {c.seq}")
         with self._ipc_stream(kv):
             self.engine.write_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, kv, seq=c.seq, sync=True)
 

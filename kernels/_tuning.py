@@ -10,6 +10,8 @@ candidate is used without timing.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import threading
 from typing import Callable, Hashable, Sequence
@@ -50,11 +52,62 @@ def pick(key: Hashable, candidates: Sequence[object], launch: Callable[[object],
         fn = lambda: launch(cfg)  # noqa: E731
         if graph:
             fn()  # compile outside the capture
-            return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+            return graph_time_ms(fn, replays=rep)
         return triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median")
 
     with DEVICE_WIDE_LOCK:
         return _tune(key, candidates, time_one, graph)
+
+
+@contextlib.contextmanager
+def capture_without_gc(graph, **kwargs):
+    """``torch.cuda.graph(graph, capture_error_mode="thread_local", **kwargs)`` with Python's cyclic GC off
+    meanwhile: a collected Triton kernel unloads its CUDA module, which is illegal during a capture."""
+    import torch
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local", **kwargs):
+            yield graph
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def graph_time_ms(fn: Callable[[], None], replays: int, calls: int = 10) -> float:
+    """Median ms of one ``fn()`` replayed from a CUDA graph of ``calls`` calls, over ``replays`` replays.
+
+    The capture is thread-local (``triton.testing.do_bench_cudagraph`` captures in CUDA's global mode):
+    in global mode a synchronising call from any other thread of the process while the capture runs
+    fails, and inside torch such a failure can abort the whole process. A decode worker's gRPC threads
+    copy and synchronise KV while its step loop meets a new shape and tunes it (measured: the decode
+    worker died that way under load on an H100)."""
+    import statistics
+
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up on a side stream, as torch.cuda.graphs asks
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.current_stream().synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with capture_without_gc(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(max(3, replays)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return statistics.median(times)
 
 
 def _tune(key, candidates, time_one, graph):
