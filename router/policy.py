@@ -2,7 +2,8 @@
 
 Workers report what they measured (``WorkerReport``: prefill throughput and queued tokens; decode
 step time per scale at the batch size it ran, free KV blocks). ``LatencyModel`` smooths those into
-per-scale estimates (exponentially weighted), and predicts for a new request
+per-scale estimates (exponentially weighted; finished requests' observed/predicted ratios correct them,
+as medians, see ``LatencyModel``), and predicts for a new request
 
     TTFT(k)  = prefill queue wait + prompt / prefill rate + KV hand-off + one decode step at scale k
     TPOT(k)  = decode step time at scale k with the request added to the running batch
@@ -16,7 +17,9 @@ synthetic reports.
 
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Sequence
@@ -110,6 +113,13 @@ class PolicyConfig:
                    kv_sharing=cfg.kv_sharing, **kw)
 
 
+CORRECTION_WINDOW = 16  # finished requests whose observed/predicted ratios make a correction factor
+
+
+def _clamped_median(ratios) -> float:
+    return min(10.0, max(0.5, statistics.median(ratios)))
+
+
 def _ewma(old: float | None, new: float, alpha: float) -> float:
     return new if old is None else (1 - alpha) * old + alpha * new
 
@@ -123,10 +133,17 @@ class LatencyModel:
         self.step_batch: dict[int, float] = {}  # scale -> smoothed batch size of those measurements
         self.prefill_tps: float | None = None
         self.transfer_ms_per_mtoken: float | None = None
-        # Observed / predicted latency of finished requests (router and network overheads the
-        # workers' step times do not see), smoothed; multiplies every prediction.
-        self.ttft_correction: dict[int, float] = {}  # scale -> factor
-        self.tpot_correction: dict[int, float] = {}
+        # Observed / predicted latency of finished requests (router and network overheads the workers'
+        # step times do not see): the median of the last few ratios multiplies every prediction. A median,
+        # not a moving average: one request that met a CUDA graph capture or a kernel tuning (hundreds of
+        # ms) must not price a scale out. TTFT's ratio is shared by all scales: a TTFT is chain-1 prefill
+        # and the KV transfer (the same at every scale of CoLM-Air) plus one decode step, so the scales a
+        # policy stopped choosing still learn from the traffic (a per-scale factor never recovers once its
+        # scale is no longer chosen; measured on an H100: scale 2 went unserved for a whole load test).
+        self._ttft_ratios: collections.deque = collections.deque(maxlen=CORRECTION_WINDOW)
+        self._tpot_ratios: dict[int, collections.deque] = {}
+        self.ttft_correction = 1.0
+        self.tpot_correction: dict[int, float] = {}  # scale -> factor (scales with no sample: 1.0)
         self.prefill_queue: dict[str, int] = {}  # worker -> queued tokens (latest)
         self.decode_load: dict[str, int] = {}  # worker -> running + waiting (latest)
 
@@ -148,13 +165,13 @@ class LatencyModel:
     def observe_request(self, scale: int, predicted_ttft_ms: float, ttft_ms: float, predicted_tpot_ms: float,
                         tpot_ms: float | None) -> None:
         """Feedback from a finished request: what was predicted (uncorrected) vs what the client saw."""
-        a = self.cfg.alpha
         if predicted_ttft_ms > 0 and ttft_ms > 0:
-            old = self.ttft_correction.get(scale)
-            self.ttft_correction[scale] = min(10.0, max(0.5, _ewma(old, ttft_ms / predicted_ttft_ms, a)))
+            self._ttft_ratios.append(ttft_ms / predicted_ttft_ms)
+            self.ttft_correction = _clamped_median(self._ttft_ratios)
         if tpot_ms and predicted_tpot_ms > 0:
-            old = self.tpot_correction.get(scale)
-            self.tpot_correction[scale] = min(10.0, max(0.5, _ewma(old, tpot_ms / predicted_tpot_ms, a)))
+            ratios = self._tpot_ratios.setdefault(scale, collections.deque(maxlen=CORRECTION_WINDOW))
+            ratios.append(tpot_ms / predicted_tpot_ms)
+            self.tpot_correction[scale] = _clamped_median(ratios)
 
     def forget(self, worker_id: str) -> None:
         self.prefill_queue.pop(worker_id, None)
@@ -184,7 +201,7 @@ class LatencyModel:
         return raw * (self.tpot_correction.get(scale, 1.0) if corrected else 1.0)
 
     def ttft_ms(self, scale: int, prompt_tokens: int, corrected: bool = True) -> float:
-        return self._ttft_raw(scale, prompt_tokens) * (self.ttft_correction.get(scale, 1.0) if corrected else 1.0)
+        return self._ttft_raw(scale, prompt_tokens) * (self.ttft_correction if corrected else 1.0)
 
     def _ttft_raw(self, scale: int, prompt_tokens: int) -> float:
         tps = self.prefill_tps or self.cfg.prior_prefill_tokens_per_s
