@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from colm.decode_worker.block_pool import CopyPlan
+from colm.detokenize import IncrementalDetokenizer
 from colm.errors import RequestAbortedError
 from colm.kv_wire import KVLayout
 from colm.sampling import SamplingParams
@@ -113,6 +114,7 @@ class DecodeRequest:
     next_input: int = 0                        # token fed to the next step
     running: bool = False
     cancel: BaseException | None = None        # set by abort/failure while running; the step loop ends it
+    detok: IncrementalDetokenizer | None = None  # stop strings: the output's text, O(window) per token
 
 
 def stop_reason(req: DecodeRequest, token: int, eos_id: int | None,
@@ -121,9 +123,12 @@ def stop_reason(req: DecodeRequest, token: int, eos_id: int | None,
     p = req.params
     if token in p.stop_token_ids or (eos_id is not None and not p.ignore_eos and token == eos_id):
         return "stop"
-    if p.stop_strings and detokenize is not None:
-        text = detokenize(req.out_tokens)
-        if any(s in text for s in p.stop_strings):
+    if p.stop_strings and detokenize is not None:  # what `any(s in detokenize(out_tokens))` finds, incrementally
+        if req.detok is None:
+            req.detok = IncrementalDetokenizer(detokenize, p.stop_strings)
+            for t in req.out_tokens[:-1]:
+                req.detok.add(t)
+        if req.detok.stop_hit(req.detok.add(token)):
             return "stop"
     if len(req.out_tokens) >= p.max_new_tokens:
         return "length"

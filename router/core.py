@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
+from colm.detokenize import IncrementalDetokenizer
 from colm.router.admission import Admission
 from colm.router.backend import Backend, EngineRequest, WorkerFailed
 from colm.router.config import RouterConfig
@@ -231,7 +232,7 @@ class Router:
         if not params.ignore_eos and self.tokenizer.eos_id is not None and self.tokenizer.eos_id >= 0:
             stops.add(self.tokenizer.eos_id)
         out: list[int] = []
-        text_sent = ""
+        detok = IncrementalDetokenizer(self.tokenizer.decode, params.stop_strings)  # O(window) per token
         times: list[float] = []
         failed: set[str] = set()
         retries = 0
@@ -279,17 +280,14 @@ class Router:
                     now_ms = (time.monotonic() - spec.arrival) * 1e3
                     out.append(tok.token_id)
                     times.append(now_ms)
-                    full = self.tokenizer.decode(out)
-                    # Hold back a trailing partial UTF-8 character until the next token completes it.
-                    visible = full[:-1] if full.endswith("\ufffd") else full
-                    delta, text_sent = visible[len(text_sent):], visible if visible.startswith(text_sent) else text_sent
+                    delta = detok.add(tok.token_id)  # a partial UTF-8 character waits for the token completing it
                     self.metrics.tokens.labels(str(tok.scale)).inc()
                     yield Event("token", token_id=tok.token_id, text=delta, scale=tok.scale, time_ms=now_ms,
                                 logprob=tok.logprob)
                     if tok.token_id in stops:
                         finish = "stop"
                         break
-                    if params.stop_strings and any(s in full for s in params.stop_strings):
+                    if detok.stop_hit(delta):
                         finish = "stop"
                         break
                     if len(out) >= params.max_new_tokens:
@@ -329,7 +327,7 @@ class Router:
                 m.observe_request(decision.scale, m.ttft_ms(decision.scale, len(spec.prompt_ids), corrected=False), ttft,
                                   m.tpot_ms(decision.scale, corrected=False), tpot)
         self.metrics.e2e.labels(sc).observe(total / 1e3)
-        tail = self.tokenizer.decode(out)[len(text_sent):]
+        tail = detok.finish()
         yield Event("finish", text=tail, finish_reason=finish,
                     usage={"prompt_tokens": len(spec.prompt_ids), "completion_tokens": len(out), "ttft_ms": ttft,
                            "total_ms": total, "retries": retries})

@@ -56,6 +56,34 @@ def test_staggered_mixed_scale_batch_matches_reference(setup, mode):
     assert de.pool.num_free == de.pool.num_blocks
 
 
+def test_stop_strings_match_the_reference(setup):
+    """The engine's stop strings (incremental detokenization) end a request at the reference's token."""
+    from colm.tokenizer import ByteTokenizer
+
+    path, full = setup
+    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=96, block_size=4))
+    de.detokenize = ByteTokenizer().decode  # the tiny checkpoint's ids are bytes
+    de.start()
+    pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, max_batch_tokens=64)).start()
+    try:
+        p = prompts([11], seed=5)[0]
+        free = generate(full, p, SamplingParams(max_new_tokens=20, ignore_eos=True), scale=2).token_ids
+        text = ByteTokenizer().decode(free)
+        a = next(a for a in range(len(text) // 3, len(text) - 2)
+                 if "\ufffd" not in text[a:a + 2] and text.find(text[a:a + 2]) == a)  # random bytes: some U+FFFD
+        stop = text[a:a + 2]
+        params = SamplingParams(max_new_tokens=20, ignore_eos=True, stop_strings=(stop,))
+        ref = generate(full, p, params, scale=2, decode=ByteTokenizer().decode)
+        de.reserve("st", len(p), 20)
+        pe.prefill("st", p, LocalKVSink(de, "st"))
+        events = list(de.start_generation("st", p[-1], params, scale=2))
+        assert [e.token_id for e in events] == ref.token_ids and len(ref.token_ids) < 20
+        assert events[-1].finish_reason == "stop" == ref.finish_reason
+    finally:
+        pe.stop(), de.stop()
+    assert de.pool.num_free == de.pool.num_blocks
+
+
 def test_scale_switch_mid_generation_and_sampling(setup):
     path, full = setup
     de, pe = _engines(path)

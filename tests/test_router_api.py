@@ -55,6 +55,34 @@ def test_grpc_greedy_matches_reference_at_every_scale(served):
         assert h["serving"] and {w["role"] for w in h["workers"]} == {"prefill", "decode"}
 
 
+def _middle_stop(text: str) -> str:
+    """Two characters first found in the middle of ``text`` (no U+FFFD: random bytes decode to some)."""
+    for a in range(len(text) // 3, len(text) - 2):
+        stop = text[a:a + 2]
+        if "\ufffd" not in stop and text.find(stop) == a:
+            return stop
+    raise AssertionError(f"no stop string candidate in {text!r}")
+
+
+def test_stop_strings_end_where_the_reference_ends_and_stream_the_full_text(served):
+    """Stop strings are matched on incrementally decoded text (colm.detokenize): the tokens equal
+    `colm generate` with the same stop string, and the streamed text pieces add up to the full text."""
+    bg, model = served
+    tok = ByteTokenizer()
+    free = ref_tokens(model, "Hello, chains", 24, 2)
+    stop = _middle_stop(tok.decode(free))
+    ref = generate(model, tok.encode("Hello, chains"), SamplingParams(max_new_tokens=24, stop_strings=(stop,)),
+                   scale=2, eos_id=ByteTokenizer.eos_id, decode=tok.decode)
+    assert ref.finish_reason == "stop" and len(ref.token_ids) < 24
+    with Client(bg.grpc_addr) as c:
+        r = c.complete("Hello, chains", max_new_tokens=24, scale=2, stop=(stop,))
+        assert r["token_ids"] == ref.token_ids and r["finish_reason"] == "stop"
+        events = list(c.stream("Hello, chains", max_new_tokens=24, scale=2, stop=(stop,)))
+        pieces = "".join(ev["text"] for ev in events if ev["kind"] in ("token", "finish"))
+        assert [ev["id"] for ev in events if ev["kind"] == "token"] == ref.token_ids
+        assert pieces == tok.decode(ref.token_ids) and stop in pieces
+
+
 def test_http_completions_match_reference_and_echo_logprobs(served):
     bg, model = served
     url = bg.http_url
