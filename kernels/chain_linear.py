@@ -22,10 +22,11 @@ launch per pass:
 The separate W_i are reached through element offsets from W_1's address, stored in small int64 tile
 tables built on the host (cached); tiles are ordered longest-K-loop first (the staircase's tall end)
 so the block scheduler packs the short tiles into the tail. Block sizes are tuned per shape
-(``colm.kernels._tuning``); the forward's candidates also hold two Hopper variants: a persistent kernel
-(one program per SM whose tiles' K steps form one flat loop, so a tile's epilogue overlaps the next
-tile's loads) and one with TMA descriptor loads and stores (aligned layouts on sm_90+ only). ``COLM_CHAIN_LINEAR=ref`` forces the reference everywhere (the naive
-per-chain baseline).
+(``colm.kernels._tuning``); the forward's candidates also hold two Hopper variants, which live in
+``chain_linear_hopper`` (a persistent kernel, one program per SM whose tiles' K steps form one flat loop,
+and one with TMA descriptor loads and stores, aligned layouts on sm_90+ only), and for at most 8 rows
+the CUDA-core matrix-vector kernel of ``chain_linear_gemv``. ``COLM_CHAIN_LINEAR=ref`` forces the
+reference everywhere (the naive per-chain baseline).
 """
 
 from __future__ import annotations
@@ -43,10 +44,8 @@ try:  # Triton is optional: CPU-only installs import this module and use the ref
     import triton.language as tl
 
     HAS_TRITON = True
-    # Device-side TMA descriptors: tl.make_tensor_descriptor (Triton >= 3.4) plus a workspace allocator.
-    HAS_TMA = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 except ImportError:  # pragma: no cover - exercised only where triton is absent
-    HAS_TRITON = HAS_TMA = False
+    HAS_TRITON = False
 
 
 def chain_linear_ref(
@@ -158,7 +157,6 @@ BWD_WEIGHT_CONFIGS = [
     GemmConfig(128, 128, 128, 8, 3),
 ]
 INTERPRETER_CONFIG = GemmConfig(16, 16, 16, 1, 1)
-INTERPRETER_NUM_PROGRAMS = 3  # persistent grid under the interpreter: several tiles per program
 # Not a Triton config: the per-chain cuBLAS loop. The tuner weighs it against the kernels, so a shape
 # where the loop wins (few rows, e.g. decode steps, where cuBLAS splits K) never runs slower than it.
 PER_CHAIN_CUBLAS = GemmConfig(0, 0, 0, 0, 0)
@@ -349,113 +347,6 @@ if HAS_TRITON:
         _store_tile(y_ptr, acc, rm, rn, stride_ym, y_col, M, n_valid, EVEN_N)
 
     @triton.jit
-    def _chain_fwd_persistent_kernel(
-        x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # as _chain_fwd_kernel
-        M, stride_xm, stride_ym, num_m_tiles, num_n_tiles, num_programs,
-        HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
-    ):
-        """Program p runs tiles p, p + P, ... (P = num_programs) of the grouped longest-first order.
-
-        Their K steps form one flat loop (tile set-up and epilogue under ``if``), so the pipeliner keeps
-        issuing the next tile's loads during the previous tile's epilogue. Triton's own loop flattening
-        (tl.range(flatten=True)) only fuses inner loops with bounds invariant to the outer loop, and the
-        staircase's K varies per tile, hence the hand-flattened loop."""
-        pid = tl.program_id(0)
-        num_tiles = num_m_tiles * num_n_tiles
-        num_steps = 0  # Σ cdiv(K, BLOCK_K) over this program's tiles, CHUNK tiles per gather
-        for first in range(pid, num_tiles, num_programs * CHUNK):
-            tiles = first + tl.arange(0, CHUNK) * num_programs
-            _, rows = _grouped_tile(tl.minimum(tiles, num_tiles - 1), num_m_tiles, num_n_tiles, GROUP)
-            ks = tl.load(tab_ptr + rows * 5 + 1, mask=tiles < num_tiles, other=0).to(tl.int32)
-            num_steps += tl.sum(tl.cdiv(ks, BLOCK_K))
-        rn = tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        tile = pid - num_programs
-        ki = -1
-        num_k = 0
-        row = tab_ptr
-        K = 0
-        y_col = tl.full((), 0, tl.int64)
-        n_valid = 1
-        rm = tl.arange(0, BLOCK_M)
-        # placeholders shaped like the real pointers (same contiguity: K-major W) so the loads pipeline
-        a_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]  # [BM, BK]
-        b_ptrs = w_ptr + rn[None, :].to(tl.int64) * BLOCK_K + rk[:, None]  # [BK, BN]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, num_steps):
-            ki = tl.where(ki == num_k - 1, 0, ki + 1)
-            if ki == 0:  # next tile
-                tile += num_programs
-                pid_m, pid_n = _grouped_tile(tile, num_m_tiles, num_n_tiles, GROUP)
-                row, w_off, K, y_col, n_valid = _fwd_tile_row(tab_ptr, pid_n, ALIGNED)
-                num_k = tl.cdiv(K, BLOCK_K)
-                rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-                rm_ld = (rm % M).to(tl.int64)  # clamp instead of masking; the store masks
-                rn_ld = rn if EVEN_N else rn % n_valid
-                a_ptrs = x_ptr + rm_ld[:, None] * stride_xm + rk[None, :]
-                b_ptrs = w_ptr + w_off + rn_ld[None, :].to(tl.int64) * K + rk[:, None]
-            k0 = ki * BLOCK_K
-            acc = _load_dot(acc, a_ptrs, b_ptrs, rk, K - k0, EVEN_K, UPCAST)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
-            if ki == num_k - 1:  # epilogue of this tile
-                if HAS_BIAS:
-                    acc = _with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N)
-                _store_tile(y_ptr, acc, rm, rn, stride_ym, y_col, M, n_valid, EVEN_N)
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    @triton.jit
-    def _chain_fwd_tma_kernel(
-        x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # as _chain_fwd_kernel; every base 16-byte aligned
-        M, K_all, N_all, stride_xm, stride_ym, num_m_tiles, num_n_tiles, num_programs,
-        HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    ):
-        """Tiles pid, pid + P, ... with TMA loads and stores (P = num_programs: SMs, or every tile).
-
-        A tile's W_i slab is its own descriptor (base W_i[n0, 0], shape [n_valid, K]): rows past the
-        chain and columns past its prefix read as zero, so x may be read past K when every prefix is a
-        multiple of BLOCK_K (else x gets a per-tile descriptor clipped at K, so no later chain leaks
-        in). Rows past M read as zero and are not stored; a partial tile's store is clipped at its
-        chain's last column by a per-tile y descriptor."""
-        x_all = tl.make_tensor_descriptor(x_ptr, shape=[M, K_all], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
-        y_all = tl.make_tensor_descriptor(y_ptr, shape=[M, N_all], strides=[stride_ym, 1], block_shape=[BLOCK_M, BLOCK_N])
-        rn = tl.arange(0, BLOCK_N)
-        for tile in range(tl.program_id(0), num_m_tiles * num_n_tiles, num_programs):
-            pid_m, pid_n = _grouped_tile(tile, num_m_tiles, num_n_tiles, GROUP)
-            row = tab_ptr + pid_n * 5
-            w_off = tl.multiple_of(tl.load(row), 8)
-            K = tl.multiple_of(tl.load(row + 1).to(tl.int32), 8)
-            y_col = tl.multiple_of(tl.load(row + 2).to(tl.int32), 8)
-            n_valid = tl.load(row + 3).to(tl.int32)
-            w_desc = tl.make_tensor_descriptor(w_ptr + w_off, shape=[n_valid, K], strides=[K, 1],
-                                               block_shape=[BLOCK_N, BLOCK_K])
-            if EVEN_K:
-                x_desc = x_all
-            else:
-                x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
-                                                   block_shape=[BLOCK_M, BLOCK_K])
-            off_m = pid_m * BLOCK_M
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k in range(0, tl.cdiv(K, BLOCK_K)):
-                a = x_desc.load([off_m, k * BLOCK_K])  # [BM, BK]
-                b = w_desc.load([0, k * BLOCK_K])  # [BN, BK]
-                if UPCAST:
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc)
-                else:
-                    acc = tl.dot(a, b.T, acc)
-            if HAS_BIAS:
-                acc = _with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N)
-            out = acc.to(y_ptr.dtype.element_ty)
-            if EVEN_N:
-                y_all.store([off_m, y_col], out)
-            else:
-                y_tile = tl.make_tensor_descriptor(y_ptr, shape=[M, y_col + n_valid], strides=[stride_ym, 1],
-                                                   block_shape=[BLOCK_M, BLOCK_N])
-                y_tile.store([off_m, y_col], out)
-
-    @triton.jit
     def _chain_bwd_input_kernel(
         dy_ptr, w_ptr, dx_ptr, tile_ptr, chunk_ptr, chain_ptr,  # dy [M, ΣO], W_1, dx [M, P_k], tables
         M, stride_dym, stride_dxm, num_m_tiles, num_n_tiles, num_chunks, num_chains,
@@ -571,33 +462,6 @@ def _pick(pass_name, key, candidates, launch, config, graph: bool = False):
     return _tuning.pick(key, candidates, launch, graph=graph)
 
 
-def _tma_supported(device: torch.device) -> bool:
-    """Device-side TMA descriptors: the Triton API, and Hopper or newer (or the interpreter)."""
-    if not HAS_TMA:
-        return False
-    if _tuning.interpreting():
-        return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _fwd_variant(cfg: GemmConfig, aligned: bool, device: torch.device) -> GemmConfig:
-    """``cfg`` as it runs: a TMA config takes pointer loads where the layout or the build forbids TMA."""
-    if cfg.tma and not (aligned and _tma_supported(device)):
-        return cfg._replace(tma=False)
-    return cfg
-
-
-def _num_programs(device: torch.device, num_tiles: int) -> int:
-    if _tuning.interpreting():
-        return min(INTERPRETER_NUM_PROGRAMS, num_tiles)
-    return min(torch.cuda.get_device_properties(device).multi_processor_count, num_tiles)
-
-
-def _tma_workspace(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global scratch in which the kernels write their TMA descriptors (128 B each, per program)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = None) -> torch.Tensor:
     """y [M, ΣO] from x2d [M, P_k] (row stride free, unit column stride)."""
     m = x2d.shape[0]
@@ -615,7 +479,7 @@ def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = 
         if cfg.gemv:
             _gemv.gemv_forward(x2d, weights, biases, lay, y, cfg, aligned)
             return
-        cfg = _fwd_variant(cfg, aligned, x2d.device)
+        cfg = _hopper.fwd_variant(cfg, aligned, x2d.device)
         tab = _fwd_table(lay, weights, biases, cfg.block_n, x2d.device)
         num_m, num_n = triton.cdiv(m, cfg.block_m), tab.shape[0]
         args = (x2d, weights[0], biases[0] if biases else x2d, y, tab)
@@ -623,24 +487,16 @@ def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = 
                      EVEN_K=all(p % cfg.block_k == 0 for p in lay.prefix), UPCAST=_upcast(x2d),
                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP=GROUP_N,
                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        num_tiles = num_m * num_n
-        if cfg.tma:
-            if x2d.is_cuda:  # descriptors are written to a workspace this allocator hands out
-                triton.set_allocator(_tma_workspace)
-            num_programs = _num_programs(x2d.device, num_tiles) if cfg.persistent else num_tiles
-            _chain_fwd_tma_kernel[(num_programs,)](
-                *args, m, x2d.shape[1], y.shape[1], x2d.stride(0), y.stride(0), num_m, num_n, num_programs, **flags)
-        elif cfg.persistent:
-            num_programs = _num_programs(x2d.device, num_tiles)
-            _chain_fwd_persistent_kernel[(num_programs,)](
-                *args, m, x2d.stride(0), y.stride(0), num_m, num_n, num_programs, ALIGNED=aligned, CHUNK=128, **flags)
+        if cfg.tma or cfg.persistent:
+            _hopper.launch_forward(cfg, args, flags, x2d, y, num_m, num_n, aligned)
         else:
-            _chain_fwd_kernel[(num_tiles,)](*args, m, x2d.stride(0), y.stride(0), num_m, num_n, ALIGNED=aligned, **flags)
+            _chain_fwd_kernel[(num_m * num_n,)](*args, m, x2d.stride(0), y.stride(0), num_m, num_n, ALIGNED=aligned,
+                                                **flags)
 
     key = _shape_key("fwd", x2d, lay, (biases is not None, aligned))
     cfg = config or _tuning._BEST.get(key)  # the tuned config: no per-call candidate list
     if cfg is None:
-        candidates = [c for c in FWD_CONFIGS if _fwd_variant(c, aligned, x2d.device) == c]  # no TMA duplicates
+        candidates = [c for c in FWD_CONFIGS if _hopper.fwd_variant(c, aligned, x2d.device) == c]  # no TMA duplicates
         if m <= SMALL_M:
             candidates = FWD_SMALL_M_CONFIGS + candidates
         if m <= _gemv.MAX_ROWS:
@@ -783,5 +639,7 @@ def chain_linear_triton(
     return ChainLinearFunction.apply(x, len(weights), biases is not None, configs or {}, *params)
 
 
-# At the end: the few-row kernel's module builds on this one's table and jit helpers.
+# At the end: the few-row kernel's and the Hopper forward variants' modules build on this one's tables and
+# jit helpers.
 from colm.kernels import chain_linear_gemv as _gemv  # noqa: E402
+from colm.kernels import chain_linear_hopper as _hopper  # noqa: E402

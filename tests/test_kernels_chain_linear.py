@@ -16,6 +16,7 @@ from _kernel_helpers import interp, run_interpreter_cases
 triton = pytest.importorskip("triton")
 
 cl = importlib.import_module("colm.kernels.chain_linear")  # the module (the package re-exports the function)
+hop = importlib.import_module("colm.kernels.chain_linear_hopper")  # its persistent and TMA forward variants
 
 INTERP = cl.GemmConfig(16, 16, 16, 1, 1)
 
@@ -129,7 +130,7 @@ def test_interpreter_strided_rows_and_causality():
 # The forward's Hopper variants, forced through ``config=``: persistent flat K-step loop, TMA descriptors.
 FWD_VARIANTS = {"persistent": INTERP._replace(persistent=True), "tma": INTERP._replace(tma=True),
                 "persistent-tma": INTERP._replace(persistent=True, tma=True)}
-FWD_KERNELS = ("_chain_fwd_kernel", "_chain_fwd_persistent_kernel", "_chain_fwd_tma_kernel")
+FWD_KERNELS = {"_chain_fwd_kernel": cl, "_chain_fwd_persistent_kernel": hop, "_chain_fwd_tma_kernel": hop}
 
 
 class _LaunchSpy:
@@ -145,9 +146,9 @@ class _LaunchSpy:
 
 def _forward_with_spies(monkeypatch, x, ws, bs, cfg):
     """chain_linear_forward with ``cfg`` on detached copies; returns (y, names of the kernels launched)."""
-    spies = {name: _LaunchSpy(getattr(cl, name)) for name in FWD_KERNELS}
+    spies = {name: _LaunchSpy(getattr(module, name)) for name, module in FWD_KERNELS.items()}
     for name, spy in spies.items():
-        monkeypatch.setattr(cl, name, spy)
+        monkeypatch.setattr(FWD_KERNELS[name], name, spy)
     x2d = x.detach().reshape(-1, x.shape[-1])
     ws = [w.detach() for w in ws]
     y = cl.chain_linear_forward(x2d, ws, [b.detach() for b in bs] if bs else None, cl._layout(ws), cfg)
@@ -235,12 +236,12 @@ def test_tma_variant_falls_back_where_not_allowed(monkeypatch):
     cfg = cl.FWD_CONFIGS[0]._replace(persistent=True, tma=True)
     plain = cfg._replace(tma=False)
     cpu = torch.device("cpu")
-    assert cl._fwd_variant(cfg, False, cpu) == plain
-    assert cl._fwd_variant(cfg, True, cpu) == plain
+    assert hop.fwd_variant(cfg, False, cpu) == plain
+    assert hop.fwd_variant(cfg, True, cpu) == plain
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs descriptors on the CPU...
-    assert cl._fwd_variant(cfg, True, cpu) == cfg
-    monkeypatch.setattr(cl, "HAS_TMA", False)  # ...unless this Triton has none
-    assert cl._fwd_variant(cfg, True, cpu) == plain
+    assert hop.fwd_variant(cfg, True, cpu) == cfg
+    monkeypatch.setattr(hop, "HAS_TMA", False)  # ...unless this Triton has none
+    assert hop.fwd_variant(cfg, True, cpu) == plain
     # the input-grad candidates are built from the first five forward configs, untouched by the variants
     assert cl.FWD_CONFIGS[:5] == [c._replace(nested=False) for c in cl.BWD_INPUT_CONFIGS[::2]]
 

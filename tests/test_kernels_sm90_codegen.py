@@ -20,6 +20,7 @@ if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends",
     pytest.skip("Triton's NVIDIA backend tools are not installed", allow_module_level=True)
 
 cl = importlib.import_module("colm.kernels.chain_linear")
+hop = importlib.import_module("colm.kernels.chain_linear_hopper")
 pa = importlib.import_module("colm.kernels.paged_attention")
 off = importlib.import_module("colm.kernels._offline")
 
@@ -75,10 +76,10 @@ def _fwd_variant(cfg, even=True, bias=False):
                  BLOCK_K=cfg.block_k, GROUP=8)
     if cfg.tma:
         sig.update(K_all="i32", N_all="i32")
-        fn = cl._chain_fwd_tma_kernel
+        fn = hop._chain_fwd_tma_kernel
     else:
         const.update(ALIGNED=True, CHUNK=128)
-        fn = cl._chain_fwd_persistent_kernel
+        fn = hop._chain_fwd_persistent_kernel
     sig.update(stride_xm="i32", stride_ym="i32", num_m_tiles="i32", num_n_tiles="i32", num_programs="i32")
     div = ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "tab_ptr", "stride_xm", "stride_ym")
     return off.compile_kernel(fn, sig, const, cfg.num_warps, cfg.num_stages, div)
@@ -89,7 +90,7 @@ HOPPER_FWD = [c for c in cl.FWD_CONFIGS if c.persistent or c.tma]
 
 @pytest.mark.parametrize("cfg", HOPPER_FWD, ids=lambda c: f"{c.block_m}x{c.block_n}{'-persistent' * c.persistent}{'-tma' * c.tma}")
 def test_chain_linear_hopper_forward_variants(cfg):
-    if cfg.tma and not cl.HAS_TMA:
+    if cfg.tma and not hop.HAS_TMA:
         pytest.skip("this Triton has no device-side tensor descriptors")
     k = _fwd_variant(cfg)
     ptx = k.asm["ptx"]
@@ -109,7 +110,7 @@ def test_chain_linear_hopper_forward_variants(cfg):
 def test_chain_linear_hopper_masked_variants_compile():
     """Ragged chains with bias: per-tile x / y descriptors (TMA) or masked loads (persistent)."""
     for cfg in HOPPER_FWD:
-        if cfg.tma and not cl.HAS_TMA:
+        if cfg.tma and not hop.HAS_TMA:
             continue
         k = _fwd_variant(cfg, even=False, bias=True)
         assert "wgmma.mma_async" in k.asm["ptx"] and k.metadata.shared <= HOPPER_SMEM
