@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 
 import torch
 
@@ -45,26 +44,14 @@ def candidates():
 
 
 def time_config(xs, layers, cfg, reps=30):
+    from colm.kernels._tuning import graph_time_ms
     from colm.kernels.chain_linear import chain_linear_triton
 
     def run():
         for x, ws in zip(xs, layers):
             chain_linear_triton(x, ws, configs={"fwd": cfg})
 
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / len(layers))
-    return statistics.median(times)
+    return graph_time_ms(run, replays=reps, calls=1) / len(layers)  # one graph of all layers' calls
 
 
 def main() -> None:

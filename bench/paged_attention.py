@@ -65,6 +65,7 @@ def graph_split_sweep(quick) -> list[dict]:
     captured in one CUDA graph, with CoLM-Air's head map, for a range of ``num_splits`` (None = the
     default heuristic). Per-call time = replay time / 16 (CUDA events, median)."""
     from colm.attention import query_head_order
+    from colm.kernels._tuning import graph_time_ms
     from colm.presets import preset
 
     order = query_head_order(preset("llama-3.2-1b-16-16-air"), 2)[0]
@@ -79,21 +80,8 @@ def graph_split_sweep(quick) -> list[dict]:
                 for q, kp, vp, bt, cl in cases:
                     paged_decode_attention_triton(q, kp, vp, bt, cl, launch=launch, head_map=head_map)
 
-            layers()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                layers()
-            times = []
-            for _ in range(10 if quick else 50):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                graph.replay()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) / 16)
-            times.sort()
-            row = {"batch": batch, "context": ctx, "num_splits": splits or "default", "ms_per_layer": times[len(times) // 2]}
+            ms = graph_time_ms(layers, replays=10 if quick else 50, calls=1) / 16  # one graph of 16 layers' calls
+            row = {"batch": batch, "context": ctx, "num_splits": splits or "default", "ms_per_layer": ms}
             out.append(row)
             print(f"graph sweep B={batch} ctx={ctx} splits={row['num_splits']}: {row['ms_per_layer'] * 1e3:.2f} us/layer",
                   flush=True)
