@@ -304,10 +304,10 @@ def bench_decode(quick):
     out.update(measured_copy_gb_s=bw / 1e9, weight_bytes=weight_bytes,
                floor_batch1_ms=(weight_bytes + kv_bytes) / bw * 1000)
 
-    def engine_steps(mode, scales, steps=12, graphs=True):
+    def engine_steps(mode, scales, steps=12, graphs=True, overlap=False):
         B = len(scales)
         de = DecodeEngine(full, DecodeConfig(num_blocks=B * (ctx + 64) // 16 + 8, block_size=16, max_batch_size=B,
-                                             mixed_scale_mode=mode, cuda_graphs=graphs))
+                                             mixed_scale_mode=mode, cuda_graphs=graphs, overlap_steps=overlap))
         de.pool.k.normal_()
         de.pool.v.normal_()
         params = SamplingParams(max_new_tokens=steps + 8, ignore_eos=True)
@@ -334,6 +334,9 @@ def bench_decode(quick):
     for B in batches:
         for s in (1, 2):
             guard(out["ours_step_ms"], f"b{B}_scale{s}", lambda: engine_steps("widest", [s] * B))
+    out["overlap_step_ms"] = {}  # DecodeConfig.overlap_steps: step n+1 queued before step n is read
+    for B in batches:
+        guard(out["overlap_step_ms"], f"b{B}_scale2", lambda: engine_steps("widest", [2] * B, overlap=True))
     out["eager_step_ms"] = {}  # the same steps without CUDA graphs, side by side
     for B in (1, batches[-1]):
         guard(out["eager_step_ms"], f"b{B}_scale2", lambda: engine_steps("widest", [2] * B, graphs=False))
@@ -360,6 +363,9 @@ def bench_decode(quick):
     ours_b1 = out["ours_step_ms"].get("b1_scale2")
     if isinstance(ours_b1, float):
         out["batch1_step_over_floor"] = ours_b1 / out["floor_batch1_ms"]
+    ov_b1 = out["overlap_step_ms"].get("b1_scale2")
+    if isinstance(ov_b1, float):
+        out["batch1_overlap_step_over_floor"] = ov_b1 / out["floor_batch1_ms"]
     return out
 
 

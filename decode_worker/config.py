@@ -20,6 +20,9 @@ class DecodeConfig:
     max_reservations: int = 4096
     idle_wait_s: float = 0.005           # the step loop's wait when nothing runs
     cuda_graphs: bool = True             # replay the decode forward from CUDA graphs (CUDA only; eager elsewhere)
+    overlap_steps: bool = False          # greedy single-scale batches: launch step n+1 (tokens fed on the device)
+                                         # before reading step n, so host work hides under the GPU's. Off until
+                                         # timed on a GPU; CPU tests cover its bookkeeping
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -37,7 +37,7 @@ from colm.decode_worker.block_pool import BlockPool, CopyPlan, blocks_for, num_b
 from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.graphs import DecodeGraphs
 from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, elapsed_ms, stop_reason
-from colm.decode_worker.step import decode_step
+from colm.decode_worker.step import LaunchedStep, decode_step, launch_greedy_step
 
 log = logging.getLogger("colm.decode")
 from colm.loop_thread import LoopThread
@@ -60,6 +60,8 @@ class DecodeStats:
     last_batch_size: int = 0
     num_finished: int = 0
     num_failed: int = 0
+    num_steps_launched_ahead: int = 0  # overlap_steps: steps queued before the previous one was read, and used
+    num_steps_dropped: int = 0         # ... and dropped (their batch or scale changed meanwhile)
 
 
 class DecodeEngine:
@@ -95,6 +97,8 @@ class DecodeEngine:
         self._runner = LoopThread(self._loop, "colm-decode-loop", self._wake, join_timeout_s=10)
         self._step_ms: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=64))
         self._num_steps = self._num_finished = self._num_failed = self._num_step_errors = 0
+        self._ahead: LaunchedStep | None = None  # overlap_steps: the next step, queued before this one was read
+        self._num_ahead_used = self._num_ahead_dropped = 0
         self._last_step_ms, self._last_batch = 0.0, 0
 
     @classmethod
@@ -113,6 +117,7 @@ class DecodeEngine:
 
     def stop(self) -> None:
         self._runner.stop()
+        self._drop_ahead()
         with self._lock:
             for req in list(self._requests.values()):
                 self._finalize(req, RequestAbortedError(f"request {req.request_id}: decode engine stopped"))
@@ -334,6 +339,8 @@ class DecodeEngine:
     def step(self) -> int:
         """Admit ready requests and advance every running sequence by one token; returns the batch size."""
         with self._lock:
+            if self._ahead is not None and self._housekeeping_due():
+                self._drop_ahead()  # blocks are freed and rows change below: nothing may be in flight
             self._housekeep()
             batch = list(self._running)
             scales = [r.scale for r in batch]
@@ -341,10 +348,15 @@ class DecodeEngine:
             return 0
         t0 = time.perf_counter()
         try:
-            results = decode_step(self.model, batch, self.pool, scales, self.config.mixed_scale_mode, self.graphs)
+            if self._can_overlap(batch, scales):
+                results = self._overlapped(batch, scales)
+            else:
+                self._drop_ahead()
+                results = decode_step(self.model, batch, self.pool, scales, self.config.mixed_scale_mode, self.graphs)
         except Exception as e:  # noqa: BLE001 - a failed step ends its batch, never the engine's loop
             log.exception("decode step of %d sequences failed; their requests end with an error", len(batch))
             err = RuntimeError(f"decode step failed ({type(e).__name__}: {e}); the worker goes on serving")
+            self._drop_ahead(quiet=True)
             with self._lock:
                 self._num_step_errors += 1
                 for req in batch:
@@ -355,6 +367,7 @@ class DecodeEngine:
             self._num_steps += 1
             self._last_step_ms, self._last_batch = dt, len(batch)
             self._step_ms[max(scales)].append(dt)
+            done = []
             for req, s, (tok, lp) in zip(batch, scales, results):
                 if req.cancel is not None or not req.running:
                     continue
@@ -365,8 +378,51 @@ class DecodeEngine:
                 req.stream.push(TokenEvent(req.request_id, tok, len(req.out_tokens) - 1, s, reason,
                                            elapsed_ms(req.t_start), lp))
                 if reason:
+                    done.append(req)
+            if done:
+                self._drop_ahead()  # it ran past these rows' ends: wait for it before their blocks are freed
+                for req in done:
                     self._finalize(req)
         return len(batch)
+
+    # ---------------------------------------------------------------- overlapped steps (DecodeConfig.overlap_steps)
+    def _can_overlap(self, batch, scales) -> bool:
+        return (self.config.overlap_steps and len(set(scales)) == 1
+                and all(r.params.greedy and r.cancel is None for r in batch))
+
+    def _overlapped(self, batch, scales) -> list[tuple[int, float]]:
+        """Step n's tokens, with step n+1 queued before they are read (when every row goes on past step n).
+        A queued step whose batch or scale no longer holds is waited for and dropped; the next step redoes
+        its work from the host's state (the same K/V into the same slots)."""
+        cur = self._ahead if self._ahead is not None and self._ahead.matches(batch, scales) else None
+        if cur is None:
+            self._drop_ahead()
+            cur = launch_greedy_step(self.model, batch, self.pool, scales[0], self.graphs)
+        else:
+            self._num_ahead_used += 1
+        self._ahead = None
+        if all(len(r.out_tokens) + 2 <= r.params.max_new_tokens for r in batch):  # no row ends by length now
+            self._ahead = launch_greedy_step(self.model, batch, self.pool, scales[0], self.graphs, after=cur)
+        return cur.result()
+
+    def _drop_ahead(self, quiet: bool = False) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        self._num_ahead_dropped += 1
+        try:
+            ahead.wait()
+        except Exception:  # noqa: BLE001 - a failing device surfaces in the step that reads it
+            if not quiet:
+                raise
+
+    def _housekeeping_due(self) -> bool:
+        """Whether ``_housekeep`` would end or admit a request now (under the lock)."""
+        now = time.monotonic()
+        if any(r.cancel is not None or now > r.deadline for r in self._running):
+            return True
+        return len(self._running) < self.config.max_batch_size and any(
+            r.started and r.kv_done and not r.running for r in self._requests.values())
 
     # ---------------------------------------------------------------- read-only
     def score(self, token_ids: list[int], scale: int | None = None) -> list[tuple[float, int, float]]:
@@ -382,7 +438,8 @@ class DecodeEngine:
                 num_steps=self._num_steps,
                 step_ms_by_scale={s: statistics.median(d) for s, d in self._step_ms.items() if d},
                 last_step_ms=self._last_step_ms, last_batch_size=self._last_batch,
-                num_finished=self._num_finished, num_failed=self._num_failed)
+                num_finished=self._num_finished, num_failed=self._num_failed,
+                num_steps_launched_ahead=self._num_ahead_used, num_steps_dropped=self._num_ahead_dropped)
 
     def kv_dtype(self) -> str:
         from colm.kv_wire import dtype_name

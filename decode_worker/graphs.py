@@ -53,10 +53,14 @@ class _Graph:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None  # [B, D_scale], valid after a replay
         self.head: StepHead | None = None  # logits and greedy picks, when the graph includes the head
-        # Host staging, pinned so the per-step copies are asynchronous. A step's copies have finished
-        # before the next step writes here: each step reads its sampled tokens back (a sync) first.
+        # Host staging, pinned so the per-step copies are asynchronous. Two of each, used in turn: with
+        # overlapped steps, step n+1 is staged while step n's copies may still be queued (step n-1, which
+        # used the other buffer, has been read back by then, so its copies are done).
         pin = torch.device(device).type == "cuda"
-        self.host_ints = torch.zeros(4, B, dtype=torch.int64, pin_memory=pin)  # tokens, positions, ctx, slots
+        self.host_ints_pair = [torch.zeros(4, B, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self.host_ints = self.host_ints_pair[0]  # tokens, positions, ctx, slots of the latest fill
+        self.host_packed = [torch.zeros(2, B, dtype=torch.float64, pin_memory=pin) for _ in range(2)]
+        self.turn = 0  # which of the pairs the next fill / read-back uses
         self.host_tables = torch.zeros(B, W, dtype=torch.int32, pin_memory=pin)
         self.table_rows: list = [None] * B  # the block list each table row was last built from
 
@@ -90,7 +94,10 @@ class DecodeGraphs:
         self._lock = threading.Lock()
         self.num_captures = 0
 
-    def _fill(self, g: _Graph, batch) -> None:
+    def _fill(self, g: _Graph, batch, offset: int = 0, feed: torch.Tensor | None = None) -> None:
+        """Stage ``batch``'s inputs. ``offset``/``feed``: see ``step.launch_greedy_step`` (rows ``offset``
+        positions further, tokens copied on the device from ``feed`` [>= len(batch), 1])."""
+        g.host_ints = g.host_ints_pair[g.turn]
         ints, tables = g.host_ints.numpy(), g.host_tables.numpy()  # views of the pinned buffers
         ints[0], ints[1], ints[2], ints[3] = 0, 0, 1, -1  # padding rows: token 0 at slot -1, one context token
         tables_changed = False
@@ -100,7 +107,7 @@ class DecodeGraphs:
                 tables[i, : len(r.blocks)] = r.blocks
                 g.table_rows[i] = r.blocks
                 tables_changed = True
-            p = r.num_cached
+            p = r.num_cached + offset
             ints[0, i], ints[1, i], ints[2, i], ints[3, i] = r.next_input, p, p + 1, self.pool.slot(r.blocks, p)
         for i in range(len(batch), len(g.table_rows)):
             if g.table_rows[i] is not None:
@@ -110,6 +117,8 @@ class DecodeGraphs:
         if tables_changed:
             g.tables.copy_(g.host_tables, non_blocking=True)
         g.dev_ints.copy_(g.host_ints, non_blocking=True)  # one upload: the graph reads its views
+        if feed is not None:  # the previous step's greedy tokens, still on the device (queued before it)
+            g.dev_ints[0, : len(batch)].copy_(feed[: len(batch), 0])
 
     def _forward(self, g: _Graph, scale: int, head: bool = False) -> torch.Tensor:
         g.ctx.copy_(g.dev_ints[2])  # int64 -> int32, inside the graph
@@ -126,17 +135,30 @@ class DecodeGraphs:
         return None if g is None else g.out[: len(batch)]
 
     @torch.no_grad()
-    def step_head(self, batch, scale: int) -> StepHead | None:
+    def step_head(self, batch, scale: int, offset: int = 0, feed: torch.Tensor | None = None,
+                  read_async: bool = False):
         """One decode step with the head inside the graph (every row at ``scale``): its ``StepHead`` sliced
         to ``len(batch)`` rows, or None when graphs do not apply. A greedy step then costs one replay and
-        one device->host read of ``packed``; the logits stay for rows that sample."""
-        g = self._replay(batch, scale, head=True)
+        one device->host read of ``packed``; the logits stay for rows that sample.
+
+        ``read_async``: also queue that read into a pinned buffer and return (head, (buffer, event)): the
+        graph's outputs are overwritten by its next replay, which overlapped steps queue before reading
+        this one. ``offset``/``feed``: see ``step.launch_greedy_step``."""
+        g = self._replay(batch, scale, head=True, offset=offset, feed=feed)
         if g is None:
             return None
         n, h = len(batch), g.head
-        return StepHead(h.logits[:n], h.lse[:n], h.greedy[:n], h.packed[:, :n])
+        head = StepHead(h.logits[:n], h.lse[:n], h.greedy[:n], h.packed[:, :n])
+        if not read_async:
+            return head
+        host = g.host_packed[g.turn]
+        host.copy_(h.packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        g.turn ^= 1
+        return head, (host, event)
 
-    def _replay(self, batch, scale: int, head: bool) -> _Graph | None:
+    def _replay(self, batch, scale: int, head: bool, offset: int = 0, feed: torch.Tensor | None = None) -> _Graph | None:
         if not self.enabled or len(batch) > self.max_batch:
             return None
         B = _bucket(len(batch))
@@ -156,7 +178,7 @@ class DecodeGraphs:
                     torch.cuda.synchronize(self.device)
                     return None
                 self._graphs[key] = g
-            self._fill(g, batch)
+            self._fill(g, batch, offset, feed)
             g.graph.replay()
             return g
 

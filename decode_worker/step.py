@@ -22,14 +22,17 @@ from colm.decode_worker.graphs import StepHead, head_outputs
 from colm.decode_worker.paged_cache import PagedStepCache
 
 
-def _step_tensors(batch, pool, device):
+def _step_tensors(batch, pool, device, offset: int = 0, tokens: torch.Tensor | None = None):
+    """Inputs of one eager step. ``offset`` 1 and ``tokens`` [B, 1] on the device: the step after one that is
+    queued but not read yet (each row one position further, fed that step's greedy tokens)."""
     width = max(len(r.blocks) for r in batch)
     tables = torch.zeros(len(batch), width, dtype=torch.int32)
     for i, r in enumerate(batch):
         tables[i, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
-    pos = [r.num_cached for r in batch]
+    pos = [r.num_cached + offset for r in batch]
     slots = [pool.slot(r.blocks, p) for r, p in zip(batch, pos)]
-    tokens = torch.tensor([[r.next_input] for r in batch], device=device)  # [B, 1]
+    if tokens is None:
+        tokens = torch.tensor([[r.next_input] for r in batch], device=device)  # [B, 1]
     positions = torch.tensor([[p] for p in pos], device=device)  # [B, 1]
     cache = PagedStepCache(pool, tables.to(device), torch.tensor([p + 1 for p in pos], dtype=torch.int32, device=device),
                            torch.tensor(slots, dtype=torch.int64, device=device), length=max(pos))
@@ -68,6 +71,54 @@ def decode_step(model, batch, pool, scales: list[int], mode: str = "widest", gra
         for j, pick in enumerate(_picks(head_outputs(model, h, s), [batch[i] for i in idx])):
             out[idx[j]] = pick
     return out  # type: ignore[return-value]
+
+
+class LaunchedStep:
+    """A greedy single-scale step whose GPU work is queued (``launch_greedy_step``); ``result`` waits for it."""
+
+    def __init__(self, batch, scale: int, head: StepHead, read=None) -> None:
+        self.batch, self.scale, self.head = list(batch), scale, head
+        self._read = read  # graph steps: (pinned host [2, B] float64, CUDA event) of the queued read-back
+        self._event = None
+        if read is None and head.packed.is_cuda:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def matches(self, batch, scales) -> bool:
+        return len(batch) == len(self.batch) and all(a is b for a, b in zip(batch, self.batch)) and \
+            all(s == self.scale for s in scales)
+
+    def wait(self) -> None:
+        event = self._read[1] if self._read is not None else self._event
+        if event is not None:
+            event.synchronize()
+
+    def result(self) -> list[tuple[int, float]]:
+        if self._read is None:
+            return _picks(self.head, self.batch)
+        host, event = self._read
+        event.synchronize()
+        both = host[:, : len(self.batch)].tolist()  # float64 holds every token id exactly
+        return [(int(t), lp) for t, lp in zip(both[0], both[1])]
+
+
+@torch.no_grad()
+def launch_greedy_step(model, batch, pool, scale: int, graphs=None, after: LaunchedStep | None = None) -> LaunchedStep:
+    """Queue one step of ``batch`` (every row greedy, all at ``scale``) without reading its tokens back.
+
+    ``after``: the step queued just before for the same batch and not read yet; this one runs each row one
+    position further and takes ``after``'s greedy tokens on the device, so the host can launch step n+1
+    before it reads step n (the engine's ``overlap_steps``)."""
+    offset, feed = (0, None) if after is None else (1, after.head.greedy)
+    if graphs is not None:
+        launched = graphs.step_head(batch, scale, offset=offset, feed=feed, read_async=True)
+        if launched is not None:
+            head, read = launched
+            return LaunchedStep(batch, scale, head, read)
+    tokens, positions, cache = _step_tensors(batch, pool, model.inv_freq.device, offset,
+                                             None if feed is None else feed[: len(batch)])
+    hidden = model.hidden(tokens, scale=scale, cache=cache, positions=positions)[:, 0]  # [B, D_scale]
+    return LaunchedStep(batch, scale, head_outputs(model, hidden, scale))
 
 
 def _picks(head: StepHead, rows) -> list[tuple[int, float]]:

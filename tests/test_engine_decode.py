@@ -3,6 +3,7 @@ arrivals, mixed scales in one batch (both modes), scale switch mid-generation; b
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -79,6 +80,78 @@ def test_stop_strings_match_the_reference(setup):
         events = list(de.start_generation("st", p[-1], params, scale=2))
         assert [e.token_id for e in events] == ref.token_ids and len(ref.token_ids) < 20
         assert events[-1].finish_reason == "stop" == ref.finish_reason
+    finally:
+        pe.stop(), de.stop()
+    assert de.pool.num_free == de.pool.num_blocks
+
+
+def test_overlapped_steps_match_the_reference(setup):
+    """DecodeConfig.overlap_steps: step n+1 is queued (fed step n's greedy tokens) before step n is read.
+    Staggered arrivals, different lengths, a stop string, an abort mid-generation and a scale switch: every
+    stream equals `colm generate`, steps were launched ahead and some dropped, and every block comes back."""
+    from colm.tokenizer import ByteTokenizer
+
+    path, full = setup
+    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=160, block_size=4, overlap_steps=True))
+    de.detokenize = ByteTokenizer().decode
+    unsafe_frees, free = [], de.pool.free
+
+    def checked_free(blocks):  # the loop frees a running request's blocks only with no step in flight
+        if threading.current_thread().name == "colm-decode-loop" and de._ahead is not None:
+            unsafe_frees.append(list(blocks))
+        free(blocks)
+
+    de.pool.free = checked_free
+    de.start()
+    pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, max_batch_tokens=64)).start()
+    try:
+        batch = prompts([3, 17, 8, 29, 12], seed=9)
+        lengths = [14, 6, 20, 11, 17]
+        streams = []
+        for i, (p, n) in enumerate(zip(batch, lengths)):
+            params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+            rid = f"ov{i}"
+            de.reserve(rid, len(p), n)
+            pe.submit(rid, p, LocalKVSink(de, rid))
+            streams.append((rid, p, params, de.start_generation(rid, p[-1], params, scale=2)))
+            time.sleep(0.005 * i)
+        # one request with a stop string from its own free-running output
+        p = prompts([9], seed=4)[0]
+        text = ByteTokenizer().decode(generate(full, p, SamplingParams(max_new_tokens=16, ignore_eos=True),
+                                               scale=2).token_ids)
+        a = next(a for a in range(len(text) // 3, len(text) - 2)
+                 if "\ufffd" not in text[a:a + 2] and text.find(text[a:a + 2]) == a)
+        sp = SamplingParams(max_new_tokens=16, ignore_eos=True, stop_strings=(text[a:a + 2],))
+        de.reserve("ovs", len(p), 16)
+        pe.prefill("ovs", p, LocalKVSink(de, "ovs"))
+        stop_stream = de.start_generation("ovs", p[-1], sp, scale=2)
+        for rid, prompt, params, st in streams:
+            events = list(st)
+            assert [e.token_id for e in events] == generate(full, prompt, params, scale=2).token_ids, rid
+        ref = generate(full, p, sp, scale=2, decode=ByteTokenizer().decode)
+        assert [e.token_id for e in stop_stream] == ref.token_ids and ref.finish_reason == "stop"
+        # a scale switch and an abort while steps run ahead
+        p = prompts([10], seed=6)[0]
+        params = SamplingParams(max_new_tokens=18, ignore_eos=True)
+        de.reserve("ovsw", len(p), 18)
+        pe.prefill("ovsw", p, LocalKVSink(de, "ovsw"))
+        de.reserve("ovab", len(p), 18)
+        pe.prefill("ovab", p, LocalKVSink(de, "ovab"))
+        aborted = de.start_generation("ovab", p[-1], params, scale=2)
+        events = []
+        for ev in de.start_generation("ovsw", p[-1], params, scale=2):
+            events.append(ev)
+            if ev.index == 4:
+                de.set_scale("ovsw", 1)
+                de.abort("ovab")
+        used = [e.scale for e in events]
+        assert used[0] == 2 and used[-1] == 1
+        assert [e.token_id for e in events] == generate(full, p, params, scale_schedule=lambda i: used[i]).token_ids
+        with pytest.raises(RequestAbortedError):
+            list(aborted)
+        stats = de.stats()
+        assert stats.num_steps_launched_ahead > 10 and stats.num_steps_dropped > 0
+        assert not unsafe_frees
     finally:
         pe.stop(), de.stop()
     assert de.pool.num_free == de.pool.num_blocks

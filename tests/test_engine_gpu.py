@@ -35,9 +35,11 @@ def _pair(dtype, tmp_path):
 
 
 @cuda
-def test_graph_engine_matches_reference_float32(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_graph_engine_matches_reference_float32(tmp_path, overlap):
+    """Also with overlap_steps: graph replays queued ahead, tokens fed on the device, pinned read-backs."""
     full, sub = _pair(torch.float32, tmp_path)
-    de = DecodeEngine(full, DecodeConfig(num_blocks=128, block_size=4, max_batch_size=8)).start()
+    de = DecodeEngine(full, DecodeConfig(num_blocks=128, block_size=4, max_batch_size=8, overlap_steps=overlap)).start()
     pe = PrefillEngine(sub, full.cfg, PrefillConfig(chunk_size=16, max_batch_tokens=64)).start()
     try:
         params = SamplingParams(max_new_tokens=10, ignore_eos=True)
@@ -62,6 +64,7 @@ def test_graph_engine_matches_reference_float32(tmp_path):
         ref = generate(full, p, SamplingParams(max_new_tokens=12, ignore_eos=True), scale_schedule=lambda i: used[i])
         assert [e.token_id for e in events] == ref.token_ids and 1 in used
         assert de.graphs is not None and de.graphs.enabled and de.graphs.num_captures >= 2
+        assert (de.stats().num_steps_launched_ahead > 0) == overlap
     finally:
         pe.stop(), de.stop()
     assert de.pool.num_free == de.pool.num_blocks
