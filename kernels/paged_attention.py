@@ -15,7 +15,9 @@ no gathers of q and o into and out of GQA order.
 
 The Triton decode kernel is split-K ("flash-decoding"): when batch × KV heads cannot fill the GPU,
 each sequence's context is cut into ``num_splits`` ranges whose partial softmax states (running max,
-sum, unnormalised output) a second small kernel merges. Both entry points use Triton on CUDA and the
+sum, unnormalised output) a second small kernel merges. The ranges are cut from each sequence's own
+length inside the kernel, so a launch (or a CUDA graph) sized for a wider block table still spreads a
+short context over all its splits. Both entry points use Triton on CUDA and the
 plain-PyTorch ``*_ref`` on the CPU.
 """
 
@@ -90,7 +92,7 @@ if HAS_TRITON:
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_ptr, map_ptr,
         qk_scale, stride_qb, stride_qh, stride_ob, stride_oh, stride_btb,
-        block_size, tokens_per_split, num_splits,
+        block_size, num_splits,
         NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         SPLIT: tl.constexpr, UPCAST: tl.constexpr, HEAD_MAP: tl.constexpr,
@@ -100,8 +102,11 @@ if HAS_TRITON:
         b = pid // NUM_KV
         h = pid % NUM_KV
         ctx = tl.load(lens_ptr + b)
-        start = split * tokens_per_split
-        end = tl.minimum(ctx, start + tokens_per_split)
+        # this sequence's own context cut into num_splits BLOCK_T-aligned ranges (not the table width's: a
+        # graph captured for a wider table still spreads a shorter context over every split)
+        per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_T) * BLOCK_T
+        start = split * per_split
+        end = tl.minimum(ctx, start + per_split)
 
         g = tl.arange(0, GROUP_PAD)  # local query head
         d = tl.arange(0, D_PAD)
@@ -258,7 +263,6 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens,
     cfg = dict(_default_launch(b * hkv, max_ctx, q.device), **(launch or {}))
     block_t = cfg["block_t"]
     splits = max(1, min(cfg["num_splits"], -(-max_ctx // block_t)))
-    per_split = -(-(-(-max_ctx // splits)) // block_t) * block_t
     d_pad = triton.next_power_of_2(d)
     part = (torch.empty((b * hq, splits, d_pad + 2), device=q.device, dtype=torch.float32)
             if splits > 1 else out)
@@ -266,7 +270,7 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens,
     _paged_decode_kernel[(b * hkv, splits)](
         q, k_pool, v_pool, block_tables, context_lens, out, part, out if head_map is None else head_map,
         scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        block_size, per_split, splits,
+        block_size, splits,
         NUM_KV=hkv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_T=block_t, SPLIT=splits > 1, UPCAST=upcast,
         HEAD_MAP=head_map is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -66,8 +66,11 @@ def _mapped_ref(q, kp, vp, bt, cl, head_map, sm_scale=None):
     return out
 
 
-def _check_decode(batch, hq, hkv, d, block_size, lens, dtype, device, launch=None, sm_scale=None, mapped=False):
+def _check_decode(batch, hq, hkv, d, block_size, lens, dtype, device, launch=None, sm_scale=None, mapped=False,
+                  table_width=None):
     q, kp, vp, bt, cl = _paged_case(batch, hq, hkv, d, block_size, lens, dtype, device)
+    if table_width is not None:  # a wider table (as a CUDA graph captured for longer contexts holds)
+        bt = torch.cat([bt, bt[:, -1:].expand(-1, table_width - bt.shape[1])], 1).contiguous()
     head_map = torch.randperm(hq).int().to(device) if mapped else None
     if device == "cuda":
         torch.full((batch * hq * d * 4,), float("nan"), device=device, dtype=dtype)  # poison the allocator
@@ -114,6 +117,15 @@ def test_interpreter_decode_matches_float64(dtype, splits):
 def test_interpreter_decode_gqa_group8_odd_head_dim_and_scale():
     torch.manual_seed(5)
     _check_decode(2, 8, 1, 24, 8, [19, 40], torch.float16, "cpu", launch={"block_t": 16, "num_splits": 2}, sm_scale=0.3)
+
+
+@interp
+def test_interpreter_decode_splits_follow_each_sequences_length():
+    """Splits are cut from each sequence's own length: a table 30 blocks wide and contexts of 3-40 tokens
+    still use every split (a split with no tokens gives the merge an empty partial)."""
+    torch.manual_seed(12)
+    _check_decode(3, 4, 2, 16, 4, [3, 40, 17], torch.bfloat16, "cpu", launch={"block_t": 16, "num_splits": 4},
+                  table_width=30)
 
 
 @interp
