@@ -74,9 +74,10 @@ def make_router(mode: str, ckpt: str, dtype, args):
     from colm.router.server import ThreadedRouterServer
     from colm.tokenizer import ByteTokenizer
 
-    decode_section = {"num_blocks": args.num_blocks, "max_batch_size": 64}
+    decode_section = {"num_blocks": args.num_blocks, "max_batch_size": 64, "overlap_steps": args.overlap_steps}
     procs = []
-    if mode == "colm" and args.workers == "procs":
+    colm = mode in ("colm", "colm-full")
+    if colm and args.workers == "procs":
         token = secrets.token_urlsafe(24)
         d, daddr = start_worker("decode", ckpt, args, token, decode_section)
         p, paddr = start_worker("prefill", ckpt, args, token, {})
@@ -85,7 +86,7 @@ def make_router(mode: str, ckpt: str, dtype, args):
                               cluster_token=token)
     else:
         de = DecodeEngine.from_checkpoint(ckpt, DecodeConfig(**decode_section), device=args.device, dtype=dtype)
-        if mode == "colm":
+        if colm:
             from colm.prefill_worker.engine import PrefillEngine
 
             pe = PrefillEngine.from_checkpoint(ckpt, device=args.device, dtype=dtype)
@@ -144,7 +145,10 @@ def main() -> int:
                     help="unmeasured requests before the first rate (kernel tuning, CUDA graphs)")
     ap.add_argument("--slo-scale", type=float, default=1.5, help="SLO = this x the baseline's idle TTFT and TPOT")
     ap.add_argument("--out", default="bench/results/serve_goodput")
-    ap.add_argument("--modes", default="baseline,colm", help="systems to run, in order (the first sets the SLO)")
+    ap.add_argument("--modes", default="baseline,colm",
+                    help="systems to run, in order (the first sets the SLO): baseline, colm (scale by budget), "
+                         "colm-full (colm's engines, every request at the full scale)")
+    ap.add_argument("--overlap-steps", action="store_true", help="DecodeConfig.overlap_steps in the decode engines")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workers", choices=["procs", "inproc"], default="procs",
                     help="colm's engines as plain processes (gRPC + shared-memory KV) or threads of this process")
@@ -156,16 +160,22 @@ def main() -> int:
     plo, phi = (int(x) for x in args.prompt_len.split(","))
     olo, ohi = (int(x) for x in args.output_len.split(","))
     runs, calib, slo = {}, {}, None
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in ("baseline", "colm", "colm-full")]
+    if unknown:
+        ap.error(f"--modes: {unknown} unknown; allowed are baseline, colm, colm-full")
+    for mode in modes:
         server, procs = make_router(mode, ckpt, dtype, args)
         try:
             full = server.router.model_cfg.num_chains
             calib[mode] = {str(k): calibrate(server.grpc_addr, (plo + phi) // 2, (olo + ohi) // 2, k)
-                           for k in ((full,) if mode == "baseline" else range(1, full + 1))}
+                           for k in ((full,) if mode in ("baseline", "colm-full") else range(1, full + 1))}
             if slo is None:
                 base = calib[mode][str(full)]  # the baseline's, unless only colm runs
                 slo = {"ttft_ms": args.slo_scale * base["ttft_ms"], "tpot_ms": args.slo_scale * base["tpot_ms"]}
-            budgets = f"scale:{full}" if mode == "baseline" else f"ttft:{slo['ttft_ms']:.3f}+tpot:{slo['tpot_ms']:.3f}"
+            # colm-full: colm's engines with every request pinned to the full scale (disaggregation alone)
+            budgets = (f"scale:{full}" if mode in ("baseline", "colm-full")
+                       else f"ttft:{slo['ttft_ms']:.3f}+tpot:{slo['tpot_ms']:.3f}")
             print(f"[{mode}] calibration {calib[mode]}; SLO {slo}", flush=True)
             runs[mode] = loadtest(server.grpc_addr, args, budgets, slo, os.path.join(tempfile.mkdtemp(), mode))
             runs[mode]["decode_stats_after"] = decode_stats(server)
@@ -183,8 +193,8 @@ def main() -> int:
             del server
             if device == "cuda":
                 torch.cuda.empty_cache()
-    if set(runs) != {"baseline", "colm"}:
-        return 0  # one system only: its PREFIX_MODE.json is the result
+    if not {"baseline", "colm"} <= set(runs):
+        return 0  # without both: each PREFIX_MODE.json is the result
     from colm.loadtest import plot
 
     ratio = [{"rate": c["rate"], "colm_goodput_rps": c["goodput_rps"], "baseline_goodput_rps": b["goodput_rps"],
@@ -196,6 +206,9 @@ def main() -> int:
               "dtype": args.dtype, "args": vars(args), "slo": slo, "calibration": calib, "per_rate": ratio,
               "max_goodput_rps": {"colm": best_c, "baseline": best_b, "ratio": best_c / best_b if best_b else None},
               "colm": runs["colm"], "baseline": runs["baseline"], "wall_s": time.time() - t0,
+              "colm_full_scale": runs.get("colm-full"),
+              "max_goodput_colm_full_scale_rps": (max(r["goodput_rps"] for r in runs["colm-full"]["rates"])
+                                                  if "colm-full" in runs else None),
               "setup": (f"one device; colm: router process + prefill and decode worker processes ({args.workers}); "
                         "baseline: router + full-model prefill + decode engine in one process; load generator in "
                         "another process")}

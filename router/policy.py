@@ -133,17 +133,18 @@ class LatencyModel:
         self.step_batch: dict[int, float] = {}  # scale -> smoothed batch size of those measurements
         self.prefill_tps: float | None = None
         self.transfer_ms_per_mtoken: float | None = None
-        # Observed / predicted latency of finished requests (router and network overheads the workers'
-        # step times do not see): the median of the last few ratios multiplies every prediction. A median,
-        # not a moving average: one request that met a CUDA graph capture or a kernel tuning (hundreds of
-        # ms) must not price a scale out. TTFT's ratio is shared by all scales: a TTFT is chain-1 prefill
-        # and the KV transfer (the same at every scale of CoLM-Air) plus one decode step, so the scales a
-        # policy stopped choosing still learn from the traffic (a per-scale factor never recovers once its
-        # scale is no longer chosen; measured on an H100: scale 2 went unserved for a whole load test).
+        # Observed / predicted latency of finished requests (router and network overheads, and how the
+        # step time really grows with the batch, which the workers' step times do not show): the median of
+        # the last few ratios multiplies every prediction. A median, not a moving average: one request that
+        # met a CUDA graph capture or a kernel tuning (hundreds of ms) must not price a scale out. The ratios
+        # are shared by all scales: a TTFT is chain-1 prefill and the KV transfer (the same at every scale of
+        # CoLM-Air) plus one step, and every scale's tokens come out of the same decode batch; each scale's
+        # own cost is in its measured step time. A per-scale factor never recovers once its scale is no
+        # longer chosen (measured on an H100: scale 2 went unserved for a whole load test).
         self._ttft_ratios: collections.deque = collections.deque(maxlen=CORRECTION_WINDOW)
-        self._tpot_ratios: dict[int, collections.deque] = {}
+        self._tpot_ratios: collections.deque = collections.deque(maxlen=CORRECTION_WINDOW)
         self.ttft_correction = 1.0
-        self.tpot_correction: dict[int, float] = {}  # scale -> factor (scales with no sample: 1.0)
+        self.tpot_correction = 1.0
         self.prefill_queue: dict[str, int] = {}  # worker -> queued tokens (latest)
         self.decode_load: dict[str, int] = {}  # worker -> running + waiting (latest)
 
@@ -169,9 +170,8 @@ class LatencyModel:
             self._ttft_ratios.append(ttft_ms / predicted_ttft_ms)
             self.ttft_correction = _clamped_median(self._ttft_ratios)
         if tpot_ms and predicted_tpot_ms > 0:
-            ratios = self._tpot_ratios.setdefault(scale, collections.deque(maxlen=CORRECTION_WINDOW))
-            ratios.append(tpot_ms / predicted_tpot_ms)
-            self.tpot_correction[scale] = _clamped_median(ratios)
+            self._tpot_ratios.append(tpot_ms / predicted_tpot_ms)
+            self.tpot_correction = _clamped_median(self._tpot_ratios)
 
     def forget(self, worker_id: str) -> None:
         self.prefill_queue.pop(worker_id, None)
@@ -198,7 +198,7 @@ class LatencyModel:
     def tpot_ms(self, scale: int, batch: float | None = None, corrected: bool = True) -> float:
         b = (self.decode_batch() + 1) if batch is None else batch
         raw = self.base_step_ms(scale) * (1 + self.cfg.per_seq_step_fraction * (max(1.0, b) - 1))
-        return raw * (self.tpot_correction.get(scale, 1.0) if corrected else 1.0)
+        return raw * (self.tpot_correction if corrected else 1.0)
 
     def ttft_ms(self, scale: int, prompt_tokens: int, corrected: bool = True) -> float:
         return self._ttft_raw(scale, prompt_tokens) * (self.ttft_correction if corrected else 1.0)
