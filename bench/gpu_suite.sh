@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of the engines and the service, in parts that each fit a 10-minute call
+# on one H100 (run from the repository root; results and logs under $OUT, default bench/results/run).
+#
+#   bash bench/gpu_suite.sh tests     # CUDA tests of kernels, engines and the KV hand-off        (~3 min)
+#   bash bench/gpu_suite.sh decode    # decode steps (graphs, overlap, eager, HF) + batch-1 profile (~4 min)
+#   bash bench/gpu_suite.sh handoff   # 8K prompt TTFT per hand-off path vs chain-1 compute         (~3 min)
+#   bash bench/gpu_suite.sh prefill   # chain-1 vs full prefill, 2K-32K and 128K chunked, vs HF     (~6 min)
+#   bash bench/gpu_suite.sh serve     # goodput: colocated baseline, colm, colm at full scale        (~7 min)
+#
+# Where the colm package is not installed (e.g. an image without our dependencies), the script maps the
+# top-level folders into colm/ the way the editable install does and puts $PWD on PYTHONPATH. Extra
+# wheels (grpcio, protobuf, crc32c) may be given in $WHEELS (a folder); they are installed to /tmp/site.
+set -uo pipefail
+part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve}
+case "$part" in tests|decode|handoff|prefill|serve) ;; *) echo "unknown part $part: tests|decode|handoff|prefill|serve" >&2; exit 2 ;; esac
+OUT=${OUT:-bench/results/run}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ! python -c "import colm.decode_worker" 2>/dev/null; then
+  for d in kernels prefill_worker decode_worker proto router deploy; do ln -sfn ../$d colm/$d; done
+  export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ -n "${WHEELS:-}" ]; then
+  python -m pip install -q --no-deps --target /tmp/site "$WHEELS"/*.whl 2>&1 | tail -1
+fi
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
+case "$part" in
+  tests)
+    COLM_KERNEL_TUNE=0 timeout 400 python -m pytest -q -p no:cacheprovider -k "not interpreter" \
+      tests/test_engine_gpu.py tests/test_kv_ipc_gpu.py tests/test_kv_ipc.py tests/test_kernels_chain_linear.py \
+      tests/test_kernels_norm_rope.py tests/test_kernels_swiglu.py tests/test_kernels_paged_attention.py \
+      tests/test_kernels_greedy_head.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+  decode)
+    timeout 300 python bench/engines.py --out "$OUT" --sections decode 2>&1 | grep -v Warn | tail -60
+    timeout 120 python bench/decode_profile.py --out "$OUT/decode_profile_b1.json" 2>&1 | grep -v Warn | head -40 ;;
+  handoff)
+    timeout 500 python bench/engines.py --out "$OUT" --sections handoff 2>&1 | grep -v Warn | tail -40 ;;
+  prefill)
+    timeout 560 python bench/engines.py --out "$OUT" --sections prefill 2>&1 | grep -v Warn | tail -40 ;;
+  serve)
+    timeout 560 python bench/serve_goodput.py --rates 2,4,8,16 --slo-scale 2 --num-requests 320 \
+      --modes baseline,colm,colm-full --out "$OUT/serve_goodput" 2>&1 | grep -v Warn | grep -v retrying | tail -40
+    for f in "$OUT"/serve_goodput_*.log; do [ -s "$f" ] && { echo "== $f"; tail -20 "$f"; }; done ;;
+esac
