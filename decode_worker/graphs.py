@@ -183,7 +183,6 @@ class DecodeGraphs:
             return g
 
     def _capture(self, g: _Graph, scale: int, head: bool) -> None:
-
         with DEVICE_WIDE_LOCK:  # no kernel tuning (a device-wide sync) in another thread meanwhile
             self._capture_locked(g, scale, head)
 
