@@ -82,8 +82,8 @@ class ChainAttention(nn.Module):
         wk.data, wv.data = fused[: wk.shape[0]], fused[wk.shape[0]:]
         self.__dict__["_wkv"] = fused  # a plain attribute: not a parameter or buffer of the module
 
-    def project_qkv(self, x: torch.Tensor, scale: int, cos: torch.Tensor, sin: torch.Tensor):
-        """x [b, t, D_k] -> q [b, Hq_k, t, hd], k, v [b, Hkv_k, t, hd] with RoPE applied."""
+    def project_qkv(self, x: torch.Tensor, scale: int, cos: torch.Tensor, sin: torch.Tensor, rope: bool = True):
+        """x [b, t, D_k] -> q [b, Hq_k, t, hd], k, v [b, Hkv_k, t, hd] with RoPE applied (``rope``: else not)."""
         b, t, _ = x.shape
         hd = self.cfg.head_dim
         q = self.wq(x, scale).view(b, t, -1, hd).transpose(1, 2)
@@ -98,7 +98,8 @@ class ChainAttention(nn.Module):
             k, v = self.wk(x, scale), self.wv(x, scale)
         k = k.view(b, t, -1, hd).transpose(1, 2)
         v = v.view(b, t, -1, hd).transpose(1, 2)
-        q, k = apply_rope_qk(q, k, cos, sin)  # one launch for both on CUDA
+        if rope:
+            q, k = apply_rope_qk(q, k, cos, sin)  # one launch for both on CUDA
         return q, k, v
 
     def _head_order(self, scale: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -117,9 +118,12 @@ class ChainAttention(nn.Module):
     def forward(self, x: torch.Tensor, scale: int, cos: torch.Tensor, sin: torch.Tensor, cache=None,
                 q_start: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.project_qkv(x, scale, cos, sin)
+        fused = getattr(cache, "ropes_and_writes_kv", False)  # the cache applies RoPE as it stores k (decode)
+        q, k, v = self.project_qkv(x, scale, cos, sin, rope=not fused)
         order = self._head_order(scale, q.device)
-        if order is not None and getattr(cache, "takes_head_map", False):
+        if fused:
+            o = cache.attend_unroped(self.layer_idx, q, k, v, cos, sin, head_map=None if order is None else order[2])
+        elif order is not None and getattr(cache, "takes_head_map", False):
             # the cache's kernel reads q and writes o in the heads' own order: no gathers
             o = cache.attend(self.layer_idx, q, k, v, head_map=order[2])  # [b, Hq_k, t, hd]
         else:

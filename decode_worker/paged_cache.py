@@ -13,12 +13,15 @@ import torch
 
 # The kernels' entry points run Triton on CUDA and their plain-PyTorch references elsewhere.
 from colm.kernels.paged_attention import paged_decode_attention, write_kv_to_pool
+from colm.kernels.rope import rope_qk_to_pool_triton, rope_to_pool_fits
+from colm.rope import apply_rope_qk
 
 
 class PagedStepCache:
     """One decode step of B sequences (one new token each) against a ``BlockPool``."""
 
     takes_head_map = True  # attend() accepts CoLM-Air's query head order (no gathers around the kernel)
+    ropes_and_writes_kv = True  # attend_unroped(): RoPE, the KV write and attention in two launches on CUDA
 
     def __init__(self, pool, block_tables: torch.Tensor, context_lens: torch.Tensor, slot_mapping: torch.Tensor,
                  length: int = 0) -> None:
@@ -38,6 +41,18 @@ class PagedStepCache:
         o = paged_decode_attention(q[:, :, 0].contiguous(), kp, vp, self.block_tables, self.context_lens,
                                    head_map=head_map)
         return o[:, :, None]  # [B, Hq, 1, hd]
+
+    def attend_unroped(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, head_map: torch.Tensor | None = None) -> torch.Tensor:
+        """``attend`` for q, k before RoPE: on CUDA one kernel rotates q and k and writes k, v into the pool."""
+        kp, vp = self.pool.k[layer_idx], self.pool.v[layer_idx]
+        if q.shape[2] == 1 and rope_to_pool_fits(q, k, v, cos, sin, kp, vp, self.slot_mapping):
+            q = rope_qk_to_pool_triton(q, k, v, cos, sin, kp, vp, self.slot_mapping)
+            o = paged_decode_attention(q[:, :, 0].contiguous(), kp, vp, self.block_tables, self.context_lens,
+                                       head_map=head_map)
+            return o[:, :, None]  # [B, Hq, 1, hd]
+        q, k = apply_rope_qk(q, k, cos, sin)
+        return self.attend(layer_idx, q, k, v, head_map=head_map)
 
     def advance(self, num_tokens: int, kv_heads: int | None = None) -> None:
         """The engine tracks each sequence's length itself."""

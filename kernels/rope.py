@@ -14,7 +14,9 @@ bf16x2 FMA that skips a rounding (the offline sm_90 test checks the PTX has no F
 allocates only the outputs and never syncs with the host, so it can be captured in a CUDA graph.
 
 ``apply_rope`` / ``apply_rope_qk`` run Triton for CUDA bf16/fp16 inputs (cos/sin of the same dtype)
-when no gradient is needed, and the reference otherwise.
+when no gradient is needed, and the reference otherwise. For decode steps, ``rope_qk_to_pool_triton``
+also writes the rotated k and the v of each sequence's token into the paged KV pools (one launch instead
+of two; ``decode_worker.paged_cache`` uses it where ``rope_to_pool_fits``).
 """
 
 from __future__ import annotations
@@ -105,9 +107,79 @@ if HAS_TRITON:
                         c1, c2, s1, s2, d, d_ok, HK, HK_PAD, HALF, EMULATE_BF16)
 
 
+    @triton.jit
+    def _rope_qk_to_pool_kernel(
+        q_ptr, k_ptr, v_ptr, qo_ptr, k_pool_ptr, v_pool_ptr, slot_ptr, cos_ptr, sin_ptr,
+        sq_b, sq_h, sqo_b, sqo_h, sk_b, sk_h, sv_b, sv_h, sc_b,
+        HQ: tl.constexpr, HK: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
+        HALF: tl.constexpr, HALF_PAD: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    ):
+        """One decode token per program (sequence b): rope(q) -> qo; rope(k) and v -> the pools' row
+        ``slot[b]`` (skipped when negative). Pools: [slots, HK, 2 * HALF] contiguous."""
+        b = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, HALF_PAD)
+        d_ok = d < HALF
+        cs = b * sc_b + d
+        c1 = tl.load(cos_ptr + cs, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        c2 = tl.load(cos_ptr + cs + HALF, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        s1 = tl.load(sin_ptr + cs, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(sin_ptr + cs + HALF, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        _rope_heads(q_ptr + b * sq_b, qo_ptr + b * sqo_b, sq_h, sqo_h, c1, c2, s1, s2, d, d_ok,
+                    HQ, HQ_PAD, HALF, EMULATE_BF16)
+        slot = tl.load(slot_ptr + b)
+        if slot >= 0:
+            row = slot * (HK * 2 * HALF)
+            _rope_heads(k_ptr + b * sk_b, k_pool_ptr + row, sk_h, 2 * HALF, c1, c2, s1, s2, d, d_ok,
+                        HK, HK_PAD, HALF, EMULATE_BF16)
+            h = tl.arange(0, HK_PAD)[:, None]
+            ok = (h < HK) & d_ok[None, :]
+            src = v_ptr + b * sv_b + h * sv_h + d[None, :]
+            dst = v_pool_ptr + row + h * (2 * HALF) + d[None, :]
+            tl.store(dst, tl.load(src, mask=ok, other=0.0), mask=ok)
+            tl.store(dst + HALF, tl.load(src + HALF, mask=ok, other=0.0), mask=ok)
+
+
 # --------------------------------------------------------------------------------------------------
 # Wrappers
 # --------------------------------------------------------------------------------------------------
+
+
+def rope_to_pool_fits(q, k, v, cos, sin, k_pool, v_pool, slots) -> bool:
+    """Whether ``rope_qk_to_pool_triton`` takes these: one token per sequence, q/k/v [B, H, 1, hd] of the
+    pools' dtype (CUDA bf16/fp16, or the interpreter), pools [N, bs, Hkv, hd] contiguous, slots int64 [B]."""
+    if not (q.dim() == k.dim() == v.dim() == 4 and q.shape[2] == 1 and k.shape == v.shape and _fits(q, cos, sin)
+            and _fits(k, cos, sin) and k.shape[0] == q.shape[0]):
+        return False
+    return (k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.shape == v_pool.shape
+            and tuple(k_pool.shape[2:]) == tuple(k.shape[1:2]) + tuple(k.shape[3:])
+            and k_pool.dtype == v_pool.dtype == q.dtype == k.dtype == v.dtype
+            and q.dtype in (torch.bfloat16, torch.float16)
+            and slots.dtype == torch.int64 and tuple(slots.shape) == (q.shape[0],)
+            and HAS_TRITON and (q.is_cuda or _tuning.interpreting())
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+
+
+def rope_qk_to_pool_triton(q, k, v, cos, sin, k_pool, v_pool, slots) -> torch.Tensor:
+    """A decode step's RoPE and KV write in one launch: returns rope(q); rope(k) and v go into the pools at
+    ``slots`` (negative = skip), as ``apply_rope_qk`` then ``write_kv_to_pool`` would (same roundings)."""
+    if not rope_to_pool_fits(q, k, v, cos, sin, k_pool, v_pool, slots):
+        raise ValueError(f"rope_qk_to_pool: unsupported q {tuple(q.shape)} {q.dtype}, k/v {tuple(k.shape)}, "
+                         f"pools {tuple(k_pool.shape)} {k_pool.dtype}, slots {slots.dtype} {tuple(slots.shape)}")
+    q, k, v, cos, sin = (_unit_last(x) for x in (q, k, v, cos, sin))
+    bsz, hq, _, hd = q.shape
+    qo = torch.empty_like(q)
+    if bsz:
+        half = hd // 2
+        emulate = _tuning.interpreting() and q.dtype == torch.bfloat16
+        _rope_qk_to_pool_kernel[(bsz,)](
+            q, k, v, qo, k_pool, v_pool, slots, cos, sin,
+            q.stride(0), q.stride(1), qo.stride(0), qo.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            cos.stride(0) if cos.shape[0] > 1 else 0,
+            HQ=hq, HK=k.shape[1], HQ_PAD=triton.next_power_of_2(hq), HK_PAD=triton.next_power_of_2(k.shape[1]),
+            HALF=half, HALF_PAD=triton.next_power_of_2(half), EMULATE_BF16=emulate, num_warps=4,
+            enable_fp_fusion=False,
+        )
+    return qo
 
 
 def _fits(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:

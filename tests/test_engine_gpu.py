@@ -188,3 +188,39 @@ def test_kernel_tuning_survives_another_threads_syncs():
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 0 and "survived" in r.stdout, (r.stdout[-2000:], r.stderr[-4000:])
     assert int(r.stdout.split("survived")[1]) >= 2  # both shapes were tuned (timed), not defaulted
+
+
+@cuda
+def test_fused_rope_kv_write_step_equals_the_unfused_step(tmp_path):
+    """A bf16 decode step with RoPE and the KV write in one kernel (PagedStepCache.attend_unroped) gives
+    the same hidden states and pool contents as RoPE, then the write kernel (attend)."""
+    from colm.decode_worker.paged_cache import PagedStepCache
+
+    class Unfused(PagedStepCache):
+        ropes_and_writes_kv = False
+
+    full, _ = _pair(torch.bfloat16, tmp_path)
+    de = DecodeEngine(full, DecodeConfig(num_blocks=64, block_size=4, max_batch_size=8, cuda_graphs=False))
+    de.pool.k.normal_()
+    de.pool.v.normal_()
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    for i, n in enumerate((5, 17, 30)):
+        de.reserve(f"q{i}", n, 4)
+        de._requests[f"q{i}"].kv_done = True
+        de.start_generation(f"q{i}", 7 + i, params, scale=2)
+    de._housekeep()
+    batch = list(de._running)
+    k0, v0 = de.pool.k.clone(), de.pool.v.clone()
+    outs, pools = [], []
+    for cls in (PagedStepCache, Unfused):
+        de.pool.k.copy_(k0)
+        de.pool.v.copy_(v0)
+        tokens, positions, cache = _step_tensors(batch, de.pool, full.inv_freq.device)
+        cache = cls(de.pool, cache.block_tables, cache.context_lens, cache.slot_mapping, cache.length)
+        with torch.no_grad():
+            outs.append(full.hidden(tokens, scale=2, cache=cache, positions=positions))
+        pools.append((de.pool.k.clone(), de.pool.v.clone()))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(pools[0][0], pools[1][0]) and torch.equal(pools[0][1], pools[1][1])
+    assert not torch.equal(pools[0][0], k0)  # the step wrote its K
+    de.stop()

@@ -91,7 +91,38 @@ def _check_rope(b, hq, hkv, t, hd, dtype, device, cos_batch=None, pos0=0):
     assert torch.equal(rp.rope_qk_triton(sub, None, cos, sin)[0], rp.apply_rope_ref(sub, cos, sin))
 
 
+def _check_rope_to_pool(b, hq, hkv, hd, dtype, device, cos_batch=None):
+    """rope_qk_to_pool_triton against apply_rope_ref + write_kv_to_pool_ref: q out and both pools bit-equal.
+    k and v are views of one fused K/V projection (as the engines' fused wkv gives them)."""
+    pa = importlib.import_module("colm.kernels.paged_attention")
+    q, _, cos, sin = _rope_case(b, hq, hkv, 1, hd, dtype, device, cos_batch, pos0=500)
+    kv = (torch.randn(b, 1, 2 * hkv * hd) * 2).to(dtype).to(device)
+    k, v = (t.view(b, 1, hkv, hd).transpose(1, 2) for t in kv.chunk(2, dim=-1))  # strided views
+    blocks, bs = 6, 4
+    kp = torch.randn(blocks, bs, hkv, hd).to(dtype).to(device)
+    vp = torch.randn(blocks, bs, hkv, hd).to(dtype).to(device)
+    slots = torch.randperm(blocks * bs)[:b].to(torch.int64)
+    slots[1::3] = -1  # padding rows: no write
+    slots = slots.to(device)
+    kp_ref, vp_ref = kp.clone(), vp.clone()
+    assert rp.rope_to_pool_fits(q, k, v, cos, sin, kp, vp, slots)
+    qo = rp.rope_qk_to_pool_triton(q, k, v, cos, sin, kp, vp, slots)
+    rk = rp.apply_rope_ref(k, cos, sin)
+    pa.write_kv_to_pool_ref(rk[:, :, 0], v[:, :, 0], kp_ref, vp_ref, slots)
+    assert torch.equal(qo, rp.apply_rope_ref(q, cos, sin))
+    assert torch.equal(kp, kp_ref) and torch.equal(vp, vp_ref)
+    assert not rp.rope_to_pool_fits(q, k, v, cos, sin, kp, vp, slots.int())  # int32 slots: not this kernel
+
+
 # ---------------------------------------------------------------- CPU, Triton interpreter
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_interpreter_rope_to_pool_matches_rope_then_write(dtype):
+    torch.manual_seed(7)
+    _check_rope_to_pool(5, 4, 2, 16, dtype, "cpu")
+    _check_rope_to_pool(3, 6, 3, 24, dtype, "cpu", cos_batch=1)  # non-power-of-2 heads / half dim
 
 
 @interp
@@ -195,6 +226,14 @@ def test_cuda_add_rmsnorm_1b_shapes(dtype, chain_dims):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_rope_to_pool_1b_shapes(dtype):
+    torch.manual_seed(5)
+    _check_rope_to_pool(64, 32, 8, 64, dtype, "cuda")
+    _check_rope_to_pool(3, 32, 8, 64, dtype, "cuda")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_rope_1b_shapes(dtype):
     torch.manual_seed(4)
     _check_rope(1, 32, 8, 4097, 64, dtype, "cuda")  # prefill
@@ -288,3 +327,10 @@ def test_sm90_rope_compiles_clean(dtype):
                            4, 1, ptrs + ints, enable_fp_fusion=False)
     ptx = _assert_clean(k, vector_io=False)
     assert re.search(r"st\.global\.v[24]", ptx), "stores are not vectorised"
+    ptrs = ("q_ptr", "k_ptr", "v_ptr", "qo_ptr", "k_pool_ptr", "v_pool_ptr", "slot_ptr", "cos_ptr", "sin_ptr")
+    ints = ("sq_b", "sq_h", "sqo_b", "sqo_h", "sk_b", "sk_h", "sv_b", "sv_h", "sc_b")
+    sig = {**{p: ("*i64" if p == "slot_ptr" else f"*{dtype}") for p in ptrs}, **{i: "i32" for i in ints}}
+    k = off.compile_kernel(rp._rope_qk_to_pool_kernel, sig,
+                           dict(HQ=32, HK=8, HQ_PAD=32, HK_PAD=8, HALF=32, HALF_PAD=32, EMULATE_BF16=False),
+                           4, 1, ptrs + ints, enable_fp_fusion=False)
+    _assert_clean(k, vector_io=False)
