@@ -34,6 +34,22 @@ def _pair(dtype, tmp_path):
             checkpoint.load(tmp_path, scale=1, device="cuda", dtype=dtype))
 
 
+def _three_running(model, **config):
+    """A decode engine (not started) with random K/V in its pool and three running requests of 5, 17 and 30
+    context tokens at scale 2; returns (engine, its running batch)."""
+    de = DecodeEngine(model, DecodeConfig(num_blocks=64, block_size=4, max_batch_size=8, **config))
+    de.pool.k.normal_()
+    de.pool.v.normal_()
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    for i, n in enumerate((5, 17, 30)):
+        de.reserve(f"q{i}", n, 4)
+        de._requests[f"q{i}"].kv_done = True
+        de.start_generation(f"q{i}", 7 + i, params, scale=2)
+    de._housekeep()
+    batch = list(de._running)
+    return de, batch
+
+
 @cuda
 @pytest.mark.parametrize("overlap", [False, True])
 def test_graph_engine_matches_reference_float32(tmp_path, overlap):
@@ -73,16 +89,7 @@ def test_graph_engine_matches_reference_float32(tmp_path, overlap):
 @cuda
 def test_graph_replay_equals_eager_bf16(tmp_path):
     full, _ = _pair(torch.bfloat16, tmp_path)
-    de = DecodeEngine(full, DecodeConfig(num_blocks=64, block_size=4, max_batch_size=8))
-    de.pool.k.normal_()
-    de.pool.v.normal_()
-    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    for i, n in enumerate((5, 17, 30)):  # 3 rows: the graph runs a padded bucket of 4
-        de.reserve(f"q{i}", n, 4)
-        de._requests[f"q{i}"].kv_done = True
-        de.start_generation(f"q{i}", 7 + i, params, scale=2)
-    de._housekeep()
-    batch = list(de._running)
+    de, batch = _three_running(full)  # 3 rows: the graph runs a padded bucket of 4
     for scale in (2, 1):
         with torch.no_grad():
             tokens, positions, cache = _step_tensors(batch, de.pool, full.inv_freq.device)
@@ -108,16 +115,7 @@ def test_graph_replay_equals_eager_bf16(tmp_path):
 
 def test_static_buffers_of_a_padded_bucket_give_the_eager_step():
     model = make_model("tiny-air")
-    de = DecodeEngine(model, DecodeConfig(num_blocks=64, block_size=4, max_batch_size=8))
-    de.pool.k.normal_()
-    de.pool.v.normal_()
-    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    for i, n in enumerate((5, 17, 30)):
-        de.reserve(f"q{i}", n, 4)
-        de._requests[f"q{i}"].kv_done = True
-        de.start_generation(f"q{i}", 7 + i, params, scale=2)
-    de._housekeep()
-    batch = list(de._running)
+    de, batch = _three_running(model)
     graphs = DecodeGraphs(model, de.pool, 8)
     g = _Graph(_bucket(len(batch)), _bucket(max(len(r.blocks) for r in batch), 16), "cpu")
     graphs._fill(g, batch)
@@ -200,16 +198,7 @@ def test_fused_rope_kv_write_step_equals_the_unfused_step(tmp_path):
         ropes_and_writes_kv = False
 
     full, _ = _pair(torch.bfloat16, tmp_path)
-    de = DecodeEngine(full, DecodeConfig(num_blocks=64, block_size=4, max_batch_size=8, cuda_graphs=False))
-    de.pool.k.normal_()
-    de.pool.v.normal_()
-    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    for i, n in enumerate((5, 17, 30)):
-        de.reserve(f"q{i}", n, 4)
-        de._requests[f"q{i}"].kv_done = True
-        de.start_generation(f"q{i}", 7 + i, params, scale=2)
-    de._housekeep()
-    batch = list(de._running)
+    de, batch = _three_running(full, cuda_graphs=False)
     k0, v0 = de.pool.k.clone(), de.pool.v.clone()
     outs, pools = [], []
     for cls in (PagedStepCache, Unfused):
