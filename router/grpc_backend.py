@@ -11,7 +11,6 @@ naming that worker, and the router retries elsewhere. Every call carries the clu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import AsyncIterator
 
@@ -42,6 +41,7 @@ class GrpcBackend:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._host_ids: dict[str, str] = {}
         self._transfer: dict[str, list] = {}  # prefill worker -> [bytes, seconds, tokens] handed to decode so far
+        self._aborts: set[asyncio.Task] = set()  # background aborts of failed attempts (kept referenced)
         self.set_workers(workers)
 
     # ---- workers -------------------------------------------------------------------------------
@@ -82,6 +82,8 @@ class GrpcBackend:
         return None
 
     async def close(self) -> None:
+        if self._aborts:  # let pending aborts of failed attempts finish (each bounded by its timeouts)
+            await asyncio.wait(set(self._aborts), timeout=15.0)
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
@@ -153,8 +155,27 @@ class GrpcBackend:
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
             if not finished:
-                with contextlib.suppress(Exception):
-                    await decode.Abort(kv_pb2.AbortRequest(request_id=req.request_id), metadata=md, timeout=2.0)
+                self._abort_in_background(decode_id, req.request_id)
+
+    def _abort_in_background(self, decode_id: str, request_id: str, attempts: int = 3) -> None:
+        """Free a failed attempt's decode reservation without holding up its retry. A few tries with a
+        generous timeout: under load an abort that timed out once (it was awaited with 2 s) left the
+        reservation held until its deadline, minutes later. A worker that is gone frees nothing anyway."""
+        async def run():
+            for i in range(attempts):
+                try:
+                    await self._decode(decode_id).Abort(kv_pb2.AbortRequest(request_id=request_id), metadata=self._md(),
+                                                        timeout=10.0)
+                    return
+                except (grpc.aio.AioRpcError, WorkerFailed) as e:
+                    if isinstance(e, WorkerFailed) or e.code() == grpc.StatusCode.UNAUTHENTICATED or i == attempts - 1:
+                        log.warning("abort of %s on %s failed: %s", request_id, decode_id, e)
+                        return
+                    await asyncio.sleep(0.2 * (i + 1))
+
+        task = asyncio.ensure_future(run())
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
 
     def _count_transfer(self, prefill_id: str, task: asyncio.Future) -> None:
         if task.cancelled() or task.exception() is not None:
