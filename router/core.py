@@ -278,6 +278,9 @@ class Router:
                     except StopAsyncIteration:
                         break
                     now_ms = (time.monotonic() - spec.arrival) * 1e3
+                    # a token means this attempt's KV has reached the decode worker: the prefill worker is
+                    # done with it, and its failing a health poll from now on must not fail the request over
+                    self.registry.finish(prefill.worker_id, spec.request_id)
                     out.append(tok.token_id)
                     times.append(now_ms)
                     delta = detok.add(tok.token_id)  # a partial UTF-8 character waits for the token completing it

@@ -133,11 +133,13 @@ class GrpcBackend:
                 request_id=req.request_id, last_token_id=req.prompt_ids[-1], sampling=sampling, scale=req.scale,
                 kv_timeout_s=timeout), metadata=md, timeout=timeout)
             it = call.__aiter__()
+            streaming = False  # a token came: the KV is all on the decode worker, the prefill's outcome no longer matters
             while True:
                 next_tok = asyncio.ensure_future(anext(it))
-                waits = {next_tok} if prefill_task.done() else {next_tok, prefill_task}
+                waits = {next_tok} if streaming or prefill_task.done() else {next_tok, prefill_task}
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                if prefill_task.done() and not prefill_task.cancelled() and prefill_task.exception() is not None:
+                if (not streaming and prefill_task.done() and not prefill_task.cancelled()
+                        and prefill_task.exception() is not None):
                     next_tok.cancel()
                     raise await self._prefill_failure(prefill_task.exception(), prefill_id, decode_id)
                 try:
@@ -147,6 +149,7 @@ class GrpcBackend:
                     return
                 except grpc.aio.AioRpcError as e:
                     raise self._failure(e, decode_id) from None
+                streaming = True
                 yield EngineToken(ev.token_id, ev.scale, ev.logprob)
                 if ev.finish_reason:
                     finished = True

@@ -277,6 +277,67 @@ def test_hung_worker_fails_its_health_poll_and_requests_move_on():
         bg.stop()
 
 
+def test_prefill_worker_failing_after_handoff_does_not_move_decoding_requests():
+    """Once a request's tokens stream from its decode worker, its prefill worker is done with it: that
+    worker failing its health poll then must not fail the request over (no retry, no recomputation)."""
+    import asyncio
+
+    from colm.router.backend import WorkerInfo
+    from colm.router.policy import WorkerReport
+
+    cfg = preset("tiny-air")
+    model = CoLM(cfg).reset_parameters(seed=1).eval()
+    good = LocalBackend(model)
+
+    class PrefillDiesAfterHandoff:
+        dead = False
+
+        async def start(self):
+            pass
+
+        async def close(self):
+            pass
+
+        def workers(self):
+            return [WorkerInfo("p0", "prefill"), WorkerInfo("p1", "prefill"), WorkerInfo("d0", "decode")]
+
+        async def poll(self, wid):
+            if wid == "p0" and self.dead:
+                raise ConnectionError("prefill worker gone")
+            if wid == "d0":
+                return WorkerReport(wid, "decode", free_blocks=1000, total_blocks=1000)
+            return WorkerReport(wid, "prefill", queued_tokens=0 if wid == "p0" else 10_000)  # p0 is picked
+
+        async def generate(self, req, prefill_id, decode_id):
+            n = 0
+            async for t in good.generate(req, prefill_id, decode_id):
+                yield t
+                n += 1
+                if n == 2 and prefill_id == "p0":
+                    self.dead = True
+                    await asyncio.sleep(0.5)  # a few health polls pass while this request decodes
+
+        async def set_scale(self, *a):
+            pass
+
+        async def abort(self, *a):
+            pass
+
+    backend = PrefillDiesAfterHandoff()
+    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, token_timeout_s=60), cfg,
+                    ByteTokenizer(), backend)
+    bg = BackgroundRouter(router)
+    try:
+        time.sleep(0.3)  # reports in: the policy places on p0
+        with Client(bg.grpc_addr) as c:
+            r = c.complete("Hello, chains", max_new_tokens=8, scale=2)
+            assert backend.dead  # p0 failed its polls while this request was decoding
+            assert r["token_ids"] == ref_tokens(model, "Hello, chains", 8, 2) and r["usage"]["retries"] == 0
+            assert {w["worker_id"]: w["healthy"] for w in c.health()["workers"]}["p0"] is False
+    finally:
+        bg.stop()
+
+
 def test_tls_on_grpc_and_http(tmp_path):
     import shutil
     import ssl
