@@ -20,6 +20,8 @@ class DecodeConfig:
     max_reservations: int = 4096
     idle_wait_s: float = 0.005           # the step loop's wait when nothing runs
     cuda_graphs: bool = True             # replay the decode forward from CUDA graphs (CUDA only; eager elsewhere)
+    warmup_context: int = 0              # > 0 (CUDA graphs): at start, capture the graphs of every batch size and
+                                         # table width up to this many tokens per sequence, for every scale
     overlap_steps: bool = False          # greedy single-scale batches: launch step n+1 (tokens fed on the device)
                                          # before reading step n, so host work hides under the GPU's. Off until
                                          # timed on a GPU; CPU tests cover its bookkeeping
@@ -38,5 +40,7 @@ class DecodeConfig:
         for name in ("reservation_timeout_s", "kv_timeout_s", "idle_wait_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+        if self.warmup_context < 0:
+            raise ValueError(f"warmup_context={self.warmup_context}: must be >= 0 (0 = no warm-up)")
         if self.max_reservations <= 0:
             raise ValueError(f"max_reservations={self.max_reservations}: must be > 0")

@@ -112,6 +112,12 @@ class DecodeEngine:
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> "DecodeEngine":
+        if self.config.warmup_context and self.graphs is not None:
+            t0 = time.perf_counter()
+            n = self.graphs.warm_up(blocks_for(min(self.config.warmup_context, self.cfg.max_seq_len), self.pool.block_size),
+                                    range(1, self.cfg.num_chains + 1))
+            log.info("captured %d decode graphs up to %d tokens in %.1f s", n, self.config.warmup_context,
+                     time.perf_counter() - t0)
         self._runner.start()
         return self
 

@@ -163,24 +163,61 @@ class DecodeGraphs:
             return None
         B = _bucket(len(batch))
         W = _bucket(max(len(r.blocks) for r in batch), 16)
-        key = (B, W, scale, head)
         with self._lock:
-            g = self._graphs.get(key)
+            g = self._graph(B, W, scale, head, batch)
             if g is None:
-                g = _Graph(B, W, self.device)
-                self._fill(g, batch)
-                try:
-                    self._capture(g, scale, head)
-                except Exception as e:  # noqa: BLE001 - fall back to eager for good
-                    log.warning("CUDA graph capture failed for batch %d, width %d, scale %d (%s): decode runs eager",
-                                B, W, scale, e)
-                    self.enabled = False
-                    torch.cuda.synchronize(self.device)
-                    return None
-                self._graphs[key] = g
+                return None
             self._fill(g, batch, offset, feed)
             g.graph.replay()
             return g
+
+    def _graph(self, B: int, W: int, scale: int, head: bool, batch) -> _Graph | None:
+        """The graph of key (B, W, scale, head), captured now if new (staged with ``batch``: real rows, or
+        none: every row padding, which writes no K/V); None when capturing failed (graphs are off then)."""
+        key = (B, W, scale, head)
+        g = self._graphs.get(key)
+        if g is None:
+            g = _Graph(B, W, self.device)
+            self._fill(g, batch)
+            try:
+                self._capture(g, scale, head)
+            except Exception as e:  # noqa: BLE001 - fall back to eager for good
+                log.warning("CUDA graph capture failed for batch %d, width %d, scale %d (%s): decode runs eager",
+                            B, W, scale, e)
+                self.enabled = False
+                torch.cuda.synchronize(self.device)
+                return None
+            self._graphs[key] = g
+        return g
+
+    def warm_up(self, max_blocks_per_seq: int, scales, heads=(True, False)) -> int:
+        """Capture every graph a batch of up to ``max_batch`` sequences of up to ``max_blocks_per_seq``
+        blocks can meet (batch and width buckets x ``scales`` x ``heads``), before serving: captures and
+        the kernel tuning inside them then never stall a running request (first TTFTs, first batch sizes).
+        Returns the number of graphs captured now."""
+        if not self.enabled:
+            return 0
+        before = self.num_captures
+        widths = []
+        w = 16
+        while True:
+            widths.append(w)
+            if w >= max_blocks_per_seq:
+                break
+            w *= 2
+        batches = []
+        b = 1
+        while b <= self.max_batch:
+            batches.append(b)
+            b *= 2
+        with torch.no_grad(), self._lock:
+            for head in heads:
+                for scale in scales:
+                    for W in widths:
+                        for B in batches:
+                            if self._graph(B, W, scale, head, []) is None:
+                                return self.num_captures - before
+        return self.num_captures - before
 
     def _capture(self, g: _Graph, scale: int, head: bool) -> None:
         with DEVICE_WIDE_LOCK:  # no kernel tuning (a device-wide sync) in another thread meanwhile

@@ -222,6 +222,17 @@ def test_reservation_errors_and_abort(setup):
         de.stop()
 
 
+def test_graph_warm_up_is_a_no_op_without_cuda(setup):
+    path, _ = setup
+    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=32, block_size=4, warmup_context=64)).start()
+    try:
+        assert de.graphs is None  # CPU: no graphs, nothing to capture; the engine serves as usual
+    finally:
+        de.stop()
+    with pytest.raises(ValueError, match="warmup_context=-1"):
+        DecodeConfig(warmup_context=-1)
+
+
 def test_graph_step_buffers_fill_on_cpu():
     """The CUDA-graph step's static inputs (staging logic only; the replay itself needs a GPU)."""
     import types

@@ -213,3 +213,27 @@ def test_fused_rope_kv_write_step_equals_the_unfused_step(tmp_path):
     assert torch.equal(pools[0][0], pools[1][0]) and torch.equal(pools[0][1], pools[1][1])
     assert not torch.equal(pools[0][0], k0)  # the step wrote its K
     de.stop()
+
+
+@cuda
+def test_warm_up_captures_every_graph_serving_then_needs(tmp_path):
+    """DecodeConfig.warmup_context: graphs for every batch/width bucket and scale are captured at start, so
+    requests within that context capture nothing while they run, and still equal the reference."""
+    full, sub = _pair(torch.float32, tmp_path)
+    de = DecodeEngine(full, DecodeConfig(num_blocks=128, block_size=4, max_batch_size=4, warmup_context=64)).start()
+    pe = PrefillEngine(sub, full.cfg, PrefillConfig(chunk_size=16, max_batch_tokens=64)).start()
+    try:
+        captured = de.graphs.num_captures
+        # widths 16 (up to 64 tokens / 4 per block), batches 1, 2, 4, scales 1 and 2, with and without head
+        assert captured == 1 * 3 * 2 * 2
+        params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+        streams = []
+        for i, p in enumerate(prompts([1, 6, 23, 40])):
+            de.reserve(f"w{i}", len(p), 10)
+            pe.submit(f"w{i}", p, LocalKVSink(de, f"w{i}"))
+            streams.append((p, 1 + i % 2, de.start_generation(f"w{i}", p[-1], params, scale=1 + i % 2)))
+        for p, scale, st in streams:
+            assert [e.token_id for e in st] == generate(full, p, params, scale=scale).token_ids
+        assert de.graphs.num_captures == captured
+    finally:
+        pe.stop(), de.stop()
