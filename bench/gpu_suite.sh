@@ -7,13 +7,16 @@
 #   bash bench/gpu_suite.sh handoff   # 8K prompt TTFT per hand-off path vs chain-1 compute         (~3 min)
 #   bash bench/gpu_suite.sh prefill   # chain-1 vs full prefill, 2K-32K and 128K chunked, vs HF     (~6 min)
 #   bash bench/gpu_suite.sh serve     # goodput: colocated baseline, colm, colm at full scale        (~7 min)
+#   bash bench/gpu_suite.sh sweeps    # few-row chain Linear configs (1 and 8 rows, cold weights) and the
+#                                     # in-graph paged-attention split sweep                        (~6 min)
 #
 # Where the colm package is not installed (e.g. an image without our dependencies), the script maps the
 # top-level folders into colm/ the way the editable install does and puts $PWD on PYTHONPATH. Extra
 # wheels (grpcio, protobuf, crc32c) may be given in $WHEELS (a folder); they are installed to /tmp/site.
 set -uo pipefail
-part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve}
-case "$part" in tests|decode|handoff|prefill|serve) ;; *) echo "unknown part $part: tests|decode|handoff|prefill|serve" >&2; exit 2 ;; esac
+part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps}
+case "$part" in tests|decode|handoff|prefill|serve|sweeps) ;;
+  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps" >&2; exit 2 ;; esac
 OUT=${OUT:-bench/results/run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -42,4 +45,10 @@ case "$part" in
     timeout 560 python bench/serve_goodput.py --rates 2,4,8,16 --slo-scale 2 --num-requests 320 \
       --modes baseline,colm,colm-full --out "$OUT/serve_goodput" 2>&1 | grep -v Warn | grep -v retrying | tail -40
     for f in "$OUT"/serve_goodput_*.log; do [ -s "$f" ] && { echo "== $f"; tail -20 "$f"; }; done ;;
+  sweeps)
+    for m in 1 8; do
+      timeout 240 python bench/gemv_sweep.py --rows $m --out "$OUT/gemv_sweep_m$m.json" 2>&1 | grep -v Warn | tail -30
+    done
+    timeout 90 python bench/paged_attention.py --graph-sweep-only --out "$OUT/paged_attention_graph_sweep.json" 2>&1 \
+      | grep -v Warn | tail -30 ;;
 esac
