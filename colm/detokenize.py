@@ -2,20 +2,21 @@
 
 Decoding the whole output again for every new token (to find the new text, or a stop string) costs
 O(n) per token, O(n²) per request: for a 2K-token output that is ~2M token decodes in the router's
-event loop. ``IncrementalDetokenizer`` decodes a short window per token instead: it keeps two offsets
-into the token list, ``prefix`` (where the window starts, ``CONTEXT_TOKENS`` before ``read``) and
-``read`` (where the text already given out ends), decodes ``ids[prefix:read]`` and ``ids[prefix:]``
-and gives out the difference. Both decodes
-start at the same token, so a tokenizer's start-of-text handling (e.g. SentencePiece dropping the
-first piece's leading space) cancels out. A window whose text ends in U+FFFD (an incomplete UTF-8
-character, e.g. byte-fallback pieces) holds those back until a later token completes them, and then
-the window moves on. (The router used to hold back only the last U+FFFD, so a character split over
-three byte pieces streamed as U+FFFD and the text went wrong from there on.) ``finish()`` gives out what is still held back, from one full decode.
+event loop. ``IncrementalDetokenizer`` decodes a short window per token instead. It keeps two offsets
+into the token list: ``prefix``, where the window starts (``CONTEXT_TOKENS`` before ``read``), and
+``read``, where the text already given out ends. It decodes ``ids[prefix:read]`` and ``ids[prefix:]``
+and gives out the difference. Both decodes start at the same token, so a tokenizer's start-of-text
+handling (e.g. SentencePiece dropping the first piece's leading space) cancels out.
+
+A window whose text ends in U+FFFD (an incomplete UTF-8 character, e.g. byte-fallback pieces) holds
+those back until a later token completes them; then the window moves on. The router used to hold back
+only the last U+FFFD, so a character split over three byte pieces streamed as U+FFFD and the text went
+wrong from there on. ``finish()`` gives out what is still held back, from one full decode.
 
 Stop strings are searched only in the text that could hold a new match: the new text plus the
-``max(len(stop)) - 1`` characters before it. The tests check, for the byte-level and SentencePiece
-tokenizers, that the text given out equals ``decode(ids)`` and that a stop string is found at the same
-token as a full-text search finds it.
+``max(len(stop)) - 1`` characters before it. The tests check, for byte-level, SentencePiece and HF
+byte-level BPE tokenizers, that the text given out equals ``decode(ids)`` (less trailing U+FFFDs) and
+that a stop string is found at the same token as a full-text search finds it.
 """
 
 from __future__ import annotations
