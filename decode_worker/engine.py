@@ -38,9 +38,9 @@ from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.graphs import DecodeGraphs
 from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, elapsed_ms, stop_reason
 from colm.decode_worker.step import LaunchedStep, decode_step, launch_greedy_step
+from colm.loop_thread import LoopThread
 
 log = logging.getLogger("colm.decode")
-from colm.loop_thread import LoopThread
 
 MAX_COPY_PLANS = 64  # copy plans kept per request (one per token range its chunks use)
 
@@ -123,7 +123,6 @@ class DecodeEngine:
 
     def stop(self) -> None:
         self._runner.stop()
-        self._drop_ahead()
         with self._lock:
             for req in list(self._requests.values()):
                 self._finalize(req, RequestAbortedError(f"request {req.request_id}: decode engine stopped"))
@@ -303,6 +302,9 @@ class DecodeEngine:
             return
         del self._requests[req.request_id]
         if req.running:
+            # only the loop (or stop, after it) ends a running request; a step queued ahead may still write
+            # into its blocks, which a KV transfer could take over as soon as they are free
+            self._drop_ahead()
             self._running.remove(req)
             req.running = False
         self.pool.free(req.blocks)
@@ -345,8 +347,6 @@ class DecodeEngine:
     def step(self) -> int:
         """Admit ready requests and advance every running sequence by one token; returns the batch size."""
         with self._lock:
-            if self._ahead is not None and self._housekeeping_due():
-                self._drop_ahead()  # blocks are freed and rows change below: nothing may be in flight
             self._housekeep()
             batch = list(self._running)
             scales = [r.scale for r in batch]
@@ -373,7 +373,6 @@ class DecodeEngine:
             self._num_steps += 1
             self._last_step_ms, self._last_batch = dt, len(batch)
             self._step_ms[max(scales)].append(dt)
-            done = []
             for req, s, (tok, lp) in zip(batch, scales, results):
                 if req.cancel is not None or not req.running:
                     continue
@@ -384,10 +383,6 @@ class DecodeEngine:
                 req.stream.push(TokenEvent(req.request_id, tok, len(req.out_tokens) - 1, s, reason,
                                            elapsed_ms(req.t_start), lp))
                 if reason:
-                    done.append(req)
-            if done:
-                self._drop_ahead()  # it ran past these rows' ends: wait for it before their blocks are freed
-                for req in done:
                     self._finalize(req)
         return len(batch)
 
@@ -421,14 +416,6 @@ class DecodeEngine:
         except Exception:  # noqa: BLE001 - a failing device surfaces in the step that reads it
             if not quiet:
                 raise
-
-    def _housekeeping_due(self) -> bool:
-        """Whether ``_housekeep`` would end or admit a request now (under the lock)."""
-        now = time.monotonic()
-        if any(r.cancel is not None or now > r.deadline for r in self._running):
-            return True
-        return len(self._running) < self.config.max_batch_size and any(
-            r.started and r.kv_done and not r.running for r in self._requests.values())
 
     # ---------------------------------------------------------------- read-only
     def score(self, token_ids: list[int], scale: int | None = None) -> list[tuple[float, int, float]]:

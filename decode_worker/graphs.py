@@ -11,15 +11,17 @@ A graph of a batch whose rows share one scale also holds the head (``head_output
 argmax, the greedy log-probs packed for one host read), so a greedy step is a replay and one read; a mixed-
 scale batch's graph stops at the hidden states and each scale's head runs eagerly.
 
-Capture is lazy (first step of a new key) and preceded by eager warm-up runs on the same buffers,
-which compile and tune every Triton kernel (``colm.kernels._tuning``) and build the chain-linear
-kernel's host tables outside the capture: nothing inside a captured step syncs with the host. All
+Capture is lazy (first step of a new key; ``warm_up`` captures every key up front instead) and preceded
+by eager warm-up runs on the same buffers, which compile and tune every Triton kernel
+(``colm.kernels._tuning``) and build the chain-linear kernel's host tables outside the capture:
+nothing inside a captured step syncs with the host. All
 graphs share one memory pool. A capture that fails turns graphs off for the engine (eager from then
 on, with a warning), so a graph problem costs speed, never a request.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from typing import NamedTuple
@@ -38,6 +40,14 @@ def _bucket(n: int, least: int = 1) -> int:
     while b < n:
         b *= 2
     return b
+
+
+def _buckets(n: int, least: int = 1) -> list[int]:
+    """Every value ``_bucket`` gives for sizes up to ``n``: least, 2 least, ..., ``_bucket(n, least)``."""
+    out = [least]
+    while out[-1] < n:
+        out.append(out[-1] * 2)
+    return out
 
 
 class _Graph:
@@ -198,25 +208,11 @@ class DecodeGraphs:
         if not self.enabled:
             return 0
         before = self.num_captures
-        widths = []
-        w = 16
-        while True:
-            widths.append(w)
-            if w >= max_blocks_per_seq:
-                break
-            w *= 2
-        batches = []
-        b = 1
-        while b <= self.max_batch:
-            batches.append(b)
-            b *= 2
+        keys = itertools.product(heads, scales, _buckets(max_blocks_per_seq, 16), _buckets(self.max_batch))
         with torch.no_grad(), self._lock:
-            for head in heads:
-                for scale in scales:
-                    for W in widths:
-                        for B in batches:
-                            if self._graph(B, W, scale, head, []) is None:
-                                return self.num_captures - before
+            for head, scale, W, B in keys:
+                if self._graph(B, W, scale, head, []) is None:  # capturing failed: graphs are off
+                    break
         return self.num_captures - before
 
     def _capture(self, g: _Graph, scale: int, head: bool) -> None:

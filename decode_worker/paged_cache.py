@@ -38,21 +38,23 @@ class PagedStepCache:
             raise ValueError(f"PagedStepCache: one token per sequence per step, got {q.shape[2]}")
         kp, vp = self.pool.k[layer_idx], self.pool.v[layer_idx]
         write_kv_to_pool(k[:, :, 0], v[:, :, 0], kp, vp, self.slot_mapping)  # any strides (fused K/V are views)
-        o = paged_decode_attention(q[:, :, 0].contiguous(), kp, vp, self.block_tables, self.context_lens,
-                                   head_map=head_map)
-        return o[:, :, None]  # [B, Hq, 1, hd]
+        return self._attend_written(layer_idx, q, head_map)
 
     def attend_unroped(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, head_map: torch.Tensor | None = None) -> torch.Tensor:
         """``attend`` for q, k before RoPE: on CUDA one kernel rotates q and k and writes k, v into the pool."""
         kp, vp = self.pool.k[layer_idx], self.pool.v[layer_idx]
         if q.shape[2] == 1 and rope_to_pool_fits(q, k, v, cos, sin, kp, vp, self.slot_mapping):
-            q = rope_qk_to_pool_triton(q, k, v, cos, sin, kp, vp, self.slot_mapping)
-            o = paged_decode_attention(q[:, :, 0].contiguous(), kp, vp, self.block_tables, self.context_lens,
-                                       head_map=head_map)
-            return o[:, :, None]  # [B, Hq, 1, hd]
+            return self._attend_written(layer_idx, rope_qk_to_pool_triton(q, k, v, cos, sin, kp, vp, self.slot_mapping),
+                                        head_map)
         q, k = apply_rope_qk(q, k, cos, sin)
         return self.attend(layer_idx, q, k, v, head_map=head_map)
+
+    def _attend_written(self, layer_idx: int, q: torch.Tensor, head_map: torch.Tensor | None) -> torch.Tensor:
+        """Paged attention of q [B, Hq, 1, hd] once this step's K/V are in the pool -> [B, Hq, 1, hd]."""
+        o = paged_decode_attention(q[:, :, 0].contiguous(), self.pool.k[layer_idx], self.pool.v[layer_idx],
+                                   self.block_tables, self.context_lens, head_map=head_map)
+        return o[:, :, None]
 
     def advance(self, num_tokens: int, kv_heads: int | None = None) -> None:
         """The engine tracks each sequence's length itself."""

@@ -98,8 +98,7 @@ class LaunchedStep:
             return _picks(self.head, self.batch)
         host, event = self._read
         event.synchronize()
-        both = host[:, : len(self.batch)].tolist()  # float64 holds every token id exactly
-        return [(int(t), lp) for t, lp in zip(both[0], both[1])]
+        return _greedy_picks(host[:, : len(self.batch)])
 
 
 @torch.no_grad()
@@ -125,8 +124,7 @@ def _picks(head: StepHead, rows) -> list[tuple[int, float]]:
     """(token, log-prob) per row from the step's head: greedy rows read ``packed`` (one device->host copy),
     sampling rows draw from their logits with their own generator."""
     if all(r.params.greedy for r in rows):
-        both = head.packed.tolist()  # float64 holds every token id exactly
-        return [(int(t), lp) for t, lp in zip(both[0], both[1])]
+        return _greedy_picks(head.packed)
     toks = head.greedy[:, 0].tolist()
     for j, r in enumerate(rows):
         if not r.params.greedy:
@@ -134,3 +132,10 @@ def _picks(head: StepHead, rows) -> list[tuple[int, float]]:
     chosen = torch.tensor(toks, device=head.logits.device)[:, None]
     lps = (head.logits.gather(1, chosen)[:, 0].float() - head.lse).tolist()
     return list(zip(toks, lps))
+
+
+def _greedy_picks(packed: torch.Tensor) -> list[tuple[int, float]]:
+    """(token, log-prob) per row of ``packed`` [2, B] float64 (one read to the host; float64 holds every
+    token id exactly)."""
+    both = packed.tolist()
+    return [(int(t), lp) for t, lp in zip(both[0], both[1])]

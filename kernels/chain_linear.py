@@ -496,14 +496,14 @@ def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = 
     key = _shape_key("fwd", x2d, lay, (biases is not None, aligned))
     cfg = config or _tuning._BEST.get(key)  # the tuned config: no per-call candidate list
     if cfg is None:
-        candidates = [c for c in FWD_CONFIGS if _hopper.fwd_variant(c, aligned, x2d.device) == c]  # no TMA duplicates
-        if m <= SMALL_M:
-            candidates = FWD_SMALL_M_CONFIGS + candidates
-        if m <= _gemv.MAX_ROWS:
-            candidates = _gemv.gemv_configs(m) + candidates
         if m == 1:  # only the configurations measured fastest with the weights cold (see chain_linear_gemv)
-            candidates = _gemv.gemv_configs(1)
+            candidates = _gemv.GEMV_CONFIGS_M1
         else:
+            candidates = [c for c in FWD_CONFIGS if _hopper.fwd_variant(c, aligned, x2d.device) == c]  # no TMA duplicates
+            if m <= SMALL_M:
+                candidates = FWD_SMALL_M_CONFIGS + candidates
+            if m <= _gemv.MAX_ROWS:
+                candidates = _gemv.GEMV_CONFIGS + candidates
             candidates = candidates + [PER_CHAIN_CUBLAS]
         # few rows: decode steps, replayed from CUDA graphs, so timed as graph replays
         cfg = _pick("fwd", key, candidates, launch, config, graph=m <= SMALL_M and x2d.is_cuda)

@@ -40,17 +40,13 @@ GEMV_CONFIGS = [
 # step reads them (bench/gemv_sweep.py, H100, bench/results/gemv_sweep_m1_h100_2026-11-23.json: 2
 # columns per program with 1024-long K pieces led for all three 1B layer shapes, 4-10% ahead of the
 # configurations above, which the tuner's L2-warm graph timing had picked). The tuner chooses among
-# these only, so its warm timing cannot pick a configuration that loses when cold.
+# these only at one row (2-8 rows: ``GEMV_CONFIGS`` and the GEMM candidates), so its warm timing cannot
+# pick a configuration that loses when cold.
 GEMV_CONFIGS_M1 = [
     _cl.GemmConfig(0, 2, 1024, 4, 1, gemv=True),
     _cl.GemmConfig(0, 2, 1024, 2, 3, gemv=True),
     _cl.GemmConfig(0, 4, 1024, 2, 3, gemv=True),
 ]
-
-
-def gemv_configs(m: int) -> list:
-    """The few-row candidates the forward tuner times for ``m`` rows."""
-    return GEMV_CONFIGS_M1 if m == 1 else GEMV_CONFIGS
 
 
 if _cl.HAS_TRITON:

@@ -51,11 +51,11 @@ def paged_decode_attention_ref(q, k_pool, v_pool, block_tables, context_lens, sm
     """One query token per sequence against its paged context; float32 math (float64 if q is).
     ``head_map`` [Hq] (optional): query head ``head_map[j]`` reads KV head ``j // group`` (see the module
     docstring); None is the identity."""
-    if head_map is not None:
-        inverse = torch.empty_like(head_map)
-        inverse[head_map.long()] = torch.arange(len(head_map), dtype=head_map.dtype, device=head_map.device)
-        out = paged_decode_attention_ref(q[:, head_map.long()], k_pool, v_pool, block_tables, context_lens, sm_scale)
-        return out[:, inverse.long()]
+    if head_map is not None:  # attend in GQA order, then put each output back at its own head
+        idx = head_map.long()
+        out = torch.empty_like(q)
+        out[:, idx] = paged_decode_attention_ref(q[:, idx], k_pool, v_pool, block_tables, context_lens, sm_scale)
+        return out
     b_count, hq, d = q.shape
     block_size, hkv = k_pool.shape[1], k_pool.shape[2]
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale

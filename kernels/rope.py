@@ -65,6 +65,15 @@ if HAS_TRITON:
         return v.to(DTYPE).to(tl.float32)
 
     @triton.jit
+    def _cos_sin(cos_ptr, sin_ptr, cs, d_ok, HALF: tl.constexpr):
+        """One token's cos/sin halves as fp32 rows [1, HALF]: (cos first, cos second, sin first, sin second)."""
+        c1 = tl.load(cos_ptr + cs, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        c2 = tl.load(cos_ptr + cs + HALF, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        s1 = tl.load(sin_ptr + cs, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(sin_ptr + cs + HALF, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        return c1, c2, s1, s2
+
+    @triton.jit
     def _rope_heads(src, dst, stride_h, stride_oh, c1, c2, s1, s2, d, d_ok,
                     HEADS: tl.constexpr, H_PAD: tl.constexpr, HALF: tl.constexpr, EMULATE_BF16: tl.constexpr):
         """Rotate HEADS heads of one token: src/dst point at head 0, element 0."""
@@ -95,17 +104,12 @@ if HAS_TRITON:
         t = pid % T
         d = tl.arange(0, HALF_PAD)
         d_ok = d < HALF
-        cs = b * sc_b + t * sc_t + d
-        c1 = tl.load(cos_ptr + cs, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        c2 = tl.load(cos_ptr + cs + HALF, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        s1 = tl.load(sin_ptr + cs, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        s2 = tl.load(sin_ptr + cs + HALF, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        c1, c2, s1, s2 = _cos_sin(cos_ptr, sin_ptr, b * sc_b + t * sc_t + d, d_ok, HALF)
         _rope_heads(q_ptr + b * sq_b + t * sq_t, qo_ptr + b * sqo_b + t * sqo_t, sq_h, sqo_h,
                     c1, c2, s1, s2, d, d_ok, HQ, HQ_PAD, HALF, EMULATE_BF16)
         if HAS_K:
             _rope_heads(k_ptr + b * sk_b + t * sk_t, ko_ptr + b * sko_b + t * sko_t, sk_h, sko_h,
                         c1, c2, s1, s2, d, d_ok, HK, HK_PAD, HALF, EMULATE_BF16)
-
 
     @triton.jit
     def _rope_qk_to_pool_kernel(
@@ -119,11 +123,7 @@ if HAS_TRITON:
         b = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, HALF_PAD)
         d_ok = d < HALF
-        cs = b * sc_b + d
-        c1 = tl.load(cos_ptr + cs, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        c2 = tl.load(cos_ptr + cs + HALF, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        s1 = tl.load(sin_ptr + cs, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-        s2 = tl.load(sin_ptr + cs + HALF, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        c1, c2, s1, s2 = _cos_sin(cos_ptr, sin_ptr, b * sc_b + d, d_ok, HALF)
         _rope_heads(q_ptr + b * sq_b, qo_ptr + b * sqo_b, sq_h, sqo_h, c1, c2, s1, s2, d, d_ok,
                     HQ, HQ_PAD, HALF, EMULATE_BF16)
         slot = tl.load(slot_ptr + b)

@@ -256,6 +256,7 @@ class Router:
             self.running[req.request_id] = (state, decode.worker_id)
             failover = self._failovers[spec.request_id] = asyncio.get_running_loop().create_future()
             stream = self.backend.generate(req, prefill.worker_id, decode.worker_id)
+            attempt_start = len(out)
             try:
                 while True:
                     left = spec.deadline - time.monotonic()
@@ -278,9 +279,10 @@ class Router:
                     except StopAsyncIteration:
                         break
                     now_ms = (time.monotonic() - spec.arrival) * 1e3
-                    # a token means this attempt's KV has reached the decode worker: the prefill worker is
-                    # done with it, and its failing a health poll from now on must not fail the request over
-                    self.registry.finish(prefill.worker_id, spec.request_id)
+                    if len(out) == attempt_start:
+                        # this attempt's first token: its KV has reached the decode worker, the prefill worker is
+                        # done with it, and its failing a health poll from now on must not fail the request over
+                        self.registry.finish(prefill.worker_id, spec.request_id)
                     out.append(tok.token_id)
                     times.append(now_ms)
                     delta = detok.add(tok.token_id)  # a partial UTF-8 character waits for the token completing it
@@ -327,7 +329,7 @@ class Router:
             if retries == 0 and state.scale == decision.scale and decision.scale in self.policy.model.step_ms:
                 # a clean sample of the error of a prediction made from measurements (not from priors)
                 m = self.policy.model
-                m.observe_request(decision.scale, m.ttft_ms(decision.scale, len(spec.prompt_ids), corrected=False), ttft,
+                m.observe_request(m.ttft_ms(decision.scale, len(spec.prompt_ids), corrected=False), ttft,
                                   m.tpot_ms(decision.scale, corrected=False), tpot)
         self.metrics.e2e.labels(sc).observe(total / 1e3)
         tail = detok.finish()

@@ -163,9 +163,10 @@ class LatencyModel:
         if r.transfer_ms_per_mtoken is not None:
             self.transfer_ms_per_mtoken = _ewma(self.transfer_ms_per_mtoken, r.transfer_ms_per_mtoken, a)
 
-    def observe_request(self, scale: int, predicted_ttft_ms: float, ttft_ms: float, predicted_tpot_ms: float,
+    def observe_request(self, predicted_ttft_ms: float, ttft_ms: float, predicted_tpot_ms: float,
                         tpot_ms: float | None) -> None:
-        """Feedback from a finished request: what was predicted (uncorrected) vs what the client saw."""
+        """Feedback from a finished request: what was predicted (uncorrected, at the scale it was served
+        at) vs what the client saw."""
         if predicted_ttft_ms > 0 and ttft_ms > 0:
             self._ttft_ratios.append(ttft_ms / predicted_ttft_ms)
             self.ttft_correction = _clamped_median(self._ttft_ratios)

@@ -21,6 +21,16 @@ def prompts(lengths, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
 
 
+def middle_stop(text: str) -> str:
+    """Two characters first found in the middle of ``text`` (without U+FFFD: random bytes decode to some),
+    as a stop string that ends a generation partway."""
+    for a in range(len(text) // 3, len(text) - 2):
+        stop = text[a:a + 2]
+        if "\ufffd" not in stop and text.find(stop) == a:
+            return stop
+    raise AssertionError(f"no stop string candidate in {text!r}")
+
+
 def decode_engine_from(path, device: str = "cpu", dtype: str = "float32", num_blocks: int = 128, block_size: int = 4,
                        write_delay_s: float = 0.0):
     """A ``DecodeEngine`` of the checkpoint at ``path``: the factory ``DecodeProcess`` children call (by name).

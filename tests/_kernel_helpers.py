@@ -12,9 +12,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside test_interpreter_suite's child process")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _has_nvidia_tools() -> bool:

@@ -17,7 +17,8 @@ from colm.prefill_worker.config import PrefillConfig
 from colm.prefill_worker.engine import PrefillEngine
 from colm.prefill_worker.sinks import LocalKVSink
 from colm.sampling import SamplingParams
-from _engine_helpers import prompts, save_tiny_air
+from colm.tokenizer import ByteTokenizer
+from _engine_helpers import middle_stop, prompts, save_tiny_air
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +28,18 @@ def setup(tmp_path_factory):
     return path, full
 
 
-def _engines(path, mode="widest"):
-    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=96, block_size=4, mixed_scale_mode=mode))
+def _engines(path, mode="widest", before_start=None, **config):
+    """Started (decode, prefill) engines of the tiny checkpoint; ``before_start(decode engine)`` runs first."""
+    de = DecodeEngine.from_checkpoint(path, DecodeConfig(**{"num_blocks": 96, "block_size": 4, "mixed_scale_mode": mode,
+                                                            **config}))
+    if before_start is not None:
+        before_start(de)
     pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, max_batch_tokens=64))
     return de.start(), pe.start()
+
+
+def _byte_text(de: DecodeEngine) -> None:
+    de.detokenize = ByteTokenizer().decode  # the tiny checkpoint's ids are bytes
 
 
 @pytest.mark.parametrize("mode", ["widest", "group"])
@@ -59,20 +68,12 @@ def test_staggered_mixed_scale_batch_matches_reference(setup, mode):
 
 def test_stop_strings_match_the_reference(setup):
     """The engine's stop strings (incremental detokenization) end a request at the reference's token."""
-    from colm.tokenizer import ByteTokenizer
-
     path, full = setup
-    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=96, block_size=4))
-    de.detokenize = ByteTokenizer().decode  # the tiny checkpoint's ids are bytes
-    de.start()
-    pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, max_batch_tokens=64)).start()
+    de, pe = _engines(path, before_start=_byte_text)
     try:
         p = prompts([11], seed=5)[0]
         free = generate(full, p, SamplingParams(max_new_tokens=20, ignore_eos=True), scale=2).token_ids
-        text = ByteTokenizer().decode(free)
-        a = next(a for a in range(len(text) // 3, len(text) - 2)
-                 if "\ufffd" not in text[a:a + 2] and text.find(text[a:a + 2]) == a)  # random bytes: some U+FFFD
-        stop = text[a:a + 2]
+        stop = middle_stop(ByteTokenizer().decode(free))
         params = SamplingParams(max_new_tokens=20, ignore_eos=True, stop_strings=(stop,))
         ref = generate(full, p, params, scale=2, decode=ByteTokenizer().decode)
         de.reserve("st", len(p), 20)
@@ -89,21 +90,21 @@ def test_overlapped_steps_match_the_reference(setup):
     """DecodeConfig.overlap_steps: step n+1 is queued (fed step n's greedy tokens) before step n is read.
     Staggered arrivals, different lengths, a stop string, an abort mid-generation and a scale switch: every
     stream equals `colm generate`, steps were launched ahead and some dropped, and every block comes back."""
-    from colm.tokenizer import ByteTokenizer
-
     path, full = setup
-    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=160, block_size=4, overlap_steps=True))
-    de.detokenize = ByteTokenizer().decode
-    unsafe_frees, free = [], de.pool.free
+    unsafe_frees = []
 
-    def checked_free(blocks):  # the loop frees a running request's blocks only with no step in flight
-        if threading.current_thread().name == "colm-decode-loop" and de._ahead is not None:
-            unsafe_frees.append(list(blocks))
-        free(blocks)
+    def check_frees(de):
+        _byte_text(de)
+        free = de.pool.free
 
-    de.pool.free = checked_free
-    de.start()
-    pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, max_batch_tokens=64)).start()
+        def checked_free(blocks):  # the loop frees a running request's blocks only with no step in flight
+            if threading.current_thread().name == "colm-decode-loop" and de._ahead is not None:
+                unsafe_frees.append(list(blocks))
+            free(blocks)
+
+        de.pool.free = checked_free
+
+    de, pe = _engines(path, before_start=check_frees, num_blocks=160, overlap_steps=True)
     try:
         batch = prompts([3, 17, 8, 29, 12], seed=9)
         lengths = [14, 6, 20, 11, 17]
@@ -119,9 +120,7 @@ def test_overlapped_steps_match_the_reference(setup):
         p = prompts([9], seed=4)[0]
         text = ByteTokenizer().decode(generate(full, p, SamplingParams(max_new_tokens=16, ignore_eos=True),
                                                scale=2).token_ids)
-        a = next(a for a in range(len(text) // 3, len(text) - 2)
-                 if "\ufffd" not in text[a:a + 2] and text.find(text[a:a + 2]) == a)
-        sp = SamplingParams(max_new_tokens=16, ignore_eos=True, stop_strings=(text[a:a + 2],))
+        sp = SamplingParams(max_new_tokens=16, ignore_eos=True, stop_strings=(middle_stop(text),))
         de.reserve("ovs", len(p), 16)
         pe.prefill("ovs", p, LocalKVSink(de, "ovs"))
         stop_stream = de.start_generation("ovs", p[-1], sp, scale=2)

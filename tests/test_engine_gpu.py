@@ -21,9 +21,8 @@ from colm.prefill_worker.config import PrefillConfig
 from colm.prefill_worker.sinks import LocalKVSink
 from colm.sampling import SamplingParams
 from _engine_helpers import prompts
+from _kernel_helpers import cuda
 from conftest import make_model
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _pair(dtype, tmp_path):

@@ -11,7 +11,7 @@ import importlib
 import pytest
 import torch
 
-from _kernel_helpers import interp, run_interpreter_cases
+from _kernel_helpers import cuda, interp, run_interpreter_cases
 
 triton = pytest.importorskip("triton")
 
@@ -280,7 +280,7 @@ GPU_CASES = [
 ]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@cuda
 @pytest.mark.parametrize("ins,outs,tokens", GPU_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_matches_float64(ins, outs, tokens, dtype):
@@ -288,7 +288,7 @@ def test_cuda_matches_float64(ins, outs, tokens, dtype):
     _check(ins, outs, tokens, dtype, "cuda", bias=len(ins) != 4, frozen=(0,) if len(ins) == 8 else ())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@cuda
 @pytest.mark.parametrize("cfg", cl.BWD_INPUT_CONFIGS + cl.FWD_CONFIGS[5:])
 def test_cuda_every_config(cfg):
     torch.manual_seed(7)
@@ -297,7 +297,7 @@ def test_cuda_every_config(cfg):
            configs={"fwd": w_cfg, "bwd_i": cfg, "bwd_w": w_cfg})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@cuda
 @pytest.mark.parametrize("cfg", cl.FWD_SMALL_M_CONFIGS)
 @pytest.mark.parametrize("rows", [1, 5, 64])
 def test_cuda_small_m_forward_configs(cfg, rows):
@@ -310,7 +310,7 @@ def test_cuda_small_m_forward_configs(cfg, rows):
     assert _rel(y, ref) < 1e-2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@cuda
 @pytest.mark.parametrize("cfg", cl._gemv.GEMV_CONFIGS)
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_cuda_gemv_forward_configs(cfg, rows):
@@ -325,7 +325,7 @@ def test_cuda_gemv_forward_configs(cfg, rows):
         assert _rel(y, ref) < 1e-2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@cuda
 def test_cuda_dispatcher_takes_triton_and_ref_env(monkeypatch):
     x, ws, _ = _make([512, 512], [512, 512], (64,), torch.bfloat16, "cuda", bias=False)
     y = cl.chain_linear(x, ws)

@@ -12,12 +12,10 @@ import importlib
 import pytest
 import torch
 
-from _kernel_helpers import interp, run_interpreter_cases
+from _kernel_helpers import cuda, interp, run_interpreter_cases
 
 triton = pytest.importorskip("triton")
 gh = importlib.import_module("colm.kernels.greedy_head")
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def test_interpreter_suite():

@@ -16,15 +16,13 @@ import re
 import pytest
 import torch
 
-from _kernel_helpers import interp, run_interpreter_cases, sm90
+from _kernel_helpers import cuda, interp, run_interpreter_cases, sm90
 
 triton = pytest.importorskip("triton")
 
 rn = importlib.import_module("colm.kernels.rmsnorm")
 rp = importlib.import_module("colm.kernels.rope")
 off = importlib.import_module("colm.kernels._offline")
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def test_interpreter_suite():

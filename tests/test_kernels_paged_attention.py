@@ -11,13 +11,11 @@ import importlib
 import pytest
 import torch
 
-from _kernel_helpers import interp, run_interpreter_cases
+from _kernel_helpers import cuda, interp, run_interpreter_cases
 
 triton = pytest.importorskip("triton")
 
 pa = importlib.import_module("colm.kernels.paged_attention")
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def test_interpreter_suite():
@@ -50,7 +48,7 @@ def _mapped_ref(q, kp, vp, bt, cl, head_map, sm_scale=None):
     """float64 attention where query head head_map[j] reads KV head j // group, written head by head
     (independent of the kernels' reference)."""
     b_count, hq, d = q.shape
-    block_size, hkv = kp.shape[1], kp.shape[2]
+    hkv = kp.shape[2]
     kv_of = [0] * hq
     for j, h in enumerate(head_map.tolist()):
         kv_of[h] = j // (hq // hkv)

@@ -12,13 +12,11 @@ import re
 import pytest
 import torch
 
-from _kernel_helpers import interp, run_interpreter_cases, sm90
+from _kernel_helpers import cuda, interp, run_interpreter_cases, sm90
 
 triton = pytest.importorskip("triton")
 sw = importlib.import_module("colm.kernels.swiglu")
 off = importlib.import_module("colm.kernels._offline")
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def test_interpreter_suite():

@@ -16,6 +16,7 @@ from colm.router.core import Router
 from colm.router.local_backend import LocalBackend
 from colm.sampling import SamplingParams
 from colm.tokenizer import ByteTokenizer
+from _engine_helpers import middle_stop
 from router_helpers import BackgroundRouter, post_json
 
 API_KEY = "test-key-0123456789"
@@ -55,22 +56,13 @@ def test_grpc_greedy_matches_reference_at_every_scale(served):
         assert h["serving"] and {w["role"] for w in h["workers"]} == {"prefill", "decode"}
 
 
-def _middle_stop(text: str) -> str:
-    """Two characters first found in the middle of ``text`` (no U+FFFD: random bytes decode to some)."""
-    for a in range(len(text) // 3, len(text) - 2):
-        stop = text[a:a + 2]
-        if "\ufffd" not in stop and text.find(stop) == a:
-            return stop
-    raise AssertionError(f"no stop string candidate in {text!r}")
-
-
 def test_stop_strings_end_where_the_reference_ends_and_stream_the_full_text(served):
     """Stop strings are matched on incrementally decoded text (colm.detokenize): the tokens equal
     `colm generate` with the same stop string, and the streamed text pieces add up to the full text."""
     bg, model = served
     tok = ByteTokenizer()
     free = ref_tokens(model, "Hello, chains", 24, 2)
-    stop = _middle_stop(tok.decode(free))
+    stop = middle_stop(tok.decode(free))
     ref = generate(model, tok.encode("Hello, chains"), SamplingParams(max_new_tokens=24, stop_strings=(stop,)),
                    scale=2, eos_id=ByteTokenizer.eos_id, decode=tok.decode)
     assert ref.finish_reason == "stop" and len(ref.token_ids) < 24
@@ -217,6 +209,23 @@ def test_api_key_required_when_configured():
         bg.stop()
 
 
+class _ScriptedBackend:
+    """Base of the test backends below, whose workers, polls and token streams a test scripts: start, close,
+    set_scale and abort do nothing."""
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def set_scale(self, *a):
+        pass
+
+    async def abort(self, *a):
+        pass
+
+
 def test_hung_worker_fails_its_health_poll_and_requests_move_on():
     """A decode worker that stops answering (no error, no tokens) is taken out by the health poll, and
     the requests waiting on it continue on another worker long before the per-token timeout."""
@@ -229,14 +238,8 @@ def test_hung_worker_fails_its_health_poll_and_requests_move_on():
     model = CoLM(cfg).reset_parameters(seed=1).eval()
     good = LocalBackend(model)
 
-    class HangingBackend:
+    class HangingBackend(_ScriptedBackend):
         hung = False
-
-        async def start(self):
-            pass
-
-        async def close(self):
-            pass
 
         def workers(self):
             return [WorkerInfo("p0", "prefill"), WorkerInfo("d-hang", "decode"), WorkerInfo("d-good", "decode")]
@@ -256,12 +259,6 @@ def test_hung_worker_fails_its_health_poll_and_requests_move_on():
                 await asyncio.Event().wait()
             async for t in good.generate(req, prefill_id, decode_id):
                 yield t
-
-        async def set_scale(self, *a):
-            pass
-
-        async def abort(self, *a):
-            pass
 
     router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.1, token_timeout_s=60), cfg,
                     ByteTokenizer(), HangingBackend())
@@ -289,14 +286,8 @@ def test_prefill_worker_failing_after_handoff_does_not_move_decoding_requests():
     model = CoLM(cfg).reset_parameters(seed=1).eval()
     good = LocalBackend(model)
 
-    class PrefillDiesAfterHandoff:
+    class PrefillDiesAfterHandoff(_ScriptedBackend):
         dead = False
-
-        async def start(self):
-            pass
-
-        async def close(self):
-            pass
 
         def workers(self):
             return [WorkerInfo("p0", "prefill"), WorkerInfo("p1", "prefill"), WorkerInfo("d0", "decode")]
@@ -316,12 +307,6 @@ def test_prefill_worker_failing_after_handoff_does_not_move_decoding_requests():
                 if n == 2 and prefill_id == "p0":
                     self.dead = True
                     await asyncio.sleep(0.5)  # a few health polls pass while this request decodes
-
-        async def set_scale(self, *a):
-            pass
-
-        async def abort(self, *a):
-            pass
 
     backend = PrefillDiesAfterHandoff()
     router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, token_timeout_s=60), cfg,

@@ -70,16 +70,16 @@ def test_one_slow_request_does_not_price_a_scale_out_for_good():
                WorkerReport("p0", "prefill", queued_tokens=0, prefill_tokens_per_s=100000)])
     m = p.model
     base = {k: m.ttft_ms(k, 2048, corrected=False) for k in (1, 2, 3)}  # 20.48 ms prefill + one step
-    m.observe_request(3, base[3], 10 * base[3], 3.0, 3.0)  # a capture: 10x
-    m.observe_request(3, base[3], 1.3 * base[3], 3.0, 3.0)
+    m.observe_request(base[3], 10 * base[3], 3.0, 3.0)  # a capture: 10x
+    m.observe_request(base[3], 1.3 * base[3], 3.0, 3.0)
     for _ in range(6):  # then the policy served scale 1 only, 1.3x its predictions
-        m.observe_request(1, base[1], 1.3 * base[1], 1.0, 1.1)
+        m.observe_request(base[1], 1.3 * base[1], 1.0, 1.1)
     budget = Budget(ttft_ms=2 * 1.3 * base[3], tpot_ms=4.0)  # loose for every scale
     assert p.choose(budget, 2048, 64).scale == 3
     assert m.ttft_correction == pytest.approx(1.3)
     # TPOT's correction too is shared (scale 1's traffic measured 1.1x) and one outlier does not move it
     assert m.tpot_correction == pytest.approx(1.1)
-    m.observe_request(2, base[2], base[2], 1.6, 50.0)
+    m.observe_request(base[2], base[2], 1.6, 50.0)
     assert m.tpot_correction == pytest.approx(1.1)
 
 
