@@ -20,7 +20,7 @@ case "$part" in tests|decode|handoff|prefill|serve|sweeps) ;;
 OUT=${OUT:-bench/results/run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if ! python -c "import colm.decode_worker" 2>/dev/null; then
+if ! (cd / && python -c "import colm.decode_worker" 2>/dev/null); then  # as scripts see it (cwd not on path)
   for d in kernels prefill_worker decode_worker proto router deploy; do ln -sfn ../$d colm/$d; done
   export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
