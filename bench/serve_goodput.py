@@ -74,7 +74,8 @@ def make_router(mode: str, ckpt: str, dtype, args):
     from colm.router.server import ThreadedRouterServer
     from colm.tokenizer import ByteTokenizer
 
-    decode_section = {"num_blocks": args.num_blocks, "max_batch_size": 64, "overlap_steps": args.overlap_steps,
+    overlap = {"auto": None, "on": True, "off": False}[args.overlap_steps]
+    decode_section = {"num_blocks": args.num_blocks, "max_batch_size": 64, "overlap_steps": overlap,
                       "warmup_context": args.warmup_context}
     procs = []
     colm = mode in ("colm", "colm-full")
@@ -149,7 +150,8 @@ def main() -> int:
     ap.add_argument("--modes", default="baseline,colm",
                     help="systems to run, in order (the first sets the SLO): baseline, colm (scale by budget), "
                          "colm-full (colm's engines, every request at the full scale)")
-    ap.add_argument("--overlap-steps", action="store_true", help="DecodeConfig.overlap_steps in the decode engines")
+    ap.add_argument("--overlap-steps", choices=("auto", "on", "off"), default="auto",
+                    help="DecodeConfig.overlap_steps in the decode engines (auto: on with CUDA graphs)")
     ap.add_argument("--warmup-context", type=int, default=0,
                     help="DecodeConfig.warmup_context (e.g. the longest prompt + output): capture graphs at start")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

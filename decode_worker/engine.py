@@ -14,10 +14,8 @@ loop thread (``cancel`` marks it), so its blocks are never freed under a step th
 
 from __future__ import annotations
 
-import collections
 import logging
 import socket
-import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +25,7 @@ import torch
 
 from colm import checkpoint
 from colm.errors import CapacityError, DeadlineError, RequestAbortedError, TransferError, UnknownRequestError
-from colm.kernels._tuning import DEVICE_WIDE_LOCK
+from colm.kernels._tuning import DEVICE_WIDE_LOCK, num_tuned
 from colm.kv_wire import KVLayout, parse_dtype
 from colm.model import CoLM
 from colm.sampling import SamplingParams
@@ -38,6 +36,7 @@ from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.graphs import DecodeGraphs
 from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, elapsed_ms, stop_reason
 from colm.decode_worker.step import LaunchedStep, decode_step, launch_greedy_step
+from colm.decode_worker.step_stats import StepTimes
 from colm.loop_thread import LoopThread
 
 log = logging.getLogger("colm.decode")
@@ -55,7 +54,8 @@ class DecodeStats:
     num_reserved: int
     num_running: int
     num_steps: int
-    step_ms_by_scale: dict[int, float] = field(default_factory=dict)
+    step_ms_by_scale: dict[int, float] = field(default_factory=dict)  # recent steps only (see step_stats)
+    step_batch_by_scale: dict[int, float] = field(default_factory=dict)  # their mean batch size
     last_step_ms: float = 0.0
     last_batch_size: int = 0
     num_finished: int = 0
@@ -95,8 +95,9 @@ class DecodeEngine:
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._runner = LoopThread(self._loop, "colm-decode-loop", self._wake, join_timeout_s=10)
-        self._step_ms: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=64))
+        self._step_times = StepTimes()
         self._num_steps = self._num_finished = self._num_failed = self._num_step_errors = 0
+        self._overlap = self.config.overlap_steps if self.config.overlap_steps is not None else self.graphs is not None
         self._ahead: LaunchedStep | None = None  # overlap_steps: the next step, queued before this one was read
         self._num_ahead_used = self._num_ahead_dropped = 0
         self._last_step_ms, self._last_batch = 0.0, 0
@@ -353,6 +354,7 @@ class DecodeEngine:
         if not batch:
             return 0
         t0 = time.perf_counter()
+        warmed = self._warm_marks()
         try:
             if self._can_overlap(batch, scales):
                 results = self._overlapped(batch, scales)
@@ -372,7 +374,8 @@ class DecodeEngine:
         with self._lock:
             self._num_steps += 1
             self._last_step_ms, self._last_batch = dt, len(batch)
-            self._step_ms[max(scales)].append(dt)
+            if self._warm_marks() == warmed:  # a capture or a tuning in this step is not a step time
+                self._step_times.record(max(scales), dt, len(batch))
             for req, s, (tok, lp) in zip(batch, scales, results):
                 if req.cancel is not None or not req.running:
                     continue
@@ -386,9 +389,12 @@ class DecodeEngine:
                     self._finalize(req)
         return len(batch)
 
+    def _warm_marks(self) -> tuple[int, int]:
+        return (self.graphs.num_captured if self.graphs is not None else 0), num_tuned()
+
     # ---------------------------------------------------------------- overlapped steps (DecodeConfig.overlap_steps)
     def _can_overlap(self, batch, scales) -> bool:
-        return (self.config.overlap_steps and len(set(scales)) == 1
+        return (self._overlap and len(set(scales)) == 1
                 and all(r.params.greedy and r.cancel is None for r in batch))
 
     def _overlapped(self, batch, scales) -> list[tuple[int, float]]:
@@ -424,12 +430,13 @@ class DecodeEngine:
 
     def stats(self) -> DecodeStats:
         with self._lock:
+            step_ms, step_batch = self._step_times.summary()
             return DecodeStats(
                 host_id=self.host_id, num_chains=self.cfg.num_chains, num_blocks=self.pool.num_blocks,
                 num_free_blocks=self.pool.num_free, block_size=self.pool.block_size,
                 num_reserved=len(self._requests) - len(self._running), num_running=len(self._running),
                 num_steps=self._num_steps,
-                step_ms_by_scale={s: statistics.median(d) for s, d in self._step_ms.items() if d},
+                step_ms_by_scale=step_ms, step_batch_by_scale=step_batch,
                 last_step_ms=self._last_step_ms, last_batch_size=self._last_batch,
                 num_finished=self._num_finished, num_failed=self._num_failed,
                 num_steps_launched_ahead=self._num_ahead_used, num_steps_dropped=self._num_ahead_dropped)

@@ -200,6 +200,11 @@ class DecodeGraphs:
             self._graphs[key] = g
         return g
 
+    @property
+    def num_captured(self) -> int:
+        """Graphs captured so far (a step during which this grew paid for a capture)."""
+        return len(self._graphs)
+
     def warm_up(self, max_blocks_per_seq: int, scales, heads=(True, False)) -> int:
         """Capture every graph a batch of up to ``max_batch`` sequences of up to ``max_blocks_per_seq``
         blocks can meet (batch and width buckets x ``scales`` x ``heads``), before serving: captures and

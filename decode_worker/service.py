@@ -224,7 +224,8 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
         return kv_pb2.DecodeStats(host_id=s.host_id, num_chains=s.num_chains, num_blocks=s.num_blocks,
                                   num_free_blocks=s.num_free_blocks, block_size=s.block_size,
                                   num_reserved=s.num_reserved, num_running=s.num_running, num_steps=s.num_steps,
-                                  step_ms_by_scale=s.step_ms_by_scale, last_step_ms=s.last_step_ms,
+                                  step_ms_by_scale=s.step_ms_by_scale, step_batch_by_scale=s.step_batch_by_scale,
+                                  last_step_ms=s.last_step_ms,
                                   last_batch_size=s.last_batch_size, num_finished=s.num_finished,
                                   num_failed=s.num_failed)
 

@@ -132,6 +132,11 @@ def _tune(key, candidates, time_one, graph):
     return best
 
 
+def num_tuned() -> int:
+    """How many tuning decisions this process has made (a step during which it grew paid for one)."""
+    return len(_LOG)
+
+
 def tuning_log() -> list[dict]:
     """Every tuning decision of this process (key, chosen config, each candidate's median ms)."""
     return list(_LOG)

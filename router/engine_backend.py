@@ -48,7 +48,8 @@ class EngineBackend:
             raise WorkerFailed(worker_id, "decode engine stopped")
         s = e.stats()
         return WorkerReport(worker_id, "decode", num_running=s.num_running, num_waiting=s.num_reserved,
-                            step_ms=dict(s.step_ms_by_scale), free_blocks=s.num_free_blocks, total_blocks=s.num_blocks)
+                            step_ms=dict(s.step_ms_by_scale), step_batch=dict(s.step_batch_by_scale),
+                            free_blocks=s.num_free_blocks, total_blocks=s.num_blocks)
 
     async def generate(self, req: EngineRequest, prefill_id: str, decode_id: str) -> AsyncIterator[EngineToken]:
         from colm.prefill_worker.sinks import LocalKVSink

@@ -95,6 +95,7 @@ class GrpcBackend:
             self._host_ids[worker_id] = s.host_id
             return WorkerReport(worker_id, "decode", num_running=s.num_running, num_waiting=s.num_reserved,
                                 step_ms={int(k): v for k, v in s.step_ms_by_scale.items()},
+                                step_batch={int(k): v for k, v in s.step_batch_by_scale.items()},
                                 free_blocks=s.num_free_blocks, total_blocks=s.num_blocks)
         s = await self._prefill(worker_id).Stats(kv_pb2.PrefillStatsRequest(), metadata=self._md(), timeout=2.0)
         self._host_ids[worker_id] = s.host_id

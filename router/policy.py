@@ -1,7 +1,7 @@
 """Scale-by-budget policy: a live latency model per scale and the choice of a request's scale.
 
 Workers report what they measured (``WorkerReport``: prefill throughput and queued tokens; decode
-step time per scale at the batch size it ran, free KV blocks). ``LatencyModel`` smooths those into
+step time per scale over its recent steps and their batch size, free KV blocks). ``LatencyModel`` smooths those into
 per-scale estimates (exponentially weighted; finished requests' observed/predicted ratios correct them,
 as medians, see ``LatencyModel``), and predicts for a new request
 
@@ -63,7 +63,8 @@ class WorkerReport:
     prefill_tokens_per_s: float | None = None  # prefill: measured throughput
     num_running: int = 0  # decode: sequences in the batch
     num_waiting: int = 0  # decode: admitted but not yet running
-    step_ms: dict[int, float] = field(default_factory=dict)  # decode: step time per scale at batch num_running
+    step_ms: dict[int, float] = field(default_factory=dict)  # decode: recent step time per scale
+    step_batch: dict[int, float] = field(default_factory=dict)  # decode: batch size of those steps (else num_running)
     free_blocks: int = 0
     total_blocks: int = 0
     transfer_ms_per_mtoken: float | None = None  # KV hand-off time per million prompt tokens
@@ -77,6 +78,7 @@ class WorkerReport:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
         object.__setattr__(self, "step_ms", {int(k): float(v) for k, v in self.step_ms.items()})
+        object.__setattr__(self, "step_batch", {int(k): float(v) for k, v in self.step_batch.items()})
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class LatencyModel:
         self.ttft_correction = 1.0
         self.tpot_correction = 1.0
         self.prefill_queue: dict[str, int] = {}  # worker -> queued tokens (latest)
+        self.decode_scales: dict[str, set[int]] = {}  # worker -> scales its latest report measured
         self.decode_load: dict[str, int] = {}  # worker -> running + waiting (latest)
 
     def observe(self, r: WorkerReport) -> None:
@@ -156,10 +159,15 @@ class LatencyModel:
                 self.prefill_tps = _ewma(self.prefill_tps, r.prefill_tokens_per_s, a)
         else:
             self.decode_load[r.worker_id] = r.num_running + r.num_waiting
+            measured = set()
             for k, ms in r.step_ms.items():
                 if 1 <= k <= self.cfg.num_scales and ms > 0:
+                    measured.add(k)
                     self.step_ms[k] = _ewma(self.step_ms.get(k), ms, a)
-                    self.step_batch[k] = _ewma(self.step_batch.get(k), max(1, r.num_running), a)
+                    batch = r.step_batch.get(k, r.num_running)
+                    self.step_batch[k] = _ewma(self.step_batch.get(k), max(1.0, batch), a)
+            self.decode_scales[r.worker_id] = measured
+            self._drop_unmeasured_scales()
         if r.transfer_ms_per_mtoken is not None:
             self.transfer_ms_per_mtoken = _ewma(self.transfer_ms_per_mtoken, r.transfer_ms_per_mtoken, a)
 
@@ -174,9 +182,22 @@ class LatencyModel:
             self._tpot_ratios.append(tpot_ms / predicted_tpot_ms)
             self.tpot_correction = _clamped_median(self._tpot_ratios)
 
+    def _drop_unmeasured_scales(self) -> None:
+        """A scale that no decode worker measured lately (workers report recent steps only) loses its
+        estimate and is priced from the scales that ran, by parameter count (``base_step_ms``): an old
+        slow figure must not keep a scale out of every budget, unchosen and so never measured again.
+        Where no scale was measured lately (idle workers), the last estimates stay."""
+        live = set().union(*self.decode_scales.values()) if self.decode_scales else set()
+        if not live:  # idle workers: nothing fresher than what is known
+            return
+        for k in [k for k in self.step_ms if k not in live]:
+            del self.step_ms[k], self.step_batch[k]
+
     def forget(self, worker_id: str) -> None:
         self.prefill_queue.pop(worker_id, None)
         self.decode_load.pop(worker_id, None)
+        if self.decode_scales.pop(worker_id, None) is not None:
+            self._drop_unmeasured_scales()
 
     # ---- predictions ---------------------------------------------------------------------------
     def base_step_ms(self, scale: int) -> float:

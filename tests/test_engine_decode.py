@@ -156,6 +156,34 @@ def test_overlapped_steps_match_the_reference(setup):
     assert de.pool.num_free == de.pool.num_blocks
 
 
+def test_step_times_leave_out_steps_that_tuned_or_captured(setup, monkeypatch):
+    """The router prices scales from these: a step that paid for a kernel tuning or a graph capture (a
+    warm-up, hundreds of ms on a GPU) is not reported."""
+    import colm.decode_worker.engine as engine_mod
+
+    path, _ = setup
+    de, pe = _engines(path)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+    def run(rid, scale):
+        p = prompts([11])[0]
+        de.reserve(rid, len(p), 6)
+        pe.submit(rid, p, LocalKVSink(de, rid))
+        assert len(list(de.start_generation(rid, p[-1], params, scale=scale))) == 6
+
+    try:
+        run("st1", 1)
+        stats = de.stats()
+        assert set(stats.step_ms_by_scale) == {1} and stats.step_ms_by_scale[1] > 0
+        assert stats.step_batch_by_scale == {1: 1.0}
+        tunings = iter(range(10**6))
+        monkeypatch.setattr(engine_mod, "num_tuned", lambda: next(tunings))  # every step now tunes something
+        run("st2", 2)
+        assert set(de.stats().step_ms_by_scale) == {1}
+    finally:
+        pe.stop(), de.stop()
+
+
 def test_scale_switch_mid_generation_and_sampling(setup):
     path, full = setup
     de, pe = _engines(path)

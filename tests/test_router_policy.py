@@ -83,6 +83,34 @@ def test_one_slow_request_does_not_price_a_scale_out_for_good():
     assert m.tpot_correction == pytest.approx(1.1)
 
 
+def test_a_scale_no_worker_measured_lately_is_priced_from_the_ones_that_ran():
+    """The H100 case: scale 3's only figure was slow (warm-up steps), so no request chose it and nothing
+    refreshed it. Once the worker's recent steps no longer include it, it is priced from scale 1."""
+    p = make_policy(per_seq_step_fraction=0.0)
+    p.observe([decode_report({1: 1.0, 3: 30.0})])
+    assert p.choose(Budget(tpot_ms=10.0), 10, 8).scale == 2  # 3 priced out by its stale 30 ms
+    p.observe([decode_report({1: 1.0}, wid="d1")])  # another worker measured scale 1 only: d0 still has 3
+    assert 3 in p.model.step_ms
+    p.observe([decode_report({1: 1.0})])  # d0's recent steps: scale 1 only
+    assert 3 not in p.model.step_ms and p.model.tpot_ms(3) == pytest.approx(4.0)  # 1 ms * 400/100
+    assert p.choose(Budget(tpot_ms=10.0), 10, 8).scale == 3
+    p.observe([decode_report({}), decode_report({}, wid="d1")])  # idle workers: estimates stay
+    assert p.model.step_ms == {1: 1.0}
+    p.observe([decode_report({1: 1.0, 3: 6.0}), decode_report({1: 1.0}, wid="d1")])
+    assert p.model.tpot_ms(3) == pytest.approx(6.0)
+    p.model.forget("d0")  # d1 (scale 1 only) is all that is left
+    assert 3 not in p.model.step_ms
+
+
+def test_step_time_is_normalised_by_the_batch_it_was_measured_at():
+    p = make_policy(per_seq_step_fraction=0.1)
+    # measured at batch 11 (2x batch 1 at 10% per extra sequence), reported while 1 sequence runs
+    p.observe([WorkerReport("d0", "decode", num_running=1, step_ms={1: 4.0}, step_batch={1: 11.0})])
+    assert p.model.base_step_ms(1) == pytest.approx(2.0)
+    p.observe([WorkerReport("d0", "decode", num_running=11, step_ms={1: 4.0})])  # no batch given: num_running
+    assert p.model.base_step_ms(1) == pytest.approx(2.0)
+
+
 def test_load_raises_prediction_and_rebalance_lowers_running_scales():
     p = make_policy(per_seq_step_fraction=0.1)
     p.observe([decode_report({1: 5.0, 2: 10.0, 3: 20.0}, running=1)])
