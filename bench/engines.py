@@ -103,7 +103,7 @@ def bench_prefill(quick):
     del hf
     free()
     for name in ("llama-3.2-1b-16-16-air", "llama-3.2-1b-8-8-8-8-air"):
-        row = {"full_ms": {}, "chain1_engine_ms": {}, "chain1_hidden_ms": {}}
+        row = {"full_ms": {}, "chain1_engine_ms": {}, "chain1_engine_eager_ms": {}, "chain1_hidden_ms": {}}
         full = colm_model(name)
         for T in lengths:
             ids = torch.randint(0, 128000, (1, T), device=DEV)
@@ -113,11 +113,15 @@ def bench_prefill(quick):
         del full
         free()
         sub = colm_model(name, scale=1)
+        # the engine as it serves (CUDA graphs for prompts of up to cuda_graph_tokens) and always eager,
+        # side by side; the chain-1 vs full speed-up compares eager with eager
         eng = PrefillEngine(sub, cfg, PrefillConfig(chunk_size=32768, max_batch_tokens=32768))
+        eng_eager = PrefillEngine(sub, cfg, PrefillConfig(chunk_size=32768, max_batch_tokens=32768, cuda_graph_tokens=0))
         for T in lengths:
             toks = torch.randint(0, 128000, (T + 1,)).tolist()  # +1: the engine emits K/V of all but the last
-            guard(row["chain1_engine_ms"], T, lambda: timed(lambda: eng.prefill("b", toks, NullKVSink()),
-                                                            reps=3 if T > 8192 else 5))
+            for key, e in (("chain1_engine_ms", eng), ("chain1_engine_eager_ms", eng_eager)):
+                guard(row[key], T, lambda: timed(lambda: e.prefill("b", toks, NullKVSink()), reps=3 if T > 8192 else 5))
+        row["chain1_graph_captures"] = eng.graphs.num_captured if eng.graphs is not None else 0
         if not quick:
             eng128 = PrefillEngine(sub, cfg, PrefillConfig(chunk_size=16384, max_batch_tokens=16384))
             toks = torch.randint(0, 128000, (131072,)).tolist()
@@ -125,10 +129,13 @@ def bench_prefill(quick):
             guard(row, "chain1_engine_128k_chunked_ms", lambda: timed(lambda: eng128.prefill("b", toks, NullKVSink()),
                                                                       reps=2, warmup=1))
             row["chain1_128k_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        row["speedup_chain1_vs_full"] = {T: _ratio(row["full_ms"].get(T), row["chain1_engine_ms"].get(T)) for T in lengths}
+        row["speedup_chain1_vs_full"] = {T: _ratio(row["full_ms"].get(T), row["chain1_engine_eager_ms"].get(T))
+                                         for T in lengths}
+        row["chain1_graph_speedup"] = {T: _ratio(row["chain1_engine_eager_ms"].get(T), row["chain1_engine_ms"].get(T))
+                                       for T in lengths}
         row["full_vs_hf"] = {T: _ratio(row["full_ms"].get(T), hf_ms.get(T)) for T in lengths}
         out["models"][name] = row
-        del sub, eng
+        del sub, eng, eng_eager
         free()
     return out
 

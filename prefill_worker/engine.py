@@ -6,8 +6,10 @@ layer's K/V come from chain 1, so the chain-1 forward yields exactly the full mo
 Path of a request: ``submit(request_id, token_ids, sink)`` queues it -> the loop thread takes a batch
 (FIFO, up to ``max_batch_tokens`` padded tokens; a prompt longer than ``chunk_size`` runs alone) ->
 ``_forward`` runs the batch chunk by chunk (activations of one chunk at a time, K/V of earlier chunks
-kept for attention); after each layer's K/V projection it hands each request's slice to its sink
-(``put``), so the transfer overlaps the remaining layers -> ``sink.finish`` waits for delivery on a
+kept for attention; ``forward.prefill_chunk``); after each layer's K/V projection it hands each
+request's slice to its sink (``put``), so the transfer overlaps the remaining layers. On CUDA a batch
+of at most ``PrefillConfig.cuda_graph_tokens`` in one chunk replays a CUDA graph instead
+(``graphs.PrefillGraphs``: short prefills are host-bound) and hands every layer over after it -> ``sink.finish`` waits for delivery on a
 completion thread while the next batch computes -> the request's future resolves to a
 ``PrefillResult``. K/V of all prompt tokens but the last are produced: decode runs the last token.
 """
@@ -22,18 +24,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from colm import checkpoint
-from colm.attention_backend import attention
 from colm.config import ModelConfig
 from colm.errors import CapacityError, DeadlineError
 from colm.kv_wire import KVLayout, dtype_name
 from colm.model import CoLM
-from colm.rope import rope_cos_sin
 
 from colm.prefill_worker.config import PrefillConfig
+from colm.prefill_worker.forward import prefill_chunk
+from colm.prefill_worker.graphs import PrefillGraphs
 from colm.loop_thread import LoopThread
 
 
@@ -91,6 +91,8 @@ class PrefillEngine:
         if self.device.type == "cuda":
             model.fuse_kv_projections()  # one K/V GEMM per layer (CPU keeps the separate ones: bit-stable tests)
         self.dtype = next(model.parameters()).dtype
+        self.graphs = (PrefillGraphs(model, self.config.cuda_graph_tokens)
+                       if self.device.type == "cuda" and self.config.cuda_graph_tokens > 0 else None)
         self._queue: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()
         self._runner = LoopThread(self._loop, "colm-prefill-loop", self._cv, join_timeout_s=30)
@@ -256,33 +258,31 @@ class PrefillEngine:
 
     @torch.no_grad()
     def _forward(self, jobs: list[_Job]) -> None:
-        model, cfg = self.model, self.model.cfg
+        cfg = self.model.cfg
         T = padded_length(max(len(j.tokens) for j in jobs), self.config.length_bucket, self.device)
         tokens = torch.zeros(len(jobs), T, dtype=torch.long)
         for row, job in enumerate(jobs):  # right padding: causal attention keeps real tokens exact
             tokens[row, : len(job.tokens)] = torch.tensor(job.tokens)
+        if self.graphs is not None and T <= self.config.chunk_size and self.graphs.fits(len(jobs), T):
+            out = self.graphs.run(tokens)
+            if out is not None:  # every layer's K/V at once (the graph's buffers: _emit copies before the next run)
+                for li, (k, v) in enumerate(zip(*out)):
+                    self._emit(jobs, li, 0, T, k, v)
+                return
         tokens = tokens.to(self.device)
-        group = cfg.n_heads // cfg.n_kv_heads
         shape = (len(jobs), cfg.n_kv_heads, T, cfg.head_dim)
         keys = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.n_layers)]
         values = [torch.empty(shape, device=self.device, dtype=self.dtype) for _ in range(cfg.n_layers)]
-        last = cfg.n_layers - 1
         for c0 in range(0, T, self.config.chunk_size):
             c1 = min(T, c0 + self.config.chunk_size)
-            t = c1 - c0
-            x = F.embedding(tokens[:, c0:c1], model.embed.weight)  # [b, t, D_1]
-            positions = torch.arange(c0, c1, device=self.device).expand(len(jobs), t)
-            cos, sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
-            for li, layer in enumerate(model.layers):
-                q, k, v = layer.attn.project_qkv(layer.attn_norm(x), 1, cos, sin)  # [b, H, t, hd]
+
+            def store(li, k, v, c0=c0, c1=c1):  # keep for later chunks' attention, stream to the sinks now
                 keys[li][:, :, c0:c1] = k
                 values[li][:, :, c0:c1] = v
                 self._emit(jobs, li, c0, c1, k, v)
-                if li == last:
-                    break  # the last layer's output feeds nothing we need: only its K/V are
-                o = _chunk_attention(q, keys[li][:, :, :c1], values[li][:, :, :c1], c0, group)
-                x, h = layer.ffn_norm.add_forward(x, layer.attn.wo(o.transpose(1, 2).reshape(len(jobs), t, -1), 1))
-                x = x + layer.ffn(h, 1)
+                return keys[li][:, :, :c1], values[li][:, :, :c1]
+
+            prefill_chunk(self.model, tokens[:, c0:c1], c0, store)
 
     def stats(self) -> PrefillStats:
         with self._cv:
@@ -298,14 +298,3 @@ def padded_length(n: int, bucket: int, device: torch.device) -> int:
     if device.type != "cuda":
         return n
     return -(-n // bucket) * bucket
-
-
-def _chunk_attention(q, k, v, q_start: int, group: int) -> torch.Tensor:
-    """Causal attention of a chunk's queries (positions q_start..) over keys 0..; q [b, Hq, t, hd], k/v [b, Hkv, T, hd]."""
-    if q_start == 0:
-        return attention(q, k, v, q_start=0)
-    # Lower-right causal bias keeps SDPA on its fused kernels (no [t, T] mask tensor); K/V heads are
-    # expanded because the fused paths do not all take grouped queries.
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]))

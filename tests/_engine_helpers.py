@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from colm import checkpoint
+from colm.prefill_worker.sinks import NullKVSink
 from conftest import make_model
 
 TOKEN = "test-cluster-token"
@@ -52,3 +53,18 @@ def decode_engine_from(path, device: str = "cpu", dtype: str = "float32", num_bl
 
         engine.write_kv = slow_write
     return engine
+
+
+class CaptureSink(NullKVSink):
+    """Keeps every layer's K/V a prefill hands over ([L, T, 2, Hkv, hd] on the host, NaN where none came)."""
+
+    def begin(self, layout):
+        self.layout = layout
+        self.k = torch.full((layout.num_layers, layout.num_tokens, 2, layout.num_kv_heads, layout.head_dim), float("nan"))
+        self.kept = []  # (tensor handed over, its bytes at put time): the engine must never write it again
+
+    def put(self, l0, l1, t0, t1, kv):
+        assert torch.isnan(self.k[l0:l1, t0:t1]).all(), "a cell was sent twice"
+        assert kv.shape == self.k[l0:l1, t0:t1].shape and kv.is_contiguous()
+        self.k[l0:l1, t0:t1] = kv.detach().to("cpu", torch.float32)
+        self.kept.append((kv, kv.clone()))

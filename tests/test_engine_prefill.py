@@ -10,22 +10,8 @@ from colm.kv_cache import ContiguousKVCache
 from colm.prefill_worker.config import PrefillConfig
 from colm.prefill_worker import engine as engine_mod
 from colm.prefill_worker.engine import PrefillEngine, padded_length
-from colm.prefill_worker.sinks import NullKVSink
 from conftest import make_model
-from _engine_helpers import prompts, save_tiny_air
-
-
-class CaptureSink(NullKVSink):
-    def begin(self, layout):
-        self.layout = layout
-        self.k = torch.full((layout.num_layers, layout.num_tokens, 2, layout.num_kv_heads, layout.head_dim), float("nan"))
-        self.kept = []  # (tensor handed over, its bytes at put time): the engine must never write it again
-
-    def put(self, l0, l1, t0, t1, kv):
-        assert torch.isnan(self.k[l0:l1, t0:t1]).all(), "a cell was sent twice"
-        assert kv.shape == self.k[l0:l1, t0:t1].shape and kv.is_contiguous()
-        self.k[l0:l1, t0:t1] = kv
-        self.kept.append((kv, kv.clone()))
+from _engine_helpers import CaptureSink, prompts, save_tiny_air
 
 
 def test_prefill_holds_only_chain_1(tmp_path):
