@@ -113,9 +113,9 @@ def bench_prefill(quick):
         del full
         free()
         sub = colm_model(name, scale=1)
-        # the engine as it serves (CUDA graphs for prompts of up to cuda_graph_tokens) and always eager,
+        # the engine with CUDA graphs for prompts of up to 4096 tokens (PrefillConfig.cuda_graph_tokens) and eager,
         # side by side; the chain-1 vs full speed-up compares eager with eager
-        eng = PrefillEngine(sub, cfg, PrefillConfig(chunk_size=32768, max_batch_tokens=32768))
+        eng = PrefillEngine(sub, cfg, PrefillConfig(chunk_size=32768, max_batch_tokens=32768, cuda_graph_tokens=4096))
         eng_eager = PrefillEngine(sub, cfg, PrefillConfig(chunk_size=32768, max_batch_tokens=32768, cuda_graph_tokens=0))
         for T in lengths:
             toks = torch.randint(0, 128000, (T + 1,)).tolist()  # +1: the engine emits K/V of all but the last

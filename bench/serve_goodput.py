@@ -82,7 +82,7 @@ def make_router(mode: str, ckpt: str, dtype, args):
     if colm and args.workers == "procs":
         token = secrets.token_urlsafe(24)
         d, daddr = start_worker("decode", ckpt, args, token, decode_section)
-        p, paddr = start_worker("prefill", ckpt, args, token, {})
+        p, paddr = start_worker("prefill", ckpt, args, token, {"cuda_graph_tokens": args.prefill_graph_tokens})
         procs = [d, p]
         backend = GrpcBackend([WorkerInfo("decode-0", "decode", daddr), WorkerInfo("prefill-0", "prefill", paddr)],
                               cluster_token=token)
@@ -91,7 +91,10 @@ def make_router(mode: str, ckpt: str, dtype, args):
         if colm:
             from colm.prefill_worker.engine import PrefillEngine
 
-            pe = PrefillEngine.from_checkpoint(ckpt, device=args.device, dtype=dtype)
+            from colm.prefill_worker.config import PrefillConfig
+
+            pe = PrefillEngine.from_checkpoint(ckpt, PrefillConfig(cuda_graph_tokens=args.prefill_graph_tokens),
+                                               device=args.device, dtype=dtype)
         else:
             pe = FullPrefillEngine(de.model)
         backend = EngineBackend({"prefill-0": pe}, {"decode-0": de})
@@ -152,6 +155,8 @@ def main() -> int:
                          "colm-full (colm's engines, every request at the full scale)")
     ap.add_argument("--overlap-steps", choices=("auto", "on", "off"), default="auto",
                     help="DecodeConfig.overlap_steps in the decode engines (auto: on with CUDA graphs)")
+    ap.add_argument("--prefill-graph-tokens", type=int, default=0,
+                    help="PrefillConfig.cuda_graph_tokens of the colm prefill worker (run10 used 4096; 0 = eager)")
     ap.add_argument("--warmup-context", type=int, default=0,
                     help="DecodeConfig.warmup_context (e.g. the longest prompt + output): capture graphs at start")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -25,9 +25,13 @@ class PrefillConfig:
     length_bucket: int = 256
     # CUDA only: a batch of at most this many padded tokens (rows rounded up to a power of two x length)
     # that fits in one chunk replays a CUDA graph (one per shape, captured on first use); 0 = always eager.
-    # H100, chain-1 of a 1B-shape model at 2K tokens: ~220 kernels issued in 14-18 ms of host time for
-    # 1.4-2.8 ms of GPU time (bench/results/prefill_profile_h100_2026-11-23.json).
-    cuda_graph_tokens: int = 4096
+    # H100, chain-1 of the 1B-shape models at 2K tokens: 15.1 -> 3.9 ms ({16,16}) and 15.8 -> 2.6 ms
+    # ({8,8,8,8}): the eager forward is host-bound (bench/results/prefill_h100_2026-11-23_run5.json).
+    # Off by default: with prefill and decode as two processes on one GPU (serve_goodput run10), TTFT p50
+    # fell from ~34 to ~22 ms at low rates, but at 16 req/s decode steps stretched to 12-20 ms and goodput
+    # fell (7.0 vs 11.1 req/s the run before, without graphs); dense graph replays likely take the shared
+    # GPU's time slices from the decode process. Not measured with a GPU of its own, where it should pay.
+    cuda_graph_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_size", "chunk_size", "max_queue", "kv_chunk_bytes", "length_bucket"):

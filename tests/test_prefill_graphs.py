@@ -22,9 +22,10 @@ def test_graph_rows_round_up_to_powers_of_two_and_config_checks():
         PrefillConfig(cuda_graph_tokens=-1)
 
 
-def test_no_graphs_off_cuda(tmp_path):
+def test_no_graphs_off_cuda_or_by_default(tmp_path):
     save_tiny_air(tmp_path)
-    assert PrefillEngine.from_checkpoint(tmp_path, PrefillConfig()).graphs is None
+    assert PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(cuda_graph_tokens=4096)).graphs is None
+    assert PrefillConfig().cuda_graph_tokens == 0
 
 
 def _prefill(eng, batch):
@@ -43,19 +44,19 @@ def test_graphed_prefill_hands_over_the_eager_kv(tmp_path):
     save_tiny_air(tmp_path)
     kw = dict(chunk_size=64, max_batch_tokens=256, length_bucket=8)
     eager = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(cuda_graph_tokens=0, **kw), device="cuda")
-    graphed = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(**kw), device="cuda")
+    graphed = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(cuda_graph_tokens=4096, **kw), device="cuda")
     assert eager.graphs is None and graphed.graphs.num_captured == 0
     batches = [prompts([3, 20, 11], seed=1), prompts([17], seed=2), prompts([19], seed=3)]  # 3 rows -> a 4-row graph
     for batch in batches:
         for ref, got in zip(_prefill(eager, batch), _prefill(graphed, batch)):
             assert not torch.isnan(got.k).any()
             torch.testing.assert_close(got.k, ref.k, rtol=1e-5, atol=1e-5)
-            kept = got.kept
-    assert graphed.graphs.num_captured == 2  # (4 rows, 24 tokens) and (1 row, 24 tokens): the third batch replays
+    # K/V of all prompt tokens but the last: (4 rows, 24 tokens), (1 row, 16), (1 row, 24)
+    assert graphed.graphs.num_captured == 3
     # what was handed over is a copy: the later replays did not touch the first batch's tensors
     first = _prefill(graphed, batches[0])
     _prefill(graphed, batches[0])
+    assert graphed.graphs.num_captured == 3  # replays, no new captures
     for s in first:
         for kv, at_put in s.kept:
             assert torch.equal(kv, at_put)
-    assert kept
