@@ -10,8 +10,8 @@ kept for attention; ``forward.prefill_chunk``); after each layer's K/V projectio
 request's slice to its sink (``put``), so the transfer overlaps the remaining layers. On CUDA a batch
 of at most ``PrefillConfig.cuda_graph_tokens`` in one chunk replays a CUDA graph instead
 (``graphs.PrefillGraphs``: short prefills are host-bound) and hands every layer over after it ->
-``sink.finish`` waits for delivery on a completion thread while the next batch computes -> the request's future resolves to a
-``PrefillResult``. K/V of all prompt tokens but the last are produced: decode runs the last token.
+``sink.finish`` waits for delivery on a completion thread while the next batch computes -> the
+request's future resolves to a ``PrefillResult``. K/V of all prompt tokens but the last are produced: decode runs the last token.
 """
 
 from __future__ import annotations
