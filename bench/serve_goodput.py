@@ -78,11 +78,13 @@ def make_router(mode: str, ckpt: str, dtype, args):
     decode_section = {"num_blocks": args.num_blocks, "max_batch_size": 64, "overlap_steps": overlap,
                       "warmup_context": args.warmup_context}
     procs = []
-    colm = mode in ("colm", "colm-full")
+    colm = mode in ("colm", "colm-full", "colm-graphs")
+    # colm-graphs: colm with CUDA graphs for short prefills, side by side with colm in one run
+    graph_tokens = (args.prefill_graph_tokens or 4096) if mode == "colm-graphs" else args.prefill_graph_tokens
     if colm and args.workers == "procs":
         token = secrets.token_urlsafe(24)
         d, daddr = start_worker("decode", ckpt, args, token, decode_section)
-        p, paddr = start_worker("prefill", ckpt, args, token, {"cuda_graph_tokens": args.prefill_graph_tokens})
+        p, paddr = start_worker("prefill", ckpt, args, token, {"cuda_graph_tokens": graph_tokens})
         procs = [d, p]
         backend = GrpcBackend([WorkerInfo("decode-0", "decode", daddr), WorkerInfo("prefill-0", "prefill", paddr)],
                               cluster_token=token)
@@ -93,7 +95,7 @@ def make_router(mode: str, ckpt: str, dtype, args):
 
             from colm.prefill_worker.config import PrefillConfig
 
-            pe = PrefillEngine.from_checkpoint(ckpt, PrefillConfig(cuda_graph_tokens=args.prefill_graph_tokens),
+            pe = PrefillEngine.from_checkpoint(ckpt, PrefillConfig(cuda_graph_tokens=graph_tokens),
                                                device=args.device, dtype=dtype)
         else:
             pe = FullPrefillEngine(de.model)
@@ -152,7 +154,8 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/serve_goodput")
     ap.add_argument("--modes", default="baseline,colm",
                     help="systems to run, in order (the first sets the SLO): baseline, colm (scale by budget), "
-                         "colm-full (colm's engines, every request at the full scale)")
+                         "colm-full (colm's engines, every request at the full scale), colm-graphs (colm with "
+                         "CUDA graphs for short prefills: --prefill-graph-tokens, else 4096)")
     ap.add_argument("--overlap-steps", choices=("auto", "on", "off"), default="auto",
                     help="DecodeConfig.overlap_steps in the decode engines (auto: on with CUDA graphs)")
     ap.add_argument("--prefill-graph-tokens", type=int, default=0,
@@ -171,9 +174,9 @@ def main() -> int:
     olo, ohi = (int(x) for x in args.output_len.split(","))
     runs, calib, slo = {}, {}, None
     modes = args.modes.split(",")
-    unknown = [m for m in modes if m not in ("baseline", "colm", "colm-full")]
+    unknown = [m for m in modes if m not in ("baseline", "colm", "colm-full", "colm-graphs")]
     if unknown:
-        ap.error(f"--modes: {unknown} unknown; allowed are baseline, colm, colm-full")
+        ap.error(f"--modes: {unknown} unknown; allowed are baseline, colm, colm-full, colm-graphs")
     for mode in modes:
         server, procs = make_router(mode, ckpt, dtype, args)
         try:
@@ -219,6 +222,9 @@ def main() -> int:
               "colm_full_scale": runs.get("colm-full"),
               "max_goodput_colm_full_scale_rps": (max(r["goodput_rps"] for r in runs["colm-full"]["rates"])
                                                   if "colm-full" in runs else None),
+              "colm_prefill_graphs": runs.get("colm-graphs"),
+              "max_goodput_colm_prefill_graphs_rps": (max(r["goodput_rps"] for r in runs["colm-graphs"]["rates"])
+                                                      if "colm-graphs" in runs else None),
               "setup": (f"one device; colm: router process + prefill and decode worker processes ({args.workers}); "
                         "baseline: router + full-model prefill + decode engine in one process; load generator in "
                         "another process")}
@@ -231,6 +237,9 @@ def main() -> int:
         print(f"{r['rate']:6.1f} {r['colm_goodput_rps']:13.2f} {r['baseline_goodput_rps']:9.2f} "
               f"{r['ratio'] if r['ratio'] is None else round(r['ratio'], 2)!s:>6}")
     print(f"max goodput: colm {best_c:.2f} req/s, baseline {best_b:.2f} req/s; SLO {slo}; calib {calib}")
+    for mode in ("colm-full", "colm-graphs"):
+        if mode in runs:
+            print(f"max goodput {mode}: {max(r['goodput_rps'] for r in runs[mode]['rates']):.2f} req/s")
     return 0
 
 
