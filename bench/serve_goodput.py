@@ -84,7 +84,7 @@ def make_router(mode: str, ckpt: str, dtype, args):
     if colm and args.workers == "procs":
         token = secrets.token_urlsafe(24)
         d, daddr = start_worker("decode", ckpt, args, token, decode_section)
-        p, paddr = start_worker("prefill", ckpt, args, token, {"cuda_graph_tokens": graph_tokens})
+        p, paddr = start_worker("prefill", ckpt, args, token, {"cuda_graph_tokens": graph_tokens, "warmup_graphs": graph_tokens > 0})
         procs = [d, p]
         backend = GrpcBackend([WorkerInfo("decode-0", "decode", daddr), WorkerInfo("prefill-0", "prefill", paddr)],
                               cluster_token=token)
@@ -95,7 +95,7 @@ def make_router(mode: str, ckpt: str, dtype, args):
 
             from colm.prefill_worker.config import PrefillConfig
 
-            pe = PrefillEngine.from_checkpoint(ckpt, PrefillConfig(cuda_graph_tokens=graph_tokens),
+            pe = PrefillEngine.from_checkpoint(ckpt, PrefillConfig(cuda_graph_tokens=graph_tokens, warmup_graphs=graph_tokens > 0),
                                                device=args.device, dtype=dtype)
         else:
             pe = FullPrefillEngine(de.model)
@@ -155,11 +155,12 @@ def main() -> int:
     ap.add_argument("--modes", default="baseline,colm",
                     help="systems to run, in order (the first sets the SLO): baseline, colm (scale by budget), "
                          "colm-full (colm's engines, every request at the full scale), colm-graphs (colm with "
-                         "CUDA graphs for short prefills: --prefill-graph-tokens, else 4096)")
+                         "CUDA graphs for short prefills, all captured at start: --prefill-graph-tokens, else 4096)")
     ap.add_argument("--overlap-steps", choices=("auto", "on", "off"), default="auto",
                     help="DecodeConfig.overlap_steps in the decode engines (auto: on with CUDA graphs)")
     ap.add_argument("--prefill-graph-tokens", type=int, default=0,
-                    help="PrefillConfig.cuda_graph_tokens of the colm prefill worker (run10 used 4096; 0 = eager)")
+                    help="PrefillConfig.cuda_graph_tokens of the colm prefill worker, captured at start when > 0 (run10 used "
+                         "4096, captured on first use; 0 = eager)")
     ap.add_argument("--warmup-context", type=int, default=0,
                     help="DecodeConfig.warmup_context (e.g. the longest prompt + output): capture graphs at start")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

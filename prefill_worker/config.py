@@ -32,6 +32,7 @@ class PrefillConfig:
     # fell (7.0 vs 11.1 req/s the run before, without graphs); dense graph replays likely take the shared
     # GPU's time slices from the decode process. Not measured with a GPU of its own, where it should pay.
     cuda_graph_tokens: int = 0
+    warmup_graphs: bool = False        # with cuda_graph_tokens: capture every graph at start (no request meets a capture)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_size", "chunk_size", "max_queue", "kv_chunk_bytes", "length_bucket"):

@@ -17,6 +17,7 @@ request's future resolves to a ``PrefillResult``. K/V of all prompt tokens but t
 from __future__ import annotations
 
 import collections
+import logging
 import socket
 import threading
 import time
@@ -35,6 +36,8 @@ from colm.prefill_worker.config import PrefillConfig
 from colm.prefill_worker.forward import prefill_chunk
 from colm.prefill_worker.graphs import PrefillGraphs
 from colm.loop_thread import LoopThread
+
+log = logging.getLogger("colm.prefill")
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,10 @@ class PrefillEngine:
 
     # ---------------------------------------------------------------- queue
     def start(self) -> "PrefillEngine":
+        if self.graphs is not None and self.config.warmup_graphs:
+            c = self.config
+            n = self.graphs.warm_up(c.length_bucket, min(c.chunk_size, c.max_batch_tokens), c.max_batch_size)
+            log.info("prefill: %d CUDA graphs captured at start", n)
         self._runner.start()
         return self
 

@@ -8,12 +8,14 @@ time. A replayed graph issues them all in one launch.
 What is captured: a batch that fits in one chunk (no earlier chunks' K/V to attend to) of ``rows``
 right-padded prompts of ``length`` tokens, rows rounded up to a power of two (padding rows read token 0
 and their outputs are never read) and ``rows * length <= max_tokens``. Prompt lengths already come in
-``PrefillConfig.length_bucket`` steps, so few graphs serve all short prompts. The graph's outputs are
-every layer's K/V ([rows, Hkv, length, hd] each); they live in a memory pool shared by all these
-graphs and are overwritten by the next replay, so the engine copies what it hands to sinks
+``PrefillConfig.length_bucket`` steps, so few graphs serve all short prompts. Every graph writes each
+layer's K/V into views of one static buffer of ``max_tokens`` tokens per layer (``forward_into``), so the
+graphs' outputs cost that buffer once, not once per graph (the activations live in a memory pool all
+the graphs share). The next replay overwrites them, so the engine copies what it hands to sinks
 (``PrefillEngine._emit`` stacks each layer into a fresh tensor) before it replays again. Streaming K/V
 layer by layer while later layers compute is given up for these short prompts: their whole forward
-is a few milliseconds.
+is a few milliseconds. ``warm_up`` captures every shape up front (``PrefillConfig.warmup_graphs``), so
+no request meets a capture.
 
 Capture: warm-up runs on a side stream first (compiles and tunes the kernels for these shapes, which
 must not happen inside a capture), then the capture, holding ``DEVICE_WIDE_LOCK`` and in thread-local
@@ -44,10 +46,22 @@ def graph_rows(rows: int) -> int:
     return 1 << (rows - 1).bit_length()
 
 
+def forward_into(model: CoLM, tokens: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """The captured forward: ``prefill_chunk`` of ``tokens`` [rows, length] from position 0, each layer's K/V
+    written into ``keys[l]`` / ``values[l]`` ([rows, Hkv, length, hd]) and attended from there."""
+
+    def store(li, k, v):
+        keys[li].copy_(k)
+        values[li].copy_(v)
+        return keys[li], values[li]
+
+    prefill_chunk(model, tokens, 0, store)
+
+
 @dataclass
 class _Graph:
     tokens: torch.Tensor  # [rows, length] int64, the graph's input
-    keys: list[torch.Tensor]  # per layer [rows, Hkv, length, hd], the graph's outputs
+    keys: list[torch.Tensor]  # per layer [rows, Hkv, length, hd]: views of PrefillGraphs' static K/V buffer
     values: list[torch.Tensor]
     graph: torch.cuda.CUDAGraph
 
@@ -61,7 +75,9 @@ class PrefillGraphs:
         self.enabled = self.device.type == "cuda" and max_tokens > 0
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
+        self._kv: torch.Tensor | None = None  # [layers, 2, max_tokens * Hkv * hd], allocated at the first capture
         self._lock = threading.Lock()
+        self.num_replays = 0
 
     @property
     def num_captured(self) -> int:
@@ -69,6 +85,23 @@ class PrefillGraphs:
 
     def fits(self, rows: int, length: int) -> bool:
         return self.enabled and graph_rows(rows) * length <= self.max_tokens
+
+    def shapes(self, length_bucket: int, max_length: int, max_rows: int) -> list[tuple[int, int]]:
+        """Every (graph rows, length) a batch of at most ``max_rows`` prompts, padded to multiples of
+        ``length_bucket`` up to ``max_length`` tokens, can need."""
+        out, rows = [], 1
+        while rows <= graph_rows(max_rows):
+            out += [(rows, t) for t in range(length_bucket, max_length + 1, length_bucket) if rows * t <= self.max_tokens]
+            rows *= 2
+        return out
+
+    def warm_up(self, length_bucket: int, max_length: int, max_rows: int) -> int:
+        """Capture every graph of ``shapes(...)`` now; returns how many were captured."""
+        before = self.num_captured
+        for rows, length in self.shapes(length_bucket, max_length, max_rows):
+            if self._graph(rows, length) is None:
+                break  # a capture failed: graphs are off
+        return self.num_captured - before
 
     def run(self, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         """Replay the graph for ``tokens`` [rows, length] (host or device, int64): every layer's (keys,
@@ -80,6 +113,7 @@ class PrefillGraphs:
         g.tokens[:rows].copy_(tokens, non_blocking=True)
         g.tokens[rows:].zero_()
         g.graph.replay()
+        self.num_replays += 1
         return g.keys, g.values
 
     def _graph(self, rows: int, length: int) -> _Graph | None:
@@ -99,28 +133,27 @@ class PrefillGraphs:
                 self._graphs[key] = g
             return g
 
+    def _views(self, rows: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        cfg = self.model.cfg
+        if self._kv is None:
+            self._kv = torch.empty(cfg.n_layers, 2, self.max_tokens * cfg.n_kv_heads * cfg.head_dim,
+                                   dtype=self.model.embed.weight.dtype, device=self.device)
+        n = rows * length * cfg.n_kv_heads * cfg.head_dim
+        shape = (rows, cfg.n_kv_heads, length, cfg.head_dim)
+        return ([self._kv[li, 0, :n].view(shape) for li in range(cfg.n_layers)],
+                [self._kv[li, 1, :n].view(shape) for li in range(cfg.n_layers)])
+
     def _capture(self, rows: int, length: int) -> _Graph:
         tokens = torch.zeros(rows, length, dtype=torch.long, device=self.device)
-
-        def forward():
-            keys, values = [], []
-
-            def store(li, k, v):
-                keys.append(k)
-                values.append(v)
-                return k, v
-
-            prefill_chunk(self.model, tokens, 0, store)
-            return keys, values
-
+        keys, values = self._views(rows, length)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                forward()
+                forward_into(self.model, tokens, keys, values)
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with capture_without_gc(graph, pool=self._pool):
-            keys, values = forward()
+            forward_into(self.model, tokens, keys, values)
         return _Graph(tokens, keys, values, graph)

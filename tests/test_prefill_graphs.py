@@ -1,6 +1,7 @@
 """Prefill CUDA graphs (``prefill_worker.graphs``): a graphed prefill hands the sinks the eager prefill's
-K/V, for a padded multi-row batch and a single prompt, captures once per shape, and never writes a
-tensor it handed over. The shape rules and the config run on any device."""
+K/V, for a padded multi-row batch and a single prompt, captures once per shape (or all at start), and
+never writes a tensor it handed over. The captured forward (into the static K/V buffer), the shape
+rules and the config run on any device."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from colm.prefill_worker.config import PrefillConfig
 from colm.prefill_worker.engine import PrefillEngine
-from colm.prefill_worker.graphs import graph_rows
+from colm.prefill_worker.graphs import PrefillGraphs, forward_into, graph_rows
 from _engine_helpers import CaptureSink, prompts, save_tiny_air
 from _kernel_helpers import cuda
 
@@ -26,6 +27,42 @@ def test_no_graphs_off_cuda_or_by_default(tmp_path):
     save_tiny_air(tmp_path)
     assert PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(cuda_graph_tokens=4096)).graphs is None
     assert PrefillConfig().cuda_graph_tokens == 0
+
+
+def test_captured_forward_writes_the_engines_kv_into_the_static_buffers(tmp_path):
+    """``forward_into`` (what a graph captures) on a batch padded to 4 rows: its K/V views equal what the
+    eager engine hands its sinks, for every real token of every row."""
+    save_tiny_air(tmp_path)
+    eng = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(chunk_size=64, max_batch_tokens=256))
+    batch = prompts([3, 20, 11], seed=4)
+    sinks = _prefill(eng, batch)
+    cfg = eng.model.cfg
+    T = max(len(p) - 1 for p in batch)  # K/V of all prompt tokens but the last
+    tokens = torch.zeros(4, T, dtype=torch.long)
+    for row, p in enumerate(batch):
+        tokens[row, : len(p) - 1] = torch.tensor(p[:-1])
+    buf = torch.full((cfg.n_layers, 2, 4 * T * cfg.n_kv_heads * cfg.head_dim), float("nan"))
+    shape = (4, cfg.n_kv_heads, T, cfg.head_dim)
+    keys = [buf[li, 0].view(shape) for li in range(cfg.n_layers)]
+    values = [buf[li, 1].view(shape) for li in range(cfg.n_layers)]
+    with torch.no_grad():
+        forward_into(eng.model, tokens, keys, values)
+    for row, (p, s) in enumerate(zip(batch, sinks)):
+        n = len(p) - 1
+        got = torch.stack([torch.stack((keys[li][row, :, :n].transpose(0, 1), values[li][row, :, :n].transpose(0, 1)), 1)
+                           for li in range(cfg.n_layers)])  # [L, n, 2, Hkv, hd], the sinks' layout
+        torch.testing.assert_close(got, s.k, rtol=1e-5, atol=1e-5)
+
+
+def test_warm_up_shapes_cover_every_padded_batch(tmp_path):
+    save_tiny_air(tmp_path)
+    model = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig()).model
+    g = PrefillGraphs(model, max_tokens=1024)
+    assert not g.enabled  # CPU
+    shapes = g.shapes(length_bucket=256, max_length=1024, max_rows=5)
+    assert shapes == [(1, 256), (1, 512), (1, 768), (1, 1024), (2, 256), (2, 512), (4, 256)]  # 8 rows: none fit
+    assert all(g.fits(r, t) is False for r, t in shapes)  # graphs are off on the CPU
+    assert g.warm_up(256, 1024, 5) == 0
 
 
 def _prefill(eng, batch):
@@ -60,3 +97,27 @@ def test_graphed_prefill_hands_over_the_eager_kv(tmp_path):
     for s in first:
         for kv, at_put in s.kept:
             assert torch.equal(kv, at_put)
+
+
+@cuda
+def test_graph_warm_up_at_start_captures_every_shape(tmp_path):
+    save_tiny_air(tmp_path)
+    cfg = PrefillConfig(chunk_size=32, max_batch_tokens=64, max_batch_size=4, length_bucket=8, cuda_graph_tokens=64,
+                        warmup_graphs=True)
+    eng = PrefillEngine.from_checkpoint(tmp_path, cfg, device="cuda")
+    eng.start()
+    try:
+        n = eng.graphs.num_captured
+        assert n == len(eng.graphs.shapes(8, 32, 4)) > 0
+        ref = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(chunk_size=32, max_batch_tokens=64), device="cuda")
+        batch = prompts([5, 30, 12], seed=6)
+        futs, sinks = [], [CaptureSink() for _ in batch]
+        for i, (p, s) in enumerate(zip(batch, sinks)):
+            futs.append(eng.submit(f"w{i}", p, s))
+        for f in futs:
+            f.result(timeout=60)
+        for r, s in zip(_prefill(ref, batch), sinks):
+            torch.testing.assert_close(s.k, r.k, rtol=1e-5, atol=1e-5)
+        assert eng.graphs.num_replays > 0 and eng.graphs.num_captured == n  # served from the graphs captured at start
+    finally:
+        eng.stop()
