@@ -17,3 +17,21 @@ def cuda_ms(fn, reps: int = 5, warmup: int = 2) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def kernel_table(fn):
+    """(profiler, rows) of one ``fn()`` under ``torch.profiler`` (CPU and CUDA activity): rows are
+    {name (90 characters), count, gpu_ms} per kernel name, most GPU time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, list] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(ev.name[:90], [0, 0.0])
+            k[0] += 1
+            k[1] += ev.device_time_total / 1000 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1000
+    rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+    return prof, [{"name": n, "count": c, "gpu_ms": t} for n, (c, t) in rows]

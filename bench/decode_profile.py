@@ -18,7 +18,7 @@ import time
 import torch
 
 from _results import run_meta, write_result  # bench/ is sys.path[0] when a bench runs as a script
-from _timing import cuda_ms
+from _timing import cuda_ms, kernel_table
 
 
 @torch.no_grad()
@@ -75,22 +75,7 @@ def main() -> None:
     res["eager_forward_host_ms"] = (time.perf_counter() - t0) * 1000 / 5
     torch.cuda.synchronize()
 
-    from torch.profiler import ProfilerActivity, profile
-
     from colm.decode_worker.graphs import head_outputs
-
-    def kernel_table(fn):
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        kernels = {}
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA:
-                k = kernels.setdefault(ev.name[:90], [0, 0.0])
-                k[0] += 1
-                k[1] += ev.device_time_total / 1000 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1000
-        rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
-        return prof, [{"name": n, "count": c, "gpu_ms": t} for n, (c, t) in rows]
 
     prof, res["kernels"] = kernel_table(lambda: model.hidden(tokens, scale=scale, cache=cache, positions=positions))
     res["kernels_per_forward"] = sum(r["count"] for r in res["kernels"])

@@ -121,7 +121,7 @@ def bench_prefill(quick):
             toks = torch.randint(0, 128000, (T + 1,)).tolist()  # +1: the engine emits K/V of all but the last
             for key, e in (("chain1_engine_ms", eng), ("chain1_engine_eager_ms", eng_eager)):
                 guard(row[key], T, lambda: timed(lambda: e.prefill("b", toks, NullKVSink()), reps=3 if T > 8192 else 5))
-        row["chain1_graph_captures"] = eng.graphs.num_captured if eng.graphs is not None else 0
+        row["chain1_graph_captures"] = eng.graphs.num_captures if eng.graphs is not None else 0
         if not quick:
             eng128 = PrefillEngine(sub, cfg, PrefillConfig(chunk_size=16384, max_batch_tokens=16384))
             toks = torch.randint(0, 128000, (131072,)).tolist()

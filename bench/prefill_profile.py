@@ -22,6 +22,7 @@ import time
 import torch
 
 from _results import run_meta, write_result  # bench/ is sys.path[0] when a bench runs as a script
+from _timing import kernel_table
 
 
 def _wall_and_host_ms(fn, reps: int = 5) -> tuple[float, float]:
@@ -38,13 +39,9 @@ def _wall_and_host_ms(fn, reps: int = 5) -> tuple[float, float]:
 
 
 def _gpu_ms(fn) -> tuple[float, int]:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.device_time for e in events) / 1e3, len(events)
+    """(GPU time of the kernels of one ``fn()`` in ms, how many kernels)."""
+    _, rows = kernel_table(fn)
+    return sum(r["gpu_ms"] for r in rows), sum(r["count"] for r in rows)
 
 
 def _hot_functions(fn, reps: int = 3, top: int = 25) -> list[dict]:

@@ -57,6 +57,14 @@ def start_worker(role: str, ckpt: str, args, token: str, section: dict) -> tuple
     return proc, line[2]
 
 
+MODES = ("baseline", "colm", "colm-full", "colm-graphs")
+EXTRA_MODES = {"colm-full": "colm_full_scale", "colm-graphs": "colm_prefill_graphs"}  # mode -> its key in the JSON
+
+
+def max_goodput(run: dict) -> float:
+    return max(r["goodput_rps"] for r in run["rates"])
+
+
 def make_router(mode: str, ckpt: str, dtype, args):
     """colm: router here, prefill and decode workers as processes (gRPC, KV over shared memory).
     baseline: router here with the full-model prefill and the decode engine in this process."""
@@ -78,25 +86,24 @@ def make_router(mode: str, ckpt: str, dtype, args):
     decode_section = {"num_blocks": args.num_blocks, "max_batch_size": 64, "overlap_steps": overlap,
                       "warmup_context": args.warmup_context}
     procs = []
-    colm = mode in ("colm", "colm-full", "colm-graphs")
-    # colm-graphs: colm with CUDA graphs for short prefills, side by side with colm in one run
+    colm = mode != "baseline"
+    # colm-graphs: colm with CUDA graphs for short prefills (captured at start), side by side with colm in one run
     graph_tokens = (args.prefill_graph_tokens or 4096) if mode == "colm-graphs" else args.prefill_graph_tokens
+    prefill_section = {"cuda_graph_tokens": graph_tokens, "warmup_graphs": graph_tokens > 0}
     if colm and args.workers == "procs":
         token = secrets.token_urlsafe(24)
         d, daddr = start_worker("decode", ckpt, args, token, decode_section)
-        p, paddr = start_worker("prefill", ckpt, args, token, {"cuda_graph_tokens": graph_tokens, "warmup_graphs": graph_tokens > 0})
+        p, paddr = start_worker("prefill", ckpt, args, token, prefill_section)
         procs = [d, p]
         backend = GrpcBackend([WorkerInfo("decode-0", "decode", daddr), WorkerInfo("prefill-0", "prefill", paddr)],
                               cluster_token=token)
     else:
         de = DecodeEngine.from_checkpoint(ckpt, DecodeConfig(**decode_section), device=args.device, dtype=dtype)
         if colm:
+            from colm.prefill_worker.config import PrefillConfig
             from colm.prefill_worker.engine import PrefillEngine
 
-            from colm.prefill_worker.config import PrefillConfig
-
-            pe = PrefillEngine.from_checkpoint(ckpt, PrefillConfig(cuda_graph_tokens=graph_tokens, warmup_graphs=graph_tokens > 0),
-                                               device=args.device, dtype=dtype)
+            pe = PrefillEngine.from_checkpoint(ckpt, PrefillConfig(**prefill_section), device=args.device, dtype=dtype)
         else:
             pe = FullPrefillEngine(de.model)
         backend = EngineBackend({"prefill-0": pe}, {"decode-0": de})
@@ -175,21 +182,21 @@ def main() -> int:
     olo, ohi = (int(x) for x in args.output_len.split(","))
     runs, calib, slo = {}, {}, None
     modes = args.modes.split(",")
-    unknown = [m for m in modes if m not in ("baseline", "colm", "colm-full", "colm-graphs")]
+    unknown = [m for m in modes if m not in MODES]
     if unknown:
-        ap.error(f"--modes: {unknown} unknown; allowed are baseline, colm, colm-full, colm-graphs")
+        ap.error(f"--modes: {unknown} unknown; allowed are {', '.join(MODES)}")
     for mode in modes:
         server, procs = make_router(mode, ckpt, dtype, args)
         try:
             full = server.router.model_cfg.num_chains
+            pinned = mode in ("baseline", "colm-full")  # every request at the full scale, not by budget
             calib[mode] = {str(k): calibrate(server.grpc_addr, (plo + phi) // 2, (olo + ohi) // 2, k)
-                           for k in ((full,) if mode in ("baseline", "colm-full") else range(1, full + 1))}
+                           for k in ((full,) if pinned else range(1, full + 1))}
             if slo is None:
                 base = calib[mode][str(full)]  # the baseline's, unless only colm runs
                 slo = {"ttft_ms": args.slo_scale * base["ttft_ms"], "tpot_ms": args.slo_scale * base["tpot_ms"]}
             # colm-full: colm's engines with every request pinned to the full scale (disaggregation alone)
-            budgets = (f"scale:{full}" if mode in ("baseline", "colm-full")
-                       else f"ttft:{slo['ttft_ms']:.3f}+tpot:{slo['tpot_ms']:.3f}")
+            budgets = f"scale:{full}" if pinned else f"ttft:{slo['ttft_ms']:.3f}+tpot:{slo['tpot_ms']:.3f}"
             print(f"[{mode}] calibration {calib[mode]}; SLO {slo}", flush=True)
             runs[mode] = loadtest(server.grpc_addr, args, budgets, slo, os.path.join(tempfile.mkdtemp(), mode))
             runs[mode]["decode_stats_after"] = decode_stats(server)
@@ -220,15 +227,12 @@ def main() -> int:
               "dtype": args.dtype, "args": vars(args), "slo": slo, "calibration": calib, "per_rate": ratio,
               "max_goodput_rps": {"colm": best_c, "baseline": best_b, "ratio": best_c / best_b if best_b else None},
               "colm": runs["colm"], "baseline": runs["baseline"], "wall_s": time.time() - t0,
-              "colm_full_scale": runs.get("colm-full"),
-              "max_goodput_colm_full_scale_rps": (max(r["goodput_rps"] for r in runs["colm-full"]["rates"])
-                                                  if "colm-full" in runs else None),
-              "colm_prefill_graphs": runs.get("colm-graphs"),
-              "max_goodput_colm_prefill_graphs_rps": (max(r["goodput_rps"] for r in runs["colm-graphs"]["rates"])
-                                                      if "colm-graphs" in runs else None),
               "setup": (f"one device; colm: router process + prefill and decode worker processes ({args.workers}); "
                         "baseline: router + full-model prefill + decode engine in one process; load generator in "
                         "another process")}
+    for mode, key in EXTRA_MODES.items():  # e.g. "colm_full_scale" and "max_goodput_colm_full_scale_rps"
+        result[key] = runs.get(mode)
+        result[f"max_goodput_{key}_rps"] = max_goodput(runs[mode]) if mode in runs else None
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=2)
     plot(runs["colm"], args.out + ".png", title=f"{args.preset} on {result['device']}: colm vs colocated full model "
@@ -238,9 +242,9 @@ def main() -> int:
         print(f"{r['rate']:6.1f} {r['colm_goodput_rps']:13.2f} {r['baseline_goodput_rps']:9.2f} "
               f"{r['ratio'] if r['ratio'] is None else round(r['ratio'], 2)!s:>6}")
     print(f"max goodput: colm {best_c:.2f} req/s, baseline {best_b:.2f} req/s; SLO {slo}; calib {calib}")
-    for mode in ("colm-full", "colm-graphs"):
+    for mode in EXTRA_MODES:
         if mode in runs:
-            print(f"max goodput {mode}: {max(r['goodput_rps'] for r in runs[mode]['rates']):.2f} req/s")
+            print(f"max goodput {mode}: {max_goodput(runs[mode]):.2f} req/s")
     return 0
 
 

@@ -390,7 +390,7 @@ class DecodeEngine:
         return len(batch)
 
     def _warm_marks(self) -> tuple[int, int]:
-        return (self.graphs.num_captured if self.graphs is not None else 0), num_tuned()
+        return (self.graphs.num_captures if self.graphs is not None else 0), num_tuned()
 
     # ---------------------------------------------------------------- overlapped steps (DecodeConfig.overlap_steps)
     def _can_overlap(self, batch, scales) -> bool:

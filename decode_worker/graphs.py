@@ -28,26 +28,12 @@ from typing import NamedTuple
 
 import torch
 
-from colm.decode_worker.paged_cache import PagedStepCache
-from colm.kernels._tuning import DEVICE_WIDE_LOCK, capture_without_gc
+from colm.cuda_graphs import bucket as _bucket, buckets as _buckets, warm_and_capture
 from colm.kernels.greedy_head import greedy_head
 
+from colm.decode_worker.paged_cache import PagedStepCache
+
 log = logging.getLogger("colm.decode.graphs")
-
-
-def _bucket(n: int, least: int = 1) -> int:
-    b = least
-    while b < n:
-        b *= 2
-    return b
-
-
-def _buckets(n: int, least: int = 1) -> list[int]:
-    """Every value ``_bucket`` gives for sizes up to ``n``: least, 2 least, ..., ``_bucket(n, least)``."""
-    out = [least]
-    while out[-1] < n:
-        out.append(out[-1] * 2)
-    return out
 
 
 class _Graph:
@@ -200,11 +186,6 @@ class DecodeGraphs:
             self._graphs[key] = g
         return g
 
-    @property
-    def num_captured(self) -> int:
-        """Graphs captured so far (a step during which this grew paid for a capture)."""
-        return len(self._graphs)
-
     def warm_up(self, max_blocks_per_seq: int, scales, heads=(True, False)) -> int:
         """Capture every graph a batch of up to ``max_batch`` sequences of up to ``max_blocks_per_seq``
         blocks can meet (batch and width buckets x ``scales`` x ``heads``), before serving: captures and
@@ -221,22 +202,8 @@ class DecodeGraphs:
         return self.num_captures - before
 
     def _capture(self, g: _Graph, scale: int, head: bool) -> None:
-        with DEVICE_WIDE_LOCK:  # no kernel tuning (a device-wide sync) in another thread meanwhile
-            self._capture_locked(g, scale, head)
-
-    def _capture_locked(self, g: _Graph, scale: int, head: bool) -> None:
-        # Warm-up on a side stream (as torch.cuda.graphs asks): compiles and tunes the kernels for these shapes.
-        # Re-running the step is harmless: it writes the same K/V into the same slots.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._forward(g, scale, head)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: gRPC threads may copy K/V into the pool meanwhile; that must not break the capture
-        with capture_without_gc(graph, pool=self._pool_handle):
-            g.out = self._forward(g, scale, head)
-        g.graph = graph
+        # Re-running the step in the warm-up is harmless: it writes the same K/V into the same slots. Thread-local
+        # capture: gRPC threads may copy K/V into the pool meanwhile; that must not break it.
+        g.graph, g.out = warm_and_capture(lambda: self._forward(g, scale, head), self.device, self._pool_handle,
+                                          self.warmup)
         self.num_captures += 1

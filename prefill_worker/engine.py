@@ -118,7 +118,7 @@ class PrefillEngine:
     def start(self) -> "PrefillEngine":
         if self.graphs is not None and self.config.warmup_graphs:
             c = self.config
-            n = self.graphs.warm_up(c.length_bucket, min(c.chunk_size, c.max_batch_tokens), c.max_batch_size)
+            n = self.graphs.warm_up(c.length_bucket, c.chunk_size, c.max_batch_size)  # chunk_size <= max_batch_tokens
             log.info("prefill: %d CUDA graphs captured at start", n)
         self._runner.start()
         return self

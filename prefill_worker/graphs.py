@@ -17,10 +17,8 @@ layer by layer while later layers compute is given up for these short prompts: t
 is a few milliseconds. ``warm_up`` captures every shape up front (``PrefillConfig.warmup_graphs``), so
 no request meets a capture.
 
-Capture: warm-up runs on a side stream first (compiles and tunes the kernels for these shapes, which
-must not happen inside a capture), then the capture, holding ``DEVICE_WIDE_LOCK`` and in thread-local
-mode, as the decode engine's graphs do (a decode engine in the same process may capture meanwhile). A
-failed capture turns graphs off for good; the engine runs eager.
+Capture: ``colm.cuda_graphs.warm_and_capture``, as the decode engine's graphs do (a decode engine in the
+same process may capture meanwhile). A failed capture turns graphs off for good; the engine runs eager.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from colm.kernels._tuning import DEVICE_WIDE_LOCK, capture_without_gc
+from colm.cuda_graphs import bucket, buckets, warm_and_capture
 from colm.model import CoLM
 
 from colm.prefill_worker.forward import prefill_chunk
@@ -43,7 +41,7 @@ def graph_rows(rows: int) -> int:
     """Rows a graph for ``rows`` prompts has: the next power of two."""
     if rows < 1:
         raise ValueError(f"rows={rows}: must be >= 1")
-    return 1 << (rows - 1).bit_length()
+    return bucket(rows)
 
 
 def forward_into(model: CoLM, tokens: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
@@ -80,7 +78,7 @@ class PrefillGraphs:
         self.num_replays = 0
 
     @property
-    def num_captured(self) -> int:
+    def num_captures(self) -> int:
         return len(self._graphs)
 
     def fits(self, rows: int, length: int) -> bool:
@@ -89,19 +87,16 @@ class PrefillGraphs:
     def shapes(self, length_bucket: int, max_length: int, max_rows: int) -> list[tuple[int, int]]:
         """Every (graph rows, length) a batch of at most ``max_rows`` prompts, padded to multiples of
         ``length_bucket`` up to ``max_length`` tokens, can need."""
-        out, rows = [], 1
-        while rows <= graph_rows(max_rows):
-            out += [(rows, t) for t in range(length_bucket, max_length + 1, length_bucket) if rows * t <= self.max_tokens]
-            rows *= 2
-        return out
+        return [(rows, t) for rows in buckets(max_rows) for t in range(length_bucket, max_length + 1, length_bucket)
+                if rows * t <= self.max_tokens]
 
     def warm_up(self, length_bucket: int, max_length: int, max_rows: int) -> int:
         """Capture every graph of ``shapes(...)`` now; returns how many were captured."""
-        before = self.num_captured
+        before = self.num_captures
         for rows, length in self.shapes(length_bucket, max_length, max_rows):
             if self._graph(rows, length) is None:
                 break  # a capture failed: graphs are off
-        return self.num_captured - before
+        return self.num_captures - before
 
     def run(self, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         """Replay the graph for ``tokens`` [rows, length] (host or device, int64): every layer's (keys,
@@ -122,8 +117,7 @@ class PrefillGraphs:
             g = self._graphs.get(key)
             if g is None and self.enabled:
                 try:
-                    with DEVICE_WIDE_LOCK:
-                        g = self._capture(rows, length)
+                    g = self._capture(rows, length)
                 except Exception as e:  # noqa: BLE001 - fall back to eager for good
                     log.warning("prefill CUDA graph capture failed for %d rows x %d tokens (%s): prefill runs eager",
                                 rows, length, e)
@@ -146,14 +140,6 @@ class PrefillGraphs:
     def _capture(self, rows: int, length: int) -> _Graph:
         tokens = torch.zeros(rows, length, dtype=torch.long, device=self.device)
         keys, values = self._views(rows, length)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                forward_into(self.model, tokens, keys, values)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with capture_without_gc(graph, pool=self._pool):
-            forward_into(self.model, tokens, keys, values)
+        graph, _ = warm_and_capture(lambda: forward_into(self.model, tokens, keys, values), self.device, self._pool,
+                                    self.warmup)
         return _Graph(tokens, keys, values, graph)

@@ -82,18 +82,18 @@ def test_graphed_prefill_hands_over_the_eager_kv(tmp_path):
     kw = dict(chunk_size=64, max_batch_tokens=256, length_bucket=8)
     eager = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(cuda_graph_tokens=0, **kw), device="cuda")
     graphed = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(cuda_graph_tokens=4096, **kw), device="cuda")
-    assert eager.graphs is None and graphed.graphs.num_captured == 0
+    assert eager.graphs is None and graphed.graphs.num_captures == 0
     batches = [prompts([3, 20, 11], seed=1), prompts([17], seed=2), prompts([19], seed=3)]  # 3 rows -> a 4-row graph
     for batch in batches:
         for ref, got in zip(_prefill(eager, batch), _prefill(graphed, batch)):
             assert not torch.isnan(got.k).any()
             torch.testing.assert_close(got.k, ref.k, rtol=1e-5, atol=1e-5)
     # K/V of all prompt tokens but the last: (4 rows, 24 tokens), (1 row, 16), (1 row, 24)
-    assert graphed.graphs.num_captured == 3
+    assert graphed.graphs.num_captures == 3
     # what was handed over is a copy: the later replays did not touch the first batch's tensors
     first = _prefill(graphed, batches[0])
     _prefill(graphed, batches[0])
-    assert graphed.graphs.num_captured == 3  # replays, no new captures
+    assert graphed.graphs.num_captures == 3  # replays, no new captures
     for s in first:
         for kv, at_put in s.kept:
             assert torch.equal(kv, at_put)
@@ -107,7 +107,7 @@ def test_graph_warm_up_at_start_captures_every_shape(tmp_path):
     eng = PrefillEngine.from_checkpoint(tmp_path, cfg, device="cuda")
     eng.start()
     try:
-        n = eng.graphs.num_captured
+        n = eng.graphs.num_captures
         assert n == len(eng.graphs.shapes(8, 32, 4)) > 0
         ref = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(chunk_size=32, max_batch_tokens=64), device="cuda")
         batch = prompts([5, 30, 12], seed=6)
@@ -118,6 +118,6 @@ def test_graph_warm_up_at_start_captures_every_shape(tmp_path):
             f.result(timeout=60)
         for r, s in zip(_prefill(ref, batch), sinks):
             torch.testing.assert_close(s.k, r.k, rtol=1e-5, atol=1e-5)
-        assert eng.graphs.num_replays > 0 and eng.graphs.num_captured == n  # served from the graphs captured at start
+        assert eng.graphs.num_replays > 0 and eng.graphs.num_captures == n  # served from the graphs captured at start
     finally:
         eng.stop()

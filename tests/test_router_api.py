@@ -226,6 +226,23 @@ class _ScriptedBackend:
         pass
 
 
+def _complete_over(cfg, backend, poll_interval_s: float, settle_s: float = 0.0):
+    """A router over ``backend`` (polled every ``poll_interval_s``; ``settle_s`` for the first reports): one
+    8-token scale-2 completion of "Hello, chains". Returns (reply, its seconds, {worker: healthy} after)."""
+    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=poll_interval_s, token_timeout_s=60),
+                    cfg, ByteTokenizer(), backend)
+    bg = BackgroundRouter(router)
+    try:
+        time.sleep(settle_s)
+        with Client(bg.grpc_addr) as c:
+            t0 = time.time()
+            r = c.complete("Hello, chains", max_new_tokens=8, scale=2)
+            seconds = time.time() - t0
+            return r, seconds, {w["worker_id"]: w["healthy"] for w in c.health()["workers"]}
+    finally:
+        bg.stop()
+
+
 def test_hung_worker_fails_its_health_poll_and_requests_move_on():
     """A decode worker that stops answering (no error, no tokens) is taken out by the health poll, and
     the requests waiting on it continue on another worker long before the per-token timeout."""
@@ -260,18 +277,10 @@ def test_hung_worker_fails_its_health_poll_and_requests_move_on():
             async for t in good.generate(req, prefill_id, decode_id):
                 yield t
 
-    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.1, token_timeout_s=60), cfg,
-                    ByteTokenizer(), HangingBackend())
-    bg = BackgroundRouter(router)
-    try:
-        with Client(bg.grpc_addr) as c:
-            t0 = time.time()
-            r = c.complete("Hello, chains", max_new_tokens=8, scale=2)
-            assert time.time() - t0 < 10
-            assert r["token_ids"] == ref_tokens(model, "Hello, chains", 8, 2) and r["usage"]["retries"] == 1
-            assert {w["worker_id"]: w["healthy"] for w in c.health()["workers"]}["d-hang"] is False
-    finally:
-        bg.stop()
+    r, seconds, healthy = _complete_over(cfg, HangingBackend(), poll_interval_s=0.1)
+    assert seconds < 10
+    assert r["token_ids"] == ref_tokens(model, "Hello, chains", 8, 2) and r["usage"]["retries"] == 1
+    assert healthy["d-hang"] is False
 
 
 def test_prefill_worker_failing_after_handoff_does_not_move_decoding_requests():
@@ -309,18 +318,10 @@ def test_prefill_worker_failing_after_handoff_does_not_move_decoding_requests():
                     await asyncio.sleep(0.5)  # a few health polls pass while this request decodes
 
     backend = PrefillDiesAfterHandoff()
-    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, token_timeout_s=60), cfg,
-                    ByteTokenizer(), backend)
-    bg = BackgroundRouter(router)
-    try:
-        time.sleep(0.3)  # reports in: the policy places on p0
-        with Client(bg.grpc_addr) as c:
-            r = c.complete("Hello, chains", max_new_tokens=8, scale=2)
-            assert backend.dead  # p0 failed its polls while this request was decoding
-            assert r["token_ids"] == ref_tokens(model, "Hello, chains", 8, 2) and r["usage"]["retries"] == 0
-            assert {w["worker_id"]: w["healthy"] for w in c.health()["workers"]}["p0"] is False
-    finally:
-        bg.stop()
+    r, _, healthy = _complete_over(cfg, backend, poll_interval_s=0.05, settle_s=0.3)  # settle: the policy places on p0
+    assert backend.dead  # p0 failed its polls while this request was decoding
+    assert r["token_ids"] == ref_tokens(model, "Hello, chains", 8, 2) and r["usage"]["retries"] == 0
+    assert healthy["p0"] is False
 
 
 def test_tls_on_grpc_and_http(tmp_path):

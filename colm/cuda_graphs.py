@@ -1,0 +1,52 @@
+"""CUDA-graph plumbing shared by the decode and prefill engines (``decode_worker.graphs``,
+``prefill_worker.graphs``): power-of-two shape buckets and the warm-up-then-capture sequence.
+
+``warm_and_capture(fn, device, pool)`` runs ``fn`` a few times on a side stream first (as
+``torch.cuda.graphs`` asks; it compiles and tunes every Triton kernel for these shapes, which must not
+happen inside a capture), then captures one call thread-locally with Python's GC paused
+(``colm.kernels._tuning.capture_without_gc``), all while holding ``DEVICE_WIDE_LOCK``: a capture must
+not meet a kernel tuning's device-wide sync in another thread of the process.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import torch
+
+from colm.kernels._tuning import DEVICE_WIDE_LOCK, capture_without_gc
+
+T = TypeVar("T")
+
+
+def bucket(n: int, least: int = 1) -> int:
+    """The smallest ``least * 2**i`` >= ``n``."""
+    b = least
+    while b < n:
+        b *= 2
+    return b
+
+
+def buckets(n: int, least: int = 1) -> list[int]:
+    """Every value ``bucket`` gives for sizes up to ``n``: least, 2 least, ..., ``bucket(n, least)``."""
+    out = [least]
+    while out[-1] < n:
+        out.append(out[-1] * 2)
+    return out
+
+
+def warm_and_capture(fn: Callable[[], T], device, pool=None, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, T]:
+    """(graph, what the captured ``fn()`` returned): ``warmup`` eager runs on a side stream, then the capture
+    (into ``pool``, a ``torch.cuda.graph_pool_handle()`` shared by related graphs)."""
+    with DEVICE_WIDE_LOCK:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with capture_without_gc(graph, pool=pool):
+            out = fn()
+    return graph, out
