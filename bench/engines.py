@@ -7,7 +7,8 @@
   The remote paths run both gRPC servers in this process (cuda_ipc then hands the staging tensor over
   directly: CUDA IPC cannot open a handle in its own process); ``cuda_ipc_proc`` runs decode in a
   spawned child on the same GPU, the real CUDA IPC path. The in-process path also reports where its
-  time goes (``local_breakdown_ms``: perf_counter stamps from submit).
+  time goes (``local_breakdown_ms``: perf_counter stamps from submit), each remote path its timeline
+  (``<path>_timeline_ms``: client, prefill and decode milestones on the host's monotonic clock).
 * decode: tokens/s of the decode engine (CUDA graphs; eager side by side at batch 1 and 64) at batch
   1/8/64, context 2K, full scale and scale 1, mixed scales in both modes, vs HF ``generate`` on the
   same shape; batch-1 step vs the weight-read floor.
@@ -188,30 +189,40 @@ def bench_handoff(quick):
     md = auth_metadata(token)
     d = kv_pb2_grpc.DecodeWorkerStub(make_channel(ds.address))
     p = kv_pb2_grpc.PrefillWorkerStub(make_channel(ps.address))
-    def measure(path, d, address):
-        replies = []
+    def measure(path, d, address, reps=3):
+        replies, timelines = [], []
 
         def remote():
             n[0] += 1
             rid = f"r{n[0]}"
+            t0 = time.monotonic()
             d.Reserve(kv_pb2.ReserveRequest(request_id=rid, prompt_len=T, max_new_tokens=1), metadata=md, timeout=30)
+            client = {"reserve_replied": time.monotonic()}
             th = threading.Thread(target=lambda: replies.append(p.Prefill(kv_pb2.PrefillRequest(
                 request_id=rid, token_ids=prompt, decode_address=address, same_host=path != "grpc", path=path),
                 metadata=md, timeout=60)))
             th.start()
             req = kv_pb2.StartGenerationRequest(request_id=rid, last_token_id=prompt[-1], scale=2,
                                                 sampling=kv_pb2.DecodeSampling(max_new_tokens=1))
+            client["start_sent"] = time.monotonic()
             ev = next(iter(d.StartGeneration(req, metadata=md, timeout=60)))
+            client["first_token"] = time.monotonic()
             th.join()
+            timelines.append(merged_timeline(t0, client, replies[-1], ev))
             return ev
 
         key = path if address == ds.address else f"{path}_proc"
-        guard(out, f"{key}_ttft_ms", lambda: timed(remote, reps=3))
+        guard(out, f"{key}_ttft_ms", lambda: timed(remote, reps=reps))
         if replies:
             r = replies[-1]
             out[f"{key}_path"] = r.path
             out[f"{key}_stream_total_ms"] = r.total_ms
             out[f"{key}_stream_gb_s"] = r.num_bytes / (r.total_ms / 1000) / 1e9
+        if len(timelines) > 1:  # the warm-up run left out
+            rows = timelines[1:]
+            out[f"{key}_timeline_ms"] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+            print(f"{key} hand-off, ms from Reserve (medians):", json.dumps(
+                {k: round(v, 2) for k, v in sorted(out[f"{key}_timeline_ms"].items(), key=lambda kv: kv[1])}), flush=True)
 
     for path in ("grpc", "shm", "cuda_ipc"):
         measure(path, d, ds.address)
@@ -220,7 +231,7 @@ def bench_handoff(quick):
         from colm.decode_worker.spawn import DecodeProcess
 
         with DecodeProcess(_bench_decode_engine, (name,), token) as child:
-            measure("cuda_ipc", kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address)), child.address)
+            measure("cuda_ipc", kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address)), child.address, reps=7)
         return True
 
     guard(out, "cuda_ipc_proc_ran", in_child)
@@ -235,6 +246,16 @@ def bench_handoff(quick):
     del full, sub, de, pe
     free()
     return out
+
+
+def merged_timeline(t0, client, reply, first_event):
+    """One remote hand-off on one clock: ms after ``t0`` (the Reserve call) of the client's stamps
+    (``client.*``: time.monotonic()), the prefill worker's milestones (``prefill.*``, PrefillReply) and
+    the decode worker's (``decode.*``, the first TokenEvent). All processes share the host's monotonic clock."""
+    row = {f"client.{k}": (v - t0) * 1000 for k, v in client.items()}
+    row.update({f"prefill.{k}": (reply.monotonic_s - t0) * 1000 + v for k, v in reply.timeline_ms.items()})
+    row.update({f"decode.{k}": (first_event.monotonic_s - t0) * 1000 + v for k, v in first_event.timeline_ms.items()})
+    return row
 
 
 def local_breakdown(pe, de, prompt, params, n, reps=5):

@@ -37,6 +37,10 @@ class TokenEvent:
     finish_reason: str  # "" while running; "stop" | "length" on the last token
     time_ms: float
     logprob: float
+    # first event only: the request's milestones on this worker (``DecodeRequest.timeline``) in ms after
+    # start_generation (negative: before it), and that moment on this host's monotonic clock
+    timeline_ms: dict[str, float] | None = None
+    monotonic_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,19 @@ class DecodeRequest:
     running: bool = False
     cancel: BaseException | None = None        # set by abort/failure while running; the step loop ends it
     detok: IncrementalDetokenizer | None = None  # stop strings: the output's text, O(window) per token
+    # milestone -> time.monotonic(): reserved, kv_header, kv_first_chunk, kv_last_chunk, kv_done, started,
+    # admitted (joined the batch), first_token. The first TokenEvent carries them.
+    timeline: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, milestone: str, again: bool = False) -> None:
+        """Stamp ``milestone`` now (the first time only, unless ``again``)."""
+        if again or milestone not in self.timeline:
+            self.timeline[milestone] = time.monotonic()
+
+    def timeline_after_start(self) -> tuple[dict[str, float], float]:
+        """(milestone -> ms after ``started``, ``started`` on the monotonic clock)."""
+        t0 = self.timeline.get("started", 0.0)
+        return {k: (v - t0) * 1000.0 for k, v in self.timeline.items()}, t0
 
 
 def stop_reason(req: DecodeRequest, token: int, eos_id: int | None,

@@ -210,7 +210,8 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
         context.add_callback(lambda: self.engine.abort(rid))  # client gone: stop generating (no-op when finished)
         for ev in stream:
             yield kv_pb2.TokenEvent(request_id=rid, token_id=ev.token_id, index=ev.index, scale=ev.scale,
-                                    finish_reason=ev.finish_reason, time_ms=ev.time_ms, logprob=ev.logprob)
+                                    finish_reason=ev.finish_reason, time_ms=ev.time_ms, logprob=ev.logprob,
+                                    timeline_ms=ev.timeline_ms or {}, monotonic_s=ev.monotonic_s)
 
     def SetScale(self, request, context):
         return kv_pb2.SetScaleReply(request_id=request.request_id,

@@ -49,6 +49,8 @@ class PrefillResult:
     compute_ms: float  # the batch's forward (shared by its requests)
     total_ms: float    # submit -> delivered
     path: str
+    timeline_ms: dict[str, float] = field(default_factory=dict)  # milestone -> ms after submit (_Job.timeline)
+    monotonic_s: float = 0.0  # submit, on the monotonic clock
 
 
 @dataclass(eq=False)
@@ -60,6 +62,12 @@ class _Job:
     t_submit: float
     future: Future = field(default_factory=Future)
     failed: BaseException | None = None
+    # milestone -> time.monotonic(): submitted, batch_start, kv_begin, first_put, last_put, computed, delivered
+    timeline: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, milestone: str, again: bool = False, now: float | None = None) -> None:
+        if again or milestone not in self.timeline:
+            self.timeline[milestone] = time.monotonic() if now is None else now
 
 
 @dataclass
@@ -145,6 +153,7 @@ class PrefillEngine:
             raise ValueError(f"request {request_id}: {len(ids)} tokens exceed max_seq_len={self.full_cfg.max_seq_len}")
         now = time.monotonic()
         job = _Job(request_id, ids[:-1], sink, now + (timeout_s or self.config.default_timeout_s), time.perf_counter())
+        job.mark("submitted", now=now)
         with self._cv:
             if len(self._queue) >= self.config.max_queue:
                 raise CapacityError(f"prefill queue full ({len(self._queue)} prompts)")
@@ -212,10 +221,12 @@ class PrefillEngine:
         t0 = time.perf_counter()
         cfg = self.model.cfg
         for job in batch:
+            job.mark("batch_start")
             try:
                 job.sink.begin(KVLayout(cfg.n_layers, len(job.tokens), cfg.n_kv_heads, cfg.head_dim, dtype_name(self.dtype)))
             except Exception as e:  # noqa: BLE001 - one bad peer must not sink the batch
                 self._fail(job, e)
+            job.mark("kv_begin")
         live = [j for j in batch if not j.future.done() and j.tokens]
         try:
             if live:
@@ -231,6 +242,8 @@ class PrefillEngine:
                 self._fail(job, e)
             return
         compute_ms = (time.perf_counter() - t0) * 1000.0
+        for job in batch:
+            job.mark("computed")
         self._recent.append((sum(len(j.tokens) + 1 for j in batch), compute_ms / 1000.0))
         for job in batch:
             if not job.future.done():
@@ -244,8 +257,11 @@ class PrefillEngine:
             return
         self._num_done += 1
         now = time.perf_counter()
+        job.mark("delivered")
+        t_sub = job.timeline["submitted"]
+        timeline = {k: (v - t_sub) * 1000.0 for k, v in job.timeline.items()}
         job.future.set_result(PrefillResult(job.request_id, len(job.tokens), num_bytes, (t0 - job.t_submit) * 1000.0,
-                                            compute_ms, (now - job.t_submit) * 1000.0, job.sink.path))
+                                            compute_ms, (now - job.t_submit) * 1000.0, job.sink.path, timeline, t_sub))
 
     def _emit(self, jobs: list[_Job], layer: int, c0: int, c1: int, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v [b, Hkv, t, hd] of positions c0..c1-1 -> each request's real tokens as [1, t_r, 2, Hkv, hd]
@@ -260,6 +276,8 @@ class PrefillEngine:
         for row, job, end in live:
             try:
                 job.sink.put(layer, layer + 1, c0, end, kv[row : row + 1, : end - c0])
+                job.mark("first_put")
+                job.mark("last_put", again=True)
             except Exception as e:  # noqa: BLE001 - the peer of this request failed; the rest go on
                 self._fail(job, e)
 

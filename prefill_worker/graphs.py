@@ -137,6 +137,7 @@ class PrefillGraphs:
         return ([self._kv[li, 0, :n].view(shape) for li in range(cfg.n_layers)],
                 [self._kv[li, 1, :n].view(shape) for li in range(cfg.n_layers)])
 
+    @torch.no_grad()  # warm_up runs outside the engine's no_grad forward
     def _capture(self, rows: int, length: int) -> _Graph:
         tokens = torch.zeros(rows, length, dtype=torch.long, device=self.device)
         keys, values = self._views(rows, length)

@@ -48,7 +48,8 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
                               cfg.shm_checksum if path == "shm" else cfg.checksum, timeout, shm=path == "shm")
         r = self.engine.submit(request.request_id, list(request.token_ids), sink, timeout).result(timeout=timeout)
         return kv_pb2.PrefillReply(request_id=r.request_id, num_tokens=r.num_tokens, num_bytes=r.num_bytes,
-                                   queue_ms=r.queue_ms, compute_ms=r.compute_ms, total_ms=r.total_ms, path=r.path)
+                                   queue_ms=r.queue_ms, compute_ms=r.compute_ms, total_ms=r.total_ms, path=r.path,
+                                   timeline_ms=r.timeline_ms, monotonic_s=r.monotonic_s)
 
     def Stats(self, request, context):
         s = self.engine.stats()

@@ -115,3 +115,23 @@ def test_score_gives_logprobs_and_greedy_tokens(cluster):
     with pytest.raises(grpc.RpcError) as e:
         d.Score(kv_pb2.ScoreRequest(token_ids=[5, 999], scale=1), metadata=MD, timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_timelines_order_the_handoff(cluster):
+    """PrefillReply and the first TokenEvent carry each worker's milestones; on one host their monotonic bases
+    put both on one clock, where the hand-off's order must hold."""
+    full, decode, _, d, p = cluster
+    prompt = prompts([40], seed=3)[0]  # 39 tokens of K/V in 3 chunks of 16 positions, many messages each
+    events, reply = run_request(d, p, decode, "timeline", prompt, 2, 3, same_host=False)
+    first, rest = events[0], events[1:]
+    assert all(not e.timeline_ms and e.monotonic_s == 0 for e in rest)
+    dec = {k: first.monotonic_s + v / 1000 for k, v in first.timeline_ms.items()}  # absolute, monotonic clock
+    pre = {k: reply.monotonic_s + v / 1000 for k, v in reply.timeline_ms.items()}
+    assert reply.timeline_ms["submitted"] == 0.0 and first.timeline_ms["started"] == 0.0
+    order = [dec["reserved"], pre["submitted"], pre["batch_start"], pre["kv_begin"], dec["kv_header"],
+             dec["kv_first_chunk"], dec["kv_last_chunk"], dec["kv_done"], pre["delivered"]]
+    assert order == sorted(order), {**{f"d.{k}": v for k, v in dec.items()}, **{f"p.{k}": v for k, v in pre.items()}}
+    assert pre["first_put"] <= pre["last_put"] <= pre["computed"] <= pre["delivered"]
+    assert dec["kv_first_chunk"] < dec["kv_last_chunk"]  # several chunks
+    assert max(dec["kv_done"], dec["started"]) <= dec["admitted"] <= dec["first_token"]
+    assert dec["first_token"] - dec["reserved"] < 30  # seconds: one clock, not two unrelated ones
