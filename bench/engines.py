@@ -186,10 +186,15 @@ def bench_handoff(quick):
     ds.server.start()
     ps = PrefillServer(pe, token)
     ps.server.start()
+    pe_layers = PrefillEngine(sub, full.cfg, PrefillConfig(chunk_size=8192, max_batch_tokens=8192,
+                                                           ipc_chunk_layers=1)).start()
+    ps_layers = PrefillServer(pe_layers, token)
+    ps_layers.server.start()
+    p_layers = kv_pb2_grpc.PrefillWorkerStub(make_channel(ps_layers.address))
     md = auth_metadata(token)
     d = kv_pb2_grpc.DecodeWorkerStub(make_channel(ds.address))
     p = kv_pb2_grpc.PrefillWorkerStub(make_channel(ps.address))
-    def measure(path, d, address, reps=3):
+    def measure(path, d, address, reps=3, p=p, suffix=""):
         replies, timelines = [], []
 
         def remote():
@@ -211,7 +216,7 @@ def bench_handoff(quick):
             timelines.append(merged_timeline(t0, client, replies[-1], ev))
             return ev
 
-        key = path if address == ds.address else f"{path}_proc"
+        key = (path if address == ds.address else f"{path}_proc") + suffix
         guard(out, f"{key}_ttft_ms", lambda: timed(remote, reps=reps))
         if replies:
             r = replies[-1]
@@ -231,19 +236,24 @@ def bench_handoff(quick):
         from colm.decode_worker.spawn import DecodeProcess
 
         with DecodeProcess(_bench_decode_engine, (name,), token) as child:
-            measure("cuda_ipc", kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address)), child.address, reps=7)
+            stub = kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address))
+            measure("cuda_ipc", stub, child.address, reps=7)
+            # the same with a KVChunk signal (and a decode copy) per layer, side by side
+            measure("cuda_ipc", stub, child.address, reps=7, p=p_layers, suffix="_per_layer")
         return True
 
     guard(out, "cuda_ipc_proc_ran", in_child)
-    for k in ("local", "grpc", "shm", "cuda_ipc", "cuda_ipc_proc"):
+    for k in ("local", "grpc", "shm", "cuda_ipc", "cuda_ipc_proc", "cuda_ipc_proc_per_layer"):
         v = out.get(f"{k}_ttft_ms")
         if isinstance(v, float):
             out[f"{k}_ttft_over_compute"] = v / out["chain1_compute_ms"]
     ps.server.stop(0)
+    ps_layers.server.stop(0)
     ds.server.stop(0)
     pe.stop()
+    pe_layers.stop()
     de.stop()
-    del full, sub, de, pe
+    del full, sub, de, pe, pe_layers
     free()
     return out
 

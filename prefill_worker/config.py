@@ -18,6 +18,11 @@ class PrefillConfig:
     checksum: str = default_checksum() # bytes path: "crc32c" (when the crc32c package is installed) | "crc32" | "none"
     shm_checksum: str = "none"         # shared-memory path: the bytes never leave this host's memory
     ipc_checksum: str = "none"         # cuda_ipc path: the bytes never leave the GPU (a checksum costs a host copy)
+    # cuda_ipc path: layers per KVChunk signal, so decode copies them into its blocks while later layers
+    # compute; 0 = one signal per token range once all its layers are in (one copy per chunk of the prompt).
+    # With both workers on one GPU, every decode copy is a switch between the two processes' contexts on a
+    # time-sliced GPU; see docs/engines.md for the measured cost. Set 1 or more when decode has a GPU of its own.
+    ipc_chunk_layers: int = 0
     # CUDA only: a batch's length is padded up to a multiple of this. SDPA's cuDNN attention builds an
     # execution plan per sequence length (tens of ms), so unpadded prompts of ever-new lengths paid that in
     # their TTFT under load; buckets bound the shapes (right padding leaves the real tokens exact).
@@ -38,6 +43,8 @@ class PrefillConfig:
         for name in ("max_batch_tokens", "max_batch_size", "chunk_size", "max_queue", "kv_chunk_bytes", "length_bucket"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+        if self.ipc_chunk_layers < 0:
+            raise ValueError(f"ipc_chunk_layers={self.ipc_chunk_layers}: must be >= 0 (0 = all layers of a token range)")
         if self.cuda_graph_tokens < 0:
             raise ValueError(f"cuda_graph_tokens={self.cuda_graph_tokens}: must be >= 0 (0 = no CUDA graphs)")
         if self.chunk_size > self.max_batch_tokens:

@@ -4,11 +4,17 @@ Path of one request: ``begin(layout)`` allocates one staging tensor for the requ
 (``[layers, tokens, 2, kv_heads, head_dim]``, the engine's dtype, through torch's caching allocator so
 later requests reuse the segment), exports it (``colm.kv_ipc.export_staging``: CUDA IPC handle in the
 ``KVHeader``) and opens the ``PushKV`` stream -> each ``put`` copies its K/V into the staging tensor on
-the current stream and records an event -> the stream's generator (a helper thread) waits for that
-event, then sends a ``KVChunk`` with the layer/token ranges and no payload, so decode copies those
-ranges while later layers compute -> ``finish`` sends ``KVEnd`` and waits for the ack (decode acks
-only once its copies are done) -> the staging tensor is freed. ``fail`` cancels the stream (decode
-frees the request's blocks) and frees it too.
+the current stream; once ``chunk_layers`` layers of a token range are in (0: all of them), it records
+an event and queues their ranges -> the stream's generator (a helper thread) waits for that event,
+then sends a ``KVChunk`` with the layer/token ranges and no payload, and decode copies those ranges
+into its blocks -> ``finish`` sends ``KVEnd`` and waits for the ack (decode acks only once its copies
+are done) -> the staging tensor is freed. ``fail`` cancels the stream (decode frees the request's
+blocks) and frees it too.
+
+Signals per layer let decode's copies overlap the remaining layers, but on one GPU shared by the two
+processes each copy is a switch between their contexts, which the prefill's forward pays for; one
+signal per token range (the default, ``PrefillConfig.ipc_chunk_layers=0``) leaves a single copy per
+prompt chunk after its forward.
 
 On a CPU engine the staging tensor can only be read by a decode engine in the same process (tests);
 ``colm.prefill_worker.service`` refuses the path without CUDA.
@@ -25,12 +31,16 @@ from colm.prefill_worker.kv_push import GrpcKVSink, kv_pb2
 
 class IpcKVSink(GrpcKVSink):
     def __init__(self, stub, request_id: str, cluster_token: str, device, checksum_kind: str = "none",
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, chunk_layers: int = 0) -> None:
         super().__init__(stub, request_id, cluster_token, checksum_kind=checksum_kind, timeout_s=timeout_s)
+        if chunk_layers < 0:
+            raise ValueError(f"chunk_layers={chunk_layers}: must be >= 0 (0 = all layers of a token range)")
         self.path = "cuda_ipc"
         self.device = torch.device(device)
+        self.chunk_layers = chunk_layers
         self._staging: torch.Tensor | None = None  # [layers, tokens, 2, kv_heads, head_dim]
         self._key = ""
+        self._unsent: dict[tuple[int, int], list[int]] = {}  # (token_start, token_end) -> [first layer, end layer) put, not signalled
 
     def begin(self, layout: KVLayout) -> None:
         self._layout = layout
@@ -50,11 +60,20 @@ class IpcKVSink(GrpcKVSink):
 
     def put(self, layer_start, layer_end, token_start, token_end, kv) -> None:
         self._staging[layer_start:layer_end, token_start:token_end].copy_(kv, non_blocking=True)
+        span = self._unsent.setdefault((token_start, token_end), [layer_start, layer_start])
+        if layer_start != span[1]:
+            raise ValueError(f"request {self.request_id}: layers [{layer_start},{layer_end}) of tokens "
+                             f"[{token_start},{token_end}) put after layer {span[1]}: puts of a range go in layer order")
+        span[1] = layer_end
+        n = self._layout.num_layers
+        if span[1] < n and (self.chunk_layers == 0 or span[1] - span[0] < self.chunk_layers):
+            return
+        del self._unsent[(token_start, token_end)]
         event = None
         if self._staging.is_cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self._staging.device))
-        self._q.put(((layer_start, layer_end, token_start, token_end), None, event))
+        self._q.put(((span[0], span[1], token_start, token_end), None, event))
 
     def _messages(self, header):
         yield kv_pb2.KVMessage(header=header)

@@ -42,11 +42,12 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
         path = choose_path(request.path, request.same_host, self.engine.device.type == "cuda", request.decode_cuda)
         stub = self._stub(request.decode_address)
         if path == "cuda_ipc":
-            sink = IpcKVSink(stub, request.request_id, self.cluster_token, self.engine.device, cfg.ipc_checksum, timeout)
+            sink = IpcKVSink(stub, request.request_id, self.cluster_token, self.engine.device, cfg.ipc_checksum, timeout,
+                             cfg.ipc_chunk_layers)
         else:
             sink = GrpcKVSink(stub, request.request_id, self.cluster_token, cfg.kv_chunk_bytes,
                               cfg.shm_checksum if path == "shm" else cfg.checksum, timeout, shm=path == "shm")
-        r = self.engine.submit(request.request_id, list(request.token_ids), sink, timeout).result(timeout=timeout)
+        r = self.engine.submit(request.request_id, request.token_ids, sink, timeout).result(timeout=timeout)
         return kv_pb2.PrefillReply(request_id=r.request_id, num_tokens=r.num_tokens, num_bytes=r.num_bytes,
                                    queue_ms=r.queue_ms, compute_ms=r.compute_ms, total_ms=r.total_ms, path=r.path,
                                    timeline_ms=r.timeline_ms, monotonic_s=r.monotonic_s)

@@ -98,11 +98,13 @@ def reserve(d, rid, n, max_new=6):
     return d.Reserve(kv_pb2.ReserveRequest(request_id=rid, prompt_len=n, max_new_tokens=max_new), metadata=MD, timeout=5)
 
 
-def run_in_process(cluster, rid, prompt, scale=2, max_new=6):
+def run_in_process(cluster, rid, prompt, scale=2, max_new=6, chunk_layers=0, sinks=None):
     _, full, decode, pe, d, _ = cluster
     params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
     assert not reserve(d, rid, len(prompt), max_new).cuda_kv
-    sink = IpcKVSink(decode_stub(decode.address), rid, TOKEN, "cpu")
+    sink = IpcKVSink(decode_stub(decode.address), rid, TOKEN, "cpu", chunk_layers=chunk_layers)
+    if sinks is not None:
+        sinks.append(sink)
     res = {}
     th = threading.Thread(target=lambda: res.update(r=pe.prefill(rid, prompt, sink)))
     th.start()
@@ -121,6 +123,22 @@ def test_ipc_sink_in_one_process_gives_reference_tokens(cluster):
         assert r.num_bytes == full.cfg.n_layers * (len(prompt) - 1) * 2 * full.cfg.n_kv_heads * full.cfg.head_dim * 4
     assert not kv_ipc._local  # every staging tensor released after the ack
     assert_pool_free(decode.engine)
+
+
+@pytest.mark.parametrize("chunk_layers", [0, 1, 2])
+def test_ipc_signals_per_token_range_or_per_layers(cluster, chunk_layers):
+    """One KVChunk per token range once all its layers are in (0), or per ``chunk_layers`` layers of it."""
+    full = cluster[1]
+    L = full.cfg.n_layers
+    prompt = prompts([40], seed=6)[0]  # 39 tokens of K/V, chunk_size 16: token ranges of 16, 16, 7
+    sinks = []
+    r = run_in_process(cluster, f"ipc-signal-{chunk_layers}", prompt, chunk_layers=chunk_layers, sinks=sinks)
+    per_range = 1 if chunk_layers == 0 else -(-L // chunk_layers)
+    assert sinks[0]._num_chunks == 3 * per_range and r.num_tokens == 39
+    with pytest.raises(ValueError, match="chunk_layers=-1"):
+        IpcKVSink(None, "x", TOKEN, "cpu", chunk_layers=-1)
+    with pytest.raises(ValueError, match="ipc_chunk_layers=-1"):
+        PrefillConfig(ipc_chunk_layers=-1)
 
 
 def test_cuda_ipc_requested_without_cuda(cluster):
