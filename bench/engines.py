@@ -240,6 +240,8 @@ def bench_handoff(quick):
             measure("cuda_ipc", stub, child.address, reps=7)
             # the same with a KVChunk signal (and a decode copy) per layer, side by side
             measure("cuda_ipc", stub, child.address, reps=7, p=p_layers, suffix="_per_layer")
+            # the denominator again, with the gRPC servers, the idle in-process decode engine and the child up
+            out["chain1_compute_servers_up_ms"] = timed(lambda: pe.prefill("c", prompt, NullKVSink()), reps=5)
         return True
 
     guard(out, "cuda_ipc_proc_ran", in_child)
