@@ -17,7 +17,8 @@ class DecodeConfig:
                                          # scale; "group": one forward per scale group (bench/decode.py compares)
     reservation_timeout_s: float = 600.0 # a reservation not finished by then is freed (DEADLINE_EXCEEDED)
     kv_timeout_s: float = 60.0           # StartGeneration waits this long for the KV to arrive
-    max_reservations: int = 4096
+    max_reservations: int = 1024         # requests held at once (Reserve answers RESOURCE_EXHAUSTED beyond); the
+                                         # gRPC server keeps two threads per reservation (DecodeServer)
     idle_wait_s: float = 0.005           # the step loop's wait when nothing runs
     cuda_graphs: bool = True             # replay the decode forward from CUDA graphs (CUDA only; eager elsewhere)
     warmup_context: int = 0              # > 0 (CUDA graphs): at start, capture the graphs of every batch size and

@@ -237,10 +237,16 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
 
 
 class DecodeServer(EngineServer):
-    """The decode engine's loop plus ``colm.v1.DecodeWorker`` on ``address``."""
+    """The decode engine's loop plus ``colm.v1.DecodeWorker`` on ``address``.
+
+    Threads: each reservation may hold a StartGeneration stream (waiting for its KV, then generating) and
+    a PushKV stream at once, so ``max_workers`` defaults to two per ``DecodeConfig.max_reservations`` plus
+    room for the short calls. With a fixed 64, 64 streams waiting for their KV took every thread: the PushKV
+    streams that would have ended the wait queued behind them and Stats timed out (tests/test_rpc_threads.py)."""
 
     def __init__(self, engine: DecodeEngine, cluster_token: str, address: str = "127.0.0.1:0",
-                 max_workers: int = 64) -> None:
+                 max_workers: int | None = None) -> None:
+        max_workers = max_workers or 2 * engine.config.max_reservations + 32
         super().__init__(engine, cluster_token, address,
                          lambda server: add_decode_service(DecodeService(engine), server), max_workers)
 

@@ -60,9 +60,15 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
 
 
 class PrefillServer(EngineServer):
-    """The prefill engine's loop plus ``colm.v1.PrefillWorker`` on ``address``."""
+    """The prefill engine's loop plus ``colm.v1.PrefillWorker`` on ``address``.
+
+    Threads: a Prefill call holds one from submission until its KV is delivered, so ``max_workers``
+    defaults to the queue's bound plus two batches in flight (one computing, one delivering) and room
+    for Stats, which the router's health checks need answered while the queue is full."""
 
     def __init__(self, engine: PrefillEngine, cluster_token: str, address: str = "127.0.0.1:0",
-                 max_workers: int = 64) -> None:
+                 max_workers: int | None = None) -> None:
+        c = engine.config
+        max_workers = max_workers or c.max_queue + 2 * c.max_batch_size + 32
         super().__init__(engine, cluster_token, address, lambda server: kv_pb2_grpc.add_PrefillWorkerServicer_to_server(
             PrefillService(engine, cluster_token), server), max_workers)

@@ -162,10 +162,15 @@ def make_channel(address: str) -> grpc.Channel:
 class EngineServer:
     """An engine's loop plus its gRPC server on ``address`` ("127.0.0.1:0" picks a free port).
 
-    ``add_service(server)`` registers the worker's servicer; ``start``/``stop`` run both together."""
+    ``add_service(server)`` registers the worker's servicer; ``start``/``stop`` run both together.
+    ``max_workers``: the server's threads (created as needed). The sync server runs every call on a
+    thread of its own for the call's whole life, so a worker whose calls wait on each other (decode:
+    StartGeneration streams wait for the KV that PushKV streams bring) needs a thread for every call
+    its engine can hold at once; the subclasses derive it from their engine's bounds."""
 
     def __init__(self, engine, cluster_token: str, address: str, add_service, max_workers: int = 64) -> None:
         self.engine = engine
+        self.max_workers = max_workers
         self.server, self.port = make_server(address, cluster_token, max_workers)
         add_service(self.server)
         self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
