@@ -6,7 +6,7 @@
 #   bash bench/gpu_suite.sh decode    # decode steps (graphs, overlap, eager, HF) + batch-1 profile (~4 min)
 #   bash bench/gpu_suite.sh handoff   # 8K prompt TTFT per hand-off path vs chain-1 compute         (~3 min)
 #   bash bench/gpu_suite.sh prefill   # chain-1 vs full prefill, 2K-32K and 128K chunked, vs HF     (~6 min)
-#   bash bench/gpu_suite.sh serve     # goodput: colocated baseline, colm, colm with prefill graphs  (~7 min)
+#   bash bench/gpu_suite.sh serve     # goodput: colocated baseline, colm, colm with prefill graphs  (~9 min)
 #   bash bench/gpu_suite.sh sweeps    # few-row chain Linear configs (1 and 8 rows, cold weights) and the
 #                                     # in-graph paged-attention split sweep                        (~6 min)
 #
@@ -42,7 +42,9 @@ case "$part" in
   prefill)
     timeout 560 python bench/engines.py --out "$OUT" --sections prefill 2>&1 | grep -v Warn | tail -40 ;;
   serve)
-    timeout 560 python bench/serve_goodput.py --rates 2,4,8,16 --slo-scale 2 --num-requests 320 \
+    # decode graphs of every batch size and width captured at start in every mode (--warmup-context: the
+    # longest prompt + output), as deploy/serve.yaml does; without it run11's colm stalled ~11 s at 16 req/s
+    timeout 580 python bench/serve_goodput.py --rates 2,4,8,16 --slo-scale 2 --num-requests 320 --warmup-context 2200 \
       --modes baseline,colm,colm-graphs --out "$OUT/serve_goodput" 2>&1 | grep -v Warn | grep -v retrying | tail -40
     for f in "$OUT"/serve_goodput_*.log; do [ -s "$f" ] && { echo "== $f"; tail -20 "$f"; }; done ;;
   sweeps)

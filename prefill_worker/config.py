@@ -29,13 +29,14 @@ class PrefillConfig:
     # With chunk_size a multiple of it, every chunk's length is one too.
     length_bucket: int = 256
     # CUDA only: a batch of at most this many padded tokens (rows rounded up to a power of two x length)
-    # that fits in one chunk replays a CUDA graph (one per shape, captured on first use); 0 = always eager.
-    # H100, chain-1 of the 1B-shape models at 2K tokens: 15.1 -> 3.9 ms ({16,16}) and 15.8 -> 2.6 ms
-    # ({8,8,8,8}): the eager forward is host-bound (bench/results/prefill_h100_2026-11-23_run5.json).
-    # Off by default: with prefill and decode as two processes on one GPU (serve_goodput run10), TTFT p50
-    # fell from ~34 to ~22 ms at low rates, but at 16 req/s decode steps stretched to 12-20 ms and goodput
-    # fell (7.0 vs 11.1 req/s the run before, without graphs); dense graph replays likely take the shared
-    # GPU's time slices from the decode process. Not measured with a GPU of its own, where it should pay.
+    # that fits in one chunk replays a CUDA graph (one per shape, captured on first use or at start with
+    # warmup_graphs); 0 = always eager. H100, chain-1 of the 1B-shape models at 2K tokens: 15.1 -> 3.9 ms
+    # ({16,16}) and 15.8 -> 2.6 ms ({8,8,8,8}): the eager forward is host-bound
+    # (bench/results/prefill_h100_2026-11-23_run5.json). Serving on one H100 (serve_goodput run11), with
+    # 4096 and every graph captured at start: goodput 16.2 req/s at 16 req/s offered, TTFT p50 11-17 ms,
+    # against 7.1 req/s eager. (Run10, graphs captured lazily while serving and each keeping its own K/V,
+    # had lost goodput at 16 req/s.) Off here, so an engine built in code compiles nothing it was not asked
+    # to; deploy/serve.yaml turns it on for the service.
     cuda_graph_tokens: int = 0
     warmup_graphs: bool = False        # with cuda_graph_tokens: capture every graph at start (no request meets a capture)
 
