@@ -186,11 +186,12 @@ def bench_handoff(quick):
     ds.server.start()
     ps = PrefillServer(pe, token)
     ps.server.start()
-    pe_layers = PrefillEngine(sub, full.cfg, PrefillConfig(chunk_size=8192, max_batch_tokens=8192,
-                                                           ipc_chunk_layers=1)).start()
-    ps_layers = PrefillServer(pe_layers, token)
-    ps_layers.server.start()
-    p_layers = kv_pb2_grpc.PrefillWorkerStub(make_channel(ps_layers.address))
+    # the cuda_ipc variant with one KVChunk signal per token range (PrefillConfig.ipc_chunk_layers=0)
+    pe_range = PrefillEngine(sub, full.cfg, PrefillConfig(chunk_size=8192, max_batch_tokens=8192,
+                                                          ipc_chunk_layers=0)).start()
+    ps_range = PrefillServer(pe_range, token)
+    ps_range.server.start()
+    p_range = kv_pb2_grpc.PrefillWorkerStub(make_channel(ps_range.address))
     md = auth_metadata(token)
     d = kv_pb2_grpc.DecodeWorkerStub(make_channel(ds.address))
     p = kv_pb2_grpc.PrefillWorkerStub(make_channel(ps.address))
@@ -238,24 +239,24 @@ def bench_handoff(quick):
         with DecodeProcess(_bench_decode_engine, (name,), token) as child:
             stub = kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address))
             measure("cuda_ipc", stub, child.address, reps=7)
-            # the same with a KVChunk signal (and a decode copy) per layer, side by side
-            measure("cuda_ipc", stub, child.address, reps=7, p=p_layers, suffix="_per_layer")
+            # the same with one KVChunk signal (and one decode copy) after the forward, side by side
+            measure("cuda_ipc", stub, child.address, reps=7, p=p_range, suffix="_per_range")
             # the denominator again, with the gRPC servers, the idle in-process decode engine and the child up
             out["chain1_compute_servers_up_ms"] = timed(lambda: pe.prefill("c", prompt, NullKVSink()), reps=5)
         return True
 
     guard(out, "cuda_ipc_proc_ran", in_child)
-    for k in ("local", "grpc", "shm", "cuda_ipc", "cuda_ipc_proc", "cuda_ipc_proc_per_layer"):
+    for k in ("local", "grpc", "shm", "cuda_ipc", "cuda_ipc_proc", "cuda_ipc_proc_per_range"):
         v = out.get(f"{k}_ttft_ms")
         if isinstance(v, float):
             out[f"{k}_ttft_over_compute"] = v / out["chain1_compute_ms"]
     ps.server.stop(0)
-    ps_layers.server.stop(0)
+    ps_range.server.stop(0)
     ds.server.stop(0)
     pe.stop()
-    pe_layers.stop()
+    pe_range.stop()
     de.stop()
-    del full, sub, de, pe, pe_layers
+    del full, sub, de, pe, pe_range
     free()
     return out
 

@@ -11,10 +11,10 @@ into its blocks -> ``finish`` sends ``KVEnd`` and waits for the ack (decode acks
 are done) -> the staging tensor is freed. ``fail`` cancels the stream (decode frees the request's
 blocks) and frees it too.
 
-Signals per layer let decode's copies overlap the remaining layers, but on one GPU shared by the two
-processes each copy is a switch between their contexts, which the prefill's forward pays for; one
-signal per token range (the default, ``PrefillConfig.ipc_chunk_layers=0``) leaves a single copy per
-prompt chunk after its forward.
+Signals per layer (the default, ``PrefillConfig.ipc_chunk_layers=1``) let decode's copies overlap the
+remaining layers; one signal per token range (0) leaves a single copy per prompt chunk after its
+forward, so decode does no GPU work while a prefill on the same GPU computes. On one H100 the two
+gave the same TTFT within noise (bench/results/handoff_h100_2026-11-23_run7/8).
 
 On a CPU engine the staging tensor can only be read by a decode engine in the same process (tests);
 ``colm.prefill_worker.service`` refuses the path without CUDA.
@@ -31,7 +31,7 @@ from colm.prefill_worker.kv_push import GrpcKVSink, kv_pb2
 
 class IpcKVSink(GrpcKVSink):
     def __init__(self, stub, request_id: str, cluster_token: str, device, checksum_kind: str = "none",
-                 timeout_s: float = 60.0, chunk_layers: int = 0) -> None:
+                 timeout_s: float = 60.0, chunk_layers: int = 1) -> None:
         super().__init__(stub, request_id, cluster_token, checksum_kind=checksum_kind, timeout_s=timeout_s)
         if chunk_layers < 0:
             raise ValueError(f"chunk_layers={chunk_layers}: must be >= 0 (0 = all layers of a token range)")

@@ -98,7 +98,7 @@ def reserve(d, rid, n, max_new=6):
     return d.Reserve(kv_pb2.ReserveRequest(request_id=rid, prompt_len=n, max_new_tokens=max_new), metadata=MD, timeout=5)
 
 
-def run_in_process(cluster, rid, prompt, scale=2, max_new=6, chunk_layers=0, sinks=None):
+def run_in_process(cluster, rid, prompt, scale=2, max_new=6, chunk_layers=1, sinks=None):
     _, full, decode, pe, d, _ = cluster
     params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
     assert not reserve(d, rid, len(prompt), max_new).cuda_kv
