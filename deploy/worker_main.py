@@ -4,7 +4,8 @@
         [--host 127.0.0.1] [--port 0] [--device cuda] [--dtype bfloat16] [--config '{"num_blocks": 4096}']
 
 Prints ``READY <role> <host:port>`` on stdout once it serves (benchmarks and process managers read
-it), then runs until SIGINT/SIGTERM. The cluster token comes from an environment variable, never
+it), then runs until SIGINT/SIGTERM. Log lines (INFO and up: graph captures at start, failed steps) go
+to stderr. The cluster token comes from an environment variable, never
 from the command line (which other users of the machine can read).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -47,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--config", default="{}", help="the engine's config section as JSON")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s {args.role} %(name)s %(levelname)s %(message)s")
     token = os.environ.get(args.token_env, "")
     if len(token) < 16:
         print(f"worker_main: ${args.token_env} must hold the cluster token (>= 16 characters)", file=sys.stderr)
