@@ -13,8 +13,8 @@ retries elsewhere with the tokens produced so far appended to the prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Protocol
 
 from colm.router.policy import WorkerReport
 from colm.sampling import SamplingParams
@@ -43,6 +43,9 @@ class EngineRequest:
     scale: int
     timeout_s: float  # time left before the request's deadline
     eos_id: int | None = None
+    # the backend reports the request's phases here (seconds by name; colm.router.metrics.decode_phases /
+    # prefill_phases) once the workers' timelines arrive; None = nobody listens
+    observe_phases: Callable[[dict[str, float]], None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -250,7 +250,7 @@ class Router:
                 raise Unavailable(f"request {spec.request_id}: {e}") from None
             req = EngineRequest(f"{spec.request_id}.{retries}" if retries else spec.request_id, tuple(prompt),
                                 replace(params, max_new_tokens=params.max_new_tokens - len(out), stop_strings=()),
-                                state.scale, left, self.tokenizer.eos_id)
+                                state.scale, left, self.tokenizer.eos_id, self.metrics.observe_phases)
             self.registry.start(prefill.worker_id, spec.request_id)
             self.registry.start(decode.worker_id, spec.request_id)
             self.running[req.request_id] = (state, decode.worker_id)

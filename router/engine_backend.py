@@ -16,6 +16,7 @@ from typing import AsyncIterator
 from colm.errors import CapacityError, RequestAbortedError
 from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo
 from colm.router.placement import NoWorker
+from colm.router.metrics import decode_phases, prefill_phases
 from colm.router.policy import WorkerReport
 
 
@@ -68,6 +69,8 @@ class EngineBackend:
                 fut = pe.submit(req.request_id, list(req.prompt_ids), LocalKVSink(de, req.request_id),
                                 timeout_s=req.timeout_s)
                 fut.add_done_callback(lambda f: f.exception() and de.fail_kv(req.request_id, f.exception()))
+                if req.observe_phases is not None:
+                    fut.add_done_callback(lambda f: _observe_prefill(f, req.observe_phases))
             stream = de.start_generation(req.request_id, req.prompt_ids[-1], req.params, scale=req.scale,
                                          kv_timeout_s=req.timeout_s)
             it = iter(stream)
@@ -80,6 +83,8 @@ class EngineBackend:
                 if ev is done:
                     finished = True
                     return
+                if ev.timeline_ms and req.observe_phases is not None:
+                    req.observe_phases(decode_phases(ev.timeline_ms))
                 yield EngineToken(ev.token_id, ev.scale, ev.logprob)
                 if ev.finish_reason:
                     finished = True
@@ -98,3 +103,9 @@ class EngineBackend:
     async def prompt_logprobs(self, decode_id: str, prompt_ids: list[int], scale: int):
         return await asyncio.get_running_loop().run_in_executor(None, self.decode[decode_id].score, list(prompt_ids),
                                                                 scale)
+
+
+def _observe_prefill(fut, observe_phases) -> None:
+    """A finished prefill's phases (runs on the prefill's thread; prometheus metrics are thread-safe)."""
+    if fut.exception() is None and fut.result().timeline_ms:
+        observe_phases(prefill_phases(fut.result().timeline_ms))

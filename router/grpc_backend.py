@@ -18,6 +18,7 @@ import grpc
 
 from colm.proto import load_proto
 from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo
+from colm.router.metrics import decode_phases, prefill_phases
 from colm.scoring import prompt_logprobs
 from colm.router.policy import WorkerReport
 
@@ -124,7 +125,7 @@ class GrpcBackend:
                 request_id=req.request_id, token_ids=list(req.prompt_ids), decode_address=self._workers[decode_id].address,
                 same_host=same_host, timeout_s=timeout, path=self.kv_path, decode_cuda=reply.cuda_kv),
                 metadata=md, timeout=timeout))
-            prefill_task.add_done_callback(lambda t: self._count_transfer(prefill_id, t))
+            prefill_task.add_done_callback(lambda t: self._count_transfer(prefill_id, t, req.observe_phases))
             sampling = kv_pb2.DecodeSampling(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
                                              top_p=p.top_p, stop_token_ids=list(p.stop_token_ids),
                                              ignore_eos=p.ignore_eos)
@@ -151,6 +152,8 @@ class GrpcBackend:
                 except grpc.aio.AioRpcError as e:
                     raise self._failure(e, decode_id) from None
                 streaming = True
+                if ev.timeline_ms and req.observe_phases is not None:  # the first event carries the decode timeline
+                    req.observe_phases(decode_phases(ev.timeline_ms))
                 yield EngineToken(ev.token_id, ev.scale, ev.logprob)
                 if ev.finish_reason:
                     finished = True
@@ -181,10 +184,12 @@ class GrpcBackend:
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 
-    def _count_transfer(self, prefill_id: str, task: asyncio.Future) -> None:
+    def _count_transfer(self, prefill_id: str, task: asyncio.Future, observe_phases=None) -> None:
         if task.cancelled() or task.exception() is not None:
             return
         r = task.result()  # PrefillReply: the hand-off is what the total holds beyond queueing and compute
+        if observe_phases is not None and r.timeline_ms:
+            observe_phases(prefill_phases(r.timeline_ms))
         t = self._transfer.setdefault(prefill_id, [0, 0.0, 0])
         t[0] += r.num_bytes
         t[1] += max(0.0, r.total_ms - r.queue_ms - r.compute_ms) / 1e3

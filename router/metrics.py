@@ -9,6 +9,31 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+PHASE_BUCKETS_S = (0.0005, 0.001, 0.0025) + LATENCY_BUCKETS_S  # a decode step is ~1 ms
+
+
+def _span(t: dict, start: str, end: str) -> float | None:
+    return max(0.0, (t[end] - t[start]) / 1000.0) if start in t and end in t else None
+
+
+def decode_phases(timeline_ms: dict) -> dict[str, float]:
+    """Seconds of a request's phases on its decode worker, from the first TokenEvent's milestones (ms):
+    kv_wait (generation asked -> KV complete), admission (both -> joined the batch), first_step (-> token)."""
+    t = timeline_ms
+    out = {"kv_wait": _span(t, "started", "kv_done"), "first_step": _span(t, "admitted", "first_token")}
+    if "admitted" in t and "started" in t:
+        out["admission"] = max(0.0, (t["admitted"] - max(t["started"], t.get("kv_done", t["started"]))) / 1000.0)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def prefill_phases(timeline_ms: dict) -> dict[str, float]:
+    """Seconds of a request's phases on its prefill worker, from PrefillReply / PrefillResult milestones (ms):
+    prefill_queue (submitted -> its batch started), prefill_compute (-> forward done on the device),
+    kv_delivery (-> decode acknowledged the last K/V)."""
+    t = timeline_ms
+    out = {"prefill_queue": _span(t, "submitted", "batch_start"), "prefill_compute": _span(t, "batch_start", "computed"),
+           "kv_delivery": _span(t, "computed", "delivered")}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 class RouterMetrics:
@@ -35,6 +60,13 @@ class RouterMetrics:
                                     ["worker"], registry=r)
         self.transfer_seconds = Gauge("colm_kv_transfer_seconds", "Time spent on KV hand-off (worker total)",
                                       ["worker"], registry=r)
+        self.phases = Histogram("colm_request_phase_seconds", "Where a request's time to first token goes, from the "
+                                "workers' timelines: prefill_queue, prefill_compute, kv_delivery, kv_wait, admission, "
+                                "first_step", ["phase"], buckets=PHASE_BUCKETS_S, registry=r)
+
+    def observe_phases(self, phases: dict[str, float]) -> None:
+        for phase, seconds in phases.items():
+            self.phases.labels(phase).observe(seconds)
 
 
 class EngineStatsCollector:

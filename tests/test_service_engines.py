@@ -45,6 +45,41 @@ def reference(ckpt, prompt, n, scale=None, schedule=None, ignore_eos=False):
                     scale=scale, scale_schedule=schedule, eos_id=ByteTokenizer.eos_id).token_ids
 
 
+def phase_counts(router) -> dict[str, float]:
+    """colm_request_phase_seconds: observations per phase."""
+    return {s.labels["phase"]: s.value for m in router.metrics.registry.collect() if m.name == "colm_request_phase_seconds"
+            for s in m.samples if s.name.endswith("_count")}
+
+
+def test_request_phases_reach_the_metrics(ckpt):
+    """Both workers' timelines become colm_request_phase_seconds: every phase once per request with KV."""
+    bg, _, _ = make(ckpt)
+    try:
+        with Client(bg.grpc_addr) as c:
+            for prompt in ("phase one", "phase two"):
+                c.complete(prompt, max_new_tokens=3)
+        deadline = time.monotonic() + 5  # the prefill's phases are reported when its future resolves
+        while phase_counts(bg.router).get("kv_delivery", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        counts = phase_counts(bg.router)
+        assert counts == {p: 2.0 for p in ("prefill_queue", "prefill_compute", "kv_delivery", "kv_wait", "admission",
+                                           "first_step")}, counts
+    finally:
+        bg.stop()
+
+
+def test_phases_from_timelines():
+    from colm.router.metrics import decode_phases, prefill_phases
+
+    d = decode_phases({"reserved": -3.0, "started": 0.0, "kv_done": 20.0, "admitted": 21.0, "first_token": 22.5})
+    assert d == pytest.approx({"kv_wait": 0.020, "admission": 0.001, "first_step": 0.0015})
+    # KV complete before generation was asked (or no KV at all): admission counts from the start
+    assert decode_phases({"started": 0.0, "admitted": 0.5, "first_token": 2.0}) == pytest.approx(
+        {"admission": 0.0005, "first_step": 0.0015})
+    p = prefill_phases({"submitted": 0.0, "batch_start": 1.0, "kv_begin": 2.0, "computed": 21.0, "delivered": 22.0})
+    assert p == pytest.approx({"prefill_queue": 0.001, "prefill_compute": 0.020, "kv_delivery": 0.001})
+
+
 def test_disaggregated_greedy_equals_reference_and_scale_switch(ckpt):
     bg, prefill, decode = make(ckpt, rebalance=False)
     try:

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -54,6 +55,13 @@ def test_worker_processes_serve_reference_tokens_and_refuse_a_wrong_token():
                 # 4 heads x 32 dims x 4 bytes
                 m = bg.router.metrics.transfer_bytes.labels("prefill-0")._value.get()
                 assert m == 2 * 19 * 4 * 2 * 4 * 32 * 4
+                # the workers' timelines crossed the wire and became phase observations (one per request)
+                phases = bg.router.metrics.phases
+                deadline = time.monotonic() + 5  # a Prefill reply may land after its request's last token
+                while phases.labels("kv_delivery")._sum.get() == 0 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert phases.labels("kv_wait")._sum.get() > 0 and phases.labels("prefill_compute")._sum.get() > 0
+                assert phases.labels("first_step")._sum.get() > 0
         finally:
             bg.stop()
         # a router holding the wrong token gets nothing from the workers: they never become healthy
