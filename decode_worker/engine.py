@@ -34,7 +34,7 @@ from colm.scoring import prompt_logprobs
 from colm.decode_worker.block_pool import BlockPool, CopyPlan, blocks_for, num_blocks_from_memory
 from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.graphs import DecodeGraphs
-from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, elapsed_ms, stop_reason
+from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, stop_reason
 from colm.decode_worker.step import LaunchedStep, decode_step, launch_greedy_step
 from colm.decode_worker.step_stats import StepTimes
 from colm.loop_thread import LoopThread
@@ -150,7 +150,7 @@ class DecodeEngine:
             blocks = self.pool.allocate(n)  # CapacityError when the pool is full
             timeout = timeout_s or self.config.reservation_timeout_s
             req = DecodeRequest(request_id, prompt_len, max_new_tokens, blocks, time.monotonic() + timeout)
-            req.mark("reserved")
+            req.timeline.mark("reserved")
             req.kv_done = prompt_len == 1  # nothing before the last token: no KV to wait for
             self._requests[request_id] = req
         return Reservation(request_id, n, self.pool.block_size, self.host_id)
@@ -174,7 +174,7 @@ class DecodeEngine:
                                         f"the reservation needs {want}")
                 req.layout = layout
                 req.written = np.zeros((layout.num_layers, layout.num_tokens), dtype=bool)
-                req.mark("kv_header")
+                req.timeline.mark("kv_header")
             except TransferError as e:
                 self._fail(req, e)
                 raise
@@ -209,8 +209,8 @@ class DecodeEngine:
                     torch.cuda.current_stream(self.device).synchronize()
                 cells[:] = True
                 req.next_chunk_seq += 1
-                req.mark("kv_first_chunk")
-                req.mark("kv_last_chunk", again=True)
+                req.timeline.mark("kv_first_chunk")
+                req.timeline.mark("kv_last_chunk", again=True)
             except TransferError as e:
                 self._fail(req, e)
                 raise
@@ -245,7 +245,7 @@ class DecodeEngine:
                 self._fail(req, e)
                 raise
             req.kv_done = True
-            req.mark("kv_done")
+            req.timeline.mark("kv_done")
             self._wake.notify_all()
 
     def fail_kv(self, request_id: str, exc: BaseException) -> None:
@@ -275,8 +275,7 @@ class DecodeEngine:
             req.started, req.params, req.scale, req.last_token_id = True, params, scale, last_token_id
             req.generator = params.make_generator()
             req.stream = TokenStream(request_id, self.alive)
-            req.t_start = time.perf_counter()
-            req.mark("started")
+            req.timeline.mark("started")
             req.kv_deadline = time.monotonic() + (kv_timeout_s or self.config.kv_timeout_s)
             req.num_cached = req.prompt_len - 1
             req.next_input = last_token_id
@@ -350,7 +349,7 @@ class DecodeEngine:
             if req.started and req.kv_done and not req.running:
                 req.running = True
                 self._running.append(req)
-                req.mark("admitted")
+                req.timeline.mark("admitted")
 
     def step(self) -> int:
         """Admit ready requests and advance every running sequence by one token; returns the batch size."""
@@ -392,10 +391,10 @@ class DecodeEngine:
                 reason = stop_reason(req, tok, self.eos_id, self.detokenize)
                 timeline, t0 = None, 0.0
                 if len(req.out_tokens) == 1:
-                    req.mark("first_token")
-                    timeline, t0 = req.timeline_after_start()
+                    req.timeline.mark("first_token")
+                    timeline, t0 = req.timeline.relative_ms("started")
                 req.stream.push(TokenEvent(req.request_id, tok, len(req.out_tokens) - 1, s, reason,
-                                           elapsed_ms(req.t_start), lp, timeline, t0))
+                                           req.timeline.ms_since("started"), lp, timeline, t0))
                 if reason:
                     self._finalize(req)
         return len(batch)

@@ -12,7 +12,6 @@ exception).
 from __future__ import annotations
 
 import queue
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,6 +23,7 @@ from colm.detokenize import IncrementalDetokenizer
 from colm.errors import RequestAbortedError
 from colm.kv_wire import KVLayout
 from colm.sampling import SamplingParams
+from colm.timeline import Timeline
 
 _END = object()
 
@@ -111,7 +111,6 @@ class DecodeRequest:
     scale: int = 1
     generator: torch.Generator | None = None
     stream: TokenStream | None = None
-    t_start: float = 0.0
     kv_deadline: float = float("inf")
     out_tokens: list[int] = field(default_factory=list)
     num_cached: int = 0                        # positions whose K/V are in the pool
@@ -119,19 +118,9 @@ class DecodeRequest:
     running: bool = False
     cancel: BaseException | None = None        # set by abort/failure while running; the step loop ends it
     detok: IncrementalDetokenizer | None = None  # stop strings: the output's text, O(window) per token
-    # milestone -> time.monotonic(): reserved, kv_header, kv_first_chunk, kv_last_chunk, kv_done, started,
-    # admitted (joined the batch), first_token. The first TokenEvent carries them.
-    timeline: dict[str, float] = field(default_factory=dict)
-
-    def mark(self, milestone: str, again: bool = False) -> None:
-        """Stamp ``milestone`` now (the first time only, unless ``again``)."""
-        if again or milestone not in self.timeline:
-            self.timeline[milestone] = time.monotonic()
-
-    def timeline_after_start(self) -> tuple[dict[str, float], float]:
-        """(milestone -> ms after ``started``, ``started`` on the monotonic clock)."""
-        t0 = self.timeline.get("started", 0.0)
-        return {k: (v - t0) * 1000.0 for k, v in self.timeline.items()}, t0
+    # reserved, kv_header, kv_first_chunk, kv_last_chunk, kv_done, started (start_generation; TokenEvent.time_ms
+    # counts from it), admitted (joined the batch), first_token. The first TokenEvent carries them.
+    timeline: Timeline = field(default_factory=Timeline)
 
 
 def stop_reason(req: DecodeRequest, token: int, eos_id: int | None,
@@ -150,7 +139,3 @@ def stop_reason(req: DecodeRequest, token: int, eos_id: int | None,
     if len(req.out_tokens) >= p.max_new_tokens:
         return "length"
     return ""
-
-
-def elapsed_ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1000.0

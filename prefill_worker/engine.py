@@ -32,6 +32,7 @@ from colm.config import ModelConfig
 from colm.errors import CapacityError, DeadlineError
 from colm.kv_wire import KVLayout, dtype_name
 from colm.model import CoLM
+from colm.timeline import Timeline
 
 from colm.prefill_worker.config import PrefillConfig
 from colm.prefill_worker.forward import prefill_chunk
@@ -50,7 +51,7 @@ class PrefillResult:
     compute_ms: float  # the batch's forward (shared by its requests)
     total_ms: float    # submit -> delivered
     path: str
-    timeline_ms: dict[str, float] = field(default_factory=dict)  # milestone -> ms after submit (_Job.timeline)
+    timeline_ms: dict[str, float] = field(default_factory=dict)  # milestone -> ms after submit (``_Job.timeline``)
     monotonic_s: float = 0.0  # submit, on the monotonic clock
 
 
@@ -60,15 +61,10 @@ class _Job:
     tokens: np.ndarray  # [n] int64: prompt[:-1]
     sink: object
     deadline: float
-    t_submit: float
     future: Future = field(default_factory=Future)
     failed: BaseException | None = None
-    # milestone -> time.monotonic(): submitted, batch_start, kv_begin, first_put, last_put, computed, delivered
-    timeline: dict[str, float] = field(default_factory=dict)
-
-    def mark(self, milestone: str, again: bool = False, now: float | None = None) -> None:
-        if again or milestone not in self.timeline:
-            self.timeline[milestone] = time.monotonic() if now is None else now
+    # submitted, batch_start, kv_begin, first_put, last_put, computed, delivered
+    timeline: Timeline = field(default_factory=Timeline)
 
 
 @dataclass
@@ -160,8 +156,8 @@ class PrefillEngine:
         if len(ids) > self.full_cfg.max_seq_len:
             raise ValueError(f"request {request_id}: {len(ids)} tokens exceed max_seq_len={self.full_cfg.max_seq_len}")
         now = time.monotonic()
-        job = _Job(request_id, ids[:-1], sink, now + (timeout_s or self.config.default_timeout_s), time.perf_counter())
-        job.mark("submitted", now=now)
+        job = _Job(request_id, ids[:-1], sink, now + (timeout_s or self.config.default_timeout_s))
+        job.timeline.mark("submitted", now=now)
         with self._cv:
             if len(self._queue) >= self.config.max_queue:
                 raise CapacityError(f"prefill queue full ({len(self._queue)} prompts)")
@@ -226,15 +222,15 @@ class PrefillEngine:
             job.future.set_exception(exc)
 
     def _run(self, batch: list[_Job]) -> None:
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         cfg = self.model.cfg
         for job in batch:
-            job.mark("batch_start")
+            job.timeline.mark("batch_start", now=t0)
             try:
                 job.sink.begin(KVLayout(cfg.n_layers, len(job.tokens), cfg.n_kv_heads, cfg.head_dim, dtype_name(self.dtype)))
             except Exception as e:  # noqa: BLE001 - one bad peer must not sink the batch
                 self._fail(job, e)
-            job.mark("kv_begin")
+            job.timeline.mark("kv_begin")
         live = [j for j in batch if not j.future.done() and len(j.tokens)]
         try:
             if live:
@@ -249,27 +245,28 @@ class PrefillEngine:
             for job in live:
                 self._fail(job, e)
             return
-        compute_ms = (time.perf_counter() - t0) * 1000.0
+        done = time.monotonic()
+        compute_ms = (done - t0) * 1000.0
         for job in batch:
-            job.mark("computed")
+            job.timeline.mark("computed", now=done)
         self._recent.append((sum(len(j.tokens) + 1 for j in batch), compute_ms / 1000.0))
         for job in batch:
             if not job.future.done():
-                self._finisher.submit(self._complete, job, t0, compute_ms)
+                self._finisher.submit(self._complete, job, compute_ms)
 
-    def _complete(self, job: _Job, t0: float, compute_ms: float) -> None:
+    def _complete(self, job: _Job, compute_ms: float) -> None:
         try:
             num_bytes = job.sink.finish(max(0.1, job.deadline - time.monotonic()))
         except Exception as e:  # noqa: BLE001
             self._fail(job, e)
             return
         self._num_done += 1
-        now = time.perf_counter()
-        job.mark("delivered")
-        t_sub = job.timeline["submitted"]
-        timeline = {k: (v - t_sub) * 1000.0 for k, v in job.timeline.items()}
-        job.future.set_result(PrefillResult(job.request_id, len(job.tokens), num_bytes, (t0 - job.t_submit) * 1000.0,
-                                            compute_ms, (now - job.t_submit) * 1000.0, job.sink.path, timeline, t_sub))
+        t = job.timeline
+        t.mark("delivered")
+        timeline, submitted = t.relative_ms("submitted")
+        job.future.set_result(PrefillResult(job.request_id, len(job.tokens), num_bytes, t.span_ms("submitted", "batch_start"),
+                                            compute_ms, t.span_ms("submitted", "delivered"), job.sink.path, timeline,
+                                            submitted))
 
     def _emit(self, jobs: list[_Job], layer: int, c0: int, c1: int, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v [b, Hkv, t, hd] of positions c0..c1-1 -> each request's real tokens as [1, t_r, 2, Hkv, hd]
@@ -284,8 +281,8 @@ class PrefillEngine:
         for row, job, end in live:
             try:
                 job.sink.put(layer, layer + 1, c0, end, kv[row : row + 1, : end - c0])
-                job.mark("first_put")
-                job.mark("last_put", again=True)
+                job.timeline.mark("first_put")
+                job.timeline.mark("last_put", again=True)
             except Exception as e:  # noqa: BLE001 - the peer of this request failed; the rest go on
                 self._fail(job, e)
 
