@@ -1,9 +1,12 @@
 """``BlockPool``: the decode worker's paged K/V memory and its free list.
 
-K and V of all layers live in two tensors ``[layers, num_blocks, block_size, kv_heads, head_dim]``;
-``k_pool[l]`` is the per-layer pool the paged attention kernel reads. A request takes whole blocks
-with ``allocate`` (after ``can_allocate``) and gives them back with ``free``; double frees and
-foreign block ids are refused so leaks and aliasing show up as errors, not as wrong tokens.
+K and V of all layers live in one tensor ``kv [2, layers, num_blocks, block_size, kv_heads, head_dim]``
+(one allocation, so one CUDA IPC handle shares it: the ``cuda_pool`` hand-off); ``k = kv[0]`` and
+``v = kv[1]``, and ``k[l]`` is the per-layer pool the paged attention kernel reads. A request takes
+whole blocks with ``allocate`` (after ``can_allocate``) and gives them back with ``free``; double frees
+and foreign block ids are refused so leaks and aliasing show up as errors, not as wrong tokens.
+``PagedKV`` is the part without the free list (layout, slots, writes): a prefill worker that writes
+straight into a decode worker's pool views that pool's memory as a ``PagedKV``.
 
 Received K/V go in through ``write`` with a ``CopyPlan`` (``copy_plan``): where a token range of a
 sequence lands, made once per range and reused for every layer of it, so the per-layer host work
@@ -49,46 +52,20 @@ class CopyPlan:
     slots: torch.Tensor | None = None
 
 
-class BlockPool:
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device, dtype: torch.dtype) -> None:
-        if num_blocks <= 0:
-            raise ValueError(f"num_blocks={num_blocks}: must be > 0")
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        shape = (cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, N, bs, Hkv, hd]
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        flat = (cfg.n_layers, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim)
+class PagedKV:
+    """K/V pages ``kv [2, layers, num_blocks, block_size, kv_heads, head_dim]`` (contiguous) and where token
+    ranges of a sequence's block list land in them. No allocator: ``BlockPool`` adds the free list."""
+
+    def __init__(self, kv: torch.Tensor) -> None:
+        if kv.dim() != 6 or kv.shape[0] != 2 or not kv.is_contiguous():
+            raise ValueError(f"PagedKV: kv must be a contiguous [2, layers, blocks, block_size, kv_heads, head_dim] "
+                             f"tensor, got {list(kv.shape)}")
+        self.kv = kv
+        self.k, self.v = kv[0], kv[1]  # [L, N, bs, Hkv, hd] each
+        layers, self.num_blocks, self.block_size, heads, hd = self.k.shape
+        flat = (layers, self.num_blocks * self.block_size, heads, hd)
         self._k_slots = self.k.view(flat)  # [L, slots, Hkv, hd]: slot = block * block_size + offset
         self._v_slots = self.v.view(flat)
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
-        self._is_free = [True] * num_blocks
-        self._lock = threading.Lock()
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        with self._lock:
-            if n > len(self._free):
-                raise CapacityError(f"KV pool full: need {n} blocks, {len(self._free)} of {self.num_blocks} free")
-            blocks = [self._free.pop() for _ in range(n)]
-            for b in blocks:
-                self._is_free[b] = False
-            return blocks
-
-    def free(self, blocks: list[int]) -> None:
-        with self._lock:
-            for b in blocks:
-                if not 0 <= b < self.num_blocks or self._is_free[b]:
-                    raise ValueError(f"free: block {b} is not allocated (double free or foreign id)")
-            for b in reversed(blocks):  # pushed back so that the next allocate pops them in ascending order
-                self._is_free[b] = True
-                self._free.append(b)
 
     def slot(self, blocks: list[int], pos: int) -> int:
         """Flat slot id of token position ``pos`` of a sequence holding ``blocks``."""
@@ -152,3 +129,40 @@ class BlockPool:
         else:
             kp[:, plan.slots] = kv[:, :, 0]
             vp[:, plan.slots] = kv[:, :, 1]
+
+
+
+class BlockPool(PagedKV):
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device, dtype: torch.dtype) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks={num_blocks}: must be > 0")
+        super().__init__(torch.zeros((2, cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim),
+                                     device=device, dtype=dtype))
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
+        self._is_free = [True] * num_blocks
+        self._lock = threading.Lock()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        with self._lock:
+            if n > len(self._free):
+                raise CapacityError(f"KV pool full: need {n} blocks, {len(self._free)} of {self.num_blocks} free")
+            blocks = [self._free.pop() for _ in range(n)]
+            for b in blocks:
+                self._is_free[b] = False
+            return blocks
+
+    def free(self, blocks: list[int]) -> None:
+        with self._lock:
+            for b in blocks:
+                if not 0 <= b < self.num_blocks or self._is_free[b]:
+                    raise ValueError(f"free: block {b} is not allocated (double free or foreign id)")
+            for b in reversed(blocks):  # pushed back so that the next allocate pops them in ascending order
+                self._is_free[b] = True
+                self._free.append(b)

@@ -7,6 +7,12 @@ the request once its KV is complete and feeds the last prompt token at the reque
 step yields token 1), then one token per step in the continuous batch (``decode_worker.step``);
 ``set_scale`` applies from the next token -> finish / abort / deadline / failure frees the blocks.
 
+The cuda_pool hand-off skips ``write_kv``: ``grant_kv`` hands a same-host sender the request's blocks
+(and ``pool_export`` the pool's CUDA IPC handle), the sender writes into them itself and reports each
+finished range with ``mark_kv``, then ``finish_kv``. A request that ends while such a grant is open
+keeps its blocks out of the free list until ``end_external_writes`` (after a grace period when the
+sender's stream broke): the sender may still be writing.
+
 Threads: gRPC handlers call the public methods; one loop thread (``start``) runs the steps. All
 bookkeeping is under one lock; the forward runs outside it. A running request is ended only by the
 loop thread (``cancel`` marks it), so its blocks are never freed under a step that reads them.
@@ -34,7 +40,7 @@ from colm.scoring import prompt_logprobs
 from colm.decode_worker.block_pool import BlockPool, CopyPlan, blocks_for, num_blocks_from_memory
 from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.graphs import DecodeGraphs
-from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, stop_reason
+from colm.decode_worker.request import DecodeRequest, KVGrant, Reservation, TokenEvent, TokenStream, stop_reason
 from colm.decode_worker.step import LaunchedStep, decode_step, launch_greedy_step
 from colm.decode_worker.step_stats import StepTimes
 from colm.loop_thread import LoopThread
@@ -62,6 +68,7 @@ class DecodeStats:
     num_failed: int = 0
     num_steps_launched_ahead: int = 0  # overlap_steps: steps queued before the previous one was read, and used
     num_steps_dropped: int = 0         # ... and dropped (their batch or scale changed meanwhile)
+    num_held_blocks: int = 0           # blocks of ended requests a cuda_pool sender may still write
 
 
 class DecodeEngine:
@@ -101,6 +108,8 @@ class DecodeEngine:
         self._ahead: LaunchedStep | None = None  # overlap_steps: the next step, queued before this one was read
         self._num_ahead_used = self._num_ahead_dropped = 0
         self._last_step_ms, self._last_batch = 0.0, 0
+        self._held: list[DecodeRequest] = []  # ended while a cuda_pool sender could write their blocks
+        self._pool_export = None  # colm.kv_ipc.StagingExport of the pool, made on the first grant
 
     @classmethod
     def from_checkpoint(cls, path, config: DecodeConfig | None = None, device="cpu", dtype=None,
@@ -127,6 +136,11 @@ class DecodeEngine:
         with self._lock:
             for req in list(self._requests.values()):
                 self._finalize(req, RequestAbortedError(f"request {req.request_id}: decode engine stopped"))
+            if self._pool_export is not None:
+                from colm.kv_ipc import release_pool
+
+                release_pool(self._pool_export.ipc_key)
+                self._pool_export = None
 
     def alive(self) -> bool:
         return not self._runner.stopping
@@ -163,21 +177,62 @@ class DecodeEngine:
 
     def begin_kv(self, request_id: str, layout: KVLayout) -> None:
         with self._lock:
+            self._begin(self._get(request_id), layout)
+
+    def _begin(self, req: DecodeRequest, layout: KVLayout) -> None:
+        try:
+            if req.layout is not None or (req.kv_done and req.prompt_len > 1):
+                raise TransferError(f"request {req.request_id}: a KV stream was already received")
+            want = (self.cfg.n_layers, req.prompt_len - 1, self.cfg.n_kv_heads, self.cfg.head_dim)
+            got = (layout.num_layers, layout.num_tokens, layout.num_kv_heads, layout.head_dim)
+            if got != want:
+                raise TransferError(f"request {req.request_id}: KV stream of (layers, tokens, kv_heads, head_dim)={got}, "
+                                    f"the reservation needs {want}")
+            req.layout = layout
+            req.written = np.zeros((layout.num_layers, layout.num_tokens), dtype=bool)
+            req.timeline.mark("kv_header")
+        except TransferError as e:
+            self._fail(req, e)
+            raise
+
+    def grant_kv(self, request_id: str, layout: KVLayout) -> KVGrant:
+        """cuda_pool: ``begin_kv`` for a sender that writes into the request's blocks itself. The blocks stay out of
+        the free list until ``end_external_writes`` (even if the request ends first)."""
+        with self._lock:
             req = self._get(request_id)
-            try:
-                if req.layout is not None or (req.kv_done and req.prompt_len > 1):
-                    raise TransferError(f"request {request_id}: a KV stream was already received")
-                want = (self.cfg.n_layers, req.prompt_len - 1, self.cfg.n_kv_heads, self.cfg.head_dim)
-                got = (layout.num_layers, layout.num_tokens, layout.num_kv_heads, layout.head_dim)
-                if got != want:
-                    raise TransferError(f"request {request_id}: KV stream of (layers, tokens, kv_heads, head_dim)={got}, "
-                                        f"the reservation needs {want}")
-                req.layout = layout
-                req.written = np.zeros((layout.num_layers, layout.num_tokens), dtype=bool)
-                req.timeline.mark("kv_header")
-            except TransferError as e:
-                self._fail(req, e)
-                raise
+            if layout.dtype != self.kv_dtype():
+                exc = TransferError(f"request {request_id}: K/V of dtype {layout.dtype}, this pool holds {self.kv_dtype()}")
+                self._fail(req, exc)
+                raise exc
+            self._begin(req, layout)
+            req.external_writer = True
+            return KVGrant(request_id, tuple(req.blocks), req)
+
+    def pool_export(self):
+        """The pool's ``colm.kv_ipc.StagingExport`` (made once; CUDA IPC handle on CUDA, this process only on CPU)."""
+        from colm.kv_ipc import export_pool
+
+        with DEVICE_WIDE_LOCK, self._lock:  # sharing an allocation is a driver call: not during a capture
+            if self._pool_export is None:
+                self._pool_export = export_pool(self.pool.kv)
+            return self._pool_export
+
+    def end_external_writes(self, grant: KVGrant, clean: bool) -> None:
+        """The grant's stream ended: ``clean`` (the sender sent KVEnd after its writes had finished) or not (broken,
+        failed: writes may still be queued on the sender's device). Held blocks go back now, or after the grace."""
+        with self._lock:
+            req = grant.request
+            req.external_writer = False
+            if any(h is req for h in self._held):
+                grace = 0.0 if clean else self.config.external_write_grace_s
+                req.release_at = time.monotonic() + grace
+                if grace == 0.0:
+                    self._release_held(req)
+
+    def _release_held(self, req: DecodeRequest) -> None:
+        self._held = [h for h in self._held if h is not req]
+        self.pool.free(req.blocks)
+        req.blocks = []
 
     def write_kv(self, request_id: str, layer_start: int, layer_end: int, token_start: int, token_end: int,
                  kv: torch.Tensor, seq: int | None = None, sync: bool = False) -> None:
@@ -189,31 +244,58 @@ class DecodeEngine:
         with DEVICE_WIDE_LOCK, self._lock:
             req = self._get(request_id)
             try:
-                lay = req.layout
-                if lay is None:
-                    raise TransferError(f"request {request_id}: KV chunk before the stream header")
-                if seq is not None and seq != req.next_chunk_seq:
-                    raise TransferError(f"request {request_id}: chunk seq {seq}, expected {req.next_chunk_seq}")
-                if not (0 <= layer_start < layer_end <= lay.num_layers and 0 <= token_start < token_end <= lay.num_tokens):
-                    raise TransferError(f"request {request_id}: chunk layers [{layer_start},{layer_end}) tokens "
-                                        f"[{token_start},{token_end}) outside {lay.num_layers} layers x {lay.num_tokens} tokens")
-                shape = (layer_end - layer_start, token_end - token_start, 2, lay.num_kv_heads, lay.head_dim)
-                if tuple(kv.shape) != shape:
-                    raise TransferError(f"request {request_id}: chunk shape {list(kv.shape)}, its ranges need {list(shape)}")
-                cells = req.written[layer_start:layer_end, token_start:token_end]
-                if cells.any():
-                    raise TransferError(f"request {request_id}: chunk overlaps K/V already received")
+                cells = self._check_chunk(req, layer_start, layer_end, token_start, token_end, seq, tuple(kv.shape))
+                if req.external_writer:
+                    raise TransferError(f"request {request_id}: K/V bytes sent on a cuda_pool stream")
                 kv = kv.to(self.device, self.dtype, non_blocking=True)
                 self.pool.write(self._copy_plan(req, token_start, token_end), layer_start, layer_end, kv)
                 if sync and self.device.type == "cuda":
                     torch.cuda.current_stream(self.device).synchronize()
-                cells[:] = True
-                req.next_chunk_seq += 1
-                req.timeline.mark("kv_first_chunk")
-                req.timeline.mark("kv_last_chunk", again=True)
+                self._accept_chunk(req, cells)
             except TransferError as e:
                 self._fail(req, e)
                 raise
+
+    def mark_kv(self, request_id: str, layer_start: int, layer_end: int, token_start: int, token_end: int,
+                seq: int | None = None) -> None:
+        """cuda_pool: the granted sender has written these cells into the request's blocks, and its writes have
+        finished. The same checks as ``write_kv``; nothing is copied."""
+        with self._lock:
+            req = self._get(request_id)
+            try:
+                if not req.external_writer:
+                    raise TransferError(f"request {request_id}: K/V marked as written without a cuda_pool grant")
+                cells = self._check_chunk(req, layer_start, layer_end, token_start, token_end, seq)
+                self._accept_chunk(req, cells)
+            except TransferError as e:
+                self._fail(req, e)
+                raise
+
+    def _check_chunk(self, req: DecodeRequest, layer_start: int, layer_end: int, token_start: int, token_end: int,
+                     seq: int | None, shape: tuple | None = None) -> np.ndarray:
+        """The chunk's cells of ``req.written`` (a view), once its order, ranges and shape are checked."""
+        rid, lay = req.request_id, req.layout
+        if lay is None:
+            raise TransferError(f"request {rid}: KV chunk before the stream header")
+        if seq is not None and seq != req.next_chunk_seq:
+            raise TransferError(f"request {rid}: chunk seq {seq}, expected {req.next_chunk_seq}")
+        if not (0 <= layer_start < layer_end <= lay.num_layers and 0 <= token_start < token_end <= lay.num_tokens):
+            raise TransferError(f"request {rid}: chunk layers [{layer_start},{layer_end}) tokens "
+                                f"[{token_start},{token_end}) outside {lay.num_layers} layers x {lay.num_tokens} tokens")
+        want = (layer_end - layer_start, token_end - token_start, 2, lay.num_kv_heads, lay.head_dim)
+        if shape is not None and shape != want:
+            raise TransferError(f"request {rid}: chunk shape {list(shape)}, its ranges need {list(want)}")
+        cells = req.written[layer_start:layer_end, token_start:token_end]
+        if cells.any():
+            raise TransferError(f"request {rid}: chunk overlaps K/V already received")
+        return cells
+
+    @staticmethod
+    def _accept_chunk(req: DecodeRequest, cells: np.ndarray) -> None:
+        cells[:] = True
+        req.next_chunk_seq += 1
+        req.timeline.mark("kv_first_chunk")
+        req.timeline.mark("kv_last_chunk", again=True)
 
     def _copy_plan(self, req: DecodeRequest, token_start: int, token_end: int) -> CopyPlan:
         """Where tokens [token_start, token_end) of ``req`` land: made by the first chunk of that range and kept on the
@@ -313,8 +395,11 @@ class DecodeEngine:
             self._drop_ahead()
             self._running.remove(req)
             req.running = False
-        self.pool.free(req.blocks)
-        req.blocks = []
+        if req.external_writer:  # a cuda_pool sender may still write into the blocks: held until its stream ends
+            self._held.append(req)
+        else:
+            self.pool.free(req.blocks)
+            req.blocks = []
         req.copy_plans.clear()  # slot-index tensors go back now, not when the last reference to req does
         if exc is None:
             self._num_finished += 1
@@ -333,6 +418,8 @@ class DecodeEngine:
 
     def _housekeep(self) -> None:
         now = time.monotonic()
+        for req in [h for h in self._held if h.release_at is not None and now >= h.release_at]:
+            self._release_held(req)
         for req in list(self._requests.values()):
             if req.running:
                 if req.cancel is None and now > req.deadline:
@@ -449,7 +536,8 @@ class DecodeEngine:
                 step_ms_by_scale=step_ms, step_batch_by_scale=step_batch,
                 last_step_ms=self._last_step_ms, last_batch_size=self._last_batch,
                 num_finished=self._num_finished, num_failed=self._num_failed,
-                num_steps_launched_ahead=self._num_ahead_used, num_steps_dropped=self._num_ahead_dropped)
+                num_steps_launched_ahead=self._num_ahead_used, num_steps_dropped=self._num_ahead_dropped,
+                num_held_blocks=sum(len(r.blocks) for r in self._held))
 
     def kv_dtype(self) -> str:
         from colm.kv_wire import dtype_name

@@ -43,6 +43,15 @@ class TokenEvent:
     monotonic_s: float = 0.0
 
 
+@dataclass(frozen=True, eq=False)
+class KVGrant:
+    """``DecodeEngine.grant_kv``'s answer: the blocks a cuda_pool sender may write (in token order). Hand it
+    back to ``end_external_writes`` once the sender's stream has ended."""
+    request_id: str
+    blocks: tuple[int, ...]
+    request: "DecodeRequest"
+
+
 @dataclass(frozen=True)
 class Reservation:
     request_id: str
@@ -118,6 +127,10 @@ class DecodeRequest:
     running: bool = False
     cancel: BaseException | None = None        # set by abort/failure while running; the step loop ends it
     detok: IncrementalDetokenizer | None = None  # stop strings: the output's text, O(window) per token
+    # cuda_pool: a sender holds a grant to write into ``blocks`` itself (from ``grant_kv`` until its stream
+    # ends). If the request ends meanwhile, the blocks are held back, and freed at ``release_at``.
+    external_writer: bool = False
+    release_at: float | None = None
     # reserved, kv_header, kv_first_chunk, kv_last_chunk, kv_done, started (start_generation; TokenEvent.time_ms
     # counts from it), admitted (joined the batch), first_token. The first TokenEvent carries them.
     timeline: Timeline = field(default_factory=Timeline)

@@ -11,6 +11,12 @@ On the cuda_ipc path the header carries a CUDA IPC handle of the sender's device
 a range of it, copied into the blocks on a side stream and synchronised before the next message,
 so the ack means decode is done reading the sender's memory.
 
+``WriteKV`` is the cuda_pool path: the sender writes into the request's blocks itself. Header ->
+``engine.grant_kv`` -> the reply names the blocks and the pool's IPC handle -> each chunk only marks
+a range the sender has finished writing (``engine.mark_kv``) -> ``KVEnd`` -> ``engine.finish_kv`` and
+an ack. However the stream ends, ``engine.end_external_writes`` follows (so blocks held back from an
+ended request go back, after a grace period if the stream broke).
+
 ``PushKV`` messages are deserialised by ``read_kv_message``: a chunk's payload stays a view of the
 received buffer (``colm.kv_wire.split_chunk_message``) and only its metadata goes through protobuf.
 """
@@ -149,6 +155,58 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                 except BufferError:  # a view is still alive somewhere; the mapping goes with the process
                     pass
 
+    def WriteKV(self, request_iterator, context):
+        state = {"grant": None, "clean": False}
+
+        def on_end():  # the peer vanished: the request fails; its blocks wait out the grace if it already ended
+            grant = state["grant"]
+            if grant is not None and not state["clean"]:
+                self.engine.fail_kv(grant.request_id, PeerUnavailableError(f"request {grant.request_id}: KV stream broke"))
+                self.engine.end_external_writes(grant, clean=False)
+
+        context.add_callback(on_end)
+        rid = None
+        try:
+            messages = iter(request_iterator)
+            msg = next(messages, None)
+            if msg is None or msg.WhichOneof("kind") != "header":
+                raise TransferError("KV stream does not start with a header")
+            header = msg.header
+            rid = header.request_id
+            layout = KVLayout(header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim, header.dtype)
+            grant = state["grant"] = self.engine.grant_kv(rid, layout)
+            export = self.engine.pool_export()
+            pool = self.engine.pool
+            yield kv_pb2.KVPoolReply(grant=kv_pb2.KVPoolGrant(
+                request_id=rid, block_ids=grant.blocks, block_size=pool.block_size, num_blocks=pool.num_blocks,
+                dtype=self.engine.kv_dtype(), **export.header_fields()))
+            for msg in messages:
+                kind = msg.WhichOneof("kind")
+                if kind == "chunk":
+                    c = msg.chunk
+                    if c.data or getattr(msg, "payload", None):
+                        raise TransferError(f"request {rid}: inline bytes on the cuda_pool path")
+                    self.engine.mark_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, seq=c.seq)
+                elif kind == "end":
+                    self.engine.finish_kv(rid, header.num_tokens)
+                    state["clean"] = True
+                    self.engine.end_external_writes(grant, clean=True)
+                    yield kv_pb2.KVPoolReply(ack=kv_pb2.KVAck(request_id=rid, num_chunks=msg.end.num_chunks,
+                                                              num_bytes=msg.end.num_bytes))
+                    return
+                else:
+                    raise TransferError(f"request {rid}: second KV header in one stream")
+            raise TransferError(f"request {rid}: KV stream ended without KVEnd (truncated)")
+        except Exception as e:
+            if rid and not state["clean"]:
+                self.engine.fail_kv(rid, e if isinstance(e, TransferError) else TransferError(str(e)))
+            if isinstance(e, grpc.RpcError) or not context.is_active():
+                raise PeerUnavailableError(f"request {rid}: KV stream broke") from None
+            raise
+        finally:
+            if state["grant"] is not None and not state["clean"]:
+                self.engine.end_external_writes(state["grant"], clean=False)
+
     def _write_chunk(self, header, c, segment, inline=None, staging=None) -> None:
         rid = header.request_id
         if c.dtype != header.dtype:
@@ -228,7 +286,7 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                   step_ms_by_scale=s.step_ms_by_scale, step_batch_by_scale=s.step_batch_by_scale,
                                   last_step_ms=s.last_step_ms,
                                   last_batch_size=s.last_batch_size, num_finished=s.num_finished,
-                                  num_failed=s.num_failed)
+                                  num_failed=s.num_failed, num_held_blocks=s.num_held_blocks)
 
     def Score(self, request, context):
         rows = self.engine.score(list(request.token_ids), int(request.scale) or None)

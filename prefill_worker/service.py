@@ -1,7 +1,7 @@
 """gRPC front of the prefill engine: service ``colm.v1.PrefillWorker`` (see ``proto/colm/v1/kv.proto``).
 
 ``Prefill`` picks the request's hand-off path (``colm.prefill_worker.paths.choose_path``: bytes over
-``PushKV``, shared memory, or CUDA IPC), builds that remote sink to the named decode worker, submits
+``PushKV``, shared memory, CUDA IPC of a staging tensor, or writes into decode's pool), builds that remote sink to the named decode worker, submits
 the prompt to the engine and waits within the request's deadline. Channels to decode workers are
 cached per address.
 """
@@ -17,6 +17,7 @@ from colm.prefill_worker.engine import PrefillEngine
 from colm.prefill_worker.ipc_sink import IpcKVSink
 from colm.prefill_worker.kv_push import GrpcKVSink, decode_stub
 from colm.prefill_worker.paths import choose_path
+from colm.prefill_worker.pool_sink import PoolKVSink
 
 kv_pb2, kv_pb2_grpc = load_proto("kv")
 
@@ -41,7 +42,9 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
         cfg = self.engine.config
         path = choose_path(request.path, request.same_host, self.engine.device.type == "cuda", request.decode_cuda)
         stub = self._stub(request.decode_address)
-        if path == "cuda_ipc":
+        if path == "cuda_pool":
+            sink = PoolKVSink(stub, request.request_id, self.cluster_token, timeout)
+        elif path == "cuda_ipc":
             sink = IpcKVSink(stub, request.request_id, self.cluster_token, self.engine.device, cfg.ipc_checksum, timeout,
                              cfg.ipc_chunk_layers)
         else:

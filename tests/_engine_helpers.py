@@ -33,7 +33,7 @@ def middle_stop(text: str) -> str:
 
 
 def decode_engine_from(path, device: str = "cpu", dtype: str = "float32", num_blocks: int = 128, block_size: int = 4,
-                       write_delay_s: float = 0.0):
+                       write_delay_s: float = 0.0, external_write_grace_s: float = 2.0):
     """A ``DecodeEngine`` of the checkpoint at ``path``: the factory ``DecodeProcess`` children call (by name).
     ``write_delay_s`` slows every ``write_kv`` (fault tests kill the child mid-stream)."""
     import time
@@ -42,8 +42,8 @@ def decode_engine_from(path, device: str = "cpu", dtype: str = "float32", num_bl
     from colm.decode_worker.engine import DecodeEngine
     from colm.kv_wire import parse_dtype
 
-    engine = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=num_blocks, block_size=block_size),
-                                          device=device, dtype=parse_dtype(dtype))
+    config = DecodeConfig(num_blocks=num_blocks, block_size=block_size, external_write_grace_s=external_write_grace_s)
+    engine = DecodeEngine.from_checkpoint(path, config, device=device, dtype=parse_dtype(dtype))
     if write_delay_s:
         write = engine.write_kv
 

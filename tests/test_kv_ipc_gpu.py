@@ -1,7 +1,7 @@
-"""The cuda_ipc hand-off on a GPU (skipped without CUDA). Prefill serves from this process; decode runs
-in spawned children (``DecodeProcess``: CUDA IPC cannot open a handle in the process that made it),
-both on the same GPU. Greedy tokens equal ``colm.generate`` (float32) at both scales, also with
-``path="auto"``; a decode child killed mid-stream fails only that request with UNAVAILABLE, prefill's
+"""The cuda_ipc and cuda_pool hand-offs on a GPU (skipped without CUDA). Prefill serves from this process;
+decode runs in spawned children (``DecodeProcess``: CUDA IPC cannot open a handle in the process that made
+it), both on the same GPU. Greedy tokens equal ``colm.generate`` (float32) at both scales, for both paths
+(cuda_pool: prefill writes into the child's pool, opened once through CUDA IPC) and with ``path="auto"``; a decode child killed mid-stream fails only that request with UNAVAILABLE, prefill's
 staging memory goes back, and prefill keeps serving another decode child over cuda_ipc."""
 
 from __future__ import annotations
@@ -80,17 +80,18 @@ def wait_pool_free(d, timeout=10.0):
         time.sleep(0.05)
 
 
-def test_cuda_ipc_across_processes_matches_reference(setup):
+@pytest.mark.parametrize("hand_off", ["cuda_ipc", "cuda_pool"])
+def test_cuda_ipc_across_processes_matches_reference(setup, hand_off):
     path, full, _, p = setup
     with decode_child(path) as child:
         d = kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address))
         results, threads = {}, []
         for i, prompt in enumerate(prompts([2, 19, 33, 57], seed=11)):
             for scale in (1, 2):
-                rid = f"ipc-{i}-{scale}"
+                rid = f"{hand_off}-{i}-{scale}"
 
                 def one(rid=rid, prompt=prompt, scale=scale):
-                    results[rid] = (prompt, scale, run_request(d, p, child.address, rid, prompt, scale))
+                    results[rid] = (prompt, scale, run_request(d, p, child.address, rid, prompt, scale, path=hand_off))
 
                 threads.append(threading.Thread(target=one))
                 threads[-1].start()
@@ -99,7 +100,7 @@ def test_cuda_ipc_across_processes_matches_reference(setup):
         assert len(results) == 8
         for rid, (prompt, scale, (tokens, reply)) in results.items():
             assert tokens == reference(full, prompt, scale), rid
-            assert reply.path == "cuda_ipc" and reply.num_tokens == len(prompt) - 1
+            assert reply.path == hand_off and reply.num_tokens == len(prompt) - 1
         prompt = prompts([40], seed=3)[0]
         tokens, reply = run_request(d, p, child.address, "ipc-auto", prompt, 2, path="auto")
         assert reply.path == "cuda_ipc" and tokens == reference(full, prompt, 2)

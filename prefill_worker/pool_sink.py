@@ -1,0 +1,149 @@
+"""``PoolKVSink``: the cuda_pool hand-off. The prefill worker writes K/V straight into decode's blocks.
+
+Path of one request: ``begin(layout)`` opens ``DecodeWorker.WriteKV`` (header first) and returns at
+once; a reply thread waits for decode's ``KVPoolGrant`` (the request's blocks and a CUDA IPC handle of
+decode's whole pool), opens the pool (``colm.kv_ipc.StagingOpener.open_pool``: one mapping per decode
+process, cached) and views it as a ``PagedKV`` -> the forward's first layer computes meanwhile ->
+each ``put`` waits for the grant (normally long there), copies its K/V into the granted blocks' slots
+on the current stream and records an event -> the stream's generator (a helper thread) waits for the
+event and sends a ``KVChunk`` naming the range, which decode only marks as written -> ``finish``
+sends ``KVEnd`` once every write has finished and waits for decode's ack.
+
+Against the ``cuda_ipc`` path (``IpcKVSink``) this drops the staging tensor and decode's copy out of
+it, and takes the stream's opening off the forward's path: there is no per-request handle to export
+or open, and no round trip before the first layer computes.
+
+Decode holds a request's blocks back if it ends while this stream is open (``DecodeEngine.grant_kv``).
+``fail`` stops the writes (a later ``put`` raises) and cancels the stream; a decode-side failure
+reaches ``put`` as the reply thread's error. A decode engine in this process (tests, CPU) is written
+directly: its pool is registered, not opened.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import torch
+
+from colm.decode_worker.block_pool import PagedKV
+from colm.errors import TransferError
+from colm.kv_ipc import StagingOpener
+from colm.kv_wire import KVLayout, prefetch
+from colm.prefill_worker.kv_push import GrpcKVSink, _peer_error, _Stop, kv_pb2
+
+POOL_OPENER = StagingOpener(max_handles=64)  # one mapping per decode worker's pool, shared by every request
+
+
+class PoolKVSink(GrpcKVSink):
+    def __init__(self, stub, request_id: str, cluster_token: str, timeout_s: float = 60.0,
+                 opener: StagingOpener = POOL_OPENER) -> None:
+        super().__init__(stub, request_id, cluster_token, checksum_kind="none", timeout_s=timeout_s)
+        self.path = "cuda_pool"
+        self.opener = opener
+        self._granted = threading.Event()  # the grant arrived and the pool is open, or the stream failed
+        self._done = threading.Event()     # the reply stream ended (ack or error)
+        self._error: BaseException | None = None
+        self._pages: PagedKV | None = None
+        self._blocks: list[int] = []
+        self._plans: dict[tuple[int, int], object] = {}
+        self._ack = None
+        self._call = None
+        self._stopped = False
+
+    def begin(self, layout: KVLayout) -> None:
+        self._layout = layout
+        header = kv_pb2.KVHeader(request_id=self.request_id, num_layers=layout.num_layers, num_tokens=layout.num_tokens,
+                                 num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
+                                 checksum="none")
+        self._call = self.stub.WriteKV(prefetch(self._messages(header), name="colm-kv-pool"), timeout=self.timeout_s,
+                                       metadata=self.metadata)
+        threading.Thread(target=self._read_replies, name="colm-kv-pool-replies", daemon=True).start()
+
+    def _read_replies(self) -> None:
+        try:
+            reply = next(self._call)
+            if reply.WhichOneof("kind") != "grant":
+                raise TransferError(f"request {self.request_id}: decode answered WriteKV without a grant")
+            grant = reply.grant
+            if len(grant.block_ids) * grant.block_size < self._layout.num_tokens:
+                raise TransferError(f"request {self.request_id}: {len(grant.block_ids)} blocks of {grant.block_size} "
+                                    f"granted, {self._layout.num_tokens} tokens to write")
+            self._pages = PagedKV(self.opener.open_pool(grant, self._layout))
+            self._blocks = list(grant.block_ids)
+        except BaseException as e:  # noqa: BLE001 - handed to put / finish
+            self._error = _as_error(self.request_id, e)
+            self._granted.set()
+            self._done.set()
+            return
+        self._granted.set()
+        try:
+            reply = next(self._call)
+            if reply.WhichOneof("kind") != "ack":
+                raise TransferError(f"request {self.request_id}: decode sent a second grant")
+            self._ack = reply.ack
+        except StopIteration:
+            self._error = TransferError(f"request {self.request_id}: WriteKV ended without an ack")
+        except BaseException as e:  # noqa: BLE001
+            self._error = _as_error(self.request_id, e)
+        finally:
+            self._done.set()
+
+    def put(self, layer_start, layer_end, token_start, token_end, kv) -> None:
+        # kv [layers, tokens, 2, Hkv, hd] of layers/tokens [start, end)
+        if not self._granted.is_set() and not self._granted.wait(self.timeout_s):
+            raise TimeoutError(f"request {self.request_id}: no KV grant from decode in {self.timeout_s:.1f} s")
+        if self._error is not None:
+            raise self._error
+        if self._stopped:
+            raise TransferError(f"request {self.request_id}: K/V put after the stream was stopped")
+        plan = self._plans.get((token_start, token_end))
+        if plan is None:
+            plan = self._plans[(token_start, token_end)] = self._pages.copy_plan(self._blocks, token_start, token_end)
+        self._pages.write(plan, layer_start, layer_end, kv)
+        event = None
+        if kv.is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(kv.device))
+        self._q.put(((layer_start, layer_end, token_start, token_end), None, event))
+
+    def _messages(self, header):
+        yield kv_pb2.KVMessage(header=header)
+        lay = self._layout
+        for (l0, l1, t0, t1), _ in self._staged():  # yields once the put's writes have finished
+            nbytes = (l1 - l0) * (t1 - t0) * lay.bytes_per_token_layer
+            yield kv_pb2.KVMessage(chunk=kv_pb2.KVChunk(seq=self._num_chunks, layer_start=l0, layer_end=l1,
+                                                        token_start=t0, token_end=t1, dtype=lay.dtype,
+                                                        shape=[l1 - l0, t1 - t0, 2, lay.num_kv_heads, lay.head_dim],
+                                                        nbytes=nbytes))
+            self.num_bytes += nbytes
+            self._num_chunks += 1
+        yield kv_pb2.KVMessage(end=kv_pb2.KVEnd(num_chunks=self._num_chunks, num_bytes=self.num_bytes))
+
+    def finish(self, timeout_s: float) -> int:
+        self._close_queue()
+        if not self._done.wait(timeout_s):
+            self._stopped = True
+            self._call.cancel()
+            raise TimeoutError(f"request {self.request_id}: KV writes not acknowledged in {timeout_s:.1f} s")
+        if self._error is not None:
+            raise self._error
+        ack = self._ack
+        if ack.num_chunks != self._num_chunks or ack.num_bytes != self.num_bytes:
+            raise TransferError(f"request {self.request_id}: decode acknowledged {ack.num_chunks} chunks / "
+                                f"{ack.num_bytes} bytes, sent {self._num_chunks} / {self.num_bytes}")
+        return self.num_bytes
+
+    def fail(self, exc: BaseException) -> None:
+        self._stopped = True
+        self._close_queue(_Stop())
+        if self._call is not None:
+            self._call.cancel()
+
+
+def _as_error(request_id: str, e: BaseException) -> BaseException:
+    if isinstance(e, grpc.RpcError):
+        return _peer_error(request_id, e)
+    if isinstance(e, StopIteration):
+        return TransferError(f"request {request_id}: WriteKV ended before decode's grant")
+    return e
