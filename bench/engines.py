@@ -190,19 +190,23 @@ def bench_handoff(quick):
     md = auth_metadata(token)
     d = kv_pb2_grpc.DecodeWorkerStub(make_channel(ds.address))
     p = kv_pb2_grpc.PrefillWorkerStub(make_channel(ps.address))
-    def measure(path, d, address, reps=3, p=p, suffix="", timelines=None):
+    def measure(path, d, address, reps=3, p=p, suffix="", timelines=None, concurrent=False):
+        """``concurrent``: Prefill goes out before Reserve, as the router sends them on the cuda_pool path."""
         replies, timelines = [], [] if timelines is None else timelines
 
         def remote():
             n[0] += 1
             rid = f"r{n[0]}"
-            t0 = time.monotonic()
-            d.Reserve(kv_pb2.ReserveRequest(request_id=rid, prompt_len=T, max_new_tokens=1), metadata=md, timeout=30)
-            client = {"reserve_replied": time.monotonic()}
             th = threading.Thread(target=lambda: replies.append(p.Prefill(kv_pb2.PrefillRequest(
                 request_id=rid, token_ids=prompt, decode_address=address, same_host=path != "grpc", path=path),
                 metadata=md, timeout=60)))
-            th.start()
+            t0 = time.monotonic()
+            if concurrent:
+                th.start()
+            d.Reserve(kv_pb2.ReserveRequest(request_id=rid, prompt_len=T, max_new_tokens=1), metadata=md, timeout=30)
+            client = {"reserve_replied": time.monotonic()}
+            if not concurrent:
+                th.start()
             req = kv_pb2.StartGenerationRequest(request_id=rid, last_token_id=prompt[-1], scale=2,
                                                 sampling=kv_pb2.DecodeSampling(max_new_tokens=1))
             client["start_sent"] = time.monotonic()
@@ -235,22 +239,27 @@ def bench_handoff(quick):
             stub = kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address))
             # the denominator again, with the gRPC servers, the idle in-process decode engine and the child up
             computes = [timed(lambda: pe.prefill("c", prompt, NullKVSink()), reps=5)]
-            ttfts = {"cuda_ipc": [], "cuda_pool": []}
-            timelines = {"cuda_ipc": [], "cuda_pool": []}
-            for _ in range(3):  # in turns, so that drift on the shared machine hits both paths alike
-                for path in ttfts:
-                    measure(path, stub, child.address, reps=3, timelines=timelines[path])
-                    ttfts[path].append(out[f"{path}_proc_ttft_ms"])
+            # cuda_ipc and cuda_pool after Reserve, and cuda_pool sent with Reserve (the router's way on this path)
+            variants = {"cuda_ipc": ("cuda_ipc", "", False), "cuda_pool": ("cuda_pool", "", False),
+                        "cuda_pool_concurrent": ("cuda_pool", "_concurrent", True)}
+            ttfts = {v: [] for v in variants}
+            timelines = {v: [] for v in variants}
+            for _ in range(3):  # in turns, so that drift on the shared machine hits every variant alike
+                for v, (path, suffix, conc) in variants.items():
+                    measure(path, stub, child.address, reps=3, suffix=suffix, timelines=timelines[v], concurrent=conc)
+                    ttfts[v].append(out[f"{path}_proc{suffix}_ttft_ms"])
                 computes.append(timed(lambda: pe.prefill("c", prompt, NullKVSink()), reps=3))
-            for path, vals in ttfts.items():
-                out[f"{path}_proc_ttft_ms_turns"] = vals
-                out[f"{path}_proc_ttft_ms"] = statistics.median(vals)
+            for v, vals in ttfts.items():
+                key = f"{variants[v][0]}_proc{variants[v][1]}"
+                out[f"{key}_ttft_ms_turns"] = vals
+                out[f"{key}_ttft_ms"] = statistics.median(vals)
             out["chain1_compute_servers_up_ms_turns"] = computes
             out["chain1_compute_servers_up_ms"] = statistics.median(computes)
         return True
 
     guard(out, "cuda_proc_ran", in_child)
-    for k in ("local", "grpc", "shm", "cuda_ipc", "cuda_pool", "cuda_ipc_proc", "cuda_pool_proc"):
+    for k in ("local", "grpc", "shm", "cuda_ipc", "cuda_pool", "cuda_ipc_proc", "cuda_pool_proc",
+              "cuda_pool_proc_concurrent"):
         v = out.get(f"{k}_ttft_ms")
         if isinstance(v, float):
             out[f"{k}_ttft_over_compute"] = v / out["chain1_compute_ms"]

@@ -27,6 +27,8 @@ class DecodeConfig:
                                          # before reading step n, so host work hides under the GPU's. None: on
                                          # where CUDA graphs run (H100: batch 1/8/64 steps 4%/14%/20% shorter);
                                          # on CPU nothing runs asynchronously, so a dropped step is pure waste
+    grant_wait_s: float = 2.0           # cuda_pool: WriteKV waits this long for a reservation not made yet (the
+                                         # router sends Reserve and Prefill at once there), then NOT_FOUND
     external_write_grace_s: float = 2.0  # cuda_pool: blocks of a request that ended while its sender's stream was
                                          # open, and whose stream then broke, stay held this long (the sender's
                                          # queued device writes may still land) before they are reused
@@ -42,8 +44,9 @@ class DecodeConfig:
             raise ValueError(f"max_batch_size={self.max_batch_size}: must be > 0")
         if self.mixed_scale_mode not in MIXED_SCALE_MODES:
             raise ValueError(f"mixed_scale_mode={self.mixed_scale_mode!r}: allowed are {MIXED_SCALE_MODES}")
-        if self.external_write_grace_s < 0:
-            raise ValueError(f"external_write_grace_s={self.external_write_grace_s}: must be >= 0")
+        for name in ("external_write_grace_s", "grant_wait_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
         for name in ("reservation_timeout_s", "kv_timeout_s", "idle_wait_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")

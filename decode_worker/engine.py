@@ -167,6 +167,7 @@ class DecodeEngine:
             req.timeline.mark("reserved")
             req.kv_done = prompt_len == 1  # nothing before the last token: no KV to wait for
             self._requests[request_id] = req
+            self._wake.notify_all()  # a cuda_pool grant may be waiting for this reservation
         return Reservation(request_id, n, self.pool.block_size, self.host_id)
 
     def _get(self, request_id: str) -> DecodeRequest:
@@ -195,10 +196,14 @@ class DecodeEngine:
             self._fail(req, e)
             raise
 
-    def grant_kv(self, request_id: str, layout: KVLayout) -> KVGrant:
+    def grant_kv(self, request_id: str, layout: KVLayout, wait_s: float = 0.0) -> KVGrant:
         """cuda_pool: ``begin_kv`` for a sender that writes into the request's blocks itself. The blocks stay out of
-        the free list until ``end_external_writes`` (even if the request ends first)."""
-        with self._lock:
+        the free list until ``end_external_writes`` (even if the request ends first). ``wait_s``: how long to wait
+        for a reservation that has not arrived yet (the router sends Reserve and Prefill at once on this path)."""
+        with self._wake:
+            end = time.monotonic() + wait_s
+            while request_id not in self._requests and time.monotonic() < end and not self._runner.stopping:
+                self._wake.wait(max(0.0, end - time.monotonic()))
             req = self._get(request_id)
             if layout.dtype != self.kv_dtype():
                 exc = TransferError(f"request {request_id}: K/V of dtype {layout.dtype}, this pool holds {self.kv_dtype()}")

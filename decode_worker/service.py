@@ -12,7 +12,7 @@ a range of it, copied into the blocks on a side stream and synchronised before t
 so the ack means decode is done reading the sender's memory.
 
 ``WriteKV`` is the cuda_pool path: the sender writes into the request's blocks itself. Header ->
-``engine.grant_kv`` -> the reply names the blocks and the pool's IPC handle -> each chunk only marks
+``engine.grant_kv`` (waiting up to ``DecodeConfig.grant_wait_s`` for a Reserve sent at the same time) -> the reply names the blocks and the pool's IPC handle -> each chunk only marks
 a range the sender has finished writing (``engine.mark_kv``) -> ``KVEnd`` -> ``engine.finish_kv`` and
 an ack. However the stream ends, ``engine.end_external_writes`` follows (so blocks held back from an
 ended request go back, after a grace period if the stream broke).
@@ -174,7 +174,7 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
             header = msg.header
             rid = header.request_id
             layout = KVLayout(header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim, header.dtype)
-            grant = state["grant"] = self.engine.grant_kv(rid, layout)
+            grant = state["grant"] = self.engine.grant_kv(rid, layout, self.engine.config.grant_wait_s)
             export = self.engine.pool_export()
             pool = self.engine.pool
             yield kv_pb2.KVPoolReply(grant=kv_pb2.KVPoolGrant(
@@ -286,7 +286,8 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                   step_ms_by_scale=s.step_ms_by_scale, step_batch_by_scale=s.step_batch_by_scale,
                                   last_step_ms=s.last_step_ms,
                                   last_batch_size=s.last_batch_size, num_finished=s.num_finished,
-                                  num_failed=s.num_failed, num_held_blocks=s.num_held_blocks)
+                                  num_failed=s.num_failed, num_held_blocks=s.num_held_blocks,
+                                  cuda_kv=self.engine.device.type == "cuda")
 
     def Score(self, request, context):
         rows = self.engine.score(list(request.token_ids), int(request.scale) or None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 
+from colm.errors import RequestAbortedError
 from colm.proto import load_proto
 from colm.proto.rpc import EngineServer
 
@@ -44,6 +45,10 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
         stub = self._stub(request.decode_address)
         if path == "cuda_pool":
             sink = PoolKVSink(stub, request.request_id, self.cluster_token, timeout)
+            # The router sends Reserve and Prefill at once on this path; if its Reserve fails it cancels this call,
+            # and the grant will never come: fail the sink so that the batch's forward does not wait for it.
+            context.add_callback(lambda: sink.fail(RequestAbortedError(f"request {request.request_id}: Prefill "
+                                                                       "cancelled by the caller")))
         elif path == "cuda_ipc":
             sink = IpcKVSink(stub, request.request_id, self.cluster_token, self.engine.device, cfg.ipc_checksum, timeout,
                              cfg.ipc_chunk_layers)
@@ -59,7 +64,7 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
         s = self.engine.stats()
         return kv_pb2.PrefillStats(host_id=s.host_id, num_queued=s.num_queued, num_queued_tokens=s.num_queued_tokens,
                                    num_done=s.num_done, num_failed=s.num_failed, tokens_per_s=s.tokens_per_s,
-                                   num_params=s.num_params)
+                                   num_params=s.num_params, cuda=self.engine.device.type == "cuda")
 
 
 class PrefillServer(EngineServer):

@@ -2,7 +2,9 @@
 
 A request's path: ``DecodeWorker.Reserve`` (KV blocks for prompt + max_new_tokens) ->
 ``PrefillWorker.Prefill`` (chain-1 forward, K/V pushed to the decode worker) running concurrently
-with ``DecodeWorker.StartGeneration`` (waits for the KV, then streams tokens). Any exit other than
+with ``DecodeWorker.StartGeneration`` (waits for the KV, then streams tokens). Where both workers
+report CUDA and one host (their Stats), Prefill asks for the ``cuda_pool`` path and goes out together
+with Reserve: decode's grant waits for the reservation, so the Reserve round trip leaves the TTFT. Any exit other than
 a finished stream aborts the request on the decode worker so its blocks are freed. A call that
 fails with UNAVAILABLE / DEADLINE_EXCEEDED on a worker (or a dead channel) raises ``WorkerFailed``
 naming that worker, and the router retries elsewhere. Every call carries the cluster token.
@@ -41,6 +43,7 @@ class GrpcBackend:
         self._workers: dict[str, WorkerInfo] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._host_ids: dict[str, str] = {}
+        self._cuda: dict[str, bool] = {}  # worker -> its engine (decode: its KV pool) is on CUDA, from Stats
         self._transfer: dict[str, list] = {}  # prefill worker -> [bytes, seconds, tokens] handed to decode so far
         self._aborts: set[asyncio.Task] = set()  # background aborts of failed attempts (kept referenced)
         self.set_workers(workers)
@@ -94,12 +97,14 @@ class GrpcBackend:
         if w.role == "decode":
             s = await self._decode(worker_id).Stats(kv_pb2.DecodeStatsRequest(), metadata=self._md(), timeout=2.0)
             self._host_ids[worker_id] = s.host_id
+            self._cuda[worker_id] = s.cuda_kv
             return WorkerReport(worker_id, "decode", num_running=s.num_running, num_waiting=s.num_reserved,
                                 step_ms={int(k): v for k, v in s.step_ms_by_scale.items()},
                                 step_batch={int(k): v for k, v in s.step_batch_by_scale.items()},
                                 free_blocks=s.num_free_blocks, total_blocks=s.num_blocks)
         s = await self._prefill(worker_id).Stats(kv_pb2.PrefillStatsRequest(), metadata=self._md(), timeout=2.0)
         self._host_ids[worker_id] = s.host_id
+        self._cuda[worker_id] = s.cuda
         nbytes, seconds, tokens = self._transfer.get(worker_id, (0, 0.0, 0))
         return WorkerReport(worker_id, "prefill", queued_tokens=s.num_queued_tokens,
                             prefill_tokens_per_s=s.tokens_per_s or None, transfer_bytes=nbytes, transfer_s=seconds,
@@ -113,19 +118,27 @@ class GrpcBackend:
         md = self._md()
         finished = False
         prefill_task = None
+
+        def start_prefill(same_host: bool, path: str, decode_cuda: bool):
+            task = asyncio.ensure_future(self._prefill(prefill_id).Prefill(kv_pb2.PrefillRequest(
+                request_id=req.request_id, token_ids=list(req.prompt_ids), decode_address=self._workers[decode_id].address,
+                same_host=same_host, timeout_s=timeout, path=path, decode_cuda=decode_cuda),
+                metadata=md, timeout=timeout))
+            task.add_done_callback(lambda t: self._count_transfer(prefill_id, t, req.observe_phases))
+            return task
+
         try:
+            if self._pool_pair(prefill_id, decode_id):  # decode's grant waits for the reservation
+                prefill_task = start_prefill(True, "cuda_pool", True)
             try:
                 reply = await decode.Reserve(kv_pb2.ReserveRequest(
                     request_id=req.request_id, prompt_len=len(req.prompt_ids), max_new_tokens=p.max_new_tokens,
                     timeout_s=timeout), metadata=md, timeout=min(timeout, 10.0))
             except grpc.aio.AioRpcError as e:
                 raise self._failure(e, decode_id) from None
-            same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)
-            prefill_task = asyncio.ensure_future(self._prefill(prefill_id).Prefill(kv_pb2.PrefillRequest(
-                request_id=req.request_id, token_ids=list(req.prompt_ids), decode_address=self._workers[decode_id].address,
-                same_host=same_host, timeout_s=timeout, path=self.kv_path, decode_cuda=reply.cuda_kv),
-                metadata=md, timeout=timeout))
-            prefill_task.add_done_callback(lambda t: self._count_transfer(prefill_id, t, req.observe_phases))
+            if prefill_task is None:
+                same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)
+                prefill_task = start_prefill(same_host, self.kv_path, reply.cuda_kv)
             sampling = kv_pb2.DecodeSampling(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
                                              top_p=p.top_p, stop_token_ids=list(p.stop_token_ids),
                                              ignore_eos=p.ignore_eos)
@@ -163,6 +176,13 @@ class GrpcBackend:
                 prefill_task.cancel()
             if not finished:
                 self._abort_in_background(decode_id, req.request_id)
+
+    def _pool_pair(self, prefill_id: str, decode_id: str) -> bool:
+        """The request may take the cuda_pool path with Reserve and Prefill sent at once: the path allows it and
+        both workers said (in their last Stats) they run on CUDA on the same host."""
+        host = self._host_ids.get(decode_id)
+        return (self.kv_path in ("auto", "cuda_pool") and bool(host) and host == self._host_ids.get(prefill_id)
+                and self._cuda.get(decode_id, False) and self._cuda.get(prefill_id, False))
 
     def _abort_in_background(self, decode_id: str, request_id: str, attempts: int = 3) -> None:
         """Free a failed attempt's decode reservation without holding up its retry. A few tries with a

@@ -39,7 +39,7 @@ S = grpc.StatusCode
 
 @pytest.mark.parametrize("path,same_host,prefill_cuda,decode_cuda,want", [
     ("", False, True, True, "grpc"), ("", True, True, True, "shm"),            # old requests: as before
-    ("auto", True, True, True, "cuda_ipc"), ("auto", True, False, True, "shm"), ("auto", True, True, False, "shm"),
+    ("auto", True, True, True, "cuda_pool"), ("auto", True, False, True, "shm"), ("auto", True, True, False, "shm"),
     ("auto", False, True, True, "grpc"), ("grpc", True, True, True, "grpc"), ("shm", False, False, False, "shm"),
     ("cuda_ipc", True, True, False, "cuda_ipc"), ("cuda_ipc", False, True, True, "cuda_ipc"),
 ])

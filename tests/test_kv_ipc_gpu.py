@@ -102,8 +102,8 @@ def test_cuda_ipc_across_processes_matches_reference(setup, hand_off):
             assert tokens == reference(full, prompt, scale), rid
             assert reply.path == hand_off and reply.num_tokens == len(prompt) - 1
         prompt = prompts([40], seed=3)[0]
-        tokens, reply = run_request(d, p, child.address, "ipc-auto", prompt, 2, path="auto")
-        assert reply.path == "cuda_ipc" and tokens == reference(full, prompt, 2)
+        tokens, reply = run_request(d, p, child.address, f"{hand_off}-auto", prompt, 2, path="auto")
+        assert reply.path == "cuda_pool" and tokens == reference(full, prompt, 2)
         s = wait_pool_free(d)
         assert s.num_free_blocks == s.num_blocks and s.num_failed == 0
     assert not kv_ipc._local

@@ -22,7 +22,7 @@ from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.engine import DecodeEngine
 from colm.decode_worker.service import DecodeServer
 from colm.decode_worker.spawn import DecodeProcess
-from colm.errors import TransferError
+from colm.errors import RequestAbortedError, TransferError
 from colm.generate import generate
 from colm.kv_wire import KVLayout
 from colm.prefill_worker.config import PrefillConfig
@@ -45,7 +45,7 @@ GRACE_S = 0.4
 def cluster(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_air_pool")
     full = save_tiny_air(path)
-    config = DecodeConfig(num_blocks=128, block_size=4, external_write_grace_s=GRACE_S)
+    config = DecodeConfig(num_blocks=128, block_size=4, external_write_grace_s=GRACE_S, grant_wait_s=GRACE_S)
     decode = DecodeServer(DecodeEngine.from_checkpoint(path, config), TOKEN).start()
     pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16))
     prefill = PrefillServer(pe, TOKEN).start()
@@ -114,6 +114,38 @@ def test_pool_writes_give_reference_tokens(cluster):
             assert sink._num_chunks == chunks
             assert "first_put" in r.timeline_ms or n == 0
     assert decode.engine.stats().num_held_blocks == 0
+    assert_pool_free(decode.engine)
+
+
+def test_grant_waits_for_a_reservation_sent_at_the_same_time(cluster):
+    """The router sends Reserve and Prefill at once on this path: a WriteKV that arrives first waits for the
+    reservation (up to grant_wait_s), and the tokens are the reference's."""
+    _, full, decode, pe, d, _ = cluster
+    prompt = prompts([23], seed=5)[0]
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    sink = PoolKVSink(decode_stub(decode.address), "late-reserve", TOKEN)
+    fut = pe.submit("late-reserve", prompt, sink)
+    time.sleep(GRACE_S / 4)
+    assert not fut.done()  # the forward waits for the grant
+    reserve(d, "late-reserve", len(prompt), 5)
+    toks = [e.token_id for e in decode.engine.start_generation("late-reserve", prompt[-1], params, scale=2)]
+    assert fut.result(10).path == "cuda_pool"
+    assert toks == generate(full, prompt, params, scale=2).token_ids
+    assert_pool_free(decode.engine)
+
+
+def test_cancelled_prefill_does_not_wait_for_a_grant(cluster):
+    """A Reserve that never comes (the router's failed, so it cancels Prefill): failing the sink wakes the forward
+    at once instead of after grant_wait_s."""
+    decode, pe = cluster[2], cluster[3]
+    sink = PoolKVSink(decode_stub(decode.address), "never-reserved", TOKEN)
+    t0 = time.monotonic()
+    fut = pe.submit("never-reserved", prompts([30], seed=6)[0], sink)
+    time.sleep(0.05)
+    sink.fail(RequestAbortedError("cancelled by the caller"))
+    with pytest.raises(RequestAbortedError):
+        fut.result(10)
+    assert time.monotonic() - t0 < GRACE_S
     assert_pool_free(decode.engine)
 
 

@@ -1,0 +1,108 @@
+"""The router's gRPC backend on the cuda_pool path: when both workers' Stats say CUDA and one host, Prefill
+(path "cuda_pool") goes out before Reserve has answered; otherwise Reserve comes first and Prefill carries
+the router's path. A Reserve that fails cancels the Prefill already sent. Fake stubs record the order;
+the workers' side of the concurrency (the grant waiting for the reservation) is in tests/test_kv_pool.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from colm.proto import load_proto
+from colm.router.backend import EngineRequest, WorkerInfo
+from colm.router.grpc_backend import GrpcBackend
+from colm.router.placement import NoWorker
+from colm.sampling import SamplingParams
+
+kv_pb2, _ = load_proto("kv")
+
+
+class _Rpc(grpc.aio.AioRpcError):
+    def __init__(self, code):
+        super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=f"fake {code.name}")
+
+
+class FakeWorkers:
+    """Decode and prefill stubs in one: every call is logged; Reserve answers only when ``release`` is set."""
+
+    def __init__(self, cuda: bool, reserve_code=None) -> None:
+        self.cuda = cuda
+        self.reserve_code = reserve_code
+        self.log: list[str] = []
+        self.release = asyncio.Event()
+        self.prefill_task = None
+
+    async def Stats(self, request, metadata=None, timeout=None):  # noqa: N802 - gRPC stub API
+        if isinstance(request, kv_pb2.DecodeStatsRequest):
+            return kv_pb2.DecodeStats(host_id="h", num_blocks=8, num_free_blocks=8, cuda_kv=self.cuda)
+        return kv_pb2.PrefillStats(host_id="h", cuda=self.cuda)
+
+    async def Reserve(self, request, metadata=None, timeout=None):  # noqa: N802
+        self.log.append("reserve_sent")
+        await self.release.wait()
+        if self.reserve_code is not None:
+            raise _Rpc(self.reserve_code)
+        self.log.append("reserve_replied")
+        return kv_pb2.ReserveReply(request_id=request.request_id, host_id="h", cuda_kv=self.cuda)
+
+    async def _prefill(self, request):
+        await asyncio.sleep(0.05)
+        return kv_pb2.PrefillReply(request_id=request.request_id, num_tokens=len(request.token_ids) - 1,
+                                   path=request.path or "shm")
+
+    def Prefill(self, request, metadata=None, timeout=None):  # noqa: N802
+        # issued (a grpc.aio call starts when it is made); Reserve may answer from now on
+        self.log.append(f"prefill:{request.path}")
+        self.release.set()
+        self.prefill_task = asyncio.get_running_loop().create_task(self._prefill(request))
+        return self.prefill_task
+
+    def StartGeneration(self, request, metadata=None, timeout=None):  # noqa: N802
+        async def events():
+            yield kv_pb2.TokenEvent(request_id=request.request_id, token_id=7, index=0, scale=1, finish_reason="length")
+        return events()
+
+    async def Abort(self, request, metadata=None, timeout=None):  # noqa: N802
+        self.log.append("abort")
+        return kv_pb2.AbortReply(request_id=request.request_id, found=False)
+
+
+def backend_over(fake: FakeWorkers) -> GrpcBackend:
+    b = GrpcBackend([WorkerInfo("p0", "prefill", "127.0.0.1:1"), WorkerInfo("d0", "decode", "127.0.0.1:2")])
+    b._decode = b._prefill = lambda worker_id: fake
+    return b
+
+
+async def one_request(b: GrpcBackend, fake: FakeWorkers):
+    await b.poll("p0")
+    await b.poll("d0")
+    if not fake.cuda:
+        asyncio.get_running_loop().call_later(0.01, fake.release.set)  # Reserve is awaited before Prefill here
+    req = EngineRequest("r1", (1, 2, 3, 4), SamplingParams(max_new_tokens=1), scale=1, timeout_s=5.0)
+    return [t.token_id async for t in b.generate(req, "p0", "d0")]
+
+
+def test_cuda_pool_pair_sends_prefill_before_reserve_answers():
+    fake = FakeWorkers(cuda=True)
+    assert asyncio.run(one_request(backend_over(fake), fake)) == [7]
+    assert fake.log[:3] == ["prefill:cuda_pool", "reserve_sent", "reserve_replied"]
+
+
+def test_other_pairs_reserve_first():
+    fake = FakeWorkers(cuda=False)
+    assert asyncio.run(one_request(backend_over(fake), fake)) == [7]
+    assert fake.log[:3] == ["reserve_sent", "reserve_replied", "prefill:auto"]
+
+
+def test_failed_reserve_cancels_the_prefill_sent_with_it():
+    fake = FakeWorkers(cuda=True, reserve_code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    async def run():
+        with pytest.raises(NoWorker):
+            await one_request(backend_over(fake), fake)
+        await asyncio.sleep(0.05)  # the background abort
+
+    asyncio.run(run())
+    assert fake.log[0] == "prefill:cuda_pool" and fake.prefill_task.cancelled() and "abort" in fake.log
