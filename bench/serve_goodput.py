@@ -57,8 +57,9 @@ def start_worker(role: str, ckpt: str, args, token: str, section: dict) -> tuple
     return proc, line[2]
 
 
-MODES = ("baseline", "colm", "colm-full", "colm-graphs")
-EXTRA_MODES = {"colm-full": "colm_full_scale", "colm-graphs": "colm_prefill_graphs"}  # mode -> its key in the JSON
+MODES = ("baseline", "colm", "colm-full", "colm-graphs", "colm-graphs-ipc")
+EXTRA_MODES = {"colm-full": "colm_full_scale", "colm-graphs": "colm_prefill_graphs",  # mode -> its key in the JSON
+               "colm-graphs-ipc": "colm_prefill_graphs_cuda_ipc"}
 
 
 def max_goodput(run: dict) -> float:
@@ -88,15 +89,17 @@ def make_router(mode: str, ckpt: str, dtype, args):
     procs = []
     colm = mode != "baseline"
     # colm-graphs: colm with CUDA graphs for short prefills (captured at start), side by side with colm in one run
-    graph_tokens = (args.prefill_graph_tokens or 4096) if mode == "colm-graphs" else args.prefill_graph_tokens
+    graphs = mode.startswith("colm-graphs")
+    graph_tokens = (args.prefill_graph_tokens or 4096) if graphs else args.prefill_graph_tokens
     prefill_section = {"cuda_graph_tokens": graph_tokens, "warmup_graphs": graph_tokens > 0}
     if colm and args.workers == "procs":
         token = secrets.token_urlsafe(24)
         d, daddr = start_worker("decode", ckpt, args, token, decode_section)
         p, paddr = start_worker("prefill", ckpt, args, token, prefill_section)
         procs = [d, p]
+        # colm-graphs-ipc: the hand-off of before the cuda_pool path (staging tensor over CUDA IPC, Reserve first)
         backend = GrpcBackend([WorkerInfo("decode-0", "decode", daddr), WorkerInfo("prefill-0", "prefill", paddr)],
-                              cluster_token=token)
+                              cluster_token=token, kv_path="cuda_ipc" if mode == "colm-graphs-ipc" else "auto")
     else:
         de = DecodeEngine.from_checkpoint(ckpt, DecodeConfig(**decode_section), device=args.device, dtype=dtype)
         if colm:
@@ -162,7 +165,8 @@ def main() -> int:
     ap.add_argument("--modes", default="baseline,colm",
                     help="systems to run, in order (the first sets the SLO): baseline, colm (scale by budget), "
                          "colm-full (colm's engines, every request at the full scale), colm-graphs (colm with "
-                         "CUDA graphs for short prefills, all captured at start: --prefill-graph-tokens, else 4096)")
+                         "CUDA graphs for short prefills, all captured at start: --prefill-graph-tokens, else 4096), "
+                         "colm-graphs-ipc (the same with the cuda_ipc hand-off instead of the default cuda_pool)")
     ap.add_argument("--overlap-steps", choices=("auto", "on", "off"), default="auto",
                     help="DecodeConfig.overlap_steps in the decode engines (auto: on with CUDA graphs)")
     ap.add_argument("--prefill-graph-tokens", type=int, default=0,

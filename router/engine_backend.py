@@ -107,5 +107,7 @@ class EngineBackend:
 
 def _observe_prefill(fut, observe_phases) -> None:
     """A finished prefill's phases (runs on the prefill's thread; prometheus metrics are thread-safe)."""
-    if fut.exception() is None and fut.result().timeline_ms:
-        observe_phases(prefill_phases(fut.result().timeline_ms))
+    # the colocated baseline's full-model prefill returns a byte count, not a PrefillResult: no timeline there
+    timeline = getattr(fut.result(), "timeline_ms", None) if fut.exception() is None else None
+    if timeline:
+        observe_phases(prefill_phases(timeline))
