@@ -23,6 +23,7 @@ cached like any handle) and writes into the granted blocks itself.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import socket
 import threading
@@ -136,9 +137,7 @@ class StagingOpener:
 
     def _open(self, f, shape: tuple, dtype: torch.dtype, registry: dict, what: str) -> torch.Tensor:
         rid = f.request_id
-        num_bytes = dtype.itemsize
-        for n in shape:
-            num_bytes *= n
+        num_bytes = math.prod(shape) * dtype.itemsize
         if f.ipc_size_bytes < num_bytes:
             raise TransferError(f"request {rid}: CUDA IPC {what} of {f.ipc_size_bytes} bytes, the layout needs "
                                 f"{num_bytes}")

@@ -228,14 +228,14 @@ class DecodeEngine:
         with self._lock:
             req = grant.request
             req.external_writer = False
-            if any(h is req for h in self._held):
+            if req in self._held:  # DecodeRequest compares by identity
                 grace = 0.0 if clean else self.config.external_write_grace_s
                 req.release_at = time.monotonic() + grace
                 if grace == 0.0:
                     self._release_held(req)
 
     def _release_held(self, req: DecodeRequest) -> None:
-        self._held = [h for h in self._held if h is not req]
+        self._held.remove(req)
         self.pool.free(req.blocks)
         req.blocks = []
 

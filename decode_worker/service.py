@@ -84,6 +84,10 @@ def add_decode_service(servicer, server) -> None:
     server.add_registered_method_handlers(cap.name, handlers)
 
 
+def layout_of(header) -> KVLayout:
+    return KVLayout(header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim, header.dtype)
+
+
 def sampling_from_proto(s) -> SamplingParams:
     return SamplingParams(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature), top_k=int(s.top_k),
                           top_p=float(s.top_p) if s.top_p > 0 else 1.0, seed=int(s.seed) if s.HasField("seed") else None,
@@ -121,8 +125,7 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                     if header is not None:
                         raise TransferError("second KV header in one stream")
                     header = msg.header
-                    layout = KVLayout(header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim,
-                                      header.dtype)
+                    layout = layout_of(header)
                     state["rid"] = header.request_id
                     if header.checksum not in CHECKSUMS + ("",):  # "" (field unset) = none
                         raise TransferError(f"request {header.request_id}: checksum {header.checksum!r} unknown")
@@ -143,11 +146,7 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                         num_bytes=msg.end.num_bytes)
             raise TransferError(f"request {state['rid']}: KV stream ended without KVEnd (truncated)")
         except Exception as e:
-            if state["rid"] and not state["done"]:
-                self.engine.fail_kv(state["rid"], e if isinstance(e, TransferError) else TransferError(str(e)))
-            if isinstance(e, grpc.RpcError) or not context.is_active():
-                raise PeerUnavailableError(f"request {state['rid']}: KV stream broke") from None
-            raise
+            raise self._stream_failed(state["rid"], e, context, fail=not state["done"]) from None
         finally:
             if segment is not None:
                 try:
@@ -173,7 +172,7 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                 raise TransferError("KV stream does not start with a header")
             header = msg.header
             rid = header.request_id
-            layout = KVLayout(header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim, header.dtype)
+            layout = layout_of(header)
             grant = state["grant"] = self.engine.grant_kv(rid, layout, self.engine.config.grant_wait_s)
             export = self.engine.pool_export()
             pool = self.engine.pool
@@ -198,14 +197,19 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                     raise TransferError(f"request {rid}: second KV header in one stream")
             raise TransferError(f"request {rid}: KV stream ended without KVEnd (truncated)")
         except Exception as e:
-            if rid and not state["clean"]:
-                self.engine.fail_kv(rid, e if isinstance(e, TransferError) else TransferError(str(e)))
-            if isinstance(e, grpc.RpcError) or not context.is_active():
-                raise PeerUnavailableError(f"request {rid}: KV stream broke") from None
-            raise
+            raise self._stream_failed(rid, e, context, fail=not state["clean"]) from None
         finally:
             if state["grant"] is not None and not state["clean"]:
                 self.engine.end_external_writes(state["grant"], clean=False)
+
+    def _stream_failed(self, rid: str | None, e: Exception, context, fail: bool) -> Exception:
+        """What a failed KV stream raises: its request (``rid``, when ``fail``: its KV is not complete yet) fails and
+        frees its blocks; a stream whose peer is gone says UNAVAILABLE, anything else keeps its own error."""
+        if rid and fail:
+            self.engine.fail_kv(rid, e if isinstance(e, TransferError) else TransferError(str(e)))
+        if isinstance(e, grpc.RpcError) or not context.is_active():
+            return PeerUnavailableError(f"request {rid}: KV stream broke")
+        return e
 
     def _write_chunk(self, header, c, segment, inline=None, staging=None) -> None:
         rid = header.request_id

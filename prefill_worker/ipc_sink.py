@@ -26,7 +26,8 @@ import torch
 
 from colm.kv_ipc import export_staging, release_staging
 from colm.kv_wire import KVLayout, checksum, parse_dtype, prefetch, tensor_bytes
-from colm.prefill_worker.kv_push import GrpcKVSink, kv_pb2
+from colm.prefill_worker.kv_push import GrpcKVSink, kv_header, kv_pb2
+from colm.prefill_worker.sinks import copies_done_event
 
 
 class IpcKVSink(GrpcKVSink):
@@ -51,9 +52,7 @@ class IpcKVSink(GrpcKVSink):
             export = export_staging(self._staging)
             self._key = export.ipc_key
             fields = export.header_fields()
-        header = kv_pb2.KVHeader(request_id=self.request_id, num_layers=layout.num_layers, num_tokens=layout.num_tokens,
-                                 num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
-                                 checksum=self.checksum_kind, **fields)
+        header = kv_header(self.request_id, layout, self.checksum_kind, **fields)
         # a helper thread waits for each copy's event, so gRPC's sender thread never blocks on the GPU
         self._future = self.stub.PushKV.future(prefetch(self._messages(header), name="colm-kv-ipc"),
                                                timeout=self.timeout_s, metadata=self.metadata)
@@ -69,27 +68,17 @@ class IpcKVSink(GrpcKVSink):
         if span[1] < n and (self.chunk_layers == 0 or span[1] - span[0] < self.chunk_layers):
             return
         del self._unsent[(token_start, token_end)]
-        event = None
-        if self._staging.is_cuda:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self._staging.device))
-        self._q.put(((span[0], span[1], token_start, token_end), None, event))
+        self._q.put(((span[0], span[1], token_start, token_end), None, copies_done_event(self._staging)))
 
     def _messages(self, header):
         yield kv_pb2.KVMessage(header=header)
         staging = self._staging
         for (l0, l1, t0, t1), _ in self._staged():  # yields once the put's copy has finished
-            piece = staging[l0:l1, t0:t1]  # [layers, tokens, 2, Hkv, hd]
-            nbytes = piece.numel() * piece.element_size()
             crc = 0
             if self.checksum_kind != "none":  # optional; costs a device->host copy of the range
-                crc = checksum(tensor_bytes(piece.contiguous().cpu()), self.checksum_kind)
-            yield kv_pb2.KVMessage(chunk=kv_pb2.KVChunk(seq=self._num_chunks, layer_start=l0, layer_end=l1,
-                                                        token_start=t0, token_end=t1, dtype=self._layout.dtype,
-                                                        shape=list(piece.shape), nbytes=nbytes, crc32=crc))
-            self.num_bytes += nbytes
-            self._num_chunks += 1
-        yield kv_pb2.KVMessage(end=kv_pb2.KVEnd(num_chunks=self._num_chunks, num_bytes=self.num_bytes))
+                crc = checksum(tensor_bytes(staging[l0:l1, t0:t1].contiguous().cpu()), self.checksum_kind)
+            yield self._range_message(l0, l1, t0, t1, crc)
+        yield self._end_message()
 
     def _release(self) -> None:
         if self._key:

@@ -35,6 +35,13 @@ def _serialize(msg) -> bytes:
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
+def kv_header(request_id: str, layout: KVLayout, checksum_kind: str, **fields):
+    """The ``KVHeader`` of a request's stream (``fields``: the path's own, e.g. ``shm_name`` or ``ipc_*``)."""
+    return kv_pb2.KVHeader(request_id=request_id, num_layers=layout.num_layers, num_tokens=layout.num_tokens,
+                           num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
+                           checksum=checksum_kind, **fields)
+
+
 def decode_stub(target):
     """A ``DecodeWorkerStub`` (``target``: address or channel) plus ``PushKVRaw``: ``PushKV`` whose request
     stream may hold pre-serialised chunk messages (bytes), so payloads skip protobuf."""
@@ -70,9 +77,7 @@ class GrpcKVSink(StagedKVSink):
         if self.shm:
             shm_name = shm_name_for(self.request_id, str(id(self)))
             self._segment = create_segment(shm_name, layout.num_bytes)
-        header = kv_pb2.KVHeader(request_id=self.request_id, num_layers=layout.num_layers, num_tokens=layout.num_tokens,
-                                 num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
-                                 shm_name=shm_name, checksum=self.checksum_kind)
+        header = kv_header(self.request_id, layout, self.checksum_kind, shm_name=shm_name)
         raw = getattr(self.stub, "PushKVRaw", None)
         self._raw = raw is not None
         call = raw if raw is not None else self.stub.PushKV
@@ -112,7 +117,7 @@ class GrpcKVSink(StagedKVSink):
                     yield msg
         finally:
             del seg  # the segment can only be closed once no tensor views it
-        yield kv_pb2.KVMessage(end=kv_pb2.KVEnd(num_chunks=self._num_chunks, num_bytes=self.num_bytes))
+        yield self._end_message()
 
     def finish(self, timeout_s: float) -> int:
         self._close_queue()
@@ -125,10 +130,29 @@ class GrpcKVSink(StagedKVSink):
             raise _peer_error(self.request_id, e) from None
         finally:
             self._release()
+        return self._checked(ack)
+
+    def _checked(self, ack) -> int:
+        """The bytes sent, once decode's ``KVAck`` agrees with what this side sent."""
         if ack.num_chunks != self._num_chunks or ack.num_bytes != self.num_bytes:
             raise TransferError(f"request {self.request_id}: decode acknowledged {ack.num_chunks} chunks / "
                                 f"{ack.num_bytes} bytes, sent {self._num_chunks} / {self.num_bytes}")
         return self.num_bytes
+
+    def _range_message(self, l0: int, l1: int, t0: int, t1: int, crc: int = 0):
+        """A ``KVChunk`` naming layers [l0, l1) x tokens [t0, t1) without their bytes (the cuda_ipc and cuda_pool
+        paths: the K/V are already where decode reads them), counted as sent."""
+        lay = self._layout
+        nbytes = (l1 - l0) * (t1 - t0) * lay.bytes_per_token_layer
+        msg = kv_pb2.KVMessage(chunk=kv_pb2.KVChunk(seq=self._num_chunks, layer_start=l0, layer_end=l1, token_start=t0,
+                                                    token_end=t1, dtype=lay.dtype, nbytes=nbytes, crc32=crc,
+                                                    shape=[l1 - l0, t1 - t0, 2, lay.num_kv_heads, lay.head_dim]))
+        self.num_bytes += nbytes
+        self._num_chunks += 1
+        return msg
+
+    def _end_message(self):
+        return kv_pb2.KVMessage(end=kv_pb2.KVEnd(num_chunks=self._num_chunks, num_bytes=self.num_bytes))
 
     def fail(self, exc: BaseException) -> None:
         self._close_queue(_Stop())

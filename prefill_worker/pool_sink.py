@@ -28,13 +28,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import torch
 
 from colm.decode_worker.block_pool import PagedKV
 from colm.errors import TransferError
 from colm.kv_ipc import StagingOpener
 from colm.kv_wire import KVLayout
-from colm.prefill_worker.kv_push import GrpcKVSink, _peer_error, _Stop, kv_pb2
+from colm.prefill_worker.kv_push import GrpcKVSink, _peer_error, _Stop, kv_header, kv_pb2
+from colm.prefill_worker.sinks import copies_done_event
 
 POOL_OPENER = StagingOpener(max_handles=64)  # one mapping per decode worker's pool, shared by every request
 # One thread per open stream (it waits for the grant, then the ack); threads are made as needed and reused.
@@ -62,10 +62,7 @@ class PoolKVSink(GrpcKVSink):
     def begin(self, layout: KVLayout) -> None:
         self._layout = layout
         self._cells_left = layout.num_layers * layout.num_tokens
-        header = kv_pb2.KVHeader(request_id=self.request_id, num_layers=layout.num_layers, num_tokens=layout.num_tokens,
-                                 num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
-                                 checksum="none")
-        _STREAMS.submit(self._run_stream, header)
+        _STREAMS.submit(self._run_stream, kv_header(self.request_id, layout, "none"))
 
     def _run_stream(self, header) -> None:
         try:
@@ -112,27 +109,16 @@ class PoolKVSink(GrpcKVSink):
         if plan is None:
             plan = self._plans[(token_start, token_end)] = self._pages.copy_plan(self._blocks, token_start, token_end)
         self._pages.write(plan, layer_start, layer_end, kv)
-        event = None
-        if kv.is_cuda:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(kv.device))
-        self._q.put(((layer_start, layer_end, token_start, token_end), None, event))
+        self._q.put(((layer_start, layer_end, token_start, token_end), None, copies_done_event(kv)))
         self._cells_left -= (layer_end - layer_start) * (token_end - token_start)
         if self._cells_left <= 0:
             self._close_queue()  # KVEnd right after the last range's mark
 
     def _messages(self, header):
         yield kv_pb2.KVMessage(header=header)
-        lay = self._layout
         for (l0, l1, t0, t1), _ in self._staged():  # yields once the put's writes have finished
-            nbytes = (l1 - l0) * (t1 - t0) * lay.bytes_per_token_layer
-            yield kv_pb2.KVMessage(chunk=kv_pb2.KVChunk(seq=self._num_chunks, layer_start=l0, layer_end=l1,
-                                                        token_start=t0, token_end=t1, dtype=lay.dtype,
-                                                        shape=[l1 - l0, t1 - t0, 2, lay.num_kv_heads, lay.head_dim],
-                                                        nbytes=nbytes))
-            self.num_bytes += nbytes
-            self._num_chunks += 1
-        yield kv_pb2.KVMessage(end=kv_pb2.KVEnd(num_chunks=self._num_chunks, num_bytes=self.num_bytes))
+            yield self._range_message(l0, l1, t0, t1)
+        yield self._end_message()
 
     def finish(self, timeout_s: float) -> int:
         if self._cells_left > 0 or self._layout.num_tokens == 0:
@@ -142,11 +128,7 @@ class PoolKVSink(GrpcKVSink):
             raise TimeoutError(f"request {self.request_id}: KV writes not acknowledged in {timeout_s:.1f} s")
         if self._error is not None:
             raise self._error
-        ack = self._ack
-        if ack.num_chunks != self._num_chunks or ack.num_bytes != self.num_bytes:
-            raise TransferError(f"request {self.request_id}: decode acknowledged {ack.num_chunks} chunks / "
-                                f"{ack.num_bytes} bytes, sent {self._num_chunks} / {self.num_bytes}")
-        return self.num_bytes
+        return self._checked(self._ack)
 
     def fail(self, exc: BaseException) -> None:
         """Stops the stream (decode fails the request). Safe from any thread: a ``put`` waiting for the grant wakes

@@ -85,6 +85,16 @@ class LocalKVSink:
 _END = object()
 
 
+def copies_done_event(t: torch.Tensor):
+    """An event recorded on ``t``'s device's current stream after the copies queued so far (None off CUDA): the
+    consumer of a ``put`` waits for it before it signals or reads."""
+    if not t.is_cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(t.device))
+    return event
+
+
 class StagedKVSink:
     """Base of sinks that ship bytes from host memory: ``put`` stages to pinned host memory asynchronously."""
 
@@ -97,11 +107,9 @@ class StagedKVSink:
         if kv.is_cuda:
             host = torch.empty(kv.shape, dtype=kv.dtype, pin_memory=True)
             host.copy_(kv, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
         else:
-            host, event = kv.contiguous(), None
-        self._q.put(((layer_start, layer_end, token_start, token_end), host, event))
+            host = kv.contiguous()
+        self._q.put(((layer_start, layer_end, token_start, token_end), host, copies_done_event(kv)))
 
     def _staged(self):
         """Yields ((l0, l1, t0, t1), host tensor) in put order until ``finish``/``fail`` ends the stream."""

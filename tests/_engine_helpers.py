@@ -1,6 +1,9 @@
-"""Shared setup of the engine and KV hand-off tests: a tiny CoLM-Air checkpoint and prompts."""
+"""Shared setup of the engine and KV hand-off tests: a tiny CoLM-Air checkpoint, prompts, and the checks that a
+decode worker's block pool is fully free again (in this process, or over gRPC for a worker in a child)."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -9,6 +12,30 @@ from colm.prefill_worker.sinks import NullKVSink
 from conftest import make_model
 
 TOKEN = "test-cluster-token"
+
+
+def assert_pool_free(engine, timeout: float = 5.0) -> None:
+    """A ``DecodeEngine`` of this process: every block free (waits for a grace period or a late free) and no
+    request left."""
+    end = time.monotonic() + timeout
+    while engine.pool.num_free != engine.pool.num_blocks and time.monotonic() < end:
+        time.sleep(0.02)
+    assert engine.pool.num_free == engine.pool.num_blocks and not engine._requests
+
+
+def wait_pool_free(stub, timeout: float = 10.0):
+    """A decode worker behind ``stub`` (a ``DecodeWorkerStub``): its ``DecodeStats`` once every block is free, or
+    the last ones when ``timeout`` has passed (the caller asserts on them)."""
+    from colm.proto import load_proto
+    from colm.proto.rpc import auth_metadata
+
+    kv_pb2, _ = load_proto("kv")
+    end = time.monotonic() + timeout
+    while True:
+        s = stub.Stats(kv_pb2.DecodeStatsRequest(), metadata=auth_metadata(TOKEN), timeout=5)
+        if s.num_free_blocks == s.num_blocks or time.monotonic() > end:
+            return s
+        time.sleep(0.05)
 
 
 def save_tiny_air(path, name: str = "tiny-air"):

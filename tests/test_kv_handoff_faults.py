@@ -20,7 +20,7 @@ from colm.prefill_worker.engine import PrefillEngine
 from colm.prefill_worker.service import PrefillServer
 from colm.proto import load_proto
 from colm.proto.rpc import auth_metadata, make_channel
-from _engine_helpers import TOKEN, prompts, save_tiny_air
+from _engine_helpers import TOKEN, assert_pool_free, prompts, save_tiny_air
 
 kv_pb2, kv_pb2_grpc = load_proto("kv")
 MD = auth_metadata(TOKEN)
@@ -73,13 +73,6 @@ def start(d, rid, scale=1, max_new=4, kv_timeout_s=0.0):
     return d.StartGeneration(req, metadata=MD, timeout=10)
 
 
-def assert_pool_free(decode, timeout=5.0):
-    eng = decode.engine
-    end = time.monotonic() + timeout
-    while eng.pool.num_free != eng.pool.num_blocks and time.monotonic() < end:
-        time.sleep(0.02)
-    assert eng.pool.num_free == eng.pool.num_blocks
-    assert not eng._requests
 
 
 def test_corrupted_chunk_truncated_stream_and_wrong_tokens(cluster):
@@ -96,7 +89,7 @@ def test_corrupted_chunk_truncated_stream_and_wrong_tokens(cluster):
         stream = start(d, rid)
         assert code_of(lambda: d.PushKV(iter([header(cfg, rid, 8), *chunks]), metadata=MD, timeout=5)) == S.DATA_LOSS
         assert code_of(lambda: list(stream)) == S.DATA_LOSS, name
-        assert_pool_free(decode)
+        assert_pool_free(decode.engine)
     # wrong token count in the header, and a KVEnd before every cell arrived
     reserve(d, "fault-count")
     assert code_of(lambda: d.PushKV(iter([header(cfg, "fault-count", 5)]), metadata=MD, timeout=5)) == S.DATA_LOSS
@@ -108,7 +101,7 @@ def test_corrupted_chunk_truncated_stream_and_wrong_tokens(cluster):
     req = kv_pb2.StartGenerationRequest(request_id="fault-token", last_token_id=10**6,
                                         sampling=kv_pb2.DecodeSampling(max_new_tokens=2))
     assert code_of(lambda: list(d.StartGeneration(req, metadata=MD, timeout=5))) == S.INVALID_ARGUMENT
-    assert_pool_free(decode)
+    assert_pool_free(decode.engine)
 
 
 def test_pool_full_unknown_id_bad_scale(cluster):
@@ -117,7 +110,7 @@ def test_pool_full_unknown_id_bad_scale(cluster):
     reserve(d, "fill", prompt_len=100, max_new=20)  # 30 of 32 blocks
     assert code_of(lambda: reserve(d, "more", prompt_len=10, max_new=5)) == S.RESOURCE_EXHAUSTED
     assert d.Abort(kv_pb2.AbortRequest(request_id="fill"), metadata=MD, timeout=5).found
-    assert_pool_free(decode)
+    assert_pool_free(decode.engine)
     assert code_of(lambda: list(start(d, "ghost"))) == S.NOT_FOUND
     assert code_of(lambda: d.SetScale(kv_pb2.SetScaleRequest(request_id="ghost", scale=1), metadata=MD, timeout=5)) == S.NOT_FOUND
     assert code_of(lambda: d.PushKV(iter([header(cfg, "ghost", 3)]), metadata=MD, timeout=5)) == S.NOT_FOUND
@@ -128,14 +121,14 @@ def test_pool_full_unknown_id_bad_scale(cluster):
     stream = start(d, "badscale2", max_new=30)
     assert code_of(lambda: d.SetScale(kv_pb2.SetScaleRequest(request_id="badscale2", scale=9), metadata=MD, timeout=5)) == S.INVALID_ARGUMENT
     assert len(list(stream)) >= 1  # the request itself goes on
-    assert_pool_free(decode)
+    assert_pool_free(decode.engine)
 
 
 def test_kv_never_arrives_and_dead_decode_peer(cluster):
     cfg, decode, d, p = cluster
     reserve(d, "late")
     assert code_of(lambda: list(start(d, "late", kv_timeout_s=0.5))) == S.DEADLINE_EXCEEDED
-    assert_pool_free(decode)
+    assert_pool_free(decode.engine)
     dead = kv_pb2.PrefillRequest(request_id="nowhere", token_ids=prompts([6])[0], decode_address="127.0.0.1:1")
     assert code_of(lambda: p.Prefill(dead, metadata=MD, timeout=20)) == S.UNAVAILABLE
     # both workers still serve
@@ -143,7 +136,7 @@ def test_kv_never_arrives_and_dead_decode_peer(cluster):
     reserve(d, "after", prompt_len=6)
     assert p.Prefill(ok, metadata=MD, timeout=20).num_tokens == 5
     assert len(list(start(d, "after"))) == 4
-    assert_pool_free(decode)
+    assert_pool_free(decode.engine)
 
 
 SENDER = textwrap.dedent("""
@@ -180,4 +173,4 @@ def test_prefill_killed_mid_stream(cluster):
     finally:
         proc.wait(10)
     assert code_of(lambda: list(stream)) in (S.DATA_LOSS, S.UNAVAILABLE)
-    assert_pool_free(decode)
+    assert_pool_free(decode.engine)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import grpc
 import pytest
@@ -30,7 +29,7 @@ from colm.prefill_worker.service import PrefillServer
 from colm.proto import load_proto
 from colm.proto.rpc import auth_metadata, make_channel
 from colm.sampling import SamplingParams
-from _engine_helpers import TOKEN, decode_engine_from, prompts, save_tiny_air
+from _engine_helpers import TOKEN, assert_pool_free, decode_engine_from, prompts, save_tiny_air, wait_pool_free
 
 kv_pb2, kv_pb2_grpc = load_proto("kv")
 MD = auth_metadata(TOKEN)
@@ -87,11 +86,6 @@ def code_of(fn):
     return e.value.code(), e.value.details()
 
 
-def assert_pool_free(engine, timeout=5.0):
-    end = time.monotonic() + timeout
-    while engine.pool.num_free != engine.pool.num_blocks and time.monotonic() < end:
-        time.sleep(0.02)
-    assert engine.pool.num_free == engine.pool.num_blocks and not engine._requests
 
 
 def reserve(d, rid, n, max_new=6):
@@ -202,11 +196,6 @@ def test_sender_in_another_process_without_cuda_staging(cluster):
         with pytest.raises(grpc.RpcError) as e:
             pe.prefill("x-proc", prompt, sink)
         assert e.value.code() == S.DATA_LOSS and "not on CUDA" in e.value.details()
-        end = time.monotonic() + 5
-        while True:
-            s = d.Stats(kv_pb2.DecodeStatsRequest(), metadata=MD, timeout=5)
-            if s.num_free_blocks == s.num_blocks or time.monotonic() > end:
-                break
-            time.sleep(0.05)
+        s = wait_pool_free(d, timeout=5)
         assert s.num_free_blocks == s.num_blocks and s.num_failed == 1
     assert not kv_ipc._local

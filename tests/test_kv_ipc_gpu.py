@@ -22,7 +22,7 @@ from colm.prefill_worker.service import PrefillServer
 from colm.proto import load_proto
 from colm.proto.rpc import auth_metadata, make_channel
 from colm.sampling import SamplingParams
-from _engine_helpers import TOKEN, decode_engine_from, prompts, save_tiny_air
+from _engine_helpers import TOKEN, decode_engine_from, prompts, save_tiny_air, wait_pool_free
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -71,13 +71,6 @@ def reference(full, prompt, scale, max_new=8):
     return generate(full, prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True), scale=scale).token_ids
 
 
-def wait_pool_free(d, timeout=10.0):
-    end = time.monotonic() + timeout
-    while True:
-        s = d.Stats(kv_pb2.DecodeStatsRequest(), metadata=MD, timeout=5)
-        if s.num_free_blocks == s.num_blocks or time.monotonic() > end:
-            return s
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("hand_off", ["cuda_ipc", "cuda_pool"])

@@ -33,7 +33,7 @@ from colm.prefill_worker.service import PrefillServer
 from colm.proto import load_proto
 from colm.proto.rpc import auth_metadata, make_channel
 from colm.sampling import SamplingParams
-from _engine_helpers import TOKEN, decode_engine_from, prompts, save_tiny_air
+from _engine_helpers import TOKEN, assert_pool_free, decode_engine_from, prompts, save_tiny_air, wait_pool_free
 
 kv_pb2, kv_pb2_grpc = load_proto("kv")
 MD = auth_metadata(TOKEN)
@@ -55,11 +55,6 @@ def cluster(tmp_path_factory):
     prefill.stop(), decode.stop()
 
 
-def assert_pool_free(engine, timeout=5.0):
-    end = time.monotonic() + timeout
-    while engine.pool.num_free != engine.pool.num_blocks and time.monotonic() < end:
-        time.sleep(0.02)
-    assert engine.pool.num_free == engine.pool.num_blocks and not engine._requests and not engine._held
 
 
 def reserve(d, rid, n, max_new=6):
@@ -250,7 +245,7 @@ def test_bad_streams_fail_that_request(cluster, case):
 
 
 def test_cuda_pool_requested_from_a_cpu_prefill_worker(cluster):
-    full, decode, _, d, p = cluster[1], cluster[2], cluster[3], cluster[4], cluster[5]
+    decode, d, p = cluster[2], cluster[4], cluster[5]
     prompt = prompts([9], seed=2)[0]
     reserve(d, "pool-no-cuda", len(prompt))
     req = kv_pb2.PrefillRequest(request_id="pool-no-cuda", token_ids=prompt, decode_address=decode.address,
@@ -273,10 +268,5 @@ def test_pool_of_another_process_without_cuda(cluster):
         sink = PoolKVSink(decode_stub(child.address), "x-proc-pool", TOKEN, timeout_s=10)
         with pytest.raises(TransferError, match="not on CUDA"):
             pe.prefill("x-proc-pool", prompt, sink)
-        end = time.monotonic() + 5
-        while True:
-            s = d.Stats(kv_pb2.DecodeStatsRequest(), metadata=MD, timeout=5)
-            if s.num_free_blocks == s.num_blocks or time.monotonic() > end:
-                break
-            time.sleep(0.05)
+        s = wait_pool_free(d, timeout=5)
         assert s.num_free_blocks == s.num_blocks and s.num_failed == 1 and s.num_held_blocks == 0
