@@ -136,6 +136,10 @@ def bench_prefill(quick):
         row["chain1_graph_speedup"] = {T: _ratio(row["chain1_engine_eager_ms"].get(T), row["chain1_engine_ms"].get(T))
                                        for T in lengths}
         row["full_vs_hf"] = {T: _ratio(row["full_ms"].get(T), hf_ms.get(T)) for T in lengths}
+        # The paper's comparison (Table 10: its baseline row is the dense LLama-3.2-1B, whose prefill HF's LlamaModel
+        # runs here): dense model's prefill time over the chain-1 engine's, eager and with the engine's graphs
+        row["speedup_chain1_vs_hf"] = {T: _ratio(hf_ms.get(T), row["chain1_engine_eager_ms"].get(T)) for T in lengths}
+        row["speedup_chain1_graphs_vs_hf"] = {T: _ratio(hf_ms.get(T), row["chain1_engine_ms"].get(T)) for T in lengths}
         out["models"][name] = row
         del sub, eng, eng_eager
         free()

@@ -95,3 +95,21 @@ class CaptureSink(NullKVSink):
         assert kv.shape == self.k[l0:l1, t0:t1].shape and kv.is_contiguous()
         self.k[l0:l1, t0:t1] = kv.detach().to("cpu", torch.float32)
         self.kept.append((kv, kv.clone()))
+
+
+def prefill_engine_from(path, chunk_size: int = 16):
+    """A ``PrefillEngine`` of the checkpoint at ``path`` (CPU): the factory ``PrefillProcess`` children call."""
+    from colm.prefill_worker.config import PrefillConfig
+    from colm.prefill_worker.engine import PrefillEngine
+
+    return PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=chunk_size))
+
+
+def engine_num_params(engine) -> int:
+    """A ``WorkerProcess.call`` target: what the child's engine holds."""
+    return engine.num_params
+
+
+def engine_call_fails(engine, message: str):
+    """A ``WorkerProcess.call`` target that raises."""
+    raise ValueError(message)
