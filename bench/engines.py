@@ -194,8 +194,9 @@ def bench_handoff(quick):
     md = auth_metadata(token)
     d = kv_pb2_grpc.DecodeWorkerStub(make_channel(ds.address))
     p = kv_pb2_grpc.PrefillWorkerStub(make_channel(ps.address))
-    def measure(path, d, address, reps=3, p=p, suffix="", timelines=None, concurrent=False):
-        """``concurrent``: Prefill goes out before Reserve, as the router sends them on the cuda_pool path."""
+    def measure(path, d, address, reps=3, p=p, suffix="", timelines=None, concurrent=False, key=None):
+        """``concurrent``: Prefill goes out before Reserve, as the router sends them on the cuda_pool path.
+        ``key``: the results' key prefix (default: the path, ``_proc`` when decode is not the in-process one)."""
         replies, timelines = [], [] if timelines is None else timelines
 
         def remote():
@@ -220,7 +221,7 @@ def bench_handoff(quick):
             timelines.append(merged_timeline(t0, client, replies[-1], ev))
             return ev
 
-        key = (path if address == ds.address else f"{path}_proc") + suffix
+        key = key or (path if address == ds.address else f"{path}_proc") + suffix
         guard(out, f"{key}_ttft_ms", lambda: timed(remote, reps=reps))
         if replies:
             r = replies[-1]
@@ -262,6 +263,42 @@ def bench_handoff(quick):
         return True
 
     guard(out, "cuda_proc_ran", in_child)
+
+    def in_children():
+        """Prefill and decode each in a child process, only the client here (as with the router): turns of the
+        prefill engine's compute alone (timed in its child) and each hand-off's TTFT, so drift hits all alike."""
+        from colm.decode_worker.spawn import DecodeProcess
+        from colm.prefill_worker.spawn import PrefillProcess
+
+        with PrefillProcess(_bench_prefill_engine, (name,), token) as pc, \
+                DecodeProcess(_bench_decode_engine, (name,), token) as dc:
+            stub_d = kv_pb2_grpc.DecodeWorkerStub(make_channel(dc.address))
+            stub_p = kv_pb2_grpc.PrefillWorkerStub(make_channel(pc.address))
+            variants = {"cuda_ipc_procs": ("cuda_ipc", False), "cuda_pool_procs": ("cuda_pool", False),
+                        "cuda_pool_procs_concurrent": ("cuda_pool", True)}
+            ttfts = {v: [] for v in variants}
+            timelines = {v: [] for v in variants}
+            computes = []
+            for _ in range(4):
+                computes.append(pc.call(_compute_alone_ms, prompt, 3))
+                for v, (path, conc) in variants.items():
+                    measure(path, stub_d, dc.address, reps=3, p=stub_p, timelines=timelines[v], concurrent=conc, key=v)
+                    ttfts[v].append(out[f"{v}_ttft_ms"])
+            computes.append(pc.call(_compute_alone_ms, prompt, 3))
+            out["procs_chain1_compute_ms_turns"] = computes
+            out["procs_chain1_compute_ms"] = statistics.median(computes)
+            for v, vals in ttfts.items():
+                out[f"{v}_ttft_ms_turns"] = vals
+                out[f"{v}_ttft_ms"] = statistics.median(vals)
+                # each turn's TTFT over the mean of the compute measured just before and after it
+                out[f"{v}_ttft_over_compute_turns"] = [t / ((computes[i] + computes[i + 1]) / 2)
+                                                       for i, t in enumerate(vals)]
+                out[f"{v}_ttft_over_compute"] = out[f"{v}_ttft_ms"] / out["procs_chain1_compute_ms"]
+            print("both workers in children: compute alone", [round(c, 2) for c in computes], "ms;",
+                  {v: round(out[f"{v}_ttft_over_compute"], 3) for v in variants}, flush=True)
+        return True
+
+    guard(out, "procs_ran", in_children)
     for k in ("local", "grpc", "shm", "cuda_ipc", "cuda_pool", "cuda_ipc_proc", "cuda_pool_proc",
               "cuda_pool_proc_concurrent"):
         v = out.get(f"{k}_ttft_ms")
@@ -331,6 +368,23 @@ def local_breakdown(pe, de, prompt, params, n, reps=5):
         rows.append(row)
     rows = rows[1:]
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def _bench_prefill_engine(name):
+    """The prefill engine of ``bench_handoff``'s spawned prefill child (chain 1, eager, one 8K chunk)."""
+    from colm.prefill_worker.config import PrefillConfig
+    from colm.prefill_worker.engine import PrefillEngine
+    from colm.presets import preset
+
+    return PrefillEngine(colm_model(name, scale=1), preset(name), PrefillConfig(chunk_size=8192, max_batch_tokens=8192))
+
+
+def _compute_alone_ms(engine, prompt, reps):
+    """Run in the prefill child: the median ms of ``reps`` prefills of ``prompt`` into a ``NullKVSink``."""
+    from colm.prefill_worker.sinks import NullKVSink
+
+    with torch.no_grad():
+        return timed(lambda: engine.prefill("c", prompt, NullKVSink()), reps=reps)
 
 
 def _bench_decode_engine(name):

@@ -4,21 +4,24 @@ Path of one request: ``begin(layout)`` hands the stream to a pooled thread and r
 thread start costs the forward's host thread ~0.3 ms on a busy host); that thread opens
 ``DecodeWorker.WriteKV`` (header first), waits for decode's ``KVPoolGrant`` (the request's blocks and
 a CUDA IPC handle of decode's whole pool), opens the pool (``colm.kv_ipc.StagingOpener.open_pool``: one mapping per decode
-process, cached) and views it as a ``PagedKV`` -> the forward's first layer computes meanwhile ->
-each ``put`` waits for the grant (normally long there), copies its K/V into the granted blocks' slots
-on the current stream and records an event -> the stream's request generator (run by gRPC's own
-thread for this call) waits for the event and sends a ``KVChunk`` naming the range, which decode only
-marks as written -> once every (layer, token) cell has been put, ``KVEnd`` follows the last range at
-once (not when the engine calls ``finish``, which comes after the batch's forward and a thread hop:
-~0.5 ms later on an H100 host) -> ``finish`` waits for decode's ack.
+process, cached) and views it as a ``PagedKV`` -> the forward computes meanwhile and never waits for
+the grant: a ``put`` before it keeps its K/V tensor (the sink's to keep) with the stream it was made on,
+and the stream's thread writes that backlog on that stream as soon as the grant is in (on an H100 host
+the grant came 3-5 ms after the batch started: waiting in the first ``put`` stretched the 8K forward by
+as much) -> a ``put`` after the grant copies its K/V into the granted blocks' slots on the current
+stream -> each write records an event; the stream's request generator (run by gRPC's own thread for
+this call) waits for it and sends a ``KVChunk`` naming the range, which decode only marks as written ->
+once every (layer, token) cell has been written, ``KVEnd`` follows the last range at once (not when
+the engine calls ``finish``, which comes after the batch's forward and a thread hop: ~0.5 ms later on
+an H100 host) -> ``finish`` waits for decode's ack.
 
 Against the ``cuda_ipc`` path (``IpcKVSink``) this drops the staging tensor and decode's copy out of
 it, and takes the stream's opening off the forward's path: there is no per-request handle to export
 or open, and no round trip before the first layer computes.
 
 Decode holds a request's blocks back if it ends while this stream is open (``DecodeEngine.grant_kv``).
-``fail`` stops the writes (a later ``put`` raises) and cancels the stream; a decode-side failure
-reaches ``put`` as the reply thread's error. A decode engine in this process (tests, CPU) is written
+``fail`` stops the writes (a later ``put`` raises, the backlog is dropped) and cancels the stream; a
+decode-side failure reaches ``put`` and ``finish`` as the reply thread's error. A decode engine in this process (tests, CPU) is written
 directly: its pool is registered, not opened.
 """
 
@@ -28,6 +31,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 
 from colm.decode_worker.block_pool import PagedKV
 from colm.errors import TransferError
@@ -47,7 +51,7 @@ class PoolKVSink(GrpcKVSink):
         super().__init__(stub, request_id, cluster_token, checksum_kind="none", timeout_s=timeout_s)
         self.path = "cuda_pool"
         self.opener = opener
-        self._granted = threading.Event()  # the grant arrived and the pool is open, or the stream failed
+        self.granted = threading.Event()  # the grant came and the backlog is written (or the stream failed)
         self._done = threading.Event()     # the reply stream ended (ack or error)
         self._error: BaseException | None = None
         self._pages: PagedKV | None = None
@@ -57,11 +61,14 @@ class PoolKVSink(GrpcKVSink):
         self._call = None
         self._stopped = False
         self._lock = threading.Lock()  # orders the call's creation against fail()'s cancel
-        self._cells_left = 0  # (layer, token) cells not put yet; at 0 the stream ends without waiting for finish
+        self._cells_lock = threading.Lock()  # the grant against put's check, and the cell count (two writers)
+        self._backlog: list[tuple] = []  # puts before the grant: (ranges, kv, the CUDA stream kv was made on)
+        self._cells_unput = 0  # (layer, token) cells not put yet (finish: are any missing?)
+        self._cells_left = 0  # cells not written yet; at 0 the stream ends without waiting for finish
 
     def begin(self, layout: KVLayout) -> None:
         self._layout = layout
-        self._cells_left = layout.num_layers * layout.num_tokens
+        self._cells_unput = self._cells_left = layout.num_layers * layout.num_tokens
         _STREAMS.submit(self._run_stream, kv_header(self.request_id, layout, "none"))
 
     def _run_stream(self, header) -> None:
@@ -77,41 +84,69 @@ class PoolKVSink(GrpcKVSink):
             if len(grant.block_ids) * grant.block_size < self._layout.num_tokens:
                 raise TransferError(f"request {self.request_id}: {len(grant.block_ids)} blocks of {grant.block_size} "
                                     f"granted, {self._layout.num_tokens} tokens to write")
-            self._pages = PagedKV(self.opener.open_pool(grant, self._layout))
+            pages = PagedKV(self.opener.open_pool(grant, self._layout))
             self._blocks = list(grant.block_ids)
+            with self._cells_lock:
+                self._pages = pages
+                backlog, self._backlog = self._backlog, []
+            for ranges, kv, stream in backlog:  # on the stream each was made on: ordered after its producer
+                if self._stopped:
+                    break
+                if stream is None:
+                    self._write(ranges, kv)
+                else:
+                    with torch.cuda.stream(stream):
+                        self._write(ranges, kv)
         except BaseException as e:  # noqa: BLE001 - handed to put / finish
-            self._error = _as_error(self.request_id, e)
-            self._granted.set()
+            self._set_error(_as_error(self.request_id, e))
+            with self._cells_lock:
+                self._backlog = []
+            self.granted.set()
             self._done.set()
             return
-        self._granted.set()
+        self.granted.set()
         try:
             reply = next(self._call)
             if reply.WhichOneof("kind") != "ack":
                 raise TransferError(f"request {self.request_id}: decode sent a second grant")
             self._ack = reply.ack
         except StopIteration:
-            self._error = TransferError(f"request {self.request_id}: WriteKV ended without an ack")
+            self._set_error(TransferError(f"request {self.request_id}: WriteKV ended without an ack"))
         except BaseException as e:  # noqa: BLE001
-            self._error = _as_error(self.request_id, e)
+            self._set_error(_as_error(self.request_id, e))
         finally:
             self._done.set()
 
+    def _set_error(self, exc: BaseException) -> None:
+        if self._error is None:  # the first cause wins: a fail() reason over the cancelled stream's error
+            self._error = exc
+
     def put(self, layer_start, layer_end, token_start, token_end, kv) -> None:
         # kv [layers, tokens, 2, Hkv, hd] of layers/tokens [start, end)
-        if not self._granted.is_set() and not self._granted.wait(self.timeout_s):
-            raise TimeoutError(f"request {self.request_id}: no KV grant from decode in {self.timeout_s:.1f} s")
         if self._error is not None:
             raise self._error
         if self._stopped:
             raise TransferError(f"request {self.request_id}: K/V put after the stream was stopped")
-        plan = self._plans.get((token_start, token_end))
+        ranges = (layer_start, layer_end, token_start, token_end)
+        with self._cells_lock:
+            self._cells_unput -= (layer_end - layer_start) * (token_end - token_start)
+            if self._pages is None:  # no grant yet: the stream's thread writes it when the grant comes
+                self._backlog.append((ranges, kv, torch.cuda.current_stream(kv.device) if kv.is_cuda else None))
+                return
+        self._write(ranges, kv)
+
+    def _write(self, ranges, kv) -> None:
+        """Copy ``kv`` into its granted slots on the current stream and queue its mark (after an event)."""
+        l0, l1, t0, t1 = ranges
+        plan = self._plans.get((t0, t1))
         if plan is None:
-            plan = self._plans[(token_start, token_end)] = self._pages.copy_plan(self._blocks, token_start, token_end)
-        self._pages.write(plan, layer_start, layer_end, kv)
-        self._q.put(((layer_start, layer_end, token_start, token_end), None, copies_done_event(kv)))
-        self._cells_left -= (layer_end - layer_start) * (token_end - token_start)
-        if self._cells_left <= 0:
+            plan = self._plans[(t0, t1)] = self._pages.copy_plan(self._blocks, t0, t1)
+        self._pages.write(plan, l0, l1, kv)
+        self._q.put((ranges, None, copies_done_event(kv)))
+        with self._cells_lock:
+            self._cells_left -= (l1 - l0) * (t1 - t0)
+            last = self._cells_left <= 0
+        if last:
             self._close_queue()  # KVEnd right after the last range's mark
 
     def _messages(self, header):
@@ -121,8 +156,8 @@ class PoolKVSink(GrpcKVSink):
         yield self._end_message()
 
     def finish(self, timeout_s: float) -> int:
-        if self._cells_left > 0 or self._layout.num_tokens == 0:
-            self._close_queue()  # cells missing (decode will say which), or nothing to put
+        if self._cells_unput > 0 or self._layout.num_tokens == 0:
+            self._close_queue()  # cells never put (decode will say which), or nothing to put
         if not self._done.wait(timeout_s):
             self._stop()
             raise TimeoutError(f"request {self.request_id}: KV writes not acknowledged in {timeout_s:.1f} s")
@@ -131,11 +166,11 @@ class PoolKVSink(GrpcKVSink):
         return self._checked(self._ack)
 
     def fail(self, exc: BaseException) -> None:
-        """Stops the stream (decode fails the request). Safe from any thread: a ``put`` waiting for the grant wakes
-        and raises ``exc`` (the prefill service calls this when its caller cancels, e.g. after a failed Reserve)."""
-        if self._error is None:
-            self._error = exc
-        self._granted.set()
+        """Stops the stream (decode fails the request) and drops the backlog; later ``put`` calls raise ``exc``. Safe
+        from any thread (the prefill service calls this when its caller cancels, e.g. after a failed Reserve)."""
+        self._set_error(exc)
+        with self._cells_lock:
+            self._backlog = []
         self._close_queue(_Stop())
         self._stop()
 

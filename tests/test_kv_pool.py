@@ -121,7 +121,8 @@ def test_grant_waits_for_a_reservation_sent_at_the_same_time(cluster):
     sink = PoolKVSink(decode_stub(decode.address), "late-reserve", TOKEN)
     fut = pe.submit("late-reserve", prompt, sink)
     time.sleep(GRACE_S / 4)
-    assert not fut.done()  # the forward waits for the grant
+    # the forward did not wait for the grant: every layer is put (kept as the backlog); the request waits for it
+    assert sink._cells_unput == 0 and not sink.granted.is_set() and not fut.done()
     reserve(d, "late-reserve", len(prompt), 5)
     toks = [e.token_id for e in decode.engine.start_generation("late-reserve", prompt[-1], params, scale=2)]
     assert fut.result(10).path == "cuda_pool"
@@ -130,8 +131,8 @@ def test_grant_waits_for_a_reservation_sent_at_the_same_time(cluster):
 
 
 def test_cancelled_prefill_does_not_wait_for_a_grant(cluster):
-    """A Reserve that never comes (the router's failed, so it cancels Prefill): failing the sink wakes the forward
-    at once instead of after grant_wait_s."""
+    """A Reserve that never comes (the router's failed, so it cancels Prefill): failing the sink ends the request at
+    once with the caller's reason (not after grant_wait_s) and drops the K/V it kept."""
     decode, pe = cluster[2], cluster[3]
     sink = PoolKVSink(decode_stub(decode.address), "never-reserved", TOKEN)
     t0 = time.monotonic()
@@ -140,7 +141,7 @@ def test_cancelled_prefill_does_not_wait_for_a_grant(cluster):
     sink.fail(RequestAbortedError("cancelled by the caller"))
     with pytest.raises(RequestAbortedError):
         fut.result(10)
-    assert time.monotonic() - t0 < GRACE_S
+    assert time.monotonic() - t0 < GRACE_S and not sink._backlog
     assert_pool_free(decode.engine)
 
 
@@ -169,7 +170,8 @@ def test_blocks_held_while_the_writer_may_write(cluster):
     sink = PoolKVSink(decode_stub(decode.address), "held", TOKEN, timeout_s=10)
     sink.begin(layout_of(cfg, n))
     kv = torch.randn(1, n, 2, cfg.n_kv_heads, cfg.head_dim)
-    sink.put(0, 1, 0, n, kv)  # waits for the grant, then writes layer 0 into decode's blocks
+    sink.put(0, 1, 0, n, kv)  # before the grant: kept, and written into decode's blocks once the grant is in
+    assert sink.granted.wait(5)
     assert torch.equal(eng.pool.k[0].reshape(-1, cfg.n_kv_heads, cfg.head_dim)[blocks[0] * 4 : blocks[0] * 4 + 4],
                        kv[0, :4, 0])
     assert eng.abort("held")
