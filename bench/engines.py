@@ -276,7 +276,8 @@ def bench_handoff(quick):
             stub_p = kv_pb2_grpc.PrefillWorkerStub(make_channel(pc.address))
             variants = {"cuda_ipc_procs": ("cuda_ipc", False), "cuda_pool_procs": ("cuda_pool", False),
                         "cuda_pool_procs_concurrent": ("cuda_pool", True)}
-            ttfts = {v: [] for v in variants}
+            routers = {"router_cuda_pool": "cuda_pool", "router_cuda_ipc": "cuda_ipc"}
+            ttfts = {v: [] for v in [*variants, *routers]}
             timelines = {v: [] for v in variants}
             computes = []
             for _ in range(4):
@@ -284,7 +285,10 @@ def bench_handoff(quick):
                 for v, (path, conc) in variants.items():
                     measure(path, stub_d, dc.address, reps=3, p=stub_p, timelines=timelines[v], concurrent=conc, key=v)
                     ttfts[v].append(out[f"{v}_ttft_ms"])
+                for v, kv_path in routers.items():
+                    ttfts[v].append(router_ttft_ms(pc.address, dc.address, token, kv_path, prompt, reps=3))
             computes.append(pc.call(_compute_alone_ms, prompt, 3))
+            variants.update(routers)
             out["procs_chain1_compute_ms_turns"] = computes
             out["procs_chain1_compute_ms"] = statistics.median(computes)
             for v, vals in ttfts.items():
@@ -368,6 +372,35 @@ def local_breakdown(pe, de, prompt, params, n, reps=5):
         rows.append(row)
     rows = rows[1:]
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps=3):
+    """TTFT through the router's own request path (``GrpcBackend.generate``: Reserve, Prefill, StartGeneration,
+    over grpc.aio, as ``colm serve`` sends them; the HTTP front and the policy left out), ms from the call to
+    the first token: the median of ``reps`` after one warm-up request."""
+    import asyncio
+
+    from colm.router.backend import EngineRequest, WorkerInfo
+    from colm.router.grpc_backend import GrpcBackend
+    from colm.sampling import SamplingParams
+
+    async def run():
+        backend = GrpcBackend([WorkerInfo("p0", "prefill", prefill_address), WorkerInfo("d0", "decode", decode_address)],
+                              token, kv_path=kv_path)
+        for w in ("p0", "d0"):  # host ids and CUDA flags: what the router's health polls learn
+            await backend.poll(w)
+        times = []
+        for i in range(reps + 1):
+            req = EngineRequest(f"router-{kv_path}-{time.monotonic_ns()}-{i}", tuple(prompt),
+                                SamplingParams(max_new_tokens=1), scale=2, timeout_s=60.0)
+            t0, first = time.perf_counter(), None
+            async for _ in backend.generate(req, "p0", "d0"):
+                first = first or (time.perf_counter() - t0) * 1000
+            times.append(first)
+        await backend.close()
+        return statistics.median(times[1:])
+
+    return asyncio.run(run())
 
 
 def _bench_prefill_engine(name):
