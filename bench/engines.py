@@ -264,45 +264,47 @@ def bench_handoff(quick):
 
     guard(out, "cuda_proc_ran", in_child)
 
-    def in_children():
+    def in_children(graphs):
         """Prefill and decode each in a child process, only the client here (as with the router): turns of the
-        prefill engine's compute alone (timed in its child) and each hand-off's TTFT, so drift hits all alike."""
+        prefill engine's compute alone (timed in its child) and each hand-off's TTFT, so drift hits all alike.
+        ``graphs``: the prefill child replays a CUDA graph of the 8K forward (PrefillConfig.cuda_graph_tokens)."""
         from colm.decode_worker.spawn import DecodeProcess
         from colm.prefill_worker.spawn import PrefillProcess
 
-        with PrefillProcess(_bench_prefill_engine, (name,), token) as pc, \
+        tag = "graphs_" if graphs else ""
+        with PrefillProcess(_bench_prefill_engine, (name, T if graphs else 0), token) as pc, \
                 DecodeProcess(_bench_decode_engine, (name,), token) as dc:
             stub_d = kv_pb2_grpc.DecodeWorkerStub(make_channel(dc.address))
             stub_p = kv_pb2_grpc.PrefillWorkerStub(make_channel(pc.address))
-            variants = {"cuda_ipc_procs": ("cuda_ipc", False), "cuda_pool_procs": ("cuda_pool", False),
-                        "cuda_pool_procs_concurrent": ("cuda_pool", True)}
-            routers = {"router_cuda_pool": "cuda_pool", "router_cuda_ipc": "cuda_ipc"}
-            ttfts = {v: [] for v in [*variants, *routers]}
-            timelines = {v: [] for v in variants}
+            v_sync = f"cuda_pool_procs_{tag}concurrent"  # the bench's own client, with the merged timeline
+            routers = {f"router_{tag}cuda_pool": "cuda_pool", f"router_{tag}cuda_ipc": "cuda_ipc"}
+            ttfts = {v: [] for v in [v_sync, *routers]}
+            timelines = []
             computes = []
-            for _ in range(4):
+            for _ in range(5):
                 computes.append(pc.call(_compute_alone_ms, prompt, 3))
-                for v, (path, conc) in variants.items():
-                    measure(path, stub_d, dc.address, reps=3, p=stub_p, timelines=timelines[v], concurrent=conc, key=v)
-                    ttfts[v].append(out[f"{v}_ttft_ms"])
+                measure("cuda_pool", stub_d, dc.address, reps=3, p=stub_p, timelines=timelines, concurrent=True, key=v_sync)
+                ttfts[v_sync].append(out[f"{v_sync}_ttft_ms"])
                 for v, kv_path in routers.items():
                     ttfts[v].append(router_ttft_ms(pc.address, dc.address, token, kv_path, prompt, reps=3))
             computes.append(pc.call(_compute_alone_ms, prompt, 3))
-            variants.update(routers)
-            out["procs_chain1_compute_ms_turns"] = computes
-            out["procs_chain1_compute_ms"] = statistics.median(computes)
+            out[f"procs_{tag}chain1_compute_ms_turns"] = computes
+            out[f"procs_{tag}chain1_compute_ms"] = statistics.median(computes)
             for v, vals in ttfts.items():
                 out[f"{v}_ttft_ms_turns"] = vals
                 out[f"{v}_ttft_ms"] = statistics.median(vals)
                 # each turn's TTFT over the mean of the compute measured just before and after it
-                out[f"{v}_ttft_over_compute_turns"] = [t / ((computes[i] + computes[i + 1]) / 2)
-                                                       for i, t in enumerate(vals)]
-                out[f"{v}_ttft_over_compute"] = out[f"{v}_ttft_ms"] / out["procs_chain1_compute_ms"]
-            print("both workers in children: compute alone", [round(c, 2) for c in computes], "ms;",
-                  {v: round(out[f"{v}_ttft_over_compute"], 3) for v in variants}, flush=True)
+                turns = [t / ((computes[i] + computes[i + 1]) / 2) for i, t in enumerate(vals)]
+                out[f"{v}_ttft_over_compute_turns"] = turns
+                out[f"{v}_ttft_over_compute_median_turn"] = statistics.median(turns)
+                out[f"{v}_ttft_over_compute"] = out[f"{v}_ttft_ms"] / out[f"procs_{tag}chain1_compute_ms"]
+            print(f"both workers in children ({'graphs' if graphs else 'eager'} prefill): compute alone",
+                  [round(c, 2) for c in computes], "ms;",
+                  {v: round(out[f"{v}_ttft_over_compute"], 3) for v in ttfts}, flush=True)
         return True
 
-    guard(out, "procs_ran", in_children)
+    guard(out, "procs_ran", lambda: in_children(False))
+    guard(out, "procs_graphs_ran", lambda: in_children(True))
     for k in ("local", "grpc", "shm", "cuda_ipc", "cuda_pool", "cuda_ipc_proc", "cuda_pool_proc",
               "cuda_pool_proc_concurrent"):
         v = out.get(f"{k}_ttft_ms")
@@ -403,13 +405,15 @@ def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps
     return asyncio.run(run())
 
 
-def _bench_prefill_engine(name):
-    """The prefill engine of ``bench_handoff``'s spawned prefill child (chain 1, eager, one 8K chunk)."""
+def _bench_prefill_engine(name, graph_tokens=0):
+    """The prefill engine of ``bench_handoff``'s spawned prefill child (chain 1, one 8K chunk; CUDA graphs of
+    forwards of up to ``graph_tokens`` tokens, 0 = eager)."""
     from colm.prefill_worker.config import PrefillConfig
     from colm.prefill_worker.engine import PrefillEngine
     from colm.presets import preset
 
-    return PrefillEngine(colm_model(name, scale=1), preset(name), PrefillConfig(chunk_size=8192, max_batch_tokens=8192))
+    return PrefillEngine(colm_model(name, scale=1), preset(name),
+                         PrefillConfig(chunk_size=8192, max_batch_tokens=8192, cuda_graph_tokens=graph_tokens))
 
 
 def _compute_alone_ms(engine, prompt, reps):
