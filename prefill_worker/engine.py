@@ -9,7 +9,7 @@ Path of a request: ``submit(request_id, token_ids, sink)`` queues it -> the loop
 kept for attention; ``forward.prefill_chunk``); after each layer's K/V projection it hands each
 request's slice to its sink (``put``), so the transfer overlaps the remaining layers. On CUDA a batch
 of at most ``PrefillConfig.cuda_graph_tokens`` in one chunk replays a CUDA graph instead
-(``graphs.PrefillGraphs``: short prefills are host-bound) and hands every layer over after it ->
+(``graphs.PrefillGraphs``: short prefills are host-bound) and hands each request all its layers in one put ->
 ``sink.finish`` waits for delivery on a completion thread while the next batch computes -> the
 request's future resolves to a ``PrefillResult``. K/V of all prompt tokens but the last are produced: decode runs the last token.
 """
@@ -286,6 +286,21 @@ class PrefillEngine:
             except Exception as e:  # noqa: BLE001 - the peer of this request failed; the rest go on
                 self._fail(job, e)
 
+    def _emit_all(self, jobs: list[_Job], kv: torch.Tensor) -> None:
+        # kv [rows, L, T, 2, Hkv, hd] (a view of a graph's static buffer) -> each request's real tokens, every layer in
+        # one put: one copy per request (the next replay overwrites the buffer) and one mark on the wire, not L
+        n_layers = kv.shape[1]
+        for row, job in enumerate(jobs):
+            end = len(job.tokens)
+            if not end or job.future.done():
+                continue
+            try:
+                job.sink.put(0, n_layers, 0, end, kv[row, :, :end].contiguous())
+                job.timeline.mark("first_put")
+                job.timeline.mark("last_put", again=True)
+            except Exception as e:  # noqa: BLE001 - the peer of this request failed; the rest go on
+                self._fail(job, e)
+
     @torch.no_grad()
     def _forward(self, jobs: list[_Job]) -> None:
         cfg = self.model.cfg
@@ -295,10 +310,9 @@ class PrefillEngine:
             rows[row, : len(job.tokens)] = job.tokens
         tokens = torch.from_numpy(rows)  # [b, T]
         if self.graphs is not None and T <= self.config.chunk_size and self.graphs.fits(len(jobs), T):
-            out = self.graphs.run(tokens)
-            if out is not None:  # every layer's K/V at once (the graph's buffers: _emit copies before the next run)
-                for li, (k, v) in enumerate(zip(*out)):
-                    self._emit(jobs, li, 0, T, k, v)
+            kv = self.graphs.run(tokens)
+            if kv is not None:  # every layer's K/V at once (the graph's buffer: _emit_all copies before the next run)
+                self._emit_all(jobs, kv)
                 return
         tokens = tokens.to(self.device)
         if T <= self.config.chunk_size:

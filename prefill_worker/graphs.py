@@ -12,9 +12,10 @@ and their outputs are never read) and ``rows * length <= max_tokens``. Prompt le
 layer's K/V into views of one static buffer of ``max_tokens`` tokens per layer (``forward_into``), so the
 graphs' outputs cost that buffer once, not once per graph (the activations live in a memory pool all
 the graphs share). The next replay overwrites them, so the engine copies what it hands to sinks
-(``PrefillEngine._emit`` stacks each layer into a fresh tensor) before it replays again. Streaming K/V
-layer by layer while later layers compute is given up for these short prompts: their whole forward
-is a few milliseconds. ``warm_up`` captures every shape up front (``PrefillConfig.warmup_graphs``), so
+(``PrefillEngine._emit_all``: one copy per request of every layer at once, in the sinks' order) before it
+replays again, and hands each request all its layers in one ``put``. Streaming K/V layer by layer while
+later layers compute is given up for these prompts: the whole forward is queued at once, and a sink
+sends one mark, not one per layer (on an H100 host, 16 marks took ~2.5 ms of an 8K cuda_pool hand-off). ``warm_up`` captures every shape up front (``PrefillConfig.warmup_graphs``), so
 no request meets a capture.
 
 Capture: ``colm.cuda_graphs.warm_and_capture``, as the decode engine's graphs do (a decode engine in the
@@ -61,6 +62,7 @@ class _Graph:
     tokens: torch.Tensor  # [rows, length] int64, the graph's input
     keys: list[torch.Tensor]  # per layer [rows, Hkv, length, hd]: views of PrefillGraphs' static K/V buffer
     values: list[torch.Tensor]
+    kv: torch.Tensor  # the same buffer as [rows, layers, length, 2, Hkv, hd] (a permuted view, the sinks' order)
     graph: torch.cuda.CUDAGraph
 
 
@@ -98,9 +100,10 @@ class PrefillGraphs:
                 break  # a capture failed: graphs are off
         return self.num_captures - before
 
-    def run(self, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-        """Replay the graph for ``tokens`` [rows, length] (host or device, int64): every layer's (keys,
-        values), rows ``0..rows-1`` of them valid until the next ``run``. None when the capture failed."""
+    def run(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Replay the graph for ``tokens`` [rows, length] (host or device, int64): every layer's K/V as a view
+        ``[graph rows, layers, length, 2, Hkv, hd]`` of the static buffer, rows ``0..rows-1`` of it valid until
+        the next ``run``. None when the capture failed."""
         rows, length = tokens.shape
         g = self._graph(graph_rows(rows), length)
         if g is None:
@@ -109,7 +112,7 @@ class PrefillGraphs:
         g.tokens[rows:].zero_()
         g.graph.replay()
         self.num_replays += 1
-        return g.keys, g.values
+        return g.kv
 
     def _graph(self, rows: int, length: int) -> _Graph | None:
         key = (rows, length)
@@ -127,20 +130,22 @@ class PrefillGraphs:
                 self._graphs[key] = g
             return g
 
-    def _views(self, rows: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _views(self, rows: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         cfg = self.model.cfg
         if self._kv is None:
             self._kv = torch.empty(cfg.n_layers, 2, self.max_tokens * cfg.n_kv_heads * cfg.head_dim,
                                    dtype=self.model.embed.weight.dtype, device=self.device)
         n = rows * length * cfg.n_kv_heads * cfg.head_dim
         shape = (rows, cfg.n_kv_heads, length, cfg.head_dim)
+        every = self._kv[:, :, :n].view(cfg.n_layers, 2, *shape)  # [L, 2, rows, Hkv, length, hd]
         return ([self._kv[li, 0, :n].view(shape) for li in range(cfg.n_layers)],
-                [self._kv[li, 1, :n].view(shape) for li in range(cfg.n_layers)])
+                [self._kv[li, 1, :n].view(shape) for li in range(cfg.n_layers)],
+                every.permute(2, 0, 4, 1, 3, 5))
 
     @torch.no_grad()  # warm_up runs outside the engine's no_grad forward
     def _capture(self, rows: int, length: int) -> _Graph:
         tokens = torch.zeros(rows, length, dtype=torch.long, device=self.device)
-        keys, values = self._views(rows, length)
+        keys, values, kv = self._views(rows, length)
         graph, _ = warm_and_capture(lambda: forward_into(self.model, tokens, keys, values), self.device, self._pool,
                                     self.warmup)
-        return _Graph(tokens, keys, values, graph)
+        return _Graph(tokens, keys, values, kv, graph)

@@ -97,7 +97,9 @@ class GrpcKVSink(StagedKVSink):
                 step = t1 - t0 if seg is not None else max(1, self.chunk_bytes // (per_token * (l1 - l0)))
                 for a in range(t0, t1, step):
                     b = min(t1, a + step)
-                    piece = host[:, a - t0 : b - t0]  # [layers, tokens, 2, Hkv, hd]: token slices stay contiguous
+                    piece = host[:, a - t0 : b - t0]  # [layers, tokens, 2, Hkv, hd]
+                    if not piece.is_contiguous():  # a token slice of a put of several layers
+                        piece = piece.contiguous()
                     payload = tensor_bytes(piece)
                     chunk = kv_pb2.KVChunk(seq=self._num_chunks, layer_start=l0, layer_end=l1, token_start=a,
                                            token_end=b, dtype=self._layout.dtype, shape=list(piece.shape),

@@ -135,3 +135,34 @@ def test_timelines_order_the_handoff(cluster):
     assert dec["kv_first_chunk"] < dec["kv_last_chunk"]  # several chunks
     assert max(dec["kv_done"], dec["started"]) <= dec["admitted"] <= dec["first_token"]
     assert dec["first_token"] - dec["reserved"] < 30  # seconds: one clock, not two unrelated ones
+
+
+@pytest.mark.parametrize("shm", [False, True], ids=["bytes", "shm"])
+def test_one_put_of_every_layer(cluster, shm):
+    """A prefill that hands a request all its layers in one put (the graphed path does): the bytes path cuts it
+    into small chunks by token ranges (each made contiguous), shared memory sends it whole; the tokens are the
+    reference's."""
+    from colm.prefill_worker.kv_push import GrpcKVSink, decode_stub
+    from _engine_helpers import CaptureSink
+
+    full, decode, prefill, d, _ = cluster
+    prompt = prompts([21], seed=12)[0]
+    captured = CaptureSink()
+    prefill.engine.prefill("capture", prompt, captured)
+    kv_all = captured.k.clone()  # [L, 20, 2, Hkv, hd]: every layer's K/V of the prompt
+    rid = f"one-put-{shm}"
+    d.Reserve(kv_pb2.ReserveRequest(request_id=rid, prompt_len=len(prompt), max_new_tokens=4), metadata=MD, timeout=10)
+    sink = GrpcKVSink(decode_stub(decode.address), rid, TOKEN, chunk_bytes=512, shm=shm)
+    sink.begin(captured.layout)
+    sink.put(0, kv_all.shape[0], 0, kv_all.shape[1], kv_all)
+    sent = {}
+    th = threading.Thread(target=lambda: sent.update(n=sink.finish(10)))  # KVEnd, then decode's ack
+    th.start()
+    sampling = kv_pb2.DecodeSampling(max_new_tokens=4, ignore_eos=True)
+    toks = [e.token_id for e in d.StartGeneration(kv_pb2.StartGenerationRequest(
+        request_id=rid, last_token_id=prompt[-1], sampling=sampling, scale=2), metadata=MD, timeout=30)]
+    th.join()
+    assert sent["n"] == kv_all.numel() * 4
+    assert toks == generate(full, prompt, SamplingParams(max_new_tokens=4, ignore_eos=True), scale=2).token_ids
+    if not shm:
+        assert sink._num_chunks > 1

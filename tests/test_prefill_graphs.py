@@ -5,11 +5,15 @@ rules and the config run on any device."""
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import pytest
 import torch
 
 from colm.prefill_worker.config import PrefillConfig
-from colm.prefill_worker.engine import PrefillEngine
+from colm.kv_wire import KVLayout
+from colm.prefill_worker.engine import PrefillEngine, _Job
 from colm.prefill_worker.graphs import PrefillGraphs, forward_into, graph_rows
 from _engine_helpers import CaptureSink, prompts, save_tiny_air
 from _kernel_helpers import cuda
@@ -52,6 +56,37 @@ def test_captured_forward_writes_the_engines_kv_into_the_static_buffers(tmp_path
         got = torch.stack([torch.stack((keys[li][row, :, :n].transpose(0, 1), values[li][row, :, :n].transpose(0, 1)), 1)
                            for li in range(cfg.n_layers)])  # [L, n, 2, Hkv, hd], the sinks' layout
         torch.testing.assert_close(got, s.k, rtol=1e-5, atol=1e-5)
+
+
+def test_emit_all_hands_each_request_every_layer_in_one_put(tmp_path):
+    """After a replay the engine hands each request all its layers in one put, read through the static buffer's
+    permuted view (``PrefillGraphs``' buffer, filled here by the captured forward run eagerly): the eager engine's
+    K/V, a fresh contiguous tensor per request, and a padded row that is not a request is never read."""
+    save_tiny_air(tmp_path)
+    eng = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(chunk_size=64, max_batch_tokens=256))
+    batch = prompts([3, 20, 11], seed=4)
+    ref = _prefill(eng, batch)
+    cfg = eng.model.cfg
+    T = max(len(p) - 1 for p in batch)
+    tokens = torch.zeros(4, T, dtype=torch.long)
+    for row, p in enumerate(batch):
+        tokens[row, : len(p) - 1] = torch.tensor(p[:-1])
+    g = PrefillGraphs(eng.model, max_tokens=4 * T)
+    keys, values, kv = g._views(4, T)
+    assert kv.shape == (4, cfg.n_layers, T, 2, cfg.n_kv_heads, cfg.head_dim)
+    with torch.no_grad():
+        forward_into(eng.model, tokens, keys, values)
+    sinks = [CaptureSink() for _ in batch]
+    jobs = [_Job(f"e{i}", np.asarray(p[:-1], dtype=np.int64), s, time.monotonic() + 60)
+            for i, (p, s) in enumerate(zip(batch, sinks))]
+    for job, s in zip(jobs, sinks):
+        s.begin(KVLayout(cfg.n_layers, len(job.tokens), cfg.n_kv_heads, cfg.head_dim, "float32"))
+    eng._emit_all(jobs, kv)
+    for s, r in zip(sinks, ref):
+        assert len(s.kept) == 1  # one put: every layer, every token
+        torch.testing.assert_close(s.k, r.k, rtol=1e-5, atol=1e-5)
+    keys[0].fill_(float("nan"))  # the next replay overwrites the buffer: what was handed over stays
+    assert all(not torch.isnan(s.kept[0][0]).any() for s in sinks)
 
 
 def test_warm_up_shapes_cover_every_padded_batch(tmp_path):
