@@ -295,7 +295,9 @@ class PrefillEngine:
             if not end or job.future.done():
                 continue
             try:
-                job.sink.put(0, n_layers, 0, end, kv[row, :, :end].contiguous())
+                # clone, not contiguous(): a view that happens to be contiguous (1 layer, 1 K/V head, 1 token) would
+                # hand the sink the buffer itself
+                job.sink.put(0, n_layers, 0, end, kv[row, :, :end].clone(memory_format=torch.contiguous_format))
                 job.timeline.mark("first_put")
                 job.timeline.mark("last_put", again=True)
             except Exception as e:  # noqa: BLE001 - the peer of this request failed; the rest go on
