@@ -21,8 +21,8 @@ or open, and no round trip before the first layer computes.
 
 Decode holds a request's blocks back if it ends while this stream is open (``DecodeEngine.grant_kv``).
 ``fail`` stops the writes (a later ``put`` raises, the backlog is dropped) and cancels the stream; a
-decode-side failure reaches ``put`` and ``finish`` as the reply thread's error. A decode engine in this process (tests, CPU) is written
-directly: its pool is registered, not opened.
+decode-side failure reaches ``put`` and ``finish`` as the reply thread's error. A decode engine in this
+process (tests, CPU) is written directly: its pool is registered, not opened.
 """
 
 from __future__ import annotations
