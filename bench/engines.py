@@ -159,7 +159,7 @@ def bench_handoff(quick):
     from colm.prefill_worker.config import PrefillConfig
     from colm.prefill_worker.engine import PrefillEngine
     from colm.prefill_worker.service import PrefillServer
-    from colm.prefill_worker.sinks import LocalKVSink, NullKVSink
+    from colm.prefill_worker.sinks import LocalKVSink
     from colm.proto import load_proto
     from colm.proto.rpc import auth_metadata, make_channel
     from colm.sampling import SamplingParams
@@ -173,7 +173,7 @@ def bench_handoff(quick):
     prompt = torch.randint(0, 128000, (T,)).tolist()
     params = SamplingParams(max_new_tokens=1)
     out = {"prompt_tokens": T, "kv_bytes": full.cfg.n_layers * (T - 1) * 2 * full.cfg.n_kv_heads * full.cfg.head_dim * 2}
-    out["chain1_compute_ms"] = timed(lambda: pe.prefill("c", prompt, NullKVSink()), reps=5)
+    out["chain1_compute_ms"] = _compute_alone_ms(pe, prompt, reps=5)
     n = [0]
 
     def local():
@@ -243,7 +243,7 @@ def bench_handoff(quick):
         with DecodeProcess(_bench_decode_engine, (name,), token) as child:
             stub = kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address))
             # the denominator again, with the gRPC servers, the idle in-process decode engine and the child up
-            computes = [timed(lambda: pe.prefill("c", prompt, NullKVSink()), reps=5)]
+            computes = [_compute_alone_ms(pe, prompt, reps=5)]
             # cuda_ipc and cuda_pool after Reserve, and cuda_pool sent with Reserve (the router's way on this path)
             variants = {"cuda_ipc": ("cuda_ipc", "", False), "cuda_pool": ("cuda_pool", "", False),
                         "cuda_pool_concurrent": ("cuda_pool", "_concurrent", True)}
@@ -253,13 +253,9 @@ def bench_handoff(quick):
                 for v, (path, suffix, conc) in variants.items():
                     measure(path, stub, child.address, reps=3, suffix=suffix, timelines=timelines[v], concurrent=conc)
                     ttfts[v].append(out[f"{path}_proc{suffix}_ttft_ms"])
-                computes.append(timed(lambda: pe.prefill("c", prompt, NullKVSink()), reps=3))
-            for v, vals in ttfts.items():
-                key = f"{variants[v][0]}_proc{variants[v][1]}"
-                out[f"{key}_ttft_ms_turns"] = vals
-                out[f"{key}_ttft_ms"] = statistics.median(vals)
-            out["chain1_compute_servers_up_ms_turns"] = computes
-            out["chain1_compute_servers_up_ms"] = statistics.median(computes)
+                computes.append(_compute_alone_ms(pe, prompt, reps=3))
+            record_turns(out, {f"{path}_proc{suffix}": ttfts[v] for v, (path, suffix, _) in variants.items()})
+            record_turns(out, {"chain1_compute_servers_up": computes}, unit="ms")
         return True
 
     guard(out, "cuda_proc_ran", in_child)
@@ -288,11 +284,9 @@ def bench_handoff(quick):
                 for v, kv_path in routers.items():
                     ttfts[v].append(router_ttft_ms(pc.address, dc.address, token, kv_path, prompt, reps=3))
             computes.append(pc.call(_compute_alone_ms, prompt, 3))
-            out[f"procs_{tag}chain1_compute_ms_turns"] = computes
-            out[f"procs_{tag}chain1_compute_ms"] = statistics.median(computes)
+            record_turns(out, {f"procs_{tag}chain1_compute": computes}, unit="ms")
+            record_turns(out, ttfts)
             for v, vals in ttfts.items():
-                out[f"{v}_ttft_ms_turns"] = vals
-                out[f"{v}_ttft_ms"] = statistics.median(vals)
                 # each turn's TTFT over the mean of the compute measured just before and after it
                 turns = [t / ((computes[i] + computes[i + 1]) / 2) for i, t in enumerate(vals)]
                 out[f"{v}_ttft_over_compute_turns"] = turns
@@ -319,6 +313,13 @@ def bench_handoff(quick):
     del full, sub, de, pe
     free()
     return out
+
+
+def record_turns(out, values, unit="ttft_ms"):
+    """Per-turn figures into ``out``: ``<key>_<unit>_turns`` (as measured) and ``<key>_<unit>`` (their median)."""
+    for key, vals in values.items():
+        out[f"{key}_{unit}_turns"] = vals
+        out[f"{key}_{unit}"] = statistics.median(vals)
 
 
 def merged_timeline(t0, client, reply, first_event):
@@ -417,7 +418,8 @@ def _bench_prefill_engine(name, graph_tokens=0):
 
 
 def _compute_alone_ms(engine, prompt, reps):
-    """Run in the prefill child: the median ms of ``reps`` prefills of ``prompt`` into a ``NullKVSink``."""
+    """The median ms of ``reps`` prefills of ``prompt`` into a ``NullKVSink`` (the compute alone): on an engine of
+    this process, or in the prefill child through ``WorkerProcess.call``."""
     from colm.prefill_worker.sinks import NullKVSink
 
     with torch.no_grad():

@@ -227,6 +227,8 @@ class DecodeEngine:
         failed: writes may still be queued on the sender's device). Held blocks go back now, or after the grace."""
         with self._lock:
             req = grant.request
+            if not req.external_writer:  # ended already (WriteKV's finally and its RPC-end callback both call this)
+                return
             req.external_writer = False
             if req in self._held:  # DecodeRequest compares by identity
                 grace = 0.0 if clean else self.config.external_write_grace_s
@@ -481,12 +483,12 @@ class DecodeEngine:
                 req.out_tokens.append(tok)
                 req.next_input = tok
                 reason = stop_reason(req, tok, self.eos_id, self.detokenize)
-                timeline, t0 = None, 0.0
+                timeline, started_s = None, 0.0
                 if len(req.out_tokens) == 1:
                     req.timeline.mark("first_token")
-                    timeline, t0 = req.timeline.relative_ms("started")
+                    timeline, started_s = req.timeline.relative_ms("started")
                 req.stream.push(TokenEvent(req.request_id, tok, len(req.out_tokens) - 1, s, reason,
-                                           req.timeline.ms_since("started"), lp, timeline, t0))
+                                           req.timeline.ms_since("started"), lp, timeline, started_s))
                 if reason:
                     self._finalize(req)
         return len(batch)

@@ -279,12 +279,7 @@ class PrefillEngine:
         # engine never writes again.
         kv = torch.stack((k.transpose(1, 2), v.transpose(1, 2)), dim=2)  # [b, t, 2, Hkv, hd]
         for row, job, end in live:
-            try:
-                job.sink.put(layer, layer + 1, c0, end, kv[row : row + 1, : end - c0])
-                job.timeline.mark("first_put")
-                job.timeline.mark("last_put", again=True)
-            except Exception as e:  # noqa: BLE001 - the peer of this request failed; the rest go on
-                self._fail(job, e)
+            self._put(job, layer, layer + 1, c0, end, kv[row : row + 1, : end - c0])
 
     def _emit_all(self, jobs: list[_Job], kv: torch.Tensor) -> None:
         # kv [rows, L, T, 2, Hkv, hd] (a view of a graph's static buffer) -> each request's real tokens, every layer in
@@ -294,14 +289,17 @@ class PrefillEngine:
             end = len(job.tokens)
             if not end or job.future.done():
                 continue
-            try:
-                # clone, not contiguous(): a view that happens to be contiguous (1 layer, 1 K/V head, 1 token) would
-                # hand the sink the buffer itself
-                job.sink.put(0, n_layers, 0, end, kv[row, :, :end].clone(memory_format=torch.contiguous_format))
-                job.timeline.mark("first_put")
-                job.timeline.mark("last_put", again=True)
-            except Exception as e:  # noqa: BLE001 - the peer of this request failed; the rest go on
-                self._fail(job, e)
+            # clone, not contiguous(): a view that happens to be contiguous (1 layer, 1 K/V head, 1 token) would
+            # hand the sink the buffer itself
+            self._put(job, 0, n_layers, 0, end, kv[row, :, :end].clone(memory_format=torch.contiguous_format))
+
+    def _put(self, job: _Job, l0: int, l1: int, t0: int, t1: int, kv: torch.Tensor) -> None:
+        try:
+            job.sink.put(l0, l1, t0, t1, kv)
+            job.timeline.mark("first_put")
+            job.timeline.mark("last_put", again=True)
+        except Exception as e:  # noqa: BLE001 - the peer of this request failed; the rest go on
+            self._fail(job, e)
 
     @torch.no_grad()
     def _forward(self, jobs: list[_Job]) -> None:

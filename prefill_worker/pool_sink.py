@@ -60,8 +60,9 @@ class PoolKVSink(GrpcKVSink):
         self._ack = None
         self._call = None
         self._stopped = False
-        self._lock = threading.Lock()  # orders the call's creation against fail()'s cancel
-        self._cells_lock = threading.Lock()  # the grant against put's check, and the cell count (two writers)
+        # orders the call's creation against fail()'s cancel, the grant against put's check, and the cell counts
+        # (two writers: the forward's puts and the stream thread's backlog)
+        self._lock = threading.Lock()
         self._backlog: list[tuple] = []  # puts before the grant: (ranges, kv, the CUDA stream kv was made on)
         self._cells_unput = 0  # (layer, token) cells not put yet (finish: are any missing?)
         self._cells_left = 0  # cells not written yet; at 0 the stream ends without waiting for finish
@@ -86,20 +87,17 @@ class PoolKVSink(GrpcKVSink):
                                     f"granted, {self._layout.num_tokens} tokens to write")
             pages = PagedKV(self.opener.open_pool(grant, self._layout))
             self._blocks = list(grant.block_ids)
-            with self._cells_lock:
+            with self._lock:
                 self._pages = pages
                 backlog, self._backlog = self._backlog, []
             for ranges, kv, stream in backlog:  # on the stream each was made on: ordered after its producer
                 if self._stopped:
                     break
-                if stream is None:
+                with torch.cuda.stream(stream):  # None (a CPU tensor): no stream to enter
                     self._write(ranges, kv)
-                else:
-                    with torch.cuda.stream(stream):
-                        self._write(ranges, kv)
         except BaseException as e:  # noqa: BLE001 - handed to put / finish
             self._set_error(_as_error(self.request_id, e))
-            with self._cells_lock:
+            with self._lock:
                 self._backlog = []
             self.granted.set()
             self._done.set()
@@ -128,7 +126,7 @@ class PoolKVSink(GrpcKVSink):
         if self._stopped:
             raise TransferError(f"request {self.request_id}: K/V put after the stream was stopped")
         ranges = (layer_start, layer_end, token_start, token_end)
-        with self._cells_lock:
+        with self._lock:
             self._cells_unput -= (layer_end - layer_start) * (token_end - token_start)
             if self._pages is None:  # no grant yet: the stream's thread writes it when the grant comes
                 self._backlog.append((ranges, kv, torch.cuda.current_stream(kv.device) if kv.is_cuda else None))
@@ -143,7 +141,7 @@ class PoolKVSink(GrpcKVSink):
             plan = self._plans[(t0, t1)] = self._pages.copy_plan(self._blocks, t0, t1)
         self._pages.write(plan, l0, l1, kv)
         self._q.put((ranges, None, copies_done_event(kv)))
-        with self._cells_lock:
+        with self._lock:
             self._cells_left -= (l1 - l0) * (t1 - t0)
             last = self._cells_left <= 0
         if last:
@@ -169,7 +167,7 @@ class PoolKVSink(GrpcKVSink):
         """Stops the stream (decode fails the request) and drops the backlog; later ``put`` calls raise ``exc``. Safe
         from any thread (the prefill service calls this when its caller cancels, e.g. after a failed Reserve)."""
         self._set_error(exc)
-        with self._cells_lock:
+        with self._lock:
             self._backlog = []
         self._close_queue(_Stop())
         self._stop()

@@ -46,7 +46,8 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
         if path == "cuda_pool":
             sink = PoolKVSink(stub, request.request_id, self.cluster_token, timeout)
             # The router sends Reserve and Prefill at once on this path; if its Reserve fails it cancels this call,
-            # and the grant will never come: fail the sink so that the batch's forward does not wait for it.
+            # and the grant will never come: fail the sink, so the request ends now (not after the grant wait) and
+            # the K/V it kept for the grant are dropped.
             context.add_callback(lambda: sink.fail(RequestAbortedError(f"request {request.request_id}: Prefill "
                                                                        "cancelled by the caller")))
         elif path == "cuda_ipc":

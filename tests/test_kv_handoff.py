@@ -14,11 +14,12 @@ from colm.decode_worker.service import DecodeServer
 from colm.generate import generate
 from colm.prefill_worker.config import PrefillConfig
 from colm.prefill_worker.engine import PrefillEngine
+from colm.prefill_worker.kv_push import GrpcKVSink, decode_stub
 from colm.prefill_worker.service import PrefillServer
 from colm.proto import load_proto
 from colm.proto.rpc import auth_metadata, make_channel
 from colm.sampling import SamplingParams
-from _engine_helpers import TOKEN, prompts, save_tiny_air
+from _engine_helpers import TOKEN, CaptureSink, prompts, save_tiny_air
 
 kv_pb2, kv_pb2_grpc = load_proto("kv")
 MD = auth_metadata(TOKEN)
@@ -142,9 +143,6 @@ def test_one_put_of_every_layer(cluster, shm):
     """A prefill that hands a request all its layers in one put (the graphed path does): the bytes path cuts it
     into small chunks by token ranges (each made contiguous), shared memory sends it whole; the tokens are the
     reference's."""
-    from colm.prefill_worker.kv_push import GrpcKVSink, decode_stub
-    from _engine_helpers import CaptureSink
-
     full, decode, prefill, d, _ = cluster
     prompt = prompts([21], seed=12)[0]
     captured = CaptureSink()
