@@ -10,12 +10,16 @@
   real CUDA IPC paths (measured in turns, with the chain-1 compute timed again around them). The in-process path also reports where its
   time goes (``local_breakdown_ms``: perf_counter stamps from submit), each remote path its timeline
   (``<path>_timeline_ms``: client, prefill and decode milestones on the host's monotonic clock).
+* handoff_ready: the router's TTFT of the 8K prompt on cuda_pool, both workers in children and the prefill
+  graphed, with each ``DecodeConfig.kv_ready_wait`` ("sender" waits for its writes before KVEnd; "host" /
+  "device" send KVEnd with a CUDA IPC ready event that decode polls / that its first step waits for on the
+  GPU), one decode child switched between them turn by turn, vs the compute alone timed in the prefill child.
 * decode: tokens/s of the decode engine (CUDA graphs; eager side by side at batch 1 and 64) at batch
   1/8/64, context 2K, full scale and scale 1, mixed scales in both modes, vs HF ``generate`` on the
   same shape; batch-1 step vs the weight-read floor.
 
 Random bf16 weights, random tokens; times are medians of synchronised runs after warm-up.
-Usage: python bench/engines.py --out DIR [--sections prefill,handoff,decode] [--quick]
+Usage: python bench/engines.py --out DIR [--sections prefill,handoff,handoff_ready,decode] [--quick]
 """
 
 from __future__ import annotations
@@ -315,6 +319,42 @@ def bench_handoff(quick):
     return out
 
 
+def bench_handoff_ready(quick):
+    from colm.decode_worker.spawn import DecodeProcess
+    from colm.prefill_worker.spawn import PrefillProcess
+
+    name, T, token = "llama-3.2-1b-16-16-air", 8192, "bench"
+    prompt = torch.randint(0, 128000, (T,)).tolist()
+    modes = ("sender", "host", "device")
+    out = {"prompt_tokens": T, "modes": list(modes)}
+    with PrefillProcess(_bench_prefill_engine, (name, T), token) as pc, \
+            DecodeProcess(_bench_decode_engine, (name,), token) as dc:
+        ttfts = {m: [] for m in modes}
+        computes = [pc.call(_compute_alone_ms, prompt, 3)]
+        for _ in range(3 if quick else 5):  # in turns, so that drift on the shared machine hits every mode alike
+            for m in modes:
+                dc.call(_set_ready_wait, m)
+                ttfts[m].append(router_ttft_ms(pc.address, dc.address, token, "cuda_pool", prompt, reps=3))
+            computes.append(pc.call(_compute_alone_ms, prompt, 3))
+    record_turns(out, {"chain1_compute": computes}, unit="ms")
+    record_turns(out, {f"router_cuda_pool_{m}": v for m, v in ttfts.items()})
+    for m, vals in ttfts.items():
+        turns = [t / ((computes[i] + computes[i + 1]) / 2) for i, t in enumerate(vals)]
+        out[f"router_cuda_pool_{m}_ttft_over_compute_turns"] = turns
+        out[f"router_cuda_pool_{m}_ttft_over_compute_median_turn"] = statistics.median(turns)
+    print("compute alone", [round(c, 2) for c in computes], "ms; TTFT / compute, median turn:",
+          {m: round(out[f"router_cuda_pool_{m}_ttft_over_compute_median_turn"], 3) for m in modes}, flush=True)
+    return out
+
+
+def _set_ready_wait(engine, mode):
+    """A ``WorkerProcess.call`` target: the decode child's ``DecodeConfig.kv_ready_wait`` (read per request)."""
+    import dataclasses
+
+    engine.config = dataclasses.replace(engine.config, kv_ready_wait=mode)
+    return mode
+
+
 def record_turns(out, values, unit="ttft_ms"):
     """Per-turn figures into ``out``: ``<key>_<unit>_turns`` (as measured) and ``<key>_<unit>`` (their median)."""
     for key, vals in values.items():
@@ -542,7 +582,8 @@ def main():
 
     meta["paged_attention_kernel"] = HAS_KERNEL
     meta["kv_checksum_bytes_path"] = default_checksum()
-    fns = {"prefill": bench_prefill, "handoff": bench_handoff, "decode": bench_decode}
+    fns = {"prefill": bench_prefill, "handoff": bench_handoff, "handoff_ready": bench_handoff_ready,
+           "decode": bench_decode}
     for sec in args.sections.split(","):
         t0 = time.time()
         res = {"meta": meta}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIXED_SCALE_MODES = ("widest", "group")
+KV_READY_WAITS = ("host", "device", "sender")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,15 @@ class DecodeConfig:
     external_write_grace_s: float = 2.0  # cuda_pool: blocks of a request that ended while its sender's stream was
                                          # open, and whose stream then broke, stay held this long (the sender's
                                          # queued device writes may still land) before they are reused
+    kv_ready_wait: str = "host"          # cuda_pool, sender in another process on CUDA: who waits for its writes.
+                                         # "sender": it sends KVEnd once they finished. "host": it sends KVEnd with
+                                         # a CUDA IPC event as soon as they are queued and the step loop polls
+                                         # that event (kv_ready_poll_s) before admitting the request. "device":
+                                         # as "host", but a request arriving at an idle engine is admitted at
+                                         # once and its first step waits for the event on the GPU (its launch
+                                         # overlaps the sender's forward; a sender that dies before its writes
+                                         # ran may leave that wait pending: docs/engines.md)
+    kv_ready_poll_s: float = 0.0001      # the step loop's wait while a request's KV is queued but not written yet
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -47,7 +57,9 @@ class DecodeConfig:
         for name in ("external_write_grace_s", "grant_wait_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
-        for name in ("reservation_timeout_s", "kv_timeout_s", "idle_wait_s"):
+        if self.kv_ready_wait not in KV_READY_WAITS:
+            raise ValueError(f"kv_ready_wait={self.kv_ready_wait!r}: allowed are {KV_READY_WAITS}")
+        for name in ("reservation_timeout_s", "kv_timeout_s", "idle_wait_s", "kv_ready_poll_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
         if self.warmup_context < 0:

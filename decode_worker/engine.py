@@ -11,7 +11,11 @@ The cuda_pool hand-off skips ``write_kv``: ``grant_kv`` hands a same-host sender
 (and ``pool_export`` the pool's CUDA IPC handle), the sender writes into them itself and reports each
 finished range with ``mark_kv``, then ``finish_kv``. A request that ends while such a grant is open
 keeps its blocks out of the free list until ``end_external_writes`` (after a grace period when the
-sender's stream broke): the sender may still be writing.
+sender's stream broke): the sender may still be writing. A sender in another process may end its stream
+before its writes have run (``DecodeConfig.kv_ready_wait``): ``finish_kv`` then gets the CUDA event they
+complete (``open_ready_event``), the loop admits the request once that event is done (or, "device", at
+once into an idle engine, its first step waiting for the event on the GPU), and blocks of a request that
+ends before it are held until it is.
 
 Threads: gRPC handlers call the public methods; one loop thread (``start``) runs the steps. All
 bookkeeping is under one lock; the forward runs outside it. A running request is ended only by the
@@ -110,6 +114,7 @@ class DecodeEngine:
         self._last_step_ms, self._last_batch = 0.0, 0
         self._held: list[DecodeRequest] = []  # ended while a cuda_pool sender could write their blocks
         self._pool_export = None  # colm.kv_ipc.StagingExport of the pool, made on the first grant
+        self._ready_polling = False  # a request waits only for its sender's ready event: poll, do not idle
 
     @classmethod
     def from_checkpoint(cls, path, config: DecodeConfig | None = None, device="cpu", dtype=None,
@@ -222,15 +227,34 @@ class DecodeEngine:
                 self._pool_export = export_pool(self.pool.kv)
             return self._pool_export
 
+    def accepts_ready_events(self) -> bool:
+        """cuda_pool grants say a sender in another process may end its stream before its writes have run."""
+        return self.device.type == "cuda" and self.config.kv_ready_wait != "sender"
+
+    def open_ready_event(self, handle: bytes):
+        """The sender's ready event (``KVEnd.ready_event_ipc``) as a CUDA event of this process."""
+        if not self.accepts_ready_events():
+            raise TransferError("a KV ready event was sent, but this decode worker did not accept one "
+                                f"(device {self.device.type}, kv_ready_wait={self.config.kv_ready_wait!r})")
+        with DEVICE_WIDE_LOCK:  # a driver call: not during a graph capture of the step loop
+            try:
+                return torch.cuda.Event.from_ipc_handle(self.device, handle)
+            except RuntimeError as e:
+                raise TransferError(f"the KV ready event could not be opened ({e})") from None
+
     def end_external_writes(self, grant: KVGrant, clean: bool) -> None:
-        """The grant's stream ended: ``clean`` (the sender sent KVEnd after its writes had finished) or not (broken,
-        failed: writes may still be queued on the sender's device). Held blocks go back now, or after the grace."""
+        """The grant's stream ended: ``clean`` (the sender sent KVEnd after its writes had been queued, and either
+        had finished or gave their ready event to ``finish_kv``) or not (broken, failed: writes may still be queued
+        on the sender's device). Held blocks go back now, once the ready event is done, or after the grace."""
         with self._lock:
             req = grant.request
             if not req.external_writer:  # ended already (WriteKV's finally and its RPC-end callback both call this)
                 return
             req.external_writer = False
             if req in self._held:  # DecodeRequest compares by identity
+                if clean and req.kv_ready is not None:  # freed by _housekeep once the event is done (bounded)
+                    req.release_at = time.monotonic() + self.config.kv_timeout_s
+                    return
                 grace = 0.0 if clean else self.config.external_write_grace_s
                 req.release_at = time.monotonic() + grace
                 if grace == 0.0:
@@ -316,7 +340,9 @@ class DecodeEngine:
             plan = req.copy_plans[key] = self.pool.copy_plan(req.blocks, token_start, token_end)
         return plan
 
-    def finish_kv(self, request_id: str, num_tokens: int | None = None) -> None:
+    def finish_kv(self, request_id: str, num_tokens: int | None = None, ready=None) -> None:
+        """The KV stream ended. ``ready``: the sender's writes are queued, not necessarily run; this event
+        (``open_ready_event``) completes after them, and the request is admitted only then."""
         with self._wake:
             req = self._get(request_id)
             if req.prompt_len == 1 and req.layout is None:
@@ -333,6 +359,7 @@ class DecodeEngine:
             except TransferError as e:
                 self._fail(req, e)
                 raise
+            req.kv_ready = ready
             req.kv_done = True
             req.timeline.mark("kv_done")
             self._wake.notify_all()
@@ -404,6 +431,9 @@ class DecodeEngine:
             req.running = False
         if req.external_writer:  # a cuda_pool sender may still write into the blocks: held until its stream ends
             self._held.append(req)
+        elif req.kv_ready is not None and _ready_state(req.kv_ready) == "pending":
+            req.release_at = time.monotonic() + self.config.kv_timeout_s  # or once the writes have run
+            self._held.append(req)
         else:
             self.pool.free(req.blocks)
             req.blocks = []
@@ -421,11 +451,12 @@ class DecodeEngine:
             if self.step() == 0:
                 with self._wake:
                     if not self._runner.stopping:
-                        self._wake.wait(self.config.idle_wait_s)
+                        self._wake.wait(self.config.kv_ready_poll_s if self._ready_polling else self.config.idle_wait_s)
 
     def _housekeep(self) -> None:
         now = time.monotonic()
-        for req in [h for h in self._held if h.release_at is not None and now >= h.release_at]:
+        for req in [h for h in self._held if h.release_at is not None and
+                    (now >= h.release_at or (h.kv_ready is not None and _ready_state(h.kv_ready) != "pending"))]:
             self._release_held(req)
         for req in list(self._requests.values()):
             if req.running:
@@ -437,13 +468,34 @@ class DecodeEngine:
                 self._finalize(req, DeadlineError(f"request {req.request_id}: reservation deadline passed"))
             elif req.started and not req.kv_done and now > req.kv_deadline:
                 self._finalize(req, DeadlineError(f"request {req.request_id}: KV did not arrive in time"))
+        self._ready_polling = False
         for req in list(self._requests.values()):  # arrival order (dicts keep insertion order)
             if len(self._running) >= self.config.max_batch_size:
                 break
             if req.started and req.kv_done and not req.running:
+                if req.kv_ready is not None and not req.kv_ready_waited and not self._admit_before_ready(req):
+                    continue
                 req.running = True
                 self._running.append(req)
                 req.timeline.mark("admitted")
+
+    def _admit_before_ready(self, req: DecodeRequest) -> bool:
+        """A request whose sender's writes were queued when its KV stream ended: admit it now? Yes once its ready
+        event is done; "device": also into an idle engine (its step waits on the GPU; nothing else waits behind)."""
+        state = _ready_state(req.kv_ready)
+        if state == "failed":
+            self._finalize(req, TransferError(f"request {req.request_id}: the KV sender's ready event failed "
+                                              "(its process or device is gone)"))
+            return False
+        if state == "done":
+            req.kv_ready = None
+            req.timeline.mark("kv_ready")
+            return True
+        if self.config.kv_ready_wait == "device" and not self._running:
+            req.kv_ready_waited = True
+            return True
+        self._ready_polling = True
+        return False
 
     def step(self) -> int:
         """Admit ready requests and advance every running sequence by one token; returns the batch size."""
@@ -451,10 +503,15 @@ class DecodeEngine:
             self._housekeep()
             batch = list(self._running)
             scales = [r.scale for r in batch]
+            waits = [r for r in batch if r.kv_ready_waited]
         if not batch:
             return 0
         t0 = time.perf_counter()
         warmed = self._warm_marks()
+        if waits:  # "device": their first step runs after the sender's writes (a stream wait, not a host wait)
+            stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+            for r in waits:
+                r.kv_ready.wait(stream)
         try:
             if self._can_overlap(batch, scales):
                 results = self._overlapped(batch, scales)
@@ -472,9 +529,12 @@ class DecodeEngine:
             return len(batch)
         dt = (time.perf_counter() - t0) * 1000.0
         with self._lock:
+            for r in waits:  # the step was read back: the writes it waited for have run
+                r.kv_ready, r.kv_ready_waited = None, False
             self._num_steps += 1
             self._last_step_ms, self._last_batch = dt, len(batch)
-            if self._warm_marks() == warmed:  # a capture or a tuning in this step is not a step time
+            # a capture or a tuning in this step, or a wait for a sender's writes, is not a step time
+            if self._warm_marks() == warmed and not waits:
                 self._step_times.record(max(scales), dt, len(batch))
             for req, s, (tok, lp) in zip(batch, scales, results):
                 if req.cancel is not None or not req.running:
@@ -550,6 +610,15 @@ class DecodeEngine:
         from colm.kv_wire import dtype_name
 
         return dtype_name(self.dtype)
+
+
+def _ready_state(event) -> str:
+    """A sender's ready event: "done", "pending", or "failed" (it can no longer be queried: its writes will not run)."""
+    try:
+        return "done" if event.query() else "pending"
+    except RuntimeError as e:
+        log.warning("a KV ready event failed: %s", e)
+        return "failed"
 
 
 __all__ = ["DecodeEngine", "DecodeConfig", "DecodeStats", "Reservation", "TokenEvent", "TokenStream", "parse_dtype"]

@@ -12,9 +12,10 @@ a range of it, copied into the blocks on a side stream and synchronised before t
 so the ack means decode is done reading the sender's memory.
 
 ``WriteKV`` is the cuda_pool path: the sender writes into the request's blocks itself. Header ->
-``engine.grant_kv`` (waiting up to ``DecodeConfig.grant_wait_s`` for a Reserve sent at the same time) -> the reply names the blocks and the pool's IPC handle -> each chunk only marks
-a range the sender has finished writing (``engine.mark_kv``) -> ``KVEnd`` -> ``engine.finish_kv`` and
-an ack. However the stream ends, ``engine.end_external_writes`` follows (so blocks held back from an
+``engine.grant_kv`` (waiting up to ``DecodeConfig.grant_wait_s`` for a Reserve sent at the same time) ->
+the reply names the blocks and the pool's IPC handle (and whether a ready event is accepted) -> each
+chunk only marks a range the sender has written or queued (``engine.mark_kv``) -> ``KVEnd`` (with the
+sender's ready event's IPC handle, opened here) -> ``engine.finish_kv`` and an ack. However the stream ends, ``engine.end_external_writes`` follows (so blocks held back from an
 ended request go back, after a grace period if the stream broke).
 
 ``PushKV`` messages are deserialised by ``read_kv_message``: a chunk's payload stays a view of the
@@ -178,7 +179,8 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
             pool = self.engine.pool
             yield kv_pb2.KVPoolReply(grant=kv_pb2.KVPoolGrant(
                 request_id=rid, block_ids=grant.blocks, block_size=pool.block_size, num_blocks=pool.num_blocks,
-                dtype=self.engine.kv_dtype(), **export.header_fields()))
+                dtype=self.engine.kv_dtype(), accepts_ready_event=self.engine.accepts_ready_events(),
+                **export.header_fields()))
             for msg in messages:
                 kind = msg.WhichOneof("kind")
                 if kind == "chunk":
@@ -187,7 +189,9 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                         raise TransferError(f"request {rid}: inline bytes on the cuda_pool path")
                     self.engine.mark_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, seq=c.seq)
                 elif kind == "end":
-                    self.engine.finish_kv(rid, header.num_tokens)
+                    ready = msg.end.ready_event_ipc
+                    self.engine.finish_kv(rid, header.num_tokens,
+                                          ready=self.engine.open_ready_event(bytes(ready)) if ready else None)
                     state["clean"] = True
                     self.engine.end_external_writes(grant, clean=True)
                     yield kv_pb2.KVPoolReply(ack=kv_pb2.KVAck(request_id=rid, num_chunks=msg.end.num_chunks,

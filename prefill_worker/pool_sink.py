@@ -15,6 +15,13 @@ once every (layer, token) cell has been written, ``KVEnd`` follows the last rang
 the engine calls ``finish``, which comes after the batch's forward and a thread hop: ~0.5 ms later on
 an H100 host) -> ``finish`` waits for decode's ack.
 
+When the grant accepts a ready event (decode in another process on CUDA, ``DecodeConfig.kv_ready_wait``),
+nothing waits on this host: each range's mark goes at once, and ``KVEnd`` leaves as soon as the last write
+is queued, carrying the CUDA IPC handle of an event recorded after every write; decode waits for that
+event instead (on the H100, the sender's wait and message after the GPU finished took ~1 ms of the
+8K hand-off). The graphed prefill queues its whole forward in well under a millisecond, so KVEnd then
+reaches decode while the forward still runs.
+
 Against the ``cuda_ipc`` path (``IpcKVSink``) this drops the staging tensor and decode's copy out of
 it, and takes the stream's opening off the forward's path: there is no per-request handle to export
 or open, and no round trip before the first layer computes.
@@ -35,7 +42,7 @@ import torch
 
 from colm.decode_worker.block_pool import PagedKV
 from colm.errors import TransferError
-from colm.kv_ipc import StagingOpener
+from colm.kv_ipc import StagingOpener, process_id
 from colm.kv_wire import KVLayout
 from colm.prefill_worker.kv_push import GrpcKVSink, _peer_error, _Stop, kv_header, kv_pb2
 from colm.prefill_worker.sinks import copies_done_event
@@ -43,6 +50,16 @@ from colm.prefill_worker.sinks import copies_done_event
 POOL_OPENER = StagingOpener(max_handles=64)  # one mapping per decode worker's pool, shared by every request
 # One thread per open stream (it waits for the grant, then the ack); threads are made as needed and reused.
 _STREAMS = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="colm-kv-pool")
+# Ready events whose writes may not have run yet: kept alive here until they have (decode holds its own
+# handle of each, opened before it acks; this only keeps the exporter's side from going first).
+_LIVE_READY: list = []
+_LIVE_READY_LOCK = threading.Lock()
+
+
+def _keep_ready_event(event) -> None:
+    with _LIVE_READY_LOCK:
+        _LIVE_READY[:] = [e for e in _LIVE_READY if not e.query()]
+        _LIVE_READY.append(event)
 
 
 class PoolKVSink(GrpcKVSink):
@@ -66,6 +83,9 @@ class PoolKVSink(GrpcKVSink):
         self._backlog: list[tuple] = []  # puts before the grant: (ranges, kv, the CUDA stream kv was made on)
         self._cells_unput = 0  # (layer, token) cells not put yet (finish: are any missing?)
         self._cells_left = 0  # cells not written yet; at 0 the stream ends without waiting for finish
+        self._ready_end = False  # the grant accepts a ready event: marks and KVEnd go without waiting for writes
+        self._write_events: list = []  # ready_end: one CUDA event per write, joined by the ready event
+        self._ready_handle = b""  # the ready event's CUDA IPC handle, sent in KVEnd
 
     def begin(self, layout: KVLayout) -> None:
         self._layout = layout
@@ -87,7 +107,10 @@ class PoolKVSink(GrpcKVSink):
                                     f"granted, {self._layout.num_tokens} tokens to write")
             pages = PagedKV(self.opener.open_pool(grant, self._layout))
             self._blocks = list(grant.block_ids)
+            # a decode worker in this process reads the registered pool on no other stream: no event to share
+            ready_end = grant.accepts_ready_event and grant.ipc_process != process_id() and pages.kv.is_cuda
             with self._lock:
+                self._ready_end = ready_end
                 self._pages = pages
                 backlog, self._backlog = self._backlog, []
             for ranges, kv, stream in backlog:  # on the stream each was made on: ordered after its producer
@@ -140,12 +163,35 @@ class PoolKVSink(GrpcKVSink):
         if plan is None:
             plan = self._plans[(t0, t1)] = self._pages.copy_plan(self._blocks, t0, t1)
         self._pages.write(plan, l0, l1, kv)
-        self._q.put((ranges, None, copies_done_event(kv)))
+        event = copies_done_event(kv)
+        if self._ready_end:  # the mark goes at once; decode waits for the ready event instead
+            self._write_events.append(event)
+            event = None
+        self._q.put((ranges, None, event))
         with self._lock:
             self._cells_left -= (l1 - l0) * (t1 - t0)
             last = self._cells_left <= 0
         if last:
+            if self._ready_end:
+                self._record_ready(kv.device)
             self._close_queue()  # KVEnd right after the last range's mark
+
+    def _record_ready(self, device) -> None:
+        """The ready event: on the current stream, after every write (writes before the grant ran on their own
+        put's stream)."""
+        stream = torch.cuda.current_stream(device)
+        for e in self._write_events:
+            stream.wait_event(e)
+        ready = torch.cuda.Event(interprocess=True)
+        ready.record(stream)
+        self._ready_handle = ready.ipc_handle()
+        _keep_ready_event(ready)
+
+    def _end_message(self):
+        msg = super()._end_message()
+        if self._ready_handle:
+            msg.end.ready_event_ipc = self._ready_handle
+        return msg
 
     def _messages(self, header):
         yield kv_pb2.KVMessage(header=header)

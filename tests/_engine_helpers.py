@@ -60,7 +60,7 @@ def middle_stop(text: str) -> str:
 
 
 def decode_engine_from(path, device: str = "cpu", dtype: str = "float32", num_blocks: int = 128, block_size: int = 4,
-                       write_delay_s: float = 0.0, external_write_grace_s: float = 2.0):
+                       write_delay_s: float = 0.0, external_write_grace_s: float = 2.0, kv_ready_wait: str = "host"):
     """A ``DecodeEngine`` of the checkpoint at ``path``: the factory ``DecodeProcess`` children call (by name).
     ``write_delay_s`` slows every ``write_kv`` (fault tests kill the child mid-stream)."""
     import time
@@ -69,7 +69,8 @@ def decode_engine_from(path, device: str = "cpu", dtype: str = "float32", num_bl
     from colm.decode_worker.engine import DecodeEngine
     from colm.kv_wire import parse_dtype
 
-    config = DecodeConfig(num_blocks=num_blocks, block_size=block_size, external_write_grace_s=external_write_grace_s)
+    config = DecodeConfig(num_blocks=num_blocks, block_size=block_size, external_write_grace_s=external_write_grace_s,
+                          kv_ready_wait=kv_ready_wait)
     engine = DecodeEngine.from_checkpoint(path, config, device=device, dtype=parse_dtype(dtype))
     if write_delay_s:
         write = engine.write_kv

@@ -43,8 +43,8 @@ def setup(tmp_path_factory):
     prefill.stop()
 
 
-def decode_child(path, write_delay_s=0.0):
-    return DecodeProcess(decode_engine_from, (path, "cuda", "float32", 256, 4, write_delay_s), TOKEN)
+def decode_child(path, write_delay_s=0.0, kv_ready_wait="host"):
+    return DecodeProcess(decode_engine_from, (path, "cuda", "float32", 256, 4, write_delay_s, 2.0, kv_ready_wait), TOKEN)
 
 
 def run_request(d, p, address, rid, prompt, scale, max_new=8, path="cuda_ipc"):
@@ -62,9 +62,10 @@ def run_request(d, p, address, rid, prompt, scale, max_new=8, path="cuda_ipc"):
     th.start()
     req = kv_pb2.StartGenerationRequest(request_id=rid, last_token_id=prompt[-1], scale=scale,
                                         sampling=kv_pb2.DecodeSampling(max_new_tokens=max_new, ignore_eos=True))
-    tokens = [ev.token_id for ev in d.StartGeneration(req, metadata=MD, timeout=120)]
+    events = list(d.StartGeneration(req, metadata=MD, timeout=120))
     th.join()
-    return tokens, reply["r"]
+    reply["r"].decode_timeline = dict(events[0].timeline_ms)  # the first event carries decode's milestones
+    return [ev.token_id for ev in events], reply["r"]
 
 
 def reference(full, prompt, scale, max_new=8):
@@ -73,10 +74,14 @@ def reference(full, prompt, scale, max_new=8):
 
 
 
-@pytest.mark.parametrize("hand_off", ["cuda_ipc", "cuda_pool"])
-def test_cuda_ipc_across_processes_matches_reference(setup, hand_off):
+@pytest.mark.parametrize("hand_off,ready_wait", [("cuda_ipc", "host"), ("cuda_pool", "host"), ("cuda_pool", "device"),
+                                                  ("cuda_pool", "sender")])
+def test_cuda_ipc_across_processes_matches_reference(setup, hand_off, ready_wait):
+    """cuda_pool runs with each ``DecodeConfig.kv_ready_wait``: "host" and "device" take the sender's KVEnd with a
+    CUDA IPC ready event (decode polls it, or its first step waits for it on the GPU when decode is idle), "sender"
+    waits for the writes before KVEnd. Eight requests at once: some meet an idle decode engine, some a batch."""
     path, full, _, p = setup
-    with decode_child(path) as child:
+    with decode_child(path, kv_ready_wait=ready_wait) as child:
         d = kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address))
         results, threads = {}, []
         for i, prompt in enumerate(prompts([2, 19, 33, 57], seed=11)):
@@ -94,6 +99,8 @@ def test_cuda_ipc_across_processes_matches_reference(setup, hand_off):
         for rid, (prompt, scale, (tokens, reply)) in results.items():
             assert tokens == reference(full, prompt, scale), rid
             assert reply.path == hand_off and reply.num_tokens == len(prompt) - 1
+            if hand_off == "cuda_pool" and len(prompt) > 1 and ready_wait != "device":  # host: the event came, polled
+                assert ("kv_ready" in reply.decode_timeline) == (ready_wait == "host"), (rid, reply.decode_timeline)
         prompt = prompts([40], seed=3)[0]
         tokens, reply = run_request(d, p, child.address, f"{hand_off}-auto", prompt, 2, path="auto")
         assert reply.path == "cuda_pool" and tokens == reference(full, prompt, 2)
