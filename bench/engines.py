@@ -1,7 +1,8 @@
 """GPU benchmark of the serving engines, in three sections (one JSON each under ``--out``):
 
 * prefill: chain-1 prefill (PrefillEngine, K/V emitted) vs the full model's prefill of the same
-  CoLM-Air model vs HF transformers' LlamaModel of the 1B shape, at 2K/8K/32K (+128K chunked).
+  CoLM-Air model (eager, and from CUDA graphs up to 4K tokens: ``colm.graphed_forward``) vs HF transformers'
+  LlamaModel of the 1B shape, at 2K/8K/32K (+128K chunked).
 * handoff: TTFT of an 8K prompt through prefill -> KV transfer -> first token, per path (in-process
   device copy, gRPC bytes, shared memory, cuda_ipc, cuda_pool), vs chain-1 prefill compute alone;
   stream GB/s. The remote paths run both gRPC servers in this process (cuda_ipc then hands the staging
@@ -11,9 +12,9 @@
   time goes (``local_breakdown_ms``: perf_counter stamps from submit), each remote path its timeline
   (``<path>_timeline_ms``: client, prefill and decode milestones on the host's monotonic clock).
 * handoff_ready: the router's TTFT of the 8K prompt on cuda_pool, both workers in children and the prefill
-  graphed, with each ``DecodeConfig.kv_ready_wait`` ("sender" waits for its writes before KVEnd; "host" /
-  "device" send KVEnd with a CUDA IPC ready event that decode polls / that its first step waits for on the
-  GPU), one decode child switched between them turn by turn, vs the compute alone timed in the prefill child.
+  graphed, with each ``DecodeConfig.kv_ready_wait`` ("sender" waits for its writes before KVEnd; "host" sends
+  KVEnd with a CUDA IPC ready event that decode polls), one decode child switched between them turn by turn,
+  vs the compute alone timed in the prefill child.
 * decode: tokens/s of the decode engine (CUDA graphs; eager side by side at batch 1 and 64) at batch
   1/8/64, context 2K, full scale and scale 1, mixed scales in both modes, vs HF ``generate`` on the
   same shape; batch-1 step vs the weight-read floor.
@@ -93,6 +94,7 @@ def guard(results, key, fn):
 # ------------------------------------------------------------------------------------------ prefill
 @torch.no_grad()
 def bench_prefill(quick):
+    from colm.graphed_forward import GraphedForward
     from colm.prefill_worker.config import PrefillConfig
     from colm.prefill_worker.engine import PrefillEngine
     from colm.prefill_worker.sinks import NullKVSink
@@ -109,14 +111,18 @@ def bench_prefill(quick):
     del hf
     free()
     for name in ("llama-3.2-1b-16-16-air", "llama-3.2-1b-8-8-8-8-air"):
-        row = {"full_ms": {}, "chain1_engine_ms": {}, "chain1_engine_eager_ms": {}, "chain1_hidden_ms": {}}
+        row = {"full_ms": {}, "full_graphs_ms": {}, "chain1_engine_ms": {}, "chain1_engine_eager_ms": {},
+               "chain1_hidden_ms": {}}
         full = colm_model(name)
+        graphed = GraphedForward(full, max_tokens=4096)  # the full forward from CUDA graphs (Score's, opt-in)
         for T in lengths:
             ids = torch.randint(0, 128000, (1, T), device=DEV)
             guard(row["full_ms"], T, lambda: timed(lambda: full.hidden(ids), reps=3 if T > 8192 else 5))
+            if graphed.fits(1, T):
+                guard(row["full_graphs_ms"], T, lambda: timed(lambda: graphed.hidden(ids), reps=5))
             guard(row["chain1_hidden_ms"], T, lambda: timed(lambda: full.hidden(ids, scale=1), reps=3 if T > 8192 else 5))
         cfg = full.cfg
-        del full
+        del full, graphed
         free()
         sub = colm_model(name, scale=1)
         # the engine with CUDA graphs for prompts of up to 4096 tokens (PrefillConfig.cuda_graph_tokens) and eager,
@@ -140,6 +146,7 @@ def bench_prefill(quick):
         row["chain1_graph_speedup"] = {T: _ratio(row["chain1_engine_eager_ms"].get(T), row["chain1_engine_ms"].get(T))
                                        for T in lengths}
         row["full_vs_hf"] = {T: _ratio(row["full_ms"].get(T), hf_ms.get(T)) for T in lengths}
+        row["full_graphs_vs_hf"] = {T: _ratio(row["full_graphs_ms"].get(T), hf_ms.get(T)) for T in row["full_graphs_ms"]}
         # The paper's comparison (Table 10: its baseline row is the dense LLama-3.2-1B, whose prefill HF's LlamaModel
         # runs here): dense model's prefill time over the chain-1 engine's, eager and with the engine's graphs
         row["speedup_chain1_vs_hf"] = {T: _ratio(hf_ms.get(T), row["chain1_engine_eager_ms"].get(T)) for T in lengths}
@@ -325,7 +332,7 @@ def bench_handoff_ready(quick):
 
     name, T, token = "llama-3.2-1b-16-16-air", 8192, "bench"
     prompt = torch.randint(0, 128000, (T,)).tolist()
-    modes = ("sender", "host", "device")
+    modes = ("sender", "host")
     out = {"prompt_tokens": T, "modes": list(modes)}
     with PrefillProcess(_bench_prefill_engine, (name, T), token) as pc, \
             DecodeProcess(_bench_decode_engine, (name,), token) as dc:

@@ -1,8 +1,10 @@
 """What a waiter on a CUDA IPC event sees when the event's owner process ends before its recorded work has run.
 
-``DecodeConfig.kv_ready_wait="device"`` queues decode's first step behind the prefill sender's ready event (a
-stream wait on the GPU). If the sender's process dies between sending KVEnd and its writes running, does
-that wait ever end? "host" only polls ``query()`` and fails the request at its deadline, so it cannot hang.
+A cuda_pool sender sends KVEnd with a ready event before its writes have run (``DecodeConfig.kv_ready_wait``
+"host"). Decode could queue its first step behind that event (a stream wait on the GPU) instead of polling
+it; but if the sender's process dies between KVEnd and its writes, does such a wait ever end? This measures
+it (H100, 2026-11-23: after SIGKILL it stayed pending; so decode polls ``query()`` and fails the request at
+its deadline, which cannot hang).
 
 Per way of ending (``os._exit``, SIGKILL), a spawned owner queues ~1 s of GPU sleep, records an interprocess
 event after it, sends the handle and ends at once; this process opens the event, queues a stream wait on

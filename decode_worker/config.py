@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIXED_SCALE_MODES = ("widest", "group")
-KV_READY_WAITS = ("host", "device", "sender")
+KV_READY_WAITS = ("host", "sender")
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,14 @@ class DecodeConfig:
                                          # queued device writes may still land) before they are reused
     kv_ready_wait: str = "host"          # cuda_pool, sender in another process on CUDA: who waits for its writes.
                                          # "sender": it sends KVEnd once they finished. "host": it sends KVEnd with
-                                         # a CUDA IPC event as soon as they are queued and the step loop polls
-                                         # that event (kv_ready_poll_s) before admitting the request. "device":
-                                         # as "host", but a request arriving at an idle engine is admitted at
-                                         # once and its first step waits for the event on the GPU (its launch
-                                         # overlaps the sender's forward; a sender that dies before its writes
-                                         # ran may leave that wait pending: docs/engines.md)
+                                         # a CUDA IPC event as soon as they are queued, and the step loop polls
+                                         # that event (kv_ready_poll_s) before admitting the request. (Never a
+                                         # stream wait on the GPU: a sender killed before its writes ran leaves
+                                         # such a wait pending for good; bench/ipc_event_exit.py)
     kv_ready_poll_s: float = 0.0001      # the step loop's wait while a request's KV is queued but not written yet
+    score_graph_tokens: int = 0          # > 0 (CUDA): Score replays the full forward of prompts of up to this many
+                                         # tokens from CUDA graphs (colm.graphed_forward; captured on first use,
+                                         # their memory comes on top of the pool's). 0 = eager
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -62,6 +63,8 @@ class DecodeConfig:
         for name in ("reservation_timeout_s", "kv_timeout_s", "idle_wait_s", "kv_ready_poll_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+        if self.score_graph_tokens < 0:
+            raise ValueError(f"score_graph_tokens={self.score_graph_tokens}: must be >= 0 (0 = eager)")
         if self.warmup_context < 0:
             raise ValueError(f"warmup_context={self.warmup_context}: must be >= 0 (0 = no warm-up)")
         if self.max_reservations <= 0:

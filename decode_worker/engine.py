@@ -13,9 +13,8 @@ finished range with ``mark_kv``, then ``finish_kv``. A request that ends while s
 keeps its blocks out of the free list until ``end_external_writes`` (after a grace period when the
 sender's stream broke): the sender may still be writing. A sender in another process may end its stream
 before its writes have run (``DecodeConfig.kv_ready_wait``): ``finish_kv`` then gets the CUDA event they
-complete (``open_ready_event``), the loop admits the request once that event is done (or, "device", at
-once into an idle engine, its first step waiting for the event on the GPU), and blocks of a request that
-ends before it are held until it is.
+complete (``open_ready_event``), the loop polls that event and admits the request once it is done, and
+blocks of a request that ends before it are held until it is.
 
 Threads: gRPC handlers call the public methods; one loop thread (``start``) runs the steps. All
 bookkeeping is under one lock; the forward runs outside it. A running request is ended only by the
@@ -35,6 +34,7 @@ import torch
 
 from colm import checkpoint
 from colm.errors import CapacityError, DeadlineError, RequestAbortedError, TransferError, UnknownRequestError
+from colm.graphed_forward import GraphedForward
 from colm.kernels._tuning import DEVICE_WIDE_LOCK, num_tuned
 from colm.kv_wire import KVLayout, parse_dtype
 from colm.model import CoLM
@@ -101,6 +101,8 @@ class DecodeEngine:
         self.pool = BlockPool(cfg, num_blocks, self.config.block_size, self.device, self.dtype)
         self.graphs = (DecodeGraphs(self.model, self.pool, self.config.max_batch_size)
                        if self.config.cuda_graphs and self.device.type == "cuda" else None)
+        self.score_graphs = (GraphedForward(self.model, self.config.score_graph_tokens)
+                             if self.config.score_graph_tokens and self.device.type == "cuda" else None)
         self._requests: dict[str, DecodeRequest] = {}
         self._running: list[DecodeRequest] = []
         self._lock = threading.RLock()
@@ -473,15 +475,15 @@ class DecodeEngine:
             if len(self._running) >= self.config.max_batch_size:
                 break
             if req.started and req.kv_done and not req.running:
-                if req.kv_ready is not None and not req.kv_ready_waited and not self._admit_before_ready(req):
+                if req.kv_ready is not None and not self._writes_ran(req):
                     continue
                 req.running = True
                 self._running.append(req)
                 req.timeline.mark("admitted")
 
-    def _admit_before_ready(self, req: DecodeRequest) -> bool:
-        """A request whose sender's writes were queued when its KV stream ended: admit it now? Yes once its ready
-        event is done; "device": also into an idle engine (its step waits on the GPU; nothing else waits behind)."""
+    def _writes_ran(self, req: DecodeRequest) -> bool:
+        """A request whose sender's writes were queued when its KV stream ended: have they run (its ready event
+        is done)? Polled by the loop, never waited for on the GPU (a killed sender would leave that wait pending)."""
         state = _ready_state(req.kv_ready)
         if state == "failed":
             self._finalize(req, TransferError(f"request {req.request_id}: the KV sender's ready event failed "
@@ -490,9 +492,6 @@ class DecodeEngine:
         if state == "done":
             req.kv_ready = None
             req.timeline.mark("kv_ready")
-            return True
-        if self.config.kv_ready_wait == "device" and not self._running:
-            req.kv_ready_waited = True
             return True
         self._ready_polling = True
         return False
@@ -503,15 +502,10 @@ class DecodeEngine:
             self._housekeep()
             batch = list(self._running)
             scales = [r.scale for r in batch]
-            waits = [r for r in batch if r.kv_ready_waited]
         if not batch:
             return 0
         t0 = time.perf_counter()
         warmed = self._warm_marks()
-        if waits:  # "device": their first step runs after the sender's writes (a stream wait, not a host wait)
-            stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-            for r in waits:
-                r.kv_ready.wait(stream)
         try:
             if self._can_overlap(batch, scales):
                 results = self._overlapped(batch, scales)
@@ -529,12 +523,9 @@ class DecodeEngine:
             return len(batch)
         dt = (time.perf_counter() - t0) * 1000.0
         with self._lock:
-            for r in waits:  # the step was read back: the writes it waited for have run
-                r.kv_ready, r.kv_ready_waited = None, False
             self._num_steps += 1
             self._last_step_ms, self._last_batch = dt, len(batch)
-            # a capture or a tuning in this step, or a wait for a sender's writes, is not a step time
-            if self._warm_marks() == warmed and not waits:
+            if self._warm_marks() == warmed:  # a capture or a tuning in this step is not a step time
                 self._step_times.record(max(scales), dt, len(batch))
             for req, s, (tok, lp) in zip(batch, scales, results):
                 if req.cancel is not None or not req.running:
@@ -590,7 +581,7 @@ class DecodeEngine:
     # ---------------------------------------------------------------- read-only
     def score(self, token_ids: list[int], scale: int | None = None) -> list[tuple[float, int, float]]:
         """Per prompt token: (log p given the ones before, most likely token id, its log p); first (0.0, -1, 0.0)."""
-        return prompt_logprobs(self.model, list(token_ids), scale)
+        return prompt_logprobs(self.model, list(token_ids), scale, self.score_graphs)
 
     def stats(self) -> DecodeStats:
         with self._lock:

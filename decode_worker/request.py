@@ -133,9 +133,8 @@ class DecodeRequest:
     release_at: float | None = None
     # cuda_pool with a ready event (``DecodeConfig.kv_ready_wait``): the sender's event that completes once its
     # writes into ``blocks`` have run (``query()``, ``wait(stream)``: a CUDA event opened from its IPC handle).
-    # Cleared once seen complete, or once a step that waited for it on the device has been read back.
+    # Cleared once seen complete.
     kv_ready: object | None = None
-    kv_ready_waited: bool = False              # "device": a queued step waits for ``kv_ready`` on the GPU
     # reserved, kv_header, kv_first_chunk, kv_last_chunk, kv_done, kv_ready, started (start_generation; TokenEvent.time_ms
     # counts from it), admitted (joined the batch), first_token. The first TokenEvent carries them.
     timeline: Timeline = field(default_factory=Timeline)
