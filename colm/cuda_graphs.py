@@ -5,12 +5,15 @@
 ``torch.cuda.graphs`` asks; it compiles and tunes every Triton kernel for these shapes, which must not
 happen inside a capture), then captures one call thread-locally with Python's GC paused
 (``colm.kernels._tuning.capture_without_gc``), all while holding ``DEVICE_WIDE_LOCK``: a capture must
-not meet a kernel tuning's device-wide sync in another thread of the process.
+not meet a kernel tuning's device-wide sync in another thread of the process. ``GraphSet`` is the state
+a set of graphs keyed by shape keeps (prefill's and ``colm.graphed_forward``'s).
 """
 
 from __future__ import annotations
 
 from typing import Callable, TypeVar
+
+import threading
 
 import torch
 
@@ -33,6 +36,24 @@ def buckets(n: int, least: int = 1) -> list[int]:
     while out[-1] < n:
         out.append(out[-1] * 2)
     return out
+
+
+class GraphSet:
+    """Graphs of one model keyed by shape, sharing one memory pool; replays under one lock. Enabled on CUDA with
+    ``max_tokens`` > 0 (the most tokens a graph may take)."""
+
+    def __init__(self, device, max_tokens: int) -> None:
+        self.device = device
+        self.max_tokens = max_tokens
+        self.enabled = device.type == "cuda" and max_tokens > 0
+        self._graphs: dict = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
+        self._lock = threading.Lock()
+        self.num_replays = 0
+
+    @property
+    def num_captures(self) -> int:
+        return len(self._graphs)
 
 
 def warm_and_capture(fn: Callable[[], T], device, pool=None, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, T]:

@@ -17,12 +17,11 @@ good (logged); calls then run eager.
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 
 import torch
 
-from colm.cuda_graphs import bucket, warm_and_capture
+from colm.cuda_graphs import GraphSet, bucket, warm_and_capture
 from colm.model import CoLM
 
 log = logging.getLogger("colm.graphed_forward")
@@ -35,24 +34,15 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
 
 
-class GraphedForward:
+class GraphedForward(GraphSet):
     def __init__(self, model: CoLM, max_tokens: int, least: int = 256, warmup: int = 2) -> None:
         if max_tokens < 0 or least < 1:
             raise ValueError(f"max_tokens={max_tokens}, least={least}: need max_tokens >= 0 and least >= 1")
+        super().__init__(model.inv_freq.device, max_tokens)
         self.model = model
-        self.device = model.inv_freq.device
-        self.max_tokens = max_tokens
         self.least = least
         self.warmup = warmup
-        self.enabled = self.device.type == "cuda" and max_tokens > 0
-        self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
-        self._lock = threading.Lock()
-        self.num_replays = 0
-
-    @property
-    def num_captures(self) -> int:
-        return len(self._graphs)
+        self._graphs: dict[tuple[int, int], _Graph] = {}  # (length, scale) ->
 
     def fits(self, rows: int, length: int) -> bool:
         return self.enabled and rows == 1 and bucket(length, self.least) <= self.max_tokens

@@ -25,12 +25,11 @@ same process may capture meanwhile). A failed capture turns graphs off for good;
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 
 import torch
 
-from colm.cuda_graphs import bucket, buckets, warm_and_capture
+from colm.cuda_graphs import GraphSet, bucket, buckets, warm_and_capture
 from colm.model import CoLM
 
 from colm.prefill_worker.forward import prefill_chunk
@@ -66,22 +65,13 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
 
 
-class PrefillGraphs:
+class PrefillGraphs(GraphSet):
     def __init__(self, model: CoLM, max_tokens: int, warmup: int = 2) -> None:
+        super().__init__(model.inv_freq.device, max_tokens)
         self.model = model
-        self.device = model.inv_freq.device
-        self.max_tokens = max_tokens
         self.warmup = warmup
-        self.enabled = self.device.type == "cuda" and max_tokens > 0
-        self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
+        self._graphs: dict[tuple[int, int], _Graph] = {}  # (rows, length) ->
         self._kv: torch.Tensor | None = None  # [layers, 2, max_tokens * Hkv * hd], allocated at the first capture
-        self._lock = threading.Lock()
-        self.num_replays = 0
-
-    @property
-    def num_captures(self) -> int:
-        return len(self._graphs)
 
     def fits(self, rows: int, length: int) -> bool:
         return self.enabled and graph_rows(rows) * length <= self.max_tokens

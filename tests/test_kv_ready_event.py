@@ -58,9 +58,12 @@ def setup(tmp_path_factory):
     return path, full, prefill_engine_from(path)
 
 
-def start(path, wait: str) -> DecodeEngine:
-    return DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=128, block_size=4, kv_ready_wait=wait,
-                                                           kv_timeout_s=30)).start()
+@pytest.fixture
+def eng(setup):
+    """A started decode engine with the default ``kv_ready_wait`` ("host")."""
+    engine = DecodeEngine.from_checkpoint(setup[0], DecodeConfig(num_blocks=128, block_size=4, kv_timeout_s=30))
+    yield engine.start()
+    engine.stop()
 
 
 def hand_over(setup, eng, rid, prompt, max_new, ready, scale=None):
@@ -77,89 +80,72 @@ def is_running(eng, rid) -> bool:
         return req is not None and req.running
 
 
-def test_host_wait_admits_once_the_writes_have_run(setup):
-    path, full, _ = setup
-    eng = start(path, "host")
-    try:
-        for i, prompt in enumerate(prompts([9, 21], seed=3)):
-            ev = StandInEvent()
-            stream = hand_over(setup, eng, f"host-{i}", prompt, 5, ev, scale=2)
-            time.sleep(0.2)
-            assert not is_running(eng, f"host-{i}"), "admitted before the sender's writes had run"
-            assert eng.stats().num_steps == 0 or i > 0
-            ev.done.set()
-            events = list(stream)
-            assert [e.token_id for e in events] == generate(full, prompt, SamplingParams(max_new_tokens=5,
-                                                                                         ignore_eos=True), scale=2).token_ids
-            assert "kv_ready" in events[0].timeline_ms  # the loop saw the event done
-        assert_pool_free(eng)
-    finally:
-        eng.stop()
+def test_host_wait_admits_once_the_writes_have_run(setup, eng):
+    full = setup[1]
+    for i, prompt in enumerate(prompts([9, 21], seed=3)):
+        ev = StandInEvent()
+        stream = hand_over(setup, eng, f"host-{i}", prompt, 5, ev, scale=2)
+        time.sleep(0.2)
+        assert not is_running(eng, f"host-{i}"), "admitted before the sender's writes had run"
+        assert eng.stats().num_steps == 0 or i > 0
+        ev.done.set()
+        events = list(stream)
+        assert [e.token_id for e in events] == generate(full, prompt, SamplingParams(max_new_tokens=5,
+                                                                                     ignore_eos=True), scale=2).token_ids
+        assert "kv_ready" in events[0].timeline_ms  # the loop saw the event done
+    assert_pool_free(eng)
 
 
-def test_pending_writes_do_not_stall_the_running_batch(setup):
-    path, full, _ = setup
-    eng = start(path, "host")
+def test_pending_writes_do_not_stall_the_running_batch(setup, eng):
+    full = setup[1]
     params = SamplingParams(max_new_tokens=5, ignore_eos=True)
-    try:
-        long = prompts([5], seed=6)[0]
-        ev_long = StandInEvent()
-        ev_long.done.set()
-        long_stream = hand_over(setup, eng, "long", long, 400, ev_long)
-        next(long_stream)
-        prompt = prompts([6], seed=4)[0]
-        ev = StandInEvent()
-        stream = hand_over(setup, eng, "pending", prompt, 5, ev)
-        steps = eng.stats().num_steps
-        time.sleep(0.05)
-        assert is_running(eng, "long"), "the long request ended before the check (a slow host?)"
-        assert eng.stats().num_steps > steps and not is_running(eng, "pending")
-        ev.done.set()
-        assert [e.token_id for e in stream] == generate(full, prompt, params).token_ids
-        eng.abort("long")
-        with pytest.raises(RequestAbortedError):
-            list(long_stream)
-        assert_pool_free(eng)
-    finally:
-        eng.stop()
+    long = prompts([5], seed=6)[0]
+    ev_long = StandInEvent()
+    ev_long.done.set()
+    long_stream = hand_over(setup, eng, "long", long, 400, ev_long)
+    next(long_stream)
+    prompt = prompts([6], seed=4)[0]
+    ev = StandInEvent()
+    stream = hand_over(setup, eng, "pending", prompt, 5, ev)
+    steps = eng.stats().num_steps
+    time.sleep(0.05)
+    assert is_running(eng, "long"), "the long request ended before the check (a slow host?)"
+    assert eng.stats().num_steps > steps and not is_running(eng, "pending")
+    ev.done.set()
+    assert [e.token_id for e in stream] == generate(full, prompt, params).token_ids
+    eng.abort("long")
+    with pytest.raises(RequestAbortedError):
+        list(long_stream)
+    assert_pool_free(eng)
 
 
-def test_blocks_held_until_the_writes_have_run(setup):
-    path, _, pe = setup
-    eng = start(path, "host")
-    try:
-        prompt = prompts([13], seed=8)[0]
-        ev = StandInEvent()
-        stream = hand_over(setup, eng, "held", prompt, 4, ev)
-        blocks = len(eng._requests["held"].blocks)
-        assert eng.abort("held")
-        with pytest.raises(RequestAbortedError):
-            list(stream)
-        time.sleep(0.1)
-        assert eng.stats().num_held_blocks == blocks and eng.pool.num_free == eng.pool.num_blocks - blocks
-        ev.done.set()
-        assert_pool_free(eng)
-        assert eng.stats().num_held_blocks == 0
-    finally:
-        eng.stop()
+def test_blocks_held_until_the_writes_have_run(setup, eng):
+    prompt = prompts([13], seed=8)[0]
+    ev = StandInEvent()
+    stream = hand_over(setup, eng, "held", prompt, 4, ev)
+    blocks = len(eng._requests["held"].blocks)
+    assert eng.abort("held")
+    with pytest.raises(RequestAbortedError):
+        list(stream)
+    time.sleep(0.1)
+    assert eng.stats().num_held_blocks == blocks and eng.pool.num_free == eng.pool.num_blocks - blocks
+    ev.done.set()
+    assert_pool_free(eng)
+    assert eng.stats().num_held_blocks == 0
 
 
-def test_failed_ready_event_fails_its_request(setup):
-    path, full, _ = setup
-    eng = start(path, "host")
-    try:
-        prompt = prompts([10], seed=9)[0]
-        ev = StandInEvent()
-        stream = hand_over(setup, eng, "broken", prompt, 4, ev)
-        ev.broken = True
-        with pytest.raises(TransferError, match="ready event failed"):
-            list(stream)
-        assert_pool_free(eng)
-        ok = hand_over(setup, eng, "after", prompt, 4, None)  # the worker goes on serving
-        assert [e.token_id for e in ok] == generate(full, prompt, SamplingParams(max_new_tokens=4,
-                                                                                 ignore_eos=True)).token_ids
-    finally:
-        eng.stop()
+def test_failed_ready_event_fails_its_request(setup, eng):
+    full = setup[1]
+    prompt = prompts([10], seed=9)[0]
+    ev = StandInEvent()
+    stream = hand_over(setup, eng, "broken", prompt, 4, ev)
+    ev.broken = True
+    with pytest.raises(TransferError, match="ready event failed"):
+        list(stream)
+    assert_pool_free(eng)
+    ok = hand_over(setup, eng, "after", prompt, 4, None)  # the worker goes on serving
+    assert [e.token_id for e in ok] == generate(full, prompt, SamplingParams(max_new_tokens=4,
+                                                                             ignore_eos=True)).token_ids
 
 
 def test_cpu_worker_accepts_no_ready_event(setup):
