@@ -298,10 +298,7 @@ def bench_handoff(quick):
             record_turns(out, {f"procs_{tag}chain1_compute": computes}, unit="ms")
             record_turns(out, ttfts)
             for v, vals in ttfts.items():
-                # each turn's TTFT over the mean of the compute measured just before and after it
-                turns = [t / ((computes[i] + computes[i + 1]) / 2) for i, t in enumerate(vals)]
-                out[f"{v}_ttft_over_compute_turns"] = turns
-                out[f"{v}_ttft_over_compute_median_turn"] = statistics.median(turns)
+                record_ratio_turns(out, v, vals, computes)
                 out[f"{v}_ttft_over_compute"] = out[f"{v}_ttft_ms"] / out[f"procs_{tag}chain1_compute_ms"]
             print(f"both workers in children ({'graphs' if graphs else 'eager'} prefill): compute alone",
                   [round(c, 2) for c in computes], "ms;",
@@ -346,9 +343,7 @@ def bench_handoff_ready(quick):
     record_turns(out, {"chain1_compute": computes}, unit="ms")
     record_turns(out, {f"router_cuda_pool_{m}": v for m, v in ttfts.items()})
     for m, vals in ttfts.items():
-        turns = [t / ((computes[i] + computes[i + 1]) / 2) for i, t in enumerate(vals)]
-        out[f"router_cuda_pool_{m}_ttft_over_compute_turns"] = turns
-        out[f"router_cuda_pool_{m}_ttft_over_compute_median_turn"] = statistics.median(turns)
+        record_ratio_turns(out, f"router_cuda_pool_{m}", vals, computes)
     print("compute alone", [round(c, 2) for c in computes], "ms; TTFT / compute, median turn:",
           {m: round(out[f"router_cuda_pool_{m}_ttft_over_compute_median_turn"], 3) for m in modes}, flush=True)
     return out
@@ -367,6 +362,14 @@ def record_turns(out, values, unit="ttft_ms"):
     for key, vals in values.items():
         out[f"{key}_{unit}_turns"] = vals
         out[f"{key}_{unit}"] = statistics.median(vals)
+
+
+def record_ratio_turns(out, key, ttfts, computes):
+    """``<key>_ttft_over_compute_turns``: each turn's TTFT over the mean of the compute alone timed just before and
+    after it (``computes`` has one more entry than ``ttfts``), and ``..._median_turn``."""
+    turns = [t / ((computes[i] + computes[i + 1]) / 2) for i, t in enumerate(ttfts)]
+    out[f"{key}_ttft_over_compute_turns"] = turns
+    out[f"{key}_ttft_over_compute_median_turn"] = statistics.median(turns)
 
 
 def merged_timeline(t0, client, reply, first_event):

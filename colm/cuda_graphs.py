@@ -11,9 +11,8 @@ a set of graphs keyed by shape keeps (prefill's and ``colm.graphed_forward``'s).
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
-
 import threading
+from typing import Callable, TypeVar
 
 import torch
 
@@ -46,7 +45,7 @@ class GraphSet:
         self.device = device
         self.max_tokens = max_tokens
         self.enabled = device.type == "cuda" and max_tokens > 0
-        self._graphs: dict = {}
+        self._graphs: dict = {}  # shape key (the subclass's) -> its captured graph
         self._pool = torch.cuda.graph_pool_handle() if self.enabled else None
         self._lock = threading.Lock()
         self.num_replays = 0

@@ -41,8 +41,7 @@ class GraphedForward(GraphSet):
         super().__init__(model.inv_freq.device, max_tokens)
         self.model = model
         self.least = least
-        self.warmup = warmup
-        self._graphs: dict[tuple[int, int], _Graph] = {}  # (length, scale) ->
+        self.warmup = warmup  # graphs: (length, scale) -> _Graph
 
     def fits(self, rows: int, length: int) -> bool:
         return self.enabled and rows == 1 and bucket(length, self.least) <= self.max_tokens

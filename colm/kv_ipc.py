@@ -83,8 +83,12 @@ def export_pool(kv: torch.Tensor) -> StagingExport:
 
 
 def release_pool(key: str) -> None:
+    _release(_pools, key)
+
+
+def _release(registry: dict, key: str) -> None:
     with _local_lock:
-        _pools.pop(key, None)
+        registry.pop(key, None)
 
 
 def _export(t: torch.Tensor, registry: dict) -> StagingExport:
@@ -102,16 +106,14 @@ def _export(t: torch.Tensor, registry: dict) -> StagingExport:
         # allocator as soon as this process frees the tensor, whatever happens to the receiver.
         torch.UntypedStorage._release_ipc_counter_cuda(ref_counter_handle, ref_counter_offset)
     except BaseException:
-        with _local_lock:
-            registry.pop(key, None)
+        _release(registry, key)
         raise
     return StagingExport(process_id(), key, bytes(handle), int(device), device_uuid(int(device)), int(offset_bytes),
                          int(size_bytes))
 
 
 def release_staging(key: str) -> None:
-    with _local_lock:
-        _local.pop(key, None)
+    _release(_local, key)
 
 
 class StagingOpener:

@@ -131,7 +131,6 @@ class PagedKV:
             vp[:, plan.slots] = kv[:, :, 1]
 
 
-
 class BlockPool(PagedKV):
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device, dtype: torch.dtype) -> None:
         if num_blocks <= 0:

@@ -224,6 +224,8 @@ class DecodeEngine:
         """The pool's ``colm.kv_ipc.StagingExport`` (made once; CUDA IPC handle on CUDA, this process only on CPU)."""
         from colm.kv_ipc import export_pool
 
+        if self._pool_export is not None:  # every grant asks: no lock (nor a wait behind a capture) once made
+            return self._pool_export
         with DEVICE_WIDE_LOCK, self._lock:  # sharing an allocation is a driver call: not during a capture
             if self._pool_export is None:
                 self._pool_export = export_pool(self.pool.kv)
@@ -254,18 +256,28 @@ class DecodeEngine:
                 return
             req.external_writer = False
             if req in self._held:  # DecodeRequest compares by identity
-                if clean and req.kv_ready is not None:  # freed by _housekeep once the event is done (bounded)
-                    req.release_at = time.monotonic() + self.config.kv_timeout_s
-                    return
-                grace = 0.0 if clean else self.config.external_write_grace_s
-                req.release_at = time.monotonic() + grace
-                if grace == 0.0:
-                    self._release_held(req)
+                # a clean end: the writes have run, or its ready event says when (bounded by kv_timeout_s); a broken
+                # stream's queued writes may still land within the grace
+                wait = (self.config.kv_timeout_s if req.kv_ready is not None else 0.0) if clean else \
+                    self.config.external_write_grace_s
+                req.release_at = time.monotonic() + wait
+                self._release_due()
 
-    def _release_held(self, req: DecodeRequest) -> None:
-        self._held.remove(req)
-        self.pool.free(req.blocks)
-        req.blocks = []
+    def _hold(self, req: DecodeRequest) -> None:
+        """Keep an ended request's blocks out of the free list: a cuda_pool sender's stream is still open (until
+        ``end_external_writes`` sets ``release_at``), or its ready event has not completed yet (at most
+        ``kv_timeout_s``)."""
+        req.release_at = None if req.external_writer else time.monotonic() + self.config.kv_timeout_s
+        self._held.append(req)
+
+    def _release_due(self) -> None:
+        """Free the held blocks whose time has come, or whose sender's ready event is no longer pending."""
+        now = time.monotonic()
+        for req in [h for h in self._held if h.release_at is not None and
+                    (now >= h.release_at or (h.kv_ready is not None and _ready_state(h.kv_ready) != "pending"))]:
+            self._held.remove(req)
+            self.pool.free(req.blocks)
+            req.blocks = []
 
     def write_kv(self, request_id: str, layer_start: int, layer_end: int, token_start: int, token_end: int,
                  kv: torch.Tensor, seq: int | None = None, sync: bool = False) -> None:
@@ -431,11 +443,8 @@ class DecodeEngine:
             self._drop_ahead()
             self._running.remove(req)
             req.running = False
-        if req.external_writer:  # a cuda_pool sender may still write into the blocks: held until its stream ends
-            self._held.append(req)
-        elif req.kv_ready is not None and _ready_state(req.kv_ready) == "pending":
-            req.release_at = time.monotonic() + self.config.kv_timeout_s  # or once the writes have run
-            self._held.append(req)
+        if req.external_writer or (req.kv_ready is not None and _ready_state(req.kv_ready) == "pending"):
+            self._hold(req)  # a cuda_pool sender's writes may still land in the blocks
         else:
             self.pool.free(req.blocks)
             req.blocks = []
@@ -456,10 +465,8 @@ class DecodeEngine:
                         self._wake.wait(self.config.kv_ready_poll_s if self._ready_polling else self.config.idle_wait_s)
 
     def _housekeep(self) -> None:
+        self._release_due()
         now = time.monotonic()
-        for req in [h for h in self._held if h.release_at is not None and
-                    (now >= h.release_at or (h.kv_ready is not None and _ready_state(h.kv_ready) != "pending"))]:
-            self._release_held(req)
         for req in list(self._requests.values()):
             if req.running:
                 if req.cancel is None and now > req.deadline:

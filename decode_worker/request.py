@@ -132,11 +132,11 @@ class DecodeRequest:
     external_writer: bool = False
     release_at: float | None = None
     # cuda_pool with a ready event (``DecodeConfig.kv_ready_wait``): the sender's event that completes once its
-    # writes into ``blocks`` have run (``query()``, ``wait(stream)``: a CUDA event opened from its IPC handle).
+    # writes into ``blocks`` have run (a CUDA event opened from its IPC handle; the loop polls ``query()``).
     # Cleared once seen complete.
     kv_ready: object | None = None
-    # reserved, kv_header, kv_first_chunk, kv_last_chunk, kv_done, kv_ready, started (start_generation; TokenEvent.time_ms
-    # counts from it), admitted (joined the batch), first_token. The first TokenEvent carries them.
+    # reserved, kv_header, kv_first_chunk, kv_last_chunk, kv_done, kv_ready, started (start_generation;
+    # TokenEvent.time_ms counts from it), admitted (joined the batch), first_token. The first TokenEvent carries them.
     timeline: Timeline = field(default_factory=Timeline)
 
 

@@ -15,8 +15,9 @@ so the ack means decode is done reading the sender's memory.
 ``engine.grant_kv`` (waiting up to ``DecodeConfig.grant_wait_s`` for a Reserve sent at the same time) ->
 the reply names the blocks and the pool's IPC handle (and whether a ready event is accepted) -> each
 chunk only marks a range the sender has written or queued (``engine.mark_kv``) -> ``KVEnd`` (with the
-sender's ready event's IPC handle, opened here) -> ``engine.finish_kv`` and an ack. However the stream ends, ``engine.end_external_writes`` follows (so blocks held back from an
-ended request go back, after a grace period if the stream broke).
+sender's ready event's IPC handle, opened here) -> ``engine.finish_kv`` and an ack. However the stream
+ends, ``engine.end_external_writes`` follows (so blocks held back from an ended request go back, after
+a grace period if the stream broke).
 
 ``PushKV`` messages are deserialised by ``read_kv_message``: a chunk's payload stays a view of the
 received buffer (``colm.kv_wire.split_chunk_message``) and only its metadata goes through protobuf.

@@ -69,8 +69,7 @@ class PrefillGraphs(GraphSet):
     def __init__(self, model: CoLM, max_tokens: int, warmup: int = 2) -> None:
         super().__init__(model.inv_freq.device, max_tokens)
         self.model = model
-        self.warmup = warmup
-        self._graphs: dict[tuple[int, int], _Graph] = {}  # (rows, length) ->
+        self.warmup = warmup  # graphs: (rows, length) -> _Graph
         self._kv: torch.Tensor | None = None  # [layers, 2, max_tokens * Hkv * hd], allocated at the first capture
 
     def fits(self, rows: int, length: int) -> bool:

@@ -50,16 +50,6 @@ from colm.prefill_worker.sinks import copies_done_event
 POOL_OPENER = StagingOpener(max_handles=64)  # one mapping per decode worker's pool, shared by every request
 # One thread per open stream (it waits for the grant, then the ack); threads are made as needed and reused.
 _STREAMS = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="colm-kv-pool")
-# Ready events whose writes may not have run yet: kept alive here until they have (decode holds its own
-# handle of each, opened before it acks; this only keeps the exporter's side from going first).
-_LIVE_READY: list = []
-_LIVE_READY_LOCK = threading.Lock()
-
-
-def _keep_ready_event(event) -> None:
-    with _LIVE_READY_LOCK:
-        _LIVE_READY[:] = [e for e in _LIVE_READY if not e.query()]
-        _LIVE_READY.append(event)
 
 
 class PoolKVSink(GrpcKVSink):
@@ -85,7 +75,10 @@ class PoolKVSink(GrpcKVSink):
         self._cells_left = 0  # cells not written yet; at 0 the stream ends without waiting for finish
         self._ready_end = False  # the grant accepts a ready event: marks and KVEnd go without waiting for writes
         self._write_events: list = []  # ready_end: one CUDA event per write, joined by the ready event
-        self._ready_handle = b""  # the ready event's CUDA IPC handle, sent in KVEnd
+        # ready_end: the interprocess event after every write, its IPC handle sent in KVEnd. Kept until the sink
+        # goes (after decode's ack, so after decode opened its own handle); a destroyed CUDA event whose work is
+        # still queued completes with that work.
+        self._ready_event = None
 
     def begin(self, layout: KVLayout) -> None:
         self._layout = layout
@@ -184,13 +177,12 @@ class PoolKVSink(GrpcKVSink):
             stream.wait_event(e)
         ready = torch.cuda.Event(interprocess=True)
         ready.record(stream)
-        self._ready_handle = ready.ipc_handle()
-        _keep_ready_event(ready)
+        self._ready_event = ready
 
     def _end_message(self):
         msg = super()._end_message()
-        if self._ready_handle:
-            msg.end.ready_event_ipc = self._ready_handle
+        if self._ready_event is not None:
+            msg.end.ready_event_ipc = self._ready_event.ipc_handle()
         return msg
 
     def _messages(self, header):

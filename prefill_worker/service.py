@@ -1,8 +1,9 @@
 """gRPC front of the prefill engine: service ``colm.v1.PrefillWorker`` (see ``proto/colm/v1/kv.proto``).
 
 ``Prefill`` picks the request's hand-off path (``colm.prefill_worker.paths.choose_path``: bytes over
-``PushKV``, shared memory, CUDA IPC of a staging tensor, or writes into decode's pool), builds that remote sink to the named decode worker, submits
-the prompt to the engine and waits within the request's deadline. Channels to decode workers are
+``PushKV``, shared memory, CUDA IPC of a staging tensor, or writes into decode's pool), builds that
+remote sink to the named decode worker, submits the prompt to the engine and waits within the
+request's deadline. Channels to decode workers are
 cached per address.
 """
 
