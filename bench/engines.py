@@ -427,10 +427,11 @@ def local_breakdown(pe, de, prompt, params, n, reps=5):
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
-def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps=3):
+def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps=3, timelines=None):
     """TTFT through the router's own request path (``GrpcBackend.generate``: Reserve, Prefill, StartGeneration,
     over grpc.aio, as ``colm serve`` sends them; the HTTP front and the policy left out), ms from the call to
-    the first token: the median of ``reps`` after one warm-up request."""
+    the first token: the median of ``reps`` after one warm-up request. ``timelines``: a list that gets one row per
+    timed request, the client's, prefill's and decode's milestones in ms after the call (``merged_router_timeline``)."""
     import asyncio
 
     from colm.router.backend import EngineRequest, WorkerInfo
@@ -444,16 +445,40 @@ def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps
             await backend.poll(w)
         times = []
         for i in range(reps + 1):
+            seen = {}
             req = EngineRequest(f"router-{kv_path}-{time.monotonic_ns()}-{i}", tuple(prompt),
-                                SamplingParams(max_new_tokens=1), scale=2, timeout_s=60.0)
-            t0, first = time.perf_counter(), None
+                                SamplingParams(max_new_tokens=1), scale=2, timeout_s=60.0,
+                                observe_timeline=lambda role, t, ms, seen=seen: seen.__setitem__(role, (t, ms)))
+            t0, first = time.monotonic(), None
             async for _ in backend.generate(req, "p0", "d0"):
-                first = first or (time.perf_counter() - t0) * 1000
+                first = first or (time.monotonic() - t0) * 1000
             times.append(first)
+            for _ in range(100):  # the prefill's reply (its timeline) may come after the token
+                if len(seen) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            if timelines is not None and i and len(seen) == 2:
+                timelines.append(merged_router_timeline(t0, first, seen))
         await backend.close()
         return statistics.median(times[1:])
 
     return asyncio.run(run())
+
+
+def merged_router_timeline(t0, first_ms, seen):
+    """One router request on one clock: ms after ``t0`` (the call, time.monotonic()) of each worker's milestones
+    (``seen``: role -> (reference monotonic time, milestone -> ms after it)) and of the token at the client."""
+    row = {"client.first_token": first_ms}
+    for role, (ref, ms) in seen.items():
+        row.update({f"{role}.{k}": (ref - t0) * 1000 + v for k, v in ms.items()})
+    return row
+
+
+def median_timeline(rows):
+    """Milestone -> median ms over ``rows`` (milestones every row has), in time order."""
+    keys = [k for k in rows[0] if all(k in r for r in rows)]
+    med = {k: statistics.median(r[k] for r in rows) for k in keys}
+    return dict(sorted(med.items(), key=lambda kv: kv[1]))
 
 
 def _bench_prefill_engine(name, graph_tokens=0):

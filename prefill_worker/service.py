@@ -14,6 +14,7 @@ import threading
 from colm.errors import RequestAbortedError
 from colm.proto import load_proto
 from colm.proto.rpc import EngineServer
+from colm.proto.token_ids import request_token_ids
 
 from colm.prefill_worker.engine import PrefillEngine
 from colm.prefill_worker.ipc_sink import IpcKVSink
@@ -40,6 +41,7 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
             return self._stubs[address]
 
     def Prefill(self, request, context):
+        token_ids = request_token_ids(request)  # before any sink opens a stream: a bad field fails alone
         timeout = request.timeout_s or self.engine.config.default_timeout_s
         cfg = self.engine.config
         path = choose_path(request.path, request.same_host, self.engine.device.type == "cuda", request.decode_cuda)
@@ -57,7 +59,7 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
         else:
             sink = GrpcKVSink(stub, request.request_id, self.cluster_token, cfg.kv_chunk_bytes,
                               cfg.shm_checksum if path == "shm" else cfg.checksum, timeout, shm=path == "shm")
-        r = self.engine.submit(request.request_id, request.token_ids, sink, timeout).result(timeout=timeout)
+        r = self.engine.submit(request.request_id, token_ids, sink, timeout).result(timeout=timeout)
         return kv_pb2.PrefillReply(request_id=r.request_id, num_tokens=r.num_tokens, num_bytes=r.num_bytes,
                                    queue_ms=r.queue_ms, compute_ms=r.compute_ms, total_ms=r.total_ms, path=r.path,
                                    timeline_ms=r.timeline_ms, monotonic_s=r.monotonic_s)

@@ -46,6 +46,9 @@ class EngineRequest:
     # the backend reports the request's phases here (seconds by name; colm.router.metrics.decode_phases /
     # prefill_phases) once the workers' timelines arrive; None = nobody listens
     observe_phases: Callable[[dict[str, float]], None] | None = field(default=None, compare=False)
+    # the backend hands each worker's raw milestones here: (role "prefill" | "decode", the reference milestone's
+    # time.monotonic() on that worker's host, milestone -> ms after it); for tracing and benchmarks, None = unused
+    observe_timeline: Callable[[str, float, dict[str, float]], None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

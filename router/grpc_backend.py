@@ -19,6 +19,7 @@ from typing import AsyncIterator
 import grpc
 
 from colm.proto import load_proto
+from colm.proto.token_ids import pack_token_ids
 from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo
 from colm.router.metrics import decode_phases, prefill_phases
 from colm.scoring import prompt_logprobs
@@ -121,10 +122,10 @@ class GrpcBackend:
 
         def start_prefill(same_host: bool, path: str, decode_cuda: bool):
             task = asyncio.ensure_future(self._prefill(prefill_id).Prefill(kv_pb2.PrefillRequest(
-                request_id=req.request_id, token_ids=list(req.prompt_ids), decode_address=self._workers[decode_id].address,
-                same_host=same_host, timeout_s=timeout, path=path, decode_cuda=decode_cuda),
-                metadata=md, timeout=timeout))
-            task.add_done_callback(lambda t: self._count_transfer(prefill_id, t, req.observe_phases))
+                request_id=req.request_id, token_ids_u32=pack_token_ids(req.prompt_ids),
+                decode_address=self._workers[decode_id].address, same_host=same_host, timeout_s=timeout, path=path,
+                decode_cuda=decode_cuda), metadata=md, timeout=timeout))
+            task.add_done_callback(lambda t: self._count_transfer(prefill_id, t, req))
             return task
 
         try:
@@ -165,8 +166,11 @@ class GrpcBackend:
                 except grpc.aio.AioRpcError as e:
                     raise self._failure(e, decode_id) from None
                 streaming = True
-                if ev.timeline_ms and req.observe_phases is not None:  # the first event carries the decode timeline
-                    req.observe_phases(decode_phases(ev.timeline_ms))
+                if ev.timeline_ms:  # the first event carries the decode timeline
+                    if req.observe_phases is not None:
+                        req.observe_phases(decode_phases(ev.timeline_ms))
+                    if req.observe_timeline is not None:
+                        req.observe_timeline("decode", ev.monotonic_s, dict(ev.timeline_ms))
                 yield EngineToken(ev.token_id, ev.scale, ev.logprob)
                 if ev.finish_reason:
                     finished = True
@@ -204,12 +208,15 @@ class GrpcBackend:
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 
-    def _count_transfer(self, prefill_id: str, task: asyncio.Future, observe_phases=None) -> None:
+    def _count_transfer(self, prefill_id: str, task: asyncio.Future, req: EngineRequest | None = None) -> None:
         if task.cancelled() or task.exception() is not None:
             return
         r = task.result()  # PrefillReply: the hand-off is what the total holds beyond queueing and compute
-        if observe_phases is not None and r.timeline_ms:
-            observe_phases(prefill_phases(r.timeline_ms))
+        if req is not None and r.timeline_ms:
+            if req.observe_phases is not None:
+                req.observe_phases(prefill_phases(r.timeline_ms))
+            if req.observe_timeline is not None:
+                req.observe_timeline("prefill", r.monotonic_s, dict(r.timeline_ms))
         t = self._transfer.setdefault(prefill_id, [0, 0.0, 0])
         t[0] += r.num_bytes
         t[1] += max(0.0, r.total_ms - r.queue_ms - r.compute_ms) / 1e3

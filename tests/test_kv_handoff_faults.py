@@ -20,6 +20,7 @@ from colm.prefill_worker.engine import PrefillEngine
 from colm.prefill_worker.service import PrefillServer
 from colm.proto import load_proto
 from colm.proto.rpc import auth_metadata, make_channel
+from colm.proto.token_ids import pack_token_ids
 from _engine_helpers import TOKEN, assert_pool_free, prompts, save_tiny_air
 
 kv_pb2, kv_pb2_grpc = load_proto("kv")
@@ -137,6 +138,33 @@ def test_kv_never_arrives_and_dead_decode_peer(cluster):
     assert p.Prefill(ok, metadata=MD, timeout=20).num_tokens == 5
     assert len(list(start(d, "after"))) == 4
     assert_pool_free(decode.engine)
+
+
+def test_packed_token_ids_and_their_errors(cluster):
+    """The prompt as token_ids_u32 (as the router sends it) hands over like the repeated field; both fields set, a
+    byte count not a multiple of 4 and an id beyond the vocabulary each fail alone with INVALID_ARGUMENT."""
+    cfg, decode, d, p = cluster
+    prompt = prompts([9])[0]
+    reserve(d, "packed", prompt_len=9)
+    ok = kv_pb2.PrefillRequest(request_id="packed", token_ids_u32=pack_token_ids(prompt), decode_address=decode.address)
+    assert p.Prefill(ok, metadata=MD, timeout=20).num_tokens == 8
+    assert len(list(start(d, "packed"))) == 4
+    bad = {  # request id -> (fields, what the error says)
+        "both": (dict(token_ids=prompt, token_ids_u32=pack_token_ids(prompt)), "not both"),
+        "ragged": (dict(token_ids_u32=pack_token_ids(prompt)[:-1]), "4 bytes"),
+        "vocab": (dict(token_ids_u32=pack_token_ids([1, cfg.vocab_size, 2])), f"0..{cfg.vocab_size - 1}"),
+    }
+    for rid, (fields, says) in bad.items():
+        reserve(d, rid, prompt_len=9)
+        req = kv_pb2.PrefillRequest(request_id=rid, decode_address=decode.address, **fields)
+        with pytest.raises(grpc.RpcError) as e:
+            p.Prefill(req, metadata=MD, timeout=20)
+        assert e.value.code() == S.INVALID_ARGUMENT, rid
+        assert says in e.value.details(), (rid, e.value.details())
+        d.Abort(kv_pb2.AbortRequest(request_id=rid), metadata=MD, timeout=5)
+    assert_pool_free(decode.engine)
+    with pytest.raises(ValueError, match="0..4294967295"):
+        pack_token_ids([1, -1])
 
 
 SENDER = textwrap.dedent("""

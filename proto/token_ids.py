@@ -1,0 +1,35 @@
+"""Token ids on the internal wire: a ``bytes`` field of little-endian uint32s beside the repeated field.
+
+Why: the router sends every prompt to a prefill worker. An 8K-token prompt as ``repeated uint32`` cost
+~0.14 ms to build and ~0.1 ms to serialize and parse in Python (on the dev machine), all of it on the
+TTFT's path; packed, it is one ``struct.pack`` on the router and a zero-copy ``numpy.frombuffer`` on
+the worker. ``PrefillRequest.token_ids_u32`` carries it; the repeated ``token_ids`` still works.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+
+def pack_token_ids(ids) -> bytes:
+    """``ids`` (ints in 0..2**32-1) as little-endian uint32 bytes."""
+    try:
+        return struct.pack(f"<{len(ids)}I", *ids)
+    except struct.error as e:
+        raise ValueError(f"token ids must be integers in 0..{2**32 - 1} ({e})") from None
+
+
+def request_token_ids(request, field: str = "token_ids"):
+    """A request's token ids: a numpy uint32 array of ``<field>_u32`` when that is set, else the repeated
+    ``field`` as is. Setting both, or a byte count that is not a multiple of 4, is a ValueError naming the field."""
+    packed = getattr(request, f"{field}_u32")
+    if not packed:
+        return getattr(request, field)
+    if len(getattr(request, field)):
+        raise ValueError(f"set one of {field} and {field}_u32, not both")
+    if len(packed) % 4:
+        raise ValueError(f"{field}_u32 has {len(packed)} bytes; it must hold 4 bytes (a little-endian uint32) "
+                         "per token")
+    return np.frombuffer(packed, dtype="<u4")
