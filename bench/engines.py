@@ -330,22 +330,60 @@ def bench_handoff_ready(quick):
     name, T, token = "llama-3.2-1b-16-16-air", 8192, "bench"
     prompt = torch.randint(0, 128000, (T,)).tolist()
     modes = ("sender", "host")
-    out = {"prompt_tokens": T, "modes": list(modes)}
+    out = {"prompt_tokens": T, "modes": list(modes), "token_ids_encoding_us": token_ids_encoding_us(prompt)}
+    print("8K token ids on the wire, us:", json.dumps(out["token_ids_encoding_us"]), flush=True)
     with PrefillProcess(_bench_prefill_engine, (name, T), token) as pc, \
             DecodeProcess(_bench_decode_engine, (name,), token) as dc:
         ttfts = {m: [] for m in modes}
+        timelines = {m: [] for m in modes}
+        out["router_stats_rpc_ms"] = router_rpc_ms(pc.address, dc.address, token)
+        print("router Stats round trip, ms:", json.dumps(out["router_stats_rpc_ms"]), flush=True)
         computes = [pc.call(_compute_alone_ms, prompt, 3)]
         for _ in range(3 if quick else 5):  # in turns, so that drift on the shared machine hits every mode alike
             for m in modes:
                 dc.call(_set_ready_wait, m)
-                ttfts[m].append(router_ttft_ms(pc.address, dc.address, token, "cuda_pool", prompt, reps=3))
+                ttfts[m].append(router_ttft_ms(pc.address, dc.address, token, "cuda_pool", prompt, reps=3,
+                                               timelines=timelines[m]))
             computes.append(pc.call(_compute_alone_ms, prompt, 3))
     record_turns(out, {"chain1_compute": computes}, unit="ms")
     record_turns(out, {f"router_cuda_pool_{m}": v for m, v in ttfts.items()})
     for m, vals in ttfts.items():
         record_ratio_turns(out, f"router_cuda_pool_{m}", vals, computes)
+        if timelines[m]:
+            out[f"router_cuda_pool_{m}_timeline_ms"] = median_timeline(timelines[m])
+            print(f"router cuda_pool ({m}), ms after the call (medians of {len(timelines[m])}):",
+                  json.dumps({k: round(v, 2) for k, v in out[f"router_cuda_pool_{m}_timeline_ms"].items()}), flush=True)
     print("compute alone", [round(c, 2) for c in computes], "ms; TTFT / compute, median turn:",
           {m: round(out[f"router_cuda_pool_{m}_ttft_over_compute_median_turn"], 3) for m in modes}, flush=True)
+    return out
+
+
+def token_ids_encoding_us(prompt, reps=200):
+    """Host cost of a prompt's token ids on the PrefillRequest wire, us per request: the repeated field (build,
+    serialize, parse, to numpy) against token_ids_u32 (pack, build, serialize, parse, frombuffer)."""
+    import numpy as np
+
+    from colm.proto import load_proto
+    from colm.proto.token_ids import pack_token_ids, request_token_ids
+
+    kv_pb2, _ = load_proto("kv")
+    ids = tuple(prompt)
+
+    def repeated():
+        raw = kv_pb2.PrefillRequest(request_id="x", token_ids=list(ids)).SerializeToString()
+        return np.asarray(request_token_ids(kv_pb2.PrefillRequest.FromString(raw)), dtype=np.int64)
+
+    def packed():
+        raw = kv_pb2.PrefillRequest(request_id="x", token_ids_u32=pack_token_ids(ids)).SerializeToString()
+        return np.asarray(request_token_ids(kv_pb2.PrefillRequest.FromString(raw)), dtype=np.int64)
+
+    assert (repeated() == packed()).all()
+    out = {}
+    for label, fn in (("repeated", repeated), ("packed_u32", packed)):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        out[label] = (time.perf_counter() - t0) / reps * 1e6
     return out
 
 
@@ -461,6 +499,31 @@ def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps
                 timelines.append(merged_router_timeline(t0, first, seen))
         await backend.close()
         return statistics.median(times[1:])
+
+    return asyncio.run(run())
+
+
+def router_rpc_ms(prefill_address, decode_address, token, reps=30):
+    """The router's round trip of a trivial call (Stats, grpc.aio) to each worker, ms: the Python gRPC floor under
+    every Reserve / Prefill / StartGeneration on this host. Median of ``reps`` after 3 warm-up calls."""
+    import asyncio
+
+    from colm.router.backend import WorkerInfo
+    from colm.router.grpc_backend import GrpcBackend
+
+    async def run():
+        backend = GrpcBackend([WorkerInfo("p0", "prefill", prefill_address), WorkerInfo("d0", "decode", decode_address)],
+                              token)
+        out = {}
+        for w in ("p0", "d0"):
+            times = []
+            for i in range(reps + 3):
+                t0 = time.perf_counter()
+                await backend.poll(w)
+                times.append((time.perf_counter() - t0) * 1000)
+            out["prefill" if w == "p0" else "decode"] = statistics.median(times[3:])
+        await backend.close()
+        return out
 
     return asyncio.run(run())
 
