@@ -14,7 +14,9 @@
 * handoff_ready: the router's TTFT of the 8K prompt on cuda_pool, both workers in children and the prefill
   graphed, with each ``DecodeConfig.kv_ready_wait`` ("sender" waits for its writes before KVEnd; "host" sends
   KVEnd with a CUDA IPC ready event that decode polls), one decode child switched between them turn by turn,
-  vs the compute alone timed in the prefill child.
+  vs the compute alone timed in the prefill child. From the requests' timelines (one host clock) also the
+  hand-off between the engines (prefill worker has the prompt -> decode worker has the first token, and -> the
+  token at the client), and the router's Stats round trip to each worker (the Python gRPC floor of a hop).
 * decode: tokens/s of the decode engine (CUDA graphs; eager side by side at batch 1 and 64) at batch
   1/8/64, context 2K, full scale and scale 1, mixed scales in both modes, vs HF ``generate`` on the
   same shape; batch-1 step vs the weight-read floor.
@@ -339,22 +341,33 @@ def bench_handoff_ready(quick):
         out["router_stats_rpc_ms"] = router_rpc_ms(pc.address, dc.address, token)
         print("router Stats round trip, ms:", json.dumps(out["router_stats_rpc_ms"]), flush=True)
         computes = [pc.call(_compute_alone_ms, prompt, 3)]
+        # per turn, from the timed requests' timelines: the hand-off between the engines (the prefill worker has
+        # the prompt -> the decode worker has the first token) and the same up to the client
+        engine_spans = {m: {"handoff_engines": [], "handoff_to_client": []} for m in modes}
         for _ in range(3 if quick else 5):  # in turns, so that drift on the shared machine hits every mode alike
             for m in modes:
                 dc.call(_set_ready_wait, m)
+                rows = []
                 ttfts[m].append(router_ttft_ms(pc.address, dc.address, token, "cuda_pool", prompt, reps=3,
-                                               timelines=timelines[m]))
+                                               timelines=rows))
+                timelines[m] += rows
+                for span, end in (("handoff_engines", "decode.first_token"), ("handoff_to_client", "client.first_token")):
+                    engine_spans[m][span].append(statistics.median(r[end] - r["prefill.submitted"] for r in rows))
             computes.append(pc.call(_compute_alone_ms, prompt, 3))
     record_turns(out, {"chain1_compute": computes}, unit="ms")
     record_turns(out, {f"router_cuda_pool_{m}": v for m, v in ttfts.items()})
     for m, vals in ttfts.items():
         record_ratio_turns(out, f"router_cuda_pool_{m}", vals, computes)
+        for span, vals in engine_spans[m].items():
+            record_turns(out, {f"{span}_cuda_pool_{m}": vals})
+            record_ratio_turns(out, f"{span}_cuda_pool_{m}", vals, computes)
         if timelines[m]:
             out[f"router_cuda_pool_{m}_timeline_ms"] = median_timeline(timelines[m])
             print(f"router cuda_pool ({m}), ms after the call (medians of {len(timelines[m])}):",
                   json.dumps({k: round(v, 2) for k, v in out[f"router_cuda_pool_{m}_timeline_ms"].items()}), flush=True)
-    print("compute alone", [round(c, 2) for c in computes], "ms; TTFT / compute, median turn:",
-          {m: round(out[f"router_cuda_pool_{m}_ttft_over_compute_median_turn"], 3) for m in modes}, flush=True)
+    print("compute alone", [round(c, 2) for c in computes], "ms; over it, median turn:",
+          {f"{key}_{m}": round(out[f"{key}_cuda_pool_{m}_ttft_over_compute_median_turn"], 3)
+           for m in modes for key in ("router", "handoff_engines", "handoff_to_client")}, flush=True)
     return out
 
 

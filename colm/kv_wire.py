@@ -17,7 +17,10 @@ format, so either end also interoperates with plain protobuf messages.
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
 import queue
+import sys
 import threading
 import zlib
 from dataclasses import dataclass
@@ -237,21 +240,46 @@ def create_segment(name: str, size: int) -> shared_memory.SharedMemory:
     return shared_memory.SharedMemory(name=name, create=True, size=max(size, 1))
 
 
-def open_segment(name: str) -> shared_memory.SharedMemory:
+def open_segment(name: str) -> "AttachedSegment":
     """Attach to a segment the sender created; the sender owns (and unlinks) it."""
     try:
-        seg = shared_memory.SharedMemory(name=name, create=False)
+        return AttachedSegment(name)
     except FileNotFoundError:
         raise ValueError(f"shared-memory segment {name!r} does not exist on this host") from None
-    _untrack(seg)
-    return seg
 
 
-def _untrack(seg: shared_memory.SharedMemory) -> None:
-    # The resource tracker would unlink a segment this process merely attached to when it exits.
-    try:
-        from multiprocessing import resource_tracker
+class AttachedSegment:
+    """A sender's shared-memory segment mapped into this process, never registered with a resource tracker.
 
-        resource_tracker.unregister(seg._name, "shared_memory")  # noqa: SLF001
-    except Exception:  # noqa: BLE001 - tracking is best effort
-        pass
+    ``SharedMemory(name)`` before Python 3.13 registers even a segment it only attaches to. Workers spawned by one
+    parent share that parent's tracker, so the receiver's registration (and the unregistration that undid it)
+    raced the sender's: the tracker printed a KeyError traceback per request, and a receiver that exited first had
+    its tracker unlink a segment the sender still used. Same interface as far as the receiver needs it: ``name``,
+    ``size``, ``buf``, ``close()``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        if sys.version_info >= (3, 13):
+            self._shm = shared_memory.SharedMemory(name=name, create=False, track=False)
+            self._mmap = None
+            self.size, self.buf = self._shm.size, self._shm.buf
+            return
+        import _posixshmem  # what SharedMemory itself opens POSIX segments with
+
+        self._shm = None
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        try:
+            self.size = os.fstat(fd).st_size
+            self._mmap = mmap.mmap(fd, self.size)
+        finally:
+            os.close(fd)
+        self.buf = memoryview(self._mmap)
+
+    def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            return
+        if self.buf is not None:
+            self.buf.release()
+            self.buf = None
+            self._mmap.close()

@@ -138,7 +138,10 @@ class PrefillEngine:
         """The loop thread runs (started and not stopped)."""
         return self._runner.started
 
-    def submit(self, request_id: str, token_ids, sink, timeout_s: float | None = None) -> Future:
+    def submit(self, request_id: str, token_ids, sink, timeout_s: float | None = None,
+               received_s: float | None = None) -> Future:
+        """Queue a prompt; ``received_s``: when its call reached this worker (time.monotonic(); the timeline's
+        ``received`` milestone, before ``submitted``)."""
         if not request_id:
             raise ValueError("request_id is empty")
         # numpy, not a list of ints: an 8K-token prompt cost ~2 ms of host time per request as Python ints
@@ -157,6 +160,8 @@ class PrefillEngine:
             raise ValueError(f"request {request_id}: {len(ids)} tokens exceed max_seq_len={self.full_cfg.max_seq_len}")
         now = time.monotonic()
         job = _Job(request_id, ids[:-1], sink, now + (timeout_s or self.config.default_timeout_s))
+        if received_s is not None:
+            job.timeline.mark("received", now=received_s)
         job.timeline.mark("submitted", now=now)
         with self._cv:
             if len(self._queue) >= self.config.max_queue:

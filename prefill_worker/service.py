@@ -10,6 +10,7 @@ cached per address.
 from __future__ import annotations
 
 import threading
+import time
 
 from colm.errors import RequestAbortedError
 from colm.proto import load_proto
@@ -41,6 +42,7 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
             return self._stubs[address]
 
     def Prefill(self, request, context):
+        received = time.monotonic()
         token_ids = request_token_ids(request)  # before any sink opens a stream: a bad field fails alone
         timeout = request.timeout_s or self.engine.config.default_timeout_s
         cfg = self.engine.config
@@ -59,7 +61,7 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
         else:
             sink = GrpcKVSink(stub, request.request_id, self.cluster_token, cfg.kv_chunk_bytes,
                               cfg.shm_checksum if path == "shm" else cfg.checksum, timeout, shm=path == "shm")
-        r = self.engine.submit(request.request_id, token_ids, sink, timeout).result(timeout=timeout)
+        r = self.engine.submit(request.request_id, token_ids, sink, timeout, received).result(timeout=timeout)
         return kv_pb2.PrefillReply(request_id=r.request_id, num_tokens=r.num_tokens, num_bytes=r.num_bytes,
                                    queue_ms=r.queue_ms, compute_ms=r.compute_ms, total_ms=r.total_ms, path=r.path,
                                    timeline_ms=r.timeline_ms, monotonic_s=r.monotonic_s)

@@ -132,7 +132,10 @@ def _already_aborted(exc: BaseException) -> bool:
 
 
 # Servers refuse SO_REUSEPORT: a second server on a taken port must fail, not share it silently.
-SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+# Clients ping every 10 s even between calls (CHANNEL_OPTIONS); a server's default policy allows a ping without
+# data only every 5 min and answered the third with GOAWAY "too_many_pings" (logged as an error, the channel
+# reconnected with its keepalive doubled). Accept them down to 5 s apart.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
 
 
 def bind_port(server, address: str, what: str, credentials=None) -> int:
