@@ -341,8 +341,8 @@ def bench_handoff_ready(quick):
         out["router_stats_rpc_ms"] = router_rpc_ms(pc.address, dc.address, token)
         print("router Stats round trip, ms:", json.dumps(out["router_stats_rpc_ms"]), flush=True)
         computes = [pc.call(_compute_alone_ms, prompt, 3)]
-        # per turn, from the timed requests' timelines: the hand-off between the engines (the prefill worker has
-        # the prompt -> the decode worker has the first token) and the same up to the client
+        # per turn, from the timed requests' timelines: the hand-off between the engines (the Prefill call reached
+        # the prefill worker's handler -> the decode worker has the first token) and the same up to the client
         engine_spans = {m: {"handoff_engines": [], "handoff_to_client": []} for m in modes}
         for _ in range(3 if quick else 5):  # in turns, so that drift on the shared machine hits every mode alike
             for m in modes:
@@ -352,7 +352,7 @@ def bench_handoff_ready(quick):
                                                timelines=rows))
                 timelines[m] += rows
                 for span, end in (("handoff_engines", "decode.first_token"), ("handoff_to_client", "client.first_token")):
-                    engine_spans[m][span].append(statistics.median(r[end] - r["prefill.submitted"] for r in rows))
+                    engine_spans[m][span].append(statistics.median(r[end] - r["prefill.received"] for r in rows))
             computes.append(pc.call(_compute_alone_ms, prompt, 3))
     record_turns(out, {"chain1_compute": computes}, unit="ms")
     record_turns(out, {f"router_cuda_pool_{m}": v for m, v in ttfts.items()})
