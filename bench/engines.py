@@ -242,10 +242,9 @@ def bench_handoff(quick):
             out[f"{key}_stream_total_ms"] = r.total_ms
             out[f"{key}_stream_gb_s"] = r.num_bytes / (r.total_ms / 1000) / 1e9
         if len(timelines) > 1:  # the first (warm-up) run left out
-            rows = timelines[1:]
-            out[f"{key}_timeline_ms"] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+            out[f"{key}_timeline_ms"] = median_timeline(timelines[1:])
             print(f"{key} hand-off, ms from Reserve (medians):", json.dumps(
-                {k: round(v, 2) for k, v in sorted(out[f"{key}_timeline_ms"].items(), key=lambda kv: kv[1])}), flush=True)
+                {k: round(v, 2) for k, v in out[f"{key}_timeline_ms"].items()}), flush=True)
 
     for path in ("grpc", "shm", "cuda_ipc", "cuda_pool"):
         measure(path, d, ds.address)
@@ -382,20 +381,17 @@ def token_ids_encoding_us(prompt, reps=200):
     kv_pb2, _ = load_proto("kv")
     ids = tuple(prompt)
 
-    def repeated():
-        raw = kv_pb2.PrefillRequest(request_id="x", token_ids=list(ids)).SerializeToString()
+    def round_trip(packed):
+        field = {"token_ids_u32": pack_token_ids(ids)} if packed else {"token_ids": list(ids)}
+        raw = kv_pb2.PrefillRequest(request_id="x", **field).SerializeToString()
         return np.asarray(request_token_ids(kv_pb2.PrefillRequest.FromString(raw)), dtype=np.int64)
 
-    def packed():
-        raw = kv_pb2.PrefillRequest(request_id="x", token_ids_u32=pack_token_ids(ids)).SerializeToString()
-        return np.asarray(request_token_ids(kv_pb2.PrefillRequest.FromString(raw)), dtype=np.int64)
-
-    assert (repeated() == packed()).all()
+    assert (round_trip(False) == round_trip(True)).all()
     out = {}
-    for label, fn in (("repeated", repeated), ("packed_u32", packed)):
+    for label, packed in (("repeated", False), ("packed_u32", True)):
         t0 = time.perf_counter()
         for _ in range(reps):
-            fn()
+            round_trip(packed)
         out[label] = (time.perf_counter() - t0) / reps * 1e6
     return out
 
@@ -428,9 +424,8 @@ def merged_timeline(t0, client, reply, first_event):
     (``client.*``: time.monotonic()), the prefill worker's milestones (``prefill.*``, PrefillReply) and
     the decode worker's (``decode.*``, the first TokenEvent). All processes share the host's monotonic clock."""
     row = {f"client.{k}": (v - t0) * 1000 for k, v in client.items()}
-    row.update({f"prefill.{k}": (reply.monotonic_s - t0) * 1000 + v for k, v in reply.timeline_ms.items()})
-    row.update({f"decode.{k}": (first_event.monotonic_s - t0) * 1000 + v for k, v in first_event.timeline_ms.items()})
-    return row
+    return {**row, **worker_milestones(t0, {"prefill": (reply.monotonic_s, reply.timeline_ms),
+                                            "decode": (first_event.monotonic_s, first_event.timeline_ms)})}
 
 
 def local_breakdown(pe, de, prompt, params, n, reps=5):
@@ -485,13 +480,11 @@ def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps
     timed request, the client's, prefill's and decode's milestones in ms after the call (``merged_router_timeline``)."""
     import asyncio
 
-    from colm.router.backend import EngineRequest, WorkerInfo
-    from colm.router.grpc_backend import GrpcBackend
+    from colm.router.backend import EngineRequest
     from colm.sampling import SamplingParams
 
     async def run():
-        backend = GrpcBackend([WorkerInfo("p0", "prefill", prefill_address), WorkerInfo("d0", "decode", decode_address)],
-                              token, kv_path=kv_path)
+        backend = router_backend(prefill_address, decode_address, token, kv_path)
         for w in ("p0", "d0"):  # host ids and CUDA flags: what the router's health polls learn
             await backend.poll(w)
         times = []
@@ -516,17 +509,22 @@ def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps
     return asyncio.run(run())
 
 
+def router_backend(prefill_address, decode_address, token, kv_path="auto"):
+    """The router's ``GrpcBackend`` over one prefill worker ("p0") and one decode worker ("d0")."""
+    from colm.router.backend import WorkerInfo
+    from colm.router.grpc_backend import GrpcBackend
+
+    return GrpcBackend([WorkerInfo("p0", "prefill", prefill_address), WorkerInfo("d0", "decode", decode_address)],
+                       token, kv_path=kv_path)
+
+
 def router_rpc_ms(prefill_address, decode_address, token, reps=30):
     """The router's round trip of a trivial call (Stats, grpc.aio) to each worker, ms: the Python gRPC floor under
     every Reserve / Prefill / StartGeneration on this host. Median of ``reps`` after 3 warm-up calls."""
     import asyncio
 
-    from colm.router.backend import WorkerInfo
-    from colm.router.grpc_backend import GrpcBackend
-
     async def run():
-        backend = GrpcBackend([WorkerInfo("p0", "prefill", prefill_address), WorkerInfo("d0", "decode", decode_address)],
-                              token)
+        backend = router_backend(prefill_address, decode_address, token)
         out = {}
         for w in ("p0", "d0"):
             times = []
@@ -544,10 +542,13 @@ def router_rpc_ms(prefill_address, decode_address, token, reps=30):
 def merged_router_timeline(t0, first_ms, seen):
     """One router request on one clock: ms after ``t0`` (the call, time.monotonic()) of each worker's milestones
     (``seen``: role -> (reference monotonic time, milestone -> ms after it)) and of the token at the client."""
-    row = {"client.first_token": first_ms}
-    for role, (ref, ms) in seen.items():
-        row.update({f"{role}.{k}": (ref - t0) * 1000 + v for k, v in ms.items()})
-    return row
+    return {"client.first_token": first_ms, **worker_milestones(t0, seen)}
+
+
+def worker_milestones(t0, seen):
+    """``<role>.<milestone>`` -> ms after ``t0`` (time.monotonic()), from role -> (the worker's reference milestone on
+    the monotonic clock, milestone -> ms after it)."""
+    return {f"{role}.{k}": (ref - t0) * 1000 + v for role, (ref, ms) in seen.items() for k, v in ms.items()}
 
 
 def median_timeline(rows):

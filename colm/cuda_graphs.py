@@ -11,6 +11,7 @@ a set of graphs keyed by shape keeps (prefill's and ``colm.graphed_forward``'s).
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable, TypeVar
 
@@ -19,6 +20,7 @@ import torch
 from colm.kernels._tuning import DEVICE_WIDE_LOCK, capture_without_gc
 
 T = TypeVar("T")
+log = logging.getLogger("colm.cuda_graphs")
 
 
 def bucket(n: int, least: int = 1) -> int:
@@ -53,6 +55,20 @@ class GraphSet:
     @property
     def num_captures(self) -> int:
         return len(self._graphs)
+
+    def _graph_for(self, key, capture: Callable[[], object], what: str):
+        """The graph for ``key``, captured by ``capture()`` on first use; None once graphs are off: a failed capture
+        turns them off for good (logged), and the caller runs eager. Call under ``self._lock``."""
+        g = self._graphs.get(key)
+        if g is None and self.enabled:
+            try:
+                g = self._graphs[key] = capture()
+            except Exception as e:  # noqa: BLE001 - the eager forward still works
+                log.warning("CUDA graph capture of %s failed (%s): it runs eager from now", what, e)
+                self.enabled = False
+                torch.cuda.synchronize(self.device)
+                return None
+        return g
 
 
 def warm_and_capture(fn: Callable[[], T], device, pool=None, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, T]:

@@ -16,15 +16,12 @@ good (logged); calls then run eager.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from colm.cuda_graphs import GraphSet, bucket, warm_and_capture
 from colm.model import CoLM
-
-log = logging.getLogger("colm.graphed_forward")
 
 
 @dataclass
@@ -39,9 +36,9 @@ class GraphedForward(GraphSet):
         if max_tokens < 0 or least < 1:
             raise ValueError(f"max_tokens={max_tokens}, least={least}: need max_tokens >= 0 and least >= 1")
         super().__init__(model.inv_freq.device, max_tokens)
-        self.model = model
+        self.model = model  # graphs: (length, scale) -> _Graph
         self.least = least
-        self.warmup = warmup  # graphs: (length, scale) -> _Graph
+        self.warmup = warmup
 
     def fits(self, rows: int, length: int) -> bool:
         return self.enabled and rows == 1 and bucket(length, self.least) <= self.max_tokens
@@ -55,26 +52,18 @@ class GraphedForward(GraphSet):
             return self.model.hidden(tokens, scale)
         length = bucket(t, self.least)
         with self._lock:
-            g = self._graphs.get((length, scale))
+            g = self._graph_for((length, scale), lambda: self._capture(length, scale),
+                                f"the {length}-token full forward at scale {scale}")
             if g is None:
-                g = self._capture(length, scale)
-                if g is None:
-                    return self.model.hidden(tokens, scale)
+                return self.model.hidden(tokens, scale)
             g.tokens[:, :t].copy_(tokens)
             g.tokens[:, t:].zero_()
             g.graph.replay()
             self.num_replays += 1
             return g.hidden[:, :t].clone()  # [1, t, D_k]; the next replay overwrites the graph's output
 
-    def _capture(self, length: int, scale: int) -> _Graph | None:
+    def _capture(self, length: int, scale: int) -> _Graph:
         tokens = torch.zeros((1, length), dtype=torch.long, device=self.device)
-        try:
-            graph, hidden = warm_and_capture(lambda: self.model.hidden(tokens, scale), self.device, self._pool,
-                                             self.warmup)
-        except Exception:  # noqa: BLE001 - a failed capture leaves the eager forward, which still works
-            log.exception("capturing the %d-token forward at scale %d failed; the full forward runs eager from now",
-                          length, scale)
-            self.enabled = False
-            return None
-        g = self._graphs[(length, scale)] = _Graph(tokens, hidden, graph)
-        return g
+        graph, hidden = warm_and_capture(lambda: self.model.hidden(tokens, scale), self.device, self._pool,
+                                         self.warmup)
+        return _Graph(tokens, hidden, graph)

@@ -218,7 +218,7 @@ class DecodeEngine:
                 raise exc
             self._begin(req, layout)
             req.external_writer = True
-            return KVGrant(request_id, tuple(req.blocks), req)
+            return KVGrant(tuple(req.blocks), req)
 
     def pool_export(self):
         """The pool's ``colm.kv_ipc.StagingExport`` (made once; CUDA IPC handle on CUDA, this process only on CPU)."""

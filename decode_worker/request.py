@@ -47,9 +47,12 @@ class TokenEvent:
 class KVGrant:
     """``DecodeEngine.grant_kv``'s answer: the blocks a cuda_pool sender may write (in token order). Hand it
     back to ``end_external_writes`` once the sender's stream has ended."""
-    request_id: str
     blocks: tuple[int, ...]
     request: "DecodeRequest"
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,8 @@ class _Job:
     deadline: float
     future: Future = field(default_factory=Future)
     failed: BaseException | None = None
-    # submitted, batch_start, kv_begin, first_put, last_put, computed, delivered
+    # received (the service's call, if given), submitted, batch_start, kv_begin, first_put, last_put, computed,
+    # delivered
     timeline: Timeline = field(default_factory=Timeline)
 
 

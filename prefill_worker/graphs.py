@@ -24,7 +24,6 @@ same process may capture meanwhile). A failed capture turns graphs off for good;
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +32,6 @@ from colm.cuda_graphs import GraphSet, bucket, buckets, warm_and_capture
 from colm.model import CoLM
 
 from colm.prefill_worker.forward import prefill_chunk
-
-log = logging.getLogger("colm.prefill.graphs")
 
 
 def graph_rows(rows: int) -> int:
@@ -59,17 +56,15 @@ def forward_into(model: CoLM, tokens: torch.Tensor, keys: list[torch.Tensor], va
 @dataclass
 class _Graph:
     tokens: torch.Tensor  # [rows, length] int64, the graph's input
-    keys: list[torch.Tensor]  # per layer [rows, Hkv, length, hd]: views of PrefillGraphs' static K/V buffer
-    values: list[torch.Tensor]
-    kv: torch.Tensor  # the same buffer as [rows, layers, length, 2, Hkv, hd] (a permuted view, the sinks' order)
+    kv: torch.Tensor  # [rows, layers, length, 2, Hkv, hd]: a permuted view of PrefillGraphs' static K/V buffer
     graph: torch.cuda.CUDAGraph
 
 
 class PrefillGraphs(GraphSet):
     def __init__(self, model: CoLM, max_tokens: int, warmup: int = 2) -> None:
         super().__init__(model.inv_freq.device, max_tokens)
-        self.model = model
-        self.warmup = warmup  # graphs: (rows, length) -> _Graph
+        self.model = model  # graphs: (rows, length) -> _Graph
+        self.warmup = warmup
         self._kv: torch.Tensor | None = None  # [layers, 2, max_tokens * Hkv * hd], allocated at the first capture
 
     def fits(self, rows: int, length: int) -> bool:
@@ -104,20 +99,9 @@ class PrefillGraphs(GraphSet):
         return g.kv
 
     def _graph(self, rows: int, length: int) -> _Graph | None:
-        key = (rows, length)
         with self._lock:
-            g = self._graphs.get(key)
-            if g is None and self.enabled:
-                try:
-                    g = self._capture(rows, length)
-                except Exception as e:  # noqa: BLE001 - fall back to eager for good
-                    log.warning("prefill CUDA graph capture failed for %d rows x %d tokens (%s): prefill runs eager",
-                                rows, length, e)
-                    self.enabled = False
-                    torch.cuda.synchronize(self.device)
-                    return None
-                self._graphs[key] = g
-            return g
+            return self._graph_for((rows, length), lambda: self._capture(rows, length),
+                                   f"the prefill of {rows} rows x {length} tokens")
 
     def _views(self, rows: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         cfg = self.model.cfg
@@ -127,9 +111,7 @@ class PrefillGraphs(GraphSet):
         n = rows * length * cfg.n_kv_heads * cfg.head_dim
         shape = (rows, cfg.n_kv_heads, length, cfg.head_dim)
         every = self._kv[:, :, :n].view(cfg.n_layers, 2, *shape)  # [L, 2, rows, Hkv, length, hd]
-        return ([self._kv[li, 0, :n].view(shape) for li in range(cfg.n_layers)],
-                [self._kv[li, 1, :n].view(shape) for li in range(cfg.n_layers)],
-                every.permute(2, 0, 4, 1, 3, 5))
+        return list(every[:, 0]), list(every[:, 1]), every.permute(2, 0, 4, 1, 3, 5)
 
     @torch.no_grad()  # warm_up runs outside the engine's no_grad forward
     def _capture(self, rows: int, length: int) -> _Graph:
@@ -137,4 +119,4 @@ class PrefillGraphs(GraphSet):
         keys, values, kv = self._views(rows, length)
         graph, _ = warm_and_capture(lambda: forward_into(self.model, tokens, keys, values), self.device, self._pool,
                                     self.warmup)
-        return _Graph(tokens, keys, values, kv, graph)
+        return _Graph(tokens, kv, graph)

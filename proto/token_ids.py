@@ -21,15 +21,15 @@ def pack_token_ids(ids) -> bytes:
         raise ValueError(f"token ids must be integers in 0..{2**32 - 1} ({e})") from None
 
 
-def request_token_ids(request, field: str = "token_ids"):
-    """A request's token ids: a numpy uint32 array of ``<field>_u32`` when that is set, else the repeated
-    ``field`` as is. Setting both, or a byte count that is not a multiple of 4, is a ValueError naming the field."""
-    packed = getattr(request, f"{field}_u32")
+def request_token_ids(request):
+    """A request's token ids: a numpy uint32 array of ``token_ids_u32`` when that is set, else the repeated
+    ``token_ids`` as is. Setting both, or a byte count that is not a multiple of 4, is a ValueError naming the field."""
+    packed = request.token_ids_u32
     if not packed:
-        return getattr(request, field)
-    if len(getattr(request, field)):
-        raise ValueError(f"set one of {field} and {field}_u32, not both")
+        return request.token_ids
+    if len(request.token_ids):
+        raise ValueError("set one of token_ids and token_ids_u32, not both")
     if len(packed) % 4:
-        raise ValueError(f"{field}_u32 has {len(packed)} bytes; it must hold 4 bytes (a little-endian uint32) "
+        raise ValueError(f"token_ids_u32 has {len(packed)} bytes; it must hold 4 bytes (a little-endian uint32) "
                          "per token")
     return np.frombuffer(packed, dtype="<u4")

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 from colm.errors import CapacityError, RequestAbortedError
 from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo
 from colm.router.placement import NoWorker
-from colm.router.metrics import decode_phases, prefill_phases
+from colm.router.metrics import report_timeline
 from colm.router.policy import WorkerReport
 
 
@@ -69,8 +69,7 @@ class EngineBackend:
                 fut = pe.submit(req.request_id, list(req.prompt_ids), LocalKVSink(de, req.request_id),
                                 timeout_s=req.timeout_s)
                 fut.add_done_callback(lambda f: f.exception() and de.fail_kv(req.request_id, f.exception()))
-                if req.observe_phases is not None:
-                    fut.add_done_callback(lambda f: _observe_prefill(f, req.observe_phases))
+                fut.add_done_callback(lambda f: _observe_prefill(f, req))
             stream = de.start_generation(req.request_id, req.prompt_ids[-1], req.params, scale=req.scale,
                                          kv_timeout_s=req.timeout_s)
             it = iter(stream)
@@ -83,8 +82,7 @@ class EngineBackend:
                 if ev is done:
                     finished = True
                     return
-                if ev.timeline_ms and req.observe_phases is not None:
-                    req.observe_phases(decode_phases(ev.timeline_ms))
+                report_timeline(req, "decode", ev.monotonic_s, ev.timeline_ms)
                 yield EngineToken(ev.token_id, ev.scale, ev.logprob)
                 if ev.finish_reason:
                     finished = True
@@ -105,9 +103,9 @@ class EngineBackend:
                                                                 scale)
 
 
-def _observe_prefill(fut, observe_phases) -> None:
-    """A finished prefill's phases (runs on the prefill's thread; prometheus metrics are thread-safe)."""
+def _observe_prefill(fut, req: EngineRequest) -> None:
+    """A finished prefill's milestones (runs on the prefill's thread; prometheus metrics are thread-safe)."""
     # the colocated baseline's full-model prefill returns a byte count, not a PrefillResult: no timeline there
-    timeline = getattr(fut.result(), "timeline_ms", None) if fut.exception() is None else None
-    if timeline:
-        observe_phases(prefill_phases(timeline))
+    r = fut.result() if fut.exception() is None else None
+    if getattr(r, "timeline_ms", None):
+        report_timeline(req, "prefill", r.monotonic_s, r.timeline_ms)

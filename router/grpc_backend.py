@@ -21,7 +21,7 @@ import grpc
 from colm.proto import load_proto
 from colm.proto.token_ids import pack_token_ids
 from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo
-from colm.router.metrics import decode_phases, prefill_phases
+from colm.router.metrics import report_timeline
 from colm.scoring import prompt_logprobs
 from colm.router.policy import WorkerReport
 
@@ -166,11 +166,7 @@ class GrpcBackend:
                 except grpc.aio.AioRpcError as e:
                     raise self._failure(e, decode_id) from None
                 streaming = True
-                if ev.timeline_ms:  # the first event carries the decode timeline
-                    if req.observe_phases is not None:
-                        req.observe_phases(decode_phases(ev.timeline_ms))
-                    if req.observe_timeline is not None:
-                        req.observe_timeline("decode", ev.monotonic_s, dict(ev.timeline_ms))
+                report_timeline(req, "decode", ev.monotonic_s, ev.timeline_ms)  # the first event carries it
                 yield EngineToken(ev.token_id, ev.scale, ev.logprob)
                 if ev.finish_reason:
                     finished = True
@@ -208,15 +204,11 @@ class GrpcBackend:
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 
-    def _count_transfer(self, prefill_id: str, task: asyncio.Future, req: EngineRequest | None = None) -> None:
+    def _count_transfer(self, prefill_id: str, task: asyncio.Future, req: EngineRequest) -> None:
         if task.cancelled() or task.exception() is not None:
             return
         r = task.result()  # PrefillReply: the hand-off is what the total holds beyond queueing and compute
-        if req is not None and r.timeline_ms:
-            if req.observe_phases is not None:
-                req.observe_phases(prefill_phases(r.timeline_ms))
-            if req.observe_timeline is not None:
-                req.observe_timeline("prefill", r.monotonic_s, dict(r.timeline_ms))
+        report_timeline(req, "prefill", r.monotonic_s, r.timeline_ms)
         t = self._transfer.setdefault(prefill_id, [0, 0.0, 0])
         t[0] += r.num_bytes
         t[1] += max(0.0, r.total_ms - r.queue_ms - r.compute_ms) / 1e3

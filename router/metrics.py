@@ -36,6 +36,18 @@ def prefill_phases(timeline_ms: dict) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def report_timeline(req, role: str, monotonic_s: float, timeline_ms) -> None:
+    """Hand one worker's milestones of ``req`` (an ``EngineRequest``; ``role`` "prefill" | "decode"; ms after
+    ``monotonic_s``) to whoever listens on it: its phases to ``observe_phases``, the raw timeline to
+    ``observe_timeline``."""
+    if not timeline_ms:
+        return
+    if req.observe_phases is not None:
+        req.observe_phases((prefill_phases if role == "prefill" else decode_phases)(timeline_ms))
+    if req.observe_timeline is not None:
+        req.observe_timeline(role, monotonic_s, dict(timeline_ms))
+
+
 class RouterMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
