@@ -6,9 +6,23 @@ a per-request ``torch.Generator`` (seeded), so the same seed gives the same toke
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+# Temperatures below this divide logits into inf/NaN in float32 (1e-45 did, failing a whole decode batch);
+# above the upper bound every distribution is uniform to float32 precision.
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 100.0
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -23,18 +37,28 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids={list(self.stop_token_ids)!r}: must be integers >= 0")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 0")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        t = self.temperature
+        if not _is_number(t) or not math.isfinite(t) or not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature={t!r}: must be 0 (greedy) or a number in "
+                             f"[{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r}: must be a number in (0, 1]")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed={self.seed!r}: must be a 64-bit integer or null")
+        if not all(isinstance(s, str) for s in self.stop_strings):
+            raise ValueError("stop_strings: every stop must be a string")
         if any(s == "" for s in self.stop_strings):
             raise ValueError("stop_strings: empty string is not allowed")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos={self.ignore_eos!r}: must be true or false")
 
     @property
     def greedy(self) -> bool:
