@@ -16,6 +16,7 @@ format, so either end also interoperates with plain protobuf messages.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -238,6 +239,56 @@ def shm_name_for(request_id: str, nonce: str = "") -> str:
 
 def create_segment(name: str, size: int) -> shared_memory.SharedMemory:
     return shared_memory.SharedMemory(name=name, create=True, size=max(size, 1))
+
+
+class SenderSegment:
+    """A segment this side created, unmapped only once no thread still views it.
+
+    ``torch.frombuffer`` keeps no export of the mapping, so closing the segment while the stream's copy thread
+    wrote into it unmapped the memory under the copy and crashed the process. Here the copy thread takes a
+    ``view()``; ``release()`` (the request ended: finished, failed or cancelled) unlinks the name at once and
+    leaves the unmapping to the last view's exit."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self._shm = create_segment(name, size)
+        self._lock = threading.Lock()
+        self._num_views = 0
+        self._released = False
+
+    @property
+    def size(self) -> int:
+        return self._shm.size
+
+    @contextlib.contextmanager
+    def view(self):
+        """The whole segment as a uint8 tensor, valid inside the ``with`` only (ValueError once released)."""
+        with self._lock:
+            if self._released:
+                raise ValueError(f"shared-memory segment {self.name!r} was released: its request ended")
+            self._num_views += 1
+        seg = torch.frombuffer(self._shm.buf, dtype=torch.uint8)
+        try:
+            yield seg
+        finally:
+            del seg
+            with self._lock:
+                self._num_views -= 1
+                close_now = self._released and self._num_views == 0
+            if close_now:
+                self._shm.close()
+
+    def release(self) -> None:
+        """Unlink now; unmap now or when the last view ends. Idempotent."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            close_now = self._num_views == 0
+        with contextlib.suppress(FileNotFoundError):
+            self._shm.unlink()
+        if close_now:
+            self._shm.close()
 
 
 def open_segment(name: str) -> "AttachedSegment":

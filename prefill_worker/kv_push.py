@@ -20,7 +20,7 @@ import grpc
 import torch
 
 from colm.errors import PeerUnavailableError, TransferError
-from colm.kv_wire import KVLayout, checksum, create_segment, encode_chunk_message, prefetch, shm_name_for, tensor_bytes
+from colm.kv_wire import KVLayout, SenderSegment, checksum, encode_chunk_message, prefetch, shm_name_for, tensor_bytes
 from colm.proto import load_proto
 from colm.proto.rpc import auth_metadata, make_channel
 
@@ -76,7 +76,7 @@ class GrpcKVSink(StagedKVSink):
         shm_name = ""
         if self.shm:
             shm_name = shm_name_for(self.request_id, str(id(self)))
-            self._segment = create_segment(shm_name, layout.num_bytes)
+            self._segment = SenderSegment(shm_name, layout.num_bytes)
         header = kv_header(self.request_id, layout, self.checksum_kind, shm_name=shm_name)
         raw = getattr(self.stub, "PushKVRaw", None)
         self._raw = raw is not None
@@ -87,39 +87,40 @@ class GrpcKVSink(StagedKVSink):
 
     def _messages(self, header):
         yield kv_pb2.KVMessage(header=header)
-        per_token = self._layout.bytes_per_token_layer
-        seg = None
-        if self._segment is not None:  # the whole segment as a byte tensor: torch copies release the GIL
-            seg = torch.frombuffer(self._segment.buf, dtype=torch.uint8)
-        try:
-            for (l0, l1, t0, t1), host in self._staged():
-                # bytes path: chunks of at most chunk_bytes (message size limit); shm path: one chunk per put
-                step = t1 - t0 if seg is not None else max(1, self.chunk_bytes // (per_token * (l1 - l0)))
-                for a in range(t0, t1, step):
-                    b = min(t1, a + step)
-                    piece = host[:, a - t0 : b - t0]  # [layers, tokens, 2, Hkv, hd]
-                    if not piece.is_contiguous():  # a token slice of a put of several layers
-                        piece = piece.contiguous()
-                    payload = tensor_bytes(piece)
-                    chunk = kv_pb2.KVChunk(seq=self._num_chunks, layer_start=l0, layer_end=l1, token_start=a,
-                                           token_end=b, dtype=self._layout.dtype, shape=list(piece.shape),
-                                           nbytes=len(payload), crc32=checksum(payload, self.checksum_kind))
-                    if seg is not None:
-                        chunk.shm_offset = self.num_bytes
-                        seg[self.num_bytes : self.num_bytes + len(payload)].copy_(torch.frombuffer(payload, dtype=torch.uint8))
-                        msg = kv_pb2.KVMessage(chunk=chunk)
-                    elif self._raw:
-                        msg = encode_chunk_message(chunk.SerializeToString(), payload)
-                    else:
-                        chunk.data = payload.tobytes()
-                        msg = kv_pb2.KVMessage(chunk=chunk)
-                    self.num_bytes += len(payload)
-                    self._num_chunks += 1
-                    del payload, piece
-                    yield msg
-        finally:
-            del seg  # the segment can only be closed once no tensor views it
+        if self._segment is None:
+            yield from self._chunks(None)
+        else:  # the segment stays mapped while this stream writes into it, whenever the request ends
+            with self._segment.view() as seg:  # [num_bytes] uint8: torch copies into it release the GIL
+                yield from self._chunks(seg)
         yield self._end_message()
+
+    def _chunks(self, seg):
+        per_token = self._layout.bytes_per_token_layer
+        for (l0, l1, t0, t1), host in self._staged():
+            # bytes path: chunks of at most chunk_bytes (message size limit); shm path: one chunk per put
+            step = t1 - t0 if seg is not None else max(1, self.chunk_bytes // (per_token * (l1 - l0)))
+            for a in range(t0, t1, step):
+                b = min(t1, a + step)
+                piece = host[:, a - t0 : b - t0]  # [layers, tokens, 2, Hkv, hd]
+                if not piece.is_contiguous():  # a token slice of a put of several layers
+                    piece = piece.contiguous()
+                payload = tensor_bytes(piece)
+                chunk = kv_pb2.KVChunk(seq=self._num_chunks, layer_start=l0, layer_end=l1, token_start=a,
+                                       token_end=b, dtype=self._layout.dtype, shape=list(piece.shape),
+                                       nbytes=len(payload), crc32=checksum(payload, self.checksum_kind))
+                if seg is not None:
+                    chunk.shm_offset = self.num_bytes
+                    seg[self.num_bytes : self.num_bytes + len(payload)].copy_(torch.frombuffer(payload, dtype=torch.uint8))
+                    msg = kv_pb2.KVMessage(chunk=chunk)
+                elif self._raw:
+                    msg = encode_chunk_message(chunk.SerializeToString(), payload)
+                else:
+                    chunk.data = payload.tobytes()
+                    msg = kv_pb2.KVMessage(chunk=chunk)
+                self.num_bytes += len(payload)
+                self._num_chunks += 1
+                del payload, piece
+                yield msg
 
     def finish(self, timeout_s: float) -> int:
         self._close_queue()
@@ -164,12 +165,7 @@ class GrpcKVSink(StagedKVSink):
 
     def _release(self) -> None:
         if self._segment is not None:
-            seg, self._segment = self._segment, None
-            try:
-                seg.close()
-            except BufferError:  # a view of an unfinished stream is still alive; the mapping goes with it
-                pass
-            seg.unlink()
+            self._segment.release()
 
 
 class _Stop(Exception):
