@@ -3,8 +3,9 @@
 Engines stay free of gRPC; each service's interceptor (``colm.proto.rpc``) maps these to status
 codes: ``ValueError`` -> INVALID_ARGUMENT, ``CapacityError`` -> RESOURCE_EXHAUSTED,
 ``DeadlineError`` -> DEADLINE_EXCEEDED, ``UnknownRequestError`` -> NOT_FOUND, ``TransferError`` ->
-DATA_LOSS, ``PeerUnavailableError`` -> UNAVAILABLE, ``RequestAbortedError`` -> CANCELLED, anything
-else -> INTERNAL.
+DATA_LOSS, ``PeerUnavailableError`` -> UNAVAILABLE, ``RequestAbortedError`` -> CANCELLED,
+``RequestFailedError`` -> ABORTED, anything else -> INTERNAL. The router reads UNAVAILABLE as a worker that is
+gone and ABORTED / INTERNAL as one request that failed on a worker that serves on.
 """
 
 from __future__ import annotations
@@ -35,3 +36,7 @@ class PeerUnavailableError(ConnectionError):
 
 class RequestAbortedError(RuntimeError):
     """The request was aborted (by the router or because its peer failed)."""
+
+
+class RequestFailedError(RuntimeError):
+    """This request failed inside the engine (its step, its sampling); the engine and its other requests go on."""

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from colm import checkpoint
-from colm.errors import CapacityError, DeadlineError, RequestAbortedError, TransferError, UnknownRequestError
+from colm.errors import (CapacityError, DeadlineError, RequestAbortedError, RequestFailedError, TransferError,
+                         UnknownRequestError)
 from colm.graphed_forward import GraphedForward
 from colm.kernels._tuning import DEVICE_WIDE_LOCK, num_tuned
 from colm.kv_wire import KVLayout, parse_dtype
@@ -390,9 +391,9 @@ class DecodeEngine:
                          scale: int | None = None, kv_timeout_s: float | None = None) -> TokenStream:
         with self._wake:
             req = self._get(request_id)
+            if req.started:  # a second start (a reused id) is refused without touching the running request
+                raise ValueError(f"request {request_id}: generation already started")
             try:
-                if req.started:
-                    raise ValueError(f"request {request_id}: generation already started")
                 scale = self.cfg.check_scale(scale)
                 if not 0 <= last_token_id < self.cfg.vocab_size:
                     raise ValueError(f"last_token_id={last_token_id}: outside the vocabulary 0..{self.cfg.vocab_size - 1}")
@@ -418,10 +419,12 @@ class DecodeEngine:
             self._get(request_id).scale = scale  # read by the next step
         return scale
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, unstarted_only: bool = False) -> bool:
+        """End a request and free its blocks. ``unstarted_only``: only a reservation whose generation has not
+        started (a refused start must never end a running request that holds the same id)."""
         with self._wake:
             req = self._requests.get(request_id)
-            if req is None:
+            if req is None or (unstarted_only and req.started):
                 return False
             self._fail(req, RequestAbortedError(f"request {request_id} aborted"))
             self._wake.notify_all()
@@ -519,24 +522,19 @@ class DecodeEngine:
             else:
                 self._drop_ahead()
                 results = decode_step(self.model, batch, self.pool, scales, self.config.mixed_scale_mode, self.graphs)
-        except Exception as e:  # noqa: BLE001 - a failed step ends its batch, never the engine's loop
-            log.exception("decode step of %d sequences failed; their requests end with an error", len(batch))
-            err = RuntimeError(f"decode step failed ({type(e).__name__}: {e}); the worker goes on serving")
+        except Exception as e:  # noqa: BLE001 - a failed step ends only the requests that fail alone
             self._drop_ahead(quiet=True)
-            with self._lock:
-                self._num_step_errors += 1
-                for req in batch:
-                    self._finalize(req, err)
-            return len(batch)
+            results = self._isolated(batch, scales, e)
         dt = (time.perf_counter() - t0) * 1000.0
         with self._lock:
             self._num_steps += 1
             self._last_step_ms, self._last_batch = dt, len(batch)
             if self._warm_marks() == warmed:  # a capture or a tuning in this step is not a step time
                 self._step_times.record(max(scales), dt, len(batch))
-            for req, s, (tok, lp) in zip(batch, scales, results):
-                if req.cancel is not None or not req.running:
+            for req, s, result in zip(batch, scales, results):
+                if req.cancel is not None or not req.running or result is None:
                     continue
+                tok, lp = result
                 req.num_cached += 1
                 req.out_tokens.append(tok)
                 req.next_input = tok
@@ -550,6 +548,23 @@ class DecodeEngine:
                 if reason:
                     self._finalize(req)
         return len(batch)
+
+    def _isolated(self, batch, scales, batch_error: Exception) -> list[tuple[int, float] | None]:
+        """The batch's step failed: run each row alone (a step rewrites the same K/V into the same slots, so a
+        row that already ran is redone exactly). A row that fails alone ends its request; None in its place."""
+        results: list[tuple[int, float] | None] = []
+        for req, s in zip(batch, scales):
+            try:
+                results.append(decode_step(self.model, [req], self.pool, [s], self.config.mixed_scale_mode, None)[0]
+                               if len(batch) > 1 else _raise(batch_error))
+            except Exception as e:  # noqa: BLE001 - this request's own failure
+                log.exception("request %s failed in its decode step; the worker goes on serving", req.request_id)
+                with self._lock:
+                    self._num_step_errors += 1
+                    self._finalize(req, RequestFailedError(f"request {req.request_id}: decode step failed "
+                                                           f"({type(e).__name__}: {e}); the worker goes on serving"))
+                results.append(None)
+        return results
 
     def _warm_marks(self) -> tuple[int, int]:
         return (self.graphs.num_captures if self.graphs is not None else 0), num_tuned()
@@ -608,6 +623,10 @@ class DecodeEngine:
         from colm.kv_wire import dtype_name
 
         return dtype_name(self.dtype)
+
+
+def _raise(e: BaseException):
+    raise e
 
 
 def _ready_state(event) -> str:

@@ -270,7 +270,7 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
         try:
             params = sampling_from_proto(request.sampling)
         except ValueError:
-            self.engine.abort(rid)
+            self.engine.abort(rid, unstarted_only=True)
             raise
         stream = self.engine.start_generation(rid, int(request.last_token_id), params, int(request.scale) or None,
                                               request.kv_timeout_s or None)

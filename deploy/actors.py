@@ -80,6 +80,7 @@ class WorkerPool:
         self.actors: dict[str, object] = {}
         self.roles: dict[str, str] = {}
         self.addresses: dict[str, str] = {}
+        self.dead: dict[str, str] = {}  # worker id -> why it is gone for good
 
     def _num_gpus(self) -> float:
         import ray
@@ -112,17 +113,24 @@ class WorkerPool:
     def refresh(self, timeout_s: float = 5.0, require_all: bool = False) -> list[WorkerInfo]:
         import ray
 
-        refs = {wid: a.address.remote() for wid, a in self.actors.items()}
+        refs = {wid: a.address.remote() for wid, a in self.actors.items() if wid not in self.dead}
         for wid, ref in refs.items():
             try:
                 self.addresses[wid] = ray.get(ref, timeout=timeout_s)
-            except Exception as e:  # dead or restarting: keep the last address; the router's polls fail over
+            except ray.exceptions.ActorDiedError as e:  # Ray will not restart it: max_restarts is exhausted
+                self.dead[wid] = (f"died and Ray will not restart it (max_restarts={self.cfg.workers.max_restarts} "
+                                  f"exhausted): {str(e).splitlines()[0][:200]}")
+                log.error("worker %s %s", wid, self.dead[wid])
+                if require_all:
+                    raise RuntimeError(f"worker {wid} {self.dead[wid]}") from None
+            except Exception as e:  # restarting: keep the last address; the router's polls fail over
                 if require_all:
                     raise RuntimeError(
                         f"worker {wid} did not start within {timeout_s:.0f} s ({type(e).__name__}: {e}); check that the "
                         f"Ray cluster has the resources it asks for: {self._options(self.roles[wid])}") from None
                 log.debug("%s has no address now: %s", wid, e)
-        return [WorkerInfo(wid, self.roles[wid], addr) for wid, addr in self.addresses.items()]
+        return [WorkerInfo(wid, self.roles[wid], self.addresses.get(wid, ""), self.dead.get(wid, ""))
+                for wid in self.actors]
 
     def kill(self, worker_id: str, restart: bool = True) -> None:
         """Kill one actor (tests, chaos drills); Ray restarts it when ``restart`` and restarts remain."""

@@ -14,7 +14,8 @@ from concurrent import futures
 
 import grpc
 
-from colm.errors import (CapacityError, DeadlineError, PeerUnavailableError, RequestAbortedError, TransferError,
+from colm.errors import (CapacityError, DeadlineError, PeerUnavailableError, RequestAbortedError, RequestFailedError,
+                         TransferError,
                          UnknownRequestError)
 
 log = logging.getLogger("colm.rpc")
@@ -39,6 +40,7 @@ _STATUS = [
     (TransferError, grpc.StatusCode.DATA_LOSS),
     (PeerUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (RequestAbortedError, grpc.StatusCode.CANCELLED),
+    (RequestFailedError, grpc.StatusCode.ABORTED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
 ]
 

@@ -28,11 +28,20 @@ class WorkerFailed(Exception):
         self.worker_id = worker_id
 
 
+class RequestFailed(Exception):
+    """One request failed on a worker that serves on (its step, its transfer): retried, the worker kept."""
+
+    def __init__(self, worker_id: str, message: str = "") -> None:
+        super().__init__(f"failed on worker {worker_id}: {message}" if message else f"failed on worker {worker_id}")
+        self.worker_id = worker_id
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     worker_id: str
     role: str  # "prefill" | "decode"
     address: str = ""
+    dead: str = ""  # why the worker is gone for good (its restarts are exhausted); "" while it lives or restarts
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 
@@ -11,6 +12,7 @@ class RouterConfig:
     grpc_port: int = 50051  # 0 = pick a free port
     http_port: int | None = 8000  # OpenAI-compatible HTTP; None = off
     metrics_port: int | None = None  # Prometheus; None = off
+    metrics_host: str = "127.0.0.1"  # the metrics port needs no API key: loopback unless set (not ``host``)
     api_key: str | None = None  # public endpoints require it when set
     tls_cert: str | None = None  # PEM files; both or neither
     tls_key: str | None = None
@@ -18,8 +20,10 @@ class RouterConfig:
     max_queued: int = 256
     default_deadline_s: float = 120.0
     max_message_bytes: int = 4 << 20
+    default_max_new_tokens: int = 16  # gRPC sampling.max_new_tokens = 0 (unset) means this many
     max_retries: int = 2
     token_timeout_s: float = 30.0  # no token for this long: the worker is treated as failed
+    worker_wait_s: float = 30.0  # no healthy worker of a role, one restarting: wait this long (within the deadline)
     poll_interval_s: float = 0.2
     rebalance: bool = True
     ewma_alpha: float = 0.3
@@ -32,17 +36,23 @@ class RouterConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or not 0 <= v <= 65535):
                 raise ValueError(f"router.{name}={v!r}: must be a port number 0..65535 (0 = any free port)")
-        for name in ("max_running", "max_message_bytes"):
+        for name in ("max_running", "max_message_bytes", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be >= 1")
         for name in ("max_queued", "max_retries"):
             if getattr(self, name) < 0:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be >= 0")
-        for name in ("default_deadline_s", "token_timeout_s", "poll_interval_s"):
+        for name in ("default_deadline_s", "token_timeout_s", "poll_interval_s", "worker_wait_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("router.tls_cert and router.tls_key: give both or neither")
+            given, missing = ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key", "tls_cert")
+            raise ValueError(f"router.tls_cert and router.tls_key: give both or neither (router.{given} is set, "
+                             f"router.{missing} is not)")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                raise ValueError(f"router.{name}={path!r}: no such readable file")
         if self.fixed_scale is not None and (not isinstance(self.fixed_scale, int) or self.fixed_scale < 1):
             raise ValueError(f"router.fixed_scale={self.fixed_scale!r}: must be a scale >= 1 or null")
         if not 0 < self.ewma_alpha <= 1:

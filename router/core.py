@@ -24,7 +24,7 @@ from typing import AsyncIterator
 
 from colm.detokenize import IncrementalDetokenizer
 from colm.router.admission import Admission
-from colm.router.backend import Backend, EngineRequest, WorkerFailed
+from colm.router.backend import Backend, EngineRequest, RequestFailed, WorkerFailed
 from colm.router.config import RouterConfig
 from colm.router.metrics import RouterMetrics
 from colm.router.placement import NoWorker, WorkerRegistry
@@ -42,6 +42,10 @@ class Unavailable(Exception):
     pass
 
 
+class RequestError(Exception):
+    """The request failed on the workers, twice, while they serve on (INTERNAL): a bug, not an outage."""
+
+
 @dataclass
 class RequestSpec:
     """A validated request."""
@@ -54,6 +58,9 @@ class RequestSpec:
     prompt_logprobs: bool = False
     arrival: float = field(default_factory=time.monotonic)
     deadline: float = 0.0  # absolute monotonic
+    # the router's own id for the request, unique whatever ids clients send: workers, the registry and the
+    # failover map key on it, so a client reusing a running request's id can never touch that request
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclass
@@ -85,6 +92,8 @@ class Router:
         self.running: dict[str, tuple[RunningRequest, str]] = {}  # request id -> (state, decode worker)
         self._tasks: list[asyncio.Task] = []
         self._failovers: dict[str, asyncio.Future] = {}  # request id -> set to a worker id when it fails a poll
+        self._serving: bool | None = None  # last health() verdict, None before the first
+        self.health_listeners: list = []  # called with the new verdict (bool) whenever it changes
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -105,10 +114,46 @@ class Router:
         known = set()
         for w in self.backend.workers():
             known.add(w.worker_id)
-            self.registry.add(w.worker_id, w.role, w.address)
+            was_dead = w.worker_id in self.registry.workers and self.registry.workers[w.worker_id].dead
+            state = self.registry.add(w.worker_id, w.role, w.address, dead=w.dead)
+            if w.dead and not was_dead:
+                log.error("worker %s (%s) is out of service for good: %s", w.worker_id, w.role, w.dead)
+                self._fail_inflight(state.worker_id)
+            self.metrics.worker_dead.labels(w.worker_id, w.role).set(1 if w.dead else 0)
         for wid in list(self.registry.workers):
             if wid not in known:
                 self.registry.remove(wid)
+        self._update_health()
+
+    def _fail_inflight(self, worker_id: str) -> None:
+        """Take a worker out; requests in flight there retry elsewhere now, not at their timeout."""
+        for rid in self.registry.mark_unhealthy(worker_id):
+            fut = self._failovers.get(rid)
+            if fut is not None and not fut.done():
+                fut.set_result(worker_id)
+
+    def health(self) -> tuple[bool, str]:
+        """(whether a request can be served now, why not). Needs a healthy prefill AND a healthy decode worker."""
+        missing = []
+        for role in ("prefill", "decode"):
+            if self.registry.healthy(role):
+                continue
+            states = [f"{w.worker_id}: {self.registry.state(w)}" for w in self.registry.workers.values()
+                      if w.role == role]
+            missing.append(f"no healthy {role} worker ({', '.join(states) or 'none registered'})")
+        return not missing, "; ".join(missing)
+
+    def _update_health(self) -> None:
+        serving, why = self.health()
+        self.metrics.serving.set(1 if serving else 0)
+        if serving != self._serving:
+            if serving:
+                log.info("serving: every role has a healthy worker")
+            else:
+                log.error("not serving: %s", why)
+            self._serving = serving
+            for listener in self.health_listeners:
+                listener(serving)
 
     async def poll_once(self) -> None:
         async def one(w):
@@ -117,10 +162,7 @@ class Router:
             except Exception as e:  # any failure to answer takes the worker out until it reports again
                 if w.healthy:
                     log.warning("worker %s failed its health poll: %s", w.worker_id, e)
-                for rid in self.registry.mark_unhealthy(w.worker_id):
-                    fut = self._failovers.get(rid)
-                    if fut is not None and not fut.done():
-                        fut.set_result(w.worker_id)  # the request retries elsewhere now, not at its timeout
+                self._fail_inflight(w.worker_id)
                 self.metrics.worker_healthy.labels(w.worker_id, w.role).set(0)
                 return
             self.registry.update(r)
@@ -134,7 +176,8 @@ class Router:
             self.metrics.transfer_bytes.labels(w.worker_id).set(r.transfer_bytes)
             self.metrics.transfer_seconds.labels(w.worker_id).set(r.transfer_s)
 
-        await asyncio.gather(*(one(w) for w in list(self.registry.workers.values())))
+        await asyncio.gather(*(one(w) for w in list(self.registry.workers.values()) if not w.dead))
+        self._update_health()
 
     async def _poll_loop(self) -> None:
         while True:
@@ -221,6 +264,28 @@ class Router:
             self.metrics.requests.labels(status, str(scale)).inc()
             self.metrics.running.set(self.admission.num_running)
 
+    async def _pick(self, spec: RequestSpec, prompt_len: int, total_len: int,
+                    failed: dict[str, float]) -> tuple:
+        """(prefill worker, decode worker) for one attempt. A worker that failed this request is left out until
+        it reports again (Ray restarted it). With no healthy worker of a role but one that may come back (not
+        dead), wait for it within the request's deadline and ``worker_wait_s``: a single decode worker's
+        restart costs its streams seconds, not their requests."""
+        give_up = min(spec.deadline, time.monotonic() + self.cfg.worker_wait_s)
+        while True:
+            exclude = {wid for wid, t in failed.items()
+                       if (w := self.registry.workers.get(wid)) is None or w.reported_at <= t}
+            try:
+                prefill = self.registry.pick_prefill(prompt_len, exclude=exclude)
+                return prefill, self.registry.pick_decode(total_len, exclude=exclude)
+            except NoWorker as e:  # every decode pool full is capacity (RESOURCE_EXHAUSTED), not an outage
+                if e.full:
+                    raise NoWorker(f"request {spec.request_id}: {e}", full=True) from None
+                may_return = all(any(not w.dead for w in self.registry.workers.values() if w.role == role)
+                                 for role in ("prefill", "decode"))
+                if not may_return or time.monotonic() + self.cfg.poll_interval_s > give_up:
+                    raise Unavailable(f"request {spec.request_id}: {e}") from None
+            await asyncio.sleep(self.cfg.poll_interval_s)
+
     async def _serve(self, spec: RequestSpec, decision: Decision) -> AsyncIterator[Event]:
         yield Event("decision", decision=decision)
         if spec.prompt_logprobs:
@@ -234,29 +299,29 @@ class Router:
         out: list[int] = []
         detok = IncrementalDetokenizer(self.tokenizer.decode, params.stop_strings)  # O(window) per token
         times: list[float] = []
-        failed: set[str] = set()
-        retries = 0
-        state = RunningRequest(spec.request_id, decision.scale, spec.budget, pinned=spec.scale is not None)
+        failed: dict[str, float] = {}  # worker id -> when it failed this request: out until it reports again
+        retries = request_failures = 0
+        state = RunningRequest(spec.uid, decision.scale, spec.budget, pinned=spec.scale is not None)
         finish = "length"
         while len(out) < params.max_new_tokens:
             left = spec.deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceeded(f"request {spec.request_id} passed its deadline after {len(out)} tokens")
             prompt = spec.prompt_ids + out
-            try:
-                prefill = self.registry.pick_prefill(len(prompt), exclude=failed)
-                decode = self.registry.pick_decode(len(prompt) + params.max_new_tokens - len(out), exclude=failed)
-            except NoWorker as e:
-                raise Unavailable(f"request {spec.request_id}: {e}") from None
-            req = EngineRequest(f"{spec.request_id}.{retries}" if retries else spec.request_id, tuple(prompt),
+            prefill, decode = await self._pick(spec, len(prompt), len(prompt) + params.max_new_tokens - len(out),
+                                               failed)
+            attempt = retries + request_failures
+            left = spec.deadline - time.monotonic()
+            req = EngineRequest(f"{spec.uid}.{attempt}" if attempt else spec.uid, tuple(prompt),
                                 replace(params, max_new_tokens=params.max_new_tokens - len(out), stop_strings=()),
                                 state.scale, left, self.tokenizer.eos_id, self.metrics.observe_phases)
-            self.registry.start(prefill.worker_id, spec.request_id)
-            self.registry.start(decode.worker_id, spec.request_id)
+            self.registry.start(prefill.worker_id, spec.uid)
+            self.registry.start(decode.worker_id, spec.uid)
             self.running[req.request_id] = (state, decode.worker_id)
-            failover = self._failovers[spec.request_id] = asyncio.get_running_loop().create_future()
+            failover = self._failovers[spec.uid] = asyncio.get_running_loop().create_future()
             stream = self.backend.generate(req, prefill.worker_id, decode.worker_id)
             attempt_start = len(out)
+            next_tok = None
             try:
                 while True:
                     left = spec.deadline - time.monotonic()
@@ -282,7 +347,7 @@ class Router:
                     if len(out) == attempt_start:
                         # this attempt's first token: its KV has reached the decode worker, the prefill worker is
                         # done with it, and its failing a health poll from now on must not fail the request over
-                        self.registry.finish(prefill.worker_id, spec.request_id)
+                        self.registry.finish(prefill.worker_id, spec.uid)
                     out.append(tok.token_id)
                     times.append(now_ms)
                     delta = detok.add(tok.token_id)  # a partial UTF-8 character waits for the token completing it
@@ -300,24 +365,35 @@ class Router:
                 if finish != "stop" and len(out) < params.max_new_tokens:
                     finish = "stop"  # the engine ended early: it applied a stop condition of its own
                 break
+            except RequestFailed as e:  # the worker serves on: retry once, on any worker
+                request_failures += 1
+                self.metrics.retries.inc()
+                if request_failures > 1:
+                    raise RequestError(f"request {spec.request_id} {e}; it failed twice, not retried again") from None
+                log.warning("request %s %s; retrying with %d tokens done", spec.request_id, e, len(out))
             except WorkerFailed as e:
                 retries += 1
                 self.metrics.retries.inc()
-                failed.add(e.worker_id)
+                failed[e.worker_id] = time.monotonic()
                 for rid in self.registry.mark_unhealthy(e.worker_id):
                     log.info("request %s was in flight on failed worker %s", rid, e.worker_id)
+                self._update_health()
                 if retries > self.cfg.max_retries:
                     raise Unavailable(f"request {spec.request_id}: {e}; gave up after {retries - 1} retries") from None
                 log.warning("request %s: %s; retrying (%d) with %d tokens done", spec.request_id, e, retries, len(out))
             finally:
+                if next_tok is not None and not next_tok.done():  # cancelled mid-wait: the stream must not run on
+                    next_tok.cancel()
+                    with contextlib.suppress(BaseException):
+                        await next_tok
                 with contextlib.suppress(Exception):
                     await stream.aclose()
-                self._failovers.pop(spec.request_id, None)
+                self._failovers.pop(spec.uid, None)
                 if not failover.done():
                     failover.cancel()
                 self.running.pop(req.request_id, None)
-                self.registry.finish(prefill.worker_id, spec.request_id)
-                self.registry.finish(decode.worker_id, spec.request_id)
+                self.registry.finish(prefill.worker_id, spec.uid)
+                self.registry.finish(decode.worker_id, spec.uid)
         ttft = times[0] if times else 0.0
         total = (time.monotonic() - spec.arrival) * 1e3
         sc = str(decision.scale)

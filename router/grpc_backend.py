@@ -20,7 +20,7 @@ import grpc
 
 from colm.proto import load_proto
 from colm.proto.token_ids import pack_token_ids
-from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo
+from colm.router.backend import EngineRequest, EngineToken, RequestFailed, WorkerFailed, WorkerInfo
 from colm.router.metrics import report_timeline
 from colm.scoring import prompt_logprobs
 from colm.router.policy import WorkerReport
@@ -118,7 +118,9 @@ class GrpcBackend:
         decode = self._decode(decode_id)
         md = self._md()
         finished = False
+        reserved = None  # None: unknown (the call broke); False: decode refused it, nothing of ours to abort
         prefill_task = None
+        next_tok = None
 
         def start_prefill(same_host: bool, path: str, decode_cuda: bool):
             task = asyncio.ensure_future(self._prefill(prefill_id).Prefill(kv_pb2.PrefillRequest(
@@ -136,7 +138,10 @@ class GrpcBackend:
                     request_id=req.request_id, prompt_len=len(req.prompt_ids), max_new_tokens=p.max_new_tokens,
                     timeout_s=timeout), metadata=md, timeout=min(timeout, 10.0))
             except grpc.aio.AioRpcError as e:
+                if e.code() in _REFUSED:
+                    reserved = False
                 raise self._failure(e, decode_id) from None
+            reserved = True
             if prefill_task is None:
                 same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)
                 prefill_task = start_prefill(same_host, self.kv_path, reply.cuda_kv)
@@ -174,7 +179,10 @@ class GrpcBackend:
         finally:
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
-            if not finished:
+            if next_tok is not None:  # left behind by a cancellation or a failed prefill: its error is not news
+                next_tok.cancel()
+                next_tok.add_done_callback(_retrieve)
+            if not finished and reserved is not False:
                 self._abort_in_background(decode_id, req.request_id)
 
     def _pool_pair(self, prefill_id: str, decode_id: str) -> bool:
@@ -238,6 +246,9 @@ class GrpcBackend:
             return DeadlineExceeded(f"{worker_id}: {e.details()}")
         if e.code() == grpc.StatusCode.UNAUTHENTICATED or e.code() == grpc.StatusCode.PERMISSION_DENIED:
             return RuntimeError(f"{worker_id} refused the cluster token: {e.details()}")
+        if e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS,
+                        grpc.StatusCode.UNKNOWN):  # this request failed there; the worker's polls say if it lives
+            return RequestFailed(worker_id, f"{e.code().name}: {e.details()}")
         return WorkerFailed(worker_id, f"{e.code().name}: {e.details()}")
 
     async def set_scale(self, decode_id: str, request_id: str, scale: int) -> None:
@@ -256,6 +267,17 @@ class GrpcBackend:
         except grpc.aio.AioRpcError as e:
             raise self._failure(e, decode_id) from None
         return list(zip(r.logprobs, r.top_token_ids, r.top_logprobs))
+
+
+# Reserve answers that say the decode worker holds nothing for the request: an abort would hit nothing of
+# ours, or (a reused id) another request's reservation.
+_REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.PERMISSION_DENIED)
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # marks it retrieved: no "Task exception was never retrieved" at garbage collection
 
 
 def _loop_running() -> bool:

@@ -1,11 +1,14 @@
 """The router's public gRPC service (``colm.v1.Colm``), with health checking and reflection.
 
 One interceptor guards every method: it checks the API key when one is configured (metadata
-``authorization: Bearer KEY`` or ``x-api-key: KEY``, constant-time compare) and maps exceptions to
-status codes (ValueError -> INVALID_ARGUMENT, Overloaded / BudgetUnmet / full pools ->
-RESOURCE_EXHAUSTED with a ``retry-after-s`` trailer, deadline -> DEADLINE_EXCEEDED, no worker ->
-UNAVAILABLE, anything else -> INTERNAL), logging the request id. The servicer only converts
-messages to the router core's types and back.
+``authorization: Bearer KEY`` or ``x-api-key: KEY``, constant-time compare), answers a request that
+does not parse as its message type with INVALID_ARGUMENT (its deserializer is wrapped: an exception
+there would reach grpc as UNKNOWN with a traceback), and maps exceptions to status codes
+(ValueError -> INVALID_ARGUMENT, Overloaded / BudgetUnmet / full pools -> RESOURCE_EXHAUSTED with a
+``retry-after-s`` trailer, deadline -> DEADLINE_EXCEEDED, no worker -> UNAVAILABLE, anything else ->
+INTERNAL), logging one line with the request id. The servicer only converts messages to the router
+core's types and back; ``spec_from_proto`` checks every field of a GenerateRequest first, naming the
+field by its proto path (``sampling.temperature``, ``budget.deadline_ms``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
+import re
 
 import grpc
 
@@ -28,6 +33,20 @@ log = logging.getLogger("colm.router")
 pb2, pb2_grpc = load_proto("public")
 SERVICE_NAME = "colm.v1.Colm"
 
+# Limits of the public API (documented in public.proto). A budget above an hour is a client bug: a 1e38 ms
+# deadline overflowed the workers' call timeouts into an immediate DEADLINE_EXCEEDED.
+MAX_BUDGET_MS = 3_600_000.0
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
+REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces: ids go into logs and worker keys
+SEED_MAX = 2**63 - 1  # the workers take an unsigned 64-bit seed; negative seeds are refused, not wrapped
+# SamplingParams names its fields in Python; a gRPC client knows them by their proto paths
+_SAMPLING_PATHS = {"max_new_tokens": "sampling.max_new_tokens", "temperature": "sampling.temperature",
+                   "top_k": "sampling.top_k", "top_p": "sampling.top_p", "seed": "sampling.seed",
+                   "stop_token_ids": "sampling.stop_token_ids", "stop_strings": "sampling.stop",
+                   "ignore_eos": "sampling.ignore_eos"}
+
 
 def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, float | None]:
     if isinstance(e, ValueError):
@@ -41,6 +60,33 @@ def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, float | None]:
     if isinstance(e, (Unavailable, NoWorker)):
         return grpc.StatusCode.UNAVAILABLE, str(e), None
     return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}", None
+
+
+def _request_id(request) -> str:
+    rid = getattr(request, "request_id", "")
+    return repr(rid[:64]) if rid and not REQUEST_ID_RE.fullmatch(rid) else (rid or "-")
+
+
+class Unparseable:
+    """What a wrapped deserializer hands the handler for bytes that are not a valid message of its type."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception as e:  # noqa: BLE001 - DecodeError, and whatever else a parser may raise on garbage
+            return Unparseable(str(e) or type(e).__name__)
+
+    return parse
 
 
 def _key_ok(metadata, api_key: str | None) -> bool:
@@ -62,11 +108,21 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
             return handler
         key_ok = _key_ok(details.invocation_metadata, self.api_key)
+        method = details.method
 
-        async def fail(context, e: BaseException):
+        async def check(request, context):
+            if not key_ok:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
+            if isinstance(request, Unparseable):
+                log.info("%s -> INVALID_ARGUMENT: unparseable request: %s", method, request.error)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
+
+        async def fail(request, context, e: BaseException):
             code, msg, retry = status_for(e)
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", details.method, exc_info=e)
+                log.error("%s request_id=%s -> INTERNAL", method, _request_id(request), exc_info=e)
+            else:
+                log.info("%s request_id=%s -> %s: %s", method, _request_id(request), code.name, msg)
             if retry is not None:
                 context.set_trailing_metadata((("retry-after-s", f"{retry:.3f}"),))
             await context.abort(code, msg)
@@ -75,49 +131,88 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary(request, context):
-                if not key_ok:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
+                await check(request, context)
                 try:
                     return await inner(request, context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as e:
-                    await fail(context, e)
+                    await fail(request, context, e)
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary, _tolerant(handler.request_deserializer),
+                                                       handler.response_serializer)
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
             async def stream(request, context):
-                if not key_ok:
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
+                await check(request, context)
                 try:
                     async for item in inner_stream(request, context):
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as e:
-                    await fail(context, e)
+                    await fail(request, context, e)
 
-            return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer,
+            return grpc.unary_stream_rpc_method_handler(stream, _tolerant(handler.request_deserializer),
                                                         handler.response_serializer)
         return handler
 
 
-def spec_from_proto(router: Router, req) -> "object":
-    """GenerateRequest -> RequestSpec (ValueError on anything malformed)."""
+def _check_size(router: Router, req) -> None:
     if req.ByteSize() > router.cfg.max_message_bytes:
         raise ValueError(f"request of {req.ByteSize()} bytes exceeds the limit of {router.cfg.max_message_bytes}")
-    s = req.sampling
+
+
+def _budget_ms(b, name: str) -> float | None:
+    v = getattr(b, name)
+    if not math.isfinite(v) or not 0 <= v <= MAX_BUDGET_MS:
+        raise ValueError(f"budget.{name}={v!r}: must be a number of milliseconds in [0, {MAX_BUDGET_MS:.0f}] "
+                         f"(0 = none)")
+    return v or None
+
+
+def _sampling_from_proto(router: Router, s) -> SamplingParams:
+    if len(s.stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in s.stop):
+        raise ValueError(f"sampling.stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
+                         f"characters each")
+    if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"sampling.stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids "
+                         f"(got {len(s.stop_token_ids)})")
+    if s.HasField("seed") and s.seed < 0:
+        raise ValueError(f"sampling.seed={s.seed}: must be in [0, {SEED_MAX}]")
     if s.max_new_tokens < 0:
-        raise ValueError(f"sampling.max_new_tokens={s.max_new_tokens}: must be >= 0")
+        raise ValueError(f"sampling.max_new_tokens={s.max_new_tokens}: must be >= 0 (0 = the router's default)")
+    try:
+        return SamplingParams(max_new_tokens=s.max_new_tokens or router.cfg.default_max_new_tokens,
+                              temperature=s.temperature, top_k=s.top_k, top_p=s.top_p or 1.0,
+                              seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
+                              stop_strings=tuple(s.stop), ignore_eos=s.ignore_eos)
+    except ValueError as e:
+        msg = str(e)
+        name = re.match(r"\w+", msg)
+        if name and name.group() in _SAMPLING_PATHS:
+            msg = _SAMPLING_PATHS[name.group()] + msg[name.end():]
+        raise ValueError(msg) from None
+
+
+def spec_from_proto(router: Router, req) -> "object":
+    """GenerateRequest -> RequestSpec (ValueError naming the field's proto path on anything malformed)."""
+    _check_size(router, req)
+    if req.request_id and not REQUEST_ID_RE.fullmatch(req.request_id):
+        raise ValueError(f"request_id={req.request_id[:64]!r}{'...' if len(req.request_id) > 64 else ''}: must be 1 to "
+                         f"128 printable ASCII characters without spaces (or empty: the router assigns one)")
+    params = _sampling_from_proto(router, req.sampling)
     if req.scale < 0:
         raise ValueError(f"scale={req.scale}: must be >= 1 (or 0 to let the router choose)")
-    params = SamplingParams(max_new_tokens=s.max_new_tokens or 16, temperature=s.temperature, top_k=s.top_k,
-                            top_p=s.top_p or 1.0, seed=s.seed if s.HasField("seed") else None,
-                            stop_token_ids=tuple(s.stop_token_ids), stop_strings=tuple(s.stop), ignore_eos=s.ignore_eos)
+    if req.prompt_logprobs < 0:
+        raise ValueError(f"prompt_logprobs={req.prompt_logprobs}: must be >= 0 (0 = off)")
     b = req.budget
-    budget = Budget(ttft_ms=b.ttft_ms or None, tpot_ms=b.tpot_ms or None, deadline_ms=b.deadline_ms or None,
+    if b.on_miss not in pb2.OnMiss.values():
+        raise ValueError(f"budget.on_miss={b.on_miss}: unknown; allowed: "
+                         f"{', '.join(f'{n} ({v})' for n, v in pb2.OnMiss.items())}")
+    budget = Budget(ttft_ms=_budget_ms(b, "ttft_ms"), tpot_ms=_budget_ms(b, "tpot_ms"),
+                    deadline_ms=_budget_ms(b, "deadline_ms"),
                     on_miss="reject" if b.on_miss == pb2.ON_MISS_REJECT else "degrade")
     which = req.WhichOneof("prompt")
     text = req.text if which == "text" else None
@@ -179,13 +274,16 @@ class ColmServicer(pb2_grpc.ColmServicer):
         return resp
 
     async def Tokenize(self, request, context):
+        _check_size(self.router, request)
         try:
             text = request.text.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"text is not valid UTF-8 ({e.reason} at byte {e.start})") from None
         cfg = self.router.model_cfg
-        return pb2.TokenizeResponse(ids=self.router.tokenizer.encode(text), vocab_size=cfg.vocab_size,
-                                    max_seq_len=cfg.max_seq_len)
+        ids = self.router.tokenizer.encode(text)
+        if len(ids) > cfg.max_seq_len:
+            raise ValueError(f"text of {len(ids)} tokens exceeds the context of {cfg.max_seq_len} tokens")
+        return pb2.TokenizeResponse(ids=ids, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len)
 
     async def ListScales(self, request, context):
         r = self.router
@@ -203,11 +301,13 @@ class ColmServicer(pb2_grpc.ColmServicer):
         out = pb2.HealthResponse(queued=r.admission.num_queued, running=r.admission.num_running)
         for w in r.registry.workers.values():
             rep = w.report
-            out.workers.append(pb2.WorkerHealth(worker_id=w.worker_id, role=w.role, healthy=w.healthy,
+            state = r.registry.state(w)
+            out.workers.append(pb2.WorkerHealth(worker_id=w.worker_id, role=w.role, healthy=state == "healthy",
                                                 inflight=len(w.inflight),
                                                 free_blocks=rep.free_blocks if rep else 0,
-                                                total_blocks=rep.total_blocks if rep else 0))
-        out.serving = any(w.healthy and w.role == "decode" for w in r.registry.workers.values())
+                                                total_blocks=rep.total_blocks if rep else 0, state=state,
+                                                detail=w.dead))
+        out.serving, out.reason = r.health()
         return out
 
 
@@ -226,8 +326,14 @@ async def start_grpc(router: Router) -> tuple[grpc.aio.Server, int]:
 
         hs = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-        await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        await hs.set("", health_pb2.HealthCheckResponse.SERVING)
+
+        async def publish(serving: bool) -> None:  # grpc.health.v1 says what Router.health says
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            await hs.set(SERVICE_NAME, status)
+            await hs.set("", status)
+
+        await publish(router.health()[0])
+        router.health_listeners.append(lambda serving: asyncio.ensure_future(publish(serving)))
         names.append(health.SERVICE_NAME)
     except ImportError:
         log.info("grpcio-health-checking not installed: no grpc.health.v1")

@@ -68,6 +68,10 @@ class RouterMetrics:
         self.prefill_queue = Gauge("colm_prefill_queued_tokens", "Queued prompt tokens per prefill worker", ["worker"],
                                    registry=r)
         self.worker_healthy = Gauge("colm_worker_healthy", "1 if the worker is in service", ["worker", "role"], registry=r)
+        self.worker_dead = Gauge("colm_worker_dead", "1 if the worker is gone for good (Ray's restarts exhausted)",
+                                 ["worker", "role"], registry=r)
+        self.serving = Gauge("colm_serving", "1 if a request can be served now (a healthy prefill and decode worker)",
+                             registry=r)
         self.transfer_bytes = Gauge("colm_kv_transfer_bytes", "KV bytes handed from prefill to decode (worker total)",
                                     ["worker"], registry=r)
         self.transfer_seconds = Gauge("colm_kv_transfer_seconds", "Time spent on KV hand-off (worker total)",

@@ -35,6 +35,7 @@ class WorkerState:
     pending_seqs: int = 0
     inflight: set = field(default_factory=set)  # request ids placed here and not finished
     failures: int = 0
+    dead: str = ""  # why the worker is gone for good; a dead worker is never healthy
 
 
 class WorkerRegistry:
@@ -43,11 +44,13 @@ class WorkerRegistry:
         self.stale_after_s = stale_after_s
         self.workers: dict[str, WorkerState] = {}
 
-    def add(self, worker_id: str, role: str, address: str = "") -> WorkerState:
+    def add(self, worker_id: str, role: str, address: str = "", dead: str = "") -> WorkerState:
         if role not in ("prefill", "decode"):
             raise ValueError(f"role={role!r}: must be 'prefill' or 'decode'")
         w = self.workers.get(worker_id) or WorkerState(worker_id, role, address)
         w.address = address or w.address
+        if dead:
+            w.dead, w.healthy = dead, False
         self.workers[worker_id] = w
         return w
 
@@ -58,7 +61,7 @@ class WorkerRegistry:
         w = self.workers.get(report.worker_id) or self.add(report.worker_id, report.role)
         w.report, w.reported_at = report, time.monotonic() if now is None else now
         w.pending_tokens = w.pending_blocks = w.pending_seqs = 0
-        w.healthy, w.failures = True, 0
+        w.healthy, w.failures = not w.dead, 0
 
     def mark_unhealthy(self, worker_id: str) -> list[str]:
         """Take a worker out; returns the request ids that were in flight there."""
@@ -68,6 +71,14 @@ class WorkerRegistry:
         w.healthy = False
         w.failures += 1
         return sorted(w.inflight)
+
+    def state(self, w: WorkerState, now: float | None = None) -> str:
+        """'healthy' | 'unhealthy' (failed a call or poll, or silent too long; may come back) | 'dead'."""
+        if w.dead:
+            return "dead"
+        now = time.monotonic() if now is None else now
+        stale = w.report is not None and now - w.reported_at > self.stale_after_s
+        return "healthy" if w.healthy and not stale else "unhealthy"
 
     def healthy(self, role: str, now: float | None = None) -> list[WorkerState]:
         now = time.monotonic() if now is None else now
