@@ -26,3 +26,21 @@ def post_json(url: str, body, headers=None, raw: bytes | None = None):
         return status, json.loads(text)
     except ValueError:
         return status, text
+
+
+def get_json(url: str, headers=None):
+    """GET and return (status, parsed JSON or text)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            text, status = r.read().decode(), r.status
+    except urllib.error.HTTPError as e:
+        text, status = e.read().decode(), e.code
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
