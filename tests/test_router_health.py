@@ -116,3 +116,30 @@ def test_a_worker_out_of_restarts_shows_as_dead(served):
         with pytest.raises(grpc.RpcError) as e:  # nothing to wait for: fails at once
             c.complete("hi", max_new_tokens=2)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and time.time() - t0 < 0.5
+
+
+def test_a_request_failing_on_a_worker_does_not_take_the_worker_out(served):
+    """A worker answering one request with ABORTED/INTERNAL (that request failed; the worker serves on) gets the
+    request retried once and stays in service; a request failing twice ends alone with INTERNAL."""
+    from colm.router.backend import RequestFailed
+
+    bg, backend, router = served
+    real, failures = backend.generate, {"left": 1}
+
+    async def failing(req, prefill_id, decode_id):
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise RequestFailed(decode_id, "ABORTED: decode step failed")
+        async for t in real(req, prefill_id, decode_id):
+            yield t
+
+    backend.generate = failing
+    with Client(bg.grpc_addr) as c:
+        r = c.complete("Hello", max_new_tokens=4)
+        assert r["usage"]["completion_tokens"] == 4
+        assert all(w["state"] == "healthy" for w in c.health()["workers"]) and c.health()["serving"]
+        failures["left"] = 2
+        with pytest.raises(grpc.RpcError) as e:
+            c.complete("Hello", max_new_tokens=4)
+        assert e.value.code() == grpc.StatusCode.INTERNAL and "failed twice" in e.value.details()
+        assert c.health()["serving"] and c.complete("Hello", max_new_tokens=4)["token_ids"] == r["token_ids"]
