@@ -3,7 +3,8 @@
 It composes one section per part (``model``, ``workers``, ``prefill``, ``decode``, ``router``,
 ``security``, ``ray``); each part later receives only its own section. The engines' sections are
 validated by their own config classes (``PrefillConfig``, ``DecodeConfig``) when those are
-installed. ``env:NAME`` as a string value reads the environment variable NAME.
+installed. ``env:NAME`` as a string value reads the environment variable NAME; an unset or empty
+NAME is an error naming the field (a secret such as ``router.api_key`` must never turn into "off").
 """
 
 from __future__ import annotations
@@ -20,11 +21,19 @@ from colm.router.config import RouterConfig
 SECTIONS = ("model", "workers", "prefill", "decode", "router", "security", "ray")
 
 
-def _expand_env(v):
+def _expand_env(v, where: str = ""):
+    """``v`` with every ``env:NAME`` string replaced by NAME's value; ``where`` is the field's dotted name."""
     if isinstance(v, str) and v.startswith("env:"):
-        return os.environ.get(v[4:]) or None
+        name = v[4:]
+        value = os.environ.get(name)
+        if not name or not value:
+            raise ValueError(f"{where}: environment variable {name or '(none)'} (from {v!r}) is not set or empty; "
+                             "set it, or remove the field")
+        return value
     if isinstance(v, dict):
-        return {k: _expand_env(x) for k, x in v.items()}
+        return {k: _expand_env(x, f"{where}.{k}" if where else str(k)) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_expand_env(x, f"{where}[{i}]") for i, x in enumerate(v)]
     return v
 
 

@@ -1,11 +1,14 @@
 """The launcher behind ``colm serve``: Ray cluster, worker actors, router, until interrupted.
 
 Path of a launch: read ``ClusterConfig`` -> resolve the model (build the bundled tiny-air demo
-checkpoint into a cache directory when no path is given) -> ``ray.init`` (embedded local cluster,
-or join ``--address auto``) -> start N prefill and M decode actors (``deploy/actors.py``; GPUs when
-the cluster has them, custom resources to pin pools, restart on failure) and collect their gRPC
-addresses -> run the router (gRPC + HTTP + metrics) in this driver process over those workers ->
-every second re-read the actors' addresses so a restarted actor comes back into service.
+checkpoint into a cache directory when no path is given) -> check that the engines can serve it and
+that the TLS files load (``prepare``: one clear error at once, not a worker dying inside Ray) ->
+``ray.init`` (embedded local cluster, or join ``--address auto``) -> start N prefill and M decode
+actors (``deploy/actors.py``; GPUs when the cluster has them, custom resources to pin pools, restart
+on failure) and collect their gRPC addresses -> run the router (gRPC + HTTP + metrics) in this driver
+process over those workers -> every second re-read the actors' addresses so a restarted actor comes
+back into service. ``stop`` (SIGINT or SIGTERM in ``colm serve``) ends the router, the actors and an
+embedded Ray cluster.
 
 If the engine packages are not installed, the router serves the model in-process (no
 disaggregation) so the demo still answers; the log says so.
@@ -16,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 from colm.deploy.config import ClusterConfig
@@ -37,9 +42,19 @@ def ensure_model(cfg: ClusterConfig) -> str:
 
         return str(bundled_demo())
     if path:
+        if not Path(path).is_dir():
+            raise ValueError(f"model.path={path!r}: not a colm checkpoint (no such directory)")
         if not (Path(path) / "config.json").is_file():
             raise ValueError(f"model.path={path!r}: not a colm checkpoint (no config.json)")
         return path
+    from colm.presets import preset
+
+    try:
+        preset_cfg = preset(cfg.model.preset)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"model.preset={cfg.model.preset!r}: {e}") from None
+    if not preset_cfg.kv_sharing and engines_will_run():
+        raise ValueError(_NOT_AIR.format(what=f"model.preset={cfg.model.preset!r}"))
     out = demo_model_dir(cfg.model.preset)
     if (out / "config.json").is_file():
         return str(out)
@@ -47,17 +62,78 @@ def ensure_model(cfg: ClusterConfig) -> str:
 
     from colm import checkpoint
     from colm.model import CoLM
-    from colm.presets import preset
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    model = CoLM(preset(cfg.model.preset)).reset_parameters(std=0.02, seed=0)
+    model = CoLM(preset_cfg).reset_parameters(std=0.02, seed=0)
     checkpoint.save(model, tmp, tokenizer={"kind": "byte"})
     try:
         os.replace(tmp, out)
     except OSError:  # another launcher won the race; its checkpoint is the same
         pass
     return str(out)
+
+
+_NOT_AIR = ("{what}: not a CoLM-Air model (kv_sharing=false); the prefill and decode engines serve CoLM-Air "
+            "checkpoints only (a chain-1 prefill gives the full model's K/V only with KV sharing): use an Air "
+            "preset (colm info --presets) or `colm expand --kv-sharing`")
+
+
+def engines_will_run() -> bool:
+    """The prefill/decode engines (Ray actors, in-process or the colocated baseline) serve; without them
+    the router falls back to one full model in-process, which serves any checkpoint."""
+    try:
+        from colm.deploy.actors import engines_available
+    except ImportError:
+        return False
+    return engines_available()
+
+
+def check_model(cfg: ClusterConfig, path: str, colocated: bool = False):
+    """Everything the engines will need of the checkpoint at ``path``, checked here so a bad one fails in a
+    second with one line (in a worker actor it fails only after the start-up wait). Returns its ModelConfig."""
+    from colm import checkpoint
+    from colm.tokenizer import load_checkpoint_tokenizer
+
+    try:
+        model_cfg = checkpoint.load_config(path)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"model {path}: config.json does not describe a colm model ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise ValueError(f"model {path}: cannot read config.json ({e})") from None
+    weights = Path(path) / checkpoint.WEIGHTS_FILE
+    if not weights.is_file() or not os.access(weights, os.R_OK):
+        raise ValueError(f"model {path}: no readable {checkpoint.WEIGHTS_FILE}")
+    try:
+        load_checkpoint_tokenizer(path)
+    except (OSError, KeyError, ImportError) as e:
+        raise ValueError(f"model {path}: its tokenizer does not load ({type(e).__name__}: {e})") from None
+    if colocated or engines_will_run():
+        if not model_cfg.kv_sharing:
+            raise ValueError(_NOT_AIR.format(what=f"model {path}"))
+        device = cfg.model.device
+        if device == "auto" and not cfg.ray.address:  # an embedded cluster's workers have this machine's devices
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if cfg.decode.get("num_blocks", None) == 0 and device == "cpu":
+            raise ValueError("decode.num_blocks=0 sizes the KV pool from free GPU memory; the decode workers run "
+                             "on CPU here: give a block count")
+    return model_cfg
+
+
+def check_tls(cfg: ClusterConfig) -> None:
+    """The router's certificate and key load as a pair (RouterConfig already checked that both files exist)."""
+    r = cfg.router
+    if not r.tls_cert:
+        return
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(r.tls_cert, r.tls_key)
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"router.tls_cert={r.tls_cert!r}, router.tls_key={r.tls_key!r}: do not load as a PEM "
+                         f"certificate and its key ({e})") from None
 
 
 class Launcher:
@@ -70,6 +146,16 @@ class Launcher:
         self.server = None
         self.addresses: dict[str, str] = {}
         self._watch: asyncio.Task | None = None
+        self._model_cfg = None
+
+    def prepare(self) -> str:
+        """Resolve the checkpoint and check it and the TLS files (before Ray or any worker starts); its path."""
+        if self._model_cfg is None:
+            check_tls(self.cfg)
+            path = self.model_path or ensure_model(self.cfg)
+            self._model_cfg = check_model(self.cfg, path, self.colocated)
+            self.model_path = path
+        return self.model_path
 
     def _init_ray(self) -> None:
         import ray
@@ -78,6 +164,10 @@ class Launcher:
             return
         r = self.cfg.ray
         kw = dict(namespace=r.namespace, log_to_driver=False, configure_logging=False)
+        # ray.init replaces SIGTERM's handler with sys.exit (and its C++ core worker installs one that dumps a
+        # stack), which aborts the process instead of taking SIGINT's clean stop: give the caller's handler back.
+        main = threading.current_thread() is threading.main_thread()
+        prev_sigterm = signal.getsignal(signal.SIGTERM) if main else None
         if r.address:
             ray.init(address=r.address, **kw)
         else:
@@ -85,6 +175,8 @@ class Launcher:
             # Logical CPUs are scheduling tokens: give the embedded cluster room for every worker actor.
             need = int(-(-(w.num_prefill + w.num_decode) * w.num_cpus_per_worker // 1))
             ray.init(num_cpus=r.num_cpus or max(2, os.cpu_count() or 2, need), include_dashboard=False, **kw)
+        if callable(prev_sigterm):
+            signal.signal(signal.SIGTERM, prev_sigterm)
 
     async def start(self) -> dict[str, str]:
         from colm import checkpoint
@@ -93,8 +185,8 @@ class Launcher:
         from colm.tokenizer import load_checkpoint_tokenizer
 
         cfg = self.cfg
-        path = self.model_path or ensure_model(cfg)
-        model_cfg = checkpoint.load_config(path)
+        path = self.prepare()
+        model_cfg = self._model_cfg
         tokenizer = load_checkpoint_tokenizer(path)
         backend, block_size = None, int(cfg.decode.get("block_size", 16))
         try:

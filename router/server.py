@@ -44,9 +44,10 @@ class RouterServer:
         if cfg.metrics_port is not None:
             from colm.router.metrics import serve_metrics
 
-            self.metrics_server = serve_metrics(self.router.metrics.registry, cfg.host, cfg.metrics_port)
+            # Its own host (loopback by default): metrics carry no API key, so router.host=0.0.0.0 must not expose them.
+            self.metrics_server = serve_metrics(self.router.metrics.registry, cfg.metrics_host, cfg.metrics_port)
             mport = self.metrics_server[0].server_port
-            self.addresses["metrics"] = f"http://{cfg.host}:{mport}/metrics"
+            self.addresses["metrics"] = f"http://{cfg.metrics_host}:{mport}/metrics"
         return self.addresses
 
     async def stop(self) -> None:

@@ -1,7 +1,7 @@
 """Decode engine with CUDA graphs. On CUDA (skipped without a GPU): tokens equal ``colm.generate``
 for a staggered, mixed-scale batch with a scale switch; graph replay equals the eager forward in
-bf16 (Triton chain-linear and paged attention inside the graph) for a padded batch bucket. On any
-device: the graphs' static buffers, filled for a padded bucket, give the eager step's hidden states."""
+bf16 (Triton chain-linear and paged attention inside the graph) for a padded batch bucket. (The CPU test
+of the graphs' static buffers is in test_serve_decode_graph_buffers.py.)"""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch
 
 from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.engine import DecodeEngine
-from colm.decode_worker.graphs import DecodeGraphs, _bucket, _Graph, head_outputs
-from colm.decode_worker.step import _picks
+from colm.decode_worker.graphs import head_outputs
 from colm.decode_worker.step import _step_tensors
 from colm.generate import generate
 from colm.prefill_worker.engine import PrefillEngine
@@ -23,6 +22,7 @@ from colm.sampling import SamplingParams
 from _engine_helpers import prompts
 from _kernel_helpers import cuda
 from conftest import make_model
+from test_serve_decode_graph_buffers import three_running
 
 
 def _pair(dtype, tmp_path):
@@ -31,22 +31,6 @@ def _pair(dtype, tmp_path):
     checkpoint.save(make_model("tiny-air"), tmp_path)
     return (checkpoint.load(tmp_path, scale=None, device="cuda", dtype=dtype),
             checkpoint.load(tmp_path, scale=1, device="cuda", dtype=dtype))
-
-
-def _three_running(model, **config):
-    """A decode engine (not started) with random K/V in its pool and three running requests of 5, 17 and 30
-    context tokens at scale 2; returns (engine, its running batch)."""
-    de = DecodeEngine(model, DecodeConfig(num_blocks=64, block_size=4, max_batch_size=8, **config))
-    de.pool.k.normal_()
-    de.pool.v.normal_()
-    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
-    for i, n in enumerate((5, 17, 30)):
-        de.reserve(f"q{i}", n, 4)
-        de._requests[f"q{i}"].kv_done = True
-        de.start_generation(f"q{i}", 7 + i, params, scale=2)
-    de._housekeep()
-    batch = list(de._running)
-    return de, batch
 
 
 @cuda
@@ -88,7 +72,7 @@ def test_graph_engine_matches_reference_float32(tmp_path, overlap):
 @cuda
 def test_graph_replay_equals_eager_bf16(tmp_path):
     full, _ = _pair(torch.bfloat16, tmp_path)
-    de, batch = _three_running(full)  # 3 rows: the graph runs a padded bucket of 4
+    de, batch = three_running(full)  # 3 rows: the graph runs a padded bucket of 4
     for scale in (2, 1):
         with torch.no_grad():
             tokens, positions, cache = _step_tensors(batch, de.pool, full.inv_freq.device)
@@ -110,31 +94,6 @@ def test_graph_replay_equals_eager_bf16(tmp_path):
         own = head.logits.gather(1, head.greedy)[:, 0].float() - torch.logsumexp(head.logits.float(), -1)
         torch.testing.assert_close(head.packed[1], own.double(), atol=1e-5, rtol=1e-5)
     de.stop()
-
-
-def test_static_buffers_of_a_padded_bucket_give_the_eager_step():
-    model = make_model("tiny-air")
-    de, batch = _three_running(model)
-    graphs = DecodeGraphs(model, de.pool, 8)
-    g = _Graph(_bucket(len(batch)), _bucket(max(len(r.blocks) for r in batch), 16), "cpu")
-    graphs._fill(g, batch)
-    assert g.tokens[:, 0].tolist() == [7, 8, 9, 0] and g.positions[:, 0].tolist() == [4, 16, 29, 0]
-    assert g.dev_ints[2].tolist() == [5, 17, 30, 1] and g.slots[3] == -1 and not g.tables[3].any()
-    g.slots[3] = de.pool.num_blocks * 4 - 1  # the CPU reference write has no "skip" for -1: an unused slot
-    with torch.no_grad():
-        tokens, positions, cache = _step_tensors(batch, de.pool, torch.device("cpu"))
-        eager = model.hidden(tokens, scale=2, cache=cache, positions=positions)[:, 0]
-        torch.testing.assert_close(graphs._forward(g, 2)[:3], eager, atol=1e-6, rtol=1e-6)
-        h = graphs._forward(g, 1, head=True)  # the head as a head graph captures it
-        ref = head_outputs(model, model.hidden(tokens, scale=1, cache=_step_tensors(batch, de.pool, torch.device("cpu"))[2],
-                                               positions=positions)[:, 0], 1)
-        torch.testing.assert_close(g.head.logits[:3], ref.logits, atol=1e-5, rtol=1e-5)
-        assert g.head.greedy[:3].tolist() == ref.greedy.tolist() and h.shape[0] == 4
-        picks = _picks(g.head._replace(packed=g.head.packed[:, :3]), batch)  # greedy rows: one read of packed
-        assert [t for t, _ in picks] == ref.greedy[:, 0].tolist()
-        torch.testing.assert_close(torch.tensor([lp for _, lp in picks], dtype=torch.float64), ref.packed[1],
-                                   atol=1e-5, rtol=1e-5)
-    assert graphs.hidden(batch, 2) is None  # no CUDA: the step runs eager
 
 
 _SYNC_WHILE_TUNING = r'''
@@ -197,7 +156,7 @@ def test_fused_rope_kv_write_step_equals_the_unfused_step(tmp_path):
         ropes_and_writes_kv = False
 
     full, _ = _pair(torch.bfloat16, tmp_path)
-    de, batch = _three_running(full, cuda_graphs=False)
+    de, batch = three_running(full, cuda_graphs=False)
     k0, v0 = de.pool.k.clone(), de.pool.v.clone()
     outs, pools = [], []
     for cls in (PagedStepCache, Unfused):

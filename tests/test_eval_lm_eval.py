@@ -1,4 +1,5 @@
-"""Per-scale perplexity and the lm-evaluation-harness adapter against independent references."""
+"""Per-scale perplexity and the lm-evaluation-harness adapter against independent references. The adapter's
+scoring core needs no lm_eval; rolling log-likelihoods and the harness run skip without it."""
 
 from __future__ import annotations
 
@@ -71,15 +72,25 @@ def test_adapter_scores_match_reference(ckpt):
             ref = _ref_logprob(ref_model, scale, ctx_ids + cont_ids, len(cont_ids))
             assert lp == pytest.approx(ref, rel=1e-5, abs=1e-4)
             assert isinstance(greedy, bool)
-        text = "def f(x):\n    return x * 2\n"
-        (rolling,) = lm.loglikelihood_rolling([_Req(text)])
-        ids = [tok.eos_id] + tok.encode(text)
-        assert rolling == pytest.approx(_ref_logprob(ref_model, scale, ids, len(ids) - 1), rel=1e-5)
         (gen,) = lm.generate_until([_Req("Hello", {"until": ["\n"], "max_gen_toks": 12})])
         ref_ids = generate(ref_model, tok.encode("Hello"), SamplingParams(max_new_tokens=12), scale=scale,
                            eos_id=tok.eos_id).token_ids
         ref_text = tok.decode([t for t in ref_ids if t != tok.eos_id]).split("\n")[0]
         assert gen == ref_text
+
+
+def test_adapter_rolling_loglikelihood_matches_reference(ckpt):
+    pytest.importorskip("lm_eval")  # the rolling windows are lm_eval's own helpers
+    from colm.eval.lm_eval_adapter import ColmLM
+
+    tok = ByteTokenizer()
+    text = "def f(x):\n    return x * 2\n"
+    for scale in (1, 2):
+        lm = ColmLM(model=str(ckpt), scale=scale, batch_size=2)
+        (rolling,) = lm.loglikelihood_rolling([_Req(text)])
+        ids = [tok.eos_id] + tok.encode(text)
+        assert rolling == pytest.approx(_ref_logprob(checkpoint.load(ckpt, scale=scale), scale, ids, len(ids) - 1),
+                                        rel=1e-5)
 
 
 def test_lm_eval_harness_runs_local_json_task(ckpt, tmp_path):

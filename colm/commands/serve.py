@@ -8,7 +8,7 @@ import sys
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a model: embedded local Ray cluster (or --address auto), workers, router",
                        description="With no --config, uses the bundled deploy/serve.yaml: the tiny CoLM-Air demo "
-                                   "model on this machine's CPU or GPU. Ctrl-C stops everything.")
+                                   "model on this machine's CPU or GPU. Ctrl-C or SIGTERM stops everything.")
     p.add_argument("--config", default=None, help="serve.yaml (default: the bundled one)")
     p.add_argument("--model", default=None, help="checkpoint dir (overrides model.path)")
     p.add_argument("--address", default=None, help="Ray address: 'auto' joins a running cluster (default: embedded)")
@@ -63,14 +63,17 @@ def run(args) -> int:
     from colm.deploy.launcher import Launcher
 
     logging.basicConfig(level=logging.INFO, format="[colm serve] %(levelname)s %(message)s")
-    cfg = load_config(args)
+    cfg = load_config(args)  # a bad field or an unset env: secret raises ValueError: one line, exit 2
+    launcher = Launcher(cfg, colocated=args.colocated)
+    launcher.prepare()  # the checkpoint and TLS files, before Ray or any worker starts
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):  # before starting: Ctrl-C during start-up stops cleanly too
+        # Before starting: a signal during start-up stops cleanly too. SIGTERM takes the same path as Ctrl-C
+        # (the launcher keeps ray.init from replacing this handler).
+        for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        launcher = Launcher(cfg, colocated=args.colocated)
         try:
             addrs = await launcher.start()
             if not stop.is_set():
