@@ -1,0 +1,298 @@
+"""Request models of the OpenAI-compatible HTTP API (pydantic v2), and the one rule that turns a
+pydantic ``ValidationError`` into a 400 naming the field.
+
+Types are strict: no bool for a number, no string for a number, no float for an integer; every float
+must be finite (JSON's ``NaN`` / ``Infinity`` literals, which Python's json reader accepts, are
+rejected). ``null`` means "the default" wherever the OpenAI schema marks a field nullable.
+
+Fields the engines cannot honour are rejected unless they ask for a no-op: ``n`` and ``best_of`` other
+than 1, a non-empty ``suffix``, non-zero ``presence_penalty`` / ``frequency_penalty``, a non-empty
+``logit_bias``. ``user`` and ``model`` are accepted and ignored, and so are unknown top-level fields
+(as vLLM does). The colm extras ``scale``, ``ttft_ms``, ``tpot_ms``, ``deadline_ms`` and ``on_miss``
+may sit at the top level or inside ``"colm": {...}`` (the top level wins when both are given); unknown
+keys inside ``"colm"`` are rejected, since a misspelled budget would otherwise be silently dropped.
+
+Limits, the same as the gRPC API's: ``ttft_ms`` / ``tpot_ms`` / ``deadline_ms`` in (0, 3600000] (one
+hour); ``seed`` 0..2**63-1; ``stop`` at most 16 strings of 1..256 characters (``""`` = no stop);
+``scale`` >= 1 here and <= the model's number of chains in the router. ``top_k`` -1 means off, as in
+vLLM; ``logprobs`` 0..20, of which only the most likely token is reported.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
+
+from colm.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
+
+# The limits of the gRPC API (router/grpc_server.py), so that both fronts accept the same requests.
+MAX_BUDGET_MS = 3_600_000.0  # ttft_ms, tpot_ms, deadline_ms: at most one hour
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+SEED_MAX = 2**63 - 1  # the workers take an unsigned 64-bit seed: negative seeds are refused, not wrapped
+MAX_LOGPROBS = 20
+
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+Ms = Annotated[float, Field(gt=0, le=MAX_BUDGET_MS)]
+
+
+def _scale_field():
+    return Field(None, description="an integer scale >= 1 and <= the model's number of chains, or null (the router "
+                                   "picks)")
+
+
+def _ms_field():
+    return Field(None, description=f"a finite number of milliseconds > 0 and <= {MAX_BUDGET_MS:.0f} (one hour)")
+
+
+def _on_miss_field():
+    return Field(None, description='"degrade" (serve at the scale closest to the budget) or "reject" (429)')
+
+
+Scale = Optional[Annotated[StrictInt, Field(ge=1)]]
+OnMiss = Optional[Literal["degrade", "reject"]]
+
+
+class ColmExtras(BaseModel):
+    """The scale and the latency budget of one request."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+
+    scale: Scale = _scale_field()
+    ttft_ms: Optional[Ms] = _ms_field()
+    tpot_ms: Optional[Ms] = _ms_field()
+    deadline_ms: Optional[Ms] = _ms_field()
+    on_miss: OnMiss = _on_miss_field()
+
+
+BUDGET_FIELDS = tuple(ColmExtras.model_fields)
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+
+    include_usage: Optional[StrictBool] = Field(None, description="true or false")
+
+
+def _prompt_list(p: list, where: str) -> list:
+    """A list prompt -> [token-id list] or [str | token-id list, ...]; ValueError names the bad element."""
+    if not p:
+        raise ValueError(f"{where} is empty")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        return [_token_ids(p, where)]
+    out = []
+    for i, x in enumerate(p):
+        if isinstance(x, str):
+            out.append(_text(x, f"{where}[{i}]"))
+        elif isinstance(x, list):
+            out.append(_token_ids(x, f"{where}[{i}]"))
+        elif isinstance(x, int) and not isinstance(x, bool):
+            bad = next(j for j, y in enumerate(p) if not (isinstance(y, int) and not isinstance(y, bool)))
+            raise ValueError(f"{where}[{bad}] is {_kind(p[bad])}: a token-id list holds integers >= 0 only")
+        else:
+            raise ValueError(f"{where}[{i}] is {_kind(x)}: each prompt of a batch is a string or a list of token ids")
+    return out
+
+
+def _token_ids(ids: list, where: str) -> list[int]:
+    if not ids:
+        raise ValueError(f"{where} is empty: give at least one token id")
+    for j, t in enumerate(ids):
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise ValueError(f"{where}[{j}] is {_kind(t)}: token ids are integers >= 0")
+    return ids
+
+
+def _text(s: str, where: str) -> str:
+    if not s:
+        raise ValueError(f"{where} is an empty string")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} is not valid Unicode (a lone surrogate at character {e.start})") from None
+    return s
+
+
+def _kind(x: Any) -> str:
+    """A short description of a JSON value for an error message (never the whole value)."""
+    if x is None:
+        return "null"
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    if isinstance(x, (int, float)):
+        r = repr(x)
+        return r if len(r) <= 24 else f"a {len(r)}-digit number"
+    if isinstance(x, str):
+        return repr(x) if len(x) <= 24 else "a string"
+    if isinstance(x, list):
+        return "a list"
+    if isinstance(x, dict):
+        return "an object"
+    return type(x).__name__
+
+
+def _shown(x: Any) -> str:
+    """A JSON value as it may appear after ``field=`` in a message: scalars as themselves, containers by kind."""
+    k = _kind(x)
+    return k if x is None or isinstance(x, bool) or k == repr(x) else f"<{k}>"
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions."""
+
+    model_config = _STRICT
+
+    prompt: Any = Field(..., description="a non-empty string, a list of token ids (integers >= 0), or a non-empty "
+                                         "list of strings / token-id lists")
+    model: Optional[StrictStr] = Field(None, description="a string (ignored: the router serves one model)")
+    max_tokens: Optional[Annotated[StrictInt, Field(ge=0)]] = Field(16, description="an integer >= 0 (default 16)")
+    temperature: Optional[float] = Field(
+        1.0, description=f"0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (default 1)")
+    top_p: Optional[Annotated[float, Field(gt=0, le=1)]] = Field(1.0, description="a number in (0, 1] (default 1)")
+    top_k: Optional[Annotated[StrictInt, Field(ge=-1)]] = Field(0, description="an integer >= 0; 0 or -1 = off")
+    seed: Optional[Annotated[StrictInt, Field(ge=0, le=SEED_MAX)]] = Field(
+        None, description=f"an integer 0..{SEED_MAX} or null")
+    stop: Optional[Union[Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)],
+                         Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+                                   Field(max_length=MAX_STOP_STRINGS)]]] = Field(
+        None, description=f"a string, a list of at most {MAX_STOP_STRINGS} non-empty strings (each at most "
+                          f"{MAX_STOP_CHARS} characters), or null")
+    stream: Optional[StrictBool] = Field(False, description="true or false")
+    stream_options: Optional[StreamOptions] = Field(None, description='an object {"include_usage": true/false}')
+    echo: Optional[StrictBool] = Field(False, description="true or false")
+    logprobs: Optional[Union[Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)], StrictBool]] = Field(
+        None, description=f"an integer 0..{MAX_LOGPROBS} or null (only the most likely token is reported)")
+    ignore_eos: Optional[StrictBool] = Field(False, description="true or false")
+    n: Optional[StrictInt] = Field(1, description="1 (one choice per prompt)")
+    best_of: Optional[StrictInt] = Field(None, description="1 or null")
+    suffix: Optional[StrictStr] = Field(None, description="null or an empty string (insertion is not supported)")
+    presence_penalty: Optional[float] = Field(None, description="0 or null (penalties are not supported)")
+    frequency_penalty: Optional[float] = Field(None, description="0 or null (penalties are not supported)")
+    logit_bias: Optional[dict[StrictStr, float]] = Field(None, description="null or {} (logit bias is not supported)")
+    user: Optional[StrictStr] = Field(None, description="a string (ignored)")
+    colm: Optional[ColmExtras] = Field(None, description="an object with scale, ttft_ms, tpot_ms, deadline_ms, "
+                                                         "on_miss")
+    scale: Scale = _scale_field()
+    ttft_ms: Optional[Ms] = _ms_field()
+    tpot_ms: Optional[Ms] = _ms_field()
+    deadline_ms: Optional[Ms] = _ms_field()
+    on_miss: OnMiss = _on_miss_field()
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _prompt(cls, p):
+        """-> a list of prompts, each a string or a list of token ids."""
+        if isinstance(p, str):
+            return [_text(p, "prompt")]
+        if isinstance(p, list):
+            return _prompt_list(p, "prompt")
+        raise ValueError(f"prompt is {_kind(p)}")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, t):
+        if t is not None and t != 0 and not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature={t!r} is out of range")
+        return t
+
+    @field_validator("n", "best_of")
+    @classmethod
+    def _one(cls, v, info):
+        if v is not None and v != 1:
+            raise ValueError(f"{info.field_name}={v}: only 1 is supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        if v:
+            raise ValueError("suffix is not supported")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty(cls, v, info):
+        if v:
+            raise ValueError(f"{info.field_name}={v!r}: penalties are not supported")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
+
+    def extras(self) -> dict:
+        """The colm extras that were given: those inside "colm" first, the top-level ones over them."""
+        ext = self.colm.model_dump(exclude_none=True) if self.colm else {}
+        ext.update({k: getattr(self, k) for k in BUDGET_FIELDS if getattr(self, k) is not None})
+        return ext
+
+
+class TokenizeRequest(BaseModel):
+    model_config = _STRICT
+
+    prompt: StrictStr = Field(..., description="a string")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, p):
+        return _text(p, "prompt") if p else p
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _STRICT
+
+    tokens: list[Annotated[StrictInt, Field(ge=0)]] = Field(..., description="a list of token ids (integers >= 0)")
+
+
+class BadField(ValueError):
+    """A request field failed validation; ``param`` names it (dotted, list indices in brackets)."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def bad_field(e: ValidationError, model: type[BaseModel]) -> BadField:
+    """The first error of ``e`` as one message: the field path, what was wrong, and what is allowed."""
+    errs = e.errors(include_url=False)
+    # a union reports one error per member: the deepest one is about the member the input was meant to be
+    err = max((x for x in errs if x["loc"][:1] == errs[0]["loc"][:1]), key=lambda x: len(x["loc"]))
+    path, fields, described = [], model.model_fields, None
+    for part in err["loc"]:
+        if isinstance(part, int):
+            path.append(f"[{part}]")
+        elif fields is not None and part in fields:
+            path.append(("." if path else "") + part)
+            ann = fields[part].annotation
+            members = getattr(ann, "__args__", (ann,))  # Optional[Model] -> (Model, NoneType)
+            sub = next((a for a in members if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            described = fields[part]
+            fields = sub.model_fields if sub else None
+        # anything else is pydantic's name of a union member ("str", "list[str]"): not a field
+    param = "".join(path) or None
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        param = f"{param}.{err['loc'][-1]}"
+        return BadField(f"{param}: unknown field; allowed: {', '.join(BUDGET_FIELDS)}", param)
+    if err["type"] == "missing":
+        return BadField(f"{param}: required field is missing", param)
+    allowed = f"; allowed: {described.description}" if described is not None else ""
+    if err["type"] == "value_error":  # ours: the message starts with the field's name
+        return BadField(msg + allowed, param)
+    return BadField(f"{param}={_shown(err.get('input'))}: {msg}{allowed}", param)
+
+
+def parse(model: type[BaseModel], body: Any):
+    """Validate a decoded JSON body; BadField (a ValueError, so a 400) on the first bad field."""
+    if not isinstance(body, dict):
+        raise BadField(f"request body must be a JSON object (got {_kind(body)})", None)
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise bad_field(e, model) from None
+    except RecursionError:
+        raise BadField("request body is nested too deeply", None) from None
