@@ -270,8 +270,9 @@ class HttpApi:
                                   "max_model_len": cfg.max_seq_len})
 
     async def health(self, request):
-        ok = any(w.healthy and w.role == "decode" for w in self.router.registry.workers.values())
-        return web.json_response({"status": "ok" if ok else "unavailable"}, status=200 if ok else 503)
+        ok, reason = self.router.health()  # a healthy prefill AND decode worker, as gRPC's Health says
+        body = {"status": "ok"} if ok else {"status": "unavailable", "reason": reason}
+        return web.json_response(body, status=200 if ok else 503)
 
 
 async def start_http(router: Router) -> tuple[web.AppRunner, int]:
