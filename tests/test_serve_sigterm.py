@@ -64,7 +64,7 @@ def test_sigterm_stops_colm_serve_cleanly(tmp_path):
                                      data=json.dumps({"prompt": "The import statement", "max_tokens": 8}).encode())
         with urllib.request.urlopen(req, timeout=60) as r:
             body = json.loads(r.read())
-        assert body["usage"]["completion_tokens"] == 8
+        assert 1 <= body["usage"]["completion_tokens"] <= 8 and body["choices"][0]["finish_reason"]  # EOS may come first
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=45)
     finally:
