@@ -97,5 +97,5 @@ class Client:
         r = self.stub.Health(self.pb2.HealthRequest(), metadata=self.metadata, timeout=self.timeout_s)
         return {"serving": r.serving, "reason": r.reason, "queued": r.queued, "running": r.running,
                 "workers": [{"worker_id": w.worker_id, "role": w.role, "healthy": w.healthy, "state": w.state,
-                             "detail": w.detail, "inflight": w.inflight, "free_blocks": w.free_blocks,
+                             "detail": w.detail, "address": w.address, "inflight": w.inflight, "free_blocks": w.free_blocks,
                              "total_blocks": w.total_blocks} for w in r.workers]}

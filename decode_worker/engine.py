@@ -24,7 +24,6 @@ loop thread (``cancel`` marks it), so its blocks are never freed under a step th
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from colm import checkpoint
 from colm.errors import (CapacityError, DeadlineError, RequestAbortedError, RequestFailedError, TransferError,
                          UnknownRequestError)
 from colm.graphed_forward import GraphedForward
+from colm.host_identity import host_id as current_host_id
 from colm.kernels._tuning import DEVICE_WIDE_LOCK, num_tuned
 from colm.kv_wire import KVLayout, parse_dtype
 from colm.model import CoLM
@@ -88,7 +88,7 @@ class DecodeEngine:
         self.config = config or DecodeConfig()
         self.eos_id = eos_id
         self.detokenize = detokenize
-        self.host_id = host_id or socket.gethostname()
+        self.host_id = host_id or current_host_id()
         self.device = model.inv_freq.device
         if self.device.type == "cuda":
             model.fuse_kv_projections()  # one K/V GEMM per layer (CPU keeps the separate ones: bit-stable tests)

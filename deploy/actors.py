@@ -36,8 +36,10 @@ class WorkerActor:
     importable without Ray); after a crash Ray re-runs ``__init__``, which listens on a new port."""
 
     def __init__(self, role: str, model_path: str, section: dict, token: str, host: str, dtype: str,
-                 device: str) -> None:
+                 device: str, worker_id: str = "") -> None:
         import torch
+
+        from colm.deploy.addresses import worker_hosts
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,21 +57,41 @@ class WorkerActor:
 
             engine = PrefillEngine.from_checkpoint(model_path, PrefillConfig(**section), device=device,
                                                    dtype=torch_dtype)
-        self.server = server_cls(engine, token, f"{host}:0").start()
+        bind, self.advertised_host = worker_hosts(host)
+        self.server = server_cls(engine, token, f"{bind}:0")
+        self.server.address = f"{self.advertised_host}:{self.server.port}"  # what the router and peers dial
+        self.server.start()
         from colm.router.metrics import serve_metrics, worker_registry
 
-        self.metrics_server = serve_metrics(worker_registry(engine, role, f"{role}@{self.server.address}"), host, 0)
+        self.metrics_server = serve_metrics(worker_registry(engine, role, worker_id or f"{role}@{self.server.address}"),
+                                            bind, 0)
 
     def address(self) -> str:
         return self.server.address
 
+    def endpoints(self) -> tuple[str, str]:
+        """(gRPC address, metrics URL), both at the advertised host."""
+        return self.server.address, self.metrics_address()
+
     def metrics_address(self) -> str:
-        return f"http://{self.metrics_server[0].server_address[0]}:{self.metrics_server[0].server_port}/metrics"
+        return f"http://{self.advertised_host}:{self.metrics_server[0].server_port}/metrics"
 
     def pid(self) -> int:
         import os
 
         return os.getpid()
+
+
+def gpus_per_worker(workers, cluster_gpus: float) -> float:
+    """``workers.num_gpus_per_worker``, with ``auto`` = a whole GPU each when the cluster has one per worker, else
+    1/k of a GPU with k workers per GPU (both roles on one GPU: 0.5 each), 0 without GPUs."""
+    g = workers.num_gpus_per_worker
+    if g != "auto":
+        return float(g)
+    n, gpus = workers.num_prefill + workers.num_decode, int(cluster_gpus)
+    if gpus < 1:
+        return 0.0
+    return 1.0 / -(-n // gpus)
 
 
 class WorkerPool:
@@ -81,14 +103,32 @@ class WorkerPool:
         self.roles: dict[str, str] = {}
         self.addresses: dict[str, str] = {}
         self.dead: dict[str, str] = {}  # worker id -> why it is gone for good
+        self.metrics_urls: dict[str, str] = {}
 
     def _num_gpus(self) -> float:
         import ray
 
-        g = self.cfg.workers.num_gpus_per_worker
-        if g == "auto":
-            return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        return float(g)
+        return gpus_per_worker(self.cfg.workers, ray.cluster_resources().get("GPU", 0))
+
+    def check_fits(self, resources: dict, embedded: bool) -> None:
+        """Every worker's request against the cluster's totals, before any actor starts: on the embedded cluster a
+        shortfall fails at once, naming what to set (Ray would leave the actor pending for good); a joined
+        cluster may still grow (an autoscaler), so there it is a warning."""
+        need: dict[str, float] = {}
+        w = self.cfg.workers
+        for role, count in (("prefill", w.num_prefill), ("decode", w.num_decode)):
+            opts = self._options(role)
+            for name, amount in (("CPU", opts["num_cpus"]), ("GPU", opts["num_gpus"]), *(opts["resources"] or {}).items()):
+                need[name] = need.get(name, 0.0) + count * float(amount or 0)
+        short = {k: (v, resources.get(k, 0.0)) for k, v in need.items() if v > resources.get(k, 0.0) + 1e-9}
+        if not short:
+            return
+        what = ", ".join(f"{k}: workers need {v:g}, the cluster has {have:g}" for k, (v, have) in short.items())
+        hint = ("lower workers.num_cpus_per_worker / num_gpus_per_worker (fractions share a device), the worker "
+                "counts, or the workers' custom resources, or add nodes that have them")
+        if embedded:
+            raise RuntimeError(f"the workers do not fit this cluster ({what}); {hint}")
+        log.warning("the workers do not fit the cluster as it is now (%s): they wait for nodes; %s", what, hint)
 
     def _options(self, role: str) -> dict:
         w = self.cfg.workers
@@ -96,27 +136,30 @@ class WorkerPool:
         return dict(num_gpus=self._num_gpus(), num_cpus=w.num_cpus_per_worker, resources=dict(res) or None,
                     max_restarts=w.max_restarts, max_task_retries=0, max_concurrency=4)
 
-    def start(self) -> list[WorkerInfo]:
+    def start(self, embedded: bool = False) -> list[WorkerInfo]:
         import ray
 
+        self.check_fits(ray.cluster_resources(), embedded)
         w = self.cfg.workers
+        host = "127.0.0.1" if w.host == "auto" and embedded else w.host  # the embedded cluster stays on loopback
         actor = ray.remote(WorkerActor)
         for role, count in (("decode", w.num_decode), ("prefill", w.num_prefill)):
             section = dict(self.cfg.decode if role == "decode" else self.cfg.prefill)
             for i in range(count):
                 wid = f"{role}-{i}"
                 self.actors[wid] = actor.options(**self._options(role)).remote(
-                    role, self.model_path, section, self.token, w.host, self.cfg.model.dtype, self.cfg.model.device)
+                    role, self.model_path, section, self.token, host, self.cfg.model.dtype, self.cfg.model.device,
+                    wid)
                 self.roles[wid] = role
         return self.refresh(timeout_s=120.0, require_all=True)
 
     def refresh(self, timeout_s: float = 5.0, require_all: bool = False) -> list[WorkerInfo]:
         import ray
 
-        refs = {wid: a.address.remote() for wid, a in self.actors.items() if wid not in self.dead}
+        refs = {wid: a.endpoints.remote() for wid, a in self.actors.items() if wid not in self.dead}
         for wid, ref in refs.items():
             try:
-                self.addresses[wid] = ray.get(ref, timeout=timeout_s)
+                self.addresses[wid], self.metrics_urls[wid] = ray.get(ref, timeout=timeout_s)
             except ray.exceptions.ActorDiedError as e:  # Ray will not restart it: max_restarts is exhausted
                 self.dead[wid] = (f"died and Ray will not restart it (max_restarts={self.cfg.workers.max_restarts} "
                                   f"exhausted): {str(e).splitlines()[0][:200]}")
@@ -129,8 +172,8 @@ class WorkerPool:
                         f"worker {wid} did not start within {timeout_s:.0f} s ({type(e).__name__}: {e}); check that the "
                         f"Ray cluster has the resources it asks for: {self._options(self.roles[wid])}") from None
                 log.debug("%s has no address now: %s", wid, e)
-        return [WorkerInfo(wid, self.roles[wid], self.addresses.get(wid, ""), self.dead.get(wid, ""))
-                for wid in self.actors]
+        return [WorkerInfo(wid, self.roles[wid], self.addresses.get(wid, ""), self.dead.get(wid, ""),
+                           self.metrics_urls.get(wid, "")) for wid in self.actors]
 
     def kill(self, worker_id: str, restart: bool = True) -> None:
         """Kill one actor (tests, chaos drills); Ray restarts it when ``restart`` and restarts remain."""

@@ -70,7 +70,7 @@ class WorkersSection:
     prefill_resources: dict = field(default_factory=dict)  # e.g. {"prefill": 1} to pin to a node pool
     decode_resources: dict = field(default_factory=dict)
     max_restarts: int = 3  # Ray restarts a dead worker actor this many times
-    host: str = "127.0.0.1"  # where workers' internal gRPC listens; set a node IP for multi-node clusters
+    host: str = "auto"  # workers' gRPC bind host: auto = the node's IP (colm.deploy.addresses), 0.0.0.0, or an address
 
     def __post_init__(self) -> None:
         for name in ("num_prefill", "num_decode"):

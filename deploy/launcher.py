@@ -174,6 +174,9 @@ class Launcher:
             w = self.cfg.workers
             # Logical CPUs are scheduling tokens: give the embedded cluster room for every worker actor.
             need = int(-(-(w.num_prefill + w.num_decode) * w.num_cpus_per_worker // 1))
+            # colm's workers bind loopback here (WorkerPool.start: workers.host auto). Ray 2.60's own GCS, raylet and
+            # core-worker servers listen on every interface, and it turns a node IP of 127.0.0.1 into the machine's
+            # address (both checked with ss); its token authentication, on by default, guards those ports.
             ray.init(num_cpus=r.num_cpus or max(2, os.cpu_count() or 2, need), include_dashboard=False, **kw)
         if callable(prev_sigterm):
             signal.signal(signal.SIGTERM, prev_sigterm)
@@ -195,7 +198,7 @@ class Launcher:
             if engines_available() and not self.colocated:
                 self._init_ray()
                 self.pool = WorkerPool(cfg, path, self.token)
-                infos = await asyncio.get_running_loop().run_in_executor(None, self.pool.start)
+                infos = await asyncio.get_running_loop().run_in_executor(None, self.pool.start, not cfg.ray.address)
                 from colm.router.grpc_backend import GrpcBackend
 
                 scorer = checkpoint.load(path).eval() if cfg.model.score_prompts else None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +29,7 @@ import torch
 from colm import checkpoint
 from colm.config import ModelConfig
 from colm.errors import CapacityError, DeadlineError
+from colm.host_identity import host_id as current_host_id
 from colm.kv_wire import KVLayout, dtype_name
 from colm.model import CoLM
 from colm.timeline import Timeline
@@ -95,7 +95,7 @@ class PrefillEngine:
         self.model = model.eval()
         self.full_cfg = full_cfg
         self.config = config or PrefillConfig()
-        self.host_id = host_id or socket.gethostname()
+        self.host_id = host_id or current_host_id()
         self.device = model.inv_freq.device
         if self.device.type == "cuda":
             model.fuse_kv_projections()  # one K/V GEMM per layer (CPU keeps the separate ones: bit-stable tests)

@@ -42,6 +42,7 @@ class WorkerInfo:
     role: str  # "prefill" | "decode"
     address: str = ""
     dead: str = ""  # why the worker is gone for good (its restarts are exhausted); "" while it lives or restarts
+    metrics_url: str = ""  # its Prometheus endpoint, which the router's metrics port re-serves
 
 
 @dataclass(frozen=True)

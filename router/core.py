@@ -29,6 +29,7 @@ from colm.router.config import RouterConfig
 from colm.router.metrics import RouterMetrics
 from colm.router.placement import NoWorker, WorkerRegistry
 from colm.router.policy import Budget, Decision, PolicyConfig, RunningRequest, ScalePolicy
+from colm.router.worker_metrics import WorkerMetricsCollector
 from colm.sampling import SamplingParams
 
 log = logging.getLogger("colm.router")
@@ -89,6 +90,8 @@ class Router:
         self.registry = WorkerRegistry(block_size=block_size, stale_after_s=max(10.0, 20 * cfg.poll_interval_s))
         self.admission = Admission(cfg.max_running, cfg.max_queued)
         self.metrics = RouterMetrics()
+        self.metrics.registry.register(WorkerMetricsCollector(
+            lambda: [(w.worker_id, w.metrics_url) for w in self.backend.workers() if not w.dead]))
         self.running: dict[str, tuple[RunningRequest, str]] = {}  # request id -> (state, decode worker)
         self._tasks: list[asyncio.Task] = []
         self._failovers: dict[str, asyncio.Future] = {}  # request id -> set to a worker id when it fails a poll

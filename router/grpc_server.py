@@ -306,7 +306,7 @@ class ColmServicer(pb2_grpc.ColmServicer):
                                                 inflight=len(w.inflight),
                                                 free_blocks=rep.free_blocks if rep else 0,
                                                 total_blocks=rep.total_blocks if rep else 0, state=state,
-                                                detail=w.dead))
+                                                detail=w.dead, address=w.address))
         out.serving, out.reason = r.health()
         return out
 

@@ -15,7 +15,8 @@ DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 def test_serve_yaml_is_accepted_with_safe_defaults():
     cfg = ClusterConfig.from_yaml(DEPLOY / "serve.yaml")
     assert bundled_serve_yaml() == (DEPLOY / "serve.yaml").resolve()
-    assert cfg.router.host == "127.0.0.1" and cfg.workers.host == "127.0.0.1"  # nothing on 0.0.0.0 by default
+    # nothing on 0.0.0.0 by default: workers bind their node IP, which is 127.0.0.1 on the embedded cluster
+    assert cfg.router.host == "127.0.0.1" and cfg.workers.host == "auto"
     assert cfg.workers.num_prefill >= 1 and cfg.workers.num_decode >= 1
     assert cfg.decode["block_size"] == 16 and cfg.model.path is None
     assert len(cfg.token()) >= 16 and cfg.token() != cfg.token()  # random per launch when unset
@@ -97,3 +98,32 @@ def test_demo_model_default_and_random_preset_built_once(tmp_path, monkeypatch):
     assert ensure_model(cfg) == path and (Path(path) / "model.safetensors").stat().st_mtime == mtime
     with pytest.raises(ValueError, match="not a colm checkpoint"):
         ensure_model(ClusterConfig.from_dict({"model": {"path": str(tmp_path / "nope")}}))
+
+
+def test_worker_hosts_bind_and_advertise():
+    from colm.deploy.addresses import worker_hosts
+
+    node = lambda: "198.51.100.7"  # noqa: E731
+    assert worker_hosts("auto", node) == ("198.51.100.7", "198.51.100.7")
+    assert worker_hosts("0.0.0.0", node) == ("0.0.0.0", "198.51.100.7")  # never advertise a wildcard
+    assert worker_hosts("10.1.2.3", node) == ("10.1.2.3", "10.1.2.3")
+    with pytest.raises(ValueError, match="workers.host"):
+        worker_hosts("", node)
+
+
+def test_auto_gpus_place_every_worker_and_a_shortfall_fails_at_once():
+    from colm.deploy.actors import WorkerPool, gpus_per_worker
+    from colm.deploy.config import ClusterConfig
+
+    cfg = ClusterConfig.from_dict({"workers": {"num_prefill": 1, "num_decode": 1}})
+    assert gpus_per_worker(cfg.workers, 0) == 0.0
+    assert gpus_per_worker(cfg.workers, 1) == 0.5  # one GPU: both roles share it
+    assert gpus_per_worker(cfg.workers, 2) == 1.0
+    three = ClusterConfig.from_dict({"workers": {"num_prefill": 2, "num_decode": 2}}).workers
+    assert gpus_per_worker(three, 3) == 0.5  # 4 workers on 3 GPUs: two per GPU, never 0.75 (3 would not pack)
+    whole = ClusterConfig.from_dict({"workers": {"num_gpus_per_worker": 1}})
+    pool = WorkerPool(whole, "unused", "t" * 16)
+    pool._num_gpus = lambda: 1.0
+    with pytest.raises(RuntimeError, match="GPU: workers need 2, the cluster has 1.*num_gpus_per_worker"):
+        pool.check_fits({"CPU": 8.0, "GPU": 1.0}, embedded=True)
+    pool.check_fits({"CPU": 8.0, "GPU": 1.0}, embedded=False)  # a joined cluster may grow: a warning only

@@ -30,6 +30,9 @@ def service():
         "router": {"grpc_port": 0, "http_port": 0, "metrics_port": 0, "poll_interval_s": 0.1, "max_retries": 3,
                    "worker_wait_s": 90},
         "ray": {"num_cpus": 4}})
+    # a simulated one-GPU machine (a GPU resource Ray believes in; the engines run on the CPU): the bundled
+    # num_gpus_per_worker: auto must place both workers on it
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, namespace="colm", log_to_driver=False)
     launcher = Launcher(cfg)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -80,6 +83,15 @@ def _wait_serving(addr: str, timeout: float = 120.0) -> dict:
                 return h
             time.sleep(0.2)
     raise AssertionError(f"not serving after {timeout} s: {h}")
+
+
+def test_one_gpu_places_both_workers_with_half_a_gpu_each(service):
+    launcher, addrs = service
+    assert launcher.pool._num_gpus() == 0.5
+    h = _wait_serving(addrs["grpc"], timeout=30)
+    assert {w["worker_id"] for w in h["workers"]} == {"prefill-0", "decode-0"}
+    assert all(w["address"].startswith("127.0.0.1:") for w in h["workers"])  # the embedded cluster: loopback
+    assert ray.available_resources().get("GPU", 0) == 0  # both halves taken
 
 
 def test_the_only_decode_worker_killed_mid_stream_the_stream_completes_exactly(service):
