@@ -93,6 +93,12 @@ class Client:
         return [{"scale": s.scale, "num_params": s.num_params, "dim": s.dim, "predicted_ttft_ms": s.predicted_ttft_ms,
                  "predicted_tpot_ms": s.predicted_tpot_ms, "measured_step_ms": s.measured_step_ms} for s in r.scales]
 
+    def set_scale(self, request_id: str, scale: int) -> int:
+        """Switch a running request (started with this ``request_id``) to ``scale``; returns the scale."""
+        r = self.stub.UpdateRequest(self.pb2.UpdateRequestRequest(request_id=request_id, scale=scale),
+                                    metadata=self.metadata, timeout=self.timeout_s)
+        return r.scale
+
     def health(self) -> dict:
         r = self.stub.Health(self.pb2.HealthRequest(), metadata=self.metadata, timeout=self.timeout_s)
         return {"serving": r.serving, "reason": r.reason, "queued": r.queued, "running": r.running,

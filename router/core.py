@@ -43,6 +43,10 @@ class Unavailable(Exception):
     pass
 
 
+class UnknownRequest(LookupError):
+    """No running request has the id (NOT_FOUND)."""
+
+
 class RequestError(Exception):
     """The request failed on the workers, twice, while they serve on (INTERNAL): a bug, not an outage."""
 
@@ -96,6 +100,8 @@ class Router:
         self._tasks: list[asyncio.Task] = []
         self._failovers: dict[str, asyncio.Future] = {}  # request id -> set to a worker id when it fails a poll
         self._serving: bool | None = None  # last health() verdict, None before the first
+        self._by_client_id: dict[str, set[str]] = {}  # client request id -> uids of its running requests
+        self._states: dict[str, RunningRequest] = {}  # uid -> its decoding state (scale), across retries
         self.health_listeners: list = []  # called with the new verdict (bool) whenever it changes
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -193,6 +199,27 @@ class Router:
             except Exception:  # the loop must outlive any one bad round
                 log.exception("router poll loop")
 
+    async def set_scale(self, request_id: str, scale: int) -> int:
+        """A client's scale switch for its running request ``request_id`` (its own id, as echoed in responses).
+        Applies from the decode worker's next step; pins the scale. Raises UnknownRequest / ValueError."""
+        if isinstance(scale, bool) or not isinstance(scale, int):
+            raise ValueError(f"scale={scale!r}: must be an integer in 1..{self.model_cfg.num_chains}")
+        self.model_cfg.check_scale(scale)
+        uids = self._by_client_id.get(request_id, set())
+        states = [self._states[u] for u in uids if u in self._states]
+        if not states:
+            raise UnknownRequest(f"request_id={request_id!r}: no running request has this id")
+        if len(states) > 1:
+            raise ValueError(f"request_id={request_id!r} names {len(states)} running requests; give requests unique "
+                             "ids to switch their scale")
+        state = states[0]
+        state.scale, state.pinned = scale, True  # a retry starts at it too; rebalancing leaves it alone
+        for rid, (st, decode_id) in list(self.running.items()):
+            if st is state:
+                await self.backend.set_scale(decode_id, rid, scale)
+        self.metrics.scale_changes.inc()
+        return scale
+
     async def rebalance_once(self) -> None:
         states = [s for s, _ in self.running.values()]
         for rid, scale in self.policy.rebalance(states).items():
@@ -242,6 +269,7 @@ class Router:
         """Stream a request's events. Raises Overloaded / BudgetUnmet / DeadlineExceeded / Unavailable."""
         status, scale = "error", 0
         self.metrics.queued.set(self.admission.num_queued + 1)
+        self._by_client_id.setdefault(spec.request_id, set()).add(spec.uid)
         try:
             async with self.admission.slot(spec.deadline):
                 self.metrics.queued.set(self.admission.num_queued)
@@ -264,6 +292,12 @@ class Router:
                       "GeneratorExit": "cancelled"}.get(type(e).__name__, "error")
             raise
         finally:
+            uids = self._by_client_id.get(spec.request_id)
+            if uids is not None:
+                uids.discard(spec.uid)
+                if not uids:
+                    del self._by_client_id[spec.request_id]
+            self._states.pop(spec.uid, None)
             self.metrics.requests.labels(status, str(scale)).inc()
             self.metrics.running.set(self.admission.num_running)
 
@@ -304,7 +338,8 @@ class Router:
         times: list[float] = []
         failed: dict[str, float] = {}  # worker id -> when it failed this request: out until it reports again
         retries = request_failures = 0
-        state = RunningRequest(spec.uid, decision.scale, spec.budget, pinned=spec.scale is not None)
+        state = self._states[spec.uid] = RunningRequest(spec.uid, decision.scale, spec.budget,
+                                                         pinned=spec.scale is not None)
         finish = "length"
         while len(out) < params.max_new_tokens:
             left = spec.deadline - time.monotonic()

@@ -24,7 +24,7 @@ import grpc
 from colm.proto import load_proto
 from colm.proto.rpc import SERVER_OPTIONS, bind_port
 from colm.router.admission import Overloaded
-from colm.router.core import DeadlineExceeded, Router, Unavailable
+from colm.router.core import DeadlineExceeded, Router, Unavailable, UnknownRequest
 from colm.router.placement import NoWorker
 from colm.router.policy import Budget, BudgetUnmet
 from colm.sampling import SamplingParams
@@ -59,6 +59,8 @@ def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, float | None]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(e) or "deadline exceeded", None
     if isinstance(e, (Unavailable, NoWorker)):
         return grpc.StatusCode.UNAVAILABLE, str(e), None
+    if isinstance(e, UnknownRequest):
+        return grpc.StatusCode.NOT_FOUND, str(e), None
     return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}", None
 
 
@@ -295,6 +297,13 @@ class ColmServicer(pb2_grpc.ColmServicer):
                                             predicted_ttft_ms=est[k]["ttft_ms"], predicted_tpot_ms=est[k]["tpot_ms"],
                                             measured_step_ms=r.policy.model.step_ms.get(k, 0.0)))
         return out
+
+    async def UpdateRequest(self, request, context):
+        rid = request.request_id
+        if not rid or len(rid) > 128:
+            raise ValueError(f"request_id={rid[:40]!r}: give the id of a running request (1-128 characters)")
+        scale = await self.router.set_scale(rid, request.scale)
+        return pb2.UpdateRequestResponse(request_id=rid, scale=scale)
 
     async def Health(self, request, context):
         r = self.router

@@ -38,8 +38,8 @@ from colm.sampling import SamplingParams
 
 log = logging.getLogger("colm.router")
 
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "RESOURCE_EXHAUSTED": 429, "DEADLINE_EXCEEDED": 504, "UNAVAILABLE": 503,
-               "INTERNAL": 500}
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429, "DEADLINE_EXCEEDED": 504,
+               "UNAVAILABLE": 503, "INTERNAL": 500}
 HTTP_TYPE = {401: "unauthenticated", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 

@@ -1,0 +1,90 @@
+"""A client switches a running request's scale through the public API (UpdateRequest): the stream's tokens
+report where the switch applied, and they equal `colm generate` replaying the same schedule."""
+
+import threading
+
+import grpc
+import pytest
+
+pytest.importorskip("colm.decode_worker.engine")
+
+from colm import checkpoint  # noqa: E402
+from colm.client import Client  # noqa: E402
+from colm.decode_worker.config import DecodeConfig  # noqa: E402
+from colm.decode_worker.engine import DecodeEngine  # noqa: E402
+from colm.generate import generate  # noqa: E402
+from colm.model import CoLM  # noqa: E402
+from colm.prefill_worker.engine import PrefillEngine  # noqa: E402
+from colm.presets import preset  # noqa: E402
+from colm.router.config import RouterConfig  # noqa: E402
+from colm.router.core import Router  # noqa: E402
+from colm.router.engine_backend import EngineBackend  # noqa: E402
+from colm.sampling import SamplingParams  # noqa: E402
+from colm.tokenizer import ByteTokenizer  # noqa: E402
+from router_helpers import BackgroundRouter  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny-air"))
+    checkpoint.save(CoLM(preset("tiny-air")).reset_parameters(seed=5), path, tokenizer={"kind": "byte"})
+    prefill = {"prefill-0": PrefillEngine.from_checkpoint(path)}
+    decode = {"decode-0": DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=128))}
+    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05), checkpoint.load_config(path),
+                    ByteTokenizer(), EngineBackend(prefill, decode))
+    bg = BackgroundRouter(router)
+    yield bg, path
+    bg.stop()
+
+
+def _reference(path, prompt, n, schedule):
+    model = checkpoint.load(path).eval()
+    return generate(model, ByteTokenizer().encode(prompt), SamplingParams(max_new_tokens=n, ignore_eos=True),
+                    scale_schedule=schedule, eos_id=ByteTokenizer.eos_id).token_ids
+
+
+@pytest.mark.parametrize("start,to", [(2, 1), (1, 2)])
+def test_client_switches_scale_mid_stream_and_tokens_follow_the_schedule(served, start, to):
+    bg, path = served
+    rid, n, out = f"switch-{start}-{to}", 160, []
+    with Client(bg.grpc_addr) as c:
+        for ev in c.stream("switch me", max_new_tokens=n, scale=start, ignore_eos=True, request_id=rid):
+            if ev["kind"] == "token":
+                out.append((ev["id"], ev["scale"]))
+                if len(out) == 5:
+                    assert c.set_scale(rid, to) == to
+    scales = [s for _, s in out]
+    at = scales.index(to)  # the first token at the new scale: where the switch applied
+    assert 5 <= at < n and scales == [start] * at + [to] * (n - at)
+    assert [t for t, _ in out] == _reference(path, "switch me", n, lambda i: start if i < at else to)
+
+
+def test_switch_errors_name_the_problem(served):
+    bg, _ = served
+    with Client(bg.grpc_addr) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.set_scale("nobody-runs-this", 1)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "nobody-runs-this" in e.value.details()
+        started, release = threading.Event(), threading.Event()
+
+        def run(rid):
+            for ev in c.stream("long one", max_new_tokens=400, scale=2, ignore_eos=True, request_id=rid):
+                if ev["kind"] == "token":
+                    started.set()
+                    release.wait(30)
+
+        threads = [threading.Thread(target=run, args=(rid,)) for rid in ("same", "same", "solo")]
+        for t in threads:
+            t.start()
+        started.wait(30)
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                c.set_scale("solo", 3)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "scale" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                c.set_scale("same", 1)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "2 running requests" in e.value.details()
+        finally:
+            release.set()
+            for t in threads:
+                t.join(60)
