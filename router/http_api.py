@@ -93,7 +93,8 @@ class HttpApi:
         app = web.Application(middlewares=[self._guard], client_max_size=self.router.cfg.max_message_bytes)
         app.add_routes([web.post("/v1/completions", self.completions), web.get("/v1/models", self.models),
                         web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize),
-                        web.get("/tokenizer_info", self.tokenizer_info), web.get("/health", self.health)])
+                        web.get("/tokenizer_info", self.tokenizer_info), web.get("/health", self.health),
+                        web.post("/v1/requests/{request_id}/scale", self.set_scale)])
         return app
 
     @web.middleware
@@ -268,6 +269,19 @@ class HttpApi:
         return web.json_response({"tokenizer": self.tok.spec(), "vocab_size": cfg.vocab_size,
                                   "bos_token_id": self.tok.bos_id, "eos_token_id": self.tok.eos_id,
                                   "max_model_len": cfg.max_seq_len})
+
+    async def set_scale(self, request):
+        """Switch a running completion's scale: ``POST /v1/requests/{id}/scale {"scale": k}``, ``id`` as the
+        response's ``id`` (``cmpl-...`` / ``chatcmpl-...``) or without its prefix. Same rules as gRPC's
+        UpdateRequest; answers ``{"id", "scale"}``."""
+        rid = request.match_info["request_id"]
+        for prefix in ("chatcmpl-", "cmpl-"):
+            rid = rid.removeprefix(prefix)
+        body = await self._json(request)
+        scale = body.get("scale")
+        if isinstance(scale, bool) or not isinstance(scale, int):
+            raise ValueError(f"scale={scale!r}: give an integer in 1..{self.router.model_cfg.num_chains}")
+        return web.json_response({"id": request.match_info["request_id"], "scale": await self.router.set_scale(rid, scale)})
 
     async def health(self, request):
         ok, reason = self.router.health()  # a healthy prefill AND decode worker, as gRPC's Health says

@@ -21,7 +21,7 @@ from colm.router.core import Router  # noqa: E402
 from colm.router.engine_backend import EngineBackend  # noqa: E402
 from colm.sampling import SamplingParams  # noqa: E402
 from colm.tokenizer import ByteTokenizer  # noqa: E402
-from router_helpers import BackgroundRouter  # noqa: E402
+from router_helpers import BackgroundRouter, post_json  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def served(tmp_path_factory):
     checkpoint.save(CoLM(preset("tiny-air")).reset_parameters(seed=5), path, tokenizer={"kind": "byte"})
     prefill = {"prefill-0": PrefillEngine.from_checkpoint(path)}
     decode = {"decode-0": DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=128))}
-    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05), checkpoint.load_config(path),
+    router = Router(RouterConfig(grpc_port=0, http_port=0, poll_interval_s=0.05), checkpoint.load_config(path),
                     ByteTokenizer(), EngineBackend(prefill, decode))
     bg = BackgroundRouter(router)
     yield bg, path
@@ -88,3 +88,22 @@ def test_switch_errors_name_the_problem(served):
             release.set()
             for t in threads:
                 t.join(60)
+
+
+def test_http_switch_of_a_running_request(served):
+    bg, path = served
+    rid, n, out, replies = "http-switch", 120, [], []
+    with Client(bg.grpc_addr) as c:
+        for ev in c.stream("switch me", max_new_tokens=n, scale=2, ignore_eos=True, request_id=rid):
+            if ev["kind"] == "token":
+                out.append((ev["id"], ev["scale"]))
+                if len(out) == 5:
+                    replies.append(post_json(f"{bg.http_url}/v1/requests/cmpl-{rid}/scale", {"scale": 1}))
+    assert replies == [(200, {"id": f"cmpl-{rid}", "scale": 1})]
+    scales = [s for _, s in out]
+    at = scales.index(1)
+    assert [t for t, _ in out] == _reference(path, "switch me", n, lambda i: 2 if i < at else 1)
+    status, body = post_json(f"{bg.http_url}/v1/requests/{rid}/scale", {"scale": 1})  # finished: gone
+    assert status == 404 and rid in body["error"]["message"]
+    status, body = post_json(f"{bg.http_url}/v1/requests/{rid}/scale", {"scale": "1"})
+    assert status == 400 and "scale" in body["error"]["message"]
