@@ -1,29 +1,32 @@
-"""Versioned ``.proto`` sources of colm (``colm/v1/*.proto``) and their loader.
+"""Versioned ``.proto`` sources of colm (``colm/v1/*.proto``) and their generated modules.
 
-Generated code is never committed: ``load_proto("kv")`` compiles ``colm/v1/kv.proto`` with
-``grpc_tools.protoc`` into a cache directory on first use (keyed by a hash of the sources and the
-protobuf/grpc versions, written atomically so concurrent processes agree) and returns the
-``(pb2, pb2_grpc)`` modules. Protos of one version live in one folder and import each other by bare
-file name (``import "kv.proto";``), so generated modules are top-level ``<name>_pb2`` modules; the
-cache directory is appended to ``sys.path`` for their cross-imports.
+The package build generates the Python code (``setup.py``'s ``build_py`` runs ``grpc_tools.protoc``):
+``colm/v1/kv.proto`` becomes ``colm.proto.colm.v1.kv_pb2`` and ``kv_pb2_grpc``, with package-relative
+cross-imports. Generated code is never committed and nothing is compiled into a cache at run time.
+``load_proto("kv")`` imports and returns ``(kv_pb2, kv_pb2_grpc)``.
 
-Nothing here imports grpc until ``load_proto`` is called, so engines may import ``colm.proto``.
+Each generated file records a hash of the ``.proto`` sources it was made from. When the modules are
+missing or were made from other sources than the ones beside them:
+
+* in a source checkout (``proto/`` sits next to ``pyproject.toml``, i.e. an editable install) with
+  grpcio-tools installed (the ``dev`` extra has it), ``load_proto`` regenerates them in place under a
+  file lock, so a ``git pull`` or an edit of a ``.proto`` needs no reinstall;
+* otherwise it raises ``RuntimeError`` saying to reinstall (``pip install -e .`` in a checkout).
+
+Nothing here imports grpc or protobuf until ``load_proto`` is called, so engines may import ``colm.proto``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import os
-import re
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from types import ModuleType
 
+from . import _protoc
+
 PROTO_ROOT = Path(__file__).resolve().parent
-_IMPORT_RE = re.compile(r'^\s*import\s+(?:public\s+|weak\s+)?"([^"]+)\.proto"\s*;', re.MULTILINE)
 _lock = threading.Lock()
 
 
@@ -31,70 +34,74 @@ def proto_dir(version: str = "v1") -> Path:
     return PROTO_ROOT / "colm" / version
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("COLM_PROTO_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "colm" / "proto"
+def _is_source_checkout() -> bool:
+    return (PROTO_ROOT.parent / "pyproject.toml").is_file() and (PROTO_ROOT.parent / "setup.py").is_file()
 
 
-def _closure(name: str, src: Path) -> list[str]:
-    """``name`` and every proto it imports (transitively), dependencies first."""
-    order: list[str] = []
+def _stale(src: Path, name: str) -> str | None:
+    """Why the generated modules of ``name`` cannot be used as they are; None when they are current."""
+    want = _protoc.sources_hash(src)
+    for module in (f"{name}_pb2", f"{name}_pb2_grpc"):
+        got = _protoc.recorded_hash(src / f"{module}.py")
+        if got is None:
+            return f"{module}.py is missing from {src}"
+        if got != want:
+            return f"{module}.py was generated from other .proto sources than those in {src}"
+    return None
 
-    def visit(n: str) -> None:
-        if n in order:
+
+def _regenerate(src: Path) -> None:
+    import fcntl
+
+    with open(src / ".generate.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # other processes of this checkout may be regenerating too
+        if any(_stale(src, p.stem) for p in _protoc.proto_files(src)):
+            _protoc.generate(src, src)
+
+
+def _ensure_generated(name: str, version: str, src: Path) -> None:
+    if not (src / f"{name}.proto").is_file():
+        if (src / f"{name}_pb2.py").is_file():
+            return  # the sources were left out of this install; trust the build
+        known = sorted(p.stem for p in _protoc.proto_files(src))
+        raise ValueError(f"load_proto: no {src / f'{name}.proto'} (known: {known})")
+    why = _stale(src, name)
+    if why is None:
+        return
+    if _is_source_checkout():
+        try:
+            import grpc_tools  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            _regenerate(src)
             return
-        path = src / f"{n}.proto"
-        if not path.is_file():
-            raise ValueError(f"load_proto: no {path} (known: {sorted(p.stem for p in src.glob('*.proto'))})")
-        for dep in _IMPORT_RE.findall(path.read_text()):
-            visit(dep)
-        order.append(n)
-
-    visit(name)
-    return order
+    raise RuntimeError(f"colm.proto: {why}; the generated code of colm/{version}/{name}.proto is built with the package: "
+                       f"run `pip install -e .` in the colm checkout ({PROTO_ROOT.parent}), or reinstall colm")
 
 
-def _compile(names: list[str], src: Path, out: Path) -> None:
-    from grpc_tools import protoc  # lazy: only a service needs generated code
-
-    import grpc_tools
-
-    include = str(Path(grpc_tools.__file__).parent / "_proto")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    args = ["protoc", f"-I{src}", f"-I{include}", f"--python_out={tmp}", f"--grpc_python_out={tmp}"]
-    args += [str(src / f"{n}.proto") for n in names]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed on {names} in {src}")
+def _version_errors() -> tuple[type[Exception], ...]:
     try:
-        os.replace(tmp, out)  # atomic publish; a concurrent winner already holds the same content
-    except OSError:
-        if not out.is_dir():
-            raise
+        from google.protobuf.runtime_version import VersionError
+    except ImportError:  # protobuf < 5.26 has no gencode/runtime check
+        return (RuntimeError,)
+    return (RuntimeError, VersionError)
 
 
 def load_proto(name: str, version: str = "v1") -> tuple[ModuleType, ModuleType]:
-    """Compile (once) and import ``colm/<version>/<name>.proto``; returns ``(name_pb2, name_pb2_grpc)``."""
-    import google.protobuf
-    import grpc
-
+    """Import the generated modules of ``colm/<version>/<name>.proto``; returns ``(name_pb2, name_pb2_grpc)``."""
     src = proto_dir(version)
+    package = f"{__name__}.colm.{version}"
     with _lock:
-        names = _closure(name, src)
-        h = hashlib.sha256(f"{google.protobuf.__version__}|{grpc.__version__}|{version}".encode())
-        for n in names:
-            h.update(n.encode() + b"\0" + (src / f"{n}.proto").read_bytes())
-        out = _cache_root() / f"{version}-{'-'.join(names)}-{h.hexdigest()[:16]}"
-        if not (out / f"{name}_pb2_grpc.py").is_file():
-            _compile(names, src, out)
-        if str(out) not in sys.path:
-            sys.path.append(str(out))
-        pb2 = importlib.import_module(f"{name}_pb2")
-        pb2_grpc = importlib.import_module(f"{name}_pb2_grpc")
-    if Path(pb2.__file__).resolve().parent != out.resolve():
-        raise RuntimeError(f"load_proto: {name}_pb2 was already imported from {pb2.__file__}, expected {out}")
+        if f"{package}.{name}_pb2_grpc" not in sys.modules:
+            _ensure_generated(name, version, src)
+        try:
+            pb2 = importlib.import_module(f"{package}.{name}_pb2")
+            pb2_grpc = importlib.import_module(f"{package}.{name}_pb2_grpc")
+        except _version_errors() as e:  # code generated by a newer grpcio-tools than this grpcio/protobuf
+            raise RuntimeError(f"colm.proto: importing the generated code of colm/{version}/{name}.proto failed "
+                               f"({type(e).__name__}: {e}); reinstall colm with this environment's grpcio-tools: "
+                               "`pip install --no-build-isolation -e .`") from e
     return pb2, pb2_grpc
 
 

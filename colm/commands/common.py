@@ -1,21 +1,37 @@
-"""Argument helpers shared by subcommands."""
+"""Argument helpers shared by subcommands.
+
+torch is imported only when a parsed command needs it (``--device auto`` resolved, a dtype looked
+up), so building the parser (``colm --help``, ``colm serve --help``) stays free of torch.
+"""
 
 from __future__ import annotations
 
-import torch
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def device_name(name: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is a torch device string."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def add_device_args(p) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    # argparse passes a string default through ``type`` only when the command is parsed without --device.
+    p.add_argument("--device", default="auto", type=device_name,
+                   help="torch device (default: auto = cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="compute dtype (default: the checkpoint's)")
 
 
 def resolve_dtype(name: str | None):
-    return None if name is None else DTYPES[name]
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
 
 
 def resolve_model_dir(name: str) -> str:

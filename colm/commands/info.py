@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="show a checkpoint's chains and per-scale parameter counts, or list presets")
-    p.add_argument("--model", help="colm checkpoint directory")
+    p.add_argument("--model", help="colm checkpoint directory, or 'demo' for the bundled demo model")
     p.add_argument("--presets", action="store_true", help="list preset names")
     p.set_defaults(func=run)
 
@@ -29,6 +29,7 @@ def run(args) -> int:
                   f"params={cfg.num_params() / 1e9:.3f}B")
         return 0
     from colm.checkpoint import load_config
+    from colm.commands.common import resolve_model_dir
 
-    print(describe(load_config(args.model)))
+    print(describe(load_config(resolve_model_dir(args.model))))
     return 0

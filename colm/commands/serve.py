@@ -7,19 +7,51 @@ import sys
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a model: embedded local Ray cluster (or --address auto), workers, router",
-                       description="With no --config, uses the bundled deploy/serve.yaml: the tiny CoLM-Air demo "
-                                   "model on this machine's CPU or GPU. Ctrl-C or SIGTERM stops everything.")
+                       description="Serve MODEL_OR_DIR (a colm checkpoint directory, or 'demo' for the bundled "
+                                   "CoLM-Air {4,4} demo model). Everything not given as a flag comes from --config "
+                                   "(default: the bundled deploy/serve.yaml, the demo model on this machine's CPU or "
+                                   "GPU); flags override the YAML. Secrets may be given as env:NAME to read NAME "
+                                   "from the environment. Ctrl-C or SIGTERM stops everything.")
+    p.add_argument("model_or_dir", nargs="?", default=None, metavar="MODEL_OR_DIR",
+                   help="checkpoint directory or 'demo' (overrides model.path)")
     p.add_argument("--config", default=None, help="serve.yaml (default: the bundled one)")
-    p.add_argument("--model", default=None, help="checkpoint dir (overrides model.path)")
+    p.add_argument("--model", default=None, metavar="MODEL_OR_DIR", help="same as the positional MODEL_OR_DIR")
+    p.add_argument("--host", default=None, help="router listen address for gRPC and HTTP (router.host; default 127.0.0.1)")
+    p.add_argument("--port", "--http-port", dest="http_port", type=int, default=None, metavar="PORT",
+                   help="OpenAI-compatible HTTP port (router.http_port; default 8000)")
+    p.add_argument("--grpc-port", type=int, default=None, metavar="PORT", help="gRPC port (router.grpc_port; default 50051)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require this key on the public endpoints (router.api_key); env:NAME reads it from NAME")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="model name in the OpenAI API's responses and /v1/models (router.served_model_name)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="Prometheus metrics port (router.metrics_port)")
     p.add_argument("--address", default=None, help="Ray address: 'auto' joins a running cluster (default: embedded)")
-    p.add_argument("--host", default=None, help="router listen address (default 127.0.0.1)")
-    p.add_argument("--grpc-port", type=int, default=None)
-    p.add_argument("--http-port", type=int, default=None)
-    p.add_argument("--num-prefill", type=int, default=None)
-    p.add_argument("--num-decode", type=int, default=None)
+    p.add_argument("--num-prefill", type=int, default=None, help="prefill workers (workers.num_prefill)")
+    p.add_argument("--num-decode", type=int, default=None, help="decode workers (workers.num_decode)")
     p.add_argument("--colocated", action="store_true",
                    help="baseline for load tests: one full-model server (no disaggregation, no scale choice)")
     p.set_defaults(func=run)
+
+
+# (flag's dest, YAML section, field): a flag given on the command line replaces the field's YAML value.
+OVERRIDES = (
+    ("address", "ray", "address"),
+    ("host", "router", "host"),
+    ("grpc_port", "router", "grpc_port"),
+    ("http_port", "router", "http_port"),
+    ("api_key", "router", "api_key"),
+    ("served_model_name", "router", "served_model_name"),
+    ("metrics_port", "router", "metrics_port"),
+    ("num_prefill", "workers", "num_prefill"),
+    ("num_decode", "workers", "num_decode"),
+)
+
+
+def model_arg(args) -> str | None:
+    positional, flag = getattr(args, "model_or_dir", None), getattr(args, "model", None)
+    if positional is not None and flag is not None and positional != flag:
+        raise ValueError(f"model given twice: {positional!r} and --model {flag!r}")
+    return positional if positional is not None else flag
 
 
 def load_config(args):
@@ -29,10 +61,9 @@ def load_config(args):
 
     with open(args.config or bundled_serve_yaml()) as f:
         d = yaml.safe_load(f) or {}
-    for section, key, value in (("model", "path", args.model), ("ray", "address", args.address),
-                                ("router", "host", args.host), ("router", "grpc_port", args.grpc_port),
-                                ("router", "http_port", args.http_port), ("workers", "num_prefill", args.num_prefill),
-                                ("workers", "num_decode", args.num_decode)):
+    overrides = [("model", "path", model_arg(args))]
+    overrides += [(section, key, getattr(args, dest, None)) for dest, section, key in OVERRIDES]
+    for section, key, value in overrides:
         if value is not None:
             d.setdefault(section, {})
             d[section] = dict(d[section] or {}, **{key: value})
