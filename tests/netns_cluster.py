@@ -153,3 +153,45 @@ class NetnsCluster:
             _run("ip", "netns", "del", n.name, check=False)
             _run("ip", "link", "del", f"vh{self.tag}{i}", check=False)
         _run("ip", "link", "del", self.bridge, check=False)
+
+
+class LoopbackCluster(NetnsCluster):
+    """The fallback where namespaces cannot be made: the same nodes on loopback aliases (127.0.0.11, .12, ...),
+    each ``ray start`` with its own node IP, no isolation between them (same-host KV paths apply)."""
+
+    def __init__(self, node_resources: list[dict], num_cpus: list[int] | None = None, tmp: Path | None = None) -> None:
+        super().__init__(node_resources, num_cpus, tmp)
+        for i, n in enumerate(self.nodes):
+            n.name, n.ip = f"loopback-{self.tag}-{i}", f"127.0.0.{11 + i}"
+
+    def create_network(self) -> None:
+        pass  # 127.0.0.0/8 is loopback already
+
+    def ns(self, node: Node, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        return _run(*cmd, check=check)
+
+    def popen(self, node: Node, cmd: list[str], log: str, env: dict | None = None) -> subprocess.Popen:
+        out = open(self.tmp / log, "w")
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
+                             start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def start_ray(self, node: Node, timeout_s: float = 120.0) -> None:
+        r = subprocess.run(self.ray_start_args(node), capture_output=True, text=True, env=self.env, timeout=timeout_s)
+        if r.returncode != 0:
+            raise RuntimeError(f"ray start for {node.ip} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+
+    def node_pids(self, node: Node) -> list[int]:
+        """Ray's processes of this cluster (their command lines name its temp dir) on this node's IP."""
+        import psutil
+
+        out = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or ())
+            if str(self.tmp) in cmd and node.ip in cmd:
+                out.append(p.pid)
+        return out
+
+    def stop(self) -> None:
+        super().stop()  # the namespace commands it runs for cleanup fail harmlessly (check=False)

@@ -8,6 +8,7 @@ runs the same cluster with distinct node IPs on loopback aliases."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -18,9 +19,11 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
-from netns_cluster import NetnsCluster, netns_unavailable  # noqa: E402
+from netns_cluster import LoopbackCluster, NetnsCluster, netns_unavailable  # noqa: E402
 
-WHY_NO_NETNS = netns_unavailable()
+# COLM_TEST_LOOPBACK_CLUSTER=1 runs the fallback even where namespaces work (to check the fallback itself)
+FORCE_LOOPBACK = os.environ.get("COLM_TEST_LOOPBACK_CLUSTER") == "1"
+WHY_NO_NETNS = "COLM_TEST_LOOPBACK_CLUSTER=1" if FORCE_LOOPBACK else netns_unavailable()
 TOKEN = "netns-test-cluster-token-0123456789"
 PROMPT = "The import statement"
 
@@ -84,7 +87,7 @@ def cluster():
         c.stop()
 
 
-def _reference(n: int, scale: int) -> list[int]:
+def _reference(n: int, scale: int | None, schedule=None) -> list[int]:
     from colm import checkpoint
     from colm.assets import demo_model_dir
     from colm.generate import generate
@@ -94,7 +97,7 @@ def _reference(n: int, scale: int) -> list[int]:
     model = checkpoint.load(str(demo_model_dir())).eval()
     tok = ByteTokenizer()
     return generate(model, tok.encode(PROMPT), SamplingParams(max_new_tokens=n), scale=scale,
-                    eos_id=tok.eos_id).token_ids
+                    scale_schedule=schedule, eos_id=tok.eos_id).token_ids
 
 
 def _health(addr: str) -> dict:
@@ -141,6 +144,17 @@ def test_tokens_across_namespaces_equal_colm_generate_at_every_scale(cluster):
             status, body = post_json(service["http"] + "/v1/completions",
                                      {"prompt": PROMPT, "max_tokens": 32, "temperature": 0, "scale": scale})
             assert status == 200 and body["choices"][0]["text"] == ByteTokenizer().decode(want)
+        # a client's mid-stream switch 2 -> 1 (the decode worker on node C switches on the same KV)
+        out = []
+        for ev in cl.stream(PROMPT, max_new_tokens=48, scale=2, request_id="netns-switch"):
+            if ev["kind"] == "token":
+                out.append((ev["id"], ev["scale"]))
+                if len(out) == 4:
+                    cl.set_scale("netns-switch", 1)
+        scales = [sc for _, sc in out]
+        at = scales.index(1)
+        assert scales == [2] * at + [1] * (len(out) - at)
+        assert [t for t, _ in out] == _reference(len(out), None, schedule=lambda i: 2 if i < at else 1)
     # the KV went from node B to node C over the network: the prefill worker holds a connection to decode's port
     decode_port = {w["worker_id"]: w["address"] for w in _health(service["grpc"])["workers"]}["decode-0"].rsplit(":")[1]
     conns = c.ns(c.nodes[2], "ss", "-tnH", "state", "established").stdout
@@ -200,3 +214,28 @@ def test_decode_node_killed_under_load_then_back(cluster):
     _wait_serving(service["grpc"], 180)
     with Client(service["grpc"]) as cl:
         assert cl.complete(PROMPT, max_new_tokens=32, scale=1)["token_ids"] == _reference(32, 1)
+
+
+@pytest.fixture(scope="module")
+def loopback_cluster():
+    if not WHY_NO_NETNS:
+        pytest.skip("network namespaces work here: the namespace cluster above covers this")
+    print(f"network namespaces unavailable ({WHY_NO_NETNS}): running the cluster on loopback aliases")
+    c = LoopbackCluster([{}, {"prefill": 4}, {"decode": 4}], num_cpus=[1, 2, 2])
+    try:
+        c.start()
+        yield c, _start_service(c)
+    finally:
+        c.stop()
+
+
+def test_fallback_cluster_on_loopback_aliases_pins_roles_and_serves_exact_tokens(loopback_cluster):
+    from colm.client import Client
+
+    c, service = loopback_cluster
+    h = _wait_serving(service["grpc"], 120)
+    where = {w["worker_id"]: w["address"].rsplit(":", 1)[0] for w in h["workers"]}
+    assert where == {"prefill-0": c.nodes[1].ip, "decode-0": c.nodes[2].ip}, where
+    with Client(service["grpc"]) as cl:
+        for scale in (1, 2):
+            assert cl.complete(PROMPT, max_new_tokens=32, scale=scale)["token_ids"] == _reference(32, scale)
