@@ -34,8 +34,8 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 def netns_unavailable() -> str:
     if sys.platform != "linux":
         return "network namespaces need Linux"
-    if shutil.which("ip") is None:
-        return "the ip command (iproute2) is not installed"
+    if shutil.which("ip") is None or shutil.which("ss") is None:
+        return "the ip and ss commands (iproute2) are not installed"
     if os.geteuid() != 0:
         return "creating network namespaces needs root"
     probe = f"colm-probe-{uuid.uuid4().hex[:6]}"
