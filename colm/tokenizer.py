@@ -104,4 +104,6 @@ def tokenizer_from_files(directory: str | Path):
 def load_checkpoint_tokenizer(model_dir: str | Path):
     from colm.checkpoint import read_meta
 
-    return load_tokenizer(read_meta(model_dir).get("tokenizer"), model_dir)
+    tok = load_tokenizer(read_meta(model_dir).get("tokenizer"), model_dir)
+    tok.model_dir = str(model_dir)  # where the HTTP API finds tokenizer_config.json (colm.chat_template)
+    return tok

@@ -1,9 +1,19 @@
 """OpenAI-compatible HTTP front of the router (aiohttp).
 
 Endpoints: ``POST /v1/completions`` (streaming as server-sent events, ``logprobs`` and ``echo`` of
-prompt tokens, batched prompts), ``GET /v1/models``, ``POST /tokenize``, ``POST /detokenize``,
-``GET /tokenizer_info``, ``GET /health``. The scale or a latency budget rides in extra fields:
-``scale``, ``ttft_ms``, ``tpot_ms``, ``deadline_ms``, ``on_miss`` (top level or inside ``"colm": {}``).
+prompt tokens, batched prompts), ``POST /v1/chat/completions`` (the prompt rendered with the checkpoint's
+chat template, ``colm.chat_template``; 400 for a model without one), ``GET /v1/models``,
+``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``, ``GET /health``. The scale or a latency
+budget rides in extra fields: ``scale``, ``ttft_ms``, ``tpot_ms``, ``deadline_ms``, ``on_miss`` (top level or
+inside ``"colm": {}``).
+
+Models: the served name (``router.served_model_name``) and one name per scale, ``NAME@k``, which pins
+scale k (a different ``scale`` extra beside it is a 400); an omitted ``model`` is the served name; any
+other name is a 404 ``NotFoundError``, as vLLM answers. Stop strings are cut from the returned text with
+what follows them (OpenAI / vLLM semantics; ``include_stop_str_in_output: true`` keeps the stop string):
+the router core stops at the token completing a stop string and streams that token's whole text, so
+``StopTrimmer`` cuts at the HTTP layer and, while streaming, holds back the last ``len(longest stop) - 1``
+characters until they cannot start a stop string.
 Request bodies are validated by the pydantic models of ``colm.router.openai_schema`` (strict types,
 finite numbers; unsupported OpenAI fields rejected unless they ask for a no-op; unknown fields ignored).
 aiohttp is chosen because Ray's default extra already installs it, it runs on the router's asyncio
@@ -32,7 +42,9 @@ from aiohttp.web import RequestPayloadError
 
 from colm.router.core import Router
 from colm.router.grpc_server import _key_ok, status_for
-from colm.router.openai_schema import BadField, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse
+from colm.chat_template import TokenizerConfig
+from colm.router.openai_schema import (BadField, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                       TokenizeRequest, parse)
 from colm.router.policy import Budget
 from colm.sampling import SamplingParams
 
@@ -66,6 +78,45 @@ def _param(e: BaseException, msg: str) -> str | None:
     return name if name in CompletionRequest.model_fields else None
 
 
+class ModelNotFound(Exception):
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist.")
+
+
+class StopTrimmer:
+    """The text of one response with its stop string cut off (see the module docstring)."""
+
+    def __init__(self, stops: tuple[str, ...], include_stop: bool) -> None:
+        self.stops, self.include = stops, include_stop
+        self.longest = max((len(x) for x in stops), default=0)
+        self.hold = 0 if include_stop else max(0, self.longest - 1)
+        self.text, self.sent, self.done = "", 0, False
+
+    def add(self, delta: str) -> str:
+        """Append the router's text; returns what may be given out now."""
+        if self.done or not delta:
+            return ""
+        self.text += delta
+        if self.stops:
+            start = max(0, self.sent - self.longest + 1)
+            hits = [(i, len(x)) for x in self.stops if (i := self.text.find(x, start)) >= 0]
+            if hits:
+                i, n = min(hits)
+                self.done = True
+                return self._give(i + n if self.include else i)
+        return self._give(len(self.text) - self.hold)
+
+    def flush(self) -> str:
+        """The end of the response: everything not cut off."""
+        return "" if self.done else self._give(len(self.text))
+
+    def _give(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:upto], upto
+        return out
+
+
 def _http_error(request, e: web.HTTPException, max_body: int) -> web.Response:
     """aiohttp's own errors (unknown path, wrong method, body too large) in the JSON error shape."""
     msg = {404: f"no such path: {request.path}",
@@ -88,10 +139,13 @@ class HttpApi:
     def __init__(self, router: Router) -> None:
         self.router = router
         self.tok = router.tokenizer
+        self.tcfg = getattr(self.tok, "tokenizer_config", None) or TokenizerConfig.load(
+            getattr(self.tok, "model_dir", None), self.tok)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._guard], client_max_size=self.router.cfg.max_message_bytes)
         app.add_routes([web.post("/v1/completions", self.completions), web.get("/v1/models", self.models),
+                        web.post("/v1/chat/completions", self.chat_completions),
                         web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize),
                         web.get("/tokenizer_info", self.tokenizer_info), web.get("/health", self.health),
                         web.post("/v1/requests/{request_id}/scale", self.set_scale)])
@@ -106,6 +160,8 @@ class HttpApi:
                                      headers={"WWW-Authenticate": "Bearer"})
         try:
             return await handler(request)
+        except ModelNotFound as e:
+            return web.json_response(_error_body(str(e), "NotFoundError", 404, "model"), status=404)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
@@ -129,18 +185,41 @@ class HttpApi:
             after = f" (after decoding Content-Encoding: {enc})" if enc else ""
             raise BadField(f"request body is not valid JSON{after}: {e}", None) from None
 
-    def _spec(self, req: CompletionRequest, prompt, echo_logprobs: bool):
-        ext = req.extras()
+    def _model(self, req) -> tuple[str, int | None]:
+        """(the model name to answer with, the scale it pins or None); ModelNotFound (404) for other names."""
+        name = self.router.cfg.served_model_name
+        if req.model is None or req.model == name:
+            return name, None
+        base, at, k = req.model.rpartition("@")
+        if at and base == name and k.isdigit() and k == str(int(k)) and 1 <= int(k) <= self.router.model_cfg.num_chains:
+            return req.model, int(k)
+        raise ModelNotFound(req.model)
+
+    def _stops(self, req) -> tuple[str, ...]:
         stop = req.stop or ()
-        params = SamplingParams(max_new_tokens=16 if req.max_tokens is None else req.max_tokens,
+        return (stop,) if isinstance(stop, str) else tuple(stop)
+
+    def _spec(self, req, prompt, echo_logprobs: bool, max_new_tokens: int | None = None,
+              stop_token_ids: tuple[int, ...] = ()):
+        ext = req.extras()
+        _, pinned = self._model(req)
+        scale = ext.get("scale")
+        if pinned is not None and scale is not None and scale != pinned:
+            raise BadField(f"scale={scale} conflicts with model {req.model!r}, which serves scale {pinned}", "scale")
+        if max_new_tokens is None:
+            max_new_tokens = 16 if req.max_tokens is None else req.max_tokens
+        params = SamplingParams(max_new_tokens=max_new_tokens,
                                 temperature=1.0 if req.temperature is None else req.temperature,
                                 top_p=1.0 if req.top_p is None else req.top_p, top_k=max(0, req.top_k or 0),
-                                seed=req.seed, stop_strings=(stop,) if isinstance(stop, str) else tuple(stop),
+                                seed=req.seed, stop_strings=self._stops(req), stop_token_ids=stop_token_ids,
                                 ignore_eos=bool(req.ignore_eos))
         budget = Budget(ttft_ms=ext.get("ttft_ms"), tpot_ms=ext.get("tpot_ms"), deadline_ms=ext.get("deadline_ms"),
                         on_miss=ext.get("on_miss", "degrade"))
-        text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
-        return self.router.validate(ids, text, params, budget, ext.get("scale"), prompt_logprobs=echo_logprobs)
+        ids = self.tcfg.encode(prompt) if isinstance(prompt, str) else prompt  # special tokens' names as their ids
+        return self.router.validate(ids, None, params, budget, pinned or scale, prompt_logprobs=echo_logprobs)
+
+    def _trimmer(self, req) -> StopTrimmer:
+        return StopTrimmer(self._stops(req), bool(req.include_stop_str_in_output))
 
     def _piece(self, t: int) -> str:
         return self.tok.decode([t])
@@ -150,18 +229,28 @@ class HttpApi:
         prompts = req.prompt  # a list of prompts, each a string or a list of token ids
         echo = bool(req.echo)
         want_lp = req.logprobs is not None and req.logprobs is not False
+        model, _ = self._model(req)
         specs = [self._spec(req, p, echo and want_lp) for p in prompts]
         created = int(time.time())
         cid = f"cmpl-{specs[0].request_id}"
-        model = self.router.cfg.served_model_name
         if req.stream:
             if len(specs) != 1:
                 raise BadField("stream=true takes a single prompt", "stream")
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(request, specs[0], cid, created, model, echo, include_usage)
+
+            def chunk(text, finish=None, ev=None):
+                c = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+                if ev is not None:
+                    c.update({"scale": ev.scale, "token_id": ev.token_id})
+                return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [c]}
+
+            head = [chunk(self.tok.decode(specs[0].prompt_ids))] if echo else []
+            return await self._stream(request, specs[0], chunk, head, self._trimmer(req), include_usage,
+                                      {"id": cid, "object": "text_completion", "created": created, "model": model})
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for i, spec in enumerate(specs):
             toks, text, lps, finish, scale, plp = [], [], [], "length", 0, None
+            trim = self._trimmer(req)
             async for ev in self.router.generate(spec):
                 if ev.kind == "decision":
                     scale = ev.decision.scale
@@ -169,10 +258,10 @@ class HttpApi:
                     plp = ev.prompt_logprobs
                 elif ev.kind == "token":
                     toks.append(ev.token_id)
-                    text.append(ev.text)
+                    text.append(trim.add(ev.text))
                     lps.append(ev.logprob)
                 else:
-                    text.append(ev.text)
+                    text.append(trim.add(ev.text) + trim.flush())
                     finish = ev.finish_reason
                     for k in ("prompt_tokens", "completion_tokens"):
                         usage[k] += ev.usage[k]
@@ -198,38 +287,89 @@ class HttpApi:
         return web.json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
                                   "choices": choices, "usage": usage})
 
-    async def _stream(self, request, spec, cid, created, model, echo, include_usage: bool):
+    async def chat_completions(self, request):
+        req = parse(ChatCompletionRequest, await self._json(request))
+        model, _ = self._model(req)
+        ids = self.tcfg.encode(self.tcfg.render(req.messages, add_generation_prompt=req.add_generation_prompt
+                                                is not False))
+        if not ids:
+            raise BadField("messages: the chat template rendered an empty prompt", "messages")
+        max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_new is None:  # OpenAI's default: up to the end of the context
+            max_new = max(0, self.router.model_cfg.max_seq_len - len(ids))
+        eos = self.tcfg.token_id("eos_token")  # the template's end of turn, which may not be the tokenizer's EOS
+        spec = self._spec(req, ids, False, max_new, () if eos is None or req.ignore_eos else (eos,))
+        created, cid, trim = int(time.time()), f"chatcmpl-{spec.request_id}", self._trimmer(req)
+        head = {"id": cid, "object": "chat.completion", "created": created, "model": model}
+        want_lp = bool(req.logprobs)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            head["object"] = "chat.completion.chunk"
+            extra = {"usage": None} if include_usage else {}
+
+            def chunk(text, finish=None, ev=None, role=False):
+                if not text and finish is None and not role:
+                    return None
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                if ev is not None:
+                    c["scale"] = ev.scale
+                    if want_lp:
+                        c["logprobs"] = {"content": [self._chat_logprob(ev.token_id, ev.logprob)]}
+                return {**head, "choices": [c], **extra}
+
+            return await self._stream(request, spec, chunk, [chunk("", role=True)], trim, include_usage, head)
+        text, lps, finish, scale, usage = [], [], "length", 0, None
+        async for ev in self.router.generate(spec):
+            if ev.kind == "decision":
+                scale = ev.decision.scale
+            elif ev.kind == "token":
+                text.append(trim.add(ev.text))
+                lps.append(self._chat_logprob(ev.token_id, ev.logprob))
+            elif ev.kind == "finish":
+                text.append(trim.add(ev.text) + trim.flush())
+                finish, usage = ev.finish_reason, ev.usage
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                  "logprobs": {"content": lps} if want_lp else None, "finish_reason": finish, "scale": scale}
+        u = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+             "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+        return web.json_response({**head, "choices": [choice], "usage": u})
+
+    def _chat_logprob(self, token_id: int, logprob: float) -> dict:
+        piece = self._piece(token_id)
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8")), "top_logprobs": []}
+
+    async def _stream(self, request, spec, chunk, head: list, trim: StopTrimmer, include_usage: bool, ids: dict):
+        """Server-sent events: ``head``, then ``chunk(text, finish, event)`` per token and at the finish (None
+        skips it), then the usage when asked for, then [DONE]. ``ids`` are the id / object / created / model of
+        the usage chunk."""
         gen = self.router.generate(spec)
         try:
-            return await self._stream_events(request, gen, spec, cid, created, model, echo, include_usage)
+            return await self._stream_events(request, gen, chunk, head, trim, include_usage, ids)
         except ConnectionResetError:  # the client went away mid-stream: nobody is left to answer
             return web.Response(status=499)
         finally:
             await gen.aclose()  # a client gone mid-stream must not leave its request decoding
 
-    async def _stream_events(self, request, gen, spec, cid, created, model, echo, include_usage: bool):
+    async def _stream_events(self, request, gen, chunk, head, trim, include_usage: bool, ids: dict):
         await anext(gen)  # the decision: admission and the scale decision happen here: errors become plain HTTP errors
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
 
         async def send(obj) -> None:
-            await resp.write(f"data: {json.dumps(obj)}\n\n".encode())
+            if obj is not None:
+                await resp.write(f"data: {json.dumps(obj)}\n\n".encode())
 
-        def chunk(text, finish=None, extra=None):
-            c = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            c.update(extra or {})
-            return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [c]}
-
-        if echo:
-            await send(chunk(self.tok.decode(spec.prompt_ids)))
+        for obj in head:
+            await send(obj)
         usage = None
         try:
             async for ev in gen:
                 if ev.kind == "token":
-                    await send(chunk(ev.text, extra={"scale": ev.scale, "token_id": ev.token_id}))
+                    await send(chunk(trim.add(ev.text), None, ev))
                 elif ev.kind == "finish":
                     usage = ev.usage
-                    await send(chunk(ev.text, ev.finish_reason))
+                    await send(chunk(trim.add(ev.text) + trim.flush(), ev.finish_reason))
         except ConnectionResetError:
             raise
         except Exception as e:
@@ -240,20 +380,21 @@ class HttpApi:
         if usage and include_usage:
             u = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
                  "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-            await send({"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                        "usage": u})
+            await send({**ids, "choices": [], "usage": u})
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
 
     async def models(self, request):
-        cfg = self.router.model_cfg
-        return web.json_response({"object": "list", "data": [{
-            "id": self.router.cfg.served_model_name, "object": "model", "owned_by": "colm",
-            "max_model_len": cfg.max_seq_len, "scales": list(range(1, cfg.num_chains + 1))}]})
+        cfg, name = self.router.model_cfg, self.router.cfg.served_model_name
+        scales = list(range(1, cfg.num_chains + 1))
+        card = {"object": "model", "created": 0, "owned_by": "colm", "max_model_len": cfg.max_seq_len}
+        data = [{"id": name, **card, "root": name, "parent": None, "scales": scales}]
+        data += [{"id": f"{name}@{k}", **card, "root": name, "parent": name, "scale": k} for k in scales]
+        return web.json_response({"object": "list", "data": data})
 
     async def tokenize(self, request):
-        ids = self.tok.encode(parse(TokenizeRequest, await self._json(request)).prompt)
+        ids = self.tcfg.encode(parse(TokenizeRequest, await self._json(request)).prompt)
         return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.router.model_cfg.max_seq_len})
 
     async def detokenize(self, request):
@@ -266,9 +407,13 @@ class HttpApi:
 
     async def tokenizer_info(self, request):
         cfg = self.router.model_cfg
-        return web.json_response({"tokenizer": self.tok.spec(), "vocab_size": cfg.vocab_size,
-                                  "bos_token_id": self.tok.bos_id, "eos_token_id": self.tok.eos_id,
-                                  "max_model_len": cfg.max_seq_len})
+        # the special tokens by name, as vLLM's /tokenizer_info gives them: lm-eval's remote tokenizer reads
+        # eos_token and finds its id through /tokenize
+        return web.json_response({"tokenizer": self.tok.spec(), "tokenizer_class": type(self.tok).__name__,
+                                  "vocab_size": cfg.vocab_size, "bos_token_id": self.tok.bos_id,
+                                  "eos_token_id": self.tok.eos_id, "max_model_len": cfg.max_seq_len,
+                                  "model_max_length": cfg.max_seq_len, **self.tcfg.special,
+                                  "chat_template": self.tcfg.chat_template})
 
     async def set_scale(self, request):
         """Switch a running completion's scale: ``POST /v1/requests/{id}/scale {"scale": k}``, ``id`` as the

@@ -7,15 +7,23 @@ rejected). ``null`` means "the default" wherever the OpenAI schema marks a field
 
 Fields the engines cannot honour are rejected unless they ask for a no-op: ``n`` and ``best_of`` other
 than 1, a non-empty ``suffix``, non-zero ``presence_penalty`` / ``frequency_penalty``, a non-empty
-``logit_bias``. ``user`` and ``model`` are accepted and ignored, and so are unknown top-level fields
-(as vLLM does). The colm extras ``scale``, ``ttft_ms``, ``tpot_ms``, ``deadline_ms`` and ``on_miss``
-may sit at the top level or inside ``"colm": {...}`` (the top level wins when both are given); unknown
+``logit_bias``; in chat, ``tools`` / ``functions`` / a ``tool_choice`` other than "none" / a
+``response_format`` other than text, and ``top_logprobs`` above 0. ``user`` is accepted and ignored, and
+so are unknown top-level fields (as vLLM does); ``model`` is checked by the HTTP layer (404 when unknown).
+The colm extras ``scale``, ``ttft_ms``, ``tpot_ms``, ``deadline_ms`` and ``on_miss`` may sit at the top
+level or inside ``"colm": {...}`` (the top level wins when both are given); unknown
 keys inside ``"colm"`` are rejected, since a misspelled budget would otherwise be silently dropped.
 
 Limits, the same as the gRPC API's: ``ttft_ms`` / ``tpot_ms`` / ``deadline_ms`` in (0, 3600000] (one
 hour); ``seed`` 0..2**63-1; ``stop`` at most 16 strings of 1..256 characters (``""`` = no stop);
 ``scale`` >= 1 here and <= the model's number of chains in the router. ``top_k`` -1 means off, as in
-vLLM; ``logprobs`` 0..20, of which only the most likely token is reported.
+vLLM; ``logprobs`` 0 or 1 on completions: the engines report the sampled token's logprob and, for the
+prompt, the most likely token, never a top-N list, so larger values are a 400 rather than a short list.
+``include_stop_str_in_output`` (vLLM's extra) keeps a matched stop string in the text.
+
+Chat ``messages``: a non-empty list of objects with ``role`` system / user / assistant, ``content`` a
+string or a list of text parts ``{"type": "text", "text": ...}`` (joined with newlines, as vLLM does for
+string-content templates), and optionally ``name``; anything else is a 400 naming the message's field.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ MAX_BUDGET_MS = 3_600_000.0  # ttft_ms, tpot_ms, deadline_ms: at most one hour
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 SEED_MAX = 2**63 - 1  # the workers take an unsigned 64-bit seed: negative seeds are refused, not wrapped
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 1  # what the engines report per position: the sampled token, or the prompt's most likely one
+ROLES = ("system", "user", "assistant")
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 Ms = Annotated[float, Field(gt=0, le=MAX_BUDGET_MS)]
@@ -138,15 +147,12 @@ def _shown(x: Any) -> str:
     return k if x is None or isinstance(x, bool) or k == repr(x) else f"<{k}>"
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions."""
+class SamplingRequest(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share."""
 
     model_config = _STRICT
 
-    prompt: Any = Field(..., description="a non-empty string, a list of token ids (integers >= 0), or a non-empty "
-                                         "list of strings / token-id lists")
-    model: Optional[StrictStr] = Field(None, description="a string (ignored: the router serves one model)")
-    max_tokens: Optional[Annotated[StrictInt, Field(ge=0)]] = Field(16, description="an integer >= 0 (default 16)")
+    model: Optional[StrictStr] = Field(None, description="a name that /v1/models lists (NAME or NAME@k), or null")
     temperature: Optional[float] = Field(
         1.0, description=f"0 (greedy) or a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}] (default 1)")
     top_p: Optional[Annotated[float, Field(gt=0, le=1)]] = Field(1.0, description="a number in (0, 1] (default 1)")
@@ -160,13 +166,9 @@ class CompletionRequest(BaseModel):
                           f"{MAX_STOP_CHARS} characters), or null")
     stream: Optional[StrictBool] = Field(False, description="true or false")
     stream_options: Optional[StreamOptions] = Field(None, description='an object {"include_usage": true/false}')
-    echo: Optional[StrictBool] = Field(False, description="true or false")
-    logprobs: Optional[Union[Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)], StrictBool]] = Field(
-        None, description=f"an integer 0..{MAX_LOGPROBS} or null (only the most likely token is reported)")
     ignore_eos: Optional[StrictBool] = Field(False, description="true or false")
+    include_stop_str_in_output: Optional[StrictBool] = Field(False, description="true or false")
     n: Optional[StrictInt] = Field(1, description="1 (one choice per prompt)")
-    best_of: Optional[StrictInt] = Field(None, description="1 or null")
-    suffix: Optional[StrictStr] = Field(None, description="null or an empty string (insertion is not supported)")
     presence_penalty: Optional[float] = Field(None, description="0 or null (penalties are not supported)")
     frequency_penalty: Optional[float] = Field(None, description="0 or null (penalties are not supported)")
     logit_bias: Optional[dict[StrictStr, float]] = Field(None, description="null or {} (logit bias is not supported)")
@@ -179,16 +181,6 @@ class CompletionRequest(BaseModel):
     deadline_ms: Optional[Ms] = _ms_field()
     on_miss: OnMiss = _on_miss_field()
 
-    @field_validator("prompt", mode="plain")
-    @classmethod
-    def _prompt(cls, p):
-        """-> a list of prompts, each a string or a list of token ids."""
-        if isinstance(p, str):
-            return [_text(p, "prompt")]
-        if isinstance(p, list):
-            return _prompt_list(p, "prompt")
-        raise ValueError(f"prompt is {_kind(p)}")
-
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, t):
@@ -196,18 +188,11 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"temperature={t!r} is out of range")
         return t
 
-    @field_validator("n", "best_of")
+    @field_validator("n")
     @classmethod
     def _one(cls, v, info):
         if v is not None and v != 1:
             raise ValueError(f"{info.field_name}={v}: only 1 is supported")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v):
-        if v:
-            raise ValueError("suffix is not supported")
         return v
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -229,6 +214,143 @@ class CompletionRequest(BaseModel):
         ext = self.colm.model_dump(exclude_none=True) if self.colm else {}
         ext.update({k: getattr(self, k) for k in BUDGET_FIELDS if getattr(self, k) is not None})
         return ext
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: Any = Field(..., description="a non-empty string, a list of token ids (integers >= 0), or a non-empty "
+                                         "list of strings / token-id lists")
+    max_tokens: Optional[Annotated[StrictInt, Field(ge=0)]] = Field(16, description="an integer >= 0 (default 16)")
+    echo: Optional[StrictBool] = Field(False, description="true or false")
+    logprobs: Optional[Union[Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)], StrictBool]] = Field(
+        None, description=f"an integer 0..{MAX_LOGPROBS} or null (the engines report the sampled token and the "
+                          "prompt's most likely token, no longer top-N lists)")
+    best_of: Optional[StrictInt] = Field(None, description="1 or null")
+    suffix: Optional[StrictStr] = Field(None, description="null or an empty string (insertion is not supported)")
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _prompt(cls, p):
+        """-> a list of prompts, each a string or a list of token ids."""
+        if isinstance(p, str):
+            return [_text(p, "prompt")]
+        if isinstance(p, list):
+            return _prompt_list(p, "prompt")
+        raise ValueError(f"prompt is {_kind(p)}")
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v):
+        if v is not None and v != 1:
+            raise ValueError(f"best_of={v}: only 1 is supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        if v:
+            raise ValueError("suffix is not supported")
+        return v
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: Any = Field(..., description="a non-empty list of messages {role: system|user|assistant, content: "
+                                           "a string or a list of text parts}")
+    max_completion_tokens: Optional[Annotated[StrictInt, Field(ge=0)]] = Field(
+        None, description="an integer >= 0, or null (up to the end of the context)")
+    max_tokens: Optional[Annotated[StrictInt, Field(ge=0)]] = Field(
+        None, description="an integer >= 0, or null (the legacy name of max_completion_tokens)")
+    logprobs: Optional[StrictBool] = Field(False, description="true or false")
+    top_logprobs: Optional[Annotated[StrictInt, Field(ge=0, le=0)]] = Field(
+        None, description="0 or null (the engines report only the sampled token's logprob)")
+    add_generation_prompt: Optional[StrictBool] = Field(True, description="true or false")
+    tools: Optional[list] = Field(None, description="null or [] (tool calls are not supported)")
+    functions: Optional[list] = Field(None, description="null or [] (function calls are not supported)")
+    tool_choice: Optional[Any] = Field(None, description='null or "none" (tool calls are not supported)')
+    response_format: Optional[dict] = Field(None, description='null or {"type": "text"} (structured output is not '
+                                                               "supported)")
+
+    @field_validator("messages", mode="plain")
+    @classmethod
+    def _messages(cls, v):
+        return _chat_messages(v)
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v, info):
+        if v:
+            raise ValueError(f"{info.field_name}: tool and function calls are not supported")
+        return v
+
+    @field_validator("tool_choice", mode="plain")
+    @classmethod
+    def _tool_choice(cls, v):
+        if v not in (None, "none"):
+            raise ValueError(f"tool_choice={_shown(v)}: tool calls are not supported")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v):
+        if v and v != {"type": "text"}:
+            raise ValueError(f"response_format type={_shown(v.get('type'))}: structured output is not supported")
+        return v
+
+
+def _chat_messages(v) -> list[dict]:
+    """-> [{"role", "content": str, optionally "name"}]; BadField naming the message's field."""
+    if not isinstance(v, list) or not v:
+        raise BadField(f"messages is {_kind(v) if v != [] else 'an empty list'}: give a non-empty list of messages",
+                       "messages")
+    out = []
+    for i, m in enumerate(v):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise BadField(f"{where} is {_kind(m)}: each message is an object with role and content", where)
+        role = m.get("role")
+        if role not in ROLES:
+            what = " is missing" if "role" not in m else f"={_shown(role)}"
+            raise BadField(f"{where}.role{what}: allowed roles are {', '.join(ROLES)}", f"{where}.role")
+        if "content" not in m or m["content"] is None:
+            raise BadField(f"{where}.content is {'missing' if 'content' not in m else 'null'}: give a string or a "
+                           "list of text parts", f"{where}.content")
+        msg = {"role": role, "content": _content(m["content"], f"{where}.content")}
+        for k, x in m.items():
+            if k in ("role", "content") or x is None:
+                continue
+            if k != "name":
+                raise BadField(f"{where}.{k}: not supported; a message has role, content and optionally name",
+                               f"{where}.{k}")
+            if not isinstance(x, str):
+                raise BadField(f"{where}.name is {_kind(x)}: a string", f"{where}.name")
+            msg["name"] = _text(x, f"{where}.name")
+        out.append(msg)
+    return out
+
+
+def _content(c, where: str) -> str:
+    if isinstance(c, str):
+        return _text(c, where) if c else c
+    if not isinstance(c, list):
+        raise BadField(f"{where} is {_kind(c)}: give a string or a list of text parts", where)
+    texts = []
+    for j, part in enumerate(c):
+        at = f"{where}[{j}]"
+        if not isinstance(part, dict):
+            raise BadField(f"{at} is {_kind(part)}: a content part is an object {{\"type\": \"text\", \"text\": ...}}",
+                           at)
+        if part.get("type") != "text":
+            raise BadField(f"{at}.type={_shown(part.get('type'))}: only text parts are supported", f"{at}.type")
+        extra = sorted(set(part) - {"type", "text"})
+        if extra:
+            raise BadField(f"{at}.{extra[0]}: not supported; a text part has type and text", f"{at}.{extra[0]}")
+        if not isinstance(part.get("text"), str):
+            raise BadField(f"{at}.text is {_kind(part.get('text'))}: a string", f"{at}.text")
+        texts.append(_text(part["text"], f"{at}.text") if part["text"] else "")
+    return "\n".join(texts)
 
 
 class TokenizeRequest(BaseModel):
@@ -282,6 +404,9 @@ def bad_field(e: ValidationError, model: type[BaseModel]) -> BadField:
         return BadField(f"{param}: required field is missing", param)
     allowed = f"; allowed: {described.description}" if described is not None else ""
     if err["type"] == "value_error":  # ours: the message starts with the field's name
+        inner = err.get("ctx", {}).get("error")
+        if isinstance(inner, BadField):  # a validator that names a field inside its own (messages[2].role)
+            return inner
         return BadField(msg + allowed, param)
     return BadField(f"{param}={_shown(err.get('input'))}: {msg}{allowed}", param)
 

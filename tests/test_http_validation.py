@@ -196,7 +196,7 @@ def test_no_op_values_and_unknown_fields_are_accepted(url):
     status, plain = completion(url, GOOD)
     assert status == 200, plain
     noops = {"presence_penalty": 0, "frequency_penalty": 0.0, "best_of": 1, "n": 1, "logit_bias": {}, "user": "me",
-             "suffix": "", "model": "anything", "some_future_field": {"x": [1, 2]}, "top_k": -1}
+             "suffix": "", "model": "colm", "some_future_field": {"x": [1, 2]}, "top_k": -1}
     status, body = completion(url, {**GOOD, **noops})
     assert status == 200, body
     assert body["choices"][0]["text"] == plain["choices"][0]["text"]
