@@ -94,6 +94,23 @@ def test_one_gpu_places_both_workers_with_half_a_gpu_each(service):
     assert ray.available_resources().get("GPU", 0) == 0  # both halves taken
 
 
+def test_router_metrics_port_serves_every_workers_metrics(service):
+    """Workers' metrics ports are ephemeral, on their own nodes: the router's known port re-serves them."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    launcher, addrs = service
+    _wait_serving(addrs["grpc"], timeout=30)
+    with urllib.request.urlopen(addrs["metrics"], timeout=10) as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    workers = {s.labels.get("worker") for name in ("colm_decode_num_blocks", "colm_prefill_num_queued")
+               for s in families[name].samples}
+    assert workers == {"decode-0", "prefill-0"}, workers
+    assert {s.labels["worker"]: s.value for s in families["colm_worker_scrape_errors"].samples} == \
+        {"decode-0": 0.0, "prefill-0": 0.0}
+
+
 def test_the_only_decode_worker_killed_mid_stream_the_stream_completes_exactly(service):
     launcher, addrs = service
     n = 400
