@@ -93,7 +93,7 @@ class Router:
         self.policy = ScalePolicy(PolicyConfig.from_model(model_cfg, alpha=cfg.ewma_alpha, headroom=cfg.headroom))
         self.registry = WorkerRegistry(block_size=block_size, stale_after_s=max(10.0, 20 * cfg.poll_interval_s))
         self.admission = Admission(cfg.max_running, cfg.max_queued)
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(cfg.served_model_name)
         self.metrics.registry.register(WorkerMetricsCollector(
             lambda: [(w.worker_id, w.metrics_url) for w in self.backend.workers() if not w.dead]))
         self.running: dict[str, tuple[RunningRequest, str]] = {}  # request id -> (state, decode worker)
@@ -177,13 +177,7 @@ class Router:
             self.registry.update(r)
             self.policy.observe([r])
             self.metrics.worker_healthy.labels(w.worker_id, w.role).set(1)
-            if r.role == "decode":
-                self.metrics.kv_used.labels(w.worker_id).set(r.total_blocks - r.free_blocks)
-                self.metrics.kv_total.labels(w.worker_id).set(r.total_blocks)
-            else:
-                self.metrics.prefill_queue.labels(w.worker_id).set(r.queued_tokens)
-            self.metrics.transfer_bytes.labels(w.worker_id).set(r.transfer_bytes)
-            self.metrics.transfer_seconds.labels(w.worker_id).set(r.transfer_s)
+            self.metrics.observe_report(r)
 
         await asyncio.gather(*(one(w) for w in list(self.registry.workers.values()) if not w.dead))
         self._update_health()
@@ -386,6 +380,8 @@ class Router:
                         # this attempt's first token: its KV has reached the decode worker, the prefill worker is
                         # done with it, and its failing a health poll from now on must not fail the request over
                         self.registry.finish(prefill.worker_id, spec.uid)
+                    if not out:
+                        self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
                     out.append(tok.token_id)
                     times.append(now_ms)
                     delta = detok.add(tok.token_id)  # a partial UTF-8 character waits for the token completing it
@@ -440,12 +436,14 @@ class Router:
             tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
             if tpot is not None:
                 self.metrics.tpot.labels(sc).observe(tpot / 1e3)
+            self.metrics.observe_token_times(sc, times)
             if retries == 0 and state.scale == decision.scale and decision.scale in self.policy.model.step_ms:
                 # a clean sample of the error of a prediction made from measurements (not from priors)
                 m = self.policy.model
                 m.observe_request(m.ttft_ms(decision.scale, len(spec.prompt_ids), corrected=False), ttft,
                                   m.tpot_ms(decision.scale, corrected=False), tpot)
         self.metrics.e2e.labels(sc).observe(total / 1e3)
+        self.metrics.success.labels(finish, sc).inc()
         tail = detok.finish()
         yield Event("finish", text=tail, finish_reason=finish,
                     usage={"prompt_tokens": len(spec.prompt_ids), "completion_tokens": len(out), "ttft_ms": ttft,

@@ -143,7 +143,11 @@ class HttpApi:
             getattr(self.tok, "model_dir", None), self.tok)
 
     def app(self) -> web.Application:
+        from colm.router.metrics import metrics_endpoint
+
         app = web.Application(middlewares=[self._guard], client_max_size=self.router.cfg.max_message_bytes)
+        # the metrics port's registry (workers' metrics included), where vLLM and SGLang serve it; the API key applies
+        app.router.add_get("/metrics", metrics_endpoint(self.router.metrics.registry))
         app.add_routes([web.post("/v1/completions", self.completions), web.get("/v1/models", self.models),
                         web.post("/v1/chat/completions", self.chat_completions),
                         web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize),

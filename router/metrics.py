@@ -1,7 +1,50 @@
 """Prometheus metrics of the router (and a helper workers use to serve theirs).
 
 Each ``RouterMetrics`` owns its own registry, so several routers in one process (tests) do not
-collide. ``serve_metrics(registry, host, port)`` exposes one on a metrics port.
+collide. ``serve_metrics(registry, host, port)`` exposes one on a metrics port; ``metrics_endpoint(registry)``
+serves the same registry as ``GET /metrics`` on the OpenAI HTTP port (as vLLM and SGLang do). Both also carry
+every worker's metrics (``colm.router.worker_metrics``).
+
+Where a metric means what a vLLM metric means, it has vLLM's name with ``colm:`` for ``vllm:``, and its
+``model_name`` label (``router.served_model_name``), so a vLLM dashboard or alert works after replacing the
+prefix. Request-level metrics add ``scale`` (the chains a request ran at); ``worker`` names a worker.
+
+| colm | vLLM | type | labels beyond model_name |
+|---|---|---|---|
+| ``colm:num_requests_running`` | ``vllm:num_requests_running`` | gauge | (requests the router admitted) |
+| ``colm:num_requests_waiting`` | ``vllm:num_requests_waiting`` | gauge | (requests queued for admission) |
+| ``colm:kv_cache_usage_perc`` | ``vllm:kv_cache_usage_perc`` (0..1) | gauge | worker (a decode worker) |
+| ``colm:prompt_tokens_total`` | ``vllm:prompt_tokens_total`` | counter | (counted at a request's first token) |
+| ``colm:generation_tokens_total`` | ``vllm:generation_tokens_total`` | counter | scale |
+| ``colm:request_success_total`` | ``vllm:request_success_total`` | counter | finished_reason (stop, length), scale |
+| ``colm:time_to_first_token_seconds`` | ``vllm:time_to_first_token_seconds`` | histogram | scale |
+| ``colm:inter_token_latency_seconds`` | ``vllm:inter_token_latency_seconds`` (was ``..._time_per_output_token_...``) | histogram | scale |
+| ``colm:request_time_per_output_token_seconds`` | ``vllm:request_time_per_output_token_seconds`` | histogram | scale |
+| ``colm:e2e_request_latency_seconds`` | ``vllm:e2e_request_latency_seconds`` | histogram | scale |
+
+colm's own (no vLLM equivalent: disaggregated prefill/decode, scales, worker health):
+
+| name | type | labels | what |
+|---|---|---|---|
+| ``colm_requests_total`` | counter | model_name, status, scale | requests by outcome (ok, deadline, overloaded, rejected, ...) |
+| ``colm_retries_total`` | counter | model_name | attempts retried on another worker |
+| ``colm_scale_changes_total`` | counter | model_name | running requests moved to a smaller scale |
+| ``colm_degraded_total`` | counter | model_name | requests served below their budget at the smallest scale |
+| ``colm_request_phase_seconds`` | histogram | model_name, phase | where TTFT goes (phases: see ``decode_phases``, ``prefill_phases``) |
+| ``colm_kv_blocks_used`` | gauge | worker | KV blocks in use on a decode worker |
+| ``colm_kv_blocks_capacity`` | gauge | worker | KV blocks of a decode worker |
+| ``colm_prefill_queued_tokens`` | gauge | worker | prompt tokens queued on a prefill worker |
+| ``colm_kv_transfer_bytes_total`` | counter | worker (a prefill worker) | KV bytes handed from prefill to decode |
+| ``colm_kv_transfer_seconds_total`` | counter | worker | time spent on those hand-offs |
+| ``colm_worker_healthy`` | gauge | worker, role | 1 while the worker answers its health polls |
+| ``colm_worker_dead`` | gauge | worker, role | 1 once it is gone for good (Ray's restarts exhausted) |
+| ``colm_serving`` | gauge | | 1 while a request can be served |
+| ``colm_worker_scrape_errors`` | gauge | worker | 1 if its metrics did not answer the router's last scrape |
+| ``colm_prefill_<field>``, ``colm_decode_<field>`` | gauge, counter | worker | engine ``stats()`` |
+
+On the HTTP port, with ``router.api_key`` set, ``/metrics`` needs the key like every path but ``/health``
+(Prometheus: ``authorization: {credentials: KEY}`` in the scrape config); the metrics port needs none and binds
+``router.metrics_host`` (loopback by default). deploy/grafana/colm-dashboard.json charts these series.
 """
 
 from __future__ import annotations
@@ -48,23 +91,61 @@ def report_timeline(req, role: str, monotonic_s: float, timeline_ms) -> None:
         req.observe_timeline(role, monotonic_s, dict(timeline_ms))
 
 
+class _ForModel:
+    """A labelled metric whose first label, model_name, is fixed: ``labels(*rest)`` gives the child."""
+
+    def __init__(self, metric, model_name: str) -> None:
+        self.metric, self.model_name = metric, model_name
+
+    def labels(self, *values: str):
+        return self.metric.labels(self.model_name, *values)
+
+
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "colm") -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("colm_requests", "Finished requests by status and scale", ["status", "scale"], registry=r)
-        self.tokens = Counter("colm_generated_tokens", "Generated tokens by scale", ["scale"], registry=r)
-        self.ttft = Histogram("colm_ttft_seconds", "Time to first token", ["scale"], buckets=LATENCY_BUCKETS_S, registry=r)
-        self.tpot = Histogram("colm_tpot_seconds", "Mean time per output token after the first", ["scale"],
-                              buckets=LATENCY_BUCKETS_S, registry=r)
-        self.e2e = Histogram("colm_e2e_seconds", "End-to-end request latency", ["scale"], buckets=LATENCY_BUCKETS_S,
-                             registry=r)
-        self.queued = Gauge("colm_router_queued", "Requests waiting for admission", registry=r)
-        self.running = Gauge("colm_router_running", "Requests admitted and running", registry=r)
-        self.retries = Counter("colm_retries", "Attempts retried on another worker", registry=r)
-        self.scale_changes = Counter("colm_scale_changes", "Running requests moved to a smaller scale", registry=r)
-        self.degraded = Counter("colm_degraded", "Requests served below their budget at the smallest scale", registry=r)
+        self.model_name = model_name
+        m = ["model_name"]
+
+        def per_model(metric):
+            return _ForModel(metric, model_name)
+
+        # vLLM's names (colm: for vllm:), see the module docstring
+        self.running = Gauge("colm:num_requests_running", "Requests admitted by the router and running", m,
+                             registry=r).labels(model_name)
+        self.queued = Gauge("colm:num_requests_waiting", "Requests waiting for admission", m,
+                            registry=r).labels(model_name)
+        self.kv_usage = per_model(Gauge("colm:kv_cache_usage_perc", "KV-cache usage of a decode worker; 1 means 100 "
+                                        "percent", m + ["worker"], registry=r))
+        self.prompt_tokens = Counter("colm:prompt_tokens", "Prompt tokens of requests that reached their first token",
+                                     m, registry=r).labels(model_name)
+        self.tokens = per_model(Counter("colm:generation_tokens", "Generated tokens by scale", m + ["scale"],
+                                        registry=r))
+        self.success = per_model(Counter("colm:request_success", "Requests finished by finished_reason (stop, length) "
+                                         "and scale", m + ["finished_reason", "scale"], registry=r))
+        self.ttft = per_model(Histogram("colm:time_to_first_token_seconds", "Time to first token", m + ["scale"],
+                                        buckets=LATENCY_BUCKETS_S, registry=r))
+        self.itl = per_model(Histogram("colm:inter_token_latency_seconds", "Time between consecutive output tokens",
+                                       m + ["scale"], buckets=PHASE_BUCKETS_S, registry=r))
+        self.tpot = per_model(Histogram("colm:request_time_per_output_token_seconds", "A request's mean time per "
+                                        "output token after the first", m + ["scale"], buckets=PHASE_BUCKETS_S,
+                                        registry=r))
+        self.e2e = per_model(Histogram("colm:e2e_request_latency_seconds", "End-to-end request latency", m + ["scale"],
+                                       buckets=LATENCY_BUCKETS_S, registry=r))
+        # colm's own
+        self.requests = per_model(Counter("colm_requests", "Finished requests by status and scale",
+                                          m + ["status", "scale"], registry=r))
+        self.retries = Counter("colm_retries", "Attempts retried on another worker", m, registry=r).labels(model_name)
+        self.scale_changes = Counter("colm_scale_changes", "Running requests moved to a smaller scale", m,
+                                     registry=r).labels(model_name)
+        self.degraded = Counter("colm_degraded", "Requests served below their budget at the smallest scale", m,
+                                registry=r).labels(model_name)
+        self.phases = per_model(Histogram("colm_request_phase_seconds", "Where a request's time to first token goes, "
+                                          "from the workers' timelines: prefill_queue, prefill_compute, kv_delivery, "
+                                          "kv_wait, admission, first_step", m + ["phase"], buckets=PHASE_BUCKETS_S,
+                                          registry=r))
         self.kv_used = Gauge("colm_kv_blocks_used", "KV blocks in use per decode worker", ["worker"], registry=r)
-        self.kv_total = Gauge("colm_kv_blocks_total", "KV blocks per decode worker", ["worker"], registry=r)
+        self.kv_total = Gauge("colm_kv_blocks_capacity", "KV blocks per decode worker", ["worker"], registry=r)
         self.prefill_queue = Gauge("colm_prefill_queued_tokens", "Queued prompt tokens per prefill worker", ["worker"],
                                    registry=r)
         self.worker_healthy = Gauge("colm_worker_healthy", "1 if the worker is in service", ["worker", "role"], registry=r)
@@ -72,21 +153,47 @@ class RouterMetrics:
                                  ["worker", "role"], registry=r)
         self.serving = Gauge("colm_serving", "1 if a request can be served now (a healthy prefill and decode worker)",
                              registry=r)
-        self.transfer_bytes = Gauge("colm_kv_transfer_bytes", "KV bytes handed from prefill to decode (worker total)",
-                                    ["worker"], registry=r)
-        self.transfer_seconds = Gauge("colm_kv_transfer_seconds", "Time spent on KV hand-off (worker total)",
-                                      ["worker"], registry=r)
-        self.phases = Histogram("colm_request_phase_seconds", "Where a request's time to first token goes, from the "
-                                "workers' timelines: prefill_queue, prefill_compute, kv_delivery, kv_wait, admission, "
-                                "first_step", ["phase"], buckets=PHASE_BUCKETS_S, registry=r)
+        self.transfer_bytes = Counter("colm_kv_transfer_bytes", "KV bytes handed from prefill to decode", ["worker"],
+                                      registry=r)
+        self.transfer_seconds = Counter("colm_kv_transfer_seconds", "Time spent on KV hand-offs", ["worker"],
+                                        registry=r)
+        self._transfer_seen: dict[str, tuple[float, float]] = {}  # worker -> (bytes, seconds) its reports gave so far
 
     def observe_phases(self, phases: dict[str, float]) -> None:
         for phase, seconds in phases.items():
             self.phases.labels(phase).observe(seconds)
 
+    def observe_token_times(self, scale: str, times_ms: list[float]) -> None:
+        """Each gap between a request's consecutive tokens (ms since its arrival) as an inter-token latency."""
+        child = self.itl.labels(scale)
+        for a, b in zip(times_ms, times_ms[1:]):
+            child.observe(max(0.0, b - a) / 1e3)
+
+    def observe_report(self, r) -> None:
+        """One worker's ``WorkerReport``: its gauges, and the growth of its KV hand-off totals into the counters."""
+        wid = r.worker_id
+        if r.role == "decode":
+            self.kv_used.labels(wid).set(r.total_blocks - r.free_blocks)
+            self.kv_total.labels(wid).set(r.total_blocks)
+            self.kv_usage.labels(wid).set((r.total_blocks - r.free_blocks) / r.total_blocks if r.total_blocks else 0.0)
+        else:
+            self.prefill_queue.labels(wid).set(r.queued_tokens)
+        nbytes, seconds = float(r.transfer_bytes), float(r.transfer_s)
+        seen_bytes, seen_seconds = self._transfer_seen.get(wid, (0.0, 0.0))
+        # totals that went down were restarted from zero (a new backend or worker): all of the new total is growth
+        self.transfer_bytes.labels(wid).inc(nbytes - seen_bytes if nbytes >= seen_bytes else nbytes)
+        self.transfer_seconds.labels(wid).inc(seconds - seen_seconds if seconds >= seen_seconds else seconds)
+        self._transfer_seen[wid] = (nbytes, seconds)
+
+
+# Fields of the engines' stats() that only ever grow: served as counters (``..._total``), the rest as gauges.
+CUMULATIVE_STATS = frozenset({"num_done", "num_failed", "num_finished", "num_steps", "num_steps_launched_ahead",
+                              "num_steps_dropped"})
+
 
 class EngineStatsCollector:
-    """Exposes a worker engine's ``stats()`` (a dataclass of numbers) as gauges ``colm_<role>_<field>``."""
+    """Exposes a worker engine's ``stats()`` (a dataclass of numbers) as ``colm_<role>_<field>``: counters for the
+    running counts of ``CUMULATIVE_STATS``, gauges for the rest."""
 
     def __init__(self, engine, role: str, worker_id: str) -> None:
         self.engine, self.role, self.worker_id = engine, role, worker_id
@@ -94,14 +201,15 @@ class EngineStatsCollector:
     def collect(self):
         import dataclasses
 
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         stats = self.engine.stats()
         for f in dataclasses.fields(stats):
             value = getattr(stats, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            g = GaugeMetricFamily(f"colm_{self.role}_{f.name}", f"{self.role} engine {f.name}", labels=["worker"])
+            kind = CounterMetricFamily if f.name in CUMULATIVE_STATS else GaugeMetricFamily
+            g = kind(f"colm_{self.role}_{f.name}", f"{self.role} engine {f.name}", labels=["worker"])
             g.add_metric([self.worker_id], float(value))
             yield g
 
@@ -115,3 +223,18 @@ def worker_registry(engine, role: str, worker_id: str) -> CollectorRegistry:
 def serve_metrics(registry: CollectorRegistry, host: str, port: int):
     """Start a metrics HTTP server in a thread; returns (server, thread)."""
     return start_http_server(port, addr=host, registry=registry)
+
+
+def metrics_endpoint(registry: CollectorRegistry):
+    """An aiohttp handler serving ``registry`` in Prometheus' text format (``GET /metrics`` on the HTTP port).
+    Collecting scrapes the workers (blocking, up to their timeout), so it runs off the event loop."""
+    import asyncio
+
+    from aiohttp import web
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    async def handler(request):
+        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return handler

@@ -112,8 +112,9 @@ def test_http_completions_match_reference_and_echo_logprobs(served):
     assert post_json(f"{url}/tokenize", {"prompt": "hi"})[1]["tokens"] == [104, 105]
     with urllib.request.urlopen(bg.addresses["metrics"], timeout=10) as r:
         text = r.read().decode()
-    assert 'colm_requests_total{scale="1",status="ok"}' in text and "colm_ttft_seconds_bucket" in text
-    assert "colm_kv_blocks_total" in text and "colm_router_queued" in text
+    assert 'colm_requests_total{model_name="colm",scale="1",status="ok"}' in text
+    assert "colm:time_to_first_token_seconds_bucket" in text
+    assert "colm_kv_blocks_capacity" in text and "colm:num_requests_waiting" in text
     assert post_json(f"{url}/detokenize", {"tokens": [104, 105]})[1]["prompt"] == "hi"
 
 
