@@ -43,6 +43,8 @@ class DecodeConfig:
     score_graph_tokens: int = 0          # > 0 (CUDA): Score replays the full forward of prompts of up to this many
                                          # tokens from CUDA graphs (colm.graphed_forward; captured on first use,
                                          # their memory comes on top of the pool's). 0 = eager
+    nixl_arena_bytes: int = 256 << 20    # nixl transport: host buffer registered with NIXL once (on first use); each
+                                         # request's K/V land in a region of it before the copy into its blocks
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -67,5 +69,7 @@ class DecodeConfig:
             raise ValueError(f"score_graph_tokens={self.score_graph_tokens}: must be >= 0 (0 = eager)")
         if self.warmup_context < 0:
             raise ValueError(f"warmup_context={self.warmup_context}: must be >= 0 (0 = no warm-up)")
+        if self.nixl_arena_bytes <= 0:
+            raise ValueError(f"nixl_arena_bytes={self.nixl_arena_bytes}: must be > 0")
         if self.max_reservations <= 0:
             raise ValueError(f"max_reservations={self.max_reservations}: must be > 0")

@@ -19,6 +19,10 @@ sender's ready event's IPC handle, opened here) -> ``engine.finish_kv`` and an a
 ends, ``engine.end_external_writes`` follows (so blocks held back from an ended request go back, after
 a grace period if the stream broke).
 
+``WriteKV`` with ``KVHeader.transport = "nixl"`` is the NIXL transport's control stream (``colm.kv.nixl.receive``:
+a region of the receive arena is granted, the sender WRITEs into it and marks each range, decode checks and
+copies it into the blocks).
+
 ``PushKV`` messages are deserialised by ``read_kv_message``: a chunk's payload stays a view of the
 received buffer (``colm.kv_wire.split_chunk_message``) and only its metadata goes through protobuf.
 """
@@ -102,12 +106,18 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
         self.engine = engine
         self.ipc = StagingOpener()
         self._copy_stream = None  # cuda_ipc copies: off the step loop's stream, so a sync waits only for them
+        self._transports = None  # ReserveReply.transports (colm.kv.registry.receivable), made on the first Reserve
 
     def Reserve(self, request, context):
         r = self.engine.reserve(request.request_id, int(request.prompt_len), int(request.max_new_tokens),
                                 request.timeout_s or None)
+        cuda = self.engine.device.type == "cuda"
+        if self._transports is None:
+            from colm.kv.registry import receivable
+
+            self._transports = receivable(cuda)
         return kv_pb2.ReserveReply(request_id=r.request_id, num_blocks=r.num_blocks, block_size=r.block_size,
-                                   host_id=r.host_id, cuda_kv=self.engine.device.type == "cuda")
+                                   host_id=r.host_id, cuda_kv=cuda, transports=self._transports)
 
     def PushKV(self, request_iterator, context):
         state = {"rid": None, "done": False}
@@ -175,6 +185,11 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
             header = msg.header
             rid = header.request_id
             layout = layout_of(header)
+            if header.transport == "nixl":
+                yield from self._receive_nixl(header, layout, messages, context, state)
+                return
+            if header.transport not in ("", "cuda_pool"):
+                raise TransferError(f"request {rid}: transport {header.transport!r} is not received by WriteKV")
             grant = state["grant"] = self.engine.grant_kv(rid, layout, self.engine.config.grant_wait_s)
             export = self.engine.pool_export()
             pool = self.engine.pool
@@ -206,6 +221,24 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
         finally:
             if state["grant"] is not None and not state["clean"]:
                 self.engine.end_external_writes(state["grant"], clean=False)
+
+    def _receive_nixl(self, header, layout, messages, context, state):
+        """The nixl transport's WriteKV (``colm.kv.nixl.receive``): its region of the receive arena is freed however
+        the stream ends (after the grace when it broke: the sender may still write); the request fails if unfinished."""
+        from colm.kv import nixl as kv_nixl
+
+        rid = header.request_id
+
+        def on_end():
+            if not state["clean"]:
+                self.engine.fail_kv(rid, PeerUnavailableError(f"request {rid}: KV stream broke"))
+            kv_nixl.release_region(self.engine, state)
+
+        context.add_callback(on_end)
+        try:
+            yield from kv_nixl.receive(self.engine, header, layout, messages, state, kv_pb2)
+        finally:
+            kv_nixl.release_region(self.engine, state)
 
     def _stream_failed(self, rid: str | None, e: Exception, context, fail: bool) -> Exception:
         """What a failed KV stream raises: its request (``rid``, when ``fail``: its KV is not complete yet) fails and

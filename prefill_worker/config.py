@@ -18,6 +18,9 @@ class PrefillConfig:
     checksum: str = default_checksum() # bytes path: "crc32c" (when the crc32c package is installed) | "crc32" | "none"
     shm_checksum: str = "none"         # shared-memory path: the bytes never leave this host's memory
     ipc_checksum: str = "none"         # cuda_ipc path: the bytes never leave the GPU (a checksum costs a host copy)
+    nixl_checksum: str = default_checksum()  # nixl transport: over each written range of the region (may cross hosts)
+    nixl_arena_bytes: int = 256 << 20  # nixl transport: host buffer registered with NIXL once (on first use), the
+                                       # requests' K/V staged in it while they are written to decode
     # cuda_ipc path: layers per KVChunk signal, so decode copies them into its blocks while later layers
     # compute; 0 = one signal per token range once all its layers are in (one copy per chunk of the prompt,
     # after its forward). On one H100 shared by both workers, 8K prompt: TTFT 31.4 vs 30.9 ms (0 vs 1) in
@@ -41,7 +44,8 @@ class PrefillConfig:
     warmup_graphs: bool = False        # with cuda_graph_tokens: capture every graph at start (no request meets a capture)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_batch_size", "chunk_size", "max_queue", "kv_chunk_bytes", "length_bucket"):
+        for name in ("max_batch_tokens", "max_batch_size", "chunk_size", "max_queue", "kv_chunk_bytes", "length_bucket",
+                     "nixl_arena_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
         if self.ipc_chunk_layers < 0:
@@ -52,8 +56,8 @@ class PrefillConfig:
             raise ValueError(f"chunk_size={self.chunk_size} exceeds max_batch_tokens={self.max_batch_tokens}")
         if self.default_timeout_s <= 0:
             raise ValueError(f"default_timeout_s={self.default_timeout_s}: must be > 0")
-        for name in ("checksum", "shm_checksum", "ipc_checksum"):
+        for name in ("checksum", "shm_checksum", "ipc_checksum", "nixl_checksum"):
             if getattr(self, name) not in CHECKSUMS:
                 raise ValueError(f"{name}={getattr(self, name)!r}: allowed are {CHECKSUMS}")
-        if "crc32c" in (self.checksum, self.shm_checksum, self.ipc_checksum) and default_checksum() != "crc32c":
+        if "crc32c" in (self.checksum, self.shm_checksum, self.ipc_checksum, self.nixl_checksum) and default_checksum() != "crc32c":
             raise ValueError("checksum='crc32c' needs the crc32c package (pip install crc32c)")

@@ -1,10 +1,9 @@
 """gRPC front of the prefill engine: service ``colm.v1.PrefillWorker`` (see ``proto/colm/v1/kv.proto``).
 
-``Prefill`` picks the request's hand-off path (``colm.prefill_worker.paths.choose_path``: bytes over
-``PushKV``, shared memory, CUDA IPC of a staging tensor, or writes into decode's pool), builds that
-remote sink to the named decode worker, submits the prompt to the engine and waits within the
-request's deadline. Channels to decode workers are
-cached per address.
+``Prefill`` asks the transport registry which transport the request takes (``colm.kv.registry.choose``
+with the pair's facts: bytes over ``PushKV``, shared memory, CUDA IPC of a staging tensor, writes into
+decode's pool, NIXL), has that transport make its sink to the named decode worker, submits the prompt to
+the engine and waits within the request's deadline. Channels to decode workers are cached per address.
 """
 
 from __future__ import annotations
@@ -12,16 +11,13 @@ from __future__ import annotations
 import threading
 import time
 
-from colm.errors import RequestAbortedError
+from colm.kv import registry
 from colm.proto import load_proto
 from colm.proto.rpc import EngineServer
 from colm.proto.token_ids import request_token_ids
 
 from colm.prefill_worker.engine import PrefillEngine
-from colm.prefill_worker.ipc_sink import IpcKVSink
-from colm.prefill_worker.kv_push import GrpcKVSink, decode_stub
-from colm.prefill_worker.paths import choose_path
-from colm.prefill_worker.pool_sink import PoolKVSink
+from colm.prefill_worker.kv_push import decode_stub
 
 kv_pb2, kv_pb2_grpc = load_proto("kv")
 
@@ -45,22 +41,12 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
         received = time.monotonic()
         token_ids = request_token_ids(request)  # before any sink opens a stream: a bad field fails alone
         timeout = request.timeout_s or self.engine.config.default_timeout_s
-        cfg = self.engine.config
-        path = choose_path(request.path, request.same_host, self.engine.device.type == "cuda", request.decode_cuda)
-        stub = self._stub(request.decode_address)
-        if path == "cuda_pool":
-            sink = PoolKVSink(stub, request.request_id, self.cluster_token, timeout)
-            # The router sends Reserve and Prefill at once on this path; if its Reserve fails it cancels this call,
-            # and the grant will never come: fail the sink, so the request ends now (not after the grant wait) and
-            # the K/V it kept for the grant are dropped.
-            context.add_callback(lambda: sink.fail(RequestAbortedError(f"request {request.request_id}: Prefill "
-                                                                       "cancelled by the caller")))
-        elif path == "cuda_ipc":
-            sink = IpcKVSink(stub, request.request_id, self.cluster_token, self.engine.device, cfg.ipc_checksum, timeout,
-                             cfg.ipc_chunk_layers)
-        else:
-            sink = GrpcKVSink(stub, request.request_id, self.cluster_token, cfg.kv_chunk_bytes,
-                              cfg.shm_checksum if path == "shm" else cfg.checksum, timeout, shm=path == "shm")
+        facts = registry.PairFacts(request.same_host, self.engine.device.type == "cuda", request.decode_cuda,
+                                   tuple(request.decode_transports))
+        transport = registry.get(registry.choose(request.path, facts))
+        sink = transport.make_sink(registry.SinkContext(
+            self._stub(request.decode_address), request.request_id, self.cluster_token, self.engine.config,
+            self.engine.device, timeout, request.decode_address, on_cancel=context.add_callback))
         r = self.engine.submit(request.request_id, token_ids, sink, timeout, received).result(timeout=timeout)
         return kv_pb2.PrefillReply(request_id=r.request_id, num_tokens=r.num_tokens, num_bytes=r.num_bytes,
                                    queue_ms=r.queue_ms, compute_ms=r.compute_ms, total_ms=r.total_ms, path=r.path,

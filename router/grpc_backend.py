@@ -36,8 +36,8 @@ class GrpcBackend:
     def __init__(self, workers: list[WorkerInfo], cluster_token: str = "", scorer=None,
                  max_message_bytes: int = 64 << 20, kv_path: str = "auto") -> None:
         self.cluster_token = cluster_token
-        # KV hand-off path asked of prefill workers ("auto": CUDA IPC on one host with both pools on CUDA,
-        # shared memory on one host otherwise, gRPC bytes across hosts; see colm.prefill_worker.paths)
+        # KV transport asked of prefill workers (serve.yaml's ``transport:``; "auto": the registry picks by the
+        # pair's facts, colm.kv.registry)
         self.kv_path = kv_path
         self.scorer = scorer  # optional full model in this process, for prompt logprobs (echo)
         self.max_message_bytes = max_message_bytes
@@ -122,11 +122,11 @@ class GrpcBackend:
         prefill_task = None
         next_tok = None
 
-        def start_prefill(same_host: bool, path: str, decode_cuda: bool):
+        def start_prefill(same_host: bool, path: str, decode_cuda: bool, decode_transports=()):
             task = asyncio.ensure_future(self._prefill(prefill_id).Prefill(kv_pb2.PrefillRequest(
                 request_id=req.request_id, token_ids_u32=pack_token_ids(req.prompt_ids),
                 decode_address=self._workers[decode_id].address, same_host=same_host, timeout_s=timeout, path=path,
-                decode_cuda=decode_cuda), metadata=md, timeout=timeout))
+                decode_cuda=decode_cuda, decode_transports=decode_transports), metadata=md, timeout=timeout))
             task.add_done_callback(lambda t: self._count_transfer(prefill_id, t, req))
             return task
 
@@ -144,7 +144,7 @@ class GrpcBackend:
             reserved = True
             if prefill_task is None:
                 same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)
-                prefill_task = start_prefill(same_host, self.kv_path, reply.cuda_kv)
+                prefill_task = start_prefill(same_host, self.kv_path, reply.cuda_kv, list(reply.transports))
             sampling = kv_pb2.DecodeSampling(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
                                              top_p=p.top_p, stop_token_ids=list(p.stop_token_ids),
                                              ignore_eos=p.ignore_eos)
@@ -186,11 +186,18 @@ class GrpcBackend:
                 self._abort_in_background(decode_id, req.request_id)
 
     def _pool_pair(self, prefill_id: str, decode_id: str) -> bool:
-        """The request may take the cuda_pool path with Reserve and Prefill sent at once: the path allows it and
-        both workers said (in their last Stats) they run on CUDA on the same host."""
+        """Reserve and Prefill may go out at once: the transport the registry picks for the pair (facts from the
+        workers' last Stats) says so (cuda_pool: decode's grant waits for the reservation)."""
+        from colm.kv import registry
+
         host = self._host_ids.get(decode_id)
-        return (self.kv_path in ("auto", "cuda_pool") and bool(host) and host == self._host_ids.get(prefill_id)
-                and self._cuda.get(decode_id, False) and self._cuda.get(prefill_id, False))
+        facts = registry.PairFacts(bool(host) and host == self._host_ids.get(prefill_id),
+                                   self._cuda.get(prefill_id, False), self._cuda.get(decode_id, False))
+        try:
+            t = registry.get(registry.choose(self.kv_path, facts))
+        except ValueError:  # a transport the prefill worker itself must judge (e.g. nixl not importable here)
+            return False
+        return t.reserve_with_prefill and t.unmet(facts) is None
 
     def _abort_in_background(self, decode_id: str, request_id: str, attempts: int = 3) -> None:
         """Free a failed attempt's decode reservation without holding up its retry. A few tries with a

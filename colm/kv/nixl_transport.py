@@ -1,0 +1,16 @@
+"""The ``nixl`` transport's registration (the transport itself: ``colm.kv.nixl``, which imports nixl lazily).
+
+Needs ``nixl`` importable on both workers (``pip install 'colm[nixl]'``); any two hosts.
+"""
+
+from colm.kv.registry import SinkContext, Transport, register
+
+
+def make_sink(ctx: SinkContext):
+    from colm.kv.nixl import NixlKVSink
+
+    c = ctx.config
+    return NixlKVSink(ctx.stub, ctx.request_id, ctx.cluster_token, c.nixl_checksum, ctx.timeout_s, c.nixl_arena_bytes)
+
+
+TRANSPORT = register(Transport("nixl", make_sink, needs_import="nixl._api"))
