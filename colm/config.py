@@ -184,3 +184,19 @@ class ModelConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def servable(cfg: ModelConfig) -> str | None:
+    """Why the disaggregated service cannot serve ``cfg``, or None when it can.
+
+    The prefill engine runs chain 1 only and hands its K/V to decode, which runs every chain; that is exact
+    when chain 1's K/V are the whole model's: with KV sharing (CoLM-Air, every layer's K/V come from chain 1)
+    or with one chain (chain 1 is the whole model, e.g. a Llama straight from ``colm convert-hf``). Without
+    KV sharing, a model of several chains has K/V that depend on every chain. The prefill and decode engines
+    and the launcher's ``prepare`` all ask this one function.
+    """
+    if cfg.kv_sharing or cfg.num_chains == 1:
+        return None
+    return (f"not a CoLM-Air model (kv_sharing=false with chains={list(cfg.chains)}): the service's chain-1 "
+            "prefill gives the full model's K/V only with KV sharing or with a single chain; serve an Air "
+            "checkpoint (`colm expand --kv-sharing`, an Air preset: colm info --presets) or a one-chain model")

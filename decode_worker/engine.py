@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from colm import checkpoint
+from colm.config import servable
 from colm.errors import (CapacityError, DeadlineError, RequestAbortedError, RequestFailedError, TransferError,
                          UnknownRequestError)
 from colm.graphed_forward import GraphedForward
@@ -80,9 +81,9 @@ class DecodeEngine:
     def __init__(self, model: CoLM, config: DecodeConfig | None = None, eos_id: int | None = None,
                  detokenize=None, host_id: str | None = None) -> None:
         cfg = model.cfg
-        if not cfg.kv_sharing:
-            raise ValueError("DecodeEngine needs a CoLM-Air model (kv_sharing=True): the prefill worker's chain-1 "
-                             "K/V are the full model's K/V only with KV sharing")
+        reason = servable(cfg)  # the prefill worker's chain-1 K/V are this model's K/V
+        if reason is not None:
+            raise ValueError(f"DecodeEngine: {reason}")
         self.model = model.eval()
         self.cfg = cfg
         self.config = config or DecodeConfig()

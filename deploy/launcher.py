@@ -23,6 +23,7 @@ import signal
 import threading
 from pathlib import Path
 
+from colm.config import servable
 from colm.deploy.config import ClusterConfig
 
 log = logging.getLogger("colm.serve")
@@ -53,8 +54,9 @@ def ensure_model(cfg: ClusterConfig) -> str:
         preset_cfg = preset(cfg.model.preset)
     except (KeyError, ValueError) as e:
         raise ValueError(f"model.preset={cfg.model.preset!r}: {e}") from None
-    if not preset_cfg.kv_sharing and engines_will_run():
-        raise ValueError(_NOT_AIR.format(what=f"model.preset={cfg.model.preset!r}"))
+    reason = servable(preset_cfg)
+    if reason is not None and engines_will_run():
+        raise ValueError(f"model.preset={cfg.model.preset!r}: {reason}")
     out = demo_model_dir(cfg.model.preset)
     if (out / "config.json").is_file():
         return str(out)
@@ -72,11 +74,6 @@ def ensure_model(cfg: ClusterConfig) -> str:
     except OSError:  # another launcher won the race; its checkpoint is the same
         pass
     return str(out)
-
-
-_NOT_AIR = ("{what}: not a CoLM-Air model (kv_sharing=false); the prefill and decode engines serve CoLM-Air "
-            "checkpoints only (a chain-1 prefill gives the full model's K/V only with KV sharing): use an Air "
-            "preset (colm info --presets) or `colm expand --kv-sharing`")
 
 
 def engines_will_run() -> bool:
@@ -109,8 +106,9 @@ def check_model(cfg: ClusterConfig, path: str, colocated: bool = False):
     except (OSError, KeyError, ImportError) as e:
         raise ValueError(f"model {path}: its tokenizer does not load ({type(e).__name__}: {e})") from None
     if colocated or engines_will_run():
-        if not model_cfg.kv_sharing:
-            raise ValueError(_NOT_AIR.format(what=f"model {path}"))
+        reason = servable(model_cfg)
+        if reason is not None:
+            raise ValueError(f"model {path}: {reason}")
         device = cfg.model.device
         if device == "auto" and not cfg.ray.address:  # an embedded cluster's workers have this machine's devices
             import torch
@@ -230,7 +228,7 @@ class Launcher:
             from colm.prefill_worker.engine import PrefillEngine
             from colm.router.engine_backend import EngineBackend
 
-            if model_cfg.kv_sharing:
+            if servable(model_cfg) is None:
                 w, device = self.cfg.workers, self._device()
                 dtype = getattr(__import__("torch"), self.cfg.model.dtype)
                 prefill = {f"prefill-{i}": PrefillEngine.from_checkpoint(path, PrefillConfig(**self.cfg.prefill),

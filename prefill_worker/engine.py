@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from colm import checkpoint
-from colm.config import ModelConfig
+from colm.config import ModelConfig, servable
 from colm.errors import CapacityError, DeadlineError
 from colm.host_identity import host_id as current_host_id
 from colm.kv_wire import KVLayout, dtype_name
@@ -80,9 +80,10 @@ class PrefillStats:
 
 
 def check_air(cfg: ModelConfig) -> None:
-    if not cfg.kv_sharing:
-        raise ValueError("PrefillEngine serves CoLM-Air checkpoints only (kv_sharing=True): without KV sharing a "
-                         "layer's K/V depend on every chain, so a chain-1 prefill cannot produce them")
+    """The chain-1 prefill yields the full model's K/V: CoLM-Air, or one chain (``colm.config.servable``)."""
+    reason = servable(cfg)
+    if reason is not None:
+        raise ValueError(f"PrefillEngine: {reason}")
 
 
 class PrefillEngine:
