@@ -15,6 +15,7 @@ import torch
 from colm.kv_cache import ContiguousKVCache
 from colm.model import CoLM
 from colm.sampling import SamplingParams, sample_next
+from colm.stopping import StopChecker
 
 
 @dataclass
@@ -44,7 +45,7 @@ def generate(model: CoLM, prompt_ids: Sequence[int], params: SamplingParams, sca
     dtype = next(model.parameters()).dtype
     cache = ContiguousKVCache(cfg, 1, total, device=device, dtype=dtype)
     gen = params.make_generator()
-    stops = set(params.stop_token_ids) | (set() if params.ignore_eos or eos_id is None else {eos_id})
+    stopper = StopChecker(params, eos_id, decode if params.stop_strings else None)
     out: list[int] = []
     scales: list[int] = []
     step_input = torch.tensor([list(prompt_ids)], device=device)
@@ -54,11 +55,8 @@ def generate(model: CoLM, prompt_ids: Sequence[int], params: SamplingParams, sca
         tok = sample_next(logits.cpu(), params, gen)
         out.append(tok)
         scales.append(s)
-        if tok in stops:
-            return GenerationResult(out, "stop", scales)
-        if params.stop_strings and decode is not None:
-            text = decode(out)
-            if any(stop in text for stop in params.stop_strings):
-                return GenerationResult(out, "stop", scales)
+        reason = stopper.add(tok)
+        if reason:
+            return GenerationResult(out, reason, scales)
         step_input = torch.tensor([[tok]], device=device)
     return GenerationResult(out, "length", scales)

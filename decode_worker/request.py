@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from colm.decode_worker.block_pool import CopyPlan
-from colm.detokenize import IncrementalDetokenizer
 from colm.errors import RequestAbortedError
 from colm.kv_wire import KVLayout
 from colm.sampling import SamplingParams
+from colm.stopping import StopChecker
 from colm.timeline import Timeline
 
 _END = object()
@@ -129,7 +129,7 @@ class DecodeRequest:
     next_input: int = 0                        # token fed to the next step
     running: bool = False
     cancel: BaseException | None = None        # set by abort/failure while running; the step loop ends it
-    detok: IncrementalDetokenizer | None = None  # stop strings: the output's text, O(window) per token
+    stopper: StopChecker | None = None  # the stop rules (and, with stop strings, the output's text), from token 1
     # cuda_pool: a sender holds a grant to write into ``blocks`` itself (from ``grant_kv`` until its stream
     # ends). If the request ends meanwhile, the blocks are held back, and freed at ``release_at``.
     external_writer: bool = False
@@ -145,17 +145,11 @@ class DecodeRequest:
 
 def stop_reason(req: DecodeRequest, token: int, eos_id: int | None,
                 detokenize: Callable[[list[int]], str] | None) -> str:
-    """Same rules and order as ``colm.generate.generate``: stop token / EOS, stop string, length."""
+    """``token`` (just appended to ``req.out_tokens``) ends the request: "stop" | "length" | "". The rules are
+    ``colm.stopping.StopChecker``'s, as everywhere; the text is decoded only when there are stop strings."""
     p = req.params
-    if token in p.stop_token_ids or (eos_id is not None and not p.ignore_eos and token == eos_id):
-        return "stop"
-    if p.stop_strings and detokenize is not None:  # what `any(s in detokenize(out_tokens))` finds, incrementally
-        if req.detok is None:
-            req.detok = IncrementalDetokenizer(detokenize, p.stop_strings)
-            for t in req.out_tokens[:-1]:
-                req.detok.add(t)
-        if req.detok.stop_hit(req.detok.add(token)):
-            return "stop"
-    if len(req.out_tokens) >= p.max_new_tokens:
-        return "length"
-    return ""
+    if req.stopper is None:
+        req.stopper = StopChecker(p, eos_id, detokenize if p.stop_strings else None)
+        for t in req.out_tokens[:-1]:
+            req.stopper.add(t)
+    return req.stopper.add(token)

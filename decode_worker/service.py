@@ -40,8 +40,8 @@ from colm.kv_ipc import StagingOpener
 from colm.kv_wire import (CHECKSUMS, KVLayout, bytes_to_tensor, checksum, open_segment, prefetch, split_chunk_message,
                           tensor_bytes)
 from colm.proto import load_proto
+from colm.proto.convert import sampling_from_decode
 from colm.proto.rpc import EngineServer
-from colm.sampling import SamplingParams
 
 from colm.decode_worker.engine import DecodeEngine
 
@@ -92,13 +92,6 @@ def add_decode_service(servicer, server) -> None:
 
 def layout_of(header) -> KVLayout:
     return KVLayout(header.num_layers, header.num_tokens, header.num_kv_heads, header.head_dim, header.dtype)
-
-
-def sampling_from_proto(s) -> SamplingParams:
-    return SamplingParams(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature), top_k=int(s.top_k),
-                          top_p=float(s.top_p) if s.top_p > 0 else 1.0, seed=int(s.seed) if s.HasField("seed") else None,
-                          stop_token_ids=tuple(s.stop_token_ids), stop_strings=tuple(s.stop_strings),
-                          ignore_eos=bool(s.ignore_eos))
 
 
 class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
@@ -301,7 +294,7 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
     def StartGeneration(self, request, context):
         rid = request.request_id
         try:
-            params = sampling_from_proto(request.sampling)
+            params = sampling_from_decode(request.sampling)
         except ValueError:
             self.engine.abort(rid, unstarted_only=True)
             raise

@@ -22,7 +22,6 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
-from colm.detokenize import IncrementalDetokenizer
 from colm.router.admission import Admission
 from colm.router.backend import Backend, EngineRequest, RequestFailed, WorkerFailed
 from colm.router.config import RouterConfig
@@ -31,6 +30,7 @@ from colm.router.placement import NoWorker, WorkerRegistry
 from colm.router.policy import Budget, Decision, PolicyConfig, RunningRequest, ScalePolicy
 from colm.router.worker_metrics import WorkerMetricsCollector
 from colm.sampling import SamplingParams
+from colm.stopping import StopChecker
 
 log = logging.getLogger("colm.router")
 
@@ -324,11 +324,10 @@ class Router:
             lp = await self.backend.prompt_logprobs(decode.worker_id, spec.prompt_ids, decision.scale)
             yield Event("prompt_logprobs", prompt_logprobs=lp)
         params = spec.params
-        stops = set(params.stop_token_ids)
-        if not params.ignore_eos and self.tokenizer.eos_id is not None and self.tokenizer.eos_id >= 0:
-            stops.add(self.tokenizer.eos_id)
         out: list[int] = []
-        detok = IncrementalDetokenizer(self.tokenizer.decode, params.stop_strings)  # O(window) per token
+        # the request's stop rules over all its attempts; the text, O(window) per token. The engines get no stop
+        # strings: only here is the whole text (colm.stopping says why both check)
+        stopper = StopChecker(params, self.tokenizer.eos_id, self.tokenizer.decode)
         times: list[float] = []
         failed: dict[str, float] = {}  # worker id -> when it failed this request: out until it reports again
         retries = request_failures = 0
@@ -384,17 +383,12 @@ class Router:
                         self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
                     out.append(tok.token_id)
                     times.append(now_ms)
-                    delta = detok.add(tok.token_id)  # a partial UTF-8 character waits for the token completing it
+                    reason = stopper.add(tok.token_id)  # a partial UTF-8 character waits for the token completing it
                     self.metrics.tokens.labels(str(tok.scale)).inc()
-                    yield Event("token", token_id=tok.token_id, text=delta, scale=tok.scale, time_ms=now_ms,
+                    yield Event("token", token_id=tok.token_id, text=stopper.delta, scale=tok.scale, time_ms=now_ms,
                                 logprob=tok.logprob)
-                    if tok.token_id in stops:
-                        finish = "stop"
-                        break
-                    if detok.stop_hit(delta):
-                        finish = "stop"
-                        break
-                    if len(out) >= params.max_new_tokens:
+                    if reason:
+                        finish = reason
                         break
                 if finish != "stop" and len(out) < params.max_new_tokens:
                     finish = "stop"  # the engine ended early: it applied a stop condition of its own
@@ -444,7 +438,7 @@ class Router:
                                   m.tpot_ms(decision.scale, corrected=False), tpot)
         self.metrics.e2e.labels(sc).observe(total / 1e3)
         self.metrics.success.labels(finish, sc).inc()
-        tail = detok.finish()
+        tail = stopper.finish()
         yield Event("finish", text=tail, finish_reason=finish,
                     usage={"prompt_tokens": len(spec.prompt_ids), "completion_tokens": len(out), "ttft_ms": ttft,
                            "total_ms": total, "retries": retries})

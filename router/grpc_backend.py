@@ -19,6 +19,7 @@ from typing import AsyncIterator
 import grpc
 
 from colm.proto import load_proto
+from colm.proto.convert import sampling_to_decode
 from colm.proto.token_ids import pack_token_ids
 from colm.router.backend import EngineRequest, EngineToken, RequestFailed, WorkerFailed, WorkerInfo
 from colm.router.metrics import report_timeline
@@ -145,14 +146,9 @@ class GrpcBackend:
             if prefill_task is None:
                 same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)
                 prefill_task = start_prefill(same_host, self.kv_path, reply.cuda_kv, list(reply.transports))
-            sampling = kv_pb2.DecodeSampling(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
-                                             top_p=p.top_p, stop_token_ids=list(p.stop_token_ids),
-                                             ignore_eos=p.ignore_eos)
-            if p.seed is not None:
-                sampling.seed = p.seed
             call = decode.StartGeneration(kv_pb2.StartGenerationRequest(
-                request_id=req.request_id, last_token_id=req.prompt_ids[-1], sampling=sampling, scale=req.scale,
-                kv_timeout_s=timeout), metadata=md, timeout=timeout)
+                request_id=req.request_id, last_token_id=req.prompt_ids[-1], sampling=sampling_to_decode(p),
+                scale=req.scale, kv_timeout_s=timeout), metadata=md, timeout=timeout)
             it = call.__aiter__()
             streaming = False  # a token came: the KV is all on the decode worker, the prefill's outcome no longer matters
             while True:

@@ -8,7 +8,8 @@ there would reach grpc as UNKNOWN with a traceback), and maps exceptions to stat
 ``retry-after-s`` trailer, deadline -> DEADLINE_EXCEEDED, no worker -> UNAVAILABLE, anything else ->
 INTERNAL), logging one line with the request id. The servicer only converts messages to the router
 core's types and back; ``spec_from_proto`` checks every field of a GenerateRequest first, naming the
-field by its proto path (``sampling.temperature``, ``budget.deadline_ms``).
+field by its proto path (``sampling.temperature``, ``budget.deadline_ms``); sampling and budget go through
+``colm.proto.convert``, the one module that converts them.
 """
 
 from __future__ import annotations
@@ -16,36 +17,23 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import math
 import re
 
 import grpc
 
 from colm.proto import load_proto
+from colm.proto.convert import budget_from_public, sampling_from_public
 from colm.proto.rpc import SERVER_OPTIONS, bind_port
 from colm.router.admission import Overloaded
 from colm.router.core import DeadlineExceeded, Router, Unavailable, UnknownRequest
 from colm.router.placement import NoWorker
-from colm.router.policy import Budget, BudgetUnmet
-from colm.sampling import SamplingParams
+from colm.router.policy import BudgetUnmet
 
 log = logging.getLogger("colm.router")
 pb2, pb2_grpc = load_proto("public")
 SERVICE_NAME = "colm.v1.Colm"
 
-# Limits of the public API (documented in public.proto). A budget above an hour is a client bug: a 1e38 ms
-# deadline overflowed the workers' call timeouts into an immediate DEADLINE_EXCEEDED.
-MAX_BUDGET_MS = 3_600_000.0
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-MAX_STOP_TOKEN_IDS = 1024
 REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces: ids go into logs and worker keys
-SEED_MAX = 2**63 - 1  # the workers take an unsigned 64-bit seed; negative seeds are refused, not wrapped
-# SamplingParams names its fields in Python; a gRPC client knows them by their proto paths
-_SAMPLING_PATHS = {"max_new_tokens": "sampling.max_new_tokens", "temperature": "sampling.temperature",
-                   "top_k": "sampling.top_k", "top_p": "sampling.top_p", "seed": "sampling.seed",
-                   "stop_token_ids": "sampling.stop_token_ids", "stop_strings": "sampling.stop",
-                   "ignore_eos": "sampling.ignore_eos"}
 
 
 def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, float | None]:
@@ -166,56 +154,18 @@ def _check_size(router: Router, req) -> None:
         raise ValueError(f"request of {req.ByteSize()} bytes exceeds the limit of {router.cfg.max_message_bytes}")
 
 
-def _budget_ms(b, name: str) -> float | None:
-    v = getattr(b, name)
-    if not math.isfinite(v) or not 0 <= v <= MAX_BUDGET_MS:
-        raise ValueError(f"budget.{name}={v!r}: must be a number of milliseconds in [0, {MAX_BUDGET_MS:.0f}] "
-                         f"(0 = none)")
-    return v or None
-
-
-def _sampling_from_proto(router: Router, s) -> SamplingParams:
-    if len(s.stop) > MAX_STOP_STRINGS or any(len(x) > MAX_STOP_CHARS for x in s.stop):
-        raise ValueError(f"sampling.stop: at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
-                         f"characters each")
-    if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-        raise ValueError(f"sampling.stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids "
-                         f"(got {len(s.stop_token_ids)})")
-    if s.HasField("seed") and s.seed < 0:
-        raise ValueError(f"sampling.seed={s.seed}: must be in [0, {SEED_MAX}]")
-    if s.max_new_tokens < 0:
-        raise ValueError(f"sampling.max_new_tokens={s.max_new_tokens}: must be >= 0 (0 = the router's default)")
-    try:
-        return SamplingParams(max_new_tokens=s.max_new_tokens or router.cfg.default_max_new_tokens,
-                              temperature=s.temperature, top_k=s.top_k, top_p=s.top_p or 1.0,
-                              seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
-                              stop_strings=tuple(s.stop), ignore_eos=s.ignore_eos)
-    except ValueError as e:
-        msg = str(e)
-        name = re.match(r"\w+", msg)
-        if name and name.group() in _SAMPLING_PATHS:
-            msg = _SAMPLING_PATHS[name.group()] + msg[name.end():]
-        raise ValueError(msg) from None
-
-
 def spec_from_proto(router: Router, req) -> "object":
     """GenerateRequest -> RequestSpec (ValueError naming the field's proto path on anything malformed)."""
     _check_size(router, req)
     if req.request_id and not REQUEST_ID_RE.fullmatch(req.request_id):
         raise ValueError(f"request_id={req.request_id[:64]!r}{'...' if len(req.request_id) > 64 else ''}: must be 1 to "
                          f"128 printable ASCII characters without spaces (or empty: the router assigns one)")
-    params = _sampling_from_proto(router, req.sampling)
+    params = sampling_from_public(req.sampling, router.cfg.default_max_new_tokens)
     if req.scale < 0:
         raise ValueError(f"scale={req.scale}: must be >= 1 (or 0 to let the router choose)")
     if req.prompt_logprobs < 0:
         raise ValueError(f"prompt_logprobs={req.prompt_logprobs}: must be >= 0 (0 = off)")
-    b = req.budget
-    if b.on_miss not in pb2.OnMiss.values():
-        raise ValueError(f"budget.on_miss={b.on_miss}: unknown; allowed: "
-                         f"{', '.join(f'{n} ({v})' for n, v in pb2.OnMiss.items())}")
-    budget = Budget(ttft_ms=_budget_ms(b, "ttft_ms"), tpot_ms=_budget_ms(b, "tpot_ms"),
-                    deadline_ms=_budget_ms(b, "deadline_ms"),
-                    on_miss="reject" if b.on_miss == pb2.ON_MISS_REJECT else "degrade")
+    budget = budget_from_public(req.budget)
     which = req.WhichOneof("prompt")
     text = req.text if which == "text" else None
     ids = list(req.token_ids.ids) if which == "token_ids" else None

@@ -22,6 +22,7 @@ from colm.kv_cache import ContiguousKVCache
 from colm.router.backend import EngineRequest, EngineToken, WorkerInfo
 from colm.router.policy import WorkerReport
 from colm.sampling import sample_next
+from colm.stopping import StopChecker
 from colm.scoring import prompt_logprobs
 
 PREFILL_ID, DECODE_ID = "local-prefill-0", "local-decode-0"
@@ -68,7 +69,7 @@ class LocalBackend:
         dtype = next(self.model.parameters()).dtype
         params = req.params
         gen = params.make_generator()
-        stops = set(params.stop_token_ids) | (set() if params.ignore_eos or req.eos_id is None else {req.eos_id})
+        stopper = StopChecker(params, req.eos_id)  # stop strings are the router's (it sends none)
         cache = ContiguousKVCache(self.cfg, 1, len(req.prompt_ids) + params.max_new_tokens, device=device, dtype=dtype)
         x = torch.tensor([list(req.prompt_ids)], device=device)
         with self._sem, torch.no_grad():
@@ -92,7 +93,7 @@ class LocalBackend:
                             self._step_ms[scale].append(dt * 1e3)
                     tok = sample_next(logits, params, gen)
                     emit(EngineToken(tok, scale, float(torch.log_softmax(logits, -1)[tok])))
-                    if tok in stops:
+                    if stopper.add(tok):
                         return
                     x = torch.tensor([[tok]], device=device)
             finally:
