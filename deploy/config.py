@@ -18,7 +18,7 @@ import yaml
 
 from colm.router.config import RouterConfig
 
-SECTIONS = ("model", "workers", "prefill", "decode", "router", "security", "ray")
+SECTIONS = ("model", "workers", "prefill", "decode", "router", "security", "ray", "transport")
 
 
 def _expand_env(v, where: str = ""):
@@ -117,8 +117,17 @@ class ClusterConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     security: SecuritySection = field(default_factory=SecuritySection)
     ray: RaySection = field(default_factory=RaySection)
+    # the KV transport between prefill and decode workers (colm.kv.registry): "auto" picks by each pair's facts; a
+    # name forces that transport (the router asks prefill workers for it)
+    transport: str = "auto"
 
     def __post_init__(self) -> None:
+        try:
+            from colm.kv.registry import config_names
+        except ImportError:  # the router-only install: the engines validate it
+            config_names = None
+        if config_names is not None and self.transport not in config_names():
+            raise ValueError(f"transport={self.transport!r}: allowed are {list(config_names())}")
         # Validate the engines' sections with their own classes when they are importable.
         for name, mod, cls in (("prefill", "colm.prefill_worker.config", "PrefillConfig"),
                                ("decode", "colm.decode_worker.config", "DecodeConfig")):
@@ -142,7 +151,8 @@ class ClusterConfig:
                    prefill=dict(d.get("prefill") or {}), decode=dict(d.get("decode") or {}),
                    router=RouterConfig.from_dict(dict(d.get("router") or {})),
                    security=_from_dict(SecuritySection, "security", d.get("security")),
-                   ray=_from_dict(RaySection, "ray", d.get("ray")))
+                   ray=_from_dict(RaySection, "ray", d.get("ray")),
+                   transport=str(d.get("transport") or "auto"))
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "ClusterConfig":

@@ -200,7 +200,7 @@ class Launcher:
                 from colm.router.grpc_backend import GrpcBackend
 
                 scorer = checkpoint.load(path).eval() if cfg.model.score_prompts else None
-                backend = GrpcBackend(infos, cluster_token=self.token, scorer=scorer)
+                backend = GrpcBackend(infos, cluster_token=self.token, scorer=scorer, kv_path=cfg.transport)
         except ImportError as e:
             log.warning("engines unavailable (%s)", e)
         if backend is None:
