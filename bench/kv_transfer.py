@@ -1,14 +1,14 @@
-"""CPU micro-benchmark of the KV hand-off transfer path between two processes on loopback.
+"""CPU benchmark of the KV transports between two processes: gRPC bytes, shared memory and NIXL, side by side.
 
-A decode worker process (real ``DecodeServer`` + ``DecodeEngine`` of a model whose K/V have the 1B
-Air shape: 16 layers, 8 KV heads, head_dim 64, bf16) receives one request's K/V pushed by this
-process through the real sender (``GrpcKVSink``) on each path: gRPC bytes and shared memory.
-Default: 8191 tokens = 268 MB of KV, the 8K-prompt hand-off of ``bench/engines.py``. Prints GB/s
-(begin -> acknowledged) per path, and the ceiling: the same bytes as bare gRPC messages into a
-handler that only counts them; ``--profile`` adds cProfile tables of both ends (the receiver's
-``PushKV`` handler thread and this process).
+A decode worker process (real ``DecodeServer`` + ``DecodeEngine`` of a model whose K/V have the 1B Air shape:
+16 layers, 8 KV heads, head_dim 64, bf16) receives one request's K/V pushed by this process through each
+transport's real sender (``GrpcKVSink``, ``GrpcKVSink(shm=True)``, ``NixlKVSink``), into its blocks, at each
+size (default 64 and 256 MiB: 2048 and 8192 tokens). Reports GB/s (begin -> acknowledged, median of --reps) and
+the ratio to gRPC bytes, plus the ceiling of bare gRPC messages into a handler that only counts them; writes
+JSON (device, versions, shapes, every figure) to bench/results/kv_transfer_cpu-<cpu>_<date>.json.
+``--profile`` adds cProfile tables of both ends. ``nixl-nocsum`` is the nixl transport without its checksum.
 
-Usage: python bench/kv_transfer.py [--tokens 8191] [--reps 3] [--chunk-mib 16] [--profile] [--json PATH]
+Usage: python bench/kv_transfer.py [--sizes-mib 64,256] [--paths grpc,shm,nixl,nixl-nocsum] [--reps 3] [--json PATH]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def model_cfg(tokens: int):
                        kv_sharing=True, max_seq_len=max(tokens + 64, 512))
 
 
-def _receiver(tokens: int, profile: bool, conn) -> None:
+def _receiver(tokens: int, profile: bool, conn, arena_bytes: int = 256 << 20) -> None:
     from colm.decode_worker.config import DecodeConfig
     from colm.decode_worker.engine import DecodeEngine
     from colm.decode_worker.service import DecodeServer, DecodeService
@@ -44,7 +44,7 @@ def _receiver(tokens: int, profile: bool, conn) -> None:
     torch.set_num_threads(1)
     cfg = model_cfg(tokens)
     model = CoLM(cfg, dtype=torch.bfloat16).reset_parameters(seed=0)
-    eng = DecodeEngine(model, DecodeConfig(num_blocks=(tokens + 64) // 16 + 8, block_size=16))
+    eng = DecodeEngine(model, DecodeConfig(num_blocks=(tokens + 64) // 16 + 8, block_size=16, nixl_arena_bytes=arena_bytes))
     prof = cProfile.Profile() if profile else None
     if prof is not None:  # profile the PushKV handler thread only
         orig = DecodeService.PushKV
@@ -77,7 +77,9 @@ def _receiver(tokens: int, profile: bool, conn) -> None:
         conn.send("")
 
 
-def push_once(stub, rid: str, layers: list[torch.Tensor], shm: bool, chunk_bytes: int, checksum: str) -> tuple[float, int]:
+def push_once(stub, rid: str, layers: list[torch.Tensor], path: str, chunk_bytes: int, checksum: str,
+              arena_bytes: int = 0) -> tuple[float, int]:
+    """One request's K/V through the real sender of ``path`` ("grpc" | "shm" | "nixl"): (seconds begin -> acked, bytes)."""
     from colm.kv_wire import KVLayout
     from colm.prefill_worker.kv_push import GrpcKVSink
     from colm.proto import load_proto
@@ -88,7 +90,13 @@ def push_once(stub, rid: str, layers: list[torch.Tensor], shm: bool, chunk_bytes
     stub.Reserve(kv_pb2.ReserveRequest(request_id=rid, prompt_len=T + 1, max_new_tokens=1), metadata=auth_metadata(TOKEN),
                  timeout=30)
     t0 = time.perf_counter()
-    sink = GrpcKVSink(stub, rid, TOKEN, chunk_bytes=chunk_bytes, checksum_kind=checksum, timeout_s=120, shm=shm)
+    if path == "nixl":
+        from colm.kv.nixl import NixlKVSink
+
+        sink = NixlKVSink(stub, rid, TOKEN, checksum_kind=checksum, timeout_s=120, arena_bytes=arena_bytes)
+    else:
+        sink = GrpcKVSink(stub, rid, TOKEN, chunk_bytes=chunk_bytes, checksum_kind=checksum, timeout_s=120,
+                          shm=path == "shm")
     sink.begin(KVLayout(len(layers), T, layers[0].shape[3], layers[0].shape[4], "bfloat16"))
     for li, kv in enumerate(layers):
         sink.put(li, li + 1, 0, T, kv)
@@ -98,91 +106,125 @@ def push_once(stub, rid: str, layers: list[torch.Tensor], shm: bool, chunk_bytes
     return dt, n
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
 def main() -> None:
-    try:  # tolerate an older checkout (``--before``-style runs of the same script on the previous code)
-        from colm.kv_wire import default_checksum
-        from colm.prefill_worker.kv_push import decode_stub
-    except ImportError:
-        default_checksum, decode_stub = (lambda: "crc32"), None
+    import datetime
+    import os
+    import platform
+
+    from colm.kv_wire import default_checksum
     from colm.prefill_worker.config import PrefillConfig
-    from colm.proto import load_proto
-    from colm.proto.rpc import make_channel
+    from colm.prefill_worker.kv_push import decode_stub
+    from colm.proto.rpc import auth_metadata, make_channel
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=8191)
+    ap.add_argument("--sizes-mib", default="64,256", help="K/V per request, MiB (16 layers x 8 KV heads x 64, bf16)")
+    ap.add_argument("--paths", default="grpc,shm,nixl,nixl-nocsum")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--chunk-mib", type=float, default=PrefillConfig().kv_chunk_bytes / 2**20)
-    ap.add_argument("--checksum", default=None, help="grpc path checksum (default: PrefillConfig's)")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--plain-stub", action="store_true", help="protobuf-serialised chunks (no PushKVRaw)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="default: bench/results/kv_transfer_<cpu>_<date>.json")
     ap.add_argument("--label", default="", help="stored in the JSON (e.g. the commit measured)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    _, kv_pb2_grpc = load_proto("kv")
-    cfg = model_cfg(args.tokens)
-    g = torch.Generator().manual_seed(0)
-    layers = [torch.randn(1, args.tokens, 2, cfg.n_kv_heads, cfg.head_dim, generator=g).to(torch.bfloat16)
-              for _ in range(cfg.n_layers)]  # [1, T, 2, Hkv, hd] per layer, as the prefill engine emits
+    sizes = [int(x) for x in args.sizes_mib.split(",")]
+    paths = args.paths.split(",")
+    per_token = 16 * 2 * 8 * 64 * 2  # bytes of K/V per token, all layers
+    max_tokens = max(sizes) * 2**20 // per_token
+    arena = max(sizes) * 2**20 + (16 << 20)
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(target=_receiver, args=(args.tokens, args.profile, there), daemon=True)
+    proc = ctx.Process(target=_receiver, args=(max_tokens, args.profile, there, arena), daemon=True)
     proc.start()
     address = here.recv()
-    raw = decode_stub is not None and not args.plain_stub
-    stub = decode_stub(address) if raw else kv_pb2_grpc.DecodeWorkerStub(make_channel(address))
+    stub = decode_stub(address)
     pc = PrefillConfig()
     chunk = int(args.chunk_mib * 2**20)
-    import os
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("grpc", "nixl", "crc32c"):
+        try:
+            from importlib.metadata import version
 
-    out = {"label": args.label, "device": f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__, "tokens": args.tokens, "kv_bytes": None, "chunk_bytes": chunk,
-           "checksum_grpc": args.checksum or pc.checksum, "checksum_shm": getattr(pc, 'shm_checksum', pc.checksum),
-           "raw_chunks": raw, "paths": {}}
+            versions[mod] = version({"grpc": "grpcio"}.get(mod, mod))
+        except Exception:  # noqa: BLE001
+            versions[mod] = None
+    checks = {"grpc": pc.checksum, "shm": pc.shm_checksum, "nixl": pc.nixl_checksum, "nixl-nocsum": "none"}
+    out = {"benchmark": "kv_transfer", "label": args.label, "device": f"{cpu_name()} ({os.cpu_count()} cores, shared)",
+           "date": datetime.date.today().isoformat(), "versions": versions,
+           "shape": {"layers": 16, "kv_heads": 8, "head_dim": 64, "dtype": "bfloat16", "bytes_per_token": per_token},
+           "chunk_bytes": chunk, "reps": args.reps, "ucx_tls": os.environ.get("UCX_TLS", "tcp,sm,self (colm default)"),
+           "metric": "median seconds from the sink's begin to decode's ack, one request, per-layer puts; GB/s = bytes/s",
+           "sizes": {}}
     prof = cProfile.Profile() if args.profile else None
     n_req = 0
-    for path, shm in (("grpc", False), ("shm", True)):
-        csum = (args.checksum or pc.checksum) if not shm else getattr(pc, 'shm_checksum', pc.checksum)
+    g = torch.Generator().manual_seed(0)
+    for mib in sizes:
+        T = mib * 2**20 // per_token
+        layers = [torch.randn(1, T, 2, 8, 64, generator=g).to(torch.bfloat16) for _ in range(16)]  # [1, T, 2, Hkv, hd]
+        res = out["sizes"][str(mib)] = {"tokens": T, "paths": {}}
+        for path in paths:
+            wire = "nixl" if path.startswith("nixl") else path
+            times = []
+            n = 0
+            push_once(stub, f"warm-{path}-{mib}", layers, wire, chunk, checks[path], arena)
+            for _ in range(args.reps):
+                n_req += 1
+                if prof is not None:
+                    prof.enable()
+                dt, n = push_once(stub, f"r{n_req}", layers, wire, chunk, checks[path], arena)
+                if prof is not None:
+                    prof.disable()
+                times.append(dt)
+            med = statistics.median(times)
+            res["paths"][path] = {"ms": med * 1000, "gb_s": n / med / 1e9, "checksum": checks[path], "bytes": n,
+                                  "all_ms": [t * 1000 for t in times]}
+        bare = make_channel(address).stream_unary("/colm.bench.Sink/Push")
+        msg = b"\0" * chunk
+        n_msgs = max(1, T * per_token // chunk)
         times = []
-        push_once(stub, f"warm-{path}", layers, shm, chunk, csum)
-        for _ in range(args.reps):
-            n_req += 1
-            if prof is not None:
-                prof.enable()
-            dt, n = push_once(stub, f"r{n_req}", layers, shm, chunk, csum)
-            if prof is not None:
-                prof.disable()
-            times.append(dt)
-            out["kv_bytes"] = n
-        med = statistics.median(times)
-        out["paths"][path] = {"ms": med * 1000, "gb_s": out["kv_bytes"] / med / 1e9, "checksum": csum}
-    from colm.proto.rpc import auth_metadata
-
-    bare = make_channel(address).stream_unary("/colm.bench.Sink/Push")
-    msg = b"\0" * chunk
-    n_msgs = max(1, (out["kv_bytes"] or chunk) // chunk)
-    times = []
-    for _ in range(args.reps + 1):
-        t0 = time.perf_counter()
-        bare(iter([msg] * n_msgs), metadata=auth_metadata(TOKEN), timeout=120)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times[1:])
-    out["paths"]["bare_grpc_bytes"] = {"ms": med * 1000, "gb_s": n_msgs * chunk / med / 1e9, "checksum": "-"}
+        for _ in range(args.reps + 1):
+            t0 = time.perf_counter()
+            bare(iter([msg] * n_msgs), metadata=auth_metadata(TOKEN), timeout=120)
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times[1:])
+        res["paths"]["bare_grpc_bytes"] = {"ms": med * 1000, "gb_s": n_msgs * chunk / med / 1e9, "checksum": "-"}
+        if "grpc" in res["paths"]:
+            for path in ("nixl", "nixl-nocsum", "shm"):
+                if path in res["paths"]:
+                    res[f"{path}_over_grpc"] = res["paths"][path]["gb_s"] / res["paths"]["grpc"]["gb_s"]
+        del layers
     here.send("stop")
     recv_prof = here.recv()
     proc.join(10)
-    print(f"KV transfer, {args.tokens} tokens, {out['kv_bytes'] / 1e6:.0f} MB, chunk {chunk / 2**20:.1f} MiB, "
-          f"default checksum here: {default_checksum()}")
-    print(f"{'path':16} {'checksum':9} {'ms':>8} {'GB/s':>7}")
-    for path, r in out["paths"].items():
-        print(f"{path:16} {r['checksum']:9} {r['ms']:8.1f} {r['gb_s']:7.2f}")
+    print(f"KV transfer between two processes, {out['device']}, default checksum here: {default_checksum()}")
+    print(f"{'MiB':>5} {'path':16} {'checksum':9} {'ms':>8} {'GB/s':>7} {'x grpc':>7}")
+    for mib, res in out["sizes"].items():
+        base = res["paths"].get("grpc", {}).get("gb_s")
+        for path, r in res["paths"].items():
+            ratio = f"{r['gb_s'] / base:7.2f}" if base else ""
+            print(f"{mib:>5} {path:16} {r['checksum']:9} {r['ms']:8.1f} {r['gb_s']:7.2f} {ratio}")
     if prof is not None:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
         print("== sender (this process)\n" + s.getvalue())
         print("== receiver (PushKV handler)\n" + recv_prof)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    cpu = cpu_name().split()
+    name = "-".join(w.lower() for w in cpu[:2]) if cpu else "cpu"
+    path = args.json or os.path.join("bench", "results", f"kv_transfer_cpu-{name}_{out['date']}.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
