@@ -122,3 +122,17 @@ def test_lm_eval_harness_runs_local_json_task(ckpt, tmp_path):
     from lm_eval.api.registry import get_model
 
     assert get_model("colm") is ColmLM
+
+
+def test_adapter_runs_on_the_cpu_when_cuda_is_asked_for_and_absent():
+    """lm-eval's CLI passes device='cuda' by default; without CUDA the adapter runs on the CPU."""
+    import torch
+
+    from colm.eval.lm_eval_adapter import device_for
+
+    if torch.cuda.is_available():
+        assert device_for("cuda") == "cuda"
+    else:
+        with pytest.warns(UserWarning, match="CUDA is not available"):
+            assert device_for("cuda") == "cpu"
+    assert device_for("cpu") == "cpu" and device_for(None) in ("cpu", "cuda")

@@ -11,6 +11,8 @@ generator (``colm.generate.generate``) greedily or with the task's temperature.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,15 @@ except ImportError:  # the adapter's scoring core still works without lm_eval
         return lambda cls: cls
 
 
+def device_for(requested: str | None) -> str:
+    """The device to run on: the one asked for, except CUDA where there is none (then the CPU, with a warning)."""
+    if requested and not (str(requested).startswith("cuda") and not torch.cuda.is_available()):
+        return str(requested)
+    if requested:
+        warnings.warn(f"device={requested!r} asked for, but CUDA is not available: running on the CPU", stacklevel=2)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @register_model("colm")
 class ColmLM(LM):
     def __init__(self, model: str = "", scale: int | str | None = None, device: str | None = None,
@@ -45,7 +56,8 @@ class ColmLM(LM):
             raise ValueError("colm lm_eval model: pass model=CHECKPOINT_DIR in model_args")
         full_cfg = checkpoint.load_config(path)
         self.scale = full_cfg.check_scale(None if scale in (None, "", "None") else int(scale))
-        self.device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # lm-eval's CLI passes --device (default "cuda") even on a machine without CUDA: run where the model can
+        self.device_name = device_for(device)
         torch_dtype = None if dtype in (None, "auto") else getattr(torch, str(dtype))
         # Only the chosen scale's tensors are read (checkpoint.load slices them).
         self.model = checkpoint.load(path, scale=self.scale, device=self.device_name, dtype=torch_dtype).eval()
