@@ -2,10 +2,11 @@
 the demo model's Hugging Face ``tokenizer.json``, which GuideLLM needs to build prompts of a given token count.
 
 GuideLLM is not in the ``dev`` extra: from PyPI it would replace packages the serve extra already pins lower or
-higher (click, multidict), so it lives in its own environment and the test finds it through ``COLM_GUIDELLM`` (the
-path of its ``guidellm`` script) or ``PATH``, and skips without it::
+higher (click, multidict), so it lives in its own environment. The test finds it through ``COLM_GUIDELLM`` (the
+path of its ``guidellm`` script) or ``PATH``, or else installs it itself into a virtual environment of its own
+(once per machine), and skips only when that install fails (no package index)::
 
-    python -m venv --system-site-packages /opt/guidellm && /opt/guidellm/bin/pip install guidellm
+    python -m venv --system-site-packages /opt/guidellm && /opt/guidellm/bin/pip install guidellm==0.8.1
     COLM_GUIDELLM=/opt/guidellm/bin/guidellm python -m pytest tests/test_external_load_tool.py
 
 It runs as a separate process, so nothing it installs reaches colm's own process (torch stays the one installed).
@@ -15,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -69,9 +71,27 @@ def test_transformers_loads_the_demo_tokenizer():
         assert tok.decode(byte.encode(text) + [byte.eos_id], skip_special_tokens=True) == text
 
 
-def guidellm() -> str | None:
+GUIDELLM = "guidellm==0.8.1"
+
+
+def guidellm() -> tuple[str | None, str]:
+    """(the guidellm script, "") or (None, why not). ``COLM_GUIDELLM`` or ``PATH`` first; else the test installs it
+    itself into its own virtual environment (``--system-site-packages``: torch and the rest come from here, its own
+    pins of click / multidict stay inside it), once per machine, under the temp dir."""
     exe = os.environ.get("COLM_GUIDELLM") or shutil.which("guidellm")
-    return exe if exe and os.access(exe, os.X_OK) else None
+    if exe and os.access(exe, os.X_OK):
+        return exe, ""
+    venv = Path(tempfile.gettempdir()) / ("colm-" + GUIDELLM.replace("==", "-"))
+    exe = venv / "bin" / "guidellm"
+    if not exe.exists():
+        import sys
+
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+        r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", GUIDELLM], capture_output=True, text=True,
+                           timeout=420)
+        if r.returncode != 0 or not exe.exists():
+            return None, f"pip install {GUIDELLM} failed (offline?): {(r.stdout + r.stderr)[-500:]}"
+    return str(exe), ""
 
 
 def success_total(bg) -> float:
@@ -85,9 +105,9 @@ def success_total(bg) -> float:
 
 @pytest.mark.timeout(600)
 def test_guidellm_reports_every_request_successful(tmp_path):
-    exe = guidellm()
+    exe, why = guidellm()
     if exe is None:
-        pytest.skip("guidellm is not installed (not in the dev extra: see this module's docstring)")
+        pytest.skip(why)
     import torch
 
     from colm.model import CoLM
