@@ -43,7 +43,7 @@ case "$part" in
     timeout 560 python bench/engines.py --out "$OUT" --sections prefill 2>&1 | grep -v Warn | tail -40 ;;
   serve)
     # decode graphs of every batch size and width captured at start in every mode (--warmup-context: the
-    # longest prompt + output), as deploy/serve.yaml does; without it run11's colm stalled ~11 s at 16 req/s
+    # longest prompt + output), as deploy/serve.yaml does; without it colm stalled ~11 s at 16 req/s (docs/results.md)
     timeout 580 python bench/serve_goodput.py --rates 2,4,8,16 --slo-scale 2 --num-requests 320 --warmup-context 2200 \
       --modes baseline,colm,colm-graphs --out "$OUT/serve_goodput" 2>&1 | grep -v Warn | grep -v retrying | tail -40
     for f in "$OUT"/serve_goodput_*.log; do [ -s "$f" ] && { echo "== $f"; tail -20 "$f"; }; done ;;

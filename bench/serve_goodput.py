@@ -170,8 +170,8 @@ def main() -> int:
     ap.add_argument("--overlap-steps", choices=("auto", "on", "off"), default="auto",
                     help="DecodeConfig.overlap_steps in the decode engines (auto: on with CUDA graphs)")
     ap.add_argument("--prefill-graph-tokens", type=int, default=0,
-                    help="PrefillConfig.cuda_graph_tokens of the colm prefill worker, captured at start when > 0 (run10 used "
-                         "4096, captured on first use; 0 = eager)")
+                    help="PrefillConfig.cuda_graph_tokens of the colm prefill worker, captured at start when > 0 (an "
+                         "earlier run used 4096, captured on first use; 0 = eager)")
     ap.add_argument("--warmup-context", type=int, default=0,
                     help="DecodeConfig.warmup_context (e.g. the longest prompt + output): capture graphs at start")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -24,7 +24,7 @@ class PrefillConfig:
     # cuda_ipc path: layers per KVChunk signal, so decode copies them into its blocks while later layers
     # compute; 0 = one signal per token range once all its layers are in (one copy per chunk of the prompt,
     # after its forward). On one H100 shared by both workers, 8K prompt: TTFT 31.4 vs 30.9 ms (0 vs 1) in
-    # handoff run8 and 32.1 vs 32.9 ms in run7: no difference beyond the noise, so per layer stays.
+    # one hand-off run and 32.1 vs 32.9 ms in another (2026-11-23): no difference beyond the noise, so per layer stays.
     ipc_chunk_layers: int = 1
     # CUDA only: a batch's length is padded up to a multiple of this. SDPA's cuDNN attention builds an
     # execution plan per sequence length (tens of ms), so unpadded prompts of ever-new lengths paid that in
@@ -35,9 +35,9 @@ class PrefillConfig:
     # that fits in one chunk replays a CUDA graph (one per shape, captured on first use or at start with
     # warmup_graphs); 0 = always eager. H100, chain-1 of the 1B-shape models at 2K tokens: 15.1 -> 3.9 ms
     # ({16,16}) and 15.8 -> 2.6 ms ({8,8,8,8}): the eager forward is host-bound
-    # (bench/results/prefill_h100_2026-11-23_run5.json). Serving on one H100 (serve_goodput run11), with
+    # (bench/engines.py --sections prefill, 2026-11-23; current figures in docs/results.md). Serving on one H100, with
     # 4096 and every graph captured at start: goodput 16.2 req/s at 16 req/s offered, TTFT p50 11-17 ms,
-    # against 7.1 req/s eager. (Run10, graphs captured lazily while serving and each keeping its own K/V,
+    # against 7.1 req/s eager. (An earlier run, graphs captured lazily while serving and each keeping its own K/V,
     # had lost goodput at 16 req/s.) Off here, so an engine built in code compiles nothing it was not asked
     # to; deploy/serve.yaml turns it on for the service.
     cuda_graph_tokens: int = 0

@@ -14,7 +14,7 @@ blocks) and frees it too.
 Signals per layer (the default, ``PrefillConfig.ipc_chunk_layers=1``) let decode's copies overlap the
 remaining layers; one signal per token range (0) leaves a single copy per prompt chunk after its
 forward, so decode does no GPU work while a prefill on the same GPU computes. On one H100 the two
-gave the same TTFT within noise (bench/results/handoff_h100_2026-11-23_run7/8).
+gave the same TTFT within noise (two 8K hand-off runs, 2026-11-23; see PrefillConfig.ipc_chunk_layers).
 
 On a CPU engine the staging tensor can only be read by a decode engine in the same process (tests);
 ``colm.prefill_worker.service`` refuses the path without CUDA.
