@@ -63,7 +63,9 @@ class NetnsCluster:
                       for i, res in enumerate(node_resources)]
         self.tmp = Path(tmp or f"/tmp/colm-netns-{tag}")
         self.procs: list[subprocess.Popen] = []
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
+        # a lost node is declared dead after ~3 s instead of Ray's default ~30 s: the kill drills wait less
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
+                    "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
     @property
     def head(self) -> Node:
