@@ -35,7 +35,7 @@ def model_cfg(tokens: int):
                        kv_sharing=True, max_seq_len=max(tokens + 64, 512))
 
 
-def _receiver(tokens: int, profile: bool, conn, arena_bytes: int = 256 << 20) -> None:
+def _receiver(tokens: int, profile: bool, conn) -> None:
     from colm.decode_worker.config import DecodeConfig
     from colm.decode_worker.engine import DecodeEngine
     from colm.decode_worker.service import DecodeServer, DecodeService
@@ -44,7 +44,7 @@ def _receiver(tokens: int, profile: bool, conn, arena_bytes: int = 256 << 20) ->
     torch.set_num_threads(1)
     cfg = model_cfg(tokens)
     model = CoLM(cfg, dtype=torch.bfloat16).reset_parameters(seed=0)
-    eng = DecodeEngine(model, DecodeConfig(num_blocks=(tokens + 64) // 16 + 8, block_size=16, nixl_arena_bytes=arena_bytes))
+    eng = DecodeEngine(model, DecodeConfig(num_blocks=(tokens + 64) // 16 + 8, block_size=16))
     prof = cProfile.Profile() if profile else None
     if prof is not None:  # profile the PushKV handler thread only
         orig = DecodeService.PushKV
@@ -144,7 +144,7 @@ def main() -> None:
     arena = max(sizes) * 2**20 + (16 << 20)
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(target=_receiver, args=(max_tokens, args.profile, there, arena), daemon=True)
+    proc = ctx.Process(target=_receiver, args=(max_tokens, args.profile, there), daemon=True)
     proc.start()
     address = here.recv()
     stub = decode_stub(address)

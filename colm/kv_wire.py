@@ -84,13 +84,14 @@ class KVLayout:
         return self.num_layers * self.num_tokens * self.bytes_per_token_layer
 
 
-def checksum(buf, kind: str = "crc32") -> int:
+def checksum(buf, kind: str = "crc32", value: int = 0) -> int:
+    """``kind`` of ``buf``; ``value``: the checksum of the bytes before ``buf`` (to checksum pieces in turn)."""
     if kind == "crc32":
-        return zlib.crc32(buf)
+        return zlib.crc32(buf, value)
     if kind == "crc32c":
         if _crc32c is None:
             raise ValueError("checksum='crc32c' needs the crc32c package (pip install crc32c)")
-        return _crc32c.crc32c(buf)
+        return _crc32c.crc32c(buf, value)
     if kind == "none":
         return 0
     raise ValueError(f"checksum={kind!r}: allowed are {CHECKSUMS}")

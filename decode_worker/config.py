@@ -28,9 +28,9 @@ class DecodeConfig:
                                          # before reading step n, so host work hides under the GPU's. None: on
                                          # where CUDA graphs run (H100: batch 1/8/64 steps 4%/14%/20% shorter);
                                          # on CPU nothing runs asynchronously, so a dropped step is pure waste
-    grant_wait_s: float = 2.0           # cuda_pool: WriteKV waits this long for a reservation not made yet (the
+    grant_wait_s: float = 2.0           # cuda_pool, nixl: WriteKV waits this long for a reservation not made yet (the
                                          # router sends Reserve and Prefill at once there), then NOT_FOUND
-    external_write_grace_s: float = 2.0  # cuda_pool: blocks of a request that ended while its sender's stream was
+    external_write_grace_s: float = 2.0  # cuda_pool, nixl: blocks of a request that ended while its sender's stream was
                                          # open, and whose stream then broke, stay held this long (the sender's
                                          # queued device writes may still land) before they are reused
     kv_ready_wait: str = "host"          # cuda_pool, sender in another process on CUDA: who waits for its writes.
@@ -43,8 +43,6 @@ class DecodeConfig:
     score_graph_tokens: int = 0          # > 0 (CUDA): Score replays the full forward of prompts of up to this many
                                          # tokens from CUDA graphs (colm.graphed_forward; captured on first use,
                                          # their memory comes on top of the pool's). 0 = eager
-    nixl_arena_bytes: int = 256 << 20    # nixl transport: host buffer registered with NIXL once (on first use); each
-                                         # request's K/V land in a region of it before the copy into its blocks
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -69,7 +67,5 @@ class DecodeConfig:
             raise ValueError(f"score_graph_tokens={self.score_graph_tokens}: must be >= 0 (0 = eager)")
         if self.warmup_context < 0:
             raise ValueError(f"warmup_context={self.warmup_context}: must be >= 0 (0 = no warm-up)")
-        if self.nixl_arena_bytes <= 0:
-            raise ValueError(f"nixl_arena_bytes={self.nixl_arena_bytes}: must be > 0")
         if self.max_reservations <= 0:
             raise ValueError(f"max_reservations={self.max_reservations}: must be > 0")

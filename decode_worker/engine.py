@@ -205,10 +205,12 @@ class DecodeEngine:
             self._fail(req, e)
             raise
 
-    def grant_kv(self, request_id: str, layout: KVLayout, wait_s: float = 0.0) -> KVGrant:
-        """cuda_pool: ``begin_kv`` for a sender that writes into the request's blocks itself. The blocks stay out of
-        the free list until ``end_external_writes`` (even if the request ends first). ``wait_s``: how long to wait
-        for a reservation that has not arrived yet (the router sends Reserve and Prefill at once on this path)."""
+    def grant_kv(self, request_id: str, layout: KVLayout, wait_s: float = 0.0, stop_writer=None) -> KVGrant:
+        """cuda_pool, nixl: ``begin_kv`` for a sender that writes into the request's blocks itself. The blocks stay out
+        of the free list until ``end_external_writes`` (even if the request ends first). ``wait_s``: how long to wait
+        for a reservation that has not arrived yet (the router sends Reserve and Prefill at once on this path).
+        ``stop_writer``: called (on a thread of its own) if the request ends while the grant is open, to end the
+        sender's stream (then ``end_external_writes`` follows with clean=False: the blocks wait out the grace)."""
         with self._wake:
             end = time.monotonic() + wait_s
             while request_id not in self._requests and time.monotonic() < end and not self._runner.stopping:
@@ -220,6 +222,7 @@ class DecodeEngine:
                 raise exc
             self._begin(req, layout)
             req.external_writer = True
+            req.stop_writer = stop_writer
             return KVGrant(tuple(req.blocks), req)
 
     def pool_export(self):
@@ -257,6 +260,7 @@ class DecodeEngine:
             if not req.external_writer:  # ended already (WriteKV's finally and its RPC-end callback both call this)
                 return
             req.external_writer = False
+            req.stop_writer = None
             if req in self._held:  # DecodeRequest compares by identity
                 # a clean end: the writes have run, or its ready event says when (bounded by kv_timeout_s); a broken
                 # stream's queued writes may still land within the grace
@@ -448,7 +452,10 @@ class DecodeEngine:
             self._running.remove(req)
             req.running = False
         if req.external_writer or (req.kv_ready is not None and _ready_state(req.kv_ready) == "pending"):
-            self._hold(req)  # a cuda_pool sender's writes may still land in the blocks
+            self._hold(req)  # a cuda_pool / nixl sender's writes may still land in the blocks
+            if req.external_writer and req.stop_writer is not None:  # not under this lock: it may call back in
+                threading.Thread(target=req.stop_writer, name="colm-kv-stop-writer", daemon=True).start()
+                req.stop_writer = None
         else:
             self.pool.free(req.blocks)
             req.blocks = []

@@ -134,6 +134,9 @@ class DecodeRequest:
     # ends). If the request ends meanwhile, the blocks are held back, and freed at ``release_at``.
     external_writer: bool = False
     release_at: float | None = None
+    # nixl: ends the granted sender's stream when the request ends first (a sender that stays silent would otherwise
+    # hold the blocks until its own deadline); its blocks then wait out ``external_write_grace_s``
+    stop_writer: object | None = None
     # cuda_pool with a ready event (``DecodeConfig.kv_ready_wait``): the sender's event that completes once its
     # writes into ``blocks`` have run (a CUDA event opened from its IPC handle; the loop polls ``query()``).
     # Cleared once seen complete.

@@ -19,9 +19,11 @@ sender's ready event's IPC handle, opened here) -> ``engine.finish_kv`` and an a
 ends, ``engine.end_external_writes`` follows (so blocks held back from an ended request go back, after
 a grace period if the stream broke).
 
-``WriteKV`` with ``KVHeader.transport = "nixl"`` is the NIXL transport's control stream (``colm.kv.nixl.receive``:
-a region of the receive arena is granted, the sender WRITEs into it and marks each range, decode checks and
-copies it into the blocks).
+``WriteKV`` with ``KVHeader.transport = "nixl"`` is the NIXL transport's control stream, the same grant and
+marks (``colm.kv.nixl``): the grant adds the pool's NIXL registration (``pool_grant_fields``), the sender
+WRITEs straight into the blocks, and each mark's checksum is checked against the pool's slots before
+``mark_kv``; if the request ends while the stream is open, the stream is cancelled (the blocks then wait
+out the grace).
 
 ``PushKV`` messages are deserialised by ``read_kv_message``: a chunk's payload stays a view of the
 received buffer (``colm.kv_wire.split_chunk_message``) and only its metadata goes through protobuf.
@@ -178,24 +180,34 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
             header = msg.header
             rid = header.request_id
             layout = layout_of(header)
-            if header.transport == "nixl":
-                yield from self._receive_nixl(header, layout, messages, context, state)
-                return
-            if header.transport not in ("", "cuda_pool"):
+            if header.transport not in ("", "cuda_pool", "nixl"):
                 raise TransferError(f"request {rid}: transport {header.transport!r} is not received by WriteKV")
-            grant = state["grant"] = self.engine.grant_kv(rid, layout, self.engine.config.grant_wait_s)
-            export = self.engine.pool_export()
+            nixl = header.transport == "nixl"
+            # nixl: a sender that may be on another host; if the request ends first, its stream is cancelled, so its
+            # blocks wait out the grace instead of the sender's deadline
+            grant = state["grant"] = self.engine.grant_kv(rid, layout, self.engine.config.grant_wait_s,
+                                                          stop_writer=context.cancel if nixl else None)
             pool = self.engine.pool
+            if nixl:
+                from colm.kv import nixl as kv_nixl
+
+                fields = kv_nixl.pool_grant_fields(self.engine)
+                verify = header.checksum not in ("", "none")
+            else:
+                fields = self.engine.pool_export().header_fields()
+                fields["accepts_ready_event"] = self.engine.accepts_ready_events()
             yield kv_pb2.KVPoolReply(grant=kv_pb2.KVPoolGrant(
                 request_id=rid, block_ids=grant.blocks, block_size=pool.block_size, num_blocks=pool.num_blocks,
-                dtype=self.engine.kv_dtype(), accepts_ready_event=self.engine.accepts_ready_events(),
-                **export.header_fields()))
+                dtype=self.engine.kv_dtype(), **fields))
             for msg in messages:
                 kind = msg.WhichOneof("kind")
                 if kind == "chunk":
                     c = msg.chunk
                     if c.data or getattr(msg, "payload", None):
-                        raise TransferError(f"request {rid}: inline bytes on the cuda_pool path")
+                        raise TransferError(f"request {rid}: inline bytes on the {header.transport or 'cuda_pool'} path")
+                    if nixl and verify:  # the range's bytes as they landed in the blocks (a device pool: a D2H copy)
+                        with DEVICE_WIDE_LOCK if pool.kv.is_cuda else contextlib.nullcontext():
+                            kv_nixl.verify_range(pool, grant.blocks, layout, c, header.checksum, rid)
                     self.engine.mark_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, seq=c.seq)
                 elif kind == "end":
                     ready = msg.end.ready_event_ipc
@@ -214,24 +226,6 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
         finally:
             if state["grant"] is not None and not state["clean"]:
                 self.engine.end_external_writes(state["grant"], clean=False)
-
-    def _receive_nixl(self, header, layout, messages, context, state):
-        """The nixl transport's WriteKV (``colm.kv.nixl.receive``): its region of the receive arena is freed however
-        the stream ends (after the grace when it broke: the sender may still write); the request fails if unfinished."""
-        from colm.kv import nixl as kv_nixl
-
-        rid = header.request_id
-
-        def on_end():
-            if not state["clean"]:
-                self.engine.fail_kv(rid, PeerUnavailableError(f"request {rid}: KV stream broke"))
-            kv_nixl.release_region(self.engine, state)
-
-        context.add_callback(on_end)
-        try:
-            yield from kv_nixl.receive(self.engine, header, layout, messages, state, kv_pb2)
-        finally:
-            kv_nixl.release_region(self.engine, state)
 
     def _stream_failed(self, rid: str | None, e: Exception, context, fail: bool) -> Exception:
         """What a failed KV stream raises: its request (``rid``, when ``fail``: its KV is not complete yet) fails and

@@ -3,7 +3,7 @@
     python tests/_nixl_sender.py MODE DECODE_ADDRESS REQUEST_ID LAYERS KV_HEADS HEAD_DIM TOKENS
 
 MODE: "kill" (writes layer 0, prints "sent", then waits to be killed), "never" (opens the stream, gets the
-grant, prints "sent", writes nothing), "corrupt" (a byte of each range flipped after its checksum: decode must
+grant, prints "sent", writes nothing: decode cancels the stream at the request's KV deadline), "corrupt" (a byte of each range flipped after its checksum: decode must
 refuse it; prints the sender's outcome).
 """
 
@@ -25,9 +25,9 @@ def main() -> None:
     if mode == "corrupt":
         post = kv_nixl.NixlEndpoint.post_write
 
-        def flipped(self, local_off, *args, **kwargs):
-            self.buf[local_off] ^= 0xFF  # after the checksum was taken: the bytes that land differ
-            return post(self, local_off, *args, **kwargs)
+        def flipped(self, local, *args, **kwargs):
+            self.buf[int(local[0, 0]) - self.base] ^= 0xFF  # after the checksum was taken: the bytes that land differ
+            return post(self, local, *args, **kwargs)
 
         kv_nixl.NixlEndpoint.post_write = flipped
     sink = kv_nixl.NixlKVSink(decode_stub(address), rid, TOKEN, checksum_kind="crc32", timeout_s=30,

@@ -1,25 +1,35 @@
-"""The ``nixl`` transport: K/V bytes through NIXL (UCX: TCP, shared memory, RDMA, NVLink), control through gRPC.
+"""The ``nixl`` transport: K/V bytes through NIXL (UCX: TCP, shared memory, RDMA, NVLink) straight into decode's
+KV pool, control through gRPC.
 
-Both ends register one host buffer with their NIXL agent once per process (``NixlEndpoint``: DRAM; a
-device arena is future work, see docs/transports.md) and hand requests regions of it (``RegionArena``).
+Decode registers its pool tensor ``kv [2, layers, num_blocks, block_size, kv_heads, head_dim]`` with its NIXL agent
+once per process (``pool_grant_fields``: DRAM on a CPU pool, VRAM on a CUDA pool: the same call). Prefill registers
+one host send buffer once (``NixlEndpoint``'s arena, ``PrefillConfig.nixl_arena_bytes``) and gives each request a
+region of it (``RegionArena``).
 
 Path of one request (``DecodeWorker.WriteKV``, header with ``transport="nixl"``):
-prefill ``NixlKVSink.begin`` takes a send region and opens the stream -> decode ``receive`` takes a region of
-its receive arena for the request (``engine.begin_kv`` first: the reservation must exist) and replies
-``KVPoolGrant`` with its agent's name and metadata and the region's address -> the sender adds that agent
-(cached per agent name: one UCX connection per peer process) -> each ``put`` (staged to host memory off the
-forward's thread) is copied into the send region and WRITten to the next offset of decode's region; writes
-are pipelined (several in flight) and each is polled until ``check_xfer_state`` says DONE, then its
-``KVChunk`` (ranges, ``shm_offset`` = its offset in the region, checksum over those bytes) goes on the stream
--> decode checks the checksum of the region bytes and copies them into the request's blocks (``write_kv``)
--> ``KVEnd`` -> ``finish_kv`` and the ack. No NIXL notification: the ordered gRPC marks already say what
-landed, with a checksum each; a notification would be a second completion channel to reconcile.
+prefill ``NixlKVSink.begin`` takes a send region and opens the stream -> decode ``DecodeEngine.grant_kv`` (the
+cuda_pool grant: the request's blocks, held from now on while the sender may write) and replies ``KVPoolGrant``
+with ``block_ids`` / ``block_size`` / ``num_blocks`` / ``dtype`` plus its agent's name and metadata and the pool's
+registered address (``nixl_addr``, ``nixl_bytes``, ``nixl_mem``, ``nixl_device``) -> the sender adds that agent
+(cached per agent name and metadata: one UCX connection per peer process) -> each ``put`` (layers [l0, l1) x tokens
+[t0, t1), ``kv [nl, nt, 2, Hkv, hd]``) is copied once into the send region in pool order (``[2, nl, nt, Hkv, hd]``:
+K then V, per layer the tokens in order), so that every run of consecutive slots of the granted blocks is one
+contiguous piece of it (``put_segments``: 2 x nl x runs segments; a fresh pool's blocks are one run) -> one NIXL
+WRITE of that descriptor list per put; writes are pipelined (several in flight) and each is polled until
+``check_xfer_state`` says DONE, then its ``KVChunk`` (the ranges, crc32 = checksum of the put's bytes in that order,
+``PrefillConfig.nixl_checksum``) goes on the stream -> decode checks the checksum by reading those slots of its pool
+(``pool_checksum``) and marks the range written (``mark_kv``: nothing copied) -> ``KVEnd`` -> ``finish_kv`` and the
+ack. No NIXL notification: the ordered gRPC marks already say what landed, with a checksum each.
 
-Faults: a peer that dies makes NIXL fail the write (``NIXL_ERR_REMOTE_DISCONNECT``, seen over UCX's TCP
-transport within milliseconds) or the gRPC stream break; a write still PROC at the request's deadline fails it.
-Decode frees the region when the stream ends: at once after a clean end, after
-``DecodeConfig.external_write_grace_s`` otherwise (a sender that lives on may still have writes in flight);
-the sender frees its region likewise. The request's blocks go back through ``engine.fail_kv``.
+Copies per byte: prefill one host copy (the put into the registered send region, reordered on the way); on CUDA
+the put's device->host copy goes straight into the (pinned) region instead. Decode none.
+
+Faults: a peer that dies makes NIXL fail the write (``NIXL_ERR_REMOTE_DISCONNECT``, seen over UCX's TCP transport
+within milliseconds) or the gRPC stream break; a write still PROC at the request's deadline fails it. Decode's blocks
+follow the cuda_pool rules: a request that ends while its stream is open keeps them out of the free list; decode
+then cancels the stream (``grant_kv``'s ``stop_writer``) and frees them after ``DecodeConfig.external_write_grace_s``
+(a sender that lives on may still have writes in flight), at once after a clean end. The sender frees its region
+likewise (at once when clean, after its grace otherwise).
 """
 
 from __future__ import annotations
@@ -30,13 +40,16 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from colm.errors import CapacityError, PeerUnavailableError, TransferError
+from colm.errors import PeerUnavailableError, TransferError
 from colm.kv.arena import RegionArena
-from colm.kv_wire import KVLayout, bytes_to_tensor, checksum, tensor_bytes
+from colm.kv_wire import KVLayout, checksum, parse_dtype, tensor_bytes
 
 log = logging.getLogger("colm.kv.nixl")
 
@@ -55,10 +68,85 @@ def available() -> bool:
     return True
 
 
-class NixlEndpoint:
-    """This process's NIXL agent for one role plus its registered arena. Made once (``endpoint``)."""
+# ------------------------------------------------------------------------------- where a put's bytes land
+@dataclass(frozen=True)
+class PoolGeometry:
+    """The layout of a pool ``kv [2, num_layers, num_blocks, block_size, kv_heads, head_dim]`` (contiguous) of
+    elements of ``itemsize`` bytes: what a sender needs to address its slots."""
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    kv_heads: int
+    head_dim: int
+    itemsize: int
 
-    def __init__(self, role: str, arena_bytes: int) -> None:
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token's K (or V) of one layer: one slot."""
+        return self.kv_heads * self.head_dim * self.itemsize
+
+    @property
+    def num_bytes(self) -> int:
+        return 2 * self.num_layers * self.num_blocks * self.block_size * self.token_bytes
+
+
+def token_runs(blocks, block_size: int, t0: int, t1: int) -> np.ndarray:
+    """Token positions [t0, t1) (t0 < t1) of a sequence holding ``blocks`` as maximal runs of consecutive slots:
+    int64 [runs, 3] rows (token_a, token_b, first_slot)."""
+    first, last = t0 // block_size, (t1 - 1) // block_size
+    if t0 < 0 or t1 <= t0 or last >= len(blocks):
+        raise ValueError(f"tokens [{t0}, {t1}) do not lie in the {len(blocks)} blocks of {block_size}")
+    ids = np.asarray(blocks[first : last + 1], dtype=np.int64)
+    heads = np.concatenate(([0], np.flatnonzero(ids[1:] != ids[:-1] + 1) + 1)).astype(np.int64)
+    ends = np.append(heads[1:], len(ids))
+    a = np.maximum(t0, (first + heads) * block_size)
+    b = np.minimum(t1, (first + ends) * block_size)
+    return np.stack([a, b, ids[heads] * block_size + a - (first + heads) * block_size], axis=1)
+
+
+def put_segments(geo: PoolGeometry, l0: int, l1: int, t0: int, t1: int, runs: np.ndarray) -> np.ndarray:
+    """The byte segments of a put of layers [l0, l1) x tokens [t0, t1) (``runs``: ``token_runs`` of [t0, t1)):
+    int64 [2 * (l1 - l0) * runs, 3] rows (source offset, pool offset, length). The source is the put laid out in
+    pool order, ``[2, l1 - l0, t1 - t0, kv_heads, head_dim]`` contiguous; rows run in its order (K then V, layers,
+    runs), so they cover it from 0 to its end without gaps, and the checksum of the rows' pool bytes in row order is
+    the checksum of the source."""
+    nl, nt, tb = l1 - l0, t1 - t0, geo.token_bytes
+    c = np.arange(2, dtype=np.int64)[:, None, None]            # [2, 1, 1]
+    layer = np.arange(l0, l1, dtype=np.int64)[None, :, None]   # [1, nl, 1]
+    a, b, slot = (runs[None, None, :, i] for i in range(3))    # [1, 1, R]
+    src = ((c * nl + layer - l0) * nt + a - t0) * tb
+    dst = ((c * geo.num_layers + layer) * (geo.num_blocks * geo.block_size) + slot) * tb
+    length = np.broadcast_to((b - a) * tb, src.shape)
+    return np.stack([src.reshape(-1), dst.reshape(-1), length.reshape(-1)], axis=1)
+
+
+def to_pool_order(kv: torch.Tensor) -> torch.Tensor:
+    """A put's ``kv [nl, nt, 2, Hkv, hd]`` as the view ``[2, nl, nt, Hkv, hd]`` whose contiguous copy is the source
+    of ``put_segments``."""
+    return kv.permute(2, 0, 1, 3, 4)
+
+
+def pool_checksum(pool: torch.Tensor, segments: np.ndarray, kind: str) -> int:
+    """Checksum of the pool's bytes at ``segments`` (``put_segments`` rows), in row order. A CPU pool is read in
+    place; a device pool's segments are gathered and copied to host first."""
+    if pool.device.type == "cpu":
+        buf = tensor_bytes(pool)  # [pool bytes] memoryview, no copy
+        value = 0
+        for _, off, n in segments.tolist():
+            value = checksum(buf[off : off + n], kind, value)
+        return value
+    flat = pool.view(-1).view(torch.uint8)
+    host = torch.cat([flat[off : off + n] for _, off, n in segments.tolist()]).cpu()
+    return checksum(tensor_bytes(host), kind)
+
+
+# ------------------------------------------------------------------------------------------- the endpoint
+class NixlEndpoint:
+    """This process's NIXL agent for one role, its registered memory and the peers it writes to. Made once per role
+    (``endpoint``). ``arena_bytes`` > 0: one host buffer registered now and handed out in regions (the sender's
+    send buffer); pinned when CUDA is there, so a device put's copy into it is asynchronous."""
+
+    def __init__(self, role: str, arena_bytes: int = 0) -> None:
         os.environ.setdefault("UCX_TLS", DEFAULT_UCX_TLS)  # read by UCX when the agent's backend starts
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
@@ -68,35 +156,78 @@ class NixlEndpoint:
                                                              sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT))
         if "UCX" not in self.agent.backends:
             raise RuntimeError("nixl: the UCX backend plugin did not load")
-        self.buf = torch.empty(arena_bytes, dtype=torch.uint8)  # [arena_bytes]; pages touched on first use
-        self.reg = self.agent.register_memory(self.buf)
-        self.arena = RegionArena(arena_bytes)
-        self.base = self.buf.data_ptr()
-        self.metadata = self.agent.get_agent_metadata()
-        self._peers: dict[str, str] = {}  # agent name -> the name add_remote_agent returned
         self._lock = threading.Lock()
+        self._peers: dict[str, tuple[str, bytes]] = {}  # agent name -> (add_remote_agent's name, its metadata)
+        self._regs: dict[tuple[int, int], tuple] = {}  # (address, bytes) -> (registration, mem, device)
+        self.buf = None
+        self.arena = None
+        self.base = 0
+        if arena_bytes > 0:
+            pin = torch.cuda.is_available()
+            self.buf = torch.empty(arena_bytes, dtype=torch.uint8, pin_memory=pin)  # [arena_bytes]
+            self.register(self.buf)
+            self.arena = RegionArena(arena_bytes)
+            self.base = self.buf.data_ptr()
+        self.metadata = self.agent.get_agent_metadata()
+
+    def register(self, t: torch.Tensor) -> tuple[int, int, str, int]:
+        """Register contiguous ``t`` (host: DRAM, CUDA: VRAM) once: (address, bytes, mem, device). The registration
+        goes when ``t`` does; the agent's metadata (what a peer adds) then names it."""
+        if not t.is_contiguous():
+            raise ValueError("nixl: only a contiguous tensor can be registered")
+        key = (t.data_ptr(), t.numel() * t.element_size())
+        with self._lock:
+            got = self._regs.get(key)
+            if got is None:
+                mem = "VRAM" if t.is_cuda else "DRAM"
+                device = t.get_device() if t.is_cuda else 0
+                reg = self.agent.register_memory(t)
+                if reg is None:
+                    raise RuntimeError(f"nixl: registering {key[1]} bytes of {mem} failed")
+                got = self._regs[key] = (reg, mem, device)
+                self.metadata = self.agent.get_agent_metadata()
+                weakref.finalize(t, self._deregister, key)
+            return key[0], key[1], got[1], got[2]
+
+    def _deregister(self, key) -> None:
+        with self._lock:
+            got = self._regs.pop(key, None)
+        if got is not None:
+            try:
+                self.agent.deregister_memory(got[0])
+            except Exception as e:  # noqa: BLE001 - at interpreter exit
+                log.debug("nixl: deregistering failed: %s", e)
 
     def peer(self, name: str, metadata: bytes) -> str:
-        """The remote agent ``name``, added from ``metadata`` on first use (cached per agent)."""
+        """The remote agent ``name``, added from ``metadata`` on first use (cached per agent; added again when its
+        metadata changed: it registered more memory)."""
         with self._lock:
-            if name not in self._peers:
-                self._peers[name] = self.agent.add_remote_agent(metadata)
-            return self._peers[name]
+            got = self._peers.get(name)
+            if got is not None and got[1] != metadata:
+                self._remove(name)
+                got = None
+            if got is None:
+                got = self._peers[name] = (self.agent.add_remote_agent(metadata), metadata)
+            return got[0]
 
     def forget(self, name: str) -> None:
         """Drop a peer whose connection failed (a restarted worker comes back under a new name anyway)."""
         with self._lock:
-            if self._peers.pop(name, None) is not None:
-                try:
-                    self.agent.remove_remote_agent(name)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
+            if name in self._peers:
+                self._remove(name)
 
-    def post_write(self, local_off: int, remote_addr: int, nbytes: int, peer: str, mem: str = "DRAM", dev: int = 0):
-        """Post a WRITE of ``nbytes`` from this arena's ``local_off`` to ``remote_addr`` of ``peer``; the handle."""
-        local = self.agent.get_xfer_descs([(self.base + local_off, nbytes, 0)], "DRAM")
-        remote = self.agent.get_xfer_descs([(remote_addr, nbytes, dev)], mem)
-        handle = self.agent.initialize_xfer("WRITE", local, remote, peer)
+    def _remove(self, name: str) -> None:
+        remote, _ = self._peers.pop(name)
+        try:
+            self.agent.remove_remote_agent(remote)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    def post_write(self, local: np.ndarray, remote: np.ndarray, peer: str, mem: str = "DRAM"):
+        """Post one WRITE of the segments ``local`` (this process's DRAM) -> ``remote`` (``peer``'s ``mem``): uint64
+        [n, 3] rows (address, length, device), pairwise of equal length. The handle."""
+        handle = self.agent.initialize_xfer("WRITE", self.agent.get_xfer_descs(local, "DRAM"),
+                                            self.agent.get_xfer_descs(remote, mem), peer)
         state = self.agent.transfer(handle)
         if state == "ERR":
             self.agent.release_xfer_handle(handle)
@@ -117,8 +248,9 @@ _ENDPOINTS: dict[str, NixlEndpoint] = {}
 _ENDPOINTS_LOCK = threading.Lock()
 
 
-def endpoint(role: str, arena_bytes: int) -> NixlEndpoint:
-    """This process's endpoint of ``role`` ("prefill" | "decode"), made on first use with ``arena_bytes``."""
+def endpoint(role: str, arena_bytes: int = 0) -> NixlEndpoint:
+    """This process's endpoint of ``role`` ("prefill": with a send arena of ``arena_bytes`` | "decode": none), made
+    on first use."""
     with _ENDPOINTS_LOCK:
         ep = _ENDPOINTS.get(role)
         if ep is None:
@@ -126,78 +258,50 @@ def endpoint(role: str, arena_bytes: int) -> NixlEndpoint:
         return ep
 
 
-# ------------------------------------------------------------------------------------------- decode side
-def receive(engine, header, layout: KVLayout, messages, state: dict, kv_pb2):
-    """Decode's half of a ``WriteKV`` stream of the nixl transport (``DecodeService.WriteKV`` calls it after the
-    header): yields the grant, then the ack. ``state["region"]`` holds the region's offset until the caller frees
-    it (``release_region``) however the stream ends; ``state["clean"]`` once acked."""
-    cfg = engine.config
-    ep = endpoint("decode", cfg.nixl_arena_bytes)
-    rid = header.request_id
-    engine.begin_kv(rid, layout)
-    n = layout.num_bytes
-    region = 0
-    if n:
-        try:
-            region = ep.arena.allocate(n)
-        except CapacityError as e:
-            engine.fail_kv(rid, e)
-            raise
-        state["region"] = region
-    yield kv_pb2.KVPoolReply(grant=kv_pb2.KVPoolGrant(
-        request_id=rid, dtype=layout.dtype, nixl_agent=ep.name, nixl_metadata=ep.metadata,
-        nixl_addr=ep.base + region, nixl_bytes=n, nixl_mem="DRAM", nixl_device=0))
-    kind = header.checksum or "none"
-    for msg in messages:
-        which = msg.WhichOneof("kind")
-        if which == "chunk":
-            c = msg.chunk
-            if c.data or getattr(msg, "payload", None):
-                raise TransferError(f"request {rid}: inline bytes on the nixl transport")
-            if c.dtype != layout.dtype:
-                raise TransferError(f"request {rid}: chunk dtype {c.dtype!r}, header {layout.dtype!r}")
-            if c.shm_offset + c.nbytes > n:
-                raise TransferError(f"request {rid}: chunk [{c.shm_offset}, +{c.nbytes}) outside its {n}-byte region")
-            view = ep.buf[region + c.shm_offset : region + c.shm_offset + c.nbytes]  # [nbytes] uint8, no copy
-            payload = tensor_bytes(view)
-            if kind != "none" and checksum(payload, kind) != c.crc32:
-                raise TransferError(f"request {rid}: checksum mismatch in chunk {c.seq} (region bytes "
-                                    f"[{c.shm_offset}, +{c.nbytes}))")
-            try:
-                kv = bytes_to_tensor(payload, c.dtype, tuple(c.shape))
-            except ValueError as e:
-                raise TransferError(f"request {rid}: chunk {c.seq}: {e}") from None
-            engine.write_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, kv, seq=c.seq, sync=True)
-            del kv, payload, view
-        elif which == "end":
-            engine.finish_kv(rid, header.num_tokens)
-            state["clean"] = True
-            yield kv_pb2.KVPoolReply(ack=kv_pb2.KVAck(request_id=rid, num_chunks=msg.end.num_chunks,
-                                                      num_bytes=msg.end.num_bytes))
-            return
-        else:
-            raise TransferError(f"request {rid}: second KV header in one stream")
-    raise TransferError(f"request {rid}: KV stream ended without KVEnd (truncated)")
-
-
-def release_region(engine, state: dict) -> None:
-    """Free the stream's receive region: now after a clean end, after the grace otherwise. Idempotent."""
-    region = state.pop("region", None)
-    if region is not None:
-        ep = endpoint("decode", engine.config.nixl_arena_bytes)
-        ep.arena.free(region, 0.0 if state.get("clean") else engine.config.external_write_grace_s)
-
-
 def arena_free_bytes(role: str) -> tuple[int, int] | None:
-    """(free bytes, size) of this process's arena of ``role``; None when it was never made."""
+    """(free bytes, size) of this process's send arena of ``role``; None when it was never made (or has none)."""
     ep = _ENDPOINTS.get(role)
-    return None if ep is None else (ep.arena.num_free_bytes, ep.arena.size)
+    return None if ep is None or ep.arena is None else (ep.arena.num_free_bytes, ep.arena.size)
+
+
+# ------------------------------------------------------------------------------------------- decode side
+def pool_grant_fields(engine) -> dict:
+    """The ``KVPoolGrant.nixl_*`` fields of ``engine``'s pool: registered with this process's decode agent on first
+    use (DRAM or VRAM, as the pool lies)."""
+    ep = endpoint("decode")
+    addr, nbytes, mem, device = ep.register(engine.pool.kv)
+    return dict(nixl_agent=ep.name, nixl_metadata=ep.metadata, nixl_addr=addr, nixl_bytes=nbytes, nixl_mem=mem,
+                nixl_device=device)
+
+
+def geometry_of(pool) -> PoolGeometry:
+    """``PoolGeometry`` of a ``PagedKV`` / ``BlockPool``."""
+    _, layers, blocks, bs, heads, hd = pool.kv.shape
+    return PoolGeometry(layers, blocks, bs, heads, hd, pool.kv.element_size())
+
+
+def verify_range(pool, blocks, layout: KVLayout, chunk, kind: str, request_id: str = "") -> None:
+    """Decode: the checksum of the chunk's cells as they lie in the pool equals the sender's; TransferError if not
+    (or if its ranges lie outside the stream's)."""
+    l0, l1, t0, t1 = chunk.layer_start, chunk.layer_end, chunk.token_start, chunk.token_end
+    if not (0 <= l0 < l1 <= layout.num_layers and 0 <= t0 < t1 <= layout.num_tokens):
+        raise TransferError(f"request {request_id}: chunk layers [{l0},{l1}) tokens [{t0},{t1}) outside {layout.num_layers} layers x "
+                            f"{layout.num_tokens} tokens")
+    geo = geometry_of(pool)
+    segs = put_segments(geo, l0, l1, t0, t1, token_runs(blocks, geo.block_size, t0, t1))
+    if pool_checksum(pool.kv, segs, kind) != chunk.crc32:
+        raise TransferError(f"request {request_id}: checksum mismatch in chunk {chunk.seq} (layers [{l0},{l1}) tokens [{t0},{t1}) as "
+                            "written into the pool)")
 
 
 # ------------------------------------------------------------------------------------------- prefill side
 from colm.prefill_worker.kv_push import GrpcKVSink, _peer_error, _Stop, kv_header, kv_pb2  # noqa: E402
+from colm.prefill_worker.sinks import _END, copies_done_event  # noqa: E402
 
 _REPLIES = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="colm-kv-nixl")
+# Host puts are copied into the send region (and checksummed) here, so the copy of one put runs while the stream's
+# thread WRITEs the one before (a UCX shared-memory WRITE runs inside ``transfer``: copy and write would alternate).
+_COPIES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="colm-kv-nixl-copy")
 
 
 class NixlKVSink(GrpcKVSink):
@@ -212,8 +316,13 @@ class NixlKVSink(GrpcKVSink):
         self.granted = threading.Event()
         self._done = threading.Event()
         self._grant = None
+        self._geo: PoolGeometry | None = None
+        self._blocks: list[int] = []
+        self._runs: dict[tuple[int, int], np.ndarray] = {}  # (t0, t1) -> token_runs
         self._peer = ""
-        self._region: int | None = None
+        self._region: int | None = None  # the send region's offset in the arena until it is freed
+        self._start = 0  # the same, kept (writes of a failed stream may still read it: it is freed after the grace)
+        self._put_offset = 0  # where the next put goes in the region
         self._error: BaseException | None = None
         self._ack = None
         self._call = None
@@ -225,7 +334,7 @@ class NixlKVSink(GrpcKVSink):
         self._layout = layout
         self._deadline = time.monotonic() + self.timeout_s
         if layout.num_bytes:
-            self._region = self.ep.arena.allocate(layout.num_bytes)  # CapacityError: this request fails alone
+            self._region = self._start = self.ep.arena.allocate(layout.num_bytes)  # CapacityError: this request alone
         header = kv_header(self.request_id, layout, self.checksum_kind, transport="nixl")
         with self._lock:
             self._call = self.stub.WriteKV(self._messages(header), timeout=self.timeout_s, metadata=self.metadata)
@@ -236,12 +345,19 @@ class NixlKVSink(GrpcKVSink):
             reply = next(self._call)
             if reply.WhichOneof("kind") != "grant" or not reply.grant.nixl_agent:
                 raise TransferError(f"request {self.request_id}: decode answered WriteKV without a NIXL grant")
-            g = reply.grant
-            if g.nixl_bytes != self._layout.num_bytes:
-                raise TransferError(f"request {self.request_id}: a region of {g.nixl_bytes} bytes granted, "
-                                    f"{self._layout.num_bytes} to write")
-            self._peer = self.ep.peer(g.nixl_agent, g.nixl_metadata) if self._layout.num_bytes else ""
-            self._grant = g
+            g, lay = reply.grant, self._layout
+            if g.dtype != lay.dtype:
+                raise TransferError(f"request {self.request_id}: decode's pool holds {g.dtype}, the K/V are {lay.dtype}")
+            if len(g.block_ids) * g.block_size < lay.num_tokens:
+                raise TransferError(f"request {self.request_id}: {len(g.block_ids)} blocks of {g.block_size} granted, "
+                                    f"{lay.num_tokens} tokens to write")
+            geo = PoolGeometry(lay.num_layers, g.num_blocks, g.block_size, lay.num_kv_heads, lay.head_dim,
+                               parse_dtype(lay.dtype).itemsize)
+            if g.nixl_bytes != geo.num_bytes or any(b >= g.num_blocks for b in g.block_ids):
+                raise TransferError(f"request {self.request_id}: a pool of {g.nixl_bytes} bytes granted, its layout "
+                                    f"needs {geo.num_bytes} (or a block id lies outside it)")
+            self._peer = self.ep.peer(g.nixl_agent, g.nixl_metadata) if lay.num_bytes else ""
+            self._geo, self._blocks, self._grant = geo, list(g.block_ids), g
             self.granted.set()
             reply = next(self._call)
             if reply.WhichOneof("kind") != "ack":
@@ -260,25 +376,78 @@ class NixlKVSink(GrpcKVSink):
         if self._error is None:
             self._error = exc
 
+    def _region_view(self, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
+        """``shape`` of ``dtype`` at ``offset`` of this request's send region (a view of registered memory)."""
+        n = int(np.prod(shape)) * parse_dtype(self._layout.dtype).itemsize
+        start = self._start + offset
+        return self.ep.buf[start : start + n].view(dtype).view(shape)
+
+    def put(self, layer_start, layer_end, token_start, token_end, kv) -> None:
+        # kv [layers, tokens, 2, Hkv, hd]; its bytes go into the send region in pool order (the put's one copy)
+        if self._error is not None:  # the stream failed: the region goes (after the grace) even if finish never comes
+            self._release()
+            raise self._error
+        n = kv.numel() * kv.element_size()
+        offset, self._put_offset = self._put_offset, self._put_offset + n
+        if self._region is None or self._put_offset > self._layout.num_bytes:
+            raise TransferError(f"request {self.request_id}: puts of more than the header's {self._layout.num_bytes} "
+                                "bytes")
+        ranges = (layer_start, layer_end, token_start, token_end)
+        if kv.is_cuda:  # the device->host copy lands in the pinned region itself, asynchronously
+            pooled = to_pool_order(kv)
+            self._region_view(offset, pooled.shape, kv.dtype).copy_(pooled, non_blocking=True)
+            self._q.put((ranges, None, copies_done_event(kv), offset))
+        else:  # copied off the forward's thread (torch's copy and crc32c run off the GIL)
+            self._q.put((ranges, _COPIES.submit(self._fill, offset, kv), None, offset))
+
+    def _fill(self, offset: int, kv: torch.Tensor) -> int:
+        """Copy a host put into its place of the send region in pool order; the checksum of those bytes."""
+        pooled = to_pool_order(kv)
+        dst = self._region_view(offset, pooled.shape, kv.dtype)
+        dst.copy_(pooled)
+        return checksum(tensor_bytes(dst), self.checksum_kind) if self.checksum_kind != "none" else 0
+
+    def _puts(self):
+        """Yields ((l0, l1, t0, t1), offset, checksum) once the put's bytes are in the send region, in put order,
+        until ``finish``/``fail`` ends the stream."""
+        while True:
+            item = self._q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            ranges, copied, event, offset = item
+            if copied is not None:  # a host put: its copy's future
+                crc = copied.result()
+            else:  # a device put: its copy into the region was queued on the device
+                event.synchronize()
+                crc = 0
+                if self.checksum_kind != "none":
+                    l0, l1, t0, t1 = ranges
+                    start = self._start + offset
+                    nbytes = (l1 - l0) * (t1 - t0) * self._layout.bytes_per_token_layer
+                    crc = checksum(tensor_bytes(self.ep.buf[start : start + nbytes]), self.checksum_kind)
+            yield ranges, offset, crc
+
     def _messages(self, header):
         yield kv_pb2.KVMessage(header=header)
         if not self.granted.wait(max(0.0, self._deadline - time.monotonic())) or self._grant is None:
             return  # no grant (an error, or the deadline): the stream ends without KVEnd
         inflight: collections.deque = collections.deque()  # (handle, chunk message), posting order
-        offset = 0
+        g, geo = self._grant, self._geo
+        local_base = self.ep.base + self._start
         try:
-            for (l0, l1, t0, t1), host in self._staged():
-                nbytes = host.numel() * host.element_size()
-                dst = self.ep.buf[self._region + offset : self._region + offset + nbytes]
-                src = host.view(torch.int16 if host.dtype == torch.bfloat16 else host.dtype).reshape(-1)
-                dst.view(src.dtype).copy_(src)  # one copy into registered memory (torch: off the GIL)
-                crc = checksum(tensor_bytes(dst), self.checksum_kind) if self.checksum_kind != "none" else 0
-                handle = self.ep.post_write(self._region + offset, self._grant.nixl_addr + offset, nbytes, self._peer,
-                                            self._grant.nixl_mem or "DRAM", self._grant.nixl_device)
-                msg = self._range_message(l0, l1, t0, t1, crc)
-                msg.chunk.shm_offset = offset
-                inflight.append((handle, msg))
-                offset += nbytes
+            for (l0, l1, t0, t1), offset, crc in self._puts():
+                runs = self._runs.get((t0, t1))
+                if runs is None:
+                    runs = self._runs[(t0, t1)] = token_runs(self._blocks, geo.block_size, t0, t1)
+                segs = put_segments(geo, l0, l1, t0, t1, runs).astype(np.uint64)  # [n, 3] src, dst, length
+                local = np.stack([segs[:, 0] + np.uint64(local_base + offset), segs[:, 2],
+                                  np.zeros(len(segs), np.uint64)], axis=1)
+                remote = np.stack([segs[:, 1] + np.uint64(g.nixl_addr), segs[:, 2],
+                                   np.full(len(segs), g.nixl_device, np.uint64)], axis=1)
+                handle = self.ep.post_write(local, remote, self._peer, g.nixl_mem or "DRAM")
+                inflight.append((handle, self._range_message(l0, l1, t0, t1, crc)))
                 # post more while puts are queued; else (or at the cap) finish the oldest write and send its mark
                 while inflight and (self._q.empty() or len(inflight) >= MAX_IN_FLIGHT):
                     yield self._wait(*inflight.popleft())

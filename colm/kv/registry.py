@@ -12,7 +12,7 @@ together?) and the prefill worker asks it (``PrefillService``: which sink?); no 
 | shm | same host | ``GrpcKVSink(shm=True)``: POSIX shm segment | ``DecodeService.PushKV`` (``shm_name``) |
 | cuda_ipc | same host, CUDA on both | ``IpcKVSink``: device staging tensor | ``DecodeService.PushKV`` (``ipc_*``) |
 | cuda_pool | same host, CUDA on both | ``PoolKVSink``: writes decode's blocks | ``DecodeService.WriteKV`` + ``grant_kv`` |
-| nixl | nixl on both | ``NixlKVSink``: NIXL WRITE into a region | ``colm.kv.nixl.receive`` (``WriteKV``) |
+| nixl | nixl on both | ``NixlKVSink``: NIXL WRITEs into decode's blocks | ``WriteKV`` + ``grant_kv`` |
 | fake | same process | ``FakeKVSink``: the engine's target interface | the decode engine itself (tests) |
 
 ``auto`` takes the first transport in ``AUTO_ORDER`` whose needs the pair meets.

@@ -1,0 +1,96 @@
+"""The nixl transport's address mapping against the pool layout (no NIXL needed): a put of layers [l0, l1) x tokens
+[t0, t1), laid out in pool order and moved segment by segment (``put_segments``) into a pool, equals the same put
+written with torch indexing (``PagedKV.write``); the segments cover the source exactly once, in order; decode's
+``pool_checksum`` of those slots equals the sender's checksum of the source, and sees a flipped byte."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from colm.decode_worker.block_pool import PagedKV
+from colm.kv.nixl import PoolGeometry, geometry_of, pool_checksum, put_segments, to_pool_order, token_runs
+from colm.kv_wire import checksum, default_checksum, tensor_bytes
+
+
+def random_case(rng: np.random.Generator, dtype: torch.dtype):
+    L, N, bs = int(rng.integers(1, 6)), int(rng.integers(4, 40)), int(rng.choice([1, 2, 4, 8, 16]))
+    H, hd = int(rng.integers(1, 4)), int(rng.choice([2, 4, 8]))
+    n_blocks = int(rng.integers(1, N + 1))
+    if rng.random() < 0.5:  # shuffled blocks: many runs
+        blocks = rng.permutation(N)[:n_blocks].tolist()
+    else:  # mostly ascending runs, as blocks come off the free stack
+        start = int(rng.integers(0, N - n_blocks + 1))
+        blocks = list(range(start, start + n_blocks))
+        if n_blocks > 2:
+            i = int(rng.integers(1, n_blocks - 1))
+            blocks[i:] = blocks[i:][::-1]
+    tokens = len(blocks) * bs - int(rng.integers(0, bs))
+    t0 = int(rng.integers(0, tokens))
+    t1 = int(rng.integers(t0 + 1, tokens + 1))
+    l0 = int(rng.integers(0, L))
+    l1 = int(rng.integers(l0 + 1, L + 1))
+    pool = torch.randn(2, L, N, bs, H, hd).to(dtype)
+    kv = torch.randn(l1 - l0, t1 - t0, 2, H, hd).to(dtype)
+    return pool, blocks, (l0, l1, t0, t1), kv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segments_match_a_torch_indexing_copy(dtype):
+    rng = np.random.default_rng(7 if dtype == torch.float32 else 11)
+    for _ in range(200):
+        pool, blocks, (l0, l1, t0, t1), kv = random_case(rng, dtype)
+        ref = pool.clone()
+        pages = PagedKV(ref)
+        pages.write(pages.copy_plan(blocks, t0, t1), l0, l1, kv)  # the reference: torch indexing
+
+        geo = geometry_of(PagedKV(pool))
+        assert geo.num_bytes == pool.numel() * pool.element_size()
+        runs = token_runs(blocks, geo.block_size, t0, t1)
+        assert [tuple(r) for r in runs.tolist()] == PagedKV(pool).runs(blocks, t0, t1)
+        segs = put_segments(geo, l0, l1, t0, t1, runs)
+        assert segs.shape == (2 * (l1 - l0) * len(runs), 3)
+        src = to_pool_order(kv).contiguous()
+        src_bytes = np.frombuffer(tensor_bytes(src), dtype=np.uint8)
+        # the rows cover the source once, in order
+        assert segs[0, 0] == 0 and (segs[1:, 0] == segs[:-1, 0] + segs[:-1, 2]).all()
+        assert segs[-1, 0] + segs[-1, 2] == src_bytes.size
+        # move them as a NIXL WRITE would
+        dst = np.frombuffer(tensor_bytes(pool), dtype=np.uint8).copy()
+        for s, d, n in segs.tolist():
+            dst[d : d + n] = src_bytes[s : s + n]
+        assert np.array_equal(dst, np.frombuffer(tensor_bytes(ref), dtype=np.uint8)), (l0, l1, t0, t1, blocks)
+
+
+@pytest.mark.parametrize("kind", sorted({"crc32", default_checksum()}))
+def test_pool_checksum_equals_the_senders(kind):
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        pool, blocks, (l0, l1, t0, t1), kv = random_case(rng, torch.bfloat16)
+        pages = PagedKV(pool)
+        pages.write(pages.copy_plan(blocks, t0, t1), l0, l1, kv)
+        geo = geometry_of(pages)
+        segs = put_segments(geo, l0, l1, t0, t1, token_runs(blocks, geo.block_size, t0, t1))
+        want = checksum(tensor_bytes(to_pool_order(kv).contiguous()), kind)
+        assert pool_checksum(pool, segs, kind) == want
+        s, d, n = segs[int(rng.integers(len(segs)))].tolist()
+        raw = pool.view(-1).view(torch.uint8)
+        raw[d + int(rng.integers(n))] ^= 0x5A  # a byte of the range flipped in the pool
+        assert pool_checksum(pool, segs, kind) != want
+
+
+def test_geometry_and_runs_edges():
+    geo = PoolGeometry(num_layers=3, num_blocks=10, block_size=4, kv_heads=2, head_dim=8, itemsize=2)
+    assert geo.token_bytes == 32 and geo.num_bytes == 2 * 3 * 10 * 4 * 32
+    # ascending blocks: one run whatever the range
+    assert token_runs([5, 6, 7], 4, 1, 11).tolist() == [[1, 11, 21]]
+    # a break between blocks 6 and 2
+    assert token_runs([5, 6, 2], 4, 3, 10).tolist() == [[3, 8, 23], [8, 10, 8]]
+    with pytest.raises(ValueError):
+        token_runs([5, 6], 4, 0, 9)  # past the blocks
+    segs = put_segments(geo, 1, 2, 3, 10, token_runs([5, 6, 2], 4, 3, 10))
+    slots = geo.num_blocks * geo.block_size
+    # K of layer 1: slots 23..27 then 8..9; V of layer 1 the same, one pool half further
+    assert segs.tolist() == [[0, (1 * slots + 23) * 32, 5 * 32], [5 * 32, (1 * slots + 8) * 32, 2 * 32],
+                             [7 * 32, (4 * slots + 23) * 32, 5 * 32], [12 * 32, (4 * slots + 8) * 32, 2 * 32]]
