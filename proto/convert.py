@@ -75,15 +75,19 @@ def sampling_from_public(s, default_max_new_tokens: int) -> SamplingParams:
         raise ValueError(msg) from None
 
 
-def sampling_to_public(p: SamplingParams):
-    """SamplingParams -> ``colm.v1.Sampling`` (what a client sends). ``max_new_tokens`` 0 has no public form:
-    0 there means the router's default."""
-    s = public_pb2.Sampling(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
-                            top_p=p.top_p, stop_token_ids=p.stop_token_ids, stop=p.stop_strings,
-                            ignore_eos=p.ignore_eos)
+def _sampling_msg(cls, p: SamplingParams, stop_field: str):
+    """SamplingParams -> ``cls`` (``Sampling`` or ``DecodeSampling``, which name the stop strings differently)."""
+    s = cls(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+            stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, **{stop_field: p.stop_strings})
     if p.seed is not None:
         s.seed = p.seed
     return s
+
+
+def sampling_to_public(p: SamplingParams):
+    """SamplingParams -> ``colm.v1.Sampling`` (what a client sends). ``max_new_tokens`` 0 has no public form:
+    0 there means the router's default."""
+    return _sampling_msg(public_pb2.Sampling, p, "stop")
 
 
 # ---------------------------------------------------------------- DecodeSampling (router -> decode worker)
@@ -92,12 +96,7 @@ def sampling_to_decode(p: SamplingParams):
     checks them itself (``colm.stopping``)."""
     if p.seed is not None and p.seed < 0:
         raise ValueError(f"seed={p.seed}: the decode worker takes an unsigned 64-bit seed")
-    s = kv_pb2.DecodeSampling(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k,
-                              top_p=p.top_p, stop_token_ids=p.stop_token_ids, stop_strings=p.stop_strings,
-                              ignore_eos=p.ignore_eos)
-    if p.seed is not None:
-        s.seed = p.seed
-    return s
+    return _sampling_msg(kv_pb2.DecodeSampling, p, "stop_strings")
 
 
 def sampling_from_decode(s) -> SamplingParams:

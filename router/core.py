@@ -379,8 +379,8 @@ class Router:
                         # this attempt's first token: its KV has reached the decode worker, the prefill worker is
                         # done with it, and its failing a health poll from now on must not fail the request over
                         self.registry.finish(prefill.worker_id, spec.uid)
-                    if not out:
-                        self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
+                        if not out:  # the request's first token
+                            self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
                     out.append(tok.token_id)
                     times.append(now_ms)
                     reason = stopper.add(tok.token_id)  # a partial UTF-8 character waits for the token completing it

@@ -32,13 +32,10 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
 
+# The limits of the gRPC API, imported from there so that both fronts accept the same requests.
+from colm.proto.convert import MAX_BUDGET_MS, MAX_STOP_CHARS, MAX_STOP_STRINGS, SEED_MAX
 from colm.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 
-# The limits of the gRPC API (router/grpc_server.py), so that both fronts accept the same requests.
-MAX_BUDGET_MS = 3_600_000.0  # ttft_ms, tpot_ms, deadline_ms: at most one hour
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-SEED_MAX = 2**63 - 1  # the workers take an unsigned 64-bit seed: negative seeds are refused, not wrapped
 MAX_LOGPROBS = 1  # what the engines report per position: the sampled token, or the prompt's most likely one
 ROLES = ("system", "user", "assistant")
 
@@ -188,7 +185,7 @@ class SamplingRequest(BaseModel):
             raise ValueError(f"temperature={t!r} is out of range")
         return t
 
-    @field_validator("n")
+    @field_validator("n", "best_of", check_fields=False)  # best_of: completions only
     @classmethod
     def _one(cls, v, info):
         if v is not None and v != 1:
@@ -202,11 +199,11 @@ class SamplingRequest(BaseModel):
             raise ValueError(f"{info.field_name}={v!r}: penalties are not supported")
         return v
 
-    @field_validator("logit_bias")
+    @field_validator("logit_bias", "suffix", check_fields=False)  # suffix: completions only
     @classmethod
-    def _logit_bias(cls, v):
+    def _not_supported(cls, v, info):
         if v:
-            raise ValueError("logit_bias is not supported")
+            raise ValueError(f"{info.field_name} is not supported")
         return v
 
     def extras(self) -> dict:
@@ -238,20 +235,6 @@ class CompletionRequest(SamplingRequest):
         if isinstance(p, list):
             return _prompt_list(p, "prompt")
         raise ValueError(f"prompt is {_kind(p)}")
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of(cls, v):
-        if v is not None and v != 1:
-            raise ValueError(f"best_of={v}: only 1 is supported")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v):
-        if v:
-            raise ValueError("suffix is not supported")
-        return v
 
 
 class ChatCompletionRequest(SamplingRequest):
