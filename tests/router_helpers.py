@@ -8,33 +8,12 @@ from colm.router.server import ThreadedRouterServer
 BackgroundRouter = ThreadedRouterServer
 
 
-def post_json(url: str, body, headers=None, raw: bytes | None = None):
-    """POST and return (status, parsed JSON or text)."""
+def _fetch_json(req):
+    """Send `req` and return (status, parsed JSON or text); an HTTP error status is returned, not raised."""
     import json
     import urllib.error
     import urllib.request
 
-    data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            text = r.read().decode()
-            status = r.status
-    except urllib.error.HTTPError as e:
-        text, status = e.read().decode(), e.code
-    try:
-        return status, json.loads(text)
-    except ValueError:
-        return status, text
-
-
-def get_json(url: str, headers=None):
-    """GET and return (status, parsed JSON or text)."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             text, status = r.read().decode(), r.status
@@ -44,3 +23,70 @@ def get_json(url: str, headers=None):
         return status, json.loads(text)
     except ValueError:
         return status, text
+
+
+def post_json(url: str, body, headers=None, raw: bytes | None = None):
+    """POST and return (status, parsed JSON or text)."""
+    import json
+    import urllib.request
+
+    data = raw if raw is not None else json.dumps(body).encode()
+    return _fetch_json(urllib.request.Request(url, data=data,
+                                              headers={"Content-Type": "application/json", **(headers or {})}))
+
+
+def get_json(url: str, headers=None):
+    """GET and return (status, parsed JSON or text)."""
+    import urllib.request
+
+    return _fetch_json(urllib.request.Request(url, headers=headers or {}))
+
+
+def start_worker_procs(model_dir, sections, env, procs: list) -> dict[str, str]:
+    """Start a `colm.deploy.worker_main` process per (role, config JSON) in `sections`, all at once, appending each
+    to `procs` (the caller terminates them), and return {role: gRPC address} from their READY lines."""
+    import subprocess
+    import sys
+
+    started = []
+    for role, cfg in sections:
+        p = subprocess.Popen([sys.executable, "-m", "colm.deploy.worker_main", "--role", role, "--model", str(model_dir),
+                              "--config", cfg], stdout=subprocess.PIPE, text=True, env=env)
+        procs.append(p)
+        started.append((role, p))
+    addrs = {}
+    for role, p in started:
+        ready = p.stdout.readline().split()
+        assert ready[:2] == ["READY", role], ready
+        addrs[role] = ready[2]
+    return addrs
+
+
+def assert_router_gives_reference_tokens(full, model_dir, decode_addr: str, prefill_addr: str, token: str,
+                                         kv_path: str) -> None:
+    """A router over the decode and prefill workers at these addresses (transport `kv_path`): greedy tokens equal
+    ``colm generate`` with `full` at every scale for mixed prompt lengths."""
+    from colm import checkpoint
+    from colm.client import Client
+    from colm.generate import generate
+    from colm.router.backend import WorkerInfo
+    from colm.router.config import RouterConfig
+    from colm.router.core import Router
+    from colm.router.grpc_backend import GrpcBackend
+    from colm.sampling import SamplingParams
+    from colm.tokenizer import ByteTokenizer
+
+    workers = [WorkerInfo("decode-0", "decode", decode_addr), WorkerInfo("prefill-0", "prefill", prefill_addr)]
+    tok = ByteTokenizer()
+    bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None), checkpoint.load_config(model_dir), tok,
+                                 GrpcBackend(workers, cluster_token=token, kv_path=kv_path)))
+    try:
+        with Client(bg.grpc_addr) as c:
+            for text in ("Hi", "The import statement", "a longer prompt " * 6):
+                for scale in range(1, full.cfg.num_chains + 1):
+                    want = generate(full, tok.encode(text), SamplingParams(max_new_tokens=8, ignore_eos=True),
+                                    scale=scale).token_ids
+                    got = c.complete(text, max_new_tokens=8, scale=scale, ignore_eos=True)["token_ids"]
+                    assert got == want, (text, scale)
+    finally:
+        bg.stop()

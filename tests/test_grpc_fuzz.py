@@ -30,6 +30,7 @@ from google.protobuf.descriptor import FieldDescriptor as F  # noqa: E402
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase  # noqa: E402
 
 from colm.client import Client  # noqa: E402
+from colm.kv_wire import _varint  # noqa: E402
 from test_grpc_validation import Cluster  # noqa: E402
 
 API_KEY = "fuzz-api-key-0123456789"
@@ -118,16 +119,7 @@ def mutate(msg, path, value) -> bool:
 
 
 def varint(n: int) -> bytes:
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+    return _varint(n & (1 << 64) - 1)  # a negative int as protobuf writes it: two's complement in 64 bits
 
 
 def tag(number: int, wire_type: int) -> bytes:

@@ -15,8 +15,6 @@ import json
 import math
 import os
 import random
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -36,7 +34,7 @@ from colm.router.config import RouterConfig  # noqa: E402
 from colm.router.core import Router  # noqa: E402
 from colm.router.grpc_backend import GrpcBackend  # noqa: E402
 from colm.tokenizer import ByteTokenizer  # noqa: E402
-from router_helpers import BackgroundRouter  # noqa: E402
+from router_helpers import BackgroundRouter, start_worker_procs  # noqa: E402
 
 TOKEN = "fuzz-cluster-token-0123456789"
 API_KEY = "fuzz-api-key-0123456789"
@@ -52,15 +50,9 @@ def router():
     """One router for the module, over a decode and a prefill worker process (the bundled demo model)."""
     model_dir = str(demo_model_dir())
     env = {**os.environ, "COLM_CLUSTER_TOKEN": TOKEN}
-    procs, addrs = [], {}
+    procs = []
     try:
-        for role, cfg in (("decode", '{"num_blocks": 256}'), ("prefill", "{}")):  # both start at once
-            procs.append(subprocess.Popen([sys.executable, "-m", "colm.deploy.worker_main", "--role", role, "--model",
-                                           model_dir, "--config", cfg], stdout=subprocess.PIPE, text=True, env=env))
-        for role, p in zip(("decode", "prefill"), procs):
-            ready = p.stdout.readline().split()
-            assert ready[:2] == ["READY", role], ready
-            addrs[role] = ready[2]
+        addrs = start_worker_procs(model_dir, (("decode", '{"num_blocks": 256}'), ("prefill", "{}")), env, procs)
         workers = [WorkerInfo("decode-0", "decode", addrs["decode"]),
                    WorkerInfo("prefill-0", "prefill", addrs["prefill"])]
         cfg = RouterConfig(grpc_port=0, http_port=0, api_key=API_KEY, max_message_bytes=MAX_BODY, max_running=8,

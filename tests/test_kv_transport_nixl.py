@@ -21,7 +21,6 @@ from colm.kv import registry
 pytestmark = pytest.mark.skipif(not registry.get("nixl").importable(),
                                 reason="nixl not importable (pip install 'colm[nixl]')")
 
-from colm import checkpoint  # noqa: E402
 from colm.decode_worker.config import DecodeConfig  # noqa: E402
 from colm.decode_worker.engine import DecodeEngine  # noqa: E402
 from colm.decode_worker.service import DecodeServer  # noqa: E402
@@ -240,13 +239,7 @@ def test_receiver_killed_mid_transfer(cluster):
 def test_worker_processes_and_router_give_reference_tokens(cluster):
     """Prefill and decode as separate worker processes, the router asking for transport nixl: tokens equal
     ``colm generate`` at every scale for mixed prompt lengths; the decode pool is free afterwards."""
-    from colm.client import Client
-    from colm.router.backend import WorkerInfo
-    from colm.router.config import RouterConfig
-    from colm.router.core import Router
-    from colm.router.grpc_backend import GrpcBackend
-    from colm.tokenizer import ByteTokenizer
-    from router_helpers import BackgroundRouter
+    from router_helpers import assert_router_gives_reference_tokens
 
     path, full, _, _, _ = cluster
     env = {**os.environ, "COLM_CLUSTER_TOKEN": TOKEN}
@@ -260,20 +253,7 @@ def test_worker_processes_and_router_give_reference_tokens(cluster):
         p = kv_pb2_grpc.PrefillWorkerStub(make_channel(paddr))
         _, reply = run(d, p, daddr, "direct", prompts([30])[0], 1)
         assert reply.path == "nixl"
-        workers = [WorkerInfo("decode-0", "decode", daddr), WorkerInfo("prefill-0", "prefill", paddr)]
-        tok = ByteTokenizer()
-        bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None), checkpoint.load_config(path), tok,
-                                     GrpcBackend(workers, cluster_token=TOKEN, kv_path="nixl")))
-        try:
-            with Client(bg.grpc_addr) as c:
-                for text in ("Hi", "The import statement", "a longer prompt " * 6):
-                    for scale in range(1, full.cfg.num_chains + 1):
-                        want = generate(full, tok.encode(text), SamplingParams(max_new_tokens=8, ignore_eos=True),
-                                        scale=scale).token_ids
-                        got = c.complete(text, max_new_tokens=8, scale=scale, ignore_eos=True)["token_ids"]
-                        assert got == want, (text, scale)
-        finally:
-            bg.stop()
+        assert_router_gives_reference_tokens(full, path, daddr, paddr, TOKEN, "nixl")
         s = wait_pool_free(d)
         assert s.num_free_blocks == s.num_blocks
     finally:

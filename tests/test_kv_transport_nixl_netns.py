@@ -34,19 +34,10 @@ def _worker(cluster, node, role, model_dir, config):
 
 
 def test_nixl_between_namespaces_gives_reference_tokens(tmp_path):
-    from colm import checkpoint
-    from colm.client import Client
-    from colm.generate import generate
     from colm.proto import load_proto
     from colm.proto.rpc import make_channel
-    from colm.router.backend import WorkerInfo
-    from colm.router.config import RouterConfig
-    from colm.router.core import Router
-    from colm.router.grpc_backend import GrpcBackend
-    from colm.sampling import SamplingParams
-    from colm.tokenizer import ByteTokenizer
     from _engine_helpers import save_tiny_air, wait_pool_free
-    from router_helpers import BackgroundRouter
+    from router_helpers import assert_router_gives_reference_tokens
 
     kv_pb2, kv_pb2_grpc = load_proto("kv")
     full = save_tiny_air(tmp_path / "model")
@@ -57,19 +48,7 @@ def test_nixl_between_namespaces_gives_reference_tokens(tmp_path):
         daddr = _worker(c, c.nodes[1], "decode", tmp_path / "model", '{"num_blocks": 128, "block_size": 4}')
         paddr = _worker(c, c.nodes[0], "prefill", tmp_path / "model", '{"nixl_arena_bytes": 4194304}')
         assert daddr.startswith(c.nodes[1].ip + ":") and paddr.startswith(c.nodes[0].ip + ":")
-        workers = [WorkerInfo("decode-0", "decode", daddr), WorkerInfo("prefill-0", "prefill", paddr)]
-        tok = ByteTokenizer()
-        bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None), checkpoint.load_config(tmp_path / "model"),
-                                     tok, GrpcBackend(workers, cluster_token=TOKEN, kv_path="nixl")))
-        try:
-            with Client(bg.grpc_addr) as cl:
-                for text in ("Hi", "The import statement", "a longer prompt " * 6):
-                    for scale in range(1, full.cfg.num_chains + 1):
-                        want = generate(full, tok.encode(text), SamplingParams(max_new_tokens=8, ignore_eos=True),
-                                        scale=scale).token_ids
-                        assert cl.complete(text, max_new_tokens=8, scale=scale, ignore_eos=True)["token_ids"] == want
-        finally:
-            bg.stop()
+        assert_router_gives_reference_tokens(full, tmp_path / "model", daddr, paddr, TOKEN, "nixl")
         d = kv_pb2_grpc.DecodeWorkerStub(make_channel(daddr))
         s = wait_pool_free(d)
         assert s.num_free_blocks == s.num_blocks

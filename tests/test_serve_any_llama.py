@@ -5,7 +5,6 @@ generate on the same weights; `colm expand --kv-sharing` of it serves both scale
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,7 +28,7 @@ from colm.router.core import Router  # noqa: E402
 from colm.router.engine_backend import EngineBackend  # noqa: E402
 from colm.sampling import SamplingParams  # noqa: E402
 from colm.tokenizer import load_checkpoint_tokenizer  # noqa: E402
-from router_helpers import BackgroundRouter  # noqa: E402
+from router_helpers import BackgroundRouter, start_worker_procs  # noqa: E402
 
 N = 12
 PROMPTS = [[5, 300, 17, 99, 200, 42, 7, 311, 64, 128, 3], [77]]  # a one-token prompt needs no KV hand-off
@@ -125,15 +124,9 @@ def test_converted_llama_served_by_worker_processes(llama):
     hf, ckpt = llama
     token = "any-llama-test-token-0123456789"
     env = {**os.environ, "COLM_CLUSTER_TOKEN": token}
-    procs, addrs = [], {}
+    procs = []
     try:
-        for role, section in (("decode", '{"num_blocks": 64}'), ("prefill", "{}")):
-            p = subprocess.Popen([sys.executable, "-m", "colm.deploy.worker_main", "--role", role, "--model", ckpt,
-                                  "--config", section], stdout=subprocess.PIPE, text=True, env=env)
-            procs.append(p)
-            ready = p.stdout.readline().split()
-            assert ready[:2] == ["READY", role], ready
-            addrs[role] = ready[2]
+        addrs = start_worker_procs(ckpt, (("decode", '{"num_blocks": 64}'), ("prefill", "{}")), env, procs)
         workers = [WorkerInfo("decode-0", "decode", addrs["decode"]),
                    WorkerInfo("prefill-0", "prefill", addrs["prefill"])]
         bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None), checkpoint.load_config(ckpt),

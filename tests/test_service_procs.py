@@ -1,8 +1,6 @@
 """Router -> prefill and decode workers as plain processes (colm.deploy.worker_main) over gRPC."""
 
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -19,7 +17,7 @@ from colm.router.core import Router  # noqa: E402
 from colm.router.grpc_backend import GrpcBackend  # noqa: E402
 from colm.sampling import SamplingParams  # noqa: E402
 from colm.tokenizer import ByteTokenizer  # noqa: E402
-from router_helpers import BackgroundRouter  # noqa: E402
+from router_helpers import BackgroundRouter, start_worker_procs  # noqa: E402
 
 TOKEN = "proc-test-token-0123456789"
 
@@ -27,15 +25,9 @@ TOKEN = "proc-test-token-0123456789"
 def test_worker_processes_serve_reference_tokens_and_refuse_a_wrong_token():
     model_dir = str(demo_model_dir())
     env = {**os.environ, "COLM_CLUSTER_TOKEN": TOKEN}
-    procs, addrs = [], {}
+    procs = []
     try:
-        for role, cfg in (("decode", '{"num_blocks": 256}'), ("prefill", "{}")):
-            p = subprocess.Popen([sys.executable, "-m", "colm.deploy.worker_main", "--role", role, "--model", model_dir,
-                                  "--config", cfg], stdout=subprocess.PIPE, text=True, env=env)
-            procs.append(p)
-            ready = p.stdout.readline().split()
-            assert ready[:2] == ["READY", role], ready
-            addrs[role] = ready[2]
+        addrs = start_worker_procs(model_dir, (("decode", '{"num_blocks": 256}'), ("prefill", "{}")), env, procs)
         workers = [WorkerInfo("decode-0", "decode", addrs["decode"]), WorkerInfo("prefill-0", "prefill", addrs["prefill"])]
         model = checkpoint.load(model_dir).eval()
         tok = ByteTokenizer()
