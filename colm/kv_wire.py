@@ -257,10 +257,6 @@ class SenderSegment:
         self._num_views = 0
         self._released = False
 
-    @property
-    def size(self) -> int:
-        return self._shm.size
-
     @contextlib.contextmanager
     def view(self):
         """The whole segment as a uint8 tensor, valid inside the ``with`` only (ValueError once released)."""

@@ -563,8 +563,9 @@ class DecodeEngine:
         results: list[tuple[int, float] | None] = []
         for req, s in zip(batch, scales):
             try:
-                results.append(decode_step(self.model, [req], self.pool, [s], self.config.mixed_scale_mode, None)[0]
-                               if len(batch) > 1 else _raise(batch_error))
+                if len(batch) == 1:  # it failed alone already
+                    raise batch_error
+                results.append(decode_step(self.model, [req], self.pool, [s], self.config.mixed_scale_mode, None)[0])
             except Exception as e:  # noqa: BLE001 - this request's own failure
                 log.exception("request %s failed in its decode step; the worker goes on serving", req.request_id)
                 with self._lock:
@@ -631,10 +632,6 @@ class DecodeEngine:
         from colm.kv_wire import dtype_name
 
         return dtype_name(self.dtype)
-
-
-def _raise(e: BaseException):
-    raise e
 
 
 def _ready_state(event) -> str:

@@ -34,12 +34,6 @@ class RegionArena:
             self._free_due()
             return sum(n for _, n in self._free)
 
-    @property
-    def num_regions(self) -> int:
-        with self._lock:
-            self._free_due()
-            return len(self._used)
-
     def allocate(self, n: int) -> int:
         """The offset of a new region of ``n`` bytes (> 0); CapacityError when no free range holds it."""
         if n <= 0:

@@ -59,15 +59,6 @@ DEFAULT_UCX_TLS = "tcp,sm,self"
 MAX_IN_FLIGHT = 4  # writes posted and not yet DONE, per request
 
 
-def available() -> bool:
-    """nixl imports here (``sys.modules['nixl'] = None`` hides it, as in the skip check)."""
-    try:
-        import nixl._api  # noqa: F401
-    except Exception:  # noqa: BLE001 - ImportError, or a broken install (missing UCX plugin)
-        return False
-    return True
-
-
 # ------------------------------------------------------------------------------- where a put's bytes land
 @dataclass(frozen=True)
 class PoolGeometry:
