@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 # `python -m pytest` puts the working directory (the repository root) first on sys.path, where the folder
-# kernels/ (installed as colm.kernels) would shadow the `kernels` distribution transformers imports. Nothing in
-# the tests imports from the root by path: the package is installed, helpers come from tests/.
+# kernels/ (installed as colm.kernels) would shadow the `kernels` distribution transformers imports. Move the
+# root last: installed packages win, and `tests.*` imports still resolve from it.
 _ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
+_root_entries = [p for p in sys.path if Path(p or os.getcwd()).resolve() == _ROOT]
+sys.path[:] = [p for p in sys.path if p not in _root_entries] + _root_entries
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
