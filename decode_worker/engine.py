@@ -33,8 +33,8 @@ import torch
 
 from colm import checkpoint
 from colm.config import servable
-from colm.errors import (CapacityError, DeadlineError, RequestAbortedError, RequestFailedError, TransferError,
-                         UnknownRequestError)
+from colm.errors import (CapacityError, DeadlineError, PeerUnavailableError, RequestAbortedError, RequestFailedError,
+                         TransferError, UnknownRequestError)
 from colm.graphed_forward import GraphedForward
 from colm.host_identity import host_id as current_host_id
 from colm.kernels._tuning import DEVICE_WIDE_LOCK, num_tuned
@@ -49,6 +49,7 @@ from colm.decode_worker.graphs import DecodeGraphs
 from colm.decode_worker.request import DecodeRequest, KVGrant, Reservation, TokenEvent, TokenStream, stop_reason
 from colm.decode_worker.step import LaunchedStep, decode_step, launch_greedy_step
 from colm.decode_worker.step_stats import StepTimes
+from colm.decode_worker.token_mux import MuxStream, Subscription, TokenMux
 from colm.loop_thread import LoopThread
 
 log = logging.getLogger("colm.decode")
@@ -119,6 +120,7 @@ class DecodeEngine:
         self._held: list[DecodeRequest] = []  # ended while a cuda_pool sender could write their blocks
         self._pool_export = None  # colm.kv_ipc.StagingExport of the pool, made on the first grant
         self._ready_polling = False  # a request waits only for its sender's ready event: poll, do not idle
+        self.mux = TokenMux()  # subscribers (routers) that take their requests' tokens batched, once per step
 
     @classmethod
     def from_checkpoint(cls, path, config: DecodeConfig | None = None, device="cpu", dtype=None,
@@ -393,9 +395,20 @@ class DecodeEngine:
 
     # ---------------------------------------------------------------- generation control
     def start_generation(self, request_id: str, last_token_id: int, params: SamplingParams,
-                         scale: int | None = None, kv_timeout_s: float | None = None) -> TokenStream:
+                         scale: int | None = None, kv_timeout_s: float | None = None,
+                         subscriber: str | None = None) -> TokenStream | MuxStream:
+        """Start generating; the events go to the returned ``TokenStream``, or with ``subscriber`` into that
+        subscription (``self.mux``), batched per step, and the returned ``MuxStream`` is only a handle."""
         with self._wake:
             req = self._get(request_id)
+            sub = None
+            if subscriber:
+                sub = self.mux.get(subscriber)
+                if sub is None or sub.closed:
+                    exc = PeerUnavailableError(f"request {request_id}: no token subscription {subscriber!r} is open "
+                                               "on this decode worker")
+                    self._fail(req, exc)
+                    raise exc
             if req.started:  # a second start (a reused id) is refused without touching the running request
                 raise ValueError(f"request {request_id}: generation already started")
             try:
@@ -410,7 +423,7 @@ class DecodeEngine:
                 raise
             req.started, req.params, req.scale, req.last_token_id = True, params, scale, last_token_id
             req.generator = params.make_generator()
-            req.stream = TokenStream(request_id, self.alive)
+            req.stream = MuxStream(request_id, sub) if sub is not None else TokenStream(request_id, self.alive)
             req.timeline.mark("started")
             req.kv_deadline = time.monotonic() + (kv_timeout_s or self.config.kv_timeout_s)
             req.num_cached = req.prompt_len - 1
@@ -423,6 +436,17 @@ class DecodeEngine:
         with self._lock:
             self._get(request_id).scale = scale  # read by the next step
         return scale
+
+    def end_subscription(self, sub: Subscription) -> int:
+        """The subscriber went away: close its subscription and abort its requests (nobody reads their tokens).
+        The number aborted."""
+        self.mux.remove(sub)
+        with self._wake:
+            mine = [r for r in self._requests.values() if isinstance(r.stream, MuxStream) and r.stream.sub is sub]
+            for req in mine:
+                self._fail(req, RequestAbortedError(f"request {req.request_id}: its token subscriber went away"))
+            self._wake.notify_all()
+        return len(mine)
 
     def abort(self, request_id: str, unstarted_only: bool = False) -> bool:
         """End a request and free its blocks. ``unstarted_only``: only a reservation whose generation has not
@@ -555,6 +579,7 @@ class DecodeEngine:
                                            req.timeline.ms_since("started"), lp, timeline, started_s))
                 if reason:
                     self._finalize(req)
+        self.mux.flush()  # one hand-over per step to each subscriber, whatever the batch size
         return len(batch)
 
     def _isolated(self, batch, scales, batch_error: Exception) -> list[tuple[int, float] | None]:

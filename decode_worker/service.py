@@ -43,7 +43,7 @@ from colm.kv_wire import (CHECKSUMS, KVLayout, bytes_to_tensor, checksum, open_s
                           tensor_bytes)
 from colm.proto import load_proto
 from colm.proto.convert import sampling_from_decode
-from colm.proto.rpc import EngineServer
+from colm.proto.rpc import EngineServer, status_for
 
 from colm.decode_worker.engine import DecodeEngine
 
@@ -90,6 +90,15 @@ def add_decode_service(servicer, server) -> None:
     handlers["PushKV"] = handlers["PushKV"]._replace(request_deserializer=read_kv_message)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(cap.name, handlers),))
     server.add_registered_method_handlers(cap.name, handlers)
+
+
+def _event(ev) -> "kv_pb2.TokenEvent":
+    if ev.timeline_ms:  # the first event only
+        return kv_pb2.TokenEvent(request_id=ev.request_id, token_id=ev.token_id, index=ev.index, scale=ev.scale,
+                                 finish_reason=ev.finish_reason, time_ms=ev.time_ms, logprob=ev.logprob,
+                                 timeline_ms=ev.timeline_ms, monotonic_s=ev.monotonic_s)
+    return kv_pb2.TokenEvent(request_id=ev.request_id, token_id=ev.token_id, index=ev.index, scale=ev.scale,
+                             finish_reason=ev.finish_reason, time_ms=ev.time_ms, logprob=ev.logprob)
 
 
 def layout_of(header) -> KVLayout:
@@ -296,9 +305,37 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                               request.kv_timeout_s or None)
         context.add_callback(lambda: self.engine.abort(rid))  # client gone: stop generating (no-op when finished)
         for ev in stream:
-            yield kv_pb2.TokenEvent(request_id=rid, token_id=ev.token_id, index=ev.index, scale=ev.scale,
-                                    finish_reason=ev.finish_reason, time_ms=ev.time_ms, logprob=ev.logprob,
-                                    timeline_ms=ev.timeline_ms or {}, monotonic_s=ev.monotonic_s)
+            yield _event(ev)
+
+    def Tokens(self, request, context):
+        """The caller's batched token stream: an empty batch once subscribed, then one batch per decode step with
+        the events and failures of the requests it began with ``Start``. Ending it aborts those requests."""
+        sub = self.engine.mux.open(request.subscriber)
+        context.add_callback(lambda: self.engine.end_subscription(sub))
+        yield kv_pb2.TokenBatch()
+        for items in sub:
+            events, failures = [], []
+            for it in items:
+                if isinstance(it, tuple):
+                    rid, exc = it
+                    failures.append(kv_pb2.TokenFailure(request_id=rid, code=status_for(exc).name,
+                                                        message=f"{type(exc).__name__}: {exc}"))
+                else:
+                    events.append(_event(it))
+            yield kv_pb2.TokenBatch(events=events, failures=failures)
+
+    def Start(self, request, context):
+        rid = request.request_id
+        if not request.subscriber:
+            raise ValueError("subscriber: Start needs the id of an open Tokens stream (or use StartGeneration)")
+        try:
+            params = sampling_from_decode(request.sampling)
+        except ValueError:
+            self.engine.abort(rid, unstarted_only=True)
+            raise
+        self.engine.start_generation(rid, int(request.last_token_id), params, int(request.scale) or None,
+                                     request.kv_timeout_s or None, subscriber=request.subscriber)
+        return kv_pb2.StartGenerationReply(request_id=rid)
 
     def SetScale(self, request, context):
         return kv_pb2.SetScaleReply(request_id=request.request_id,

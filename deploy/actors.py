@@ -151,7 +151,7 @@ class WorkerPool:
                     role, self.model_path, section, self.token, host, self.cfg.model.dtype, self.cfg.model.device,
                     wid)
                 self.roles[wid] = role
-        return self.refresh(timeout_s=120.0, require_all=True)
+        return self.refresh(timeout_s=self.cfg.workers.start_timeout_s, require_all=True)
 
     def refresh(self, timeout_s: float = 5.0, require_all: bool = False) -> list[WorkerInfo]:
         import ray

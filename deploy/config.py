@@ -70,6 +70,7 @@ class WorkersSection:
     prefill_resources: dict = field(default_factory=dict)  # e.g. {"prefill": 1} to pin to a node pool
     decode_resources: dict = field(default_factory=dict)
     max_restarts: int = 3  # Ray restarts a dead worker actor this many times
+    start_timeout_s: float = 300.0  # every worker must report its address within this at start (model load included)
     host: str = "auto"  # workers' gRPC bind host: auto = the node's IP (colm.deploy.addresses), 0.0.0.0, or an address
 
     def __post_init__(self) -> None:
@@ -80,6 +81,8 @@ class WorkersSection:
         g = self.num_gpus_per_worker
         if g != "auto" and (not isinstance(g, (int, float)) or g < 0):
             raise ValueError(f"workers.num_gpus_per_worker={g!r}: must be 'auto' or a number >= 0")
+        if not self.start_timeout_s > 0:
+            raise ValueError(f"workers.start_timeout_s={self.start_timeout_s}: must be > 0")
         if self.max_restarts < -1:
             raise ValueError(f"workers.max_restarts={self.max_restarts}: must be >= -1 (-1 = forever)")
         for name in ("prefill_resources", "decode_resources"):

@@ -200,7 +200,8 @@ class Launcher:
                 from colm.router.grpc_backend import GrpcBackend
 
                 scorer = checkpoint.load(path).eval() if cfg.model.score_prompts else None
-                backend = GrpcBackend(infos, cluster_token=self.token, scorer=scorer, kv_path=cfg.transport)
+                backend = GrpcBackend(infos, cluster_token=self.token, scorer=scorer, kv_path=cfg.transport,
+                                      token_stream=cfg.router.token_stream)
         except ImportError as e:
             log.warning("engines unavailable (%s)", e)
         if backend is None:

@@ -14,7 +14,7 @@ retries elsewhere with the tokens produced so far appended to the prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from colm.router.policy import WorkerReport
 from colm.sampling import SamplingParams
@@ -59,6 +59,11 @@ class EngineRequest:
     # the backend hands each worker's raw milestones here: (role "prefill" | "decode", the reference milestone's
     # time.monotonic() on that worker's host, milestone -> ms after it); for tracing and benchmarks, None = unused
     observe_timeline: Callable[[str, float, dict[str, float]], None] | None = field(default=None, compare=False)
+    # a backend whose ``watches_tokens`` is true ends the stream itself: WorkerFailed when ``failover`` is set to
+    # a worker id (a health poll took it out), WorkerFailed after ``token_timeout_s`` without a token,
+    # DeadlineExceeded at ``timeout_s``; the router then reads its tokens without a watchdog per token
+    failover: Any = field(default=None, compare=False)  # asyncio.Future[str] | None
+    token_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)

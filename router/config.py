@@ -30,6 +30,9 @@ class RouterConfig:
     headroom: float = 1.0
     served_model_name: str = "colm"
     fixed_scale: int | None = None  # serve every request at this scale (the colocated baseline: no scale choice)
+    # how decode workers send tokens: "batched" (one stream per worker, a message per decode step for all its
+    # requests) or "per_request" (a stream per request, a message per token)
+    token_stream: str = "batched"
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port", "metrics_port"):
@@ -55,6 +58,8 @@ class RouterConfig:
                 raise ValueError(f"router.{name}={path!r}: no such readable file")
         if self.fixed_scale is not None and (not isinstance(self.fixed_scale, int) or self.fixed_scale < 1):
             raise ValueError(f"router.fixed_scale={self.fixed_scale!r}: must be a scale >= 1 or null")
+        if self.token_stream not in ("batched", "per_request"):
+            raise ValueError(f"router.token_stream={self.token_stream!r}: must be 'batched' or 'per_request'")
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"router.ewma_alpha={self.ewma_alpha}: must be in (0, 1]")
 

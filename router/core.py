@@ -295,6 +295,34 @@ class Router:
             self.metrics.requests.labels(status, str(scale)).inc()
             self.metrics.running.set(self.admission.num_running)
 
+    async def _next_watched(self, stream, spec: RequestSpec, failover: asyncio.Future, decode_id: str,
+                            num_out: int) -> EngineToken | None:
+        """The stream's next token (None at its end), watched here: WorkerFailed when a health poll takes one
+        of the attempt's workers out or no token comes for ``token_timeout_s``; DeadlineExceeded at the
+        deadline. A backend that watches its own streams (``watches_tokens``) skips this task per token."""
+        left = spec.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"request {spec.request_id} passed its deadline after {num_out} tokens")
+        next_tok = asyncio.ensure_future(anext(stream))
+        try:
+            await asyncio.wait({next_tok, failover}, timeout=min(left, self.cfg.token_timeout_s),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not next_tok.done():  # cancelled mid-wait, or no token in time: the stream must not run on
+                next_tok.cancel()
+                with contextlib.suppress(BaseException):
+                    await next_tok
+        if next_tok.cancelled():
+            if failover.done():  # a health poll took one of this attempt's workers out
+                raise WorkerFailed(failover.result(), "failed its health check")
+            if left <= self.cfg.token_timeout_s:
+                raise DeadlineExceeded(f"request {spec.request_id} passed its deadline")
+            raise WorkerFailed(decode_id, f"no token for {self.cfg.token_timeout_s} s")
+        try:
+            return next_tok.result()
+        except StopAsyncIteration:
+            return None
+
     async def _pick(self, spec: RequestSpec, prompt_len: int, total_len: int,
                     failed: dict[str, float]) -> tuple:
         """(prefill worker, decode worker) for one attempt. A worker that failed this request is left out until
@@ -350,30 +378,22 @@ class Router:
             self.registry.start(decode.worker_id, spec.uid)
             self.running[req.request_id] = (state, decode.worker_id)
             failover = self._failovers[spec.uid] = asyncio.get_running_loop().create_future()
+            watched = getattr(self.backend, "watches_tokens", False)
+            if watched:  # the backend ends the stream on a failover, a silent worker or the deadline
+                req = replace(req, failover=failover, token_timeout_s=self.cfg.token_timeout_s)
             stream = self.backend.generate(req, prefill.worker_id, decode.worker_id)
             attempt_start = len(out)
-            next_tok = None
             try:
                 while True:
-                    left = spec.deadline - time.monotonic()
-                    if left <= 0:
-                        raise DeadlineExceeded(f"request {spec.request_id} passed its deadline after {len(out)} tokens")
-                    next_tok = asyncio.ensure_future(anext(stream))
-                    await asyncio.wait({next_tok, failover}, timeout=min(left, self.cfg.token_timeout_s),
-                                       return_when=asyncio.FIRST_COMPLETED)
-                    if not next_tok.done():
-                        next_tok.cancel()
-                        with contextlib.suppress(BaseException):
-                            await next_tok
-                        if failover.done():  # a health poll took one of this attempt's workers out
-                            raise WorkerFailed(failover.result(), "failed its health check")
-                        if left <= self.cfg.token_timeout_s:
-                            raise DeadlineExceeded(f"request {spec.request_id} passed its deadline")
-                        raise WorkerFailed(decode.worker_id, f"no token for {self.cfg.token_timeout_s} s")
-                    try:
-                        tok = next_tok.result()
-                    except StopAsyncIteration:
-                        break
+                    if watched:
+                        try:
+                            tok = await anext(stream)
+                        except StopAsyncIteration:
+                            break
+                    else:
+                        tok = await self._next_watched(stream, spec, failover, decode.worker_id, len(out))
+                        if tok is None:
+                            break
                     now_ms = (time.monotonic() - spec.arrival) * 1e3
                     if len(out) == attempt_start:
                         # this attempt's first token: its KV has reached the decode worker, the prefill worker is
@@ -410,10 +430,6 @@ class Router:
                     raise Unavailable(f"request {spec.request_id}: {e}; gave up after {retries - 1} retries") from None
                 log.warning("request %s: %s; retrying (%d) with %d tokens done", spec.request_id, e, retries, len(out))
             finally:
-                if next_tok is not None and not next_tok.done():  # cancelled mid-wait: the stream must not run on
-                    next_tok.cancel()
-                    with contextlib.suppress(BaseException):
-                        await next_tok
                 with contextlib.suppress(Exception):
                     await stream.aclose()
                 self._failovers.pop(spec.uid, None)

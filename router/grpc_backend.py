@@ -25,17 +25,22 @@ from colm.router.backend import EngineRequest, EngineToken, RequestFailed, Worke
 from colm.router.metrics import report_timeline
 from colm.scoring import prompt_logprobs
 from colm.router.policy import WorkerReport
+from colm.router.token_subscription import StreamBroken, TokenSubscription
 
 log = logging.getLogger("colm.router")
 kv_pb2, kv_pb2_grpc = load_proto("kv")
 TOKEN_KEY = "x-colm-cluster-token"
+TOKEN_STREAMS = ("batched", "per_request")
+_PREFILL_DONE = object()  # queued when a request's Prefill call ends (batched token stream)
+_DEADLINE = object()  # queued when a request's deadline passes (batched token stream)
+_SILENT = object()  # queued when no token came for EngineRequest.token_timeout_s (batched token stream)
 FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
                   grpc.StatusCode.INTERNAL}
 
 
 class GrpcBackend:
     def __init__(self, workers: list[WorkerInfo], cluster_token: str = "", scorer=None,
-                 max_message_bytes: int = 64 << 20, kv_path: str = "auto") -> None:
+                 max_message_bytes: int = 64 << 20, kv_path: str = "auto", token_stream: str = "batched") -> None:
         self.cluster_token = cluster_token
         # KV transport asked of prefill workers (serve.yaml's ``transport:``; "auto": the registry picks by the
         # pair's facts, colm.kv.registry)
@@ -48,6 +53,13 @@ class GrpcBackend:
         self._cuda: dict[str, bool] = {}  # worker -> its engine (decode: its KV pool) is on CUDA, from Stats
         self._transfer: dict[str, list] = {}  # prefill worker -> [bytes, seconds, tokens] handed to decode so far
         self._aborts: set[asyncio.Task] = set()  # background aborts of failed attempts (kept referenced)
+        if token_stream not in TOKEN_STREAMS:
+            raise ValueError(f"token_stream={token_stream!r}: must be one of {', '.join(TOKEN_STREAMS)}")
+        # "batched": one Tokens stream per decode worker carries every request's tokens, a message per step;
+        # "per_request": a StartGeneration stream per request, a message per token
+        self.token_stream = token_stream
+        self.watches_tokens = token_stream == "batched"  # ends its streams on failover / silence / deadline itself
+        self._subs: dict[str, TokenSubscription] = {}  # decode worker -> its Tokens stream
         self.set_workers(workers)
 
     # ---- workers -------------------------------------------------------------------------------
@@ -56,6 +68,7 @@ class GrpcBackend:
         new = {w.worker_id: w for w in workers}
         for wid, w in list(self._workers.items()):
             if wid not in new or new[wid].address != w.address:
+                self._subs.pop(wid, None)  # its stream ends with the channel: the requests on it fail over
                 ch = self._channels.pop(wid, None)
                 if ch is not None and _loop_running():  # calls still on it end with CANCELLED -> failover
                     asyncio.ensure_future(ch.close())
@@ -90,6 +103,9 @@ class GrpcBackend:
     async def close(self) -> None:
         if self._aborts:  # let pending aborts of failed attempts finish (each bounded by its timeouts)
             await asyncio.wait(set(self._aborts), timeout=15.0)
+        for s in list(self._subs.values()):
+            await s.close()
+        self._subs.clear()
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
@@ -146,6 +162,11 @@ class GrpcBackend:
             if prefill_task is None:
                 same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)
                 prefill_task = start_prefill(same_host, self.kv_path, reply.cuda_kv, list(reply.transports))
+            if self.token_stream == "batched":
+                async for tok in self._batched_tokens(req, decode_id, timeout, prefill_task, prefill_id):
+                    yield tok
+                finished = True
+                return
             call = decode.StartGeneration(kv_pb2.StartGenerationRequest(
                 request_id=req.request_id, last_token_id=req.prompt_ids[-1], sampling=sampling_to_decode(p),
                 scale=req.scale, kv_timeout_s=timeout), metadata=md, timeout=timeout)
@@ -180,6 +201,85 @@ class GrpcBackend:
                 next_tok.add_done_callback(_retrieve)
             if not finished and reserved is not False:
                 self._abort_in_background(decode_id, req.request_id)
+
+    def _subscription(self, decode_id: str) -> TokenSubscription:
+        s = self._subs.get(decode_id)
+        if s is None:
+            s = self._subs[decode_id] = TokenSubscription(
+                lambda subscriber: self._decode(decode_id).Tokens(kv_pb2.TokenSubscribeRequest(subscriber=subscriber),
+                                                                  metadata=self._md()))
+        return s
+
+    async def _batched_tokens(self, req: EngineRequest, decode_id: str, timeout: float, prefill_task,
+                              prefill_id: str) -> AsyncIterator[EngineToken]:
+        """``Start`` on the decode worker, then this request's events from the worker's Tokens stream (opened on
+        first use). Ends after the finishing token; raises as the per-request stream would."""
+        sub = self._subscription(decode_id)
+        try:
+            await sub.ensure_open(min(timeout, 10.0))
+        except grpc.aio.AioRpcError as e:
+            raise self._failure(e, decode_id) from None
+        except (asyncio.TimeoutError, StopAsyncIteration):
+            raise WorkerFailed(decode_id, "its token stream did not open") from None
+        q = sub.register(req.request_id)
+        loop = asyncio.get_running_loop()
+        timers = [loop.call_later(timeout, q.put_nowait, _DEADLINE)]  # timers per request, none per token
+        last = [loop.time()]  # when the last token (or the start) came
+        idle = req.token_timeout_s
+
+        def check_idle() -> None:  # re-armed from the last token's time: one timer per token_timeout_s
+            due = last[0] + idle
+            if loop.time() >= due:
+                q.put_nowait(_SILENT)
+            else:
+                timers.append(loop.call_at(due, check_idle))
+
+        if idle:
+            timers.append(loop.call_later(idle, check_idle))
+        prefill_task.add_done_callback(lambda _t: q.put_nowait(_PREFILL_DONE))
+        if req.failover is not None:
+            req.failover.add_done_callback(lambda f: None if f.cancelled() else q.put_nowait(f))
+        try:
+            try:
+                await self._decode(decode_id).Start(kv_pb2.StartGenerationRequest(
+                    request_id=req.request_id, last_token_id=req.prompt_ids[-1], sampling=sampling_to_decode(req.params),
+                    scale=req.scale, kv_timeout_s=timeout, subscriber=sub.subscriber), metadata=self._md(),
+                    timeout=min(timeout, 10.0))
+            except grpc.aio.AioRpcError as e:
+                raise self._failure(e, decode_id) from None
+            streaming = False  # a token came: the KV is all on the decode worker, the prefill's outcome no longer matters
+            while True:
+                item = await q.get()
+                if item is _PREFILL_DONE:
+                    if not streaming and not prefill_task.cancelled() and prefill_task.exception() is not None:
+                        raise await self._prefill_failure(prefill_task.exception(), prefill_id, decode_id)
+                    continue
+                if item is _DEADLINE:
+                    from colm.router.core import DeadlineExceeded
+
+                    raise DeadlineExceeded(f"request {req.request_id} passed its deadline")
+                if item is _SILENT:
+                    raise WorkerFailed(decode_id, f"no token for {idle} s")
+                if isinstance(item, asyncio.Future):  # a health poll took one of this attempt's workers out
+                    raise WorkerFailed(item.result(), "failed its health check")
+                if isinstance(item, StreamBroken):
+                    if isinstance(item.cause, grpc.aio.AioRpcError):
+                        raise self._failure(item.cause, decode_id) from None
+                    raise WorkerFailed(decode_id, str(item))
+                if isinstance(item, kv_pb2.TokenFailure):
+                    code = getattr(grpc.StatusCode, item.code, grpc.StatusCode.UNKNOWN)
+                    raise self._failure_of(code, item.message, decode_id)
+                streaming = True
+                last[0] = loop.time()
+                if item.timeline_ms:
+                    report_timeline(req, "decode", item.monotonic_s, item.timeline_ms)  # the first event carries it
+                yield EngineToken(item.token_id, item.scale, item.logprob)
+                if item.finish_reason:
+                    return
+        finally:
+            for t in timers:
+                t.cancel()
+            sub.unregister(req.request_id)
 
     def _pool_pair(self, prefill_id: str, decode_id: str) -> bool:
         """Reserve and Prefill may go out at once: the transport the registry picks for the pair (facts from the
@@ -237,22 +337,25 @@ class GrpcBackend:
         return self._failure(e, prefill_id)
 
     def _failure(self, e: grpc.aio.AioRpcError, worker_id: str) -> Exception:
-        if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            return ValueError(e.details())
-        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return self._failure_of(e.code(), e.details(), worker_id)
+
+    def _failure_of(self, code: grpc.StatusCode, details: str, worker_id: str) -> Exception:
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return ValueError(details)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             from colm.router.placement import NoWorker
 
-            return NoWorker(f"{worker_id}: {e.details()}", full=True)
-        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return NoWorker(f"{worker_id}: {details}", full=True)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             from colm.router.core import DeadlineExceeded
 
-            return DeadlineExceeded(f"{worker_id}: {e.details()}")
-        if e.code() == grpc.StatusCode.UNAUTHENTICATED or e.code() == grpc.StatusCode.PERMISSION_DENIED:
-            return RuntimeError(f"{worker_id} refused the cluster token: {e.details()}")
-        if e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS,
-                        grpc.StatusCode.UNKNOWN):  # this request failed there; the worker's polls say if it lives
-            return RequestFailed(worker_id, f"{e.code().name}: {e.details()}")
-        return WorkerFailed(worker_id, f"{e.code().name}: {e.details()}")
+            return DeadlineExceeded(f"{worker_id}: {details}")
+        if code == grpc.StatusCode.UNAUTHENTICATED or code == grpc.StatusCode.PERMISSION_DENIED:
+            return RuntimeError(f"{worker_id} refused the cluster token: {details}")
+        if code in (grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS,
+                    grpc.StatusCode.UNKNOWN):  # this request failed there; the worker's polls say if it lives
+            return RequestFailed(worker_id, f"{code.name}: {details}")
+        return WorkerFailed(worker_id, f"{code.name}: {details}")
 
     async def set_scale(self, decode_id: str, request_id: str, scale: int) -> None:
         await self._decode(decode_id).SetScale(kv_pb2.SetScaleRequest(request_id=request_id, scale=scale),

@@ -20,6 +20,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _close_nixl_endpoints():
+    """A module that made NIXL agents in this process ends them: each agent's UCX progress thread polls a core
+    while it lives, which starved the Ray workers of every later test on two cores."""
+    yield
+    nixl = sys.modules.get("colm.kv.nixl")
+    if nixl is not None:
+        nixl.close_endpoints()
+
+
 def make_model(name: str, seed: int = 0, std: float = 0.2, **overrides):
     from colm.model import CoLM
     from colm.presets import preset

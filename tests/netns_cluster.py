@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -64,7 +65,10 @@ class NetnsCluster:
         self.tmp = Path(tmp or f"/tmp/colm-netns-{tag}")
         self.procs: list[subprocess.Popen] = []
         # a lost node is declared dead after ~3 s instead of Ray's default ~30 s: the kill drills wait less
+        # the cluster's own auth token: `ray start` with token auth needs one, and a fresh machine has no
+        # ~/.ray/auth_token (only an embedded ray.init writes it)
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
     @property

@@ -64,13 +64,41 @@ class FakeWorkers:
             yield kv_pb2.TokenEvent(request_id=request.request_id, token_id=7, index=0, scale=1, finish_reason="length")
         return events()
 
+    def Tokens(self, request, metadata=None, timeout=None):  # noqa: N802 - the batched token stream
+        self.batches = asyncio.Queue()
+        self.batches.put_nowait(kv_pb2.TokenBatch())  # subscribed
+
+        class Call:
+            def __aiter__(call):
+                return call
+
+            async def __anext__(call):
+                return await self.batches.get()
+
+            def cancel(call):
+                return True
+
+        return Call()
+
+    async def Start(self, request, metadata=None, timeout=None):  # noqa: N802
+        self.log.append("start")
+        self.batches.put_nowait(kv_pb2.TokenBatch(events=[kv_pb2.TokenEvent(
+            request_id=request.request_id, token_id=7, index=0, scale=1, finish_reason="length")]))
+        return kv_pb2.StartGenerationReply(request_id=request.request_id)
+
     async def Abort(self, request, metadata=None, timeout=None):  # noqa: N802
         self.log.append("abort")
         return kv_pb2.AbortReply(request_id=request.request_id, found=False)
 
 
-def backend_over(fake: FakeWorkers) -> GrpcBackend:
-    b = GrpcBackend([WorkerInfo("p0", "prefill", "127.0.0.1:1"), WorkerInfo("d0", "decode", "127.0.0.1:2")])
+@pytest.fixture(params=["batched", "per_request"])
+def token_stream(request):
+    return request.param
+
+
+def backend_over(fake: FakeWorkers, token_stream: str = "batched") -> GrpcBackend:
+    b = GrpcBackend([WorkerInfo("p0", "prefill", "127.0.0.1:1"), WorkerInfo("d0", "decode", "127.0.0.1:2")],
+                    token_stream=token_stream)
     b._decode = b._prefill = lambda worker_id: fake
     return b
 
@@ -84,15 +112,15 @@ async def one_request(b: GrpcBackend, fake: FakeWorkers):
     return [t.token_id async for t in b.generate(req, "p0", "d0")]
 
 
-def test_cuda_pool_pair_sends_prefill_before_reserve_answers():
+def test_cuda_pool_pair_sends_prefill_before_reserve_answers(token_stream):
     fake = FakeWorkers(cuda=True)
-    assert asyncio.run(one_request(backend_over(fake), fake)) == [7]
+    assert asyncio.run(one_request(backend_over(fake, token_stream), fake)) == [7]
     assert fake.log[:3] == ["prefill:cuda_pool", "reserve_sent", "reserve_replied"]
 
 
-def test_other_pairs_reserve_first():
+def test_other_pairs_reserve_first(token_stream):
     fake = FakeWorkers(cuda=False)
-    assert asyncio.run(one_request(backend_over(fake), fake)) == [7]
+    assert asyncio.run(one_request(backend_over(fake, token_stream), fake)) == [7]
     assert fake.log[:3] == ["reserve_sent", "reserve_replied", "prefill:auto"]
 
 

@@ -31,7 +31,7 @@ def _colm_segments() -> set[str]:
         return set()
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(480)
 def test_sigterm_stops_colm_serve_cleanly(tmp_path):
     cfg = {"model": {"path": "demo"},
            "workers": {"num_prefill": 1, "num_decode": 1},
@@ -48,7 +48,7 @@ def test_sigterm_stops_colm_serve_cleanly(tmp_path):
     err: list[str] = []
     try:
         http = None
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300  # the embedded Ray cluster and the workers' model loads
         while http is None and time.monotonic() < deadline:
             try:
                 line = lines.get(timeout=1)

@@ -28,7 +28,7 @@ def service():
         "workers": {"num_prefill": 1, "num_decode": 1, "num_cpus_per_worker": 0.5, "max_restarts": 2},
         "decode": {"num_blocks": 512, "block_size": 16},
         "router": {"grpc_port": 0, "http_port": 0, "metrics_port": 0, "poll_interval_s": 0.1, "max_retries": 3,
-                   "worker_wait_s": 90},
+                   "worker_wait_s": 240},
         "ray": {"num_cpus": 4}})
     # a simulated one-GPU machine (a GPU resource Ray believes in; the engines run on the CPU): the bundled
     # num_gpus_per_worker: auto must place both workers on it
@@ -37,7 +37,7 @@ def service():
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    call = lambda coro, t=180: asyncio.run_coroutine_threadsafe(coro, loop).result(t)  # noqa: E731
+    call = lambda coro, t=420: asyncio.run_coroutine_threadsafe(coro, loop).result(t)  # noqa: E731
     addrs = call(launcher.start())
     yield launcher, addrs
     call(launcher.stop())
@@ -61,7 +61,7 @@ def _stream(addr: str, n: int, on_token=None, request_id: str = "") -> tuple[lis
     from colm.client import Client
 
     toks, finish = [], {}
-    with Client(addr, timeout_s=240) as c:
+    with Client(addr, timeout_s=480) as c:
         for ev in c.stream(PROMPT, max_new_tokens=n, scale=2, ignore_eos=True, request_id=request_id):
             if ev["kind"] == "token":
                 toks.append(ev["id"])
@@ -72,7 +72,7 @@ def _stream(addr: str, n: int, on_token=None, request_id: str = "") -> tuple[lis
     return toks, finish
 
 
-def _wait_serving(addr: str, timeout: float = 120.0) -> dict:
+def _wait_serving(addr: str, timeout: float = 300.0) -> dict:
     from colm.client import Client
 
     end = time.time() + timeout

@@ -249,6 +249,26 @@ def endpoint(role: str, arena_bytes: int = 0) -> NixlEndpoint:
         return ep
 
 
+def close_endpoints() -> None:
+    """Drop this process's endpoints (their agents' UCX progress threads poll while they live). The next
+    ``endpoint`` call makes a new one; memory registered with the old agents is forgotten with them."""
+    with _ENDPOINTS_LOCK:
+        eps = list(_ENDPOINTS.values())
+        _ENDPOINTS.clear()
+    for ep in eps:
+        with ep._lock:
+            for name in list(ep._peers):
+                ep._remove(name)
+            regs = list(ep._regs.values())
+            ep._regs.clear()
+        for reg, _, _ in regs:
+            try:
+                ep.agent.deregister_memory(reg)
+            except Exception as e:  # noqa: BLE001 - a registration already gone
+                log.debug("nixl: deregistering failed: %s", e)
+        ep.agent = None
+
+
 def arena_free_bytes(role: str) -> tuple[int, int] | None:
     """(free bytes, size) of this process's send arena of ``role``; None when it was never made (or has none)."""
     ep = _ENDPOINTS.get(role)

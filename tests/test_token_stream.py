@@ -1,0 +1,196 @@
+"""Batched token delivery (``DecodeEngine.mux``, ``DecodeWorker.Tokens`` / ``Start``, the router's
+``token_stream: batched``): one message per decode step carries every running request's token, the tokens
+equal the reference and the per-request stream's, a failing request's error reaches only that request, and
+a subscriber that goes away gets its requests aborted and their blocks freed."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from colm.decode_worker.config import DecodeConfig
+from colm.decode_worker.engine import DecodeEngine
+from colm.errors import PeerUnavailableError, RequestFailedError
+from colm.generate import generate
+from colm.prefill_worker.config import PrefillConfig
+from colm.prefill_worker.engine import PrefillEngine
+from colm.prefill_worker.sinks import LocalKVSink
+from colm.sampling import SamplingParams
+from _engine_helpers import prompts, save_tiny_air
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_air_mux")
+    full = save_tiny_air(path)
+    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=128, block_size=4)).start()
+    pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, max_batch_tokens=64)).start()
+    yield de, pe, full
+    pe.stop(), de.stop()
+
+
+def _collect(sub, want_done: set[str], timeout_s: float = 60.0):
+    """(events by request, failures by request, batches) read from ``sub`` until every request in
+    ``want_done`` finished or failed."""
+    events: dict[str, list] = {}
+    failures: dict[str, BaseException] = {}
+    batches = []
+    end = time.monotonic() + timeout_s
+    while not want_done <= (set(failures) | {r for r, evs in events.items() if evs and evs[-1].finish_reason}):
+        assert time.monotonic() < end, (events, failures)
+        items = sub.next_batch(timeout_s=0.5)
+        assert items is not None, "subscription closed"
+        if items:
+            batches.append(items)
+        for it in items:
+            if isinstance(it, tuple):
+                failures[it[0]] = it[1]
+            else:
+                events.setdefault(it.request_id, []).append(it)
+    return events, failures, batches
+
+
+def test_one_batch_per_step_and_tokens_equal_the_reference(engines):
+    de, pe, full = engines
+    sub = de.mux.open("router-a")
+    batch = prompts([9, 14, 5, 11], seed=11)
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    rids = []
+    for i, p in enumerate(batch):
+        rid = f"mux-{i}"
+        de.reserve(rid, len(p), 10)
+        pe.submit(rid, p, LocalKVSink(de, rid))
+        de.start_generation(rid, p[-1], params, scale=1 + i % 2, subscriber="router-a")
+        rids.append(rid)
+    events, failures, batches = _collect(sub, set(rids))
+    assert not failures
+    for i, (rid, p) in enumerate(zip(rids, batch)):
+        assert [e.token_id for e in events[rid]] == generate(full, p, params, scale=1 + i % 2).token_ids
+        assert [e.index for e in events[rid]] == list(range(10))
+    # a step hands over at most one event per request, and the whole step at once
+    for items in batches:
+        ids = [it.request_id for it in items]
+        assert len(ids) == len(set(ids)), ids
+    assert len(batches) < sum(len(v) for v in events.values())  # several requests' tokens shared a message
+    de.mux.remove(sub)
+
+
+def test_a_failing_request_reaches_its_subscriber_alone(engines):
+    de, pe, full = engines
+    sub = de.mux.open("router-b")
+    good = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    bad = SamplingParams(max_new_tokens=8, temperature=1.0, seed=1, ignore_eos=True)
+    object.__setattr__(bad, "temperature", float("nan"))  # past validation: breaks sampling in the step
+    batch = prompts([6, 8], seed=12)
+    for i, (p, params) in enumerate(zip(batch, (good, bad))):
+        de.reserve(f"f-{i}", len(p), 8)
+        pe.submit(f"f-{i}", p, LocalKVSink(de, f"f-{i}"))
+        de.start_generation(f"f-{i}", p[-1], params, scale=2, subscriber="router-b")
+    events, failures, _ = _collect(sub, {"f-0", "f-1"})
+    assert isinstance(failures.get("f-1"), RequestFailedError), failures
+    assert "f-0" not in failures
+    assert [e.token_id for e in events["f-0"]] == generate(full, batch[0], good, scale=2).token_ids
+    de.mux.remove(sub)
+
+
+def test_unknown_subscriber_is_refused_and_frees_the_reservation(engines):
+    de, pe, _ = engines
+    free = de.pool.num_free
+    de.reserve("nosub", 1, 4)
+    with pytest.raises(PeerUnavailableError, match="no token subscription"):
+        de.start_generation("nosub", 3, SamplingParams(max_new_tokens=4), subscriber="nobody")
+    assert de.pool.num_free == free and "nosub" not in de._requests
+
+
+def test_a_subscriber_that_goes_away_has_its_requests_aborted(engines):
+    de, pe, _ = engines
+    free = de.pool.num_free
+    sub = de.mux.open("router-c")
+    p = prompts([7], seed=13)[0]
+    de.reserve("gone", len(p), 400)
+    pe.submit("gone", p, LocalKVSink(de, "gone"))
+    de.start_generation("gone", p[-1], SamplingParams(max_new_tokens=400, ignore_eos=True), subscriber="router-c")
+    while not sub.next_batch(timeout_s=0.5):  # it runs
+        pass
+    assert de.end_subscription(sub) == 1
+    end = time.monotonic() + 30
+    while de.pool.num_free != free:
+        assert time.monotonic() < end, "the aborted request's blocks did not come back"
+        time.sleep(0.02)
+    assert sub.next_batch(timeout_s=0.1) is None  # closed
+
+
+def test_a_reopened_subscriber_closes_the_old_stream(engines):
+    de, _, _ = engines
+    old = de.mux.open("router-d")
+    new = de.mux.open("router-d")
+    assert old.next_batch(timeout_s=0.1) is None and not new.closed
+    de.mux.remove(new)
+
+
+# ------------------------------------------------------------------------------------------- over gRPC
+@pytest.mark.parametrize("token_stream", ["batched", "per_request"])
+def test_worker_processes_concurrent_requests_equal_the_reference(token_stream):
+    pytest.importorskip("colm.decode_worker.service")
+    from colm import checkpoint
+    from colm.assets import demo_model_dir
+    from colm.client import Client
+    from colm.router.backend import WorkerInfo
+    from colm.router.config import RouterConfig
+    from colm.router.core import Router
+    from colm.router.grpc_backend import GrpcBackend
+    from colm.tokenizer import ByteTokenizer
+    from router_helpers import BackgroundRouter, start_worker_procs
+
+    token = "mux-test-token-0123456789"
+    model_dir = str(demo_model_dir())
+    procs: list = []
+    try:
+        addrs = start_worker_procs(model_dir, (("decode", '{"num_blocks": 512}'), ("prefill", "{}")),
+                                   {**os.environ, "COLM_CLUSTER_TOKEN": token}, procs)
+        workers = [WorkerInfo("decode-0", "decode", addrs["decode"]), WorkerInfo("prefill-0", "prefill", addrs["prefill"])]
+        model = checkpoint.load(model_dir).eval()
+        tok = ByteTokenizer()
+        texts = [f"def f{i}(x):\n    return" + " x" * (i % 5) for i in range(16)]
+        want = {(t, s): generate(model, tok.encode(t), SamplingParams(max_new_tokens=12, ignore_eos=True),
+                                 scale=s).token_ids for t in texts for s in (1, 2)}
+        bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None, token_stream=token_stream),
+                                     checkpoint.load_config(model_dir), tok,
+                                     GrpcBackend(workers, cluster_token=token, token_stream=token_stream)))
+        try:
+            def one(i: int):
+                t, s = texts[i % len(texts)], 1 + i % 2
+                with Client(bg.grpc_addr) as c:
+                    return (t, s), c.complete(t, max_new_tokens=12, scale=s, ignore_eos=True)["token_ids"]
+
+            with ThreadPoolExecutor(16) as ex:
+                got = list(ex.map(one, range(32)))
+            for key, ids in got:
+                assert ids == want[key], key
+            if token_stream == "batched":  # every request's tokens came over the one Tokens stream
+                assert list(bg.router.backend._subs) == ["decode-0"]
+            # a request the client walks away from mid-stream is aborted on the worker: its blocks come back
+            with Client(bg.grpc_addr) as c:
+                it = c.stub.Generate(c.request("walk away", max_new_tokens=200, ignore_eos=True), timeout=60)
+                for m in it:
+                    if m.tokens:
+                        it.cancel()
+                        break
+            end = time.monotonic() + 30
+            while True:
+                bg.call(bg.router.poll_once())
+                rep = bg.router.registry.workers["decode-0"].report
+                if rep.free_blocks == rep.total_blocks:
+                    break
+                assert time.monotonic() < end, rep
+                time.sleep(0.1)
+        finally:
+            bg.stop()
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(30)
+
