@@ -1,0 +1,330 @@
+"""The serving path's host cost: the router's token streams batched vs per request, same workers, one run.
+
+Prefill and decode workers run as plain processes (``colm.deploy.worker_main``); for each mode of
+``router.token_stream`` a router in this process serves a closed-loop load from ``colm loadtest`` (another
+process). Per mode: requests/s, output tokens/s, TTFT / TPOT percentiles, goodput at the SLO, and the CPU
+seconds the router, the decode worker and the prefill worker spent per 1000 output tokens (from /proc), with
+the GPU's busy fraction sampled by nvidia-smi where there is one.
+
+On a GPU the run also states the workload's physical limit: FLOPs and bytes per request from the model
+config (chain-1 prefill FLOPs; per decode step the full model's weights once for the batch plus each row's
+K/V, and the full model's FLOPs per token), against this GPU's measured bf16 matmul TFLOP/s and device copy
+GB/s; every throughput is also given as a fraction of that limit.
+
+    python bench/serve_path.py --preset llama-3.2-1b-16-16-air --concurrency 64 --num-requests 1500
+    python bench/serve_path.py --preset demo --device cpu --concurrency 32 --num-requests 400 \\
+        --prompt-len 16,64 --output-len 32,96      # the host cost alone, on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_goodput import build_checkpoint, start_worker  # noqa: E402
+
+MODES = ("per_request", "batched")
+
+
+# ------------------------------------------------------------------------------------------- the limit
+def linear_params(cfg, scale: int) -> int:
+    """Weights of the Linear layers (and the head) a token passes through at ``scale``: chain-causal blocks (output
+    chain j reads input chains <= j); CoLM-Air's K/V from chain 1 only."""
+    dims = cfg.chain_dims[:scale]
+    ffn = cfg.ffn_dims[:scale]
+    kv = cfg.n_kv_heads * cfg.head_dim
+    tri = lambda outs, ins: sum(o * sum(ins[: j + 1]) for j, o in enumerate(outs))  # noqa: E731
+    per_layer = (tri(dims, dims)  # q
+                 + 2 * kv * dims[0]  # k, v (Air: chain 1)
+                 + tri(dims, dims)  # o
+                 + 2 * tri(ffn, dims)  # gate, up
+                 + tri(dims, ffn))  # down
+    return cfg.n_layers * per_layer + cfg.vocab_size * sum(dims)
+
+
+def request_cost(cfg, prompt: float, out: float, dtype_bytes: int = 2) -> dict:
+    """FLOPs and bytes of one request of ``prompt`` prompt and ``out`` output tokens (means)."""
+    full, one = cfg.num_chains, 1
+    d1 = cfg.chain_dims[0]
+    body1 = linear_params(cfg, one) - cfg.vocab_size * d1  # chain-1 prefill needs no logits: decode runs the last token
+    prefill_flops = 2 * body1 * prompt + 2 * cfg.n_layers * prompt * prompt * d1  # + causal attention
+    kv_per_token = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
+    ctx = prompt + out / 2  # mean context over the request's steps
+    decode_flops = out * (2 * linear_params(cfg, full) + 4 * cfg.n_layers * ctx * cfg.dim)
+    return {"prefill_flops": prefill_flops, "decode_flops": decode_flops,
+            "decode_kv_bytes": out * ctx * kv_per_token,
+            "weight_bytes": linear_params(cfg, full) * dtype_bytes, "out_tokens": out}
+
+
+def measure_gpu(device: str) -> dict:
+    """This GPU's bf16 matmul TFLOP/s (8192^3) and device-to-device copy GB/s (1 GiB, read + write)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = 20
+    for _ in range(n):
+        a @ b
+    torch.cuda.synchronize()
+    tflops = 2 * 8192 ** 3 * n / (time.perf_counter() - t0) / 1e12
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    gbs = 2 * x.numel() * n / (time.perf_counter() - t0) / 1e9
+    del a, b, x, y
+    torch.cuda.empty_cache()
+    return {"matmul_tflops": tflops, "copy_gbs": gbs}
+
+
+def limit_rps(cost: dict, gpu: dict, batch: int) -> dict:
+    """Requests/s the GPU allows: prefill and decode time-share it; a decode step reads the weights once for
+    ``batch`` rows and each row's K/V; compute and bandwidth bounds of each phase add up per request."""
+    f, bw = gpu["matmul_tflops"] * 1e12, gpu["copy_gbs"] * 1e9
+    prefill_s = cost["prefill_flops"] / f
+    decode_bytes_s = (cost["out_tokens"] * cost["weight_bytes"] / batch + cost["decode_kv_bytes"]) / bw
+    decode_flops_s = cost["decode_flops"] / f
+    per_request_s = prefill_s + max(decode_bytes_s, decode_flops_s)
+    return {"limit_rps": 1.0 / per_request_s, "prefill_s": prefill_s, "decode_bandwidth_s": decode_bytes_s,
+            "decode_compute_s": decode_flops_s, "batch": batch}
+
+
+# ------------------------------------------------------------------------------------------- the run
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class GpuSampler:
+    """nvidia-smi's utilization.gpu every 100 ms in the background (None without nvidia-smi)."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self.proc = None
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                          "-lms", "100"], stdout=subprocess.PIPE, text=True)
+        except (FileNotFoundError, OSError):
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.samples.append(float(line.strip().split(",")[0]))
+            except ValueError:
+                pass
+
+    def mark(self) -> int:
+        return len(self.samples)
+
+    def mean_since(self, i: int) -> float | None:
+        s = self.samples[i:]
+        return sum(s) / len(s) if s else None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+
+
+def run_mode(mode: str, ckpt: str, workers, token: str, args) -> dict:
+    from colm import checkpoint
+    from colm.router.backend import WorkerInfo
+    from colm.router.config import RouterConfig
+    from colm.router.core import Router
+    from colm.router.grpc_backend import GrpcBackend
+    from colm.router.server import ThreadedRouterServer
+    from colm.tokenizer import load_checkpoint_tokenizer
+
+    (dproc, daddr), (pproc, paddr) = workers
+    backend = GrpcBackend([WorkerInfo("decode-0", "decode", daddr), WorkerInfo("prefill-0", "prefill", paddr)],
+                          cluster_token=token, token_stream=mode)
+    cfg = RouterConfig(grpc_port=0, http_port=None, max_running=1024, max_queued=8192, poll_interval_s=0.1,
+                       default_deadline_s=300, token_timeout_s=120, served_model_name=f"bench-{mode}",
+                       token_stream=mode)
+    server = ThreadedRouterServer(Router(cfg, checkpoint.load_config(ckpt), load_checkpoint_tokenizer(ckpt), backend))
+    out = os.path.join(args.scratch, mode)  # colm loadtest's own JSON/PNG: read here, not kept
+    try:
+        base = [sys.executable, "-m", "colm.cli", "loadtest", "--addr", server.grpc_addr,
+                "--prompt-len", args.prompt_len, "--output-len", args.output_len, "--slo-ttft-ms", str(args.slo_ttft_ms),
+                "--slo-tpot-ms", str(args.slo_tpot_ms), "--timeout-s", "300"]
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        # warm-up (kernels tuned, graphs captured per shape) outside the measured window
+        subprocess.run(base + ["--concurrency", str(args.concurrency), "--num-requests", str(args.warmup_requests),
+                               "--out", out + "_warmup"], check=True, env=env, stdout=subprocess.DEVNULL)
+        cpu0 = {"router": cpu_seconds(os.getpid()), "decode": cpu_seconds(dproc.pid), "prefill": cpu_seconds(pproc.pid)}
+        g0 = args.gpu.mark()
+        t0 = time.perf_counter()
+        subprocess.run(base + ["--concurrency", str(args.concurrency), "--num-requests", str(args.num_requests),
+                               "--out", out], check=True, env=env, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in
+               (("router", os.getpid()), ("decode", dproc.pid), ("prefill", pproc.pid))}
+        gpu_busy = args.gpu.mean_since(g0)
+    finally:
+        server.stop()
+    with open(out + ".json") as f:
+        summary = json.load(f)
+    tot = summary["total"]
+    out_tokens = tot["output_tokens_per_s"] * tot["num_requests"] / max(tot["throughput_rps"], 1e-9)
+    return {"mode": mode, "summary": tot, "wall_s": wall, "gpu_busy_pct": gpu_busy,
+            "cpu_s": cpu, "cpu_s_per_1k_tokens": {k: 1000 * v / max(out_tokens, 1) for k, v in cpu.items()},
+            "cpu_cores_busy": {k: v / wall for k, v in cpu.items()}}
+
+
+def table(results: list[dict], limit: dict | None) -> str:
+    rows = [f"{'mode':<12} {'req/s':>7} {'tok/s':>8} {'TTFT p50/p99 ms':>17} {'TPOT p50/p99 ms':>16} {'good/s':>7} "
+            f"{'router cpu/1k':>13} {'decode cpu/1k':>13} {'GPU %':>6}" + ("  of limit" if limit else "")]
+    for r in results:
+        s, c = r["summary"], r["cpu_s_per_1k_tokens"]
+        g = f"{r['gpu_busy_pct']:.0f}" if r["gpu_busy_pct"] is not None else "-"
+        frac = f"  {s['throughput_rps'] / limit['limit_rps']:.3f}" if limit else ""
+        rows.append(f"{r['mode']:<12} {s['throughput_rps']:7.1f} {s['output_tokens_per_s']:8.0f} "
+                    f"{s['ttft_ms']['p50']:8.0f}/{s['ttft_ms']['p99']:<8.0f} {s['tpot_ms']['p50']:7.2f}/{s['tpot_ms']['p99']:<8.2f}"
+                    f"{s['goodput_rps']:7.1f} {c['router']:13.3f} {c['decode']:13.3f} {g:>6}{frac}")
+    return "\n".join(rows)
+
+
+def plot(results: list[dict], limit: dict | None, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [r["mode"] for r in results]
+    a.bar(names, [r["summary"]["throughput_rps"] for r in results], color=["#999", "#36c"][: len(names)])
+    if limit:
+        a.axhline(limit["limit_rps"], color="r", ls="--", label=f"GPU limit {limit['limit_rps']:.0f} req/s")
+        a.legend()
+    a.set_ylabel("requests/s (closed loop)")
+    for i, role in enumerate(("router", "decode", "prefill")):
+        b.bar([j + 0.25 * (i - 1) for j in range(len(names))], [r["cpu_s_per_1k_tokens"][role] for r in results],
+              width=0.25, label=role)
+    b.set_xticks(range(len(names)), names)
+    b.set_ylabel("CPU seconds per 1000 output tokens")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="llama-3.2-1b-16-16-air", help="a preset (random weights) or 'demo'")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--num-requests", type=int, default=1500)
+    ap.add_argument("--warmup-requests", type=int, default=128)
+    ap.add_argument("--prompt-len", default="512,2048")
+    ap.add_argument("--output-len", default="32,96")
+    ap.add_argument("--slo-ttft-ms", type=float, default=200.0)
+    ap.add_argument("--slo-tpot-ms", type=float, default=10.0)
+    ap.add_argument("--num-blocks", type=int, default=0, help="decode pool blocks (0: from free GPU memory)")
+    ap.add_argument("--out", default=None, help="output prefix (default: $OUT or bench/results, serve_path_<device>)")
+    args = ap.parse_args()
+
+    from colm import checkpoint
+    from colm.assets import demo_model_dir
+
+    cuda = args.device.startswith("cuda")
+    dev_name = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})"
+    dev_word = dev_name.split()[1].lower() if cuda else "cpu"
+    date = datetime.date.today().isoformat()
+    if args.out is None:
+        args.out = os.path.join(os.environ.get("OUT", "bench/results"), f"serve_path_{dev_word}_{date}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    dtype = getattr(torch, args.dtype)
+    if args.preset == "demo":
+        ckpt = str(demo_model_dir())
+        args.dtype = "float32"
+    else:
+        ckpt = build_checkpoint(args.preset, dtype, args.device)
+    cfg = checkpoint.load_config(ckpt)
+    gpu = measure_gpu(args.device) if cuda else None
+    lo, hi = (int(x) for x in args.prompt_len.split(","))
+    olo, ohi = (int(x) for x in args.output_len.split(","))
+    cost = request_cost(cfg, (lo + hi) / 2, (olo + ohi) / 2, dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+    limit = limit_rps(cost, gpu, args.concurrency) if gpu else None
+
+    args.scratch = tempfile.mkdtemp(prefix="colm-serve-path-")
+    wargs = argparse.Namespace(**{**vars(args), "out": os.path.join(args.scratch, "worker")})  # worker logs there
+    token = secrets.token_urlsafe(24)
+    blocks = args.num_blocks or (0 if cuda else 4096)
+    decode_section = {"num_blocks": blocks, "max_batch_size": max(64, args.concurrency)}
+    workers = [start_worker("decode", ckpt, wargs, token, decode_section),
+               start_worker("prefill", ckpt, wargs, token, {})]
+    args.gpu = GpuSampler()
+    results = []
+    try:
+        for mode in args.modes.split(","):
+            results.append(run_mode(mode, ckpt, workers, token, args))
+            print(table(results[-1:], limit), flush=True)
+    except BaseException:
+        for role in ("decode", "prefill"):  # what the workers said, when a mode failed
+            with open(os.path.join(args.scratch, f"worker_{role}.log")) as f:
+                print(f"--- {role} worker log (tail)\n" + "".join(f.readlines()[-30:]), file=sys.stderr)
+        raise
+    finally:
+        args.gpu.stop()
+        for p, _ in workers:
+            p.terminate()
+        for p, _ in workers:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:  # a worker busy tearing down its CUDA context
+                p.kill()
+                p.wait(30)
+    base = next((r for r in results if r["mode"] == "per_request"), None)
+    ratios = {}
+    if base is not None:
+        for r in results:
+            ratios[r["mode"]] = {"throughput": r["summary"]["throughput_rps"] / base["summary"]["throughput_rps"],
+                                 "router_cpu_per_token": r["cpu_s_per_1k_tokens"]["router"] /
+                                 max(base["cpu_s_per_1k_tokens"]["router"], 1e-12),
+                                 "decode_cpu_per_token": r["cpu_s_per_1k_tokens"]["decode"] /
+                                 max(base["cpu_s_per_1k_tokens"]["decode"], 1e-12)}
+    if limit:
+        for r in results:
+            r["fraction_of_limit"] = r["summary"]["throughput_rps"] / limit["limit_rps"]
+    del args.gpu
+    payload = {"benchmark": "serve_path", "device": dev_name, "date": date, "torch": torch.__version__,
+               "python": platform.python_version(), "model": {"preset": args.preset, "dtype": args.dtype,
+                                                               "chains": list(cfg.chains), "n_layers": cfg.n_layers,
+                                                               "dim": cfg.dim},
+               "load": {"concurrency": args.concurrency, "num_requests": args.num_requests,
+                        "prompt_len": args.prompt_len, "output_len": args.output_len,
+                        "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms},
+               "workers": "plain processes (colm.deploy.worker_main), router in the benchmark process",
+               "gpu_measured": gpu, "request_cost": cost, "limit": limit, "results": results,
+               "ratio_vs_per_request": ratios}
+    with open(args.out + ".json", "w") as f:
+        json.dump(payload, f, indent=1)
+    plot(results, limit, args.out + ".png")
+    print(table(results, limit))
+    print(json.dumps(ratios, indent=1))
+    print(f"wrote {args.out}.json and .png")
+
+
+if __name__ == "__main__":
+    main()
