@@ -146,6 +146,50 @@ class GpuSampler:
             self.proc.terminate()
 
 
+def profile_processes(pids: dict[str, int], seconds: float, delay_s: float, out_prefix: str) -> dict:
+    """py-spy (sampling, non-blocking) on each process for ``seconds`` after ``delay_s``, in the background; the
+    returned dict fills with each role's summary (top frames by self and inclusive share) when it ends."""
+    result: dict = {}
+
+    def one(role: str, pid: int) -> None:
+        raw = f"{out_prefix}_{role}.txt"
+        time.sleep(delay_s)
+        r = subprocess.run(["py-spy", "record", "--nonblocking", "--format", "raw", "--rate", "200", "--duration",
+                            str(int(seconds)), "--pid", str(pid), "--output", raw],
+                           capture_output=True, text=True)
+        if r.returncode != 0 or not os.path.exists(raw):
+            result[role] = {"error": (r.stderr or r.stdout)[-500:]}
+            return
+        result[role] = summarize_stacks(raw)
+
+    threads = [threading.Thread(target=one, args=kv, daemon=True) for kv in pids.items()]
+    for t in threads:
+        t.start()
+    result["_threads"] = threads
+    return result
+
+
+def summarize_stacks(raw: str, top: int = 25) -> dict:
+    """Collapsed stacks ("f1;f2;...;leaf count" per line) -> total samples and the top frames by self and by
+    inclusive share."""
+    self_c: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    with open(raw) as f:
+        for line in f:
+            stack, _, n = line.rstrip().rpartition(" ")
+            if not stack or not n.isdigit():
+                continue
+            c = int(n)
+            total += c
+            frames = stack.split(";")
+            self_c[frames[-1]] = self_c.get(frames[-1], 0) + c
+            for fr in set(frames):
+                incl[fr] = incl.get(fr, 0) + c
+    rank = lambda d: [(k, round(v / max(total, 1), 4)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]  # noqa: E731
+    return {"samples": total, "top_self": rank(self_c), "top_inclusive": rank(incl)}
+
+
 def run_mode(mode: str, ckpt: str, workers, token: str, args) -> dict:
     from colm import checkpoint
     from colm.router.backend import WorkerInfo
@@ -173,6 +217,10 @@ def run_mode(mode: str, ckpt: str, workers, token: str, args) -> dict:
                                "--out", out + "_warmup"], check=True, env=env, stdout=subprocess.DEVNULL)
         cpu0 = {"router": cpu_seconds(os.getpid()), "decode": cpu_seconds(dproc.pid), "prefill": cpu_seconds(pproc.pid)}
         g0 = args.gpu.mark()
+        prof = None
+        if args.profile_s and mode == args.modes.split(",")[-1]:
+            prof = profile_processes({"router": os.getpid(), "decode": dproc.pid, "prefill": pproc.pid},
+                                     args.profile_s, 2.0, f"{args.out}_profile")
         t0 = time.perf_counter()
         subprocess.run(base + ["--concurrency", str(args.concurrency), "--num-requests", str(args.num_requests),
                                "--out", out], check=True, env=env, stdout=subprocess.DEVNULL)
@@ -180,13 +228,16 @@ def run_mode(mode: str, ckpt: str, workers, token: str, args) -> dict:
         cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in
                (("router", os.getpid()), ("decode", dproc.pid), ("prefill", pproc.pid))}
         gpu_busy = args.gpu.mean_since(g0)
+        if prof is not None:
+            for t in prof.pop("_threads"):
+                t.join(args.profile_s + 30)
     finally:
         server.stop()
     with open(out + ".json") as f:
         summary = json.load(f)
     tot = summary["total"]
     out_tokens = tot["output_tokens_per_s"] * tot["num_requests"] / max(tot["throughput_rps"], 1e-9)
-    return {"mode": mode, "summary": tot, "wall_s": wall, "gpu_busy_pct": gpu_busy,
+    return {"mode": mode, "summary": tot, "wall_s": wall, "gpu_busy_pct": gpu_busy, "profile": prof,
             "cpu_s": cpu, "cpu_s_per_1k_tokens": {k: 1000 * v / max(out_tokens, 1) for k, v in cpu.items()},
             "cpu_cores_busy": {k: v / wall for k, v in cpu.items()}}
 
@@ -241,6 +292,8 @@ def main() -> None:
     ap.add_argument("--slo-ttft-ms", type=float, default=200.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=10.0)
     ap.add_argument("--num-blocks", type=int, default=0, help="decode pool blocks (0: from free GPU memory)")
+    ap.add_argument("--profile-s", type=float, default=0,
+                    help="py-spy the router and both workers this long during the last mode's load (0: off)")
     ap.add_argument("--out", default=None, help="output prefix (default: $OUT or bench/results, serve_path_<device>)")
     args = ap.parse_args()
 

@@ -38,7 +38,7 @@ def num_blocks_from_memory(cfg: ModelConfig, block_size: int, dtype: torch.dtype
     return max(1, int(free * fraction) // bytes_per_block(cfg, block_size, dtype))
 
 
-MAX_SLICE_RUNS = 8  # a token range of more runs of consecutive slots is written with one scatter per K and V
+MAX_SLICE_RUNS = 2  # a token range of more runs of consecutive slots is written with one scatter (K and V at once)
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,6 +66,7 @@ class PagedKV:
         flat = (layers, self.num_blocks * self.block_size, heads, hd)
         self._k_slots = self.k.view(flat)  # [L, slots, Hkv, hd]: slot = block * block_size + offset
         self._v_slots = self.v.view(flat)
+        self._kv_slots = kv.view(2, *flat)  # [2, L, slots, Hkv, hd]: K and V written by one copy
 
     def slot(self, blocks: list[int], pos: int) -> int:
         """Flat slot id of token position ``pos`` of a sequence holding ``blocks``."""
@@ -120,15 +121,14 @@ class PagedKV:
     def write(self, plan: CopyPlan, layer_start: int, layer_end: int, kv: torch.Tensor) -> None:
         """kv [layer_end - layer_start, plan.end - plan.start, 2, Hkv, hd] (the pool's device and dtype) into the
         plan's slots of layers layer_start..layer_end-1; asynchronous on a CUDA pool (current stream)."""
-        kp = self._k_slots[layer_start:layer_end]  # [nl, slots, Hkv, hd]
-        vp = self._v_slots[layer_start:layer_end]
+        # one copy (or scatter) per run writes K and V together: the prefill's launch path pays per call
+        pages = self._kv_slots[:, layer_start:layer_end]  # [2, nl, slots, Hkv, hd]
+        src = kv.permute(2, 0, 1, 3, 4)  # [2, nl, T, Hkv, hd]
         if plan.slots is None:
             for a, b, s in plan.runs:
-                kp[:, s : s + b - a].copy_(kv[:, a:b, 0])
-                vp[:, s : s + b - a].copy_(kv[:, a:b, 1])
+                pages[:, :, s : s + b - a].copy_(src[:, :, a:b])
         else:
-            kp[:, plan.slots] = kv[:, :, 0]
-            vp[:, plan.slots] = kv[:, :, 1]
+            pages.index_copy_(2, plan.slots, src)
 
 
 class BlockPool(PagedKV):
