@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -380,9 +381,10 @@ def test_kuberay_head_container_ends_when_the_router_or_ray_ends(tmp_path, kuber
     r = run_head_script(tmp_path, kuberay, ray_start="exec sleep 20", colm='echo "colm $*"; exit 3')
     assert r.returncode != 0
     assert "colm serve --address auto --config /etc/colm/serve.yaml" in r.stdout
-    # Ray's generated command (with --block) ends: same.
-    r = run_head_script(tmp_path, kuberay, ray_start="exit 1", colm="exec sleep 20")
-    assert r.returncode != 0
+    # Ray's generated command (with --block) ends while the router runs: same, at once (not when the router ends)
+    t0 = time.monotonic()
+    r = run_head_script(tmp_path, kuberay, ray_start="sleep 2; exit 1", colm="exec sleep 25")
+    assert r.returncode != 0 and time.monotonic() - t0 < 15, (r.returncode, r.stderr)
 
 
 def test_kuberay_worker_command_passes_resources_intact(tmp_path, kuberay):

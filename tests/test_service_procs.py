@@ -57,7 +57,9 @@ def test_worker_processes_serve_reference_tokens_and_refuse_a_wrong_token():
         finally:
             bg.stop()
         # a router holding the wrong token gets nothing from the workers: they never become healthy
-        bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None), checkpoint.load_config(model_dir), tok,
+        # (worker_wait_s: a worker that never becomes healthy is not waited for the default 30 s)
+        bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None, worker_wait_s=1.0),
+                                     checkpoint.load_config(model_dir), tok,
                                      GrpcBackend(workers, cluster_token="wrong-token-0123456789")))
         try:
             with Client(bg.grpc_addr) as c:

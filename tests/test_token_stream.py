@@ -132,9 +132,29 @@ def test_a_reopened_subscriber_closes_the_old_stream(engines):
 
 
 # ------------------------------------------------------------------------------------------- over gRPC
-@pytest.mark.parametrize("token_stream", ["batched", "per_request"])
-def test_worker_processes_concurrent_requests_equal_the_reference(token_stream):
+TOKEN = "mux-test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def worker_procs():
+    """A decode and a prefill worker process, shared by both token stream modes."""
     pytest.importorskip("colm.decode_worker.service")
+    from colm.assets import demo_model_dir
+    from router_helpers import start_worker_procs
+
+    procs: list = []
+    try:
+        addrs = start_worker_procs(str(demo_model_dir()), (("decode", '{"num_blocks": 512}'), ("prefill", "{}")),
+                                   {**os.environ, "COLM_CLUSTER_TOKEN": TOKEN}, procs)
+        yield addrs
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(30)
+
+
+@pytest.mark.parametrize("token_stream", ["batched", "per_request"])
+def test_worker_processes_concurrent_requests_equal_the_reference(worker_procs, token_stream):
     from colm import checkpoint
     from colm.assets import demo_model_dir
     from colm.client import Client
@@ -143,54 +163,45 @@ def test_worker_processes_concurrent_requests_equal_the_reference(token_stream):
     from colm.router.core import Router
     from colm.router.grpc_backend import GrpcBackend
     from colm.tokenizer import ByteTokenizer
-    from router_helpers import BackgroundRouter, start_worker_procs
+    from router_helpers import BackgroundRouter
 
-    token = "mux-test-token-0123456789"
     model_dir = str(demo_model_dir())
-    procs: list = []
+    addrs = worker_procs
+    workers = [WorkerInfo("decode-0", "decode", addrs["decode"]), WorkerInfo("prefill-0", "prefill", addrs["prefill"])]
+    model = checkpoint.load(model_dir).eval()
+    tok = ByteTokenizer()
+    texts = [f"def f{i}(x):\n    return" + " x" * (i % 5) for i in range(16)]
+    want = {(t, s): generate(model, tok.encode(t), SamplingParams(max_new_tokens=12, ignore_eos=True),
+                             scale=s).token_ids for t in texts for s in (1, 2)}
+    bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None, token_stream=token_stream),
+                                 checkpoint.load_config(model_dir), tok,
+                                 GrpcBackend(workers, cluster_token=TOKEN, token_stream=token_stream)))
     try:
-        addrs = start_worker_procs(model_dir, (("decode", '{"num_blocks": 512}'), ("prefill", "{}")),
-                                   {**os.environ, "COLM_CLUSTER_TOKEN": token}, procs)
-        workers = [WorkerInfo("decode-0", "decode", addrs["decode"]), WorkerInfo("prefill-0", "prefill", addrs["prefill"])]
-        model = checkpoint.load(model_dir).eval()
-        tok = ByteTokenizer()
-        texts = [f"def f{i}(x):\n    return" + " x" * (i % 5) for i in range(16)]
-        want = {(t, s): generate(model, tok.encode(t), SamplingParams(max_new_tokens=12, ignore_eos=True),
-                                 scale=s).token_ids for t in texts for s in (1, 2)}
-        bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None, token_stream=token_stream),
-                                     checkpoint.load_config(model_dir), tok,
-                                     GrpcBackend(workers, cluster_token=token, token_stream=token_stream)))
-        try:
-            def one(i: int):
-                t, s = texts[i % len(texts)], 1 + i % 2
-                with Client(bg.grpc_addr) as c:
-                    return (t, s), c.complete(t, max_new_tokens=12, scale=s, ignore_eos=True)["token_ids"]
-
-            with ThreadPoolExecutor(16) as ex:
-                got = list(ex.map(one, range(32)))
-            for key, ids in got:
-                assert ids == want[key], key
-            if token_stream == "batched":  # every request's tokens came over the one Tokens stream
-                assert list(bg.router.backend._subs) == ["decode-0"]
-            # a request the client walks away from mid-stream is aborted on the worker: its blocks come back
+        def one(i: int):
+            t, s = texts[i % len(texts)], 1 + i % 2
             with Client(bg.grpc_addr) as c:
-                it = c.stub.Generate(c.request("walk away", max_new_tokens=200, ignore_eos=True), timeout=60)
-                for m in it:
-                    if m.tokens:
-                        it.cancel()
-                        break
-            end = time.monotonic() + 30
-            while True:
-                bg.call(bg.router.poll_once())
-                rep = bg.router.registry.workers["decode-0"].report
-                if rep.free_blocks == rep.total_blocks:
-                    break
-                assert time.monotonic() < end, rep
-                time.sleep(0.1)
-        finally:
-            bg.stop()
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(30)
+                return (t, s), c.complete(t, max_new_tokens=12, scale=s, ignore_eos=True)["token_ids"]
 
+        with ThreadPoolExecutor(16) as ex:
+            got = list(ex.map(one, range(32)))
+        for key, ids in got:
+            assert ids == want[key], key
+        if token_stream == "batched":  # every request's tokens came over the one Tokens stream
+            assert list(bg.router.backend._subs) == ["decode-0"]
+        # a request the client walks away from mid-stream is aborted on the worker: its blocks come back
+        with Client(bg.grpc_addr) as c:
+            it = c.stub.Generate(c.request("walk away", max_new_tokens=200, ignore_eos=True), timeout=60)
+            for m in it:
+                if m.tokens:
+                    it.cancel()
+                    break
+        end = time.monotonic() + 30
+        while True:
+            bg.call(bg.router.poll_once())
+            rep = bg.router.registry.workers["decode-0"].report
+            if rep.free_blocks == rep.total_blocks:
+                break
+            assert time.monotonic() < end, rep
+            time.sleep(0.1)
+    finally:
+        bg.stop()
