@@ -25,6 +25,7 @@ class RouterConfig:
     token_timeout_s: float = 30.0  # no token for this long: the worker is treated as failed
     worker_wait_s: float = 30.0  # no healthy worker of a role, one restarting: wait this long (within the deadline)
     poll_interval_s: float = 0.2
+    poll_timeout_s: float = 2.0  # a worker whose Stats takes longer is taken out until it answers again
     rebalance: bool = True
     ewma_alpha: float = 0.3
     headroom: float = 1.0
@@ -45,7 +46,8 @@ class RouterConfig:
         for name in ("max_queued", "max_retries"):
             if getattr(self, name) < 0:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be >= 0")
-        for name in ("default_deadline_s", "token_timeout_s", "poll_interval_s", "worker_wait_s"):
+        for name in ("default_deadline_s", "token_timeout_s", "poll_interval_s", "poll_timeout_s",
+                     "worker_wait_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be > 0")
         if (self.tls_cert is None) != (self.tls_key is None):

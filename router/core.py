@@ -167,7 +167,7 @@ class Router:
     async def poll_once(self) -> None:
         async def one(w):
             try:
-                r = await asyncio.wait_for(self.backend.poll(w.worker_id), timeout=max(1.0, 5 * self.cfg.poll_interval_s))
+                r = await asyncio.wait_for(self.backend.poll(w.worker_id), timeout=self.cfg.poll_timeout_s)
             except Exception as e:  # any failure to answer takes the worker out until it reports again
                 if w.healthy:
                     log.warning("worker %s failed its health poll: %s", w.worker_id, e)

@@ -31,6 +31,7 @@ log = logging.getLogger("colm.router")
 kv_pb2, kv_pb2_grpc = load_proto("kv")
 TOKEN_KEY = "x-colm-cluster-token"
 TOKEN_STREAMS = ("batched", "per_request")
+STATS_TIMEOUT_S = 60.0  # the call's own bound; the router's poll gives up sooner (router.poll_timeout_s)
 _PREFILL_DONE = object()  # queued when a request's Prefill call ends (batched token stream)
 _DEADLINE = object()  # queued when a request's deadline passes (batched token stream)
 _SILENT = object()  # queued when no token came for EngineRequest.token_timeout_s (batched token stream)
@@ -113,14 +114,16 @@ class GrpcBackend:
     async def poll(self, worker_id: str) -> WorkerReport:
         w = self._workers[worker_id]
         if w.role == "decode":
-            s = await self._decode(worker_id).Stats(kv_pb2.DecodeStatsRequest(), metadata=self._md(), timeout=2.0)
+            s = await self._decode(worker_id).Stats(kv_pb2.DecodeStatsRequest(), metadata=self._md(),
+                                                    timeout=STATS_TIMEOUT_S)
             self._host_ids[worker_id] = s.host_id
             self._cuda[worker_id] = s.cuda_kv
             return WorkerReport(worker_id, "decode", num_running=s.num_running, num_waiting=s.num_reserved,
                                 step_ms={int(k): v for k, v in s.step_ms_by_scale.items()},
                                 step_batch={int(k): v for k, v in s.step_batch_by_scale.items()},
                                 free_blocks=s.num_free_blocks, total_blocks=s.num_blocks)
-        s = await self._prefill(worker_id).Stats(kv_pb2.PrefillStatsRequest(), metadata=self._md(), timeout=2.0)
+        s = await self._prefill(worker_id).Stats(kv_pb2.PrefillStatsRequest(), metadata=self._md(),
+                                                 timeout=STATS_TIMEOUT_S)
         self._host_ids[worker_id] = s.host_id
         self._cuda[worker_id] = s.cuda
         nbytes, seconds, tokens = self._transfer.get(worker_id, (0, 0.0, 0))

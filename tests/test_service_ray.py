@@ -23,7 +23,8 @@ def service(tmp_path_factory):
         "model": {"path": "demo"},
         "workers": {"num_prefill": 2, "num_decode": 2, "num_cpus_per_worker": 0.5, "max_restarts": 2},
         "decode": {"num_blocks": 512, "block_size": 16},
-        "router": {"grpc_port": 0, "http_port": 0, "metrics_port": 0, "poll_interval_s": 0.1, "max_retries": 3},
+        "router": {"grpc_port": 0, "http_port": 0, "metrics_port": 0, "poll_interval_s": 0.1, "max_retries": 3,
+                   "poll_timeout_s": 10},  # 4 workers, a router and a load on 2 cores: a Stats call can take seconds
         "ray": {"num_cpus": 4}})
     launcher = Launcher(cfg)
     loop = asyncio.new_event_loop()

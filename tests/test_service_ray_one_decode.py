@@ -28,6 +28,7 @@ def service():
         "workers": {"num_prefill": 1, "num_decode": 1, "num_cpus_per_worker": 0.5, "max_restarts": 2},
         "decode": {"num_blocks": 512, "block_size": 16},
         "router": {"grpc_port": 0, "http_port": 0, "metrics_port": 0, "poll_interval_s": 0.1, "max_retries": 3,
+                   "poll_timeout_s": 10,
                    "worker_wait_s": 240},
         "ray": {"num_cpus": 4}})
     # a simulated one-GPU machine (a GPU resource Ray believes in; the engines run on the CPU): the bundled

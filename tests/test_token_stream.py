@@ -1,5 +1,5 @@
 """Batched token delivery (``DecodeEngine.mux``, ``DecodeWorker.Tokens`` / ``Start``, the router's
-``token_stream: batched``): one message per decode step carries every running request's token, the tokens
+``token_stream: batched``): a decode step hands every running request's token over at once, the tokens
 equal the reference and the per-request stream's, a failing request's error reaches only that request, and
 a subscriber that goes away gets its requests aborted and their blocks freed."""
 
@@ -70,11 +70,9 @@ def test_one_batch_per_step_and_tokens_equal_the_reference(engines):
     for i, (rid, p) in enumerate(zip(rids, batch)):
         assert [e.token_id for e in events[rid]] == generate(full, p, params, scale=1 + i % 2).token_ids
         assert [e.index for e in events[rid]] == list(range(10))
-    # a step hands over at most one event per request, and the whole step at once
-    for items in batches:
-        ids = [it.request_id for it in items]
-        assert len(ids) == len(set(ids)), ids
-    assert len(batches) < sum(len(v) for v in events.values())  # several requests' tokens shared a message
+    # steps hand their events over whole: several requests' tokens share a hand-over (a reader that lags behind
+    # gets several steps' events at once, still in order per request)
+    assert len(batches) < sum(len(v) for v in events.values())
     de.mux.remove(sub)
 
 
@@ -113,10 +111,11 @@ def test_a_subscriber_that_goes_away_has_its_requests_aborted(engines):
     de.reserve("gone", len(p), 400)
     pe.submit("gone", p, LocalKVSink(de, "gone"))
     de.start_generation("gone", p[-1], SamplingParams(max_new_tokens=400, ignore_eos=True), subscriber="router-c")
+    end = time.monotonic() + 60
     while not sub.next_batch(timeout_s=0.5):  # it runs
-        pass
+        assert time.monotonic() < end, "no token came"
     assert de.end_subscription(sub) == 1
-    end = time.monotonic() + 30
+    end = time.monotonic() + 60
     while de.pool.num_free != free:
         assert time.monotonic() < end, "the aborted request's blocks did not come back"
         time.sleep(0.02)
