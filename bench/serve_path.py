@@ -190,7 +190,7 @@ def summarize_stacks(raw: str, top: int = 25) -> dict:
     return {"samples": total, "top_self": rank(self_c), "top_inclusive": rank(incl)}
 
 
-def run_mode(mode: str, ckpt: str, workers, token: str, args) -> dict:
+def run_mode(mode: str, ckpt: str, workers, token: str, args, gpu: "GpuSampler", scratch: str) -> dict:
     from colm import checkpoint
     from colm.router.backend import WorkerInfo
     from colm.router.config import RouterConfig
@@ -206,7 +206,7 @@ def run_mode(mode: str, ckpt: str, workers, token: str, args) -> dict:
                        default_deadline_s=300, token_timeout_s=120, served_model_name=f"bench-{mode}",
                        token_stream=mode)
     server = ThreadedRouterServer(Router(cfg, checkpoint.load_config(ckpt), load_checkpoint_tokenizer(ckpt), backend))
-    out = os.path.join(args.scratch, mode)  # colm loadtest's own JSON/PNG: read here, not kept
+    out = os.path.join(scratch, mode)  # colm loadtest's own JSON/PNG: read here, not kept
     try:
         base = [sys.executable, "-m", "colm.cli", "loadtest", "--addr", server.grpc_addr,
                 "--prompt-len", args.prompt_len, "--output-len", args.output_len, "--slo-ttft-ms", str(args.slo_ttft_ms),
@@ -216,7 +216,7 @@ def run_mode(mode: str, ckpt: str, workers, token: str, args) -> dict:
         subprocess.run(base + ["--concurrency", str(args.concurrency), "--num-requests", str(args.warmup_requests),
                                "--out", out + "_warmup"], check=True, env=env, stdout=subprocess.DEVNULL)
         cpu0 = {"router": cpu_seconds(os.getpid()), "decode": cpu_seconds(dproc.pid), "prefill": cpu_seconds(pproc.pid)}
-        g0 = args.gpu.mark()
+        g0 = gpu.mark()
         prof = None
         if args.profile_s and mode == args.modes.split(",")[-1]:
             prof = profile_processes({"router": os.getpid(), "decode": dproc.pid, "prefill": pproc.pid},
@@ -227,7 +227,7 @@ def run_mode(mode: str, ckpt: str, workers, token: str, args) -> dict:
         wall = time.perf_counter() - t0
         cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in
                (("router", os.getpid()), ("decode", dproc.pid), ("prefill", pproc.pid))}
-        gpu_busy = args.gpu.mean_since(g0)
+        gpu_busy = gpu.mean_since(g0)
         if prof is not None:
             for t in prof.pop("_threads"):
                 t.join(args.profile_s + 30)
@@ -320,26 +320,26 @@ def main() -> None:
     cost = request_cost(cfg, (lo + hi) / 2, (olo + ohi) / 2, dtype_bytes=torch.empty(0, dtype=dtype).element_size())
     limit = limit_rps(cost, gpu, args.concurrency) if gpu else None
 
-    args.scratch = tempfile.mkdtemp(prefix="colm-serve-path-")
-    wargs = argparse.Namespace(**{**vars(args), "out": os.path.join(args.scratch, "worker")})  # worker logs there
+    scratch = tempfile.mkdtemp(prefix="colm-serve-path-")
+    wargs = argparse.Namespace(**{**vars(args), "out": os.path.join(scratch, "worker")})  # worker logs there
     token = secrets.token_urlsafe(24)
     blocks = args.num_blocks or (0 if cuda else 4096)
     decode_section = {"num_blocks": blocks, "max_batch_size": max(64, args.concurrency)}
     workers = [start_worker("decode", ckpt, wargs, token, decode_section),
                start_worker("prefill", ckpt, wargs, token, {})]
-    args.gpu = GpuSampler()
+    gpu = GpuSampler()
     results = []
     try:
         for mode in args.modes.split(","):
-            results.append(run_mode(mode, ckpt, workers, token, args))
+            results.append(run_mode(mode, ckpt, workers, token, args, gpu, scratch))
             print(table(results[-1:], limit), flush=True)
     except BaseException:
         for role in ("decode", "prefill"):  # what the workers said, when a mode failed
-            with open(os.path.join(args.scratch, f"worker_{role}.log")) as f:
+            with open(os.path.join(scratch, f"worker_{role}.log")) as f:
                 print(f"--- {role} worker log (tail)\n" + "".join(f.readlines()[-30:]), file=sys.stderr)
         raise
     finally:
-        args.gpu.stop()
+        gpu.stop()
         for p, _ in workers:
             p.terminate()
         for p, _ in workers:
@@ -360,7 +360,6 @@ def main() -> None:
     if limit:
         for r in results:
             r["fraction_of_limit"] = r["summary"]["throughput_rps"] / limit["limit_rps"]
-    del args.gpu
     payload = {"benchmark": "serve_path", "device": dev_name, "date": date, "torch": torch.__version__,
                "python": platform.python_version(), "model": {"preset": args.preset, "dtype": args.dtype,
                                                                "chains": list(cfg.chains), "n_layers": cfg.n_layers,

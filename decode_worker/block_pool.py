@@ -64,9 +64,7 @@ class PagedKV:
         self.k, self.v = kv[0], kv[1]  # [L, N, bs, Hkv, hd] each
         layers, self.num_blocks, self.block_size, heads, hd = self.k.shape
         flat = (layers, self.num_blocks * self.block_size, heads, hd)
-        self._k_slots = self.k.view(flat)  # [L, slots, Hkv, hd]: slot = block * block_size + offset
-        self._v_slots = self.v.view(flat)
-        self._kv_slots = kv.view(2, *flat)  # [2, L, slots, Hkv, hd]: K and V written by one copy
+        self._kv_slots = kv.view(2, *flat)  # [2, L, slots, Hkv, hd]: slot = block * block_size + offset
 
     def slot(self, blocks: list[int], pos: int) -> int:
         """Flat slot id of token position ``pos`` of a sequence holding ``blocks``."""

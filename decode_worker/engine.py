@@ -401,16 +401,14 @@ class DecodeEngine:
         subscription (``self.mux``), batched per step, and the returned ``MuxStream`` is only a handle."""
         with self._wake:
             req = self._get(request_id)
-            sub = None
-            if subscriber:
-                sub = self.mux.get(subscriber)
-                if sub is None or sub.closed:
-                    exc = PeerUnavailableError(f"request {request_id}: no token subscription {subscriber!r} is open "
-                                               "on this decode worker")
-                    self._fail(req, exc)
-                    raise exc
             if req.started:  # a second start (a reused id) is refused without touching the running request
                 raise ValueError(f"request {request_id}: generation already started")
+            sub = self.mux.get(subscriber) if subscriber else None
+            if subscriber and (sub is None or sub.closed):
+                exc = PeerUnavailableError(f"request {request_id}: no token subscription {subscriber!r} is open "
+                                           "on this decode worker")
+                self._fail(req, exc)
+                raise exc
             try:
                 scale = self.cfg.check_scale(scale)
                 if not 0 <= last_token_id < self.cfg.vocab_size:

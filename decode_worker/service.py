@@ -294,15 +294,21 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
             self._copy_stream = torch.cuda.Stream(self.engine.device)
         return torch.cuda.stream(self._copy_stream)
 
-    def StartGeneration(self, request, context):
-        rid = request.request_id
+    def _start(self, request, subscriber: str | None):
+        """``engine.start_generation`` for a StartGenerationRequest; sampling the engine refuses frees the
+        reservation (never a running request of the same id)."""
         try:
             params = sampling_from_decode(request.sampling)
         except ValueError:
-            self.engine.abort(rid, unstarted_only=True)
+            self.engine.abort(request.request_id, unstarted_only=True)
             raise
-        stream = self.engine.start_generation(rid, int(request.last_token_id), params, int(request.scale) or None,
-                                              request.kv_timeout_s or None)
+        return self.engine.start_generation(request.request_id, int(request.last_token_id), params,
+                                            int(request.scale) or None, request.kv_timeout_s or None,
+                                            subscriber=subscriber)
+
+    def StartGeneration(self, request, context):
+        rid = request.request_id
+        stream = self._start(request, None)
         context.add_callback(lambda: self.engine.abort(rid))  # client gone: stop generating (no-op when finished)
         for ev in stream:
             yield _event(ev)
@@ -325,17 +331,10 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
             yield kv_pb2.TokenBatch(events=events, failures=failures)
 
     def Start(self, request, context):
-        rid = request.request_id
         if not request.subscriber:
             raise ValueError("subscriber: Start needs the id of an open Tokens stream (or use StartGeneration)")
-        try:
-            params = sampling_from_decode(request.sampling)
-        except ValueError:
-            self.engine.abort(rid, unstarted_only=True)
-            raise
-        self.engine.start_generation(rid, int(request.last_token_id), params, int(request.scale) or None,
-                                     request.kv_timeout_s or None, subscriber=request.subscriber)
-        return kv_pb2.StartGenerationReply(request_id=rid)
+        self._start(request, request.subscriber)
+        return kv_pb2.StartGenerationReply(request_id=request.request_id)
 
     def SetScale(self, request, context):
         return kv_pb2.SetScaleReply(request_id=request.request_id,

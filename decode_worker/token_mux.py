@@ -122,6 +122,3 @@ class TokenMux:
             subs = list(self._subs.values())
         for sub in subs:
             sub.flush()
-
-    def __len__(self) -> int:
-        return len(self._subs)

@@ -85,6 +85,17 @@ class LocalKVSink:
 _END = object()
 
 
+def queued_puts(q: queue.SimpleQueue):
+    """Yields the items put on ``q`` until ``_END``; raises an exception put there (a sink's ``fail``)."""
+    while True:
+        item = q.get()
+        if item is _END:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def copies_done_event(t: torch.Tensor):
     """An event recorded on ``t``'s device's current stream after the copies queued so far (None off CUDA): the
     consumer of a ``put`` waits for it before it signals or reads."""
@@ -113,13 +124,7 @@ class StagedKVSink:
 
     def _staged(self):
         """Yields ((l0, l1, t0, t1), host tensor) in put order until ``finish``/``fail`` ends the stream."""
-        while True:
-            item = self._q.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            ranges, host, event = item
+        for ranges, host, event in queued_puts(self._q):
             if event is not None:
                 event.synchronize()
             yield ranges, host

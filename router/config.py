@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass, fields
 
 
+TOKEN_STREAMS = ("batched", "per_request")  # router.token_stream: how decode workers send tokens
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     host: str = "127.0.0.1"  # nothing listens on 0.0.0.0 unless configured
@@ -60,8 +63,8 @@ class RouterConfig:
                 raise ValueError(f"router.{name}={path!r}: no such readable file")
         if self.fixed_scale is not None and (not isinstance(self.fixed_scale, int) or self.fixed_scale < 1):
             raise ValueError(f"router.fixed_scale={self.fixed_scale!r}: must be a scale >= 1 or null")
-        if self.token_stream not in ("batched", "per_request"):
-            raise ValueError(f"router.token_stream={self.token_stream!r}: must be 'batched' or 'per_request'")
+        if self.token_stream not in TOKEN_STREAMS:
+            raise ValueError(f"router.token_stream={self.token_stream!r}: must be one of {', '.join(TOKEN_STREAMS)}")
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"router.ewma_alpha={self.ewma_alpha}: must be in (0, 1]")
 

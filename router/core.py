@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from colm.router.admission import Admission
-from colm.router.backend import Backend, EngineRequest, RequestFailed, WorkerFailed
+from colm.router.backend import Backend, EngineRequest, EngineToken, RequestFailed, WorkerFailed
 from colm.router.config import RouterConfig
 from colm.router.metrics import RouterMetrics
 from colm.router.placement import NoWorker, WorkerRegistry

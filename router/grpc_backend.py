@@ -21,6 +21,7 @@ import grpc
 from colm.proto import load_proto
 from colm.proto.convert import sampling_to_decode
 from colm.proto.token_ids import pack_token_ids
+from colm.router.config import TOKEN_STREAMS
 from colm.router.backend import EngineRequest, EngineToken, RequestFailed, WorkerFailed, WorkerInfo
 from colm.router.metrics import report_timeline
 from colm.scoring import prompt_logprobs
@@ -30,7 +31,6 @@ from colm.router.token_subscription import StreamBroken, TokenSubscription
 log = logging.getLogger("colm.router")
 kv_pb2, kv_pb2_grpc = load_proto("kv")
 TOKEN_KEY = "x-colm-cluster-token"
-TOKEN_STREAMS = ("batched", "per_request")
 STATS_TIMEOUT_S = 60.0  # the call's own bound; the router's poll gives up sooner (router.poll_timeout_s)
 _PREFILL_DONE = object()  # queued when a request's Prefill call ends (batched token stream)
 _DEADLINE = object()  # queued when a request's deadline passes (batched token stream)
@@ -170,9 +170,7 @@ class GrpcBackend:
                     yield tok
                 finished = True
                 return
-            call = decode.StartGeneration(kv_pb2.StartGenerationRequest(
-                request_id=req.request_id, last_token_id=req.prompt_ids[-1], sampling=sampling_to_decode(p),
-                scale=req.scale, kv_timeout_s=timeout), metadata=md, timeout=timeout)
+            call = decode.StartGeneration(_start_request(req, timeout), metadata=md, timeout=timeout)
             it = call.__aiter__()
             streaming = False  # a token came: the KV is all on the decode worker, the prefill's outcome no longer matters
             while True:
@@ -244,10 +242,8 @@ class GrpcBackend:
             req.failover.add_done_callback(lambda f: None if f.cancelled() else q.put_nowait(f))
         try:
             try:
-                await self._decode(decode_id).Start(kv_pb2.StartGenerationRequest(
-                    request_id=req.request_id, last_token_id=req.prompt_ids[-1], sampling=sampling_to_decode(req.params),
-                    scale=req.scale, kv_timeout_s=timeout, subscriber=sub.subscriber), metadata=self._md(),
-                    timeout=min(timeout, 10.0))
+                await self._decode(decode_id).Start(_start_request(req, timeout, sub.subscriber), metadata=self._md(),
+                                                    timeout=min(timeout, 10.0))
             except grpc.aio.AioRpcError as e:
                 raise self._failure(e, decode_id) from None
             streaming = False  # a token came: the KV is all on the decode worker, the prefill's outcome no longer matters
@@ -382,6 +378,13 @@ class GrpcBackend:
 # ours, or (a reused id) another request's reservation.
 _REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED,
             grpc.StatusCode.PERMISSION_DENIED)
+
+
+def _start_request(req: EngineRequest, timeout: float, subscriber: str = ""):
+    """The decode worker's StartGenerationRequest for ``req`` (``subscriber``: the Tokens stream, for ``Start``)."""
+    return kv_pb2.StartGenerationRequest(request_id=req.request_id, last_token_id=req.prompt_ids[-1],
+                                         sampling=sampling_to_decode(req.params), scale=req.scale, kv_timeout_s=timeout,
+                                         subscriber=subscriber)
 
 
 def _retrieve(task: asyncio.Future) -> None:

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import uuid
 
 import grpc
-
-log = logging.getLogger("colm.router")
 
 
 class StreamBroken(Exception):

@@ -90,3 +90,32 @@ def assert_router_gives_reference_tokens(full, model_dir, decode_addr: str, pref
                     assert got == want, (text, scale)
     finally:
         bg.stop()
+
+
+def wait_serving(addr: str, timeout_s: float = 300.0) -> dict:
+    """The router's health once it is serving with every worker healthy (a restarted one reports again); fails
+    after ``timeout_s``. A router too busy to answer is asked again."""
+    import time
+
+    from colm.client import Client
+
+    end, h = time.time() + timeout_s, {}
+    while time.time() < end:
+        try:
+            with Client(addr) as c:
+                h = c.health()
+            if h["serving"] and all(w["state"] == "healthy" for w in h["workers"]):
+                return h
+        except Exception as e:  # noqa: BLE001 - the router may be busy; keep asking
+            h = {"error": str(e)}
+        time.sleep(0.5)
+    raise AssertionError(f"not serving after {timeout_s} s: {h}")
+
+
+def walk_away(client, text: str, max_new_tokens: int) -> None:
+    """A client that starts a Generate stream and cancels it at its first token."""
+    it = client.stub.Generate(client.request(text, max_new_tokens=max_new_tokens, ignore_eos=True), timeout=60)
+    for m in it:
+        if m.tokens:
+            it.cancel()
+            break

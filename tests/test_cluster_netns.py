@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("ray")
 from netns_cluster import LoopbackCluster, NetnsCluster, netns_unavailable  # noqa: E402
+from router_helpers import wait_serving  # noqa: E402
 
 # COLM_TEST_LOOPBACK_CLUSTER=1 runs the fallback even where namespaces work (to check the fallback itself)
 FORCE_LOOPBACK = os.environ.get("COLM_TEST_LOOPBACK_CLUSTER") == "1"
@@ -107,22 +106,9 @@ def _health(addr: str) -> dict:
         return c.health()
 
 
-def _wait_serving(addr: str, timeout_s: float) -> dict:
-    end, h = time.time() + timeout_s, {}
-    while time.time() < end:
-        try:
-            h = _health(addr)
-            if h["serving"] and all(w["state"] == "healthy" for w in h["workers"]):
-                return h
-        except Exception as e:  # noqa: BLE001 - the router may be busy; keep asking
-            h = {"error": str(e)}
-        time.sleep(0.5)
-    raise AssertionError(f"not serving after {timeout_s} s: {h}")
-
-
 def test_roles_are_pinned_and_workers_advertise_their_node_ip(cluster):
     c, service = cluster
-    h = _wait_serving(service["grpc"], 60)
+    h = wait_serving(service["grpc"], 60)
     where = {w["worker_id"]: w["address"].rsplit(":", 1)[0] for w in h["workers"]}
     assert where == {"prefill-0": c.nodes[1].ip, "decode-0": c.nodes[2].ip}, where
     assert service["grpc"].startswith(c.head.ip + ":")
@@ -134,7 +120,7 @@ def test_tokens_across_namespaces_equal_colm_generate_at_every_scale(cluster):
     from router_helpers import post_json
 
     c, service = cluster
-    _wait_serving(service["grpc"], 60)
+    wait_serving(service["grpc"], 60)
     with Client(service["grpc"]) as cl:
         for scale in (1, 2):
             want = _reference(32, scale)
@@ -184,7 +170,7 @@ def test_decode_node_killed_under_load_then_back(cluster):
     from colm.client import Client
 
     c, service = cluster
-    _wait_serving(service["grpc"], 60)
+    wait_serving(service["grpc"], 60)
     results, deadline_ms = [], 20_000
 
     def one(i: int) -> None:
@@ -211,7 +197,7 @@ def test_decode_node_killed_under_load_then_back(cluster):
     want = _reference(64, 2)
     assert all(r[2] == want for r in results if r[0] == "OK")
     c.start_ray(c.nodes[2])  # the node comes back (a new raylet on the same address)
-    _wait_serving(service["grpc"], 180)
+    wait_serving(service["grpc"], 180)
     with Client(service["grpc"]) as cl:
         assert cl.complete(PROMPT, max_new_tokens=32, scale=1)["token_ids"] == _reference(32, 1)
 
@@ -233,7 +219,7 @@ def test_fallback_cluster_on_loopback_aliases_pins_roles_and_serves_exact_tokens
     from colm.client import Client
 
     c, service = loopback_cluster
-    h = _wait_serving(service["grpc"], 120)
+    h = wait_serving(service["grpc"], 120)
     where = {w["worker_id"]: w["address"].rsplit(":", 1)[0] for w in h["workers"]}
     assert where == {"prefill-0": c.nodes[1].ip, "decode-0": c.nodes[2].ip}, where
     with Client(service["grpc"]) as cl:

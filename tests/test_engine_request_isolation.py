@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from colm.decode_worker.config import DecodeConfig
-from colm.decode_worker.engine import DecodeEngine
 from colm.errors import RequestFailedError
 from colm.generate import generate
-from colm.prefill_worker.config import PrefillConfig
-from colm.prefill_worker.engine import PrefillEngine
 from colm.prefill_worker.sinks import LocalKVSink
 from colm.sampling import SamplingParams
-from _engine_helpers import prompts, save_tiny_air
+from _engine_helpers import prompts, started_engines
 
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_air")
-    full = save_tiny_air(path)
-    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=96, block_size=4)).start()
-    pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, max_batch_tokens=64)).start()
-    yield de, pe, full
-    pe.stop(), de.stop()
+    with started_engines(tmp_path_factory.mktemp("tiny_air"), num_blocks=96) as engines:
+        yield engines
 
 
 def _poisoned(n: int) -> SamplingParams:

@@ -29,7 +29,7 @@ from colm.router.config import RouterConfig  # noqa: E402
 from colm.router.core import Router  # noqa: E402
 from colm.router.grpc_backend import GrpcBackend  # noqa: E402
 from colm.tokenizer import ByteTokenizer  # noqa: E402
-from router_helpers import BackgroundRouter  # noqa: E402
+from router_helpers import BackgroundRouter, walk_away  # noqa: E402
 
 TOKEN = "grpc-validation-token-0123456789"
 pb2, _ = load_proto("public")
@@ -312,11 +312,7 @@ def test_cancelled_stream_frees_its_reservation(cluster):
     request, so its blocks come back."""
     assert cluster.settle() == 8  # the earlier tests' aborts have run
     with Client(cluster.addr) as c:
-        it = c.stub.Generate(c.request("walk away", max_new_tokens=90, ignore_eos=True), timeout=60)
-        for m in it:
-            if m.tokens:
-                it.cancel()
-                break
+        walk_away(c, "walk away", 90)
         assert cluster.settle() == 8
 
 

@@ -8,6 +8,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 from colm.deploy.actors import engines_available  # noqa: E402
+from router_helpers import wait_serving  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not engines_available(), reason="engine gRPC servers not installed")
 
@@ -36,19 +37,6 @@ def service(tmp_path_factory):
     call(launcher.stop())
     loop.call_soon_threadsafe(loop.stop)
     ray.shutdown()
-
-
-def _wait_all_healthy(addr: str, timeout_s: float = 240.0) -> None:
-    from colm.client import Client
-
-    end = time.time() + timeout_s
-    with Client(addr) as c:
-        while True:
-            h = c.health()
-            if all(w["healthy"] for w in h["workers"]):
-                return
-            assert time.time() < end, f"workers not all healthy after {timeout_s} s: {h['workers']}"
-            time.sleep(0.5)
 
 
 def test_served_tokens_equal_colm_generate_at_every_scale(service):
@@ -83,7 +71,7 @@ def test_killing_an_actor_during_load_loses_no_request(service, victim):
     import asyncio
 
     launcher, addrs, call = service
-    _wait_all_healthy(addrs["grpc"])
+    wait_serving(addrs["grpc"], 240)
     spec = LoadSpec(rates=(30.0,), num_requests=40, prompt_len=(8, 24), output_len=(8, 24), timeout_s=60,
                     seed=hash(victim) % 1000)
     box = {}
@@ -119,7 +107,7 @@ def test_internal_endpoints_refuse_calls_without_the_cluster_token(service):
 
     kv_pb2, kv_pb2_grpc = load_proto("kv")
     launcher, addrs, _ = service
-    _wait_all_healthy(addrs["grpc"])  # an actor an earlier test killed has restarted and reports again
+    wait_serving(addrs["grpc"], 240)  # an actor an earlier test killed has restarted and reports again
     infos = {w.worker_id: w.address for w in launcher.pool.refresh()}
     for wid, addr in infos.items():
         assert addr.startswith("127.0.0.1:")  # internal endpoints stay on loopback unless configured

@@ -9,6 +9,7 @@ import time
 
 import grpc
 import pytest
+from router_helpers import wait_serving
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("grpc_health")
@@ -73,23 +74,10 @@ def _stream(addr: str, n: int, on_token=None, request_id: str = "") -> tuple[lis
     return toks, finish
 
 
-def _wait_serving(addr: str, timeout: float = 300.0) -> dict:
-    from colm.client import Client
-
-    end = time.time() + timeout
-    with Client(addr) as c:
-        while time.time() < end:
-            h = c.health()
-            if h["serving"] and all(w["state"] == "healthy" for w in h["workers"]):
-                return h
-            time.sleep(0.2)
-    raise AssertionError(f"not serving after {timeout} s: {h}")
-
-
 def test_one_gpu_places_both_workers_with_half_a_gpu_each(service):
     launcher, addrs = service
     assert launcher.pool._num_gpus() == 0.5
-    h = _wait_serving(addrs["grpc"], timeout=30)
+    h = wait_serving(addrs["grpc"], 30)
     assert {w["worker_id"] for w in h["workers"]} == {"prefill-0", "decode-0"}
     assert all(w["address"].startswith("127.0.0.1:") for w in h["workers"])  # the embedded cluster: loopback
     assert ray.available_resources().get("GPU", 0) == 0  # both halves taken
@@ -102,7 +90,7 @@ def test_router_metrics_port_serves_every_workers_metrics(service):
     from prometheus_client.parser import text_string_to_metric_families
 
     launcher, addrs = service
-    _wait_serving(addrs["grpc"], timeout=30)
+    wait_serving(addrs["grpc"], 30)
     with urllib.request.urlopen(addrs["metrics"], timeout=10) as r:
         families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
     workers = {s.labels.get("worker") for name in ("colm_decode_num_blocks", "colm_prefill_num_queued")
@@ -127,14 +115,14 @@ def test_the_only_decode_worker_killed_mid_stream_the_stream_completes_exactly(s
     assert killed.is_set()
     assert toks == want, f"first difference at {next(i for i, (a, b) in enumerate(zip(toks, want)) if a != b)}"
     assert finish["finish_reason"] == "length" and finish["usage"]["retries"] >= 1
-    _wait_serving(addrs["grpc"])
+    wait_serving(addrs["grpc"])
 
 
 def test_a_reused_request_id_touches_neither_request(service):
     from colm.client import Client
 
     launcher, addrs = service
-    _wait_serving(addrs["grpc"])
+    wait_serving(addrs["grpc"])
     n = 300
     want = _reference(n)
     second = {}
@@ -147,7 +135,7 @@ def test_a_reused_request_id_touches_neither_request(service):
     toks, finish = _stream(addrs["grpc"], n, reuse_at, request_id="dup")
     assert toks == want and finish["usage"]["retries"] == 0  # the first ran to its end, untouched
     assert second["reply"]["token_ids"] == want[:8] and second["reply"]["request_id"] == "dup"
-    h = _wait_serving(addrs["grpc"], timeout=10)  # no worker was marked unhealthy
+    h = wait_serving(addrs["grpc"], 10)  # no worker was marked unhealthy
     assert all(w["inflight"] == 0 for w in h["workers"])
 
 
@@ -158,7 +146,7 @@ def test_a_worker_out_of_restarts_is_reported_dead_and_health_says_not_serving(s
     from router_helpers import get_json
 
     launcher, addrs = service
-    _wait_serving(addrs["grpc"])
+    wait_serving(addrs["grpc"])
     launcher.pool.kill("prefill-0", restart=False)  # as if its max_restarts were used up
     end = time.time() + 30
     with Client(addrs["grpc"]) as c:

@@ -11,25 +11,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from colm.decode_worker.config import DecodeConfig
-from colm.decode_worker.engine import DecodeEngine
 from colm.errors import PeerUnavailableError, RequestFailedError
 from colm.generate import generate
-from colm.prefill_worker.config import PrefillConfig
-from colm.prefill_worker.engine import PrefillEngine
 from colm.prefill_worker.sinks import LocalKVSink
 from colm.sampling import SamplingParams
-from _engine_helpers import prompts, save_tiny_air
+from _engine_helpers import prompts, started_engines
 
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_air_mux")
-    full = save_tiny_air(path)
-    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=128, block_size=4)).start()
-    pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, max_batch_tokens=64)).start()
-    yield de, pe, full
-    pe.stop(), de.stop()
+    with started_engines(tmp_path_factory.mktemp("tiny_air_mux"), num_blocks=128) as engines:
+        yield engines
 
 
 def _collect(sub, want_done: set[str], timeout_s: float = 60.0):
@@ -103,6 +95,21 @@ def test_unknown_subscriber_is_refused_and_frees_the_reservation(engines):
     assert de.pool.num_free == free and "nosub" not in de._requests
 
 
+def test_a_second_start_of_a_running_id_with_an_unknown_subscriber_leaves_it_running(engines):
+    de, pe, full = engines
+    sub = de.mux.open("router-e")
+    p = prompts([6], seed=14)[0]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    de.reserve("twice", len(p), 12)
+    pe.submit("twice", p, LocalKVSink(de, "twice"))
+    de.start_generation("twice", p[-1], params, scale=2, subscriber="router-e")
+    with pytest.raises(ValueError, match="already started"):
+        de.start_generation("twice", p[-1], params, scale=2, subscriber="nobody")
+    events, failures, _ = _collect(sub, {"twice"})
+    assert not failures and [e.token_id for e in events["twice"]] == generate(full, p, params, scale=2).token_ids
+    de.mux.remove(sub)
+
+
 def test_a_subscriber_that_goes_away_has_its_requests_aborted(engines):
     de, pe, _ = engines
     free = de.pool.num_free
@@ -162,7 +169,7 @@ def test_worker_processes_concurrent_requests_equal_the_reference(worker_procs, 
     from colm.router.core import Router
     from colm.router.grpc_backend import GrpcBackend
     from colm.tokenizer import ByteTokenizer
-    from router_helpers import BackgroundRouter
+    from router_helpers import BackgroundRouter, walk_away
 
     model_dir = str(demo_model_dir())
     addrs = worker_procs
@@ -189,11 +196,7 @@ def test_worker_processes_concurrent_requests_equal_the_reference(worker_procs, 
             assert list(bg.router.backend._subs) == ["decode-0"]
         # a request the client walks away from mid-stream is aborted on the worker: its blocks come back
         with Client(bg.grpc_addr) as c:
-            it = c.stub.Generate(c.request("walk away", max_new_tokens=200, ignore_eos=True), timeout=60)
-            for m in it:
-                if m.tokens:
-                    it.cancel()
-                    break
+            walk_away(c, "walk away", 200)
         end = time.monotonic() + 30
         while True:
             bg.call(bg.router.poll_once())

@@ -180,6 +180,16 @@ class NixlEndpoint:
                 weakref.finalize(t, self._deregister, key)
             return key[0], key[1], got[1], got[2]
 
+    def close(self) -> None:
+        """Forget every peer and registration and drop the agent (its progress thread ends with it)."""
+        with self._lock:
+            for name in list(self._peers):
+                self._remove(name)
+            keys = list(self._regs)
+        for key in keys:
+            self._deregister(key)
+        self.agent = None
+
     def _deregister(self, key) -> None:
         with self._lock:
             got = self._regs.pop(key, None)
@@ -256,17 +266,7 @@ def close_endpoints() -> None:
         eps = list(_ENDPOINTS.values())
         _ENDPOINTS.clear()
     for ep in eps:
-        with ep._lock:
-            for name in list(ep._peers):
-                ep._remove(name)
-            regs = list(ep._regs.values())
-            ep._regs.clear()
-        for reg, _, _ in regs:
-            try:
-                ep.agent.deregister_memory(reg)
-            except Exception as e:  # noqa: BLE001 - a registration already gone
-                log.debug("nixl: deregistering failed: %s", e)
-        ep.agent = None
+        ep.close()
 
 
 def arena_free_bytes(role: str) -> tuple[int, int] | None:
@@ -307,7 +307,7 @@ def verify_range(pool, blocks, layout: KVLayout, chunk, kind: str, request_id: s
 
 # ------------------------------------------------------------------------------------------- prefill side
 from colm.prefill_worker.kv_push import GrpcKVSink, _peer_error, _Stop, kv_header, kv_pb2  # noqa: E402
-from colm.prefill_worker.sinks import _END, copies_done_event  # noqa: E402
+from colm.prefill_worker.sinks import copies_done_event, queued_puts  # noqa: E402
 
 _REPLIES = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="colm-kv-nixl")
 # Host puts are copied into the send region (and checksummed) here, so the copy of one put runs while the stream's
@@ -421,13 +421,7 @@ class NixlKVSink(GrpcKVSink):
     def _puts(self):
         """Yields ((l0, l1, t0, t1), offset, checksum) once the put's bytes are in the send region, in put order,
         until ``finish``/``fail`` ends the stream."""
-        while True:
-            item = self._q.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            ranges, copied, event, offset = item
+        for ranges, copied, event, offset in queued_puts(self._q):
             if copied is not None:  # a host put: its copy's future
                 crc = copied.result()
             else:  # a device put: its copy into the region was queued on the device
