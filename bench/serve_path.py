@@ -190,7 +190,7 @@ def summarize_stacks(raw: str, top: int = 25) -> dict:
     return {"samples": total, "top_self": rank(self_c), "top_inclusive": rank(incl)}
 
 
-def run_mode(mode: str, ckpt: str, workers, token: str, args, gpu: "GpuSampler", scratch: str) -> dict:
+def run_mode(mode: str, ckpt: str, workers, token: str, args, sampler: "GpuSampler", scratch: str) -> dict:
     from colm import checkpoint
     from colm.router.backend import WorkerInfo
     from colm.router.config import RouterConfig
@@ -216,7 +216,7 @@ def run_mode(mode: str, ckpt: str, workers, token: str, args, gpu: "GpuSampler",
         subprocess.run(base + ["--concurrency", str(args.concurrency), "--num-requests", str(args.warmup_requests),
                                "--out", out + "_warmup"], check=True, env=env, stdout=subprocess.DEVNULL)
         cpu0 = {"router": cpu_seconds(os.getpid()), "decode": cpu_seconds(dproc.pid), "prefill": cpu_seconds(pproc.pid)}
-        g0 = gpu.mark()
+        g0 = sampler.mark()
         prof = None
         if args.profile_s and mode == args.modes.split(",")[-1]:
             prof = profile_processes({"router": os.getpid(), "decode": dproc.pid, "prefill": pproc.pid},
@@ -227,7 +227,7 @@ def run_mode(mode: str, ckpt: str, workers, token: str, args, gpu: "GpuSampler",
         wall = time.perf_counter() - t0
         cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in
                (("router", os.getpid()), ("decode", dproc.pid), ("prefill", pproc.pid))}
-        gpu_busy = gpu.mean_since(g0)
+        gpu_busy = sampler.mean_since(g0)
         if prof is not None:
             for t in prof.pop("_threads"):
                 t.join(args.profile_s + 30)
@@ -327,11 +327,11 @@ def main() -> None:
     decode_section = {"num_blocks": blocks, "max_batch_size": max(64, args.concurrency)}
     workers = [start_worker("decode", ckpt, wargs, token, decode_section),
                start_worker("prefill", ckpt, wargs, token, {})]
-    gpu = GpuSampler()
+    sampler = GpuSampler()
     results = []
     try:
         for mode in args.modes.split(","):
-            results.append(run_mode(mode, ckpt, workers, token, args, gpu, scratch))
+            results.append(run_mode(mode, ckpt, workers, token, args, sampler, scratch))
             print(table(results[-1:], limit), flush=True)
     except BaseException:
         for role in ("decode", "prefill"):  # what the workers said, when a mode failed
@@ -339,7 +339,7 @@ def main() -> None:
                 print(f"--- {role} worker log (tail)\n" + "".join(f.readlines()[-30:]), file=sys.stderr)
         raise
     finally:
-        gpu.stop()
+        sampler.stop()
         for p, _ in workers:
             p.terminate()
         for p, _ in workers:
