@@ -66,9 +66,12 @@ def _compile(template: str):
 class TokenizerConfig:
     """The chat template and special tokens of one tokenizer (see the module docstring)."""
 
-    def __init__(self, tokenizer, chat_template: str | None = None, special: dict[str, str] | None = None) -> None:
+    def __init__(self, tokenizer, chat_template: str | None = None, special: dict[str, str] | None = None,
+                 add_bos_token: bool | None = None) -> None:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        # tokenizer_config.json's add_bos_token (colm.tokenizer.encode_prompt): special tokens added to a prompt
+        self.add_bos_token = bool(getattr(tokenizer, "add_bos_token", False) if add_bos_token is None else add_bos_token)
         self.special = dict(special or {})  # name -> string, e.g. {"eos_token": "</s>"}
         for name, tid in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id),
                           ("pad_token", getattr(tokenizer, "pad_id", None))):
@@ -113,7 +116,10 @@ class TokenizerConfig:
                     special[name] = s
         if d is not None and (d / "chat_template.jinja").is_file():
             template = (d / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(tokenizer, template, special)
+        from colm.tokenizer import read_add_bos_token
+
+        has_config = d is not None and (d / "tokenizer_config.json").is_file()
+        return cls(tokenizer, template, special, read_add_bos_token(d) if has_config else None)
 
     def _piece(self, tid: int, name: str) -> str | None:
         t = self.tokenizer
@@ -137,8 +143,16 @@ class TokenizerConfig:
         s = self.special.get(name)
         return None if s is None else self.ids.get(s)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, special tokens' strings as their ids; no BOS is added."""
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``, special tokens' strings as their ids. ``add_special_tokens``: a BOS first when
+        the tokenizer config asks for one (``add_bos_token``) and the text does not already begin with it."""
+        ids = self._encode(text)
+        bos = self.tokenizer.bos_id
+        if add_special_tokens and self.add_bos_token and bos is not None and bos >= 0 and ids[:1] != [bos]:
+            ids = [bos] + ids
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
         if self._split is None:
             return self.tokenizer.encode(text)
         out: list[int] = []

@@ -2,6 +2,11 @@
 
 All expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``bos_id``,
 ``eos_id`` and ``spec()`` (what ``config.json`` records so the checkpoint reloads the same one).
+
+A prompt's text becomes ids through ``encode_prompt``: with a BOS in front when the checkpoint's
+``tokenizer_config.json`` says ``"add_bos_token": true`` (as transformers' Llama tokenizers and vLLM do; a
+missing key means no BOS, the byte tokenizer's and the bundled demo's convention). ``colm generate``, the
+router's text prompts, ``/v1/completions`` and ``/tokenize`` all go through it, so their ids agree.
 """
 
 from __future__ import annotations
@@ -106,4 +111,26 @@ def load_checkpoint_tokenizer(model_dir: str | Path):
 
     tok = load_tokenizer(read_meta(model_dir).get("tokenizer"), model_dir)
     tok.model_dir = str(model_dir)  # where the HTTP API finds tokenizer_config.json (colm.chat_template)
+    tok.add_bos_token = read_add_bos_token(model_dir)
     return tok
+
+
+def read_add_bos_token(model_dir: str | Path | None) -> bool:
+    """``add_bos_token`` of the directory's ``tokenizer_config.json`` (False when the file or the key is missing)."""
+    import json
+
+    f = Path(model_dir) / "tokenizer_config.json" if model_dir else None
+    if f is None or not f.is_file():
+        return False
+    try:
+        value = json.loads(f.read_text(encoding="utf-8")).get("add_bos_token", False)
+    except ValueError as e:
+        raise ValueError(f"{f}: invalid JSON ({e})") from None
+    if not isinstance(value, bool):
+        raise ValueError(f"{f}: add_bos_token={value!r}, must be true or false")
+    return value
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    """A prompt's ids: BOS first when the checkpoint asks for it (see the module docstring)."""
+    return tok.encode(text, add_bos=bool(getattr(tok, "add_bos_token", False)))

@@ -31,6 +31,7 @@ from colm.router.policy import Budget, Decision, PolicyConfig, RunningRequest, S
 from colm.router.worker_metrics import WorkerMetricsCollector
 from colm.sampling import SamplingParams
 from colm.stopping import StopChecker
+from colm.tokenizer import encode_prompt
 
 log = logging.getLogger("colm.router")
 
@@ -241,7 +242,7 @@ class Router:
                     text = text.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise ValueError(f"prompt text is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            prompt_ids = self.tokenizer.encode(text)
+            prompt_ids = encode_prompt(self.tokenizer, text)
         prompt_ids = list(prompt_ids or [])
         if not prompt_ids:
             raise ValueError("prompt is empty: give at least one token")

@@ -28,6 +28,8 @@ from colm.router.admission import Overloaded
 from colm.router.core import DeadlineExceeded, Router, Unavailable, UnknownRequest
 from colm.router.placement import NoWorker
 from colm.router.policy import BudgetUnmet
+from colm.router.stop_trim import StopTrimmer
+from colm.tokenizer import encode_prompt
 
 log = logging.getLogger("colm.router")
 pb2, pb2_grpc = load_proto("public")
@@ -189,6 +191,7 @@ class ColmServicer(pb2_grpc.ColmServicer):
 
     async def Generate(self, request, context):
         spec = spec_from_proto(self.router, request)
+        trim = StopTrimmer(spec.params.stop_strings, request.include_stop_str_in_output)
         first = pb2.GenerateResponse(request_id=spec.request_id)
         async for ev in self.router.generate(spec):
             if ev.kind == "decision":
@@ -200,14 +203,15 @@ class ColmServicer(pb2_grpc.ColmServicer):
                 yield first
             elif ev.kind == "token":
                 yield pb2.GenerateResponse(request_id=spec.request_id, tokens=[pb2.Token(
-                    id=ev.token_id, text=ev.text, scale=ev.scale, time_ms=ev.time_ms, logprob=ev.logprob)])
+                    id=ev.token_id, text=trim.add(ev.text), scale=ev.scale, time_ms=ev.time_ms, logprob=ev.logprob)])
             else:
-                yield pb2.GenerateResponse(request_id=spec.request_id, text=ev.text, finish_reason=ev.finish_reason,
-                                           usage=pb2.Usage(**ev.usage))
+                yield pb2.GenerateResponse(request_id=spec.request_id, text=trim.add(ev.text) + trim.flush(),
+                                           finish_reason=ev.finish_reason, usage=pb2.Usage(**ev.usage))
 
     async def Complete(self, request, context):
         spec = spec_from_proto(self.router, request)
         resp = pb2.CompleteResponse(request_id=spec.request_id)
+        trim = StopTrimmer(spec.params.stop_strings, request.include_stop_str_in_output)
         text = []
         async for ev in self.router.generate(spec):
             if ev.kind == "decision":
@@ -217,9 +221,9 @@ class ColmServicer(pb2_grpc.ColmServicer):
             elif ev.kind == "token":
                 resp.tokens.append(pb2.Token(id=ev.token_id, text=ev.text, scale=ev.scale, time_ms=ev.time_ms,
                                              logprob=ev.logprob))
-                text.append(ev.text)
+                text.append(trim.add(ev.text))
             else:
-                text.append(ev.text)
+                text.append(trim.add(ev.text) + trim.flush())
                 resp.finish_reason = ev.finish_reason
                 resp.usage.CopyFrom(pb2.Usage(**ev.usage))
         resp.text = "".join(text)
@@ -232,7 +236,7 @@ class ColmServicer(pb2_grpc.ColmServicer):
         except UnicodeDecodeError as e:
             raise ValueError(f"text is not valid UTF-8 ({e.reason} at byte {e.start})") from None
         cfg = self.router.model_cfg
-        ids = self.router.tokenizer.encode(text)
+        ids = encode_prompt(self.router.tokenizer, text)
         if len(ids) > cfg.max_seq_len:
             raise ValueError(f"text of {len(ids)} tokens exceeds the context of {cfg.max_seq_len} tokens")
         return pb2.TokenizeResponse(ids=ids, vocab_size=cfg.vocab_size, max_seq_len=cfg.max_seq_len)

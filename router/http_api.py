@@ -41,6 +41,7 @@ from aiohttp import web
 from aiohttp.web import RequestPayloadError
 
 from colm.router.core import Router
+from colm.router.stop_trim import StopTrimmer
 from colm.router.grpc_server import _key_ok, status_for
 from colm.chat_template import TokenizerConfig
 from colm.router.openai_schema import (BadField, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -81,40 +82,6 @@ def _param(e: BaseException, msg: str) -> str | None:
 class ModelNotFound(Exception):
     def __init__(self, model: str) -> None:
         super().__init__(f"The model `{model}` does not exist.")
-
-
-class StopTrimmer:
-    """The text of one response with its stop string cut off (see the module docstring)."""
-
-    def __init__(self, stops: tuple[str, ...], include_stop: bool) -> None:
-        self.stops, self.include = stops, include_stop
-        self.longest = max((len(x) for x in stops), default=0)
-        self.hold = 0 if include_stop else max(0, self.longest - 1)
-        self.text, self.sent, self.done = "", 0, False
-
-    def add(self, delta: str) -> str:
-        """Append the router's text; returns what may be given out now."""
-        if self.done or not delta:
-            return ""
-        self.text += delta
-        if self.stops:
-            start = max(0, self.sent - self.longest + 1)
-            hits = [(i, len(x)) for x in self.stops if (i := self.text.find(x, start)) >= 0]
-            if hits:
-                i, n = min(hits)
-                self.done = True
-                return self._give(i + n if self.include else i)
-        return self._give(len(self.text) - self.hold)
-
-    def flush(self) -> str:
-        """The end of the response: everything not cut off."""
-        return "" if self.done else self._give(len(self.text))
-
-    def _give(self, upto: int) -> str:
-        if upto <= self.sent:
-            return ""
-        out, self.sent = self.text[self.sent:upto], upto
-        return out
 
 
 def _http_error(request, e: web.HTTPException, max_body: int) -> web.Response:
@@ -219,7 +186,7 @@ class HttpApi:
                                 ignore_eos=bool(req.ignore_eos))
         budget = Budget(ttft_ms=ext.get("ttft_ms"), tpot_ms=ext.get("tpot_ms"), deadline_ms=ext.get("deadline_ms"),
                         on_miss=ext.get("on_miss", "degrade"))
-        ids = self.tcfg.encode(prompt) if isinstance(prompt, str) else prompt  # special tokens' names as their ids
+        ids = self.tcfg.encode(prompt, req.add_special_tokens is not False) if isinstance(prompt, str) else prompt
         return self.router.validate(ids, None, params, budget, pinned or scale, prompt_logprobs=echo_logprobs)
 
     def _trimmer(self, req) -> StopTrimmer:
@@ -295,7 +262,7 @@ class HttpApi:
         req = parse(ChatCompletionRequest, await self._json(request))
         model, _ = self._model(req)
         ids = self.tcfg.encode(self.tcfg.render(req.messages, add_generation_prompt=req.add_generation_prompt
-                                                is not False))
+                                                is not False), bool(req.add_special_tokens))
         if not ids:
             raise BadField("messages: the chat template rendered an empty prompt", "messages")
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -398,7 +365,8 @@ class HttpApi:
         return web.json_response({"object": "list", "data": data})
 
     async def tokenize(self, request):
-        ids = self.tcfg.encode(parse(TokenizeRequest, await self._json(request)).prompt)
+        req = parse(TokenizeRequest, await self._json(request))
+        ids = self.tcfg.encode(req.prompt, req.add_special_tokens is not False)
         return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.router.model_cfg.max_seq_len})
 
     async def detokenize(self, request):

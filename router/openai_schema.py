@@ -224,6 +224,8 @@ class CompletionRequest(SamplingRequest):
         None, description=f"an integer 0..{MAX_LOGPROBS} or null (the engines report the sampled token and the "
                           "prompt's most likely token, no longer top-N lists)")
     best_of: Optional[StrictInt] = Field(None, description="1 or null")
+    add_special_tokens: Optional[StrictBool] = Field(True, description="true or false (true: a BOS first when the "
+                                                                       "tokenizer config asks for one)")
     suffix: Optional[StrictStr] = Field(None, description="null or an empty string (insertion is not supported)")
 
     @field_validator("prompt", mode="plain")
@@ -250,6 +252,8 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: Optional[Annotated[StrictInt, Field(ge=0, le=0)]] = Field(
         None, description="0 or null (the engines report only the sampled token's logprob)")
     add_generation_prompt: Optional[StrictBool] = Field(True, description="true or false")
+    add_special_tokens: Optional[StrictBool] = Field(False, description="true or false (the template writes the "
+                                                                        "BOS itself; true adds one if it does not)")
     tools: Optional[list] = Field(None, description="null or [] (tool calls are not supported)")
     functions: Optional[list] = Field(None, description="null or [] (function calls are not supported)")
     tool_choice: Optional[Any] = Field(None, description='null or "none" (tool calls are not supported)')
@@ -340,6 +344,8 @@ class TokenizeRequest(BaseModel):
     model_config = _STRICT
 
     prompt: StrictStr = Field(..., description="a string")
+    add_special_tokens: Optional[StrictBool] = Field(True, description="true or false (true: a BOS first when the "
+                                                                       "tokenizer config asks for one)")
 
     @field_validator("prompt")
     @classmethod

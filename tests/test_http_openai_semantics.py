@@ -13,7 +13,7 @@ from colm.model import CoLM
 from colm.presets import preset
 from colm.router.config import RouterConfig
 from colm.router.core import Router
-from colm.router.http_api import StopTrimmer
+from colm.router.stop_trim import StopTrimmer
 from colm.router.local_backend import LocalBackend
 from colm.sampling import SamplingParams
 from colm.tokenizer import ByteTokenizer

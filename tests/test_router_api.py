@@ -56,9 +56,10 @@ def test_grpc_greedy_matches_reference_at_every_scale(served):
         assert h["serving"] and {w["role"] for w in h["workers"]} == {"prefill", "decode"}
 
 
-def test_stop_strings_end_where_the_reference_ends_and_stream_the_full_text(served):
+def test_stop_strings_end_where_the_reference_ends_and_are_cut_from_the_text(served):
     """Stop strings are matched on incrementally decoded text (colm.detokenize): the tokens equal
-    `colm generate` with the same stop string, and the streamed text pieces add up to the full text."""
+    `colm generate` with the same stop string; the text (whole, and the streamed pieces added up) is the
+    reference text without the stop string, or with it when ``include_stop_str_in_output`` asks."""
     bg, model = served
     tok = ByteTokenizer()
     free = ref_tokens(model, "Hello, chains", 24, 2)
@@ -66,13 +67,19 @@ def test_stop_strings_end_where_the_reference_ends_and_stream_the_full_text(serv
     ref = generate(model, tok.encode("Hello, chains"), SamplingParams(max_new_tokens=24, stop_strings=(stop,)),
                    scale=2, eos_id=ByteTokenizer.eos_id, decode=tok.decode)
     assert ref.finish_reason == "stop" and len(ref.token_ids) < 24
+    full = tok.decode(ref.token_ids)
+    assert full.endswith(stop)
     with Client(bg.grpc_addr) as c:
-        r = c.complete("Hello, chains", max_new_tokens=24, scale=2, stop=(stop,))
-        assert r["token_ids"] == ref.token_ids and r["finish_reason"] == "stop"
-        events = list(c.stream("Hello, chains", max_new_tokens=24, scale=2, stop=(stop,)))
-        pieces = "".join(ev["text"] for ev in events if ev["kind"] in ("token", "finish"))
-        assert [ev["id"] for ev in events if ev["kind"] == "token"] == ref.token_ids
-        assert pieces == tok.decode(ref.token_ids) and stop in pieces
+        for include in (False, True):  # OpenAI / vLLM: the stop string is left out unless asked for
+            want = full if include else full[: -len(stop)]
+            r = c.complete("Hello, chains", max_new_tokens=24, scale=2, stop=(stop,), include_stop_str_in_output=include)
+            assert r["token_ids"] == ref.token_ids and r["finish_reason"] == "stop"
+            assert r["text"] == want
+            events = list(c.stream("Hello, chains", max_new_tokens=24, scale=2, stop=(stop,),
+                                   include_stop_str_in_output=include))
+            pieces = "".join(ev["text"] for ev in events if ev["kind"] in ("token", "finish"))
+            assert [ev["id"] for ev in events if ev["kind"] == "token"] == ref.token_ids
+            assert pieces == want
 
 
 def test_http_completions_match_reference_and_echo_logprobs(served):

@@ -30,7 +30,7 @@ def run(args) -> int:
     from colm import checkpoint
     from colm.generate import generate
     from colm.sampling import SamplingParams
-    from colm.tokenizer import load_checkpoint_tokenizer
+    from colm.tokenizer import encode_prompt, load_checkpoint_tokenizer
 
     args.model = resolve_model_dir(args.model)
     cfg = checkpoint.load_config(args.model)
@@ -46,7 +46,7 @@ def run(args) -> int:
         schedule = lambda i: args.switch_scale if i >= args.switch_at else scale  # noqa: E731
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
-    prompt_ids = tok.encode(args.prompt)
+    prompt_ids = encode_prompt(tok, args.prompt)
     res = generate(model, prompt_ids, params, scale=scale, scale_schedule=schedule, eos_id=tok.eos_id,
                    decode=tok.decode)
     if args.ids:
