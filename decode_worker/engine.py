@@ -47,6 +47,7 @@ from colm.decode_worker.block_pool import BlockPool, CopyPlan, blocks_for, num_b
 from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.graphs import DecodeGraphs
 from colm.decode_worker.request import DecodeRequest, KVGrant, Reservation, TokenEvent, TokenStream, stop_reason
+from colm.decode_worker.speculative import MAX_GAMMA, round_gamma, speculative_round
 from colm.decode_worker.step import LaunchedStep, decode_step, launch_greedy_step
 from colm.decode_worker.step_stats import StepTimes
 from colm.decode_worker.token_mux import MuxStream, Subscription, TokenMux
@@ -76,6 +77,8 @@ class DecodeStats:
     num_steps_launched_ahead: int = 0  # overlap_steps: steps queued before the previous one was read, and used
     num_steps_dropped: int = 0         # ... and dropped (their batch or scale changed meanwhile)
     num_held_blocks: int = 0           # blocks of ended requests a cuda_pool sender may still write
+    num_drafted: int = 0               # chain-1 self-speculative decoding: draft tokens proposed
+    num_draft_accepted: int = 0        # ... and accepted by the target scale
 
 
 class DecodeEngine:
@@ -113,6 +116,7 @@ class DecodeEngine:
         self._runner = LoopThread(self._loop, "colm-decode-loop", self._wake, join_timeout_s=10)
         self._step_times = StepTimes()
         self._num_steps = self._num_finished = self._num_failed = self._num_step_errors = 0
+        self._num_drafted = self._num_draft_accepted = 0
         self._overlap = self.config.overlap_steps if self.config.overlap_steps is not None else self.graphs is not None
         self._ahead: LaunchedStep | None = None  # overlap_steps: the next step, queued before this one was read
         self._num_ahead_used = self._num_ahead_dropped = 0
@@ -396,9 +400,11 @@ class DecodeEngine:
     # ---------------------------------------------------------------- generation control
     def start_generation(self, request_id: str, last_token_id: int, params: SamplingParams,
                          scale: int | None = None, kv_timeout_s: float | None = None,
-                         subscriber: str | None = None) -> TokenStream | MuxStream:
+                         subscriber: str | None = None, speculative: int = 0) -> TokenStream | MuxStream:
         """Start generating; the events go to the returned ``TokenStream``, or with ``subscriber`` into that
-        subscription (``self.mux``), batched per step, and the returned ``MuxStream`` is only a handle."""
+        subscription (``self.mux``), batched per step, and the returned ``MuxStream`` is only a handle.
+        ``speculative``: drafts per round by chain 1 (``decode_worker.speculative``) while the request's scale is
+        above 1; 0 = plain steps."""
         with self._wake:
             req = self._get(request_id)
             if req.started:  # a second start (a reused id) is refused without touching the running request
@@ -413,6 +419,9 @@ class DecodeEngine:
                 scale = self.cfg.check_scale(scale)
                 if not 0 <= last_token_id < self.cfg.vocab_size:
                     raise ValueError(f"last_token_id={last_token_id}: outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+                if isinstance(speculative, bool) or not isinstance(speculative, int) or not 0 <= speculative <= MAX_GAMMA:
+                    raise ValueError(f"speculative={speculative!r}: must be an integer 0..{MAX_GAMMA} "
+                                     "(drafts per round; 0 = off)")
                 if not 1 <= params.max_new_tokens <= req.max_new_tokens:
                     raise ValueError(f"max_new_tokens={params.max_new_tokens}: must be in 1..{req.max_new_tokens} "
                                      "(the reservation's)")
@@ -420,6 +429,7 @@ class DecodeEngine:
                 self._fail(req, e)  # the router will not reuse a reservation whose start failed
                 raise
             req.started, req.params, req.scale, req.last_token_id = True, params, scale, last_token_id
+            req.speculative = speculative
             req.generator = params.make_generator()
             req.stream = MuxStream(request_id, sub) if sub is not None else TokenStream(request_id, self.alive)
             req.timeline.mark("started")
@@ -537,58 +547,94 @@ class DecodeEngine:
         return False
 
     def step(self) -> int:
-        """Admit ready requests and advance every running sequence by one token; returns the batch size."""
+        """Admit ready requests and advance every running sequence: one token, or one speculative round (one or
+        more tokens) for a request with ``speculative`` at a scale above 1; returns the batch size."""
         with self._lock:
             self._housekeep()
-            batch = list(self._running)
+            everyone = list(self._running)
+            gammas = {id(r): round_gamma(r) for r in everyone}
+            batch = [r for r in everyone if not gammas[id(r)]]
+            rounds: dict[tuple[int, int], list[DecodeRequest]] = {}  # (scale, gamma) -> its speculative rows
+            for r in everyone:
+                if gammas[id(r)]:
+                    rounds.setdefault((r.scale, gammas[id(r)]), []).append(r)
             scales = [r.scale for r in batch]
-        if not batch:
+        if not everyone:
             return 0
         t0 = time.perf_counter()
         warmed = self._warm_marks()
-        try:
-            if self._can_overlap(batch, scales):
-                results = self._overlapped(batch, scales)
-            else:
-                self._drop_ahead()
-                results = decode_step(self.model, batch, self.pool, scales, self.config.mixed_scale_mode, self.graphs)
-        except Exception as e:  # noqa: BLE001 - a failed step ends only the requests that fail alone
-            self._drop_ahead(quiet=True)
-            results = self._isolated(batch, scales, e)
+        results = self._plain_step(batch, scales, may_overlap=not rounds) if batch else []
+        spec = {key: self._spec_round(rows, *key) for key, rows in rounds.items()}
         dt = (time.perf_counter() - t0) * 1000.0
         with self._lock:
             self._num_steps += 1
-            self._last_step_ms, self._last_batch = dt, len(batch)
-            if self._warm_marks() == warmed:  # a capture or a tuning in this step is not a step time
+            self._last_step_ms, self._last_batch = dt, len(everyone)
+            if self._warm_marks() == warmed and not rounds:  # a capture or a tuning is not a step time (nor a round)
                 self._step_times.record(max(scales), dt, len(batch))
             for req, s, result in zip(batch, scales, results):
                 if req.cancel is not None or not req.running or result is None:
                     continue
-                tok, lp = result
-                req.num_cached += 1
-                req.out_tokens.append(tok)
-                req.next_input = tok
-                reason = stop_reason(req, tok, self.eos_id, self.detokenize)
-                timeline, started_s = None, 0.0
-                if len(req.out_tokens) == 1:
-                    req.timeline.mark("first_token")
-                    timeline, started_s = req.timeline.relative_ms("started")
-                req.stream.push(TokenEvent(req.request_id, tok, len(req.out_tokens) - 1, s, reason,
-                                           req.timeline.ms_since("started"), lp, timeline, started_s))
-                if reason:
-                    self._finalize(req)
+                self._emit(req, s, *result)
+            for (s, gamma), rows in rounds.items():
+                for req, toks in zip(rows, spec[(s, gamma)]):
+                    if req.cancel is not None or not req.running or toks is None:
+                        continue
+                    self._num_drafted += gamma
+                    self._num_draft_accepted += sum(t.drafted for t in toks)
+                    for t in toks:
+                        if self._emit(req, s, t.token_id, t.logprob, t.drafted):
+                            break
         self.mux.flush()  # one hand-over per step to each subscriber, whatever the batch size
-        return len(batch)
+        return len(everyone)
 
-    def _isolated(self, batch, scales, batch_error: Exception) -> list[tuple[int, float] | None]:
+    def _plain_step(self, batch, scales, may_overlap: bool) -> list[tuple[int, float] | None]:
+        try:
+            if may_overlap and self._can_overlap(batch, scales):
+                return self._overlapped(batch, scales)
+            self._drop_ahead()
+            return decode_step(self.model, batch, self.pool, scales, self.config.mixed_scale_mode, self.graphs)
+        except Exception as e:  # noqa: BLE001 - a failed step ends only the requests that fail alone
+            self._drop_ahead(quiet=True)
+            return self._isolated(batch, scales, e)
+
+    def _spec_round(self, rows, scale: int, gamma: int):
+        """One speculative round of ``rows``; a failed round is redone row by row (a round rewrites the same K/V
+        into the same slots), and a row that fails alone ends its request (None in its place)."""
+        try:
+            return speculative_round(self.model, rows, self.pool, scale, gamma, self.graphs)
+        except Exception as batch_error:  # noqa: BLE001
+            return self._isolated(rows, [scale] * len(rows), batch_error,
+                                  lambda req, s: speculative_round(self.model, [req], self.pool, s, gamma, None)[0])
+
+    def _emit(self, req: DecodeRequest, scale: int, tok: int, lp: float, drafted: bool = False) -> bool:
+        """Hand out one new token of ``req`` (under the lock); True when it ended the request."""
+        req.num_cached += 1
+        req.out_tokens.append(tok)
+        req.next_input = tok
+        reason = stop_reason(req, tok, self.eos_id, self.detokenize)
+        timeline, started_s = None, 0.0
+        if len(req.out_tokens) == 1:
+            req.timeline.mark("first_token")
+            timeline, started_s = req.timeline.relative_ms("started")
+        req.stream.push(TokenEvent(req.request_id, tok, len(req.out_tokens) - 1, scale, reason,
+                                   req.timeline.ms_since("started"), lp, timeline, started_s, drafted))
+        if reason:
+            self._finalize(req)
+        return bool(reason)
+
+    def _isolated(self, batch, scales, batch_error: Exception, run_one=None) -> list:
         """The batch's step failed: run each row alone (a step rewrites the same K/V into the same slots, so a
-        row that already ran is redone exactly). A row that fails alone ends its request; None in its place."""
-        results: list[tuple[int, float] | None] = []
+        row that already ran is redone exactly). A row that fails alone ends its request; None in its place.
+        ``run_one(req, scale)``: one row's step (default: a plain decode step)."""
+        if run_one is None:
+            run_one = lambda req, s: decode_step(self.model, [req], self.pool, [s],  # noqa: E731
+                                                 self.config.mixed_scale_mode, None)[0]
+        results: list = []
         for req, s in zip(batch, scales):
             try:
                 if len(batch) == 1:  # it failed alone already
                     raise batch_error
-                results.append(decode_step(self.model, [req], self.pool, [s], self.config.mixed_scale_mode, None)[0])
+                results.append(run_one(req, s))
             except Exception as e:  # noqa: BLE001 - this request's own failure
                 log.exception("request %s failed in its decode step; the worker goes on serving", req.request_id)
                 with self._lock:
@@ -649,7 +695,8 @@ class DecodeEngine:
                 last_step_ms=self._last_step_ms, last_batch_size=self._last_batch,
                 num_finished=self._num_finished, num_failed=self._num_failed,
                 num_steps_launched_ahead=self._num_ahead_used, num_steps_dropped=self._num_ahead_dropped,
-                num_held_blocks=sum(len(r.blocks) for r in self._held))
+                num_held_blocks=sum(len(r.blocks) for r in self._held),
+                num_drafted=self._num_drafted, num_draft_accepted=self._num_draft_accepted)
 
     def kv_dtype(self) -> str:
         from colm.kv_wire import dtype_name

@@ -58,3 +58,53 @@ class PagedStepCache:
 
     def advance(self, num_tokens: int, kv_heads: int | None = None) -> None:
         """The engine tracks each sequence's length itself."""
+
+
+class PagedExtendCache:
+    """One forward of B sequences, T new tokens each, against a ``BlockPool`` (chain-1 self-speculative decoding
+    verifies T = gamma + 1 positions at once). At each layer it writes the T tokens' k, v into their slots, then
+    each query attends causally to its sequence's context: position ``start + t`` sees positions 0..start+t.
+
+    Plain PyTorch: the context's K/V are gathered from the pool into [B, L, Hkv, hd] once per layer (``gather``
+    [B, L] slot ids made once per forward) and attended with one masked SDPA. L is the longest context."""
+
+    def __init__(self, pool, gather: torch.Tensor, valid: torch.Tensor, slot_mapping: torch.Tensor,
+                 starts: torch.Tensor, length: int = 0) -> None:
+        self.pool = pool
+        self.gather = gather              # [B, L] int64: slot of context position j of each sequence (0 past its end)
+        self.valid = valid                # [B, T, L] bool: query t of sequence b may attend position j
+        self.slot_mapping = slot_mapping  # [B, T] int64: where the new tokens' K/V go
+        self.starts = starts              # [B] int64: position of each sequence's first new token
+        self.length = length              # only for the model's max_seq_len check (positions are explicit)
+
+    @classmethod
+    def build(cls, pool, rows, num_new: int, device) -> "PagedExtendCache":
+        """``rows``: objects with ``blocks`` and ``num_cached`` (the first new token's position)."""
+        ends = [r.num_cached + num_new for r in rows]
+        width = max(ends)
+        gather = torch.zeros(len(rows), width, dtype=torch.int64)
+        for i, (r, e) in enumerate(zip(rows, ends)):
+            gather[i, :e] = pool.slots(r.blocks, 0, e)
+        starts = torch.tensor([r.num_cached for r in rows], dtype=torch.int64)
+        pos = starts[:, None] + torch.arange(num_new)[None, :]  # [B, T]
+        valid = torch.arange(width)[None, None, :] <= pos[:, :, None]  # [B, T, L]
+        slots = torch.gather(gather, 1, pos)
+        return cls(pool, gather.to(device), valid.to(device), slots.to(device), starts.to(device), length=width - num_new)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q [B, Hq, T, hd]; k, v [B, Hkv, T, hd] (RoPE applied) -> [B, Hq, T, hd]
+        kp, vp = self.pool.k[layer_idx], self.pool.v[layer_idx]
+        b, hkv, t, hd = k.shape
+        flat = self.slot_mapping.reshape(-1)
+        write_kv_to_pool(k.transpose(1, 2).reshape(b * t, hkv, hd), v.transpose(1, 2).reshape(b * t, hkv, hd),
+                         kp, vp, flat)
+        keys = kp.reshape(-1, hkv, hd)[self.gather].transpose(1, 2)  # [B, Hkv, L, hd]
+        vals = vp.reshape(-1, hkv, hd)[self.gather].transpose(1, 2)
+        group = q.shape[1] // hkv
+        if group > 1:
+            keys, vals = keys.repeat_interleave(group, dim=1), vals.repeat_interleave(group, dim=1)
+        return torch.nn.functional.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype),
+                                                                attn_mask=self.valid[:, None])
+
+    def advance(self, num_tokens: int, kv_heads: int | None = None) -> None:
+        """The engine tracks each sequence's length itself."""

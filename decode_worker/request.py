@@ -41,6 +41,7 @@ class TokenEvent:
     # start_generation (negative: before it), and that moment on this host's monotonic clock
     timeline_ms: dict[str, float] | None = None
     monotonic_s: float = 0.0
+    drafted: bool = False  # chain-1 self-speculative decoding: a draft token the target scale accepted
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,6 +122,7 @@ class DecodeRequest:
     last_token_id: int = 0
     params: SamplingParams | None = None
     scale: int = 1
+    speculative: int = 0                       # drafts per round by chain 1 (decode_worker.speculative); 0 = off
     generator: torch.Generator | None = None
     stream: TokenStream | None = None
     kv_deadline: float = float("inf")

@@ -1,0 +1,178 @@
+"""Chain-1 self-speculative decoding (``decode_worker.speculative``): greedy tokens equal plain full-scale decoding
+(``colm.generate``) for many prompts and gamma in {1, 2, 4, 8}, in a batch mixed with plain requests, across a
+mid-stream scale switch and at the max_new_tokens / stop-token edges; the acceptance rule and the engine's
+sampled tokens are distributed as the target scale's (chi-square tests on a small vocabulary); pools end free."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from colm.decode_worker.config import DecodeConfig
+from colm.decode_worker.engine import DecodeEngine
+from colm.decode_worker.speculative import accept_greedy, accept_sampled
+from colm.generate import generate
+from colm.prefill_worker.config import PrefillConfig
+from colm.prefill_worker.engine import PrefillEngine
+from colm.prefill_worker.sinks import LocalKVSink
+from colm.sampling import SamplingParams, filtered_probs
+from _engine_helpers import assert_pool_free, prompts, save_tiny_air
+
+
+def chi2_sf(stat: float, dof: int) -> float:
+    """P(X >= stat) for X ~ chi-square(dof), by the Wilson-Hilferty normal approximation (good for dof >= 2)."""
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def chi2_pvalue(counts: dict, probs: dict) -> float:
+    """Goodness of fit of ``counts`` (outcome -> count) to ``probs`` (outcome -> probability); cells with an
+    expected count below 5 are pooled."""
+    n = sum(counts.values())
+    assert set(counts) <= {k for k, p in probs.items() if p > 0}, "an outcome the target gives probability 0"
+    cells, small_o, small_e = [], 0, 0.0
+    for k, p in probs.items():
+        if n * p >= 5:
+            cells.append((counts.get(k, 0), n * p))
+        else:
+            small_o, small_e = small_o + counts.get(k, 0), small_e + n * p
+    if small_e > 0:
+        cells.append((small_o, small_e))
+    stat = sum((o - e) ** 2 / e for o, e in cells)
+    return chi2_sf(stat, max(2, len(cells) - 1))
+
+
+def test_greedy_acceptance_is_the_longest_matching_prefix():
+    assert accept_greedy([5, 6, 7], [5, 6, 7, 8]) == 3
+    assert accept_greedy([5, 6, 7], [5, 9, 7, 8]) == 1
+    assert accept_greedy([5], [4, 1]) == 0
+
+
+def test_sampling_rule_gives_the_target_distribution():
+    """Synthetic draft and target distributions over 6 tokens: the first emitted token is distributed as p_1
+    and, after an accepted draft, the second as p_2, whatever q is (including tokens q never proposes)."""
+    g = torch.Generator().manual_seed(0)
+    vocab, gamma, trials = 6, 3, 20000
+    p = torch.softmax(torch.randn(gamma + 1, vocab, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.randn(gamma, vocab, generator=g) * 1.5, -1)
+    q[:, 5] = 0  # the draft never proposes token 5: only the residual can emit it
+    q = q / q.sum(-1, keepdim=True)
+    first, second, accepted = {}, {}, 0
+    for _ in range(trials):
+        drafts = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(gamma)]
+        n, nxt = accept_sampled(drafts, q, p, g)
+        toks = drafts[:n] + [nxt]
+        accepted += n
+        first[toks[0]] = first.get(toks[0], 0) + 1
+        if len(toks) > 1:
+            second[toks[1]] = second.get(toks[1], 0) + 1
+    assert 0 < accepted < gamma * trials
+    assert chi2_pvalue(first, dict(enumerate(p[0].tolist()))) > 1e-3
+    assert chi2_pvalue(second, dict(enumerate(p[1].tolist()))) > 1e-3
+    assert first.get(5, 0) > 0  # reached through the residual
+    # a target equal to the draft accepts everything
+    n, _ = accept_sampled([1, 2], q[:2], torch.cat([q[:2], p[2:3]]), g)
+    assert n == 2
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec")
+    full = save_tiny_air(path)
+    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=512, block_size=4, max_batch_size=64)).start()
+    pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, max_batch_tokens=256)).start()
+    yield de, pe, full
+    pe.stop(), de.stop()
+
+
+def _start(de, pe, rid, p, params, scale, gamma):
+    de.reserve(rid, len(p), params.max_new_tokens)
+    pe.submit(rid, p, LocalKVSink(de, rid))
+    return de.start_generation(rid, p[-1], params, scale=scale, speculative=gamma)
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 4, 8])
+def test_greedy_tokens_equal_plain_full_scale_decoding(engines, gamma):
+    de, pe, full = engines
+    before = de.stats()
+    batch = prompts([1, 3, 9, 17, 30, 5, 12, 24], seed=gamma)
+    lengths = [12, 3, 20, 7, 16, 2, 11, 25]
+    streams = []
+    for i, (p, n) in enumerate(zip(batch, lengths)):
+        params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+        # every third request plain (speculative=0) and one at scale 1 (nothing to draft): mixed in one engine
+        g, scale = (0, 2) if i % 3 == 2 else (gamma, 1 if i == 4 else 2)
+        streams.append((p, params, scale, _start(de, pe, f"g{gamma}-{i}", p, params, scale, g)))
+    for p, params, scale, st in streams:
+        events = list(st)
+        assert [e.token_id for e in events] == generate(full, p, params, scale=scale).token_ids
+        assert [e.index for e in events] == list(range(params.max_new_tokens))
+        assert events[-1].finish_reason == "length" and {e.scale for e in events} == {scale}
+    after = de.stats()
+    drafted = after.num_drafted - before.num_drafted
+    accepted = after.num_draft_accepted - before.num_draft_accepted
+    assert drafted > 0 and 0 < accepted <= drafted
+    assert_pool_free(de)
+
+
+def test_scale_switch_and_stop_token_mid_round(engines):
+    """set_scale applies from the next round (2 -> 1 plain -> 2 speculative); a stop token that is an accepted
+    draft ends the request there, the tokens after it in the round are dropped."""
+    de, pe, full = engines
+    p = prompts([14], seed=3)[0]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    events = []
+    for ev in _start(de, pe, "sw", p, params, 2, 4):
+        events.append(ev)
+        if ev.index in (5, 14):
+            de.set_scale("sw", 1 if ev.index == 5 else 2)
+    used = [e.scale for e in events]
+    assert used[0] == 2 and 1 in used and used[-1] == 2
+    assert [e.token_id for e in events] == generate(full, p, params, scale_schedule=lambda i: used[i]).token_ids
+    assert any(e.drafted for e in events) and not any(e.drafted for e in events if e.scale == 1)
+    plain = generate(full, p, params, scale=2).token_ids
+    stop_tok = next(t for t in plain[3:] if plain.count(t) == 1)
+    sp = SamplingParams(max_new_tokens=30, stop_token_ids=(stop_tok,), ignore_eos=True)
+    ev = list(_start(de, pe, "st", p, sp, 2, 8))
+    assert [e.token_id for e in ev] == generate(full, p, sp, scale=2).token_ids
+    assert ev[-1].finish_reason == "stop" and ev[-1].token_id == stop_tok
+    assert_pool_free(de)
+
+
+def test_bad_speculative_values_are_refused(engines):
+    de, pe, _ = engines
+    p = prompts([5], seed=9)[0]
+    for bad in (-1, 17, 2.5, True):
+        de.reserve("bad", len(p), 4)
+        with pytest.raises(ValueError, match="speculative="):
+            de.start_generation("bad", p[-1], SamplingParams(max_new_tokens=4), scale=2, speculative=bad)
+        assert "bad" not in de._requests  # the failed start ended the reservation
+    assert_pool_free(de)
+
+
+def test_sampled_tokens_follow_the_target_scale(engines):
+    """Seeded sampling at scale 2 with drafts: the first two tokens of 1200 requests are distributed as the scale-2
+    model's own (top-k 3, so the joint has at most 9 outcomes; computed exactly with the reference model)."""
+    de, pe, full = engines
+    p = prompts([6], seed=11)[0]
+    params = [SamplingParams(max_new_tokens=3, temperature=1.0, top_k=3, seed=s, ignore_eos=True) for s in range(1200)]
+    with torch.no_grad():
+        p1 = filtered_probs(full(torch.tensor([p]), scale=2)[0, -1], params[0])
+        joint = {}
+        for a in torch.nonzero(p1).flatten().tolist():
+            p2 = filtered_probs(full(torch.tensor([p + [a]]), scale=2)[0, -1], params[0])
+            for b in torch.nonzero(p2).flatten().tolist():
+                joint[(a, b)] = float(p1[a] * p2[b])
+    counts, drafted = {}, 0
+    for lo in range(0, len(params), 60):
+        streams = [_start(de, pe, f"smp{i}", p, params[i], 2, 2) for i in range(lo, lo + 60)]
+        for st in streams:
+            ev = list(st)
+            key = (ev[0].token_id, ev[1].token_id)
+            counts[key] = counts.get(key, 0) + 1
+            drafted += sum(e.drafted for e in ev)
+    assert drafted > 0  # some drafts were accepted: the rule, not only the residual, was exercised
+    assert chi2_pvalue(counts, joint) > 1e-3, (counts, joint)
+    assert_pool_free(de)
