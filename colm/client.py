@@ -42,7 +42,7 @@ class Client:
                 top_k: int = 0, seed: int | None = None, scale: int | None = None, ttft_ms: float | None = None,
                 tpot_ms: float | None = None, deadline_ms: float | None = None, reject: bool = False,
                 stop: tuple[str, ...] = (), prompt_logprobs: bool = False, request_id: str = "",
-                ignore_eos: bool = False, include_stop_str_in_output: bool = False):
+                ignore_eos: bool = False, include_stop_str_in_output: bool = False, speculative: int = 0):
         pb2 = self.pb2
         sampling = pb2.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 stop=list(stop), ignore_eos=ignore_eos)
@@ -52,7 +52,7 @@ class Client:
                                    on_miss=pb2.ON_MISS_REJECT if reject else pb2.ON_MISS_DEGRADE)
         req = pb2.GenerateRequest(request_id=request_id, sampling=sampling, budget=budget, scale=scale or 0,
                                   prompt_logprobs=1 if prompt_logprobs else 0,
-                                  include_stop_str_in_output=include_stop_str_in_output)
+                                  include_stop_str_in_output=include_stop_str_in_output, speculative=speculative)
         if isinstance(prompt, str):
             req.text = prompt.encode("utf-8")
         elif isinstance(prompt, bytes):
@@ -65,10 +65,12 @@ class Client:
         r = self.stub.Complete(self.request(prompt, **kw), metadata=self.metadata, timeout=self.timeout_s)
         return {"request_id": r.request_id, "text": r.text, "token_ids": [t.id for t in r.tokens],
                 "scales": [t.scale for t in r.tokens], "times_ms": [t.time_ms for t in r.tokens],
+                "drafted": [t.drafted for t in r.tokens],
                 "finish_reason": r.finish_reason, "scale": r.decision.scale, "degraded": r.decision.degraded,
                 "predicted_ttft_ms": r.decision.predicted_ttft_ms, "predicted_tpot_ms": r.decision.predicted_tpot_ms,
                 "usage": {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
-                          "ttft_ms": r.usage.ttft_ms, "total_ms": r.usage.total_ms, "retries": r.usage.retries},
+                          "ttft_ms": r.usage.ttft_ms, "total_ms": r.usage.total_ms, "retries": r.usage.retries,
+                          "draft_accepted_tokens": r.usage.draft_accepted_tokens},
                 "prompt_logprobs": list(r.prompt_logprobs)}
 
     def stream(self, prompt, **kw) -> Iterator[dict]:
@@ -78,12 +80,13 @@ class Client:
                 yield {"kind": "decision", "scale": m.decision.scale, "degraded": m.decision.degraded,
                        "prompt_tokens": m.decision.prompt_tokens}
             for t in m.tokens:
-                yield {"kind": "token", "id": t.id, "text": t.text, "scale": t.scale, "time_ms": t.time_ms}
+                yield {"kind": "token", "id": t.id, "text": t.text, "scale": t.scale, "time_ms": t.time_ms,
+                       "drafted": t.drafted}
             if m.finish_reason:
                 yield {"kind": "finish", "text": m.text, "finish_reason": m.finish_reason,
                        "usage": {"prompt_tokens": m.usage.prompt_tokens, "completion_tokens": m.usage.completion_tokens,
                                  "ttft_ms": m.usage.ttft_ms, "total_ms": m.usage.total_ms,
-                                 "retries": m.usage.retries}}
+                                 "retries": m.usage.retries, "draft_accepted_tokens": m.usage.draft_accepted_tokens}}
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.stub.Tokenize(self.pb2.TokenizeRequest(text=text.encode()), metadata=self.metadata,

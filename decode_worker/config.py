@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_GAMMA = 16  # chain-1 self-speculative decoding: the most drafts per round a request may ask for
+
 MIXED_SCALE_MODES = ("widest", "group")
 KV_READY_WAITS = ("host", "sender")
 

@@ -96,9 +96,10 @@ def _event(ev) -> "kv_pb2.TokenEvent":
     if ev.timeline_ms:  # the first event only
         return kv_pb2.TokenEvent(request_id=ev.request_id, token_id=ev.token_id, index=ev.index, scale=ev.scale,
                                  finish_reason=ev.finish_reason, time_ms=ev.time_ms, logprob=ev.logprob,
-                                 timeline_ms=ev.timeline_ms, monotonic_s=ev.monotonic_s)
+                                 timeline_ms=ev.timeline_ms, monotonic_s=ev.monotonic_s, drafted=ev.drafted)
     return kv_pb2.TokenEvent(request_id=ev.request_id, token_id=ev.token_id, index=ev.index, scale=ev.scale,
-                             finish_reason=ev.finish_reason, time_ms=ev.time_ms, logprob=ev.logprob)
+                             finish_reason=ev.finish_reason, time_ms=ev.time_ms, logprob=ev.logprob,
+                             drafted=ev.drafted)
 
 
 def layout_of(header) -> KVLayout:
@@ -304,7 +305,7 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
             raise
         return self.engine.start_generation(request.request_id, int(request.last_token_id), params,
                                             int(request.scale) or None, request.kv_timeout_s or None,
-                                            subscriber=subscriber)
+                                            subscriber=subscriber, speculative=int(request.speculative))
 
     def StartGeneration(self, request, context):
         rid = request.request_id
@@ -352,6 +353,7 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                   last_step_ms=s.last_step_ms,
                                   last_batch_size=s.last_batch_size, num_finished=s.num_finished,
                                   num_failed=s.num_failed, num_held_blocks=s.num_held_blocks,
+                                  num_drafted=s.num_drafted, num_draft_accepted=s.num_draft_accepted,
                                   cuda_kv=self.engine.device.type == "cuda")
 
     def Score(self, request, context):

@@ -29,9 +29,10 @@ import torch
 
 from colm.sampling import SamplingParams, filtered_probs
 
+from colm.decode_worker.config import MAX_GAMMA
 from colm.decode_worker.paged_cache import PagedExtendCache
 
-MAX_GAMMA = 16  # drafts per round a request may ask for
+__all__ = ["MAX_GAMMA", "SpecToken", "accept_greedy", "accept_sampled", "round_gamma", "speculative_round"]
 
 
 @dataclass

@@ -64,6 +64,7 @@ class EngineRequest:
     # DeadlineExceeded at ``timeout_s``; the router then reads its tokens without a watchdog per token
     failover: Any = field(default=None, compare=False)  # asyncio.Future[str] | None
     token_timeout_s: float | None = None
+    speculative: int = 0  # chain-1 self-speculative decoding: drafts per round (0 = off)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class EngineToken:
     token_id: int
     scale: int
     logprob: float = 0.0
+    drafted: bool = False  # an accepted chain-1 draft
 
 
 class Backend(Protocol):

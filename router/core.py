@@ -32,6 +32,7 @@ from colm.router.worker_metrics import WorkerMetricsCollector
 from colm.sampling import SamplingParams
 from colm.stopping import StopChecker
 from colm.tokenizer import encode_prompt
+from colm.decode_worker.config import MAX_GAMMA
 
 log = logging.getLogger("colm.router")
 
@@ -62,6 +63,7 @@ class RequestSpec:
     budget: Budget = field(default_factory=Budget)
     scale: int | None = None  # pinned
     prompt_logprobs: bool = False
+    speculative: int = 0  # chain-1 self-speculative decoding: drafts per round (0 = off)
     arrival: float = field(default_factory=time.monotonic)
     deadline: float = 0.0  # absolute monotonic
     # the router's own id for the request, unique whatever ids clients send: workers, the registry and the
@@ -80,6 +82,7 @@ class Event:
     scale: int = 0
     time_ms: float = 0.0
     logprob: float = 0.0
+    drafted: bool = False  # an accepted chain-1 draft (speculative requests)
     finish_reason: str = ""
     prompt_logprobs: list[tuple[float, int, float]] | None = None  # (logprob, top id, top logprob)
     usage: dict | None = None
@@ -229,7 +232,7 @@ class Router:
     # ---- requests ------------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int] | None, text: bytes | str | None, params: SamplingParams | dict,
                  budget: Budget | None = None, scale: int | None = None, request_id: str = "",
-                 prompt_logprobs: bool = False) -> RequestSpec:
+                 prompt_logprobs: bool = False, speculative: int = 0) -> RequestSpec:
         """Build a RequestSpec or raise ValueError with a message naming the bad field."""
         cfg = self.model_cfg
         if isinstance(params, dict):
@@ -254,11 +257,16 @@ class Router:
                              f"the context of {cfg.max_seq_len} tokens")
         if scale is not None:
             cfg.check_scale(scale)
+        if isinstance(speculative, bool) or not isinstance(speculative, int) or not 0 <= speculative <= MAX_GAMMA:
+            raise ValueError(f"speculative={speculative!r}: must be an integer 0..{MAX_GAMMA} (drafts per round; "
+                             "0 = off)")
+        if speculative and not cfg.kv_sharing:
+            raise ValueError(f"speculative={speculative}: chain-1 drafts need a CoLM-Air model (shared KV)")
         budget = budget or Budget()
         now = time.monotonic()
         deadline_s = budget.deadline_ms / 1000 if budget.deadline_ms else self.cfg.default_deadline_s
         return RequestSpec(request_id or uuid.uuid4().hex, prompt_ids, params, budget, scale, prompt_logprobs,
-                           arrival=now, deadline=now + deadline_s)
+                           speculative, arrival=now, deadline=now + deadline_s)
 
     async def generate(self, spec: RequestSpec) -> AsyncIterator[Event]:
         """Stream a request's events. Raises Overloaded / BudgetUnmet / DeadlineExceeded / Unavailable."""
@@ -359,7 +367,7 @@ class Router:
         stopper = StopChecker(params, self.tokenizer.eos_id, self.tokenizer.decode)
         times: list[float] = []
         failed: dict[str, float] = {}  # worker id -> when it failed this request: out until it reports again
-        retries = request_failures = 0
+        retries = request_failures = drafted = 0
         state = self._states[spec.uid] = RunningRequest(spec.uid, decision.scale, spec.budget,
                                                          pinned=spec.scale is not None)
         finish = "length"
@@ -374,7 +382,8 @@ class Router:
             left = spec.deadline - time.monotonic()
             req = EngineRequest(f"{spec.uid}.{attempt}" if attempt else spec.uid, tuple(prompt),
                                 replace(params, max_new_tokens=params.max_new_tokens - len(out), stop_strings=()),
-                                state.scale, left, self.tokenizer.eos_id, self.metrics.observe_phases)
+                                state.scale, left, self.tokenizer.eos_id, self.metrics.observe_phases,
+                                speculative=spec.speculative)
             self.registry.start(prefill.worker_id, spec.uid)
             self.registry.start(decode.worker_id, spec.uid)
             self.running[req.request_id] = (state, decode.worker_id)
@@ -406,8 +415,11 @@ class Router:
                     times.append(now_ms)
                     reason = stopper.add(tok.token_id)  # a partial UTF-8 character waits for the token completing it
                     self.metrics.tokens.labels(str(tok.scale)).inc()
+                    if tok.drafted:
+                        drafted += 1
+                        self.metrics.draft_accepted.inc()
                     yield Event("token", token_id=tok.token_id, text=stopper.delta, scale=tok.scale, time_ms=now_ms,
-                                logprob=tok.logprob)
+                                logprob=tok.logprob, drafted=tok.drafted)
                     if reason:
                         finish = reason
                         break
@@ -458,4 +470,4 @@ class Router:
         tail = stopper.finish()
         yield Event("finish", text=tail, finish_reason=finish,
                     usage={"prompt_tokens": len(spec.prompt_ids), "completion_tokens": len(out), "ttft_ms": ttft,
-                           "total_ms": total, "retries": retries})
+                           "total_ms": total, "retries": retries, "draft_accepted_tokens": drafted})

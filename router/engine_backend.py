@@ -71,7 +71,7 @@ class EngineBackend:
                 fut.add_done_callback(lambda f: f.exception() and de.fail_kv(req.request_id, f.exception()))
                 fut.add_done_callback(lambda f: _observe_prefill(f, req))
             stream = de.start_generation(req.request_id, req.prompt_ids[-1], req.params, scale=req.scale,
-                                         kv_timeout_s=req.timeout_s)
+                                         kv_timeout_s=req.timeout_s, speculative=req.speculative)
             it = iter(stream)
             done = object()
             while True:
@@ -83,7 +83,7 @@ class EngineBackend:
                     finished = True
                     return
                 report_timeline(req, "decode", ev.monotonic_s, ev.timeline_ms)
-                yield EngineToken(ev.token_id, ev.scale, ev.logprob)
+                yield EngineToken(ev.token_id, ev.scale, ev.logprob, ev.drafted)
                 if ev.finish_reason:
                     finished = True
                     return

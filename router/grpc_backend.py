@@ -190,7 +190,7 @@ class GrpcBackend:
                     raise self._failure(e, decode_id) from None
                 streaming = True
                 report_timeline(req, "decode", ev.monotonic_s, ev.timeline_ms)  # the first event carries it
-                yield EngineToken(ev.token_id, ev.scale, ev.logprob)
+                yield EngineToken(ev.token_id, ev.scale, ev.logprob, ev.drafted)
                 if ev.finish_reason:
                     finished = True
                     return
@@ -272,7 +272,7 @@ class GrpcBackend:
                 last[0] = loop.time()
                 if item.timeline_ms:
                     report_timeline(req, "decode", item.monotonic_s, item.timeline_ms)  # the first event carries it
-                yield EngineToken(item.token_id, item.scale, item.logprob)
+                yield EngineToken(item.token_id, item.scale, item.logprob, item.drafted)
                 if item.finish_reason:
                     return
         finally:
@@ -384,7 +384,7 @@ def _start_request(req: EngineRequest, timeout: float, subscriber: str = ""):
     """The decode worker's StartGenerationRequest for ``req`` (``subscriber``: the Tokens stream, for ``Start``)."""
     return kv_pb2.StartGenerationRequest(request_id=req.request_id, last_token_id=req.prompt_ids[-1],
                                          sampling=sampling_to_decode(req.params), scale=req.scale, kv_timeout_s=timeout,
-                                         subscriber=subscriber)
+                                         subscriber=subscriber, speculative=req.speculative)
 
 
 def _retrieve(task: asyncio.Future) -> None:

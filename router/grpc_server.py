@@ -30,6 +30,7 @@ from colm.router.placement import NoWorker
 from colm.router.policy import BudgetUnmet
 from colm.router.stop_trim import StopTrimmer
 from colm.tokenizer import encode_prompt
+from colm.decode_worker.config import MAX_GAMMA
 
 log = logging.getLogger("colm.router")
 pb2, pb2_grpc = load_proto("public")
@@ -167,11 +168,14 @@ def spec_from_proto(router: Router, req) -> "object":
         raise ValueError(f"scale={req.scale}: must be >= 1 (or 0 to let the router choose)")
     if req.prompt_logprobs < 0:
         raise ValueError(f"prompt_logprobs={req.prompt_logprobs}: must be >= 0 (0 = off)")
+    if not 0 <= req.speculative <= MAX_GAMMA:
+        raise ValueError(f"speculative={req.speculative}: must be 0..{MAX_GAMMA} (drafts per round; 0 = off)")
     budget = budget_from_public(req.budget)
     which = req.WhichOneof("prompt")
     text = req.text if which == "text" else None
     ids = list(req.token_ids.ids) if which == "token_ids" else None
-    return router.validate(ids, text, params, budget, req.scale or None, req.request_id, req.prompt_logprobs > 0)
+    return router.validate(ids, text, params, budget, req.scale or None, req.request_id, req.prompt_logprobs > 0,
+                           req.speculative)
 
 
 def _decision(d, prompt_tokens: int):
@@ -203,7 +207,8 @@ class ColmServicer(pb2_grpc.ColmServicer):
                 yield first
             elif ev.kind == "token":
                 yield pb2.GenerateResponse(request_id=spec.request_id, tokens=[pb2.Token(
-                    id=ev.token_id, text=trim.add(ev.text), scale=ev.scale, time_ms=ev.time_ms, logprob=ev.logprob)])
+                    id=ev.token_id, text=trim.add(ev.text), scale=ev.scale, time_ms=ev.time_ms, logprob=ev.logprob,
+                    drafted=ev.drafted)])
             else:
                 yield pb2.GenerateResponse(request_id=spec.request_id, text=trim.add(ev.text) + trim.flush(),
                                            finish_reason=ev.finish_reason, usage=pb2.Usage(**ev.usage))
@@ -220,7 +225,7 @@ class ColmServicer(pb2_grpc.ColmServicer):
                 _fill_prompt_logprobs(resp, ev.prompt_logprobs)
             elif ev.kind == "token":
                 resp.tokens.append(pb2.Token(id=ev.token_id, text=ev.text, scale=ev.scale, time_ms=ev.time_ms,
-                                             logprob=ev.logprob))
+                                             logprob=ev.logprob, drafted=ev.drafted))
                 text.append(trim.add(ev.text))
             else:
                 text.append(trim.add(ev.text) + trim.flush())

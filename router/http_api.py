@@ -187,7 +187,8 @@ class HttpApi:
         budget = Budget(ttft_ms=ext.get("ttft_ms"), tpot_ms=ext.get("tpot_ms"), deadline_ms=ext.get("deadline_ms"),
                         on_miss=ext.get("on_miss", "degrade"))
         ids = self.tcfg.encode(prompt, req.add_special_tokens is not False) if isinstance(prompt, str) else prompt
-        return self.router.validate(ids, None, params, budget, pinned or scale, prompt_logprobs=echo_logprobs)
+        return self.router.validate(ids, None, params, budget, pinned or scale, prompt_logprobs=echo_logprobs,
+                                    speculative=ext.get("speculative") or 0)
 
     def _trimmer(self, req) -> StopTrimmer:
         return StopTrimmer(self._stops(req), bool(req.include_stop_str_in_output))

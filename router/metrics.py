@@ -130,6 +130,8 @@ class RouterMetrics:
         self.tpot = per_model(Histogram("colm:request_time_per_output_token_seconds", "A request's mean time per "
                                         "output token after the first", m + ["scale"], buckets=PHASE_BUCKETS_S,
                                         registry=r))
+        self.draft_accepted = Counter("colm:spec_decode_num_accepted_tokens", "Generated tokens that were accepted "
+                                      "chain-1 drafts (speculative requests)", m, registry=r).labels(model_name)
         self.e2e = per_model(Histogram("colm:e2e_request_latency_seconds", "End-to-end request latency", m + ["scale"],
                                        buckets=LATENCY_BUCKETS_S, registry=r))
         # colm's own
@@ -188,7 +190,7 @@ class RouterMetrics:
 
 # Fields of the engines' stats() that only ever grow: served as counters (``..._total``), the rest as gauges.
 CUMULATIVE_STATS = frozenset({"num_done", "num_failed", "num_finished", "num_steps", "num_steps_launched_ahead",
-                              "num_steps_dropped"})
+                              "num_steps_dropped", "num_drafted", "num_draft_accepted"})
 
 
 class EngineStatsCollector:

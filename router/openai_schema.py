@@ -10,7 +10,8 @@ than 1, a non-empty ``suffix``, non-zero ``presence_penalty`` / ``frequency_pena
 ``logit_bias``; in chat, ``tools`` / ``functions`` / a ``tool_choice`` other than "none" / a
 ``response_format`` other than text, and ``top_logprobs`` above 0. ``user`` is accepted and ignored, and
 so are unknown top-level fields (as vLLM does); ``model`` is checked by the HTTP layer (404 when unknown).
-The colm extras ``scale``, ``ttft_ms``, ``tpot_ms``, ``deadline_ms`` and ``on_miss`` may sit at the top
+The colm extras ``scale``, ``ttft_ms``, ``tpot_ms``, ``deadline_ms``, ``on_miss`` and ``speculative`` (chain-1
+self-speculative decoding: drafts per round, 0..16) may sit at the top
 level or inside ``"colm": {...}`` (the top level wins when both are given); unknown
 keys inside ``"colm"`` are rejected, since a misspelled budget would otherwise be silently dropped.
 
@@ -33,6 +34,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
 
 # The limits of the gRPC API, imported from there so that both fronts accept the same requests.
+from colm.decode_worker.config import MAX_GAMMA
 from colm.proto.convert import MAX_BUDGET_MS, MAX_STOP_CHARS, MAX_STOP_STRINGS, SEED_MAX
 from colm.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 
@@ -57,6 +59,12 @@ def _on_miss_field():
 
 
 Scale = Optional[Annotated[StrictInt, Field(ge=1)]]
+Speculative = Optional[Annotated[StrictInt, Field(ge=0, le=MAX_GAMMA)]]
+
+
+def _speculative_field():
+    return Field(None, description=f"an integer 0..{MAX_GAMMA}: chain-1 drafts per round (0 or null = off)")
+
 OnMiss = Optional[Literal["degrade", "reject"]]
 
 
@@ -70,6 +78,7 @@ class ColmExtras(BaseModel):
     tpot_ms: Optional[Ms] = _ms_field()
     deadline_ms: Optional[Ms] = _ms_field()
     on_miss: OnMiss = _on_miss_field()
+    speculative: Speculative = _speculative_field()
 
 
 BUDGET_FIELDS = tuple(ColmExtras.model_fields)
@@ -171,12 +180,13 @@ class SamplingRequest(BaseModel):
     logit_bias: Optional[dict[StrictStr, float]] = Field(None, description="null or {} (logit bias is not supported)")
     user: Optional[StrictStr] = Field(None, description="a string (ignored)")
     colm: Optional[ColmExtras] = Field(None, description="an object with scale, ttft_ms, tpot_ms, deadline_ms, "
-                                                         "on_miss")
+                                                         "on_miss, speculative")
     scale: Scale = _scale_field()
     ttft_ms: Optional[Ms] = _ms_field()
     tpot_ms: Optional[Ms] = _ms_field()
     deadline_ms: Optional[Ms] = _ms_field()
     on_miss: OnMiss = _on_miss_field()
+    speculative: Speculative = _speculative_field()
 
     @field_validator("temperature")
     @classmethod

@@ -88,6 +88,9 @@ def assert_router_gives_reference_tokens(full, model_dir, decode_addr: str, pref
                                     scale=scale).token_ids
                     got = c.complete(text, max_new_tokens=8, scale=scale, ignore_eos=True)["token_ids"]
                     assert got == want, (text, scale)
+                # chain-1 self-speculative decoding over the same transport: the same tokens at full scale
+                spec = c.complete(text, max_new_tokens=8, ignore_eos=True, scale=full.cfg.num_chains, speculative=3)
+                assert spec["token_ids"] == want and spec["usage"]["draft_accepted_tokens"] == sum(spec["drafted"])
     finally:
         bg.stop()
 

@@ -160,6 +160,8 @@ BAD_FIELDS = [
     ({"request_id": "a b\n"}, "request_id="),
     ({"request_id": "r" * 129}, "request_id="),
     ({"scale": -1}, "scale=-1"),
+    ({"speculative": 17}, "speculative=17"),
+    ({"speculative": -2}, "speculative=-2"),
 ]
 
 

@@ -210,6 +210,8 @@ BAD_EXTRAS = [
     ({"deadline_ms": MAX_BUDGET_MS * 2}, "deadline_ms", "allowed"), ({"deadline_ms": 1e300}, "deadline_ms", "allowed"),
     ({"colm": {"deadline_ms": -1}}, "colm.deadline_ms", "allowed"), ({"on_miss": "maybe"}, "on_miss", "reject"),
     ({"colm": {"on_miss": 1}}, "colm.on_miss", "degrade"), ({"colm": {"tpot": 5}}, "colm.tpot", "tpot_ms"),
+    ({"speculative": 17}, "speculative", "0..16"), ({"colm": {"speculative": -1}}, "colm.speculative", "0..16"),
+    ({"speculative": True}, "speculative", "integer"),
 ]
 
 
@@ -223,7 +225,7 @@ def test_colm_extras_are_validated(url, change, field, word):
 
 def test_valid_colm_extras_are_honoured(url):
     status, body = completion(url, {"prompt": "Hello", "max_tokens": 2, "temperature": 0,
-                                    "colm": {"scale": 2, "deadline_ms": 60_000, "on_miss": "degrade"}})
+                                    "colm": {"scale": 2, "deadline_ms": 60_000, "on_miss": "degrade", "speculative": 4}})
     assert status == 200 and body["choices"][0]["scale"] == 2, body
     status, body = completion(url, {"prompt": "Hello", "max_tokens": 2, "temperature": 0, "scale": 1,
                                     "colm": {"scale": 2}})  # the top level wins

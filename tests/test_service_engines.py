@@ -109,6 +109,39 @@ def test_disaggregated_greedy_equals_reference_and_scale_switch(ckpt):
         bg.stop()
 
 
+def test_speculative_requests_equal_reference_and_report_drafts(ckpt):
+    """speculative=4 through the router: greedy tokens equal plain decoding at scale 2, before and after a client's
+    mid-stream switch to scale 1 (no drafting there) and back; the drafted flags add up to the usage's count and
+    to the router's counter."""
+    bg, prefill, decode = make(ckpt, rebalance=False)
+    try:
+        with Client(bg.grpc_addr) as c:
+            r = c.complete("Hello, chains", max_new_tokens=40, scale=2, speculative=4, ignore_eos=True)
+            assert r["token_ids"] == reference(ckpt, "Hello, chains", 40, 2, ignore_eos=True)
+            assert r["usage"]["draft_accepted_tokens"] == sum(r["drafted"]) > 0
+            out = []
+            for ev in c.stream("switch me", max_new_tokens=60, scale=2, speculative=4, ignore_eos=True,
+                               request_id="spec-sw"):
+                if ev["kind"] == "token":
+                    out.append((ev["id"], ev["scale"], ev["drafted"]))
+                    if len(out) in (6, 25):
+                        c.set_scale("spec-sw", 1 if len(out) == 6 else 2)
+            scales = [s for _, s, _ in out]
+            assert 1 in scales and scales[0] == scales[-1] == 2
+            want = reference(ckpt, "switch me", 60, schedule=lambda i: scales[i], ignore_eos=True)
+            assert [t for t, _, _ in out] == want
+            assert not any(d for _, s, d in out if s == 1)
+        counted = next(s.value for m in bg.router.metrics.registry.collect()
+                       if m.name == "colm:spec_decode_num_accepted_tokens" for s in m.samples
+                       if s.name.endswith("_total"))
+        assert counted == sum(r["drafted"]) + sum(d for _, _, d in out)
+        stats = decode["decode-0"].stats()
+        assert stats.num_draft_accepted == counted and stats.num_drafted >= counted
+        assert stats.num_free_blocks == stats.num_blocks
+    finally:
+        bg.stop()
+
+
 def test_decode_worker_death_is_retried_on_another_and_pools_free(ckpt):
     bg, prefill, decode = make(ckpt, num_decode=2, rebalance=False, max_retries=2)
     want = reference(ckpt, "survive", 30, 2)
