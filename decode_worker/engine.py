@@ -563,6 +563,8 @@ class DecodeEngine:
             return 0
         t0 = time.perf_counter()
         warmed = self._warm_marks()
+        if rounds:
+            self._drop_ahead()  # a step queued ahead for rows now drafting is stale (their positions move by rounds)
         results = self._plain_step(batch, scales, may_overlap=not rounds) if batch else []
         spec = {key: self._spec_round(rows, *key) for key, rows in rounds.items()}
         dt = (time.perf_counter() - t0) * 1000.0
