@@ -67,7 +67,7 @@ def run_batch(de, pe, prompts, max_new: int, scale: int, gamma: int, tag: str) -
             "steps": after.num_steps - before.num_steps}
 
 
-def time_parts(de, scale: int, gamma: int, reps: int) -> dict:
+def time_parts(de, scale: int, gamma: int, reps: int, profile: bool = False) -> dict:
     """Batch 1: one plain scale-k step, one scale-1 draft step, one verify over gamma + 1 positions (ms)."""
     from colm.decode_worker.speculative import draft, verify
     from colm.decode_worker.step import decode_step
@@ -96,6 +96,18 @@ def time_parts(de, scale: int, gamma: int, reps: int) -> dict:
     out = {"plain_step_ms": timed(lambda: decode_step(de.model, [row], de.pool, [scale], graphs=de.graphs)),
            "draft_step_ms": timed(lambda: draft(de.model, [row], de.pool, 1, de.graphs)),
            "verify_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale))}
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if de.device.type == "cuda" else [])
+        with torch_profile(activities=acts) as prof:
+            for _ in range(5):
+                verify(de.model, [row], de.pool, [[7] * gamma], scale)
+            sync()
+        sort = "cuda_time_total" if de.device.type == "cuda" else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=25)
+        print(f"verify profile (5 calls, gamma {gamma}):\n{table}")
+        out["verify_profile"] = table
     de.pool.free(blocks)
     return out
 
@@ -112,6 +124,7 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table of the verify forward (batch 1)")
     args = ap.parse_args()
 
     from colm.commands.common import resolve_model_dir
@@ -154,7 +167,7 @@ def main() -> None:
                              "plain_tokens_per_s": plain["decode_tokens_per_s"],
                              "spec_tokens_per_s": spec["decode_tokens_per_s"],
                              "speedup": spec["decode_tokens_per_s"] / plain["decode_tokens_per_s"]})
-        parts = {g: time_parts(de, full, g, args.reps) for g in gammas}
+        parts = {g: time_parts(de, full, g, args.reps, args.profile and g == gammas[-1]) for g in gammas}
     finally:
         de.stop()
     dev = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
@@ -172,6 +185,7 @@ def main() -> None:
               f"{r['speedup']:>6.2f}")
     for g, p in parts.items():
         print(f"batch 1, gamma {g}: plain step {p['plain_step_ms']:.3f} ms, draft step {p['draft_step_ms']:.3f} ms, "
+              # verify_profile (with --profile) is in the JSON
               f"verify {p['verify_ms']:.3f} ms")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
