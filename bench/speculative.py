@@ -95,7 +95,8 @@ def time_parts(de, scale: int, gamma: int, reps: int, profile: bool = False) -> 
 
     out = {"plain_step_ms": timed(lambda: decode_step(de.model, [row], de.pool, [scale], graphs=de.graphs)),
            "draft_step_ms": timed(lambda: draft(de.model, [row], de.pool, 1, de.graphs)),
-           "verify_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale))}
+           "verify_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale, de.verify_graphs)),
+           "verify_eager_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale))}
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -186,7 +187,7 @@ def main() -> None:
     for g, p in parts.items():
         print(f"batch 1, gamma {g}: plain step {p['plain_step_ms']:.3f} ms, draft step {p['draft_step_ms']:.3f} ms, "
               # verify_profile (with --profile) is in the JSON
-              f"verify {p['verify_ms']:.3f} ms")
+              f"verify {p['verify_ms']:.3f} ms (eager {p['verify_eager_ms']:.3f} ms)")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

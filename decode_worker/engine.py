@@ -51,6 +51,7 @@ from colm.decode_worker.speculative import MAX_GAMMA, round_gamma, speculative_r
 from colm.decode_worker.step import LaunchedStep, decode_step, launch_greedy_step
 from colm.decode_worker.step_stats import StepTimes
 from colm.decode_worker.token_mux import MuxStream, Subscription, TokenMux
+from colm.decode_worker.verify_graphs import VerifyGraphs
 from colm.loop_thread import LoopThread
 
 log = logging.getLogger("colm.decode")
@@ -107,6 +108,8 @@ class DecodeEngine:
         self.pool = BlockPool(cfg, num_blocks, self.config.block_size, self.device, self.dtype)
         self.graphs = (DecodeGraphs(self.model, self.pool, self.config.max_batch_size)
                        if self.config.cuda_graphs and self.device.type == "cuda" else None)
+        self.verify_graphs = (VerifyGraphs(self.model, self.pool, self.config.max_batch_size, cfg.max_seq_len)
+                              if self.config.cuda_graphs and self.device.type == "cuda" else None)
         self.score_graphs = (GraphedForward(self.model, self.config.score_graph_tokens)
                              if self.config.score_graph_tokens and self.device.type == "cuda" else None)
         self._requests: dict[str, DecodeRequest] = {}
@@ -603,7 +606,7 @@ class DecodeEngine:
         """One speculative round of ``rows``; a failed round is redone row by row (a round rewrites the same K/V
         into the same slots), and a row that fails alone ends its request (None in its place)."""
         try:
-            return speculative_round(self.model, rows, self.pool, scale, gamma, self.graphs)
+            return speculative_round(self.model, rows, self.pool, scale, gamma, self.graphs, self.verify_graphs)
         except Exception as batch_error:  # noqa: BLE001
             return self._isolated(rows, [scale] * len(rows), batch_error,
                                   lambda req, s: speculative_round(self.model, [req], self.pool, s, gamma, None)[0])

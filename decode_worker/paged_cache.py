@@ -78,10 +78,11 @@ class PagedExtendCache:
         self.length = length              # only for the model's max_seq_len check (positions are explicit)
 
     @classmethod
-    def build(cls, pool, rows, num_new: int, device) -> "PagedExtendCache":
-        """``rows``: objects with ``blocks`` and ``num_cached`` (the first new token's position)."""
+    def build(cls, pool, rows, num_new: int, device, width: int | None = None) -> "PagedExtendCache":
+        """``rows``: objects with ``blocks`` and ``num_cached`` (the first new token's position). ``width``: the
+        context columns (default the longest context; more are masked padding)."""
         ends = [r.num_cached + num_new for r in rows]
-        width = max(ends)
+        width = max(ends) if width is None else width
         gather = torch.zeros(len(rows), width, dtype=torch.int64)
         for i, (r, e) in enumerate(zip(rows, ends)):
             gather[i, :e] = pool.slots(r.blocks, 0, e)
@@ -89,7 +90,8 @@ class PagedExtendCache:
         pos = starts[:, None] + torch.arange(num_new)[None, :]  # [B, T]
         valid = torch.arange(width)[None, None, :] <= pos[:, :, None]  # [B, T, L]
         slots = torch.gather(gather, 1, pos)
-        return cls(pool, gather.to(device), valid.to(device), slots.to(device), starts.to(device), length=width - num_new)
+        return cls(pool, gather.to(device), valid.to(device), slots.to(device), starts.to(device),
+                   length=max(ends) - num_new)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [B, Hq, T, hd]; k, v [B, Hkv, T, hd] (RoPE applied) -> [B, Hq, T, hd]

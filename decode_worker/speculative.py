@@ -108,21 +108,28 @@ def draft(model, rows, pool, gamma: int, graphs=None) -> tuple[list[list[int]], 
 
 
 @torch.no_grad()
-def verify(model, rows, pool, drafts: list[list[int]], scale: int) -> torch.Tensor:
-    """Scale-``scale`` logits [B, g + 1, V] over [x, d_1..d_g] of every row (all rows have g drafts)."""
+def verify(model, rows, pool, drafts: list[list[int]], scale: int, graphs=None) -> torch.Tensor:
+    """Scale-``scale`` logits [B, g + 1, V] over [x, d_1..d_g] of every row (all rows have g drafts).
+    ``graphs``: a ``decode_worker.verify_graphs.VerifyGraphs`` to replay the forward from (CUDA), or None."""
     device = model.inv_freq.device
     g = len(drafts[0])
-    cache = PagedExtendCache.build(pool, rows, g + 1, device)
     tokens = torch.tensor([[r.next_input, *d] for r, d in zip(rows, drafts)], device=device)  # [B, g + 1]
+    if graphs is not None:
+        out = graphs.logits(rows, tokens, scale)
+        if out is not None:
+            return out
+    cache = PagedExtendCache.build(pool, rows, g + 1, device)
     positions = cache.starts[:, None] + torch.arange(g + 1, device=device)[None, :]
     hidden = model.hidden(tokens, scale=scale, cache=cache, positions=positions)  # [B, g + 1, D_k]
     return model.logits(hidden, scale)
 
 
-def speculative_round(model, rows, pool, scale: int, gamma: int, graphs=None) -> list[list[SpecToken]]:
-    """One round for ``rows`` (all at ``scale`` with ``gamma`` drafts); the tokens each row emits, in order."""
+def speculative_round(model, rows, pool, scale: int, gamma: int, graphs=None,
+                      verify_graphs=None) -> list[list[SpecToken]]:
+    """One round for ``rows`` (all at ``scale`` with ``gamma`` drafts); the tokens each row emits, in order.
+    ``graphs`` / ``verify_graphs``: CUDA graphs of the draft steps (``DecodeGraphs``) and of the verify."""
     drafts, qs = draft(model, rows, pool, gamma, graphs)
-    logits = verify(model, rows, pool, drafts, scale).float()  # [B, g + 1, V]
+    logits = verify(model, rows, pool, drafts, scale, verify_graphs).float()  # [B, g + 1, V]
     logp = torch.log_softmax(logits, dim=-1)
     out: list[list[SpecToken]] = []
     target = torch.argmax(logits, dim=-1).tolist()  # [B, g + 1]

@@ -176,3 +176,48 @@ def test_sampled_tokens_follow_the_target_scale(engines):
     assert drafted > 0  # some drafts were accepted: the rule, not only the residual, was exercised
     assert chi2_pvalue(counts, joint) > 1e-3, (counts, joint)
     assert_pool_free(de)
+
+
+def test_verify_graph_buffers_match_the_eager_verify(engines, monkeypatch):
+    """The graphed verify's static buffers (batch and context padded to buckets, padding rows writing nowhere)
+    give the eager verify's logits. On CPU the 'graph' replays the captured function (no CUDA here)."""
+    import colm.decode_worker.verify_graphs as vg
+    from colm.decode_worker.speculative import verify
+
+    class FakeGraph:
+        def __init__(self, fn):
+            self.replay = fn
+
+    def fake_capture(fn, device, pool=None, warmup=2):
+        out = fn()
+        return FakeGraph(lambda: out.copy_(fn())), out
+
+    monkeypatch.setattr(vg, "warm_and_capture", fake_capture)
+    de, _, _ = engines
+    graphs = vg.VerifyGraphs(de.model, de.pool, max_batch=8, max_context=512)
+    graphs.enabled = True
+
+    class Row:
+        def __init__(self, n, x):
+            self.blocks = de.pool.allocate(-(-(n + 8) // de.pool.block_size))
+            self.num_cached, self.next_input = n, x
+
+    rows = [Row(n, x) for n, x in ((5, 3), (70, 9), (33, 1))]  # 3 rows -> bucket 4; widths -> bucket 128
+    g = torch.Generator().manual_seed(5)
+    for r in rows:  # some context in each row's blocks
+        slots = de.pool.slots(r.blocks, 0, r.num_cached)
+        for pool_lk in (de.pool.k, de.pool.v):
+            pool_lk.view(pool_lk.shape[0], -1, *pool_lk.shape[3:])[:, slots] = torch.randn(
+                pool_lk.shape[0], len(slots), *pool_lk.shape[3:], generator=g)
+    drafts = [[4, 8, 15], [16, 23, 42], [7, 7, 7]]
+    try:
+        want = verify(de.model, rows, de.pool, drafts, 2).float()
+        got = verify(de.model, rows, de.pool, drafts, 2, graphs)
+        assert graphs.num_replays == 1 and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        got2 = verify(de.model, rows[:1], de.pool, drafts[:1], 2, graphs)  # another key: batch 1, width 64
+        torch.testing.assert_close(got2, want[:1], rtol=1e-4, atol=1e-4)
+    finally:
+        for r in rows:
+            de.pool.free(r.blocks)
+    assert_pool_free(de)

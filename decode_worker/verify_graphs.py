@@ -1,0 +1,89 @@
+"""CUDA graphs of the speculative verify forward: one captured scale-k forward over T = gamma + 1 positions per
+(batch bucket, T, context bucket, scale).
+
+Why: the eager verify of the 1B {16,16} Air model spent ~23 ms of host time launching kernels that ran for
+~1.7 ms on an H200 (bench/results/speculative_h200_*.json), many times the graphed decode step. A replay
+issues them in one launch.
+
+The graph reads static buffers: tokens and positions [B, T], the new tokens' slots [B, T], the context's
+slots [B, L] and the attention mask [B, T, L] (``PagedExtendCache``'s inputs, built on the host and copied
+in). Batch and context width are rounded up to powers of two; padding rows write nowhere (slot -1, which
+the K/V write skips) and attend to one position; padded context positions are masked. The output is the
+logits [B, T, V], copied out before the lock is released. A failed capture turns these graphs off (logged);
+the verify then runs eager.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from colm.cuda_graphs import GraphSet, bucket, warm_and_capture
+
+from colm.decode_worker.paged_cache import PagedExtendCache
+
+
+@dataclass
+class _Graph:
+    tokens: torch.Tensor     # [B, T] int64
+    positions: torch.Tensor  # [B, T] int64
+    cache: PagedExtendCache  # its gather [B, L], valid [B, T, L], slot_mapping [B, T]
+    logits: torch.Tensor     # [B, T, V] float32: the output, overwritten by the next replay
+    graph: torch.cuda.CUDAGraph
+
+
+class VerifyGraphs(GraphSet):
+    def __init__(self, model, pool, max_batch: int, max_context: int, warmup: int = 2) -> None:
+        super().__init__(model.inv_freq.device, max_context)
+        self.model, self.pool = model, pool
+        self.max_batch = bucket(max_batch)
+        self.warmup = warmup
+
+    @torch.no_grad()
+    def logits(self, rows, tokens: torch.Tensor, scale: int) -> torch.Tensor | None:
+        """Scale-``scale`` logits [B, T, V] (float32) of ``tokens`` [B, T] at each row's positions num_cached..
+        (rows: blocks, num_cached); None when graphs do not apply (the caller runs eager)."""
+        b, t = tokens.shape
+        width = max(r.num_cached for r in rows) + t
+        if not self.enabled or b > self.max_batch or width > self.max_tokens:
+            return None
+        B, L = bucket(b), bucket(width, 64)
+        host = PagedExtendCache.build(self.pool, rows, t, "cpu", width=L)
+        with self._lock:
+            g = self._graph_for((B, t, L, scale), lambda: self._capture(B, t, L, scale),
+                                f"the speculative verify (batch {B}, {t} tokens, context {L}, scale {scale})")
+            if g is None:
+                return None
+            c = g.cache
+            c.gather[:b].copy_(host.gather, non_blocking=True)
+            c.gather[b:].zero_()
+            c.valid[:b].copy_(host.valid, non_blocking=True)
+            c.valid[b:] = False
+            c.valid[b:, :, 0] = True  # padding rows attend to one position (a fully masked row would be NaN)
+            c.slot_mapping[:b].copy_(host.slot_mapping, non_blocking=True)
+            c.slot_mapping[b:] = -1   # ... and write nowhere
+            g.tokens[:b].copy_(tokens)
+            g.tokens[b:].zero_()
+            g.positions[:b].copy_(host.starts[:, None] + torch.arange(t)[None, :], non_blocking=True)
+            g.positions[b:].zero_()
+            g.graph.replay()
+            self.num_replays += 1
+            return g.logits[:b].clone()
+
+    def _capture(self, B: int, T: int, L: int, scale: int) -> _Graph:
+        dev = self.device
+        cache = PagedExtendCache(self.pool, torch.zeros(B, L, dtype=torch.int64, device=dev),
+                                 torch.zeros(B, T, L, dtype=torch.bool, device=dev),
+                                 torch.full((B, T), -1, dtype=torch.int64, device=dev),
+                                 torch.zeros(B, dtype=torch.int64, device=dev))  # positions are explicit
+        cache.valid[:, :, 0] = True
+        tokens = torch.zeros(B, T, dtype=torch.int64, device=dev)
+        positions = torch.zeros(B, T, dtype=torch.int64, device=dev)
+
+        def forward():
+            hidden = self.model.hidden(tokens, scale=scale, cache=cache, positions=positions)  # [B, T, D_k]
+            return self.model.logits(hidden, scale).float()
+
+        graph, logits = warm_and_capture(forward, dev, self._pool, self.warmup)
+        return _Graph(tokens, positions, cache, logits, graph)
