@@ -221,3 +221,23 @@ def test_verify_graph_buffers_match_the_eager_verify(engines, monkeypatch):
         for r in rows:
             de.pool.free(r.blocks)
     assert_pool_free(de)
+
+
+def test_the_router_refuses_speculative_without_shared_kv():
+    """Chain-1 drafts are the full model's K/V only in CoLM-Air: the router refuses them for other models."""
+    from colm.model import CoLM
+    from colm.presets import preset
+    from colm.router.config import RouterConfig
+    from colm.router.core import Router
+    from colm.router.local_backend import LocalBackend
+    from colm.tokenizer import ByteTokenizer
+
+    for name, ok in (("tiny", False), ("tiny-air", True)):
+        model = CoLM(preset(name)).eval()
+        router = Router(RouterConfig(grpc_port=0, http_port=None), model.cfg, ByteTokenizer(), LocalBackend(model))
+        call = lambda: router.validate([1, 2, 3], None, SamplingParams(max_new_tokens=2), speculative=2)  # noqa: E731
+        if ok:
+            assert call().speculative == 2
+        else:
+            with pytest.raises(ValueError, match="CoLM-Air"):
+                call()
