@@ -71,12 +71,11 @@ def time_parts(de, scale: int, gamma: int, reps: int, profile: bool = False) -> 
     """Batch 1: one plain scale-k step, one scale-1 draft step, one verify over gamma + 1 positions (ms)."""
     from colm.decode_worker.speculative import draft, verify
     from colm.decode_worker.step import decode_step
+    from colm.sampling import SamplingParams
 
     class Row:  # what a step reads of a request
         def __init__(self, blocks):
             self.blocks, self.num_cached, self.next_input = blocks, 64, 5
-            from colm.sampling import SamplingParams
-
             self.params = SamplingParams(max_new_tokens=8)
 
     blocks = de.pool.allocate(-(-(64 + gamma + 2) // de.pool.block_size))

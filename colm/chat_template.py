@@ -29,6 +29,8 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
+from colm.tokenizer import add_bos_token_of
+
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # the names the demo checkpoint's tokenizer.json gives the byte tokenizer's ids 256..258
 BYTE_NAMES = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|pad|>"}
@@ -90,13 +92,14 @@ class TokenizerConfig:
 
     @classmethod
     def load(cls, model_dir, tokenizer) -> "TokenizerConfig":
-        template, special = None, {}
+        template, special, add_bos = None, {}, None  # add_bos None: the tokenizer's own (no config file here)
         d = Path(model_dir) if model_dir else None
         if d is not None and (d / "tokenizer_config.json").is_file():
             try:
                 raw = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
             except ValueError as e:
                 raise ValueError(f"{d / 'tokenizer_config.json'}: invalid JSON ({e})") from None
+            add_bos = add_bos_token_of(raw, d / "tokenizer_config.json")
             for name in SPECIAL_NAMES:
                 if (s := _token_str(raw.get(name))) is not None:
                     special[name] = s
@@ -116,10 +119,7 @@ class TokenizerConfig:
                     special[name] = s
         if d is not None and (d / "chat_template.jinja").is_file():
             template = (d / "chat_template.jinja").read_text(encoding="utf-8")
-        from colm.tokenizer import read_add_bos_token
-
-        has_config = d is not None and (d / "tokenizer_config.json").is_file()
-        return cls(tokenizer, template, special, read_add_bos_token(d) if has_config else None)
+        return cls(tokenizer, template, special, add_bos)
 
     def _piece(self, tid: int, name: str) -> str | None:
         t = self.tokenizer

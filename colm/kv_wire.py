@@ -196,6 +196,18 @@ def bytes_to_tensor(buf, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
 _DONE = object()
 
 
+def drain(q, end):
+    """Yields the items put on ``q`` (a ``queue`` queue) until ``end``; raises an exception put there (a producer's
+    failure, handed to the consumer)."""
+    while True:
+        item = q.get()
+        if item is end:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def prefetch(iterable, depth: int = 2, name: str = "colm-kv-prefetch"):
     """Iterate ``iterable`` on a helper thread, up to ``depth`` items ahead: a KV stream's producer (encode,
     checksum) and consumer (gRPC send; or gRPC receive and the decode side's copy) overlap instead of
@@ -223,13 +235,7 @@ def prefetch(iterable, depth: int = 2, name: str = "colm-kv-prefetch"):
 
     threading.Thread(target=pump, name=name, daemon=True).start()
     try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield from drain(q, _DONE)
     finally:
         stop.set()
 

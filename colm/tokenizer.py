@@ -123,11 +123,17 @@ def read_add_bos_token(model_dir: str | Path | None) -> bool:
     if f is None or not f.is_file():
         return False
     try:
-        value = json.loads(f.read_text(encoding="utf-8")).get("add_bos_token", False)
+        raw = json.loads(f.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ValueError(f"{f}: invalid JSON ({e})") from None
+    return add_bos_token_of(raw, f)
+
+
+def add_bos_token_of(raw: dict, source) -> bool:
+    """``add_bos_token`` of a parsed ``tokenizer_config.json`` (``source``: where it was read, for the error)."""
+    value = raw.get("add_bos_token", False)
     if not isinstance(value, bool):
-        raise ValueError(f"{f}: add_bos_token={value!r}, must be true or false")
+        raise ValueError(f"{source}: add_bos_token={value!r}, must be true or false")
     return value
 
 

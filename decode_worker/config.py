@@ -6,6 +6,13 @@ from dataclasses import dataclass
 
 MAX_GAMMA = 16  # chain-1 self-speculative decoding: the most drafts per round a request may ask for
 
+
+def check_speculative(value) -> int:
+    """A request's ``speculative`` (drafts per round), or ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_GAMMA:
+        raise ValueError(f"speculative={value!r}: must be an integer 0..{MAX_GAMMA} (drafts per round; 0 = off)")
+    return value
+
 MIXED_SCALE_MODES = ("widest", "group")
 KV_READY_WAITS = ("host", "sender")
 

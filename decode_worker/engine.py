@@ -44,10 +44,10 @@ from colm.sampling import SamplingParams
 from colm.scoring import prompt_logprobs
 
 from colm.decode_worker.block_pool import BlockPool, CopyPlan, blocks_for, num_blocks_from_memory
-from colm.decode_worker.config import DecodeConfig
+from colm.decode_worker.config import DecodeConfig, check_speculative
 from colm.decode_worker.graphs import DecodeGraphs
 from colm.decode_worker.request import DecodeRequest, KVGrant, Reservation, TokenEvent, TokenStream, stop_reason
-from colm.decode_worker.speculative import MAX_GAMMA, round_gamma, speculative_round
+from colm.decode_worker.speculative import round_gamma, speculative_round
 from colm.decode_worker.step import LaunchedStep, decode_step, launch_greedy_step
 from colm.decode_worker.step_stats import StepTimes
 from colm.decode_worker.token_mux import MuxStream, Subscription, TokenMux
@@ -422,9 +422,7 @@ class DecodeEngine:
                 scale = self.cfg.check_scale(scale)
                 if not 0 <= last_token_id < self.cfg.vocab_size:
                     raise ValueError(f"last_token_id={last_token_id}: outside the vocabulary 0..{self.cfg.vocab_size - 1}")
-                if isinstance(speculative, bool) or not isinstance(speculative, int) or not 0 <= speculative <= MAX_GAMMA:
-                    raise ValueError(f"speculative={speculative!r}: must be an integer 0..{MAX_GAMMA} "
-                                     "(drafts per round; 0 = off)")
+                check_speculative(speculative)
                 if not 1 <= params.max_new_tokens <= req.max_new_tokens:
                     raise ValueError(f"max_new_tokens={params.max_new_tokens}: must be in 1..{req.max_new_tokens} "
                                      "(the reservation's)")
@@ -554,15 +552,17 @@ class DecodeEngine:
         more tokens) for a request with ``speculative`` at a scale above 1; returns the batch size."""
         with self._lock:
             self._housekeep()
-            everyone = list(self._running)
-            gammas = {id(r): round_gamma(r) for r in everyone}
-            batch = [r for r in everyone if not gammas[id(r)]]
+            batch: list[DecodeRequest] = []  # plain steps
             rounds: dict[tuple[int, int], list[DecodeRequest]] = {}  # (scale, gamma) -> its speculative rows
-            for r in everyone:
-                if gammas[id(r)]:
-                    rounds.setdefault((r.scale, gammas[id(r)]), []).append(r)
+            for r in self._running:
+                gamma = round_gamma(r)
+                if gamma:
+                    rounds.setdefault((r.scale, gamma), []).append(r)
+                else:
+                    batch.append(r)
             scales = [r.scale for r in batch]
-        if not everyone:
+            size = len(self._running)
+        if not size:
             return 0
         t0 = time.perf_counter()
         warmed = self._warm_marks()
@@ -573,7 +573,7 @@ class DecodeEngine:
         dt = (time.perf_counter() - t0) * 1000.0
         with self._lock:
             self._num_steps += 1
-            self._last_step_ms, self._last_batch = dt, len(everyone)
+            self._last_step_ms, self._last_batch = dt, size
             if self._warm_marks() == warmed and not rounds:  # a capture or a tuning is not a step time (nor a round)
                 self._step_times.record(max(scales), dt, len(batch))
             for req, s, result in zip(batch, scales, results):
@@ -590,7 +590,7 @@ class DecodeEngine:
                         if self._emit(req, s, t.token_id, t.logprob, t.drafted):
                             break
         self.mux.flush()  # one hand-over per step to each subscriber, whatever the batch size
-        return len(everyone)
+        return size
 
     def _plain_step(self, batch, scales, may_overlap: bool) -> list[tuple[int, float] | None]:
         try:

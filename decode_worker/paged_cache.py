@@ -69,12 +69,12 @@ class PagedExtendCache:
     [B, L] slot ids made once per forward) and attended with one masked SDPA. L is the longest context."""
 
     def __init__(self, pool, gather: torch.Tensor, valid: torch.Tensor, slot_mapping: torch.Tensor,
-                 starts: torch.Tensor, length: int = 0) -> None:
+                 positions: torch.Tensor, length: int = 0) -> None:
         self.pool = pool
         self.gather = gather              # [B, L] int64: slot of context position j of each sequence (0 past its end)
         self.valid = valid                # [B, T, L] bool: query t of sequence b may attend position j
         self.slot_mapping = slot_mapping  # [B, T] int64: where the new tokens' K/V go
-        self.starts = starts              # [B] int64: position of each sequence's first new token
+        self.positions = positions        # [B, T] int64: the new tokens' positions (the model's ``positions``)
         self.length = length              # only for the model's max_seq_len check (positions are explicit)
 
     @classmethod
@@ -90,7 +90,7 @@ class PagedExtendCache:
         pos = starts[:, None] + torch.arange(num_new)[None, :]  # [B, T]
         valid = torch.arange(width)[None, None, :] <= pos[:, :, None]  # [B, T, L]
         slots = torch.gather(gather, 1, pos)
-        return cls(pool, gather.to(device), valid.to(device), slots.to(device), starts.to(device),
+        return cls(pool, gather.to(device), valid.to(device), slots.to(device), pos.to(device),
                    length=max(ends) - num_new)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -93,13 +93,12 @@ def add_decode_service(servicer, server) -> None:
 
 
 def _event(ev) -> "kv_pb2.TokenEvent":
+    msg = kv_pb2.TokenEvent(request_id=ev.request_id, token_id=ev.token_id, index=ev.index, scale=ev.scale,
+                            finish_reason=ev.finish_reason, time_ms=ev.time_ms, logprob=ev.logprob, drafted=ev.drafted)
     if ev.timeline_ms:  # the first event only
-        return kv_pb2.TokenEvent(request_id=ev.request_id, token_id=ev.token_id, index=ev.index, scale=ev.scale,
-                                 finish_reason=ev.finish_reason, time_ms=ev.time_ms, logprob=ev.logprob,
-                                 timeline_ms=ev.timeline_ms, monotonic_s=ev.monotonic_s, drafted=ev.drafted)
-    return kv_pb2.TokenEvent(request_id=ev.request_id, token_id=ev.token_id, index=ev.index, scale=ev.scale,
-                             finish_reason=ev.finish_reason, time_ms=ev.time_ms, logprob=ev.logprob,
-                             drafted=ev.drafted)
+        msg.timeline_ms.update(ev.timeline_ms)
+        msg.monotonic_s = ev.monotonic_s
+    return msg
 
 
 def layout_of(header) -> KVLayout:

@@ -29,10 +29,7 @@ import torch
 
 from colm.sampling import SamplingParams, filtered_probs
 
-from colm.decode_worker.config import MAX_GAMMA
 from colm.decode_worker.paged_cache import PagedExtendCache
-
-__all__ = ["MAX_GAMMA", "SpecToken", "accept_greedy", "accept_sampled", "round_gamma", "speculative_round"]
 
 
 @dataclass
@@ -119,8 +116,7 @@ def verify(model, rows, pool, drafts: list[list[int]], scale: int, graphs=None) 
         if out is not None:
             return out
     cache = PagedExtendCache.build(pool, rows, g + 1, device)
-    positions = cache.starts[:, None] + torch.arange(g + 1, device=device)[None, :]
-    hidden = model.hidden(tokens, scale=scale, cache=cache, positions=positions)  # [B, g + 1, D_k]
+    hidden = model.hidden(tokens, scale=scale, cache=cache, positions=cache.positions)  # [B, g + 1, D_k]
     return model.logits(hidden, scale)
 
 
@@ -131,17 +127,18 @@ def speculative_round(model, rows, pool, scale: int, gamma: int, graphs=None,
     drafts, qs = draft(model, rows, pool, gamma, graphs)
     logits = verify(model, rows, pool, drafts, scale, verify_graphs).float()  # [B, g + 1, V]
     logp = torch.log_softmax(logits, dim=-1)
+    best = torch.argmax(logits, dim=-1)  # [B, g + 1]: the target's tokens and their log-probs, read once per round
+    target, target_lp = best.tolist(), logp.gather(-1, best[..., None])[..., 0].tolist()
     out: list[list[SpecToken]] = []
-    target = torch.argmax(logits, dim=-1).tolist()  # [B, g + 1]
     for i, r in enumerate(rows):
         params: SamplingParams = r.params
-        if params.greedy:
+        if params.greedy:  # the accepted drafts are the target's own tokens: their log-probs are read already
             n = accept_greedy(drafts[i], target[i])
-            nxt = target[i][n]
+            toks, lps = target[i][: n + 1], target_lp[i][: n + 1]
         else:
             p = torch.stack([filtered_probs(logits[i, j].cpu(), params) for j in range(gamma + 1)])
             n, nxt = accept_sampled(drafts[i], qs[i], p, r.generator)
-        toks = drafts[i][:n] + [nxt]
-        lps = logp[i, torch.arange(n + 1, device=logp.device), torch.tensor(toks, device=logp.device)].tolist()
+            toks = drafts[i][:n] + [nxt]
+            lps = logp[i, torch.arange(n + 1, device=logp.device), torch.tensor(toks, device=logp.device)].tolist()
         out.append([SpecToken(t, lp, j < n) for j, (t, lp) in enumerate(zip(toks, lps))])
     return out

@@ -27,8 +27,7 @@ from colm.decode_worker.paged_cache import PagedExtendCache
 @dataclass
 class _Graph:
     tokens: torch.Tensor     # [B, T] int64
-    positions: torch.Tensor  # [B, T] int64
-    cache: PagedExtendCache  # its gather [B, L], valid [B, T, L], slot_mapping [B, T]
+    cache: PagedExtendCache  # its gather [B, L], valid [B, T, L], slot_mapping and positions [B, T]
     logits: torch.Tensor     # [B, T, V] float32: the output, overwritten by the next replay
     graph: torch.cuda.CUDAGraph
 
@@ -65,8 +64,8 @@ class VerifyGraphs(GraphSet):
             c.slot_mapping[b:] = -1   # ... and write nowhere
             g.tokens[:b].copy_(tokens)
             g.tokens[b:].zero_()
-            g.positions[:b].copy_(host.starts[:, None] + torch.arange(t)[None, :], non_blocking=True)
-            g.positions[b:].zero_()
+            c.positions[:b].copy_(host.positions, non_blocking=True)
+            c.positions[b:].zero_()
             g.graph.replay()
             self.num_replays += 1
             return g.logits[:b].clone()
@@ -76,14 +75,13 @@ class VerifyGraphs(GraphSet):
         cache = PagedExtendCache(self.pool, torch.zeros(B, L, dtype=torch.int64, device=dev),
                                  torch.zeros(B, T, L, dtype=torch.bool, device=dev),
                                  torch.full((B, T), -1, dtype=torch.int64, device=dev),
-                                 torch.zeros(B, dtype=torch.int64, device=dev))  # positions are explicit
+                                 torch.zeros(B, T, dtype=torch.int64, device=dev))
         cache.valid[:, :, 0] = True
         tokens = torch.zeros(B, T, dtype=torch.int64, device=dev)
-        positions = torch.zeros(B, T, dtype=torch.int64, device=dev)
 
         def forward():
-            hidden = self.model.hidden(tokens, scale=scale, cache=cache, positions=positions)  # [B, T, D_k]
+            hidden = self.model.hidden(tokens, scale=scale, cache=cache, positions=cache.positions)  # [B, T, D_k]
             return self.model.logits(hidden, scale).float()
 
         graph, logits = warm_and_capture(forward, dev, self._pool, self.warmup)
-        return _Graph(tokens, positions, cache, logits, graph)
+        return _Graph(tokens, cache, logits, graph)

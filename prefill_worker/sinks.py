@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from colm.kv_wire import KVLayout
+from colm.kv_wire import KVLayout, drain
 
 
 class KVSink(Protocol):
@@ -87,13 +87,7 @@ _END = object()
 
 def queued_puts(q: queue.SimpleQueue):
     """Yields the items put on ``q`` until ``_END``; raises an exception put there (a sink's ``fail``)."""
-    while True:
-        item = q.get()
-        if item is _END:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    return drain(q, _END)
 
 
 def copies_done_event(t: torch.Tensor):

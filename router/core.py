@@ -32,7 +32,7 @@ from colm.router.worker_metrics import WorkerMetricsCollector
 from colm.sampling import SamplingParams
 from colm.stopping import StopChecker
 from colm.tokenizer import encode_prompt
-from colm.decode_worker.config import MAX_GAMMA
+from colm.decode_worker.config import check_speculative
 
 log = logging.getLogger("colm.router")
 
@@ -257,10 +257,7 @@ class Router:
                              f"the context of {cfg.max_seq_len} tokens")
         if scale is not None:
             cfg.check_scale(scale)
-        if isinstance(speculative, bool) or not isinstance(speculative, int) or not 0 <= speculative <= MAX_GAMMA:
-            raise ValueError(f"speculative={speculative!r}: must be an integer 0..{MAX_GAMMA} (drafts per round; "
-                             "0 = off)")
-        if speculative and not cfg.kv_sharing:
+        if check_speculative(speculative) and not cfg.kv_sharing:
             raise ValueError(f"speculative={speculative}: chain-1 drafts need a CoLM-Air model (shared KV)")
         budget = budget or Budget()
         now = time.monotonic()

@@ -30,7 +30,6 @@ from colm.router.placement import NoWorker
 from colm.router.policy import BudgetUnmet
 from colm.router.stop_trim import StopTrimmer
 from colm.tokenizer import encode_prompt
-from colm.decode_worker.config import MAX_GAMMA
 
 log = logging.getLogger("colm.router")
 pb2, pb2_grpc = load_proto("public")
@@ -168,8 +167,6 @@ def spec_from_proto(router: Router, req) -> "object":
         raise ValueError(f"scale={req.scale}: must be >= 1 (or 0 to let the router choose)")
     if req.prompt_logprobs < 0:
         raise ValueError(f"prompt_logprobs={req.prompt_logprobs}: must be >= 0 (0 = off)")
-    if not 0 <= req.speculative <= MAX_GAMMA:
-        raise ValueError(f"speculative={req.speculative}: must be 0..{MAX_GAMMA} (drafts per round; 0 = off)")
     budget = budget_from_public(req.budget)
     which = req.WhichOneof("prompt")
     text = req.text if which == "text" else None

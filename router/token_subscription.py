@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import uuid
 
 import grpc
@@ -60,14 +61,10 @@ class TokenSubscription:
         try:
             async for batch in it:
                 queues = self._queues
-                for ev in batch.events:
-                    q = queues.get(ev.request_id)
+                for item in itertools.chain(batch.events, batch.failures):  # TokenEvent / TokenFailure
+                    q = queues.get(item.request_id)
                     if q is not None:
-                        q.put_nowait(ev)
-                for f in batch.failures:
-                    q = queues.get(f.request_id)
-                    if q is not None:
-                        q.put_nowait(f)
+                        q.put_nowait(item)
         except asyncio.CancelledError:
             cause = ConnectionError("the router closed the token stream")
             raise

@@ -10,15 +10,11 @@ import math
 import pytest
 import torch
 
-from colm.decode_worker.config import DecodeConfig
-from colm.decode_worker.engine import DecodeEngine
 from colm.decode_worker.speculative import accept_greedy, accept_sampled
 from colm.generate import generate
-from colm.prefill_worker.config import PrefillConfig
-from colm.prefill_worker.engine import PrefillEngine
 from colm.prefill_worker.sinks import LocalKVSink
 from colm.sampling import SamplingParams, filtered_probs
-from _engine_helpers import assert_pool_free, prompts, save_tiny_air
+from _engine_helpers import assert_pool_free, prompts, started_engines
 
 
 def chi2_sf(stat: float, dof: int) -> float:
@@ -79,12 +75,8 @@ def test_sampling_rule_gives_the_target_distribution():
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    path = tmp_path_factory.mktemp("spec")
-    full = save_tiny_air(path)
-    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=512, block_size=4, max_batch_size=64)).start()
-    pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, max_batch_tokens=256)).start()
-    yield de, pe, full
-    pe.stop(), de.stop()
+    with started_engines(tmp_path_factory.mktemp("spec"), num_blocks=512) as engines:
+        yield engines
 
 
 def _start(de, pe, rid, p, params, scale, gamma):
