@@ -52,6 +52,12 @@ class DecodeConfig:
     score_graph_tokens: int = 0          # > 0 (CUDA): Score replays the full forward of prompts of up to this many
                                          # tokens from CUDA graphs (colm.graphed_forward; captured on first use,
                                          # their memory comes on top of the pool's). 0 = eager
+    colocated_prefill: bool = False      # this engine computes its requests' chain-1 K/V itself (``prefill_kv``):
+                                         # prompt chunks join the step loop's iterations (one process, one CUDA
+                                         # context, no hand-off): the one-GPU deployment
+    max_batched_tokens: int = 2048       # colocated_prefill: tokens per loop iteration, decode rows (1 each, gamma+1
+                                         # per speculative row) plus prompt chunks; a longer prompt is split
+    max_prefill_segments: int = 32       # colocated_prefill: prompts (or prompt chunks) packed into one iteration
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -76,5 +82,8 @@ class DecodeConfig:
             raise ValueError(f"score_graph_tokens={self.score_graph_tokens}: must be >= 0 (0 = eager)")
         if self.warmup_context < 0:
             raise ValueError(f"warmup_context={self.warmup_context}: must be >= 0 (0 = no warm-up)")
+        if self.max_batched_tokens < 1 or self.max_prefill_segments < 1:
+            raise ValueError(f"max_batched_tokens={self.max_batched_tokens}, max_prefill_segments="
+                             f"{self.max_prefill_segments}: both must be >= 1")
         if self.max_reservations <= 0:
             raise ValueError(f"max_reservations={self.max_reservations}: must be > 0")

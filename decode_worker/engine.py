@@ -16,6 +16,11 @@ before its writes have run (``DecodeConfig.kv_ready_wait``): ``finish_kv`` then 
 complete (``open_ready_event``), the loop polls that event and admits the request once it is done, and
 blocks of a request that ends before it are held until it is.
 
+Colocated (``DecodeConfig.colocated_prefill``): ``prefill_kv`` gives the prompt's tokens instead of a KV
+stream, and the step loop computes their chain-1 K/V itself, in chunks packed into its iterations under
+a token budget (``prefill_schedule``, ``chunked_prefill``): one process and one CUDA context serve both
+phases, which is what one GPU wants (two processes would time-slice it).
+
 Threads: gRPC handlers call the public methods; one loop thread (``start``) runs the steps. All
 bookkeeping is under one lock; the forward runs outside it. A running request is ended only by the
 loop thread (``cancel`` marks it), so its blocks are never freed under a step that reads them.
@@ -23,6 +28,7 @@ loop thread (``cancel`` marks it), so its blocks are never freed under a step th
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -43,6 +49,8 @@ from colm.model import CoLM
 from colm.sampling import SamplingParams
 from colm.scoring import prompt_logprobs
 
+from colm.decode_worker.chunked_prefill import run_prefill_chunk
+from colm.decode_worker.prefill_schedule import take_chunk
 from colm.decode_worker.block_pool import BlockPool, CopyPlan, blocks_for, num_blocks_from_memory
 from colm.decode_worker.config import DecodeConfig, check_speculative
 from colm.decode_worker.graphs import DecodeGraphs
@@ -80,6 +88,10 @@ class DecodeStats:
     num_held_blocks: int = 0           # blocks of ended requests a cuda_pool sender may still write
     num_drafted: int = 0               # chain-1 self-speculative decoding: draft tokens proposed
     num_draft_accepted: int = 0        # ... and accepted by the target scale
+    prefills: bool = False             # colocated_prefill: this engine computes its prompts' K/V itself
+    num_prefill_queued_tokens: int = 0 # ... prompt tokens not yet scheduled
+    prefill_tokens_per_s: float = 0.0  # ... recent chunks' tokens over their iterations' time
+    num_prefill_chunks: int = 0        # ... iterations that ran a prompt chunk
 
 
 class DecodeEngine:
@@ -128,6 +140,11 @@ class DecodeEngine:
         self._pool_export = None  # colm.kv_ipc.StagingExport of the pool, made on the first grant
         self._ready_polling = False  # a request waits only for its sender's ready event: poll, do not idle
         self.mux = TokenMux()  # subscribers (routers) that take their requests' tokens batched, once per step
+        self._prefill_queue: collections.deque[DecodeRequest] = collections.deque()  # colocated_prefill, FIFO
+        self._prefill_recent: collections.deque = collections.deque(maxlen=32)  # (tokens, seconds) per chunk
+        self._num_prefill_chunks = 0
+        # (decode tokens, prefill tokens) of recent iterations: the budget's accounting, for stats and tests
+        self.iterations: collections.deque = collections.deque(maxlen=4096)
 
     @classmethod
     def from_checkpoint(cls, path, config: DecodeConfig | None = None, device="cpu", dtype=None,
@@ -200,7 +217,7 @@ class DecodeEngine:
 
     def _begin(self, req: DecodeRequest, layout: KVLayout) -> None:
         try:
-            if req.layout is not None or (req.kv_done and req.prompt_len > 1):
+            if req.layout is not None or req.prompt_tokens is not None or (req.kv_done and req.prompt_len > 1):
                 raise TransferError(f"request {req.request_id}: a KV stream was already received")
             want = (self.cfg.n_layers, req.prompt_len - 1, self.cfg.n_kv_heads, self.cfg.head_dim)
             got = (layout.num_layers, layout.num_tokens, layout.num_kv_heads, layout.head_dim)
@@ -400,6 +417,34 @@ class DecodeEngine:
             if req is not None and not req.kv_done:
                 self._fail(req, exc)
 
+    def prefill_kv(self, request_id: str, token_ids) -> None:
+        """colocated_prefill: compute the K/V of ``token_ids`` (the prompt but its last token) in this engine's own
+        step loop; the request is admitted once they are all in its blocks."""
+        if not self.config.colocated_prefill:
+            raise ValueError("this decode worker does not prefill prompts itself (colocated_prefill is off)")
+        try:
+            ids = np.asarray(token_ids, dtype=np.int64)  # [n]
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"request {request_id}: prompt token ids must be integers ({e})") from None
+        with self._wake:
+            req = self._get(request_id)
+            try:
+                if req.layout is not None or req.prompt_tokens is not None:
+                    raise ValueError(f"request {request_id}: its KV was already given")
+                if ids.ndim != 1 or len(ids) != req.prompt_len - 1:
+                    raise ValueError(f"request {request_id}: {list(ids.shape)} prompt tokens to prefill, the "
+                                     f"reservation needs {req.prompt_len - 1} (the prompt but its last token)")
+                if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+                    raise ValueError(f"request {request_id}: prompt token ids must be in 0..{self.cfg.vocab_size - 1}")
+            except ValueError as e:
+                self._fail(req, e)
+                raise
+            req.prompt_tokens = ids
+            req.timeline.mark("kv_header")
+            if len(ids):
+                self._prefill_queue.append(req)
+                self._wake.notify_all()
+
     # ---------------------------------------------------------------- generation control
     def start_generation(self, request_id: str, last_token_id: int, params: SamplingParams,
                          scale: int | None = None, kv_timeout_s: float | None = None,
@@ -469,7 +514,7 @@ class DecodeEngine:
             return True
 
     def _fail(self, req: DecodeRequest, exc: BaseException) -> None:
-        if req.running:
+        if req.running or req.prefilling:
             req.cancel = req.cancel or exc
         else:
             self._finalize(req, exc)
@@ -562,7 +607,8 @@ class DecodeEngine:
                     batch.append(r)
             scales = [r.scale for r in batch]
             size = len(self._running)
-        if not size:
+            segments = self._take_prefill(len(batch) + sum(len(rows) * (g + 1) for (_, g), rows in rounds.items()))
+        if not size and not segments:
             return 0
         t0 = time.perf_counter()
         warmed = self._warm_marks()
@@ -570,8 +616,14 @@ class DecodeEngine:
             self._drop_ahead()  # a step queued ahead for rows now drafting is stale (their positions move by rounds)
         results = self._plain_step(batch, scales, may_overlap=not rounds) if batch else []
         spec = {key: self._spec_round(rows, *key) for key, rows in rounds.items()}
+        # after the decode step's tokens were read: on CUDA the chunk runs on the GPU while the host hands them out
+        failed = self._run_prefill(segments) if segments else {}
         dt = (time.perf_counter() - t0) * 1000.0
         with self._lock:
+            self._end_prefill(segments, failed, dt)
+            if not size:
+                self.mux.flush()
+                return len(segments)
             self._num_steps += 1
             self._last_step_ms, self._last_batch = dt, size
             if self._warm_marks() == warmed and not rounds:  # a capture or a tuning is not a step time (nor a round)
@@ -591,6 +643,58 @@ class DecodeEngine:
                             break
         self.mux.flush()  # one hand-over per step to each subscriber, whatever the batch size
         return size
+
+    # ---------------------------------------------------------------- colocated prefill (DecodeConfig.colocated_prefill)
+    def _take_prefill(self, decode_tokens: int) -> list:
+        """This iteration's prompt chunks (under the lock): what the budget leaves after ``decode_tokens``."""
+        if not self._prefill_queue:
+            self.iterations.append((decode_tokens, 0))
+            return []
+        segments = take_chunk(self._prefill_queue, self.config.max_batched_tokens - decode_tokens,
+                              self.config.max_prefill_segments,
+                              lambda r: self._requests.get(r.request_id) is r and r.cancel is None)
+        for s in segments:
+            s.request.prefilling = True
+            s.request.timeline.mark("kv_first_chunk")
+        self.iterations.append((decode_tokens, sum(s.num_tokens for s in segments)))
+        return segments
+
+    def _run_prefill(self, segments) -> dict:
+        """The chunk's forward (outside the lock); a failed chunk is redone segment by segment (each writes the
+        same K/V into the same slots), and a segment that fails alone fails its request: {request: error}."""
+        try:
+            run_prefill_chunk(self.model, self.pool, segments)
+            return {}
+        except Exception as batch_error:  # noqa: BLE001 - a failed chunk ends only the requests that fail alone
+            failed = {}
+            for s in segments:
+                try:
+                    if len(segments) == 1:
+                        raise batch_error
+                    run_prefill_chunk(self.model, self.pool, [s])
+                except Exception as e:  # noqa: BLE001
+                    log.exception("request %s failed in its prefill chunk; the worker goes on serving",
+                                  s.request.request_id)
+                    failed[s.request] = RequestFailedError(
+                        f"request {s.request.request_id}: prefill failed ({type(e).__name__}: {e}); the worker "
+                        "goes on serving")
+            return failed
+
+    def _end_prefill(self, segments, failed: dict, ms: float) -> None:
+        """After the chunk (under the lock): complete prompts are ready, ended or failed requests are finalized."""
+        if segments:
+            self._num_prefill_chunks += 1
+            self._prefill_recent.append((sum(s.num_tokens for s in segments), ms / 1000.0))
+        for s in segments:
+            req = s.request
+            req.prefilling = False
+            exc = failed.get(req) or req.cancel
+            if exc is not None:
+                self._finalize(req, exc)
+            elif s.end == len(req.prompt_tokens) and self._requests.get(req.request_id) is req:
+                req.kv_done = True
+                req.timeline.mark("kv_last_chunk")
+                req.timeline.mark("kv_done")
 
     def _plain_step(self, batch, scales, may_overlap: bool) -> list[tuple[int, float] | None]:
         try:
@@ -701,7 +805,12 @@ class DecodeEngine:
                 num_finished=self._num_finished, num_failed=self._num_failed,
                 num_steps_launched_ahead=self._num_ahead_used, num_steps_dropped=self._num_ahead_dropped,
                 num_held_blocks=sum(len(r.blocks) for r in self._held),
-                num_drafted=self._num_drafted, num_draft_accepted=self._num_draft_accepted)
+                num_drafted=self._num_drafted, num_draft_accepted=self._num_draft_accepted,
+                prefills=self.config.colocated_prefill,
+                num_prefill_queued_tokens=sum(len(r.prompt_tokens) - r.prefilled for r in self._prefill_queue),
+                prefill_tokens_per_s=(sum(n for n, _ in self._prefill_recent) /
+                                      max(1e-9, sum(t for _, t in self._prefill_recent)) if self._prefill_recent else 0.0),
+                num_prefill_chunks=self._num_prefill_chunks)
 
     def kv_dtype(self) -> str:
         from colm.kv_wire import dtype_name

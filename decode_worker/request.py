@@ -143,6 +143,12 @@ class DecodeRequest:
     # writes into ``blocks`` have run (a CUDA event opened from its IPC handle; the loop polls ``query()``).
     # Cleared once seen complete.
     kv_ready: object | None = None
+    # colocated_prefill: the prompt's tokens but the last, whose K/V this engine computes itself, the first
+    # ``prefilled`` of them scheduled so far; ``prefilling`` while a chunk of them is in the loop's forward (an
+    # abort then only marks ``cancel``: the blocks must not be freed under that forward)
+    prompt_tokens: np.ndarray | None = None
+    prefilled: int = 0
+    prefilling: bool = False
     # reserved, kv_header, kv_first_chunk, kv_last_chunk, kv_done, kv_ready, started (start_generation;
     # TokenEvent.time_ms counts from it), admitted (joined the batch), first_token. The first TokenEvent carries them.
     timeline: Timeline = field(default_factory=Timeline)

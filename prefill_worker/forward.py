@@ -1,11 +1,15 @@
-"""One chunk of a chain-1 prefill: embedding, RoPE and every layer's K/V, eager or inside a CUDA graph.
+"""Chain-1 prefill forwards: embedding, RoPE and every layer's K/V, eager or inside a CUDA graph.
+
+``chain1_layers(model, x, cos, sin, attend)`` is the layer loop every chain-1 prefill shares: after each
+layer's K/V projection it calls ``attend(layer, q, k, v, last)``, which keeps the K/V where its caller
+needs them and returns the attention output (None on the last layer: its attention and FFN feed
+nothing a prefill needs, so they are skipped). ``model`` may be the chain-1 sub-model (the prefill
+worker) or the full model (the decode engine's colocated prefill): only chain 1 is read either way.
 
 ``prefill_chunk(model, tokens, c0, store)`` runs positions ``c0 .. c0+t-1`` of a right-padded batch
-(tokens [b, t]). After each layer's K/V projection it calls ``store(layer, k, v)`` (k, v [b, Hkv, t, hd])
-and attends over what ``store`` returns: the keys and values of positions ``0 .. c0+t-1`` (the engine's
-chunked path keeps earlier chunks' K/V in full-length buffers and streams each chunk to the sinks; the
-graphed path keeps this chunk's K/V as the graph's outputs). The last layer's attention and FFN are
-skipped: its output feeds nothing a prefill needs.
+(tokens [b, t]). ``store(layer, k, v)`` (k, v [b, Hkv, t, hd]) returns the keys and values of
+positions ``0 .. c0+t-1`` (the engine's chunked path keeps earlier chunks' K/V in full-length buffers
+and streams each chunk to the sinks; the graphed path keeps this chunk's K/V as the graph's outputs).
 """
 
 from __future__ import annotations
@@ -21,24 +25,38 @@ from colm.model import CoLM
 from colm.rope import rope_cos_sin
 
 Store = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, bool], "torch.Tensor | None"]
+
+
+def chain1_embed(model: CoLM, tokens: torch.Tensor, positions: torch.Tensor):
+    """x [b, t, D_1] and RoPE's cos, sin for tokens [b, t] at positions [b, t]."""
+    x = F.embedding(tokens, model.embed.weight[:, : model.cfg.scale_dim(1)])
+    cos, sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
+    return x, cos, sin
+
+
+def chain1_layers(model: CoLM, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> None:
+    b, t, _ = x.shape
+    last = model.cfg.n_layers - 1
+    for li, layer in enumerate(model.layers):
+        q, k, v = layer.attn.project_qkv(layer.attn_norm(x), 1, cos, sin)  # [b, H, t, hd]
+        o = attend(li, q, k, v, li == last)  # [b, Hq, t, hd]
+        if o is None:
+            return
+        x, h = layer.ffn_norm.add_forward(x, layer.attn.wo(o.transpose(1, 2).reshape(b, t, -1), 1))
+        x = x + layer.ffn(h, 1)
 
 
 def prefill_chunk(model: CoLM, tokens: torch.Tensor, c0: int, store: Store) -> None:
-    cfg = model.cfg
     b, t = tokens.shape
-    group = cfg.n_heads // cfg.n_kv_heads
-    x = F.embedding(tokens, model.embed.weight)  # [b, t, D_1]
     positions = torch.arange(c0, c0 + t, device=tokens.device).expand(b, t)
-    cos, sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
-    last = cfg.n_layers - 1
-    for li, layer in enumerate(model.layers):
-        q, k, v = layer.attn.project_qkv(layer.attn_norm(x), 1, cos, sin)  # [b, H, t, hd]
+    x, cos, sin = chain1_embed(model, tokens, positions)
+
+    def attend(li, q, k, v, last):
         keys, values = store(li, k, v)  # [b, Hkv, c0 + t, hd]
-        if li == last:
-            break
-        o = chunk_attention(q, keys, values, c0, group)
-        x, h = layer.ffn_norm.add_forward(x, layer.attn.wo(o.transpose(1, 2).reshape(b, t, -1), 1))
-        x = x + layer.ffn(h, 1)
+        return None if last else chunk_attention(q, keys, values, c0, q.shape[1] // k.shape[1])
+
+    chain1_layers(model, x, cos, sin, attend)
 
 
 def chunk_attention(q, k, v, q_start: int, group: int) -> torch.Tensor:

@@ -1,0 +1,59 @@
+"""One chunk of the colocated engine's chain-1 prefill: packed prompt segments into the paged pool.
+
+The segments of one step (``prefill_schedule.Segment``: positions [start, end) of a request's
+prompt) run as ONE packed sequence of N tokens through chain 1 of the decode engine's own full
+model (``prefill_worker.forward.chain1_layers``: with CoLM-Air's shared KV these are the full
+model's K/V). At each layer the N tokens' K and V go straight into their slots of the pool (one
+write), then each segment attends causally on its own: a segment that starts a prompt over its own
+keys, a later chunk of a long prompt over the keys of its prompt so far, read back from the pool.
+The GEMMs see all N tokens at once; only attention is per segment. Nothing is padded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from colm.kernels.paged_attention import write_kv_to_pool
+from colm.prefill_worker.forward import chain1_embed, chain1_layers, chunk_attention
+
+from colm.decode_worker.prefill_schedule import Segment
+
+
+@torch.no_grad()
+def run_prefill_chunk(model, pool, segments: list[Segment]) -> None:
+    device = model.inv_freq.device
+    tokens = np.concatenate([s.request.prompt_tokens[s.start : s.end] for s in segments])  # [N]
+    positions = np.concatenate([np.arange(s.start, s.end) for s in segments])  # [N]
+    slots = torch.cat([pool.slots(s.request.blocks, s.start, s.end) for s in segments])  # [N]
+    # each segment: (offset in the packed chunk, its length, its first position, slots of its prompt so far or None)
+    parts, off = [], 0
+    for s in segments:
+        ctx = pool.slots(s.request.blocks, 0, s.end).to(device) if s.start else None
+        parts.append((off, s.num_tokens, s.start, ctx))
+        off += s.num_tokens
+    tok = torch.from_numpy(tokens).to(device)[None]  # [1, N]
+    pos = torch.from_numpy(positions).to(device)[None]  # [1, N]
+    slots = slots.to(device)
+    x, cos, sin = chain1_embed(model, tok, pos)
+
+    def attend(li, q, k, v, last):
+        # q [1, Hq, N, hd]; k, v [1, Hkv, N, hd] (RoPE applied)
+        kp, vp = pool.k[li], pool.v[li]
+        write_kv_to_pool(k[0].transpose(0, 1), v[0].transpose(0, 1), kp, vp, slots)
+        if last:
+            return None
+        hkv, hd = k.shape[1], k.shape[3]
+        group = q.shape[1] // hkv
+        outs = []
+        for a, n, start, ctx in parts:
+            qs = q[:, :, a : a + n]
+            if ctx is None:  # a prompt's first chunk: its own keys
+                outs.append(chunk_attention(qs, k[:, :, a : a + n], v[:, :, a : a + n], 0, group))
+            else:  # a later chunk: the prompt's keys so far, from the pool (this chunk's were just written)
+                keys = kp.reshape(-1, hkv, hd)[ctx].transpose(0, 1)[None].to(q.dtype)  # [1, Hkv, start + n, hd]
+                vals = vp.reshape(-1, hkv, hd)[ctx].transpose(0, 1)[None].to(q.dtype)
+                outs.append(chunk_attention(qs, keys, vals, start, group))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    chain1_layers(model, x, cos, sin, attend)

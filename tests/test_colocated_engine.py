@@ -1,0 +1,211 @@
+"""The colocated engine (``DecodeConfig.colocated_prefill``): the decode engine prefills its own prompts with
+chain 1, in chunks packed into its step loop under a token budget. Tokens equal ``colm.generate`` at every scale
+(short and long prompts, chunk boundaries anywhere, a mid-stream switch, speculative rows), the K/V it writes equal
+the prefill worker's, prompt chunks and decode steps interleave within the budget, and faults stay per request."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from colm.decode_worker.config import DecodeConfig
+from colm.decode_worker.engine import DecodeEngine
+from colm.errors import RequestAbortedError, RequestFailedError
+from colm.generate import generate
+from colm.prefill_worker.config import PrefillConfig
+from colm.prefill_worker.engine import PrefillEngine
+from colm.prefill_worker.sinks import LocalKVSink
+from colm.sampling import SamplingParams
+from _engine_helpers import assert_pool_free, prompts, save_tiny_air
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_air_colocated")
+    full = save_tiny_air(path)
+    return path, full
+
+
+def _engine(path, **config) -> DecodeEngine:
+    cfg = {"num_blocks": 160, "block_size": 4, "colocated_prefill": True, "max_batched_tokens": 24, **config}
+    return DecodeEngine.from_checkpoint(path, DecodeConfig(**cfg))
+
+
+def _submit(de, rid, prompt, params, scale, **kw):
+    de.reserve(rid, len(prompt), params.max_new_tokens)
+    de.prefill_kv(rid, prompt[:-1])
+    return de.start_generation(rid, prompt[-1], params, scale=scale, **kw)
+
+
+@pytest.mark.parametrize("budget", [5, 24, 4096])
+def test_tokens_equal_the_reference_at_every_scale(setup, budget):
+    """Prompts of 1..61 tokens, staggered, both scales in one batch; the budget splits prompts anywhere (5 tokens
+    an iteration: every long prompt takes many chunks, beside decode rows) or packs several into one chunk."""
+    path, full = setup
+    de = _engine(path, max_batched_tokens=budget).start()
+    try:
+        batch = prompts([1, 2, 7, 23, 61, 9, 40, 17], seed=budget)
+        params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+        streams = []
+        for i, p in enumerate(batch):
+            scale = 1 + i % 2
+            streams.append((p, scale, _submit(de, f"c{budget}-{i}", p, params, scale)))
+            time.sleep(0.005 * (i % 3))
+        for p, scale, st in streams:
+            events = list(st)
+            assert [e.token_id for e in events] == generate(full, p, params, scale=scale).token_ids
+            assert {e.scale for e in events} == {scale}
+        s = de.stats()
+        assert s.prefills and s.num_prefill_chunks >= 1 and s.num_prefill_queued_tokens == 0
+    finally:
+        de.stop()
+    assert_pool_free(de)
+
+
+def test_the_pool_holds_the_prefill_workers_kv(setup):
+    """The K/V the colocated chunks write (a 37-token prompt in chunks of 10 and 3 alongside another prompt) equal
+    the chain-1 prefill worker's K/V of the same prompt, written through its sink into another engine."""
+    path, _ = setup
+    p = prompts([38], seed=11)[0]
+    de = _engine(path, max_batched_tokens=13)
+    de.reserve("a", 4, 1)
+    de.prefill_kv("a", [5, 6, 7])
+    de.reserve("k", len(p), 1)
+    de.prefill_kv("k", p[:-1])
+    while de.stats().num_prefill_queued_tokens or any(r.prefilling for r in de._requests.values()):
+        de.step()
+    ref = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=160, block_size=4))
+    pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, max_batch_tokens=64))
+    ref.reserve("k", len(p), 1)
+    pe.prefill("k", p, LocalKVSink(ref, "k"))
+    mine = de.pool.slots(de._requests["k"].blocks, 0, len(p) - 1)
+    theirs = ref.pool.slots(ref._requests["k"].blocks, 0, len(p) - 1)
+    for layer in range(de.cfg.n_layers):
+        for pool_a, pool_b in ((de.pool.k, ref.pool.k), (de.pool.v, ref.pool.v)):
+            a = pool_a[layer].reshape(-1, *pool_a.shape[-2:])[mine]
+            b = pool_b[layer].reshape(-1, *pool_b.shape[-2:])[theirs]
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert de._requests["k"].kv_done and de._requests["a"].kv_done
+    pe.stop()
+
+
+def test_prefill_chunks_and_decode_steps_interleave_within_the_budget(setup):
+    """While one request decodes, a 90-token prompt is prefilled over several iterations, each also stepping the
+    running request; no iteration spends more than the budget, and the decoding request's tokens keep coming."""
+    path, full = setup
+    de = _engine(path, max_batched_tokens=16).start()
+    try:
+        params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+        short, long_ = prompts([5, 91], seed=3)
+        first = _submit(de, "running", short, params, 2)
+        it = iter(first)
+        events = [next(it)]  # running now
+        second = _submit(de, "long", long_, SamplingParams(max_new_tokens=4, ignore_eos=True), 2)
+        events += list(it)
+        assert [e.token_id for e in events] == generate(full, short, params, scale=2).token_ids
+        assert [e.token_id for e in second] == generate(full, long_, SamplingParams(max_new_tokens=4, ignore_eos=True),
+                                                         scale=2).token_ids
+        log = list(de.iterations)
+    finally:
+        de.stop()
+    assert all(d + p <= 16 for d, p in log), log
+    mixed = [(d, p) for d, p in log if d and p]
+    assert len(mixed) >= 5, log  # 90 prompt tokens at <= 15 an iteration beside the running row
+    assert sum(p for _, p in log) == 4 + 90
+    assert_pool_free(de)
+
+
+def test_mid_stream_switch_and_speculative_rows(setup):
+    """A colocated request switched 2 -> 1 -> 2 mid-stream follows the reference schedule; a speculative request
+    (its rounds count gamma + 1 tokens against the budget) gives plain decoding's tokens."""
+    path, full = setup
+    de = _engine(path, max_batched_tokens=12).start()
+    try:
+        p, q = prompts([19, 33], seed=8)
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        spec = _submit(de, "spec", q, params, 2, speculative=3)
+        st = _submit(de, "sw", p, params, 2)
+        got = []
+        for ev in st:
+            got.append(ev)
+            if len(got) == 3:
+                de.set_scale("sw", 1)
+            if len(got) == 7:
+                de.set_scale("sw", 2)
+        # a switch applies from the next step, wherever the loop is: replay the scales the tokens were served at
+        served = [e.scale for e in got]
+        ref = generate(full, p, params, scale_schedule=lambda i: served[i])
+        assert [e.token_id for e in got] == ref.token_ids and {e.scale for e in got} == {1, 2}
+        assert [e.token_id for e in spec] == generate(full, q, params, scale=2).token_ids
+        assert all(d <= 12 for d, _ in de.iterations)
+    finally:
+        de.stop()
+    assert_pool_free(de)
+
+
+def test_bad_input_and_faults_stay_per_request(setup, monkeypatch):
+    """Wrong lengths and ids are clear errors that free the reservation; an abort while queued or mid-prefill
+    frees the blocks; a chunk whose forward fails for one request fails only that request."""
+    path, full = setup
+    de = _engine(path, max_batched_tokens=8)
+    off = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=16, block_size=4))
+    off.reserve("x", 4, 1)
+    with pytest.raises(ValueError, match="colocated_prefill is off"):
+        off.prefill_kv("x", [1, 2, 3])
+    de.reserve("short", 6, 2)
+    with pytest.raises(ValueError, match="needs 5"):
+        de.prefill_kv("short", [1, 2, 3])
+    de.reserve("vocab", 3, 2)
+    with pytest.raises(ValueError, match="must be in 0..259"):
+        de.prefill_kv("vocab", [1, 999])
+    assert not de._requests and de.pool.num_free == de.pool.num_blocks
+    # abort while queued, and while a chunk of it is in the forward
+    de.reserve("q", 30, 2)
+    de.prefill_kv("q", list(range(29)))
+    assert de.abort("q")
+    de.step()
+    assert_pool_free(de)
+    from colm.decode_worker import engine as engine_mod
+
+    real = engine_mod.run_prefill_chunk
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(model, pool, segments):
+        entered.set()
+        release.wait(5)
+        return real(model, pool, segments)
+
+    monkeypatch.setattr(engine_mod, "run_prefill_chunk", slow)
+    de.reserve("mid", 30, 2)
+    de.prefill_kv("mid", list(range(29)))
+    t = threading.Thread(target=de.step)
+    t.start()
+    assert entered.wait(5)
+    assert de.abort("mid") and de._requests["mid"].cancel is not None  # only marked: the forward still runs
+    release.set()
+    t.join(5)
+    assert_pool_free(de)
+    # one poisoned prompt in a packed chunk
+    def poisoned(model, pool, segments):
+        if any(s.request.request_id == "bad" for s in segments):
+            raise RuntimeError("device fault")
+        return real(model, pool, segments)
+
+    monkeypatch.setattr(engine_mod, "run_prefill_chunk", poisoned)
+    de.config = DecodeConfig(num_blocks=160, block_size=4, colocated_prefill=True, max_batched_tokens=64)
+    de.start()
+    try:
+        params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+        good_p, bad_p = prompts([14, 9], seed=21)
+        bad = _submit(de, "bad", bad_p, params, 2)
+        good = _submit(de, "good", good_p, params, 2)
+        with pytest.raises(RequestFailedError, match="prefill failed"):
+            list(bad)
+        assert [e.token_id for e in good] == generate(full, good_p, params, scale=2).token_ids
+    finally:
+        de.stop()
+    assert_pool_free(de)
