@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from colm.kernels.paged_attention import write_kv_to_pool
 from colm.prefill_worker.forward import chain1_embed, chain1_layers, chunk_attention
+from colm.rope import rope_cos_sin
 
 from colm.decode_worker.prefill_schedule import Segment
 
 
 @torch.no_grad()
-def run_prefill_chunk(model, pool, segments: list[Segment]) -> None:
+def run_prefill_chunk(model, pool, segments: list[Segment], scale: int = 1) -> None:
+    """``scale`` 1: chain 1 (CoLM-Air's shared K/V; the last layer's attention and FFN are skipped). A wider scale
+    runs that sub-model over the prompt (the same K/V, at what a dense model's prefill costs: the baseline)."""
     device = model.inv_freq.device
     tokens = np.concatenate([s.request.prompt_tokens[s.start : s.end] for s in segments])  # [N]
     positions = np.concatenate([np.arange(s.start, s.end) for s in segments])  # [N]
-    slots = torch.cat([pool.slots(s.request.blocks, s.start, s.end) for s in segments])  # [N]
+    slots = torch.cat([pool.slots(s.request.blocks, s.start, s.end) for s in segments]).to(device)  # [N]
     # each segment: (offset in the packed chunk, its length, its first position, slots of its prompt so far or None)
     parts, off = [], 0
     for s in segments:
@@ -34,15 +38,11 @@ def run_prefill_chunk(model, pool, segments: list[Segment]) -> None:
         off += s.num_tokens
     tok = torch.from_numpy(tokens).to(device)[None]  # [1, N]
     pos = torch.from_numpy(positions).to(device)[None]  # [1, N]
-    slots = slots.to(device)
-    x, cos, sin = chain1_embed(model, tok, pos)
 
-    def attend(li, q, k, v, last):
+    def attend(li, q, k, v):
         # q [1, Hq, N, hd]; k, v [1, Hkv, N, hd] (RoPE applied)
         kp, vp = pool.k[li], pool.v[li]
         write_kv_to_pool(k[0].transpose(0, 1), v[0].transpose(0, 1), kp, vp, slots)
-        if last:
-            return None
         hkv, hd = k.shape[1], k.shape[3]
         group = q.shape[1] // hkv
         outs = []
@@ -56,4 +56,23 @@ def run_prefill_chunk(model, pool, segments: list[Segment]) -> None:
                 outs.append(chunk_attention(qs, keys, vals, start, group))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
-    chain1_layers(model, x, cos, sin, attend)
+    if scale == 1:
+        x, cos, sin = chain1_embed(model, tok, pos)
+        chain1_layers(model, x, cos, sin, lambda li, q, k, v, last: (attend(li, q, k, v), None)[last])
+        return
+    x = F.embedding(tok, model.embed.weight[:, : model.cfg.scale_dim(scale)])  # [1, N, D_k]
+    cos, sin = rope_cos_sin(model.inv_freq, pos, x.dtype)
+    cache, pending = _PackedCache(attend), None
+    for layer in model.layers:  # the blocks' own attention (query head order included) with this cache
+        x, pending = layer(x, scale, cos, sin, cache, 0, pending)
+
+
+class _PackedCache:
+    """The model's cache protocol over ``attend`` (a wider scale's forward): positions are explicit."""
+
+    def __init__(self, attend) -> None:
+        self.attend = lambda layer_idx, q, k, v: attend(layer_idx, q, k, v)
+        self.length = 0
+
+    def advance(self, num_tokens: int, kv_heads: int | None = None) -> None:
+        """Nothing to track: the engine keeps each request's length."""

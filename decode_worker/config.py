@@ -58,6 +58,9 @@ class DecodeConfig:
     max_batched_tokens: int = 2048       # colocated_prefill: tokens per loop iteration, decode rows (1 each, gamma+1
                                          # per speculative row) plus prompt chunks; a longer prompt is split
     max_prefill_segments: int = 32       # colocated_prefill: prompts (or prompt chunks) packed into one iteration
+    prefill_scale: int = 1               # colocated_prefill: the sub-model that computes the prompt's K/V. 1 = chain 1
+                                         # (CoLM-Air's K/V come from chain 1 alone); 0 = the full model: the same K/V
+                                         # at the cost of a dense model's prefill (the load test's baseline)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -85,5 +88,7 @@ class DecodeConfig:
         if self.max_batched_tokens < 1 or self.max_prefill_segments < 1:
             raise ValueError(f"max_batched_tokens={self.max_batched_tokens}, max_prefill_segments="
                              f"{self.max_prefill_segments}: both must be >= 1")
+        if self.prefill_scale < 0:
+            raise ValueError(f"prefill_scale={self.prefill_scale}: must be >= 0 (0 = the full model)")
         if self.max_reservations <= 0:
             raise ValueError(f"max_reservations={self.max_reservations}: must be > 0")

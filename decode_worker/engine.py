@@ -143,6 +143,7 @@ class DecodeEngine:
         self._prefill_queue: collections.deque[DecodeRequest] = collections.deque()  # colocated_prefill, FIFO
         self._prefill_recent: collections.deque = collections.deque(maxlen=32)  # (tokens, seconds) per chunk
         self._num_prefill_chunks = 0
+        self._prefill_scale = cfg.check_scale(self.config.prefill_scale or None)
         # (decode tokens, prefill tokens) of recent iterations: the budget's accounting, for stats and tests
         self.iterations: collections.deque = collections.deque(maxlen=4096)
 
@@ -420,15 +421,15 @@ class DecodeEngine:
     def prefill_kv(self, request_id: str, token_ids) -> None:
         """colocated_prefill: compute the K/V of ``token_ids`` (the prompt but its last token) in this engine's own
         step loop; the request is admitted once they are all in its blocks."""
-        if not self.config.colocated_prefill:
-            raise ValueError("this decode worker does not prefill prompts itself (colocated_prefill is off)")
-        try:
-            ids = np.asarray(token_ids, dtype=np.int64)  # [n]
-        except (TypeError, ValueError, OverflowError) as e:
-            raise ValueError(f"request {request_id}: prompt token ids must be integers ({e})") from None
         with self._wake:
             req = self._get(request_id)
             try:
+                if not self.config.colocated_prefill:
+                    raise ValueError("this decode worker does not prefill prompts itself (colocated_prefill is off)")
+                try:
+                    ids = np.asarray(token_ids, dtype=np.int64)  # [n]
+                except (TypeError, ValueError, OverflowError) as e:
+                    raise ValueError(f"request {request_id}: prompt token ids must be integers ({e})") from None
                 if req.layout is not None or req.prompt_tokens is not None:
                     raise ValueError(f"request {request_id}: its KV was already given")
                 if ids.ndim != 1 or len(ids) != req.prompt_len - 1:
@@ -663,7 +664,7 @@ class DecodeEngine:
         """The chunk's forward (outside the lock); a failed chunk is redone segment by segment (each writes the
         same K/V into the same slots), and a segment that fails alone fails its request: {request: error}."""
         try:
-            run_prefill_chunk(self.model, self.pool, segments)
+            run_prefill_chunk(self.model, self.pool, segments, self._prefill_scale)
             return {}
         except Exception as batch_error:  # noqa: BLE001 - a failed chunk ends only the requests that fail alone
             failed = {}
@@ -671,7 +672,7 @@ class DecodeEngine:
                 try:
                     if len(segments) == 1:
                         raise batch_error
-                    run_prefill_chunk(self.model, self.pool, [s])
+                    run_prefill_chunk(self.model, self.pool, [s], self._prefill_scale)
                 except Exception as e:  # noqa: BLE001
                     log.exception("request %s failed in its prefill chunk; the worker goes on serving",
                                   s.request.request_id)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 
 import grpc
+import numpy as np
 import torch
 
 from colm.errors import PeerUnavailableError, TransferError
@@ -302,6 +303,13 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
         except ValueError:
             self.engine.abort(request.request_id, unstarted_only=True)
             raise
+        if request.prompt_token_ids_u32:  # colocated: the prompt instead of a KV stream
+            packed = request.prompt_token_ids_u32
+            if len(packed) % 4:
+                self.engine.abort(request.request_id, unstarted_only=True)
+                raise ValueError(f"prompt_token_ids_u32 has {len(packed)} bytes; it must hold 4 bytes (a "
+                                 "little-endian uint32) per token")
+            self.engine.prefill_kv(request.request_id, np.frombuffer(packed, dtype="<u4"))
         return self.engine.start_generation(request.request_id, int(request.last_token_id), params,
                                             int(request.scale) or None, request.kv_timeout_s or None,
                                             subscriber=subscriber, speculative=int(request.speculative))
@@ -353,7 +361,9 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                   last_batch_size=s.last_batch_size, num_finished=s.num_finished,
                                   num_failed=s.num_failed, num_held_blocks=s.num_held_blocks,
                                   num_drafted=s.num_drafted, num_draft_accepted=s.num_draft_accepted,
-                                  cuda_kv=self.engine.device.type == "cuda")
+                                  cuda_kv=self.engine.device.type == "cuda", prefills=s.prefills,
+                                  num_prefill_queued_tokens=s.num_prefill_queued_tokens,
+                                  prefill_tokens_per_s=s.prefill_tokens_per_s)
 
     def Score(self, request, context):
         rows = self.engine.score(list(request.token_ids), int(request.scale) or None)

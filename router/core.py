@@ -149,7 +149,7 @@ class Router:
         """(whether a request can be served now, why not). Needs a healthy prefill AND a healthy decode worker."""
         missing = []
         for role in ("prefill", "decode"):
-            if self.registry.healthy(role):
+            if self.registry.can_prefill() if role == "prefill" else self.registry.healthy(role):
                 continue
             states = [f"{w.worker_id}: {self.registry.state(w)}" for w in self.registry.workers.values()
                       if w.role == role]
@@ -162,6 +162,8 @@ class Router:
         if serving != self._serving:
             if serving:
                 log.info("serving: every role has a healthy worker")
+            elif self._serving is None and not any(w.report for w in self.registry.workers.values()):
+                log.info("not serving yet (no worker has reported): %s", why)  # a colocated worker says so in its report
             else:
                 log.error("not serving: %s", why)
             self._serving = serving
@@ -340,13 +342,16 @@ class Router:
             exclude = {wid for wid, t in failed.items()
                        if (w := self.registry.workers.get(wid)) is None or w.reported_at <= t}
             try:
-                prefill = self.registry.pick_prefill(prompt_len, exclude=exclude)
-                return prefill, self.registry.pick_decode(total_len, exclude=exclude)
+                decode = self.registry.pick_decode(total_len, exclude=exclude)
+                if self.registry.prefills_itself(decode):  # colocated: it prefills the prompt itself
+                    return decode, decode
+                return self.registry.pick_prefill(prompt_len, exclude=exclude), decode
             except NoWorker as e:  # every decode pool full is capacity (RESOURCE_EXHAUSTED), not an outage
                 if e.full:
                     raise NoWorker(f"request {spec.request_id}: {e}", full=True) from None
+                colocated = any(self.registry.prefills_itself(w) for w in self.registry.workers.values())
                 may_return = all(any(not w.dead for w in self.registry.workers.values() if w.role == role)
-                                 for role in ("prefill", "decode"))
+                                 for role in (("decode",) if colocated else ("prefill", "decode")))
                 if not may_return or time.monotonic() + self.cfg.poll_interval_s > give_up:
                     raise Unavailable(f"request {spec.request_id}: {e}") from None
             await asyncio.sleep(self.cfg.poll_interval_s)
@@ -405,7 +410,8 @@ class Router:
                     if len(out) == attempt_start:
                         # this attempt's first token: its KV has reached the decode worker, the prefill worker is
                         # done with it, and its failing a health poll from now on must not fail the request over
-                        self.registry.finish(prefill.worker_id, spec.uid)
+                        if prefill is not decode:
+                            self.registry.finish(prefill.worker_id, spec.uid)
                         if not out:  # the request's first token
                             self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
                     out.append(tok.token_id)

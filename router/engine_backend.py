@@ -50,12 +50,15 @@ class EngineBackend:
         s = e.stats()
         return WorkerReport(worker_id, "decode", num_running=s.num_running, num_waiting=s.num_reserved,
                             step_ms=dict(s.step_ms_by_scale), step_batch=dict(s.step_batch_by_scale),
-                            free_blocks=s.num_free_blocks, total_blocks=s.num_blocks)
+                            free_blocks=s.num_free_blocks, total_blocks=s.num_blocks, prefills=s.prefills,
+                            queued_tokens=s.num_prefill_queued_tokens,
+                            prefill_tokens_per_s=s.prefill_tokens_per_s or None,
+                            transfer_ms_per_mtoken=0.0 if s.prefills else None)
 
     async def generate(self, req: EngineRequest, prefill_id: str, decode_id: str) -> AsyncIterator[EngineToken]:
         from colm.prefill_worker.sinks import LocalKVSink
 
-        de, pe = self.decode[decode_id], self.prefill[prefill_id]
+        de = self.decode[decode_id]
         loop = asyncio.get_running_loop()
         if not de.alive():
             raise WorkerFailed(decode_id, "decode engine stopped")
@@ -65,8 +68,10 @@ class EngineBackend:
             raise NoWorker(f"{decode_id}: {e}", full=True) from None
         finished = False
         try:
-            if len(req.prompt_ids) > 1:
-                fut = pe.submit(req.request_id, list(req.prompt_ids), LocalKVSink(de, req.request_id),
+            if prefill_id == decode_id:  # colocated: the decode engine prefills the prompt itself
+                de.prefill_kv(req.request_id, req.prompt_ids[:-1])
+            elif len(req.prompt_ids) > 1:
+                fut = self.prefill[prefill_id].submit(req.request_id, list(req.prompt_ids), LocalKVSink(de, req.request_id),
                                 timeout_s=req.timeout_s)
                 fut.add_done_callback(lambda f: f.exception() and de.fail_kv(req.request_id, f.exception()))
                 fut.add_done_callback(lambda f: _observe_prefill(f, req))

@@ -121,7 +121,10 @@ class GrpcBackend:
             return WorkerReport(worker_id, "decode", num_running=s.num_running, num_waiting=s.num_reserved,
                                 step_ms={int(k): v for k, v in s.step_ms_by_scale.items()},
                                 step_batch={int(k): v for k, v in s.step_batch_by_scale.items()},
-                                free_blocks=s.num_free_blocks, total_blocks=s.num_blocks)
+                                free_blocks=s.num_free_blocks, total_blocks=s.num_blocks, prefills=s.prefills,
+                                queued_tokens=s.num_prefill_queued_tokens,
+                                prefill_tokens_per_s=s.prefill_tokens_per_s or None,
+                                transfer_ms_per_mtoken=0.0 if s.prefills else None)
         s = await self._prefill(worker_id).Stats(kv_pb2.PrefillStatsRequest(), metadata=self._md(),
                                                  timeout=STATS_TIMEOUT_S)
         self._host_ids[worker_id] = s.host_id
@@ -150,8 +153,9 @@ class GrpcBackend:
             task.add_done_callback(lambda t: self._count_transfer(prefill_id, t, req))
             return task
 
+        colocated = prefill_id == decode_id  # the decode worker prefills the prompt itself (Start carries it)
         try:
-            if self._pool_pair(prefill_id, decode_id):  # decode's grant waits for the reservation
+            if not colocated and self._pool_pair(prefill_id, decode_id):  # decode's grant waits for the reservation
                 prefill_task = start_prefill(True, "cuda_pool", True)
             try:
                 reply = await decode.Reserve(kv_pb2.ReserveRequest(
@@ -162,7 +166,7 @@ class GrpcBackend:
                     reserved = False
                 raise self._failure(e, decode_id) from None
             reserved = True
-            if prefill_task is None:
+            if prefill_task is None and not colocated:
                 same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)
                 prefill_task = start_prefill(same_host, self.kv_path, reply.cuda_kv, list(reply.transports))
             if self.token_stream == "batched":
@@ -170,14 +174,14 @@ class GrpcBackend:
                     yield tok
                 finished = True
                 return
-            call = decode.StartGeneration(_start_request(req, timeout), metadata=md, timeout=timeout)
+            call = decode.StartGeneration(_start_request(req, timeout, prompt=colocated), metadata=md, timeout=timeout)
             it = call.__aiter__()
             streaming = False  # a token came: the KV is all on the decode worker, the prefill's outcome no longer matters
             while True:
                 next_tok = asyncio.ensure_future(anext(it))
-                waits = {next_tok} if streaming or prefill_task.done() else {next_tok, prefill_task}
+                waits = {next_tok} if streaming or prefill_task is None or prefill_task.done() else {next_tok, prefill_task}
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                if (not streaming and prefill_task.done() and not prefill_task.cancelled()
+                if (not streaming and prefill_task is not None and prefill_task.done() and not prefill_task.cancelled()
                         and prefill_task.exception() is not None):
                     next_tok.cancel()
                     raise await self._prefill_failure(prefill_task.exception(), prefill_id, decode_id)
@@ -237,13 +241,14 @@ class GrpcBackend:
 
         if idle:
             timers.append(loop.call_later(idle, check_idle))
-        prefill_task.add_done_callback(lambda _t: q.put_nowait(_PREFILL_DONE))
+        if prefill_task is not None:  # None: colocated, Start carries the prompt
+            prefill_task.add_done_callback(lambda _t: q.put_nowait(_PREFILL_DONE))
         if req.failover is not None:
             req.failover.add_done_callback(lambda f: None if f.cancelled() else q.put_nowait(f))
         try:
             try:
-                await self._decode(decode_id).Start(_start_request(req, timeout, sub.subscriber), metadata=self._md(),
-                                                    timeout=min(timeout, 10.0))
+                await self._decode(decode_id).Start(_start_request(req, timeout, sub.subscriber, prefill_task is None),
+                                                    metadata=self._md(), timeout=min(timeout, 10.0))
             except grpc.aio.AioRpcError as e:
                 raise self._failure(e, decode_id) from None
             streaming = False  # a token came: the KV is all on the decode worker, the prefill's outcome no longer matters
@@ -380,11 +385,13 @@ _REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
             grpc.StatusCode.PERMISSION_DENIED)
 
 
-def _start_request(req: EngineRequest, timeout: float, subscriber: str = ""):
-    """The decode worker's StartGenerationRequest for ``req`` (``subscriber``: the Tokens stream, for ``Start``)."""
+def _start_request(req: EngineRequest, timeout: float, subscriber: str = "", prompt: bool = False):
+    """The decode worker's StartGenerationRequest for ``req`` (``subscriber``: the Tokens stream, for ``Start``;
+    ``prompt``: a colocated worker, which prefills the prompt itself)."""
     return kv_pb2.StartGenerationRequest(request_id=req.request_id, last_token_id=req.prompt_ids[-1],
                                          sampling=sampling_to_decode(req.params), scale=req.scale, kv_timeout_s=timeout,
-                                         subscriber=subscriber, speculative=req.speculative)
+                                         subscriber=subscriber, speculative=req.speculative,
+                                         prompt_token_ids_u32=pack_token_ids(req.prompt_ids[:-1]) if prompt else b"")
 
 
 def _retrieve(task: asyncio.Future) -> None:

@@ -33,7 +33,7 @@ colm's own (no vLLM equivalent: disaggregated prefill/decode, scales, worker hea
 | ``colm_request_phase_seconds`` | histogram | model_name, phase | where TTFT goes (phases: see ``decode_phases``, ``prefill_phases``) |
 | ``colm_kv_blocks_used`` | gauge | worker | KV blocks in use on a decode worker |
 | ``colm_kv_blocks_capacity`` | gauge | worker | KV blocks of a decode worker |
-| ``colm_prefill_queued_tokens`` | gauge | worker | prompt tokens queued on a prefill worker |
+| ``colm_prefill_queued_tokens`` | gauge | worker | prompt tokens queued on a prefill worker (or a colocated decode worker) |
 | ``colm_kv_transfer_bytes_total`` | counter | worker (a prefill worker) | KV bytes handed from prefill to decode |
 | ``colm_kv_transfer_seconds_total`` | counter | worker | time spent on those hand-offs |
 | ``colm_worker_healthy`` | gauge | worker, role | 1 while the worker answers its health polls |
@@ -178,7 +178,7 @@ class RouterMetrics:
             self.kv_used.labels(wid).set(r.total_blocks - r.free_blocks)
             self.kv_total.labels(wid).set(r.total_blocks)
             self.kv_usage.labels(wid).set((r.total_blocks - r.free_blocks) / r.total_blocks if r.total_blocks else 0.0)
-        else:
+        if r.role == "prefill" or r.prefills:  # a colocated decode worker queues its own prompts
             self.prefill_queue.labels(wid).set(r.queued_tokens)
         nbytes, seconds = float(r.transfer_bytes), float(r.transfer_s)
         seen_bytes, seen_seconds = self._transfer_seen.get(wid, (0.0, 0.0))

@@ -95,6 +95,14 @@ class WorkerRegistry:
         return -(-num_tokens // self.block_size)
 
     # ---- choices -------------------------------------------------------------------------------
+    def prefills_itself(self, w: WorkerState) -> bool:
+        """A decode worker that computes its prompts' K/V itself (colocated; its last report says so)."""
+        return w.role == "decode" and w.report is not None and w.report.prefills
+
+    def can_prefill(self, now: float | None = None) -> list[WorkerState]:
+        """Healthy workers that can prefill a prompt: prefill workers, and colocated decode workers."""
+        return self.healthy("prefill", now) + [w for w in self.healthy("decode", now) if self.prefills_itself(w)]
+
     def pick_prefill(self, prompt_tokens: int, exclude: set[str] = frozenset()) -> WorkerState:
         cands = [w for w in self.healthy("prefill") if w.worker_id not in exclude]
         if not cands:

@@ -70,6 +70,8 @@ class WorkerReport:
     transfer_ms_per_mtoken: float | None = None  # KV hand-off time per million prompt tokens
     transfer_bytes: int = 0  # KV bytes handed over so far (worker total)
     transfer_s: float = 0.0  # time spent on those hand-offs
+    prefills: bool = False  # decode: colocated, it computes its prompts' K/V itself (queued_tokens and
+                            # prefill_tokens_per_s are then its own prefill's; there is no hand-off)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -153,11 +155,11 @@ class LatencyModel:
 
     def observe(self, r: WorkerReport) -> None:
         a = self.cfg.alpha
-        if r.role == "prefill":
+        if r.role == "prefill" or r.prefills:
             self.prefill_queue[r.worker_id] = r.queued_tokens
             if r.prefill_tokens_per_s:
                 self.prefill_tps = _ewma(self.prefill_tps, r.prefill_tokens_per_s, a)
-        else:
+        if r.role == "decode":
             self.decode_load[r.worker_id] = r.num_running + r.num_waiting
             measured = set()
             for k, ms in r.step_ms.items():

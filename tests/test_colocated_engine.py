@@ -41,12 +41,13 @@ def _submit(de, rid, prompt, params, scale, **kw):
     return de.start_generation(rid, prompt[-1], params, scale=scale, **kw)
 
 
-@pytest.mark.parametrize("budget", [5, 24, 4096])
-def test_tokens_equal_the_reference_at_every_scale(setup, budget):
+@pytest.mark.parametrize("budget,prefill_scale", [(5, 1), (24, 1), (4096, 1), (24, 0)])
+def test_tokens_equal_the_reference_at_every_scale(setup, budget, prefill_scale):
     """Prompts of 1..61 tokens, staggered, both scales in one batch; the budget splits prompts anywhere (5 tokens
-    an iteration: every long prompt takes many chunks, beside decode rows) or packs several into one chunk."""
+    an iteration: every long prompt takes many chunks, beside decode rows) or packs several into one chunk; the
+    full-model prefill (``prefill_scale`` 0) gives the same tokens."""
     path, full = setup
-    de = _engine(path, max_batched_tokens=budget).start()
+    de = _engine(path, max_batched_tokens=budget, prefill_scale=prefill_scale).start()
     try:
         batch = prompts([1, 2, 7, 23, 61, 9, 40, 17], seed=budget)
         params = SamplingParams(max_new_tokens=8, ignore_eos=True)
@@ -66,12 +67,14 @@ def test_tokens_equal_the_reference_at_every_scale(setup, budget):
     assert_pool_free(de)
 
 
-def test_the_pool_holds_the_prefill_workers_kv(setup):
+@pytest.mark.parametrize("prefill_scale", [1, 0])
+def test_the_pool_holds_the_prefill_workers_kv(setup, prefill_scale):
     """The K/V the colocated chunks write (a 37-token prompt in chunks of 10 and 3 alongside another prompt) equal
-    the chain-1 prefill worker's K/V of the same prompt, written through its sink into another engine."""
+    the chain-1 prefill worker's K/V of the same prompt, written through its sink into another engine; so do those
+    of the full-model prefill (``prefill_scale`` 0, the dense-cost baseline: CoLM-Air's K/V are chain 1's)."""
     path, _ = setup
     p = prompts([38], seed=11)[0]
-    de = _engine(path, max_batched_tokens=13)
+    de = _engine(path, max_batched_tokens=13, prefill_scale=prefill_scale)
     de.reserve("a", 4, 1)
     de.prefill_kv("a", [5, 6, 7])
     de.reserve("k", len(p), 1)
@@ -156,6 +159,7 @@ def test_bad_input_and_faults_stay_per_request(setup, monkeypatch):
     off.reserve("x", 4, 1)
     with pytest.raises(ValueError, match="colocated_prefill is off"):
         off.prefill_kv("x", [1, 2, 3])
+    assert not off._requests  # the reservation is freed
     de.reserve("short", 6, 2)
     with pytest.raises(ValueError, match="needs 5"):
         de.prefill_kv("short", [1, 2, 3])
@@ -174,10 +178,10 @@ def test_bad_input_and_faults_stay_per_request(setup, monkeypatch):
     real = engine_mod.run_prefill_chunk
     entered, release = threading.Event(), threading.Event()
 
-    def slow(model, pool, segments):
+    def slow(model, pool, segments, scale):
         entered.set()
         release.wait(5)
-        return real(model, pool, segments)
+        return real(model, pool, segments, scale)
 
     monkeypatch.setattr(engine_mod, "run_prefill_chunk", slow)
     de.reserve("mid", 30, 2)
@@ -190,10 +194,10 @@ def test_bad_input_and_faults_stay_per_request(setup, monkeypatch):
     t.join(5)
     assert_pool_free(de)
     # one poisoned prompt in a packed chunk
-    def poisoned(model, pool, segments):
+    def poisoned(model, pool, segments, scale):
         if any(s.request.request_id == "bad" for s in segments):
             raise RuntimeError("device fault")
-        return real(model, pool, segments)
+        return real(model, pool, segments, scale)
 
     monkeypatch.setattr(engine_mod, "run_prefill_chunk", poisoned)
     de.config = DecodeConfig(num_blocks=160, block_size=4, colocated_prefill=True, max_batched_tokens=64)
