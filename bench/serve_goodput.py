@@ -2,9 +2,9 @@
 
 colm:      router (scale by budget) -> chain-1 PrefillEngine -> DecodeEngine (all chains), each
            request carrying the SLO as its budget (degrade when unmet).
-baseline:  the same router and DecodeEngine, but prompts are prefilled by the FULL model
-           (``FullPrefillEngine``) and every request is pinned to the full scale: no disaggregated
-           chain-1 prefill, no scale choice.
+baseline:  the same router over one colocated DecodeEngine whose prompts are prefilled by the FULL
+           model in its own step loop (``prefill_scale`` 0: a dense model's cost) and every request
+           pinned to the full scale: no chain-1 prefill, no scale choice.
 
 Both run on one device. colm's engines are plain processes (``colm.deploy.worker_main``: gRPC,
 KV over shared memory; Ray is not in the GPU image); the baseline is one process. The load
@@ -75,7 +75,6 @@ def make_router(mode: str, ckpt: str, dtype, args):
     from colm.decode_worker.config import DecodeConfig
     from colm.decode_worker.engine import DecodeEngine
     from colm.router.backend import WorkerInfo
-    from colm.router.colocated import FullPrefillEngine
     from colm.router.config import RouterConfig
     from colm.router.core import Router
     from colm.router.engine_backend import EngineBackend
@@ -101,15 +100,16 @@ def make_router(mode: str, ckpt: str, dtype, args):
         backend = GrpcBackend([WorkerInfo("decode-0", "decode", daddr), WorkerInfo("prefill-0", "prefill", paddr)],
                               cluster_token=token, kv_path="cuda_ipc" if mode == "colm-graphs-ipc" else "auto")
     else:
-        de = DecodeEngine.from_checkpoint(ckpt, DecodeConfig(**decode_section), device=args.device, dtype=dtype)
+        section = decode_section if colm else {**decode_section, "colocated_prefill": True, "prefill_scale": 0}
+        de = DecodeEngine.from_checkpoint(ckpt, DecodeConfig(**section), device=args.device, dtype=dtype)
         if colm:
             from colm.prefill_worker.config import PrefillConfig
             from colm.prefill_worker.engine import PrefillEngine
 
             pe = PrefillEngine.from_checkpoint(ckpt, PrefillConfig(**prefill_section), device=args.device, dtype=dtype)
+            backend = EngineBackend({"prefill-0": pe}, {"decode-0": de})
         else:
-            pe = FullPrefillEngine(de.model)
-        backend = EngineBackend({"prefill-0": pe}, {"decode-0": de})
+            backend = EngineBackend({}, {"decode-0": de})
     cfg = RouterConfig(grpc_port=0, http_port=None, max_running=512, max_queued=4096, poll_interval_s=0.1,
                        default_deadline_s=300, token_timeout_s=120, served_model_name=f"bench-{mode}")
     router = Router(cfg, checkpoint.load_config(ckpt), ByteTokenizer(), backend)

@@ -85,10 +85,14 @@ class WorkerActor:
 def gpus_per_worker(workers, cluster_gpus: float) -> float:
     """``workers.num_gpus_per_worker``, with ``auto`` = a whole GPU each when the cluster has one per worker, else
     1/k of a GPU with k workers per GPU (both roles on one GPU: 0.5 each), 0 without GPUs."""
+    from colm.deploy.config import resolve_mode
+
     g = workers.num_gpus_per_worker
     if g != "auto":
         return float(g)
-    n, gpus = workers.num_prefill + workers.num_decode, int(cluster_gpus)
+    n, gpus = workers.num_decode, int(cluster_gpus)
+    if resolve_mode(workers, cluster_gpus) == "disaggregated":
+        n += workers.num_prefill
     if gpus < 1:
         return 0.0
     return 1.0 / -(-n // gpus)
@@ -104,6 +108,27 @@ class WorkerPool:
         self.addresses: dict[str, str] = {}
         self.dead: dict[str, str] = {}  # worker id -> why it is gone for good
         self.metrics_urls: dict[str, str] = {}
+        self._mode: str | None = None
+
+    @property
+    def mode(self) -> str:
+        """"colocated" | "disaggregated": ``workers.mode`` for this cluster's GPUs."""
+        if self._mode is None:
+            import ray
+
+            from colm.deploy.config import resolve_mode
+
+            self._mode = resolve_mode(self.cfg.workers, ray.cluster_resources().get("GPU", 0))
+        return self._mode
+
+    def counts(self) -> tuple[tuple[str, int], ...]:
+        w = self.cfg.workers
+        return (("decode", w.num_decode),) + ((("prefill", w.num_prefill),) if self.mode == "disaggregated" else ())
+
+    def section(self, role: str) -> dict:
+        if role == "prefill":
+            return dict(self.cfg.prefill)
+        return {**self.cfg.decode, "colocated_prefill": True} if self.mode == "colocated" else dict(self.cfg.decode)
 
     def _num_gpus(self) -> float:
         import ray
@@ -115,8 +140,7 @@ class WorkerPool:
         shortfall fails at once, naming what to set (Ray would leave the actor pending for good); a joined
         cluster may still grow (an autoscaler), so there it is a warning."""
         need: dict[str, float] = {}
-        w = self.cfg.workers
-        for role, count in (("prefill", w.num_prefill), ("decode", w.num_decode)):
+        for role, count in self.counts():
             opts = self._options(role)
             for name, amount in (("CPU", opts["num_cpus"]), ("GPU", opts["num_gpus"]), *(opts["resources"] or {}).items()):
                 need[name] = need.get(name, 0.0) + count * float(amount or 0)
@@ -143,8 +167,9 @@ class WorkerPool:
         w = self.cfg.workers
         host = "127.0.0.1" if w.host == "auto" and embedded else w.host  # the embedded cluster stays on loopback
         actor = ray.remote(WorkerActor)
-        for role, count in (("decode", w.num_decode), ("prefill", w.num_prefill)):
-            section = dict(self.cfg.decode if role == "decode" else self.cfg.prefill)
+        log.info("workers: %s (%s)", self.mode, ", ".join(f"{n} {role}" for role, n in self.counts()))
+        for role, count in self.counts():
+            section = self.section(role)
             for i in range(count):
                 wid = f"{role}-{i}"
                 self.actors[wid] = actor.options(**self._options(role)).remote(

@@ -61,6 +61,17 @@ class ModelSection:
             raise ValueError(f"model.device={self.device!r}: allowed are auto, cpu, cuda")
 
 
+MODES = ("auto", "disaggregated", "colocated")
+
+
+def resolve_mode(workers, cluster_gpus: float) -> str:
+    """``workers.mode`` with ``auto`` decided by the cluster's GPUs: "colocated" | "disaggregated"."""
+    if workers.mode != "auto":
+        return workers.mode
+    gpus = int(cluster_gpus)
+    return "colocated" if 1 <= gpus < workers.num_prefill + workers.num_decode else "disaggregated"
+
+
 @dataclass(frozen=True)
 class WorkersSection:
     num_prefill: int = 1
@@ -72,8 +83,15 @@ class WorkersSection:
     max_restarts: int = 3  # Ray restarts a dead worker actor this many times
     start_timeout_s: float = 300.0  # every worker must report its address within this at start (model load included)
     host: str = "auto"  # workers' gRPC bind host: auto = the node's IP (colm.deploy.addresses), 0.0.0.0, or an address
+    # disaggregated: prefill workers (chain 1) hand the K/V to decode workers; colocated: decode workers prefill
+    # their own prompts in their step loop (no prefill workers: num_prefill is not used); auto: colocated where the
+    # workers would share GPUs (fewer GPUs than workers, e.g. one GPU: two processes would time-slice it),
+    # disaggregated with a GPU per worker or without GPUs
+    mode: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"workers.mode={self.mode!r}: allowed are {list(MODES)}")
         for name in ("num_prefill", "num_decode"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

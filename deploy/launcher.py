@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 from colm.config import servable
-from colm.deploy.config import ClusterConfig
+from colm.deploy.config import ClusterConfig, resolve_mode
 
 log = logging.getLogger("colm.serve")
 
@@ -86,7 +86,7 @@ def engines_will_run() -> bool:
     return engines_available()
 
 
-def check_model(cfg: ClusterConfig, path: str, colocated: bool = False):
+def check_model(cfg: ClusterConfig, path: str, baseline: bool = False):
     """Everything the engines will need of the checkpoint at ``path``, checked here so a bad one fails in a
     second with one line (in a worker actor it fails only after the start-up wait). Returns its ModelConfig."""
     from colm import checkpoint
@@ -105,7 +105,7 @@ def check_model(cfg: ClusterConfig, path: str, colocated: bool = False):
         load_checkpoint_tokenizer(path)
     except (OSError, KeyError, ImportError) as e:
         raise ValueError(f"model {path}: its tokenizer does not load ({type(e).__name__}: {e})") from None
-    if colocated or engines_will_run():
+    if baseline or engines_will_run():
         reason = servable(model_cfg)
         if reason is not None:
             raise ValueError(f"model {path}: {reason}")
@@ -135,9 +135,9 @@ def check_tls(cfg: ClusterConfig) -> None:
 
 
 class Launcher:
-    def __init__(self, cfg: ClusterConfig, model_path: str | None = None, colocated: bool = False) -> None:
+    def __init__(self, cfg: ClusterConfig, model_path: str | None = None, baseline: bool = False) -> None:
         self.cfg = cfg
-        self.colocated = colocated  # the baseline: one full model prefills and decodes, full scale only
+        self.baseline = baseline  # the load test's: one colocated engine, full-model prefill, full scale only
         self.model_path = model_path
         self.token = cfg.token()
         self.pool = None  # deploy.actors.WorkerPool when engines run as actors
@@ -151,7 +151,7 @@ class Launcher:
         if self._model_cfg is None:
             check_tls(self.cfg)
             path = self.model_path or ensure_model(self.cfg)
-            self._model_cfg = check_model(self.cfg, path, self.colocated)
+            self._model_cfg = check_model(self.cfg, path, self.baseline)
             self.model_path = path
         return self.model_path
 
@@ -193,7 +193,7 @@ class Launcher:
         try:
             from colm.deploy.actors import WorkerPool, engines_available
 
-            if engines_available() and not self.colocated:
+            if engines_available() and not self.baseline:
                 self._init_ray()
                 self.pool = WorkerPool(cfg, path, self.token)
                 infos = await asyncio.get_running_loop().run_in_executor(None, self.pool.start, not cfg.ray.address)
@@ -205,10 +205,10 @@ class Launcher:
         except ImportError as e:
             log.warning("engines unavailable (%s)", e)
         if backend is None:
-            backend = self._colocated_backend(path) if self.colocated else self._in_process_backend(path, model_cfg)
+            backend = self._baseline_backend(path) if self.baseline else self._in_process_backend(path, model_cfg)
         self.model_path = path
         router_cfg = cfg.router
-        if self.colocated:
+        if self.baseline:
             import dataclasses
 
             router_cfg = dataclasses.replace(router_cfg, fixed_scale=model_cfg.num_chains)
@@ -230,15 +230,19 @@ class Launcher:
             from colm.router.engine_backend import EngineBackend
 
             if servable(model_cfg) is None:
+                import torch
+
                 w, device = self.cfg.workers, self._device()
-                dtype = getattr(__import__("torch"), self.cfg.model.dtype)
+                dtype = getattr(torch, self.cfg.model.dtype)
+                mode = resolve_mode(w, torch.cuda.device_count() if device == "cuda" else 0)
+                section = {**self.cfg.decode, "colocated_prefill": mode == "colocated"}
                 prefill = {f"prefill-{i}": PrefillEngine.from_checkpoint(path, PrefillConfig(**self.cfg.prefill),
                                                                          device=device, dtype=dtype)
-                           for i in range(w.num_prefill)}
-                decode = {f"decode-{i}": DecodeEngine.from_checkpoint(path, DecodeConfig(**self.cfg.decode),
+                           for i in range(w.num_prefill if mode == "disaggregated" else 0)}
+                decode = {f"decode-{i}": DecodeEngine.from_checkpoint(path, DecodeConfig(**section),
                                                                       device=device, dtype=dtype)
                           for i in range(w.num_decode)}
-                log.warning("no Ray worker actors available: prefill and decode engines run in this process")
+                log.warning("no Ray worker actors available: %s engines run in this process", mode)
                 return EngineBackend(prefill, decode)
         except ImportError as e:
             log.warning("engines unavailable (%s)", e)
@@ -248,20 +252,21 @@ class Launcher:
         log.warning("serving one full model in-process (no prefill/decode split)")
         return LocalBackend(checkpoint.load(path).eval())
 
-    def _colocated_backend(self, path: str):
-        """The load test's baseline on the same resources: one process, the full model prefills (all
-        chains) and decodes every request at the full scale, with the same decode engine."""
+    def _baseline_backend(self, path: str):
+        """The load test's baseline on the same resources, served as a dense model would be by the best engine
+        colm has: one process, the colocated engine (chunked prefill in the decode loop, CUDA graphs), the FULL
+        model prefilling every prompt (``prefill_scale`` 0: a dense model's cost), every request at full scale."""
         import torch
 
         from colm.decode_worker.config import DecodeConfig
         from colm.decode_worker.engine import DecodeEngine
-        from colm.router.colocated import FullPrefillEngine
         from colm.router.engine_backend import EngineBackend
 
-        de = DecodeEngine.from_checkpoint(path, DecodeConfig(**self.cfg.decode), device=self._device(),
+        section = {**self.cfg.decode, "colocated_prefill": True, "prefill_scale": 0}
+        de = DecodeEngine.from_checkpoint(path, DecodeConfig(**section), device=self._device(),
                                           dtype=getattr(torch, self.cfg.model.dtype))
-        log.warning("colocated baseline: full-model prefill and decode in this process, full scale only")
-        return EngineBackend({"colocated-prefill": FullPrefillEngine(de.model)}, {"colocated-decode": de})
+        log.warning("baseline: one colocated engine, full-model prefill, full scale only")
+        return EngineBackend({}, {"baseline-0": de})
 
     def _device(self) -> str:
         import torch

@@ -8,13 +8,12 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.engine import DecodeEngine
-from colm.errors import RequestAbortedError, RequestFailedError
+from colm.errors import RequestFailedError
 from colm.generate import generate
 from colm.prefill_worker.config import PrefillConfig
 from colm.prefill_worker.engine import PrefillEngine

@@ -56,10 +56,26 @@ def test_serve_cli_overrides(tmp_path):
     import argparse
 
     args = argparse.Namespace(config=None, model=None, address="auto", host="10.1.2.3", grpc_port=1234,
-                              http_port=None, num_prefill=2, num_decode=3, colocated=False)
+                              http_port=None, num_prefill=2, num_decode=3, baseline=False, mode="colocated")
     cfg = load_config(args)
     assert (cfg.ray.address, cfg.router.host, cfg.router.grpc_port) == ("auto", "10.1.2.3", 1234)
-    assert (cfg.workers.num_prefill, cfg.workers.num_decode) == (2, 3)
+    assert (cfg.workers.num_prefill, cfg.workers.num_decode, cfg.workers.mode) == (2, 3, "colocated")
+
+
+def test_workers_mode_picks_colocated_where_workers_would_share_gpus():
+    from colm.deploy.actors import gpus_per_worker
+    from colm.deploy.config import WorkersSection, resolve_mode
+
+    one = WorkersSection()  # 1 prefill + 1 decode
+    assert [resolve_mode(one, g) for g in (0, 1, 2, 8)] == ["disaggregated", "colocated", "disaggregated",
+                                                            "disaggregated"]
+    assert gpus_per_worker(one, 1) == 1.0  # colocated: the decode worker has the GPU to itself
+    assert gpus_per_worker(one, 2) == 1.0 and gpus_per_worker(one, 0) == 0.0
+    split = WorkersSection(mode="disaggregated")
+    assert resolve_mode(split, 1) == "disaggregated" and gpus_per_worker(split, 1) == 0.5
+    assert resolve_mode(WorkersSection(mode="colocated"), 0) == "colocated"
+    with pytest.raises(ValueError, match=r"workers.mode='both': allowed are \['auto', 'disaggregated', 'colocated'\]"):
+        WorkersSection(mode="both")
 
 
 def test_cluster_yaml_for_ray_up():
@@ -115,15 +131,16 @@ def test_auto_gpus_place_every_worker_and_a_shortfall_fails_at_once():
     from colm.deploy.actors import WorkerPool, gpus_per_worker
     from colm.deploy.config import ClusterConfig
 
-    cfg = ClusterConfig.from_dict({"workers": {"num_prefill": 1, "num_decode": 1}})
+    cfg = ClusterConfig.from_dict({"workers": {"num_prefill": 1, "num_decode": 1, "mode": "disaggregated"}})
     assert gpus_per_worker(cfg.workers, 0) == 0.0
     assert gpus_per_worker(cfg.workers, 1) == 0.5  # one GPU: both roles share it
     assert gpus_per_worker(cfg.workers, 2) == 1.0
-    three = ClusterConfig.from_dict({"workers": {"num_prefill": 2, "num_decode": 2}}).workers
+    three = ClusterConfig.from_dict({"workers": {"num_prefill": 2, "num_decode": 2, "mode": "disaggregated"}}).workers
     assert gpus_per_worker(three, 3) == 0.5  # 4 workers on 3 GPUs: two per GPU, never 0.75 (3 would not pack)
     whole = ClusterConfig.from_dict({"workers": {"num_gpus_per_worker": 1}})
     pool = WorkerPool(whole, "unused", "t" * 16)
     pool._num_gpus = lambda: 1.0
+    pool._mode = "disaggregated"
     with pytest.raises(RuntimeError, match="GPU: workers need 2, the cluster has 1.*num_gpus_per_worker"):
         pool.check_fits({"CPU": 8.0, "GPU": 1.0}, embedded=True)
     pool.check_fits({"CPU": 8.0, "GPU": 1.0}, embedded=False)  # a joined cluster may grow: a warning only

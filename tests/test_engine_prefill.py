@@ -62,26 +62,3 @@ def test_prefill_kv_equals_full_model(tmp_path, chunk_size, bucket, monkeypatch)
             k, v = cache.layer_kv(layer)  # [1, Hkv, T, hd]
             torch.testing.assert_close(s.k[layer, :, 0], k[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(s.k[layer, :, 1], v[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("forced_bucket", [None, 16])
-def test_colocated_full_prefill_kv_equals_full_model(tmp_path, forced_bucket, monkeypatch):
-    """The baseline's full-model prefill (padded as on CUDA when ``forced_bucket``) hands over exact K/V."""
-    from concurrent.futures import Future
-
-    from colm.router import colocated
-
-    if forced_bucket:
-        monkeypatch.setattr(colocated, "padded_length", lambda n, b, device: -(-n // forced_bucket) * forced_bucket)
-    full = save_tiny_air(tmp_path)
-    eng = colocated.FullPrefillEngine(full)
-    p = prompts([21])[0][:-1]
-    sink, fut = CaptureSink(), Future()
-    eng._run("r0", p, sink, fut)
-    assert fut.result() == len(p)
-    cache = ContiguousKVCache(full.cfg, 1, len(p))
-    full(torch.tensor([p]), scale=2, cache=cache)
-    for layer in range(full.cfg.n_layers):
-        k, v = cache.layer_kv(layer)  # [1, Hkv, T, hd]
-        torch.testing.assert_close(sink.k[layer, :, 0], k[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(sink.k[layer, :, 1], v[0].transpose(0, 1), rtol=1e-5, atol=1e-5)

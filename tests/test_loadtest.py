@@ -42,8 +42,8 @@ def test_loadtest_200_requests_writes_json_and_png(tmp_path):
     assert "rate" in table(summary)
 
 
-def test_closed_loop_against_the_colocated_baseline(tmp_path):
-    """`colm serve --colocated`: full-model prefill + decode, every request at the full scale."""
+def test_closed_loop_against_the_baseline(tmp_path):
+    """`colm serve --baseline`: one colocated engine with the full model's prefill, every request at full scale."""
     import asyncio
     import threading
 
@@ -52,7 +52,7 @@ def test_closed_loop_against_the_colocated_baseline(tmp_path):
 
     cfg = ClusterConfig.from_dict({"model": {"path": "demo"}, "decode": {"num_blocks": 256},
                                    "router": {"grpc_port": 0, "http_port": None, "metrics_port": None}})
-    launcher = Launcher(cfg, colocated=True)
+    launcher = Launcher(cfg, baseline=True)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     addrs = asyncio.run_coroutine_threadsafe(launcher.start(), loop).result(120)
@@ -65,8 +65,9 @@ def test_closed_loop_against_the_colocated_baseline(tmp_path):
         loop.call_soon_threadsafe(loop.stop)
     assert summary["total"]["num_ok"] == 20 and summary["total"]["num_requests"] == 20
     assert summary["rates"][0]["scale_mix"] == {"2": 1.0}  # no scale choice, whatever the budget or pin
-    de = launcher.server.router.backend.decode["colocated-decode"]
-    assert de.stats().num_free_blocks == de.stats().num_blocks
+    de = launcher.server.router.backend.decode["baseline-0"]
+    assert de.stats().num_free_blocks == de.stats().num_blocks and de.stats().prefills
+    assert de.config.prefill_scale == 0 and de.stats().num_prefill_chunks > 0
     assert de.stats().num_finished == 26  # the 6 warm-up requests ran but are not in the summary
 
 

@@ -26,14 +26,15 @@ def service():
 
     cfg = ClusterConfig.from_dict({
         "model": {"path": "demo"},
-        "workers": {"num_prefill": 1, "num_decode": 1, "num_cpus_per_worker": 0.5, "max_restarts": 2},
+        "workers": {"num_prefill": 1, "num_decode": 1, "num_cpus_per_worker": 0.5, "max_restarts": 2,
+                    "mode": "disaggregated"},  # one GPU would be colocated by default (test_service_ray_colocated)
         "decode": {"num_blocks": 512, "block_size": 16},
         "router": {"grpc_port": 0, "http_port": 0, "metrics_port": 0, "poll_interval_s": 0.1, "max_retries": 3,
                    "poll_timeout_s": 10,
                    "worker_wait_s": 240},
         "ray": {"num_cpus": 4}})
-    # a simulated one-GPU machine (a GPU resource Ray believes in; the engines run on the CPU): the bundled
-    # num_gpus_per_worker: auto must place both workers on it
+    # a simulated one-GPU machine (a GPU resource Ray believes in; the engines run on the CPU): with the split
+    # asked for, the bundled num_gpus_per_worker: auto must place both workers on it
     ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, namespace="colm", log_to_driver=False)
     launcher = Launcher(cfg)
     loop = asyncio.new_event_loop()

@@ -28,8 +28,12 @@ def register(sub) -> None:
     p.add_argument("--address", default=None, help="Ray address: 'auto' joins a running cluster (default: embedded)")
     p.add_argument("--num-prefill", type=int, default=None, help="prefill workers (workers.num_prefill)")
     p.add_argument("--num-decode", type=int, default=None, help="decode workers (workers.num_decode)")
-    p.add_argument("--colocated", action="store_true",
-                   help="baseline for load tests: one full-model server (no disaggregation, no scale choice)")
+    p.add_argument("--mode", default=None, choices=("auto", "disaggregated", "colocated"),
+                   help="workers.mode: prefill workers hand K/V to decode workers, or decode workers prefill their "
+                        "own prompts (auto: colocated where workers would share GPUs)")
+    p.add_argument("--baseline", action="store_true",
+                   help="baseline for load tests: the dense-model cost on colm's best one-process engine (full-model "
+                        "prefill, full scale only, no scale choice)")
     p.set_defaults(func=run)
 
 
@@ -44,6 +48,7 @@ OVERRIDES = (
     ("metrics_port", "router", "metrics_port"),
     ("num_prefill", "workers", "num_prefill"),
     ("num_decode", "workers", "num_decode"),
+    ("mode", "workers", "mode"),
 )
 
 
@@ -95,7 +100,7 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="[colm serve] %(levelname)s %(message)s")
     cfg = load_config(args)  # a bad field or an unset env: secret raises ValueError: one line, exit 2
-    launcher = Launcher(cfg, colocated=args.colocated)
+    launcher = Launcher(cfg, baseline=args.baseline)
     launcher.prepare()  # the checkpoint and TLS files, before Ray or any worker starts
 
     async def main() -> None:

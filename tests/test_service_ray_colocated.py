@@ -1,0 +1,88 @@
+"""`colm serve` on a real Ray cluster with one (simulated) GPU: ``workers.mode: auto`` starts one colocated decode
+worker that holds the whole GPU and prefills its own prompts (no prefill worker). Served tokens equal ``colm
+generate`` at every scale, speculative requests included, and a colocated worker killed mid-stream is restarted by
+Ray and the stream ends exactly."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from router_helpers import wait_serving
+
+ray = pytest.importorskip("ray")
+
+PROMPTS = ("The import statement", "x", "a longer prompt that spans several blocks of the pool " * 3)
+
+
+@pytest.fixture(scope="module")
+def service():
+    import asyncio
+
+    from colm.deploy.config import ClusterConfig
+    from colm.deploy.launcher import Launcher
+
+    cfg = ClusterConfig.from_dict({
+        "model": {"path": "demo"},
+        "workers": {"num_cpus_per_worker": 0.5, "max_restarts": 2},  # mode auto, 1 prefill + 1 decode asked for
+        "decode": {"num_blocks": 512, "block_size": 16, "max_batched_tokens": 64},
+        "router": {"grpc_port": 0, "http_port": None, "metrics_port": None, "poll_interval_s": 0.1,
+                   "max_retries": 3, "poll_timeout_s": 10, "worker_wait_s": 240},
+        "ray": {"num_cpus": 4}})
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, namespace="colm", log_to_driver=False)
+    launcher = Launcher(cfg)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    call = lambda coro, t=420: asyncio.run_coroutine_threadsafe(coro, loop).result(t)  # noqa: E731
+    addrs = call(launcher.start())
+    yield launcher, addrs
+    call(launcher.stop())
+    loop.call_soon_threadsafe(loop.stop)
+    ray.shutdown()
+
+
+def _reference(prompt: str, n: int, scale: int) -> list[int]:
+    from colm import checkpoint
+    from colm.assets import demo_model_dir
+    from colm.generate import generate
+    from colm.sampling import SamplingParams
+    from colm.tokenizer import ByteTokenizer
+
+    model = checkpoint.load(str(demo_model_dir())).eval()
+    return generate(model, ByteTokenizer().encode(prompt), SamplingParams(max_new_tokens=n, ignore_eos=True),
+                    scale=scale).token_ids
+
+
+def test_one_gpu_runs_one_colocated_worker_with_the_whole_gpu(service):
+    from colm.client import Client
+
+    launcher, addrs = service
+    assert launcher.pool.mode == "colocated" and launcher.pool._num_gpus() == 1.0
+    h = wait_serving(addrs["grpc"], 60)
+    assert [(w["worker_id"], w["role"]) for w in h["workers"]] == [("decode-0", "decode")]
+    with Client(addrs["grpc"], timeout_s=120) as c:
+        for prompt in PROMPTS:
+            for scale in (1, 2):
+                got = c.complete(prompt, max_new_tokens=12, scale=scale, ignore_eos=True)
+                assert got["token_ids"] == _reference(prompt, 12, scale), (prompt, scale)
+            spec = c.complete(prompt, max_new_tokens=12, scale=2, ignore_eos=True, speculative=4)
+            assert spec["token_ids"] == _reference(prompt, 12, 2)
+
+
+def test_the_colocated_worker_killed_mid_stream_the_stream_completes_exactly(service):
+    from colm.client import Client
+
+    launcher, addrs = service
+    n, toks, killed = 300, [], threading.Event()
+    with Client(addrs["grpc"], timeout_s=480) as c:
+        for ev in c.stream(PROMPTS[0], max_new_tokens=n, scale=2, ignore_eos=True):
+            if ev["kind"] == "token":
+                toks.append(ev["id"])
+                if len(toks) == 20 and not killed.is_set():
+                    killed.set()
+                    launcher.pool.kill("decode-0", restart=True)
+            elif ev["kind"] == "finish":
+                finish = ev
+    assert killed.is_set() and toks == _reference(PROMPTS[0], n, 2)
+    assert finish["finish_reason"] == "length" and finish["usage"]["retries"] >= 1
+    wait_serving(addrs["grpc"])
