@@ -1,10 +1,16 @@
-"""The serving path's host cost: the router's token streams batched vs per request, same workers, one run.
+"""Serving throughput of each deployment on one device, same load, one run: its host cost and the GPU's limit.
 
-Prefill and decode workers run as plain processes (``colm.deploy.worker_main``); for each mode of
-``router.token_stream`` a router in this process serves a closed-loop load from ``colm loadtest`` (another
-process). Per mode: requests/s, output tokens/s, TTFT / TPOT percentiles, goodput at the SLO, and the CPU
-seconds the router, the decode worker and the prefill worker spent per 1000 output tokens (from /proc), with
-the GPU's busy fraction sampled by nvidia-smi where there is one.
+Modes (``--modes``), each its own workers as plain processes (``colm.deploy.worker_main``) and a router in this
+process serving a closed-loop load from ``colm loadtest`` (another process):
+  per_request, batched  disaggregated: a chain-1 prefill worker hands the K/V to a decode worker; the router's
+                        token streams per request or batched per decode step (``router.token_stream``);
+  colocated             one decode worker that prefills its own prompts in chunks inside its step loop
+                        (``DecodeConfig.colocated_prefill``: one process, one CUDA context, no hand-off);
+  baseline              the same colocated engine serving the model as a dense one would be served: the FULL
+                        model prefills every prompt (``prefill_scale`` 0) and every request runs at full scale.
+Per mode: requests/s, output tokens/s, TTFT / TPOT percentiles, goodput at the SLO, and the CPU seconds the
+router and each worker spent per 1000 output tokens (from /proc), with the GPU's busy fraction sampled by
+nvidia-smi where there is one.
 
 On a GPU the run also states the workload's physical limit: FLOPs and bytes per request from the model
 config (chain-1 prefill FLOPs; per decode step the full model's weights once for the batch plus each row's
@@ -35,7 +41,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from serve_goodput import build_checkpoint, start_worker  # noqa: E402
 
-MODES = ("per_request", "batched")
+MODES = ("batched", "colocated", "baseline")
+ALL_MODES = ("per_request", "batched", "colocated", "baseline")
 
 
 # ------------------------------------------------------------------------------------------- the limit
@@ -190,7 +197,28 @@ def summarize_stacks(raw: str, top: int = 25) -> dict:
     return {"samples": total, "top_self": rank(self_c), "top_inclusive": rank(incl)}
 
 
-def run_mode(mode: str, ckpt: str, workers, token: str, args, sampler: "GpuSampler", scratch: str) -> dict:
+def start_workers(mode: str, ckpt: str, wargs, token: str, decode_section: dict) -> dict:
+    """{role: (process, address)} of one mode's deployment."""
+    if mode in ("colocated", "baseline"):
+        section = {**decode_section, "colocated_prefill": True, "max_batched_tokens": wargs.max_batched_tokens,
+                   "prefill_scale": 0 if mode == "baseline" else 1}
+        return {"decode": start_worker("decode", ckpt, wargs, token, section)}
+    return {"decode": start_worker("decode", ckpt, wargs, token, decode_section),
+            "prefill": start_worker("prefill", ckpt, wargs, token, {})}
+
+
+def stop_workers(workers: dict) -> None:
+    for p, _ in workers.values():
+        p.terminate()
+    for p, _ in workers.values():
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:  # a worker busy tearing down its CUDA context
+            p.kill()
+            p.wait(30)
+
+
+def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "GpuSampler", scratch: str) -> dict:
     from colm import checkpoint
     from colm.router.backend import WorkerInfo
     from colm.router.config import RouterConfig
@@ -199,34 +227,34 @@ def run_mode(mode: str, ckpt: str, workers, token: str, args, sampler: "GpuSampl
     from colm.router.server import ThreadedRouterServer
     from colm.tokenizer import load_checkpoint_tokenizer
 
-    (dproc, daddr), (pproc, paddr) = workers
-    backend = GrpcBackend([WorkerInfo("decode-0", "decode", daddr), WorkerInfo("prefill-0", "prefill", paddr)],
-                          cluster_token=token, token_stream=mode)
+    stream = "per_request" if mode == "per_request" else "batched"
+    backend = GrpcBackend([WorkerInfo(f"{role}-0", role, addr) for role, (_, addr) in workers.items()],
+                          cluster_token=token, token_stream=stream)
+    model_cfg = checkpoint.load_config(ckpt)
     cfg = RouterConfig(grpc_port=0, http_port=None, max_running=1024, max_queued=8192, poll_interval_s=0.1,
                        default_deadline_s=300, token_timeout_s=120, served_model_name=f"bench-{mode}",
-                       token_stream=mode)
-    server = ThreadedRouterServer(Router(cfg, checkpoint.load_config(ckpt), load_checkpoint_tokenizer(ckpt), backend))
+                       token_stream=stream, fixed_scale=model_cfg.num_chains if mode == "baseline" else None)
+    server = ThreadedRouterServer(Router(cfg, model_cfg, load_checkpoint_tokenizer(ckpt), backend))
+    pids = {"router": os.getpid(), **{role: proc.pid for role, (proc, _) in workers.items()}}
     out = os.path.join(scratch, mode)  # colm loadtest's own JSON/PNG: read here, not kept
     try:
         base = [sys.executable, "-m", "colm.cli", "loadtest", "--addr", server.grpc_addr,
                 "--prompt-len", args.prompt_len, "--output-len", args.output_len, "--slo-ttft-ms", str(args.slo_ttft_ms),
-                "--slo-tpot-ms", str(args.slo_tpot_ms), "--timeout-s", "300"]
+                "--slo-tpot-ms", str(args.slo_tpot_ms), "--timeout-s", "300", "--budgets", args.budgets]
         env = {**os.environ, "TQDM_DISABLE": "1"}
         # warm-up (kernels tuned, graphs captured per shape) outside the measured window
         subprocess.run(base + ["--concurrency", str(args.concurrency), "--num-requests", str(args.warmup_requests),
                                "--out", out + "_warmup"], check=True, env=env, stdout=subprocess.DEVNULL)
-        cpu0 = {"router": cpu_seconds(os.getpid()), "decode": cpu_seconds(dproc.pid), "prefill": cpu_seconds(pproc.pid)}
+        cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
         g0 = sampler.mark()
         prof = None
-        if args.profile_s and mode == args.modes.split(",")[-1]:
-            prof = profile_processes({"router": os.getpid(), "decode": dproc.pid, "prefill": pproc.pid},
-                                     args.profile_s, 2.0, f"{args.out}_profile")
+        if args.profile_s and mode in args.profile_modes.split(","):
+            prof = profile_processes(pids, args.profile_s, 2.0, f"{args.out}_profile_{mode}")
         t0 = time.perf_counter()
         subprocess.run(base + ["--concurrency", str(args.concurrency), "--num-requests", str(args.num_requests),
                                "--out", out], check=True, env=env, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
-        cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in
-               (("router", os.getpid()), ("decode", dproc.pid), ("prefill", pproc.pid))}
+        cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
         gpu_busy = sampler.mean_since(g0)
         if prof is not None:
             for t in prof.pop("_threads"):
@@ -238,6 +266,7 @@ def run_mode(mode: str, ckpt: str, workers, token: str, args, sampler: "GpuSampl
     tot = summary["total"]
     out_tokens = tot["output_tokens_per_s"] * tot["num_requests"] / max(tot["throughput_rps"], 1e-9)
     return {"mode": mode, "summary": tot, "wall_s": wall, "gpu_busy_pct": gpu_busy, "profile": prof,
+            "scale_mix": summary["rates"][0].get("scale_mix") if summary.get("rates") else None,
             "cpu_s": cpu, "cpu_s_per_1k_tokens": {k: 1000 * v / max(out_tokens, 1) for k, v in cpu.items()},
             "cpu_cores_busy": {k: v / wall for k, v in cpu.items()}}
 
@@ -252,6 +281,8 @@ def table(results: list[dict], limit: dict | None) -> str:
         rows.append(f"{r['mode']:<12} {s['throughput_rps']:7.1f} {s['output_tokens_per_s']:8.0f} "
                     f"{s['ttft_ms']['p50']:8.0f}/{s['ttft_ms']['p99']:<8.0f} {s['tpot_ms']['p50']:7.2f}/{s['tpot_ms']['p99']:<8.2f}"
                     f"{s['goodput_rps']:7.1f} {c['router']:13.3f} {c['decode']:13.3f} {g:>6}{frac}")
+        if r.get("scale_mix"):
+            rows[-1] += f"  scales {r['scale_mix']}"
     return "\n".join(rows)
 
 
@@ -263,13 +294,13 @@ def plot(results: list[dict], limit: dict | None, path: str) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     names = [r["mode"] for r in results]
-    a.bar(names, [r["summary"]["throughput_rps"] for r in results], color=["#999", "#36c"][: len(names)])
+    a.bar(names, [r["summary"]["throughput_rps"] for r in results], color=["#36c"] * len(names))
     if limit:
         a.axhline(limit["limit_rps"], color="r", ls="--", label=f"GPU limit {limit['limit_rps']:.0f} req/s")
         a.legend()
     a.set_ylabel("requests/s (closed loop)")
     for i, role in enumerate(("router", "decode", "prefill")):
-        b.bar([j + 0.25 * (i - 1) for j in range(len(names))], [r["cpu_s_per_1k_tokens"][role] for r in results],
+        b.bar([j + 0.25 * (i - 1) for j in range(len(names))], [r["cpu_s_per_1k_tokens"].get(role, 0.0) for r in results],
               width=0.25, label=role)
     b.set_xticks(range(len(names)), names)
     b.set_ylabel("CPU seconds per 1000 output tokens")
@@ -283,7 +314,9 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-3.2-1b-16-16-air", help="a preset (random weights) or 'demo'")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(MODES), help=f"any of {','.join(ALL_MODES)}")
+    ap.add_argument("--budgets", default="none", help="colm loadtest --budgets: the budget mix (none = full scale)")
+    ap.add_argument("--max-batched-tokens", type=int, default=2048, help="colocated modes: tokens per loop iteration")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--num-requests", type=int, default=1500)
     ap.add_argument("--warmup-requests", type=int, default=128)
@@ -293,7 +326,8 @@ def main() -> None:
     ap.add_argument("--slo-tpot-ms", type=float, default=10.0)
     ap.add_argument("--num-blocks", type=int, default=0, help="decode pool blocks (0: from free GPU memory)")
     ap.add_argument("--profile-s", type=float, default=0,
-                    help="py-spy the router and both workers this long during the last mode's load (0: off)")
+                    help="py-spy the router and the workers this long during the load of --profile-modes (0: off)")
+    ap.add_argument("--profile-modes", default="colocated")
     ap.add_argument("--out", default=None, help="output prefix (default: $OUT or bench/results, serve_path_<device>)")
     args = ap.parse_args()
 
@@ -325,31 +359,28 @@ def main() -> None:
     token = secrets.token_urlsafe(24)
     blocks = args.num_blocks or (0 if cuda else 4096)
     decode_section = {"num_blocks": blocks, "max_batch_size": max(64, args.concurrency)}
-    workers = [start_worker("decode", ckpt, wargs, token, decode_section),
-               start_worker("prefill", ckpt, wargs, token, {})]
     sampler = GpuSampler()
     results = []
     try:
         for mode in args.modes.split(","):
-            results.append(run_mode(mode, ckpt, workers, token, args, sampler, scratch))
+            if mode not in ALL_MODES:
+                raise SystemExit(f"--modes: {mode!r} is not one of {ALL_MODES}")
+            workers = start_workers(mode, ckpt, wargs, token, decode_section)
+            try:
+                results.append(run_mode(mode, ckpt, workers, token, args, sampler, scratch))
+            except BaseException:
+                for role in workers:  # what the workers said, when a mode failed
+                    with open(os.path.join(scratch, f"worker_{role}.log")) as f:
+                        print(f"--- {role} worker log (tail)\n" + "".join(f.readlines()[-30:]), file=sys.stderr)
+                raise
+            finally:
+                stop_workers(workers)
             print(table(results[-1:], limit), flush=True)
-    except BaseException:
-        for role in ("decode", "prefill"):  # what the workers said, when a mode failed
-            with open(os.path.join(scratch, f"worker_{role}.log")) as f:
-                print(f"--- {role} worker log (tail)\n" + "".join(f.readlines()[-30:]), file=sys.stderr)
-        raise
     finally:
         sampler.stop()
-        for p, _ in workers:
-            p.terminate()
-        for p, _ in workers:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:  # a worker busy tearing down its CUDA context
-                p.kill()
-                p.wait(30)
-    base = next((r for r in results if r["mode"] == "per_request"), None)
+    base = next((r for r in results if r["mode"] == ("batched" if "batched" in args.modes else "per_request")), None)
     ratios = {}
+    baseline = next((r for r in results if r["mode"] == "baseline"), None)
     if base is not None:
         for r in results:
             ratios[r["mode"]] = {"throughput": r["summary"]["throughput_rps"] / base["summary"]["throughput_rps"],
@@ -357,6 +388,9 @@ def main() -> None:
                                  max(base["cpu_s_per_1k_tokens"]["router"], 1e-12),
                                  "decode_cpu_per_token": r["cpu_s_per_1k_tokens"]["decode"] /
                                  max(base["cpu_s_per_1k_tokens"]["decode"], 1e-12)}
+    ratios_vs_baseline = {r["mode"]: {"throughput": r["summary"]["throughput_rps"] / baseline["summary"]["throughput_rps"],
+                                      "goodput": r["summary"]["goodput_rps"] / max(baseline["summary"]["goodput_rps"], 1e-9)}
+                          for r in results} if baseline else {}
     if limit:
         for r in results:
             r["fraction_of_limit"] = r["summary"]["throughput_rps"] / limit["limit_rps"]
@@ -368,13 +402,14 @@ def main() -> None:
                         "prompt_len": args.prompt_len, "output_len": args.output_len,
                         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms},
                "workers": "plain processes (colm.deploy.worker_main), router in the benchmark process",
+               "max_batched_tokens": args.max_batched_tokens, "budgets": args.budgets,
                "gpu_measured": gpu, "request_cost": cost, "limit": limit, "results": results,
-               "ratio_vs_per_request": ratios}
+               f"ratio_vs_{base['mode'] if base else 'none'}": ratios, "ratio_vs_baseline": ratios_vs_baseline}
     with open(args.out + ".json", "w") as f:
         json.dump(payload, f, indent=1)
     plot(results, limit, args.out + ".png")
     print(table(results, limit))
-    print(json.dumps(ratios, indent=1))
+    print(json.dumps({"vs_disaggregated": ratios, "vs_baseline": ratios_vs_baseline}, indent=1))
     print(f"wrote {args.out}.json and .png")
 
 
