@@ -358,7 +358,9 @@ def main() -> None:
     wargs = argparse.Namespace(**{**vars(args), "out": os.path.join(scratch, "worker")})  # worker logs there
     token = secrets.token_urlsafe(24)
     blocks = args.num_blocks or (0 if cuda else 4096)
-    decode_section = {"num_blocks": blocks, "max_batch_size": max(64, args.concurrency)}
+    # as deploy/serve.yaml: on CUDA, decode graphs (and a colocated engine's prefill chunk sizes) warmed at start
+    decode_section = {"num_blocks": blocks, "max_batch_size": max(64, args.concurrency),
+                      "warmup_context": 4096 if cuda else 0}
     sampler = GpuSampler()
     results = []
     try:

@@ -164,6 +164,11 @@ class DecodeEngine:
                                     range(1, self.cfg.num_chains + 1))
             log.info("captured %d decode graphs up to %d tokens in %.1f s", n, self.config.warmup_context,
                      time.perf_counter() - t0)
+        if self.config.warmup_context and self.config.colocated_prefill and self.device.type == "cuda":
+            t0 = time.perf_counter()
+            n = self._warm_prefill()
+            log.info("warmed %d prefill chunk sizes up to %d tokens in %.1f s", n, self.config.max_batched_tokens,
+                     time.perf_counter() - t0)
         self._runner.start()
         return self
 
@@ -659,6 +664,28 @@ class DecodeEngine:
             s.request.timeline.mark("kv_first_chunk")
         self.iterations.append((decode_tokens, sum(s.num_tokens for s in segments)))
         return segments
+
+    def _warm_prefill(self) -> int:
+        """Run a prompt chunk of every power-of-two size up to ``max_batched_tokens`` once (the kernels tune per
+        size bucket: no request meets a tuning), into blocks taken and given back here; the sizes run."""
+        import types
+
+        from colm.decode_worker.prefill_schedule import Segment
+
+        n = min(self.config.max_batched_tokens, self.cfg.max_seq_len)
+        blocks = self.pool.allocate(blocks_for(n, self.pool.block_size))
+        try:
+            dummy = types.SimpleNamespace(prompt_tokens=np.zeros(n, dtype=np.int64), blocks=blocks)
+            sizes = sorted({min(1 << i, n) for i in range(n.bit_length() + 1)})
+            for size in sizes:
+                run_prefill_chunk(self.model, self.pool, [Segment(dummy, 0, size)], self._prefill_scale)
+                if size < n:  # a later chunk of a prompt (attention over keys read back from the pool)
+                    run_prefill_chunk(self.model, self.pool, [Segment(dummy, size, min(n, 2 * size))],
+                                      self._prefill_scale)
+            torch.cuda.synchronize(self.device)
+        finally:
+            self.pool.free(blocks)
+        return len(sizes)
 
     def _run_prefill(self, segments) -> dict:
         """The chunk's forward (outside the lock); a failed chunk is redone segment by segment (each writes the

@@ -212,3 +212,22 @@ def test_bad_input_and_faults_stay_per_request(setup, monkeypatch):
     finally:
         de.stop()
     assert_pool_free(de)
+
+
+def test_the_prefill_warm_up_runs_every_chunk_size_and_gives_its_blocks_back(setup, monkeypatch):
+    """On CUDA, ``start`` with ``warmup_context`` runs a chunk of every power-of-two size up to the budget (the
+    kernels tune per size bucket); run here directly: the sizes, and the pool whole again."""
+    path, _ = setup
+    from colm.decode_worker import engine as engine_mod
+
+    seen = []
+    real = engine_mod.run_prefill_chunk
+    monkeypatch.setattr(engine_mod, "run_prefill_chunk",
+                        lambda model, pool, segs, scale: (seen.append((segs[0].start, segs[0].end)),
+                                                          real(model, pool, segs, scale)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    de = _engine(path, max_batched_tokens=100)
+    assert de._warm_prefill() == 8  # 1, 2, 4, ..., 64 and 100
+    assert [e for s, e in seen if s == 0] == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert (64, 100) in seen  # a later chunk too
+    assert de.pool.num_free == de.pool.num_blocks and not de._requests
