@@ -27,17 +27,27 @@ def run_prefill_chunk(model, pool, segments: list[Segment], scale: int = 1) -> N
     """``scale`` 1: chain 1 (CoLM-Air's shared K/V; the last layer's attention and FFN are skipped). A wider scale
     runs that sub-model over the prompt (the same K/V, at what a dense model's prefill costs: the baseline)."""
     device = model.inv_freq.device
+    # every index the chunk needs, uploaded in ONE copy from pinned memory (a copy from pageable memory waits for
+    # the stream: the decode step queued ahead would stall the host here): [tokens | positions | slots | contexts]
     tokens = np.concatenate([s.request.prompt_tokens[s.start : s.end] for s in segments])  # [N]
+    n = len(tokens)
     positions = np.concatenate([np.arange(s.start, s.end) for s in segments])  # [N]
-    slots = torch.cat([pool.slots(s.request.blocks, s.start, s.end) for s in segments]).to(device)  # [N]
+    slots = np.concatenate([pool.slots(s.request.blocks, s.start, s.end).numpy() for s in segments])  # [N]
+    ctxs = [pool.slots(s.request.blocks, 0, s.end).numpy() if s.start else None for s in segments]
+    host = torch.from_numpy(np.concatenate([tokens, positions, slots] + [c for c in ctxs if c is not None]))
+    if device.type == "cuda":
+        dev = host.pin_memory().to(device, non_blocking=True)
+    else:
+        dev = host
+    tok, pos, slots = dev[:n][None], dev[n : 2 * n][None], dev[2 * n : 3 * n]  # [1, N], [1, N], [N]
     # each segment: (offset in the packed chunk, its length, its first position, slots of its prompt so far or None)
-    parts, off = [], 0
-    for s in segments:
-        ctx = pool.slots(s.request.blocks, 0, s.end).to(device) if s.start else None
+    parts, off, at = [], 0, 3 * n
+    for s, c in zip(segments, ctxs):
+        ctx = None
+        if c is not None:
+            ctx, at = dev[at : at + len(c)], at + len(c)
         parts.append((off, s.num_tokens, s.start, ctx))
         off += s.num_tokens
-    tok = torch.from_numpy(tokens).to(device)[None]  # [1, N]
-    pos = torch.from_numpy(positions).to(device)[None]  # [1, N]
 
     def attend(li, q, k, v):
         # q [1, Hq, N, hd]; k, v [1, Hkv, N, hd] (RoPE applied)
