@@ -172,7 +172,7 @@ def test_bad_input_and_faults_stay_per_request(setup, monkeypatch):
     assert de.abort("q")
     de.step()
     assert_pool_free(de)
-    from colm.decode_worker import engine as engine_mod
+    from colm.decode_worker import chunked_prefill as engine_mod
 
     real = engine_mod.run_prefill_chunk
     entered, release = threading.Event(), threading.Event()
@@ -218,7 +218,7 @@ def test_the_prefill_warm_up_runs_every_chunk_size_and_gives_its_blocks_back(set
     """On CUDA, ``start`` with ``warmup_context`` runs a chunk of every power-of-two size up to the budget (the
     kernels tune per size bucket); run here directly: the sizes, and the pool whole again."""
     path, _ = setup
-    from colm.decode_worker import engine as engine_mod
+    from colm.decode_worker import chunked_prefill as engine_mod
 
     seen = []
     real = engine_mod.run_prefill_chunk

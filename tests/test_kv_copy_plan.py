@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from colm.decode_worker import engine as engine_mod
+from colm.decode_worker import kv_intake as engine_mod
 from colm.decode_worker.block_pool import MAX_SLICE_RUNS
 from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.engine import DecodeEngine

@@ -1,0 +1,124 @@
+"""The colocated engine's prefill: the decode engine computes its own requests' chain-1 K/V.
+
+``ColocatedPrefill`` is a part of ``DecodeEngine`` (a mixin over its state) used when
+``DecodeConfig.colocated_prefill`` is on: ``prefill_kv`` queues a reserved request's prompt (all but the last
+token); each loop iteration takes the chunks the token budget leaves after the decode rows (``prefill_schedule``),
+runs them packed through chain 1 into the requests' blocks (``chunked_prefill``) after the decode step's tokens were
+read, and marks a request's KV done once its last chunk ran. A request whose chunk is in the forward is only marked
+when it is aborted (``prefilling``); the loop finalizes it after the forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import numpy as np
+import torch
+
+from colm.errors import RequestFailedError
+
+from colm.decode_worker import chunked_prefill
+from colm.decode_worker.block_pool import blocks_for
+from colm.decode_worker.prefill_schedule import Segment, take_chunk
+
+log = logging.getLogger("colm.decode")
+
+
+class ColocatedPrefill:
+    def prefill_kv(self, request_id: str, token_ids) -> None:
+        """colocated_prefill: compute the K/V of ``token_ids`` (the prompt but its last token) in this engine's own
+        step loop; the request is admitted once they are all in its blocks."""
+        with self._wake:
+            req = self._get(request_id)
+            try:
+                if not self.config.colocated_prefill:
+                    raise ValueError("this decode worker does not prefill prompts itself (colocated_prefill is off)")
+                try:
+                    ids = np.asarray(token_ids, dtype=np.int64)  # [n]
+                except (TypeError, ValueError, OverflowError) as e:
+                    raise ValueError(f"request {request_id}: prompt token ids must be integers ({e})") from None
+                if req.layout is not None or req.prompt_tokens is not None:
+                    raise ValueError(f"request {request_id}: its KV was already given")
+                if ids.ndim != 1 or len(ids) != req.prompt_len - 1:
+                    raise ValueError(f"request {request_id}: {list(ids.shape)} prompt tokens to prefill, the "
+                                     f"reservation needs {req.prompt_len - 1} (the prompt but its last token)")
+                if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+                    raise ValueError(f"request {request_id}: prompt token ids must be in 0..{self.cfg.vocab_size - 1}")
+            except ValueError as e:
+                self._fail(req, e)
+                raise
+            req.prompt_tokens = ids
+            req.timeline.mark("kv_header")
+            if len(ids):
+                self._prefill_queue.append(req)
+                self._wake.notify_all()
+
+    def _take_prefill(self, decode_tokens: int) -> list:
+        """This iteration's prompt chunks (under the lock): what the budget leaves after ``decode_tokens``."""
+        if not self._prefill_queue:
+            self.iterations.append((decode_tokens, 0))
+            return []
+        segments = take_chunk(self._prefill_queue, self.config.max_batched_tokens - decode_tokens,
+                              self.config.max_prefill_segments,
+                              lambda r: self._requests.get(r.request_id) is r and r.cancel is None)
+        for s in segments:
+            s.request.prefilling = True
+            s.request.timeline.mark("kv_first_chunk")
+        self.iterations.append((decode_tokens, sum(s.num_tokens for s in segments)))
+        return segments
+
+    def _warm_prefill(self) -> int:
+        """Run a prompt chunk of every power-of-two size up to ``max_batched_tokens`` once (the kernels tune per
+        size bucket: no request meets a tuning), into blocks taken and given back here; the sizes run."""
+        n = min(self.config.max_batched_tokens, self.cfg.max_seq_len)
+        blocks = self.pool.allocate(blocks_for(n, self.pool.block_size))
+        try:
+            dummy = types.SimpleNamespace(prompt_tokens=np.zeros(n, dtype=np.int64), blocks=blocks)
+            sizes = sorted({min(1 << i, n) for i in range(n.bit_length() + 1)})
+            for size in sizes:
+                chunked_prefill.run_prefill_chunk(self.model, self.pool, [Segment(dummy, 0, size)], self._prefill_scale)
+                if size < n:  # a later chunk of a prompt (attention over keys read back from the pool)
+                    chunked_prefill.run_prefill_chunk(self.model, self.pool, [Segment(dummy, size, min(n, 2 * size))],
+                                      self._prefill_scale)
+            torch.cuda.synchronize(self.device)
+        finally:
+            self.pool.free(blocks)
+        return len(sizes)
+
+    def _run_prefill(self, segments) -> dict:
+        """The chunk's forward (outside the lock); a failed chunk is redone segment by segment (each writes the
+        same K/V into the same slots), and a segment that fails alone fails its request: {request: error}."""
+        try:
+            chunked_prefill.run_prefill_chunk(self.model, self.pool, segments, self._prefill_scale)
+            return {}
+        except Exception as batch_error:  # noqa: BLE001 - a failed chunk ends only the requests that fail alone
+            failed = {}
+            for s in segments:
+                try:
+                    if len(segments) == 1:
+                        raise batch_error
+                    chunked_prefill.run_prefill_chunk(self.model, self.pool, [s], self._prefill_scale)
+                except Exception as e:  # noqa: BLE001
+                    log.exception("request %s failed in its prefill chunk; the worker goes on serving",
+                                  s.request.request_id)
+                    failed[s.request] = RequestFailedError(
+                        f"request {s.request.request_id}: prefill failed ({type(e).__name__}: {e}); the worker "
+                        "goes on serving")
+            return failed
+
+    def _end_prefill(self, segments, failed: dict, ms: float) -> None:
+        """After the chunk (under the lock): complete prompts are ready, ended or failed requests are finalized."""
+        if segments:
+            self._num_prefill_chunks += 1
+            self._prefill_recent.append((sum(s.num_tokens for s in segments), ms / 1000.0))
+        for s in segments:
+            req = s.request
+            req.prefilling = False
+            exc = failed.get(req) or req.cancel
+            if exc is not None:
+                self._finalize(req, exc)
+            elif s.end == len(req.prompt_tokens) and self._requests.get(req.request_id) is req:
+                req.kv_done = True
+                req.timeline.mark("kv_last_chunk")
+                req.timeline.mark("kv_done")
