@@ -80,7 +80,9 @@ class ColocatedPrefill:
                 chunked_prefill.run_prefill_chunk(self.model, self.pool, [Segment(dummy, 0, size)], self._prefill_scale)
                 if size < n:  # a later chunk of a prompt (attention over keys read back from the pool)
                     chunked_prefill.run_prefill_chunk(self.model, self.pool, [Segment(dummy, size, min(n, 2 * size))],
-                                      self._prefill_scale)
+                                                      self._prefill_scale)
+            if self.prefill_graphs is not None:
+                log.info("captured %d colocated prefill graphs", self.prefill_graphs.warm_up())
             torch.cuda.synchronize(self.device)
         finally:
             self.pool.free(blocks)
@@ -90,7 +92,7 @@ class ColocatedPrefill:
         """The chunk's forward (outside the lock); a failed chunk is redone segment by segment (each writes the
         same K/V into the same slots), and a segment that fails alone fails its request: {request: error}."""
         try:
-            chunked_prefill.run_prefill_chunk(self.model, self.pool, segments, self._prefill_scale)
+            self._forward_chunk(segments)
             return {}
         except Exception as batch_error:  # noqa: BLE001 - a failed chunk ends only the requests that fail alone
             failed = {}
@@ -106,6 +108,18 @@ class ColocatedPrefill:
                         f"request {s.request.request_id}: prefill failed ({type(e).__name__}: {e}); the worker "
                         "goes on serving")
             return failed
+
+    def _forward_chunk(self, segments) -> None:
+        """Whole prompts that fit a graph replay ``prefill_graphs`` (batched, into the pool); the rest run packed and
+        eager (``chunked_prefill``)."""
+        rest = segments
+        if self.prefill_graphs is not None:
+            batches, rest = self.prefill_graphs.groups(segments)
+            for batch in batches:
+                if not self.prefill_graphs.run(batch):  # graphs went off (a failed capture): eager from now
+                    rest = rest + batch
+        if rest:
+            chunked_prefill.run_prefill_chunk(self.model, self.pool, rest, self._prefill_scale)
 
     def _end_prefill(self, segments, failed: dict, ms: float) -> None:
         """After the chunk (under the lock): complete prompts are ready, ended or failed requests are finalized."""

@@ -231,3 +231,93 @@ def test_the_prefill_warm_up_runs_every_chunk_size_and_gives_its_blocks_back(set
     assert [e for s, e in seen if s == 0] == [1, 2, 4, 8, 16, 32, 64, 100]
     assert (64, 100) in seen  # a later chunk too
     assert de.pool.num_free == de.pool.num_blocks and not de._requests
+
+
+class _ReplayByCalling:
+    """Stands in for a captured CUDA graph on CPU: replay runs the captured function again."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def replay(self) -> None:
+        self.fn()
+
+
+def _graphed_engine(path, monkeypatch, graph_scale: int = 1, **config):
+    """A colocated engine whose whole-prompt chunks go through ``PoolPrefillGraphs`` with the capture replaced by
+    a direct call (the graphs' static inputs, batching, padding and pool writes run as on CUDA)."""
+    from colm.decode_worker import prefill_graphs as pg
+
+    monkeypatch.setattr(pg, "warm_and_capture", lambda fn, device, pool=None, warmup=2: (_ReplayByCalling(fn), fn()))
+    de = _engine(path, **config)
+    de.prefill_graphs = pg.PoolPrefillGraphs(de.model, de.pool, de.config.max_batched_tokens, length_bucket=8,
+                                             scale=graph_scale)
+    de.prefill_graphs.enabled = True
+    return de
+
+
+@pytest.mark.parametrize("prefill_scale", [1, 0])
+def test_graphed_whole_prompts_write_the_eager_kv_and_give_reference_tokens(setup, monkeypatch, prefill_scale):
+    """Whole prompts batched into padded graph rows (padding slots -1, never written) give the eager chunk's K/V in
+    the pool, and served tokens equal the reference; continuations and prompts too long for a graph run eagerly.
+    The full-model prefill (the baseline's) is graphed the same way."""
+    path, full = setup
+    scale = prefill_scale or full.cfg.num_chains
+    de = _graphed_engine(path, monkeypatch, graph_scale=scale, max_batched_tokens=48, prefill_scale=prefill_scale)
+    batch = prompts([3, 20, 11, 70], seed=9)  # the 69-token prompt is longer than any graph (48): eager chunks
+    for i, p in enumerate(batch):
+        de.reserve(f"g{i}", len(p), 1)
+        de.prefill_kv(f"g{i}", p[:-1])
+    sentinel = de.pool.kv.clone()
+    while de.stats().num_prefill_queued_tokens or any(r.prefilling for r in de._requests.values()):
+        de.step()
+    assert de.prefill_graphs.num_replays >= 1 and de.prefill_graphs.num_captures >= 1
+    ref = _engine(path, max_batched_tokens=4096)
+    for i, p in enumerate(batch):
+        ref.reserve(f"g{i}", len(p), 1)
+        ref.prefill_kv(f"g{i}", p[:-1])
+    ref.step()
+    used = set()
+    for i, p in enumerate(batch):
+        a = de.pool.slots(de._requests[f"g{i}"].blocks, 0, len(p) - 1)
+        b = ref.pool.slots(ref._requests[f"g{i}"].blocks, 0, len(p) - 1)
+        used |= set(a.tolist())
+        for layer in range(de.cfg.n_layers):
+            for pa, pb in ((de.pool.k, ref.pool.k), (de.pool.v, ref.pool.v)):
+                torch.testing.assert_close(pa[layer].reshape(-1, *pa.shape[-2:])[a],
+                                           pb[layer].reshape(-1, *pb.shape[-2:])[b], rtol=1e-4, atol=1e-5)
+    hkv, hd = de.pool.k.shape[-2:]
+    untouched = torch.tensor(sorted(set(range(de.pool.num_blocks * de.pool.block_size)) - used))
+    for kv_now, kv_before in zip(de.pool.kv, sentinel):  # K, then V: no slot outside the prompts was written
+        assert torch.equal(kv_now.reshape(de.cfg.n_layers, -1, hkv, hd)[:, untouched],
+                           kv_before.reshape(de.cfg.n_layers, -1, hkv, hd)[:, untouched])
+    # the same through the running loop: tokens equal the reference
+    de2 = _graphed_engine(path, monkeypatch, graph_scale=scale, max_batched_tokens=48,
+                          prefill_scale=prefill_scale).start()
+    try:
+        params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+        streams = [(p, _submit(de2, f"s{i}", p, params, 1 + i % 2)) for i, p in enumerate(prompts([5, 30, 9, 60],
+                                                                                                   seed=2))]
+        for i, (p, st) in enumerate(streams):
+            assert [e.token_id for e in st] == generate(full, p, params, scale=1 + i % 2).token_ids
+        assert de2.prefill_graphs.num_replays >= 1
+    finally:
+        de2.stop()
+    assert_pool_free(de2)
+
+
+def test_graph_groups_take_whole_prompts_that_fit():
+    import types
+
+    from colm.decode_worker.prefill_graphs import PoolPrefillGraphs
+    from colm.decode_worker.prefill_schedule import Segment
+
+    g = PoolPrefillGraphs.__new__(PoolPrefillGraphs)
+    g.enabled, g.max_tokens, g.length_bucket = True, 64, 8
+    req = lambda n: types.SimpleNamespace(prompt_tokens=list(range(n)))  # noqa: E731
+    a, b, c, d = Segment(req(10), 0, 10), Segment(req(12), 0, 12), Segment(req(40), 0, 20), Segment(req(70), 0, 70)
+    e, f = Segment(req(30), 0, 30), Segment(req(9), 0, 9)
+    batches, rest = g.groups([a, b, c, d, e, f])
+    # a, b: 2 rows x 16 = 32; adding e (30 -> 32 tokens) would need 4 rows x 32 = 128 > 64: new batch; f joins e
+    assert batches == [[a, b], [e, f]] and rest == [c, d]  # c is a first chunk only, d longer than any graph
+    assert g.padded(9) == 16 and g.fits(4, 16) and not g.fits(3, 17)
