@@ -321,3 +321,21 @@ def test_graph_groups_take_whole_prompts_that_fit():
     # a, b: 2 rows x 16 = 32; adding e (30 -> 32 tokens) would need 4 rows x 32 = 128 > 64: new batch; f joins e
     assert batches == [[a, b], [e, f]] and rest == [c, d]  # c is a first chunk only, d longer than any graph
     assert g.padded(9) == 16 and g.fits(4, 16) and not g.fits(3, 17)
+
+
+def test_the_schedule_cuts_only_the_head_and_lets_whole_prompts_behind_it_in():
+    import types
+    from collections import deque
+
+    from colm.decode_worker.prefill_schedule import take_chunk
+
+    req = lambda n, name: types.SimpleNamespace(prompt_tokens=list(range(n)), prefilled=0, name=name)  # noqa: E731
+    a, b, c, d = req(30, "a"), req(25, "b"), req(8, "c"), req(4, "d")
+    q = deque([a, b, c, d])
+    got = take_chunk(q, 40, 32, lambda r: True)  # a whole (30), b would be cut: skipped, c does not fit, d fits
+    assert [(s.request.name, s.start, s.end) for s in got] == [("a", 0, 30), ("d", 0, 4)]
+    assert list(q) == [b, c]
+    got = take_chunk(q, 20, 32, lambda r: True)  # the head is cut when it must be: its first 20 tokens
+    assert [(s.request.name, s.start, s.end) for s in got] == [("b", 0, 20)] and list(q) == [b, c]
+    got = take_chunk(q, 20, 32, lambda r: True)  # its rest, then c whole
+    assert [(s.request.name, s.start, s.end) for s in got] == [("b", 20, 25), ("c", 0, 8)] and not q
