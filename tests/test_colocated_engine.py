@@ -332,10 +332,10 @@ def test_the_schedule_cuts_only_the_head_and_lets_whole_prompts_behind_it_in():
     req = lambda n, name: types.SimpleNamespace(prompt_tokens=list(range(n)), prefilled=0, name=name)  # noqa: E731
     a, b, c, d = req(30, "a"), req(25, "b"), req(8, "c"), req(4, "d")
     q = deque([a, b, c, d])
-    got = take_chunk(q, 40, 32, lambda r: True)  # a whole (30), b would be cut: skipped, c does not fit, d fits
-    assert [(s.request.name, s.start, s.end) for s in got] == [("a", 0, 30), ("d", 0, 4)]
-    assert list(q) == [b, c]
+    got = take_chunk(q, 40, 32, lambda r: True)  # a whole (30); b would be cut: skipped; c fits (8); d no longer does
+    assert [(s.request.name, s.start, s.end) for s in got] == [("a", 0, 30), ("c", 0, 8)]
+    assert list(q) == [b, d]
     got = take_chunk(q, 20, 32, lambda r: True)  # the head is cut when it must be: its first 20 tokens
-    assert [(s.request.name, s.start, s.end) for s in got] == [("b", 0, 20)] and list(q) == [b, c]
-    got = take_chunk(q, 20, 32, lambda r: True)  # its rest, then c whole
-    assert [(s.request.name, s.start, s.end) for s in got] == [("b", 20, 25), ("c", 0, 8)] and not q
+    assert [(s.request.name, s.start, s.end) for s in got] == [("b", 0, 20)] and list(q) == [b, d]
+    got = take_chunk(q, 20, 32, lambda r: True)  # its rest, then d whole
+    assert [(s.request.name, s.start, s.end) for s in got] == [("b", 20, 25), ("d", 0, 4)] and not q
