@@ -86,8 +86,9 @@ class WorkersSection:
     # disaggregated: prefill workers (chain 1) hand the K/V to decode workers; colocated: decode workers prefill
     # their own prompts in their step loop (no prefill workers: num_prefill is not used); auto: colocated where the
     # workers would share GPUs (fewer GPUs than workers, e.g. one GPU: two processes would time-slice it),
-    # disaggregated with a GPU per worker or without GPUs
-    mode: str = "auto"
+    # disaggregated with a GPU per worker or without GPUs. The default stays disaggregated: on one H200 the
+    # colocated service has not yet measured faster (docs/results.md)
+    mode: str = "disaggregated"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -66,7 +66,8 @@ def test_workers_mode_picks_colocated_where_workers_would_share_gpus():
     from colm.deploy.actors import gpus_per_worker
     from colm.deploy.config import WorkersSection, resolve_mode
 
-    one = WorkersSection()  # 1 prefill + 1 decode
+    assert WorkersSection().mode == "disaggregated"  # the default, until colocated measures faster
+    one = WorkersSection(mode="auto")  # 1 prefill + 1 decode
     assert [resolve_mode(one, g) for g in (0, 1, 2, 8)] == ["disaggregated", "colocated", "disaggregated",
                                                             "disaggregated"]
     assert gpus_per_worker(one, 1) == 1.0  # colocated: the decode worker has the GPU to itself

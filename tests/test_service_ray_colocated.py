@@ -24,7 +24,7 @@ def service():
 
     cfg = ClusterConfig.from_dict({
         "model": {"path": "demo"},
-        "workers": {"num_cpus_per_worker": 0.5, "max_restarts": 2},  # mode auto, 1 prefill + 1 decode asked for
+        "workers": {"num_cpus_per_worker": 0.5, "max_restarts": 2, "mode": "auto"},  # 1 prefill + 1 decode asked for
         "decode": {"num_blocks": 512, "block_size": 16, "max_batched_tokens": 64},
         "router": {"grpc_port": 0, "http_port": None, "metrics_port": None, "poll_interval_s": 0.1,
                    "max_retries": 3, "poll_timeout_s": 10, "worker_wait_s": 240},

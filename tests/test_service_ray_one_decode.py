@@ -27,7 +27,7 @@ def service():
     cfg = ClusterConfig.from_dict({
         "model": {"path": "demo"},
         "workers": {"num_prefill": 1, "num_decode": 1, "num_cpus_per_worker": 0.5, "max_restarts": 2,
-                    "mode": "disaggregated"},  # one GPU would be colocated by default (test_service_ray_colocated)
+                    "mode": "disaggregated"},  # as by default; auto would colocate on one GPU (test_service_ray_colocated)
         "decode": {"num_blocks": 512, "block_size": 16},
         "router": {"grpc_port": 0, "http_port": 0, "metrics_port": 0, "poll_interval_s": 0.1, "max_retries": 3,
                    "poll_timeout_s": 10,
