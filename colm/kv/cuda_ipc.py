@@ -1,6 +1,6 @@
 """The ``cuda_ipc`` transport: a device staging tensor decode opens through CUDA IPC; ``PushKV`` only signals.
 
-Same host, both on CUDA. Sender ``colm.prefill_worker.ipc_sink.IpcKVSink``; receiver ``DecodeService.PushKV``
+Same host, both on CUDA. Sender ``colm.prefill_worker.ipc_sink.IpcKVSink``; receiver ``colm.kv.receivers.BytesReceiver`` (``PushKV``)
 (``KVHeader.ipc_*``). Never picked by ``auto`` (``cuda_pool`` does the same with one copy less).
 """
 

@@ -1,6 +1,6 @@
 """The ``cuda_pool`` transport: prefill writes straight into decode's blocks (pool opened through CUDA IPC).
 
-Same host, both on CUDA. Sender ``colm.prefill_worker.pool_sink.PoolKVSink``; receiver ``DecodeService.WriteKV``
+Same host, both on CUDA. Sender ``colm.prefill_worker.pool_sink.PoolKVSink``; receiver ``colm.kv.receivers.GrantReceiver`` (``WriteKV``)
 with ``DecodeEngine.grant_kv`` / ``mark_kv`` / ``end_external_writes`` (blocks held while the sender may write).
 The router sends Reserve and Prefill at once on this transport (decode's grant waits for the reservation).
 """

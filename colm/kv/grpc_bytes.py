@@ -1,6 +1,6 @@
 """The ``grpc`` transport: raw K/V bytes in ``PushKV`` chunk messages (any two hosts; the fallback).
 
-Sender ``colm.prefill_worker.kv_push.GrpcKVSink``; receiver ``colm.decode_worker.service.DecodeService.PushKV``.
+Sender ``colm.prefill_worker.kv_push.GrpcKVSink``; receiver ``colm.kv.receivers.BytesReceiver`` (``PushKV``).
 """
 
 from colm.kv.registry import SinkContext, Transport, register

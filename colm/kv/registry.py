@@ -8,11 +8,11 @@ together?) and the prefill worker asks it (``PrefillService``: which sink?); no 
 
 | name | needs | sender (prefill) | receiver (decode) |
 | --- | --- | --- | --- |
-| grpc | nothing | ``GrpcKVSink`` bytes in ``PushKV`` chunks | ``DecodeService.PushKV`` |
-| shm | same host | ``GrpcKVSink(shm=True)``: POSIX shm segment | ``DecodeService.PushKV`` (``shm_name``) |
-| cuda_ipc | same host, CUDA on both | ``IpcKVSink``: device staging tensor | ``DecodeService.PushKV`` (``ipc_*``) |
-| cuda_pool | same host, CUDA on both | ``PoolKVSink``: writes decode's blocks | ``DecodeService.WriteKV`` + ``grant_kv`` |
-| nixl | nixl on both | ``NixlKVSink``: NIXL WRITEs into decode's blocks | ``WriteKV`` + ``grant_kv`` |
+| grpc | nothing | ``GrpcKVSink`` bytes in ``PushKV`` chunks | ``receivers.BytesReceiver`` |
+| shm | same host | ``GrpcKVSink(shm=True)``: POSIX shm segment | ``receivers.BytesReceiver`` (``shm_name``) |
+| cuda_ipc | same host, CUDA on both | ``IpcKVSink``: device staging tensor | ``receivers.BytesReceiver`` (``ipc_*``) |
+| cuda_pool | same host, CUDA on both | ``PoolKVSink``: writes decode's blocks | ``receivers.GrantReceiver`` |
+| nixl | nixl on both | ``NixlKVSink``: NIXL WRITEs into decode's blocks | ``receivers.GrantReceiver`` (``transport`` nixl) |
 | fake | same process | ``FakeKVSink``: the engine's target interface | the decode engine itself (tests) |
 
 ``auto`` takes the first transport in ``AUTO_ORDER`` whose needs the pair meets.

@@ -1,6 +1,6 @@
 """The ``shm`` transport: K/V in a POSIX shared-memory segment the sender creates; ``PushKV`` chunks carry offsets.
 
-Same host only. Sender ``GrpcKVSink(shm=True)``; receiver ``DecodeService.PushKV`` (``KVHeader.shm_name``).
+Same host only. Sender ``GrpcKVSink(shm=True)``; receiver ``colm.kv.receivers.BytesReceiver`` (``PushKV``, ``KVHeader.shm_name``).
 """
 
 from colm.kv.registry import SinkContext, Transport, register
