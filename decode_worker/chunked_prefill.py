@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from colm.kernels.paged_attention import write_kv_to_pool
-from colm.prefill_worker.forward import chain1_embed, chain1_layers, chunk_attention
-from colm.rope import rope_cos_sin
+from colm.prefill_worker.forward import chain1_embed, chain1_layers, chunk_attention, scale_layers
 
 from colm.decode_worker.prefill_schedule import Segment
 
@@ -70,19 +68,4 @@ def run_prefill_chunk(model, pool, segments: list[Segment], scale: int = 1) -> N
         x, cos, sin = chain1_embed(model, tok, pos)
         chain1_layers(model, x, cos, sin, lambda li, q, k, v, last: (attend(li, q, k, v), None)[last])
         return
-    x = F.embedding(tok, model.embed.weight[:, : model.cfg.scale_dim(scale)])  # [1, N, D_k]
-    cos, sin = rope_cos_sin(model.inv_freq, pos, x.dtype)
-    cache, pending = _PackedCache(attend), None
-    for layer in model.layers:  # the blocks' own attention (query head order included) with this cache
-        x, pending = layer(x, scale, cos, sin, cache, 0, pending)
-
-
-class _PackedCache:
-    """The model's cache protocol over ``attend`` (a wider scale's forward): positions are explicit."""
-
-    def __init__(self, attend) -> None:
-        self.attend = lambda layer_idx, q, k, v: attend(layer_idx, q, k, v)
-        self.length = 0
-
-    def advance(self, num_tokens: int, kv_heads: int | None = None) -> None:
-        """Nothing to track: the engine keeps each request's length."""
+    scale_layers(model, tok, pos, scale, attend)

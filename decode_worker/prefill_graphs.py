@@ -19,13 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from colm.attention_backend import attention
 from colm.cuda_graphs import GraphSet, bucket, buckets, warm_and_capture
 from colm.kernels.paged_attention import write_kv_to_pool
-from colm.prefill_worker.forward import prefill_chunk
-from colm.rope import rope_cos_sin
+from colm.prefill_worker.forward import prefill_chunk, scale_layers
 
 
 def forward_to_pool(model, pool, tokens: torch.Tensor, slots: torch.Tensor, scale: int = 1) -> None:
@@ -45,27 +43,8 @@ def forward_to_pool(model, pool, tokens: torch.Tensor, slots: torch.Tensor, scal
         prefill_chunk(model, tokens, 0, store)
         return
     positions = torch.arange(length, device=tokens.device).expand(rows, length)
-    x = F.embedding(tokens, model.embed.weight[:, : model.cfg.scale_dim(scale)])  # [rows, length, D_k]
-    cos, sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
-    cache, pending = _RowsCache(store), None
-    for layer in model.layers:  # the blocks' own attention (query head order included) over this cache
-        x, pending = layer(x, scale, cos, sin, cache, 0, pending)
-
-
-class _RowsCache:
-    """The model's cache protocol for a wider scale's captured prefill: K/V to the pool, causal attention per row."""
-
-    length = 0
-
-    def __init__(self, store) -> None:
-        self.store = store
-
-    def attend(self, layer_idx, q, k, v):
-        self.store(layer_idx, k, v)
-        return attention(q, k, v, q_start=0)  # [rows, Hq, length, hd]
-
-    def advance(self, num_tokens: int, kv_heads: int | None = None) -> None:
-        """Positions are explicit; nothing to track."""
+    scale_layers(model, tokens, positions, scale,
+                 lambda li, q, k, v: attention(q, *store(li, k, v), q_start=0))  # [rows, Hq, length, hd]
 
 
 @dataclass

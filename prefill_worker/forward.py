@@ -10,6 +10,9 @@ worker) or the full model (the decode engine's colocated prefill): only chain 1 
 (tokens [b, t]). ``store(layer, k, v)`` (k, v [b, Hkv, t, hd]) returns the keys and values of
 positions ``0 .. c0+t-1`` (the engine's chunked path keeps earlier chunks' K/V in full-length buffers
 and streams each chunk to the sinks; the graphed path keeps this chunk's K/V as the graph's outputs).
+
+``scale_layers(model, tokens, positions, scale, attend)`` runs a wider sub-model's blocks instead (the colocated
+baseline's full-model prefill: the same K/V in CoLM-Air, at a dense model's cost).
 """
 
 from __future__ import annotations
@@ -45,6 +48,30 @@ def chain1_layers(model: CoLM, x: torch.Tensor, cos: torch.Tensor, sin: torch.Te
             return
         x, h = layer.ffn_norm.add_forward(x, layer.attn.wo(o.transpose(1, 2).reshape(b, t, -1), 1))
         x = x + layer.ffn(h, 1)
+
+
+def scale_layers(model: CoLM, tokens: torch.Tensor, positions: torch.Tensor, scale: int,
+                 attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """The scale-``scale`` sub-model's blocks over tokens [b, t] at positions [b, t], each layer's attention done by
+    ``attend(layer, q, k, v)`` (q in the blocks' own query head order; k, v with RoPE): a prefill at a wider scale than
+    chain 1 (the same K/V in CoLM-Air, at a dense model's cost). Nothing is skipped."""
+    x = F.embedding(tokens, model.embed.weight[:, : model.cfg.scale_dim(scale)])  # [b, t, D_k]
+    cos, sin = rope_cos_sin(model.inv_freq, positions, x.dtype)
+    cache, pending = _AttendCache(attend), None
+    for layer in model.layers:
+        x, pending = layer(x, scale, cos, sin, cache, 0, pending)
+
+
+class _AttendCache:
+    """The model's cache protocol over an ``attend`` function; positions are explicit, nothing to track."""
+
+    length = 0
+
+    def __init__(self, attend) -> None:
+        self.attend = attend
+
+    def advance(self, num_tokens: int, kv_heads: int | None = None) -> None:
+        """Nothing to track."""
 
 
 def prefill_chunk(model: CoLM, tokens: torch.Tensor, c0: int, store: Store) -> None:
