@@ -190,7 +190,7 @@ class RouterMetrics:
 
 # Fields of the engines' stats() that only ever grow: served as counters (``..._total``), the rest as gauges.
 CUMULATIVE_STATS = frozenset({"num_done", "num_failed", "num_finished", "num_steps", "num_steps_launched_ahead",
-                              "num_steps_dropped", "num_drafted", "num_draft_accepted"})
+                              "num_steps_dropped", "num_drafted", "num_draft_accepted", "num_prefill_chunks"})
 
 
 class EngineStatsCollector:

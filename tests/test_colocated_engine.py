@@ -339,3 +339,23 @@ def test_the_schedule_cuts_only_the_head_and_lets_whole_prompts_behind_it_in():
     assert [(s.request.name, s.start, s.end) for s in got] == [("b", 0, 20)] and list(q) == [b, d]
     got = take_chunk(q, 20, 32, lambda r: True)  # its rest, then d whole
     assert [(s.request.name, s.start, s.end) for s in got] == [("b", 20, 25), ("d", 0, 4)] and not q
+
+
+def test_a_colocated_worker_exports_its_prefill_queue_and_chunks_as_metrics(setup):
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from colm.router.metrics import EngineStatsCollector
+
+    path, _ = setup
+    de = _engine(path, max_batched_tokens=8)
+    de.reserve("m", 30, 2)
+    de.prefill_kv("m", list(range(29)))
+    de.step()
+    r = CollectorRegistry()
+    r.register(EngineStatsCollector(de, "decode", "d0"))
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(r).decode())}
+    assert fams["colm_decode_num_prefill_chunks"].type == "counter"
+    assert fams["colm_decode_num_prefill_chunks"].samples[0].value == 1
+    assert fams["colm_decode_num_prefill_queued_tokens"].samples[0].value == 29 - 8
+    de.stop()
