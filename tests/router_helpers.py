@@ -122,3 +122,30 @@ def walk_away(client, text: str, max_new_tokens: int) -> None:
         if m.tokens:
             it.cancel()
             break
+
+
+def launched_on_ray(cfg_dict: dict, num_gpus: int = 0, num_cpus: int = 4):
+    """A generator for a module fixture: ``colm serve``'s launcher on an embedded Ray cluster started here (with
+    ``num_gpus`` simulated GPUs: a resource Ray believes in, the engines run on the CPU); yields (launcher, its
+    addresses), then stops both."""
+    import asyncio
+    import threading
+
+    import ray
+
+    from colm.deploy.config import ClusterConfig
+    from colm.deploy.launcher import Launcher
+
+    cfg = ClusterConfig.from_dict(cfg_dict)
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, namespace="colm", log_to_driver=False)
+    launcher = Launcher(cfg)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    call = lambda coro, t=420: asyncio.run_coroutine_threadsafe(coro, loop).result(t)  # noqa: E731
+    try:
+        addrs = call(launcher.start())
+        yield launcher, addrs
+        call(launcher.stop())
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        ray.shutdown()

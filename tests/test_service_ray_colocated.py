@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from router_helpers import wait_serving
+from router_helpers import launched_on_ray, wait_serving
 
 ray = pytest.importorskip("ray")
 
@@ -17,28 +17,13 @@ PROMPTS = ("The import statement", "x", "a longer prompt that spans several bloc
 
 @pytest.fixture(scope="module")
 def service():
-    import asyncio
-
-    from colm.deploy.config import ClusterConfig
-    from colm.deploy.launcher import Launcher
-
-    cfg = ClusterConfig.from_dict({
+    yield from launched_on_ray({
         "model": {"path": "demo"},
         "workers": {"num_cpus_per_worker": 0.5, "max_restarts": 2, "mode": "auto"},  # 1 prefill + 1 decode asked for
         "decode": {"num_blocks": 512, "block_size": 16, "max_batched_tokens": 64},
         "router": {"grpc_port": 0, "http_port": None, "metrics_port": None, "poll_interval_s": 0.1,
                    "max_retries": 3, "poll_timeout_s": 10, "worker_wait_s": 240},
-        "ray": {"num_cpus": 4}})
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, namespace="colm", log_to_driver=False)
-    launcher = Launcher(cfg)
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    call = lambda coro, t=420: asyncio.run_coroutine_threadsafe(coro, loop).result(t)  # noqa: E731
-    addrs = call(launcher.start())
-    yield launcher, addrs
-    call(launcher.stop())
-    loop.call_soon_threadsafe(loop.stop)
-    ray.shutdown()
+        "ray": {"num_cpus": 4}}, num_gpus=1)
 
 
 def _reference(prompt: str, n: int, scale: int) -> list[int]:

@@ -9,7 +9,7 @@ import time
 
 import grpc
 import pytest
-from router_helpers import wait_serving
+from router_helpers import launched_on_ray, wait_serving
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("grpc_health")
@@ -19,12 +19,9 @@ PROMPT = "The import statement"
 
 @pytest.fixture(scope="module")
 def service():
-    import asyncio
-
-    from colm.deploy.config import ClusterConfig
-    from colm.deploy.launcher import Launcher
-
-    cfg = ClusterConfig.from_dict({
+    # a simulated one-GPU machine: with the split asked for, the bundled num_gpus_per_worker: auto must place both
+    # workers on it
+    yield from launched_on_ray({
         "model": {"path": "demo"},
         "workers": {"num_prefill": 1, "num_decode": 1, "num_cpus_per_worker": 0.5, "max_restarts": 2,
                     "mode": "disaggregated"},  # as by default; auto would colocate on one GPU (test_service_ray_colocated)
@@ -32,20 +29,7 @@ def service():
         "router": {"grpc_port": 0, "http_port": 0, "metrics_port": 0, "poll_interval_s": 0.1, "max_retries": 3,
                    "poll_timeout_s": 10,
                    "worker_wait_s": 240},
-        "ray": {"num_cpus": 4}})
-    # a simulated one-GPU machine (a GPU resource Ray believes in; the engines run on the CPU): with the split
-    # asked for, the bundled num_gpus_per_worker: auto must place both workers on it
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, namespace="colm", log_to_driver=False)
-    launcher = Launcher(cfg)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    call = lambda coro, t=420: asyncio.run_coroutine_threadsafe(coro, loop).result(t)  # noqa: E731
-    addrs = call(launcher.start())
-    yield launcher, addrs
-    call(launcher.stop())
-    loop.call_soon_threadsafe(loop.stop)
-    ray.shutdown()
+        "ray": {"num_cpus": 4}}, num_gpus=1)
 
 
 def _reference(n: int) -> list[int]:
