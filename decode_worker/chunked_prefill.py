@@ -30,8 +30,9 @@ def run_prefill_chunk(model, pool, segments: list[Segment], scale: int = 1) -> N
     tokens = np.concatenate([s.request.prompt_tokens[s.start : s.end] for s in segments])  # [N]
     n = len(tokens)
     positions = np.concatenate([np.arange(s.start, s.end) for s in segments])  # [N]
-    slots = np.concatenate([pool.slots(s.request.blocks, s.start, s.end).numpy() for s in segments])  # [N]
-    ctxs = [pool.slots(s.request.blocks, 0, s.end).numpy() if s.start else None for s in segments]
+    prompt_slots = [pool.slots(s.request.blocks, 0, s.end).numpy() for s in segments]  # each [end]: 0..end-1
+    slots = np.concatenate([a[s.start :] for s, a in zip(segments, prompt_slots)])  # [N]: this chunk's
+    ctxs = [a if s.start else None for s, a in zip(segments, prompt_slots)]  # a later chunk attends to all of it
     host = torch.from_numpy(np.concatenate([tokens, positions, slots] + [c for c in ctxs if c is not None]))
     if device.type == "cuda":
         dev = host.pin_memory().to(device, non_blocking=True)
@@ -54,12 +55,12 @@ def run_prefill_chunk(model, pool, segments: list[Segment], scale: int = 1) -> N
         hkv, hd = k.shape[1], k.shape[3]
         group = q.shape[1] // hkv
         outs = []
-        for a, n, start, ctx in parts:
-            qs = q[:, :, a : a + n]
+        for a, length, start, ctx in parts:
+            qs = q[:, :, a : a + length]
             if ctx is None:  # a prompt's first chunk: its own keys
-                outs.append(chunk_attention(qs, k[:, :, a : a + n], v[:, :, a : a + n], 0, group))
+                outs.append(chunk_attention(qs, k[:, :, a : a + length], v[:, :, a : a + length], 0, group))
             else:  # a later chunk: the prompt's keys so far, from the pool (this chunk's were just written)
-                keys = kp.reshape(-1, hkv, hd)[ctx].transpose(0, 1)[None].to(q.dtype)  # [1, Hkv, start + n, hd]
+                keys = kp.reshape(-1, hkv, hd)[ctx].transpose(0, 1)[None].to(q.dtype)  # [1, Hkv, start + length, hd]
                 vals = vp.reshape(-1, hkv, hd)[ctx].transpose(0, 1)[None].to(q.dtype)
                 outs.append(chunk_attention(qs, keys, vals, start, group))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

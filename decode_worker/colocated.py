@@ -54,8 +54,10 @@ class ColocatedPrefill:
                 self._prefill_queue.append(req)
                 self._wake.notify_all()
 
-    def _take_prefill(self, decode_tokens: int) -> list:
-        """This iteration's prompt chunks (under the lock): what the budget leaves after ``decode_tokens``."""
+    def _take_prefill(self, batch, rounds) -> list:
+        """This iteration's prompt chunks (under the lock): what the budget leaves after the decode rows (``batch``:
+        one token each; ``rounds``: (scale, gamma) -> rows, gamma + 1 tokens each)."""
+        decode_tokens = len(batch) + sum(len(rows) * (g + 1) for (_, g), rows in rounds.items())
         if not self._prefill_queue:
             self.iterations.append((decode_tokens, 0))
             return []

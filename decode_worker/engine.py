@@ -27,7 +27,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-
 from colm import checkpoint
 from colm.config import servable
 from colm.errors import (CapacityError, DeadlineError, PeerUnavailableError, RequestAbortedError, RequestFailedError,
@@ -359,7 +358,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
                     batch.append(r)
             scales = [r.scale for r in batch]
             size = len(self._running)
-            segments = self._take_prefill(len(batch) + sum(len(rows) * (g + 1) for (_, g), rows in rounds.items()))
+            segments = self._take_prefill(batch, rounds) if self.config.colocated_prefill else []
         if not size and not segments:
             return 0
         t0 = time.perf_counter()
@@ -395,7 +394,6 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
                             break
         self.mux.flush()  # one hand-over per step to each subscriber, whatever the batch size
         return size
-
 
     def _plain_step(self, batch, scales, may_overlap: bool) -> list[tuple[int, float] | None]:
         try:
@@ -517,8 +515,6 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         from colm.kv_wire import dtype_name
 
         return dtype_name(self.dtype)
-
-
 
 
 __all__ = ["DecodeEngine", "DecodeConfig", "DecodeStats", "Reservation", "TokenEvent", "TokenStream", "parse_dtype"]

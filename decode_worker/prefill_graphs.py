@@ -89,9 +89,6 @@ class PoolPrefillGraphs(GraphSet):
     def run(self, batch) -> bool:
         """Replay the graph for ``batch`` (whole-prompt segments that ``fits``); False when graphs are off."""
         rows, length = bucket(len(batch)), self.padded(max(s.num_tokens for s in batch))
-        g = self._graph(rows, length)
-        if g is None:
-            return False
         host = np.zeros((2, rows, length), dtype=np.int64)  # [tokens | slots]
         host[1] = -1
         for r, s in enumerate(batch):
@@ -101,6 +98,9 @@ class PoolPrefillGraphs(GraphSet):
         if self.device.type == "cuda":
             src = src.pin_memory()
         with self._lock:
+            g = self._graph_for((rows, length), lambda: self._capture(rows, length), self._what(rows, length))
+            if g is None:
+                return False
             g.tokens.copy_(src[0], non_blocking=True)
             g.slots.copy_(src[1].reshape(-1), non_blocking=True)
             g.graph.replay()
@@ -122,8 +122,11 @@ class PoolPrefillGraphs(GraphSet):
 
     def _graph(self, rows: int, length: int) -> _Graph | None:
         with self._lock:
-            return self._graph_for((rows, length), lambda: self._capture(rows, length),
-                                   f"the colocated prefill of {rows} rows x {length} tokens")
+            return self._graph_for((rows, length), lambda: self._capture(rows, length), self._what(rows, length))
+
+    @staticmethod
+    def _what(rows: int, length: int) -> str:
+        return f"the colocated prefill of {rows} rows x {length} tokens"
 
     @torch.no_grad()
     def _capture(self, rows: int, length: int) -> _Graph:

@@ -11,13 +11,13 @@ router), stats and scoring. Errors map to status codes in ``colm.proto.rpc``.
 from __future__ import annotations
 
 import grpc
-import numpy as np
 
 from colm.kv.receivers import BytesReceiver, GrantReceiver
 from colm.kv_wire import split_chunk_message
 from colm.proto import load_proto
 from colm.proto.convert import sampling_from_decode
 from colm.proto.rpc import EngineServer, status_for
+from colm.proto.token_ids import unpack_token_ids
 
 from colm.decode_worker.engine import DecodeEngine
 
@@ -108,12 +108,12 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
             self.engine.abort(request.request_id, unstarted_only=True)
             raise
         if request.prompt_token_ids_u32:  # colocated: the prompt instead of a KV stream
-            packed = request.prompt_token_ids_u32
-            if len(packed) % 4:
+            try:
+                prompt = unpack_token_ids(request.prompt_token_ids_u32, "prompt_token_ids_u32")
+            except ValueError:
                 self.engine.abort(request.request_id, unstarted_only=True)
-                raise ValueError(f"prompt_token_ids_u32 has {len(packed)} bytes; it must hold 4 bytes (a "
-                                 "little-endian uint32) per token")
-            self.engine.prefill_kv(request.request_id, np.frombuffer(packed, dtype="<u4"))
+                raise
+            self.engine.prefill_kv(request.request_id, prompt)
         return self.engine.start_generation(request.request_id, int(request.last_token_id), params,
                                             int(request.scale) or None, request.kv_timeout_s or None,
                                             subscriber=subscriber, speculative=int(request.speculative))

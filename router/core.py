@@ -29,10 +29,10 @@ from colm.router.metrics import RouterMetrics
 from colm.router.placement import NoWorker, WorkerRegistry
 from colm.router.policy import Budget, Decision, PolicyConfig, RunningRequest, ScalePolicy
 from colm.router.worker_metrics import WorkerMetricsCollector
+from colm.decode_worker.config import check_speculative
 from colm.sampling import SamplingParams
 from colm.stopping import StopChecker
 from colm.tokenizer import encode_prompt
-from colm.decode_worker.config import check_speculative
 
 log = logging.getLogger("colm.router")
 

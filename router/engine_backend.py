@@ -47,13 +47,7 @@ class EngineBackend:
         e = self.decode[worker_id]
         if not e.alive():
             raise WorkerFailed(worker_id, "decode engine stopped")
-        s = e.stats()
-        return WorkerReport(worker_id, "decode", num_running=s.num_running, num_waiting=s.num_reserved,
-                            step_ms=dict(s.step_ms_by_scale), step_batch=dict(s.step_batch_by_scale),
-                            free_blocks=s.num_free_blocks, total_blocks=s.num_blocks, prefills=s.prefills,
-                            queued_tokens=s.num_prefill_queued_tokens,
-                            prefill_tokens_per_s=s.prefill_tokens_per_s or None,
-                            transfer_ms_per_mtoken=0.0 if s.prefills else None)
+        return WorkerReport.of_decode(worker_id, e.stats())
 
     async def generate(self, req: EngineRequest, prefill_id: str, decode_id: str) -> AsyncIterator[EngineToken]:
         from colm.prefill_worker.sinks import LocalKVSink

@@ -118,13 +118,7 @@ class GrpcBackend:
                                                     timeout=STATS_TIMEOUT_S)
             self._host_ids[worker_id] = s.host_id
             self._cuda[worker_id] = s.cuda_kv
-            return WorkerReport(worker_id, "decode", num_running=s.num_running, num_waiting=s.num_reserved,
-                                step_ms={int(k): v for k, v in s.step_ms_by_scale.items()},
-                                step_batch={int(k): v for k, v in s.step_batch_by_scale.items()},
-                                free_blocks=s.num_free_blocks, total_blocks=s.num_blocks, prefills=s.prefills,
-                                queued_tokens=s.num_prefill_queued_tokens,
-                                prefill_tokens_per_s=s.prefill_tokens_per_s or None,
-                                transfer_ms_per_mtoken=0.0 if s.prefills else None)
+            return WorkerReport.of_decode(worker_id, s)
         s = await self._prefill(worker_id).Stats(kv_pb2.PrefillStatsRequest(), metadata=self._md(),
                                                  timeout=STATS_TIMEOUT_S)
         self._host_ids[worker_id] = s.host_id

@@ -73,6 +73,16 @@ class WorkerReport:
     prefills: bool = False  # decode: colocated, it computes its prompts' K/V itself (queued_tokens and
                             # prefill_tokens_per_s are then its own prefill's; there is no hand-off)
 
+    @classmethod
+    def of_decode(cls, worker_id: str, s) -> "WorkerReport":
+        """A decode worker's report from its stats (``DecodeStats``, or the proto message of the same fields)."""
+        return cls(worker_id, "decode", num_running=s.num_running, num_waiting=s.num_reserved,
+                   step_ms={int(k): v for k, v in s.step_ms_by_scale.items()},
+                   step_batch={int(k): v for k, v in s.step_batch_by_scale.items()},
+                   free_blocks=s.num_free_blocks, total_blocks=s.num_blocks, prefills=s.prefills,
+                   queued_tokens=s.num_prefill_queued_tokens, prefill_tokens_per_s=s.prefill_tokens_per_s or None,
+                   transfer_ms_per_mtoken=0.0 if s.prefills else None)
+
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"role={self.role!r}: must be 'prefill' or 'decode'")

@@ -21,16 +21,17 @@ class StopTrimmer:
 
     def add(self, delta: str) -> str:
         """Append the router's text; returns what may be given out now."""
+        if not self.stops:  # nothing to cut: the text goes out as it comes, nothing is kept
+            return delta
         if self.done or not delta:
             return ""
         self.text += delta
-        if self.stops:
-            start = max(0, self.sent - self.longest + 1)
-            hits = [(i, len(x)) for x in self.stops if (i := self.text.find(x, start)) >= 0]
-            if hits:
-                i, n = min(hits)
-                self.done = True
-                return self._give(i + n if self.include else i)
+        start = max(0, self.sent - self.longest + 1)
+        hits = [(i, len(x)) for x in self.stops if (i := self.text.find(x, start)) >= 0]
+        if hits:
+            i, n = min(hits)
+            self.done = True
+            return self._give(i + n if self.include else i)
         return self._give(len(self.text) - self.hold)
 
     def flush(self) -> str:
