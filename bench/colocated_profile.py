@@ -1,10 +1,14 @@
 """Where a colocated engine's loop iteration spends its time: decode step alone vs decode step + prompt chunk.
 
 In one process, no gRPC: a ``DecodeEngine`` with ``colocated_prefill`` keeps ``--batch`` requests decoding while
-new prompts arrive, and its ``step()`` is called directly. Reported per iteration kind: wall time (host), and with
-``--torch-profile`` the top operators by CPU and by CUDA time (torch.profiler), written as JSON.
+prompts of ``--prompt-len lo,hi`` tokens keep its prefill queue over two budgets deep (so every iteration's chunk
+fills the budget: whole prompts and cut ones, as under load), and its ``step()`` is called directly. Iteration
+kinds: ``decode`` (no prompts), ``decode+chunk`` with the chunks replayed from CUDA graphs, and
+``decode+eager_chunk`` (graphs off for the prefill: launched op by op). Reported: wall time per iteration (host),
+the chunk's tokens, the chain-1 prefill's FLOPs per second it reaches, and with ``--torch-profile`` the top
+operators by CPU and by CUDA time (torch.profiler), as JSON.
 
-    python bench/colocated_profile.py --preset llama-3.2-1b-16-16-air --batch 64 --prompt-len 1024
+    python bench/colocated_profile.py --preset llama-3.2-1b-16-16-air --batch 64 --prompt-len 512,2048
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--prompt-len", default="512,2048")
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--torch-profile", action="store_true")
@@ -64,37 +68,55 @@ def main() -> None:
                                                                           de._requests[rid].max_new_tokens),
                                                        ignore_eos=True))
 
+    lo, hi = (int(x) for x in args.prompt_len.split(","))
     for _ in range(args.batch):
-        submit(args.prompt_len)
+        submit(int(rng.integers(lo, hi + 1)))
     while len(de._running) < args.batch:  # prefill them all (chunks only, then decode joins)
         de.step()
+    graphs = de.prefill_graphs
 
-    def timed(kind: str, k: int) -> list[float]:
-        out = []
+    def timed(kind: str, k: int) -> tuple[list[float], list[int]]:
+        ms, tokens = [], []
+        de.prefill_graphs = None if kind == "decode+eager_chunk" else graphs
         for _ in range(k):
-            if kind == "decode+chunk":
-                submit(args.max_batched_tokens - args.batch + 1)  # one chunk's worth of prompt per iteration
+            if kind != "decode":
+                while de.stats().num_prefill_queued_tokens < 2 * args.max_batched_tokens:
+                    submit(int(rng.integers(lo, hi + 1)))
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             de.step()
             if cuda:
                 torch.cuda.synchronize()
-            out.append((time.perf_counter() - t0) * 1e3)
-            if kind == "decode+chunk":  # keep the batch size fixed: the new request is aborted once prefilled
-                for rid, r in list(de._requests.items()):
-                    if r.kv_done and not r.running:
-                        de.abort(rid)
-        return out
+            ms.append((time.perf_counter() - t0) * 1e3)
+            tokens.append(de.iterations[-1][1])
+            for rid, r in list(de._requests.items()):  # keep the batch size fixed: new requests end once prefilled
+                if r.kv_done and not r.running:
+                    de.abort(rid)
+        return ms, tokens
 
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
               "preset": args.preset, "dtype": args.dtype, "batch": args.batch, "prompt_len": args.prompt_len,
-              "max_batched_tokens": args.max_batched_tokens}
-    for kind in ("decode", "decode+chunk"):
+              "max_batched_tokens": args.max_batched_tokens, "graphs": graphs is not None}
+    d1 = de.cfg.scale_dim(1)
+    for kind in ("decode", "decode+chunk", "decode+eager_chunk"):
+        if kind == "decode+eager_chunk" and graphs is None:
+            continue
         timed(kind, 5)
-        ms = timed(kind, args.iterations)
-        result[kind] = {"median_ms": statistics.median(ms), "p90_ms": sorted(ms)[int(0.9 * len(ms))]}
-        print(f"{kind:<14} median {result[kind]['median_ms']:.2f} ms  p90 {result[kind]['p90_ms']:.2f} ms", flush=True)
+        ms, tokens = timed(kind, args.iterations)
+        med = statistics.median(ms)
+        result[kind] = {"median_ms": med, "p90_ms": sorted(ms)[int(0.9 * len(ms))],
+                        "prefill_tokens_mean": statistics.mean(tokens)}
+        print(f"{kind:<20} median {med:.2f} ms  p90 {result[kind]['p90_ms']:.2f} ms  "
+              f"prefill tokens/iteration {statistics.mean(tokens):.0f}", flush=True)
+    if "decode+chunk" in result:
+        extra = (result["decode+chunk"]["median_ms"] - result["decode"]["median_ms"]) / 1e3
+        toks = result["decode+chunk"]["prefill_tokens_mean"]
+        body = sum(p.numel() for p in de.model.layers.parameters()) * (d1 / de.cfg.dim) ** 2  # rough chain-1 share
+        result["chunk_extra_ms"] = extra * 1e3
+        result["chunk_tokens_per_s"] = toks / max(extra, 1e-9)
+        result["chunk_tflops_rough"] = 2 * body * toks / max(extra, 1e-9) / 1e12
+        print(f"chunk: +{extra * 1e3:.2f} ms for {toks:.0f} tokens = {toks / max(extra, 1e-9):.0f} tokens/s", flush=True)
     if args.torch_profile:
         from torch.profiler import ProfilerActivity, profile
 

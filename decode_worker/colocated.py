@@ -112,16 +112,9 @@ class ColocatedPrefill:
             return failed
 
     def _forward_chunk(self, segments) -> None:
-        """Whole prompts that fit a graph replay ``prefill_graphs`` (batched, into the pool); the rest run packed and
-        eager (``chunked_prefill``)."""
-        rest = segments
-        if self.prefill_graphs is not None:
-            batches, rest = self.prefill_graphs.groups(segments)
-            for batch in batches:
-                if not self.prefill_graphs.run(batch):  # graphs went off (a failed capture): eager from now
-                    rest = rest + batch
-        if rest:
-            chunked_prefill.run_prefill_chunk(self.model, self.pool, rest, self._prefill_scale)
+        """The chunk replays a ``prefill_graphs`` graph when one takes it, else runs eagerly (``chunked_prefill``)."""
+        if self.prefill_graphs is None or not self.prefill_graphs.run(segments):
+            chunked_prefill.run_prefill_chunk(self.model, self.pool, segments, self._prefill_scale)
 
     def _end_prefill(self, segments, failed: dict, ms: float) -> None:
         """After the chunk (under the lock): complete prompts are ready, ended or failed requests are finalized."""

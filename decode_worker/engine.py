@@ -44,7 +44,7 @@ from colm.decode_worker.colocated import ColocatedPrefill
 from colm.decode_worker.config import DecodeConfig, check_speculative
 from colm.decode_worker.graphs import DecodeGraphs
 from colm.decode_worker.kv_intake import KVIntake, ready_state
-from colm.decode_worker.prefill_graphs import PoolPrefillGraphs
+from colm.decode_worker.prefill_graphs import PackedPrefillGraphs
 from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, stop_reason
 from colm.decode_worker.speculative import round_gamma, speculative_round
 from colm.decode_worker.step import LaunchedStep, decode_step, launch_greedy_step
@@ -133,9 +133,10 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         self._prefill_recent: collections.deque = collections.deque(maxlen=32)  # (tokens, seconds) per chunk
         self._num_prefill_chunks = 0
         self._prefill_scale = cfg.check_scale(self.config.prefill_scale or None)
-        # colocated: whole prompts replay CUDA graphs of the prefill that write the pool
-        self.prefill_graphs = (PoolPrefillGraphs(self.model, self.pool, self.config.max_batched_tokens,
-                                                 scale=self._prefill_scale)
+        # colocated: prompt chunks replay CUDA graphs of the prefill that write the pool
+        self.prefill_graphs = (PackedPrefillGraphs(self.model, self.pool, self.config.max_batched_tokens,
+                                                   self.config.max_prefill_segments, cfg.max_seq_len,
+                                                   scale=self._prefill_scale)
                                if self.config.colocated_prefill and self.config.cuda_graphs and self.device.type == "cuda"
                                else None)
         # (decode tokens, prefill tokens) of recent iterations: the budget's accounting, for stats and tests

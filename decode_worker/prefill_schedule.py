@@ -3,12 +3,11 @@
 A decode engine with ``DecodeConfig.colocated_prefill`` computes its requests' chain-1 K/V itself
 (one process, one CUDA context: no hand-off). Each loop iteration spends at most
 ``max_batched_tokens`` tokens: one per plain decode row, gamma + 1 per speculative row, and the rest
-on prompt chunks taken from the prefill queue (``take_chunk``). The head of the queue always goes in: whole,
-or, when it is longer than the budget, its first part (its next chunk continues in a later iteration, between
-decode steps, so running requests keep their token rate while long prompts are prefilled: chunked prefill).
-Behind it, only prompts that fit whole in what is left join: a whole prompt replays a CUDA graph on the GPU
-(``prefill_graphs``), a cut one runs eagerly at several times the host cost, so filling the budget by cutting
-the next prompt would cost more than it gains.
+on prompt chunks taken from the prefill queue in order (``take_chunk``): whole prompts while they fit, and the
+first one that does not is cut to what is left (its next chunk continues in a later iteration, between decode
+steps, so running requests keep their token rate while long prompts are prefilled: chunked prefill). The chunk
+runs packed, from a CUDA graph on the GPU whatever its mix of segments (``prefill_graphs``), so filling the budget
+costs no extra host time.
 """
 
 from __future__ import annotations
@@ -30,10 +29,10 @@ class Segment:
 
 
 def take_chunk(queue: deque, budget: int, max_segments: int, live) -> list[Segment]:
-    """Segments of at most ``budget`` tokens in all (requests whose ``prefilled`` < ``len(prompt_tokens)``): the
-    head of ``queue`` (cut to the budget if it must be), then later requests whose rest fits whole. Requests for
-    which ``live(req)`` is false (ended meanwhile) are dropped from the queue; a request whose prompt is wholly
-    taken leaves it, one cut short stays at its head."""
+    """Segments of at most ``budget`` tokens in all (requests whose ``prefilled`` < ``len(prompt_tokens)``), in
+    queue order, the last one cut to the budget if it must be. Requests for which ``live(req)`` is false (ended
+    meanwhile) are dropped from the queue; a request whose prompt is wholly taken leaves it, one cut short stays
+    (at its head: the next iteration continues it first)."""
     out: list[Segment] = []
     for req in list(queue):
         if budget <= 0 or len(out) >= max_segments:
@@ -42,8 +41,6 @@ def take_chunk(queue: deque, budget: int, max_segments: int, live) -> list[Segme
             queue.remove(req)
             continue
         start = req.prefilled
-        if out and len(req.prompt_tokens) - start > budget:
-            continue  # not cut behind the head: it goes whole in a later iteration
         end = min(len(req.prompt_tokens), start + budget)
         out.append(Segment(req, start, end))
         budget -= end - start

@@ -244,34 +244,34 @@ class _ReplayByCalling:
 
 
 def _graphed_engine(path, monkeypatch, graph_scale: int = 1, **config):
-    """A colocated engine whose whole-prompt chunks go through ``PoolPrefillGraphs`` with the capture replaced by
-    a direct call (the graphs' static inputs, batching, padding and pool writes run as on CUDA)."""
+    """A colocated engine whose chunks go through ``PackedPrefillGraphs`` with the capture replaced by a direct call
+    (the graphs' static padded inputs, their one upload per replay and the pool writes run as on CUDA)."""
     from colm.decode_worker import prefill_graphs as pg
 
     monkeypatch.setattr(pg, "warm_and_capture", lambda fn, device, pool=None, warmup=2: (_ReplayByCalling(fn), fn()))
     de = _engine(path, **config)
-    de.prefill_graphs = pg.PoolPrefillGraphs(de.model, de.pool, de.config.max_batched_tokens, length_bucket=8,
-                                             scale=graph_scale)
+    de.prefill_graphs = pg.PackedPrefillGraphs(de.model, de.pool, de.config.max_batched_tokens,
+                                               de.config.max_prefill_segments, de.cfg.max_seq_len, scale=graph_scale)
     de.prefill_graphs.enabled = True
     return de
 
 
 @pytest.mark.parametrize("prefill_scale", [1, 0])
-def test_graphed_whole_prompts_write_the_eager_kv_and_give_reference_tokens(setup, monkeypatch, prefill_scale):
-    """Whole prompts batched into padded graph rows (padding slots -1, never written) give the eager chunk's K/V in
-    the pool, and served tokens equal the reference; continuations and prompts too long for a graph run eagerly.
-    The full-model prefill (the baseline's) is graphed the same way."""
+def test_graphed_chunks_write_the_eager_kv_and_give_reference_tokens(setup, monkeypatch, prefill_scale):
+    """Every chunk (whole prompts, a long prompt's first and later chunks, mixed) replays a padded graph (padding
+    slots -1, never written) and leaves the K/V of one eager chunk per prompt in the pool; served tokens equal the
+    reference. The full-model prefill (the baseline's) is graphed the same way."""
     path, full = setup
     scale = prefill_scale or full.cfg.num_chains
     de = _graphed_engine(path, monkeypatch, graph_scale=scale, max_batched_tokens=48, prefill_scale=prefill_scale)
-    batch = prompts([3, 20, 11, 70], seed=9)  # the 69-token prompt is longer than any graph (48): eager chunks
+    batch = prompts([3, 20, 11, 70], seed=9)  # the 69-token prompt spans three chunks
     for i, p in enumerate(batch):
         de.reserve(f"g{i}", len(p), 1)
         de.prefill_kv(f"g{i}", p[:-1])
     sentinel = de.pool.kv.clone()
     while de.stats().num_prefill_queued_tokens or any(r.prefilling for r in de._requests.values()):
         de.step()
-    assert de.prefill_graphs.num_replays >= 1 and de.prefill_graphs.num_captures >= 1
+    assert de.prefill_graphs.num_replays == de._num_prefill_chunks >= 3 and de.prefill_graphs.num_captures == 1
     ref = _engine(path, max_batched_tokens=4096)
     for i, p in enumerate(batch):
         ref.reserve(f"g{i}", len(p), 1)
@@ -306,24 +306,28 @@ def test_graphed_whole_prompts_write_the_eager_kv_and_give_reference_tokens(setu
     assert_pool_free(de2)
 
 
-def test_graph_groups_take_whole_prompts_that_fit():
+def test_chunk_graph_sizes_and_which_chunks_they_take():
     import types
 
-    from colm.decode_worker.prefill_graphs import PoolPrefillGraphs
+    from colm.decode_worker.block_pool import blocks_for
+    from colm.decode_worker.prefill_graphs import PackedPrefillGraphs, token_sizes
     from colm.decode_worker.prefill_schedule import Segment
 
-    g = PoolPrefillGraphs.__new__(PoolPrefillGraphs)
-    g.enabled, g.max_tokens, g.length_bucket = True, 64, 8
+    assert token_sizes(2048) == [64, 128, 256, 512, 1024, 1536, 2048]
+    assert token_sizes(48) == [64] and token_sizes(600) == [64, 128, 256, 512, 1024]
+    g = PackedPrefillGraphs.__new__(PackedPrefillGraphs)
+    g.sizes, g.max_segments, g.max_pages = token_sizes(300), 2, 20
+    g.pool = types.SimpleNamespace(block_size=16)
     req = lambda n: types.SimpleNamespace(prompt_tokens=list(range(n)))  # noqa: E731
-    a, b, c, d = Segment(req(10), 0, 10), Segment(req(12), 0, 12), Segment(req(40), 0, 20), Segment(req(70), 0, 70)
-    e, f = Segment(req(30), 0, 30), Segment(req(9), 0, 9)
-    batches, rest = g.groups([a, b, c, d, e, f])
-    # a, b: 2 rows x 16 = 32; adding e (30 -> 32 tokens) would need 4 rows x 32 = 128 > 64: new batch; f joins e
-    assert batches == [[a, b], [e, f]] and rest == [c, d]  # c is a first chunk only, d longer than any graph
-    assert g.padded(9) == 16 and g.fits(4, 16) and not g.fits(3, 17)
+    assert g.size_for([Segment(req(50), 0, 50)]) == 64
+    assert g.size_for([Segment(req(50), 0, 50), Segment(req(100), 0, 30)]) == 128
+    assert g.size_for([Segment(req(9), 0, 9)] * 3) is None  # more segments than a graph holds
+    long = req(400)
+    assert blocks_for(400, 16) > g.max_pages and g.size_for([Segment(long, 300, 400)]) is None  # too many pages
+    assert g.size_for([Segment(req(400), 0, 400)]) is None  # more tokens than any graph
 
 
-def test_the_schedule_cuts_only_the_head_and_lets_whole_prompts_behind_it_in():
+def test_the_schedule_fills_the_budget_in_queue_order_cutting_the_last_prompt():
     import types
     from collections import deque
 
@@ -332,13 +336,16 @@ def test_the_schedule_cuts_only_the_head_and_lets_whole_prompts_behind_it_in():
     req = lambda n, name: types.SimpleNamespace(prompt_tokens=list(range(n)), prefilled=0, name=name)  # noqa: E731
     a, b, c, d = req(30, "a"), req(25, "b"), req(8, "c"), req(4, "d")
     q = deque([a, b, c, d])
-    got = take_chunk(q, 40, 32, lambda r: True)  # a whole (30); b would be cut: skipped; c fits (8); d no longer does
-    assert [(s.request.name, s.start, s.end) for s in got] == [("a", 0, 30), ("c", 0, 8)]
-    assert list(q) == [b, d]
-    got = take_chunk(q, 20, 32, lambda r: True)  # the head is cut when it must be: its first 20 tokens
-    assert [(s.request.name, s.start, s.end) for s in got] == [("b", 0, 20)] and list(q) == [b, d]
-    got = take_chunk(q, 20, 32, lambda r: True)  # its rest, then d whole
-    assert [(s.request.name, s.start, s.end) for s in got] == [("b", 20, 25), ("d", 0, 4)] and not q
+    got = take_chunk(q, 40, 32, lambda r: True)  # a whole (30), then b cut to the 10 left
+    assert [(s.request.name, s.start, s.end) for s in got] == [("a", 0, 30), ("b", 0, 10)]
+    assert list(q) == [b, c, d]
+    got = take_chunk(q, 20, 32, lambda r: True)  # b's rest (15), then c cut to 5
+    assert [(s.request.name, s.start, s.end) for s in got] == [("b", 10, 25), ("c", 0, 5)] and list(q) == [c, d]
+    got = take_chunk(q, 20, 1, lambda r: True)  # one segment at most
+    assert [(s.request.name, s.start, s.end) for s in got] == [("c", 5, 8)] and list(q) == [d]
+    q.appendleft(req(9, "gone"))
+    got = take_chunk(q, 20, 32, lambda r: r.name != "gone")  # an ended request leaves the queue, takes nothing
+    assert [(s.request.name, s.start, s.end) for s in got] == [("d", 0, 4)] and not q
 
 
 def test_a_colocated_worker_exports_its_prefill_queue_and_chunks_as_metrics(setup):
