@@ -25,6 +25,7 @@ from colm.proto import load_proto
 from colm.proto.convert import budget_from_public, sampling_from_public
 from colm.proto.rpc import SERVER_OPTIONS, bind_port
 from colm.router.admission import Overloaded
+from colm.router.coalesce import coalesced
 from colm.router.core import DeadlineExceeded, Router, Unavailable, UnknownRequest
 from colm.router.placement import NoWorker
 from colm.router.policy import BudgetUnmet
@@ -194,21 +195,30 @@ class ColmServicer(pb2_grpc.ColmServicer):
         spec = spec_from_proto(self.router, request)
         trim = StopTrimmer(spec.params.stop_strings, request.include_stop_str_in_output)
         first = pb2.GenerateResponse(request_id=spec.request_id)
-        async for ev in self.router.generate(spec):
-            if ev.kind == "decision":
-                first.decision.CopyFrom(_decision(ev.decision, len(spec.prompt_ids)))
-                if not spec.prompt_logprobs:
+        # one message per batch of tokens: one token each while the client keeps up, several when it (or this
+        # process) falls behind
+        async for batch in coalesced(self.router.generate(spec)):
+            tokens = []
+            for ev in batch:
+                if ev.kind == "token":
+                    tokens.append(pb2.Token(id=ev.token_id, text=trim.add(ev.text), scale=ev.scale, time_ms=ev.time_ms,
+                                            logprob=ev.logprob, drafted=ev.drafted))
+                    continue
+                if tokens:
+                    yield pb2.GenerateResponse(request_id=spec.request_id, tokens=tokens)
+                    tokens = []
+                if ev.kind == "decision":
+                    first.decision.CopyFrom(_decision(ev.decision, len(spec.prompt_ids)))
+                    if not spec.prompt_logprobs:
+                        yield first
+                elif ev.kind == "prompt_logprobs":
+                    _fill_prompt_logprobs(first, ev.prompt_logprobs)
                     yield first
-            elif ev.kind == "prompt_logprobs":
-                _fill_prompt_logprobs(first, ev.prompt_logprobs)
-                yield first
-            elif ev.kind == "token":
-                yield pb2.GenerateResponse(request_id=spec.request_id, tokens=[pb2.Token(
-                    id=ev.token_id, text=trim.add(ev.text), scale=ev.scale, time_ms=ev.time_ms, logprob=ev.logprob,
-                    drafted=ev.drafted)])
-            else:
-                yield pb2.GenerateResponse(request_id=spec.request_id, text=trim.add(ev.text) + trim.flush(),
-                                           finish_reason=ev.finish_reason, usage=pb2.Usage(**ev.usage))
+                else:
+                    yield pb2.GenerateResponse(request_id=spec.request_id, text=trim.add(ev.text) + trim.flush(),
+                                               finish_reason=ev.finish_reason, usage=pb2.Usage(**ev.usage))
+            if tokens:
+                yield pb2.GenerateResponse(request_id=spec.request_id, tokens=tokens)
 
     async def Complete(self, request, context):
         spec = spec_from_proto(self.router, request)
