@@ -32,6 +32,7 @@ unmet with ``Retry-After``, 503 no worker, 504 deadline exceeded, 500 a bug.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -40,6 +41,7 @@ import time
 from aiohttp import web
 from aiohttp.web import RequestPayloadError
 
+from colm.router.coalesce import coalesced
 from colm.router.core import Router
 from colm.router.stop_trim import StopTrimmer
 from colm.router.grpc_server import _key_ok, status_for
@@ -328,20 +330,25 @@ class HttpApi:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
 
-        async def send(obj) -> None:
-            if obj is not None:
-                await resp.write(f"data: {json.dumps(obj)}\n\n".encode())
+        async def send(*objs) -> None:
+            body = "".join(f"data: {json.dumps(obj)}\n\n" for obj in objs if obj is not None)
+            if body:
+                await resp.write(body.encode())
 
-        for obj in head:
-            await send(obj)
+        await send(*head)
         usage = None
         try:
-            async for ev in gen:
-                if ev.kind == "token":
-                    await send(chunk(trim.add(ev.text), None, ev))
-                elif ev.kind == "finish":
-                    usage = ev.usage
-                    await send(chunk(trim.add(ev.text) + trim.flush(), ev.finish_reason))
+            # one write per batch of events (several when the client or this process falls behind), a chunk per token
+            async with contextlib.aclosing(coalesced(gen)) as batches:
+                async for batch in batches:
+                    out = []
+                    for ev in batch:
+                        if ev.kind == "token":
+                            out.append(chunk(trim.add(ev.text), None, ev))
+                        elif ev.kind == "finish":
+                            usage = ev.usage
+                            out.append(chunk(trim.add(ev.text) + trim.flush(), ev.finish_reason))
+                    await send(*out)
         except ConnectionResetError:
             raise
         except Exception as e:
