@@ -9,8 +9,8 @@ process serving a closed-loop load from ``colm loadtest`` (another process):
   baseline              the same colocated engine serving the model as a dense one would be served: the FULL
                         model prefills every prompt (``prefill_scale`` 0) and every request runs at full scale.
 Per mode: requests/s, output tokens/s, TTFT / TPOT percentiles, goodput at the SLO, and the CPU seconds the
-router and each worker spent per 1000 output tokens (from /proc), with the GPU's busy fraction sampled by
-nvidia-smi where there is one.
+router, each worker (from /proc) and the load test's client process (rusage) spent per 1000 output tokens, with
+the GPU's busy fraction sampled by nvidia-smi where there is one.
 
 On a GPU the run also states the workload's physical limit: FLOPs and bytes per request from the model
 config (chain-1 prefill FLOPs; per decode step the full model's weights once for the batch plus each row's
@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import secrets
 import subprocess
 import sys
@@ -241,6 +242,7 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         base = [sys.executable, "-m", "colm.cli", "loadtest", "--addr", server.grpc_addr,
                 "--prompt-len", args.prompt_len, "--output-len", args.output_len, "--slo-ttft-ms", str(args.slo_ttft_ms),
                 "--slo-tpot-ms", str(args.slo_tpot_ms), "--timeout-s", "300", "--budgets", args.budgets]
+        measured = ["--processes", str(args.client_processes)]
         env = {**os.environ, "TQDM_DISABLE": "1"}
         # warm-up (kernels tuned, graphs captured per shape) outside the measured window
         subprocess.run(base + ["--concurrency", str(args.concurrency), "--num-requests", str(args.warmup_requests),
@@ -251,10 +253,14 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         if args.profile_s and mode in args.profile_modes.split(","):
             prof = profile_processes(pids, args.profile_s, 2.0, f"{args.out}_profile_{mode}")
         t0 = time.perf_counter()
-        subprocess.run(base + ["--concurrency", str(args.concurrency), "--num-requests", str(args.num_requests),
-                               "--out", out], check=True, env=env, stdout=subprocess.DEVNULL)
+        child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run(base + measured + ["--concurrency", str(args.concurrency), "--num-requests",
+                                          str(args.num_requests), "--out", out], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
+        child1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the load test's processes, waited for above
         cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
+        cpu["client"] = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
         gpu_busy = sampler.mean_since(g0)
         if prof is not None:
             for t in prof.pop("_threads"):
@@ -273,14 +279,15 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
 
 def table(results: list[dict], limit: dict | None) -> str:
     rows = [f"{'mode':<12} {'req/s':>7} {'tok/s':>8} {'TTFT p50/p99 ms':>17} {'TPOT p50/p99 ms':>16} {'good/s':>7} "
-            f"{'router cpu/1k':>13} {'decode cpu/1k':>13} {'GPU %':>6}" + ("  of limit" if limit else "")]
+            f"{'router cpu/1k':>13} {'decode cpu/1k':>13} {'cores r/d/c':>14} {'GPU %':>6}" + ("  of limit" if limit else "")]
     for r in results:
         s, c = r["summary"], r["cpu_s_per_1k_tokens"]
         g = f"{r['gpu_busy_pct']:.0f}" if r["gpu_busy_pct"] is not None else "-"
+        cores = "/".join(f"{r['cpu_cores_busy'].get(k, 0.0):.2f}" for k in ("router", "decode", "client"))
         frac = f"  {s['throughput_rps'] / limit['limit_rps']:.3f}" if limit else ""
         rows.append(f"{r['mode']:<12} {s['throughput_rps']:7.1f} {s['output_tokens_per_s']:8.0f} "
                     f"{s['ttft_ms']['p50']:8.0f}/{s['ttft_ms']['p99']:<8.0f} {s['tpot_ms']['p50']:7.2f}/{s['tpot_ms']['p99']:<8.2f}"
-                    f"{s['goodput_rps']:7.1f} {c['router']:13.3f} {c['decode']:13.3f} {g:>6}{frac}")
+                    f"{s['goodput_rps']:7.1f} {c['router']:13.3f} {c['decode']:13.3f} {cores:>14} {g:>6}{frac}")
         if r.get("scale_mix"):
             rows[-1] += f"  scales {r['scale_mix']}"
     return "\n".join(rows)
@@ -318,6 +325,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="none", help="colm loadtest --budgets: the budget mix (none = full scale)")
     ap.add_argument("--max-batched-tokens", type=int, default=2048, help="colocated modes: tokens per loop iteration")
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--client-processes", type=int, default=1,
+                    help="colm loadtest --processes: the clients split over this many processes")
     ap.add_argument("--num-requests", type=int, default=1500)
     ap.add_argument("--warmup-requests", type=int, default=128)
     ap.add_argument("--prompt-len", default="512,2048")
@@ -401,6 +410,7 @@ def main() -> None:
                                                                "chains": list(cfg.chains), "n_layers": cfg.n_layers,
                                                                "dim": cfg.dim},
                "load": {"concurrency": args.concurrency, "num_requests": args.num_requests,
+                        "client_processes": args.client_processes,
                         "prompt_len": args.prompt_len, "output_len": args.output_len,
                         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms},
                "workers": "plain processes (colm.deploy.worker_main), router in the benchmark process",

@@ -14,7 +14,7 @@ import asyncio
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import grpc
 import numpy as np
@@ -39,6 +39,9 @@ class LoadSpec:
     # calls compile kernels, tune them per shape and capture CUDA graphs, which would land in the first rate.
     warmup_requests: int = 0
     warmup_concurrency: int = 8
+    # closed loop: the clients split over this many client processes, each with its own connection, started
+    # together after their warm-ups (one Python process parsing every streamed message caps the load it can make)
+    processes: int = 1
 
     def __post_init__(self) -> None:
         if self.num_requests < 1:
@@ -48,6 +51,11 @@ class LoadSpec:
         if self.warmup_requests < 0 or self.warmup_concurrency < 1:
             raise ValueError(f"warmup_requests={self.warmup_requests}, warmup_concurrency={self.warmup_concurrency}: "
                              "need warmup_requests >= 0 and warmup_concurrency >= 1")
+        if self.processes < 1 or (self.processes > 1 and not self.concurrency):
+            raise ValueError(f"processes={self.processes}: must be >= 1, and > 1 only with a closed loop (concurrency)")
+        if self.processes > min(self.concurrency or 1, self.num_requests):
+            raise ValueError(f"processes={self.processes}: more than the {self.concurrency} clients or "
+                             f"{self.num_requests} requests to split over them")
         if not self.concurrency and (not self.rates or any(r <= 0 for r in self.rates)):
             raise ValueError(f"rates={self.rates}: need positive request rates (or concurrency > 0)")
         for name in ("prompt_len", "output_len"):
@@ -124,9 +132,10 @@ async def one_request(stub, pb2, spec: LoadSpec, rng: random.Random, rate: float
     return res
 
 
-async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None,
-                   progress: bool = True) -> tuple[list[Result], dict[float, float]]:
-    """Returns every request's result and each rate's wall time (first send to last answer)."""
+async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None, progress: bool = True,
+                   start_barrier=None) -> tuple[list[Result], dict[float, float]]:
+    """Returns every request's result and each rate's wall time (first send to last answer). ``start_barrier``
+    (a multiprocessing Barrier): waited on after the warm-up, before the measured load."""
     pb2, pb2_grpc = load_proto("public")
     md = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     rng = random.Random(spec.seed)
@@ -149,6 +158,8 @@ async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None,
                     await one_request(stub, pb2, spec, random.Random(warm_rng.random()), 0.0, md)
 
             await asyncio.gather(*(warm_client() for _ in range(min(spec.warmup_concurrency, spec.warmup_requests))))
+        if start_barrier is not None:
+            await asyncio.get_running_loop().run_in_executor(None, start_barrier.wait)
 
         async def tracked(rate):
             r = await one_request(stub, pb2, spec, random.Random(rng.random()), rate, md)
@@ -278,7 +289,10 @@ def table(summary: dict) -> str:
 def run(addr: str, spec: LoadSpec, out_json: str | None = None, out_png: str | None = None,
         api_key: str | None = None, progress: bool = True, meta: dict | None = None) -> dict:
     t0 = time.perf_counter()
-    results, wall = asyncio.run(run_load(addr, spec, api_key, progress))
+    if spec.processes > 1:
+        results, wall = run_load_processes(addr, spec, api_key)
+    else:
+        results, wall = asyncio.run(run_load(addr, spec, api_key, progress))
     summary = summarize(results, spec, wall)
     summary["wall_s"] = time.perf_counter() - t0
     summary["meta"] = meta or {}
@@ -288,3 +302,42 @@ def run(addr: str, spec: LoadSpec, out_json: str | None = None, out_png: str | N
     if out_png:
         plot(summary, out_png)
     return summary
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def _client_process(addr: str, spec: LoadSpec, api_key, barrier, queue, index: int) -> None:
+    try:
+        results, wall = asyncio.run(run_load(addr, spec, api_key, progress=False, start_barrier=barrier))
+        queue.put((index, [asdict(r) for r in results], wall[0.0], None))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        barrier.abort()
+        queue.put((index, [], 0.0, f"{type(e).__name__}: {e}"))
+
+
+def run_load_processes(addr: str, spec: LoadSpec, api_key: str | None = None) -> tuple[list[Result], dict]:
+    """The closed loop of ``spec`` split over ``spec.processes`` client processes (spawned): clients, requests and
+    warm-up requests divided among them, each its own seed and connection; they start the measured load together
+    (a barrier), and the wall time is the slowest one's."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    n = spec.processes
+    barrier, queue = ctx.Barrier(n), ctx.Queue()
+    parts = [replace(spec, processes=1, concurrency=c, num_requests=r, warmup_requests=w, seed=spec.seed * 1000 + i)
+             for i, (c, r, w) in enumerate(zip(_split(spec.concurrency, n), _split(spec.num_requests, n),
+                                               _split(spec.warmup_requests, n)))]
+    procs = [ctx.Process(target=_client_process, args=(addr, p, api_key, barrier, queue, i), daemon=True)
+             for i, p in enumerate(parts)]
+    for p in procs:
+        p.start()
+    got = [queue.get() for _ in procs]
+    for p in procs:
+        p.join(30)
+    errors = [e for _, _, _, e in got if e]
+    if errors:
+        raise RuntimeError(f"load test client processes failed: {errors}")
+    results = [Result(**d) for _, rs, _, _ in sorted(got, key=lambda g: g[0]) for d in rs]
+    return results, {0.0: max(w for _, _, w, _ in got)}

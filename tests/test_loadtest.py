@@ -76,3 +76,36 @@ def test_warmup_settings_are_validated():
         LoadSpec(warmup_requests=-1)
     with pytest.raises(ValueError, match="warmup_concurrency=0"):
         LoadSpec(warmup_concurrency=0)
+
+
+def test_a_closed_loop_split_over_client_processes(tmp_path):
+    """Three spawned client processes share the clients, requests and warm-up: every request is counted once,
+    answered, and served (the router saw the warm-up too)."""
+    cfg = preset("tiny-air")
+    model = CoLM(cfg).reset_parameters(seed=0).eval()
+    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05), cfg, ByteTokenizer(),
+                    LocalBackend(model, max_concurrency=2))
+    bg = BackgroundRouter(router)
+    try:
+        spec = LoadSpec(concurrency=5, num_requests=31, prompt_len=(4, 12), output_len=(2, 6), warmup_requests=4,
+                        processes=3)
+        summary = run(bg.grpc_addr, spec, str(tmp_path / "p.json"), None, progress=False)
+        reg = router.metrics.registry
+        served = sum(reg.get_sample_value("colm_requests_total", {"model_name": router.cfg.served_model_name,
+                                                                  "status": "ok", "scale": str(k)}) or 0
+                     for k in (1, 2))
+    finally:
+        bg.stop()
+    t = summary["total"]
+    assert t["num_requests"] == 31 and t["num_ok"] == 31 and t["throughput_rps"] > 0
+    assert len(summary["requests"]["rows"]) == 31
+    assert served == 35  # and the 4 warm-up requests
+
+
+def test_client_processes_need_a_closed_loop_and_enough_clients():
+    with pytest.raises(ValueError, match="processes=2"):
+        LoadSpec(rates=(1.0,), processes=2)
+    with pytest.raises(ValueError, match="processes=4"):
+        LoadSpec(concurrency=3, processes=4)
+    with pytest.raises(ValueError, match="processes=0"):
+        LoadSpec(concurrency=3, processes=0)

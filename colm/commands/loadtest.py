@@ -19,6 +19,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-requests", type=int, default=0,
                    help="unmeasured requests sent first (closed loop, 8 clients): compilation, tuning, CUDA graphs")
+    p.add_argument("--processes", type=int, default=1,
+                   help="closed loop: split the clients over this many client processes (one process parsing every "
+                        "streamed message caps the load it can make)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--out", default="loadtest", help="output prefix: writes PREFIX.json and PREFIX.png")
     p.set_defaults(func=run)
@@ -44,7 +47,7 @@ def run(args) -> int:
                     concurrency=args.concurrency, prompt_len=parse_pair(args.prompt_len),
                     output_len=parse_pair(args.output_len), budgets=parse_mix(args.budgets),
                     slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, timeout_s=args.timeout_s,
-                    seed=args.seed, warmup_requests=args.warmup_requests)
+                    seed=args.seed, warmup_requests=args.warmup_requests, processes=args.processes)
     summary = run_load(args.addr, spec, f"{args.out}.json", f"{args.out}.png", api_key=args.api_key,
                        meta={"addr": args.addr})
     print(table(summary))
