@@ -164,9 +164,12 @@ class GrpcBackend:
                 same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)
                 prefill_task = start_prefill(same_host, self.kv_path, reply.cuda_kv, list(reply.transports))
             if self.token_stream == "batched":
-                async for tok in self._batched_tokens(req, decode_id, timeout, prefill_task, prefill_id):
-                    yield tok
-                finished = True
+                ended: list = []  # set before the finishing token is handed on: a consumer may stop right there
+                try:
+                    async for tok in self._batched_tokens(req, decode_id, timeout, prefill_task, prefill_id, ended):
+                        yield tok
+                finally:
+                    finished = bool(ended)
                 return
             call = decode.StartGeneration(_start_request(req, timeout, prompt=colocated), metadata=md, timeout=timeout)
             it = call.__aiter__()
@@ -188,9 +191,9 @@ class GrpcBackend:
                     raise self._failure(e, decode_id) from None
                 streaming = True
                 report_timeline(req, "decode", ev.monotonic_s, ev.timeline_ms)  # the first event carries it
+                finished = bool(ev.finish_reason)  # before the yield: the consumer may stop at the finishing token
                 yield EngineToken(ev.token_id, ev.scale, ev.logprob, ev.drafted)
-                if ev.finish_reason:
-                    finished = True
+                if finished:
                     return
         finally:
             if prefill_task is not None and not prefill_task.done():
@@ -210,9 +213,10 @@ class GrpcBackend:
         return s
 
     async def _batched_tokens(self, req: EngineRequest, decode_id: str, timeout: float, prefill_task,
-                              prefill_id: str) -> AsyncIterator[EngineToken]:
+                              prefill_id: str, ended: list) -> AsyncIterator[EngineToken]:
         """``Start`` on the decode worker, then this request's events from the worker's Tokens stream (opened on
-        first use). Ends after the finishing token; raises as the per-request stream would."""
+        first use). Ends after the finishing token (``ended`` gets an entry just before it is yielded: the worker
+        ended the request, nothing is left to abort); raises as the per-request stream would."""
         sub = self._subscription(decode_id)
         try:
             await sub.ensure_open(min(timeout, 10.0))
@@ -271,6 +275,8 @@ class GrpcBackend:
                 last[0] = loop.time()
                 if item.timeline_ms:
                     report_timeline(req, "decode", item.monotonic_s, item.timeline_ms)  # the first event carries it
+                if item.finish_reason:
+                    ended.append(True)
                 yield EngineToken(item.token_id, item.scale, item.logprob, item.drafted)
                 if item.finish_reason:
                     return

@@ -96,9 +96,13 @@ class _ForModel:
 
     def __init__(self, metric, model_name: str) -> None:
         self.metric, self.model_name = metric, model_name
+        self._children: dict = {}  # the label lookup (a lock and a dict of tuples) runs per token otherwise
 
     def labels(self, *values: str):
-        return self.metric.labels(self.model_name, *values)
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(self.model_name, *values)
+        return child
 
 
 class RouterMetrics:

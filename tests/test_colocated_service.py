@@ -74,7 +74,11 @@ def test_in_process_colocated_engine_serves_reference_tokens():
 
 
 @pytest.mark.parametrize("stream", ["batched", "per_request"])
-def test_colocated_worker_process_serves_reference_tokens(stream):
+def test_colocated_worker_process_serves_reference_tokens(stream, monkeypatch):
+    """... and a request the router ends at its finishing token (its length) costs no Abort RPC: the worker
+    ended it."""
+    aborts = []
+    monkeypatch.setattr(GrpcBackend, "_abort_in_background", lambda self, worker, rid, attempts=3: aborts.append(rid))
     model_dir = str(demo_model_dir())
     env = {**os.environ, "COLM_CLUSTER_TOKEN": TOKEN}
     procs = []
@@ -89,6 +93,7 @@ def test_colocated_worker_process_serves_reference_tokens(stream):
             _check_reference_tokens(bg, checkpoint.load(model_dir).eval())
         finally:
             bg.stop()
+        assert aborts == []
         import grpc
 
         from colm.proto import load_proto
