@@ -123,7 +123,7 @@ def main() -> None:
     sdpa_ms = timed(sdpa, args.iters)
     print(f"SDPA per segment: {sdpa_ms:.4f} ms {flops / (sdpa_ms / 1e3) / 1e12:.0f} TFLOP/s")
     best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"])
-    default = next(r for r in rows if r.get("block_m") == pf.BLOCK_M and r.get("block_n") == 64
+    default = next(r for r in rows if r.get("block_m") == pf.BLOCK_M and r.get("block_n") == 128
                    and r.get("num_warps") == 4 and r.get("num_stages") == 2)
     result = {"benchmark": "prefill_attention", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "segments": specs, "tokens": n, "heads": [hq, hkv, d],

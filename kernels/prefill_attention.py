@@ -198,7 +198,8 @@ def paged_prefill_attention_triton(q, k_pool, v_pool, pages, segments, tiles, sm
     out = torch.zeros_like(q) if out is None else out
     if out.shape != q.shape or out.stride(-1) != 1:
         raise ValueError(f"paged_prefill_attention: out must be {tuple(q.shape)} with unit last stride")
-    cfg = {"block_m": BLOCK_M, "block_n": 64, "num_warps": 4, "num_stages": 2, **(launch or {})}
+    # the fastest of the H200 sweep in bench/prefill_attention.py
+    cfg = {"block_m": BLOCK_M, "block_n": 128, "num_warps": 4, "num_stages": 2, **(launch or {})}
     scale = (1.0 / math.sqrt(d) if sm_scale is None else sm_scale) * LOG2E
     upcast = _tuning.interpreting() and q.dtype == torch.bfloat16
     _prefill_kernel[(tiles.shape[0], hq)](
