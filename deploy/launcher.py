@@ -145,6 +145,7 @@ class Launcher:
         self.addresses: dict[str, str] = {}
         self._watch: asyncio.Task | None = None
         self._model_cfg = None
+        self.replicas: list = []  # router.replicas - 1 RouterReplica actors
 
     def prepare(self) -> str:
         """Resolve the checkpoint and check it and the TLS files (before Ray or any worker starts); its path."""
@@ -215,9 +216,32 @@ class Launcher:
         router = Router(router_cfg, model_cfg, tokenizer, backend, block_size=block_size)
         self.server = RouterServer(router)
         self.addresses = await self.server.start()
+        if router_cfg.replicas > 1:
+            if self.pool is None:
+                log.warning("router.replicas=%d: replicas serve Ray worker actors; this service runs its engines "
+                            "in-process, so one router serves it", router_cfg.replicas)
+            else:
+                await asyncio.get_running_loop().run_in_executor(None, self._start_replicas, router_cfg, infos,
+                                                                 block_size)
         if self.pool is not None:
             self._watch = asyncio.create_task(self._watch_workers(backend))
         return self.addresses
+
+    def _start_replicas(self, router_cfg, infos, block_size: int) -> None:
+        """router.replicas - 1 more routers as Ray actors on this node, on the same ports (``router_replica``)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from colm.deploy.router_replica import RouterReplica, replica_config
+
+        actor = ray.remote(RouterReplica).options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                           soft=False))
+        self.replicas = [actor.remote(replica_config(router_cfg, i, self.addresses), self.model_path, infos,
+                                      self.token, self.cfg.transport, self.cfg.model.score_prompts, block_size)
+                         for i in range(1, router_cfg.replicas)]
+        got = ray.get([r.addresses.remote() for r in self.replicas], timeout=300)
+        log.info("router replicas: %s", got)
 
     def _in_process_backend(self, path: str, model_cfg):
         """No worker actors available: run the engines in this process (still prefill -> decode with a
@@ -282,12 +306,25 @@ class Launcher:
             try:
                 infos = await loop.run_in_executor(None, self.pool.refresh)
                 backend.set_workers(infos)
+                for r in self.replicas:
+                    r.set_workers.remote(infos)
             except Exception as e:  # keep watching; the router's polls take dead workers out meanwhile
                 log.debug("worker refresh failed: %s", e)
 
     async def stop(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
+        if self.replicas:
+            import ray
+
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: ray.get([r.stop.remote() for r in self.replicas], timeout=30))
+            except Exception as e:  # noqa: BLE001 - they are killed below either way
+                log.warning("router replicas did not stop cleanly: %s", e)
+            for r in self.replicas:
+                ray.kill(r)
+            self.replicas = []
         if self.server is not None:
             await self.server.stop()
         if self.pool is not None:

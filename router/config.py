@@ -37,13 +37,18 @@ class RouterConfig:
     # how decode workers send tokens: "batched" (one stream per worker, a message per decode step for all its
     # requests) or "per_request" (a stream per request, a message per token)
     token_stream: str = "batched"
+    # router processes (``colm serve`` on Ray): each a router of its own over the same workers, all listening on the
+    # same gRPC and HTTP ports (SO_REUSEPORT: the kernel spreads client connections over them); replica i > 0 serves
+    # its metrics on metrics_port + i. One Python process parses and sends every token of its requests: past about
+    # a core of that work, more replicas serve more requests.
+    replicas: int = 1
 
     def __post_init__(self) -> None:
         for name in ("grpc_port", "http_port", "metrics_port"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or not 0 <= v <= 65535):
                 raise ValueError(f"router.{name}={v!r}: must be a port number 0..65535 (0 = any free port)")
-        for name in ("max_running", "max_message_bytes", "default_max_new_tokens"):
+        for name in ("max_running", "max_message_bytes", "default_max_new_tokens", "replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be >= 1")
         for name in ("max_queued", "max_retries"):

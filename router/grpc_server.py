@@ -292,7 +292,7 @@ async def start_grpc(router: Router) -> tuple[grpc.aio.Server, int]:
     # gRPC's own limit sits above ours so that an oversized request gets our INVALID_ARGUMENT message.
     opts = [("grpc.max_receive_message_length", 2 * cfg.max_message_bytes + (1 << 20)),
             ("grpc.max_send_message_length", 2 * cfg.max_message_bytes + (1 << 20)),
-            *SERVER_OPTIONS]
+            *[(k, int(cfg.replicas > 1) if k == "grpc.so_reuseport" else v) for k, v in SERVER_OPTIONS]]
     server = grpc.aio.server(interceptors=[GuardInterceptor(cfg.api_key)], options=opts)
     pb2_grpc.add_ColmServicer_to_server(ColmServicer(router), server)
     names = [SERVICE_NAME]

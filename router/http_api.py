@@ -425,7 +425,7 @@ async def start_http(router: Router) -> tuple[web.AppRunner, int]:
 
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-    site = web.TCPSite(runner, cfg.host, cfg.http_port, ssl_context=ssl_ctx)
+    site = web.TCPSite(runner, cfg.host, cfg.http_port, ssl_context=ssl_ctx, reuse_port=cfg.replicas > 1 or None)
     try:
         await site.start()
     except OSError as e:

@@ -1,7 +1,8 @@
 """`colm serve` on a real Ray cluster with one (simulated) GPU: ``workers.mode: auto`` starts one colocated decode
 worker that holds the whole GPU and prefills its own prompts (no prefill worker). Served tokens equal ``colm
 generate`` at every scale, speculative requests included, and a colocated worker killed mid-stream is restarted by
-Ray and the stream ends exactly."""
+Ray and the stream ends exactly. Two router replicas (``router.replicas``: a Ray actor beside the launcher's own
+router) share the gRPC and HTTP ports: client connections land on both, and both serve reference tokens."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def service():
         "model": {"path": "demo"},
         "workers": {"num_cpus_per_worker": 0.5, "max_restarts": 2, "mode": "auto"},  # 1 prefill + 1 decode asked for
         "decode": {"num_blocks": 512, "block_size": 16, "max_batched_tokens": 64},
-        "router": {"grpc_port": 0, "http_port": None, "metrics_port": None, "poll_interval_s": 0.1,
+        "router": {"grpc_port": 0, "http_port": 0, "metrics_port": 0, "poll_interval_s": 0.1, "replicas": 2,
                    "max_retries": 3, "poll_timeout_s": 10, "worker_wait_s": 240},
         "ray": {"num_cpus": 4}}, num_gpus=1)
 
@@ -71,3 +72,47 @@ def test_the_colocated_worker_killed_mid_stream_the_stream_completes_exactly(ser
     assert killed.is_set() and toks == _reference(PROMPTS[0], n, 2)
     assert finish["finish_reason"] == "length" and finish["usage"]["retries"] >= 1
     wait_serving(addrs["grpc"])
+
+
+def _served(metrics_url: str) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
+    fam = next(f for f in text_string_to_metric_families(text) if f.name == "colm_requests")
+    return sum(s.value for s in fam.samples if s.name == "colm_requests_total" and s.labels.get("status") == "ok")
+
+
+def test_two_router_replicas_share_the_ports_and_both_serve(service):
+    import json
+    import urllib.request
+
+    import grpc
+
+    from colm.proto import load_proto
+
+    launcher, addrs = service
+    assert len(launcher.replicas) == 1
+    replica = ray.get(launcher.replicas[0].addresses.remote())
+    assert replica["grpc"] == addrs["grpc"] and replica["http"] == addrs["http"]
+    assert replica["metrics"] != addrs["metrics"]
+    wait_serving(addrs["grpc"], 60)
+    before = (_served(addrs["metrics"]), _served(replica["metrics"]))
+    pb2, pb2_grpc = load_proto("public")
+    want = _reference(PROMPTS[1], 6, 2)
+    for _ in range(16):  # 16 connections of their own (no shared subchannel): the kernel spreads them over both
+        with grpc.insecure_channel(addrs["grpc"], options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            r = pb2_grpc.ColmStub(ch).Complete(pb2.GenerateRequest(
+                token_ids=pb2.TokenIds(ids=list(PROMPTS[1].encode())), scale=2,
+                sampling=pb2.Sampling(max_new_tokens=6, ignore_eos=True)), timeout=120)
+            assert [t.id for t in r.tokens] == want
+    after = (_served(addrs["metrics"]), _served(replica["metrics"]))
+    assert sum(after) - sum(before) == 16
+    assert after[0] > before[0] and after[1] > before[1]  # both routers served
+    body = json.dumps({"model": launcher.cfg.router.served_model_name, "prompt": PROMPTS[1], "max_tokens": 6,
+                       "ignore_eos": True, "scale": 2}).encode()
+    req = urllib.request.Request(addrs["http"] + "/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    out = json.loads(urllib.request.urlopen(req, timeout=120).read())
+    assert out["choices"][0]["text"]
