@@ -219,7 +219,8 @@ def stop_workers(workers: dict) -> None:
             p.wait(30)
 
 
-def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "GpuSampler", scratch: str) -> dict:
+def make_router(mode: str, ckpt: str, workers: list[tuple[str, str]], token: str, replicas: int, port: int = 0):
+    """A router (ThreadedRouterServer) of ``mode`` over ``workers`` [(role, address)] on ``port``."""
     from colm import checkpoint
     from colm.router.backend import WorkerInfo
     from colm.router.config import RouterConfig
@@ -229,20 +230,52 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
     from colm.tokenizer import load_checkpoint_tokenizer
 
     stream = "per_request" if mode == "per_request" else "batched"
-    backend = GrpcBackend([WorkerInfo(f"{role}-0", role, addr) for role, (_, addr) in workers.items()],
-                          cluster_token=token, token_stream=stream)
+    backend = GrpcBackend([WorkerInfo(f"{role}-0", role, addr) for role, addr in workers], cluster_token=token,
+                          token_stream=stream)
     model_cfg = checkpoint.load_config(ckpt)
-    cfg = RouterConfig(grpc_port=0, http_port=None, max_running=1024, max_queued=8192, poll_interval_s=0.1,
+    cfg = RouterConfig(grpc_port=port, http_port=None, max_running=1024, max_queued=8192, poll_interval_s=0.1,
                        default_deadline_s=300, token_timeout_s=120, served_model_name=f"bench-{mode}",
-                       token_stream=stream, fixed_scale=model_cfg.num_chains if mode == "baseline" else None)
-    server = ThreadedRouterServer(Router(cfg, model_cfg, load_checkpoint_tokenizer(ckpt), backend))
-    pids = {"router": os.getpid(), **{role: proc.pid for role, (proc, _) in workers.items()}}
+                       token_stream=stream, fixed_scale=model_cfg.num_chains if mode == "baseline" else None,
+                       replicas=replicas)
+    return ThreadedRouterServer(Router(cfg, model_cfg, load_checkpoint_tokenizer(ckpt), backend))
+
+
+def _router_process(mode: str, ckpt: str, workers: list, token: str, replicas: int, port: int, ready) -> None:
+    """Another router on the same port (SO_REUSEPORT), in a process of its own, until terminated."""
+    make_router(mode, ckpt, workers, token, replicas, port)
+    ready.set()
+    threading.Event().wait()
+
+
+def start_routers(mode: str, ckpt: str, workers: dict, token: str, n: int):
+    """(the router in this process, the other n - 1 as spawned processes on its port)."""
+    import multiprocessing as mp
+
+    addrs = [(role, addr) for role, (_, addr) in workers.items()]
+    server = make_router(mode, ckpt, addrs, token, n)
+    port = int(server.grpc_addr.rsplit(":", 1)[1])
+    ctx = mp.get_context("spawn")
+    procs = []
+    for _ in range(n - 1):
+        ready = ctx.Event()
+        p = ctx.Process(target=_router_process, args=(mode, ckpt, addrs, token, n, port, ready), daemon=True)
+        p.start()
+        if not ready.wait(120):
+            raise RuntimeError("a router process did not start")
+        procs.append(p)
+    return server, procs
+
+
+def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "GpuSampler", scratch: str) -> dict:
+    server, router_procs = start_routers(mode, ckpt, workers, token, args.routers)
+    pids = {"router": os.getpid(), **{f"router{i + 1}": p.pid for i, p in enumerate(router_procs)},
+            **{role: proc.pid for role, (proc, _) in workers.items()}}
     out = os.path.join(scratch, mode)  # colm loadtest's own JSON/PNG: read here, not kept
     try:
         base = [sys.executable, "-m", "colm.cli", "loadtest", "--addr", server.grpc_addr,
                 "--prompt-len", args.prompt_len, "--output-len", args.output_len, "--slo-ttft-ms", str(args.slo_ttft_ms),
                 "--slo-tpot-ms", str(args.slo_tpot_ms), "--timeout-s", "300", "--budgets", args.budgets]
-        measured = ["--processes", str(args.client_processes)]
+        measured = ["--processes", str(args.client_processes), "--connections", str(args.connections)]
         env = {**os.environ, "TQDM_DISABLE": "1"}
         # warm-up (kernels tuned, graphs captured per shape) outside the measured window
         subprocess.run(base + ["--concurrency", str(args.concurrency), "--num-requests", str(args.warmup_requests),
@@ -267,6 +300,11 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
                 t.join(args.profile_s + 30)
     finally:
         server.stop()
+        for p in router_procs:
+            p.terminate()
+            p.join(10)
+    for k in [k for k in cpu if k.startswith("router") and k != "router"]:  # every router process, as one
+        cpu["router"] += cpu.pop(k)
     with open(out + ".json") as f:
         summary = json.load(f)
     tot = summary["total"]
@@ -327,6 +365,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--client-processes", type=int, default=1,
                     help="colm loadtest --processes: the clients split over this many processes")
+    ap.add_argument("--connections", type=int, default=1, help="colm loadtest --connections (per client process)")
+    ap.add_argument("--routers", type=int, default=1,
+                    help="router processes sharing the port (router.replicas): this one and n - 1 spawned")
     ap.add_argument("--num-requests", type=int, default=1500)
     ap.add_argument("--warmup-requests", type=int, default=128)
     ap.add_argument("--prompt-len", default="512,2048")
@@ -410,10 +451,11 @@ def main() -> None:
                                                                "chains": list(cfg.chains), "n_layers": cfg.n_layers,
                                                                "dim": cfg.dim},
                "load": {"concurrency": args.concurrency, "num_requests": args.num_requests,
-                        "client_processes": args.client_processes,
+                        "client_processes": args.client_processes, "connections": args.connections,
                         "prompt_len": args.prompt_len, "output_len": args.output_len,
                         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms},
                "workers": "plain processes (colm.deploy.worker_main), router in the benchmark process",
+               "routers": args.routers,
                "max_batched_tokens": args.max_batched_tokens, "budgets": args.budgets,
                "gpu_measured": gpu, "request_cost": cost, "limit": limit, "results": results,
                f"ratio_vs_{base['mode'] if base else 'none'}": ratios, "ratio_vs_baseline": ratios_vs_baseline}

@@ -11,6 +11,7 @@ percentiles, goodput (requests per second that met the SLO) and errors by status
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -42,6 +43,9 @@ class LoadSpec:
     # closed loop: the clients split over this many client processes, each with its own connection, started
     # together after their warm-ups (one Python process parsing every streamed message caps the load it can make)
     processes: int = 1
+    # connections per client process (each its own, not a shared subchannel): clients take them in turn; several
+    # routers behind one port (router.replicas, SO_REUSEPORT) are spread over by connection
+    connections: int = 1
 
     def __post_init__(self) -> None:
         if self.num_requests < 1:
@@ -51,6 +55,8 @@ class LoadSpec:
         if self.warmup_requests < 0 or self.warmup_concurrency < 1:
             raise ValueError(f"warmup_requests={self.warmup_requests}, warmup_concurrency={self.warmup_concurrency}: "
                              "need warmup_requests >= 0 and warmup_concurrency >= 1")
+        if self.connections < 1:
+            raise ValueError(f"connections={self.connections}: must be >= 1")
         if self.processes < 1 or (self.processes > 1 and not self.concurrency):
             raise ValueError(f"processes={self.processes}: must be >= 1, and > 1 only with a closed loop (concurrency)")
         if self.processes > min(self.concurrency or 1, self.num_requests):
@@ -146,22 +152,25 @@ async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None, progre
         from tqdm import tqdm
 
         bar = tqdm(total=spec.num_requests, desc="loadtest", unit="req")
-    async with grpc.aio.insecure_channel(addr) as ch:
-        stub = pb2_grpc.ColmStub(ch)
+    opts = [("grpc.use_local_subchannel_pool", 1)] if spec.connections > 1 else []
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = [pb2_grpc.ColmStub(await stack.enter_async_context(grpc.aio.insecure_channel(addr, options=opts)))
+                 for _ in range(spec.connections)]
         if spec.warmup_requests:
             # its own RNG, so the measured requests are the same with or without a warm-up
             warm_rng = random.Random(spec.seed + 1)
             todo_warm = iter(range(spec.warmup_requests))
 
-            async def warm_client():
+            async def warm_client(stub):
                 for _ in todo_warm:
                     await one_request(stub, pb2, spec, random.Random(warm_rng.random()), 0.0, md)
 
-            await asyncio.gather(*(warm_client() for _ in range(min(spec.warmup_concurrency, spec.warmup_requests))))
+            await asyncio.gather(*(warm_client(stubs[i % len(stubs)])
+                                   for i in range(min(spec.warmup_concurrency, spec.warmup_requests))))
         if start_barrier is not None:
             await asyncio.get_running_loop().run_in_executor(None, start_barrier.wait)
 
-        async def tracked(rate):
+        async def tracked(rate, stub):
             r = await one_request(stub, pb2, spec, random.Random(rng.random()), rate, md)
             results.append(r)
             if bar:
@@ -170,12 +179,12 @@ async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None, progre
         if spec.concurrency:
             todo = iter(range(spec.num_requests))
 
-            async def client():
+            async def client(stub):
                 for _ in todo:
-                    await tracked(0.0)
+                    await tracked(0.0, stub)
 
             t0 = time.perf_counter()
-            await asyncio.gather(*(client() for _ in range(spec.concurrency)))
+            await asyncio.gather(*(client(stubs[i % len(stubs)]) for i in range(spec.concurrency)))
             wall[0.0] = time.perf_counter() - t0
         else:
             per_rate = [spec.num_requests // len(spec.rates)] * len(spec.rates)
@@ -183,8 +192,8 @@ async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None, progre
             for rate, n in zip(spec.rates, per_rate):
                 tasks = []
                 t0 = time.perf_counter()
-                for _ in range(n):
-                    tasks.append(asyncio.create_task(tracked(rate)))
+                for k in range(n):
+                    tasks.append(asyncio.create_task(tracked(rate, stubs[k % len(stubs)])))
                     await asyncio.sleep(rng.expovariate(rate))  # Poisson arrivals
                 await asyncio.gather(*tasks)
                 wall[rate] = time.perf_counter() - t0

@@ -88,7 +88,7 @@ def test_a_closed_loop_split_over_client_processes(tmp_path):
     bg = BackgroundRouter(router)
     try:
         spec = LoadSpec(concurrency=5, num_requests=31, prompt_len=(4, 12), output_len=(2, 6), warmup_requests=4,
-                        processes=3)
+                        processes=3, connections=2)
         summary = run(bg.grpc_addr, spec, str(tmp_path / "p.json"), None, progress=False)
         reg = router.metrics.registry
         served = sum(reg.get_sample_value("colm_requests_total", {"model_name": router.cfg.served_model_name,
@@ -109,3 +109,5 @@ def test_client_processes_need_a_closed_loop_and_enough_clients():
         LoadSpec(concurrency=3, processes=4)
     with pytest.raises(ValueError, match="processes=0"):
         LoadSpec(concurrency=3, processes=0)
+    with pytest.raises(ValueError, match="connections=0"):
+        LoadSpec(concurrency=3, connections=0)

@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--processes", type=int, default=1,
                    help="closed loop: split the clients over this many client processes (one process parsing every "
                         "streamed message caps the load it can make)")
+    p.add_argument("--connections", type=int, default=1,
+                   help="connections per client process, clients taking them in turn (several router replicas "
+                        "behind one port are spread over by connection)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--out", default="loadtest", help="output prefix: writes PREFIX.json and PREFIX.png")
     p.set_defaults(func=run)
@@ -47,7 +50,8 @@ def run(args) -> int:
                     concurrency=args.concurrency, prompt_len=parse_pair(args.prompt_len),
                     output_len=parse_pair(args.output_len), budgets=parse_mix(args.budgets),
                     slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, timeout_s=args.timeout_s,
-                    seed=args.seed, warmup_requests=args.warmup_requests, processes=args.processes)
+                    seed=args.seed, warmup_requests=args.warmup_requests, processes=args.processes,
+                    connections=args.connections)
     summary = run_load(args.addr, spec, f"{args.out}.json", f"{args.out}.png", api_key=args.api_key,
                        meta={"addr": args.addr})
     print(table(summary))
