@@ -366,7 +366,10 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         warmed = self._warm_marks()
         if rounds:
             self._drop_ahead()  # a step queued ahead for rows now drafting is stale (their positions move by rounds)
-        results = self._plain_step(batch, scales, may_overlap=not rounds) if batch else []
+        # a step queued ahead is dropped (waited for, its work thrown away) when the batch changes; a chunk that
+        # completes a prompt changes the next one (that request joins it), so no step is queued ahead of it then
+        joins = any(s.end == len(s.request.prompt_tokens) for s in segments)
+        results = self._plain_step(batch, scales, may_overlap=not rounds, ahead=not joins) if batch else []
         spec = {key: self._spec_round(rows, *key) for key, rows in rounds.items()}
         # after the decode step's tokens were read: on CUDA the chunk runs on the GPU while the host hands them out
         failed = self._run_prefill(segments) if segments else {}
@@ -396,10 +399,10 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         self.mux.flush()  # one hand-over per step to each subscriber, whatever the batch size
         return size
 
-    def _plain_step(self, batch, scales, may_overlap: bool) -> list[tuple[int, float] | None]:
+    def _plain_step(self, batch, scales, may_overlap: bool, ahead: bool = True) -> list[tuple[int, float] | None]:
         try:
             if may_overlap and self._can_overlap(batch, scales):
-                return self._overlapped(batch, scales)
+                return self._overlapped(batch, scales, ahead)
             self._drop_ahead()
             return decode_step(self.model, batch, self.pool, scales, self.config.mixed_scale_mode, self.graphs)
         except Exception as e:  # noqa: BLE001 - a failed step ends only the requests that fail alone
@@ -461,8 +464,9 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         return (self._overlap and len(set(scales)) == 1
                 and all(r.params.greedy and r.cancel is None for r in batch))
 
-    def _overlapped(self, batch, scales) -> list[tuple[int, float]]:
-        """Step n's tokens, with step n+1 queued before they are read (when every row goes on past step n).
+    def _overlapped(self, batch, scales, ahead: bool = True) -> list[tuple[int, float]]:
+        """Step n's tokens, with step n+1 queued before they are read (when every row goes on past step n and
+        ``ahead``: no request is known to join step n+1).
         A queued step whose batch or scale no longer holds is waited for and dropped; the next step redoes
         its work from the host's state (the same K/V into the same slots)."""
         cur = self._ahead if self._ahead is not None and self._ahead.matches(batch, scales) else None
@@ -472,7 +476,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         else:
             self._num_ahead_used += 1
         self._ahead = None
-        if all(len(r.out_tokens) + 2 <= r.params.max_new_tokens for r in batch):  # no row ends by length now
+        if ahead and all(len(r.out_tokens) + 2 <= r.params.max_new_tokens for r in batch):  # no row ends by length
             self._ahead = launch_greedy_step(self.model, batch, self.pool, scales[0], self.graphs, after=cur)
         return cur.result()
 

@@ -366,3 +366,24 @@ def test_a_colocated_worker_exports_its_prefill_queue_and_chunks_as_metrics(setu
     assert fams["colm_decode_num_prefill_chunks"].samples[0].value == 1
     assert fams["colm_decode_num_prefill_queued_tokens"].samples[0].value == 29 - 8
     de.stop()
+
+
+def test_no_step_is_queued_ahead_when_a_chunk_completes_a_prompt(setup):
+    """overlap_steps queues step n+1 before step n is read; a prompt whose last chunk runs this iteration joins the
+    next step's batch, which would drop that queued step (its GPU work thrown away). Driven step by step: prompts
+    arrive while others decode, every token equals the reference, and no queued step is dropped."""
+    path, full = setup
+    de = _engine(path, max_batched_tokens=24, overlap_steps=True)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    batch = prompts([9, 30, 5, 17, 44, 8], seed=4)
+    streams = []
+    for i, p in enumerate(batch):
+        streams.append((p, _submit(de, f"o{i}", p, params, 2)))
+        for _ in range(3):  # a few iterations between arrivals: decode rows and chunks mixed
+            de.step()
+    while de._running or de._prefill_queue:
+        de.step()
+    for p, st in streams:
+        assert [e.token_id for e in st] == generate(full, p, params, scale=2).token_ids
+    s = de.stats()
+    assert s.num_steps_launched_ahead > 0 and s.num_steps_dropped == 0
