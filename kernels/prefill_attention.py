@@ -108,7 +108,7 @@ if HAS_TRITON:
     def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pages_ptr, seg_ptr, tiles_ptr, sm_scale,
                         stride_qn, stride_qh, stride_on, stride_oh, block_size,
                         NUM_KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         tile = tl.program_id(0)
         h = tl.program_id(1)
         seg = tl.load(tiles_ptr + 2 * tile)
@@ -141,12 +141,12 @@ if HAS_TRITON:
             v = _kv_tile(v_ptr, pages_ptr, page0, kpos, k_ok, kvh, d, d_ok, block_size, NUM_KV, HEAD_DIM)
             if UPCAST:
                 k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * sm_scale  # [M, N], log2 units
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale  # [M, N], log2 units
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         for n0 in range(full_end, end, BLOCK_N):
             kpos = n0 + tl.arange(0, BLOCK_N)
@@ -155,13 +155,13 @@ if HAS_TRITON:
             v = _kv_tile(v_ptr, pages_ptr, page0, kpos, k_ok, kvh, d, d_ok, block_size, NUM_KV, HEAD_DIM)
             if UPCAST:
                 k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * sm_scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
             s = tl.where((kpos[None, :] <= qpos[:, None]) & k_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         out = acc / tl.maximum(l_i, 1e-30)[:, None]
         tl.store(o_ptr + (q_off + rows).to(tl.int64)[:, None] * stride_on + h * stride_oh + d[None, :],
@@ -207,6 +207,7 @@ def paged_prefill_attention_triton(q, k_pool, v_pool, pages, segments, tiles, sm
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_pool.shape[1],
         NUM_KV=hkv, GROUP=hq // hkv, HEAD_DIM=d, D_PAD=max(16, triton.next_power_of_2(d)),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], UPCAST=upcast,
+        PRECISION="ieee" if q.dtype == torch.float32 else None,  # float32 models: no TF32 rounding in the dots
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

@@ -17,6 +17,7 @@ def test_serve_yaml_is_accepted_with_safe_defaults():
     assert bundled_serve_yaml() == (DEPLOY / "serve.yaml").resolve()
     # nothing on 0.0.0.0 by default: workers bind their node IP, which is 127.0.0.1 on the embedded cluster
     assert cfg.router.host == "127.0.0.1" and cfg.workers.host == "auto"
+    assert cfg.workers.mode == "auto"  # colocated on one GPU (measured faster there), disaggregated otherwise
     assert cfg.workers.num_prefill >= 1 and cfg.workers.num_decode >= 1
     assert cfg.decode["block_size"] == 16 and cfg.model.path is None
     assert len(cfg.token()) >= 16 and cfg.token() != cfg.token()  # random per launch when unset
@@ -66,7 +67,7 @@ def test_workers_mode_picks_colocated_where_workers_would_share_gpus():
     from colm.deploy.actors import gpus_per_worker
     from colm.deploy.config import WorkersSection, resolve_mode
 
-    assert WorkersSection().mode == "disaggregated"  # the default, until colocated measures faster
+    assert WorkersSection().mode == "disaggregated"  # the dataclass's default; deploy/serve.yaml sets auto
     one = WorkersSection(mode="auto")  # 1 prefill + 1 decode
     assert [resolve_mode(one, g) for g in (0, 1, 2, 8)] == ["disaggregated", "colocated", "disaggregated",
                                                             "disaggregated"]
