@@ -266,6 +266,20 @@ def start_routers(mode: str, ckpt: str, workers: dict, token: str, n: int):
     return server, procs
 
 
+def decode_engine_stats(addr: str, token: str) -> dict:
+    """The decode worker's running totals (steps, steps queued ahead and dropped, prompt chunks) from its Stats."""
+    import grpc
+
+    from colm.proto import load_proto
+    from colm.proto.rpc import TOKEN_KEY
+
+    kv_pb2, kv_grpc = load_proto("kv")
+    with grpc.insecure_channel(addr) as ch:
+        s = kv_grpc.DecodeWorkerStub(ch).Stats(kv_pb2.DecodeStatsRequest(), metadata=((TOKEN_KEY, token),), timeout=30)
+    return {k: getattr(s, k) for k in ("num_steps", "num_steps_launched_ahead", "num_steps_dropped",
+                                       "num_prefill_chunks", "num_finished", "num_failed")}
+
+
 def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "GpuSampler", scratch: str) -> dict:
     server, router_procs = start_routers(mode, ckpt, workers, token, args.routers)
     pids = {"router": os.getpid(), **{f"router{i + 1}": p.pid for i, p in enumerate(router_procs)},
@@ -295,6 +309,7 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
         cpu["client"] = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
         gpu_busy = sampler.mean_since(g0)
+        engine = decode_engine_stats(workers["decode"][1], token)
         if prof is not None:
             for t in prof.pop("_threads"):
                 t.join(args.profile_s + 30)
@@ -310,6 +325,7 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
     tot = summary["total"]
     out_tokens = tot["output_tokens_per_s"] * tot["num_requests"] / max(tot["throughput_rps"], 1e-9)
     return {"mode": mode, "summary": tot, "wall_s": wall, "gpu_busy_pct": gpu_busy, "profile": prof,
+            "decode_engine": engine,
             "scale_mix": summary["rates"][0].get("scale_mix") if summary.get("rates") else None,
             "cpu_s": cpu, "cpu_s_per_1k_tokens": {k: 1000 * v / max(out_tokens, 1) for k, v in cpu.items()},
             "cpu_cores_busy": {k: v / wall for k, v in cpu.items()}}

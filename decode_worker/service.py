@@ -167,7 +167,10 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                   num_drafted=s.num_drafted, num_draft_accepted=s.num_draft_accepted,
                                   cuda_kv=self.engine.device.type == "cuda", prefills=s.prefills,
                                   num_prefill_queued_tokens=s.num_prefill_queued_tokens,
-                                  prefill_tokens_per_s=s.prefill_tokens_per_s)
+                                  prefill_tokens_per_s=s.prefill_tokens_per_s,
+                                  num_prefill_chunks=s.num_prefill_chunks,
+                                  num_steps_launched_ahead=s.num_steps_launched_ahead,
+                                  num_steps_dropped=s.num_steps_dropped)
 
     def Score(self, request, context):
         rows = self.engine.score(list(request.token_ids), int(request.scale) or None)
