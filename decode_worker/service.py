@@ -107,13 +107,17 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
         except ValueError:
             self.engine.abort(request.request_id, unstarted_only=True)
             raise
-        if request.prompt_token_ids_u32:  # colocated: the prompt instead of a KV stream
+        if request.prompt_token_ids_u32 or request.reserve_max_new_tokens:  # colocated: the prompt, not a KV stream
             try:
                 prompt = unpack_token_ids(request.prompt_token_ids_u32, "prompt_token_ids_u32")
             except ValueError:
                 self.engine.abort(request.request_id, unstarted_only=True)
                 raise
-            self.engine.prefill_kv(request.request_id, prompt)
+            if request.reserve_max_new_tokens:  # the reservation comes with the Start: one call for the request
+                self.engine.reserve(request.request_id, len(prompt) + 1, int(request.reserve_max_new_tokens),
+                                    request.kv_timeout_s or None)
+            if len(prompt):  # a one-token prompt has no K/V to compute before its first step
+                self.engine.prefill_kv(request.request_id, prompt)
         return self.engine.start_generation(request.request_id, int(request.last_token_id), params,
                                             int(request.scale) or None, request.kv_timeout_s or None,
                                             subscriber=subscriber, speculative=int(request.speculative))

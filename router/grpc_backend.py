@@ -151,14 +151,15 @@ class GrpcBackend:
         try:
             if not colocated and self._pool_pair(prefill_id, decode_id):  # decode's grant waits for the reservation
                 prefill_task = start_prefill(True, "cuda_pool", True)
-            try:
-                reply = await decode.Reserve(kv_pb2.ReserveRequest(
-                    request_id=req.request_id, prompt_len=len(req.prompt_ids), max_new_tokens=p.max_new_tokens,
-                    timeout_s=timeout), metadata=md, timeout=min(timeout, 10.0))
-            except grpc.aio.AioRpcError as e:
-                if e.code() in _REFUSED:
-                    reserved = False
-                raise self._failure(e, decode_id) from None
+            if not colocated:  # a colocated worker reserves with the Start (``_start_request``): one call fewer
+                try:
+                    reply = await decode.Reserve(kv_pb2.ReserveRequest(
+                        request_id=req.request_id, prompt_len=len(req.prompt_ids), max_new_tokens=p.max_new_tokens,
+                        timeout_s=timeout), metadata=md, timeout=min(timeout, 10.0))
+                except grpc.aio.AioRpcError as e:
+                    if e.code() in _REFUSED:
+                        reserved = False
+                    raise self._failure(e, decode_id) from None
             reserved = True
             if prefill_task is None and not colocated:
                 same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)
@@ -387,11 +388,12 @@ _REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
 
 def _start_request(req: EngineRequest, timeout: float, subscriber: str = "", prompt: bool = False):
     """The decode worker's StartGenerationRequest for ``req`` (``subscriber``: the Tokens stream, for ``Start``;
-    ``prompt``: a colocated worker, which prefills the prompt itself)."""
+    ``prompt``: a colocated worker, which reserves the request and prefills the prompt itself)."""
     return kv_pb2.StartGenerationRequest(request_id=req.request_id, last_token_id=req.prompt_ids[-1],
                                          sampling=sampling_to_decode(req.params), scale=req.scale, kv_timeout_s=timeout,
                                          subscriber=subscriber, speculative=req.speculative,
-                                         prompt_token_ids_u32=pack_token_ids(req.prompt_ids[:-1]) if prompt else b"")
+                                         prompt_token_ids_u32=pack_token_ids(req.prompt_ids[:-1]) if prompt else b"",
+                                         reserve_max_new_tokens=req.params.max_new_tokens if prompt else 0)
 
 
 def _retrieve(task: asyncio.Future) -> None:

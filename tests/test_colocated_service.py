@@ -28,7 +28,7 @@ from _engine_helpers import wait_pool_free  # noqa: E402
 from router_helpers import BackgroundRouter, start_worker_procs  # noqa: E402
 
 TOKEN = "test-cluster-token"
-TEXTS = ("Hi", "The import statement", "a longer prompt " * 9)
+TEXTS = ("Hi", "x", "The import statement", "a longer prompt " * 9)  # "x": one token, nothing to prefill
 
 
 def _check_reference_tokens(bg, model) -> None:
@@ -45,14 +45,14 @@ def _check_reference_tokens(bg, model) -> None:
             assert spec["token_ids"] == want
         # a client-side switch mid-stream: the tokens follow the scales they were served at
         served, ids = [], []
-        for ev in c.stream(TEXTS[1], max_new_tokens=12, scale=2, ignore_eos=True, request_id="colo-switch"):
+        for ev in c.stream(TEXTS[2], max_new_tokens=12, scale=2, ignore_eos=True, request_id="colo-switch"):
             if ev["kind"] != "token":
                 continue
             ids.append(ev["id"])
             served.append(ev["scale"])
             if len(ids) == 4:
                 c.set_scale("colo-switch", 1)
-        ref = generate(model, tok.encode(TEXTS[1]), SamplingParams(max_new_tokens=12, ignore_eos=True),
+        ref = generate(model, tok.encode(TEXTS[2]), SamplingParams(max_new_tokens=12, ignore_eos=True),
                        scale_schedule=lambda i: served[i]).token_ids
         assert ids == ref and 1 in served
 
@@ -75,10 +75,21 @@ def test_in_process_colocated_engine_serves_reference_tokens():
 
 @pytest.mark.parametrize("stream", ["batched", "per_request"])
 def test_colocated_worker_process_serves_reference_tokens(stream, monkeypatch):
-    """... and a request the router ends at its finishing token (its length) costs no Abort RPC: the worker
-    ended it."""
-    aborts = []
+    """... a request costs one call to start (its Start or StartGeneration reserves it: no Reserve), and a request
+    the router ends at its finishing token (its length) costs no Abort RPC: the worker ended it."""
+    aborts, calls = [], []
     monkeypatch.setattr(GrpcBackend, "_abort_in_background", lambda self, worker, rid, attempts=3: aborts.append(rid))
+    stub_of = GrpcBackend._decode
+
+    class Counted:
+        def __init__(self, stub):
+            self.stub = stub
+
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(self.stub, name)
+
+    monkeypatch.setattr(GrpcBackend, "_decode", lambda self, worker: Counted(stub_of(self, worker)))
     model_dir = str(demo_model_dir())
     env = {**os.environ, "COLM_CLUSTER_TOKEN": TOKEN}
     procs = []
@@ -88,12 +99,13 @@ def test_colocated_worker_process_serves_reference_tokens(stream, monkeypatch):
         workers = [WorkerInfo("decode-0", "decode", addrs["decode"])]
         bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None, token_stream=stream),
                                      checkpoint.load_config(model_dir), ByteTokenizer(),
-                                     GrpcBackend(workers, cluster_token=TOKEN)))
+                                     GrpcBackend(workers, cluster_token=TOKEN, token_stream=stream)))
         try:
             _check_reference_tokens(bg, checkpoint.load(model_dir).eval())
         finally:
             bg.stop()
         assert aborts == []
+        assert "Reserve" not in calls and calls.count("Start" if stream == "batched" else "StartGeneration") >= 10
         import grpc
 
         from colm.proto import load_proto
