@@ -40,9 +40,11 @@ class LoadSpec:
     # calls compile kernels, tune them per shape and capture CUDA graphs, which would land in the first rate.
     warmup_requests: int = 0
     warmup_concurrency: int = 8
-    # closed loop: the clients split over this many client processes, each with its own connection, started
-    # together after their warm-ups (one Python process parsing every streamed message caps the load it can make)
+    # the load split over this many client processes, each with its own connections, started together after their
+    # warm-ups (one Python process parsing every streamed message caps the load it can make): a closed loop's
+    # clients, or an open loop's arrivals (each process sends a Poisson stream at rate / processes)
     processes: int = 1
+    rate_share: float = 1.0  # open loop: this process's arrivals are at rate * rate_share (set by the split)
     # connections per client process (each its own, not a shared subchannel): clients take them in turn; several
     # routers behind one port (router.replicas, SO_REUSEPORT) are spread over by connection
     connections: int = 1
@@ -57,11 +59,16 @@ class LoadSpec:
                              "need warmup_requests >= 0 and warmup_concurrency >= 1")
         if self.connections < 1:
             raise ValueError(f"connections={self.connections}: must be >= 1")
-        if self.processes < 1 or (self.processes > 1 and not self.concurrency):
-            raise ValueError(f"processes={self.processes}: must be >= 1, and > 1 only with a closed loop (concurrency)")
-        if self.processes > min(self.concurrency or 1, self.num_requests):
+        if self.processes < 1:
+            raise ValueError(f"processes={self.processes}: must be >= 1")
+        if self.concurrency and self.processes > min(self.concurrency, self.num_requests):
             raise ValueError(f"processes={self.processes}: more than the {self.concurrency} clients or "
                              f"{self.num_requests} requests to split over them")
+        if not self.concurrency and self.processes > self.num_requests // max(1, len(self.rates)):
+            raise ValueError(f"processes={self.processes}: more than the {self.num_requests // max(1, len(self.rates))} "
+                             "requests of each rate to split over them")
+        if not 0 < self.rate_share <= 1:
+            raise ValueError(f"rate_share={self.rate_share}: must be in (0, 1]")
         if not self.concurrency and (not self.rates or any(r <= 0 for r in self.rates)):
             raise ValueError(f"rates={self.rates}: need positive request rates (or concurrency > 0)")
         for name in ("prompt_len", "output_len"):
@@ -141,7 +148,8 @@ async def one_request(stub, pb2, spec: LoadSpec, rng: random.Random, rate: float
 async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None, progress: bool = True,
                    start_barrier=None) -> tuple[list[Result], dict[float, float]]:
     """Returns every request's result and each rate's wall time (first send to last answer). ``start_barrier``
-    (a multiprocessing Barrier): waited on after the warm-up, before the measured load."""
+    (a multiprocessing Barrier): waited on after the warm-up, before the measured load (an open loop: before each
+    rate)."""
     pb2, pb2_grpc = load_proto("public")
     md = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     rng = random.Random(spec.seed)
@@ -167,8 +175,9 @@ async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None, progre
 
             await asyncio.gather(*(warm_client(stubs[i % len(stubs)])
                                    for i in range(min(spec.warmup_concurrency, spec.warmup_requests))))
-        if start_barrier is not None:
-            await asyncio.get_running_loop().run_in_executor(None, start_barrier.wait)
+        async def together() -> None:
+            if start_barrier is not None:
+                await asyncio.get_running_loop().run_in_executor(None, start_barrier.wait)
 
         async def tracked(rate, stub):
             r = await one_request(stub, pb2, spec, random.Random(rng.random()), rate, md)
@@ -183,6 +192,7 @@ async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None, progre
                 for _ in todo:
                     await tracked(0.0, stub)
 
+            await together()
             t0 = time.perf_counter()
             await asyncio.gather(*(client(stubs[i % len(stubs)]) for i in range(spec.concurrency)))
             wall[0.0] = time.perf_counter() - t0
@@ -191,10 +201,11 @@ async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None, progre
             per_rate[-1] += spec.num_requests - sum(per_rate)
             for rate, n in zip(spec.rates, per_rate):
                 tasks = []
+                await together()
                 t0 = time.perf_counter()
                 for k in range(n):
                     tasks.append(asyncio.create_task(tracked(rate, stubs[k % len(stubs)])))
-                    await asyncio.sleep(rng.expovariate(rate))  # Poisson arrivals
+                    await asyncio.sleep(rng.expovariate(rate * spec.rate_share))  # Poisson arrivals (this share)
                 await asyncio.gather(*tasks)
                 wall[rate] = time.perf_counter() - t0
     if bar:
@@ -320,22 +331,24 @@ def _split(total: int, parts: int) -> list[int]:
 def _client_process(addr: str, spec: LoadSpec, api_key, barrier, queue, index: int) -> None:
     try:
         results, wall = asyncio.run(run_load(addr, spec, api_key, progress=False, start_barrier=barrier))
-        queue.put((index, [asdict(r) for r in results], wall[0.0], None))
+        queue.put((index, [asdict(r) for r in results], wall, None))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         barrier.abort()
-        queue.put((index, [], 0.0, f"{type(e).__name__}: {e}"))
+        queue.put((index, [], {}, f"{type(e).__name__}: {e}"))
 
 
 def run_load_processes(addr: str, spec: LoadSpec, api_key: str | None = None) -> tuple[list[Result], dict]:
-    """The closed loop of ``spec`` split over ``spec.processes`` client processes (spawned): clients, requests and
-    warm-up requests divided among them, each its own seed and connection; they start the measured load together
-    (a barrier), and the wall time is the slowest one's."""
+    """``spec``'s load split over ``spec.processes`` client processes (spawned): requests and warm-up requests
+    divided among them, and a closed loop's clients or an open loop's arrival rate; each its own seed and
+    connections. They start the measured load (each rate of an open loop) together, at a barrier; a rate's wall time
+    is the slowest process's."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     n = spec.processes
     barrier, queue = ctx.Barrier(n), ctx.Queue()
-    parts = [replace(spec, processes=1, concurrency=c, num_requests=r, warmup_requests=w, seed=spec.seed * 1000 + i)
+    parts = [replace(spec, processes=1, concurrency=c, num_requests=r, warmup_requests=w, seed=spec.seed * 1000 + i,
+                     rate_share=1.0 / n)
              for i, (c, r, w) in enumerate(zip(_split(spec.concurrency, n), _split(spec.num_requests, n),
                                                _split(spec.warmup_requests, n)))]
     procs = [ctx.Process(target=_client_process, args=(addr, p, api_key, barrier, queue, i), daemon=True)
@@ -349,4 +362,4 @@ def run_load_processes(addr: str, spec: LoadSpec, api_key: str | None = None) ->
     if errors:
         raise RuntimeError(f"load test client processes failed: {errors}")
     results = [Result(**d) for _, rs, _, _ in sorted(got, key=lambda g: g[0]) for d in rs]
-    return results, {0.0: max(w for _, _, w, _ in got)}
+    return results, {rate: max(w[rate] for _, _, w, _ in got) for rate in got[0][2]}

@@ -102,9 +102,26 @@ def test_a_closed_loop_split_over_client_processes(tmp_path):
     assert served == 35  # and the 4 warm-up requests
 
 
-def test_client_processes_need_a_closed_loop_and_enough_clients():
-    with pytest.raises(ValueError, match="processes=2"):
-        LoadSpec(rates=(1.0,), processes=2)
+def test_an_open_loop_split_over_client_processes_keeps_its_rates(tmp_path):
+    """Two processes each send a Poisson stream at half of each rate, starting each rate together: the summary has
+    the rates asked for, each with its share of the requests."""
+    cfg = preset("tiny-air")
+    model = CoLM(cfg).reset_parameters(seed=0).eval()
+    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05), cfg, ByteTokenizer(),
+                    LocalBackend(model, max_concurrency=2))
+    bg = BackgroundRouter(router)
+    try:
+        spec = LoadSpec(rates=(20.0, 40.0), num_requests=24, prompt_len=(4, 8), output_len=(2, 4), processes=2)
+        summary = run(bg.grpc_addr, spec, None, None, progress=False)
+    finally:
+        bg.stop()
+    assert [e["rate"] for e in summary["rates"]] == [20.0, 40.0]
+    assert [e["num_requests"] for e in summary["rates"]] == [12, 12] and summary["total"]["num_ok"] == 24
+
+
+def test_client_processes_need_enough_clients_or_requests():
+    with pytest.raises(ValueError, match="processes=7"):
+        LoadSpec(rates=(1.0, 2.0), num_requests=12, processes=7)  # 6 requests per rate for 7 processes
     with pytest.raises(ValueError, match="processes=4"):
         LoadSpec(concurrency=3, processes=4)
     with pytest.raises(ValueError, match="processes=0"):

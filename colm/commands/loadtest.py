@@ -20,8 +20,8 @@ def register(sub) -> None:
     p.add_argument("--warmup-requests", type=int, default=0,
                    help="unmeasured requests sent first (closed loop, 8 clients): compilation, tuning, CUDA graphs")
     p.add_argument("--processes", type=int, default=1,
-                   help="closed loop: split the clients over this many client processes (one process parsing every "
-                        "streamed message caps the load it can make)")
+                   help="split the load over this many client processes: a closed loop's clients, an open loop's "
+                        "arrivals (one process parsing every streamed message caps the load it can make)")
     p.add_argument("--connections", type=int, default=1,
                    help="connections per client process, clients taking them in turn (several router replicas "
                         "behind one port are spread over by connection)")
