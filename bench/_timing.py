@@ -1,6 +1,8 @@
-"""CUDA-event timing shared by the GPU benchmarks."""
+"""CUDA-event timing shared by the GPU benchmarks, and the GPU's own rates to hold figures against."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -35,3 +37,30 @@ def kernel_table(fn):
             k[1] += ev.device_time_total / 1000 if hasattr(ev, "device_time_total") else ev.cuda_time_total / 1000
     rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
     return prof, [{"name": n, "count": c, "gpu_ms": t} for n, (c, t) in rows]
+
+
+def measure_gpu(device: str) -> dict:
+    """This GPU's bf16 matmul TFLOP/s (8192^3) and device-to-device copy GB/s (1 GiB, read + write)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = 20
+    for _ in range(n):
+        a @ b
+    torch.cuda.synchronize()
+    tflops = 2 * 8192 ** 3 * n / (time.perf_counter() - t0) / 1e12
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    gbs = 2 * x.numel() * n / (time.perf_counter() - t0) / 1e9
+    del a, b, x, y
+    torch.cuda.empty_cache()
+    return {"matmul_tflops": tflops, "copy_gbs": gbs}

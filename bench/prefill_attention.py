@@ -2,9 +2,9 @@
 
 One chunk as the colocated engine packs it under load: a long prompt's later chunk (its earlier keys in the pool)
 plus whole prompts filling ``--tokens``; 1B-shape chain-1 heads (16 query, 8 K/V heads of 64). Timed per layer
-call (CUDA events, median of ``--iters``): ``kernels.prefill_attention`` at each launch configuration of the sweep,
-and SDPA (cuDNN / flash on Hopper) per segment over contiguous K/V, the way the chunk ran before the kernel (no
-gather from the pool counted for it). The limit is the causal attention's FLOPs at the GPU's measured bf16
+call (``_timing.cuda_ms``: CUDA events, the mean of ``--iters`` back-to-back calls): ``kernels.prefill_attention``
+at each launch configuration of the sweep, and SDPA (cuDNN / flash on Hopper) per segment over contiguous K/V, the
+way the chunk ran before the kernel (no gather from the pool counted for it). The limit is the causal attention's FLOPs at the GPU's measured bf16
 matmul rate.
 
     python bench/prefill_attention.py --tokens 2048
@@ -16,33 +16,14 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-def timed(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    ms = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ms.append(a.elapsed_time(b))
-    return statistics.median(ms)
-
-
-def matmul_tflops(dev, dt) -> float:
-    """This GPU's bf16 matmul rate (8192^3)."""
-    m = torch.randn(8192, 8192, device=dev, dtype=dt)
-    return 2 * 8192 ** 3 / (timed(lambda: m @ m, 10) / 1e3) / 1e12
+from _results import run_meta, write_result  # noqa: E402
+from _timing import cuda_ms, measure_gpu  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +31,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--prefix", type=int, default=1500, help="earlier keys of the chunk's first (continued) prompt")
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="output prefix (default: bench/_results' name)")
     args = ap.parse_args()
 
     from colm.kernels import prefill_attention as pf
@@ -87,7 +68,7 @@ def main() -> None:
     pages_t = torch.tensor(pages, device=dev, dtype=torch.int64)
     flops = sum(4 * r * (p + (r + 1) / 2) * d * hq for p, r in specs)  # causal: QK^T and PV
 
-    peak = matmul_tflops(dev, dt)
+    peak = measure_gpu(dev)["matmul_tflops"]
 
     ref = pf.paged_prefill_attention_ref(q.float(), kp.float(), vp.float(), pages_t, segments.cpu())
     rows = []
@@ -97,8 +78,8 @@ def main() -> None:
         try:
             out = pf.paged_prefill_attention_triton(q, kp, vp, pages_t, segments, tiles, launch=launch)
             err = ((out.float() - ref).norm() / ref.norm()).item()
-            ms = timed(lambda: pf.paged_prefill_attention_triton(q, kp, vp, pages_t, segments, tiles, launch=launch),
-                       args.iters)
+            ms = cuda_ms(lambda: pf.paged_prefill_attention_triton(q, kp, vp, pages_t, segments, tiles, launch=launch),
+                         args.iters, warmup=3)
         except Exception as e:  # noqa: BLE001 - a configuration that does not compile (shared memory) is skipped
             rows.append({**launch, "error": f"{type(e).__name__}: {str(e)[:120]}"})
             continue
@@ -120,22 +101,18 @@ def main() -> None:
         for qq, kk, vv in zip(qs, ks, vs_):
             F.scaled_dot_product_attention(qq, kk, vv, attn_mask=causal_lower_right(qq.shape[2], kk.shape[2]))
 
-    sdpa_ms = timed(sdpa, args.iters)
+    sdpa_ms = cuda_ms(sdpa, args.iters, warmup=3)
     print(f"SDPA per segment: {sdpa_ms:.4f} ms {flops / (sdpa_ms / 1e3) / 1e12:.0f} TFLOP/s")
     best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"])
     default = next(r for r in rows if r.get("block_m") == pf.BLOCK_M and r.get("block_n") == 128
                    and r.get("num_warps") == 4 and r.get("num_stages") == 2)
-    result = {"benchmark": "prefill_attention", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "segments": specs, "tokens": n, "heads": [hq, hkv, d],
+    result = {**run_meta("prefill_attention"), "segments": specs, "tokens": n, "heads": [hq, hkv, d],
               "flops": flops, "matmul_tflops": peak, "sdpa_per_segment_ms": sdpa_ms, "sweep": rows,
               "best": best, "default": default,
               "ratios": {"best_vs_sdpa": sdpa_ms / best["ms"], "default_vs_sdpa": sdpa_ms / default.get("ms", 1e9),
                          "best_of_matmul_peak": best["tflops"] / peak}}
     print(json.dumps({k: result[k] for k in ("best", "default", "ratios", "matmul_tflops")}, indent=1))
-    out = args.out or os.path.join(os.environ.get("OUT", "bench/results"), "prefill_attention")
-    with open(out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}.json")
+    write_result(result, "prefill_attention", result["device"], result["date"], args.out and args.out + ".json")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import measure_gpu  # noqa: E402
 from serve_goodput import build_checkpoint, start_worker  # noqa: E402
 
 MODES = ("batched", "colocated", "baseline")
@@ -74,33 +75,6 @@ def request_cost(cfg, prompt: float, out: float, dtype_bytes: int = 2) -> dict:
     return {"prefill_flops": prefill_flops, "decode_flops": decode_flops,
             "decode_kv_bytes": out * ctx * kv_per_token,
             "weight_bytes": linear_params(cfg, full) * dtype_bytes, "out_tokens": out}
-
-
-def measure_gpu(device: str) -> dict:
-    """This GPU's bf16 matmul TFLOP/s (8192^3) and device-to-device copy GB/s (1 GiB, read + write)."""
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    n = 20
-    for _ in range(n):
-        a @ b
-    torch.cuda.synchronize()
-    tflops = 2 * 8192 ** 3 * n / (time.perf_counter() - t0) / 1e12
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    gbs = 2 * x.numel() * n / (time.perf_counter() - t0) / 1e9
-    del a, b, x, y
-    torch.cuda.empty_cache()
-    return {"matmul_tflops": tflops, "copy_gbs": gbs}
 
 
 def limit_rps(cost: dict, gpu: dict, batch: int) -> dict:

@@ -44,7 +44,6 @@ def token_sizes(max_tokens: int) -> list[int]:
 
 @dataclass
 class _Graph:
-    layout: ChunkLayout
     buf: torch.Tensor  # [layout.size] int64: the graph's static indices
     graph: object
 
@@ -81,7 +80,7 @@ class PackedPrefillGraphs(GraphSet):
             return False
         host = chunked_prefill.pack(self.pool, segments, self.layout(size))
         with self._lock:
-            g = self._graph_for(size, lambda: self._capture(size), self._what(size))
+            g = self._graph(size)
             if g is None:
                 return False
             chunked_prefill.upload(host, self.device, g.buf)
@@ -94,22 +93,19 @@ class PackedPrefillGraphs(GraphSet):
         before = self.num_captures
         for size in self.sizes:
             with self._lock:
-                if self._graph_for(size, lambda: self._capture(size), self._what(size)) is None:
+                if self._graph(size) is None:
                     break  # a capture failed: graphs are off, the chunks run eagerly
         return self.num_captures - before
 
-    @staticmethod
-    def _what(size: int) -> str:
-        return f"the colocated prefill of a {size}-token chunk"
+    def _graph(self, size: int) -> _Graph | None:
+        """The graph of ``size`` tokens, captured on first use (call under ``self._lock``)."""
+        return self._graph_for(size, lambda: self._capture(size), f"the colocated prefill of a {size}-token chunk")
 
     @torch.no_grad()
     def _capture(self, size: int) -> _Graph:
         layout = self.layout(size)
-        host = torch.zeros(layout.size, dtype=torch.long)
-        ChunkInputs.of(host, layout).slots.fill_(-1)  # an empty chunk: nothing written, no tile
-        ChunkInputs.of(host, layout).tiles[:, 0] = -1
-        buf = host.to(self.device)
+        buf = torch.from_numpy(chunked_prefill.pack(self.pool, [], layout)).to(self.device)  # empty: no write, no tile
         inputs = ChunkInputs.of(buf, layout)
         graph, _ = warm_and_capture(lambda: chunked_prefill.forward(self.model, self.pool, inputs, self.scale),
                                     self.device, self._pool, self.warmup)
-        return _Graph(layout, buf, graph)
+        return _Graph(buf, graph)

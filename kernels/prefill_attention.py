@@ -105,6 +105,28 @@ if HAS_TRITON:
         return tl.load(ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
 
     @triton.jit
+    def _attend_keys(q, m_i, l_i, acc, n0, qpos, end, k_ptr, v_ptr, pages_ptr, page0, kvh, d, d_ok, block_size,
+                     sm_scale, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr):
+        # one online-softmax update of the tile's (m_i, l_i, acc) with keys n0 .. n0+BLOCK_N-1 (masked past ``end``
+        # and, when CAUSAL, past each row's own position)
+        kpos = n0 + tl.arange(0, BLOCK_N)
+        k_ok = kpos < end
+        k = _kv_tile(k_ptr, pages_ptr, page0, kpos, k_ok, kvh, d, d_ok, block_size, NUM_KV, HEAD_DIM)
+        v = _kv_tile(v_ptr, pages_ptr, page0, kpos, k_ok, kvh, d, d_ok, block_size, NUM_KV, HEAD_DIM)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale  # [M, N], log2 units
+        if CAUSAL:
+            s = tl.where((kpos[None, :] <= qpos[:, None]) & k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pages_ptr, seg_ptr, tiles_ptr, sm_scale,
                         stride_qn, stride_qh, stride_on, stride_oh, block_size,
                         NUM_KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
@@ -135,34 +157,13 @@ if HAS_TRITON:
         end = pos0 + tl.minimum(m0 + BLOCK_M, q_len)  # keys 0 .. end-1
         full_end = (pos0 + m0) // BLOCK_N * BLOCK_N  # keys below: before every row of the tile, no mask
         for n0 in range(0, full_end, BLOCK_N):
-            kpos = n0 + tl.arange(0, BLOCK_N)
-            k_ok = kpos < end
-            k = _kv_tile(k_ptr, pages_ptr, page0, kpos, k_ok, kvh, d, d_ok, block_size, NUM_KV, HEAD_DIM)
-            v = _kv_tile(v_ptr, pages_ptr, page0, kpos, k_ok, kvh, d, d_ok, block_size, NUM_KV, HEAD_DIM)
-            if UPCAST:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale  # [M, N], log2 units
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, n0, qpos, end, k_ptr, v_ptr, pages_ptr, page0, kvh, d,
+                                         d_ok, block_size, sm_scale, NUM_KV, HEAD_DIM, BLOCK_N, UPCAST, PRECISION,
+                                         CAUSAL=False)
         for n0 in range(full_end, end, BLOCK_N):
-            kpos = n0 + tl.arange(0, BLOCK_N)
-            k_ok = kpos < end
-            k = _kv_tile(k_ptr, pages_ptr, page0, kpos, k_ok, kvh, d, d_ok, block_size, NUM_KV, HEAD_DIM)
-            v = _kv_tile(v_ptr, pages_ptr, page0, kpos, k_ok, kvh, d, d_ok, block_size, NUM_KV, HEAD_DIM)
-            if UPCAST:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
-            s = tl.where((kpos[None, :] <= qpos[:, None]) & k_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, n0, qpos, end, k_ptr, v_ptr, pages_ptr, page0, kvh, d,
+                                         d_ok, block_size, sm_scale, NUM_KV, HEAD_DIM, BLOCK_N, UPCAST, PRECISION,
+                                         CAUSAL=True)
         out = acc / tl.maximum(l_i, 1e-30)[:, None]
         tl.store(o_ptr + (q_off + rows).to(tl.int64)[:, None] * stride_on + h * stride_oh + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

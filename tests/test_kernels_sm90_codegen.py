@@ -2,7 +2,7 @@
 
 Built with the ptxas that ships in Triton's wheel; checks that the chain-linear GEMMs use wgmma fed by
 16-byte async copies, that nothing spills, that the pipelined shared memory fits a Hopper SM, and that
-the decode-attention and KV-write kernels build. Skipped where Triton or its NVIDIA tools are missing.
+the decode-attention, prefill-attention and KV-write kernels build. Skipped where Triton or its NVIDIA tools are missing.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends",
 cl = importlib.import_module("colm.kernels.chain_linear")
 hop = importlib.import_module("colm.kernels.chain_linear_hopper")
 pa = importlib.import_module("colm.kernels.paged_attention")
+pf = importlib.import_module("colm.kernels.prefill_attention")
 off = importlib.import_module("colm.kernels._offline")
 
 HOPPER_SMEM = 227 * 1024
@@ -158,3 +159,17 @@ def test_paged_decode_kernels_compile():
                                                 "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32"},
                            dict(NUM_KV=8, HEAD_DIM=64, H_PAD=8, D_PAD=64), 1, 1)
     assert "st.global" in k.asm["ptx"]
+
+
+@pytest.mark.parametrize("dtype,precision", [("bf16", None), ("fp32", "ieee")])
+def test_paged_prefill_kernel_compiles(dtype, precision):
+    """The colocated chunk's attention at its default launch (64-row tiles, 128 keys, 4 warps, 2 stages): bf16 on
+    wgmma, float32 models with IEEE dots; nothing in local memory."""
+    sig = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "o_ptr": f"*{dtype}", "pages_ptr": "*i64",
+           "seg_ptr": "*i64", "tiles_ptr": "*i64", "sm_scale": "fp32", "stride_qn": "i32", "stride_qh": "i32",
+           "stride_on": "i32", "stride_oh": "i32", "block_size": "i32"}
+    const = dict(NUM_KV=8, GROUP=2, HEAD_DIM=64, D_PAD=64, BLOCK_M=pf.BLOCK_M, BLOCK_N=128, UPCAST=False,
+                 PRECISION=precision)
+    k = off.compile_kernel(pf._prefill_kernel, sig, const, 4, 2)
+    assert ("wgmma.mma_async" in k.asm["ptx"]) == (dtype == "bf16")
+    assert off.resource_usage(k)["LOCAL"] == 0

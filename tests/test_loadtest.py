@@ -1,5 +1,6 @@
 """A 200-request load test at several rates against a router serving tiny-air: JSON and PNG written."""
 
+import contextlib
 import json
 
 import pytest
@@ -14,20 +15,27 @@ from colm.tokenizer import ByteTokenizer
 from router_helpers import BackgroundRouter
 
 
-def test_loadtest_200_requests_writes_json_and_png(tmp_path):
+@contextlib.contextmanager
+def _tiny_router():
+    """(router, its BackgroundRouter) serving tiny-air in-process (two requests at a time); stopped on exit."""
     cfg = preset("tiny-air")
     model = CoLM(cfg).reset_parameters(seed=0).eval()
     router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05), cfg, ByteTokenizer(),
                     LocalBackend(model, max_concurrency=2))
     bg = BackgroundRouter(router)
     try:
+        yield router, bg
+    finally:
+        bg.stop()
+
+
+def test_loadtest_200_requests_writes_json_and_png(tmp_path):
+    with _tiny_router() as (router, bg):
         spec = LoadSpec(rates=(40.0, 80.0, 160.0), num_requests=200, prompt_len=(4, 12), output_len=(2, 6),
                         budgets=(("none", 1.0), ("scale:1", 1.0), ("tpot:1000", 1.0)), slo_ttft_ms=5000,
                         slo_tpot_ms=1000)
         out_json, out_png = tmp_path / "lt.json", tmp_path / "lt.png"
         summary = run(bg.grpc_addr, spec, str(out_json), str(out_png), progress=False)
-    finally:
-        bg.stop()
     data = json.loads(out_json.read_text())
     assert data["total"]["num_requests"] == 200 and data["total"]["num_ok"] == 200
     assert [e["rate"] for e in data["rates"]] == [40.0, 80.0, 160.0]
@@ -81,12 +89,7 @@ def test_warmup_settings_are_validated():
 def test_a_closed_loop_split_over_client_processes(tmp_path):
     """Three spawned client processes share the clients, requests and warm-up: every request is counted once,
     answered, and served (the router saw the warm-up too)."""
-    cfg = preset("tiny-air")
-    model = CoLM(cfg).reset_parameters(seed=0).eval()
-    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05), cfg, ByteTokenizer(),
-                    LocalBackend(model, max_concurrency=2))
-    bg = BackgroundRouter(router)
-    try:
+    with _tiny_router() as (router, bg):
         spec = LoadSpec(concurrency=5, num_requests=31, prompt_len=(4, 12), output_len=(2, 6), warmup_requests=4,
                         processes=3, connections=2)
         summary = run(bg.grpc_addr, spec, str(tmp_path / "p.json"), None, progress=False)
@@ -94,8 +97,6 @@ def test_a_closed_loop_split_over_client_processes(tmp_path):
         served = sum(reg.get_sample_value("colm_requests_total", {"model_name": router.cfg.served_model_name,
                                                                   "status": "ok", "scale": str(k)}) or 0
                      for k in (1, 2))
-    finally:
-        bg.stop()
     t = summary["total"]
     assert t["num_requests"] == 31 and t["num_ok"] == 31 and t["throughput_rps"] > 0
     assert len(summary["requests"]["rows"]) == 31
@@ -105,16 +106,9 @@ def test_a_closed_loop_split_over_client_processes(tmp_path):
 def test_an_open_loop_split_over_client_processes_keeps_its_rates(tmp_path):
     """Two processes each send a Poisson stream at half of each rate, starting each rate together: the summary has
     the rates asked for, each with its share of the requests."""
-    cfg = preset("tiny-air")
-    model = CoLM(cfg).reset_parameters(seed=0).eval()
-    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05), cfg, ByteTokenizer(),
-                    LocalBackend(model, max_concurrency=2))
-    bg = BackgroundRouter(router)
-    try:
+    with _tiny_router() as (router, bg):
         spec = LoadSpec(rates=(20.0, 40.0), num_requests=24, prompt_len=(4, 8), output_len=(2, 4), processes=2)
         summary = run(bg.grpc_addr, spec, None, None, progress=False)
-    finally:
-        bg.stop()
     assert [e["rate"] for e in summary["rates"]] == [20.0, 40.0]
     assert [e["num_requests"] for e in summary["rates"]] == [12, 12] and summary["total"]["num_ok"] == 24
 

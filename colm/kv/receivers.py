@@ -53,7 +53,6 @@ class _Receiver:
         return e
 
 
-
 class BytesReceiver(_Receiver):
     def __init__(self, engine) -> None:
         super().__init__(engine)
@@ -155,7 +154,6 @@ class BytesReceiver(_Receiver):
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(self.engine.device)
         return torch.cuda.stream(self._copy_stream)
-
 
 
 class GrantReceiver(_Receiver):
