@@ -128,16 +128,18 @@ class GpuSampler:
             self.proc.terminate()
 
 
-def profile_processes(pids: dict[str, int], seconds: float, delay_s: float, out_prefix: str) -> dict:
+def profile_processes(pids: dict[str, int], seconds: float, delay_s: float, out_prefix: str,
+                      gil: bool = False) -> dict:
     """py-spy (sampling, non-blocking) on each process for ``seconds`` after ``delay_s``, in the background; the
-    returned dict fills with each role's summary (top frames by self and inclusive share) when it ends."""
+    returned dict fills with each role's summary (top frames by self and inclusive share) when it ends. ``gil``:
+    only samples of the thread holding the GIL (where a GIL-bound process spends its one core)."""
     result: dict = {}
 
     def one(role: str, pid: int) -> None:
         raw = f"{out_prefix}_{role}.txt"
         time.sleep(delay_s)
         r = subprocess.run(["py-spy", "record", "--nonblocking", "--format", "raw", "--rate", "200", "--duration",
-                            str(int(seconds)), "--pid", str(pid), "--output", raw],
+                            str(int(seconds)), "--pid", str(pid), "--output", raw] + (["--gil"] if gil else []),
                            capture_output=True, text=True)
         if r.returncode != 0 or not os.path.exists(raw):
             result[role] = {"error": (r.stderr or r.stdout)[-500:]}
@@ -254,6 +256,31 @@ def decode_engine_stats(addr: str, token: str) -> dict:
                                        "num_prefill_chunks", "num_finished", "num_failed")}
 
 
+def phase_totals(registry) -> dict[str, tuple[float, int]]:
+    """{phase: (seconds summed, requests)} of a router's ``colm_request_phase_seconds``, plus its own "ttft"."""
+    out: dict[str, list] = {}
+    for metric in registry.collect():
+        if metric.name not in ("colm_request_phase_seconds", "colm:time_to_first_token_seconds"):
+            continue
+        for smp in metric.samples:
+            key = smp.labels.get("phase", "ttft")
+            if smp.name.endswith("_sum"):
+                out.setdefault(key, [0.0, 0])[0] += smp.value
+            elif smp.name.endswith("_count"):
+                out.setdefault(key, [0.0, 0])[1] += int(smp.value)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def phase_means_ms(before: dict, after: dict) -> dict[str, float]:
+    """Mean ms per request of each phase between two ``phase_totals`` (the measured window only)."""
+    out = {}
+    for k, (s1, n1) in after.items():
+        s0, n0 = before.get(k, (0.0, 0))
+        if n1 > n0:
+            out[k] = round((s1 - s0) / (n1 - n0) * 1000.0, 2)
+    return out
+
+
 def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "GpuSampler", scratch: str) -> dict:
     server, router_procs = start_routers(mode, ckpt, workers, token, args.routers)
     pids = {"router": os.getpid(), **{f"router{i + 1}": p.pid for i, p in enumerate(router_procs)},
@@ -269,10 +296,11 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         subprocess.run(base + ["--concurrency", str(args.concurrency), "--num-requests", str(args.warmup_requests),
                                "--out", out + "_warmup"], check=True, env=env, stdout=subprocess.DEVNULL)
         cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+        phases0 = phase_totals(server.router.metrics.registry)
         g0 = sampler.mark()
         prof = None
         if args.profile_s and mode in args.profile_modes.split(","):
-            prof = profile_processes(pids, args.profile_s, 2.0, f"{args.out}_profile_{mode}")
+            prof = profile_processes(pids, args.profile_s, 2.0, f"{args.out}_profile_{mode}", args.profile_gil)
         t0 = time.perf_counter()
         child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run(base + measured + ["--concurrency", str(args.concurrency), "--num-requests",
@@ -283,6 +311,7 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
         cpu["client"] = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
         gpu_busy = sampler.mean_since(g0)
+        phases = phase_means_ms(phases0, phase_totals(server.router.metrics.registry))
         engine = decode_engine_stats(workers["decode"][1], token)
         if prof is not None:
             for t in prof.pop("_threads"):
@@ -300,6 +329,7 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
     out_tokens = tot["output_tokens_per_s"] * tot["num_requests"] / max(tot["throughput_rps"], 1e-9)
     return {"mode": mode, "summary": tot, "wall_s": wall, "gpu_busy_pct": gpu_busy, "profile": prof,
             "decode_engine": engine,
+            "router_phase_ms": phases,  # this process's router: mean ms per request of each phase, and its TTFT
             "scale_mix": summary["rates"][0].get("scale_mix") if summary.get("rates") else None,
             "cpu_s": cpu, "cpu_s_per_1k_tokens": {k: 1000 * v / max(out_tokens, 1) for k, v in cpu.items()},
             "cpu_cores_busy": {k: v / wall for k, v in cpu.items()}}
@@ -368,6 +398,7 @@ def main() -> None:
     ap.add_argument("--profile-s", type=float, default=0,
                     help="py-spy the router and the workers this long during the load of --profile-modes (0: off)")
     ap.add_argument("--profile-modes", default="colocated")
+    ap.add_argument("--profile-gil", action="store_true", help="py-spy --gil: only the thread holding the GIL")
     ap.add_argument("--out", default=None, help="output prefix (default: $OUT or bench/results, serve_path_<device>)")
     args = ap.parse_args()
 

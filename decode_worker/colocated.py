@@ -66,7 +66,7 @@ class ColocatedPrefill:
                               lambda r: self._requests.get(r.request_id) is r and r.cancel is None)
         for s in segments:
             s.request.prefilling = True
-            s.request.timeline.mark("kv_first_chunk")
+            s.request.timeline.mark("prefill_first_chunk")
         self.iterations.append((decode_tokens, sum(s.num_tokens for s in segments)))
         return segments
 
@@ -129,5 +129,5 @@ class ColocatedPrefill:
                 self._finalize(req, exc)
             elif s.end == len(req.prompt_tokens) and self._requests.get(req.request_id) is req:
                 req.kv_done = True
-                req.timeline.mark("kv_last_chunk")
+                req.timeline.mark("prefill_last_chunk")
                 req.timeline.mark("kv_done")

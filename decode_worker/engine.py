@@ -369,10 +369,19 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         # a step queued ahead is dropped (waited for, its work thrown away) when the batch changes; a chunk that
         # completes a prompt changes the next one (that request joins it), so no step is queued ahead of it then
         joins = any(s.end == len(s.request.prompt_tokens) for s in segments)
-        results = self._plain_step(batch, scales, may_overlap=not rounds, ahead=not joins) if batch else []
+        # The chunk goes on the GPU right behind the decode step, before the host waits for the step's tokens
+        # (overlapped steps): the GPU runs it while the host reads and hands them out, with no gap between the two.
+        chunk: list[dict] = []
+
+        def run_chunk() -> None:
+            if segments and not chunk:
+                chunk.append(self._run_prefill(segments))  # never raises: a failure fails only its requests
+
+        results = self._plain_step(batch, scales, may_overlap=not rounds, ahead=not joins,
+                                   before_read=run_chunk) if batch else []
         spec = {key: self._spec_round(rows, *key) for key, rows in rounds.items()}
-        # after the decode step's tokens were read: on CUDA the chunk runs on the GPU while the host hands them out
-        failed = self._run_prefill(segments) if segments else {}
+        run_chunk()  # a step that read its tokens synchronously (or none): the chunk runs after it
+        failed = chunk[0] if chunk else {}
         dt = (time.perf_counter() - t0) * 1000.0
         with self._lock:
             self._end_prefill(segments, failed, dt)
@@ -399,10 +408,13 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         self.mux.flush()  # one hand-over per step to each subscriber, whatever the batch size
         return size
 
-    def _plain_step(self, batch, scales, may_overlap: bool, ahead: bool = True) -> list[tuple[int, float] | None]:
+    def _plain_step(self, batch, scales, may_overlap: bool, ahead: bool = True,
+                    before_read=None) -> list[tuple[int, float] | None]:
+        """One step of ``batch``; ``before_read``: called once the step's GPU work is queued and before its tokens
+        are read (overlapped steps only)."""
         try:
             if may_overlap and self._can_overlap(batch, scales):
-                return self._overlapped(batch, scales, ahead)
+                return self._overlapped(batch, scales, ahead, before_read)
             self._drop_ahead()
             return decode_step(self.model, batch, self.pool, scales, self.config.mixed_scale_mode, self.graphs)
         except Exception as e:  # noqa: BLE001 - a failed step ends only the requests that fail alone
@@ -464,7 +476,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         return (self._overlap and len(set(scales)) == 1
                 and all(r.params.greedy and r.cancel is None for r in batch))
 
-    def _overlapped(self, batch, scales, ahead: bool = True) -> list[tuple[int, float]]:
+    def _overlapped(self, batch, scales, ahead: bool = True, before_read=None) -> list[tuple[int, float]]:
         """Step n's tokens, with step n+1 queued before they are read (when every row goes on past step n and
         ``ahead``: no request is known to join step n+1).
         A queued step whose batch or scale no longer holds is waited for and dropped; the next step redoes
@@ -478,6 +490,8 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         self._ahead = None
         if ahead and all(len(r.out_tokens) + 2 <= r.params.max_new_tokens for r in batch):  # no row ends by length
             self._ahead = launch_greedy_step(self.model, batch, self.pool, scales[0], self.graphs, after=cur)
+        if before_read is not None:
+            before_read()
         return cur.result()
 
     def _drop_ahead(self, quiet: bool = False) -> None:

@@ -149,8 +149,9 @@ class DecodeRequest:
     prompt_tokens: np.ndarray | None = None
     prefilled: int = 0
     prefilling: bool = False
-    # reserved, kv_header, kv_first_chunk, kv_last_chunk, kv_done, kv_ready, started (start_generation;
-    # TokenEvent.time_ms counts from it), admitted (joined the batch), first_token. The first TokenEvent carries them.
+    # reserved, kv_header, kv_first_chunk, kv_last_chunk (a KV stream's; colocated: prefill_first_chunk,
+    # prefill_last_chunk of its own prefill), kv_done, kv_ready, started (start_generation; TokenEvent.time_ms counts
+    # from it), admitted (joined the batch), first_token. The first TokenEvent carries them.
     timeline: Timeline = field(default_factory=Timeline)
 
 

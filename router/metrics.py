@@ -61,9 +61,13 @@ def _span(t: dict, start: str, end: str) -> float | None:
 
 def decode_phases(timeline_ms: dict) -> dict[str, float]:
     """Seconds of a request's phases on its decode worker, from the first TokenEvent's milestones (ms):
-    kv_wait (generation asked -> KV complete), admission (both -> joined the batch), first_step (-> token)."""
+    kv_wait (generation asked -> KV complete), admission (both -> joined the batch), first_step (-> token); on a
+    worker that computes its prompts' K/V itself (colocated), kv_wait splits further into prefill_queue (-> its first
+    prompt chunk ran) and prefill_compute (-> its last chunk ran)."""
     t = timeline_ms
-    out = {"kv_wait": _span(t, "started", "kv_done"), "first_step": _span(t, "admitted", "first_token")}
+    out = {"kv_wait": _span(t, "started", "kv_done"), "first_step": _span(t, "admitted", "first_token"),
+           "prefill_queue": _span(t, "started", "prefill_first_chunk"),
+           "prefill_compute": _span(t, "prefill_first_chunk", "prefill_last_chunk")}
     if "admitted" in t and "started" in t:
         out["admission"] = max(0.0, (t["admitted"] - max(t["started"], t.get("kv_done", t["started"]))) / 1000.0)
     return {k: v for k, v in out.items() if v is not None}

@@ -387,3 +387,36 @@ def test_no_step_is_queued_ahead_when_a_chunk_completes_a_prompt(setup):
         assert [e.token_id for e in st] == generate(full, p, params, scale=2).token_ids
     s = de.stats()
     assert s.num_steps_launched_ahead > 0 and s.num_steps_dropped == 0
+
+
+def test_a_chunk_is_queued_behind_the_decode_step_before_its_tokens_are_read(setup, monkeypatch):
+    """Overlapped steps: the iteration's prompt chunk goes to the device right after the decode step is launched and
+    before the host waits for that step's tokens, so the device runs it while the host hands the tokens out (no idle
+    gap between the two). Recorded order of chunk and read; tokens still equal the reference."""
+    from colm.decode_worker import engine as engine_mod
+    from colm.decode_worker.step import LaunchedStep
+
+    path, full = setup
+    de = _engine(path, max_batched_tokens=24, overlap_steps=True)
+    order: list[str] = []
+    launch, result, run_prefill = engine_mod.launch_greedy_step, LaunchedStep.result, de._run_prefill
+    monkeypatch.setattr(engine_mod, "launch_greedy_step", lambda *a, **k: order.append("launch") or launch(*a, **k))
+    monkeypatch.setattr(LaunchedStep, "result", lambda self: order.append("read") or result(self))
+    monkeypatch.setattr(de, "_run_prefill", lambda segs: order.append("chunk") or run_prefill(segs))
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    a, b = prompts([6, 40], seed=11)
+    sa = _submit(de, "a", a, params, 2)
+    while not de._running:
+        de.step()
+    sb = _submit(de, "b", b, params, 2)  # its chunks run in iterations that also step "a"
+    order.clear()
+    while de._prefill_queue:
+        de.step()
+    assert order.count("chunk") >= 2
+    for i, ev in enumerate(order):
+        if ev == "chunk":  # every chunk: before the read of that iteration's step (launched now, or queued ahead)
+            assert order[i + 1] == "read", order
+    while de._running:
+        de.step()
+    assert [e.token_id for e in sa] == generate(full, a, params, scale=2).token_ids
+    assert [e.token_id for e in sb] == generate(full, b, params, scale=2).token_ids

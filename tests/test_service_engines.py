@@ -76,6 +76,11 @@ def test_phases_from_timelines():
     # KV complete before generation was asked (or no KV at all): admission counts from the start
     assert decode_phases({"started": 0.0, "admitted": 0.5, "first_token": 2.0}) == pytest.approx(
         {"admission": 0.0005, "first_step": 0.0015})
+    # a colocated worker's own prefill: the wait for the KV splits into the prompt's queue and its chunks
+    c = decode_phases({"started": 0.0, "kv_header": 0.1, "prefill_first_chunk": 30.0, "prefill_last_chunk": 34.0,
+                       "kv_done": 34.0, "admitted": 34.0, "first_token": 36.0})
+    assert c == pytest.approx({"kv_wait": 0.034, "prefill_queue": 0.030, "prefill_compute": 0.004, "admission": 0.0,
+                               "first_step": 0.002})
     p = prefill_phases({"submitted": 0.0, "batch_start": 1.0, "kv_begin": 2.0, "computed": 21.0, "delivered": 22.0})
     assert p == pytest.approx({"prefill_queue": 0.001, "prefill_compute": 0.020, "kv_delivery": 0.001})
 
