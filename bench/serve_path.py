@@ -218,9 +218,10 @@ def make_router(mode: str, ckpt: str, workers: list[tuple[str, str]], token: str
 
 def _router_process(mode: str, ckpt: str, workers: list, token: str, replicas: int, port: int, ready) -> None:
     """Another router on the same port (SO_REUSEPORT), in a process of its own, until terminated."""
-    make_router(mode, ckpt, workers, token, replicas, port)
+    server = make_router(mode, ckpt, workers, token, replicas, port)  # referenced: a collected server stops serving
     ready.set()
     threading.Event().wait()
+    server.stop()
 
 
 def start_routers(mode: str, ckpt: str, workers: dict, token: str, n: int):
@@ -321,7 +322,11 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         for p in router_procs:
             p.terminate()
             p.join(10)
-    for k in [k for k in cpu if k.startswith("router") and k != "router"]:  # every router process, as one
+    routers = [k for k in cpu if k.startswith("router")]
+    per_router = [round(cpu[k] / wall, 3) for k in routers]  # cores busy in each router process (the first: this one)
+    if len(per_router) > 1 and min(per_router) < 0.1 * max(per_router):
+        print(f"warning: {mode}: a router process served (almost) nothing: cores busy per router {per_router}")
+    for k in routers[1:]:  # every router process, as one
         cpu["router"] += cpu.pop(k)
     with open(out + ".json") as f:
         summary = json.load(f)
@@ -332,7 +337,7 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
             "router_phase_ms": phases,  # this process's router: mean ms per request of each phase, and its TTFT
             "scale_mix": summary["rates"][0].get("scale_mix") if summary.get("rates") else None,
             "cpu_s": cpu, "cpu_s_per_1k_tokens": {k: 1000 * v / max(out_tokens, 1) for k, v in cpu.items()},
-            "cpu_cores_busy": {k: v / wall for k, v in cpu.items()}}
+            "cpu_cores_busy": {k: v / wall for k, v in cpu.items()}, "router_cores_busy_each": per_router}
 
 
 def table(results: list[dict], limit: dict | None) -> str:

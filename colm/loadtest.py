@@ -103,6 +103,7 @@ class Result:
     prompt_tokens: int = 0
     output_tokens: int = 0
     ttft_ms: float = 0.0
+    decision_ms: float = 0.0  # the router's first message (its admission and scale decision) arrived
     e2e_ms: float = 0.0
     itl_ms: list = field(default_factory=list)
     retries: int = 0
@@ -129,6 +130,7 @@ async def one_request(stub, pb2, spec: LoadSpec, rng: random.Random, rate: float
         async for m in stub.Generate(req, metadata=metadata, timeout=spec.timeout_s):
             if m.HasField("decision"):
                 res.scale = m.decision.scale
+                res.decision_ms = (time.perf_counter() - t0) * 1e3
             for _ in m.tokens:
                 now = (time.perf_counter() - t0) * 1e3
                 if last is None:
@@ -232,7 +234,9 @@ def summarize(results: list[Result], spec: LoadSpec, wall_s: dict[float, float] 
         return {"num_requests": len(rs), "num_ok": len(ok), "num_good": len(good), "errors": errors,
                 "throughput_rps": len(ok) / span, "output_tokens_per_s": sum(r.output_tokens for r in ok) / span,
                 "goodput_rps": len(good) / span, "slo_attainment": len(good) / len(rs) if rs else 0.0,
-                "ttft_ms": _pct([r.ttft_ms for r in ok]), "tpot_ms": _pct([r.tpot_ms for r in ok if r.output_tokens > 1]),
+                "ttft_ms": _pct([r.ttft_ms for r in ok]),
+                "decision_ms": _pct([r.decision_ms for r in ok if r.decision_ms > 0]),  # sent -> admitted, as seen here
+                "tpot_ms": _pct([r.tpot_ms for r in ok if r.output_tokens > 1]),
                 "itl_ms": _pct([x for r in ok for x in r.itl_ms]), "e2e_ms": _pct([r.e2e_ms for r in ok]),
                 "retries": sum(r.retries for r in rs)}
 

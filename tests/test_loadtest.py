@@ -42,6 +42,7 @@ def test_loadtest_200_requests_writes_json_and_png(tmp_path):
     assert sum(e["num_requests"] for e in data["rates"]) == 200
     for e in data["rates"]:
         assert e["ttft_ms"]["p50"] <= e["ttft_ms"]["p99"] and e["throughput_rps"] > 0
+        assert 0 < e["decision_ms"]["p50"] <= e["ttft_ms"]["p50"]  # the router's decision comes before a token
         assert abs(sum(e["scale_mix"].values()) - 1.0) < 1e-9
         assert set(e["by_scale"]) <= {"1", "2"}
     # pinned scale-1 requests are served at scale 1; unconstrained ones at the full scale
