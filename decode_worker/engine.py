@@ -291,9 +291,10 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
             return
         del self._requests[req.request_id]
         if req.running:
-            # only the loop (or stop, after it) ends a running request; a step queued ahead may still write
+            # only the loop (or stop, after it) ends a running request; a step queued ahead for it may still write
             # into its blocks, which a KV transfer could take over as soon as they are free
-            self._drop_ahead()
+            if self._ahead is not None and any(r is req for r in self._ahead.batch):
+                self._drop_ahead()
             self._running.remove(req)
             req.running = False
         if req.external_writer or (req.kv_ready is not None and ready_state(req.kv_ready) == "pending"):
@@ -366,9 +367,9 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         warmed = self._warm_marks()
         if rounds:
             self._drop_ahead()  # a step queued ahead for rows now drafting is stale (their positions move by rounds)
-        # a step queued ahead is dropped (waited for, its work thrown away) when the batch changes; a chunk that
-        # completes a prompt changes the next one (that request joins it), so no step is queued ahead of it then
-        joins = any(s.end == len(s.request.prompt_tokens) for s in segments)
+        # A step queued ahead is dropped (waited for, its work thrown away) when the next batch is not the one it
+        # was launched for. It is launched for this batch's rows that go on, then the prompts this chunk completes.
+        joining = [s.request for s in segments if s.end == len(s.request.prompt_tokens)]
         # The chunk goes on the GPU right behind the decode step, before the host waits for the step's tokens
         # (overlapped steps): the GPU runs it while the host reads and hands them out, with no gap between the two.
         chunk: list[dict] = []
@@ -377,7 +378,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
             if segments and not chunk:
                 chunk.append(self._run_prefill(segments))  # never raises: a failure fails only its requests
 
-        results = self._plain_step(batch, scales, may_overlap=not rounds, ahead=not joins,
+        results = self._plain_step(batch, scales, may_overlap=not rounds, joining=joining,
                                    before_read=run_chunk) if batch else []
         spec = {key: self._spec_round(rows, *key) for key, rows in rounds.items()}
         run_chunk()  # a step that read its tokens synchronously (or none): the chunk runs after it
@@ -408,13 +409,13 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         self.mux.flush()  # one hand-over per step to each subscriber, whatever the batch size
         return size
 
-    def _plain_step(self, batch, scales, may_overlap: bool, ahead: bool = True,
+    def _plain_step(self, batch, scales, may_overlap: bool, joining=(),
                     before_read=None) -> list[tuple[int, float] | None]:
         """One step of ``batch``; ``before_read``: called once the step's GPU work is queued and before its tokens
-        are read (overlapped steps only)."""
+        are read (overlapped steps only); ``joining``: requests whose K/V this iteration completes."""
         try:
             if may_overlap and self._can_overlap(batch, scales):
-                return self._overlapped(batch, scales, ahead, before_read)
+                return self._overlapped(batch, scales, joining, before_read)
             self._drop_ahead()
             return decode_step(self.model, batch, self.pool, scales, self.config.mixed_scale_mode, self.graphs)
         except Exception as e:  # noqa: BLE001 - a failed step ends only the requests that fail alone
@@ -476,11 +477,12 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         return (self._overlap and len(set(scales)) == 1
                 and all(r.params.greedy and r.cancel is None for r in batch))
 
-    def _overlapped(self, batch, scales, ahead: bool = True, before_read=None) -> list[tuple[int, float]]:
-        """Step n's tokens, with step n+1 queued before they are read (when every row goes on past step n and
-        ``ahead``: no request is known to join step n+1).
-        A queued step whose batch or scale no longer holds is waited for and dropped; the next step redoes
-        its work from the host's state (the same K/V into the same slots)."""
+    def _overlapped(self, batch, scales, joining=(), before_read=None) -> list[tuple[int, float]]:
+        """Step n's tokens, with step n+1 queued before they are read: for the rows that go on past step n (not
+        ending by length) and then ``joining`` (requests whose K/V ``before_read`` completes, as the next
+        iteration will admit them). A queued step whose batch or scale no longer holds (a row stopped at a stop
+        token, a request was cancelled) is waited for and dropped; the next step redoes its work from the host's
+        state (the same K/V into the same slots)."""
         cur = self._ahead if self._ahead is not None and self._ahead.matches(batch, scales) else None
         if cur is None:
             self._drop_ahead()
@@ -488,11 +490,33 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         else:
             self._num_ahead_used += 1
         self._ahead = None
-        if ahead and all(len(r.out_tokens) + 2 <= r.params.max_new_tokens for r in batch):  # no row ends by length
-            self._ahead = launch_greedy_step(self.model, batch, self.pool, scales[0], self.graphs, after=cur)
-        if before_read is not None:
+        if before_read is not None:  # the chunk: before step n+1, which reads the K/V it completes
             before_read()
+        nxt = self._next_batch(batch, scales[0], joining)
+        if nxt is not None:
+            rows, carry = nxt
+            self._ahead = launch_greedy_step(self.model, rows, self.pool, scales[0], self.graphs, after=cur,
+                                             carry=carry)
         return cur.result()
+
+    def _next_batch(self, batch, scale: int, joining) -> tuple[list, list[int]] | None:
+        """(rows, carry) of the step after ``batch`` as the next iteration will run it: the rows that go on (their
+        indices in ``batch``), then the requests the admission will add (``joining`` and any others ready), in
+        its order; None when nothing goes on or a joining request could not share an overlapped step."""
+        carry = [i for i, r in enumerate(batch) if len(r.out_tokens) + 2 <= r.params.max_new_tokens]
+        rows = [batch[i] for i in carry]
+        joining = set(map(id, joining))
+        with self._lock:  # gRPC threads add requests meanwhile
+            for req in self._requests.values():  # _housekeep's admission: arrival order, up to max_batch_size
+                if len(rows) >= self.config.max_batch_size:
+                    break
+                if req.running or not req.started or not (req.kv_done or id(req) in joining):
+                    continue
+                if (req.kv_ready is not None or req.cancel is not None or req.scale != scale
+                        or not req.params.greedy or round_gamma(req)):
+                    return None  # it would not join as a plain greedy row at this scale: no step ahead
+                rows.append(req)
+        return (rows, carry) if rows else None
 
     def _drop_ahead(self, quiet: bool = False) -> None:
         ahead, self._ahead = self._ahead, None

@@ -40,7 +40,9 @@ class _Graph:
     def __init__(self, B: int, W: int, device) -> None:
         # The graph's inputs: one upload of dev_ints per step; tokens, positions and slots are views of
         # it and the int32 context lengths are converted inside the graph (no launches outside it).
-        self.dev_ints = torch.zeros(4, B, dtype=torch.int64, device=device)  # tokens, positions, ctx, slots
+        # tokens, positions, ctx, slots, and (rows carried from a step queued just before) the row of that step
+        # whose greedy token each row takes on the device
+        self.dev_ints = torch.zeros(5, B, dtype=torch.int64, device=device)
         self.tokens = self.dev_ints[0, :, None]     # [B, 1]
         self.positions = self.dev_ints[1, :, None]  # [B, 1]
         self.slots = self.dev_ints[3]               # [B]
@@ -53,8 +55,8 @@ class _Graph:
         # overlapped steps, step n+1 is staged while step n's copies may still be queued (step n-1, which
         # used the other buffer, has been read back by then, so its copies are done).
         pin = torch.device(device).type == "cuda"
-        self.host_ints_pair = [torch.zeros(4, B, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-        self.host_ints = self.host_ints_pair[0]  # tokens, positions, ctx, slots of the latest fill
+        self.host_ints_pair = [torch.zeros(5, B, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self.host_ints = self.host_ints_pair[0]  # the latest fill's dev_ints
         self.host_packed = [torch.zeros(2, B, dtype=torch.float64, pin_memory=pin) for _ in range(2)]
         self.turn = 0  # which of the pairs the next fill / read-back uses
         self.host_tables = torch.zeros(B, W, dtype=torch.int32, pin_memory=pin)
@@ -90,12 +92,13 @@ class DecodeGraphs:
         self._lock = threading.Lock()
         self.num_captures = 0
 
-    def _fill(self, g: _Graph, batch, offset: int = 0, feed: torch.Tensor | None = None) -> None:
-        """Stage ``batch``'s inputs. ``offset``/``feed``: see ``step.launch_greedy_step`` (rows ``offset``
-        positions further, tokens copied on the device from ``feed`` [>= len(batch), 1])."""
+    def _fill(self, g: _Graph, batch, carry=None, feed: torch.Tensor | None = None) -> None:
+        """Stage ``batch``'s inputs. ``carry``/``feed``: see ``step.launch_greedy_step`` (the first len(carry) rows
+        one position further, their tokens copied on the device from rows ``carry`` of ``feed`` [B', 1])."""
         g.host_ints = g.host_ints_pair[g.turn]
         ints, tables = g.host_ints.numpy(), g.host_tables.numpy()  # views of the pinned buffers
-        ints[0], ints[1], ints[2], ints[3] = 0, 0, 1, -1  # padding rows: token 0 at slot -1, one context token
+        ints[0], ints[1], ints[2], ints[3], ints[4] = 0, 0, 1, -1, 0  # padding rows: token 0 at slot -1, one context token
+        c = len(carry) if carry is not None else 0
         tables_changed = False
         for i, r in enumerate(batch):
             if g.table_rows[i] is not r.blocks:  # a request's block list is fixed at reservation: rebuild on change only
@@ -103,8 +106,10 @@ class DecodeGraphs:
                 tables[i, : len(r.blocks)] = r.blocks
                 g.table_rows[i] = r.blocks
                 tables_changed = True
-            p = r.num_cached + offset
+            p = r.num_cached + (i < c)
             ints[0, i], ints[1, i], ints[2, i], ints[3, i] = r.next_input, p, p + 1, self.pool.slot(r.blocks, p)
+        if c:
+            ints[4, :c] = carry
         for i in range(len(batch), len(g.table_rows)):
             if g.table_rows[i] is not None:
                 tables[i].fill(0)
@@ -113,8 +118,11 @@ class DecodeGraphs:
         if tables_changed:
             g.tables.copy_(g.host_tables, non_blocking=True)
         g.dev_ints.copy_(g.host_ints, non_blocking=True)  # one upload: the graph reads its views
-        if feed is not None:  # the previous step's greedy tokens, still on the device (queued before it)
-            g.dev_ints[0, : len(batch)].copy_(feed[: len(batch), 0])
+        if feed is not None and c:  # the previous step's greedy tokens, still on the device (queued before it)
+            if list(carry) == list(range(c)):
+                g.dev_ints[0, :c].copy_(feed[:c, 0])
+            else:  # rows of that step ended meanwhile: gather the carried ones' tokens
+                g.dev_ints[0, :c].copy_(feed[:, 0].index_select(0, g.dev_ints[4, :c]))
 
     def _forward(self, g: _Graph, scale: int, head: bool = False) -> torch.Tensor:
         g.ctx.copy_(g.dev_ints[2])  # int64 -> int32, inside the graph
@@ -131,7 +139,7 @@ class DecodeGraphs:
         return None if g is None else g.out[: len(batch)]
 
     @torch.no_grad()
-    def step_head(self, batch, scale: int, offset: int = 0, feed: torch.Tensor | None = None,
+    def step_head(self, batch, scale: int, carry=None, feed: torch.Tensor | None = None,
                   read_async: bool = False):
         """One decode step with the head inside the graph (every row at ``scale``): its ``StepHead`` sliced
         to ``len(batch)`` rows, or None when graphs do not apply. A greedy step then costs one replay and
@@ -139,8 +147,8 @@ class DecodeGraphs:
 
         ``read_async``: also queue that read into a pinned buffer and return (head, (buffer, event)): the
         graph's outputs are overwritten by its next replay, which overlapped steps queue before reading
-        this one. ``offset``/``feed``: see ``step.launch_greedy_step``."""
-        g = self._replay(batch, scale, head=True, offset=offset, feed=feed)
+        this one. ``carry``/``feed``: see ``step.launch_greedy_step``."""
+        g = self._replay(batch, scale, head=True, carry=carry, feed=feed)
         if g is None:
             return None
         n, h = len(batch), g.head
@@ -154,7 +162,7 @@ class DecodeGraphs:
         g.turn ^= 1
         return head, (host, event)
 
-    def _replay(self, batch, scale: int, head: bool, offset: int = 0, feed: torch.Tensor | None = None) -> _Graph | None:
+    def _replay(self, batch, scale: int, head: bool, carry=None, feed: torch.Tensor | None = None) -> _Graph | None:
         if not self.enabled or len(batch) > self.max_batch:
             return None
         B = _bucket(len(batch))
@@ -163,7 +171,7 @@ class DecodeGraphs:
             g = self._graph(B, W, scale, head, batch)
             if g is None:
                 return None
-            self._fill(g, batch, offset, feed)
+            self._fill(g, batch, carry, feed)
             g.graph.replay()
             return g
 

@@ -22,17 +22,19 @@ from colm.decode_worker.graphs import StepHead, head_outputs
 from colm.decode_worker.paged_cache import PagedStepCache
 
 
-def _step_tensors(batch, pool, device, offset: int = 0, tokens: torch.Tensor | None = None):
-    """Inputs of one eager step. ``offset`` 1 and ``tokens`` [B, 1] on the device: the step after one that is
-    queued but not read yet (each row one position further, fed that step's greedy tokens)."""
+def _step_tensors(batch, pool, device, carry=None, feed: torch.Tensor | None = None):
+    """Inputs of one eager step. ``carry``/``feed``: the step after one that is queued but not read yet (see
+    ``launch_greedy_step``)."""
     width = max(len(r.blocks) for r in batch)
     tables = torch.zeros(len(batch), width, dtype=torch.int32)
     for i, r in enumerate(batch):
         tables[i, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
-    pos = [r.num_cached + offset for r in batch]
+    c = len(carry) if carry is not None else 0
+    pos = [r.num_cached + (i < c) for i, r in enumerate(batch)]
     slots = [pool.slot(r.blocks, p) for r, p in zip(batch, pos)]
-    if tokens is None:
-        tokens = torch.tensor([[r.next_input] for r in batch], device=device)  # [B, 1]
+    tokens = torch.tensor([[r.next_input] for r in batch], device=device)  # [B, 1]
+    if c:  # carried rows take the queued step's greedy tokens, on the device
+        tokens = torch.cat([feed[torch.tensor(list(carry), device=feed.device)], tokens[c:]])
     positions = torch.tensor([[p] for p in pos], device=device)  # [B, 1]
     cache = PagedStepCache(pool, tables.to(device), torch.tensor([p + 1 for p in pos], dtype=torch.int32, device=device),
                            torch.tensor(slots, dtype=torch.int64, device=device), length=max(pos))
@@ -102,20 +104,25 @@ class LaunchedStep:
 
 
 @torch.no_grad()
-def launch_greedy_step(model, batch, pool, scale: int, graphs=None, after: LaunchedStep | None = None) -> LaunchedStep:
+def launch_greedy_step(model, batch, pool, scale: int, graphs=None, after: LaunchedStep | None = None,
+                       carry=None) -> LaunchedStep:
     """Queue one step of ``batch`` (every row greedy, all at ``scale``) without reading its tokens back.
 
-    ``after``: the step queued just before for the same batch and not read yet; this one runs each row one
-    position further and takes ``after``'s greedy tokens on the device, so the host can launch step n+1
-    before it reads step n (the engine's ``overlap_steps``)."""
-    offset, feed = (0, None) if after is None else (1, after.head.greedy)
+    ``after``: the step queued just before and not read yet, so the host can launch step n+1 before it reads
+    step n (the engine's ``overlap_steps``). The first ``len(carry)`` rows of ``batch`` are rows ``carry`` of
+    ``after.batch`` (default: all of them, in order): each runs one position further and takes ``after``'s
+    greedy token on the device. Rows after them are new to the batch (a prompt that just completed): they feed
+    their own next input at their own position."""
+    if after is not None and carry is None:
+        carry = range(len(batch))
+    feed = None if after is None else after.head.greedy  # [B', 1]
+    carry = list(carry) if after is not None else None
     if graphs is not None:
-        launched = graphs.step_head(batch, scale, offset=offset, feed=feed, read_async=True)
+        launched = graphs.step_head(batch, scale, carry=carry, feed=feed, read_async=True)
         if launched is not None:
             head, read = launched
             return LaunchedStep(batch, scale, head, read)
-    tokens, positions, cache = _step_tensors(batch, pool, model.inv_freq.device, offset,
-                                             None if feed is None else feed[: len(batch)])
+    tokens, positions, cache = _step_tensors(batch, pool, model.inv_freq.device, carry, feed)
     hidden = model.hidden(tokens, scale=scale, cache=cache, positions=positions)[:, 0]  # [B, D_scale]
     return LaunchedStep(batch, scale, head_outputs(model, hidden, scale))
 

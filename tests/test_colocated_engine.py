@@ -368,10 +368,11 @@ def test_a_colocated_worker_exports_its_prefill_queue_and_chunks_as_metrics(setu
     de.stop()
 
 
-def test_no_step_is_queued_ahead_when_a_chunk_completes_a_prompt(setup):
-    """overlap_steps queues step n+1 before step n is read; a prompt whose last chunk runs this iteration joins the
-    next step's batch, which would drop that queued step (its GPU work thrown away). Driven step by step: prompts
-    arrive while others decode, every token equals the reference, and no queued step is dropped."""
+def test_every_step_is_queued_ahead_with_the_prompts_a_chunk_completes(setup):
+    """overlap_steps queues step n+1 before step n is read, for the rows that go on and the prompts whose last chunk
+    runs this iteration (they join step n+1); a queued step whose batch turns out different is dropped (its GPU work
+    thrown away). Driven step by step: prompts arrive while others decode and rows end by length; every token equals
+    the reference, every step after the first was queued ahead, and none was dropped."""
     path, full = setup
     de = _engine(path, max_batched_tokens=24, overlap_steps=True)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -386,7 +387,7 @@ def test_no_step_is_queued_ahead_when_a_chunk_completes_a_prompt(setup):
     for p, st in streams:
         assert [e.token_id for e in st] == generate(full, p, params, scale=2).token_ids
     s = de.stats()
-    assert s.num_steps_launched_ahead > 0 and s.num_steps_dropped == 0
+    assert s.num_steps_launched_ahead == s.num_steps - 1 and s.num_steps_dropped == 0
 
 
 def test_a_chunk_is_queued_behind_the_decode_step_before_its_tokens_are_read(setup, monkeypatch):
@@ -414,8 +415,9 @@ def test_a_chunk_is_queued_behind_the_decode_step_before_its_tokens_are_read(set
         de.step()
     assert order.count("chunk") >= 2
     for i, ev in enumerate(order):
-        if ev == "chunk":  # every chunk: before the read of that iteration's step (launched now, or queued ahead)
-            assert order[i + 1] == "read", order
+        if ev == "chunk":  # every chunk: before the read of that iteration's step, at most the next step between
+            rest = order[i + 1:]
+            assert "read" in rest and set(rest[: rest.index("read")]) <= {"launch"}, order
     while de._running:
         de.step()
     assert [e.token_id for e in sa] == generate(full, a, params, scale=2).token_ids

@@ -97,8 +97,10 @@ def test_overlapped_steps_match_the_reference(setup):
         _byte_text(de)
         free = de.pool.free
 
-        def checked_free(blocks):  # the loop frees a running request's blocks only with no step in flight
-            if threading.current_thread().name == "colm-decode-loop" and de._ahead is not None:
+        def checked_free(blocks):  # the loop frees a running request's blocks only with no step in flight on them
+            ahead = de._ahead
+            if threading.current_thread().name == "colm-decode-loop" and ahead is not None and \
+                    set(blocks) & {b for r in ahead.batch for b in r.blocks}:
                 unsafe_frees.append(list(blocks))
             free(blocks)
 
@@ -284,6 +286,15 @@ def test_graph_step_buffers_fill_on_cpu():
     graphs._fill(g, [b])  # rows move: row 0 now b, row 1 padding again
     assert g.tokens[:, 0].tolist() == [12, 0, 0, 0] and g.slots.tolist() == [9, -1, -1, -1]
     assert g.tables[:2, :4].tolist() == [[2, 0, 0, 0], [0, 0, 0, 0]]
+    # the step after one queued but not read: rows carried from it (here its rows 2 and 0) run one position
+    # further on its greedy tokens, gathered on the device; a row new to the batch feeds its own input
+    c = req([5], 2, 13)
+    feed = torch.tensor([[101], [102], [103], [104]])  # [B', 1] the queued step's greedy tokens
+    graphs._fill(g, [b, a, c], carry=[2, 0], feed=feed)
+    assert g.tokens[:, 0].tolist() == [103, 101, 13, 0] and g.positions[:, 0].tolist() == [2, 6, 2, 0]
+    assert g.dev_ints[2].tolist() == [3, 7, 3, 1] and g.slots.tolist() == [2 * 4 + 2, 7 * 4 + 2, 5 * 4 + 2, -1]
+    graphs._fill(g, [a, b], carry=[0, 1], feed=feed)  # carried in order: a plain slice of the feed
+    assert g.tokens[:, 0].tolist() == [101, 102, 0, 0] and g.positions[:, 0].tolist() == [6, 2, 0, 0]
 
 
 def test_failed_step_ends_its_batch_not_the_engine(setup, monkeypatch):
