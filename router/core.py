@@ -90,6 +90,10 @@ class Event:
 
 class Router:
     def __init__(self, cfg: RouterConfig, model_cfg, tokenizer, backend: Backend, block_size: int = 16) -> None:
+        stream = getattr(backend, "token_stream", None)  # a backend that talks to workers says how they stream
+        if stream is not None and stream != cfg.token_stream:
+            raise ValueError(f"router.token_stream={cfg.token_stream!r}, but the backend was made with token_stream="
+                             f"{stream!r}: make the backend from the router's config")
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer

@@ -207,3 +207,22 @@ def test_worker_processes_concurrent_requests_equal_the_reference(worker_procs, 
             time.sleep(0.1)
     finally:
         bg.stop()
+
+
+def test_a_router_refuses_a_backend_made_with_another_token_stream():
+    """router.token_stream decides how decode workers send tokens; a backend made with the other mode would silently
+    ignore it, so the router refuses the pair and says which field to fix."""
+    from colm.presets import preset
+    from colm.router.backend import WorkerInfo
+    from colm.router.config import RouterConfig
+    from colm.router.core import Router
+    from colm.router.grpc_backend import GrpcBackend
+    from colm.tokenizer import ByteTokenizer
+
+    workers = [WorkerInfo("decode-0", "decode", "127.0.0.1:1")]
+    backend = GrpcBackend(workers, cluster_token=TOKEN, token_stream="batched")
+    with pytest.raises(ValueError, match="router.token_stream='per_request'.*token_stream='batched'"):
+        Router(RouterConfig(grpc_port=0, http_port=None, token_stream="per_request"), preset("tiny-air"),
+               ByteTokenizer(), backend)
+    Router(RouterConfig(grpc_port=0, http_port=None, token_stream="batched"), preset("tiny-air"), ByteTokenizer(),
+           backend)  # the same mode: accepted
