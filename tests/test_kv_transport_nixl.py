@@ -260,3 +260,29 @@ def test_worker_processes_and_router_give_reference_tokens(cluster):
         for proc in procs:
             proc.terminate()
             proc.wait(30)
+
+
+_IDLE_PROBE = """
+import resource, time
+from colm.kv.nixl import NixlEndpoint
+ep = NixlEndpoint("probe")
+time.sleep(0.3)  # the agent's threads are up
+r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+time.sleep(1.5)
+r1 = resource.getrusage(resource.RUSAGE_SELF)
+print((r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / (time.monotonic() - t0))
+"""
+
+
+@pytest.mark.parametrize("delay_us,spins", [(None, False), ("0", True)])
+def test_an_idle_agent_does_not_spin_a_core(delay_us, spins):
+    """NIXL's Python API starts the agent's progress thread with no pause between rounds: an idle process then burns a
+    whole core for the agent's life (on two cores, a prefill and a decode worker took the machine). colm's endpoint
+    pauses it (COLM_NIXL_PROGRESS_DELAY_US, 100 us by default); 0 shows what the pause prevents."""
+    env = {k: v for k, v in os.environ.items() if k != "COLM_NIXL_PROGRESS_DELAY_US"}
+    if delay_us is not None:
+        env["COLM_NIXL_PROGRESS_DELAY_US"] = delay_us
+    out = subprocess.run([sys.executable, "-c", _IDLE_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cores = float(out.stdout.strip().splitlines()[-1])
+    assert (cores > 0.4) if spins else (cores < 0.15), cores
