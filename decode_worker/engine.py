@@ -43,7 +43,7 @@ from colm.decode_worker.block_pool import BlockPool, blocks_for, num_blocks_from
 from colm.decode_worker.colocated import ColocatedPrefill
 from colm.decode_worker.config import DecodeConfig, check_speculative
 from colm.decode_worker.graphs import DecodeGraphs
-from colm.decode_worker.kv_intake import KVIntake, ready_state
+from colm.decode_worker.kv_intake import KVIntake
 from colm.decode_worker.prefill_graphs import PackedPrefillGraphs
 from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, stop_reason
 from colm.decode_worker.speculative import round_gamma, speculative_round
@@ -297,11 +297,8 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
                 self._drop_ahead()
             self._running.remove(req)
             req.running = False
-        if req.external_writer or (req.kv_ready is not None and ready_state(req.kv_ready) == "pending"):
+        if req.lease is not None and req.lease.holds():
             self._hold(req)  # a cuda_pool / nixl sender's writes may still land in the blocks
-            if req.external_writer and req.stop_writer is not None:  # not under this lock: it may call back in
-                threading.Thread(target=req.stop_writer, name="colm-kv-stop-writer", daemon=True).start()
-                req.stop_writer = None
         else:
             self.pool.free(req.blocks)
             req.blocks = []

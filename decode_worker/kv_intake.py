@@ -4,15 +4,17 @@
 interface a transport receiver uses:
   * bytes sent by the prefill side (grpc, shm, cuda_ipc): ``begin_kv`` (the stream's layout) -> ``write_kv`` per
     chunk (layers x tokens, each (layer, token) cell exactly once) -> ``finish_kv`` | ``fail_kv``;
-  * a sender that writes into the blocks itself (cuda_pool, nixl): ``grant_kv`` (and ``pool_export``: the pool's
-    CUDA IPC handle) -> ``mark_kv`` per finished range -> ``finish_kv`` (optionally with a ready event the loop polls)
-    -> ``end_external_writes`` once the sender's stream is over. A request that ends while such a grant is open keeps
-    its blocks out of the free list (``_hold``) until the sender can no longer write them (``_release_due``).
+  * a sender that writes into the blocks itself (cuda_pool, nixl): ``grant_kv`` with the transport's
+    ``colm.kv.lease.WriterLease`` (and ``pool_export``: the pool's CUDA IPC handle) -> ``mark_kv`` per finished range
+    -> ``finish_kv`` (optionally with a ready event the loop polls) -> ``end_external_writes`` once the sender's stream
+    is over. A request that ends while its lease holds keeps its blocks out of the free list (``_hold``) until the
+    lease says the sender can no longer write them (``_release_due``): the rules are the lease's, not the engine's.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch
 
 from colm.errors import TransferError
 from colm.kernels._tuning import DEVICE_WIDE_LOCK
+from colm.kv.lease import WriterLease, ready_state
 from colm.kv_wire import KVLayout
 
 from colm.decode_worker.block_pool import CopyPlan
@@ -51,12 +54,13 @@ class KVIntake:
             self._fail(req, e)
             raise
 
-    def grant_kv(self, request_id: str, layout: KVLayout, wait_s: float = 0.0, stop_writer=None) -> KVGrant:
-        """cuda_pool, nixl: ``begin_kv`` for a sender that writes into the request's blocks itself. The blocks stay out
-        of the free list until ``end_external_writes`` (even if the request ends first). ``wait_s``: how long to wait
-        for a reservation that has not arrived yet (the router sends Reserve and Prefill at once on this path).
-        ``stop_writer``: called (on a thread of its own) if the request ends while the grant is open, to end the
-        sender's stream (then ``end_external_writes`` follows with clean=False: the blocks wait out the grace)."""
+    def grant_kv(self, request_id: str, layout: KVLayout, wait_s: float = 0.0,
+                 lease: WriterLease | None = None) -> KVGrant:
+        """cuda_pool, nixl: ``begin_kv`` for a sender that writes into the request's blocks itself, under ``lease``
+        (the transport's; default: the config's grace and ready timeout, no stop_writer): the blocks stay out of the
+        free list until ``end_external_writes`` and the lease let them go, even if the request ends first.
+        ``wait_s``: how long to wait for a reservation that has not arrived yet (the router sends Reserve and Prefill
+        at once on this path)."""
         with self._wake:
             end = time.monotonic() + wait_s
             while request_id not in self._requests and time.monotonic() < end and not self._runner.stopping:
@@ -67,8 +71,7 @@ class KVIntake:
                 self._fail(req, exc)
                 raise exc
             self._begin(req, layout)
-            req.external_writer = True
-            req.stop_writer = stop_writer
+            req.lease = lease or WriterLease(self.config.external_write_grace_s, self.config.kv_timeout_s)
             return KVGrant(tuple(req.blocks), req)
 
     def pool_export(self):
@@ -103,30 +106,22 @@ class KVIntake:
         on the sender's device). Held blocks go back now, once the ready event is done, or after the grace."""
         with self._lock:
             req = grant.request
-            if not req.external_writer:  # ended already (WriteKV's finally and its RPC-end callback both call this)
-                return
-            req.external_writer = False
-            req.stop_writer = None
-            if req in self._held:  # DecodeRequest compares by identity
-                # a clean end: the writes have run, or its ready event says when (bounded by kv_timeout_s); a broken
-                # stream's queued writes may still land within the grace
-                wait = (self.config.kv_timeout_s if req.kv_ready is not None else 0.0) if clean else \
-                    self.config.external_write_grace_s
-                req.release_at = time.monotonic() + wait
-                self._release_due()
+            # False: ended already (WriteKV's finally and its RPC-end callback both call this)
+            if req.lease is not None and req.lease.stream_ended(clean) and req in self._held:
+                self._release_due()  # DecodeRequest compares by identity
 
     def _hold(self, req: DecodeRequest) -> None:
-        """Keep an ended request's blocks out of the free list: a cuda_pool sender's stream is still open (until
-        ``end_external_writes`` sets ``release_at``), or its ready event has not completed yet (at most
-        ``kv_timeout_s``)."""
-        req.release_at = None if req.external_writer else time.monotonic() + self.config.kv_timeout_s
+        """Keep an ended request's blocks out of the free list while its lease holds them; the lease's stop_writer
+        (if any) is called on a thread of its own (not under this lock: it may call back in)."""
+        stop = req.lease.request_ended()
         self._held.append(req)
+        if stop is not None:
+            threading.Thread(target=stop, name="colm-kv-stop-writer", daemon=True).start()
 
     def _release_due(self) -> None:
-        """Free the held blocks whose time has come, or whose sender's ready event is no longer pending."""
+        """Free the held blocks whose lease lets them go."""
         now = time.monotonic()
-        for req in [h for h in self._held if h.release_at is not None and
-                    (now >= h.release_at or (h.kv_ready is not None and ready_state(h.kv_ready) != "pending"))]:
+        for req in [h for h in self._held if h.lease.releasable(now)]:
             self._held.remove(req)
             self.pool.free(req.blocks)
             req.blocks = []
@@ -142,7 +137,7 @@ class KVIntake:
             req = self._get(request_id)
             try:
                 cells = self._check_chunk(req, layer_start, layer_end, token_start, token_end, seq, tuple(kv.shape))
-                if req.external_writer:
+                if req.lease is not None and req.lease.open:
                     raise TransferError(f"request {request_id}: K/V bytes sent on a cuda_pool stream")
                 kv = kv.to(self.device, self.dtype, non_blocking=True)
                 self.pool.write(self._copy_plan(req, token_start, token_end), layer_start, layer_end, kv)
@@ -160,7 +155,7 @@ class KVIntake:
         with self._lock:
             req = self._get(request_id)
             try:
-                if not req.external_writer:
+                if req.lease is None or not req.lease.open:
                     raise TransferError(f"request {request_id}: K/V marked as written without a cuda_pool grant")
                 cells = self._check_chunk(req, layer_start, layer_end, token_start, token_end, seq)
                 self._accept_chunk(req, cells)
@@ -226,6 +221,10 @@ class KVIntake:
                 self._fail(req, e)
                 raise
             req.kv_ready = ready
+            if ready is not None:  # blocks of a request ending before the event completes wait for it
+                if req.lease is None:  # a sender's writes queued without a grant's stream: a lease that only waits
+                    req.lease = WriterLease(self.config.external_write_grace_s, self.config.kv_timeout_s, open=False)
+                req.lease.ready = ready
             req.kv_done = True
             req.timeline.mark("kv_done")
             self._wake.notify_all()
@@ -252,11 +251,3 @@ class KVIntake:
         self._ready_polling = True
         return False
 
-
-def ready_state(event) -> str:
-    """A sender's ready event: "done", "pending", or "failed" (it can no longer be queried: its writes will not run)."""
-    try:
-        return "done" if event.query() else "pending"
-    except RuntimeError as e:
-        log.warning("a KV ready event failed: %s", e)
-        return "failed"

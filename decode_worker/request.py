@@ -132,13 +132,10 @@ class DecodeRequest:
     running: bool = False
     cancel: BaseException | None = None        # set by abort/failure while running; the step loop ends it
     stopper: StopChecker | None = None  # the stop rules (and, with stop strings, the output's text), from token 1
-    # cuda_pool: a sender holds a grant to write into ``blocks`` itself (from ``grant_kv`` until its stream
-    # ends). If the request ends meanwhile, the blocks are held back, and freed at ``release_at``.
-    external_writer: bool = False
-    release_at: float | None = None
-    # nixl: ends the granted sender's stream when the request ends first (a sender that stays silent would otherwise
-    # hold the blocks until its own deadline); its blocks then wait out ``external_write_grace_s``
-    stop_writer: object | None = None
+    # cuda_pool, nixl: a sender holds a grant to write into ``blocks`` itself, under this lease (``grant_kv``;
+    # ``colm.kv.lease``): if the request ends while it holds them, the blocks stay out of the free list until it
+    # lets them go
+    lease: object | None = None
     # cuda_pool with a ready event (``DecodeConfig.kv_ready_wait``): the sender's event that completes once its
     # writes into ``blocks`` have run (a CUDA event opened from its IPC handle; the loop polls ``query()``).
     # Cleared once seen complete.

@@ -27,7 +27,7 @@ the put's device->host copy goes straight into the (pinned) region instead. Deco
 Faults: a peer that dies makes NIXL fail the write (``NIXL_ERR_REMOTE_DISCONNECT``, seen over UCX's TCP transport
 within milliseconds) or the gRPC stream break; a write still PROC at the request's deadline fails it. Decode's blocks
 follow the cuda_pool rules: a request that ends while its stream is open keeps them out of the free list; decode
-then cancels the stream (``grant_kv``'s ``stop_writer``) and frees them after ``DecodeConfig.external_write_grace_s``
+then cancels the stream (the grant's ``WriterLease.stop_writer``) and frees them after ``DecodeConfig.external_write_grace_s``
 (a sender that lives on may still have writes in flight), at once after a clean end. The sender frees its region
 likewise (at once when clean, after its grace otherwise).
 """

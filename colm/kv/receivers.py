@@ -14,9 +14,10 @@ detail of the receive side is here, behind the decode worker's two KV calls:
   ``DecodeConfig.grant_wait_s`` for a Reserve sent at the same time) -> a grant naming the blocks and how to reach
   the pool (its CUDA IPC handle; or its NIXL registration, ``colm.kv.nixl.pool_grant_fields``) -> each chunk marks a
   range the sender has written (nixl: checked against the pool's slots first) -> ``KVEnd`` (cuda_pool: with the
-  sender's ready event, opened here) -> ``finish_kv`` and an ack. However the stream ends,
-  ``end_external_writes`` follows (blocks of an ended request go back, after a grace period if it broke); a nixl
-  sender's stream is cancelled if the request ends first.
+  sender's ready event, opened here) -> ``finish_kv`` and an ack. The grant comes with this transport's
+  ``colm.kv.lease.WriterLease`` (the grace and ready timeout of ``DecodeConfig``; nixl: cancel the sender's stream
+  if the request ends first), which decides when the blocks of an ended request go back. However the stream ends,
+  ``end_external_writes`` follows (at once after a clean end, after the grace if it broke).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 from colm.errors import PeerUnavailableError, TransferError
 from colm.kernels._tuning import DEVICE_WIDE_LOCK
+from colm.kv.lease import WriterLease
 from colm.kv_ipc import StagingOpener
 from colm.kv_wire import CHECKSUMS, KVLayout, bytes_to_tensor, checksum, open_segment, prefetch, tensor_bytes
 from colm.proto import load_proto
@@ -181,8 +183,9 @@ class GrantReceiver(_Receiver):
             nixl = header.transport == "nixl"
             # nixl: a sender that may be on another host; if the request ends first, its stream is cancelled, so its
             # blocks wait out the grace instead of the sender's deadline
-            grant = state["grant"] = self.engine.grant_kv(rid, layout, self.engine.config.grant_wait_s,
-                                                          stop_writer=context.cancel if nixl else None)
+            cfg = self.engine.config
+            lease = WriterLease(cfg.external_write_grace_s, cfg.kv_timeout_s, stop_writer=context.cancel if nixl else None)
+            grant = state["grant"] = self.engine.grant_kv(rid, layout, cfg.grant_wait_s, lease=lease)
             pool = self.engine.pool
             if nixl:
                 from colm.kv import nixl as kv_nixl
