@@ -9,6 +9,14 @@ from dataclasses import dataclass, fields
 TOKEN_STREAMS = ("batched", "per_request")  # router.token_stream: how decode workers send tokens
 
 
+def auto_replicas(cores: int | None = None) -> int:
+    """``router.replicas: auto``: one router process per 4 cores this process may use, at most 4; one below 8 cores
+    (a router at full load uses about a core, and the workers and clients need the rest)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if cores < 8 else min(4, cores // 4)
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     host: str = "127.0.0.1"  # nothing listens on 0.0.0.0 unless configured
@@ -40,10 +48,15 @@ class RouterConfig:
     # router processes (``colm serve`` on Ray): each a router of its own over the same workers, all listening on the
     # same gRPC and HTTP ports (SO_REUSEPORT: the kernel spreads client connections over them); replica i > 0 serves
     # its metrics on metrics_port + i. One Python process parses and sends every token of its requests: past about
-    # a core of that work, more replicas serve more requests.
-    replicas: int = 1
+    # a core of that work, more replicas serve more requests. "auto": one per 4 cores of this machine, 1 to 4 (one
+    # router below 8 cores), resolved when the config is made (on the node that starts the routers).
+    replicas: int | str = 1
 
     def __post_init__(self) -> None:
+        if self.replicas == "auto":
+            object.__setattr__(self, "replicas", auto_replicas())
+        elif isinstance(self.replicas, str) or isinstance(self.replicas, bool):
+            raise ValueError(f"router.replicas={self.replicas!r}: must be an integer >= 1 or 'auto'")
         for name in ("grpc_port", "http_port", "metrics_port"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or not 0 <= v <= 65535):

@@ -21,6 +21,19 @@ def test_serve_yaml_is_accepted_with_safe_defaults():
     assert cfg.workers.num_prefill >= 1 and cfg.workers.num_decode >= 1
     assert cfg.decode["block_size"] == 16 and cfg.model.path is None
     assert len(cfg.token()) >= 16 and cfg.token() != cfg.token()  # random per launch when unset
+    from colm.router.config import auto_replicas
+
+    assert cfg.router.replicas == auto_replicas() >= 1  # "auto": resolved to this machine's count
+
+
+def test_auto_router_replicas_follow_the_cores():
+    from colm.router.config import RouterConfig, auto_replicas
+
+    assert [auto_replicas(c) for c in (1, 2, 4, 7, 8, 12, 16, 64)] == [1, 1, 1, 1, 2, 3, 4, 4]
+    assert isinstance(RouterConfig(replicas="auto").replicas, int)
+    for bad in ("two", 0, True):
+        with pytest.raises(ValueError, match="router.replicas"):
+            RouterConfig(replicas=bad)
 
 
 def test_serve_yaml_errors_name_the_field(monkeypatch):
