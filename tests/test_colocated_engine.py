@@ -422,3 +422,51 @@ def test_a_chunk_is_queued_behind_the_decode_step_before_its_tokens_are_read(set
         de.step()
     assert [e.token_id for e in sa] == generate(full, a, params, scale=2).token_ids
     assert [e.token_id for e in sb] == generate(full, b, params, scale=2).token_ids
+
+
+def test_overlapped_steps_under_concurrent_arrivals_stops_and_an_abort(setup):
+    """The loop thread runs with overlap_steps while requests arrive from other threads: prompts of many lengths
+    join mid-flight (the step queued ahead includes them), rows end by length at different steps, one by a stop
+    string (an end no queued step can predict: that step is dropped) and one is aborted mid-generation. Every stream
+    equals ``colm generate``, the aborted one ends with its error, and every block comes back."""
+    from colm.errors import RequestAbortedError
+    from colm.tokenizer import ByteTokenizer
+    from _engine_helpers import middle_stop
+
+    path, full = setup
+    de = _engine(path, max_batched_tokens=24, overlap_steps=True)
+    de.detokenize = ByteTokenizer().decode  # the tiny checkpoint's ids are bytes
+    de.start()
+    try:
+        batch = prompts([3, 41, 8, 27, 12, 55, 19, 6], seed=21)
+        lengths = [9, 14, 5, 11, 16, 7, 12, 10]
+        stop_prompt = prompts([15], seed=22)[0]
+        text = ByteTokenizer().decode(generate(full, stop_prompt, SamplingParams(max_new_tokens=16, ignore_eos=True),
+                                               scale=2).token_ids)
+        stop_params = SamplingParams(max_new_tokens=16, ignore_eos=True, stop_strings=(middle_stop(text),))
+        results: dict = {}
+
+        def submit(i, p, n):
+            time.sleep(0.004 * i)
+            params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+            results[i] = (p, params, [e.token_id for e in _submit(de, f"c{i}", p, params, 2)])
+
+        threads = [threading.Thread(target=submit, args=(i, p, n)) for i, (p, n) in enumerate(zip(batch, lengths))]
+        for t in threads:
+            t.start()
+        stop_stream = _submit(de, "stop", stop_prompt, stop_params, 2)
+        victim = _submit(de, "victim", prompts([9], seed=23)[0], SamplingParams(max_new_tokens=40, ignore_eos=True), 2)
+        next(iter(victim))
+        assert de.abort("victim")
+        with pytest.raises(RequestAbortedError):
+            list(victim)
+        for t in threads:
+            t.join(60)
+        for i, (p, params, got) in sorted(results.items()):
+            assert got == generate(full, p, params, scale=2).token_ids, i
+        ref = generate(full, stop_prompt, stop_params, scale=2, decode=ByteTokenizer().decode)
+        assert [e.token_id for e in stop_stream] == ref.token_ids and ref.finish_reason == "stop"
+        assert len(results) == len(batch) and de.stats().num_steps_launched_ahead > 0
+    finally:
+        de.stop()
+    assert_pool_free(de)
