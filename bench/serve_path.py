@@ -434,6 +434,11 @@ def main() -> None:
     wargs = argparse.Namespace(**{**vars(args), "out": os.path.join(scratch, "worker")})  # worker logs there
     token = secrets.token_urlsafe(24)
     blocks = args.num_blocks or (0 if cuda else 4096)
+    need = int(args.concurrency * ((lo + hi) / 2 + (olo + ohi) / 2) / 16)  # every client's mean request, 16-token blocks
+    if blocks and blocks < need:
+        raise SystemExit(f"--num-blocks {blocks}: {args.concurrency} clients of requests of {lo}-{hi} + {olo}-{ohi} "
+                         f"tokens hold about {need} blocks at once; give more (or 0: sized from free GPU memory), or "
+                         "the decode worker refuses requests (RESOURCE_EXHAUSTED) and the run measures refusals")
     # as deploy/serve.yaml: on CUDA, decode graphs (and a colocated engine's prefill chunk sizes) warmed at start
     decode_section = {"num_blocks": blocks, "max_batch_size": max(64, args.concurrency),
                       "warmup_context": 4096 if cuda else 0}
