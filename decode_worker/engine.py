@@ -332,15 +332,22 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
             elif req.started and not req.kv_done and now > req.kv_deadline:
                 self._finalize(req, DeadlineError(f"request {req.request_id}: KV did not arrive in time"))
         self._ready_polling = False
-        for req in list(self._requests.values()):  # arrival order (dicts keep insertion order)
+        for req in list(self._waiting()):
             if len(self._running) >= self.config.max_batch_size:
                 break
-            if req.started and req.kv_done and not req.running:
-                if req.kv_ready is not None and not self._writes_ran(req):
-                    continue
-                req.running = True
-                self._running.append(req)
-                req.timeline.mark("admitted")
+            if req.kv_ready is not None and not self._writes_ran(req):
+                continue
+            req.running = True
+            self._running.append(req)
+            req.timeline.mark("admitted")
+
+    def _waiting(self, joining: frozenset = frozenset()):
+        """The requests admission takes next, in its order (arrival: dicts keep insertion order): started, not running,
+        their K/V complete, or completing this iteration (``joining``: ids). Under the lock. The one rule of both the
+        admission and the step queued ahead of it (``_next_batch``)."""
+        for req in self._requests.values():
+            if not req.running and req.started and (req.kv_done or id(req) in joining):
+                yield req
 
     def step(self) -> int:
         """Admit ready requests and advance every running sequence: one token, or one speculative round (one or
@@ -502,13 +509,10 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         its order; None when nothing goes on or a joining request could not share an overlapped step."""
         carry = [i for i, r in enumerate(batch) if len(r.out_tokens) + 2 <= r.params.max_new_tokens]
         rows = [batch[i] for i in carry]
-        joining = set(map(id, joining))
         with self._lock:  # gRPC threads add requests meanwhile
-            for req in self._requests.values():  # _housekeep's admission: arrival order, up to max_batch_size
+            for req in self._waiting(frozenset(map(id, joining))):  # as _housekeep admits, up to max_batch_size
                 if len(rows) >= self.config.max_batch_size:
                     break
-                if req.running or not req.started or not (req.kv_done or id(req) in joining):
-                    continue
                 if (req.kv_ready is not None or req.cancel is not None or req.scale != scale
                         or not req.params.greedy or round_gamma(req)):
                     return None  # it would not join as a plain greedy row at this scale: no step ahead
