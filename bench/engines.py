@@ -17,12 +17,14 @@
   vs the compute alone timed in the prefill child. From the requests' timelines (one host clock) also the
   hand-off between the engines (prefill worker has the prompt -> decode worker has the first token, and -> the
   token at the client), and the router's Stats round trip to each worker (the Python gRPC floor of a hop).
+* handoff_transports: the router's TTFT of the 8K prompt, both workers in children (prefill graphed), per transport
+  into decode's VRAM pool (cuda_pool, nixl VRAM -> VRAM, grpc bytes), in turns with the compute alone.
 * decode: tokens/s of the decode engine (CUDA graphs; eager side by side at batch 1 and 64) at batch
   1/8/64, context 2K, full scale and scale 1, mixed scales in both modes, vs HF ``generate`` on the
   same shape; batch-1 step vs the weight-read floor.
 
 Random bf16 weights, random tokens; times are medians of synchronised runs after warm-up.
-Usage: python bench/engines.py --out DIR [--sections prefill,handoff,handoff_ready,decode] [--quick]
+Usage: python bench/engines.py --out DIR [--sections prefill,handoff,handoff_ready,handoff_transports,decode] [--quick]
 """
 
 from __future__ import annotations
@@ -404,6 +406,43 @@ def _set_ready_wait(engine, mode):
     return mode
 
 
+def bench_handoff_transports(quick):
+    """The 8K hand-off through the router's own request path, prefill (CUDA graphs) and decode each in a child
+    process on the one GPU, per transport into decode's VRAM pool: cuda_pool (CUDA IPC), nixl (VRAM -> VRAM WRITEs,
+    UCX cuda_ipc, wsum32 checked on the GPU) and grpc bytes; in turns with the chain-1 compute alone timed in the
+    prefill child, so drift hits all alike."""
+    from colm.decode_worker.spawn import DecodeProcess
+    from colm.prefill_worker.spawn import PrefillProcess
+
+    name, T, token = "llama-3.2-1b-16-16-air", 8192, "bench"
+    prompt = torch.randint(0, 128000, (T,)).tolist()
+    paths = ("cuda_pool", "nixl", "grpc")
+    out = {"prompt_tokens": T, "paths": list(paths), "ucx_tls": __import__("os").environ.get("UCX_TLS", "(colm default)")}
+    with PrefillProcess(_bench_prefill_engine, (name, T), token) as pc, \
+            DecodeProcess(_bench_decode_engine, (name,), token) as dc:
+        ttfts = {k: [] for k in paths}
+        timelines = {k: [] for k in paths}
+        computes = [pc.call(_compute_alone_ms, prompt, 3)]
+        for _ in range(3 if quick else 5):
+            for k in paths:
+                rows = []
+                ttfts[k].append(router_ttft_ms(pc.address, dc.address, token, k, prompt, reps=3, timelines=rows))
+                timelines[k] += rows
+            computes.append(pc.call(_compute_alone_ms, prompt, 3))
+    record_turns(out, {"chain1_compute": computes}, unit="ms")
+    record_turns(out, {f"router_{k}": v for k, v in ttfts.items()})
+    for k, vals in ttfts.items():
+        record_ratio_turns(out, f"router_{k}", vals, computes)
+        if timelines[k]:
+            out[f"router_{k}_timeline_ms"] = median_timeline(timelines[k])
+    for k in paths:
+        out[f"router_{k}_over_cuda_pool"] = out[f"router_{k}_ttft_ms"] / out["router_cuda_pool_ttft_ms"]
+    print("compute alone", [round(c, 2) for c in computes], "ms; TTFT ms:",
+          {k: round(out[f"router_{k}_ttft_ms"], 2) for k in paths}, "over compute (median turn):",
+          {k: round(out[f"router_{k}_ttft_over_compute_median_turn"], 3) for k in paths}, flush=True)
+    return out
+
+
 def record_turns(out, values, unit="ttft_ms"):
     """Per-turn figures into ``out``: ``<key>_<unit>_turns`` (as measured) and ``<key>_<unit>`` (their median)."""
     for key, vals in values.items():
@@ -695,7 +734,7 @@ def main():
     meta["paged_attention_kernel"] = HAS_KERNEL
     meta["kv_checksum_bytes_path"] = default_checksum()
     fns = {"prefill": bench_prefill, "handoff": bench_handoff, "handoff_ready": bench_handoff_ready,
-           "decode": bench_decode}
+           "handoff_transports": bench_handoff_transports, "decode": bench_decode}
     for sec in args.sections.split(","):
         t0 = time.time()
         res = {"meta": meta}

@@ -1,4 +1,6 @@
-"""CPU benchmark of the KV transports between two processes: gRPC bytes, shared memory and NIXL, side by side.
+"""Benchmark of the KV transports between two processes: gRPC bytes, shared memory and NIXL, side by side (CPU);
+with ``--device cuda`` from one GPU process into another's VRAM pool: gRPC bytes, cuda_pool (CUDA IPC) and NIXL
+(VRAM -> VRAM through UCX cuda_ipc, and from a pinned host buffer: ``nixl-host``).
 
 A decode worker process (real ``DecodeServer`` + ``DecodeEngine`` of a model whose K/V have the 1B Air shape:
 16 layers, 8 KV heads, head_dim 64, bf16) receives one request's K/V pushed by this process through each
@@ -9,6 +11,7 @@ JSON (device, versions, shapes, every figure) to bench/results/kv_transfer_cpu-<
 ``--profile`` adds cProfile tables of both ends. ``nixl-nocsum`` is the nixl transport without its checksum.
 
 Usage: python bench/kv_transfer.py [--sizes-mib 64,256] [--paths grpc,shm,nixl,nixl-nocsum] [--reps 3] [--json PATH]
+       python bench/kv_transfer.py --device cuda [--paths grpc,cuda_pool,nixl,nixl-host,nixl-nocsum]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def model_cfg(tokens: int):
                        kv_sharing=True, max_seq_len=max(tokens + 64, 512))
 
 
-def _receiver(tokens: int, profile: bool, conn) -> None:
+def _receiver(tokens: int, profile: bool, conn, device: str = "cpu") -> None:
     from colm.decode_worker.config import DecodeConfig
     from colm.decode_worker.engine import DecodeEngine
     from colm.decode_worker.service import DecodeServer, DecodeService
@@ -43,7 +46,7 @@ def _receiver(tokens: int, profile: bool, conn) -> None:
 
     torch.set_num_threads(1)
     cfg = model_cfg(tokens)
-    model = CoLM(cfg, dtype=torch.bfloat16).reset_parameters(seed=0)
+    model = CoLM(cfg, dtype=torch.bfloat16).reset_parameters(seed=0).to(device)
     eng = DecodeEngine(model, DecodeConfig(num_blocks=(tokens + 64) // 16 + 8, block_size=16))
     prof = cProfile.Profile() if profile else None
     if prof is not None:  # profile the PushKV handler thread only
@@ -81,8 +84,9 @@ def _receiver(tokens: int, profile: bool, conn) -> None:
 
 
 def push_once(stub, rid: str, layers: list[torch.Tensor], path: str, chunk_bytes: int, checksum: str,
-              arena_bytes: int = 0) -> tuple[float, int]:
-    """One request's K/V through the real sender of ``path`` ("grpc" | "shm" | "nixl"): (seconds begin -> acked, bytes)."""
+              arena_bytes: int = 0, arena_device: str = "cpu") -> tuple[float, int]:
+    """One request's K/V through the real sender of ``path`` ("grpc" | "shm" | "nixl" | "cuda_pool"): (seconds
+    begin -> acked, bytes)."""
     from colm.kv_wire import KVLayout
     from colm.prefill_worker.kv_push import GrpcKVSink
     from colm.proto import load_proto
@@ -96,7 +100,12 @@ def push_once(stub, rid: str, layers: list[torch.Tensor], path: str, chunk_bytes
     if path == "nixl":
         from colm.kv.nixl import NixlKVSink
 
-        sink = NixlKVSink(stub, rid, TOKEN, checksum_kind=checksum, timeout_s=120, arena_bytes=arena_bytes)
+        sink = NixlKVSink(stub, rid, TOKEN, checksum_kind=checksum, timeout_s=120, arena_bytes=arena_bytes,
+                          arena_device=arena_device)
+    elif path == "cuda_pool":
+        from colm.prefill_worker.pool_sink import PoolKVSink
+
+        sink = PoolKVSink(stub, rid, TOKEN, timeout_s=120)
     else:
         sink = GrpcKVSink(stub, rid, TOKEN, chunk_bytes=chunk_bytes, checksum_kind=checksum, timeout_s=120,
                           shm=path == "shm")
@@ -132,7 +141,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes-mib", default="64,256", help="K/V per request, MiB (16 layers x 8 KV heads x 64, bf16)")
-    ap.add_argument("--paths", default="grpc,shm,nixl,nixl-nocsum")
+    ap.add_argument("--paths", default=None, help="default: grpc,shm,nixl,nixl-nocsum (cpu); "
+                    "grpc,cuda_pool,nixl,nixl-host,nixl-nocsum (cuda)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: where both processes hold the K/V")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--chunk-mib", type=float, default=PrefillConfig().kv_chunk_bytes / 2**20)
     ap.add_argument("--profile", action="store_true")
@@ -141,13 +152,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     sizes = [int(x) for x in args.sizes_mib.split(",")]
-    paths = args.paths.split(",")
+    cuda = args.device.startswith("cuda")
+    paths = (args.paths or ("grpc,cuda_pool,nixl,nixl-host,nixl-nocsum" if cuda else "grpc,shm,nixl,nixl-nocsum")).split(",")
     per_token = 16 * 2 * 8 * 64 * 2  # bytes of K/V per token, all layers
     max_tokens = max(sizes) * 2**20 // per_token
     arena = max(sizes) * 2**20 + (16 << 20)
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(target=_receiver, args=(max_tokens, args.profile, there), daemon=True)
+    proc = ctx.Process(target=_receiver, args=(max_tokens, args.profile, there, args.device), daemon=True)
     proc.start()
     address = here.recv()
     stub = decode_stub(address)
@@ -161,11 +173,17 @@ def main() -> None:
             versions[mod] = version({"grpc": "grpcio"}.get(mod, mod))
         except Exception:  # noqa: BLE001
             versions[mod] = None
-    checks = {"grpc": pc.checksum, "shm": pc.shm_checksum, "nixl": pc.nixl_checksum, "nixl-nocsum": "none"}
-    out = {"benchmark": "kv_transfer", "label": args.label, "device": f"{cpu_name()} ({os.cpu_count()} cores, shared)",
+    arena_dev, nixl_kind = pc.nixl_send(args.device)
+    checks = {"grpc": pc.checksum, "shm": pc.shm_checksum, "nixl": nixl_kind, "nixl-nocsum": "none",
+              "nixl-host": default_checksum(), "cuda_pool": "none"}
+    # the nixl sender's send buffer: on the GPU (VRAM -> VRAM) except nixl-host (pinned DRAM)
+    arenas = {"nixl": arena_dev, "nixl-nocsum": arena_dev, "nixl-host": "cpu"}
+    device_name = (torch.cuda.get_device_name() if cuda else f"{cpu_name()} ({os.cpu_count()} cores, shared)")
+    out = {"benchmark": "kv_transfer", "label": args.label, "device": device_name, "kv_memory": args.device,
+           "send_buffers": {p: arenas.get(p, "-") for p in paths},
            "date": datetime.date.today().isoformat(), "versions": versions,
            "shape": {"layers": 16, "kv_heads": 8, "head_dim": 64, "dtype": "bfloat16", "bytes_per_token": per_token},
-           "chunk_bytes": chunk, "reps": args.reps, "ucx_tls": os.environ.get("UCX_TLS", "tcp,sm,self (colm default)"),
+           "chunk_bytes": chunk, "reps": args.reps, "ucx_tls": os.environ.get("UCX_TLS", "(colm default)"),
            "metric": "median seconds from the sink's begin to decode's ack, one request, per-layer puts; GB/s = bytes/s",
            "sizes": {}}
     prof = cProfile.Profile() if args.profile else None
@@ -173,18 +191,24 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for mib in sizes:
         T = mib * 2**20 // per_token
-        layers = [torch.randn(1, T, 2, 8, 64, generator=g).to(torch.bfloat16) for _ in range(16)]  # [1, T, 2, Hkv, hd]
+        layers = [torch.randn(1, T, 2, 8, 64, generator=g).to(torch.bfloat16).to(args.device)
+                  for _ in range(16)]  # [1, T, 2, Hkv, hd]
         res = out["sizes"][str(mib)] = {"tokens": T, "paths": {}}
         for path in paths:
             wire = "nixl" if path.startswith("nixl") else path
+            if wire == "nixl":
+                from colm.kv.nixl import close_endpoints, endpoint
+
+                if endpoint("prefill", arena, arenas[path]).buf.device.type != torch.device(arenas[path]).type:
+                    close_endpoints()  # this process's send buffer must lie where the path says
             times = []
             n = 0
-            push_once(stub, f"warm-{path}-{mib}", layers, wire, chunk, checks[path], arena)
+            push_once(stub, f"warm-{path}-{mib}", layers, wire, chunk, checks[path], arena, arenas.get(path, "cpu"))
             for _ in range(args.reps):
                 n_req += 1
                 if prof is not None:
                     prof.enable()
-                dt, n = push_once(stub, f"r{n_req}", layers, wire, chunk, checks[path], arena)
+                dt, n = push_once(stub, f"r{n_req}", layers, wire, chunk, checks[path], arena, arenas.get(path, "cpu"))
                 if prof is not None:
                     prof.disable()
                 times.append(dt)
@@ -202,9 +226,13 @@ def main() -> None:
         med = statistics.median(times[1:])
         res["paths"]["bare_grpc_bytes"] = {"ms": med * 1000, "gb_s": n_msgs * chunk / med / 1e9, "checksum": "-"}
         if "grpc" in res["paths"]:
-            for path in ("nixl", "nixl-nocsum", "shm"):
+            for path in ("nixl", "nixl-nocsum", "nixl-host", "shm", "cuda_pool"):
                 if path in res["paths"]:
                     res[f"{path}_over_grpc"] = res["paths"][path]["gb_s"] / res["paths"]["grpc"]["gb_s"]
+        if "cuda_pool" in res["paths"]:
+            for path in ("nixl", "nixl-nocsum", "nixl-host"):
+                if path in res["paths"]:
+                    res[f"{path}_over_cuda_pool"] = res["paths"][path]["gb_s"] / res["paths"]["cuda_pool"]["gb_s"]
         del layers
     here.send("stop")
     recv_prof = here.recv()
@@ -221,9 +249,13 @@ def main() -> None:
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
         print("== sender (this process)\n" + s.getvalue())
         print("== receiver (PushKV handler)\n" + recv_prof)
-    cpu = cpu_name().split()
-    name = "-".join(w.lower() for w in cpu[:2]) if cpu else "cpu"
-    path = args.json or os.path.join("bench", "results", f"kv_transfer_cpu-{name}_{out['date']}.json")
+    if cuda:
+        gpu = torch.cuda.get_device_name().replace("NVIDIA", "").split()
+        tag = gpu[0].lower() if gpu else "gpu"
+    else:
+        cpu = cpu_name().split()
+        tag = "cpu-" + ("-".join(w.lower() for w in cpu[:2]) if cpu else "cpu") + f"_{out['date']}"
+    path = args.json or os.path.join("bench", "results", f"kv_transfer_{tag}.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(out, f, indent=1)

@@ -23,6 +23,7 @@ import os
 import queue
 import sys
 import threading
+import warnings
 import zlib
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -36,7 +37,9 @@ except ImportError:  # optional; zlib's crc32 is the fallback
     _crc32c = None
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-CHECKSUMS = ("crc32c", "crc32", "none")
+# wsum32: a position-weighted sum of the bytes' 16-bit words, computed by torch where the bytes lie (a GPU checks
+# its own memory without a host copy); it detects any single changed word and any swap of two different words.
+CHECKSUMS = ("crc32c", "crc32", "wsum32", "none")
 
 
 def default_checksum() -> str:
@@ -84,8 +87,29 @@ class KVLayout:
         return self.num_layers * self.num_tokens * self.bytes_per_token_layer
 
 
+def wsum32(t: torch.Tensor) -> int:
+    """The ``wsum32`` checksum of the bytes of ``t`` (any dtype, any device), computed on its device (a Triton pass
+    on CUDA: ``colm.kernels.wsum32``): the sum over its little-endian 16-bit words x_i (zero-padded to an even
+    length) of x_i * (i mod 65521 + 1), mod 2^32."""
+    from colm.kernels.wsum32 import wsum32_words
+
+    b = t.reshape(-1).view(torch.uint8) if t.dtype != torch.uint8 else t.reshape(-1)
+    if b.numel() % 2 or b.storage_offset() % 2:
+        b = torch.cat([b, b.new_zeros(b.numel() % 2)])  # a copy: even length, aligned
+    return wsum32_words(b.view(torch.int16))  # [n / 2] words
+
+
 def checksum(buf, kind: str = "crc32", value: int = 0) -> int:
-    """``kind`` of ``buf``; ``value``: the checksum of the bytes before ``buf`` (to checksum pieces in turn)."""
+    """``kind`` of ``buf``; ``value``: the checksum of the bytes before ``buf`` (to checksum pieces in turn; not for
+    ``wsum32``, whose weights depend on where a word lies: checksum the pieces joined)."""
+    if kind == "wsum32":
+        if value:
+            raise ValueError("checksum='wsum32' is not computed in pieces: pass the whole buffer")
+        if not len(buf):
+            return 0
+        with warnings.catch_warnings():  # a read-only buffer: only read here
+            warnings.simplefilter("ignore", UserWarning)
+            return wsum32(torch.frombuffer(buf, dtype=torch.uint8))
     if kind == "crc32":
         return zlib.crc32(buf, value)
     if kind == "crc32c":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from colm.kv_wire import CHECKSUMS, default_checksum
 
 
@@ -18,9 +20,14 @@ class PrefillConfig:
     checksum: str = default_checksum() # bytes path: "crc32c" (when the crc32c package is installed) | "crc32" | "none"
     shm_checksum: str = "none"         # shared-memory path: the bytes never leave this host's memory
     ipc_checksum: str = "none"         # cuda_ipc path: the bytes never leave the GPU (a checksum costs a host copy)
-    nixl_checksum: str = default_checksum()  # nixl transport: over each put's bytes, checked by decode in its pool
-    nixl_arena_bytes: int = 256 << 20  # nixl transport: host send buffer registered with NIXL once (on first use);
+    # nixl transport: over each put's bytes, checked by decode in its pool; "auto" = wsum32 (computed on the GPU, no
+    # host copy) when the send buffer lies on the GPU, else the host's fastest CRC
+    nixl_checksum: str = "auto"
+    nixl_arena_bytes: int = 256 << 20  # nixl transport: send buffer registered with NIXL once (on first use);
                                        # a request's K/V are copied into a region of it and WRITten from there
+    # nixl transport: where that buffer lies: "device" (the prefill engine's GPU: VRAM -> VRAM WRITEs, UCX cuda_ipc on
+    # one host) | "host" (pinned DRAM: DRAM -> the pool's memory) | "auto" (device when the engine runs on CUDA)
+    nixl_send_memory: str = "auto"
     # cuda_ipc path: layers per KVChunk signal, so decode copies them into its blocks while later layers
     # compute; 0 = one signal per token range once all its layers are in (one copy per chunk of the prompt,
     # after its forward). On one H100 shared by both workers, 8K prompt: TTFT 31.4 vs 30.9 ms (0 vs 1) in
@@ -43,6 +50,15 @@ class PrefillConfig:
     cuda_graph_tokens: int = 0
     warmup_graphs: bool = False        # with cuda_graph_tokens: capture every graph at start (no request meets a capture)
 
+    def nixl_send(self, engine_device) -> tuple[str, str]:
+        """(arena device, checksum kind) of the nixl transport's sender for a prefill engine on ``engine_device``."""
+        dev = torch.device(engine_device)
+        on_gpu = self.nixl_send_memory == "device" or (self.nixl_send_memory == "auto" and dev.type == "cuda")
+        if on_gpu and dev.type != "cuda":
+            raise ValueError(f"nixl_send_memory='device': the prefill engine runs on {dev}, not on a GPU")
+        kind = self.nixl_checksum if self.nixl_checksum != "auto" else ("wsum32" if on_gpu else default_checksum())
+        return (str(dev) if on_gpu else "cpu"), kind
+
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_size", "chunk_size", "max_queue", "kv_chunk_bytes", "length_bucket",
                      "nixl_arena_bytes"):
@@ -57,7 +73,10 @@ class PrefillConfig:
         if self.default_timeout_s <= 0:
             raise ValueError(f"default_timeout_s={self.default_timeout_s}: must be > 0")
         for name in ("checksum", "shm_checksum", "ipc_checksum", "nixl_checksum"):
-            if getattr(self, name) not in CHECKSUMS:
-                raise ValueError(f"{name}={getattr(self, name)!r}: allowed are {CHECKSUMS}")
+            allowed = CHECKSUMS + (("auto",) if name == "nixl_checksum" else ())
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: allowed are {allowed}")
+        if self.nixl_send_memory not in ("auto", "device", "host"):
+            raise ValueError(f"nixl_send_memory={self.nixl_send_memory!r}: allowed are ('auto', 'device', 'host')")
         if "crc32c" in (self.checksum, self.shm_checksum, self.ipc_checksum, self.nixl_checksum) and default_checksum() != "crc32c":
             raise ValueError("checksum='crc32c' needs the crc32c package (pip install crc32c)")

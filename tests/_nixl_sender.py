@@ -1,6 +1,6 @@
 """A NIXL KV sender in its own process, for the nixl transport's fault tests (tests/test_kv_transport_nixl.py).
 
-    python tests/_nixl_sender.py MODE DECODE_ADDRESS REQUEST_ID LAYERS KV_HEADS HEAD_DIM TOKENS
+    python tests/_nixl_sender.py MODE DECODE_ADDRESS REQUEST_ID LAYERS KV_HEADS HEAD_DIM TOKENS [CHECKSUM]
 
 MODE: "kill" (writes layer 0, prints "sent", then waits to be killed), "never" (opens the stream, gets the
 grant, prints "sent", writes nothing: decode cancels the stream at the request's KV deadline), "corrupt" (a byte of each range flipped after its checksum: decode must
@@ -22,6 +22,7 @@ TOKEN = "test-cluster-token"
 def main() -> None:
     mode, address, rid = sys.argv[1:4]
     L, H, D, T = (int(x) for x in sys.argv[4:8])
+    kind = sys.argv[8] if len(sys.argv) > 8 else "crc32"
     if mode == "corrupt":
         post = kv_nixl.NixlEndpoint.post_write
 
@@ -30,7 +31,7 @@ def main() -> None:
             return post(self, local, *args, **kwargs)
 
         kv_nixl.NixlEndpoint.post_write = flipped
-    sink = kv_nixl.NixlKVSink(decode_stub(address), rid, TOKEN, checksum_kind="crc32", timeout_s=30,
+    sink = kv_nixl.NixlKVSink(decode_stub(address), rid, TOKEN, checksum_kind=kind, timeout_s=30,
                               arena_bytes=1 << 20)
     sink.begin(KVLayout(L, T, H, D, "float32"))
     g = torch.Generator().manual_seed(0)

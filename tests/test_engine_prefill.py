@@ -33,6 +33,22 @@ def test_prefill_refuses_non_air(tmp_path):
         PrefillEngine.from_checkpoint(tmp_path)
 
 
+def test_nixl_send_side_follows_the_engine_device():
+    from colm.kv_wire import default_checksum
+
+    auto = PrefillConfig()
+    assert auto.nixl_send("cpu") == ("cpu", default_checksum())
+    assert auto.nixl_send("cuda:1") == ("cuda:1", "wsum32")  # VRAM send buffer, checked on the GPU
+    assert PrefillConfig(nixl_send_memory="host").nixl_send("cuda:0") == ("cpu", default_checksum())
+    assert PrefillConfig(nixl_checksum="crc32").nixl_send("cuda:0") == ("cuda:0", "crc32")
+    with pytest.raises(ValueError, match="not on a GPU"):
+        PrefillConfig(nixl_send_memory="device").nixl_send("cpu")
+    with pytest.raises(ValueError, match="nixl_send_memory='vram'"):
+        PrefillConfig(nixl_send_memory="vram")
+    with pytest.raises(ValueError, match="nixl_checksum='auto'|checksum='auto'"):
+        PrefillConfig(checksum="auto")
+
+
 def test_padded_length_buckets_cuda_lengths_only():
     assert padded_length(300, 256, torch.device("cuda")) == 512
     assert padded_length(512, 256, torch.device("cuda")) == 512

@@ -16,6 +16,7 @@ import torch
 from colm import checkpoint, kv_ipc
 from colm.decode_worker.spawn import DecodeProcess
 from colm.generate import generate
+from colm.kv import registry
 from colm.prefill_worker.config import PrefillConfig
 from colm.prefill_worker.engine import PrefillEngine
 from colm.prefill_worker.service import PrefillServer
@@ -55,7 +56,8 @@ def run_request(d, p, address, rid, prompt, scale, max_new=8, path="cuda_ipc"):
 
     def prefill():
         reply["r"] = p.Prefill(kv_pb2.PrefillRequest(request_id=rid, token_ids=prompt, decode_address=address,
-                                                     same_host=True, path=path, decode_cuda=r.cuda_kv),
+                                                     same_host=True, path=path, decode_cuda=r.cuda_kv,
+                                                     decode_transports=r.transports),
                                metadata=MD, timeout=60)
 
     th = threading.Thread(target=prefill)
@@ -73,10 +75,14 @@ def reference(full, prompt, scale, max_new=8):
 
 
 
-@pytest.mark.parametrize("hand_off,ready_wait", [("cuda_ipc", "host"), ("cuda_pool", "host"), ("cuda_pool", "sender")])
+@pytest.mark.parametrize("hand_off,ready_wait", [("cuda_ipc", "host"), ("cuda_pool", "host"), ("cuda_pool", "sender"),
+                                                ("nixl", "host")])
 def test_cuda_ipc_across_processes_matches_reference(setup, hand_off, ready_wait):
     """cuda_pool runs with each ``DecodeConfig.kv_ready_wait``: "host" takes the sender's KVEnd with a CUDA IPC ready
-    event, which decode polls before admitting the request; with "sender" the sender waits for its writes first."""
+    event, which decode polls before admitting the request; with "sender" the sender waits for its writes first.
+    nixl: VRAM -> VRAM WRITEs from prefill's device send buffer into the child's pool, wsum32 checked on the GPU."""
+    if hand_off == "nixl" and not registry.get("nixl").importable():
+        pytest.skip("nixl not importable")
     path, full, _, p = setup
     with decode_child(path, kv_ready_wait=ready_wait) as child:
         d = kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address))
@@ -98,6 +104,10 @@ def test_cuda_ipc_across_processes_matches_reference(setup, hand_off, ready_wait
             assert reply.path == hand_off and reply.num_tokens == len(prompt) - 1
             if hand_off == "cuda_pool" and len(prompt) > 1:  # "host": the ready event came and decode polled it
                 assert ("kv_ready" in timeline) == (ready_wait == "host"), (rid, timeline)
+        if hand_off == "nixl":
+            from colm.kv.nixl import endpoint
+
+            assert endpoint("prefill").buf.is_cuda  # the send buffer the writes came from lies on the GPU
         prompt = prompts([40], seed=3)[0]
         tokens, reply, _ = run_request(d, p, child.address, f"{hand_off}-auto", prompt, 2, path="auto")
         assert reply.path == "cuda_pool" and tokens == reference(full, prompt, 2)

@@ -63,7 +63,7 @@ def test_segments_match_a_torch_indexing_copy(dtype):
         assert np.array_equal(dst, np.frombuffer(tensor_bytes(ref), dtype=np.uint8)), (l0, l1, t0, t1, blocks)
 
 
-@pytest.mark.parametrize("kind", sorted({"crc32", default_checksum()}))
+@pytest.mark.parametrize("kind", sorted({"crc32", "wsum32", default_checksum()}))
 def test_pool_checksum_equals_the_senders(kind):
     rng = np.random.default_rng(3)
     for _ in range(50):
@@ -94,3 +94,32 @@ def test_geometry_and_runs_edges():
     # K of layer 1: slots 23..27 then 8..9; V of layer 1 the same, one pool half further
     assert segs.tolist() == [[0, (1 * slots + 23) * 32, 5 * 32], [5 * 32, (1 * slots + 8) * 32, 2 * 32],
                              [7 * 32, (4 * slots + 23) * 32, 5 * 32], [12 * 32, (4 * slots + 8) * 32, 2 * 32]]
+
+
+def test_ready_puts_go_out_as_one_write_and_a_put_still_copying_starts_the_next():
+    """``NixlKVSink._batches``: the first put is waited for; the puts queued behind it whose copies are done join its
+    WRITE; one whose copy is still running ends the batch and starts the next; the stream's end ends them."""
+    import queue
+    from concurrent.futures import Future
+
+    from colm.kv.nixl import NixlKVSink
+    from colm.prefill_worker.sinks import _END
+
+    def put(layer, done=True):
+        f = Future()
+        if done:
+            f.set_result(100 + layer)  # the put's checksum
+        return ((layer, layer + 1, 0, 8), f, None, layer * 64), f
+
+    sink = NixlKVSink.__new__(NixlKVSink)
+    sink._q = queue.SimpleQueue()
+    items = [put(i) for i in range(3)] + [put(3, done=False)] + [put(4)]
+    for item, _ in items:
+        sink._q.put(item)
+    batches = sink._batches()
+    first = next(batches)
+    assert [(r[0], off, crc) for r, off, crc in first] == [(0, 0, 100), (1, 64, 101), (2, 128, 102)]
+    items[3][1].set_result(103)  # the held put's copy ends; it leads the next batch with the one behind it
+    sink._q.put(_END)
+    assert [(r[0], crc) for r, _, crc in next(batches)] == [(3, 103), (4, 104)]
+    assert next(batches, None) is None

@@ -104,9 +104,9 @@ def code_of(fn):
     return e.value.code()
 
 
-def sender(mode, address, rid, cfg, tokens=8):
+def sender(mode, address, rid, cfg, tokens=8, kind="crc32"):
     return subprocess.Popen([sys.executable, str(HERE / "_nixl_sender.py"), mode, address, rid, str(cfg.n_layers),
-                             str(cfg.n_kv_heads), str(cfg.head_dim), str(tokens)], stdout=subprocess.PIPE, text=True,
+                             str(cfg.n_kv_heads), str(cfg.head_dim), str(tokens), kind], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
 
 
@@ -180,16 +180,18 @@ def test_range_that_never_arrives_times_out(cluster):
     assert len(events) == 6
 
 
-def test_corrupted_range_fails_with_data_loss(cluster):
+@pytest.mark.parametrize("kind", ["crc32", "wsum32"])
+def test_corrupted_range_fails_with_data_loss(cluster, kind):
     _, full, decode, d, p = cluster
-    d.Reserve(kv_pb2.ReserveRequest(request_id="corrupt", prompt_len=9, max_new_tokens=4), metadata=MD, timeout=5)
-    stream = start(d, "corrupt", kv_timeout_s=60)
-    proc = sender("corrupt", decode.address, "corrupt", full.cfg)
+    rid = f"corrupt-{kind}"
+    d.Reserve(kv_pb2.ReserveRequest(request_id=rid, prompt_len=9, max_new_tokens=4), metadata=MD, timeout=5)
+    stream = start(d, rid, kv_timeout_s=60)
+    proc = sender("corrupt", decode.address, rid, full.cfg, kind=kind)
     out, _ = proc.communicate(timeout=60)
     assert any(line.startswith("failed") for line in out.splitlines()), out  # the sender hears of it too
     assert code_of(lambda: list(stream)) == S.DATA_LOSS
     assert_all_free(decode)
-    events, _ = run(d, p, decode.address, "after-corrupt", prompts([20])[0], 2)
+    events, _ = run(d, p, decode.address, f"after-{rid}", prompts([20])[0], 2)
     assert len(events) == 6
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from colm.decode_worker.block_pool import BlockPool
-from colm.kv_wire import checksum, encode_chunk_message, split_chunk_message
+from colm.kv_wire import checksum, encode_chunk_message, split_chunk_message, wsum32
 from colm.presets import preset
 from colm.proto import load_proto
 
@@ -45,6 +45,35 @@ def test_checksums():
     assert checksum(b"123456789", "crc32c") == 0xE3069283  # the CRC-32C check value
     with pytest.raises(ValueError):
         checksum(data, "md5")
+
+
+def _wsum32_by_hand(data: bytes) -> int:
+    """The wsum32 definition, word by word in Python integers."""
+    if len(data) % 2:
+        data += b"\0"
+    return sum(int.from_bytes(data[2 * i : 2 * i + 2], "little") * (i % 65521 + 1)
+               for i in range(len(data) // 2)) % 2**32
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 1000, 70001])
+def test_wsum32_equals_its_definition_and_sees_changes(n):
+    g = torch.Generator().manual_seed(n)
+    data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+    raw = bytes(data.numpy())
+    want = _wsum32_by_hand(raw)
+    assert checksum(raw, "wsum32") == want
+    assert wsum32(data) == want
+    if n >= 4:
+        assert wsum32(data[1:]) == _wsum32_by_hand(raw[1:])  # an odd start: realigned
+        assert wsum32(data.view(-1)[: n - n % 2].view(torch.int16)) == _wsum32_by_hand(raw[: n - n % 2])
+        flipped = data.clone()
+        flipped[int(torch.randint(0, n, (1,), generator=g))] ^= 0x11
+        assert wsum32(flipped) != want
+        a, b = raw[:2], raw[2:4]
+        if a != b:  # two different words swapped
+            assert checksum(b + a + raw[4:], "wsum32") != want
+    with pytest.raises(ValueError, match="wsum32"):
+        checksum(raw, "wsum32", value=5)
 
 
 def test_pool_runs_cover_the_same_slots():

@@ -15,14 +15,17 @@ registered address (``nixl_addr``, ``nixl_bytes``, ``nixl_mem``, ``nixl_device``
 [t0, t1), ``kv [nl, nt, 2, Hkv, hd]``) is copied once into the send region in pool order (``[2, nl, nt, Hkv, hd]``:
 K then V, per layer the tokens in order), so that every run of consecutive slots of the granted blocks is one
 contiguous piece of it (``put_segments``: 2 x nl x runs segments; a fresh pool's blocks are one run) -> one NIXL
-WRITE of that descriptor list per put; writes are pipelined (several in flight) and each is polled until
-``check_xfer_state`` says DONE, then its ``KVChunk`` (the ranges, crc32 = checksum of the put's bytes in that order,
-``PrefillConfig.nixl_checksum``) goes on the stream -> decode checks the checksum by reading those slots of its pool
+WRITE of the descriptor lists of the puts whose bytes are ready (a graphed forward's puts come at once: one WRITE);
+writes are pipelined (several in flight) and each is polled until ``check_xfer_state`` says DONE, then the
+``KVChunk`` of each of its puts (the ranges, crc32 = checksum of the put's bytes in that order,
+``PrefillConfig.nixl_checksum``: ``wsum32`` computed on the GPU for a device send buffer) goes on the stream -> decode checks the checksum by reading those slots of its pool
 (``pool_checksum``) and marks the range written (``mark_kv``: nothing copied) -> ``KVEnd`` -> ``finish_kv`` and the
 ack. No NIXL notification: the ordered gRPC marks already say what landed, with a checksum each.
 
-Copies per byte: prefill one host copy (the put into the registered send region, reordered on the way); on CUDA
-the put's device->host copy goes straight into the (pinned) region instead. Decode none.
+Copies per byte: prefill one copy (the put into the registered send region, reordered on the way): on the host,
+or on CUDA straight into the region, which lies in VRAM by default (``PrefillConfig.nixl_send_memory``; UCX then
+moves VRAM -> VRAM through cuda_ipc on one host) or in pinned DRAM. Decode none. Checksums of device bytes run on a
+side stream (``side_stream``), not behind the forward or the decode step.
 
 Faults: a peer that dies makes NIXL fail the write (``NIXL_ERR_REMOTE_DISCONNECT``, seen over UCX's TCP transport
 within milliseconds) or the gRPC stream break; a write still PROC at the request's deadline fails it. Decode's blocks
@@ -49,14 +52,17 @@ import torch
 
 from colm.errors import PeerUnavailableError, TransferError
 from colm.kv.arena import RegionArena
-from colm.kv_wire import KVLayout, checksum, parse_dtype, tensor_bytes
+from colm.kv_wire import KVLayout, checksum, parse_dtype, tensor_bytes, wsum32
 
 log = logging.getLogger("colm.kv.nixl")
 
 # UCX transports when the environment does not choose: tcp (any two hosts, and it notices a dead peer: its
-# connection closes), sm (same host: shared memory, cma), self (loopback inside one process).
+# connection closes), sm (same host: shared memory, cma), self (loopback inside one process); where CUDA is,
+# also cuda_copy (host <-> device staging) and cuda_ipc (device -> device between processes of one host).
 DEFAULT_UCX_TLS = "tcp,sm,self"
+DEFAULT_UCX_TLS_CUDA = "tcp,sm,self,cuda_copy,cuda_ipc"
 MAX_IN_FLIGHT = 4  # writes posted and not yet DONE, per request
+MAX_BATCH = 64     # puts whose bytes are ready at once go out as one WRITE (one descriptor list), at most this many
 # The agent's progress thread sleeps this long (microseconds) between rounds. NIXL's Python API starts it with no
 # pause, and it then spins a whole core per process for as long as the agent lives, idle or not (measured: 1.00 core
 # at 0 us, 0.01 at 100 us). Our own polling of a write's state makes progress meanwhile. COLM_NIXL_PROGRESS_DELAY_US.
@@ -148,7 +154,12 @@ def to_pool_order(kv: torch.Tensor) -> torch.Tensor:
 
 def pool_checksum(pool: torch.Tensor, segments: np.ndarray, kind: str) -> int:
     """Checksum of the pool's bytes at ``segments`` (``put_segments`` rows), in row order. A CPU pool is read in
-    place; a device pool's segments are gathered and copied to host first."""
+    place; a device pool's segments are gathered on the device (``wsum32`` is computed there; a CRC copies them to
+    host first)."""
+    if kind == "wsum32":
+        flat = pool.view(-1).view(torch.uint8)
+        with side_stream(pool.device):  # not behind the engine's steps on its stream: the slots read are written
+            return wsum32(torch.cat([flat[off : off + n] for _, off, n in segments.tolist()]))
     if pool.device.type == "cpu":
         buf = tensor_bytes(pool)  # [pool bytes] memoryview, no copy
         value = 0
@@ -160,14 +171,34 @@ def pool_checksum(pool: torch.Tensor, segments: np.ndarray, kind: str) -> int:
     return checksum(tensor_bytes(host), kind)
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def side_stream(device: torch.device):
+    """A context that runs the checksum of bytes already in place on a stream of its own (CUDA; a no-op
+    elsewhere), so its host read does not wait for the forward or the decode step queued on the current one."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    return torch.cuda.stream(stream)
+
+
 # ------------------------------------------------------------------------------------------- the endpoint
 class NixlEndpoint:
     """This process's NIXL agent for one role, its registered memory and the peers it writes to. Made once per role
-    (``endpoint``). ``arena_bytes`` > 0: one host buffer registered now and handed out in regions (the sender's
-    send buffer); pinned when CUDA is there, so a device put's copy into it is asynchronous."""
+    (``endpoint``). ``arena_bytes`` > 0: one buffer registered now and handed out in regions (the sender's send
+    buffer): on ``arena_device`` "cpu", host memory (pinned when CUDA is there, so a device put's copy into it is
+    asynchronous); on a CUDA device, device memory (a device put is copied device -> device and WRITten VRAM ->
+    VRAM)."""
 
-    def __init__(self, role: str, arena_bytes: int = 0) -> None:
-        os.environ.setdefault("UCX_TLS", DEFAULT_UCX_TLS)  # read by UCX when the agent's backend starts
+    def __init__(self, role: str, arena_bytes: int = 0, arena_device: str = "cpu") -> None:
+        cuda = torch.cuda.is_available()
+        # read by UCX when the agent's backend starts
+        os.environ.setdefault("UCX_TLS", DEFAULT_UCX_TLS_CUDA if cuda else DEFAULT_UCX_TLS)
         self.name = f"colm-{role}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         # STRICT: every handler thread of the worker uses the one agent
         self.agent = _make_agent(self.name, int(os.environ.get("COLM_NIXL_PROGRESS_DELAY_US", PROGRESS_DELAY_US)))
@@ -179,10 +210,14 @@ class NixlEndpoint:
         self.buf = None
         self.arena = None
         self.base = 0
+        self.arena_mem, self.arena_dev = "DRAM", 0
         if arena_bytes > 0:
-            pin = torch.cuda.is_available()
-            self.buf = torch.empty(arena_bytes, dtype=torch.uint8, pin_memory=pin)  # [arena_bytes]
-            self.register(self.buf)
+            dev = torch.device(arena_device)
+            if dev.type == "cuda":
+                self.buf = torch.empty(arena_bytes, dtype=torch.uint8, device=dev)  # [arena_bytes]
+            else:
+                self.buf = torch.empty(arena_bytes, dtype=torch.uint8, pin_memory=cuda)  # [arena_bytes]
+            _, _, self.arena_mem, self.arena_dev = self.register(self.buf)
             self.arena = RegionArena(arena_bytes)
             self.base = self.buf.data_ptr()
         self.metadata = self.agent.get_agent_metadata()
@@ -250,10 +285,10 @@ class NixlEndpoint:
         except Exception:  # noqa: BLE001 - already gone
             pass
 
-    def post_write(self, local: np.ndarray, remote: np.ndarray, peer: str, mem: str = "DRAM"):
-        """Post one WRITE of the segments ``local`` (this process's DRAM) -> ``remote`` (``peer``'s ``mem``): uint64
-        [n, 3] rows (address, length, device), pairwise of equal length. The handle."""
-        handle = self.agent.initialize_xfer("WRITE", self.agent.get_xfer_descs(local, "DRAM"),
+    def post_write(self, local: np.ndarray, remote: np.ndarray, peer: str, mem: str = "DRAM", local_mem: str = "DRAM"):
+        """Post one WRITE of the segments ``local`` (this process's ``local_mem``) -> ``remote`` (``peer``'s ``mem``):
+        uint64 [n, 3] rows (address, length, device), pairwise of equal length. The handle."""
+        handle = self.agent.initialize_xfer("WRITE", self.agent.get_xfer_descs(local, local_mem),
                                             self.agent.get_xfer_descs(remote, mem), peer)
         state = self.agent.transfer(handle)
         if state == "ERR":
@@ -275,13 +310,13 @@ _ENDPOINTS: dict[str, NixlEndpoint] = {}
 _ENDPOINTS_LOCK = threading.Lock()
 
 
-def endpoint(role: str, arena_bytes: int = 0) -> NixlEndpoint:
-    """This process's endpoint of ``role`` ("prefill": with a send arena of ``arena_bytes`` | "decode": none), made
-    on first use."""
+def endpoint(role: str, arena_bytes: int = 0, arena_device: str = "cpu") -> NixlEndpoint:
+    """This process's endpoint of ``role`` ("prefill": with a send arena of ``arena_bytes`` on ``arena_device`` |
+    "decode": none), made on first use (a later call's arena arguments are not looked at)."""
     with _ENDPOINTS_LOCK:
         ep = _ENDPOINTS.get(role)
         if ep is None:
-            ep = _ENDPOINTS[role] = NixlEndpoint(role, arena_bytes)
+            ep = _ENDPOINTS[role] = NixlEndpoint(role, arena_bytes, arena_device)
         return ep
 
 
@@ -345,10 +380,11 @@ class NixlKVSink(GrpcKVSink):
     """Prefill's half (see the module docstring). ``arena_bytes``: this process's send arena, made on first use."""
 
     def __init__(self, stub, request_id: str, cluster_token: str, checksum_kind: str = "crc32",
-                 timeout_s: float = 60.0, arena_bytes: int = 256 << 20, grace_s: float = 2.0) -> None:
+                 timeout_s: float = 60.0, arena_bytes: int = 256 << 20, grace_s: float = 2.0,
+                 arena_device: str = "cpu") -> None:
         super().__init__(stub, request_id, cluster_token, checksum_kind=checksum_kind, timeout_s=timeout_s)
         self.path = "nixl"
-        self.ep = endpoint("prefill", arena_bytes)
+        self.ep = endpoint("prefill", arena_bytes, arena_device)
         self.grace_s = grace_s
         self.granted = threading.Event()
         self._done = threading.Event()
@@ -430,7 +466,7 @@ class NixlKVSink(GrpcKVSink):
             raise TransferError(f"request {self.request_id}: puts of more than the header's {self._layout.num_bytes} "
                                 "bytes")
         ranges = (layer_start, layer_end, token_start, token_end)
-        if kv.is_cuda:  # the device->host copy lands in the pinned region itself, asynchronously
+        if kv.is_cuda:  # the copy lands in the region itself (pinned host or device memory), asynchronously
             pooled = to_pool_order(kv)
             self._region_view(offset, pooled.shape, kv.dtype).copy_(pooled, non_blocking=True)
             self._q.put((ranges, None, copies_done_event(kv), offset))
@@ -442,23 +478,54 @@ class NixlKVSink(GrpcKVSink):
         pooled = to_pool_order(kv)
         dst = self._region_view(offset, pooled.shape, kv.dtype)
         dst.copy_(pooled)
-        return checksum(tensor_bytes(dst), self.checksum_kind) if self.checksum_kind != "none" else 0
+        return self._region_checksum(offset, dst.numel() * dst.element_size())
 
-    def _puts(self):
-        """Yields ((l0, l1, t0, t1), offset, checksum) once the put's bytes are in the send region, in put order,
-        until ``finish``/``fail`` ends the stream."""
-        for ranges, copied, event, offset in queued_puts(self._q):
-            if copied is not None:  # a host put: its copy's future
-                crc = copied.result()
-            else:  # a device put: its copy into the region was queued on the device
-                event.synchronize()
-                crc = 0
-                if self.checksum_kind != "none":
-                    l0, l1, t0, t1 = ranges
-                    start = self._start + offset
-                    nbytes = (l1 - l0) * (t1 - t0) * self._layout.bytes_per_token_layer
-                    crc = checksum(tensor_bytes(self.ep.buf[start : start + nbytes]), self.checksum_kind)
-            yield ranges, offset, crc
+    def _region_checksum(self, offset: int, nbytes: int) -> int:
+        """The checksum of ``nbytes`` of the send region at ``offset`` (``wsum32`` where they lie; a CRC of device
+        memory copies it to host first)."""
+        if self.checksum_kind == "none":
+            return 0
+        start = self._start + offset
+        data = self.ep.buf[start : start + nbytes]  # [nbytes] uint8
+        if self.checksum_kind == "wsum32":
+            with side_stream(data.device):  # the put's copy is done (its event was waited for)
+                return wsum32(data)
+        return checksum(tensor_bytes(data.cpu() if data.is_cuda else data), self.checksum_kind)
+
+    def _ready(self, item) -> tuple:
+        """((l0, l1, t0, t1), offset, checksum) of a queued put once its bytes are in the send region."""
+        ranges, copied, event, offset = item
+        if copied is not None:  # a host put: its copy's future
+            return ranges, offset, copied.result()
+        event.synchronize()  # a device put: its copy into the region was queued on the device
+        l0, l1, t0, t1 = ranges
+        return ranges, offset, self._region_checksum(offset, (l1 - l0) * (t1 - t0) * self._layout.bytes_per_token_layer)
+
+    @staticmethod
+    def _copied(item) -> bool:
+        _, copied, event, _ = item
+        return copied.done() if copied is not None else event.query()
+
+    def _batches(self):
+        """Yields lists of ``_ready`` puts, in put order, until ``finish``/``fail`` ends the stream: the next put
+        (waited for), then those queued behind it whose bytes are already in the send region (a graphed forward's
+        puts all come at once: one WRITE for them, not one each)."""
+        it = iter(queued_puts(self._q))
+        held = None
+        while True:
+            item, held = (held, None) if held is not None else (next(it, None), None)
+            if item is None:
+                return
+            batch = [self._ready(item)]
+            while len(batch) < MAX_BATCH and not self._q.empty():
+                nxt = next(it, None)
+                if nxt is None:
+                    break
+                if not self._copied(nxt):  # still being copied: it starts the next batch
+                    held = nxt
+                    break
+                batch.append(self._ready(nxt))
+            yield batch
 
     def _messages(self, header):
         yield kv_pb2.KVMessage(header=header)
@@ -468,35 +535,39 @@ class NixlKVSink(GrpcKVSink):
         g, geo = self._grant, self._geo
         local_base = self.ep.base + self._start
         try:
-            for (l0, l1, t0, t1), offset, crc in self._puts():
-                runs = self._runs.get((t0, t1))
-                if runs is None:
-                    runs = self._runs[(t0, t1)] = token_runs(self._blocks, geo.block_size, t0, t1)
-                segs = put_segments(geo, l0, l1, t0, t1, runs).astype(np.uint64)  # [n, 3] src, dst, length
-                local = np.stack([segs[:, 0] + np.uint64(local_base + offset), segs[:, 2],
-                                  np.zeros(len(segs), np.uint64)], axis=1)
-                remote = np.stack([segs[:, 1] + np.uint64(g.nixl_addr), segs[:, 2],
-                                   np.full(len(segs), g.nixl_device, np.uint64)], axis=1)
-                handle = self.ep.post_write(local, remote, self._peer, g.nixl_mem or "DRAM")
-                inflight.append((handle, self._range_message(l0, l1, t0, t1, crc)))
-                # post more while puts are queued; else (or at the cap) finish the oldest write and send its mark
+            for batch in self._batches():
+                locals_, remotes, msgs = [], [], []
+                for (l0, l1, t0, t1), offset, crc in batch:
+                    runs = self._runs.get((t0, t1))
+                    if runs is None:
+                        runs = self._runs[(t0, t1)] = token_runs(self._blocks, geo.block_size, t0, t1)
+                    segs = put_segments(geo, l0, l1, t0, t1, runs).astype(np.uint64)  # [n, 3] src, dst, length
+                    locals_.append(np.stack([segs[:, 0] + np.uint64(local_base + offset), segs[:, 2],
+                                             np.full(len(segs), self.ep.arena_dev, np.uint64)], axis=1))
+                    remotes.append(np.stack([segs[:, 1] + np.uint64(g.nixl_addr), segs[:, 2],
+                                             np.full(len(segs), g.nixl_device, np.uint64)], axis=1))
+                    msgs.append(self._range_message(l0, l1, t0, t1, crc))
+                handle = self.ep.post_write(np.concatenate(locals_), np.concatenate(remotes), self._peer,
+                                            g.nixl_mem or "DRAM", self.ep.arena_mem)
+                inflight.append((handle, msgs))
+                # post more while puts are queued; else (or at the cap) finish the oldest write and send its marks
                 while inflight and (self._q.empty() or len(inflight) >= MAX_IN_FLIGHT):
-                    yield self._wait(*inflight.popleft())
+                    yield from self._wait(*inflight.popleft())
             while inflight:
-                yield self._wait(*inflight.popleft())
+                yield from self._wait(*inflight.popleft())
         finally:
             for handle, _ in inflight:  # a failed stream: drop what is still posted (the region's free waits)
                 self.ep.release(handle)
         yield self._end_message()
 
-    def _wait(self, handle, msg):
-        """``msg`` once its write is DONE; raises on ERR or at the deadline."""
+    def _wait(self, handle, msgs):
+        """``msgs`` (the marks of the puts one write carried) once it is DONE; raises on ERR or at the deadline."""
         spins = 0
         try:
             while True:
                 state = self.ep.state(handle)
                 if state == "DONE":
-                    return msg
+                    return msgs
                 if state == "ERR":
                     self.ep.forget(self._grant.nixl_agent)
                     raise PeerUnavailableError(f"request {self.request_id}: NIXL write to {self._grant.nixl_agent} failed")

@@ -10,7 +10,9 @@ def make_sink(ctx: SinkContext):
     from colm.kv.nixl import NixlKVSink
 
     c = ctx.config
-    return NixlKVSink(ctx.stub, ctx.request_id, ctx.cluster_token, c.nixl_checksum, ctx.timeout_s, c.nixl_arena_bytes)
+    arena_device, kind = c.nixl_send(ctx.device)
+    return NixlKVSink(ctx.stub, ctx.request_id, ctx.cluster_token, kind, ctx.timeout_s, c.nixl_arena_bytes,
+                      arena_device=arena_device)
 
 
 TRANSPORT = register(Transport("nixl", make_sink, needs_import="nixl._api"))

@@ -1,0 +1,64 @@
+"""The ``wsum32`` KV checksum in one Triton pass, beside the PyTorch reference.
+
+``wsum32`` of a byte string: its little-endian 16-bit words x_i (zero-padded to an even length) summed as
+sum_i x_i * (i mod 65521 + 1), mod 2^32 (``colm.kv_wire``). The reference (``wsum32_ref``) runs in torch on the
+bytes' device, but as about eight passes over int64 temporaries (widen, mask, arange, mod, multiply, sum) with a
+host read per 2^24 words. The kernel reads each word once: program p sums words [p * BLOCK, (p + 1) * BLOCK) into
+an int64 partial (at most 2^12 x 2^16 x 2^16 = 2^44: no overflow), and torch sums the partials (at most 2^20 of
+them per 2^32 words: below 2^64) before the mod. Both give the same integer on any input.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+MOD = 65521            # weights 1..65521: a word's index mod this, plus one
+REF_CHUNK = 1 << 24    # the reference's words per partial sum: 2^24 x 2^16 x 2^16 < 2^63
+BLOCK = 4096           # the kernel's words per program
+
+
+def wsum32_ref(words: torch.Tensor) -> int:
+    """``wsum32`` of ``words`` (int16 [n], contiguous, the bytes' 16-bit words) in torch, on their device."""
+    acc = torch.zeros((), dtype=torch.int64, device=words.device)
+    for s in range(0, words.numel(), REF_CHUNK):
+        x = words[s : s + REF_CHUNK].to(torch.int64) & 0xFFFF
+        w = torch.arange(s, s + x.numel(), dtype=torch.int64, device=words.device) % MOD + 1
+        acc = (acc + (x * w).sum()) & 0xFFFFFFFF
+    return int(acc)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _partial_kernel(words_ptr, part_ptr, n, BLOCK: tl.constexpr):
+        p = tl.program_id(0)
+        offs = p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(words_ptr + offs, mask=offs < n, other=0).to(tl.int32) & 0xFFFF  # [BLOCK] the unsigned words
+        w = offs % 65521 + 1                                                         # [BLOCK] int64 weights
+        tl.store(part_ptr + p, tl.sum(x.to(tl.int64) * w, 0))
+
+
+def wsum32_triton(words: torch.Tensor) -> int:
+    """The Triton ``wsum32_ref`` of ``words`` (int16 [n], contiguous); one host read."""
+    n = words.numel()
+    if n == 0:
+        return 0
+    grid = triton.cdiv(n, BLOCK)
+    part = torch.empty(grid, dtype=torch.int64, device=words.device)  # [programs] partial sums
+    _partial_kernel[(grid,)](words, part, n, BLOCK=BLOCK)
+    return int(part.sum() & 0xFFFFFFFF)
+
+
+def wsum32_words(words: torch.Tensor) -> int:
+    """``wsum32`` of ``words`` (int16 [n], contiguous): the kernel on CUDA, the reference elsewhere."""
+    if HAS_TRITON and words.is_cuda:
+        return wsum32_triton(words)
+    return wsum32_ref(words)
