@@ -19,6 +19,26 @@ SERVERS = {"prefill": ("colm.prefill_worker.service", "PrefillServer"),
            "decode": ("colm.decode_worker.service", "DecodeServer")}
 
 
+def serving_priority() -> int:
+    """Run this (actor) process at niceness 0 and return the niceness it runs at. Ray starts its worker processes,
+    actors included, at ``worker_niceness`` (15 by default), which suits batch tasks but not a router or an engine
+    that answers requests: on a busy host every nice-0 process takes the CPU first (the kernel weighs nice 15 at
+    36 against 1024). The embedded cluster is started with 0 (``Launcher``); a cluster started elsewhere should
+    set ``RAY_worker_niceness=0`` where its raylets start (deploy/cluster.yaml, kuberay.yaml); this also lowers it
+    where the process may (root / CAP_SYS_NICE) and says so where it may not."""
+    import os
+
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice > 0:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+            nice = 0
+        except OSError:
+            log.warning("this actor runs at niceness %d (Ray's worker_niceness) and may not lower it: start the "
+                        "cluster's raylets with RAY_worker_niceness=0", nice)
+    return nice
+
+
 def engines_available() -> bool:
     """Both engines' gRPC servers are importable (then workers can run as actors)."""
     try:
@@ -41,6 +61,7 @@ class WorkerActor:
 
         from colm.deploy.addresses import worker_hosts
 
+        self.niceness = serving_priority()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = getattr(torch, dtype)
@@ -75,6 +96,12 @@ class WorkerActor:
 
     def metrics_address(self) -> str:
         return f"http://{self.advertised_host}:{self.metrics_server[0].server_port}/metrics"
+
+    def process(self) -> dict:
+        """This actor's pid and niceness."""
+        import os
+
+        return {"pid": os.getpid(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)}
 
     def pid(self) -> int:
         import os

@@ -27,6 +27,9 @@ from colm.config import servable
 from colm.deploy.config import ClusterConfig, resolve_mode
 
 log = logging.getLogger("colm.serve")
+# The embedded cluster's workers (router replicas, engine actors) run at niceness 0, not Ray's default 15 for worker
+# processes: they answer requests (``actors.serving_priority``).
+EMBEDDED_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
 def demo_model_dir(preset_name: str) -> Path:
@@ -176,7 +179,8 @@ class Launcher:
             # colm's workers bind loopback here (WorkerPool.start: workers.host auto). Ray 2.60's own GCS, raylet and
             # core-worker servers listen on every interface, and it turns a node IP of 127.0.0.1 into the machine's
             # address (both checked with ss); its token authentication, on by default, guards those ports.
-            ray.init(num_cpus=r.num_cpus or max(2, os.cpu_count() or 2, need), include_dashboard=False, **kw)
+            ray.init(num_cpus=r.num_cpus or max(2, os.cpu_count() or 2, need), include_dashboard=False,
+                     _system_config=EMBEDDED_RAY_SYSTEM_CONFIG, **kw)
         if callable(prev_sigterm):
             signal.signal(signal.SIGTERM, prev_sigterm)
 

@@ -21,12 +21,14 @@ class RouterReplica:
     def __init__(self, router_cfg: dict, model_path: str, workers: list, token: str, transport: str,
                  score_prompts: bool, block_size: int) -> None:
         from colm import checkpoint
+        from colm.deploy.actors import serving_priority
         from colm.router.config import RouterConfig
         from colm.router.core import Router
         from colm.router.grpc_backend import GrpcBackend
         from colm.router.server import ThreadedRouterServer
         from colm.tokenizer import load_checkpoint_tokenizer
 
+        self.niceness = serving_priority()
         cfg = RouterConfig(**router_cfg)
         scorer = checkpoint.load(model_path).eval() if score_prompts else None
         self.backend = GrpcBackend(workers, cluster_token=token, scorer=scorer, kv_path=transport,
@@ -37,6 +39,12 @@ class RouterReplica:
 
     def addresses(self) -> dict[str, str]:
         return self.server.addresses
+
+    def process(self) -> dict:
+        """This replica's pid and niceness."""
+        import os
+
+        return {"pid": os.getpid(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)}
 
     def set_workers(self, workers: list) -> None:
         self.server.loop.call_soon_threadsafe(self.backend.set_workers, workers)

@@ -134,10 +134,11 @@ def launched_on_ray(cfg_dict: dict, num_gpus: int = 0, num_cpus: int = 4):
     import ray
 
     from colm.deploy.config import ClusterConfig
-    from colm.deploy.launcher import Launcher
+    from colm.deploy.launcher import EMBEDDED_RAY_SYSTEM_CONFIG, Launcher
 
     cfg = ClusterConfig.from_dict(cfg_dict)
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, namespace="colm", log_to_driver=False)
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, namespace="colm", log_to_driver=False,
+             _system_config=EMBEDDED_RAY_SYSTEM_CONFIG)
     launcher = Launcher(cfg)
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()

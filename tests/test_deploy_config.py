@@ -159,3 +159,23 @@ def test_auto_gpus_place_every_worker_and_a_shortfall_fails_at_once():
     with pytest.raises(RuntimeError, match="GPU: workers need 2, the cluster has 1.*num_gpus_per_worker"):
         pool.check_fits({"CPU": 8.0, "GPU": 1.0}, embedded=True)
     pool.check_fits({"CPU": 8.0, "GPU": 1.0}, embedded=False)  # a joined cluster may grow: a warning only
+
+
+def test_an_actor_started_at_rays_worker_niceness_lowers_it_where_it_may():
+    """``serving_priority`` in a process started at nice 15 (what Ray gives its workers by default): 0 where the
+    process may lower it (root, as in CI), else it stays and a warning names RAY_worker_niceness."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import logging, os; logging.basicConfig(); from colm.deploy.actors import serving_priority; "
+            "print(os.getpriority(os.PRIO_PROCESS, 0), serving_priority(), os.getpriority(os.PRIO_PROCESS, 0))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: os.nice(15 - os.nice(0)))
+    assert r.returncode == 0, r.stderr
+    before, said, after = map(int, r.stdout.split())
+    assert before == 15 and said == after
+    if os.geteuid() == 0:
+        assert after == 0
+    else:
+        assert after == 15 and "RAY_worker_niceness" in r.stderr

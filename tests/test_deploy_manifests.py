@@ -87,7 +87,9 @@ def fake_bin(tmp_path: Path, scripts: dict[str, str]) -> dict:
 
 
 # A `ray` that prints its argv as JSON (one line per call) and succeeds.
-RAY_ECHO = f'{shlex.quote(sys.executable)} -c "import json,sys; print(json.dumps(sys.argv[1:]))" "$@"'
+# the fake `ray` prints its argv, with the worker niceness its environment gives the raylet as a last item
+RAY_ECHO = (f'{shlex.quote(sys.executable)} -c "import json,os,sys; '
+            f'print(json.dumps(sys.argv[1:] + [\'niceness=\' + os.environ.get(\'RAY_worker_niceness\', \'\')]))" "$@"')
 
 
 def ray_start_calls(stdout: str) -> list[list[str]]:
@@ -151,6 +153,7 @@ def test_cluster_yaml_pins_one_role_per_node(tmp_path, serve_cfg):
     assert head.returncode == 0, head.stderr
     (head_argv,) = ray_start_calls(head.stdout)
     assert "--head" in head_argv and role_of(resources_arg(head_argv)) is None
+    assert head_argv[-1] == "niceness=0", "actors answer requests: not at Ray's default worker niceness 15"
     assert "--num-cpus=0" in head_argv and "--dashboard-host=127.0.0.1" in head_argv
 
     capacity: dict[str, float] = {}
@@ -160,7 +163,7 @@ def test_cluster_yaml_pins_one_role_per_node(tmp_path, serve_cfg):
         r = run_worker_start(tmp_path, cfg["worker_start_ray_commands"], f"172.17.0.1 {ip} fe80::1", head_ip)
         assert r.returncode == 0, r.stderr
         (argv,) = ray_start_calls(r.stdout)
-        assert f"--address={head_ip}:6379" in argv
+        assert f"--address={head_ip}:6379" in argv and argv[-1] == "niceness=0"
         res = resources_arg(argv)
         roles[ip] = role_of(res)
         assert roles[ip] is not None, f"worker {ip} carries no role resource: {argv}"
@@ -318,6 +321,8 @@ def test_kuberay_containers_use_the_generated_ray_start(kuberay):
         assert "ray start" not in text, f"{name}: KubeRay generates `ray start` from rayStartParams"
         assert 'eval "' in text and "$KUBERAY_GEN_RAY_START_CMD" in text, name
         assert "ulimit -n" in text, f"{name}: with the overwrite annotation KubeRay no longer raises the fd limit"
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert env.get("RAY_worker_niceness") == "0", f"{name}: actors answer requests, not at Ray's nice 15"
         images.add(c["image"])
     assert len(images) == 1, f"one image for every node (same Ray, same colm): {images}"
 

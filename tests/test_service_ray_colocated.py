@@ -110,6 +110,9 @@ def test_two_router_replicas_share_the_ports_and_both_serve(service):
     after = (_served(addrs["metrics"]), _served(replica["metrics"]))
     assert sum(after) - sum(before) == 16
     assert after[0] > before[0] and after[1] > before[1]  # both routers served
+    # the replica and the engine actor answer requests: not at Ray's default worker niceness (15)
+    assert ray.get(launcher.replicas[0].process.remote())["niceness"] == 0
+    assert all(ray.get(a.process.remote())["niceness"] == 0 for a in launcher.pool.actors.values())
     body = json.dumps({"model": launcher.cfg.router.served_model_name, "prompt": PROMPTS[1], "max_tokens": 6,
                        "ignore_eos": True, "scale": 2}).encode()
     req = urllib.request.Request(addrs["http"] + "/v1/completions", data=body,
