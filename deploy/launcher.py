@@ -218,15 +218,20 @@ class Launcher:
 
             router_cfg = dataclasses.replace(router_cfg, fixed_scale=model_cfg.num_chains)
         router = Router(router_cfg, model_cfg, tokenizer, backend, block_size=block_size)
+        replicas = router_cfg.replicas > 1 and self.pool is not None
+        if replicas:
+            # Not serving until the replicas listen too: a client that connected now would stay on this router alone
+            # (measured on an H200: 181 req/s with every connection here, 274 spread over four routers).
+            router.starting = f"router replicas starting ({router_cfg.replicas - 1} more routers on these ports)"
         self.server = RouterServer(router)
         self.addresses = await self.server.start()
-        if router_cfg.replicas > 1:
-            if self.pool is None:
-                log.warning("router.replicas=%d: replicas serve Ray worker actors; this service runs its engines "
-                            "in-process, so one router serves it", router_cfg.replicas)
-            else:
-                await asyncio.get_running_loop().run_in_executor(None, self._start_replicas, router_cfg, infos,
-                                                                 block_size)
+        if router_cfg.replicas > 1 and self.pool is None:
+            log.warning("router.replicas=%d: replicas serve Ray worker actors; this service runs its engines "
+                        "in-process, so one router serves it", router_cfg.replicas)
+        if replicas:
+            await asyncio.get_running_loop().run_in_executor(None, self._start_replicas, router_cfg, infos, block_size)
+            router.starting = None
+            router._update_health()
         if self.pool is not None:
             self._watch = asyncio.create_task(self._watch_workers(backend))
         return self.addresses

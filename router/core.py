@@ -111,6 +111,9 @@ class Router:
         self._by_client_id: dict[str, set[str]] = {}  # client request id -> uids of its running requests
         self._states: dict[str, RunningRequest] = {}  # uid -> its decoding state (scale), across retries
         self.health_listeners: list = []  # called with the new verdict (bool) whenever it changes
+        # set while the service around this router is not up yet (e.g. its router replicas do not listen yet): health
+        # says not serving, with this reason, so clients that spread over the replicas do not connect to this one alone
+        self.starting: str | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -150,8 +153,9 @@ class Router:
                 fut.set_result(worker_id)
 
     def health(self) -> tuple[bool, str]:
-        """(whether a request can be served now, why not). Needs a healthy prefill AND a healthy decode worker."""
-        missing = []
+        """(whether a request can be served now, why not). Needs a healthy prefill AND a healthy decode worker, and
+        the service started (``starting`` unset)."""
+        missing = [self.starting] if self.starting else []
         for role in ("prefill", "decode"):
             if self.registry.can_prefill() if role == "prefill" else self.registry.healthy(role):
                 continue

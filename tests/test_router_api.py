@@ -56,6 +56,29 @@ def test_grpc_greedy_matches_reference_at_every_scale(served):
         assert h["serving"] and {w["role"] for w in h["workers"]} == {"prefill", "decode"}
 
 
+def test_health_says_not_serving_while_the_service_is_starting(served):
+    """``Router.starting`` (the launcher sets it while its router replicas come up): health and HTTP /health say not
+    serving, with the reason, though every worker is healthy; cleared, serving again."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    bg, _ = served
+    router = bg.router
+    with Client(bg.grpc_addr) as c:
+        assert c.health()["serving"]
+        router.starting = "router replicas starting (1 more router on these ports)"
+        try:
+            h = c.health()
+            assert not h["serving"] and "router replicas starting" in h["reason"]
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(bg.http_url + "/health", timeout=10)
+            assert e.value.code == 503 and "router replicas starting" in json.loads(e.value.read())["reason"]
+        finally:
+            router.starting = None
+        assert c.health()["serving"]
+
+
 def test_stop_strings_end_where_the_reference_ends_and_are_cut_from_the_text(served):
     """Stop strings are matched on incrementally decoded text (colm.detokenize): the tokens equal
     `colm generate` with the same stop string; the text (whole, and the streamed pieces added up) is the

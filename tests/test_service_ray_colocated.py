@@ -16,8 +16,27 @@ ray = pytest.importorskip("ray")
 PROMPTS = ("The import statement", "x", "a longer prompt that spans several blocks of the pool " * 3)
 
 
+SEEN_WHILE_REPLICAS_START: list = []  # the launcher's router's health while its replicas were being started
+
+
 @pytest.fixture(scope="module")
 def service():
+    from colm.deploy.launcher import Launcher
+
+    start_replicas = Launcher._start_replicas
+
+    def recorded(self, *args):
+        SEEN_WHILE_REPLICAS_START.append(self.server.router.health())
+        return start_replicas(self, *args)
+
+    Launcher._start_replicas = recorded
+    try:
+        yield from _launched()
+    finally:
+        Launcher._start_replicas = start_replicas
+
+
+def _launched():
     yield from launched_on_ray({
         "model": {"path": "demo"},
         "workers": {"num_cpus_per_worker": 0.5, "max_restarts": 2, "mode": "auto"},  # 1 prefill + 1 decode asked for
@@ -110,6 +129,10 @@ def test_two_router_replicas_share_the_ports_and_both_serve(service):
     after = (_served(addrs["metrics"]), _served(replica["metrics"]))
     assert sum(after) - sum(before) == 16
     assert after[0] > before[0] and after[1] > before[1]  # both routers served
+    # while the replica started, the launcher's router said it was not serving yet (clients would all connect to it)
+    ((serving, why),) = SEEN_WHILE_REPLICAS_START
+    assert not serving and "router replicas starting" in why
+    assert launcher.server.router.health()[0]
     # the replica and the engine actor answer requests: not at Ray's default worker niceness (15)
     assert ray.get(launcher.replicas[0].process.remote())["niceness"] == 0
     assert all(ray.get(a.process.remote())["niceness"] == 0 for a in launcher.pool.actors.values())
