@@ -49,17 +49,18 @@ def _receiver(tokens: int, profile: bool, conn, device: str = "cpu") -> None:
     model = CoLM(cfg, dtype=torch.bfloat16).reset_parameters(seed=0).to(device)
     eng = DecodeEngine(model, DecodeConfig(num_blocks=(tokens + 64) // 16 + 8, block_size=16))
     prof = cProfile.Profile() if profile else None
-    if prof is not None:  # profile the PushKV handler thread only
-        orig = DecodeService.PushKV
+    if prof is not None:  # profile the KV handler threads only (PushKV: bytes paths; WriteKV: cuda_pool, nixl)
+        def profiled(orig):
+            def handler(self, it, ctx):
+                prof.enable()
+                try:
+                    return orig(self, it, ctx)
+                finally:
+                    prof.disable()
+            return handler
 
-        def push(self, it, ctx):
-            prof.enable()
-            try:
-                return orig(self, it, ctx)
-            finally:
-                prof.disable()
-
-        DecodeService.PushKV = push
+        DecodeService.PushKV = profiled(DecodeService.PushKV)
+        DecodeService.WriteKV = profiled(DecodeService.WriteKV)
     server = DecodeServer(eng, TOKEN)
     import grpc
 
@@ -77,7 +78,7 @@ def _receiver(tokens: int, profile: bool, conn, device: str = "cpu") -> None:
         try:
             pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
         except TypeError:  # nothing was profiled: no PushKV call (the nixl paths end with other handlers)
-            s.write("(no PushKV call profiled)\n")
+            s.write("(no KV handler call profiled)\n")
         conn.send(s.getvalue())
     else:
         conn.send("")
@@ -248,7 +249,7 @@ def main() -> None:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
         print("== sender (this process)\n" + s.getvalue())
-        print("== receiver (PushKV handler)\n" + recv_prof)
+        print("== receiver (KV handlers)\n" + recv_prof)
     if cuda:
         gpu = torch.cuda.get_device_name().replace("NVIDIA", "").split()
         tag = gpu[0].lower() if gpu else "gpu"

@@ -87,16 +87,33 @@ class KVLayout:
         return self.num_layers * self.num_tokens * self.bytes_per_token_layer
 
 
+def _wsum_words(t: torch.Tensor) -> torch.Tensor:
+    """The 16-bit words (int16 [n / 2]) of the bytes of ``t``, zero-padded to an even length (a copy only then, or
+    when they start at an odd address)."""
+    b = t.reshape(-1).view(torch.uint8) if t.dtype != torch.uint8 else t.reshape(-1)
+    if b.numel() % 2 or b.storage_offset() % 2:
+        b = torch.cat([b, b.new_zeros(b.numel() % 2)])
+    return b.view(torch.int16)
+
+
+def wsum32_pending(t: torch.Tensor):
+    """``wsum32`` of the bytes of ``t`` without waiting for it where it can be queued (CUDA with Triton): an int64
+    scalar tensor on ``t``'s device; elsewhere the int (``colm.kv.nixl.read_pending`` reads several at once)."""
+    from colm.kernels.wsum32 import HAS_TRITON, wsum32_triton_tensor, wsum32_words
+
+    words = _wsum_words(t)
+    if HAS_TRITON and words.is_cuda:
+        return wsum32_triton_tensor(words)
+    return wsum32_words(words)
+
+
 def wsum32(t: torch.Tensor) -> int:
     """The ``wsum32`` checksum of the bytes of ``t`` (any dtype, any device), computed on its device (a Triton pass
     on CUDA: ``colm.kernels.wsum32``): the sum over its little-endian 16-bit words x_i (zero-padded to an even
     length) of x_i * (i mod 65521 + 1), mod 2^32."""
     from colm.kernels.wsum32 import wsum32_words
 
-    b = t.reshape(-1).view(torch.uint8) if t.dtype != torch.uint8 else t.reshape(-1)
-    if b.numel() % 2 or b.storage_offset() % 2:
-        b = torch.cat([b, b.new_zeros(b.numel() % 2)])  # a copy: even length, aligned
-    return wsum32_words(b.view(torch.int16))  # [n / 2] words
+    return wsum32_words(_wsum_words(t))
 
 
 def checksum(buf, kind: str = "crc32", value: int = 0) -> int:

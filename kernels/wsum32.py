@@ -46,15 +46,21 @@ if HAS_TRITON:
         tl.store(part_ptr + p, tl.sum(x.to(tl.int64) * w, 0))
 
 
-def wsum32_triton(words: torch.Tensor) -> int:
-    """The Triton ``wsum32_ref`` of ``words`` (int16 [n], contiguous); one host read."""
+def wsum32_triton_tensor(words: torch.Tensor) -> torch.Tensor:
+    """The Triton ``wsum32_ref`` of ``words`` (int16 [n], contiguous) as an int64 scalar on their device, not read:
+    several can be queued and read at once."""
     n = words.numel()
     if n == 0:
-        return 0
+        return torch.zeros((), dtype=torch.int64, device=words.device)
     grid = triton.cdiv(n, BLOCK)
     part = torch.empty(grid, dtype=torch.int64, device=words.device)  # [programs] partial sums
     _partial_kernel[(grid,)](words, part, n, BLOCK=BLOCK)
-    return int(part.sum() & 0xFFFFFFFF)
+    return part.sum() & 0xFFFFFFFF
+
+
+def wsum32_triton(words: torch.Tensor) -> int:
+    """The Triton ``wsum32_ref`` of ``words`` (int16 [n], contiguous); one host read."""
+    return int(wsum32_triton_tensor(words))
 
 
 def wsum32_words(words: torch.Tensor) -> int:

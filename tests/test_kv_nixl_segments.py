@@ -123,3 +123,31 @@ def test_ready_puts_go_out_as_one_write_and_a_put_still_copying_starts_the_next(
     sink._q.put(_END)
     assert [(r[0], crc) for r, _, crc in next(batches)] == [(3, 103), (4, 104)]
     assert next(batches, None) is None
+
+
+def test_checks_left_pending_are_compared_at_the_end_and_a_mismatch_names_its_chunk():
+    """Decode's device-pool path: ``verify_range(pending=True)`` leaves wsum32 scalars on the device, and
+    ``check_pending`` reads them at once at the stream's end (here CPU scalars stand in for them)."""
+    from colm.errors import TransferError
+    from colm.kv.nixl import check_pending, read_pending
+    from colm.proto import load_proto
+
+    kv_pb2, _ = load_proto("kv")
+    chunks = [kv_pb2.KVChunk(seq=i, layer_start=i, layer_end=i + 1, token_start=0, token_end=8, crc32=1000 + i)
+              for i in range(3)]
+    assert read_pending([torch.tensor(5), 7, torch.tensor(2**32 - 1)]) == [5, 7, 2**32 - 1]
+    check_pending([(c, torch.tensor(1000 + c.seq)) for c in chunks], "r")
+    with pytest.raises(TransferError, match="chunk 1"):
+        check_pending([(c, torch.tensor(1000 + c.seq + (c.seq == 1))) for c in chunks], "r")
+    # a CPU pool is checked at once: nothing is left pending
+    rng = np.random.default_rng(5)
+    pool, blocks, (l0, l1, t0, t1), kv = random_case(rng, torch.bfloat16)
+    pages = PagedKV(pool)
+    pages.write(pages.copy_plan(blocks, t0, t1), l0, l1, kv)
+    from colm.kv.nixl import verify_range
+    from colm.kv_wire import KVLayout
+
+    chunk = kv_pb2.KVChunk(seq=0, layer_start=l0, layer_end=l1, token_start=t0, token_end=t1,
+                           crc32=checksum(tensor_bytes(to_pool_order(kv).contiguous()), "wsum32"))
+    layout = KVLayout(pool.shape[1], len(blocks) * pool.shape[3], pool.shape[4], pool.shape[5], "bfloat16")
+    assert verify_range(pages, blocks, layout, chunk, "wsum32", "r", pending=True) is None

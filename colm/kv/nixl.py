@@ -52,7 +52,7 @@ import torch
 
 from colm.errors import PeerUnavailableError, TransferError
 from colm.kv.arena import RegionArena
-from colm.kv_wire import KVLayout, checksum, parse_dtype, tensor_bytes, wsum32
+from colm.kv_wire import KVLayout, checksum, parse_dtype, tensor_bytes, wsum32, wsum32_pending
 
 log = logging.getLogger("colm.kv.nixl")
 
@@ -152,14 +152,15 @@ def to_pool_order(kv: torch.Tensor) -> torch.Tensor:
     return kv.permute(2, 0, 1, 3, 4)
 
 
-def pool_checksum(pool: torch.Tensor, segments: np.ndarray, kind: str) -> int:
+def pool_checksum(pool: torch.Tensor, segments: np.ndarray, kind: str, pending: bool = False):
     """Checksum of the pool's bytes at ``segments`` (``put_segments`` rows), in row order. A CPU pool is read in
     place; a device pool's segments are gathered on the device (``wsum32`` is computed there; a CRC copies them to
-    host first)."""
+    host first). ``pending``: a device ``wsum32`` comes back not yet read (``read_pending``)."""
     if kind == "wsum32":
         flat = pool.view(-1).view(torch.uint8)
         with side_stream(pool.device):  # not behind the engine's steps on its stream: the slots read are written
-            return wsum32(torch.cat([flat[off : off + n] for _, off, n in segments.tolist()]))
+            data = torch.cat([flat[off : off + n] for _, off, n in segments.tolist()])
+            return wsum32_pending(data) if pending else wsum32(data)
     if pool.device.type == "cpu":
         buf = tensor_bytes(pool)  # [pool bytes] memoryview, no copy
         value = 0
@@ -172,6 +173,18 @@ def pool_checksum(pool: torch.Tensor, segments: np.ndarray, kind: str) -> int:
 
 
 _SIDE_STREAMS: dict = {}
+
+
+def read_pending(values: list) -> list[int]:
+    """Ints of checksums some of which are device scalars not yet read (``wsum32_pending`` on ``side_stream``):
+    those of one device read together, on that stream."""
+    out = list(values)
+    for dev in {v.device for v in out if isinstance(v, torch.Tensor)}:
+        idx = [i for i, v in enumerate(out) if isinstance(v, torch.Tensor) and v.device == dev]
+        with side_stream(dev):
+            for i, x in zip(idx, torch.stack([out[i] for i in idx]).tolist()):
+                out[i] = x
+    return [int(v) for v in out]
 
 
 def side_stream(device: torch.device):
@@ -352,18 +365,35 @@ def geometry_of(pool) -> PoolGeometry:
     return PoolGeometry(layers, blocks, bs, heads, hd, pool.kv.element_size())
 
 
-def verify_range(pool, blocks, layout: KVLayout, chunk, kind: str, request_id: str = "") -> None:
+def verify_range(pool, blocks, layout: KVLayout, chunk, kind: str, request_id: str = "", pending: bool = False):
     """Decode: the checksum of the chunk's cells as they lie in the pool equals the sender's; TransferError if not
-    (or if its ranges lie outside the stream's)."""
+    (or if its ranges lie outside the stream's). ``pending`` (a device pool, ``wsum32``): the check is not waited
+    for; returns the pool's checksum as a device scalar for ``check_pending``, which compares a stream's at its end
+    (one host read, not one per chunk). Otherwise None."""
     l0, l1, t0, t1 = chunk.layer_start, chunk.layer_end, chunk.token_start, chunk.token_end
     if not (0 <= l0 < l1 <= layout.num_layers and 0 <= t0 < t1 <= layout.num_tokens):
         raise TransferError(f"request {request_id}: chunk layers [{l0},{l1}) tokens [{t0},{t1}) outside {layout.num_layers} layers x "
                             f"{layout.num_tokens} tokens")
     geo = geometry_of(pool)
     segs = put_segments(geo, l0, l1, t0, t1, token_runs(blocks, geo.block_size, t0, t1))
-    if pool_checksum(pool.kv, segs, kind) != chunk.crc32:
-        raise TransferError(f"request {request_id}: checksum mismatch in chunk {chunk.seq} (layers [{l0},{l1}) tokens [{t0},{t1}) as "
-                            "written into the pool)")
+    got = pool_checksum(pool.kv, segs, kind, pending=pending)
+    if isinstance(got, torch.Tensor):
+        return got
+    _check(got, chunk, request_id)
+    return None
+
+
+def _check(got: int, chunk, request_id: str) -> None:
+    if got != chunk.crc32:
+        raise TransferError(f"request {request_id}: checksum mismatch in chunk {chunk.seq} (layers [{chunk.layer_start},"
+                            f"{chunk.layer_end}) tokens [{chunk.token_start},{chunk.token_end}) as written into the pool)")
+
+
+def check_pending(pending: list, request_id: str = "") -> None:
+    """Decode, at a stream's end: the chunks whose checks ``verify_range(pending=True)`` left pending, [(chunk, device
+    scalar)], compared with one host read; TransferError at the first mismatch."""
+    for (chunk, _), got in zip(pending, read_pending([v for _, v in pending])):
+        _check(got, chunk, request_id)
 
 
 # ------------------------------------------------------------------------------------------- prefill side
@@ -480,26 +510,28 @@ class NixlKVSink(GrpcKVSink):
         dst.copy_(pooled)
         return self._region_checksum(offset, dst.numel() * dst.element_size())
 
-    def _region_checksum(self, offset: int, nbytes: int) -> int:
-        """The checksum of ``nbytes`` of the send region at ``offset`` (``wsum32`` where they lie; a CRC of device
-        memory copies it to host first)."""
+    def _region_checksum(self, offset: int, nbytes: int, pending: bool = False):
+        """The checksum of ``nbytes`` of the send region at ``offset`` (``wsum32`` where they lie, a device one not
+        yet read when ``pending``; a CRC of device memory copies it to host first)."""
         if self.checksum_kind == "none":
             return 0
         start = self._start + offset
         data = self.ep.buf[start : start + nbytes]  # [nbytes] uint8
         if self.checksum_kind == "wsum32":
             with side_stream(data.device):  # the put's copy is done (its event was waited for)
-                return wsum32(data)
+                return wsum32_pending(data) if pending else wsum32(data)
         return checksum(tensor_bytes(data.cpu() if data.is_cuda else data), self.checksum_kind)
 
     def _ready(self, item) -> tuple:
-        """((l0, l1, t0, t1), offset, checksum) of a queued put once its bytes are in the send region."""
+        """((l0, l1, t0, t1), offset, checksum) of a queued put once its bytes are in the send region; a device
+        ``wsum32`` comes as a scalar not yet read (``read_pending``)."""
         ranges, copied, event, offset = item
         if copied is not None:  # a host put: its copy's future
             return ranges, offset, copied.result()
         event.synchronize()  # a device put: its copy into the region was queued on the device
         l0, l1, t0, t1 = ranges
-        return ranges, offset, self._region_checksum(offset, (l1 - l0) * (t1 - t0) * self._layout.bytes_per_token_layer)
+        nbytes = (l1 - l0) * (t1 - t0) * self._layout.bytes_per_token_layer
+        return ranges, offset, self._region_checksum(offset, nbytes, pending=True)
 
     @staticmethod
     def _copied(item) -> bool:
@@ -525,7 +557,8 @@ class NixlKVSink(GrpcKVSink):
                     held = nxt
                     break
                 batch.append(self._ready(nxt))
-            yield batch
+            crcs = read_pending([crc for _, _, crc in batch])  # the batch's device checksums in one host read
+            yield [(ranges, offset, crc) for (ranges, offset, _), crc in zip(batch, crcs)]
 
     def _messages(self, header):
         yield kv_pb2.KVMessage(header=header)
