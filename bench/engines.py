@@ -512,7 +512,7 @@ def local_breakdown(pe, de, prompt, params, n, reps=5):
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
-def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps=3, timelines=None):
+def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps=3, timelines=None, timeout_s=60.0):
     """TTFT through the router's own request path (``GrpcBackend.generate``: Reserve, Prefill, StartGeneration,
     over grpc.aio, as ``colm serve`` sends them; the HTTP front and the policy left out), ms from the call to
     the first token: the median of ``reps`` after one warm-up request. ``timelines``: a list that gets one row per
@@ -530,7 +530,7 @@ def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps
         for i in range(reps + 1):
             seen = {}
             req = EngineRequest(f"router-{kv_path}-{time.monotonic_ns()}-{i}", tuple(prompt),
-                                SamplingParams(max_new_tokens=1), scale=2, timeout_s=60.0,
+                                SamplingParams(max_new_tokens=1), scale=2, timeout_s=timeout_s,
                                 observe_timeline=lambda role, t, ms, seen=seen: seen.__setitem__(role, (t, ms)))
             t0, first = time.monotonic(), None
             async for _ in backend.generate(req, "p0", "d0"):

@@ -119,6 +119,84 @@ def push_once(stub, rid: str, layers: list[torch.Tensor], path: str, chunk_bytes
     return dt, n
 
 
+def _handoff_prefill_engine(tokens: int):
+    """The prefill child's engine: chain 1 of the bench model (``model_cfg``), one chunk of the whole prompt."""
+    from colm.model import CoLM
+    from colm.prefill_worker.config import PrefillConfig
+    from colm.prefill_worker.engine import PrefillEngine
+
+    torch.set_num_threads(1)
+    cfg = model_cfg(tokens)
+    sub = CoLM(cfg.sub_config(1), dtype=torch.bfloat16).reset_parameters(seed=0).eval()
+    return PrefillEngine(sub, cfg, PrefillConfig(chunk_size=tokens, max_batch_tokens=tokens, default_timeout_s=1800))
+
+
+def _handoff_decode_engine(tokens: int):
+    """The decode child's engine: the full bench model, a pool for one prompt of ``tokens``."""
+    from colm.decode_worker.config import DecodeConfig
+    from colm.decode_worker.engine import DecodeEngine
+    from colm.model import CoLM
+
+    torch.set_num_threads(1)
+    model = CoLM(model_cfg(tokens), dtype=torch.bfloat16).reset_parameters(seed=0).eval()
+    return DecodeEngine(model, DecodeConfig(num_blocks=(tokens + 64) // 16 + 8, block_size=16, kv_timeout_s=1800,
+                                            reservation_timeout_s=1800))
+
+
+def _compute_ms(engine, prompt, reps: int) -> float:
+    """Median ms of ``reps`` chain-1 prefills of ``prompt`` into a ``NullKVSink`` (the compute alone), in the child."""
+    from colm.prefill_worker.sinks import NullKVSink
+
+    times = []
+    with torch.no_grad():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            engine.prefill("c", prompt, NullKVSink())
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def handoff(tokens: int, paths: list[str], turns: int) -> dict:
+    """The ``tokens``-token hand-off through the router's request path (``engines.router_ttft_ms``: Reserve, Prefill,
+    StartGeneration as ``colm serve`` sends them), prefill and decode each in a child process on this CPU, per
+    transport, in turns with the chain-1 compute alone timed in the prefill child; TTFT over that compute."""
+    from engines import record_ratio_turns, record_turns, router_ttft_ms
+
+    from colm.decode_worker.spawn import DecodeProcess
+    from colm.prefill_worker.spawn import PrefillProcess
+
+    prompt = torch.randint(0, 250, (tokens,), generator=torch.Generator().manual_seed(1)).tolist()
+    out = {"prompt_tokens": tokens, "paths": paths, "turns": turns,
+           "model": "bench model (model_cfg): K/V of the 1B Air shape, dim 1024, ffn 256, chains (8, 8), bf16"}
+    with PrefillProcess(_handoff_prefill_engine, (tokens,), TOKEN) as pc, \
+            DecodeProcess(_handoff_decode_engine, (tokens,), TOKEN) as dc:
+        ttfts = {k: [] for k in paths}
+        computes = [pc.call(_compute_ms, prompt, 1)]
+        for _ in range(turns):
+            for k in paths:
+                ttfts[k].append(router_ttft_ms(pc.address, dc.address, TOKEN, k, prompt, reps=1, timeout_s=1800.0))
+            computes.append(pc.call(_compute_ms, prompt, 1))
+    record_turns(out, {"chain1_compute": computes}, unit="ms")
+    record_turns(out, {f"router_{k}": v for k, v in ttfts.items()})
+    for k, vals in ttfts.items():
+        record_ratio_turns(out, f"router_{k}", vals, computes)
+    if "grpc" in paths:
+        for k in paths:
+            out[f"router_{k}_over_grpc"] = out[f"router_{k}_ttft_ms"] / out["router_grpc_ttft_ms"]
+    return out
+
+
+def _handoff_child(conn, tokens: int, paths: list[str], turns: int) -> None:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # engines.py beside this file
+    try:
+        conn.send(handoff(tokens, paths, turns))
+    except BaseException as e:  # noqa: BLE001 - reported in the JSON
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -150,10 +228,16 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", default=None, help="default: bench/results/kv_transfer_<cpu>_<date>.json")
     ap.add_argument("--label", default="", help="stored in the JSON (e.g. the commit measured)")
+    ap.add_argument("--handoff-tokens", type=int, default=0,
+                    help="> 0 (CPU): also the hand-off of a prompt of this many tokens through the router's request path, "
+                         "TTFT over the chain-1 compute, per path (grpc, shm, nixl)")
+    ap.add_argument("--handoff-turns", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(1)
     sizes = [int(x) for x in args.sizes_mib.split(",")]
     cuda = args.device.startswith("cuda")
+    if args.handoff_tokens and cuda:
+        raise SystemExit("--handoff-tokens is the CPU figure; on a GPU: bench/engines.py --sections handoff_transports")
     paths = (args.paths or ("grpc,cuda_pool,nixl,nixl-host,nixl-nocsum" if cuda else "grpc,shm,nixl,nixl-nocsum")).split(",")
     per_token = 16 * 2 * 8 * 64 * 2  # bytes of K/V per token, all layers
     max_tokens = max(sizes) * 2**20 // per_token
@@ -238,6 +322,21 @@ def main() -> None:
     here.send("stop")
     recv_prof = here.recv()
     proc.join(10)
+    if args.handoff_tokens:
+        hand_paths = [p for p in ("grpc", "shm", "nixl") if p in paths]
+        # in a fresh process (no NIXL agent or channels of the transfer runs), which starts the two workers
+        here, there = ctx.Pipe()
+        child = ctx.Process(target=_handoff_child, args=(there, args.handoff_tokens, hand_paths, args.handoff_turns))
+        child.start()
+        out["handoff"] = here.recv()
+        child.join(60)
+        h = out["handoff"]
+        if "error" in h:
+            raise SystemExit(f"hand-off: {h['error']}")
+        print(f"{args.handoff_tokens}-token hand-off, router's path, both workers in children: compute alone "
+              f"{h['chain1_compute_ms']:.0f} ms;", {k: (round(h[f'router_{k}_ttft_ms']),
+                                                  round(h[f'router_{k}_ttft_over_compute_median_turn'], 3))
+                                              for k in hand_paths})
     print(f"KV transfer between two processes, {out['device']}, default checksum here: {default_checksum()}")
     print(f"{'MiB':>5} {'path':16} {'checksum':9} {'ms':>8} {'GB/s':>7} {'x grpc':>7}")
     for mib, res in out["sizes"].items():

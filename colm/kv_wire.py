@@ -3,7 +3,7 @@
 A request's K/V travel as chunks; each chunk is the tensor ``kv[layers, tokens, 2, kv_heads, head_dim]``
 (k then v; token ranges slice without a copy) for a layer range and a token range, as raw little-endian bytes with a
 checksum (``crc32c``, hardware CRC through the ``crc32c`` package, when it is installed; else zlib's
-``crc32``; the header names the kind). On the same-host path the bytes sit in a POSIX shared-memory
+``crc32``; ``wsum32`` where the bytes lie on a GPU, computed there; the header names the kind). On the same-host path the bytes sit in a POSIX shared-memory
 segment created by the sender (one per request, named ``colm-kv-<hash>``) and the chunk message only
 carries the offset.
 
