@@ -52,7 +52,6 @@ import torch
 
 from colm.errors import PeerUnavailableError, TransferError
 from colm.kv.arena import RegionArena
-from colm.kernels.wsum32 import wsum32_segments
 from colm.kv_wire import KVLayout, checksum, parse_dtype, tensor_bytes, wsum32, wsum32_pending
 
 log = logging.getLogger("colm.kv.nixl")
@@ -369,17 +368,18 @@ def geometry_of(pool) -> PoolGeometry:
 def verify_range(pool, blocks, layout: KVLayout, chunk, kind: str, request_id: str = "", pending: bool = False):
     """Decode: the checksum of the chunk's cells as they lie in the pool equals the sender's; TransferError if not
     (or if its ranges lie outside the stream's). ``pending`` (a device pool, ``wsum32``): the check is not waited
-    for; returns the pool's words the chunk covers ([n, 2] first word, words) for ``check_pending``, which checks a
-    stream's chunks at its end in one launch and one host read. Otherwise None."""
+    for; returns the pool's checksum as a device scalar for ``check_pending``, which compares a stream's at its end
+    (one host read, not one per chunk). Otherwise None."""
     l0, l1, t0, t1 = chunk.layer_start, chunk.layer_end, chunk.token_start, chunk.token_end
     if not (0 <= l0 < l1 <= layout.num_layers and 0 <= t0 < t1 <= layout.num_tokens):
         raise TransferError(f"request {request_id}: chunk layers [{l0},{l1}) tokens [{t0},{t1}) outside {layout.num_layers} layers x "
                             f"{layout.num_tokens} tokens")
     geo = geometry_of(pool)
     segs = put_segments(geo, l0, l1, t0, t1, token_runs(blocks, geo.block_size, t0, t1))
-    if pending and kind == "wsum32" and pool.kv.is_cuda and not (segs[:, 1:] % 2).any():
-        return np.stack([segs[:, 1] // 2, segs[:, 2] // 2], axis=1)  # [n, 2] the pool's words (first, count)
-    _check(pool_checksum(pool.kv, segs, kind), chunk, request_id)
+    got = pool_checksum(pool.kv, segs, kind, pending=pending)
+    if isinstance(got, torch.Tensor):
+        return got
+    _check(got, chunk, request_id)
     return None
 
 
@@ -389,19 +389,11 @@ def _check(got: int, chunk, request_id: str) -> None:
                             f"{chunk.layer_end}) tokens [{chunk.token_start},{chunk.token_end}) as written into the pool)")
 
 
-def check_pending(pool, pending: list, request_id: str = "") -> None:
-    """Decode, at a stream's end: the chunks whose checks ``verify_range(pending=True)`` left pending, [(chunk, the
-    pool's words it covers [n, 2])], summed in one launch (``wsum32_segments``) and compared with one host read;
-    TransferError at the first mismatch."""
-    if not pending:
-        return
-    segs = np.concatenate([np.concatenate([w, np.full((len(w), 1), g, np.int64)], axis=1)
-                           for g, (_, w) in enumerate(pending)])  # [rows, 3] first word, words, chunk
-    words = pool.kv.view(-1).view(torch.uint8).view(torch.int16)  # the pool's 16-bit words
-    with side_stream(pool.kv.device):
-        sums = wsum32_segments(words, segs, len(pending)).tolist()
-    for (chunk, _), got in zip(pending, sums):
-        _check(int(got), chunk, request_id)
+def check_pending(pending: list, request_id: str = "") -> None:
+    """Decode, at a stream's end: the chunks whose checks ``verify_range(pending=True)`` left pending, [(chunk, device
+    scalar)], compared with one host read; TransferError at the first mismatch."""
+    for (chunk, _), got in zip(pending, read_pending([v for _, v in pending])):
+        _check(got, chunk, request_id)
 
 
 # ------------------------------------------------------------------------------------------- prefill side
@@ -531,33 +523,15 @@ class NixlKVSink(GrpcKVSink):
         return checksum(tensor_bytes(data.cpu() if data.is_cuda else data), self.checksum_kind)
 
     def _ready(self, item) -> tuple:
-        """((l0, l1, t0, t1), offset, checksum) of a queued put once its bytes are in the send region. A device
-        ``wsum32`` of an even range comes as its words ``(first word, words)`` of the send buffer, for
-        ``_device_checksums``; another device one as a scalar not yet read (``read_pending``)."""
+        """((l0, l1, t0, t1), offset, checksum) of a queued put once its bytes are in the send region; a device
+        ``wsum32`` comes as a scalar not yet read (``read_pending``)."""
         ranges, copied, event, offset = item
         if copied is not None:  # a host put: its copy's future
             return ranges, offset, copied.result()
         event.synchronize()  # a device put: its copy into the region was queued on the device
         l0, l1, t0, t1 = ranges
         nbytes = (l1 - l0) * (t1 - t0) * self._layout.bytes_per_token_layer
-        start = self._start + offset
-        if self.checksum_kind == "wsum32" and self.ep.buf.is_cuda and start % 2 == 0 and nbytes % 2 == 0:
-            return ranges, offset, (start // 2, nbytes // 2)
         return ranges, offset, self._region_checksum(offset, nbytes, pending=True)
-
-    def _device_checksums(self, values: list) -> list[int]:
-        """Ints of ``_ready``'s checksums: the word ranges summed in one launch (``wsum32_segments``), the device
-        scalars read with them (one host read)."""
-        ranged = [i for i, v in enumerate(values) if isinstance(v, tuple)]
-        out = list(values)
-        if ranged:
-            segs = np.array([[*values[i], g] for g, i in enumerate(ranged)], dtype=np.int64)  # [n, 3]
-            buf = self.ep.buf
-            with side_stream(buf.device):
-                sums = wsum32_segments(buf.view(torch.int16), segs, len(ranged)).tolist()
-            for i, v in zip(ranged, sums):
-                out[i] = v
-        return read_pending(out)
 
     @staticmethod
     def _copied(item) -> bool:
@@ -583,7 +557,7 @@ class NixlKVSink(GrpcKVSink):
                     held = nxt
                     break
                 batch.append(self._ready(nxt))
-            crcs = self._device_checksums([crc for _, _, crc in batch])  # one launch, one host read
+            crcs = read_pending([crc for _, _, crc in batch])  # the batch's device checksums in one host read
             yield [(ranges, offset, crc) for (ranges, offset, _), crc in zip(batch, crcs)]
 
     def _messages(self, header):

@@ -195,7 +195,7 @@ class GrantReceiver(_Receiver):
             else:
                 fields = self.engine.pool_export().header_fields()
                 fields["accepts_ready_event"] = self.engine.accepts_ready_events()
-            pending: list = []  # nixl on a device pool: (chunk, the pool's words it covers), checked at KVEnd
+            pending: list = []  # nixl on a device pool: (chunk, its checksum in the pool, not read yet)
             yield kv_pb2.KVPoolReply(grant=kv_pb2.KVPoolGrant(
                 request_id=rid, block_ids=grant.blocks, block_size=pool.block_size, num_blocks=pool.num_blocks,
                 dtype=self.engine.kv_dtype(), **fields))
@@ -207,7 +207,7 @@ class GrantReceiver(_Receiver):
                         raise TransferError(f"request {rid}: inline bytes on the {header.transport or 'cuda_pool'} path")
                     if nixl and verify:  # the range's bytes as they landed in the blocks
                         with DEVICE_WIDE_LOCK if pool.kv.is_cuda else contextlib.nullcontext():
-                            # a device pool's wsum32: its words noted here, all summed at KVEnd in one launch
+                            # a device pool's wsum32 is queued on the GPU and compared at KVEnd, all in one read
                             got = kv_nixl.verify_range(pool, grant.blocks, layout, c, header.checksum, rid,
                                                        pending=pool.kv.is_cuda)
                         if got is not None:
@@ -215,8 +215,7 @@ class GrantReceiver(_Receiver):
                     self.engine.mark_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, seq=c.seq)
                 elif kind == "end":
                     if pending:  # before the K/V count as complete: a mismatch fails the request (DATA_LOSS)
-                        with DEVICE_WIDE_LOCK:
-                            kv_nixl.check_pending(pool, pending, rid)
+                        kv_nixl.check_pending(pending, rid)
                     ready = msg.end.ready_event_ipc
                     self.engine.finish_kv(rid, header.num_tokens,
                                           ready=self.engine.open_ready_event(bytes(ready)) if ready else None)
