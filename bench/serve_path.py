@@ -291,7 +291,8 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         base = [sys.executable, "-m", "colm.cli", "loadtest", "--addr", server.grpc_addr,
                 "--prompt-len", args.prompt_len, "--output-len", args.output_len, "--slo-ttft-ms", str(args.slo_ttft_ms),
                 "--slo-tpot-ms", str(args.slo_tpot_ms), "--timeout-s", "300", "--budgets", args.budgets]
-        measured = ["--processes", str(args.client_processes), "--connections", str(args.connections)]
+        measured = ["--processes", str(args.client_processes), "--connections", str(args.connections),
+                    "--ramp-s", str(args.ramp_s)]
         env = {**os.environ, "TQDM_DISABLE": "1"}
         # warm-up (kernels tuned, graphs captured per shape) outside the measured window
         subprocess.run(base + ["--concurrency", str(args.concurrency), "--num-requests", str(args.warmup_requests),
@@ -391,6 +392,8 @@ def main() -> None:
     ap.add_argument("--client-processes", type=int, default=1,
                     help="colm loadtest --processes: the clients split over this many processes")
     ap.add_argument("--connections", type=int, default=1, help="colm loadtest --connections (per client process)")
+    ap.add_argument("--ramp-s", type=float, default=0.0, help="colm loadtest --ramp-s: the clients start over this "
+                    "many seconds (0: all at once)")
     ap.add_argument("--routers", type=int, default=1,
                     help="router processes sharing the port (router.replicas): this one and n - 1 spawned")
     ap.add_argument("--num-requests", type=int, default=1500)
@@ -482,7 +485,7 @@ def main() -> None:
                                                                "chains": list(cfg.chains), "n_layers": cfg.n_layers,
                                                                "dim": cfg.dim},
                "load": {"concurrency": args.concurrency, "num_requests": args.num_requests,
-                        "client_processes": args.client_processes, "connections": args.connections,
+                        "client_processes": args.client_processes, "connections": args.connections, "ramp_s": args.ramp_s,
                         "prompt_len": args.prompt_len, "output_len": args.output_len,
                         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms},
                "workers": "plain processes (colm.deploy.worker_main), router in the benchmark process",

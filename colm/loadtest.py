@@ -48,6 +48,10 @@ class LoadSpec:
     # connections per client process (each its own, not a shared subchannel): clients take them in turn; several
     # routers behind one port (router.replicas, SO_REUSEPORT) are spread over by connection
     connections: int = 1
+    # closed loop: the clients start one after another, evenly over this many seconds, instead of all at once (a
+    # first wave of `concurrency` prompts arriving together queues behind itself and weighs on the TTFT tail of a
+    # short run). Counted in the wall time, so the throughput includes the ramp.
+    ramp_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_requests < 1:
@@ -59,6 +63,8 @@ class LoadSpec:
                              "need warmup_requests >= 0 and warmup_concurrency >= 1")
         if self.connections < 1:
             raise ValueError(f"connections={self.connections}: must be >= 1")
+        if self.ramp_s < 0 or (self.ramp_s and not self.concurrency):
+            raise ValueError(f"ramp_s={self.ramp_s}: must be >= 0, and applies to a closed loop (concurrency > 0)")
         if self.processes < 1:
             raise ValueError(f"processes={self.processes}: must be >= 1")
         if self.concurrency and self.processes > min(self.concurrency, self.num_requests):
@@ -107,6 +113,7 @@ class Result:
     e2e_ms: float = 0.0
     itl_ms: list = field(default_factory=list)
     retries: int = 0
+    sent_s: float = 0.0  # when it was sent, seconds on the sender's perf_counter
 
     @property
     def tpot_ms(self) -> float:
@@ -123,8 +130,8 @@ async def one_request(stub, pb2, spec: LoadSpec, rng: random.Random, rate: float
                               budget=pb2.LatencyBudget(ttft_ms=b.get("ttft", 0), tpot_ms=b.get("tpot", 0),
                                                        deadline_ms=b.get("deadline", 0)),
                               scale=b.get("scale", 0))
-    res = Result(rate, kind, prompt_tokens=plen)
     t0 = time.perf_counter()
+    res = Result(rate, kind, prompt_tokens=plen, sent_s=t0)
     last = None
     try:
         async for m in stub.Generate(req, metadata=metadata, timeout=spec.timeout_s):
@@ -190,13 +197,15 @@ async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None, progre
         if spec.concurrency:
             todo = iter(range(spec.num_requests))
 
-            async def client(stub):
+            async def client(stub, delay_s: float):
+                await asyncio.sleep(delay_s)  # the ramp: client i starts at i / concurrency of it
                 for _ in todo:
                     await tracked(0.0, stub)
 
             await together()
             t0 = time.perf_counter()
-            await asyncio.gather(*(client(stubs[i % len(stubs)]) for i in range(spec.concurrency)))
+            await asyncio.gather(*(client(stubs[i % len(stubs)], spec.ramp_s * i / spec.concurrency)
+                                   for i in range(spec.concurrency)))
             wall[0.0] = time.perf_counter() - t0
         else:
             per_rate = [spec.num_requests // len(spec.rates)] * len(spec.rates)

@@ -123,3 +123,34 @@ def test_client_processes_need_enough_clients_or_requests():
         LoadSpec(concurrency=3, processes=0)
     with pytest.raises(ValueError, match="connections=0"):
         LoadSpec(concurrency=3, connections=0)
+
+
+def test_a_closed_loop_ramp_starts_the_clients_one_after_another():
+    """``ramp_s``: client i of a closed loop starts i / concurrency of the ramp after the start, so at any time t
+    into the ramp at most floor(t / step) + 1 requests are in flight; without it all clients send at once. A ramp
+    needs a closed loop."""
+    import asyncio
+
+    from colm.loadtest import run_load
+
+    def in_flight(ramp_s: float):
+        spec = LoadSpec(concurrency=6, num_requests=40, prompt_len=(4, 6), output_len=(2, 3), ramp_s=ramp_s)
+        with _tiny_router() as (_, bg):
+            results, wall = asyncio.run(run_load(bg.grpc_addr, spec, progress=False))
+        assert len(results) == 40 and all(r.status == "OK" for r in results)
+        t0 = min(r.sent_s for r in results)
+        spans = [(r.sent_s - t0, r.sent_s - t0 + r.e2e_ms / 1e3) for r in results]
+        return (lambda t: sum(a <= t < b for a, b in spans)), spans, wall[0.0]
+
+    step = 0.25
+    count, spans, wall = in_flight(6 * step)
+    assert wall >= 5 * step
+    for k in range(6):  # inside the k-th step of the ramp, k + 1 clients have started (a little slack at the edges)
+        for t in (k * step + 0.05, k * step + step - 0.05):
+            assert count(t) <= k + 1, (t, count(t), spans[:8])
+    together, spans, _ = in_flight(0.0)
+    assert max(together(a) for a, _ in spans) > 2, spans[:8]  # no ramp: several in flight from the start
+    with pytest.raises(ValueError, match="ramp_s"):
+        LoadSpec(rates=(1.0,), num_requests=4, ramp_s=1.0)
+    with pytest.raises(ValueError, match="ramp_s"):
+        LoadSpec(concurrency=2, ramp_s=-1.0)

@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--connections", type=int, default=1,
                    help="connections per client process, clients taking them in turn (several router replicas "
                         "behind one port are spread over by connection)")
+    p.add_argument("--ramp-s", type=float, default=0.0,
+                   help="closed loop: start the clients one after another over this many seconds (0: all at once)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--out", default="loadtest", help="output prefix: writes PREFIX.json and PREFIX.png")
     p.set_defaults(func=run)
@@ -51,7 +53,7 @@ def run(args) -> int:
                     output_len=parse_pair(args.output_len), budgets=parse_mix(args.budgets),
                     slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, timeout_s=args.timeout_s,
                     seed=args.seed, warmup_requests=args.warmup_requests, processes=args.processes,
-                    connections=args.connections)
+                    connections=args.connections, ramp_s=args.ramp_s)
     summary = run_load(args.addr, spec, f"{args.out}.json", f"{args.out}.png", api_key=args.api_key,
                        meta={"addr": args.addr})
     print(table(summary))
