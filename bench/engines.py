@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import threading
 import time
@@ -417,7 +418,7 @@ def bench_handoff_transports(quick):
     name, T, token = "llama-3.2-1b-16-16-air", 8192, "bench"
     prompt = torch.randint(0, 128000, (T,)).tolist()
     paths = ("cuda_pool", "nixl", "grpc")
-    out = {"prompt_tokens": T, "paths": list(paths), "ucx_tls": __import__("os").environ.get("UCX_TLS", "(colm default)")}
+    out = {"prompt_tokens": T, "paths": list(paths), "ucx_tls": os.environ.get("UCX_TLS", "(colm default)")}
     with PrefillProcess(_bench_prefill_engine, (name, T), token) as pc, \
             DecodeProcess(_bench_decode_engine, (name,), token) as dc:
         ttfts = {k: [] for k in paths}

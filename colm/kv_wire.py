@@ -96,24 +96,19 @@ def _wsum_words(t: torch.Tensor) -> torch.Tensor:
     return b.view(torch.int16)
 
 
-def wsum32_pending(t: torch.Tensor):
-    """``wsum32`` of the bytes of ``t`` without waiting for it where it can be queued (CUDA with Triton): an int64
-    scalar tensor on ``t``'s device; elsewhere the int (``colm.kv.nixl.read_pending`` reads several at once)."""
-    from colm.kernels.wsum32 import HAS_TRITON, wsum32_triton_tensor, wsum32_words
+def wsum32_pending(t: torch.Tensor) -> torch.Tensor:
+    """``wsum32`` of the bytes of ``t`` as an int64 scalar on ``t``'s device, not waited for
+    (``colm.kv.nixl.read_pending`` reads several at once)."""
+    from colm.kernels.wsum32 import wsum32_tensor
 
-    words = _wsum_words(t)
-    if HAS_TRITON and words.is_cuda:
-        return wsum32_triton_tensor(words)
-    return wsum32_words(words)
+    return wsum32_tensor(_wsum_words(t))
 
 
 def wsum32(t: torch.Tensor) -> int:
     """The ``wsum32`` checksum of the bytes of ``t`` (any dtype, any device), computed on its device (a Triton pass
     on CUDA: ``colm.kernels.wsum32``): the sum over its little-endian 16-bit words x_i (zero-padded to an even
     length) of x_i * (i mod 65521 + 1), mod 2^32."""
-    from colm.kernels.wsum32 import wsum32_words
-
-    return wsum32_words(_wsum_words(t))
+    return int(wsum32_pending(t))
 
 
 def checksum(buf, kind: str = "crc32", value: int = 0) -> int:

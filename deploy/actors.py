@@ -39,6 +39,13 @@ def serving_priority() -> int:
     return nice
 
 
+def process_info() -> dict:
+    """This process's pid and niceness (what an actor's ``process`` answers)."""
+    import os
+
+    return {"pid": os.getpid(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)}
+
+
 def engines_available() -> bool:
     """Both engines' gRPC servers are importable (then workers can run as actors)."""
     try:
@@ -61,7 +68,7 @@ class WorkerActor:
 
         from colm.deploy.addresses import worker_hosts
 
-        self.niceness = serving_priority()
+        serving_priority()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = getattr(torch, dtype)
@@ -98,10 +105,7 @@ class WorkerActor:
         return f"http://{self.advertised_host}:{self.metrics_server[0].server_port}/metrics"
 
     def process(self) -> dict:
-        """This actor's pid and niceness."""
-        import os
-
-        return {"pid": os.getpid(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)}
+        return process_info()
 
     def pid(self) -> int:
         import os

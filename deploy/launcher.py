@@ -230,8 +230,7 @@ class Launcher:
                         "in-process, so one router serves it", router_cfg.replicas)
         if replicas:
             await asyncio.get_running_loop().run_in_executor(None, self._start_replicas, router_cfg, infos, block_size)
-            router.starting = None
-            router._update_health()
+            router.started()
         if self.pool is not None:
             self._watch = asyncio.create_task(self._watch_workers(backend))
         return self.addresses

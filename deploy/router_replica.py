@@ -28,7 +28,7 @@ class RouterReplica:
         from colm.router.server import ThreadedRouterServer
         from colm.tokenizer import load_checkpoint_tokenizer
 
-        self.niceness = serving_priority()
+        serving_priority()
         cfg = RouterConfig(**router_cfg)
         scorer = checkpoint.load(model_path).eval() if score_prompts else None
         self.backend = GrpcBackend(workers, cluster_token=token, scorer=scorer, kv_path=transport,
@@ -42,9 +42,9 @@ class RouterReplica:
 
     def process(self) -> dict:
         """This replica's pid and niceness."""
-        import os
+        from colm.deploy.actors import process_info
 
-        return {"pid": os.getpid(), "niceness": os.getpriority(os.PRIO_PROCESS, 0)}
+        return process_info()
 
     def set_workers(self, workers: list) -> None:
         self.server.loop.call_soon_threadsafe(self.backend.set_workers, workers)

@@ -25,14 +25,20 @@ REF_CHUNK = 1 << 24    # the reference's words per partial sum: 2^24 x 2^16 x 2^
 BLOCK = 4096           # the kernel's words per program
 
 
-def wsum32_ref(words: torch.Tensor) -> int:
-    """``wsum32`` of ``words`` (int16 [n], contiguous, the bytes' 16-bit words) in torch, on their device."""
+def wsum32_ref_tensor(words: torch.Tensor) -> torch.Tensor:
+    """``wsum32`` of ``words`` (int16 [n], contiguous, the bytes' 16-bit words) in torch, on their device: an int64
+    scalar, not read."""
     acc = torch.zeros((), dtype=torch.int64, device=words.device)
     for s in range(0, words.numel(), REF_CHUNK):
         x = words[s : s + REF_CHUNK].to(torch.int64) & 0xFFFF
         w = torch.arange(s, s + x.numel(), dtype=torch.int64, device=words.device) % MOD + 1
         acc = (acc + (x * w).sum()) & 0xFFFFFFFF
-    return int(acc)
+    return acc
+
+
+def wsum32_ref(words: torch.Tensor) -> int:
+    """``wsum32_ref_tensor``, read."""
+    return int(wsum32_ref_tensor(words))
 
 
 if HAS_TRITON:
@@ -63,8 +69,9 @@ def wsum32_triton(words: torch.Tensor) -> int:
     return int(wsum32_triton_tensor(words))
 
 
-def wsum32_words(words: torch.Tensor) -> int:
-    """``wsum32`` of ``words`` (int16 [n], contiguous): the kernel on CUDA, the reference elsewhere."""
+def wsum32_tensor(words: torch.Tensor) -> torch.Tensor:
+    """``wsum32`` of ``words`` (int16 [n], contiguous) as an int64 scalar on their device, not read (several can be
+    queued and read at once): the kernel on CUDA, the reference elsewhere."""
     if HAS_TRITON and words.is_cuda:
-        return wsum32_triton(words)
-    return wsum32_ref(words)
+        return wsum32_triton_tensor(words)
+    return wsum32_ref_tensor(words)

@@ -152,6 +152,11 @@ class Router:
             if fut is not None and not fut.done():
                 fut.set_result(worker_id)
 
+    def started(self) -> None:
+        """The service around this router is up: ``starting`` cleared and health re-evaluated (and published) now."""
+        self.starting = None
+        self._update_health()
+
     def health(self) -> tuple[bool, str]:
         """(whether a request can be served now, why not). Needs a healthy prefill AND a healthy decode worker, and
         the service started (``starting`` unset)."""

@@ -38,6 +38,7 @@ likewise (at once when clean, after its grace otherwise).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -160,7 +161,7 @@ def pool_checksum(pool: torch.Tensor, segments: np.ndarray, kind: str, pending: 
         flat = pool.view(-1).view(torch.uint8)
         with side_stream(pool.device):  # not behind the engine's steps on its stream: the slots read are written
             data = torch.cat([flat[off : off + n] for _, off, n in segments.tolist()])
-            return wsum32_pending(data) if pending else wsum32(data)
+            return wsum32_pending(data) if pending and pool.is_cuda else wsum32(data)
     if pool.device.type == "cpu":
         buf = tensor_bytes(pool)  # [pool bytes] memoryview, no copy
         value = 0
@@ -176,22 +177,19 @@ _SIDE_STREAMS: dict = {}
 
 
 def read_pending(values: list) -> list[int]:
-    """Ints of checksums some of which are device scalars not yet read (``wsum32_pending`` on ``side_stream``):
-    those of one device read together, on that stream."""
-    out = list(values)
-    for dev in {v.device for v in out if isinstance(v, torch.Tensor)}:
-        idx = [i for i, v in enumerate(out) if isinstance(v, torch.Tensor) and v.device == dev]
-        with side_stream(dev):
-            for i, x in zip(idx, torch.stack([out[i] for i in idx]).tolist()):
-                out[i] = x
-    return [int(v) for v in out]
+    """Ints of checksums some of which are scalars not yet read (``wsum32_pending`` on ``side_stream``; one sink's or
+    pool's, so one device): those read together, on that stream."""
+    scalars = [v for v in values if isinstance(v, torch.Tensor)]
+    if not scalars:
+        return [int(v) for v in values]
+    with side_stream(scalars[0].device):
+        read = iter(torch.stack(scalars).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else int(v) for v in values]
 
 
 def side_stream(device: torch.device):
     """A context that runs the checksum of bytes already in place on a stream of its own (CUDA; a no-op
     elsewhere), so its host read does not wait for the forward or the decode step queued on the current one."""
-    import contextlib
-
     if device.type != "cuda":
         return contextlib.nullcontext()
     stream = _SIDE_STREAMS.get(device)
@@ -510,28 +508,28 @@ class NixlKVSink(GrpcKVSink):
         dst.copy_(pooled)
         return self._region_checksum(offset, dst.numel() * dst.element_size())
 
-    def _region_checksum(self, offset: int, nbytes: int, pending: bool = False):
-        """The checksum of ``nbytes`` of the send region at ``offset`` (``wsum32`` where they lie, a device one not
-        yet read when ``pending``; a CRC of device memory copies it to host first)."""
+    def _region_checksum(self, offset: int, nbytes: int):
+        """The checksum of ``nbytes`` of the send region at ``offset``: ``wsum32`` computed where they lie, a scalar
+        not yet read (``read_pending``); a CRC (of device memory: copied to host first) as an int."""
         if self.checksum_kind == "none":
             return 0
         start = self._start + offset
         data = self.ep.buf[start : start + nbytes]  # [nbytes] uint8
         if self.checksum_kind == "wsum32":
             with side_stream(data.device):  # the put's copy is done (its event was waited for)
-                return wsum32_pending(data) if pending else wsum32(data)
+                return wsum32_pending(data)
         return checksum(tensor_bytes(data.cpu() if data.is_cuda else data), self.checksum_kind)
 
     def _ready(self, item) -> tuple:
-        """((l0, l1, t0, t1), offset, checksum) of a queued put once its bytes are in the send region; a device
-        ``wsum32`` comes as a scalar not yet read (``read_pending``)."""
+        """((l0, l1, t0, t1), offset, checksum) of a queued put once its bytes are in the send region; a ``wsum32``
+        comes as a scalar not yet read (``read_pending``)."""
         ranges, copied, event, offset = item
         if copied is not None:  # a host put: its copy's future
             return ranges, offset, copied.result()
         event.synchronize()  # a device put: its copy into the region was queued on the device
         l0, l1, t0, t1 = ranges
         nbytes = (l1 - l0) * (t1 - t0) * self._layout.bytes_per_token_layer
-        return ranges, offset, self._region_checksum(offset, nbytes, pending=True)
+        return ranges, offset, self._region_checksum(offset, nbytes)
 
     @staticmethod
     def _copied(item) -> bool:
@@ -545,7 +543,8 @@ class NixlKVSink(GrpcKVSink):
         it = iter(queued_puts(self._q))
         held = None
         while True:
-            item, held = (held, None) if held is not None else (next(it, None), None)
+            item = held if held is not None else next(it, None)
+            held = None
             if item is None:
                 return
             batch = [self._ready(item)]

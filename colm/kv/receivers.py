@@ -215,7 +215,8 @@ class GrantReceiver(_Receiver):
                     self.engine.mark_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, seq=c.seq)
                 elif kind == "end":
                     if pending:  # before the K/V count as complete: a mismatch fails the request (DATA_LOSS)
-                        kv_nixl.check_pending(pending, rid)
+                        with DEVICE_WIDE_LOCK:  # a device read, as the checks it completes
+                            kv_nixl.check_pending(pending, rid)
                     ready = msg.end.ready_event_ipc
                     self.engine.finish_kv(rid, header.num_tokens,
                                           ready=self.engine.open_ready_event(bytes(ready)) if ready else None)
