@@ -9,6 +9,8 @@ size (default 64 and 256 MiB: 2048 and 8192 tokens). Reports GB/s (begin -> ackn
 the ratio to gRPC bytes, plus the ceiling of bare gRPC messages into a handler that only counts them; writes
 JSON (device, versions, shapes, every figure) to bench/results/kv_transfer_cpu-<cpu>_<date>.json.
 ``--profile`` adds cProfile tables of both ends. ``nixl-nocsum`` is the nixl transport without its checksum.
+``--phases`` adds where a request's time goes: on the sender, the median time from ``begin`` to each step (grant
+received, bytes ready, write posted and done, KVEnd sent, ack); on decode, the time spent in each intake call.
 
 Usage: python bench/kv_transfer.py [--sizes-mib 64,256] [--paths grpc,shm,nixl,nixl-nocsum] [--reps 3] [--json PATH]
        python bench/kv_transfer.py --device cuda [--paths grpc,cuda_pool,nixl,nixl-host,nixl-nocsum]
@@ -23,6 +25,7 @@ import json
 import multiprocessing as mp
 import pstats
 import statistics
+import threading
 import time
 
 import torch
@@ -38,7 +41,91 @@ def model_cfg(tokens: int):
                        kv_sharing=True, max_seq_len=max(tokens + 64, 512))
 
 
-def _receiver(tokens: int, profile: bool, conn, device: str = "cpu") -> None:
+class Phases:
+    """Wall-clock marks of one request: per step, the first and last time it was hit (seconds after ``t0``)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.marks: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def hit(self, name: str) -> None:
+        t = time.perf_counter() - self.t0
+        with self._lock:
+            m = self.marks.setdefault(name, [t, t])
+            m[1] = t
+
+
+CURRENT: list = [None]  # the Phases of the request being pushed (one at a time)
+
+
+def _mark_after(cls, name: str, step: str) -> None:
+    """Wrap ``cls.name`` so that each return hits ``step`` of the current request."""
+    orig = getattr(cls, name)
+
+    def wrapped(*a, **k):
+        out = orig(*a, **k)
+        if CURRENT[0] is not None:
+            CURRENT[0].hit(step)
+        return out
+
+    setattr(cls, name, wrapped)
+
+
+def _mark_before(cls, name: str, step: str) -> None:
+    orig = getattr(cls, name)
+
+    def wrapped(*a, **k):
+        if CURRENT[0] is not None:
+            CURRENT[0].hit(step)
+        return orig(*a, **k)
+
+    setattr(cls, name, wrapped)
+
+
+def trace_senders() -> None:
+    """Steps of the nixl and cuda_pool senders (``--phases``)."""
+    from colm.kv.nixl import NixlEndpoint, NixlKVSink
+    from colm.prefill_worker.pool_sink import PoolKVSink
+
+    _mark_after(NixlKVSink, "_ready", "bytes ready")
+    _mark_before(NixlEndpoint, "post_write", "write posted")
+    _mark_before(NixlKVSink, "_marks_message", "write done")
+    _mark_before(NixlKVSink, "_end_message", "KVEnd sent")
+    _mark_after(PoolKVSink, "_write", "bytes ready")
+    _mark_before(PoolKVSink, "_end_message", "KVEnd sent")
+
+
+def trace_intake(engine) -> dict:
+    """Seconds and calls of decode's intake steps (``--phases``), accumulated per step."""
+    from colm.kv import nixl as kv_nixl
+
+    spent: dict[str, list[float]] = {}
+    lock = threading.Lock()
+
+    def timed(owner, name: str) -> None:
+        orig = getattr(owner, name)
+
+        def wrapped(*a, **k):
+            t = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                with lock:
+                    s = spent.setdefault(name, [0.0, 0])
+                    s[0] += time.perf_counter() - t
+                    s[1] += 1
+
+        setattr(owner, name, wrapped)
+
+    for name in ("grant_kv", "mark_kv", "finish_kv", "end_external_writes"):
+        timed(engine, name)
+    for name in ("pool_grant_fields", "verify_range", "check_pending"):
+        timed(kv_nixl, name)
+    return spent
+
+
+def _receiver(tokens: int, profile: bool, conn, device: str = "cpu", phases: bool = False) -> None:
     from colm.decode_worker.config import DecodeConfig
     from colm.decode_worker.engine import DecodeEngine
     from colm.decode_worker.service import DecodeServer, DecodeService
@@ -48,6 +135,7 @@ def _receiver(tokens: int, profile: bool, conn, device: str = "cpu") -> None:
     cfg = model_cfg(tokens)
     model = CoLM(cfg, dtype=torch.bfloat16).reset_parameters(seed=0).to(device)
     eng = DecodeEngine(model, DecodeConfig(num_blocks=(tokens + 64) // 16 + 8, block_size=16))
+    spent = trace_intake(eng) if phases else None
     prof = cProfile.Profile() if profile else None
     if prof is not None:  # profile the KV handler threads only (PushKV: bytes paths; WriteKV: cuda_pool, nixl)
         def profiled(orig):
@@ -71,7 +159,13 @@ def _receiver(tokens: int, profile: bool, conn, device: str = "cpu") -> None:
         "colm.bench.Sink", {"Push": grpc.stream_unary_rpc_method_handler(sink)}),))
     server.start()
     conn.send(server.address)
-    conn.recv()  # stop
+    while True:  # "stop", or "phases": the intake's seconds so far, then zeroed
+        cmd = conn.recv()
+        if cmd != "phases":
+            break
+        conn.send({k: list(v) for k, v in (spent or {}).items()})
+        if spent is not None:
+            spent.clear()
     server.stop(0)
     if prof is not None:
         s = io.StringIO()
@@ -98,6 +192,8 @@ def push_once(stub, rid: str, layers: list[torch.Tensor], path: str, chunk_bytes
     stub.Reserve(kv_pb2.ReserveRequest(request_id=rid, prompt_len=T + 1, max_new_tokens=1), metadata=auth_metadata(TOKEN),
                  timeout=30)
     t0 = time.perf_counter()
+    if CURRENT[0] is not None:
+        CURRENT[0].t0 = t0
     if path == "nixl":
         from colm.kv.nixl import NixlKVSink
 
@@ -110,6 +206,9 @@ def push_once(stub, rid: str, layers: list[torch.Tensor], path: str, chunk_bytes
     else:
         sink = GrpcKVSink(stub, rid, TOKEN, chunk_bytes=chunk_bytes, checksum_kind=checksum, timeout_s=120,
                           shm=path == "shm")
+    if CURRENT[0] is not None and hasattr(sink, "granted"):
+        _hit_on_set(sink, "granted", "grant received")
+        _hit_on_set(sink, "_done", "ack received")
     sink.begin(KVLayout(len(layers), T, layers[0].shape[3], layers[0].shape[4], "bfloat16"))
     for li, kv in enumerate(layers):
         sink.put(li, li + 1, 0, T, kv)
@@ -117,6 +216,18 @@ def push_once(stub, rid: str, layers: list[torch.Tensor], path: str, chunk_bytes
     dt = time.perf_counter() - t0
     stub.Abort(kv_pb2.AbortRequest(request_id=rid), metadata=auth_metadata(TOKEN), timeout=10)
     return dt, n
+
+
+def _hit_on_set(sink, attr: str, step: str) -> None:
+    """The sink's event ``attr`` hits ``step`` of the current request when it is set."""
+    ph = CURRENT[0]
+
+    class Marked(threading.Event):
+        def set(self):
+            ph.hit(step)
+            super().set()
+
+    setattr(sink, attr, Marked())
 
 
 def _handoff_prefill_engine(tokens: int):
@@ -197,6 +308,17 @@ def _handoff_child(conn, tokens: int, paths: list[str], turns: int) -> None:
         conn.send({"error": f"{type(e).__name__}: {e}"})
 
 
+def phase_table(marks: list[dict], intake: dict, reps: int) -> dict:
+    """Median ms from begin to each sender step (first and last hit), and decode's ms per request in each intake
+    call (with its calls per request)."""
+    steps = sorted({k for m in marks for k in m}, key=lambda k: statistics.median(m[k][0] for m in marks if k in m))
+    sender = {k: [round(statistics.median(m[k][i] for m in marks if k in m) * 1000, 3) for i in (0, 1)]
+              for k in steps}
+    decode = {k: {"ms_per_request": round(v[0] / reps * 1000, 3), "calls_per_request": v[1] / reps}
+              for k, v in intake.items()}
+    return {"sender_ms_first_last": sender, "decode_intake": decode}
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -226,6 +348,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--chunk-mib", type=float, default=PrefillConfig().kv_chunk_bytes / 2**20)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--phases", action="store_true", help="where a request's time goes, both ends (see the docstring)")
     ap.add_argument("--json", default=None, help="default: bench/results/kv_transfer_<cpu>_<date>.json")
     ap.add_argument("--label", default="", help="stored in the JSON (e.g. the commit measured)")
     ap.add_argument("--handoff-tokens", type=int, default=0,
@@ -244,7 +367,8 @@ def main() -> None:
     arena = max(sizes) * 2**20 + (16 << 20)
     ctx = mp.get_context("spawn")
     here, there = ctx.Pipe()
-    proc = ctx.Process(target=_receiver, args=(max_tokens, args.profile, there, args.device), daemon=True)
+    proc = ctx.Process(target=_receiver, args=(max_tokens, args.profile, there, args.device, args.phases),
+                       daemon=True)
     proc.start()
     address = here.recv()
     stub = decode_stub(address)
@@ -272,6 +396,8 @@ def main() -> None:
            "metric": "median seconds from the sink's begin to decode's ack, one request, per-layer puts; GB/s = bytes/s",
            "sizes": {}}
     prof = cProfile.Profile() if args.profile else None
+    if args.phases:
+        trace_senders()
     n_req = 0
     g = torch.Generator().manual_seed(0)
     for mib in sizes:
@@ -289,17 +415,30 @@ def main() -> None:
             times = []
             n = 0
             push_once(stub, f"warm-{path}-{mib}", layers, wire, chunk, checks[path], arena, arenas.get(path, "cpu"))
+            if args.phases:
+                here.send("phases")
+                here.recv()  # the warm-up's intake times are dropped
+            marks = []
             for _ in range(args.reps):
                 n_req += 1
                 if prof is not None:
                     prof.enable()
+                if args.phases:
+                    CURRENT[0] = Phases()
                 dt, n = push_once(stub, f"r{n_req}", layers, wire, chunk, checks[path], arena, arenas.get(path, "cpu"))
+                if args.phases:
+                    CURRENT[0].hit("finish returned")
+                    marks.append(CURRENT[0].marks)
+                    CURRENT[0] = None
                 if prof is not None:
                     prof.disable()
                 times.append(dt)
             med = statistics.median(times)
             res["paths"][path] = {"ms": med * 1000, "gb_s": n / med / 1e9, "checksum": checks[path], "bytes": n,
                                   "all_ms": [t * 1000 for t in times]}
+            if args.phases:
+                here.send("phases")
+                res["paths"][path]["phases"] = phase_table(marks, here.recv(), args.reps)
         bare = make_channel(address).stream_unary("/colm.bench.Sink/Push")
         msg = b"\0" * chunk
         n_msgs = max(1, T * per_token // chunk)
@@ -344,6 +483,10 @@ def main() -> None:
         for path, r in res["paths"].items():
             ratio = f"{r['gb_s'] / base:7.2f}" if base else ""
             print(f"{mib:>5} {path:16} {r['checksum']:9} {r['ms']:8.1f} {r['gb_s']:7.2f} {ratio}")
+            for step, (a, b) in r.get("phases", {}).get("sender_ms_first_last", {}).items():
+                print(f"{'':>5}   {step:28} {a:8.2f} .. {b:8.2f} ms")
+            for step, d in r.get("phases", {}).get("decode_intake", {}).items():
+                print(f"{'':>5}   decode {step:21} {d['ms_per_request']:8.2f} ms in {d['calls_per_request']:.0f} calls")
     if prof is not None:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)

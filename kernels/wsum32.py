@@ -75,3 +75,67 @@ def wsum32_tensor(words: torch.Tensor) -> torch.Tensor:
     if HAS_TRITON and words.is_cuda:
         return wsum32_triton_tensor(words)
     return wsum32_ref_tensor(words)
+
+
+# ------------------------------------------------------------------ many ranges in one launch
+def segment_blocks(segs, block: int = BLOCK):
+    """The launch table of ``wsum32_segments``: int64 [blocks, 4] rows (first word, words, position of that word in
+    its group, group), ``block`` words at most per row, from ``segs`` int64 [S, 3] (first word, words, group); a
+    group's words are numbered across its segments in row order."""
+    import numpy as np
+
+    segs = np.asarray(segs, dtype=np.int64).reshape(-1, 3)
+    start, count, group = segs[:, 0], segs[:, 1], segs[:, 2]
+    base = np.zeros(len(segs), dtype=np.int64)  # each segment's first position in its group
+    seen: dict[int, int] = {}
+    for i, (g, c) in enumerate(zip(group.tolist(), count.tolist())):
+        base[i] = seen.get(g, 0)
+        seen[g] = base[i] + c
+    nblk = -(-count // block)                                          # [S]
+    seg = np.repeat(np.arange(len(segs)), nblk)                         # [blocks] the segment of each block
+    k = np.arange(len(seg)) - np.repeat(np.cumsum(nblk) - nblk, nblk)   # [blocks] block index inside it
+    first = k * block
+    return np.stack([start[seg] + first, np.minimum(block, count[seg] - first), base[seg] + first, group[seg]], axis=1)
+
+
+def wsum32_segments_ref(words: torch.Tensor, segs, num_groups: int) -> torch.Tensor:
+    """``wsum32`` of each group of ranges of ``words`` (int16 [n]): group g's ranges (``segs`` rows (first word,
+    words, group), in row order) joined. int64 [num_groups] on the words' device."""
+    out = []
+    for g in range(num_groups):
+        parts = [words[s : s + c] for s, c, gg in [tuple(r) for r in segs.tolist()] if gg == g]
+        out.append(wsum32_ref(torch.cat(parts)) if parts else 0)
+    return torch.tensor(out, dtype=torch.int64, device=words.device)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _segments_kernel(words_ptr, table_ptr, part_ptr, BLOCK: tl.constexpr):
+        p = tl.program_id(0)
+        row = table_ptr + p * 4
+        start = tl.load(row)
+        n = tl.load(row + 1)
+        pos = tl.load(row + 2)
+        i = tl.arange(0, BLOCK)
+        x = tl.load(words_ptr + start + i, mask=i < n, other=0).to(tl.int32) & 0xFFFF  # [BLOCK]
+        w = (pos + i) % 65521 + 1                                                     # [BLOCK] int64
+        tl.store(part_ptr + p, tl.sum(x.to(tl.int64) * w, 0))
+
+
+def wsum32_segments(words: torch.Tensor, segs, num_groups: int) -> torch.Tensor:
+    """``wsum32_segments_ref`` in one launch on CUDA (the reference elsewhere): int64 [num_groups], not read."""
+    if not (HAS_TRITON and words.is_cuda):
+        return wsum32_segments_ref(words, segs, num_groups)
+    return wsum32_segments_triton(words, segs, num_groups)
+
+
+def wsum32_segments_triton(words: torch.Tensor, segs, num_groups: int) -> torch.Tensor:
+    table_np = segment_blocks(segs)
+    out = torch.zeros(num_groups, dtype=torch.int64, device=words.device)
+    if len(table_np) == 0:
+        return out
+    table = torch.from_numpy(table_np).to(words.device, non_blocking=False)  # [blocks, 4]
+    part = torch.empty(len(table_np), dtype=torch.int64, device=words.device)
+    _segments_kernel[(len(table_np),)](words, table, part, BLOCK=BLOCK)
+    return out.index_add_(0, table[:, 3], part) & 0xFFFFFFFF

@@ -142,17 +142,29 @@ class GrpcKVSink(StagedKVSink):
                                 f"{ack.num_bytes} bytes, sent {self._num_chunks} / {self.num_bytes}")
         return self.num_bytes
 
-    def _range_message(self, l0: int, l1: int, t0: int, t1: int, crc: int = 0):
-        """A ``KVChunk`` naming layers [l0, l1) x tokens [t0, t1) without their bytes (the cuda_ipc and cuda_pool
-        paths: the K/V are already where decode reads them), counted as sent."""
+    def _range_chunk(self, l0: int, l1: int, t0: int, t1: int, crc: int = 0):
+        """A ``KVChunk`` naming layers [l0, l1) x tokens [t0, t1) without their bytes (the cuda_ipc, cuda_pool and
+        nixl paths: the K/V are already where decode reads them), counted as sent."""
         lay = self._layout
         nbytes = (l1 - l0) * (t1 - t0) * lay.bytes_per_token_layer
-        msg = kv_pb2.KVMessage(chunk=kv_pb2.KVChunk(seq=self._num_chunks, layer_start=l0, layer_end=l1, token_start=t0,
-                                                    token_end=t1, dtype=lay.dtype, nbytes=nbytes, crc32=crc,
-                                                    shape=[l1 - l0, t1 - t0, 2, lay.num_kv_heads, lay.head_dim]))
+        chunk = kv_pb2.KVChunk(seq=self._num_chunks, layer_start=l0, layer_end=l1, token_start=t0, token_end=t1,
+                               dtype=lay.dtype, nbytes=nbytes, crc32=crc,
+                               shape=[l1 - l0, t1 - t0, 2, lay.num_kv_heads, lay.head_dim])
         self.num_bytes += nbytes
         self._num_chunks += 1
-        return msg
+        return chunk
+
+    def _range_message(self, l0: int, l1: int, t0: int, t1: int, crc: int = 0):
+        """``_range_chunk`` as a message of its own."""
+        return kv_pb2.KVMessage(chunk=self._range_chunk(l0, l1, t0, t1, crc))
+
+    def _marks_message(self, ranges):
+        """One ``KVMarks`` message for ``ranges`` [(l0, l1, t0, t1, crc)], in order (the puts one write carried);
+        a single range goes as a plain chunk."""
+        chunks = [self._range_chunk(*r) for r in ranges]
+        if len(chunks) == 1:
+            return kv_pb2.KVMessage(chunk=chunks[0])
+        return kv_pb2.KVMessage(marks=kv_pb2.KVMarks(chunks=chunks))
 
     def _end_message(self):
         return kv_pb2.KVMessage(end=kv_pb2.KVEnd(num_chunks=self._num_chunks, num_bytes=self.num_bytes))

@@ -45,7 +45,7 @@ from colm.errors import TransferError
 from colm.kv_ipc import StagingOpener, process_id
 from colm.kv_wire import KVLayout
 from colm.prefill_worker.kv_push import GrpcKVSink, _peer_error, _Stop, kv_header, kv_pb2
-from colm.prefill_worker.sinks import copies_done_event
+from colm.prefill_worker.sinks import copies_done_event, ready_batches
 
 POOL_OPENER = StagingOpener(max_handles=64)  # one mapping per decode worker's pool, shared by every request
 # One thread per open stream (it waits for the grant, then the ack); threads are made as needed and reused.
@@ -187,8 +187,10 @@ class PoolKVSink(GrpcKVSink):
 
     def _messages(self, header):
         yield kv_pb2.KVMessage(header=header)
-        for (l0, l1, t0, t1), _ in self._staged():  # yields once the put's writes have finished
-            yield self._range_message(l0, l1, t0, t1)
+        # once a put's writes have finished (or at once, with a ready event); the puts whose writes are done together
+        # are marked in one message
+        for batch in ready_batches(self._q, _written, _wait_written):
+            yield self._marks_message([(*ranges, 0) for ranges, _, _ in batch])
         yield self._end_message()
 
     def finish(self, timeout_s: float) -> int:
@@ -215,6 +217,16 @@ class PoolKVSink(GrpcKVSink):
             self._stopped = True
             if self._call is not None:
                 self._call.cancel()
+
+
+def _written(item) -> bool:
+    """A queued mark ``(ranges, None, event)`` whose writes are done (no event: at once)."""
+    return item[2] is None or item[2].query()
+
+
+def _wait_written(item) -> None:
+    if item[2] is not None:
+        item[2].synchronize()
 
 
 def _as_error(request_id: str, e: BaseException) -> BaseException:

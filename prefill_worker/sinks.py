@@ -90,6 +90,31 @@ def queued_puts(q: queue.SimpleQueue):
     return drain(q, _END)
 
 
+def ready_batches(q: queue.SimpleQueue, ready, wait=None, limit: int = 64):
+    """Yields lists of the items put on ``q`` (until ``_END``), in order: the next item (waited for, then passed to
+    ``wait``), then those already queued behind it for which ``ready(item)`` holds, ``limit`` at most; the first one
+    not ready starts the next list. A sink whose puts come at once (a graphed forward's) sends them as one."""
+    it = queued_puts(q)
+    held = None
+    while True:
+        item = held if held is not None else next(it, None)
+        held = None
+        if item is None:
+            return
+        if wait is not None:
+            wait(item)
+        batch = [item]
+        while len(batch) < limit and not q.empty():
+            nxt = next(it, None)
+            if nxt is None:
+                break
+            if not ready(nxt):
+                held = nxt
+                break
+            batch.append(nxt)
+        yield batch
+
+
 def copies_done_event(t: torch.Tensor):
     """An event recorded on ``t``'s device's current stream after the copies queued so far (None off CUDA): the
     consumer of a ``put`` waits for it before it signals or reads."""

@@ -62,3 +62,40 @@ def test_large_device_buffer_equals_reference():
 
     data = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8, device="cuda")
     assert wsum32(data) == k.wsum32_ref(data.view(torch.int16)) == k.wsum32_ref(data.cpu().view(torch.int16))
+
+
+def random_segments(n_words: int, seed: int):
+    """Ranges of a buffer of ``n_words`` words in 3 groups, some longer than a block, some empty groups' neighbours."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(7):
+        c = int(rng.choice([1, 3, 4096, 5000, 9001]))
+        s = int(rng.integers(0, n_words - c))
+        rows.append([s, c, int(rng.integers(0, 3))])
+    return np.array(rows, dtype=np.int64)
+
+
+def test_segment_reference_equals_the_definition():
+    words = random_words(40000)
+    segs = random_segments(40000, 1)
+    got = k.wsum32_segments_ref(words, segs, 4).tolist()
+    for g in range(4):
+        joined = torch.cat([words[s : s + c] for s, c, gg in segs.tolist() if gg == g] or [words[:0]])
+        assert got[g] == by_hand(joined)
+
+
+@interp
+def test_segments_kernel_in_interpreter():
+    words = random_words(40000)
+    for seed in (1, 2):
+        segs = random_segments(40000, seed)
+        assert k.wsum32_segments_triton(words, segs, 4).tolist() == k.wsum32_segments_ref(words, segs, 4).tolist()
+
+
+@cuda
+def test_segments_kernel_on_cuda():
+    words = random_words(40000)
+    segs = random_segments(40000, 3)
+    assert k.wsum32_segments_triton(words.cuda(), segs, 4).tolist() == k.wsum32_segments_ref(words, segs, 4).tolist()

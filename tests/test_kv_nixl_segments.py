@@ -125,29 +125,77 @@ def test_ready_puts_go_out_as_one_write_and_a_put_still_copying_starts_the_next(
     assert next(batches, None) is None
 
 
-def test_checks_left_pending_are_compared_at_the_end_and_a_mismatch_names_its_chunk():
-    """Decode's device-pool path: ``verify_range(pending=True)`` leaves wsum32 scalars on the device, and
-    ``check_pending`` reads them at once at the stream's end (here CPU scalars stand in for them)."""
+def test_ready_batches_waits_for_the_first_and_respects_its_limit():
+    """``ready_batches``: the first item is passed to ``wait``; the ready items queued behind it join it, ``limit`` at
+    most; a failure put on the queue is raised where the consumer reads it."""
+    import queue
+
+    from colm.prefill_worker.sinks import _END, ready_batches
+
+    q = queue.SimpleQueue()
+    for i in range(5):
+        q.put(i)
+    q.put(_END)
+    waited = []
+    got = list(ready_batches(q, lambda i: i != 3, waited.append, limit=2))
+    assert got == [[0, 1], [2], [3, 4]] and waited == [0, 2, 3]
+    q.put(7)
+    q.put(RuntimeError("put failed"))
+    batches = ready_batches(q, lambda i: True)
+    with pytest.raises(RuntimeError, match="put failed"):
+        next(batches)
+
+
+def test_checks_left_pending_are_summed_at_the_end_and_a_mismatch_names_its_chunk():
+    """Decode's device-pool path: ``verify_range(pending=True)`` only notes the pool words a chunk covers, and
+    ``check_pending`` sums every chunk's words at the stream's end (one launch on a GPU; the reference here) and
+    compares them with the sender's wsum32; a flipped byte fails the chunk that holds it. A CPU pool is checked at
+    once."""
     from colm.errors import TransferError
-    from colm.kv.nixl import check_pending, read_pending
+    from colm.kv.nixl import check_pending, read_pending, verify_range
+    from colm.kv_wire import KVLayout
     from colm.proto import load_proto
 
     kv_pb2, _ = load_proto("kv")
-    chunks = [kv_pb2.KVChunk(seq=i, layer_start=i, layer_end=i + 1, token_start=0, token_end=8, crc32=1000 + i)
-              for i in range(3)]
     assert read_pending([torch.tensor(5), 7, torch.tensor(2**32 - 1)]) == [5, 7, 2**32 - 1]
-    check_pending([(c, torch.tensor(1000 + c.seq)) for c in chunks], "r")
-    with pytest.raises(TransferError, match="chunk 1"):
-        check_pending([(c, torch.tensor(1000 + c.seq + (c.seq == 1))) for c in chunks], "r")
-    # a CPU pool is checked at once: nothing is left pending
     rng = np.random.default_rng(5)
-    pool, blocks, (l0, l1, t0, t1), kv = random_case(rng, torch.bfloat16)
+    pool, blocks, _, _ = random_case(rng, torch.bfloat16)
     pages = PagedKV(pool)
-    pages.write(pages.copy_plan(blocks, t0, t1), l0, l1, kv)
-    from colm.kv.nixl import verify_range
-    from colm.kv_wire import KVLayout
-
-    chunk = kv_pb2.KVChunk(seq=0, layer_start=l0, layer_end=l1, token_start=t0, token_end=t1,
+    geo = geometry_of(pages)
+    L, T = pool.shape[1], len(blocks) * pool.shape[3]
+    chunks, pending = [], []
+    for seq, layer in enumerate(range(L)):  # one chunk per layer, all tokens, as a prefill's puts
+        kv = torch.randn(1, T, 2, pool.shape[4], pool.shape[5]).to(torch.bfloat16)
+        pages.write(pages.copy_plan(blocks, 0, T), layer, layer + 1, kv)
+        c = kv_pb2.KVChunk(seq=seq, layer_start=layer, layer_end=layer + 1, token_start=0, token_end=T,
                            crc32=checksum(tensor_bytes(to_pool_order(kv).contiguous()), "wsum32"))
-    layout = KVLayout(pool.shape[1], len(blocks) * pool.shape[3], pool.shape[4], pool.shape[5], "bfloat16")
-    assert verify_range(pages, blocks, layout, chunk, "wsum32", "r", pending=True) is None
+        segs = put_segments(geo, layer, layer + 1, 0, T, token_runs(blocks, geo.block_size, 0, T))
+        chunks.append(c)
+        pending.append((c, np.stack([segs[:, 1] // 2, segs[:, 2] // 2], axis=1)))
+    check_pending(pages, pending, "r")
+    raw = pool.view(-1).view(torch.uint8)
+    bad = len(pending) - 1
+    word0 = int(pending[bad][1][0, 0])
+    raw[2 * word0 + 1] ^= 0x40  # a byte of the last chunk's first word
+    with pytest.raises(TransferError, match=f"chunk {bad}"):
+        check_pending(pages, pending, "r")
+    layout = KVLayout(L, T, pool.shape[4], pool.shape[5], "bfloat16")
+    with pytest.raises(TransferError, match=f"chunk {bad}"):  # a CPU pool: checked at once, nothing left pending
+        verify_range(pages, blocks, layout, chunks[bad], "wsum32", "r", pending=True)
+    assert verify_range(pages, blocks, layout, chunks[0], "wsum32", "r", pending=True) is None
+
+
+def test_the_sender_sums_a_writes_device_puts_in_one_call():
+    """``NixlKVSink._device_checksums``: puts given as word ranges of the send buffer get the wsum32 of their bytes
+    (one ``wsum32_segments`` call; the reference on the CPU), and other checksums pass through, in order."""
+    from types import SimpleNamespace
+
+    from colm.kv.nixl import NixlKVSink
+    from colm.kv_wire import wsum32
+
+    g = torch.Generator().manual_seed(9)
+    buf = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, generator=g)
+    sink = NixlKVSink.__new__(NixlKVSink)
+    sink.ep = SimpleNamespace(buf=buf)
+    values = [(100, 3000), 12345, (5000, 7), torch.tensor(77)]
+    assert sink._device_checksums(values) == [wsum32(buf[200:6200]), 12345, wsum32(buf[10000:10014]), 77]

@@ -200,8 +200,12 @@ def test_clean_end_releases_held_blocks_at_once(cluster):
     assert eng.stats().num_held_blocks == 0 and eng.pool.num_free == eng.pool.num_blocks
 
 
+def marks(*chunks):
+    return kv_pb2.KVMessage(marks=kv_pb2.KVMarks(chunks=[c.chunk for c in chunks]))
+
+
 @pytest.mark.parametrize("case", ["unknown", "wrong-layout", "wrong-dtype", "out-of-range", "twice", "bytes",
-                                  "no-header", "pushkv-bytes"])
+                                  "no-header", "pushkv-bytes", "marks-out-of-range", "marks-twice", "marks-bytes"])
 def test_bad_streams_fail_that_request(cluster, case):
     full, decode, d = cluster[1], cluster[2], cluster[4]
     cfg = full.cfg
@@ -218,6 +222,10 @@ def test_bad_streams_fail_that_request(cluster, case):
         "bytes": [header(cfg, rid, n), chunk(0, 0, 1, 0, n, data=b"\x00" * 16, nbytes=16)],
         "no-header": [chunk(0, 0, 1, 0, n)],
         "pushkv-bytes": [header(cfg, rid, n)],
+        "marks-out-of-range": [header(cfg, rid, n), marks(chunk(0, 0, 1, 0, n), chunk(1, 1, 2, 0, n + 1))],
+        "marks-twice": [header(cfg, rid, n), marks(chunk(0, 0, 1, 0, n), chunk(1, 0, 1, 2, 4))],
+        "marks-bytes": [header(cfg, rid, n), marks(chunk(0, 0, 1, 0, n), chunk(1, 1, 2, 0, n, data=b"\x00" * 16,
+                                                                              nbytes=16))],
     }[case]
     want = {"unknown": S.NOT_FOUND}.get(case, S.DATA_LOSS)
 
@@ -244,6 +252,41 @@ def test_bad_streams_fail_that_request(cluster, case):
     else:
         assert rid in details
     assert_pool_free(decode.engine)
+
+
+def test_the_ranges_of_one_write_are_marked_in_one_message(cluster):
+    """A ``KVMarks`` message carries several ranges (the puts one write carried): decode marks each as that chunk
+    alone, and the ack counts them all; ``PushKV`` (bytes) refuses it with DATA_LOSS."""
+    full, decode, d = cluster[1], cluster[2], cluster[4]
+    cfg = full.cfg
+    n = 6
+    reserve(d, "marks-ok", n + 1)
+    ranges = [chunk(layer, layer, layer + 1, 0, n) for layer in range(cfg.n_layers)]
+    end = kv_pb2.KVMessage(end=kv_pb2.KVEnd(num_chunks=len(ranges), num_bytes=0))
+    replies = list(d.WriteKV(iter([header(cfg, "marks-ok", n), marks(*ranges), end]), metadata=MD, timeout=5))
+    assert [r.WhichOneof("kind") for r in replies] == ["grant", "ack"]
+    assert replies[1].ack.num_chunks == cfg.n_layers
+    assert decode.engine.abort("marks-ok")
+    reserve(d, "marks-push", n + 1)
+    code, details = code_of(lambda: d.PushKV(iter([header(cfg, "marks-push", n), marks(*ranges)]), metadata=MD,
+                                             timeout=5))
+    assert code == S.DATA_LOSS and "marks" in details
+    decode.engine.abort("marks-push")
+    assert_pool_free(decode.engine)
+
+
+def test_the_sender_marks_the_writes_done_together_in_one_message():
+    """``PoolKVSink``: the puts whose writes are done (or need no wait: a ready event follows) when the stream
+    looks go out as one ``KVMarks``; KVEnd counts each range."""
+    sink = PoolKVSink(None, "r", TOKEN)
+    sink._layout = KVLayout(3, 5, 2, 4, "float32")
+    for layer in range(3):
+        sink._q.put(((layer, layer + 1, 0, 5), None, None))
+    sink._close_queue()
+    msgs = list(sink._messages(kv_pb2.KVHeader(request_id="r")))
+    assert [m.WhichOneof("kind") for m in msgs] == ["header", "marks", "end"]
+    assert [(c.seq, c.layer_start, c.layer_end) for c in msgs[1].marks.chunks] == [(0, 0, 1), (1, 1, 2), (2, 2, 3)]
+    assert msgs[2].end.num_chunks == 3 and msgs[2].end.num_bytes == 3 * 5 * 2 * 2 * 4 * 4
 
 
 def test_cuda_pool_requested_from_a_cpu_prefill_worker(cluster):

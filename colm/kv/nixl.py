@@ -53,6 +53,7 @@ import torch
 
 from colm.errors import PeerUnavailableError, TransferError
 from colm.kv.arena import RegionArena
+from colm.kernels.wsum32 import wsum32_segments
 from colm.kv_wire import KVLayout, checksum, parse_dtype, tensor_bytes, wsum32, wsum32_pending
 
 log = logging.getLogger("colm.kv.nixl")
@@ -366,18 +367,17 @@ def geometry_of(pool) -> PoolGeometry:
 def verify_range(pool, blocks, layout: KVLayout, chunk, kind: str, request_id: str = "", pending: bool = False):
     """Decode: the checksum of the chunk's cells as they lie in the pool equals the sender's; TransferError if not
     (or if its ranges lie outside the stream's). ``pending`` (a device pool, ``wsum32``): the check is not waited
-    for; returns the pool's checksum as a device scalar for ``check_pending``, which compares a stream's at its end
-    (one host read, not one per chunk). Otherwise None."""
+    for; returns the pool's words the chunk covers ([n, 2] first word, words) for ``check_pending``, which checks a
+    stream's chunks at its end in one launch and one host read. Otherwise None."""
     l0, l1, t0, t1 = chunk.layer_start, chunk.layer_end, chunk.token_start, chunk.token_end
     if not (0 <= l0 < l1 <= layout.num_layers and 0 <= t0 < t1 <= layout.num_tokens):
         raise TransferError(f"request {request_id}: chunk layers [{l0},{l1}) tokens [{t0},{t1}) outside {layout.num_layers} layers x "
                             f"{layout.num_tokens} tokens")
     geo = geometry_of(pool)
     segs = put_segments(geo, l0, l1, t0, t1, token_runs(blocks, geo.block_size, t0, t1))
-    got = pool_checksum(pool.kv, segs, kind, pending=pending)
-    if isinstance(got, torch.Tensor):
-        return got
-    _check(got, chunk, request_id)
+    if pending and kind == "wsum32" and pool.kv.is_cuda and not (segs[:, 1:] % 2).any():
+        return np.stack([segs[:, 1] // 2, segs[:, 2] // 2], axis=1)  # [n, 2] the pool's words (first, count)
+    _check(pool_checksum(pool.kv, segs, kind), chunk, request_id)
     return None
 
 
@@ -387,16 +387,24 @@ def _check(got: int, chunk, request_id: str) -> None:
                             f"{chunk.layer_end}) tokens [{chunk.token_start},{chunk.token_end}) as written into the pool)")
 
 
-def check_pending(pending: list, request_id: str = "") -> None:
-    """Decode, at a stream's end: the chunks whose checks ``verify_range(pending=True)`` left pending, [(chunk, device
-    scalar)], compared with one host read; TransferError at the first mismatch."""
-    for (chunk, _), got in zip(pending, read_pending([v for _, v in pending])):
-        _check(got, chunk, request_id)
+def check_pending(pool, pending: list, request_id: str = "") -> None:
+    """Decode, at a stream's end: the chunks whose checks ``verify_range(pending=True)`` left pending, [(chunk, the
+    pool's words it covers [n, 2])], summed in one launch (``wsum32_segments``) and compared with one host read;
+    TransferError at the first mismatch."""
+    if not pending:
+        return
+    segs = np.concatenate([np.concatenate([w, np.full((len(w), 1), g, np.int64)], axis=1)
+                           for g, (_, w) in enumerate(pending)])  # [rows, 3] first word, words, chunk
+    words = pool.kv.view(-1).view(torch.uint8).view(torch.int16)  # the pool's 16-bit words
+    with side_stream(pool.kv.device):
+        sums = wsum32_segments(words, segs, len(pending)).tolist()
+    for (chunk, _), got in zip(pending, sums):
+        _check(int(got), chunk, request_id)
 
 
 # ------------------------------------------------------------------------------------------- prefill side
 from colm.prefill_worker.kv_push import GrpcKVSink, _peer_error, _Stop, kv_header, kv_pb2  # noqa: E402
-from colm.prefill_worker.sinks import copies_done_event, queued_puts  # noqa: E402
+from colm.prefill_worker.sinks import copies_done_event, ready_batches  # noqa: E402
 
 _REPLIES = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="colm-kv-nixl")
 # Host puts are copied into the send region (and checksummed) here, so the copy of one put runs while the stream's
@@ -521,54 +529,66 @@ class NixlKVSink(GrpcKVSink):
         return checksum(tensor_bytes(data.cpu() if data.is_cuda else data), self.checksum_kind)
 
     def _ready(self, item) -> tuple:
-        """((l0, l1, t0, t1), offset, checksum) of a queued put once its bytes are in the send region; a ``wsum32``
-        comes as a scalar not yet read (``read_pending``)."""
+        """((l0, l1, t0, t1), offset, checksum) of a queued put once its bytes are in the send region. A device
+        ``wsum32`` of an even range comes as its words ``(first word, words)`` of the send buffer, for
+        ``_device_checksums``; another device one as a scalar not yet read (``read_pending``)."""
         ranges, copied, event, offset = item
         if copied is not None:  # a host put: its copy's future
             return ranges, offset, copied.result()
         event.synchronize()  # a device put: its copy into the region was queued on the device
         l0, l1, t0, t1 = ranges
         nbytes = (l1 - l0) * (t1 - t0) * self._layout.bytes_per_token_layer
+        start = self._start + offset
+        if self.checksum_kind == "wsum32" and self.ep.buf.is_cuda and start % 2 == 0 and nbytes % 2 == 0:
+            return ranges, offset, (start // 2, nbytes // 2)
         return ranges, offset, self._region_checksum(offset, nbytes)
+
+    def _device_checksums(self, values: list) -> list[int]:
+        """Ints of ``_ready``'s checksums: the word ranges summed in one launch (``wsum32_segments``), the device
+        scalars read with them (one host read)."""
+        ranged = [i for i, v in enumerate(values) if isinstance(v, tuple)]
+        out = list(values)
+        if ranged:
+            segs = np.array([[*values[i], g] for g, i in enumerate(ranged)], dtype=np.int64)  # [n, 3]
+            buf = self.ep.buf
+            with side_stream(buf.device):
+                sums = wsum32_segments(buf.view(torch.int16), segs, len(ranged)).tolist()
+            for i, v in zip(ranged, sums):
+                out[i] = v
+        return read_pending(out)
 
     @staticmethod
     def _copied(item) -> bool:
         _, copied, event, _ = item
         return copied.done() if copied is not None else event.query()
 
+    @staticmethod
+    def _wait_copied(item) -> None:
+        _, copied, event, _ = item
+        if copied is not None:
+            copied.result()
+        else:
+            event.synchronize()
+
     def _batches(self):
         """Yields lists of ``_ready`` puts, in put order, until ``finish``/``fail`` ends the stream: the next put
         (waited for), then those queued behind it whose bytes are already in the send region (a graphed forward's
         puts all come at once: one WRITE for them, not one each)."""
-        it = iter(queued_puts(self._q))
-        held = None
-        while True:
-            item = held if held is not None else next(it, None)
-            held = None
-            if item is None:
-                return
-            batch = [self._ready(item)]
-            while len(batch) < MAX_BATCH and not self._q.empty():
-                nxt = next(it, None)
-                if nxt is None:
-                    break
-                if not self._copied(nxt):  # still being copied: it starts the next batch
-                    held = nxt
-                    break
-                batch.append(self._ready(nxt))
-            crcs = read_pending([crc for _, _, crc in batch])  # the batch's device checksums in one host read
+        for items in ready_batches(self._q, self._copied, self._wait_copied, MAX_BATCH):
+            batch = [self._ready(item) for item in items]
+            crcs = self._device_checksums([crc for _, _, crc in batch])  # one launch, one host read
             yield [(ranges, offset, crc) for (ranges, offset, _), crc in zip(batch, crcs)]
 
     def _messages(self, header):
         yield kv_pb2.KVMessage(header=header)
         if not self.granted.wait(max(0.0, self._deadline - time.monotonic())) or self._grant is None:
             return  # no grant (an error, or the deadline): the stream ends without KVEnd
-        inflight: collections.deque = collections.deque()  # (handle, chunk message), posting order
+        inflight: collections.deque = collections.deque()  # (handle, its puts' marks), posting order
         g, geo = self._grant, self._geo
         local_base = self.ep.base + self._start
         try:
             for batch in self._batches():
-                locals_, remotes, msgs = [], [], []
+                locals_, remotes, marks = [], [], []
                 for (l0, l1, t0, t1), offset, crc in batch:
                     runs = self._runs.get((t0, t1))
                     if runs is None:
@@ -578,10 +598,10 @@ class NixlKVSink(GrpcKVSink):
                                              np.full(len(segs), self.ep.arena_dev, np.uint64)], axis=1))
                     remotes.append(np.stack([segs[:, 1] + np.uint64(g.nixl_addr), segs[:, 2],
                                              np.full(len(segs), g.nixl_device, np.uint64)], axis=1))
-                    msgs.append(self._range_message(l0, l1, t0, t1, crc))
+                    marks.append((l0, l1, t0, t1, crc))
                 handle = self.ep.post_write(np.concatenate(locals_), np.concatenate(remotes), self._peer,
                                             g.nixl_mem or "DRAM", self.ep.arena_mem)
-                inflight.append((handle, msgs))
+                inflight.append((handle, marks))
                 # post more while puts are queued; else (or at the cap) finish the oldest write and send its marks
                 while inflight and (self._q.empty() or len(inflight) >= MAX_IN_FLIGHT):
                     yield from self._wait(*inflight.popleft())
@@ -592,14 +612,15 @@ class NixlKVSink(GrpcKVSink):
                 self.ep.release(handle)
         yield self._end_message()
 
-    def _wait(self, handle, msgs):
-        """``msgs`` (the marks of the puts one write carried) once it is DONE; raises on ERR or at the deadline."""
+    def _wait(self, handle, marks):
+        """Yields one message marking the puts one write carried (``marks`` [(l0, l1, t0, t1, crc)]) once it is
+        DONE; raises on ERR or at the deadline."""
         spins = 0
         try:
             while True:
                 state = self.ep.state(handle)
                 if state == "DONE":
-                    return msgs
+                    break
                 if state == "ERR":
                     self.ep.forget(self._grant.nixl_agent)
                     raise PeerUnavailableError(f"request {self.request_id}: NIXL write to {self._grant.nixl_agent} failed")
@@ -613,6 +634,7 @@ class NixlKVSink(GrpcKVSink):
             raise
         finally:
             self.ep.release(handle)
+        yield self._marks_message(marks)
 
     def finish(self, timeout_s: float) -> int:
         self._close_queue()

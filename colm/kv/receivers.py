@@ -98,6 +98,9 @@ class BytesReceiver(_Receiver):
                     state["done"] = True
                     return kv_pb2.KVAck(request_id=header.request_id, num_chunks=msg.end.num_chunks,
                                         num_bytes=msg.end.num_bytes)
+                else:  # KVMarks: bytes already in decode's blocks, which PushKV does not grant
+                    raise TransferError(f"request {header.request_id}: a {kind!r} message on a PushKV stream (only "
+                                        "header, chunk and end are accepted)")
             raise TransferError(f"request {state['rid']}: KV stream ended without KVEnd (truncated)")
         except Exception as e:
             raise self._stream_failed(state["rid"], e, context, fail=not state["done"]) from None
@@ -195,28 +198,31 @@ class GrantReceiver(_Receiver):
             else:
                 fields = self.engine.pool_export().header_fields()
                 fields["accepts_ready_event"] = self.engine.accepts_ready_events()
-            pending: list = []  # nixl on a device pool: (chunk, its checksum in the pool, not read yet)
+            pending: list = []  # nixl on a device pool: (chunk, the pool's words it covers), checked at KVEnd
             yield kv_pb2.KVPoolReply(grant=kv_pb2.KVPoolGrant(
                 request_id=rid, block_ids=grant.blocks, block_size=pool.block_size, num_blocks=pool.num_blocks,
                 dtype=self.engine.kv_dtype(), **fields))
             for msg in messages:
                 kind = msg.WhichOneof("kind")
-                if kind == "chunk":
-                    c = msg.chunk
-                    if c.data or getattr(msg, "payload", None):
+                if kind in ("chunk", "marks"):  # one range, or the ranges of one write
+                    if getattr(msg, "payload", None):
                         raise TransferError(f"request {rid}: inline bytes on the {header.transport or 'cuda_pool'} path")
-                    if nixl and verify:  # the range's bytes as they landed in the blocks
-                        with DEVICE_WIDE_LOCK if pool.kv.is_cuda else contextlib.nullcontext():
-                            # a device pool's wsum32 is queued on the GPU and compared at KVEnd, all in one read
-                            got = kv_nixl.verify_range(pool, grant.blocks, layout, c, header.checksum, rid,
-                                                       pending=pool.kv.is_cuda)
-                        if got is not None:
-                            pending.append((c, got))
-                    self.engine.mark_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, seq=c.seq)
+                    for c in (msg.chunk,) if kind == "chunk" else msg.marks.chunks:
+                        if c.data:
+                            raise TransferError(f"request {rid}: inline bytes on the {header.transport or 'cuda_pool'} "
+                                                "path")
+                        if nixl and verify:  # the range's bytes as they landed in the blocks
+                            with DEVICE_WIDE_LOCK if pool.kv.is_cuda else contextlib.nullcontext():
+                                # a device pool's wsum32: its words noted here, all summed at KVEnd in one launch
+                                got = kv_nixl.verify_range(pool, grant.blocks, layout, c, header.checksum, rid,
+                                                           pending=pool.kv.is_cuda)
+                            if got is not None:
+                                pending.append((c, got))
+                        self.engine.mark_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, seq=c.seq)
                 elif kind == "end":
                     if pending:  # before the K/V count as complete: a mismatch fails the request (DATA_LOSS)
-                        with DEVICE_WIDE_LOCK:  # a device read, as the checks it completes
-                            kv_nixl.check_pending(pending, rid)
+                        with DEVICE_WIDE_LOCK:
+                            kv_nixl.check_pending(pool, pending, rid)
                     ready = msg.end.ready_event_ipc
                     self.engine.finish_kv(rid, header.num_tokens,
                                           ready=self.engine.open_ready_event(bytes(ready)) if ready else None)
