@@ -174,7 +174,7 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                   prefill_tokens_per_s=s.prefill_tokens_per_s,
                                   num_prefill_chunks=s.num_prefill_chunks,
                                   num_steps_launched_ahead=s.num_steps_launched_ahead,
-                                  num_steps_dropped=s.num_steps_dropped)
+                                  num_steps_dropped=s.num_steps_dropped, transports=self._transports)
 
     def Score(self, request, context):
         rows = self.engine.score(list(request.token_ids), int(request.scale) or None)

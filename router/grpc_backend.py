@@ -51,6 +51,7 @@ class GrpcBackend:
         self._workers: dict[str, WorkerInfo] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._host_ids: dict[str, str] = {}
+        self._transports: dict[str, tuple[str, ...]] = {}  # decode worker -> what it can receive (its Stats)
         self._cuda: dict[str, bool] = {}  # worker -> its engine (decode: its KV pool) is on CUDA, from Stats
         self._transfer: dict[str, list] = {}  # prefill worker -> [bytes, seconds, tokens] handed to decode so far
         self._aborts: set[asyncio.Task] = set()  # background aborts of failed attempts (kept referenced)
@@ -118,6 +119,7 @@ class GrpcBackend:
                                                     timeout=STATS_TIMEOUT_S)
             self._host_ids[worker_id] = s.host_id
             self._cuda[worker_id] = s.cuda_kv
+            self._transports[worker_id] = tuple(s.transports)
             return WorkerReport.of_decode(worker_id, s)
         s = await self._prefill(worker_id).Stats(kv_pb2.PrefillStatsRequest(), metadata=self._md(),
                                                  timeout=STATS_TIMEOUT_S)
@@ -149,8 +151,10 @@ class GrpcBackend:
 
         colocated = prefill_id == decode_id  # the decode worker prefills the prompt itself (Start carries it)
         try:
-            if not colocated and self._pool_pair(prefill_id, decode_id):  # decode's grant waits for the reservation
-                prefill_task = start_prefill(True, "cuda_pool", True)
+            early = None if colocated else self._early_transport(prefill_id, decode_id)
+            if early is not None:  # decode's grant waits for the reservation: Prefill goes out with Reserve
+                prefill_task = start_prefill(early[1].same_host, early[0], early[1].decode_cuda,
+                                             list(early[1].decode_transports))
             if not colocated:  # a colocated worker reserves with the Start (``_start_request``): one call fewer
                 try:
                     reply = await decode.Reserve(kv_pb2.ReserveRequest(
@@ -286,19 +290,22 @@ class GrpcBackend:
                 t.cancel()
             sub.unregister(req.request_id)
 
-    def _pool_pair(self, prefill_id: str, decode_id: str) -> bool:
-        """Reserve and Prefill may go out at once: the transport the registry picks for the pair (facts from the
-        workers' last Stats) says so (cuda_pool: decode's grant waits for the reservation)."""
+    def _early_transport(self, prefill_id: str, decode_id: str):
+        """(transport name, the pair's facts) when Reserve and Prefill may go out at once: the transport the
+        registry picks for the pair (facts from the workers' last Stats) says so (cuda_pool, nixl: decode's grant
+        waits for the reservation). None: Prefill waits for Reserve's reply."""
         from colm.kv import registry
 
         host = self._host_ids.get(decode_id)
         facts = registry.PairFacts(bool(host) and host == self._host_ids.get(prefill_id),
-                                   self._cuda.get(prefill_id, False), self._cuda.get(decode_id, False))
+                                   self._cuda.get(prefill_id, False), self._cuda.get(decode_id, False),
+                                   self._transports.get(decode_id, ()))
         try:
-            t = registry.get(registry.choose(self.kv_path, facts))
-        except ValueError:  # a transport the prefill worker itself must judge (e.g. nixl not importable here)
-            return False
-        return t.reserve_with_prefill and t.unmet(facts) is None
+            name = registry.choose(self.kv_path, facts)
+            t = registry.get(name)
+        except ValueError:  # a transport the prefill worker itself must judge
+            return None
+        return (name, facts) if t.reserve_with_prefill and t.unmet(facts) is None else None
 
     def _abort_in_background(self, decode_id: str, request_id: str, attempts: int = 3) -> None:
         """Free a failed attempt's decode reservation without holding up its retry. A few tries with a

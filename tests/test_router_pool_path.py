@@ -1,7 +1,8 @@
-"""The router's gRPC backend on the cuda_pool path: when both workers' Stats say CUDA and one host, Prefill
-(path "cuda_pool") goes out before Reserve has answered; otherwise Reserve comes first and Prefill carries
-the router's path. A Reserve that fails cancels the Prefill already sent. Fake stubs record the order;
-the workers' side of the concurrency (the grant waiting for the reservation) is in tests/test_kv_pool.py."""
+"""The router's gRPC backend on the cuda_pool and nixl paths: when the pair's facts (the workers' Stats: CUDA
+and one host for cuda_pool, decode listing nixl for nixl) let the transport's grant wait for the reservation,
+Prefill (path "cuda_pool" / "nixl") goes out before Reserve has answered; otherwise Reserve comes first and
+Prefill carries the router's path. A Reserve that fails cancels the Prefill already sent. Fake stubs record the
+order; the workers' side of the concurrency (the grant waiting for the reservation) is in tests/test_kv_pool.py."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ class _Rpc(grpc.aio.AioRpcError):
 class FakeWorkers:
     """Decode and prefill stubs in one: every call is logged; Reserve answers only when ``release`` is set."""
 
-    def __init__(self, cuda: bool, reserve_code=None) -> None:
+    def __init__(self, cuda: bool, reserve_code=None, hosts=("h", "h"), transports=()) -> None:
         self.cuda = cuda
+        self.hosts = hosts  # (prefill's host_id, decode's)
+        self.transports = transports  # what decode's Stats says it can receive
         self.reserve_code = reserve_code
         self.log: list[str] = []
         self.release = asyncio.Event()
@@ -36,8 +39,9 @@ class FakeWorkers:
 
     async def Stats(self, request, metadata=None, timeout=None):  # noqa: N802 - gRPC stub API
         if isinstance(request, kv_pb2.DecodeStatsRequest):
-            return kv_pb2.DecodeStats(host_id="h", num_blocks=8, num_free_blocks=8, cuda_kv=self.cuda)
-        return kv_pb2.PrefillStats(host_id="h", cuda=self.cuda)
+            return kv_pb2.DecodeStats(host_id=self.hosts[1], num_blocks=8, num_free_blocks=8, cuda_kv=self.cuda,
+                                      transports=self.transports)
+        return kv_pb2.PrefillStats(host_id=self.hosts[0], cuda=self.cuda)
 
     async def Reserve(self, request, metadata=None, timeout=None):  # noqa: N802
         self.log.append("reserve_sent")
@@ -45,7 +49,8 @@ class FakeWorkers:
         if self.reserve_code is not None:
             raise _Rpc(self.reserve_code)
         self.log.append("reserve_replied")
-        return kv_pb2.ReserveReply(request_id=request.request_id, host_id="h", cuda_kv=self.cuda)
+        return kv_pb2.ReserveReply(request_id=request.request_id, host_id=self.hosts[1], cuda_kv=self.cuda,
+                                   transports=self.transports)
 
     async def _prefill(self, request):
         await asyncio.sleep(0.05)
@@ -106,7 +111,7 @@ def backend_over(fake: FakeWorkers, token_stream: str = "batched") -> GrpcBacken
 async def one_request(b: GrpcBackend, fake: FakeWorkers):
     await b.poll("p0")
     await b.poll("d0")
-    if not fake.cuda:
+    if not fake.cuda and "nixl" not in fake.transports:
         asyncio.get_running_loop().call_later(0.01, fake.release.set)  # Reserve is awaited before Prefill here
     req = EngineRequest("r1", (1, 2, 3, 4), SamplingParams(max_new_tokens=1), scale=1, timeout_s=5.0)
     return [t.token_id async for t in b.generate(req, "p0", "d0")]
@@ -116,6 +121,19 @@ def test_cuda_pool_pair_sends_prefill_before_reserve_answers(token_stream):
     fake = FakeWorkers(cuda=True)
     assert asyncio.run(one_request(backend_over(fake, token_stream), fake)) == [7]
     assert fake.log[:3] == ["prefill:cuda_pool", "reserve_sent", "reserve_replied"]
+
+
+def test_a_nixl_pair_on_two_hosts_sends_prefill_before_reserve_answers(token_stream):
+    """nixl's grant waits for the reservation too: once decode's Stats lists it, auto picks it for two hosts
+    (no CUDA needed) and Prefill (path "nixl", with what decode can receive) goes out with Reserve."""
+    pytest.importorskip("nixl._api")
+    fake = FakeWorkers(cuda=False, hosts=("h1", "h2"), transports=("grpc", "nixl"))
+    sent = []
+    prefill = fake.Prefill
+    fake.Prefill = lambda request, **kw: sent.append(request) or prefill(request, **kw)
+    assert asyncio.run(one_request(backend_over(fake, token_stream), fake)) == [7]
+    assert fake.log[:3] == ["prefill:nixl", "reserve_sent", "reserve_replied"]
+    assert not sent[0].same_host and list(sent[0].decode_transports) == ["grpc", "nixl"]
 
 
 def test_other_pairs_reserve_first(token_stream):

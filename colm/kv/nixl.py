@@ -6,21 +6,25 @@ once per process (``pool_grant_fields``: DRAM on a CPU pool, VRAM on a CUDA pool
 one host send buffer once (``NixlEndpoint``'s arena, ``PrefillConfig.nixl_arena_bytes``) and gives each request a
 region of it (``RegionArena``).
 
-Path of one request (``DecodeWorker.WriteKV``, header with ``transport="nixl"``):
-prefill ``NixlKVSink.begin`` takes a send region and opens the stream -> decode ``DecodeEngine.grant_kv`` (the
-cuda_pool grant: the request's blocks, held from now on while the sender may write) and replies ``KVPoolGrant``
-with ``block_ids`` / ``block_size`` / ``num_blocks`` / ``dtype`` plus its agent's name and metadata and the pool's
-registered address (``nixl_addr``, ``nixl_bytes``, ``nixl_mem``, ``nixl_device``) -> the sender adds that agent
-(cached per agent name and metadata: one UCX connection per peer process) -> each ``put`` (layers [l0, l1) x tokens
-[t0, t1), ``kv [nl, nt, 2, Hkv, hd]``) is copied once into the send region in pool order (``[2, nl, nt, Hkv, hd]``:
-K then V, per layer the tokens in order), so that every run of consecutive slots of the granted blocks is one
-contiguous piece of it (``put_segments``: 2 x nl x runs segments; a fresh pool's blocks are one run) -> one NIXL
-WRITE of the descriptor lists of the puts whose bytes are ready (a graphed forward's puts come at once: one WRITE);
-writes are pipelined (several in flight) and each is polled until ``check_xfer_state`` says DONE, then the
-``KVChunk`` of each of its puts (the ranges, crc32 = checksum of the put's bytes in that order,
-``PrefillConfig.nixl_checksum``: ``wsum32`` computed on the GPU for a device send buffer) goes on the stream -> decode checks the checksum by reading those slots of its pool
-(``pool_checksum``) and marks the range written (``mark_kv``: nothing copied) -> ``KVEnd`` -> ``finish_kv`` and the
-ack. No NIXL notification: the ordered gRPC marks already say what landed, with a checksum each.
+Path of one request (``DecodeWorker.WriteKV``, header with ``transport="nixl"``; the router sends Reserve and
+Prefill at once, as decode's grant waits for the reservation):
+prefill ``NixlKVSink.begin`` takes a send region and opens the stream on a helper thread (the forward starts
+meanwhile) -> decode ``DecodeEngine.grant_kv`` (the cuda_pool grant: the request's blocks, held from now on while
+the sender may write) and replies ``KVPoolGrant`` with ``block_ids`` / ``block_size`` / ``num_blocks`` / ``dtype``
+plus its agent's name and metadata and the pool's registered address (``nixl_addr``, ``nixl_bytes``, ``nixl_mem``,
+``nixl_device``) -> the sender adds that agent (cached per agent name and metadata: one UCX connection per peer
+process) -> each ``put`` (layers [l0, l1) x tokens [t0, t1), ``kv [nl, nt, 2, Hkv, hd]``) is copied once into the
+send region in pool order (``[2, nl, nt, Hkv, hd]``: K then V, per layer the tokens in order), so that every run of
+consecutive slots of the granted blocks is one contiguous piece of it (``put_segments``: 2 x nl x runs segments; a
+fresh pool's blocks are one run) -> one NIXL WRITE of the descriptor lists of the puts whose bytes are ready (a
+graphed forward's puts come at once: one WRITE), their checksums (``PrefillConfig.nixl_checksum``: ``wsum32`` of a
+device send buffer, all of a WRITE's puts in one launch and one read) computed meanwhile; writes are pipelined
+(several in flight) and each is polled until ``check_xfer_state`` says DONE, then one ``KVMarks`` message names its
+puts (a ``KVChunk`` each: the ranges, crc32 = checksum of the put's bytes in pool order) -> decode marks each range
+written (``mark_kv``: nothing copied) and checks its checksum by reading those slots of its pool (a device pool:
+noted per chunk, all summed at ``KVEnd`` in one launch, before the K/V count as complete) -> ``KVEnd`` ->
+``finish_kv`` and the ack. No NIXL notification: the ordered gRPC marks already say what landed, with a checksum
+each.
 
 Copies per byte: prefill one copy (the put into the registered send region, reordered on the way): on the host,
 or on CUDA straight into the region, which lies in VRAM by default (``PrefillConfig.nixl_send_memory``; UCX then
@@ -435,6 +439,7 @@ class NixlKVSink(GrpcKVSink):
         self._error: BaseException | None = None
         self._ack = None
         self._call = None
+        self._stopped = False  # fail() / a timed-out finish came: a stream not yet opened is not opened
         self._clean = False
         self._deadline = 0.0
         self._lock = threading.Lock()
@@ -444,13 +449,15 @@ class NixlKVSink(GrpcKVSink):
         self._deadline = time.monotonic() + self.timeout_s
         if layout.num_bytes:
             self._region = self._start = self.ep.arena.allocate(layout.num_bytes)  # CapacityError: this request alone
-        header = kv_header(self.request_id, layout, self.checksum_kind, transport="nixl")
-        with self._lock:
-            self._call = self.stub.WriteKV(self._messages(header), timeout=self.timeout_s, metadata=self.metadata)
-        _REPLIES.submit(self._read_replies)
+        # the stream opens on a helper thread: opening a gRPC stream takes a while, and the forward runs meanwhile
+        _REPLIES.submit(self._read_replies, kv_header(self.request_id, layout, self.checksum_kind, transport="nixl"))
 
-    def _read_replies(self) -> None:
+    def _read_replies(self, header) -> None:
         try:
+            with self._lock:
+                if self._stopped:
+                    raise TransferError(f"request {self.request_id}: KV stream stopped before it opened")
+                self._call = self.stub.WriteKV(self._messages(header), timeout=self.timeout_s, metadata=self.metadata)
             reply = next(self._call)
             if reply.WhichOneof("kind") != "grant" or not reply.grant.nixl_agent:
                 raise TransferError(f"request {self.request_id}: decode answered WriteKV without a NIXL grant")
@@ -658,6 +665,7 @@ class NixlKVSink(GrpcKVSink):
 
     def _stop(self) -> None:
         with self._lock:
+            self._stopped = True
             if self._call is not None:
                 self._call.cancel()
 

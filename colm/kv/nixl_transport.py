@@ -15,4 +15,5 @@ def make_sink(ctx: SinkContext):
                       arena_device=arena_device)
 
 
-TRANSPORT = register(Transport("nixl", make_sink, needs_import="nixl._api"))
+# decode's grant waits for the reservation (as cuda_pool's): the router sends Reserve and Prefill at once
+TRANSPORT = register(Transport("nixl", make_sink, needs_import="nixl._api", reserve_with_prefill=True))
