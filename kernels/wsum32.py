@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover
 
 MOD = 65521            # weights 1..65521: a word's index mod this, plus one
 REF_CHUNK = 1 << 24    # the reference's words per partial sum: 2^24 x 2^16 x 2^16 < 2^63
-BLOCK = 4096           # the kernel's words per program
+BLOCK = 4096           # the kernel's words per program (at most 65521: see _weighted_sum)
 
 
 def wsum32_ref_tensor(words: torch.Tensor) -> torch.Tensor:
@@ -44,12 +44,22 @@ def wsum32_ref(words: torch.Tensor) -> int:
 if HAS_TRITON:
 
     @triton.jit
+    def _weighted_sum(x, first, BLOCK: tl.constexpr):
+        """sum_i x_i * ((first + i) mod 65521 + 1) over i < BLOCK (BLOCK <= 65521; x [BLOCK] the unsigned words in
+        int32): one scalar mod, the weights in int32 (first mod 65521 + i < 2 x 65521), the products in uint32
+        (< 65536 x 65521 < 2^32), only the sum in int64. Per-element int64 mod and multiply made the kernel
+        compute-bound far below the memory's speed."""
+        w = (first % 65521).to(tl.int32) + tl.arange(0, BLOCK) + 1
+        w = tl.where(w > 65521, w - 65521, w)
+        return tl.sum((x.to(tl.uint32) * w.to(tl.uint32)).to(tl.int64), 0)
+
+    @triton.jit
     def _partial_kernel(words_ptr, part_ptr, n, BLOCK: tl.constexpr):
         p = tl.program_id(0)
-        offs = p.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(words_ptr + offs, mask=offs < n, other=0).to(tl.int32) & 0xFFFF  # [BLOCK] the unsigned words
-        w = offs % 65521 + 1                                                         # [BLOCK] int64 weights
-        tl.store(part_ptr + p, tl.sum(x.to(tl.int64) * w, 0))
+        first = p.to(tl.int64) * BLOCK
+        i = tl.arange(0, BLOCK)
+        x = tl.load(words_ptr + first + i, mask=i < n - first, other=0).to(tl.int32) & 0xFFFF  # [BLOCK] unsigned
+        tl.store(part_ptr + p, _weighted_sum(x, first, BLOCK))
 
 
 def wsum32_triton_tensor(words: torch.Tensor) -> torch.Tensor:
@@ -118,9 +128,8 @@ if HAS_TRITON:
         n = tl.load(row + 1)
         pos = tl.load(row + 2)
         i = tl.arange(0, BLOCK)
-        x = tl.load(words_ptr + start + i, mask=i < n, other=0).to(tl.int32) & 0xFFFF  # [BLOCK]
-        w = (pos + i) % 65521 + 1                                                     # [BLOCK] int64
-        tl.store(part_ptr + p, tl.sum(x.to(tl.int64) * w, 0))
+        x = tl.load(words_ptr + start + i, mask=i < n, other=0).to(tl.int32) & 0xFFFF  # [BLOCK] unsigned
+        tl.store(part_ptr + p, _weighted_sum(x, pos, BLOCK))
 
 
 def wsum32_segments(words: torch.Tensor, segs, num_groups: int) -> torch.Tensor:

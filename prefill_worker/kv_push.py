@@ -158,10 +158,13 @@ class GrpcKVSink(StagedKVSink):
         """``_range_chunk`` as a message of its own."""
         return kv_pb2.KVMessage(chunk=self._range_chunk(l0, l1, t0, t1, crc))
 
-    def _marks_message(self, ranges):
+    def _marks_message(self, ranges, end: bool = False):
         """One ``KVMarks`` message for ``ranges`` [(l0, l1, t0, t1, crc)], in order (the puts one write carried);
-        a single range goes as a plain chunk."""
+        ``end``: it also carries the stream's ``KVEnd`` (the last one). A single range without the end goes as a
+        plain chunk."""
         chunks = [self._range_chunk(*r) for r in ranges]
+        if end:
+            return kv_pb2.KVMessage(marks=kv_pb2.KVMarks(chunks=chunks, end=self._end_message().end))
         if len(chunks) == 1:
             return kv_pb2.KVMessage(chunk=chunks[0])
         return kv_pb2.KVMessage(marks=kv_pb2.KVMarks(chunks=chunks))

@@ -188,9 +188,11 @@ class PoolKVSink(GrpcKVSink):
     def _messages(self, header):
         yield kv_pb2.KVMessage(header=header)
         # once a put's writes have finished (or at once, with a ready event); the puts whose writes are done together
-        # are marked in one message
-        for batch in ready_batches(self._q, _written, _wait_written):
-            yield self._marks_message([(*ranges, 0) for ranges, _, _ in batch])
+        # are marked in one message, the last of them with KVEnd
+        for batch, last in ready_batches(self._q, _written, _wait_written):
+            yield self._marks_message([(*ranges, 0) for ranges, _, _ in batch], end=last)
+            if last:
+                return
         yield self._end_message()
 
     def finish(self, timeout_s: float) -> int:

@@ -91,9 +91,11 @@ def queued_puts(q: queue.SimpleQueue):
 
 
 def ready_batches(q: queue.SimpleQueue, ready, wait=None, limit: int = 64):
-    """Yields lists of the items put on ``q`` (until ``_END``), in order: the next item (waited for, then passed to
-    ``wait``), then those already queued behind it for which ``ready(item)`` holds, ``limit`` at most; the first one
-    not ready starts the next list. A sink whose puts come at once (a graphed forward's) sends them as one."""
+    """Yields (list, last) of the items put on ``q`` (until ``_END``), in order: the next item (waited for, then
+    passed to ``wait``), then those already queued behind it for which ``ready(item)`` holds, ``limit`` at most; the
+    first one not ready starts the next list. ``last``: ``_END`` came right behind the list (nothing follows it; an
+    end that comes later ends the iteration without a list). A sink whose puts come at once (a graphed forward's)
+    sends them as one, and with its end."""
     it = queued_puts(q)
     held = None
     while True:
@@ -104,15 +106,19 @@ def ready_batches(q: queue.SimpleQueue, ready, wait=None, limit: int = 64):
         if wait is not None:
             wait(item)
         batch = [item]
+        last = False
         while len(batch) < limit and not q.empty():
             nxt = next(it, None)
             if nxt is None:
+                last = True
                 break
             if not ready(nxt):
                 held = nxt
                 break
             batch.append(nxt)
-        yield batch
+        yield batch, last
+        if last:
+            return
 
 
 def copies_done_event(t: torch.Tensor):

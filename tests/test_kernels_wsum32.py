@@ -99,3 +99,15 @@ def test_segments_kernel_on_cuda():
     words = random_words(40000)
     segs = random_segments(40000, 3)
     assert k.wsum32_segments_triton(words.cuda(), segs, 4).tolist() == k.wsum32_segments_ref(words, segs, 4).tolist()
+
+
+@interp
+def test_segments_kernel_across_the_weight_wrap():
+    """A group longer than 65521 words: its weights wrap inside a block (the kernel's int32 weights)."""
+    import numpy as np
+
+    words = random_words(100000)
+    segs = np.array([[0, 30000, 0], [40000, 30001, 0], [5000, 20000, 0], [99990, 10, 1]], dtype=np.int64)
+    got = k.wsum32_segments_triton(words, segs, 2).tolist()
+    assert got == k.wsum32_segments_ref(words, segs, 2).tolist()
+    assert got[0] == by_hand(torch.cat([words[0:30000], words[40000:70001], words[5000:25000]]))

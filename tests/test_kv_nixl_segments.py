@@ -117,17 +117,19 @@ def test_ready_puts_go_out_as_one_write_and_a_put_still_copying_starts_the_next(
     for item, _ in items:
         sink._q.put(item)
     batches = sink._batches()
-    first = next(batches)
-    assert [(r[0], off, crc) for r, off, crc in first] == [(0, 0, 100), (1, 64, 101), (2, 128, 102)]
+    first, last = next(batches)
+    assert [(r[0], off, crc) for r, off, crc in first] == [(0, 0, 100), (1, 64, 101), (2, 128, 102)] and not last
     items[3][1].set_result(103)  # the held put's copy ends; it leads the next batch with the one behind it
     sink._q.put(_END)
-    assert [(r[0], crc) for r, _, crc in next(batches)] == [(3, 103), (4, 104)]
+    second, last = next(batches)
+    assert [(r[0], crc) for r, _, crc in second] == [(3, 103), (4, 104)] and last  # the stream's end right behind
     assert next(batches, None) is None
 
 
 def test_ready_batches_waits_for_the_first_and_respects_its_limit():
     """``ready_batches``: the first item is passed to ``wait``; the ready items queued behind it join it, ``limit`` at
-    most; a failure put on the queue is raised where the consumer reads it."""
+    most; a list with the end right behind it says so; a failure put on the queue is raised where the consumer
+    reads it."""
     import queue
 
     from colm.prefill_worker.sinks import _END, ready_batches
@@ -138,7 +140,12 @@ def test_ready_batches_waits_for_the_first_and_respects_its_limit():
     q.put(_END)
     waited = []
     got = list(ready_batches(q, lambda i: i != 3, waited.append, limit=2))
-    assert got == [[0, 1], [2], [3, 4]] and waited == [0, 2, 3]
+    # the end behind a full list comes on its own: the last list does not know it is last
+    assert got == [([0, 1], False), ([2], False), ([3, 4], False)] and waited == [0, 2, 3]
+    for i in range(3):
+        q.put(i)
+    q.put(_END)
+    assert list(ready_batches(q, lambda i: True)) == [([0, 1, 2], True)]
     q.put(7)
     q.put(RuntimeError("put failed"))
     batches = ready_batches(q, lambda i: True)
@@ -199,3 +206,29 @@ def test_the_sender_sums_a_writes_device_puts_in_one_call():
     sink.ep = SimpleNamespace(buf=buf)
     values = [(100, 3000), 12345, (5000, 7), torch.tensor(77)]
     assert sink._device_checksums(values) == [wsum32(buf[200:6200]), 12345, wsum32(buf[10000:10014]), 77]
+
+
+def test_batch_segments_equal_each_puts_segments():
+    """``batch_segments`` of several puts of one token range (mixed layer counts, offsets into one buffer) equals
+    ``put_segments`` of each, shifted by its offset, in put order."""
+    from colm.kv.nixl import batch_segments
+
+    rng = np.random.default_rng(21)
+    for _ in range(5):
+        pool, blocks, _, _ = random_case(rng, torch.bfloat16)
+        geo = geometry_of(PagedKV(pool))
+        T = len(blocks) * geo.block_size
+        t0 = int(rng.integers(0, T - 1))
+        t1 = int(rng.integers(t0 + 1, T + 1))
+        runs = token_runs(blocks, geo.block_size, t0, t1)
+        puts, off, want = [], 0, []
+        l0 = 0
+        while l0 < geo.num_layers:
+            l1 = min(geo.num_layers, l0 + int(rng.integers(1, 3)))
+            s = put_segments(geo, l0, l1, t0, t1, runs)
+            want.append(s + np.array([off, 0, 0]))
+            puts.append((l0, l1, off))
+            off += 2 * (l1 - l0) * (t1 - t0) * geo.token_bytes
+            l0 = l1
+        got = batch_segments(geo, np.array(puts, dtype=np.int64), t0, t1, runs)
+        assert got.tolist() == np.concatenate(want).tolist()

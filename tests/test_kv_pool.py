@@ -256,7 +256,8 @@ def test_bad_streams_fail_that_request(cluster, case):
 
 def test_the_ranges_of_one_write_are_marked_in_one_message(cluster):
     """A ``KVMarks`` message carries several ranges (the puts one write carried): decode marks each as that chunk
-    alone, and the ack counts them all; ``PushKV`` (bytes) refuses it with DATA_LOSS."""
+    alone, and the ack counts them all; the last one may carry the KVEnd; ``PushKV`` (bytes) refuses it with
+    DATA_LOSS."""
     full, decode, d = cluster[1], cluster[2], cluster[4]
     cfg = full.cfg
     n = 6
@@ -267,6 +268,12 @@ def test_the_ranges_of_one_write_are_marked_in_one_message(cluster):
     assert [r.WhichOneof("kind") for r in replies] == ["grant", "ack"]
     assert replies[1].ack.num_chunks == cfg.n_layers
     assert decode.engine.abort("marks-ok")
+    reserve(d, "marks-end", n + 1)  # the last marks carry the stream's KVEnd: no separate end message
+    last = kv_pb2.KVMessage(marks=kv_pb2.KVMarks(chunks=[c.chunk for c in ranges], end=end.end))
+    replies = list(d.WriteKV(iter([header(cfg, "marks-end", n), last]), metadata=MD, timeout=5))
+    assert [r.WhichOneof("kind") for r in replies] == ["grant", "ack"]
+    assert replies[1].ack.num_chunks == cfg.n_layers
+    assert decode.engine.abort("marks-end")
     reserve(d, "marks-push", n + 1)
     code, details = code_of(lambda: d.PushKV(iter([header(cfg, "marks-push", n), marks(*ranges)]), metadata=MD,
                                              timeout=5))
@@ -277,16 +284,18 @@ def test_the_ranges_of_one_write_are_marked_in_one_message(cluster):
 
 def test_the_sender_marks_the_writes_done_together_in_one_message():
     """``PoolKVSink``: the puts whose writes are done (or need no wait: a ready event follows) when the stream
-    looks go out as one ``KVMarks``; KVEnd counts each range."""
+    looks go out as one ``KVMarks``, with the stream's KVEnd when it came right behind them; KVEnd counts each
+    range."""
     sink = PoolKVSink(None, "r", TOKEN)
     sink._layout = KVLayout(3, 5, 2, 4, "float32")
     for layer in range(3):
         sink._q.put(((layer, layer + 1, 0, 5), None, None))
     sink._close_queue()
     msgs = list(sink._messages(kv_pb2.KVHeader(request_id="r")))
-    assert [m.WhichOneof("kind") for m in msgs] == ["header", "marks", "end"]
+    assert [m.WhichOneof("kind") for m in msgs] == ["header", "marks"]  # KVEnd rides on the last marks
     assert [(c.seq, c.layer_start, c.layer_end) for c in msgs[1].marks.chunks] == [(0, 0, 1), (1, 1, 2), (2, 2, 3)]
-    assert msgs[2].end.num_chunks == 3 and msgs[2].end.num_bytes == 3 * 5 * 2 * 2 * 4 * 4
+    assert msgs[1].marks.HasField("end")
+    assert msgs[1].marks.end.num_chunks == 3 and msgs[1].marks.end.num_bytes == 3 * 5 * 2 * 2 * 4 * 4
 
 
 def test_cuda_pool_requested_from_a_cpu_prefill_worker(cluster):

@@ -152,6 +152,25 @@ def put_segments(geo: PoolGeometry, l0: int, l1: int, t0: int, t1: int, runs: np
     return np.stack([src.reshape(-1), dst.reshape(-1), length.reshape(-1)], axis=1)
 
 
+def batch_segments(geo: PoolGeometry, puts: np.ndarray, t0: int, t1: int, runs: np.ndarray) -> np.ndarray:
+    """``put_segments`` of several puts of tokens [t0, t1) at once: ``puts`` int64 [P, 3] rows (l0, l1, offset of
+    the put's source in a common buffer). int64 [sum 2 x (l1 - l0) x runs, 3] rows (source offset, pool offset,
+    length): each put's rows in ``put_segments``' order, shifted by its offset, the puts in order."""
+    l0, l1, off = puts[:, 0], puts[:, 1], puts[:, 2]
+    nl, nt, tb = l1 - l0, t1 - t0, geo.token_bytes
+    per = 2 * nl                                                       # [P] (K/V, layer) pairs of each put
+    put = np.repeat(np.arange(len(puts)), per)                         # [Q] the put of each pair
+    k = np.arange(len(put)) - np.repeat(np.cumsum(per) - per, per)     # [Q] c * nl + layer - l0, inside its put
+    c, layer = k // nl[put], l0[put] + k % nl[put]
+    src = off[put] + k * nt * tb                                       # [Q] the pair's first byte in the source
+    dst = (c * geo.num_layers + layer) * (geo.num_blocks * geo.block_size) * tb  # [Q] the pair's slot 0 in the pool
+    a, b, slot = runs[:, 0], runs[:, 1], runs[:, 2]                    # [R]
+    rows = np.stack([(src[:, None] + (a - t0)[None, :] * tb).reshape(-1),
+                     (dst[:, None] + slot[None, :] * tb).reshape(-1),
+                     np.broadcast_to((b - a)[None, :] * tb, (len(put), len(runs))).reshape(-1)], axis=1)
+    return rows
+
+
 def to_pool_order(kv: torch.Tensor) -> torch.Tensor:
     """A put's ``kv [nl, nt, 2, Hkv, hd]`` as the view ``[2, nl, nt, Hkv, hd]`` whose contiguous copy is the source
     of ``put_segments``."""
@@ -578,13 +597,12 @@ class NixlKVSink(GrpcKVSink):
             event.synchronize()
 
     def _batches(self):
-        """Yields lists of ``_ready`` puts, in put order, until ``finish``/``fail`` ends the stream: the next put
-        (waited for), then those queued behind it whose bytes are already in the send region (a graphed forward's
-        puts all come at once: one WRITE for them, not one each)."""
-        for items in ready_batches(self._q, self._copied, self._wait_copied, MAX_BATCH):
-            batch = [self._ready(item) for item in items]
-            crcs = self._device_checksums([crc for _, _, crc in batch])  # one launch, one host read
-            yield [(ranges, offset, crc) for (ranges, offset, _), crc in zip(batch, crcs)]
+        """Yields (list, last) of ``_ready`` puts (their checksums not yet summed: ``_device_checksums``; last: the
+        stream ends right behind them), in put order, until ``finish``/``fail`` ends the stream: the next put (waited
+        for), then those queued behind it whose bytes are already in the send region (a graphed forward's puts all
+        come at once: one WRITE for them, not one each)."""
+        for items, last in ready_batches(self._q, self._copied, self._wait_copied, MAX_BATCH):
+            yield [self._ready(item) for item in items], last
 
     def _messages(self, header):
         yield kv_pb2.KVMessage(header=header)
@@ -593,41 +611,62 @@ class NixlKVSink(GrpcKVSink):
         inflight: collections.deque = collections.deque()  # (handle, its puts' marks), posting order
         g, geo = self._grant, self._geo
         local_base = self.ep.base + self._start
+        ended = False
         try:
-            for batch in self._batches():
-                locals_, remotes, marks = [], [], []
-                for (l0, l1, t0, t1), offset, crc in batch:
-                    runs = self._runs.get((t0, t1))
-                    if runs is None:
-                        runs = self._runs[(t0, t1)] = token_runs(self._blocks, geo.block_size, t0, t1)
-                    segs = put_segments(geo, l0, l1, t0, t1, runs).astype(np.uint64)  # [n, 3] src, dst, length
-                    locals_.append(np.stack([segs[:, 0] + np.uint64(local_base + offset), segs[:, 2],
-                                             np.full(len(segs), self.ep.arena_dev, np.uint64)], axis=1))
-                    remotes.append(np.stack([segs[:, 1] + np.uint64(g.nixl_addr), segs[:, 2],
-                                             np.full(len(segs), g.nixl_device, np.uint64)], axis=1))
-                    marks.append((l0, l1, t0, t1, crc))
-                handle = self.ep.post_write(np.concatenate(locals_), np.concatenate(remotes), self._peer,
-                                            g.nixl_mem or "DRAM", self.ep.arena_mem)
+            for batch, last in self._batches():
+                local, remote = self._descriptors(batch, local_base)
+                handle = self.ep.post_write(local, remote, self._peer, g.nixl_mem or "DRAM", self.ep.arena_mem)
+                marks = [ranges for ranges, _, _ in batch]
                 inflight.append((handle, marks))
-                # post more while puts are queued; else (or at the cap) finish the oldest write and send its marks
-                while inflight and (self._q.empty() or len(inflight) >= MAX_IN_FLIGHT):
-                    yield from self._wait(*inflight.popleft())
+                # the checksums are summed (one launch, one read) while the WRITE runs: both only read the region
+                crcs = self._device_checksums([crc for _, _, crc in batch])
+                marks[:] = [(*m, crc) for m, crc in zip(marks, crcs)]
+                # post more while puts are queued; else (or at the cap, or at the end) finish the oldest write and
+                # send its marks; the last write's carry KVEnd
+                while inflight and (last or self._q.empty() or len(inflight) >= MAX_IN_FLIGHT):
+                    handle, marks = inflight.popleft()
+                    self._wait(handle)
+                    ended = last and not inflight
+                    yield self._marks_message(marks, end=ended)
             while inflight:
-                yield from self._wait(*inflight.popleft())
+                handle, marks = inflight.popleft()
+                self._wait(handle)
+                ended = not inflight
+                yield self._marks_message(marks, end=ended)
         finally:
             for handle, _ in inflight:  # a failed stream: drop what is still posted (the region's free waits)
                 self.ep.release(handle)
-        yield self._end_message()
+        if not ended:
+            yield self._end_message()
 
-    def _wait(self, handle, marks):
-        """Yields one message marking the puts one write carried (``marks`` [(l0, l1, t0, t1, crc)]) once it is
-        DONE; raises on ERR or at the deadline."""
+    def _descriptors(self, batch, local_base: int) -> tuple[np.ndarray, np.ndarray]:
+        """The WRITE of ``batch`` [((l0, l1, t0, t1), region offset, checksum)]: uint64 [n, 3] rows (address, length,
+        device) of this side and of decode's pool, pairwise. The puts of one token range are laid out in one numpy
+        pass (``batch_segments``): per put 2 x layers x runs segments."""
+        g, geo = self._grant, self._geo
+        groups: dict[tuple[int, int], list] = {}
+        for (l0, l1, t0, t1), offset, _ in batch:
+            groups.setdefault((t0, t1), []).append((l0, l1, offset))
+        segs = []
+        for (t0, t1), puts in groups.items():
+            runs = self._runs.get((t0, t1))
+            if runs is None:
+                runs = self._runs[(t0, t1)] = token_runs(self._blocks, geo.block_size, t0, t1)
+            segs.append(batch_segments(geo, np.asarray(puts, dtype=np.int64), t0, t1, runs))
+        seg = np.concatenate(segs).astype(np.uint64)  # [n, 3] source offset in the region, pool offset, length
+        n = len(seg)
+        local = np.stack([seg[:, 0] + np.uint64(local_base), seg[:, 2], np.full(n, self.ep.arena_dev, np.uint64)], 1)
+        remote = np.stack([seg[:, 1] + np.uint64(g.nixl_addr), seg[:, 2], np.full(n, g.nixl_device, np.uint64)], 1)
+        return local, remote
+
+    def _wait(self, handle) -> None:
+        """Returns once the write is DONE; raises on ERR or at the deadline."""
         spins = 0
         try:
             while True:
                 state = self.ep.state(handle)
                 if state == "DONE":
-                    break
+                    return
                 if state == "ERR":
                     self.ep.forget(self._grant.nixl_agent)
                     raise PeerUnavailableError(f"request {self.request_id}: NIXL write to {self._grant.nixl_agent} failed")
@@ -641,7 +680,6 @@ class NixlKVSink(GrpcKVSink):
             raise
         finally:
             self.ep.release(handle)
-        yield self._marks_message(marks)
 
     def finish(self, timeout_s: float) -> int:
         self._close_queue()

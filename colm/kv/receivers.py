@@ -204,7 +204,8 @@ class GrantReceiver(_Receiver):
                 dtype=self.engine.kv_dtype(), **fields))
             for msg in messages:
                 kind = msg.WhichOneof("kind")
-                if kind in ("chunk", "marks"):  # one range, or the ranges of one write
+                end = None
+                if kind in ("chunk", "marks"):  # one range, or the ranges of one write (the last one may end it)
                     if getattr(msg, "payload", None):
                         raise TransferError(f"request {rid}: inline bytes on the {header.transport or 'cuda_pool'} path")
                     for c in (msg.chunk,) if kind == "chunk" else msg.marks.chunks:
@@ -219,20 +220,24 @@ class GrantReceiver(_Receiver):
                             if got is not None:
                                 pending.append((c, got))
                         self.engine.mark_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, seq=c.seq)
+                    if kind == "marks" and msg.marks.HasField("end"):
+                        end = msg.marks.end
                 elif kind == "end":
+                    end = msg.end
+                else:
+                    raise TransferError(f"request {rid}: second KV header in one stream")
+                if end is not None:
                     if pending:  # before the K/V count as complete: a mismatch fails the request (DATA_LOSS)
                         with DEVICE_WIDE_LOCK:
                             kv_nixl.check_pending(pool, pending, rid)
-                    ready = msg.end.ready_event_ipc
+                    ready = end.ready_event_ipc
                     self.engine.finish_kv(rid, header.num_tokens,
                                           ready=self.engine.open_ready_event(bytes(ready)) if ready else None)
                     state["clean"] = True
                     self.engine.end_external_writes(grant, clean=True)
-                    yield kv_pb2.KVPoolReply(ack=kv_pb2.KVAck(request_id=rid, num_chunks=msg.end.num_chunks,
-                                                              num_bytes=msg.end.num_bytes))
+                    yield kv_pb2.KVPoolReply(ack=kv_pb2.KVAck(request_id=rid, num_chunks=end.num_chunks,
+                                                              num_bytes=end.num_bytes))
                     return
-                else:
-                    raise TransferError(f"request {rid}: second KV header in one stream")
             raise TransferError(f"request {rid}: KV stream ended without KVEnd (truncated)")
         except Exception as e:
             raise self._stream_failed(rid, e, context, fail=not state["clean"]) from None
