@@ -88,24 +88,25 @@ def wsum32_tensor(words: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ many ranges in one launch
-def segment_blocks(segs, block: int = BLOCK):
-    """The launch table of ``wsum32_segments``: int64 [blocks, 4] rows (first word, words, position of that word in
-    its group, group), ``block`` words at most per row, from ``segs`` int64 [S, 3] (first word, words, group); a
-    group's words are numbered across its segments in row order."""
+def segment_table(segs, block: int = BLOCK):
+    """The launch table of ``wsum32_segments`` from ``segs`` int64 [S, 3] (first word, words, group): int64 [S, 5]
+    rows (first word, words, position of that first word in its group, group, first block of the segment), and the
+    number of blocks of ``block`` words they make. A group's words are numbered across its segments in row order.
+    O(S) numpy: the blocks themselves are found on the device (a table per block cost milliseconds of host time for
+    a 1 GiB pool)."""
     import numpy as np
 
     segs = np.asarray(segs, dtype=np.int64).reshape(-1, 3)
     start, count, group = segs[:, 0], segs[:, 1], segs[:, 2]
-    base = np.zeros(len(segs), dtype=np.int64)  # each segment's first position in its group
-    seen: dict[int, int] = {}
-    for i, (g, c) in enumerate(zip(group.tolist(), count.tolist())):
-        base[i] = seen.get(g, 0)
-        seen[g] = base[i] + c
-    nblk = -(-count // block)                                          # [S]
-    seg = np.repeat(np.arange(len(segs)), nblk)                         # [blocks] the segment of each block
-    k = np.arange(len(seg)) - np.repeat(np.cumsum(nblk) - nblk, nblk)   # [blocks] block index inside it
-    first = k * block
-    return np.stack([start[seg] + first, np.minimum(block, count[seg] - first), base[seg] + first, group[seg]], axis=1)
+    order = np.argsort(group, kind="stable")                            # [S] row order inside each group kept
+    c, g = count[order], group[order]
+    before = np.cumsum(c) - c                                           # [S] words before, all groups sorted
+    heads = np.concatenate(([0], np.flatnonzero(g[1:] != g[:-1]) + 1)).astype(np.int64)
+    base = np.empty(len(segs), dtype=np.int64)
+    base[order] = before - np.repeat(before[heads], np.diff(np.append(heads, len(g))))
+    nblk = -(-count // block)                                           # [S]
+    first_block = np.cumsum(nblk) - nblk
+    return np.stack([start, count, base, group, first_block], axis=1), int(nblk.sum())
 
 
 def wsum32_segments_ref(words: torch.Tensor, segs, num_groups: int) -> torch.Tensor:
@@ -121,15 +122,14 @@ def wsum32_segments_ref(words: torch.Tensor, segs, num_groups: int) -> torch.Ten
 if HAS_TRITON:
 
     @triton.jit
-    def _segments_kernel(words_ptr, table_ptr, part_ptr, BLOCK: tl.constexpr):
+    def _segments_kernel(words_ptr, table_ptr, seg_of_ptr, part_ptr, BLOCK: tl.constexpr):
         p = tl.program_id(0)
-        row = table_ptr + p * 4
-        start = tl.load(row)
-        n = tl.load(row + 1)
-        pos = tl.load(row + 2)
+        row = table_ptr + tl.load(seg_of_ptr + p) * 5                  # this block's segment
+        first = (p - tl.load(row + 4)) * BLOCK                          # its first word inside the segment
+        n = tl.load(row + 1) - first
         i = tl.arange(0, BLOCK)
-        x = tl.load(words_ptr + start + i, mask=i < n, other=0).to(tl.int32) & 0xFFFF  # [BLOCK] unsigned
-        tl.store(part_ptr + p, _weighted_sum(x, pos, BLOCK))
+        x = tl.load(words_ptr + tl.load(row) + first + i, mask=i < n, other=0).to(tl.int32) & 0xFFFF  # [BLOCK]
+        tl.store(part_ptr + p, _weighted_sum(x, tl.load(row + 2) + first, BLOCK))
 
 
 def wsum32_segments(words: torch.Tensor, segs, num_groups: int) -> torch.Tensor:
@@ -140,11 +140,13 @@ def wsum32_segments(words: torch.Tensor, segs, num_groups: int) -> torch.Tensor:
 
 
 def wsum32_segments_triton(words: torch.Tensor, segs, num_groups: int) -> torch.Tensor:
-    table_np = segment_blocks(segs)
+    table_np, blocks = segment_table(segs)
     out = torch.zeros(num_groups, dtype=torch.int64, device=words.device)
-    if len(table_np) == 0:
+    if blocks == 0:
         return out
-    table = torch.from_numpy(table_np).to(words.device, non_blocking=False)  # [blocks, 4]
-    part = torch.empty(len(table_np), dtype=torch.int64, device=words.device)
-    _segments_kernel[(len(table_np),)](words, table, part, BLOCK=BLOCK)
-    return out.index_add_(0, table[:, 3], part) & 0xFFFFFFFF
+    table = torch.from_numpy(table_np).to(words.device)                 # [S, 5]
+    block_ids = torch.arange(blocks, dtype=torch.int64, device=words.device)
+    seg_of = torch.searchsorted(table[:, 4].contiguous(), block_ids, right=True) - 1  # [blocks] segment of each
+    part = torch.empty(blocks, dtype=torch.int64, device=words.device)  # [blocks] partial sums
+    _segments_kernel[(blocks,)](words, table, seg_of, part, BLOCK=BLOCK)
+    return out.index_add_(0, table[:, 3][seg_of], part) & 0xFFFFFFFF

@@ -154,8 +154,8 @@ def test_ready_batches_waits_for_the_first_and_respects_its_limit():
 
 
 def test_checks_left_pending_are_summed_at_the_end_and_a_mismatch_names_its_chunk():
-    """Decode's device-pool path: ``verify_range(pending=True)`` only notes the pool words a chunk covers, and
-    ``check_pending`` sums every chunk's words at the stream's end (one launch on a GPU; the reference here) and
+    """Decode's device-pool path: ``verify_range(pending=True)`` only notes a chunk's ranges, and ``check_pending``
+    sums every chunk's pool words at the stream's end (one launch on a GPU; the reference here) and
     compares them with the sender's wsum32; a flipped byte fails the chunk that holds it. A CPU pool is checked at
     once."""
     from colm.errors import TransferError
@@ -176,16 +176,15 @@ def test_checks_left_pending_are_summed_at_the_end_and_a_mismatch_names_its_chun
         pages.write(pages.copy_plan(blocks, 0, T), layer, layer + 1, kv)
         c = kv_pb2.KVChunk(seq=seq, layer_start=layer, layer_end=layer + 1, token_start=0, token_end=T,
                            crc32=checksum(tensor_bytes(to_pool_order(kv).contiguous()), "wsum32"))
-        segs = put_segments(geo, layer, layer + 1, 0, T, token_runs(blocks, geo.block_size, 0, T))
         chunks.append(c)
-        pending.append((c, np.stack([segs[:, 1] // 2, segs[:, 2] // 2], axis=1)))
-    check_pending(pages, pending, "r")
+        pending.append((c, (layer, layer + 1, 0, T)))
+    check_pending(pages, blocks, pending, "r")
     raw = pool.view(-1).view(torch.uint8)
     bad = len(pending) - 1
-    word0 = int(pending[bad][1][0, 0])
-    raw[2 * word0 + 1] ^= 0x40  # a byte of the last chunk's first word
+    segs = put_segments(geo, bad, bad + 1, 0, T, token_runs(blocks, geo.block_size, 0, T))
+    raw[int(segs[0, 1]) + 1] ^= 0x40  # a byte of the last chunk's first word in the pool
     with pytest.raises(TransferError, match=f"chunk {bad}"):
-        check_pending(pages, pending, "r")
+        check_pending(pages, blocks, pending, "r")
     layout = KVLayout(L, T, pool.shape[4], pool.shape[5], "bfloat16")
     with pytest.raises(TransferError, match=f"chunk {bad}"):  # a CPU pool: checked at once, nothing left pending
         verify_range(pages, blocks, layout, chunks[bad], "wsum32", "r", pending=True)
@@ -206,6 +205,23 @@ def test_the_sender_sums_a_writes_device_puts_in_one_call():
     sink.ep = SimpleNamespace(buf=buf)
     values = [(100, 3000), 12345, (5000, 7), torch.tensor(77)]
     assert sink._device_checksums(values) == [wsum32(buf[200:6200]), 12345, wsum32(buf[10000:10014]), 77]
+
+
+def test_pending_segments_are_each_chunks_pool_words():
+    """``pending_segments``: for chunks of mixed token ranges and layer counts, each chunk's rows are its
+    ``put_segments`` pool offsets and lengths in words, in order, tagged with its index."""
+    from colm.kv.nixl import pending_segments
+
+    rng = np.random.default_rng(4)
+    pool, blocks, _, _ = random_case(rng, torch.bfloat16)
+    geo = geometry_of(PagedKV(pool))
+    T = len(blocks) * geo.block_size
+    ranges = [(0, 1, 0, T), (1, geo.num_layers, 0, T), (0, geo.num_layers, T // 2, T), (0, 1, T // 3, T // 2 + 1)]
+    ranges = [r for r in ranges if r[0] < r[1] and r[2] < r[3]]
+    got = pending_segments(geo, blocks, ranges)
+    for i, (l0, l1, t0, t1) in enumerate(ranges):
+        segs = put_segments(geo, l0, l1, t0, t1, token_runs(blocks, geo.block_size, t0, t1))
+        assert got[got[:, 2] == i][:, :2].tolist() == np.stack([segs[:, 1] // 2, segs[:, 2] // 2], 1).tolist()
 
 
 def test_batch_segments_equal_each_puts_segments():

@@ -389,17 +389,17 @@ def geometry_of(pool) -> PoolGeometry:
 
 def verify_range(pool, blocks, layout: KVLayout, chunk, kind: str, request_id: str = "", pending: bool = False):
     """Decode: the checksum of the chunk's cells as they lie in the pool equals the sender's; TransferError if not
-    (or if its ranges lie outside the stream's). ``pending`` (a device pool, ``wsum32``): the check is not waited
-    for; returns the pool's words the chunk covers ([n, 2] first word, words) for ``check_pending``, which checks a
-    stream's chunks at its end in one launch and one host read. Otherwise None."""
+    (or if its ranges lie outside the stream's). ``pending`` (a device pool, ``wsum32``): only the ranges are
+    checked now; returns them, (l0, l1, t0, t1), for ``check_pending``, which sums a stream's chunks at its end
+    (their pool segments laid out in one numpy pass, summed in one launch, read once). Otherwise None."""
     l0, l1, t0, t1 = chunk.layer_start, chunk.layer_end, chunk.token_start, chunk.token_end
     if not (0 <= l0 < l1 <= layout.num_layers and 0 <= t0 < t1 <= layout.num_tokens):
         raise TransferError(f"request {request_id}: chunk layers [{l0},{l1}) tokens [{t0},{t1}) outside {layout.num_layers} layers x "
                             f"{layout.num_tokens} tokens")
     geo = geometry_of(pool)
+    if pending and kind == "wsum32" and pool.kv.is_cuda and geo.token_bytes % 2 == 0:  # whole 16-bit words
+        return l0, l1, t0, t1
     segs = put_segments(geo, l0, l1, t0, t1, token_runs(blocks, geo.block_size, t0, t1))
-    if pending and kind == "wsum32" and pool.kv.is_cuda and not (segs[:, 1:] % 2).any():
-        return np.stack([segs[:, 1] // 2, segs[:, 2] // 2], axis=1)  # [n, 2] the pool's words (first, count)
     _check(pool_checksum(pool.kv, segs, kind), chunk, request_id)
     return None
 
@@ -410,14 +410,30 @@ def _check(got: int, chunk, request_id: str) -> None:
                             f"{chunk.layer_end}) tokens [{chunk.token_start},{chunk.token_end}) as written into the pool)")
 
 
-def check_pending(pool, pending: list, request_id: str = "") -> None:
-    """Decode, at a stream's end: the chunks whose checks ``verify_range(pending=True)`` left pending, [(chunk, the
-    pool's words it covers [n, 2])], summed in one launch (``wsum32_segments``) and compared with one host read;
-    TransferError at the first mismatch."""
+def pending_segments(geo: PoolGeometry, blocks, ranges: list) -> np.ndarray:
+    """The pool words of the chunks ``ranges`` [(l0, l1, t0, t1)] in the blocks ``blocks``: int64 [rows, 3] (first
+    word, words, index of the chunk in ``ranges``), each chunk's rows in ``put_segments`` order; the chunks of one
+    token range laid out together (``batch_segments``). ``geo.token_bytes`` is even."""
+    by_tokens: dict[tuple[int, int], list] = {}
+    for i, (l0, l1, t0, t1) in enumerate(ranges):
+        by_tokens.setdefault((t0, t1), []).append((i, l0, l1))
+    rows = []
+    for (t0, t1), items in by_tokens.items():
+        runs = token_runs(blocks, geo.block_size, t0, t1)
+        puts = np.array([(l0, l1, 0) for _, l0, l1 in items], dtype=np.int64)
+        seg = batch_segments(geo, puts, t0, t1, runs)
+        chunk = np.repeat(np.array([i for i, _, _ in items], dtype=np.int64), 2 * (puts[:, 1] - puts[:, 0]) * len(runs))
+        rows.append(np.stack([seg[:, 1] // 2, seg[:, 2] // 2, chunk], axis=1))
+    return np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.int64)
+
+
+def check_pending(pool, blocks, pending: list, request_id: str = "") -> None:
+    """Decode, at a stream's end: the chunks whose checks ``verify_range(pending=True)`` left pending, [(chunk, its
+    ranges)], summed in one launch (``wsum32_segments``) and compared with one host read; TransferError at the first
+    mismatch."""
     if not pending:
         return
-    segs = np.concatenate([np.concatenate([w, np.full((len(w), 1), g, np.int64)], axis=1)
-                           for g, (_, w) in enumerate(pending)])  # [rows, 3] first word, words, chunk
+    segs = pending_segments(geometry_of(pool), blocks, [r for _, r in pending])  # [rows, 3] first word, words, chunk
     words = pool.kv.view(-1).view(torch.uint8).view(torch.int16)  # the pool's 16-bit words
     with side_stream(pool.kv.device):
         sums = wsum32_segments(words, segs, len(pending)).tolist()

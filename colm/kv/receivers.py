@@ -214,7 +214,7 @@ class GrantReceiver(_Receiver):
                                                 "path")
                         if nixl and verify:  # the range's bytes as they landed in the blocks
                             with DEVICE_WIDE_LOCK if pool.kv.is_cuda else contextlib.nullcontext():
-                                # a device pool's wsum32: its words noted here, all summed at KVEnd in one launch
+                                # a device pool's wsum32: its ranges noted here, all summed at KVEnd in one launch
                                 got = kv_nixl.verify_range(pool, grant.blocks, layout, c, header.checksum, rid,
                                                            pending=pool.kv.is_cuda)
                             if got is not None:
@@ -229,7 +229,7 @@ class GrantReceiver(_Receiver):
                 if end is not None:
                     if pending:  # before the K/V count as complete: a mismatch fails the request (DATA_LOSS)
                         with DEVICE_WIDE_LOCK:
-                            kv_nixl.check_pending(pool, pending, rid)
+                            kv_nixl.check_pending(pool, grant.blocks, pending, rid)
                     ready = end.ready_event_ipc
                     self.engine.finish_kv(rid, header.num_tokens,
                                           ready=self.engine.open_ready_event(bytes(ready)) if ready else None)
