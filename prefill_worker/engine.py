@@ -290,15 +290,20 @@ class PrefillEngine:
 
     def _emit_all(self, jobs: list[_Job], kv: torch.Tensor) -> None:
         # kv [rows, L, T, 2, Hkv, hd] (a view of a graph's static buffer) -> each request's real tokens, every layer in
-        # one put: one copy per request (the next replay overwrites the buffer) and one mark on the wire, not L
+        # one put: one copy per request (the next replay overwrites the buffer) and one mark on the wire, not L. A sink
+        # whose put copies on the stream itself (``copies_at_put``) gets the view: that copy is the only one
         n_layers = kv.shape[1]
         for row, job in enumerate(jobs):
             end = len(job.tokens)
             if not end or job.future.done():
                 continue
+            view = kv[row, :, :end]  # [L, t, 2, Hkv, hd]
+            if getattr(job.sink, "copies_at_put", False):  # its put queues its own copy before the next replay
+                self._put(job, 0, n_layers, 0, end, view)
+                continue
             # clone, not contiguous(): a view that happens to be contiguous (1 layer, 1 K/V head, 1 token) would
             # hand the sink the buffer itself
-            self._put(job, 0, n_layers, 0, end, kv[row, :, :end].clone(memory_format=torch.contiguous_format))
+            self._put(job, 0, n_layers, 0, end, view.clone(memory_format=torch.contiguous_format))
 
     def _put(self, job: _Job, l0: int, l1: int, t0: int, t1: int, kv: torch.Tensor) -> None:
         try:

@@ -22,6 +22,10 @@ from colm.kv_wire import KVLayout, drain
 
 class KVSink(Protocol):
     path: str
+    # optional, False when absent: ``put`` has queued its own copy of a device ``kv`` on the current stream (or keeps
+    # nothing of it) when it returns, so the caller may overwrite ``kv`` with work queued after it (a prefill graph's
+    # static buffer, on its next replay) and hands it a view instead of a fresh copy
+    copies_at_put: bool
 
     def begin(self, layout: KVLayout) -> None: ...
 
@@ -36,6 +40,7 @@ class NullKVSink:
     """Counts and drops the K/V (prefill compute alone, for benchmarks)."""
 
     path = "none"
+    copies_at_put = True  # keeps nothing
 
     def __init__(self) -> None:
         self.num_bytes = 0

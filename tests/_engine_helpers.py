@@ -87,6 +87,8 @@ def decode_engine_from(path, device: str = "cpu", dtype: str = "float32", num_bl
 class CaptureSink(NullKVSink):
     """Keeps every layer's K/V a prefill hands over ([L, T, 2, Hkv, hd] on the host, NaN where none came)."""
 
+    copies_at_put = False  # it keeps the tensors it is handed
+
     def begin(self, layout):
         self.layout = layout
         self.k = torch.full((layout.num_layers, layout.num_tokens, 2, layout.num_kv_heads, layout.head_dim), float("nan"))

@@ -44,6 +44,22 @@ def setup(tmp_path_factory):
     prefill.stop()
 
 
+@pytest.fixture(scope="module")
+def graphed(tmp_path_factory):
+    """A prefill worker whose prompt batches (up to 64 tokens, one chunk) replay CUDA graphs."""
+    path = tmp_path_factory.mktemp("tiny_air_ipc_gpu_graphed")
+    save_tiny_air(path)
+    full = checkpoint.load(path, scale=None, device="cuda", dtype=torch.float32)
+    # lengths padded to 16 (not 256): every batch of at most 64 prompt tokens in one chunk fits a graph of 256 tokens
+    # but those of 5 or more prompts (8 graph rows)
+    pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=64, max_batch_tokens=64, cuda_graph_tokens=256,
+                                                           length_bucket=16), device="cuda", dtype=torch.float32)
+    prefill = PrefillServer(pe, TOKEN).start()
+    p = kv_pb2_grpc.PrefillWorkerStub(make_channel(prefill.address))
+    yield str(path), full, pe, p
+    prefill.stop()
+
+
 def decode_child(path, write_delay_s=0.0, kv_ready_wait="host"):
     return DecodeProcess(decode_engine_from, (path, "cuda", "float32", 256, 4, write_delay_s, 2.0, kv_ready_wait), TOKEN)
 
@@ -165,3 +181,35 @@ def test_decode_child_killed_mid_stream(setup):
         tokens, reply, _ = run_request(d, p, healthy.address, "after-kill", again, 2)
         assert reply.path == "cuda_ipc" and tokens == reference(full, again, 2)
         assert wait_pool_free(d).num_failed == 0
+
+
+@pytest.mark.parametrize("hand_off", ["cuda_pool", "nixl"])
+def test_graphed_prefill_hands_over_through_each_transport(graphed, hand_off):
+    """Prompts prefilled by graph replays: the cuda_pool sink gets a copy of the graph's static buffer, the nixl sink
+    (``copies_at_put``) the buffer itself, copied into its send region before the next replay. Greedy tokens equal
+    ``colm generate`` at both scales, prompts in flight together, the pool free afterwards."""
+    if hand_off == "nixl" and not registry.get("nixl").importable():
+        pytest.skip("nixl not importable")
+    path, full, pe, p = graphed
+    replays = pe.graphs.num_replays
+    with decode_child(path) as child:
+        d = kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address))
+        results, threads = {}, []
+        for i, prompt in enumerate(prompts([5, 30, 47, 60], seed=13)):
+            for scale in (1, 2):
+                rid = f"graphed-{hand_off}-{i}-{scale}"
+
+                def one(rid=rid, prompt=prompt, scale=scale):
+                    results[rid] = (prompt, scale, run_request(d, p, child.address, rid, prompt, scale, path=hand_off))
+
+                threads.append(threading.Thread(target=one))
+                threads[-1].start()
+        for th in threads:
+            th.join()
+        assert len(results) == 8
+        for rid, (prompt, scale, (tokens, reply, _)) in results.items():
+            assert tokens == reference(full, prompt, scale), rid
+            assert reply.path == hand_off
+        s = wait_pool_free(d)
+        assert s.num_free_blocks == s.num_blocks and s.num_failed == 0
+    assert pe.graphs.num_replays > replays  # the prompts ran from graphs

@@ -89,6 +89,34 @@ def test_emit_all_hands_each_request_every_layer_in_one_put(tmp_path):
     assert all(not torch.isnan(s.kept[0][0]).any() for s in sinks)
 
 
+def test_emit_all_hands_a_sink_that_copies_at_put_the_buffer_itself(tmp_path):
+    """A sink whose put queues its own copy (``copies_at_put``: nixl's, into its send region) gets a view of the
+    static buffer, not a fresh copy: one copy of 256 MiB fewer behind an 8K graphed forward. Others get a clone."""
+    save_tiny_air(tmp_path)
+    eng = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig(chunk_size=64, max_batch_tokens=256))
+    cfg = eng.model.cfg
+    g = PrefillGraphs(eng.model, max_tokens=2 * 8)
+    _, _, kv = g._views(2, 8)  # [2, L, 8, 2, Hkv, hd]
+    kv.copy_(torch.randn(kv.shape))
+
+    class Copying(CaptureSink):
+        copies_at_put = True
+
+        def put(self, l0, l1, t0, t1, kv):
+            self.kept.append((kv, kv.clone()))
+
+    sinks = [Copying(), CaptureSink()]
+    jobs = [_Job(f"c{i}", np.arange(5 + i, dtype=np.int64), s, time.monotonic() + 60) for i, s in enumerate(sinks)]
+    for job, s in zip(jobs, sinks):
+        s.begin(KVLayout(cfg.n_layers, len(job.tokens), cfg.n_kv_heads, cfg.head_dim, "float32"))
+    eng._emit_all(jobs, kv)
+    shared, cloned = sinks[0].kept[0][0], sinks[1].kept[0][0]  # the tensors handed over
+    assert shared.untyped_storage().data_ptr() == kv.untyped_storage().data_ptr()
+    assert cloned.untyped_storage().data_ptr() != kv.untyped_storage().data_ptr()
+    torch.testing.assert_close(shared, kv[0, :, :5])
+    torch.testing.assert_close(cloned, kv[1, :, :6])
+
+
 def test_warm_up_shapes_cover_every_padded_batch(tmp_path):
     save_tiny_air(tmp_path)
     model = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig()).model

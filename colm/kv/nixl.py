@@ -454,6 +454,8 @@ _COPIES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="colm-kv-nixl-cop
 class NixlKVSink(GrpcKVSink):
     """Prefill's half (see the module docstring). ``arena_bytes``: this process's send arena, made on first use."""
 
+    copies_at_put = True  # a device put is copied into the send region on the current stream before put returns
+
     def __init__(self, stub, request_id: str, cluster_token: str, checksum_kind: str = "crc32",
                  timeout_s: float = 60.0, arena_bytes: int = 256 << 20, grace_s: float = 2.0,
                  arena_device: str = "cpu") -> None:
