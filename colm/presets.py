@@ -56,6 +56,14 @@ def expansion_tinyllama() -> ModelConfig:
                        chains=(32, 8), rope_theta=10000.0, max_seq_len=2048)
 
 
+def compare_model(chains=(32,), kv_sharing: bool = False) -> ModelConfig:
+    """The quality comparison's models (``bench/train_compare.py``): byte-level, dim 1024 in 32 heads of 32, 8 KV
+    heads, 16 layers, FFN 2816, 1024-token context; one chain is the dense Llama (about 180M parameters), {16,16}
+    and {8,8,8,8} split the same shape (about 135M and 110M: chain causality drops the upper blocks)."""
+    return ModelConfig(vocab_size=260, dim=1024, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=2816,
+                       chains=tuple(chains), kv_sharing=kv_sharing, max_seq_len=1024, tie_embeddings=True)
+
+
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny,
     "tiny-air": tiny_air,
@@ -68,6 +76,11 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "llama-3.2-1b-8-8-8-8": lambda: llama32_1b(chains=(8, 8, 8, 8)),
     "llama-3.2-1b-16-16-air": lambda: llama32_1b(chains=(16, 16), kv_sharing=True),
     "llama-3.2-1b-8-8-8-8-air": lambda: llama32_1b(chains=(8, 8, 8, 8), kv_sharing=True),
+    # the quality comparison (bench/train_compare.py)
+    "compare-dense": compare_model,
+    "compare-16-16": lambda: compare_model((16, 16)),
+    "compare-16-16-air": lambda: compare_model((16, 16), kv_sharing=True),
+    "compare-8-8-8-8-air": lambda: compare_model((8, 8, 8, 8), kv_sharing=True),
     # Table 9 rows
     "expansion-llama3.2-1b": expansion_llama32_1b,
     "expansion-tinyllama": expansion_tinyllama,

@@ -137,3 +137,25 @@ def test_resume_continues_exact_trajectory(data, tmp_path):
     assert first["history"] + resumed["history"] == straight["history"]  # bit-exact continuation
     a, b = _weights(tmp_path / "a" / "model"), _weights(tmp_path / "b" / "model")
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_run_out_of_time_pauses_and_the_next_resumes_it(data, tmp_path, monkeypatch):
+    """``run.max_seconds``: the run stops at a step boundary once its training time is spent, saves its state and
+    exports nothing; the next run (same config) resumes there and ends on the trajectory of a run never paused."""
+    import json
+
+    import colm.train.loop as loop
+
+    straight = train(make_config(data, tmp_path / "a", steps=6))
+    clock = iter(range(1000))  # each call of the loop's clock advances one "second"
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
+    paused = train(make_config(data, tmp_path / "b", steps=6, run={"max_seconds": 2.5}))
+    monkeypatch.undo()
+    assert paused["complete"] is False and 0 < paused["steps"] < 6
+    assert json.loads((tmp_path / "b" / "paused.json").read_text())["steps"] == paused["steps"]
+    assert not (tmp_path / "b" / "model").exists()
+    resumed = train(make_config(data, tmp_path / "b", steps=6, run={"max_seconds": 3600}))
+    assert resumed["complete"] and resumed["resumed_from"] == paused["steps"]
+    assert not (tmp_path / "b" / "paused.json").exists()
+    a, b = _weights(tmp_path / "a" / "model"), _weights(tmp_path / "b" / "model")
+    assert all(torch.equal(a[n], b[n]) for n in a)

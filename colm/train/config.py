@@ -144,6 +144,7 @@ class RunSection:
     eval_batches: int = 4
     save_every: int = 0  # 0 = only at the end
     resume: bool = True  # continue from out_dir/state if present
+    max_seconds: float = 0.0  # > 0: stop after this much training time, state saved (a later run resumes); 0: none
     progress: bool = True
     plot: bool = True
 
@@ -151,7 +152,7 @@ class RunSection:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"run.precision={self.precision!r}: allowed are 'auto', 'fp32', 'bf16'")
         _positive(self, "log_every", "eval_batches")
-        _positive(self, "eval_every", "save_every", allow_zero=True)
+        _positive(self, "eval_every", "save_every", "max_seconds", allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -178,13 +178,19 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
             _log_val(module, val_loader, cfg, info, bf16, done - 1, log_path)
         if cfg.run.save_every and done % cfg.run.save_every == 0 and done < o.steps:
             train_state.save_state(out, module, optimizer, done, info, {"tokens_seen": done * tokens_per_step})
+        if cfg.run.max_seconds and done < o.steps and _out_of_time(t0, cfg.run.max_seconds, info):
+            if bar is not None:
+                bar.close()
+            return _pause(out, module, optimizer, done, start, tokens_per_step, t0, info)
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t0
     val = _log_val(module, val_loader, cfg, info, bf16, o.steps - 1, log_path) if val_loader is not None else None
     train_state.save_state(out, module, optimizer, o.steps, info, {"tokens_seen": o.steps * tokens_per_step})
     full = train_state.full_model_state(module)
-    summary = {"steps": o.steps, "resumed_from": start, "world_size": info.world_size, "num_trainable": num_trainable,
+    if info.is_main:
+        (out / "paused.json").unlink(missing_ok=True)  # a run that paused earlier is complete now
+    summary = {"steps": o.steps, "complete": True, "resumed_from": start, "world_size": info.world_size, "num_trainable": num_trainable,
                "tokens_per_step": tokens_per_step, "elapsed_s": round(elapsed, 3),
                "tokens_per_s": round((o.steps - start) * tokens_per_step / elapsed, 1) if elapsed > 0 and o.steps > start else None,
                "final_train_scale_loss": history[-1]["scale_loss"] if history else None, "val_scale_loss": val,
@@ -197,6 +203,31 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         scales = " ".join(f"s{k + 1}={v:.4f}" for k, v in enumerate(val or summary["final_train_scale_loss"] or []) if v is not None)
         print(f"trained {o.steps - start} steps ({start}->{o.steps}) on {info.world_size} process(es), "
               f"{summary['tokens_per_s']} tok/s; {'val' if val else 'train'} loss per scale: {scales}; model -> {out / 'model'}")
+    barrier(info)
+    return summary
+
+
+def _out_of_time(t0: float, max_seconds: float, info: DistInfo) -> bool:
+    """``run.max_seconds`` passed (every process stops at the same step: the first process's clock decides)."""
+    late = torch.tensor([float(time.perf_counter() - t0 > max_seconds)], device=info.device)
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.broadcast(late, src=0)
+    return bool(late.item())
+
+
+def _pause(out: Path, module, optimizer, done: int, start: int, tokens_per_step: int, t0: float, info: DistInfo) -> dict:
+    """Stop before ``optim.steps`` (``run.max_seconds``): the state at ``done`` saved for the next run to resume;
+    no final evaluation or model export."""
+    elapsed = time.perf_counter() - t0
+    train_state.save_state(out, module, optimizer, done, info, {"tokens_seen": done * tokens_per_step})
+    summary = {"steps": done, "complete": False, "resumed_from": start, "world_size": info.world_size,
+               "tokens_per_step": tokens_per_step, "elapsed_s": round(elapsed, 3),
+               "tokens_per_s": round((done - start) * tokens_per_step / elapsed, 1) if elapsed > 0 else None}
+    if info.is_main:
+        (out / "paused.json").write_text(json.dumps(summary, indent=2))
+        print(f"paused at step {done} after {elapsed:.0f} s (run.max_seconds); run again to resume from {out}")
     barrier(info)
     return summary
 
