@@ -15,7 +15,9 @@ weights), the dense one with its only scale's.
 
 Runs are resumable: ``--max-seconds`` bounds this call's training time over all models; a model not finished when it
 runs out saves its state and the next call of the same command continues it (``run.max_seconds`` of ``colm
-train``). Each model's calls are logged in ``RUNS/<model>/calls.jsonl``; training tokens/s counts every call.
+train``). Each model's calls are logged in ``RUNS/<model>/calls.jsonl``; training tokens/s counts every call. Where
+the state cannot stay between calls (a lent machine starts bare), train and score one model per call and join the
+reports with ``--merge``.
 
 Report (JSON + PNG): per model and scale the parameters and the held-out loss in bits per byte (and perplexity per
 byte); the dense model's; each CoLM model's full scale over the dense model's perplexity (target for
@@ -24,6 +26,8 @@ and MFU (6 x parameters + attention FLOPs per token, against ``--peak-tflops``, 
 
     python bench/train_compare.py --data data/compare --runs runs/compare --steps 3000 --max-seconds 480
     python bench/train_compare.py --data data/compare --runs runs/compare --report-only --json bench/results/train_compare_h200.json
+    python bench/train_compare.py --models compare-dense --json dense.json   # one model per call, then:
+    python bench/train_compare.py --merge dense.json,air.json,... --json bench/results/train_compare_h200.json
 """
 
 from __future__ import annotations
@@ -148,15 +152,7 @@ def report(models: list[str], data: Path, runs: Path, args) -> dict:
                        "scales_ordered": all(a["bits_per_byte"] > b["bits_per_byte"] for a, b in zip(scales, scales[1:])),
                        "calls": calls}
         del m
-    dense = rows.get("compare-dense", {})
-    if dense.get("complete"):
-        d_full = dense["scales"][-1]
-        for model, r in rows.items():
-            if r.get("complete") and model != "compare-dense":
-                full = r["scales"][-1]
-                r["full_ppl_over_dense"] = full["perplexity_per_byte"] / d_full["perplexity_per_byte"]
-                r["train_tokens_per_s_over_dense"] = (r["train_tokens_per_s"] / dense["train_tokens_per_s"]
-                                                      if r["train_tokens_per_s"] and dense["train_tokens_per_s"] else None)
+    add_ratios(rows)
     prepared = json.loads((data / "prepared.json").read_text())
     return {"benchmark": "train_compare", "device": device_name(), "date": datetime.date.today().isoformat(),
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
@@ -168,6 +164,34 @@ def report(models: list[str], data: Path, runs: Path, args) -> dict:
                        "shape_overrides": {"dim": args.dim, "n_layers": args.layers, "ffn_hidden": args.ffn}},
             "peak_tflops": args.peak_tflops, "target": "compare-16-16-air full scale within 1.05x of the dense "
             "model's perplexity; every model's scales ordered", "models": rows}
+
+
+def add_ratios(rows: dict) -> None:
+    """Each complete CoLM model's full-scale perplexity and training tokens/s over the dense model's."""
+    dense = rows.get("compare-dense", {})
+    if not dense.get("complete"):
+        return
+    d_full = dense["scales"][-1]
+    for model, r in rows.items():
+        if r.get("complete") and model != "compare-dense":
+            r["full_ppl_over_dense"] = r["scales"][-1]["perplexity_per_byte"] / d_full["perplexity_per_byte"]
+            r["train_tokens_per_s_over_dense"] = (r["train_tokens_per_s"] / dense["train_tokens_per_s"]
+                                                  if r["train_tokens_per_s"] and dense["train_tokens_per_s"] else None)
+
+
+def merge(paths: list[str]) -> dict:
+    """One report from several (a machine lent per call trains and scores one model per call: a 180M model's
+    training state does not travel between calls). The recipes and data must be the same."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    for q in parts[1:]:
+        for key in ("recipe", "data"):
+            if q[key] != parts[0][key]:
+                raise SystemExit(f"--merge: {key} differs between the reports; they do not compare")
+    res = dict(parts[0])
+    res["models"] = {m: r for q in parts for m, r in q["models"].items() if r.get("complete")}
+    res["merged_from"] = [{"device": q["device"], "date": q["date"], "models": sorted(q["models"])} for q in parts]
+    add_ratios(res["models"])
+    return res
 
 
 def plot(res: dict, path: str) -> None:
@@ -214,9 +238,18 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=None, help="held-out batches scored (default: all)")
     ap.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS if torch.cuda.is_available() else 0.0)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--merge", default=None, help="comma-separated report JSONs of single models: one report of them")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--json", default=None, help="default: bench/results/train_compare_<device>.json")
     args = ap.parse_args()
+    if args.merge:
+        res = merge(args.merge.split(","))
+        path = args.json or "train_compare.json"
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+        plot(res, path[: -len(".json")] + ".png")
+        print(f"wrote {path}")
+        return
     data, runs = Path(args.data), Path(args.runs)
     models = args.models.split(",")
     unknown = [m for m in models if m not in MODELS]

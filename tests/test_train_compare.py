@@ -1,6 +1,7 @@
 """``bench/train_compare.py`` end to end on the CPU at a tiny shape (the GPU run uses the ~100-180M presets): the
 byte-level data split by file, every model trained with the same recipe, the report's bits per byte per scale,
-the ratio to the dense model and the ordering check; a second call leaves complete models alone."""
+the ratio to the dense model and the ordering check; a second call leaves complete models alone; reports of one
+model each join into one (``--merge``)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,14 @@ def test_quality_comparison_runs_reports_and_resumes(tmp_path):
     assert (tmp_path / "res.png").exists()
     subprocess.run(args, check=True, cwd=ROOT, capture_output=True, timeout=300)  # complete: nothing retrained
     assert len((tmp_path / "runs" / "compare-dense" / "calls.jsonl").read_text().splitlines()) == 1
+    # one model per report (as on a machine lent per call), joined: the same figures and ratio
+    for model in ("compare-dense", "compare-16-16-air"):
+        one = [a if a != "compare-dense,compare-16-16-air" else model for a in args]
+        one[one.index("--json") + 1] = str(tmp_path / f"{model}.json")
+        subprocess.run(one + ["--report-only"], check=True, cwd=ROOT, capture_output=True, timeout=300)
+    merged = tmp_path / "merged.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "train_compare.py"), "--merge",
+                    f"{tmp_path / 'compare-dense.json'},{tmp_path / 'compare-16-16-air.json'}", "--json", str(merged)],
+                   check=True, cwd=ROOT, capture_output=True, timeout=300)
+    got = json.loads(merged.read_text())["models"]
+    assert abs(got["compare-16-16-air"]["full_ppl_over_dense"] - air["full_ppl_over_dense"]) < 1e-9
