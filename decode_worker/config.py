@@ -33,10 +33,11 @@ class DecodeConfig:
     cuda_graphs: bool = True             # replay the decode forward from CUDA graphs (CUDA only; eager elsewhere)
     warmup_context: int = 0              # > 0 (CUDA graphs): at start, capture the graphs of every batch size and
                                          # table width up to this many tokens per sequence, for every scale
-    overlap_steps: bool | None = None    # greedy single-scale batches: launch step n+1 (tokens fed on the device)
-                                         # before reading step n, so host work hides under the GPU's. None: on
-                                         # where CUDA graphs run (H100: batch 1/8/64 steps 4%/14%/20% shorter);
-                                         # on CPU nothing runs asynchronously, so a dropped step is pure waste
+    overlap_steps: bool | None = None    # greedy batches (mixed scales too, with "widest"): launch step n+1 (tokens
+                                         # fed on the device) before reading step n, so host work hides under the
+                                         # GPU's. None: on where CUDA graphs run (H100: batch 1/8/64 steps
+                                         # 4%/14%/20% shorter); on CPU nothing runs asynchronously, so a dropped
+                                         # step is pure waste
     grant_wait_s: float = 2.0           # cuda_pool, nixl: WriteKV waits this long for a reservation not made yet (the
                                          # router sends Reserve and Prefill at once there), then NOT_FOUND
     external_write_grace_s: float = 2.0  # cuda_pool, nixl: blocks of a request that ended while its sender's stream was

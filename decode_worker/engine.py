@@ -155,8 +155,9 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
     def start(self) -> "DecodeEngine":
         if self.config.warmup_context and self.graphs is not None:
             t0 = time.perf_counter()
+            mixed = self.config.mixed_scale_mode == "widest" and self.cfg.num_chains > 1  # mixed batches' graphs too
             n = self.graphs.warm_up(blocks_for(min(self.config.warmup_context, self.cfg.max_seq_len), self.pool.block_size),
-                                    range(1, self.cfg.num_chains + 1))
+                                    range(1, self.cfg.num_chains + 1), heads=(True, False, "mixed") if mixed else (True, False))
             log.info("captured %d decode graphs up to %d tokens in %.1f s", n, self.config.warmup_context,
                      time.perf_counter() - t0)
         if self.config.warmup_context and self.config.colocated_prefill and self.device.type == "cuda":
@@ -478,7 +479,8 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
 
     # ---------------------------------------------------------------- overlapped steps (DecodeConfig.overlap_steps)
     def _can_overlap(self, batch, scales) -> bool:
-        return (self._overlap and len(set(scales)) == 1
+        mixed_ok = self.config.mixed_scale_mode == "widest"  # one forward for the batch: it can be queued ahead
+        return (self._overlap and (mixed_ok or len(set(scales)) == 1)
                 and all(r.params.greedy and r.cancel is None for r in batch))
 
     def _overlapped(self, batch, scales, joining=(), before_read=None) -> list[tuple[int, float]]:
@@ -490,34 +492,38 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         cur = self._ahead if self._ahead is not None and self._ahead.matches(batch, scales) else None
         if cur is None:
             self._drop_ahead()
-            cur = launch_greedy_step(self.model, batch, self.pool, scales[0], self.graphs)
+            cur = launch_greedy_step(self.model, batch, self.pool, scales, self.graphs)
         else:
             self._num_ahead_used += 1
         self._ahead = None
         if before_read is not None:  # the chunk: before step n+1, which reads the K/V it completes
             before_read()
-        nxt = self._next_batch(batch, scales[0], joining)
+        nxt = self._next_batch(batch, scales, joining)
         if nxt is not None:
-            rows, carry = nxt
-            self._ahead = launch_greedy_step(self.model, rows, self.pool, scales[0], self.graphs, after=cur,
+            rows, carry, row_scales = nxt
+            self._ahead = launch_greedy_step(self.model, rows, self.pool, row_scales, self.graphs, after=cur,
                                              carry=carry)
         return cur.result()
 
-    def _next_batch(self, batch, scale: int, joining) -> tuple[list, list[int]] | None:
-        """(rows, carry) of the step after ``batch`` as the next iteration will run it: the rows that go on (their
-        indices in ``batch``), then the requests the admission will add (``joining`` and any others ready), in
-        its order; None when nothing goes on or a joining request could not share an overlapped step."""
+    def _next_batch(self, batch, scales, joining) -> tuple[list, list[int], list[int]] | None:
+        """(rows, carry, scales) of the step after ``batch`` (run at ``scales``) as the next iteration will run it:
+        the rows that go on (their indices in ``batch``), then the requests the admission will add (``joining`` and
+        any others ready), in its order, each at its scale; None when nothing goes on or a joining request could
+        not share an overlapped step (its scale differs and mixed batches do not run as one forward)."""
         carry = [i for i, r in enumerate(batch) if len(r.out_tokens) + 2 <= r.params.max_new_tokens]
         rows = [batch[i] for i in carry]
+        row_scales = [scales[i] for i in carry]
+        mixed_ok = self.config.mixed_scale_mode == "widest"
         with self._lock:  # gRPC threads add requests meanwhile
             for req in self._waiting(frozenset(map(id, joining))):  # as _housekeep admits, up to max_batch_size
                 if len(rows) >= self.config.max_batch_size:
                     break
-                if (req.kv_ready is not None or req.cancel is not None or req.scale != scale
-                        or not req.params.greedy or round_gamma(req)):
-                    return None  # it would not join as a plain greedy row at this scale: no step ahead
+                if (req.kv_ready is not None or req.cancel is not None or not req.params.greedy or round_gamma(req)
+                        or (not mixed_ok and req.scale != scales[0])):
+                    return None  # it would not join as a plain greedy row of this step: no step ahead
                 rows.append(req)
-        return (rows, carry) if rows else None
+                row_scales.append(req.scale)
+        return (rows, carry, row_scales) if rows else None
 
     def _drop_ahead(self, quiet: bool = False) -> None:
         ahead, self._ahead = self._ahead, None

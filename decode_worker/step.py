@@ -18,7 +18,7 @@ import torch
 
 from colm.sampling import sample_next
 
-from colm.decode_worker.graphs import StepHead, head_outputs
+from colm.decode_worker.graphs import StepHead, head_outputs, mixed_head_outputs
 from colm.decode_worker.paged_cache import PagedStepCache
 
 
@@ -58,8 +58,9 @@ def decode_step(model, batch, pool, scales: list[int], mode: str = "widest", gra
     groups: dict[int, list[int]] = {}
     for i, s in enumerate(scales):
         groups.setdefault(s, []).append(i)
-    if len(groups) == 1 and graphs is not None:
-        head = graphs.step_head(batch, scales[0])  # forward and head in one replay; None when graphs do not apply
+    if graphs is not None and (len(groups) == 1 or mode == "widest"):
+        # forward and head(s) in one replay (mixed scales: each row's head at its own); None when graphs do not apply
+        head = graphs.step_head(batch, max(scales), row_scales=scales if len(groups) > 1 else None)
         if head is not None:
             return _picks(head, batch)
     if mode == "widest" or len(groups) == 1:
@@ -76,10 +77,10 @@ def decode_step(model, batch, pool, scales: list[int], mode: str = "widest", gra
 
 
 class LaunchedStep:
-    """A greedy single-scale step whose GPU work is queued (``launch_greedy_step``); ``result`` waits for it."""
+    """A greedy step whose GPU work is queued (``launch_greedy_step``); ``result`` waits for it."""
 
-    def __init__(self, batch, scale: int, head: StepHead, read=None) -> None:
-        self.batch, self.scale, self.head = list(batch), scale, head
+    def __init__(self, batch, scales, head: StepHead, read=None) -> None:
+        self.batch, self.scales, self.head = list(batch), list(scales), head
         self._read = read  # graph steps: (pinned host [2, B] float64, CUDA event) of the queued read-back
         self._event = None
         if read is None and head.packed.is_cuda:
@@ -88,7 +89,7 @@ class LaunchedStep:
 
     def matches(self, batch, scales) -> bool:
         return len(batch) == len(self.batch) and all(a is b for a, b in zip(batch, self.batch)) and \
-            all(s == self.scale for s in scales)
+            list(scales) == self.scales
 
     def wait(self) -> None:
         event = self._read[1] if self._read is not None else self._event
@@ -104,9 +105,11 @@ class LaunchedStep:
 
 
 @torch.no_grad()
-def launch_greedy_step(model, batch, pool, scale: int, graphs=None, after: LaunchedStep | None = None,
+def launch_greedy_step(model, batch, pool, scales, graphs=None, after: LaunchedStep | None = None,
                        carry=None) -> LaunchedStep:
-    """Queue one step of ``batch`` (every row greedy, all at ``scale``) without reading its tokens back.
+    """Queue one step of ``batch`` (every row greedy, row i at ``scales[i]``; mixed scales run as
+    ``mixed_scale_mode: widest`` does: one forward at the widest, each row's head at its own) without reading its
+    tokens back.
 
     ``after``: the step queued just before and not read yet, so the host can launch step n+1 before it reads
     step n (the engine's ``overlap_steps``). The first ``len(carry)`` rows of ``batch`` are rows ``carry`` of
@@ -117,14 +120,20 @@ def launch_greedy_step(model, batch, pool, scale: int, graphs=None, after: Launc
         carry = range(len(batch))
     feed = None if after is None else after.head.greedy  # [B', 1]
     carry = list(carry) if after is not None else None
+    scales = list(scales)
+    widest, mixed = max(scales), len(set(scales)) > 1
     if graphs is not None:
-        launched = graphs.step_head(batch, scale, carry=carry, feed=feed, read_async=True)
+        launched = graphs.step_head(batch, widest, carry=carry, feed=feed, read_async=True,
+                                    row_scales=scales if mixed else None)
         if launched is not None:
             head, read = launched
-            return LaunchedStep(batch, scale, head, read)
+            return LaunchedStep(batch, scales, head, read)
     tokens, positions, cache = _step_tensors(batch, pool, model.inv_freq.device, carry, feed)
-    hidden = model.hidden(tokens, scale=scale, cache=cache, positions=positions)[:, 0]  # [B, D_scale]
-    return LaunchedStep(batch, scale, head_outputs(model, hidden, scale))
+    hidden = model.hidden(tokens, scale=widest, cache=cache, positions=positions)[:, 0]  # [B, D_widest]
+    if not mixed:
+        return LaunchedStep(batch, scales, head_outputs(model, hidden, widest))
+    row_scales = torch.tensor(scales, dtype=torch.int64, device=hidden.device)  # [B]
+    return LaunchedStep(batch, scales, mixed_head_outputs(model, hidden, row_scales, set(scales)))
 
 
 def _picks(head: StepHead, rows) -> list[tuple[int, float]]:

@@ -158,6 +158,57 @@ def test_overlapped_steps_match_the_reference(setup):
     assert de.pool.num_free == de.pool.num_blocks
 
 
+def test_overlapped_steps_of_mixed_scales_match_the_reference(setup, monkeypatch):
+    """With ``mixed_scale_mode: widest`` a batch of mixed scales is one forward, so its steps are queued ahead too
+    (each row's head at its own scale, tokens fed on the device): requests at scales 1 and 2 arriving staggered,
+    and one switching scale mid-stream, each equal `colm generate`; steps were launched ahead while both scales
+    ran, and every block comes back."""
+    import colm.decode_worker.engine as engine_module
+
+    path, full = setup
+    ahead_mixed = []
+    launch = engine_module.launch_greedy_step
+
+    def counted(model, batch, pool, scales, graphs=None, after=None, carry=None):
+        if after is not None and len(set(scales)) > 1:
+            ahead_mixed.append(list(scales))
+        return launch(model, batch, pool, scales, graphs, after=after, carry=carry)
+
+    monkeypatch.setattr(engine_module, "launch_greedy_step", counted)
+    de, pe = _engines(path, "widest", num_blocks=160, overlap_steps=True)
+    try:
+        batch = prompts([4, 15, 9, 26, 11, 7], seed=21)
+        streams = []
+        for i, p in enumerate(batch):
+            params = SamplingParams(max_new_tokens=12 + i, ignore_eos=True)
+            rid = f"mx{i}"
+            de.reserve(rid, len(p), params.max_new_tokens)
+            pe.submit(rid, p, LocalKVSink(de, rid))
+            streams.append((rid, p, params, 1 + i % 2, de.start_generation(rid, p[-1], params, scale=1 + i % 2)))
+            time.sleep(0.004 * i)
+        p = prompts([12], seed=8)[0]
+        params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+        de.reserve("mxsw", len(p), 16)
+        pe.prefill("mxsw", p, LocalKVSink(de, "mxsw"))
+        events = []
+        for ev in de.start_generation("mxsw", p[-1], params, scale=1):
+            events.append(ev)
+            if ev.index == 3:
+                de.set_scale("mxsw", 2)
+        used = [e.scale for e in events]
+        assert used[0] == 1 and used[-1] == 2
+        assert [e.token_id for e in events] == generate(full, p, params, scale_schedule=lambda i: used[i]).token_ids
+        for rid, prompt, params, scale, st in streams:
+            got = list(st)
+            assert [e.token_id for e in got] == generate(full, prompt, params, scale=scale).token_ids, rid
+            assert {e.scale for e in got} == {scale}
+        assert de.stats().num_steps_launched_ahead > 0
+        assert ahead_mixed  # a step of a mixed-scale batch was queued before the one before it was read
+    finally:
+        pe.stop(), de.stop()
+    assert de.pool.num_free == de.pool.num_blocks
+
+
 def test_step_times_leave_out_steps_that_tuned_or_captured(setup, monkeypatch):
     """The router prices scales from these: a step that paid for a kernel tuning or a graph capture (a
     warm-up, hundreds of ms on a GPU) is not reported."""

@@ -85,6 +85,25 @@ def run_request(d, p, address, rid, prompt, scale, max_new=8, path="cuda_ipc"):
     return [ev.token_id for ev in events], reply["r"], dict(events[0].timeline_ms)  # decode's milestones
 
 
+def concurrent_requests(d, p, address, path, batch, prefix) -> dict:
+    """Every prompt of ``batch`` at scales 1 and 2, all in flight together: {request id: (prompt, scale,
+    run_request's result)}."""
+    results, threads = {}, []
+    for i, prompt in enumerate(batch):
+        for scale in (1, 2):
+            rid = f"{prefix}-{i}-{scale}"
+
+            def one(rid=rid, prompt=prompt, scale=scale):
+                results[rid] = (prompt, scale, run_request(d, p, address, rid, prompt, scale, path=path))
+
+            threads.append(threading.Thread(target=one))
+            threads[-1].start()
+    for th in threads:
+        th.join()
+    assert len(results) == 2 * len(batch)
+    return results
+
+
 def reference(full, prompt, scale, max_new=8):
     return generate(full, prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True), scale=scale).token_ids
 
@@ -102,19 +121,7 @@ def test_cuda_ipc_across_processes_matches_reference(setup, hand_off, ready_wait
     path, full, _, p = setup
     with decode_child(path, kv_ready_wait=ready_wait) as child:
         d = kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address))
-        results, threads = {}, []
-        for i, prompt in enumerate(prompts([2, 19, 33, 57], seed=11)):
-            for scale in (1, 2):
-                rid = f"{hand_off}-{i}-{scale}"
-
-                def one(rid=rid, prompt=prompt, scale=scale):
-                    results[rid] = (prompt, scale, run_request(d, p, child.address, rid, prompt, scale, path=hand_off))
-
-                threads.append(threading.Thread(target=one))
-                threads[-1].start()
-        for th in threads:
-            th.join()
-        assert len(results) == 8
+        results = concurrent_requests(d, p, child.address, hand_off, prompts([2, 19, 33, 57], seed=11), hand_off)
         for rid, (prompt, scale, (tokens, reply, timeline)) in results.items():
             assert tokens == reference(full, prompt, scale), rid
             assert reply.path == hand_off and reply.num_tokens == len(prompt) - 1
@@ -194,19 +201,8 @@ def test_graphed_prefill_hands_over_through_each_transport(graphed, hand_off):
     replays = pe.graphs.num_replays
     with decode_child(path) as child:
         d = kv_pb2_grpc.DecodeWorkerStub(make_channel(child.address))
-        results, threads = {}, []
-        for i, prompt in enumerate(prompts([5, 30, 47, 60], seed=13)):
-            for scale in (1, 2):
-                rid = f"graphed-{hand_off}-{i}-{scale}"
-
-                def one(rid=rid, prompt=prompt, scale=scale):
-                    results[rid] = (prompt, scale, run_request(d, p, child.address, rid, prompt, scale, path=hand_off))
-
-                threads.append(threading.Thread(target=one))
-                threads[-1].start()
-        for th in threads:
-            th.join()
-        assert len(results) == 8
+        results = concurrent_requests(d, p, child.address, hand_off, prompts([5, 30, 47, 60], seed=13),
+                                      f"graphed-{hand_off}")
         for rid, (prompt, scale, (tokens, reply, _)) in results.items():
             assert tokens == reference(full, prompt, scale), rid
             assert reply.path == hand_off

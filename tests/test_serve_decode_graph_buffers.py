@@ -64,3 +64,29 @@ def test_static_buffers_of_a_padded_bucket_give_the_eager_step():
         assert_rounding_close(torch.tensor([lp for _, lp in picks], dtype=torch.float64), ref.packed[1],
                               reduction + c.dim + c.vocab_size)
     assert graphs.hidden(batch, 2) is None  # no CUDA: the step runs eager
+
+
+def test_a_mixed_scale_graph_gives_each_row_its_own_scales_head():
+    """The mixed-scale graph's step (forward at the widest scale, every scale's head, each row's picked by the
+    scale staged for it), run from its static buffers on the CPU: each row's logits, log-sum-exp and greedy pick
+    are those of the eager head at that row's scale; padding rows do not disturb them."""
+    model = make_model("tiny-air")
+    c = model.cfg
+    reduction = c.n_layers * max(c.dim, c.ffn_hidden, 32)
+    de, batch = three_running(model)
+    graphs = DecodeGraphs(model, de.pool, 8)
+    g = _Graph(_bucket(len(batch)), _bucket(max(len(r.blocks) for r in batch), 16), "cpu")
+    scales = [1, 2, 1]
+    graphs._fill(g, batch, row_scales=scales)
+    assert g.dev_ints[5].tolist() == [1, 2, 1, 1]  # the padding row at scale 1
+    g.slots[3] = de.pool.num_blocks * 4 - 1
+    with torch.no_grad():
+        graphs._forward(g, 2, head="mixed")
+        tokens, positions, cache = _step_tensors(batch, de.pool, torch.device("cpu"))
+        hidden = model.hidden(tokens, scale=2, cache=cache, positions=positions)[:, 0]  # the widest forward
+        for i, s in enumerate(scales):
+            ref = head_outputs(model, hidden[i : i + 1], s)
+            assert_rounding_close(g.head.logits[i : i + 1], ref.logits, reduction + c.dim)
+            assert_rounding_close(g.head.lse[i : i + 1], ref.lse, reduction + c.dim + c.vocab_size)
+            assert g.head.greedy[i].tolist() == ref.greedy[0].tolist()
+            assert g.head.packed[0, i].item() == ref.packed[0, 0].item()
