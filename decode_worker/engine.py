@@ -478,9 +478,13 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         return (self.graphs.num_captures if self.graphs is not None else 0), num_tuned()
 
     # ---------------------------------------------------------------- overlapped steps (DecodeConfig.overlap_steps)
+    def _mixed_ahead(self) -> bool:
+        """A batch of mixed scales may be queued ahead: it runs as one forward ("widest"), and as one graph where
+        graphs run (a mixed graph that failed to capture leaves such batches to ``decode_step``'s hidden graph)."""
+        return self.config.mixed_scale_mode == "widest" and (self.graphs is None or self.graphs.mixed_enabled)
+
     def _can_overlap(self, batch, scales) -> bool:
-        mixed_ok = self.config.mixed_scale_mode == "widest"  # one forward for the batch: it can be queued ahead
-        return (self._overlap and (mixed_ok or len(set(scales)) == 1)
+        return (self._overlap and (len(set(scales)) == 1 or self._mixed_ahead())
                 and all(r.params.greedy and r.cancel is None for r in batch))
 
     def _overlapped(self, batch, scales, joining=(), before_read=None) -> list[tuple[int, float]]:
@@ -513,7 +517,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         carry = [i for i, r in enumerate(batch) if len(r.out_tokens) + 2 <= r.params.max_new_tokens]
         rows = [batch[i] for i in carry]
         row_scales = [scales[i] for i in carry]
-        mixed_ok = self.config.mixed_scale_mode == "widest"
+        mixed_ok = self._mixed_ahead()
         with self._lock:  # gRPC threads add requests meanwhile
             for req in self._waiting(frozenset(map(id, joining))):  # as _housekeep admits, up to max_batch_size
                 if len(rows) >= self.config.max_batch_size:
