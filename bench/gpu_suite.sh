@@ -9,14 +9,16 @@
 #   bash bench/gpu_suite.sh serve     # goodput: colocated baseline, colm, colm with prefill graphs  (~9 min)
 #   bash bench/gpu_suite.sh sweeps    # few-row chain Linear configs (1 and 8 rows, cold weights) and the
 #                                     # in-graph paged-attention split sweep                        (~6 min)
+#   bash bench/gpu_suite.sh compare MODEL   # train and score one model of bench/train_compare.py (a lent machine
+#                                     # starts bare: one model per call; join the reports with --merge) (<10 min)
 #
 # Where the colm package is not installed (e.g. an image without our dependencies), the script maps the
 # top-level folders into colm/ the way the editable install does and puts $PWD on PYTHONPATH. Extra
 # wheels (grpcio, protobuf, crc32c) may be given in $WHEELS (a folder); they are installed to /tmp/site.
 set -uo pipefail
-part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps}
-case "$part" in tests|decode|handoff|prefill|serve|sweeps) ;;
-  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps" >&2; exit 2 ;; esac
+part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|compare MODEL}
+case "$part" in tests|decode|handoff|prefill|serve|sweeps|compare) ;;
+  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|compare MODEL" >&2; exit 2 ;; esac
 OUT=${OUT:-bench/results/run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -47,6 +49,10 @@ case "$part" in
     timeout 580 python bench/serve_goodput.py --rates 2,4,8,16 --slo-scale 2 --num-requests 320 --warmup-context 2200 \
       --modes baseline,colm,colm-graphs --out "$OUT/serve_goodput" 2>&1 | grep -v Warn | grep -v retrying | tail -40
     for f in "$OUT"/serve_goodput_*.log; do [ -s "$f" ] && { echo "== $f"; tail -20 "$f"; }; done ;;
+  compare)
+    model=${2:?usage: bench/gpu_suite.sh compare compare-dense|compare-16-16|compare-16-16-air|compare-8-8-8-8-air}
+    timeout 570 python bench/train_compare.py --data /tmp/compare-data --runs /tmp/compare-runs --models "$model" \
+      --max-seconds "${MAX_SECONDS:-420}" --json "$OUT/train_compare_$model.json" 2>&1 | grep -v Warn | tail -12 ;;
   sweeps)
     for m in 1 8; do
       timeout 240 python bench/gemv_sweep.py --rows $m --out "$OUT/gemv_sweep_m$m.json" 2>&1 | grep -v Warn | tail -30
