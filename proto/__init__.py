@@ -68,14 +68,9 @@ def _ensure_generated(name: str, version: str, src: Path) -> None:
     why = _stale(src, name)
     if why is None:
         return
-    if _is_source_checkout():
-        try:
-            import grpc_tools  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            _regenerate(src)
-            return
+    if _is_source_checkout() and _protoc.tools_dir() is not None:
+        _regenerate(src)
+        return
     raise RuntimeError(f"colm.proto: {why}; the generated code of colm/{version}/{name}.proto is built with the package: "
                        f"run `pip install -e .` in the colm checkout ({PROTO_ROOT.parent}), or reinstall colm")
 

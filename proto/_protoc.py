@@ -16,8 +16,11 @@ a stale module from a current one.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -49,23 +52,35 @@ def _relative_imports(text: str, stems: set[str]) -> str:
     return _TOP_IMPORT_RE.sub(sub, text)
 
 
-def generate(src: Path, out: Path) -> list[Path]:
-    """Compile every ``.proto`` in ``src`` into ``out`` (atomically per file); returns the written files."""
-    import grpc_tools
-    from grpc_tools import protoc
+def tools_dir() -> Path | None:
+    """Where grpcio-tools is installed, found without importing it; None when it is not."""
+    spec = importlib.util.find_spec("grpc_tools")
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
 
+
+def generate(src: Path, out: Path) -> list[Path]:
+    """Compile every ``.proto`` in ``src`` into ``out`` (atomically per file); returns the written files.
+
+    protoc runs in a child interpreter: grpcio-tools' compiler carries its own C++ protobuf, and once it is loaded
+    into a process, loading another native library built against protobuf there (NIXL's bindings) aborted the
+    process."""
+    tools = tools_dir()
+    if tools is None:
+        raise RuntimeError("grpcio-tools is not installed: it compiles colm's .proto files")
     src, out = Path(src), Path(out)
     protos = proto_files(src)
     if not protos:
         raise RuntimeError(f"no .proto files in {src}")
-    include = str(Path(grpc_tools.__file__).parent / "_proto")  # google/protobuf/*.proto (well-known types)
+    include = str(tools / "_proto")  # google/protobuf/*.proto (well-known types)
     out.mkdir(parents=True, exist_ok=True)
     mark = SOURCE_MARK + sources_hash(src) + "\n"
     stems = {p.stem for p in protos}
     with tempfile.TemporaryDirectory(prefix=".protoc-", dir=out) as tmp:
-        args = ["grpc_tools.protoc", f"-I{src}", f"-I{include}", f"--python_out={tmp}", f"--grpc_python_out={tmp}"]
-        if protoc.main(args + [str(p) for p in protos]) != 0:
-            raise RuntimeError(f"grpc_tools.protoc failed on {[p.name for p in protos]} in {src}")
+        args = [sys.executable, "-m", "grpc_tools.protoc", f"-I{src}", f"-I{include}", f"--python_out={tmp}",
+                f"--grpc_python_out={tmp}"]
+        res = subprocess.run(args + [str(p) for p in protos], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"grpc_tools.protoc failed on {[p.name for p in protos]} in {src}: {res.stderr.strip()}")
         written = []
         for name in generated_names(src):
             text = mark + _relative_imports((Path(tmp) / name).read_text(), stems)

@@ -141,3 +141,29 @@ def test_editable_install_generates_into_source_tree(built):
                          env=built["env"], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "pip install -e ." in res.stderr, res.stderr
     assert not (built["home"] / ".cache").exists()
+
+
+def test_regenerating_keeps_protoc_out_of_the_process(tmp_path):
+    """protoc runs in a child interpreter: after a regeneration in this process grpcio-tools' compiler is not loaded
+    here, and NIXL's native bindings (built against their own protobuf) still import. With the compiler loaded
+    in-process, importing them aborted the interpreter (a decode worker whose .proto had been edited died at its
+    first Reserve)."""
+    src = tmp_path / "v1"
+    shutil.copytree(ROOT / "proto" / "colm" / "v1", src, ignore=shutil.ignore_patterns("*_pb2*.py", "__pycache__"))
+    code = textwrap.dedent(f"""
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location("_colm_protoc", {str(ROOT / "proto" / "_protoc.py")!r})
+        protoc = importlib.util.module_from_spec(spec); spec.loader.exec_module(protoc)
+        written = protoc.generate({str(src)!r}, {str(src)!r})
+        loaded = "grpc_tools._protoc_compiler" in sys.modules
+        nixl = None
+        if importlib.util.find_spec("nixl") is not None:
+            import nixl._api  # noqa: F401 - aborted the process when the compiler was loaded
+            nixl = True
+        print(json.dumps({{"written": sorted(p.name for p in written), "compiler_loaded": loaded, "nixl": nixl}}))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "kv_pb2.py" in r["written"] and "public_pb2_grpc.py" in r["written"]
+    assert r["compiler_loaded"] is False
