@@ -447,10 +447,12 @@ def main() -> None:
                       "warmup_context": 4096 if cuda else 0}
     sampler = GpuSampler()
     results = []
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode not in ALL_MODES:
+            raise SystemExit(f"--modes: {mode!r} is not one of {ALL_MODES}")
     try:
-        for mode in args.modes.split(","):
-            if mode not in ALL_MODES:
-                raise SystemExit(f"--modes: {mode!r} is not one of {ALL_MODES}")
+        for mode in modes:
             workers = start_workers(mode, ckpt, wargs, token, decode_section)
             try:
                 results.append(run_mode(mode, ckpt, workers, token, args, sampler, scratch))
@@ -462,8 +464,23 @@ def main() -> None:
             finally:
                 stop_workers(workers)
             print(table(results[-1:], limit), flush=True)
+            if len(results) < len(modes):  # the modes done so far, kept should a later one not finish
+                write_payload(args, results, limit, dict(device=dev_name, date=date, cfg=cfg, gpu=gpu, cost=cost),
+                              complete=False)
     finally:
         sampler.stop()
+    payload = write_payload(args, results, limit, dict(device=dev_name, date=date, cfg=cfg, gpu=gpu, cost=cost))
+    plot(results, limit, args.out + ".png")
+    print(table(results, limit))
+    print(json.dumps({"vs_disaggregated": payload[next(k for k in payload if k.startswith("ratio_vs_") and
+                                                           k != "ratio_vs_baseline")],
+                      "vs_baseline": payload["ratio_vs_baseline"]}, indent=1))
+    print(f"wrote {args.out}.json and .png")
+
+
+def write_payload(args, results: list, limit, run: dict, complete: bool = True) -> dict:
+    """The run's JSON (``args.out``.json) for the modes in ``results``: every figure, the ratios between modes and to
+    the limit. ``complete`` False: written after each mode but the last (a run cut short keeps what it measured)."""
     base = next((r for r in results if r["mode"] == ("batched" if "batched" in args.modes else "per_request")), None)
     ratios = {}
     baseline = next((r for r in results if r["mode"] == "baseline"), None)
@@ -480,10 +497,11 @@ def main() -> None:
     if limit:
         for r in results:
             r["fraction_of_limit"] = r["summary"]["throughput_rps"] / limit["limit_rps"]
-    payload = {"benchmark": "serve_path", "device": dev_name, "date": date, "torch": torch.__version__,
-               "python": platform.python_version(), "model": {"preset": args.preset, "dtype": args.dtype,
-                                                               "chains": list(cfg.chains), "n_layers": cfg.n_layers,
-                                                               "dim": cfg.dim},
+    cfg = run["cfg"]
+    payload = {"benchmark": "serve_path", "device": run["device"], "date": run["date"], "torch": torch.__version__,
+               "python": platform.python_version(), "complete": complete,
+               "model": {"preset": args.preset, "dtype": args.dtype, "chains": list(cfg.chains),
+                         "n_layers": cfg.n_layers, "dim": cfg.dim},
                "load": {"concurrency": args.concurrency, "num_requests": args.num_requests,
                         "client_processes": args.client_processes, "connections": args.connections, "ramp_s": args.ramp_s,
                         "prompt_len": args.prompt_len, "output_len": args.output_len,
@@ -491,14 +509,11 @@ def main() -> None:
                "workers": "plain processes (colm.deploy.worker_main), router in the benchmark process",
                "routers": args.routers,
                "max_batched_tokens": args.max_batched_tokens, "budgets": args.budgets,
-               "gpu_measured": gpu, "request_cost": cost, "limit": limit, "results": results,
+               "gpu_measured": run["gpu"], "request_cost": run["cost"], "limit": limit, "results": results,
                f"ratio_vs_{base['mode'] if base else 'none'}": ratios, "ratio_vs_baseline": ratios_vs_baseline}
     with open(args.out + ".json", "w") as f:
         json.dump(payload, f, indent=1)
-    plot(results, limit, args.out + ".png")
-    print(table(results, limit))
-    print(json.dumps({"vs_disaggregated": ratios, "vs_baseline": ratios_vs_baseline}, indent=1))
-    print(f"wrote {args.out}.json and .png")
+    return payload
 
 
 if __name__ == "__main__":
