@@ -59,26 +59,18 @@ class Phases:
 CURRENT: list = [None]  # the Phases of the request being pushed (one at a time)
 
 
-def _mark_after(cls, name: str, step: str) -> None:
-    """Wrap ``cls.name`` so that each return hits ``step`` of the current request."""
+def _mark(cls, name: str, step: str, after: bool = True) -> None:
+    """Wrap ``cls.name`` so that each call hits ``step`` of the current request, when it returns (``after``) or when
+    it is entered."""
     orig = getattr(cls, name)
 
     def wrapped(*a, **k):
+        if not after and CURRENT[0] is not None:
+            CURRENT[0].hit(step)
         out = orig(*a, **k)
-        if CURRENT[0] is not None:
+        if after and CURRENT[0] is not None:
             CURRENT[0].hit(step)
         return out
-
-    setattr(cls, name, wrapped)
-
-
-def _mark_before(cls, name: str, step: str) -> None:
-    orig = getattr(cls, name)
-
-    def wrapped(*a, **k):
-        if CURRENT[0] is not None:
-            CURRENT[0].hit(step)
-        return orig(*a, **k)
 
     setattr(cls, name, wrapped)
 
@@ -88,12 +80,12 @@ def trace_senders() -> None:
     from colm.kv.nixl import NixlEndpoint, NixlKVSink
     from colm.prefill_worker.pool_sink import PoolKVSink
 
-    _mark_after(NixlKVSink, "_ready", "bytes ready")
-    _mark_before(NixlEndpoint, "post_write", "write posted")
-    _mark_before(NixlKVSink, "_marks_message", "write done")
-    _mark_before(NixlKVSink, "_end_message", "KVEnd sent")
-    _mark_after(PoolKVSink, "_write", "bytes ready")
-    _mark_before(PoolKVSink, "_end_message", "KVEnd sent")
+    _mark(NixlKVSink, "_ready", "bytes ready")
+    _mark(NixlEndpoint, "post_write", "write posted", after=False)
+    _mark(NixlKVSink, "_marks_message", "write done", after=False)
+    _mark(NixlKVSink, "_end_message", "KVEnd sent", after=False)
+    _mark(PoolKVSink, "_write", "bytes ready")
+    _mark(PoolKVSink, "_end_message", "KVEnd sent", after=False)
 
 
 def trace_intake(engine) -> dict:

@@ -38,6 +38,18 @@ def _engines(path, mode="widest", before_start=None, **config):
     return de.start(), pe.start()
 
 
+def _switching(de, pe, rid, prompt, params, scale, switches: dict) -> list:
+    """The events of a request started at ``scale`` whose scale is set to ``switches[i]`` once token i came."""
+    de.reserve(rid, len(prompt), params.max_new_tokens)
+    pe.prefill(rid, prompt, LocalKVSink(de, rid))
+    events = []
+    for ev in de.start_generation(rid, prompt[-1], params, scale=scale):
+        events.append(ev)
+        if ev.index in switches:
+            de.set_scale(rid, switches[ev.index])
+    return events
+
+
 def _byte_text(de: DecodeEngine) -> None:
     de.detokenize = ByteTokenizer().decode  # the tiny checkpoint's ids are bytes
 
@@ -188,13 +200,7 @@ def test_overlapped_steps_of_mixed_scales_match_the_reference(setup, monkeypatch
             time.sleep(0.004 * i)
         p = prompts([12], seed=8)[0]
         params = SamplingParams(max_new_tokens=16, ignore_eos=True)
-        de.reserve("mxsw", len(p), 16)
-        pe.prefill("mxsw", p, LocalKVSink(de, "mxsw"))
-        events = []
-        for ev in de.start_generation("mxsw", p[-1], params, scale=1):
-            events.append(ev)
-            if ev.index == 3:
-                de.set_scale("mxsw", 2)
+        events = _switching(de, pe, "mxsw", p, params, 1, {3: 2})
         used = [e.scale for e in events]
         assert used[0] == 1 and used[-1] == 2
         assert [e.token_id for e in events] == generate(full, p, params, scale_schedule=lambda i: used[i]).token_ids
@@ -243,13 +249,7 @@ def test_scale_switch_mid_generation_and_sampling(setup):
     try:
         p = prompts([14], seed=3)[0]
         params = SamplingParams(max_new_tokens=16, ignore_eos=True)
-        de.reserve("sw", len(p), 16)
-        pe.prefill("sw", p, LocalKVSink(de, "sw"))
-        events = []
-        for ev in de.start_generation("sw", p[-1], params, scale=2):
-            events.append(ev)
-            if ev.index in (2, 8):
-                de.set_scale("sw", 1 if ev.index == 2 else 2)
+        events = _switching(de, pe, "sw", p, params, 2, {2: 1, 8: 2})
         used = [e.scale for e in events]
         assert 1 in used and used[0] == 2 and used[-1] == 2
         ref = generate(full, p, params, scale_schedule=lambda i: used[i])

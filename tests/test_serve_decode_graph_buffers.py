@@ -38,14 +38,22 @@ def assert_rounding_close(got: torch.Tensor, want: torch.Tensor, reduction: int)
     torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=0)
 
 
-def test_static_buffers_of_a_padded_bucket_give_the_eager_step():
+def staged_graph():
+    """The tiny Air model, the rounding bound of its step (every layer sums over the model width, the FFN width and
+    the context, <= 30 tokens; errors add per layer), ``three_running``'s engine and batch, its graphs and the
+    CPU buffers of the batch's bucket: (model, reduction, engine, batch, graphs, graph buffers)."""
     model = make_model("tiny-air")
     c = model.cfg
-    # every layer sums over the model width, the FFN width and the context (<= 30 tokens); errors add per layer
     reduction = c.n_layers * max(c.dim, c.ffn_hidden, 32)
     de, batch = three_running(model)
     graphs = DecodeGraphs(model, de.pool, 8)
     g = _Graph(_bucket(len(batch)), _bucket(max(len(r.blocks) for r in batch), 16), "cpu")
+    return model, reduction, de, batch, graphs, g
+
+
+def test_static_buffers_of_a_padded_bucket_give_the_eager_step():
+    model, reduction, de, batch, graphs, g = staged_graph()
+    c = model.cfg
     graphs._fill(g, batch)
     assert g.tokens[:, 0].tolist() == [7, 8, 9, 0] and g.positions[:, 0].tolist() == [4, 16, 29, 0]
     assert g.dev_ints[2].tolist() == [5, 17, 30, 1] and g.slots[3] == -1 and not g.tables[3].any()
@@ -70,12 +78,8 @@ def test_a_mixed_scale_graph_gives_each_row_its_own_scales_head():
     """The mixed-scale graph's step (forward at the widest scale, every scale's head, each row's picked by the
     scale staged for it), run from its static buffers on the CPU: each row's logits, log-sum-exp and greedy pick
     are those of the eager head at that row's scale; padding rows do not disturb them."""
-    model = make_model("tiny-air")
+    model, reduction, de, batch, graphs, g = staged_graph()
     c = model.cfg
-    reduction = c.n_layers * max(c.dim, c.ffn_hidden, 32)
-    de, batch = three_running(model)
-    graphs = DecodeGraphs(model, de.pool, 8)
-    g = _Graph(_bucket(len(batch)), _bucket(max(len(r.blocks) for r in batch), 16), "cpu")
     scales = [1, 2, 1]
     graphs._fill(g, batch, row_scales=scales)
     assert g.dev_ints[5].tolist() == [1, 2, 1, 1]  # the padding row at scale 1

@@ -142,19 +142,12 @@ def put_segments(geo: PoolGeometry, l0: int, l1: int, t0: int, t1: int, runs: np
     pool order, ``[2, l1 - l0, t1 - t0, kv_heads, head_dim]`` contiguous; rows run in its order (K then V, layers,
     runs), so they cover it from 0 to its end without gaps, and the checksum of the rows' pool bytes in row order is
     the checksum of the source."""
-    nl, nt, tb = l1 - l0, t1 - t0, geo.token_bytes
-    c = np.arange(2, dtype=np.int64)[:, None, None]            # [2, 1, 1]
-    layer = np.arange(l0, l1, dtype=np.int64)[None, :, None]   # [1, nl, 1]
-    a, b, slot = (runs[None, None, :, i] for i in range(3))    # [1, 1, R]
-    src = ((c * nl + layer - l0) * nt + a - t0) * tb
-    dst = ((c * geo.num_layers + layer) * (geo.num_blocks * geo.block_size) + slot) * tb
-    length = np.broadcast_to((b - a) * tb, src.shape)
-    return np.stack([src.reshape(-1), dst.reshape(-1), length.reshape(-1)], axis=1)
+    return batch_segments(geo, np.array([[l0, l1, 0]], dtype=np.int64), t0, t1, runs)
 
 
 def batch_segments(geo: PoolGeometry, puts: np.ndarray, t0: int, t1: int, runs: np.ndarray) -> np.ndarray:
-    """``put_segments`` of several puts of tokens [t0, t1) at once: ``puts`` int64 [P, 3] rows (l0, l1, offset of
-    the put's source in a common buffer). int64 [sum 2 x (l1 - l0) x runs, 3] rows (source offset, pool offset,
+    """The segments of several puts of tokens [t0, t1) at once: ``puts`` int64 [P, 3] rows (l0, l1, offset of the
+    put's source in a common buffer). int64 [sum 2 x (l1 - l0) x runs, 3] rows (source offset, pool offset,
     length): each put's rows in ``put_segments``' order, shifted by its offset, the puts in order."""
     l0, l1, off = puts[:, 0], puts[:, 1], puts[:, 2]
     nl, nt, tb = l1 - l0, t1 - t0, geo.token_bytes
@@ -177,15 +170,14 @@ def to_pool_order(kv: torch.Tensor) -> torch.Tensor:
     return kv.permute(2, 0, 1, 3, 4)
 
 
-def pool_checksum(pool: torch.Tensor, segments: np.ndarray, kind: str, pending: bool = False):
+def pool_checksum(pool: torch.Tensor, segments: np.ndarray, kind: str):
     """Checksum of the pool's bytes at ``segments`` (``put_segments`` rows), in row order. A CPU pool is read in
     place; a device pool's segments are gathered on the device (``wsum32`` is computed there; a CRC copies them to
-    host first). ``pending``: a device ``wsum32`` comes back not yet read (``read_pending``)."""
+    host first)."""
     if kind == "wsum32":
         flat = pool.view(-1).view(torch.uint8)
         with side_stream(pool.device):  # not behind the engine's steps on its stream: the slots read are written
-            data = torch.cat([flat[off : off + n] for _, off, n in segments.tolist()])
-            return wsum32_pending(data) if pending and pool.is_cuda else wsum32(data)
+            return wsum32(torch.cat([flat[off : off + n] for _, off, n in segments.tolist()]))
     if pool.device.type == "cpu":
         buf = tensor_bytes(pool)  # [pool bytes] memoryview, no copy
         value = 0
@@ -627,7 +619,7 @@ class NixlKVSink(GrpcKVSink):
         if not self.granted.wait(max(0.0, self._deadline - time.monotonic())) or self._grant is None:
             return  # no grant (an error, or the deadline): the stream ends without KVEnd
         inflight: collections.deque = collections.deque()  # (handle, its puts' marks), posting order
-        g, geo = self._grant, self._geo
+        g = self._grant
         local_base = self.ep.base + self._start
         ended = False
         try:
@@ -642,20 +634,23 @@ class NixlKVSink(GrpcKVSink):
                 # post more while puts are queued; else (or at the cap, or at the end) finish the oldest write and
                 # send its marks; the last write's carry KVEnd
                 while inflight and (last or self._q.empty() or len(inflight) >= MAX_IN_FLIGHT):
-                    handle, marks = inflight.popleft()
-                    self._wait(handle)
-                    ended = last and not inflight
-                    yield self._marks_message(marks, end=ended)
-            while inflight:
-                handle, marks = inflight.popleft()
-                self._wait(handle)
-                ended = not inflight
-                yield self._marks_message(marks, end=ended)
+                    ended = yield from self._send_oldest(inflight, last)
+            while inflight:  # the end came after the last batch
+                ended = yield from self._send_oldest(inflight, True)
         finally:
             for handle, _ in inflight:  # a failed stream: drop what is still posted (the region's free waits)
                 self.ep.release(handle)
         if not ended:
             yield self._end_message()
+
+    def _send_oldest(self, inflight: collections.deque, last: bool):
+        """Waits for the oldest write of ``inflight`` and yields the message marking its puts, with the stream's
+        KVEnd when it was the last (``last`` and nothing else in flight); returns whether it was."""
+        handle, marks = inflight.popleft()
+        self._wait(handle)
+        end = last and not inflight
+        yield self._marks_message(marks, end=end)
+        return end
 
     def _descriptors(self, batch, local_base: int) -> tuple[np.ndarray, np.ndarray]:
         """The WRITE of ``batch`` [((l0, l1, t0, t1), region offset, checksum)]: uint64 [n, 3] rows (address, length,

@@ -190,9 +190,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     full = train_state.full_model_state(module)
     if info.is_main:
         (out / "paused.json").unlink(missing_ok=True)  # a run that paused earlier is complete now
-    summary = {"steps": o.steps, "complete": True, "resumed_from": start, "world_size": info.world_size, "num_trainable": num_trainable,
-               "tokens_per_step": tokens_per_step, "elapsed_s": round(elapsed, 3),
-               "tokens_per_s": round((o.steps - start) * tokens_per_step / elapsed, 1) if elapsed > 0 and o.steps > start else None,
+    summary = {**_progress(o.steps, start, tokens_per_step, elapsed, info, complete=True), "num_trainable": num_trainable,
                "final_train_scale_loss": history[-1]["scale_loss"] if history else None, "val_scale_loss": val,
                "history": [r["loss"] for r in history], "model_dir": str(out / "model")}
     if info.is_main:
@@ -217,14 +215,19 @@ def _out_of_time(t0: float, max_seconds: float, info: DistInfo) -> bool:
     return bool(late.item())
 
 
+def _progress(done: int, start: int, tokens_per_step: int, elapsed: float, info: DistInfo, complete: bool) -> dict:
+    """What a run's summary says of its steps, whether it ended or paused at ``done``."""
+    return {"steps": done, "complete": complete, "resumed_from": start, "world_size": info.world_size,
+            "tokens_per_step": tokens_per_step, "elapsed_s": round(elapsed, 3),
+            "tokens_per_s": round((done - start) * tokens_per_step / elapsed, 1) if elapsed > 0 and done > start else None}
+
+
 def _pause(out: Path, module, optimizer, done: int, start: int, tokens_per_step: int, t0: float, info: DistInfo) -> dict:
     """Stop before ``optim.steps`` (``run.max_seconds``): the state at ``done`` saved for the next run to resume;
     no final evaluation or model export."""
     elapsed = time.perf_counter() - t0
     train_state.save_state(out, module, optimizer, done, info, {"tokens_seen": done * tokens_per_step})
-    summary = {"steps": done, "complete": False, "resumed_from": start, "world_size": info.world_size,
-               "tokens_per_step": tokens_per_step, "elapsed_s": round(elapsed, 3),
-               "tokens_per_s": round((done - start) * tokens_per_step / elapsed, 1) if elapsed > 0 else None}
+    summary = _progress(done, start, tokens_per_step, elapsed, info, complete=False)
     if info.is_main:
         (out / "paused.json").write_text(json.dumps(summary, indent=2))
         print(f"paused at step {done} after {elapsed:.0f} s (run.max_seconds); run again to resume from {out}")
