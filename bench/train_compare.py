@@ -238,6 +238,7 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=None, help="held-out batches scored (default: all)")
     ap.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS if torch.cuda.is_available() else 0.0)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--prepare-only", action="store_true", help="write the token files under --data and stop")
     ap.add_argument("--merge", default=None, help="comma-separated report JSONs of single models: one report of them")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--json", default=None, help="default: bench/results/train_compare_<device>.json")
@@ -258,6 +259,8 @@ def main() -> None:
     sources = args.sources.split(",") if args.sources else stdlib_sources()
     prepared = prepare(data, sources)
     print(f"data: {prepared['train']['num_tokens']:,} training bytes, {prepared['val']['num_tokens']:,} held out")
+    if args.prepare_only:
+        return
     if not args.report_only:
         train_models(models, data, runs, args)
     res = report(models, data, runs, args)

@@ -246,8 +246,8 @@ class DecodeGraphs:
         keys = itertools.product(heads, scales, _buckets(max_blocks_per_seq, 16), _buckets(self.max_batch))
         with torch.no_grad(), self._lock:
             for head, scale, W, B in keys:
-                if head == "mixed" and (scale == 1 or not self.mixed_enabled):
-                    continue  # a mixed batch's widest scale is 2 or more
+                if head == "mixed" and (scale == 1 or B == 1 or not self.mixed_enabled):
+                    continue  # a mixed batch has two rows or more, and its widest scale is 2 or more
                 if self._graph(B, W, scale, head, []) is None and not self.enabled:  # graphs are off
                     break
         return self.num_captures - before

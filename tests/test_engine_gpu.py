@@ -182,8 +182,9 @@ def test_warm_up_captures_every_graph_serving_then_needs(tmp_path):
     pe = PrefillEngine(sub, full.cfg, PrefillConfig(chunk_size=16, max_batch_tokens=64)).start()
     try:
         captured = de.graphs.num_captures
-        # widths 16 (up to 64 tokens / 4 per block), batches 1, 2, 4, scales 1 and 2, with and without head
-        assert captured == 1 * 3 * 2 * 2
+        # widths 16 (up to 64 tokens / 4 per block), batches 1, 2, 4, scales 1 and 2, with and without head, and
+        # the mixed-scale graphs (widest scale 2, batches 2 and 4)
+        assert captured == 1 * 3 * 2 * 2 + 2
         params = SamplingParams(max_new_tokens=10, ignore_eos=True)
         streams = []
         for i, p in enumerate(prompts([1, 6, 23, 40])):

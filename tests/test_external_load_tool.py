@@ -34,7 +34,7 @@ SAMPLES = ["", "a", "Hello, chains", "  two  spaces\tand\ttabs\n\nnewlines\r\n",
 def build_byte_tokenizer():
     """colm's ByteTokenizer as a ``tokenizers`` Tokenizer: byte b is token b (GPT-2's byte-to-unicode alphabet,
     byte-level BPE with no merges), then BOS, EOS and PAD as special tokens 256..258. This is how
-    colm/assets/demo-small-air/tokenizer.json was made (``build_byte_tokenizer().save(path)``)."""
+    colm/assets/demo-python-air/tokenizer.json was made (``build_byte_tokenizer().save(path)``)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

@@ -124,7 +124,7 @@ def test_demo_asset_ships_a_chat_template():
             assert tc.encode(want) == hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     globs = pyproject["tool"]["setuptools"]["package-data"]["colm.assets"]
-    assert any(Path("demo-small-air/tokenizer_config.json").match(g) for g in globs)
+    assert any(Path("demo-python-air/tokenizer_config.json").match(g) for g in globs)
 
 
 def test_convert_hf_keeps_the_tokenizer_config_and_chat_template(tmp_path):
