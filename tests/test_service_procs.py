@@ -43,10 +43,11 @@ def test_worker_processes_serve_reference_tokens_and_refuse_a_wrong_token():
                 h = c.health()
                 assert all(w["healthy"] for w in h["workers"])
                 assert [w for w in h["workers"] if w["role"] == "decode"][0]["free_blocks"] == 256
-                # the KV hand-off is counted: 2 requests x 19 prompt tokens (all but the last) x 4 layers x K,V x
-                # 4 heads x 32 dims x 4 bytes
+                # the KV hand-off is counted: 2 requests x 19 prompt tokens (all but the last) x layers x K,V x
+                # KV heads x head dim x 4 bytes (float32)
+                cfg = checkpoint.load_config(model_dir)
                 m = bg.router.metrics.transfer_bytes.labels("prefill-0")._value.get()
-                assert m == 2 * 19 * 4 * 2 * 4 * 32 * 4
+                assert m == 2 * 19 * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 4
                 # the workers' timelines crossed the wire and became phase observations (one per request)
                 phases = bg.router.metrics.phases
                 deadline = time.monotonic() + 5  # a Prefill reply may land after its request's last token
