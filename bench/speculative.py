@@ -70,8 +70,9 @@ def run_batch(de, pe, prompts, max_new: int, scale: int, gamma: int, tag: str) -
 
 
 def time_parts(de, scale: int, gamma: int, reps: int, profile: bool = False) -> dict:
-    """Batch 1: one plain scale-k step, one scale-1 draft step, one verify over gamma + 1 positions (ms)."""
-    from colm.decode_worker.speculative import draft, verify
+    """Batch 1: one plain scale-k step, one scale-1 draft step (read alone; and per step of gamma queued ones), one
+    verify over gamma + 1 positions (ms)."""
+    from colm.decode_worker.speculative import draft, draft_greedy, verify
     from colm.decode_worker.step import decode_step
     from colm.sampling import SamplingParams
 
@@ -96,6 +97,8 @@ def time_parts(de, scale: int, gamma: int, reps: int, profile: bool = False) -> 
 
     out = {"plain_step_ms": timed(lambda: decode_step(de.model, [row], de.pool, [scale], graphs=de.graphs)),
            "draft_step_ms": timed(lambda: draft(de.model, [row], de.pool, 1, de.graphs)),
+           # gamma greedy drafts queued back to back (what a greedy round runs), per draft
+           "queued_draft_step_ms": timed(lambda: draft_greedy(de.model, [row], de.pool, gamma, de.graphs)) / gamma,
            "verify_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale, de.verify_graphs)),
            "verify_eager_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale))}
     if profile:
@@ -189,7 +192,8 @@ def main() -> None:
               f"{r['tokens_per_round'] or 0:>9.2f} {r['plain_tokens_per_s']:>12.1f} {r['spec_tokens_per_s']:>11.1f} "
               f"{r['speedup']:>6.2f}")
     for g, p in parts.items():
-        print(f"batch 1, gamma {g}: plain step {p['plain_step_ms']:.3f} ms, draft step {p['draft_step_ms']:.3f} ms, "
+        print(f"batch 1, gamma {g}: plain step {p['plain_step_ms']:.3f} ms, draft step {p['draft_step_ms']:.3f} ms "
+              f"(queued {p['queued_draft_step_ms']:.3f}), "
               # verify_profile (with --profile) is in the JSON
               f"verify {p['verify_ms']:.3f} ms (eager {p['verify_eager_ms']:.3f} ms)")
     if args.out:

@@ -5,8 +5,9 @@ the K/V the full model would write: drafting leaves nothing to recompute. One ro
 k > 1 with ``gamma`` drafts:
 
 1. draft: ``gamma`` single-token steps at scale 1 (batched over the round's requests) from the request's
-   next input x, giving d_1..d_gamma (greedy: argmax; sampling: drawn from the scale-1 distribution q with
-   the request's own generator, q kept);
+   next input x, giving d_1..d_gamma (greedy: argmax, each step fed the previous pick on the device and the
+   whole round queued before one read; sampling: drawn from the scale-1 distribution q with the request's own
+   generator, q kept, a read per step);
 2. verify: one scale-k forward over the gamma + 1 positions [x, d_1, .., d_gamma] (``PagedExtendCache``),
    giving the target distributions p_1..p_{gamma+1};
 3. accept (``accept_greedy`` / ``accept_sampled``): greedy keeps the longest prefix of drafts equal to the
@@ -105,17 +106,47 @@ def draft(model, rows, pool, gamma: int, graphs=None) -> tuple[list[list[int]], 
 
 
 @torch.no_grad()
+def draft_greedy(model, rows, pool, gamma: int, graphs=None) -> torch.Tensor:
+    """Greedy drafts [B, gamma] (int64, on the model's device) of ``rows``, queued with no host read between the
+    steps: each scale-1 step takes the previous step's pick on the device (``step.launch_greedy_step`` with
+    ``after``), and the host waits for step j - 1 only once step j is queued (the graphs' staging buffers are
+    double-buffered), so the GPU runs the gamma steps back to back. Writes the same chain-1 K/V as ``draft``."""
+    from colm.decode_worker.step import launch_greedy_step
+
+    cursors = [_Cursor(r.blocks, r.num_cached, r.next_input) for r in rows]
+    scales = [1] * len(rows)
+    picks, launched, previous = [], None, None
+    for j in range(gamma):
+        # step j > 0 runs each row one position past its cursor, so the cursors trail the steps by one. All steps
+        # share one graph key (the rows and their blocks do not change within a round), so a capture, which stages
+        # the cursors as they are, can only happen at step 0, where they are exact.
+        launched = launch_greedy_step(model, cursors, pool, scales, graphs, after=launched)
+        picks.append(launched.head.greedy.clone())  # [B, 1]: a graph's output is overwritten by its next replay
+        if previous is not None:
+            previous.wait()
+        previous = launched
+        if j:
+            for c in cursors:
+                c.num_cached += 1
+    return torch.cat(picks, dim=1)
+
+
+@torch.no_grad()
 def verify(model, rows, pool, drafts: list[list[int]], scale: int, graphs=None) -> torch.Tensor:
     """Scale-``scale`` logits [B, g + 1, V] over [x, d_1..d_g] of every row (all rows have g drafts).
     ``graphs``: a ``decode_worker.verify_graphs.VerifyGraphs`` to replay the forward from (CUDA), or None."""
-    device = model.inv_freq.device
-    g = len(drafts[0])
-    tokens = torch.tensor([[r.next_input, *d] for r, d in zip(rows, drafts)], device=device)  # [B, g + 1]
+    tokens = torch.tensor([[r.next_input, *d] for r, d in zip(rows, drafts)], device=model.inv_freq.device)
+    return verify_tokens(model, rows, pool, tokens, scale, graphs)
+
+
+@torch.no_grad()
+def verify_tokens(model, rows, pool, tokens: torch.Tensor, scale: int, graphs=None) -> torch.Tensor:
+    """``verify`` of ``tokens`` [B, g + 1] (each row's x, then its drafts), a tensor on the model's device."""
     if graphs is not None:
         out = graphs.logits(rows, tokens, scale)
         if out is not None:
             return out
-    cache = PagedExtendCache.build(pool, rows, g + 1, device)
+    cache = PagedExtendCache.build(pool, rows, tokens.shape[1], tokens.device)
     hidden = model.hidden(tokens, scale=scale, cache=cache, positions=cache.positions)  # [B, g + 1, D_k]
     return model.logits(hidden, scale)
 
@@ -124,8 +155,14 @@ def speculative_round(model, rows, pool, scale: int, gamma: int, graphs=None,
                       verify_graphs=None) -> list[list[SpecToken]]:
     """One round for ``rows`` (all at ``scale`` with ``gamma`` drafts); the tokens each row emits, in order.
     ``graphs`` / ``verify_graphs``: CUDA graphs of the draft steps (``DecodeGraphs``) and of the verify."""
-    drafts, qs = draft(model, rows, pool, gamma, graphs)
-    logits = verify(model, rows, pool, drafts, scale, verify_graphs).float()  # [B, g + 1, V]
+    if all(r.params.greedy for r in rows):  # drafts and verify queued together, read once
+        first = torch.tensor([[r.next_input] for r in rows], device=model.inv_freq.device)  # [B, 1], before any step
+        tokens = torch.cat([first, draft_greedy(model, rows, pool, gamma, graphs)], dim=1)  # [B, g + 1]
+        logits = verify_tokens(model, rows, pool, tokens, scale, verify_graphs).float()  # [B, g + 1, V]
+        drafts, qs = tokens[:, 1:].tolist(), [None] * len(rows)
+    else:
+        drafts, qs = draft(model, rows, pool, gamma, graphs)
+        logits = verify(model, rows, pool, drafts, scale, verify_graphs).float()  # [B, g + 1, V]
     logp = torch.log_softmax(logits, dim=-1)
     best = torch.argmax(logits, dim=-1)  # [B, g + 1]: the target's tokens and their log-probs, read once per round
     target, target_lp = best.tolist(), logp.gather(-1, best[..., None])[..., 0].tolist()
