@@ -83,11 +83,11 @@ def announce(launcher, addrs: dict) -> None:
     print(f"[colm serve] workers ({where}): {workers}", file=sys.stderr)
     for kind, addr in addrs.items():
         print(f"[colm serve] {kind:7s} {addr}", file=sys.stderr)
-    print(f"[colm serve] try: colm client generate --addr {addrs['grpc']} --prompt 'The import statement' --stream",
+    print(f"[colm serve] try: colm client generate --addr {addrs['grpc']} --prompt 'def read_config(path):' --stream",
           file=sys.stderr)
     if "http" in addrs:
         print(f"[colm serve]  or: curl {addrs['http']}/v1/completions -H 'Content-Type: application/json' "
-              "-d '{\"prompt\": \"The import statement\", \"max_tokens\": 16, \"tpot_ms\": 50}'", file=sys.stderr)
+              "-d '{\"prompt\": \"def read_config(path):\", \"max_tokens\": 16, \"tpot_ms\": 50}'", file=sys.stderr)
     sys.stderr.flush()
 
 
