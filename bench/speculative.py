@@ -95,12 +95,20 @@ def time_parts(de, scale: int, gamma: int, reps: int, profile: bool = False) -> 
         sync()
         return (time.perf_counter() - t0) * 1e3 / reps
 
+    from colm.decode_worker.verify_graphs import VerifyGraphs
+
+    paged = (VerifyGraphs(de.model, de.pool, 1, de.cfg.max_seq_len, attention="paged")
+             if de.verify_graphs is not None else None)
     out = {"plain_step_ms": timed(lambda: decode_step(de.model, [row], de.pool, [scale], graphs=de.graphs)),
            "draft_step_ms": timed(lambda: draft(de.model, [row], de.pool, 1, de.graphs)),
            # gamma greedy drafts queued back to back (what a greedy round runs), per draft
            "queued_draft_step_ms": timed(lambda: draft_greedy(de.model, [row], de.pool, gamma, de.graphs)) / gamma,
            "verify_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale, de.verify_graphs)),
-           "verify_eager_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale))}
+           "verify_eager_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale)),
+           # the same verify with each query a paged decode row (DecodeConfig.verify_attention: paged)
+           "verify_paged_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale, paged, "paged")),
+           "verify_paged_eager_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale, None,
+                                                         "paged"))}
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -124,6 +132,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: the checkpoint's (bfloat16 for a preset on CUDA)")
     ap.add_argument("--gammas", default="1,2,4,8")
+    ap.add_argument("--verify-attention", default="gather", choices=("gather", "paged"),
+                    help="DecodeConfig.verify_attention of the rounds (the batch-1 parts time both)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-new", type=int, default=128)
@@ -149,7 +159,8 @@ def main() -> None:
         dtype = parse_dtype(args.dtype) if args.dtype else None
     cuda = args.device == "cuda"
     de = DecodeEngine.from_checkpoint(ckpt, DecodeConfig(num_blocks=4096, block_size=16, max_batch_size=64,
-                                                         cuda_graphs=cuda, warmup_context=0),
+                                                         cuda_graphs=cuda, warmup_context=0,
+                                                         verify_attention=args.verify_attention),
                                       device=args.device, dtype=dtype).start()
     pe = PrefillEngine.from_checkpoint(ckpt, PrefillConfig(), device=args.device, dtype=dtype)
     cfg = de.cfg
@@ -184,6 +195,7 @@ def main() -> None:
                "model": args.preset or args.model, "dtype": str(de.dtype).replace("torch.", ""),
                "chains": list(cfg.chains), "num_params": cfg.num_params(full), "num_params_chain1": cfg.num_params(1),
                "prompt_len": args.prompt_len, "max_new_tokens": args.max_new, "cuda_graphs": cuda,
+               "verify_attention": args.verify_attention,
                "rows": rows, "batch1_parts_ms": parts}
     print(f"{'batch':>5} {'gamma':>5} {'same':>5} {'accept':>7} {'tok/round':>9} {'plain tok/s':>12} "
           f"{'spec tok/s':>11} {'ratio':>6}")
@@ -195,7 +207,8 @@ def main() -> None:
         print(f"batch 1, gamma {g}: plain step {p['plain_step_ms']:.3f} ms, draft step {p['draft_step_ms']:.3f} ms "
               f"(queued {p['queued_draft_step_ms']:.3f}), "
               # verify_profile (with --profile) is in the JSON
-              f"verify {p['verify_ms']:.3f} ms (eager {p['verify_eager_ms']:.3f} ms)")
+              f"verify {p['verify_ms']:.3f} ms (eager {p['verify_eager_ms']:.3f} ms), paged verify "
+              f"{p['verify_paged_ms']:.3f} ms (eager {p['verify_paged_eager_ms']:.3f} ms)")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

@@ -14,6 +14,7 @@ def check_speculative(value) -> int:
     return value
 
 MIXED_SCALE_MODES = ("widest", "group")
+VERIFY_ATTENTION = ("gather", "paged")
 KV_READY_WAITS = ("host", "sender")
 
 
@@ -25,6 +26,10 @@ class DecodeConfig:
     max_batch_size: int = 64             # sequences per decode step
     mixed_scale_mode: str = "widest"     # "widest": one forward at the batch's widest scale, each head at its own
                                          # scale; "group": one forward per scale group (bench/decode.py compares)
+    # speculative verify: "gather" gathers each row's context and runs one masked SDPA per layer; "paged" runs each of
+    # the gamma + 1 queries as a decode row of its own through the paged decode kernel (one launch per layer, no
+    # gather). Both give the same tokens (tests/test_verify_paged.py); bench/speculative.py times them side by side
+    verify_attention: str = "gather"
     reservation_timeout_s: float = 600.0 # a reservation not finished by then is freed (DEADLINE_EXCEEDED)
     kv_timeout_s: float = 60.0           # StartGeneration waits this long for the KV to arrive
     max_reservations: int = 1024         # requests held at once (Reserve answers RESOURCE_EXHAUSTED beyond); the
@@ -74,6 +79,8 @@ class DecodeConfig:
             raise ValueError(f"max_batch_size={self.max_batch_size}: must be > 0")
         if self.mixed_scale_mode not in MIXED_SCALE_MODES:
             raise ValueError(f"mixed_scale_mode={self.mixed_scale_mode!r}: allowed are {MIXED_SCALE_MODES}")
+        if self.verify_attention not in VERIFY_ATTENTION:
+            raise ValueError(f"verify_attention={self.verify_attention!r}: allowed are {VERIFY_ATTENTION}")
         for name in ("external_write_grace_s", "grant_wait_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")

@@ -109,7 +109,8 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         self.pool = BlockPool(cfg, num_blocks, self.config.block_size, self.device, self.dtype)
         self.graphs = (DecodeGraphs(self.model, self.pool, self.config.max_batch_size)
                        if self.config.cuda_graphs and self.device.type == "cuda" else None)
-        self.verify_graphs = (VerifyGraphs(self.model, self.pool, self.config.max_batch_size, cfg.max_seq_len)
+        self.verify_graphs = (VerifyGraphs(self.model, self.pool, self.config.max_batch_size, cfg.max_seq_len,
+                                           attention=self.config.verify_attention)
                               if self.config.cuda_graphs and self.device.type == "cuda" else None)
         self.score_graphs = (GraphedForward(self.model, self.config.score_graph_tokens)
                              if self.config.score_graph_tokens and self.device.type == "cuda" else None)
@@ -431,10 +432,12 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         """One speculative round of ``rows``; a failed round is redone row by row (a round rewrites the same K/V
         into the same slots), and a row that fails alone ends its request (None in its place)."""
         try:
-            return speculative_round(self.model, rows, self.pool, scale, gamma, self.graphs, self.verify_graphs)
+            return speculative_round(self.model, rows, self.pool, scale, gamma, self.graphs, self.verify_graphs,
+                                     self.config.verify_attention)
         except Exception as batch_error:  # noqa: BLE001
             return self._isolated(rows, [scale] * len(rows), batch_error,
-                                  lambda req, s: speculative_round(self.model, [req], self.pool, s, gamma, None)[0])
+                                  lambda req, s: speculative_round(self.model, [req], self.pool, s, gamma, None, None,
+                                                                   self.config.verify_attention)[0])
 
     def _emit(self, req: DecodeRequest, scale: int, tok: int, lp: float, drafted: bool = False) -> bool:
         """Hand out one new token of ``req`` (under the lock); True when it ended the request."""

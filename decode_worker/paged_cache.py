@@ -110,3 +110,54 @@ class PagedExtendCache:
 
     def advance(self, num_tokens: int, kv_heads: int | None = None) -> None:
         """The engine tracks each sequence's length itself."""
+
+
+class PagedVerifyCache:
+    """``PagedExtendCache``'s forward through the paged decode kernel: query t of sequence b is a decode row of its
+    own (b's blocks, context start_b + t + 1), so one launch per layer attends all B x T queries, nothing is
+    gathered, and no mask is built (the causal limit is each row's context length). At each layer it first writes
+    the T tokens' k, v into their slots, as ``PagedExtendCache`` does, so the rows read them from the pool."""
+
+    takes_head_map = True  # attend() accepts CoLM-Air's query head order (the kernel reads heads in that order)
+
+    def __init__(self, pool, block_tables: torch.Tensor, context_lens: torch.Tensor, slot_mapping: torch.Tensor,
+                 positions: torch.Tensor, length: int = 0) -> None:
+        self.pool = pool
+        self.block_tables = block_tables  # [B * T, W] int32: row b * T + t holds sequence b's blocks
+        self.context_lens = context_lens  # [B * T] int32: start_b + t + 1
+        self.slot_mapping = slot_mapping  # [B, T] int64: where the new tokens' K/V go
+        self.positions = positions        # [B, T] int64: the new tokens' positions (the model's ``positions``)
+        self.length = length              # only for the model's max_seq_len check (positions are explicit)
+
+    @classmethod
+    def build(cls, pool, rows, num_new: int, device, width: int | None = None) -> "PagedVerifyCache":
+        """``rows``: objects with ``blocks`` and ``num_cached`` (the first new token's position). ``width``: the
+        block-table columns (default: the blocks of the longest context)."""
+        bs = pool.block_size
+        ends = [r.num_cached + num_new for r in rows]
+        width = -(-max(ends) // bs) if width is None else width
+        tables = torch.zeros(len(rows) * num_new, width, dtype=torch.int32)
+        slots = torch.empty(len(rows), num_new, dtype=torch.int64)
+        for i, (r, e) in enumerate(zip(rows, ends)):
+            used = r.blocks[: -(-e // bs)]
+            tables[i * num_new: (i + 1) * num_new, : len(used)] = torch.tensor(used, dtype=torch.int32)
+            slots[i] = pool.slots(r.blocks, r.num_cached, e)
+        starts = torch.tensor([r.num_cached for r in rows], dtype=torch.int64)
+        pos = starts[:, None] + torch.arange(num_new)[None, :]  # [B, T]
+        return cls(pool, tables.to(device), (pos + 1).reshape(-1).to(torch.int32).to(device), slots.to(device),
+                   pos.to(device), length=max(ends) - num_new)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               head_map: torch.Tensor | None = None) -> torch.Tensor:
+        # q [B, Hq, T, hd]; k, v [B, Hkv, T, hd] (RoPE applied) -> [B, Hq, T, hd]
+        kp, vp = self.pool.k[layer_idx], self.pool.v[layer_idx]
+        b, hq, t, hd = q.shape
+        hkv = k.shape[1]
+        write_kv_to_pool(k.transpose(1, 2).reshape(b * t, hkv, hd), v.transpose(1, 2).reshape(b * t, hkv, hd),
+                         kp, vp, self.slot_mapping.reshape(-1))
+        rows = q.transpose(1, 2).reshape(b * t, hq, hd).contiguous()  # row b * T + t
+        o = paged_decode_attention(rows, kp, vp, self.block_tables, self.context_lens, head_map=head_map)
+        return o.reshape(b, t, hq, hd).transpose(1, 2)
+
+    def advance(self, num_tokens: int, kv_heads: int | None = None) -> None:
+        """The engine tracks each sequence's length itself."""

@@ -30,7 +30,7 @@ import torch
 
 from colm.sampling import SamplingParams, filtered_probs
 
-from colm.decode_worker.paged_cache import PagedExtendCache
+from colm.decode_worker.paged_cache import PagedExtendCache, PagedVerifyCache
 
 
 @dataclass
@@ -132,37 +132,42 @@ def draft_greedy(model, rows, pool, gamma: int, graphs=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def verify(model, rows, pool, drafts: list[list[int]], scale: int, graphs=None) -> torch.Tensor:
+def verify(model, rows, pool, drafts: list[list[int]], scale: int, graphs=None,
+           attention: str = "gather") -> torch.Tensor:
     """Scale-``scale`` logits [B, g + 1, V] over [x, d_1..d_g] of every row (all rows have g drafts).
-    ``graphs``: a ``decode_worker.verify_graphs.VerifyGraphs`` to replay the forward from (CUDA), or None."""
+    ``graphs``: a ``decode_worker.verify_graphs.VerifyGraphs`` to replay the forward from (CUDA), or None;
+    ``attention``: ``DecodeConfig.verify_attention`` of the eager forward."""
     tokens = torch.tensor([[r.next_input, *d] for r, d in zip(rows, drafts)], device=model.inv_freq.device)
-    return verify_tokens(model, rows, pool, tokens, scale, graphs)
+    return verify_tokens(model, rows, pool, tokens, scale, graphs, attention)
 
 
 @torch.no_grad()
-def verify_tokens(model, rows, pool, tokens: torch.Tensor, scale: int, graphs=None) -> torch.Tensor:
+def verify_tokens(model, rows, pool, tokens: torch.Tensor, scale: int, graphs=None,
+                  attention: str = "gather") -> torch.Tensor:
     """``verify`` of ``tokens`` [B, g + 1] (each row's x, then its drafts), a tensor on the model's device."""
     if graphs is not None:
         out = graphs.logits(rows, tokens, scale)
         if out is not None:
             return out
-    cache = PagedExtendCache.build(pool, rows, tokens.shape[1], tokens.device)
+    kind = PagedVerifyCache if attention == "paged" else PagedExtendCache
+    cache = kind.build(pool, rows, tokens.shape[1], tokens.device)
     hidden = model.hidden(tokens, scale=scale, cache=cache, positions=cache.positions)  # [B, g + 1, D_k]
     return model.logits(hidden, scale)
 
 
-def speculative_round(model, rows, pool, scale: int, gamma: int, graphs=None,
-                      verify_graphs=None) -> list[list[SpecToken]]:
+def speculative_round(model, rows, pool, scale: int, gamma: int, graphs=None, verify_graphs=None,
+                      verify_attention: str = "gather") -> list[list[SpecToken]]:
     """One round for ``rows`` (all at ``scale`` with ``gamma`` drafts); the tokens each row emits, in order.
-    ``graphs`` / ``verify_graphs``: CUDA graphs of the draft steps (``DecodeGraphs``) and of the verify."""
+    ``graphs`` / ``verify_graphs``: CUDA graphs of the draft steps (``DecodeGraphs``) and of the verify;
+    ``verify_attention``: the eager verify's (``DecodeConfig.verify_attention``)."""
     if all(r.params.greedy for r in rows):  # drafts and verify queued together, read once
         first = torch.tensor([[r.next_input] for r in rows], device=model.inv_freq.device)  # [B, 1], before any step
         tokens = torch.cat([first, draft_greedy(model, rows, pool, gamma, graphs)], dim=1)  # [B, g + 1]
-        logits = verify_tokens(model, rows, pool, tokens, scale, verify_graphs).float()  # [B, g + 1, V]
+        logits = verify_tokens(model, rows, pool, tokens, scale, verify_graphs, verify_attention).float()
         drafts, qs = tokens[:, 1:].tolist(), [None] * len(rows)
     else:
         drafts, qs = draft(model, rows, pool, gamma, graphs)
-        logits = verify(model, rows, pool, drafts, scale, verify_graphs).float()  # [B, g + 1, V]
+        logits = verify(model, rows, pool, drafts, scale, verify_graphs, verify_attention).float()  # [B, g + 1, V]
     logp = torch.log_softmax(logits, dim=-1)
     best = torch.argmax(logits, dim=-1)  # [B, g + 1]: the target's tokens and their log-probs, read once per round
     target, target_lp = best.tolist(), logp.gather(-1, best[..., None])[..., 0].tolist()

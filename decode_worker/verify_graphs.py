@@ -5,9 +5,10 @@ Why: the eager verify of the 1B {16,16} Air model spent ~23 ms of host time laun
 ~1.7 ms on an H200 (bench/results/speculative_h200_*.json), many times the graphed decode step. A replay
 issues them in one launch.
 
-The graph reads static buffers: tokens and positions [B, T], the new tokens' slots [B, T], the context's
-slots [B, L] and the attention mask [B, T, L] (``PagedExtendCache``'s inputs, built on the host and copied
-in). Batch and context width are rounded up to powers of two; padding rows write nowhere (slot -1, which
+The graph reads static buffers: tokens and positions [B, T], the new tokens' slots [B, T], and the attention's
+inputs, built on the host and copied in: with ``attention="gather"`` the context's slots [B, L] and the mask
+[B, T, L] (``PagedExtendCache``); with ``"paged"`` a block table [B * T, L / block_size] and a context length
+[B * T] per query row (``PagedVerifyCache``). Batch and context width are rounded up to powers of two; padding rows write nowhere (slot -1, which
 the K/V write skips) and attend to one position; padded context positions are masked. The output is the
 logits [B, T, V], copied out before the lock is released. A failed capture turns these graphs off (logged);
 the verify then runs eager.
@@ -21,23 +22,25 @@ import torch
 
 from colm.cuda_graphs import GraphSet, bucket, warm_and_capture
 
-from colm.decode_worker.paged_cache import PagedExtendCache
+from colm.decode_worker.paged_cache import PagedExtendCache, PagedVerifyCache
 
 
 @dataclass
 class _Graph:
     tokens: torch.Tensor     # [B, T] int64
-    cache: PagedExtendCache  # its gather [B, L], valid [B, T, L], slot_mapping and positions [B, T]
+    cache: PagedExtendCache | PagedVerifyCache  # its static inputs, filled before each replay
     logits: torch.Tensor     # [B, T, V] float32: the output, overwritten by the next replay
     graph: torch.cuda.CUDAGraph
 
 
 class VerifyGraphs(GraphSet):
-    def __init__(self, model, pool, max_batch: int, max_context: int, warmup: int = 2) -> None:
+    def __init__(self, model, pool, max_batch: int, max_context: int, warmup: int = 2,
+                 attention: str = "gather") -> None:
         super().__init__(model.inv_freq.device, max_context)
         self.model, self.pool = model, pool
         self.max_batch = bucket(max_batch)
         self.warmup = warmup
+        self.paged = attention == "paged"  # DecodeConfig.verify_attention
 
     @torch.no_grad()
     def logits(self, rows, tokens: torch.Tensor, scale: int) -> torch.Tensor | None:
@@ -48,35 +51,55 @@ class VerifyGraphs(GraphSet):
         if not self.enabled or b > self.max_batch or width > self.max_tokens:
             return None
         B, L = bucket(b), bucket(width, 64)
-        host = PagedExtendCache.build(self.pool, rows, t, "cpu", width=L)
         with self._lock:
             g = self._graph_for((B, t, L, scale), lambda: self._capture(B, t, L, scale),
                                 f"the speculative verify (batch {B}, {t} tokens, context {L}, scale {scale})")
             if g is None:
                 return None
-            c = g.cache
-            c.gather[:b].copy_(host.gather, non_blocking=True)
-            c.gather[b:].zero_()
-            c.valid[:b].copy_(host.valid, non_blocking=True)
-            c.valid[b:] = False
-            c.valid[b:, :, 0] = True  # padding rows attend to one position (a fully masked row would be NaN)
-            c.slot_mapping[:b].copy_(host.slot_mapping, non_blocking=True)
-            c.slot_mapping[b:] = -1   # ... and write nowhere
+            (self._fill_paged if self.paged else self._fill_gather)(g.cache, rows, b, t, L)
             g.tokens[:b].copy_(tokens)
             g.tokens[b:].zero_()
-            c.positions[:b].copy_(host.positions, non_blocking=True)
-            c.positions[b:].zero_()
             g.graph.replay()
             self.num_replays += 1
             return g.logits[:b].clone()
 
+    def _fill_gather(self, c: PagedExtendCache, rows, b: int, t: int, L: int) -> None:
+        host = PagedExtendCache.build(self.pool, rows, t, "cpu", width=L)
+        c.gather[:b].copy_(host.gather, non_blocking=True)
+        c.gather[b:].zero_()
+        c.valid[:b].copy_(host.valid, non_blocking=True)
+        c.valid[b:] = False
+        c.valid[b:, :, 0] = True  # padding rows attend to one position (a fully masked row would be NaN)
+        c.slot_mapping[:b].copy_(host.slot_mapping, non_blocking=True)
+        c.slot_mapping[b:] = -1   # ... and write nowhere
+        c.positions[:b].copy_(host.positions, non_blocking=True)
+        c.positions[b:].zero_()
+
+    def _fill_paged(self, c: PagedVerifyCache, rows, b: int, t: int, L: int) -> None:
+        host = PagedVerifyCache.build(self.pool, rows, t, "cpu", width=c.block_tables.shape[1])
+        c.block_tables[: b * t].copy_(host.block_tables, non_blocking=True)
+        c.block_tables[b * t:].zero_()
+        c.context_lens[: b * t].copy_(host.context_lens, non_blocking=True)
+        c.context_lens[b * t:] = 1  # padding rows attend to one position (block 0's first slot) ...
+        c.slot_mapping[:b].copy_(host.slot_mapping, non_blocking=True)
+        c.slot_mapping[b:] = -1     # ... and write nowhere
+        c.positions[:b].copy_(host.positions, non_blocking=True)
+        c.positions[b:].zero_()
+
     def _capture(self, B: int, T: int, L: int, scale: int) -> _Graph:
         dev = self.device
-        cache = PagedExtendCache(self.pool, torch.zeros(B, L, dtype=torch.int64, device=dev),
-                                 torch.zeros(B, T, L, dtype=torch.bool, device=dev),
-                                 torch.full((B, T), -1, dtype=torch.int64, device=dev),
-                                 torch.zeros(B, T, dtype=torch.int64, device=dev))
-        cache.valid[:, :, 0] = True
+        if self.paged:
+            cache = PagedVerifyCache(self.pool, torch.zeros(B * T, -(-L // self.pool.block_size), dtype=torch.int32,
+                                                            device=dev),
+                                     torch.ones(B * T, dtype=torch.int32, device=dev),
+                                     torch.full((B, T), -1, dtype=torch.int64, device=dev),
+                                     torch.zeros(B, T, dtype=torch.int64, device=dev))
+        else:
+            cache = PagedExtendCache(self.pool, torch.zeros(B, L, dtype=torch.int64, device=dev),
+                                     torch.zeros(B, T, L, dtype=torch.bool, device=dev),
+                                     torch.full((B, T), -1, dtype=torch.int64, device=dev),
+                                     torch.zeros(B, T, dtype=torch.int64, device=dev))
+            cache.valid[:, :, 0] = True
         tokens = torch.zeros(B, T, dtype=torch.int64, device=dev)
 
         def forward():

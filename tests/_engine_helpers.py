@@ -120,16 +120,17 @@ def engine_call_fails(engine, message: str):
 
 
 @contextlib.contextmanager
-def started_engines(path, num_blocks: int = 128):
+def started_engines(path, num_blocks: int = 128, **decode):
     """(decode engine, prefill engine, full model) of the tiny Air model saved at ``path``, both engines started
-    in this process (blocks of 4 tokens; prefill chunks of 16, batches of 64 tokens) and stopped afterwards."""
+    in this process (blocks of 4 tokens; prefill chunks of 16, batches of 64 tokens) and stopped afterwards.
+    ``decode``: more ``DecodeConfig`` fields."""
     from colm.decode_worker.config import DecodeConfig
     from colm.decode_worker.engine import DecodeEngine
     from colm.prefill_worker.config import PrefillConfig
     from colm.prefill_worker.engine import PrefillEngine
 
     full = save_tiny_air(path)
-    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=num_blocks, block_size=4)).start()
+    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=num_blocks, block_size=4, **decode)).start()
     pe = PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, max_batch_tokens=64)).start()
     try:
         yield de, pe, full

@@ -85,8 +85,23 @@ def _start(de, pe, rid, p, params, scale, gamma):
     return de.start_generation(rid, p[-1], params, scale=scale, speculative=gamma)
 
 
+@pytest.fixture(scope="module")
+def paged_engines(tmp_path_factory):
+    with started_engines(tmp_path_factory.mktemp("spec-paged"), num_blocks=512, verify_attention="paged") as engines:
+        yield engines
+
+
 @pytest.mark.parametrize("gamma", [1, 2, 4, 8])
 def test_greedy_tokens_equal_plain_full_scale_decoding(engines, gamma):
+    greedy_tokens_equal_plain(engines, gamma)
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_greedy_tokens_equal_plain_with_the_paged_verify(paged_engines, gamma):
+    greedy_tokens_equal_plain(paged_engines, gamma)
+
+
+def greedy_tokens_equal_plain(engines, gamma):
     de, pe, full = engines
     before = de.stats()
     batch = prompts([1, 3, 9, 17, 30, 5, 12, 24], seed=gamma)
@@ -170,9 +185,11 @@ def test_sampled_tokens_follow_the_target_scale(engines):
     assert_pool_free(de)
 
 
-def test_verify_graph_buffers_match_the_eager_verify(engines, monkeypatch):
+@pytest.mark.parametrize("attention", ["gather", "paged"])
+def test_verify_graph_buffers_match_the_eager_verify(engines, monkeypatch, attention):
     """The graphed verify's static buffers (batch and context padded to buckets, padding rows writing nowhere)
-    give the eager verify's logits. On CPU the 'graph' replays the captured function (no CUDA here)."""
+    give the eager verify's logits (the gather forward), with either attention. On CPU the 'graph' replays the
+    captured function (no CUDA here)."""
     import colm.decode_worker.verify_graphs as vg
     from colm.decode_worker.speculative import verify
 
@@ -186,7 +203,7 @@ def test_verify_graph_buffers_match_the_eager_verify(engines, monkeypatch):
 
     monkeypatch.setattr(vg, "warm_and_capture", fake_capture)
     de, _, _ = engines
-    graphs = vg.VerifyGraphs(de.model, de.pool, max_batch=8, max_context=512)
+    graphs = vg.VerifyGraphs(de.model, de.pool, max_batch=8, max_context=512, attention=attention)
     graphs.enabled = True
 
     class Row:
