@@ -11,14 +11,18 @@
 #                                     # in-graph paged-attention split sweep                        (~6 min)
 #   bash bench/gpu_suite.sh compare MODEL   # train and score one model of bench/train_compare.py (a lent machine
 #                                     # starts bare: one model per call; join the reports with --merge) (<10 min)
+#   bash bench/gpu_suite.sh spec      # speculative decoding of the bundled demo, the gathered and the paged
+#                                     # verify side by side, and the CUDA tests of rounds and graphs (~3 min)
+#   bash bench/gpu_suite.sh ray       # colm serve on Ray (needs Ray in $WHEELS or installed), 1B Air, 160
+#                                     # clients, full scale then the budget mix (bench/serve_ray.py)    (~5 min)
 #
 # Where the colm package is not installed (e.g. an image without our dependencies), the script maps the
 # top-level folders into colm/ the way the editable install does and puts $PWD on PYTHONPATH. Extra
 # wheels (grpcio, protobuf, crc32c) may be given in $WHEELS (a folder); they are installed to /tmp/site.
 set -uo pipefail
-part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|compare MODEL}
-case "$part" in tests|decode|handoff|prefill|serve|sweeps|compare) ;;
-  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|compare MODEL" >&2; exit 2 ;; esac
+part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|compare MODEL|spec|ray}
+case "$part" in tests|decode|handoff|prefill|serve|sweeps|compare|spec|ray) ;;
+  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|compare MODEL|spec|ray" >&2; exit 2 ;; esac
 OUT=${OUT:-bench/results/run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -53,6 +57,19 @@ case "$part" in
     model=${2:?usage: bench/gpu_suite.sh compare compare-dense|compare-16-16|compare-16-16-air|compare-8-8-8-8-air}
     timeout 570 python bench/train_compare.py --data /tmp/compare-data --runs /tmp/compare-runs --models "$model" \
       --max-seconds "${MAX_SECONDS:-420}" --json "$OUT/train_compare_$model.json" 2>&1 | grep -v Warn | tail -12 ;;
+  spec)
+    timeout 90 python -m pytest -q -p no:cacheprovider tests/test_speculative.py tests/test_verify_paged.py \
+      tests/test_engine_gpu.py 2>&1 | tee "$OUT/gpu_tests_spec.log" | tail -4
+    for va in gather paged; do
+      timeout 150 python bench/speculative.py --model demo --batches 1,8 --gammas 1,2,4,8 --reps 10 \
+        --verify-attention $va --out "$OUT/speculative_demo_$va.json" 2>&1 | grep -v Warn | tail -14
+    done ;;
+  ray)
+    timeout 560 python bench/serve_ray.py --set model.preset=llama-3.2-1b-16-16-air --set model.dtype=bfloat16 \
+      --set decode.num_blocks=0 --set decode.warmup_context=2200 --set decode.max_batch_size=160 \
+      --set router.replicas=auto --concurrency 160 --ramp-s 2 --num-requests 6000 --warmup-requests 64 \
+      --processes 8 --connections 8 --prompt-len 512,2048 --output-len 32,96 --slo-ttft-ms 200 --slo-tpot-ms 10 \
+      --passes 'none;none=1,tpot:4=1,ttft:100=1' --out "$OUT/serve_ray_1b_air_c160" 2>&1 | grep -v Warn | tail -20 ;;
   sweeps)
     for m in 1 8; do
       timeout 240 python bench/gemv_sweep.py --rows $m --out "$OUT/gemv_sweep_m$m.json" 2>&1 | grep -v Warn | tail -30
