@@ -1,5 +1,5 @@
 """``bench/train_compare.py`` end to end on the CPU at a tiny shape (the GPU run uses the ~100-180M presets): the
-byte-level data split by file, every model trained with the same recipe, the report's bits per byte per scale,
+byte-level data split by file (and the same files given as a tar archive give the same token files), every model trained with the same recipe, the report's bits per byte per scale,
 the ratio to the dense model and the ordering check; a second call leaves complete models alone; reports of one
 model each join into one (``--merge``)."""
 
@@ -56,3 +56,25 @@ def test_quality_comparison_runs_reports_and_resumes(tmp_path):
                    check=True, cwd=ROOT, capture_output=True, timeout=300)
     got = json.loads(merged.read_text())["models"]
     assert abs(got["compare-16-16-air"]["full_ppl_over_dense"] - air["full_ppl_over_dense"]) < 1e-9
+
+
+def test_sources_may_be_a_tar_archive(tmp_path):
+    import tarfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py")):
+        shutil.copy(f, src / f.name)
+    with tarfile.open(tmp_path / "lib.tar.xz", "w:xz") as t:
+        for f in sorted(src.iterdir()):
+            t.add(f, arcname=f"json/{f.name}")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import train_compare
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from_dir = train_compare.prepare(tmp_path / "a", [str(src)])
+    from_tar = train_compare.prepare(tmp_path / "b", [str(tmp_path / "lib.tar.xz")])
+    assert from_tar["train"]["num_docs"] + from_tar["val"]["num_docs"] == len(list(src.iterdir())) > 1
+    assert (from_tar["train"]["num_tokens"] + from_tar["val"]["num_tokens"]
+            == from_dir["train"]["num_tokens"] + from_dir["val"]["num_tokens"])
