@@ -40,7 +40,9 @@ def set_key(d: dict, dotted: str, text: str) -> None:
     """``d[a][b] = value`` for ``dotted`` "a.b" (the value parsed as YAML: numbers, booleans, null, lists)."""
     *path, last = dotted.split(".")
     for key in path:
-        d = d.setdefault(key, {}) or {}
+        if not isinstance(d.get(key), dict):  # absent, or null in the YAML
+            d[key] = {}
+        d = d[key]
     d[last] = yaml.safe_load(text)
 
 

@@ -97,13 +97,18 @@ def time_parts(de, scale: int, gamma: int, reps: int, profile: bool = False) -> 
 
     from colm.decode_worker.verify_graphs import VerifyGraphs
 
-    paged = (VerifyGraphs(de.model, de.pool, 1, de.cfg.max_seq_len, attention="paged")
-             if de.verify_graphs is not None else None)
+    def graphs_for(kind: str):  # the engine's verify graphs when they are of this kind, else a set of their own
+        if de.verify_graphs is None:
+            return None
+        own = de.verify_graphs.paged == (kind == "paged")
+        return de.verify_graphs if own else VerifyGraphs(de.model, de.pool, 1, de.cfg.max_seq_len, attention=kind)
+
+    gather, paged = graphs_for("gather"), graphs_for("paged")
     out = {"plain_step_ms": timed(lambda: decode_step(de.model, [row], de.pool, [scale], graphs=de.graphs)),
            "draft_step_ms": timed(lambda: draft(de.model, [row], de.pool, 1, de.graphs)),
            # gamma greedy drafts queued back to back (what a greedy round runs), per draft
            "queued_draft_step_ms": timed(lambda: draft_greedy(de.model, [row], de.pool, gamma, de.graphs)) / gamma,
-           "verify_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale, de.verify_graphs)),
+           "verify_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale, gather)),
            "verify_eager_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale)),
            # the same verify with each query a paged decode row (DecodeConfig.verify_attention: paged)
            "verify_paged_ms": timed(lambda: verify(de.model, [row], de.pool, [[7] * gamma], scale, paged, "paged")),

@@ -8,9 +8,10 @@ issues them in one launch.
 The graph reads static buffers: tokens and positions [B, T], the new tokens' slots [B, T], and the attention's
 inputs, built on the host and copied in: with ``attention="gather"`` the context's slots [B, L] and the mask
 [B, T, L] (``PagedExtendCache``); with ``"paged"`` a block table [B * T, L / block_size] and a context length
-[B * T] per query row (``PagedVerifyCache``). Batch and context width are rounded up to powers of two; padding rows write nowhere (slot -1, which
-the K/V write skips) and attend to one position; padded context positions are masked. The output is the
-logits [B, T, V], copied out before the lock is released. A failed capture turns these graphs off (logged);
+[B * T] per query row (``PagedVerifyCache``). Batch and context width are rounded up to powers of two;
+padding rows write nowhere (slot -1, which the K/V write skips) and attend to one position; padded context
+positions are masked (gather) or past the row's length (paged). The output is the logits [B, T, V], copied out
+before the lock is released. A failed capture turns these graphs off (logged);
 the verify then runs eager.
 """
 
