@@ -40,6 +40,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _gpu_busy import GpuSampler  # noqa: E402
 from _timing import measure_gpu  # noqa: E402
 from serve_goodput import build_checkpoint, start_worker  # noqa: E402
 
@@ -94,38 +95,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class GpuSampler:
-    """nvidia-smi's utilization.gpu every 100 ms in the background (None without nvidia-smi)."""
-
-    def __init__(self) -> None:
-        self.samples: list[float] = []
-        self.proc = None
-        try:
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                          "-lms", "100"], stdout=subprocess.PIPE, text=True)
-        except (FileNotFoundError, OSError):
-            return
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            try:
-                self.samples.append(float(line.strip().split(",")[0]))
-            except ValueError:
-                pass
-
-    def mark(self) -> int:
-        return len(self.samples)
-
-    def mean_since(self, i: int) -> float | None:
-        s = self.samples[i:]
-        return sum(s) / len(s) if s else None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
 
 
 def profile_processes(pids: dict[str, int], seconds: float, delay_s: float, out_prefix: str,

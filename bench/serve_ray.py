@@ -21,19 +21,15 @@ import argparse
 import datetime
 import json
 import os
-import queue
-import re
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 
 import yaml
 
-from colm.loadtest import LoadSpec, plot, run as run_load, table
+from _gpu_busy import GpuSampler
+from _service import ColmServe
+from colm.commands.loadtest import add_load_options, load_spec
+from colm.loadtest import plot, run as run_load, table
 
 
 def set_key(d: dict, dotted: str, text: str) -> None:
@@ -60,109 +56,12 @@ def serve_config(base: str | None, sets: list[str]) -> dict:
     return d
 
 
-class Service:
-    """``colm serve`` as a child process: its stderr read on a thread, the gRPC address taken from its banner."""
-
-    def __init__(self, config_path: str) -> None:
-        exe = shutil.which("colm")
-        cmd = ([exe] if exe else [sys.executable, "-m", "colm.cli"]) + ["serve", "--config", config_path]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def grpc_address(self, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=1)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.log.append(line)
-            m = re.search(r"\[colm serve\] grpc\s+(\S+)", line)
-            if m:
-                return m.group(1)
-        raise SystemExit("colm serve did not say where it listens:\n" + "".join(self.log[-40:]))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
-
-
-def wait_serving(addr: str, timeout_s: float, api_key: str | None = None) -> dict:
-    """Health once it says serving with every worker healthy (a busy router is asked again)."""
-    from colm.client import Client
-
-    deadline, h = time.monotonic() + timeout_s, {}
-    while time.monotonic() < deadline:
-        try:
-            with Client(addr, api_key=api_key) as c:
-                h = c.health()
-            if h["serving"] and h["workers"] and all(w["healthy"] for w in h["workers"]):
-                return h
-        except Exception as e:  # noqa: BLE001 - not listening yet, or busy
-            h = {"error": str(e)}
-        time.sleep(0.5)
-    raise SystemExit(f"colm serve not serving after {timeout_s} s: {h}")
-
-
-class GpuBusy:
-    """``nvidia-smi``'s utilization.gpu every second while running; ``mean`` is None without a GPU."""
-
-    def __init__(self) -> None:
-        self.samples: list[float] = []
-        self.proc = None
-        if shutil.which("nvidia-smi"):
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                          "-l", "1"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            try:
-                self.samples.append(float(line.split(",")[0]))
-            except ValueError:
-                pass
-
-    def stop(self) -> float | None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait()
-        return sum(self.samples) / len(self.samples) if self.samples else None
-
-
 def device_name() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name()
-    except ImportError:
-        pass
     import platform
 
-    return f"cpu ({platform.processor() or platform.machine()})"
+    import torch
 
-
-def pair(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(",")
-    return int(lo), int(hi or lo)
-
-
-def mix(text: str) -> tuple[tuple[str, float], ...]:
-    return tuple((k.strip(), float(w or 1)) for k, _, w in (item.partition("=") for item in text.split(",")))
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
 
 
 def main() -> int:
@@ -172,17 +71,8 @@ def main() -> int:
                     help="override a config key, dotted (repeatable): --set router.replicas=auto")
     ap.add_argument("--passes", default="none", help="budget mixes, one load pass each, separated by ';' "
                     "(colm loadtest --budgets syntax): 'none;none=1,tpot:4=1,ttft:100=1'")
-    ap.add_argument("--concurrency", type=int, default=16, help="closed-loop clients (at least 1)")
-    ap.add_argument("--num-requests", type=int, default=200)
-    ap.add_argument("--warmup-requests", type=int, default=0)
-    ap.add_argument("--processes", type=int, default=1)
-    ap.add_argument("--connections", type=int, default=1)
-    ap.add_argument("--ramp-s", type=float, default=0.0)
-    ap.add_argument("--prompt-len", default="8,32")
-    ap.add_argument("--output-len", default="4,16")
-    ap.add_argument("--slo-ttft-ms", type=float, default=1000.0)
-    ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
-    ap.add_argument("--timeout-s", type=float, default=120.0)
+    add_load_options(ap)  # colm loadtest's: clients, lengths, SLO, warm-up, client processes, ramp
+    ap.set_defaults(concurrency=16, timeout_s=120.0)  # a closed loop (at least 1 client)
     ap.add_argument("--ready-timeout-s", type=float, default=600.0, help="for colm serve to start and serve")
     ap.add_argument("--out", default="serve_ray", help="output prefix: PREFIX.json, PREFIX_mix.json, ...")
     args = ap.parse_args()
@@ -195,25 +85,23 @@ def main() -> int:
         api_key = os.environ.get(api_key[4:])
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(cfg, f)
-    t0 = time.monotonic()
-    service = Service(f.name)
+    service = ColmServe(f.name)
+    gpu = GpuSampler(interval_ms=1000)
     wrote = []
     try:
-        addr = service.grpc_address(args.ready_timeout_s)
-        health = wait_serving(addr, max(1.0, args.ready_timeout_s - (time.monotonic() - t0)), api_key)
-        ready_s = time.monotonic() - t0
+        try:
+            health = service.wait_ready(args.ready_timeout_s, api_key)
+        except (RuntimeError, TimeoutError) as e:
+            raise SystemExit(str(e)) from None
+        addr, ready_s = service.addr, service.ready_s
         print(f"[serve_ray] serving at {addr} after {ready_s:.0f} s: "
               f"{', '.join(w['worker_id'] for w in health['workers'])}", flush=True)
         for i, budgets in enumerate(p.strip() for p in args.passes.split(";")):
-            spec = LoadSpec(num_requests=args.num_requests, concurrency=args.concurrency,
-                            prompt_len=pair(args.prompt_len), output_len=pair(args.output_len), budgets=mix(budgets),
-                            slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, timeout_s=args.timeout_s,
-                            warmup_requests=args.warmup_requests if i == 0 else 0, processes=args.processes,
-                            connections=args.connections, ramp_s=args.ramp_s)
+            spec = load_spec(args, budgets, warmup_requests=args.warmup_requests if i == 0 else 0)
             prefix = args.out if i == 0 else f"{args.out}_mix" if i == 1 else f"{args.out}_mix{i}"
-            gpu = GpuBusy()
+            since = gpu.mark()
             summary = run_load(addr, spec, None, None, api_key=api_key, progress=False)
-            busy = gpu.stop()
+            busy = gpu.mean_since(since)
             summary["meta"] = {"addr": addr, "device": device_name(), "date": datetime.date.today().isoformat(),
                                "budgets": budgets, "serve_config": cfg, "ready_s": round(ready_s, 1),
                                "launched_by": "colm serve --config (embedded Ray); load started once health said "
@@ -228,6 +116,7 @@ def main() -> int:
                   flush=True)
             print(table(summary), flush=True)
     finally:
+        gpu.stop()
         rc = service.stop()
         os.unlink(f.name)
     print(f"[serve_ray] colm serve exited with {rc}; wrote {', '.join(wrote)}")

@@ -102,6 +102,11 @@ def train_config(model: str, data: Path, runs: Path, args, max_seconds: float):
     return TrainConfig.from_dict(d)
 
 
+def complete(out: Path) -> bool:
+    """A model's run directory holds a finished run (``colm train`` wrote its summary and no pause since)."""
+    return (out / "summary.json").exists() and not (out / "paused.json").exists()
+
+
 def train_models(models: list[str], data: Path, runs: Path, args) -> None:
     """Train each model in turn until it is complete or this call's time is spent."""
     from colm.train.loop import train
@@ -109,8 +114,8 @@ def train_models(models: list[str], data: Path, runs: Path, args) -> None:
     deadline = time.monotonic() + args.max_seconds if args.max_seconds else None
     for model in models:
         out = runs / model
-        if (out / "summary.json").exists() and not (out / "paused.json").exists():
-            continue  # complete
+        if complete(out):
+            continue
         left = deadline - time.monotonic() if deadline else 0.0
         if deadline and left < 30:
             print(f"{model}: not started, this call's time is spent")
@@ -141,7 +146,7 @@ def report(models: list[str], data: Path, runs: Path, args) -> dict:
     rows = {}
     for model in models:
         out = runs / model
-        if not (out / "summary.json").exists() or (out / "paused.json").exists():
+        if not complete(out):
             rows[model] = {"complete": False}
             continue
         m = checkpoint.load(out / "model", device=dev, dtype=torch.float32)

@@ -25,8 +25,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _service import ColmServe  # noqa: E402
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -42,40 +44,6 @@ router: {{grpc_port: {port}, http_port: null, metrics_port: null, max_running: 5
 transport: auto
 """)
     return path
-
-
-class Service:
-    """``colm serve --config`` in a child process, ready once its health says serving."""
-
-    def __init__(self, config: Path, log: Path, port: int, timeout_s: float = 600) -> None:
-        self.addr = f"127.0.0.1:{port}"
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "colm.cli", "serve", "--config", str(config)],
-                                     stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **ENV})
-        from colm.client import Client
-
-        deadline = time.monotonic() + timeout_s
-        t0 = time.monotonic()
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"colm serve exited ({self.proc.returncode}); see {log}")
-            try:
-                if Client(self.addr, timeout_s=5).health().get("serving"):
-                    self.ready_s = time.monotonic() - t0
-                    return
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
-            time.sleep(1)
-        self.stop()
-        raise TimeoutError(f"colm serve not serving after {timeout_s:.0f} s; see {log}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(2)  # SIGINT: the launcher's clean shutdown
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def check_tokens(addr: str, ckpt: Path, device: str, prompts: int, max_new: int) -> dict:
@@ -198,8 +166,9 @@ def main() -> None:
             dtype = dtype if args.device != "cpu" else dtype_cpu
             path = ckpt(dtype)
             cfg = serve_config(scratch / f"{part}.yaml", path, dtype, args.device, mode, num_decode, args.port)
-            svc = Service(cfg, scratch / f"{part}_serve.log", args.port)
+            svc = ColmServe(cfg, scratch / f"{part}_serve.log", env=ENV)
             try:
+                svc.wait_ready(600)
                 res = {"mode": mode, "num_decode": num_decode, "dtype": dtype, "ready_s": round(svc.ready_s, 1)}
                 if part == "tokens":
                     res.update(check_tokens(svc.addr, path, args.device, args.check_prompts, args.check_new_tokens))

@@ -175,9 +175,7 @@ class DecodeGraphs:
         ``read_async``: also queue that read into a pinned buffer and return (head, (buffer, event)): the
         graph's outputs are overwritten by its next replay, which overlapped steps queue before reading
         this one. ``carry``/``feed``: see ``step.launch_greedy_step``."""
-        mixed = row_scales is not None and len(set(row_scales)) > 1
-        if mixed and not self.mixed_enabled:
-            return None
+        mixed = row_scales is not None and len(set(row_scales)) > 1  # off mixed graphs: _graph gives None
         g = self._replay(batch, scale, head="mixed" if mixed else True, carry=carry, feed=feed,
                          row_scales=row_scales if mixed else None)
         if g is None:

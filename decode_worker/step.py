@@ -60,7 +60,7 @@ def decode_step(model, batch, pool, scales: list[int], mode: str = "widest", gra
         groups.setdefault(s, []).append(i)
     if graphs is not None and (len(groups) == 1 or mode == "widest"):
         # forward and head(s) in one replay (mixed scales: each row's head at its own); None when graphs do not apply
-        head = graphs.step_head(batch, max(scales), row_scales=scales if len(groups) > 1 else None)
+        head = graphs.step_head(batch, max(scales), row_scales=scales)
         if head is not None:
             return _picks(head, batch)
     if mode == "widest" or len(groups) == 1:
@@ -123,8 +123,7 @@ def launch_greedy_step(model, batch, pool, scales, graphs=None, after: LaunchedS
     scales = list(scales)
     widest, mixed = max(scales), len(set(scales)) > 1
     if graphs is not None:
-        launched = graphs.step_head(batch, widest, carry=carry, feed=feed, read_async=True,
-                                    row_scales=scales if mixed else None)
+        launched = graphs.step_head(batch, widest, carry=carry, feed=feed, read_async=True, row_scales=scales)
         if launched is not None:
             head, read = launched
             return LaunchedStep(batch, scales, head, read)

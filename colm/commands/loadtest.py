@@ -7,12 +7,20 @@ def register(sub) -> None:
     p = sub.add_parser("loadtest", help="load-test a colm service: latency/goodput per rate and scale, JSON + PNG")
     p.add_argument("--addr", default="127.0.0.1:50051", help="router gRPC address")
     p.add_argument("--rates", default="2,4,8", help="comma-separated request rates (req/s), open loop")
+    p.add_argument("--budgets", default="none",
+                   help="weighted budget mix, e.g. 'none=1,tpot:20=2,ttft:200+tpot:50=1,scale:1=1'")
+    add_load_options(p)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--out", default="loadtest", help="output prefix: writes PREFIX.json and PREFIX.png")
+    p.set_defaults(func=run)
+
+
+def add_load_options(p) -> None:
+    """The load's shape and SLO (``LoadSpec`` fields but the rates and budgets), shared with ``bench/serve_ray.py``."""
     p.add_argument("--concurrency", type=int, default=0, help="closed loop with this many clients instead")
     p.add_argument("--num-requests", type=int, default=200, help="in total, split over the rates")
     p.add_argument("--prompt-len", default="8,32", help="LOW,HIGH tokens (uniform)")
     p.add_argument("--output-len", default="4,16", help="LOW,HIGH tokens (uniform)")
-    p.add_argument("--budgets", default="none",
-                   help="weighted budget mix, e.g. 'none=1,tpot:20=2,ttft:200+tpot:50=1,scale:1=1'")
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=100.0)
     p.add_argument("--timeout-s", type=float, default=60.0)
@@ -27,9 +35,6 @@ def register(sub) -> None:
                         "behind one port are spread over by connection)")
     p.add_argument("--ramp-s", type=float, default=0.0,
                    help="closed loop: start the clients one after another over this many seconds (0: all at once)")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--out", default="loadtest", help="output prefix: writes PREFIX.json and PREFIX.png")
-    p.set_defaults(func=run)
 
 
 def parse_pair(text: str) -> tuple[int, int]:
@@ -45,15 +50,24 @@ def parse_mix(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
-def run(args) -> int:
-    from colm.loadtest import LoadSpec, run as run_load, table
+def load_spec(args, budgets: str, **fields):
+    """The ``LoadSpec`` of ``add_load_options``' arguments (and ``--rates`` where the parser has it), the budget mix
+    ``budgets``; ``fields`` replace any of it."""
+    from colm.loadtest import LoadSpec
 
-    spec = LoadSpec(rates=tuple(float(r) for r in args.rates.split(",")), num_requests=args.num_requests,
-                    concurrency=args.concurrency, prompt_len=parse_pair(args.prompt_len),
-                    output_len=parse_pair(args.output_len), budgets=parse_mix(args.budgets),
-                    slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, timeout_s=args.timeout_s,
-                    seed=args.seed, warmup_requests=args.warmup_requests, processes=args.processes,
-                    connections=args.connections, ramp_s=args.ramp_s)
+    rates = getattr(args, "rates", None)
+    spec = dict(num_requests=args.num_requests, concurrency=args.concurrency, prompt_len=parse_pair(args.prompt_len),
+                output_len=parse_pair(args.output_len), budgets=parse_mix(budgets), slo_ttft_ms=args.slo_ttft_ms,
+                slo_tpot_ms=args.slo_tpot_ms, timeout_s=args.timeout_s, seed=args.seed,
+                warmup_requests=args.warmup_requests, processes=args.processes, connections=args.connections,
+                ramp_s=args.ramp_s, **({"rates": tuple(float(r) for r in rates.split(","))} if rates else {}))
+    return LoadSpec(**{**spec, **fields})
+
+
+def run(args) -> int:
+    from colm.loadtest import run as run_load, table
+
+    spec = load_spec(args, args.budgets)
     summary = run_load(args.addr, spec, f"{args.out}.json", f"{args.out}.png", api_key=args.api_key,
                        meta={"addr": args.addr})
     print(table(summary))

@@ -164,6 +164,24 @@ def batch_segments(geo: PoolGeometry, puts: np.ndarray, t0: int, t1: int, runs: 
     return rows
 
 
+def ranges_segments(geo: PoolGeometry, ranges, offsets, runs_of) -> tuple[np.ndarray, np.ndarray]:
+    """The segments of the puts ``ranges`` [(l0, l1, t0, t1)] whose sources start at ``offsets`` in a common buffer,
+    the puts of one token range laid out together (``batch_segments``; ``runs_of(t0, t1)``: that range's
+    ``token_runs``). Returns (int64 [rows, 3] segments, int64 [rows] the index in ``ranges`` of each row's put)."""
+    by_tokens: dict[tuple[int, int], list] = {}
+    for i, ((l0, l1, t0, t1), off) in enumerate(zip(ranges, offsets)):
+        by_tokens.setdefault((t0, t1), []).append((i, l0, l1, off))
+    segs, index = [], []
+    for (t0, t1), items in by_tokens.items():
+        runs = runs_of(t0, t1)
+        puts = np.array([(l0, l1, off) for _, l0, l1, off in items], dtype=np.int64)  # [P, 3]
+        segs.append(batch_segments(geo, puts, t0, t1, runs))
+        index.append(np.repeat(np.array([i for i, *_ in items], dtype=np.int64), 2 * (puts[:, 1] - puts[:, 0]) * len(runs)))
+    if not segs:
+        return np.zeros((0, 3), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(segs), np.concatenate(index)
+
+
 def to_pool_order(kv: torch.Tensor) -> torch.Tensor:
     """A put's ``kv [nl, nt, 2, Hkv, hd]`` as the view ``[2, nl, nt, Hkv, hd]`` whose contiguous copy is the source
     of ``put_segments``."""
@@ -405,18 +423,10 @@ def _check(got: int, chunk, request_id: str) -> None:
 def pending_segments(geo: PoolGeometry, blocks, ranges: list) -> np.ndarray:
     """The pool words of the chunks ``ranges`` [(l0, l1, t0, t1)] in the blocks ``blocks``: int64 [rows, 3] (first
     word, words, index of the chunk in ``ranges``), each chunk's rows in ``put_segments`` order; the chunks of one
-    token range laid out together (``batch_segments``). ``geo.token_bytes`` is even."""
-    by_tokens: dict[tuple[int, int], list] = {}
-    for i, (l0, l1, t0, t1) in enumerate(ranges):
-        by_tokens.setdefault((t0, t1), []).append((i, l0, l1))
-    rows = []
-    for (t0, t1), items in by_tokens.items():
-        runs = token_runs(blocks, geo.block_size, t0, t1)
-        puts = np.array([(l0, l1, 0) for _, l0, l1 in items], dtype=np.int64)
-        seg = batch_segments(geo, puts, t0, t1, runs)
-        chunk = np.repeat(np.array([i for i, _, _ in items], dtype=np.int64), 2 * (puts[:, 1] - puts[:, 0]) * len(runs))
-        rows.append(np.stack([seg[:, 1] // 2, seg[:, 2] // 2, chunk], axis=1))
-    return np.concatenate(rows) if rows else np.zeros((0, 3), dtype=np.int64)
+    token range laid out together (``ranges_segments``). ``geo.token_bytes`` is even."""
+    seg, chunk = ranges_segments(geo, ranges, [0] * len(ranges),
+                                 lambda t0, t1: token_runs(blocks, geo.block_size, t0, t1))
+    return np.stack([seg[:, 1] // 2, seg[:, 2] // 2, chunk], axis=1)
 
 
 def check_pending(pool, blocks, pending: list, request_id: str = "") -> None:
@@ -655,18 +665,17 @@ class NixlKVSink(GrpcKVSink):
     def _descriptors(self, batch, local_base: int) -> tuple[np.ndarray, np.ndarray]:
         """The WRITE of ``batch`` [((l0, l1, t0, t1), region offset, checksum)]: uint64 [n, 3] rows (address, length,
         device) of this side and of decode's pool, pairwise. The puts of one token range are laid out in one numpy
-        pass (``batch_segments``): per put 2 x layers x runs segments."""
+        pass (``ranges_segments``): per put 2 x layers x runs segments."""
         g, geo = self._grant, self._geo
-        groups: dict[tuple[int, int], list] = {}
-        for (l0, l1, t0, t1), offset, _ in batch:
-            groups.setdefault((t0, t1), []).append((l0, l1, offset))
-        segs = []
-        for (t0, t1), puts in groups.items():
+
+        def runs_of(t0: int, t1: int) -> np.ndarray:
             runs = self._runs.get((t0, t1))
             if runs is None:
                 runs = self._runs[(t0, t1)] = token_runs(self._blocks, geo.block_size, t0, t1)
-            segs.append(batch_segments(geo, np.asarray(puts, dtype=np.int64), t0, t1, runs))
-        seg = np.concatenate(segs).astype(np.uint64)  # [n, 3] source offset in the region, pool offset, length
+            return runs
+
+        seg, _ = ranges_segments(geo, [r for r, _, _ in batch], [off for _, off, _ in batch], runs_of)
+        seg = seg.astype(np.uint64)  # [n, 3] source offset in the region, pool offset, length
         n = len(seg)
         local = np.stack([seg[:, 0] + np.uint64(local_base), seg[:, 2], np.full(n, self.ep.arena_dev, np.uint64)], 1)
         remote = np.stack([seg[:, 1] + np.uint64(g.nixl_addr), seg[:, 2], np.full(n, g.nixl_device, np.uint64)], 1)

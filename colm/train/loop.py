@@ -206,13 +206,16 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
 
 
 def _out_of_time(t0: float, max_seconds: float, info: DistInfo) -> bool:
-    """``run.max_seconds`` passed (every process stops at the same step: the first process's clock decides)."""
-    late = torch.tensor([float(time.perf_counter() - t0 > max_seconds)], device=info.device)
-    if info.distributed:
-        import torch.distributed as dist
+    """``run.max_seconds`` passed (every process stops at the same step: the first process's clock decides; one
+    process reads its clock alone, with no device round trip in its step loop)."""
+    late = time.perf_counter() - t0 > max_seconds
+    if not info.distributed:
+        return late
+    import torch.distributed as dist
 
-        dist.broadcast(late, src=0)
-    return bool(late.item())
+    flag = torch.tensor([float(late)], device=info.device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _progress(done: int, start: int, tokens_per_step: int, elapsed: float, info: DistInfo, complete: bool) -> dict:
