@@ -26,6 +26,7 @@ import tempfile
 
 import yaml
 
+import _pyspy
 from _gpu_busy import GpuSampler
 from _service import ColmServe
 from colm.commands.loadtest import add_load_options, load_spec
@@ -56,6 +57,29 @@ def serve_config(base: str | None, sets: list[str]) -> dict:
     return d
 
 
+class ProfileLater:
+    """py-spy on the service's processes, started ``delay_s`` into a load pass from a timer thread (so the load is
+    running), for ``seconds``; ``result()`` waits and gives each process's summary (``_pyspy.summarize``)."""
+
+    def __init__(self, launcher_pid: int, seconds: float, delay_s: float, out_dir: str) -> None:
+        import threading
+
+        self.seconds, self.out_dir, self._procs = seconds, out_dir, None
+        self._timer = threading.Timer(delay_s, self._start, args=(launcher_pid,))
+        self._timer.start()
+
+    def _start(self, launcher_pid: int) -> None:
+        self._procs = _pyspy.record(_pyspy.service_processes(launcher_pid), self.seconds, self.out_dir)
+
+    def result(self) -> dict:
+        self._timer.join()
+        if self._procs is None:
+            return {}
+        return {"processes": _pyspy.wait_summaries(self._procs, self.seconds),
+                "note": "py-spy record --gil --nonblocking: samples of the GIL-holding thread; gil_busy_share = "
+                        "samples / (rate x seconds); top_self / top_inclusive: shares of the samples"}
+
+
 def device_name() -> str:
     import platform
 
@@ -74,9 +98,15 @@ def main() -> int:
     add_load_options(ap)  # colm loadtest's: clients, lengths, SLO, warm-up, client processes, ramp
     ap.set_defaults(concurrency=16, timeout_s=120.0)  # a closed loop (at least 1 client)
     ap.add_argument("--ready-timeout-s", type=float, default=600.0, help="for colm serve to start and serve")
+    ap.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
+                    help="sample the launcher's and every Ray actor's Python (py-spy, GIL holder) for this long during "
+                         "the first pass, starting --py-spy-delay s into it; the summary goes into the pass's meta")
+    ap.add_argument("--py-spy-delay", type=float, default=5.0)
     ap.add_argument("--out", default="serve_ray", help="output prefix: PREFIX.json, PREFIX_mix.json, ...")
     args = ap.parse_args()
 
+    if args.py_spy > 0 and not _pyspy.available():
+        raise SystemExit("--py-spy: the py-spy executable is not on PATH (pip install py-spy)")
     if args.concurrency < 1:
         raise SystemExit(f"--concurrency {args.concurrency}: a closed loop needs at least 1 client")
     cfg = serve_config(args.config, args.set)
@@ -100,6 +130,8 @@ def main() -> int:
             spec = load_spec(args, budgets, warmup_requests=args.warmup_requests if i == 0 else 0)
             prefix = args.out if i == 0 else f"{args.out}_mix" if i == 1 else f"{args.out}_mix{i}"
             since = gpu.mark()
+            spy = ProfileLater(service.proc.pid, args.py_spy, args.py_spy_delay, prefix + "_pyspy") \
+                if i == 0 and args.py_spy > 0 else None
             summary = run_load(addr, spec, None, None, api_key=api_key, progress=False)
             busy = gpu.mean_since(since)
             summary["meta"] = {"addr": addr, "device": device_name(), "date": datetime.date.today().isoformat(),
@@ -108,6 +140,11 @@ def main() -> int:
                                               "serving with every worker healthy",
                                "gpu_busy_percent_mean": busy,
                                "gpu_busy_note": "nvidia-smi utilization.gpu sampled each second over the pass, mean"}
+            if spy is not None:
+                summary["meta"]["py_spy"] = spy.result()
+                for label, s in summary["meta"]["py_spy"].get("processes", {}).items():
+                    print(f"[serve_ray] py-spy {label}: GIL busy {s.get('gil_busy_share')}, top self "
+                          f"{s.get('top_self', [])[:4] or s.get('error')}", flush=True)
             with open(prefix + ".json", "w") as fh:
                 json.dump(summary, fh, indent=2)
             plot(summary, prefix + ".png")
