@@ -29,6 +29,7 @@ import logging
 import threading
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from colm.cuda_graphs import bucket as _bucket, buckets as _buckets, warm_and_capture
@@ -62,8 +63,20 @@ class _Graph:
         self.host_ints = self.host_ints_pair[0]  # the latest fill's dev_ints
         self.host_packed = [torch.zeros(2, B, dtype=torch.float64, pin_memory=pin) for _ in range(2)]
         self.turn = 0  # which of the pairs the next fill / read-back uses
-        self.host_tables = torch.zeros(B, W, dtype=torch.int32, pin_memory=pin)
-        self.table_rows: list = [None] * B  # the block list each table row was last built from
+        self.host_tables_pair = [torch.zeros(B, W, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self.table_rows_pair: list[list] = [[None] * B for _ in range(2)]  # the block list each host row holds
+        self.dev_rows: list = [None] * B  # the block list each row of ``tables`` holds (as of the last upload)
+
+
+def _table_row(req, width: int) -> np.ndarray:
+    """``req``'s block table row [width] (int32, zero-padded), built once per block list and kept on the request."""
+    cached = getattr(req, "_table_row", None)
+    if cached is None or cached[0] is not req.blocks or cached[1].shape[0] != width:
+        row = np.zeros(width, dtype=np.int32)
+        row[: len(req.blocks)] = req.blocks
+        cached = (req.blocks, row)
+        req._table_row = cached
+    return cached[1]
 
 
 class StepHead(NamedTuple):
@@ -115,36 +128,50 @@ class DecodeGraphs:
         one position further, their tokens copied on the device from rows ``carry`` of ``feed`` [B', 1]);
         ``row_scales``: each row's scale (mixed-scale graphs)."""
         g.host_ints = g.host_ints_pair[g.turn]
-        ints, tables = g.host_ints.numpy(), g.host_tables.numpy()  # views of the pinned buffers
+        ints = g.host_ints.numpy()  # a view of the pinned buffer
         # padding rows: token 0 at slot -1, one context token, scale 1
         ints[0], ints[1], ints[2], ints[3], ints[4], ints[5] = 0, 0, 1, -1, 0, 1
         if row_scales is not None:
             ints[5, : len(row_scales)] = row_scales
-        c = len(carry) if carry is not None else 0
-        tables_changed = False
-        for i, r in enumerate(batch):
-            if g.table_rows[i] is not r.blocks:  # a request's block list is fixed at reservation: rebuild on change only
-                tables[i].fill(0)
-                tables[i, : len(r.blocks)] = r.blocks
-                g.table_rows[i] = r.blocks
-                tables_changed = True
-            p = r.num_cached + (i < c)
-            ints[0, i], ints[1, i], ints[2, i], ints[3, i] = r.next_input, p, p + 1, self.pool.slot(r.blocks, p)
+        n, c, bs = len(batch), len(carry) if carry is not None else 0, self.pool.block_size
+        self._fill_tables(g, batch)
+        if n:  # whole rows at once: a numpy store per field, not per row and field
+            pos = np.fromiter((r.num_cached for r in batch), np.int64, n)
+            pos[:c] += 1
+            ints[0, :n] = [r.next_input for r in batch]
+            ints[1, :n] = pos
+            ints[2, :n] = pos + 1
+            pages = np.fromiter((r.blocks[p // bs] for r, p in zip(batch, pos.tolist())), np.int64, n)
+            ints[3, :n] = pages * bs + pos % bs
         if c:
             ints[4, :c] = carry
-        for i in range(len(batch), len(g.table_rows)):
-            if g.table_rows[i] is not None:
-                tables[i].fill(0)
-                g.table_rows[i] = None
-                tables_changed = True
-        if tables_changed:
-            g.tables.copy_(g.host_tables, non_blocking=True)
         g.dev_ints.copy_(g.host_ints, non_blocking=True)  # one upload: the graph reads its views
         if feed is not None and c:  # the previous step's greedy tokens, still on the device (queued before it)
             if list(carry) == list(range(c)):
                 g.dev_ints[0, :c].copy_(feed[:c, 0])
             else:  # rows of that step ended meanwhile: gather the carried ones' tokens
                 g.dev_ints[0, :c].copy_(feed[:, 0].index_select(0, g.dev_ints[4, :c]))
+
+    def _fill_tables(self, g: _Graph, batch) -> None:
+        """Stage ``batch``'s block tables in this turn's host buffer and upload it if the device's rows differ. A
+        row is rebuilt only where the request it holds changed (a request's block list is fixed at reservation),
+        from the request's padded row (``_table_row``), all changed rows in one numpy store: rows shift whenever a
+        request ends or joins, so most of them change under load."""
+        rows, host = g.table_rows_pair[g.turn], g.host_tables_pair[g.turn]
+        tables = host.numpy()
+        changed = [i for i, r in enumerate(batch) if rows[i] is not r.blocks]
+        if changed:
+            tables[changed] = np.stack([_table_row(batch[i], tables.shape[1]) for i in changed])
+            for i in changed:
+                rows[i] = batch[i].blocks
+        stale = [i for i in range(len(batch), len(rows)) if rows[i] is not None]
+        if stale:
+            tables[stale] = 0
+            for i in stale:
+                rows[i] = None
+        if any(a is not b for a, b in zip(rows, g.dev_rows)):
+            g.tables.copy_(host, non_blocking=True)
+            g.dev_rows = list(rows)
 
     def _forward(self, g: _Graph, scale: int, head: bool | str = False) -> torch.Tensor:
         """The captured step: the forward at ``scale``; ``head`` True: its head; "mixed": every row's head at its

@@ -348,6 +348,42 @@ def test_graph_step_buffers_fill_on_cpu():
     assert g.tokens[:, 0].tolist() == [101, 102, 0, 0] and g.positions[:, 0].tolist() == [6, 2, 0, 0]
 
 
+def test_graph_step_tables_follow_every_batch_across_staging_turns():
+    """Random batches (rows joining, ending, reordering), staged in alternating host buffers as overlapped steps
+    use them: after each fill the device's block tables, slots and positions equal those built row by row."""
+    import random
+    import types
+
+    from colm.decode_worker.block_pool import BlockPool
+    from colm.decode_worker.graphs import DecodeGraphs, _Graph
+
+    pool = BlockPool.__new__(BlockPool)
+    pool.block_size = 4
+    graphs = DecodeGraphs.__new__(DecodeGraphs)
+    graphs.pool, graphs.device = pool, torch.device("cpu")
+    B, W, rng = 8, 6, random.Random(7)
+    g = _Graph(B, W, "cpu")
+    reqs = []
+    for k in range(20):
+        blocks = rng.sample(range(1, 100), rng.randint(1, W))
+        reqs.append(types.SimpleNamespace(blocks=blocks, num_cached=rng.randrange(len(blocks) * 4), next_input=k))
+    history = [[], []]
+    for step in range(80):
+        # sometimes the batch of two steps ago: the buffers of this turn already hold it, the device does not
+        batch = history[-2] if rng.random() < 0.3 else rng.sample(reqs, rng.randint(0, B))
+        history.append(batch)
+        graphs._fill(g, batch)
+        want = torch.zeros(B, W, dtype=torch.int32)
+        for i, r in enumerate(batch):
+            want[i, : len(r.blocks)] = torch.tensor(r.blocks)
+        assert torch.equal(g.tables, want), step
+        slots = [r.blocks[r.num_cached // 4] * 4 + r.num_cached % 4 for r in batch] + [-1] * (B - len(batch))
+        assert g.slots.tolist() == slots and g.positions[:, 0].tolist() == [r.num_cached for r in batch] + [0] * (
+            B - len(batch))
+        if rng.random() < 0.7:
+            g.turn ^= 1  # a step read asynchronously: the next fill stages in the other buffers
+
+
 def test_failed_step_ends_its_batch_not_the_engine(setup, monkeypatch):
     """A decode step that raises (e.g. a CUDA error, a kernel with no runnable config) fails the requests
     of that batch with a clear error and frees their blocks; the loop goes on and serves the next one."""
