@@ -74,8 +74,10 @@ class ChunkInputs:
 def pack(pool, segments: list[Segment], layout: ChunkLayout) -> np.ndarray:
     """The chunk's index array [layout.size] (int64) on the host; ``layout`` must fit the segments."""
     out = np.zeros(layout.size, dtype=np.int64)
-    v = ChunkInputs.of(torch.from_numpy(out), layout)  # numpy-backed views: filled in place
-    tok, pos, slots, seg, pages = (x.numpy() for x in (v.tokens, v.positions, v.slots, v.segments, v.pages))
+    n, a = layout.tokens, 3 * layout.tokens
+    b = a + 4 * layout.segments
+    tok, pos, slots, seg = out[:n], out[n : 2 * n], out[2 * n : a], out[a:b].reshape(layout.segments, 4)
+    tiles, pages = out[b : b + 2 * layout.tiles].reshape(layout.tiles, 2), out[b + 2 * layout.tiles :]  # as ChunkInputs
     slots[:] = -1
     row = page = 0
     for i, s in enumerate(segments):
@@ -86,8 +88,9 @@ def pack(pool, segments: list[Segment], layout: ChunkLayout) -> np.ndarray:
         seg[i] = (row, n, s.start, page)
         pages[page : page + used] = s.request.blocks[:used]
         row, page = row + n, page + used
-    v.tiles.numpy()[:] = plan_tiles([s.num_tokens for s in segments], layout.tiles, BLOCK_M)
+    tiles[:] = plan_tiles([s.num_tokens for s in segments], layout.tiles, BLOCK_M)
     return out
+
 
 
 def upload(host: np.ndarray, device, out: torch.Tensor | None = None) -> torch.Tensor:
