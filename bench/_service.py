@@ -16,12 +16,14 @@ from pathlib import Path
 
 
 class ColmServe:
-    def __init__(self, config, log=None, env: dict | None = None) -> None:
+    def __init__(self, config, log=None, env: dict | None = None, cpus: set[int] | None = None) -> None:
         self.log = Path(log) if log else Path(tempfile.mkstemp(prefix="colm-serve-", suffix=".log")[1])
         exe = shutil.which("colm")
         cmd = ([exe] if exe else [sys.executable, "-m", "colm.cli"]) + ["serve", "--config", str(config)]
         self._out = open(self.log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None  # Ray's processes inherit it
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                     preexec_fn=pin)
         self._t0 = time.monotonic()
         self.addr: str | None = None      # the router's gRPC address, from colm serve's banner
         self.ready_s: float | None = None  # seconds from start to serving

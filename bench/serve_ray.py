@@ -33,6 +33,20 @@ from colm.commands.loadtest import add_load_options, load_spec
 from colm.loadtest import plot, run as run_load, table
 
 
+def cpu_list(text: str) -> set[int]:
+    """"0-9,12" -> {0, ..., 9, 12}: the CPUs a process may run on (``os.sched_setaffinity``)."""
+    cpus = set()
+    for part in text.split(","):
+        a, _, b = part.strip().partition("-")
+        if not a.isdigit() or (b and not b.isdigit()):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected CPU numbers and ranges, e.g. 0-9,12")
+        cpus.update(range(int(a), int(b or a) + 1))
+    if not cpus <= os.sched_getaffinity(0):
+        raise argparse.ArgumentTypeError(f"{text!r}: CPUs {sorted(cpus - os.sched_getaffinity(0))} are not available "
+                                         f"here (this process may run on {sorted(os.sched_getaffinity(0))})")
+    return cpus
+
+
 def set_key(d: dict, dotted: str, text: str) -> None:
     """``d[a][b] = value`` for ``dotted`` "a.b" (the value parsed as YAML: numbers, booleans, null, lists)."""
     *path, last = dotted.split(".")
@@ -102,6 +116,10 @@ def main() -> int:
                     help="sample the launcher's and every Ray actor's Python (py-spy, GIL holder) for this long during "
                          "the first pass, starting --py-spy-delay s into it; the summary goes into the pass's meta")
     ap.add_argument("--py-spy-delay", type=float, default=5.0)
+    ap.add_argument("--service-cpus", type=cpu_list, default=None, metavar="LIST",
+                    help="CPUs for colm serve and its Ray processes (e.g. 0-9); the load generator then runs on "
+                         "--client-cpus, so clients and service do not share cores (default: no pinning)")
+    ap.add_argument("--client-cpus", type=cpu_list, default=None, metavar="LIST")
     ap.add_argument("--out", default="serve_ray", help="output prefix: PREFIX.json, PREFIX_mix.json, ...")
     args = ap.parse_args()
 
@@ -115,7 +133,9 @@ def main() -> int:
         api_key = os.environ.get(api_key[4:])
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(cfg, f)
-    service = ColmServe(f.name)
+    service = ColmServe(f.name, cpus=args.service_cpus)
+    if args.client_cpus:
+        os.sched_setaffinity(0, args.client_cpus)  # the load's client processes inherit it
     gpu = GpuSampler(interval_ms=1000)
     wrote = []
     try:
@@ -139,6 +159,8 @@ def main() -> int:
                                "launched_by": "colm serve --config (embedded Ray); load started once health said "
                                               "serving with every worker healthy",
                                "gpu_busy_percent_mean": busy,
+                               "service_cpus": sorted(args.service_cpus or []),
+                               "client_cpus": sorted(args.client_cpus or []),
                                "gpu_busy_note": "nvidia-smi utilization.gpu sampled each second over the pass, mean"}
             if spy is not None:
                 summary["meta"]["py_spy"] = spy.result()

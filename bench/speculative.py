@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="default: the checkpoint's (bfloat16 for a preset on CUDA)")
     ap.add_argument("--gammas", default="1,2,4,8")
-    ap.add_argument("--verify-attention", default="gather", choices=("gather", "paged"),
+    ap.add_argument("--verify-attention", default="paged", choices=("gather", "paged"),
                     help="DecodeConfig.verify_attention of the rounds (the batch-1 parts time both)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=128)

@@ -86,8 +86,8 @@ def _start(de, pe, rid, p, params, scale, gamma):
 
 
 @pytest.fixture(scope="module")
-def paged_engines(tmp_path_factory):
-    with started_engines(tmp_path_factory.mktemp("spec-paged"), num_blocks=512, verify_attention="paged") as engines:
+def gather_engines(tmp_path_factory):
+    with started_engines(tmp_path_factory.mktemp("spec-gather"), num_blocks=512, verify_attention="gather") as engines:
         yield engines
 
 
@@ -97,8 +97,8 @@ def test_greedy_tokens_equal_plain_full_scale_decoding(engines, gamma):
 
 
 @pytest.mark.parametrize("gamma", [1, 4])
-def test_greedy_tokens_equal_plain_with_the_paged_verify(paged_engines, gamma):
-    greedy_tokens_equal_plain(paged_engines, gamma)
+def test_greedy_tokens_equal_plain_with_the_gathered_verify(gather_engines, gamma):
+    greedy_tokens_equal_plain(gather_engines, gamma)
 
 
 def greedy_tokens_equal_plain(engines, gamma):
