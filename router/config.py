@@ -51,6 +51,13 @@ class RouterConfig:
     # a core of that work, more replicas serve more requests. "auto": one per 4 cores of this machine, 1 to 4 (one
     # router below 8 cores), resolved when the config is made (on the node that starts the routers).
     replicas: int | str = 1
+    # chain-1 self-speculative decoding chosen by the router (CoLM-Air): "off", or "auto": a request that does not
+    # ask for drafts (speculative 0) gets the drafts per round, among speculative_gammas, whose predicted time per
+    # token beats plain steps by 10 %, while decode workers run at most speculative_max_batch sequences
+    # (router/policy.py: ScalePolicy.speculation)
+    speculative: str = "off"
+    speculative_gammas: tuple[int, ...] = (2, 4)
+    speculative_max_batch: int = 8
 
     def __post_init__(self) -> None:
         if self.replicas == "auto":
@@ -85,6 +92,19 @@ class RouterConfig:
             raise ValueError(f"router.token_stream={self.token_stream!r}: must be one of {', '.join(TOKEN_STREAMS)}")
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"router.ewma_alpha={self.ewma_alpha}: must be in (0, 1]")
+        if self.speculative is False:  # YAML reads an unquoted off as false
+            object.__setattr__(self, "speculative", "off")
+        if self.speculative not in ("off", "auto"):
+            raise ValueError(f"router.speculative={self.speculative!r}: must be 'off' or 'auto'")
+        gammas = self.speculative_gammas
+        if (not isinstance(gammas, (list, tuple)) or not gammas
+                or any(isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= 16 for g in gammas)):
+            raise ValueError(f"router.speculative_gammas={gammas!r}: must be a non-empty list of drafts per round, "
+                             "each 1..16")
+        object.__setattr__(self, "speculative_gammas", tuple(gammas))
+        if isinstance(self.speculative_max_batch, bool) or not isinstance(self.speculative_max_batch, int) \
+                or self.speculative_max_batch < 1:
+            raise ValueError(f"router.speculative_max_batch={self.speculative_max_batch!r}: must be an integer >= 1")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RouterConfig":

@@ -98,7 +98,9 @@ class Router:
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
         self.backend = backend
-        self.policy = ScalePolicy(PolicyConfig.from_model(model_cfg, alpha=cfg.ewma_alpha, headroom=cfg.headroom))
+        self.policy = ScalePolicy(PolicyConfig.from_model(
+            model_cfg, alpha=cfg.ewma_alpha, headroom=cfg.headroom, speculative=cfg.speculative,
+            speculative_gammas=tuple(cfg.speculative_gammas), speculative_max_batch=cfg.speculative_max_batch))
         self.registry = WorkerRegistry(block_size=block_size, stale_after_s=max(10.0, 20 * cfg.poll_interval_s))
         self.admission = Admission(cfg.max_running, cfg.max_queued)
         self.metrics = RouterMetrics(cfg.served_model_name)
@@ -398,7 +400,7 @@ class Router:
             req = EngineRequest(f"{spec.uid}.{attempt}" if attempt else spec.uid, tuple(prompt),
                                 replace(params, max_new_tokens=params.max_new_tokens - len(out), stop_strings=()),
                                 state.scale, left, self.tokenizer.eos_id, self.metrics.observe_phases,
-                                speculative=spec.speculative)
+                                speculative=spec.speculative or decision.speculative)
             self.registry.start(prefill.worker_id, spec.uid)
             self.registry.start(decode.worker_id, spec.uid)
             self.running[req.request_id] = (state, decode.worker_id)
@@ -476,8 +478,10 @@ class Router:
             if tpot is not None:
                 self.metrics.tpot.labels(sc).observe(tpot / 1e3)
             self.metrics.observe_token_times(sc, times)
-            if retries == 0 and state.scale == decision.scale and decision.scale in self.policy.model.step_ms:
-                # a clean sample of the error of a prediction made from measurements (not from priors)
+            if (retries == 0 and state.scale == decision.scale and decision.scale in self.policy.model.step_ms
+                    and not (spec.speculative or decision.speculative)):
+                # a clean sample of the error of a prediction made from measurements (not from priors); rounds'
+                # tokens come in bursts at another rate, so a speculative request is no sample of a plain step's
                 m = self.policy.model
                 m.observe_request(m.ttft_ms(decision.scale, len(spec.prompt_ids), corrected=False), ttft,
                                   m.tpot_ms(decision.scale, corrected=False), tpot)

@@ -72,6 +72,8 @@ class WorkerReport:
     transfer_s: float = 0.0  # time spent on those hand-offs
     prefills: bool = False  # decode: colocated, it computes its prompts' K/V itself (queued_tokens and
                             # prefill_tokens_per_s are then its own prefill's; there is no hand-off)
+    drafted: int = 0  # decode: chain-1 draft tokens proposed so far (worker total)
+    draft_accepted: int = 0  # decode: of those, accepted by the target scale
 
     @classmethod
     def of_decode(cls, worker_id: str, s) -> "WorkerReport":
@@ -81,7 +83,8 @@ class WorkerReport:
                    step_batch={int(k): v for k, v in s.step_batch_by_scale.items()},
                    free_blocks=s.num_free_blocks, total_blocks=s.num_blocks, prefills=s.prefills,
                    queued_tokens=s.num_prefill_queued_tokens, prefill_tokens_per_s=s.prefill_tokens_per_s or None,
-                   transfer_ms_per_mtoken=0.0 if s.prefills else None)
+                   transfer_ms_per_mtoken=0.0 if s.prefills else None,
+                   drafted=getattr(s, "num_drafted", 0), draft_accepted=getattr(s, "num_draft_accepted", 0))
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -106,8 +109,29 @@ class PolicyConfig:
     prior_transfer_ms_per_mtoken: float = 0.0
     per_seq_step_fraction: float = 0.02  # extra step time per sequence added, as a fraction of the step
     headroom: float = 1.0  # predictions are multiplied by this before comparing with a budget
+    # Chain-1 self-speculative decoding chosen by the policy (CoLM-Air): "off", or "auto": a request that does not ask
+    # for drafts gets gamma drafts per round when the predicted time per token of rounds beats plain steps at its
+    # scale by ``speculative_margin``, with at most ``speculative_max_batch`` sequences per decode worker (a round
+    # holds up the plain rows of its batch: speculation pays at small batches, vLLM disables it by batch size too).
+    speculative: str = "off"
+    speculative_gammas: tuple[int, ...] = (2, 4)
+    speculative_max_batch: int = 8
+    speculative_margin: float = 0.1
+    prior_draft_acceptance: float = 0.7  # share of drafts accepted, until workers report drafts
+    verify_step_factor: float = 2.0  # a verify over gamma + 1 positions costs this many plain steps (H200, batch 1:
+                                     # 0.98-1.06 ms paged against 0.55-0.59 ms steps for gamma 1-4)
 
     def __post_init__(self) -> None:
+        if self.speculative not in ("off", "auto"):
+            raise ValueError(f"speculative={self.speculative!r}: must be 'off' or 'auto'")
+        if not self.speculative_gammas or any(not 1 <= g <= 16 for g in self.speculative_gammas):
+            raise ValueError(f"speculative_gammas={self.speculative_gammas}: need drafts per round in 1..16")
+        if self.speculative_max_batch < 1 or not 0 <= self.speculative_margin < 1:
+            raise ValueError(f"speculative_max_batch={self.speculative_max_batch}, speculative_margin="
+                             f"{self.speculative_margin}: need >= 1 and in [0, 1)")
+        if not 0 <= self.prior_draft_acceptance <= 1 or self.verify_step_factor <= 0:
+            raise ValueError(f"prior_draft_acceptance={self.prior_draft_acceptance}, verify_step_factor="
+                             f"{self.verify_step_factor}: need [0, 1] and > 0")
         if self.num_scales < 1:
             raise ValueError(f"num_scales={self.num_scales}: must be >= 1")
         if len(self.param_counts) != self.num_scales or any(p <= 0 for p in self.param_counts):
@@ -162,6 +186,8 @@ class LatencyModel:
         self.prefill_queue: dict[str, int] = {}  # worker -> queued tokens (latest)
         self.decode_scales: dict[str, set[int]] = {}  # worker -> scales its latest report measured
         self.decode_load: dict[str, int] = {}  # worker -> running + waiting (latest)
+        self.draft_acceptance: float | None = None  # smoothed share of drafts accepted (from workers' counters)
+        self._drafts: dict[str, tuple[int, int]] = {}  # worker -> (drafted, accepted) at its last report
 
     def observe(self, r: WorkerReport) -> None:
         a = self.cfg.alpha
@@ -180,6 +206,11 @@ class LatencyModel:
                     self.step_batch[k] = _ewma(self.step_batch.get(k), max(1.0, batch), a)
             self.decode_scales[r.worker_id] = measured
             self._drop_unmeasured_scales()
+            before = self._drafts.get(r.worker_id)
+            self._drafts[r.worker_id] = (r.drafted, r.draft_accepted)
+            if before is not None and r.drafted > before[0] and r.draft_accepted >= before[1]:
+                share = (r.draft_accepted - before[1]) / (r.drafted - before[0])
+                self.draft_acceptance = _ewma(self.draft_acceptance, min(1.0, share), a)
         if r.transfer_ms_per_mtoken is not None:
             self.transfer_ms_per_mtoken = _ewma(self.transfer_ms_per_mtoken, r.transfer_ms_per_mtoken, a)
 
@@ -208,6 +239,7 @@ class LatencyModel:
     def forget(self, worker_id: str) -> None:
         self.prefill_queue.pop(worker_id, None)
         self.decode_load.pop(worker_id, None)
+        self._drafts.pop(worker_id, None)
         if self.decode_scales.pop(worker_id, None) is not None:
             self._drop_unmeasured_scales()
 
@@ -234,6 +266,14 @@ class LatencyModel:
         raw = self.base_step_ms(scale) * (1 + self.cfg.per_seq_step_fraction * (max(1.0, b) - 1))
         return raw * (self.tpot_correction if corrected else 1.0)
 
+    def speculative_tpot_ms(self, scale: int, gamma: int, batch: float | None = None) -> float:
+        """Predicted time per token of rounds of ``gamma`` chain-1 drafts verified at ``scale``: a round is gamma
+        scale-1 steps and a verify (``verify_step_factor`` plain steps at ``scale``), and emits 1 + gamma x (share of
+        drafts accepted) tokens on average (the measured share, else the prior)."""
+        acc = self.draft_acceptance if self.draft_acceptance is not None else self.cfg.prior_draft_acceptance
+        round_ms = gamma * self.tpot_ms(1, batch) + self.cfg.verify_step_factor * self.tpot_ms(scale, batch)
+        return round_ms / (1.0 + gamma * acc)
+
     def ttft_ms(self, scale: int, prompt_tokens: int, corrected: bool = True) -> float:
         return self._ttft_raw(scale, prompt_tokens) * (self.ttft_correction if corrected else 1.0)
 
@@ -252,6 +292,7 @@ class Decision:
     ttft_ms: float  # predicted
     tpot_ms: float  # predicted
     degraded: bool  # no scale met the budget; served at the smallest scale
+    speculative: int = 0  # chain-1 drafts per round the policy chose (``speculative: auto``); 0: plain steps
 
 
 class BudgetUnmet(Exception):
@@ -281,10 +322,30 @@ class ScalePolicy:
         for r in reports:
             self.model.observe(r)
 
+    def speculation(self, scale: int) -> tuple[int, float]:
+        """(gamma, predicted TPOT) at ``scale``: the drafts per round that beat plain steps by the margin (the
+        fewest-ms one among ``speculative_gammas``), or (0, the plain TPOT) when speculation is off, the model has
+        no shared KV, the scale is 1, the decode batch is past ``speculative_max_batch``, or rounds do not pay."""
+        c, m = self.cfg, self.model
+        plain = m.tpot_ms(scale)
+        if c.speculative != "auto" or not c.kv_sharing or scale == 1 or m.decode_batch() + 1 > c.speculative_max_batch:
+            return 0, plain
+        best, best_ms = 0, plain * (1 - c.speculative_margin)
+        for g in c.speculative_gammas:
+            ms = m.speculative_tpot_ms(scale, g) * m.tpot_correction
+            if ms < best_ms:
+                best, best_ms = g, ms
+        return (best, best_ms) if best else (0, plain)
+
     def fits(self, scale: int, budget: Budget, prompt_tokens: int, max_new_tokens: int) -> tuple[bool, float, float]:
+        ok, ttft, tpot, _ = self._fits(scale, budget, prompt_tokens, max_new_tokens)
+        return ok, ttft, tpot
+
+    def _fits(self, scale: int, budget: Budget, prompt_tokens: int, max_new_tokens: int):
+        """(fits, TTFT, TPOT, gamma): the TPOT of speculative rounds where the policy would choose them."""
         h = self.cfg.headroom
         ttft = self.model.ttft_ms(scale, prompt_tokens)
-        tpot = self.model.tpot_ms(scale)
+        gamma, tpot = self.speculation(scale)
         ok = True
         if budget.ttft_ms is not None and ttft * h > budget.ttft_ms:
             ok = False
@@ -292,7 +353,7 @@ class ScalePolicy:
             ok = False
         if budget.deadline_ms is not None and (ttft + tpot * max(0, max_new_tokens - 1)) * h > budget.deadline_ms:
             ok = False
-        return ok, ttft, tpot
+        return ok, ttft, tpot, gamma
 
     def choose(self, budget: Budget, prompt_tokens: int, max_new_tokens: int, pinned_scale: int | None = None,
                max_scale: int | None = None) -> Decision:
@@ -301,15 +362,15 @@ class ScalePolicy:
         if pinned_scale is not None:
             if not 1 <= pinned_scale <= self.cfg.num_scales:
                 raise ValueError(f"scale={pinned_scale}: must be in 1..{self.cfg.num_scales}")
-            ok, ttft, tpot = self.fits(pinned_scale, budget, prompt_tokens, max_new_tokens)
+            ok, ttft, tpot, gamma = self._fits(pinned_scale, budget, prompt_tokens, max_new_tokens)
             if not ok and budget.on_miss is OnMiss.REJECT:
                 raise BudgetUnmet(f"pinned scale {pinned_scale} is predicted at TTFT {ttft:.1f} ms, TPOT {tpot:.1f} ms: "
                                   "over budget", self.retry_after_s())
-            return Decision(pinned_scale, ttft, tpot, degraded=False)
+            return Decision(pinned_scale, ttft, tpot, degraded=False, speculative=gamma)
         for k in range(top, 0, -1):
-            ok, ttft, tpot = self.fits(k, budget, prompt_tokens, max_new_tokens)
+            ok, ttft, tpot, gamma = self._fits(k, budget, prompt_tokens, max_new_tokens)
             if ok:
-                return Decision(k, ttft, tpot, degraded=False)
+                return Decision(k, ttft, tpot, degraded=False, speculative=gamma)
         ttft, tpot = self.model.ttft_ms(1, prompt_tokens), self.model.tpot_ms(1)
         if budget.on_miss is OnMiss.REJECT:
             raise BudgetUnmet(f"no scale meets the budget (scale 1 predicted at TTFT {ttft:.1f} ms, TPOT {tpot:.1f} ms)",

@@ -196,3 +196,78 @@ def test_admission_bounds_queue_and_deadline():
         assert adm.num_running == 0
 
     asyncio.run(main())
+
+
+def spec_policy(**kw):
+    """Two scales of 100 / 400 parameters, steps of 1 ms at scale 1 and 4 ms at scale 2 (no per-sequence growth)."""
+    p = ScalePolicy(PolicyConfig(num_scales=2, param_counts=(100, 400), alpha=1.0, per_seq_step_fraction=0.0,
+                                 speculative="auto", **kw))
+    p.observe([decode_report({1: 1.0, 2: 4.0})])
+    return p
+
+
+def test_speculation_is_chosen_when_rounds_beat_plain_steps():
+    p = spec_policy(speculative_gammas=(2, 4), prior_draft_acceptance=0.8, verify_step_factor=2.0)
+    # gamma 2: (2 x 1 + 2 x 4) / (1 + 1.6) = 3.85 ms; gamma 4: (4 + 8) / 4.2 = 2.86 ms; plain 4 ms
+    gamma, tpot = p.speculation(2)
+    assert gamma == 4 and tpot == pytest.approx(12 / 4.2)
+    d = p.choose(Budget(), 10, 32)
+    assert d.scale == 2 and d.speculative == 4 and d.tpot_ms == pytest.approx(12 / 4.2)
+    assert p.speculation(1) == (0, pytest.approx(1.0))  # scale 1 drafts from itself: nothing to gain
+    # off (the default), or a model without shared KV: plain steps
+    off = ScalePolicy(PolicyConfig(num_scales=2, param_counts=(100, 400), alpha=1.0, per_seq_step_fraction=0.0))
+    off.observe([decode_report({1: 1.0, 2: 4.0})])
+    assert off.choose(Budget(), 10, 32).speculative == 0
+    dense = spec_policy(kv_sharing=False)
+    assert dense.speculation(2)[0] == 0
+
+
+def test_speculation_is_not_chosen_when_it_does_not_pay_or_the_batch_is_large():
+    # low acceptance: gamma 2 -> 10 / 1.4 = 7.1 ms > 4 ms plain
+    assert spec_policy(prior_draft_acceptance=0.2).speculation(2)[0] == 0
+    # a margin: a round must beat plain steps by 10 %: gamma 2 at acceptance 0.5 is 10 / 2 = 5 ms > 3.6 ms
+    assert spec_policy(speculative_gammas=(2,), prior_draft_acceptance=0.5).speculation(2)[0] == 0
+    p = spec_policy(prior_draft_acceptance=0.9, speculative_max_batch=4)
+    assert p.speculation(2)[0] > 0
+    p.observe([decode_report({1: 1.0, 2: 4.0}, running=4)])  # the request would be the 5th sequence
+    assert p.speculation(2) == (0, pytest.approx(4.0)) and p.choose(Budget(), 10, 32).speculative == 0
+
+
+def test_measured_acceptance_replaces_the_prior():
+    p = spec_policy(prior_draft_acceptance=0.9)
+    assert p.speculation(2)[0] > 0
+    rep = lambda drafted, accepted: WorkerReport("d0", "decode", num_running=1, step_ms={1: 1.0, 2: 4.0},  # noqa: E731
+                                                 drafted=drafted, draft_accepted=accepted)
+    assert p.model.draft_acceptance is None  # spec_policy's report had no drafts: the counters' origin only
+    p.observe([rep(100, 90)])
+    assert p.model.draft_acceptance == pytest.approx(0.9)
+    p.observe([rep(300, 110)])  # 20 of 200 drafts accepted since
+    assert p.model.draft_acceptance == pytest.approx(0.1)
+    assert p.speculation(2)[0] == 0  # rounds no longer pay
+    p.observe([rep(300, 110)])  # no drafts since: the estimate stays
+    assert p.model.draft_acceptance == pytest.approx(0.1)
+
+
+def test_a_tpot_budget_plain_steps_miss_is_met_with_drafts_at_the_larger_scale():
+    p = spec_policy(speculative_gammas=(4,), prior_draft_acceptance=0.8)
+    d = p.choose(Budget(tpot_ms=3.5), 10, 32)  # plain scale 2 is 4 ms; rounds 2.86 ms
+    assert d.scale == 2 and d.speculative == 4 and not d.degraded
+    plain = ScalePolicy(PolicyConfig(num_scales=2, param_counts=(100, 400), alpha=1.0, per_seq_step_fraction=0.0))
+    plain.observe([decode_report({1: 1.0, 2: 4.0})])
+    assert plain.choose(Budget(tpot_ms=3.5), 10, 32).scale == 1
+
+
+def test_speculation_config_is_checked():
+    with pytest.raises(ValueError, match="speculative='yes'"):
+        PolicyConfig(num_scales=2, param_counts=(1, 2), speculative="yes")
+    with pytest.raises(ValueError, match="speculative_gammas"):
+        PolicyConfig(num_scales=2, param_counts=(1, 2), speculative_gammas=(0,))
+    from colm.router.config import RouterConfig
+    with pytest.raises(ValueError, match=r"router.speculative='on'"):
+        RouterConfig(speculative="on")
+    with pytest.raises(ValueError, match=r"router.speculative_gammas=\[2, 17\]"):
+        RouterConfig(speculative_gammas=[2, 17])
+    with pytest.raises(ValueError, match="router.speculative_max_batch=0"):
+        RouterConfig(speculative_max_batch=0)
+    assert RouterConfig(speculative="auto", speculative_gammas=[3]).speculative_gammas == (3,)
+    assert RouterConfig(speculative=False).speculative == "off"  # YAML's reading of an unquoted off

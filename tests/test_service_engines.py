@@ -2,6 +2,7 @@
 
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -143,6 +144,29 @@ def test_speculative_requests_equal_reference_and_report_drafts(ckpt):
         stats = decode["decode-0"].stats()
         assert stats.num_draft_accepted == counted and stats.num_drafted >= counted
         assert stats.num_free_blocks == stats.num_blocks
+    finally:
+        bg.stop()
+
+
+def test_the_router_chooses_speculation_at_small_batches_and_tokens_stay_exact(ckpt):
+    """router.speculative: auto: a request that asks for no drafts is decoded in chain-1 rounds when the policy
+    predicts they pay (here: a prior acceptance and verify cost that make rounds win): greedy tokens equal plain
+    decoding at scale 2, and some tokens come out as accepted drafts; with the default (off) none do."""
+    bg, prefill, decode = make(ckpt, rebalance=False, speculative="auto", speculative_gammas=(3,))
+    try:
+        policy = bg.router.policy
+        policy.cfg = policy.model.cfg = replace(policy.cfg, prior_draft_acceptance=1.0, verify_step_factor=1.0)
+        with Client(bg.grpc_addr) as c:
+            r = c.complete("Hello, chains", max_new_tokens=40, scale=2, ignore_eos=True)
+        assert r["token_ids"] == reference(ckpt, "Hello, chains", 40, 2, ignore_eos=True)
+        assert sum(r["drafted"]) > 0 and decode["decode-0"].stats().num_drafted > 0
+    finally:
+        bg.stop()
+    bg, prefill, decode = make(ckpt, rebalance=False)
+    try:
+        with Client(bg.grpc_addr) as c:
+            r = c.complete("Hello, chains", max_new_tokens=20, scale=2, ignore_eos=True)
+        assert sum(r["drafted"]) == 0 and decode["decode-0"].stats().num_drafted == 0
     finally:
         bg.stop()
 
