@@ -26,6 +26,7 @@ import tempfile
 
 import yaml
 
+import _proc_stats
 import _pyspy
 from _gpu_busy import GpuSampler
 from _service import ColmServe
@@ -150,10 +151,13 @@ def main() -> int:
             spec = load_spec(args, budgets, warmup_requests=args.warmup_requests if i == 0 else 0)
             prefix = args.out if i == 0 else f"{args.out}_mix" if i == 1 else f"{args.out}_mix{i}"
             since = gpu.mark()
+            procs = _pyspy.service_processes(service.proc.pid)
+            before = _proc_stats.snapshot(procs)
             spy = ProfileLater(service.proc.pid, args.py_spy, args.py_spy_delay, prefix + "_pyspy") \
                 if i == 0 and args.py_spy > 0 else None
             summary = run_load(addr, spec, None, None, api_key=api_key, progress=False)
             busy = gpu.mean_since(since)
+            cpu = _proc_stats.delta(before, _proc_stats.snapshot(procs))
             summary["meta"] = {"addr": addr, "device": device_name(), "date": datetime.date.today().isoformat(),
                                "budgets": budgets, "serve_config": cfg, "ready_s": round(ready_s, 1),
                                "launched_by": "colm serve --config (embedded Ray); load started once health said "
@@ -161,7 +165,11 @@ def main() -> int:
                                "gpu_busy_percent_mean": busy,
                                "service_cpus": sorted(args.service_cpus or []),
                                "client_cpus": sorted(args.client_cpus or []),
-                               "gpu_busy_note": "nvidia-smi utilization.gpu sampled each second over the pass, mean"}
+                               "gpu_busy_note": "nvidia-smi utilization.gpu sampled each second over the pass, mean",
+                               "process_cpu": cpu,
+                               "process_cpu_note": "per service process over the pass, from /proc (all threads): "
+                                                   "CPU cores used, context switches per second (involuntary: "
+                                                   "preempted while runnable)"}
             if spy is not None:
                 summary["meta"]["py_spy"] = spy.result()
                 for label, s in summary["meta"]["py_spy"].get("processes", {}).items():
@@ -171,8 +179,9 @@ def main() -> int:
                 json.dump(summary, fh, indent=2)
             plot(summary, prefix + ".png")
             wrote.append(prefix + ".json")
-            print(f"[serve_ray] pass {i} (budgets {budgets}), GPU busy {busy if busy is not None else '-'} %",
-                  flush=True)
+            print(f"[serve_ray] pass {i} (budgets {budgets}), GPU busy {busy if busy is not None else '-'} %; "
+                  + ", ".join(f"{k} {v['cores']} cores {v['involuntary_switches_per_s']:.0f} preempt/s"
+                              for k, v in cpu.items()), flush=True)
             print(table(summary), flush=True)
     finally:
         gpu.stop()

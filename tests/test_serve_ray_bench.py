@@ -35,6 +35,10 @@ def test_serve_ray_bench_serves_every_pass_and_stops_the_service(tmp_path):
         meta = summary["meta"]
         assert meta["budgets"] == budgets and meta["ready_s"] > 0 and meta["serve_config"]["decode"]["num_blocks"] == 256
         assert "device" in meta and "gpu_busy_percent_mean" in meta
+        workers = [v for k, v in meta["process_cpu"].items() if k.startswith("WorkerActor")]
+        assert "launcher" in meta["process_cpu"] and len(workers) == 2  # the prefill and decode actors
+        assert all(v["cores"] >= 0 and v["involuntary_switches_per_s"] >= 0 for v in meta["process_cpu"].values())
+        assert sum(v["cores"] for v in workers) > 0  # the workers computed the requests
         assert Path(f"{out}{'' if budgets == 'none' else '_mix'}.png").stat().st_size > 0
     assert set(full["rates"][0]["scale_mix"]) == {"2"}  # full scale unless a budget says otherwise
     assert "1" in mix["rates"][0]["scale_mix"]  # scale:1 requests ran at scale 1
