@@ -81,6 +81,9 @@ class DecodeStats:
     num_prefill_queued_tokens: int = 0 # ... prompt tokens not yet scheduled
     prefill_tokens_per_s: float = 0.0  # ... recent chunks' tokens over their iterations' time
     num_prefill_chunks: int = 0        # ... iterations that ran a prompt chunk
+    # speculative rounds: recent iterations of one (scale, gamma) round and nothing else, keyed "scale:gamma"
+    round_ms: dict[str, float] = field(default_factory=dict)
+    round_batch: dict[str, float] = field(default_factory=dict)  # their mean batch size
 
 
 class DecodeEngine(KVIntake, ColocatedPrefill):
@@ -120,6 +123,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         self._wake = threading.Condition(self._lock)
         self._runner = LoopThread(self._loop, "colm-decode-loop", self._wake, join_timeout_s=10)
         self._step_times = StepTimes()
+        self._round_times = StepTimes()  # iterations that were one speculative round only, by "scale:gamma"
         self._num_steps = self._num_finished = self._num_failed = self._num_step_errors = 0
         self._num_drafted = self._num_draft_accepted = 0
         self._overlap = self.config.overlap_steps if self.config.overlap_steps is not None else self.graphs is not None
@@ -399,6 +403,9 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
             self._last_step_ms, self._last_batch = dt, size
             if self._warm_marks() == warmed and not rounds:  # a capture or a tuning is not a step time (nor a round)
                 self._step_times.record(max(scales), dt, len(batch))
+            elif self._warm_marks() == warmed and not batch and not segments and len(rounds) == 1:
+                (s, gamma), rows = next(iter(rounds.items()))  # the iteration was one round: its time is the round's
+                self._round_times.record(f"{s}:{gamma}", dt, len(rows))
             for req, s, result in zip(batch, scales, results):
                 if req.cancel is not None or not req.running or result is None:
                     continue
@@ -551,6 +558,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
     def stats(self) -> DecodeStats:
         with self._lock:
             step_ms, step_batch = self._step_times.summary()
+            round_ms, round_batch = self._round_times.summary()
             return DecodeStats(
                 host_id=self.host_id, num_chains=self.cfg.num_chains, num_blocks=self.pool.num_blocks,
                 num_free_blocks=self.pool.num_free, block_size=self.pool.block_size,
@@ -566,7 +574,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
                 num_prefill_queued_tokens=sum(len(r.prompt_tokens) - r.prefilled for r in self._prefill_queue),
                 prefill_tokens_per_s=(sum(n for n, _ in self._prefill_recent) /
                                       max(1e-9, sum(t for _, t in self._prefill_recent)) if self._prefill_recent else 0.0),
-                num_prefill_chunks=self._num_prefill_chunks)
+                num_prefill_chunks=self._num_prefill_chunks, round_ms=round_ms, round_batch=round_batch)
 
     def kv_dtype(self) -> str:
         from colm.kv_wire import dtype_name

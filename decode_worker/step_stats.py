@@ -28,7 +28,8 @@ class StepTimes:
         self._samples: dict[int, collections.deque] = collections.defaultdict(
             lambda: collections.deque(maxlen=max_samples))  # scale -> (time s, step ms, batch size)
 
-    def record(self, scale: int, step_ms: float, batch: int, now: float | None = None) -> None:
+    def record(self, scale, step_ms: float, batch: int, now: float | None = None) -> None:
+        """``scale``: the key the step is kept under (a scale; speculative rounds use "scale:gamma")."""
         self._samples[scale].append((time.monotonic() if now is None else now, float(step_ms), int(batch)))
 
     def summary(self, now: float | None = None) -> tuple[dict[int, float], dict[int, float]]:

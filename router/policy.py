@@ -53,6 +53,16 @@ class Budget:
         return self.ttft_ms is None and self.tpot_ms is None and self.deadline_ms is None
 
 
+def _by_scale_gamma(d) -> dict[tuple[int, int], float]:
+    """{"scale:gamma": value} (a worker's round figures) as {(scale, gamma): value}; malformed keys are dropped."""
+    out = {}
+    for key, value in dict(d).items():
+        k, _, g = str(key).partition(":")
+        if k.isdigit() and g.isdigit():
+            out[(int(k), int(g))] = float(value)
+    return out
+
+
 @dataclass(frozen=True)
 class WorkerReport:
     """What one worker measured recently. Times in milliseconds."""
@@ -73,6 +83,8 @@ class WorkerReport:
     prefills: bool = False  # decode: colocated, it computes its prompts' K/V itself (queued_tokens and
                             # prefill_tokens_per_s are then its own prefill's; there is no hand-off)
     drafted: int = 0  # decode: chain-1 draft tokens proposed so far (worker total)
+    round_ms: dict[tuple[int, int], float] = field(default_factory=dict)  # decode: recent speculative round time
+    round_batch: dict[tuple[int, int], float] = field(default_factory=dict)  # by (scale, gamma), and its batch
     draft_accepted: int = 0  # decode: of those, accepted by the target scale
 
     @classmethod
@@ -84,7 +96,10 @@ class WorkerReport:
                    free_blocks=s.num_free_blocks, total_blocks=s.num_blocks, prefills=s.prefills,
                    queued_tokens=s.num_prefill_queued_tokens, prefill_tokens_per_s=s.prefill_tokens_per_s or None,
                    transfer_ms_per_mtoken=0.0 if s.prefills else None,
-                   drafted=getattr(s, "num_drafted", 0), draft_accepted=getattr(s, "num_draft_accepted", 0))
+                   drafted=getattr(s, "num_drafted", 0), draft_accepted=getattr(s, "num_draft_accepted", 0),
+                   round_ms=_by_scale_gamma(getattr(s, "round_ms", None) or getattr(s, "round_ms_by_scale_gamma", {})),
+                   round_batch=_by_scale_gamma(getattr(s, "round_batch", None)
+                                               or getattr(s, "round_batch_by_scale_gamma", {})))
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -187,6 +202,8 @@ class LatencyModel:
         self.decode_scales: dict[str, set[int]] = {}  # worker -> scales its latest report measured
         self.decode_load: dict[str, int] = {}  # worker -> running + waiting (latest)
         self.draft_acceptance: float | None = None  # smoothed share of drafts accepted (from workers' counters)
+        self.round_ms: dict[tuple[int, int], float] = {}  # (scale, gamma) -> smoothed round time at its batch
+        self.round_batch: dict[tuple[int, int], float] = {}
         self._drafts: dict[str, tuple[int, int]] = {}  # worker -> (drafted, accepted) at its last report
 
     def observe(self, r: WorkerReport) -> None:
@@ -206,6 +223,10 @@ class LatencyModel:
                     self.step_batch[k] = _ewma(self.step_batch.get(k), max(1.0, batch), a)
             self.decode_scales[r.worker_id] = measured
             self._drop_unmeasured_scales()
+            for key, ms in r.round_ms.items():
+                if ms > 0:
+                    self.round_ms[key] = _ewma(self.round_ms.get(key), ms, a)
+                    self.round_batch[key] = _ewma(self.round_batch.get(key), max(1.0, r.round_batch.get(key, 1.0)), a)
             before = self._drafts.get(r.worker_id)
             self._drafts[r.worker_id] = (r.drafted, r.draft_accepted)
             if before is not None and r.drafted > before[0] and r.draft_accepted >= before[1]:
@@ -269,9 +290,16 @@ class LatencyModel:
     def speculative_tpot_ms(self, scale: int, gamma: int, batch: float | None = None) -> float:
         """Predicted time per token of rounds of ``gamma`` chain-1 drafts verified at ``scale``: a round is gamma
         scale-1 steps and a verify (``verify_step_factor`` plain steps at ``scale``), and emits 1 + gamma x (share of
-        drafts accepted) tokens on average (the measured share, else the prior)."""
+        drafts accepted) tokens on average (the measured share, else the prior). A round time the workers measured
+        for (scale, gamma) replaces the sum, carried to the batch as step times are (``per_seq_step_fraction``)."""
         acc = self.draft_acceptance if self.draft_acceptance is not None else self.cfg.prior_draft_acceptance
-        round_ms = gamma * self.tpot_ms(1, batch) + self.cfg.verify_step_factor * self.tpot_ms(scale, batch)
+        if (scale, gamma) in self.round_ms:
+            f, b = self.cfg.per_seq_step_fraction, (self.decode_batch() + 1) if batch is None else batch
+            base = self.round_ms[(scale, gamma)] / (1 + f * (self.round_batch[(scale, gamma)] - 1))
+            round_ms = base * (1 + f * (max(1.0, b) - 1))
+        else:
+            round_ms = gamma * self.tpot_ms(1, batch, corrected=False) + \
+                self.cfg.verify_step_factor * self.tpot_ms(scale, batch, corrected=False)
         return round_ms / (1.0 + gamma * acc)
 
     def ttft_ms(self, scale: int, prompt_tokens: int, corrected: bool = True) -> float:

@@ -271,3 +271,26 @@ def test_speculation_config_is_checked():
         RouterConfig(speculative_max_batch=0)
     assert RouterConfig(speculative="auto", speculative_gammas=[3]).speculative_gammas == (3,)
     assert RouterConfig(speculative=False).speculative == "off"  # YAML's reading of an unquoted off
+
+
+def test_measured_round_times_replace_the_priced_rounds():
+    p = spec_policy(speculative_gammas=(4,), prior_draft_acceptance=0.8)
+    assert p.speculation(2)[0] == 4  # priced: (4 x 1 + 2 x 4) / 4.2 = 2.86 ms against 4 ms plain
+    slow = WorkerReport("d0", "decode", num_running=1, step_ms={1: 1.0, 2: 4.0}, round_ms={(2, 4): 20.0},
+                        round_batch={(2, 4): 1.0})
+    p.observe([slow])  # a worker measured 20 ms per round: 20 / 4.2 = 4.8 ms per token, worse than plain
+    assert p.model.speculative_tpot_ms(2, 4) == pytest.approx(20.0 / 4.2) and p.speculation(2)[0] == 0
+    p.observe([WorkerReport("d0", "decode", num_running=1, step_ms={1: 1.0, 2: 4.0}, round_ms={(2, 4): 8.0},
+                            round_batch={(2, 4): 1.0})])
+    assert p.speculation(2) == (4, pytest.approx(8.0 / 4.2))
+
+
+def test_round_figures_come_from_the_decode_stats_of_either_form():
+    from colm.decode_worker.engine import DecodeStats
+    from colm.proto.colm.v1 import kv_pb2
+
+    s = DecodeStats("h", 2, 10, 10, 4, 0, 1, 5, round_ms={"2:4": 7.5, "bad": 1.0}, round_batch={"2:4": 3.0})
+    r = WorkerReport.of_decode("d0", s)
+    assert r.round_ms == {(2, 4): 7.5} and r.round_batch == {(2, 4): 3.0}
+    msg = kv_pb2.DecodeStats(num_running=1, round_ms_by_scale_gamma={"2:4": 7.5}, round_batch_by_scale_gamma={"2:4": 3.0})
+    assert WorkerReport.of_decode("d0", msg).round_ms == {(2, 4): 7.5}

@@ -232,6 +232,18 @@ def test_verify_graph_buffers_match_the_eager_verify(engines, monkeypatch, atten
     assert_pool_free(de)
 
 
+def test_an_iteration_of_one_round_is_reported_as_that_rounds_time(engines):
+    """A speculative request decoded alone: its iterations are rounds of (scale 2, gamma 3) and nothing else, so the
+    engine reports their time under "2:3" (the router's policy prices speculation with it)."""
+    de, pe, _ = engines
+    p = list(range(5, 40))
+    toks = list(_start(de, pe, "round-times", p, SamplingParams(max_new_tokens=24, ignore_eos=True), 2, 3))
+    assert len(toks) == 24
+    s = de.stats()
+    assert s.round_ms.get("2:3", 0) > 0 and s.round_batch["2:3"] == 1.0
+    assert_pool_free(de)
+
+
 def test_the_router_refuses_speculative_without_shared_kv():
     """Chain-1 drafts are the full model's K/V only in CoLM-Air: the router refuses them for other models."""
     from colm.model import CoLM
