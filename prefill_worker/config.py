@@ -20,8 +20,9 @@ class PrefillConfig:
     checksum: str = default_checksum() # bytes path: "crc32c" (when the crc32c package is installed) | "crc32" | "none"
     shm_checksum: str = "none"         # shared-memory path: the bytes never leave this host's memory
     ipc_checksum: str = "none"         # cuda_ipc path: the bytes never leave the GPU (a checksum costs a host copy)
-    # nixl transport: over each put's bytes, checked by decode in its pool; "auto" = wsum32 (computed on the GPU, no
-    # host copy) when the send buffer lies on the GPU, else the host's fastest CRC
+    # nixl transport: over each put's bytes, checked by decode in its pool; "auto": none for a GPU send buffer and a
+    # decode worker on the same host (the bytes never leave the host's GPUs, as cuda_ipc's and cuda_pool's), wsum32
+    # (computed on the GPU, no host copy) for one across hosts, the host's fastest CRC for a host send buffer
     nixl_checksum: str = "auto"
     nixl_arena_bytes: int = 256 << 20  # nixl transport: send buffer registered with NIXL once (on first use);
                                        # a request's K/V are copied into a region of it and WRITten from there
@@ -50,13 +51,15 @@ class PrefillConfig:
     cuda_graph_tokens: int = 0
     warmup_graphs: bool = False        # with cuda_graph_tokens: capture every graph at start (no request meets a capture)
 
-    def nixl_send(self, engine_device) -> tuple[str, str]:
-        """(arena device, checksum kind) of the nixl transport's sender for a prefill engine on ``engine_device``."""
+    def nixl_send(self, engine_device, same_host: bool = False) -> tuple[str, str]:
+        """(arena device, checksum kind) of the nixl transport's sender for a prefill engine on ``engine_device``
+        pushing to a decode worker on the same host or not."""
         dev = torch.device(engine_device)
         on_gpu = self.nixl_send_memory == "device" or (self.nixl_send_memory == "auto" and dev.type == "cuda")
         if on_gpu and dev.type != "cuda":
             raise ValueError(f"nixl_send_memory='device': the prefill engine runs on {dev}, not on a GPU")
-        kind = self.nixl_checksum if self.nixl_checksum != "auto" else ("wsum32" if on_gpu else default_checksum())
+        auto = ("none" if same_host else "wsum32") if on_gpu else default_checksum()
+        kind = self.nixl_checksum if self.nixl_checksum != "auto" else auto
         return (str(dev) if on_gpu else "cpu"), kind
 
     def __post_init__(self) -> None:

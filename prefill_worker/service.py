@@ -46,7 +46,8 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
         transport = registry.get(registry.choose(request.path, facts))
         sink = transport.make_sink(registry.SinkContext(
             self._stub(request.decode_address), request.request_id, self.cluster_token, self.engine.config,
-            self.engine.device, timeout, request.decode_address, on_cancel=context.add_callback))
+            self.engine.device, timeout, request.decode_address, on_cancel=context.add_callback,
+            same_host=request.same_host))
         r = self.engine.submit(request.request_id, token_ids, sink, timeout, received).result(timeout=timeout)
         return kv_pb2.PrefillReply(request_id=r.request_id, num_tokens=r.num_tokens, num_bytes=r.num_bytes,
                                    queue_ms=r.queue_ms, compute_ms=r.compute_ms, total_ms=r.total_ms, path=r.path,

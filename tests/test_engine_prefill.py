@@ -38,7 +38,9 @@ def test_nixl_send_side_follows_the_engine_device():
 
     auto = PrefillConfig()
     assert auto.nixl_send("cpu") == ("cpu", default_checksum())
-    assert auto.nixl_send("cuda:1") == ("cuda:1", "wsum32")  # VRAM send buffer, checked on the GPU
+    assert auto.nixl_send("cuda:1") == ("cuda:1", "wsum32")  # VRAM send buffer to another host, checked on the GPU
+    assert auto.nixl_send("cuda:1", same_host=True) == ("cuda:1", "none")  # GPU to GPU within one host
+    assert auto.nixl_send("cpu", same_host=True) == ("cpu", default_checksum())  # host memory: checked as before
     assert PrefillConfig(nixl_send_memory="host").nixl_send("cuda:0") == ("cpu", default_checksum())
     assert PrefillConfig(nixl_checksum="crc32").nixl_send("cuda:0") == ("cuda:0", "crc32")
     with pytest.raises(ValueError, match="not on a GPU"):

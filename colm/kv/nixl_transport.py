@@ -10,7 +10,7 @@ def make_sink(ctx: SinkContext):
     from colm.kv.nixl import NixlKVSink
 
     c = ctx.config
-    arena_device, kind = c.nixl_send(ctx.device)
+    arena_device, kind = c.nixl_send(ctx.device, ctx.same_host)
     return NixlKVSink(ctx.stub, ctx.request_id, ctx.cluster_token, kind, ctx.timeout_s, c.nixl_arena_bytes,
                       arena_device=arena_device)
 

@@ -54,6 +54,7 @@ class SinkContext:
     timeout_s: float
     decode_address: str = ""
     on_cancel: Callable | None = None  # registers a callback run when the Prefill call is cancelled (grpc context)
+    same_host: bool = False      # the decode worker runs on this host (PairFacts.same_host)
 
 
 @dataclass(frozen=True)
