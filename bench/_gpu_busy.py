@@ -1,4 +1,5 @@
-"""GPU busy percentage while a benchmark runs: ``nvidia-smi``'s utilization.gpu sampled in the background."""
+"""GPU busy percentage while a benchmark runs: ``nvidia-smi``'s utilization.gpu sampled in the background, with the
+SM clock and the power draw of each sample (a run whose GPU clocked lower is told apart from one whose host lagged)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ class GpuSampler:
 
     def __init__(self, interval_ms: int = 100) -> None:
         self.samples: list[float] = []
+        self.extra: list[tuple[float, float]] = []  # (SM clock MHz, power W) of each sample
         self.proc = None
         try:
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu,clocks.sm,power.draw",
+                                          "--format=csv,noheader,nounits",
                                           "-lms", str(interval_ms)], stdout=subprocess.PIPE, text=True)
         except (FileNotFoundError, OSError):
             return
@@ -22,10 +25,17 @@ class GpuSampler:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
+            parts = [p.strip() for p in line.split(",")]
             try:
-                self.samples.append(float(line.strip().split(",")[0]))
+                busy = float(parts[0])
             except ValueError:
-                pass
+                continue
+            try:
+                extra = (float(parts[1]), float(parts[2]))
+            except (ValueError, IndexError):  # [N/A] on some GPUs
+                extra = (float("nan"), float("nan"))
+            self.samples.append(busy)
+            self.extra.append(extra)
 
     def mark(self) -> int:
         return len(self.samples)
@@ -33,6 +43,14 @@ class GpuSampler:
     def mean_since(self, i: int) -> float | None:
         s = self.samples[i:]
         return sum(s) / len(s) if s else None
+
+    def clocks_since(self, i: int) -> dict | None:
+        """Mean SM clock (MHz) and power (W) over the samples since ``i`` (None without samples)."""
+        s = [e for e in self.extra[i:] if e[0] == e[0]]
+        if not s:
+            return None
+        return {"sm_clock_mhz_mean": round(sum(c for c, _ in s) / len(s), 1),
+                "sm_clock_mhz_min": min(c for c, _ in s), "power_w_mean": round(sum(w for _, w in s) / len(s), 1)}
 
     def stop(self) -> None:
         if self.proc is not None:

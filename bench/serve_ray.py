@@ -156,7 +156,7 @@ def main() -> int:
             spy = ProfileLater(service.proc.pid, args.py_spy, args.py_spy_delay, prefix + "_pyspy") \
                 if i == 0 and args.py_spy > 0 else None
             summary = run_load(addr, spec, None, None, api_key=api_key, progress=False)
-            busy = gpu.mean_since(since)
+            busy, clocks = gpu.mean_since(since), gpu.clocks_since(since)
             cpu = _proc_stats.delta(before, _proc_stats.snapshot(procs))
             summary["meta"] = {"addr": addr, "device": device_name(), "date": datetime.date.today().isoformat(),
                                "budgets": budgets, "serve_config": cfg, "ready_s": round(ready_s, 1),
@@ -166,6 +166,7 @@ def main() -> int:
                                "service_cpus": sorted(args.service_cpus or []),
                                "client_cpus": sorted(args.client_cpus or []),
                                "gpu_busy_note": "nvidia-smi utilization.gpu sampled each second over the pass, mean",
+                               "gpu_clocks": clocks,
                                "process_cpu": cpu,
                                "process_cpu_note": "per service process over the pass, from /proc (all threads): "
                                                    "CPU cores used, context switches per second (involuntary: "
