@@ -31,6 +31,10 @@ class DecodeConfig:
     # gather). Both give the same tokens (tests/test_verify_paged.py); bench/speculative.py times them side by side:
     # on an H200 the graphed paged verify took 0.98-1.06 ms at batch 1 (gamma 1-4) against 1.18-1.27 gathered
     verify_attention: str = "paged"
+    # speculative requests step plainly (no drafts) while more than this many sequences run (0: no limit): a round
+    # holds up the batch's plain rows for gamma draft steps and a verify, so rounds pay at small batches only (vLLM
+    # disables speculation by batch size too). Greedy tokens are the same either way; sampled ones equally distributed
+    speculative_max_batch: int = 0
     reservation_timeout_s: float = 600.0 # a reservation not finished by then is freed (DEADLINE_EXCEEDED)
     kv_timeout_s: float = 60.0           # StartGeneration waits this long for the KV to arrive
     max_reservations: int = 1024         # requests held at once (Reserve answers RESOURCE_EXHAUSTED beyond); the
@@ -80,6 +84,10 @@ class DecodeConfig:
             raise ValueError(f"max_batch_size={self.max_batch_size}: must be > 0")
         if self.mixed_scale_mode not in MIXED_SCALE_MODES:
             raise ValueError(f"mixed_scale_mode={self.mixed_scale_mode!r}: allowed are {MIXED_SCALE_MODES}")
+        if isinstance(self.speculative_max_batch, bool) or not isinstance(self.speculative_max_batch, int) \
+                or self.speculative_max_batch < 0:
+            raise ValueError(f"speculative_max_batch={self.speculative_max_batch!r}: must be an integer >= 0 "
+                             "(0 = no limit)")
         if self.verify_attention not in VERIFY_ATTENTION:
             raise ValueError(f"verify_attention={self.verify_attention!r}: allowed are {VERIFY_ATTENTION}")
         for name in ("external_write_grace_s", "grant_wait_s"):

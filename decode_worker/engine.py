@@ -362,8 +362,10 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
             self._housekeep()
             batch: list[DecodeRequest] = []  # plain steps
             rounds: dict[tuple[int, int], list[DecodeRequest]] = {}  # (scale, gamma) -> its speculative rows
+            limit = self.config.speculative_max_batch
+            drafting = not limit or len(self._running) <= limit  # past it, speculative rows step plainly
             for r in self._running:
-                gamma = round_gamma(r)
+                gamma = round_gamma(r) if drafting else 0
                 if gamma:
                     rounds.setdefault((r.scale, gamma), []).append(r)
                 else:

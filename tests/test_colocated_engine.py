@@ -470,3 +470,29 @@ def test_overlapped_steps_under_concurrent_arrivals_stops_and_an_abort(setup):
     finally:
         de.stop()
     assert_pool_free(de)
+
+
+def test_speculative_rows_step_plainly_past_the_batch_limit(setup):
+    """decode.speculative_max_batch = 1: two speculative requests running together step plainly (nothing drafted);
+    once one has ended, the other drafts again; greedy tokens equal plain decoding at scale 2 throughout."""
+    path, full = setup
+    de = _engine(path, speculative_max_batch=1, max_batched_tokens=64)
+    params = {"a": SamplingParams(max_new_tokens=6, ignore_eos=True), "b": SamplingParams(max_new_tokens=30,
+                                                                                          ignore_eos=True)}
+    ps = dict(zip("ab", prompts([9, 11], seed=4)))
+    streams = {rid: _submit(de, rid, ps[rid], params[rid], 2, speculative=3) for rid in "ab"}
+    while de.stats().num_prefill_queued_tokens or any(not r.running for r in de._requests.values()):
+        de.step()
+    assert len(de._running) == 2
+    while len(de._running) == 2:
+        de.step()
+    assert de.stats().num_drafted == 0  # two rows past the limit of one: no round ran
+    while de._running:
+        de.step()
+    assert de.stats().num_drafted > 0  # "b" alone: rounds again
+    for rid, stream in streams.items():
+        events = list(stream)
+        assert [e.token_id for e in events] == generate(full, ps[rid], params[rid], scale=2).token_ids
+    with pytest.raises(ValueError, match="speculative_max_batch=-1"):
+        DecodeConfig(speculative_max_batch=-1)
+    assert_pool_free(de)
