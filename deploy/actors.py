@@ -215,7 +215,10 @@ class WorkerPool:
         refs = {wid: a.endpoints.remote() for wid, a in self.actors.items() if wid not in self.dead}
         for wid, ref in refs.items():
             try:
+                before = self.addresses.get(wid)
                 self.addresses[wid], self.metrics_urls[wid] = ray.get(ref, timeout=timeout_s)
+                if before is not None and before != self.addresses[wid]:  # a restarted actor, on a new port
+                    log.warning("worker %s now listens at %s (was %s)", wid, self.addresses[wid], before)
             except ray.exceptions.ActorDiedError as e:  # Ray will not restart it: max_restarts is exhausted
                 self.dead[wid] = (f"died and Ray will not restart it (max_restarts={self.cfg.workers.max_restarts} "
                                   f"exhausted): {str(e).splitlines()[0][:200]}")

@@ -98,6 +98,7 @@ class Router:
         self.model_cfg = model_cfg
         self.tokenizer = tokenizer
         self.backend = backend
+        self._poll_errors: dict[str, str] = {}  # worker -> why its last health poll failed
         self.policy = ScalePolicy(PolicyConfig.from_model(
             model_cfg, alpha=cfg.ewma_alpha, headroom=cfg.headroom, speculative=cfg.speculative,
             speculative_gammas=tuple(cfg.speculative_gammas), speculative_max_batch=cfg.speculative_max_batch))
@@ -190,11 +191,14 @@ class Router:
             try:
                 r = await asyncio.wait_for(self.backend.poll(w.worker_id), timeout=self.cfg.poll_timeout_s)
             except Exception as e:  # any failure to answer takes the worker out until it reports again
-                if w.healthy:
-                    log.warning("worker %s failed its health poll: %s", w.worker_id, e)
+                why = f"{type(e).__name__}: {e}"[:300]
+                if w.healthy or self._poll_errors.get(w.worker_id) != why:  # once per new reason
+                    log.warning("worker %s failed its health poll: %s", w.worker_id, why)
+                self._poll_errors[w.worker_id] = why
                 self._fail_inflight(w.worker_id)
                 self.metrics.worker_healthy.labels(w.worker_id, w.role).set(0)
                 return
+            self._poll_errors.pop(w.worker_id, None)
             self.registry.update(r)
             self.policy.observe([r])
             self.metrics.worker_healthy.labels(w.worker_id, w.role).set(1)

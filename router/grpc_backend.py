@@ -70,6 +70,8 @@ class GrpcBackend:
         new = {w.worker_id: w for w in workers}
         for wid, w in list(self._workers.items()):
             if wid not in new or new[wid].address != w.address:
+                log.warning("worker %s: %s", wid, f"now at {new[wid].address} (was {w.address})" if wid in new
+                            else "removed")
                 self._subs.pop(wid, None)  # its stream ends with the channel: the requests on it fail over
                 ch = self._channels.pop(wid, None)
                 if ch is not None and _loop_running():  # calls still on it end with CANCELLED -> failover
