@@ -309,6 +309,7 @@ class Launcher:
     async def _watch_workers(self, backend) -> None:
         """Restarted actors may listen on new ports: keep the backend's worker list current."""
         loop = asyncio.get_running_loop()
+        last_error = None
         while True:
             await asyncio.sleep(1.0)
             try:
@@ -316,8 +317,12 @@ class Launcher:
                 backend.set_workers(infos)
                 for r in self.replicas:
                     r.set_workers.remote(infos)
+                last_error = None
             except Exception as e:  # keep watching; the router's polls take dead workers out meanwhile
-                log.debug("worker refresh failed: %s", e)
+                why = f"{type(e).__name__}: {e}"[:300]
+                if why != last_error:  # once per new reason, not every second
+                    log.warning("worker refresh failed: %s", why)
+                last_error = why
 
     async def stop(self) -> None:
         if self._watch is not None:
