@@ -1,7 +1,7 @@
 """CPU use of a service's processes over a benchmark pass, from /proc: cores used and how often each was preempted.
 
-``snapshot`` reads, per process and summed over its threads, user + system CPU time and the voluntary and involuntary
-context switches; ``delta`` turns two snapshots into cores used (CPU seconds per second) and switches per second. An
+``snapshot`` reads, per process, user + system CPU time (``cpu_seconds``) and the voluntary and involuntary context
+switches summed over its threads; ``delta`` turns two snapshots into cores used (CPU seconds per second) and switches per second. An
 engine loop that the kernel preempts often (involuntary switches) shares its core with other busy processes: the
 figure to compare between runs whose step times differ.
 """
@@ -15,13 +15,17 @@ from pathlib import Path
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _thread_stats(pid: int) -> tuple[float, int, int]:
-    cpu = vol = invol = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all its threads (ended ones included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _stats(pid: int) -> tuple[float, int, int]:
+    vol = invol = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():  # switches are counted per thread
         try:
-            stat = (task / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            cpu += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
             for line in (task / "status").read_text().splitlines():
                 if line.startswith("voluntary_ctxt_switches:"):
                     vol += int(line.split()[1])
@@ -29,7 +33,7 @@ def _thread_stats(pid: int) -> tuple[float, int, int]:
                     invol += int(line.split()[1])
         except (OSError, ValueError, IndexError):  # a thread that ended meanwhile
             continue
-    return cpu / _TICK, vol, invol
+    return cpu_seconds(pid), vol, invol
 
 
 def snapshot(pids: dict[str, int]) -> dict:
@@ -37,7 +41,7 @@ def snapshot(pids: dict[str, int]) -> dict:
     out = {}
     for label, pid in pids.items():
         try:
-            out[label] = _thread_stats(pid)
+            out[label] = _stats(pid)
         except OSError:  # the process is gone
             continue
     return {"t": time.monotonic(), "procs": out}

@@ -1,10 +1,11 @@
 """py-spy profiles of a running service's processes: where the Python side of a benchmark spends its time.
 
-``record`` samples each given process for a while with ``py-spy record --gil --format raw`` (only the thread that
-holds the GIL is sampled, so the samples per second over the sampling rate is the share of the time the process's
-interpreter is busy, whichever thread runs it), without pausing it (``--nonblocking``). ``summarize`` reads the
-folded stacks py-spy writes (``frame;frame;... count``) into: samples, the GIL-busy share, the functions with most
-self samples (the innermost frame) and most inclusive samples (on the stack at all), as shares of the samples.
+``Profile`` samples each given process for a while with ``py-spy record --format raw``, without pausing it
+(``--nonblocking``); with ``--gil`` (the default here) only the thread that holds the GIL is sampled, so the samples
+per second over the sampling rate is the share of the time the process's interpreter is busy, whichever thread runs
+it. ``summarize`` reads the folded stacks py-spy writes (``frame;frame;... count``) into: samples, the GIL-busy
+share, the functions with most self samples (the innermost frame) and most inclusive samples (on the stack at all),
+as shares of the samples.
 ``service_processes`` finds a ``colm serve`` deployment's processes: the launcher and its Ray actors (a worker or
 router actor's title is ``ray::WorkerActor...`` / ``ray::RouterReplica...``).
 """
@@ -16,6 +17,8 @@ import os
 import re
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
@@ -44,30 +47,36 @@ def service_processes(launcher_pid: int, titles=("ray::WorkerActor", "ray::Route
     return found
 
 
-def record(pids: dict[str, int], seconds: float, out_dir: str | Path, rate: int = 200) -> dict[str, subprocess.Popen]:
-    """Start one ``py-spy record`` per process (returns at once); ``wait_summaries`` collects them."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    procs = {}
-    for label, pid in pids.items():
-        path = out / f"{label.replace(':', '_')}.txt"
-        cmd = ["py-spy", "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", str(rate),
-               "--format", "raw", "--gil", "--nonblocking", "--output", str(path)]
-        procs[label] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        procs[label].path, procs[label].pid_ = path, pid  # type: ignore[attr-defined]
-    return procs
+class Profile:
+    """``py-spy record --nonblocking --format raw`` on each of ``pids`` {label: pid} for ``seconds``, each started
+    ``delay_s`` from now on a thread of its own (so the load is running by then); ``gil``: sample only the thread
+    holding the GIL (the samples then also give the GIL-busy share). ``result()`` waits for them and gives {label:
+    ``summarize``'s dict} (or {"error": ...}); the raw stacks stay in ``{out_prefix}_{label}.txt``."""
 
+    def __init__(self, pids: dict[str, int], seconds: float, delay_s: float, out_prefix: str, gil: bool = True,
+                 rate: int = 200) -> None:
+        self.seconds, self.rate, self.gil = seconds, rate, gil
+        self.out: dict[str, dict] = {}
+        self._threads = [threading.Thread(target=self._one, args=(label, pid, delay_s, out_prefix), daemon=True)
+                         for label, pid in pids.items()]
+        for t in self._threads:
+            t.start()
 
-def wait_summaries(procs: dict[str, subprocess.Popen], seconds: float, rate: int = 200, top: int = 15) -> dict:
-    summaries = {}
-    for label, p in procs.items():
-        _, err = p.communicate(timeout=seconds + 60)
-        path = p.path  # type: ignore[attr-defined]
-        if p.returncode != 0 or not path.exists():
-            summaries[label] = {"pid": p.pid_, "error": err.decode(errors="replace")[-400:]}  # type: ignore[attr-defined]
-            continue
-        summaries[label] = {"pid": p.pid_, **summarize(path.read_text(), seconds, rate, top)}  # type: ignore[attr-defined]
-    return summaries
+    def _one(self, label: str, pid: int, delay_s: float, out_prefix: str) -> None:
+        raw = f"{out_prefix}_{label.replace(':', '_')}.txt"
+        time.sleep(delay_s)
+        r = subprocess.run(["py-spy", "record", "--nonblocking", "--format", "raw", "--rate", str(self.rate),
+                            "--duration", str(max(1, round(self.seconds))), "--pid", str(pid), "--output", raw]
+                           + (["--gil"] if self.gil else []), capture_output=True, text=True)
+        if r.returncode != 0 or not os.path.exists(raw):
+            self.out[label] = {"pid": pid, "error": (r.stderr or r.stdout)[-500:]}
+            return
+        self.out[label] = {"pid": pid, **summarize(Path(raw).read_text(), self.seconds, self.rate, gil=self.gil)}
+
+    def result(self, timeout_s: float = 60.0) -> dict:
+        for t in self._threads:
+            t.join(self.seconds + timeout_s)
+        return dict(self.out)
 
 
 def _function(frame: str) -> str:
@@ -77,8 +86,9 @@ def _function(frame: str) -> str:
     return f"{m['func']} ({os.path.basename(m['file'])})"
 
 
-def summarize(raw: str, seconds: float, rate: int, top: int = 15) -> dict:
-    """Folded stacks -> samples, GIL-busy share (samples / (rate x seconds)), top self and inclusive functions."""
+def summarize(raw: str, seconds: float, rate: int, top: int = 15, gil: bool = True) -> dict:
+    """Folded stacks -> samples, top self and inclusive functions, and (``gil``: stacks of the GIL holder only) the
+    GIL-busy share, samples / (rate x seconds)."""
     self_n: collections.Counter = collections.Counter()
     incl_n: collections.Counter = collections.Counter()
     total = 0
@@ -99,5 +109,5 @@ def summarize(raw: str, seconds: float, rate: int, top: int = 15) -> dict:
         return [[f, round(n / total, 4)] for f, n in c.most_common(top)] if total else []
 
     return {"samples": total, "seconds": seconds, "rate_hz": rate,
-            "gil_busy_share": round(total / (rate * seconds), 3) if seconds > 0 else None,
+            "gil_busy_share": round(total / (rate * seconds), 3) if gil and seconds > 0 else None,
             "top_self": shares(self_n), "top_inclusive": shares(incl_n)}

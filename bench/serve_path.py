@@ -41,6 +41,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _gpu_busy import GpuSampler  # noqa: E402
+from _proc_stats import cpu_seconds  # noqa: E402
+from _pyspy import Profile  # noqa: E402
 from _timing import measure_gpu  # noqa: E402
 from serve_goodput import build_checkpoint, start_worker  # noqa: E402
 
@@ -91,58 +93,6 @@ def limit_rps(cost: dict, gpu: dict, batch: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- the run
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def profile_processes(pids: dict[str, int], seconds: float, delay_s: float, out_prefix: str,
-                      gil: bool = False) -> dict:
-    """py-spy (sampling, non-blocking) on each process for ``seconds`` after ``delay_s``, in the background; the
-    returned dict fills with each role's summary (top frames by self and inclusive share) when it ends. ``gil``:
-    only samples of the thread holding the GIL (where a GIL-bound process spends its one core)."""
-    result: dict = {}
-
-    def one(role: str, pid: int) -> None:
-        raw = f"{out_prefix}_{role}.txt"
-        time.sleep(delay_s)
-        r = subprocess.run(["py-spy", "record", "--nonblocking", "--format", "raw", "--rate", "200", "--duration",
-                            str(int(seconds)), "--pid", str(pid), "--output", raw] + (["--gil"] if gil else []),
-                           capture_output=True, text=True)
-        if r.returncode != 0 or not os.path.exists(raw):
-            result[role] = {"error": (r.stderr or r.stdout)[-500:]}
-            return
-        result[role] = summarize_stacks(raw)
-
-    threads = [threading.Thread(target=one, args=kv, daemon=True) for kv in pids.items()]
-    for t in threads:
-        t.start()
-    result["_threads"] = threads
-    return result
-
-
-def summarize_stacks(raw: str, top: int = 25) -> dict:
-    """Collapsed stacks ("f1;f2;...;leaf count" per line) -> total samples and the top frames by self and by
-    inclusive share."""
-    self_c: dict[str, int] = {}
-    incl: dict[str, int] = {}
-    total = 0
-    with open(raw) as f:
-        for line in f:
-            stack, _, n = line.rstrip().rpartition(" ")
-            if not stack or not n.isdigit():
-                continue
-            c = int(n)
-            total += c
-            frames = stack.split(";")
-            self_c[frames[-1]] = self_c.get(frames[-1], 0) + c
-            for fr in set(frames):
-                incl[fr] = incl.get(fr, 0) + c
-    rank = lambda d: [(k, round(v / max(total, 1), 4)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]  # noqa: E731
-    return {"samples": total, "top_self": rank(self_c), "top_inclusive": rank(incl)}
-
-
 def start_workers(mode: str, ckpt: str, wargs, token: str, decode_section: dict) -> dict:
     """{role: (process, address)} of one mode's deployment."""
     if mode in ("colocated", "baseline"):
@@ -271,7 +221,7 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         g0 = sampler.mark()
         prof = None
         if args.profile_s and mode in args.profile_modes.split(","):
-            prof = profile_processes(pids, args.profile_s, 2.0, f"{args.out}_profile_{mode}", args.profile_gil)
+            prof = Profile(pids, args.profile_s, 2.0, f"{args.out}_profile_{mode}", args.profile_gil)
         t0 = time.perf_counter()
         child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run(base + measured + ["--concurrency", str(args.concurrency), "--num-requests",
@@ -285,8 +235,7 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         phases = phase_means_ms(phases0, phase_totals(server.router.metrics.registry))
         engine = decode_engine_stats(workers["decode"][1], token)
         if prof is not None:
-            for t in prof.pop("_threads"):
-                t.join(args.profile_s + 30)
+            prof = prof.result(30)
     finally:
         server.stop()
         for p in router_procs:

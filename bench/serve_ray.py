@@ -72,29 +72,6 @@ def serve_config(base: str | None, sets: list[str]) -> dict:
     return d
 
 
-class ProfileLater:
-    """py-spy on the service's processes, started ``delay_s`` into a load pass from a timer thread (so the load is
-    running), for ``seconds``; ``result()`` waits and gives each process's summary (``_pyspy.summarize``)."""
-
-    def __init__(self, launcher_pid: int, seconds: float, delay_s: float, out_dir: str) -> None:
-        import threading
-
-        self.seconds, self.out_dir, self._procs = seconds, out_dir, None
-        self._timer = threading.Timer(delay_s, self._start, args=(launcher_pid,))
-        self._timer.start()
-
-    def _start(self, launcher_pid: int) -> None:
-        self._procs = _pyspy.record(_pyspy.service_processes(launcher_pid), self.seconds, self.out_dir)
-
-    def result(self) -> dict:
-        self._timer.join()
-        if self._procs is None:
-            return {}
-        return {"processes": _pyspy.wait_summaries(self._procs, self.seconds),
-                "note": "py-spy record --gil --nonblocking: samples of the GIL-holding thread; gil_busy_share = "
-                        "samples / (rate x seconds); top_self / top_inclusive: shares of the samples"}
-
-
 def device_name() -> str:
     import platform
 
@@ -153,7 +130,7 @@ def main() -> int:
             since = gpu.mark()
             procs = _pyspy.service_processes(service.proc.pid)
             before = _proc_stats.snapshot(procs)
-            spy = ProfileLater(service.proc.pid, args.py_spy, args.py_spy_delay, prefix + "_pyspy") \
+            spy = _pyspy.Profile(procs, args.py_spy, args.py_spy_delay, prefix + "_pyspy") \
                 if i == 0 and args.py_spy > 0 else None
             summary = run_load(addr, spec, None, None, api_key=api_key, progress=False)
             busy, clocks = gpu.mean_since(since), gpu.clocks_since(since)
@@ -172,7 +149,10 @@ def main() -> int:
                                                    "CPU cores used, context switches per second (involuntary: "
                                                    "preempted while runnable)"}
             if spy is not None:
-                summary["meta"]["py_spy"] = spy.result()
+                summary["meta"]["py_spy"] = {
+                    "processes": spy.result(),
+                    "note": "py-spy record --gil --nonblocking: samples of the GIL-holding thread; gil_busy_share = "
+                            "samples / (rate x seconds); top_self / top_inclusive: shares of the samples"}
                 for label, s in summary["meta"]["py_spy"].get("processes", {}).items():
                     print(f"[serve_ray] py-spy {label}: GIL busy {s.get('gil_busy_share')}, top self "
                           f"{s.get('top_self', [])[:4] or s.get('error')}", flush=True)

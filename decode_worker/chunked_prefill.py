@@ -65,19 +65,23 @@ class ChunkInputs:
 
     @classmethod
     def of(cls, buf: torch.Tensor, layout: ChunkLayout) -> "ChunkInputs":
-        n, s, t = layout.tokens, layout.segments, layout.tiles
-        a = 3 * n
-        return cls(buf[:n], buf[n : 2 * n], buf[2 * n : a], buf[a : a + 4 * s].view(s, 4),
-                   buf[a + 4 * s : a + 4 * s + 2 * t].view(t, 2), buf[a + 4 * s + 2 * t : layout.size])
+        return cls(*split(buf, layout))
+
+
+def split(buf, layout: ChunkLayout) -> tuple:
+    """(tokens, positions, slots, segments [S, 4], tiles [T, 2], pages): views of ``buf`` [layout.size], a tensor or
+    a numpy array (``pack`` fills the host array through them)."""
+    n, s, t = layout.tokens, layout.segments, layout.tiles
+    a = 3 * n
+    b = a + 4 * s
+    return (buf[:n], buf[n : 2 * n], buf[2 * n : a], buf[a:b].reshape(s, 4), buf[b : b + 2 * t].reshape(t, 2),
+            buf[b + 2 * t : layout.size])
 
 
 def pack(pool, segments: list[Segment], layout: ChunkLayout) -> np.ndarray:
     """The chunk's index array [layout.size] (int64) on the host; ``layout`` must fit the segments."""
     out = np.zeros(layout.size, dtype=np.int64)
-    n, a = layout.tokens, 3 * layout.tokens
-    b = a + 4 * layout.segments
-    tok, pos, slots, seg = out[:n], out[n : 2 * n], out[2 * n : a], out[a:b].reshape(layout.segments, 4)
-    tiles, pages = out[b : b + 2 * layout.tiles].reshape(layout.tiles, 2), out[b + 2 * layout.tiles :]  # as ChunkInputs
+    tok, pos, slots, seg, tiles, pages = split(out, layout)  # numpy views: filled in place
     slots[:] = -1
     row = page = 0
     for i, s in enumerate(segments):
@@ -90,7 +94,6 @@ def pack(pool, segments: list[Segment], layout: ChunkLayout) -> np.ndarray:
         row, page = row + n, page + used
     tiles[:] = plan_tiles([s.num_tokens for s in segments], layout.tiles, BLOCK_M)
     return out
-
 
 
 def upload(host: np.ndarray, device, out: torch.Tensor | None = None) -> torch.Tensor:

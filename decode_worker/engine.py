@@ -82,8 +82,8 @@ class DecodeStats:
     prefill_tokens_per_s: float = 0.0  # ... recent chunks' tokens over their iterations' time
     num_prefill_chunks: int = 0        # ... iterations that ran a prompt chunk
     # speculative rounds: recent iterations of one (scale, gamma) round and nothing else, keyed "scale:gamma"
-    round_ms: dict[str, float] = field(default_factory=dict)
-    round_batch: dict[str, float] = field(default_factory=dict)  # their mean batch size
+    round_ms_by_scale_gamma: dict[str, float] = field(default_factory=dict)
+    round_batch_by_scale_gamma: dict[str, float] = field(default_factory=dict)  # their mean batch size
 
 
 class DecodeEngine(KVIntake, ColocatedPrefill):
@@ -403,9 +403,10 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
                 return len(segments)
             self._num_steps += 1
             self._last_step_ms, self._last_batch = dt, size
-            if self._warm_marks() == warmed and not rounds:  # a capture or a tuning is not a step time (nor a round)
+            timed = self._warm_marks() == warmed  # a capture or a tuning is not a step time (nor a round)
+            if timed and not rounds:
                 self._step_times.record(max(scales), dt, len(batch))
-            elif self._warm_marks() == warmed and not batch and not segments and len(rounds) == 1:
+            elif timed and not batch and not segments and len(rounds) == 1:
                 (s, gamma), rows = next(iter(rounds.items()))  # the iteration was one round: its time is the round's
                 self._round_times.record(f"{s}:{gamma}", dt, len(rows))
             for req, s, result in zip(batch, scales, results):
@@ -576,7 +577,8 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
                 num_prefill_queued_tokens=sum(len(r.prompt_tokens) - r.prefilled for r in self._prefill_queue),
                 prefill_tokens_per_s=(sum(n for n, _ in self._prefill_recent) /
                                       max(1e-9, sum(t for _, t in self._prefill_recent)) if self._prefill_recent else 0.0),
-                num_prefill_chunks=self._num_prefill_chunks, round_ms=round_ms, round_batch=round_batch)
+                num_prefill_chunks=self._num_prefill_chunks,
+                round_ms_by_scale_gamma=round_ms, round_batch_by_scale_gamma=round_batch)
 
     def kv_dtype(self) -> str:
         from colm.kv_wire import dtype_name

@@ -60,6 +60,16 @@ class PagedStepCache:
         """The engine tracks each sequence's length itself."""
 
 
+def _write_new(pool, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor):
+    """Write the T new tokens' ``k``, ``v`` [B, Hkv, T, hd] of layer ``layer_idx`` into their ``slot_mapping`` [B, T]
+    slots (-1: nowhere); returns the layer's pools (k, v)."""
+    kp, vp = pool.k[layer_idx], pool.v[layer_idx]
+    b, hkv, t, hd = k.shape
+    write_kv_to_pool(k.transpose(1, 2).reshape(b * t, hkv, hd), v.transpose(1, 2).reshape(b * t, hkv, hd),
+                     kp, vp, slot_mapping.reshape(-1))
+    return kp, vp
+
+
 class PagedExtendCache:
     """One forward of B sequences, T new tokens each, against a ``BlockPool`` (chain-1 self-speculative decoding
     verifies T = gamma + 1 positions at once). At each layer it writes the T tokens' k, v into their slots, then
@@ -95,11 +105,8 @@ class PagedExtendCache:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [B, Hq, T, hd]; k, v [B, Hkv, T, hd] (RoPE applied) -> [B, Hq, T, hd]
-        kp, vp = self.pool.k[layer_idx], self.pool.v[layer_idx]
-        b, hkv, t, hd = k.shape
-        flat = self.slot_mapping.reshape(-1)
-        write_kv_to_pool(k.transpose(1, 2).reshape(b * t, hkv, hd), v.transpose(1, 2).reshape(b * t, hkv, hd),
-                         kp, vp, flat)
+        kp, vp = _write_new(self.pool, layer_idx, k, v, self.slot_mapping)
+        hkv, hd = k.shape[1], k.shape[3]
         keys = kp.reshape(-1, hkv, hd)[self.gather].transpose(1, 2)  # [B, Hkv, L, hd]
         vals = vp.reshape(-1, hkv, hd)[self.gather].transpose(1, 2)
         group = q.shape[1] // hkv
@@ -150,11 +157,8 @@ class PagedVerifyCache:
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                head_map: torch.Tensor | None = None) -> torch.Tensor:
         # q [B, Hq, T, hd]; k, v [B, Hkv, T, hd] (RoPE applied) -> [B, Hq, T, hd]
-        kp, vp = self.pool.k[layer_idx], self.pool.v[layer_idx]
+        kp, vp = _write_new(self.pool, layer_idx, k, v, self.slot_mapping)
         b, hq, t, hd = q.shape
-        hkv = k.shape[1]
-        write_kv_to_pool(k.transpose(1, 2).reshape(b * t, hkv, hd), v.transpose(1, 2).reshape(b * t, hkv, hd),
-                         kp, vp, self.slot_mapping.reshape(-1))
         rows = q.transpose(1, 2).reshape(b * t, hq, hd).contiguous()  # row b * T + t
         o = paged_decode_attention(rows, kp, vp, self.block_tables, self.context_lens, head_map=head_map)
         return o.reshape(b, t, hq, hd).transpose(1, 2)

@@ -173,7 +173,8 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                   num_prefill_queued_tokens=s.num_prefill_queued_tokens,
                                   prefill_tokens_per_s=s.prefill_tokens_per_s,
                                   num_prefill_chunks=s.num_prefill_chunks,
-                                  round_ms_by_scale_gamma=s.round_ms, round_batch_by_scale_gamma=s.round_batch,
+                                  round_ms_by_scale_gamma=s.round_ms_by_scale_gamma,
+                                  round_batch_by_scale_gamma=s.round_batch_by_scale_gamma,
                                   num_steps_launched_ahead=s.num_steps_launched_ahead,
                                   num_steps_dropped=s.num_steps_dropped, transports=self._transports)
 

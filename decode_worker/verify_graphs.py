@@ -57,35 +57,36 @@ class VerifyGraphs(GraphSet):
                                 f"the speculative verify (batch {B}, {t} tokens, context {L}, scale {scale})")
             if g is None:
                 return None
-            (self._fill_paged if self.paged else self._fill_gather)(g.cache, rows, b, t, L)
+            c = g.cache
+            host = (self._fill_paged if self.paged else self._fill_gather)(c, rows, b, t, L)
+            c.slot_mapping[:b].copy_(host.slot_mapping, non_blocking=True)
+            c.slot_mapping[b:] = -1   # padding rows write nowhere
+            c.positions[:b].copy_(host.positions, non_blocking=True)
+            c.positions[b:].zero_()
             g.tokens[:b].copy_(tokens)
             g.tokens[b:].zero_()
             g.graph.replay()
             self.num_replays += 1
             return g.logits[:b].clone()
 
-    def _fill_gather(self, c: PagedExtendCache, rows, b: int, t: int, L: int) -> None:
+    def _fill_gather(self, c: PagedExtendCache, rows, b: int, t: int, L: int) -> PagedExtendCache:
+        """Stage the gathered attention's inputs; the host-built cache (its slots and positions go in next)."""
         host = PagedExtendCache.build(self.pool, rows, t, "cpu", width=L)
         c.gather[:b].copy_(host.gather, non_blocking=True)
         c.gather[b:].zero_()
         c.valid[:b].copy_(host.valid, non_blocking=True)
         c.valid[b:] = False
         c.valid[b:, :, 0] = True  # padding rows attend to one position (a fully masked row would be NaN)
-        c.slot_mapping[:b].copy_(host.slot_mapping, non_blocking=True)
-        c.slot_mapping[b:] = -1   # ... and write nowhere
-        c.positions[:b].copy_(host.positions, non_blocking=True)
-        c.positions[b:].zero_()
+        return host
 
-    def _fill_paged(self, c: PagedVerifyCache, rows, b: int, t: int, L: int) -> None:
+    def _fill_paged(self, c: PagedVerifyCache, rows, b: int, t: int, L: int) -> PagedVerifyCache:
+        """Stage the paged attention's inputs; the host-built cache (its slots and positions go in next)."""
         host = PagedVerifyCache.build(self.pool, rows, t, "cpu", width=c.block_tables.shape[1])
         c.block_tables[: b * t].copy_(host.block_tables, non_blocking=True)
         c.block_tables[b * t:].zero_()
         c.context_lens[: b * t].copy_(host.context_lens, non_blocking=True)
-        c.context_lens[b * t:] = 1  # padding rows attend to one position (block 0's first slot) ...
-        c.slot_mapping[:b].copy_(host.slot_mapping, non_blocking=True)
-        c.slot_mapping[b:] = -1     # ... and write nowhere
-        c.positions[:b].copy_(host.positions, non_blocking=True)
-        c.positions[b:].zero_()
+        c.context_lens[b * t:] = 1  # padding rows attend to one position (block 0's first slot)
+        return host
 
     def _capture(self, B: int, T: int, L: int, scale: int) -> _Graph:
         dev = self.device

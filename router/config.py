@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from colm.decode_worker.config import MAX_GAMMA
 
 TOKEN_STREAMS = ("batched", "per_request")  # router.token_stream: how decode workers send tokens
 
@@ -98,9 +99,9 @@ class RouterConfig:
             raise ValueError(f"router.speculative={self.speculative!r}: must be 'off' or 'auto'")
         gammas = self.speculative_gammas
         if (not isinstance(gammas, (list, tuple)) or not gammas
-                or any(isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= 16 for g in gammas)):
+                or any(isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= MAX_GAMMA for g in gammas)):
             raise ValueError(f"router.speculative_gammas={gammas!r}: must be a non-empty list of drafts per round, "
-                             "each 1..16")
+                             f"each 1..{MAX_GAMMA}")
         object.__setattr__(self, "speculative_gammas", tuple(gammas))
         if isinstance(self.speculative_max_batch, bool) or not isinstance(self.speculative_max_batch, int) \
                 or self.speculative_max_batch < 1:

@@ -382,6 +382,7 @@ class Router:
             lp = await self.backend.prompt_logprobs(decode.worker_id, spec.prompt_ids, decision.scale)
             yield Event("prompt_logprobs", prompt_logprobs=lp)
         params = spec.params
+        speculative = spec.speculative or decision.speculative  # the client's drafts per round, else the policy's
         out: list[int] = []
         # the request's stop rules over all its attempts; the text, O(window) per token. The engines get no stop
         # strings: only here is the whole text (colm.stopping says why both check)
@@ -404,7 +405,7 @@ class Router:
             req = EngineRequest(f"{spec.uid}.{attempt}" if attempt else spec.uid, tuple(prompt),
                                 replace(params, max_new_tokens=params.max_new_tokens - len(out), stop_strings=()),
                                 state.scale, left, self.tokenizer.eos_id, self.metrics.observe_phases,
-                                speculative=spec.speculative or decision.speculative)
+                                speculative=speculative)
             self.registry.start(prefill.worker_id, spec.uid)
             self.registry.start(decode.worker_id, spec.uid)
             self.running[req.request_id] = (state, decode.worker_id)
@@ -483,7 +484,7 @@ class Router:
                 self.metrics.tpot.labels(sc).observe(tpot / 1e3)
             self.metrics.observe_token_times(sc, times)
             if (retries == 0 and state.scale == decision.scale and decision.scale in self.policy.model.step_ms
-                    and not (spec.speculative or decision.speculative)):
+                    and not speculative):
                 # a clean sample of the error of a prediction made from measurements (not from priors); rounds'
                 # tokens come in bursts at another rate, so a speculative request is no sample of a plain step's
                 m = self.policy.model

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Sequence
 
+from colm.decode_worker.config import MAX_GAMMA
+
 
 class OnMiss(str, Enum):
     """What to do when no scale meets a request's budget."""
@@ -83,9 +85,9 @@ class WorkerReport:
     prefills: bool = False  # decode: colocated, it computes its prompts' K/V itself (queued_tokens and
                             # prefill_tokens_per_s are then its own prefill's; there is no hand-off)
     drafted: int = 0  # decode: chain-1 draft tokens proposed so far (worker total)
+    draft_accepted: int = 0  # decode: of those, accepted by the target scale
     round_ms: dict[tuple[int, int], float] = field(default_factory=dict)  # decode: recent speculative round time
     round_batch: dict[tuple[int, int], float] = field(default_factory=dict)  # by (scale, gamma), and its batch
-    draft_accepted: int = 0  # decode: of those, accepted by the target scale
 
     @classmethod
     def of_decode(cls, worker_id: str, s) -> "WorkerReport":
@@ -96,10 +98,9 @@ class WorkerReport:
                    free_blocks=s.num_free_blocks, total_blocks=s.num_blocks, prefills=s.prefills,
                    queued_tokens=s.num_prefill_queued_tokens, prefill_tokens_per_s=s.prefill_tokens_per_s or None,
                    transfer_ms_per_mtoken=0.0 if s.prefills else None,
-                   drafted=getattr(s, "num_drafted", 0), draft_accepted=getattr(s, "num_draft_accepted", 0),
-                   round_ms=_by_scale_gamma(getattr(s, "round_ms", None) or getattr(s, "round_ms_by_scale_gamma", {})),
-                   round_batch=_by_scale_gamma(getattr(s, "round_batch", None)
-                                               or getattr(s, "round_batch_by_scale_gamma", {})))
+                   drafted=s.num_drafted, draft_accepted=s.num_draft_accepted,
+                   round_ms=_by_scale_gamma(s.round_ms_by_scale_gamma),
+                   round_batch=_by_scale_gamma(s.round_batch_by_scale_gamma))
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -139,8 +140,8 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if self.speculative not in ("off", "auto"):
             raise ValueError(f"speculative={self.speculative!r}: must be 'off' or 'auto'")
-        if not self.speculative_gammas or any(not 1 <= g <= 16 for g in self.speculative_gammas):
-            raise ValueError(f"speculative_gammas={self.speculative_gammas}: need drafts per round in 1..16")
+        if not self.speculative_gammas or any(not 1 <= g <= MAX_GAMMA for g in self.speculative_gammas):
+            raise ValueError(f"speculative_gammas={self.speculative_gammas}: need drafts per round in 1..{MAX_GAMMA}")
         if self.speculative_max_batch < 1 or not 0 <= self.speculative_margin < 1:
             raise ValueError(f"speculative_max_batch={self.speculative_max_batch}, speculative_margin="
                              f"{self.speculative_margin}: need >= 1 and in [0, 1)")

@@ -289,7 +289,8 @@ def test_round_figures_come_from_the_decode_stats_of_either_form():
     from colm.decode_worker.engine import DecodeStats
     from colm.proto.colm.v1 import kv_pb2
 
-    s = DecodeStats("h", 2, 10, 10, 4, 0, 1, 5, round_ms={"2:4": 7.5, "bad": 1.0}, round_batch={"2:4": 3.0})
+    s = DecodeStats("h", 2, 10, 10, 4, 0, 1, 5, round_ms_by_scale_gamma={"2:4": 7.5, "bad": 1.0},
+                    round_batch_by_scale_gamma={"2:4": 3.0})
     r = WorkerReport.of_decode("d0", s)
     assert r.round_ms == {(2, 4): 7.5} and r.round_batch == {(2, 4): 3.0}
     msg = kv_pb2.DecodeStats(num_running=1, round_ms_by_scale_gamma={"2:4": 7.5}, round_batch_by_scale_gamma={"2:4": 3.0})

@@ -240,7 +240,7 @@ def test_an_iteration_of_one_round_is_reported_as_that_rounds_time(engines):
     toks = list(_start(de, pe, "round-times", p, SamplingParams(max_new_tokens=24, ignore_eos=True), 2, 3))
     assert len(toks) == 24
     s = de.stats()
-    assert s.round_ms.get("2:3", 0) > 0 and s.round_batch["2:3"] == 1.0
+    assert s.round_ms_by_scale_gamma.get("2:3", 0) > 0 and s.round_batch_by_scale_gamma["2:3"] == 1.0
     assert_pool_free(de)
 
 
