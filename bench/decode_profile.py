@@ -1,17 +1,23 @@
 """Where a decode step's time goes (GPU): graph replay vs host work, kernels per step, per-op GPU time.
 
-For the 1B-shape CoLM-Air {16,16} model at batch B and context C (random weights, random K/V):
+For the 1B-shape CoLM-Air {16,16} model at batch B and context C (random weights, random K/V), for each
+variant of the step in one run (``fused``: the engines' default, q|K/V and gate|up as one launch each and
+one-chain projections through the matrix-vector kernel; ``unfused``: ``COLM_DECODE_FUSION=0``, the step
+as it was before those launches were fused):
 * the engine's whole step (``DecodeEngine.step``), the captured forward's replay alone (CUDA events),
   and the eager forward, side by side;
 * a ``torch.profiler`` table of one eager forward: GPU time per kernel name, kernel count;
-* the chain-linear tuner's choices for the step's shapes.
+* the chain-linear tuner's choices for the step's shapes;
+* the weight-read floor: the model's parameter bytes plus the context's K/V bytes at the device-to-device
+  copy rate measured in the same run (as ``bench/engines.py`` computes it), and each step over it.
 
-    python bench/decode_profile.py [--out FILE] [--batch 1] [--context 2048] [--scale 2]
+    python bench/decode_profile.py [--out FILE] [--batch 1] [--context 2048] [--scale 2] [--variants fused,unfused]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -21,7 +27,6 @@ from _results import run_meta, write_result  # bench/ is sys.path[0] when a benc
 from _timing import cuda_ms, kernel_table
 
 
-@torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
@@ -29,18 +34,56 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--scale", type=int, default=2)
     ap.add_argument("--model", default="llama-3.2-1b-16-16-air")
+    ap.add_argument("--variants", default="fused,unfused")
     args = ap.parse_args()
-
     import colm.kernels._tuning as tuning
+    from colm.model import CoLM
+    from colm.presets import preset
+
+    model = CoLM(preset(args.model), device="cuda", dtype=torch.bfloat16).reset_parameters(std=0.02, seed=0).eval()
+    res = {**run_meta("decode_profile"), "model": args.model, "batch": args.batch, "context": args.context,
+           "scale": args.scale, "variants": {}}
+    buf = torch.randn(256 << 20, device="cuda")  # 1 GiB
+    copy_ms = cuda_ms(buf.clone, reps=10, warmup=2)
+    bw = 2 * buf.numel() * 4 / (copy_ms / 1000)  # read + write
+    del buf
+    cfg = model.cfg
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_bytes = args.batch * cfg.n_layers * args.context * 2 * cfg.n_kv_heads * cfg.head_dim * 2
+    res.update(measured_copy_gb_s=bw / 1e9, weight_bytes=weight_bytes, kv_bytes=kv_bytes,
+               floor_ms=(weight_bytes + kv_bytes) / bw * 1000)
+    for name in args.variants.split(","):
+        os.environ["COLM_DECODE_FUSION"] = "0" if name == "unfused" else "1"
+        before = len(tuning.tuning_log())
+        v = profile(model, args.batch, args.context, args.scale)
+        v["tuning"] = tuning.tuning_log()[before:]
+        v["step_over_floor"] = v["engine_step_ms"] / res["floor_ms"]
+        res["variants"][name] = v
+    os.environ.pop("COLM_DECODE_FUSION", None)
+    names = list(res["variants"])
+    if len(names) > 1:
+        base_name = "unfused" if "unfused" in names else names[-1]
+        base = res["variants"][base_name]
+        res["ratios_to_" + base_name] = {n: {k: res["variants"][n][k] / base[k] for k in ("engine_step_ms", "graph_replay_ms")
+                                            if k in base and k in res["variants"][n]} for n in names}
+    print(f"floor {res['floor_ms']:.3f} ms ({weight_bytes / 1e9:.2f} GB weights + {kv_bytes / 1e9:.3f} GB K/V at "
+          f"{bw / 1e9:.0f} GB/s)")
+    for n in names:
+        v = res["variants"][n]
+        print(f"{n:8s} engine step {v['engine_step_ms']:.3f} ms ({v['step_over_floor']:.2f}x floor) | graph replay "
+              f"{v.get('graph_replay_ms', float('nan')):.3f} ms | kernels {v['kernels_per_forward']} "
+              f"({v['kernel_gpu_ms_total']:.3f} ms)")
+    write_result(res, f"decode_profile_b{args.batch}_s{args.scale}", res["device"], res["date"], args.out)
+
+
+@torch.no_grad()
+def profile(model, B: int, ctx: int, scale: int) -> dict:
+    """One variant's figures (the current COLM_DECODE_FUSION): a fresh engine, its graphs captured here."""
     from colm.decode_worker.config import DecodeConfig
     from colm.decode_worker.engine import DecodeEngine
     from colm.decode_worker.step import _step_tensors
-    from colm.model import CoLM
-    from colm.presets import preset
     from colm.sampling import SamplingParams
 
-    B, ctx, scale = args.batch, args.context, args.scale
-    model = CoLM(preset(args.model), device="cuda", dtype=torch.bfloat16).reset_parameters(std=0.02, seed=0).eval()
     de = DecodeEngine(model, DecodeConfig(num_blocks=B * (ctx + 256) // 16 + 8, block_size=16, max_batch_size=B))
     de.pool.k.normal_()
     de.pool.v.normal_()
@@ -57,8 +100,7 @@ def main() -> None:
         t0 = time.perf_counter()
         de.step()
         times.append((time.perf_counter() - t0) * 1000)
-    res = {**run_meta("decode_profile"), "model": args.model, "batch": B, "context": ctx, "scale": scale,
-           "engine_step_ms": statistics.median(times)}
+    res = {"engine_step_ms": statistics.median(times)}
     batch = list(de._running)
     graphs = de.graphs
     g = next(iter(graphs._graphs.values())) if graphs is not None and graphs._graphs else None
@@ -83,7 +125,6 @@ def main() -> None:
     h = model.hidden(tokens, scale=scale, cache=cache, positions=positions)[:, 0]
     _, res["head_kernels"] = kernel_table(lambda: head_outputs(model, h, scale))  # what the graph's head runs
     res["cpu_ops"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
-    res["tuning"] = tuning.tuning_log()
     de.stop()
     print(f"engine step {res['engine_step_ms']:.3f} ms | graph replay {res.get('graph_replay_ms', float('nan')):.3f} ms"
           f" | eager fwd {res['eager_forward_ms']:.3f} ms (host {res['eager_forward_host_ms']:.3f}) | logits "
@@ -95,8 +136,7 @@ def main() -> None:
     print("head (inside the graph for single-scale batches):")
     for r in res["head_kernels"]:
         print(f"{r['name']:90s} {r['count']:5d} {r['gpu_ms']:8.3f}")
-    print(res["cpu_ops"])
-    write_result(res, f"decode_profile_b{B}_s{scale}", res["device"], res["date"], args.out)
+    return res
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 case "$part" in
   tests)
     COLM_KERNEL_TUNE=0 timeout 400 python -m pytest -q -p no:cacheprovider -k "not interpreter" \
-      tests/test_engine_gpu.py tests/test_kv_ipc_gpu.py tests/test_kv_ipc.py tests/test_kv_pool.py tests/test_kernels_chain_linear.py \
+      tests/test_engine_gpu.py tests/test_kv_ipc_gpu.py tests/test_kv_ipc.py tests/test_kv_pool.py tests/test_kernels_chain_linear.py tests/test_kernels_fused_linear.py \
       tests/test_kernels_norm_rope.py tests/test_kernels_swiglu.py tests/test_kernels_paged_attention.py \
       tests/test_kernels_greedy_head.py tests/test_prefill_graphs.py tests/test_kv_ready_event.py tests/test_graphed_forward.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
   decode)

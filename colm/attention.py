@@ -21,6 +21,7 @@ from torch import nn
 from colm.attention_backend import attention
 from colm.chain_linear import ChainLinear
 from colm.config import ModelConfig
+from colm.kernels import fused_linear as _fused
 from colm.rope import apply_rope_qk
 
 
@@ -71,7 +72,8 @@ class ChainAttention(nn.Module):
         self.wo = ChainLinear(dims, dims, device=device, dtype=dtype)
 
     def fuse_kv(self) -> None:
-        """CoLM-Air inference: K and V from one [2*Hkv*hd, d_1] weight (one GEMM instead of two per layer).
+        """CoLM-Air inference: K and V from one [2*Hkv*hd, d_1] weight (one GEMM instead of two per layer;
+        at decode's few rows, one launch with the query chains: ``colm.kernels.fused_linear``).
 
         ``wk``/``wv`` keep their parameters, as views of the fused tensor (same values, same state_dict
         keys); a no-op without KV sharing or when fused already. For engines, not for training."""
@@ -86,6 +88,15 @@ class ChainAttention(nn.Module):
         """x [b, t, D_k] -> q [b, Hq_k, t, hd], k, v [b, Hkv_k, t, hd] with RoPE applied (``rope``: else not)."""
         b, t, _ = x.shape
         hd = self.cfg.head_dim
+        wkv = self.__dict__.get("_wkv")
+        if wkv is not None and _fused.fits(x):  # few rows (decode): q's chains and K/V in one launch
+            dq = self.wq.out_prefix[scale - 1]
+            y = _fused.fused_linear(x, self.wq.segments(scale) + [_fused.Segment(wkv, dq)])  # [b, t, Dq_k + 2*Hkv*hd]
+            q = y[..., :dq].view(b, t, -1, hd).transpose(1, 2)
+            k, v = (z.view(b, t, -1, hd).transpose(1, 2) for z in y[..., dq:].chunk(2, dim=-1))
+            if rope:
+                q, k = apply_rope_qk(q, k, cos, sin)
+            return q, k, v
         q = self.wq(x, scale).view(b, t, -1, hd).transpose(1, 2)
         if self.cfg.kv_sharing:
             x1 = x[..., : self.cfg.chain_dims[0]]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from colm.kernels import chain_linear
+from colm.kernels.fused_linear import Segment
 
 
 class ChainLinear(nn.Module):
@@ -52,6 +53,13 @@ class ChainLinear(nn.Module):
         weights = [self.weights[i] for i in range(k)]
         biases = None if self.biases is None else [self.biases[i] for i in range(k)]
         return chain_linear(x, weights, biases)
+
+    def segments(self, scale: int, col: int = 0) -> list[Segment]:
+        """The first ``scale`` chains' weights as ``fused_linear`` segments whose outputs start at ``col``
+        (the chain Linear's own output layout, shifted); no bias (the fused launch has none)."""
+        if self.biases is not None:
+            raise ValueError("ChainLinear.segments: a chain Linear with biases cannot join a fused launch")
+        return [Segment(self.weights[i], col + self.out_prefix[i] - self.out_splits[i]) for i in range(scale)]
 
     def extra_repr(self) -> str:
         return f"in_splits={self.in_splits}, out_splits={self.out_splits}, bias={self.biases is not None}"

@@ -8,6 +8,7 @@ from torch import nn
 
 from colm.chain_linear import ChainLinear
 from colm.config import ModelConfig
+from colm.kernels import fused_linear as _fused
 from colm.kernels.swiglu import silu_mul
 
 
@@ -19,6 +20,15 @@ class ChainFFN(nn.Module):
         self.w3 = ChainLinear(dims, hidden, device=device, dtype=dtype)  # up
         self.w2 = ChainLinear(hidden, dims, device=device, dtype=dtype)  # down
 
+    def fuse_gate_up(self) -> None:
+        """Inference engines: at decode's few rows, the gate and up chains in one launch
+        (``colm.kernels.fused_linear``); the weights stay as they are."""
+        self.__dict__["_fused"] = True  # a plain attribute: not part of the module's state
+
     def forward(self, x: torch.Tensor, scale: int) -> torch.Tensor:
         # x [b, t, D_k] -> [b, t, F_k] -> [b, t, D_k]
+        if self.__dict__.get("_fused") and _fused.fits(x):
+            f = self.w1.out_prefix[scale - 1]
+            gu = _fused.fused_linear(x, self.w1.segments(scale) + self.w3.segments(scale, col=f))  # [b, t, 2*F_k]
+            return self.w2(silu_mul(gu[..., :f], gu[..., f:]), scale)
         return self.w2(silu_mul(self.w1(x, scale), self.w3(x, scale)), scale)  # one launch on CUDA

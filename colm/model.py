@@ -102,6 +102,14 @@ class CoLM(nn.Module):
             layer.attn.fuse_kv()
         return self
 
+    def fuse_projections(self) -> "CoLM":
+        """Inference engines: the K/V fusion above, plus, at decode's few rows, q's chains with K/V and the
+        FFN's gate with its up as one launch each (``colm.kernels.fused_linear``). Weights are not copied."""
+        self.fuse_kv_projections()
+        for layer in self.layers:
+            layer.ffn.fuse_gate_up()
+        return self
+
     def logits(self, hidden: torch.Tensor, scale: int | None = None) -> torch.Tensor:
         """Scale-k logits from hidden states of any scale >= k: the head's first k chains' columns."""
         scale = self.cfg.check_scale(scale)

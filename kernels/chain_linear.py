@@ -91,15 +91,22 @@ def _use_triton(x: torch.Tensor, weights, biases) -> bool:
     return all(t.dtype == x.dtype and t.device == x.device for t in tensors)
 
 
+def _few_rows_inference(x: torch.Tensor, weights) -> bool:
+    if x.numel() > _gemv.MAX_ROWS * x.shape[-1] or os.environ.get("COLM_DECODE_FUSION", "1") in ("", "0"):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+
+
 def chain_linear(
     x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None = None
 ) -> torch.Tensor:
     """Chain Linear with the fastest available implementation (Triton on CUDA, else the reference).
 
-    One chain is a plain Linear (cuBLAS through the reference); fp32 inputs, autocast and mixed
-    dtypes also take the reference.
+    One chain is a plain Linear (cuBLAS through the reference) except at decode's few rows without
+    autograd, where the tuner weighs the matrix-vector kernel against cuBLAS (cuBLAS' one-row GEMV ran at
+    a tenth of the copy rate on 2 MB weights); fp32 inputs, autocast and mixed dtypes take the reference.
     """
-    if len(weights) > 1 and _use_triton(x, weights, biases):
+    if (len(weights) > 1 or _few_rows_inference(x, weights)) and _use_triton(x, weights, biases):
         return chain_linear_triton(x, weights, biases)
     return chain_linear_ref(x, weights, biases)
 

@@ -6,8 +6,9 @@ kernels (SiLU, then the product) with an intermediate tensor; this is one launch
 input dtype, then the product in fp32 rounded once. ``tl.exp`` and torch's ``expf`` may differ in the
 last fp32 bit, so an output element can, rarely, differ by one ulp. FP fusion is off for the launch.
 
-``silu_mul`` runs Triton for contiguous same-shape CUDA bf16 tensors when no gradient is needed and
-``silu_mul_ref`` otherwise (fp16 included: see ``_use_triton``).
+``silu_mul`` runs Triton for same-shape CUDA bf16 tensors (contiguous, or rows of unit column stride:
+the halves of a fused gate|up result) when no gradient is needed and ``silu_mul_ref`` otherwise
+(fp16 included: see ``_use_triton``).
 """
 
 from __future__ import annotations
@@ -39,12 +40,22 @@ if HAS_TRITON:
     _round_bf16 = importlib.import_module("colm.kernels.rmsnorm")._round_bf16
 
     @triton.jit
-    def _silu_mul_kernel(a_ptr, b_ptr, o_ptr, n, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
-        """o[i] = silu(a[i]) * b[i] over a flat range; EMULATE (interpreter, bf16): round by hand."""
+    def _silu_mul_kernel(a_ptr, b_ptr, o_ptr, n, cols, stride_a, stride_b,
+                         BLOCK: tl.constexpr, FLAT: tl.constexpr, EMULATE: tl.constexpr):
+        """o[r, c] = silu(a[r, c]) * b[r, c] over rows of ``cols`` (o contiguous; a, b row-strided unless
+        FLAT); EMULATE (interpreter, bf16): round by hand."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < n
-        a = tl.load(a_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if FLAT:
+            a_offs = offs
+            b_offs = offs
+        else:
+            r = offs // cols
+            c = offs - r * cols
+            a_offs = r * stride_a + c
+            b_offs = r * stride_b + c
+        a = tl.load(a_ptr + a_offs, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + b_offs, mask=ok, other=0.0).to(tl.float32)
         s = a / (1.0 + tl.exp(-a))
         if EMULATE:
             s = _round_bf16(s)
@@ -55,17 +66,31 @@ if HAS_TRITON:
         tl.store(o_ptr + offs, o.to(o_ptr.dtype.element_ty), mask=ok)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` as [rows, last dim] without a copy (unit column stride), or None."""
+    if t.dim() == 0 or t.stride(-1) != 1:
+        return None
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:  # rows not evenly strided
+        return None
+
+
 def silu_mul_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The Triton ``silu(a) * b`` of two contiguous tensors of one shape and dtype."""
-    if a.shape != b.shape or a.dtype != b.dtype or not (a.is_contiguous() and b.is_contiguous()):
+    """The Triton ``silu(a) * b`` of two tensors of one shape and dtype, each contiguous or row-strided
+    (unit column stride, e.g. the two halves of a fused gate|up result); the result is contiguous."""
+    a2, b2 = _rows(a), _rows(b)
+    if a.shape != b.shape or a.dtype != b.dtype or a2 is None or b2 is None:
         raise ValueError(f"silu_mul: a {tuple(a.shape)} {a.dtype} and b {tuple(b.shape)} {b.dtype} must be "
-                         "contiguous tensors of one shape and dtype")
-    out = torch.empty_like(a)
+                         "tensors of one shape and dtype with rows of unit column stride")
+    out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     n = a.numel()
     if n == 0:
         return out
     emulate = _tuning.interpreting() and a.dtype == torch.bfloat16
-    _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](a, b, out, n, BLOCK=BLOCK, EMULATE=emulate, num_warps=8,
+    flat = a.is_contiguous() and b.is_contiguous()
+    _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](a2, b2, out, n, a2.shape[1], a2.stride(0), b2.stride(0),
+                                                BLOCK=BLOCK, FLAT=flat, EMULATE=emulate, num_warps=8,
                                                 enable_fp_fusion=False)
     return out
 
@@ -74,7 +99,7 @@ def _use_triton(a: torch.Tensor, b: torch.Tensor) -> bool:
     # bf16 only: on an H100 the fp16 kernel was 2 ulps off torch for some inputs (e.g. a = -4.921875,
     # where SiLU rounds to the fp16 below torch's); cause not found, so fp16 takes the reference
     return (HAS_TRITON and a.is_cuda and a.dtype == torch.bfloat16 and a.dtype == b.dtype
-            and a.shape == b.shape and a.is_contiguous() and b.is_contiguous()
+            and a.shape == b.shape and _rows(a) is not None and _rows(b) is not None
             and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)))
 
 

@@ -99,7 +99,7 @@ class PrefillEngine:
         self.host_id = host_id or current_host_id()
         self.device = model.inv_freq.device
         if self.device.type == "cuda":
-            model.fuse_kv_projections()  # one K/V GEMM per layer (CPU keeps the separate ones: bit-stable tests)
+            model.fuse_projections()  # fewer launches per layer (CPU keeps the separate ones: bit-stable tests)
         self.dtype = next(model.parameters()).dtype
         self.graphs = (PrefillGraphs(model, self.config.cuda_graph_tokens)
                        if self.device.type == "cuda" and self.config.cuda_graph_tokens > 0 else None)

@@ -1,0 +1,228 @@
+"""Fused few-row Linears (``colm.kernels.fused_linear``) against a float64 per-segment reference.
+
+CPU: the matrix-vector and GEMM kernels over segment tables in Triton's interpreter (child pytest),
+with the segment lists the model builds (query chains + the chain-1 K/V weight, gate + up chains),
+ragged sizes, a prefix that ends inside a K piece (nothing beyond it may be read), and a model whose
+decode steps take the fused path against the same model unfused. CUDA: the tuned launch at the 1B
+shapes, and a decode step's projections fused vs not.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from _kernel_helpers import cuda, interp, run_interpreter_cases
+
+triton = pytest.importorskip("triton")
+fl = importlib.import_module("colm.kernels.fused_linear")
+cl = importlib.import_module("colm.kernels.chain_linear")
+
+GEMV = [cl.GemmConfig(0, 8, 16, 1, 1, gemv=True), cl.GemmConfig(0, 4, 64, 2, 1, gemv=True)]
+GEMM = cl.GemmConfig(16, 16, 16, 1, 1)
+
+
+def test_interpreter_suite():
+    run_interpreter_cases(__file__)
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _segments(shapes, dtype, device, order=None):
+    """Segments of [out, P] weights laid out left to right (``order``: the column order of the shapes)."""
+    order = list(range(len(shapes))) if order is None else order
+    ws = [(torch.randn(o, p, device=device) / p**0.5).to(dtype) for o, p in shapes]
+    segs, col = [None] * len(shapes), 0
+    for i in order:
+        segs[i] = fl.Segment(ws[i], col)
+        col += shapes[i][0]
+    return segs
+
+
+def _ref64(x, segs):
+    return fl.fused_linear_ref(x.double(), [fl.Segment(w.double(), c) for w, c in segs])
+
+
+# (segment shapes [out, P], input width): q chains + K/V of chain 1 (Air); gate + up chains; ragged ones
+CASES = [
+    ([(16, 16), (16, 32), (16, 16)], 32),
+    ([(24, 16), (24, 32), (24, 16), (24, 32)], 32),
+    ([(12, 20), (36, 32), (8, 20)], 32),
+    ([(40, 24)], 24),
+]
+
+
+@interp
+@pytest.mark.parametrize("shapes,width", CASES)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("cfg", GEMV)
+def test_interpreter_gemv_segments_match_float64(shapes, width, rows, cfg):
+    torch.manual_seed(hash((tuple(shapes), rows, cfg)) % 2**31)
+    segs = _segments(shapes, torch.bfloat16, "cpu", order=list(reversed(range(len(shapes)))))
+    x = torch.randn(rows, width).to(torch.bfloat16)
+    y = fl.fused_linear_forward(x, segs, cfg)
+    ref = _ref64(x, segs)
+    assert y.shape == ref.shape and _rel(y, ref) < 1e-2
+
+
+@interp
+@pytest.mark.parametrize("shapes,width", CASES)
+@pytest.mark.parametrize("rows", [1, 9, 20])
+def test_interpreter_gemm_segments_match_float64(shapes, width, rows):
+    torch.manual_seed(hash((tuple(shapes), rows)) % 2**31)
+    segs = _segments(shapes, torch.float16, "cpu")
+    x = torch.randn(rows, width).to(torch.float16)
+    y = fl.fused_linear_forward(x, segs, GEMM)
+    ref = _ref64(x, segs)
+    assert y.shape == ref.shape and _rel(y, ref) < 2e-3
+
+
+@interp
+@pytest.mark.parametrize("cfg", GEMV + [GEMM])
+def test_interpreter_segments_never_read_past_their_prefix(cfg):
+    """A 20-feature segment's K pieces end inside the 32-wide input: NaN past column 20 must not reach it."""
+    torch.manual_seed(3)
+    segs = _segments([(16, 20), (16, 32)], torch.bfloat16, "cpu")
+    x = torch.randn(4, 32).to(torch.bfloat16)
+    x[:, 20:] = float("nan")
+    y = fl.fused_linear_forward(x, segs, cfg)
+    ref = fl.fused_linear_ref(x[:, :20].double(), [fl.Segment(segs[0].weight.double(), 0)])
+    assert not torch.isnan(y[:, :16]).any() and _rel(y[:, :16], ref) < 1e-2
+    assert torch.isnan(y[:, 16:]).all()
+
+
+@interp
+def test_interpreter_gemv_rejects_too_many_rows():
+    segs = _segments([(16, 16)], torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match="9 rows"):
+        fl.fused_linear_forward(torch.randn(9, 16).to(torch.bfloat16), segs, GEMV[0])
+
+
+@interp
+def test_interpreter_model_decode_fused_matches_unfused(monkeypatch):
+    """A CoLM-Air model's few-row forward through the fused launches (q+K/V, gate+up; forced on the CPU)
+    equals the same model's separate projections, at every scale, with a KV cache (float32: the kernels'
+    fp32 sums in another order than the CPU's GEMMs, so close, not bit-equal)."""
+    from conftest import make_model
+
+    from colm.kv_cache import ContiguousKVCache as KVCache
+
+    torch.manual_seed(0)
+    model = make_model("tiny-air")
+    calls = []
+    real = fl.fused_linear_forward
+
+    def forward(x2d, segs, config=None):
+        calls.append(len(segs))
+        return real(x2d, segs, GEMV[1] if x2d.shape[0] <= 8 else GEMM)
+
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 5))
+    with torch.no_grad():
+        for scale in range(1, model.cfg.num_chains + 1):
+            plain = KVCache(model.cfg, 2, 16)
+            expect = [model(tokens[:, :3], scale=scale, cache=plain)]
+            expect += [model(tokens[:, i:i + 1], scale=scale, cache=plain) for i in (3, 4)]
+            fused = make_model("tiny-air")
+            fused.load_state_dict(model.state_dict())
+            fused.fuse_projections()
+            monkeypatch.setattr(fl, "fits", lambda x, segments=None: x.numel() // x.shape[-1] <= cl.SMALL_M)
+            monkeypatch.setattr(fl, "fused_linear_forward", forward)
+            cache = KVCache(model.cfg, 2, 16)
+            got = [fused(tokens[:, :3], scale=scale, cache=cache)]
+            got += [fused(tokens[:, i:i + 1], scale=scale, cache=cache) for i in (3, 4)]
+            monkeypatch.undo()
+            for g, e in zip(got, expect):
+                assert _rel(g, e.double()) < 1e-5
+                assert torch.equal(g.argmax(-1), e.argmax(-1))
+    n_layers = model.cfg.n_layers
+    assert len(calls) == 2 * n_layers * 3 * model.cfg.num_chains  # q|kv and gate|up, 3 forwards, every scale
+
+
+def test_check_segments_names_the_bad_segment():
+    x = torch.randn(2, 16)
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="segment 1 reads 32 features"):
+        fl.check_segments(x, [fl.Segment(w, 0), fl.Segment(torch.randn(8, 32), 8)])
+    with pytest.raises(ValueError, match="segments 0 and 1 both write"):
+        fl.check_segments(x, [fl.Segment(w, 0), fl.Segment(w, 4)])
+    with pytest.raises(ValueError, match="without gaps"):
+        fl.check_segments(x, [fl.Segment(w, 0), fl.Segment(w, 12)])
+    with pytest.raises(ValueError, match="no segments"):
+        fl.check_segments(x, [])
+
+
+def test_cpu_takes_the_reference():
+    torch.manual_seed(1)
+    segs = _segments([(8, 16), (4, 8)], torch.float32, "cpu")
+    x = torch.randn(3, 16)
+    assert not fl.fits(x, segs)
+    y = fl.fused_linear(x, segs)
+    assert torch.equal(y[:, :8], x @ segs[0].weight.t()) and torch.equal(y[:, 8:], x[:, :8] @ segs[1].weight.t())
+
+
+@cuda
+@pytest.mark.parametrize("rows", [1, 4, 8, 33])
+@pytest.mark.parametrize("name", ["qkv", "gate_up"])
+def test_cuda_1b_shapes_tuned(rows, name):
+    torch.manual_seed(rows)
+    shapes = {"qkv": [(1024, 1024), (1024, 2048), (1024, 1024)],
+              "gate_up": [(4096, 1024), (4096, 2048), (4096, 1024), (4096, 2048)]}[name]
+    segs = _segments(shapes, torch.bfloat16, "cuda")
+    x = torch.randn(rows, 2048, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        assert fl.fits(x, segs)
+        y = fl.fused_linear(x, segs)
+    assert _rel(y, _ref64(x, segs)) < 1e-2
+
+
+@cuda
+def test_cuda_decode_step_fused_close_to_unfused(monkeypatch):
+    """A bf16 CoLM-Air decode step (3 rows, a 6-token context) with the fused launches equals the separate
+    projections (COLM_DECODE_FUSION=0) within bf16 rounding, at both scales, and really took them."""
+    from conftest import make_model
+
+    from colm.kv_cache import ContiguousKVCache
+
+    torch.manual_seed(0)
+    model = make_model("tiny-air", std=0.05).to("cuda", torch.bfloat16).fuse_projections()
+    tokens = torch.randint(0, model.cfg.vocab_size, (3, 7), device="cuda")
+    calls = []
+    real = fl.fused_linear_forward
+    monkeypatch.setattr(fl, "fused_linear_forward", lambda x2d, segs, config=None: calls.append(1) or real(x2d, segs, config))
+    for scale in (1, 2):
+        outs = {}
+        for fusion in ("1", "0"):
+            monkeypatch.setenv("COLM_DECODE_FUSION", fusion)
+            cache = ContiguousKVCache(model.cfg, 3, 16, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                model.hidden(tokens[:, :6], scale=scale, cache=cache)
+                n = len(calls)
+                outs[fusion] = model.hidden(tokens[:, 6:], scale=scale, cache=cache).float()
+            assert (len(calls) > n) == (fusion == "1")
+        torch.testing.assert_close(outs["1"], outs["0"], atol=3e-2, rtol=3e-2)
+
+
+@cuda
+def test_cuda_one_chain_few_rows_takes_the_kernel(monkeypatch):
+    """A one-chain Linear at decode's rows runs the tuned kernel (not cuBLAS' GEMV) unless fusion is off or
+    autograd needs it."""
+    torch.manual_seed(2)
+    w = (torch.randn(1024, 1024, device="cuda") / 32).to(torch.bfloat16)
+    x = torch.randn(1, 1024, device="cuda").to(torch.bfloat16)
+    seen = []
+    real = cl.chain_linear_triton
+    monkeypatch.setattr(cl, "chain_linear_triton", lambda *a, **k: seen.append(1) or real(*a, **k))
+    with torch.no_grad():
+        y = cl.chain_linear(x, [w])
+    assert seen and _rel(y, x.double() @ w.double().t()) < 1e-2
+    seen.clear()
+    monkeypatch.setenv("COLM_DECODE_FUSION", "0")
+    with torch.no_grad():
+        cl.chain_linear(x, [w])
+    monkeypatch.delenv("COLM_DECODE_FUSION")
+    cl.chain_linear(x, [w.requires_grad_()])
+    assert not seen
