@@ -1,9 +1,10 @@
 """Where a decode step's time goes (GPU): graph replay vs host work, kernels per step, per-op GPU time.
 
 For the 1B-shape CoLM-Air {16,16} model at batch B and context C (random weights, random K/V), for each
-variant of the step in one run (``fused``: the engines' default, q|K/V and gate|up as one launch each and
-one-chain projections through the matrix-vector kernel; ``unfused``: ``COLM_DECODE_FUSION=0``, the step
-as it was before those launches were fused):
+variant of the step in one run (``fused_pdl``: the engines' default, q|K/V and gate|up as one launch each,
+one-chain projections through the matrix-vector kernel, and the step's Triton kernels launched with
+programmatic dependent launch; ``fused``: the same without PDL, ``COLM_PDL=0``; ``unfused``: also
+``COLM_DECODE_FUSION=0``, the step as it was before either):
 * the engine's whole step (``DecodeEngine.step``), the captured forward's replay alone (CUDA events),
   and the eager forward, side by side;
 * a ``torch.profiler`` table of one eager forward: GPU time per kernel name, kernel count;
@@ -11,7 +12,7 @@ as it was before those launches were fused):
 * the weight-read floor: the model's parameter bytes plus the context's K/V bytes at the device-to-device
   copy rate measured in the same run (as ``bench/engines.py`` computes it), and each step over it.
 
-    python bench/decode_profile.py [--out FILE] [--batch 1] [--context 2048] [--scale 2] [--variants fused,unfused]
+    python bench/decode_profile.py [--out FILE] [--batch 1] [--context 2048] [--scale 2] [--variants unfused,fused,fused_pdl]
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ import torch
 from _results import run_meta, write_result  # bench/ is sys.path[0] when a bench runs as a script
 from _timing import cuda_ms, kernel_table
 
+VARIANTS = {"unfused": {"COLM_DECODE_FUSION": "0", "COLM_PDL": "0"},
+            "fused": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "0"},
+            "fused_pdl": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1"}}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,7 +39,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--scale", type=int, default=2)
     ap.add_argument("--model", default="llama-3.2-1b-16-16-air")
-    ap.add_argument("--variants", default="fused,unfused")
+    ap.add_argument("--variants", default="unfused,fused,fused_pdl")
     args = ap.parse_args()
     import colm.kernels._tuning as tuning
     from colm.model import CoLM
@@ -53,13 +58,14 @@ def main() -> None:
     res.update(measured_copy_gb_s=bw / 1e9, weight_bytes=weight_bytes, kv_bytes=kv_bytes,
                floor_ms=(weight_bytes + kv_bytes) / bw * 1000)
     for name in args.variants.split(","):
-        os.environ["COLM_DECODE_FUSION"] = "0" if name == "unfused" else "1"
+        os.environ.update(VARIANTS[name])
         before = len(tuning.tuning_log())
         v = profile(model, args.batch, args.context, args.scale)
         v["tuning"] = tuning.tuning_log()[before:]
         v["step_over_floor"] = v["engine_step_ms"] / res["floor_ms"]
         res["variants"][name] = v
-    os.environ.pop("COLM_DECODE_FUSION", None)
+    for key in VARIANTS["unfused"]:
+        os.environ.pop(key, None)
     names = list(res["variants"])
     if len(names) > 1:
         base_name = "unfused" if "unfused" in names else names[-1]
@@ -78,7 +84,7 @@ def main() -> None:
 
 @torch.no_grad()
 def profile(model, B: int, ctx: int, scale: int) -> dict:
-    """One variant's figures (the current COLM_DECODE_FUSION): a fresh engine, its graphs captured here."""
+    """One variant's figures (the current COLM_DECODE_FUSION, COLM_PDL): a fresh engine, its graphs captured here."""
     from colm.decode_worker.config import DecodeConfig
     from colm.decode_worker.engine import DecodeEngine
     from colm.decode_worker.step import _step_tensors

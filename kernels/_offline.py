@@ -21,6 +21,10 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, object],
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    constexprs = dict(constexprs)
+    for p in fn.params:  # constexpr parameters left out take their defaults (e.g. USE_PDL=False)
+        if p.is_constexpr and p.name not in constexprs and p.name not in signature and p.has_default:
+            constexprs[p.name] = p.default
     sig = dict(signature)
     sig.update({k: "constexpr" for k in constexprs})
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible_by_16}

@@ -21,6 +21,8 @@ import importlib
 
 import torch
 
+from colm.kernels import _pdl
+
 # the module, not the function of the same name that ``colm.kernels`` re-exports
 _cl = importlib.import_module("colm.kernels.chain_linear")
 
@@ -58,9 +60,12 @@ if _cl.HAS_TRITON:
         x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # x [M, P_k], W_1 (base of all W_i), b_1, y [M, ΣO], table
         M, stride_xm, stride_ym,
         HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
     ):
-        """y[:, tile columns] = x[:, :P_i] @ W_i[tile rows]ᵀ for table row ``program_id`` (all M rows)."""
+        """y[:, tile columns] = x[:, :P_i] @ W_i[tile rows]ᵀ for table row ``program_id`` (all M rows).
+
+        The first K piece of the tile's weights is read before the PDL wait (no kernel writes weights or
+        the table), so with PDL it is in flight while the previous kernel finishes."""
         row, w_off, K, y_col, n_valid = _cl._fwd_tile_row(tab_ptr, tl.program_id(0), ALIGNED)
         rm = tl.arange(0, BLOCK_M)
         rn = tl.arange(0, BLOCK_N)
@@ -69,18 +74,27 @@ if _cl.HAS_TRITON:
         rn_ld = rn if EVEN_N else rn % n_valid
         x_ptrs = x_ptr + rm_ld[:, None] * stride_xm + rk[None, :]  # [BM, BK]
         w_ptrs = w_ptr + w_off + rn_ld[:, None].to(tl.int64) * K + rk[None, :]  # [BN, BK]: rows of W_i
-        part = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=(rk < K)[None, :], other=0.0)  # never read input columns >= P_i
+        _pdl.wait(USE_PDL)
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=(rk < K)[None, :], other=0.0)
+        part = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]  # [BM, BN, BK]
+        for k in range(1, tl.cdiv(K, BLOCK_K)):
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
             if EVEN_K:
                 w = tl.load(w_ptrs)
                 x = tl.load(x_ptrs)
             else:
-                k_ok = rk < K - k * BLOCK_K  # never read input columns >= P_i (later chains)
+                k_ok = rk < K - k * BLOCK_K
                 w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
                 x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            part += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]  # [BM, BN, BK]
-            w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
+            part += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         acc = tl.sum(part, axis=2)  # [BM, BN]
         if HAS_BIAS:
             acc = _cl._with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N)
@@ -106,12 +120,20 @@ def gemv_forward(x2d: torch.Tensor, weights, biases, lay, y: torch.Tensor, cfg, 
     m = x2d.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"gemv_forward: {m} rows, at most {MAX_ROWS}")
-    bm, bk = launch_blocks(m, cfg)
     tab = _cl._fwd_table(lay, weights, biases, cfg.block_n, x2d.device)
+    launch_table(x2d, weights[0], biases[0] if biases else None, y, tab, lay.outs, lay.prefix, cfg, aligned)
+
+
+def launch_table(x2d, w0, b0, y, tab, outs, prefixes, cfg, aligned: bool) -> None:
+    """One matrix-vector launch over a forward tile table whose weights are reached from ``w0`` (and
+    biases from ``b0``, or none); ``outs``/``prefixes``: every weight's rows and input features."""
+    m = x2d.shape[0]
+    bm, bk = launch_blocks(m, cfg)
+    pdl = _pdl.use(x2d)
     _chain_gemv_kernel[(tab.shape[0],)](
-        x2d, weights[0], biases[0] if biases else x2d, y, tab, m, x2d.stride(0), y.stride(0),
-        HAS_BIAS=biases is not None, EVEN_N=all(o % cfg.block_n == 0 for o in lay.outs),
-        EVEN_K=all(p % bk == 0 for p in lay.prefix), ALIGNED=aligned,
-        BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        x2d, w0, x2d if b0 is None else b0, y, tab, m, x2d.stride(0), y.stride(0),
+        HAS_BIAS=b0 is not None, EVEN_N=all(o % cfg.block_n == 0 for o in outs),
+        EVEN_K=all(p % bk == 0 for p in prefixes), ALIGNED=aligned,
+        BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk, USE_PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl.launch_options(pdl),
     )

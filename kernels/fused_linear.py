@@ -150,13 +150,8 @@ def fused_linear_forward(x2d: torch.Tensor, segments: Sequence[Segment], config=
         if cfg.gemv:
             if m > _gemv.MAX_ROWS:
                 raise ValueError(f"fused_linear: {m} rows for the matrix-vector kernel, at most {_gemv.MAX_ROWS}")
-            bm, bk = _gemv.launch_blocks(m, cfg)
             tab = _segments_table(segments, cfg.block_n, x2d.device)
-            _gemv._chain_gemv_kernel[(tab.shape[0],)](
-                x2d, weights[0], x2d, y, tab, m, x2d.stride(0), y.stride(0),
-                HAS_BIAS=False, EVEN_N=all(o % cfg.block_n == 0 for o in outs),
-                EVEN_K=all(p % bk == 0 for p in prefixes), ALIGNED=aligned,
-                BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            _gemv.launch_table(x2d, weights[0], None, y, tab, outs, prefixes, cfg, aligned)
             return
         tab = _segments_table(segments, cfg.block_n, x2d.device)
         num_m, num_n = -(-m // cfg.block_m), tab.shape[0]

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from colm.kernels import _tuning
+from colm.kernels import _pdl, _tuning
 
 try:
     import triton
@@ -95,8 +95,9 @@ if HAS_TRITON:
         block_size, num_splits,
         NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-        SPLIT: tl.constexpr, UPCAST: tl.constexpr, HEAD_MAP: tl.constexpr,
+        SPLIT: tl.constexpr, UPCAST: tl.constexpr, HEAD_MAP: tl.constexpr, USE_PDL: tl.constexpr = False,
     ):
+        _pdl.wait(USE_PDL)
         pid = tl.program_id(0)  # b * NUM_KV + kv head
         split = tl.program_id(1)
         b = pid // NUM_KV
@@ -163,7 +164,9 @@ if HAS_TRITON:
     def _merge_splits_kernel(
         part_ptr, out_ptr, stride_ob, stride_oh, num_splits,
         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+        USE_PDL: tl.constexpr = False,
     ):
+        _pdl.wait(USE_PDL)
         row = tl.program_id(0)  # b * Hq + head
         s = tl.arange(0, S_PAD)
         d = tl.arange(0, D_PAD)
@@ -267,18 +270,21 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens,
     part = (torch.empty((b * hq, splits, d_pad + 2), device=q.device, dtype=torch.float32)
             if splits > 1 else out)
     upcast = _tuning.interpreting() and q.dtype == torch.bfloat16
+    pdl = _pdl.use(q)
     _paged_decode_kernel[(b * hkv, splits)](
         q, k_pool, v_pool, block_tables, context_lens, out, part, out if head_map is None else head_map,
         scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         block_size, splits,
         NUM_KV=hkv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_T=block_t, SPLIT=splits > 1, UPCAST=upcast,
-        HEAD_MAP=head_map is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HEAD_MAP=head_map is not None, USE_PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_pdl.launch_options(pdl),
     )
     if splits > 1:
         _merge_splits_kernel[(b * hq,)](
             part, out, out.stride(0), out.stride(1), splits,
-            NUM_HEADS=hq, HEAD_DIM=d, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4,
+            NUM_HEADS=hq, HEAD_DIM=d, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)), USE_PDL=pdl,
+            num_warps=4, **_pdl.launch_options(pdl),
         )
     return out
 

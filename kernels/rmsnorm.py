@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from colm.kernels import _tuning
+from colm.kernels import _pdl, _tuning
 
 try:
     import triton
@@ -101,8 +101,9 @@ if HAS_TRITON:
         x_ptr, w_ptr, out_ptr, stride_x, stride_o, eps,
         r_ptr, h_ptr, stride_r, stride_h,  # residual in, sum out (HAS_RES only)
         NUM_CHAINS: tl.constexpr, CHAIN: tl.constexpr, NC_PAD: tl.constexpr, C_PAD: tl.constexpr,
-        EMULATE: tl.constexpr, HAS_RES: tl.constexpr = False,
+        EMULATE: tl.constexpr, HAS_RES: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     ):
+        _pdl.wait(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, NC_PAD)[:, None]  # chain
         j = tl.arange(0, C_PAD)[None, :]  # feature within the chain
@@ -118,8 +119,9 @@ if HAS_TRITON:
         x_ptr, w_ptr, out_ptr, stride_x, stride_o, eps,
         r_ptr, h_ptr, stride_r, stride_h,  # residual in, sum out (HAS_RES only)
         BOUNDS: tl.constexpr, NUM_CHAINS: tl.constexpr, WIDTH: tl.constexpr, BLOCK: tl.constexpr,
-        EMULATE: tl.constexpr, HAS_RES: tl.constexpr = False,
+        EMULATE: tl.constexpr, HAS_RES: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     ):
+        _pdl.wait(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         col = tl.arange(0, BLOCK)
         ok = col < WIDTH
@@ -167,22 +169,23 @@ def chain_rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, chain_dims: Sequ
         interp = _tuning.interpreting()
         emulate = (interp and x.dtype == torch.bfloat16, interp and out.dtype == torch.bfloat16)
         res_args = (r2, h, r2.stride(0), h.stride(0))
+        pdl = _pdl.use(x2)
         if len(set(dims)) == 1:
             nc, c = len(dims), dims[0]
             block = triton.next_power_of_2(nc) * triton.next_power_of_2(c)
             _rmsnorm_equal_kernel[(rows,)](
                 x2, weight, out, x2.stride(0), out.stride(0), eps, *res_args,
                 NUM_CHAINS=nc, CHAIN=c, NC_PAD=triton.next_power_of_2(nc), C_PAD=triton.next_power_of_2(c),
-                EMULATE=emulate, HAS_RES=residual is not None, num_warps=num_warps or _num_warps(block),
-                enable_fp_fusion=False,
+                EMULATE=emulate, HAS_RES=residual is not None, USE_PDL=pdl, num_warps=num_warps or _num_warps(block),
+                enable_fp_fusion=False, **_pdl.launch_options(pdl),
             )
         else:
             block = triton.next_power_of_2(width)
             _rmsnorm_general_kernel[(rows,)](
                 x2, weight, out, x2.stride(0), out.stride(0), eps, *res_args,
                 BOUNDS=tuple([0] + list(accumulate(dims))), NUM_CHAINS=len(dims), WIDTH=width, BLOCK=block,
-                EMULATE=emulate, HAS_RES=residual is not None, num_warps=num_warps or _num_warps(block),
-                enable_fp_fusion=False,
+                EMULATE=emulate, HAS_RES=residual is not None, USE_PDL=pdl, num_warps=num_warps or _num_warps(block),
+                enable_fp_fusion=False, **_pdl.launch_options(pdl),
             )
     if residual is None:
         return out.view(x.shape)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from colm.kernels import _tuning
+from colm.kernels import _pdl, _tuning
 
 try:
     import triton
@@ -98,7 +98,9 @@ if HAS_TRITON:
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sqo_b, sqo_h, sqo_t, sko_b, sko_h, sko_t, sc_b, sc_t,
         HQ: tl.constexpr, HK: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
         HALF: tl.constexpr, HALF_PAD: tl.constexpr, HAS_K: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        USE_PDL: tl.constexpr = False,
     ):
+        _pdl.wait(USE_PDL)
         pid = tl.program_id(0).to(tl.int64)  # b * T + t
         b = pid // T
         t = pid % T
@@ -116,10 +118,11 @@ if HAS_TRITON:
         q_ptr, k_ptr, v_ptr, qo_ptr, k_pool_ptr, v_pool_ptr, slot_ptr, cos_ptr, sin_ptr,
         sq_b, sq_h, sqo_b, sqo_h, sk_b, sk_h, sv_b, sv_h, sc_b,
         HQ: tl.constexpr, HK: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
-        HALF: tl.constexpr, HALF_PAD: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        HALF: tl.constexpr, HALF_PAD: tl.constexpr, EMULATE_BF16: tl.constexpr, USE_PDL: tl.constexpr = False,
     ):
         """One decode token per program (sequence b): rope(q) -> qo; rope(k) and v -> the pools' row
         ``slot[b]`` (skipped when negative). Pools: [slots, HK, 2 * HALF] contiguous."""
+        _pdl.wait(USE_PDL)
         b = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, HALF_PAD)
         d_ok = d < HALF
@@ -171,13 +174,14 @@ def rope_qk_to_pool_triton(q, k, v, cos, sin, k_pool, v_pool, slots) -> torch.Te
     if bsz:
         half = hd // 2
         emulate = _tuning.interpreting() and q.dtype == torch.bfloat16
+        pdl = _pdl.use(q)
         _rope_qk_to_pool_kernel[(bsz,)](
             q, k, v, qo, k_pool, v_pool, slots, cos, sin,
             q.stride(0), q.stride(1), qo.stride(0), qo.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             cos.stride(0) if cos.shape[0] > 1 else 0,
             HQ=hq, HK=k.shape[1], HQ_PAD=triton.next_power_of_2(hq), HK_PAD=triton.next_power_of_2(k.shape[1]),
-            HALF=half, HALF_PAD=triton.next_power_of_2(half), EMULATE_BF16=emulate, num_warps=4,
-            enable_fp_fusion=False,
+            HALF=half, HALF_PAD=triton.next_power_of_2(half), EMULATE_BF16=emulate, USE_PDL=pdl, num_warps=4,
+            enable_fp_fusion=False, **_pdl.launch_options(pdl),
         )
     return qo
 

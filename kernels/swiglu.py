@@ -18,7 +18,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from colm.kernels import _tuning
+from colm.kernels import _pdl, _tuning
 
 try:
     import triton
@@ -41,9 +41,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _silu_mul_kernel(a_ptr, b_ptr, o_ptr, n, cols, stride_a, stride_b,
-                         BLOCK: tl.constexpr, FLAT: tl.constexpr, EMULATE: tl.constexpr):
+                         BLOCK: tl.constexpr, FLAT: tl.constexpr, EMULATE: tl.constexpr, USE_PDL: tl.constexpr = False):
         """o[r, c] = silu(a[r, c]) * b[r, c] over rows of ``cols`` (o contiguous; a, b row-strided unless
         FLAT); EMULATE (interpreter, bf16): round by hand."""
+        _pdl.wait(USE_PDL)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < n
         if FLAT:
@@ -89,9 +90,10 @@ def silu_mul_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return out
     emulate = _tuning.interpreting() and a.dtype == torch.bfloat16
     flat = a.is_contiguous() and b.is_contiguous()
+    pdl = _pdl.use(a)
     _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](a2, b2, out, n, a2.shape[1], a2.stride(0), b2.stride(0),
-                                                BLOCK=BLOCK, FLAT=flat, EMULATE=emulate, num_warps=8,
-                                                enable_fp_fusion=False)
+                                                BLOCK=BLOCK, FLAT=flat, EMULATE=emulate, USE_PDL=pdl, num_warps=8,
+                                                enable_fp_fusion=False, **_pdl.launch_options(pdl))
     return out
 
 

@@ -196,3 +196,25 @@ def test_warm_up_captures_every_graph_serving_then_needs(tmp_path):
         assert de.graphs.num_captures == captured
     finally:
         pe.stop(), de.stop()
+
+
+@cuda
+def test_pdl_graph_step_is_bit_equal_to_the_plain_one(tmp_path, monkeypatch):
+    """Programmatic dependent launch changes when the step's kernels start, never what they compute: the
+    graph's hidden states with it equal those without it bit for bit, at both scales (and it is in use on
+    sm_90+, so a Triton without it cannot pass silently)."""
+    from colm.kernels import _pdl
+
+    full, _ = _pair(torch.bfloat16, tmp_path)
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert _pdl.use(torch.empty(1, device="cuda"))
+    outs = {}
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("COLM_PDL", pdl)
+        torch.manual_seed(5)
+        de, batch = three_running(full)
+        with torch.no_grad():
+            outs[pdl] = [de.graphs.hidden(batch, scale).float().clone() for scale in (2, 1)]
+        de.stop()
+    for a, b in zip(outs["1"], outs["0"]):
+        assert torch.equal(a, b)

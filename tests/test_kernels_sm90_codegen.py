@@ -139,6 +139,36 @@ def test_chain_linear_gemv_compiles_without_spills(cfg, rows):
         assert use["LOCAL"] == 0 and use["STACK"] == 0, (cfg, rows, even, use)
 
 
+@pytest.mark.parametrize("cfg", gv.GEMV_CONFIGS_M1, ids=lambda c: f"n{c.block_n}-k{c.block_k}-w{c.num_warps}")
+def test_chain_linear_gemv_with_pdl_reads_weights_before_the_wait(cfg):
+    """Launched with PDL, the kernel's first weight piece is loaded before ``griddepcontrol.wait`` (so it is in
+    flight while the previous kernel ends) and the input after it; it then lets its successor launch."""
+    bm, bk = gv.launch_blocks(1, cfg)
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tab_ptr": "*i64", "M": "i32",
+           "stride_xm": "i32", "stride_ym": "i32"}
+    const = dict(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, ALIGNED=True, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+                 USE_PDL=True)
+    k = off.compile_kernel(gv._chain_gemv_kernel, sig, const, cfg.num_warps, cfg.num_stages,
+                           ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "tab_ptr", "stride_xm", "stride_ym"), launch_pdl=True)
+    ptx = k.asm["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx[:wait]), "no weight load before the wait"
+    assert "griddepcontrol.launch_dependents" in ptx[wait:]
+    assert off.resource_usage(k)["LOCAL"] == 0
+
+
+def test_decode_chain_kernels_wait_when_launched_with_pdl():
+    """Every kernel of the decode step's chain that PDL may start early waits first; none waits without it."""
+    sig = {"part_ptr": "*fp32", "out_ptr": "*bf16", "stride_ob": "i32", "stride_oh": "i32", "num_splits": "i32"}
+    for pdl in (True, False):
+        k = off.compile_kernel(pa._merge_splits_kernel, sig, dict(NUM_HEADS=32, HEAD_DIM=64, D_PAD=64, S_PAD=32,
+                                                                  USE_PDL=pdl), 4, 1)
+        ptx = k.asm["ptx"]
+        assert ("griddepcontrol.wait" in ptx) == pdl
+        if pdl:
+            assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
+
+
 def test_paged_decode_kernels_compile():
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*bf16",
            "part_ptr": "*fp32", "map_ptr": "*i32", "qk_scale": "fp32", "stride_qb": "i32", "stride_qh": "i32", "stride_ob": "i32",
