@@ -3,7 +3,7 @@
 For the 1B-shape CoLM-Air {16,16} model at batch B and context C (random weights, random K/V), for each
 variant of the step in one run (``fused_pdl``: the engines' default, q|K/V and gate|up as one launch each,
 one-chain projections through the matrix-vector kernel, and the step's Triton kernels launched with
-programmatic dependent launch; ``fused``: the same without PDL, ``COLM_PDL=0``; ``unfused``: also
+programmatic dependent launch (at most 8 rows); ``fused``: the same without PDL, ``COLM_PDL=0``; ``unfused``: also
 ``COLM_DECODE_FUSION=0``, the step as it was before either):
 * the engine's whole step (``DecodeEngine.step``), the captured forward's replay alone (CUDA events),
   and the eager forward, side by side;

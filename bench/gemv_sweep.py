@@ -4,7 +4,8 @@ The forward tuner times each candidate replaying one call from a CUDA graph, so 
 in L2 (50 MB on an H100) from the second replay on, while a real decode step reads ~1.4 GB of weights
 and finds none of them cached. Here each shape of the 1B {16,16} CoLM-Air layer gets 16 weight sets
 (one per layer, as in the model); one graph runs the chain Linear over all 16 and the time per call is
-replay time / 16 (CUDA events, median). Candidates: a grid of few-row (GEMV) configurations, the
+replay time / 16 (CUDA events, median). The decode step's fused launches (q's chains with the K/V weight,
+gate with up) are timed the same way through ``fused_linear``. Candidates: a grid of few-row (GEMV) configurations, the
 tuner's own ``GEMV_CONFIGS``, and per-chain cuBLAS. Prints a table per shape and writes JSON.
 
     python bench/gemv_sweep.py [--rows 1] [--out PATH]
@@ -23,6 +24,10 @@ SHAPES = {  # name: per-chain weight shapes [out_i, P_i] of the 1B {16,16} Air m
     "q_or_o": [(1024, 1024), (1024, 2048)],
     "gate_or_up": [(4096, 1024), (4096, 2048)],
     "down": [(1024, 4096), (1024, 8192)],
+}
+FUSED = {  # the decode step's fused launches (colm.kernels.fused_linear): segment shapes [out, P]
+    "q_kv_fused": [(1024, 1024), (1024, 2048), (1024, 1024)],
+    "gate_up_fused": [(4096, 1024), (4096, 2048), (4096, 1024), (4096, 2048)],
 }
 LAYERS = 16
 
@@ -43,13 +48,20 @@ def candidates():
     return out
 
 
-def time_config(xs, layers, cfg, reps=30):
+def time_config(xs, layers, cfg, reps=30, fused=False):
+    from colm.kernels import fused_linear as fl
     from colm.kernels._tuning import graph_time_ms
     from colm.kernels.chain_linear import chain_linear_triton
 
     def run():
         for x, ws in zip(xs, layers):
-            chain_linear_triton(x, ws, configs={"fwd": cfg})
+            if fused:
+                cols = [0]
+                for w in ws[:-1]:
+                    cols.append(cols[-1] + w.shape[0])
+                fl.fused_linear_forward(x, [fl.Segment(w, c) for w, c in zip(ws, cols)], cfg)
+            else:
+                chain_linear_triton(x, ws, configs={"fwd": cfg})
 
     return graph_time_ms(run, replays=reps, calls=1) / len(layers)  # one graph of all layers' calls
 
@@ -62,14 +74,15 @@ def main() -> None:
     torch.manual_seed(0)
     cands = candidates()
     res = {**run_meta("gemv_sweep"), "rows": args.rows, "layers": LAYERS, "shapes": {}}
-    for name, shapes in SHAPES.items():
+    for name, shapes in {**SHAPES, **FUSED}.items():
+        fused = name in FUSED
         layers = [[torch.randn(s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in shapes] for _ in range(LAYERS)]
-        xs = [torch.randn(args.rows, shapes[-1][1], device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
+        xs = [torch.randn(args.rows, max(p for _, p in shapes), device="cuda", dtype=torch.bfloat16) for _ in range(LAYERS)]
         nbytes = sum(o * p for o, p in shapes) * 2
         rows = []
         for cfg in cands:
             try:
-                ms = time_config(xs, layers, cfg)
+                ms = time_config(xs, layers, cfg, fused=fused)
             except Exception as e:  # noqa: BLE001 - a config the chip cannot run
                 rows.append({"config": repr(cfg), "error": repr(e)[:120]})
                 continue

@@ -129,7 +129,7 @@ def launch_table(x2d, w0, b0, y, tab, outs, prefixes, cfg, aligned: bool) -> Non
     biases from ``b0``, or none); ``outs``/``prefixes``: every weight's rows and input features."""
     m = x2d.shape[0]
     bm, bk = launch_blocks(m, cfg)
-    pdl = _pdl.use(x2d)
+    pdl = _pdl.use(x2d, m)
     _chain_gemv_kernel[(tab.shape[0],)](
         x2d, w0, x2d if b0 is None else b0, y, tab, m, x2d.stride(0), y.stride(0),
         HAS_BIAS=b0 is not None, EVEN_N=all(o % cfg.block_n == 0 for o in outs),

@@ -270,7 +270,7 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens,
     part = (torch.empty((b * hq, splits, d_pad + 2), device=q.device, dtype=torch.float32)
             if splits > 1 else out)
     upcast = _tuning.interpreting() and q.dtype == torch.bfloat16
-    pdl = _pdl.use(q)
+    pdl = _pdl.use(q, b)
     _paged_decode_kernel[(b * hkv, splits)](
         q, k_pool, v_pool, block_tables, context_lens, out, part, out if head_map is None else head_map,
         scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),

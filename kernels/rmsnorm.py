@@ -169,7 +169,7 @@ def chain_rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, chain_dims: Sequ
         interp = _tuning.interpreting()
         emulate = (interp and x.dtype == torch.bfloat16, interp and out.dtype == torch.bfloat16)
         res_args = (r2, h, r2.stride(0), h.stride(0))
-        pdl = _pdl.use(x2)
+        pdl = _pdl.use(x2, rows)
         if len(set(dims)) == 1:
             nc, c = len(dims), dims[0]
             block = triton.next_power_of_2(nc) * triton.next_power_of_2(c)

@@ -174,7 +174,7 @@ def rope_qk_to_pool_triton(q, k, v, cos, sin, k_pool, v_pool, slots) -> torch.Te
     if bsz:
         half = hd // 2
         emulate = _tuning.interpreting() and q.dtype == torch.bfloat16
-        pdl = _pdl.use(q)
+        pdl = _pdl.use(q, bsz)
         _rope_qk_to_pool_kernel[(bsz,)](
             q, k, v, qo, k_pool, v_pool, slots, cos, sin,
             q.stride(0), q.stride(1), qo.stride(0), qo.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -207,7 +207,7 @@ def test_pdl_graph_step_is_bit_equal_to_the_plain_one(tmp_path, monkeypatch):
 
     full, _ = _pair(torch.bfloat16, tmp_path)
     if torch.cuda.get_device_capability()[0] >= 9:
-        assert _pdl.use(torch.empty(1, device="cuda"))
+        assert _pdl.use(torch.empty(1, device="cuda"), 3) and not _pdl.use(torch.empty(1, device="cuda"), 9)
     outs = {}
     for pdl in ("1", "0"):
         monkeypatch.setenv("COLM_PDL", pdl)
