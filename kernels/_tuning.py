@@ -32,11 +32,16 @@ def tuning_enabled() -> bool:
     return not interpreting() and os.environ.get("COLM_KERNEL_TUNE", "1") not in ("", "0")
 
 
-def pick(key: Hashable, candidates: Sequence[object], launch: Callable[[object], None], graph: bool = False) -> object:
+def pick(key: Hashable, candidates: Sequence[object], launch: Callable[[object], None], graph: bool = False,
+         cold: bool = False) -> object:
     """The fastest of ``candidates`` for ``key``; ``launch(cfg)`` runs the kernel once with ``cfg``.
 
     ``graph``: time each candidate replayed from a CUDA graph. For kernels of a few microseconds (decode
     steps) an eager timing measures the host's launch path, not the kernel, and decode replays graphs.
+    ``cold`` (with ``graph``): each call follows a write of twice the L2 cache, so the operands come from
+    memory as in a decode step, which reads far more weights than L2 holds (replaying one call alone
+    finds them in L2 from the second replay on, and the configurations that win warm are not those that
+    win cold: bench/gemv_sweep.py).
     Every candidate is timed once; the best three are timed again, longer, and the best of those wins
     (one noisy sample must not decide a shape for the whole process).
     """
@@ -52,7 +57,7 @@ def pick(key: Hashable, candidates: Sequence[object], launch: Callable[[object],
         fn = lambda: launch(cfg)  # noqa: E731
         if graph:
             fn()  # compile outside the capture
-            return graph_time_ms(fn, replays=rep)
+            return graph_time_ms(fn, replays=rep, cold=cold)
         return triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median")
 
     with DEVICE_WIDE_LOCK:
@@ -75,8 +80,24 @@ def capture_without_gc(graph, **kwargs):
             gc.enable()
 
 
-def graph_time_ms(fn: Callable[[], None], replays: int, calls: int = 10) -> float:
+def _flush_buffer(device):
+    import torch
+
+    buf = _FLUSH.get(device)
+    if buf is None:
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20)
+        buf = _FLUSH[device] = torch.empty(max(2 * l2, 64 << 20) // 4, dtype=torch.float32, device=device)
+    return buf
+
+
+_FLUSH: dict = {}
+
+
+def graph_time_ms(fn: Callable[[], None], replays: int, calls: int = 10, cold: bool = False) -> float:
     """Median ms of one ``fn()`` replayed from a CUDA graph of ``calls`` calls, over ``replays`` replays.
+
+    ``cold``: every call in the graph follows a write of twice the L2 cache; a graph of those writes alone is
+    replayed alternately and its time taken off (per replay pair, then the median).
 
     The capture is thread-local (``triton.testing.do_bench_cudagraph`` captures in CUDA's global mode):
     in global mode a synchronising call from any other thread of the process while the capture runs
@@ -93,20 +114,36 @@ def graph_time_ms(fn: Callable[[], None], replays: int, calls: int = 10) -> floa
         fn()  # warm-up on a side stream, as torch.cuda.graphs asks
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.current_stream().synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with capture_without_gc(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(max(3, replays)):
+    flush = _flush_buffer(torch.cuda.current_device()) if cold else None
+
+    def captured(with_fn: bool):
+        graph = torch.cuda.CUDAGraph()
+        with capture_without_gc(graph):
+            for _ in range(calls):
+                if flush is not None:
+                    flush.zero_()
+                if with_fn:
+                    fn()
+        graph.replay()
+        return graph
+
+    def replay_ms(graph) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    del graph
+        return start.elapsed_time(end)
+
+    graph = captured(True)
+    base = captured(False) if cold else None
+    times = []
+    for _ in range(max(3, replays)):
+        ms = replay_ms(graph)
+        if base is not None:
+            ms -= replay_ms(base)
+        times.append(ms / calls)
+    del graph, base
     return statistics.median(times)
 
 

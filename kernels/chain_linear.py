@@ -466,7 +466,7 @@ def _pick(pass_name, key, candidates, launch, config, graph: bool = False):
         return config
     if _tuning.interpreting():
         return INTERPRETER_CONFIG
-    return _tuning.pick(key, candidates, launch, graph=graph)
+    return _tuning.pick(key, candidates, launch, graph=graph, cold=graph)  # graph-timed = decode: weights cold
 
 
 def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = None) -> torch.Tensor:

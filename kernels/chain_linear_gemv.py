@@ -39,15 +39,19 @@ GEMV_CONFIGS = [
 ]
 
 # One row (a batch-1 decode step): the configurations fastest with the weights cold in L2, as a decode
-# step reads them (bench/gemv_sweep.py, H100, bench/results/gemv_sweep_m1_h100_2026-11-23.json: 2
-# columns per program with 1024-long K pieces led for all three 1B layer shapes, 4-10% ahead of the
-# configurations above, which the tuner's L2-warm graph timing had picked). The tuner chooses among
-# these only at one row (2-8 rows: ``GEMV_CONFIGS`` and the GEMM candidates), so its warm timing cannot
-# pick a configuration that loses when cold.
+# step reads them (bench/gemv_sweep.py: on an H100, bench/results/gemv_sweep_m1_h100_2026-11-23.json, 2
+# columns per program with 1024-long K pieces led for all three 1B layer shapes; on an H200,
+# gemv_sweep_m1_h200.json, 8 columns led for the wide gate/up launches, by 15 % for the fused one). The
+# tuner picks among these only at one row (2-8 rows: ``GEMV_CONFIGS`` and the GEMM candidates), timing
+# them cold (``_tuning.pick(cold=True)``), so its choice holds for a real step on either GPU.
 GEMV_CONFIGS_M1 = [
     _cl.GemmConfig(0, 2, 1024, 4, 1, gemv=True),
     _cl.GemmConfig(0, 2, 1024, 2, 3, gemv=True),
     _cl.GemmConfig(0, 4, 1024, 2, 3, gemv=True),
+    _cl.GemmConfig(0, 4, 1024, 2, 1, gemv=True),
+    _cl.GemmConfig(0, 8, 1024, 2, 1, gemv=True),
+    _cl.GemmConfig(0, 8, 512, 4, 3, gemv=True),
+    _cl.GemmConfig(0, 8, 256, 2, 3, gemv=True),
 ]
 
 

@@ -15,7 +15,7 @@ the first segment's address. So every kernel that walks that table runs a segmen
 * up to ``chain_linear_gemv.MAX_ROWS`` rows: the CUDA-core matrix-vector kernel;
 * up to ``chain_linear.SMALL_M`` rows: the chain-linear GEMM kernel;
 
-each weighed by the tuner (graph replays, as decode runs) against one cuBLAS call per segment, the
+each weighed by the tuner (graph replays with the weights cold, as decode runs) against one cuBLAS call per segment, the
 unfused baseline. ``fused_linear_ref`` is the per-segment loop and the path everywhere else (CPU,
 more rows, autograd, mixed dtypes). ``COLM_DECODE_FUSION=0`` turns the fused launches off (``fits`` is
 False, so the model runs its separate projections) and with them the one-chain matrix-vector routing of
@@ -167,6 +167,6 @@ def fused_linear_forward(x2d: torch.Tensor, segments: Sequence[Segment], config=
             config = _cl.INTERPRETER_CONFIG
         else:
             key = ("segs", x2d.dtype, x2d.device, tuple(zip(outs, prefixes)), _gemv.block_m(m), aligned)
-            config = _tuning.pick(key, _candidates(m), launch, graph=x2d.is_cuda)
+            config = _tuning.pick(key, _candidates(m), launch, graph=x2d.is_cuda, cold=True)
     launch(config)
     return y

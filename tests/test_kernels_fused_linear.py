@@ -226,3 +226,21 @@ def test_cuda_one_chain_few_rows_takes_the_kernel(monkeypatch):
     monkeypatch.delenv("COLM_DECODE_FUSION")
     cl.chain_linear(x, [w.requires_grad_()])
     assert not seen
+
+
+@cuda
+def test_cuda_cold_graph_timing_reads_the_weights_from_memory():
+    """The tuner's cold timing takes the L2 flush off and leaves the weight read: a 32 MB weight that a warm
+    replay finds in L2 takes longer cold, and the flush alone does not count (it is many times the call)."""
+    from colm.kernels._tuning import graph_time_ms
+
+    w = torch.randn(8192, 2048, device="cuda", dtype=torch.bfloat16)  # 32 MB: fits the H100/H200 L2 warm
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    fn = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
+    warm = graph_time_ms(fn, replays=30)
+    cold = graph_time_ms(fn, replays=30, cold=True)
+    props = torch.cuda.get_device_properties(0)
+    flush_ms = 2 * props.L2_cache_size / 1e9  # at >= 1 TB/s: a bound on the flush's own time, ms
+    assert 0 < cold < 10 * warm + flush_ms
+    if props.L2_cache_size >= 40 << 20:
+        assert cold > warm
