@@ -30,6 +30,7 @@ import torch
 
 from colm.sampling import SamplingParams, filtered_probs
 
+from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.paged_cache import PagedExtendCache, PagedVerifyCache
 
 
@@ -135,7 +136,7 @@ def draft_greedy(model, rows, pool, gamma: int, graphs=None) -> torch.Tensor:
 
 @torch.no_grad()
 def verify(model, rows, pool, drafts: list[list[int]], scale: int, graphs=None,
-           attention: str = "gather") -> torch.Tensor:
+           attention: str = DecodeConfig.verify_attention) -> torch.Tensor:
     """Scale-``scale`` logits [B, g + 1, V] over [x, d_1..d_g] of every row (all rows have g drafts).
     ``graphs``: a ``decode_worker.verify_graphs.VerifyGraphs`` to replay the forward from (CUDA), or None;
     ``attention``: ``DecodeConfig.verify_attention`` of the eager forward."""
@@ -145,7 +146,7 @@ def verify(model, rows, pool, drafts: list[list[int]], scale: int, graphs=None,
 
 @torch.no_grad()
 def verify_tokens(model, rows, pool, tokens: torch.Tensor, scale: int, graphs=None,
-                  attention: str = "gather") -> torch.Tensor:
+                  attention: str = DecodeConfig.verify_attention) -> torch.Tensor:
     """``verify`` of ``tokens`` [B, g + 1] (each row's x, then its drafts), a tensor on the model's device."""
     if graphs is not None:
         out = graphs.logits(rows, tokens, scale)
@@ -158,7 +159,7 @@ def verify_tokens(model, rows, pool, tokens: torch.Tensor, scale: int, graphs=No
 
 
 def speculative_round(model, rows, pool, scale: int, gamma: int, graphs=None, verify_graphs=None,
-                      verify_attention: str = "gather") -> list[list[SpecToken]]:
+                      verify_attention: str = DecodeConfig.verify_attention) -> list[list[SpecToken]]:
     """One round for ``rows`` (all at ``scale`` with ``gamma`` drafts); the tokens each row emits, in order.
     ``graphs`` / ``verify_graphs``: CUDA graphs of the draft steps (``DecodeGraphs``) and of the verify;
     ``verify_attention``: the eager verify's (``DecodeConfig.verify_attention``)."""

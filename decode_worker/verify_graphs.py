@@ -23,6 +23,7 @@ import torch
 
 from colm.cuda_graphs import GraphSet, bucket, warm_and_capture
 
+from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.paged_cache import PagedExtendCache, PagedVerifyCache
 
 
@@ -36,7 +37,7 @@ class _Graph:
 
 class VerifyGraphs(GraphSet):
     def __init__(self, model, pool, max_batch: int, max_context: int, warmup: int = 2,
-                 attention: str = "gather") -> None:
+                 attention: str = DecodeConfig.verify_attention) -> None:
         super().__init__(model.inv_freq.device, max_context)
         self.model, self.pool = model, pool
         self.max_batch = bucket(max_batch)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import math
 import statistics
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Sequence
@@ -136,6 +137,9 @@ class PolicyConfig:
     prior_draft_acceptance: float = 0.7  # share of drafts accepted, until workers report drafts
     verify_step_factor: float = 2.0  # a verify over gamma + 1 positions costs this many plain steps (H200, batch 1:
                                      # 0.98-1.06 ms paged against 0.55-0.59 ms steps for gamma 1-4)
+    # A measured round time that no decode worker has reported for this long, while they step, is forgotten and
+    # the rounds are priced again: one slow figure must not keep speculation unchosen, and so unmeasured, for good.
+    round_ttl_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.speculative not in ("off", "auto"):
@@ -145,6 +149,8 @@ class PolicyConfig:
         if self.speculative_max_batch < 1 or not 0 <= self.speculative_margin < 1:
             raise ValueError(f"speculative_max_batch={self.speculative_max_batch}, speculative_margin="
                              f"{self.speculative_margin}: need >= 1 and in [0, 1)")
+        if self.round_ttl_s <= 0:
+            raise ValueError(f"round_ttl_s={self.round_ttl_s}: must be > 0")
         if not 0 <= self.prior_draft_acceptance <= 1 or self.verify_step_factor <= 0:
             raise ValueError(f"prior_draft_acceptance={self.prior_draft_acceptance}, verify_step_factor="
                              f"{self.verify_step_factor}: need [0, 1] and > 0")
@@ -205,7 +211,9 @@ class LatencyModel:
         self.draft_acceptance: float | None = None  # smoothed share of drafts accepted (from workers' counters)
         self.round_ms: dict[tuple[int, int], float] = {}  # (scale, gamma) -> smoothed round time at its batch
         self.round_batch: dict[tuple[int, int], float] = {}
+        self._round_seen: dict[tuple[int, int], float] = {}  # (scale, gamma) -> clock() of its last report
         self._drafts: dict[str, tuple[int, int]] = {}  # worker -> (drafted, accepted) at its last report
+        self.clock = time.monotonic
 
     def observe(self, r: WorkerReport) -> None:
         a = self.cfg.alpha
@@ -224,10 +232,13 @@ class LatencyModel:
                     self.step_batch[k] = _ewma(self.step_batch.get(k), max(1.0, batch), a)
             self.decode_scales[r.worker_id] = measured
             self._drop_unmeasured_scales()
+            now = self.clock()
             for key, ms in r.round_ms.items():
                 if ms > 0:
                     self.round_ms[key] = _ewma(self.round_ms.get(key), ms, a)
                     self.round_batch[key] = _ewma(self.round_batch.get(key), max(1.0, r.round_batch.get(key, 1.0)), a)
+                    self._round_seen[key] = now
+            self._expire_rounds(now)
             before = self._drafts.get(r.worker_id)
             self._drafts[r.worker_id] = (r.drafted, r.draft_accepted)
             if before is not None and r.drafted > before[0] and r.draft_accepted >= before[1]:
@@ -257,6 +268,14 @@ class LatencyModel:
             return
         for k in [k for k in self.step_ms if k not in live]:
             del self.step_ms[k], self.step_batch[k]
+
+    def _expire_rounds(self, now: float) -> None:
+        """Round times not reported for ``round_ttl_s`` while decode workers step are dropped (see PolicyConfig);
+        with idle workers they stay, as step times do."""
+        if not any(self.decode_scales.values()):
+            return
+        for key in [k for k, t in self._round_seen.items() if now - t > self.cfg.round_ttl_s]:
+            del self.round_ms[key], self.round_batch[key], self._round_seen[key]
 
     def forget(self, worker_id: str) -> None:
         self.prefill_queue.pop(worker_id, None)

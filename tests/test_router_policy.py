@@ -285,6 +285,28 @@ def test_measured_round_times_replace_the_priced_rounds():
     assert p.speculation(2) == (4, pytest.approx(8.0 / 4.2))
 
 
+def test_a_slow_round_figure_expires_and_the_rounds_are_priced_again():
+    """A round once measured slow keeps speculation unchosen, so no rounds run and none are reported: after
+    ``round_ttl_s`` of steps without a round report the figure goes and the prior chooses rounds again (which
+    measures them again); idle workers keep it."""
+    p = spec_policy(speculative_gammas=(4,), prior_draft_acceptance=0.8, round_ttl_s=60.0)
+    now = [1000.0]
+    p.model.clock = lambda: now[0]
+    p.observe([WorkerReport("d0", "decode", num_running=1, step_ms={1: 1.0, 2: 4.0}, round_ms={(2, 4): 20.0},
+                            round_batch={(2, 4): 1.0})])
+    assert p.speculation(2)[0] == 0
+    now[0] += 59.0
+    p.observe([decode_report({1: 1.0, 2: 4.0})])  # stepping, no rounds: within the ttl the figure stays
+    assert p.speculation(2)[0] == 0
+    now[0] += 120.0
+    p.observe([WorkerReport("d0", "decode", num_running=0)])  # idle: nothing fresher, the figure stays
+    assert p.speculation(2)[0] == 0 and (2, 4) in p.model.round_ms
+    p.observe([decode_report({1: 1.0, 2: 4.0})])
+    assert (2, 4) not in p.model.round_ms and p.speculation(2) == (4, pytest.approx(12 / 4.2))
+    with pytest.raises(ValueError, match="round_ttl_s=0"):
+        PolicyConfig(num_scales=2, param_counts=(1, 2), round_ttl_s=0)
+
+
 def test_round_figures_come_from_the_decode_stats_of_either_form():
     from colm.decode_worker.engine import DecodeStats
     from colm.proto.colm.v1 import kv_pb2
