@@ -104,11 +104,40 @@ def chain_linear(
 
     One chain is a plain Linear (cuBLAS through the reference) except at decode's few rows without
     autograd, where the tuner weighs the matrix-vector kernel against cuBLAS (cuBLAS' one-row GEMV ran at
-    a tenth of the copy rate on 2 MB weights); fp32 inputs, autocast and mixed dtypes take the reference.
+    a tenth of the copy rate on 2 MB weights). Under CUDA autocast to a half type the kernel runs on the
+    inputs cast as autocast would cast them for a Linear (``chain_linear_autocast``): the per-chain reference
+    there paid its input gradient as a zero-filled full-width tensor per chain, summed (1.7x the kernel's time
+    on the 1B attention shape, bench/results/chain_linear_h100_2026-11-23.json). fp32 inputs without autocast
+    and mixed dtypes take the reference.
     """
     if (len(weights) > 1 or _few_rows_inference(x, weights)) and _use_triton(x, weights, biases):
         return chain_linear_triton(x, weights, biases)
+    dtype = _autocast_dtype(x)
+    if dtype is not None and len(weights) > 1 and all(t.is_cuda for t in weights):
+        return chain_linear_autocast(x, weights, biases, dtype)
     return chain_linear_ref(x, weights, biases)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The half dtype CUDA autocast runs a Linear of ``x`` in, or None (no autocast, no kernel, or forced ref)."""
+    if not (HAS_TRITON and x.is_cuda and torch.is_autocast_enabled("cuda")):
+        return None
+    if os.environ.get("COLM_CHAIN_LINEAR", "") == "ref":
+        return None
+    dtype = torch.get_autocast_dtype("cuda")
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def chain_linear_autocast(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """The Triton chain Linear as autocast runs a Linear: ``x``, weights and biases cast to ``dtype`` (casts that
+    autograd differentiates, so fp32 master weights get fp32 gradients), the kernel with autocast off."""
+    def cast(t):
+        return t if t.dtype == dtype else t.to(dtype)
+
+    with torch.autocast(x.device.type, enabled=False):
+        return chain_linear_triton(cast(x), [cast(w) for w in weights],
+                                   None if biases is None else [cast(b) for b in biases])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -325,6 +325,54 @@ def test_cuda_gemv_forward_configs(cfg, rows):
         assert _rel(y, ref) < 1e-2
 
 
+@interp
+def test_interpreter_autocast_entry_casts_and_returns_fp32_grads():
+    """What autocast training runs: fp32 input and master weights cast to bf16 for the kernel; the output is bf16,
+    the weights' gradients fp32, both close to the float64 chain Linear."""
+    torch.manual_seed(21)
+    x, ws, bs = _make([16, 32], [24, 16], (3, 5), torch.float32, "cpu", bias=True)
+    y = cl.chain_linear_autocast(x, ws, bs, torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    ref_ws = [w.detach().double().requires_grad_() for w in ws]
+    ref_x = x.detach().double().requires_grad_()
+    ref = cl.chain_linear_ref(ref_x, ref_ws, [b.detach().double() for b in bs])
+    assert _rel(y, ref.detach()) < 1e-2
+    g = torch.randn(ref.shape, dtype=torch.float64)
+    y.backward(g.to(torch.bfloat16))
+    ref.backward(g)
+    assert x.grad.dtype == torch.float32 and all(w.grad.dtype == torch.float32 for w in ws)
+    assert _rel(x.grad, ref_x.grad) < 2e-2
+    for w, rw in zip(ws, ref_ws):
+        assert _rel(w.grad, rw.grad) < 2e-2
+
+
+@cuda
+def test_cuda_autocast_training_takes_the_kernel(monkeypatch):
+    """Under CUDA autocast (bf16) the dispatcher runs the Triton chain Linear on cast inputs, not the per-chain
+    reference; gradients reach the fp32 weights, close to the reference path's under the same autocast."""
+    x, ws, _ = _make([512, 512], [512, 512], (2, 64), torch.float32, "cuda", bias=False)
+    seen = []
+    real = cl.chain_linear_triton
+    monkeypatch.setattr(cl, "chain_linear_triton", lambda *a, **k: seen.append(1) or real(*a, **k))
+    g = torch.randn(2, 64, 1024, device="cuda")
+    outs = {}
+    for mode in ("kernel", "ref"):
+        if mode == "ref":
+            monkeypatch.setenv("COLM_CHAIN_LINEAR", "ref")
+        for t in [x] + ws:
+            t.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = cl.chain_linear(x, ws)
+        assert y.dtype == torch.bfloat16
+        y.float().backward(g)
+        outs[mode] = (y.detach().float(), x.grad.clone(), [w.grad.clone() for w in ws])
+        assert (len(seen) > 0) == (mode == "kernel")
+        seen.clear()
+    (yk, xk, wk), (yr, xr, wr) = outs["kernel"], outs["ref"]
+    assert _rel(yk, yr.double()) < 1e-2 and _rel(xk, xr.double()) < 2e-2
+    assert all(a.dtype == torch.float32 and _rel(a, b.double()) < 2e-2 for a, b in zip(wk, wr))
+
+
 @cuda
 def test_cuda_dispatcher_takes_triton_and_ref_env(monkeypatch):
     x, ws, _ = _make([512, 512], [512, 512], (64,), torch.bfloat16, "cuda", bias=False)
