@@ -12,7 +12,8 @@ programmatic dependent launch (at most 8 rows); ``fused``: the same without PDL,
 * the weight-read floor: the model's parameter bytes plus the context's K/V bytes at the device-to-device
   copy rate measured in the same run (as ``bench/engines.py`` computes it), and each step over it.
 
-    python bench/decode_profile.py [--out FILE] [--batch 1] [--context 2048] [--scale 2] [--variants unfused,fused,fused_pdl]
+    python bench/decode_profile.py [--out FILE] [--batch 1] [--context 2048] [--scale 2]
+                                   [--variants unfused,fused,fused_pdl]
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def main() -> None:
     if len(names) > 1:
         base_name = "unfused" if "unfused" in names else names[-1]
         base = res["variants"][base_name]
-        res["ratios_to_" + base_name] = {n: {k: res["variants"][n][k] / base[k] for k in ("engine_step_ms", "graph_replay_ms")
+        keys = ("engine_step_ms", "graph_replay_ms")
+        res["ratios_to_" + base_name] = {n: {k: res["variants"][n][k] / base[k] for k in keys
                                             if k in base and k in res["variants"][n]} for n in names}
     print(f"floor {res['floor_ms']:.3f} ms ({weight_bytes / 1e9:.2f} GB weights + {kv_bytes / 1e9:.3f} GB K/V at "
           f"{bw / 1e9:.0f} GB/s)")

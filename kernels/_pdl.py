@@ -66,7 +66,8 @@ def use(t: torch.Tensor, rows: int) -> bool:
         return False
     if os.environ.get("COLM_PDL", "1") in ("", "0"):
         return False
-    return _triton_supports() and _device_supports(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return _triton_supports() and _device_supports(index)
 
 
 def launch_options(on: bool) -> dict:

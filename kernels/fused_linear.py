@@ -15,11 +15,12 @@ the first segment's address. So every kernel that walks that table runs a segmen
 * up to ``chain_linear_gemv.MAX_ROWS`` rows: the CUDA-core matrix-vector kernel;
 * up to ``chain_linear.SMALL_M`` rows: the chain-linear GEMM kernel;
 
-each weighed by the tuner (graph replays with the weights cold, as decode runs) against one cuBLAS call per segment, the
-unfused baseline. ``fused_linear_ref`` is the per-segment loop and the path everywhere else (CPU,
-more rows, autograd, mixed dtypes). ``COLM_DECODE_FUSION=0`` turns the fused launches off (``fits`` is
-False, so the model runs its separate projections) and with them the one-chain matrix-vector routing of
-``chain_linear``: the decode step as it was before fusion, for side-by-side benchmarks.
+each weighed by the tuner (graph replays with the weights cold, as decode runs) against one cuBLAS call
+per segment, the unfused baseline. ``fused_linear_ref`` is the per-segment loop and the path everywhere
+else (CPU, more rows, autograd, mixed dtypes). ``COLM_DECODE_FUSION=0`` turns the fused launches off
+(``fits`` is False, so the model runs its separate projections) and with them the one-chain
+matrix-vector routing of ``chain_linear``: the decode step as it was before fusion, for side-by-side
+benchmarks.
 """
 
 from __future__ import annotations
