@@ -72,8 +72,7 @@ class ChainAttention(nn.Module):
         self.wo = ChainLinear(dims, dims, device=device, dtype=dtype)
 
     def fuse_kv(self) -> None:
-        """CoLM-Air inference: K and V from one [2*Hkv*hd, d_1] weight (one GEMM instead of two per layer;
-        at decode's few rows, one launch with the query chains: ``colm.kernels.fused_linear``).
+        """CoLM-Air inference: K and V from one [2*Hkv*hd, d_1] weight (one GEMM instead of two per layer).
 
         ``wk``/``wv`` keep their parameters, as views of the fused tensor (same values, same state_dict
         keys); a no-op without KV sharing or when fused already. For engines, not for training."""
@@ -84,14 +83,28 @@ class ChainAttention(nn.Module):
         wk.data, wv.data = fused[: wk.shape[0]], fused[wk.shape[0]:]
         self.__dict__["_wkv"] = fused  # a plain attribute: not a parameter or buffer of the module
 
+    def fuse_projections(self) -> None:
+        """Inference engines: ``fuse_kv`` (CoLM-Air), and at decode's few rows q, K and V from one launch
+        (``colm.kernels.fused_linear``: q's chains with the chain-1 K/V weight, or, without KV sharing, with
+        every chain's K and V weights); the weights stay as they are."""
+        self.fuse_kv()
+        self.__dict__["_fused"] = True  # a plain attribute: not part of the module's state
+
+    def _qkv_segments(self, scale: int) -> list:
+        """The fused launch's segments: y [..., Dq_k + 2 * Dkv_k] = [q | k | v] at scale ``scale``."""
+        dq = self.wq.out_prefix[scale - 1]
+        if self.cfg.kv_sharing:
+            return self.wq.segments(scale) + [_fused.Segment(self.__dict__["_wkv"], dq)]
+        dk = self.wk.out_prefix[scale - 1]
+        return self.wq.segments(scale) + self.wk.segments(scale, col=dq) + self.wv.segments(scale, col=dq + dk)
+
     def project_qkv(self, x: torch.Tensor, scale: int, cos: torch.Tensor, sin: torch.Tensor, rope: bool = True):
         """x [b, t, D_k] -> q [b, Hq_k, t, hd], k, v [b, Hkv_k, t, hd] with RoPE applied (``rope``: else not)."""
         b, t, _ = x.shape
         hd = self.cfg.head_dim
-        wkv = self.__dict__.get("_wkv")
-        if wkv is not None and _fused.fits(x):  # few rows (decode): q's chains and K/V in one launch
+        if self.__dict__.get("_fused") and _fused.fits(x):  # few rows (decode): q, K and V in one launch
             dq = self.wq.out_prefix[scale - 1]
-            y = _fused.fused_linear(x, self.wq.segments(scale) + [_fused.Segment(wkv, dq)])  # [b, t, Dq_k + 2*Hkv*hd]
+            y = _fused.fused_linear(x, self._qkv_segments(scale))  # [b, t, Dq_k + 2 * Dkv_k]
             q = y[..., :dq].view(b, t, -1, hd).transpose(1, 2)
             k, v = (z.view(b, t, -1, hd).transpose(1, 2) for z in y[..., dq:].chunk(2, dim=-1))
             if rope:

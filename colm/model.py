@@ -103,10 +103,10 @@ class CoLM(nn.Module):
         return self
 
     def fuse_projections(self) -> "CoLM":
-        """Inference engines: the K/V fusion above, plus, at decode's few rows, q's chains with K/V and the
+        """Inference engines: the K/V fusion above (CoLM-Air), plus, at decode's few rows, q with K and V and the
         FFN's gate with its up as one launch each (``colm.kernels.fused_linear``). Weights are not copied."""
-        self.fuse_kv_projections()
         for layer in self.layers:
+            layer.attn.fuse_projections()
             layer.ffn.fuse_gate_up()
         return self
 

@@ -103,16 +103,18 @@ def test_interpreter_gemv_rejects_too_many_rows():
 
 
 @interp
-def test_interpreter_model_decode_fused_matches_unfused(monkeypatch):
-    """A CoLM-Air model's few-row forward through the fused launches (q+K/V, gate+up; forced on the CPU)
-    equals the same model's separate projections, at every scale, with a KV cache (float32: the kernels'
-    fp32 sums in another order than the CPU's GEMMs, so close, not bit-equal)."""
+@pytest.mark.parametrize("preset", ["tiny-air", "tiny", "tiny-1chain"])
+def test_interpreter_model_decode_fused_matches_unfused(monkeypatch, preset):
+    """A model's few-row forward through the fused launches (q+K+V, gate+up; forced on the CPU) equals the same
+    model's separate projections, at every scale, with a KV cache: CoLM-Air (q with the chain-1 K/V weight), CoLM
+    without KV sharing (every chain's K and V) and one chain (a dense Llama). Float32: the kernels' fp32 sums run
+    in another order than the CPU's GEMMs, so close, not bit-equal."""
     from conftest import make_model
 
     from colm.kv_cache import ContiguousKVCache as KVCache
 
     torch.manual_seed(0)
-    model = make_model("tiny-air")
+    model = make_model(preset)
     calls = []
     real = fl.fused_linear_forward
 
@@ -126,7 +128,7 @@ def test_interpreter_model_decode_fused_matches_unfused(monkeypatch):
             plain = KVCache(model.cfg, 2, 16)
             expect = [model(tokens[:, :3], scale=scale, cache=plain)]
             expect += [model(tokens[:, i:i + 1], scale=scale, cache=plain) for i in (3, 4)]
-            fused = make_model("tiny-air")
+            fused = make_model(preset)
             fused.load_state_dict(model.state_dict())
             fused.fuse_projections()
             monkeypatch.setattr(fl, "fits", lambda x, segments=None: x.numel() // x.shape[-1] <= cl.SMALL_M)
@@ -244,3 +246,17 @@ def test_cuda_cold_graph_timing_reads_the_weights_from_memory():
     assert 0 < cold < 10 * warm + flush_ms
     if props.L2_cache_size >= 40 << 20:
         assert cold > warm
+
+
+def test_pdl_is_off_where_it_cannot_or_should_not_apply(monkeypatch):
+    """No PDL on the CPU, under the interpreter, past MAX_ROWS rows, or with COLM_PDL=0; no launch keyword then."""
+    from colm.kernels import _pdl
+
+    cpu = torch.empty(1)
+    assert not _pdl.use(cpu, 1) and _pdl.launch_options(False) == {}
+    assert _pdl.launch_options(True) == {"launch_pdl": True}
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        gpu = torch.empty(1, device="cuda")
+        assert _pdl.use(gpu, _pdl.MAX_ROWS) and not _pdl.use(gpu, _pdl.MAX_ROWS + 1)
+        monkeypatch.setenv("COLM_PDL", "0")
+        assert not _pdl.use(gpu, 1)
