@@ -3,7 +3,7 @@
 # on one H100 (run from the repository root; results and logs under $OUT, default bench/results/run).
 #
 #   bash bench/gpu_suite.sh tests     # CUDA tests of kernels, engines and the KV hand-off        (~3 min)
-#   bash bench/gpu_suite.sh decode    # decode steps (graphs, overlap, eager, HF) + batch-1 profile (~4 min)
+#   bash bench/gpu_suite.sh decode    # decode steps (graphs, overlap, eager, HF) + step profiles at batch 1/8/64 (~7 min)
 #   bash bench/gpu_suite.sh handoff   # 8K prompt TTFT per hand-off path vs chain-1 compute         (~3 min)
 #   bash bench/gpu_suite.sh prefill   # chain-1 vs full prefill, 2K-32K and 128K chunked, vs HF     (~6 min)
 #   bash bench/gpu_suite.sh serve     # goodput: colocated baseline, colm, colm with prefill graphs  (~9 min)
@@ -42,7 +42,10 @@ case "$part" in
       tests/test_kernels_greedy_head.py tests/test_prefill_graphs.py tests/test_kv_ready_event.py tests/test_graphed_forward.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
   decode)
     timeout 300 python bench/engines.py --out "$OUT" --sections decode 2>&1 | grep -v Warn | tail -60
-    timeout 120 python bench/decode_profile.py --out "$OUT/decode_profile_b1.json" 2>&1 | grep -v Warn | head -40 ;;
+    for b in 1 8 64; do  # unfused / fused / fused + PDL side by side, against the weight-read floor
+      timeout 100 python bench/decode_profile.py --batch $b --out "$OUT/decode_profile_b$b.json" 2>&1 | grep -v Warn \
+        | grep -E "^(floor|fused|unfused|wrote)"
+    done ;;
   handoff)
     timeout 500 python bench/engines.py --out "$OUT" --sections handoff 2>&1 | grep -v Warn | tail -40 ;;
   prefill)
