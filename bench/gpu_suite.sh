@@ -9,6 +9,8 @@
 #   bash bench/gpu_suite.sh serve     # goodput: colocated baseline, colm, colm with prefill graphs  (~9 min)
 #   bash bench/gpu_suite.sh sweeps    # few-row chain Linear configs (1 and 8 rows, cold weights) and the
 #                                     # in-graph paged-attention split sweep                        (~6 min)
+#   bash bench/gpu_suite.sh train     # training tokens/s of the 1B shape: dense, CoLM, Air; autocast (kernel and
+#                                     # per-chain reference) and FSDP2 bf16, one process (bench/train_throughput.py) (~5 min)
 #   bash bench/gpu_suite.sh compare MODEL   # train and score one model of bench/train_compare.py (a lent machine
 #                                     # starts bare: one model per call; join the reports with --merge) (<10 min)
 #   bash bench/gpu_suite.sh spec      # speculative decoding of the bundled demo, the gathered and the paged
@@ -20,9 +22,9 @@
 # top-level folders into colm/ the way the editable install does and puts $PWD on PYTHONPATH. Extra
 # wheels (grpcio, protobuf, crc32c) may be given in $WHEELS (a folder); they are installed to /tmp/site.
 set -uo pipefail
-part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|compare MODEL|spec|ray}
-case "$part" in tests|decode|handoff|prefill|serve|sweeps|compare|spec|ray) ;;
-  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|compare MODEL|spec|ray" >&2; exit 2 ;; esac
+part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|spec|ray}
+case "$part" in tests|decode|handoff|prefill|serve|sweeps|train|compare|spec|ray) ;;
+  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|spec|ray" >&2; exit 2 ;; esac
 OUT=${OUT:-bench/results/run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -56,6 +58,8 @@ case "$part" in
     timeout 580 python bench/serve_goodput.py --rates 2,4,8,16 --slo-scale 2 --num-requests 320 --warmup-context 2200 \
       --modes baseline,colm,colm-graphs --out "$OUT/serve_goodput" 2>&1 | grep -v Warn | grep -v retrying | tail -40
     for f in "$OUT"/serve_goodput_*.log; do [ -s "$f" ] && { echo "== $f"; tail -20 "$f"; }; done ;;
+  train)
+    timeout 560 python bench/train_throughput.py --out "$OUT/train_throughput.json" 2>&1 | grep -v Warn | tail -14 ;;
   compare)
     model=${2:?usage: bench/gpu_suite.sh compare compare-dense|compare-16-16|compare-16-16-air|compare-8-8-8-8-air}
     timeout 570 python bench/train_compare.py --data /tmp/compare-data --runs /tmp/compare-runs --models "$model" \

@@ -5,7 +5,9 @@ clip, AdamW) on the same random token batches, side by side in one process, time
 (median over the timed steps after warm-up). Two precision paths are measured:
 
 * ``autocast``: fp32 master weights, ``torch.autocast(bf16)`` (what ``colm train`` does on one GPU;
-  chain Linears go through per-chain cuBLAS GEMMs, since the Triton kernel wants bf16 weights);
+  chain Linears run the Triton kernel on autocast's casts, ``chain_linear_autocast``);
+* ``autocast-ref``: the same with ``COLM_CHAIN_LINEAR=ref``: chain Linears as per-chain cuBLAS GEMMs, how
+  autocast training ran them before the kernel took autocast's casts (the {16,16} models only);
 * ``fsdp-bf16``: FSDP2 over a 1-rank process group with bf16 parameters and fp32 reduction (what
   several GPUs run; chain Linears with more than one chain use the Triton block-sparse kernel).
 
@@ -53,6 +55,9 @@ def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device=
     model = CoLM(cfg, device=device).reset_parameters(seed=0)
     module = TrainModule(model, loss_kind, log_all_scales=False)
     fsdp = precision == "fsdp-bf16"
+    ref = precision == "autocast-ref"
+    if ref:
+        os.environ["COLM_CHAIN_LINEAR"] = "ref"
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -75,6 +80,8 @@ def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device=
         losses.append(float(loss))
         if i >= warmup:
             times.append(elapsed)
+    if ref:
+        os.environ.pop("COLM_CHAIN_LINEAR", None)
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     del module, model, opt
     gc.collect()
@@ -116,6 +123,7 @@ def main() -> None:
         tok = torch.randint(0, vocab, (args.batch, args.seq + 1), generator=g).to(device)
         batches.append((tok[:, :-1], tok[:, 1:]))
     variants = [(m, p, "final") for p in ("autocast", "fsdp-bf16") for m in models]
+    variants[len(models):len(models)] = [("{16,16}", "autocast-ref", "final"), ("{16,16} Air", "autocast-ref", "final")]
     variants += [("{16,16}", "fsdp-bf16", "multi_chain"), ("{16,16} Air", "fsdp-bf16", "multi_chain")]
     rows = []
     tokens = args.batch * args.seq
@@ -136,11 +144,12 @@ def main() -> None:
                      "step_ms_all": [round(t * 1e3, 3) for t in times], "tokens_per_s": tokens / med,
                      "flops_per_token": fpt, "tflops": fpt * tokens / med / 1e12, "mfu": fpt * tokens / med / peak,
                      "peak_mem_gib": mem, "losses": losses, "wall_s": time.perf_counter() - t0})
-        print(f"{mname:14s} {precision:10s} {loss_kind:11s} {med * 1e3:8.1f} ms  {tokens / med:9.0f} tok/s  "
+        print(f"{mname:14s} {precision:12s} {loss_kind:11s} {med * 1e3:8.1f} ms  {tokens / med:9.0f} tok/s  "
               f"MFU {rows[-1]['mfu']:.3f}  mem {mem:.1f} GiB", flush=True)
     base = {r["precision"]: r for r in rows if r.get("model") == "{32} (Llama)" and "error" not in r}
+    base["autocast-ref"] = base.get("autocast")  # the dense model has no chain Linears: one autocast run serves both
     for r in rows:
-        if "error" not in r and r["precision"] in base:
+        if "error" not in r and base.get(r["precision"]):
             r["tokens_per_s_vs_llama"] = r["tokens_per_s"] / base[r["precision"]]["tokens_per_s"]
     try:
         import triton
@@ -156,12 +165,12 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\n{'model':14s} {'precision':10s} {'loss':11s} {'ms/step':>8s} {'tok/s':>9s} {'MFU':>6s} {'vs {32}':>8s}")
+    print(f"\n{'model':14s} {'precision':12s} {'loss':11s} {'ms/step':>8s} {'tok/s':>9s} {'MFU':>6s} {'vs {32}':>8s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:14s} {r['precision']:10s} {r['loss']:11s} {r['error'][:60]}")
+            print(f"{r['model']:14s} {r['precision']:12s} {r['loss']:11s} {r['error'][:60]}")
             continue
-        print(f"{r['model']:14s} {r['precision']:10s} {r['loss']:11s} {r['step_ms_median']:8.1f} {r['tokens_per_s']:9.0f} "
+        print(f"{r['model']:14s} {r['precision']:12s} {r['loss']:11s} {r['step_ms_median']:8.1f} {r['tokens_per_s']:9.0f} "
               f"{r['mfu']:6.3f} {r.get('tokens_per_s_vs_llama', float('nan')):8.3f}")
     torch.distributed.destroy_process_group()
 
