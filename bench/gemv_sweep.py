@@ -53,13 +53,14 @@ def time_config(xs, layers, cfg, reps=30, fused=False):
     from colm.kernels._tuning import graph_time_ms
     from colm.kernels.chain_linear import chain_linear_triton
 
+    # fused: each layer's weights as segments side by side in y
+    segs = [[fl.Segment(w, c) for w, c in zip(ws, itertools.accumulate([0] + [w.shape[0] for w in ws[:-1]]))]
+            for ws in layers] if fused else None
+
     def run():
-        for x, ws in zip(xs, layers):
+        for i, (x, ws) in enumerate(zip(xs, layers)):
             if fused:
-                cols = [0]
-                for w in ws[:-1]:
-                    cols.append(cols[-1] + w.shape[0])
-                fl.fused_linear_forward(x, [fl.Segment(w, c) for w, c in zip(ws, cols)], cfg)
+                fl.fused_linear_forward(x, segs[i], cfg)
             else:
                 chain_linear_triton(x, ws, configs={"fwd": cfg})
 

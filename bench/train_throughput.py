@@ -55,9 +55,12 @@ def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device=
     model = CoLM(cfg, device=device).reset_parameters(seed=0)
     module = TrainModule(model, loss_kind, log_all_scales=False)
     fsdp = precision == "fsdp-bf16"
-    ref = precision == "autocast-ref"
-    if ref:
+    if precision == "autocast-ref":
         os.environ["COLM_CHAIN_LINEAR"] = "ref"
+        try:
+            return run_variant(name, cfg, "autocast", loss_kind, batches, steps, warmup, device)
+        finally:
+            os.environ.pop("COLM_CHAIN_LINEAR", None)
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -80,8 +83,6 @@ def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device=
         losses.append(float(loss))
         if i >= warmup:
             times.append(elapsed)
-    if ref:
-        os.environ.pop("COLM_CHAIN_LINEAR", None)
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     del module, model, opt
     gc.collect()

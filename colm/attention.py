@@ -105,23 +105,19 @@ class ChainAttention(nn.Module):
         if self.__dict__.get("_fused") and _fused.fits(x):  # few rows (decode): q, K and V in one launch
             dq = self.wq.out_prefix[scale - 1]
             y = _fused.fused_linear(x, self._qkv_segments(scale))  # [b, t, Dq_k + 2 * Dkv_k]
-            q = y[..., :dq].view(b, t, -1, hd).transpose(1, 2)
-            k, v = (z.view(b, t, -1, hd).transpose(1, 2) for z in y[..., dq:].chunk(2, dim=-1))
-            if rope:
-                q, k = apply_rope_qk(q, k, cos, sin)
-            return q, k, v
-        q = self.wq(x, scale).view(b, t, -1, hd).transpose(1, 2)
-        if self.cfg.kv_sharing:
-            x1 = x[..., : self.cfg.chain_dims[0]]
-            wkv = self.__dict__.get("_wkv")
-            if wkv is not None:
-                k, v = F.linear(x1, wkv).chunk(2, dim=-1)  # views of one [b, t, 2*Hkv*hd] result
-            else:
-                k, v = self.wk(x1), self.wv(x1)
+            q, (k, v) = y[..., :dq], y[..., dq:].chunk(2, dim=-1)
         else:
-            k, v = self.wk(x, scale), self.wv(x, scale)
-        k = k.view(b, t, -1, hd).transpose(1, 2)
-        v = v.view(b, t, -1, hd).transpose(1, 2)
+            q = self.wq(x, scale)
+            if self.cfg.kv_sharing:
+                x1 = x[..., : self.cfg.chain_dims[0]]
+                wkv = self.__dict__.get("_wkv")
+                if wkv is not None:
+                    k, v = F.linear(x1, wkv).chunk(2, dim=-1)  # views of one [b, t, 2*Hkv*hd] result
+                else:
+                    k, v = self.wk(x1), self.wv(x1)
+            else:
+                k, v = self.wk(x, scale), self.wv(x, scale)
+        q, k, v = (z.view(b, t, -1, hd).transpose(1, 2) for z in (q, k, v))
         if rope:
             q, k = apply_rope_qk(q, k, cos, sin)  # one launch for both on CUDA
         return q, k, v

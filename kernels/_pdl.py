@@ -75,6 +75,12 @@ def launch_options(on: bool) -> dict:
     return {"launch_pdl": True} if on else {}
 
 
+def kernel_kwargs(t: torch.Tensor, rows: int) -> dict:
+    """A launch's PDL keywords: the kernel's ``USE_PDL`` and, where ``use``, ``launch_pdl``."""
+    on = use(t, rows)
+    return {"USE_PDL": on, **launch_options(on)}
+
+
 if HAS_TRITON:
 
     @triton.jit

@@ -32,16 +32,14 @@ def tuning_enabled() -> bool:
     return not interpreting() and os.environ.get("COLM_KERNEL_TUNE", "1") not in ("", "0")
 
 
-def pick(key: Hashable, candidates: Sequence[object], launch: Callable[[object], None], graph: bool = False,
-         cold: bool = False) -> object:
+def pick(key: Hashable, candidates: Sequence[object], launch: Callable[[object], None], graph: bool = False) -> object:
     """The fastest of ``candidates`` for ``key``; ``launch(cfg)`` runs the kernel once with ``cfg``.
 
-    ``graph``: time each candidate replayed from a CUDA graph. For kernels of a few microseconds (decode
-    steps) an eager timing measures the host's launch path, not the kernel, and decode replays graphs.
-    ``cold`` (with ``graph``): each call follows a write of twice the L2 cache, so the operands come from
-    memory as in a decode step, which reads far more weights than L2 holds (replaying one call alone
-    finds them in L2 from the second replay on, and the configurations that win warm are not those that
-    win cold: bench/gemv_sweep.py).
+    ``graph``: time each candidate replayed from a CUDA graph, cold. For kernels of a few microseconds (decode
+    steps) an eager timing measures the host's launch path, not the kernel, and decode replays graphs. Each
+    call follows a write of twice the L2 cache, so the operands come from memory as in a decode step, which
+    reads far more weights than L2 holds (replaying one call alone finds them in L2 from the second replay on,
+    and the configurations that win warm are not those that win cold: bench/gemv_sweep.py).
     Every candidate is timed once; the best three are timed again, longer, and the best of those wins
     (one noisy sample must not decide a shape for the whole process).
     """
@@ -57,7 +55,7 @@ def pick(key: Hashable, candidates: Sequence[object], launch: Callable[[object],
         fn = lambda: launch(cfg)  # noqa: E731
         if graph:
             fn()  # compile outside the capture
-            return graph_time_ms(fn, replays=rep, cold=cold)
+            return graph_time_ms(fn, replays=rep, cold=True)
         return triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median")
 
     with DEVICE_WIDE_LOCK:
@@ -80,6 +78,9 @@ def capture_without_gc(graph, **kwargs):
             gc.enable()
 
 
+_FLUSH: dict = {}  # device -> the buffer a cold timing writes to evict L2
+
+
 def _flush_buffer(device):
     import torch
 
@@ -88,9 +89,6 @@ def _flush_buffer(device):
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (50 << 20)
         buf = _FLUSH[device] = torch.empty(max(2 * l2, 64 << 20) // 4, dtype=torch.float32, device=device)
     return buf
-
-
-_FLUSH: dict = {}
 
 
 def graph_time_ms(fn: Callable[[], None], replays: int, calls: int = 10, cold: bool = False) -> float:

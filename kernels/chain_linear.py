@@ -91,10 +91,13 @@ def _use_triton(x: torch.Tensor, weights, biases) -> bool:
     return all(t.dtype == x.dtype and t.device == x.device for t in tensors)
 
 
+def needs_grad(x: torch.Tensor, weights) -> bool:
+    """Whether autograd records a Linear of ``x`` by ``weights`` here."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+
+
 def _few_rows_inference(x: torch.Tensor, weights) -> bool:
-    if x.numel() > _gemv.MAX_ROWS * x.shape[-1] or os.environ.get("COLM_DECODE_FUSION", "1") in ("", "0"):
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+    return x.numel() <= _gemv.MAX_ROWS * x.shape[-1] and _fused.enabled() and not needs_grad(x, weights)
 
 
 def chain_linear(
@@ -235,20 +238,26 @@ def _aligned(lay: _Layout, tensors) -> bool:
     return all(d % 8 == 0 for d in dims) and all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
+def fwd_tile_rows(weights, cols, b_offs, bn: int) -> list[list[int]]:
+    """Forward-table rows [w_off, P, y_col, n_valid, b_off] per tile of ``bn`` output columns, longest K first, for
+    weights ``[out, P]`` whose outputs start at ``cols`` and biases at element ``b_offs`` (offsets from
+    ``weights[0]``: the kernels reach every weight from that one pointer)."""
+    rows = []
+    for i in sorted(range(len(weights)), key=lambda i: -weights[i].shape[1]):
+        out, p = weights[i].shape
+        w_off = _elem_offset(weights[i], weights[0])
+        rows.extend([w_off + n0 * p, p, cols[i] + n0, min(bn, out - n0), b_offs[i] + n0] for n0 in range(0, out, bn))
+    return rows
+
+
 def _fwd_table(lay, weights, biases, bn, device):
     """Rows [w_off, P_i, y_col, n_valid, b_off] per output tile of BLOCK_N columns, longest K first."""
     ptrs = tuple(w.data_ptr() for w in weights) + (tuple(b.data_ptr() for b in biases) if biases else ())
     key = ("fwd", ptrs, tuple(lay.prefix), tuple(lay.outs), bn, device)
     if key in _TABLES:
         return _TABLES[key]
-    rows = []
-    for i in sorted(range(len(weights)), key=lambda i: -lay.prefix[i]):
-        w_off = _elem_offset(weights[i], weights[0])
-        b_off = _elem_offset(biases[i], biases[0]) if biases else 0
-        for n0 in range(0, lay.outs[i], bn):
-            rows.append([w_off + n0 * lay.prefix[i], lay.prefix[i], lay.out_start[i] + n0,
-                         min(bn, lay.outs[i] - n0), b_off + n0])
-    return _table(key, rows, device)
+    b_offs = [_elem_offset(b, biases[0]) for b in biases] if biases else [0] * len(weights)
+    return _table(key, fwd_tile_rows(weights, lay.out_start, b_offs, bn), device)
 
 
 def _bwd_input_tables(lay, weights, bn, bk, device):
@@ -495,7 +504,7 @@ def _pick(pass_name, key, candidates, launch, config, graph: bool = False):
         return config
     if _tuning.interpreting():
         return INTERPRETER_CONFIG
-    return _tuning.pick(key, candidates, launch, graph=graph, cold=graph)  # graph-timed = decode: weights cold
+    return _tuning.pick(key, candidates, launch, graph=graph)
 
 
 def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = None) -> torch.Tensor:
@@ -675,7 +684,8 @@ def chain_linear_triton(
     return ChainLinearFunction.apply(x, len(weights), biases is not None, configs or {}, *params)
 
 
-# At the end: the few-row kernel's and the Hopper forward variants' modules build on this one's tables and
-# jit helpers.
+# At the end: the few-row kernel's, the Hopper forward variants' and the fused launches' modules build on this
+# one's tables and jit helpers.
 from colm.kernels import chain_linear_gemv as _gemv  # noqa: E402
 from colm.kernels import chain_linear_hopper as _hopper  # noqa: E402
+from colm.kernels import fused_linear as _fused  # noqa: E402

@@ -65,6 +65,16 @@ if _cl.HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _k_piece(ptrs, rk, k_left, EVEN_K: tl.constexpr):
+        """One K piece [R, BLOCK_K] at ``ptrs``; columns at or past ``k_left`` read as 0 unless EVEN_K (never an input
+        column >= P_i, i.e. of a later chain)."""
+        if EVEN_K:
+            piece = tl.load(ptrs)
+        else:
+            piece = tl.load(ptrs, mask=(rk < k_left)[None, :], other=0.0)
+        return piece
+
+    @triton.jit
     def _chain_gemv_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # x [M, P_k], W_1 (base of all W_i), b_1, y [M, ΣO], table
         M, stride_xm, stride_ym,
@@ -83,26 +93,15 @@ if _cl.HAS_TRITON:
         rn_ld = rn if EVEN_N else rn % n_valid
         x_ptrs = x_ptr + rm_ld[:, None] * stride_xm + rk[None, :]  # [BM, BK]
         w_ptrs = w_ptr + w_off + rn_ld[:, None].to(tl.int64) * K + rk[None, :]  # [BN, BK]: rows of W_i
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-        else:
-            w = tl.load(w_ptrs, mask=(rk < K)[None, :], other=0.0)  # never read input columns >= P_i
+        w = _k_piece(w_ptrs, rk, K, EVEN_K)
         _pdl.wait(USE_PDL)
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-        else:
-            x = tl.load(x_ptrs, mask=(rk < K)[None, :], other=0.0)
+        x = _k_piece(x_ptrs, rk, K, EVEN_K)
         part = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]  # [BM, BN, BK]
         for k in range(1, tl.cdiv(K, BLOCK_K)):
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-            if EVEN_K:
-                w = tl.load(w_ptrs)
-                x = tl.load(x_ptrs)
-            else:
-                k_ok = rk < K - k * BLOCK_K
-                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
-                x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            w = _k_piece(w_ptrs, rk, K - k * BLOCK_K, EVEN_K)
+            x = _k_piece(x_ptrs, rk, K - k * BLOCK_K, EVEN_K)
             part += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         acc = tl.sum(part, axis=2)  # [BM, BN]
         if HAS_BIAS:
@@ -138,11 +137,10 @@ def launch_table(x2d, w0, b0, y, tab, outs, prefixes, cfg, aligned: bool) -> Non
     biases from ``b0``, or none); ``outs``/``prefixes``: every weight's rows and input features."""
     m = x2d.shape[0]
     bm, bk = launch_blocks(m, cfg)
-    pdl = _pdl.use(x2d, m)
     _chain_gemv_kernel[(tab.shape[0],)](
         x2d, w0, x2d if b0 is None else b0, y, tab, m, x2d.stride(0), y.stride(0),
         HAS_BIAS=b0 is not None, EVEN_N=all(o % cfg.block_n == 0 for o in outs),
         EVEN_K=all(p % bk == 0 for p in prefixes), ALIGNED=aligned,
-        BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk, USE_PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl.launch_options(pdl),
+        BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl.kernel_kwargs(x2d, m),
     )

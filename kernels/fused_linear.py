@@ -83,18 +83,12 @@ def enabled() -> bool:
     return os.environ.get("COLM_DECODE_FUSION", "1") not in ("", "0")
 
 
-def fits(x: torch.Tensor, segments: Sequence[Segment] | None = None) -> bool:
+def fits(x: torch.Tensor, segments: Sequence[Segment] = ()) -> bool:
     """Whether ``fused_linear`` runs a kernel for ``x`` (CUDA bf16/fp16, <= SMALL_M rows, no autograd)."""
-    if not (_cl.HAS_TRITON and x.is_cuda and enabled()) or os.environ.get("COLM_CHAIN_LINEAR", "") == "ref":
+    weights = [s.weight for s in segments]
+    if not enabled() or x.numel() > _cl.SMALL_M * x.shape[-1] or x.stride(-1) != 1 or _cl.needs_grad(x, weights):
         return False
-    if x.dtype not in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled():
-        return False
-    if x.numel() // max(x.shape[-1], 1) > _cl.SMALL_M or x.stride(-1) != 1:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(s.weight.requires_grad for s in segments or ())):
-        return False
-    return all(s.weight.dtype == x.dtype and s.weight.device == x.device and s.weight.is_contiguous()
-               for s in segments or ())
+    return _cl._use_triton(x, weights, None) and all(w.is_contiguous() for w in weights)
 
 
 def fused_linear(x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
@@ -111,16 +105,11 @@ def fused_linear(x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
 
 def _segments_table(segments, bn, device):
     """Forward-table rows [w_off, P, y_col, n_valid, 0] per tile of ``bn`` columns, longest K first."""
-    base = segments[0].weight
     key = ("segs", tuple((w.data_ptr(), tuple(w.shape), col) for w, col in segments), bn, device)
     if key in _cl._TABLES:
         return _cl._TABLES[key]
-    rows = []
-    for w, col in sorted(segments, key=lambda s: -s.weight.shape[1]):
-        out, p = w.shape
-        w_off = _cl._elem_offset(w, base)
-        rows.extend([w_off + n0 * p, p, col + n0, min(bn, out - n0), 0] for n0 in range(0, out, bn))
-    return _cl._table(key, rows, device)
+    weights = [s.weight for s in segments]
+    return _cl._table(key, _cl.fwd_tile_rows(weights, [s.col for s in segments], [0] * len(segments), bn), device)
 
 
 def _candidates(m: int) -> list:
@@ -168,6 +157,6 @@ def fused_linear_forward(x2d: torch.Tensor, segments: Sequence[Segment], config=
             config = _cl.INTERPRETER_CONFIG
         else:
             key = ("segs", x2d.dtype, x2d.device, tuple(zip(outs, prefixes)), _gemv.block_m(m), aligned)
-            config = _tuning.pick(key, _candidates(m), launch, graph=x2d.is_cuda, cold=True)
+            config = _tuning.pick(key, _candidates(m), launch, graph=x2d.is_cuda)
     launch(config)
     return y

@@ -270,21 +270,20 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens,
     part = (torch.empty((b * hq, splits, d_pad + 2), device=q.device, dtype=torch.float32)
             if splits > 1 else out)
     upcast = _tuning.interpreting() and q.dtype == torch.bfloat16
-    pdl = _pdl.use(q, b)
+    pdl = _pdl.kernel_kwargs(q, b)
     _paged_decode_kernel[(b * hkv, splits)](
         q, k_pool, v_pool, block_tables, context_lens, out, part, out if head_map is None else head_map,
         scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         block_size, splits,
         NUM_KV=hkv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_T=block_t, SPLIT=splits > 1, UPCAST=upcast,
-        HEAD_MAP=head_map is not None, USE_PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **_pdl.launch_options(pdl),
+        HEAD_MAP=head_map is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
     )
     if splits > 1:
         _merge_splits_kernel[(b * hq,)](
             part, out, out.stride(0), out.stride(1), splits,
-            NUM_HEADS=hq, HEAD_DIM=d, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)), USE_PDL=pdl,
-            num_warps=4, **_pdl.launch_options(pdl),
+            NUM_HEADS=hq, HEAD_DIM=d, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4,
+            **pdl,
         )
     return out
 

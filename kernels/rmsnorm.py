@@ -169,23 +169,23 @@ def chain_rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, chain_dims: Sequ
         interp = _tuning.interpreting()
         emulate = (interp and x.dtype == torch.bfloat16, interp and out.dtype == torch.bfloat16)
         res_args = (r2, h, r2.stride(0), h.stride(0))
-        pdl = _pdl.use(x2, rows)
+        pdl = _pdl.kernel_kwargs(x2, rows)
         if len(set(dims)) == 1:
             nc, c = len(dims), dims[0]
             block = triton.next_power_of_2(nc) * triton.next_power_of_2(c)
             _rmsnorm_equal_kernel[(rows,)](
                 x2, weight, out, x2.stride(0), out.stride(0), eps, *res_args,
                 NUM_CHAINS=nc, CHAIN=c, NC_PAD=triton.next_power_of_2(nc), C_PAD=triton.next_power_of_2(c),
-                EMULATE=emulate, HAS_RES=residual is not None, USE_PDL=pdl, num_warps=num_warps or _num_warps(block),
-                enable_fp_fusion=False, **_pdl.launch_options(pdl),
+                EMULATE=emulate, HAS_RES=residual is not None, num_warps=num_warps or _num_warps(block),
+                enable_fp_fusion=False, **pdl,
             )
         else:
             block = triton.next_power_of_2(width)
             _rmsnorm_general_kernel[(rows,)](
                 x2, weight, out, x2.stride(0), out.stride(0), eps, *res_args,
                 BOUNDS=tuple([0] + list(accumulate(dims))), NUM_CHAINS=len(dims), WIDTH=width, BLOCK=block,
-                EMULATE=emulate, HAS_RES=residual is not None, USE_PDL=pdl, num_warps=num_warps or _num_warps(block),
-                enable_fp_fusion=False, **_pdl.launch_options(pdl),
+                EMULATE=emulate, HAS_RES=residual is not None, num_warps=num_warps or _num_warps(block),
+                enable_fp_fusion=False, **pdl,
             )
     if residual is None:
         return out.view(x.shape)

@@ -174,14 +174,13 @@ def rope_qk_to_pool_triton(q, k, v, cos, sin, k_pool, v_pool, slots) -> torch.Te
     if bsz:
         half = hd // 2
         emulate = _tuning.interpreting() and q.dtype == torch.bfloat16
-        pdl = _pdl.use(q, bsz)
         _rope_qk_to_pool_kernel[(bsz,)](
             q, k, v, qo, k_pool, v_pool, slots, cos, sin,
             q.stride(0), q.stride(1), qo.stride(0), qo.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             cos.stride(0) if cos.shape[0] > 1 else 0,
             HQ=hq, HK=k.shape[1], HQ_PAD=triton.next_power_of_2(hq), HK_PAD=triton.next_power_of_2(k.shape[1]),
-            HALF=half, HALF_PAD=triton.next_power_of_2(half), EMULATE_BF16=emulate, USE_PDL=pdl, num_warps=4,
-            enable_fp_fusion=False, **_pdl.launch_options(pdl),
+            HALF=half, HALF_PAD=triton.next_power_of_2(half), EMULATE_BF16=emulate, num_warps=4,
+            enable_fp_fusion=False, **_pdl.kernel_kwargs(q, bsz),
         )
     return qo
 

@@ -90,10 +90,9 @@ def silu_mul_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return out
     emulate = _tuning.interpreting() and a.dtype == torch.bfloat16
     flat = a.is_contiguous() and b.is_contiguous()
-    pdl = _pdl.use(a, a2.shape[0])
     _silu_mul_kernel[(triton.cdiv(n, BLOCK),)](a2, b2, out, n, a2.shape[1], a2.stride(0), b2.stride(0),
-                                                BLOCK=BLOCK, FLAT=flat, EMULATE=emulate, USE_PDL=pdl, num_warps=8,
-                                                enable_fp_fusion=False, **_pdl.launch_options(pdl))
+                                                BLOCK=BLOCK, FLAT=flat, EMULATE=emulate, num_warps=8,
+                                                enable_fp_fusion=False, **_pdl.kernel_kwargs(a, a2.shape[0]))
     return out
 
 
