@@ -43,7 +43,7 @@ GEMV_CONFIGS = [
 # columns per program with 1024-long K pieces led for all three 1B layer shapes; on an H200,
 # gemv_sweep_m1_h200.json, 8 columns led for the wide gate/up launches, by 15 % for the fused one). The
 # tuner picks among these only at one row (2-8 rows: ``GEMV_CONFIGS`` and the GEMM candidates), timing
-# them cold (``_tuning.pick(cold=True)``), so its choice holds for a real step on either GPU. The 2048-long K
+# them cold (``_tuning.pick(graph=True)``), so its choice holds for a real step on either GPU. The 2048-long K
 # pieces (not in either sweep) are for the down projection's long rows, which ran at 62 % of the copy rate with
 # 1024-long pieces (4-8 dependent loads per program); the cold tuner keeps them only where they win.
 GEMV_CONFIGS_M1 = [
