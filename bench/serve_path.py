@@ -7,7 +7,9 @@ process serving a closed-loop load from ``colm loadtest`` (another process):
   colocated             one decode worker that prefills its own prompts in chunks inside its step loop
                         (``DecodeConfig.colocated_prefill``: one process, one CUDA context, no hand-off);
   baseline              the same colocated engine serving the model as a dense one would be served: the FULL
-                        model prefills every prompt (``prefill_scale`` 0) and every request runs at full scale.
+                        model prefills every prompt (``prefill_scale`` 0) and every request runs at full scale;
+  colocated_nocache     colocated with prefix caching off (``DecodeConfig.prefix_caching``): beside ``colocated``
+                        under ``--prefix-len`` (prompts opening with shared prefixes), what the cache saves.
 Per mode: requests/s, output tokens/s, TTFT / TPOT percentiles, goodput at the SLO, and the CPU seconds the
 router, each worker (from /proc) and the load test's client process (rusage) spent per 1000 output tokens, with
 the GPU's busy fraction sampled by nvidia-smi where there is one.
@@ -20,6 +22,7 @@ GB/s; every throughput is also given as a fraction of that limit.
     python bench/serve_path.py --preset llama-3.2-1b-16-16-air --concurrency 64 --num-requests 1500
     python bench/serve_path.py --preset demo --device cpu --concurrency 32 --num-requests 400 \\
         --prompt-len 16,64 --output-len 32,96      # the host cost alone, on a CPU
+    python bench/serve_path.py --modes colocated_nocache,colocated --prefix-len 1024 --num-prefixes 4 ...
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from _timing import measure_gpu  # noqa: E402
 from serve_goodput import build_checkpoint, start_worker  # noqa: E402
 
 MODES = ("batched", "colocated", "baseline")
-ALL_MODES = ("per_request", "batched", "colocated", "baseline")
+ALL_MODES = ("per_request", "batched", "colocated", "baseline", "colocated_nocache")  # nocache: prefix caching off
 
 
 # ------------------------------------------------------------------------------------------- the limit
@@ -95,9 +98,9 @@ def limit_rps(cost: dict, gpu: dict, batch: int) -> dict:
 # ------------------------------------------------------------------------------------------- the run
 def start_workers(mode: str, ckpt: str, wargs, token: str, decode_section: dict) -> dict:
     """{role: (process, address)} of one mode's deployment."""
-    if mode in ("colocated", "baseline"):
+    if mode in ("colocated", "baseline", "colocated_nocache"):
         section = {**decode_section, "colocated_prefill": True, "max_batched_tokens": wargs.max_batched_tokens,
-                   "prefill_scale": 0 if mode == "baseline" else 1}
+                   "prefill_scale": 0 if mode == "baseline" else 1, "prefix_caching": mode != "colocated_nocache"}
         return {"decode": start_worker("decode", ckpt, wargs, token, section)}
     return {"decode": start_worker("decode", ckpt, wargs, token, decode_section),
             "prefill": start_worker("prefill", ckpt, wargs, token, {})}
@@ -173,7 +176,8 @@ def decode_engine_stats(addr: str, token: str) -> dict:
     with grpc.insecure_channel(addr) as ch:
         s = kv_grpc.DecodeWorkerStub(ch).Stats(kv_pb2.DecodeStatsRequest(), metadata=((TOKEN_KEY, token),), timeout=30)
     return {k: getattr(s, k) for k in ("num_steps", "num_steps_launched_ahead", "num_steps_dropped",
-                                       "num_prefill_chunks", "num_finished", "num_failed")}
+                                       "num_prefill_chunks", "num_finished", "num_failed", "num_cached_blocks",
+                                       "num_prefix_query_tokens", "num_prefix_hit_tokens")}
 
 
 def phase_totals(registry) -> dict[str, tuple[float, int]]:
@@ -209,7 +213,8 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
     try:
         base = [sys.executable, "-m", "colm.cli", "loadtest", "--addr", server.grpc_addr,
                 "--prompt-len", args.prompt_len, "--output-len", args.output_len, "--slo-ttft-ms", str(args.slo_ttft_ms),
-                "--slo-tpot-ms", str(args.slo_tpot_ms), "--timeout-s", "300", "--budgets", args.budgets]
+                "--slo-tpot-ms", str(args.slo_tpot_ms), "--timeout-s", "300", "--budgets", args.budgets,
+                "--prefix-len", str(args.prefix_len), "--num-prefixes", str(args.num_prefixes)]
         measured = ["--processes", str(args.client_processes), "--connections", str(args.connections),
                     "--ramp-s", str(args.ramp_s)]
         env = {**os.environ, "TQDM_DISABLE": "1"}
@@ -318,6 +323,10 @@ def main() -> None:
     ap.add_argument("--warmup-requests", type=int, default=128)
     ap.add_argument("--prompt-len", default="512,2048")
     ap.add_argument("--output-len", default="32,96")
+    ap.add_argument("--prefix-len", type=int, default=0,
+                    help="shared prompt prefixes (colm loadtest --prefix-len): tokens before each prompt's own; the "
+                         "limit counts them as prefilled (the limit without a prefix cache)")
+    ap.add_argument("--num-prefixes", type=int, default=1)
     ap.add_argument("--slo-ttft-ms", type=float, default=200.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=10.0)
     ap.add_argument("--num-blocks", type=int, default=0, help="decode pool blocks (0: from free GPU memory)")
@@ -348,14 +357,14 @@ def main() -> None:
     gpu = measure_gpu(args.device) if cuda else None
     lo, hi = (int(x) for x in args.prompt_len.split(","))
     olo, ohi = (int(x) for x in args.output_len.split(","))
-    cost = request_cost(cfg, (lo + hi) / 2, (olo + ohi) / 2, dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+    cost = request_cost(cfg, args.prefix_len + (lo + hi) / 2, (olo + ohi) / 2, dtype_bytes=torch.empty(0, dtype=dtype).element_size())
     limit = limit_rps(cost, gpu, args.concurrency) if gpu else None
 
     scratch = tempfile.mkdtemp(prefix="colm-serve-path-")
     wargs = argparse.Namespace(**{**vars(args), "out": os.path.join(scratch, "worker")})  # worker logs there
     token = secrets.token_urlsafe(24)
     blocks = args.num_blocks or (0 if cuda else 4096)
-    need = int(args.concurrency * ((lo + hi) / 2 + (olo + ohi) / 2) / 16)  # every client's mean request, 16-token blocks
+    need = int(args.concurrency * (args.prefix_len + (lo + hi) / 2 + (olo + ohi) / 2) / 16)  # every client's mean request, 16-token blocks
     if blocks and blocks < need:
         raise SystemExit(f"--num-blocks {blocks}: {args.concurrency} clients of requests of {lo}-{hi} + {olo}-{ohi} "
                          f"tokens hold about {need} blocks at once; give more (or 0: sized from free GPU memory), or "
@@ -423,6 +432,7 @@ def write_payload(args, results: list, limit, run: dict, complete: bool = True) 
                "load": {"concurrency": args.concurrency, "num_requests": args.num_requests,
                         "client_processes": args.client_processes, "connections": args.connections, "ramp_s": args.ramp_s,
                         "prompt_len": args.prompt_len, "output_len": args.output_len,
+                        "prefix_len": args.prefix_len, "num_prefixes": args.num_prefixes,
                         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms},
                "workers": "plain processes (colm.deploy.worker_main), router in the benchmark process",
                "routers": args.routers,

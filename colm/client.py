@@ -42,7 +42,8 @@ class Client:
                 top_k: int = 0, seed: int | None = None, scale: int | None = None, ttft_ms: float | None = None,
                 tpot_ms: float | None = None, deadline_ms: float | None = None, reject: bool = False,
                 stop: tuple[str, ...] = (), prompt_logprobs: bool = False, request_id: str = "",
-                ignore_eos: bool = False, include_stop_str_in_output: bool = False, speculative: int = 0):
+                ignore_eos: bool = False, include_stop_str_in_output: bool = False, speculative: int = 0,
+                cache_salt: str = ""):
         pb2 = self.pb2
         sampling = pb2.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 stop=list(stop), ignore_eos=ignore_eos)
@@ -52,7 +53,8 @@ class Client:
                                    on_miss=pb2.ON_MISS_REJECT if reject else pb2.ON_MISS_DEGRADE)
         req = pb2.GenerateRequest(request_id=request_id, sampling=sampling, budget=budget, scale=scale or 0,
                                   prompt_logprobs=1 if prompt_logprobs else 0,
-                                  include_stop_str_in_output=include_stop_str_in_output, speculative=speculative)
+                                  include_stop_str_in_output=include_stop_str_in_output, speculative=speculative,
+                                  cache_salt=cache_salt)
         if isinstance(prompt, str):
             req.text = prompt.encode("utf-8")
         elif isinstance(prompt, bytes):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import random
 import time
@@ -52,6 +53,11 @@ class LoadSpec:
     # first wave of `concurrency` prompts arriving together queues behind itself and weighs on the TTFT tail of a
     # short run). Counted in the wall time, so the throughput includes the ramp.
     ramp_s: float = 0.0
+    # shared prefixes (a system prompt, few-shot examples): every prompt opens with one of ``num_prefixes`` fixed
+    # prefixes of ``prefix_len`` tokens (drawn from ``seed``, picked uniformly per request), followed by its own
+    # ``prompt_len`` tokens, as vLLM's and SGLang's shared-prefix benchmarks build them. 0 = no prefix
+    prefix_len: int = 0
+    num_prefixes: int = 1
 
     def __post_init__(self) -> None:
         if self.num_requests < 1:
@@ -77,6 +83,9 @@ class LoadSpec:
             raise ValueError(f"rate_share={self.rate_share}: must be in (0, 1]")
         if not self.concurrency and (not self.rates or any(r <= 0 for r in self.rates)):
             raise ValueError(f"rates={self.rates}: need positive request rates (or concurrency > 0)")
+        if self.prefix_len < 0 or self.num_prefixes < 1:
+            raise ValueError(f"prefix_len={self.prefix_len}, num_prefixes={self.num_prefixes}: need prefix_len >= 0 "
+                             "and num_prefixes >= 1")
         for name in ("prompt_len", "output_len"):
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
@@ -120,12 +129,24 @@ class Result:
         return (self.e2e_ms - self.ttft_ms) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
 
 
+@functools.lru_cache(maxsize=8)
+def shared_prefixes(seed: int, prefix_len: int, num_prefixes: int, vocab: int) -> tuple[tuple[int, ...], ...]:
+    """The load's shared prefixes: the same in every client process of one seed."""
+    rng = random.Random(f"colm-loadtest-prefixes-{seed}")
+    return tuple(tuple(rng.randrange(vocab) for _ in range(prefix_len)) for _ in range(num_prefixes))
+
+
 async def one_request(stub, pb2, spec: LoadSpec, rng: random.Random, rate: float, metadata) -> Result:
     kind = rng.choices([b for b, _ in spec.budgets], weights=[w for _, w in spec.budgets])[0]
     b = parse_budget(kind)
     plen = rng.randint(*spec.prompt_len)
     olen = rng.randint(*spec.output_len)
-    req = pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=[rng.randrange(spec.vocab) for _ in range(plen)]),
+    ids = [rng.randrange(spec.vocab) for _ in range(plen)]
+    if spec.prefix_len:
+        ids = list(shared_prefixes(spec.seed, spec.prefix_len, spec.num_prefixes, spec.vocab)[
+            rng.randrange(spec.num_prefixes)]) + ids
+        plen = len(ids)
+    req = pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=ids),
                               sampling=pb2.Sampling(max_new_tokens=olen, ignore_eos=True),
                               budget=pb2.LatencyBudget(ttft_ms=b.get("ttft", 0), tpot_ms=b.get("tpot", 0),
                                                        deadline_ms=b.get("deadline", 0)),

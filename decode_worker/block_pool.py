@@ -24,6 +24,8 @@ import torch
 from colm.config import ModelConfig
 from colm.errors import CapacityError
 
+from colm.decode_worker.prefix_cache import PrefixIndex
+
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
     return (num_tokens + block_size - 1) // block_size
@@ -130,36 +132,92 @@ class PagedKV:
 
 
 class BlockPool(PagedKV):
+    """``PagedKV`` with its free list and reference counts: a block is held by every request whose block list has it
+    (more than one only for a cached prefix block, ``decode_worker.prefix_cache``). A block no request holds is free,
+    or, when it holds a cached prefix, idle: still found by ``match`` and taken over by ``allocate`` when no plain
+    free block is left. ``num_free`` counts both."""
+
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device, dtype: torch.dtype) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks={num_blocks}: must be > 0")
         super().__init__(torch.zeros((2, cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim),
                                      device=device, dtype=dtype))
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
-        self._is_free = [True] * num_blocks
+        self._refs = [0] * num_blocks  # requests holding each block
+        self.cache = PrefixIndex()
         self._lock = threading.Lock()
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + self.cache.num_idle
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks holding a cached prefix (held by requests or idle)."""
+        return self.cache.num_cached
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int) -> list[int]:
+        """``n`` blocks for one request: plain free ones first, then idle cached ones (forgotten, oldest first)."""
         with self._lock:
-            if n > len(self._free):
-                raise CapacityError(f"KV pool full: need {n} blocks, {len(self._free)} of {self.num_blocks} free")
-            blocks = [self._free.pop() for _ in range(n)]
+            if n > self.num_free:
+                raise CapacityError(f"KV pool full: need {n} blocks, {self.num_free} of {self.num_blocks} free")
+            k = min(n, len(self._free))
+            blocks = [self._free.pop() for _ in range(k)] + [self.cache.evict() for _ in range(n - k)]
             for b in blocks:
-                self._is_free[b] = False
+                self._refs[b] = 1
             return blocks
 
     def free(self, blocks: list[int]) -> None:
+        """One request lets ``blocks`` go (its whole block list, in token order)."""
         with self._lock:
+            if len(set(blocks)) != len(blocks):
+                raise ValueError("free: a block appears twice in one block list")
             for b in blocks:
-                if not 0 <= b < self.num_blocks or self._is_free[b]:
+                if not 0 <= b < self.num_blocks or self._refs[b] <= 0:
                     raise ValueError(f"free: block {b} is not allocated (double free or foreign id)")
-            for b in reversed(blocks):  # pushed back so that the next allocate pops them in ascending order
-                self._is_free[b] = True
-                self._free.append(b)
+            # last block first: plain ones are pushed back so that the next allocate pops them in ascending order,
+            # cached ones turn idle deepest first, so a prefix's tail is evicted before its root
+            for b in reversed(blocks):
+                self._refs[b] -= 1
+                if self._refs[b]:
+                    continue
+                if self.cache.holds(b):
+                    self.cache.idle(b)
+                else:
+                    self._free.append(b)
+
+    def match(self, digests: list[bytes]) -> list[int]:
+        """The cached blocks of the longest cached prefix of ``digests`` (``prefix_cache.block_hashes``), now held
+        once more by the caller (give them back with ``free``)."""
+        out: list[int] = []
+        with self._lock:
+            for d in digests:
+                b = self.cache.lookup(d)
+                if b is None:
+                    break
+                if self._refs[b] == 0:
+                    self.cache.take(b)
+                self._refs[b] += 1
+                out.append(b)
+        return out
+
+    def register(self, blocks: list[int], digests: list[bytes]) -> int:
+        """Cache held ``blocks`` (their K/V complete) under ``digests``, pairwise; a digest or block cached already is
+        skipped. The number cached."""
+        n = 0
+        with self._lock:
+            for b, d in zip(blocks, digests):
+                if self._refs[b] > 0 and self.cache.add(d, b):
+                    n += 1
+        return n
+
+    def clear_cache(self) -> int:
+        """Forget every cached prefix (idle blocks become plain free blocks; held ones are freed as plain blocks
+        later). The number of idle blocks freed."""
+        with self._lock:
+            idle = self.cache.clear_idle()
+            self._free.extend(reversed(sorted(idle)))
+            return len(idle)

@@ -21,38 +21,72 @@ from colm.errors import RequestFailedError
 from colm.decode_worker import chunked_prefill
 from colm.decode_worker.block_pool import blocks_for
 from colm.decode_worker.prefill_schedule import Segment, take_chunk
+from colm.decode_worker.prefix_cache import MAX_CACHE_SALT, block_hashes
 
 log = logging.getLogger("colm.decode")
 
 
 class ColocatedPrefill:
-    def prefill_kv(self, request_id: str, token_ids) -> None:
+    def prefill_kv(self, request_id: str, token_ids, cache_salt: str = "") -> None:
         """colocated_prefill: compute the K/V of ``token_ids`` (the prompt but its last token) in this engine's own
-        step loop; the request is admitted once they are all in its blocks."""
+        step loop; the request is admitted once they are all in its blocks. With prefix caching the leading blocks
+        an earlier prompt computed are taken over (at ``reserve`` when it was given the tokens, else here) and only
+        the rest is prefilled; a prompt wholly cached is ready at once."""
         with self._wake:
             req = self._get(request_id)
             try:
                 if not self.config.colocated_prefill:
                     raise ValueError("this decode worker does not prefill prompts itself (colocated_prefill is off)")
-                try:
-                    ids = np.asarray(token_ids, dtype=np.int64)  # [n]
-                except (TypeError, ValueError, OverflowError) as e:
-                    raise ValueError(f"request {request_id}: prompt token ids must be integers ({e})") from None
+                ids = self._prefill_ids(request_id, token_ids, req.prompt_len)
                 if req.layout is not None or req.prompt_tokens is not None:
                     raise ValueError(f"request {request_id}: its KV was already given")
-                if ids.ndim != 1 or len(ids) != req.prompt_len - 1:
-                    raise ValueError(f"request {request_id}: {list(ids.shape)} prompt tokens to prefill, the "
-                                     f"reservation needs {req.prompt_len - 1} (the prompt but its last token)")
-                if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
-                    raise ValueError(f"request {request_id}: prompt token ids must be in 0..{self.cfg.vocab_size - 1}")
+                if req.reserved_tokens is not None and not np.array_equal(ids, req.reserved_tokens):
+                    raise ValueError(f"request {request_id}: the prompt tokens differ from those given at reserve")
             except ValueError as e:
                 self._fail(req, e)
                 raise
+            if req.prefix_digests is None:  # not matched at reserve
+                req.prefix_digests = self._prefix_digests(ids, cache_salt)
+                hits = self.pool.match(req.prefix_digests)
+                if hits:  # the reservation's first blocks (nothing written yet) give way to the cached ones
+                    fresh, req.blocks[: len(hits)] = req.blocks[: len(hits)], hits
+                    self.pool.free(fresh)
+                    req.cached_blocks = len(hits)
             req.prompt_tokens = ids
+            req.prefilled = req.cached_blocks * self.pool.block_size  # the chunks start after the cached blocks
+            if req.prefix_digests:
+                self._num_prefix_query_tokens += len(ids)
+                self._num_prefix_hit_tokens += req.prefilled
             req.timeline.mark("kv_header")
-            if len(ids):
+            if req.prefilled == len(ids):  # nothing left to compute (or an empty prompt)
+                if len(ids):
+                    req.kv_done = True
+                    req.timeline.mark("kv_done")
+                    self._wake.notify_all()
+            else:
                 self._prefill_queue.append(req)
                 self._wake.notify_all()
+
+    def _prefill_ids(self, request_id: str, token_ids, prompt_len: int) -> np.ndarray:
+        """The prompt's tokens but the last as int64 [prompt_len - 1], or ValueError naming what is wrong."""
+        try:
+            ids = np.asarray(token_ids, dtype=np.int64)  # [n]
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"request {request_id}: prompt token ids must be integers ({e})") from None
+        if ids.ndim != 1 or len(ids) != prompt_len - 1:
+            raise ValueError(f"request {request_id}: {list(ids.shape)} prompt tokens to prefill, the "
+                             f"reservation needs {prompt_len - 1} (the prompt but its last token)")
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"request {request_id}: prompt token ids must be in 0..{self.cfg.vocab_size - 1}")
+        return ids
+
+    def _prefix_digests(self, ids: np.ndarray, cache_salt: str = "") -> list[bytes]:
+        """The digests of ``ids``' full blocks, or [] where prefix caching is off."""
+        if not (self.config.prefix_caching and self.config.colocated_prefill):
+            return []
+        if not isinstance(cache_salt, str) or len(cache_salt) > MAX_CACHE_SALT:
+            raise ValueError(f"cache_salt: must be a string of at most {MAX_CACHE_SALT} characters")
+        return block_hashes(ids, self.pool.block_size, cache_salt)
 
     def _take_prefill(self, batch, rounds) -> list:
         """This iteration's prompt chunks (under the lock): what the budget leaves after the decode rows (``batch``:
@@ -128,6 +162,8 @@ class ColocatedPrefill:
             if exc is not None:
                 self._finalize(req, exc)
             elif s.end == len(req.prompt_tokens) and self._requests.get(req.request_id) is req:
+                if req.prefix_digests:  # every full block's K/V is in: later prompts may take them over
+                    self.pool.register(req.blocks[: len(req.prefix_digests)], req.prefix_digests)
                 req.kv_done = True
                 req.timeline.mark("prefill_last_chunk")
                 req.timeline.mark("kv_done")

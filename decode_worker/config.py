@@ -69,6 +69,9 @@ class DecodeConfig:
     max_batched_tokens: int = 2048       # colocated_prefill: tokens per loop iteration, decode rows (1 each, gamma+1
                                          # per speculative row) plus prompt chunks; a longer prompt is split
     max_prefill_segments: int = 32       # colocated_prefill: prompts (or prompt chunks) packed into one iteration
+    prefix_caching: bool = True          # colocated_prefill: a prompt's full blocks whose tokens an earlier prompt
+                                         # began with reuse that prompt's K/V blocks (decode_worker.prefix_cache);
+                                         # only the rest is prefilled
     prefill_scale: int = 1               # colocated_prefill: the sub-model that computes the prompt's K/V. 1 = chain 1
                                          # (CoLM-Air's K/V come from chain 1 alone); 0 = the full model: the same K/V
                                          # at the cost of a dense model's prefill (the load test's baseline)

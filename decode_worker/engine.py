@@ -84,6 +84,9 @@ class DecodeStats:
     # speculative rounds: recent iterations of one (scale, gamma) round and nothing else, keyed "scale:gamma"
     round_ms_by_scale_gamma: dict[str, float] = field(default_factory=dict)
     round_batch_by_scale_gamma: dict[str, float] = field(default_factory=dict)  # their mean batch size
+    num_cached_blocks: int = 0         # prefix caching: blocks holding a cached prompt prefix (held or idle)
+    num_prefix_query_tokens: int = 0   # ... prompt tokens looked up in the cache
+    num_prefix_hit_tokens: int = 0     # ... and found there (not prefilled)
 
 
 class DecodeEngine(KVIntake, ColocatedPrefill):
@@ -126,6 +129,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         self._round_times = StepTimes()  # iterations that were one speculative round only, by "scale:gamma"
         self._num_steps = self._num_finished = self._num_failed = self._num_step_errors = 0
         self._num_drafted = self._num_draft_accepted = 0
+        self._num_prefix_query_tokens = self._num_prefix_hit_tokens = 0
         self._overlap = self.config.overlap_steps if self.config.overlap_steps is not None else self.graphs is not None
         self._ahead: LaunchedStep | None = None  # overlap_steps: the next step, queued before this one was read
         self._num_ahead_used = self._num_ahead_dropped = 0
@@ -189,7 +193,10 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
 
     # ---------------------------------------------------------------- reservation and KV
     def reserve(self, request_id: str, prompt_len: int, max_new_tokens: int,
-                timeout_s: float | None = None) -> Reservation:
+                timeout_s: float | None = None, prefill_tokens=None, cache_salt: str = "") -> Reservation:
+        """Blocks for the prompt and ``max_new_tokens``. ``prefill_tokens`` (colocated_prefill: the prompt but its last
+        token, which ``prefill_kv`` then gives again): with prefix caching, the leading blocks an earlier prompt
+        computed are taken over and only the rest is allocated; ``cache_salt``: the namespace of that cache."""
         if not request_id or not isinstance(request_id, str):
             raise ValueError(f"request_id={request_id!r}: must be a non-empty string")
         if prompt_len < 1 or max_new_tokens < 1:
@@ -198,14 +205,25 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
             raise ValueError(f"prompt_len ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_seq_len={self.cfg.max_seq_len}")
         n = blocks_for(prompt_len + max_new_tokens - 1, self.pool.block_size)
+        ids = digests = None
+        if prefill_tokens is not None:  # hashed outside the lock
+            ids = self._prefill_ids(request_id, prefill_tokens, prompt_len)
+            digests = self._prefix_digests(ids, cache_salt)
         with self._lock:
             if request_id in self._requests:
                 raise ValueError(f"request_id={request_id!r} is already reserved")
             if len(self._requests) >= self.config.max_reservations:
                 raise CapacityError(f"{len(self._requests)} reservations held (max_reservations)")
-            blocks = self.pool.allocate(n)  # CapacityError when the pool is full
+            hits = self.pool.match(digests) if digests else []
+            try:
+                blocks = hits + self.pool.allocate(n - len(hits))  # CapacityError when the pool is full
+            except CapacityError:
+                self.pool.free(hits)
+                raise
             timeout = timeout_s or self.config.reservation_timeout_s
             req = DecodeRequest(request_id, prompt_len, max_new_tokens, blocks, time.monotonic() + timeout)
+            if ids is not None:
+                req.reserved_tokens, req.prefix_digests, req.cached_blocks = ids, digests, len(hits)
             req.timeline.mark("reserved")
             req.kv_done = prompt_len == 1  # nothing before the last token: no KV to wait for
             self._requests[request_id] = req
@@ -578,7 +596,9 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
                 prefill_tokens_per_s=(sum(n for n, _ in self._prefill_recent) /
                                       max(1e-9, sum(t for _, t in self._prefill_recent)) if self._prefill_recent else 0.0),
                 num_prefill_chunks=self._num_prefill_chunks,
-                round_ms_by_scale_gamma=round_ms, round_batch_by_scale_gamma=round_batch)
+                round_ms_by_scale_gamma=round_ms, round_batch_by_scale_gamma=round_batch,
+                num_cached_blocks=self.pool.num_cached, num_prefix_query_tokens=self._num_prefix_query_tokens,
+                num_prefix_hit_tokens=self._num_prefix_hit_tokens)
 
     def kv_dtype(self) -> str:
         from colm.kv_wire import dtype_name

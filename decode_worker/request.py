@@ -145,6 +145,11 @@ class DecodeRequest:
     # abort then only marks ``cancel``: the blocks must not be freed under that forward)
     prompt_tokens: np.ndarray | None = None
     prefilled: int = 0
+    # prefix caching (colocated_prefill): the tokens given at reserve (prefill_kv must give the same), the digests of
+    # their full blocks (``prefix_cache.block_hashes``) and how many leading blocks were cached ones
+    reserved_tokens: np.ndarray | None = None
+    prefix_digests: list[bytes] | None = None
+    cached_blocks: int = 0
     prefilling: bool = False
     # reserved, kv_header, kv_first_chunk, kv_last_chunk (a KV stream's; colocated: prefill_first_chunk,
     # prefill_last_chunk of its own prefill), kv_done, kv_ready, started (start_generation; TokenEvent.time_ms counts

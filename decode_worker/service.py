@@ -115,9 +115,9 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                 raise
             if request.reserve_max_new_tokens:  # the reservation comes with the Start: one call for the request
                 self.engine.reserve(request.request_id, len(prompt) + 1, int(request.reserve_max_new_tokens),
-                                    request.kv_timeout_s or None)
+                                    request.kv_timeout_s or None, prefill_tokens=prompt, cache_salt=request.cache_salt)
             if len(prompt):  # a one-token prompt has no K/V to compute before its first step
-                self.engine.prefill_kv(request.request_id, prompt)
+                self.engine.prefill_kv(request.request_id, prompt, cache_salt=request.cache_salt)
         return self.engine.start_generation(request.request_id, int(request.last_token_id), params,
                                             int(request.scale) or None, request.kv_timeout_s or None,
                                             subscriber=subscriber, speculative=int(request.speculative))
@@ -176,7 +176,10 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                   round_ms_by_scale_gamma=s.round_ms_by_scale_gamma,
                                   round_batch_by_scale_gamma=s.round_batch_by_scale_gamma,
                                   num_steps_launched_ahead=s.num_steps_launched_ahead,
-                                  num_steps_dropped=s.num_steps_dropped, transports=self._transports)
+                                  num_steps_dropped=s.num_steps_dropped, transports=self._transports,
+                                  num_cached_blocks=s.num_cached_blocks,
+                                  num_prefix_query_tokens=s.num_prefix_query_tokens,
+                                  num_prefix_hit_tokens=s.num_prefix_hit_tokens)
 
     def Score(self, request, context):
         rows = self.engine.score(list(request.token_ids), int(request.scale) or None)

@@ -65,6 +65,7 @@ class EngineRequest:
     failover: Any = field(default=None, compare=False)  # asyncio.Future[str] | None
     token_timeout_s: float | None = None
     speculative: int = 0  # chain-1 self-speculative decoding: drafts per round (0 = off)
+    cache_salt: str = ""  # the namespace of a colocated worker's prefix cache (requests of other salts share no K/V)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from colm.router.placement import NoWorker, WorkerRegistry
 from colm.router.policy import Budget, Decision, PolicyConfig, RunningRequest, ScalePolicy
 from colm.router.worker_metrics import WorkerMetricsCollector
 from colm.decode_worker.config import check_speculative
+from colm.decode_worker.prefix_cache import MAX_CACHE_SALT
 from colm.sampling import SamplingParams
 from colm.stopping import StopChecker
 from colm.tokenizer import encode_prompt
@@ -64,6 +65,7 @@ class RequestSpec:
     scale: int | None = None  # pinned
     prompt_logprobs: bool = False
     speculative: int = 0  # chain-1 self-speculative decoding: drafts per round (0 = off)
+    cache_salt: str = ""  # the prefix cache's namespace: K/V are shared only among requests of one salt
     arrival: float = field(default_factory=time.monotonic)
     deadline: float = 0.0  # absolute monotonic
     # the router's own id for the request, unique whatever ids clients send: workers, the registry and the
@@ -253,7 +255,7 @@ class Router:
     # ---- requests ------------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int] | None, text: bytes | str | None, params: SamplingParams | dict,
                  budget: Budget | None = None, scale: int | None = None, request_id: str = "",
-                 prompt_logprobs: bool = False, speculative: int = 0) -> RequestSpec:
+                 prompt_logprobs: bool = False, speculative: int = 0, cache_salt: str = "") -> RequestSpec:
         """Build a RequestSpec or raise ValueError with a message naming the bad field."""
         cfg = self.model_cfg
         if isinstance(params, dict):
@@ -280,11 +282,13 @@ class Router:
             cfg.check_scale(scale)
         if check_speculative(speculative) and not cfg.kv_sharing:
             raise ValueError(f"speculative={speculative}: chain-1 drafts need a CoLM-Air model (shared KV)")
+        if not isinstance(cache_salt, str) or len(cache_salt) > MAX_CACHE_SALT:
+            raise ValueError(f"cache_salt: must be a string of at most {MAX_CACHE_SALT} characters")
         budget = budget or Budget()
         now = time.monotonic()
         deadline_s = budget.deadline_ms / 1000 if budget.deadline_ms else self.cfg.default_deadline_s
         return RequestSpec(request_id or uuid.uuid4().hex, prompt_ids, params, budget, scale, prompt_logprobs,
-                           speculative, arrival=now, deadline=now + deadline_s)
+                           speculative, arrival=now, deadline=now + deadline_s, cache_salt=cache_salt)
 
     async def generate(self, spec: RequestSpec) -> AsyncIterator[Event]:
         """Stream a request's events. Raises Overloaded / BudgetUnmet / DeadlineExceeded / Unavailable."""
@@ -405,7 +409,7 @@ class Router:
             req = EngineRequest(f"{spec.uid}.{attempt}" if attempt else spec.uid, tuple(prompt),
                                 replace(params, max_new_tokens=params.max_new_tokens - len(out), stop_strings=()),
                                 state.scale, left, self.tokenizer.eos_id, self.metrics.observe_phases,
-                                speculative=speculative)
+                                speculative=speculative, cache_salt=spec.cache_salt)
             self.registry.start(prefill.worker_id, spec.uid)
             self.registry.start(decode.worker_id, spec.uid)
             self.running[req.request_id] = (state, decode.worker_id)

@@ -56,14 +56,16 @@ class EngineBackend:
         loop = asyncio.get_running_loop()
         if not de.alive():
             raise WorkerFailed(decode_id, "decode engine stopped")
+        colocated = prefill_id == decode_id  # the decode engine prefills the prompt itself
         try:
-            de.reserve(req.request_id, len(req.prompt_ids), req.params.max_new_tokens, timeout_s=req.timeout_s)
+            de.reserve(req.request_id, len(req.prompt_ids), req.params.max_new_tokens, timeout_s=req.timeout_s,
+                       prefill_tokens=req.prompt_ids[:-1] if colocated else None, cache_salt=req.cache_salt)
         except CapacityError as e:
             raise NoWorker(f"{decode_id}: {e}", full=True) from None
         finished = False
         try:
-            if prefill_id == decode_id:  # colocated: the decode engine prefills the prompt itself
-                de.prefill_kv(req.request_id, req.prompt_ids[:-1])
+            if colocated:
+                de.prefill_kv(req.request_id, req.prompt_ids[:-1], cache_salt=req.cache_salt)
             elif len(req.prompt_ids) > 1:
                 fut = self.prefill[prefill_id].submit(req.request_id, list(req.prompt_ids), LocalKVSink(de, req.request_id),
                                 timeout_s=req.timeout_s)

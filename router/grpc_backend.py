@@ -402,7 +402,8 @@ def _start_request(req: EngineRequest, timeout: float, subscriber: str = "", pro
                                          sampling=sampling_to_decode(req.params), scale=req.scale, kv_timeout_s=timeout,
                                          subscriber=subscriber, speculative=req.speculative,
                                          prompt_token_ids_u32=pack_token_ids(req.prompt_ids[:-1]) if prompt else b"",
-                                         reserve_max_new_tokens=req.params.max_new_tokens if prompt else 0)
+                                         reserve_max_new_tokens=req.params.max_new_tokens if prompt else 0,
+                                         cache_salt=req.cache_salt if prompt else "")
 
 
 def _retrieve(task: asyncio.Future) -> None:

@@ -173,7 +173,7 @@ def spec_from_proto(router: Router, req) -> "object":
     text = req.text if which == "text" else None
     ids = list(req.token_ids.ids) if which == "token_ids" else None
     return router.validate(ids, text, params, budget, req.scale or None, req.request_id, req.prompt_logprobs > 0,
-                           req.speculative)
+                           req.speculative, req.cache_salt)
 
 
 def _decision(d, prompt_tokens: int):

@@ -190,7 +190,7 @@ class HttpApi:
                         on_miss=ext.get("on_miss", "degrade"))
         ids = self.tcfg.encode(prompt, req.add_special_tokens is not False) if isinstance(prompt, str) else prompt
         return self.router.validate(ids, None, params, budget, pinned or scale, prompt_logprobs=echo_logprobs,
-                                    speculative=ext.get("speculative") or 0)
+                                    speculative=ext.get("speculative") or 0, cache_salt=req.cache_salt or "")
 
     def _trimmer(self, req) -> StopTrimmer:
         return StopTrimmer(self._stops(req), bool(req.include_stop_str_in_output))

@@ -21,6 +21,8 @@ prefix. Request-level metrics add ``scale`` (the chains a request ran at); ``wor
 | ``colm:inter_token_latency_seconds`` | ``vllm:inter_token_latency_seconds`` (was ``..._time_per_output_token_...``) | histogram | scale |
 | ``colm:request_time_per_output_token_seconds`` | ``vllm:request_time_per_output_token_seconds`` | histogram | scale |
 | ``colm:e2e_request_latency_seconds`` | ``vllm:e2e_request_latency_seconds`` | histogram | scale |
+| ``colm:prefix_cache_queries_total`` | ``vllm:prefix_cache_queries_total`` (tokens) | counter | worker (colocated) |
+| ``colm:prefix_cache_hits_total`` | ``vllm:prefix_cache_hits_total`` (tokens) | counter | worker (colocated) |
 
 colm's own (no vLLM equivalent: disaggregated prefill/decode, scales, worker health):
 
@@ -142,6 +144,10 @@ class RouterMetrics:
                                       "chain-1 drafts (speculative requests)", m, registry=r).labels(model_name)
         self.e2e = per_model(Histogram("colm:e2e_request_latency_seconds", "End-to-end request latency", m + ["scale"],
                                        buckets=LATENCY_BUCKETS_S, registry=r))
+        self.prefix_queries = per_model(Counter("colm:prefix_cache_queries", "Prompt tokens looked up in a decode "
+                                                "worker's prefix cache", m + ["worker"], registry=r))
+        self.prefix_hits = per_model(Counter("colm:prefix_cache_hits", "Prompt tokens found in a decode worker's prefix "
+                                             "cache (not prefilled)", m + ["worker"], registry=r))
         # colm's own
         self.requests = per_model(Counter("colm_requests", "Finished requests by status and scale",
                                           m + ["status", "scale"], registry=r))
@@ -167,7 +173,7 @@ class RouterMetrics:
                                       registry=r)
         self.transfer_seconds = Counter("colm_kv_transfer_seconds", "Time spent on KV hand-offs", ["worker"],
                                         registry=r)
-        self._transfer_seen: dict[str, tuple[float, float]] = {}  # worker -> (bytes, seconds) its reports gave so far
+        self._seen: dict[tuple[str, str], float] = {}  # (worker, total) -> the worker's total its last report gave
 
     def observe_phases(self, phases: dict[str, float]) -> None:
         for phase, seconds in phases.items():
@@ -188,17 +194,25 @@ class RouterMetrics:
             self.kv_usage.labels(wid).set((r.total_blocks - r.free_blocks) / r.total_blocks if r.total_blocks else 0.0)
         if r.role == "prefill" or r.prefills:  # a colocated decode worker queues its own prompts
             self.prefill_queue.labels(wid).set(r.queued_tokens)
-        nbytes, seconds = float(r.transfer_bytes), float(r.transfer_s)
-        seen_bytes, seen_seconds = self._transfer_seen.get(wid, (0.0, 0.0))
-        # totals that went down were restarted from zero (a new backend or worker): all of the new total is growth
-        self.transfer_bytes.labels(wid).inc(nbytes - seen_bytes if nbytes >= seen_bytes else nbytes)
-        self.transfer_seconds.labels(wid).inc(seconds - seen_seconds if seconds >= seen_seconds else seconds)
-        self._transfer_seen[wid] = (nbytes, seconds)
+        self._grow(self.transfer_bytes.labels(wid), wid, "transfer_bytes", r.transfer_bytes)
+        self._grow(self.transfer_seconds.labels(wid), wid, "transfer_s", r.transfer_s)
+        if r.role == "decode" and r.prefills:
+            self._grow(self.prefix_queries.labels(wid), wid, "prefix_query_tokens", r.prefix_query_tokens)
+            self._grow(self.prefix_hits.labels(wid), wid, "prefix_hit_tokens", r.prefix_hit_tokens)
+
+    def _grow(self, counter, wid: str, name: str, total) -> None:
+        """Add the growth of a worker's running ``total`` since its last report to ``counter``."""
+        total = float(total)
+        seen = self._seen.get((wid, name), 0.0)
+        # a total that went down was restarted from zero (a new backend or worker): all of the new total is growth
+        counter.inc(total - seen if total >= seen else total)
+        self._seen[(wid, name)] = total
 
 
 # Fields of the engines' stats() that only ever grow: served as counters (``..._total``), the rest as gauges.
 CUMULATIVE_STATS = frozenset({"num_done", "num_failed", "num_finished", "num_steps", "num_steps_launched_ahead",
-                              "num_steps_dropped", "num_drafted", "num_draft_accepted", "num_prefill_chunks"})
+                              "num_steps_dropped", "num_drafted", "num_draft_accepted", "num_prefill_chunks",
+                              "num_prefix_query_tokens", "num_prefix_hit_tokens"})
 
 
 class EngineStatsCollector:

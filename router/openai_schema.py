@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 # The limits of the gRPC API, imported from there so that both fronts accept the same requests.
 from colm.decode_worker.config import MAX_GAMMA
+from colm.decode_worker.prefix_cache import MAX_CACHE_SALT
 from colm.proto.convert import MAX_BUDGET_MS, MAX_STOP_CHARS, MAX_STOP_STRINGS, SEED_MAX
 from colm.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 
@@ -179,6 +180,9 @@ class SamplingRequest(BaseModel):
     frequency_penalty: Optional[float] = Field(None, description="0 or null (penalties are not supported)")
     logit_bias: Optional[dict[StrictStr, float]] = Field(None, description="null or {} (logit bias is not supported)")
     user: Optional[StrictStr] = Field(None, description="a string (ignored)")
+    cache_salt: Optional[Annotated[StrictStr, Field(max_length=MAX_CACHE_SALT)]] = Field(
+        None, description=f"a string of at most {MAX_CACHE_SALT} characters: requests share cached prompt K/V only "
+                          "with requests of the same salt")
     colm: Optional[ColmExtras] = Field(None, description="an object with scale, ttft_ms, tpot_ms, deadline_ms, "
                                                          "on_miss, speculative")
     scale: Scale = _scale_field()

@@ -135,6 +135,13 @@ def test_transfer_totals_become_counter_increments():
     m.observe_report(WorkerReport("d0", "decode", total_blocks=8, free_blocks=6))
     assert m.registry.get_sample_value("colm:kv_cache_usage_perc", {"model_name": "m", "worker": "d0"}) == 0.25
     assert m.registry.get_sample_value("colm_kv_blocks_capacity", {"worker": "d0"}) == 8
+    # a colocated worker's prefix-cache totals (tokens) become vLLM's prefix_cache_queries / _hits counters
+    for queries, hits in ((64, 0), (128, 48), (128, 48), (30, 16)):  # the last: totals restarted
+        m.observe_report(WorkerReport("c0", "decode", total_blocks=8, free_blocks=8, prefills=True,
+                                      prefix_query_tokens=queries, prefix_hit_tokens=hits))
+    labels = {"model_name": "m", "worker": "c0"}
+    assert m.registry.get_sample_value("colm:prefix_cache_queries_total", labels) == 128 + 30
+    assert m.registry.get_sample_value("colm:prefix_cache_hits_total", labels) == 48 + 16
 
 
 def test_engine_stats_running_counts_are_counters():

@@ -21,6 +21,9 @@ def add_load_options(p) -> None:
     p.add_argument("--num-requests", type=int, default=200, help="in total, split over the rates")
     p.add_argument("--prompt-len", default="8,32", help="LOW,HIGH tokens (uniform)")
     p.add_argument("--output-len", default="4,16", help="LOW,HIGH tokens (uniform)")
+    p.add_argument("--prefix-len", type=int, default=0,
+                   help="every prompt opens with one of --num-prefixes shared prefixes of this many tokens (0: none)")
+    p.add_argument("--num-prefixes", type=int, default=1, help="shared prefixes to pick from (with --prefix-len)")
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=100.0)
     p.add_argument("--timeout-s", type=float, default=60.0)
@@ -60,7 +63,7 @@ def load_spec(args, budgets: str, **fields):
                 output_len=parse_pair(args.output_len), budgets=parse_mix(budgets), slo_ttft_ms=args.slo_ttft_ms,
                 slo_tpot_ms=args.slo_tpot_ms, timeout_s=args.timeout_s, seed=args.seed,
                 warmup_requests=args.warmup_requests, processes=args.processes, connections=args.connections,
-                ramp_s=args.ramp_s, **({"rates": tuple(float(r) for r in rates.split(","))} if rates else {}))
+                ramp_s=args.ramp_s, prefix_len=args.prefix_len, num_prefixes=args.num_prefixes, **({"rates": tuple(float(r) for r in rates.split(","))} if rates else {}))
     return LoadSpec(**{**spec, **fields})
 
 
