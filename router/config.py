@@ -59,6 +59,11 @@ class RouterConfig:
     speculative: str = "off"
     speculative_gammas: tuple[int, ...] = (2, 4)
     speculative_max_batch: int = 8
+    # prefix affinity (several colocated decode workers): a request goes to the worker the router sent most of its
+    # prompt's leading blocks (that worker's prefix cache likely holds their K/V), among the workers with room that
+    # run at most prefix_affinity_balance sequences more than the least loaded one (router/prefix_affinity.py)
+    prefix_affinity: bool = True
+    prefix_affinity_balance: int = 16
 
     def __post_init__(self) -> None:
         if self.replicas == "auto":
@@ -97,6 +102,10 @@ class RouterConfig:
             object.__setattr__(self, "speculative", "off")
         if self.speculative not in ("off", "auto"):
             raise ValueError(f"router.speculative={self.speculative!r}: must be 'off' or 'auto'")
+        if isinstance(self.prefix_affinity_balance, bool) or not isinstance(self.prefix_affinity_balance, int) \
+                or self.prefix_affinity_balance < 0:
+            raise ValueError(f"router.prefix_affinity_balance={self.prefix_affinity_balance!r}: must be an integer >= 0 "
+                             "(sequences more than the least loaded worker's)")
         gammas = self.speculative_gammas
         if (not isinstance(gammas, (list, tuple)) or not gammas
                 or any(isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= MAX_GAMMA for g in gammas)):

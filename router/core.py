@@ -30,7 +30,7 @@ from colm.router.placement import NoWorker, WorkerRegistry
 from colm.router.policy import Budget, Decision, PolicyConfig, RunningRequest, ScalePolicy
 from colm.router.worker_metrics import WorkerMetricsCollector
 from colm.decode_worker.config import check_speculative
-from colm.decode_worker.prefix_cache import MAX_CACHE_SALT
+from colm.decode_worker.prefix_cache import MAX_CACHE_SALT, block_hashes
 from colm.sampling import SamplingParams
 from colm.stopping import StopChecker
 from colm.tokenizer import encode_prompt
@@ -104,7 +104,8 @@ class Router:
         self.policy = ScalePolicy(PolicyConfig.from_model(
             model_cfg, alpha=cfg.ewma_alpha, headroom=cfg.headroom, speculative=cfg.speculative,
             speculative_gammas=tuple(cfg.speculative_gammas), speculative_max_batch=cfg.speculative_max_batch))
-        self.registry = WorkerRegistry(block_size=block_size, stale_after_s=max(10.0, 20 * cfg.poll_interval_s))
+        self.registry = WorkerRegistry(block_size=block_size, stale_after_s=max(10.0, 20 * cfg.poll_interval_s),
+                                       affinity_balance=cfg.prefix_affinity_balance if cfg.prefix_affinity else None)
         self.admission = Admission(cfg.max_running, cfg.max_queued)
         self.metrics = RouterMetrics(cfg.served_model_name)
         self.metrics.registry.register(WorkerMetricsCollector(
@@ -354,21 +355,25 @@ class Router:
         except StopAsyncIteration:
             return None
 
-    async def _pick(self, spec: RequestSpec, prompt_len: int, total_len: int,
+    async def _pick(self, spec: RequestSpec, prompt: list[int], total_len: int,
                     failed: dict[str, float]) -> tuple:
         """(prefill worker, decode worker) for one attempt. A worker that failed this request is left out until
         it reports again (Ray restarted it). With no healthy worker of a role but one that may come back (not
         dead), wait for it within the request's deadline and ``worker_wait_s``: a single decode worker's
         restart costs its streams seconds, not their requests."""
         give_up = min(spec.deadline, time.monotonic() + self.cfg.worker_wait_s)
+        digests: dict[int, list[bytes]] = {}  # block size -> the prompt's digests, for prefix affinity
         while True:
             exclude = {wid for wid, t in failed.items()
                        if (w := self.registry.workers.get(wid)) is None or w.reported_at <= t}
             try:
-                decode = self.registry.pick_decode(total_len, exclude=exclude)
+                bs = self.registry.affinity_block_size(exclude)
+                if bs and bs not in digests:  # as the worker will hash them: the prompt but its last token
+                    digests[bs] = block_hashes(prompt[:-1], bs, spec.cache_salt)
+                decode = self.registry.pick_decode(total_len, exclude=exclude, digests=digests.get(bs))
                 if self.registry.prefills_itself(decode):  # colocated: it prefills the prompt itself
                     return decode, decode
-                return self.registry.pick_prefill(prompt_len, exclude=exclude), decode
+                return self.registry.pick_prefill(len(prompt), exclude=exclude), decode
             except NoWorker as e:  # every decode pool full is capacity (RESOURCE_EXHAUSTED), not an outage
                 if e.full:
                     raise NoWorker(f"request {spec.request_id}: {e}", full=True) from None
@@ -402,7 +407,7 @@ class Router:
             if left <= 0:
                 raise DeadlineExceeded(f"request {spec.request_id} passed its deadline after {len(out)} tokens")
             prompt = spec.prompt_ids + out
-            prefill, decode = await self._pick(spec, len(prompt), len(prompt) + params.max_new_tokens - len(out),
+            prefill, decode = await self._pick(spec, prompt, len(prompt) + params.max_new_tokens - len(out),
                                                failed)
             attempt = retries + request_failures
             left = spec.deadline - time.monotonic()

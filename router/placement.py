@@ -3,7 +3,9 @@
 The registry keeps each worker's latest report plus what the router itself has sent it since (so
 two requests arriving between reports do not both land on the same "least loaded" worker).
 Prefill: least queued tokens. Decode: enough free KV blocks, then most free blocks per running
-sequence. A worker that fails a call or a health check is taken out until it reports again.
+sequence; among colocated workers within ``affinity_balance`` sequences of the least loaded, the one the
+router sent most of the prompt's leading blocks (``prefix_affinity``: its prefix cache likely holds them).
+A worker that fails a call or a health check is taken out until it reports again.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from colm.router.policy import WorkerReport
+from colm.router.prefix_affinity import PrefixAffinity
 
 
 class NoWorker(Exception):
@@ -39,10 +42,14 @@ class WorkerState:
 
 
 class WorkerRegistry:
-    def __init__(self, block_size: int = 16, stale_after_s: float = 10.0) -> None:
+    def __init__(self, block_size: int = 16, stale_after_s: float = 10.0, affinity_balance: int | None = None) -> None:
         self.block_size = block_size
         self.stale_after_s = stale_after_s
         self.workers: dict[str, WorkerState] = {}
+        # prefix affinity (None: off): the prompt blocks placed per colocated worker, and how many sequences more
+        # than the least loaded worker's a worker may run and still be chosen for its cached prefix
+        self.affinity = PrefixAffinity() if affinity_balance is not None else None
+        self.affinity_balance = affinity_balance or 0
 
     def add(self, worker_id: str, role: str, address: str = "", dead: str = "") -> WorkerState:
         if role not in ("prefill", "decode"):
@@ -70,6 +77,8 @@ class WorkerRegistry:
             return []
         w.healthy = False
         w.failures += 1
+        if self.affinity is not None:  # it may come back restarted, its cache empty
+            self.affinity.forget(worker_id)
         return sorted(w.inflight)
 
     def state(self, w: WorkerState, now: float | None = None) -> str:
@@ -115,7 +124,19 @@ class WorkerRegistry:
         w.pending_tokens += prompt_tokens
         return w
 
-    def pick_decode(self, total_tokens: int, exclude: set[str] = frozenset()) -> WorkerState:
+    def affinity_block_size(self, exclude: set[str] = frozenset()) -> int:
+        """The block size to hash prompts with for prefix affinity: that of the colocated decode workers, when
+        affinity is on and more than one of them could take a request; else 0 (nothing to choose)."""
+        if self.affinity is None:
+            return 0
+        colocated = [w for w in self.healthy("decode") if self.prefills_itself(w) and w.worker_id not in exclude]
+        if len(colocated) < 2:
+            return 0
+        return colocated[0].report.block_size or self.block_size
+
+    def pick_decode(self, total_tokens: int, exclude: set[str] = frozenset(),
+                    digests: list[bytes] | None = None) -> WorkerState:
+        """``digests``: the prompt's block digests (``prefix_cache.block_hashes``) for prefix affinity, or None."""
         need = self.blocks_for(total_tokens)
         cands = [w for w in self.healthy("decode") if w.worker_id not in exclude]
         if not cands:
@@ -132,6 +153,14 @@ class WorkerRegistry:
         if not fit:
             raise NoWorker(f"no decode worker has {need} free KV blocks", full=True)
         w = max(fit, key=lambda w: (free(w) / (1 + batch(w)), -batch(w), w.worker_id))
+        if digests and self.affinity is not None:
+            least = min(batch(c) for c in fit)
+            near = [c for c in fit if self.prefills_itself(c) and batch(c) <= least + self.affinity_balance]
+            hits = {c.worker_id: self.affinity.matched(c.worker_id, digests) for c in near}
+            if hits and max(hits.values()) > 0:
+                w = max(near, key=lambda c: (hits[c.worker_id], free(c) / (1 + batch(c)), -batch(c), c.worker_id))
+            if self.prefills_itself(w):
+                self.affinity.record(w.worker_id, digests)
         w.pending_blocks += need
         w.pending_seqs += 1
         return w

@@ -89,6 +89,7 @@ class WorkerReport:
     draft_accepted: int = 0  # decode: of those, accepted by the target scale
     round_ms: dict[tuple[int, int], float] = field(default_factory=dict)  # decode: recent speculative round time
     round_batch: dict[tuple[int, int], float] = field(default_factory=dict)  # by (scale, gamma), and its batch
+    block_size: int = 0  # decode: tokens per KV block of its pool
     prefix_query_tokens: int = 0  # decode, colocated: prompt tokens looked up in its prefix cache (worker total)
     prefix_hit_tokens: int = 0  # ... and found there
 
@@ -104,7 +105,7 @@ class WorkerReport:
                    drafted=s.num_drafted, draft_accepted=s.num_draft_accepted,
                    round_ms=_by_scale_gamma(s.round_ms_by_scale_gamma),
                    round_batch=_by_scale_gamma(s.round_batch_by_scale_gamma),
-                   prefix_query_tokens=s.num_prefix_query_tokens, prefix_hit_tokens=s.num_prefix_hit_tokens)
+                   block_size=s.block_size, prefix_query_tokens=s.num_prefix_query_tokens, prefix_hit_tokens=s.num_prefix_hit_tokens)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):

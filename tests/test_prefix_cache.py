@@ -385,3 +385,100 @@ def test_the_router_passes_salts_and_the_workers_count_hits(setup):
     finally:
         bg.stop()
     assert_pool_free(de)
+
+
+# ---------------------------------------------------------------- prefix affinity in the router
+def test_affinity_remembers_leading_blocks_per_worker():
+    from colm.router.prefix_affinity import PrefixAffinity
+
+    a = PrefixAffinity(max_digests_per_worker=4)
+    d = [bytes([i]) * 16 for i in range(6)]
+    a.record("w0", d[:3])
+    assert a.matched("w0", d) == 3 and a.matched("w0", d[5:] + d) == 0 and a.matched("w1", d) == 0
+    # past 4 digests the least recently placed goes, deepest first: d[2] (d[0] was placed again, last)
+    a.record("w0", d[:1] + d[3:5])
+    assert a.matched("w0", d) == 2 and a.matched("w0", d[3:]) == 2
+    a.forget("w0")
+    assert a.matched("w0", d) == 0
+    with pytest.raises(ValueError):
+        PrefixAffinity(0)
+
+
+def test_the_registry_follows_a_prefix_within_the_load_balance():
+    """Two colocated workers: a prompt goes where its leading blocks were placed while that worker runs at most
+    ``affinity_balance`` sequences more than the other; past that, to the least loaded one; without digests, or with
+    affinity off, by load alone."""
+    from colm.router.placement import WorkerRegistry
+    from colm.router.policy import WorkerReport
+
+    def registry(balance):
+        reg = WorkerRegistry(block_size=4, affinity_balance=balance)
+        for wid in ("d0", "d1"):
+            reg.update(WorkerReport(wid, "decode", free_blocks=1000, total_blocks=1000, prefills=True, block_size=4))
+        return reg
+
+    a, b = block_hashes(range(40), 4), block_hashes(range(100, 140), 4)
+    reg = registry(2)
+    assert reg.affinity_block_size() == 4
+    first = reg.pick_decode(48, digests=a).worker_id
+    other = reg.pick_decode(48, digests=b).worker_id
+    assert first != other  # by load: the second goes to the idle worker, and its prefix is remembered there
+    picks = [reg.pick_decode(48, digests=a[:6]).worker_id for _ in range(4)]  # the same 6 leading blocks
+    assert picks == [first, first, first, other]  # first runs 3 to other's 1 then: past the balance, load wins
+    assert reg.pick_decode(48, digests=b).worker_id == other
+    plain = registry(None)
+    assert plain.affinity is None and plain.affinity_block_size() == 0
+    assert [plain.pick_decode(48, digests=a).worker_id for _ in range(4)] == ["d1", "d0", "d1", "d0"]
+    reg.mark_unhealthy(first)  # it may come back restarted: its remembered prefixes are dropped
+    reg.update(WorkerReport(first, "decode", free_blocks=1000, total_blocks=1000, prefills=True, block_size=4))
+    assert reg.affinity.matched(first, a) == 0
+
+
+@pytest.mark.parametrize("affinity", [True, False])
+def test_two_colocated_workers_the_router_sends_a_prefix_back_to_its_cache(setup, affinity):
+    """A prompt of prefix A runs on one worker; while a long request of the same prefix keeps that worker busier,
+    another prompt of prefix A goes back to it with affinity (its cache holds A: a hit) and to the idle worker
+    without (a miss). Tokens equal the reference either way."""
+    from colm import checkpoint
+    from colm.client import Client
+    from colm.router.config import RouterConfig
+    from colm.router.core import Router
+    from colm.router.engine_backend import EngineBackend
+    from colm.tokenizer import ByteTokenizer
+    from router_helpers import BackgroundRouter
+
+    path, full = setup
+    engines = {f"decode-{i}": _engine(path, max_batched_tokens=64) for i in range(2)}
+    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, prefix_affinity=affinity),
+                    checkpoint.load_config(path), ByteTokenizer(), EngineBackend({}, engines))
+    bg = BackgroundRouter(router)
+    try:
+        deadline = time.monotonic() + 10
+        while len([w for w in router.registry.healthy("decode") if router.registry.prefills_itself(w)]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        pre = prompts([40], seed=14)[0]
+        p1, long_p, p2 = (pre + t for t in prompts([3, 4, 5], seed=15))
+        params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+        with Client(bg.grpc_addr) as c:
+            assert c.complete(p1, max_new_tokens=4, ignore_eos=True, scale=2)["token_ids"] == \
+                generate(full, p1, params, scale=2).token_ids
+            home = next(wid for wid, e in engines.items() if e.stats().num_prefix_query_tokens)
+            hits = {wid: e.stats().num_prefix_hit_tokens for wid, e in engines.items()}
+            stream = c.stream(long_p, max_new_tokens=400, ignore_eos=True, scale=2)
+            next(ev for ev in stream if ev["kind"] == "token")  # running on its worker now
+            busy = next(wid for wid, e in engines.items() if e.stats().num_running)
+            assert (busy == home) == affinity  # without affinity the idle worker took it
+            time.sleep(0.2)  # a report shows the running request
+            got = c.complete(p2, max_new_tokens=4, ignore_eos=True, scale=2)["token_ids"]
+            assert got == generate(full, p2, params, scale=2).token_ids
+            grew = {wid: e.stats().num_prefix_hit_tokens - hits[wid] for wid, e in engines.items()}
+            if affinity:
+                assert grew[home] == 2 * 40  # the long request's hit and p2's
+            else:
+                assert sum(grew.values()) <= 40  # at most one of them landed where A was cached
+            stream.close()
+    finally:
+        bg.stop()
+    for e in engines.values():
+        assert_pool_free(e)
