@@ -77,7 +77,8 @@ def sweep(addr: str, out: Path, args) -> dict:
     cmd = [sys.executable, "-m", "colm.cli", "loadtest", "--addr", addr, "--rates", args.rates, "--num-requests",
            str(args.num_requests), "--prompt-len", args.prompt_len, "--output-len", args.output_len, "--processes",
            str(args.client_processes), "--slo-ttft-ms", str(args.slo_ttft_ms), "--slo-tpot-ms", str(args.slo_tpot_ms),
-           "--timeout-s", "120", "--out", str(out)]
+           "--timeout-s", "120", "--prefix-len", str(args.prefix_len), "--num-prefixes", str(args.num_prefixes),
+           "--out", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=3600)
     res = json.loads(out.with_suffix(".json").read_text())
     rates = [{k: r[k] for k in ("rate", "throughput_rps", "goodput_rps", "slo_attainment", "ttft_ms", "tpot_ms")}
@@ -122,6 +123,10 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=1500)
     ap.add_argument("--prompt-len", default="512,2048")
     ap.add_argument("--output-len", default="32,96")
+    ap.add_argument("--prefix-len", type=int, default=0,
+                    help="prompts open with one of --num-prefixes shared prefixes of this many tokens (colm loadtest): "
+                         "the replicas' prefix caches and the router's prefix affinity against PD, which caches none")
+    ap.add_argument("--num-prefixes", type=int, default=8)
     ap.add_argument("--client-processes", type=int, default=8)
     ap.add_argument("--slo-ttft-ms", type=float, default=200.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=10.0)
@@ -138,6 +143,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="colm-two-gpu-"))
     out: dict = {"benchmark": "two_gpu", "parts": parts, "preset": args.preset, "device": args.device,
                  "env": ENV, "load": {k: getattr(args, k) for k in ("rates", "num_requests", "prompt_len", "output_len",
+                                                                     "prefix_len", "num_prefixes",
                                                                      "slo_ttft_ms", "slo_tpot_ms")}}
     try:
         import torch

@@ -161,9 +161,13 @@ class ColocatedPrefill:
             exc = failed.get(req) or req.cancel
             if exc is not None:
                 self._finalize(req, exc)
-            elif s.end == len(req.prompt_tokens) and self._requests.get(req.request_id) is req:
-                if req.prefix_digests:  # every full block's K/V is in: later prompts may take them over
-                    self.pool.register(req.blocks[: len(req.prefix_digests)], req.prefix_digests)
+                continue
+            if self._requests.get(req.request_id) is not req:
+                continue
+            if req.prefix_digests:  # the full blocks this chunk completed: later prompts may take them over already
+                done = min(len(req.prefix_digests), s.end // self.pool.block_size)
+                self.pool.register(req.blocks[:done], req.prefix_digests[:done])
+            if s.end == len(req.prompt_tokens):
                 req.kv_done = True
                 req.timeline.mark("prefill_last_chunk")
                 req.timeline.mark("kv_done")

@@ -436,9 +436,9 @@ def test_the_registry_follows_a_prefix_within_the_load_balance():
 
 @pytest.mark.parametrize("affinity", [True, False])
 def test_two_colocated_workers_the_router_sends_a_prefix_back_to_its_cache(setup, affinity):
-    """A prompt of prefix A runs on one worker; while a long request of the same prefix keeps that worker busier,
-    another prompt of prefix A goes back to it with affinity (its cache holds A: a hit) and to the idle worker
-    without (a miss). Tokens equal the reference either way."""
+    """A prompt of prefix A runs on one worker (home); then home holds two more sequences than the other worker, and
+    another prompt of prefix A goes home with affinity (within the balance: a hit) and to the idle worker without (a
+    miss). Tokens equal the reference either way."""
     from colm import checkpoint
     from colm.client import Client
     from colm.router.config import RouterConfig
@@ -452,33 +452,86 @@ def test_two_colocated_workers_the_router_sends_a_prefix_back_to_its_cache(setup
     router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, prefix_affinity=affinity),
                     checkpoint.load_config(path), ByteTokenizer(), EngineBackend({}, engines))
     bg = BackgroundRouter(router)
+
+    def waiting(wid: str) -> int:
+        w = router.registry.workers.get(wid)
+        return w.report.num_waiting if w is not None and w.report is not None else -1
+
     try:
         deadline = time.monotonic() + 10
         while len([w for w in router.registry.healthy("decode") if router.registry.prefills_itself(w)]) < 2:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         pre = prompts([40], seed=14)[0]
-        p1, long_p, p2 = (pre + t for t in prompts([3, 4, 5], seed=15))
+        p1, p2 = (pre + t for t in prompts([3, 5], seed=15))
         params = SamplingParams(max_new_tokens=4, ignore_eos=True)
         with Client(bg.grpc_addr) as c:
             assert c.complete(p1, max_new_tokens=4, ignore_eos=True, scale=2)["token_ids"] == \
                 generate(full, p1, params, scale=2).token_ids
             home = next(wid for wid, e in engines.items() if e.stats().num_prefix_query_tokens)
-            hits = {wid: e.stats().num_prefix_hit_tokens for wid, e in engines.items()}
-            stream = c.stream(long_p, max_new_tokens=400, ignore_eos=True, scale=2)
-            next(ev for ev in stream if ev["kind"] == "token")  # running on its worker now
-            busy = next(wid for wid, e in engines.items() if e.stats().num_running)
-            assert (busy == home) == affinity  # without affinity the idle worker took it
-            time.sleep(0.2)  # a report shows the running request
+            other = next(wid for wid in engines if wid != home)
+            for rid in ("hold-0", "hold-1"):  # reservations waiting for their K/V: home is the busier worker
+                engines[home].reserve(rid, 8, 4)
+            while waiting(home) != 2:  # the router has seen it
+                assert time.monotonic() < deadline + 10
+                time.sleep(0.02)
             got = c.complete(p2, max_new_tokens=4, ignore_eos=True, scale=2)["token_ids"]
             assert got == generate(full, p2, params, scale=2).token_ids
-            grew = {wid: e.stats().num_prefix_hit_tokens - hits[wid] for wid, e in engines.items()}
+            hits = {wid: e.stats().num_prefix_hit_tokens for wid, e in engines.items()}
+            ran = {wid: e.stats().num_prefix_query_tokens for wid, e in engines.items()}
             if affinity:
-                assert grew[home] == 2 * 40  # the long request's hit and p2's
+                assert hits == {home: 40, other: 0} and ran[other] == 0
             else:
-                assert sum(grew.values()) <= 40  # at most one of them landed where A was cached
-            stream.close()
+                assert hits == {home: 0, other: 0} and ran[other] == len(p2) - 1
+            for rid in ("hold-0", "hold-1"):
+                engines[home].abort(rid)
     finally:
         bg.stop()
     for e in engines.values():
         assert_pool_free(e)
+
+
+def test_graphed_chunks_start_after_the_cached_blocks(setup, monkeypatch):
+    """Chunks replayed through the packed prefill graphs (capture replaced by a direct call, as in the colocated
+    engine's tests) start at a cached prefix's end: their attention reads the cached keys through the block list,
+    and the tokens equal the reference."""
+    from test_colocated_engine import _graphed_engine
+
+    path, full = setup
+    de = _graphed_engine(path, monkeypatch, max_batched_tokens=32).start()
+    try:
+        pre = prompts([45], seed=16)[0]
+        params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+        for i, tail in enumerate(prompts([2, 9, 30], seed=17)):
+            p = pre + tail
+            assert [e.token_id for e in _submit(de, f"g{i}", p, params, 2)] == generate(full, p, params,
+                                                                                        scale=2).token_ids
+        assert de.stats().num_prefix_hit_tokens == 2 * 44 and de.prefill_graphs.num_replays >= 3
+    finally:
+        de.stop()
+    assert_pool_free(de)
+
+
+def test_a_prompt_takes_over_the_blocks_a_running_prefill_has_completed(setup):
+    """Driven step by step with 12 tokens an iteration: after the first chunk of a 44-token prefill its 3 full blocks
+    are cached, so a prompt with the same opening that arrives then prefills from token 12 (and the chunk after the
+    next, from the blocks completed meanwhile); tokens equal the reference."""
+    path, full = setup
+    de = _engine(path, max_batched_tokens=12)
+    pre = prompts([44], seed=18)[0]
+    pa, pb, pc = (pre + t for t in prompts([1, 3, 2], seed=19))
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    sa = _submit(de, "a", pa, params, 2)
+    de.step()  # a's first chunk: tokens 0..11
+    sb = _submit(de, "b", pb, params, 1)
+    assert de._requests["b"].cached_blocks == 3 and de._requests["b"].prefilled == 12
+    de.step()
+    de.step()  # a: 12..35 done (b's chunks share the budget after a's)
+    sc = _submit(de, "c", pc, params, 2)
+    assert de._requests["c"].cached_blocks >= 6
+    while de._requests:
+        de.step()
+    for st, p, scale in ((sa, pa, 2), (sb, pb, 1), (sc, pc, 2)):
+        assert [e.token_id for e in st] == generate(full, p, params, scale=scale).token_ids
+    de.stop()
+    assert_pool_free(de)
