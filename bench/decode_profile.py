@@ -2,9 +2,10 @@
 
 For the 1B-shape CoLM-Air {16,16} model at batch B and context C (random weights, random K/V), for each
 variant of the step in one run (``fused_pdl``: the engines' default, q|K/V and gate|up as one launch each,
-one-chain projections through the matrix-vector kernel, and the step's Triton kernels launched with
-programmatic dependent launch (at most 8 rows); ``fused``: the same without PDL, ``COLM_PDL=0``; ``unfused``: also
-``COLM_DECODE_FUSION=0``, the step as it was before either):
+the gate product formed inside the down projection's launch, one-chain projections through the matrix-vector
+kernel, and the step's Triton kernels launched with programmatic dependent launch (at most 8 rows);
+``fused_pdl_noglu``: the same with the gate product as its own launch, ``COLM_DECODE_GLU=0``; ``fused``: the
+default without PDL, ``COLM_PDL=0``; ``unfused``: also ``COLM_DECODE_FUSION=0``, the step as it was before any):
 * the engine's whole step (``DecodeEngine.step``), the captured forward's replay alone (CUDA events),
   and the eager forward, side by side;
 * a ``torch.profiler`` table of one eager forward: GPU time per kernel name, kernel count;
@@ -13,7 +14,7 @@ programmatic dependent launch (at most 8 rows); ``fused``: the same without PDL,
   copy rate measured in the same run (as ``bench/engines.py`` computes it), and each step over it.
 
     python bench/decode_profile.py [--out FILE] [--batch 1] [--context 2048] [--scale 2]
-                                   [--variants unfused,fused,fused_pdl]
+                                   [--variants unfused,fused,fused_pdl_noglu,fused_pdl]
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import torch
 from _results import run_meta, write_result  # bench/ is sys.path[0] when a bench runs as a script
 from _timing import cuda_ms, kernel_table
 
-VARIANTS = {"unfused": {"COLM_DECODE_FUSION": "0", "COLM_PDL": "0"},
-            "fused": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "0"},
-            "fused_pdl": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1"}}
+VARIANTS = {"unfused": {"COLM_DECODE_FUSION": "0", "COLM_PDL": "0", "COLM_DECODE_GLU": "0"},
+            "fused": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "0", "COLM_DECODE_GLU": "1"},
+            "fused_pdl_noglu": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1", "COLM_DECODE_GLU": "0"},
+            "fused_pdl": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1", "COLM_DECODE_GLU": "1"}}
 
 
 def main() -> None:
@@ -40,7 +42,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--scale", type=int, default=2)
     ap.add_argument("--model", default="llama-3.2-1b-16-16-air")
-    ap.add_argument("--variants", default="unfused,fused,fused_pdl")
+    ap.add_argument("--variants", default="unfused,fused,fused_pdl_noglu,fused_pdl")
     args = ap.parse_args()
     import colm.kernels._tuning as tuning
     from colm.model import CoLM

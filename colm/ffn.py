@@ -22,7 +22,8 @@ class ChainFFN(nn.Module):
 
     def fuse_gate_up(self) -> None:
         """Inference engines: at decode's few rows, the gate and up chains in one launch
-        (``colm.kernels.fused_linear``); the weights stay as they are."""
+        (``colm.kernels.fused_linear``), and at up to 8 bf16 rows the gate product inside the down projection's
+        launch (``fused_linear_glu``); the weights stay as they are."""
         self.__dict__["_fused"] = True  # a plain attribute: not part of the module's state
 
     def forward(self, x: torch.Tensor, scale: int) -> torch.Tensor:
@@ -30,5 +31,7 @@ class ChainFFN(nn.Module):
         if self.__dict__.get("_fused") and _fused.fits(x):
             f = self.w1.out_prefix[scale - 1]
             gu = _fused.fused_linear(x, self.w1.segments(scale) + self.w3.segments(scale, col=f))  # [b, t, 2*F_k]
+            if _fused.glu_fits(gu):  # the down projection forms silu(gate) * up as it reads its input: one launch
+                return _fused.fused_linear_glu(gu, f, self.w2.segments(scale))
             return self.w2(silu_mul(gu[..., :f], gu[..., f:]), scale)
         return self.w2(silu_mul(self.w1(x, scale), self.w3(x, scale)), scale)  # one launch on CUDA

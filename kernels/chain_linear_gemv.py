@@ -21,7 +21,7 @@ import importlib
 
 import torch
 
-from colm.kernels import _pdl
+from colm.kernels import _pdl, _tuning
 
 # the module, not the function of the same name that ``colm.kernels`` re-exports
 _cl = importlib.import_module("colm.kernels.chain_linear")
@@ -64,6 +64,8 @@ if _cl.HAS_TRITON:
     import triton
     import triton.language as tl
 
+    _round_bf16 = importlib.import_module("colm.kernels.rmsnorm")._round_bf16
+
     @triton.jit
     def _k_piece(ptrs, rk, k_left, EVEN_K: tl.constexpr):
         """One K piece [R, BLOCK_K] at ``ptrs``; columns at or past ``k_left`` read as 0 unless EVEN_K (never an input
@@ -75,13 +77,34 @@ if _cl.HAS_TRITON:
         return piece
 
     @triton.jit
+    def _x_piece(ptrs, rk, k_left, glu_off, EVEN_K: tl.constexpr, GLU: tl.constexpr, EMULATE: tl.constexpr):
+        """The input's K piece [R, BLOCK_K] at ``ptrs``; with GLU, silu(g) * u of the gate piece there and the up piece
+        ``glu_off`` elements on, rounded as ``swiglu.silu_mul`` rounds (SiLU in fp32 to the input dtype, then the
+        product in fp32 to it; EMULATE: by hand, in the interpreter)."""
+        if GLU:
+            g = _k_piece(ptrs, rk, k_left, EVEN_K).to(tl.float32)
+            u = _k_piece(ptrs + glu_off, rk, k_left, EVEN_K)
+            s = g / (1.0 + tl.exp(-g))
+            if EMULATE:
+                s = _round_bf16(s)
+            o = s.to(u.dtype).to(tl.float32) * u.to(tl.float32)
+            if EMULATE:
+                o = _round_bf16(o)
+            piece = o.to(u.dtype)
+        else:
+            piece = _k_piece(ptrs, rk, k_left, EVEN_K)
+        return piece
+
+    @triton.jit
     def _chain_gemv_kernel(
-        x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # x [M, P_k], W_1 (base of all W_i), b_1, y [M, ΣO], table
-        M, stride_xm, stride_ym,
+        x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # x [M, P_k] (GLU: [M, glu_off + P_k], gate | up), W_1, b_1, y [M, ΣO]
+        M, stride_xm, stride_ym, glu_off,
         HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
+        GLU: tl.constexpr = False, EMULATE: tl.constexpr = False,
     ):
-        """y[:, tile columns] = x[:, :P_i] @ W_i[tile rows]ᵀ for table row ``program_id`` (all M rows).
+        """y[:, tile columns] = x[:, :P_i] @ W_i[tile rows]ᵀ for table row ``program_id`` (all M rows); with GLU the
+        input is silu(x[:, :P_i]) * x[:, glu_off : glu_off + P_i] (the FFN's gate product, never written out).
 
         The first K piece of the tile's weights is read before the PDL wait (no kernel writes weights or
         the table), so with PDL it is in flight while the previous kernel finishes."""
@@ -95,13 +118,13 @@ if _cl.HAS_TRITON:
         w_ptrs = w_ptr + w_off + rn_ld[:, None].to(tl.int64) * K + rk[None, :]  # [BN, BK]: rows of W_i
         w = _k_piece(w_ptrs, rk, K, EVEN_K)
         _pdl.wait(USE_PDL)
-        x = _k_piece(x_ptrs, rk, K, EVEN_K)
+        x = _x_piece(x_ptrs, rk, K, glu_off, EVEN_K, GLU, EMULATE)
         part = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]  # [BM, BN, BK]
         for k in range(1, tl.cdiv(K, BLOCK_K)):
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             w = _k_piece(w_ptrs, rk, K - k * BLOCK_K, EVEN_K)
-            x = _k_piece(x_ptrs, rk, K - k * BLOCK_K, EVEN_K)
+            x = _x_piece(x_ptrs, rk, K - k * BLOCK_K, glu_off, EVEN_K, GLU, EMULATE)
             part += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         acc = tl.sum(part, axis=2)  # [BM, BN]
         if HAS_BIAS:
@@ -132,15 +155,17 @@ def gemv_forward(x2d: torch.Tensor, weights, biases, lay, y: torch.Tensor, cfg, 
     launch_table(x2d, weights[0], biases[0] if biases else None, y, tab, lay.outs, lay.prefix, cfg, aligned)
 
 
-def launch_table(x2d, w0, b0, y, tab, outs, prefixes, cfg, aligned: bool) -> None:
+def launch_table(x2d, w0, b0, y, tab, outs, prefixes, cfg, aligned: bool, glu_off: int = 0) -> None:
     """One matrix-vector launch over a forward tile table whose weights are reached from ``w0`` (and
-    biases from ``b0``, or none); ``outs``/``prefixes``: every weight's rows and input features."""
+    biases from ``b0``, or none); ``outs``/``prefixes``: every weight's rows and input features. ``glu_off`` > 0:
+    x2d holds the FFN's gate | up halves, the up half ``glu_off`` columns on, and the input is silu(gate) * up."""
     m = x2d.shape[0]
     bm, bk = launch_blocks(m, cfg)
     _chain_gemv_kernel[(tab.shape[0],)](
-        x2d, w0, x2d if b0 is None else b0, y, tab, m, x2d.stride(0), y.stride(0),
+        x2d, w0, x2d if b0 is None else b0, y, tab, m, x2d.stride(0), y.stride(0), glu_off,
         HAS_BIAS=b0 is not None, EVEN_N=all(o % cfg.block_n == 0 for o in outs),
         EVEN_K=all(p % bk == 0 for p in prefixes), ALIGNED=aligned,
-        BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+        BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk, GLU=glu_off > 0,
+        EMULATE=glu_off > 0 and _tuning.interpreting() and x2d.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl.kernel_kwargs(x2d, m),
     )

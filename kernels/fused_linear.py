@@ -16,7 +16,13 @@ the first segment's address. So every kernel that walks that table runs a segmen
 * up to ``chain_linear.SMALL_M`` rows: the chain-linear GEMM kernel;
 
 each weighed by the tuner (graph replays with the weights cold, as decode runs) against one cuBLAS call
-per segment, the unfused baseline. ``fused_linear_ref`` is the per-segment loop and the path everywhere
+per segment, the unfused baseline.
+
+``fused_linear_glu`` is the FFN's down projection at up to ``chain_linear_gemv.MAX_ROWS`` rows (bf16): its input
+is the gate product silu(gate) * up of the fused gate|up result, which the matrix-vector kernel computes as it loads
+each K piece (rounded as ``swiglu.silu_mul`` rounds), so the product is never written and its launch is gone. The
+tuner weighs it against the two launches it replaces (``SEPARATE_GLU``: ``silu_mul``, then the down projection as
+tuned alone). ``COLM_DECODE_GLU=0`` turns only this off (the decode-step benchmark's side-by-side variant). ``fused_linear_ref`` is the per-segment loop and the path everywhere
 else (CPU, more rows, autograd, mixed dtypes). ``COLM_DECODE_FUSION=0`` turns the fused launches off
 (``fits`` is False, so the model runs its separate projections) and with them the one-chain
 matrix-vector routing of ``chain_linear``: the decode step as it was before fusion, for side-by-side
@@ -37,6 +43,7 @@ _cl = importlib.import_module("colm.kernels.chain_linear")
 _gemv = importlib.import_module("colm.kernels.chain_linear_gemv")
 
 PER_SEGMENT_CUBLAS = _cl.PER_CHAIN_CUBLAS  # the tuner's unfused candidate: one F.linear per segment
+SEPARATE_GLU = _cl.GemmConfig(0, 0, 0, 0, 1)  # fused_linear_glu's unfused candidate: silu_mul, then fused_linear
 
 
 class Segment(NamedTuple):
@@ -160,3 +167,70 @@ def fused_linear_forward(x2d: torch.Tensor, segments: Sequence[Segment], config=
             config = _tuning.pick(key, _candidates(m), launch, graph=x2d.is_cuda)
     launch(config)
     return y
+
+
+def glu_fits(gu: torch.Tensor, segments: Sequence[Segment] = ()) -> bool:
+    """Whether ``fused_linear_glu`` runs the kernel for ``gu`` (CUDA bf16, <= MAX_ROWS rows, no autograd)."""
+    rows = gu.numel() // max(gu.shape[-1], 1)
+    if os.environ.get("COLM_DECODE_GLU", "1") in ("", "0"):
+        return False
+    return gu.dtype == torch.bfloat16 and rows <= _gemv.MAX_ROWS and fits(gu, segments)
+
+
+def fused_linear_glu(gu: torch.Tensor, f: int, segments: Sequence[Segment]) -> torch.Tensor:
+    """y [..., width] = every segment's Linear of silu(gu[..., :f]) * gu[..., f:2f]: one launch where ``glu_fits``
+    (the gate product formed as the weights stream), else ``silu_mul`` and ``fused_linear``."""
+    from colm.kernels.swiglu import silu_mul
+
+    if gu.shape[-1] != 2 * f:
+        raise ValueError(f"fused_linear_glu: the gate|up input is {gu.shape[-1]} wide, expected 2 x {f}")
+    if not glu_fits(gu, segments):
+        return fused_linear(silu_mul(gu[..., :f], gu[..., f:]), segments)
+    check_segments(gu[..., :f], segments)
+    g2d = gu.reshape(-1, gu.shape[-1])
+    y = fused_linear_glu_forward(g2d, f, segments)
+    return y.view(*gu.shape[:-1], y.shape[-1])
+
+
+def fused_linear_glu_forward(gu2d: torch.Tensor, f: int, segments: Sequence[Segment], config=None) -> torch.Tensor:
+    """y [M, width] from gu2d [M, 2f] (unit column stride, M <= MAX_ROWS), ``config`` pinned or tuned per shape."""
+    from colm.kernels.swiglu import silu_mul
+
+    m = gu2d.shape[0]
+    if m > _gemv.MAX_ROWS:
+        raise ValueError(f"fused_linear_glu: {m} rows, at most {_gemv.MAX_ROWS}")
+    width = out_width(segments)
+    weights = [s.weight for s in segments]
+    dims = [d for w in weights for d in w.shape] + [s.col for s in segments] + [f]
+    aligned = (all(d % 8 == 0 for d in dims) and all(t.data_ptr() % 16 == 0 for t in weights + [gu2d])
+               and gu2d.stride(0) % 8 == 0)
+    outs, prefixes = [w.shape[0] for w in weights], [w.shape[1] for w in weights]
+    out: list[torch.Tensor] = []
+
+    def separate() -> torch.Tensor:
+        return fused_linear_forward(silu_mul(gu2d[:, :f], gu2d[:, f:]), segments)
+
+    def launch(cfg):
+        out.clear()
+        if cfg == SEPARATE_GLU:
+            out.append(separate())
+            return
+        y = torch.empty((m, width), device=gu2d.device, dtype=gu2d.dtype)
+        tab = _segments_table(segments, cfg.block_n, gu2d.device)
+        _gemv.launch_table(gu2d, weights[0], None, y, tab, outs, prefixes, cfg, aligned and y.data_ptr() % 16 == 0,
+                           glu_off=f)
+        out.append(y)
+
+    if m == 0:
+        return torch.empty((0, width), device=gu2d.device, dtype=gu2d.dtype)
+    if config is None:
+        if _tuning.interpreting():
+            config = _cl.INTERPRETER_CONFIG
+        else:
+            key = ("glu", gu2d.dtype, gu2d.device, tuple(zip(outs, prefixes)), f, _gemv.block_m(m), aligned)
+            if key not in _tuning._BEST:
+                separate()  # the separate path's own tuning settles first, outside this one's timed captures
+            gemv = _gemv.GEMV_CONFIGS_M1 if m == 1 else _gemv.GEMV_CONFIGS
+            config = _tuning.pick(key, list(gemv) + [SEPARATE_GLU], launch, graph=gu2d.is_cuda)
+    launch(config)
+    return out[0]

@@ -144,6 +144,80 @@ def test_interpreter_model_decode_fused_matches_unfused(monkeypatch, preset):
     assert len(calls) == 2 * n_layers * 3 * model.cfg.num_chains  # q|kv and gate|up, 3 forwards, every scale
 
 
+def _glu_ref64(gu, f, segs):
+    """The gate product rounded as silu_mul rounds it (bf16), then the segments' Linears in float64."""
+    from colm.kernels.swiglu import silu_mul_ref
+
+    return _ref64(silu_mul_ref(gu[:, :f], gu[:, f:]), segs)
+
+
+# (down projection segments [out, P], gate width f): two chains of a 2-chain FFN; one chain; a ragged prefix
+GLU_CASES = [
+    ([(16, 32), (16, 64)], 64),
+    ([(24, 48)], 48),
+    ([(8, 20), (8, 40)], 40),
+]
+
+
+@interp
+@pytest.mark.parametrize("shapes,f", GLU_CASES)
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("cfg", GEMV)
+def test_interpreter_gemv_forms_the_gate_product_as_it_loads(shapes, f, rows, cfg):
+    """The down projection's launch with silu(gate) * up formed in its K pieces equals silu_mul's product (the same
+    kernel math, rounded to bf16) through the same launch bit for bit, and a float64 reference within bf16."""
+    from colm.kernels.swiglu import silu_mul_triton
+
+    torch.manual_seed(hash((tuple(shapes), f, rows, cfg)) % 2**31)
+    segs = _segments(shapes, torch.bfloat16, "cpu")
+    gu = (torch.randn(rows, 2 * f) * 2).to(torch.bfloat16)
+    y = fl.fused_linear_glu_forward(gu, f, segs, cfg)
+    separate = fl.fused_linear_forward(silu_mul_triton(gu[:, :f], gu[:, f:]), segs, cfg)
+    assert torch.equal(y, separate)
+    assert _rel(y, _glu_ref64(gu, f, segs)) < 1e-2
+
+
+@interp
+def test_interpreter_gate_product_never_reads_past_a_prefix():
+    """A 20-feature chain reads gate and up columns < 20 only: NaN in gate[20:] and up[20:] must not reach it."""
+    torch.manual_seed(4)
+    segs = _segments([(8, 20), (8, 40)], torch.bfloat16, "cpu")
+    gu = torch.randn(2, 80).to(torch.bfloat16)
+    gu[:, 20:40] = float("nan")
+    gu[:, 60:] = float("nan")
+    y = fl.fused_linear_glu_forward(gu, 40, segs, GEMV[1])
+    ref = _glu_ref64(torch.cat([gu[:, :20], gu[:, 40:60]], 1), 20, [segs[0]])
+    assert not torch.isnan(y[:, :8]).any() and _rel(y[:, :8], ref) < 1e-2
+    assert torch.isnan(y[:, 8:]).all()
+
+
+@interp
+def test_interpreter_ffn_takes_the_gate_product_launch(monkeypatch):
+    """A bf16 chain FFN with its fused launches forced on the CPU: a 3-row input takes gate|up, then one down
+    launch with the gate product inside, at every scale, within bf16 of the FFN's separate ops."""
+    from colm.ffn import ChainFFN
+    from colm.presets import preset
+
+    torch.manual_seed(5)
+    cfg = preset("tiny-air")
+    ffn = ChainFFN(cfg, dtype=torch.bfloat16)
+    for lin in (ffn.w1, ffn.w2, ffn.w3):
+        lin.reset_parameters(std=0.2)
+    xs = {s: torch.randn(3, cfg.scale_dim(s)).to(torch.bfloat16) for s in range(1, cfg.num_chains + 1)}
+    with torch.no_grad():
+        want = {s: ffn(x, s) for s, x in xs.items()}  # not fused yet: the separate ops
+    ffn.fuse_gate_up()
+    real, real_glu, calls = fl.fused_linear_forward, fl.fused_linear_glu_forward, []
+    monkeypatch.setattr(fl, "fits", lambda x, segments=None: True)
+    monkeypatch.setattr(fl, "fused_linear_forward", lambda x2d, segs, config=None: real(x2d, segs, GEMV[1]))
+    monkeypatch.setattr(fl, "fused_linear_glu_forward",
+                        lambda gu, f, segs, config=None: calls.append(f) or real_glu(gu, f, segs, GEMV[1]))
+    with torch.no_grad():
+        for s, x in xs.items():
+            assert _rel(ffn(x, s), want[s].double()) < 2e-2
+    assert calls == [ffn.w1.out_prefix[s - 1] for s in xs]
+
+
 def test_check_segments_names_the_bad_segment():
     x = torch.randn(2, 16)
     w = torch.randn(8, 16)
@@ -179,6 +253,26 @@ def test_cuda_1b_shapes_tuned(rows, name):
         assert fl.fits(x, segs)
         y = fl.fused_linear(x, segs)
     assert _rel(y, _ref64(x, segs)) < 1e-2
+
+
+@cuda
+@pytest.mark.parametrize("rows", [1, 4, 8])
+def test_cuda_gate_product_launch_equals_the_separate_ops(rows):
+    """At the 1B {16,16} down projection (chains of 4096 and 8192 inputs, 1024 outputs each): every matrix-vector
+    configuration gives bit for bit what silu_mul's product gives through the same launch, and the tuned launch is
+    within bf16 of float64."""
+    from colm.kernels.swiglu import silu_mul
+
+    torch.manual_seed(rows)
+    segs = _segments([(1024, 4096), (1024, 8192)], torch.bfloat16, "cuda")
+    gu = (torch.randn(rows, 2 * 8192, device="cuda") * 2).to(torch.bfloat16)
+    x = silu_mul(gu[:, :8192], gu[:, 8192:])
+    with torch.no_grad():
+        for cfg in (fl._gemv.GEMV_CONFIGS_M1 if rows == 1 else fl._gemv.GEMV_CONFIGS):
+            assert torch.equal(fl.fused_linear_glu_forward(gu, 8192, segs, cfg), fl.fused_linear_forward(x, segs, cfg))
+        assert fl.glu_fits(gu, segs)
+        y = fl.fused_linear_glu(gu, 8192, segs)
+    assert _rel(y, _glu_ref64(gu, 8192, segs)) < 1e-2
 
 
 @cuda

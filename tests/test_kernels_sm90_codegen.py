@@ -128,7 +128,7 @@ def test_chain_linear_gemv_compiles_without_spills(cfg, rows):
     """The few-row kernel at the block shape its launcher picks for ``rows``: 16-byte weight loads, no spills."""
     bm, bk = gv.launch_blocks(rows, cfg)
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tab_ptr": "*i64", "M": "i32",
-           "stride_xm": "i32", "stride_ym": "i32"}
+           "stride_xm": "i32", "stride_ym": "i32", "glu_off": "i32"}
     for even, bias in ((True, False), (False, True)):
         const = dict(HAS_BIAS=bias, EVEN_N=even, EVEN_K=even, ALIGNED=True, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk)
         k = off.compile_kernel(gv._chain_gemv_kernel, sig, const, cfg.num_warps, cfg.num_stages,
@@ -145,7 +145,7 @@ def test_chain_linear_gemv_with_pdl_reads_weights_before_the_wait(cfg):
     flight while the previous kernel ends) and the input after it; it then lets its successor launch."""
     bm, bk = gv.launch_blocks(1, cfg)
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tab_ptr": "*i64", "M": "i32",
-           "stride_xm": "i32", "stride_ym": "i32"}
+           "stride_xm": "i32", "stride_ym": "i32", "glu_off": "i32"}
     const = dict(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, ALIGNED=True, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk,
                  USE_PDL=True)
     k = off.compile_kernel(gv._chain_gemv_kernel, sig, const, cfg.num_warps, cfg.num_stages,
@@ -155,6 +155,26 @@ def test_chain_linear_gemv_with_pdl_reads_weights_before_the_wait(cfg):
     assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx[:wait]), "no weight load before the wait"
     assert "griddepcontrol.launch_dependents" in ptx[wait:]
     assert off.resource_usage(k)["LOCAL"] == 0
+
+
+@pytest.mark.parametrize("cfg", gv.GEMV_CONFIGS_M1 + gv.GEMV_CONFIGS, ids=lambda c: f"n{c.block_n}-k{c.block_k}-w{c.num_warps}")
+def test_chain_linear_gemv_with_the_gate_product_compiles_without_spills(cfg):
+    """The down projection's launch that forms silu(gate) * up as it loads its input (GLU), with PDL at one row:
+    no local memory, the weights still read before the wait, the gate and up halves after it."""
+    bm, bk = gv.launch_blocks(1, cfg)
+    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tab_ptr": "*i64", "M": "i32",
+           "stride_xm": "i32", "stride_ym": "i32", "glu_off": "i32"}
+    const = dict(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, ALIGNED=True, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+                 USE_PDL=True, GLU=True)
+    k = off.compile_kernel(gv._chain_gemv_kernel, sig, const, cfg.num_warps, cfg.num_stages,
+                           ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "tab_ptr", "stride_xm", "stride_ym", "glu_off"),
+                           launch_pdl=True)
+    ptx = k.asm["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx[:wait]), "no weight load before the wait"
+    assert "ex2.approx" in ptx[wait:]  # the SiLU's exponential, on the loaded gate
+    use = off.resource_usage(k)
+    assert use["LOCAL"] == 0 and use["STACK"] == 0, (cfg, use)
 
 
 def test_decode_chain_kernels_wait_when_launched_with_pdl():
