@@ -45,18 +45,15 @@ class ColocatedPrefill:
             except ValueError as e:
                 self._fail(req, e)
                 raise
+            req.prompt_tokens = ids
             if req.prefix_digests is None:  # not matched at reserve
                 req.prefix_digests = self._prefix_digests(ids, cache_salt)
-                hits = self.pool.match(req.prefix_digests)
-                if hits:  # the reservation's first blocks (nothing written yet) give way to the cached ones
-                    fresh, req.blocks[: len(hits)] = req.blocks[: len(hits)], hits
-                    self.pool.free(fresh)
-                    req.cached_blocks = len(hits)
-            req.prompt_tokens = ids
+                self._take_over_cached(req)
             req.prefilled = req.cached_blocks * self.pool.block_size  # the chunks start after the cached blocks
             if req.prefix_digests:
                 self._num_prefix_query_tokens += len(ids)
                 self._num_prefix_hit_tokens += req.prefilled
+                self._claim(req)  # the blocks it will compute, unless an earlier request computes them already
             req.timeline.mark("kv_header")
             if req.prefilled == len(ids):  # nothing left to compute (or an empty prompt)
                 if len(ids):
@@ -66,6 +63,57 @@ class ColocatedPrefill:
             else:
                 self._prefill_queue.append(req)
                 self._wake.notify_all()
+
+    def _take_over_cached(self, req) -> int:
+        """Before its prefill starts: the cached blocks that continue ``req``'s cached prefix replace its own
+        (reserved, never written); the number taken over."""
+        hits = self.pool.match(req.prefix_digests[req.cached_blocks:])
+        if hits:
+            a = req.cached_blocks
+            fresh, req.blocks[a : a + len(hits)] = req.blocks[a : a + len(hits)], hits
+            self.pool.free(fresh)
+            req.cached_blocks += len(hits)
+        return len(hits)
+
+    def _ready_to_prefill(self, req) -> bool:
+        """Whether ``take_chunk`` may schedule ``req`` now (under the lock). A prompt whose next block an earlier
+        request is computing waits for it (prefix caching: one computation per shared block, even for prompts that
+        arrive together), takes over every block registered meanwhile, and is ready once nobody live computes the
+        block it needs next. A prompt wholly cached that way is done (``kv_done``) and leaves the queue."""
+        bs = self.pool.block_size
+        if not req.prefix_digests or req.prefilled != req.cached_blocks * bs:
+            return True  # no cache, or its own chunks have begun
+        n = self._take_over_cached(req)
+        if n:
+            req.prefilled = req.cached_blocks * bs
+            self._num_prefix_hit_tokens += n * bs
+        if req.prefilled == len(req.prompt_tokens):
+            req.kv_done = True
+            req.timeline.mark("kv_done")
+            return False
+        if req.cached_blocks < len(req.prefix_digests):
+            other = self._computing.get(req.prefix_digests[req.cached_blocks])
+            if other is not None and other is not req and self._computes(other):
+                return False
+        self._claim(req)  # it computes them now: prompts behind it wait for it
+        return True
+
+    def _computes(self, req) -> bool:
+        """``req`` is live and will go on prefilling (not ended, not cancelled)."""
+        return self._requests.get(req.request_id) is req and req.cancel is None
+
+    def _claim(self, req) -> None:
+        """``req`` computes its uncached full blocks, except those a live earlier request computes."""
+        for d in req.prefix_digests[req.cached_blocks:]:
+            other = self._computing.get(d)
+            if other is None or not self._computes(other):
+                self._computing[d] = req
+
+    def _forget_computing(self, req, digests) -> None:
+        """``req`` no longer computes the blocks of ``digests`` (cached now, or it ended)."""
+        for d in digests:
+            if self._computing.get(d) is req:
+                del self._computing[d]
 
     def _prefill_ids(self, request_id: str, token_ids, prompt_len: int) -> np.ndarray:
         """The prompt's tokens but the last as int64 [prompt_len - 1], or ValueError naming what is wrong."""
@@ -97,7 +145,8 @@ class ColocatedPrefill:
             return []
         segments = take_chunk(self._prefill_queue, self.config.max_batched_tokens - decode_tokens,
                               self.config.max_prefill_segments,
-                              lambda r: self._requests.get(r.request_id) is r and r.cancel is None)
+                              lambda r: self._requests.get(r.request_id) is r and r.cancel is None and not r.kv_done,
+                              self._ready_to_prefill)
         for s in segments:
             s.request.prefilling = True
             s.request.timeline.mark("prefill_first_chunk")
@@ -167,6 +216,7 @@ class ColocatedPrefill:
             if req.prefix_digests:  # the full blocks this chunk completed: later prompts may take them over already
                 done = min(len(req.prefix_digests), s.end // self.pool.block_size)
                 self.pool.register(req.blocks[:done], req.prefix_digests[:done])
+                self._forget_computing(req, req.prefix_digests[:done])
             if s.end == len(req.prompt_tokens):
                 req.kv_done = True
                 req.timeline.mark("prefill_last_chunk")

@@ -139,6 +139,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         self._ready_polling = False  # a request waits only for its sender's ready event: poll, do not idle
         self.mux = TokenMux()  # subscribers (routers) that take their requests' tokens batched, once per step
         self._prefill_queue: collections.deque[DecodeRequest] = collections.deque()  # colocated_prefill, FIFO
+        self._computing: dict[bytes, DecodeRequest] = {}  # prefix caching: a block's digest -> who will compute it
         self._prefill_recent: collections.deque = collections.deque(maxlen=32)  # (tokens, seconds) per chunk
         self._num_prefill_chunks = 0
         self._prefill_scale = cfg.check_scale(self.config.prefill_scale or None)
@@ -314,6 +315,8 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         if self._requests.get(req.request_id) is not req:
             return
         del self._requests[req.request_id]
+        if req.prefix_digests:
+            self._forget_computing(req, req.prefix_digests)
         if req.running:
             # only the loop (or stop, after it) ends a running request; a step queued ahead for it may still write
             # into its blocks, which a KV transfer could take over as soon as they are free

@@ -28,17 +28,20 @@ class Segment:
         return self.end - self.start
 
 
-def take_chunk(queue: deque, budget: int, max_segments: int, live) -> list[Segment]:
+def take_chunk(queue: deque, budget: int, max_segments: int, live, ready=None) -> list[Segment]:
     """Segments of at most ``budget`` tokens in all (requests whose ``prefilled`` < ``len(prompt_tokens)``), in
     queue order, the last one cut to the budget if it must be. Requests for which ``live(req)`` is false (ended
-    meanwhile) are dropped from the queue; a request whose prompt is wholly taken leaves it, one cut short stays
-    (at its head: the next iteration continues it first)."""
+    meanwhile) are dropped from the queue; those for which ``ready(req)`` is false wait in it (prefix caching: the
+    blocks they need next are being computed for another request); a request whose prompt is wholly taken leaves it,
+    one cut short stays (at its head: the next iteration continues it first)."""
     out: list[Segment] = []
     for req in list(queue):
         if budget <= 0 or len(out) >= max_segments:
             break
         if not live(req):
             queue.remove(req)
+            continue
+        if ready is not None and not ready(req):
             continue
         start = req.prefilled
         end = min(len(req.prompt_tokens), start + budget)

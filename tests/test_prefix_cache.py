@@ -535,3 +535,48 @@ def test_a_prompt_takes_over_the_blocks_a_running_prefill_has_completed(setup):
         assert [e.token_id for e in st] == generate(full, p, params, scale=scale).token_ids
     de.stop()
     assert_pool_free(de)
+
+
+def test_prompts_arriving_together_compute_a_shared_prefix_once(setup):
+    """Four prompts with one 40-token opening and an unrelated one, all queued before the first iteration: the
+    first computes the opening, the other three wait for its blocks (the unrelated prompt does not wait behind them)
+    and prefill only their own tails; tokens equal the reference. The same burst with the first one aborted while
+    the others wait: one of them computes the opening instead."""
+    path, full = setup
+    pre = prompts([40], seed=20)[0]
+    burst = [pre + t for t in prompts([5, 2, 9, 1], seed=21)]
+    other = prompts([30], seed=22)[0]
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    de = _engine(path, max_batched_tokens=80)
+    streams = [_submit(de, f"b{i}", p, params, 1 + i % 2) for i, p in enumerate(burst)]
+    so = _submit(de, "other", other, params, 2)
+    de.step()
+    first = de.iterations[-1][1]
+    assert first == (len(burst[0]) - 1) + (len(other) - 1)  # the leader's prompt and the unrelated one
+    while de._requests:
+        de.step()
+    assert sum(p for _, p in de.iterations) == sum(len(p) - 1 for p in burst) + len(other) - 1 - 3 * 40
+    assert de.stats().num_prefix_hit_tokens == 3 * 40
+    for i, (st, p) in enumerate(zip(streams, burst)):
+        assert [e.token_id for e in st] == generate(full, p, params, scale=1 + i % 2).token_ids
+    assert [e.token_id for e in so] == generate(full, other, params, scale=2).token_ids
+    de.stop()
+    assert_pool_free(de)
+
+    de = _engine(path, max_batched_tokens=30)
+    pre = prompts([40], seed=23)[0]
+    burst = [pre + t for t in prompts([3, 6, 2], seed=24)]
+    streams = [_submit(de, f"c{i}", p, params, 2) for i, p in enumerate(burst)]
+    de.step()  # c0's first 30 tokens: c1 and c2 wait for its blocks
+    assert de.iterations[-1][1] == 30
+    assert de.abort("c0")
+    de.step()  # c0 leaves; c1 takes over the 7 registered blocks and computes the rest of the opening itself
+    while de._requests:
+        de.step()
+    assert de.stats().num_prefix_hit_tokens == 28 + 40  # c1 took over c0's 7 blocks, c2 all of c1's 10
+    for st, p in zip(streams[1:], burst[1:]):
+        assert [e.token_id for e in st] == generate(full, p, params, scale=2).token_ids
+    with pytest.raises(Exception, match="aborted"):
+        list(streams[0])
+    de.stop()
+    assert_pool_free(de)
