@@ -5,7 +5,9 @@
 token); each loop iteration takes the chunks the token budget leaves after the decode rows (``prefill_schedule``),
 runs them packed through chain 1 into the requests' blocks (``chunked_prefill``) after the decode step's tokens were
 read, and marks a request's KV done once its last chunk ran. A request whose chunk is in the forward is only marked
-when it is aborted (``prefilling``); the loop finalizes it after the forward.
+when it is aborted (``prefilling``); the loop finalizes it after the forward. Prefix caching (``prefix_cache``): a
+prompt's cached leading blocks are taken over, and a prompt whose next block another queued prompt computes waits
+for it.
 """
 
 from __future__ import annotations
