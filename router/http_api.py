@@ -49,6 +49,7 @@ from colm.chat_template import TokenizerConfig
 from colm.router.openai_schema import (BadField, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest, parse)
 from colm.router.policy import Budget
+from colm.proto.convert import SEED_MAX
 from colm.sampling import SamplingParams
 
 log = logging.getLogger("colm.router")
@@ -173,7 +174,8 @@ class HttpApi:
         return (stop,) if isinstance(stop, str) else tuple(stop)
 
     def _spec(self, req, prompt, echo_logprobs: bool, max_new_tokens: int | None = None,
-              stop_token_ids: tuple[int, ...] = ()):
+              stop_token_ids: tuple[int, ...] = (), choice: int = 0):
+        """The router's spec of one sequence of ``prompt``; ``choice`` j of n is seeded ``seed + j`` (wrapping)."""
         ext = req.extras()
         _, pinned = self._model(req)
         scale = ext.get("scale")
@@ -181,10 +183,11 @@ class HttpApi:
             raise BadField(f"scale={scale} conflicts with model {req.model!r}, which serves scale {pinned}", "scale")
         if max_new_tokens is None:
             max_new_tokens = 16 if req.max_tokens is None else req.max_tokens
+        seed = None if req.seed is None else (req.seed + choice) % (SEED_MAX + 1)
         params = SamplingParams(max_new_tokens=max_new_tokens,
                                 temperature=1.0 if req.temperature is None else req.temperature,
                                 top_p=1.0 if req.top_p is None else req.top_p, top_k=max(0, req.top_k or 0),
-                                seed=req.seed, stop_strings=self._stops(req), stop_token_ids=stop_token_ids,
+                                seed=seed, stop_strings=self._stops(req), stop_token_ids=stop_token_ids,
                                 ignore_eos=bool(req.ignore_eos))
         budget = Budget(ttft_ms=ext.get("ttft_ms"), tpot_ms=ext.get("tpot_ms"), deadline_ms=ext.get("deadline_ms"),
                         on_miss=ext.get("on_miss", "degrade"))
@@ -198,34 +201,25 @@ class HttpApi:
     def _piece(self, t: int) -> str:
         return self.tok.decode([t])
 
-    async def completions(self, request):
-        req = parse(CompletionRequest, await self._json(request))
-        prompts = req.prompt  # a list of prompts, each a string or a list of token ids
-        echo = bool(req.echo)
-        want_lp = req.logprobs is not None and req.logprobs is not False
-        model, _ = self._model(req)
-        specs = [self._spec(req, p, echo and want_lp) for p in prompts]
-        created = int(time.time())
-        cid = f"cmpl-{specs[0].request_id}"
-        if req.stream:
-            if len(specs) != 1:
-                raise BadField("stream=true takes a single prompt", "stream")
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    async def _gather(self, jobs):
+        """Run the coroutines ``jobs`` at once (the choices of a request); one failing cancels the others and its
+        error is the request's."""
+        import asyncio
 
-            def chunk(text, finish=None, ev=None):
-                c = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-                if ev is not None:
-                    c.update({"scale": ev.scale, "token_id": ev.token_id})
-                return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [c]}
+        tasks = [asyncio.ensure_future(j) for j in jobs]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
-            head = [chunk(self.tok.decode(specs[0].prompt_ids))] if echo else []
-            return await self._stream(request, specs[0], chunk, head, self._trimmer(req), include_usage,
-                                      {"id": cid, "object": "text_completion", "created": created, "model": model})
-        choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        for i, spec in enumerate(specs):
-            toks, text, lps, finish, scale, plp = [], [], [], "length", 0, None
-            trim = self._trimmer(req)
-            async for ev in self.router.generate(spec):
+    async def _run(self, spec, trim):
+        """One sequence to its end: (token ids, text pieces, logprobs, finish reason, scale, prompt logprobs, usage)."""
+        toks, text, lps, finish, scale, plp, usage = [], [], [], "length", 0, None, None
+        async with contextlib.aclosing(self.router.generate(spec)) as gen:
+            async for ev in gen:
                 if ev.kind == "decision":
                     scale = ev.decision.scale
                 elif ev.kind == "prompt_logprobs":
@@ -236,9 +230,50 @@ class HttpApi:
                     lps.append(ev.logprob)
                 else:
                     text.append(trim.add(ev.text) + trim.flush())
-                    finish = ev.finish_reason
-                    for k in ("prompt_tokens", "completion_tokens"):
-                        usage[k] += ev.usage[k]
+                    finish, usage = ev.finish_reason, ev.usage
+        return toks, text, lps, finish, scale, plp, usage
+
+    @staticmethod
+    def _usage(usages: list, prompt_of: list[int]) -> dict:
+        """Totals over the choices: each prompt's tokens once (its n choices share it), every choice's output."""
+        seen, prompt, completion = set(), 0, 0
+        for u, p in zip(usages, prompt_of):
+            if u is None:
+                continue
+            if p not in seen:
+                seen.add(p)
+                prompt += u["prompt_tokens"]
+            completion += u["completion_tokens"]
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def completions(self, request):
+        req = parse(CompletionRequest, await self._json(request))
+        prompts = req.prompt  # a list of prompts, each a string or a list of token ids
+        echo = bool(req.echo)
+        want_lp = req.logprobs is not None and req.logprobs is not False
+        model, _ = self._model(req)
+        n = req.n or 1
+        # choice i * n + j: the j-th sequence of prompt i (OpenAI's and vLLM's order)
+        specs = [self._spec(req, p, echo and want_lp, choice=j) for p in prompts for j in range(n)]
+        prompt_of = [i for i in range(len(prompts)) for _ in range(n)]
+        created = int(time.time())
+        cid = f"cmpl-{specs[0].request_id}"
+        ids = {"id": cid, "object": "text_completion", "created": created, "model": model}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(index, text, finish=None, ev=None):
+                c = {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+                if ev is not None:
+                    c.update({"scale": ev.scale, "token_id": ev.token_id})
+                return {**ids, "choices": [c]}
+
+            head = [chunk(i, self.tok.decode(s.prompt_ids)) for i, s in enumerate(specs)] if echo else []
+            return await self._stream(request, specs, chunk, head, [self._trimmer(req) for _ in specs],
+                                      include_usage, ids, prompt_of)
+        runs = await self._gather(self._run(spec, self._trimmer(req)) for spec in specs)
+        choices = []
+        for i, (spec, (toks, text, lps, finish, scale, plp, _)) in enumerate(zip(specs, runs)):
             out_text = "".join(text)
             prompt_text = self.tok.decode(spec.prompt_ids) if echo else ""
             choice = {"index": i, "text": prompt_text + out_text, "finish_reason": finish, "scale": scale,
@@ -257,9 +292,8 @@ class HttpApi:
                 choice["logprobs"] = {"tokens": [self._piece(t) for t in all_ids], "token_logprobs": token_lps,
                                       "top_logprobs": tops, "text_offset": offsets}
             choices.append(choice)
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return web.json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
-                                  "choices": choices, "usage": usage})
+        usage = self._usage([r[6] for r in runs], prompt_of)
+        return web.json_response({**ids, "choices": choices, "usage": usage})
 
     async def chat_completions(self, request):
         req = parse(ChatCompletionRequest, await self._json(request))
@@ -272,8 +306,9 @@ class HttpApi:
         if max_new is None:  # OpenAI's default: up to the end of the context
             max_new = max(0, self.router.model_cfg.max_seq_len - len(ids))
         eos = self.tcfg.token_id("eos_token")  # the template's end of turn, which may not be the tokenizer's EOS
-        spec = self._spec(req, ids, False, max_new, () if eos is None or req.ignore_eos else (eos,))
-        created, cid, trim = int(time.time()), f"chatcmpl-{spec.request_id}", self._trimmer(req)
+        specs = [self._spec(req, ids, False, max_new, () if eos is None or req.ignore_eos else (eos,), choice=j)
+                 for j in range(req.n or 1)]
+        created, cid = int(time.time()), f"chatcmpl-{specs[0].request_id}"
         head = {"id": cid, "object": "chat.completion", "created": created, "model": model}
         want_lp = bool(req.logprobs)
         if req.stream:
@@ -281,52 +316,87 @@ class HttpApi:
             head["object"] = "chat.completion.chunk"
             extra = {"usage": None} if include_usage else {}
 
-            def chunk(text, finish=None, ev=None, role=False):
+            def chunk(index, text, finish=None, ev=None, role=False):
                 if not text and finish is None and not role:
                     return None
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                c = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
                 if ev is not None:
                     c["scale"] = ev.scale
                     if want_lp:
                         c["logprobs"] = {"content": [self._chat_logprob(ev.token_id, ev.logprob)]}
                 return {**head, "choices": [c], **extra}
 
-            return await self._stream(request, spec, chunk, [chunk("", role=True)], trim, include_usage, head)
-        text, lps, finish, scale, usage = [], [], "length", 0, None
-        async for ev in self.router.generate(spec):
-            if ev.kind == "decision":
-                scale = ev.decision.scale
-            elif ev.kind == "token":
-                text.append(trim.add(ev.text))
-                lps.append(self._chat_logprob(ev.token_id, ev.logprob))
-            elif ev.kind == "finish":
-                text.append(trim.add(ev.text) + trim.flush())
-                finish, usage = ev.finish_reason, ev.usage
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                  "logprobs": {"content": lps} if want_lp else None, "finish_reason": finish, "scale": scale}
-        u = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-             "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-        return web.json_response({**head, "choices": [choice], "usage": u})
+            return await self._stream(request, specs, chunk, [chunk(j, "", role=True) for j in range(len(specs))],
+                                      [self._trimmer(req) for _ in specs], include_usage, head, [0] * len(specs))
+        runs = await self._gather(self._run(spec, self._trimmer(req)) for spec in specs)
+        choices = [{"index": j, "message": {"role": "assistant", "content": "".join(text)},
+                    "logprobs": {"content": [self._chat_logprob(t, lp) for t, lp in zip(toks, lps)]} if want_lp
+                    else None, "finish_reason": finish, "scale": scale}
+                   for j, (toks, text, lps, finish, scale, _, _) in enumerate(runs)]
+        return web.json_response({**head, "choices": choices, "usage": self._usage([r[6] for r in runs],
+                                                                                    [0] * len(runs))})
 
     def _chat_logprob(self, token_id: int, logprob: float) -> dict:
         piece = self._piece(token_id)
         return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8")), "top_logprobs": []}
 
-    async def _stream(self, request, spec, chunk, head: list, trim: StopTrimmer, include_usage: bool, ids: dict):
-        """Server-sent events: ``head``, then ``chunk(text, finish, event)`` per token and at the finish (None
-        skips it), then the usage when asked for, then [DONE]. ``ids`` are the id / object / created / model of
-        the usage chunk."""
-        gen = self.router.generate(spec)
+    async def _stream(self, request, specs, chunk, head: list, trims: list, include_usage: bool, ids: dict,
+                      prompt_of: list[int]):
+        """Server-sent events of the choices ``specs``: ``head``, then ``chunk(index, text, finish, event)`` per token
+        and at each choice's finish (None skips it), the choices' events as they come, then the usage when asked
+        for, then [DONE]. ``ids`` are the id / object / created / model of the usage chunk; ``prompt_of[i]``: the
+        prompt of choice i (its tokens count once in the usage)."""
+        gens = [self.router.generate(s) for s in specs]
         try:
-            return await self._stream_events(request, gen, chunk, head, trim, include_usage, ids)
+            return await self._stream_events(request, gens, chunk, head, trims, include_usage, ids, prompt_of)
         except ConnectionResetError:  # the client went away mid-stream: nobody is left to answer
             return web.Response(status=499)
         finally:
-            await gen.aclose()  # a client gone mid-stream must not leave its request decoding
+            for gen in gens:  # a client gone mid-stream must not leave its requests decoding
+                await gen.aclose()
 
-    async def _stream_events(self, request, gen, chunk, head, trim, include_usage: bool, ids: dict):
-        await anext(gen)  # the decision: admission and the scale decision happen here: errors become plain HTTP errors
+    @staticmethod
+    async def _merged(gens):
+        """(choice index, batch of events) from every generator as they come; one's failure ends the stream with
+        its error."""
+        if len(gens) == 1:
+            async with contextlib.aclosing(coalesced(gens[0])) as batches:
+                async for batch in batches:
+                    yield 0, batch
+            return
+        import asyncio
+
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index, gen):
+            try:
+                async with contextlib.aclosing(coalesced(gen)) as batches:
+                    async for batch in batches:
+                        await queue.put((index, batch))
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                await queue.put((index, e))
+            await queue.put((index, None))
+
+        tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+        try:
+            left = len(tasks)
+            while left:
+                index, item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream_events(self, request, gens, chunk, head, trims, include_usage: bool, ids: dict, prompt_of):
+        for gen in gens:  # the decisions: admission and the scale decision happen here: errors become plain HTTP errors
+            await anext(gen)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
 
@@ -336,18 +406,18 @@ class HttpApi:
                 await resp.write(body.encode())
 
         await send(*head)
-        usage = None
+        usages = [None] * len(gens)
         try:
             # one write per batch of events (several when the client or this process falls behind), a chunk per token
-            async with contextlib.aclosing(coalesced(gen)) as batches:
-                async for batch in batches:
-                    out = []
+            async with contextlib.aclosing(self._merged(gens)) as batches:
+                async for index, batch in batches:
+                    out, trim = [], trims[index]
                     for ev in batch:
                         if ev.kind == "token":
-                            out.append(chunk(trim.add(ev.text), None, ev))
+                            out.append(chunk(index, trim.add(ev.text), None, ev))
                         elif ev.kind == "finish":
-                            usage = ev.usage
-                            out.append(chunk(trim.add(ev.text) + trim.flush(), ev.finish_reason))
+                            usages[index] = ev.usage
+                            out.append(chunk(index, trim.add(ev.text) + trim.flush(), ev.finish_reason))
                     await send(*out)
         except ConnectionResetError:
             raise
@@ -356,10 +426,8 @@ class HttpApi:
             if code.name == "INTERNAL":
                 log.error("HTTP stream failed", exc_info=e)
             await send(_error_body(msg, code.name.lower(), HTTP_STATUS[code.name]))
-        if usage and include_usage:
-            u = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-                 "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-            await send({**ids, "choices": [], "usage": u})
+        if include_usage and all(u is not None for u in usages):
+            await send({**ids, "choices": [], "usage": self._usage(usages, prompt_of)})
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

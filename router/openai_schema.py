@@ -5,8 +5,9 @@ Types are strict: no bool for a number, no string for a number, no float for an 
 must be finite (JSON's ``NaN`` / ``Infinity`` literals, which Python's json reader accepts, are
 rejected). ``null`` means "the default" wherever the OpenAI schema marks a field nullable.
 
-Fields the engines cannot honour are rejected unless they ask for a no-op: ``n`` and ``best_of`` other
-than 1, a non-empty ``suffix``, non-zero ``presence_penalty`` / ``frequency_penalty``, a non-empty
+``n`` (1..16) gives that many choices per prompt (sequences of their own; a seeded request seeds choice j
+with seed + j). Fields the engines cannot honour are rejected unless they ask for a no-op: a ``best_of``
+other than n, a non-empty ``suffix``, non-zero ``presence_penalty`` / ``frequency_penalty``, a non-empty
 ``logit_bias``; in chat, ``tools`` / ``functions`` / a ``tool_choice`` other than "none" / a
 ``response_format`` other than text, and ``top_logprobs`` above 0. ``user`` is accepted and ignored, and
 so are unknown top-level fields (as vLLM does); ``model`` is checked by the HTTP layer (404 when unknown).
@@ -40,6 +41,7 @@ from colm.proto.convert import MAX_BUDGET_MS, MAX_STOP_CHARS, MAX_STOP_STRINGS, 
 from colm.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 MAX_LOGPROBS = 1  # what the engines report per position: the sampled token, or the prompt's most likely one
+MAX_N = 16  # choices per prompt (n): each is a sequence of its own, sharing the prompt's cached K/V
 ROLES = ("system", "user", "assistant")
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
@@ -175,7 +177,7 @@ class SamplingRequest(BaseModel):
     stream_options: Optional[StreamOptions] = Field(None, description='an object {"include_usage": true/false}')
     ignore_eos: Optional[StrictBool] = Field(False, description="true or false")
     include_stop_str_in_output: Optional[StrictBool] = Field(False, description="true or false")
-    n: Optional[StrictInt] = Field(1, description="1 (one choice per prompt)")
+    n: Optional[StrictInt] = Field(1, description=f"an integer 1..{MAX_N}: choices per prompt")
     presence_penalty: Optional[float] = Field(None, description="0 or null (penalties are not supported)")
     frequency_penalty: Optional[float] = Field(None, description="0 or null (penalties are not supported)")
     logit_bias: Optional[dict[StrictStr, float]] = Field(None, description="null or {} (logit bias is not supported)")
@@ -199,11 +201,18 @@ class SamplingRequest(BaseModel):
             raise ValueError(f"temperature={t!r} is out of range")
         return t
 
-    @field_validator("n", "best_of", check_fields=False)  # best_of: completions only
+    @field_validator("n")
     @classmethod
-    def _one(cls, v, info):
-        if v is not None and v != 1:
-            raise ValueError(f"{info.field_name}={v}: only 1 is supported")
+    def _n(cls, v):
+        if v is not None and not 1 <= v <= MAX_N:
+            raise ValueError(f"n={v}: must be 1..{MAX_N}")
+        return v
+
+    @field_validator("best_of", check_fields=False)  # completions only
+    @classmethod
+    def _best_of(cls, v, info):
+        if v is not None and v != (info.data.get("n") or 1):
+            raise ValueError(f"best_of={v}: only equal to n is supported (no ranking of extra sequences)")
         return v
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -237,7 +246,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: Optional[Union[Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)], StrictBool]] = Field(
         None, description=f"an integer 0..{MAX_LOGPROBS} or null (the engines report the sampled token and the "
                           "prompt's most likely token, no longer top-N lists)")
-    best_of: Optional[StrictInt] = Field(None, description="1 or null")
+    best_of: Optional[StrictInt] = Field(None, description="null or equal to n")
     add_special_tokens: Optional[StrictBool] = Field(True, description="true or false (true: a BOS first when the "
                                                                        "tokenizer config asks for one)")
     suffix: Optional[StrictStr] = Field(None, description="null or an empty string (insertion is not supported)")

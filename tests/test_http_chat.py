@@ -292,7 +292,7 @@ BAD_CHAT = [
     ({"tools": [{"type": "function"}]}, "tools", "not supported"),
     ({"tool_choice": "auto"}, "tool_choice", "not supported"),
     ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
-    ({"n": 2}, "n", "allowed"),
+    ({"n": 17}, "n", "allowed"),
     ({"scale": 3}, "scale", "scale=3"),
     ({"scale": 0}, "scale", "allowed"),
     ({"ttft_ms": 0}, "ttft_ms", "allowed"),

@@ -182,8 +182,8 @@ def test_a_wrong_content_type_or_charset_is_read_as_utf8_json(url):
 
 
 UNSUPPORTED = [({"suffix": "tail"}, "suffix"), ({"presence_penalty": 0.5}, "presence_penalty"),
-               ({"frequency_penalty": -1.0}, "frequency_penalty"), ({"best_of": 2}, "best_of"), ({"n": 2}, "n"),
-               ({"n": 0}, "n"), ({"logit_bias": {"50": 10}}, "logit_bias"), ({"best_of": True}, "best_of"),
+               ({"frequency_penalty": -1.0}, "frequency_penalty"), ({"best_of": 2}, "best_of"), ({"n": 17}, "n"),
+               ({"n": 0}, "n"), ({"n": 2, "best_of": 3}, "best_of"), ({"logit_bias": {"50": 10}}, "logit_bias"), ({"best_of": True}, "best_of"),
                ({"logit_bias": {"50": "x"}}, "logit_bias")]
 
 
