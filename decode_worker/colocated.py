@@ -71,10 +71,11 @@ class ColocatedPrefill:
         (reserved, never written); the number taken over."""
         hits = self.pool.match(req.prefix_digests[req.cached_blocks:])
         if hits:
-            a = req.cached_blocks
-            fresh, req.blocks[a : a + len(hits)] = req.blocks[a : a + len(hits)], hits
+            a, b = req.cached_blocks, req.cached_blocks + len(hits)
+            fresh = req.blocks[a:b]
+            req.blocks = req.blocks[:a] + hits + req.blocks[b:]  # a new list: tables cached per list see the change
             self.pool.free(fresh)
-            req.cached_blocks += len(hits)
+            req.cached_blocks = b
         return len(hits)
 
     def _ready_to_prefill(self, req) -> bool:
