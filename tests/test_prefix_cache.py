@@ -580,3 +580,35 @@ def test_prompts_arriving_together_compute_a_shared_prefix_once(setup):
         list(streams[0])
     de.stop()
     assert_pool_free(de)
+
+
+def test_n_choices_compute_their_prompt_once(setup):
+    """An HTTP request for 4 choices of one 45-token prompt on a colocated worker: the four sequences arrive
+    together, one computes the prompt's full blocks and the other three take them over; every greedy choice equals
+    the reference."""
+    from colm import checkpoint
+    from colm.router.config import RouterConfig
+    from colm.router.core import Router
+    from colm.router.engine_backend import EngineBackend
+    from colm.tokenizer import ByteTokenizer
+    from router_helpers import BackgroundRouter, post_json
+
+    path, full = setup
+    de = _engine(path, max_batched_tokens=64)
+    router = Router(RouterConfig(grpc_port=0, http_port=0, poll_interval_s=0.05), checkpoint.load_config(path),
+                    ByteTokenizer(), EngineBackend({}, {"decode-0": de}))
+    bg = BackgroundRouter(router)
+    try:
+        p = prompts([45], seed=25)[0]
+        status, body = post_json(f"{bg.http_url}/v1/completions", {"prompt": p, "n": 4, "max_tokens": 3,
+                                                                   "temperature": 0, "ignore_eos": True, "scale": 2})
+        assert status == 200, body
+        want = ByteTokenizer().decode(generate(full, p, SamplingParams(max_new_tokens=3, ignore_eos=True),
+                                               scale=2).token_ids)
+        assert [c["text"] for c in body["choices"]] == [want] * 4
+        s = de.stats()
+        assert s.num_prefix_query_tokens == 4 * 44 and s.num_prefix_hit_tokens == 3 * 44
+        assert sum(t for _, t in de.iterations) == 44
+    finally:
+        bg.stop()
+    assert_pool_free(de)
