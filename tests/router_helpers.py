@@ -150,3 +150,25 @@ def launched_on_ray(cfg_dict: dict, num_gpus: int = 0, num_cpus: int = 4):
     finally:
         loop.call_soon_threadsafe(loop.stop)
         ray.shutdown()
+
+
+def chat_router(model, ckpt_dir, backend=None, **router_cfg):
+    """A router over ``model`` (``LocalBackend`` unless ``backend``) with the byte tokenizer and the bundled demo's
+    chat template (copied into ``ckpt_dir``), and an ``openai`` client of it: (background router, client, tokenizer)."""
+    import shutil
+
+    import openai
+
+    from colm.assets import demo_model_dir
+    from colm.router.config import RouterConfig
+    from colm.router.core import Router
+    from colm.router.local_backend import LocalBackend
+    from colm.tokenizer import ByteTokenizer
+
+    shutil.copy(demo_model_dir() / "tokenizer_config.json", ckpt_dir / "tokenizer_config.json")
+    tok = ByteTokenizer()
+    tok.model_dir = str(ckpt_dir)
+    cfg = RouterConfig(**{"grpc_port": 0, "http_port": 0, "metrics_port": None, "poll_interval_s": 0.05, **router_cfg})
+    bg = BackgroundRouter(Router(cfg, model.cfg, tok, backend or LocalBackend(model)))
+    client = openai.OpenAI(base_url=f"{bg.http_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return bg, client, tok

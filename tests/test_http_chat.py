@@ -3,7 +3,6 @@ router (greedy output equal to ``colm.generate`` on the rendered prompt), stream
 ``colm convert-hf`` keeping the tokenizer config."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from colm.router.core import Router
 from colm.router.local_backend import LocalBackend
 from colm.sampling import SamplingParams
 from colm.tokenizer import ByteTokenizer, HFTokenizer, load_checkpoint_tokenizer
-from router_helpers import BackgroundRouter, post_json
+from router_helpers import BackgroundRouter, chat_router, post_json
 
 transformers = pytest.importorskip("transformers")
 openai = pytest.importorskip("openai")
@@ -159,13 +158,7 @@ def model():
 @pytest.fixture(scope="module")
 def served(model, tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
-    shutil.copy(demo_model_dir() / "tokenizer_config.json", d / "tokenizer_config.json")
-    tok = ByteTokenizer()
-    tok.model_dir = str(d)
-    router = Router(RouterConfig(grpc_port=0, http_port=0, metrics_port=None, poll_interval_s=0.05), model.cfg, tok,
-                    LocalBackend(model))
-    bg = BackgroundRouter(router)
-    client = openai.OpenAI(base_url=f"{bg.http_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    bg, client, tok = chat_router(model, d)
     yield bg, client, TokenizerConfig.load(d, tok)
     bg.stop()
 

@@ -5,22 +5,18 @@ the non-streamed choices; the usage counts each prompt once and every choice's o
 
 import asyncio
 import json
-import shutil
 import urllib.request
 
 import pytest
 import torch
 
-from colm.assets import demo_model_dir
 from colm.generate import generate
 from colm.model import CoLM
 from colm.presets import preset
-from colm.router.config import RouterConfig
-from colm.router.core import Router
 from colm.router.local_backend import LocalBackend
 from colm.sampling import SamplingParams
 from colm.tokenizer import ByteTokenizer
-from router_helpers import BackgroundRouter, post_json
+from router_helpers import chat_router, post_json
 
 openai = pytest.importorskip("openai")
 
@@ -51,15 +47,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def served(model, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    shutil.copy(demo_model_dir() / "tokenizer_config.json", d / "tokenizer_config.json")
-    tok = ByteTokenizer()
-    tok.model_dir = str(d)
     backend = CountingBackend(model)
-    router = Router(RouterConfig(grpc_port=0, http_port=0, metrics_port=None, poll_interval_s=0.05,
-                                 served_model_name="tiny"), model.cfg, tok, backend)
-    bg = BackgroundRouter(router)
-    client = openai.OpenAI(base_url=f"{bg.http_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    bg, client, _ = chat_router(model, tmp_path_factory.mktemp("ckpt"), backend, served_model_name="tiny")
     yield bg, client, backend
     bg.stop()
 

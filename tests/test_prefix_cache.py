@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from colm import checkpoint
+from colm.client import Client
 from colm.decode_worker.block_pool import BlockPool
 from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.engine import DecodeEngine
@@ -19,8 +21,16 @@ from colm.decode_worker.prefix_cache import MAX_CACHE_SALT, block_hashes
 from colm.errors import CapacityError
 from colm.generate import generate
 from colm.presets import preset
+from colm.router.config import RouterConfig
+from colm.router.core import Router
+from colm.router.engine_backend import EngineBackend
+from colm.router.placement import WorkerRegistry
+from colm.router.policy import WorkerReport
+from colm.router.prefix_affinity import PrefixAffinity
+from colm.tokenizer import ByteTokenizer
 from colm.sampling import SamplingParams
 from _engine_helpers import assert_pool_free, prompts, save_tiny_air
+from router_helpers import BackgroundRouter, post_json
 
 BS = 4  # block size of the engine tests
 
@@ -336,14 +346,6 @@ def test_the_router_passes_salts_and_the_workers_count_hits(setup):
     import urllib.error
     import urllib.request
 
-    from colm import checkpoint
-    from colm.client import Client
-    from colm.router.config import RouterConfig
-    from colm.router.core import Router
-    from colm.router.engine_backend import EngineBackend
-    from colm.tokenizer import ByteTokenizer
-    from router_helpers import BackgroundRouter
-
     path, full = setup
     de = _engine(path, max_batched_tokens=64)
     router = Router(RouterConfig(grpc_port=0, http_port=0, poll_interval_s=0.05), checkpoint.load_config(path),
@@ -389,7 +391,6 @@ def test_the_router_passes_salts_and_the_workers_count_hits(setup):
 
 # ---------------------------------------------------------------- prefix affinity in the router
 def test_affinity_remembers_leading_blocks_per_worker():
-    from colm.router.prefix_affinity import PrefixAffinity
 
     a = PrefixAffinity(max_digests_per_worker=4)
     d = [bytes([i]) * 16 for i in range(6)]
@@ -408,8 +409,6 @@ def test_the_registry_follows_a_prefix_within_the_load_balance():
     """Two colocated workers: a prompt goes where its leading blocks were placed while that worker runs at most
     ``affinity_balance`` sequences more than the other; past that, to the least loaded one; without digests, or with
     affinity off, by load alone."""
-    from colm.router.placement import WorkerRegistry
-    from colm.router.policy import WorkerReport
 
     def registry(balance):
         reg = WorkerRegistry(block_size=4, affinity_balance=balance)
@@ -439,14 +438,6 @@ def test_two_colocated_workers_the_router_sends_a_prefix_back_to_its_cache(setup
     """A prompt of prefix A runs on one worker (home); then home holds two more sequences than the other worker, and
     another prompt of prefix A goes home with affinity (within the balance: a hit) and to the idle worker without (a
     miss). Tokens equal the reference either way."""
-    from colm import checkpoint
-    from colm.client import Client
-    from colm.router.config import RouterConfig
-    from colm.router.core import Router
-    from colm.router.engine_backend import EngineBackend
-    from colm.tokenizer import ByteTokenizer
-    from router_helpers import BackgroundRouter
-
     path, full = setup
     engines = {f"decode-{i}": _engine(path, max_batched_tokens=64) for i in range(2)}
     router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, prefix_affinity=affinity),
@@ -586,13 +577,6 @@ def test_n_choices_compute_their_prompt_once(setup):
     """An HTTP request for 4 choices of one 45-token prompt on a colocated worker: the four sequences arrive
     together, one computes the prompt's full blocks and the other three take them over; every greedy choice equals
     the reference."""
-    from colm import checkpoint
-    from colm.router.config import RouterConfig
-    from colm.router.core import Router
-    from colm.router.engine_backend import EngineBackend
-    from colm.tokenizer import ByteTokenizer
-    from router_helpers import BackgroundRouter, post_json
-
     path, full = setup
     de = _engine(path, max_batched_tokens=64)
     router = Router(RouterConfig(grpc_port=0, http_port=0, poll_interval_s=0.05), checkpoint.load_config(path),
