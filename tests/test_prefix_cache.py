@@ -116,6 +116,13 @@ def _submit(de, rid, prompt, params, scale, at_reserve=True, salt="", **kw):
     return de.start_generation(rid, prompt[-1], params, scale=scale, **kw)
 
 
+def _router(path, engines: dict, **cfg):
+    """(router, its background server) over the colocated ``engines`` in this process (gRPC and HTTP ports)."""
+    router = Router(RouterConfig(**{"grpc_port": 0, "http_port": 0, "poll_interval_s": 0.05, **cfg}),
+                    checkpoint.load_config(path), ByteTokenizer(), EngineBackend({}, engines))
+    return router, BackgroundRouter(router)
+
+
 def _prefilled(de) -> int:
     return sum(p for _, p in de.iterations)
 
@@ -348,9 +355,7 @@ def test_the_router_passes_salts_and_the_workers_count_hits(setup):
 
     path, full = setup
     de = _engine(path, max_batched_tokens=64)
-    router = Router(RouterConfig(grpc_port=0, http_port=0, poll_interval_s=0.05), checkpoint.load_config(path),
-                    ByteTokenizer(), EngineBackend({}, {"decode-0": de}))
-    bg = BackgroundRouter(router)
+    router, bg = _router(path, {"decode-0": de})
     try:
         pre = prompts([40], seed=12)[0]
         params = SamplingParams(max_new_tokens=5, ignore_eos=True)
@@ -440,9 +445,7 @@ def test_two_colocated_workers_the_router_sends_a_prefix_back_to_its_cache(setup
     miss). Tokens equal the reference either way."""
     path, full = setup
     engines = {f"decode-{i}": _engine(path, max_batched_tokens=64) for i in range(2)}
-    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, prefix_affinity=affinity),
-                    checkpoint.load_config(path), ByteTokenizer(), EngineBackend({}, engines))
-    bg = BackgroundRouter(router)
+    router, bg = _router(path, engines, prefix_affinity=affinity)
 
     def waiting(wid: str) -> int:
         w = router.registry.workers.get(wid)
@@ -579,9 +582,7 @@ def test_n_choices_compute_their_prompt_once(setup):
     the reference."""
     path, full = setup
     de = _engine(path, max_batched_tokens=64)
-    router = Router(RouterConfig(grpc_port=0, http_port=0, poll_interval_s=0.05), checkpoint.load_config(path),
-                    ByteTokenizer(), EngineBackend({}, {"decode-0": de}))
-    bg = BackgroundRouter(router)
+    router, bg = _router(path, {"decode-0": de})
     try:
         p = prompts([45], seed=25)[0]
         status, body = post_json(f"{bg.http_url}/v1/completions", {"prompt": p, "n": 4, "max_tokens": 3,
