@@ -118,6 +118,12 @@ class ColocatedPrefill:
             if self._computing.get(d) is req:
                 del self._computing[d]
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (later prompts compute theirs again; requests holding cached blocks keep them
+        until they end). The number of idle cached blocks that became plain free blocks."""
+        with self._lock:
+            return self.pool.clear_cache()
+
     def _prefill_ids(self, request_id: str, token_ids, prompt_len: int) -> np.ndarray:
         """The prompt's tokens but the last as int64 [prompt_len - 1], or ValueError naming what is wrong."""
         try:

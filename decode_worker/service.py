@@ -181,6 +181,9 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                   num_prefix_query_tokens=s.num_prefix_query_tokens,
                                   num_prefix_hit_tokens=s.num_prefix_hit_tokens)
 
+    def ResetPrefixCache(self, request, context):
+        return kv_pb2.ResetPrefixCacheReply(num_freed_blocks=self.engine.reset_prefix_cache())
+
     def Score(self, request, context):
         rows = self.engine.score(list(request.token_ids), int(request.scale) or None)
         return kv_pb2.ScoreReply(logprobs=[r[0] for r in rows], top_token_ids=[r[1] for r in rows],

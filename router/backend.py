@@ -91,5 +91,8 @@ class Backend(Protocol):
 
     async def abort(self, decode_id: str, request_id: str) -> None: ...
 
+    async def reset_prefix_cache(self, decode_id: str) -> int:
+        """Forget the decode worker's cached prefixes; the idle blocks freed (0 where it caches none)."""
+
     async def prompt_logprobs(self, decode_id: str, prompt_ids: list[int], scale: int) -> list[tuple[float, int, float]]:
         """Per prompt token: (its log-probability, the most likely token, that one's log-probability)."""

@@ -221,6 +221,21 @@ class Router:
             except Exception:  # the loop must outlive any one bad round
                 log.exception("router poll loop")
 
+    async def reset_prefix_cache(self) -> dict[str, int | str]:
+        """Every live decode worker forgets its cached prefixes (and the router its prefix-affinity memory):
+        {worker: idle blocks freed, or the error that worker answered}."""
+        out: dict[str, int | str] = {}
+        for w in self.backend.workers():
+            if w.role != "decode" or w.dead:
+                continue
+            try:
+                out[w.worker_id] = await self.backend.reset_prefix_cache(w.worker_id)
+            except Exception as e:  # noqa: BLE001 - one worker's failure is its entry, the others still reset
+                out[w.worker_id] = f"{type(e).__name__}: {e}"
+            if self.registry.affinity is not None:
+                self.registry.affinity.forget(w.worker_id)
+        return out
+
     async def set_scale(self, request_id: str, scale: int) -> int:
         """A client's scale switch for its running request ``request_id`` (its own id, as echoed in responses).
         Applies from the decode worker's next step; pins the scale. Raises UnknownRequest / ValueError."""

@@ -96,6 +96,9 @@ class EngineBackend:
     async def set_scale(self, decode_id: str, request_id: str, scale: int) -> None:
         self.decode[decode_id].set_scale(request_id, scale)
 
+    async def reset_prefix_cache(self, decode_id: str) -> int:
+        return self.decode[decode_id].reset_prefix_cache()
+
     async def abort(self, decode_id: str, request_id: str) -> None:
         self.decode[decode_id].abort(request_id)
 

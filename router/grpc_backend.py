@@ -378,6 +378,11 @@ class GrpcBackend:
     async def abort(self, decode_id: str, request_id: str) -> None:
         await self._decode(decode_id).Abort(kv_pb2.AbortRequest(request_id=request_id), metadata=self._md(), timeout=2.0)
 
+    async def reset_prefix_cache(self, decode_id: str) -> int:
+        r = await self._decode(decode_id).ResetPrefixCache(kv_pb2.ResetPrefixCacheRequest(), metadata=self._md(),
+                                                           timeout=10.0)
+        return r.num_freed_blocks
+
     async def prompt_logprobs(self, decode_id: str, prompt_ids: list[int], scale: int):
         if self.scorer is not None:  # optional local copy: scores without loading a decode worker
             return await asyncio.get_running_loop().run_in_executor(None, prompt_logprobs, self.scorer, prompt_ids, scale)

@@ -122,7 +122,8 @@ class HttpApi:
                         web.post("/v1/chat/completions", self.chat_completions),
                         web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize),
                         web.get("/tokenizer_info", self.tokenizer_info), web.get("/health", self.health),
-                        web.post("/v1/requests/{request_id}/scale", self.set_scale)])
+                        web.post("/v1/requests/{request_id}/scale", self.set_scale),
+                        web.post("/reset_prefix_cache", self.reset_prefix_cache)])
         return app
 
     @web.middleware
@@ -431,6 +432,11 @@ class HttpApi:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    async def reset_prefix_cache(self, request):
+        """vLLM's ``POST /reset_prefix_cache``: every decode worker forgets its cached prefixes (benchmarks between
+        passes; the API key applies). Answers {"workers": {worker: idle blocks freed, or its error}}."""
+        return web.json_response({"workers": await self.router.reset_prefix_cache()})
 
     async def models(self, request):
         cfg, name = self.router.model_cfg, self.router.cfg.served_model_name

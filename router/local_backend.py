@@ -132,6 +132,9 @@ class LocalBackend:
         if request_id in self._scales:
             self._scales[request_id] = scale
 
+    async def reset_prefix_cache(self, decode_id: str) -> int:
+        return 0  # the local model keeps no K/V between requests
+
     async def abort(self, decode_id: str, request_id: str) -> None:
         self._aborted.add(request_id)
 

@@ -597,3 +597,47 @@ def test_n_choices_compute_their_prompt_once(setup):
     finally:
         bg.stop()
     assert_pool_free(de)
+
+
+def test_reset_prefix_cache_forgets_every_prefix(setup):
+    """``POST /reset_prefix_cache`` (vLLM's path) through the router: the worker's idle cached blocks become plain
+    free blocks, the same prompt then computes its blocks again, tokens stay exact; over gRPC the worker's
+    ResetPrefixCache does the same; the API key applies."""
+    import grpc
+
+    from colm.decode_worker.service import DecodeServer
+    from colm.proto import load_proto
+    from colm.proto.rpc import auth_metadata
+
+    path, full = setup
+    de = _engine(path, max_batched_tokens=64)
+    router, bg = _router(path, {"decode-0": de}, api_key="k" * 16)
+    key = {"Authorization": "Bearer " + "k" * 16}
+    try:
+        p = prompts([33], seed=26)[0]
+        body = {"prompt": p, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "scale": 2}
+        want = ByteTokenizer().decode(generate(full, p, SamplingParams(max_new_tokens=3, ignore_eos=True),
+                                               scale=2).token_ids)
+        for expect_hits in (0, 32):
+            status, out = post_json(f"{bg.http_url}/v1/completions", body, headers=key)
+            assert status == 200 and out["choices"][0]["text"] == want, out
+            assert de.stats().num_prefix_hit_tokens == expect_hits
+        assert post_json(f"{bg.http_url}/reset_prefix_cache", {})[0] == 401
+        status, out = post_json(f"{bg.http_url}/reset_prefix_cache", {}, headers=key)
+        assert status == 200 and out == {"workers": {"decode-0": 8}} and de.pool.num_cached == 0
+        status, out = post_json(f"{bg.http_url}/v1/completions", body, headers=key)
+        assert status == 200 and out["choices"][0]["text"] == want
+        assert de.stats().num_prefix_hit_tokens == 32  # computed again, not found
+    finally:
+        bg.stop()
+    assert_pool_free(de)
+    kv_pb2, kv_grpc = load_proto("kv")
+    server = DecodeServer(de.start(), "t" * 16).start()
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            r = kv_grpc.DecodeWorkerStub(ch).ResetPrefixCache(kv_pb2.ResetPrefixCacheRequest(),
+                                                               metadata=auth_metadata("t" * 16), timeout=10)
+        assert r.num_freed_blocks == 8 and de.pool.num_cached == 0
+    finally:
+        server.stop()
+        de.stop()
