@@ -46,7 +46,7 @@ case "$part" in
       tests/test_kernels_greedy_head.py tests/test_prefill_graphs.py tests/test_kv_ready_event.py tests/test_graphed_forward.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
   decode)
     timeout 300 python bench/engines.py --out "$OUT" --sections decode 2>&1 | grep -v Warn | tail -60
-    for b in 1 8 64; do  # unfused / fused / fused + PDL side by side, against the weight-read floor
+    for b in 1 8 64; do  # bench/decode_profile.py's variants side by side, against the weight-read floor
       timeout 100 python bench/decode_profile.py --batch $b --out "$OUT/decode_profile_b$b.json" 2>&1 | grep -v Warn \
         | grep -E "^(floor|fused|unfused|wrote)"
     done ;;

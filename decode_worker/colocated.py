@@ -50,25 +50,22 @@ class ColocatedPrefill:
             req.prompt_tokens = ids
             if req.prefix_digests is None:  # not matched at reserve
                 req.prefix_digests = self._prefix_digests(ids, cache_salt)
-                self._take_over_cached(req)
-            req.prefilled = req.cached_blocks * self.pool.block_size  # the chunks start after the cached blocks
             if req.prefix_digests:
                 self._num_prefix_query_tokens += len(ids)
-                self._num_prefix_hit_tokens += req.prefilled
-                self._claim(req)  # the blocks it will compute, unless an earlier request computes them already
+                self._num_prefix_hit_tokens += req.cached_blocks * self.pool.block_size  # found at reserve
             req.timeline.mark("kv_header")
-            if req.prefilled == len(ids):  # nothing left to compute (or an empty prompt)
-                if len(ids):
-                    req.kv_done = True
-                    req.timeline.mark("kv_done")
-                    self._wake.notify_all()
-            else:
+            if not len(ids):  # a one-token prompt: nothing to compute (reserve marked its K/V done)
+                return
+            if not self._take_over_cached(req):
+                self._claim(req)  # the blocks it will compute, unless an earlier request computes them already
                 self._prefill_queue.append(req)
-                self._wake.notify_all()
+            self._wake.notify_all()
 
-    def _take_over_cached(self, req) -> int:
-        """Before its prefill starts: the cached blocks that continue ``req``'s cached prefix replace its own
-        (reserved, never written); the number taken over."""
+    def _take_over_cached(self, req) -> bool:
+        """Before ``req``'s own chunks begin: the cached blocks that continue its cached prefix replace its own
+        (reserved, never written), and its prefill moves past them. True when nothing is left to compute (its K/V
+        are done)."""
+        bs = self.pool.block_size
         hits = self.pool.match(req.prefix_digests[req.cached_blocks:])
         if hits:
             a, b = req.cached_blocks, req.cached_blocks + len(hits)
@@ -76,24 +73,23 @@ class ColocatedPrefill:
             req.blocks = req.blocks[:a] + hits + req.blocks[b:]  # a new list: tables cached per list see the change
             self.pool.free(fresh)
             req.cached_blocks = b
-        return len(hits)
+            self._num_prefix_hit_tokens += len(hits) * bs
+        req.prefilled = req.cached_blocks * bs  # the chunks start after the cached blocks
+        if req.prefilled < len(req.prompt_tokens):
+            return False
+        req.kv_done = True
+        req.timeline.mark("kv_done")
+        return True
 
     def _ready_to_prefill(self, req) -> bool:
         """Whether ``take_chunk`` may schedule ``req`` now (under the lock). A prompt whose next block an earlier
         request is computing waits for it (prefix caching: one computation per shared block, even for prompts that
         arrive together), takes over every block registered meanwhile, and is ready once nobody live computes the
         block it needs next. A prompt wholly cached that way is done (``kv_done``) and leaves the queue."""
-        bs = self.pool.block_size
-        if not req.prefix_digests or req.prefilled != req.cached_blocks * bs:
+        if not req.prefix_digests or req.prefilled != req.cached_blocks * self.pool.block_size:
             return True  # no cache, or its own chunks have begun
-        n = self._take_over_cached(req)
-        if n:
-            req.prefilled = req.cached_blocks * bs
-            self._num_prefix_hit_tokens += n * bs
-        if req.prefilled == len(req.prompt_tokens):
-            req.kv_done = True
-            req.timeline.mark("kv_done")
-            return False
+        if self._take_over_cached(req):
+            return False  # wholly cached now: done, and ``live`` drops it from the queue
         if req.cached_blocks < len(req.prefix_digests):
             other = self._computing.get(req.prefix_digests[req.cached_blocks])
             if other is not None and other is not req and self._computes(other):
@@ -121,8 +117,7 @@ class ColocatedPrefill:
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (later prompts compute theirs again; requests holding cached blocks keep them
         until they end). The number of idle cached blocks that became plain free blocks."""
-        with self._lock:
-            return self.pool.clear_cache()
+        return self.pool.clear_cache()
 
     def _prefill_ids(self, request_id: str, token_ids, prompt_len: int) -> np.ndarray:
         """The prompt's tokens but the last as int64 [prompt_len - 1], or ValueError naming what is wrong."""
@@ -154,7 +149,7 @@ class ColocatedPrefill:
             return []
         segments = take_chunk(self._prefill_queue, self.config.max_batched_tokens - decode_tokens,
                               self.config.max_prefill_segments,
-                              lambda r: self._requests.get(r.request_id) is r and r.cancel is None and not r.kv_done,
+                              lambda r: self._computes(r) and not r.kv_done,
                               self._ready_to_prefill)
         for s in segments:
             s.request.prefilling = True

@@ -507,6 +507,15 @@ def _pick(pass_name, key, candidates, launch, config, graph: bool = False):
     return _tuning.pick(key, candidates, launch, graph=graph)
 
 
+def fwd_flags(x2d, cfg: GemmConfig, outs, prefixes, has_bias: bool) -> dict:
+    """The forward GEMM kernels' constexprs and launch options for ``cfg`` over weights of ``outs`` rows and
+    ``prefixes`` input features (a chain Linear's, or a fused launch's segments)."""
+    return dict(HAS_BIAS=has_bias, EVEN_N=all(o % cfg.block_n == 0 for o in outs),
+                EVEN_K=all(p % cfg.block_k == 0 for p in prefixes), UPCAST=_upcast(x2d),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP=GROUP_N,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = None) -> torch.Tensor:
     """y [M, ΣO] from x2d [M, P_k] (row stride free, unit column stride)."""
     m = x2d.shape[0]
@@ -528,10 +537,7 @@ def chain_linear_forward(x2d, weights, biases, lay, config: GemmConfig | None = 
         tab = _fwd_table(lay, weights, biases, cfg.block_n, x2d.device)
         num_m, num_n = triton.cdiv(m, cfg.block_m), tab.shape[0]
         args = (x2d, weights[0], biases[0] if biases else x2d, y, tab)
-        flags = dict(HAS_BIAS=biases is not None, EVEN_N=all(o % cfg.block_n == 0 for o in lay.outs),
-                     EVEN_K=all(p % cfg.block_k == 0 for p in lay.prefix), UPCAST=_upcast(x2d),
-                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP=GROUP_N,
-                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        flags = fwd_flags(x2d, cfg, lay.outs, lay.prefix, biases is not None)
         if cfg.tma or cfg.persistent:
             _hopper.launch_forward(cfg, args, flags, x2d, y, num_m, num_n, aligned)
         else:

@@ -64,7 +64,7 @@ if _cl.HAS_TRITON:
     import triton
     import triton.language as tl
 
-    _round_bf16 = importlib.import_module("colm.kernels.rmsnorm")._round_bf16
+    _gate_product = importlib.import_module("colm.kernels.swiglu").gate_product
 
     @triton.jit
     def _k_piece(ptrs, rk, k_left, EVEN_K: tl.constexpr):
@@ -79,18 +79,11 @@ if _cl.HAS_TRITON:
     @triton.jit
     def _x_piece(ptrs, rk, k_left, glu_off, EVEN_K: tl.constexpr, GLU: tl.constexpr, EMULATE: tl.constexpr):
         """The input's K piece [R, BLOCK_K] at ``ptrs``; with GLU, silu(g) * u of the gate piece there and the up piece
-        ``glu_off`` elements on, rounded as ``swiglu.silu_mul`` rounds (SiLU in fp32 to the input dtype, then the
-        product in fp32 to it; EMULATE: by hand, in the interpreter)."""
+        ``glu_off`` elements on, rounded as ``swiglu.silu_mul`` rounds (its ``gate_product``)."""
         if GLU:
-            g = _k_piece(ptrs, rk, k_left, EVEN_K).to(tl.float32)
+            g = _k_piece(ptrs, rk, k_left, EVEN_K)
             u = _k_piece(ptrs + glu_off, rk, k_left, EVEN_K)
-            s = g / (1.0 + tl.exp(-g))
-            if EMULATE:
-                s = _round_bf16(s)
-            o = s.to(u.dtype).to(tl.float32) * u.to(tl.float32)
-            if EMULATE:
-                o = _round_bf16(o)
-            piece = o.to(u.dtype)
+            piece = _gate_product(g, u, EMULATE).to(u.dtype)
         else:
             piece = _k_piece(ptrs, rk, k_left, EVEN_K)
         return piece

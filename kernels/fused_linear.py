@@ -38,6 +38,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from colm.kernels import _tuning
+from colm.kernels.swiglu import silu_mul
 
 _cl = importlib.import_module("colm.kernels.chain_linear")
 _gemv = importlib.import_module("colm.kernels.chain_linear_gemv")
@@ -126,18 +127,25 @@ def _candidates(m: int) -> list:
     return (list(_gemv.GEMV_CONFIGS) + small) if m <= _gemv.MAX_ROWS else small
 
 
+def _layout(x2d: torch.Tensor, segments: Sequence[Segment], more_dims=()) -> tuple[list, list, list, bool]:
+    """(weights, their rows, their input features, aligned) of a launch over ``segments`` reading ``x2d``: aligned
+    when every size and column (and ``more_dims``) is a multiple of 8 and the weights, x2d and its rows start on
+    16 bytes (the caller adds its output's pointer)."""
+    weights = [s.weight for s in segments]
+    dims = [d for w in weights for d in w.shape] + [s.col for s in segments] + list(more_dims)
+    aligned = (all(d % 8 == 0 for d in dims) and all(t.data_ptr() % 16 == 0 for t in weights + [x2d])
+               and x2d.stride(0) % 8 == 0)
+    return weights, [w.shape[0] for w in weights], [w.shape[1] for w in weights], aligned
+
+
 def fused_linear_forward(x2d: torch.Tensor, segments: Sequence[Segment], config=None) -> torch.Tensor:
     """y [M, width] from x2d [M, K] (unit column stride), ``config`` pinned or tuned per shape."""
     m = x2d.shape[0]
-    width = out_width(segments)
-    y = torch.empty((m, width), device=x2d.device, dtype=x2d.dtype)
+    y = torch.empty((m, out_width(segments)), device=x2d.device, dtype=x2d.dtype)
     if m == 0:
         return y
-    weights = [s.weight for s in segments]
-    dims = [d for w in weights for d in w.shape] + [s.col for s in segments]
-    aligned = (all(d % 8 == 0 for d in dims) and all(t.data_ptr() % 16 == 0 for t in weights + [x2d, y])
-               and x2d.stride(0) % 8 == 0)
-    outs, prefixes = [w.shape[0] for w in weights], [w.shape[1] for w in weights]
+    weights, outs, prefixes, aligned = _layout(x2d, segments)
+    aligned = aligned and y.data_ptr() % 16 == 0
 
     def launch(cfg):
         if cfg == PER_SEGMENT_CUBLAS:
@@ -153,11 +161,8 @@ def fused_linear_forward(x2d: torch.Tensor, segments: Sequence[Segment], config=
         tab = _segments_table(segments, cfg.block_n, x2d.device)
         num_m, num_n = -(-m // cfg.block_m), tab.shape[0]
         _cl._chain_fwd_kernel[(num_m * num_n,)](
-            x2d, weights[0], x2d, y, tab, m, x2d.stride(0), y.stride(0), num_m, num_n,
-            HAS_BIAS=False, EVEN_N=all(o % cfg.block_n == 0 for o in outs),
-            EVEN_K=all(p % cfg.block_k == 0 for p in prefixes), ALIGNED=aligned, UPCAST=_cl._upcast(x2d),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP=_cl.GROUP_N,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            x2d, weights[0], x2d, y, tab, m, x2d.stride(0), y.stride(0), num_m, num_n, ALIGNED=aligned,
+            **_cl.fwd_flags(x2d, cfg, outs, prefixes, False))
 
     if config is None:
         if _tuning.interpreting():
@@ -180,8 +185,6 @@ def glu_fits(gu: torch.Tensor, segments: Sequence[Segment] = ()) -> bool:
 def fused_linear_glu(gu: torch.Tensor, f: int, segments: Sequence[Segment]) -> torch.Tensor:
     """y [..., width] = every segment's Linear of silu(gu[..., :f]) * gu[..., f:2f]: one launch where ``glu_fits``
     (the gate product formed as the weights stream), else ``silu_mul`` and ``fused_linear``."""
-    from colm.kernels.swiglu import silu_mul
-
     if gu.shape[-1] != 2 * f:
         raise ValueError(f"fused_linear_glu: the gate|up input is {gu.shape[-1]} wide, expected 2 x {f}")
     if not glu_fits(gu, segments):
@@ -194,17 +197,11 @@ def fused_linear_glu(gu: torch.Tensor, f: int, segments: Sequence[Segment]) -> t
 
 def fused_linear_glu_forward(gu2d: torch.Tensor, f: int, segments: Sequence[Segment], config=None) -> torch.Tensor:
     """y [M, width] from gu2d [M, 2f] (unit column stride, M <= MAX_ROWS), ``config`` pinned or tuned per shape."""
-    from colm.kernels.swiglu import silu_mul
-
     m = gu2d.shape[0]
     if m > _gemv.MAX_ROWS:
         raise ValueError(f"fused_linear_glu: {m} rows, at most {_gemv.MAX_ROWS}")
     width = out_width(segments)
-    weights = [s.weight for s in segments]
-    dims = [d for w in weights for d in w.shape] + [s.col for s in segments] + [f]
-    aligned = (all(d % 8 == 0 for d in dims) and all(t.data_ptr() % 16 == 0 for t in weights + [gu2d])
-               and gu2d.stride(0) % 8 == 0)
-    outs, prefixes = [w.shape[0] for w in weights], [w.shape[1] for w in weights]
+    weights, outs, prefixes, aligned = _layout(gu2d, segments, (f,))
     out: list[torch.Tensor] = []
 
     def separate() -> torch.Tensor:

@@ -40,6 +40,21 @@ if HAS_TRITON:
     _round_bf16 = importlib.import_module("colm.kernels.rmsnorm")._round_bf16
 
     @triton.jit
+    def gate_product(a, b, EMULATE: tl.constexpr):
+        """silu(a) * b of loaded pieces of one half dtype, as torch rounds it: SiLU in fp32 rounded to that dtype,
+        then the product in fp32 (fp32 returned; the caller's cast to the dtype is the product's one rounding).
+        EMULATE (interpreter, bf16): round by hand, since the interpreter truncates on a bf16 cast. Also the
+        matrix-vector kernel's input when it forms the FFN's gate product itself (``chain_linear_gemv``)."""
+        af = a.to(tl.float32)
+        s = af / (1.0 + tl.exp(-af))
+        if EMULATE:
+            s = _round_bf16(s)
+        o = s.to(b.dtype).to(tl.float32) * b.to(tl.float32)  # SiLU's result in the input dtype, as torch keeps it
+        if EMULATE:
+            o = _round_bf16(o)
+        return o
+
+    @triton.jit
     def _silu_mul_kernel(a_ptr, b_ptr, o_ptr, n, cols, stride_a, stride_b,
                          BLOCK: tl.constexpr, FLAT: tl.constexpr, EMULATE: tl.constexpr, USE_PDL: tl.constexpr = False):
         """o[r, c] = silu(a[r, c]) * b[r, c] over rows of ``cols`` (o contiguous; a, b row-strided unless
@@ -55,16 +70,9 @@ if HAS_TRITON:
             c = offs - r * cols
             a_offs = r * stride_a + c
             b_offs = r * stride_b + c
-        a = tl.load(a_ptr + a_offs, mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + b_offs, mask=ok, other=0.0).to(tl.float32)
-        s = a / (1.0 + tl.exp(-a))
-        if EMULATE:
-            s = _round_bf16(s)
-        s = s.to(o_ptr.dtype.element_ty).to(tl.float32)  # SiLU's result in the input dtype, as torch keeps it
-        o = s * b
-        if EMULATE:
-            o = _round_bf16(o)
-        tl.store(o_ptr + offs, o.to(o_ptr.dtype.element_ty), mask=ok)
+        a = tl.load(a_ptr + a_offs, mask=ok, other=0.0)
+        b = tl.load(b_ptr + b_offs, mask=ok, other=0.0)
+        tl.store(o_ptr + offs, gate_product(a, b, EMULATE).to(o_ptr.dtype.element_ty), mask=ok)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor | None:

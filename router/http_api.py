@@ -32,6 +32,7 @@ unmet with ``Retry-After``, 503 no worker, 504 deadline exceeded, 500 a bug.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -205,8 +206,6 @@ class HttpApi:
     async def _gather(self, jobs):
         """Run the coroutines ``jobs`` at once (the choices of a request); one failing cancels the others and its
         error is the request's."""
-        import asyncio
-
         tasks = [asyncio.ensure_future(j) for j in jobs]
         try:
             return await asyncio.gather(*tasks)
@@ -366,8 +365,6 @@ class HttpApi:
                 async for batch in batches:
                     yield 0, batch
             return
-        import asyncio
-
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index, gen):

@@ -8,14 +8,12 @@ import json
 import urllib.request
 
 import pytest
-import torch
 
 from colm.generate import generate
-from colm.model import CoLM
-from colm.presets import preset
 from colm.router.local_backend import LocalBackend
 from colm.sampling import SamplingParams
 from colm.tokenizer import ByteTokenizer
+from conftest import make_model
 from router_helpers import chat_router, post_json
 
 openai = pytest.importorskip("openai")
@@ -41,8 +39,7 @@ class CountingBackend(LocalBackend):
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return CoLM(preset("tiny-air")).reset_parameters(seed=1).eval()
+    return make_model("tiny-air", seed=1)
 
 
 @pytest.fixture(scope="module")
