@@ -43,10 +43,13 @@ class Client:
                 tpot_ms: float | None = None, deadline_ms: float | None = None, reject: bool = False,
                 stop: tuple[str, ...] = (), prompt_logprobs: bool = False, request_id: str = "",
                 ignore_eos: bool = False, include_stop_str_in_output: bool = False, speculative: int = 0,
-                cache_salt: str = ""):
+                cache_salt: str = "", presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0):
         pb2 = self.pb2
         sampling = pb2.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                stop=list(stop), ignore_eos=ignore_eos)
+                                stop=list(stop), ignore_eos=ignore_eos, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+                                logit_bias=logit_bias or {}, min_tokens=min_tokens)
         if seed is not None:
             sampling.seed = seed
         budget = pb2.LatencyBudget(ttft_ms=ttft_ms or 0, tpot_ms=tpot_ms or 0, deadline_ms=deadline_ms or 0,

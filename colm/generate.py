@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from colm.kv_cache import ContiguousKVCache
+from colm.logits_adjust import make_adjuster
 from colm.model import CoLM
 from colm.sampling import SamplingParams, sample_next
 from colm.stopping import StopChecker
@@ -32,7 +33,8 @@ def generate(model: CoLM, prompt_ids: Sequence[int], params: SamplingParams, sca
     """Generate up to ``params.max_new_tokens`` tokens after ``prompt_ids``.
 
     Token i (0-based) is produced at ``scale_schedule(i)`` if given, else ``scale``. Stops at EOS
-    (unless ``params.ignore_eos``), a stop token, or a stop string (needs ``decode``).
+    (unless ``params.ignore_eos``), a stop token, or a stop string (needs ``decode``). Penalties, logit bias and
+    ``min_tokens`` act as ``colm.logits_adjust`` says.
     """
     cfg = model.cfg
     if len(prompt_ids) == 0:
@@ -45,14 +47,15 @@ def generate(model: CoLM, prompt_ids: Sequence[int], params: SamplingParams, sca
     dtype = next(model.parameters()).dtype
     cache = ContiguousKVCache(cfg, 1, total, device=device, dtype=dtype)
     gen = params.make_generator()
+    adjust = make_adjuster(params, cfg.vocab_size, prompt_ids, eos_id)
     stopper = StopChecker(params, eos_id, decode if params.stop_strings else None)
     out: list[int] = []
     scales: list[int] = []
     step_input = torch.tensor([list(prompt_ids)], device=device)
     for i in range(params.max_new_tokens):
         s = cfg.check_scale(schedule(i))
-        logits = model(step_input, scale=s, cache=cache)[0, -1]  # [V]
-        tok = sample_next(logits.cpu(), params, gen)
+        logits = model(step_input, scale=s, cache=cache)[0, -1].cpu()  # [V]
+        tok = sample_next(adjust(logits, out) if adjust is not None else logits, params, gen)
         out.append(tok)
         scales.append(s)
         reason = stopper.add(tok)

@@ -15,6 +15,11 @@ import torch
 # above the upper bound every distribution is uniform to float32 precision.
 MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 100.0
+# OpenAI's range for presence_penalty / frequency_penalty; repetition_penalty divides positive logits, so it is
+# bounded as the temperature is; logit_bias values as OpenAI bounds them, at most this many ids per request
+MAX_PENALTY = 2.0
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 100.0
+MAX_LOGIT_BIAS, MAX_BIAS = 1024, 100.0
 
 
 def _is_number(x) -> bool:
@@ -35,6 +40,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # logit adjustments (``colm.logits_adjust``), applied to the model's logits before temperature, top-k, top-p
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); ids distinct, kept sorted
+    min_tokens: int = 0  # EOS and stop tokens are masked, and no stop rule ends the output, before this many tokens
 
     def __post_init__(self) -> None:
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
@@ -59,10 +70,50 @@ class SamplingParams:
             raise ValueError("stop_strings: empty string is not allowed")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos={self.ignore_eos!r}: must be true or false")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                raise ValueError(f"{name}={v!r}: must be a number in [{-MAX_PENALTY}, {MAX_PENALTY}] (0 = off)")
+        r = self.repetition_penalty
+        if not _is_number(r) or not math.isfinite(r) or not MIN_REPETITION_PENALTY <= r <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty={r!r}: must be a number in [{MIN_REPETITION_PENALTY}, "
+                             f"{MAX_REPETITION_PENALTY}] (1 = off)")
+        bias = tuple(self.logit_bias)
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} token ids (got {len(bias)})")
+        for pair in bias:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and _is_int(pair[0]) and pair[0] >= 0):
+                raise ValueError(f"logit_bias: {pair!r} is not a (token id >= 0, bias) pair")
+            b = pair[1]
+            if not _is_number(b) or not math.isfinite(b) or not -MAX_BIAS <= b <= MAX_BIAS:
+                raise ValueError(f"logit_bias[{pair[0]}]={b!r}: must be a number in [{-MAX_BIAS}, {MAX_BIAS}]")
+        if len({t for t, _ in bias}) != len(bias):
+            raise ValueError("logit_bias: a token id appears twice")
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens!r}: must be an integer in 0..max_new_tokens "
+                             f"({self.max_new_tokens})")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties, a logit bias or a minimum length change the logits before a token is picked (on the host,
+        ``colm.logits_adjust``)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.logit_bias or self.min_tokens)
+
+    @property
+    def penalizes(self) -> bool:
+        """A penalty reads the request's context (the prompt, and the output so far)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax of the model's own logits: the engines pick it on the device."""
+        return self.greedy and not self.adjusts_logits
 
     def make_generator(self, device="cpu") -> torch.Generator | None:
         if self.greedy:

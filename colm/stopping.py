@@ -32,6 +32,7 @@ class StopChecker:
         eos = () if params.ignore_eos or eos_id is None or eos_id < 0 else (eos_id,)
         self.stop_ids = frozenset(params.stop_token_ids) | frozenset(eos)
         self.max_new_tokens = params.max_new_tokens
+        self.min_tokens = params.min_tokens  # before this many tokens no stop token or stop string ends the output
         # without a decode function there is no text: stop strings cannot be matched (the router matches them)
         self.detok = IncrementalDetokenizer(decode, params.stop_strings) if decode is not None else None
         self.num_tokens = 0
@@ -42,6 +43,8 @@ class StopChecker:
         "length" (max_new_tokens reached), or "" (go on)."""
         self.num_tokens += 1
         self.delta = self.detok.add(token) if self.detok is not None else ""
+        if self.num_tokens < self.min_tokens:
+            return ""
         if token in self.stop_ids:
             return "stop"
         if self.detok is not None and self.detok.stop_hit(self.delta):

@@ -27,6 +27,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from colm import checkpoint
 from colm.config import servable
 from colm.errors import (CapacityError, DeadlineError, PeerUnavailableError, RequestAbortedError, RequestFailedError,
@@ -36,6 +38,7 @@ from colm.host_identity import host_id as current_host_id
 from colm.kernels._tuning import num_tuned
 from colm.kv_wire import parse_dtype
 from colm.model import CoLM
+from colm.logits_adjust import make_adjuster
 from colm.sampling import SamplingParams
 from colm.scoring import prompt_logprobs
 
@@ -240,11 +243,15 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
     # ---------------------------------------------------------------- generation control
     def start_generation(self, request_id: str, last_token_id: int, params: SamplingParams,
                          scale: int | None = None, kv_timeout_s: float | None = None,
-                         subscriber: str | None = None, speculative: int = 0) -> TokenStream | MuxStream:
+                         subscriber: str | None = None, speculative: int = 0,
+                         context_ids: np.ndarray | None = None, prior_output: int = 0) -> TokenStream | MuxStream:
         """Start generating; the events go to the returned ``TokenStream``, or with ``subscriber`` into that
         subscription (``self.mux``), batched per step, and the returned ``MuxStream`` is only a handle.
         ``speculative``: drafts per round by chain 1 (``decode_worker.speculative``) while the request's scale is
-        above 1; 0 = plain steps."""
+        above 1; 0 = plain steps (also for a request whose logits are adjusted: penalties, bias, min_tokens).
+        ``context_ids``: the prompt's tokens but the last, which penalties read where this engine does not prefill
+        the prompt itself; ``prior_output``: how many of the prompt's last tokens are the request's earlier output
+        (a retried attempt), counted as output by the frequency and presence penalties."""
         with self._wake:
             req = self._get(request_id)
             if req.started:  # a second start (a reused id) is refused without touching the running request
@@ -260,6 +267,19 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
                 if not 0 <= last_token_id < self.cfg.vocab_size:
                     raise ValueError(f"last_token_id={last_token_id}: outside the vocabulary 0..{self.cfg.vocab_size - 1}")
                 check_speculative(speculative)
+                if not 0 <= prior_output < req.prompt_len:
+                    raise ValueError(f"prior_output={prior_output}: must be in 0..{req.prompt_len - 1}")
+                prompt = None
+                if params.penalizes:  # they read the prompt: this engine's own (colocated) or the one given
+                    head = req.prompt_tokens if req.prompt_tokens is not None else context_ids
+                    prompt = np.append(np.asarray(head if head is not None else [], dtype=np.int64), last_token_id)
+                    if len(prompt) != req.prompt_len:
+                        raise ValueError(f"context_ids: {len(prompt) - 1} tokens given; penalties read the prompt, "
+                                         f"which has {req.prompt_len - 1} before its last")
+                    if len(prompt) and not 0 <= prompt.min() <= prompt.max() < self.cfg.vocab_size:
+                        raise ValueError(f"context_ids: token ids must be in 0..{self.cfg.vocab_size - 1}")
+                adjust = make_adjuster(params, self.cfg.vocab_size, () if prompt is None else prompt, self.eos_id,
+                                       prior_output)
                 if not 1 <= params.max_new_tokens <= req.max_new_tokens:
                     raise ValueError(f"max_new_tokens={params.max_new_tokens}: must be in 1..{req.max_new_tokens} "
                                      "(the reservation's)")
@@ -267,7 +287,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
                 self._fail(req, e)  # the router will not reuse a reservation whose start failed
                 raise
             req.started, req.params, req.scale, req.last_token_id = True, params, scale, last_token_id
-            req.speculative = speculative
+            req.speculative, req.adjust = speculative, adjust
             req.generator = params.make_generator()
             req.stream = MuxStream(request_id, sub) if sub is not None else TokenStream(request_id, self.alive)
             req.timeline.mark("started")
@@ -519,7 +539,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
 
     def _can_overlap(self, batch, scales) -> bool:
         return (self._overlap and (len(set(scales)) == 1 or self._mixed_ahead())
-                and all(r.params.greedy and r.cancel is None for r in batch))
+                and all(r.params.plain_greedy and r.cancel is None for r in batch))
 
     def _overlapped(self, batch, scales, joining=(), before_read=None) -> list[tuple[int, float]]:
         """Step n's tokens, with step n+1 queued before they are read: for the rows that go on past step n (not
@@ -556,7 +576,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
             for req in self._waiting(frozenset(map(id, joining))):  # as _housekeep admits, up to max_batch_size
                 if len(rows) >= self.config.max_batch_size:
                     break
-                if (req.kv_ready is not None or req.cancel is not None or not req.params.greedy or round_gamma(req)
+                if (req.kv_ready is not None or req.cancel is not None or not req.params.plain_greedy or round_gamma(req)
                         or (not mixed_ok and req.scale != scales[0])):
                     return None  # it would not join as a plain greedy row of this step: no step ahead
                 rows.append(req)

@@ -21,6 +21,7 @@ import torch
 from colm.decode_worker.block_pool import CopyPlan
 from colm.errors import RequestAbortedError
 from colm.kv_wire import KVLayout
+from colm.logits_adjust import LogitsAdjuster
 from colm.sampling import SamplingParams
 from colm.stopping import StopChecker
 from colm.timeline import Timeline
@@ -124,6 +125,7 @@ class DecodeRequest:
     scale: int = 1
     speculative: int = 0                       # drafts per round by chain 1 (decode_worker.speculative); 0 = off
     generator: torch.Generator | None = None
+    adjust: LogitsAdjuster | None = None        # penalties, logit bias, min_tokens (None: the logits as they are)
     stream: TokenStream | None = None
     kv_deadline: float = float("inf")
     out_tokens: list[int] = field(default_factory=list)

@@ -118,9 +118,16 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                     request.kv_timeout_s or None, prefill_tokens=prompt, cache_salt=request.cache_salt)
             if len(prompt):  # a one-token prompt has no K/V to compute before its first step
                 self.engine.prefill_kv(request.request_id, prompt, cache_salt=request.cache_salt)
+        try:
+            context = (unpack_token_ids(request.context_token_ids_u32, "context_token_ids_u32")
+                       if request.context_token_ids_u32 else None)
+        except ValueError:
+            self.engine.abort(request.request_id, unstarted_only=True)
+            raise
         return self.engine.start_generation(request.request_id, int(request.last_token_id), params,
                                             int(request.scale) or None, request.kv_timeout_s or None,
-                                            subscriber=subscriber, speculative=int(request.speculative))
+                                            subscriber=subscriber, speculative=int(request.speculative),
+                                            context_ids=context, prior_output=int(request.prior_output_tokens))
 
     def StartGeneration(self, request, context):
         rid = request.request_id

@@ -9,7 +9,8 @@ Sequences at different scales share the step in one of two ways (``DecodeConfig.
   chain-1 weights read once per group.
 
 Sampling follows ``colm.sampling`` exactly (greedy argmax on the device; seeded sampling on the CPU
-with the request's generator), so tokens match the reference generator.
+with the request's generator; penalties, logit bias and min_tokens on the CPU, ``colm.logits_adjust``), so
+tokens match the reference generator.
 """
 
 from __future__ import annotations
@@ -137,13 +138,16 @@ def launch_greedy_step(model, batch, pool, scales, graphs=None, after: LaunchedS
 
 def _picks(head: StepHead, rows) -> list[tuple[int, float]]:
     """(token, log-prob) per row from the step's head: greedy rows read ``packed`` (one device->host copy),
-    sampling rows draw from their logits with their own generator."""
-    if all(r.params.greedy for r in rows):
+    sampling rows (and greedy rows whose logits are adjusted: ``colm.logits_adjust``) pick from their logits on
+    the host, with their own generator."""
+    if all(r.params.plain_greedy for r in rows):
         return _greedy_picks(head.packed)
     toks = head.greedy[:, 0].tolist()
     for j, r in enumerate(rows):
-        if not r.params.greedy:
-            toks[j] = sample_next(head.logits[j].cpu(), r.params, r.generator)
+        if not r.params.plain_greedy:
+            logits = head.logits[j].cpu()  # [V]
+            toks[j] = sample_next(r.adjust(logits, r.out_tokens) if r.adjust is not None else logits, r.params,
+                                  r.generator)
     chosen = torch.tensor(toks, device=head.logits.device)[:, None]
     lps = (head.logits.gather(1, chosen)[:, 0].float() - head.lse).tolist()
     return list(zip(toks, lps))

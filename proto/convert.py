@@ -22,7 +22,7 @@ import re
 import numpy as np
 
 from colm.proto import load_proto
-from colm.sampling import SamplingParams
+from colm.sampling import MAX_LOGIT_BIAS, SamplingParams
 
 public_pb2, _ = load_proto("public")
 kv_pb2, _ = load_proto("kv")
@@ -38,7 +38,9 @@ SEED_MAX = 2**63 - 1  # the workers take an unsigned 64-bit seed; negative seeds
 SAMPLING_PATHS = {"max_new_tokens": "sampling.max_new_tokens", "temperature": "sampling.temperature",
                   "top_k": "sampling.top_k", "top_p": "sampling.top_p", "seed": "sampling.seed",
                   "stop_token_ids": "sampling.stop_token_ids", "stop_strings": "sampling.stop",
-                  "ignore_eos": "sampling.ignore_eos"}
+                  "ignore_eos": "sampling.ignore_eos", "presence_penalty": "sampling.presence_penalty",
+                  "frequency_penalty": "sampling.frequency_penalty", "repetition_penalty": "sampling.repetition_penalty",
+                  "logit_bias": "sampling.logit_bias", "min_tokens": "sampling.min_tokens"}
 
 
 def _from_f32(v: float) -> float:
@@ -61,12 +63,14 @@ def sampling_from_public(s, default_max_new_tokens: int) -> SamplingParams:
         raise ValueError(f"sampling.seed={s.seed}: must be in [0, {SEED_MAX}]")
     if s.max_new_tokens < 0:
         raise ValueError(f"sampling.max_new_tokens={s.max_new_tokens}: must be >= 0 (0 = the router's default)")
+    if s.min_tokens < 0:
+        raise ValueError(f"sampling.min_tokens={s.min_tokens}: must be >= 0")
     try:
         return SamplingParams(max_new_tokens=s.max_new_tokens or default_max_new_tokens,
                               temperature=_from_f32(s.temperature), top_k=s.top_k,
                               top_p=_from_f32(s.top_p) if s.top_p else 1.0,
                               seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
-                              stop_strings=tuple(s.stop), ignore_eos=s.ignore_eos)
+                              stop_strings=tuple(s.stop), ignore_eos=s.ignore_eos, **_adjustments(s))
     except ValueError as e:
         msg = str(e)
         name = re.match(r"\w+", msg)
@@ -75,10 +79,23 @@ def sampling_from_public(s, default_max_new_tokens: int) -> SamplingParams:
         raise ValueError(msg) from None
 
 
+def _adjustments(s) -> dict:
+    """The logit adjustments of a ``Sampling`` or ``DecodeSampling`` as SamplingParams' keywords (a
+    ``repetition_penalty`` of 0 is 1, off; ``logit_bias`` in token order)."""
+    if len(s.logit_bias) > MAX_LOGIT_BIAS:  # checked before the map becomes a tuple of up to 4 MiB of pairs
+        raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} token ids (got {len(s.logit_bias)})")
+    return dict(presence_penalty=_from_f32(s.presence_penalty), frequency_penalty=_from_f32(s.frequency_penalty),
+                repetition_penalty=_from_f32(s.repetition_penalty) if s.repetition_penalty else 1.0,
+                logit_bias=tuple((int(t), _from_f32(b)) for t, b in sorted(s.logit_bias.items())),
+                min_tokens=int(s.min_tokens))
+
+
 def _sampling_msg(cls, p: SamplingParams, stop_field: str):
     """SamplingParams -> ``cls`` (``Sampling`` or ``DecodeSampling``, which name the stop strings differently)."""
     s = cls(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-            stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, **{stop_field: p.stop_strings})
+            stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
+            logit_bias=dict(p.logit_bias), min_tokens=p.min_tokens, **{stop_field: p.stop_strings})
     if p.seed is not None:
         s.seed = p.seed
     return s
@@ -104,7 +121,7 @@ def sampling_from_decode(s) -> SamplingParams:
     return SamplingParams(max_new_tokens=int(s.max_new_tokens), temperature=_from_f32(s.temperature),
                           top_k=int(s.top_k), top_p=_from_f32(s.top_p) if s.top_p > 0 else 1.0,
                           seed=int(s.seed) if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
-                          stop_strings=tuple(s.stop_strings), ignore_eos=bool(s.ignore_eos))
+                          stop_strings=tuple(s.stop_strings), ignore_eos=bool(s.ignore_eos), **_adjustments(s))
 
 
 # ---------------------------------------------------------------- LatencyBudget (client -> router)

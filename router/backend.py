@@ -66,6 +66,9 @@ class EngineRequest:
     token_timeout_s: float | None = None
     speculative: int = 0  # chain-1 self-speculative decoding: drafts per round (0 = off)
     cache_salt: str = ""  # the namespace of a colocated worker's prefix cache (requests of other salts share no K/V)
+    # a retried attempt: how many of ``prompt_ids``' last tokens are the request's earlier output (the penalties
+    # count them as output, ``colm.logits_adjust``)
+    prior_output: int = 0
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from colm.router.worker_metrics import WorkerMetricsCollector
 from colm.decode_worker.config import check_speculative
 from colm.decode_worker.prefix_cache import MAX_CACHE_SALT, block_hashes
 from colm.sampling import SamplingParams
+from colm.logits_adjust import check_token_ids
 from colm.stopping import StopChecker
 from colm.tokenizer import encode_prompt
 
@@ -291,6 +292,7 @@ class Router:
         bad = [t for t in prompt_ids if not 0 <= t < cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary 0..{cfg.vocab_size - 1}")
+        check_token_ids(params, cfg.vocab_size)
         if len(prompt_ids) + params.max_new_tokens > cfg.max_seq_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                              f"the context of {cfg.max_seq_len} tokens")
@@ -427,9 +429,10 @@ class Router:
             attempt = retries + request_failures
             left = spec.deadline - time.monotonic()
             req = EngineRequest(f"{spec.uid}.{attempt}" if attempt else spec.uid, tuple(prompt),
-                                replace(params, max_new_tokens=params.max_new_tokens - len(out), stop_strings=()),
+                                replace(params, max_new_tokens=params.max_new_tokens - len(out), stop_strings=(),
+                                        min_tokens=max(0, params.min_tokens - len(out))),
                                 state.scale, left, self.tokenizer.eos_id, self.metrics.observe_phases,
-                                speculative=speculative, cache_salt=spec.cache_salt)
+                                speculative=speculative, cache_salt=spec.cache_salt, prior_output=len(out))
             self.registry.start(prefill.worker_id, spec.uid)
             self.registry.start(decode.worker_id, spec.uid)
             self.running[req.request_id] = (state, decode.worker_id)

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 from typing import AsyncIterator
 
+import numpy as np
+
 from colm.errors import CapacityError, RequestAbortedError
 from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo
 from colm.router.placement import NoWorker
@@ -72,7 +74,10 @@ class EngineBackend:
                 fut.add_done_callback(lambda f: f.exception() and de.fail_kv(req.request_id, f.exception()))
                 fut.add_done_callback(lambda f: _observe_prefill(f, req))
             stream = de.start_generation(req.request_id, req.prompt_ids[-1], req.params, scale=req.scale,
-                                         kv_timeout_s=req.timeout_s, speculative=req.speculative)
+                                         kv_timeout_s=req.timeout_s, speculative=req.speculative,
+                                         context_ids=(np.asarray(req.prompt_ids[:-1])
+                                                      if req.params.penalizes and not colocated else None),
+                                         prior_output=req.prior_output)
             it = iter(stream)
             done = object()
             while True:

@@ -408,7 +408,10 @@ def _start_request(req: EngineRequest, timeout: float, subscriber: str = "", pro
                                          subscriber=subscriber, speculative=req.speculative,
                                          prompt_token_ids_u32=pack_token_ids(req.prompt_ids[:-1]) if prompt else b"",
                                          reserve_max_new_tokens=req.params.max_new_tokens if prompt else 0,
-                                         cache_salt=req.cache_salt if prompt else "")
+                                         cache_salt=req.cache_salt if prompt else "",
+                                         context_token_ids_u32=(pack_token_ids(req.prompt_ids[:-1])
+                                                                if req.params.penalizes and not prompt else b""),
+                                         prior_output_tokens=req.prior_output)
 
 
 def _retrieve(task: asyncio.Future) -> None:

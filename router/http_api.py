@@ -190,7 +190,7 @@ class HttpApi:
                                 temperature=1.0 if req.temperature is None else req.temperature,
                                 top_p=1.0 if req.top_p is None else req.top_p, top_k=max(0, req.top_k or 0),
                                 seed=seed, stop_strings=self._stops(req), stop_token_ids=stop_token_ids,
-                                ignore_eos=bool(req.ignore_eos))
+                                ignore_eos=bool(req.ignore_eos), **req.adjustments())
         budget = Budget(ttft_ms=ext.get("ttft_ms"), tpot_ms=ext.get("tpot_ms"), deadline_ms=ext.get("deadline_ms"),
                         on_miss=ext.get("on_miss", "degrade"))
         ids = self.tcfg.encode(prompt, req.add_special_tokens is not False) if isinstance(prompt, str) else prompt

@@ -19,6 +19,7 @@ from typing import AsyncIterator
 import torch
 
 from colm.kv_cache import ContiguousKVCache
+from colm.logits_adjust import make_adjuster
 from colm.router.backend import EngineRequest, EngineToken, WorkerInfo
 from colm.router.policy import WorkerReport
 from colm.sampling import sample_next
@@ -69,6 +70,8 @@ class LocalBackend:
         dtype = next(self.model.parameters()).dtype
         params = req.params
         gen = params.make_generator()
+        adjust = make_adjuster(params, self.cfg.vocab_size, req.prompt_ids, req.eos_id, req.prior_output)
+        out: list[int] = []
         stopper = StopChecker(params, req.eos_id)  # stop strings are the router's (it sends none)
         cache = ContiguousKVCache(self.cfg, 1, len(req.prompt_ids) + params.max_new_tokens, device=device, dtype=dtype)
         x = torch.tensor([list(req.prompt_ids)], device=device)
@@ -91,7 +94,8 @@ class LocalBackend:
                             self._prefill_s += dt
                         else:
                             self._step_ms[scale].append(dt * 1e3)
-                    tok = sample_next(logits, params, gen)
+                    tok = sample_next(adjust(logits, out) if adjust is not None else logits, params, gen)
+                    out.append(tok)
                     emit(EngineToken(tok, scale, float(torch.log_softmax(logits, -1)[tok])))
                     if stopper.add(tok):
                         return

@@ -6,9 +6,9 @@ must be finite (JSON's ``NaN`` / ``Infinity`` literals, which Python's json read
 rejected). ``null`` means "the default" wherever the OpenAI schema marks a field nullable.
 
 ``n`` (1..16) gives that many choices per prompt (sequences of their own; a seeded request seeds choice j
-with seed + j). Fields the engines cannot honour are rejected unless they ask for a no-op: a ``best_of``
-other than n, a non-empty ``suffix``, non-zero ``presence_penalty`` / ``frequency_penalty``, a non-empty
-``logit_bias``; in chat, ``tools`` / ``functions`` / a ``tool_choice`` other than "none" / a
+with seed + j). ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (token ids as strings) and vLLM's
+``repetition_penalty`` and ``min_tokens`` act as ``colm.logits_adjust`` says. Fields the engines cannot honour
+are rejected unless they ask for a no-op: a ``best_of`` other than n, a non-empty ``suffix``; in chat, ``tools`` / ``functions`` / a ``tool_choice`` other than "none" / a
 ``response_format`` other than text, and ``top_logprobs`` above 0. ``user`` is accepted and ignored, and
 so are unknown top-level fields (as vLLM does); ``model`` is checked by the HTTP layer (404 when unknown).
 The colm extras ``scale``, ``ttft_ms``, ``tpot_ms``, ``deadline_ms``, ``on_miss`` and ``speculative`` (chain-1
@@ -38,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from colm.decode_worker.config import MAX_GAMMA
 from colm.decode_worker.prefix_cache import MAX_CACHE_SALT
 from colm.proto.convert import MAX_BUDGET_MS, MAX_STOP_CHARS, MAX_STOP_STRINGS, SEED_MAX
-from colm.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
+from colm.sampling import (MAX_BIAS, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TEMPERATURE,
+                           MIN_REPETITION_PENALTY, MIN_TEMPERATURE)
 
 MAX_LOGPROBS = 1  # what the engines report per position: the sampled token, or the prompt's most likely one
 MAX_N = 16  # choices per prompt (n): each is a sequence of its own, sharing the prompt's cached K/V
@@ -62,6 +63,7 @@ def _on_miss_field():
 
 
 Scale = Optional[Annotated[StrictInt, Field(ge=1)]]
+Penalty = Annotated[float, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)]
 Speculative = Optional[Annotated[StrictInt, Field(ge=0, le=MAX_GAMMA)]]
 
 
@@ -178,9 +180,17 @@ class SamplingRequest(BaseModel):
     ignore_eos: Optional[StrictBool] = Field(False, description="true or false")
     include_stop_str_in_output: Optional[StrictBool] = Field(False, description="true or false")
     n: Optional[StrictInt] = Field(1, description=f"an integer 1..{MAX_N}: choices per prompt")
-    presence_penalty: Optional[float] = Field(None, description="0 or null (penalties are not supported)")
-    frequency_penalty: Optional[float] = Field(None, description="0 or null (penalties are not supported)")
-    logit_bias: Optional[dict[StrictStr, float]] = Field(None, description="null or {} (logit bias is not supported)")
+    presence_penalty: Optional[Penalty] = Field(
+        None, description=f"a number in [{-MAX_PENALTY}, {MAX_PENALTY}] or null (0)")
+    frequency_penalty: Optional[Penalty] = Field(
+        None, description=f"a number in [{-MAX_PENALTY}, {MAX_PENALTY}] or null (0)")
+    repetition_penalty: Optional[Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)]] = Field(
+        None, description=f"a number in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}] or null (1 = off)")
+    logit_bias: Optional[dict[StrictStr, Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]]] = Field(
+        None, description=f"an object of at most {MAX_LOGIT_BIAS} token ids (as strings) -> a bias in "
+                          f"[{-MAX_BIAS}, {MAX_BIAS}], or null")
+    min_tokens: Optional[Annotated[StrictInt, Field(ge=0)]] = Field(
+        None, description="an integer >= 0 and <= the request's maximum of new tokens, or null (0)")
     user: Optional[StrictStr] = Field(None, description="a string (ignored)")
     cache_salt: Optional[Annotated[StrictStr, Field(max_length=MAX_CACHE_SALT)]] = Field(
         None, description=f"a string of at most {MAX_CACHE_SALT} characters: requests share cached prompt K/V only "
@@ -215,14 +225,26 @@ class SamplingRequest(BaseModel):
             raise ValueError(f"best_of={v}: only equal to n is supported (no ranking of extra sequences)")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _penalty(cls, v, info):
-        if v:
-            raise ValueError(f"{info.field_name}={v!r}: penalties are not supported")
-        return v
+    def _logit_bias(cls, v):
+        """-> ((token id, bias), ...); a key must be a token id written in decimal."""
+        if v is None:
+            return ()
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(v)} entries: at most {MAX_LOGIT_BIAS}")
+        bad = next((k for k in v if not (k.isascii() and k.isdigit()) or len(k) > 12), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias key {_shown(bad)}: keys are token ids (integers >= 0, as strings)")
+        return tuple((int(k), b) for k, b in v.items())
 
-    @field_validator("logit_bias", "suffix", check_fields=False)  # suffix: completions only
+    def adjustments(self) -> dict:
+        """The logit adjustments as ``SamplingParams`` keywords (null: the default)."""
+        return dict(presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+                    repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                    logit_bias=self.logit_bias or (), min_tokens=self.min_tokens or 0)
+
+    @field_validator("suffix", check_fields=False)  # completions only
     @classmethod
     def _not_supported(cls, v, info):
         if v:

@@ -55,7 +55,11 @@ HUGE = 100_000  # payloads above this size are left out of the random combinatio
 
 
 def _size(v) -> int:
-    return len(v) if isinstance(v, (str, bytes, list)) else 1
+    return len(v) if isinstance(v, (str, bytes, list, dict)) else 1
+
+
+def _is_map(fd) -> bool:
+    return fd.type == F.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry
 
 
 def scalar_values(fd) -> list:
@@ -80,7 +84,12 @@ def scalar_values(fd) -> list:
 
 
 def field_values(fd) -> list:
-    """Candidate values of one leaf field: scalars, or lists for a repeated field."""
+    """Candidate values of one leaf field: scalars, lists for a repeated field, dicts for a map."""
+    if _is_map(fd):
+        keys = scalar_values(fd.message_type.fields_by_name["key"])
+        values = scalar_values(fd.message_type.fields_by_name["value"])
+        return [{}, {k: v for k, v in zip(keys, values)}, {keys[-1]: values[0]}, {k: 1.0 for k in range(1025)},
+                {k: values[len(values) // 2] for k in range(100_000)}]
     vals = scalar_values(fd)
     if not fd.is_repeated:
         return vals
@@ -107,7 +116,11 @@ def mutate(msg, path, value) -> bool:
     for fd in parents:
         msg = getattr(msg, fd.name)
     try:
-        if leaf.is_repeated:
+        if _is_map(leaf):
+            field = getattr(msg, leaf.name)
+            field.clear()
+            field.update(value)
+        elif leaf.is_repeated:
             field = getattr(msg, leaf.name)
             del field[:]
             field.extend(value)

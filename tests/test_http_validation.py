@@ -181,10 +181,12 @@ def test_a_wrong_content_type_or_charset_is_read_as_utf8_json(url):
         assert status == 200, (ct, body)
 
 
-UNSUPPORTED = [({"suffix": "tail"}, "suffix"), ({"presence_penalty": 0.5}, "presence_penalty"),
-               ({"frequency_penalty": -1.0}, "frequency_penalty"), ({"best_of": 2}, "best_of"), ({"n": 17}, "n"),
-               ({"n": 0}, "n"), ({"n": 2, "best_of": 3}, "best_of"), ({"logit_bias": {"50": 10}}, "logit_bias"), ({"best_of": True}, "best_of"),
-               ({"logit_bias": {"50": "x"}}, "logit_bias")]
+UNSUPPORTED = [({"suffix": "tail"}, "suffix"), ({"presence_penalty": 2.5}, "presence_penalty"),
+               ({"frequency_penalty": -3}, "frequency_penalty"), ({"best_of": 2}, "best_of"), ({"n": 17}, "n"),
+               ({"n": 0}, "n"), ({"n": 2, "best_of": 3}, "best_of"), ({"logit_bias": {"x50": 10}}, "logit_bias"),
+               ({"best_of": True}, "best_of"), ({"logit_bias": {"50": "x"}}, "logit_bias"),
+               ({"logit_bias": {"50": 100.5}}, "logit_bias"), ({"repetition_penalty": 0}, "repetition_penalty"),
+               ({"min_tokens": -1}, "min_tokens"), ({"min_tokens": 1.5}, "min_tokens")]
 
 
 @pytest.mark.parametrize("change,field", UNSUPPORTED, ids=[f for _, f in UNSUPPORTED])
@@ -196,6 +198,7 @@ def test_no_op_values_and_unknown_fields_are_accepted(url):
     status, plain = completion(url, GOOD)
     assert status == 200, plain
     noops = {"presence_penalty": 0, "frequency_penalty": 0.0, "best_of": 1, "n": 1, "logit_bias": {}, "user": "me",
+             "repetition_penalty": 1, "min_tokens": 0,
              "suffix": "", "model": "colm", "some_future_field": {"x": [1, 2]}, "top_k": -1}
     status, body = completion(url, {**GOOD, **noops})
     assert status == 200, body

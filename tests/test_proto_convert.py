@@ -13,7 +13,8 @@ from colm.proto.convert import (MAX_BUDGET_MS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
                                 budget_from_public, budget_to_public, sampling_from_decode, sampling_from_public,
                                 sampling_to_decode, sampling_to_public)
 from colm.router.policy import Budget, OnMiss  # noqa: E402
-from colm.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE, SamplingParams  # noqa: E402
+from colm.sampling import (MAX_BIAS, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TEMPERATURE,  # noqa: E402
+                           MIN_REPETITION_PENALTY, MIN_TEMPERATURE, SamplingParams)
 from colm.stopping import StopChecker  # noqa: E402
 
 public_pb2, _ = load_proto("public")
@@ -21,7 +22,9 @@ kv_pb2, _ = load_proto("kv")
 SEEDS = range(300)
 # a proto field -> the SamplingParams field it carries
 PUBLIC_FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-                 "seed": "seed", "stop_token_ids": "stop_token_ids", "stop": "stop_strings", "ignore_eos": "ignore_eos"}
+                 "seed": "seed", "stop_token_ids": "stop_token_ids", "stop": "stop_strings", "ignore_eos": "ignore_eos",
+                 "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+                 "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias", "min_tokens": "min_tokens"}
 DECODE_FIELDS = {**PUBLIC_FIELDS, "stop_strings": "stop_strings"}
 del DECODE_FIELDS["stop"]
 
@@ -34,8 +37,13 @@ def _text(rng: random.Random) -> str:
 def random_params(rng: random.Random) -> SamplingParams:
     """Every field set at random within its valid range; floats with at most 7 significant digits (what a
     client types), which a float32 proto field carries exactly through colm.proto.convert."""
+    max_new_tokens = rng.randint(1, 1 << 20)
+
+    def f7(lo, hi):
+        return float(f"{rng.uniform(lo, hi):.7g}")
+
     return SamplingParams(
-        max_new_tokens=rng.randint(1, 1 << 20),
+        max_new_tokens=max_new_tokens,
         temperature=rng.choice([0.0, MIN_TEMPERATURE, MAX_TEMPERATURE,
                                 float(f"{rng.uniform(MIN_TEMPERATURE, MAX_TEMPERATURE):.4g}")]),
         top_k=rng.choice([0, 1, rng.randint(0, 2**31 - 1)]),
@@ -43,7 +51,14 @@ def random_params(rng: random.Random) -> SamplingParams:
         seed=rng.choice([None, 0, SEED_MAX, rng.randint(0, SEED_MAX)]),
         stop_token_ids=tuple(rng.randint(0, 2**31 - 1) for _ in range(rng.randint(0, 8))),
         stop_strings=tuple(_text(rng) for _ in range(rng.randint(0, MAX_STOP_STRINGS))),
-        ignore_eos=rng.random() < 0.5)
+        ignore_eos=rng.random() < 0.5,
+        presence_penalty=rng.choice([0.0, -MAX_PENALTY, MAX_PENALTY, f7(-MAX_PENALTY, MAX_PENALTY)]),
+        frequency_penalty=rng.choice([0.0, -MAX_PENALTY, MAX_PENALTY, f7(-MAX_PENALTY, MAX_PENALTY)]),
+        repetition_penalty=rng.choice([1.0, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY,
+                                       f7(MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)]),
+        logit_bias=tuple((t, rng.choice([-MAX_BIAS, MAX_BIAS, 0.0, f7(-MAX_BIAS, MAX_BIAS)]))
+                         for t in rng.sample(range(2**31 - 1), rng.choice([0, 1, 5, MAX_LOGIT_BIAS]))),
+        min_tokens=rng.choice([0, max_new_tokens, rng.randint(0, max_new_tokens)]))
 
 
 def test_every_field_is_converted():
@@ -88,11 +103,17 @@ def test_public_defaults_and_float32():
     ("top_p", 1.5, "sampling.top_p"), ("max_new_tokens", -1, "sampling.max_new_tokens"),
     ("seed", -1, "sampling.seed"), ("stop", [""], "sampling.stop"), ("stop", ["x"] * 17, "sampling.stop"),
     ("stop", ["x" * 257], "sampling.stop"), ("stop_token_ids", [-1], "sampling.stop_token_ids"),
-    ("stop_token_ids", [1] * 1025, "sampling.stop_token_ids")])
+    ("stop_token_ids", [1] * 1025, "sampling.stop_token_ids"), ("presence_penalty", 2.5, "sampling.presence_penalty"),
+    ("frequency_penalty", float("inf"), "sampling.frequency_penalty"),
+    ("repetition_penalty", 1e-3, "sampling.repetition_penalty"), ("logit_bias", {-1: 1.0}, "sampling.logit_bias"),
+    ("logit_bias", {5: 100.5}, "sampling.logit_bias"), ("logit_bias", {i: 1.0 for i in range(1025)}, "sampling.logit_bias"),
+    ("min_tokens", -1, "sampling.min_tokens"), ("min_tokens", 17, "sampling.min_tokens")])
 def test_public_errors_name_the_proto_path(field, value, path):
     s = public_pb2.Sampling()
     if isinstance(value, list):
         getattr(s, field).extend(value)
+    elif isinstance(value, dict):
+        getattr(s, field).update(value)
     else:
         setattr(s, field, value)
     with pytest.raises(ValueError, match=f"^{path}"):

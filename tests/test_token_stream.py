@@ -177,16 +177,21 @@ def test_worker_processes_concurrent_requests_equal_the_reference(worker_procs, 
     model = checkpoint.load(model_dir).eval()
     tok = ByteTokenizer()
     texts = [f"def f{i}(x):\n    return" + " x" * (i % 5) for i in range(16)]
-    want = {(t, s): generate(model, tok.encode(t), SamplingParams(max_new_tokens=12, ignore_eos=True),
-                             scale=s).token_ids for t in texts for s in (1, 2)}
+    # every third request has penalties: the decode worker reads its prompt, sent with its start (context ids)
+    penalized = dict(repetition_penalty=1.5, frequency_penalty=0.75, presence_penalty=0.5)
+    want = {(t, s, a): generate(model, tok.encode(t), SamplingParams(max_new_tokens=12, ignore_eos=True,
+                                                                    **(penalized if a else {})), scale=s).token_ids
+            for t in texts for s in (1, 2) for a in (False, True)}
+    assert all(want[(t, s, True)] != want[(t, s, False)] for t in texts[:4] for s in (1, 2))
     bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None, token_stream=token_stream),
                                  checkpoint.load_config(model_dir), tok,
                                  GrpcBackend(workers, cluster_token=TOKEN, token_stream=token_stream)))
     try:
         def one(i: int):
-            t, s = texts[i % len(texts)], 1 + i % 2
+            t, s, a = texts[i % len(texts)], 1 + i % 2, i % 3 == 2
             with Client(bg.grpc_addr) as c:
-                return (t, s), c.complete(t, max_new_tokens=12, scale=s, ignore_eos=True)["token_ids"]
+                return (t, s, a), c.complete(t, max_new_tokens=12, scale=s, ignore_eos=True,
+                                             **(penalized if a else {}))["token_ids"]
 
         with ThreadPoolExecutor(16) as ex:
             got = list(ex.map(one, range(32)))

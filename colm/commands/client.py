@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from colm.commands.common import add_adjust_args, adjust_kwargs
+
 
 def register(sub) -> None:
     p = sub.add_parser("client", help="call a running colm service over gRPC")
@@ -23,6 +25,7 @@ def register(sub) -> None:
     g.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     g.add_argument("--ids", action="store_true", help="print token ids")
     g.add_argument("--json", action="store_true", help="print the full response as JSON")
+    add_adjust_args(g)
     for name, helptext in (("tokenize", "text -> token ids"), ("scales", "list scales and latency estimates"),
                            ("health", "router and worker health")):
         q = csub.add_parser(name, help=helptext)
@@ -45,7 +48,8 @@ def run(args) -> int:
             if args.client_command == "generate":
                 kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           seed=args.seed, scale=args.scale, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms,
-                          deadline_ms=args.deadline_ms, reject=args.reject)
+                          deadline_ms=args.deadline_ms, reject=args.reject, **adjust_kwargs(args))
+                kw["logit_bias"] = dict(kw["logit_bias"])
                 if args.stream:
                     ids = []
                     for ev in c.stream(args.prompt, **kw):

@@ -41,3 +41,34 @@ def resolve_model_dir(name: str) -> str:
 
         return str(demo_model_dir())
     return name
+
+
+def _bias_pair(s: str) -> tuple[int, float]:
+    import argparse
+
+    tid, sep, bias = s.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(tid), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: give TOKEN_ID=BIAS, e.g. 257=-100") from None
+
+
+def add_adjust_args(p) -> None:
+    """The logit adjustments of ``colm.logits_adjust`` as flags (``adjust_kwargs`` reads them back)."""
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]: minus this for a token already "
+                                                                         "in the output")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2]: minus this per time a token is "
+                                                                          "in the output")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="in [0.01, 100]; 1 = off: tokens of the "
+                                                                          "prompt or output have their logit scaled")
+    p.add_argument("--logit-bias", type=_bias_pair, action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (in [-100, 100]) to token ID's logit; repeatable")
+    p.add_argument("--min-tokens", type=int, default=0, help="no EOS, stop token or stop string before this many")
+
+
+def adjust_kwargs(args) -> dict:
+    return dict(presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                repetition_penalty=args.repetition_penalty, logit_bias=tuple(args.logit_bias),
+                min_tokens=args.min_tokens)

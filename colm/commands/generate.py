@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from colm.commands.common import add_device_args, resolve_dtype, resolve_model_dir
+from colm.commands.common import add_adjust_args, add_device_args, adjust_kwargs, resolve_dtype, resolve_model_dir
 
 
 def register(sub) -> None:
@@ -22,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--switch-at", type=int, default=None, help="generated-token index where the scale changes")
     p.add_argument("--switch-scale", type=int, default=None, help="scale used from --switch-at on")
     p.add_argument("--ids", action="store_true", help="print token ids instead of text")
+    add_adjust_args(p)
     add_device_args(p)
     p.set_defaults(func=run)
 
@@ -45,7 +46,7 @@ def run(args) -> int:
             raise ValueError("--switch-at needs --switch-scale")
         schedule = lambda i: args.switch_scale if i >= args.switch_at else scale  # noqa: E731
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
+                            top_k=args.top_k, seed=args.seed, **adjust_kwargs(args))
     prompt_ids = encode_prompt(tok, args.prompt)
     res = generate(model, prompt_ids, params, scale=scale, scale_schedule=schedule, eos_id=tok.eos_id,
                    decode=tok.decode)

@@ -1,0 +1,94 @@
+"""A request's logit adjustments: penalties, logit bias and a minimum length, applied before a token is picked.
+
+Every generator applies them through ``LogitsAdjuster`` (the reference generator ``colm.generate``, the decode
+engine, the router's in-process backend), on the host, to one row of float32 logits, in this order (vLLM's):
+
+1. ``logit_bias``: each listed token's bias is added to its logit (OpenAI);
+2. ``min_tokens``: while fewer tokens than that are out, EOS and the stop tokens get -inf;
+3. ``repetition_penalty`` r (the CTRL / transformers rule): every token of the prompt or of the output so far
+   has its logit divided by r where positive, multiplied by r where negative;
+4. ``frequency_penalty`` f and ``presence_penalty`` p (OpenAI): a token that appeared c times in the output so
+   far loses f * c + p * (c > 0).
+
+Temperature, top-k and top-p then act on the result (``colm.sampling``); a greedy request takes its argmax. The
+log-prob reported per token stays the model's own (vLLM's default), not the adjusted distribution's.
+
+The counts grow by the tokens appended since the last call (O(new tokens), not O(output), per step). A request
+resumed elsewhere after a failure carries its earlier output at the end of its prompt: ``prior_output`` says how
+many of the prompt's last tokens are output, so they count as output here too.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from colm.sampling import SamplingParams
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """ValueError when ``logit_bias`` names a token outside the vocabulary."""
+    bad = [t for t, _ in params.logit_bias if t >= vocab_size]
+    if bad:
+        raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary 0..{vocab_size - 1}")
+
+
+class LogitsAdjuster:
+    """The adjustments of one request's ``SamplingParams`` and the context they read (prompt, output so far)."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int] | np.ndarray = (),
+                 stop_ids: Iterable[int] = (), prior_output: int = 0) -> None:
+        check_token_ids(params, vocab_size)
+        self.params = params
+        self.vocab_size = vocab_size
+        self.bias: torch.Tensor | None = None  # [V] float32
+        if params.logit_bias:
+            self.bias = torch.zeros(vocab_size)
+            ids, values = zip(*params.logit_bias)
+            self.bias[torch.tensor(ids)] = torch.tensor(values, dtype=torch.float32)
+        self.stop_ids = torch.tensor(sorted(t for t in set(stop_ids) if 0 <= t < vocab_size), dtype=torch.int64)
+        self.counts = torch.zeros(vocab_size)     # [V] float32: times each token appeared in the output
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # [V]: in the prompt or the output
+        if params.penalizes:
+            prompt = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64))
+            self.seen[prompt] = True
+            if prior_output:
+                self._count(prompt[len(prompt) - prior_output:])
+        self._folded = 0  # tokens of the output counted so far
+
+    def _count(self, tokens: torch.Tensor) -> None:
+        self.counts.index_add_(0, tokens, torch.ones(len(tokens)))
+        self.seen[tokens] = True
+
+    def __call__(self, logits: torch.Tensor, out_tokens: Sequence[int]) -> torch.Tensor:
+        """logits: [V] (any dtype, on the host) of the token after ``out_tokens`` (this generation's output so
+        far) -> [V] float32, adjusted."""
+        p = self.params
+        if p.penalizes and len(out_tokens) > self._folded:
+            self._count(torch.tensor(list(out_tokens[self._folded:]), dtype=torch.int64))
+        self._folded = len(out_tokens)
+        x = logits.float().clone()
+        if self.bias is not None:
+            x += self.bias
+        if len(out_tokens) < p.min_tokens and len(self.stop_ids):
+            x[self.stop_ids] = float("-inf")
+        if p.repetition_penalty != 1:
+            hit = x[self.seen]
+            x[self.seen] = torch.where(hit > 0, hit / p.repetition_penalty, hit * p.repetition_penalty)
+        if p.frequency_penalty:
+            x -= p.frequency_penalty * self.counts
+        if p.presence_penalty:
+            x -= p.presence_penalty * (self.counts > 0).float()
+        return x
+
+
+def make_adjuster(params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int] | np.ndarray = (),
+                  eos_id: int | None = None, prior_output: int = 0) -> LogitsAdjuster | None:
+    """The request's ``LogitsAdjuster``, or None when its parameters adjust nothing. The tokens ``min_tokens``
+    masks are the ones that would stop it: its stop tokens, and EOS unless ``ignore_eos``."""
+    if not params.adjusts_logits:
+        return None
+    eos = () if params.ignore_eos or eos_id is None or eos_id < 0 else (eos_id,)
+    return LogitsAdjuster(params, vocab_size, prompt_ids, (*params.stop_token_ids, *eos), prior_output)

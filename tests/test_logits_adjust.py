@@ -1,0 +1,370 @@
+"""Penalties, logit bias and min_tokens (``colm.logits_adjust``): the adjustment equals an independent reference
+(transformers' repetition-penalty processor, OpenAI's formula in float64 Python), ``colm generate`` applies it at
+every step, and every serving path gives ``colm generate``'s tokens: the colocated engine (greedy and seeded rows
+with plain greedy rows in one batch, speculative requests stepping plainly, a mid-stream switch), the
+disaggregated engines through the router (the prompt travels to the decode side), a retried attempt (its earlier
+output counted as output), the HTTP API and the gRPC API; bad values are 400s / INVALID_ARGUMENT naming the
+field."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from colm.decode_worker.config import DecodeConfig
+from colm.decode_worker.engine import DecodeEngine
+from colm.generate import generate
+from colm.logits_adjust import LogitsAdjuster, make_adjuster
+from colm.router.backend import RequestFailed
+from colm.router.engine_backend import EngineBackend
+from colm.sampling import SamplingParams
+from colm.tokenizer import ByteTokenizer
+from _engine_helpers import assert_pool_free, prompts, save_tiny_air
+
+EOS = ByteTokenizer.eos_id
+STRONG = dict(repetition_penalty=1.6, frequency_penalty=0.9, presence_penalty=0.7)
+
+
+def reference_adjust(logits: torch.Tensor, params: SamplingParams, prompt, out, stop_ids) -> torch.Tensor:
+    """The adjustments written out independently: float64 Python per token, transformers' processor for the
+    repetition penalty."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    x = logits.double().clone()
+    for t, b in params.logit_bias:
+        x[t] += b
+    if len(out) < params.min_tokens:
+        for t in stop_ids:
+            x[t] = float("-inf")
+    if params.repetition_penalty != 1:
+        ids = torch.tensor([list(prompt) + list(out)])
+        x = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(ids, x[None])[0]
+    counts = Counter(out)
+    for t, c in counts.items():
+        x[t] -= params.frequency_penalty * c + params.presence_penalty
+    return x
+
+
+def test_the_adjustment_equals_the_reference_and_grows_with_the_output():
+    g = torch.Generator().manual_seed(7)
+    vocab = 300
+    for trial in range(6):
+        prompt = torch.randint(0, vocab, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        out = torch.randint(0, 60, (25,), generator=g).tolist()  # a small range: tokens repeat
+        bias = tuple((int(t), float(b)) for t, b in zip(torch.randperm(vocab, generator=g)[:7],
+                                                         torch.empty(7).uniform_(-100, 100, generator=g)))
+        params = SamplingParams(max_new_tokens=40, repetition_penalty=[1.0, 1.3, 0.7][trial % 3],
+                                frequency_penalty=[0.0, 0.4, -1.5][trial % 3], presence_penalty=[1.2, 0.0, 2.0][trial % 3],
+                                logit_bias=bias, min_tokens=10 + trial)
+        stops = (EOS, 12)
+        adj = LogitsAdjuster(params, vocab, prompt, stops)
+        for k in range(len(out) + 1):  # one adjuster through the whole output: its counts grow step by step
+            logits = torch.randn(vocab, generator=g) * 5
+            got = adj(logits, out[:k])
+            want = reference_adjust(logits, params, prompt, out[:k], stops)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+            assert bool((got[list(stops)] == float("-inf")).all()) == (k < params.min_tokens)
+        # a retried attempt: the earlier output ends its prompt and counts as output (min_tokens is met either way)
+        resumed = LogitsAdjuster(params, vocab, prompt + out[:9], stops, prior_output=9)
+        logits = torch.randn(vocab, generator=g)
+        torch.testing.assert_close(resumed(logits, out[9:]), LogitsAdjuster(params, vocab, prompt, stops)(logits, out))
+
+
+def test_nothing_to_adjust_means_no_adjuster_and_the_argmax_stays_on_the_device():
+    plain = SamplingParams(max_new_tokens=4)
+    assert make_adjuster(plain, 260, [1, 2], EOS) is None and plain.plain_greedy
+    for kw in ({"presence_penalty": 0.1}, {"frequency_penalty": -0.1}, {"repetition_penalty": 1.1},
+               {"logit_bias": ((3, 1.0),)}, {"min_tokens": 2}):
+        p = SamplingParams(max_new_tokens=4, **kw)
+        assert p.adjusts_logits and not p.plain_greedy and make_adjuster(p, 260, [1, 2], EOS) is not None
+    # ignore_eos: min_tokens masks the stop tokens only
+    adj = make_adjuster(SamplingParams(max_new_tokens=4, min_tokens=2, ignore_eos=True, stop_token_ids=(5,)), 260, [1])
+    x = adj(torch.zeros(260), [])
+    assert x[5] == float("-inf") and x[EOS] == 0
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+    ({"frequency_penalty": True}, "frequency_penalty"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"repetition_penalty": 1e9}, "repetition_penalty"), ({"logit_bias": ((3, 101.0),)}, "logit_bias[3]"),
+    ({"logit_bias": ((-1, 1.0),)}, "logit_bias"), ({"logit_bias": ((3, 1.0), (3, 2.0))}, "logit_bias"),
+    ({"logit_bias": tuple((i, 1.0) for i in range(1025))}, "logit_bias"), ({"min_tokens": 9}, "min_tokens"),
+    ({"min_tokens": -1}, "min_tokens")])
+def test_bad_values_name_their_field(kw, field):
+    with pytest.raises(ValueError, match="^" + re.escape(field)):
+        SamplingParams(max_new_tokens=8, **kw)
+
+
+def test_a_bias_outside_the_vocabulary_is_refused():
+    with pytest.raises(ValueError, match=r"logit_bias: token id 300 is outside the vocabulary 0..259"):
+        make_adjuster(SamplingParams(logit_bias=((300, 1.0),)), 260)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_air_adjust")
+    return path, save_tiny_air(path)
+
+
+def test_generate_applies_the_adjustment_at_every_step(setup):
+    """``colm generate`` against a loop that runs the whole sequence each step (no cache) and adjusts with the
+    reference; the penalties change the output (else this would check nothing)."""
+    _, full = setup
+    prompt = prompts([9], seed=3)[0]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True, **STRONG)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(24):
+            logits = full(torch.tensor([prompt + out]), scale=2)[0, -1]
+            out.append(int(torch.argmax(reference_adjust(logits, params, prompt, out, ()))))
+    got = generate(full, prompt, params, scale=2).token_ids
+    assert got == out
+    assert got != generate(full, prompt, SamplingParams(max_new_tokens=24, ignore_eos=True), scale=2).token_ids
+
+
+def test_min_tokens_holds_back_eos_and_stop_strings(setup):
+    _, full = setup
+    prompt = prompts([5], seed=4)[0]
+    eager = SamplingParams(max_new_tokens=20, logit_bias=((EOS, 100.0),))  # EOS at once, whatever the model says
+    assert generate(full, prompt, eager, eos_id=EOS).token_ids == [EOS]
+    held = SamplingParams(max_new_tokens=20, logit_bias=((EOS, 100.0),), min_tokens=6)
+    r = generate(full, prompt, held, eos_id=EOS)
+    assert len(r.token_ids) == 7 and r.token_ids[-1] == EOS and EOS not in r.token_ids[:6] and r.finish_reason == "stop"
+    # a stop string the output completes before min_tokens does not end it
+    tok = ByteTokenizer()
+    first = generate(full, prompt, SamplingParams(max_new_tokens=3), eos_id=EOS).token_ids
+    stop = tok.decode(first[:1])
+    ended = generate(full, prompt, SamplingParams(max_new_tokens=3, stop_strings=(stop,)), eos_id=EOS,
+                     decode=tok.decode)
+    kept = generate(full, prompt, SamplingParams(max_new_tokens=3, stop_strings=(stop,), min_tokens=3), eos_id=EOS,
+                    decode=tok.decode)
+    assert len(ended.token_ids) == 1 and kept.token_ids == first
+
+
+# ---------------------------------------------------------------------------------------------------- engines
+def _requests():
+    """(prompt, params, scale, speculative) of a mixed batch: plain greedy rows beside adjusted greedy and seeded
+    rows, both scales, a speculative request with penalties (steps plainly)."""
+    ps = prompts([3, 17, 30, 8, 41, 12, 1], seed=11)
+    return [
+        (ps[0], SamplingParams(max_new_tokens=14, ignore_eos=True), 2, 0),
+        (ps[1], SamplingParams(max_new_tokens=14, ignore_eos=True, **STRONG), 2, 0),
+        (ps[2], SamplingParams(max_new_tokens=14, ignore_eos=True, repetition_penalty=1.4), 1, 0),
+        (ps[3], SamplingParams(max_new_tokens=14, temperature=0.9, seed=5, frequency_penalty=1.0,
+                               logit_bias=((ps[3][0], 4.0), (7, -50.0))), 2, 0),
+        (ps[4], SamplingParams(max_new_tokens=14, ignore_eos=True, presence_penalty=1.5), 2, 3),
+        (ps[5], SamplingParams(max_new_tokens=14, logit_bias=((EOS, 100.0),), min_tokens=5), 1, 0),
+        (ps[6], SamplingParams(max_new_tokens=14, ignore_eos=True, **STRONG), 2, 0),
+    ]
+
+
+def _want(full, reqs):
+    return [generate(full, p, params, scale=s, eos_id=EOS).token_ids for p, params, s, _ in reqs]
+
+
+@pytest.mark.parametrize("colocated", [True, False])
+def test_the_decode_engine_gives_the_reference_tokens(setup, colocated):
+    """One batch of adjusted and plain rows on a colocated engine (its own prompt) and on a decode engine fed by a
+    prefill engine (the prompt given with the start), overlapped steps on: every row equals ``colm generate``;
+    the penalties change some output and the speculative request drafted nothing."""
+    from colm.prefill_worker.engine import PrefillEngine
+    from colm.prefill_worker.sinks import LocalKVSink
+
+    path, full = setup
+    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=200, block_size=4, colocated_prefill=colocated,
+                                                         max_batched_tokens=32, overlap_steps=True)).start()
+    pe = None if colocated else PrefillEngine.from_checkpoint(path)
+    reqs = _requests()
+    try:
+        streams = []
+        for i, (p, params, scale, spec) in enumerate(reqs):
+            rid = f"adj-{colocated}-{i}"
+            de.reserve(rid, len(p), params.max_new_tokens)
+            context = None
+            if colocated and len(p) > 1:
+                de.prefill_kv(rid, p[:-1])
+            elif len(p) > 1:
+                pe.prefill(rid, p, LocalKVSink(de, rid))
+                context = p[:-1] if params.penalizes else None
+            streams.append(de.start_generation(rid, p[-1], params, scale=scale, speculative=spec, context_ids=context))
+            time.sleep(0.003 * (i % 3))
+        got = [[e.token_id for e in st] for st in streams]
+        assert got == _want(full, reqs)
+        plain = [generate(full, p, SamplingParams(max_new_tokens=14, ignore_eos=True), scale=s).token_ids
+                 for p, _, s, _ in reqs[1:3]]
+        assert got[1:3] != plain
+        assert got[5][-1] == EOS and len(got[5]) == 6
+        assert de.stats().num_drafted == 0
+    finally:
+        de.stop()
+        if pe is not None:
+            pe.stop()
+    assert_pool_free(de)
+
+
+def test_adjusted_rows_never_join_a_step_queued_ahead(setup):
+    """Driven step by step with overlapped steps: plain greedy rows queue step n+1 before step n is read; adjusted
+    requests arriving meanwhile (their prompts completed by the chunk of that iteration) do not join a queued step
+    (its tokens are the device's argmax of unadjusted logits), nor is one queued for a batch they join: every row
+    equals ``colm generate`` and no queued step is thrown away."""
+    path, full = setup
+    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=200, block_size=4, colocated_prefill=True,
+                                                         max_batched_tokens=24, overlap_steps=True))
+    plain = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    adjusted = SamplingParams(max_new_tokens=12, ignore_eos=True, **STRONG)
+    batch = prompts([9, 6, 5, 12, 7], seed=5)
+    streams = []
+    for i, p in enumerate(batch):
+        params = adjusted if i % 2 else plain
+        de.reserve(f"q{i}", len(p), params.max_new_tokens)
+        de.prefill_kv(f"q{i}", p[:-1])
+        streams.append((p, params, de.start_generation(f"q{i}", p[-1], params, scale=2)))
+        for _ in range(3):
+            de.step()
+    while de._running or de._prefill_queue:
+        de.step()
+    for p, params, st in streams:
+        assert [e.token_id for e in st] == generate(full, p, params, scale=2).token_ids
+    s = de.stats()  # none queued in vain: a batch an adjusted request joins is not queued ahead at all
+    assert s.num_steps_launched_ahead > 0 and s.num_steps_dropped == 0
+
+
+def test_penalties_without_the_prompt_are_refused_and_free_the_reservation(setup):
+    path, _ = setup
+    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=64, block_size=4)).start()
+    try:
+        de.reserve("r", 6, 4)
+        with pytest.raises(ValueError, match="context_ids: 0 tokens given; penalties read the prompt, which has 5"):
+            de.start_generation("r", 3, SamplingParams(max_new_tokens=4, repetition_penalty=1.2))
+        de.reserve("r2", 3, 4)
+        with pytest.raises(ValueError, match=r"context_ids: token ids must be in 0..259"):
+            de.start_generation("r2", 3, SamplingParams(max_new_tokens=4, presence_penalty=1.0), context_ids=[1, 999])
+        de.reserve("r3", 3, 4)
+        with pytest.raises(ValueError, match="logit_bias: token id 260 is outside the vocabulary"):
+            de.start_generation("r3", 3, SamplingParams(max_new_tokens=4, logit_bias=((260, 1.0),)))
+    finally:
+        de.stop()
+    assert_pool_free(de)
+
+
+# ---------------------------------------------------------------------------------------------------- router
+@pytest.fixture(scope="module")
+def routed(setup):
+    """A router over a prefill engine and a decode engine (in process), and the gRPC client's kwargs per request."""
+    from colm import checkpoint
+    from colm.prefill_worker.engine import PrefillEngine
+    from colm.router.config import RouterConfig
+    from colm.router.core import Router
+    from router_helpers import BackgroundRouter
+
+    path, _ = setup
+    backend = FailOnceBackend({"prefill-0": PrefillEngine.from_checkpoint(path)},
+                              {"decode-0": DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=160))})
+    bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=0, poll_interval_s=0.05),
+                                 checkpoint.load_config(path), ByteTokenizer(), backend))
+    yield bg, backend
+    bg.stop()
+
+
+class FailOnceBackend(EngineBackend):
+    """The engine backend; ``fail_after = n`` makes the next attempt fail after n tokens (the worker serves on),
+    so the router retries it with those tokens ending the prompt."""
+
+    def __init__(self, prefill, decode) -> None:
+        super().__init__(prefill, decode)
+        self.attempts: list = []
+        self.fail_after = 0
+
+    async def generate(self, req, prefill_id, decode_id):
+        self.attempts.append(req)
+        fail_after, self.fail_after = self.fail_after, 0
+        n = 0
+        async for tok in super().generate(req, prefill_id, decode_id):
+            yield tok
+            n += 1
+            if n == fail_after:
+                raise RequestFailed(decode_id, "ABORTED: injected failure")
+
+
+def _client_kw(params: SamplingParams) -> dict:
+    return dict(max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=params.seed,
+                ignore_eos=params.ignore_eos, presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
+                logit_bias=dict(params.logit_bias), min_tokens=params.min_tokens)
+
+
+def test_the_router_over_disaggregated_engines_gives_the_reference_tokens(routed, setup):
+    from colm.client import Client
+
+    bg, backend = routed
+    _, full = setup
+    reqs = _requests()
+    with Client(bg.grpc_addr) as c:
+        for (p, params, scale, spec), want in zip(reqs, _want(full, reqs)):
+            r = c.complete(p, scale=scale, speculative=spec, **_client_kw(params))
+            assert r["token_ids"] == want
+
+
+def test_a_retried_attempt_counts_its_earlier_output_as_output(routed, setup):
+    """The first attempt fails after 4 tokens; the second starts from prompt + those 4, with prior_output 4 and
+    min_tokens lowered by 4: the request's tokens equal one uninterrupted ``colm generate``."""
+    from colm.client import Client
+
+    bg, backend = routed
+    _, full = setup
+    p = prompts([10], seed=21)[0]
+    params = SamplingParams(max_new_tokens=16, frequency_penalty=1.5, presence_penalty=0.5,
+                            logit_bias=((EOS, 100.0),), min_tokens=9)
+    want = generate(full, p, params, scale=2, eos_id=EOS).token_ids
+    assert len(want) == 10 and want[-1] == EOS
+    backend.attempts.clear()
+    backend.fail_after = 4
+    with Client(bg.grpc_addr) as c:
+        r = c.complete(p, scale=2, **_client_kw(params))
+    assert r["token_ids"] == want and len(backend.attempts) == 2
+    second = backend.attempts[-1]
+    assert second.prior_output == 4 and list(second.prompt_ids) == p + want[:4]
+    assert second.params.min_tokens == 5 and second.params.max_new_tokens == 12
+
+
+def test_http_fields_and_their_errors(routed, setup):
+    from router_helpers import post_json
+
+    bg, _ = routed
+    _, full = setup
+    tok = ByteTokenizer()
+    text = "penalised text"
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, repetition_penalty=1.5, frequency_penalty=0.5,
+                            presence_penalty=0.25, logit_bias=((101, 3.0),), min_tokens=2)
+    want = tok.decode(generate(full, tok.encode(text), params, scale=2).token_ids)
+    body = {"prompt": text, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "scale": 2,
+            "repetition_penalty": 1.5, "frequency_penalty": 0.5, "presence_penalty": 0.25, "logit_bias": {"101": 3},
+            "min_tokens": 2}
+    status, out = post_json(f"{bg.http_url}/v1/completions", body)
+    assert status == 200 and out["choices"][0]["text"] == want, out
+    for bad, where in ((({"logit_bias": {"abc": 1}}), "logit_bias"), ({"logit_bias": {"999": 1}}, "logit_bias"),
+                       ({"logit_bias": {"5": 101}}, "logit_bias"), ({"presence_penalty": 2.5}, "presence_penalty"),
+                       ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": 13}, "min_tokens"),
+                       ({"frequency_penalty": "1"}, "frequency_penalty")):
+        status, out = post_json(f"{bg.http_url}/v1/completions", {**body, **bad})
+        assert status == 400 and where in out["error"]["message"], (bad, out)
+
+
+def test_grpc_errors_name_the_proto_field(routed):
+    import grpc
+
+    from colm.client import Client
+
+    bg, _ = routed
+    with Client(bg.grpc_addr) as c:
+        for kw, msg in (({"repetition_penalty": 200.0}, "sampling.repetition_penalty=200.0"),
+                        ({"logit_bias": {-3: 1.0}}, "sampling.logit_bias"),
+                        ({"logit_bias": {400: 1.0}}, "logit_bias: token id 400 is outside the vocabulary"),
+                        ({"min_tokens": 20, "max_new_tokens": 4}, "sampling.min_tokens=20")):
+            with pytest.raises(grpc.RpcError) as e:
+                c.complete("x", **kw)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and msg in e.value.details(), e.value.details()
