@@ -44,7 +44,10 @@ class Client:
                 stop: tuple[str, ...] = (), prompt_logprobs: bool = False, request_id: str = "",
                 ignore_eos: bool = False, include_stop_str_in_output: bool = False, speculative: int = 0,
                 cache_salt: str = "", presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0):
+                repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
+                structured_output=None):
+        """``structured_output``: a ``colm.structured.StructuredOutput`` (JSON schema, JSON object, regex, grammar or
+        choice) or None."""
         pb2 = self.pb2
         sampling = pb2.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 stop=list(stop), ignore_eos=ignore_eos, presence_penalty=presence_penalty,
@@ -52,6 +55,10 @@ class Client:
                                 logit_bias=logit_bias or {}, min_tokens=min_tokens)
         if seed is not None:
             sampling.seed = seed
+        if structured_output is not None:
+            from colm.proto.convert import structured_to_proto
+
+            sampling.structured_output.CopyFrom(structured_to_proto(structured_output))
         budget = pb2.LatencyBudget(ttft_ms=ttft_ms or 0, tpot_ms=tpot_ms or 0, deadline_ms=deadline_ms or 0,
                                    on_miss=pb2.ON_MISS_REJECT if reject else pb2.ON_MISS_DEGRADE)
         req = pb2.GenerateRequest(request_id=request_id, sampling=sampling, budget=budget, scale=scale or 0,

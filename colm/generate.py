@@ -29,12 +29,12 @@ class GenerationResult:
 @torch.no_grad()
 def generate(model: CoLM, prompt_ids: Sequence[int], params: SamplingParams, scale: int | None = None,
              scale_schedule: Callable[[int], int] | None = None, eos_id: int | None = None,
-             decode: Callable[[list[int]], str] | None = None) -> GenerationResult:
+             decode: Callable[[list[int]], str] | None = None, tokenizer=None) -> GenerationResult:
     """Generate up to ``params.max_new_tokens`` tokens after ``prompt_ids``.
 
     Token i (0-based) is produced at ``scale_schedule(i)`` if given, else ``scale``. Stops at EOS
-    (unless ``params.ignore_eos``), a stop token, or a stop string (needs ``decode``). Penalties, logit bias and
-    ``min_tokens`` act as ``colm.logits_adjust`` says.
+    (unless ``params.ignore_eos``), a stop token, or a stop string (needs ``decode``). Penalties, logit bias,
+    ``min_tokens`` and structured output (which needs ``tokenizer``) act as ``colm.logits_adjust`` says.
     """
     cfg = model.cfg
     if len(prompt_ids) == 0:
@@ -47,7 +47,7 @@ def generate(model: CoLM, prompt_ids: Sequence[int], params: SamplingParams, sca
     dtype = next(model.parameters()).dtype
     cache = ContiguousKVCache(cfg, 1, total, device=device, dtype=dtype)
     gen = params.make_generator()
-    adjust = make_adjuster(params, cfg.vocab_size, prompt_ids, eos_id)
+    adjust = make_adjuster(params, cfg.vocab_size, prompt_ids, eos_id, tokenizer=tokenizer)
     stopper = StopChecker(params, eos_id, decode if params.stop_strings else None)
     out: list[int] = []
     scales: list[int] = []

@@ -3,6 +3,7 @@
 Every generator applies them through ``LogitsAdjuster`` (the reference generator ``colm.generate``, the decode
 engine, the router's in-process backend), on the host, to one row of float32 logits, in this order (vLLM's):
 
+0. structured output (``colm.structured``): every token its grammar does not allow next gets -inf;
 1. ``logit_bias``: each listed token's bias is added to its logit (OpenAI);
 2. ``min_tokens``: while fewer tokens than that are out, EOS and the stop tokens get -inf;
 3. ``repetition_penalty`` r (the CTRL / transformers rule): every token of the prompt or of the output so far
@@ -13,9 +14,10 @@ engine, the router's in-process backend), on the host, to one row of float32 log
 Temperature, top-k and top-p then act on the result (``colm.sampling``); a greedy request takes its argmax. The
 log-prob reported per token stays the model's own (vLLM's default), not the adjusted distribution's.
 
-The counts grow by the tokens appended since the last call (O(new tokens), not O(output), per step). A request
-resumed elsewhere after a failure carries its earlier output at the end of its prompt: ``prior_output`` says how
-many of the prompt's last tokens are output, so they count as output here too.
+The counts (and the grammar's place) grow by the tokens appended since the last call (O(new tokens), not
+O(output), per step). A request resumed elsewhere after a failure carries its earlier output at the end of its
+prompt: ``prior_output`` says how many of the prompt's last tokens are output, so they count as output here too
+(and the grammar has read them).
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ import numpy as np
 import torch
 
 from colm.sampling import SamplingParams
+from colm.structured import OutputMatcher, compile_output
+
+
+def reads_prompt(params: SamplingParams, prior_output: int = 0) -> bool:
+    """Whether the adjustments read the prompt: penalties do, and a grammar reads the earlier output a retried
+    attempt's prompt ends with."""
+    return params.penalizes or (params.structured is not None and prior_output > 0)
 
 
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
@@ -39,7 +48,8 @@ class LogitsAdjuster:
     """The adjustments of one request's ``SamplingParams`` and the context they read (prompt, output so far)."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int] | np.ndarray = (),
-                 stop_ids: Iterable[int] = (), prior_output: int = 0) -> None:
+                 stop_ids: Iterable[int] = (), prior_output: int = 0, grammar=None) -> None:
+        """``grammar``: the request's compiled structured output (``colm.structured.compile_output``), if any."""
         check_token_ids(params, vocab_size)
         self.params = params
         self.vocab_size = vocab_size
@@ -51,11 +61,18 @@ class LogitsAdjuster:
         self.stop_ids = torch.tensor(sorted(t for t in set(stop_ids) if 0 <= t < vocab_size), dtype=torch.int64)
         self.counts = torch.zeros(vocab_size)     # [V] float32: times each token appeared in the output
         self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # [V]: in the prompt or the output
+        prompt = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64))
         if params.penalizes:
-            prompt = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64))
             self.seen[prompt] = True
             if prior_output:
                 self._count(prompt[len(prompt) - prior_output:])
+        self.matcher = None
+        if params.structured is not None:
+            if grammar is None:
+                raise ValueError("structured_output: no compiled grammar given")
+            self.matcher = OutputMatcher(grammar, vocab_size)
+            for t in prompt[len(prompt) - prior_output:].tolist() if prior_output else ():
+                self.matcher.accept(t)
         self._folded = 0  # tokens of the output counted so far
 
     def _count(self, tokens: torch.Tensor) -> None:
@@ -66,10 +83,17 @@ class LogitsAdjuster:
         """logits: [V] (any dtype, on the host) of the token after ``out_tokens`` (this generation's output so
         far) -> [V] float32, adjusted."""
         p = self.params
-        if p.penalizes and len(out_tokens) > self._folded:
-            self._count(torch.tensor(list(out_tokens[self._folded:]), dtype=torch.int64))
+        if len(out_tokens) > self._folded:
+            new = list(out_tokens[self._folded:])
+            if p.penalizes:
+                self._count(torch.tensor(new, dtype=torch.int64))
+            if self.matcher is not None:
+                for t in new:
+                    self.matcher.accept(t)
         self._folded = len(out_tokens)
         x = logits.float().clone()
+        if self.matcher is not None:
+            self.matcher.mask(x)
         if self.bias is not None:
             x += self.bias
         if len(out_tokens) < p.min_tokens and len(self.stop_ids):
@@ -85,10 +109,16 @@ class LogitsAdjuster:
 
 
 def make_adjuster(params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int] | np.ndarray = (),
-                  eos_id: int | None = None, prior_output: int = 0) -> LogitsAdjuster | None:
+                  eos_id: int | None = None, prior_output: int = 0, tokenizer=None,
+                  grammar=None) -> LogitsAdjuster | None:
     """The request's ``LogitsAdjuster``, or None when its parameters adjust nothing. The tokens ``min_tokens``
-    masks are the ones that would stop it: its stop tokens, and EOS unless ``ignore_eos``."""
+    masks are the ones that would stop it: its stop tokens, and EOS unless ``ignore_eos``. Structured output
+    takes its compiled ``grammar``, or compiles it for ``tokenizer``."""
     if not params.adjusts_logits:
         return None
+    if params.structured is not None and grammar is None:
+        if tokenizer is None:
+            raise ValueError("structured_output: this generator has no tokenizer to compile it for")
+        grammar = compile_output(params.structured, tokenizer, vocab_size)
     eos = () if params.ignore_eos or eos_id is None or eos_id < 0 else (eos_id,)
-    return LogitsAdjuster(params, vocab_size, prompt_ids, (*params.stop_token_ids, *eos), prior_output)
+    return LogitsAdjuster(params, vocab_size, prompt_ids, (*params.stop_token_ids, *eos), prior_output, grammar)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from colm.structured import StructuredOutput
+
 # Temperatures below this divide logits into inf/NaN in float32 (1e-45 did, failing a whole decode batch);
 # above the upper bound every distribution is uniform to float32 precision.
 MIN_TEMPERATURE = 1e-2
@@ -46,6 +48,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); ids distinct, kept sorted
     min_tokens: int = 0  # EOS and stop tokens are masked, and no stop rule ends the output, before this many tokens
+    # the output held to a JSON schema, regex, grammar or choice (``colm.structured``); None = free text
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
@@ -90,6 +94,12 @@ class SamplingParams:
         if len({t for t, _ in bias}) != len(bias):
             raise ValueError("logit_bias: a token id appears twice")
         object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise ValueError("structured_output: must be a StructuredOutput or null")
+            if self.ignore_eos or self.min_tokens:
+                raise ValueError("structured_output: cannot be combined with ignore_eos or min_tokens (the grammar "
+                                 "decides where the output ends)")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
             raise ValueError(f"min_tokens={self.min_tokens!r}: must be an integer in 0..max_new_tokens "
                              f"({self.max_new_tokens})")
@@ -100,10 +110,10 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Penalties, a logit bias or a minimum length change the logits before a token is picked (on the host,
-        ``colm.logits_adjust``)."""
+        """Penalties, a logit bias, a minimum length or structured output change the logits before a token is
+        picked (on the host, ``colm.logits_adjust``)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
-                    or self.logit_bias or self.min_tokens)
+                    or self.logit_bias or self.min_tokens or self.structured is not None)
 
     @property
     def penalizes(self) -> bool:

@@ -38,9 +38,10 @@ from colm.host_identity import host_id as current_host_id
 from colm.kernels._tuning import num_tuned
 from colm.kv_wire import parse_dtype
 from colm.model import CoLM
-from colm.logits_adjust import make_adjuster
+from colm.logits_adjust import make_adjuster, reads_prompt
 from colm.sampling import SamplingParams
 from colm.scoring import prompt_logprobs
+from colm.structured import compile_output
 
 from colm.decode_worker.block_pool import BlockPool, blocks_for, num_blocks_from_memory
 from colm.decode_worker.colocated import ColocatedPrefill
@@ -94,7 +95,7 @@ class DecodeStats:
 
 class DecodeEngine(KVIntake, ColocatedPrefill):
     def __init__(self, model: CoLM, config: DecodeConfig | None = None, eos_id: int | None = None,
-                 detokenize=None, host_id: str | None = None) -> None:
+                 detokenize=None, host_id: str | None = None, tokenizer=None) -> None:
         cfg = model.cfg
         reason = servable(cfg)  # the prefill worker's chain-1 K/V are this model's K/V
         if reason is not None:
@@ -104,6 +105,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         self.config = config or DecodeConfig()
         self.eos_id = eos_id
         self.detokenize = detokenize
+        self.tokenizer = tokenizer  # structured output compiles its grammar for this vocabulary
         self.host_id = host_id or current_host_id()
         self.device = model.inv_freq.device
         if self.device.type == "cuda":
@@ -162,7 +164,8 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
 
         model = checkpoint.load(path, scale=None, device=device, dtype=dtype)
         tok = load_checkpoint_tokenizer(path)
-        return cls(model, config, eos_id=getattr(tok, "eos_id", None), detokenize=tok.decode, host_id=host_id)
+        return cls(model, config, eos_id=getattr(tok, "eos_id", None), detokenize=tok.decode, host_id=host_id,
+                   tokenizer=tok)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> "DecodeEngine":
@@ -252,6 +255,14 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         ``context_ids``: the prompt's tokens but the last, which penalties read where this engine does not prefill
         the prompt itself; ``prior_output``: how many of the prompt's last tokens are the request's earlier output
         (a retried attempt), counted as output by the frequency and presence penalties."""
+        grammar = bad = None
+        if params.structured is not None:  # compiled before the lock: the step loop never waits for a grammar
+            try:
+                if self.tokenizer is None:
+                    raise ValueError("structured_output: this decode engine has no tokenizer to compile it for")
+                grammar = compile_output(params.structured, self.tokenizer, self.cfg.vocab_size)
+            except ValueError as e:
+                bad = e
         with self._wake:
             req = self._get(request_id)
             if req.started:  # a second start (a reused id) is refused without touching the running request
@@ -267,19 +278,22 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
                 if not 0 <= last_token_id < self.cfg.vocab_size:
                     raise ValueError(f"last_token_id={last_token_id}: outside the vocabulary 0..{self.cfg.vocab_size - 1}")
                 check_speculative(speculative)
+                if bad is not None:
+                    raise bad
                 if not 0 <= prior_output < req.prompt_len:
                     raise ValueError(f"prior_output={prior_output}: must be in 0..{req.prompt_len - 1}")
                 prompt = None
-                if params.penalizes:  # they read the prompt: this engine's own (colocated) or the one given
+                if reads_prompt(params, prior_output):  # this engine's own prompt (colocated) or the one given
                     head = req.prompt_tokens if req.prompt_tokens is not None else context_ids
                     prompt = np.append(np.asarray(head if head is not None else [], dtype=np.int64), last_token_id)
                     if len(prompt) != req.prompt_len:
-                        raise ValueError(f"context_ids: {len(prompt) - 1} tokens given; penalties read the prompt, "
-                                         f"which has {req.prompt_len - 1} before its last")
+                        raise ValueError(f"context_ids: {len(prompt) - 1} tokens given; penalties (and a retried "
+                                         f"attempt's grammar) read the prompt, which has {req.prompt_len - 1} "
+                                         "before its last")
                     if len(prompt) and not 0 <= prompt.min() <= prompt.max() < self.cfg.vocab_size:
                         raise ValueError(f"context_ids: token ids must be in 0..{self.cfg.vocab_size - 1}")
                 adjust = make_adjuster(params, self.cfg.vocab_size, () if prompt is None else prompt, self.eos_id,
-                                       prior_output)
+                                       prior_output, grammar=grammar)
                 if not 1 <= params.max_new_tokens <= req.max_new_tokens:
                     raise ValueError(f"max_new_tokens={params.max_new_tokens}: must be in 1..{req.max_new_tokens} "
                                      "(the reservation's)")

@@ -282,7 +282,9 @@ class Launcher:
         from colm.router.local_backend import LocalBackend
 
         log.warning("serving one full model in-process (no prefill/decode split)")
-        return LocalBackend(checkpoint.load(path).eval())
+        from colm.tokenizer import load_checkpoint_tokenizer
+
+        return LocalBackend(checkpoint.load(path).eval(), tokenizer=load_checkpoint_tokenizer(path))
 
     def _baseline_backend(self, path: str):
         """The load test's baseline on the same resources, served as a dense model would be by the best engine

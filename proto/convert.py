@@ -23,6 +23,7 @@ import numpy as np
 
 from colm.proto import load_proto
 from colm.sampling import MAX_LOGIT_BIAS, SamplingParams
+from colm.structured import MAX_CHOICES, StructuredOutput
 
 public_pb2, _ = load_proto("public")
 kv_pb2, _ = load_proto("kv")
@@ -39,8 +40,10 @@ SAMPLING_PATHS = {"max_new_tokens": "sampling.max_new_tokens", "temperature": "s
                   "top_k": "sampling.top_k", "top_p": "sampling.top_p", "seed": "sampling.seed",
                   "stop_token_ids": "sampling.stop_token_ids", "stop_strings": "sampling.stop",
                   "ignore_eos": "sampling.ignore_eos", "presence_penalty": "sampling.presence_penalty",
-                  "frequency_penalty": "sampling.frequency_penalty", "repetition_penalty": "sampling.repetition_penalty",
-                  "logit_bias": "sampling.logit_bias", "min_tokens": "sampling.min_tokens"}
+                  "frequency_penalty": "sampling.frequency_penalty",
+                  "repetition_penalty": "sampling.repetition_penalty",
+                  "logit_bias": "sampling.logit_bias", "min_tokens": "sampling.min_tokens",
+                  "structured_output": "sampling.structured_output"}
 
 
 def _from_f32(v: float) -> float:
@@ -87,7 +90,35 @@ def _adjustments(s) -> dict:
     return dict(presence_penalty=_from_f32(s.presence_penalty), frequency_penalty=_from_f32(s.frequency_penalty),
                 repetition_penalty=_from_f32(s.repetition_penalty) if s.repetition_penalty else 1.0,
                 logit_bias=tuple((int(t), _from_f32(b)) for t, b in sorted(s.logit_bias.items())),
-                min_tokens=int(s.min_tokens))
+                min_tokens=int(s.min_tokens), structured=structured_from_proto(s.structured_output)
+                if s.HasField("structured_output") else None)
+
+
+def structured_from_proto(m) -> StructuredOutput:
+    """``colm.v1.StructuredOutput`` -> StructuredOutput; ValueError when no kind is set."""
+    kind = m.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_output: set one of json_schema, json_object, regex, grammar, choice")
+    if kind == "json_object":
+        if not m.json_object:
+            raise ValueError("structured_output: json_object must be true when set")
+        return StructuredOutput("json_object")
+    if kind == "choice":
+        if len(m.choice.choices) > MAX_CHOICES:  # before copying up to 4 MiB of strings
+            raise ValueError(f"structured_output (choice): give 1..{MAX_CHOICES} strings (got {len(m.choice.choices)})")
+        return StructuredOutput("choice", choices=tuple(m.choice.choices))
+    return StructuredOutput(kind, getattr(m, kind))
+
+
+def structured_to_proto(so: StructuredOutput):
+    m = public_pb2.StructuredOutput()
+    if so.kind == "json_object":
+        m.json_object = True
+    elif so.kind == "choice":
+        m.choice.choices.extend(so.choices)
+    else:
+        setattr(m, so.kind, so.spec)
+    return m
 
 
 def _sampling_msg(cls, p: SamplingParams, stop_field: str):
@@ -96,6 +127,8 @@ def _sampling_msg(cls, p: SamplingParams, stop_field: str):
             stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
             logit_bias=dict(p.logit_bias), min_tokens=p.min_tokens, **{stop_field: p.stop_strings})
+    if p.structured is not None:
+        s.structured_output.CopyFrom(structured_to_proto(p.structured))
     if p.seed is not None:
         s.seed = p.seed
     return s

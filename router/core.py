@@ -33,6 +33,7 @@ from colm.decode_worker.config import check_speculative
 from colm.decode_worker.prefix_cache import MAX_CACHE_SALT, block_hashes
 from colm.sampling import SamplingParams
 from colm.logits_adjust import check_token_ids
+from colm.structured import compile_output
 from colm.stopping import StopChecker
 from colm.tokenizer import encode_prompt
 
@@ -293,6 +294,8 @@ class Router:
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary 0..{cfg.vocab_size - 1}")
         check_token_ids(params, cfg.vocab_size)
+        if params.structured is not None:  # a schema, regex or grammar that does not compile is the client's error
+            compile_output(params.structured, self.tokenizer, cfg.vocab_size)
         if len(prompt_ids) + params.max_new_tokens > cfg.max_seq_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                              f"the context of {cfg.max_seq_len} tokens")

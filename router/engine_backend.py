@@ -16,6 +16,7 @@ from typing import AsyncIterator
 import numpy as np
 
 from colm.errors import CapacityError, RequestAbortedError
+from colm.logits_adjust import reads_prompt
 from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo
 from colm.router.placement import NoWorker
 from colm.router.metrics import report_timeline
@@ -76,7 +77,8 @@ class EngineBackend:
             stream = de.start_generation(req.request_id, req.prompt_ids[-1], req.params, scale=req.scale,
                                          kv_timeout_s=req.timeout_s, speculative=req.speculative,
                                          context_ids=(np.asarray(req.prompt_ids[:-1])
-                                                      if req.params.penalizes and not colocated else None),
+                                                      if reads_prompt(req.params, req.prior_output) and not colocated
+                                                      else None),
                                          prior_output=req.prior_output)
             it = iter(stream)
             done = object()

@@ -19,6 +19,7 @@ from typing import AsyncIterator
 import grpc
 
 from colm.proto import load_proto
+from colm.logits_adjust import reads_prompt
 from colm.proto.convert import sampling_to_decode
 from colm.proto.token_ids import pack_token_ids
 from colm.router.config import TOKEN_STREAMS
@@ -410,7 +411,8 @@ def _start_request(req: EngineRequest, timeout: float, subscriber: str = "", pro
                                          reserve_max_new_tokens=req.params.max_new_tokens if prompt else 0,
                                          cache_salt=req.cache_salt if prompt else "",
                                          context_token_ids_u32=(pack_token_ids(req.prompt_ids[:-1])
-                                                                if req.params.penalizes and not prompt else b""),
+                                                                if reads_prompt(req.params, req.prior_output)
+                                                                and not prompt else b""),
                                          prior_output_tokens=req.prior_output)
 
 

@@ -31,8 +31,9 @@ PREFILL_ID, DECODE_ID = "local-prefill-0", "local-decode-0"
 
 class LocalBackend:
     def __init__(self, model, max_concurrency: int = 4, fixed_scale: int | None = None,
-                 step_delay_s: dict[int, float] | None = None) -> None:
+                 step_delay_s: dict[int, float] | None = None, tokenizer=None) -> None:
         self.model = model.eval()
+        self.tokenizer = tokenizer  # structured output compiles its grammar for it (None: refused)
         self.cfg = model.cfg
         self.fixed_scale = fixed_scale  # baseline: ignore the router's choice
         # Extra time per step by scale: simulates a slower device so tests see distinct latencies per scale.
@@ -70,7 +71,8 @@ class LocalBackend:
         dtype = next(self.model.parameters()).dtype
         params = req.params
         gen = params.make_generator()
-        adjust = make_adjuster(params, self.cfg.vocab_size, req.prompt_ids, req.eos_id, req.prior_output)
+        adjust = make_adjuster(params, self.cfg.vocab_size, req.prompt_ids, req.eos_id, req.prior_output,
+                               tokenizer=self.tokenizer)
         out: list[int] = []
         stopper = StopChecker(params, req.eos_id)  # stop strings are the router's (it sends none)
         cache = ContiguousKVCache(self.cfg, 1, len(req.prompt_ids) + params.max_new_tokens, device=device, dtype=dtype)

@@ -7,11 +7,13 @@ rejected). ``null`` means "the default" wherever the OpenAI schema marks a field
 
 ``n`` (1..16) gives that many choices per prompt (sequences of their own; a seeded request seeds choice j
 with seed + j). ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (token ids as strings) and vLLM's
-``repetition_penalty`` and ``min_tokens`` act as ``colm.logits_adjust`` says. Fields the engines cannot honour
-are rejected unless they ask for a no-op: a ``best_of`` other than n, a non-empty ``suffix``; in chat, ``tools`` / ``functions`` / a ``tool_choice`` other than "none" / a
-``response_format`` other than text, and ``top_logprobs`` above 0. ``user`` is accepted and ignored, and
-so are unknown top-level fields (as vLLM does); ``model`` is checked by the HTTP layer (404 when unknown).
-The colm extras ``scale``, ``ttft_ms``, ``tpot_ms``, ``deadline_ms``, ``on_miss`` and ``speculative`` (chain-1
+``repetition_penalty`` and ``min_tokens`` act as ``colm.logits_adjust`` says. Structured output
+(``colm.structured``): OpenAI's ``response_format`` (text, json_object, json_schema) or one of vLLM's
+``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``, at most one. Fields the engines
+cannot honour are rejected unless they ask for a no-op: a ``best_of`` other than n, a non-empty ``suffix``; in
+chat, ``tools`` / ``functions`` / a ``tool_choice`` other than "none", and ``top_logprobs`` above 0. ``user``
+is accepted and ignored, and so are unknown top-level fields (as vLLM does); ``model`` is checked by the HTTP
+layer (404 when unknown). The colm extras ``scale``, ``ttft_ms``, ``tpot_ms``, ``deadline_ms``, ``on_miss`` and ``speculative`` (chain-1
 self-speculative decoding: drafts per round, 0..16) may sit at the top
 level or inside ``"colm": {...}`` (the top level wins when both are given); unknown
 keys inside ``"colm"`` are rejected, since a misspelled budget would otherwise be silently dropped.
@@ -30,6 +32,7 @@ string-content templates), and optionally ``name``; anything else is a 400 namin
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
@@ -37,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 # The limits of the gRPC API, imported from there so that both fronts accept the same requests.
 from colm.decode_worker.config import MAX_GAMMA
 from colm.decode_worker.prefix_cache import MAX_CACHE_SALT
+from colm.structured import StructuredOutput
 from colm.proto.convert import MAX_BUDGET_MS, MAX_STOP_CHARS, MAX_STOP_STRINGS, SEED_MAX
 from colm.sampling import (MAX_BIAS, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TEMPERATURE,
                            MIN_REPETITION_PENALTY, MIN_TEMPERATURE)
@@ -192,6 +196,13 @@ class SamplingRequest(BaseModel):
     min_tokens: Optional[Annotated[StrictInt, Field(ge=0)]] = Field(
         None, description="an integer >= 0 and <= the request's maximum of new tokens, or null (0)")
     user: Optional[StrictStr] = Field(None, description="a string (ignored)")
+    response_format: Optional[Any] = Field(
+        None, description='{"type": "text"}, {"type": "json_object"}, {"type": "json_schema", "json_schema": '
+                          '{"schema": {...}}}, or null')
+    guided_json: Optional[Union[StrictStr, dict]] = Field(None, description="a JSON schema (an object or its text)")
+    guided_regex: Optional[StrictStr] = Field(None, description="a regular expression")
+    guided_choice: Optional[list[StrictStr]] = Field(None, description="a list of strings")
+    guided_grammar: Optional[StrictStr] = Field(None, description="an EBNF grammar (root ::= ...)")
     cache_salt: Optional[Annotated[StrictStr, Field(max_length=MAX_CACHE_SALT)]] = Field(
         None, description=f"a string of at most {MAX_CACHE_SALT} characters: requests share cached prompt K/V only "
                           "with requests of the same salt")
@@ -239,10 +250,35 @@ class SamplingRequest(BaseModel):
         return tuple((int(k), b) for k, b in v.items())
 
     def adjustments(self) -> dict:
-        """The logit adjustments as ``SamplingParams`` keywords (null: the default)."""
+        """The logit adjustments and the structured output as ``SamplingParams`` keywords (null: the default)."""
         return dict(presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
                     repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-                    logit_bias=self.logit_bias or (), min_tokens=self.min_tokens or 0)
+                    logit_bias=self.logit_bias or (), min_tokens=self.min_tokens or 0, structured=self.structured())
+
+    def structured(self) -> StructuredOutput | None:
+        """``response_format`` (OpenAI) or one of vLLM's ``guided_*`` -> StructuredOutput; BadField naming the field
+        when it is malformed or more than one is given."""
+        given = [k for k in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, k) is not None]
+        rf = _response_format(self.response_format)
+        if rf is not None:
+            given.insert(0, "response_format")
+        if len(given) > 1:
+            raise BadField(f"{' and '.join(given)}: give at most one structured output", given[1])
+        if not given:
+            return None
+        name = given[0]
+        try:
+            if name == "response_format":
+                return rf
+            if name == "guided_json":
+                spec = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+                return StructuredOutput("json_schema", spec)
+            if name == "guided_choice":
+                return StructuredOutput("choice", choices=tuple(self.guided_choice))
+            return StructuredOutput("regex" if name == "guided_regex" else "grammar", getattr(self, name))
+        except ValueError as e:
+            raise BadField(f"{name}: {e}", name) from None
 
     @field_validator("suffix", check_fields=False)  # completions only
     @classmethod
@@ -302,8 +338,6 @@ class ChatCompletionRequest(SamplingRequest):
     tools: Optional[list] = Field(None, description="null or [] (tool calls are not supported)")
     functions: Optional[list] = Field(None, description="null or [] (function calls are not supported)")
     tool_choice: Optional[Any] = Field(None, description='null or "none" (tool calls are not supported)')
-    response_format: Optional[dict] = Field(None, description='null or {"type": "text"} (structured output is not '
-                                                               "supported)")
 
     @field_validator("messages", mode="plain")
     @classmethod
@@ -324,12 +358,29 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError(f"tool_choice={_shown(v)}: tool calls are not supported")
         return v
 
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, v):
-        if v and v != {"type": "text"}:
-            raise ValueError(f"response_format type={_shown(v.get('type'))}: structured output is not supported")
-        return v
+
+
+def _response_format(v) -> StructuredOutput | None:
+    """OpenAI's ``response_format`` -> StructuredOutput (None for text or null); BadField naming the part."""
+    if v is None:
+        return None
+    if not isinstance(v, dict) or v.get("type") not in ("text", "json_object", "json_schema"):
+        kind = _shown(v.get("type")) if isinstance(v, dict) else _kind(v)
+        raise BadField(f"response_format.type={kind}: allowed types are text, json_object, json_schema",
+                       "response_format.type")
+    if v["type"] == "text":
+        return None
+    if v["type"] == "json_object":
+        return StructuredOutput("json_object")
+    js = v.get("json_schema")
+    schema = js.get("schema") if isinstance(js, dict) else None
+    if not isinstance(schema, (dict, bool)):
+        raise BadField("response_format.json_schema.schema: give the JSON schema as an object",
+                       "response_format.json_schema.schema")
+    try:
+        return StructuredOutput("json_schema", json.dumps(schema))
+    except ValueError as e:
+        raise BadField(f"response_format.json_schema.schema: {e}", "response_format.json_schema.schema") from None
 
 
 def _chat_messages(v) -> list[dict]:

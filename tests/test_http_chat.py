@@ -284,7 +284,7 @@ BAD_CHAT = [
     ({"top_logprobs": 3, "logprobs": True}, "top_logprobs", "allowed"),
     ({"tools": [{"type": "function"}]}, "tools", "not supported"),
     ({"tool_choice": "auto"}, "tool_choice", "not supported"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type", "allowed types are text, json_object"),
     ({"n": 17}, "n", "allowed"),
     ({"scale": 3}, "scale", "scale=3"),
     ({"scale": 0}, "scale", "allowed"),

@@ -2,6 +2,7 @@
 random values in the valid ranges; and colm.stopping.StopChecker, the one place the stop rules live."""
 
 import dataclasses
+import json
 import random
 
 import pytest
@@ -16,6 +17,7 @@ from colm.router.policy import Budget, OnMiss  # noqa: E402
 from colm.sampling import (MAX_BIAS, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TEMPERATURE,  # noqa: E402
                            MIN_REPETITION_PENALTY, MIN_TEMPERATURE, SamplingParams)
 from colm.stopping import StopChecker  # noqa: E402
+from colm.structured import KINDS, StructuredOutput  # noqa: E402
 
 public_pb2, _ = load_proto("public")
 kv_pb2, _ = load_proto("kv")
@@ -24,7 +26,8 @@ SEEDS = range(300)
 PUBLIC_FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
                  "seed": "seed", "stop_token_ids": "stop_token_ids", "stop": "stop_strings", "ignore_eos": "ignore_eos",
                  "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-                 "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias", "min_tokens": "min_tokens"}
+                 "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias", "min_tokens": "min_tokens",
+                 "structured_output": "structured"}
 DECODE_FIELDS = {**PUBLIC_FIELDS, "stop_strings": "stop_strings"}
 del DECODE_FIELDS["stop"]
 
@@ -51,14 +54,30 @@ def random_params(rng: random.Random) -> SamplingParams:
         seed=rng.choice([None, 0, SEED_MAX, rng.randint(0, SEED_MAX)]),
         stop_token_ids=tuple(rng.randint(0, 2**31 - 1) for _ in range(rng.randint(0, 8))),
         stop_strings=tuple(_text(rng) for _ in range(rng.randint(0, MAX_STOP_STRINGS))),
-        ignore_eos=rng.random() < 0.5,
         presence_penalty=rng.choice([0.0, -MAX_PENALTY, MAX_PENALTY, f7(-MAX_PENALTY, MAX_PENALTY)]),
         frequency_penalty=rng.choice([0.0, -MAX_PENALTY, MAX_PENALTY, f7(-MAX_PENALTY, MAX_PENALTY)]),
         repetition_penalty=rng.choice([1.0, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY,
                                        f7(MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)]),
         logit_bias=tuple((t, rng.choice([-MAX_BIAS, MAX_BIAS, 0.0, f7(-MAX_BIAS, MAX_BIAS)]))
                          for t in rng.sample(range(2**31 - 1), rng.choice([0, 1, 5, MAX_LOGIT_BIAS]))),
-        min_tokens=rng.choice([0, max_new_tokens, rng.randint(0, max_new_tokens)]))
+        **_ends(rng, max_new_tokens))
+
+
+def _ends(rng: random.Random, max_new_tokens: int) -> dict:
+    """ignore_eos, min_tokens and structured output (which takes neither of the two)."""
+    if rng.random() < 0.5:
+        return dict(ignore_eos=rng.random() < 0.5, min_tokens=rng.choice([0, max_new_tokens,
+                                                                          rng.randint(0, max_new_tokens)]))
+    kind = rng.choice(KINDS)
+    if kind == "choice":
+        so = StructuredOutput("choice", choices=tuple(_text(rng) for _ in range(rng.randint(1, 5))))
+    elif kind == "json_object":
+        so = StructuredOutput("json_object")
+    elif kind == "json_schema":
+        so = StructuredOutput("json_schema", json.dumps({"type": "object", "title": _text(rng)}))
+    else:
+        so = StructuredOutput(kind, _text(rng))
+    return dict(ignore_eos=False, min_tokens=0, structured=so)
 
 
 def test_every_field_is_converted():
@@ -107,11 +126,26 @@ def test_public_defaults_and_float32():
     ("frequency_penalty", float("inf"), "sampling.frequency_penalty"),
     ("repetition_penalty", 1e-3, "sampling.repetition_penalty"), ("logit_bias", {-1: 1.0}, "sampling.logit_bias"),
     ("logit_bias", {5: 100.5}, "sampling.logit_bias"), ("logit_bias", {i: 1.0 for i in range(1025)}, "sampling.logit_bias"),
-    ("min_tokens", -1, "sampling.min_tokens"), ("min_tokens", 17, "sampling.min_tokens")])
+    ("min_tokens", -1, "sampling.min_tokens"), ("min_tokens", 17, "sampling.min_tokens"),
+    ("structured_output", {}, "sampling.structured_output"),
+    ("structured_output", {"json_object": False}, "sampling.structured_output"),
+    ("structured_output", {"json_schema": "[1"}, "sampling.structured_output"),
+    ("structured_output", {"regex": "x" * 65537}, "sampling.structured_output"),
+    ("structured_output", {"choice": {"choices": []}}, "sampling.structured_output"),
+    ("structured_output", {"choice": {"choices": ["a"] * 257}}, "sampling.structured_output"),
+    ("structured_output", {"regex": "a", "ignore_eos": True}, "sampling.structured_output")])
 def test_public_errors_name_the_proto_path(field, value, path):
     s = public_pb2.Sampling()
     if isinstance(value, list):
         getattr(s, field).extend(value)
+    elif field == "structured_output":
+        s.ignore_eos = value.pop("ignore_eos", False)
+        s.structured_output.SetInParent()
+        for k, v in value.items():
+            if k == "choice":
+                s.structured_output.choice.choices.extend(v["choices"])
+            else:
+                setattr(s.structured_output, k, v)
     elif isinstance(value, dict):
         getattr(s, field).update(value)
     else:

@@ -50,6 +50,7 @@ def run(args) -> int:
                           seed=args.seed, scale=args.scale, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms,
                           deadline_ms=args.deadline_ms, reject=args.reject, **adjust_kwargs(args))
                 kw["logit_bias"] = dict(kw["logit_bias"])
+                kw["structured_output"] = kw.pop("structured")
                 if args.stream:
                     ids = []
                     for ev in c.stream(args.prompt, **kw):

@@ -66,9 +66,31 @@ def add_adjust_args(p) -> None:
     p.add_argument("--logit-bias", type=_bias_pair, action="append", default=[], metavar="ID=BIAS",
                    help="add BIAS (in [-100, 100]) to token ID's logit; repeatable")
     p.add_argument("--min-tokens", type=int, default=0, help="no EOS, stop token or stop string before this many")
+    so = p.add_mutually_exclusive_group()
+    so.add_argument("--json-schema", default=None, help="structured output: a JSON schema (JSON text) the output "
+                                                        "follows")
+    so.add_argument("--json-object", action="store_true", help="structured output: any JSON object")
+    so.add_argument("--regex", default=None, help="structured output: a regular expression the output matches")
+    so.add_argument("--grammar", default=None, help="structured output: an EBNF grammar (root ::= ...)")
+    so.add_argument("--choice", action="append", default=None, help="structured output: one of these strings; "
+                                                                    "repeatable")
 
 
 def adjust_kwargs(args) -> dict:
+    """SamplingParams' keywords from ``add_adjust_args``' flags."""
+    from colm.structured import StructuredOutput
+
+    structured = None
+    if args.json_schema is not None:
+        structured = StructuredOutput("json_schema", args.json_schema)
+    elif args.json_object:
+        structured = StructuredOutput("json_object")
+    elif args.regex is not None:
+        structured = StructuredOutput("regex", args.regex)
+    elif args.grammar is not None:
+        structured = StructuredOutput("grammar", args.grammar)
+    elif args.choice:
+        structured = StructuredOutput("choice", choices=tuple(args.choice))
     return dict(presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 repetition_penalty=args.repetition_penalty, logit_bias=tuple(args.logit_bias),
-                min_tokens=args.min_tokens)
+                min_tokens=args.min_tokens, structured=structured)

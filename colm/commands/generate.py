@@ -49,7 +49,7 @@ def run(args) -> int:
                             top_k=args.top_k, seed=args.seed, **adjust_kwargs(args))
     prompt_ids = encode_prompt(tok, args.prompt)
     res = generate(model, prompt_ids, params, scale=scale, scale_schedule=schedule, eos_id=tok.eos_id,
-                   decode=tok.decode)
+                   decode=tok.decode, tokenizer=tok)
     if args.ids:
         print(" ".join(map(str, res.token_ids)))
     else:
