@@ -172,3 +172,41 @@ def chat_router(model, ckpt_dir, backend=None, **router_cfg):
     bg = BackgroundRouter(Router(cfg, model.cfg, tok, backend or LocalBackend(model)))
     client = openai.OpenAI(base_url=f"{bg.http_url}/v1", api_key="unused", max_retries=0, timeout=60)
     return bg, client, tok
+
+
+def failing_engine_router(path):
+    """A router (gRPC and HTTP on free ports) over a prefill and a decode engine of the checkpoint at ``path``;
+    its backend's ``fail_after = n`` makes the next attempt fail after n tokens (the worker serves on, so the router
+    retries the request with those tokens ending the prompt) and ``attempts`` lists every attempt's EngineRequest.
+    -> (background router, backend)."""
+    from colm import checkpoint
+    from colm.decode_worker.config import DecodeConfig
+    from colm.decode_worker.engine import DecodeEngine
+    from colm.prefill_worker.engine import PrefillEngine
+    from colm.router.backend import RequestFailed
+    from colm.router.config import RouterConfig
+    from colm.router.core import Router
+    from colm.router.engine_backend import EngineBackend
+    from colm.tokenizer import ByteTokenizer
+
+    class FailOnceBackend(EngineBackend):
+        def __init__(self, prefill, decode) -> None:
+            super().__init__(prefill, decode)
+            self.attempts: list = []
+            self.fail_after = 0
+
+        async def generate(self, req, prefill_id, decode_id):
+            self.attempts.append(req)
+            fail_after, self.fail_after = self.fail_after, 0
+            n = 0
+            async for tok in super().generate(req, prefill_id, decode_id):
+                yield tok
+                n += 1
+                if n == fail_after:
+                    raise RequestFailed(decode_id, "ABORTED: injected failure")
+
+    backend = FailOnceBackend({"prefill-0": PrefillEngine.from_checkpoint(path)},
+                              {"decode-0": DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=160))})
+    bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=0, poll_interval_s=0.05),
+                                 checkpoint.load_config(path), ByteTokenizer(), backend))
+    return bg, backend

@@ -19,8 +19,6 @@ from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.engine import DecodeEngine
 from colm.generate import generate
 from colm.logits_adjust import LogitsAdjuster, make_adjuster
-from colm.router.backend import RequestFailed
-from colm.router.engine_backend import EngineBackend
 from colm.sampling import SamplingParams
 from colm.tokenizer import ByteTokenizer
 from _engine_helpers import assert_pool_free, prompts, save_tiny_air
@@ -256,40 +254,12 @@ def test_penalties_without_the_prompt_are_refused_and_free_the_reservation(setup
 # ---------------------------------------------------------------------------------------------------- router
 @pytest.fixture(scope="module")
 def routed(setup):
-    """A router over a prefill engine and a decode engine (in process), and the gRPC client's kwargs per request."""
-    from colm import checkpoint
-    from colm.prefill_worker.engine import PrefillEngine
-    from colm.router.config import RouterConfig
-    from colm.router.core import Router
-    from router_helpers import BackgroundRouter
+    """A router over a prefill and a decode engine, whose backend can fail an attempt (``fail_after``)."""
+    from router_helpers import failing_engine_router
 
-    path, _ = setup
-    backend = FailOnceBackend({"prefill-0": PrefillEngine.from_checkpoint(path)},
-                              {"decode-0": DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=160))})
-    bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=0, poll_interval_s=0.05),
-                                 checkpoint.load_config(path), ByteTokenizer(), backend))
+    bg, backend = failing_engine_router(setup[0])
     yield bg, backend
     bg.stop()
-
-
-class FailOnceBackend(EngineBackend):
-    """The engine backend; ``fail_after = n`` makes the next attempt fail after n tokens (the worker serves on),
-    so the router retries it with those tokens ending the prompt."""
-
-    def __init__(self, prefill, decode) -> None:
-        super().__init__(prefill, decode)
-        self.attempts: list = []
-        self.fail_after = 0
-
-    async def generate(self, req, prefill_id, decode_id):
-        self.attempts.append(req)
-        fail_after, self.fail_after = self.fail_after, 0
-        n = 0
-        async for tok in super().generate(req, prefill_id, decode_id):
-            yield tok
-            n += 1
-            if n == fail_after:
-                raise RequestFailed(decode_id, "ABORTED: injected failure")
 
 
 def _client_kw(params: SamplingParams) -> dict:

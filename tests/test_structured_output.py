@@ -17,8 +17,6 @@ pytest.importorskip("xgrammar")
 from colm.decode_worker.config import DecodeConfig  # noqa: E402
 from colm.decode_worker.engine import DecodeEngine  # noqa: E402
 from colm.generate import generate  # noqa: E402
-from colm.router.backend import RequestFailed  # noqa: E402
-from colm.router.engine_backend import EngineBackend  # noqa: E402
 from colm.sampling import SamplingParams  # noqa: E402
 from colm.structured import MAX_SPEC_CHARS, StructuredOutput, compile_output  # noqa: E402
 from colm.tokenizer import ByteTokenizer  # noqa: E402
@@ -183,38 +181,12 @@ def test_a_spec_that_does_not_compile_fails_only_its_start(setup):
 
 
 # ---------------------------------------------------------------------------------------------------- router
-class FailOnceBackend(EngineBackend):
-    """``fail_after = n``: the next attempt fails after n tokens (the worker serves on) and the router retries."""
-
-    def __init__(self, prefill, decode) -> None:
-        super().__init__(prefill, decode)
-        self.attempts: list = []
-        self.fail_after = 0
-
-    async def generate(self, req, prefill_id, decode_id):
-        self.attempts.append(req)
-        fail_after, self.fail_after = self.fail_after, 0
-        n = 0
-        async for tok in super().generate(req, prefill_id, decode_id):
-            yield tok
-            n += 1
-            if n == fail_after:
-                raise RequestFailed(decode_id, "ABORTED: injected failure")
-
-
 @pytest.fixture(scope="module")
 def routed(setup):
-    from colm import checkpoint
-    from colm.prefill_worker.engine import PrefillEngine
-    from colm.router.config import RouterConfig
-    from colm.router.core import Router
-    from router_helpers import BackgroundRouter
+    """A router over a prefill and a decode engine, whose backend can fail an attempt (``fail_after``)."""
+    from router_helpers import failing_engine_router
 
-    path, _ = setup
-    backend = FailOnceBackend({"prefill-0": PrefillEngine.from_checkpoint(path)},
-                              {"decode-0": DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=160))})
-    bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=0, poll_interval_s=0.05),
-                                 checkpoint.load_config(path), ByteTokenizer(), backend))
+    bg, backend = failing_engine_router(setup[0])
     yield bg, backend
     bg.stop()
 
