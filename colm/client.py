@@ -45,14 +45,14 @@ class Client:
                 ignore_eos: bool = False, include_stop_str_in_output: bool = False, speculative: int = 0,
                 cache_salt: str = "", presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                 repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
-                structured_output=None):
+                structured_output=None, top_logprobs: int = 0):
         """``structured_output``: a ``colm.structured.StructuredOutput`` (JSON schema, JSON object, regex, grammar or
         choice) or None."""
         pb2 = self.pb2
         sampling = pb2.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 stop=list(stop), ignore_eos=ignore_eos, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-                                logit_bias=logit_bias or {}, min_tokens=min_tokens)
+                                logit_bias=logit_bias or {}, min_tokens=min_tokens, top_logprobs=top_logprobs)
         if seed is not None:
             sampling.seed = seed
         if structured_output is not None:
@@ -78,6 +78,8 @@ class Client:
         return {"request_id": r.request_id, "text": r.text, "token_ids": [t.id for t in r.tokens],
                 "scales": [t.scale for t in r.tokens], "times_ms": [t.time_ms for t in r.tokens],
                 "drafted": [t.drafted for t in r.tokens],
+                "logprobs": [t.logprob for t in r.tokens],
+                "top_logprobs": [[(x.id, x.logprob) for x in t.top_logprobs] for t in r.tokens],
                 "finish_reason": r.finish_reason, "scale": r.decision.scale, "degraded": r.decision.degraded,
                 "predicted_ttft_ms": r.decision.predicted_ttft_ms, "predicted_tpot_ms": r.decision.predicted_tpot_ms,
                 "usage": {"prompt_tokens": r.usage.prompt_tokens, "completion_tokens": r.usage.completion_tokens,
@@ -93,7 +95,8 @@ class Client:
                        "prompt_tokens": m.decision.prompt_tokens}
             for t in m.tokens:
                 yield {"kind": "token", "id": t.id, "text": t.text, "scale": t.scale, "time_ms": t.time_ms,
-                       "drafted": t.drafted}
+                       "drafted": t.drafted, "logprob": t.logprob,
+                       "top_logprobs": [(x.id, x.logprob) for x in t.top_logprobs]}
             if m.finish_reason:
                 yield {"kind": "finish", "text": m.text, "finish_reason": m.finish_reason,
                        "usage": {"prompt_tokens": m.usage.prompt_tokens, "completion_tokens": m.usage.completion_tokens,

@@ -22,6 +22,7 @@ MAX_TEMPERATURE = 100.0
 MAX_PENALTY = 2.0
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 100.0
 MAX_LOGIT_BIAS, MAX_BIAS = 1024, 100.0
+MAX_TOP_LOGPROBS = 20  # the most likely tokens reported per generated token (OpenAI's and vLLM's default limit)
 
 
 def _is_number(x) -> bool:
@@ -50,6 +51,8 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop tokens are masked, and no stop rule ends the output, before this many tokens
     # the output held to a JSON schema, regex, grammar or choice (``colm.structured``); None = free text
     structured: StructuredOutput | None = None
+    # report this many of the most likely tokens (and their log-probs under the model) with every generated token
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
@@ -100,6 +103,8 @@ class SamplingParams:
             if self.ignore_eos or self.min_tokens:
                 raise ValueError("structured_output: cannot be combined with ignore_eos or min_tokens (the grammar "
                                  "decides where the output ends)")
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs={self.top_logprobs!r}: must be an integer in 0..{MAX_TOP_LOGPROBS}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
             raise ValueError(f"min_tokens={self.min_tokens!r}: must be an integer in 0..max_new_tokens "
                              f"({self.max_new_tokens})")
@@ -122,8 +127,8 @@ class SamplingParams:
 
     @property
     def plain_greedy(self) -> bool:
-        """The argmax of the model's own logits: the engines pick it on the device."""
-        return self.greedy and not self.adjusts_logits
+        """The argmax of the model's own logits, and no top log-probs to report: the engines pick it on the device."""
+        return self.greedy and not self.adjusts_logits and not self.top_logprobs
 
     def make_generator(self, device="cpu") -> torch.Generator | None:
         if self.greedy:
@@ -139,6 +144,15 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         return int(torch.argmax(logits).item())
     probs = filtered_probs(logits, params)
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
+    """The ``k`` most likely tokens of logits [V] and their log-probs under the model (unfiltered), most likely
+    first."""
+    if not k:
+        return ()
+    vals, ids = torch.log_softmax(logits.float(), dim=-1).topk(k)
+    return tuple(zip(ids.tolist(), vals.tolist()))
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -467,7 +467,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
             for req, s, result in zip(batch, scales, results):
                 if req.cancel is not None or not req.running or result is None:
                     continue
-                self._emit(req, s, *result)
+                self._emit(req, s, result[0], result[1], top=result[2] if len(result) > 2 else ())
             for (s, gamma), rows in rounds.items():
                 for req, toks in zip(rows, spec[(s, gamma)]):
                     if req.cancel is not None or not req.running or toks is None:
@@ -504,7 +504,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
                                   lambda req, s: speculative_round(self.model, [req], self.pool, s, gamma, None, None,
                                                                    self.config.verify_attention)[0])
 
-    def _emit(self, req: DecodeRequest, scale: int, tok: int, lp: float, drafted: bool = False) -> bool:
+    def _emit(self, req: DecodeRequest, scale: int, tok: int, lp: float, drafted: bool = False, top=()) -> bool:
         """Hand out one new token of ``req`` (under the lock); True when it ended the request."""
         req.num_cached += 1
         req.out_tokens.append(tok)
@@ -515,7 +515,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
             req.timeline.mark("first_token")
             timeline, started_s = req.timeline.relative_ms("started")
         req.stream.push(TokenEvent(req.request_id, tok, len(req.out_tokens) - 1, scale, reason,
-                                   req.timeline.ms_since("started"), lp, timeline, started_s, drafted))
+                                   req.timeline.ms_since("started"), lp, timeline, started_s, drafted, tuple(top)))
         if reason:
             self._finalize(req)
         return bool(reason)

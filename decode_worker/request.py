@@ -43,6 +43,7 @@ class TokenEvent:
     timeline_ms: dict[str, float] | None = None
     monotonic_s: float = 0.0
     drafted: bool = False  # chain-1 self-speculative decoding: a draft token the target scale accepted
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the most likely tokens and their log-probs, if asked for
 
 
 @dataclass(frozen=True, eq=False)

@@ -68,7 +68,8 @@ def add_decode_service(servicer, server) -> None:
 
 def _event(ev) -> "kv_pb2.TokenEvent":
     msg = kv_pb2.TokenEvent(request_id=ev.request_id, token_id=ev.token_id, index=ev.index, scale=ev.scale,
-                            finish_reason=ev.finish_reason, time_ms=ev.time_ms, logprob=ev.logprob, drafted=ev.drafted)
+                            finish_reason=ev.finish_reason, time_ms=ev.time_ms, logprob=ev.logprob, drafted=ev.drafted,
+                            top_token_ids=[t for t, _ in ev.top_logprobs], top_logprobs=[lp for _, lp in ev.top_logprobs])
     if ev.timeline_ms:  # the first event only
         msg.timeline_ms.update(ev.timeline_ms)
         msg.monotonic_s = ev.monotonic_s

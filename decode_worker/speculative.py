@@ -51,8 +51,8 @@ class SpecToken:
 
 def round_gamma(req) -> int:
     """Drafts this round for ``req`` (0: a plain step): its ``speculative`` capped by the tokens left."""
-    if not req.speculative or req.adjust is not None:  # most rows: called for every running row each step
-        return 0  # adjusted logits (penalties, bias, min_tokens) depend on each accepted token: plain steps
+    if not req.speculative or req.adjust is not None or req.params.top_logprobs:  # most rows: the first test
+        return 0  # adjusted logits depend on each accepted token, top log-probs are read per step: plain steps
     left = req.params.max_new_tokens - len(req.out_tokens)
     return max(0, min(req.speculative, left - 1)) if req.scale > 1 else 0
 

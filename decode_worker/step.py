@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from colm.sampling import sample_next
+from colm.sampling import sample_next, top_logprobs
 
 from colm.decode_worker.graphs import StepHead, head_outputs, mixed_head_outputs
 from colm.decode_worker.paged_cache import PagedStepCache
@@ -136,21 +136,25 @@ def launch_greedy_step(model, batch, pool, scales, graphs=None, after: LaunchedS
     return LaunchedStep(batch, scales, mixed_head_outputs(model, hidden, row_scales, set(scales)))
 
 
-def _picks(head: StepHead, rows) -> list[tuple[int, float]]:
-    """(token, log-prob) per row from the step's head: greedy rows read ``packed`` (one device->host copy),
+def _picks(head: StepHead, rows) -> list[tuple]:
+    """(token, log-prob[, top log-probs]) per row from the step's head (the third item for rows on the host path,
+    ``colm.sampling.top_logprobs``' pairs, empty unless the request asks for them): greedy rows read ``packed`` (one device->host copy),
     sampling rows (and greedy rows whose logits are adjusted: ``colm.logits_adjust``) pick from their logits on
     the host, with their own generator."""
     if all(r.params.plain_greedy for r in rows):
         return _greedy_picks(head.packed)
     toks = head.greedy[:, 0].tolist()
+    tops: list[tuple] = [()] * len(rows)
     for j, r in enumerate(rows):
         if not r.params.plain_greedy:
             logits = head.logits[j].cpu()  # [V]
-            toks[j] = sample_next(r.adjust(logits, r.out_tokens) if r.adjust is not None else logits, r.params,
-                                  r.generator)
+            if not r.params.greedy or r.adjust is not None:
+                toks[j] = sample_next(r.adjust(logits, r.out_tokens) if r.adjust is not None else logits, r.params,
+                                      r.generator)
+            tops[j] = top_logprobs(logits, r.params.top_logprobs)
     chosen = torch.tensor(toks, device=head.logits.device)[:, None]
     lps = (head.logits.gather(1, chosen)[:, 0].float() - head.lse).tolist()
-    return list(zip(toks, lps))
+    return list(zip(toks, lps, tops))
 
 
 def _greedy_picks(packed: torch.Tensor) -> list[tuple[int, float]]:

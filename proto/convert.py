@@ -43,7 +43,7 @@ SAMPLING_PATHS = {"max_new_tokens": "sampling.max_new_tokens", "temperature": "s
                   "frequency_penalty": "sampling.frequency_penalty",
                   "repetition_penalty": "sampling.repetition_penalty",
                   "logit_bias": "sampling.logit_bias", "min_tokens": "sampling.min_tokens",
-                  "structured_output": "sampling.structured_output"}
+                  "structured_output": "sampling.structured_output", "top_logprobs": "sampling.top_logprobs"}
 
 
 def _from_f32(v: float) -> float:
@@ -91,7 +91,7 @@ def _adjustments(s) -> dict:
                 repetition_penalty=_from_f32(s.repetition_penalty) if s.repetition_penalty else 1.0,
                 logit_bias=tuple((int(t), _from_f32(b)) for t, b in sorted(s.logit_bias.items())),
                 min_tokens=int(s.min_tokens), structured=structured_from_proto(s.structured_output)
-                if s.HasField("structured_output") else None)
+                if s.HasField("structured_output") else None, top_logprobs=int(s.top_logprobs))
 
 
 def structured_from_proto(m) -> StructuredOutput:
@@ -126,7 +126,8 @@ def _sampling_msg(cls, p: SamplingParams, stop_field: str):
     s = cls(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
             stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
-            logit_bias=dict(p.logit_bias), min_tokens=p.min_tokens, **{stop_field: p.stop_strings})
+            logit_bias=dict(p.logit_bias), min_tokens=p.min_tokens, top_logprobs=p.top_logprobs,
+            **{stop_field: p.stop_strings})
     if p.structured is not None:
         s.structured_output.CopyFrom(structured_to_proto(p.structured))
     if p.seed is not None:

@@ -77,6 +77,7 @@ class EngineToken:
     scale: int
     logprob: float = 0.0
     drafted: bool = False  # an accepted chain-1 draft
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, log-prob) of the most likely tokens, if asked for
 
 
 class Backend(Protocol):

@@ -87,6 +87,7 @@ class Event:
     time_ms: float = 0.0
     logprob: float = 0.0
     drafted: bool = False  # an accepted chain-1 draft (speculative requests)
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, log-prob) of the most likely tokens, if asked for
     finish_reason: str = ""
     prompt_logprobs: list[tuple[float, int, float]] | None = None  # (logprob, top id, top logprob)
     usage: dict | None = None
@@ -472,7 +473,7 @@ class Router:
                         drafted += 1
                         self.metrics.draft_accepted.inc()
                     yield Event("token", token_id=tok.token_id, text=stopper.delta, scale=tok.scale, time_ms=now_ms,
-                                logprob=tok.logprob, drafted=tok.drafted)
+                                logprob=tok.logprob, drafted=tok.drafted, top_logprobs=tok.top_logprobs)
                     if reason:
                         finish = reason
                         break

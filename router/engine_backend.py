@@ -91,7 +91,7 @@ class EngineBackend:
                     finished = True
                     return
                 report_timeline(req, "decode", ev.monotonic_s, ev.timeline_ms)
-                yield EngineToken(ev.token_id, ev.scale, ev.logprob, ev.drafted)
+                yield EngineToken(ev.token_id, ev.scale, ev.logprob, ev.drafted, ev.top_logprobs)
                 if ev.finish_reason:
                     finished = True
                     return

@@ -200,7 +200,7 @@ class GrpcBackend:
                 streaming = True
                 report_timeline(req, "decode", ev.monotonic_s, ev.timeline_ms)  # the first event carries it
                 finished = bool(ev.finish_reason)  # before the yield: the consumer may stop at the finishing token
-                yield EngineToken(ev.token_id, ev.scale, ev.logprob, ev.drafted)
+                yield EngineToken(ev.token_id, ev.scale, ev.logprob, ev.drafted, _tops(ev))
                 if finished:
                     return
         finally:
@@ -285,7 +285,7 @@ class GrpcBackend:
                     report_timeline(req, "decode", item.monotonic_s, item.timeline_ms)  # the first event carries it
                 if item.finish_reason:
                     ended.append(True)
-                yield EngineToken(item.token_id, item.scale, item.logprob, item.drafted)
+                yield EngineToken(item.token_id, item.scale, item.logprob, item.drafted, _tops(item))
                 if item.finish_reason:
                     return
         finally:
@@ -414,6 +414,11 @@ def _start_request(req: EngineRequest, timeout: float, subscriber: str = "", pro
                                                                 if reads_prompt(req.params, req.prior_output)
                                                                 and not prompt else b""),
                                          prior_output_tokens=req.prior_output)
+
+
+def _tops(ev) -> tuple[tuple[int, float], ...]:
+    """A TokenEvent's top log-probs as (token id, log-prob) pairs (empty unless the request asked for them)."""
+    return tuple(zip(ev.top_token_ids, ev.top_logprobs)) if ev.top_token_ids else ()
 
 
 def _retrieve(task: asyncio.Future) -> None:

@@ -191,6 +191,11 @@ class ColmServicer(pb2_grpc.ColmServicer):
     def __init__(self, router: Router) -> None:
         self.router = router
 
+    def _tops(self, ev) -> list:
+        """A token event's top log-probs as ``TopLogprob`` messages (each token's own text)."""
+        decode = self.router.tokenizer.decode
+        return [pb2.TopLogprob(id=t, logprob=lp, text=decode([t])) for t, lp in ev.top_logprobs]
+
     async def Generate(self, request, context):
         spec = spec_from_proto(self.router, request)
         trim = StopTrimmer(spec.params.stop_strings, request.include_stop_str_in_output)
@@ -202,7 +207,7 @@ class ColmServicer(pb2_grpc.ColmServicer):
             for ev in batch:
                 if ev.kind == "token":
                     tokens.append(pb2.Token(id=ev.token_id, text=trim.add(ev.text), scale=ev.scale, time_ms=ev.time_ms,
-                                            logprob=ev.logprob, drafted=ev.drafted))
+                                            logprob=ev.logprob, drafted=ev.drafted, top_logprobs=self._tops(ev)))
                     continue
                 if tokens:
                     yield pb2.GenerateResponse(request_id=spec.request_id, tokens=tokens)
@@ -232,7 +237,7 @@ class ColmServicer(pb2_grpc.ColmServicer):
                 _fill_prompt_logprobs(resp, ev.prompt_logprobs)
             elif ev.kind == "token":
                 resp.tokens.append(pb2.Token(id=ev.token_id, text=ev.text, scale=ev.scale, time_ms=ev.time_ms,
-                                             logprob=ev.logprob, drafted=ev.drafted))
+                                             logprob=ev.logprob, drafted=ev.drafted, top_logprobs=self._tops(ev)))
                 text.append(trim.add(ev.text))
             else:
                 text.append(trim.add(ev.text) + trim.flush())

@@ -190,7 +190,8 @@ class HttpApi:
                                 temperature=1.0 if req.temperature is None else req.temperature,
                                 top_p=1.0 if req.top_p is None else req.top_p, top_k=max(0, req.top_k or 0),
                                 seed=seed, stop_strings=self._stops(req), stop_token_ids=stop_token_ids,
-                                ignore_eos=bool(req.ignore_eos), **req.adjustments())
+                                ignore_eos=bool(req.ignore_eos), top_logprobs=req.num_top_logprobs(),
+                                **req.adjustments())
         budget = Budget(ttft_ms=ext.get("ttft_ms"), tpot_ms=ext.get("tpot_ms"), deadline_ms=ext.get("deadline_ms"),
                         on_miss=ext.get("on_miss", "degrade"))
         ids = self.tcfg.encode(prompt, req.add_special_tokens is not False) if isinstance(prompt, str) else prompt
@@ -216,8 +217,9 @@ class HttpApi:
             raise
 
     async def _run(self, spec, trim):
-        """One sequence to its end: (token ids, text pieces, logprobs, finish reason, scale, prompt logprobs, usage)."""
-        toks, text, lps, finish, scale, plp, usage = [], [], [], "length", 0, None, None
+        """One sequence to its end: (token ids, text pieces, logprobs, finish reason, scale, prompt logprobs, usage,
+        top logprobs per token)."""
+        toks, text, lps, finish, scale, plp, usage, tops = [], [], [], "length", 0, None, None, []
         async with contextlib.aclosing(self.router.generate(spec)) as gen:
             async for ev in gen:
                 if ev.kind == "decision":
@@ -228,10 +230,11 @@ class HttpApi:
                     toks.append(ev.token_id)
                     text.append(trim.add(ev.text))
                     lps.append(ev.logprob)
+                    tops.append(ev.top_logprobs)
                 else:
                     text.append(trim.add(ev.text) + trim.flush())
                     finish, usage = ev.finish_reason, ev.usage
-        return toks, text, lps, finish, scale, plp, usage
+        return toks, text, lps, finish, scale, plp, usage, tops
 
     @staticmethod
     def _usage(usages: list, prompt_of: list[int]) -> dict:
@@ -262,10 +265,18 @@ class HttpApi:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
+            offsets = [0] * len(specs)  # text_offset of each choice's next token
+
             def chunk(index, text, finish=None, ev=None):
                 c = {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
                 if ev is not None:
                     c.update({"scale": ev.scale, "token_id": ev.token_id})
+                    if want_lp:
+                        piece = self._piece(ev.token_id)
+                        c["logprobs"] = {"tokens": [piece], "token_logprobs": [ev.logprob],
+                                         "top_logprobs": [self._top_dict(ev.token_id, ev.logprob, ev.top_logprobs)],
+                                         "text_offset": [offsets[index]]}
+                        offsets[index] += len(piece)
                 return {**ids, "choices": [c]}
 
             head = [chunk(i, self.tok.decode(s.prompt_ids)) for i, s in enumerate(specs)] if echo else []
@@ -273,7 +284,7 @@ class HttpApi:
                                       include_usage, ids, prompt_of)
         runs = await self._gather(self._run(spec, self._trimmer(req)) for spec in specs)
         choices = []
-        for i, (spec, (toks, text, lps, finish, scale, plp, _)) in enumerate(zip(specs, runs)):
+        for i, (spec, (toks, text, lps, finish, scale, plp, _, top)) in enumerate(zip(specs, runs)):
             out_text = "".join(text)
             prompt_text = self.tok.decode(spec.prompt_ids) if echo else ""
             choice = {"index": i, "text": prompt_text + out_text, "finish_reason": finish, "scale": scale,
@@ -284,7 +295,7 @@ class HttpApi:
                 # top id -1: the worker did not name the most likely token; report the token itself
                 tops = ([None] + [{self._piece(r[1] if r[1] >= 0 else t): r[2]}
                                   for r, t in zip(plp[1:], spec.prompt_ids[1:])] if echo else [])
-                tops += [{self._piece(t): lp} for t, lp in zip(toks, lps)]
+                tops += [self._top_dict(t, lp, alts) for t, lp, alts in zip(toks, lps, top)]
                 offsets, pos = [], 0
                 for t in all_ids:
                     offsets.append(pos)
@@ -324,22 +335,31 @@ class HttpApi:
                 if ev is not None:
                     c["scale"] = ev.scale
                     if want_lp:
-                        c["logprobs"] = {"content": [self._chat_logprob(ev.token_id, ev.logprob)]}
+                        c["logprobs"] = {"content": [self._chat_logprob(ev.token_id, ev.logprob, ev.top_logprobs)]}
                 return {**head, "choices": [c], **extra}
 
             return await self._stream(request, specs, chunk, [chunk(j, "", role=True) for j in range(len(specs))],
                                       [self._trimmer(req) for _ in specs], include_usage, head, [0] * len(specs))
         runs = await self._gather(self._run(spec, self._trimmer(req)) for spec in specs)
         choices = [{"index": j, "message": {"role": "assistant", "content": "".join(text)},
-                    "logprobs": {"content": [self._chat_logprob(t, lp) for t, lp in zip(toks, lps)]} if want_lp
-                    else None, "finish_reason": finish, "scale": scale}
-                   for j, (toks, text, lps, finish, scale, _, _) in enumerate(runs)]
+                    "logprobs": {"content": [self._chat_logprob(t, lp, alts) for t, lp, alts in zip(toks, lps, top)]}
+                    if want_lp else None, "finish_reason": finish, "scale": scale}
+                   for j, (toks, text, lps, finish, scale, _, _, top) in enumerate(runs)]
         return web.json_response({**head, "choices": choices, "usage": self._usage([r[6] for r in runs],
                                                                                     [0] * len(runs))})
 
-    def _chat_logprob(self, token_id: int, logprob: float) -> dict:
+    def _chat_logprob(self, token_id: int, logprob: float, alts=()) -> dict:
         piece = self._piece(token_id)
-        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8")), "top_logprobs": []}
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8")),
+                "top_logprobs": [{"token": (p := self._piece(t)), "logprob": lp, "bytes": list(p.encode("utf-8"))}
+                                 for t, lp in alts]}
+
+    def _top_dict(self, token_id: int, logprob: float, alts) -> dict:
+        """A completion token's ``top_logprobs`` entry: the most likely tokens' text -> log-prob, and the token itself
+        (as vLLM adds it when it is not among them)."""
+        top = {self._piece(t): lp for t, lp in alts}
+        top.setdefault(self._piece(token_id), logprob)
+        return top
 
     async def _stream(self, request, specs, chunk, head: list, trims: list, include_usage: bool, ids: dict,
                       prompt_of: list[int]):

@@ -22,7 +22,7 @@ from colm.kv_cache import ContiguousKVCache
 from colm.logits_adjust import make_adjuster
 from colm.router.backend import EngineRequest, EngineToken, WorkerInfo
 from colm.router.policy import WorkerReport
-from colm.sampling import sample_next
+from colm.sampling import sample_next, top_logprobs
 from colm.stopping import StopChecker
 from colm.scoring import prompt_logprobs
 
@@ -98,7 +98,8 @@ class LocalBackend:
                             self._step_ms[scale].append(dt * 1e3)
                     tok = sample_next(adjust(logits, out) if adjust is not None else logits, params, gen)
                     out.append(tok)
-                    emit(EngineToken(tok, scale, float(torch.log_softmax(logits, -1)[tok])))
+                    emit(EngineToken(tok, scale, float(torch.log_softmax(logits, -1)[tok]), False,
+                                     top_logprobs(logits, params.top_logprobs)))
                     if stopper.add(tok):
                         return
                     x = torch.tensor([[tok]], device=device)

@@ -21,8 +21,9 @@ keys inside ``"colm"`` are rejected, since a misspelled budget would otherwise b
 Limits, the same as the gRPC API's: ``ttft_ms`` / ``tpot_ms`` / ``deadline_ms`` in (0, 3600000] (one
 hour); ``seed`` 0..2**63-1; ``stop`` at most 16 strings of 1..256 characters (``""`` = no stop);
 ``scale`` >= 1 here and <= the model's number of chains in the router. ``top_k`` -1 means off, as in
-vLLM; ``logprobs`` 0 or 1 on completions: the engines report the sampled token's logprob and, for the
-prompt, the most likely token, never a top-N list, so larger values are a 400 rather than a short list.
+vLLM; ``logprobs`` 0..20 on completions (chat: ``top_logprobs`` 0..20 with ``logprobs: true``): each generated
+token comes with that many of the most likely tokens (and itself); the prompt's positions (``echo``) report their
+most likely token only, so ``echo`` with ``logprobs`` above 1 is a 400 rather than a short list.
 ``include_stop_str_in_output`` (vLLM's extra) keeps a matched stop string in the text.
 
 Chat ``messages``: a non-empty list of objects with ``role`` system / user / assistant, ``content`` a
@@ -43,9 +44,9 @@ from colm.decode_worker.prefix_cache import MAX_CACHE_SALT
 from colm.structured import StructuredOutput
 from colm.proto.convert import MAX_BUDGET_MS, MAX_STOP_CHARS, MAX_STOP_STRINGS, SEED_MAX
 from colm.sampling import (MAX_BIAS, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TEMPERATURE,
-                           MIN_REPETITION_PENALTY, MIN_TEMPERATURE)
+                           MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, MIN_TEMPERATURE)
 
-MAX_LOGPROBS = 1  # what the engines report per position: the sampled token, or the prompt's most likely one
+MAX_LOGPROBS = MAX_TOP_LOGPROBS  # the most likely tokens reported per generated token
 MAX_N = 16  # choices per prompt (n): each is a sequence of its own, sharing the prompt's cached K/V
 ROLES = ("system", "user", "assistant")
 
@@ -302,12 +303,24 @@ class CompletionRequest(SamplingRequest):
     max_tokens: Optional[Annotated[StrictInt, Field(ge=0)]] = Field(16, description="an integer >= 0 (default 16)")
     echo: Optional[StrictBool] = Field(False, description="true or false")
     logprobs: Optional[Union[Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)], StrictBool]] = Field(
-        None, description=f"an integer 0..{MAX_LOGPROBS} or null (the engines report the sampled token and the "
-                          "prompt's most likely token, no longer top-N lists)")
+        None, description=f"an integer 0..{MAX_LOGPROBS} (at most 1 with echo: the prompt's positions report their "
+                          "most likely token only) or null")
     best_of: Optional[StrictInt] = Field(None, description="null or equal to n")
     add_special_tokens: Optional[StrictBool] = Field(True, description="true or false (true: a BOS first when the "
                                                                        "tokenizer config asks for one)")
     suffix: Optional[StrictStr] = Field(None, description="null or an empty string (insertion is not supported)")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _echo_logprobs(cls, v, info):
+        if info.data.get("echo") and not isinstance(v, bool) and v is not None and v > 1:
+            raise ValueError(f"logprobs={v} with echo: the prompt's positions report their most likely token only; "
+                             "give 0 or 1")
+        return v
+
+    def num_top_logprobs(self) -> int:
+        """How many of the most likely tokens each generated token reports (true counts as 1)."""
+        return int(self.logprobs or 0)
 
     @field_validator("prompt", mode="plain")
     @classmethod
@@ -330,8 +343,8 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: Optional[Annotated[StrictInt, Field(ge=0)]] = Field(
         None, description="an integer >= 0, or null (the legacy name of max_completion_tokens)")
     logprobs: Optional[StrictBool] = Field(False, description="true or false")
-    top_logprobs: Optional[Annotated[StrictInt, Field(ge=0, le=0)]] = Field(
-        None, description="0 or null (the engines report only the sampled token's logprob)")
+    top_logprobs: Optional[Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]] = Field(
+        None, description=f"an integer 0..{MAX_TOP_LOGPROBS} (with logprobs: true) or null")
     add_generation_prompt: Optional[StrictBool] = Field(True, description="true or false")
     add_special_tokens: Optional[StrictBool] = Field(False, description="true or false (the template writes the "
                                                                         "BOS itself; true adds one if it does not)")
@@ -343,6 +356,16 @@ class ChatCompletionRequest(SamplingRequest):
     @classmethod
     def _messages(cls, v):
         return _chat_messages(v)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v, info):
+        if v and not info.data.get("logprobs"):
+            raise ValueError(f"top_logprobs={v} needs logprobs: true")
+        return v
+
+    def num_top_logprobs(self) -> int:
+        return (self.top_logprobs or 0) if self.logprobs else 0
 
     @field_validator("tools", "functions")
     @classmethod

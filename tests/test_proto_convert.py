@@ -15,7 +15,7 @@ from colm.proto.convert import (MAX_BUDGET_MS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
                                 sampling_to_decode, sampling_to_public)
 from colm.router.policy import Budget, OnMiss  # noqa: E402
 from colm.sampling import (MAX_BIAS, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TEMPERATURE,  # noqa: E402
-                           MIN_REPETITION_PENALTY, MIN_TEMPERATURE, SamplingParams)
+                           MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, SamplingParams)
 from colm.stopping import StopChecker  # noqa: E402
 from colm.structured import KINDS, StructuredOutput  # noqa: E402
 
@@ -27,7 +27,7 @@ PUBLIC_FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "temperature
                  "seed": "seed", "stop_token_ids": "stop_token_ids", "stop": "stop_strings", "ignore_eos": "ignore_eos",
                  "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
                  "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias", "min_tokens": "min_tokens",
-                 "structured_output": "structured"}
+                 "structured_output": "structured", "top_logprobs": "top_logprobs"}
 DECODE_FIELDS = {**PUBLIC_FIELDS, "stop_strings": "stop_strings"}
 del DECODE_FIELDS["stop"]
 
@@ -60,6 +60,7 @@ def random_params(rng: random.Random) -> SamplingParams:
                                        f7(MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)]),
         logit_bias=tuple((t, rng.choice([-MAX_BIAS, MAX_BIAS, 0.0, f7(-MAX_BIAS, MAX_BIAS)]))
                          for t in rng.sample(range(2**31 - 1), rng.choice([0, 1, 5, MAX_LOGIT_BIAS]))),
+        top_logprobs=rng.choice([0, 1, MAX_TOP_LOGPROBS, rng.randint(0, MAX_TOP_LOGPROBS)]),
         **_ends(rng, max_new_tokens))
 
 
@@ -127,6 +128,7 @@ def test_public_defaults_and_float32():
     ("repetition_penalty", 1e-3, "sampling.repetition_penalty"), ("logit_bias", {-1: 1.0}, "sampling.logit_bias"),
     ("logit_bias", {5: 100.5}, "sampling.logit_bias"), ("logit_bias", {i: 1.0 for i in range(1025)}, "sampling.logit_bias"),
     ("min_tokens", -1, "sampling.min_tokens"), ("min_tokens", 17, "sampling.min_tokens"),
+    ("top_logprobs", -1, "sampling.top_logprobs"), ("top_logprobs", 21, "sampling.top_logprobs"),
     ("structured_output", {}, "sampling.structured_output"),
     ("structured_output", {"json_object": False}, "sampling.structured_output"),
     ("structured_output", {"json_schema": "[1"}, "sampling.structured_output"),

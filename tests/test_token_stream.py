@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from colm.errors import PeerUnavailableError, RequestFailedError
 from colm.generate import generate
@@ -199,6 +200,15 @@ def test_worker_processes_concurrent_requests_equal_the_reference(worker_procs, 
             assert ids == want[key], key
         if token_stream == "batched":  # every request's tokens came over the one Tokens stream
             assert list(bg.router.backend._subs) == ["decode-0"]
+        # top log-probs cross the worker's wire with each token: the reference's, from one full forward
+        with Client(bg.grpc_addr) as c:
+            r = c.complete(texts[3], max_new_tokens=6, scale=2, ignore_eos=True, top_logprobs=3)
+        ids = tok.encode(texts[3])
+        with torch.no_grad():
+            lps = torch.log_softmax(model(torch.tensor([ids + r["token_ids"]]), scale=2)[0].double(), -1)
+        for i, top in enumerate(r["top_logprobs"]):
+            v, t = lps[len(ids) - 1 + i].topk(3)
+            assert [x for x, _ in top] == t.tolist() and [y for _, y in top] == pytest.approx(v.tolist(), abs=1e-4)
         # a request the client walks away from mid-stream is aborted on the worker: its blocks come back
         with Client(bg.grpc_addr) as c:
             walk_away(c, "walk away", 200)
