@@ -45,14 +45,15 @@ class Client:
                 ignore_eos: bool = False, include_stop_str_in_output: bool = False, speculative: int = 0,
                 cache_salt: str = "", presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                 repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
-                structured_output=None, top_logprobs: int = 0):
+                structured_output=None, top_logprobs: int = 0, min_p: float = 0.0, allowed_token_ids=()):
         """``structured_output``: a ``colm.structured.StructuredOutput`` (JSON schema, JSON object, regex, grammar or
         choice) or None."""
         pb2 = self.pb2
         sampling = pb2.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 stop=list(stop), ignore_eos=ignore_eos, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-                                logit_bias=logit_bias or {}, min_tokens=min_tokens, top_logprobs=top_logprobs)
+                                logit_bias=logit_bias or {}, min_tokens=min_tokens, top_logprobs=top_logprobs,
+                                min_p=min_p, allowed_token_ids=list(allowed_token_ids))
         if seed is not None:
             sampling.seed = seed
         if structured_output is not None:

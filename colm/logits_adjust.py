@@ -3,7 +3,8 @@
 Every generator applies them through ``LogitsAdjuster`` (the reference generator ``colm.generate``, the decode
 engine, the router's in-process backend), on the host, to one row of float32 logits, in this order (vLLM's):
 
-0. structured output (``colm.structured``): every token its grammar does not allow next gets -inf;
+0. structured output (``colm.structured``): every token its grammar does not allow next gets -inf, and so does
+   every token outside ``allowed_token_ids`` (vLLM) when it is given;
 1. ``logit_bias``: each listed token's bias is added to its logit (OpenAI);
 2. ``min_tokens``: while fewer tokens than that are out, EOS and the stop tokens get -inf;
 3. ``repetition_penalty`` r (the CTRL / transformers rule): every token of the prompt or of the output so far
@@ -38,10 +39,12 @@ def reads_prompt(params: SamplingParams, prior_output: int = 0) -> bool:
 
 
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
-    """ValueError when ``logit_bias`` names a token outside the vocabulary."""
-    bad = [t for t, _ in params.logit_bias if t >= vocab_size]
-    if bad:
-        raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary 0..{vocab_size - 1}")
+    """ValueError when ``logit_bias`` or ``allowed_token_ids`` names a token outside the vocabulary."""
+    for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
+                      ("allowed_token_ids", params.allowed_token_ids)):
+        bad = [t for t in ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary 0..{vocab_size - 1}")
 
 
 class LogitsAdjuster:
@@ -58,6 +61,10 @@ class LogitsAdjuster:
             self.bias = torch.zeros(vocab_size)
             ids, values = zip(*params.logit_bias)
             self.bias[torch.tensor(ids)] = torch.tensor(values, dtype=torch.float32)
+        self.banned: torch.Tensor | None = None  # [V] bool: outside allowed_token_ids
+        if params.allowed_token_ids:
+            self.banned = torch.ones(vocab_size, dtype=torch.bool)
+            self.banned[torch.tensor(params.allowed_token_ids)] = False
         self.stop_ids = torch.tensor(sorted(t for t in set(stop_ids) if 0 <= t < vocab_size), dtype=torch.int64)
         self.counts = torch.zeros(vocab_size)     # [V] float32: times each token appeared in the output
         self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # [V]: in the prompt or the output
@@ -94,6 +101,8 @@ class LogitsAdjuster:
         x = logits.float().clone()
         if self.matcher is not None:
             self.matcher.mask(x)
+        if self.banned is not None:
+            x.masked_fill_(self.banned, float("-inf"))
         if self.bias is not None:
             x += self.bias
         if len(out_tokens) < p.min_tokens and len(self.stop_ids):

@@ -22,6 +22,7 @@ MAX_TEMPERATURE = 100.0
 MAX_PENALTY = 2.0
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 100.0
 MAX_LOGIT_BIAS, MAX_BIAS = 1024, 100.0
+MAX_ALLOWED_TOKEN_IDS = 65536  # allowed_token_ids: at most this many ids
 MAX_TOP_LOGPROBS = 20  # the most likely tokens reported per generated token (OpenAI's and vLLM's default limit)
 
 
@@ -53,6 +54,8 @@ class SamplingParams:
     structured: StructuredOutput | None = None
     # report this many of the most likely tokens (and their log-probs under the model) with every generated token
     top_logprobs: int = 0
+    min_p: float = 0.0  # sampling keeps the tokens at least min_p times as likely as the most likely one (0 = off)
+    allowed_token_ids: tuple[int, ...] = ()  # every other token is masked (empty = all allowed)
 
     def __post_init__(self) -> None:
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
@@ -103,6 +106,12 @@ class SamplingParams:
             if self.ignore_eos or self.min_tokens:
                 raise ValueError("structured_output: cannot be combined with ignore_eos or min_tokens (the grammar "
                                  "decides where the output ends)")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p={self.min_p!r}: must be a number in [0, 1] (0 = off)")
+        allowed = tuple(self.allowed_token_ids)
+        if len(allowed) > MAX_ALLOWED_TOKEN_IDS or not all(_is_int(t) and t >= 0 for t in allowed):
+            raise ValueError(f"allowed_token_ids: at most {MAX_ALLOWED_TOKEN_IDS} integers >= 0")
+        object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(int(t) for t in allowed))))
         if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs={self.top_logprobs!r}: must be an integer in 0..{MAX_TOP_LOGPROBS}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
@@ -118,7 +127,7 @@ class SamplingParams:
         """Penalties, a logit bias, a minimum length or structured output change the logits before a token is
         picked (on the host, ``colm.logits_adjust``)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
-                    or self.logit_bias or self.min_tokens or self.structured is not None)
+                    or self.logit_bias or self.min_tokens or self.structured is not None or self.allowed_token_ids)
 
     @property
     def penalizes(self) -> bool:
@@ -156,8 +165,12 @@ def top_logprobs(logits: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Softmax of logits/temperature restricted to top-k and the top-p nucleus. [V] float32."""
+    """Softmax of logits/temperature restricted to the min-p set, the top-k and the top-p nucleus (vLLM's order).
+    [V] float32."""
     scores = logits.float() / params.temperature
+    if params.min_p:
+        p = torch.softmax(scores, dim=-1)
+        scores = scores.masked_fill(p < params.min_p * p.max(), float("-inf"))
     if params.top_k and params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -22,7 +22,7 @@ import re
 import numpy as np
 
 from colm.proto import load_proto
-from colm.sampling import MAX_LOGIT_BIAS, SamplingParams
+from colm.sampling import MAX_ALLOWED_TOKEN_IDS, MAX_LOGIT_BIAS, SamplingParams
 from colm.structured import MAX_CHOICES, StructuredOutput
 
 public_pb2, _ = load_proto("public")
@@ -43,7 +43,8 @@ SAMPLING_PATHS = {"max_new_tokens": "sampling.max_new_tokens", "temperature": "s
                   "frequency_penalty": "sampling.frequency_penalty",
                   "repetition_penalty": "sampling.repetition_penalty",
                   "logit_bias": "sampling.logit_bias", "min_tokens": "sampling.min_tokens",
-                  "structured_output": "sampling.structured_output", "top_logprobs": "sampling.top_logprobs"}
+                  "structured_output": "sampling.structured_output", "top_logprobs": "sampling.top_logprobs",
+                  "min_p": "sampling.min_p", "allowed_token_ids": "sampling.allowed_token_ids"}
 
 
 def _from_f32(v: float) -> float:
@@ -87,11 +88,14 @@ def _adjustments(s) -> dict:
     ``repetition_penalty`` of 0 is 1, off; ``logit_bias`` in token order)."""
     if len(s.logit_bias) > MAX_LOGIT_BIAS:  # checked before the map becomes a tuple of up to 4 MiB of pairs
         raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} token ids (got {len(s.logit_bias)})")
+    if len(s.allowed_token_ids) > MAX_ALLOWED_TOKEN_IDS:
+        raise ValueError(f"allowed_token_ids: at most {MAX_ALLOWED_TOKEN_IDS} ids (got {len(s.allowed_token_ids)})")
     return dict(presence_penalty=_from_f32(s.presence_penalty), frequency_penalty=_from_f32(s.frequency_penalty),
                 repetition_penalty=_from_f32(s.repetition_penalty) if s.repetition_penalty else 1.0,
                 logit_bias=tuple((int(t), _from_f32(b)) for t, b in sorted(s.logit_bias.items())),
                 min_tokens=int(s.min_tokens), structured=structured_from_proto(s.structured_output)
-                if s.HasField("structured_output") else None, top_logprobs=int(s.top_logprobs))
+                if s.HasField("structured_output") else None, top_logprobs=int(s.top_logprobs),
+                min_p=_from_f32(s.min_p), allowed_token_ids=tuple(s.allowed_token_ids))
 
 
 def structured_from_proto(m) -> StructuredOutput:
@@ -126,7 +130,8 @@ def _sampling_msg(cls, p: SamplingParams, stop_field: str):
     s = cls(max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
             stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos, presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
-            logit_bias=dict(p.logit_bias), min_tokens=p.min_tokens, top_logprobs=p.top_logprobs,
+            logit_bias=dict(p.logit_bias), min_tokens=p.min_tokens, top_logprobs=p.top_logprobs, min_p=p.min_p,
+            allowed_token_ids=p.allowed_token_ids,
             **{stop_field: p.stop_strings})
     if p.structured is not None:
         s.structured_output.CopyFrom(structured_to_proto(p.structured))

@@ -7,7 +7,8 @@ rejected). ``null`` means "the default" wherever the OpenAI schema marks a field
 
 ``n`` (1..16) gives that many choices per prompt (sequences of their own; a seeded request seeds choice j
 with seed + j). ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (token ids as strings) and vLLM's
-``repetition_penalty`` and ``min_tokens`` act as ``colm.logits_adjust`` says. Structured output
+``repetition_penalty``, ``min_tokens`` and ``allowed_token_ids`` act as ``colm.logits_adjust`` says, ``min_p`` as
+``colm.sampling`` does. Structured output
 (``colm.structured``): OpenAI's ``response_format`` (text, json_object, json_schema) or one of vLLM's
 ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``, at most one. Fields the engines
 cannot honour are rejected unless they ask for a no-op: a ``best_of`` other than n, a non-empty ``suffix``; in
@@ -43,8 +44,8 @@ from colm.decode_worker.config import MAX_GAMMA
 from colm.decode_worker.prefix_cache import MAX_CACHE_SALT
 from colm.structured import StructuredOutput
 from colm.proto.convert import MAX_BUDGET_MS, MAX_STOP_CHARS, MAX_STOP_STRINGS, SEED_MAX
-from colm.sampling import (MAX_BIAS, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY, MAX_TEMPERATURE,
-                           MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, MIN_TEMPERATURE)
+from colm.sampling import (MAX_ALLOWED_TOKEN_IDS, MAX_BIAS, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY,
+                           MAX_TEMPERATURE, MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, MIN_TEMPERATURE)
 
 MAX_LOGPROBS = MAX_TOP_LOGPROBS  # the most likely tokens reported per generated token
 MAX_N = 16  # choices per prompt (n): each is a sequence of its own, sharing the prompt's cached K/V
@@ -196,6 +197,10 @@ class SamplingRequest(BaseModel):
                           f"[{-MAX_BIAS}, {MAX_BIAS}], or null")
     min_tokens: Optional[Annotated[StrictInt, Field(ge=0)]] = Field(
         None, description="an integer >= 0 and <= the request's maximum of new tokens, or null (0)")
+    min_p: Optional[Annotated[float, Field(ge=0, le=1)]] = Field(None, description="a number in [0, 1] or null (0)")
+    allowed_token_ids: Optional[Annotated[list[Annotated[StrictInt, Field(ge=0)]],
+                                          Field(max_length=MAX_ALLOWED_TOKEN_IDS)]] = Field(
+        None, description=f"a list of at most {MAX_ALLOWED_TOKEN_IDS} token ids (integers >= 0), or null (all)")
     user: Optional[StrictStr] = Field(None, description="a string (ignored)")
     response_format: Optional[Any] = Field(
         None, description='{"type": "text"}, {"type": "json_object"}, {"type": "json_schema", "json_schema": '
@@ -254,7 +259,8 @@ class SamplingRequest(BaseModel):
         """The logit adjustments and the structured output as ``SamplingParams`` keywords (null: the default)."""
         return dict(presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
                     repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-                    logit_bias=self.logit_bias or (), min_tokens=self.min_tokens or 0, structured=self.structured())
+                    logit_bias=self.logit_bias or (), min_tokens=self.min_tokens or 0, structured=self.structured(),
+                    min_p=self.min_p or 0.0, allowed_token_ids=tuple(self.allowed_token_ids or ()))
 
     def structured(self) -> StructuredOutput | None:
         """``response_format`` (OpenAI) or one of vLLM's ``guided_*`` -> StructuredOutput; BadField naming the field

@@ -73,11 +73,30 @@ def test_the_adjustment_equals_the_reference_and_grows_with_the_output():
         torch.testing.assert_close(resumed(logits, out[9:]), LogitsAdjuster(params, vocab, prompt, stops)(logits, out))
 
 
+def test_min_p_keeps_the_tokens_near_the_most_likely_and_allowed_ids_mask_the_rest():
+    """min_p against its definition in float64 (after temperature, before top-k / top-p, as vLLM orders them);
+    allowed_token_ids leaves only those finite."""
+    from colm.sampling import filtered_probs
+
+    g = torch.Generator().manual_seed(3)
+    for min_p in (0.01, 0.2, 0.9, 1.0):
+        logits = torch.randn(300, generator=g) * 3
+        got = filtered_probs(logits, SamplingParams(temperature=0.7, min_p=min_p))
+        p = torch.softmax(logits.double() / 0.7, -1)
+        want = torch.where(p >= min_p * p.max(), p, torch.zeros_like(p))
+        torch.testing.assert_close(got.double(), want / want.sum(), rtol=1e-4, atol=1e-6)
+    adj = make_adjuster(SamplingParams(allowed_token_ids=(7, 3, 250)), 260)
+    x = adj(torch.randn(260, generator=g), [])
+    assert torch.isfinite(x).nonzero().flatten().tolist() == [3, 7, 250]
+    with pytest.raises(ValueError, match="allowed_token_ids: token id 260 is outside the vocabulary"):
+        make_adjuster(SamplingParams(allowed_token_ids=(260,)), 260)
+
+
 def test_nothing_to_adjust_means_no_adjuster_and_the_argmax_stays_on_the_device():
     plain = SamplingParams(max_new_tokens=4)
     assert make_adjuster(plain, 260, [1, 2], EOS) is None and plain.plain_greedy
     for kw in ({"presence_penalty": 0.1}, {"frequency_penalty": -0.1}, {"repetition_penalty": 1.1},
-               {"logit_bias": ((3, 1.0),)}, {"min_tokens": 2}):
+               {"logit_bias": ((3, 1.0),)}, {"min_tokens": 2}, {"allowed_token_ids": (4, 5)}):
         p = SamplingParams(max_new_tokens=4, **kw)
         assert p.adjusts_logits and not p.plain_greedy and make_adjuster(p, 260, [1, 2], EOS) is not None
     # ignore_eos: min_tokens masks the stop tokens only
@@ -158,6 +177,8 @@ def _requests():
         (ps[4], SamplingParams(max_new_tokens=14, ignore_eos=True, presence_penalty=1.5), 2, 3),
         (ps[5], SamplingParams(max_new_tokens=14, logit_bias=((EOS, 100.0),), min_tokens=5), 1, 0),
         (ps[6], SamplingParams(max_new_tokens=14, ignore_eos=True, **STRONG), 2, 0),
+        (ps[0], SamplingParams(max_new_tokens=14, ignore_eos=True, allowed_token_ids=tuple(range(97, 123))), 2, 0),
+        (ps[1], SamplingParams(max_new_tokens=14, temperature=1.5, seed=9, min_p=0.3), 1, 0),
     ]
 
 
@@ -197,6 +218,7 @@ def test_the_decode_engine_gives_the_reference_tokens(setup, colocated):
                  for p, _, s, _ in reqs[1:3]]
         assert got[1:3] != plain
         assert got[5][-1] == EOS and len(got[5]) == 6
+        assert all(97 <= t < 123 for t in got[7])  # allowed_token_ids: lowercase letters only
         assert de.stats().num_drafted == 0
     finally:
         de.stop()
@@ -266,7 +288,8 @@ def _client_kw(params: SamplingParams) -> dict:
     return dict(max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=params.seed,
                 ignore_eos=params.ignore_eos, presence_penalty=params.presence_penalty,
                 frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
-                logit_bias=dict(params.logit_bias), min_tokens=params.min_tokens)
+                logit_bias=dict(params.logit_bias), min_tokens=params.min_tokens, min_p=params.min_p,
+                allowed_token_ids=params.allowed_token_ids)
 
 
 def test_the_router_over_disaggregated_engines_gives_the_reference_tokens(routed, setup):
@@ -321,7 +344,9 @@ def test_http_fields_and_their_errors(routed, setup):
     for bad, where in ((({"logit_bias": {"abc": 1}}), "logit_bias"), ({"logit_bias": {"999": 1}}, "logit_bias"),
                        ({"logit_bias": {"5": 101}}, "logit_bias"), ({"presence_penalty": 2.5}, "presence_penalty"),
                        ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": 13}, "min_tokens"),
-                       ({"frequency_penalty": "1"}, "frequency_penalty")):
+                       ({"frequency_penalty": "1"}, "frequency_penalty"), ({"min_p": 1.5}, "min_p"),
+                       ({"allowed_token_ids": [5, 260]}, "allowed_token_ids"),
+                       ({"allowed_token_ids": [-1]}, "allowed_token_ids")):
         status, out = post_json(f"{bg.http_url}/v1/completions", {**body, **bad})
         assert status == 400 and where in out["error"]["message"], (bad, out)
 

@@ -27,7 +27,8 @@ PUBLIC_FIELDS = {"max_new_tokens": "max_new_tokens", "temperature": "temperature
                  "seed": "seed", "stop_token_ids": "stop_token_ids", "stop": "stop_strings", "ignore_eos": "ignore_eos",
                  "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
                  "repetition_penalty": "repetition_penalty", "logit_bias": "logit_bias", "min_tokens": "min_tokens",
-                 "structured_output": "structured", "top_logprobs": "top_logprobs"}
+                 "structured_output": "structured", "top_logprobs": "top_logprobs", "min_p": "min_p",
+                 "allowed_token_ids": "allowed_token_ids"}
 DECODE_FIELDS = {**PUBLIC_FIELDS, "stop_strings": "stop_strings"}
 del DECODE_FIELDS["stop"]
 
@@ -61,6 +62,8 @@ def random_params(rng: random.Random) -> SamplingParams:
         logit_bias=tuple((t, rng.choice([-MAX_BIAS, MAX_BIAS, 0.0, f7(-MAX_BIAS, MAX_BIAS)]))
                          for t in rng.sample(range(2**31 - 1), rng.choice([0, 1, 5, MAX_LOGIT_BIAS]))),
         top_logprobs=rng.choice([0, 1, MAX_TOP_LOGPROBS, rng.randint(0, MAX_TOP_LOGPROBS)]),
+        min_p=rng.choice([0.0, 1.0, float(f"{rng.uniform(0, 1):.6g}")]),
+        allowed_token_ids=tuple(sorted(set(rng.randint(0, 2**31 - 1) for _ in range(rng.choice([0, 1, 40]))))),
         **_ends(rng, max_new_tokens))
 
 
@@ -129,6 +132,9 @@ def test_public_defaults_and_float32():
     ("logit_bias", {5: 100.5}, "sampling.logit_bias"), ("logit_bias", {i: 1.0 for i in range(1025)}, "sampling.logit_bias"),
     ("min_tokens", -1, "sampling.min_tokens"), ("min_tokens", 17, "sampling.min_tokens"),
     ("top_logprobs", -1, "sampling.top_logprobs"), ("top_logprobs", 21, "sampling.top_logprobs"),
+    ("min_p", -0.5, "sampling.min_p"), ("min_p", 1.5, "sampling.min_p"), ("min_p", float("nan"), "sampling.min_p"),
+    ("allowed_token_ids", [-3], "sampling.allowed_token_ids"),
+    ("allowed_token_ids", [1] * 65537, "sampling.allowed_token_ids"),
     ("structured_output", {}, "sampling.structured_output"),
     ("structured_output", {"json_object": False}, "sampling.structured_output"),
     ("structured_output", {"json_schema": "[1"}, "sampling.structured_output"),

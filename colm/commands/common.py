@@ -66,6 +66,8 @@ def add_adjust_args(p) -> None:
     p.add_argument("--logit-bias", type=_bias_pair, action="append", default=[], metavar="ID=BIAS",
                    help="add BIAS (in [-100, 100]) to token ID's logit; repeatable")
     p.add_argument("--min-tokens", type=int, default=0, help="no EOS, stop token or stop string before this many")
+    p.add_argument("--min-p", type=float, default=0.0, help="in [0, 1]: sample only tokens at least this fraction as "
+                                                            "likely as the most likely one")
     so = p.add_mutually_exclusive_group()
     so.add_argument("--json-schema", default=None, help="structured output: a JSON schema (JSON text) the output "
                                                         "follows")
@@ -93,4 +95,4 @@ def adjust_kwargs(args) -> dict:
         structured = StructuredOutput("choice", choices=tuple(args.choice))
     return dict(presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                 repetition_penalty=args.repetition_penalty, logit_bias=tuple(args.logit_bias),
-                min_tokens=args.min_tokens, structured=structured)
+                min_tokens=args.min_tokens, structured=structured, min_p=args.min_p)
