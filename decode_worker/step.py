@@ -137,21 +137,22 @@ def launch_greedy_step(model, batch, pool, scales, graphs=None, after: LaunchedS
 
 
 def _picks(head: StepHead, rows) -> list[tuple]:
-    """(token, log-prob[, top log-probs]) per row from the step's head (the third item for rows on the host path,
-    ``colm.sampling.top_logprobs``' pairs, empty unless the request asks for them): greedy rows read ``packed`` (one device->host copy),
-    sampling rows (and greedy rows whose logits are adjusted: ``colm.logits_adjust``) pick from their logits on
-    the host, with their own generator."""
+    """(token, log-prob, top log-probs) per row from the step's head. Greedy rows read ``packed`` (one device->host
+    copy for the batch); the rest (sampled rows, rows whose logits are adjusted, ``colm.logits_adjust``, rows that
+    report top log-probs) have their logits copied to the host in one copy and pick there, with their own
+    generator. The third item: ``colm.sampling.top_logprobs``' pairs (empty unless asked for; absent on the
+    all-greedy path)."""
     if all(r.params.plain_greedy for r in rows):
         return _greedy_picks(head.packed)
     toks = head.greedy[:, 0].tolist()
     tops: list[tuple] = [()] * len(rows)
-    for j, r in enumerate(rows):
-        if not r.params.plain_greedy:
-            logits = head.logits[j].cpu()  # [V]
-            if not r.params.greedy or r.adjust is not None:
-                toks[j] = sample_next(r.adjust(logits, r.out_tokens) if r.adjust is not None else logits, r.params,
-                                      r.generator)
-            tops[j] = top_logprobs(logits, r.params.top_logprobs)
+    host = [j for j, r in enumerate(rows) if not r.params.plain_greedy]
+    for logits, j in zip(head.logits[host].cpu(), host):  # [H, V] in one device->host copy
+        r = rows[j]
+        if not r.params.greedy or r.adjust is not None:
+            toks[j] = sample_next(r.adjust(logits, r.out_tokens) if r.adjust is not None else logits, r.params,
+                                  r.generator)
+        tops[j] = top_logprobs(logits, r.params.top_logprobs)
     chosen = torch.tensor(toks, device=head.logits.device)[:, None]
     lps = (head.logits.gather(1, chosen)[:, 0].float() - head.lse).tolist()
     return list(zip(toks, lps, tops))
