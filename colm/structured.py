@@ -81,12 +81,12 @@ def _tokenizer_info(tokenizer, vocab_size: int):
     """xgrammar's view of a tokenizer: the bytes of every token id below ``vocab_size`` and its EOS. Ids the
     tokenizer does not have, and special tokens, are empty: the grammar never allows them."""
     xgr = _xgrammar()
-    from colm.tokenizer import ByteTokenizer, HFTokenizer
+    from colm.tokenizer import HFTokenizer
 
     eos = getattr(tokenizer, "eos_id", None)
     stops = [eos] if eos is not None and 0 <= eos < vocab_size else []
-    if isinstance(tokenizer, ByteTokenizer):
-        vocab = [bytes([i]) for i in range(256)] + [b""] * (vocab_size - 256)
+    if hasattr(tokenizer, "token_bytes"):  # the byte tokenizer, and any tokenizer that lists its tokens' bytes
+        vocab = list(tokenizer.token_bytes(vocab_size))
         return xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stops)
     if isinstance(tokenizer, HFTokenizer):
         from transformers import PreTrainedTokenizerFast

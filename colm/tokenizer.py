@@ -30,6 +30,10 @@ class ByteTokenizer:
     def decode_bytes(self, ids) -> bytes:
         return bytes(i for i in ids if 0 <= i < 256)
 
+    def token_bytes(self, vocab_size: int) -> list[bytes]:
+        """Each id's bytes below ``vocab_size`` (special and unused ids: empty), for structured output's grammar."""
+        return [bytes([i]) for i in range(256)] + [b""] * (vocab_size - 256)
+
     def spec(self) -> dict:
         return {"kind": "byte"}
 

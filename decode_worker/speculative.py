@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from colm.sampling import SamplingParams, filtered_probs
+from colm.sampling import SamplingParams, draw, filtered_probs
 
 from colm.decode_worker.config import DecodeConfig
 from colm.decode_worker.paged_cache import PagedExtendCache, PagedVerifyCache
@@ -76,8 +76,8 @@ def accept_sampled(drafts: list[int], q: torch.Tensor, p: torch.Tensor,
         residual = (p[i] - q[i]).clamp_min(0)
         total = float(residual.sum())
         dist = residual / total if total > 0 else p[i]  # p == q on the support: any rejection is a p-draw
-        return i, int(torch.multinomial(dist, 1, generator=generator))
-    return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=generator))
+        return i, draw(dist, generator)
+    return len(drafts), draw(p[len(drafts)], generator)
 
 
 @torch.no_grad()
@@ -101,7 +101,7 @@ def draft(model, rows, pool, gamma: int, graphs=None) -> tuple[list[list[int]], 
             if not r.params.greedy:
                 q = filtered_probs(logits[i].cpu(), r.params)
                 qs[i].append(q)
-                picks[i] = int(torch.multinomial(q, 1, generator=r.generator))
+                picks[i] = draw(q, r.generator)
             drafts[i].append(picks[i])
             cursors[i].num_cached += 1
             cursors[i].next_input = picks[i]

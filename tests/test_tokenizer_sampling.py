@@ -77,6 +77,47 @@ def test_filters_and_seeded_sampling():
     assert sample_next(logits, SamplingParams(), None) == 0
 
 
+def _reference_filter(logits, t, min_p, top_k, top_p):
+    """The filters by their definitions, in float64 over a full sort (vLLM's order)."""
+    s = logits.double() / t
+    if min_p:
+        p = torch.softmax(s, -1)
+        s = s.masked_fill(p < min_p * p.max(), float("-inf"))
+    if top_k:
+        s = s.masked_fill(s < torch.sort(s, descending=True).values[top_k - 1], float("-inf"))
+    p = torch.softmax(s, -1)
+    sp, idx = torch.sort(p, descending=True)
+    keep = (torch.cumsum(sp, -1) - sp) < top_p
+    out = torch.zeros_like(p)
+    out[idx[keep]] = sp[keep]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("spread", [0.3, 4.0])  # flat: the nucleus spans thousands of tokens; peaked: a few
+def test_the_filters_equal_their_definitions(spread):
+    """temperature, min_p, top_k and top_p (top-p found without sorting the vocabulary) keep the same tokens with
+    the same probabilities as a float64 full-sort reference, for random logits over 5000 tokens."""
+    g = torch.Generator().manual_seed(int(spread * 10))
+    for t in (0.5, 1.3):
+        for min_p, top_k, top_p in ((0, 0, 0.9), (0, 0, 0.999), (0, 7, 0.5), (0, 300, 0.95), (0.01, 0, 0.8),
+                                    (0.2, 40, 1.0), (0, 0, 1.0)):
+            logits = torch.randn(5000, generator=g) * spread
+            got = filtered_probs(logits, SamplingParams(temperature=t, min_p=min_p, top_k=top_k, top_p=top_p))
+            want = _reference_filter(logits, t, min_p, top_k, top_p)
+            assert torch.equal(got > 0, want > 0), (t, min_p, top_k, top_p)
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
+
+
+def test_draws_follow_their_distribution():
+    from colm.sampling import draw
+
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0, 0.125])
+    g = torch.Generator().manual_seed(5)
+    counts = torch.bincount(torch.tensor([draw(probs * 3, g) for _ in range(20000)]), minlength=5).double() / 20000
+    assert counts[3] == 0
+    torch.testing.assert_close(counts, probs.double(), atol=0.015, rtol=0)  # ~4 standard errors at n = 20000
+
+
 def test_generate_stops_and_validates():
     model = make_model("tiny-air", seed=18)
     prompt = [5, 6, 7, 8]
