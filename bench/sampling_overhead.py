@@ -9,7 +9,9 @@ one mode, after the request has produced ``--context`` tokens (penalty counts an
 * ``greedy``: device argmax (the baseline every ratio is against);
 * ``sampled``: temperature 0.8, top-p 0.95; ``min_p``: temperature 0.8, min-p 0.05;
 * ``sampled_fullsort``: the same draws as colm sampled before its top-p search (a sort of the whole vocabulary per
-  row and ``torch.multinomial``), kept here as the baseline of ``sampled``;
+  row and ``torch.multinomial``), after one copy of the rows to the host, kept here as a baseline of ``sampled``;
+* ``sampled_rowwise``: the current sampler one row at a time on the host after one copy (the engine before it
+  sampled its rows together where the logits are), the other baseline;
 * ``penalized``: greedy with repetition 1.1, frequency 0.5 and presence 0.5 penalties;
 * ``top_logprobs``: greedy reporting the 5 most likely tokens;
 * ``structured``: greedy held to JSON objects, one per line and never ending (``json_object``'s grammar under a
@@ -36,7 +38,7 @@ import time
 
 import torch
 
-MODES = ("greedy", "sampled_fullsort", "sampled", "min_p", "penalized", "top_logprobs", "structured",
+MODES = ("greedy", "sampled_fullsort", "sampled_rowwise", "sampled", "min_p", "penalized", "top_logprobs", "structured",
          "structured_penalized")
 
 
@@ -96,6 +98,12 @@ def fullsort_picks(head, rows) -> list[tuple]:
     return [(fullsort_sample(x, 0.8, 0.95, r.generator), 0.0) for x, r in zip(head.logits.cpu(), rows)]
 
 
+def rowwise_picks(head, rows) -> list[tuple]:
+    from colm.sampling import sample_next
+
+    return [(sample_next(x, r.params, r.generator), 0.0) for x, r in zip(head.logits.cpu(), rows)]
+
+
 class Row:
     """The fields of a DecodeRequest that ``_picks`` reads."""
 
@@ -110,8 +118,8 @@ def time_mode(mode: str, batch: int, vocab: int, context: int, device: str, tok,
     from colm.logits_adjust import make_adjuster
 
     g = torch.Generator(device=device).manual_seed(0)
-    params = params_for("sampled" if mode == "sampled_fullsort" else mode, context + reps + 16)
-    pick = fullsort_picks if mode == "sampled_fullsort" else _picks
+    params = params_for("sampled" if mode.startswith("sampled_") else mode, context + reps + 16)
+    pick = {"sampled_fullsort": fullsort_picks, "sampled_rowwise": rowwise_picks}.get(mode, _picks)
     prompt = torch.randint(0, 256, (64,)).tolist()
     rows = [Row(params, make_adjuster(params, vocab, prompt, tok.eos_id, tokenizer=tok), params.make_generator())
             for _ in range(batch)]

@@ -148,12 +148,87 @@ class SamplingParams:
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits: [V] (any dtype) -> token id: the argmax (greedy), else a draw from the filtered distribution."""
+    """logits: [V] (any dtype) -> token id: the argmax (greedy), else ``sample_rows``' draw for this one row."""
     if params.greedy:
         return int(torch.argmax(logits).item())
-    ids, probs = candidates(logits, params)
-    i = draw(probs, generator)
-    return i if ids is None else int(ids[i])
+    return sample_rows(logits[None], [params], [generator])[0]
+
+
+def sample_rows(logits: torch.Tensor, params, generators) -> list[int]:
+    """One token per row of logits [H, V] (any device and dtype), row i sampled (temperature > 0) by ``params[i]``
+    with ``generators[i]``, the whole batch in a fixed number of tensor operations, so a decode step samples its
+    rows where its logits are, and reads back only the H tokens.
+
+    Per row: scores = logits / temperature; min-p masks the tokens less than min_p times as likely as the most
+    likely; then, for rows with top-k or top-p, the tokens most likely first (``topk`` of m columns, m the largest
+    top-k and at least 256, grown until every top-p row's nucleus fits; a sorted prefix of the full order), top-k
+    keeps k of them (renormalised), top-p the smallest prefix whose mass reaches top_p; rows without either keep
+    the whole vocabulary in id order. Each row's draw is one float64 uniform from its generator (on the host, in
+    row order) against the running sum of its kept probabilities. The reference generator samples through this
+    function too (one row), so its tokens are the engines' own.
+
+    A row whose distribution is not finite (NaN logits) is a ValueError, and then no generator has moved: the
+    caller may redo the rows that can be drawn, each drawing as it would have."""
+    states = [g.get_state() if g is not None else None for g in generators]
+    try:
+        return _sample_rows(logits, params, generators)
+    except Exception:
+        for g, s in zip(generators, states):
+            if g is not None:
+                g.set_state(s)
+        raise
+
+
+def _sample_rows(logits: torch.Tensor, params, generators) -> list[int]:
+    H, V = logits.shape
+    dev = logits.device
+    u = torch.tensor([float(torch.rand((), dtype=torch.float64, generator=g)) for g in generators],
+                     dtype=torch.float64, device=dev)  # [H]
+    scores = logits.float() / torch.tensor([p.temperature for p in params], device=dev)[:, None]  # [H, V]
+    if any(p.min_p for p in params):
+        pr = torch.softmax(scores, dim=-1)
+        thr = torch.tensor([p.min_p for p in params], device=dev)[:, None] * pr.amax(dim=-1, keepdim=True)
+        scores = scores.masked_fill(pr < thr, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)  # [H, V]
+    tokens = torch.zeros(H, dtype=torch.int64, device=dev)
+    full = [i for i, p in enumerate(params) if not (p.top_k and p.top_k < V) and p.top_p >= 1.0]
+    part = [i for i in range(H) if i not in set(full)]
+    if full:
+        idx = torch.tensor(full, device=dev)
+        cdf = probs[idx].double().cumsum(dim=-1)  # [F, V]
+        pick = torch.searchsorted(cdf, (u[idx] * cdf[:, -1])[:, None], right=True)[:, 0]
+        tokens[idx] = torch.where(_drawable(cdf), pick.clamp_max(V - 1), -1)
+    if part:
+        idx = torch.tensor(part, device=dev)
+        p_part = probs[idx]  # [P, V]
+        ks = [params[i].top_k if params[i].top_k and params[i].top_k < V else V for i in part]
+        top_p = torch.tensor([params[i].top_p for i in part], device=dev)[:, None]  # [P, 1]
+        k = torch.tensor(ks, device=dev)[:, None]  # [P, 1]
+        m = min(V, max([256] + [x for x in ks if x < V]))
+        while True:
+            top, order = torch.topk(p_part, m, dim=-1)  # [P, m], most likely first
+            in_k = torch.arange(m, device=dev)[None, :] < k  # [P, m]
+            top = top * in_k
+            if m == V or bool(((k <= m) | (top.sum(-1, keepdim=True) >= top_p)).all()):
+                break
+            m = min(4 * m, V)
+        mass = torch.where(k < V, top.sum(-1, keepdim=True), torch.ones_like(top_p))  # top-k rows: renormalise
+        top = top / mass
+        keep = (torch.cumsum(top, dim=-1) - top < top_p) & in_k
+        cdf = (top * keep).double().cumsum(dim=-1)  # [P, m]
+        j = torch.searchsorted(cdf, (u[idx] * cdf[:, -1])[:, None], right=True).clamp_max(m - 1)  # [P, 1]
+        tokens[idx] = torch.where(_drawable(cdf), order.gather(1, j)[:, 0], -1)
+    out = tokens.tolist()  # the one read of the batch's draws
+    bad = [i for i, t in enumerate(out) if t < 0]
+    if bad:
+        raise ValueError(f"sampling row {bad[0]}: its distribution is not finite (NaN or infinite logits)")
+    return out
+
+
+def _drawable(cdf: torch.Tensor) -> torch.Tensor:
+    """[R] bool: the running sums [R, n] end at a finite positive total (NaN logits make them NaN)."""
+    total = cdf[:, -1]
+    return torch.isfinite(total) & (total > 0)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from colm.sampling import sample_next, top_logprobs
+from colm.sampling import sample_next, sample_rows
 
 from colm.decode_worker.graphs import StepHead, head_outputs, mixed_head_outputs
 from colm.decode_worker.paged_cache import PagedStepCache
@@ -137,22 +137,33 @@ def launch_greedy_step(model, batch, pool, scales, graphs=None, after: LaunchedS
 
 
 def _picks(head: StepHead, rows) -> list[tuple]:
-    """(token, log-prob, top log-probs) per row from the step's head. Greedy rows read ``packed`` (one device->host
-    copy for the batch); the rest (sampled rows, rows whose logits are adjusted, ``colm.logits_adjust``, rows that
-    report top log-probs) have their logits copied to the host in one copy and pick there, with their own
-    generator. The third item: ``colm.sampling.top_logprobs``' pairs (empty unless asked for; absent on the
-    all-greedy path)."""
+    """(token, log-prob, top log-probs) per row from the step's head. Plain greedy rows take the device's argmax;
+    plain sampled rows are sampled together where the logits are (``colm.sampling.sample_rows``); rows whose logits
+    are adjusted (``colm.logits_adjust``) have theirs copied to the host in one copy and pick there; the top
+    log-probs of the rows that ask for them come from one ``topk`` over their rows. Each sampling row draws with
+    its own generator. The third item: (token id, log-prob) pairs, empty unless asked for (absent on the
+    all-greedy path, which reads only ``packed``)."""
     if all(r.params.plain_greedy for r in rows):
         return _greedy_picks(head.packed)
     toks = head.greedy[:, 0].tolist()
-    tops: list[tuple] = [()] * len(rows)
-    host = [j for j, r in enumerate(rows) if not r.params.plain_greedy]
-    for logits, j in zip(head.logits[host].cpu(), host):  # [H, V] in one device->host copy
+    sampled = [j for j, r in enumerate(rows) if not r.params.greedy and r.adjust is None]
+    if sampled:
+        drawn = sample_rows(head.logits[sampled], [rows[j].params for j in sampled],
+                            [rows[j].generator for j in sampled])
+        for j, t in zip(sampled, drawn):
+            toks[j] = t
+    adjusted = [j for j, r in enumerate(rows) if r.adjust is not None]
+    for logits, j in zip(head.logits[adjusted].cpu(), adjusted):  # [A, V] in one device->host copy
         r = rows[j]
-        if not r.params.greedy or r.adjust is not None:
-            toks[j] = sample_next(r.adjust(logits, r.out_tokens) if r.adjust is not None else logits, r.params,
-                                  r.generator)
-        tops[j] = top_logprobs(logits, r.params.top_logprobs)
+        toks[j] = sample_next(r.adjust(logits, r.out_tokens), r.params, r.generator)
+    tops: list[tuple] = [()] * len(rows)
+    want = [j for j, r in enumerate(rows) if r.params.top_logprobs]
+    if want:
+        kmax = max(rows[j].params.top_logprobs for j in want)
+        vals, ids = torch.log_softmax(head.logits[want].float(), dim=-1).topk(kmax, dim=-1)  # [W, kmax]
+        for j, v, t in zip(want, vals.tolist(), ids.tolist()):
+            k = rows[j].params.top_logprobs
+            tops[j] = tuple(zip(t[:k], v[:k]))
     chosen = torch.tensor(toks, device=head.logits.device)[:, None]
     lps = (head.logits.gather(1, chosen)[:, 0].float() - head.lse).tolist()
     return list(zip(toks, lps, tops))

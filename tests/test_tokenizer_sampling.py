@@ -118,6 +118,27 @@ def test_draws_follow_their_distribution():
     torch.testing.assert_close(counts, probs.double(), atol=0.015, rtol=0)  # ~4 standard errors at n = 20000
 
 
+def test_a_batch_samples_each_row_as_it_would_alone():
+    """sample_rows over 16 rows of mixed filters (one top-k of 3000 widens the batch's sorted prefix for all) gives
+    each row the token it gets alone with the same seed; a NaN row raises and moves no generator."""
+    from colm.sampling import sample_rows
+
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(16, 5000, generator=g) * torch.tensor([0.3, 3.0]).repeat(8)[:, None]
+    kinds = [dict(), dict(top_p=0.9), dict(top_k=5), dict(top_k=3000, top_p=0.5), dict(min_p=0.05),
+             dict(min_p=0.01, top_p=0.95), dict(top_k=40, top_p=0.8), dict(top_p=0.999)]
+    params = [SamplingParams(temperature=[0.7, 1.2][i % 2], seed=i, **kinds[i % 8]) for i in range(16)]
+    batch = sample_rows(logits, params, [p.make_generator() for p in params])
+    alone = [sample_rows(logits[i:i + 1], [p], [p.make_generator()])[0] for i, p in enumerate(params)]
+    assert batch == alone and len(set(batch)) > 8
+    gens = [p.make_generator() for p in params]
+    bad = logits.clone()
+    bad[5] = float("nan")
+    with pytest.raises(ValueError, match="sampling row 5"):
+        sample_rows(bad, params, gens)
+    assert sample_rows(logits, params, gens) == batch
+
+
 def test_generate_stops_and_validates():
     model = make_model("tiny-air", seed=18)
     prompt = [5, 6, 7, 8]
