@@ -17,6 +17,9 @@
 #                                     # verify side by side, and the CUDA tests of rounds and graphs (~3 min)
 #   bash bench/gpu_suite.sh prefix    # prefix caching: the colocated engine without and with it, 1B Air, 160
 #                                     # clients, prompts opening with one of 8 shared 1024-token prefixes (~6 min)
+#   bash bench/gpu_suite.sh sampling  # picking tokens on the host path (sampled, penalties, top log-probs, structured
+#                                     # output; needs xgrammar in $WHEELS for the last) against device greedy at a
+#                                     # 128k vocabulary, and the colocated engine under sampled traffic (~6 min)
 #   bash bench/gpu_suite.sh ray       # colm serve on Ray (needs Ray in $WHEELS or installed), 1B Air, 160
 #                                     # clients, full scale then the budget mix (bench/serve_ray.py)    (~5 min)
 #
@@ -24,9 +27,10 @@
 # top-level folders into colm/ the way the editable install does and puts $PWD on PYTHONPATH. Extra
 # wheels (grpcio, protobuf, crc32c) may be given in $WHEELS (a folder); they are installed to /tmp/site.
 set -uo pipefail
-part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|spec|prefix|ray}
-case "$part" in tests|decode|handoff|prefill|serve|sweeps|train|compare|spec|prefix|ray) ;;
-  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|spec|prefix|ray" >&2; exit 2 ;; esac
+part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|spec|prefix|sampling|ray}
+case "$part" in tests|decode|handoff|prefill|serve|sweeps|train|compare|spec|prefix|sampling|ray) ;;
+  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|spec|prefix|sampling|ray" >&2
+     exit 2 ;; esac
 OUT=${OUT:-bench/results/run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -78,6 +82,13 @@ case "$part" in
       --max-batched-tokens 4096 --num-requests 3000 --client-processes 8 --connections 4 --routers 4 --num-blocks 0 \
       --prompt-len 64,512 --output-len 32,96 --prefix-len 1024 --num-prefixes 8 \
       --out "$OUT/serve_path_1b_air_c160_prefix" 2>&1 | grep -v Warn | tail -20 ;;
+  sampling)
+    timeout 200 python bench/sampling_overhead.py --device cuda --vocab 128256 --batches 1,8,64 --context 64 --reps 30 \
+      --out "$OUT/sampling_overhead.json" 2>&1 | grep -v Warn | tail -30
+    timeout 380 python bench/serve_path.py --modes colocated --concurrency 64 --ramp-s 2 --max-batched-tokens 4096 \
+      --num-requests 1500 --client-processes 8 --connections 4 --routers 4 --num-blocks 0 --prompt-len 512,2048 \
+      --output-len 32,96 --temperature 0.8 --top-p 0.95 --out "$OUT/serve_path_1b_air_c64_sampled" 2>&1 \
+      | grep -v Warn | tail -20 ;;
   ray)
     timeout 560 python bench/serve_ray.py --set model.preset=llama-3.2-1b-16-16-air --set model.dtype=bfloat16 \
       --set decode.num_blocks=0 --set decode.warmup_context=2200 --set decode.max_batch_size=160 \

@@ -214,7 +214,8 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         base = [sys.executable, "-m", "colm.cli", "loadtest", "--addr", server.grpc_addr,
                 "--prompt-len", args.prompt_len, "--output-len", args.output_len, "--slo-ttft-ms", str(args.slo_ttft_ms),
                 "--slo-tpot-ms", str(args.slo_tpot_ms), "--timeout-s", "300", "--budgets", args.budgets,
-                "--prefix-len", str(args.prefix_len), "--num-prefixes", str(args.num_prefixes)]
+                "--prefix-len", str(args.prefix_len), "--num-prefixes", str(args.num_prefixes),
+                "--temperature", str(args.temperature), "--top-p", str(args.top_p)]
         measured = ["--processes", str(args.client_processes), "--connections", str(args.connections),
                     "--ramp-s", str(args.ramp_s)]
         env = {**os.environ, "TQDM_DISABLE": "1"}
@@ -327,6 +328,8 @@ def main() -> None:
                     help="shared prompt prefixes (colm loadtest --prefix-len): tokens before each prompt's own; the "
                          "limit counts them as prefilled (the limit without a prefix cache)")
     ap.add_argument("--num-prefixes", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampled requests (colm loadtest --temperature)")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--slo-ttft-ms", type=float, default=200.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=10.0)
     ap.add_argument("--num-blocks", type=int, default=0, help="decode pool blocks (0: from free GPU memory)")
@@ -433,6 +436,7 @@ def write_payload(args, results: list, limit, run: dict, complete: bool = True) 
                         "client_processes": args.client_processes, "connections": args.connections, "ramp_s": args.ramp_s,
                         "prompt_len": args.prompt_len, "output_len": args.output_len,
                         "prefix_len": args.prefix_len, "num_prefixes": args.num_prefixes,
+                        "temperature": args.temperature, "top_p": args.top_p,
                         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms},
                "workers": "plain processes (colm.deploy.worker_main), router in the benchmark process",
                "routers": args.routers,

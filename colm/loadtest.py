@@ -58,6 +58,9 @@ class LoadSpec:
     # ``prompt_len`` tokens, as vLLM's and SGLang's shared-prefix benchmarks build them. 0 = no prefix
     prefix_len: int = 0
     num_prefixes: int = 1
+    # sampled requests (0 = greedy): each request draws with its own seed from ``seed``, so a run is reproducible
+    temperature: float = 0.0
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_requests < 1:
@@ -147,7 +150,8 @@ async def one_request(stub, pb2, spec: LoadSpec, rng: random.Random, rate: float
             rng.randrange(spec.num_prefixes)]) + ids
         plen = len(ids)
     req = pb2.GenerateRequest(token_ids=pb2.TokenIds(ids=ids),
-                              sampling=pb2.Sampling(max_new_tokens=olen, ignore_eos=True),
+                              sampling=pb2.Sampling(max_new_tokens=olen, ignore_eos=True, temperature=spec.temperature,
+                                                    top_p=spec.top_p, seed=rng.randrange(2**31)),
                               budget=pb2.LatencyBudget(ttft_ms=b.get("ttft", 0), tpot_ms=b.get("tpot", 0),
                                                        deadline_ms=b.get("deadline", 0)),
                               scale=b.get("scale", 0))

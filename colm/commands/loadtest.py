@@ -24,6 +24,8 @@ def add_load_options(p) -> None:
     p.add_argument("--prefix-len", type=int, default=0,
                    help="every prompt opens with one of --num-prefixes shared prefixes of this many tokens (0: none)")
     p.add_argument("--num-prefixes", type=int, default=1, help="shared prefixes to pick from (with --prefix-len)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampled requests (0 = greedy), seeded per request")
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=100.0)
     p.add_argument("--timeout-s", type=float, default=60.0)
@@ -63,7 +65,9 @@ def load_spec(args, budgets: str, **fields):
                 output_len=parse_pair(args.output_len), budgets=parse_mix(budgets), slo_ttft_ms=args.slo_ttft_ms,
                 slo_tpot_ms=args.slo_tpot_ms, timeout_s=args.timeout_s, seed=args.seed,
                 warmup_requests=args.warmup_requests, processes=args.processes, connections=args.connections,
-                ramp_s=args.ramp_s, prefix_len=args.prefix_len, num_prefixes=args.num_prefixes, **({"rates": tuple(float(r) for r in rates.split(","))} if rates else {}))
+                ramp_s=args.ramp_s, prefix_len=args.prefix_len, num_prefixes=args.num_prefixes,
+                temperature=args.temperature, top_p=args.top_p,
+                **({"rates": tuple(float(r) for r in rates.split(","))} if rates else {}))
     return LoadSpec(**{**spec, **fields})
 
 
