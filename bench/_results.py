@@ -10,9 +10,11 @@ import os
 import platform
 
 
-def write_result(payload: dict, benchmark: str, device_name: str, date: str, out: str | None = None) -> str:
+def write_result(payload: dict, benchmark: str, device_name: str, date: str, out: str | None = None,
+                 device: str | None = None) -> str:
+    """``device``: the file name's device word (default: from ``device_name``, e.g. "NVIDIA H200" -> h200)."""
     words = device_name.split()
-    device = words[1].lower() if len(words) > 1 else "gpu"
+    device = device or (words[1].lower() if len(words) > 1 else "gpu")
     path = out or os.path.join(os.environ.get("OUT", "bench/results"), f"{benchmark}_{device}_{date}.json")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import platform
 import random
 import statistics
 import time
 
 import torch
+
+from _results import write_result  # bench/ is sys.path[0] when a bench runs as a script
 
 MODES = ("greedy", "sampled_fullsort", "sampled_rowwise", "sampled", "min_p", "penalized", "top_logprobs", "structured",
          "structured_penalized")
@@ -179,13 +179,7 @@ def main() -> None:
             res["results"].append(r)
             ratio = f"{r['ratio_to_greedy']:.1f}" if r["ratio_to_greedy"] else "-"
             print(f"{b:>5} {mode:<22} {r['ms_median']:>9.3f} {r['ms_p90']:>8.3f} {ratio:>9}")
-    word = "h200" if "H200" in dev else ("cpu" if args.device == "cpu" else dev.split()[-1].lower())
-    path = args.out or os.path.join(os.environ.get("OUT", "bench/results"),
-                                    f"sampling_overhead_{word}_{res['date']}.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"wrote {path}")
+    write_result(res, "sampling_overhead", dev, res["date"], args.out, device="cpu" if args.device == "cpu" else None)
 
 
 if __name__ == "__main__":

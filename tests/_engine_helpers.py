@@ -136,3 +136,39 @@ def started_engines(path, num_blocks: int = 128, **decode):
         yield de, pe, full
     finally:
         pe.stop(), de.stop()
+
+
+@contextlib.contextmanager
+def mixed_batch_engines(path, colocated: bool):
+    """A started decode engine of the checkpoint at ``path`` (200 blocks of 4 tokens, overlapped steps) that
+    prefills its own prompts (``colocated``: chunks of up to 32 tokens) or is fed by a prefill engine. Yields
+    ``(engine, start)``: ``start(rid, prompt, params, scale, speculative=0)`` reserves, prefills and starts one
+    request (with the prompt given as context where its sampling reads it) and returns its token stream. Both engines
+    stop at the end, and the pool must be free again."""
+    from colm.decode_worker.config import DecodeConfig
+    from colm.decode_worker.engine import DecodeEngine
+    from colm.logits_adjust import reads_prompt
+    from colm.prefill_worker.engine import PrefillEngine
+    from colm.prefill_worker.sinks import LocalKVSink
+
+    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=200, block_size=4, colocated_prefill=colocated,
+                                                         max_batched_tokens=32, overlap_steps=True)).start()
+    pe = None if colocated else PrefillEngine.from_checkpoint(path)
+
+    def start(rid, prompt, params, scale, speculative=0):
+        de.reserve(rid, len(prompt), params.max_new_tokens)
+        context = None
+        if colocated and len(prompt) > 1:
+            de.prefill_kv(rid, prompt[:-1])
+        elif len(prompt) > 1:
+            pe.prefill(rid, prompt, LocalKVSink(de, rid))
+            context = prompt[:-1] if reads_prompt(params) else None
+        return de.start_generation(rid, prompt[-1], params, scale=scale, speculative=speculative, context_ids=context)
+
+    try:
+        yield de, start
+    finally:
+        de.stop()
+        if pe is not None:
+            pe.stop()
+    assert_pool_free(de)

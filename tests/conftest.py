@@ -40,3 +40,14 @@ def make_model(name: str, seed: int = 0, std: float = 0.2, **overrides):
 @pytest.fixture
 def model_factory():
     return make_model
+
+
+@pytest.fixture(scope="module")
+def routed(setup):
+    """A router over a prefill and a decode engine of the module's ``setup`` checkpoint (``setup[0]``), whose backend
+    can fail an attempt on demand (``router_helpers.failing_engine_router``): (background router, backend)."""
+    from router_helpers import failing_engine_router
+
+    bg, backend = failing_engine_router(setup[0])
+    yield bg, backend
+    bg.stop()

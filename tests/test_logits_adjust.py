@@ -21,7 +21,7 @@ from colm.generate import generate
 from colm.logits_adjust import LogitsAdjuster, make_adjuster
 from colm.sampling import SamplingParams
 from colm.tokenizer import ByteTokenizer
-from _engine_helpers import assert_pool_free, prompts, save_tiny_air
+from _engine_helpers import assert_pool_free, mixed_batch_engines, prompts, save_tiny_air
 
 EOS = ByteTokenizer.eos_id
 STRONG = dict(repetition_penalty=1.6, frequency_penalty=0.9, presence_penalty=0.7)
@@ -191,26 +191,12 @@ def test_the_decode_engine_gives_the_reference_tokens(setup, colocated):
     """One batch of adjusted and plain rows on a colocated engine (its own prompt) and on a decode engine fed by a
     prefill engine (the prompt given with the start), overlapped steps on: every row equals ``colm generate``;
     the penalties change some output and the speculative request drafted nothing."""
-    from colm.prefill_worker.engine import PrefillEngine
-    from colm.prefill_worker.sinks import LocalKVSink
-
     path, full = setup
-    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=200, block_size=4, colocated_prefill=colocated,
-                                                         max_batched_tokens=32, overlap_steps=True)).start()
-    pe = None if colocated else PrefillEngine.from_checkpoint(path)
     reqs = _requests()
-    try:
+    with mixed_batch_engines(path, colocated) as (de, start):
         streams = []
         for i, (p, params, scale, spec) in enumerate(reqs):
-            rid = f"adj-{colocated}-{i}"
-            de.reserve(rid, len(p), params.max_new_tokens)
-            context = None
-            if colocated and len(p) > 1:
-                de.prefill_kv(rid, p[:-1])
-            elif len(p) > 1:
-                pe.prefill(rid, p, LocalKVSink(de, rid))
-                context = p[:-1] if params.penalizes else None
-            streams.append(de.start_generation(rid, p[-1], params, scale=scale, speculative=spec, context_ids=context))
+            streams.append(start(f"adj-{colocated}-{i}", p, params, scale, spec))
             time.sleep(0.003 * (i % 3))
         got = [[e.token_id for e in st] for st in streams]
         assert got == _want(full, reqs)
@@ -220,11 +206,6 @@ def test_the_decode_engine_gives_the_reference_tokens(setup, colocated):
         assert got[5][-1] == EOS and len(got[5]) == 6
         assert all(97 <= t < 123 for t in got[7])  # allowed_token_ids: lowercase letters only
         assert de.stats().num_drafted == 0
-    finally:
-        de.stop()
-        if pe is not None:
-            pe.stop()
-    assert_pool_free(de)
 
 
 def test_adjusted_rows_never_join_a_step_queued_ahead(setup):
@@ -274,16 +255,6 @@ def test_penalties_without_the_prompt_are_refused_and_free_the_reservation(setup
 
 
 # ---------------------------------------------------------------------------------------------------- router
-@pytest.fixture(scope="module")
-def routed(setup):
-    """A router over a prefill and a decode engine, whose backend can fail an attempt (``fail_after``)."""
-    from router_helpers import failing_engine_router
-
-    bg, backend = failing_engine_router(setup[0])
-    yield bg, backend
-    bg.stop()
-
-
 def _client_kw(params: SamplingParams) -> dict:
     return dict(max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=params.seed,
                 ignore_eos=params.ignore_eos, presence_penalty=params.presence_penalty,

@@ -10,7 +10,6 @@ import json
 import re
 
 import pytest
-import torch
 
 pytest.importorskip("xgrammar")
 
@@ -20,7 +19,7 @@ from colm.generate import generate  # noqa: E402
 from colm.sampling import SamplingParams  # noqa: E402
 from colm.structured import MAX_SPEC_CHARS, StructuredOutput, compile_output  # noqa: E402
 from colm.tokenizer import ByteTokenizer  # noqa: E402
-from _engine_helpers import assert_pool_free, prompts, save_tiny_air  # noqa: E402
+from _engine_helpers import assert_pool_free, mixed_batch_engines, prompts, save_tiny_air  # noqa: E402
 
 TOK = ByteTokenizer()
 EOS = TOK.eos_id
@@ -130,25 +129,11 @@ def _requests():
 
 @pytest.mark.parametrize("colocated", [True, False])
 def test_the_decode_engine_gives_the_reference_tokens(setup, colocated):
-    from colm.prefill_worker.engine import PrefillEngine
-    from colm.prefill_worker.sinks import LocalKVSink
-
     path, full = setup
-    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=200, block_size=4, colocated_prefill=colocated,
-                                                         max_batched_tokens=32, overlap_steps=True)).start()
-    pe = None if colocated else PrefillEngine.from_checkpoint(path)
     reqs = _requests()
-    try:
-        streams = []
-        for i, (p, params, scale, spec) in enumerate(reqs):
-            rid = f"so-{colocated}-{i}"
-            de.reserve(rid, len(p), params.max_new_tokens)
-            if colocated:
-                de.prefill_kv(rid, p[:-1])
-            else:
-                pe.prefill(rid, p, LocalKVSink(de, rid))
-            streams.append(de.start_generation(rid, p[-1], params, scale=scale, speculative=spec,
-                                               context_ids=None if colocated else p[:-1]))
+    with mixed_batch_engines(path, colocated) as (de, start):
+        streams = [start(f"so-{colocated}-{i}", p, params, scale, spec)
+                   for i, (p, params, scale, spec) in enumerate(reqs)]
         got = [[e.token_id for e in st] for st in streams]
         want = [generate(full, p, params, scale=s, eos_id=EOS, tokenizer=TOK).token_ids for p, params, s, _ in reqs]
         assert got == want
@@ -156,11 +141,6 @@ def test_the_decode_engine_gives_the_reference_tokens(setup, colocated):
             if params.structured is not None:
                 check_text(params.structured.kind, TOK.decode(ids[:-1]))
         assert de.stats().num_drafted == 0
-    finally:
-        de.stop()
-        if pe is not None:
-            pe.stop()
-    assert_pool_free(de)
 
 
 def test_a_spec_that_does_not_compile_fails_only_its_start(setup):
@@ -181,16 +161,6 @@ def test_a_spec_that_does_not_compile_fails_only_its_start(setup):
 
 
 # ---------------------------------------------------------------------------------------------------- router
-@pytest.fixture(scope="module")
-def routed(setup):
-    """A router over a prefill and a decode engine, whose backend can fail an attempt (``fail_after``)."""
-    from router_helpers import failing_engine_router
-
-    bg, backend = failing_engine_router(setup[0])
-    yield bg, backend
-    bg.stop()
-
-
 def test_grpc_requests_and_a_retried_attempt(routed, setup):
     """Over gRPC: each kind's tokens equal the reference; an attempt failing after 4 tokens is retried with them
     ending the prompt, and the new attempt's grammar, which read them, finishes the same output."""

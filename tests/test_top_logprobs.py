@@ -9,12 +9,10 @@ import pytest
 import torch
 
 from colm.chat_template import TokenizerConfig
-from colm.decode_worker.config import DecodeConfig
-from colm.decode_worker.engine import DecodeEngine
 from colm.generate import generate
 from colm.sampling import SamplingParams
 from colm.tokenizer import ByteTokenizer
-from _engine_helpers import assert_pool_free, prompts, save_tiny_air
+from _engine_helpers import mixed_batch_engines, prompts, save_tiny_air
 
 TOK = ByteTokenizer()
 
@@ -46,28 +44,15 @@ def setup(tmp_path_factory):
 
 @pytest.mark.parametrize("colocated", [True, False])
 def test_the_decode_engine_reports_the_reference_top_logprobs(setup, colocated):
-    from colm.prefill_worker.engine import PrefillEngine
-    from colm.prefill_worker.sinks import LocalKVSink
-
     path, full = setup
-    de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=200, block_size=4, colocated_prefill=colocated,
-                                                         max_batched_tokens=32, overlap_steps=True)).start()
-    pe = None if colocated else PrefillEngine.from_checkpoint(path)
     ps = prompts([5, 19, 33, 9], seed=50)
     reqs = [(ps[0], SamplingParams(max_new_tokens=10, ignore_eos=True), 2, 0),
             (ps[1], SamplingParams(max_new_tokens=10, ignore_eos=True, top_logprobs=5), 2, 0),
             (ps[2], SamplingParams(max_new_tokens=10, ignore_eos=True, top_logprobs=3, temperature=0.9, seed=4), 1, 0),
             (ps[3], SamplingParams(max_new_tokens=10, ignore_eos=True, top_logprobs=1), 2, 3)]
-    try:
-        streams = []
-        for i, (p, params, scale, spec) in enumerate(reqs):
-            rid = f"top-{colocated}-{i}"
-            de.reserve(rid, len(p), params.max_new_tokens)
-            if colocated:
-                de.prefill_kv(rid, p[:-1])
-            else:
-                pe.prefill(rid, p, LocalKVSink(de, rid))
-            streams.append(de.start_generation(rid, p[-1], params, scale=scale, speculative=spec))
+    with mixed_batch_engines(path, colocated) as (de, start):
+        streams = [start(f"top-{colocated}-{i}", p, params, scale, spec)
+                   for i, (p, params, scale, spec) in enumerate(reqs)]
         for (p, params, scale, _), st in zip(reqs, streams):
             events = list(st)
             out = [e.token_id for e in events]
@@ -78,28 +63,15 @@ def test_the_decode_engine_reports_the_reference_top_logprobs(setup, colocated):
             for e, want in zip(events, reference_tops(full, p, out, scale, params.top_logprobs)):
                 assert_tops(e.logprob, e.top_logprobs, want)
         assert de.stats().num_drafted == 0  # the speculative request asked for top log-probs: plain steps
-    finally:
-        de.stop()
-        if pe is not None:
-            pe.stop()
-    assert_pool_free(de)
-
-
-@pytest.fixture(scope="module")
-def routed(setup):
-    from router_helpers import failing_engine_router
-
-    bg, backend = failing_engine_router(setup[0])
-    yield bg
-    bg.stop()
 
 
 def test_grpc_tokens_carry_their_top_logprobs(routed, setup):
     from colm.client import Client
 
+    bg, _ = routed
     _, full = setup
     p = prompts([12], seed=51)[0]
-    with Client(routed.grpc_addr) as c:
+    with Client(bg.grpc_addr) as c:
         r = c.complete(p, max_new_tokens=8, scale=1, ignore_eos=True, top_logprobs=4)
         streamed = [ev for ev in c.stream(p, max_new_tokens=8, scale=1, ignore_eos=True, top_logprobs=4)
                     if ev["kind"] == "token"]
@@ -114,11 +86,12 @@ def test_http_completions_and_chat_report_top_logprobs(routed, setup):
 
     from router_helpers import post_json
 
+    bg, _ = routed
     _, full = setup
     text = "top logprobs"
     ids = TOK.encode(text)
     body = {"prompt": text, "max_tokens": 6, "temperature": 0, "scale": 2, "ignore_eos": True, "logprobs": 3}
-    status, out = post_json(f"{routed.http_url}/v1/completions", body)
+    status, out = post_json(f"{bg.http_url}/v1/completions", body)
     assert status == 200, out
     lp = out["choices"][0]["logprobs"]
     toks = generate(full, ids, SamplingParams(max_new_tokens=6, ignore_eos=True), scale=2).token_ids
@@ -128,7 +101,7 @@ def test_http_completions_and_chat_report_top_logprobs(routed, setup):
         assert tok_lp == pytest.approx(want[0], abs=1e-4) and top.keys() == pieces.keys()  # greedy: the token is top
         assert list(top.values()) == pytest.approx(list(pieces.values()), abs=1e-4)
     # streamed: the same entries, one token per chunk, offsets adding up
-    req = urllib.request.Request(f"{routed.http_url}/v1/completions", json.dumps({**body, "stream": True}).encode(),
+    req = urllib.request.Request(f"{bg.http_url}/v1/completions", json.dumps({**body, "stream": True}).encode(),
                                  {"Content-Type": "application/json"})
     chunks = []
     with urllib.request.urlopen(req, timeout=60) as resp:
