@@ -29,6 +29,9 @@ from dataclasses import dataclass
 KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 MAX_SPEC_CHARS = 65536
 MAX_CHOICES, MAX_CHOICE_CHARS = 256, 1024
+# compiled grammars cached per tokenizer, least recently used out past this size: a stream of distinct schemas must
+# not grow a worker's memory without bound (xgrammar's own default is unbounded)
+GRAMMAR_CACHE_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ def _compiler(tokenizer, vocab_size: int):
     with _lock:
         per_size = _compilers.setdefault(tokenizer, {})
         if vocab_size not in per_size:
-            per_size[vocab_size] = _xgrammar().GrammarCompiler(_tokenizer_info(tokenizer, vocab_size), max_threads=1)
+            per_size[vocab_size] = _xgrammar().GrammarCompiler(_tokenizer_info(tokenizer, vocab_size), max_threads=1,
+                                                               cache_limit_bytes=GRAMMAR_CACHE_BYTES)
         return per_size[vocab_size]
 
 
