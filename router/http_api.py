@@ -189,12 +189,15 @@ class HttpApi:
         params = SamplingParams(max_new_tokens=max_new_tokens,
                                 temperature=1.0 if req.temperature is None else req.temperature,
                                 top_p=1.0 if req.top_p is None else req.top_p, top_k=max(0, req.top_k or 0),
-                                seed=seed, stop_strings=self._stops(req), stop_token_ids=stop_token_ids,
+                                seed=seed, stop_strings=self._stops(req),
+                                stop_token_ids=tuple(dict.fromkeys((*stop_token_ids, *(req.stop_token_ids or ())))),
                                 ignore_eos=bool(req.ignore_eos), top_logprobs=req.num_top_logprobs(),
                                 **req.adjustments())
         budget = Budget(ttft_ms=ext.get("ttft_ms"), tpot_ms=ext.get("tpot_ms"), deadline_ms=ext.get("deadline_ms"),
                         on_miss=ext.get("on_miss", "degrade"))
         ids = self.tcfg.encode(prompt, req.add_special_tokens is not False) if isinstance(prompt, str) else prompt
+        if req.truncate_prompt_tokens:
+            ids = ids[-req.truncate_prompt_tokens:]
         return self.router.validate(ids, None, params, budget, pinned or scale, prompt_logprobs=echo_logprobs,
                                     speculative=ext.get("speculative") or 0, cache_salt=req.cache_salt or "")
 

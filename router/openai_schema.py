@@ -8,7 +8,8 @@ rejected). ``null`` means "the default" wherever the OpenAI schema marks a field
 ``n`` (1..16) gives that many choices per prompt (sequences of their own; a seeded request seeds choice j
 with seed + j). ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (token ids as strings) and vLLM's
 ``repetition_penalty``, ``min_tokens`` and ``allowed_token_ids`` act as ``colm.logits_adjust`` says, ``min_p`` as
-``colm.sampling`` does. Structured output
+``colm.sampling`` does; vLLM's ``stop_token_ids`` end the output at any of them (with the chat template's end of
+turn, in chat) and ``truncate_prompt_tokens`` keeps only the prompt's last that many tokens. Structured output
 (``colm.structured``): OpenAI's ``response_format`` (text, json_object, json_schema) or one of vLLM's
 ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``, at most one. Fields the engines
 cannot honour are rejected unless they ask for a no-op: a ``best_of`` other than n, a non-empty ``suffix``; in
@@ -43,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from colm.decode_worker.config import MAX_GAMMA
 from colm.decode_worker.prefix_cache import MAX_CACHE_SALT
 from colm.structured import StructuredOutput
-from colm.proto.convert import MAX_BUDGET_MS, MAX_STOP_CHARS, MAX_STOP_STRINGS, SEED_MAX
+from colm.proto.convert import MAX_BUDGET_MS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SEED_MAX
 from colm.sampling import (MAX_ALLOWED_TOKEN_IDS, MAX_BIAS, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY,
                            MAX_TEMPERATURE, MAX_TOP_LOGPROBS, MIN_REPETITION_PENALTY, MIN_TEMPERATURE)
 
@@ -198,6 +199,10 @@ class SamplingRequest(BaseModel):
     min_tokens: Optional[Annotated[StrictInt, Field(ge=0)]] = Field(
         None, description="an integer >= 0 and <= the request's maximum of new tokens, or null (0)")
     min_p: Optional[Annotated[float, Field(ge=0, le=1)]] = Field(None, description="a number in [0, 1] or null (0)")
+    stop_token_ids: Optional[Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)]] = (
+        Field(None, description=f"a list of at most {MAX_STOP_TOKEN_IDS} token ids (integers >= 0), or null"))
+    truncate_prompt_tokens: Optional[Annotated[StrictInt, Field(ge=1)]] = Field(
+        None, description="an integer >= 1: keep only the prompt's last this many tokens, or null (the whole prompt)")
     allowed_token_ids: Optional[Annotated[list[Annotated[StrictInt, Field(ge=0)]],
                                           Field(max_length=MAX_ALLOWED_TOKEN_IDS)]] = Field(
         None, description=f"a list of at most {MAX_ALLOWED_TOKEN_IDS} token ids (integers >= 0), or null (all)")

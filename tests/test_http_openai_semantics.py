@@ -150,3 +150,25 @@ def test_logprobs_above_what_the_engines_report_are_400(bg):
         status, body = post_json(f"{bg.http_url}/v1/completions",
                                  {"prompt": "hi", "max_tokens": 2, "logprobs": lp, "temperature": 0})
         assert status == 200 and len(body["choices"][0]["logprobs"]["token_logprobs"]) == 2, body
+
+
+def test_stop_token_ids_and_prompt_truncation(bg, model):
+    """vLLM's stop_token_ids end the output at the first of them (kept, as an EOS is); truncate_prompt_tokens keeps
+    the prompt's last N tokens (echo shows what was used); both against colm generate."""
+    tok = ByteTokenizer()
+    ids = tok.encode("a prompt that is longer than its truncation")
+    full = generate(model, ids, SamplingParams(max_new_tokens=12, ignore_eos=True), scale=2).token_ids
+    stop = full[5]
+    status, body = post_json(f"{bg.http_url}/v1/completions", {"prompt": ids, "max_tokens": 12, "temperature": 0,
+                                                               "scale": 2, "ignore_eos": True, "stop_token_ids": [stop]})
+    want = full[:full.index(stop) + 1]
+    assert status == 200 and body["choices"][0]["finish_reason"] == "stop", body
+    assert body["usage"]["completion_tokens"] == len(want) and body["choices"][0]["text"] == tok.decode(want)
+    status, body = post_json(f"{bg.http_url}/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0,
+                                                               "scale": 2, "truncate_prompt_tokens": 10, "echo": True})
+    cut = generate(model, ids[-10:], SamplingParams(max_new_tokens=6), scale=2, eos_id=tok.eos_id).token_ids
+    assert status == 200 and body["usage"]["prompt_tokens"] == 10, body
+    assert body["choices"][0]["text"] == tok.decode(ids[-10:] + cut)
+    for bad in ({"stop_token_ids": [-1]}, {"stop_token_ids": [1] * 1025}, {"truncate_prompt_tokens": 0}):
+        status, body = post_json(f"{bg.http_url}/v1/completions", {"prompt": "x", **bad})
+        assert status == 400 and body["error"]["param"].startswith(next(iter(bad))), body
