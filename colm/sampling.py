@@ -154,89 +154,92 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return sample_rows(logits[None], [params], [generator])[0]
 
 
-def sample_rows(logits: torch.Tensor, params, generators) -> list[int]:
-    """One token per row of logits [H, V] (any device and dtype), row i sampled (temperature > 0) by ``params[i]``
-    with ``generators[i]``, the whole batch in a fixed number of tensor operations, so a decode step samples its
-    rows where its logits are, and reads back only the H tokens.
+def filtered_rows(logits: torch.Tensor, params) -> torch.Tensor:
+    """The distribution each row of logits [H, V] (any device and dtype) is sampled from under ``params[i]``:
+    [H, V] float32, zero outside the kept tokens, renormalised (vLLM's order of filters):
 
-    Per row: scores = logits / temperature; min-p masks the tokens less than min_p times as likely as the most
-    likely; then, for rows with top-k or top-p, the tokens most likely first (``topk`` of m columns, m the largest
-    top-k and at least 256, grown until every top-p row's nucleus fits; a sorted prefix of the full order), top-k
-    keeps k of them (renormalised), top-p the smallest prefix whose mass reaches top_p; rows without either keep
-    the whole vocabulary in id order. Each row's draw is one float64 uniform from its generator (on the host, in
-    row order) against the running sum of its kept probabilities. The reference generator samples through this
-    function too (one row), so its tokens are the engines' own.
+    scores = logits / temperature; min-p keeps the tokens at least min_p times as likely as the most likely; top-k
+    the tokens scoring at least the k-th highest score; top-p the tokens at least as likely as the last token of the
+    smallest most-likely-first prefix whose mass reaches top_p.
 
-    A row whose distribution is not finite (NaN logits) is a ValueError, and then no generator has moved: the
-    caller may redo the rows that can be drawn, each drawing as it would have."""
-    states = [g.get_state() if g is not None else None for g in generators]
-    try:
-        return _sample_rows(logits, params, generators)
-    except Exception:
-        for g, s in zip(generators, states):
-            if g is not None:
-                g.set_state(s)
-        raise
-
-
-def _sample_rows(logits: torch.Tensor, params, generators) -> list[int]:
+    Every filter is a threshold on values, so tokens of equal probability are kept or dropped together and no
+    tie order enters the result (bf16 logits tie often, and ``topk`` orders ties differently across devices and
+    shapes). The thresholds come from the values alone: the k-th score from ``topk``; top-p's from ``topk`` of
+    m = 256, 1024, ... probabilities (a sorted prefix of the full order) until it holds top_p of the mass; no sort of
+    the vocabulary (a sort of 128k tokens took 12 ms here)."""
     H, V = logits.shape
     dev = logits.device
-    u = torch.tensor([float(torch.rand((), dtype=torch.float64, generator=g)) for g in generators],
-                     dtype=torch.float64, device=dev)  # [H]
     scores = logits.float() / torch.tensor([p.temperature for p in params], device=dev)[:, None]  # [H, V]
     if any(p.min_p for p in params):
         pr = torch.softmax(scores, dim=-1)
         thr = torch.tensor([p.min_p for p in params], device=dev)[:, None] * pr.amax(dim=-1, keepdim=True)
         scores = scores.masked_fill(pr < thr, float("-inf"))
+    ks = [p.top_k if p.top_k and p.top_k < V else 0 for p in params]
+    if any(ks):
+        kth = torch.topk(scores, max(ks), dim=-1).values  # [H, kmax], highest first
+        k = torch.tensor([max(x, 1) for x in ks], device=dev)[:, None]
+        cut = torch.where(torch.tensor(ks, device=dev)[:, None] > 0, kth.gather(1, k - 1), float("-inf"))
+        scores = scores.masked_fill(scores < cut, float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # [H, V]
-    tokens = torch.zeros(H, dtype=torch.int64, device=dev)
-    full = [i for i, p in enumerate(params) if not (p.top_k and p.top_k < V) and p.top_p >= 1.0]
-    part = [i for i in range(H) if i not in set(full)]
-    if full:
-        idx = torch.tensor(full, device=dev)
-        cdf = probs[idx].double().cumsum(dim=-1)  # [F, V]
-        pick = torch.searchsorted(cdf, (u[idx] * cdf[:, -1])[:, None], right=True)[:, 0]
-        tokens[idx] = torch.where(_drawable(cdf), pick.clamp_max(V - 1), -1)
-    if part:
-        idx = torch.tensor(part, device=dev)
-        p_part = probs[idx]  # [P, V]
-        ks = [params[i].top_k if params[i].top_k and params[i].top_k < V else V for i in part]
-        top_p = torch.tensor([params[i].top_p for i in part], device=dev)[:, None]  # [P, 1]
-        k = torch.tensor(ks, device=dev)[:, None]  # [P, 1]
-        m = min(V, max([256] + [x for x in ks if x < V]))
+    tps = [p.top_p for p in params]
+    if any(tp < 1.0 for tp in tps):
+        top_p = torch.tensor(tps, device=dev)[:, None]  # [H, 1]
+        m = min(256, V)
         while True:
-            top, order = torch.topk(p_part, m, dim=-1)  # [P, m], most likely first
-            in_k = torch.arange(m, device=dev)[None, :] < k  # [P, m]
-            top = top * in_k
-            if m == V or bool(((k <= m) | (top.sum(-1, keepdim=True) >= top_p)).all()):
+            vals = torch.topk(probs, m, dim=-1).values  # [H, m], most likely first
+            if m == V or bool((vals.sum(-1, keepdim=True) >= top_p).all()):
                 break
             m = min(4 * m, V)
-        mass = torch.where(k < V, top.sum(-1, keepdim=True), torch.ones_like(top_p))  # top-k rows: renormalise
-        top = top / mass
-        keep = (torch.cumsum(top, dim=-1) - top < top_p) & in_k
-        cdf = (top * keep).double().cumsum(dim=-1)  # [P, m]
-        j = torch.searchsorted(cdf, (u[idx] * cdf[:, -1])[:, None], right=True).clamp_max(m - 1)  # [P, 1]
-        tokens[idx] = torch.where(_drawable(cdf), order.gather(1, j)[:, 0], -1)
-    out = tokens.tolist()  # the one read of the batch's draws
-    bad = [i for i, t in enumerate(out) if t < 0]
-    if bad:
-        raise ValueError(f"sampling row {bad[0]}: its distribution is not finite (NaN or infinite logits)")
-    return out
+        keep = ((torch.cumsum(vals, dim=-1) - vals) < top_p).sum(-1, keepdim=True).clamp_min(1)  # [H, 1]
+        cut = torch.where(top_p < 1.0, vals.gather(1, keep - 1), 0.0)  # the last kept probability
+        probs = probs.masked_fill(probs < cut, 0.0)
+        probs = torch.where(top_p < 1.0, probs / probs.sum(-1, keepdim=True), probs)  # others: as they were
+    return probs
 
 
-def _drawable(cdf: torch.Tensor) -> torch.Tensor:
-    """[R] bool: the running sums [R, n] end at a finite positive total (NaN logits make them NaN)."""
+def sample_rows(logits: torch.Tensor, params, generators) -> list[int]:
+    """One token per row of logits [H, V] (any device and dtype), row i drawn from ``filtered_rows``' distribution
+    under ``params[i]`` (temperature > 0) with ``generators[i]``: the whole batch in a fixed number of tensor
+    operations where the logits are, reading back only the H tokens. Each draw is one float64 uniform from the
+    row's generator (on the host, in row order) against the running sum of the row's probabilities in id order.
+    The reference generator samples through this function too (one row), so its tokens are the engines' own.
+
+    A row whose distribution is not finite (NaN logits) is a ValueError, and then no generator has moved: the
+    caller may redo the rows that can be drawn, each drawing as it would have."""
+    states = [g.get_state() if g is not None else None for g in generators]
+    try:
+        u = torch.tensor([float(torch.rand((), dtype=torch.float64, generator=g)) for g in generators],
+                         dtype=torch.float64, device=logits.device)  # [H]
+        out = draw_rows(filtered_rows(logits, params), u)
+        bad = [i for i, t in enumerate(out) if t < 0]
+        if bad:
+            raise ValueError(f"sampling row {bad[0]}: its distribution is not finite (NaN or infinite logits)")
+        return out
+    except Exception:
+        for g, st in zip(generators, states):
+            if g is not None:
+                g.set_state(st)
+        raise
+
+
+def draw_rows(probs: torch.Tensor, u: torch.Tensor) -> list[int]:
+    """Row i of probs [H, n] (non-negative) inverted at u[i] in [0, 1) against its float64 running sum: the first
+    index whose running sum passes u[i] times the row's total; -1 for a row whose total is not finite and positive.
+    One read of the H indices."""
+    cdf = probs.double().cumsum(dim=-1)  # [H, n]
     total = cdf[:, -1]
-    return torch.isfinite(total) & (total > 0)
+    pick = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
+    return torch.where(torch.isfinite(total) & (total > 0), pick, -1).tolist()
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """An index of ``probs`` [n] (non-negative, any sum > 0) drawn with its probability: one uniform from
-    ``generator`` against the running sum in float64 (torch.multinomial took 3 ms for a 128k vocabulary here)."""
-    cdf = probs.double().cumsum(0)
-    u = float(torch.rand((), dtype=torch.float64, generator=generator)) * float(cdf[-1])
-    return min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64), right=True)), len(probs) - 1)
+    """An index of ``probs`` [n] (non-negative, any sum > 0) drawn with its probability: one float64 uniform from
+    ``generator`` (torch.multinomial took 3 ms for a 128k vocabulary here)."""
+    u = torch.tensor([float(torch.rand((), dtype=torch.float64, generator=generator))], dtype=torch.float64)
+    i = draw_rows(probs[None].cpu(), u)[0]
+    if i < 0:
+        raise ValueError("draw: the distribution is not finite")
+    return i
 
 
 def top_logprobs(logits: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
@@ -248,40 +251,6 @@ def top_logprobs(logits: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
     return tuple(zip(ids.tolist(), vals.tolist()))
 
 
-def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The tokens a sampled step may pick and their probabilities: softmax of logits/temperature restricted to the
-    min-p set, the top-k and the top-p nucleus (vLLM's order), renormalised. -> (ids [n] or None for all V in id
-    order, probs [n] float32). With top-k or top-p the ids come most likely first.
-
-    Top-p without top-k does not sort the vocabulary: the nucleus lies in the top m for the first m (256, 1024, ...)
-    whose mass reaches top_p, and ``topk`` of m is a sorted prefix of the full order (a full sort of a 128k
-    vocabulary took 12 ms here)."""
-    scores = logits.float() / params.temperature  # [V]
-    if params.min_p:
-        p = torch.softmax(scores, dim=-1)
-        scores = scores.masked_fill(p < params.min_p * p.max(), float("-inf"))
-    ids = None
-    if params.top_k and params.top_k < scores.shape[-1]:
-        scores, ids = torch.topk(scores, params.top_k)  # [k], most likely first
-    probs = torch.softmax(scores, dim=-1)
-    if params.top_p < 1.0:
-        if ids is None:
-            m = min(256, probs.shape[-1])
-            while True:
-                top, order = torch.topk(probs, m)
-                if m == probs.shape[-1] or float(top.sum()) >= params.top_p:
-                    break
-                m = min(4 * m, probs.shape[-1])
-            probs, ids = top, order
-        keep = int((torch.cumsum(probs, dim=-1) - probs < params.top_p).sum())  # the smallest prefix reaching top_p
-        ids, probs = ids[:keep], probs[:keep]
-        probs = probs / probs.sum()
-    return ids, probs
-
-
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """``candidates``' distribution over the whole vocabulary: [V] float32, zero outside them."""
-    ids, probs = candidates(logits, params)
-    if ids is None:
-        return probs
-    return torch.zeros(logits.shape[-1], dtype=probs.dtype).index_put_((ids,), probs)
+    """``filtered_rows`` of one row: [V] float32."""
+    return filtered_rows(logits[None], [params])[0]

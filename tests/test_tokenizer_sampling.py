@@ -78,7 +78,8 @@ def test_filters_and_seeded_sampling():
 
 
 def _reference_filter(logits, t, min_p, top_k, top_p):
-    """The filters by their definitions, in float64 over a full sort (vLLM's order)."""
+    """The filters by their definitions, in float64 over a full sort (vLLM's order; ties at a threshold kept
+    together)."""
     s = logits.double() / t
     if min_p:
         p = torch.softmax(s, -1)
@@ -86,22 +87,27 @@ def _reference_filter(logits, t, min_p, top_k, top_p):
     if top_k:
         s = s.masked_fill(s < torch.sort(s, descending=True).values[top_k - 1], float("-inf"))
     p = torch.softmax(s, -1)
-    sp, idx = torch.sort(p, descending=True)
-    keep = (torch.cumsum(sp, -1) - sp) < top_p
-    out = torch.zeros_like(p)
-    out[idx[keep]] = sp[keep]
+    if top_p >= 1:
+        return p
+    sp = torch.sort(p, descending=True).values
+    last = sp[int(((torch.cumsum(sp, -1) - sp) < top_p).sum()) - 1]  # the last of the smallest prefix reaching top_p
+    out = p.masked_fill(p < last, 0.0)
     return out / out.sum()
 
 
-@pytest.mark.parametrize("spread", [0.3, 4.0])  # flat: the nucleus spans thousands of tokens; peaked: a few
-def test_the_filters_equal_their_definitions(spread):
+@pytest.mark.parametrize("spread,bf16", [(0.3, False), (4.0, False), (2.0, True)])
+def test_the_filters_equal_their_definitions(spread, bf16):
     """temperature, min_p, top_k and top_p (top-p found without sorting the vocabulary) keep the same tokens with
-    the same probabilities as a float64 full-sort reference, for random logits over 5000 tokens."""
-    g = torch.Generator().manual_seed(int(spread * 10))
+    the same probabilities as a float64 full-sort reference, for random logits over 5000 tokens: flat (the nucleus
+    spans thousands of tokens), peaked (a few), and rounded to bf16 (ties everywhere, kept or dropped together)."""
+    g = torch.Generator().manual_seed(int(spread * 10) + bf16)
     for t in (0.5, 1.3):
         for min_p, top_k, top_p in ((0, 0, 0.9), (0, 0, 0.999), (0, 7, 0.5), (0, 300, 0.95), (0.01, 0, 0.8),
                                     (0.2, 40, 1.0), (0, 0, 1.0)):
             logits = torch.randn(5000, generator=g) * spread
+            if bf16:
+                logits = logits.bfloat16().float()
+                assert len(logits.unique()) < 2000  # ties indeed: 5000 logits, fewer distinct values
             got = filtered_probs(logits, SamplingParams(temperature=t, min_p=min_p, top_k=top_k, top_p=top_p))
             want = _reference_filter(logits, t, min_p, top_k, top_p)
             assert torch.equal(got > 0, want > 0), (t, min_p, top_k, top_p)
@@ -131,6 +137,9 @@ def test_a_batch_samples_each_row_as_it_would_alone():
     batch = sample_rows(logits, params, [p.make_generator() for p in params])
     alone = [sample_rows(logits[i:i + 1], [p], [p.make_generator()])[0] for i, p in enumerate(params)]
     assert batch == alone and len(set(batch)) > 8
+    ties = logits.bfloat16()  # a GPU step's logits: many equal values
+    assert sample_rows(ties, params, [p.make_generator() for p in params]) == [
+        sample_rows(ties[i:i + 1], [p], [p.make_generator()])[0] for i, p in enumerate(params)]
     gens = [p.make_generator() for p in params]
     bad = logits.clone()
     bad[5] = float("nan")
