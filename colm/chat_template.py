@@ -163,8 +163,9 @@ class TokenizerConfig:
                 out.extend(self.tokenizer.encode(part))
         return out
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text of a conversation; NoChatTemplate / ValueError (both 400s) when it cannot be made."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None) -> str:
+        """The prompt text of a conversation (``tools``: the request's function tools, which the template may
+        describe, as transformers passes them); NoChatTemplate / ValueError (both 400s) when it cannot be made."""
         if self.chat_template is None:
             raise NoChatTemplate("this model has no chat template (no chat_template in its tokenizer_config.json): "
                                  "use /v1/completions with a prompt")
@@ -175,6 +176,7 @@ class TokenizerConfig:
         except jinja2.TemplateSyntaxError as e:
             raise ValueError(f"the model's chat template does not compile: {e}") from None
         try:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                   **self.special)
         except Exception as e:  # raise_exception() of the template, or what it does with the messages: a 400
             raise ValueError(f"messages: the chat template rejected the conversation: {e}") from None

@@ -312,8 +312,11 @@ class HttpApi:
     async def chat_completions(self, request):
         req = parse(ChatCompletionRequest, await self._json(request))
         model, _ = self._model(req)
+        forced = req.forced_tool()
+        if forced is not None and req.stream:
+            raise BadField("stream: a forced tool call is returned whole; set stream to false", "stream")
         ids = self.tcfg.encode(self.tcfg.render(req.messages, add_generation_prompt=req.add_generation_prompt
-                                                is not False), bool(req.add_special_tokens))
+                                                is not False, tools=req.tools), bool(req.add_special_tokens))
         if not ids:
             raise BadField("messages: the chat template rendered an empty prompt", "messages")
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -348,6 +351,11 @@ class HttpApi:
                     "logprobs": {"content": [self._chat_logprob(t, lp, alts) for t, lp, alts in zip(toks, lps, top)]}
                     if want_lp else None, "finish_reason": finish, "scale": scale}
                    for j, (toks, text, lps, finish, scale, _, _, top) in enumerate(runs)]
+        for c in choices if forced is not None else ():
+            calls = forced.calls(c["message"]["content"]) if c["finish_reason"] == "stop" else None
+            if calls:  # a finished call: OpenAI's form (a truncated one stays text, finish_reason "length")
+                c["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                c["finish_reason"] = "stop" if forced.name is not None else "tool_calls"
         return web.json_response({**head, "choices": choices, "usage": self._usage([r[6] for r in runs],
                                                                                     [0] * len(runs))})
 

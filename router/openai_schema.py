@@ -13,7 +13,7 @@ turn, in chat) and ``truncate_prompt_tokens`` keeps only the prompt's last that 
 (``colm.structured``): OpenAI's ``response_format`` (text, json_object, json_schema) or one of vLLM's
 ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``, at most one. Fields the engines
 cannot honour are rejected unless they ask for a no-op: a ``best_of`` other than n, a non-empty ``suffix``; in
-chat, ``tools`` / ``functions`` / a ``tool_choice`` other than "none", and ``top_logprobs`` above 0. ``user``
+chat, the legacy ``functions``, ``tool_choice: "auto"`` (forced calls: ``router.tool_calls``). ``user``
 is accepted and ignored, and so are unknown top-level fields (as vLLM does); ``model`` is checked by the HTTP
 layer (404 when unknown). The colm extras ``scale``, ``ttft_ms``, ``tpot_ms``, ``deadline_ms``, ``on_miss`` and ``speculative`` (chain-1
 self-speculative decoding: drafts per round, 0..16) may sit at the top
@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 # The limits of the gRPC API, imported from there so that both fronts accept the same requests.
 from colm.decode_worker.config import MAX_GAMMA
 from colm.decode_worker.prefix_cache import MAX_CACHE_SALT
+from colm.router.tool_calls import MAX_TOOLS, ToolChoice, check_tools, forced_choice
 from colm.structured import StructuredOutput
 from colm.proto.convert import MAX_BUDGET_MS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SEED_MAX
 from colm.sampling import (MAX_ALLOWED_TOKEN_IDS, MAX_BIAS, MAX_LOGIT_BIAS, MAX_PENALTY, MAX_REPETITION_PENALTY,
@@ -50,7 +51,7 @@ from colm.sampling import (MAX_ALLOWED_TOKEN_IDS, MAX_BIAS, MAX_LOGIT_BIAS, MAX_
 
 MAX_LOGPROBS = MAX_TOP_LOGPROBS  # the most likely tokens reported per generated token
 MAX_N = 16  # choices per prompt (n): each is a sequence of its own, sharing the prompt's cached K/V
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 Ms = Annotated[float, Field(gt=0, le=MAX_BUDGET_MS)]
@@ -359,9 +360,10 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: Optional[StrictBool] = Field(True, description="true or false")
     add_special_tokens: Optional[StrictBool] = Field(False, description="true or false (the template writes the "
                                                                         "BOS itself; true adds one if it does not)")
-    tools: Optional[list] = Field(None, description="null or [] (tool calls are not supported)")
-    functions: Optional[list] = Field(None, description="null or [] (function calls are not supported)")
-    tool_choice: Optional[Any] = Field(None, description='null or "none" (tool calls are not supported)')
+    tools: Optional[list] = Field(None, description=f"a list of at most {MAX_TOOLS} function tools, or null")
+    functions: Optional[list] = Field(None, description="null or [] (the legacy functions: use tools)")
+    tool_choice: Optional[Any] = Field(None, description='"none", "required", {"type": "function", "function": '
+                                                         '{"name": ...}}, or null')
 
     @field_validator("messages", mode="plain")
     @classmethod
@@ -378,19 +380,33 @@ class ChatCompletionRequest(SamplingRequest):
     def num_top_logprobs(self) -> int:
         return (self.top_logprobs or 0) if self.logprobs else 0
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, v, info):
+    def _no_functions(cls, v):
         if v:
-            raise ValueError(f"{info.field_name}: tool and function calls are not supported")
+            raise ValueError("functions: the legacy function calls are not supported; give tools")
         return v
 
-    @field_validator("tool_choice", mode="plain")
+    @field_validator("tools", mode="plain")
     @classmethod
-    def _tool_choice(cls, v):
-        if v not in (None, "none"):
-            raise ValueError(f"tool_choice={_shown(v)}: tool calls are not supported")
-        return v
+    def _tools(cls, v):
+        return None if v is None else check_tools(v)
+
+    def forced_tool(self) -> ToolChoice | None:
+        """The tool call ``tool_choice`` forces (``router.tool_calls``), or None; BadField otherwise."""
+        try:
+            return forced_choice(self.tool_choice, self.tools)
+        except ValueError as e:
+            raise BadField(str(e), "tool_choice") from None
+
+    def structured(self) -> StructuredOutput | None:
+        forced, own = self.forced_tool(), super().structured()
+        if forced is None:
+            return own
+        if own is not None:
+            raise BadField("tool_choice: a forced tool call is its own structured output; drop response_format / "
+                           "guided_*", "tool_choice")
+        return forced.structured()
 
 
 
@@ -431,21 +447,41 @@ def _chat_messages(v) -> list[dict]:
         if role not in ROLES:
             what = " is missing" if "role" not in m else f"={_shown(role)}"
             raise BadField(f"{where}.role{what}: allowed roles are {', '.join(ROLES)}", f"{where}.role")
-        if "content" not in m or m["content"] is None:
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if ("content" not in m or m["content"] is None) and not calls:
             raise BadField(f"{where}.content is {'missing' if 'content' not in m else 'null'}: give a string or a "
                            "list of text parts", f"{where}.content")
-        msg = {"role": role, "content": _content(m["content"], f"{where}.content")}
+        msg = {"role": role, "content": _content(m["content"], f"{where}.content") if m.get("content") is not None
+               else None}
+        if calls:
+            msg["tool_calls"] = _tool_calls(calls, f"{where}.tool_calls")
+        extra = {"name"} | ({"tool_call_id"} if role == "tool" else set())
+        if role == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise BadField(f"{where}.tool_call_id: a tool message names the call it answers (a string)",
+                           f"{where}.tool_call_id")
         for k, x in m.items():
-            if k in ("role", "content") or x is None:
+            if k in ("role", "content") or (k == "tool_calls" and role == "assistant") or x is None:
                 continue
-            if k != "name":
-                raise BadField(f"{where}.{k}: not supported; a message has role, content and optionally name",
-                               f"{where}.{k}")
+            if k not in extra:
+                raise BadField(f"{where}.{k}: not supported; a message has role, content, optionally name (and "
+                               "tool_calls for an assistant, tool_call_id for a tool)", f"{where}.{k}")
             if not isinstance(x, str):
-                raise BadField(f"{where}.name is {_kind(x)}: a string", f"{where}.name")
-            msg["name"] = _text(x, f"{where}.name")
+                raise BadField(f"{where}.{k} is {_kind(x)}: a string", f"{where}.{k}")
+            msg[k] = _text(x, f"{where}.{k}")
         out.append(msg)
     return out
+
+
+def _tool_calls(calls, where: str) -> list[dict]:
+    """An assistant message's earlier ``tool_calls`` (passed to the chat template as given); BadField otherwise."""
+    if not isinstance(calls, list):
+        raise BadField(f"{where} is {_kind(calls)}: a list of calls", where)
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+            raise BadField(f'{where}[{j}]: a call is {{"id": ..., "type": "function", "function": {{"name": ..., '
+                           f'"arguments": "<JSON text>"}}}}', f"{where}[{j}]")
+    return calls
 
 
 def _content(c, where: str) -> str:

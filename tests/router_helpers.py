@@ -169,7 +169,7 @@ def chat_router(model, ckpt_dir, backend=None, **router_cfg):
     tok = ByteTokenizer()
     tok.model_dir = str(ckpt_dir)
     cfg = RouterConfig(**{"grpc_port": 0, "http_port": 0, "metrics_port": None, "poll_interval_s": 0.05, **router_cfg})
-    bg = BackgroundRouter(Router(cfg, model.cfg, tok, backend or LocalBackend(model)))
+    bg = BackgroundRouter(Router(cfg, model.cfg, tok, backend or LocalBackend(model, tokenizer=tok)))
     client = openai.OpenAI(base_url=f"{bg.http_url}/v1", api_key="unused", max_retries=0, timeout=60)
     return bg, client, tok
 
