@@ -92,12 +92,12 @@ class LogitsAdjuster:
         p = self.params
         if len(out_tokens) > self._folded:
             new = list(out_tokens[self._folded:])
+            self._folded = len(out_tokens)  # first: a token the grammar refuses is not folded in twice on a retry
             if p.penalizes:
                 self._count(torch.tensor(new, dtype=torch.int64))
             if self.matcher is not None:
                 for t in new:
                     self.matcher.accept(t)
-        self._folded = len(out_tokens)
         x = logits.float().clone()
         if self.matcher is not None:
             self.matcher.mask(x)

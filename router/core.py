@@ -272,6 +272,16 @@ class Router:
                 self.metrics.scale_changes.inc()
 
     # ---- requests ------------------------------------------------------------------------------
+    async def precompile(self, so) -> None:
+        """Compile a request's structured output (a ``colm.structured.StructuredOutput`` or None) in a worker thread,
+        so that ``validate``'s compile, on the event loop, finds it cached; a spec that does not compile is left to
+        ``validate`` to refuse."""
+        if so is None:
+            return
+        with contextlib.suppress(ValueError):
+            await asyncio.get_running_loop().run_in_executor(None, compile_output, so, self.tokenizer,
+                                                             self.model_cfg.vocab_size)
+
     def validate(self, prompt_ids: list[int] | None, text: bytes | str | None, params: SamplingParams | dict,
                  budget: Budget | None = None, scale: int | None = None, request_id: str = "",
                  prompt_logprobs: bool = False, speculative: int = 0, cache_salt: str = "") -> RequestSpec:

@@ -15,6 +15,7 @@ field by its proto path (``sampling.temperature``, ``budget.deadline_ms``); samp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import re
@@ -22,7 +23,7 @@ import re
 import grpc
 
 from colm.proto import load_proto
-from colm.proto.convert import budget_from_public, sampling_from_public
+from colm.proto.convert import budget_from_public, sampling_from_public, structured_from_proto
 from colm.proto.rpc import SERVER_OPTIONS, bind_port
 from colm.router.admission import Overloaded
 from colm.router.coalesce import coalesced
@@ -196,7 +197,13 @@ class ColmServicer(pb2_grpc.ColmServicer):
         decode = self.router.tokenizer.decode
         return [pb2.TopLogprob(id=t, logprob=lp, text=decode([t])) for t, lp in ev.top_logprobs]
 
+    async def _precompile(self, request) -> None:
+        if request.HasField("sampling") and request.sampling.HasField("structured_output"):
+            with contextlib.suppress(ValueError):  # a malformed one is spec_from_proto's to refuse
+                await self.router.precompile(structured_from_proto(request.sampling.structured_output))
+
     async def Generate(self, request, context):
+        await self._precompile(request)
         spec = spec_from_proto(self.router, request)
         trim = StopTrimmer(spec.params.stop_strings, request.include_stop_str_in_output)
         first = pb2.GenerateResponse(request_id=spec.request_id)
@@ -226,6 +233,7 @@ class ColmServicer(pb2_grpc.ColmServicer):
                 yield pb2.GenerateResponse(request_id=spec.request_id, tokens=tokens)
 
     async def Complete(self, request, context):
+        await self._precompile(request)
         spec = spec_from_proto(self.router, request)
         resp = pb2.CompleteResponse(request_id=spec.request_id)
         trim = StopTrimmer(spec.params.stop_strings, request.include_stop_str_in_output)

@@ -260,6 +260,7 @@ class HttpApi:
         model, _ = self._model(req)
         n = req.n or 1
         # choice i * n + j: the j-th sequence of prompt i (OpenAI's and vLLM's order)
+        await self.router.precompile(req.structured())  # off the event loop; _spec then finds it compiled
         specs = [self._spec(req, p, echo and want_lp, choice=j) for p in prompts for j in range(n)]
         prompt_of = [i for i in range(len(prompts)) for _ in range(n)]
         created = int(time.time())
@@ -323,6 +324,7 @@ class HttpApi:
         if max_new is None:  # OpenAI's default: up to the end of the context
             max_new = max(0, self.router.model_cfg.max_seq_len - len(ids))
         eos = self.tcfg.token_id("eos_token")  # the template's end of turn, which may not be the tokenizer's EOS
+        await self.router.precompile(req.structured())
         specs = [self._spec(req, ids, False, max_new, () if eos is None or req.ignore_eos else (eos,), choice=j)
                  for j in range(req.n or 1)]
         created, cid = int(time.time()), f"chatcmpl-{specs[0].request_id}"
