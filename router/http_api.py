@@ -38,6 +38,7 @@ import json
 import logging
 import re
 import time
+import uuid
 
 from aiohttp import web
 from aiohttp.web import RequestPayloadError
@@ -314,8 +315,9 @@ class HttpApi:
         req = parse(ChatCompletionRequest, await self._json(request))
         model, _ = self._model(req)
         forced = req.forced_tool()
-        if forced is not None and req.stream:
-            raise BadField("stream: a forced tool call is returned whole; set stream to false", "stream")
+        if forced is not None and forced.name is None and req.stream:
+            raise BadField('stream: tool_choice "required" is returned whole (its calls are known once the array '
+                           "ends); set stream to false, or name the function", "stream")
         ids = self.tcfg.encode(self.tcfg.render(req.messages, add_generation_prompt=req.add_generation_prompt
                                                 is not False, tools=req.tools), bool(req.add_special_tokens))
         if not ids:
@@ -335,10 +337,18 @@ class HttpApi:
             head["object"] = "chat.completion.chunk"
             extra = {"usage": None} if include_usage else {}
 
+            call_ids = [f"call_{uuid.uuid4().hex[:24]}" for _ in specs] if forced is not None else []
+
             def chunk(index, text, finish=None, ev=None, role=False):
                 if not text and finish is None and not role:
                     return None
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                if forced is not None:  # a named function: its arguments stream as the call's (OpenAI's deltas)
+                    call = {"index": 0, "id": call_ids[index], "type": "function",
+                            "function": {"name": forced.name, "arguments": ""}} if role else \
+                        {"index": 0, "function": {"arguments": text}}
+                    delta = {"role": "assistant", "content": None, "tool_calls": [call]} if role else \
+                        ({"tool_calls": [call]} if text else {})
                 c = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
                 if ev is not None:
                     c["scale"] = ev.scale

@@ -9,7 +9,8 @@ A forced call needs no parser of a model's own tool-call format: the output is h
   of the tools and its parameters following that tool's schema (vLLM's form); one call per element (finish_reason
   ``tool_calls``).
 
-``"none"`` (and no ``tool_choice``) leaves the output free; the tools still reach the chat template (as
+A named call streams: its arguments arrive as tool-call deltas. ``"none"`` (and no ``tool_choice``) leaves the
+output free; the tools still reach the chat template (as
 ``tools``, as transformers passes them) for templates that describe them to the model. ``"auto"`` would need a
 parser of the model's own tool-call markup, which colm does not have: a 400 that says to force the call.
 """

@@ -1,7 +1,8 @@
 """Forced tool calls on the chat API (``router.tool_calls``): a named function's arguments and ``"required"``'s
 calls come back as OpenAI ``tool_calls`` whose arguments follow each tool's schema (checked with ``jsonschema``),
-equal to ``colm generate`` held to the same schema; the ``openai`` client reads them; multi-turn messages with earlier
-calls and tool results are accepted; what cannot be honoured is a 400 naming the field."""
+equal to ``colm generate`` held to the same schema; the ``openai`` client reads them, streamed (a named function)
+or not; multi-turn messages with earlier calls and tool results are accepted; what cannot be honoured is a 400
+naming the field."""
 
 from __future__ import annotations
 
@@ -62,6 +63,29 @@ def test_a_named_function_returns_its_arguments_as_a_call(served):
     args = json.loads(call.function.arguments)
     jsonschema.validate(args, WEATHER)
     assert args == json.loads(reference(model, tcfg, choice))
+
+
+def test_a_named_call_streams_its_arguments(served):
+    """stream: the first delta opens the call (id, name), the next ones add to its arguments; put together they are
+    the arguments the whole response gives."""
+    bg, client, model, tcfg = served
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    kw = dict(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice=choice, max_tokens=120, temperature=0,
+              extra_body={"scale": 2})
+    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+    parts, names, ids, finish = [], set(), set(), None
+    for ch in client.chat.completions.create(stream=True, **kw):
+        c = ch.choices[0]
+        assert not c.delta.content
+        for call in c.delta.tool_calls or ():
+            parts.append(call.function.arguments or "")
+            if call.function.name:
+                names.add(call.function.name)
+            if call.id:
+                ids.add(call.id)
+        finish = c.finish_reason or finish
+    assert "".join(parts) == whole.function.arguments and names == {"get_weather"} and len(ids) == 1
+    assert finish == "stop"
 
 
 def test_required_returns_calls_of_the_tools(served):
