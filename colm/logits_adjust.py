@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from colm.sampling import SamplingParams
+from colm.stopping import stop_token_set
 from colm.structured import OutputMatcher, compile_output
 
 
@@ -129,5 +130,4 @@ def make_adjuster(params: SamplingParams, vocab_size: int, prompt_ids: Sequence[
         if tokenizer is None:
             raise ValueError("structured_output: this generator has no tokenizer to compile it for")
         grammar = compile_output(params.structured, tokenizer, vocab_size)
-    eos = () if params.ignore_eos or eos_id is None or eos_id < 0 else (eos_id,)
-    return LogitsAdjuster(params, vocab_size, prompt_ids, (*params.stop_token_ids, *eos), prior_output, grammar)
+    return LogitsAdjuster(params, vocab_size, prompt_ids, stop_token_set(params, eos_id), prior_output, grammar)

@@ -245,10 +245,15 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 def top_logprobs(logits: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
     """The ``k`` most likely tokens of logits [V] and their log-probs under the model (unfiltered), most likely
     first."""
-    if not k:
-        return ()
-    vals, ids = torch.log_softmax(logits.float(), dim=-1).topk(k)
-    return tuple(zip(ids.tolist(), vals.tolist()))
+    return top_logprobs_rows(logits[None], [k])[0]
+
+
+def top_logprobs_rows(logits: torch.Tensor, ks) -> list[tuple[tuple[int, float], ...]]:
+    """``top_logprobs`` of each row of logits [H, V] (any device), row i's ``ks[i]`` most likely: one ``topk``."""
+    if not any(ks):
+        return [()] * len(ks)
+    vals, ids = torch.log_softmax(logits.float(), dim=-1).topk(max(ks), dim=-1)  # [H, kmax]
+    return [tuple(zip(t[:k], v[:k])) for k, t, v in zip(ks, ids.tolist(), vals.tolist())]
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

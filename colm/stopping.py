@@ -24,13 +24,18 @@ from colm.detokenize import IncrementalDetokenizer
 from colm.sampling import SamplingParams
 
 
+def stop_token_set(params: SamplingParams, eos_id: int | None) -> frozenset[int]:
+    """The tokens that end a request's output: its stop tokens, and EOS unless ``ignore_eos``."""
+    eos = () if params.ignore_eos or eos_id is None or eos_id < 0 else (eos_id,)
+    return frozenset(params.stop_token_ids) | frozenset(eos)
+
+
 class StopChecker:
     """The stop rules of one request's output, token by token."""
 
     def __init__(self, params: SamplingParams, eos_id: int | None = None,
                  decode: Callable[[list[int]], str] | None = None) -> None:
-        eos = () if params.ignore_eos or eos_id is None or eos_id < 0 else (eos_id,)
-        self.stop_ids = frozenset(params.stop_token_ids) | frozenset(eos)
+        self.stop_ids = stop_token_set(params, eos_id)
         self.max_new_tokens = params.max_new_tokens
         self.min_tokens = params.min_tokens  # before this many tokens no stop token or stop string ends the output
         # without a decode function there is no text: stop strings cannot be matched (the router matches them)

@@ -20,6 +20,7 @@ whitespace can spend its whole budget on spaces, and vLLM offers the same choice
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -129,8 +130,11 @@ _LOOSE_CHARS = '[^\\"\\\\\\r\\n]'
 _JSON_CHARS = '[^\\0-\\x1f\\"\\\\\\r\\n]'
 
 
+@functools.lru_cache(maxsize=256)
 def _json_schema_ebnf(schema: str) -> str:
-    """xgrammar's EBNF of a JSON schema (no free whitespace), its string characters held to what JSON allows."""
+    """xgrammar's EBNF of a JSON schema (no free whitespace), its string characters held to what JSON allows.
+    Cached: the router's validation compiles a spec its worker thread just compiled, and only a cached text makes
+    that second compile a cache hit without converting the schema again on the event loop."""
     ebnf = str(_xgrammar().Grammar.from_json_schema(schema, any_whitespace=False))
     return ebnf.replace(_LOOSE_CHARS, _JSON_CHARS)
 

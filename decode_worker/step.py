@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from colm.sampling import sample_next, sample_rows
+from colm.sampling import sample_next, sample_rows, top_logprobs_rows
 
 from colm.decode_worker.graphs import StepHead, head_outputs, mixed_head_outputs
 from colm.decode_worker.paged_cache import PagedStepCache
@@ -159,11 +159,8 @@ def _picks(head: StepHead, rows) -> list[tuple]:
     tops: list[tuple] = [()] * len(rows)
     want = [j for j, r in enumerate(rows) if r.params.top_logprobs]
     if want:
-        kmax = max(rows[j].params.top_logprobs for j in want)
-        vals, ids = torch.log_softmax(head.logits[want].float(), dim=-1).topk(kmax, dim=-1)  # [W, kmax]
-        for j, v, t in zip(want, vals.tolist(), ids.tolist()):
-            k = rows[j].params.top_logprobs
-            tops[j] = tuple(zip(t[:k], v[:k]))
+        for j, top in zip(want, top_logprobs_rows(head.logits[want], [rows[j].params.top_logprobs for j in want])):
+            tops[j] = top
     chosen = torch.tensor(toks, device=head.logits.device)[:, None]
     lps = (head.logits.gather(1, chosen)[:, 0].float() - head.lse).tolist()
     return list(zip(toks, lps, tops))
