@@ -46,6 +46,17 @@ class RouterReplica:
 
         return process_info()
 
+    def health(self) -> dict:
+        """This replica's own view: {"serving", "why", "workers": {worker id: healthy | unhealthy | dead}} (the
+        shared ports answer from whichever router the kernel picks; this asks this one)."""
+        async def view() -> dict:
+            router = self.server.router
+            serving, why = router.health()
+            return {"serving": serving, "why": why,
+                    "workers": {w.worker_id: router.registry.state(w) for w in router.registry.workers.values()}}
+
+        return self.server.call(view())
+
     def set_workers(self, workers: list) -> None:
         self.server.loop.call_soon_threadsafe(self.backend.set_workers, workers)
 

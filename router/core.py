@@ -174,7 +174,7 @@ class Router:
             if self.registry.can_prefill() if role == "prefill" else self.registry.healthy(role):
                 continue
             states = [f"{w.worker_id}: {self.registry.state(w)}" for w in self.registry.workers.values()
-                      if w.role == role]
+                      if w.role == role or (role == "prefill" and self.registry.prefills_itself(w))]
             missing.append(f"no healthy {role} worker ({', '.join(states) or 'none registered'})")
         return not missing, "; ".join(missing)
 

@@ -7,6 +7,7 @@ router) share the gRPC and HTTP ports: client connections land on both, and both
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from router_helpers import launched_on_ray, wait_serving
@@ -103,6 +104,12 @@ def _served(metrics_url: str) -> float:
     return sum(s.value for s in fam.samples if s.name == "colm_requests_total" and s.labels.get("status") == "ok")
 
 
+def _view(router) -> dict:  # the launcher's router, as RouterReplica.health reports the replica's
+    serving, why = router.health()
+    return {"serving": serving, "why": why,
+            "workers": {w.worker_id: router.registry.state(w) for w in router.registry.workers.values()}}
+
+
 def test_two_router_replicas_share_the_ports_and_both_serve(service):
     import json
     import urllib.request
@@ -116,7 +123,16 @@ def test_two_router_replicas_share_the_ports_and_both_serve(service):
     replica = ray.get(launcher.replicas[0].addresses.remote())
     assert replica["grpc"] == addrs["grpc"] and replica["http"] == addrs["http"]
     assert replica["metrics"] != addrs["metrics"]
-    wait_serving(addrs["grpc"], 60)
+    # the shared ports answer from either router: both must see the restarted worker healthy before the requests
+    end, views = time.time() + 120, {}
+    while time.time() < end:
+        views = {"launcher": _view(launcher.server.router),
+                 "replica": ray.get(launcher.replicas[0].health.remote())}
+        if all(v["serving"] and set(v["workers"].values()) == {"healthy"} for v in views.values()):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"both routers not serving within 120 s: {views}")
     before = (_served(addrs["metrics"]), _served(replica["metrics"]))
     pb2, pb2_grpc = load_proto("public")
     want = _reference(PROMPTS[1], 6, 2)
