@@ -13,6 +13,10 @@
 #                                     # per-chain reference) and FSDP2 bf16, one process (bench/train_throughput.py) (~5 min)
 #   bash bench/gpu_suite.sh compare MODEL   # train and score one model of bench/train_compare.py (a lent machine
 #                                     # starts bare: one model per call; join the reports with --merge) (<10 min)
+#   bash bench/gpu_suite.sh compare-all  # all four models in one call: the slowest model's seconds per step measured
+#                                     # first, then every model trains the step count that fits PER_MODEL_S (default
+#                                     # 95 s) with the same recipe, scored and merged; then chain-1 self-speculative
+#                                     # decoding of the trained Air {16,16} (SOURCES: a packed stdlib) (<10 min)
 #   bash bench/gpu_suite.sh spec      # speculative decoding of the bundled demo, the gathered and the paged
 #                                     # verify side by side, and the CUDA tests of rounds and graphs (~3 min)
 #   bash bench/gpu_suite.sh prefix    # prefix caching: the colocated engine without and with it, 1B Air, 160
@@ -27,9 +31,9 @@
 # top-level folders into colm/ the way the editable install does and puts $PWD on PYTHONPATH. Extra
 # wheels (grpcio, protobuf, crc32c) may be given in $WHEELS (a folder); they are installed to /tmp/site.
 set -uo pipefail
-part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|spec|prefix|sampling|ray}
-case "$part" in tests|decode|handoff|prefill|serve|sweeps|train|compare|spec|prefix|sampling|ray) ;;
-  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|spec|prefix|sampling|ray" >&2
+part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|ray}
+case "$part" in tests|decode|handoff|prefill|serve|sweeps|train|compare|compare-all|spec|prefix|sampling|ray) ;;
+  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|ray" >&2
      exit 2 ;; esac
 OUT=${OUT:-bench/results/run}
 mkdir -p "$OUT"
@@ -70,6 +74,26 @@ case "$part" in
     model=${2:?usage: bench/gpu_suite.sh compare compare-dense|compare-16-16|compare-16-16-air|compare-8-8-8-8-air}
     timeout 570 python bench/train_compare.py --data /tmp/compare-data --runs /tmp/compare-runs --models "$model" \
       --max-seconds "${MAX_SECONDS:-420}" --json "$OUT/train_compare_$model.json" 2>&1 | grep -v Warn | tail -12 ;;
+  compare-all)
+    tc="python bench/train_compare.py --data ${DATA:-/tmp/compare-data} ${SOURCES:+--sources $SOURCES} ${COMPARE_ARGS:-}"
+    mkdir -p /tmp/compare-parts
+    timeout 120 $tc --prepare-only 2>&1 | tail -3
+    # seconds per step of the slowest model (CoLM {16,16}: the most FLOPs of the chain models, no KV sharing),
+    # its first steps included (conservative)
+    timeout 120 $tc --runs /tmp/compare-calib --models compare-16-16 --steps 20 --eval-batches 1 \
+      --json /tmp/compare-calib.json 2>&1 | grep -v Warn | tail -2
+    steps=$(python -c "import json; r = json.load(open('/tmp/compare-calib.json'))['models']['compare-16-16']; \
+print(max(20, int(${PER_MODEL_S:-95} * 20 / r['train_seconds'])))")
+    echo "steps per model: $steps"
+    for m in compare-dense compare-16-16 compare-16-16-air compare-8-8-8-8-air; do
+      timeout $(( ${PER_MODEL_S:-95} * 2 + 60 )) $tc --runs /tmp/compare-runs --models $m --steps "$steps" \
+        --eval-batches ${EVAL_BATCHES:-64} --json "/tmp/compare-parts/$m.json" 2>&1 | grep -v Warn | tail -3
+    done  # the models' own reports stay here (a call returns 8 files at most); the merged one holds them all
+    python bench/train_compare.py --merge "$(ls /tmp/compare-parts/compare-*.json | paste -sd,)" \
+      --json "$OUT/train_compare.json" 2>&1 | tail -12
+    timeout ${SPEC_S:-100} python bench/speculative.py --model /tmp/compare-runs/compare-16-16-air/model \
+      --dtype bfloat16 --batches 1,8 --gammas 1,2,4 --reps 3 --out "$OUT/speculative_compare_16_16_air.json" 2>&1 \
+      | grep -v Warn | tail -14 ;;
   spec)
     timeout 90 python -m pytest -q -p no:cacheprovider tests/test_speculative.py tests/test_verify_paged.py \
       tests/test_engine_gpu.py 2>&1 | tee "$OUT/gpu_tests_spec.log" | tail -4
