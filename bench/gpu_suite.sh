@@ -23,7 +23,8 @@
 #                                     # clients, prompts opening with one of 8 shared 1024-token prefixes (~6 min)
 #   bash bench/gpu_suite.sh sampling  # picking tokens on the host path (sampled, penalties, top log-probs, structured
 #                                     # output; needs xgrammar in $WHEELS for the last) against device greedy at a
-#                                     # 128k vocabulary, and the colocated engine under sampled traffic (~6 min)
+#                                     # 128k vocabulary, the CUDA tests of sampled steps, and the colocated engine
+#                                     # under greedy and sampled traffic (~7 min)
 #   bash bench/gpu_suite.sh ray       # colm serve on Ray (needs Ray in $WHEELS or installed), 1B Air, 160
 #                                     # clients, full scale then the budget mix (bench/serve_ray.py)    (~5 min)
 #
@@ -109,10 +110,15 @@ print(max(20, int(${PER_MODEL_S:-95} * 20 / r['train_seconds'])))")
   sampling)
     timeout 200 python bench/sampling_overhead.py --device cuda --vocab 128256 --batches 1,8,64 --context 64 --reps 30 \
       --out "$OUT/sampling_overhead.json" 2>&1 | grep -v Warn | tail -30
-    timeout 380 python bench/serve_path.py --modes colocated --concurrency 64 --ramp-s 2 --max-batched-tokens 4096 \
-      --num-requests 1500 --client-processes 8 --connections 4 --routers 4 --num-blocks 0 --prompt-len 512,2048 \
-      --output-len 32,96 --temperature 0.8 --top-p 0.95 --out "$OUT/serve_path_1b_air_c64_sampled" 2>&1 \
-      | grep -v Warn | tail -20 ;;
+    COLM_KERNEL_TUNE=0 timeout 120 python -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py \
+      tests/test_sampled_overlap.py 2>&1 | tail -3
+    for t in 0 0.8; do  # greedy and sampled traffic side by side
+      name=$([ "$t" = 0 ] && echo greedy || echo sampled)
+      timeout 240 python bench/serve_path.py --modes colocated --concurrency 64 --ramp-s 2 --max-batched-tokens 4096 \
+        --num-requests 1500 --client-processes 8 --connections 4 --routers 4 --num-blocks 0 --prompt-len 512,2048 \
+        --output-len 32,96 --temperature $t --top-p $([ "$t" = 0 ] && echo 1.0 || echo 0.95) \
+        --out "$OUT/serve_path_1b_air_c64_$name" 2>&1 | grep -v Warn | tail -8
+    done ;;
   ray)
     timeout 560 python bench/serve_ray.py --set model.preset=llama-3.2-1b-16-16-air --set model.dtype=bfloat16 \
       --set decode.num_blocks=0 --set decode.warmup_context=2200 --set decode.max_batch_size=160 \

@@ -139,6 +139,12 @@ class SamplingParams:
         """The argmax of the model's own logits, and no top log-probs to report: the engines pick it on the device."""
         return self.greedy and not self.adjusts_logits and not self.top_logprobs
 
+    @property
+    def plain(self) -> bool:
+        """Picked from the model's own logits (greedy, or sampled through temperature / top-k / top-p / min-p) with
+        no top log-probs to report: every step of it can run on the device, queued ahead of the host."""
+        return not self.adjusts_logits and not self.top_logprobs
+
     def make_generator(self, device="cpu") -> torch.Generator | None:
         if self.greedy:
             return None
@@ -154,6 +160,15 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return sample_rows(logits[None], [params], [generator])[0]
 
 
+def _on(values, dtype, device) -> torch.Tensor:
+    """``values`` (host numbers) as a tensor on ``device``; on a GPU through pinned memory without waiting for the
+    stream (a plain copy from pageable memory waits for every queued kernel, which a step queued ahead must not)."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def filtered_rows(logits: torch.Tensor, params) -> torch.Tensor:
     """The distribution each row of logits [H, V] (any device and dtype) is sampled from under ``params[i]``:
     [H, V] float32, zero outside the kept tokens, renormalised (vLLM's order of filters):
@@ -164,32 +179,36 @@ def filtered_rows(logits: torch.Tensor, params) -> torch.Tensor:
 
     Every filter is a threshold on values, so tokens of equal probability are kept or dropped together and no
     tie order enters the result (bf16 logits tie often, and ``topk`` orders ties differently across devices and
-    shapes). The thresholds come from the values alone: the k-th score from ``topk``; top-p's from ``topk`` of
-    m = 256, 1024, ... probabilities (a sorted prefix of the full order) until it holds top_p of the mass; no sort of
-    the vocabulary (a sort of 128k tokens took 12 ms here)."""
+    shapes). The thresholds come from the values alone: the k-th score from ``topk``; top-p's, on the host, from
+    ``topk`` of m = 256, 1024, ... probabilities (a sorted prefix of the full order) until it holds top_p of the mass
+    (no sort of the vocabulary: a sort of 128k tokens took 12 ms on a CPU); on a GPU from one sort of each row, so
+    that nothing here waits for the device (a step is queued ahead of the host that reads it)."""
     H, V = logits.shape
     dev = logits.device
-    scores = logits.float() / torch.tensor([p.temperature for p in params], device=dev)[:, None]  # [H, V]
+    scores = logits.float() / _on([p.temperature for p in params], torch.float32, dev)[:, None]  # [H, V]
     if any(p.min_p for p in params):
         pr = torch.softmax(scores, dim=-1)
-        thr = torch.tensor([p.min_p for p in params], device=dev)[:, None] * pr.amax(dim=-1, keepdim=True)
+        thr = _on([p.min_p for p in params], torch.float32, dev)[:, None] * pr.amax(dim=-1, keepdim=True)
         scores = scores.masked_fill(pr < thr, float("-inf"))
     ks = [p.top_k if p.top_k and p.top_k < V else 0 for p in params]
     if any(ks):
         kth = torch.topk(scores, max(ks), dim=-1).values  # [H, kmax], highest first
-        k = torch.tensor([max(x, 1) for x in ks], device=dev)[:, None]
-        cut = torch.where(torch.tensor(ks, device=dev)[:, None] > 0, kth.gather(1, k - 1), float("-inf"))
+        k = _on([[max(x, 1)] for x in ks], torch.int64, dev)  # [H, 1]
+        cut = torch.where(_on([[x > 0] for x in ks], torch.bool, dev), kth.gather(1, k - 1), float("-inf"))
         scores = scores.masked_fill(scores < cut, float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # [H, V]
     tps = [p.top_p for p in params]
     if any(tp < 1.0 for tp in tps):
-        top_p = torch.tensor(tps, device=dev)[:, None]  # [H, 1]
-        m = min(256, V)
-        while True:
-            vals = torch.topk(probs, m, dim=-1).values  # [H, m], most likely first
-            if m == V or bool((vals.sum(-1, keepdim=True) >= top_p).all()):
-                break
-            m = min(4 * m, V)
+        top_p = _on([[tp] for tp in tps], torch.float32, dev)  # [H, 1]
+        if dev.type == "cuda":
+            vals = torch.sort(probs, dim=-1, descending=True).values  # [H, V]
+        else:
+            m = min(256, V)
+            while True:
+                vals = torch.topk(probs, m, dim=-1).values  # [H, m], most likely first
+                if m == V or bool((vals.sum(-1, keepdim=True) >= top_p).all()):
+                    break
+                m = min(4 * m, V)
         keep = ((torch.cumsum(vals, dim=-1) - vals) < top_p).sum(-1, keepdim=True).clamp_min(1)  # [H, 1]
         cut = torch.where(top_p < 1.0, vals.gather(1, keep - 1), 0.0)  # the last kept probability
         probs = probs.masked_fill(probs < cut, 0.0)
@@ -197,39 +216,53 @@ def filtered_rows(logits: torch.Tensor, params) -> torch.Tensor:
     return probs
 
 
+def uniforms(generators) -> list[float]:
+    """One float64 uniform in [0, 1) from each generator (None: the global one), in order: a row's draw."""
+    return [float(torch.rand((), dtype=torch.float64, generator=g)) for g in generators]
+
+
 def sample_rows(logits: torch.Tensor, params, generators) -> list[int]:
     """One token per row of logits [H, V] (any device and dtype), row i drawn from ``filtered_rows``' distribution
     under ``params[i]`` (temperature > 0) with ``generators[i]``: the whole batch in a fixed number of tensor
     operations where the logits are, reading back only the H tokens. Each draw is one float64 uniform from the
-    row's generator (on the host, in row order) against the running sum of the row's probabilities in id order.
+    row's generator (``uniforms``, on the host) against the running sum of the row's probabilities in id order.
     The reference generator samples through this function too (one row), so its tokens are the engines' own.
 
     A row whose distribution is not finite (NaN logits) is a ValueError, and then no generator has moved: the
     caller may redo the rows that can be drawn, each drawing as it would have."""
     states = [g.get_state() if g is not None else None for g in generators]
     try:
-        u = torch.tensor([float(torch.rand((), dtype=torch.float64, generator=g)) for g in generators],
-                         dtype=torch.float64, device=logits.device)  # [H]
+        u = _on(uniforms(generators), torch.float64, logits.device)  # [H]
         out = draw_rows(filtered_rows(logits, params), u)
         bad = [i for i, t in enumerate(out) if t < 0]
         if bad:
             raise ValueError(f"sampling row {bad[0]}: its distribution is not finite (NaN or infinite logits)")
         return out
     except Exception:
-        for g, st in zip(generators, states):
-            if g is not None:
-                g.set_state(st)
+        restore(generators, states)
         raise
 
 
-def draw_rows(probs: torch.Tensor, u: torch.Tensor) -> list[int]:
+def restore(generators, states) -> None:
+    """Put each generator back to its saved state (``g.get_state()``; None for no generator)."""
+    for g, st in zip(generators, states):
+        if g is not None:
+            g.set_state(st)
+
+
+def draw_rows_tensor(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Row i of probs [H, n] (non-negative) inverted at u[i] in [0, 1) against its float64 running sum: the first
     index whose running sum passes u[i] times the row's total; -1 for a row whose total is not finite and positive.
-    One read of the H indices."""
+    [H] int64 where ``probs`` is, nothing read back."""
     cdf = probs.double().cumsum(dim=-1)  # [H, n]
     total = cdf[:, -1]
     pick = torch.searchsorted(cdf, (u * total)[:, None], right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
-    return torch.where(torch.isfinite(total) & (total > 0), pick, -1).tolist()
+    return torch.where(torch.isfinite(total) & (total > 0), pick, -1)
+
+
+def draw_rows(probs: torch.Tensor, u: torch.Tensor) -> list[int]:
+    """``draw_rows_tensor``, read: one read of the H indices."""
+    return draw_rows_tensor(probs, u).tolist()
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:

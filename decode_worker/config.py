@@ -43,8 +43,9 @@ class DecodeConfig:
     cuda_graphs: bool = True             # replay the decode forward from CUDA graphs (CUDA only; eager elsewhere)
     warmup_context: int = 0              # > 0 (CUDA graphs): at start, capture the graphs of every batch size and
                                          # table width up to this many tokens per sequence, for every scale
-    overlap_steps: bool | None = None    # greedy batches (mixed scales too, with "widest"): launch step n+1 (tokens
-                                         # fed on the device) before reading step n, so host work hides under the
+    overlap_steps: bool | None = None    # batches of greedy and plainly sampled rows (mixed scales too, with
+                                         # "widest"): launch step n+1 (tokens drawn and fed on the device) before
+                                         # reading step n, so host work hides under the
                                          # GPU's. None: on where CUDA graphs run (H100: batch 1/8/64 steps
                                          # 4%/14%/20% shorter); on CPU nothing runs asynchronously, so a dropped
                                          # step is pure waste

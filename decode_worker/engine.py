@@ -51,7 +51,7 @@ from colm.decode_worker.kv_intake import KVIntake
 from colm.decode_worker.prefill_graphs import PackedPrefillGraphs
 from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, stop_reason
 from colm.decode_worker.speculative import round_gamma, speculative_round
-from colm.decode_worker.step import LaunchedStep, decode_step, launch_greedy_step
+from colm.decode_worker.step import LaunchedStep, decode_step, launch_step
 from colm.decode_worker.step_stats import StepTimes
 from colm.decode_worker.token_mux import MuxStream, Subscription, TokenMux
 from colm.decode_worker.verify_graphs import VerifyGraphs
@@ -553,7 +553,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
 
     def _can_overlap(self, batch, scales) -> bool:
         return (self._overlap and (len(set(scales)) == 1 or self._mixed_ahead())
-                and all(r.params.plain_greedy and r.cancel is None for r in batch))
+                and all(r.params.plain and r.cancel is None for r in batch))
 
     def _overlapped(self, batch, scales, joining=(), before_read=None) -> list[tuple[int, float]]:
         """Step n's tokens, with step n+1 queued before they are read: for the rows that go on past step n (not
@@ -564,18 +564,23 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         cur = self._ahead if self._ahead is not None and self._ahead.matches(batch, scales) else None
         if cur is None:
             self._drop_ahead()
-            cur = launch_greedy_step(self.model, batch, self.pool, scales, self.graphs)
+            cur = launch_step(self.model, batch, self.pool, scales, self.graphs, sample=True)
         else:
             self._num_ahead_used += 1
         self._ahead = None
-        if before_read is not None:  # the chunk: before step n+1, which reads the K/V it completes
-            before_read()
-        nxt = self._next_batch(batch, scales, joining)
-        if nxt is not None:
-            rows, carry, row_scales = nxt
-            self._ahead = launch_greedy_step(self.model, rows, self.pool, row_scales, self.graphs, after=cur,
-                                             carry=carry)
-        return cur.result()
+        try:
+            if before_read is not None:  # the chunk: before step n+1, which reads the K/V it completes
+                before_read()
+            nxt = self._next_batch(batch, scales, joining)
+            if nxt is not None:
+                rows, carry, row_scales = nxt
+                self._ahead = launch_step(self.model, rows, self.pool, row_scales, self.graphs, after=cur,
+                                          carry=carry, sample=True)
+            return cur.result()
+        except Exception:  # the rows are redone one by one: each draws again what it drew here
+            self._drop_ahead(quiet=True)
+            cur.undraw()
+            raise
 
     def _next_batch(self, batch, scales, joining) -> tuple[list, list[int], list[int]] | None:
         """(rows, carry, scales) of the step after ``batch`` (run at ``scales``) as the next iteration will run it:
@@ -590,9 +595,9 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
             for req in self._waiting(frozenset(map(id, joining))):  # as _housekeep admits, up to max_batch_size
                 if len(rows) >= self.config.max_batch_size:
                     break
-                if (req.kv_ready is not None or req.cancel is not None or not req.params.plain_greedy or round_gamma(req)
+                if (req.kv_ready is not None or req.cancel is not None or not req.params.plain or round_gamma(req)
                         or (not mixed_ok and req.scale != scales[0])):
-                    return None  # it would not join as a plain greedy row of this step: no step ahead
+                    return None  # it would not join as a plain row of this step: no step ahead
                 rows.append(req)
                 row_scales.append(req.scale)
         return (rows, carry, row_scales) if rows else None
@@ -607,6 +612,8 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         except Exception:  # noqa: BLE001 - a failing device surfaces in the step that reads it
             if not quiet:
                 raise
+        finally:
+            ahead.undraw()  # the step that redoes its rows draws their uniforms again
 
     # ---------------------------------------------------------------- read-only
     def score(self, token_ids: list[int], scale: int | None = None) -> list[tuple[float, int, float]]:

@@ -124,7 +124,7 @@ class DecodeGraphs:
         self.num_captures = 0
 
     def _fill(self, g: _Graph, batch, carry=None, feed: torch.Tensor | None = None, row_scales=None) -> None:
-        """Stage ``batch``'s inputs. ``carry``/``feed``: see ``step.launch_greedy_step`` (the first len(carry) rows
+        """Stage ``batch``'s inputs. ``carry``/``feed``: see ``step.launch_step`` (the first len(carry) rows
         one position further, their tokens copied on the device from rows ``carry`` of ``feed`` [B', 1]);
         ``row_scales``: each row's scale (mixed-scale graphs)."""
         g.host_ints = g.host_ints_pair[g.turn]
@@ -201,7 +201,7 @@ class DecodeGraphs:
 
         ``read_async``: also queue that read into a pinned buffer and return (head, (buffer, event)): the
         graph's outputs are overwritten by its next replay, which overlapped steps queue before reading
-        this one. ``carry``/``feed``: see ``step.launch_greedy_step``."""
+        this one. ``carry``/``feed``: see ``step.launch_step``."""
         mixed = row_scales is not None and len(set(row_scales)) > 1  # off mixed graphs: _graph gives None
         g = self._replay(batch, scale, head="mixed" if mixed else True, carry=carry, feed=feed,
                          row_scales=row_scales if mixed else None)

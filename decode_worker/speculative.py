@@ -111,10 +111,10 @@ def draft(model, rows, pool, gamma: int, graphs=None) -> tuple[list[list[int]], 
 @torch.no_grad()
 def draft_greedy(model, rows, pool, gamma: int, graphs=None) -> torch.Tensor:
     """Greedy drafts [B, gamma] (int64, on the model's device) of ``rows``, queued with no host read between the
-    steps: each scale-1 step takes the previous step's pick on the device (``step.launch_greedy_step`` with
+    steps: each scale-1 step takes the previous step's pick on the device (``step.launch_step`` with
     ``after``), and the host waits for step j - 1 only once step j is queued (the graphs' staging buffers are
     double-buffered), so the GPU runs the gamma steps back to back. Writes the same chain-1 K/V as ``draft``."""
-    from colm.decode_worker.step import launch_greedy_step
+    from colm.decode_worker.step import launch_step
 
     cursors = [_Cursor(r.blocks, r.num_cached, r.next_input) for r in rows]
     scales = [1] * len(rows)
@@ -123,7 +123,7 @@ def draft_greedy(model, rows, pool, gamma: int, graphs=None) -> torch.Tensor:
         # step j > 0 runs each row one position past its cursor, so the cursors trail the steps by one. All steps
         # share one graph key (the rows and their blocks do not change within a round), so a capture, which stages
         # the cursors as they are, can only happen at step 0, where they are exact.
-        launched = launch_greedy_step(model, cursors, pool, scales, graphs, after=launched)
+        launched = launch_step(model, cursors, pool, scales, graphs, after=launched)
         picks.append(launched.head.greedy.clone())  # [B, 1]: a graph's output is overwritten by its next replay
         if previous is not None:
             previous.wait()

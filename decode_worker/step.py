@@ -8,16 +8,17 @@ Sequences at different scales share the step in one of two ways (``DecodeConfig.
 * ``"group"``: one forward per scale over that scale's sequences: fewer FLOPs for small scales,
   chain-1 weights read once per group.
 
-Sampling follows ``colm.sampling`` exactly (greedy argmax on the device; seeded sampling on the CPU
-with the request's generator; penalties, logit bias and min_tokens on the CPU, ``colm.logits_adjust``), so
-tokens match the reference generator.
+Sampling follows ``colm.sampling`` exactly (greedy argmax on the device; sampled rows drawn where the logits are,
+each with a uniform from its request's generator; penalties, logit bias, min_tokens and grammars on the host,
+``colm.logits_adjust``), so tokens match the reference generator. A step of greedy and plainly sampled rows can be
+queued ahead of the host that reads it (``launch_step``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from colm.sampling import sample_next, sample_rows, top_logprobs_rows
+from colm.sampling import _on, draw_rows_tensor, filtered_rows, restore, sample_next, sample_rows, top_logprobs_rows, uniforms
 
 from colm.decode_worker.graphs import StepHead, head_outputs, mixed_head_outputs
 from colm.decode_worker.paged_cache import PagedStepCache
@@ -25,7 +26,7 @@ from colm.decode_worker.paged_cache import PagedStepCache
 
 def _step_tensors(batch, pool, device, carry=None, feed: torch.Tensor | None = None):
     """Inputs of one eager step. ``carry``/``feed``: the step after one that is queued but not read yet (see
-    ``launch_greedy_step``)."""
+    ``launch_step``)."""
     width = max(len(r.blocks) for r in batch)
     tables = torch.zeros(len(batch), width, dtype=torch.int32)
     for i, r in enumerate(batch):
@@ -34,7 +35,7 @@ def _step_tensors(batch, pool, device, carry=None, feed: torch.Tensor | None = N
     pos = [r.num_cached + (i < c) for i, r in enumerate(batch)]
     slots = [pool.slot(r.blocks, p) for r, p in zip(batch, pos)]
     tokens = torch.tensor([[r.next_input] for r in batch], device=device)  # [B, 1]
-    if c:  # carried rows take the queued step's greedy tokens, on the device
+    if c:  # carried rows take the queued step's tokens, on the device
         tokens = torch.cat([feed[torch.tensor(list(carry), device=feed.device)], tokens[c:]])
     positions = torch.tensor([[p] for p in pos], device=device)  # [B, 1]
     cache = PagedStepCache(pool, tables.to(device), torch.tensor([p + 1 for p in pos], dtype=torch.int32, device=device),
@@ -78,11 +79,14 @@ def decode_step(model, batch, pool, scales: list[int], mode: str = "widest", gra
 
 
 class LaunchedStep:
-    """A greedy step whose GPU work is queued (``launch_greedy_step``); ``result`` waits for it."""
+    """A step whose GPU work is queued (``launch_step``); ``result`` waits for it."""
 
-    def __init__(self, batch, scales, head: StepHead, read=None) -> None:
+    def __init__(self, batch, scales, head: StepHead, read=None, tokens: torch.Tensor | None = None,
+                 drawn=None) -> None:
         self.batch, self.scales, self.head = list(batch), list(scales), head
-        self._read = read  # graph steps: (pinned host [2, B] float64, CUDA event) of the queued read-back
+        self._read = read  # (host [2, B] float64 (pinned on a GPU), CUDA event or None) of the queued read-back
+        self.tokens = head.greedy if tokens is None else tokens  # [B, 1] on the device: what the next step feeds
+        self._drawn = drawn  # (generators, their states before this step drew): the sampled rows'
         self._event = None
         if read is None and head.packed.is_cuda:
             self._event = torch.cuda.Event()
@@ -97,43 +101,92 @@ class LaunchedStep:
         if event is not None:
             event.synchronize()
 
+    def undraw(self) -> None:
+        """This step's tokens will not be used (dropped, or it failed): its sampled rows' generators go back to
+        where they were, so the step that redoes them draws the same uniforms."""
+        if self._drawn is not None:
+            restore(*self._drawn)
+            self._drawn = None
+
     def result(self) -> list[tuple[int, float]]:
         if self._read is None:
             return _picks(self.head, self.batch)
         host, event = self._read
-        event.synchronize()
-        return _greedy_picks(host[:, : len(self.batch)])
+        if event is not None:
+            event.synchronize()
+        picks = _greedy_picks(host[:, : len(self.batch)])
+        bad = [i for i, (t, _) in enumerate(picks) if t < 0]
+        if bad:
+            raise ValueError(f"sampling row {bad[0]}: its distribution is not finite (NaN or infinite logits)")
+        return picks
 
 
 @torch.no_grad()
-def launch_greedy_step(model, batch, pool, scales, graphs=None, after: LaunchedStep | None = None,
-                       carry=None) -> LaunchedStep:
-    """Queue one step of ``batch`` (every row greedy, row i at ``scales[i]``; mixed scales run as
-    ``mixed_scale_mode: widest`` does: one forward at the widest, each row's head at its own) without reading its
-    tokens back.
+def launch_step(model, batch, pool, scales, graphs=None, after: LaunchedStep | None = None, carry=None,
+                sample: bool = False) -> LaunchedStep:
+    """Queue one step of ``batch`` (row i at ``scales[i]``; mixed scales run as ``mixed_scale_mode: widest`` does:
+    one forward at the widest, each row's head at its own) without reading its tokens back. Every row greedy, or
+    with ``sample`` each row that samples (``params.plain``: no adjusted logits, no top log-probs) drawn on the
+    device: its uniform comes from its generator now, on the host, and ``LaunchedStep.undraw`` gives it back if
+    the step is dropped. Without ``sample`` every row takes the argmax (a speculative round's drafts).
 
     ``after``: the step queued just before and not read yet, so the host can launch step n+1 before it reads
     step n (the engine's ``overlap_steps``). The first ``len(carry)`` rows of ``batch`` are rows ``carry`` of
     ``after.batch`` (default: all of them, in order): each runs one position further and takes ``after``'s
-    greedy token on the device. Rows after them are new to the batch (a prompt that just completed): they feed
+    token on the device. Rows after them are new to the batch (a prompt that just completed): they feed
     their own next input at their own position."""
     if after is not None and carry is None:
         carry = range(len(batch))
-    feed = None if after is None else after.head.greedy  # [B', 1]
+    feed = None if after is None else after.tokens  # [B', 1]
     carry = list(carry) if after is not None else None
     scales = list(scales)
     widest, mixed = max(scales), len(set(scales)) > 1
+    draws = [j for j, r in enumerate(batch) if not r.params.greedy] if sample else []
     if graphs is not None:
-        launched = graphs.step_head(batch, widest, carry=carry, feed=feed, read_async=True, row_scales=scales)
+        launched = graphs.step_head(batch, widest, carry=carry, feed=feed, read_async=not draws, row_scales=scales)
         if launched is not None:
+            if draws:
+                return _drawn(batch, scales, launched, draws)
             head, read = launched
             return LaunchedStep(batch, scales, head, read)
     tokens, positions, cache = _step_tensors(batch, pool, model.inv_freq.device, carry, feed)
     hidden = model.hidden(tokens, scale=widest, cache=cache, positions=positions)[:, 0]  # [B, D_widest]
     if not mixed:
-        return LaunchedStep(batch, scales, head_outputs(model, hidden, widest))
-    row_scales = torch.tensor(scales, dtype=torch.int64, device=hidden.device)  # [B]
-    return LaunchedStep(batch, scales, mixed_head_outputs(model, hidden, row_scales, set(scales)))
+        head = head_outputs(model, hidden, widest)
+    else:
+        row_scales = torch.tensor(scales, dtype=torch.int64, device=hidden.device)  # [B]
+        head = mixed_head_outputs(model, hidden, row_scales, set(scales))
+    return _drawn(batch, scales, head, draws) if draws else LaunchedStep(batch, scales, head)
+
+
+def _drawn(batch, scales, head: StepHead, draws: list[int]) -> LaunchedStep:
+    """The launched step of ``head`` with rows ``draws`` sampled on the device (``colm.sampling``'s filters and
+    draw, as ``sample_rows``) and the rest greedy; their tokens and log-probs read back in one queued copy. A row
+    whose distribution is not finite draws -1: its result raises, its next input is token 0 meanwhile (the step
+    queued after it is dropped: its batch no longer holds)."""
+    dev, B = head.logits.device, len(batch)
+    gens = [batch[j].generator for j in draws]
+    states = [g.get_state() if g is not None else None for g in gens]
+    u = _on(uniforms(gens), torch.float64, dev)  # [S]
+    params = [batch[j].params for j in draws]
+    if len(draws) == B:
+        toks = draw_rows_tensor(filtered_rows(head.logits, params), u)  # [B]
+    else:
+        idx = _on(draws, torch.int64, dev)  # [S]
+        picked = draw_rows_tensor(filtered_rows(head.logits.index_select(0, idx), params), u)  # [S]
+        toks = head.greedy[:, 0].clone().index_copy_(0, idx, picked)  # [B]
+    safe = toks.clamp_min(0)[:, None]  # [B, 1]
+    lps = head.logits.gather(1, safe)[:, 0].float() - head.lse  # [B]
+    packed = torch.stack([toks.double(), lps.double()])  # [2, B]
+    if packed.is_cuda:
+        host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        read = (host, event)
+    else:
+        read = (packed, None)
+    return LaunchedStep(batch, scales, head, read, tokens=safe, drawn=(gens, states))
 
 
 def _picks(head: StepHead, rows) -> list[tuple]:

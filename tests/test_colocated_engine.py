@@ -400,8 +400,8 @@ def test_a_chunk_is_queued_behind_the_decode_step_before_its_tokens_are_read(set
     path, full = setup
     de = _engine(path, max_batched_tokens=24, overlap_steps=True)
     order: list[str] = []
-    launch, result, run_prefill = engine_mod.launch_greedy_step, LaunchedStep.result, de._run_prefill
-    monkeypatch.setattr(engine_mod, "launch_greedy_step", lambda *a, **k: order.append("launch") or launch(*a, **k))
+    launch, result, run_prefill = engine_mod.launch_step, LaunchedStep.result, de._run_prefill
+    monkeypatch.setattr(engine_mod, "launch_step", lambda *a, **k: order.append("launch") or launch(*a, **k))
     monkeypatch.setattr(LaunchedStep, "result", lambda self: order.append("read") or result(self))
     monkeypatch.setattr(de, "_run_prefill", lambda segs: order.append("chunk") or run_prefill(segs))
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)

@@ -179,14 +179,14 @@ def test_overlapped_steps_of_mixed_scales_match_the_reference(setup, monkeypatch
 
     path, full = setup
     ahead_mixed = []
-    launch = engine_module.launch_greedy_step
+    launch = engine_module.launch_step
 
-    def counted(model, batch, pool, scales, graphs=None, after=None, carry=None):
+    def counted(model, batch, pool, scales, graphs=None, after=None, carry=None, sample=False):
         if after is not None and len(set(scales)) > 1:
             ahead_mixed.append(list(scales))
-        return launch(model, batch, pool, scales, graphs, after=after, carry=carry)
+        return launch(model, batch, pool, scales, graphs, after=after, carry=carry, sample=sample)
 
-    monkeypatch.setattr(engine_module, "launch_greedy_step", counted)
+    monkeypatch.setattr(engine_module, "launch_step", counted)
     de, pe = _engines(path, "widest", num_blocks=160, overlap_steps=True)
     try:
         batch = prompts([4, 15, 9, 26, 11, 7], seed=21)

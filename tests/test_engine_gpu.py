@@ -70,6 +70,32 @@ def test_graph_engine_matches_reference_float32(tmp_path, overlap):
 
 
 @cuda
+def test_sampled_rows_queued_ahead_in_graphs_match_reference(tmp_path):
+    """Seeded sampled rows (temperature, top-k, top-p, min-p) beside a greedy one, at both scales: drawn on the
+    GPU after each graph replay and fed to the step queued behind it; tokens equal ``colm.generate`` on the GPU."""
+    full, sub = _pair(torch.float32, tmp_path)
+    de = DecodeEngine(full, DecodeConfig(num_blocks=128, block_size=4, max_batch_size=8, overlap_steps=True)).start()
+    pe = PrefillEngine(sub, full.cfg, PrefillConfig(chunk_size=16, max_batch_tokens=64)).start()
+    kws = [dict(temperature=0.9, seed=1), dict(temperature=0.7, top_k=20, seed=2), dict(temperature=0.0),
+           dict(temperature=1.1, top_p=0.8, seed=3), dict(temperature=0.8, min_p=0.05, top_p=0.95, seed=4)]
+    try:
+        streams = []
+        for i, (p, kw) in enumerate(zip(prompts([3, 9, 17, 30, 12], seed=7), kws)):
+            params = SamplingParams(max_new_tokens=16, ignore_eos=True, **kw)
+            rid = f"s{i}"
+            de.reserve(rid, len(p), 16)
+            pe.submit(rid, p, LocalKVSink(de, rid))
+            streams.append((p, params, 1 + i % 2, de.start_generation(rid, p[-1], params, scale=1 + i % 2)))
+            time.sleep(0.01 * i)
+        for p, params, scale, st in streams:
+            assert [e.token_id for e in st] == generate(full, p, params, scale=scale).token_ids, params
+        assert de.graphs is not None and de.graphs.enabled and de.stats().num_steps_launched_ahead > 0
+    finally:
+        pe.stop(), de.stop()
+    assert de.pool.num_free == de.pool.num_blocks
+
+
+@cuda
 def test_graph_replay_equals_eager_bf16(tmp_path):
     full, _ = _pair(torch.bfloat16, tmp_path)
     de, batch = three_running(full)  # 3 rows: the graph runs a padded bucket of 4
