@@ -24,7 +24,7 @@
 #   bash bench/gpu_suite.sh sampling  # picking tokens on the host path (sampled, penalties, top log-probs, structured
 #                                     # output; needs xgrammar in $WHEELS for the last) against device greedy at a
 #                                     # 128k vocabulary, the CUDA tests of sampled steps, and the colocated engine
-#                                     # under greedy and sampled traffic (~7 min)
+#                                     # under greedy and sampled traffic (~9 min)
 #   bash bench/gpu_suite.sh ray       # colm serve on Ray (needs Ray in $WHEELS or installed), 1B Air, 160
 #                                     # clients, full scale then the budget mix (bench/serve_ray.py)    (~5 min)
 #
@@ -112,9 +112,9 @@ print(max(20, int(${PER_MODEL_S:-95} * 20 / r['train_seconds'])))")
       --out "$OUT/sampling_overhead.json" 2>&1 | grep -v Warn | tail -30
     COLM_KERNEL_TUNE=0 timeout 120 python -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py \
       tests/test_sampled_overlap.py 2>&1 | tail -3
-    for t in 0 0.8; do  # greedy and sampled traffic side by side
+    for t in 0 0.8; do  # greedy and sampled traffic side by side (each run: ~3 min, most of it the start's graph warm-up)
       name=$([ "$t" = 0 ] && echo greedy || echo sampled)
-      timeout 240 python bench/serve_path.py --modes colocated --concurrency 64 --ramp-s 2 --max-batched-tokens 4096 \
+      timeout 300 python bench/serve_path.py --modes colocated --concurrency 64 --ramp-s 2 --max-batched-tokens 4096 \
         --num-requests 1500 --client-processes 8 --connections 4 --routers 4 --num-blocks 0 --prompt-len 512,2048 \
         --output-len 32,96 --temperature $t --top-p $([ "$t" = 0 ] && echo 1.0 || echo 0.95) \
         --out "$OUT/serve_path_1b_air_c64_$name" 2>&1 | grep -v Warn | tail -8
