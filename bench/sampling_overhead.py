@@ -1,8 +1,9 @@
 """What picking a token costs per decode step, by how the batch's requests sample (CPU or GPU).
 
-The decode engine picks plain greedy rows on the device (one [2, B] read per step); every other row (sampled,
-with penalties / bias / allowed ids / min_tokens, with structured output, reporting top log-probs) has its row of
-logits copied to the host in one copy per step and is picked there (``decode_worker.step._picks``). This times
+The decode engine picks plain greedy rows on the device (one [2, B] read per step); sampled rows are drawn where the
+logits are; rows with penalties / bias / allowed ids / min_tokens / structured output are adjusted together where
+the logits are (only the entries of the context's tokens; a grammar's bitmask filled on the host) and picked there;
+rows reporting top log-probs take one ``topk`` (``decode_worker.step._picks``). This times
 ``_picks`` alone on a step head of B rows of random logits over a V-token vocabulary, every row of the batch in
 one mode, after the request has produced ``--context`` tokens (penalty counts and grammar state are warm):
 
@@ -12,12 +13,15 @@ one mode, after the request has produced ``--context`` tokens (penalty counts an
   row and ``torch.multinomial``), after one copy of the rows to the host, kept here as a baseline of ``sampled``;
 * ``sampled_rowwise``: the current sampler one row at a time on the host after one copy (the engine before it
   sampled its rows together where the logits are), the other baseline;
-* ``penalized``: greedy with repetition 1.1, frequency 0.5 and presence 0.5 penalties;
+* ``penalized``: greedy with repetition 1.1, frequency 0.5 and presence 0.5 penalties; ``penalized_host``: the same
+  picked as the engine did before it adjusted rows together on the device (one copy of the rows to the host, then
+  row by row over dense vocabulary-sized counts), the baseline;
 * ``top_logprobs``: greedy reporting the 5 most likely tokens;
 * ``structured``: greedy held to JSON objects, one per line and never ending (``json_object``'s grammar under a
   repetition, so that no request completes while it is timed), over a synthetic byte-level vocabulary of V tokens
   (the 256 bytes, then random 2-8 byte strings of printable ASCII, as a BPE vocabulary's tokens look);
-* ``structured_penalized``: both.
+* ``structured_host``: ``structured`` picked on the host row by row (xgrammar applying each row's bitmask in place),
+  the baseline; ``structured_penalized``: both.
 
 The whole decode step's time at the same batch comes from ``bench/decode_profile.py`` (GPU) or the engine; this
 bench is the picking's share only. Prints a table and writes JSON (``bench/results/``).
@@ -38,8 +42,8 @@ import torch
 
 from _results import write_result  # bench/ is sys.path[0] when a bench runs as a script
 
-MODES = ("greedy", "sampled_fullsort", "sampled_rowwise", "sampled", "min_p", "penalized", "top_logprobs", "structured",
-         "structured_penalized")
+MODES = ("greedy", "sampled_fullsort", "sampled_rowwise", "sampled", "min_p", "penalized_host", "penalized",
+         "top_logprobs", "structured_host", "structured", "structured_penalized")
 
 
 class SyntheticTokenizer:
@@ -73,6 +77,7 @@ def params_for(mode: str, max_new: int):
     from colm.sampling import SamplingParams
     from colm.structured import StructuredOutput
 
+    mode = mode.removesuffix("_host")
     lines = StructuredOutput("grammar", json_lines()) if mode.startswith("structured") else None
     pen = dict(repetition_penalty=1.1, frequency_penalty=0.5, presence_penalty=0.5)
     return {"greedy": SamplingParams(max_new_tokens=max_new),
@@ -98,6 +103,31 @@ def fullsort_picks(head, rows) -> list[tuple]:
     return [(fullsort_sample(x, 0.8, 0.95, r.generator), 0.0) for x, r in zip(head.logits.cpu(), rows)]
 
 
+def host_adjusted_picks(head, rows) -> list[tuple]:
+    """Adjusted rows as the engine picked them before it adjusted them together where the logits are: one copy of
+    the rows to the host, then per row the grammar's mask (xgrammar applying its bitmask in place) and the
+    penalties over dense vocabulary-sized counts, and the argmax: the baseline of ``penalized`` / ``structured``."""
+    out = []
+    for x, r in zip(head.logits.cpu(), rows):
+        a, p = r.adjust, r.params
+        a.fold(r.out_tokens)
+        x = x.float().clone()
+        if a.matcher is not None:
+            a.matcher.mask(x)
+        seen, ids, counts = a.context()
+        if p.repetition_penalty != 1:
+            hit = x[seen]
+            x[seen] = torch.where(hit > 0, hit / p.repetition_penalty, hit * p.repetition_penalty)
+        dense = torch.zeros_like(x)
+        dense[torch.from_numpy(ids)] = torch.from_numpy(counts)
+        if p.frequency_penalty:
+            x -= p.frequency_penalty * dense
+        if p.presence_penalty:
+            x -= p.presence_penalty * (dense > 0).float()
+        out.append((int(x.argmax()), 0.0))
+    return out
+
+
 def rowwise_picks(head, rows) -> list[tuple]:
     from colm.sampling import sample_next
 
@@ -119,7 +149,8 @@ def time_mode(mode: str, batch: int, vocab: int, context: int, device: str, tok,
 
     g = torch.Generator(device=device).manual_seed(0)
     params = params_for("sampled" if mode.startswith("sampled_") else mode, context + reps + 16)
-    pick = {"sampled_fullsort": fullsort_picks, "sampled_rowwise": rowwise_picks}.get(mode, _picks)
+    pick = {"sampled_fullsort": fullsort_picks, "sampled_rowwise": rowwise_picks, "penalized_host": host_adjusted_picks,
+            "structured_host": host_adjusted_picks}.get(mode, _picks)
     prompt = torch.randint(0, 256, (64,)).tolist()
     rows = [Row(params, make_adjuster(params, vocab, prompt, tok.eos_id, tokenizer=tok), params.make_generator())
             for _ in range(batch)]

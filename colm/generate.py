@@ -55,8 +55,8 @@ def generate(model: CoLM, prompt_ids: Sequence[int], params: SamplingParams, sca
     for i in range(params.max_new_tokens):
         s = cfg.check_scale(schedule(i))
         logits = model(step_input, scale=s, cache=cache)[0, -1]  # [V]
-        # sampled where the logits are, as the decode engine samples its rows; adjustments run on the host, as there
-        tok = sample_next(adjust(logits.cpu(), out) if adjust is not None else logits, params, gen)
+        # adjusted and sampled where the logits are, as the decode engine adjusts and samples its rows
+        tok = sample_next(adjust(logits, out) if adjust is not None else logits, params, gen)
         out.append(tok)
         scales.append(s)
         reason = stopper.add(tok)

@@ -1,7 +1,8 @@
 """A request's logit adjustments: penalties, logit bias and a minimum length, applied before a token is picked.
 
-Every generator applies them through ``LogitsAdjuster`` (the reference generator ``colm.generate``, the decode
-engine, the router's in-process backend), on the host, to one row of float32 logits, in this order (vLLM's):
+Every generator applies them through ``LogitsAdjuster`` / ``adjust_rows`` (the reference generator
+``colm.generate``, the decode engine, the router's in-process backend), where the logits are (a grammar's mask is
+filled on the host), to float32 logits, in this order (vLLM's):
 
 0. structured output (``colm.structured``): every token its grammar does not allow next gets -inf, and so does
    every token outside ``allowed_token_ids`` (vLLM) when it is given;
@@ -15,8 +16,8 @@ engine, the router's in-process backend), on the host, to one row of float32 log
 Temperature, top-k and top-p then act on the result (``colm.sampling``); a greedy request takes its argmax. The
 log-prob reported per token stays the model's own (vLLM's default), not the adjusted distribution's.
 
-The counts (and the grammar's place) grow by the tokens appended since the last call (O(new tokens), not
-O(output), per step). A request resumed elsewhere after a failure carries its earlier output at the end of its
+The counts, the context's distinct tokens and the grammar's place grow by the tokens appended since the last call;
+an adjuster holds them as id arrays on the host, and each step touches only those entries of the logits. A request resumed elsewhere after a failure carries its earlier output at the end of its
 prompt: ``prior_output`` says how many of the prompt's last tokens are output, so they count as output here too
 (and the grammar has read them).
 """
@@ -28,7 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from colm.sampling import SamplingParams
+from colm.sampling import SamplingParams, _on
 from colm.stopping import stop_token_set
 from colm.structured import OutputMatcher, compile_output
 
@@ -49,7 +50,10 @@ def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
 
 
 class LogitsAdjuster:
-    """The adjustments of one request's ``SamplingParams`` and the context they read (prompt, output so far)."""
+    """The adjustments of one request's ``SamplingParams`` and the context they read (prompt, output so far), held
+    sparsely on the host: the ids each adjustment touches (a logit bias's tokens, the allowed ids, the stop tokens,
+    the context's distinct tokens, the output's counts), never a vocabulary-sized row. ``adjust_rows`` applies many
+    requests' adjusters to a batch of rows where the logits are; calling one adjusts one row."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int] | np.ndarray = (),
                  stop_ids: Iterable[int] = (), prior_output: int = 0, grammar=None) -> None:
@@ -57,23 +61,18 @@ class LogitsAdjuster:
         check_token_ids(params, vocab_size)
         self.params = params
         self.vocab_size = vocab_size
-        self.bias: torch.Tensor | None = None  # [V] float32
-        if params.logit_bias:
-            self.bias = torch.zeros(vocab_size)
-            ids, values = zip(*params.logit_bias)
-            self.bias[torch.tensor(ids)] = torch.tensor(values, dtype=torch.float32)
-        self.banned: torch.Tensor | None = None  # [V] bool: outside allowed_token_ids
-        if params.allowed_token_ids:
-            self.banned = torch.ones(vocab_size, dtype=torch.bool)
-            self.banned[torch.tensor(params.allowed_token_ids)] = False
-        self.stop_ids = torch.tensor(sorted(t for t in set(stop_ids) if 0 <= t < vocab_size), dtype=torch.int64)
-        self.counts = torch.zeros(vocab_size)     # [V] float32: times each token appeared in the output
-        self.seen = torch.zeros(vocab_size, dtype=torch.bool)  # [V]: in the prompt or the output
-        prompt = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64))
+        self.bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)  # distinct (a sorted mapping)
+        self.bias_values = np.array([v for _, v in params.logit_bias], dtype=np.float32)
+        self.allowed = np.unique(np.asarray(params.allowed_token_ids, dtype=np.int64)) if params.allowed_token_ids \
+            else None
+        self.stop_ids = np.array(sorted(t for t in set(stop_ids) if 0 <= t < vocab_size), dtype=np.int64)
+        self._counts: dict[int, int] = {}  # token -> times it appeared in the output
+        self._out = None  # (output ids sorted, their counts as float32): ``_counts`` as arrays, rebuilt on change
+        prompt = np.asarray(prompt_ids, dtype=np.int64)
+        self._seen = np.unique(prompt) if params.penalizes else prompt[:0]  # tokens of the prompt or output, sorted
         if params.penalizes:
-            self.seen[prompt] = True
             if prior_output:
-                self._count(prompt[len(prompt) - prior_output:])
+                self._count(prompt[len(prompt) - prior_output:].tolist())
         self.matcher = None
         if params.structured is not None:
             if grammar is None:
@@ -83,39 +82,113 @@ class LogitsAdjuster:
                 self.matcher.accept(t)
         self._folded = 0  # tokens of the output counted so far
 
-    def _count(self, tokens: torch.Tensor) -> None:
-        self.counts.index_add_(0, tokens, torch.ones(len(tokens)))
-        self.seen[tokens] = True
+    def _count(self, tokens: list[int]) -> None:
+        for t in tokens:
+            self._counts[t] = self._counts.get(t, 0) + 1
+            at = int(np.searchsorted(self._seen, t))
+            if at == len(self._seen) or self._seen[at] != t:
+                self._seen = np.insert(self._seen, at, t)
+        self._out = None
+
+    def context(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(the distinct tokens of the prompt and output, sorted; the distinct output tokens, sorted; their counts
+        as float32)."""
+        if self._out is None:
+            out = np.array(sorted(self._counts), dtype=np.int64)
+            self._out = (out, np.array([self._counts[t] for t in out.tolist()], dtype=np.float32))
+        return (self._seen, *self._out)
+
+    def fold(self, out_tokens: Sequence[int]) -> None:
+        """Count the tokens appended to ``out_tokens`` (this generation's output) since the last call, and feed
+        them to the grammar."""
+        if len(out_tokens) <= self._folded:
+            return
+        new = [int(t) for t in out_tokens[self._folded:]]
+        self._folded = len(out_tokens)  # first: a token the grammar refuses is not folded in twice on a retry
+        if self.params.penalizes:
+            self._count(new)
+        if self.matcher is not None:
+            for t in new:
+                self.matcher.accept(t)
 
     def __call__(self, logits: torch.Tensor, out_tokens: Sequence[int]) -> torch.Tensor:
-        """logits: [V] (any dtype, on the host) of the token after ``out_tokens`` (this generation's output so
-        far) -> [V] float32, adjusted."""
-        p = self.params
-        if len(out_tokens) > self._folded:
-            new = list(out_tokens[self._folded:])
-            self._folded = len(out_tokens)  # first: a token the grammar refuses is not folded in twice on a retry
-            if p.penalizes:
-                self._count(torch.tensor(new, dtype=torch.int64))
-            if self.matcher is not None:
-                for t in new:
-                    self.matcher.accept(t)
-        x = logits.float().clone()
-        if self.matcher is not None:
-            self.matcher.mask(x)
-        if self.banned is not None:
-            x.masked_fill_(self.banned, float("-inf"))
-        if self.bias is not None:
-            x += self.bias
-        if len(out_tokens) < p.min_tokens and len(self.stop_ids):
-            x[self.stop_ids] = float("-inf")
-        if p.repetition_penalty != 1:
-            hit = x[self.seen]
-            x[self.seen] = torch.where(hit > 0, hit / p.repetition_penalty, hit * p.repetition_penalty)
-        if p.frequency_penalty:
-            x -= p.frequency_penalty * self.counts
-        if p.presence_penalty:
-            x -= p.presence_penalty * (self.counts > 0).float()
-        return x
+        """logits: [V] (any dtype and device) of the token after ``out_tokens`` (this generation's output so
+        far) -> [V] float32, adjusted, where the logits are."""
+        return adjust_rows(logits[None], [self], [out_tokens])[0]
+
+
+def adjust_rows(logits: torch.Tensor, adjusters, outs) -> torch.Tensor:
+    """logits [A, V] (any dtype and device), row i of the request whose adjuster is ``adjusters[i]`` and whose
+    output so far is ``outs[i]`` -> [A, V] float32 adjusted, where the logits are, in the module docstring's order.
+    Each adjustment gathers the (row, token) entries it touches for all rows at once (index lists built on the
+    host from the adjusters' sparse state, one copy each), computes them and scatters them back: work in the
+    context's length, not the vocabulary's, and a row comes out exactly as it would alone. A grammar row's mask is
+    filled on the host (xgrammar's bitmask) and applied here."""
+    dev, (A, V) = logits.device, logits.shape
+    for a, out in zip(adjusters, outs):
+        a.fold(out)
+    x = logits.float().clone()  # [A, V]
+
+    def entries(per_row) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """per_row: one id array per row (or None) -> (rows, ids) [N] int64 on the device, or None if empty."""
+        ids = [np.asarray(i, dtype=np.int64) for i in per_row]
+        n = sum(len(i) for i in ids)
+        if not n:
+            return None
+        rows = np.repeat(np.arange(len(ids), dtype=np.int64), [len(i) for i in ids])
+        return _on(rows, torch.int64, dev), _on(np.concatenate(ids), torch.int64, dev)
+
+    def flat(per_row) -> torch.Tensor:
+        return _on(np.concatenate([np.asarray(v, dtype=np.float32) for v in per_row]), torch.float32, dev)
+
+    grammar = [i for i, a in enumerate(adjusters) if a.matcher is not None]
+    if grammar:
+        words = np.concatenate([adjusters[i].matcher.fill() for i in grammar])  # [G, W] int32, on the host
+        refused = _refused(_on(words.view(np.uint8), torch.uint8, dev), V)  # [G, V] bool
+        if len(grammar) == A:
+            x.masked_fill_(refused, float("-inf"))
+        else:
+            at = _on(grammar, torch.int64, dev)
+            x.index_copy_(0, at, x.index_select(0, at).masked_fill(refused, float("-inf")))
+    keep = [i for i, a in enumerate(adjusters) if a.allowed is not None]
+    if keep:  # every token but the allowed ones -> -inf: the kept entries saved, the rows filled, put back
+        e = entries([adjusters[i].allowed if i in keep else () for i in range(A)])
+        kept = x[e]
+        x.index_fill_(0, _on(keep, torch.int64, dev), float("-inf"))
+        x.index_put_(e, kept)
+    e = entries([a.bias_ids for a in adjusters])
+    if e is not None:
+        x.index_put_(e, x[e] + flat([a.bias_values for a in adjusters]))
+    e = entries([a.stop_ids if len(out) < a.params.min_tokens else () for a, out in zip(adjusters, outs)])
+    if e is not None:
+        x.index_put_(e, torch.full((), float("-inf"), device=dev))
+    rep = [a.params.repetition_penalty != 1 for a in adjusters]
+    e = entries([a.context()[0] if r else () for a, r in zip(adjusters, rep)])
+    if e is not None:
+        hit = x[e]
+        rp = _on([a.params.repetition_penalty for a in adjusters], torch.float32, dev)[e[0]]  # [N]
+        x.index_put_(e, torch.where(hit > 0, hit / rp, hit * rp))
+    pen = [bool(a.params.frequency_penalty or a.params.presence_penalty) for a in adjusters]
+    e = entries([a.context()[1] if p else () for a, p in zip(adjusters, pen)])
+    if e is not None:
+        counts = flat([a.context()[2] if p else () for a, p in zip(adjusters, pen)])  # [N], all > 0
+        f = _on([a.params.frequency_penalty for a in adjusters], torch.float32, dev)[e[0]]
+        p = _on([a.params.presence_penalty for a in adjusters], torch.float32, dev)[e[0]]
+        x.index_put_(e, x[e] - f * counts - p)
+    return x
+
+
+_REFUSED_BITS = torch.tensor([[not (b >> j) & 1 for j in range(8)] for b in range(256)])  # [256, 8] bool
+_TABLES: dict[torch.device, torch.Tensor] = {}  # _REFUSED_BITS on each device used
+
+
+def _refused(mask_bytes: torch.Tensor, n: int) -> torch.Tensor:
+    """A grammar bitmask as bytes [G, 4 W] (little-endian int32 words: bit j of byte k is token 8 k + j, set when
+    the token is allowed) -> [G, n] bool, True for the tokens it refuses: one table lookup per byte."""
+    table = _TABLES.get(mask_bytes.device)
+    if table is None:
+        table = _TABLES[mask_bytes.device] = _REFUSED_BITS.to(mask_bytes.device)
+    return table[mask_bytes.long()].reshape(mask_bytes.shape[0], -1)[:, :n]
 
 
 def make_adjuster(params: SamplingParams, vocab_size: int, prompt_ids: Sequence[int] | np.ndarray = (),

@@ -169,6 +169,12 @@ class OutputMatcher:
         if not self.matcher.accept_token(int(token)):
             raise ValueError(f"token {token} does not continue the request's structured output")
 
+    def fill(self):
+        """The bitmask of the tokens the grammar allows next: [1, ceil(V / 32)] int32 on the host, bit j of word w
+        for token 32 w + j."""
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        return self.bitmask.numpy()
+
     def mask(self, logits):
         """logits: [V] float32 on the host, in place: the tokens the grammar does not allow next get -inf."""
         self.matcher.fill_next_token_bitmask(self.bitmask)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from colm.sampling import _on, draw_rows_tensor, filtered_rows, restore, sample_next, sample_rows, top_logprobs_rows, uniforms
+from colm.logits_adjust import adjust_rows
+from colm.sampling import _on, draw_rows_tensor, filtered_rows, restore, sample_rows, top_logprobs_rows, uniforms
 
 from colm.decode_worker.graphs import StepHead, head_outputs, mixed_head_outputs
 from colm.decode_worker.paged_cache import PagedStepCache
@@ -206,9 +207,17 @@ def _picks(head: StepHead, rows) -> list[tuple]:
         for j, t in zip(sampled, drawn):
             toks[j] = t
     adjusted = [j for j, r in enumerate(rows) if r.adjust is not None]
-    for logits, j in zip(head.logits[adjusted].cpu(), adjusted):  # [A, V] in one device->host copy
-        r = rows[j]
-        toks[j] = sample_next(r.adjust(logits, r.out_tokens), r.params, r.generator)
+    if adjusted:  # adjusted together where the logits are (a grammar's mask filled on the host), then picked there
+        x = adjust_rows(head.logits[adjusted], [rows[j].adjust for j in adjusted],
+                        [rows[j].out_tokens for j in adjusted])  # [A, V] float32
+        drawn = [i for i, j in enumerate(adjusted) if not rows[j].params.greedy]
+        picked = x.argmax(dim=-1).tolist() if len(drawn) < len(adjusted) else [0] * len(adjusted)
+        if drawn:
+            for i, t in zip(drawn, sample_rows(x[drawn], [rows[adjusted[i]].params for i in drawn],
+                                               [rows[adjusted[i]].generator for i in drawn])):
+                picked[i] = t
+        for j, t in zip(adjusted, picked):
+            toks[j] = t
     tops: list[tuple] = [()] * len(rows)
     want = [j for j, r in enumerate(rows) if r.params.top_logprobs]
     if want:

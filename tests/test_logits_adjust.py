@@ -73,6 +73,37 @@ def test_the_adjustment_equals_the_reference_and_grows_with_the_output():
         torch.testing.assert_close(resumed(logits, out[9:]), LogitsAdjuster(params, vocab, prompt, stops)(logits, out))
 
 
+def test_a_batch_of_different_adjusters_adjusts_each_row_as_alone_and_as_the_reference():
+    """``adjust_rows`` over rows of different requests (penalties of every kind, biases, allowed ids, min_tokens,
+    nothing but a bias) gives each row bit for bit what its adjuster gives it alone, and the reference's values;
+    the batch advances with outputs of different lengths."""
+    from colm.logits_adjust import adjust_rows
+
+    g = torch.Generator().manual_seed(11)
+    vocab, stops = 300, (EOS, 12)
+    kinds = [dict(repetition_penalty=1.4), dict(frequency_penalty=0.6), dict(presence_penalty=-0.8),
+             dict(logit_bias=((5, 30.0), (250, -7.5))), dict(min_tokens=6, **STRONG),
+             dict(repetition_penalty=0.8, frequency_penalty=-0.3, presence_penalty=0.5, logit_bias=((12, 3.0),)),
+             dict(allowed_token_ids=(3, 9, 12, 40, 41), repetition_penalty=1.2, logit_bias=((9, 2.0),))]
+    params = [SamplingParams(max_new_tokens=30, **kw) for kw in kinds]
+    prompts_ = [torch.randint(0, vocab, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+                for _ in params]
+    batch = [LogitsAdjuster(p, vocab, q, stops) for p, q in zip(params, prompts_)]
+    alone = [LogitsAdjuster(p, vocab, q, stops) for p, q in zip(params, prompts_)]
+    outs = [[] for _ in params]
+    for step in range(12):
+        logits = torch.randn(len(params), vocab, generator=g) * 5
+        got = adjust_rows(logits, batch, outs)
+        for i, (p, q, out) in enumerate(zip(params, prompts_, outs)):
+            assert torch.equal(got[i], alone[i](logits[i], out)), (step, kinds[i])
+            want = reference_adjust(logits[i], p, q, out, stops)
+            if p.allowed_token_ids:
+                want[[t for t in range(vocab) if t not in p.allowed_token_ids]] = float("-inf")
+            torch.testing.assert_close(got[i].double(), want, rtol=1e-5, atol=1e-4)
+        for i, out in enumerate(outs):  # outputs grow unevenly, with repeats
+            out.extend(torch.randint(0, 50, (1 + (i + step) % 3,), generator=g).tolist())
+
+
 def test_min_p_keeps_the_tokens_near_the_most_likely_and_allowed_ids_mask_the_rest():
     """min_p against its definition in float64 (after temperature, before top-k / top-p, as vLLM orders them);
     allowed_token_ids leaves only those finite."""
