@@ -123,7 +123,8 @@ def adjust_rows(logits: torch.Tensor, adjusters, outs) -> torch.Tensor:
     Each adjustment gathers the (row, token) entries it touches for all rows at once (index lists built on the
     host from the adjusters' sparse state, one copy each), computes them and scatters them back: work in the
     context's length, not the vocabulary's, and a row comes out exactly as it would alone. A grammar row's mask is
-    filled on the host (xgrammar's bitmask) and applied here."""
+    filled on the host (xgrammar's bitmask) and applied here (on a GPU through a byte table; on the host by
+    xgrammar)."""
     dev, (A, V) = logits.device, logits.shape
     for a, out in zip(adjusters, outs):
         a.fold(out)
@@ -142,7 +143,10 @@ def adjust_rows(logits: torch.Tensor, adjusters, outs) -> torch.Tensor:
         return _on(np.concatenate([np.asarray(v, dtype=np.float32) for v in per_row]), torch.float32, dev)
 
     grammar = [i for i, a in enumerate(adjusters) if a.matcher is not None]
-    if grammar:
+    if grammar and dev.type == "cpu":  # xgrammar applies its bitmask to a host row in place
+        for i in grammar:
+            adjusters[i].matcher.mask(x[i])
+    elif grammar:
         words = np.concatenate([adjusters[i].matcher.fill() for i in grammar])  # [G, W] int32, on the host
         refused = _refused(_on(words.view(np.uint8), torch.uint8, dev), V)  # [G, V] bool
         if len(grammar) == A:
