@@ -60,6 +60,33 @@ def setup(tmp_path_factory):
     return path, save_tiny_air(path)
 
 
+def test_the_device_expansion_of_a_grammar_bitmask_equals_xgrammar():
+    """On a GPU a grammar row's bitmask is expanded by a byte table (``logits_adjust._refused``); on the host
+    xgrammar applies it. Both refuse the same tokens, for masks of a grammar at several points of an output and of
+    random words (every bit pattern), at a vocabulary that is not a multiple of 32."""
+    import numpy as np
+    import torch
+
+    from colm.logits_adjust import _refused
+    from colm.structured import OutputMatcher
+
+    vocab = 300  # the byte tokenizer's 260 ids and 40 more no grammar allows
+    m = OutputMatcher(compile_output(StructuredOutput("json_object"), ByteTokenizer(), vocab), vocab)
+    masks = []
+    for t in b'{"a": [1, 2':
+        masks.append(m.fill().copy())
+        m.accept(t)
+    masks.append(np.random.default_rng(0).integers(-2**31, 2**31, size=(3, masks[0].shape[1]), dtype=np.int64)
+                 .astype(np.int32))
+    words = np.concatenate(masks)  # [R, W] int32
+    got = _refused(torch.from_numpy(words.view(np.uint8).copy()), vocab)  # [R, V]
+    for row, w in zip(got, words):
+        want = torch.zeros(vocab)
+        m._xgr.apply_token_bitmask_inplace(want, torch.from_numpy(w[None].copy()))
+        assert torch.equal(row, torch.isinf(want))
+    assert 0 < int(got[:-3].sum()) < got[:-3].numel()
+
+
 def test_bad_requests_are_refused_with_the_field():
     with pytest.raises(ValueError, match="kind='xml' is unknown"):
         StructuredOutput("xml", "x")
