@@ -16,7 +16,8 @@
 #   bash bench/gpu_suite.sh compare-all  # all four models in one call: the slowest model's seconds per step measured
 #                                     # first, then every model trains the step count that fits PER_MODEL_S (default
 #                                     # 95 s) with the same recipe, scored and merged; then chain-1 self-speculative
-#                                     # decoding of the trained Air {16,16} (SOURCES: a packed stdlib) (<10 min)
+#                                     # decoding of the trained Air {16,16} (SOURCES: a packed stdlib), all within
+#                                     # TOTAL_S, each model's report returned as soon as it exists (<10 min)
 #   bash bench/gpu_suite.sh spec      # speculative decoding of the bundled demo, the gathered and the paged
 #                                     # verify side by side, and the CUDA tests of rounds and graphs (~3 min)
 #   bash bench/gpu_suite.sh prefix    # prefix caching: the colocated engine without and with it, 1B Air, 160
@@ -86,15 +87,22 @@ case "$part" in
     steps=$(python -c "import json; r = json.load(open('/tmp/compare-calib.json'))['models']['compare-16-16']; \
 print(max(20, int(${PER_MODEL_S:-95} * 20 / r['train_seconds'])))")
     echo "steps per model: $steps"
+    # each model's report comes back as soon as it exists (a call cut short keeps what it finished); a model is
+    # started only while the call's TOTAL_S (default 560 s) leaves it room
+    per=${PER_MODEL_S:-95}
     for m in compare-dense compare-16-16 compare-16-16-air compare-8-8-8-8-air; do
-      timeout $(( ${PER_MODEL_S:-95} * 2 + 60 )) $tc --runs /tmp/compare-runs --models $m --steps "$steps" \
+      if (( SECONDS + per + 60 > ${TOTAL_S:-560} )); then echo "$m: not started, the call's time is spent"; continue; fi
+      timeout $(( per * 2 + 60 )) $tc --runs /tmp/compare-runs --models $m --steps "$steps" \
         --eval-batches ${EVAL_BATCHES:-64} --json "/tmp/compare-parts/$m.json" 2>&1 | grep -v Warn | tail -3
-    done  # the models' own reports stay here (a call returns 8 files at most); the merged one holds them all
+      [ -f "/tmp/compare-parts/$m.json" ] && cp "/tmp/compare-parts/$m.json" "$OUT/train_compare_$m.json"
+    done  # their PNGs stay here (a call returns 8 files at most)
     python bench/train_compare.py --merge "$(ls /tmp/compare-parts/compare-*.json | paste -sd,)" \
       --json "$OUT/train_compare.json" 2>&1 | tail -12
-    timeout ${SPEC_S:-100} python bench/speculative.py --model /tmp/compare-runs/compare-16-16-air/model \
-      --dtype bfloat16 --batches 1,8 --gammas 1,2,4 --reps 3 --out "$OUT/speculative_compare_16_16_air.json" 2>&1 \
-      | grep -v Warn | tail -14 ;;
+    if (( SECONDS + 40 < ${TOTAL_S:-560} )) && [ -f /tmp/compare-runs/compare-16-16-air/model/config.json ]; then
+      timeout $(( ${TOTAL_S:-560} - SECONDS )) python bench/speculative.py \
+        --model /tmp/compare-runs/compare-16-16-air/model --dtype bfloat16 --batches 1,8 --gammas 1,2,4 --reps 3 \
+        --out "$OUT/speculative_compare_16_16_air.json" 2>&1 | grep -v Warn | tail -14
+    fi ;;
   spec)
     timeout 90 python -m pytest -q -p no:cacheprovider tests/test_speculative.py tests/test_verify_paged.py \
       tests/test_engine_gpu.py 2>&1 | tee "$OUT/gpu_tests_spec.log" | tail -4
