@@ -117,18 +117,37 @@ class LogitsAdjuster:
         return adjust_rows(logits[None], [self], [out_tokens])[0]
 
 
-def adjust_rows(logits: torch.Tensor, adjusters, outs) -> torch.Tensor:
+def adjust_rows(logits: torch.Tensor, adjusters, outs, pending: torch.Tensor | None = None,
+                has_pending=None) -> torch.Tensor:
     """logits [A, V] (any dtype and device), row i of the request whose adjuster is ``adjusters[i]`` and whose
     output so far is ``outs[i]`` -> [A, V] float32 adjusted, where the logits are, in the module docstring's order.
     Each adjustment gathers the (row, token) entries it touches for all rows at once (index lists built on the
     host from the adjusters' sparse state, one copy each), computes them and scatters them back: work in the
     context's length, not the vocabulary's, and a row comes out exactly as it would alone. A grammar row's mask is
     filled on the host (xgrammar's bitmask) and applied here (on a GPU through a byte table; on the host by
-    xgrammar)."""
+    xgrammar).
+
+    ``pending`` [A] (int64, on the device) with ``has_pending[i]``: row i's output has one more token than
+    ``outs[i]``, known only on the device (a step queued before the previous one was read): it counts as output
+    here without a read. Its entry joins the repetition and the count penalties' entries (where it repeats an entry
+    already there, both compute the same value); a grammar row cannot have one (its matcher needs the token)."""
     dev, (A, V) = logits.device, logits.shape
     for a, out in zip(adjusters, outs):
         a.fold(out)
+    has_pending = list(has_pending) if pending is not None else [False] * A
+    if any(h and a.matcher is not None for a, h in zip(adjusters, has_pending)):
+        raise ValueError("adjust_rows: a grammar row's token must be read before its next step is adjusted")
+    outs = [len(out) + h for out, h in zip(outs, has_pending)]  # tokens out before this step's, counted
     x = logits.float().clone()  # [A, V]
+
+    def with_pending(e, pred) -> tuple | None:
+        """Entries ``e`` (or None) and each row's pending token where ``pred(row)``: (rows, ids, pending mask)."""
+        add = [i for i in range(A) if has_pending[i] and pred(i)]
+        if not add:
+            return e
+        at = _on(add, torch.int64, dev)
+        extra = (at, pending.index_select(0, at))
+        return extra if e is None else (torch.cat([e[0], extra[0]]), torch.cat([e[1], extra[1]]))
 
     def entries(per_row) -> tuple[torch.Tensor, torch.Tensor] | None:
         """per_row: one id array per row (or None) -> (rows, ids) [N] int64 on the device, or None if empty."""
@@ -163,19 +182,32 @@ def adjust_rows(logits: torch.Tensor, adjusters, outs) -> torch.Tensor:
     e = entries([a.bias_ids for a in adjusters])
     if e is not None:
         x.index_put_(e, x[e] + flat([a.bias_values for a in adjusters]))
-    e = entries([a.stop_ids if len(out) < a.params.min_tokens else () for a, out in zip(adjusters, outs)])
+    e = entries([a.stop_ids if n < a.params.min_tokens else () for a, n in zip(adjusters, outs)])
     if e is not None:
         x.index_put_(e, torch.full((), float("-inf"), device=dev))
     rep = [a.params.repetition_penalty != 1 for a in adjusters]
-    e = entries([a.context()[0] if r else () for a, r in zip(adjusters, rep)])
+    e = with_pending(entries([a.context()[0] if r else () for a, r in zip(adjusters, rep)]), lambda i: rep[i])
     if e is not None:
         hit = x[e]
         rp = _on([a.params.repetition_penalty for a in adjusters], torch.float32, dev)[e[0]]  # [N]
         x.index_put_(e, torch.where(hit > 0, hit / rp, hit * rp))
     pen = [bool(a.params.frequency_penalty or a.params.presence_penalty) for a in adjusters]
     e = entries([a.context()[1] if p else () for a, p in zip(adjusters, pen)])
+    counts = None if e is None else flat([a.context()[2] if p else () for a, p in zip(adjusters, pen)])  # [N] > 0
+    add = [i for i in range(A) if has_pending[i] and pen[i]]
+    if add:  # the pending token: its count one more than in the output read so far (0 if absent)
+        mine = torch.full((A,), -1, dtype=torch.int64, device=dev)
+        at = _on(add, torch.int64, dev)
+        mine.index_copy_(0, at, pending.index_select(0, at))
+        prev = torch.zeros(A, device=dev)
+        if e is not None:
+            same = (e[1] == mine[e[0]]).float()  # [N]: the entry of a row's pending token
+            prev.index_add_(0, e[0], counts * same)
+            counts = counts + same
+        e = with_pending(e, lambda i: pen[i])
+        extra = prev.index_select(0, at) + 1.0
+        counts = extra if counts is None else torch.cat([counts, extra])
     if e is not None:
-        counts = flat([a.context()[2] if p else () for a, p in zip(adjusters, pen)])  # [N], all > 0
         f = _on([a.params.frequency_penalty for a in adjusters], torch.float32, dev)[e[0]]
         p = _on([a.params.presence_penalty for a in adjusters], torch.float32, dev)[e[0]]
         x.index_put_(e, x[e] - f * counts - p)

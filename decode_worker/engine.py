@@ -51,7 +51,7 @@ from colm.decode_worker.kv_intake import KVIntake
 from colm.decode_worker.prefill_graphs import PackedPrefillGraphs
 from colm.decode_worker.request import DecodeRequest, Reservation, TokenEvent, TokenStream, stop_reason
 from colm.decode_worker.speculative import round_gamma, speculative_round
-from colm.decode_worker.step import LaunchedStep, decode_step, launch_step
+from colm.decode_worker.step import LaunchedStep, decode_step, launch_step, queueable
 from colm.decode_worker.step_stats import StepTimes
 from colm.decode_worker.token_mux import MuxStream, Subscription, TokenMux
 from colm.decode_worker.verify_graphs import VerifyGraphs
@@ -553,7 +553,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
 
     def _can_overlap(self, batch, scales) -> bool:
         return (self._overlap and (len(set(scales)) == 1 or self._mixed_ahead())
-                and all(r.params.plain and r.cancel is None for r in batch))
+                and all(queueable(r) and r.cancel is None for r in batch))
 
     def _overlapped(self, batch, scales, joining=(), before_read=None) -> list[tuple[int, float]]:
         """Step n's tokens, with step n+1 queued before they are read: for the rows that go on past step n (not
@@ -595,9 +595,9 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
             for req in self._waiting(frozenset(map(id, joining))):  # as _housekeep admits, up to max_batch_size
                 if len(rows) >= self.config.max_batch_size:
                     break
-                if (req.kv_ready is not None or req.cancel is not None or not req.params.plain or round_gamma(req)
+                if (req.kv_ready is not None or req.cancel is not None or not queueable(req) or round_gamma(req)
                         or (not mixed_ok and req.scale != scales[0])):
-                    return None  # it would not join as a plain row of this step: no step ahead
+                    return None  # it would not join this step as a row picked on the device: no step ahead
                 rows.append(req)
                 row_scales.append(req.scale)
         return (rows, carry, row_scales) if rows else None

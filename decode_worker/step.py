@@ -126,10 +126,11 @@ class LaunchedStep:
 def launch_step(model, batch, pool, scales, graphs=None, after: LaunchedStep | None = None, carry=None,
                 sample: bool = False) -> LaunchedStep:
     """Queue one step of ``batch`` (row i at ``scales[i]``; mixed scales run as ``mixed_scale_mode: widest`` does:
-    one forward at the widest, each row's head at its own) without reading its tokens back. Every row greedy, or
-    with ``sample`` each row that samples (``params.plain``: no adjusted logits, no top log-probs) drawn on the
-    device: its uniform comes from its generator now, on the host, and ``LaunchedStep.undraw`` gives it back if
-    the step is dropped. Without ``sample`` every row takes the argmax (a speculative round's drafts).
+    one forward at the widest, each row's head at its own) without reading its tokens back. With ``sample`` every
+    row is picked as ``queueable`` rows are, on the device: rows with adjusted logits adjusted there (counting the
+    token ``after`` gave them, not read yet), sampled rows drawn there (each uniform from the row's generator now,
+    on the host; ``LaunchedStep.undraw`` gives it back if the step is dropped). Without ``sample`` every row takes the argmax of the model's own logits (a
+    speculative round's drafts).
 
     ``after``: the step queued just before and not read yet, so the host can launch step n+1 before it reads
     step n (the engine's ``overlap_steps``). The first ``len(carry)`` rows of ``batch`` are rows ``carry`` of
@@ -142,12 +143,18 @@ def launch_step(model, batch, pool, scales, graphs=None, after: LaunchedStep | N
     carry = list(carry) if after is not None else None
     scales = list(scales)
     widest, mixed = max(scales), len(set(scales)) > 1
-    draws = [j for j, r in enumerate(batch) if not r.params.greedy] if sample else []
+    picks = sample and any(not r.params.greedy or r.adjust is not None for r in batch)  # not all plain argmax
+    if picks and after is not None:  # the carried rows' tokens of the step before: output not read yet
+        pending = torch.cat([feed[_on(carry, torch.int64, feed.device), 0],
+                             torch.full((len(batch) - len(carry),), -1, dtype=torch.int64, device=feed.device)])
+        has_pending = [j < len(carry) for j in range(len(batch))]
+    else:
+        pending, has_pending = None, None
     if graphs is not None:
-        launched = graphs.step_head(batch, widest, carry=carry, feed=feed, read_async=not draws, row_scales=scales)
+        launched = graphs.step_head(batch, widest, carry=carry, feed=feed, read_async=not picks, row_scales=scales)
         if launched is not None:
-            if draws:
-                return _drawn(batch, scales, launched, draws)
+            if picks:
+                return _drawn(batch, scales, launched, pending, has_pending)
             head, read = launched
             return LaunchedStep(batch, scales, head, read)
     tokens, positions, cache = _step_tensors(batch, pool, model.inv_freq.device, carry, feed)
@@ -157,27 +164,46 @@ def launch_step(model, batch, pool, scales, graphs=None, after: LaunchedStep | N
     else:
         row_scales = torch.tensor(scales, dtype=torch.int64, device=hidden.device)  # [B]
         head = mixed_head_outputs(model, hidden, row_scales, set(scales))
-    return _drawn(batch, scales, head, draws) if draws else LaunchedStep(batch, scales, head)
+    return _drawn(batch, scales, head, pending, has_pending) if picks else LaunchedStep(batch, scales, head)
 
 
-def _drawn(batch, scales, head: StepHead, draws: list[int]) -> LaunchedStep:
-    """The launched step of ``head`` with rows ``draws`` sampled on the device (``colm.sampling``'s filters and
-    draw, as ``sample_rows``) and the rest greedy; their tokens and log-probs read back in one queued copy. A row
-    whose distribution is not finite draws -1: its result raises, its next input is token 0 meanwhile (the step
-    queued after it is dropped: its batch no longer holds)."""
+def queueable(r) -> bool:
+    """A row whose token can be picked on the device inside a step queued ahead: no top log-probs to report and no
+    grammar (its matcher needs each token on the host); greedy or sampled, adjusted or not."""
+    return not r.params.top_logprobs and (r.adjust is None or r.adjust.matcher is None)
+
+
+def _drawn(batch, scales, head: StepHead, pending=None, has_pending=None) -> LaunchedStep:
+    """The launched step of ``head`` with its tokens picked on the device: adjusted rows adjusted together
+    (``colm.logits_adjust.adjust_rows``, counting ``pending``: each carried row's token of the step before, not
+    read yet), then greedy rows' argmax and sampled rows' draw (``colm.sampling``'s filters and draw, as
+    ``sample_rows``); tokens and log-probs read back in one queued copy. A row whose distribution is not finite
+    draws -1: its result raises, its next input is token 0 meanwhile (the step queued after it is dropped: its
+    batch no longer holds)."""
     dev, B = head.logits.device, len(batch)
+    draws = [j for j, r in enumerate(batch) if not r.params.greedy]
+    adj = [j for j, r in enumerate(batch) if r.adjust is not None]
+    toks = head.greedy[:, 0].clone()  # [B]
+    logits = head.logits
+    if adj:
+        at = _on(adj, torch.int64, dev)  # [A]
+        x = adjust_rows(head.logits.index_select(0, at), [batch[j].adjust for j in adj],
+                        [batch[j].out_tokens for j in adj], None if pending is None else pending.index_select(0, at),
+                        None if has_pending is None else [has_pending[j] for j in adj])  # [A, V] float32
+        logits = head.logits.float().index_copy(0, at, x)  # [B, V]: adjusted rows replaced
+        toks.index_copy_(0, at, x.argmax(dim=-1))  # the greedy ones keep it; the sampled ones draw below
     gens = [batch[j].generator for j in draws]
     states = [g.get_state() if g is not None else None for g in gens]
-    u = _on(uniforms(gens), torch.float64, dev)  # [S]
-    params = [batch[j].params for j in draws]
-    if len(draws) == B:
-        toks = draw_rows_tensor(filtered_rows(head.logits, params), u)  # [B]
-    else:
-        idx = _on(draws, torch.int64, dev)  # [S]
-        picked = draw_rows_tensor(filtered_rows(head.logits.index_select(0, idx), params), u)  # [S]
-        toks = head.greedy[:, 0].clone().index_copy_(0, idx, picked)  # [B]
+    if draws:
+        u = _on(uniforms(gens), torch.float64, dev)  # [S]
+        params = [batch[j].params for j in draws]
+        if len(draws) == B:
+            toks = draw_rows_tensor(filtered_rows(logits, params), u)  # [B]
+        else:
+            idx = _on(draws, torch.int64, dev)  # [S]
+            toks.index_copy_(0, idx, draw_rows_tensor(filtered_rows(logits.index_select(0, idx), params), u))
     safe = toks.clamp_min(0)[:, None]  # [B, 1]
-    lps = head.logits.gather(1, safe)[:, 0].float() - head.lse  # [B]
+    lps = head.logits.gather(1, safe)[:, 0].float() - head.lse  # [B]: the model's own log-prob
     packed = torch.stack([toks.double(), lps.double()])  # [2, B]
     if packed.is_cuda:
         host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=True)
@@ -187,13 +213,13 @@ def _drawn(batch, scales, head: StepHead, draws: list[int]) -> LaunchedStep:
         read = (host, event)
     else:
         read = (packed, None)
-    return LaunchedStep(batch, scales, head, read, tokens=safe, drawn=(gens, states))
+    return LaunchedStep(batch, scales, head, read, tokens=safe, drawn=(gens, states) if draws else None)
 
 
 def _picks(head: StepHead, rows) -> list[tuple]:
     """(token, log-prob, top log-probs) per row from the step's head. Plain greedy rows take the device's argmax;
     plain sampled rows are sampled together where the logits are (``colm.sampling.sample_rows``); rows whose logits
-    are adjusted (``colm.logits_adjust``) have theirs copied to the host in one copy and pick there; the top
+    are adjusted (``colm.logits_adjust``) are adjusted together there and picked there; the top
     log-probs of the rows that ask for them come from one ``topk`` over their rows. Each sampling row draws with
     its own generator. The third item: (token id, log-prob) pairs, empty unless asked for (absent on the
     all-greedy path, which reads only ``packed``)."""

@@ -104,6 +104,34 @@ def test_a_batch_of_different_adjusters_adjusts_each_row_as_alone_and_as_the_ref
             out.extend(torch.randint(0, 50, (1 + (i + step) % 3,), generator=g).tolist())
 
 
+def test_a_pending_token_on_the_device_counts_as_the_output_read():
+    """A step queued before the previous one was read adjusts with that token known only on the device
+    (``pending``): bit for bit what the adjusters give once the token is read, whether it repeats a context
+    token, an output token, or is new, for every adjustment at once; rows without one (``has_pending`` False)
+    are adjusted from what was read."""
+    from colm.logits_adjust import adjust_rows
+
+    g = torch.Generator().manual_seed(5)
+    vocab, stops = 120, (EOS, 12)
+    kinds = [dict(repetition_penalty=1.4), dict(frequency_penalty=0.6), dict(presence_penalty=-0.8),
+             dict(min_tokens=4, **STRONG), dict(logit_bias=((5, 3.0),), frequency_penalty=1.1),
+             dict(repetition_penalty=0.8, presence_penalty=0.5)]
+    params = [SamplingParams(max_new_tokens=30, **kw) for kw in kinds]
+    prompts_ = [torch.randint(0, vocab, (5,), generator=g).tolist() for _ in params]
+    queued = [LogitsAdjuster(p, vocab, q, stops) for p, q in zip(params, prompts_)]
+    read = [LogitsAdjuster(p, vocab, q, stops) for p, q in zip(params, prompts_)]
+    outs = [[] for _ in params]
+    for step in range(10):
+        nxt = [int(torch.randint(0, 15, (1,), generator=g)) if i % 2 else q[step % 5] for i, q in enumerate(prompts_)]
+        has = [(i + step) % 3 != 0 for i in range(len(params))]
+        logits = torch.randn(len(params), vocab, generator=g) * 5
+        got = adjust_rows(logits, queued, outs, torch.tensor(nxt), has)
+        full = [out + [t] if h else out for out, t, h in zip(outs, nxt, has)]
+        assert torch.equal(got, adjust_rows(logits, read, full)), step
+        for out, t in zip(outs, nxt):
+            out.append(t)
+
+
 def test_min_p_keeps_the_tokens_near_the_most_likely_and_allowed_ids_mask_the_rest():
     """min_p against its definition in float64 (after temperature, before top-k / top-p, as vLLM orders them);
     allowed_token_ids leaves only those finite."""
@@ -239,31 +267,64 @@ def test_the_decode_engine_gives_the_reference_tokens(setup, colocated):
         assert de.stats().num_drafted == 0
 
 
-def test_adjusted_rows_never_join_a_step_queued_ahead(setup):
-    """Driven step by step with overlapped steps: plain greedy rows queue step n+1 before step n is read; adjusted
-    requests arriving meanwhile (their prompts completed by the chunk of that iteration) do not join a queued step
-    (its tokens are the device's argmax of unadjusted logits), nor is one queued for a batch they join: every row
-    equals ``colm generate`` and no queued step is thrown away."""
+def test_adjusted_rows_are_queued_ahead_and_grammar_rows_are_not(setup, monkeypatch):
+    """Driven step by step with overlapped steps: penalised, biased and min_tokens rows (greedy and sampled) join
+    the steps queued ahead, adjusted on the device with the token of the step before counted before it is read;
+    requests arriving meanwhile (their prompts completed by the chunk of that iteration) join too; a request held
+    to a grammar keeps its batch off the queued path (its matcher needs each token on the host). Every row equals
+    ``colm generate`` and no queued step is thrown away."""
+    import colm.decode_worker.engine as engine_module
+    from colm.structured import StructuredOutput
+
     path, full = setup
+    ahead_adjusted, grammar_ahead = [], []
+    launch = engine_module.launch_step
+
+    def counted(model, batch, pool, scales, graphs=None, after=None, carry=None, sample=False):
+        if after is not None:
+            if any(r.adjust is not None for r in batch[: len(carry)]):
+                ahead_adjusted.append(len(batch))
+            if any(r.adjust is not None and r.adjust.matcher is not None for r in batch):
+                grammar_ahead.append(len(batch))
+        return launch(model, batch, pool, scales, graphs, after=after, carry=carry, sample=sample)
+
+    monkeypatch.setattr(engine_module, "launch_step", counted)
     de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=200, block_size=4, colocated_prefill=True,
                                                          max_batched_tokens=24, overlap_steps=True))
-    plain = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    adjusted = SamplingParams(max_new_tokens=12, ignore_eos=True, **STRONG)
+    kinds = [SamplingParams(max_new_tokens=12, ignore_eos=True),
+             SamplingParams(max_new_tokens=12, ignore_eos=True, **STRONG),
+             SamplingParams(max_new_tokens=12, temperature=0.9, seed=3, frequency_penalty=1.2, presence_penalty=0.4,
+                            logit_bias=((7, -20.0),)),
+             SamplingParams(max_new_tokens=12, ignore_eos=True, repetition_penalty=1.5, min_tokens=4),
+             SamplingParams(max_new_tokens=12, logit_bias=((EOS, 60.0),), min_tokens=6, presence_penalty=0.3)]
     batch = prompts([9, 6, 5, 12, 7], seed=5)
     streams = []
-    for i, p in enumerate(batch):
-        params = adjusted if i % 2 else plain
+    for i, (p, params) in enumerate(zip(batch, kinds)):
         de.reserve(f"q{i}", len(p), params.max_new_tokens)
         de.prefill_kv(f"q{i}", p[:-1])
         streams.append((p, params, de.start_generation(f"q{i}", p[-1], params, scale=2)))
-        for _ in range(3):
+        for _ in range(2):
             de.step()
     while de._running or de._prefill_queue:
         de.step()
     for p, params, st in streams:
-        assert [e.token_id for e in st] == generate(full, p, params, scale=2).token_ids
-    s = de.stats()  # none queued in vain: a batch an adjusted request joins is not queued ahead at all
-    assert s.num_steps_launched_ahead > 0 and s.num_steps_dropped == 0
+        assert [e.token_id for e in st] == generate(full, p, params, scale=2, eos_id=EOS).token_ids, params
+    s = de.stats()
+    assert ahead_adjusted and s.num_steps_launched_ahead > 10
+    # a grammar row: its batch is read before the next step is launched
+    grammar = SamplingParams(max_new_tokens=10, structured=StructuredOutput("regex", "[a-z]{3,12}"))
+    tok = ByteTokenizer()
+    de.tokenizer = tok
+    p = prompts([6], seed=9)[0]
+    de.reserve("gr", len(p), 10)
+    de.prefill_kv("gr", p[:-1])
+    st = de.start_generation("gr", p[-1], grammar, scale=2)
+    for _ in range(60):  # its prompt chunk, its admission, its 10 steps
+        if de.stats().num_finished == len(kinds) + 1:
+            break
+        de.step()
+    assert [e.token_id for e in st] == generate(full, p, grammar, scale=2, eos_id=EOS, tokenizer=tok).token_ids
+    assert not grammar_ahead
 
 
 def test_penalties_without_the_prompt_are_refused_and_free_the_reservation(setup):
