@@ -71,16 +71,19 @@ def test_graph_engine_matches_reference_float32(tmp_path, overlap):
 
 @cuda
 def test_sampled_rows_queued_ahead_in_graphs_match_reference(tmp_path):
-    """Seeded sampled rows (temperature, top-k, top-p, min-p) beside a greedy one, at both scales: drawn on the
-    GPU after each graph replay and fed to the step queued behind it; tokens equal ``colm.generate`` on the GPU."""
+    """Seeded sampled rows (temperature, top-k, top-p, min-p) beside a greedy one and penalised ones, at both
+    scales: adjusted and drawn on the GPU after each graph replay and fed to the step queued behind it; tokens equal
+    ``colm.generate`` on the GPU."""
     full, sub = _pair(torch.float32, tmp_path)
     de = DecodeEngine(full, DecodeConfig(num_blocks=128, block_size=4, max_batch_size=8, overlap_steps=True)).start()
     pe = PrefillEngine(sub, full.cfg, PrefillConfig(chunk_size=16, max_batch_tokens=64)).start()
     kws = [dict(temperature=0.9, seed=1), dict(temperature=0.7, top_k=20, seed=2), dict(temperature=0.0),
-           dict(temperature=1.1, top_p=0.8, seed=3), dict(temperature=0.8, min_p=0.05, top_p=0.95, seed=4)]
+           dict(temperature=1.1, top_p=0.8, seed=3), dict(temperature=0.8, min_p=0.05, top_p=0.95, seed=4),
+           dict(repetition_penalty=1.5, frequency_penalty=0.8, presence_penalty=0.5),  # adjusted on the GPU
+           dict(temperature=0.9, seed=6, frequency_penalty=1.1, logit_bias=((7, -30.0),), min_tokens=3)]
     try:
         streams = []
-        for i, (p, kw) in enumerate(zip(prompts([3, 9, 17, 30, 12], seed=7), kws)):
+        for i, (p, kw) in enumerate(zip(prompts([3, 9, 17, 30, 12, 6, 21], seed=7), kws)):
             params = SamplingParams(max_new_tokens=16, ignore_eos=True, **kw)
             rid = f"s{i}"
             de.reserve(rid, len(p), 16)
