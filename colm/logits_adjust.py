@@ -60,7 +60,6 @@ class LogitsAdjuster:
         """``grammar``: the request's compiled structured output (``colm.structured.compile_output``), if any."""
         check_token_ids(params, vocab_size)
         self.params = params
-        self.vocab_size = vocab_size
         self.bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)  # distinct (a sorted mapping)
         self.bias_values = np.array([v for _, v in params.logit_bias], dtype=np.float32)
         self.allowed = np.unique(np.asarray(params.allowed_token_ids, dtype=np.int64)) if params.allowed_token_ids \
@@ -70,9 +69,8 @@ class LogitsAdjuster:
         self._out = None  # (output ids sorted, their counts as float32): ``_counts`` as arrays, rebuilt on change
         prompt = np.asarray(prompt_ids, dtype=np.int64)
         self._seen = np.unique(prompt) if params.penalizes else prompt[:0]  # tokens of the prompt or output, sorted
-        if params.penalizes:
-            if prior_output:
-                self._count(prompt[len(prompt) - prior_output:].tolist())
+        if params.penalizes and prior_output:
+            self._count(prompt[len(prompt) - prior_output:].tolist())
         self.matcher = None
         if params.structured is not None:
             if grammar is None:
@@ -137,15 +135,18 @@ def adjust_rows(logits: torch.Tensor, adjusters, outs, pending: torch.Tensor | N
     has_pending = list(has_pending) if pending is not None else [False] * A
     if any(h and a.matcher is not None for a, h in zip(adjusters, has_pending)):
         raise ValueError("adjust_rows: a grammar row's token must be read before its next step is adjusted")
-    outs = [len(out) + h for out, h in zip(outs, has_pending)]  # tokens out before this step's, counted
+    num_out = [len(out) + h for out, h in zip(outs, has_pending)]  # tokens out before this step's
     x = logits.float().clone()  # [A, V]
 
-    def with_pending(e, pred) -> tuple | None:
-        """Entries ``e`` (or None) and each row's pending token where ``pred(row)``: (rows, ids, pending mask)."""
+    def pending_rows(pred) -> tuple[list[int], torch.Tensor | None]:
+        """The rows with a pending token where ``pred(row)``, and their indices on the device (None if none)."""
         add = [i for i in range(A) if has_pending[i] and pred(i)]
-        if not add:
+        return add, (_on(add, torch.int64, dev) if add else None)
+
+    def with_pending(e, at):
+        """Entries ``e`` (rows, ids; or None) and the pending token of each row ``at`` (or None: none to add)."""
+        if at is None:
             return e
-        at = _on(add, torch.int64, dev)
         extra = (at, pending.index_select(0, at))
         return extra if e is None else (torch.cat([e[0], extra[0]]), torch.cat([e[1], extra[1]]))
 
@@ -175,36 +176,37 @@ def adjust_rows(logits: torch.Tensor, adjusters, outs, pending: torch.Tensor | N
             x.index_copy_(0, at, x.index_select(0, at).masked_fill(refused, float("-inf")))
     keep = [i for i, a in enumerate(adjusters) if a.allowed is not None]
     if keep:  # every token but the allowed ones -> -inf: the kept entries saved, the rows filled, put back
-        e = entries([adjusters[i].allowed if i in keep else () for i in range(A)])
+        e = entries([a.allowed if a.allowed is not None else () for a in adjusters])
         kept = x[e]
         x.index_fill_(0, _on(keep, torch.int64, dev), float("-inf"))
         x.index_put_(e, kept)
     e = entries([a.bias_ids for a in adjusters])
     if e is not None:
         x.index_put_(e, x[e] + flat([a.bias_values for a in adjusters]))
-    e = entries([a.stop_ids if n < a.params.min_tokens else () for a, n in zip(adjusters, outs)])
+    e = entries([a.stop_ids if n < a.params.min_tokens else () for a, n in zip(adjusters, num_out)])
     if e is not None:
         x.index_put_(e, torch.full((), float("-inf"), device=dev))
     rep = [a.params.repetition_penalty != 1 for a in adjusters]
-    e = with_pending(entries([a.context()[0] if r else () for a, r in zip(adjusters, rep)]), lambda i: rep[i])
+    e = with_pending(entries([a.context()[0] if r else () for a, r in zip(adjusters, rep)]),
+                     pending_rows(rep.__getitem__)[1])
     if e is not None:
         hit = x[e]
         rp = _on([a.params.repetition_penalty for a in adjusters], torch.float32, dev)[e[0]]  # [N]
         x.index_put_(e, torch.where(hit > 0, hit / rp, hit * rp))
     pen = [bool(a.params.frequency_penalty or a.params.presence_penalty) for a in adjusters]
-    e = entries([a.context()[1] if p else () for a, p in zip(adjusters, pen)])
-    counts = None if e is None else flat([a.context()[2] if p else () for a, p in zip(adjusters, pen)])  # [N] > 0
-    add = [i for i in range(A) if has_pending[i] and pen[i]]
+    ctx = [a.context() if p else (None, (), ()) for a, p in zip(adjusters, pen)]
+    e = entries([c[1] for c in ctx])
+    counts = None if e is None else flat([c[2] for c in ctx])  # [N], all > 0
+    add, at = pending_rows(pen.__getitem__)
     if add:  # the pending token: its count one more than in the output read so far (0 if absent)
         mine = torch.full((A,), -1, dtype=torch.int64, device=dev)
-        at = _on(add, torch.int64, dev)
         mine.index_copy_(0, at, pending.index_select(0, at))
         prev = torch.zeros(A, device=dev)
         if e is not None:
             same = (e[1] == mine[e[0]]).float()  # [N]: the entry of a row's pending token
             prev.index_add_(0, e[0], counts * same)
             counts = counts + same
-        e = with_pending(e, lambda i: pen[i])
+        e = with_pending(e, at)
         extra = prev.index_select(0, at) + 1.0
         counts = extra if counts is None else torch.cat([counts, extra])
     if e is not None:

@@ -139,12 +139,6 @@ class SamplingParams:
         """The argmax of the model's own logits, and no top log-probs to report: the engines pick it on the device."""
         return self.greedy and not self.adjusts_logits and not self.top_logprobs
 
-    @property
-    def plain(self) -> bool:
-        """Picked from the model's own logits (greedy, or sampled through temperature / top-k / top-p / min-p) with
-        no top log-probs to report: every step of it can run on the device, queued ahead of the host."""
-        return not self.adjusts_logits and not self.top_logprobs
-
     def make_generator(self, device="cpu") -> torch.Generator | None:
         if self.greedy:
             return None
@@ -268,8 +262,7 @@ def draw_rows(probs: torch.Tensor, u: torch.Tensor) -> list[int]:
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """An index of ``probs`` [n] (non-negative, any sum > 0) drawn with its probability: one float64 uniform from
     ``generator`` (torch.multinomial took 3 ms for a 128k vocabulary here)."""
-    u = torch.tensor([float(torch.rand((), dtype=torch.float64, generator=generator))], dtype=torch.float64)
-    i = draw_rows(probs[None].cpu(), u)[0]
+    i = draw_rows(probs[None].cpu(), torch.tensor(uniforms([generator]), dtype=torch.float64))[0]
     if i < 0:
         raise ValueError("draw: the distribution is not finite")
     return i

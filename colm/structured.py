@@ -177,6 +177,6 @@ class OutputMatcher:
 
     def mask(self, logits):
         """logits: [V] float32 on the host, in place: the tokens the grammar does not allow next get -inf."""
-        self.matcher.fill_next_token_bitmask(self.bitmask)
+        self.fill()
         self._xgr.apply_token_bitmask_inplace(logits, self.bitmask)
         return logits

@@ -9,8 +9,8 @@ Sequences at different scales share the step in one of two ways (``DecodeConfig.
   chain-1 weights read once per group.
 
 Sampling follows ``colm.sampling`` exactly (greedy argmax on the device; sampled rows drawn where the logits are,
-each with a uniform from its request's generator; penalties, logit bias, min_tokens and grammars on the host,
-``colm.logits_adjust``), so tokens match the reference generator. A step of greedy and plainly sampled rows can be
+each with a uniform from its request's generator; penalties, logit bias, min_tokens and grammars applied there,
+``colm.logits_adjust``), so tokens match the reference generator. A step whose rows are ``queueable`` can be
 queued ahead of the host that reads it (``launch_step``).
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from colm.logits_adjust import adjust_rows
-from colm.sampling import _on, draw_rows_tensor, filtered_rows, restore, sample_rows, top_logprobs_rows, uniforms
+from colm.sampling import _on, draw_rows_tensor, filtered_rows, restore, top_logprobs_rows, uniforms
 
 from colm.decode_worker.graphs import StepHead, head_outputs, mixed_head_outputs
 from colm.decode_worker.paged_cache import PagedStepCache
@@ -115,22 +115,18 @@ class LaunchedStep:
         host, event = self._read
         if event is not None:
             event.synchronize()
-        picks = _greedy_picks(host[:, : len(self.batch)])
-        bad = [i for i, (t, _) in enumerate(picks) if t < 0]
-        if bad:
-            raise ValueError(f"sampling row {bad[0]}: its distribution is not finite (NaN or infinite logits)")
-        return picks
+        return _drawable(_greedy_picks(host[:, : len(self.batch)]))
 
 
 @torch.no_grad()
 def launch_step(model, batch, pool, scales, graphs=None, after: LaunchedStep | None = None, carry=None,
                 sample: bool = False) -> LaunchedStep:
     """Queue one step of ``batch`` (row i at ``scales[i]``; mixed scales run as ``mixed_scale_mode: widest`` does:
-    one forward at the widest, each row's head at its own) without reading its tokens back. With ``sample`` every
-    row is picked as ``queueable`` rows are, on the device: rows with adjusted logits adjusted there (counting the
-    token ``after`` gave them, not read yet), sampled rows drawn there (each uniform from the row's generator now,
-    on the host; ``LaunchedStep.undraw`` gives it back if the step is dropped). Without ``sample`` every row takes the argmax of the model's own logits (a
-    speculative round's drafts).
+    one forward at the widest, each row's head at its own) without reading its tokens back. With ``sample`` the
+    rows (all ``queueable``) are picked on the device by ``_pick_tokens``, counting the token ``after`` gave each
+    carried row (not read yet); ``LaunchedStep.undraw`` gives the sampled rows' uniforms back if the step is
+    dropped. Without ``sample`` every row takes the argmax of the model's own logits (a speculative round's
+    drafts).
 
     ``after``: the step queued just before and not read yet, so the host can launch step n+1 before it reads
     step n (the engine's ``overlap_steps``). The first ``len(carry)`` rows of ``batch`` are rows ``carry`` of
@@ -173,38 +169,57 @@ def queueable(r) -> bool:
     return not r.params.top_logprobs and (r.adjust is None or r.adjust.matcher is None)
 
 
-def _drawn(batch, scales, head: StepHead, pending=None, has_pending=None) -> LaunchedStep:
-    """The launched step of ``head`` with its tokens picked on the device: adjusted rows adjusted together
-    (``colm.logits_adjust.adjust_rows``, counting ``pending``: each carried row's token of the step before, not
-    read yet), then greedy rows' argmax and sampled rows' draw (``colm.sampling``'s filters and draw, as
-    ``sample_rows``); tokens and log-probs read back in one queued copy. A row whose distribution is not finite
-    draws -1: its result raises, its next input is token 0 meanwhile (the step queued after it is dropped: its
-    batch no longer holds)."""
-    dev, B = head.logits.device, len(batch)
-    draws = [j for j, r in enumerate(batch) if not r.params.greedy]
-    adj = [j for j, r in enumerate(batch) if r.adjust is not None]
+def _pick_tokens(head: StepHead, rows, pending=None, has_pending=None) -> tuple[torch.Tensor, tuple | None]:
+    """Each row's token where the logits are: ([B] int64, (the sampled rows' generators, their states before this
+    draw) or None). Adjusted rows are adjusted together (``colm.logits_adjust.adjust_rows``, counting ``pending``:
+    each carried row's token of the step before, not read yet); greedy rows take the argmax; sampled rows draw
+    together (``colm.sampling``'s filters and draw, as ``sample_rows``), each with one uniform from its generator.
+    A row whose distribution is not finite draws -1."""
+    dev, B = head.logits.device, len(rows)
+    draws = [j for j, r in enumerate(rows) if not r.params.greedy]
+    adj = [j for j, r in enumerate(rows) if r.adjust is not None]
     toks = head.greedy[:, 0].clone()  # [B]
     logits = head.logits
     if adj:
         at = _on(adj, torch.int64, dev)  # [A]
-        x = adjust_rows(head.logits.index_select(0, at), [batch[j].adjust for j in adj],
-                        [batch[j].out_tokens for j in adj], None if pending is None else pending.index_select(0, at),
+        x = adjust_rows(head.logits.index_select(0, at), [rows[j].adjust for j in adj],
+                        [rows[j].out_tokens for j in adj], None if pending is None else pending.index_select(0, at),
                         None if has_pending is None else [has_pending[j] for j in adj])  # [A, V] float32
         logits = head.logits.float().index_copy(0, at, x)  # [B, V]: adjusted rows replaced
         toks.index_copy_(0, at, x.argmax(dim=-1))  # the greedy ones keep it; the sampled ones draw below
-    gens = [batch[j].generator for j in draws]
+    if not draws:
+        return toks, None
+    gens = [rows[j].generator for j in draws]
     states = [g.get_state() if g is not None else None for g in gens]
-    if draws:
-        u = _on(uniforms(gens), torch.float64, dev)  # [S]
-        params = [batch[j].params for j in draws]
-        if len(draws) == B:
-            toks = draw_rows_tensor(filtered_rows(logits, params), u)  # [B]
-        else:
-            idx = _on(draws, torch.int64, dev)  # [S]
-            toks.index_copy_(0, idx, draw_rows_tensor(filtered_rows(logits.index_select(0, idx), params), u))
-    safe = toks.clamp_min(0)[:, None]  # [B, 1]
-    lps = head.logits.gather(1, safe)[:, 0].float() - head.lse  # [B]: the model's own log-prob
-    packed = torch.stack([toks.double(), lps.double()])  # [2, B]
+    u = _on(uniforms(gens), torch.float64, dev)  # [S]
+    params = [rows[j].params for j in draws]
+    if len(draws) == B:
+        return draw_rows_tensor(filtered_rows(logits, params), u), (gens, states)
+    idx = _on(draws, torch.int64, dev)  # [S]
+    toks.index_copy_(0, idx, draw_rows_tensor(filtered_rows(logits.index_select(0, idx), params), u))
+    return toks, (gens, states)
+
+
+def _packed(head: StepHead, toks: torch.Tensor) -> torch.Tensor:
+    """[2, B] float64: the tokens ``toks`` [B] and the model's own log-probs of them (a -1 read as token 0)."""
+    lps = head.logits.gather(1, toks.clamp_min(0)[:, None])[:, 0].float() - head.lse  # [B]
+    return torch.stack([toks.double(), lps.double()])
+
+
+def _drawable(picks: list) -> list:
+    """``picks`` ((token, ...) per row), or ValueError when a row drew -1 (its distribution was not finite)."""
+    bad = [i for i, (t, *_) in enumerate(picks) if t < 0]
+    if bad:
+        raise ValueError(f"sampling row {bad[0]}: its distribution is not finite (NaN or infinite logits)")
+    return picks
+
+
+def _drawn(batch, scales, head: StepHead, pending=None, has_pending=None) -> LaunchedStep:
+    """The launched step of ``head`` with its tokens picked on the device (``_pick_tokens``); tokens and log-probs
+    read back in one queued copy. A row that drew -1 raises when read; its next input is token 0 meanwhile (the
+    step queued after it is dropped: its batch no longer holds)."""
+    toks, drawn = _pick_tokens(head, batch, pending, has_pending)
+    packed = _packed(head, toks)  # [2, B]
     if packed.is_cuda:
         host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=True)
         host.copy_(packed, non_blocking=True)
@@ -213,45 +228,30 @@ def _drawn(batch, scales, head: StepHead, pending=None, has_pending=None) -> Lau
         read = (host, event)
     else:
         read = (packed, None)
-    return LaunchedStep(batch, scales, head, read, tokens=safe, drawn=(gens, states) if draws else None)
+    return LaunchedStep(batch, scales, head, read, tokens=toks.clamp_min(0)[:, None], drawn=drawn)
 
 
 def _picks(head: StepHead, rows) -> list[tuple]:
-    """(token, log-prob, top log-probs) per row from the step's head. Plain greedy rows take the device's argmax;
-    plain sampled rows are sampled together where the logits are (``colm.sampling.sample_rows``); rows whose logits
-    are adjusted (``colm.logits_adjust``) are adjusted together there and picked there; the top
-    log-probs of the rows that ask for them come from one ``topk`` over their rows. Each sampling row draws with
-    its own generator. The third item: (token id, log-prob) pairs, empty unless asked for (absent on the
-    all-greedy path, which reads only ``packed``)."""
+    """(token, log-prob, top log-probs) per row from the step's head, read now. Plain greedy rows read the
+    device's argmax (``packed``); otherwise every row is picked on the device (``_pick_tokens``) and read in one
+    copy; a row that cannot be drawn is a ValueError with every generator as it was. The top log-probs of the
+    rows that ask for them come from one ``topk`` over their rows. The third item: (token id, log-prob) pairs,
+    empty unless asked for (absent on the all-greedy path)."""
     if all(r.params.plain_greedy for r in rows):
         return _greedy_picks(head.packed)
-    toks = head.greedy[:, 0].tolist()
-    sampled = [j for j, r in enumerate(rows) if not r.params.greedy and r.adjust is None]
-    if sampled:
-        drawn = sample_rows(head.logits[sampled], [rows[j].params for j in sampled],
-                            [rows[j].generator for j in sampled])
-        for j, t in zip(sampled, drawn):
-            toks[j] = t
-    adjusted = [j for j, r in enumerate(rows) if r.adjust is not None]
-    if adjusted:  # adjusted together where the logits are (a grammar's mask filled on the host), then picked there
-        x = adjust_rows(head.logits[adjusted], [rows[j].adjust for j in adjusted],
-                        [rows[j].out_tokens for j in adjusted])  # [A, V] float32
-        drawn = [i for i, j in enumerate(adjusted) if not rows[j].params.greedy]
-        picked = x.argmax(dim=-1).tolist() if len(drawn) < len(adjusted) else [0] * len(adjusted)
-        if drawn:
-            for i, t in zip(drawn, sample_rows(x[drawn], [rows[adjusted[i]].params for i in drawn],
-                                               [rows[adjusted[i]].generator for i in drawn])):
-                picked[i] = t
-        for j, t in zip(adjusted, picked):
-            toks[j] = t
+    toks, drawn = _pick_tokens(head, rows)
+    try:
+        picks = _drawable(_greedy_picks(_packed(head, toks)))
+    except ValueError:
+        if drawn is not None:
+            restore(*drawn)
+        raise
     tops: list[tuple] = [()] * len(rows)
     want = [j for j, r in enumerate(rows) if r.params.top_logprobs]
     if want:
         for j, top in zip(want, top_logprobs_rows(head.logits[want], [rows[j].params.top_logprobs for j in want])):
             tops[j] = top
-    chosen = torch.tensor(toks, device=head.logits.device)[:, None]
-    lps = (head.logits.gather(1, chosen)[:, 0].float() - head.lse).tolist()
-    return list(zip(toks, lps, tops))
+    return [(t, lp, top) for (t, lp), top in zip(picks, tops)]
 
 
 def _greedy_picks(packed: torch.Tensor) -> list[tuple[int, float]]:

@@ -50,10 +50,8 @@ class RouterReplica:
         """This replica's own view: {"serving", "why", "workers": {worker id: healthy | unhealthy | dead}} (the
         shared ports answer from whichever router the kernel picks; this asks this one)."""
         async def view() -> dict:
-            router = self.server.router
-            serving, why = router.health()
-            return {"serving": serving, "why": why,
-                    "workers": {w.worker_id: router.registry.state(w) for w in router.registry.workers.values()}}
+            serving, why = self.server.router.health()
+            return {"serving": serving, "why": why, "workers": self.server.router.worker_states()}
 
         return self.server.call(view())
 

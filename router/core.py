@@ -178,6 +178,10 @@ class Router:
             missing.append(f"no healthy {role} worker ({', '.join(states) or 'none registered'})")
         return not missing, "; ".join(missing)
 
+    def worker_states(self) -> dict[str, str]:
+        """Each registered worker's state as this router sees it: healthy | unhealthy | dead."""
+        return {w.worker_id: self.registry.state(w) for w in self.registry.workers.values()}
+
     def _update_health(self) -> None:
         serving, why = self.health()
         self.metrics.serving.set(1 if serving else 0)

@@ -106,8 +106,7 @@ def _served(metrics_url: str) -> float:
 
 def _view(router) -> dict:  # the launcher's router, as RouterReplica.health reports the replica's
     serving, why = router.health()
-    return {"serving": serving, "why": why,
-            "workers": {w.worker_id: router.registry.state(w) for w in router.registry.workers.values()}}
+    return {"serving": serving, "why": why, "workers": router.worker_states()}
 
 
 def test_two_router_replicas_share_the_ports_and_both_serve(service):
