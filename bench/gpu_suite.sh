@@ -26,6 +26,9 @@
 #                                     # output; needs xgrammar in $WHEELS for the last) against device greedy at a
 #                                     # 128k vocabulary, the CUDA tests of sampled steps, and the colocated engine
 #                                     # under greedy and sampled traffic (~9 min)
+#   bash bench/gpu_suite.sh independent  # colm's colocated engine and an engine colm did not write (transformers'
+#                                     # continuous batching serving the dense Llama of the same shape) through one
+#                                     # harness, 64 clients, prompts 512-2048, outputs 32-96 (~7 min)
 #   bash bench/gpu_suite.sh ray       # colm serve on Ray (needs Ray in $WHEELS or installed), 1B Air, 160
 #                                     # clients, full scale then the budget mix (bench/serve_ray.py)    (~5 min)
 #
@@ -33,9 +36,9 @@
 # top-level folders into colm/ the way the editable install does and puts $PWD on PYTHONPATH. Extra
 # wheels (grpcio, protobuf, crc32c) may be given in $WHEELS (a folder); they are installed to /tmp/site.
 set -uo pipefail
-part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|ray}
-case "$part" in tests|decode|handoff|prefill|serve|sweeps|train|compare|compare-all|spec|prefix|sampling|ray) ;;
-  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|ray" >&2
+part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|independent|ray}
+case "$part" in tests|decode|handoff|prefill|serve|sweeps|train|compare|compare-all|spec|prefix|sampling|independent|ray) ;;
+  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|independent|ray" >&2
      exit 2 ;; esac
 OUT=${OUT:-bench/results/run}
 mkdir -p "$OUT"
@@ -127,6 +130,10 @@ print(max(20, int(${PER_MODEL_S:-95} * 20 / r['train_seconds'])))")
         --output-len 32,96 --temperature $t --top-p $([ "$t" = 0 ] && echo 1.0 || echo 0.95) \
         --out "$OUT/serve_path_1b_air_c64_$name" 2>&1 | grep -v Warn | tail -8
     done ;;
+  independent)
+    timeout 560 python bench/serve_path.py --modes colocated,hf_dense --concurrency 64 --ramp-s 2 \
+      --max-batched-tokens 4096 --num-requests 1500 --client-processes 8 --connections 4 --routers 4 --num-blocks 0 \
+      --prompt-len 512,2048 --output-len 32,96 --out "$OUT/serve_path_1b_air_c64_independent" 2>&1 | grep -v Warn | tail -16 ;;
   ray)
     timeout 560 python bench/serve_ray.py --set model.preset=llama-3.2-1b-16-16-air --set model.dtype=bfloat16 \
       --set decode.num_blocks=0 --set decode.warmup_context=2200 --set decode.max_batch_size=160 \

@@ -9,7 +9,10 @@ process serving a closed-loop load from ``colm loadtest`` (another process):
   baseline              the same colocated engine serving the model as a dense one would be served: the FULL
                         model prefills every prompt (``prefill_scale`` 0) and every request runs at full scale;
   colocated_nocache     colocated with prefix caching off (``DecodeConfig.prefix_caching``): beside ``colocated``
-                        under ``--prefix-len`` (prompts opening with shared prefixes), what the cache saves.
+                        under ``--prefix-len`` (prompts opening with shared prefixes), what the cache saves;
+  hf_dense              an engine colm did not write: transformers' continuous batching (``bench/_hf_backend.py``)
+                        serving the dense Llama of the model's full-scale shape (random weights), in the router's
+                        process (one router; the engine is a thread there, as ``transformers serve`` runs it).
 Per mode: requests/s, output tokens/s, TTFT / TPOT percentiles, goodput at the SLO, and the CPU seconds the
 router, each worker (from /proc) and the load test's client process (rusage) spent per 1000 output tokens, with
 the GPU's busy fraction sampled by nvidia-smi where there is one.
@@ -50,7 +53,8 @@ from _timing import measure_gpu  # noqa: E402
 from serve_goodput import build_checkpoint, start_worker  # noqa: E402
 
 MODES = ("batched", "colocated", "baseline")
-ALL_MODES = ("per_request", "batched", "colocated", "baseline", "colocated_nocache")  # nocache: prefix caching off
+# nocache: prefix caching off; hf_dense: the independent engine
+ALL_MODES = ("per_request", "batched", "colocated", "baseline", "colocated_nocache", "hf_dense")
 
 
 # ------------------------------------------------------------------------------------------- the limit
@@ -97,7 +101,9 @@ def limit_rps(cost: dict, gpu: dict, batch: int) -> dict:
 
 # ------------------------------------------------------------------------------------------- the run
 def start_workers(mode: str, ckpt: str, wargs, token: str, decode_section: dict) -> dict:
-    """{role: (process, address)} of one mode's deployment."""
+    """{role: (process, address)} of one mode's deployment (none for ``hf_dense``: its engine is the router's)."""
+    if mode == "hf_dense":
+        return {}
     if mode in ("colocated", "baseline", "colocated_nocache"):
         section = {**decode_section, "colocated_prefill": True, "max_batched_tokens": wargs.max_batched_tokens,
                    "prefill_scale": 0 if mode == "baseline" else 1, "prefix_caching": mode != "colocated_nocache"}
@@ -117,7 +123,24 @@ def stop_workers(workers: dict) -> None:
             p.wait(30)
 
 
-def make_router(mode: str, ckpt: str, workers: list[tuple[str, str]], token: str, replicas: int, port: int = 0):
+def hf_backend(model_cfg, args):
+    """``hf_dense``'s backend: the dense Llama of ``model_cfg``'s full-scale shape under transformers' continuous
+    batching, on ``args.device``; its per-iteration token budget is colm's (``--max-batched-tokens``), its batch
+    the clients' number, its K/V cache and CUDA graphs the library's defaults (``--hf-compile-level``: its
+    torch.compile level)."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    from _hf_backend import HFContinuousBackend, dense_llama
+
+    model = dense_llama(model_cfg, args.device, getattr(torch, args.dtype))
+    cb = ContinuousBatchingConfig(max_batch_tokens=args.max_batched_tokens,
+                                  max_requests_per_batch=max(64, args.concurrency),
+                                  default_compile_level=args.hf_compile_level)
+    return HFContinuousBackend(model, cb, warmup=args.device.startswith("cuda"))
+
+
+def make_router(mode: str, ckpt: str, workers: list[tuple[str, str]], token: str, replicas: int, port: int = 0,
+                args=None):
     """A router (ThreadedRouterServer) of ``mode`` over ``workers`` [(role, address)] on ``port``."""
     from colm import checkpoint
     from colm.router.backend import WorkerInfo
@@ -128,12 +151,16 @@ def make_router(mode: str, ckpt: str, workers: list[tuple[str, str]], token: str
     from colm.tokenizer import load_checkpoint_tokenizer
 
     stream = "per_request" if mode == "per_request" else "batched"
-    backend = GrpcBackend([WorkerInfo(f"{role}-0", role, addr) for role, addr in workers], cluster_token=token,
-                          token_stream=stream)
     model_cfg = checkpoint.load_config(ckpt)
+    if mode == "hf_dense":
+        backend = hf_backend(model_cfg, args)
+    else:
+        backend = GrpcBackend([WorkerInfo(f"{role}-0", role, addr) for role, addr in workers], cluster_token=token,
+                              token_stream=stream)
     cfg = RouterConfig(grpc_port=port, http_port=None, max_running=1024, max_queued=8192, poll_interval_s=0.1,
                        default_deadline_s=300, token_timeout_s=120, served_model_name=f"bench-{mode}",
-                       token_stream=stream, fixed_scale=model_cfg.num_chains if mode == "baseline" else None,
+                       token_stream=stream,
+                       fixed_scale=model_cfg.num_chains if mode in ("baseline", "hf_dense") else None,
                        replicas=replicas)
     return ThreadedRouterServer(Router(cfg, model_cfg, load_checkpoint_tokenizer(ckpt), backend))
 
@@ -146,12 +173,14 @@ def _router_process(mode: str, ckpt: str, workers: list, token: str, replicas: i
     server.stop()
 
 
-def start_routers(mode: str, ckpt: str, workers: dict, token: str, n: int):
-    """(the router in this process, the other n - 1 as spawned processes on its port)."""
+def start_routers(mode: str, ckpt: str, workers: dict, token: str, n: int, args=None):
+    """(the router in this process, the other n - 1 as spawned processes on its port; ``hf_dense``: one router)."""
     import multiprocessing as mp
 
+    if mode == "hf_dense":
+        n = 1
     addrs = [(role, addr) for role, (_, addr) in workers.items()]
-    server = make_router(mode, ckpt, addrs, token, n)
+    server = make_router(mode, ckpt, addrs, token, n, args=args)
     port = int(server.grpc_addr.rsplit(":", 1)[1])
     ctx = mp.get_context("spawn")
     procs = []
@@ -206,7 +235,7 @@ def phase_means_ms(before: dict, after: dict) -> dict[str, float]:
 
 
 def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "GpuSampler", scratch: str) -> dict:
-    server, router_procs = start_routers(mode, ckpt, workers, token, args.routers)
+    server, router_procs = start_routers(mode, ckpt, workers, token, args.routers, args)
     pids = {"router": os.getpid(), **{f"router{i + 1}": p.pid for i, p in enumerate(router_procs)},
             **{role: proc.pid for role, (proc, _) in workers.items()}}
     out = os.path.join(scratch, mode)  # colm loadtest's own JSON/PNG: read here, not kept
@@ -239,7 +268,7 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         cpu["client"] = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
         gpu_busy = sampler.mean_since(g0)
         phases = phase_means_ms(phases0, phase_totals(server.router.metrics.registry))
-        engine = decode_engine_stats(workers["decode"][1], token)
+        engine = decode_engine_stats(workers["decode"][1], token) if "decode" in workers else None
         if prof is not None:
             prof = prof.result(30)
     finally:
@@ -266,6 +295,7 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
 
 
 def table(results: list[dict], limit: dict | None) -> str:
+    """One row per mode (``hf_dense``'s router columns include its engine, a thread of the router's process)."""
     rows = [f"{'mode':<12} {'req/s':>7} {'tok/s':>8} {'TTFT p50/p99 ms':>17} {'TPOT p50/p99 ms':>16} {'good/s':>7} "
             f"{'router cpu/1k':>13} {'decode cpu/1k':>13} {'cores r/d/c':>14} {'GPU %':>6}" + ("  of limit" if limit else "")]
     for r in results:
@@ -275,7 +305,7 @@ def table(results: list[dict], limit: dict | None) -> str:
         frac = f"  {s['throughput_rps'] / limit['limit_rps']:.3f}" if limit else ""
         rows.append(f"{r['mode']:<12} {s['throughput_rps']:7.1f} {s['output_tokens_per_s']:8.0f} "
                     f"{s['ttft_ms']['p50']:8.0f}/{s['ttft_ms']['p99']:<8.0f} {s['tpot_ms']['p50']:7.2f}/{s['tpot_ms']['p99']:<8.2f}"
-                    f"{s['goodput_rps']:7.1f} {c['router']:13.3f} {c['decode']:13.3f} {cores:>14} {g:>6}{frac}")
+                    f"{s['goodput_rps']:7.1f} {c['router']:13.3f} {c.get('decode', 0.0):13.3f} {cores:>14} {g:>6}{frac}")
         if r.get("scale_mix"):
             rows[-1] += f"  scales {r['scale_mix']}"
     return "\n".join(rows)
@@ -333,6 +363,8 @@ def main() -> None:
     ap.add_argument("--slo-ttft-ms", type=float, default=200.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=10.0)
     ap.add_argument("--num-blocks", type=int, default=0, help="decode pool blocks (0: from free GPU memory)")
+    ap.add_argument("--hf-compile-level", type=int, default=0,
+                    help="hf_dense: transformers' continuous batching default_compile_level (0: no torch.compile)")
     ap.add_argument("--profile-s", type=float, default=0,
                     help="py-spy the router and the workers this long during the load of --profile-modes (0: off)")
     ap.add_argument("--profile-modes", default="colocated")
@@ -403,8 +435,9 @@ def main() -> None:
     plot(results, limit, args.out + ".png")
     print(table(results, limit))
     print(json.dumps({"vs_disaggregated": payload[next(k for k in payload if k.startswith("ratio_vs_") and
-                                                           k != "ratio_vs_baseline")],
-                      "vs_baseline": payload["ratio_vs_baseline"]}, indent=1))
+                                                           k not in ("ratio_vs_baseline", "ratio_vs_hf_dense"))],
+                      "vs_baseline": payload["ratio_vs_baseline"],
+                      "vs_hf_dense": payload.get("ratio_vs_hf_dense", {})}, indent=1))
     print(f"wrote {args.out}.json and .png")
 
 
@@ -419,11 +452,15 @@ def write_payload(args, results: list, limit, run: dict, complete: bool = True) 
             ratios[r["mode"]] = {"throughput": r["summary"]["throughput_rps"] / base["summary"]["throughput_rps"],
                                  "router_cpu_per_token": r["cpu_s_per_1k_tokens"]["router"] /
                                  max(base["cpu_s_per_1k_tokens"]["router"], 1e-12),
-                                 "decode_cpu_per_token": r["cpu_s_per_1k_tokens"]["decode"] /
+                                 "decode_cpu_per_token": r["cpu_s_per_1k_tokens"].get("decode", 0.0) /
                                  max(base["cpu_s_per_1k_tokens"]["decode"], 1e-12)}
-    ratios_vs_baseline = {r["mode"]: {"throughput": r["summary"]["throughput_rps"] / baseline["summary"]["throughput_rps"],
-                                      "goodput": r["summary"]["goodput_rps"] / max(baseline["summary"]["goodput_rps"], 1e-9)}
-                          for r in results} if baseline else {}
+    def versus(ref):
+        return {r["mode"]: {"throughput": r["summary"]["throughput_rps"] / ref["summary"]["throughput_rps"],
+                            "goodput": r["summary"]["goodput_rps"] / max(ref["summary"]["goodput_rps"], 1e-9)}
+                for r in results} if ref else {}
+
+    ratios_vs_baseline = versus(baseline)
+    hf = next((r for r in results if r["mode"] == "hf_dense"), None)
     if limit:
         for r in results:
             r["fraction_of_limit"] = r["summary"]["throughput_rps"] / limit["limit_rps"]
@@ -443,6 +480,13 @@ def write_payload(args, results: list, limit, run: dict, complete: bool = True) 
                "max_batched_tokens": args.max_batched_tokens, "budgets": args.budgets,
                "gpu_measured": run["gpu"], "request_cost": run["cost"], "limit": limit, "results": results,
                f"ratio_vs_{base['mode'] if base else 'none'}": ratios, "ratio_vs_baseline": ratios_vs_baseline}
+    if hf is not None:  # the independent engine: what it is, and every mode against it
+        import transformers
+
+        payload["hf_dense"] = {"engine": "transformers ContinuousBatchingManager", "transformers": transformers.__version__,
+                               "model": "LlamaForCausalLM of the full-scale shape, random weights",
+                               "compile_level": args.hf_compile_level, "router_processes": 1}
+        payload["ratio_vs_hf_dense"] = versus(hf)
     with open(args.out + ".json", "w") as f:
         json.dump(payload, f, indent=1)
     return payload

@@ -1,0 +1,217 @@
+"""The serving benchmarks' independent engine (``bench/_hf_backend.py``: transformers' continuous batching behind
+colm's router) serves what colm's engines serve: concurrent greedy requests through the router's gRPC give
+transformers' own ``generate`` tokens and the same responses as the router over colm's engines for the same
+weights (a Llama converted by ``colm convert-hf``), stop ids included; a request it cannot serve is refused with
+the field named and the engine serves on; a cancelled stream frees its request."""
+
+import asyncio
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.generation.continuous_batching")
+pytest.importorskip("colm.decode_worker.engine")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from _hf_backend import HFContinuousBackend, dense_llama, unsupported  # noqa: E402
+from colm import checkpoint  # noqa: E402
+from colm.cli import main  # noqa: E402
+from colm.client import Client  # noqa: E402
+from colm.decode_worker.config import DecodeConfig  # noqa: E402
+from colm.decode_worker.engine import DecodeEngine  # noqa: E402
+from colm.prefill_worker.engine import PrefillEngine  # noqa: E402
+from colm.presets import preset  # noqa: E402
+from colm.router.config import RouterConfig  # noqa: E402
+from colm.router.core import Router  # noqa: E402
+from colm.router.engine_backend import EngineBackend  # noqa: E402
+from colm.sampling import SamplingParams  # noqa: E402
+from colm.tokenizer import load_checkpoint_tokenizer  # noqa: E402
+from router_helpers import BackgroundRouter  # noqa: E402
+
+N = 10
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(HF model, converted colm checkpoint) of a tiny random Llama whose greedy outputs vary."""
+    tmp = tmp_path_factory.mktemp("hf-baseline")
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   rms_norm_eps=1e-5, initializer_range=0.2, rope_theta=10000.0)
+    torch.manual_seed(3)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp / "hf")
+    assert main(["convert-hf", str(tmp / "hf"), str(tmp / "colm")]) == 0
+    return str(tmp / "hf"), str(tmp / "colm")
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 300, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def hf_greedy(hf, prompt, n=N):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def router_over(backend, ckpt):
+    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, rebalance=False),
+                    checkpoint.load_config(ckpt), load_checkpoint_tokenizer(ckpt), backend)
+    return BackgroundRouter(router)
+
+
+def hf_backend(hf_dir):
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    cb = ContinuousBatchingConfig(num_blocks=64, max_batch_tokens=128, max_requests_per_batch=8,
+                                  use_cuda_graph=False)
+    return HFContinuousBackend(model, cb, warmup=False)
+
+
+def concurrently(addr, calls):
+    """Run each (prompt, kwargs) on its own connection at once; their responses in order."""
+    out = [None] * len(calls)
+
+    def one(i, prompt, kw):
+        with Client(addr) as c:
+            try:
+                out[i] = c.complete(prompt, **kw)
+            except Exception as e:  # noqa: BLE001 - the test inspects it
+                out[i] = e
+
+    threads = [threading.Thread(target=one, args=(i, p, kw)) for i, (p, kw) in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
+def test_concurrent_greedy_requests_equal_transformers_generate_and_colm_engines(llama):
+    hf_dir, ckpt = llama
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    ps = prompts(12)
+    want = [hf_greedy(hf, p) for p in ps]
+    assert len({t for w in want for t in w}) > 5  # the outputs vary: equality means something
+    # a stop string the router finds in one output (a printable byte token after its first): that request ends there
+    i, k = next((i, k) for i, w in enumerate(want) for k, t in enumerate(w) if k > 0 and 48 <= t < 123)
+    stop = chr(want[i][k])
+    calls = [(p, {"max_new_tokens": N, "ignore_eos": True}) for p in ps] + \
+            [(ps[i], {"max_new_tokens": N, "ignore_eos": True, "stop": (stop,)})]
+    bg = router_over(hf_backend(hf_dir), ckpt)
+    try:
+        got = concurrently(bg.grpc_addr, calls)
+    finally:
+        bg.stop()
+    for r, w, p in zip(got, want, ps):
+        assert not isinstance(r, Exception), r
+        assert r["token_ids"] == w, p
+    colm_engines = EngineBackend({"prefill-0": PrefillEngine.from_checkpoint(ckpt)},
+                                 {"decode-0": DecodeEngine.from_checkpoint(ckpt, DecodeConfig(num_blocks=64))})
+    bg = router_over(colm_engines, ckpt)
+    try:
+        ref = concurrently(bg.grpc_addr, calls)
+    finally:
+        bg.stop()
+    for r, g in zip(ref, got):
+        assert not isinstance(r, Exception), r
+    for r, g in zip(ref, got):  # the same responses as colm's own engines give: tokens and finish reasons
+        assert r["token_ids"] == g["token_ids"] and r["finish_reason"] == g["finish_reason"]
+    stopped = got[-1]
+    assert stopped["finish_reason"] == "stop" and stopped["token_ids"] == want[i][:want[i].index(ord(stop)) + 1]
+
+
+def test_unservable_request_is_refused_naming_the_field_and_the_engine_serves_on(llama):
+    hf_dir, ckpt = llama
+    backend = hf_backend(hf_dir)
+    bg = router_over(backend, ckpt)
+    p = prompts(1, seed=5)[0]
+    try:
+        with Client(bg.grpc_addr) as c:
+            with pytest.raises(Exception, match="temperature"):
+                c.complete(p, max_new_tokens=4, temperature=0.7, seed=1)
+            with pytest.raises(Exception, match="presence_penalty"):
+                c.complete(p, max_new_tokens=4, presence_penalty=0.5)
+            r = c.complete(p, max_new_tokens=N, ignore_eos=True)
+        assert r["token_ids"] == hf_greedy(transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval(), p)
+    finally:
+        bg.stop()
+    assert unsupported(SamplingParams(), 0) == ""
+    assert "speculative=2" in unsupported(SamplingParams(), 2)
+
+
+def test_cancelled_stream_cancels_its_request(llama):
+    hf_dir, ckpt = llama
+    backend = hf_backend(hf_dir)
+    from colm.router.backend import EngineRequest
+
+    async def run():
+        await backend.start()
+        try:
+            req = EngineRequest("r1", tuple(prompts(1, seed=7)[0]), SamplingParams(max_new_tokens=400, ignore_eos=True),
+                                1, 60.0)
+            cancelled = []
+            cancel = backend.manager.cancel_request
+            backend.manager.cancel_request = lambda rid: (cancelled.append(rid), cancel(rid))
+            stream = backend.generate(req, "hf-0", "hf-0")
+            first = await anext(stream)
+            await stream.aclose()  # the client went away after one token
+            for _ in range(200):  # the manager drops the request on its next iteration
+                rep = await backend.poll("hf-0")
+                if rep.num_running == 0 and rep.num_waiting == 0:
+                    break
+                await asyncio.sleep(0.05)
+            return first, rep, cancelled
+        finally:
+            await backend.close()
+
+    first, rep, cancelled = asyncio.run(run())
+    assert cancelled == ["r1"]  # the engine was told, not left to run the request's 400 tokens for nobody
+    assert first.token_id >= 0 and rep.num_running == 0 and rep.num_waiting == 0
+    with pytest.raises(Exception, match="not running"):
+        asyncio.run(backend.poll("hf-0"))
+
+
+def test_dense_llama_has_the_full_scale_shape():
+    cfg = preset("tiny-air")
+    m = dense_llama(cfg, "cpu", torch.float32)
+    n = sum(p.numel() for p in m.parameters())
+    full = (1 if cfg.tie_embeddings else 2) * cfg.dim * cfg.vocab_size + cfg.n_layers * (
+        cfg.dim * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.dim
+        + 3 * cfg.dim * cfg.ffn_hidden + 2 * cfg.dim) + cfg.dim
+    assert n == full  # the dense model of the same width and depth
+    w = m.model.layers[0].mlp.down_proj.weight
+    assert 0.015 < float(w.std()) < 0.025
+
+
+def test_serve_path_runs_the_independent_engine_beside_colm(tmp_path):
+    """``bench/serve_path.py --modes colocated,hf_dense`` on the CPU: the same load through one harness, every
+    request of both served, the JSON naming the engine and each mode against it."""
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, str(root / "bench" / "serve_path.py"), "--preset", "demo", "--device", "cpu",
+                    "--modes", "colocated,hf_dense", "--concurrency", "4", "--num-requests", "8",
+                    "--warmup-requests", "4", "--prompt-len", "16,32", "--output-len", "8,16",
+                    "--max-batched-tokens", "256", "--out", str(out)],
+                   check=True, cwd=root, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+    d = json.loads(out.with_suffix(".json").read_text())
+    assert [r["mode"] for r in d["results"]] == ["colocated", "hf_dense"]
+    for r in d["results"]:
+        assert r["summary"]["num_ok"] == 8 and r["summary"]["throughput_rps"] > 0
+    assert d["hf_dense"]["transformers"] == transformers.__version__
+    assert d["ratio_vs_hf_dense"]["hf_dense"]["throughput"] == 1.0
+    assert d["ratio_vs_hf_dense"]["colocated"]["throughput"] > 0
