@@ -155,7 +155,7 @@ class GemmConfig(NamedTuple):
     num_warps: int
     num_stages: int
     nested: bool = False  # input grad only: loop chains, then K within a chain (else one flat K-loop)
-    persistent: bool = False  # forward only: one program per SM walks its tiles in one flat K-step loop
+    persistent: bool = False  # forward and input grad: one program per SM walks its tiles in one flat K-step loop
     tma: bool = False  # forward only: operands and result through TMA tensor descriptors (sm_90+, aligned)
     gemv: bool = False  # forward only, M <= 8: the CUDA-core matrix-vector kernel (``chain_linear_gemv``)
 
@@ -187,7 +187,9 @@ FWD_SMALL_M_CONFIGS = [
     GemmConfig(64, 64, 128, 4, 4),
 ]
 SMALL_M = 64
-BWD_INPUT_CONFIGS = [c._replace(nested=n) for c in FWD_CONFIGS[:5] for n in (False, True)]
+# the input grad's persistent variants (chain_linear_hopper) walk the flat chunk table: never nested
+BWD_INPUT_CONFIGS = [c._replace(nested=n) for c in FWD_CONFIGS[:5] for n in (False, True)] + \
+    [c._replace(persistent=True) for c in FWD_CONFIGS[:3]]
 BWD_WEIGHT_CONFIGS = [
     GemmConfig(128, 256, 64, 8, 3),
     GemmConfig(128, 128, 64, 8, 4),
@@ -580,6 +582,12 @@ def chain_linear_backward_input(dy, weights, lay, config: GemmConfig | None = No
             return
         tiles, chunks, chains, num_n, num_chunks = _bwd_input_tables(lay, weights, cfg.block_n, cfg.block_k, dy.device)
         num_m = triton.cdiv(m, cfg.block_m)
+        if cfg.persistent:
+            _hopper.launch_backward_input(cfg, dy, weights[0], dx, tiles, chunks, num_m, num_n, num_chunks,
+                                          even_n=all(s % cfg.block_n == 0 for s in lay.in_sizes),
+                                          even_k=all(o % cfg.block_k == 0 for o in lay.outs), aligned=aligned,
+                                          upcast=_upcast(dy))
+            return
         _chain_bwd_input_kernel[(num_m * num_n,)](
             dy, weights[0], dx, tiles, chunks, chains,
             m, dy.stride(0), dx.stride(0), num_m, num_n, num_chunks, len(weights),

@@ -1,17 +1,22 @@
-"""Forward variants of the chain Linear for Hopper-class GPUs: persistent and TMA-descriptor kernels.
+"""Variants of the chain Linear for Hopper-class GPUs: persistent and TMA-descriptor kernels.
 
-``colm.kernels.chain_linear`` launches one program per output tile (``_chain_fwd_kernel``). The configs
-marked ``persistent`` or ``tma`` in its ``FWD_CONFIGS`` run here instead:
+``colm.kernels.chain_linear`` launches one program per output tile (``_chain_fwd_kernel``,
+``_chain_bwd_input_kernel``). The configs marked ``persistent`` or ``tma`` in its ``FWD_CONFIGS`` and
+``BWD_INPUT_CONFIGS`` run here instead:
 
 * ``_chain_fwd_persistent_kernel``: one program per SM walks tiles p, p + P, ... of the same grouped,
   longest-first tile order, with all its tiles' K steps in one hand-flattened loop, so the pipeliner keeps
   loading during a tile's epilogue;
+* ``_chain_bwd_input_persistent_kernel``: the same for the input gradient, whose K steps are the chunk
+  table's rows (``BLOCK_K`` rows of one chain's W_i each): a tile of input chain j runs the chunks from
+  chain j's first to the last, so the chain boundaries inside a tile's K loop and the step from one tile to
+  the next are both one more step of the flat loop;
 * ``_chain_fwd_tma_kernel``: TMA descriptor loads and stores (a per-tile W_i slab descriptor clips chain
   ends; x gets a per-tile descriptor clipped at P_i when a prefix is not a multiple of BLOCK_K), per tile
   or persistent.
 
-Both read the forward tile table and use the jit helpers of ``chain_linear`` (same masking rules: never
-an input column >= P_i). ``fwd_variant`` turns a TMA config into pointer loads where the layout is not
+They read the tile tables of ``chain_linear`` and use its jit helpers (same masking rules: never an input
+column >= P_i). ``fwd_variant`` turns a TMA config into pointer loads where the layout is not
 16-byte aligned, the GPU is older than Hopper, or this Triton has no device-side descriptors.
 """
 
@@ -85,7 +90,78 @@ def launch_forward(cfg, args, flags: dict, x2d: torch.Tensor, y: torch.Tensor, n
         raise ValueError(f"launch_forward: {cfg} is neither persistent nor TMA")
 
 
+def launch_backward_input(cfg, dy, w0, dx, tiles, chunks, num_m: int, num_n: int, num_chunks: int, *, even_n: bool,
+                          even_k: bool, aligned: bool, upcast: bool) -> None:
+    """The persistent input gradient (``cfg.persistent``) over ``chain_linear._bwd_input_tables``' tiles and chunks."""
+    m = dy.shape[0]
+    n_prog = num_programs(dy.device, num_m * num_n)
+    _chain_bwd_input_persistent_kernel[(n_prog,)](
+        dy, w0, dx, tiles, chunks, m, dy.stride(0), dx.stride(0), num_m, num_n, num_chunks, n_prog,
+        EVEN_N=even_n, EVEN_K=even_k, ALIGNED=aligned, UPCAST=upcast, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP=_cl.GROUP_N, CHUNK=128, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 if _cl.HAS_TRITON:
+
+    @triton.jit
+    def _chain_bwd_input_persistent_kernel(
+        dy_ptr, w_ptr, dx_ptr, tile_ptr, chunk_ptr,  # as chain_linear._chain_bwd_input_kernel (no chain table)
+        M, stride_dym, stride_dxm, num_m_tiles, num_n_tiles, num_chunks, num_programs,
+        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        """Program p runs tiles p, p + P, ... of the grouped longest-first order; a tile's steps are the chunks
+        from its input chain's first chunk to the table's last, all tiles' steps one flat loop (the epilogue,
+        and the next tile's set-up, under ``if``)."""
+        pid = tl.program_id(0)
+        num_tiles = num_m_tiles * num_n_tiles
+        num_steps = 0  # Σ (num_chunks - first chunk) over this program's tiles, CHUNK tiles per gather
+        for first in range(pid, num_tiles, num_programs * CHUNK):
+            tiles = first + tl.arange(0, CHUNK) * num_programs
+            _, rows = _cl._grouped_tile(tl.minimum(tiles, num_tiles - 1), num_m_tiles, num_n_tiles, GROUP)
+            fc = tl.load(tile_ptr + rows * 4 + 2, mask=tiles < num_tiles, other=num_chunks).to(tl.int32)
+            num_steps += tl.sum(num_chunks - fc)
+        rn = tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        tile = pid - num_programs
+        g = num_chunks - 1  # the chunk of the step; the first step starts a tile
+        x_col = tl.full((), 0, tl.int64)
+        n_valid = 1
+        rm = tl.arange(0, BLOCK_M)
+        # placeholders shaped like the real pointers, so the loads pipeline
+        a_base = dy_ptr + rm[:, None].to(tl.int64) * stride_dym + rk[None, :]  # [BM, BK] at dy column 0
+        b_cols = x_col + rn[None, :].to(tl.int64)  # [1, BN] columns of dx = columns of every W_i
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, num_steps):
+            if g == num_chunks - 1:  # next tile
+                tile += num_programs
+                pid_m, pid_n = _cl._grouped_tile(tile, num_m_tiles, num_n_tiles, GROUP)
+                row = tile_ptr + pid_n * 4
+                x_col = tl.load(row)
+                if ALIGNED:
+                    x_col = tl.multiple_of(x_col, 8)
+                n_valid = tl.load(row + 1).to(tl.int32)
+                g = tl.load(row + 2).to(tl.int32)
+                rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+                rm_ld = (rm % M).to(tl.int64)  # clamp instead of masking; the store masks
+                rn_ld = rn if EVEN_N else rn % n_valid
+                a_base = dy_ptr + rm_ld[:, None] * stride_dym + rk[None, :]
+                b_cols = x_col + rn_ld[None, :].to(tl.int64)
+            else:
+                g += 1
+            info = chunk_ptr + g * 4
+            w_off = tl.load(info)
+            P = tl.load(info + 1)
+            dy_col = tl.load(info + 2)
+            if ALIGNED:
+                w_off = tl.multiple_of(w_off, 8)
+                P = tl.multiple_of(P, 8)
+                dy_col = tl.multiple_of(dy_col, 8)
+            acc = _cl._load_dot(acc, a_base + dy_col, w_ptr + w_off + rk[:, None] * P + b_cols, rk,
+                                tl.load(info + 3).to(tl.int32), EVEN_K, UPCAST)
+            if g == num_chunks - 1:  # epilogue of this tile
+                _cl._store_tile(dx_ptr, acc, rm, rn, stride_dxm, x_col, M, n_valid, EVEN_N)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     @triton.jit
     def _chain_fwd_persistent_kernel(

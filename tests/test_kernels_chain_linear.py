@@ -97,12 +97,30 @@ def test_interpreter_matches_float64(ins, outs, tokens, dtype):
     _check(ins, outs, tokens, dtype, "cpu", bias=len(ins) % 2 == 1, configs={"fwd": INTERP, "bwd_i": INTERP, "bwd_w": INTERP})
 
 
+BWD_INPUT_VARIANTS = {"flat": INTERP, "nested": INTERP._replace(nested=True),
+                      "persistent": INTERP._replace(persistent=True)}
+
+
 @interp
-@pytest.mark.parametrize("nested", [False, True])
-def test_interpreter_input_grad_loop_variants(nested):
-    torch.manual_seed(1 + nested)
-    cfg = INTERP._replace(nested=nested)
-    _check([16, 32, 16], [16, 48, 32], (21,), torch.bfloat16, "cpu", bias=True, configs={"bwd_i": cfg, "fwd": INTERP, "bwd_w": INTERP})
+@pytest.mark.parametrize("variant", list(BWD_INPUT_VARIANTS))
+@pytest.mark.parametrize("ins,outs,tokens", [([16, 32, 16], [16, 48, 32], (21,)), ([8, 24, 16, 8], [24, 8, 8, 16], (3, 5)),
+                                             ([20, 12], [12, 36], (1,))])
+def test_interpreter_input_grad_loop_variants(variant, ins, outs, tokens, monkeypatch):
+    """Every input-gradient loop (the persistent one with 3 programs, so each walks several tiles and their chain
+    boundaries in one loop) against float64, at even and ragged shapes; the variant's own kernel ran."""
+    torch.manual_seed(len(ins) + len(variant))
+    cfg = BWD_INPUT_VARIANTS[variant]
+    mod, name = (hop, "_chain_bwd_input_persistent_kernel") if cfg.persistent else (cl, "_chain_bwd_input_kernel")
+    kernel, ran = getattr(mod, name), []
+
+    class Spy:
+        def __getitem__(self, grid):
+            ran.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(mod, name, Spy())
+    _check(ins, outs, tokens, torch.bfloat16, "cpu", bias=True, configs={"bwd_i": cfg, "fwd": INTERP, "bwd_w": INTERP})
+    assert ran and (not cfg.persistent or ran[0][0] <= hop.INTERPRETER_NUM_PROGRAMS)
 
 
 @interp
@@ -243,7 +261,8 @@ def test_tma_variant_falls_back_where_not_allowed(monkeypatch):
     monkeypatch.setattr(hop, "HAS_TMA", False)  # ...unless this Triton has none
     assert hop.fwd_variant(cfg, True, cpu) == plain
     # the input-grad candidates are built from the first five forward configs, untouched by the variants
-    assert cl.FWD_CONFIGS[:5] == [c._replace(nested=False) for c in cl.BWD_INPUT_CONFIGS[::2]]
+    assert cl.FWD_CONFIGS[:5] == [c._replace(nested=False) for c in cl.BWD_INPUT_CONFIGS[:10:2]]
+    assert all(c.persistent and not c.nested for c in cl.BWD_INPUT_CONFIGS[10:])
 
 
 def test_per_chain_cublas_candidate_matches_float64():
