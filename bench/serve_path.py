@@ -132,11 +132,16 @@ def hf_backend(model_cfg, args):
 
     from _hf_backend import HFContinuousBackend, dense_llama
 
+    cuda = args.device.startswith("cuda")
     model = dense_llama(model_cfg, args.device, getattr(torch, args.dtype))
+    longest = int(args.prompt_len.split(",")[1]) + int(args.output_len.split(",")[1]) + args.prefix_len
     cb = ContinuousBatchingConfig(max_batch_tokens=args.max_batched_tokens,
                                   max_requests_per_batch=max(64, args.concurrency),
+                                  # on a GPU from free memory; on a CPU every client's longest request (256-token
+                                  # blocks), not a size from host memory that each step's mask would span
+                                  num_blocks=None if cuda else -(-args.concurrency * longest // 256) + 4,
                                   default_compile_level=args.hf_compile_level)
-    return HFContinuousBackend(model, cb, warmup=args.device.startswith("cuda"))
+    return HFContinuousBackend(model, cb, warmup=cuda)
 
 
 def make_router(mode: str, ckpt: str, workers: list[tuple[str, str]], token: str, replicas: int, port: int = 0,
