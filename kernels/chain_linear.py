@@ -394,6 +394,23 @@ if HAS_TRITON:
         _store_tile(y_ptr, acc, rm, rn, stride_ym, y_col, M, n_valid, EVEN_N)
 
     @triton.jit
+    def _chunk_dot(acc, chunk_ptr, g, a_base, w_ptr, b_cols, rk, ALIGNED: tl.constexpr, EVEN_K: tl.constexpr,
+                   UPCAST: tl.constexpr):
+        """acc += dy[:, chunk] @ W_i[chunk rows, tile columns] for chunk row ``g`` of the input-grad chunk table
+        ([w_off, P_i, dy_col, k_valid]); ``a_base`` points at dy column 0 of the tile's rows, ``b_cols`` are the
+        tile's dx columns."""
+        info = chunk_ptr + g * 4
+        w_off = tl.load(info)
+        P = tl.load(info + 1)
+        dy_col = tl.load(info + 2)
+        if ALIGNED:
+            w_off = tl.multiple_of(w_off, 8)
+            P = tl.multiple_of(P, 8)
+            dy_col = tl.multiple_of(dy_col, 8)
+        return _load_dot(acc, a_base + dy_col, w_ptr + w_off + rk[:, None] * P + b_cols, rk,
+                         tl.load(info + 3).to(tl.int32), EVEN_K, UPCAST)
+
+    @triton.jit
     def _chain_bwd_input_kernel(
         dy_ptr, w_ptr, dx_ptr, tile_ptr, chunk_ptr, chain_ptr,  # dy [M, ΣO], W_1, dx [M, P_k], tables
         M, stride_dym, stride_dxm, num_m_tiles, num_n_tiles, num_chunks, num_chains,
@@ -433,17 +450,7 @@ if HAS_TRITON:
                     b_ptrs += BLOCK_K * P
         else:
             for g in range(tl.load(tile + 2).to(tl.int32), num_chunks):
-                info = chunk_ptr + g * 4
-                w_off = tl.load(info)
-                P = tl.load(info + 1)
-                dy_col = tl.load(info + 2)
-                if ALIGNED:
-                    w_off = tl.multiple_of(w_off, 8)
-                    P = tl.multiple_of(P, 8)
-                    dy_col = tl.multiple_of(dy_col, 8)
-                a_ptrs = a_base + dy_col
-                b_ptrs = w_ptr + w_off + rk[:, None] * P + b_cols
-                acc = _load_dot(acc, a_ptrs, b_ptrs, rk, tl.load(info + 3).to(tl.int32), EVEN_K, UPCAST)
+                acc = _chunk_dot(acc, chunk_ptr, g, a_base, w_ptr, b_cols, rk, ALIGNED, EVEN_K, UPCAST)
         _store_tile(dx_ptr, acc, rm, rn, stride_dxm, x_col, M, n_valid, EVEN_N)
 
     @triton.jit

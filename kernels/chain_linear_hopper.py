@@ -149,16 +149,7 @@ if _cl.HAS_TRITON:
                 b_cols = x_col + rn_ld[None, :].to(tl.int64)
             else:
                 g += 1
-            info = chunk_ptr + g * 4
-            w_off = tl.load(info)
-            P = tl.load(info + 1)
-            dy_col = tl.load(info + 2)
-            if ALIGNED:
-                w_off = tl.multiple_of(w_off, 8)
-                P = tl.multiple_of(P, 8)
-                dy_col = tl.multiple_of(dy_col, 8)
-            acc = _cl._load_dot(acc, a_base + dy_col, w_ptr + w_off + rk[:, None] * P + b_cols, rk,
-                                tl.load(info + 3).to(tl.int32), EVEN_K, UPCAST)
+            acc = _cl._chunk_dot(acc, chunk_ptr, g, a_base, w_ptr, b_cols, rk, ALIGNED, EVEN_K, UPCAST)
             if g == num_chunks - 1:  # epilogue of this tile
                 _cl._store_tile(dx_ptr, acc, rm, rn, stride_dxm, x_col, M, n_valid, EVEN_N)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
