@@ -182,6 +182,38 @@ def test_cancelled_stream_cancels_its_request(llama):
         asyncio.run(backend.poll("hf-0"))
 
 
+def test_end_of_sequence_and_stop_ids_end_the_engine_request(llama):
+    """The request's end-of-sequence id (unless ``ignore_eos``) and its stop ids reach the engine: its stream ends at
+    the first of them, that token included, as colm's engines end theirs."""
+    hf_dir, _ = llama
+    p = prompts(1, seed=11)[0]
+    want = hf_greedy(transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval(), p, n=16)
+    first = {}
+    for i, t in enumerate(want):
+        first.setdefault(t, i)
+    (ie, eos), (is_, stop) = sorted((i, t) for t, i in first.items() if i >= 2)[:2]  # ends mid-output, eos first
+    backend = hf_backend(hf_dir)
+    from colm.router.backend import EngineRequest
+
+    async def run(params, eos_id):
+        return [t.token_id async for t in backend.generate(EngineRequest("r", tuple(p), params, 1, 60.0, eos_id),
+                                                         "hf-0", "hf-0")]
+
+    async def main():
+        await backend.start()
+        try:
+            return [await run(SamplingParams(max_new_tokens=16), eos),
+                    await run(SamplingParams(max_new_tokens=16, ignore_eos=True), eos),
+                    await run(SamplingParams(max_new_tokens=16, ignore_eos=True, stop_token_ids=(stop,)), eos),
+                    await run(SamplingParams(max_new_tokens=16, stop_token_ids=(stop,)), None)]
+        finally:
+            await backend.close()
+
+    at_eos, ignored, at_stop, stop_only = asyncio.run(main())
+    assert at_eos == want[:ie + 1] and ignored == want
+    assert at_stop == want[:is_ + 1] and stop_only == want[:is_ + 1] and len(at_stop) < len(want)
+
+
 def test_dense_llama_has_the_full_scale_shape():
     cfg = preset("tiny-air")
     m = dense_llama(cfg, "cpu", torch.float32)
