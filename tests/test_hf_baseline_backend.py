@@ -224,6 +224,16 @@ def test_dense_llama_has_the_full_scale_shape():
     assert n == full  # the dense model of the same width and depth
     w = m.model.layers[0].mlp.down_proj.weight
     assert 0.015 < float(w.detach().std()) < 0.025
+    # Llama 3's scaled RoPE, as colm computes it
+    import dataclasses
+
+    from colm.presets import llama32_1b
+    from colm.rope import rope_inv_freq
+
+    cfg = dataclasses.replace(llama32_1b(), dim=256, n_layers=1, n_heads=4, n_kv_heads=2, ffn_hidden=512,
+                              vocab_size=300, chains=(4,))
+    m = dense_llama(cfg, "cpu", torch.float32)
+    assert torch.allclose(m.model.rotary_emb.inv_freq, rope_inv_freq(cfg), rtol=1e-6, atol=0)
 
 
 def test_serve_path_runs_the_independent_engine_beside_colm(tmp_path):
