@@ -31,6 +31,7 @@ GB/s; every throughput is also given as a fraction of that limit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -85,6 +86,12 @@ def request_cost(cfg, prompt: float, out: float, dtype_bytes: int = 2) -> dict:
     return {"prefill_flops": prefill_flops, "decode_flops": decode_flops,
             "decode_kv_bytes": out * ctx * kv_per_token,
             "weight_bytes": linear_params(cfg, full) * dtype_bytes, "out_tokens": out}
+
+
+def dense_config(cfg):
+    """The dense Llama of ``cfg``'s full-scale shape (one chain of every head, no KV sharing): what ``hf_dense``
+    serves, and the model the baseline mode serves as it would be served."""
+    return dataclasses.replace(cfg, chains=(sum(cfg.chains),), kv_sharing=False)
 
 
 def limit_rps(cost: dict, gpu: dict, batch: int) -> dict:
@@ -399,6 +406,10 @@ def main() -> None:
     olo, ohi = (int(x) for x in args.output_len.split(","))
     cost = request_cost(cfg, args.prefix_len + (lo + hi) / 2, (olo + ohi) / 2, dtype_bytes=torch.empty(0, dtype=dtype).element_size())
     limit = limit_rps(cost, gpu, args.concurrency) if gpu else None
+    # the same workload's limit for the dense model (full-model prefill, dense weights): the independent engine's
+    dense_cost = request_cost(dense_config(cfg), args.prefix_len + (lo + hi) / 2, (olo + ohi) / 2,
+                              dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+    dense_limit = limit_rps(dense_cost, gpu, args.concurrency) if gpu else None
 
     scratch = tempfile.mkdtemp(prefix="colm-serve-path-")
     wargs = argparse.Namespace(**{**vars(args), "out": os.path.join(scratch, "worker")})  # worker logs there
@@ -432,11 +443,13 @@ def main() -> None:
                 stop_workers(workers)
             print(table(results[-1:], limit), flush=True)
             if len(results) < len(modes):  # the modes done so far, kept should a later one not finish
-                write_payload(args, results, limit, dict(device=dev_name, date=date, cfg=cfg, gpu=gpu, cost=cost),
+                write_payload(args, results, limit, dict(device=dev_name, date=date, cfg=cfg, gpu=gpu, cost=cost,
+                                                                                dense_limit=dense_limit),
                               complete=False)
     finally:
         sampler.stop()
-    payload = write_payload(args, results, limit, dict(device=dev_name, date=date, cfg=cfg, gpu=gpu, cost=cost))
+    payload = write_payload(args, results, limit, dict(device=dev_name, date=date, cfg=cfg, gpu=gpu, cost=cost,
+                                                       dense_limit=dense_limit))
     plot(results, limit, args.out + ".png")
     print(table(results, limit))
     print(json.dumps({"vs_disaggregated": payload[next(k for k in payload if k.startswith("ratio_vs_") and
@@ -469,6 +482,11 @@ def write_payload(args, results: list, limit, run: dict, complete: bool = True) 
     if limit:
         for r in results:
             r["fraction_of_limit"] = r["summary"]["throughput_rps"] / limit["limit_rps"]
+    dense_limit = run.get("dense_limit")
+    if dense_limit:  # the independent engine serves the dense model: also against that model's own limit
+        for r in results:
+            if r["mode"] == "hf_dense":
+                r["fraction_of_dense_limit"] = r["summary"]["throughput_rps"] / dense_limit["limit_rps"]
     cfg = run["cfg"]
     payload = {"benchmark": "serve_path", "device": run["device"], "date": run["date"], "torch": torch.__version__,
                "python": platform.python_version(), "complete": complete,
@@ -483,7 +501,8 @@ def write_payload(args, results: list, limit, run: dict, complete: bool = True) 
                "workers": "plain processes (colm.deploy.worker_main), router in the benchmark process",
                "routers": args.routers,
                "max_batched_tokens": args.max_batched_tokens, "budgets": args.budgets,
-               "gpu_measured": run["gpu"], "request_cost": run["cost"], "limit": limit, "results": results,
+               "gpu_measured": run["gpu"], "request_cost": run["cost"], "limit": limit,
+               "dense_limit": dense_limit, "results": results,
                f"ratio_vs_{base['mode'] if base else 'none'}": ratios, "ratio_vs_baseline": ratios_vs_baseline}
     if hf is not None:  # the independent engine: what it is, and every mode against it
         import transformers

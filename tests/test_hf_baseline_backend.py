@@ -257,3 +257,18 @@ def test_serve_path_runs_the_independent_engine_beside_colm(tmp_path):
     assert d["hf_dense"]["transformers"] == transformers.__version__
     assert d["ratio_vs_hf_dense"]["hf_dense"]["throughput"] == 1.0
     assert d["ratio_vs_hf_dense"]["colocated"]["throughput"] > 0
+
+
+def test_serve_path_counts_the_dense_model_it_serves():
+    """The limit's weight count for ``hf_dense`` (``serve_path.dense_config``) is the served model's: every Linear
+    of transformers' Llama of that shape, head included; the CoLM-Air model it stands beside has fewer."""
+    import serve_path
+
+    cfg = preset("tiny-air")
+    dense = serve_path.dense_config(cfg)
+    m = dense_llama(cfg, "cpu", torch.float32)
+    linears = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+    assert serve_path.linear_params(dense, 1) == linears
+    assert serve_path.linear_params(cfg, cfg.num_chains) < linears
+    a, b = (serve_path.request_cost(c, 512, 64) for c in (cfg, dense))
+    assert b["prefill_flops"] > a["prefill_flops"] and b["weight_bytes"] == 2 * linears
