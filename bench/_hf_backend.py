@@ -28,11 +28,10 @@ from colm.sampling import SamplingParams
 WORKER_ID = "hf-0"
 
 
-def dense_llama(cfg, device, dtype, seed: int = 0):
-    """A ``transformers.LlamaForCausalLM`` of ``cfg``'s full-scale shape (a colm ``ModelConfig``), random weights
-    drawn like colm's random checkpoints (normal, std 0.02, seeded): the dense model the CoLM one is compared with."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(cfg):
+    """The ``transformers.LlamaConfig`` of a colm ``ModelConfig``'s full-scale shape (every chain's heads as one
+    dense model; its RoPE scaling, norm epsilon and tied head as colm has them)."""
+    from transformers import LlamaConfig
 
     rope = None
     if cfg.rope_scaling is not None:
@@ -41,13 +40,21 @@ def dense_llama(cfg, device, dtype, seed: int = 0):
         if rs.kind == "llama3":
             rope.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
                         original_max_position_embeddings=rs.original_max_position)
-    hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden,
-                     num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                     num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
-                     rope_theta=cfg.rope_theta, rope_scaling=rope, rms_norm_eps=cfg.norm_eps,
-                     tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
+    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden,
+                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                       num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
+                       rope_theta=cfg.rope_theta, rope_scaling=rope, rms_norm_eps=cfg.norm_eps,
+                       tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
+
+
+def dense_llama(cfg, device, dtype, seed: int = 0):
+    """A ``transformers.LlamaForCausalLM`` of ``cfg``'s full-scale shape (``llama_config``), random weights drawn
+    like colm's random checkpoints (normal, std 0.02, seeded): the dense model the CoLM one is compared with."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     gen = torch.Generator().manual_seed(seed)
-    model = LlamaForCausalLM(hc)
+    model = LlamaForCausalLM(llama_config(cfg))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -59,18 +66,15 @@ def dense_llama(cfg, device, dtype, seed: int = 0):
 
 def unsupported(params: SamplingParams, speculative: int) -> str:
     """Why the manager cannot serve these parameters exactly ("" when it can)."""
-    checks = (("temperature", params.temperature != 0, "0 (greedy)"), ("top_k", params.top_k != 0, "0"),
-              ("top_p", params.top_p != 1.0, "1"), ("min_p", params.min_p != 0, "0"),
-              ("presence_penalty", params.presence_penalty != 0, "0"),
-              ("frequency_penalty", params.frequency_penalty != 0, "0"),
-              ("repetition_penalty", params.repetition_penalty != 1.0, "1"),
-              ("logit_bias", bool(params.logit_bias), "empty"), ("min_tokens", params.min_tokens != 0, "0"),
-              ("structured", params.structured is not None, "none"),
-              ("top_logprobs", params.top_logprobs != 0, "0"),
-              ("allowed_token_ids", bool(params.allowed_token_ids), "empty"), ("speculative", speculative != 0, "0"))
-    for name, bad, allowed in checks:
-        if bad:
-            value = speculative if name == "speculative" else getattr(params, name)
+    p = params
+    served = (("temperature", p.temperature, 0, "0 (greedy)"), ("top_k", p.top_k, 0, "0"), ("top_p", p.top_p, 1.0, "1"),
+              ("min_p", p.min_p, 0, "0"), ("presence_penalty", p.presence_penalty, 0, "0"),
+              ("frequency_penalty", p.frequency_penalty, 0, "0"), ("repetition_penalty", p.repetition_penalty, 1.0, "1"),
+              ("logit_bias", p.logit_bias, (), "empty"), ("min_tokens", p.min_tokens, 0, "0"),
+              ("structured", p.structured, None, "none"), ("top_logprobs", p.top_logprobs, 0, "0"),
+              ("allowed_token_ids", p.allowed_token_ids, (), "empty"), ("speculative", speculative, 0, "0"))
+    for name, value, only, allowed in served:
+        if value != only:
             return f"{name}={value!r}: the transformers baseline serves greedy requests only ({name} must be {allowed})"
     return ""
 
@@ -88,7 +92,6 @@ class HFContinuousBackend:
         self.gen_config = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=16)
         self.warmup = warmup
         self.manager = None
-        self.finished = 0  # requests the manager finished (for the benchmark's report)
 
     async def start(self) -> None:
         def begin():
@@ -128,10 +131,10 @@ class HFContinuousBackend:
             raise ValueError(why)
         self._check_alive()
         p = req.params
-        eos = [] if p.ignore_eos or req.eos_id is None else [req.eos_id]
-        stops = eos + [t for t in p.stop_token_ids if t not in eos]
         if p.max_new_tokens == 0:
             return
+        eos = [] if p.ignore_eos or req.eos_id is None else [req.eos_id]
+        stops = eos + [t for t in p.stop_token_ids if t not in eos]
         queue: asyncio.Queue = asyncio.Queue()
         m = self.manager
         m.register_result_handler(req.request_id, queue.put_nowait)  # before the request: no output is missed
@@ -153,7 +156,6 @@ class HFContinuousBackend:
                 sent = max(sent, len(toks))
                 if out.is_finished():
                     finished = True
-                    self.finished += 1
                     return
         finally:
             if not finished:

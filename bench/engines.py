@@ -69,16 +69,13 @@ def colm_model(name, scale=None):
 
 
 def hf_llama(cfg, causal_lm=False):
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+    from transformers import LlamaForCausalLM, LlamaModel
 
-    hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden,
-                     num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-                     max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, tie_word_embeddings=True,
-                     rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 8192}, attn_implementation="sdpa")
+    from _hf_backend import llama_config  # bench/ is sys.path[0] when a bench runs as a script
+
     cls = LlamaForCausalLM if causal_lm else LlamaModel
     with torch.device(DEV):
-        m = cls(hc).to(DT).eval()
+        m = cls(llama_config(cfg)).to(DT).eval()
     return m
 
 

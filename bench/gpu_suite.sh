@@ -87,22 +87,22 @@ case "$part" in
     # its first steps included (conservative)
     timeout 120 $tc --runs /tmp/compare-calib --models compare-16-16 --steps 20 --eval-batches 1 \
       --json /tmp/compare-calib.json 2>&1 | grep -v Warn | tail -2
+    per=${PER_MODEL_S:-95} total=${TOTAL_S:-560}
     steps=$(python -c "import json; r = json.load(open('/tmp/compare-calib.json'))['models']['compare-16-16']; \
-print(max(20, int(${PER_MODEL_S:-95} * 20 / r['train_seconds'])))")
+print(max(20, int($per * 20 / r['train_seconds'])))")
     echo "steps per model: $steps"
     # each model's report comes back as soon as it exists (a call cut short keeps what it finished); a model is
     # started only while the call's TOTAL_S (default 560 s) leaves it room
-    per=${PER_MODEL_S:-95}
     for m in compare-dense compare-16-16 compare-16-16-air compare-8-8-8-8-air; do
-      if (( SECONDS + per + 60 > ${TOTAL_S:-560} )); then echo "$m: not started, the call's time is spent"; continue; fi
+      if (( SECONDS + per + 60 > total )); then echo "$m: not started, the call's time is spent"; continue; fi
       timeout $(( per * 2 + 60 )) $tc --runs /tmp/compare-runs --models $m --steps "$steps" \
         --eval-batches ${EVAL_BATCHES:-64} --json "/tmp/compare-parts/$m.json" 2>&1 | grep -v Warn | tail -3
       [ -f "/tmp/compare-parts/$m.json" ] && cp "/tmp/compare-parts/$m.json" "$OUT/train_compare_$m.json"
     done  # their PNGs stay here (a call returns 8 files at most)
     python bench/train_compare.py --merge "$(ls /tmp/compare-parts/compare-*.json | paste -sd,)" \
       --json "$OUT/train_compare.json" 2>&1 | tail -12
-    if (( SECONDS + 40 < ${TOTAL_S:-560} )) && [ -f /tmp/compare-runs/compare-16-16-air/model/config.json ]; then
-      timeout $(( ${TOTAL_S:-560} - SECONDS )) python bench/speculative.py \
+    if (( SECONDS + 40 < total )) && [ -f /tmp/compare-runs/compare-16-16-air/model/config.json ]; then
+      timeout $(( total - SECONDS )) python bench/speculative.py \
         --model /tmp/compare-runs/compare-16-16-air/model --dtype bfloat16 --batches 1,8 --gammas 1,2,4 --reps 3 \
         --out "$OUT/speculative_compare_16_16_air.json" 2>&1 | grep -v Warn | tail -14
     fi ;;

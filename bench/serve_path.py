@@ -90,7 +90,7 @@ def request_cost(cfg, prompt: float, out: float, dtype_bytes: int = 2) -> dict:
 
 def dense_config(cfg):
     """The dense Llama of ``cfg``'s full-scale shape (one chain of every head, no KV sharing): what ``hf_dense``
-    serves, and the model the baseline mode serves as it would be served."""
+    serves."""
     return dataclasses.replace(cfg, chains=(sum(cfg.chains),), kv_sharing=False)
 
 
@@ -404,18 +404,20 @@ def main() -> None:
     gpu = measure_gpu(args.device) if cuda else None
     lo, hi = (int(x) for x in args.prompt_len.split(","))
     olo, ohi = (int(x) for x in args.output_len.split(","))
-    cost = request_cost(cfg, args.prefix_len + (lo + hi) / 2, (olo + ohi) / 2, dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+    mean_prompt, mean_out = args.prefix_len + (lo + hi) / 2, (olo + ohi) / 2
+    dtype_bytes = torch.empty(0, dtype=dtype).element_size()
+    cost = request_cost(cfg, mean_prompt, mean_out, dtype_bytes=dtype_bytes)
     limit = limit_rps(cost, gpu, args.concurrency) if gpu else None
     # the same workload's limit for the dense model (full-model prefill, dense weights): the independent engine's
-    dense_cost = request_cost(dense_config(cfg), args.prefix_len + (lo + hi) / 2, (olo + ohi) / 2,
-                              dtype_bytes=torch.empty(0, dtype=dtype).element_size())
-    dense_limit = limit_rps(dense_cost, gpu, args.concurrency) if gpu else None
+    dense_limit = limit_rps(request_cost(dense_config(cfg), mean_prompt, mean_out, dtype_bytes=dtype_bytes), gpu,
+                            args.concurrency) if gpu else None
+    run = dict(device=dev_name, date=date, cfg=cfg, gpu=gpu, cost=cost, dense_limit=dense_limit)
 
     scratch = tempfile.mkdtemp(prefix="colm-serve-path-")
     wargs = argparse.Namespace(**{**vars(args), "out": os.path.join(scratch, "worker")})  # worker logs there
     token = secrets.token_urlsafe(24)
     blocks = args.num_blocks or (0 if cuda else 4096)
-    need = int(args.concurrency * (args.prefix_len + (lo + hi) / 2 + (olo + ohi) / 2) / 16)  # every client's mean request, 16-token blocks
+    need = int(args.concurrency * (mean_prompt + mean_out) / 16)  # every client's mean request, 16-token blocks
     if blocks and blocks < need:
         raise SystemExit(f"--num-blocks {blocks}: {args.concurrency} clients of requests of {lo}-{hi} + {olo}-{ohi} "
                          f"tokens hold about {need} blocks at once; give more (or 0: sized from free GPU memory), or "
@@ -443,13 +445,10 @@ def main() -> None:
                 stop_workers(workers)
             print(table(results[-1:], limit), flush=True)
             if len(results) < len(modes):  # the modes done so far, kept should a later one not finish
-                write_payload(args, results, limit, dict(device=dev_name, date=date, cfg=cfg, gpu=gpu, cost=cost,
-                                                                                dense_limit=dense_limit),
-                              complete=False)
+                write_payload(args, results, limit, run, complete=False)
     finally:
         sampler.stop()
-    payload = write_payload(args, results, limit, dict(device=dev_name, date=date, cfg=cfg, gpu=gpu, cost=cost,
-                                                       dense_limit=dense_limit))
+    payload = write_payload(args, results, limit, run)
     plot(results, limit, args.out + ".png")
     print(table(results, limit))
     print(json.dumps({"vs_disaggregated": payload[next(k for k in payload if k.startswith("ratio_vs_") and

@@ -140,7 +140,8 @@ def launch_step(model, batch, pool, scales, graphs=None, after: LaunchedStep | N
     scales = list(scales)
     widest, mixed = max(scales), len(set(scales)) > 1
     picks = sample and any(not r.params.greedy or r.adjust is not None for r in batch)  # not all plain argmax
-    if picks and after is not None:  # the carried rows' tokens of the step before: output not read yet
+    if picks and after is not None and any(r.adjust is not None for r in batch):
+        # the carried rows' tokens of the step before, output not read yet: the adjustments count them
         pending = torch.cat([feed[_on(carry, torch.int64, feed.device), 0],
                              torch.full((len(batch) - len(carry),), -1, dtype=torch.int64, device=feed.device)])
         has_pending = [j < len(carry) for j in range(len(batch))]
@@ -179,16 +180,16 @@ def _pick_tokens(head: StepHead, rows, pending=None, has_pending=None) -> tuple[
     draws = [j for j, r in enumerate(rows) if not r.params.greedy]
     adj = [j for j, r in enumerate(rows) if r.adjust is not None]
     toks = head.greedy[:, 0].clone()  # [B]
-    logits = head.logits
+    x = None
     if adj:
         at = _on(adj, torch.int64, dev)  # [A]
         x = adjust_rows(head.logits.index_select(0, at), [rows[j].adjust for j in adj],
                         [rows[j].out_tokens for j in adj], None if pending is None else pending.index_select(0, at),
                         None if has_pending is None else [has_pending[j] for j in adj])  # [A, V] float32
-        logits = head.logits.float().index_copy(0, at, x)  # [B, V]: adjusted rows replaced
         toks.index_copy_(0, at, x.argmax(dim=-1))  # the greedy ones keep it; the sampled ones draw below
     if not draws:
         return toks, None
+    logits = head.logits if x is None else head.logits.float().index_copy(0, at, x)  # [B, V]: adjusted rows replaced
     gens = [rows[j].generator for j in draws]
     states = [g.get_state() if g is not None else None for g in gens]
     u = _on(uniforms(gens), torch.float64, dev)  # [S]

@@ -19,35 +19,24 @@ pytest.importorskip("colm.decode_worker.engine")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from _hf_backend import HFContinuousBackend, dense_llama, unsupported  # noqa: E402
-from colm import checkpoint  # noqa: E402
-from colm.cli import main  # noqa: E402
 from colm.client import Client  # noqa: E402
 from colm.decode_worker.config import DecodeConfig  # noqa: E402
 from colm.decode_worker.engine import DecodeEngine  # noqa: E402
 from colm.prefill_worker.engine import PrefillEngine  # noqa: E402
 from colm.presets import preset  # noqa: E402
-from colm.router.config import RouterConfig  # noqa: E402
-from colm.router.core import Router  # noqa: E402
 from colm.router.engine_backend import EngineBackend  # noqa: E402
 from colm.sampling import SamplingParams  # noqa: E402
-from colm.tokenizer import load_checkpoint_tokenizer  # noqa: E402
-from router_helpers import BackgroundRouter  # noqa: E402
+from hf_llama_helpers import converted_llama, hf_greedy, router_over  # noqa: E402
 
 N = 10
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    """(HF model, converted colm checkpoint) of a tiny random Llama whose greedy outputs vary."""
-    tmp = tmp_path_factory.mktemp("hf-baseline")
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   rms_norm_eps=1e-5, initializer_range=0.2, rope_theta=10000.0)
-    torch.manual_seed(3)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    hf.save_pretrained(tmp / "hf")
-    assert main(["convert-hf", str(tmp / "hf"), str(tmp / "colm")]) == 0
-    return str(tmp / "hf"), str(tmp / "colm")
+    """(HF model, its folder, converted colm checkpoint) of a tiny random Llama whose greedy outputs vary."""
+    return converted_llama(tmp_path_factory.mktemp("hf-baseline"), 3, vocab_size=300, hidden_size=64,
+                           intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.2, rope_theta=10000.0)
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -56,20 +45,8 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
             for _ in range(n)]
 
 
-def hf_greedy(hf, prompt, n=N):
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def router_over(backend, ckpt):
-    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, rebalance=False),
-                    checkpoint.load_config(ckpt), load_checkpoint_tokenizer(ckpt), backend)
-    return BackgroundRouter(router)
-
-
 def hf_backend(hf_dir):
+    """The backend over its own copy of the model (the manager switches the copy's attention to a paged one)."""
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     model = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
@@ -98,10 +75,9 @@ def concurrently(addr, calls):
 
 
 def test_concurrent_greedy_requests_equal_transformers_generate_and_colm_engines(llama):
-    hf_dir, ckpt = llama
-    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    hf, hf_dir, ckpt = llama
     ps = prompts(12)
-    want = [hf_greedy(hf, p) for p in ps]
+    want = [hf_greedy(hf, p, N) for p in ps]
     assert len({t for w in want for t in w}) > 5  # the outputs vary: equality means something
     # a stop string the router finds in one output (a printable byte token after its first): that request ends there
     i, k = next((i, k) for i, w in enumerate(want) for k, t in enumerate(w) if k > 0 and 48 <= t < 123)
@@ -132,7 +108,7 @@ def test_concurrent_greedy_requests_equal_transformers_generate_and_colm_engines
 
 
 def test_unservable_request_is_refused_naming_the_field_and_the_engine_serves_on(llama):
-    hf_dir, ckpt = llama
+    hf, hf_dir, ckpt = llama
     backend = hf_backend(hf_dir)
     bg = router_over(backend, ckpt)
     p = prompts(1, seed=5)[0]
@@ -143,7 +119,7 @@ def test_unservable_request_is_refused_naming_the_field_and_the_engine_serves_on
             with pytest.raises(Exception, match="presence_penalty"):
                 c.complete(p, max_new_tokens=4, presence_penalty=0.5)
             r = c.complete(p, max_new_tokens=N, ignore_eos=True)
-        assert r["token_ids"] == hf_greedy(transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval(), p)
+        assert r["token_ids"] == hf_greedy(hf, p, N)
     finally:
         bg.stop()
     assert unsupported(SamplingParams(), 0) == ""
@@ -151,7 +127,7 @@ def test_unservable_request_is_refused_naming_the_field_and_the_engine_serves_on
 
 
 def test_cancelled_stream_cancels_its_request(llama):
-    hf_dir, ckpt = llama
+    _, hf_dir, _ = llama
     backend = hf_backend(hf_dir)
     from colm.router.backend import EngineRequest
 
@@ -185,9 +161,9 @@ def test_cancelled_stream_cancels_its_request(llama):
 def test_end_of_sequence_and_stop_ids_end_the_engine_request(llama):
     """The request's end-of-sequence id (unless ``ignore_eos``) and its stop ids reach the engine: its stream ends at
     the first of them, that token included, as colm's engines end theirs."""
-    hf_dir, _ = llama
+    hf, hf_dir, _ = llama
     p = prompts(1, seed=11)[0]
-    want = hf_greedy(transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval(), p, n=16)
+    want = hf_greedy(hf, p, 16)
     first = {}
     for i, t in enumerate(want):
         first.setdefault(t, i)

@@ -7,7 +7,6 @@ import os
 import subprocess
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("colm.decode_worker.engine")
@@ -28,6 +27,7 @@ from colm.router.core import Router  # noqa: E402
 from colm.router.engine_backend import EngineBackend  # noqa: E402
 from colm.sampling import SamplingParams  # noqa: E402
 from colm.tokenizer import load_checkpoint_tokenizer  # noqa: E402
+from hf_llama_helpers import converted_llama, hf_greedy, router_over  # noqa: E402
 from router_helpers import BackgroundRouter, start_worker_procs  # noqa: E402
 
 N = 12
@@ -37,22 +37,11 @@ PROMPTS = [[5, 300, 17, 99, 200, 42, 7, 311, 64, 128, 3], [77]]  # a one-token p
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """(HF model, converted colm checkpoint dir) of a tiny random Llama with grouped-query attention."""
-    tmp = tmp_path_factory.mktemp("llama")
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
-                                   rms_norm_eps=1e-5, initializer_range=0.15, rope_theta=50000.0)
-    torch.manual_seed(11)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    hf.save_pretrained(tmp / "hf")
-    assert main(["convert-hf", str(tmp / "hf"), str(tmp / "colm")]) == 0
-    return hf, str(tmp / "colm")
-
-
-def hf_greedy(hf, prompt, n=N):
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    hf, _, ckpt = converted_llama(tmp_path_factory.mktemp("llama"), 11, vocab_size=320, hidden_size=64,
+                                  intermediate_size=160, num_hidden_layers=3, num_attention_heads=8,
+                                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                                  initializer_range=0.15, rope_theta=50000.0)
+    return hf, ckpt
 
 
 def colm_greedy(ckpt, prompt, scale=None, n=N):
@@ -63,9 +52,7 @@ def colm_greedy(ckpt, prompt, scale=None, n=N):
 def engine_router(ckpt):
     prefill = {"prefill-0": PrefillEngine.from_checkpoint(ckpt)}
     decode = {"decode-0": DecodeEngine.from_checkpoint(ckpt, DecodeConfig(num_blocks=64))}
-    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, rebalance=False),
-                    checkpoint.load_config(ckpt), load_checkpoint_tokenizer(ckpt), EngineBackend(prefill, decode))
-    return BackgroundRouter(router), decode
+    return router_over(EngineBackend(prefill, decode), ckpt), decode
 
 
 def test_servable_rule():
@@ -85,7 +72,7 @@ def test_converted_llama_serves_tokens_of_colm_generate_and_transformers(llama):
         with Client(bg.grpc_addr) as c:
             assert [s["scale"] for s in c.list_scales()] == [1]
             for prompt in PROMPTS:
-                want = hf_greedy(hf, prompt)
+                want = hf_greedy(hf, prompt, N)
                 assert colm_greedy(ckpt, prompt) == want
                 r = c.complete(prompt, max_new_tokens=N, ignore_eos=True)
                 assert r["token_ids"] == want and r["scales"] == [1] * N, prompt
@@ -111,7 +98,7 @@ def test_expanded_air_model_serves_both_scales(llama, tmp_path):
                     assert r["scales"] == [scale] * N
             # chain 1 is the converted Llama: scale 1 (and, right after expansion, scale 2) continue as it does
             assert c.complete(PROMPTS[0], max_new_tokens=N, scale=1, ignore_eos=True)["token_ids"] == hf_greedy(
-                hf, PROMPTS[0])
+                hf, PROMPTS[0], N)
     finally:
         bg.stop()
 
@@ -134,7 +121,7 @@ def test_converted_llama_served_by_worker_processes(llama):
         try:
             with Client(bg.grpc_addr) as c:
                 assert c.complete(PROMPTS[0], max_new_tokens=N, ignore_eos=True)["token_ids"] == hf_greedy(
-                    hf, PROMPTS[0])
+                    hf, PROMPTS[0], N)
         finally:
             bg.stop()
     finally:
