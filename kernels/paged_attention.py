@@ -17,8 +17,9 @@ The Triton decode kernel is split-K ("flash-decoding"): when batch × KV heads c
 each sequence's context is cut into ``num_splits`` ranges whose partial softmax states (running max,
 sum, unnormalised output) a second small kernel merges. The ranges are cut from each sequence's own
 length inside the kernel, so a launch (or a CUDA graph) sized for a wider block table still spreads a
-short context over all its splits. Both entry points use Triton on CUDA and the
-plain-PyTorch ``*_ref`` on the CPU.
+short context over all its splits. Both entry points use Triton on CUDA; on the CPU the write runs its
+plain-PyTorch reference and attention its batched form (``paged_decode_attention_batched``: one gather and a
+matmul per KV head for the whole batch), checked against the per-sequence reference.
 """
 
 from __future__ import annotations
@@ -71,6 +72,47 @@ def paged_decode_attention_ref(q, k_pool, v_pool, block_tables, context_lens, sm
         s = torch.einsum("hd,nhd->hn", q[b].to(acc_dtype), k) * scale  # [Hq, n]
         out[b] = torch.einsum("hn,nhd->hd", s.softmax(-1), v).to(q.dtype)
     return out
+
+
+def paged_decode_attention_batched(q, k_pool, v_pool, block_tables, context_lens, sm_scale=None,
+                                   head_map=None) -> torch.Tensor:
+    """The CPU path: ``paged_decode_attention_ref``'s result computed for the whole batch at once.
+
+    Every sequence's blocks are gathered with one ``index_select`` per pool into [B, W, Hkv, D] (W: the
+    longest context rounded up to whole blocks; past a sequence's length its columns are masked, and its
+    unused table entries read block 0), then each KV head attends its group of query heads in one batched
+    matmul over strided views, so nothing is repeated per query head and no Python loop runs per sequence.
+    Same accumulation dtype as the reference (float32, float64 for float64 q); a sequence of length 0
+    gets zeros, as in the reference."""
+    if head_map is not None:  # attend in GQA order, then put each output back at its own head
+        idx = head_map.long()
+        out = torch.empty_like(q)
+        out[:, idx] = paged_decode_attention_batched(q[:, idx], k_pool, v_pool, block_tables, context_lens,
+                                                     sm_scale)
+        return out
+    b_count, hq, d = q.shape
+    num_blocks, block_size, hkv = k_pool.shape[0], k_pool.shape[1], k_pool.shape[2]
+    group = hq // hkv
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lens = context_lens.long()
+    if b_count == 0 or int(lens.max()) == 0:
+        return torch.zeros_like(q)
+    width_blocks = -(-int(lens.max()) // block_size)
+    width = width_blocks * block_size
+    used = torch.arange(width_blocks, device=q.device)[None] * block_size < lens[:, None]  # [B, Wb]
+    pages = block_tables[:, :width_blocks].long().masked_fill(~used, 0).reshape(-1)  # [B * Wb]
+    k = k_pool.reshape(num_blocks, -1).index_select(0, pages).view(b_count, width, hkv, d).to(acc_dtype)
+    v = v_pool.reshape(num_blocks, -1).index_select(0, pages).view(b_count, width, hkv, d).to(acc_dtype)
+    qg = q.reshape(b_count, hkv, group, d).to(acc_dtype) * scale  # query head h * group + g reads KV head h
+    past_end = (torch.arange(width, device=q.device)[None] >= lens[:, None])[:, None, :]  # [B, 1, W]
+    out = torch.empty(b_count, hkv, group, d, dtype=acc_dtype, device=q.device)
+    for h in range(hkv):
+        s = torch.matmul(qg[:, h], k[:, :, h].transpose(1, 2))  # [B, group, W]
+        s.masked_fill_(past_end, float("-inf"))
+        out[:, h] = torch.matmul(s.softmax(-1), v[:, :, h])  # [B, group, D]
+    out[lens == 0] = 0
+    return out.reshape(b_count, hq, d).to(q.dtype)
 
 
 def write_kv_to_pool_ref(k, v, k_pool, v_pool, slot_mapping) -> None:
@@ -319,7 +361,7 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, sm_sca
         return paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens, sm_scale,
                                              head_map=head_map)
     _check_decode_args(q, k_pool, v_pool, block_tables, context_lens, head_map)
-    return paged_decode_attention_ref(q, k_pool, v_pool, block_tables, context_lens, sm_scale, head_map)
+    return paged_decode_attention_batched(q, k_pool, v_pool, block_tables, context_lens, sm_scale, head_map)
 
 
 def write_kv_to_pool(k, v, k_pool, v_pool, slot_mapping) -> None:

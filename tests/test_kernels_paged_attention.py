@@ -147,12 +147,53 @@ def test_interpreter_write_kv_matches_reference():
     _check_write(11, 2, 16, 4, 6, torch.bfloat16, "cpu")
 
 
-def test_dispatch_uses_reference_on_cpu():
+def test_dispatch_uses_batched_path_on_cpu():
     torch.manual_seed(7)
     q, kp, vp, bt, cl = _paged_case(2, 4, 2, 8, 4, [5, 9], torch.float32, "cpu")
-    assert torch.equal(pa.paged_decode_attention(q, kp, vp, bt, cl), pa.paged_decode_attention_ref(q, kp, vp, bt, cl))
+    assert torch.equal(pa.paged_decode_attention(q, kp, vp, bt, cl),
+                       pa.paged_decode_attention_batched(q, kp, vp, bt, cl))
     with pytest.raises(ValueError, match="int32"):
         pa.paged_decode_attention(q, kp, vp, bt.long(), cl)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (6, 3)])
+@pytest.mark.parametrize("mapped", [False, True])
+def test_batched_cpu_path_matches_references(hq, hkv, mapped):
+    """The whole-batch CPU path against the per-sequence reference (float64 and float32) and the head-by-head
+    float64 attention above: contexts from 1 token to several blocks, one block exactly full, shuffled tables
+    whose unused entries hold block ids past the pool (the path must not read them), a scale of its own."""
+    torch.manual_seed(11 + hq + hkv)
+    lens = [1, 7, 8, 23, 3]
+    q, kp, vp, bt, cl = _paged_case(len(lens), hq, hkv, 16, 8, lens, torch.float64, "cpu")
+    clean = bt.clone()  # the head-by-head reference reads whole table rows
+    for b, n in enumerate(lens):
+        bt[b, -(-n // 8):] = 10_000 + b  # past the pool: an index error if read
+    head_map = torch.randperm(hq).int() if mapped else None
+    got = pa.paged_decode_attention_batched(q, kp, vp, bt, cl, sm_scale=0.3, head_map=head_map)
+    ref = pa.paged_decode_attention_ref(q, kp, vp, bt, cl, 0.3, head_map)
+    assert got.dtype == torch.float64 and torch.allclose(got, ref, rtol=1e-10, atol=1e-10)
+    if mapped:
+        assert torch.allclose(got, _mapped_ref(q, kp, vp, clean, cl, head_map, 0.3), rtol=1e-10, atol=1e-10)
+    q32, kp32, vp32 = q.float(), kp.float(), vp.float()
+    got32 = pa.paged_decode_attention_batched(q32, kp32, vp32, bt, cl, head_map=head_map)
+    ref64 = pa.paged_decode_attention_ref(q32.double(), kp32.double(), vp32.double(), bt, cl, head_map=head_map)
+    assert got32.dtype == torch.float32 and _rel(got32, ref64) < 1e-5
+
+
+def test_batched_cpu_path_half_pools_and_empty_rows():
+    """bf16 pools are read in float32 as the reference reads them; a sequence with no context gets zeros (the
+    reference's result) and leaves the others' outputs unchanged; a batch of only empty rows is all zeros."""
+    torch.manual_seed(12)
+    q, kp, vp, bt, cl = _paged_case(3, 4, 2, 8, 4, [5, 1, 9], torch.bfloat16, "cpu")
+    full = pa.paged_decode_attention_batched(q, kp, vp, bt, cl)
+    ref = pa.paged_decode_attention_ref(q, kp, vp, bt, cl)
+    assert full.dtype == torch.bfloat16 and torch.allclose(full.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    cl0 = cl.clone()
+    cl0[1] = 0
+    out = pa.paged_decode_attention_batched(q, kp, vp, bt, cl0)
+    assert torch.count_nonzero(out[1]) == 0
+    assert torch.equal(out[0], full[0]) and torch.equal(out[2], full[2])
+    assert torch.count_nonzero(pa.paged_decode_attention_batched(q, kp, vp, bt, torch.zeros_like(cl))) == 0
 
 
 def test_reference_matches_dense_attention():
