@@ -26,9 +26,11 @@
 #                                     # output; needs xgrammar in $WHEELS for the last) against device greedy at a
 #                                     # 128k vocabulary, the CUDA tests of sampled steps, and the colocated engine
 #                                     # under greedy and sampled traffic (~9 min)
-#   bash bench/gpu_suite.sh independent  # colm's colocated engine and an engine colm did not write (transformers'
-#                                     # continuous batching serving the dense Llama of the same shape) through one
-#                                     # harness, 64 clients, prompts 512-2048, outputs 32-96 (~7 min)
+#   bash bench/gpu_suite.sh independent  # colm's colocated engine serving the Air model, the same engine serving
+#                                     # the dense Llama of its full-scale shape, and an engine colm did not write
+#                                     # (transformers' continuous batching, the same dense Llama), through one
+#                                     # harness, 64 clients, prompts 512-2048, outputs 32-96 (~9 min; the JSON is
+#                                     # written after each mode)
 #   bash bench/gpu_suite.sh ray       # colm serve on Ray (needs Ray in $WHEELS or installed), 1B Air, 160
 #                                     # clients, full scale then the budget mix (bench/serve_ray.py)    (~5 min)
 #
@@ -131,7 +133,7 @@ print(max(20, int($per * 20 / r['train_seconds'])))")
         --out "$OUT/serve_path_1b_air_c64_$name" 2>&1 | grep -v Warn | tail -8
     done ;;
   independent)
-    timeout 560 python bench/serve_path.py --modes colocated,hf_dense --concurrency 64 --ramp-s 2 \
+    timeout 575 python bench/serve_path.py --modes colocated,dense,hf_dense --concurrency 64 --ramp-s 2 \
       --max-batched-tokens 4096 --num-requests 1500 --client-processes 8 --connections 4 --routers 4 --num-blocks 0 \
       --prompt-len 512,2048 --output-len 32,96 --out "$OUT/serve_path_1b_air_c64_independent" 2>&1 | grep -v Warn | tail -16 ;;
   ray)

@@ -8,6 +8,10 @@ process serving a closed-loop load from ``colm loadtest`` (another process):
                         (``DecodeConfig.colocated_prefill``: one process, one CUDA context, no hand-off);
   baseline              the same colocated engine serving the model as a dense one would be served: the FULL
                         model prefills every prompt (``prefill_scale`` 0) and every request runs at full scale;
+  dense                 the same colocated engine (chunked prefill in the decode loop, CUDA graphs, prefix cache)
+                        serving the dense-equivalent model: the dense Llama of the model's full-scale shape (one
+                        chain, no K/V sharing, random weights; ``dense_checkpoint``), the baseline of a deployment
+                        that serves a dense model with colm's best one-GPU design;
   colocated_nocache     colocated with prefix caching off (``DecodeConfig.prefix_caching``): beside ``colocated``
                         under ``--prefix-len`` (prompts opening with shared prefixes), what the cache saves;
   hf_dense              an engine colm did not write: transformers' continuous batching (``bench/_hf_backend.py``)
@@ -55,7 +59,7 @@ from serve_goodput import build_checkpoint, start_worker  # noqa: E402
 
 MODES = ("batched", "colocated", "baseline")
 # nocache: prefix caching off; hf_dense: the independent engine
-ALL_MODES = ("per_request", "batched", "colocated", "baseline", "colocated_nocache", "hf_dense")
+ALL_MODES = ("per_request", "batched", "colocated", "baseline", "colocated_nocache", "dense", "hf_dense")
 
 
 # ------------------------------------------------------------------------------------------- the limit
@@ -89,9 +93,29 @@ def request_cost(cfg, prompt: float, out: float, dtype_bytes: int = 2) -> dict:
 
 
 def dense_config(cfg):
-    """The dense Llama of ``cfg``'s full-scale shape (one chain of every head, no KV sharing): what ``hf_dense``
-    serves."""
+    """The dense Llama of ``cfg``'s full-scale shape (one chain of every head, no KV sharing): what ``dense`` and
+    ``hf_dense`` serve."""
     return dataclasses.replace(cfg, chains=(sum(cfg.chains),), kv_sharing=False)
+
+
+def dense_checkpoint(ckpt: str, dtype, device: str) -> str:
+    """A colm checkpoint of ``dense_config`` of ``ckpt``'s model (random weights, the presets' init: std 0.02, seed
+    0) with ``ckpt``'s tokenizer, in the temporary directory (made once per shape and dtype): what ``dense``
+    serves."""
+    from colm import checkpoint
+    from colm.model import CoLM
+
+    cfg = dense_config(checkpoint.load_config(ckpt))
+    name = "x".join(str(v) for v in (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden,
+                                       cfg.vocab_size, cfg.max_seq_len))
+    path = os.path.join(tempfile.gettempdir(), f"colm-bench-dense-{name}-{str(dtype).removeprefix('torch.')}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        model = CoLM(cfg, device=device, dtype=torch.float32)
+        model.reset_parameters(std=0.02, seed=0)
+        checkpoint.save(model.to(dtype), path, tokenizer=checkpoint.read_meta(ckpt).get("tokenizer"),
+                        copy_tokenizer_from=ckpt)
+        del model
+    return path
 
 
 def limit_rps(cost: dict, gpu: dict, batch: int) -> dict:
@@ -111,7 +135,7 @@ def start_workers(mode: str, ckpt: str, wargs, token: str, decode_section: dict)
     """{role: (process, address)} of one mode's deployment (none for ``hf_dense``: its engine is the router's)."""
     if mode == "hf_dense":
         return {}
-    if mode in ("colocated", "baseline", "colocated_nocache"):
+    if mode in ("colocated", "baseline", "colocated_nocache", "dense"):
         section = {**decode_section, "colocated_prefill": True, "max_batched_tokens": wargs.max_batched_tokens,
                    "prefill_scale": 0 if mode == "baseline" else 1, "prefix_caching": mode != "colocated_nocache"}
         return {"decode": start_worker("decode", ckpt, wargs, token, section)}
@@ -172,7 +196,7 @@ def make_router(mode: str, ckpt: str, workers: list[tuple[str, str]], token: str
     cfg = RouterConfig(grpc_port=port, http_port=None, max_running=1024, max_queued=8192, poll_interval_s=0.1,
                        default_deadline_s=300, token_timeout_s=120, served_model_name=f"bench-{mode}",
                        token_stream=stream,
-                       fixed_scale=model_cfg.num_chains if mode in ("baseline", "hf_dense") else None,
+                       fixed_scale=model_cfg.num_chains if mode in ("baseline", "dense", "hf_dense") else None,
                        replicas=replicas)
     return ThreadedRouterServer(Router(cfg, model_cfg, load_checkpoint_tokenizer(ckpt), backend))
 
@@ -431,11 +455,12 @@ def main() -> None:
     for mode in modes:
         if mode not in ALL_MODES:
             raise SystemExit(f"--modes: {mode!r} is not one of {ALL_MODES}")
+    ckpts = {m: dense_checkpoint(ckpt, dtype, args.device) if m == "dense" else ckpt for m in modes}
     try:
         for mode in modes:
-            workers = start_workers(mode, ckpt, wargs, token, decode_section)
+            workers = start_workers(mode, ckpts[mode], wargs, token, decode_section)
             try:
-                results.append(run_mode(mode, ckpt, workers, token, args, sampler, scratch))
+                results.append(run_mode(mode, ckpts[mode], workers, token, args, sampler, scratch))
             except BaseException:
                 for role in workers:  # what the workers said, when a mode failed
                     with open(os.path.join(scratch, f"worker_{role}.log")) as f:
@@ -452,8 +477,10 @@ def main() -> None:
     plot(results, limit, args.out + ".png")
     print(table(results, limit))
     print(json.dumps({"vs_disaggregated": payload[next(k for k in payload if k.startswith("ratio_vs_") and
-                                                           k not in ("ratio_vs_baseline", "ratio_vs_hf_dense"))],
+                                                           k not in ("ratio_vs_baseline", "ratio_vs_dense",
+                                                                     "ratio_vs_hf_dense"))],
                       "vs_baseline": payload["ratio_vs_baseline"],
+                      "vs_dense": payload.get("ratio_vs_dense", {}),
                       "vs_hf_dense": payload.get("ratio_vs_hf_dense", {})}, indent=1))
     print(f"wrote {args.out}.json and .png")
 
@@ -477,14 +504,15 @@ def write_payload(args, results: list, limit, run: dict, complete: bool = True) 
                 for r in results} if ref else {}
 
     ratios_vs_baseline = versus(baseline)
+    dense = next((r for r in results if r["mode"] == "dense"), None)
     hf = next((r for r in results if r["mode"] == "hf_dense"), None)
     if limit:
         for r in results:
             r["fraction_of_limit"] = r["summary"]["throughput_rps"] / limit["limit_rps"]
     dense_limit = run.get("dense_limit")
-    if dense_limit:  # the independent engine serves the dense model: also against that model's own limit
+    if dense_limit:  # the modes serving the dense model: also against that model's own limit
         for r in results:
-            if r["mode"] == "hf_dense":
+            if r["mode"] in ("dense", "hf_dense"):
                 r["fraction_of_dense_limit"] = r["summary"]["throughput_rps"] / dense_limit["limit_rps"]
     cfg = run["cfg"]
     payload = {"benchmark": "serve_path", "device": run["device"], "date": run["date"], "torch": torch.__version__,
@@ -510,6 +538,8 @@ def write_payload(args, results: list, limit, run: dict, complete: bool = True) 
                                "model": "LlamaForCausalLM of the full-scale shape, random weights",
                                "compile_level": args.hf_compile_level, "router_processes": 1}
         payload["ratio_vs_hf_dense"] = versus(hf)
+    if dense is not None:  # every mode against colm's own engine serving the dense-equivalent model
+        payload["ratio_vs_dense"] = versus(dense)
     with open(args.out + ".json", "w") as f:
         json.dump(payload, f, indent=1)
     return payload

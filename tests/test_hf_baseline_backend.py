@@ -213,8 +213,9 @@ def test_dense_llama_has_the_full_scale_shape():
 
 
 def test_serve_path_runs_the_independent_engine_beside_colm(tmp_path):
-    """``bench/serve_path.py --modes colocated,hf_dense`` on the CPU (a tiny Air model and its dense shape): the same
-    load through one harness, every request of both served, the JSON naming the engine and each mode against it."""
+    """``bench/serve_path.py --modes colocated,dense,hf_dense`` on the CPU (a tiny Air model and its dense shape, served
+    by colm's engine and by transformers'): the same load through one harness, every request of each served, the
+    dense model at its one scale, the JSON naming the engine and each mode against both dense baselines."""
     import json
     import os
     import subprocess
@@ -222,17 +223,21 @@ def test_serve_path_runs_the_independent_engine_beside_colm(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
     subprocess.run([sys.executable, str(root / "bench" / "serve_path.py"), "--preset", "tiny-air", "--dtype", "float32",
-                    "--device", "cpu", "--modes", "colocated,hf_dense", "--concurrency", "4", "--num-requests", "8",
+                    "--device", "cpu", "--modes", "colocated,dense,hf_dense", "--concurrency", "4", "--num-requests", "8",
                     "--warmup-requests", "4", "--prompt-len", "16,32", "--output-len", "8,16",
                     "--max-batched-tokens", "256", "--out", str(out)],
                    check=True, cwd=root, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
     d = json.loads(out.with_suffix(".json").read_text())
-    assert [r["mode"] for r in d["results"]] == ["colocated", "hf_dense"]
+    assert [r["mode"] for r in d["results"]] == ["colocated", "dense", "hf_dense"]
     for r in d["results"]:
         assert r["summary"]["num_ok"] == 8 and r["summary"]["throughput_rps"] > 0
+    modes = {r["mode"]: r for r in d["results"]}
+    assert modes["dense"]["scale_mix"] == {"1": 1.0} and modes["colocated"]["scale_mix"] == {"2": 1.0}
+    assert modes["dense"]["decode_engine"]["num_prefill_chunks"] > 0  # prompts prefilled inside the decode loop
     assert d["hf_dense"]["transformers"] == transformers.__version__
     assert d["ratio_vs_hf_dense"]["hf_dense"]["throughput"] == 1.0
-    assert d["ratio_vs_hf_dense"]["colocated"]["throughput"] > 0
+    assert d["ratio_vs_dense"]["dense"]["throughput"] == 1.0
+    assert d["ratio_vs_hf_dense"]["colocated"]["throughput"] > 0 and d["ratio_vs_dense"]["hf_dense"]["throughput"] > 0
 
 
 def test_serve_path_counts_the_dense_model_it_serves():
@@ -248,3 +253,30 @@ def test_serve_path_counts_the_dense_model_it_serves():
     assert serve_path.linear_params(cfg, cfg.num_chains) < linears
     a, b = (serve_path.request_cost(c, 512, 64) for c in (cfg, dense))
     assert b["prefill_flops"] > a["prefill_flops"] and b["weight_bytes"] == 2 * linears
+
+
+def test_dense_mode_serves_the_dense_llama_of_the_same_shape(tmp_path, monkeypatch):
+    """``serve_path.dense_checkpoint``: a colm checkpoint of one chain and no K/V sharing whose Linear weights are
+    as many as those of transformers' Llama of the full-scale shape, with the source checkpoint's tokenizer; made once
+    (a second call returns the same directory without rewriting it)."""
+    import serve_path
+
+    from colm import checkpoint
+    from colm.assets import demo_model_dir
+
+    monkeypatch.setattr(serve_path.tempfile, "gettempdir", lambda: str(tmp_path))
+    src = str(demo_model_dir())
+    path = serve_path.dense_checkpoint(src, torch.float32, "cpu")
+    cfg, src_cfg = checkpoint.load_config(path), checkpoint.load_config(src)
+    assert cfg.chains == (sum(src_cfg.chains),) and not cfg.kv_sharing and cfg.num_chains == 1
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden, cfg.vocab_size) == (
+        src_cfg.dim, src_cfg.n_layers, src_cfg.n_heads, src_cfg.n_kv_heads, src_cfg.ffn_hidden, src_cfg.vocab_size)
+    model = checkpoint.load(path, device="cpu")
+    hf = dense_llama(src_cfg, "cpu", torch.float32)
+    weights = lambda m: sum(p.numel() for n, p in m.named_parameters() if "norm" not in n)  # noqa: E731
+    assert weights(model) == weights(hf) > 0  # every matrix, the (tied) embedding once
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (Path(path) / name).read_bytes() == (Path(src) / name).read_bytes()
+    stamp = (Path(path) / "model.safetensors").stat().st_mtime_ns
+    assert serve_path.dense_checkpoint(src, torch.float32, "cpu") == path
+    assert (Path(path) / "model.safetensors").stat().st_mtime_ns == stamp
