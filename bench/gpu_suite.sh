@@ -66,7 +66,13 @@ case "$part" in
         | grep -E "^(floor|fused|unfused|wrote)"
     done ;;
   handoff)
-    timeout 500 python bench/engines.py --out "$OUT" --sections handoff 2>&1 | grep -v Warn | tail -40 ;;
+    timeout 480 python bench/engines.py --out "$OUT" --sections handoff 2>&1 | grep -v Warn | tail -40
+    # the hand-off's first full-scale step (1.65 ms after admission at 8K, 0.87 ms graphed at 2K): the batch-1 step
+    # at 8K alone, its kernels and its floor
+    if (( SECONDS < 480 )); then
+      timeout $(( 585 - SECONDS )) python bench/decode_profile.py --batch 1 --context 8192 --variants fused_pdl \
+        --out "$OUT/decode_profile_b1_ctx8192.json" 2>&1 | grep -v Warn | grep -E "^(floor|fused|unfused|wrote)"
+    fi ;;
   prefill)
     timeout 560 python bench/engines.py --out "$OUT" --sections prefill 2>&1 | grep -v Warn | tail -40 ;;
   serve)
