@@ -9,7 +9,8 @@ clock), each variant in turns with the others.
 
 Variants: Prefill with 16 token ids; with 8K as ``token_ids_u32`` (what the router sends) and as the
 repeated field; 8K packed with a Reserve to the other worker sent at once (the router's cuda_pool path);
-and a Stats round trip.
+the same calls as messages of each worker's open ``Calls`` stream (``router.worker_calls: stream``, the router's
+default: ``colm.router.call_stream``); and a Stats round trip.
 
 Usage: python bench/rpc_latency.py [--out FILE] [--reps 200]
 """
@@ -29,11 +30,15 @@ TOKEN = "bench"
 
 def _serve(role, conn):
     from colm.proto import load_proto
+    from colm.proto.call_stream import serve_calls
     from colm.proto.rpc import make_server
 
     kv_pb2, kv_pb2_grpc = load_proto("kv")
 
     class Prefill(kv_pb2_grpc.PrefillWorkerServicer):
+        def Calls(self, request_iterator, context):
+            yield from serve_calls({"Prefill": (self.Prefill, kv_pb2.PrefillRequest)}, request_iterator, context)
+
         def Prefill(self, request, context):
             return kv_pb2.PrefillReply(request_id=request.request_id, monotonic_s=time.monotonic())
 
@@ -41,6 +46,9 @@ def _serve(role, conn):
             return kv_pb2.PrefillStats()
 
     class Decode(kv_pb2_grpc.DecodeWorkerServicer):
+        def Calls(self, request_iterator, context):
+            yield from serve_calls({"Reserve": (self.Reserve, kv_pb2.ReserveRequest)}, request_iterator, context)
+
         def Reserve(self, request, context):
             return kv_pb2.ReserveReply(request_id=request.request_id)
 
@@ -60,6 +68,7 @@ def measure(prefill_port: int, decode_port: int, reps: int, turns: int = 4) -> d
 
     from colm.proto import load_proto
     from colm.proto.token_ids import pack_token_ids
+    from colm.router.call_stream import CallStream
 
     kv_pb2, kv_pb2_grpc = load_proto("kv")
     md = (("x-colm-cluster-token", TOKEN),)
@@ -71,6 +80,16 @@ def measure(prefill_port: int, decode_port: int, reps: int, turns: int = 4) -> d
         cp = grpc.aio.insecure_channel(f"127.0.0.1:{prefill_port}", options=opts)
         cd = grpc.aio.insecure_channel(f"127.0.0.1:{decode_port}", options=opts)
         p, d = kv_pb2_grpc.PrefillWorkerStub(cp), kv_pb2_grpc.DecodeWorkerStub(cd)
+        sp, sd = CallStream(lambda: p.Calls(metadata=md)), CallStream(lambda: d.Calls(metadata=md))
+
+        async def prefill_on_stream(ids, with_reserve, i):
+            t0 = time.monotonic()
+            req = kv_pb2.PrefillRequest(request_id=f"r{i}", token_ids_u32=pack_token_ids(ids))
+            call = asyncio.ensure_future(sp.call("Prefill", req, kv_pb2.PrefillReply, 5))
+            if with_reserve:  # a task of its own, as GrpcBackend sends it: the Prefill task made first goes first
+                await asyncio.ensure_future(sd.call("Reserve", kv_pb2.ReserveRequest(
+                    request_id=f"r{i}", prompt_len=len(ids)), kv_pb2.ReserveReply, 5))
+            return ((await call).monotonic_s - t0) * 1000
 
         async def prefill(ids, packed, with_reserve, i):
             t0 = time.monotonic()
@@ -91,6 +110,9 @@ def measure(prefill_port: int, decode_port: int, reps: int, turns: int = 4) -> d
             "prefill_8k_packed": lambda i: prefill(ids8k, True, False, i),
             "prefill_8k_repeated": lambda i: prefill(ids8k, False, False, i),
             "prefill_8k_packed_with_reserve": lambda i: prefill(ids8k, True, True, i),
+            "prefill_16_tokens_on_calls_stream": lambda i: prefill_on_stream(ids16, False, i),
+            "prefill_8k_packed_on_calls_stream": lambda i: prefill_on_stream(ids8k, False, i),
+            "prefill_8k_packed_with_reserve_on_calls_streams": lambda i: prefill_on_stream(ids8k, True, i),
             "stats_round_trip": stats,
         }
         times = {v: [] for v in variants}
@@ -101,6 +123,8 @@ def measure(prefill_port: int, decode_port: int, reps: int, turns: int = 4) -> d
             for v, fn in variants.items():
                 for i in range(reps // turns):
                     times[v].append(await fn(i))
+        await sp.close()
+        await sd.close()
         await cp.close()
         await cd.close()
         return {v: statistics.median(t) for v, t in times.items()}
@@ -130,9 +154,9 @@ def main() -> None:
             proc.join(10)
     import grpc
 
-    print(f"{'variant':34s} {'ms':>8s}")
+    print(f"{'variant':48s} {'ms':>8s}")
     for v, ms in res.items():
-        print(f"{v:34s} {ms:8.3f}")
+        print(f"{v:48s} {ms:8.3f}")
     device = "cpu host"
     try:
         import torch

@@ -176,7 +176,7 @@ def hf_backend(model_cfg, args):
 
 
 def make_router(mode: str, ckpt: str, workers: list[tuple[str, str]], token: str, replicas: int, port: int = 0,
-                args=None):
+                args=None, worker_calls: str = "stream"):
     """A router (ThreadedRouterServer) of ``mode`` over ``workers`` [(role, address)] on ``port``."""
     from colm import checkpoint
     from colm.router.backend import WorkerInfo
@@ -192,18 +192,20 @@ def make_router(mode: str, ckpt: str, workers: list[tuple[str, str]], token: str
         backend = hf_backend(model_cfg, args)
     else:
         backend = GrpcBackend([WorkerInfo(f"{role}-0", role, addr) for role, addr in workers], cluster_token=token,
-                              token_stream=stream)
+                              token_stream=stream, worker_calls=worker_calls)
     cfg = RouterConfig(grpc_port=port, http_port=None, max_running=1024, max_queued=8192, poll_interval_s=0.1,
                        default_deadline_s=300, token_timeout_s=120, served_model_name=f"bench-{mode}",
-                       token_stream=stream,
+                       token_stream=stream, worker_calls=worker_calls,
                        fixed_scale=model_cfg.num_chains if mode in ("baseline", "dense", "hf_dense") else None,
                        replicas=replicas)
     return ThreadedRouterServer(Router(cfg, model_cfg, load_checkpoint_tokenizer(ckpt), backend))
 
 
-def _router_process(mode: str, ckpt: str, workers: list, token: str, replicas: int, port: int, ready) -> None:
+def _router_process(mode: str, ckpt: str, workers: list, token: str, replicas: int, port: int, ready,
+                    worker_calls: str = "stream") -> None:
     """Another router on the same port (SO_REUSEPORT), in a process of its own, until terminated."""
-    server = make_router(mode, ckpt, workers, token, replicas, port)  # referenced: a collected server stops serving
+    server = make_router(mode, ckpt, workers, token, replicas, port,  # referenced: a collected server stops serving
+                         worker_calls=worker_calls)
     ready.set()
     threading.Event().wait()
     server.stop()
@@ -216,13 +218,14 @@ def start_routers(mode: str, ckpt: str, workers: dict, token: str, n: int, args=
     if mode == "hf_dense":
         n = 1
     addrs = [(role, addr) for role, (_, addr) in workers.items()]
-    server = make_router(mode, ckpt, addrs, token, n, args=args)
+    calls = args.worker_calls if args is not None else "stream"
+    server = make_router(mode, ckpt, addrs, token, n, args=args, worker_calls=calls)
     port = int(server.grpc_addr.rsplit(":", 1)[1])
     ctx = mp.get_context("spawn")
     procs = []
     for _ in range(n - 1):
         ready = ctx.Event()
-        p = ctx.Process(target=_router_process, args=(mode, ckpt, addrs, token, n, port, ready), daemon=True)
+        p = ctx.Process(target=_router_process, args=(mode, ckpt, addrs, token, n, port, ready, calls), daemon=True)
         p.start()
         if not ready.wait(120):
             raise RuntimeError("a router process did not start")
@@ -384,6 +387,8 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=1, help="colm loadtest --connections (per client process)")
     ap.add_argument("--ramp-s", type=float, default=0.0, help="colm loadtest --ramp-s: the clients start over this "
                     "many seconds (0: all at once)")
+    ap.add_argument("--worker-calls", default="stream", choices=("stream", "unary"),
+                    help="router.worker_calls: the routers' short calls to workers on one stream each, or a call each")
     ap.add_argument("--routers", type=int, default=1,
                     help="router processes sharing the port (router.replicas): this one and n - 1 spawned")
     ap.add_argument("--num-requests", type=int, default=1500)
@@ -526,7 +531,7 @@ def write_payload(args, results: list, limit, run: dict, complete: bool = True) 
                         "temperature": args.temperature, "top_p": args.top_p,
                         "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms},
                "workers": "plain processes (colm.deploy.worker_main), router in the benchmark process",
-               "routers": args.routers,
+               "routers": args.routers, "worker_calls": args.worker_calls,
                "max_batched_tokens": args.max_batched_tokens, "budgets": args.budgets,
                "gpu_measured": run["gpu"], "request_cost": run["cost"], "limit": limit,
                "dense_limit": dense_limit, "results": results,

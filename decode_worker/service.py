@@ -15,6 +15,7 @@ import grpc
 from colm.kv.receivers import BytesReceiver, GrantReceiver
 from colm.kv_wire import split_chunk_message
 from colm.proto import load_proto
+from colm.proto.call_stream import serve_calls
 from colm.proto.convert import sampling_from_decode
 from colm.proto.rpc import EngineServer, status_for
 from colm.proto.token_ids import unpack_token_ids
@@ -77,11 +78,19 @@ def _event(ev) -> "kv_pb2.TokenEvent":
 
 
 class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, engine: DecodeEngine) -> None:
+    def __init__(self, engine: DecodeEngine, max_calls: int = 64) -> None:
         self.engine = engine
+        self.max_calls = max_calls  # calls running at once on one Calls stream
         self.bytes_receiver = BytesReceiver(engine)  # PushKV: grpc, shm, cuda_ipc
         self.grant_receiver = GrantReceiver(engine)  # WriteKV: cuda_pool, nixl
         self._transports = None  # ReserveReply.transports (colm.kv.registry.receivable), made on the first Reserve
+
+    def Calls(self, request_iterator, context):
+        """The router's short calls as messages of one stream (``colm.proto.call_stream``)."""
+        yield from serve_calls({"Reserve": (self.Reserve, kv_pb2.ReserveRequest),
+                                "Start": (self.Start, kv_pb2.StartGenerationRequest),
+                                "SetScale": (self.SetScale, kv_pb2.SetScaleRequest),
+                                "Abort": (self.Abort, kv_pb2.AbortRequest)}, request_iterator, context, self.max_calls)
 
     def Reserve(self, request, context):
         r = self.engine.reserve(request.request_id, int(request.prompt_len), int(request.max_new_tokens),
@@ -210,6 +219,6 @@ class DecodeServer(EngineServer):
                  max_workers: int | None = None) -> None:
         max_workers = max_workers or 2 * engine.config.max_reservations + 32
         super().__init__(engine, cluster_token, address,
-                         lambda server: add_decode_service(DecodeService(engine), server), max_workers)
+                         lambda server: add_decode_service(DecodeService(engine, max_workers), server), max_workers)
 
 

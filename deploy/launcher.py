@@ -206,7 +206,7 @@ class Launcher:
 
                 scorer = checkpoint.load(path).eval() if cfg.model.score_prompts else None
                 backend = GrpcBackend(infos, cluster_token=self.token, scorer=scorer, kv_path=cfg.transport,
-                                      token_stream=cfg.router.token_stream)
+                                      token_stream=cfg.router.token_stream, worker_calls=cfg.router.worker_calls)
         except ImportError as e:
             log.warning("engines unavailable (%s)", e)
         if backend is None:

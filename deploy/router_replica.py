@@ -32,7 +32,7 @@ class RouterReplica:
         cfg = RouterConfig(**router_cfg)
         scorer = checkpoint.load(model_path).eval() if score_prompts else None
         self.backend = GrpcBackend(workers, cluster_token=token, scorer=scorer, kv_path=transport,
-                                   token_stream=cfg.token_stream)
+                                   token_stream=cfg.token_stream, worker_calls=cfg.worker_calls)
         router = Router(cfg, checkpoint.load_config(model_path), load_checkpoint_tokenizer(model_path), self.backend,
                         block_size=block_size)
         self.server = ThreadedRouterServer(router)

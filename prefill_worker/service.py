@@ -13,6 +13,7 @@ import time
 
 from colm.kv import registry
 from colm.proto import load_proto
+from colm.proto.call_stream import serve_calls
 from colm.proto.rpc import EngineServer
 from colm.proto.token_ids import request_token_ids
 
@@ -23,9 +24,10 @@ kv_pb2, kv_pb2_grpc = load_proto("kv")
 
 
 class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
-    def __init__(self, engine: PrefillEngine, cluster_token: str) -> None:
+    def __init__(self, engine: PrefillEngine, cluster_token: str, max_calls: int = 64) -> None:
         self.engine = engine
         self.cluster_token = cluster_token
+        self.max_calls = max_calls  # Prefill calls running at once on one Calls stream
         self._stubs: dict[str, object] = {}
         self._lock = threading.Lock()
 
@@ -36,6 +38,11 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
             if address not in self._stubs:
                 self._stubs[address] = decode_stub(address)
             return self._stubs[address]
+
+    def Calls(self, request_iterator, context):
+        """The router's Prefill calls as messages of one stream (``colm.proto.call_stream``)."""
+        yield from serve_calls({"Prefill": (self.Prefill, kv_pb2.PrefillRequest)}, request_iterator, context,
+                               self.max_calls)
 
     def Prefill(self, request, context):
         received = time.monotonic()
@@ -72,4 +79,4 @@ class PrefillServer(EngineServer):
         c = engine.config
         max_workers = max_workers or c.max_queue + 2 * c.max_batch_size + 32
         super().__init__(engine, cluster_token, address, lambda server: kv_pb2_grpc.add_PrefillWorkerServicer_to_server(
-            PrefillService(engine, cluster_token), server), max_workers)
+            PrefillService(engine, cluster_token, max_workers), server), max_workers)

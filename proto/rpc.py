@@ -74,12 +74,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, details):
         sent = dict(details.invocation_metadata or ()).get(TOKEN_KEY, "")
         sent = sent.encode() if isinstance(sent, str) else sent
-        if not hmac.compare_digest(sent, self._token):
-            def deny(request_or_iterator, context):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
-
-            return grpc.unary_unary_rpc_method_handler(deny)
         handler = continuation(details)
+        if not hmac.compare_digest(sent, self._token):
+            return _deny(handler)
         if handler is None:
             return None
         method = details.method
@@ -96,6 +93,25 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                                                      handler.request_deserializer, handler.response_serializer)
 
 
+def _deny(handler):
+    """A handler of the method's own kind that refuses the call before reading anything: a streaming call given a
+    unary one (the old refusal) waited for a request message its caller may never send first."""
+    def deny(request_or_iterator, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
+
+    def deny_stream(request_or_iterator, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
+        yield  # a generator: the streaming handler's shape
+
+    if handler is not None and handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(deny_stream)
+    if handler is not None and handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(deny_stream)
+    if handler is not None and handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(deny)
+    return grpc.unary_unary_rpc_method_handler(deny)
+
+
 def _fail(context, method: str, request, exc: BaseException):
     code = status_for(exc)
     level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
@@ -109,7 +125,7 @@ def _wrap_unary(fn, method):
         try:
             return fn(request, context)
         except Exception as exc:  # noqa: BLE001 - the boundary maps every failure to a status
-            if _already_aborted(exc):
+            if _already_aborted(exc, context):
                 raise
             _fail(context, method, request, exc)
 
@@ -121,15 +137,19 @@ def _wrap_stream(fn, method):
         try:
             yield from fn(request, context)
         except Exception as exc:  # noqa: BLE001
-            if _already_aborted(exc):
+            if _already_aborted(exc, context):
                 raise
             _fail(context, method, request, exc)
 
     return wrapped
 
 
-def _already_aborted(exc: BaseException) -> bool:
-    # context.abort raises a bare Exception subclass from grpc._server; let it through untouched.
+def _already_aborted(exc: BaseException, context) -> bool:
+    """The handler called ``context.abort``: its exception carries the handler's own status; let it through.
+    grpcio's sync server raises a bare ``Exception()`` there (and marks the call aborted); other versions a class of
+    their own from a grpc module."""
+    if getattr(getattr(context, "_state", None), "aborted", False):
+        return True
     return type(exc).__module__.startswith("grpc") and not isinstance(exc, grpc.RpcError)
 
 

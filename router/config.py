@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from colm.decode_worker.config import MAX_GAMMA
 
 TOKEN_STREAMS = ("batched", "per_request")  # router.token_stream: how decode workers send tokens
+WORKER_CALLS = ("stream", "unary")  # router.worker_calls: how the router's short calls reach a worker
 
 
 def auto_replicas(cores: int | None = None) -> int:
@@ -46,6 +47,10 @@ class RouterConfig:
     # how decode workers send tokens: "batched" (one stream per worker, a message per decode step for all its
     # requests) or "per_request" (a stream per request, a message per token)
     token_stream: str = "batched"
+    # how the router's short calls to a worker (Reserve, Prefill, Start, SetScale, Abort) travel: "stream" (messages
+    # of one long-lived Calls stream per worker: no per-call set-up, about half a unary call's latency) or "unary"
+    # (a gRPC call each); a worker without the stream gets unary calls either way
+    worker_calls: str = "stream"
     # router processes (``colm serve`` on Ray): each a router of its own over the same workers, all listening on the
     # same gRPC and HTTP ports (SO_REUSEPORT: the kernel spreads client connections over them); replica i > 0 serves
     # its metrics on metrics_port + i. One Python process parses and sends every token of its requests: past about
@@ -94,6 +99,8 @@ class RouterConfig:
                 raise ValueError(f"router.{name}={path!r}: no such readable file")
         if self.fixed_scale is not None and (not isinstance(self.fixed_scale, int) or self.fixed_scale < 1):
             raise ValueError(f"router.fixed_scale={self.fixed_scale!r}: must be a scale >= 1 or null")
+        if self.worker_calls not in WORKER_CALLS:
+            raise ValueError(f"router.worker_calls={self.worker_calls!r}: must be one of {', '.join(WORKER_CALLS)}")
         if self.token_stream not in TOKEN_STREAMS:
             raise ValueError(f"router.token_stream={self.token_stream!r}: must be one of {', '.join(TOKEN_STREAMS)}")
         if not 0 < self.ewma_alpha <= 1:

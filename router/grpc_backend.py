@@ -8,6 +8,10 @@ with Reserve: decode's grant waits for the reservation, so the Reserve round tri
 a finished stream aborts the request on the decode worker so its blocks are freed. A call that
 fails with UNAVAILABLE / DEADLINE_EXCEEDED on a worker (or a dead channel) raises ``WorkerFailed``
 naming that worker, and the router retries elsewhere. Every call carries the cluster token.
+
+The short calls (Reserve, Prefill, Start, SetScale, Abort) go as messages of one ``Calls`` stream per worker
+(``worker_calls="stream"``, ``router.call_stream``): no per-call set-up on either side; a worker without it gets
+unary calls. Failures and deadlines surface exactly as the unary calls' did.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from colm.proto import load_proto
 from colm.logits_adjust import reads_prompt
 from colm.proto.convert import sampling_to_decode
 from colm.proto.token_ids import pack_token_ids
-from colm.router.config import TOKEN_STREAMS
+from colm.router.config import TOKEN_STREAMS, WORKER_CALLS
 from colm.router.backend import EngineRequest, EngineToken, RequestFailed, WorkerFailed, WorkerInfo
+from colm.router.call_stream import CallStream
 from colm.router.metrics import report_timeline
 from colm.scoring import prompt_logprobs
 from colm.router.policy import WorkerReport
@@ -42,7 +47,8 @@ FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.S
 
 class GrpcBackend:
     def __init__(self, workers: list[WorkerInfo], cluster_token: str = "", scorer=None,
-                 max_message_bytes: int = 64 << 20, kv_path: str = "auto", token_stream: str = "batched") -> None:
+                 max_message_bytes: int = 64 << 20, kv_path: str = "auto", token_stream: str = "batched",
+                 worker_calls: str = "stream") -> None:
         self.cluster_token = cluster_token
         # KV transport asked of prefill workers (serve.yaml's ``transport:``; "auto": the registry picks by the
         # pair's facts, colm.kv.registry)
@@ -61,6 +67,10 @@ class GrpcBackend:
         # "batched": one Tokens stream per decode worker carries every request's tokens, a message per step;
         # "per_request": a StartGeneration stream per request, a message per token
         self.token_stream = token_stream
+        if worker_calls not in WORKER_CALLS:
+            raise ValueError(f"worker_calls={worker_calls!r}: must be one of {', '.join(WORKER_CALLS)}")
+        self.worker_calls = worker_calls  # "stream": short calls as messages of a Calls stream; "unary": a call each
+        self._call_streams: dict[str, CallStream] = {}
         self.watches_tokens = token_stream == "batched"  # ends its streams on failover / silence / deadline itself
         self._subs: dict[str, TokenSubscription] = {}  # decode worker -> its Tokens stream
         self.set_workers(workers)
@@ -74,6 +84,7 @@ class GrpcBackend:
                 log.warning("worker %s: %s", wid, f"now at {new[wid].address} (was {w.address})" if wid in new
                             else "removed")
                 self._subs.pop(wid, None)  # its stream ends with the channel: the requests on it fail over
+                self._call_streams.pop(wid, None)  # likewise its Calls stream (its waiting calls fail over)
                 ch = self._channels.pop(wid, None)
                 if ch is not None and _loop_running():  # calls still on it end with CANCELLED -> failover
                     asyncio.ensure_future(ch.close())
@@ -102,6 +113,32 @@ class GrpcBackend:
     def _prefill(self, worker_id: str):
         return kv_pb2_grpc.PrefillWorkerStub(self._channel(worker_id))
 
+    def _stub(self, worker_id: str):
+        w = self._workers.get(worker_id)
+        return self._prefill(worker_id) if w is not None and w.role == "prefill" else self._decode(worker_id)
+
+    def _unary(self, worker_id: str, method: str, request, reply_cls: type, timeout: float):
+        """``stub.<method>(request, timeout=timeout)``, sent now: on the worker's Calls stream (``worker_calls``
+        "stream") unless the worker has none, else as a call of its own. The awaitable raises
+        ``grpc.aio.AioRpcError`` as the call would; cancelling it cancels the call."""
+        if self.worker_calls == "stream":
+            cs = self._call_streams.get(worker_id)
+            if cs is None:
+                stub = self._stub(worker_id)
+                cs = self._call_streams[worker_id] = CallStream(lambda: stub.Calls(metadata=self._md()))
+            if not cs.unsupported:  # a task: its message goes out before what the caller sends after this
+                return asyncio.ensure_future(self._on_stream(cs, worker_id, method, request, reply_cls, timeout))
+        return getattr(self._stub(worker_id), method)(request, metadata=self._md(), timeout=timeout)
+
+    async def _on_stream(self, cs: CallStream, worker_id: str, method: str, request, reply_cls: type, timeout: float):
+        try:
+            return await cs.call(method, request, reply_cls, timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            log.info("worker %s: %s not on its Calls stream (%s); sending calls", worker_id, method, e.details())
+        return await getattr(self._stub(worker_id), method)(request, metadata=self._md(), timeout=timeout)
+
     async def start(self) -> None:
         return None
 
@@ -111,6 +148,9 @@ class GrpcBackend:
         for s in list(self._subs.values()):
             await s.close()
         self._subs.clear()
+        for cs in list(self._call_streams.values()):
+            await cs.close()
+        self._call_streams.clear()
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
@@ -145,10 +185,10 @@ class GrpcBackend:
         next_tok = None
 
         def start_prefill(same_host: bool, path: str, decode_cuda: bool, decode_transports=()):
-            task = asyncio.ensure_future(self._prefill(prefill_id).Prefill(kv_pb2.PrefillRequest(
+            task = asyncio.ensure_future(self._unary(prefill_id, "Prefill", kv_pb2.PrefillRequest(
                 request_id=req.request_id, token_ids_u32=pack_token_ids(req.prompt_ids),
                 decode_address=self._workers[decode_id].address, same_host=same_host, timeout_s=timeout, path=path,
-                decode_cuda=decode_cuda, decode_transports=decode_transports), metadata=md, timeout=timeout))
+                decode_cuda=decode_cuda, decode_transports=decode_transports), kv_pb2.PrefillReply, timeout))
             task.add_done_callback(lambda t: self._count_transfer(prefill_id, t, req))
             return task
 
@@ -160,9 +200,9 @@ class GrpcBackend:
                                              list(early[1].decode_transports))
             if not colocated:  # a colocated worker reserves with the Start (``_start_request``): one call fewer
                 try:
-                    reply = await decode.Reserve(kv_pb2.ReserveRequest(
+                    reply = await self._unary(decode_id, "Reserve", kv_pb2.ReserveRequest(
                         request_id=req.request_id, prompt_len=len(req.prompt_ids), max_new_tokens=p.max_new_tokens,
-                        timeout_s=timeout), metadata=md, timeout=min(timeout, 10.0))
+                        timeout_s=timeout), kv_pb2.ReserveReply, min(timeout, 10.0))
                 except grpc.aio.AioRpcError as e:
                     if e.code() in _REFUSED:
                         reserved = False
@@ -253,8 +293,8 @@ class GrpcBackend:
             req.failover.add_done_callback(lambda f: None if f.cancelled() else q.put_nowait(f))
         try:
             try:
-                await self._decode(decode_id).Start(_start_request(req, timeout, sub.subscriber, prefill_task is None),
-                                                    metadata=self._md(), timeout=min(timeout, 10.0))
+                await self._unary(decode_id, "Start", _start_request(req, timeout, sub.subscriber, prefill_task is None),
+                                  kv_pb2.StartGenerationReply, min(timeout, 10.0))
             except grpc.aio.AioRpcError as e:
                 raise self._failure(e, decode_id) from None
             streaming = False  # a token came: the KV is all on the decode worker, the prefill's outcome no longer matters
@@ -317,8 +357,8 @@ class GrpcBackend:
         async def run():
             for i in range(attempts):
                 try:
-                    await self._decode(decode_id).Abort(kv_pb2.AbortRequest(request_id=request_id), metadata=self._md(),
-                                                        timeout=10.0)
+                    await self._unary(decode_id, "Abort", kv_pb2.AbortRequest(request_id=request_id),
+                                      kv_pb2.AbortReply, 10.0)
                     return
                 except (grpc.aio.AioRpcError, WorkerFailed) as e:
                     if isinstance(e, WorkerFailed) or e.code() == grpc.StatusCode.UNAUTHENTICATED or i == attempts - 1:
@@ -373,11 +413,11 @@ class GrpcBackend:
         return WorkerFailed(worker_id, f"{code.name}: {details}")
 
     async def set_scale(self, decode_id: str, request_id: str, scale: int) -> None:
-        await self._decode(decode_id).SetScale(kv_pb2.SetScaleRequest(request_id=request_id, scale=scale),
-                                               metadata=self._md(), timeout=2.0)
+        await self._unary(decode_id, "SetScale", kv_pb2.SetScaleRequest(request_id=request_id, scale=scale),
+                          kv_pb2.SetScaleReply, 2.0)
 
     async def abort(self, decode_id: str, request_id: str) -> None:
-        await self._decode(decode_id).Abort(kv_pb2.AbortRequest(request_id=request_id), metadata=self._md(), timeout=2.0)
+        await self._unary(decode_id, "Abort", kv_pb2.AbortRequest(request_id=request_id), kv_pb2.AbortReply, 2.0)
 
     async def reset_prefix_cache(self, decode_id: str) -> int:
         r = await self._decode(decode_id).ResetPrefixCache(kv_pb2.ResetPrefixCacheRequest(), metadata=self._md(),

@@ -21,6 +21,7 @@ from colm.router.backend import WorkerInfo  # noqa: E402
 from colm.router.config import RouterConfig  # noqa: E402
 from colm.router.core import Router  # noqa: E402
 from colm.router.engine_backend import EngineBackend  # noqa: E402
+from colm.router.call_stream import CallStream  # noqa: E402
 from colm.router.grpc_backend import GrpcBackend  # noqa: E402
 from colm.sampling import SamplingParams  # noqa: E402
 from colm.tokenizer import ByteTokenizer  # noqa: E402
@@ -90,6 +91,13 @@ def test_colocated_worker_process_serves_reference_tokens(stream, monkeypatch):
             return getattr(self.stub, name)
 
     monkeypatch.setattr(GrpcBackend, "_decode", lambda self, worker: Counted(stub_of(self, worker)))
+    call_of = CallStream.call
+
+    def counted_call(self, method, *args):  # the same calls, sent as messages of the worker's Calls stream
+        calls.append(method)
+        return call_of(self, method, *args)
+
+    monkeypatch.setattr(CallStream, "call", counted_call)
     model_dir = str(demo_model_dir())
     env = {**os.environ, "COLM_CLUSTER_TOKEN": TOKEN}
     procs = []

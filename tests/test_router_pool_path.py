@@ -102,8 +102,9 @@ def token_stream(request):
 
 
 def backend_over(fake: FakeWorkers, token_stream: str = "batched") -> GrpcBackend:
+    # unary calls: the fake stubs log each call as it is made (the Calls stream's order is in test_call_stream.py)
     b = GrpcBackend([WorkerInfo("p0", "prefill", "127.0.0.1:1"), WorkerInfo("d0", "decode", "127.0.0.1:2")],
-                    token_stream=token_stream)
+                    token_stream=token_stream, worker_calls="unary")
     b._decode = b._prefill = lambda worker_id: fake
     return b
 
