@@ -40,3 +40,8 @@ class RequestAbortedError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """This request failed inside the engine (its step, its sampling); the engine and its other requests go on."""
+
+
+class NoTokenAllowedError(ValueError):
+    """The request's own constraints (allowed token ids, a grammar or choice, min_tokens with its stop ids) leave no
+    token allowed at some output position: the request's input is at fault (INVALID_ARGUMENT), not the worker."""

@@ -31,8 +31,8 @@ import numpy as np
 
 from colm import checkpoint
 from colm.config import servable
-from colm.errors import (CapacityError, DeadlineError, PeerUnavailableError, RequestAbortedError, RequestFailedError,
-                         UnknownRequestError)
+from colm.errors import (CapacityError, DeadlineError, NoTokenAllowedError, PeerUnavailableError, RequestAbortedError,
+                         RequestFailedError, UnknownRequestError)
 from colm.graphed_forward import GraphedForward
 from colm.host_identity import host_id as current_host_id
 from colm.kernels._tuning import num_tuned
@@ -533,6 +533,10 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
                 if len(batch) == 1:  # it failed alone already
                     raise batch_error
                 results.append(run_one(req, s))
+            except NoTokenAllowedError as e:  # the request's constraints, not the worker: INVALID_ARGUMENT, no retry
+                log.info("request %s: %s", req.request_id, e)
+                with self._lock:
+                    self._finalize(req, e)
             except Exception as e:  # noqa: BLE001 - this request's own failure
                 log.exception("request %s failed in its decode step; the worker goes on serving", req.request_id)
                 with self._lock:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from colm.errors import NoTokenAllowedError
 from colm.logits_adjust import adjust_rows
 from colm.sampling import _on, draw_rows_tensor, filtered_rows, restore, top_logprobs_rows, uniforms
 
@@ -180,7 +181,7 @@ def _pick_tokens(head: StepHead, rows, pending=None, has_pending=None) -> tuple[
     draws = [j for j, r in enumerate(rows) if not r.params.greedy]
     adj = [j for j, r in enumerate(rows) if r.adjust is not None]
     toks = head.greedy[:, 0].clone()  # [B]
-    x = None
+    x = at = None
     if adj:
         at = _on(adj, torch.int64, dev)  # [A]
         x = adjust_rows(head.logits.index_select(0, at), [rows[j].adjust for j in adj],
@@ -188,17 +189,29 @@ def _pick_tokens(head: StepHead, rows, pending=None, has_pending=None) -> tuple[
                         None if has_pending is None else [has_pending[j] for j in adj])  # [A, V] float32
         toks.index_copy_(0, at, x.argmax(dim=-1))  # the greedy ones keep it; the sampled ones draw below
     if not draws:
-        return toks, None
+        return _mark_unallowed(toks, x, at), None
     logits = head.logits if x is None else head.logits.float().index_copy(0, at, x)  # [B, V]: adjusted rows replaced
     gens = [rows[j].generator for j in draws]
     states = [g.get_state() if g is not None else None for g in gens]
     u = _on(uniforms(gens), torch.float64, dev)  # [S]
     params = [rows[j].params for j in draws]
     if len(draws) == B:
-        return draw_rows_tensor(filtered_rows(logits, params), u), (gens, states)
+        return _mark_unallowed(draw_rows_tensor(filtered_rows(logits, params), u), x, at), (gens, states)
     idx = _on(draws, torch.int64, dev)  # [S]
     toks.index_copy_(0, idx, draw_rows_tensor(filtered_rows(logits.index_select(0, idx), params), u))
-    return toks, (gens, states)
+    return _mark_unallowed(toks, x, at), (gens, states)
+
+
+NO_TOKEN = -2  # a row's pick when its adjustments left every token at -inf (-1: a distribution not finite)
+
+
+def _mark_unallowed(toks: torch.Tensor, x: torch.Tensor | None, at: torch.Tensor | None) -> torch.Tensor:
+    """``toks`` [B] with ``NO_TOKEN`` at the adjusted rows (``x`` [A, V] at rows ``at``) that allow no token: their
+    argmax would name a token the constraints refuse (greedy), their draw would fail as a NaN row's does."""
+    if x is None:
+        return toks
+    none = torch.isneginf(x).all(dim=-1)  # [A]
+    return toks.index_copy(0, at, torch.where(none, torch.full_like(toks[:1], NO_TOKEN), toks.index_select(0, at)))
 
 
 def _packed(head: StepHead, toks: torch.Tensor) -> torch.Tensor:
@@ -208,9 +221,15 @@ def _packed(head: StepHead, toks: torch.Tensor) -> torch.Tensor:
 
 
 def _drawable(picks: list) -> list:
-    """``picks`` ((token, ...) per row), or ValueError when a row drew -1 (its distribution was not finite)."""
+    """``picks`` ((token, ...) per row), or ValueError when a row drew -1 (its distribution was not finite), or
+    ``NoTokenAllowedError`` when its constraints allowed no token (``NO_TOKEN``)."""
     bad = [i for i, (t, *_) in enumerate(picks) if t < 0]
     if bad:
+        if picks[bad[0]][0] == NO_TOKEN:
+            raise NoTokenAllowedError(
+                "no token is allowed at this output position: the request's constraints (allowed_token_ids, a "
+                "grammar, regex, JSON schema or choice, min_tokens with the end-of-sequence and stop ids) exclude "
+                f"every token (row {bad[0]} of its step)")
         raise ValueError(f"sampling row {bad[0]}: its distribution is not finite (NaN or infinite logits)")
     return picks
 

@@ -33,6 +33,12 @@ class RouterConfig:
     max_queued: int = 256
     default_deadline_s: float = 120.0
     max_message_bytes: int = 4 << 20
+    # HTTP connections (router/http_guard.py): a request head must be complete this long after the connection opens
+    # or its last response ends; at most this many open connections (0: the open-file limit less 1024), and from one
+    # client address; past them a connection gets 503 and is closed
+    http_head_timeout_s: float = 30.0
+    http_max_connections: int = 0
+    http_max_connections_per_client: int = 4096
     default_max_new_tokens: int = 16  # gRPC sampling.max_new_tokens = 0 (unset) means this many
     max_retries: int = 2
     token_timeout_s: float = 30.0  # no token for this long: the worker is treated as failed
@@ -82,11 +88,17 @@ class RouterConfig:
         for name in ("max_running", "max_message_bytes", "default_max_new_tokens", "replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be >= 1")
+        for name in ("http_max_connections_per_client",):
+            if getattr(self, name) < 1:
+                raise ValueError(f"router.{name}={getattr(self, name)}: must be >= 1")
+        if self.http_max_connections < 0:
+            raise ValueError(f"router.http_max_connections={self.http_max_connections}: must be >= 1, or 0 (the "
+                             "open-file limit less 1024)")
         for name in ("max_queued", "max_retries"):
             if getattr(self, name) < 0:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be >= 0")
         for name in ("default_deadline_s", "token_timeout_s", "poll_interval_s", "poll_timeout_s",
-                     "worker_wait_s"):
+                     "worker_wait_s", "http_head_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -97,6 +109,10 @@ class RouterConfig:
             path = getattr(self, name)
             if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
                 raise ValueError(f"router.{name}={path!r}: no such readable file")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
+            # a secret never turns into "off": an empty key would let every caller in
+            raise ValueError(f"router.api_key={self.api_key!r}: an API key must be a non-empty string (leave it unset, "
+                             "null, to serve without one)")
         if self.fixed_scale is not None and (not isinstance(self.fixed_scale, int) or self.fixed_scale < 1):
             raise ValueError(f"router.fixed_scale={self.fixed_scale!r}: must be a scale >= 1 or null")
         if self.worker_calls not in WORKER_CALLS:

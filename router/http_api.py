@@ -48,6 +48,7 @@ from colm.router.core import Router
 from colm.router.stop_trim import StopTrimmer
 from colm.router.grpc_server import _key_ok, status_for
 from colm.chat_template import TokenizerConfig
+from colm.router.http_guard import ConnectionGuard, default_max_connections
 from colm.router.openai_schema import (BadField, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest, parse)
 from colm.router.policy import Budget
@@ -108,8 +109,9 @@ def _metadata(request) -> list[tuple[str, str]]:
 
 
 class HttpApi:
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, guard: ConnectionGuard | None = None) -> None:
         self.router = router
+        self.guard = guard  # connection limits and head deadlines (start_http attaches it to the server)
         self.tok = router.tokenizer
         self.tcfg = getattr(self.tok, "tokenizer_config", None) or TokenizerConfig.load(
             getattr(self.tok, "model_dir", None), self.tok)
@@ -131,6 +133,15 @@ class HttpApi:
     @web.middleware
     async def _guard(self, request, handler):
         """The API key check, then every failure as a JSON error body."""
+        if self.guard is not None:
+            self.guard.head_received(request)
+            try:
+                return await self._guarded(request, handler)
+            finally:
+                self.guard.response_done(request)
+        return await self._guarded(request, handler)
+
+    async def _guarded(self, request, handler):
         if request.path != "/health" and not _key_ok(_metadata(request), self.router.cfg.api_key):
             return web.json_response(_error_body("missing or wrong API key: send 'Authorization: Bearer KEY' or "
                                                  "'x-api-key: KEY'", "unauthenticated", 401), status=401,
@@ -260,6 +271,10 @@ class HttpApi:
         want_lp = req.logprobs is not None and req.logprobs is not False
         model, _ = self._model(req)
         n = req.n or 1
+        cap = self.router.cfg.max_running + self.router.cfg.max_queued
+        if len(prompts) * n > cap:  # before any prompt is tokenized: a huge batch must not hold the event loop
+            raise BadField(f"prompt: {len(prompts)} prompts x n={n} = {len(prompts) * n} completions in one request; "
+                           f"at most {cap} (router.max_running + router.max_queued) can be admitted at once", "prompt")
         # choice i * n + j: the j-th sequence of prompt i (OpenAI's and vLLM's order)
         await self.router.precompile(req.structured())  # off the event loop; _spec then finds it compiled
         specs = [self._spec(req, p, echo and want_lp, choice=j) for p in prompts for j in range(n)]
@@ -517,6 +532,8 @@ class HttpApi:
         for prefix in ("chatcmpl-", "cmpl-"):
             rid = rid.removeprefix(prefix)
         body = await self._json(request)
+        if not isinstance(body, dict):
+            raise BadField(f"request body must be a JSON object like {{\"scale\": 1}}, got {type(body).__name__}", None)
         scale = body.get("scale")
         if isinstance(scale, bool) or not isinstance(scale, int):
             raise ValueError(f"scale={scale!r}: give an integer in 1..{self.router.model_cfg.num_chains}")
@@ -528,11 +545,16 @@ class HttpApi:
         return web.json_response(body, status=200 if ok else 503)
 
 
-async def start_http(router: Router) -> tuple[web.AppRunner, int]:
-    """Serve the HTTP API on router.cfg.host:http_port; returns (runner, bound port)."""
+async def start_http(router: Router) -> tuple[web.AppRunner, int, ConnectionGuard]:
+    """Serve the HTTP API on router.cfg.host:http_port; returns (runner, bound port, its connection guard)."""
     cfg = router.cfg
-    runner = web.AppRunner(HttpApi(router).app(), access_log=None)
+    # handler_cancellation: a client that hangs up cancels its handler, and with it the request (a non-streamed
+    # completion kept its admission slot and decode rows for nobody until its deadline)
+    guard = ConnectionGuard(cfg.http_head_timeout_s, cfg.http_max_connections or default_max_connections(),
+                            cfg.http_max_connections_per_client)
+    runner = web.AppRunner(HttpApi(router, guard).app(), access_log=None, handler_cancellation=True)
     await runner.setup()
+    guard.attach(runner.server)
     ssl_ctx = None
     if cfg.tls_cert:
         import ssl
@@ -547,4 +569,4 @@ async def start_http(router: Router) -> tuple[web.AppRunner, int]:
         raise OSError(e.errno, f"router.http_port: cannot listen on {cfg.host}:{cfg.http_port} ({e.strerror}); "
                                "choose another port (0 = any free one)") from None
     port = site._server.sockets[0].getsockname()[1]
-    return runner, port
+    return runner, port, guard

@@ -18,6 +18,7 @@ class RouterServer:
         self.router = router
         self.grpc_server = None
         self.http_runner = None
+        self.http_guard = None  # the HTTP front's connection limits (router/http_guard.py), once it listens
         self.metrics_server = None
         self.addresses: dict[str, str] = {}
 
@@ -38,7 +39,7 @@ class RouterServer:
         if cfg.http_port is not None:
             from colm.router.http_api import start_http
 
-            self.http_runner, hport = await start_http(self.router)
+            self.http_runner, hport, self.http_guard = await start_http(self.router)
             scheme = "https" if cfg.tls_cert else "http"
             self.addresses["http"] = f"{scheme}://{cfg.host}:{hport}"
         if cfg.metrics_port is not None:

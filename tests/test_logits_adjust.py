@@ -267,6 +267,26 @@ def test_the_decode_engine_gives_the_reference_tokens(setup, colocated):
         assert de.stats().num_drafted == 0
 
 
+@pytest.mark.parametrize("colocated", [True, False])
+def test_constraints_that_allow_no_token_fail_their_request_alone(setup, colocated):
+    """allowed_token_ids holding only EOS while min_tokens holds EOS back leaves no token: the request fails with
+    NoTokenAllowedError (INVALID_ARGUMENT at the boundary), greedy (whose argmax would name a refused token) and
+    sampled (whose draw would fail as a NaN row's) alike, at once; the requests beside it keep the reference tokens."""
+    from colm.errors import NoTokenAllowedError
+
+    path, full = setup
+    reqs = _requests()[:4]
+    dead = [SamplingParams(max_new_tokens=8, allowed_token_ids=(EOS,), min_tokens=3),
+            SamplingParams(max_new_tokens=8, temperature=1.0, seed=3, allowed_token_ids=(EOS,), min_tokens=3)]
+    with mixed_batch_engines(path, colocated) as (de, start):
+        streams = [start(f"ok-{colocated}-{i}", p, params, scale, spec) for i, (p, params, scale, spec) in enumerate(reqs)]
+        bad = [start(f"none-{colocated}-{i}", prompts([6], seed=30 + i)[0], params, 2) for i, params in enumerate(dead)]
+        for st in bad:
+            with pytest.raises(NoTokenAllowedError, match="no token is allowed at this output position"):
+                list(st)
+        assert [[e.token_id for e in st] for st in streams] == _want(full, reqs)
+
+
 def test_adjusted_rows_are_queued_ahead_and_grammar_rows_are_not(setup, monkeypatch):
     """Driven step by step with overlapped steps: penalised, biased and min_tokens rows (greedy and sampled) join
     the steps queued ahead, adjusted on the device with the token of the step before counted before it is read;
@@ -409,7 +429,8 @@ def test_http_fields_and_their_errors(routed, setup):
                        ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": 13}, "min_tokens"),
                        ({"frequency_penalty": "1"}, "frequency_penalty"), ({"min_p": 1.5}, "min_p"),
                        ({"allowed_token_ids": [5, 260]}, "allowed_token_ids"),
-                       ({"allowed_token_ids": [-1]}, "allowed_token_ids")):
+                       ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
+                       ({"allowed_token_ids": [EOS], "min_tokens": 3, "ignore_eos": False}, "no token is allowed")):
         status, out = post_json(f"{bg.http_url}/v1/completions", {**body, **bad})
         assert status == 400 and where in out["error"]["message"], (bad, out)
 
