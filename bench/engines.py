@@ -414,8 +414,13 @@ def bench_handoff_transports(quick):
 
     name, T, token = "llama-3.2-1b-16-16-air", 8192, "bench"
     prompt = torch.randint(0, 128000, (T,)).tolist()
-    paths = ("cuda_pool", "nixl", "grpc")
-    out = {"prompt_tokens": T, "paths": list(paths), "ucx_tls": os.environ.get("UCX_TLS", "(colm default)")}
+    # label -> (transport, router.worker_calls): cuda_pool twice, the router's calls on its Calls streams (the
+    # default) and as a unary call each
+    variants = {"cuda_pool": ("cuda_pool", "stream"), "cuda_pool_unary": ("cuda_pool", "unary"),
+                "nixl": ("nixl", "stream"), "grpc": ("grpc", "stream")}
+    paths = tuple(variants)
+    out = {"prompt_tokens": T, "paths": list(paths), "ucx_tls": os.environ.get("UCX_TLS", "(colm default)"),
+           "variants": {k: {"transport": t, "worker_calls": w} for k, (t, w) in variants.items()}}
     with PrefillProcess(_bench_prefill_engine, (name, T), token) as pc, \
             DecodeProcess(_bench_decode_engine, (name,), token) as dc:
         ttfts = {k: [] for k in paths}
@@ -424,7 +429,8 @@ def bench_handoff_transports(quick):
         for _ in range(3 if quick else 5):
             for k in paths:
                 rows = []
-                ttfts[k].append(router_ttft_ms(pc.address, dc.address, token, k, prompt, reps=3, timelines=rows))
+                ttfts[k].append(router_ttft_ms(pc.address, dc.address, token, variants[k][0], prompt, reps=3,
+                                               timelines=rows, worker_calls=variants[k][1]))
                 timelines[k] += rows
             computes.append(pc.call(_compute_alone_ms, prompt, 3))
     record_turns(out, {"chain1_compute": computes}, unit="ms")
@@ -510,7 +516,8 @@ def local_breakdown(pe, de, prompt, params, n, reps=5):
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
-def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps=3, timelines=None, timeout_s=60.0):
+def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps=3, timelines=None, timeout_s=60.0,
+                   worker_calls="stream"):
     """TTFT through the router's own request path (``GrpcBackend.generate``: Reserve, Prefill, StartGeneration,
     over grpc.aio, as ``colm serve`` sends them; the HTTP front and the policy left out), ms from the call to
     the first token: the median of ``reps`` after one warm-up request. ``timelines``: a list that gets one row per
@@ -521,7 +528,7 @@ def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps
     from colm.sampling import SamplingParams
 
     async def run():
-        backend = router_backend(prefill_address, decode_address, token, kv_path)
+        backend = router_backend(prefill_address, decode_address, token, kv_path, worker_calls)
         for w in ("p0", "d0"):  # host ids and CUDA flags: what the router's health polls learn
             await backend.poll(w)
         times = []
@@ -546,13 +553,13 @@ def router_ttft_ms(prefill_address, decode_address, token, kv_path, prompt, reps
     return asyncio.run(run())
 
 
-def router_backend(prefill_address, decode_address, token, kv_path="auto"):
+def router_backend(prefill_address, decode_address, token, kv_path="auto", worker_calls="stream"):
     """The router's ``GrpcBackend`` over one prefill worker ("p0") and one decode worker ("d0")."""
     from colm.router.backend import WorkerInfo
     from colm.router.grpc_backend import GrpcBackend
 
     return GrpcBackend([WorkerInfo("p0", "prefill", prefill_address), WorkerInfo("d0", "decode", decode_address)],
-                       token, kv_path=kv_path)
+                       token, kv_path=kv_path, worker_calls=worker_calls)
 
 
 def router_rpc_ms(prefill_address, decode_address, token, reps=30):
