@@ -48,7 +48,7 @@ from colm.router.core import Router
 from colm.router.stop_trim import StopTrimmer
 from colm.router.grpc_server import _key_ok, status_for
 from colm.chat_template import TokenizerConfig
-from colm.router.http_guard import ConnectionGuard, default_max_connections
+from colm.router.http_guard import ConnectionGuard, default_max_connections, quiet_client_errors
 from colm.router.openai_schema import (BadField, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest, parse)
 from colm.router.policy import Budget
@@ -550,6 +550,7 @@ async def start_http(router: Router) -> tuple[web.AppRunner, int, ConnectionGuar
     cfg = router.cfg
     # handler_cancellation: a client that hangs up cancels its handler, and with it the request (a non-streamed
     # completion kept its admission slot and decode rows for nobody until its deadline)
+    quiet_client_errors()  # a malformed request is one INFO line, not an ERROR with a traceback each
     guard = ConnectionGuard(cfg.http_head_timeout_s, cfg.http_max_connections or default_max_connections(),
                             cfg.http_max_connections_per_client)
     runner = web.AppRunner(HttpApi(router, guard).app(), access_log=None, handler_cancellation=True)

@@ -12,6 +12,10 @@ API key helps: the key is read from a head that never completes.
   again from the end of each response (a keep-alive connection idle that long is closed, as servers do); the
   app's middleware reports each head (``head_received``) and each response's end (``response_done``).
 A response being written has no deadline (a token stream may run for minutes).
+
+``quiet_client_errors`` keeps malformed requests (a request line or header past aiohttp's 8190 bytes, bad HTTP)
+from flooding the log: aiohttp logged each with an ERROR and its traceback; they are the client's fault, so each
+is one INFO line, at most ``ClientErrorLogFilter.per_minute`` a minute (the rest counted in the next line).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import json
 import logging
 import resource
+import time
 from collections import Counter
 
 log = logging.getLogger("colm.router")
@@ -111,3 +116,47 @@ class ConnectionGuard:
         if transport is not None and not transport.is_closing():
             self.num_timed_out += 1
             transport.close()
+
+
+class ClientErrorLogFilter(logging.Filter):
+    """On ``aiohttp.server``: a record of a client's malformed request (an ``HttpProcessingError`` of status 4xx)
+    becomes one INFO line without its traceback, at most ``per_minute`` of them a minute; other records pass."""
+
+    def __init__(self, per_minute: int = 10) -> None:
+        super().__init__()
+        self.per_minute = per_minute
+        self._window = 0.0
+        self._shown = 0
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or not 400 <= (exc.code or 0) < 500:
+            return True
+        now = time.monotonic()
+        if now - self._window >= 60.0:
+            self._window, self._shown = now, 0
+        if self._shown >= self.per_minute:
+            self.suppressed += 1
+            return False
+        self._shown += 1
+        first = str(exc.message).splitlines()[0][:200] if exc.message else type(exc).__name__
+        more = f" ({self.suppressed} more not logged)" if self.suppressed else ""
+        self.suppressed = 0
+        record.msg, record.args = "%s: %s %s%s", (record.getMessage(), exc.code, first, more)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_client_errors() -> ClientErrorLogFilter:
+    """Install ``ClientErrorLogFilter`` on ``aiohttp.server`` once per process; returns it."""
+    logger = logging.getLogger("aiohttp.server")
+    for f in logger.filters:
+        if isinstance(f, ClientErrorLogFilter):
+            return f
+    f = ClientErrorLogFilter()
+    logger.addFilter(f)
+    return f

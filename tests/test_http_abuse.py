@@ -192,3 +192,25 @@ def test_scale_switch_body_must_be_an_object(model):
 def test_an_empty_api_key_is_refused_not_taken_as_off(key):
     with pytest.raises(ValueError, match="router.api_key=.*must be a non-empty string"):
         RouterConfig(api_key=key)
+
+
+def test_malformed_requests_are_logged_briefly_not_as_errors(model, caplog):
+    """A request line past aiohttp's 8190 bytes, 15 times: 400 each, and the log holds at most 10 one-line INFO
+    records for them (aiohttp logged an ERROR with its traceback each time: a log flood for the asking)."""
+    import logging
+
+    bg = serve(model)
+    try:
+        caplog.set_level(logging.INFO, logger="aiohttp.server")
+        host, port = host_port(bg.http_url)
+        for _ in range(15):
+            with socket.create_connection((host, port)) as s:
+                s.sendall(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert closed_by_server(s, 3.0)[1].startswith(b"HTTP/1.0 400")
+        assert completion_ok(bg.http_url)
+    finally:
+        bg.stop()
+    mine = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert mine and len(mine) <= 10
+    assert all(r.levelno == logging.INFO and r.exc_info is None and "400 Got more than 8190 bytes" in r.getMessage()
+               for r in mine)
