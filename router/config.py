@@ -34,8 +34,8 @@ class RouterConfig:
     default_deadline_s: float = 120.0
     max_message_bytes: int = 4 << 20
     # HTTP connections (router/http_guard.py): a request head must be complete this long after the connection opens
-    # or its last response ends; at most this many open connections (0: the open-file limit less 1024), and from one
-    # client address; past them a connection gets 503 and is closed
+    # or its last response ends, and its body this long after the head (408); at most this many open connections
+    # (0: the open-file limit less 1024), and from one client address; past them a connection gets 503 and is closed
     http_head_timeout_s: float = 30.0
     http_max_connections: int = 0
     http_max_connections_per_client: int = 4096

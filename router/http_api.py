@@ -59,7 +59,8 @@ log = logging.getLogger("colm.router")
 
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429, "DEADLINE_EXCEEDED": 504,
                "UNAVAILABLE": 503, "INTERNAL": 500}
-HTTP_TYPE = {401: "unauthenticated", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+HTTP_TYPE = {401: "unauthenticated", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+             408: "request_timeout"}
 
 
 def _error_body(message: str, type_: str, code: int, param: str | None = None) -> dict:
@@ -95,10 +96,14 @@ def _http_error(request, e: web.HTTPException, max_body: int) -> web.Response:
     msg = {404: f"no such path: {request.path}",
            405: f"method {request.method} is not allowed on {request.path}; allowed: "
                 f"{', '.join(sorted(getattr(e, 'allowed_methods', ()) or ()))}",
-           413: f"request body exceeds the limit of {max_body} bytes (router.max_message_bytes)"}
+           413: f"request body exceeds the limit of {max_body} bytes (router.max_message_bytes)",
+           408: "the request body did not arrive within router.http_head_timeout_s"}
     headers = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
-    return web.json_response(_error_body(msg.get(e.status, e.reason), HTTP_TYPE.get(e.status, "http_error"), e.status),
+    resp = web.json_response(_error_body(msg.get(e.status, e.reason), HTTP_TYPE.get(e.status, "http_error"), e.status),
                              status=e.status, headers=headers)
+    if e.status == 408:
+        resp.force_close()  # the rest of that body may still come: the connection cannot carry another request
+    return resp
 
 
 def _metadata(request) -> list[tuple[str, str]]:
@@ -160,8 +165,10 @@ class HttpApi:
     async def _json(self, request):
         """The body as JSON (UTF-8, whatever the Content-Type says); ValueError (400) when it is not JSON."""
         enc = request.headers.get("Content-Encoding", "")
-        try:
-            raw = await request.read()  # HTTPRequestEntityTooLarge (413) past client_max_size, decompressed
+        try:  # HTTPRequestEntityTooLarge (413) past client_max_size, decompressed; a body trickled in is cut
+            raw = await asyncio.wait_for(request.read(), self.router.cfg.http_head_timeout_s)
+        except asyncio.TimeoutError:
+            raise web.HTTPRequestTimeout() from None
         except RequestPayloadError as e:
             raise BadField(f"request body could not be read (Content-Encoding: {enc or 'none'}): "
                            f"{str(e).splitlines()[-1].strip()}", None) from None

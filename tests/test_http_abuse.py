@@ -1,5 +1,5 @@
 """The HTTP front against clients that abuse it, one test per defect an adversarial campaign reproduced: request
-heads sent a byte at a time (slowloris), more connections than the process can hold, clients that hang up on a
+heads (and bodies) sent a byte at a time (slowloris), more connections than the process can hold, clients that hang up on a
 non-streamed completion, one request batching hundreds of thousands of prompts, a non-object body for the scale
 switch, and an empty API key. Every other client is served throughout."""
 
@@ -87,6 +87,23 @@ def test_slow_request_heads_are_cut_at_the_deadline_and_others_are_served(model)
         idle = socket.create_connection((host, port))
         assert closed_by_server(idle, 3.0)[0]
         idle.close()
+        assert completion_ok(bg.http_url)
+    finally:
+        bg.stop()
+
+
+def test_a_body_trickled_in_is_cut_at_the_deadline_with_408(model):
+    bg = serve(model, http_head_timeout_s=1.0)
+    try:
+        host, port = host_port(bg.http_url)
+        s = socket.create_connection((host, port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000\r\n\r\n")
+        t0 = time.monotonic()
+        closed, got = closed_by_server(s, 5.0, b'{"prompt": "' + b"a" * 100)
+        s.close()
+        assert closed and got.startswith(b"HTTP/1.1 408") and b"router.http_head_timeout_s" in got
+        assert time.monotonic() - t0 < 4.0
         assert completion_ok(bg.http_url)
     finally:
         bg.stop()
