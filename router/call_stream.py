@@ -88,7 +88,8 @@ class CallStream:
                     await asyncio.wait_for(call.initial_metadata(), timeout)
                 except asyncio.TimeoutError:
                     call.cancel()
-                    raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "the worker's call stream did not open") from None
+                    raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    "the worker's call stream did not open") from None
                 except asyncio.CancelledError:
                     call.cancel()
                     raise

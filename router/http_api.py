@@ -168,6 +168,8 @@ class HttpApi:
         try:  # HTTPRequestEntityTooLarge (413) past client_max_size, decompressed; a body trickled in is cut
             raw = await asyncio.wait_for(request.read(), self.router.cfg.http_head_timeout_s)
         except asyncio.TimeoutError:
+            if self.guard is not None:
+                self.guard.timed_out()
             raise web.HTTPRequestTimeout() from None
         except RequestPayloadError as e:
             raise BadField(f"request body could not be read (Content-Encoding: {enc or 'none'}): "
@@ -559,7 +561,7 @@ async def start_http(router: Router) -> tuple[web.AppRunner, int, ConnectionGuar
     # completion kept its admission slot and decode rows for nobody until its deadline)
     quiet_client_errors()  # a malformed request is one INFO line, not an ERROR with a traceback each
     guard = ConnectionGuard(cfg.http_head_timeout_s, cfg.http_max_connections or default_max_connections(),
-                            cfg.http_max_connections_per_client)
+                            cfg.http_max_connections_per_client, router.metrics)
     runner = web.AppRunner(HttpApi(router, guard).app(), access_log=None, handler_cancellation=True)
     await runner.setup()
     guard.attach(runner.server)

@@ -46,7 +46,8 @@ def _refusal(status: str, message: str) -> bytes:
 
 
 class ConnectionGuard:
-    def __init__(self, head_timeout_s: float, max_connections: int, max_per_client: int) -> None:
+    def __init__(self, head_timeout_s: float, max_connections: int, max_per_client: int, metrics=None) -> None:
+        self.metrics = metrics  # RouterMetrics (its http_* series), or None
         self.head_timeout_s = head_timeout_s
         self.max_connections = max_connections
         self.max_per_client = max_per_client
@@ -67,8 +68,11 @@ class ConnectionGuard:
             client = str(peer[0]) if peer else "?"
             if len(self.open) >= self.max_connections or self.per_client[client] >= self.max_per_client:
                 self.num_refused += 1
-                which = ("router.http_max_connections" if len(self.open) >= self.max_connections
-                         else "router.http_max_connections_per_client")
+                full = len(self.open) >= self.max_connections
+                cap = "http_max_connections" if full else "http_max_connections_per_client"
+                which = f"router.{cap}"
+                if self.metrics is not None:
+                    self.metrics.http_refused.labels(cap).inc()
                 transport.write(_refusal("503 Service Unavailable", f"too many open connections ({which}); "
                                                                     "retry later or reuse a connection"))
                 transport.close()
@@ -76,6 +80,7 @@ class ConnectionGuard:
             self.open[handler] = client
             self.per_client[client] += 1
             self._transports[handler] = transport
+            self._count()
             self._arm(handler)
 
         def connection_lost(handler, exc=None) -> None:
@@ -89,6 +94,7 @@ class ConnectionGuard:
             timer = self._timers.pop(handler, None)
             if timer is not None:
                 timer.cancel()
+            self._count()
 
         server.connection_made = connection_made
         server.connection_lost = connection_lost
@@ -104,6 +110,16 @@ class ConnectionGuard:
         if request.protocol in self.open:
             self._arm(request.protocol)
 
+    def timed_out(self) -> None:
+        """A connection closed for a late request head or body."""
+        self.num_timed_out += 1
+        if self.metrics is not None:
+            self.metrics.http_timed_out.inc()
+
+    def _count(self) -> None:
+        if self.metrics is not None:
+            self.metrics.http_connections.set(len(self.open))
+
     def _arm(self, handler) -> None:
         old = self._timers.pop(handler, None)
         if old is not None:
@@ -114,7 +130,7 @@ class ConnectionGuard:
         self._timers.pop(handler, None)
         transport = self._transports.get(handler)
         if transport is not None and not transport.is_closing():
-            self.num_timed_out += 1
+            self.timed_out()
             transport.close()
 
 

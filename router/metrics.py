@@ -42,6 +42,9 @@ colm's own (no vLLM equivalent: disaggregated prefill/decode, scales, worker hea
 | ``colm_worker_dead`` | gauge | worker, role | 1 once it is gone for good (Ray's restarts exhausted) |
 | ``colm_serving`` | gauge | | 1 while a request can be served |
 | ``colm_worker_scrape_errors`` | gauge | worker | 1 if its metrics did not answer the router's last scrape |
+| ``colm_http_connections`` | gauge | | open connections of the HTTP front |
+| ``colm_http_connections_refused_total`` | counter | cap | connections answered 503 at a cap (``router.http_max_connections*``) |
+| ``colm_http_requests_timed_out_total`` | counter | | connections closed: a request head or body late (``router.http_head_timeout_s``) |
 | ``colm_prefill_<field>``, ``colm_decode_<field>`` | gauge, counter | worker | engine ``stats()`` |
 
 On the HTTP port, with ``router.api_key`` set, ``/metrics`` needs the key like every path but ``/health``
@@ -173,6 +176,13 @@ class RouterMetrics:
                                       registry=r)
         self.transfer_seconds = Counter("colm_kv_transfer_seconds", "Time spent on KV hand-offs", ["worker"],
                                         registry=r)
+        # the HTTP front's connection limits (router/http_guard.py)
+        self.http_connections = Gauge("colm_http_connections", "Open connections of the HTTP front", registry=r)
+        self.http_refused = Counter("colm_http_connections_refused", "HTTP connections answered 503 and closed at a "
+                                    "cap (cap: http_max_connections, http_max_connections_per_client)", ["cap"],
+                                    registry=r)
+        self.http_timed_out = Counter("colm_http_requests_timed_out", "HTTP connections closed because a request head "
+                                      "or body did not arrive within http_head_timeout_s", registry=r)
         self._seen: dict[tuple[str, str], float] = {}  # (worker, total) -> the worker's total its last report gave
 
     def observe_phases(self, phases: dict[str, float]) -> None:

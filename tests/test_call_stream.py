@@ -85,7 +85,8 @@ def test_replies_and_status_codes_as_unary_calls(worker):
             r = await cs.call("Reserve", reserve("a", n=7), kv_pb2.ReserveReply, 5.0)
             assert (r.request_id, r.num_blocks) == ("a", 7)
             unary = kv_grpc.DecodeWorkerStub(ch)
-            for rid, code in (("bad-value", grpc.StatusCode.INVALID_ARGUMENT), ("not-found", grpc.StatusCode.NOT_FOUND)):
+            for rid, code in (("bad-value", grpc.StatusCode.INVALID_ARGUMENT),
+                              ("not-found", grpc.StatusCode.NOT_FOUND)):
                 with pytest.raises(grpc.aio.AioRpcError) as on_stream:
                     await cs.call("Reserve", reserve(rid), kv_pb2.ReserveReply, 5.0)
                 with pytest.raises(grpc.aio.AioRpcError) as as_call:

@@ -1,7 +1,8 @@
 """The HTTP front against clients that abuse it, one test per defect an adversarial campaign reproduced: request
-heads (and bodies) sent a byte at a time (slowloris), more connections than the process can hold, clients that hang up on a
-non-streamed completion, one request batching hundreds of thousands of prompts, a non-object body for the scale
-switch, and an empty API key. Every other client is served throughout."""
+heads (and bodies) sent a byte at a time (slowloris), more connections than the process can hold, clients that
+hang up on a non-streamed completion, one request batching hundreds of thousands of prompts, a non-object body
+for the scale switch, an empty API key, and malformed heads logged as errors. Every other client is served
+throughout."""
 
 from __future__ import annotations
 
@@ -64,6 +65,14 @@ def closed_by_server(sock: socket.socket, within_s: float, trickle: bytes = b"")
     return False, got
 
 
+def metric(url: str, series: str) -> float:
+    """The value of one series (name with its labels) on the HTTP port's /metrics."""
+    status, text, _ = call(f"{url}/metrics", method="GET")
+    assert status == 200
+    line = next(x for x in text.splitlines() if x.startswith(series + " "))
+    return float(line.rsplit(" ", 1)[1])
+
+
 def completion_ok(url: str) -> bool:
     status, body, _ = call(f"{url}/v1/completions", {"prompt": "ok", "max_tokens": 2, "temperature": 0})
     return status == 200 and len(body["choices"][0]["text"]) >= 1
@@ -83,6 +92,7 @@ def test_slow_request_heads_are_cut_at_the_deadline_and_others_are_served(model)
             s.close()
         assert time.monotonic() - t0 < 6.0
         assert bg.server.http_guard.num_timed_out >= 4
+        assert metric(bg.http_url, "colm_http_requests_timed_out_total") >= 4
         # a keep-alive connection idle past the deadline is closed; one that sends its request in time is served
         idle = socket.create_connection((host, port))
         assert closed_by_server(idle, 3.0)[0]
@@ -145,6 +155,7 @@ def test_connections_past_the_caps_get_503_and_the_rest_are_served(model, cfg, w
         for s in held:
             s.close()
         assert bg.server.http_guard.num_refused == 1
+        assert metric(bg.http_url, f'colm_http_connections_refused_total{{cap="{which}"}}') == 1
     finally:
         bg.stop()
 
