@@ -54,7 +54,7 @@ On the HTTP port, with ``router.api_key`` set, ``/metrics`` needs the key like e
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PHASE_BUCKETS_S = (0.0005, 0.001, 0.0025) + LATENCY_BUCKETS_S  # a decode step is ~1 ms
@@ -254,9 +254,53 @@ def worker_registry(engine, role: str, worker_id: str) -> CollectorRegistry:
     return r
 
 
+METRICS_MAX_CONNECTIONS = 32  # scrapes served at once on a metrics port; more are closed as they open
+METRICS_SOCKET_TIMEOUT_S = 10.0  # a connection silent this long is closed (it held a thread forever before)
+
+
 def serve_metrics(registry: CollectorRegistry, host: str, port: int):
-    """Start a metrics HTTP server in a thread; returns (server, thread)."""
-    return start_http_server(port, addr=host, registry=registry)
+    """Start a metrics HTTP server in a thread; returns (server, thread).
+
+    prometheus_client's server gives every connection a thread with no timeout: idle connections to a metrics port
+    each held a thread of the router or worker process for good. This one (the same WSGI app) closes a connection
+    silent for ``METRICS_SOCKET_TIMEOUT_S`` and serves at most ``METRICS_MAX_CONNECTIONS`` at once."""
+    import socket
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    class Handler(WSGIRequestHandler):
+        timeout = METRICS_SOCKET_TIMEOUT_S
+
+        def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+            pass
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
+
+        def process_request(self, request, client_address):
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+    httpd = make_server(host, port, make_wsgi_app(registry), Server, handler_class=Handler)
+    thread = threading.Thread(target=httpd.serve_forever, name="colm-metrics", daemon=True)
+    thread.start()
+    return httpd, thread
 
 
 def metrics_endpoint(registry: CollectorRegistry):

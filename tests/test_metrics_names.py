@@ -217,3 +217,42 @@ def test_http_metrics_need_the_api_key_when_one_is_set():
             assert "colm:num_requests_running" in r.read().decode()
     finally:
         bg.stop()
+
+
+def test_a_metrics_port_closes_idle_connections_and_bounds_them(monkeypatch):
+    """Idle connections to a metrics port held a thread each for good (prometheus_client's server): now past
+    ``METRICS_MAX_CONNECTIONS`` a connection is closed as it opens, a silent one is closed after
+    ``METRICS_SOCKET_TIMEOUT_S``, and a scrape is served again once they are gone; the threads go with them."""
+    import socket
+    import threading
+    import time
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from colm.router import metrics
+
+    monkeypatch.setattr(metrics, "METRICS_MAX_CONNECTIONS", 4)
+    monkeypatch.setattr(metrics, "METRICS_SOCKET_TIMEOUT_S", 0.5)
+    reg = CollectorRegistry()
+    Counter("colm_probe", "a probe", registry=reg).inc(3)
+    server, _ = metrics.serve_metrics(reg, "127.0.0.1", 0)
+    threads0 = threading.active_count()
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(6)]
+        for s in idle:
+            s.settimeout(3.0)
+        time.sleep(0.2)
+        assert threading.active_count() <= threads0 + 4
+        t0 = time.monotonic()
+        assert all(s.recv(100) == b"" for s in idle)  # the extra two at once, the four after their timeout
+        assert time.monotonic() - t0 < 2.5
+        for s in idle:
+            s.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5) as r:
+            assert b"colm_probe_total 3.0" in r.read()
+        deadline = time.monotonic() + 3
+        while threading.active_count() > threads0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert threading.active_count() <= threads0
+    finally:
+        server.shutdown()
