@@ -3,6 +3,10 @@
 All expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``bos_id``,
 ``eos_id`` and ``spec()`` (what ``config.json`` records so the checkpoint reloads the same one).
 
+``check_fits`` (and ``encode_prompt_within``) refuses a text that cannot fit ``limit`` tokens without tokenizing it
+whole first: a text longer than a few pieces is counted a piece at a time, and refused once the pieces counted so
+far hold well over the limit (a 4 MiB text made a list of 4 million ids, about 100 MiB, only to be refused).
+
 A prompt's text becomes ids through ``encode_prompt``: with a BOS in front when the checkpoint's
 ``tokenizer_config.json`` says ``"add_bos_token": true`` (as transformers' Llama tokenizers and vLLM do; a
 missing key means no BOS, the byte tokenizer's and the bundled demo's convention). ``colm generate``, the
@@ -139,6 +143,29 @@ def add_bos_token_of(raw: dict, source) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{source}: add_bos_token={value!r}, must be true or false")
     return value
+
+
+def check_fits(encode, text: str, limit: int, what: str = "prompt") -> None:
+    """ValueError when ``text`` cannot fit ``limit`` tokens of ``encode`` (text -> ids), found without tokenizing a
+    long text whole: pieces of ``8 * limit`` characters (at least 4096) are counted one by one (their ids dropped, at
+    most one piece's held at a time), and the text is refused once they hold more than twice the limit. Cutting a
+    text into pieces changes its count by a few tokens per cut at most, so a text refused this way holds more than
+    ``limit`` tokens. A text of up to two pieces is left to the caller's own count."""
+    piece = max(4096, 8 * limit)
+    if len(text) <= 2 * piece:
+        return
+    counted = 0
+    for start in range(0, len(text), piece):
+        counted += len(encode(text[start:start + piece]))
+        if counted > 2 * limit + 64:
+            raise ValueError(f"{what} ({len(text)} characters) exceeds the context of {limit} tokens: its first "
+                             f"{min(len(text), start + piece)} characters alone are about {counted} tokens")
+
+
+def encode_prompt_within(tok, text: str, limit: int) -> list[int]:
+    """``encode_prompt(tok, text)``, or ValueError (``check_fits``) when the text cannot fit ``limit`` tokens."""
+    check_fits(tok.encode, text, limit)
+    return encode_prompt(tok, text)
 
 
 def encode_prompt(tok, text: str) -> list[int]:

@@ -35,7 +35,7 @@ from colm.sampling import SamplingParams
 from colm.logits_adjust import check_token_ids
 from colm.structured import compile_output
 from colm.stopping import StopChecker
-from colm.tokenizer import encode_prompt
+from colm.tokenizer import encode_prompt_within
 
 log = logging.getLogger("colm.router")
 
@@ -301,7 +301,7 @@ class Router:
                     text = text.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise ValueError(f"prompt text is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            prompt_ids = encode_prompt(self.tokenizer, text)
+            prompt_ids = encode_prompt_within(self.tokenizer, text, cfg.max_seq_len)
         prompt_ids = list(prompt_ids or [])
         if not prompt_ids:
             raise ValueError("prompt is empty: give at least one token")

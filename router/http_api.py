@@ -48,6 +48,7 @@ from colm.router.core import Router
 from colm.router.stop_trim import StopTrimmer
 from colm.router.grpc_server import _key_ok, status_for
 from colm.chat_template import TokenizerConfig
+from colm.tokenizer import check_fits
 from colm.router.http_guard import ConnectionGuard, default_max_connections, quiet_client_errors
 from colm.router.openai_schema import (BadField, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest, parse)
@@ -216,7 +217,12 @@ class HttpApi:
                                 **req.adjustments())
         budget = Budget(ttft_ms=ext.get("ttft_ms"), tpot_ms=ext.get("tpot_ms"), deadline_ms=ext.get("deadline_ms"),
                         on_miss=ext.get("on_miss", "degrade"))
-        ids = self.tcfg.encode(prompt, req.add_special_tokens is not False) if isinstance(prompt, str) else prompt
+        if isinstance(prompt, str):
+            if not req.truncate_prompt_tokens:  # a truncated prompt is kept from its end: it is tokenized whole
+                check_fits(self.tcfg.encode, prompt, self.router.model_cfg.max_seq_len)
+            ids = self.tcfg.encode(prompt, req.add_special_tokens is not False)
+        else:
+            ids = prompt
         if req.truncate_prompt_tokens:
             ids = ids[-req.truncate_prompt_tokens:]
         return self.router.validate(ids, None, params, budget, pinned or scale, prompt_logprobs=echo_logprobs,
@@ -342,8 +348,14 @@ class HttpApi:
         if forced is not None and forced.name is None and req.stream:
             raise BadField('stream: tool_choice "required" is returned whole (its calls are known once the array '
                            "ends); set stream to false, or name the function", "stream")
-        ids = self.tcfg.encode(self.tcfg.render(req.messages, add_generation_prompt=req.add_generation_prompt
-                                                is not False, tools=req.tools), bool(req.add_special_tokens))
+        text = self.tcfg.render(req.messages, add_generation_prompt=req.add_generation_prompt is not False,
+                                tools=req.tools)
+        if not req.truncate_prompt_tokens:
+            try:
+                check_fits(self.tcfg.encode, text, self.router.model_cfg.max_seq_len, "messages")
+            except ValueError as e:
+                raise BadField(str(e), "messages") from None
+        ids = self.tcfg.encode(text, bool(req.add_special_tokens))
         if not ids:
             raise BadField("messages: the chat template rendered an empty prompt", "messages")
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

@@ -242,3 +242,25 @@ def test_malformed_requests_are_logged_briefly_not_as_errors(model, caplog):
     assert mine and len(mine) <= 10
     assert all(r.levelno == logging.INFO and r.exc_info is None and "400 Got more than 8190 bytes" in r.getMessage()
                for r in mine)
+
+
+def test_a_huge_text_prompt_is_refused_without_tokenizing_it_whole(model):
+    """A 3.9 MiB text prompt (under the 4 MiB body limit): refused from its first piece, where it was tokenized
+    whole first (a list of 4 million ids, ~100 MiB of the router's memory per such request)."""
+    bg = serve(model)
+    seen = []
+    tok = bg.router.tokenizer
+    enc = tok.encode
+    tok.encode = lambda text, add_bos=False: seen.append(len(text)) or enc(text, add_bos)
+    try:
+        status, body, _ = call(f"{bg.http_url}/v1/completions", {"prompt": "a" * (4_000_000), "max_tokens": 1})
+        assert status == 400 and "exceeds the context of 512 tokens" in body["error"]["message"], body
+        assert body["error"]["param"] == "prompt" and seen and max(seen) <= 8192
+        # truncate_prompt_tokens keeps the prompt's end: that prompt is tokenized whole, and served
+        status, body, _ = call(f"{bg.http_url}/v1/completions", {"prompt": "a" * 400_000, "max_tokens": 1,
+                                                                "truncate_prompt_tokens": 16})
+        assert status == 200, body
+        assert completion_ok(bg.http_url)
+    finally:
+        del tok.encode
+        bg.stop()

@@ -279,6 +279,7 @@ BAD_CHAT = [
     ({"max_completion_tokens": -1}, "max_completion_tokens", "allowed"),
     ({"max_tokens": "3"}, "max_tokens", "integer"),
     ({"max_completion_tokens": 5000}, "prompt", "exceeds the context"),
+    ({"messages": [{"role": "user", "content": "b" * 400_000}]}, "messages", "exceeds the context of"),
     ({"temperature": "hot"}, "temperature", "number"),
     ({"stop": ["a"] * 17}, "stop", "allowed"),
     ({"seed": -1}, "seed", "allowed"),

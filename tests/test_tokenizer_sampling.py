@@ -51,6 +51,24 @@ def test_sentencepiece_and_hf_json_from_local_files(tmp_path):
     assert tok.decode(tok.encode(sample)) == sample
     with pytest.raises(ValueError, match="not found"):
         load_tokenizer({"kind": "hf", "file": "nope.json"}, tmp_path)
+    # the router's length check: a text that cannot fit is refused from its first pieces, never tokenized whole;
+    # one that fits (however long: whitespace a normalizer drops) gets exactly encode_prompt's ids
+    from colm.tokenizer import encode_prompt, encode_prompt_within
+
+    long_text = (corpus() * 3)[:60000]
+    for t in (ByteTokenizer(), sp, tok):
+        seen = []
+        enc = t.encode
+        t.encode = lambda text, add_bos=False, enc=enc: seen.append(len(text)) or enc(text, add_bos)
+        with pytest.raises(ValueError, match=r"prompt \(60000 characters\) exceeds the context of 1024 tokens"):
+            encode_prompt_within(t, long_text, 1024)
+        assert len(seen) == 1 and seen[0] == 8192  # one piece counted, then refused
+        del t.encode
+        assert len(t.encode(long_text)) > 1024
+        for text in (long_text[:5000], " " * 50000, "\n" * 40000):
+            if len(encode_prompt(t, text)) <= 1024:
+                assert encode_prompt_within(t, text, 1024) == encode_prompt(t, text)
+    assert encode_prompt_within(sp, " " * 50000, 1024) == encode_prompt(sp, " " * 50000)  # SentencePiece drops them
 
 
 def test_sampling_params_validation():
