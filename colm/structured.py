@@ -28,8 +28,11 @@ import weakref
 from dataclasses import dataclass
 
 KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
-MAX_SPEC_CHARS = 65536
-MAX_CHOICES, MAX_CHOICE_CHARS = 256, 1024
+# The grammar compiles on the router (to refuse a bad spec) and again on the decode worker, in time that grows with
+# its size: on a 2-core CPU a 64 KiB regex of alternatives took 2.8 s, a choice of 256 strings of 1 KiB 17 s (the
+# request timed out at the worker's Start). These bounds keep a compile under about a second there.
+MAX_SPEC_CHARS = 32768
+MAX_CHOICES, MAX_CHOICE_CHARS, MAX_CHOICES_TOTAL_CHARS = 256, 1024, 16384
 # compiled grammars cached per tokenizer, least recently used out past this size: a stream of distinct schemas must
 # not grow a worker's memory without bound (xgrammar's own default is unbounded)
 GRAMMAR_CACHE_BYTES = 128 << 20
@@ -70,6 +73,10 @@ class StructuredOutput:
             if not all(isinstance(c, str) and 0 < len(c) <= MAX_CHOICE_CHARS for c in self.choices):
                 raise ValueError(f"{where}: each choice is a non-empty string of at most {MAX_CHOICE_CHARS} "
                                  "characters")
+            total = sum(map(len, self.choices))
+            if total > MAX_CHOICES_TOTAL_CHARS:
+                raise ValueError(f"{where}: the choices hold {total} characters together; at most "
+                                 f"{MAX_CHOICES_TOTAL_CHARS}")
 
 
 def _xgrammar():

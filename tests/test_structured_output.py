@@ -98,6 +98,9 @@ def test_bad_requests_are_refused_with_the_field():
         StructuredOutput("choice")
     with pytest.raises(ValueError, match=r"each choice is a non-empty string"):
         StructuredOutput("choice", choices=("a", ""))
+    with pytest.raises(ValueError, match=r"the choices hold 17408 characters together; at most 16384"):
+        StructuredOutput("choice", choices=tuple(f"{i:04d}" + "y" * 1020 for i in range(17)))
+    StructuredOutput("choice", choices=tuple("y" * 1024 for _ in range(16)))  # 16,384 exactly
     with pytest.raises(ValueError, match="cannot be combined with ignore_eos or min_tokens"):
         SamplingParams(structured=so("regex"), ignore_eos=True)
     with pytest.raises(ValueError, match="cannot be combined with ignore_eos or min_tokens"):
