@@ -407,8 +407,11 @@ class GrpcBackend:
             return DeadlineExceeded(f"{worker_id}: {details}")
         if code == grpc.StatusCode.UNAUTHENTICATED or code == grpc.StatusCode.PERMISSION_DENIED:
             return RuntimeError(f"{worker_id} refused the cluster token: {details}")
+        # this request failed there; the worker's polls say if it lives. NOT_FOUND: the worker no longer holds the
+        # request (its reservation ran out with a deadline of a few ms, or an abort raced its start): that request's
+        # own fate, not a worker gone (it took the worker out of service and failed its other requests over)
         if code in (grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS,
-                    grpc.StatusCode.UNKNOWN):  # this request failed there; the worker's polls say if it lives
+                    grpc.StatusCode.UNKNOWN, grpc.StatusCode.NOT_FOUND):
             return RequestFailed(worker_id, f"{code.name}: {details}")
         return WorkerFailed(worker_id, f"{code.name}: {details}")
 
