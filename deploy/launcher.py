@@ -29,7 +29,9 @@ from colm.deploy.config import ClusterConfig, resolve_mode
 log = logging.getLogger("colm.serve")
 # The embedded cluster's workers (router replicas, engine actors) run at niceness 0, not Ray's default 15 for worker
 # processes: they answer requests (``actors.serving_priority``).
-EMBEDDED_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
+# enable_metrics_collection off: the dashboard agent's Prometheus exporter (every interface, no authentication) is
+# not started; colm's own metrics do not use Ray's
+EMBEDDED_RAY_SYSTEM_CONFIG = {"worker_niceness": 0, "enable_metrics_collection": False}
 
 
 def demo_model_dir(preset_name: str) -> Path:
@@ -178,7 +180,8 @@ class Launcher:
             need = int(-(-(w.num_prefill + w.num_decode) * w.num_cpus_per_worker // 1))
             # colm's workers bind loopback here (WorkerPool.start: workers.host auto). Ray 2.60's own GCS, raylet and
             # core-worker servers listen on every interface, and it turns a node IP of 127.0.0.1 into the machine's
-            # address (both checked with ss); its token authentication, on by default, guards those ports.
+            # address (both checked with ss); its token authentication, on by default, guards those ports. Its
+            # autoscaler's and dashboard head's metrics exporters (44217, 44227) answer there without authentication.
             ray.init(num_cpus=r.num_cpus or max(2, os.cpu_count() or 2, need), include_dashboard=False,
                      _system_config=EMBEDDED_RAY_SYSTEM_CONFIG, **kw)
         if callable(prev_sigterm):
