@@ -255,3 +255,33 @@ def test_http_structured_output(routed, setup):
                          ({"guided_json": "{not json"}, "guided_json")):
         status, body = post_json(url, {**base, **extra})
         assert status == 400 and where in (body["error"].get("param") or "") + body["error"]["message"], (extra, body)
+
+
+def test_the_grammar_cache_is_bounded_and_memory_stays_flat(monkeypatch):
+    """Distinct specs, one after another: the cache holds at most GRAMMAR_CACHE_BYTES of compiled grammars (least
+    recently used out), a repeated spec is a hit, xgrammar's own cache stays empty, and the process's memory stops
+    growing (xgrammar's bounded cache had kept ~3.5 MiB per distinct 2,500-alternative regex past its limit)."""
+    import os
+
+    import colm.structured as st
+
+    monkeypatch.setattr(st, "GRAMMAR_CACHE_BYTES", 8 << 20)
+    tok = ByteTokenizer()  # a tokenizer of its own: a compiler and cache made with the bound above
+
+    def rss_mib() -> int:
+        return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+
+    first = StructuredOutput("regex", "|".join(f"first{j}" for j in range(2000)))
+    compiled = compile_output(first, tok, 260)
+    assert compile_output(first, tok, 260) is compiled  # a hit
+    comp, cache = st._compiler(tok, 260)
+    marks = []
+    for i in range(60):
+        spec = "|".join(os.urandom(3).hex() + f"w{j}" for j in range(2500))
+        compile_output(StructuredOutput("regex", spec), tok, 260)
+        assert cache.size_bytes <= 8 << 20
+        if i in (19, 59):
+            marks.append(rss_mib())
+    assert ("regex", first.spec, ()) not in cache.entries  # evicted long ago
+    assert comp.get_cache_size_bytes() == 0
+    assert marks[1] - marks[0] < 64, marks  # 40 more compiles; ~140 MiB with xgrammar's cache
