@@ -555,6 +555,9 @@ class HttpApi:
         body = await self._json(request)
         if not isinstance(body, dict):
             raise BadField(f"request body must be a JSON object like {{\"scale\": 1}}, got {type(body).__name__}", None)
+        extra = sorted(set(body) - {"scale"})
+        if extra:
+            raise BadField(f"{extra[0]}: not a field of the scale switch (its body is {{\"scale\": k}})", extra[0])
         scale = body.get("scale")
         if isinstance(scale, bool) or not isinstance(scale, int):
             raise ValueError(f"scale={scale!r}: give an integer in 1..{self.router.model_cfg.num_chains}")

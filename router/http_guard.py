@@ -64,6 +64,12 @@ class ConnectionGuard:
 
         def connection_made(handler, transport) -> None:
             made(handler, transport)
+            try:
+                admit(handler, transport)
+            except Exception:  # noqa: BLE001 - a fault of the guard must not break the HTTP front
+                log.exception("HTTP connection guard failed; the connection is served unguarded")
+
+        def admit(handler, transport) -> None:
             peer = transport.get_extra_info("peername")
             client = str(peer[0]) if peer else "?"
             if len(self.open) >= self.max_connections or self.per_client[client] >= self.max_per_client:
@@ -85,6 +91,12 @@ class ConnectionGuard:
 
         def connection_lost(handler, exc=None) -> None:
             lost(handler, exc)
+            try:
+                release(handler)
+            except Exception:  # noqa: BLE001
+                log.exception("HTTP connection guard failed to release a connection")
+
+        def release(handler) -> None:
             client = self.open.pop(handler, None)
             if client is not None:
                 self.per_client[client] -= 1
