@@ -171,12 +171,15 @@ def queueable(r) -> bool:
     return not r.params.top_logprobs and (r.adjust is None or r.adjust.matcher is None)
 
 
+NO_TOKEN = -2  # a row's pick when its adjustments left every token at -inf (-1: a distribution not finite)
+
+
 def _pick_tokens(head: StepHead, rows, pending=None, has_pending=None) -> tuple[torch.Tensor, tuple | None]:
     """Each row's token where the logits are: ([B] int64, (the sampled rows' generators, their states before this
     draw) or None). Adjusted rows are adjusted together (``colm.logits_adjust.adjust_rows``, counting ``pending``:
     each carried row's token of the step before, not read yet); greedy rows take the argmax; sampled rows draw
     together (``colm.sampling``'s filters and draw, as ``sample_rows``), each with one uniform from its generator.
-    A row whose distribution is not finite draws -1."""
+    A row whose distribution is not finite draws -1; an adjusted row that allows no token picks ``NO_TOKEN``."""
     dev, B = head.logits.device, len(rows)
     draws = [j for j, r in enumerate(rows) if not r.params.greedy]
     adj = [j for j, r in enumerate(rows) if r.adjust is not None]
@@ -188,30 +191,23 @@ def _pick_tokens(head: StepHead, rows, pending=None, has_pending=None) -> tuple[
                         [rows[j].out_tokens for j in adj], None if pending is None else pending.index_select(0, at),
                         None if has_pending is None else [has_pending[j] for j in adj])  # [A, V] float32
         toks.index_copy_(0, at, x.argmax(dim=-1))  # the greedy ones keep it; the sampled ones draw below
-    if not draws:
-        return _mark_unallowed(toks, x, at), None
-    logits = head.logits if x is None else head.logits.float().index_copy(0, at, x)  # [B, V]: adjusted rows replaced
-    gens = [rows[j].generator for j in draws]
-    states = [g.get_state() if g is not None else None for g in gens]
-    u = _on(uniforms(gens), torch.float64, dev)  # [S]
-    params = [rows[j].params for j in draws]
-    if len(draws) == B:
-        return _mark_unallowed(draw_rows_tensor(filtered_rows(logits, params), u), x, at), (gens, states)
-    idx = _on(draws, torch.int64, dev)  # [S]
-    toks.index_copy_(0, idx, draw_rows_tensor(filtered_rows(logits.index_select(0, idx), params), u))
-    return _mark_unallowed(toks, x, at), (gens, states)
-
-
-NO_TOKEN = -2  # a row's pick when its adjustments left every token at -inf (-1: a distribution not finite)
-
-
-def _mark_unallowed(toks: torch.Tensor, x: torch.Tensor | None, at: torch.Tensor | None) -> torch.Tensor:
-    """``toks`` [B] with ``NO_TOKEN`` at the adjusted rows (``x`` [A, V] at rows ``at``) that allow no token: their
-    argmax would name a token the constraints refuse (greedy), their draw would fail as a NaN row's does."""
-    if x is None:
-        return toks
-    none = torch.isneginf(x).all(dim=-1)  # [A]
-    return toks.index_copy(0, at, torch.where(none, torch.full_like(toks[:1], NO_TOKEN), toks.index_select(0, at)))
+    drawn = None
+    if draws:
+        logits = head.logits if x is None else head.logits.float().index_copy(0, at, x)  # [B, V]: adjusted replaced
+        gens = [rows[j].generator for j in draws]
+        states = [g.get_state() if g is not None else None for g in gens]
+        u = _on(uniforms(gens), torch.float64, dev)  # [S]
+        params = [rows[j].params for j in draws]
+        if len(draws) == B:
+            toks = draw_rows_tensor(filtered_rows(logits, params), u)
+        else:
+            idx = _on(draws, torch.int64, dev)  # [S]
+            toks.index_copy_(0, idx, draw_rows_tensor(filtered_rows(logits.index_select(0, idx), params), u))
+        drawn = (gens, states)
+    if x is not None:  # adjusted rows that allow no token: their argmax names a refused token, their draw fails
+        none = torch.isneginf(x).all(dim=-1)  # [A]
+        toks.index_copy_(0, at, torch.where(none, torch.full_like(toks[:1], NO_TOKEN), toks.index_select(0, at)))
+    return toks, drawn
 
 
 def _packed(head: StepHead, toks: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,7 @@ def _deny(handler):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
 
     def deny_stream(request_or_iterator, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
+        deny(request_or_iterator, context)
         yield  # a generator: the streaming handler's shape
 
     if handler is not None and handler.stream_stream:

@@ -107,8 +107,6 @@ class CallStream:
         try:
             async with self._write_lock:
                 await call.write(msg)
-        except asyncio.CancelledError:
-            raise
         except Exception as e:  # noqa: BLE001 - the stream is finished or broken: its reader holds why
             if self._reader is not None:
                 await asyncio.gather(self._reader, return_exceptions=True)

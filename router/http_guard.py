@@ -72,9 +72,9 @@ class ConnectionGuard:
         def admit(handler, transport) -> None:
             peer = transport.get_extra_info("peername")
             client = str(peer[0]) if peer else "?"
-            if len(self.open) >= self.max_connections or self.per_client[client] >= self.max_per_client:
+            full = len(self.open) >= self.max_connections
+            if full or self.per_client[client] >= self.max_per_client:
                 self.num_refused += 1
-                full = len(self.open) >= self.max_connections
                 cap = "http_max_connections" if full else "http_max_connections_per_client"
                 which = f"router.{cap}"
                 if self.metrics is not None:
