@@ -65,6 +65,8 @@ class CallStream:
             self._pending.pop(call_id, None)
             if not fut.done():
                 fut.cancel()
+            elif not fut.cancelled():
+                fut.exception()  # retrieved: an answer that came as the caller gave up leaves no warning behind
 
     async def close(self) -> None:
         """End the stream (the worker cancels what still runs on it) and fail what waits on it."""

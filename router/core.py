@@ -253,15 +253,12 @@ class Router:
         states = [self._states[u] for u in uids if u in self._states]
         if not states:
             raise UnknownRequest(f"request_id={request_id!r}: no running request has this id")
-        if len(states) > 1:
-            raise ValueError(f"request_id={request_id!r} names {len(states)} running requests; give requests unique "
-                             "ids to switch their scale")
-        state = states[0]
-        state.scale, state.pinned = scale, True  # a retry starts at it too; rebalancing leaves it alone
+        for state in states:  # every sequence the id names (a completion's n choices and batched prompts share it)
+            state.scale, state.pinned = scale, True  # a retry starts at it too; rebalancing leaves it alone
         for rid, (st, decode_id) in list(self.running.items()):
-            if st is state:
+            if any(st is state for state in states):
                 await self.backend.set_scale(decode_id, rid, scale)
-        self.metrics.scale_changes.inc()
+        self.metrics.scale_changes.inc(len(states))
         return scale
 
     async def rebalance_once(self) -> None:
@@ -391,11 +388,12 @@ class Router:
             return None
 
     async def _pick(self, spec: RequestSpec, prompt: list[int], total_len: int,
-                    failed: dict[str, float]) -> tuple:
-        """(prefill worker, decode worker) for one attempt. A worker that failed this request is left out until
-        it reports again (Ray restarted it). With no healthy worker of a role but one that may come back (not
-        dead), wait for it within the request's deadline and ``worker_wait_s``: a single decode worker's
-        restart costs its streams seconds, not their requests."""
+                    failed: dict[str, float], decode_only: bool = False) -> tuple:
+        """(prefill worker, decode worker) for one attempt (``decode_only``: a decode worker twice, for a call that
+        needs no prefill). A worker that failed this request is left out until it reports again (Ray restarted it).
+        With no healthy worker of a role but one that may come back (not dead), wait for it within the request's
+        deadline and ``worker_wait_s``: a single decode worker's restart costs its streams seconds, not their
+        requests."""
         give_up = min(spec.deadline, time.monotonic() + self.cfg.worker_wait_s)
         digests: dict[int, list[bytes]] = {}  # block size -> the prompt's digests, for prefix affinity
         while True:
@@ -406,25 +404,78 @@ class Router:
                 if bs and bs not in digests:  # as the worker will hash them: the prompt but its last token
                     digests[bs] = block_hashes(prompt[:-1], bs, spec.cache_salt)
                 decode = self.registry.pick_decode(total_len, exclude=exclude, digests=digests.get(bs))
-                if self.registry.prefills_itself(decode):  # colocated: it prefills the prompt itself
+                if decode_only or self.registry.prefills_itself(decode):  # colocated: it prefills the prompt itself
                     return decode, decode
                 return self.registry.pick_prefill(len(prompt), exclude=exclude), decode
             except NoWorker as e:  # every decode pool full is capacity (RESOURCE_EXHAUSTED), not an outage
                 if e.full:
                     raise NoWorker(f"request {spec.request_id}: {e}", full=True) from None
-                colocated = any(self.registry.prefills_itself(w) for w in self.registry.workers.values())
+                decode_alone = decode_only or any(self.registry.prefills_itself(w) for w in self.registry.workers.values())
                 may_return = all(any(not w.dead for w in self.registry.workers.values() if w.role == role)
-                                 for role in (("decode",) if colocated else ("prefill", "decode")))
+                                 for role in (("decode",) if decode_alone else ("prefill", "decode")))
                 if not may_return or time.monotonic() + self.cfg.poll_interval_s > give_up:
                     raise Unavailable(f"request {spec.request_id}: {e}") from None
             await asyncio.sleep(self.cfg.poll_interval_s)
 
+    def _worker_failed(self, spec: RequestSpec, e: WorkerFailed, failed: dict[str, float], retries: int,
+                       done: int) -> None:
+        """Attempt ``retries`` of ``spec`` failed on worker ``e.worker_id``: leave the worker out of this request's
+        next picks and out of service until it reports again; Unavailable past ``max_retries``."""
+        self.metrics.retries.inc()
+        failed[e.worker_id] = time.monotonic()
+        w = self.registry.workers.get(e.worker_id)
+        was_healthy = w is not None and w.healthy
+        inflight = self.registry.mark_unhealthy(e.worker_id)
+        if was_healthy:  # once per outage, not once per request that meets it
+            log.warning("worker %s taken out of service (%s); %d requests in flight there", e.worker_id, e,
+                        len(inflight))
+        self._update_health()
+        if retries > self.cfg.max_retries:
+            raise Unavailable(f"request {spec.request_id}: {e}; gave up after {retries - 1} retries") from None
+        log.warning("request %s: %s; retrying (%d) with %d tokens done", spec.request_id, e, retries, done)
+
+    async def _prompt_logprobs(self, spec: RequestSpec, scale: int) -> list[tuple[float, int, float]]:
+        """The prompt's log-probs at ``scale`` from a decode worker, with a generation attempt's guarantees: within
+        the request's deadline; a worker that fails the call or a health poll meanwhile is left out and the call
+        retried on another (or on it once Ray restarted it), up to ``max_retries``; a request failure once."""
+        failed: dict[str, float] = {}
+        retries = request_failures = 0
+        while True:
+            _, decode = await self._pick(spec, spec.prompt_ids, len(spec.prompt_ids), failed, decode_only=True)
+            self.registry.start(decode.worker_id, spec.uid)
+            failover = self._failovers[spec.uid] = asyncio.get_running_loop().create_future()
+            call = asyncio.ensure_future(self.backend.prompt_logprobs(decode.worker_id, spec.prompt_ids, scale))
+            try:
+                await asyncio.wait({call, failover}, timeout=max(0.0, spec.deadline - time.monotonic()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if call.done():
+                    return call.result()
+                if failover.done():
+                    raise WorkerFailed(failover.result(), "failed its health check")
+                raise DeadlineExceeded(f"request {spec.request_id} passed its deadline scoring its prompt")
+            except RequestFailed as e:
+                request_failures += 1
+                self.metrics.retries.inc()
+                if request_failures > 1:
+                    raise RequestError(f"request {spec.request_id} {e}; it failed twice, not retried again") from None
+                log.warning("request %s %s; retrying its prompt's scoring", spec.request_id, e)
+            except WorkerFailed as e:
+                retries += 1
+                self._worker_failed(spec, e, failed, retries, 0)
+            finally:
+                if not call.done():
+                    call.cancel()
+                    with contextlib.suppress(BaseException):
+                        await call
+                self._failovers.pop(spec.uid, None)
+                if not failover.done():
+                    failover.cancel()
+                self.registry.finish(decode.worker_id, spec.uid)
+
     async def _serve(self, spec: RequestSpec, decision: Decision) -> AsyncIterator[Event]:
         yield Event("decision", decision=decision)
         if spec.prompt_logprobs:
-            decode = self.registry.pick_decode(len(spec.prompt_ids))
-            lp = await self.backend.prompt_logprobs(decode.worker_id, spec.prompt_ids, decision.scale)
-            yield Event("prompt_logprobs", prompt_logprobs=lp)
+            yield Event("prompt_logprobs", prompt_logprobs=await self._prompt_logprobs(spec, decision.scale))
         params = spec.params
         speculative = spec.speculative or decision.speculative  # the client's drafts per round, else the policy's
         out: list[int] = []
@@ -502,14 +553,7 @@ class Router:
                 log.warning("request %s %s; retrying with %d tokens done", spec.request_id, e, len(out))
             except WorkerFailed as e:
                 retries += 1
-                self.metrics.retries.inc()
-                failed[e.worker_id] = time.monotonic()
-                for rid in self.registry.mark_unhealthy(e.worker_id):
-                    log.info("request %s was in flight on failed worker %s", rid, e.worker_id)
-                self._update_health()
-                if retries > self.cfg.max_retries:
-                    raise Unavailable(f"request {spec.request_id}: {e}; gave up after {retries - 1} retries") from None
-                log.warning("request %s: %s; retrying (%d) with %d tokens done", spec.request_id, e, retries, len(out))
+                self._worker_failed(spec, e, failed, retries, len(out))
             finally:
                 with contextlib.suppress(Exception):
                     await stream.aclose()

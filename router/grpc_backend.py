@@ -244,8 +244,10 @@ class GrpcBackend:
                 if finished:
                     return
         finally:
-            if prefill_task is not None and not prefill_task.done():
-                prefill_task.cancel()
+            if prefill_task is not None:  # a prefill that failed after the decode side did: its error is not news
+                if not prefill_task.done():
+                    prefill_task.cancel()
+                prefill_task.add_done_callback(_retrieve)
             if next_tok is not None:  # left behind by a cancellation or a failed prefill: its error is not news
                 next_tok.cancel()
                 next_tok.add_done_callback(_retrieve)

@@ -26,6 +26,7 @@ from colm.proto import load_proto
 from colm.proto.convert import budget_from_public, sampling_from_public, structured_from_proto
 from colm.proto.rpc import SERVER_OPTIONS, bind_port
 from colm.router.admission import Overloaded
+from colm.router.backend import WorkerFailed
 from colm.router.coalesce import coalesced
 from colm.router.core import DeadlineExceeded, Router, Unavailable, UnknownRequest
 from colm.router.placement import NoWorker
@@ -49,7 +50,7 @@ def status_for(e: BaseException) -> tuple[grpc.StatusCode, str, float | None]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), 1.0
     if isinstance(e, (DeadlineExceeded, asyncio.TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(e) or "deadline exceeded", None
-    if isinstance(e, (Unavailable, NoWorker)):
+    if isinstance(e, (Unavailable, NoWorker, WorkerFailed)):  # a worker's outage, never the request's fault
         return grpc.StatusCode.UNAVAILABLE, str(e), None
     if isinstance(e, UnknownRequest):
         return grpc.StatusCode.NOT_FOUND, str(e), None

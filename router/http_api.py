@@ -206,8 +206,9 @@ class HttpApi:
         return (stop,) if isinstance(stop, str) else tuple(stop)
 
     def _spec(self, req, prompt, echo_logprobs: bool, max_new_tokens: int | None = None,
-              stop_token_ids: tuple[int, ...] = (), choice: int = 0):
-        """The router's spec of one sequence of ``prompt``; ``choice`` j of n is seeded ``seed + j`` (wrapping)."""
+              stop_token_ids: tuple[int, ...] = (), choice: int = 0, request_id: str = ""):
+        """The router's spec of one sequence of ``prompt``; ``choice`` j of n is seeded ``seed + j`` (wrapping).
+        ``request_id``: the completion's id, which all its sequences share (a scale switch names them all)."""
         ext = req.extras()
         _, pinned = self._model(req)
         scale = ext.get("scale")
@@ -233,7 +234,8 @@ class HttpApi:
             ids = prompt
         if req.truncate_prompt_tokens:
             ids = ids[-req.truncate_prompt_tokens:]
-        return self.router.validate(ids, None, params, budget, pinned or scale, prompt_logprobs=echo_logprobs,
+        return self.router.validate(ids, None, params, budget, pinned or scale, request_id,
+                                    prompt_logprobs=echo_logprobs,
                                     speculative=ext.get("speculative") or 0, cache_salt=req.cache_salt or "")
 
     def _trimmer(self, req) -> StopTrimmer:
@@ -300,10 +302,11 @@ class HttpApi:
                            f"at most {cap} (router.max_running + router.max_queued) can be admitted at once", "prompt")
         # choice i * n + j: the j-th sequence of prompt i (OpenAI's and vLLM's order)
         await self.router.precompile(req.structured())  # off the event loop; _spec then finds it compiled
-        specs = [self._spec(req, p, echo and want_lp, choice=j) for p in prompts for j in range(n)]
+        rid = uuid.uuid4().hex
+        specs = [self._spec(req, p, echo and want_lp, choice=j, request_id=rid) for p in prompts for j in range(n)]
         prompt_of = [i for i in range(len(prompts)) for _ in range(n)]
         created = int(time.time())
-        cid = f"cmpl-{specs[0].request_id}"
+        cid = f"cmpl-{rid}"
         ids = {"id": cid, "object": "text_completion", "created": created, "model": model}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -375,9 +378,10 @@ class HttpApi:
             max_new = max(0, self.router.model_cfg.max_seq_len - len(ids))
         eos = self.tcfg.token_id("eos_token")  # the template's end of turn, which may not be the tokenizer's EOS
         await self.router.precompile(req.structured())
-        specs = [self._spec(req, ids, False, max_new, () if eos is None or req.ignore_eos else (eos,), choice=j)
-                 for j in range(req.n or 1)]
-        created, cid = int(time.time()), f"chatcmpl-{specs[0].request_id}"
+        rid = uuid.uuid4().hex
+        specs = [self._spec(req, ids, False, max_new, () if eos is None or req.ignore_eos else (eos,), choice=j,
+                            request_id=rid) for j in range(req.n or 1)]
+        created, cid = int(time.time()), f"chatcmpl-{rid}"
         head = {"id": cid, "object": "chat.completion", "created": created, "model": model}
         want_lp = bool(req.logprobs)
         if req.stream:

@@ -1,7 +1,9 @@
 """A client switches a running request's scale through the public API (UpdateRequest): the stream's tokens
 report where the switch applied, and they equal `colm generate` replaying the same schedule."""
 
+import json
 import threading
+import urllib.request
 
 import grpc
 import pytest
@@ -65,29 +67,32 @@ def test_switch_errors_name_the_problem(served):
         with pytest.raises(grpc.RpcError) as e:
             c.set_scale("nobody-runs-this", 1)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND and "nobody-runs-this" in e.value.details()
-        started, release = threading.Event(), threading.Event()
+        started, release = threading.Barrier(4), threading.Event()
+        scales = {}
 
-        def run(rid):
+        def run(i, rid):
+            seen = scales[i] = []
             for ev in c.stream("long one", max_new_tokens=400, scale=2, ignore_eos=True, request_id=rid):
                 if ev["kind"] == "token":
-                    started.set()
-                    release.wait(30)
+                    seen.append(ev["scale"])
+                    if len(seen) == 1:
+                        started.wait(30)
+                        release.wait(30)
 
-        threads = [threading.Thread(target=run, args=(rid,)) for rid in ("same", "same", "solo")]
+        threads = [threading.Thread(target=run, args=(i, rid)) for i, rid in enumerate(("same", "same", "solo"))]
         for t in threads:
             t.start()
-        started.wait(30)
+        started.wait(30)  # every stream has its first token
         try:
             with pytest.raises(grpc.RpcError) as e:
                 c.set_scale("solo", 3)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "scale" in e.value.details()
-            with pytest.raises(grpc.RpcError) as e:
-                c.set_scale("same", 1)
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "2 running requests" in e.value.details()
+            assert c.set_scale("same", 1) == 1  # an id shared by several running requests switches them all
         finally:
             release.set()
             for t in threads:
                 t.join(60)
+    assert scales[0][-1] == scales[1][-1] == 1 and set(scales[2]) == {2}
 
 
 def test_http_switch_of_a_running_request(served):
@@ -107,3 +112,39 @@ def test_http_switch_of_a_running_request(served):
     assert status == 404 and rid in body["error"]["message"]
     status, body = post_json(f"{bg.http_url}/v1/requests/{rid}/scale", {"scale": "1"})
     assert status == 400 and "scale" in body["error"]["message"]
+
+
+def _sse(resp):
+    """The JSON events of a streamed HTTP response, as they come."""
+    for line in resp:
+        line = line.decode().strip()
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
+@pytest.mark.parametrize("body", [{"prompt": "switch me", "n": 2}, {"prompt": ["switch me", "and me"]}],
+                         ids=["n=2", "two prompts"])
+def test_http_switch_names_every_sequence_of_the_completion(served, body):
+    """A completion's id names all of its sequences (n choices, batched prompts): the switch reaches each one, and
+    each follows the reference from where the switch applied to it."""
+    bg, path = served
+    n, toks, cid, replies = 150, {}, None, []
+    req = urllib.request.Request(f"{bg.http_url}/v1/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({**body, "max_tokens": n, "temperature": 0, "scale": 2,
+                                                  "ignore_eos": True, "stream": True}).encode())
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for ev in _sse(r):
+            cid = ev["id"]
+            ch = ev["choices"][0]
+            if "token_id" in ch:
+                toks.setdefault(ch["index"], []).append((ch["token_id"], ch["scale"]))
+                if len(toks[ch["index"]]) == 5 and not replies:
+                    replies.append(post_json(f"{bg.http_url}/v1/requests/{cid}/scale", {"scale": 1}))
+    assert replies == [(200, {"id": cid, "scale": 1})]
+    prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]] * body["n"]
+    assert sorted(toks) == list(range(len(prompts)))
+    for i, prompt in enumerate(prompts):
+        scales = [s for _, s in toks[i]]
+        at = scales.index(1)  # where the switch applied to this sequence
+        assert scales == [2] * at + [1] * (n - at)
+        assert [t for t, _ in toks[i]] == _reference(path, prompt, n, lambda j, at=at: 2 if j < at else 1)
