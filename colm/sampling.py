@@ -274,11 +274,14 @@ def top_logprobs(logits: torch.Tensor, k: int) -> tuple[tuple[int, float], ...]:
     return top_logprobs_rows(logits[None], [k])[0]
 
 
-def top_logprobs_rows(logits: torch.Tensor, ks) -> list[tuple[tuple[int, float], ...]]:
-    """``top_logprobs`` of each row of logits [H, V] (any device), row i's ``ks[i]`` most likely: one ``topk``."""
+def top_logprobs_rows(logits: torch.Tensor, ks, lse: torch.Tensor | None = None) -> list[tuple[tuple[int, float], ...]]:
+    """``top_logprobs`` of each row of logits [H, V] (any device), row i's ``ks[i]`` most likely: one ``topk``.
+    ``lse`` [H] float32: the rows' log-sum-exp as the step computed it, so that a token's value here is bit-equal
+    to its log-prob reported beside it (logit - lse); else ``log_softmax``."""
     if not any(ks):
         return [()] * len(ks)
-    vals, ids = torch.log_softmax(logits.float(), dim=-1).topk(max(ks), dim=-1)  # [H, kmax]
+    lps = torch.log_softmax(logits.float(), dim=-1) if lse is None else logits.float() - lse.float()[:, None]
+    vals, ids = lps.topk(max(ks), dim=-1)  # [H, kmax]
     return [tuple(zip(t[:k], v[:k])) for k, t, v in zip(ks, ids.tolist(), vals.tolist())]
 
 

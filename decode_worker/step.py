@@ -265,7 +265,8 @@ def _picks(head: StepHead, rows) -> list[tuple]:
     tops: list[tuple] = [()] * len(rows)
     want = [j for j, r in enumerate(rows) if r.params.top_logprobs]
     if want:
-        for j, top in zip(want, top_logprobs_rows(head.logits[want], [rows[j].params.top_logprobs for j in want])):
+        for j, top in zip(want, top_logprobs_rows(head.logits[want], [rows[j].params.top_logprobs for j in want],
+                                                  head.lse[want])):
             tops[j] = top
     return [(t, lp, top) for (t, lp), top in zip(picks, tops)]
 

@@ -50,6 +50,7 @@ def test_the_decode_engine_reports_the_reference_top_logprobs(setup, colocated):
             (ps[1], SamplingParams(max_new_tokens=10, ignore_eos=True, top_logprobs=5), 2, 0),
             (ps[2], SamplingParams(max_new_tokens=10, ignore_eos=True, top_logprobs=3, temperature=0.9, seed=4), 1, 0),
             (ps[3], SamplingParams(max_new_tokens=10, ignore_eos=True, top_logprobs=1), 2, 3)]
+    checked = 0
     with mixed_batch_engines(path, colocated) as (de, start):
         streams = [start(f"top-{colocated}-{i}", p, params, scale, spec)
                    for i, (p, params, scale, spec) in enumerate(reqs)]
@@ -62,7 +63,11 @@ def test_the_decode_engine_reports_the_reference_top_logprobs(setup, colocated):
                 continue
             for e, want in zip(events, reference_tops(full, p, out, scale, params.top_logprobs)):
                 assert_tops(e.logprob, e.top_logprobs, want)
+                # a token among its own top log-probs has there the very value reported as its log-prob
+                assert all(v == e.logprob for t, v in e.top_logprobs if t == e.token_id)
+            checked += sum(t == e.token_id for e in events for t, _ in e.top_logprobs)
         assert de.stats().num_drafted == 0  # the speculative request asked for top log-probs: plain steps
+    assert checked >= 20  # the greedy rows' tokens are their own most likely: the equality above ran on each
 
 
 def test_grpc_tokens_carry_their_top_logprobs(routed, setup):
