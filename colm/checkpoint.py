@@ -65,9 +65,55 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_dict(read_meta(path)["model"])
 
 
+def check_weights(path: str | os.PathLike) -> None:
+    """ValueError unless the checkpoint at ``path`` has every tensor its config needs, each of its full-scale
+    shape, in a weights file that is whole (safetensors finds a truncated one from its header). Reads the header
+    only: what a worker's ``load`` would fail on, found before any worker starts."""
+    path = Path(path)
+    full = load_config(path)
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in CoLM(full).state_dict().items()}
+    weights = path / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            missing = sorted(set(shapes) - set(f.keys()))
+            if missing:
+                raise ValueError(f"{weights}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            for name, want in shapes.items():
+                got = tuple(f.get_slice(name).get_shape())
+                if got != want:
+                    raise ValueError(f"{weights}: tensor {name} has shape {got}, the config needs {want}")
+    except OSError as e:
+        raise ValueError(f"{weights}: cannot read it ({e})") from None
+    except Exception as e:  # safetensors' own error: a truncated or corrupt file
+        if isinstance(e, ValueError):
+            raise
+        raise ValueError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device, or ValueError naming it: not a device string, or a CUDA device this torch
+    build or machine does not have (torch's own failure is an AssertionError deep in the first allocation)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r}: not a torch device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA" if torch.version.cuda is None
+                   else "no CUDA device is visible on this machine")
+            raise ValueError(f"device={device!r}: CUDA is not available ({why}, torch {torch.__version__}); "
+                             "use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
 def load(path: str | os.PathLike, scale: int | None = None, device: str | torch.device = "cpu",
          dtype: torch.dtype | None = None) -> CoLM:
     """Load the scale-k sub-model (all chains when ``scale`` is None), reading only its tensors."""
+    check_device(device)
     path = Path(path)
     meta = read_meta(path)
     full = ModelConfig.from_dict(meta["model"])

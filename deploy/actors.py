@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 
 from colm.router.backend import WorkerInfo
 
@@ -54,6 +55,19 @@ def engines_available() -> bool:
     except (ImportError, AttributeError):
         return False
     return True
+
+
+class StartError(RuntimeError):
+    """The workers could not be started as configured (resources, a worker failing at start): one line for the
+    operator, no traceback."""
+
+
+def _cause(e: BaseException) -> str:
+    """The line of ``e``'s text that says why (an actor's creation error carries the worker's traceback: its last
+    ``SomeError: message`` line), at most 1,000 characters."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b:?", ln)]
+    return (named[-1] if named else lines[0] if lines else type(e).__name__)[:1000]
 
 
 class WorkerActor:
@@ -182,7 +196,7 @@ class WorkerPool:
         hint = ("lower workers.num_cpus_per_worker / num_gpus_per_worker (fractions share a device), the worker "
                 "counts, or the workers' custom resources, or add nodes that have them")
         if embedded:
-            raise RuntimeError(f"the workers do not fit this cluster ({what}); {hint}")
+            raise StartError(f"the workers do not fit this cluster ({what}); {hint}")
         log.warning("the workers do not fit the cluster as it is now (%s): they wait for nodes; %s", what, hint)
 
     def _options(self, role: str) -> dict:
@@ -221,14 +235,14 @@ class WorkerPool:
                     log.warning("worker %s now listens at %s (was %s)", wid, self.addresses[wid], before)
             except ray.exceptions.ActorDiedError as e:  # Ray will not restart it: max_restarts is exhausted
                 self.dead[wid] = (f"died and Ray will not restart it (max_restarts={self.cfg.workers.max_restarts} "
-                                  f"exhausted): {str(e).splitlines()[0][:200]}")
+                                  f"exhausted): {_cause(e)}")
                 log.error("worker %s %s", wid, self.dead[wid])
                 if require_all:
-                    raise RuntimeError(f"worker {wid} {self.dead[wid]}") from None
+                    raise StartError(f"worker {wid} {self.dead[wid]}") from None
             except Exception as e:  # restarting: keep the last address; the router's polls fail over
                 if require_all:
-                    raise RuntimeError(
-                        f"worker {wid} did not start within {timeout_s:.0f} s ({type(e).__name__}: {e}); check that the "
+                    raise StartError(
+                        f"worker {wid} did not start within {timeout_s:.0f} s ({_cause(e)}); check that the "
                         f"Ray cluster has the resources it asks for: {self._options(self.roles[wid])}") from None
                 log.debug("%s has no address now: %s", wid, e)
         return [WorkerInfo(wid, self.roles[wid], self.addresses.get(wid, ""), self.dead.get(wid, ""),

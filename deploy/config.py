@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from colm.config_types import check_types
 from colm.router.config import RouterConfig
 
 SECTIONS = ("model", "workers", "prefill", "decode", "router", "security", "ray", "transport")
@@ -38,11 +39,14 @@ def _expand_env(v, where: str = ""):
 
 
 def _from_dict(cls, section: str, d: dict | None):
+    if d is not None and not isinstance(d, dict):
+        raise ValueError(f"{section}: must be a mapping of fields, got {type(d).__name__} {d!r:.80}")
     d = dict(d or {})
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"{section}: unknown fields {unknown}; allowed: {sorted(known)}")
+    check_types(cls, d, section)
     return cls(**d)
 
 
@@ -100,6 +104,10 @@ class WorkersSection:
         g = self.num_gpus_per_worker
         if g != "auto" and (not isinstance(g, (int, float)) or g < 0):
             raise ValueError(f"workers.num_gpus_per_worker={g!r}: must be 'auto' or a number >= 0")
+        if self.num_cpus_per_worker < 0:
+            raise ValueError(f"workers.num_cpus_per_worker={self.num_cpus_per_worker}: must be >= 0")
+        if not self.host.strip():
+            raise ValueError(f"workers.host={self.host!r}: give 'auto', a wildcard (0.0.0.0) or an address of this node")
         if not self.start_timeout_s > 0:
             raise ValueError(f"workers.start_timeout_s={self.start_timeout_s}: must be > 0")
         if self.max_restarts < -1:
@@ -128,6 +136,14 @@ class RaySection:
     def __post_init__(self) -> None:
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ValueError(f"ray.num_cpus={self.num_cpus}: must be >= 1")
+
+
+def _transport(v) -> str:
+    if v is None:
+        return "auto"
+    if not isinstance(v, str):
+        raise ValueError(f"transport={v!r}: must be a string, 'auto' or a transport's name")
+    return v
 
 
 @dataclass(frozen=True)
@@ -161,6 +177,9 @@ class ClusterConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ClusterConfig":
+        if d is not None and not isinstance(d, dict):
+            raise ValueError(f"serve config: must be a mapping of sections {list(SECTIONS)}, got "
+                             f"{type(d).__name__} {d!r:.80}")
         d = _expand_env(dict(d or {}))
         unknown = sorted(set(d) - set(SECTIONS))
         if unknown:
@@ -171,10 +190,10 @@ class ClusterConfig:
         return cls(model=_from_dict(ModelSection, "model", d.get("model")),
                    workers=_from_dict(WorkersSection, "workers", d.get("workers")),
                    prefill=dict(d.get("prefill") or {}), decode=dict(d.get("decode") or {}),
-                   router=RouterConfig.from_dict(dict(d.get("router") or {})),
+                   router=RouterConfig.from_dict(d.get("router") or {}),
                    security=_from_dict(SecuritySection, "security", d.get("security")),
                    ray=_from_dict(RaySection, "ray", d.get("ray")),
-                   transport=str(d.get("transport") or "auto"))
+                   transport=_transport(d.get("transport")))
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "ClusterConfig":

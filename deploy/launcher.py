@@ -106,6 +106,7 @@ def check_model(cfg: ClusterConfig, path: str, baseline: bool = False):
     weights = Path(path) / checkpoint.WEIGHTS_FILE
     if not weights.is_file() or not os.access(weights, os.R_OK):
         raise ValueError(f"model {path}: no readable {checkpoint.WEIGHTS_FILE}")
+    checkpoint.check_weights(path)  # every tensor there, of its shape, in a whole file
     try:
         load_checkpoint_tokenizer(path)
     except (OSError, KeyError, ImportError) as e:
@@ -119,7 +120,7 @@ def check_model(cfg: ClusterConfig, path: str, baseline: bool = False):
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if cfg.decode.get("num_blocks", None) == 0 and device == "cpu":
+        if cfg.decode.get("num_blocks", 0) == 0 and device == "cpu":  # 0 is also the field's default
             raise ValueError("decode.num_blocks=0 sizes the KV pool from free GPU memory; the decode workers run "
                              "on CPU here: give a block count")
     return model_cfg

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from colm.config_types import check_types
 from colm.decode_worker.config import MAX_GAMMA
 
 TOKEN_STREAMS = ("batched", "per_request")  # router.token_stream: how decode workers send tokens
@@ -119,6 +120,8 @@ class RouterConfig:
             raise ValueError(f"router.worker_calls={self.worker_calls!r}: must be one of {', '.join(WORKER_CALLS)}")
         if self.token_stream not in TOKEN_STREAMS:
             raise ValueError(f"router.token_stream={self.token_stream!r}: must be one of {', '.join(TOKEN_STREAMS)}")
+        if not self.headroom > 0:
+            raise ValueError(f"router.headroom={self.headroom}: must be > 0 (a factor on the predicted latencies)")
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"router.ewma_alpha={self.ewma_alpha}: must be in (0, 1]")
         if self.speculative is False:  # YAML reads an unquoted off as false
@@ -141,8 +144,13 @@ class RouterConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RouterConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"router: must be a mapping of fields, got {type(d).__name__} {d!r:.80}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"router: unknown fields {unknown}; allowed: {sorted(known)}")
+        if d.get("speculative") is False:  # YAML reads an unquoted off as false
+            d = {**d, "speculative": "off"}
+        check_types(cls, d, "router")
         return cls(**d)

@@ -64,8 +64,17 @@ def load_config(args):
 
     from colm.deploy.config import ClusterConfig, bundled_serve_yaml
 
-    with open(args.config or bundled_serve_yaml()) as f:
-        d = yaml.safe_load(f) or {}
+    path = args.config or bundled_serve_yaml()
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"--config {path}: must be a mapping of sections (model, workers, router, ...), got "
+                         f"{type(d).__name__}")
     overrides = [("model", "path", model_arg(args))]
     overrides += [(section, key, getattr(args, dest, None)) for dest, section, key in OVERRIDES]
     for section, key, value in overrides:
@@ -119,9 +128,11 @@ def run(args) -> int:
             print("[colm serve] stopping", file=sys.stderr)
             await launcher.stop()
 
+    from colm.deploy.actors import StartError
+
     try:
         asyncio.run(main())
-    except OSError as e:  # a port in use or an address we cannot bind: say which, no traceback
+    except (OSError, StartError) as e:  # a port in use, an address we cannot bind, workers that cannot start
         print(f"colm serve: error: {e}", file=sys.stderr)
         return 2
     return 0
