@@ -77,11 +77,14 @@ def test_lora_chain_tuning_merges_into_plain_checkpoint(data, base_ckpt, tmp_pat
     before, after = _weights(base_ckpt), _weights(tmp_path / "run" / "model")
     assert set(before) == set(after)  # merged back: no adapter tensors, plain layout
     cfg_m = preset("tiny-air")
-    expected_trainable = 0
+    d1 = cfg_m.chain_dims[0]
+    expected_trainable = before["head.weight"].numel()  # the head trains beside the adapters (chain 2's columns)
     for n, w in before.items():
         if ".weights.1" in n:
             expected_trainable += 4 * (w.shape[0] + w.shape[1])
             assert not torch.equal(w, after[n]), n  # LoRA delta landed in chain 2
+        elif n == "head.weight":
+            assert torch.equal(w[:, :d1], after[n][:, :d1]) and not torch.equal(w[:, d1:], after[n][:, d1:])
         else:
             assert torch.equal(w, after[n]), n  # everything else untouched
     assert summary["num_trainable"] == expected_trainable

@@ -1,8 +1,9 @@
 """Training configuration: one frozen dataclass per concern, read once from a YAML file.
 
 A YAML file has the sections ``model``, ``data``, ``optim``, ``loss``, ``tuning`` and ``run``; each
-maps onto the dataclass of the same name below, and every field is validated in ``__post_init__``
-with a message naming the field and its value.
+maps onto the dataclass of the same name below, and every field is checked in ``__post_init__``
+(integer, number or true/false as annotated, then its range or choices) with a message naming the
+field, its value and what is allowed.
 """
 
 from __future__ import annotations
@@ -19,13 +20,31 @@ LOSSES = ("final", "multi_chain")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+def _label(obj, name: str) -> str:
+    return f"{type(obj).__name__.removesuffix('Section').lower()}.{name}"
+
+
+def _check_types(obj) -> None:
+    """Every ``int``, ``float`` and ``bool`` field holds a value of that kind (YAML and command-line overrides
+    give ``3.5``, ``true`` or ``'3e-4'`` as written, and a float step count fails far from its cause)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if f.type == "int" and not (number and isinstance(value, int)):
+            raise ValueError(f"{_label(obj, f.name)}={value!r}: must be an integer (a whole number such as 8)")
+        if f.type == "float" and not number:
+            raise ValueError(f"{_label(obj, f.name)}={value!r}: must be a number such as 0.5 or 3.0e-4 "
+                             "(YAML reads 3e-4, without a dot, as text)")
+        if f.type == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{_label(obj, f.name)}={value!r}: must be true or false")
+
+
 def _positive(obj, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
         if not ok:
-            section = type(obj).__name__.removesuffix("Section").lower()
-            raise ValueError(f"{section}.{name}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
+            raise ValueError(f"{_label(obj, name)}={value!r}: must be {'>= 0' if allow_zero else '> 0'}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +58,7 @@ class ModelSection:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if (self.preset is None) == (self.checkpoint is None):
             raise ValueError(f"model: give exactly one of preset ({self.preset!r}) or checkpoint ({self.checkpoint!r})")
         _positive(self, "init_std")
@@ -55,6 +75,7 @@ class DataSection:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if not self.train:
             raise ValueError("data.train='': path of a token file (.bin) is required")
         _positive(self, "seq_len", "micro_batch")
@@ -74,6 +95,7 @@ class OptimSection:
     grad_accum: int = 1
 
     def __post_init__(self) -> None:
+        _check_types(self)
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         _positive(self, "lr", "steps", "grad_accum", "eps")
         _positive(self, "weight_decay", "grad_clip", "warmup_steps", "min_lr_ratio", allow_zero=True)
@@ -93,6 +115,7 @@ class LossSection:
     weights: tuple[float, ...] | None = None  # one per scale; None = all 1.0
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.kind not in LOSSES:
             raise ValueError(f"loss.kind={self.kind!r}: allowed are {list(LOSSES)}")
         if self.weights is not None:
@@ -107,7 +130,9 @@ class TuningSection:
 
     ``pretrain``: everything. ``heads``: stage 2 of the paper's recipe, backbone frozen, the LM head
     trained (with the multi-chain loss). ``expand``: chain 1 frozen (training after ``colm expand``).
-    ``chain_tune``: the first ``freeze_chains`` chains frozen; optional LoRA on the rest.
+    ``chain_tune``: the first ``freeze_chains`` chains frozen. ``lora_rank`` > 0 (``expand``, ``chain_tune``):
+    LoRA adapters on the trainable chains instead of their full weights, trained with those chains' columns
+    of the LM head (a new chain's head columns start at zero; through a frozen head its adapters get no gradient).
     """
 
     mode: str = "pretrain"
@@ -117,6 +142,7 @@ class TuningSection:
     lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.mode not in MODES:
             raise ValueError(f"tuning.mode={self.mode!r}: allowed are {list(MODES)}")
@@ -149,6 +175,7 @@ class RunSection:
     plot: bool = True
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"run.precision={self.precision!r}: allowed are 'auto', 'fp32', 'bf16'")
         _positive(self, "log_every", "eval_batches")

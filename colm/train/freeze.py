@@ -1,7 +1,8 @@
 """Freezing chains (expansion training, chain tuning) and the backbone (stage 2 of the recipe).
 
-A chain's own Linear weights (``...weights.{i}``) are whole tensors: they get ``requires_grad=False``
-and are left out of the optimizer, so they carry no gradient and no optimizer state. The embedding,
+A chain's own Linear weights (``...weights.{i}``, and LoRA adapters ``...lora_a.{i}``/``lora_b.{i}``) are
+whole tensors: a frozen chain's get ``requires_grad=False`` and are left out of the optimizer, so they
+carry no gradient and no optimizer state (a LoRA run's base weights are frozen already). The embedding,
 the norms and the LM head are single tensors shared by all chains; a frozen chain owns a column
 slice of them (rows of the 1-D norm weights). For those, ``ChainFreezer`` zeroes the slice of the
 gradient before clipping and restores the slice after each optimizer step from a snapshot, so the
@@ -18,11 +19,11 @@ import re
 import torch
 from torch import nn
 
-_CHAIN_WEIGHT = re.compile(r"\.weights\.(\d+)$")
+_CHAIN_WEIGHT = re.compile(r"\.(?:weights|lora_a|lora_b)\.(\d+)$")
 
 
 def chain_of_parameter(name: str) -> int | None:
-    """0-based chain of a chain Linear weight (``...weights.{i}``), else None."""
+    """0-based chain of a chain Linear weight (``...weights.{i}``) or LoRA adapter (``...lora_a.{i}``), else None."""
     m = _CHAIN_WEIGHT.search(name)
     return int(m.group(1)) if m else None
 

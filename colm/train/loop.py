@@ -1,10 +1,12 @@
 """The training loop behind ``colm train`` and ``python -m colm.train`` (torchrun-ready).
 
-Path of a run: read the config -> start the process group (if torchrun) -> build the model (preset
-or checkpoint) -> freeze chains / add LoRA per ``tuning.mode`` -> wrap in ``TrainModule`` -> FSDP2
-(several processes) -> AdamW -> resume from ``out_dir/state`` if present -> steps (progress bar,
-``log.jsonl``, periodic eval and state saves) -> final state, plain checkpoint in ``out_dir/model``,
-``loss.png`` with one curve per scale and a summary line.
+Path of a run: read the config -> start the process group (if torchrun) -> lock ``out_dir`` (one run
+per directory) -> look at ``out_dir/state``: a state past ``optim.steps`` is refused, a run already
+complete at ``optim.steps`` ends there and then -> build the model (preset or checkpoint) -> freeze
+chains / add LoRA per ``tuning.mode`` -> wrap in ``TrainModule`` -> FSDP2 (several processes) -> AdamW
+-> resume from ``out_dir/state`` if present -> steps (progress bar, ``log.jsonl``, periodic eval and
+state saves) -> final state, plain checkpoint in ``out_dir/model``, ``loss.png`` with one curve per
+scale and a summary line.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from colm.train.config import TrainConfig
 from colm.train.data import PackedLoader, TokenFile
 from colm.train.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, shard_model
 from colm.train.freeze import ChainFreezer
+from colm.train.lock import out_dir_lock
 from colm.train.lora import apply_lora
 from colm.train.step import TrainModule, build_optimizer, lr_at, train_step
 
@@ -92,16 +95,30 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns the summary (also written to summary.json)."""
     info = init_distributed(cfg.run.device)
     try:
-        return _train(cfg, info)
+        with out_dir_lock(cfg.run.out_dir, info):
+            return _train(cfg, info)
     finally:
         cleanup(info)
 
 
+def _finished_summary(out: Path, steps: int) -> dict | None:
+    """The summary of a run in ``out`` that completed at ``steps`` steps (None if it did not, or stopped before
+    its summary: then the resumed run evaluates and exports again)."""
+    path = out / "summary.json"
+    if not path.is_file() or (out / "paused.json").exists():
+        return None
+    summary = json.loads(path.read_text())
+    return {**summary, "history": []} if summary.get("complete") and summary.get("steps") == steps else None
+
+
 def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     out = Path(cfg.run.out_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
+    saved = train_state.resume_step(out, cfg.optim.steps) if cfg.run.resume else None
+    if saved == cfg.optim.steps and (finished := _finished_summary(out, saved)) is not None:
+        if info.is_main:
+            print(f"{out}: already complete at optim.steps={saved}, nothing to do (raise optim.steps to train "
+                  "further; a fresh run.out_dir or run.resume=false starts over)")
+        return finished
     torch.manual_seed(cfg.run.seed)
     bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and info.device.type == "cuda")
     model, tok_spec, tok_dir = build_model(cfg)
@@ -117,8 +134,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     freezer = None
     if t.lora_rank:
         lora = {"first_chain": t.num_frozen_chains, "rank": t.lora_rank, "alpha": t.lora_alpha, "targets": t.lora_targets}
-        apply_lora(model, **lora)
-    elif t.mode != "pretrain" or t.num_frozen_chains:
+        apply_lora(model, **lora, train_head=True)  # the freezer below keeps the frozen chains' head columns
+    if t.mode != "pretrain" or t.num_frozen_chains:
         freezer = ChainFreezer(model, t.num_frozen_chains, freeze_backbone=t.mode == "heads")
     model.to(info.device)
     module = TrainModule(model, cfg.loss.kind, cfg.loss.weights, hidden_grad=t.mode != "heads")
@@ -135,14 +152,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
 
     start = 0
     log_path = out / "log.jsonl"
-    if cfg.run.resume and train_state.latest_step(out) is not None:
+    if saved is not None:
         start = train_state.load_state(out, module, optimizer)["step"]
         if freezer is not None:
             freezer.snapshot()
     if info.is_main:
-        # Keep the log consistent with the state: drop entries past the resumed step.
-        old = log_path.read_text().splitlines() if log_path.exists() and start else []
-        log_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] < start))
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
+        _truncate_log(log_path, start, o.steps)
     barrier(info)
 
     tokens_per_step = loader.windows_per_step * cfg.data.seq_len
@@ -186,7 +202,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         bar.close()
     elapsed = time.perf_counter() - t0
     val = _log_val(module, val_loader, cfg, info, bf16, o.steps - 1, log_path) if val_loader is not None else None
-    train_state.save_state(out, module, optimizer, o.steps, info, {"tokens_seen": o.steps * tokens_per_step})
+    if start < o.steps:  # else the state at o.steps is the one just loaded
+        train_state.save_state(out, module, optimizer, o.steps, info, {"tokens_seen": o.steps * tokens_per_step})
     full = train_state.full_model_state(module)
     if info.is_main:
         (out / "paused.json").unlink(missing_ok=True)  # a run that paused earlier is complete now
@@ -198,11 +215,27 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         if cfg.run.plot:
             _plot(log_path, out / "loss.png", mcfg.num_chains)
         (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
-        scales = " ".join(f"s{k + 1}={v:.4f}" for k, v in enumerate(val or summary["final_train_scale_loss"] or []) if v is not None)
-        print(f"trained {o.steps - start} steps ({start}->{o.steps}) on {info.world_size} process(es), "
-              f"{summary['tokens_per_s']} tok/s; {'val' if val else 'train'} loss per scale: {scales}; model -> {out / 'model'}")
+        print(_summary_line(summary, val, out))
     barrier(info)
     return summary
+
+
+def _truncate_log(log_path: Path, start: int, steps: int) -> None:
+    """Keep the log consistent with the state: drop entries past the resumed step, and the final evaluation's
+    row (a run that saved its last state but stopped before its summary evaluates again)."""
+    old = log_path.read_text().splitlines() if log_path.exists() and start else []
+    rows = [json.loads(line) for line in old]
+    log_path.write_text("".join(line + "\n" for line, r in zip(old, rows)
+                                if r["step"] < start and not (r["kind"] == "val" and r["step"] == steps - 1)))
+
+
+def _summary_line(summary: dict, val: list[float] | None, out: Path) -> str:
+    start, steps = summary["resumed_from"], summary["steps"]
+    scales = " ".join(f"s{k + 1}={v:.4f}" for k, v in enumerate(val or summary["final_train_scale_loss"] or []) if v is not None)
+    speed = f", {summary['tokens_per_s']} tok/s" if summary["tokens_per_s"] is not None else ""
+    losses = f"; {'val' if val else 'train'} loss per scale: {scales}" if scales else ""
+    return (f"trained {steps - start} steps ({start}->{steps}) on {summary['world_size']} process(es){speed}"
+            f"{losses}; model -> {out / 'model'}")
 
 
 def _out_of_time(t0: float, max_seconds: float, info: DistInfo) -> bool:

@@ -5,9 +5,13 @@ chain i gets ``B_i A_i`` (A_i [r, in_1+..+in_i], B_i [out_i, r], B zero-initiali
 starts from the base model) added to W_i with scale alpha/r. Chains below ``first_chain`` get no
 adapter, so their outputs (and, for CoLM-Air, every K/V, which chain 1 computes) are untouched.
 
-``apply_lora`` swaps the wrappers into a CoLM in place and freezes every other parameter;
-``merge_lora`` folds ``W_i += (alpha/r) B_i A_i`` and puts the plain ``ChainLinear`` back, so the
-result saves as an ordinary colm checkpoint.
+``apply_lora`` swaps the wrappers into a CoLM in place and freezes every other parameter, except,
+with ``train_head``, the LM head (the training loop's choice). The head must train: a chain added by
+``colm expand`` starts with zero head columns, so no gradient reaches its adapters through a frozen
+head (B starts at zero too, so nothing would ever move). The loop's ``ChainFreezer`` keeps the frozen
+chains' head columns fixed, so only the trainable chains' columns change. ``merge_lora`` folds
+``W_i += (alpha/r) B_i A_i`` and puts the plain ``ChainLinear`` back, so the result saves as an
+ordinary colm checkpoint.
 """
 
 from __future__ import annotations
@@ -73,10 +77,13 @@ class LoRAChainLinear(nn.Module):
 
 
 def apply_lora(model: nn.Module, first_chain: int, rank: int, alpha: float,
-               targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")) -> int:
-    """Wrap the targeted chain Linears of ``model``; freeze all else. Returns the number of wrapped layers."""
+               targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3"), train_head: bool = False) -> int:
+    """Wrap the targeted chain Linears of ``model``; freeze all else (but the LM head with ``train_head``: the
+    embedding when tied; the caller keeps the first chains' columns fixed). Returns the number of wrapped layers."""
     for p in model.parameters():
         p.requires_grad_(False)
+    if train_head:
+        model.head_weight.requires_grad_(True)
     wrapped = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

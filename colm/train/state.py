@@ -3,7 +3,9 @@
 ``save_state`` writes model + optimizer with torch Distributed Checkpoint (DCP; every rank writes
 its own shards, also for a single process) to ``out_dir/state/step_{N}`` together with
 ``train_state.json`` (step, data position, RNG seed) and then points ``out_dir/state/latest`` at it,
-so a crash mid-save never leaves a broken "latest". ``load_state`` restores all of it in place.
+so a crash mid-save never leaves a broken "latest". ``resume_step`` says where a run resumes (and
+refuses a state already past ``optim.steps``); ``load_state`` restores all of it in place, after
+checking that the saved tensors fit this model.
 ``export_model`` gathers the full weights onto rank 0 and writes an ordinary colm checkpoint
 (safetensors), with LoRA adapters merged into the base weights.
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                       set_state_dict)
 
@@ -55,17 +58,60 @@ def save_state(out_dir: str | Path, module: nn.Module, optimizer: torch.optim.Op
     return path
 
 
+def resume_step(out_dir: str | Path, steps: int) -> int | None:
+    """Step of the saved state a run of ``steps`` steps resumes from (None: no state, start afresh).
+
+    A state past ``steps`` is refused: resuming it would relabel its weights as an earlier step, and a later
+    longer run would train those steps a second time.
+    """
+    saved = latest_step(out_dir)
+    if saved is not None and saved > steps:
+        raise ValueError(f"run.out_dir={out_dir}: its saved state is at step {saved}, past optim.steps={steps}; "
+                         f"set optim.steps >= {saved} to continue that run, or use a fresh run.out_dir "
+                         f"(or run.resume=false, which discards it) for a new {steps}-step run")
+    return saved
+
+
+def _mismatch(path: Path, model_sd: dict) -> str | None:
+    """First difference between the model tensors saved at ``path`` and ``model_sd`` (None: they match)."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {k[len("model."):]: v for k, v in metadata.items() if k.startswith("model.")}
+    for name, t in model_sd.items():
+        meta, short = saved.get(name), name.removeprefix("model.")  # model_sd is TrainModule's: model.<CoLM name>
+        if meta is None or not hasattr(meta, "size"):
+            return f"{short} is not in the saved state"
+        if tuple(meta.size) != tuple(t.shape):
+            return f"{short} is {list(meta.size)} there and {list(t.shape)} here"
+    extra = sorted(set(saved) - set(model_sd))
+    return f"the saved state has {extra[0].removeprefix('model.')}, which this model lacks" if extra else None
+
+
+def _refuse_mismatch(out_dir, path: Path, detail: str) -> ValueError:
+    return ValueError(f"run.out_dir={out_dir}: the saved training state in {path} does not match this model, "
+                      f"preset or tuning ({detail}); use a fresh run.out_dir, or run.resume=false to discard it")
+
+
 def load_state(out_dir: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore the latest state into ``module``/``optimizer``; returns its train_state.json."""
+    """Restore the latest state into ``module``/``optimizer``; returns its train_state.json.
+
+    A state written for another model shape or trainable set is refused with a ValueError naming the
+    first difference, before anything is restored.
+    """
     step = latest_step(out_dir)
     if step is None:
         raise ValueError(f"{out_dir}: no saved training state")
     path = Path(out_dir) / STATE_DIR / f"step_{step}"
     model_sd, optim_sd = get_state_dict(module, optimizer)
+    if (detail := _mismatch(path, model_sd)) is not None:
+        raise _refuse_mismatch(out_dir, path, detail)
     state = {"model": model_sd, "optim": optim_sd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
+    except CheckpointException as e:  # e.g. optimizer state of another trainable set (a BaseException)
+        cause = next(iter(e.failures.values()), (e, None))[0]
+        raise _refuse_mismatch(out_dir, path, f"{type(cause).__name__}: {cause}".splitlines()[0]) from None
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return json.loads((path / "train_state.json").read_text())
 
