@@ -46,8 +46,9 @@ class Client:
                 cache_salt: str = "", presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                 repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None, min_tokens: int = 0,
                 structured_output=None, top_logprobs: int = 0, min_p: float = 0.0, allowed_token_ids=()):
-        """``structured_output``: a ``colm.structured.StructuredOutput`` (JSON schema, JSON object, regex, grammar or
-        choice) or None."""
+        """``max_new_tokens``: 0 is unset at the API level, i.e. the router's default
+        (``router.default_max_new_tokens``), not zero tokens. ``structured_output``: a
+        ``colm.structured.StructuredOutput`` (JSON schema, JSON object, regex, grammar or choice) or None."""
         pb2 = self.pb2
         sampling = pb2.Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 stop=list(stop), ignore_eos=ignore_eos, presence_penalty=presence_penalty,

@@ -6,11 +6,16 @@ copies each old tensor into the leading corner and initialises the rest: new cha
 embedding columns ~ N(0, std), new norm weights 1, and the new chain's LM-head columns 0 so the
 full-scale logits start equal to the original model's. A tied model is untied (the head becomes a
 copy of the embedding), as in the paper's 1.93B expanded Llama-3.2-1B.
+
+The new chain has at most as many heads as the whole source (the paper adds 8 to Llama-3.2-1B's 32), so one
+expansion at most doubles the width and a larger model comes from expanding again; a mistyped head count is refused
+instead of asking the allocator for terabytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -20,8 +25,11 @@ from colm.model import CoLM
 
 def expanded_config(cfg: ModelConfig, add_heads: int, kv_sharing: bool | None = None) -> ModelConfig:
     """Config after adding a chain of ``add_heads`` heads (ffn and K/V heads grow in proportion)."""
-    if add_heads <= 0:
-        raise ValueError(f"add_chain={add_heads}: must be a positive head count")
+    if isinstance(add_heads, bool) or not isinstance(add_heads, int) or add_heads <= 0:
+        raise ValueError(f"add_chain={add_heads!r}: must be a positive head count")
+    if add_heads > cfg.n_heads:
+        raise ValueError(f"add_chain={add_heads}: at most the source's n_heads={cfg.n_heads}, so that an expansion "
+                         "at most doubles the model's width (expand again to grow further)")
     air = cfg.kv_sharing if kv_sharing is None else kv_sharing
     if cfg.num_chains > 1 and air != cfg.kv_sharing:
         raise ValueError(
@@ -44,10 +52,18 @@ def expanded_config(cfg: ModelConfig, add_heads: int, kv_sharing: bool | None = 
     )
 
 
+def check_std(std: float) -> None:
+    """ValueError unless ``std`` (the new chain's init std) is a finite number >= 0: NaN or inf would be written
+    into every new weight, and the full-scale model would emit garbage."""
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
+        raise ValueError(f"std={std!r}: the new chain's init std must be a finite number >= 0")
+
+
 @torch.no_grad()
 def expand(model: CoLM, add_heads: int, kv_sharing: bool | None = None, std: float = 0.02,
            seed: int = 0) -> CoLM:
     """Return a new model: ``model`` as the first chains plus one new chain of ``add_heads`` heads."""
+    check_std(std)
     new_cfg = expanded_config(model.cfg, add_heads, kv_sharing)
     dtype = next(model.parameters()).dtype
     new = CoLM(new_cfg, dtype=dtype)

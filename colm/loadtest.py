@@ -6,6 +6,10 @@ drawn uniformly from ranges; each request draws a latency budget from a weighted
 rate (and each scale within it) the report gives throughput, TTFT / TPOT / ITL / end-to-end
 percentiles, goodput (requests per second that met the SLO) and errors by status; JSON and a PNG
 (latency vs rate, scale mix vs rate) are written.
+
+Each rate of the list is its own run with its own row and wall time, a rate given twice included. Before any
+request is sent, ``run`` checks that the service answers a health check and that the output files can be written,
+so an unreachable address or a bad path fails in a second instead of after the whole load.
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -26,7 +33,7 @@ from colm.proto import load_proto
 
 @dataclass(frozen=True)
 class LoadSpec:
-    rates: tuple[float, ...] = (2.0, 4.0, 8.0)  # requests/s (open loop)
+    rates: tuple[float, ...] = (2.0, 4.0, 8.0)  # requests/s (open loop), one run each, in this order
     num_requests: int = 200  # in total, split evenly over the rates
     concurrency: int = 0  # > 0: closed loop with this many clients (rates ignored)
     prompt_len: tuple[int, int] = (8, 32)  # tokens, uniform inclusive
@@ -72,7 +79,7 @@ class LoadSpec:
                              "need warmup_requests >= 0 and warmup_concurrency >= 1")
         if self.connections < 1:
             raise ValueError(f"connections={self.connections}: must be >= 1")
-        if self.ramp_s < 0 or (self.ramp_s and not self.concurrency):
+        if not math.isfinite(self.ramp_s) or self.ramp_s < 0 or (self.ramp_s and not self.concurrency):
             raise ValueError(f"ramp_s={self.ramp_s}: must be >= 0, and applies to a closed loop (concurrency > 0)")
         if self.processes < 1:
             raise ValueError(f"processes={self.processes}: must be >= 1")
@@ -84,8 +91,11 @@ class LoadSpec:
                              "requests of each rate to split over them")
         if not 0 < self.rate_share <= 1:
             raise ValueError(f"rate_share={self.rate_share}: must be in (0, 1]")
-        if not self.concurrency and (not self.rates or any(r <= 0 for r in self.rates)):
-            raise ValueError(f"rates={self.rates}: need positive request rates (or concurrency > 0)")
+        if not self.concurrency and (not self.rates or not all(_positive(r) for r in self.rates)):
+            raise ValueError(f"rates={self.rates}: need finite positive request rates in req/s (or concurrency > 0)")
+        for name in ("timeout_s", "slo_ttft_ms", "slo_tpot_ms"):
+            if not _positive(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a finite number > 0")
         if self.prefix_len < 0 or self.num_prefixes < 1:
             raise ValueError(f"prefix_len={self.prefix_len}, num_prefixes={self.num_prefixes}: need prefix_len >= 0 "
                              "and num_prefixes >= 1")
@@ -95,8 +105,13 @@ class LoadSpec:
                 raise ValueError(f"{name}={(lo, hi)}: need 1 <= low <= high")
         for kind, w in self.budgets:
             parse_budget(kind)
-            if w <= 0:
-                raise ValueError(f"budgets: weight {w} of {kind!r} must be > 0")
+            if not _positive(w):
+                raise ValueError(f"budgets: weight {w} of {kind!r} must be a finite number > 0")
+
+
+def _positive(x) -> bool:
+    """A finite number > 0 (NaN compares false with everything, so ``x <= 0`` lets it through)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def parse_budget(kind: str) -> dict:
@@ -126,6 +141,7 @@ class Result:
     itl_ms: list = field(default_factory=list)
     retries: int = 0
     sent_s: float = 0.0  # when it was sent, seconds on the sender's perf_counter
+    run: int = 0  # index of its rate in spec.rates (a rate given twice is two runs); a closed loop's one run is 0
 
     @property
     def tpot_ms(self) -> float:
@@ -139,7 +155,7 @@ def shared_prefixes(seed: int, prefix_len: int, num_prefixes: int, vocab: int) -
     return tuple(tuple(rng.randrange(vocab) for _ in range(prefix_len)) for _ in range(num_prefixes))
 
 
-async def one_request(stub, pb2, spec: LoadSpec, rng: random.Random, rate: float, metadata) -> Result:
+async def one_request(stub, pb2, spec: LoadSpec, rng: random.Random, rate: float, metadata, run: int = 0) -> Result:
     kind = rng.choices([b for b, _ in spec.budgets], weights=[w for _, w in spec.budgets])[0]
     b = parse_budget(kind)
     plen = rng.randint(*spec.prompt_len)
@@ -156,7 +172,7 @@ async def one_request(stub, pb2, spec: LoadSpec, rng: random.Random, rate: float
                                                        deadline_ms=b.get("deadline", 0)),
                               scale=b.get("scale", 0))
     t0 = time.perf_counter()
-    res = Result(rate, kind, prompt_tokens=plen, sent_s=t0)
+    res = Result(rate, kind, run=run, prompt_tokens=plen, sent_s=t0)
     last = None
     try:
         async for m in stub.Generate(req, metadata=metadata, timeout=spec.timeout_s):
@@ -180,15 +196,15 @@ async def one_request(stub, pb2, spec: LoadSpec, rng: random.Random, rate: float
 
 
 async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None, progress: bool = True,
-                   start_barrier=None) -> tuple[list[Result], dict[float, float]]:
-    """Returns every request's result and each rate's wall time (first send to last answer). ``start_barrier``
-    (a multiprocessing Barrier): waited on after the warm-up, before the measured load (an open loop: before each
-    rate)."""
+                   start_barrier=None) -> tuple[list[Result], dict[int, float]]:
+    """Returns every request's result and each run's wall time (first send to last answer), keyed by the run's
+    index in ``spec.rates`` (a closed loop's one run: 0). ``start_barrier`` (a multiprocessing Barrier): waited on
+    after the warm-up, before the measured load (an open loop: before each rate)."""
     pb2, pb2_grpc = load_proto("public")
     md = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     rng = random.Random(spec.seed)
     results: list[Result] = []
-    wall: dict[float, float] = {}
+    wall: dict[int, float] = {}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -213,8 +229,8 @@ async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None, progre
             if start_barrier is not None:
                 await asyncio.get_running_loop().run_in_executor(None, start_barrier.wait)
 
-        async def tracked(rate, stub):
-            r = await one_request(stub, pb2, spec, random.Random(rng.random()), rate, md)
+        async def tracked(rate, run, stub):
+            r = await one_request(stub, pb2, spec, random.Random(rng.random()), rate, md, run)
             results.append(r)
             if bar:
                 bar.update(1)
@@ -225,25 +241,25 @@ async def run_load(addr: str, spec: LoadSpec, api_key: str | None = None, progre
             async def client(stub, delay_s: float):
                 await asyncio.sleep(delay_s)  # the ramp: client i starts at i / concurrency of it
                 for _ in todo:
-                    await tracked(0.0, stub)
+                    await tracked(0.0, 0, stub)
 
             await together()
             t0 = time.perf_counter()
             await asyncio.gather(*(client(stubs[i % len(stubs)], spec.ramp_s * i / spec.concurrency)
                                    for i in range(spec.concurrency)))
-            wall[0.0] = time.perf_counter() - t0
+            wall[0] = time.perf_counter() - t0
         else:
             per_rate = [spec.num_requests // len(spec.rates)] * len(spec.rates)
             per_rate[-1] += spec.num_requests - sum(per_rate)
-            for rate, n in zip(spec.rates, per_rate):
+            for run, (rate, n) in enumerate(zip(spec.rates, per_rate)):
                 tasks = []
                 await together()
                 t0 = time.perf_counter()
                 for k in range(n):
-                    tasks.append(asyncio.create_task(tracked(rate, stubs[k % len(stubs)])))
+                    tasks.append(asyncio.create_task(tracked(rate, run, stubs[k % len(stubs)])))
                     await asyncio.sleep(rng.expovariate(rate * spec.rate_share))  # Poisson arrivals (this share)
                 await asyncio.gather(*tasks)
-                wall[rate] = time.perf_counter() - t0
+                wall[run] = time.perf_counter() - t0
     if bar:
         bar.close()
     return results, wall
@@ -256,7 +272,9 @@ def _pct(xs, qs=(50, 90, 99)) -> dict:
     return {f"p{q}": float(np.percentile(a, q)) for q in qs}
 
 
-def summarize(results: list[Result], spec: LoadSpec, wall_s: dict[float, float] | None = None) -> dict:
+def summarize(results: list[Result], spec: LoadSpec, wall_s: dict[int, float] | None = None) -> dict:
+    """One row per run (``wall_s``: each run's wall time by its index, as ``run_load`` returns them), in rate order,
+    and the total over all of them."""
     def block(rs: list[Result], seconds: float | None) -> dict:
         ok = [r for r in rs if r.status == "OK"]
         good = [r for r in ok if r.ttft_ms <= spec.slo_ttft_ms and r.tpot_ms <= spec.slo_tpot_ms]
@@ -274,13 +292,14 @@ def summarize(results: list[Result], spec: LoadSpec, wall_s: dict[float, float] 
                 "itl_ms": _pct([x for r in ok for x in r.itl_ms]), "e2e_ms": _pct([r.e2e_ms for r in ok]),
                 "retries": sum(r.retries for r in rs)}
 
-    rates = sorted({r.rate for r in results})
+    runs = sorted({(r.rate, r.run) for r in results})
     out = {"spec": asdict(spec), "rates": []}
-    for rate in rates:
-        rs = [r for r in results if r.rate == rate]
-        entry = {"rate": rate, **block(rs, (wall_s or {}).get(rate))}
+    for rate, run in runs:
+        rs = [r for r in results if r.run == run]
+        seconds = (wall_s or {}).get(run)
+        entry = {"rate": rate, "run": run, **block(rs, seconds)}
         scales = sorted({r.scale for r in rs if r.status == "OK"})
-        entry["by_scale"] = {str(k): block([r for r in rs if r.scale == k and r.status == "OK"], (wall_s or {}).get(rate))
+        entry["by_scale"] = {str(k): block([r for r in rs if r.scale == k and r.status == "OK"], seconds)
                              for k in scales}
         entry["scale_mix"] = {str(k): sum(1 for r in rs if r.scale == k and r.status == "OK") / max(1, len(rs))
                               for k in scales}
@@ -288,9 +307,9 @@ def summarize(results: list[Result], spec: LoadSpec, wall_s: dict[float, float] 
     out["total"] = block(results, sum((wall_s or {}).values()) or None)
     # every request, so goodput can be recomputed later at another SLO
     out["requests"] = {"fields": ["rate", "budget", "status", "scale", "prompt_tokens", "output_tokens", "ttft_ms",
-                                  "tpot_ms", "e2e_ms", "retries"],
+                                  "tpot_ms", "e2e_ms", "retries", "run"],
                        "rows": [[r.rate, r.budget, r.status, r.scale, r.prompt_tokens, r.output_tokens,
-                                 round(r.ttft_ms, 3), round(r.tpot_ms, 3), round(r.e2e_ms, 3), r.retries]
+                                 round(r.ttft_ms, 3), round(r.tpot_ms, 3), round(r.e2e_ms, 3), r.retries, r.run]
                                 for r in results]}
     return out
 
@@ -316,14 +335,18 @@ def plot(summary: dict, path: str, title: str = "colm load test", baseline: dict
     ax1.set(xlabel="request rate (req/s)", ylabel="ms", title="latency vs rate", yscale="log")
     ax1.legend(fontsize=7)
     rates = [e["rate"] for e in summary["rates"]]
+    # one bar per run: a rate given twice gets two, told apart by their run number
+    labels = [f"{e['rate']:g}" + (f" (run {e.get('run', 0) + 1})" if rates.count(e["rate"]) > 1 else "")
+              for e in summary["rates"]]
     scales = sorted({k for e in summary["rates"] for k in e["scale_mix"]}, key=int)
     bottom = np.zeros(len(rates))
     for k in scales:
         frac = np.array([e["scale_mix"].get(k, 0.0) for e in summary["rates"]])
-        ax2.bar([str(r) for r in rates], frac, bottom=bottom, label=f"scale {k}")
+        ax2.bar(labels, frac, bottom=bottom, label=f"scale {k}")
         bottom += frac
     ax2.set(xlabel="request rate (req/s)", ylabel="fraction of requests", title="scale mix vs rate")
-    ax2.legend(fontsize=7)
+    if scales:  # none when no request succeeded
+        ax2.legend(fontsize=7)
     ax3.set(xlabel="request rate (req/s)", ylabel="req/s", title="goodput under SLO")
     ax3.legend(fontsize=7)
     fig.suptitle(title)
@@ -344,8 +367,40 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def check_writable(path: str) -> None:
+    """ValueError unless a file can be written at ``path`` (its missing parent directories are created)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"output {path}: is a directory")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"output {path}: cannot create its directory ({e.strerror or e})") from None
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"output {path}: not writable")
+
+
+def check_reachable(addr: str, api_key: str | None = None, timeout_s: float = 10.0) -> None:
+    """ValueError unless the service at ``addr`` answers a health check (with ``api_key``) within ``timeout_s``:
+    otherwise every request of the load would fail the same way."""
+    pb2, pb2_grpc = load_proto("public")
+    md = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    with grpc.insecure_channel(addr) as channel:
+        try:
+            pb2_grpc.ColmStub(channel).Health(pb2.HealthRequest(), metadata=md, timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise ValueError(f"addr={addr}: the service does not answer a health check ({e.code().name}: "
+                             f"{e.details()}); no load was sent") from None
+
+
 def run(addr: str, spec: LoadSpec, out_json: str | None = None, out_png: str | None = None,
         api_key: str | None = None, progress: bool = True, meta: dict | None = None) -> dict:
+    """Check the outputs and the service (``check_writable``, ``check_reachable``), run the load, write the JSON and
+    PNG; returns the summary (``summarize``, plus the whole run's wall time)."""
+    for out in (out_json, out_png):
+        if out:
+            check_writable(out)
+    check_reachable(addr, api_key, min(spec.timeout_s, 10.0))
     t0 = time.perf_counter()
     if spec.processes > 1:
         results, wall = run_load_processes(addr, spec, api_key)
@@ -379,7 +434,7 @@ def run_load_processes(addr: str, spec: LoadSpec, api_key: str | None = None) ->
     """``spec``'s load split over ``spec.processes`` client processes (spawned): requests and warm-up requests
     divided among them, and a closed loop's clients or an open loop's arrival rate; each its own seed and
     connections. They start the measured load (each rate of an open loop) together, at a barrier; a rate's wall time
-    is the slowest process's."""
+    is the slowest process's (keyed by run, as ``run_load``'s)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -400,4 +455,4 @@ def run_load_processes(addr: str, spec: LoadSpec, api_key: str | None = None) ->
     if errors:
         raise RuntimeError(f"load test client processes failed: {errors}")
     results = [Result(**d) for _, rs, _, _ in sorted(got, key=lambda g: g[0]) for d in rs]
-    return results, {rate: max(w[rate] for _, _, w, _ in got) for rate in got[0][2]}
+    return results, {run: max(w[run] for _, _, w, _ in got) for run in got[0][2]}

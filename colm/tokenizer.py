@@ -1,7 +1,9 @@
 """Tokenizers: byte-level for tiny models; SentencePiece or HF ``tokenizer.json`` from a local path.
 
 All expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``bos_id``,
-``eos_id`` and ``spec()`` (what ``config.json`` records so the checkpoint reloads the same one).
+``eos_id`` and ``spec()`` (what ``config.json`` records so the checkpoint reloads the same one). A tokenizer
+attached to a model (``tokenizer_from_files(d, vocab_size=...)``) has no more ids than the model's vocabulary;
+``check_ids_in_vocab`` refuses ids past it.
 
 ``check_fits`` (and ``encode_prompt_within``) refuses a text that cannot fit ``limit`` tokens without tokenizing it
 whole first: a text longer than a few pieces is counted a piece at a time, and refused once the pieces counted so
@@ -104,14 +106,34 @@ def load_tokenizer(spec: dict | None, directory: str | Path | None = None):
     return SentencePieceTokenizer(str(file)) if kind == "sentencepiece" else HFTokenizer(str(file))
 
 
-def tokenizer_from_files(directory: str | Path):
-    """Pick the tokenizer of a directory by its files: tokenizer.json, else tokenizer.model, else bytes."""
+def tokenizer_from_files(directory: str | Path, vocab_size: int | None = None):
+    """Pick the tokenizer of a directory by its files: tokenizer.json, else tokenizer.model, else bytes. With
+    ``vocab_size`` (the model's), ValueError when the tokenizer has more ids than that: its ids past the vocabulary
+    have no embedding row, and the model would fail on the first prompt holding one."""
     d = Path(directory)
     if (d / "tokenizer.json").is_file():
-        return HFTokenizer(str(d / "tokenizer.json"))
-    if (d / "tokenizer.model").is_file():
-        return SentencePieceTokenizer(str(d / "tokenizer.model"))
-    return ByteTokenizer()
+        tok, source = HFTokenizer(str(d / "tokenizer.json")), d / "tokenizer.json"
+    elif (d / "tokenizer.model").is_file():
+        tok, source = SentencePieceTokenizer(str(d / "tokenizer.model")), d / "tokenizer.model"
+    else:
+        tok, source = ByteTokenizer(), None
+    if vocab_size is not None and tok.vocab_size > vocab_size:
+        if source is None:
+            raise ValueError(f"{d}: no tokenizer.json or tokenizer.model, and the model's vocab_size={vocab_size} is "
+                             f"too small for the byte tokenizer ({tok.vocab_size} ids): put the model's tokenizer "
+                             "files there")
+        raise ValueError(f"{source}: {tok.vocab_size} ids do not fit the model's vocab_size={vocab_size}: it is not "
+                         "this model's tokenizer")
+    return tok
+
+
+def check_ids_in_vocab(ids, vocab_size: int, what: str = "prompt") -> None:
+    """ValueError naming the first of ``ids`` outside ``[0, vocab_size)``: such an id has no embedding row (the
+    checkpoint's tokenizer has more ids than its model's vocabulary)."""
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"{what}: token id {t} (position {i}) is outside the model's vocabulary "
+                             f"(vocab_size={vocab_size}): the checkpoint's tokenizer does not match its model")
 
 
 def load_checkpoint_tokenizer(model_dir: str | Path):

@@ -66,7 +66,7 @@ def test_converted_llama_serves_tokens_of_colm_generate_and_transformers(llama):
     hf, ckpt = llama
     cfg = checkpoint.load_config(ckpt)
     assert cfg.num_chains == 1 and not cfg.kv_sharing and servable(cfg) is None
-    assert Launcher(ClusterConfig.from_dict({"model": {"path": ckpt}})).prepare() == ckpt  # the launcher agrees
+    assert Launcher(ClusterConfig.from_dict({"model": {"path": ckpt}, "decode": {"num_blocks": 64}})).prepare() == ckpt
     bg, decode = engine_router(ckpt)
     try:
         with Client(bg.grpc_addr) as c:

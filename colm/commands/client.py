@@ -13,7 +13,8 @@ def register(sub) -> None:
     csub = p.add_subparsers(dest="client_command", metavar="ACTION")
     g = csub.add_parser("generate", help="generate text (greedy by default)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=int, default=32,
+                   help=">= 1 (the API reads 0 as unset, the router's default; 0 is refused here)")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
@@ -43,6 +44,10 @@ def run(args) -> int:
 
     from colm.client import Client
 
+    if args.client_command == "generate" and args.max_new_tokens == 0:
+        # `colm generate --max-new-tokens 0` makes no token; over the API 0 would silently become the default
+        raise ValueError("--max-new-tokens 0: the gRPC API reads 0 as unset (the router's default, "
+                         "router.default_max_new_tokens), so it cannot ask for no tokens: give >= 1")
     try:
         with Client(args.addr, api_key=args.api_key, tls_ca=args.tls_ca) as c:
             if args.client_command == "generate":

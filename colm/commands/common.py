@@ -1,6 +1,6 @@
 """Argument helpers shared by subcommands.
 
-torch is imported only when a parsed command needs it (``--device auto`` resolved, a dtype looked
+torch is imported only when a parsed command needs it (``--device`` resolved or checked, a dtype looked
 up), so building the parser (``colm --help``, ``colm serve --help``) stays free of torch.
 """
 
@@ -10,12 +10,21 @@ DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
 def device_name(name: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is a torch device string."""
-    if name != "auto":
-        return name
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else is a torch device string, refused (as an
+    argparse error naming --device) when it is not one or names a CUDA device this machine does not have."""
+    import argparse
+
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    from colm.checkpoint import check_device
+
+    try:
+        check_device(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
 
 
 def add_device_args(p) -> None:

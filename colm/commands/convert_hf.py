@@ -1,6 +1,7 @@
 """``colm convert-hf``: Hugging Face Llama checkpoint -> one-chain colm checkpoint, with the source's tokenizer
 files (tokenizer.json / tokenizer.model, tokenizer_config.json, chat_template.jinja, special_tokens_map.json), so
-the served model keeps its chat template and special tokens."""
+the served model keeps its chat template and special tokens. Without tokenizer files the byte tokenizer is attached,
+which needs a vocabulary of at least its 259 ids; a tokenizer with more ids than the model's vocabulary is refused."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def run(args) -> int:
     from colm.tokenizer import tokenizer_from_files
 
     model = load_hf_llama(args.src, dtype=None if args.dtype is None else getattr(torch, args.dtype))
-    tok = tokenizer_from_files(args.src)
+    tok = tokenizer_from_files(args.src, vocab_size=model.cfg.vocab_size)  # checked before anything is written
     checkpoint.save(model, args.dst, tokenizer=tok.spec(), copy_tokenizer_from=args.src)
     copy_chat_files(args.src, args.dst)
     chat = TokenizerConfig.load(args.dst, tok).chat_template is not None

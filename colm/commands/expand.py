@@ -8,9 +8,10 @@ def register(sub) -> None:
                        description="The new chain's LM-head columns start at zero, so full-scale logits equal the source model's.")
     p.add_argument("src", help="colm checkpoint directory (or a Hugging Face Llama directory, converted on the fly)")
     p.add_argument("dst", help="output directory")
-    p.add_argument("--add-chain", type=int, required=True, metavar="HEADS", help="attention heads of the new chain")
+    p.add_argument("--add-chain", type=int, required=True, metavar="HEADS",
+                   help="attention heads of the new chain: 1 to the source's head count (at most doubles the width)")
     p.add_argument("--kv-sharing", action="store_true", help="CoLM-Air: K/V from chain 1 only (source must have one chain or be Air)")
-    p.add_argument("--std", type=float, default=0.02, help="init std of the new chain's weights")
+    p.add_argument("--std", type=float, default=0.02, help="init std of the new chain's weights (finite, >= 0)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -19,22 +20,27 @@ def run(args) -> int:
     from pathlib import Path
 
     from colm import checkpoint
-    from colm.expand import expand
+    from colm.expand import check_std, expand, expanded_config
 
     src = Path(args.src)
-    meta = {}
+    check_std(args.std)
+
+    def kv_mode(cfg):  # --kv-sharing, else the source's mode (a one-chain source has none yet: plain K/V)
+        return True if args.kv_sharing else (None if cfg.num_chains > 1 else False)
+
     if (src / "config.json").is_file() and '"format": "colm"' not in (src / "config.json").read_text():
         from colm.hf_import import load_hf_llama
         from colm.tokenizer import tokenizer_from_files
 
         model = load_hf_llama(src)
-        tok_spec = tokenizer_from_files(src).spec()
+        tok_spec = tokenizer_from_files(src, vocab_size=model.cfg.vocab_size).spec()
     else:
-        meta = checkpoint.read_meta(src)
+        cfg = checkpoint.load_config(src)
+        # the head count checked before the weights are read
+        expanded_config(cfg, args.add_chain, kv_mode(cfg))
         model = checkpoint.load(src)
-        tok_spec = meta.get("tokenizer")
-    kv = True if args.kv_sharing else (None if model.cfg.num_chains > 1 else False)
-    new = expand(model, args.add_chain, kv_sharing=kv, std=args.std, seed=args.seed)
+        tok_spec = checkpoint.read_meta(src).get("tokenizer")
+    new = expand(model, args.add_chain, kv_sharing=kv_mode(model.cfg), std=args.std, seed=args.seed)
     checkpoint.save(new, args.dst, tokenizer=tok_spec, copy_tokenizer_from=str(src))
     c = new.cfg
     print(f"expanded {src} -> {args.dst}: chains {list(model.cfg.chains)} -> {list(c.chains)}, dim {c.dim}, "
