@@ -18,11 +18,14 @@ def rescore(run: dict, slo: dict) -> dict[float, dict]:
     col = {k: i for i, k in enumerate(fields)}
     rows = run["requests"]["rows"]
     out = {}
+    by_run = "run" in col and all("run" in r for r in run["rates"])  # a rate given twice is two runs (newer files)
+    repeated = len({r["rate"] for r in run["rates"]}) < len(run["rates"])
     for r in run["rates"]:
-        ok = [x for x in rows if x[col["rate"]] == r["rate"] and x[col["status"]] == "OK"]
+        ok = [x for x in rows if (x[col["run"]] == r["run"] if by_run else x[col["rate"]] == r["rate"])
+              and x[col["status"]] == "OK"]
         good = sum(1 for x in ok if x[col["ttft_ms"]] <= slo["ttft_ms"] and x[col["tpot_ms"]] <= slo["tpot_ms"])
         wall_s = r["num_requests"] / r["throughput_rps"] if r["throughput_rps"] else None
-        out[r["rate"]] = {"good": good, "ok": len(ok), "num_requests": r["num_requests"],
+        out[f"{r['rate']:g} (run {r['run']})" if by_run and repeated else r["rate"]] = {"good": good, "ok": len(ok), "num_requests": r["num_requests"],
                           "goodput_rps": good / wall_s if wall_s else 0.0}
     return out
 
@@ -40,7 +43,8 @@ def main() -> int:
         print(f"SLO TTFT {slo['ttft_ms']:.1f} ms, TPOT {slo['tpot_ms']:.2f} ms ({name})")
         for p, per_rate in result["goodput"][name].items():
             best = max(v["goodput_rps"] for v in per_rate.values())
-            cells = "  ".join(f"{rate:g}: {v['goodput_rps']:.2f}" for rate, v in per_rate.items())
+            cells = "  ".join(f"{rate if isinstance(rate, str) else format(rate, 'g')}: {v['goodput_rps']:.2f}"
+                          for rate, v in per_rate.items())
             print(f"  {p}: {cells}  (max {best:.2f} req/s)")
     if args.out:
         with open(args.out, "w") as f:
