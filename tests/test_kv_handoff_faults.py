@@ -76,6 +76,21 @@ def start(d, rid, scale=1, max_new=4, kv_timeout_s=0.0):
 
 
 
+def wait_started(engine, rid, timeout_s=10.0):
+    """Until the decode engine has taken ``rid``'s Start (the stream's call is sent when ``start`` returns, but its
+    handler may not have run yet: a push failing first would leave the Start nothing to find)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        with engine._wake:
+            try:
+                if engine._get(rid).started:
+                    return
+            except Exception:  # not reserved (yet): keep waiting
+                pass
+        time.sleep(0.002)
+    raise AssertionError(f"{rid}: the decode engine never took its Start")
+
+
 def test_corrupted_chunk_truncated_stream_and_wrong_tokens(cluster):
     cfg, decode, d, _ = cluster
     cases = {
@@ -88,6 +103,7 @@ def test_corrupted_chunk_truncated_stream_and_wrong_tokens(cluster):
         rid = f"fault-{name}"
         reserve(d, rid)
         stream = start(d, rid)
+        wait_started(decode.engine, rid)
         assert code_of(lambda: d.PushKV(iter([header(cfg, rid, 8), *chunks]), metadata=MD, timeout=5)) == S.DATA_LOSS
         assert code_of(lambda: list(stream)) == S.DATA_LOSS, name
         assert_pool_free(decode.engine)

@@ -126,3 +126,13 @@ def test_config_validation_names_field():
         TrainConfig.from_dict({**base, "tuning": {"mode": "chain_tune"}})
     with pytest.raises(ValueError, match="data.micro_batch=0"):
         TrainConfig.from_dict({**base, "data": {"train": "x.bin", "micro_batch": 0}})
+
+
+@pytest.mark.parametrize("kw", [dict(seq_len=0), dict(micro_batch=0), dict(micro_batch=-1), dict(grad_accum=0),
+                                dict(seq_len=8.5)])
+def test_packed_loader_refuses_sizes_below_one(tmp_path, kw):
+    """As called from Python (perplexity_per_scale, a script): not a ZeroDivisionError or a misleading count."""
+    args = {"seq_len": 9, "micro_batch": 2, **kw}
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=f"{name}={kw[name]!r}: must be an integer >= 1"):
+        PackedLoader(_token_file(tmp_path), **args)

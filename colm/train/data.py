@@ -120,6 +120,10 @@ class PackedLoader:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("seq_len", "micro_batch", "grad_accum", "world_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r}: must be an integer >= 1")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank={self.rank}: must be in 0..{self.world_size - 1}")
         self.num_windows = (len(self.file) - 1) // self.seq_len
