@@ -99,8 +99,10 @@ class WorkersSection:
             raise ValueError(f"workers.mode={self.mode!r}: allowed are {list(MODES)}")
         for name in ("num_prefill", "num_decode"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"workers.{name}={v!r}: must be an integer >= 1")
+            least = 0 if name == "num_prefill" and self.mode == "colocated" else 1  # colocated: no prefill workers
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise ValueError(f"workers.{name}={v!r}: must be an integer >= {least}"
+                                 + (" (0 only with workers.mode: colocated)" if name == "num_prefill" else ""))
         g = self.num_gpus_per_worker
         if g != "auto" and (not isinstance(g, (int, float)) or g < 0):
             raise ValueError(f"workers.num_gpus_per_worker={g!r}: must be 'auto' or a number >= 0")

@@ -86,6 +86,15 @@ class RouterConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or not 0 <= v <= 65535):
                 raise ValueError(f"router.{name}={v!r}: must be a port number 0..65535 (0 = any free port)")
+        ports = [(name, getattr(self, name)) for name in ("grpc_port", "http_port", "metrics_port")]
+        taken = {}
+        for name, port in ports:  # 0 picks a free port each: never a clash
+            apart = (name == "metrics_port" and self.metrics_host != self.host  # two addresses, neither a wildcard
+                     and not {self.host, self.metrics_host} & {"", "0.0.0.0", "::", "[::]"})
+            if port and port in taken and not apart:
+                raise ValueError(f"router.{name}={port}: router.{taken[port]} has that port too; give each its own")
+            if port:
+                taken.setdefault(port, name)
         for name in ("max_running", "max_message_bytes", "default_max_new_tokens", "replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be >= 1")

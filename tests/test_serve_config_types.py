@@ -137,3 +137,32 @@ def test_a_worker_failing_at_start_is_reported_by_the_line_that_says_why():
                                           "the config needs (100, 384)")
     assert _cause(RuntimeError("GetTimeoutError: no reply")) == "GetTimeoutError: no reply"
     assert _cause(RuntimeError("plain words")) == "plain words"
+
+
+@pytest.mark.parametrize("router, words", [
+    ({"grpc_port": 9001, "http_port": 9001}, "router.http_port=9001: router.grpc_port has that port too"),
+    ({"grpc_port": 9001, "metrics_port": 9001}, "router.metrics_port=9001: router.grpc_port has that port too"),
+])
+def test_two_router_ports_that_clash_are_refused_before_anything_starts(router, words):
+    with pytest.raises(ValueError, match=words):
+        ClusterConfig.from_dict({"router": router})
+
+
+def test_ports_that_cannot_clash_are_accepted():
+    ClusterConfig.from_dict({"router": {"grpc_port": 0, "http_port": 0, "metrics_port": 0}})  # each a free port
+    # the metrics port on another host than the public ports may share their number
+    ClusterConfig.from_dict({"router": {"host": "127.0.0.1", "grpc_port": 9001, "metrics_host": "127.0.0.2",
+                                        "metrics_port": 9001}})
+
+
+def test_no_prefill_workers_only_where_none_are_used():
+    assert ClusterConfig.from_dict({"workers": {"mode": "colocated", "num_prefill": 0}}).workers.num_prefill == 0
+    for mode in ("disaggregated", "auto"):
+        with pytest.raises(ValueError, match=r"workers.num_prefill=0: must be an integer >= 1 \(0 only with"):
+            ClusterConfig.from_dict({"workers": {"mode": mode, "num_prefill": 0}})
+
+
+def test_a_metrics_port_on_the_wildcard_clashes_with_the_same_public_port():
+    with pytest.raises(ValueError, match="router.metrics_port=9001"):
+        ClusterConfig.from_dict({"router": {"host": "0.0.0.0", "grpc_port": 9001, "metrics_host": "127.0.0.1",
+                                            "metrics_port": 9001}})
