@@ -168,8 +168,28 @@ def bind_port(server, address: str, what: str, credentials=None) -> int:
     except RuntimeError:  # grpcio raises instead of returning 0 on a failed bind
         port = 0
     if port == 0:
-        raise OSError(f"{what}: cannot listen on {address} (in use?); choose another port (0 = any free one)")
+        raise OSError(f"{what}: cannot listen on {address} ({_why_not_bound(address)}); choose another port (0 = any "
+                      "free one) or an address of this machine")
     return port
+
+
+def _why_not_bound(address: str) -> str:
+    """The OS's reason ``address`` (host:port) cannot be bound, found by binding a plain socket there (grpcio
+    does not say): "Address already in use", "Cannot assign requested address", ..."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, sockaddr = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.bind(sockaddr)
+    except OSError as e:
+        return e.strerror or str(e)
+    except ValueError:
+        return "not a host:port"
+    return "in use?"
 
 
 def make_server(address: str, cluster_token: str, max_workers: int = 32) -> tuple[grpc.Server, int]:

@@ -166,3 +166,27 @@ def test_a_metrics_port_on_the_wildcard_clashes_with_the_same_public_port():
     with pytest.raises(ValueError, match="router.metrics_port=9001"):
         ClusterConfig.from_dict({"router": {"host": "0.0.0.0", "grpc_port": 9001, "metrics_host": "127.0.0.1",
                                             "metrics_port": 9001}})
+
+
+def test_a_port_that_cannot_be_bound_is_reported_with_the_os_reason():
+    import socket
+
+    import grpc
+
+    from colm.proto.rpc import bind_port
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        for address, reason in ((f"127.0.0.1:{port}", "Address already in use"),
+                                ("198.51.100.77:5000", "Cannot assign requested address")):  # not this machine's
+            server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(1),
+                                 options=[("grpc.so_reuseport", 0)])
+            with pytest.raises(OSError) as e:
+                bind_port(server, address, "router gRPC")
+            assert f"router gRPC: cannot listen on {address} ({reason})" in str(e.value)
+            server.stop(None)
+    finally:
+        taken.close()
