@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import logging
 import re
+import threading
+import time
 
 from colm.router.backend import WorkerInfo
 
@@ -154,6 +156,26 @@ class WorkerPool:
         self.dead: dict[str, str] = {}  # worker id -> why it is gone for good
         self.metrics_urls: dict[str, str] = {}
         self._mode: str | None = None
+        self._cancel = threading.Event()  # set from another thread: a start in progress gives up (StartError)
+
+    def cancel_start(self) -> None:
+        """Make a ``start`` in progress on another thread end at once with ``StartError`` (a signal during start-up:
+        the caller then stops the pool, with no Ray call left running)."""
+        self._cancel.set()
+
+    def _endpoints(self, ref, timeout_s: float):
+        """``ray.get(ref)`` within ``timeout_s``, looking at ``cancel_start`` every 0.25 s."""
+        import ray
+
+        end = time.monotonic() + timeout_s
+        while True:
+            if self._cancel.is_set():
+                raise StartError("stopped during start-up")
+            ready, _ = ray.wait([ref], timeout=max(0.0, min(0.25, end - time.monotonic())))
+            if ready:
+                return ray.get(ready[0])
+            if time.monotonic() >= end:
+                raise ray.exceptions.GetTimeoutError(f"no reply within {timeout_s:.0f} s")
 
     @property
     def mode(self) -> str:
@@ -230,7 +252,7 @@ class WorkerPool:
         for wid, ref in refs.items():
             try:
                 before = self.addresses.get(wid)
-                self.addresses[wid], self.metrics_urls[wid] = ray.get(ref, timeout=timeout_s)
+                self.addresses[wid], self.metrics_urls[wid] = self._endpoints(ref, timeout_s)
                 if before is not None and before != self.addresses[wid]:  # a restarted actor, on a new port
                     log.warning("worker %s now listens at %s (was %s)", wid, self.addresses[wid], before)
             except ray.exceptions.ActorDiedError as e:  # Ray will not restart it: max_restarts is exhausted
@@ -239,6 +261,8 @@ class WorkerPool:
                 log.error("worker %s %s", wid, self.dead[wid])
                 if require_all:
                     raise StartError(f"worker {wid} {self.dead[wid]}") from None
+            except StartError:
+                raise
             except Exception as e:  # restarting: keep the last address; the router's polls fail over
                 if require_all:
                     raise StartError(

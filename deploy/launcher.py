@@ -147,6 +147,7 @@ class Launcher:
         self.model_path = model_path
         self.token = cfg.token()
         self.pool = None  # deploy.actors.WorkerPool when engines run as actors
+        self._start_cancelled = False
         self.server = None
         self.addresses: dict[str, str] = {}
         self._watch: asyncio.Task | None = None
@@ -205,6 +206,8 @@ class Launcher:
             if engines_available() and not self.baseline:
                 self._init_ray()
                 self.pool = WorkerPool(cfg, path, self.token)
+                if self._start_cancelled:  # a signal came while Ray started
+                    self.pool.cancel_start()
                 infos = await asyncio.get_running_loop().run_in_executor(None, self.pool.start, not cfg.ray.address)
                 from colm.router.grpc_backend import GrpcBackend
 
@@ -329,6 +332,12 @@ class Launcher:
                 if why != last_error:  # once per new reason, not every second
                     log.warning("worker refresh failed: %s", why)
                 last_error = why
+
+    def cancel_start(self) -> None:
+        """A ``start`` in progress ends with ``StartError`` as soon as it next waits on the workers."""
+        self._start_cancelled = True
+        if self.pool is not None:
+            self.pool.cancel_start()
 
     async def stop(self) -> None:
         if self._watch is not None:

@@ -90,3 +90,36 @@ def test_sigterm_stops_colm_serve_cleanly(tmp_path):
             break
         time.sleep(0.25)
     assert not left, left
+
+
+@pytest.mark.timeout(300)
+def test_a_signal_while_the_workers_load_stops_colm_serve_at_once(tmp_path):
+    """SIGINT once the worker actors are starting: the start gives up (no Ray call left running), everything is
+    stopped and the command exits 0 within seconds, not once the workers are up (the pool logs what it starts just
+    before it creates the actors, whose processes and model loads take seconds)."""
+    cfg = {"model": {"path": "demo"}, "workers": {"num_prefill": 1, "num_decode": 1},
+           "decode": {"num_blocks": 256}, "router": {"grpc_port": 0, "http_port": 0, "metrics_port": None}}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    exe = shutil.which("colm")
+    cmd = ([exe] if exe else [sys.executable, "-m", "colm.cli"]) + ["serve", "--config", str(tmp_path / "serve.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    try:
+        for line in proc.stderr:  # the pool says what it starts just before it waits for the actors
+            err.append(line)
+            if "INFO workers: " in line:
+                break
+        assert any("INFO workers: " in x for x in err), "".join(err)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err += proc.stderr.readlines()
+    text = "".join(err)
+    assert rc == 0, text
+    assert "stopped during start-up" in text and "ready" not in text, text
+    assert took < 30, (took, text)

@@ -105,6 +105,7 @@ def run(args) -> int:
     import logging
     import signal
 
+    from colm.deploy.actors import StartError
     from colm.deploy.launcher import Launcher
 
     logging.basicConfig(level=logging.INFO, format="[colm serve] %(levelname)s %(message)s")
@@ -119,16 +120,25 @@ def run(args) -> int:
         # (the launcher keeps ray.init from replacing this handler).
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        starting = asyncio.ensure_future(launcher.start())
+        stopped = asyncio.ensure_future(stop.wait())
         try:
-            addrs = await launcher.start()
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():  # a signal while the workers load: stop now, not once they are up
+                launcher.cancel_start()
+                try:
+                    await starting  # ends at the pool's next look (0.25 s), with no Ray call left running
+                except StartError:
+                    print("[colm serve] stopped during start-up", file=sys.stderr)
+                    return
+            addrs = starting.result()
             if not stop.is_set():
                 announce(launcher, addrs)
-                await stop.wait()
+                await stopped
         finally:
+            stopped.cancel()
             print("[colm serve] stopping", file=sys.stderr)
             await launcher.stop()
-
-    from colm.deploy.actors import StartError
 
     try:
         asyncio.run(main())
