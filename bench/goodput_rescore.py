@@ -25,8 +25,9 @@ def rescore(run: dict, slo: dict) -> dict[float, dict]:
               and x[col["status"]] == "OK"]
         good = sum(1 for x in ok if x[col["ttft_ms"]] <= slo["ttft_ms"] and x[col["tpot_ms"]] <= slo["tpot_ms"])
         wall_s = r["num_requests"] / r["throughput_rps"] if r["throughput_rps"] else None
-        out[f"{r['rate']:g} (run {r['run']})" if by_run and repeated else r["rate"]] = {"good": good, "ok": len(ok), "num_requests": r["num_requests"],
-                          "goodput_rps": good / wall_s if wall_s else 0.0}
+        key = f"{r['rate']:g} (run {r['run']})" if by_run and repeated else r["rate"]
+        out[key] = {"good": good, "ok": len(ok), "num_requests": r["num_requests"],
+                    "goodput_rps": good / wall_s if wall_s else 0.0}
     return out
 
 

@@ -76,19 +76,17 @@ def check_weights(path: str | os.PathLike) -> None:
     weights = path / WEIGHTS_FILE
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
-            missing = sorted(set(shapes) - set(f.keys()))
-            if missing:
-                raise ValueError(f"{weights}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-            for name, want in shapes.items():
-                got = tuple(f.get_slice(name).get_shape())
-                if got != want:
-                    raise ValueError(f"{weights}: tensor {name} has shape {got}, the config needs {want}")
+            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except OSError as e:
         raise ValueError(f"{weights}: cannot read it ({e})") from None
     except Exception as e:  # safetensors' own error: a truncated or corrupt file
-        if isinstance(e, ValueError):
-            raise
         raise ValueError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    missing = sorted(set(shapes) - set(found))
+    if missing:
+        raise ValueError(f"{weights}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, want in shapes.items():
+        if found[name] != want:
+            raise ValueError(f"{weights}: tensor {name} has shape {found[name]}, the config needs {want}")
 
 
 def check_device(device: str | torch.device) -> torch.device:

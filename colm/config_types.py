@@ -10,6 +10,7 @@ and ``tuple[T, ...]`` / ``list[T]`` (a list or tuple of T). Any other annotation
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import typing
@@ -65,4 +66,17 @@ def check_types(cls, values: dict, section: str) -> None:
     for name, value in values.items():
         tp = hints.get(name)
         if tp is not None and not _is(value, tp):
-            raise ValueError(f"{section}.{name}={value!r}: must be {describe(tp)}")
+            # YAML 1.1 reads 3e-4 (no dot) as a string
+            hint = (" such as 0.5 or 3.0e-4 (YAML reads 3e-4, without a dot, as text)"
+                    if isinstance(value, str) and _is(1.5, tp) else "")
+            raise ValueError(f"{section}.{name}={value!r}: must be {describe(tp)}{hint}")
+
+
+def section_name(obj) -> str:
+    """A config section's name in messages, from its class: ``OptimSection`` -> ``optim``."""
+    return type(obj).__name__.removesuffix("Section").lower()
+
+
+def check_fields(obj) -> None:
+    """``check_types`` of a built dataclass's own fields (from its ``__post_init__``)."""
+    check_types(type(obj), {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}, section_name(obj))

@@ -249,16 +249,16 @@ class Router:
         if isinstance(scale, bool) or not isinstance(scale, int):
             raise ValueError(f"scale={scale!r}: must be an integer in 1..{self.model_cfg.num_chains}")
         self.model_cfg.check_scale(scale)
-        uids = self._by_client_id.get(request_id, set())
-        states = [self._states[u] for u in uids if u in self._states]
-        if not states:
+        uids = {u for u in self._by_client_id.get(request_id, ()) if u in self._states}
+        if not uids:
             raise UnknownRequest(f"request_id={request_id!r}: no running request has this id")
-        for state in states:  # every sequence the id names (a completion's n choices and batched prompts share it)
+        for u in uids:  # every sequence the id names (a completion's n choices and batched prompts share it)
+            state = self._states[u]
             state.scale, state.pinned = scale, True  # a retry starts at it too; rebalancing leaves it alone
         for rid, (st, decode_id) in list(self.running.items()):
-            if any(st is state for state in states):
+            if st.request_id in uids:
                 await self.backend.set_scale(decode_id, rid, scale)
-        self.metrics.scale_changes.inc(len(states))
+        self.metrics.scale_changes.inc(len(uids))
         return scale
 
     async def rebalance_once(self) -> None:
@@ -434,6 +434,29 @@ class Router:
             raise Unavailable(f"request {spec.request_id}: {e}; gave up after {retries - 1} retries") from None
         log.warning("request %s: %s; retrying (%d) with %d tokens done", spec.request_id, e, retries, done)
 
+    def _request_failed(self, spec: RequestSpec, e: RequestFailed, failures: int, done: int) -> None:
+        """The request failed for the ``failures``-th time on a worker that serves on: retried once, on any worker;
+        RequestError the second time."""
+        self.metrics.retries.inc()
+        if failures > 1:
+            raise RequestError(f"request {spec.request_id} {e}; it failed twice, not retried again") from None
+        log.warning("request %s %s; retrying with %d tokens done", spec.request_id, e, done)
+
+    def _begin_attempt(self, spec: RequestSpec, *worker_ids: str) -> asyncio.Future:
+        """An attempt of ``spec`` on ``worker_ids`` starts: they count it in flight, and the returned future gets the
+        id of one of them that a health poll takes out meanwhile (``_fail_inflight``)."""
+        for wid in worker_ids:
+            self.registry.start(wid, spec.uid)
+        failover = self._failovers[spec.uid] = asyncio.get_running_loop().create_future()
+        return failover
+
+    def _end_attempt(self, spec: RequestSpec, failover: asyncio.Future, *worker_ids: str) -> None:
+        self._failovers.pop(spec.uid, None)
+        if not failover.done():
+            failover.cancel()
+        for wid in worker_ids:
+            self.registry.finish(wid, spec.uid)
+
     async def _prompt_logprobs(self, spec: RequestSpec, scale: int) -> list[tuple[float, int, float]]:
         """The prompt's log-probs at ``scale`` from a decode worker, with a generation attempt's guarantees: within
         the request's deadline; a worker that fails the call or a health poll meanwhile is left out and the call
@@ -442,8 +465,7 @@ class Router:
         retries = request_failures = 0
         while True:
             _, decode = await self._pick(spec, spec.prompt_ids, len(spec.prompt_ids), failed, decode_only=True)
-            self.registry.start(decode.worker_id, spec.uid)
-            failover = self._failovers[spec.uid] = asyncio.get_running_loop().create_future()
+            failover = self._begin_attempt(spec, decode.worker_id)
             call = asyncio.ensure_future(self.backend.prompt_logprobs(decode.worker_id, spec.prompt_ids, scale))
             try:
                 await asyncio.wait({call, failover}, timeout=max(0.0, spec.deadline - time.monotonic()),
@@ -455,10 +477,7 @@ class Router:
                 raise DeadlineExceeded(f"request {spec.request_id} passed its deadline scoring its prompt")
             except RequestFailed as e:
                 request_failures += 1
-                self.metrics.retries.inc()
-                if request_failures > 1:
-                    raise RequestError(f"request {spec.request_id} {e}; it failed twice, not retried again") from None
-                log.warning("request %s %s; retrying its prompt's scoring", spec.request_id, e)
+                self._request_failed(spec, e, request_failures, 0)
             except WorkerFailed as e:
                 retries += 1
                 self._worker_failed(spec, e, failed, retries, 0)
@@ -467,10 +486,7 @@ class Router:
                     call.cancel()
                     with contextlib.suppress(BaseException):
                         await call
-                self._failovers.pop(spec.uid, None)
-                if not failover.done():
-                    failover.cancel()
-                self.registry.finish(decode.worker_id, spec.uid)
+                self._end_attempt(spec, failover, decode.worker_id)
 
     async def _serve(self, spec: RequestSpec, decision: Decision) -> AsyncIterator[Event]:
         yield Event("decision", decision=decision)
@@ -502,10 +518,8 @@ class Router:
                                         min_tokens=max(0, params.min_tokens - len(out))),
                                 state.scale, left, self.tokenizer.eos_id, self.metrics.observe_phases,
                                 speculative=speculative, cache_salt=spec.cache_salt, prior_output=len(out))
-            self.registry.start(prefill.worker_id, spec.uid)
-            self.registry.start(decode.worker_id, spec.uid)
+            failover = self._begin_attempt(spec, prefill.worker_id, decode.worker_id)
             self.running[req.request_id] = (state, decode.worker_id)
-            failover = self._failovers[spec.uid] = asyncio.get_running_loop().create_future()
             watched = getattr(self.backend, "watches_tokens", False)
             if watched:  # the backend ends the stream on a failover, a silent worker or the deadline
                 req = replace(req, failover=failover, token_timeout_s=self.cfg.token_timeout_s)
@@ -547,22 +561,15 @@ class Router:
                 break
             except RequestFailed as e:  # the worker serves on: retry once, on any worker
                 request_failures += 1
-                self.metrics.retries.inc()
-                if request_failures > 1:
-                    raise RequestError(f"request {spec.request_id} {e}; it failed twice, not retried again") from None
-                log.warning("request %s %s; retrying with %d tokens done", spec.request_id, e, len(out))
+                self._request_failed(spec, e, request_failures, len(out))
             except WorkerFailed as e:
                 retries += 1
                 self._worker_failed(spec, e, failed, retries, len(out))
             finally:
                 with contextlib.suppress(Exception):
                     await stream.aclose()
-                self._failovers.pop(spec.uid, None)
-                if not failover.done():
-                    failover.cancel()
                 self.running.pop(req.request_id, None)
-                self.registry.finish(prefill.worker_id, spec.uid)
-                self.registry.finish(decode.worker_id, spec.uid)
+                self._end_attempt(spec, failover, prefill.worker_id, decode.worker_id)
         ttft = times[0] if times else 0.0
         total = (time.monotonic() - spec.arrival) * 1e3
         sc = str(decision.scale)

@@ -15,28 +15,15 @@ from typing import Any
 
 import yaml
 
+from colm.config_types import check_fields, section_name
+
 MODES = ("pretrain", "heads", "expand", "chain_tune")
 LOSSES = ("final", "multi_chain")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
 def _label(obj, name: str) -> str:
-    return f"{type(obj).__name__.removesuffix('Section').lower()}.{name}"
-
-
-def _check_types(obj) -> None:
-    """Every ``int``, ``float`` and ``bool`` field holds a value of that kind (YAML and command-line overrides
-    give ``3.5``, ``true`` or ``'3e-4'`` as written, and a float step count fails far from its cause)."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if f.type == "int" and not (number and isinstance(value, int)):
-            raise ValueError(f"{_label(obj, f.name)}={value!r}: must be an integer (a whole number such as 8)")
-        if f.type == "float" and not number:
-            raise ValueError(f"{_label(obj, f.name)}={value!r}: must be a number such as 0.5 or 3.0e-4 "
-                             "(YAML reads 3e-4, without a dot, as text)")
-        if f.type == "bool" and not isinstance(value, bool):
-            raise ValueError(f"{_label(obj, f.name)}={value!r}: must be true or false")
+    return f"{section_name(obj)}.{name}"
 
 
 def _positive(obj, *names: str, allow_zero: bool = False) -> None:
@@ -58,7 +45,7 @@ class ModelSection:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_fields(self)
         if (self.preset is None) == (self.checkpoint is None):
             raise ValueError(f"model: give exactly one of preset ({self.preset!r}) or checkpoint ({self.checkpoint!r})")
         _positive(self, "init_std")
@@ -75,7 +62,7 @@ class DataSection:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_fields(self)
         if not self.train:
             raise ValueError("data.train='': path of a token file (.bin) is required")
         _positive(self, "seq_len", "micro_batch")
@@ -95,7 +82,7 @@ class OptimSection:
     grad_accum: int = 1
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_fields(self)
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         _positive(self, "lr", "steps", "grad_accum", "eps")
         _positive(self, "weight_decay", "grad_clip", "warmup_steps", "min_lr_ratio", allow_zero=True)
@@ -115,7 +102,7 @@ class LossSection:
     weights: tuple[float, ...] | None = None  # one per scale; None = all 1.0
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_fields(self)
         if self.kind not in LOSSES:
             raise ValueError(f"loss.kind={self.kind!r}: allowed are {list(LOSSES)}")
         if self.weights is not None:
@@ -142,7 +129,7 @@ class TuningSection:
     lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_fields(self)
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.mode not in MODES:
             raise ValueError(f"tuning.mode={self.mode!r}: allowed are {list(MODES)}")
@@ -175,7 +162,7 @@ class RunSection:
     plot: bool = True
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_fields(self)
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"run.precision={self.precision!r}: allowed are 'auto', 'fp32', 'bf16'")
         _positive(self, "log_every", "eval_batches")
