@@ -85,10 +85,17 @@ def _tolerant(deserializer):
 
 
 def _key_ok(metadata, api_key: str | None) -> bool:
+    """Whether the metadata carries ``api_key``: ``x-api-key: KEY``, or ``authorization: Bearer KEY`` (the scheme
+    matched without regard to case, as HTTP auth schemes are); a bare key in ``authorization`` is refused."""
     if not api_key:
         return True
     md = dict(metadata or ())
-    given = md.get("x-api-key") or md.get("authorization", "").removeprefix("Bearer ").strip()
+    given = md.get("x-api-key")
+    if not given:
+        scheme, _, token = md.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        given = token.strip()
     return hmac.compare_digest(given.encode(), api_key.encode())
 
 

@@ -21,7 +21,8 @@ loop beside grpc.aio, and it supports streaming responses and TLS without furthe
 
 API key (the same rule as the gRPC service): when ``router.api_key`` is set, every path except
 ``/health`` needs the header ``Authorization: Bearer KEY`` or ``x-api-key: KEY`` (when both are sent,
-``x-api-key`` is the one checked), compared in constant time; otherwise 401.
+``x-api-key`` is the one checked; the scheme ``Bearer`` in any case, a key without it refused), compared in
+constant time; otherwise 401.
 
 Every error is a JSON body ``{"error": {"message", "type", "param", "code"}}`` (``param`` names the bad
 field, or is null): 400 bad request (body not JSON, nested too deeply, a bad field, a body that does

@@ -271,8 +271,10 @@ def test_api_key_as_bearer_or_x_api_key_on_http_and_grpc(keyed):
     assert completion(url, body, headers={"Authorization": f"Bearer {API_KEY}"})[0] == 200
     assert completion(url, body, headers={"x-api-key": API_KEY})[0] == 200
     assert completion(url, body, headers={"X-Api-Key": API_KEY})[0] == 200
+    assert completion(url, body, headers={"Authorization": f"bearer {API_KEY}"})[0] == 200  # schemes ignore case
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"}, {"x-api-key": API_KEY[:-1]},
-                    {"Authorization": f"Basic {API_KEY}"}):
+                    {"Authorization": f"Basic {API_KEY}"}, {"Authorization": API_KEY},  # the key without its scheme
+                    {"Authorization": f"Bearer{API_KEY}"}, {"Authorization": "Bearer"}):
         assert_error(*completion(url, body, headers=headers), 401, None, "API key")
     assert_error(*call(f"{url}/v1/models", method="GET")[:2], 401, None, "API key")
     assert call(f"{url}/health", method="GET")[0] == 200  # no key needed

@@ -236,6 +236,17 @@ def test_api_key_required_when_configured():
         assert post_json(f"{bg.http_url}/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 401
         assert post_json(f"{bg.http_url}/v1/completions", {"prompt": "hi", "max_tokens": 2},
                          headers={"Authorization": f"Bearer {API_KEY}"})[0] == 200
+        # gRPC metadata follows the same rule: the key needs its Bearer scheme in `authorization`
+        for md, ok in ((("authorization", API_KEY),), False), ((("authorization", f"bearer {API_KEY}"),), True), \
+                      ((("authorization", f"Basic {API_KEY}"),), False), ((("x-api-key", API_KEY),), True):
+            with Client(bg.grpc_addr) as c:
+                c.metadata = md
+                if ok:
+                    assert len(c.complete("hi", max_new_tokens=1)["token_ids"]) == 1
+                else:
+                    with pytest.raises(grpc.RpcError) as e:
+                        c.complete("hi", max_new_tokens=1)
+                    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, md
     finally:
         bg.stop()
 
