@@ -44,12 +44,13 @@ class ColocatedPrefill:
                     raise ValueError(f"request {request_id}: its KV was already given")
                 if req.reserved_tokens is not None and not np.array_equal(ids, req.reserved_tokens):
                     raise ValueError(f"request {request_id}: the prompt tokens differ from those given at reserve")
+                digests = req.prefix_digests  # matched at reserve, or hashed now (a bad cache_salt fails the request)
+                if digests is None:
+                    digests = self._prefix_digests(ids, cache_salt)
             except ValueError as e:
                 self._fail(req, e)
                 raise
-            req.prompt_tokens = ids
-            if req.prefix_digests is None:  # not matched at reserve
-                req.prefix_digests = self._prefix_digests(ids, cache_salt)
+            req.prompt_tokens, req.prefix_digests = ids, digests
             if req.prefix_digests:
                 self._num_prefix_query_tokens += len(ids)
                 self._num_prefix_hit_tokens += req.cached_blocks * self.pool.block_size  # found at reserve

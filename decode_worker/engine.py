@@ -537,6 +537,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
                 log.info("request %s: %s", req.request_id, e)
                 with self._lock:
                     self._finalize(req, e)
+                results.append(None)  # every row keeps its place: the rows after it get their own tokens
             except Exception as e:  # noqa: BLE001 - this request's own failure
                 log.exception("request %s failed in its decode step; the worker goes on serving", req.request_id)
                 with self._lock:
