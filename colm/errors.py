@@ -4,7 +4,7 @@ Engines stay free of gRPC; each service's interceptor (``colm.proto.rpc``) maps 
 codes: ``ValueError`` -> INVALID_ARGUMENT, ``CapacityError`` -> RESOURCE_EXHAUSTED,
 ``DeadlineError`` -> DEADLINE_EXCEEDED, ``UnknownRequestError`` -> NOT_FOUND, ``TransferError`` ->
 DATA_LOSS, ``PeerUnavailableError`` -> UNAVAILABLE, ``RequestAbortedError`` -> CANCELLED,
-``RequestFailedError`` -> ABORTED, anything else -> INTERNAL. The router reads UNAVAILABLE as a worker that is
+``RequestFailedError`` -> ABORTED, ``EngineDeadError`` -> UNAVAILABLE, anything else -> INTERNAL. The router reads UNAVAILABLE as a worker that is
 gone and ABORTED / INTERNAL as one request that failed on a worker that serves on.
 """
 
@@ -45,3 +45,7 @@ class RequestFailedError(RuntimeError):
 class NoTokenAllowedError(ValueError):
     """The request's own constraints (allowed token ids, a grammar or choice, min_tokens with its stop ids) leave no
     token allowed at some output position: the request's input is at fault (INVALID_ARGUMENT), not the worker."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's loop ended with an error: the worker serves nothing more (its health fails, its requests end)."""

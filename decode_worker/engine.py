@@ -31,8 +31,8 @@ import numpy as np
 
 from colm import checkpoint
 from colm.config import servable
-from colm.errors import (CapacityError, DeadlineError, NoTokenAllowedError, PeerUnavailableError, RequestAbortedError,
-                         RequestFailedError, UnknownRequestError)
+from colm.errors import (CapacityError, DeadlineError, EngineDeadError, NoTokenAllowedError, PeerUnavailableError,
+                         RequestAbortedError, RequestFailedError, UnknownRequestError)
 from colm.graphed_forward import GraphedForward
 from colm.host_identity import host_id as current_host_id
 from colm.kernels._tuning import num_tuned
@@ -130,6 +130,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._runner = LoopThread(self._loop, "colm-decode-loop", self._wake, join_timeout_s=10)
+        self._runner.on_error.append(self._loop_died)
         self._step_times = StepTimes()
         self._round_times = StepTimes()  # iterations that were one speculative round only, by "scale:gamma"
         self._num_steps = self._num_finished = self._num_failed = self._num_step_errors = 0
@@ -196,7 +197,30 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
                 self._pool_export = None
 
     def alive(self) -> bool:
-        return not self._runner.stopping
+        """Not stopped, and the step loop has not ended with an error."""
+        return not self._runner.stopping and self._runner.error is None
+
+    def on_loop_error(self, callback) -> None:
+        """``callback(exc)`` runs (on the loop's thread) if the loop ends with an error, after the engine has failed
+        what it held (a worker process exits there, so that Ray restarts it)."""
+        self._runner.on_error.append(callback)
+
+    def check_alive(self) -> None:
+        """EngineDeadError once the step loop has ended with an error (health answers fail from then on)."""
+        if self._runner.error is not None:
+            raise EngineDeadError(f"decode engine: its step loop ended with {self._runner.error!r}")
+
+    def _loop_died(self, exc: BaseException) -> None:
+        """Every request ends now with EngineDeadError (the router fails them over), not at its deadline."""
+        err = EngineDeadError(f"decode engine: its step loop ended with {exc!r}")
+        with self._lock:
+            for req in list(self._requests.values()):
+                try:
+                    self._finalize(req, err)
+                except Exception:  # noqa: BLE001 - the state the loop died in may be broken: end the stream anyway
+                    log.exception("request %s: could not be finalized after the loop ended", req.request_id)
+                    if req.stream is not None:
+                        req.stream.close(err)
 
     # ---------------------------------------------------------------- reservation and KV
     def reserve(self, request_id: str, prompt_len: int, max_new_tokens: int,
@@ -204,6 +228,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         """Blocks for the prompt and ``max_new_tokens``. ``prefill_tokens`` (colocated_prefill: the prompt but its last
         token, which ``prefill_kv`` then gives again): with prefix caching, the leading blocks an earlier prompt
         computed are taken over and only the rest is allocated; ``cache_salt``: the namespace of that cache."""
+        self.check_alive()
         if not request_id or not isinstance(request_id, str):
             raise ValueError(f"request_id={request_id!r}: must be a non-empty string")
         if prompt_len < 1 or max_new_tokens < 1:
@@ -217,6 +242,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
             ids = self._prefill_ids(request_id, prefill_tokens, prompt_len)
             digests = self._prefix_digests(ids, cache_salt)
         with self._lock:
+            self.check_alive()  # again under the lock the dead loop's drain takes: nothing is reserved after it
             if request_id in self._requests:
                 raise ValueError(f"request_id={request_id!r} is already reserved")
             if len(self._requests) >= self.config.max_reservations:

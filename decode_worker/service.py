@@ -177,6 +177,7 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
         return kv_pb2.AbortReply(request_id=request.request_id, found=self.engine.abort(request.request_id))
 
     def Stats(self, request, context):
+        self.engine.check_alive()  # a dead step loop fails the router's health poll (UNAVAILABLE)
         s = self.engine.stats()
         return kv_pb2.DecodeStats(host_id=s.host_id, num_chains=s.num_chains, num_blocks=s.num_blocks,
                                   num_free_blocks=s.num_free_blocks, block_size=s.block_size,

@@ -22,6 +22,26 @@ SERVERS = {"prefill": ("colm.prefill_worker.service", "PrefillServer"),
            "decode": ("colm.decode_worker.service", "DecodeServer")}
 
 
+LOOP_ERROR_EXIT_CODE = 70  # a worker process whose engine loop ended with an error exits with this (EX_SOFTWARE)
+LOOP_ERROR_EXIT_DELAY_S = 1.0  # time for the failed requests' answers to leave before the process ends
+
+
+def exit_after_loop_error(exc: BaseException, delay_s: float = LOOP_ERROR_EXIT_DELAY_S) -> None:
+    """An engine's loop ended with an error: the engine has failed what it held and its health fails; end this worker
+    process ``delay_s`` later, so that its supervisor starts it again (Ray restarts the actor up to
+    ``workers.max_restarts`` times; the router's watch then finds its new address) instead of it idling as a worker
+    that answers but cannot serve."""
+    import os
+
+    log.critical("the engine's loop ended (%r): this worker process exits in %.1f s", exc, delay_s)
+
+    def _exit() -> None:
+        logging.shutdown()
+        os._exit(LOOP_ERROR_EXIT_CODE)
+
+    threading.Timer(delay_s, _exit).start()
+
+
 def serving_priority() -> int:
     """Run this (actor) process at niceness 0 and return the niceness it runs at. Ray starts its worker processes,
     actors included, at ``worker_niceness`` (15 by default), which suits batch tasks but not a router or an engine
@@ -101,6 +121,7 @@ class WorkerActor:
 
             engine = PrefillEngine.from_checkpoint(model_path, PrefillConfig(**section), device=device,
                                                    dtype=torch_dtype)
+        engine.on_loop_error(exit_after_loop_error)  # Ray restarts the actor (workers.max_restarts)
         bind, self.advertised_host = worker_hosts(host)
         self.server = server_cls(engine, token, f"{bind}:0")
         self.server.address = f"{self.advertised_host}:{self.server.port}"  # what the router and peers dial
@@ -109,6 +130,9 @@ class WorkerActor:
 
         self.metrics_server = serve_metrics(worker_registry(engine, role, worker_id or f"{role}@{self.server.address}"),
                                             bind, 0)
+        from colm.gc_pauses import freeze_start_heap
+
+        freeze_start_heap()  # the actor's process serves from here on (colm/gc_pauses.py)
 
     def address(self) -> str:
         return self.server.address

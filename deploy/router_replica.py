@@ -36,6 +36,9 @@ class RouterReplica:
         router = Router(cfg, checkpoint.load_config(model_path), load_checkpoint_tokenizer(model_path), self.backend,
                         block_size=block_size)
         self.server = ThreadedRouterServer(router)
+        from colm.gc_pauses import freeze_start_heap
+
+        freeze_start_heap()  # the actor's process serves from here on (colm/gc_pauses.py)
 
     def addresses(self) -> dict[str, str]:
         return self.server.addresses

@@ -4,9 +4,9 @@
         [--host 127.0.0.1] [--port 0] [--device cuda] [--dtype bfloat16] [--config '{"num_blocks": 4096}']
 
 Prints ``READY <role> <host:port>`` on stdout once it serves (benchmarks and process managers read
-it), then runs until SIGINT/SIGTERM. Log lines (INFO and up: graph captures at start, failed steps) go
-to stderr. The cluster token comes from an environment variable, never
-from the command line (which other users of the machine can read).
+it), then runs until SIGINT/SIGTERM, or exits with code 70 if its engine's loop ends with an error. Log lines (INFO
+and up: graph captures at start, failed steps) go to stderr. The cluster token comes from an environment variable,
+never from the command line (which other users of the machine can read).
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import signal
 import sys
 import threading
 
+from colm.deploy.actors import exit_after_loop_error
+from colm.gc_pauses import freeze_start_heap
+
 
 def build_server(role: str, model: str, token: str, address: str, device: str, dtype: str | None, section: dict):
     import torch
@@ -30,12 +33,14 @@ def build_server(role: str, model: str, token: str, address: str, device: str, d
         from colm.decode_worker.service import DecodeServer
 
         engine = DecodeEngine.from_checkpoint(model, DecodeConfig(**section), device=device, dtype=torch_dtype)
+        engine.on_loop_error(exit_after_loop_error)
         return DecodeServer(engine, token, address)
     from colm.prefill_worker.config import PrefillConfig
     from colm.prefill_worker.engine import PrefillEngine
     from colm.prefill_worker.service import PrefillServer
 
     engine = PrefillEngine.from_checkpoint(model, PrefillConfig(**section), device=device, dtype=torch_dtype)
+    engine.on_loop_error(exit_after_loop_error)  # its supervisor starts it again
     return PrefillServer(engine, token, address)
 
 
@@ -59,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     server = build_server(args.role, args.model, token, f"{args.host}:{args.port}", args.device, args.dtype,
                           json.loads(args.config)).start()
+    freeze_start_heap()  # before the first request: colm/gc_pauses.py
     print(f"READY {args.role} {server.address}", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

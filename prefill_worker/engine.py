@@ -28,7 +28,7 @@ import torch
 
 from colm import checkpoint
 from colm.config import ModelConfig, servable
-from colm.errors import CapacityError, DeadlineError
+from colm.errors import CapacityError, DeadlineError, EngineDeadError
 from colm.host_identity import host_id as current_host_id
 from colm.kv_wire import KVLayout, dtype_name
 from colm.model import CoLM
@@ -106,6 +106,7 @@ class PrefillEngine:
         self._queue: collections.deque[_Job] = collections.deque()
         self._cv = threading.Condition()
         self._runner = LoopThread(self._loop, "colm-prefill-loop", self._cv, join_timeout_s=30)
+        self._runner.on_error.append(self._loop_died)
         self._finisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="colm-prefill-finish")
         self._num_done = self._num_failed = 0
         self._recent: collections.deque = collections.deque(maxlen=32)  # (tokens, seconds)
@@ -137,13 +138,31 @@ class PrefillEngine:
                 self._fail(self._queue.popleft(), RuntimeError("prefill engine stopped"))
 
     def alive(self) -> bool:
-        """The loop thread runs (started and not stopped)."""
-        return self._runner.started
+        """The loop thread runs (started, not stopped, and not ended with an error)."""
+        return self._runner.started and self._runner.error is None
+
+    def on_loop_error(self, callback) -> None:
+        """``callback(exc)`` runs (on the loop's thread) if the loop ends with an error, after the engine has failed
+        what it held (a worker process exits there, so that Ray restarts it)."""
+        self._runner.on_error.append(callback)
+
+    def check_alive(self) -> None:
+        """EngineDeadError once the loop has ended with an error (health answers fail from then on)."""
+        if self._runner.error is not None:
+            raise EngineDeadError(f"prefill engine: its loop ended with {self._runner.error!r}")
+
+    def _loop_died(self, exc: BaseException) -> None:
+        """Every queued prompt fails now with EngineDeadError (the router retries it elsewhere)."""
+        err = EngineDeadError(f"prefill engine: its loop ended with {exc!r}")
+        with self._cv:
+            while self._queue:
+                self._fail(self._queue.popleft(), err)
 
     def submit(self, request_id: str, token_ids, sink, timeout_s: float | None = None,
                received_s: float | None = None) -> Future:
         """Queue a prompt; ``received_s``: when its call reached this worker (time.monotonic(); the timeline's
         ``received`` milestone, before ``submitted``)."""
+        self.check_alive()
         if not request_id:
             raise ValueError("request_id is empty")
         # numpy, not a list of ints: an 8K-token prompt cost ~2 ms of host time per request as Python ints
@@ -166,6 +185,7 @@ class PrefillEngine:
             job.timeline.mark("received", now=received_s)
         job.timeline.mark("submitted", now=now)
         with self._cv:
+            self.check_alive()  # under the lock the dead loop's drain takes: nothing is queued after it
             if len(self._queue) >= self.config.max_queue:
                 raise CapacityError(f"prefill queue full ({len(self._queue)} prompts)")
             self._queue.append(job)

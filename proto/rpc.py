@@ -14,9 +14,8 @@ from concurrent import futures
 
 import grpc
 
-from colm.errors import (CapacityError, DeadlineError, PeerUnavailableError, RequestAbortedError, RequestFailedError,
-                         TransferError,
-                         UnknownRequestError)
+from colm.errors import (CapacityError, DeadlineError, EngineDeadError, PeerUnavailableError, RequestAbortedError,
+                         RequestFailedError, TransferError, UnknownRequestError)
 
 log = logging.getLogger("colm.rpc")
 
@@ -39,6 +38,7 @@ _STATUS = [
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (TransferError, grpc.StatusCode.DATA_LOSS),
     (PeerUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
     (RequestAbortedError, grpc.StatusCode.CANCELLED),
     (RequestFailedError, grpc.StatusCode.ABORTED),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),

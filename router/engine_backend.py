@@ -15,7 +15,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from colm.errors import CapacityError, RequestAbortedError
+from colm.errors import CapacityError, EngineDeadError, RequestAbortedError
 from colm.logits_adjust import reads_prompt
 from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo
 from colm.router.placement import NoWorker
@@ -65,6 +65,8 @@ class EngineBackend:
                        prefill_tokens=req.prompt_ids[:-1] if colocated else None, cache_salt=req.cache_salt)
         except CapacityError as e:
             raise NoWorker(f"{decode_id}: {e}", full=True) from None
+        except EngineDeadError as e:  # its loop ended between the health poll and this request
+            raise WorkerFailed(decode_id, str(e)) from None
         finished = False
         try:
             if colocated:
@@ -85,7 +87,7 @@ class EngineBackend:
             while True:
                 try:
                     ev = await loop.run_in_executor(None, next, it, done)
-                except RequestAbortedError as e:
+                except (RequestAbortedError, EngineDeadError) as e:
                     raise WorkerFailed(decode_id, str(e)) from None
                 if ev is done:
                     finished = True

@@ -46,6 +46,7 @@ colm's own (no vLLM equivalent: disaggregated prefill/decode, scales, worker hea
 | ``colm_http_connections_refused_total`` | counter | cap | connections answered 503 at a cap (``router.http_max_connections*``) |
 | ``colm_http_requests_timed_out_total`` | counter | | connections closed: a request head or body late (``router.http_head_timeout_s``) |
 | ``colm_prefill_<field>``, ``colm_decode_<field>`` | gauge, counter | worker | engine ``stats()`` |
+| ``colm_router_gc_pause_seconds``, ``colm_{prefill,decode}_gc_pause_seconds`` | histogram | generation (workers: worker) | the process's garbage-collector pauses (``colm.gc_pauses``) |
 
 On the HTTP port, with ``router.api_key`` set, ``/metrics`` needs the key like every path but ``/health``
 (Prometheus: ``authorization: {credentials: KEY}`` in the scrape config); the metrics port needs none and binds
@@ -183,6 +184,9 @@ class RouterMetrics:
                                     registry=r)
         self.http_timed_out = Counter("colm_http_requests_timed_out", "HTTP connections closed because a request head "
                                       "or body did not arrive within http_head_timeout_s", registry=r)
+        from colm.gc_pauses import GcPausesCollector
+
+        r.register(GcPausesCollector("router"))  # colm_router_gc_pause_seconds{generation}
         self._seen: dict[tuple[str, str], float] = {}  # (worker, total) -> the worker's total its last report gave
 
     def observe_phases(self, phases: dict[str, float]) -> None:
@@ -249,8 +253,11 @@ class EngineStatsCollector:
 
 
 def worker_registry(engine, role: str, worker_id: str) -> CollectorRegistry:
+    from colm.gc_pauses import GcPausesCollector
+
     r = CollectorRegistry()
     r.register(EngineStatsCollector(engine, role, worker_id))
+    r.register(GcPausesCollector(role, {"worker": worker_id}))
     return r
 
 

@@ -107,6 +107,7 @@ def run(args) -> int:
 
     from colm.deploy.actors import StartError
     from colm.deploy.launcher import Launcher
+    from colm.gc_pauses import freeze_start_heap
 
     logging.basicConfig(level=logging.INFO, format="[colm serve] %(levelname)s %(message)s")
     cfg = load_config(args)  # a bad field or an unset env: secret raises ValueError: one line, exit 2
@@ -133,6 +134,7 @@ def run(args) -> int:
                     return
             addrs = starting.result()
             if not stop.is_set():
+                freeze_start_heap()  # what start-up left lives as long as the service (colm/gc_pauses.py)
                 announce(launcher, addrs)
                 await stopped
         finally:
