@@ -31,6 +31,9 @@
 #                                     # (transformers' continuous batching, the same dense Llama), through one
 #                                     # harness, 64 clients, prompts 512-2048, outputs 32-96 (~9 min; the JSON is
 #                                     # written after each mode)
+#   bash bench/gpu_suite.sh gc        # colm serve on Ray (needs Ray in $WHEELS), 1B Air, 160 clients, started with
+#                                     # the start-up heap unfrozen, then frozen: garbage-collector pauses per
+#                                     # process and the load's figures side by side (bench/gc_pauses.py) (~7 min)
 #   bash bench/gpu_suite.sh ray       # colm serve on Ray (needs Ray in $WHEELS or installed), 1B Air, 160
 #                                     # clients, full scale then the budget mix (bench/serve_ray.py)    (~5 min)
 #
@@ -38,9 +41,9 @@
 # top-level folders into colm/ the way the editable install does and puts $PWD on PYTHONPATH. Extra
 # wheels (grpcio, protobuf, crc32c) may be given in $WHEELS (a folder); they are installed to /tmp/site.
 set -uo pipefail
-part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|independent|ray}
-case "$part" in tests|decode|handoff|prefill|serve|sweeps|train|compare|compare-all|spec|prefix|sampling|independent|ray) ;;
-  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|independent|ray" >&2
+part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|independent|gc|ray}
+case "$part" in tests|decode|handoff|prefill|serve|sweeps|train|compare|compare-all|spec|prefix|sampling|independent|gc|ray) ;;
+  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|independent|gc|ray" >&2
      exit 2 ;; esac
 OUT=${OUT:-bench/results/run}
 mkdir -p "$OUT"
@@ -142,6 +145,12 @@ print(max(20, int($per * 20 / r['train_seconds'])))")
     timeout 575 python bench/serve_path.py --modes colocated,dense,hf_dense --concurrency 64 --ramp-s 2 \
       --max-batched-tokens 4096 --num-requests 1500 --client-processes 8 --connections 4 --routers 4 --num-blocks 0 \
       --prompt-len 512,2048 --output-len 32,96 --out "$OUT/serve_path_1b_air_c64_independent" 2>&1 | grep -v Warn | tail -16 ;;
+  gc)
+    timeout 570 python bench/gc_pauses.py --set model.preset=llama-3.2-1b-16-16-air --set model.dtype=bfloat16 \
+      --set decode.num_blocks=0 --set decode.warmup_context=2200 --set decode.max_batch_size=160 \
+      --set router.replicas=auto --concurrency 160 --ramp-s 2 --num-requests 4000 --warmup-requests 64 \
+      --processes 8 --connections 8 --prompt-len 512,2048 --output-len 32,96 --slo-ttft-ms 200 --slo-tpot-ms 10 \
+      --out "$OUT/gc_pauses_1b_air_c160.json" 2>&1 | grep -v Warn | tail -24 ;;
   ray)
     timeout 560 python bench/serve_ray.py --set model.preset=llama-3.2-1b-16-16-air --set model.dtype=bfloat16 \
       --set decode.num_blocks=0 --set decode.warmup_context=2200 --set decode.max_batch_size=160 \
