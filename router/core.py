@@ -40,6 +40,19 @@ from colm.tokenizer import encode_prompt_within
 log = logging.getLogger("colm.router")
 
 
+def _poll_failure(e: BaseException, timeout_s: float) -> str:
+    """Why a health poll failed, in one line: a timeout says so (its message is empty), a gRPC error gives its code
+    and details (its str() is a multi-line dump)."""
+    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
+        return f"no answer within router.poll_timeout_s={timeout_s:g} s"
+    code, details = getattr(e, "code", None), getattr(e, "details", None)
+    if callable(code) and callable(details):
+        why = f"{getattr(code(), 'name', code())}: {details()}"
+    else:
+        why = f"{type(e).__name__}: {e}"
+    return " ".join(why.split())[:300]
+
+
 class DeadlineExceeded(Exception):
     pass
 
@@ -201,7 +214,7 @@ class Router:
             try:
                 r = await asyncio.wait_for(self.backend.poll(w.worker_id), timeout=self.cfg.poll_timeout_s)
             except Exception as e:  # any failure to answer takes the worker out until it reports again
-                why = f"{type(e).__name__}: {e}"[:300]
+                why = _poll_failure(e, self.cfg.poll_timeout_s)
                 if w.healthy or self._poll_errors.get(w.worker_id) != why:  # once per new reason
                     log.warning("worker %s failed its health poll: %s", w.worker_id, why)
                 self._poll_errors[w.worker_id] = why
@@ -406,7 +419,11 @@ class Router:
                 decode = self.registry.pick_decode(total_len, exclude=exclude, digests=digests.get(bs))
                 if decode_only or self.registry.prefills_itself(decode):  # colocated: it prefills the prompt itself
                     return decode, decode
-                return self.registry.pick_prefill(len(prompt), exclude=exclude), decode
+                try:
+                    return self.registry.pick_prefill(len(prompt), exclude=exclude), decode
+                except NoWorker:  # the decode pick is not taken: its blocks must not count against the next try
+                    self.registry.unpick_decode(decode, total_len)
+                    raise
             except NoWorker as e:  # every decode pool full is capacity (RESOURCE_EXHAUSTED), not an outage
                 if e.full:
                     raise NoWorker(f"request {spec.request_id}: {e}", full=True) from None

@@ -364,7 +364,8 @@ class GrpcBackend:
                     return
                 except (grpc.aio.AioRpcError, WorkerFailed) as e:
                     if isinstance(e, WorkerFailed) or e.code() == grpc.StatusCode.UNAUTHENTICATED or i == attempts - 1:
-                        log.warning("abort of %s on %s failed: %s", request_id, decode_id, e)
+                        why = str(e) if isinstance(e, WorkerFailed) else f"{e.code().name}: {e.details()}"
+                        log.warning("abort of %s on %s failed: %s", request_id, decode_id, " ".join(why.split()))
                         return
                     await asyncio.sleep(0.2 * (i + 1))
 

@@ -165,6 +165,13 @@ class WorkerRegistry:
         w.pending_seqs += 1
         return w
 
+    def unpick_decode(self, w: WorkerState, total_tokens: int) -> None:
+        """Undo ``pick_decode``'s count for a request that will not go to ``w`` after all (no prefill worker for it):
+        left counted, the blocks of every retried pick would pile up until the worker's next report and turn an
+        outage into a false "no free KV blocks"."""
+        w.pending_blocks = max(0, w.pending_blocks - self.blocks_for(total_tokens))
+        w.pending_seqs = max(0, w.pending_seqs - 1)
+
     def start(self, worker_id: str, request_id: str) -> None:
         if worker_id in self.workers:
             self.workers[worker_id].inflight.add(request_id)
