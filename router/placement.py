@@ -2,7 +2,8 @@
 
 The registry keeps each worker's latest report plus what the router itself has sent it since (so
 two requests arriving between reports do not both land on the same "least loaded" worker).
-Prefill: least queued tokens. Decode: enough free KV blocks, then most free blocks per running
+Prefill: least queued tokens. Decode: enough free KV blocks (counted in each worker's own block size; a request
+larger than every worker's whole pool is ``NeverFits``, the request's fault), then most free blocks per running
 sequence; among colocated workers within ``affinity_balance`` sequences of the least loaded, the one the
 router sent most of the prompt's leading blocks (``prefix_affinity``: its prefix cache likely holds them).
 A worker that fails a call or a health check is taken out until it reports again.
@@ -23,6 +24,11 @@ class NoWorker(Exception):
     def __init__(self, message: str, full: bool = False) -> None:
         super().__init__(message)
         self.full = full
+
+
+class NeverFits(ValueError):
+    """The request needs more KV blocks than any decode worker's whole pool holds: no wait or retry can serve it
+    (INVALID_ARGUMENT / HTTP 400, not the RESOURCE_EXHAUSTED of a pool that is full for now)."""
 
 
 @dataclass
@@ -100,9 +106,6 @@ class WorkerRegistry:
             out.append(w)
         return out
 
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
     # ---- choices -------------------------------------------------------------------------------
     def prefills_itself(self, w: WorkerState) -> bool:
         """A decode worker that computes its prompts' K/V itself (colocated; its last report says so)."""
@@ -137,21 +140,24 @@ class WorkerRegistry:
     def pick_decode(self, total_tokens: int, exclude: set[str] = frozenset(),
                     digests: list[bytes] | None = None) -> WorkerState:
         """``digests``: the prompt's block digests (``prefix_cache.block_hashes``) for prefix affinity, or None."""
-        need = self.blocks_for(total_tokens)
+        self._check_fits(total_tokens)
         cands = [w for w in self.healthy("decode") if w.worker_id not in exclude]
         if not cands:
             raise NoWorker("no healthy decode worker")
 
+        def need_of(w: WorkerState) -> int:  # in the worker's own blocks
+            return self.blocks_at(w, total_tokens)
+
         def free(w: WorkerState) -> float:
             # No report yet: assume room, ranked after reported workers with room.
-            return (w.report.free_blocks if w.report else float(need)) - w.pending_blocks
+            return (w.report.free_blocks if w.report else float(need_of(w))) - w.pending_blocks
 
         def batch(w: WorkerState) -> int:
             return (w.report.num_running + w.report.num_waiting if w.report else 0) + w.pending_seqs
 
-        fit = [w for w in cands if free(w) >= need]
+        fit = [w for w in cands if free(w) >= need_of(w)]
         if not fit:
-            raise NoWorker(f"no decode worker has {need} free KV blocks", full=True)
+            raise NoWorker(f"no decode worker has free KV blocks for {total_tokens} tokens", full=True)
         w = max(fit, key=lambda w: (free(w) / (1 + batch(w)), -batch(w), w.worker_id))
         if digests and self.affinity is not None:
             least = min(batch(c) for c in fit)
@@ -161,15 +167,35 @@ class WorkerRegistry:
                 w = max(near, key=lambda c: (hits[c.worker_id], free(c) / (1 + batch(c)), -batch(c), c.worker_id))
             if self.prefills_itself(w):
                 self.affinity.record(w.worker_id, digests)
-        w.pending_blocks += need
+        w.pending_blocks += need_of(w)
         w.pending_seqs += 1
         return w
+
+    def worker_block_size(self, w: WorkerState) -> int:
+        """Tokens per KV block of a decode worker's pool: its report's, else this registry's (the configured one)."""
+        return (w.report.block_size if w.report else 0) or self.block_size
+
+    def blocks_at(self, w: WorkerState, num_tokens: int) -> int:
+        """Blocks of ``w``'s pool that ``num_tokens`` tokens take."""
+        return -(-num_tokens // self.worker_block_size(w))
+
+    def _check_fits(self, total_tokens: int) -> None:
+        """NeverFits when every decode worker has reported its pool and none could hold the request even empty (the
+        K/V of the prompt and of all but the last new token, in that worker's own blocks)."""
+        pools = [(w.report.total_blocks, self.worker_block_size(w))
+                 for w in self.workers.values() if w.role == "decode" and w.report]
+        if not pools or not all(n for n, _ in pools):
+            return
+        if all(-(-(total_tokens - 1) // bs) > n for n, bs in pools):
+            most = max(n * bs for n, bs in pools)
+            raise NeverFits(f"the prompt and max_tokens take {total_tokens} tokens of KV cache; the largest decode "
+                            f"worker's pool holds {most} tokens: shorten the prompt or lower max_tokens")
 
     def unpick_decode(self, w: WorkerState, total_tokens: int) -> None:
         """Undo ``pick_decode``'s count for a request that will not go to ``w`` after all (no prefill worker for it):
         left counted, the blocks of every retried pick would pile up until the worker's next report and turn an
         outage into a false "no free KV blocks"."""
-        w.pending_blocks = max(0, w.pending_blocks - self.blocks_for(total_tokens))
+        w.pending_blocks = max(0, w.pending_blocks - self.blocks_at(w, total_tokens))
         w.pending_seqs = max(0, w.pending_seqs - 1)
 
     def start(self, worker_id: str, request_id: str) -> None:
