@@ -44,6 +44,9 @@ class RouterConfig:
     max_retries: int = 2
     token_timeout_s: float = 30.0  # no token for this long: the worker is treated as failed
     worker_wait_s: float = 30.0  # no healthy worker of a role, one restarting: wait this long (within the deadline)
+    # every decode worker's KV pool full for now: wait this long for blocks (first come first served, within the
+    # deadline; router/kv_wait.py) before RESOURCE_EXHAUSTED; 0 refuses at once
+    kv_wait_s: float = 30.0
     poll_interval_s: float = 0.2
     poll_timeout_s: float = 2.0  # a worker whose Stats takes longer is taken out until it answers again
     rebalance: bool = True
@@ -104,7 +107,7 @@ class RouterConfig:
         if self.http_max_connections < 0:
             raise ValueError(f"router.http_max_connections={self.http_max_connections}: must be >= 1, or 0 (the "
                              "open-file limit less 1024)")
-        for name in ("max_queued", "max_retries"):
+        for name in ("max_queued", "max_retries", "kv_wait_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be >= 0")
         for name in ("default_deadline_s", "token_timeout_s", "poll_interval_s", "poll_timeout_s",

@@ -26,6 +26,7 @@ from colm.router.admission import Admission
 from colm.router.backend import Backend, EngineRequest, EngineToken, RequestFailed, WorkerFailed
 from colm.router.config import RouterConfig
 from colm.router.metrics import RouterMetrics
+from colm.router.kv_wait import KVWaitQueue
 from colm.router.placement import NoWorker, WorkerRegistry
 from colm.router.policy import Budget, Decision, PolicyConfig, RunningRequest, ScalePolicy
 from colm.router.worker_metrics import WorkerMetricsCollector
@@ -123,6 +124,7 @@ class Router:
         self.registry = WorkerRegistry(block_size=block_size, stale_after_s=max(10.0, 20 * cfg.poll_interval_s),
                                        affinity_balance=cfg.prefix_affinity_balance if cfg.prefix_affinity else None)
         self.admission = Admission(cfg.max_running, cfg.max_queued)
+        self.kv_queue = KVWaitQueue()  # requests waiting for KV blocks, first come first served
         self.metrics = RouterMetrics(cfg.served_model_name)
         self.metrics.registry.register(WorkerMetricsCollector(
             lambda: [(w.worker_id, w.metrics_url) for w in self.backend.workers() if not w.dead]))
@@ -229,6 +231,7 @@ class Router:
 
         await asyncio.gather(*(one(w) for w in list(self.registry.workers.values()) if not w.dead))
         self._update_health()
+        self.kv_queue.wake()  # new reports: the request at the head of the KV line may find room now
 
     async def _poll_loop(self) -> None:
         while True:
@@ -400,39 +403,76 @@ class Router:
         except StopAsyncIteration:
             return None
 
-    async def _pick(self, spec: RequestSpec, prompt: list[int], total_len: int,
-                    failed: dict[str, float], decode_only: bool = False) -> tuple:
+    async def _pick(self, spec: RequestSpec, prompt: list[int], total_len: int, failed: dict[str, float],
+                    decode_only: bool = False, kv_give_up: float | None = None, refused: str = "") -> tuple:
         """(prefill worker, decode worker) for one attempt (``decode_only``: a decode worker twice, for a call that
         needs no prefill). A worker that failed this request is left out until it reports again (Ray restarted it).
         With no healthy worker of a role but one that may come back (not dead), wait for it within the request's
         deadline and ``worker_wait_s``: a single decode worker's restart costs its streams seconds, not their
-        requests."""
+        requests. With every decode pool full for now, wait in the KV line (``router/kv_wait.py``) until
+        ``kv_give_up`` (default: ``kv_wait_s`` from now); ``refused``: why a worker refused the last pick as full (its
+        report was behind): wait before picking again."""
         give_up = min(spec.deadline, time.monotonic() + self.cfg.worker_wait_s)
+        if kv_give_up is None:
+            kv_give_up = time.monotonic() + self.cfg.kv_wait_s
         digests: dict[int, list[bytes]] = {}  # block size -> the prompt's digests, for prefix affinity
-        while True:
-            exclude = {wid for wid, t in failed.items()
-                       if (w := self.registry.workers.get(wid)) is None or w.reported_at <= t}
-            try:
-                bs = self.registry.affinity_block_size(exclude)
-                if bs and bs not in digests:  # as the worker will hash them: the prompt but its last token
-                    digests[bs] = block_hashes(prompt[:-1], bs, spec.cache_salt)
-                decode = self.registry.pick_decode(total_len, exclude=exclude, digests=digests.get(bs))
-                if decode_only or self.registry.prefills_itself(decode):  # colocated: it prefills the prompt itself
-                    return decode, decode
-                try:
-                    return self.registry.pick_prefill(len(prompt), exclude=exclude), decode
-                except NoWorker:  # the decode pick is not taken: its blocks must not count against the next try
-                    self.registry.unpick_decode(decode, total_len)
-                    raise
-            except NoWorker as e:  # every decode pool full is capacity (RESOURCE_EXHAUSTED), not an outage
-                if e.full:
-                    raise NoWorker(f"request {spec.request_id}: {e}", full=True) from None
-                decode_alone = decode_only or any(self.registry.prefills_itself(w) for w in self.registry.workers.values())
+        try:
+            if refused:
+                await self._wait_for_blocks(spec, kv_give_up, refused)
+            while True:
+                if not self.kv_queue.may_try(spec.uid):  # others wait for blocks ahead of it: in line behind them
+                    await self._wait_for_blocks(spec, kv_give_up, "requests ahead of it wait for KV blocks")
+                    continue
+                placed = self._try_pick(spec, prompt, total_len, failed, decode_only, digests)
+                if isinstance(placed, tuple):
+                    return placed
+                e = placed
+                if e.full:  # every decode pool full for now: wait for blocks, first come first served
+                    await self._wait_for_blocks(spec, kv_give_up, str(e))
+                    continue
+                decode_alone = decode_only or any(self.registry.prefills_itself(w)
+                                                  for w in self.registry.workers.values())
                 may_return = all(any(not w.dead for w in self.registry.workers.values() if w.role == role)
                                  for role in (("decode",) if decode_alone else ("prefill", "decode")))
                 if not may_return or time.monotonic() + self.cfg.poll_interval_s > give_up:
                     raise Unavailable(f"request {spec.request_id}: {e}") from None
-            await asyncio.sleep(self.cfg.poll_interval_s)
+                await asyncio.sleep(self.cfg.poll_interval_s)
+        finally:
+            self.kv_queue.leave(spec.uid)
+            self.metrics.kv_waiting.set(len(self.kv_queue))
+
+    async def _wait_for_blocks(self, spec: RequestSpec, give_up: float, why: str) -> None:
+        """In the KV wait line until woken or a poll interval passes; DeadlineExceeded at the request's deadline,
+        NoWorker(full) (RESOURCE_EXHAUSTED) once ``router.kv_wait_s`` is spent."""
+        now = time.monotonic()
+        if now >= spec.deadline:
+            raise DeadlineExceeded(f"request {spec.request_id} passed its deadline waiting for KV blocks ({why})")
+        if now >= give_up:
+            raise NoWorker(f"request {spec.request_id}: {why} (waited router.kv_wait_s={self.cfg.kv_wait_s:g} s)",
+                           full=True)
+        self.kv_queue.join(spec.uid)
+        self.metrics.kv_waiting.set(len(self.kv_queue))
+        await self.kv_queue.wait(spec.uid, min(self.cfg.poll_interval_s, give_up - now, spec.deadline - now))
+
+    def _try_pick(self, spec: RequestSpec, prompt: list[int], total_len: int, failed: dict[str, float],
+                  decode_only: bool, digests: dict[int, list[bytes]]):
+        """(prefill, decode) workers, or the NoWorker that says why none could be picked now."""
+        exclude = {wid for wid, t in failed.items()
+                   if (w := self.registry.workers.get(wid)) is None or w.reported_at <= t}
+        try:
+            bs = self.registry.affinity_block_size(exclude)
+            if bs and bs not in digests:  # as the worker will hash them: the prompt but its last token
+                digests[bs] = block_hashes(prompt[:-1], bs, spec.cache_salt)
+            decode = self.registry.pick_decode(total_len, exclude=exclude, digests=digests.get(bs))
+            if decode_only or self.registry.prefills_itself(decode):  # colocated: it prefills the prompt itself
+                return decode, decode
+            try:
+                return self.registry.pick_prefill(len(prompt), exclude=exclude), decode
+            except NoWorker:  # the decode pick is not taken: its blocks must not count against the next try
+                self.registry.unpick_decode(decode, total_len)
+                raise
+        except NoWorker as e:
+            return e
 
     def _worker_failed(self, spec: RequestSpec, e: WorkerFailed, failed: dict[str, float], retries: int,
                        done: int) -> None:
@@ -521,13 +561,15 @@ class Router:
         state = self._states[spec.uid] = RunningRequest(spec.uid, decision.scale, spec.budget,
                                                          pinned=spec.scale is not None)
         finish = "length"
+        kv_give_up, refused = time.monotonic() + self.cfg.kv_wait_s, ""  # waiting for KV blocks: until then
         while len(out) < params.max_new_tokens:
             left = spec.deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceeded(f"request {spec.request_id} passed its deadline after {len(out)} tokens")
             prompt = spec.prompt_ids + out
             prefill, decode = await self._pick(spec, prompt, len(prompt) + params.max_new_tokens - len(out),
-                                               failed)
+                                               failed, kv_give_up=kv_give_up, refused=refused)
+            refused = ""
             attempt = retries + request_failures
             left = spec.deadline - time.monotonic()
             req = EngineRequest(f"{spec.uid}.{attempt}" if attempt else spec.uid, tuple(prompt),
@@ -582,6 +624,10 @@ class Router:
             except WorkerFailed as e:
                 retries += 1
                 self._worker_failed(spec, e, failed, retries, len(out))
+            except NoWorker as e:  # the worker refused its blocks: its last report said it had them; wait in line
+                if not e.full or attempt_start != len(out) or time.monotonic() >= kv_give_up:
+                    raise
+                refused = str(e)
             finally:
                 with contextlib.suppress(Exception):
                     await stream.aclose()

@@ -42,6 +42,7 @@ colm's own (no vLLM equivalent: disaggregated prefill/decode, scales, worker hea
 | ``colm_worker_dead`` | gauge | worker, role | 1 once it is gone for good (Ray's restarts exhausted) |
 | ``colm_serving`` | gauge | | 1 while a request can be served |
 | ``colm_worker_scrape_errors`` | gauge | worker | 1 if its metrics did not answer the router's last scrape |
+| ``colm_requests_waiting_for_kv`` | gauge | | admitted requests waiting in line for KV blocks (``router.kv_wait_s``) |
 | ``colm_http_connections`` | gauge | | open connections of the HTTP front |
 | ``colm_http_connections_refused_total`` | counter | cap | connections answered 503 at a cap (``router.http_max_connections*``) |
 | ``colm_http_requests_timed_out_total`` | counter | | connections closed: a request head or body late (``router.http_head_timeout_s``) |
@@ -129,6 +130,8 @@ class RouterMetrics:
                              registry=r).labels(model_name)
         self.queued = Gauge("colm:num_requests_waiting", "Requests waiting for admission", m,
                             registry=r).labels(model_name)
+        self.kv_waiting = Gauge("colm_requests_waiting_for_kv", "Admitted requests waiting for KV blocks (every "
+                                "decode pool full for now; router.kv_wait_s)", registry=r)
         self.kv_usage = per_model(Gauge("colm:kv_cache_usage_perc", "KV-cache usage of a decode worker; 1 means 100 "
                                         "percent", m + ["worker"], registry=r))
         self.prompt_tokens = Counter("colm:prompt_tokens", "Prompt tokens of requests that reached their first token",

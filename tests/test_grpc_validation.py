@@ -213,69 +213,95 @@ def test_tokenize_applies_the_message_and_context_limits(cluster):
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in details
 
 
-def test_full_kv_pool_is_resource_exhausted_with_retry_after(cluster):
-    """A request the decode pool cannot hold was UNAVAILABLE (the router core turned placement's "every pool
-    full" into an outage): now RESOURCE_EXHAUSTED with a retry-after-s trailer, both for a request that can never
-    fit and for one that does not fit while another request holds the pool."""
-    def exhausted(call):
-        try:
-            call()
-        except grpc.RpcError as e:
-            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
-            assert "KV blocks" in e.details()
-            assert float(dict(e.trailing_metadata())["retry-after-s"]) > 0
-            return
-        raise AssertionError("served a request the KV pool cannot hold")
-
+def test_full_kv_pool_waits_in_line_then_is_resource_exhausted_with_retry_after(cluster):
+    """A request the decode pool can never hold is INVALID_ARGUMENT, naming the sizes. One that does not fit while
+    another request holds the pool waits in line for blocks (``router.kv_wait_s``) and is served once they free;
+    past ``kv_wait_s`` it is RESOURCE_EXHAUSTED with a retry-after-s trailer (never UNAVAILABLE: the pool is full,
+    no worker is gone)."""
+    router = cluster.bg.router
+    cfg = router.cfg
     with Client(cluster.addr) as c:
         cluster.settle()
-        exhausted(lambda: c.complete("p" * 100, max_new_tokens=100))  # 13 blocks of 8
-        held = c.stub.Generate(c.request("hold the pool", max_new_tokens=90, ignore_eos=True), timeout=120)
-        tokens = 0
-        for m in held:  # 7 of the 8 blocks are reserved once the first token streams
-            tokens += len(m.tokens)
-            if tokens:
-                break
-        cluster.bg.call(cluster.bg.router.poll_once())  # the router sees the pool as the worker reports it
-        exhausted(lambda: c.complete("another request", max_new_tokens=30))
-        for m in held:
-            tokens += len(m.tokens)
-        assert tokens == 90
-        cluster.settle()
+        code, details = code_of(lambda: c.complete("p" * 100, max_new_tokens=100))  # 13 blocks of 16 > 8
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "200 tokens" in details and "128 tokens" in details
+        for wait_s in (0.5, cfg.kv_wait_s):
+            router.cfg = dataclasses.replace(cfg, kv_wait_s=wait_s)
+            try:
+                held = c.stub.Generate(c.request("hold the pool", max_new_tokens=90, ignore_eos=True), timeout=120)
+                tokens = 0
+                for m in held:  # 7 of the 8 blocks are reserved once the first token streams
+                    tokens += len(m.tokens)
+                    if tokens:
+                        break
+                cluster.bg.call(router.poll_once())  # the router sees the pool as the worker reports it
+                if wait_s < 1:
+                    with pytest.raises(grpc.RpcError) as e:
+                        c.complete("another request", max_new_tokens=30)
+                    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.value.code(), e.value.details())
+                    assert "KV blocks" in e.value.details() and "kv_wait_s=0.5" in e.value.details()
+                    assert float(dict(e.value.trailing_metadata())["retry-after-s"]) > 0
+                else:  # in line until the held request ends and frees its blocks, then served
+                    waiting = c.stub.Complete.future(c.request("another request", max_new_tokens=30,
+                                                               ignore_eos=True), timeout=120)
+                    deadline = time.monotonic() + 30
+                    while len(router.kv_queue) == 0 and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    assert len(router.kv_queue) == 1 and not waiting.done()
+                    for m in held:
+                        tokens += len(m.tokens)
+                    assert len(waiting.result().tokens) == 30
+                    assert len(router.kv_queue) == 0
+            finally:
+                router.cfg = cfg
+            for m in held:
+                tokens += len(m.tokens)
+            assert tokens == 90
+            cluster.settle()
         assert len(c.complete("another request", max_new_tokens=30, ignore_eos=True)["token_ids"]) == 30
 
 
-def test_pool_filled_behind_the_routers_back_is_resource_exhausted(cluster):
+def test_pool_filled_behind_the_routers_back_waits_then_is_resource_exhausted(cluster):
     """The router places by the decode worker's last report; when the pool filled since (another router, a
-    report in flight), the worker's Reserve answers RESOURCE_EXHAUSTED and the client gets that too, with a
-    retry-after, not UNAVAILABLE (and the worker is not taken out)."""
+    report in flight), the worker's Reserve answers RESOURCE_EXHAUSTED. The request then waits in line for blocks:
+    served once they free, RESOURCE_EXHAUSTED with a retry-after past ``kv_wait_s`` (and the worker is not taken
+    out)."""
     from colm.proto.rpc import TOKEN_KEY
 
     kv_pb2, kv_pb2_grpc = load_proto("kv")
     router = cluster.bg.router
     cfg = router.cfg
-    cluster.settle()
-    router.cfg = dataclasses.replace(cfg, poll_interval_s=3.0)  # the poll loop's next sleep is long
     md = ((TOKEN_KEY, TOKEN),)
-    try:
-        time.sleep(0.3)
-        cluster.bg.call(router.poll_once())  # the router's view: all 8 blocks free
-        with grpc.insecure_channel(cluster.addrs["decode"]) as ch:
-            decode = kv_pb2_grpc.DecodeWorkerStub(ch)
-            decode.Reserve(kv_pb2.ReserveRequest(request_id="outside-0", prompt_len=100, max_new_tokens=28,
-                                                 timeout_s=30), metadata=md, timeout=10)  # all 8 blocks
-            try:
+    for wait_s in (1.0, 30.0):
+        cluster.settle()
+        router.cfg = dataclasses.replace(cfg, poll_interval_s=3.0, kv_wait_s=wait_s)  # the poll loop's sleep is long
+        try:
+            time.sleep(0.3)
+            cluster.bg.call(router.poll_once())  # the router's view: all 8 blocks free
+            with grpc.insecure_channel(cluster.addrs["decode"]) as ch:
+                decode = kv_pb2_grpc.DecodeWorkerStub(ch)
+                decode.Reserve(kv_pb2.ReserveRequest(request_id="outside-0", prompt_len=100, max_new_tokens=28,
+                                                     timeout_s=30), metadata=md, timeout=10)  # all 8 blocks
                 with Client(cluster.addr) as c:
-                    with pytest.raises(grpc.RpcError) as e:
-                        c.complete("behind the back", max_new_tokens=8)
-            finally:
-                decode.Abort(kv_pb2.AbortRequest(request_id="outside-0"), metadata=md, timeout=10)
-        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.value.code(), e.value.details())
-        assert "KV pool full" in e.value.details()  # the worker's refusal, not the router's placement
-        assert float(dict(e.value.trailing_metadata())["retry-after-s"]) > 0
-        assert router.registry.workers["decode-0"].healthy
-    finally:
-        router.cfg = cfg
+                    if wait_s < 2:
+                        try:
+                            with pytest.raises(grpc.RpcError) as e:
+                                c.complete("behind the back", max_new_tokens=8)
+                        finally:
+                            decode.Abort(kv_pb2.AbortRequest(request_id="outside-0"), metadata=md, timeout=10)
+                        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.value.code(),
+                                                                                       e.value.details())
+                        assert "KV pool full" in e.value.details()  # the worker's refusal, not the placement's
+                        assert float(dict(e.value.trailing_metadata())["retry-after-s"]) > 0
+                    else:
+                        waiting = c.stub.Complete.future(c.request("behind the back", max_new_tokens=8,
+                                                                   ignore_eos=True), timeout=60)
+                        time.sleep(1.0)
+                        assert not waiting.done()  # refused by the worker, waiting in line
+                        decode.Abort(kv_pb2.AbortRequest(request_id="outside-0"), metadata=md, timeout=10)
+                        assert len(waiting.result().tokens) == 8
+            assert router.registry.workers["decode-0"].healthy
+        finally:
+            router.cfg = cfg
     cluster.settle()
 
 

@@ -53,3 +53,62 @@ def test_a_request_larger_than_every_pool_is_invalid_not_exhausted(service):
     assert "100 tokens" in e.value.details() and "96 tokens" in e.value.details()
     status, body = post_json(f"{bg.http_url}/v1/completions", {"prompt": p, "max_tokens": 20})[:2]
     assert status == 400 and "shorten the prompt or lower max_tokens" in body["error"]["message"], body
+
+
+def test_requests_wait_in_line_for_blocks_instead_of_being_refused(tmp_path):
+    """Six requests at once on a pool that holds two of them: the rest wait in line for blocks (router.kv_wait_s)
+    and every one is served with the reference tokens; with kv_wait_s 0 the same burst has refusals."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    full = save_tiny_air(tmp_path)
+    p = prompts([20] * 6, seed=9)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    refs = [generate(full, q, params, scale=2).token_ids for q in p]
+    for wait_s in (30.0, 0.0):
+        # 20 blocks of 4 tokens; a request takes 9 (35 tokens of K/V): two at a time
+        de = DecodeEngine.from_checkpoint(tmp_path, DecodeConfig(num_blocks=20, block_size=4, colocated_prefill=True))
+        bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, kv_wait_s=wait_s),
+                                     full.cfg, ByteTokenizer(), EngineBackend({}, {"decode-0": de}), block_size=4))
+        try:
+            wait_serving(bg.grpc_addr, timeout_s=60)
+            with Client(bg.grpc_addr) as c, ThreadPoolExecutor(6) as pool:
+                def one(q):
+                    try:
+                        return c.complete(q, max_new_tokens=16, scale=2, ignore_eos=True)["token_ids"]
+                    except grpc.RpcError as e:
+                        return e.code()
+                outs = list(pool.map(one, p))
+            assert len(bg.router.kv_queue) == 0
+        finally:
+            bg.stop()
+        if wait_s:
+            assert outs == refs
+        else:
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in outs
+            assert all(o == r for o, r in zip(outs, refs) if not isinstance(o, grpc.StatusCode))
+
+
+def test_the_kv_line_is_first_come_first_served():
+    import asyncio
+
+    from colm.router.kv_wait import KVWaitQueue
+
+    async def main():
+        q = KVWaitQueue()
+        assert q.may_try("a")  # nobody waits: anyone may try
+        q.join("a"), q.join("b"), q.join("a")
+        assert len(q) == 2 and q.may_try("a") and not q.may_try("b") and not q.may_try("c")
+        woken = asyncio.ensure_future(q.wait("b", poll_s=10))
+        await asyncio.sleep(0)
+        q.leave("a")  # the head leaves: the next in line is woken at once, not at its poll
+        await asyncio.wait_for(woken, timeout=1)
+        assert q.may_try("b")
+        t = asyncio.get_running_loop().time()
+        await q.wait("b", poll_s=0.05)  # nothing wakes it: back after its poll
+        assert asyncio.get_running_loop().time() - t >= 0.04
+        q.leave("c")  # not in line: nothing changes
+        assert len(q) == 1
+        q.leave("b")
+        assert len(q) == 0 and q.may_try("c")
+
+    asyncio.run(main())
