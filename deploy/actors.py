@@ -278,7 +278,7 @@ class WorkerPool:
                 before = self.addresses.get(wid)
                 self.addresses[wid], self.metrics_urls[wid] = self._endpoints(ref, timeout_s)
                 if before is not None and before != self.addresses[wid]:  # a restarted actor, on a new port
-                    log.warning("worker %s now listens at %s (was %s)", wid, self.addresses[wid], before)
+                    log.info("worker %s now listens at %s (was %s)", wid, self.addresses[wid], before)
             except ray.exceptions.ActorDiedError as e:  # Ray will not restart it: max_restarts is exhausted
                 self.dead[wid] = (f"died and Ray will not restart it (max_restarts={self.cfg.workers.max_restarts} "
                                   f"exhausted): {_cause(e)}")
