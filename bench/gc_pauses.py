@@ -167,6 +167,8 @@ def main() -> int:
                      "gc_totals": totals(gc), "load": {k: agg[k] for k in (
                          "num_requests", "num_ok", "throughput_rps", "goodput_rps", "ttft_ms", "tpot_ms", "itl_ms",
                          "e2e_ms", "errors")}})
+        with open(args.out, "w") as fh:  # each run as soon as it exists (a call cut short keeps what it finished)
+            json.dump({"meta": {"device": device_name(), "partial": True}, "runs": runs}, fh, indent=2, default=str)
         print(f"[gc_pauses] COLM_GC_FREEZE={int(freeze)}", flush=True)
         print(table(summary), flush=True)
         for who, t in runs[-1]["gc_totals"].items():

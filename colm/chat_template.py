@@ -13,7 +13,9 @@ tokenizer.json names them), so ``/tokenizer_info`` never reports a null EOS.
 ``render(messages)`` renders the template the way ``apply_chat_template`` does: an immutable sandboxed jinja2
 environment with ``trim_blocks`` / ``lstrip_blocks`` and the ``loopcontrols`` extension, a ``tojson`` that
 keeps non-ASCII, the globals ``raise_exception`` and ``strftime_now``, and the variables ``messages``,
-``add_generation_prompt`` and every special token by name. A template error is a ValueError (a 400).
+``add_generation_prompt`` and every special token by name. A template error is a ValueError (a 400). A
+``developer`` message (OpenAI's newer name for system instructions) reaches a template that never names that role
+as a ``system`` message, as OpenAI treats it for models without that role.
 
 ``encode(text)``: HF ``tokenizer.json`` tokenizers find their added special tokens in text themselves; for
 the byte and SentencePiece tokenizers the text is split on the special tokens' strings first, so a
@@ -175,6 +177,8 @@ class TokenizerConfig:
             template = _compile(self.chat_template)
         except jinja2.TemplateSyntaxError as e:
             raise ValueError(f"the model's chat template does not compile: {e}") from None
+        if "developer" not in self.chat_template:  # OpenAI's newer name for system instructions
+            messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
         try:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                    **self.special)

@@ -2,7 +2,7 @@
 
 Endpoints: ``POST /v1/completions`` (streaming as server-sent events, ``logprobs`` and ``echo`` of
 prompt tokens, batched prompts), ``POST /v1/chat/completions`` (the prompt rendered with the checkpoint's
-chat template, ``colm.chat_template``; 400 for a model without one), ``GET /v1/models``,
+chat template, ``colm.chat_template``; 400 for a model without one), ``GET /v1/models``, ``GET /v1/models/{model}``,
 ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``, ``GET /health``. The scale or a latency
 budget rides in extra fields: ``scale``, ``ttft_ms``, ``tpot_ms``, ``deadline_ms``, ``on_miss`` (top level or
 inside ``"colm": {}``).
@@ -13,7 +13,10 @@ other name is a 404 ``NotFoundError``, as vLLM answers. Stop strings are cut fro
 what follows them (OpenAI / vLLM semantics; ``include_stop_str_in_output: true`` keeps the stop string):
 the router core stops at the token completing a stop string and streams that token's whole text, so
 ``StopTrimmer`` cuts at the HTTP layer and, while streaming, holds back the last ``len(longest stop) - 1``
-characters until they cannot start a stop string.
+characters until they cannot start a stop string. A streamed chat choice's log-prob entries go out with the chunk
+that carries their tokens' text (a token held back, or holding part of a UTF-8 character, has its entry in that
+choice's next chunk), and a chat log-prob's ``bytes`` are the token's own bytes where the tokenizer can say them.
+With ``stream_options.include_usage``, every chunk but the last (the usage, no choices) has ``"usage": null``.
 Request bodies are validated by the pydantic models of ``colm.router.openai_schema`` (strict types,
 finite numbers; unsupported OpenAI fields rejected unless they ask for a no-op; unknown fields ignored).
 aiohttp is chosen because Ray's default extra already installs it, it runs on the router's asyncio
@@ -128,6 +131,7 @@ class HttpApi:
         self.router = router
         self.guard = guard  # connection limits and head deadlines (start_http attaches it to the server)
         self.tok = router.tokenizer
+        self._raw_bytes = getattr(self.tok, "decode_bytes", None)  # ids -> their bytes, where the tokenizer says
         self.tcfg = getattr(self.tok, "tokenizer_config", None) or TokenizerConfig.load(
             getattr(self.tok, "model_dir", None), self.tok)
 
@@ -138,6 +142,7 @@ class HttpApi:
         # the metrics port's registry (workers' metrics included), where vLLM and SGLang serve it; the API key applies
         app.router.add_get("/metrics", metrics_endpoint(self.router.metrics.registry))
         app.add_routes([web.post("/v1/completions", self.completions), web.get("/v1/models", self.models),
+                        web.get("/v1/models/{model}", self.model),
                         web.post("/v1/chat/completions", self.chat_completions),
                         web.post("/tokenize", self.tokenize), web.post("/detokenize", self.detokenize),
                         web.get("/tokenizer_info", self.tokenizer_info), web.get("/health", self.health),
@@ -313,6 +318,7 @@ class HttpApi:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
             offsets = [0] * len(specs)  # text_offset of each choice's next token
+            extra = {"usage": None} if include_usage else {}  # OpenAI: every chunk but the last has a null usage
 
             def chunk(index, text, finish=None, ev=None):
                 c = {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
@@ -324,7 +330,7 @@ class HttpApi:
                                          "top_logprobs": [self._top_dict(ev.token_id, ev.logprob, ev.top_logprobs)],
                                          "text_offset": [offsets[index]]}
                         offsets[index] += len(piece)
-                return {**ids, "choices": [c]}
+                return {**ids, "choices": [c], **extra}
 
             head = [chunk(i, self.tok.decode(s.prompt_ids)) for i, s in enumerate(specs)] if echo else []
             return await self._stream(request, specs, chunk, head, [self._trimmer(req) for _ in specs],
@@ -391,8 +397,14 @@ class HttpApi:
             extra = {"usage": None} if include_usage else {}
 
             call_ids = [f"call_{uuid.uuid4().hex[:24]}" for _ in specs] if forced is not None else []
+            # each choice's log-prob entries of tokens whose text is not out yet (held back by a stop string, or a
+            # part of a UTF-8 character): they go out with the next chunk of that choice, the finish chunk at the
+            # latest, so that a stream carries every token's entry, as the unstreamed response does
+            pending: list[list[dict]] = [[] for _ in specs]
 
             def chunk(index, text, finish=None, ev=None, role=False):
+                if ev is not None and want_lp:
+                    pending[index].append(self._chat_logprob(ev.token_id, ev.logprob, ev.top_logprobs))
                 if not text and finish is None and not role:
                     return None
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
@@ -405,8 +417,8 @@ class HttpApi:
                 c = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
                 if ev is not None:
                     c["scale"] = ev.scale
-                    if want_lp:
-                        c["logprobs"] = {"content": [self._chat_logprob(ev.token_id, ev.logprob, ev.top_logprobs)]}
+                if pending[index] and not role:
+                    c["logprobs"], pending[index] = {"content": pending[index]}, []
                 return {**head, "choices": [c], **extra}
 
             return await self._stream(request, specs, chunk, [chunk(j, "", role=True) for j in range(len(specs))],
@@ -429,10 +441,16 @@ class HttpApi:
                                                                             [0] * len(runs))}).encode()
 
     def _chat_logprob(self, token_id: int, logprob: float, alts=()) -> dict:
+        return {**self._chat_token(token_id), "logprob": logprob,
+                "top_logprobs": [{**self._chat_token(t), "logprob": lp} for t, lp in alts]}
+
+    def _chat_token(self, token_id: int) -> dict:
+        """A chat log-prob's ``token`` and ``bytes``: OpenAI's ``bytes`` are the token's own, which joined make the
+        text, so a token holding part of a UTF-8 character has that part (its ``token`` text shows U+FFFD).
+        Tokenizers that cannot say a token's bytes (no ``decode_bytes``) give its text's UTF-8."""
         piece = self._piece(token_id)
-        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8")),
-                "top_logprobs": [{"token": (p := self._piece(t)), "logprob": lp, "bytes": list(p.encode("utf-8"))}
-                                 for t, lp in alts]}
+        raw = self._raw_bytes([token_id]) if self._raw_bytes is not None else piece.encode("utf-8")
+        return {"token": piece, "bytes": list(raw)}
 
     def _top_dict(self, token_id: int, logprob: float, alts) -> dict:
         """A completion token's ``top_logprobs`` entry: the most likely tokens' text -> log-prob, and the token itself
@@ -535,13 +553,25 @@ class HttpApi:
         passes; the API key applies). Answers {"workers": {worker: idle blocks freed, or its error}}."""
         return web.json_response({"workers": await self.router.reset_prefix_cache()})
 
-    async def models(self, request):
+    def _cards(self) -> list[dict]:
+        """The model cards: the served name, then ``NAME@k`` for every scale k."""
         cfg, name = self.router.model_cfg, self.router.cfg.served_model_name
         scales = list(range(1, cfg.num_chains + 1))
         card = {"object": "model", "created": 0, "owned_by": "colm", "max_model_len": cfg.max_seq_len}
         data = [{"id": name, **card, "root": name, "parent": None, "scales": scales}]
         data += [{"id": f"{name}@{k}", **card, "root": name, "parent": name, "scale": k} for k in scales]
-        return web.json_response({"object": "list", "data": data})
+        return data
+
+    async def models(self, request):
+        return web.json_response({"object": "list", "data": self._cards()})
+
+    async def model(self, request):
+        """OpenAI's ``GET /v1/models/{model}`` (``client.models.retrieve``): a listed model's card; 404 others."""
+        name = request.match_info["model"]
+        card = next((c for c in self._cards() if c["id"] == name), None)
+        if card is None:
+            raise ModelNotFound(name)
+        return web.json_response(card)
 
     async def tokenize(self, request):
         req = parse(TokenizeRequest, await self._json(request))

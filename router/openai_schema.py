@@ -28,7 +28,8 @@ token comes with that many of the most likely tokens (and itself); the prompt's 
 most likely token only, so ``echo`` with ``logprobs`` above 1 is a 400 rather than a short list.
 ``include_stop_str_in_output`` (vLLM's extra) keeps a matched stop string in the text.
 
-Chat ``messages``: a non-empty list of objects with ``role`` system / user / assistant, ``content`` a
+Chat ``messages``: a non-empty list of objects with ``role`` system / developer (OpenAI's newer name for system
+instructions: ``colm.chat_template``) / user / assistant / tool, ``content`` a
 string or a list of text parts ``{"type": "text", "text": ...}`` (joined with newlines, as vLLM does for
 string-content templates), and optionally ``name``; anything else is a 400 naming the message's field.
 """
@@ -51,7 +52,7 @@ from colm.sampling import (MAX_ALLOWED_TOKEN_IDS, MAX_BIAS, MAX_LOGIT_BIAS, MAX_
 
 MAX_LOGPROBS = MAX_TOP_LOGPROBS  # the most likely tokens reported per generated token
 MAX_N = 16  # choices per prompt (n): each is a sequence of its own, sharing the prompt's cached K/V
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "user", "assistant", "tool", "developer")
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 Ms = Annotated[float, Field(gt=0, le=MAX_BUDGET_MS)]
