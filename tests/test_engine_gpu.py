@@ -88,7 +88,9 @@ def test_sampled_rows_queued_ahead_in_graphs_match_reference(tmp_path):
             rid = f"s{i}"
             de.reserve(rid, len(p), 16)
             pe.submit(rid, p, LocalKVSink(de, rid))
-            streams.append((p, params, 1 + i % 2, de.start_generation(rid, p[-1], params, scale=1 + i % 2)))
+            # penalties read the prompt: a disaggregated decode worker gets it as context_ids, as the router sends it
+            streams.append((p, params, 1 + i % 2, de.start_generation(rid, p[-1], params, scale=1 + i % 2,
+                                                                      context_ids=p[:-1])))
             time.sleep(0.01 * i)
         for p, params, scale, st in streams:
             assert [e.token_id for e in st] == generate(full, p, params, scale=scale).token_ids, params
