@@ -14,7 +14,7 @@ clip, AdamW) on the same random token batches, side by side in one process, time
 MFU uses the PaLM / nanoGPT count: 6 x (matmul parameters, block-sparse counted exactly, head
 included) + 12 x layers x dim x seq per token, over the dense bf16 peak of the GPU.
 
-    python bench/train_throughput.py --out bench/results/train_throughput_h100_2026-11-23.json
+    python bench/train_throughput.py --out bench/results/train_throughput_h100.json
 """
 
 from __future__ import annotations
