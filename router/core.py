@@ -264,7 +264,7 @@ class Router:
         Applies from the decode worker's next step; pins the scale. Raises UnknownRequest / ValueError."""
         if isinstance(scale, bool) or not isinstance(scale, int):
             raise ValueError(f"scale={scale!r}: must be an integer in 1..{self.model_cfg.num_chains}")
-        self.model_cfg.check_scale(scale)
+        self.check_served_scale(scale)
         uids = {u for u in self._by_client_id.get(request_id, ()) if u in self._states}
         if not uids:
             raise UnknownRequest(f"request_id={request_id!r}: no running request has this id")
@@ -276,6 +276,17 @@ class Router:
                 await self.backend.set_scale(decode_id, rid, scale)
         self.metrics.scale_changes.inc(len(uids))
         return scale
+
+    def served_scales(self) -> list[int]:
+        """The scales this router serves: ``router.fixed_scale`` alone when set (the colocated baseline), else all."""
+        return [self.cfg.fixed_scale] if self.cfg.fixed_scale else list(range(1, self.model_cfg.num_chains + 1))
+
+    def check_served_scale(self, scale: int) -> None:
+        """ValueError for a scale the model does not have, or one this router does not serve (``fixed_scale``)."""
+        self.model_cfg.check_scale(scale)
+        if self.cfg.fixed_scale and scale != self.cfg.fixed_scale:
+            raise ValueError(f"scale={scale}: this service serves scale {self.cfg.fixed_scale} only "
+                             f"(router.fixed_scale)")
 
     async def rebalance_once(self) -> None:
         states = [s for s, _ in self.running.values()]
@@ -328,7 +339,7 @@ class Router:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                              f"the context of {cfg.max_seq_len} tokens")
         if scale is not None:
-            cfg.check_scale(scale)
+            self.check_served_scale(scale)
         if check_speculative(speculative) and not cfg.kv_sharing:
             raise ValueError(f"speculative={speculative}: chain-1 drafts need a CoLM-Air model (shared KV)")
         if not isinstance(cache_salt, str) or len(cache_salt) > MAX_CACHE_SALT:

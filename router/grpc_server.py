@@ -279,7 +279,7 @@ class ColmServicer(pb2_grpc.ColmServicer):
         cfg = r.model_cfg
         est = r.policy.estimates()
         out = pb2.ListScalesResponse(model=r.cfg.served_model_name, kv_sharing=cfg.kv_sharing)
-        for k in range(1, cfg.num_chains + 1):
+        for k in r.served_scales():
             out.scales.append(pb2.ScaleInfo(scale=k, num_params=cfg.num_params(k), dim=cfg.scale_dim(k),
                                             predicted_ttft_ms=est[k]["ttft_ms"], predicted_tpot_ms=est[k]["tpot_ms"],
                                             measured_step_ms=r.policy.model.step_ms.get(k, 0.0)))

@@ -203,7 +203,7 @@ class HttpApi:
         if req.model is None or req.model == name:
             return name, None
         base, at, k = req.model.rpartition("@")
-        if at and base == name and k.isdigit() and k == str(int(k)) and 1 <= int(k) <= self.router.model_cfg.num_chains:
+        if at and base == name and k.isdigit() and k == str(int(k)) and int(k) in self.router.served_scales():
             return req.model, int(k)
         raise ModelNotFound(req.model)
 
@@ -554,9 +554,9 @@ class HttpApi:
         return web.json_response({"workers": await self.router.reset_prefix_cache()})
 
     def _cards(self) -> list[dict]:
-        """The model cards: the served name, then ``NAME@k`` for every scale k."""
+        """The model cards: the served name, then ``NAME@k`` for every scale k it serves."""
         cfg, name = self.router.model_cfg, self.router.cfg.served_model_name
-        scales = list(range(1, cfg.num_chains + 1))
+        scales = self.router.served_scales()
         card = {"object": "model", "created": 0, "owned_by": "colm", "max_model_len": cfg.max_seq_len}
         data = [{"id": name, **card, "root": name, "parent": None, "scales": scales}]
         data += [{"id": f"{name}@{k}", **card, "root": name, "parent": name, "scale": k} for k in scales]

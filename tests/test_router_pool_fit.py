@@ -112,3 +112,31 @@ def test_the_kv_line_is_first_come_first_served():
         assert len(q) == 0 and q.may_try("c")
 
     asyncio.run(main())
+
+
+def test_a_fixed_scale_service_refuses_other_scales_and_lists_only_its_own(tmp_path):
+    """router.fixed_scale (the colocated baseline): a request or switch that pins another scale is refused (it was
+    served at the fixed scale while its answer claimed it), and /v1/models and ListScales list the served scale
+    alone."""
+    from colm.router.local_backend import LocalBackend
+    from router_helpers import get_json
+
+    full = save_tiny_air(tmp_path)
+    bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=0, fixed_scale=2), full.cfg, ByteTokenizer(),
+                                 LocalBackend(full, fixed_scale=2)))
+    try:
+        p = prompts([9], seed=1)[0]
+        with Client(bg.grpc_addr) as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.complete(p, max_new_tokens=4, scale=1)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fixed_scale" in e.value.details()
+            out = c.complete(p, max_new_tokens=4, scale=2, ignore_eos=True)
+            assert set(out["scales"]) == {2}
+            assert [s["scale"] for s in c.list_scales()] == [2]
+        status, body = post_json(f"{bg.http_url}/v1/completions", {"prompt": p, "max_tokens": 4, "scale": 1})[:2]
+        assert status == 400 and "fixed_scale" in body["error"]["message"]
+        assert post_json(f"{bg.http_url}/v1/completions", {"model": "colm@1", "prompt": p, "max_tokens": 4})[0] == 404
+        ids = [m["id"] for m in get_json(f"{bg.http_url}/v1/models")[1]["data"]]
+        assert ids == ["colm", "colm@2"]
+    finally:
+        bg.stop()
