@@ -13,6 +13,8 @@ import logging
 import threading
 from typing import Callable
 
+from colm.errors import EngineDeadError
+
 log = logging.getLogger(__name__)
 
 
@@ -24,6 +26,11 @@ class LoopThread:
         self.error: BaseException | None = None  # what ended the loop, if it did not end by ``stop``
         self.on_error: list[Callable[[BaseException], None]] = []
         self._thread: threading.Thread | None = None
+
+    def dead(self, what: str) -> EngineDeadError | None:
+        """The error requests get once the loop has ended with one (``what``: the engine, for the message), else
+        None."""
+        return None if self.error is None else EngineDeadError(f"{what}: its loop ended with {self.error!r}")
 
     @property
     def started(self) -> bool:

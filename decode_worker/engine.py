@@ -31,8 +31,8 @@ import numpy as np
 
 from colm import checkpoint
 from colm.config import servable
-from colm.errors import (CapacityError, DeadlineError, EngineDeadError, NoTokenAllowedError, PeerUnavailableError,
-                         RequestAbortedError, RequestFailedError, UnknownRequestError)
+from colm.errors import (CapacityError, DeadlineError, NoTokenAllowedError, PeerUnavailableError, RequestAbortedError,
+                         RequestFailedError, UnknownRequestError)
 from colm.graphed_forward import GraphedForward
 from colm.host_identity import host_id as current_host_id
 from colm.kernels._tuning import num_tuned
@@ -207,12 +207,12 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
 
     def check_alive(self) -> None:
         """EngineDeadError once the step loop has ended with an error (health answers fail from then on)."""
-        if self._runner.error is not None:
-            raise EngineDeadError(f"decode engine: its step loop ended with {self._runner.error!r}")
+        if (err := self._runner.dead("decode engine")) is not None:
+            raise err
 
     def _loop_died(self, exc: BaseException) -> None:
         """Every request ends now with EngineDeadError (the router fails them over), not at its deadline."""
-        err = EngineDeadError(f"decode engine: its step loop ended with {exc!r}")
+        err = self._runner.dead("decode engine")
         with self._lock:
             for req in list(self._requests.values()):
                 try:

@@ -28,7 +28,7 @@ import torch
 
 from colm import checkpoint
 from colm.config import ModelConfig, servable
-from colm.errors import CapacityError, DeadlineError, EngineDeadError
+from colm.errors import CapacityError, DeadlineError
 from colm.host_identity import host_id as current_host_id
 from colm.kv_wire import KVLayout, dtype_name
 from colm.model import CoLM
@@ -148,12 +148,12 @@ class PrefillEngine:
 
     def check_alive(self) -> None:
         """EngineDeadError once the loop has ended with an error (health answers fail from then on)."""
-        if self._runner.error is not None:
-            raise EngineDeadError(f"prefill engine: its loop ended with {self._runner.error!r}")
+        if (err := self._runner.dead("prefill engine")) is not None:
+            raise err
 
     def _loop_died(self, exc: BaseException) -> None:
         """Every queued prompt fails now with EngineDeadError (the router retries it elsewhere)."""
-        err = EngineDeadError(f"prefill engine: its loop ended with {exc!r}")
+        err = self._runner.dead("prefill engine")
         with self._cv:
             while self._queue:
                 self._fail(self._queue.popleft(), err)

@@ -32,6 +32,34 @@ def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), capture_output=True, text=True, check=check, timeout=60)
 
 
+def serve_yaml(head_ip: str, token: str, num_blocks: int = 512) -> str:
+    """The serve.yaml of a cluster test: the demo model, one prefill and one decode worker pinned to the nodes that
+    offer the `prefill` and `decode` resources, the router on the head's address, the cluster token given."""
+    return f"""
+model: {{path: demo}}
+workers:
+  num_prefill: 1
+  num_decode: 1
+  num_cpus_per_worker: 1
+  prefill_resources: {{prefill: 1}}
+  decode_resources: {{decode: 1}}
+  max_restarts: 5
+  host: auto
+decode: {{num_blocks: {num_blocks}, block_size: 16}}
+router:
+  host: {head_ip}
+  grpc_port: 50051
+  http_port: 8000
+  metrics_port: 9400
+  metrics_host: {head_ip}
+  poll_interval_s: 0.2
+  max_retries: 3
+  worker_wait_s: 60
+security: {{cluster_token: {token}}}
+ray: {{address: auto}}
+"""
+
+
 def netns_unavailable() -> str:
     if sys.platform != "linux":
         return "network namespaces need Linux"

@@ -20,40 +20,13 @@ import time
 import pytest
 
 pytest.importorskip("ray")
-from netns_cluster import NetnsCluster, netns_unavailable  # noqa: E402
+from netns_cluster import NetnsCluster, netns_unavailable, serve_yaml  # noqa: E402
 from router_helpers import get_json, post_json, wait_serving  # noqa: E402
 
 WHY_NO_NETNS = netns_unavailable()
 TOKEN = "netns-fault-cluster-token-0123456789"
 PROMPT = "The import statement"
 DEADLINE_MS = 6000
-
-
-def _serve_yaml(head_ip: str) -> str:
-    # 64 KV blocks: a request of 20 + 32 tokens needs 4, so the pool looks full after 16 picks left counted
-    return f"""
-model: {{path: demo}}
-workers:
-  num_prefill: 1
-  num_decode: 1
-  num_cpus_per_worker: 1
-  prefill_resources: {{prefill: 1}}
-  decode_resources: {{decode: 1}}
-  max_restarts: 5
-  host: auto
-decode: {{num_blocks: 64, block_size: 16}}
-router:
-  host: {head_ip}
-  grpc_port: 50051
-  http_port: 8000
-  metrics_port: 9400
-  metrics_host: {head_ip}
-  poll_interval_s: 0.2
-  max_retries: 3
-  worker_wait_s: 60
-security: {{cluster_token: {TOKEN}}}
-ray: {{address: auto}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +37,8 @@ def cluster():
     try:
         c.start()
         cfg = c.tmp / "serve.yaml"
-        cfg.write_text(_serve_yaml(c.head.ip))
+        # 64 KV blocks: a request of 20 + 32 tokens needs 4, so the pool looks full after 16 picks left counted
+        cfg.write_text(serve_yaml(c.head.ip, TOKEN, num_blocks=64))
         proc = c.popen(c.head, [sys.executable, "-m", "colm.cli", "serve", "--config", str(cfg)], "colm-serve.log",
                        env={"RAY_ADDRESS": f"{c.head.ip}:6379"})
         log = c.tmp / "colm-serve.log"

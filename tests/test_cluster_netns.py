@@ -17,7 +17,7 @@ import time
 import pytest
 
 pytest.importorskip("ray")
-from netns_cluster import LoopbackCluster, NetnsCluster, netns_unavailable  # noqa: E402
+from netns_cluster import LoopbackCluster, NetnsCluster, netns_unavailable, serve_yaml  # noqa: E402
 from router_helpers import wait_serving  # noqa: E402
 
 # COLM_TEST_LOOPBACK_CLUSTER=1 runs the fallback even where namespaces work (to check the fallback itself)
@@ -27,35 +27,9 @@ TOKEN = "netns-test-cluster-token-0123456789"
 PROMPT = "The import statement"
 
 
-def _serve_yaml(head_ip: str) -> str:
-    return f"""
-model: {{path: demo}}
-workers:
-  num_prefill: 1
-  num_decode: 1
-  num_cpus_per_worker: 1
-  prefill_resources: {{prefill: 1}}
-  decode_resources: {{decode: 1}}
-  max_restarts: 5
-  host: auto
-decode: {{num_blocks: 512, block_size: 16}}
-router:
-  host: {head_ip}
-  grpc_port: 50051
-  http_port: 8000
-  metrics_port: 9400
-  metrics_host: {head_ip}
-  poll_interval_s: 0.2
-  max_retries: 3
-  worker_wait_s: 60
-security: {{cluster_token: {TOKEN}}}
-ray: {{address: auto}}
-"""
-
-
 def _start_service(cluster: NetnsCluster, timeout_s: float = 240.0) -> dict:
     cfg = cluster.tmp / "serve.yaml"
-    cfg.write_text(_serve_yaml(cluster.head.ip))
+    cfg.write_text(serve_yaml(cluster.head.ip, TOKEN))
     log = "colm-serve.log"
     proc = cluster.popen(cluster.head, [sys.executable, "-m", "colm.cli", "serve", "--config", str(cfg)], log,
                          env={"RAY_ADDRESS": f"{cluster.head.ip}:6379"})

@@ -52,7 +52,8 @@ def test_loadtest_200_requests_writes_json_and_png(tmp_path):
 
 
 def test_closed_loop_against_the_baseline(tmp_path):
-    """`colm serve --baseline`: one colocated engine with the full model's prefill, every request at full scale."""
+    """`colm serve --baseline`: one colocated engine with the full model's prefill, every request at full scale
+    whatever its budget; a request pinning another scale is refused (INVALID_ARGUMENT), not served at full scale."""
     import asyncio
     import threading
 
@@ -67,13 +68,16 @@ def test_closed_loop_against_the_baseline(tmp_path):
     addrs = asyncio.run_coroutine_threadsafe(launcher.start(), loop).result(120)
     try:
         spec = LoadSpec(concurrency=4, num_requests=20, prompt_len=(4, 12), output_len=(2, 6),
-                        budgets=(("tpot:0.001", 1.0), ("scale:1", 1.0)), warmup_requests=6)
+                        budgets=(("tpot:0.001", 1.0), ("none", 1.0)), warmup_requests=6)
         summary = run(addrs["grpc"], spec, str(tmp_path / "c.json"), str(tmp_path / "c.png"), progress=False)
+        pinned = run(addrs["grpc"], LoadSpec(concurrency=2, num_requests=4, prompt_len=(4, 12), output_len=(2, 6),
+                                             budgets=(("scale:1", 1.0),)), None, None, progress=False)
     finally:
         asyncio.run_coroutine_threadsafe(launcher.stop(), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
     assert summary["total"]["num_ok"] == 20 and summary["total"]["num_requests"] == 20
-    assert summary["rates"][0]["scale_mix"] == {"2": 1.0}  # no scale choice, whatever the budget or pin
+    assert summary["rates"][0]["scale_mix"] == {"2": 1.0}  # no scale choice, whatever the budget
+    assert pinned["total"]["num_ok"] == 0 and pinned["total"]["errors"] == {"INVALID_ARGUMENT": 4}
     de = launcher.server.router.backend.decode["baseline-0"]
     assert de.stats().num_free_blocks == de.stats().num_blocks and de.stats().prefills
     assert de.config.prefill_scale == 0 and de.stats().num_prefill_chunks > 0
