@@ -380,17 +380,27 @@ def check_writable(path: str) -> None:
         raise ValueError(f"output {path}: not writable")
 
 
-def check_reachable(addr: str, api_key: str | None = None, timeout_s: float = 10.0) -> None:
-    """ValueError unless the service at ``addr`` answers a health check (with ``api_key``) within ``timeout_s``:
+def check_reachable(addr: str, api_key: str | None = None, timeout_s: float = 10.0,
+                    spec: "LoadSpec | None" = None) -> None:
+    """ValueError unless the service at ``addr`` answers a health check (with ``api_key``) within ``timeout_s``, and
+    (with ``spec``) its model's context holds the longest request of the load (prefix + prompt + output tokens):
     otherwise every request of the load would fail the same way."""
     pb2, pb2_grpc = load_proto("public")
     md = (("authorization", f"Bearer {api_key}"),) if api_key else ()
     with grpc.insecure_channel(addr) as channel:
+        stub = pb2_grpc.ColmStub(channel)
         try:
-            pb2_grpc.ColmStub(channel).Health(pb2.HealthRequest(), metadata=md, timeout=timeout_s)
+            stub.Health(pb2.HealthRequest(), metadata=md, timeout=timeout_s)
+            context = stub.Tokenize(pb2.TokenizeRequest(text=b""), metadata=md, timeout=timeout_s).max_seq_len
         except grpc.RpcError as e:
             raise ValueError(f"addr={addr}: the service does not answer a health check ({e.code().name}: "
                              f"{e.details()}); no load was sent") from None
+    if spec is not None and context:
+        longest = spec.prefix_len + spec.prompt_len[1] + spec.output_len[1]
+        if longest > context:
+            raise ValueError(f"prefix_len ({spec.prefix_len}) + prompt_len's upper bound ({spec.prompt_len[1]}) + "
+                             f"output_len's upper bound ({spec.output_len[1]}) = {longest} tokens exceeds the served "
+                             f"model's context of {context} tokens; no load was sent")
 
 
 def run(addr: str, spec: LoadSpec, out_json: str | None = None, out_png: str | None = None,
@@ -400,7 +410,7 @@ def run(addr: str, spec: LoadSpec, out_json: str | None = None, out_png: str | N
     for out in (out_json, out_png):
         if out:
             check_writable(out)
-    check_reachable(addr, api_key, min(spec.timeout_s, 10.0))
+    check_reachable(addr, api_key, min(spec.timeout_s, 10.0), spec)
     t0 = time.perf_counter()
     if spec.processes > 1:
         results, wall = run_load_processes(addr, spec, api_key)

@@ -119,3 +119,19 @@ def test_the_output_directory_is_made_or_refused_before_the_load(served, tmp_pat
                  "--out", str(tmp_path / "afile" / "lt")]) == 2
     assert "cannot create its directory" in capsys.readouterr().err
     assert _requests_seen(router) == before  # nothing was sent
+
+
+def test_a_load_longer_than_the_models_context_is_refused_before_it_is_sent(served, tmp_path, capsys):
+    """tiny-air's context is 512 tokens: a shared prefix of 500 with prompts up to 6 and outputs up to 10 could not be
+    served (every request would be INVALID_ARGUMENT); the command says why and sends nothing."""
+    router, bg = served
+    before = _requests_seen(router)
+    out = tmp_path / "long"
+    assert main(["loadtest", "--addr", bg.grpc_addr, "--concurrency", "2", "--num-requests", "4", "--prefix-len",
+                 "500", "--prompt-len", "4,6", "--output-len", "2,10", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "= 516 tokens exceeds the served model's context of 512 tokens; no load was sent" in err, err
+    assert _requests_seen(router) == before and not out.with_suffix(".json").exists()
+    # at the context exactly, the load runs
+    assert main(["loadtest", "--addr", bg.grpc_addr, "--concurrency", "2", "--num-requests", "2", "--prefix-len",
+                 "496", "--prompt-len", "4,6", "--output-len", "2,10", "--out", str(out)]) == 0
