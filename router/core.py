@@ -188,9 +188,13 @@ class Router:
         for role in ("prefill", "decode"):
             if self.registry.can_prefill() if role == "prefill" else self.registry.healthy(role):
                 continue
-            states = [f"{w.worker_id}: {self.registry.state(w)}" for w in self.registry.workers.values()
-                      if w.role == role or (role == "prefill" and self.registry.prefills_itself(w))]
-            missing.append(f"no healthy {role} worker ({', '.join(states) or 'none registered'})")
+            # a decode worker that has not reported yet may be one that prefills itself (colocated)
+            states = [f"{w.worker_id}: {self.registry.state(w) if w.report or w.role == role else 'not reported yet'}"
+                      for w in self.registry.workers.values()
+                      if w.role == role or (role == "prefill" and (w.report is None or self.registry.prefills_itself(w)))]
+            what = "worker that prefills (a prefill worker or a colocated decode worker)" if role == "prefill" \
+                else "decode worker"
+            missing.append(f"no healthy {what} ({', '.join(states) or 'none registered'})")
         return not missing, "; ".join(missing)
 
     def worker_states(self) -> dict[str, str]:

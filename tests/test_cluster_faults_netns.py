@@ -104,7 +104,7 @@ def test_prefill_node_partitioned_is_unavailable_not_full_then_recovers(cluster)
     finally:
         _link(c, 1, True)
     assert status == 503, (status, body)
-    assert health[0] == 503 and "no healthy prefill worker" in str(health[1]), health
+    assert health[0] == 503 and "no healthy worker that prefills" in str(health[1]), health
     assert len(results) == 6
     for code, seconds, detail in results:
         assert code in ("OK", "UNAVAILABLE", "DEADLINE_EXCEEDED"), results

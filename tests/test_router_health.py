@@ -92,7 +92,7 @@ def test_a_missing_prefill_worker_means_not_serving_everywhere(served):
         backend.down = True
         assert _until(lambda: not c.health()["serving"])
         h = c.health()
-        assert "no healthy prefill worker" in h["reason"] and "p0: unhealthy" in h["reason"], h
+        assert "no healthy worker that prefills" in h["reason"] and "p0: unhealthy" in h["reason"], h
         assert {w["worker_id"]: w["state"] for w in h["workers"]} == {"p0": "unhealthy", "d0": "healthy"}
         assert _until(lambda: _grpc_health(bg.grpc_addr) == "NOT_SERVING")
         assert router.metrics.registry.get_sample_value("colm_serving") == 0
