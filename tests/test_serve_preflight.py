@@ -138,3 +138,19 @@ def test_a_missing_or_broken_checkpoint_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="invalid JSON"):
         Launcher(ClusterConfig.from_dict({"model": {"path": str(tmp_path)}})).prepare()
+
+
+def test_the_start_hints_say_where_the_key_goes_and_never_print_it(capsys):
+    import types
+
+    from colm.commands.serve import announce
+    from colm.router.config import RouterConfig
+
+    secret = "s3cret-key-value-0123456789"
+    for cfg in (RouterConfig(), RouterConfig(api_key=secret)):
+        launcher = types.SimpleNamespace(pool=None, model_path="demo", server=types.SimpleNamespace(
+            router=types.SimpleNamespace(backend=types.SimpleNamespace(workers=lambda: []), cfg=cfg)))
+        announce(launcher, {"grpc": "127.0.0.1:50051", "http": "http://127.0.0.1:8000"})
+        err = capsys.readouterr().err
+        assert secret not in err
+        assert ("--api-key KEY" in err and "Authorization: Bearer KEY" in err) == bool(cfg.api_key), err

@@ -92,10 +92,16 @@ def announce(launcher, addrs: dict) -> None:
     print(f"[colm serve] workers ({where}): {workers}", file=sys.stderr)
     for kind, addr in addrs.items():
         print(f"[colm serve] {kind:7s} {addr}", file=sys.stderr)
-    print(f"[colm serve] try: colm client generate --addr {addrs['grpc']} --prompt 'def read_config(path):' --stream",
-          file=sys.stderr)
+    rcfg = launcher.server.router.cfg
+    # with a key or TLS the hints say where they go (KEY and CA stand for yours: the key itself is never printed)
+    key = " --api-key KEY" if rcfg.api_key else ""
+    ca = " --tls-ca CA.pem" if rcfg.tls_cert else ""
+    print(f"[colm serve] try: colm client generate --addr {addrs['grpc']}{key}{ca} --prompt 'def read_config(path):' "
+          "--stream", file=sys.stderr)
     if "http" in addrs:
-        print(f"[colm serve]  or: curl {addrs['http']}/v1/completions -H 'Content-Type: application/json' "
+        auth = " -H 'Authorization: Bearer KEY'" if rcfg.api_key else ""
+        cacert = " --cacert CA.pem" if rcfg.tls_cert else ""
+        print(f"[colm serve]  or: curl{cacert} {addrs['http']}/v1/completions{auth} -H 'Content-Type: application/json' "
               "-d '{\"prompt\": \"def read_config(path):\", \"max_tokens\": 16, \"tpot_ms\": 50}'", file=sys.stderr)
     sys.stderr.flush()
 
