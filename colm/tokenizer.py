@@ -20,6 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet (GPT-2's): each byte as a printable character; the printable bytes map to
+    themselves, the others to the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
 class ByteTokenizer:
     """UTF-8 bytes 0..255, then BOS=256, EOS=257, PAD=258 (vocab >= 259)."""
 
@@ -73,6 +81,21 @@ class HFTokenizer:
         self.vocab_size = self.tok.get_vocab_size()
         self.bos_id = self._find(bos, ["<|begin_of_text|>", "<s>", "<bos>"])
         self.eos_id = self._find(eos, ["<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>"])
+        if type(self.tok.decoder).__name__ == "ByteLevel":  # GPT-2 / Llama 3 style: a token's bytes are exact
+            self._unicode_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+            self._added = set(self.tok.get_added_tokens_decoder())
+            self.decode_bytes = self._byte_level_bytes
+
+    def _byte_level_bytes(self, ids) -> bytes:
+        """The tokens' own bytes (a token may hold part of a UTF-8 character), joined; added tokens (BOS, EOS, ...),
+        which ``decode`` leaves out, give none."""
+        out = bytearray()
+        for i in ids:
+            i = int(i)
+            piece = self.tok.id_to_token(i) if i not in self._added else None
+            if piece:
+                out += bytes(self._unicode_to_byte[c] for c in piece)
+        return bytes(out)
 
     def _find(self, explicit, candidates) -> int:
         for tok in ([explicit] if explicit else []) + candidates:

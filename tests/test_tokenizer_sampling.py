@@ -71,6 +71,33 @@ def test_sentencepiece_and_hf_json_from_local_files(tmp_path):
     assert encode_prompt_within(sp, " " * 50000, 1024) == encode_prompt(sp, " " * 50000)  # SentencePiece drops them
 
 
+@pytest.mark.parametrize("merges", [True, False])
+def test_a_byte_level_hf_tokenizer_gives_each_tokens_own_bytes(tmp_path, merges):
+    """Byte-level BPE (GPT-2, Llama 3): ``decode_bytes`` of each token are its exact bytes, a piece of a UTF-8
+    character included (what OpenAI's log-prob ``bytes`` carry); joined they are the text's UTF-8; added tokens
+    (EOS) give none, as ``decode`` leaves them out."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from colm.tokenizer import HFTokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400 if merges else 257, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([corpus(), "héllo wörld ☃ naïve café\n\tx" * 20], trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    h = HFTokenizer(str(tmp_path / "tokenizer.json"))
+    text = "naïve ☃ café\n\t{x}"
+    ids = h.encode(text)
+    pieces = [h.decode_bytes([i]) for i in ids]
+    assert b"".join(pieces) == h.decode_bytes(ids) == text.encode("utf-8") and h.decode(ids) == text
+    if not merges:  # one byte a token: the snowman's three bytes are three tokens
+        assert pieces == [bytes([b]) for b in text.encode("utf-8")]
+    assert h.decode_bytes([h.eos_id]) == b""
+
+
 def test_sampling_params_validation():
     for kw, needle in [({"temperature": -1}, "temperature=-1"), ({"top_p": 0}, "top_p=0"),
                        ({"top_k": -2}, "top_k=-2"), ({"max_new_tokens": -1}, "max_new_tokens=-1"),
