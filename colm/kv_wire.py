@@ -21,6 +21,7 @@ import hashlib
 import mmap
 import os
 import queue
+import re
 import sys
 import threading
 import warnings
@@ -276,8 +277,12 @@ def prefetch(iterable, depth: int = 2, name: str = "colm-kv-prefetch"):
         stop.set()
 
 
+SHM_PREFIX = "colm-kv-"
+_SHM_NAME = re.compile(re.escape(SHM_PREFIX) + r"[0-9a-f]{20}")  # what shm_name_for makes
+
+
 def shm_name_for(request_id: str, nonce: str = "") -> str:
-    return "colm-kv-" + hashlib.sha1(f"{request_id}|{nonce}".encode()).hexdigest()[:20]
+    return SHM_PREFIX + hashlib.sha1(f"{request_id}|{nonce}".encode()).hexdigest()[:20]
 
 
 def create_segment(name: str, size: int) -> shared_memory.SharedMemory:
@@ -331,7 +336,12 @@ class SenderSegment:
 
 
 def open_segment(name: str) -> "AttachedSegment":
-    """Attach to a segment the sender created; the sender owns (and unlinks) it."""
+    """Attach to a segment the sender created; the sender owns (and unlinks) it. Only a name ``shm_name_for`` makes
+    is opened (ValueError otherwise): a stream's header never maps another program's segment, nor a path."""
+    if not _SHM_NAME.fullmatch(name):
+        shown = repr(name[:64]) + ("..." if len(name) > 64 else "")
+        raise ValueError(f"KVHeader.shm_name={shown}: not a KV segment name (allowed: {SHM_PREFIX!r} followed by 20 "
+                         "lowercase hex digits, as shm_name_for makes)")
     try:
         return AttachedSegment(name)
     except FileNotFoundError:

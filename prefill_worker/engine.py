@@ -192,6 +192,18 @@ class PrefillEngine:
             self._cv.notify()
         return job.future
 
+    def cancel(self, future: Future, exc: BaseException) -> bool:
+        """Drop a prompt still queued whose caller is gone (``future``: what ``submit`` returned): it fails with
+        ``exc`` and its sink is failed, without computing it. False where it is no longer queued (in a batch already,
+        or done): that one runs on, and its sink ends however its transfer does."""
+        with self._cv:
+            job = next((j for j in self._queue if j.future is future), None)
+            if job is None:
+                return False
+            self._queue.remove(job)
+        self._fail(job, exc)
+        return True
+
     def prefill(self, request_id: str, token_ids, sink, timeout_s: float | None = None) -> PrefillResult:
         """Submit and wait; runs the batch inline when the loop thread is not started."""
         fut = self.submit(request_id, token_ids, sink, timeout_s)

@@ -3,7 +3,8 @@
 ``Prefill`` asks the transport registry which transport the request takes (``colm.kv.registry.choose``
 with the pair's facts: bytes over ``PushKV``, shared memory, CUDA IPC of a staging tensor, writes into
 decode's pool, NIXL), has that transport make its sink to the named decode worker, submits the prompt to
-the engine and waits within the request's deadline. Channels to decode workers are cached per address.
+the engine and waits within the request's deadline; a call whose caller is gone takes its prompt out of the
+queue if it is still there (``PrefillEngine.cancel``). Channels to decode workers are cached per address.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 
+from colm.errors import RequestAbortedError
 from colm.kv import registry
 from colm.proto import load_proto
 from colm.proto.call_stream import serve_calls
@@ -55,7 +57,16 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
             self._stub(request.decode_address), request.request_id, self.cluster_token, self.engine.config,
             self.engine.device, timeout, request.decode_address, on_cancel=context.add_callback,
             same_host=request.same_host))
-        r = self.engine.submit(request.request_id, token_ids, sink, timeout, received).result(timeout=timeout)
+        job = self.engine.submit(request.request_id, token_ids, sink, timeout, received)
+        # a caller that is gone (cancelled, deadline passed) takes its prompt out of the queue: it is not computed and
+        # pushed to a reservation that has gone too, ahead of the prompts of callers still waiting
+        def caller_gone() -> None:
+            self.engine.cancel(job, RequestAbortedError(f"request {request.request_id}: Prefill cancelled by the "
+                                                        "caller while queued"))
+
+        if not context.add_callback(caller_gone):  # the call ended already
+            caller_gone()
+        r = job.result(timeout=timeout)
         return kv_pb2.PrefillReply(request_id=r.request_id, num_tokens=r.num_tokens, num_bytes=r.num_bytes,
                                    queue_ms=r.queue_ms, compute_ms=r.compute_ms, total_ms=r.total_ms, path=r.path,
                                    timeline_ms=r.timeline_ms, monotonic_s=r.monotonic_s)

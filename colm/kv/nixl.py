@@ -333,16 +333,27 @@ class NixlEndpoint:
     def post_write(self, local: np.ndarray, remote: np.ndarray, peer: str, mem: str = "DRAM", local_mem: str = "DRAM"):
         """Post one WRITE of the segments ``local`` (this process's ``local_mem``) -> ``remote`` (``peer``'s ``mem``):
         uint64 [n, 3] rows (address, length, device), pairwise of equal length. The handle."""
-        handle = self.agent.initialize_xfer("WRITE", self.agent.get_xfer_descs(local, local_mem),
-                                            self.agent.get_xfer_descs(remote, mem), peer)
-        state = self.agent.transfer(handle)
+        handle = None
+        try:
+            handle = self.agent.initialize_xfer("WRITE", self.agent.get_xfer_descs(local, local_mem),
+                                                self.agent.get_xfer_descs(remote, mem), peer)
+            state, why = self.agent.transfer(handle), ""
+        except Exception as e:  # noqa: BLE001 - NIXL raises its own errors (NIXL_ERR_REMOTE_DISCONNECT: the peer died)
+            state, why = "ERR", f" ({type(e).__name__}: {e})"
         if state == "ERR":
-            self.agent.release_xfer_handle(handle)
-            raise PeerUnavailableError(f"nixl: WRITE to {peer} failed when posted")
+            if handle is not None:
+                self.release(handle)
+            name = peer.decode(errors="replace") if isinstance(peer, bytes) else peer
+            raise PeerUnavailableError(f"nixl: WRITE to {name} failed when posted{why}")
         return handle
 
     def state(self, handle) -> str:
-        return self.agent.check_xfer_state(handle)
+        """The WRITE's state: "DONE", "PROC", or "ERR" (also when NIXL raises: a peer that died mid-write)."""
+        try:
+            return self.agent.check_xfer_state(handle)
+        except Exception as e:  # noqa: BLE001 - NIXL's own errors
+            log.debug("nixl: checking a transfer failed: %s", e)
+            return "ERR"
 
     def release(self, handle) -> None:
         try:
@@ -635,7 +646,11 @@ class NixlKVSink(GrpcKVSink):
         try:
             for batch, last in self._batches():
                 local, remote = self._descriptors(batch, local_base)
-                handle = self.ep.post_write(local, remote, self._peer, g.nixl_mem or "DRAM", self.ep.arena_mem)
+                try:
+                    handle = self.ep.post_write(local, remote, self._peer, g.nixl_mem or "DRAM", self.ep.arena_mem)
+                except PeerUnavailableError as e:
+                    self.ep.forget(g.nixl_agent)  # a dead peer: a restarted worker comes back under a new name
+                    raise PeerUnavailableError(f"request {self.request_id}: {e}") from None
                 marks = [ranges for ranges, _, _ in batch]
                 inflight.append((handle, marks))
                 # the checksums are summed (one launch, one read) while the WRITE runs: both only read the region
@@ -647,6 +662,9 @@ class NixlKVSink(GrpcKVSink):
                     ended = yield from self._send_oldest(inflight, last)
             while inflight:  # the end came after the last batch
                 ended = yield from self._send_oldest(inflight, True)
+        except Exception as e:  # noqa: BLE001 - a failed write or put: finish raises it, the stream ends without KVEnd
+            self._set_error(e)  # (raising it here would only turn into gRPC's UNKNOWN "Exception iterating requests")
+            return
         finally:
             for handle, _ in inflight:  # a failed stream: drop what is still posted (the region's free waits)
                 self.ep.release(handle)

@@ -16,13 +16,15 @@ detail of the receive side is here, behind the decode worker's two KV calls:
   range the sender has written (nixl: checked against the pool's slots first) -> ``KVEnd`` (cuda_pool: with the
   sender's ready event, opened here) -> ``finish_kv`` and an ack. The grant comes with this transport's
   ``colm.kv.lease.WriterLease`` (the grace and ready timeout of ``DecodeConfig``; nixl: cancel the sender's stream
-  if the request ends first), which decides when the blocks of an ended request go back. However the stream ends,
-  ``end_external_writes`` follows (at once after a clean end, after the grace if it broke).
+  if the request ends elsewhere first, ``_StreamStopper``), which decides when the blocks of an ended request go
+  back. However the stream ends, ``end_external_writes`` follows (at once after a clean end, after the grace if it
+  broke).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import grpc
 import torch
@@ -161,6 +163,52 @@ class BytesReceiver(_Receiver):
         return torch.cuda.stream(self._copy_stream)
 
 
+class _StreamStopper:
+    """A nixl grant's ``stop_writer``: cancel the sender's stream when its request ended elsewhere first (deadline,
+    abort), never when this receiver itself fails the request (a checksum, range or order error): that stream ends with
+    the receiver's own status (DATA_LOSS and why), which a cancel racing it would replace with a bare CANCELLED.
+
+    The engine calls the stop off its lock on a thread of its own, so a failure inside one of the receiver's engine
+    calls (``busy``) would race the status; a stop that comes while the receiver is in such a call waits for the
+    call's outcome (failed: the receiver's status ends the stream; returned: the stream is cancelled then)."""
+
+    def __init__(self, context) -> None:
+        self._context = context
+        self._lock = threading.Lock()
+        self._busy = self._pending = self._failing = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._failing:
+                return
+            if self._busy:
+                self._pending = True
+                return
+        self._context.cancel()
+
+    def failing(self) -> None:
+        """The receiver ends the stream with its own error from now on."""
+        with self._lock:
+            self._failing = True
+
+    @contextlib.contextmanager
+    def busy(self):
+        """Around the receiver's engine calls that may fail the request."""
+        with self._lock:
+            self._busy = True
+        try:
+            yield
+        except BaseException:
+            with self._lock:
+                self._busy, self._failing = False, True
+            raise
+        with self._lock:
+            self._busy = False
+            stop, self._pending = self._pending and not self._failing, False
+        if stop:
+            self._context.cancel()
+
+
 class GrantReceiver(_Receiver):
     def receive(self, request_iterator, context):
         state = {"grant": None, "clean": False}
@@ -187,8 +235,10 @@ class GrantReceiver(_Receiver):
             # nixl: a sender that may be on another host; if the request ends first, its stream is cancelled, so its
             # blocks wait out the grace instead of the sender's deadline
             cfg = self.engine.config
-            lease = WriterLease(cfg.external_write_grace_s, cfg.kv_timeout_s, stop_writer=context.cancel if nixl else None)
+            stopper = state["stopper"] = _StreamStopper(context) if nixl else None
+            lease = WriterLease(cfg.external_write_grace_s, cfg.kv_timeout_s, stop_writer=stopper)
             grant = state["grant"] = self.engine.grant_kv(rid, layout, cfg.grant_wait_s, lease=lease)
+            busy = stopper.busy if nixl else contextlib.nullcontext
             pool = self.engine.pool
             if nixl:
                 from colm.kv import nixl as kv_nixl
@@ -219,7 +269,8 @@ class GrantReceiver(_Receiver):
                                                            pending=pool.kv.is_cuda)
                             if got is not None:
                                 pending.append((c, got))
-                        self.engine.mark_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, seq=c.seq)
+                        with busy():
+                            self.engine.mark_kv(rid, c.layer_start, c.layer_end, c.token_start, c.token_end, seq=c.seq)
                     if kind == "marks" and msg.marks.HasField("end"):
                         end = msg.marks.end
                 elif kind == "end":
@@ -231,8 +282,9 @@ class GrantReceiver(_Receiver):
                         with DEVICE_WIDE_LOCK:
                             kv_nixl.check_pending(pool, grant.blocks, pending, rid)
                     ready = end.ready_event_ipc
-                    self.engine.finish_kv(rid, header.num_tokens,
-                                          ready=self.engine.open_ready_event(bytes(ready)) if ready else None)
+                    with busy():
+                        self.engine.finish_kv(rid, header.num_tokens,
+                                              ready=self.engine.open_ready_event(bytes(ready)) if ready else None)
                     state["clean"] = True
                     self.engine.end_external_writes(grant, clean=True)
                     yield kv_pb2.KVPoolReply(ack=kv_pb2.KVAck(request_id=rid, num_chunks=end.num_chunks,
@@ -240,6 +292,8 @@ class GrantReceiver(_Receiver):
                     return
             raise TransferError(f"request {rid}: KV stream ended without KVEnd (truncated)")
         except Exception as e:
+            if state.get("stopper") is not None:
+                state["stopper"].failing()  # this stream ends with e's status, not a cancel
             raise self._stream_failed(rid, e, context, fail=not state["clean"]) from None
         finally:
             if state["grant"] is not None and not state["clean"]:
