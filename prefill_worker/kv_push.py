@@ -187,10 +187,30 @@ class _Stop(Exception):
     """Ends the request stream without KVEnd (decode sees a truncated stream)."""
 
 
+class PeerStatus(grpc.RpcError):
+    """The decode worker's own answer to a KV stream, passed on with its status code (a refusal keeps its meaning:
+    NOT_FOUND, DATA_LOSS, INVALID_ARGUMENT, ...) and a one-line message (a gRPC error's own text is a multi-line
+    dump)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self._code, self._message = code, message
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._message
+
+    def __str__(self) -> str:
+        return self._message
+
+
 def _peer_error(request_id: str, e: grpc.RpcError) -> Exception:
     code = e.code()
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return PeerUnavailableError(f"request {request_id}: decode worker unavailable ({e.details()})")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return TimeoutError(f"request {request_id}: KV push deadline exceeded")
-    return e
+    details = " ".join(str(e.details() or "").split())
+    return PeerStatus(code, f"request {request_id}: the decode worker answered {code.name}: {details}")

@@ -292,3 +292,29 @@ def test_prefill_call_cancelled_while_queued_is_not_computed(cluster, monkeypatc
         sampling=kv_pb2.DecodeSampling(max_new_tokens=6, ignore_eos=True)), metadata=MD, timeout=30)]
     assert got == generate(full, prompt, SamplingParams(max_new_tokens=6, ignore_eos=True), scale=2).token_ids
     assert_pool_free(decode.engine)
+
+
+def test_a_decode_refusal_reaches_the_prefill_caller_with_its_code_on_one_line():
+    """A KV stream that decode refuses (NOT_FOUND: the reservation is gone; DATA_LOSS; ...) ends the Prefill call
+    with the same code and a one-line message naming the request, not a gRPC error's multi-line dump."""
+    from colm.prefill_worker.kv_push import _peer_error
+    from colm.proto.rpc import status_for
+
+    class Refused(grpc.RpcError):
+        def __init__(self, code, details):
+            self._code, self._details = code, details
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._details
+
+        def __str__(self):
+            return f"<_MultiThreadedRendezvous of RPC that terminated with:\n\tstatus = {self._code}\n\t...>"
+
+    for code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.INVALID_ARGUMENT):
+        err = _peer_error("r7", Refused(code, f"request r7: refused\nfor {code.name}"))
+        assert status_for(err) == code
+        assert str(err) == f"request r7: the decode worker answered {code.name}: request r7: refused for {code.name}"
+    assert isinstance(_peer_error("r7", Refused(grpc.StatusCode.UNAVAILABLE, "gone")), PeerUnavailableError)
