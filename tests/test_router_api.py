@@ -424,3 +424,27 @@ def test_taken_ports_fail_with_the_field_named(served):
         router = Router(RouterConfig(metrics_port=0, **ports), model.cfg, ByteTokenizer(), LocalBackend(model))
         with pytest.raises(OSError, match=field):
             BackgroundRouter(router)
+
+
+def test_cli_api_key_from_an_environment_variable(monkeypatch, capsys):
+    """`colm client` / `colm loadtest --api-key env:NAME` read the key from NAME (a key on the command line is visible
+    to every user of the machine); an unset NAME is refused before anything is sent."""
+    from colm.cli import main
+
+    cfg = preset("tiny-air")
+    model = CoLM(cfg).reset_parameters(seed=1).eval()
+    bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None, api_key=API_KEY), cfg, ByteTokenizer(),
+                                 LocalBackend(model)))
+    try:
+        monkeypatch.setenv("COLM_TEST_KEY", API_KEY)
+        assert main(["client", "health", "--addr", bg.grpc_addr, "--api-key", "env:COLM_TEST_KEY"]) == 0
+        assert main(["client", "generate", "--addr", bg.grpc_addr, "--api-key", "env:COLM_TEST_KEY", "--prompt", "hi",
+                     "--max-new-tokens", "2"]) == 0
+        monkeypatch.delenv("COLM_TEST_KEY")
+        for cmd in (["client", "health"], ["loadtest", "--concurrency", "1", "--num-requests", "1"]):
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as e:
+                main([*cmd, "--addr", bg.grpc_addr, "--api-key", "env:COLM_TEST_KEY"])
+            assert e.value.code == 2 and "environment variable COLM_TEST_KEY is not set" in capsys.readouterr().err
+    finally:
+        bg.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from colm.commands.common import add_adjust_args, adjust_kwargs
+from colm.commands.common import API_KEY_HELP, add_adjust_args, adjust_kwargs, api_key
 
 
 def register(sub) -> None:
@@ -34,7 +34,7 @@ def register(sub) -> None:
             q.add_argument("--text", required=True)
     for q in [g] + [csub.choices[n] for n in ("tokenize", "scales", "health")]:
         q.add_argument("--addr", default="127.0.0.1:50051", help="router gRPC address HOST:PORT")
-        q.add_argument("--api-key", default=None)
+        q.add_argument("--api-key", type=api_key, default=None, help=API_KEY_HELP)
         q.add_argument("--tls-ca", default=None, help="CA certificate (PEM) for a TLS endpoint")
         q.set_defaults(func=run)
 

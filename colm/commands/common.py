@@ -27,6 +27,25 @@ def device_name(name: str) -> str:
     return name
 
 
+API_KEY_HELP = "the service's API key, or env:NAME to read it from environment variable NAME (a key on the command " \
+               "line is visible to other users of the machine)"
+
+
+def api_key(value: str) -> str:
+    """``--api-key``: the key itself, or ``env:NAME`` for the value of environment variable NAME (as serve.yaml's
+    secrets are given); an unset or empty NAME is refused as an argparse error naming it."""
+    import argparse
+    import os
+
+    if not value.startswith("env:"):
+        return value
+    name = value[4:]
+    key = os.environ.get(name) if name else None
+    if not key:
+        raise argparse.ArgumentTypeError(f"{value!r}: environment variable {name or '(none)'} is not set or empty")
+    return key
+
+
 def add_device_args(p) -> None:
     # argparse passes a string default through ``type`` only when the command is parsed without --device.
     p.add_argument("--device", default="auto", type=device_name,

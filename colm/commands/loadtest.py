@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from colm.commands.common import API_KEY_HELP, api_key
+
 
 def register(sub) -> None:
     p = sub.add_parser("loadtest", help="load-test a colm service: latency/goodput per rate and scale, JSON + PNG")
@@ -16,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("--budgets", default="none",
                    help="weighted budget mix, e.g. 'none=1,tpot:20=2,ttft:200+tpot:50=1,scale:1=1'")
     add_load_options(p)
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", type=api_key, default=None, help=API_KEY_HELP)
     p.add_argument("--out", default="loadtest",
                    help="output prefix: writes PREFIX.json and PREFIX.png (its directory is created)")
     p.set_defaults(func=run)
