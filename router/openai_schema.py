@@ -242,6 +242,14 @@ class SamplingRequest(BaseModel):
             raise ValueError(f"n={v}: must be 1..{MAX_N}")
         return v
 
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v, info):
+        # as OpenAI and vLLM answer: the options shape a stream, so they are refused on a request that is not one
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options: allowed only with stream: true")
+        return v
+
     @field_validator("best_of", check_fields=False)  # completions only
     @classmethod
     def _best_of(cls, v, info):

@@ -121,3 +121,16 @@ def test_models_retrieve(served):
         client.models.retrieve("other")
     status, body = get_json(f"{bg.http_url}/v1/models/tiny@3")
     assert status == 404 and body["error"]["param"] == "model"
+
+
+@pytest.mark.parametrize("path", ["completions", "chat/completions"])
+def test_stream_options_need_a_stream(served, path):
+    """As OpenAI and vLLM answer: stream_options on a request that does not stream is a 400 naming the field."""
+    from router_helpers import post_json
+
+    bg, _ = served
+    body = {"model": "tiny", "max_tokens": 2, "stream_options": {"include_usage": True},
+            **({"prompt": "x"} if path == "completions" else {"messages": [{"role": "user", "content": "x"}]})}
+    status, err = post_json(f"{bg.http_url}/v1/{path}", body)[:2]
+    assert status == 400 and err["error"]["param"] == "stream_options", err
+    assert post_json(f"{bg.http_url}/v1/{path}", {**body, "stream_options": None})[0] == 200
