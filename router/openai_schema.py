@@ -245,8 +245,9 @@ class SamplingRequest(BaseModel):
     @field_validator("stream_options")
     @classmethod
     def _stream_options(cls, v, info):
-        # as OpenAI and vLLM answer: the options shape a stream, so they are refused on a request that is not one
-        if v is not None and not info.data.get("stream"):
+        # as vLLM answers: options that shape a stream are refused on a request that is not one (an empty object,
+        # which sets none, passes there too)
+        if v is not None and v.model_fields_set and not info.data.get("stream"):
             raise ValueError("stream_options: allowed only with stream: true")
         return v
 
