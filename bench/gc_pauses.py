@@ -162,7 +162,7 @@ def main() -> int:
         finally:
             service.stop()
             os.unlink(f.name)
-        agg = summary["total"] if "total" in summary else summary["rates"][-1]
+        agg = summary["total"]
         runs.append({"gc_freeze": freeze, "ready_s": round(service.ready_s or 0.0, 1), "gc": gc, "gc_life": life,
                      "gc_totals": totals(gc), "load": {k: agg[k] for k in (
                          "num_requests", "num_ok", "throughput_rps", "goodput_rps", "ttft_ms", "tpot_ms", "itl_ms",
@@ -187,8 +187,8 @@ def main() -> int:
             "tpot_p99_ms": mean([r["load"]["tpot_ms"]["p99"] for r in rs]),
             "itl_p99_ms": mean([r["load"]["itl_ms"]["p99"] for r in rs]),
             "throughput_rps": mean([r["load"]["throughput_rps"] for r in rs]),
-            "gc_paused_ms": {w: mean([r["gc_totals"].get(w, {}).get("sum_s", None) and
-                                      r["gc_totals"][w]["sum_s"] * 1e3 for r in rs]) for w in procs},
+            "gc_paused_ms": {w: mean([r["gc_totals"][w]["sum_s"] * 1e3 for r in rs if w in r["gc_totals"]])
+                             for w in procs},
             "gc_longest_ms": {w: max(r["gc_totals"].get(w, {}).get("max_s", 0.0) * 1e3 for r in rs) for w in procs}}
     by_role = {}
     for key in ("gc_paused_ms", "gc_longest_ms"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 
@@ -70,6 +71,18 @@ def check_types(cls, values: dict, section: str) -> None:
             hint = (" such as 0.5 or 3.0e-4 (YAML reads 3e-4, without a dot, as text)"
                     if isinstance(value, str) and _is(1.5, tp) else "")
             raise ValueError(f"{section}.{name}={value!r}: must be {describe(tp)}{hint}")
+
+
+def env_value(value: str, where: str) -> str:
+    """``value``, or for ``env:NAME`` the value of environment variable NAME (how secrets are given: a key in a file
+    or on a command line can be read by others); ValueError naming ``where`` when NAME is unset or empty."""
+    if not value.startswith("env:"):
+        return value
+    name = value[4:]
+    found = os.environ.get(name) if name else None
+    if not found:
+        raise ValueError(f"{where}: environment variable {name or '(none)'} is not set or empty (from {value!r})")
+    return found
 
 
 def section_name(obj) -> str:

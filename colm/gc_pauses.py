@@ -15,7 +15,9 @@ prefill or decode; workers add their ``worker`` label), the measure of what the 
 
 from __future__ import annotations
 
+import bisect
 import gc
+import itertools
 import logging
 import os
 import threading
@@ -79,7 +81,7 @@ class GcPauses:
         self._start = None
 
     def observe(self, generation: int, seconds: float) -> None:
-        i = next((b for b, le in enumerate(BUCKETS) if seconds <= le), len(BUCKETS))
+        i = bisect.bisect_left(BUCKETS, seconds)  # the first bucket whose bound holds it; len(BUCKETS): +Inf
         with self._lock:
             self.counts[generation][i] += 1
             self.sums[generation] += seconds
@@ -103,10 +105,7 @@ class GcPauses:
             counts = [list(c) for c in self.counts]
             sums, maxes = list(self.sums), list(self.max_s)
         for g in range(3):
-            cumulative, buckets = 0, []
-            for le, n in zip([*map(str, BUCKETS), "+Inf"], counts[g]):
-                cumulative += n
-                buckets.append((le, cumulative))
+            buckets = list(zip([*map(str, BUCKETS), "+Inf"], itertools.accumulate(counts[g])))
             hist.add_metric([*labels.values(), str(g)], buckets, sums[g])
             longest.add_metric([*labels.values(), str(g)], maxes[g])
         return hist, longest

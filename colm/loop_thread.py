@@ -62,3 +62,21 @@ class LoopThread:
         if self._thread is not None:
             self._thread.join(timeout=self.join_timeout_s)
             self._thread = None
+
+
+class LoopOwner:
+    """What an engine whose loop is a ``LoopThread`` in ``self._runner`` says of that loop's death; ``loop_owner``
+    names the engine in the error."""
+
+    loop_owner = "engine"
+    _runner: LoopThread
+
+    def on_loop_error(self, callback: Callable[[BaseException], None]) -> None:
+        """``callback(exc)`` runs (on the loop's thread) if the loop ends with an error, after the engine has failed
+        what it held (a worker process exits there, so that Ray restarts it)."""
+        self._runner.on_error.append(callback)
+
+    def check_alive(self) -> None:
+        """EngineDeadError once the loop has ended with an error (health answers fail from then on)."""
+        if (err := self._runner.dead(self.loop_owner)) is not None:
+            raise err

@@ -55,7 +55,7 @@ from colm.decode_worker.step import LaunchedStep, decode_step, launch_step, queu
 from colm.decode_worker.step_stats import StepTimes
 from colm.decode_worker.token_mux import MuxStream, Subscription, TokenMux
 from colm.decode_worker.verify_graphs import VerifyGraphs
-from colm.loop_thread import LoopThread
+from colm.loop_thread import LoopOwner, LoopThread
 
 log = logging.getLogger("colm.decode")
 
@@ -93,7 +93,9 @@ class DecodeStats:
     num_prefix_hit_tokens: int = 0     # ... and found there (not prefilled)
 
 
-class DecodeEngine(KVIntake, ColocatedPrefill):
+class DecodeEngine(KVIntake, ColocatedPrefill, LoopOwner):
+    loop_owner = "decode engine"  # EngineDeadError's messages name it
+
     def __init__(self, model: CoLM, config: DecodeConfig | None = None, eos_id: int | None = None,
                  detokenize=None, host_id: str | None = None, tokenizer=None) -> None:
         cfg = model.cfg
@@ -200,19 +202,9 @@ class DecodeEngine(KVIntake, ColocatedPrefill):
         """Not stopped, and the step loop has not ended with an error."""
         return not self._runner.stopping and self._runner.error is None
 
-    def on_loop_error(self, callback) -> None:
-        """``callback(exc)`` runs (on the loop's thread) if the loop ends with an error, after the engine has failed
-        what it held (a worker process exits there, so that Ray restarts it)."""
-        self._runner.on_error.append(callback)
-
-    def check_alive(self) -> None:
-        """EngineDeadError once the step loop has ended with an error (health answers fail from then on)."""
-        if (err := self._runner.dead("decode engine")) is not None:
-            raise err
-
     def _loop_died(self, exc: BaseException) -> None:
         """Every request ends now with EngineDeadError (the router fails them over), not at its deadline."""
-        err = self._runner.dead("decode engine")
+        err = self._runner.dead(self.loop_owner)
         with self._lock:
             for req in list(self._requests.values()):
                 try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from colm.config_types import check_types
+from colm.config_types import check_types, env_value
 from colm.router.config import RouterConfig
 
 SECTIONS = ("model", "workers", "prefill", "decode", "router", "security", "ray", "transport")
@@ -24,13 +24,8 @@ SECTIONS = ("model", "workers", "prefill", "decode", "router", "security", "ray"
 
 def _expand_env(v, where: str = ""):
     """``v`` with every ``env:NAME`` string replaced by NAME's value; ``where`` is the field's dotted name."""
-    if isinstance(v, str) and v.startswith("env:"):
-        name = v[4:]
-        value = os.environ.get(name)
-        if not name or not value:
-            raise ValueError(f"{where}: environment variable {name or '(none)'} (from {v!r}) is not set or empty; "
-                             "set it, or remove the field")
-        return value
+    if isinstance(v, str):
+        return env_value(v, where)
     if isinstance(v, dict):
         return {k: _expand_env(x, f"{where}.{k}" if where else str(k)) for k, x in v.items()}
     if isinstance(v, list):

@@ -37,7 +37,7 @@ from colm.timeline import Timeline
 from colm.prefill_worker.config import PrefillConfig
 from colm.prefill_worker.forward import prefill_chunk
 from colm.prefill_worker.graphs import PrefillGraphs
-from colm.loop_thread import LoopThread
+from colm.loop_thread import LoopOwner, LoopThread
 
 log = logging.getLogger("colm.prefill")
 
@@ -86,7 +86,9 @@ def check_air(cfg: ModelConfig) -> None:
         raise ValueError(f"PrefillEngine: {reason}")
 
 
-class PrefillEngine:
+class PrefillEngine(LoopOwner):
+    loop_owner = "prefill engine"  # EngineDeadError's messages name it
+
     def __init__(self, model: CoLM, full_cfg: ModelConfig, config: PrefillConfig | None = None,
                  host_id: str | None = None) -> None:
         check_air(full_cfg)
@@ -141,19 +143,9 @@ class PrefillEngine:
         """The loop thread runs (started, not stopped, and not ended with an error)."""
         return self._runner.started and self._runner.error is None
 
-    def on_loop_error(self, callback) -> None:
-        """``callback(exc)`` runs (on the loop's thread) if the loop ends with an error, after the engine has failed
-        what it held (a worker process exits there, so that Ray restarts it)."""
-        self._runner.on_error.append(callback)
-
-    def check_alive(self) -> None:
-        """EngineDeadError once the loop has ended with an error (health answers fail from then on)."""
-        if (err := self._runner.dead("prefill engine")) is not None:
-            raise err
-
     def _loop_died(self, exc: BaseException) -> None:
         """Every queued prompt fails now with EngineDeadError (the router retries it elsewhere)."""
-        err = self._runner.dead("prefill engine")
+        err = self._runner.dead(self.loop_owner)
         with self._cv:
             while self._queue:
                 self._fail(self._queue.popleft(), err)
@@ -196,6 +188,8 @@ class PrefillEngine:
         """Drop a prompt still queued whose caller is gone (``future``: what ``submit`` returned): it fails with
         ``exc`` and its sink is failed, without computing it. False where it is no longer queued (in a batch already,
         or done): that one runs on, and its sink ends however its transfer does."""
+        if future.done():  # the usual case: the call's callback after its prompt ran
+            return False
         with self._cv:
             job = next((j for j in self._queue if j.future is future), None)
             if job is None:

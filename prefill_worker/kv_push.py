@@ -22,7 +22,7 @@ import torch
 from colm.errors import PeerUnavailableError, TransferError
 from colm.kv_wire import KVLayout, SenderSegment, checksum, encode_chunk_message, prefetch, shm_name_for, tensor_bytes
 from colm.proto import load_proto
-from colm.proto.rpc import auth_metadata, make_channel
+from colm.proto.rpc import auth_metadata, error_line, make_channel
 
 from colm.prefill_worker.sinks import StagedKVSink
 
@@ -212,5 +212,4 @@ def _peer_error(request_id: str, e: grpc.RpcError) -> Exception:
         return PeerUnavailableError(f"request {request_id}: decode worker unavailable ({e.details()})")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return TimeoutError(f"request {request_id}: KV push deadline exceeded")
-    details = " ".join(str(e.details() or "").split())
-    return PeerStatus(code, f"request {request_id}: the decode worker answered {code.name}: {details}")
+    return PeerStatus(code, f"request {request_id}: the decode worker answered {error_line(e)}")

@@ -45,6 +45,17 @@ _STATUS = [
 ]
 
 
+def error_line(e: BaseException) -> str:
+    """An error as one line for a log or a message: a gRPC error (anything with ``code()`` and ``details()``) as
+    "CODE: details" (its str() is a multi-line dump), anything else as "Type: message"."""
+    code, details = getattr(e, "code", None), getattr(e, "details", None)
+    if callable(code) and callable(details):
+        why = f"{getattr(code(), 'name', code())}: {details() or ''}"
+    else:
+        why = f"{type(e).__name__}: {e}"
+    return " ".join(why.split())
+
+
 def status_for(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
         code = exc.code()

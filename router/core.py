@@ -34,6 +34,7 @@ from colm.decode_worker.config import check_speculative
 from colm.decode_worker.prefix_cache import MAX_CACHE_SALT, block_hashes
 from colm.sampling import SamplingParams
 from colm.logits_adjust import check_token_ids
+from colm.proto.rpc import error_line
 from colm.structured import compile_output
 from colm.stopping import StopChecker
 from colm.tokenizer import encode_prompt_within
@@ -42,16 +43,11 @@ log = logging.getLogger("colm.router")
 
 
 def _poll_failure(e: BaseException, timeout_s: float) -> str:
-    """Why a health poll failed, in one line: a timeout says so (its message is empty), a gRPC error gives its code
-    and details (its str() is a multi-line dump)."""
+    """Why a health poll failed, in one line: a timeout says so (its message is empty), any other error as
+    ``error_line`` gives it."""
     if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
         return f"no answer within router.poll_timeout_s={timeout_s:g} s"
-    code, details = getattr(e, "code", None), getattr(e, "details", None)
-    if callable(code) and callable(details):
-        why = f"{getattr(code(), 'name', code())}: {details()}"
-    else:
-        why = f"{type(e).__name__}: {e}"
-    return " ".join(why.split())[:300]
+    return error_line(e)[:300]
 
 
 class DeadlineExceeded(Exception):
@@ -124,8 +120,9 @@ class Router:
         self.registry = WorkerRegistry(block_size=block_size, stale_after_s=max(10.0, 20 * cfg.poll_interval_s),
                                        affinity_balance=cfg.prefix_affinity_balance if cfg.prefix_affinity else None)
         self.admission = Admission(cfg.max_running, cfg.max_queued)
-        self.kv_queue = KVWaitQueue()  # requests waiting for KV blocks, first come first served
         self.metrics = RouterMetrics(cfg.served_model_name)
+        # requests waiting for KV blocks, first come first served
+        self.kv_queue = KVWaitQueue(on_length=self.metrics.kv_waiting.set)
         self.metrics.registry.register(WorkerMetricsCollector(
             lambda: [(w.worker_id, w.metrics_url) for w in self.backend.workers() if not w.dead]))
         self.running: dict[str, tuple[RunningRequest, str]] = {}  # request id -> (state, decode worker)
@@ -454,7 +451,6 @@ class Router:
                 await asyncio.sleep(self.cfg.poll_interval_s)
         finally:
             self.kv_queue.leave(spec.uid)
-            self.metrics.kv_waiting.set(len(self.kv_queue))
 
     async def _wait_for_blocks(self, spec: RequestSpec, give_up: float, why: str) -> None:
         """In the KV wait line until woken or a poll interval passes; DeadlineExceeded at the request's deadline,
@@ -466,7 +462,6 @@ class Router:
             raise NoWorker(f"request {spec.request_id}: {why} (waited router.kv_wait_s={self.cfg.kv_wait_s:g} s)",
                            full=True)
         self.kv_queue.join(spec.uid)
-        self.metrics.kv_waiting.set(len(self.kv_queue))
         await self.kv_queue.wait(spec.uid, min(self.cfg.poll_interval_s, give_up - now, spec.deadline - now))
 
     def _try_pick(self, spec: RequestSpec, prompt: list[int], total_len: int, failed: dict[str, float],

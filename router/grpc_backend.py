@@ -25,6 +25,7 @@ import grpc
 from colm.proto import load_proto
 from colm.logits_adjust import reads_prompt
 from colm.proto.convert import sampling_to_decode
+from colm.proto.rpc import error_line
 from colm.proto.token_ids import pack_token_ids
 from colm.router.config import TOKEN_STREAMS, WORKER_CALLS
 from colm.router.backend import EngineRequest, EngineToken, RequestFailed, WorkerFailed, WorkerInfo
@@ -364,8 +365,8 @@ class GrpcBackend:
                     return
                 except (grpc.aio.AioRpcError, WorkerFailed) as e:
                     if isinstance(e, WorkerFailed) or e.code() == grpc.StatusCode.UNAUTHENTICATED or i == attempts - 1:
-                        why = str(e) if isinstance(e, WorkerFailed) else f"{e.code().name}: {e.details()}"
-                        log.warning("abort of %s on %s failed: %s", request_id, decode_id, " ".join(why.split()))
+                        why = " ".join(str(e).split()) if isinstance(e, WorkerFailed) else error_line(e)
+                        log.warning("abort of %s on %s failed: %s", request_id, decode_id, why)
                         return
                     await asyncio.sleep(0.2 * (i + 1))
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from typing import Callable
 
 
 class KVWaitQueue:
-    def __init__(self) -> None:
+    def __init__(self, on_length: Callable[[int], None] | None = None) -> None:
         self._waiting: OrderedDict[str, asyncio.Event] = OrderedDict()  # request uid -> its wake-up, oldest first
+        self._on_length = on_length or (lambda n: None)  # told the line's length whenever it changes (a gauge)
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -29,11 +31,15 @@ class KVWaitQueue:
         """Wait in line (a no-op for a request already in it)."""
         if uid not in self._waiting:
             self._waiting[uid] = asyncio.Event()
+            self._on_length(len(self._waiting))
 
     def leave(self, uid: str) -> None:
         """Out of line (placed, given up, cancelled); the next in line is woken if ``uid`` was at the head."""
         head = self.may_try(uid)
-        if self._waiting.pop(uid, None) is not None and head:
+        if self._waiting.pop(uid, None) is None:
+            return
+        self._on_length(len(self._waiting))
+        if head:
             self.wake()
 
     def wake(self) -> None:

@@ -145,17 +145,16 @@ class WorkerRegistry:
         if not cands:
             raise NoWorker("no healthy decode worker")
 
-        def need_of(w: WorkerState) -> int:  # in the worker's own blocks
-            return self.blocks_at(w, total_tokens)
+        need = {w.worker_id: self.blocks_at(w, total_tokens) for w in cands}  # in each worker's own blocks
 
         def free(w: WorkerState) -> float:
             # No report yet: assume room, ranked after reported workers with room.
-            return (w.report.free_blocks if w.report else float(need_of(w))) - w.pending_blocks
+            return (w.report.free_blocks if w.report else float(need[w.worker_id])) - w.pending_blocks
 
         def batch(w: WorkerState) -> int:
             return (w.report.num_running + w.report.num_waiting if w.report else 0) + w.pending_seqs
 
-        fit = [w for w in cands if free(w) >= need_of(w)]
+        fit = [w for w in cands if free(w) >= need[w.worker_id]]
         if not fit:
             raise NoWorker(f"no decode worker has free KV blocks for {total_tokens} tokens", full=True)
         w = max(fit, key=lambda w: (free(w) / (1 + batch(w)), -batch(w), w.worker_id))
@@ -167,7 +166,7 @@ class WorkerRegistry:
                 w = max(near, key=lambda c: (hits[c.worker_id], free(c) / (1 + batch(c)), -batch(c), c.worker_id))
             if self.prefills_itself(w):
                 self.affinity.record(w.worker_id, digests)
-        w.pending_blocks += need_of(w)
+        w.pending_blocks += need[w.worker_id]
         w.pending_seqs += 1
         return w
 
@@ -182,12 +181,11 @@ class WorkerRegistry:
     def _check_fits(self, total_tokens: int) -> None:
         """NeverFits when every decode worker has reported its pool and none could hold the request even empty (the
         K/V of the prompt and of all but the last new token, in that worker's own blocks)."""
-        pools = [(w.report.total_blocks, self.worker_block_size(w))
-                 for w in self.workers.values() if w.role == "decode" and w.report]
-        if not pools or not all(n for n, _ in pools):
+        reported = [w for w in self.workers.values() if w.role == "decode" and w.report]
+        if not reported or not all(w.report.total_blocks for w in reported):
             return
-        if all(-(-(total_tokens - 1) // bs) > n for n, bs in pools):
-            most = max(n * bs for n, bs in pools)
+        if all(self.blocks_at(w, total_tokens - 1) > w.report.total_blocks for w in reported):
+            most = max(w.report.total_blocks * self.worker_block_size(w) for w in reported)
             raise NeverFits(f"the prompt and max_tokens take {total_tokens} tokens of KV cache; the largest decode "
                             f"worker's pool holds {most} tokens: shorten the prompt or lower max_tokens")
 

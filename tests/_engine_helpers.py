@@ -172,3 +172,29 @@ def mixed_batch_engines(path, colocated: bool):
         if pe is not None:
             pe.stop()
     assert_pool_free(de)
+
+
+@contextlib.contextmanager
+def worker_servers(path, grace_s: float):
+    """A decode and a prefill worker server of the checkpoint at ``path`` in this process, as the KV transport tests
+    run them: decode 64 blocks of 4, a 5 s KV timeout and ``grace_s`` of external-write grace; prefill chunks of 16
+    and a 1 MiB NIXL arena. Yields (decode server, decode stub, prefill stub, prefill server); stops both after."""
+    from colm.decode_worker.config import DecodeConfig
+    from colm.decode_worker.engine import DecodeEngine
+    from colm.decode_worker.service import DecodeServer
+    from colm.prefill_worker.config import PrefillConfig
+    from colm.prefill_worker.engine import PrefillEngine
+    from colm.prefill_worker.service import PrefillServer
+    from colm.proto import load_proto
+    from colm.proto.rpc import make_channel
+
+    _, kv_pb2_grpc = load_proto("kv")
+    decode = DecodeServer(DecodeEngine.from_checkpoint(path, DecodeConfig(
+        num_blocks=64, block_size=4, kv_timeout_s=5, external_write_grace_s=grace_s)), TOKEN).start()
+    prefill = PrefillServer(PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, nixl_arena_bytes=1 << 20)),
+                            TOKEN).start()
+    try:
+        yield (decode, kv_pb2_grpc.DecodeWorkerStub(make_channel(decode.address)),
+               kv_pb2_grpc.PrefillWorkerStub(make_channel(prefill.address)), prefill)
+    finally:
+        prefill.stop(), decode.stop()

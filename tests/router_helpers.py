@@ -210,3 +210,59 @@ def failing_engine_router(path):
     bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=0, poll_interval_s=0.05),
                                  checkpoint.load_config(path), ByteTokenizer(), backend))
     return bg, backend
+
+
+def until(pred, timeout: float = 5.0) -> bool:
+    """Whether ``pred()`` holds within ``timeout`` seconds (asked every 50 ms, and once more at the end)."""
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+class LocalPrefillPair:
+    """A backend of a prefill worker p0 and a decode worker d0 (``decode_blocks`` of KV) over LocalBackend's
+    ``model``: a subclass scripts p0's health polls in ``prefill_poll`` (raise or hang); ``dead``: p0 is reported
+    gone for good. start, close, set_scale and abort do nothing."""
+
+    def __init__(self, model, decode_blocks: int = 1000) -> None:
+        from colm.router.local_backend import LocalBackend
+
+        self.local = LocalBackend(model)
+        self.decode_blocks = decode_blocks
+        self.dead = ""
+
+    async def prefill_poll(self) -> None:
+        pass
+
+    async def start(self):
+        pass
+
+    async def close(self):
+        pass
+
+    def workers(self):
+        from colm.router.backend import WorkerInfo
+
+        return [WorkerInfo("p0", "prefill", dead=self.dead), WorkerInfo("d0", "decode")]
+
+    async def poll(self, wid):
+        from colm.router.policy import WorkerReport
+
+        if wid == "d0":
+            return WorkerReport(wid, "decode", free_blocks=self.decode_blocks, total_blocks=self.decode_blocks)
+        await self.prefill_poll()
+        return WorkerReport(wid, "prefill")
+
+    def generate(self, req, prefill_id, decode_id):
+        return self.local.generate(req, prefill_id, decode_id)
+
+    async def set_scale(self, *a):
+        pass
+
+    async def abort(self, *a):
+        pass

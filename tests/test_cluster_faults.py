@@ -26,50 +26,26 @@ from colm.presets import preset
 from colm.router.backend import WorkerInfo
 from colm.router.config import RouterConfig
 from colm.router.core import Router
-from colm.router.local_backend import LocalBackend
-from colm.router.policy import WorkerReport
 from colm.tokenizer import ByteTokenizer
-from router_helpers import BackgroundRouter
+from router_helpers import BackgroundRouter, LocalPrefillPair, until
 
 DECODE_BLOCKS = 12  # a small pool: a request of 20 + 32 tokens needs 4 blocks of 16
 
 
-class SilentPrefill:
-    """A prefill worker p0 and a decode worker d0 over LocalBackend's model; p0's polls can hang (a partitioned
-    node: no answer until the poll times out) or fail with a gRPC error."""
+class SilentPrefill(LocalPrefillPair):
+    """p0's polls can hang (a partitioned node: no answer until the poll times out) or fail with a gRPC error."""
 
     def __init__(self, model) -> None:
-        self.local = LocalBackend(model)
+        super().__init__(model, decode_blocks=DECODE_BLOCKS)
         self.prefill = "up"  # "up" | "silent" | "refused"
 
-    async def start(self):
-        pass
-
-    async def close(self):
-        pass
-
-    def workers(self):
-        return [WorkerInfo("p0", "prefill"), WorkerInfo("d0", "decode")]
-
-    async def poll(self, wid):
-        if wid == "p0" and self.prefill == "silent":
+    async def prefill_poll(self):
+        if self.prefill == "silent":
             await asyncio.sleep(3600)
-        if wid == "p0" and self.prefill == "refused":
+        if self.prefill == "refused":
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                        details="failed to connect to all addresses; Connection refused",
                                        debug_error_string="UNAVAILABLE:\nfailed to connect")
-        if wid == "d0":
-            return WorkerReport(wid, "decode", free_blocks=DECODE_BLOCKS, total_blocks=DECODE_BLOCKS)
-        return WorkerReport(wid, "prefill")
-
-    def generate(self, req, prefill_id, decode_id):
-        return self.local.generate(req, prefill_id, decode_id)
-
-    async def set_scale(self, *a):
-        pass
-
-    async def abort(self, *a):
-        pass
 
 
 @pytest.fixture()
@@ -84,15 +60,6 @@ def served():
     bg.stop()
 
 
-def _until(pred, timeout: float = 5.0) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
-
-
 def test_a_silent_prefill_worker_is_unavailable_not_a_full_decode_pool(served):
     from router_helpers import post_json
 
@@ -101,7 +68,7 @@ def test_a_silent_prefill_worker_is_unavailable_not_a_full_decode_pool(served):
     with Client(bg.grpc_addr) as c:
         want = c.complete(prompt, max_new_tokens=32)["token_ids"]
         backend.prefill = "silent"
-        assert _until(lambda: not c.health()["serving"])
+        assert until(lambda: not c.health()["serving"])
         t0 = time.time()
         with pytest.raises(grpc.RpcError) as e:  # waits worker_wait_s for the prefill worker, then says why
             c.complete(prompt, max_new_tokens=32, deadline_ms=10_000)
@@ -114,7 +81,7 @@ def test_a_silent_prefill_worker_is_unavailable_not_a_full_decode_pool(served):
                    if m.name == "colm_requests" for s in m.samples if s.name == "colm_requests_total"}
         assert counted.get("unavailable") == 2 and "error" not in counted, counted
         backend.prefill = "up"  # the node is back: served again, the same tokens
-        assert _until(lambda: c.health()["serving"])
+        assert until(lambda: c.health()["serving"])
         assert c.complete(prompt, max_new_tokens=32)["token_ids"] == want
 
 
@@ -124,7 +91,7 @@ def test_a_failed_health_poll_is_one_line_that_says_why(served, caplog, mode, sa
     bg, backend, router = served
     with caplog.at_level(logging.WARNING, logger="colm.router"):
         backend.prefill = mode
-        assert _until(lambda: any("p0 failed its health poll" in r.getMessage() for r in caplog.records))
+        assert until(lambda: any("p0 failed its health poll" in r.getMessage() for r in caplog.records))
     lines = [r.getMessage() for r in caplog.records if "p0 failed its health poll" in r.getMessage()]
     assert len(lines) == 1 and says in lines[0] and "\n" not in lines[0], lines
 

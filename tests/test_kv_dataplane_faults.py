@@ -17,20 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from colm.decode_worker.config import DecodeConfig
-from colm.decode_worker.engine import DecodeEngine
-from colm.decode_worker.service import DecodeServer
 from colm.errors import PeerUnavailableError
 from colm.generate import generate
 from colm.kv import registry
 from colm.kv_wire import KVLayout
-from colm.prefill_worker.config import PrefillConfig
-from colm.prefill_worker.engine import PrefillEngine
-from colm.prefill_worker.service import PrefillServer
 from colm.proto import load_proto
-from colm.proto.rpc import auth_metadata, make_channel
+from colm.proto.rpc import auth_metadata
 from colm.sampling import SamplingParams
-from _engine_helpers import TOKEN, assert_pool_free, prompts, save_tiny_air
+from _engine_helpers import TOKEN, assert_pool_free, prompts, save_tiny_air, worker_servers
 
 kv_pb2, kv_pb2_grpc = load_proto("kv")
 MD = auth_metadata(TOKEN)
@@ -42,14 +36,8 @@ GRACE_S = 0.3
 def cluster(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_air_dataplane")
     full = save_tiny_air(path)
-    decode = DecodeServer(DecodeEngine.from_checkpoint(path, DecodeConfig(
-        num_blocks=64, block_size=4, kv_timeout_s=5, external_write_grace_s=GRACE_S)), TOKEN).start()
-    prefill = PrefillServer(PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, nixl_arena_bytes=1 << 20)),
-                            TOKEN).start()
-    d = kv_pb2_grpc.DecodeWorkerStub(make_channel(decode.address))
-    p = kv_pb2_grpc.PrefillWorkerStub(make_channel(prefill.address))
-    yield full, decode, d, p, prefill
-    prefill.stop(), decode.stop()
+    with worker_servers(path, GRACE_S) as (decode, d, p, prefill):
+        yield full, decode, d, p, prefill
 
 
 def honest_tokens_match(full, decode, d, p, rid: str, path: str = "shm") -> bool:

@@ -21,20 +21,15 @@ from colm.kv import registry
 pytestmark = pytest.mark.skipif(not registry.get("nixl").importable(),
                                 reason="nixl not importable (pip install 'colm[nixl]')")
 
-from colm.decode_worker.config import DecodeConfig  # noqa: E402
-from colm.decode_worker.engine import DecodeEngine  # noqa: E402
-from colm.decode_worker.service import DecodeServer  # noqa: E402
 from colm.errors import PeerUnavailableError, TransferError  # noqa: E402
 from colm.generate import generate  # noqa: E402
 from colm.kv_wire import KVLayout  # noqa: E402
-from colm.prefill_worker.config import PrefillConfig  # noqa: E402
-from colm.prefill_worker.engine import PrefillEngine  # noqa: E402
 from colm.prefill_worker.kv_push import decode_stub  # noqa: E402
-from colm.prefill_worker.service import PrefillServer  # noqa: E402
 from colm.proto import load_proto  # noqa: E402
 from colm.proto.rpc import auth_metadata, make_channel  # noqa: E402
 from colm.sampling import SamplingParams  # noqa: E402
-from _engine_helpers import TOKEN, assert_pool_free, prompts, save_tiny_air, wait_pool_free  # noqa: E402
+from _engine_helpers import (TOKEN, assert_pool_free, prompts, save_tiny_air, wait_pool_free,  # noqa: E402
+                             worker_servers)
 
 kv_pb2, kv_pb2_grpc = load_proto("kv")
 MD = auth_metadata(TOKEN)
@@ -60,15 +55,8 @@ def arena_free(role: str, timeout: float = 5.0) -> bool:
 def cluster(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_air_nixl")
     full = save_tiny_air(path)
-    decode = DecodeServer(DecodeEngine.from_checkpoint(path, DecodeConfig(
-        num_blocks=64, block_size=4, kv_timeout_s=5, external_write_grace_s=GRACE_S)),
-        TOKEN).start()
-    prefill = PrefillServer(PrefillEngine.from_checkpoint(path, PrefillConfig(chunk_size=16, nixl_arena_bytes=1 << 20)),
-                            TOKEN).start()
-    d = kv_pb2_grpc.DecodeWorkerStub(make_channel(decode.address))
-    p = kv_pb2_grpc.PrefillWorkerStub(make_channel(prefill.address))
-    yield path, full, decode, d, p
-    prefill.stop(), decode.stop()
+    with worker_servers(path, GRACE_S) as (decode, d, p, _):
+        yield path, full, decode, d, p
 
 
 def run(d, p, decode_address, rid, prompt, scale, max_new=6, switch_at=None):

@@ -12,48 +12,22 @@ import torch
 from colm.client import Client
 from colm.model import CoLM
 from colm.presets import preset
-from colm.router.backend import WorkerInfo
 from colm.router.config import RouterConfig
 from colm.router.core import Router
-from colm.router.local_backend import LocalBackend
-from colm.router.policy import WorkerReport
 from colm.tokenizer import ByteTokenizer
-from router_helpers import BackgroundRouter
+from router_helpers import BackgroundRouter, LocalPrefillPair, until
 
 
-class FlakyPrefill:
-    """LocalBackend's model behind a prefill worker p0 and a decode worker d0, whose prefill can go silent
-    (its polls fail) or die for good (reported dead by the worker pool)."""
+class FlakyPrefill(LocalPrefillPair):
+    """p0 can go silent (its polls fail) or die for good (reported dead by the worker pool)."""
 
     def __init__(self, model) -> None:
-        self.local = LocalBackend(model)
+        super().__init__(model)
         self.down = False
-        self.dead = ""
 
-    async def start(self):
-        pass
-
-    async def close(self):
-        pass
-
-    def workers(self):
-        return [WorkerInfo("p0", "prefill", dead=self.dead), WorkerInfo("d0", "decode")]
-
-    async def poll(self, wid):
-        if wid == "p0" and (self.down or self.dead):
+    async def prefill_poll(self):
+        if self.down or self.dead:
             raise ConnectionError("prefill worker gone")
-        if wid == "d0":
-            return WorkerReport(wid, "decode", free_blocks=1000, total_blocks=1000)
-        return WorkerReport(wid, "prefill")
-
-    def generate(self, req, prefill_id, decode_id):
-        return self.local.generate(req, prefill_id, decode_id)
-
-    async def set_scale(self, *a):
-        pass
-
-    async def abort(self, *a):
-        pass
 
 
 @pytest.fixture()
@@ -76,31 +50,22 @@ def _grpc_health(addr: str) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
 
-def _until(pred, timeout: float = 5.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
-
-
 def test_a_missing_prefill_worker_means_not_serving_everywhere(served):
     bg, backend, router = served
     with Client(bg.grpc_addr) as c:
         assert c.health()["serving"] and _grpc_health(bg.grpc_addr) == "SERVING"
         backend.down = True
-        assert _until(lambda: not c.health()["serving"])
+        assert until(lambda: not c.health()["serving"])
         h = c.health()
         assert "no healthy worker that prefills" in h["reason"] and "p0: unhealthy" in h["reason"], h
         assert {w["worker_id"]: w["state"] for w in h["workers"]} == {"p0": "unhealthy", "d0": "healthy"}
-        assert _until(lambda: _grpc_health(bg.grpc_addr) == "NOT_SERVING")
+        assert until(lambda: _grpc_health(bg.grpc_addr) == "NOT_SERVING")
         assert router.metrics.registry.get_sample_value("colm_serving") == 0
         with pytest.raises(grpc.RpcError) as e:  # and a request says so, within worker_wait_s
             c.complete("hi", max_new_tokens=2)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         backend.down = False  # it comes back (Ray restarted it): serving again
-        assert _until(lambda: c.health()["serving"] and _grpc_health(bg.grpc_addr) == "SERVING")
+        assert until(lambda: c.health()["serving"] and _grpc_health(bg.grpc_addr) == "SERVING")
         assert c.complete("hi", max_new_tokens=2)["usage"]["completion_tokens"] == 2
 
 
@@ -108,7 +73,7 @@ def test_a_worker_out_of_restarts_shows_as_dead(served):
     bg, backend, router = served
     backend.dead = "died and Ray will not restart it (max_restarts=3 exhausted)"
     with Client(bg.grpc_addr) as c:
-        assert _until(lambda: not c.health()["serving"])
+        assert until(lambda: not c.health()["serving"])
         w = {w["worker_id"]: w for w in c.health()["workers"]}["p0"]
         assert w["state"] == "dead" and "max_restarts=3 exhausted" in w["detail"] and not w["healthy"]
         assert router.metrics.registry.get_sample_value("colm_worker_dead", {"worker": "p0", "role": "prefill"}) == 1

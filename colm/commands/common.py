@@ -35,15 +35,13 @@ def api_key(value: str) -> str:
     """``--api-key``: the key itself, or ``env:NAME`` for the value of environment variable NAME (as serve.yaml's
     secrets are given); an unset or empty NAME is refused as an argparse error naming it."""
     import argparse
-    import os
 
-    if not value.startswith("env:"):
-        return value
-    name = value[4:]
-    key = os.environ.get(name) if name else None
-    if not key:
-        raise argparse.ArgumentTypeError(f"{value!r}: environment variable {name or '(none)'} is not set or empty")
-    return key
+    from colm.config_types import env_value
+
+    try:
+        return env_value(value, "--api-key")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_device_args(p) -> None:
