@@ -14,7 +14,12 @@ clip, AdamW) on the same random token batches, side by side in one process, time
 MFU uses the PaLM / nanoGPT count: 6 x (matmul parameters, block-sparse counted exactly, head
 included) + 12 x layers x dim x seq per token, over the dense bf16 peak of the GPU.
 
+With ``--profile`` each variant also runs one more step under ``torch.profiler``: its GPU kernel time by kind
+(cuBLAS GEMMs, the chain-Linear Triton kernels, attention, the optimizer, the rest), the kernel count and the
+step's wall time, so a ratio can be traced to where the time goes.
+
     python bench/train_throughput.py --out bench/results/train_throughput_h100.json
+    python bench/train_throughput.py --precisions autocast,autocast-ref --profile --out ...
 """
 
 from __future__ import annotations
@@ -46,7 +51,40 @@ def peak_flops(name: str) -> float:
     return float("nan")
 
 
-def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device="cuda"):
+KERNEL_KINDS = (  # (kind, name fragments), first match wins
+    ("chain_linear_triton", ("chain",)),
+    ("gemm_cublas", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "sm80_")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+    ("optimizer", ("adam", "foreach", "multi_tensor", "fused_", "clip")),
+    ("softmax_loss", ("softmax", "nll", "cross_entropy", "logsumexp")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, frags in KERNEL_KINDS:
+        if any(f in low for f in frags):
+            return kind
+    return "other"
+
+
+def profile_step(step) -> dict:
+    """One ``step()`` under the profiler: wall ms, GPU kernel ms by kind, kernel count, the top kernels."""
+    from _timing import kernel_table
+
+    t0 = time.perf_counter()
+    _, rows = kernel_table(step)
+    wall = (time.perf_counter() - t0) * 1e3
+    kinds: dict[str, float] = {}
+    for r in rows:
+        kinds[kernel_kind(r["name"])] = kinds.get(kernel_kind(r["name"]), 0.0) + r["gpu_ms"]
+    gpu = sum(kinds.values())
+    return {"wall_ms_profiled": wall, "gpu_kernel_ms": gpu, "kernels": sum(r["count"] for r in rows),
+            "gpu_ms_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top_kernels": [{**r, "kind": kernel_kind(r["name"])} for r in rows[:20]]}
+
+
+def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device="cuda", profile=False):
     from colm.model import CoLM
     from colm.train.step import TrainModule, build_optimizer, train_step
 
@@ -58,7 +96,7 @@ def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device=
     if precision == "autocast-ref":
         os.environ["COLM_CHAIN_LINEAR"] = "ref"
         try:
-            return run_variant(name, cfg, "autocast", loss_kind, batches, steps, warmup, device)
+            return run_variant(name, cfg, "autocast", loss_kind, batches, steps, warmup, device, profile)
         finally:
             os.environ.pop("COLM_CHAIN_LINEAR", None)
     if fsdp:
@@ -84,12 +122,15 @@ def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device=
         if i >= warmup:
             times.append(elapsed)
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    prof = None
+    if profile and cuda:
+        prof = profile_step(lambda: train_step(module, opt, [batches[0]], 1.0, autocast_bf16=not fsdp))
     del module, model, opt
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    return times, losses, mem
+    return times, losses, mem, prof
 
 
 def main() -> None:
@@ -100,6 +141,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="bench/results/train_throughput.json")
     ap.add_argument("--smoke", action="store_true", help="CPU check of the script on tiny models (no figures)")
+    ap.add_argument("--precisions", default="autocast,autocast-ref,fsdp-bf16",
+                    help="comma list of the paths to run (autocast, autocast-ref, fsdp-bf16)")
+    ap.add_argument("--profile", action="store_true", help="profile one more step of every variant (GPU only)")
     args = ap.parse_args()
     from colm.presets import preset
 
@@ -126,13 +170,20 @@ def main() -> None:
     variants = [(m, p, "final") for p in ("autocast", "fsdp-bf16") for m in models]
     variants[len(models):len(models)] = [("{16,16}", "autocast-ref", "final"), ("{16,16} Air", "autocast-ref", "final")]
     variants += [("{16,16}", "fsdp-bf16", "multi_chain"), ("{16,16} Air", "fsdp-bf16", "multi_chain")]
+    wanted = set(args.precisions.split(","))
+    if wanted - {"autocast", "autocast-ref", "fsdp-bf16"}:
+        ap.error(f"--precisions: {sorted(wanted)} has unknown paths; allowed: autocast, autocast-ref, fsdp-bf16")
+    # the dense model's autocast row is autocast-ref's baseline too
+    variants = [v for v in variants if v[1] in wanted or (v[1] == "autocast" and "autocast-ref" in wanted
+                                                           and v[0] == "{32} (Llama)")]
     rows = []
     tokens = args.batch * args.seq
     for mname, precision, loss_kind in variants:
         cfg = models[mname]
         t0 = time.perf_counter()
         try:
-            times, losses, mem = run_variant(mname, cfg, precision, loss_kind, batches, args.steps, args.warmup, device)
+            times, losses, mem, prof = run_variant(mname, cfg, precision, loss_kind, batches, args.steps, args.warmup,
+                                                   device, args.profile)
         except torch.OutOfMemoryError as e:
             rows.append({"model": mname, "precision": precision, "loss": loss_kind, "error": f"OOM: {e}"[:200]})
             gc.collect()
@@ -144,9 +195,14 @@ def main() -> None:
                      "kv_sharing": cfg.kv_sharing, "params": cfg.num_params(), "step_ms_median": med * 1e3,
                      "step_ms_all": [round(t * 1e3, 3) for t in times], "tokens_per_s": tokens / med,
                      "flops_per_token": fpt, "tflops": fpt * tokens / med / 1e12, "mfu": fpt * tokens / med / peak,
-                     "peak_mem_gib": mem, "losses": losses, "wall_s": time.perf_counter() - t0})
+                     "peak_mem_gib": mem, "losses": losses, "wall_s": time.perf_counter() - t0,
+                     **({"profile": prof} if prof else {})})
         print(f"{mname:14s} {precision:12s} {loss_kind:11s} {med * 1e3:8.1f} ms  {tokens / med:9.0f} tok/s  "
               f"MFU {rows[-1]['mfu']:.3f}  mem {mem:.1f} GiB", flush=True)
+        if prof:
+            kinds = "  ".join(f"{k} {v:.1f}" for k, v in prof["gpu_ms_by_kind"].items())
+            print(f"    profiled step: wall {prof['wall_ms_profiled']:.1f} ms, kernels {prof['gpu_kernel_ms']:.1f} ms "
+                  f"({prof['kernels']}): {kinds}", flush=True)
     base = {r["precision"]: r for r in rows if r.get("model") == "{32} (Llama)" and "error" not in r}
     base["autocast-ref"] = base.get("autocast")  # the dense model has no chain Linears: one autocast run serves both
     for r in rows:
