@@ -139,8 +139,34 @@ def chain_linear_autocast(x: torch.Tensor, weights: Sequence[torch.Tensor], bias
         return t if t.dtype == dtype else t.to(dtype)
 
     with torch.autocast(x.device.type, enabled=False):
-        return chain_linear_triton(cast(x), [cast(w) for w in weights],
-                                   None if biases is None else [cast(b) for b in biases])
+        if any(w.dtype != dtype for w in weights):
+            weights = _PackCast.apply(dtype, *weights)
+        return chain_linear_triton(cast(x), list(weights), None if biases is None else [cast(b) for b in biases])
+
+
+class _PackCast(torch.autograd.Function):
+    """``weights`` cast to ``dtype`` into one new buffer, returned as views of it (one copy launch per chain, as
+    casting each would be). The kernel reaches every chain's weight by its offset from the first, so casts that
+    land wherever the allocator puts them would give every step new offsets and a new tile table; in one buffer
+    the offsets are the layout's. The backward casts each view's gradient back to its weight's dtype."""
+
+    @staticmethod
+    def forward(ctx, dtype, *weights):
+        sizes = [w.numel() for w in weights]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=weights[0].device)
+        outs, off = [], 0
+        for w, n in zip(weights, sizes):
+            view = flat[off:off + n].view(w.shape)
+            view.copy_(w)
+            outs.append(view)
+            off += n
+        ctx.dtypes = [w.dtype for w in weights]
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        return (None, *(None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,9 +237,22 @@ def _table(key: tuple, rows: list[list[int]], device) -> torch.Tensor:
     if t is None:
         if len(_TABLES) > 4096:
             _TABLES.clear()
-        t = torch.tensor(rows if rows else [[0]], dtype=torch.int64, device=device)
+        t = torch.tensor(rows if rows else [[0]], dtype=torch.int64)
+        if torch.device(device).type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            # from pinned memory without a wait: a pageable copy synchronizes the stream, and a training step
+            # that builds a table stalls its whole launch queue on it (in a capture the copy would be replayed
+            # from a host buffer the allocator may reuse, so capture keeps the plain copy)
+            t = t.pin_memory().to(device, non_blocking=True)
+        else:
+            t = t.to(device)
         _TABLES[key] = t
     return t
+
+
+def _rel_offsets(tensors) -> tuple[int, ...]:
+    """Element offsets of ``tensors`` from the first: what a table holds, so what its key needs (the absolute
+    addresses change whenever autocast or FSDP hands the kernel freshly allocated weights)."""
+    return tuple(_elem_offset(t, tensors[0]) for t in tensors)
 
 
 def _elem_offset(t: torch.Tensor, base: torch.Tensor) -> int:
@@ -254,8 +293,8 @@ def fwd_tile_rows(weights, cols, b_offs, bn: int) -> list[list[int]]:
 
 def _fwd_table(lay, weights, biases, bn, device):
     """Rows [w_off, P_i, y_col, n_valid, b_off] per output tile of BLOCK_N columns, longest K first."""
-    ptrs = tuple(w.data_ptr() for w in weights) + (tuple(b.data_ptr() for b in biases) if biases else ())
-    key = ("fwd", ptrs, tuple(lay.prefix), tuple(lay.outs), bn, device)
+    offs = _rel_offsets(weights) + (_rel_offsets(biases) if biases else ())
+    key = ("fwd", offs, tuple(lay.prefix), tuple(lay.outs), bn, device)
     if key in _TABLES:
         return _TABLES[key]
     b_offs = [_elem_offset(b, biases[0]) for b in biases] if biases else [0] * len(weights)
@@ -266,8 +305,7 @@ def _bwd_input_tables(lay, weights, bn, bk, device):
     """Tile rows [x_col, n_valid, first_chunk, first_chain] (longest first); chunk rows
     [w_off of W_i[r0, 0], P_i, dy_col, k_valid] for every BLOCK_K rows of every chain, chain-major;
     chain rows [w_off of W_i[0, 0], P_i, O_i, out_i]."""
-    ptrs = tuple(w.data_ptr() for w in weights)
-    key = ("bwd_i", ptrs, tuple(lay.prefix), tuple(lay.outs), bn, bk, device)
+    key = ("bwd_i", _rel_offsets(weights), tuple(lay.prefix), tuple(lay.outs), bn, bk, device)
     if key in _TABLES:
         return _TABLES[key]
     n = len(weights)

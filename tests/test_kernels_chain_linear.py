@@ -366,6 +366,51 @@ def test_interpreter_autocast_entry_casts_and_returns_fp32_grads():
         assert _rel(w.grad, rw.grad) < 2e-2
 
 
+def _packed(shapes, dtype=torch.float32):
+    """Weights of ``shapes`` as views of one new buffer, back to back (where a step's casts land)."""
+    flat = torch.randn(sum(o * p for o, p in shapes), dtype=dtype)
+    out, off = [], 0
+    for o, p in shapes:
+        out.append(flat[off:off + o * p].view(o, p))
+        off += o * p
+    return out
+
+
+def test_tile_tables_are_keyed_by_layout_not_addresses():
+    """A chain Linear's tile tables hold weight offsets from the first chain's weight, so weights at new addresses
+    with the same offsets (autocast's casts or FSDP's gathers, every step) reuse the table; other offsets get
+    their own, whose rows hold those offsets."""
+    shapes = [(48, 32), (40, 64)]
+    a, b = _packed(shapes), _packed(shapes)
+    assert a[0].data_ptr() != b[0].data_ptr()
+    lay = cl._layout(a)
+    assert cl._fwd_table(lay, a, None, 16, "cpu") is cl._fwd_table(lay, b, None, 16, "cpu")
+    assert cl._bwd_input_tables(lay, a, 16, 16, "cpu")[1] is cl._bwd_input_tables(lay, b, 16, 16, "cpu")[1]
+    apart = [torch.randn(o, p) for o, p in shapes]  # separate allocations: other offsets
+    t_apart = cl._fwd_table(lay, apart, None, 16, "cpu")
+    assert t_apart is not cl._fwd_table(lay, a, None, 16, "cpu")
+    for ws, tab in ((a, cl._fwd_table(lay, a, None, 16, "cpu")), (apart, t_apart)):
+        assert tab.tolist() == cl.fwd_tile_rows(ws, lay.out_start, [0, 0], 16)
+
+
+def test_autocast_pack_cast_is_one_buffer_and_casts_gradients_back():
+    """What the autocast entry hands the kernel: the fp32 weights cast into one buffer, back to back (so their
+    offsets, and the tile tables, are the same every step); the gradients reach each weight in its own dtype."""
+    ws = [torch.randn(24, 16, requires_grad=True), torch.randn(16, 48, requires_grad=True)]
+    outs = cl._PackCast.apply(torch.bfloat16, *ws)
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+    assert outs[0].untyped_storage().data_ptr() == outs[1].untyped_storage().data_ptr()
+    assert cl._rel_offsets(list(outs)) == (0, 24 * 16)
+    again = cl._PackCast.apply(torch.bfloat16, *ws)
+    assert cl._rel_offsets(list(again)) == cl._rel_offsets(list(outs))
+    for o, w in zip(outs, ws):
+        assert torch.equal(o, w.detach().to(torch.bfloat16))
+    gs = [torch.randn(o.shape).to(torch.bfloat16) for o in outs]
+    torch.autograd.backward(outs, gs)
+    for w, g in zip(ws, gs):
+        assert w.grad.dtype == torch.float32 and torch.equal(w.grad, g.float())
+
+
 @cuda
 def test_cuda_autocast_training_takes_the_kernel(monkeypatch):
     """Under CUDA autocast (bf16) the dispatcher runs the Triton chain Linear on cast inputs, not the per-chain

@@ -57,7 +57,10 @@ def build_optimizer(params: list[tuple[str, nn.Parameter]], lr: float, weight_de
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("optimizer: no trainable parameters (everything is frozen)")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    # on CUDA the fused AdamW: one pass over each parameter's state instead of a foreach launch per elementwise
+    # op (the foreach step was about a quarter of a 1B model's training step's kernel time on an H100)
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, batches, grad_clip: float,
