@@ -75,6 +75,8 @@ def profile_step(step) -> dict:
     t0 = time.perf_counter()
     _, rows = kernel_table(step)
     wall = (time.perf_counter() - t0) * 1e3
+    # record_function spans (e.g. "Optimizer.step#AdamW.step") show on the GPU timeline too: not kernels
+    rows = [r for r in rows if "#" not in r["name"]]
     kinds: dict[str, float] = {}
     for r in rows:
         kinds[kernel_kind(r["name"])] = kinds.get(kernel_kind(r["name"]), 0.0) + r["gpu_ms"]
