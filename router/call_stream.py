@@ -51,15 +51,22 @@ class CallStream:
         call_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[call_id] = (fut, reply_cls, call)
+        # the write runs in a task of its own, shielded: grpc.aio cancels the whole stream when a write into it is
+        # interrupted, which would fail every other call on it (and take the worker out) for one caller's cancellation
+        sent = asyncio.ensure_future(self._write(call, kv_pb2.CallMessage(
+            call_id=call_id, method=method, request=request.SerializeToString(), timeout_s=timeout)))
         try:
-            await self._write(call, kv_pb2.CallMessage(call_id=call_id, method=method,
-                                                        request=request.SerializeToString(), timeout_s=timeout))
+            await asyncio.shield(sent)
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
             self._cancel_on_worker(call, call_id)
             raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         except asyncio.CancelledError:
-            self._cancel_on_worker(call, call_id)
+            if sent.done():
+                self._cancel_on_worker(call, call_id)
+            else:  # the message still goes out: cancel it on the worker once it has
+                sent.add_done_callback(lambda t: None if t.cancelled() or t.exception() is not None
+                                       else self._cancel_on_worker(call, call_id))
             raise
         finally:
             self._pending.pop(call_id, None)

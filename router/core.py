@@ -386,6 +386,8 @@ class Router:
             self._states.pop(spec.uid, None)
             self.metrics.requests.labels(status, str(scale)).inc()
             self.metrics.running.set(self.admission.num_running)
+            # a request refused at a full queue, or gone (cancelled, deadline) while queued, leaves the queue too
+            self.metrics.queued.set(self.admission.num_queued)
 
     async def _next_watched(self, stream, spec: RequestSpec, failover: asyncio.Future, decode_id: str,
                             num_out: int) -> EngineToken | None:

@@ -184,6 +184,10 @@ class GrpcBackend:
         reserved = None  # None: unknown (the call broke); False: decode refused it, nothing of ours to abort
         prefill_task = None
         next_tok = None
+        # Reserve / Start (which reserves on a colocated worker) while in flight: a cancelled request does not cancel
+        # it but aborts once it has answered; an abort sent at once could reach the worker first, find nothing, and the
+        # reservation made after it would hold its blocks until the request's deadline
+        placing: list = []
 
         def start_prefill(same_host: bool, path: str, decode_cuda: bool, decode_transports=()):
             task = asyncio.ensure_future(self._unary(prefill_id, "Prefill", kv_pb2.PrefillRequest(
@@ -201,9 +205,9 @@ class GrpcBackend:
                                              list(early[1].decode_transports))
             if not colocated:  # a colocated worker reserves with the Start (``_start_request``): one call fewer
                 try:
-                    reply = await self._unary(decode_id, "Reserve", kv_pb2.ReserveRequest(
+                    reply = await _unabandoned(placing, self._unary(decode_id, "Reserve", kv_pb2.ReserveRequest(
                         request_id=req.request_id, prompt_len=len(req.prompt_ids), max_new_tokens=p.max_new_tokens,
-                        timeout_s=timeout), kv_pb2.ReserveReply, min(timeout, 10.0))
+                        timeout_s=timeout), kv_pb2.ReserveReply, min(timeout, 10.0)))
                 except grpc.aio.AioRpcError as e:
                     if e.code() in _REFUSED:
                         reserved = False
@@ -215,7 +219,8 @@ class GrpcBackend:
             if self.token_stream == "batched":
                 ended: list = []  # set before the finishing token is handed on: a consumer may stop right there
                 try:
-                    async for tok in self._batched_tokens(req, decode_id, timeout, prefill_task, prefill_id, ended):
+                    async for tok in self._batched_tokens(req, decode_id, timeout, prefill_task, prefill_id, ended,
+                                                          placing):
                         yield tok
                 finally:
                     finished = bool(ended)
@@ -253,7 +258,8 @@ class GrpcBackend:
                 next_tok.cancel()
                 next_tok.add_done_callback(_retrieve)
             if not finished and reserved is not False:
-                self._abort_in_background(decode_id, req.request_id)
+                self._abort_in_background(decode_id, req.request_id,
+                                          after=next((c for c in placing if not c.done()), None))
 
     def _subscription(self, decode_id: str) -> TokenSubscription:
         s = self._subs.get(decode_id)
@@ -264,7 +270,7 @@ class GrpcBackend:
         return s
 
     async def _batched_tokens(self, req: EngineRequest, decode_id: str, timeout: float, prefill_task,
-                              prefill_id: str, ended: list) -> AsyncIterator[EngineToken]:
+                              prefill_id: str, ended: list, placing: list) -> AsyncIterator[EngineToken]:
         """``Start`` on the decode worker, then this request's events from the worker's Tokens stream (opened on
         first use). Ends after the finishing token (``ended`` gets an entry just before it is yielded: the worker
         ended the request, nothing is left to abort); raises as the per-request stream would."""
@@ -296,8 +302,9 @@ class GrpcBackend:
             req.failover.add_done_callback(lambda f: None if f.cancelled() else q.put_nowait(f))
         try:
             try:
-                await self._unary(decode_id, "Start", _start_request(req, timeout, sub.subscriber, prefill_task is None),
-                                  kv_pb2.StartGenerationReply, min(timeout, 10.0))
+                await _unabandoned(placing, self._unary(
+                    decode_id, "Start", _start_request(req, timeout, sub.subscriber, prefill_task is None),
+                    kv_pb2.StartGenerationReply, min(timeout, 10.0)))
             except grpc.aio.AioRpcError as e:
                 raise self._failure(e, decode_id) from None
             streaming = False  # a token came: the KV is all on the decode worker, the prefill's outcome no longer matters
@@ -353,11 +360,21 @@ class GrpcBackend:
             return None
         return (name, facts) if t.reserve_with_prefill and t.unmet(facts) is None else None
 
-    def _abort_in_background(self, decode_id: str, request_id: str, attempts: int = 3) -> None:
+    def _abort_in_background(self, decode_id: str, request_id: str, attempts: int = 3, after=None) -> None:
         """Free a failed attempt's decode reservation without holding up its retry. A few tries with a
         generous timeout: under load an abort that timed out once (it was awaited with 2 s) left the
-        reservation held until its deadline, minutes later. A worker that is gone frees nothing anyway."""
+        reservation held until its deadline, minutes later. A worker that is gone frees nothing anyway.
+        ``after``: the attempt's Reserve (or Start) call still in flight: the abort goes once it has answered, and not
+        at all when the worker refused it (nothing of ours is held there)."""
         async def run():
+            if after is not None:
+                try:
+                    await after
+                except grpc.aio.AioRpcError as e:
+                    if e.code() in _REFUSED:
+                        return
+                except BaseException:  # noqa: BLE001 - the call broke: whether it reserved is unknown, abort anyway
+                    pass
             for i in range(attempts):
                 try:
                     await self._unary(decode_id, "Abort", kv_pb2.AbortRequest(request_id=request_id),
@@ -466,6 +483,15 @@ def _start_request(req: EngineRequest, timeout: float, subscriber: str = "", pro
 def _tops(ev) -> tuple[tuple[int, float], ...]:
     """A TokenEvent's top log-probs as (token id, log-prob) pairs (empty unless the request asked for them)."""
     return tuple(zip(ev.top_token_ids, ev.top_logprobs)) if ev.top_token_ids else ()
+
+
+async def _unabandoned(placing: list, call):
+    """``await call`` (a worker call that may reserve KV blocks), except that the caller's cancellation leaves the call
+    running: it is kept in ``placing`` for the abort to wait for."""
+    task = asyncio.ensure_future(call)
+    placing.append(task)
+    task.add_done_callback(_retrieve)
+    return await asyncio.shield(task)
 
 
 def _retrieve(task: asyncio.Future) -> None:

@@ -240,3 +240,93 @@ def test_worker_calls_setting_is_checked():
         RouterConfig(worker_calls="rpc")
     with pytest.raises(ValueError, match="worker_calls='rpc'"):
         GrpcBackend([], worker_calls="rpc")
+
+
+def test_a_caller_cancelled_mid_write_leaves_the_stream_and_its_other_calls_alone(worker):
+    """grpc.aio cancels a whole stream call when a write into it is interrupted: one request's cancellation (a client
+    gone) must not end the worker's Calls stream, failing every other call on it (the router then took the worker out
+    of service and failed its requests over)."""
+    servicer, port = worker
+
+    async def run():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            cs = stream_on(ch)
+            await cs.call("Reserve", reserve("open"), kv_pb2.ReserveReply, 5.0)
+            stream = cs._call
+            bystander = asyncio.ensure_future(cs.call("Reserve", reserve("bystander", ms=1500), kv_pb2.ReserveReply,
+                                                      10.0))
+            for i in range(40):  # cancelled after 0..3 turns of the loop: before, during and after its write
+                task = asyncio.ensure_future(cs.call("Reserve", reserve(f"gone{i}"), kv_pb2.ReserveReply, 5.0))
+                for _ in range(i % 4):
+                    await asyncio.sleep(0)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            r = await bystander  # the other call on the stream is answered
+            assert r.request_id == "bystander"
+            assert cs._call is stream and not stream.done()  # the same stream serves on
+            assert (await cs.call("Reserve", reserve("after"), kv_pb2.ReserveReply, 5.0)).request_id == "after"
+            await cs.close()
+
+    asyncio.run(run())
+
+
+class SlowReserve(kv_grpc.DecodeWorkerServicer):
+    """A decode worker whose Reserve takes 300 ms and, like the real one, does not stop for its caller's cancellation;
+    Abort frees what Reserve holds."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.lock = threading.Lock()
+        self.reserved = threading.Event()  # a Reserve handler has run to its end
+
+    def Calls(self, request_iterator, context):  # noqa: N802 - gRPC servicer API
+        yield from serve_calls({"Reserve": (self.Reserve, kv_pb2.ReserveRequest),
+                                "Abort": (self.Abort, kv_pb2.AbortRequest)}, request_iterator, context, 16)
+
+    def Reserve(self, request, context):  # noqa: N802
+        time.sleep(0.3)
+        with self.lock:
+            self.held.add(request.request_id)
+        self.reserved.set()
+        return kv_pb2.ReserveReply(request_id=request.request_id, num_blocks=1, block_size=16)
+
+    def Abort(self, request, context):  # noqa: N802
+        with self.lock:
+            found = request.request_id in self.held
+            self.held.discard(request.request_id)
+        return kv_pb2.AbortReply(request_id=request.request_id, found=found)
+
+
+@pytest.mark.parametrize("calls", ["stream", "unary"])
+def test_a_request_cancelled_during_its_reserve_leaves_no_reservation(calls):
+    """A request cancelled (its client gone) while its Reserve is in flight: the abort that frees its blocks must not
+    overtake the Reserve on the worker, where it would find nothing and the reservation made after it would hold its
+    blocks until the request's deadline."""
+    from colm.router.backend import EngineRequest
+    from colm.sampling import SamplingParams
+
+    servicer = SlowReserve()
+    server, port = serve(servicer)
+    try:
+        async def run():
+            b = GrpcBackend([WorkerInfo("decode-0", "decode", f"127.0.0.1:{port}"),
+                             WorkerInfo("prefill-0", "prefill", f"127.0.0.1:{port}")], cluster_token=TOKEN,
+                            worker_calls=calls)
+            req = EngineRequest("gone", tuple(range(65, 85)), SamplingParams(max_new_tokens=8), 1, 60.0, None, None)
+
+            async def consume():
+                async for _ in b.generate(req, "prefill-0", "decode-0"):
+                    pass
+
+            task = asyncio.ensure_future(consume())
+            await asyncio.sleep(0.1)  # the Reserve is on the worker now
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await b.close()  # waits for the background aborts
+
+        asyncio.run(run())
+        assert servicer.reserved.wait(5)
+        time.sleep(0.1)  # an abort sent after the reservation has had time to land
+        assert servicer.held == set()
+    finally:
+        server.stop(0)
