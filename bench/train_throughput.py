@@ -73,8 +73,12 @@ def profile_step(step) -> dict:
     from _timing import kernel_table
 
     t0 = time.perf_counter()
-    _, rows = kernel_table(step)
+    prof, rows = kernel_table(step)
     wall = (time.perf_counter() - t0) * 1e3
+    ka = prof.key_averages()
+    host_ops = sorted((e for e in ka if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)[:20]
+    # the host's waits on the GPU: what leaves it launching nothing while the GPU drains
+    waits = [e for e in ka if "Synchronize" in e.key or e.key.startswith(("cudaMemcpy", "cudaStreamWait"))]
     # record_function spans (e.g. "Optimizer.step#AdamW.step") show on the GPU timeline too: not kernels
     rows = [r for r in rows if "#" not in r["name"]]
     kinds: dict[str, float] = {}
@@ -83,7 +87,11 @@ def profile_step(step) -> dict:
     gpu = sum(kinds.values())
     return {"wall_ms_profiled": wall, "gpu_kernel_ms": gpu, "kernels": sum(r["count"] for r in rows),
             "gpu_ms_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-            "top_kernels": [{**r, "kind": kernel_kind(r["name"])} for r in rows[:20]]}
+            "top_kernels": [{**r, "kind": kernel_kind(r["name"])} for r in rows[:20]],
+            "host_self_ms_total": sum(e.self_cpu_time_total for e in ka) / 1e3,
+            "host_top_ops": [{"name": e.key[:90], "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
+                             for e in host_ops],
+            "host_waits": [{"name": e.key[:90], "count": e.count, "cpu_ms": e.cpu_time_total / 1e3} for e in waits]}
 
 
 def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device="cuda", profile=False):
@@ -205,6 +213,9 @@ def main() -> None:
             kinds = "  ".join(f"{k} {v:.1f}" for k, v in prof["gpu_ms_by_kind"].items())
             print(f"    profiled step: wall {prof['wall_ms_profiled']:.1f} ms, kernels {prof['gpu_kernel_ms']:.1f} ms "
                   f"({prof['kernels']}): {kinds}", flush=True)
+            waits = "  ".join(f"{w['name']} x{w['count']} {w['cpu_ms']:.1f}" for w in prof["host_waits"])
+            tops = "  ".join(f"{o['name'][:40]} x{o['count']} {o['self_cpu_ms']:.1f}" for o in prof["host_top_ops"][:8])
+            print(f"    host waits: {waits or 'none'}\n    host top: {tops}", flush=True)
     base = {r["precision"]: r for r in rows if r.get("model") == "{32} (Llama)" and "error" not in r}
     base["autocast-ref"] = base.get("autocast")  # the dense model has no chain Linears: one autocast run serves both
     for r in rows:
