@@ -319,6 +319,9 @@ class GrpcBackend:
 
                     raise DeadlineExceeded(f"request {req.request_id} passed its deadline")
                 if item is _SILENT:
+                    if not streaming and prefill_task is not None and not prefill_task.done():
+                        # no K/V yet: the decode worker waits for the prefill worker, which is the silent one
+                        raise WorkerFailed(prefill_id, f"no token for {idle} s: its prefill has not finished")
                     raise WorkerFailed(decode_id, f"no token for {idle} s")
                 if isinstance(item, asyncio.Future):  # a health poll took one of this attempt's workers out
                     raise WorkerFailed(item.result(), "failed its health check")

@@ -1,0 +1,81 @@
+"""A request whose first token is late because its prefill has not finished (a prefill worker with a long queue, or
+its loop stuck) is the prefill worker's silence, not the decode worker's: the router (batched token stream, the
+default) takes the prefill worker out for it, and the decode worker, which was waiting for the K/V, stays in service.
+It used to blame the decode worker ("worker decode-0 taken out of service (... no token for N s)"), so health said
+"no healthy decode worker" while the decode worker was idle and the slow prefill worker kept getting every prompt."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("colm.decode_worker.service")
+
+from colm import checkpoint  # noqa: E402
+from colm.assets import demo_model_dir  # noqa: E402
+from colm.client import Client  # noqa: E402
+from colm.decode_worker.config import DecodeConfig  # noqa: E402
+from colm.decode_worker.engine import DecodeEngine  # noqa: E402
+from colm.decode_worker.service import DecodeServer  # noqa: E402
+from colm.generate import generate  # noqa: E402
+from colm.prefill_worker.engine import PrefillEngine  # noqa: E402
+from colm.prefill_worker.service import PrefillServer  # noqa: E402
+from colm.router.backend import WorkerInfo  # noqa: E402
+from colm.router.config import RouterConfig  # noqa: E402
+from colm.router.core import Router  # noqa: E402
+from colm.router.grpc_backend import GrpcBackend  # noqa: E402
+from colm.sampling import SamplingParams  # noqa: E402
+from colm.tokenizer import ByteTokenizer  # noqa: E402
+from router_helpers import BackgroundRouter  # noqa: E402
+
+TOKEN = "silent-prefill-token-0123456789"
+PROMPT = "def read_config(path):"
+
+
+def test_a_late_first_token_with_the_prefill_unfinished_blames_the_prefill_worker(caplog):
+    path = str(demo_model_dir())
+    decode = DecodeServer(DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=128)), TOKEN).start()
+    prefill_engine = PrefillEngine.from_checkpoint(path)
+    release = threading.Event()
+    forward = prefill_engine._forward
+
+    def stuck_once(jobs):  # the first prefill forward hangs until released: the prefill loop is stuck, Stats answer
+        if not release.is_set():
+            release.wait(30)
+        return forward(jobs)
+
+    prefill_engine._forward = stuck_once
+    prefill = PrefillServer(prefill_engine, TOKEN).start()
+    workers = [WorkerInfo("decode-0", "decode", decode.address), WorkerInfo("prefill-0", "prefill", prefill.address)]
+    tok = ByteTokenizer()
+    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, token_timeout_s=1.0,
+                                 max_retries=5), checkpoint.load_config(path), tok,
+                    GrpcBackend(workers, cluster_token=TOKEN))
+    bg = BackgroundRouter(router)
+    try:
+        want = generate(checkpoint.load(path).eval(), tok.encode(PROMPT), SamplingParams(max_new_tokens=8,
+                                                                                       ignore_eos=True),
+                        scale=2, eos_id=tok.eos_id).token_ids
+        with caplog.at_level(logging.WARNING, logger="colm.router"), Client(bg.grpc_addr) as c:
+            got = {}
+            t = threading.Thread(target=lambda: got.update(c.complete(PROMPT, max_new_tokens=8, scale=2,
+                                                                       ignore_eos=True)))
+            t.start()
+            end = time.monotonic() + 20
+            while time.monotonic() < end and not any("no token for" in r.getMessage() for r in caplog.records):
+                time.sleep(0.05)
+            release.set()
+            t.join(60)
+        lines = [r.getMessage() for r in caplog.records if "taken out of service" in r.getMessage()]
+        assert lines, "the silent attempt was never failed over"
+        assert not any("worker decode-0 taken out" in m for m in lines), lines  # decode waited for the K/V
+        assert any("worker prefill-0 taken out" in m for m in lines), lines
+        assert got.get("token_ids") == want and got["usage"]["retries"] >= 1, got
+    finally:
+        release.set()
+        bg.stop()
+        prefill.stop()
+        decode.stop()
