@@ -8,6 +8,8 @@ clip, AdamW) on the same random token batches, side by side in one process, time
   chain Linears run the Triton kernel on autocast's casts, ``chain_linear_autocast``);
 * ``autocast-ref``: the same with ``COLM_CHAIN_LINEAR=ref``: chain Linears as per-chain cuBLAS GEMMs, how
   autocast training ran them before the kernel took autocast's casts (the {16,16} models only);
+* ``autocast-graph``: ``autocast`` with the whole step captured in one CUDA graph after two plain steps and
+  replayed (``colm.train.graphed_step``, what ``run.cuda_graph: true`` runs): no Python per operation;
 * ``fsdp-bf16``: FSDP2 over a 1-rank process group with bf16 parameters and fp32 reduction (what
   several GPUs run; chain Linears with more than one chain use the Triton block-sparse kernel).
 
@@ -116,14 +118,22 @@ def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device=
         for block in model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(module, mp_policy=mp, reshard_after_forward=False)
-    opt = build_optimizer(list(module.named_parameters()), 3e-4, 0.1, (0.9, 0.95), 1e-8)
+    graph, stepper = precision == "autocast-graph", None
+    opt = build_optimizer(list(module.named_parameters()), 3e-4, 0.1, (0.9, 0.95), 1e-8, capturable=graph)
+    if graph:
+        from colm.train.graphed_step import GraphedTrainStep
+
+        stepper = GraphedTrainStep(module, opt, autocast_bf16=True, warmup=max(1, warmup - 1))
+        run_step = lambda b: stepper([b], 1.0)  # noqa: E731 - captured on the last warm-up call, replayed after
+    else:
+        run_step = lambda b: train_step(module, opt, [b], 1.0, autocast_bf16=cuda and not fsdp)  # noqa: E731
     times, losses = [], []
     for i in range(warmup + steps):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
-        loss, _, _ = train_step(module, opt, [batches[i % len(batches)]], 1.0, autocast_bf16=cuda and not fsdp)
+        loss, _, _ = run_step(batches[i % len(batches)])
         if cuda:
             end.record()
             torch.cuda.synchronize()
@@ -134,8 +144,8 @@ def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device=
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     prof = None
     if profile and cuda:
-        prof = profile_step(lambda: train_step(module, opt, [batches[0]], 1.0, autocast_bf16=not fsdp))
-    del module, model, opt
+        prof = profile_step(lambda: run_step(batches[0]))
+    module = model = opt = run_step = stepper = None  # noqa: F841 - frees the model (and a graph) before the next
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -151,8 +161,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="bench/results/train_throughput.json")
     ap.add_argument("--smoke", action="store_true", help="CPU check of the script on tiny models (no figures)")
-    ap.add_argument("--precisions", default="autocast,autocast-ref,fsdp-bf16",
-                    help="comma list of the paths to run (autocast, autocast-ref, fsdp-bf16)")
+    ap.add_argument("--precisions", default="autocast,autocast-ref,autocast-graph,fsdp-bf16",
+                    help="comma list of the paths to run (autocast, autocast-ref, autocast-graph, fsdp-bf16)")
     ap.add_argument("--profile", action="store_true", help="profile one more step of every variant (GPU only)")
     args = ap.parse_args()
     from colm.presets import preset
@@ -178,11 +188,15 @@ def main() -> None:
         tok = torch.randint(0, vocab, (args.batch, args.seq + 1), generator=g).to(device)
         batches.append((tok[:, :-1], tok[:, 1:]))
     variants = [(m, p, "final") for p in ("autocast", "fsdp-bf16") for m in models]
-    variants[len(models):len(models)] = [("{16,16}", "autocast-ref", "final"), ("{16,16} Air", "autocast-ref", "final")]
+    variants[len(models):len(models)] = ([("{16,16}", "autocast-ref", "final"), ("{16,16} Air", "autocast-ref", "final")]
+                                         + [(m, "autocast-graph", "final") for m in models])
     variants += [("{16,16}", "fsdp-bf16", "multi_chain"), ("{16,16} Air", "fsdp-bf16", "multi_chain")]
     wanted = set(args.precisions.split(","))
-    if wanted - {"autocast", "autocast-ref", "fsdp-bf16"}:
-        ap.error(f"--precisions: {sorted(wanted)} has unknown paths; allowed: autocast, autocast-ref, fsdp-bf16")
+    if args.smoke and args.precisions == ap.get_default("precisions"):
+        wanted.discard("autocast-graph")  # CUDA graphs: GPU only
+    if wanted - {"autocast", "autocast-ref", "autocast-graph", "fsdp-bf16"} or (args.smoke and "autocast-graph" in wanted):
+        ap.error(f"--precisions: {sorted(wanted)}: allowed are autocast, autocast-ref, autocast-graph (GPU only), "
+                 f"fsdp-bf16")
     # the dense model's autocast row is autocast-ref's baseline too
     variants = [v for v in variants if v[1] in wanted or (v[1] == "autocast" and "autocast-ref" in wanted
                                                            and v[0] == "{32} (Llama)")]

@@ -160,6 +160,9 @@ class RunSection:
     max_seconds: float = 0.0  # > 0: stop after this much training time, state saved (a later run resumes); 0: none
     progress: bool = True
     plot: bool = True
+    # capture the whole step (forward, backward, clipping, AdamW) in one CUDA graph after 3 plain steps and replay
+    # it (colm.train.graphed_step): one GPU, no FSDP, optim.grad_accum 1
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)

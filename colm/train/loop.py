@@ -25,6 +25,7 @@ from colm.train.config import TrainConfig
 from colm.train.data import PackedLoader, TokenFile
 from colm.train.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, shard_model
 from colm.train.freeze import ChainFreezer
+from colm.train.graphed_step import GraphedTrainStep, graphable, set_lr
 from colm.train.lock import out_dir_lock
 from colm.train.lora import apply_lora
 from colm.train.step import TrainModule, build_optimizer, lr_at, train_step
@@ -144,7 +145,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         freezer.snapshot()
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     o = cfg.optim
-    optimizer = build_optimizer(trainable, o.lr, o.weight_decay, o.betas, o.eps)
+    optimizer = build_optimizer(trainable, o.lr, o.weight_decay, o.betas, o.eps,
+                                capturable=cfg.run.cuda_graph and info.device.type == "cuda")
+    if cfg.run.cuda_graph and (why := graphable(optimizer, o.grad_accum, info.distributed)):
+        raise ValueError(f"run.cuda_graph=true: the step cannot be captured: {why}")
     loader = PackedLoader(train_file, cfg.data.seq_len, cfg.data.micro_batch, o.grad_accum, info.rank,
                           info.world_size, cfg.data.seed)
     val_loader = (PackedLoader(TokenFile(cfg.data.val), cfg.data.seq_len, cfg.data.micro_batch, 1, info.rank,
@@ -169,15 +173,20 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
 
         bar = tqdm(total=o.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     history = []
+    graphed = (GraphedTrainStep(module, optimizer, autocast_bf16=bf16, freezer=freezer)
+               if cfg.run.cuda_graph else None)
     t0 = time.perf_counter()
     step = start
     for step in range(start, o.steps):
         lr = lr_at(step, o.lr, o.warmup_steps, o.steps, o.schedule, o.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(optimizer, lr)
         batches = [loader.batch(step, micro, info.device) for micro in range(o.grad_accum)]
-        loss, per, gnorm = train_step(module, optimizer, batches, o.grad_clip, autocast_bf16=bf16 and not info.distributed,
-                                      freezer=freezer, fsdp=info.distributed)
+        if graphed is not None:
+            loss, per, gnorm = graphed(batches, o.grad_clip)
+        else:
+            loss, per, gnorm = train_step(module, optimizer, batches, o.grad_clip,
+                                          autocast_bf16=bf16 and not info.distributed, freezer=freezer,
+                                          fsdp=info.distributed)
         loss = all_reduce_mean(loss, info)
         per = all_reduce_mean(per, info)
         row = {"kind": "train", "step": step, "loss": round(float(loss), 6), "scale_loss": _nan_to_none(per.tolist()),

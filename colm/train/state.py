@@ -37,11 +37,21 @@ def latest_step(out_dir: str | Path) -> int | None:
     return int(marker.read_text().strip()) if marker.is_file() else None
 
 
+def _plain_hyperparameters(optim_sd: dict) -> None:
+    """One-element tensors among the param groups' hyperparameters (a captured step's learning rate lives in a GPU
+    tensor) saved as numbers, as every other run saves and loads them."""
+    for group in optim_sd.get("param_groups", []):
+        for k, v in group.items():
+            if k != "params" and isinstance(v, torch.Tensor) and v.numel() == 1:
+                group[k] = float(v)
+
+
 def save_state(out_dir: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                info: DistInfo, extra: dict | None = None) -> Path:
     root = Path(out_dir) / STATE_DIR
     path = root / f"step_{step}"
     model_sd, optim_sd = get_state_dict(module, optimizer)
+    _plain_hyperparameters(optim_sd)
     with warnings.catch_warnings():  # a single process saves without a process group on purpose
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))

@@ -49,8 +49,9 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str, min
 
 
 def build_optimizer(params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
-                    betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm weights and 1-D tensors are not decayed)."""
+                    betas: tuple[float, float], eps: float, capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm weights and 1-D tensors are not decayed). ``capturable``:
+    its step count kept on the GPU, so a CUDA graph can capture ``step()`` (``colm.train.graphed_step``)."""
     decay = [p for _, p in params if p.dim() >= 2]
     no_decay = [p for _, p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -60,7 +61,9 @@ def build_optimizer(params: list[tuple[str, nn.Parameter]], lr: float, weight_de
     # on CUDA the fused AdamW: one pass over each parameter's state instead of a foreach launch per elementwise
     # op (the foreach step was about a quarter of a 1B model's training step's kernel time on an H100)
     fused = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    if capturable and not fused:
+        raise ValueError("optimizer: a capturable AdamW (CUDA graphs) needs every parameter on a CUDA device")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, capturable=capturable)
 
 
 def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, batches, grad_clip: float,
