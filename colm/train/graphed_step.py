@@ -96,7 +96,9 @@ class GraphedTrainStep:
         # nothing may set them to None from here on
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast_bf16 else nullcontext()
+        # no autocast cast cache in a capture: the casts are made (and recorded) where each Linear runs
+        ctx = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.autocast_bf16
+               else nullcontext())
         with torch.cuda.graph(graph):
             with ctx:
                 loss, per = self.module(self._x, self._y)
