@@ -30,6 +30,7 @@ _LAYER_MAP = {
 }
 _GLOBAL_MAP = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "head.weight"}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
 def hf_config_to_colm(hf: dict, kv_sharing: bool = False) -> ModelConfig:
@@ -42,6 +43,9 @@ def hf_config_to_colm(hf: dict, kv_sharing: bool = False) -> ModelConfig:
             raise ValueError(f"config.json {flag}=true: biased Llama variants are not supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json hidden_act={hf.get('hidden_act')!r}: only 'silu' (SwiGLU) is supported")
+    missing = [k for k in _REQUIRED if hf.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json has no {', '.join(missing)}: a Llama config.json needs {', '.join(_REQUIRED)}")
     heads = hf["num_attention_heads"]
     dim = hf["hidden_size"]
     head_dim = hf.get("head_dim") or dim // heads
@@ -53,6 +57,10 @@ def hf_config_to_colm(hf: dict, kv_sharing: bool = False) -> ModelConfig:
     rope_scaling = None
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
+        needs = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                 "linear": ("factor",)}.get(kind, ())
+        if absent := [k for k in needs if scaling.get(k) is None]:
+            raise ValueError(f"config.json rope {kind} needs {', '.join(absent)}")
         if kind == "llama3":
             rope_scaling = RopeScaling("llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
                                        float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
@@ -72,7 +80,12 @@ def hf_config_to_colm(hf: dict, kv_sharing: bool = False) -> ModelConfig:
 def _weight_files(src: Path) -> list[Path]:
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: invalid JSON or no weight_map ({type(e).__name__}: {e})") from None
+        if absent := [f for f in files if not (src / f).is_file()]:
+            raise ValueError(f"{index}: its weight_map names {absent[0]}, which is missing from {src}")
         return [src / f for f in files]
     single = src / "model.safetensors"
     if single.is_file():
@@ -98,7 +111,11 @@ def load_hf_llama(src: str | Path, dtype: torch.dtype | None = None, kv_sharing:
     cfg_file = src / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{src}: no config.json")
-    cfg = hf_config_to_colm(json.loads(cfg_file.read_text()), kv_sharing=kv_sharing)
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: invalid JSON ({e})") from None
+    cfg = hf_config_to_colm(hf, kv_sharing=kv_sharing)
     with torch.device("meta"):
         model = CoLM(cfg)
     state = model.state_dict()
@@ -109,6 +126,9 @@ def load_hf_llama(src: str | Path, dtype: torch.dtype | None = None, kv_sharing:
                 ours = colm_name(name)
                 if ours is None or (ours == "head.weight" and cfg.tie_embeddings):
                     continue
+                if ours not in state:  # colm_name maps only Llama names: a layer past num_hidden_layers
+                    raise ValueError(f"{file.name}: {name} is a tensor of layer {ours.split('.')[1]}, config.json "
+                                     f"num_hidden_layers={cfg.n_layers}")
                 t = f.get_tensor(name)
                 if tuple(t.shape) != tuple(state[ours].shape):
                     raise ValueError(f"{file.name}: {name} has shape {tuple(t.shape)}, config needs {tuple(state[ours].shape)}")

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from colm.config import ModelConfig
 from colm.config_types import check_fields, section_name
 
 MODES = ("pretrain", "heads", "expand", "chain_tune")
@@ -49,6 +50,13 @@ class ModelSection:
         if (self.preset is None) == (self.checkpoint is None):
             raise ValueError(f"model: give exactly one of preset ({self.preset!r}) or checkpoint ({self.checkpoint!r})")
         _positive(self, "init_std")
+        if self.overrides:
+            if self.checkpoint is not None:  # a checkpoint's shape is its weights': nothing would apply them
+                raise ValueError(f"model.overrides={self.overrides!r}: override a preset's fields only, not those "
+                                 f"of model.checkpoint={self.checkpoint!r}")
+            known = {f.name for f in dataclasses.fields(ModelConfig)}
+            if unknown := sorted(set(self.overrides) - known):
+                raise ValueError(f"model.overrides has unknown fields {unknown}; allowed: {sorted(known)}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class DataSection:
         if not self.train:
             raise ValueError("data.train='': path of a token file (.bin) is required")
         _positive(self, "seq_len", "micro_batch")
+        _positive(self, "seed", allow_zero=True)  # the loader's numpy generator takes no negative seed
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:  # a typo or a CUDA device this machine lacks: torch's own failure is a traceback from deep inside
+        from colm.checkpoint import check_device
+
+        try:
+            check_device(device)
+        except ValueError as e:
+            raise ValueError(f"run.{e}") from None
     if device.startswith("cuda"):
         dev = torch.device("cuda", local_rank if world > 1 else torch.device(device).index or 0)
         torch.cuda.set_device(dev)

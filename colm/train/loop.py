@@ -124,6 +124,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and info.device.type == "cuda")
     model, tok_spec, tok_dir = build_model(cfg)
     mcfg = model.cfg
+    if cfg.data.seq_len > mcfg.max_seq_len:  # else the first step fails, after the run's files are written
+        raise ValueError(f"data.seq_len={cfg.data.seq_len}: longer than the model's max_seq_len={mcfg.max_seq_len}")
     train_file = TokenFile(cfg.data.train)
     if train_file.meta["vocab_size"] > mcfg.vocab_size:
         raise ValueError(f"data.train={cfg.data.train}: tokenizer vocab {train_file.meta['vocab_size']} exceeds "

@@ -82,8 +82,11 @@ def resume_step(out_dir: str | Path, steps: int) -> int | None:
     return saved
 
 
-def _mismatch(path: Path, model_sd: dict) -> str | None:
-    """First difference between the model tensors saved at ``path`` and ``model_sd`` (None: they match)."""
+def _mismatch(path: Path, model_sd: dict, optim_sd: dict | None = None) -> str | None:
+    """First difference between the model tensors saved at ``path`` and ``model_sd``, or a parameter the saved
+    optimizer trained that ``optim_sd`` (this run's) does not (None: they match). DCP loads a subset of what was
+    saved without complaint, so a run that freezes more than the saved one would resume unnoticed, with chains
+    it calls frozen already changed."""
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     saved = {k[len("model."):]: v for k, v in metadata.items() if k.startswith("model.")}
     for name, t in model_sd.items():
@@ -93,7 +96,14 @@ def _mismatch(path: Path, model_sd: dict) -> str | None:
         if tuple(meta.size) != tuple(t.shape):
             return f"{short} is {list(meta.size)} there and {list(t.shape)} here"
     extra = sorted(set(saved) - set(model_sd))
-    return f"the saved state has {extra[0].removeprefix('model.')}, which this model lacks" if extra else None
+    if extra:
+        return f"the saved state has {extra[0].removeprefix('model.')}, which this model lacks"
+    if optim_sd is not None:
+        # keys optim.state.<parameter FQN>.<state name>; get_state_dict gives every trainable parameter a state
+        trained = {k[len("optim.state."):].rsplit(".", 1)[0] for k in metadata if k.startswith("optim.state.")}
+        if frozen := sorted(trained - set(optim_sd.get("state", {}))):
+            return f"{frozen[0].removeprefix('model.')} was trained there and is frozen here"
+    return None
 
 
 def _refuse_mismatch(out_dir, path: Path, detail: str) -> ValueError:
@@ -112,7 +122,7 @@ def load_state(out_dir: str | Path, module: nn.Module, optimizer: torch.optim.Op
         raise ValueError(f"{out_dir}: no saved training state")
     path = Path(out_dir) / STATE_DIR / f"step_{step}"
     model_sd, optim_sd = get_state_dict(module, optimizer)
-    if (detail := _mismatch(path, model_sd)) is not None:
+    if (detail := _mismatch(path, model_sd, optim_sd)) is not None:
         raise _refuse_mismatch(out_dir, path, detail)
     state = {"model": model_sd, "optim": optim_sd}
     try:
