@@ -34,4 +34,16 @@ class ChainFFN(nn.Module):
             if _fused.glu_fits(gu):  # the down projection forms silu(gate) * up as it reads its input: one launch
                 return _fused.fused_linear_glu(gu, f, self.w2.segments(scale))
             return self.w2(silu_mul(gu[..., :f], gu[..., f:]), scale)
-        return self.w2(silu_mul(self.w1(x, scale), self.w3(x, scale)), scale)  # one launch on CUDA
+        return self.w2(self._gate_product(self.w1(x, scale), self.w3(x, scale), scale), scale)
+
+    def _gate_product(self, g: torch.Tensor, u: torch.Tensor, scale: int) -> torch.Tensor:
+        """silu(g) * u [b, t, F_k]: one launch on CUDA. On the CPU one per chain, each over a contiguous tensor of
+        the same shape at every scale: the CPU's elementwise kernels round an element by where it falls (a
+        vectorised body, then a scalar tail, per thread's range), so over the whole width chain 1's products
+        would depend on how many chains run, and CoLM-Air's K/V on the scale (chain widths times tokens not a
+        multiple of the vector width)."""
+        widths = self.w1.out_splits[:scale]
+        if g.is_cuda or len(widths) == 1:
+            return silu_mul(g, u)
+        return torch.cat([silu_mul(a.contiguous(), b.contiguous())
+                          for a, b in zip(g.split(widths, dim=-1), u.split(widths, dim=-1))], dim=-1)

@@ -34,6 +34,26 @@ def test_air_kv_same_at_every_scale_and_from_chain1_only_load(name, tmp_path):
         assert torch.equal(kk, k_ref) and torch.equal(vv, v_ref)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_air_kv_same_at_every_scale_with_odd_widths(seed):
+    """FFN chain widths (and widths times tokens) that are not multiples of the CPU's vector width: the gate
+    product of chain 1 must not depend on how many chains run (the CPU's elementwise kernels round by position)."""
+    from colm.config import ModelConfig
+    from colm.model import CoLM
+
+    cfg = ModelConfig(vocab_size=100, dim=32, n_layers=3, n_heads=4, n_kv_heads=1, ffn_hidden=24, chains=(2, 2),
+                      kv_sharing=True)
+    model = CoLM(cfg).reset_parameters(std=0.3, seed=seed).eval()
+    torch.manual_seed(seed)
+    tokens = torch.randint(0, 100, (1, 7))
+    caches = {k: ContiguousKVCache(cfg, 1, 7) for k in (1, 2)}
+    with torch.no_grad():
+        for k, cache in caches.items():
+            model(tokens, scale=k, cache=cache)
+    for layer in range(cfg.n_layers):
+        assert all(torch.equal(a, b) for a, b in zip(caches[1].layer_kv(layer), caches[2].layer_kv(layer))), layer
+
+
 def test_non_air_kv_differs_by_scale_only_in_later_chains():
     model = make_model("tiny", seed=9)
     tokens = torch.randint(0, 260, (1, 6))
