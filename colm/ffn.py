@@ -19,6 +19,7 @@ class ChainFFN(nn.Module):
         self.w1 = ChainLinear(dims, hidden, device=device, dtype=dtype)  # gate
         self.w3 = ChainLinear(dims, hidden, device=device, dtype=dtype)  # up
         self.w2 = ChainLinear(hidden, dims, device=device, dtype=dtype)  # down
+        self.ffn_widths = list(hidden)  # per chain (w1 may be wrapped, e.g. by LoRA)
 
     def fuse_gate_up(self) -> None:
         """Inference engines: at decode's few rows, the gate and up chains in one launch
@@ -42,7 +43,7 @@ class ChainFFN(nn.Module):
         vectorised body, then a scalar tail, per thread's range), so over the whole width chain 1's products
         would depend on how many chains run, and CoLM-Air's K/V on the scale (chain widths times tokens not a
         multiple of the vector width)."""
-        widths = self.w1.out_splits[:scale]
+        widths = self.ffn_widths[:scale]
         if g.is_cuda or len(widths) == 1:
             return silu_mul(g, u)
         return torch.cat([silu_mul(a.contiguous(), b.contiguous())
