@@ -5,8 +5,9 @@
 ``torch.cuda.graphs`` asks; it compiles and tunes every Triton kernel for these shapes, which must not
 happen inside a capture), then captures one call thread-locally with Python's GC paused
 (``colm.kernels._tuning.capture_without_gc``), all while holding ``DEVICE_WIDE_LOCK``: a capture must
-not meet a kernel tuning's device-wide sync in another thread of the process. ``GraphSet`` is the state
-a set of graphs keyed by shape keeps (prefill's and ``colm.graphed_forward``'s).
+not meet a kernel tuning's device-wide sync in another thread of the process. Each capture counts as progress of
+the engine loop it runs on (``colm.loop_thread.progress``: a step that captures is slow, not stalled).
+``GraphSet`` is the state a set of graphs keyed by shape keeps (prefill's and ``colm.graphed_forward``'s).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable, TypeVar
 import torch
 
 from colm.kernels._tuning import DEVICE_WIDE_LOCK, capture_without_gc
+from colm.loop_thread import progress
 
 T = TypeVar("T")
 log = logging.getLogger("colm.cuda_graphs")
@@ -85,4 +87,5 @@ def warm_and_capture(fn: Callable[[], T], device, pool=None, warmup: int = 2) ->
         graph = torch.cuda.CUDAGraph()
         with capture_without_gc(graph, pool=pool):
             out = fn()
+    progress()  # a capture inside an engine loop's step (on first use) is that loop's progress, not a stall
     return graph, out

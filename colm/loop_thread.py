@@ -5,17 +5,34 @@ checks ``stopping`` under the same condition variable that ``stop`` notifies. A 
 (a bug: engines catch each request's own failures) is recorded in ``error`` and logged, then each ``on_error``
 callback runs with it: the engine fails what it holds and reports itself dead, and a worker process exits so that
 its supervisor (Ray) restarts it.
+
+A loop that does not end but stops moving (a step that never returns, as a hung device sync looks) is seen by its
+progress stamp: the loop ``beat``s whenever it gets somewhere (an iteration ended, a prompt chunk ran) and waits for
+work in ``idle_wait``. ``stalled_s`` is how long it has gone without a beat while it runs an iteration and its engine
+has work: the engines report it in their Stats, and the router takes a worker out while it exceeds
+``router.worker_stall_s``. Long work inside one iteration that is progress (a CUDA graph captured on first use, a
+kernel tuned) calls ``progress()`` from the loop's thread; warm-up before ``start`` is not the loop's and never counts.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 from colm.errors import EngineDeadError
 
 log = logging.getLogger(__name__)
+_current = threading.local()  # .runner: the LoopThread whose loop runs on this thread
+
+
+def progress() -> None:
+    """The loop running on the calling thread, if any, made progress inside an iteration (a CUDA graph captured, a
+    kernel tuned): its stall clock starts again. A no-op on any other thread."""
+    runner = getattr(_current, "runner", None)
+    if runner is not None:
+        runner.beat()
 
 
 class LoopThread:
@@ -26,6 +43,8 @@ class LoopThread:
         self.error: BaseException | None = None  # what ended the loop, if it did not end by ``stop``
         self.on_error: list[Callable[[BaseException], None]] = []
         self._thread: threading.Thread | None = None
+        self._beat = time.monotonic()  # the loop's last progress (monotonic s)
+        self._idle = False  # the loop waits for work in ``idle_wait``
 
     def dead(self, what: str) -> EngineDeadError | None:
         """The error requests get once the loop has ended with one (``what``: the engine, for the message), else
@@ -39,10 +58,33 @@ class LoopThread:
     def start(self) -> None:
         if self._thread is None:
             self.stopping = False
+            self.beat()  # warm-up before the start is no stall
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
 
+    def beat(self) -> None:
+        """The loop made progress: an iteration (a step, a batch, a prompt chunk) ended, or work inside one did."""
+        self._beat = time.monotonic()
+
+    def idle_wait(self, timeout: float | None = None) -> None:
+        """``wake.wait(timeout)`` (the caller holds ``wake``) as the loop's wait for work: no stall while in it, and
+        a beat when it ends (the loop is back)."""
+        self._idle = True
+        try:
+            self.wake.wait(timeout)
+        finally:
+            self.beat()
+            self._idle = False
+
+    def stalled_s(self, has_work: bool) -> float:
+        """Seconds the loop has gone without progress while its engine has work (``has_work``): since its last beat,
+        while it runs (started, not stopping, not ended) and is not waiting for work; else 0."""
+        if not has_work or self._idle or self._thread is None or self.stopping or self.error is not None:
+            return 0.0
+        return max(0.0, time.monotonic() - self._beat)
+
     def _run(self) -> None:
+        _current.runner = self
         try:
             self.target()
         except BaseException as e:  # noqa: BLE001 - recorded and reported: health must stop saying alive
@@ -80,3 +122,10 @@ class LoopOwner:
         """EngineDeadError once the loop has ended with an error (health answers fail from then on)."""
         if (err := self._runner.dead(self.loop_owner)) is not None:
             raise err
+
+    def stall(self, work: int) -> tuple[float, int]:
+        """(seconds the loop has made no progress while holding ``work`` requests, those requests): at most a step's
+        time while it progresses, (0.0, 0) while it waits for work or holds none. What Stats report, for the router's
+        ``worker_stall_s``."""
+        stalled = self._runner.stalled_s(work > 0)
+        return (stalled, work) if stalled > 0 else (0.0, 0)

@@ -91,6 +91,8 @@ class DecodeStats:
     num_cached_blocks: int = 0         # prefix caching: blocks holding a cached prompt prefix (held or idle)
     num_prefix_query_tokens: int = 0   # ... prompt tokens looked up in the cache
     num_prefix_hit_tokens: int = 0     # ... and found there (not prefilled)
+    stall_s: float = 0.0               # the step loop has made no progress for this long while holding requests
+    stall_requests: int = 0            # ... that many (both 0 while it waits for work or holds none)
 
 
 class DecodeEngine(KVIntake, ColocatedPrefill, LoopOwner):
@@ -392,10 +394,13 @@ class DecodeEngine(KVIntake, ColocatedPrefill, LoopOwner):
     # ---------------------------------------------------------------- the step loop
     def _loop(self) -> None:
         while not self._runner.stopping:
-            if self.step() == 0:
+            size = self.step()
+            self._runner.beat()  # an iteration ended: progress (stats' stall_s counts from here)
+            if size == 0:
                 with self._wake:
                     if not self._runner.stopping:
-                        self._wake.wait(self.config.kv_ready_poll_s if self._ready_polling else self.config.idle_wait_s)
+                        self._runner.idle_wait(self.config.kv_ready_poll_s if self._ready_polling
+                                               else self.config.idle_wait_s)
 
     def _housekeep(self) -> None:
         self._release_due()
@@ -647,6 +652,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill, LoopOwner):
         with self._lock:
             step_ms, step_batch = self._step_times.summary()
             round_ms, round_batch = self._round_times.summary()
+            stall_s, stall_requests = self.stall(len(self._requests))
             return DecodeStats(
                 host_id=self.host_id, num_chains=self.cfg.num_chains, num_blocks=self.pool.num_blocks,
                 num_free_blocks=self.pool.num_free, block_size=self.pool.block_size,
@@ -665,7 +671,7 @@ class DecodeEngine(KVIntake, ColocatedPrefill, LoopOwner):
                 num_prefill_chunks=self._num_prefill_chunks,
                 round_ms_by_scale_gamma=round_ms, round_batch_by_scale_gamma=round_batch,
                 num_cached_blocks=self.pool.num_cached, num_prefix_query_tokens=self._num_prefix_query_tokens,
-                num_prefix_hit_tokens=self._num_prefix_hit_tokens)
+                num_prefix_hit_tokens=self._num_prefix_hit_tokens, stall_s=stall_s, stall_requests=stall_requests)
 
     def kv_dtype(self) -> str:
         from colm.kv_wire import dtype_name

@@ -177,7 +177,8 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
         return kv_pb2.AbortReply(request_id=request.request_id, found=self.engine.abort(request.request_id))
 
     def Stats(self, request, context):
-        self.engine.check_alive()  # a dead step loop fails the router's health poll (UNAVAILABLE)
+        # a dead step loop fails the router's health poll (UNAVAILABLE); a stuck one answers with its stall_s
+        self.engine.check_alive()
         s = self.engine.stats()
         return kv_pb2.DecodeStats(host_id=s.host_id, num_chains=s.num_chains, num_blocks=s.num_blocks,
                                   num_free_blocks=s.num_free_blocks, block_size=s.block_size,
@@ -197,7 +198,8 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
                                   num_steps_dropped=s.num_steps_dropped, transports=self._transports,
                                   num_cached_blocks=s.num_cached_blocks,
                                   num_prefix_query_tokens=s.num_prefix_query_tokens,
-                                  num_prefix_hit_tokens=s.num_prefix_hit_tokens)
+                                  num_prefix_hit_tokens=s.num_prefix_hit_tokens,
+                                  stall_s=s.stall_s, stall_requests=s.stall_requests)
 
     def ResetPrefixCache(self, request, context):
         return kv_pb2.ResetPrefixCacheReply(num_freed_blocks=self.engine.reset_prefix_cache())

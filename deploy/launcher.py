@@ -7,8 +7,8 @@ that the TLS files load (``prepare``: one clear error at once, not a worker dyin
 actors (``deploy/actors.py``; GPUs when the cluster has them, custom resources to pin pools, restart
 on failure) and collect their gRPC addresses -> run the router (gRPC + HTTP + metrics) in this driver
 process over those workers -> every second re-read the actors' addresses so a restarted actor comes
-back into service. ``stop`` (SIGINT or SIGTERM in ``colm serve``) ends the router, the actors and an
-embedded Ray cluster.
+back into service. ``stop`` (SIGINT or SIGTERM in ``colm serve``) drains the router and its replicas together
+(``router.drain_s``: ``router/drain.py``), then ends them, the actors and an embedded Ray cluster.
 
 If the engine packages are not installed, the router serves the model in-process (no
 disaggregation) so the demo still answers; the log says so.
@@ -333,6 +333,20 @@ class Launcher:
                     log.warning("worker refresh failed: %s", why)
                 last_error = why
 
+    def _stop_replicas(self) -> None:
+        """Stop the router replicas (each drains as this router does) and end their actors."""
+        if not self.replicas:
+            return
+        import ray
+
+        try:  # a replica's stop takes up to router.drain_s, then the servers' own stop
+            ray.get([r.stop.remote() for r in self.replicas], timeout=self.cfg.router.drain_s + 30)
+        except Exception as e:  # noqa: BLE001 - they are killed below either way
+            log.warning("router replicas did not stop cleanly: %s", e)
+        for r in self.replicas:
+            ray.kill(r)
+        self.replicas = []
+
     def cancel_start(self) -> None:
         """A ``start`` in progress ends with ``StartError`` as soon as it next waits on the workers."""
         self._start_cancelled = True
@@ -340,21 +354,16 @@ class Launcher:
             self.pool.cancel_start()
 
     async def stop(self) -> None:
+        """Every router (this one and its replicas) drains at once, so that none takes new requests while another
+        drains (``router/drain.py``); then the workers and an embedded Ray cluster stop."""
         if self._watch is not None:
             self._watch.cancel()
-        if self.replicas:
-            import ray
-
-            try:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: ray.get([r.stop.remote() for r in self.replicas], timeout=30))
-            except Exception as e:  # noqa: BLE001 - they are killed below either way
-                log.warning("router replicas did not stop cleanly: %s", e)
-            for r in self.replicas:
-                ray.kill(r)
-            self.replicas = []
-        if self.server is not None:
-            await self.server.stop()
+        replicas = asyncio.get_running_loop().run_in_executor(None, self._stop_replicas)
+        try:
+            if self.server is not None:
+                await self.server.stop()
+        finally:
+            await replicas
         if self.pool is not None:
             self.pool.stop()
             if not self.cfg.ray.address:  # the embedded cluster is ours to end

@@ -62,6 +62,7 @@ class RouterReplica:
         self.server.loop.call_soon_threadsafe(self.backend.set_workers, workers)
 
     def stop(self) -> None:
+        """Drain and stop (``RouterServer.stop``); the launcher asks every replica while its own router drains."""
         self.server.stop()
 
 

@@ -77,6 +77,8 @@ class PrefillStats:
     num_failed: int
     tokens_per_s: float
     num_params: int
+    stall_s: float = 0.0     # the loop has made no progress for this long while holding prompts
+    stall_requests: int = 0  # ... that many, queued or in its batch (both 0 while it waits for work)
 
 
 def check_air(cfg: ModelConfig) -> None:
@@ -111,6 +113,7 @@ class PrefillEngine(LoopOwner):
         self._runner.on_error.append(self._loop_died)
         self._finisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="colm-prefill-finish")
         self._num_done = self._num_failed = 0
+        self._num_computing = 0  # prompts of the batch the loop runs now (out of the queue)
         self._recent: collections.deque = collections.deque(maxlen=32)  # (tokens, seconds)
 
     @classmethod
@@ -229,18 +232,23 @@ class PrefillEngine(LoopOwner):
         while True:
             with self._cv:
                 while not self._queue and not self._runner.stopping:
-                    self._cv.wait()
+                    self._runner.idle_wait()
                 if self._runner.stopping:
                     return
             self.run_once()
+            self._runner.beat()  # a batch ran: progress (stats' stall_s counts from here)
 
     def run_once(self) -> bool:
         """Take one batch from the queue and run it; False when the queue was empty."""
         with self._cv:
             batch = self._take_batch()
+            self._num_computing = len(batch)
         if not batch:
             return False
-        self._run(batch)
+        try:
+            self._run(batch)
+        finally:
+            self._num_computing = 0
         return True
 
     # ---------------------------------------------------------------- compute
@@ -375,14 +383,16 @@ class PrefillEngine(LoopOwner):
                 return keys[li][:, :, :c1], values[li][:, :, :c1]
 
             prefill_chunk(self.model, tokens[:, c0:c1], c0, store)
+            self._runner.beat()  # a chunk of a long prompt is progress
 
     def stats(self) -> PrefillStats:
         with self._cv:
             queued = list(self._queue)
+            stall_s, stall_requests = self.stall(len(queued) + self._num_computing)
         toks = sum(n for n, _ in self._recent)
         secs = sum(s for _, s in self._recent)
         return PrefillStats(self.host_id, len(queued), sum(len(j.tokens) + 1 for j in queued), self._num_done,
-                            self._num_failed, toks / secs if secs > 0 else 0.0, self.num_params)
+                            self._num_failed, toks / secs if secs > 0 else 0.0, self.num_params, stall_s, stall_requests)
 
 
 def padded_length(n: int, bucket: int, device: torch.device) -> int:

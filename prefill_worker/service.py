@@ -72,11 +72,12 @@ class PrefillService(kv_pb2_grpc.PrefillWorkerServicer):
                                    timeline_ms=r.timeline_ms, monotonic_s=r.monotonic_s)
 
     def Stats(self, request, context):
-        self.engine.check_alive()  # a dead loop fails the router's health poll (UNAVAILABLE)
+        self.engine.check_alive()  # a dead loop fails the router's health poll (UNAVAILABLE); a stuck one: stall_s
         s = self.engine.stats()
         return kv_pb2.PrefillStats(host_id=s.host_id, num_queued=s.num_queued, num_queued_tokens=s.num_queued_tokens,
                                    num_done=s.num_done, num_failed=s.num_failed, tokens_per_s=s.tokens_per_s,
-                                   num_params=s.num_params, cuda=self.engine.device.type == "cuda")
+                                   num_params=s.num_params, cuda=self.engine.device.type == "cuda",
+                                   stall_s=s.stall_s, stall_requests=s.stall_requests)
 
 
 class PrefillServer(EngineServer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 
@@ -47,6 +48,10 @@ class RouterConfig:
     # every decode worker's KV pool full for now: wait this long for blocks (first come first served, within the
     # deadline; router/kv_wait.py) before RESOURCE_EXHAUSTED; 0 refuses at once
     kv_wait_s: float = 30.0
+    # shutdown (SIGTERM, Ctrl-C): health says not serving and both fronts refuse new requests at once; the requests
+    # in flight on gRPC and HTTP get this long, together, to finish, and those left are then cancelled with an error
+    # saying so (router/drain.py); 0 cancels them at once
+    drain_s: float = 30.0
     poll_interval_s: float = 0.2
     poll_timeout_s: float = 2.0  # a worker whose Stats takes longer is taken out until it answers again
     rebalance: bool = True
@@ -79,6 +84,10 @@ class RouterConfig:
     # run at most prefix_affinity_balance sequences more than the least loaded one (router/prefix_affinity.py)
     prefix_affinity: bool = True
     prefix_affinity_balance: int = 16
+    # a worker whose engine loop has made no progress for this long while holding requests (a step that never
+    # returns, as a hung device sync looks, while its Stats still answer) is taken out of service until it makes
+    # progress again (router/placement.py); well above any step, chunk or graph capture (captures count as progress)
+    worker_stall_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.replicas == "auto":
@@ -114,6 +123,10 @@ class RouterConfig:
                      "worker_wait_s", "http_head_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be > 0")
+        if isinstance(self.drain_s, bool) or not isinstance(self.drain_s, (int, float)) \
+                or not (math.isfinite(self.drain_s) and self.drain_s >= 0):
+            raise ValueError(f"router.drain_s={self.drain_s!r}: must be a finite number of seconds >= 0 (how long the "
+                             "requests in flight get to finish at shutdown; 0 cancels them at once)")
         if (self.tls_cert is None) != (self.tls_key is None):
             given, missing = ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key", "tls_cert")
             raise ValueError(f"router.tls_cert and router.tls_key: give both or neither (router.{given} is set, "
@@ -153,6 +166,10 @@ class RouterConfig:
         if isinstance(self.speculative_max_batch, bool) or not isinstance(self.speculative_max_batch, int) \
                 or self.speculative_max_batch < 1:
             raise ValueError(f"router.speculative_max_batch={self.speculative_max_batch!r}: must be an integer >= 1")
+        if isinstance(self.worker_stall_s, bool) or not isinstance(self.worker_stall_s, (int, float)) \
+                or not 0 < self.worker_stall_s < float("inf"):
+            raise ValueError(f"router.worker_stall_s={self.worker_stall_s!r}: must be a finite number of seconds > 0 "
+                             "(how long a worker's engine may hold requests without progress before it is taken out)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RouterConfig":

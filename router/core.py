@@ -118,7 +118,8 @@ class Router:
             model_cfg, alpha=cfg.ewma_alpha, headroom=cfg.headroom, speculative=cfg.speculative,
             speculative_gammas=tuple(cfg.speculative_gammas), speculative_max_batch=cfg.speculative_max_batch))
         self.registry = WorkerRegistry(block_size=block_size, stale_after_s=max(10.0, 20 * cfg.poll_interval_s),
-                                       affinity_balance=cfg.prefix_affinity_balance if cfg.prefix_affinity else None)
+                                       affinity_balance=cfg.prefix_affinity_balance if cfg.prefix_affinity else None,
+                                       stall_s=cfg.worker_stall_s)
         self.admission = Admission(cfg.max_running, cfg.max_queued)
         self.metrics = RouterMetrics(cfg.served_model_name)
         # requests waiting for KV blocks, first come first served
@@ -135,6 +136,8 @@ class Router:
         # set while the service around this router is not up yet (e.g. its router replicas do not listen yet): health
         # says not serving, with this reason, so clients that spread over the replicas do not connect to this one alone
         self.starting: str | None = None
+        # set once the service stops (``stop_serving``): health says not serving, with this reason, from then on
+        self.stopping: str | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -178,21 +181,31 @@ class Router:
         self.starting = None
         self._update_health()
 
+    def stop_serving(self, reason: str) -> None:
+        """The service is stopping: health says not serving, with ``reason``, from now on (published now)."""
+        self.stopping = reason
+        self._update_health()
+
     def health(self) -> tuple[bool, str]:
         """(whether a request can be served now, why not). Needs a healthy prefill AND a healthy decode worker, and
-        the service started (``starting`` unset)."""
-        missing = [self.starting] if self.starting else []
+        the service up (``starting`` and ``stopping`` unset)."""
+        missing = [why for why in (self.stopping, self.starting) if why]
         for role in ("prefill", "decode"):
             if self.registry.can_prefill() if role == "prefill" else self.registry.healthy(role):
                 continue
             # a decode worker that has not reported yet may be one that prefills itself (colocated)
-            states = [f"{w.worker_id}: {self.registry.state(w) if w.report or w.role == role else 'not reported yet'}"
+            states = [f"{w.worker_id}: {self._describe(w) if w.report or w.role == role else 'not reported yet'}"
                       for w in self.registry.workers.values()
                       if w.role == role or (role == "prefill" and (w.report is None or self.registry.prefills_itself(w)))]
             what = "worker that prefills (a prefill worker or a colocated decode worker)" if role == "prefill" \
                 else "decode worker"
             missing.append(f"no healthy {what} ({', '.join(states) or 'none registered'})")
         return not missing, "; ".join(missing)
+
+    def _describe(self, w) -> str:
+        """A worker's state for the health reason, with why it is out where the registry knows (a stall)."""
+        state = self.registry.state(w)
+        return f"{state}, {w.stalled}" if state == "unhealthy" and w.stalled else state
 
     def worker_states(self) -> dict[str, str]:
         """Each registered worker's state as this router sees it: healthy | unhealthy | dead."""
@@ -206,6 +219,8 @@ class Router:
                 log.info("serving: every role has a healthy worker")
             elif self._serving is None and not any(w.report for w in self.registry.workers.values()):
                 log.info("not serving yet (no worker has reported): %s", why)  # a colocated worker says so in its report
+            elif self.stopping:
+                log.info("not serving: %s", why)
             else:
                 log.error("not serving: %s", why)
             self._serving = serving
@@ -225,9 +240,15 @@ class Router:
                 self.metrics.worker_healthy.labels(w.worker_id, w.role).set(0)
                 return
             self._poll_errors.pop(w.worker_id, None)
+            was_stalled = bool(w.stalled)
             self.registry.update(r)
+            if w.stalled and not was_stalled:  # once per stall; it stays out until a report shows progress
+                log.error("worker %s out of service until it makes progress: %s; %d requests in flight there",
+                          w.worker_id, w.stalled, len(w.inflight))
+            elif was_stalled and not w.stalled:
+                log.warning("worker %s made progress again: back in service", w.worker_id)
             self.policy.observe([r])
-            self.metrics.worker_healthy.labels(w.worker_id, w.role).set(1)
+            self.metrics.worker_healthy.labels(w.worker_id, w.role).set(1 if self.registry.state(w) == "healthy" else 0)
             self.metrics.observe_report(r)
 
         await asyncio.gather(*(one(w) for w in list(self.registry.workers.values()) if not w.dead))

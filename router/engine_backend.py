@@ -44,9 +44,7 @@ class EngineBackend:
             e = self.prefill[worker_id]
             if not e.alive():
                 raise WorkerFailed(worker_id, "prefill engine stopped")
-            s = e.stats()
-            return WorkerReport(worker_id, "prefill", queued_tokens=s.num_queued_tokens,
-                                prefill_tokens_per_s=s.tokens_per_s or None)
+            return WorkerReport.of_prefill(worker_id, e.stats())
         e = self.decode[worker_id]
         if not e.alive():
             raise WorkerFailed(worker_id, "decode engine stopped")

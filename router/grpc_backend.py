@@ -170,9 +170,8 @@ class GrpcBackend:
         self._host_ids[worker_id] = s.host_id
         self._cuda[worker_id] = s.cuda
         nbytes, seconds, tokens = self._transfer.get(worker_id, (0, 0.0, 0))
-        return WorkerReport(worker_id, "prefill", queued_tokens=s.num_queued_tokens,
-                            prefill_tokens_per_s=s.tokens_per_s or None, transfer_bytes=nbytes, transfer_s=seconds,
-                            transfer_ms_per_mtoken=seconds * 1e9 / tokens if tokens else None)
+        return WorkerReport.of_prefill(worker_id, s, transfer_bytes=nbytes, transfer_s=seconds,
+                                       transfer_ms_per_mtoken=seconds * 1e9 / tokens if tokens else None)
 
     # ---- one request ---------------------------------------------------------------------------
     async def generate(self, req: EngineRequest, prefill_id: str, decode_id: str) -> AsyncIterator[EngineToken]:

@@ -6,10 +6,11 @@ does not parse as its message type with INVALID_ARGUMENT (its deserializer is wr
 there would reach grpc as UNKNOWN with a traceback), and maps exceptions to status codes
 (ValueError -> INVALID_ARGUMENT, Overloaded / BudgetUnmet / full pools -> RESOURCE_EXHAUSTED with a
 ``retry-after-s`` trailer, deadline -> DEADLINE_EXCEEDED, no worker -> UNAVAILABLE, anything else ->
-INTERNAL), logging one line with the request id. The servicer only converts messages to the router
-core's types and back; ``spec_from_proto`` checks every field of a GenerateRequest first, naming the
-field by its proto path (``sampling.temperature``, ``budget.deadline_ms``); sampling and budget go through
-``colm.proto.convert``, the one module that converts them.
+INTERNAL), logging one line with the request id. At shutdown it refuses new calls (UNAVAILABLE; but ``Health``,
+which says why, and ``UpdateRequest``) and answers UNAVAILABLE for those the drain's end cuts (``router/drain.py``).
+The servicer only converts messages to the router core's types and back; ``spec_from_proto`` checks every field of a
+GenerateRequest first, naming the field by its proto path (``sampling.temperature``, ``budget.deadline_ms``); sampling
+and budget go through ``colm.proto.convert``, the one module that converts them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from colm.router.admission import Overloaded
 from colm.router.backend import WorkerFailed
 from colm.router.coalesce import coalesced
 from colm.router.core import DeadlineExceeded, Router, Unavailable, UnknownRequest
+from colm.router.drain import Drain
 from colm.router.placement import NoWorker
 from colm.router.policy import BudgetUnmet
 from colm.router.stop_trim import StopTrimmer
@@ -37,6 +39,8 @@ from colm.tokenizer import encode_prompt
 log = logging.getLogger("colm.router")
 pb2, pb2_grpc = load_proto("public")
 SERVICE_NAME = "colm.v1.Colm"
+# answered while the router shuts down too: health (which says so), and a scale switch of a request in flight
+WHILE_DRAINING = {f"/{SERVICE_NAME}/Health", f"/{SERVICE_NAME}/UpdateRequest"}
 
 REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces: ids go into logs and worker keys
 
@@ -100,10 +104,11 @@ def _key_ok(metadata, api_key: str | None) -> bool:
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
-    """API key check and exception -> status mapping for the public service."""
+    """API key check, the shutdown's drain and exception -> status mapping for the public service."""
 
-    def __init__(self, api_key: str | None) -> None:
+    def __init__(self, api_key: str | None, drain: Drain) -> None:
         self.api_key = api_key
+        self.drain = drain
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -111,6 +116,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             return handler
         key_ok = _key_ok(details.invocation_metadata, self.api_key)
         method = details.method
+        drain = self.drain
 
         async def check(request, context):
             if not key_ok:
@@ -118,6 +124,13 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             if isinstance(request, Unparseable):
                 log.info("%s -> INVALID_ARGUMENT: unparseable request: %s", method, request.error)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
+            if drain.refusal and method not in WHILE_DRAINING:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, drain.refusal)
+
+        async def cut(context):  # in ``except CancelledError``: the drain's cut answers UNAVAILABLE, saying so
+            why = drain.cut_error()
+            if why is not None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, why)
 
         async def fail(request, context, e: BaseException):
             code, msg, retry = status_for(e)
@@ -134,12 +147,16 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request, context):
                 await check(request, context)
-                try:
-                    return await inner(request, context)
-                except (grpc.aio.AbortError, asyncio.CancelledError):
-                    raise
-                except Exception as e:
-                    await fail(request, context, e)
+                with drain.serving():
+                    try:
+                        return await inner(request, context)
+                    except asyncio.CancelledError:
+                        await cut(context)
+                        raise
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as e:
+                        await fail(request, context, e)
 
             return grpc.unary_unary_rpc_method_handler(unary, _tolerant(handler.request_deserializer),
                                                        handler.response_serializer)
@@ -148,13 +165,22 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request, context):
                 await check(request, context)
-                try:
-                    async for item in inner_stream(request, context):
-                        yield item
-                except (grpc.aio.AbortError, asyncio.CancelledError):
-                    raise
-                except Exception as e:
-                    await fail(request, context, e)
+                with drain.serving() as call:
+                    try:
+                        async with contextlib.aclosing(inner_stream(request, context)) as items:
+                            async for item in items:
+                                call.outside = True  # grpc writes it: a cancellation there ends the call silently
+                                yield item
+                                call.outside = False
+                                if call.cut:  # the drain ended while grpc wrote
+                                    await context.abort(grpc.StatusCode.UNAVAILABLE, call.cut)
+                    except asyncio.CancelledError:
+                        await cut(context)
+                        raise
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as e:
+                        await fail(request, context, e)
 
             return grpc.unary_stream_rpc_method_handler(stream, _tolerant(handler.request_deserializer),
                                                         handler.response_serializer)
@@ -302,19 +328,20 @@ class ColmServicer(pb2_grpc.ColmServicer):
                                                 inflight=len(w.inflight),
                                                 free_blocks=rep.free_blocks if rep else 0,
                                                 total_blocks=rep.total_blocks if rep else 0, state=state,
-                                                detail=w.dead, address=w.address))
+                                                detail=r.registry.detail(w), address=w.address))
         out.serving, out.reason = r.health()
         return out
 
 
-async def start_grpc(router: Router) -> tuple[grpc.aio.Server, int]:
-    """Start the public gRPC server; returns (server, bound port)."""
+async def start_grpc(router: Router, drain: Drain | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start the public gRPC server (its shutdown drained by ``drain``: ``RouterServer.stop``); returns (server, bound
+    port)."""
     cfg = router.cfg
     # gRPC's own limit sits above ours so that an oversized request gets our INVALID_ARGUMENT message.
     opts = [("grpc.max_receive_message_length", 2 * cfg.max_message_bytes + (1 << 20)),
             ("grpc.max_send_message_length", 2 * cfg.max_message_bytes + (1 << 20)),
             *[(k, int(cfg.replicas > 1) if k == "grpc.so_reuseport" else v) for k, v in SERVER_OPTIONS]]
-    server = grpc.aio.server(interceptors=[GuardInterceptor(cfg.api_key)], options=opts)
+    server = grpc.aio.server(interceptors=[GuardInterceptor(cfg.api_key, drain or Drain(cfg.drain_s))], options=opts)
     pb2_grpc.add_ColmServicer_to_server(ColmServicer(router), server)
     names = [SERVICE_NAME]
     try:

@@ -32,6 +32,10 @@ field, or is null): 400 bad request (body not JSON, nested too deeply, a bad fie
 not decode with its Content-Encoding), 401 missing or wrong API key, 404 unknown path, 405 wrong
 method, 413 body over ``router.max_message_bytes`` (after decompression), 429 overloaded or budget
 unmet with ``Retry-After``, 503 no worker, 504 deadline exceeded, 500 a bug.
+
+At shutdown (``router/drain.py``) every path but ``/health`` (503, saying why) and a running request's scale switch
+answers 503 and closes the connection, and a request the drain's end cuts answers 503, or, when its stream is under
+way, ends it with an error event.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from aiohttp.web import RequestPayloadError
 
 from colm.router.coalesce import coalesced
 from colm.router.core import Router
+from colm.router.drain import CUT_GRACE_S, Drain
 from colm.router.stop_trim import StopTrimmer
 from colm.router.grpc_server import _key_ok, status_for
 from colm.chat_template import TokenizerConfig
@@ -126,10 +131,25 @@ def _metadata(request) -> list[tuple[str, str]]:
             for k, v in request.headers.items()]
 
 
+# request key: set once the request's event stream has started (aiohttp < 3.13 has no RequestKey: a plain name)
+STREAMING = web.RequestKey("colm_streaming", bool) if hasattr(web, "RequestKey") else "colm_streaming"
+
+
+# answered while the router shuts down too: health (which says so), and a scale switch of a request in flight
+WHILE_DRAINING = re.compile(r"/health|/v1/requests/[^/]+/scale")
+
+
+def _shutting_down(message: str) -> web.Response:
+    resp = web.json_response(_error_body(message, "unavailable", 503), status=503)
+    resp.force_close()  # a client on this connection must reconnect: to another router, or find none
+    return resp
+
+
 class HttpApi:
-    def __init__(self, router: Router, guard: ConnectionGuard | None = None) -> None:
+    def __init__(self, router: Router, guard: ConnectionGuard | None = None, drain: Drain | None = None) -> None:
         self.router = router
         self.guard = guard  # connection limits and head deadlines (start_http attaches it to the server)
+        self.drain = drain or Drain(router.cfg.drain_s)  # the shutdown's (RouterServer.stop)
         self.tok = router.tokenizer
         self._raw_bytes = getattr(self.tok, "decode_bytes", None)  # ids -> their bytes, where the tokenizer says
         self.tcfg = getattr(self.tok, "tokenizer_config", None) or TokenizerConfig.load(
@@ -152,14 +172,28 @@ class HttpApi:
 
     @web.middleware
     async def _guard(self, request, handler):
-        """The API key check, then every failure as a JSON error body."""
+        """The shutdown's drain, the API key check, then every failure as a JSON error body."""
         if self.guard is not None:
             self.guard.head_received(request)
             try:
-                return await self._guarded(request, handler)
+                return await self._drained(request, handler)
             finally:
                 self.guard.response_done(request)
-        return await self._guarded(request, handler)
+        return await self._drained(request, handler)
+
+    async def _drained(self, request, handler):
+        """Refused once the router shuts down (but ``WHILE_DRAINING``); a request cut at the drain's end
+        answers 503, unless its stream started (which ends with the error: ``_stream_events``)."""
+        if self.drain.refusal and not WHILE_DRAINING.fullmatch(request.path):
+            return _shutting_down(self.drain.refusal)
+        with self.drain.serving():
+            try:
+                return await self._guarded(request, handler)
+            except asyncio.CancelledError:
+                why = self.drain.cut_error()
+                if why is None or request.get(STREAMING):
+                    raise
+                return _shutting_down(why)
 
     async def _guarded(self, request, handler):
         if request.path != "/health" and not _key_ok(_metadata(request), self.router.cfg.api_key):
@@ -514,6 +548,7 @@ class HttpApi:
         for gen in gens:  # the decisions: admission and the scale decision happen here: errors become plain HTTP errors
             await anext(gen)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        request[STREAMING] = True
         await resp.prepare(request)
 
         async def send(*objs) -> None:
@@ -537,6 +572,11 @@ class HttpApi:
                     await send(*out)
         except ConnectionResetError:
             raise
+        except asyncio.CancelledError:
+            why = self.drain.cut_error()
+            if why is None:
+                raise
+            await send(_error_body(why, "unavailable", 503))
         except Exception as e:
             code, msg, _ = status_for(e)
             if code.name == "INTERNAL":
@@ -620,15 +660,18 @@ class HttpApi:
         return web.json_response(body, status=200 if ok else 503)
 
 
-async def start_http(router: Router) -> tuple[web.AppRunner, int, ConnectionGuard]:
-    """Serve the HTTP API on router.cfg.host:http_port; returns (runner, bound port, its connection guard)."""
+async def start_http(router: Router, drain: Drain | None = None) -> tuple[web.AppRunner, int, ConnectionGuard]:
+    """Serve the HTTP API on router.cfg.host:http_port (its shutdown drained by ``drain``: ``RouterServer.stop``);
+    returns (runner, bound port, its connection guard)."""
     cfg = router.cfg
     # handler_cancellation: a client that hangs up cancels its handler, and with it the request (a non-streamed
     # completion kept its admission slot and decode rows for nobody until its deadline)
     quiet_client_errors()  # a malformed request is one INFO line, not an ERROR with a traceback each
     guard = ConnectionGuard(cfg.http_head_timeout_s, cfg.http_max_connections or default_max_connections(),
                             cfg.http_max_connections_per_client, router.metrics)
-    runner = web.AppRunner(HttpApi(router, guard).app(), access_log=None, handler_cancellation=True)
+    # shutdown_timeout: what the drain left (requests cut, answering) gets that long before aiohttp cancels it
+    runner = web.AppRunner(HttpApi(router, guard, drain).app(), access_log=None, handler_cancellation=True,
+                           shutdown_timeout=CUT_GRACE_S)
     await runner.setup()
     guard.attach(runner.server)
     ssl_ctx = None

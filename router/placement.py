@@ -6,7 +6,10 @@ Prefill: least queued tokens. Decode: enough free KV blocks (counted in each wor
 larger than every worker's whole pool is ``NeverFits``, the request's fault), then most free blocks per running
 sequence; among colocated workers within ``affinity_balance`` sequences of the least loaded, the one the
 router sent most of the prompt's leading blocks (``prefix_affinity``: its prefix cache likely holds them).
-A worker that fails a call or a health check is taken out until it reports again.
+A worker that fails a call or a health check is taken out until it reports again. A worker whose engine loop makes
+no progress while it holds requests (its report's ``stall_s``: a step that never returns, as a hung device sync looks,
+while its Stats still answer) is out while the stall lasts beyond ``stall_s``; one taken out for a failure comes back
+only with a report that shows progress since (or no work), so a stuck worker does not flap in and out at each report.
 """
 
 from __future__ import annotations
@@ -45,12 +48,16 @@ class WorkerState:
     inflight: set = field(default_factory=set)  # request ids placed here and not finished
     failures: int = 0
     dead: str = ""  # why the worker is gone for good; a dead worker is never healthy
+    stalled: str = ""  # why the worker is out while its engine makes no progress (its reports' stall_s)
+    out_since: float = 0.0  # when it was last taken out (monotonic)
 
 
 class WorkerRegistry:
-    def __init__(self, block_size: int = 16, stale_after_s: float = 10.0, affinity_balance: int | None = None) -> None:
+    def __init__(self, block_size: int = 16, stale_after_s: float = 10.0, affinity_balance: int | None = None,
+                 stall_s: float = 30.0) -> None:
         self.block_size = block_size
         self.stale_after_s = stale_after_s
+        self.stall_s = stall_s  # a worker whose engine made no progress this long while holding requests is out
         self.workers: dict[str, WorkerState] = {}
         # prefix affinity (None: off): the prompt blocks placed per colocated worker, and how many sequences more
         # than the least loaded worker's a worker may run and still be chosen for its cached prefix
@@ -71,10 +78,31 @@ class WorkerRegistry:
         self.workers.pop(worker_id, None)
 
     def update(self, report: WorkerReport, now: float | None = None) -> None:
+        """A worker's new report: it is back in service (or stays in) unless it is dead or stalled
+        (``stall_reason``)."""
         w = self.workers.get(report.worker_id) or self.add(report.worker_id, report.role)
-        w.report, w.reported_at = report, time.monotonic() if now is None else now
+        now = time.monotonic() if now is None else now
+        w.report, w.reported_at = report, now
         w.pending_tokens = w.pending_blocks = w.pending_seqs = 0
-        w.healthy, w.failures = not w.dead, 0
+        w.stalled = self.stall_reason(w, report, now)
+        if w.stalled and w.healthy:
+            w.out_since = now
+        w.healthy = not w.dead and not w.stalled
+        if w.healthy:
+            w.failures = 0
+
+    def stall_reason(self, w: WorkerState, report: WorkerReport, now: float) -> str:
+        """Why ``report`` keeps ``w`` out of service, or "": its engine made no progress for ``stall_s`` while holding
+        requests, or (``w`` out already, after a failed call or poll) none since it was taken out."""
+        if not report.stall_s:
+            return ""
+        n = report.stall_requests
+        why = f"engine made no progress for {report.stall_s:.1f} s with {n} request{'s' if n != 1 else ''}"
+        if report.stall_s >= self.stall_s:
+            return f"{why} (router.worker_stall_s={self.stall_s:g})"
+        if not w.healthy and report.stall_s >= now - w.out_since:
+            return f"{why}, none since it was taken out"
+        return ""
 
     def mark_unhealthy(self, worker_id: str) -> list[str]:
         """Take a worker out; returns the request ids that were in flight there."""
@@ -82,18 +110,23 @@ class WorkerRegistry:
         if w is None:
             return []
         w.healthy = False
+        w.out_since = time.monotonic()
         w.failures += 1
         if self.affinity is not None:  # it may come back restarted, its cache empty
             self.affinity.forget(worker_id)
         return sorted(w.inflight)
 
     def state(self, w: WorkerState, now: float | None = None) -> str:
-        """'healthy' | 'unhealthy' (failed a call or poll, or silent too long; may come back) | 'dead'."""
+        """'healthy' | 'unhealthy' (failed a call or poll, silent too long, or stalled; may come back) | 'dead'."""
         if w.dead:
             return "dead"
         now = time.monotonic() if now is None else now
         stale = w.report is not None and now - w.reported_at > self.stale_after_s
         return "healthy" if w.healthy and not stale else "unhealthy"
+
+    def detail(self, w: WorkerState) -> str:
+        """Why ``w`` is out, where the registry knows: dead (its pool's reason) or stalled; else ""."""
+        return w.dead or w.stalled
 
     def healthy(self, role: str, now: float | None = None) -> list[WorkerState]:
         now = time.monotonic() if now is None else now

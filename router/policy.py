@@ -92,6 +92,8 @@ class WorkerReport:
     block_size: int = 0  # decode: tokens per KV block of its pool
     prefix_query_tokens: int = 0  # decode, colocated: prompt tokens looked up in its prefix cache (worker total)
     prefix_hit_tokens: int = 0  # ... and found there
+    stall_s: float = 0.0  # the worker's engine loop has made no progress for this long while holding requests
+    stall_requests: int = 0  # ... that many (placement takes it out past router.worker_stall_s)
 
     @classmethod
     def of_decode(cls, worker_id: str, s) -> "WorkerReport":
@@ -105,7 +107,16 @@ class WorkerReport:
                    drafted=s.num_drafted, draft_accepted=s.num_draft_accepted,
                    round_ms=_by_scale_gamma(s.round_ms_by_scale_gamma),
                    round_batch=_by_scale_gamma(s.round_batch_by_scale_gamma),
-                   block_size=s.block_size, prefix_query_tokens=s.num_prefix_query_tokens, prefix_hit_tokens=s.num_prefix_hit_tokens)
+                   block_size=s.block_size, prefix_query_tokens=s.num_prefix_query_tokens, prefix_hit_tokens=s.num_prefix_hit_tokens,
+                   stall_s=s.stall_s, stall_requests=s.stall_requests)
+
+    @classmethod
+    def of_prefill(cls, worker_id: str, s, **transfer) -> "WorkerReport":
+        """A prefill worker's report from its stats (``PrefillStats``, or the proto message of the same fields);
+        ``transfer``: the router's own KV hand-off counts for it (``transfer_bytes``, ``transfer_s``,
+        ``transfer_ms_per_mtoken``)."""
+        return cls(worker_id, "prefill", queued_tokens=s.num_queued_tokens, prefill_tokens_per_s=s.tokens_per_s or None,
+                   stall_s=s.stall_s, stall_requests=s.stall_requests, **transfer)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):

@@ -1,7 +1,9 @@
 """Run a router: its gRPC service, the OpenAI-compatible HTTP front and the metrics port, on one loop.
 
-``RouterServer.start()`` returns once everything listens; ``addresses`` says where. Used by the
-launcher (``colm serve``), by the GPU load test (engines as plain processes) and by tests.
+``RouterServer.start()`` returns once everything listens; ``addresses`` says where. ``stop()`` drains first: health
+says not serving and both fronts refuse new requests at once, the requests in flight on either front get
+``router.drain_s`` together, and those left are cut with an error saying so (``router/drain.py``); then the servers
+stop. Used by the launcher (``colm serve``), by the GPU load test (engines as plain processes) and by tests.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from colm.router.core import Router
+from colm.router.drain import CUT_GRACE_S, Drain
 
 log = logging.getLogger("colm.router")
 
@@ -21,6 +24,7 @@ class RouterServer:
         self.http_guard = None  # the HTTP front's connection limits (router/http_guard.py), once it listens
         self.metrics_server = None
         self.addresses: dict[str, str] = {}
+        self.drain = Drain(router.cfg.drain_s)  # both fronts' requests in flight, and their shutdown
 
     async def start(self) -> dict[str, str]:
         try:
@@ -34,12 +38,12 @@ class RouterServer:
 
         cfg = self.router.cfg
         await self.router.start()
-        self.grpc_server, port = await start_grpc(self.router)
+        self.grpc_server, port = await start_grpc(self.router, self.drain)
         self.addresses["grpc"] = f"{cfg.host}:{port}"
         if cfg.http_port is not None:
             from colm.router.http_api import start_http
 
-            self.http_runner, hport, self.http_guard = await start_http(self.router)
+            self.http_runner, hport, self.http_guard = await start_http(self.router, self.drain)
             scheme = "https" if cfg.tls_cert else "http"
             self.addresses["http"] = f"{scheme}://{cfg.host}:{hport}"
         if cfg.metrics_port is not None:
@@ -52,10 +56,14 @@ class RouterServer:
         return self.addresses
 
     async def stop(self) -> None:
+        """Drain (health not serving and new requests refused at once, ``router.drain_s`` for those in flight, the
+        rest cut), then stop the servers and the router."""
+        self.router.stop_serving(self.drain.begin())
+        await self.drain.run()
         if self.http_runner is not None:
             await self.http_runner.cleanup()
         if self.grpc_server is not None:
-            await self.grpc_server.stop(grace=1.0)
+            await self.grpc_server.stop(grace=CUT_GRACE_S)
         if self.metrics_server is not None:
             self.metrics_server[0].shutdown()
         await self.router.close()
@@ -96,6 +104,6 @@ class ThreadedRouterServer:
         return self.addresses["http"]
 
     def stop(self) -> None:
-        self.call(self.server.stop())
+        self.call(self.server.stop(), timeout=self.router.cfg.drain_s + 60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
