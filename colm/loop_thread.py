@@ -35,6 +35,15 @@ def progress() -> None:
         runner.beat()
 
 
+def _count_tunings_as_progress() -> None:
+    """A kernel tuned inside a loop's iteration (a new shape) is that loop's progress (imported here, when an engine
+    starts a loop: the kernels do not depend on the serving side)."""
+    from colm.kernels import _tuning
+
+    if progress not in _tuning.TUNED_HOOKS:
+        _tuning.TUNED_HOOKS.append(progress)
+
+
 class LoopThread:
     def __init__(self, target: Callable[[], None], name: str, wake: threading.Condition,
                  join_timeout_s: float = 30.0) -> None:
@@ -57,6 +66,7 @@ class LoopThread:
 
     def start(self) -> None:
         if self._thread is None:
+            _count_tunings_as_progress()
             self.stopping = False
             self.beat()  # warm-up before the start is no stall
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)

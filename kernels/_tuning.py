@@ -16,9 +16,10 @@ import os
 import threading
 from typing import Callable, Hashable, Sequence
 
-from colm.loop_thread import progress
-
 _BEST: dict[Hashable, object] = {}
+# called after each tuning ends (the serving engines' loops count a tuning inside a step as progress:
+# colm.loop_thread registers its hook when a loop starts)
+TUNED_HOOKS: list[Callable[[], None]] = []
 # Held while a CUDA graph is captured (colm.decode_worker.graphs) and while candidates are timed here:
 # timing synchronises the whole device, which fails -- and invalidates the capture -- if another thread
 # of the process (e.g. a colocated prefill engine meeting a new shape) captures at the same moment.
@@ -164,7 +165,8 @@ def _tune(key, candidates, time_one, graph):
     finals = [(time_one(cfg, 60), cfg) for _, cfg, _ in ranked[:3]]
     ms, best = min(finals, key=lambda t: t[0])
     _BEST[key] = best
-    progress()  # tuning inside an engine loop's step (a new shape) is that loop's progress, not a stall
+    for hook in TUNED_HOOKS:
+        hook()
     _LOG.append({"key": repr(key), "best": repr(best), "graph_timing": graph,
                  "timings_ms": [(repr(c), t) for t, c, _ in timings], "final_ms": [(repr(c), t) for t, c in finals]})
     return best
