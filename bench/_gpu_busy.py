@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 
 
 class GpuSampler:
@@ -14,6 +15,7 @@ class GpuSampler:
     def __init__(self, interval_ms: int = 100) -> None:
         self.samples: list[float] = []
         self.extra: list[tuple[float, float]] = []  # (SM clock MHz, power W) of each sample
+        self.times: list[float] = []  # when each sample was read, time.perf_counter()
         self.proc = None
         try:
             self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu,clocks.sm,power.draw",
@@ -34,6 +36,7 @@ class GpuSampler:
                 extra = (float(parts[1]), float(parts[2]))
             except (ValueError, IndexError):  # [N/A] on some GPUs
                 extra = (float("nan"), float("nan"))
+            self.times.append(time.perf_counter())
             self.samples.append(busy)
             self.extra.append(extra)
 
@@ -42,6 +45,12 @@ class GpuSampler:
 
     def mean_since(self, i: int) -> float | None:
         s = self.samples[i:]
+        return sum(s) / len(s) if s else None
+
+    def mean_between(self, t0: float, t1: float) -> float | None:
+        """Mean busy of the samples read between ``t0`` and ``t1`` (time.perf_counter(); another process's perf_counter
+        on the same Linux host is the same clock): the measured load alone, not a client's start-up or report."""
+        s = [b for t, b in zip(self.times, self.samples) if t0 <= t <= t1]
         return sum(s) / len(s) if s else None
 
     def clocks_since(self, i: int) -> dict | None:

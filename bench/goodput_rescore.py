@@ -24,7 +24,9 @@ def rescore(run: dict, slo: dict) -> dict[float, dict]:
         ok = [x for x in rows if (x[col["run"]] == r["run"] if by_run else x[col["rate"]] == r["rate"])
               and x[col["status"]] == "OK"]
         good = sum(1 for x in ok if x[col["ttft_ms"]] <= slo["ttft_ms"] and x[col["tpot_ms"]] <= slo["tpot_ms"])
-        wall_s = r["num_requests"] / r["throughput_rps"] if r["throughput_rps"] else None
+        # throughput_rps is the OK requests over the run's wall time (colm.loadtest.summarize), so the wall time is
+        # num_ok / throughput_rps; num_requests (failed ones included) overstated it whenever a request failed
+        wall_s = r["num_ok"] / r["throughput_rps"] if r["throughput_rps"] else None
         key = f"{r['rate']:g} (run {r['run']})" if by_run and repeated else r["rate"]
         out[key] = {"good": good, "ok": len(ok), "num_requests": r["num_requests"],
                     "goodput_rps": good / wall_s if wall_s else 0.0}

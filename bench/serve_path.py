@@ -57,6 +57,8 @@ from _pyspy import Profile  # noqa: E402
 from _timing import measure_gpu  # noqa: E402
 from serve_goodput import build_checkpoint, start_worker  # noqa: E402
 
+from colm.loadtest import load_window  # noqa: E402
+
 MODES = ("batched", "colocated", "baseline")
 # nocache: prefix caching off; hf_dense: the independent engine
 ALL_MODES = ("per_request", "batched", "colocated", "baseline", "colocated_nocache", "dense", "hf_dense")
@@ -305,7 +307,7 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         child1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the load test's processes, waited for above
         cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
         cpu["client"] = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
-        gpu_busy = sampler.mean_since(g0)
+        gpu_busy_run = sampler.mean_since(g0)  # the client command's whole run: its start-up and report included
         phases = phase_means_ms(phases0, phase_totals(server.router.metrics.registry))
         engine = decode_engine_stats(workers["decode"][1], token) if "decode" in workers else None
         if prof is not None:
@@ -324,8 +326,14 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
     with open(out + ".json") as f:
         summary = json.load(f)
     tot = summary["total"]
-    out_tokens = tot["output_tokens_per_s"] * tot["num_requests"] / max(tot["throughput_rps"], 1e-9)
-    return {"mode": mode, "summary": tot, "wall_s": wall, "gpu_busy_pct": gpu_busy, "profile": prof,
+    # GPU busy over the measured load only (first send to last answer), not the client command's start-up (its 8
+    # processes' imports and spawn) and report (summary, plot): 2-3 s of an idle GPU in a 20 s run
+    window = load_window(summary)
+    gpu_busy = sampler.mean_between(*window) if window else gpu_busy_run
+    out_tokens = tot["output_tokens_per_s"] * tot["num_ok"] / max(tot["throughput_rps"], 1e-9)  # the OK requests'
+    return {"mode": mode, "summary": tot, "wall_s": wall, "gpu_busy_pct": gpu_busy,
+            "gpu_busy_pct_client_run": gpu_busy_run, "load_window_s": window[1] - window[0] if window else None,
+            "profile": prof,
             "decode_engine": engine,
             "router_phase_ms": phases,  # this process's router: mean ms per request of each phase, and its TTFT
             "scale_mix": summary["rates"][0].get("scale_mix") if summary.get("rates") else None,

@@ -31,7 +31,7 @@ import _pyspy
 from _gpu_busy import GpuSampler
 from _service import ColmServe
 from colm.commands.loadtest import add_load_options, load_spec
-from colm.loadtest import plot, run as run_load, table
+from colm.loadtest import load_window, plot, run as run_load, table
 
 
 def cpu_list(text: str) -> set[int]:
@@ -133,16 +133,22 @@ def main() -> int:
             spy = _pyspy.Profile(procs, args.py_spy, args.py_spy_delay, prefix + "_pyspy") \
                 if i == 0 and args.py_spy > 0 else None
             summary = run_load(addr, spec, None, None, api_key=api_key, progress=False)
-            busy, clocks = gpu.mean_since(since), gpu.clocks_since(since)
+            busy_run, clocks = gpu.mean_since(since), gpu.clocks_since(since)
+            # over the measured load only: not the health check, the client processes' start or their warm-up
+            window = load_window(summary)
+            busy = gpu.mean_between(*window) if window else busy_run
             cpu = _proc_stats.delta(before, _proc_stats.snapshot(procs))
             summary["meta"] = {"addr": addr, "device": device_name(), "date": datetime.date.today().isoformat(),
                                "budgets": budgets, "serve_config": cfg, "ready_s": round(ready_s, 1),
                                "launched_by": "colm serve --config (embedded Ray); load started once health said "
                                               "serving with every worker healthy",
                                "gpu_busy_percent_mean": busy,
+                               "gpu_busy_percent_mean_whole_pass": busy_run,
                                "service_cpus": sorted(args.service_cpus or []),
                                "client_cpus": sorted(args.client_cpus or []),
-                               "gpu_busy_note": "nvidia-smi utilization.gpu sampled each second over the pass, mean",
+                               "gpu_busy_note": "nvidia-smi utilization.gpu sampled each second, mean over the "
+                                                "measured load (first send to last answer; _whole_pass: also the "
+                                                "client processes' start and warm-up)",
                                "gpu_clocks": clocks,
                                "process_cpu": cpu,
                                "process_cpu_note": "per service process over the pass, from /proc (all threads): "

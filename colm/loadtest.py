@@ -305,13 +305,26 @@ def summarize(results: list[Result], spec: LoadSpec, wall_s: dict[int, float] | 
                               for k in scales}
         out["rates"].append(entry)
     out["total"] = block(results, sum((wall_s or {}).values()) or None)
-    # every request, so goodput can be recomputed later at another SLO
+    # every request, so goodput can be recomputed later at another SLO; sent_s (the sender's perf_counter, the host's
+    # CLOCK_MONOTONIC on Linux) places the measured load in time, e.g. for a GPU sampler's window (``load_window``)
     out["requests"] = {"fields": ["rate", "budget", "status", "scale", "prompt_tokens", "output_tokens", "ttft_ms",
-                                  "tpot_ms", "e2e_ms", "retries", "run"],
+                                  "tpot_ms", "e2e_ms", "retries", "run", "sent_s"],
                        "rows": [[r.rate, r.budget, r.status, r.scale, r.prompt_tokens, r.output_tokens,
-                                 round(r.ttft_ms, 3), round(r.tpot_ms, 3), round(r.e2e_ms, 3), r.retries, r.run]
+                                 round(r.ttft_ms, 3), round(r.tpot_ms, 3), round(r.e2e_ms, 3), r.retries, r.run,
+                                 round(r.sent_s, 6)]
                                 for r in results]}
     return out
+
+
+def load_window(summary: dict) -> tuple[float, float] | None:
+    """(first send, last answer) of the measured requests of ``summary`` (warm-up excluded), in seconds of the
+    senders' perf_counter; None for a summary without send times (older files) or without requests."""
+    req = summary.get("requests") or {}
+    col = {k: i for i, k in enumerate(req.get("fields", []))}
+    rows = req.get("rows") or []
+    if "sent_s" not in col or not rows:
+        return None
+    return (min(r[col["sent_s"]] for r in rows), max(r[col["sent_s"]] + r[col["e2e_ms"]] / 1e3 for r in rows))
 
 
 def plot(summary: dict, path: str, title: str = "colm load test", baseline: dict | None = None) -> None:

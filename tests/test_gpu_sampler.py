@@ -12,7 +12,7 @@ import _gpu_busy  # noqa: E402
 
 def test_samples_and_clocks_are_parsed_and_averaged_since_a_mark():
     g = _gpu_busy.GpuSampler.__new__(_gpu_busy.GpuSampler)
-    g.samples, g.extra = [], []
+    g.samples, g.extra, g.times = [], [], []
     g.proc = type("P", (), {"stdout": io.StringIO("10, 345, 80.0\n87, 1980, 650.5\n90, 1755, 700\n[N/A], 1, 1\n"
                                                    "50, [N/A], [N/A]\n")})()
     g._read()
