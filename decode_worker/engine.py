@@ -320,6 +320,8 @@ class DecodeEngine(KVIntake, ColocatedPrefill, LoopOwner):
             except ValueError as e:
                 self._fail(req, e)  # the router will not reuse a reservation whose start failed
                 raise
+            if req.switched_scale is not None:  # a switch that came after the reservation, before this start
+                scale = req.switched_scale
             req.started, req.params, req.scale, req.last_token_id = True, params, scale, last_token_id
             req.speculative, req.adjust = speculative, adjust
             req.generator = params.make_generator()
@@ -334,7 +336,10 @@ class DecodeEngine(KVIntake, ColocatedPrefill, LoopOwner):
     def set_scale(self, request_id: str, scale: int) -> int:
         scale = self.cfg.check_scale(scale)
         with self._lock:
-            self._get(request_id).scale = scale  # read by the next step
+            req = self._get(request_id)
+            req.scale = scale  # read by the next step
+            if not req.started:  # reserved, not started yet: start_generation must not undo the switch
+                req.switched_scale = scale
         return scale
 
     def end_subscription(self, sub: Subscription) -> int:

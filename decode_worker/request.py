@@ -124,6 +124,8 @@ class DecodeRequest:
     last_token_id: int = 0
     params: SamplingParams | None = None
     scale: int = 1
+    # a switch (``set_scale``) that came between the reservation and ``start_generation``: the scale it starts at
+    switched_scale: int | None = None
     speculative: int = 0                       # drafts per round by chain 1 (decode_worker.speculative); 0 = off
     generator: torch.Generator | None = None
     adjust: LogitsAdjuster | None = None        # penalties, logit bias, min_tokens (None: the logits as they are)

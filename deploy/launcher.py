@@ -107,6 +107,9 @@ def check_model(cfg: ClusterConfig, path: str, baseline: bool = False):
     if not weights.is_file() or not os.access(weights, os.R_OK):
         raise ValueError(f"model {path}: no readable {checkpoint.WEIGHTS_FILE}")
     checkpoint.check_weights(path)  # every tensor there, of its shape, in a whole file
+    fixed = cfg.router.fixed_scale
+    if fixed is not None and fixed > model_cfg.num_chains:  # else every request would be refused, blaming its scale
+        raise ValueError(f"router.fixed_scale={fixed}: model {path} has scales 1..{model_cfg.num_chains}")
     try:
         load_checkpoint_tokenizer(path)
     except (OSError, KeyError, ImportError) as e:

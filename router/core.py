@@ -31,6 +31,7 @@ from colm.router.placement import NoWorker, WorkerRegistry
 from colm.router.policy import Budget, Decision, PolicyConfig, RunningRequest, ScalePolicy
 from colm.router.worker_metrics import WorkerMetricsCollector
 from colm.decode_worker.config import check_speculative
+from colm.errors import UnknownRequestError
 from colm.decode_worker.prefix_cache import MAX_CACHE_SALT, block_hashes
 from colm.sampling import SamplingParams
 from colm.logits_adjust import check_token_ids
@@ -290,13 +291,19 @@ class Router:
         uids = {u for u in self._by_client_id.get(request_id, ()) if u in self._states}
         if not uids:
             raise UnknownRequest(f"request_id={request_id!r}: no running request has this id")
+        moved = sum(self._states[u].scale != scale for u in uids)  # a switch to the scale it runs at moves nothing
         for u in uids:  # every sequence the id names (a completion's n choices and batched prompts share it)
             state = self._states[u]
             state.scale, state.pinned = scale, True  # a retry starts at it too; rebalancing leaves it alone
         for rid, (st, decode_id) in list(self.running.items()):
             if st.request_id in uids:
-                await self.backend.set_scale(decode_id, rid, scale)
-        self.metrics.scale_changes.inc(len(uids))
+                try:
+                    await self.backend.set_scale(decode_id, rid, scale)
+                except UnknownRequestError:
+                    # the worker holds no such attempt: it has just ended there (its last token is on the way), or
+                    # the attempt has not reached it yet (its first token sends the switch again: ``_serve``)
+                    pass
+        self.metrics.scale_changes.inc(moved)
         return scale
 
     def served_scales(self) -> list[int]:
@@ -636,6 +643,9 @@ class Router:
                             self.registry.finish(prefill.worker_id, spec.uid)
                         if not out:  # the request's first token
                             self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
+                        if tok.scale != state.scale:  # a switch may have reached the worker before this attempt
+                            with contextlib.suppress(Exception):
+                                await self.backend.set_scale(decode.worker_id, req.request_id, state.scale)
                     out.append(tok.token_id)
                     times.append(now_ms)
                     reason = stopper.add(tok.token_id)  # a partial UTF-8 character waits for the token completing it

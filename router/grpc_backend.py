@@ -23,6 +23,7 @@ from typing import AsyncIterator
 import grpc
 
 from colm.proto import load_proto
+from colm.errors import UnknownRequestError
 from colm.logits_adjust import reads_prompt
 from colm.proto.convert import sampling_to_decode
 from colm.proto.rpc import error_line
@@ -439,8 +440,13 @@ class GrpcBackend:
         return WorkerFailed(worker_id, f"{code.name}: {details}")
 
     async def set_scale(self, decode_id: str, request_id: str, scale: int) -> None:
-        await self._unary(decode_id, "SetScale", kv_pb2.SetScaleRequest(request_id=request_id, scale=scale),
-                          kv_pb2.SetScaleReply, 2.0)
+        try:
+            await self._unary(decode_id, "SetScale", kv_pb2.SetScaleRequest(request_id=request_id, scale=scale),
+                              kv_pb2.SetScaleReply, 2.0)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:  # the worker holds no such request (not yet, or no more)
+                raise UnknownRequestError(e.details()) from None
+            raise
 
     async def abort(self, decode_id: str, request_id: str) -> None:
         await self._unary(decode_id, "Abort", kv_pb2.AbortRequest(request_id=request_id), kv_pb2.AbortReply, 2.0)

@@ -272,6 +272,25 @@ def test_scale_switch_mid_generation_and_sampling(setup):
     assert de.pool.num_free == de.pool.num_blocks
 
 
+def test_a_switch_between_reservation_and_start_is_kept(setup):
+    """The router reserves, then starts: a client's switch (SetScale) can land in between. The start must not undo it:
+    every token comes at the switched scale and equals the reference (it came at the start's scale, the switch lost)."""
+    path, full = setup
+    de, pe = _engines(path)
+    try:
+        p = prompts([14], seed=5)[0]
+        params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+        de.reserve("early", len(p), params.max_new_tokens)
+        assert de.set_scale("early", 1) == 1
+        pe.prefill("early", p, LocalKVSink(de, "early"))
+        events = list(de.start_generation("early", p[-1], params, scale=2))
+        assert [e.scale for e in events] == [1] * 8
+        assert [e.token_id for e in events] == generate(full, p, params, scale=1).token_ids
+    finally:
+        pe.stop(), de.stop()
+    assert de.pool.num_free == de.pool.num_blocks
+
+
 def test_reservation_errors_and_abort(setup):
     path, _ = setup
     de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=8, block_size=4)).start()

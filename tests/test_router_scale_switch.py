@@ -148,3 +148,92 @@ def test_http_switch_names_every_sequence_of_the_completion(served, body):
         at = scales.index(1)  # where the switch applied to this sequence
         assert scales == [2] * at + [1] * (n - at)
         assert [t for t, _ in toks[i]] == _reference(path, prompt, n, lambda j, at=at: 2 if j < at else 1)
+
+
+def test_a_switch_the_worker_no_longer_holds_is_no_internal_error(served, monkeypatch):
+    """A switch can race its request's end (or an attempt not on the worker yet): the worker answers that it holds no
+    such request. The switch is still the router's (pinned for a retry), so it is answered, never INTERNAL with the
+    worker's error; the HTTP front the same."""
+    from colm.errors import UnknownRequestError
+
+    bg, _ = served
+
+    async def gone(decode_id, request_id, scale):
+        raise UnknownRequestError(f"request {request_id!r} is not reserved on this decode worker")
+
+    rid, replies = "switch-gone", []
+    with Client(bg.grpc_addr) as c:
+        for ev in c.stream("switch me", max_new_tokens=20, scale=2, ignore_eos=True, request_id=rid):
+            if ev["kind"] == "token" and not replies:
+                with monkeypatch.context() as m:
+                    m.setattr(bg.router.backend, "set_scale", gone)
+                    replies.append(c.set_scale(rid, 1))
+                    replies.append(post_json(f"{bg.http_url}/v1/requests/{rid}/scale", {"scale": 1}))
+    assert replies == [1, (200, {"id": rid, "scale": 1})]
+
+
+def test_a_switch_to_the_running_scale_counts_no_scale_change(served):
+    """colm_scale_changes_total counts sequences moved to another scale: a switch to the scale a request runs at
+    moves nothing."""
+    bg, _ = served
+    changes = bg.router.metrics.scale_changes
+    rid, seen = "switch-same", []
+    with Client(bg.grpc_addr) as c:
+        for ev in c.stream("switch me", max_new_tokens=40, scale=2, ignore_eos=True, request_id=rid):
+            if ev["kind"] == "token":
+                seen.append(ev["scale"])
+                if len(seen) == 3:
+                    before = changes._value.get()
+                    assert c.set_scale(rid, 2) == 2
+                    assert changes._value.get() == before
+                    assert c.set_scale(rid, 1) == 1
+                    assert changes._value.get() == before + 1
+
+
+def test_a_switch_between_reserve_and_start_over_grpc_workers(tmp_path):
+    """Disaggregated over gRPC the router reserves, waits for the reply, then starts: a client switching at the decision
+    lands in between. The request must run at the switched scale from its first token (the start used to undo the
+    switch while UpdateRequest answered OK)."""
+    import time as _time
+
+    from colm.decode_worker.service import DecodeServer
+    from colm.prefill_worker.service import PrefillServer
+    from colm.router.backend import WorkerInfo
+    from colm.router.grpc_backend import GrpcBackend
+
+    token = "switch-test-token-0123456789"
+    checkpoint.save(CoLM(preset("tiny-air")).reset_parameters(seed=5), str(tmp_path), tokenizer={"kind": "byte"})
+    engine = DecodeEngine.from_checkpoint(str(tmp_path), DecodeConfig(num_blocks=128))
+    reserve = engine.reserve
+
+    def slow_reserve(*a, **kw):  # the reply comes late: the client's switch reaches the worker before the start
+        r = reserve(*a, **kw)
+        _time.sleep(0.5)
+        return r
+
+    engine.reserve = slow_reserve
+    decode = DecodeServer(engine, token).start()
+    prefill = PrefillServer(PrefillEngine.from_checkpoint(str(tmp_path)), token).start()
+    workers = [WorkerInfo("decode-0", "decode", decode.address), WorkerInfo("prefill-0", "prefill", prefill.address)]
+    bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05),
+                                 checkpoint.load_config(str(tmp_path)), ByteTokenizer(),
+                                 GrpcBackend(workers, cluster_token=token)))
+    try:
+        rid, n, out = "switch-early", 12, []
+        with Client(bg.grpc_addr) as c:
+            for ev in c.stream("switch me", max_new_tokens=n, scale=2, ignore_eos=True, request_id=rid):
+                if ev["kind"] == "decision":
+                    assert c.set_scale(rid, 1) == 1
+                elif ev["kind"] == "token":
+                    out.append((ev["id"], ev["scale"]))
+        assert [s for _, s in out] == [1] * n
+        assert [t for t, _ in out] == _reference(str(tmp_path), "switch me", n, lambda i: 1)
+        # a worker that holds no such request says so as the in-process engine does (the router then answers the
+        # switch; it used to pass the worker's NOT_FOUND on as INTERNAL)
+        from colm.errors import UnknownRequestError
+
+        with pytest.raises(UnknownRequestError):
+            bg.call(bg.router.backend.set_scale("decode-0", "nobody-runs-this", 1))
+    finally:
+        bg.stop()
+        prefill.stop(), decode.stop()

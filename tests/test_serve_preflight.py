@@ -154,3 +154,11 @@ def test_the_start_hints_say_where_the_key_goes_and_never_print_it(capsys):
         err = capsys.readouterr().err
         assert secret not in err
         assert ("--api-key KEY" in err and "Authorization: Bearer KEY" in err) == bool(cfg.api_key), err
+
+
+def test_a_fixed_scale_the_model_does_not_have_is_refused_at_start():
+    """router.fixed_scale above the model's chains: every request would be refused, blaming its scale, while health
+    said serving and /v1/models listed the missing scale. It is a config error, before anything starts."""
+    with pytest.raises(ValueError, match=r"router.fixed_scale=3: .* has scales 1..2"):
+        Launcher(ClusterConfig.from_dict({"router": {"fixed_scale": 3}})).prepare()
+    assert Launcher(ClusterConfig.from_dict({"router": {"fixed_scale": 2}, "decode": {"num_blocks": 64}})).prepare()
