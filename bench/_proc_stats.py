@@ -3,12 +3,16 @@
 ``snapshot`` reads, per process, user + system CPU time (``cpu_seconds``) and the voluntary and involuntary context
 switches summed over its threads; ``delta`` turns two snapshots into cores used (CPU seconds per second) and switches per second. An
 engine loop that the kernel preempts often (involuntary switches) shares its core with other busy processes: the
-figure to compare between runs whose step times differ.
+figure to compare between runs whose step times differ. ``CpuSampler`` reads each process's CPU seconds in the
+background with the time of each reading, so cores used can be taken over a window found afterwards (a load test's
+first send to last answer) rather than over a whole pass with its start-up and report.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -58,3 +62,55 @@ def delta(a: dict, b: dict) -> dict:
                           "voluntary_switches_per_s": round((vol1 - vol0) / dt, 1),
                           "involuntary_switches_per_s": round((inv1 - inv0) / dt, 1)}
     return out
+
+
+class CpuSampler:
+    """Every ``interval_s`` in the background, each process's CPU seconds so far, with ``time.perf_counter()`` (the
+    clock the load tests' send times use). ``cores_between(t0, t1)``: per label, CPU seconds over [t0, t1] (each
+    edge interpolated between the readings around it) divided by t1 - t0."""
+
+    def __init__(self, pids: dict[str, int], interval_s: float = 0.1) -> None:
+        self.pids = dict(pids)
+        self.readings: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in self.pids}
+        self._stop = threading.Event()
+        self._read()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for label, pid in self.pids.items():
+            try:
+                cpu = cpu_seconds(pid)
+            except OSError:  # the process is gone
+                continue
+            times, values = self.readings[label]
+            times.append(time.perf_counter())
+            values.append(cpu)
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self._read()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._read()
+
+    @staticmethod
+    def _at(times: list[float], values: list[float], t: float) -> float | None:
+        i = bisect.bisect_left(times, t)
+        if i == len(times) or (i == 0 and times[0] > t):
+            return None  # outside the readings
+        if times[i] == t or i == 0:
+            return values[i]
+        t0, t1, v0, v1 = times[i - 1], times[i], values[i - 1], values[i]
+        return v0 + (v1 - v0) * (t - t0) / (t1 - t0)
+
+    def cores_between(self, t0: float, t1: float) -> dict[str, float]:
+        """{label: cores used over [t0, t1]} for every process read before t0 and after t1."""
+        out = {}
+        for label, (times, values) in self.readings.items():
+            a, b = self._at(times, values, t0), self._at(times, values, t1)
+            if a is not None and b is not None and t1 > t0:
+                out[label] = (b - a) / (t1 - t0)
+        return out

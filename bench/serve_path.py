@@ -52,7 +52,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _gpu_busy import GpuSampler  # noqa: E402
-from _proc_stats import cpu_seconds  # noqa: E402
+from _proc_stats import CpuSampler, cpu_seconds  # noqa: E402
 from _pyspy import Profile  # noqa: E402
 from _timing import measure_gpu  # noqa: E402
 from serve_goodput import build_checkpoint, start_worker  # noqa: E402
@@ -298,12 +298,14 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         prof = None
         if args.profile_s and mode in args.profile_modes.split(","):
             prof = Profile(pids, args.profile_s, 2.0, f"{args.out}_profile_{mode}", args.profile_gil)
+        cpu_sampler = CpuSampler(pids)  # the server processes' CPU, read with times: cores over the load window
         t0 = time.perf_counter()
         child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run(base + measured + ["--concurrency", str(args.concurrency), "--num-requests",
                                           str(args.num_requests), "--out", out], check=True, env=env,
                        stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t0
+        cpu_sampler.stop()
         child1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the load test's processes, waited for above
         cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
         cpu["client"] = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
@@ -330,6 +332,15 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
     # processes' imports and spawn) and report (summary, plot): 2-3 s of an idle GPU in a 20 s run
     window = load_window(summary)
     gpu_busy = sampler.mean_between(*window) if window else gpu_busy_run
+    # cores of the server processes over the same window (every router process as one); the client's own cores
+    # stay over its whole run (its processes' CPU comes from rusage once they have ended: start-up and report in)
+    cores_run = {k: v / wall for k, v in cpu.items()}
+    cores = dict(cores_run)
+    if window:
+        in_window = cpu_sampler.cores_between(*window)
+        if in_window:
+            cores.update({k: v for k, v in in_window.items() if not k.startswith("router")})
+            cores["router"] = sum(v for k, v in in_window.items() if k.startswith("router"))
     out_tokens = tot["output_tokens_per_s"] * tot["num_ok"] / max(tot["throughput_rps"], 1e-9)  # the OK requests'
     return {"mode": mode, "summary": tot, "wall_s": wall, "gpu_busy_pct": gpu_busy,
             "gpu_busy_pct_client_run": gpu_busy_run, "load_window_s": window[1] - window[0] if window else None,
@@ -338,7 +349,7 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
             "router_phase_ms": phases,  # this process's router: mean ms per request of each phase, and its TTFT
             "scale_mix": summary["rates"][0].get("scale_mix") if summary.get("rates") else None,
             "cpu_s": cpu, "cpu_s_per_1k_tokens": {k: 1000 * v / max(out_tokens, 1) for k, v in cpu.items()},
-            "cpu_cores_busy": {k: v / wall for k, v in cpu.items()}, "router_cores_busy_each": per_router}
+            "cpu_cores_busy": cores, "cpu_cores_busy_client_run": cores_run, "router_cores_busy_each": per_router}
 
 
 def table(results: list[dict], limit: dict | None) -> str:

@@ -231,6 +231,8 @@ def test_serve_path_runs_the_independent_engine_beside_colm(tmp_path):
     assert [r["mode"] for r in d["results"]] == ["colocated", "dense", "hf_dense"]
     for r in d["results"]:
         assert r["summary"]["num_ok"] == 8 and r["summary"]["throughput_rps"] > 0
+        # server cores over the load window, beside the whole client run's
+        assert r["cpu_cores_busy"]["router"] > 0 and set(r["cpu_cores_busy_client_run"]) == set(r["cpu_cores_busy"])
     modes = {r["mode"]: r for r in d["results"]}
     assert modes["dense"]["scale_mix"] == {"1": 1.0} and modes["colocated"]["scale_mix"] == {"2": 1.0}
     assert modes["dense"]["decode_engine"]["num_prefill_chunks"] > 0  # prompts prefilled inside the decode loop
