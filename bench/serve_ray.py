@@ -130,6 +130,7 @@ def main() -> int:
             since = gpu.mark()
             procs = _pyspy.service_processes(service.proc.pid)
             before = _proc_stats.snapshot(procs)
+            cpu_sampler = _proc_stats.CpuSampler(procs)  # cores per process over the load window, found afterwards
             spy = _pyspy.Profile(procs, args.py_spy, args.py_spy_delay, prefix + "_pyspy") \
                 if i == 0 and args.py_spy > 0 else None
             summary = run_load(addr, spec, None, None, api_key=api_key, progress=False)
@@ -138,6 +139,8 @@ def main() -> int:
             window = load_window(summary)
             busy = gpu.mean_between(*window) if window else busy_run
             cpu = _proc_stats.delta(before, _proc_stats.snapshot(procs))
+            cpu_sampler.stop()
+            cores_window = cpu_sampler.cores_between(*window) if window else {}
             summary["meta"] = {"addr": addr, "device": device_name(), "date": datetime.date.today().isoformat(),
                                "budgets": budgets, "serve_config": cfg, "ready_s": round(ready_s, 1),
                                "launched_by": "colm serve --config (embedded Ray); load started once health said "
@@ -153,7 +156,8 @@ def main() -> int:
                                "process_cpu": cpu,
                                "process_cpu_note": "per service process over the pass, from /proc (all threads): "
                                                    "CPU cores used, context switches per second (involuntary: "
-                                                   "preempted while runnable)"}
+                                                   "preempted while runnable)",
+                               "process_cores_in_load_window": {k: round(v, 3) for k, v in cores_window.items()}}
             if spy is not None:
                 summary["meta"]["py_spy"] = {
                     "processes": spy.result(),
@@ -167,8 +171,8 @@ def main() -> int:
             plot(summary, prefix + ".png")
             wrote.append(prefix + ".json")
             print(f"[serve_ray] pass {i} (budgets {budgets}), GPU busy {busy if busy is not None else '-'} %; "
-                  + ", ".join(f"{k} {v['cores']} cores {v['involuntary_switches_per_s']:.0f} preempt/s"
-                              for k, v in cpu.items()), flush=True)
+                  + ", ".join(f"{k} {cores_window.get(k, v['cores']):.2f} cores "
+                              f"{v['involuntary_switches_per_s']:.0f} preempt/s" for k, v in cpu.items()), flush=True)
             print(table(summary), flush=True)
     finally:
         gpu.stop()

@@ -39,6 +39,9 @@ def test_serve_ray_bench_serves_every_pass_and_stops_the_service(tmp_path):
         assert "launcher" in meta["process_cpu"] and len(workers) == 2  # the prefill and decode actors
         assert all(v["cores"] >= 0 and v["involuntary_switches_per_s"] >= 0 for v in meta["process_cpu"].values())
         assert sum(v["cores"] for v in workers) > 0  # the workers computed the requests
+        in_window = meta["process_cores_in_load_window"]  # the same processes over the load alone
+        assert set(in_window) <= set(meta["process_cpu"]) and "launcher" in in_window
+        assert sum(v for k, v in in_window.items() if k.startswith("WorkerActor")) > 0
         assert Path(f"{out}{'' if budgets == 'none' else '_mix'}.png").stat().st_size > 0
     assert set(full["rates"][0]["scale_mix"]) == {"2"}  # full scale unless a budget says otherwise
     assert "1" in mix["rates"][0]["scale_mix"]  # scale:1 requests ran at scale 1
