@@ -106,6 +106,10 @@ class CpuSampler:
         t0, t1, v0, v1 = times[i - 1], times[i], values[i - 1], values[i]
         return v0 + (v1 - v0) * (t - t0) / (t1 - t0)
 
+    def seconds(self) -> dict[str, float]:
+        """{label: CPU seconds from the first reading to the last} (the whole time sampled)."""
+        return {label: values[-1] - values[0] for label, (_, values) in self.readings.items() if values}
+
     def cores_between(self, t0: float, t1: float) -> dict[str, float]:
         """{label: cores used over [t0, t1]} for every process read before t0 and after t1."""
         out = {}

@@ -52,7 +52,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _gpu_busy import GpuSampler  # noqa: E402
-from _proc_stats import CpuSampler, cpu_seconds  # noqa: E402
+from _proc_stats import CpuSampler  # noqa: E402
 from _pyspy import Profile  # noqa: E402
 from _timing import measure_gpu  # noqa: E402
 from serve_goodput import build_checkpoint, start_worker  # noqa: E402
@@ -292,13 +292,12 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         # warm-up (kernels tuned, graphs captured per shape) outside the measured window
         subprocess.run(base + ["--concurrency", str(args.concurrency), "--num-requests", str(args.warmup_requests),
                                "--out", out + "_warmup"], check=True, env=env, stdout=subprocess.DEVNULL)
-        cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+        cpu_sampler = CpuSampler(pids)  # the server processes' CPU seconds, read with times (cores over the window)
         phases0 = phase_totals(server.router.metrics.registry)
         g0 = sampler.mark()
         prof = None
         if args.profile_s and mode in args.profile_modes.split(","):
             prof = Profile(pids, args.profile_s, 2.0, f"{args.out}_profile_{mode}", args.profile_gil)
-        cpu_sampler = CpuSampler(pids)  # the server processes' CPU, read with times: cores over the load window
         t0 = time.perf_counter()
         child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run(base + measured + ["--concurrency", str(args.concurrency), "--num-requests",
@@ -307,7 +306,7 @@ def run_mode(mode: str, ckpt: str, workers: dict, token: str, args, sampler: "Gp
         wall = time.perf_counter() - t0
         cpu_sampler.stop()
         child1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the load test's processes, waited for above
-        cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
+        cpu = cpu_sampler.seconds()
         cpu["client"] = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
         gpu_busy_run = sampler.mean_since(g0)  # the client command's whole run: its start-up and report included
         phases = phase_means_ms(phases0, phase_totals(server.router.metrics.registry))

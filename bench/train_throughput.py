@@ -85,11 +85,12 @@ def profile_step(step) -> dict:
     rows = [r for r in rows if "#" not in r["name"]]
     kinds: dict[str, float] = {}
     for r in rows:
-        kinds[kernel_kind(r["name"])] = kinds.get(kernel_kind(r["name"]), 0.0) + r["gpu_ms"]
+        r["kind"] = kernel_kind(r["name"])
+        kinds[r["kind"]] = kinds.get(r["kind"], 0.0) + r["gpu_ms"]
     gpu = sum(kinds.values())
     return {"wall_ms_profiled": wall, "gpu_kernel_ms": gpu, "kernels": sum(r["count"] for r in rows),
             "gpu_ms_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-            "top_kernels": [{**r, "kind": kernel_kind(r["name"])} for r in rows[:20]],
+            "top_kernels": rows[:20],
             "host_self_ms_total": sum(e.self_cpu_time_total for e in ka) / 1e3,
             "host_top_ops": [{"name": e.key[:90], "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3}
                              for e in host_ops],

@@ -293,11 +293,10 @@ def fwd_tile_rows(weights, cols, b_offs, bn: int) -> list[list[int]]:
 
 def _fwd_table(lay, weights, biases, bn, device):
     """Rows [w_off, P_i, y_col, n_valid, b_off] per output tile of BLOCK_N columns, longest K first."""
-    offs = _rel_offsets(weights) + (_rel_offsets(biases) if biases else ())
-    key = ("fwd", offs, tuple(lay.prefix), tuple(lay.outs), bn, device)
+    b_offs = _rel_offsets(biases) if biases else (0,) * len(weights)
+    key = ("fwd", _rel_offsets(weights), b_offs, tuple(lay.prefix), tuple(lay.outs), bn, device)
     if key in _TABLES:
         return _TABLES[key]
-    b_offs = [_elem_offset(b, biases[0]) for b in biases] if biases else [0] * len(weights)
     return _table(key, fwd_tile_rows(weights, lay.out_start, b_offs, bn), device)
 
 

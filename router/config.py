@@ -21,6 +21,15 @@ def auto_replicas(cores: int | None = None) -> int:
     return 1 if cores < 8 else min(4, cores // 4)
 
 
+def _check_seconds(name: str, value, positive: bool, what: str) -> None:
+    """ValueError naming ``router.<name>`` unless ``value`` is a finite number of seconds, > 0 (``positive``) or >= 0;
+    ``what`` says what it sets."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (value <= 0 if positive else value < 0):
+        raise ValueError(f"router.{name}={value!r}: must be a finite number of seconds {'> 0' if positive else '>= 0'} "
+                         f"({what})")
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     host: str = "127.0.0.1"  # nothing listens on 0.0.0.0 unless configured
@@ -123,10 +132,8 @@ class RouterConfig:
                      "worker_wait_s", "http_head_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be > 0")
-        if isinstance(self.drain_s, bool) or not isinstance(self.drain_s, (int, float)) \
-                or not (math.isfinite(self.drain_s) and self.drain_s >= 0):
-            raise ValueError(f"router.drain_s={self.drain_s!r}: must be a finite number of seconds >= 0 (how long the "
-                             "requests in flight get to finish at shutdown; 0 cancels them at once)")
+        _check_seconds("drain_s", self.drain_s, False,
+                       "how long the requests in flight get to finish at shutdown; 0 cancels them at once")
         if (self.tls_cert is None) != (self.tls_key is None):
             given, missing = ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key", "tls_cert")
             raise ValueError(f"router.tls_cert and router.tls_key: give both or neither (router.{given} is set, "
@@ -166,10 +173,8 @@ class RouterConfig:
         if isinstance(self.speculative_max_batch, bool) or not isinstance(self.speculative_max_batch, int) \
                 or self.speculative_max_batch < 1:
             raise ValueError(f"router.speculative_max_batch={self.speculative_max_batch!r}: must be an integer >= 1")
-        if isinstance(self.worker_stall_s, bool) or not isinstance(self.worker_stall_s, (int, float)) \
-                or not 0 < self.worker_stall_s < float("inf"):
-            raise ValueError(f"router.worker_stall_s={self.worker_stall_s!r}: must be a finite number of seconds > 0 "
-                             "(how long a worker's engine may hold requests without progress before it is taken out)")
+        _check_seconds("worker_stall_s", self.worker_stall_s, True,
+                       "how long a worker's engine may hold requests without progress before it is taken out")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RouterConfig":

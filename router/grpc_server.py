@@ -142,21 +142,28 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 context.set_trailing_metadata((("retry-after-s", f"{retry:.3f}"),))
             await context.abort(code, msg)
 
+        @contextlib.asynccontextmanager
+        async def guarded(request, context):
+            """Around a call's handling, on its task: in flight for the drain; the drain's cut answers UNAVAILABLE,
+            any other failure its status (``fail``); aborts and other cancellations pass."""
+            with drain.serving() as call:
+                try:
+                    yield call
+                except asyncio.CancelledError:
+                    await cut(context)
+                    raise
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as e:
+                    await fail(request, context, e)
+
         if handler.unary_unary:
             inner = handler.unary_unary
 
             async def unary(request, context):
                 await check(request, context)
-                with drain.serving():
-                    try:
-                        return await inner(request, context)
-                    except asyncio.CancelledError:
-                        await cut(context)
-                        raise
-                    except grpc.aio.AbortError:
-                        raise
-                    except Exception as e:
-                        await fail(request, context, e)
+                async with guarded(request, context):
+                    return await inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, _tolerant(handler.request_deserializer),
                                                        handler.response_serializer)
@@ -165,22 +172,14 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request, context):
                 await check(request, context)
-                with drain.serving() as call:
-                    try:
-                        async with contextlib.aclosing(inner_stream(request, context)) as items:
-                            async for item in items:
-                                call.outside = True  # grpc writes it: a cancellation there ends the call silently
-                                yield item
-                                call.outside = False
-                                if call.cut:  # the drain ended while grpc wrote
-                                    await context.abort(grpc.StatusCode.UNAVAILABLE, call.cut)
-                    except asyncio.CancelledError:
-                        await cut(context)
-                        raise
-                    except grpc.aio.AbortError:
-                        raise
-                    except Exception as e:
-                        await fail(request, context, e)
+                async with guarded(request, context) as call, \
+                        contextlib.aclosing(inner_stream(request, context)) as items:
+                    async for item in items:
+                        call.outside = True  # grpc writes it: a cancellation there ends the call silently
+                        yield item
+                        call.outside = False
+                        if call.cut:  # the drain ended while grpc wrote
+                            await context.abort(grpc.StatusCode.UNAVAILABLE, call.cut)
 
             return grpc.unary_stream_rpc_method_handler(stream, _tolerant(handler.request_deserializer),
                                                         handler.response_serializer)

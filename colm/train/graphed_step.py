@@ -22,7 +22,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from colm.train.step import train_step
+from colm.train.step import apply_gradients, train_step
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -91,7 +91,6 @@ class GraphedTrainStep:
     def _capture(self, x: torch.Tensor, y: torch.Tensor, grad_clip: float) -> None:
         self._shape, self._clip = (tuple(x.shape), tuple(y.shape)), grad_clip
         self._x, self._y = torch.empty_like(x), torch.empty_like(y)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # gradients allocated inside the capture (from its pool): every replay writes the same tensors, and
         # nothing may set them to None from here on
         self.optimizer.zero_grad(set_to_none=True)
@@ -103,14 +102,6 @@ class GraphedTrainStep:
             with ctx:
                 loss, per = self.module(self._x, self._y)
             loss.backward()
-            if self.freezer is not None:
-                self.freezer.mask_grads()
-            if grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            self.optimizer.step()
-            if self.freezer is not None:
-                self.freezer.restore()
+            norm = apply_gradients(self.optimizer, grad_clip, self.freezer)
         self.graph = graph
         self._loss, self._per, self._norm = loss.detach(), per.detach(), norm.detach()

@@ -74,7 +74,6 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, batches, gra
     """
     accum = len(batches)
     total_loss, total_per = None, None
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     for i, (x, y) in enumerate(batches):
         if fsdp and accum > 1:
             module.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once, on the last micro-step
@@ -84,6 +83,16 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, batches, gra
         (loss / accum).backward()
         total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
         total_per = per.detach() if total_per is None else total_per + per.detach()
+    norm = apply_gradients(optimizer, grad_clip, freezer)
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss / accum, total_per / accum, float(norm)
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, grad_clip: float, freezer=None) -> torch.Tensor:
+    """After the backward: frozen regions' gradients masked, the norm taken (and clipped to ``grad_clip`` > 0), the
+    optimizer's step, frozen regions restored. The gradient norm before clipping, a tensor (no host sync: a CUDA
+    graph captures this too, ``colm.train.graphed_step``)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if freezer is not None:
         freezer.mask_grads()
     if grad_clip > 0:
@@ -93,7 +102,6 @@ def train_step(module: nn.Module, optimizer: torch.optim.Optimizer, batches, gra
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     if freezer is not None:
         freezer.restore()
-    return total_loss / accum, total_per / accum, float(norm)
+    return norm
