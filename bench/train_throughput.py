@@ -209,10 +209,15 @@ def main() -> None:
         try:
             times, losses, mem, prof = run_variant(mname, cfg, precision, loss_kind, batches, args.steps, args.warmup,
                                                    device, args.profile)
-        except torch.OutOfMemoryError as e:
-            rows.append({"model": mname, "precision": precision, "loss": loss_kind, "error": f"OOM: {e}"[:200]})
+        except Exception as e:  # an out-of-memory or a failed capture costs its row, not the others
+            if args.smoke:
+                raise
+            kind = "OOM" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
+            rows.append({"model": mname, "precision": precision, "loss": loss_kind, "error": f"{kind}: {e}"[:300]})
+            print(f"{mname:14s} {precision:12s} {loss_kind:11s} failed: {kind}: {str(e)[:200]}", flush=True)
             gc.collect()
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             continue
         med = statistics.median(times)
         fpt = flops_per_token(cfg, args.seq, loss_kind)
