@@ -46,6 +46,25 @@ def flops_per_token(cfg, seq_len: int, loss_kind: str) -> float:
     return 6 * matmul + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
+# bytes per trainable parameter per step that no kernel design avoids on the autocast path: fused AdamW reads the
+# fp32 weight, its gradient and both moments and writes the weight and the moments (7 x 4 B); autocast reads each
+# fp32 weight once and writes its bf16 copy (4 + 2 B)
+STEP_BYTES_PER_PARAM = 7 * 4 + 4 + 2
+LOGIT_BYTES = 3 * 2  # the bf16 logits written, read by the loss, their gradient written
+
+
+def step_bound_ms(cfg, tokens: int, seq_len: int, loss_kind: str, rates: dict) -> dict:
+    """The step's lower bound at this GPU's measured rates: every matmul (attention's included) at the 8192^3
+    GEMM's TFLOP/s, the optimizer's and autocast's parameter traffic and the logits' traffic at the copy rate.
+    Norms, RoPE, SwiGLU and residual adds are left out (a kernel design could fold them into the GEMMs), so
+    the bound favours neither model: both share those activations' shapes."""
+    flop_ms = flops_per_token(cfg, seq_len, loss_kind) * tokens / (rates["matmul_tflops"] * 1e12) * 1e3
+    heads = 1 + (cfg.num_chains - 1 if loss_kind == "multi_chain" else 0)
+    byte_count = cfg.num_params() * STEP_BYTES_PER_PARAM + heads * tokens * cfg.vocab_size * LOGIT_BYTES
+    bytes_ms = byte_count / (rates["copy_gbs"] * 1e9) * 1e3
+    return {"matmul_ms": flop_ms, "bytes_ms": bytes_ms, "total_ms": flop_ms + bytes_ms}
+
+
 def peak_flops(name: str) -> float:
     for key, value in PEAK_BF16.items():
         if key in name:
@@ -182,6 +201,13 @@ def main() -> None:
         models = {"{32} (Llama)": preset("llama-3.2-1b"), "{16,16}": preset("llama-3.2-1b-16-16"),
                   "{16,16} Air": preset("llama-3.2-1b-16-16-air")}
     peak = peak_flops(dev_name)
+    if args.smoke:
+        rates = {"matmul_tflops": float("nan"), "copy_gbs": float("nan")}
+    else:
+        from _timing import measure_gpu
+
+        rates = measure_gpu("cuda")
+        print(f"measured: bf16 GEMM {rates['matmul_tflops']:.0f} TFLOP/s, copy {rates['copy_gbs']:.0f} GB/s", flush=True)
     g = torch.Generator().manual_seed(0)
     vocab = next(iter(models.values())).vocab_size
     batches = []
@@ -226,6 +252,7 @@ def main() -> None:
                      "step_ms_all": [round(t * 1e3, 3) for t in times], "tokens_per_s": tokens / med,
                      "flops_per_token": fpt, "tflops": fpt * tokens / med / 1e12, "mfu": fpt * tokens / med / peak,
                      "peak_mem_gib": mem, "losses": losses, "wall_s": time.perf_counter() - t0,
+                     "bound": step_bound_ms(cfg, tokens, args.seq, loss_kind, rates),
                      **({"profile": prof} if prof else {})})
         print(f"{mname:14s} {precision:12s} {loss_kind:11s} {med * 1e3:8.1f} ms  {tokens / med:9.0f} tok/s  "
               f"MFU {rows[-1]['mfu']:.3f}  mem {mem:.1f} GiB", flush=True)
@@ -241,6 +268,10 @@ def main() -> None:
     for r in rows:
         if "error" not in r and base.get(r["precision"]):
             r["tokens_per_s_vs_llama"] = r["tokens_per_s"] / base[r["precision"]]["tokens_per_s"]
+            # what the ratio could be with both steps at their bounds, and how near each step is to its bound
+            r["bound_ratio_vs_llama"] = base[r["precision"]]["bound"]["total_ms"] / r["bound"]["total_ms"]
+        if "error" not in r:
+            r["step_over_bound"] = r["step_ms_median"] / r["bound"]["total_ms"]
     try:
         import triton
 
@@ -249,19 +280,24 @@ def main() -> None:
         triton_version = None
     result = {"bench": "train_throughput", "device": dev_name, "torch": torch.__version__, "triton": triton_version,
               "batch": args.batch, "seq_len": args.seq, "tokens_per_step": tokens, "timed_steps": args.steps,
-              "warmup_steps": args.warmup, "peak_bf16_flops": peak,
+              "warmup_steps": args.warmup, "peak_bf16_flops": peak, "measured_rates": rates,
+              "bound_convention": f"matmul FLOPs (MFU count) at the measured GEMM rate + {STEP_BYTES_PER_PARAM} B per "
+                                  f"parameter (fused AdamW, autocast casts) + {LOGIT_BYTES} B per logit at the "
+                                  f"measured copy rate; elementwise activations left out",
               "mfu_convention": "6*matmul_params + 12*layers*dim*seq per token (PaLM/nanoGPT), dense bf16 peak",
               "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\n{'model':14s} {'precision':12s} {'loss':11s} {'ms/step':>8s} {'tok/s':>9s} {'MFU':>6s} {'vs {32}':>8s}")
+    print(f"\n{'model':14s} {'precision':12s} {'loss':11s} {'ms/step':>8s} {'tok/s':>9s} {'MFU':>6s} {'vs {32}':>8s} "
+          f"{'bound ms':>8s} {'x bound':>7s} {'bound vs {32}':>13s}")
     for r in rows:
         if "error" in r:
             print(f"{r['model']:14s} {r['precision']:12s} {r['loss']:11s} {r['error'][:60]}")
             continue
         print(f"{r['model']:14s} {r['precision']:12s} {r['loss']:11s} {r['step_ms_median']:8.1f} {r['tokens_per_s']:9.0f} "
-              f"{r['mfu']:6.3f} {r.get('tokens_per_s_vs_llama', float('nan')):8.3f}")
+              f"{r['mfu']:6.3f} {r.get('tokens_per_s_vs_llama', float('nan')):8.3f} {r['bound']['total_ms']:8.1f} "
+              f"{r['step_over_bound']:7.2f} {r.get('bound_ratio_vs_llama', float('nan')):13.3f}")
     torch.distributed.destroy_process_group()
 
 
