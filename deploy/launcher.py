@@ -7,8 +7,10 @@ that the TLS files load (``prepare``: one clear error at once, not a worker dyin
 actors (``deploy/actors.py``; GPUs when the cluster has them, custom resources to pin pools, restart
 on failure) and collect their gRPC addresses -> run the router (gRPC + HTTP + metrics) in this driver
 process over those workers -> every second re-read the actors' addresses so a restarted actor comes
-back into service. ``stop`` (SIGINT or SIGTERM in ``colm serve``) drains the router and its replicas together
-(``router.drain_s``: ``router/drain.py``), then ends them, the actors and an embedded Ray cluster.
+back into service; with ``router.replicas`` > 1, start the other routers and start again one that dies
+(``deploy/replicas.py``). ``stop`` (SIGINT or SIGTERM in ``colm serve``) drains the router and its replicas together
+(``router.drain_s``: ``router/drain.py``), then ends them, the actors and an embedded Ray cluster; ``end_drain`` (a
+second signal) cuts that drain short.
 
 If the engine packages are not installed, the router serves the model in-process (no
 disaggregation) so the demo still answers; the log says so.
@@ -155,7 +157,8 @@ class Launcher:
         self.addresses: dict[str, str] = {}
         self._watch: asyncio.Task | None = None
         self._model_cfg = None
-        self.replicas: list = []  # router.replicas - 1 RouterReplica actors
+        self.replicas: list = []  # router.replicas - 1 RouterReplica actors (a RouterReplicas, deploy/replicas.py)
+        self._infos: list = []  # the workers as last read: what a replica started again is given
 
     def prepare(self) -> str:
         """Resolve the checkpoint and check it and the TLS files (before Ray or any worker starts); its path."""
@@ -239,27 +242,35 @@ class Launcher:
             log.warning("router.replicas=%d: replicas serve Ray worker actors; this service runs its engines "
                         "in-process, so one router serves it", router_cfg.replicas)
         if replicas:
-            await asyncio.get_running_loop().run_in_executor(None, self._start_replicas, router_cfg, infos, block_size)
+            self._infos = infos
+            await asyncio.get_running_loop().run_in_executor(None, self._start_replicas, router_cfg, block_size)
             router.started()
         if self.pool is not None:
             self._watch = asyncio.create_task(self._watch_workers(backend))
         return self.addresses
 
-    def _start_replicas(self, router_cfg, infos, block_size: int) -> None:
-        """router.replicas - 1 more routers as Ray actors on this node, on the same ports (``router_replica``)."""
+    def _start_replicas(self, router_cfg, block_size: int) -> None:
+        """router.replicas - 1 more routers as Ray actors on this node, on the same ports (``router_replica``), watched
+        and started again when one dies (``deploy/replicas.py``)."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        from colm.deploy.replicas import RouterReplicas
         from colm.deploy.router_replica import RouterReplica, replica_config
 
+        # max_concurrency: a replica's end_drain runs beside its stop (a second stop signal); its other calls are
+        # thread-safe (RouterReplica). No Ray restarts: RouterReplicas starts a dead one again, after a backoff
         actor = ray.remote(RouterReplica).options(
-            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                           soft=False))
-        self.replicas = [actor.remote(replica_config(router_cfg, i, self.addresses), self.model_path, infos,
-                                      self.token, self.cfg.transport, self.cfg.model.score_prompts, block_size)
-                         for i in range(1, router_cfg.replicas)]
-        got = ray.get([r.addresses.remote() for r in self.replicas], timeout=300)
-        log.info("router replicas: %s", got)
+            num_cpus=0, max_concurrency=4,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False))
+
+        def spawn(index: int):
+            return actor.remote(replica_config(router_cfg, index, self.addresses), self.model_path, self._infos,
+                                self.token, self.cfg.transport, self.cfg.model.score_prompts, block_size)
+
+        self.replicas = RouterReplicas(spawn, router_cfg.replicas, router_cfg.replica_max_restarts,
+                                       router_cfg.replica_restart_backoff_s, self.server.router.metrics.registry)
+        log.info("router replicas: %s", self.replicas.start())
 
     def _in_process_backend(self, path: str, model_cfg):
         """No worker actors available: run the engines in this process (still prefill -> decode with a
@@ -319,13 +330,19 @@ class Launcher:
         return ("cuda" if torch.cuda.is_available() else "cpu") if d == "auto" else d
 
     async def _watch_workers(self, backend) -> None:
-        """Restarted actors may listen on new ports: keep the backend's worker list current."""
+        """Restarted actors may listen on new ports: keep the backend's worker list current (the replicas' too), and
+        look after the router replicas (a death logged, a restart started: ``RouterReplicas.check``)."""
         loop = asyncio.get_running_loop()
         last_error = None
         while True:
             await asyncio.sleep(1.0)
+            if self.replicas:
+                try:
+                    self.replicas.check()
+                except Exception:  # noqa: BLE001 - the watch goes on: the next look tries again
+                    log.exception("router replicas: the look at them failed")
             try:
-                infos = await loop.run_in_executor(None, self.pool.refresh)
+                infos = self._infos = await loop.run_in_executor(None, self.pool.refresh)
                 backend.set_workers(infos)
                 for r in self.replicas:
                     r.set_workers.remote(infos)
@@ -349,6 +366,14 @@ class Launcher:
         for r in self.replicas:
             ray.kill(r)
         self.replicas = []
+
+    def end_drain(self) -> None:
+        """A second stop signal: the drain of every router (this one's and its replicas') ends now, cutting what is
+        still in flight (``router/drain.py``); the ``stop`` under way then goes on at once."""
+        if self.server is not None:
+            self.server.end_drain()
+        for r in self.replicas:
+            r.end_drain.remote()
 
     def cancel_start(self) -> None:
         """A ``start`` in progress ends with ``StartError`` as soon as it next waits on the workers."""

@@ -65,6 +65,11 @@ class RouterReplica:
         """Drain and stop (``RouterServer.stop``); the launcher asks every replica while its own router drains."""
         self.server.stop()
 
+    def end_drain(self) -> None:
+        """End a drain in progress now (a second stop signal): the ``stop`` under way cuts what is still in flight.
+        The actor runs its calls on threads (``max_concurrency``), so this one runs beside that ``stop``."""
+        self.server.end_drain()
+
 
 def replica_config(cfg, index: int, addresses: dict[str, str]) -> dict:
     """Replica ``index``'s RouterConfig (as a dict) from the launcher's own ``cfg`` and the ports its router got."""

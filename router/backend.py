@@ -8,7 +8,9 @@ actors that run those gRPC services). The router only ever:
 * changes a running request's scale, aborts it, or scores a prompt (echo/logprobs).
 
 A stream that breaks because a worker died raises ``WorkerFailed`` naming it; the router then
-retries elsewhere with the tokens produced so far appended to the prompt.
+retries elsewhere with the tokens produced so far appended to the prompt. A backend that knows which worker an
+attempt waits on may say so with ``silence(attempt_id, decode_id, idle_s) -> WorkerFailed``: the router asks it when
+no token came for ``router.token_timeout_s`` (else it blames the decode worker).
 """
 
 from __future__ import annotations

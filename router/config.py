@@ -81,6 +81,10 @@ class RouterConfig:
     # a core of that work, more replicas serve more requests. "auto": one per 4 cores of this machine, 1 to 4 (one
     # router below 8 cores), resolved when the config is made (on the node that starts the routers).
     replicas: int | str = 1
+    # a replica (router i > 0) that dies is started again, on the same ports, after replica_restart_backoff_s doubled
+    # with each of its earlier restarts (at most 60 s), at most replica_max_restarts times (deploy/replicas.py)
+    replica_max_restarts: int = 3
+    replica_restart_backoff_s: float = 1.0
     # chain-1 self-speculative decoding chosen by the router (CoLM-Air): "off", or "auto": a request that does not
     # ask for drafts (speculative 0) gets the drafts per round, among speculative_gammas, whose predicted time per
     # token beats plain steps by 10 %, while decode workers run at most speculative_max_batch sequences
@@ -125,7 +129,7 @@ class RouterConfig:
         if self.http_max_connections < 0:
             raise ValueError(f"router.http_max_connections={self.http_max_connections}: must be >= 1, or 0 (the "
                              "open-file limit less 1024)")
-        for name in ("max_queued", "max_retries", "kv_wait_s"):
+        for name in ("max_queued", "max_retries", "kv_wait_s", "replica_max_restarts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be >= 0")
         for name in ("default_deadline_s", "token_timeout_s", "poll_interval_s", "poll_timeout_s",
@@ -134,6 +138,8 @@ class RouterConfig:
                 raise ValueError(f"router.{name}={getattr(self, name)}: must be > 0")
         _check_seconds("drain_s", self.drain_s, False,
                        "how long the requests in flight get to finish at shutdown; 0 cancels them at once")
+        _check_seconds("replica_restart_backoff_s", self.replica_restart_backoff_s, True,
+                       "the wait before a dead router replica's first restart; it doubles with each restart")
         if (self.tls_cert is None) != (self.tls_key is None):
             given, missing = ("tls_cert", "tls_key") if self.tls_key is None else ("tls_key", "tls_cert")
             raise ValueError(f"router.tls_cert and router.tls_key: give both or neither (router.{given} is set, "

@@ -127,12 +127,16 @@ class Router:
         self.kv_queue = KVWaitQueue(on_length=self.metrics.kv_waiting.set)
         self.metrics.registry.register(WorkerMetricsCollector(
             lambda: [(w.worker_id, w.metrics_url) for w in self.backend.workers() if not w.dead]))
-        self.running: dict[str, tuple[RunningRequest, str]] = {}  # request id -> (state, decode worker)
+        # uid -> (its state, the id and decode worker of its attempt running now: a retry runs under an id of its own)
+        self.running: dict[str, tuple[RunningRequest, str, str]] = {}
         self._tasks: list[asyncio.Task] = []
         self._failovers: dict[str, asyncio.Future] = {}  # request id -> set to a worker id when it fails a poll
         self._serving: bool | None = None  # last health() verdict, None before the first
         self._by_client_id: dict[str, set[str]] = {}  # client request id -> uids of its running requests
         self._states: dict[str, RunningRequest] = {}  # uid -> its decoding state (scale), across retries
+        # uid -> held while a scale change of the request is on its way to its worker (a client's switch, a rebalancing
+        # move, a retry's catch-up), so that two never race there and the worker ends at the scale the state says
+        self._scale_locks: dict[str, asyncio.Lock] = {}
         self.health_listeners: list = []  # called with the new verdict (bool) whenever it changes
         # set while the service around this router is not up yet (e.g. its router replicas do not listen yet): health
         # says not serving, with this reason, so clients that spread over the replicas do not connect to this one alone
@@ -295,10 +299,16 @@ class Router:
         for u in uids:  # every sequence the id names (a completion's n choices and batched prompts share it)
             state = self._states[u]
             state.scale, state.pinned = scale, True  # a retry starts at it too; rebalancing leaves it alone
-        for rid, (st, decode_id) in list(self.running.items()):
-            if st.request_id in uids:
+        for u in uids:
+            lock = self._scale_locks.get(u)
+            if lock is None:  # it has ended meanwhile
+                continue
+            async with lock:  # after a rebalancing move already on its way there, never beside it
+                state, attempt_id, decode_id = self.running.get(u, (None, "", ""))
+                if state is None:  # between attempts: the next one starts at the pinned scale
+                    continue
                 try:
-                    await self.backend.set_scale(decode_id, rid, scale)
+                    await self.backend.set_scale(decode_id, attempt_id, state.scale)
                 except UnknownRequestError:
                     # the worker holds no such attempt: it has just ended there (its last token is on the way), or
                     # the attempt has not reached it yet (its first token sends the switch again: ``_serve``)
@@ -318,15 +328,24 @@ class Router:
                              f"(router.fixed_scale)")
 
     async def rebalance_once(self) -> None:
-        states = [s for s, _ in self.running.values()]
-        for rid, scale in self.policy.rebalance(states).items():
-            state, decode_id = self.running.get(rid, (None, None))
-            if state is None:
+        """Lower the scale of running requests whose per-token budget the current load breaks (``policy.rebalance``).
+        Each move goes to the request's attempt running when it is sent (a retry's, after a failover), and never to a
+        request its client has pinned since (``set_scale``: the client's switch wins, also over a move on its way)."""
+        moves = self.policy.rebalance([state for state, _, _ in self.running.values()])
+        for uid, scale in moves.items():
+            lock = self._scale_locks.get(uid)
+            if lock is None:  # it has ended meanwhile
                 continue
-            with contextlib.suppress(Exception):
-                await self.backend.set_scale(decode_id, rid, scale)
-                state.scale = scale
-                self.metrics.scale_changes.inc()
+            async with lock:
+                state, attempt_id, decode_id = self.running.get(uid, (None, "", ""))
+                if state is None or state.pinned:  # between attempts, or its client pinned it while earlier moves went
+                    continue
+                with contextlib.suppress(Exception):
+                    await self.backend.set_scale(decode_id, attempt_id, scale)
+                    if state.pinned:  # its client switched it meanwhile: that switch, waiting for this lock, goes next
+                        continue
+                    state.scale = scale
+                    self.metrics.scale_changes.inc()
 
     # ---- requests ------------------------------------------------------------------------------
     async def precompile(self, so) -> None:
@@ -412,23 +431,28 @@ class Router:
                 if not uids:
                     del self._by_client_id[spec.request_id]
             self._states.pop(spec.uid, None)
+            self._scale_locks.pop(spec.uid, None)
             self.metrics.requests.labels(status, str(scale)).inc()
             self.metrics.running.set(self.admission.num_running)
             # a request refused at a full queue, or gone (cancelled, deadline) while queued, leaves the queue too
             self.metrics.queued.set(self.admission.num_queued)
 
-    async def _next_watched(self, stream, spec: RequestSpec, failover: asyncio.Future, decode_id: str,
-                            num_out: int) -> EngineToken | None:
+    async def _next_watched(self, stream, spec: RequestSpec, failover: asyncio.Future, attempt_id: str,
+                            decode_id: str, num_out: int) -> EngineToken | None:
         """The stream's next token (None at its end), watched here: WorkerFailed when a health poll takes one
-        of the attempt's workers out or no token comes for ``token_timeout_s``; DeadlineExceeded at the
-        deadline. A backend that watches its own streams (``watches_tokens``) skips this task per token."""
+        of the attempt's workers out or no token comes for ``token_timeout_s`` (naming the worker the backend
+        says is silent: ``_silence``); DeadlineExceeded at the deadline. A backend that watches its own streams
+        (``watches_tokens``) skips this task per token."""
         left = spec.deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded(f"request {spec.request_id} passed its deadline after {num_out} tokens")
         next_tok = asyncio.ensure_future(anext(stream))
+        silence = None
         try:
             await asyncio.wait({next_tok, failover}, timeout=min(left, self.cfg.token_timeout_s),
                                return_when=asyncio.FIRST_COMPLETED)
+            if not next_tok.done():  # asked before the cancel below ends the attempt's stream (and its prefill call)
+                silence = self._silence(attempt_id, decode_id)
         finally:
             if not next_tok.done():  # cancelled mid-wait, or no token in time: the stream must not run on
                 next_tok.cancel()
@@ -439,11 +463,20 @@ class Router:
                 raise WorkerFailed(failover.result(), "failed its health check")
             if left <= self.cfg.token_timeout_s:
                 raise DeadlineExceeded(f"request {spec.request_id} passed its deadline")
-            raise WorkerFailed(decode_id, f"no token for {self.cfg.token_timeout_s} s")
+            raise silence or self._silence(attempt_id, decode_id)
         try:
             return next_tok.result()
         except StopAsyncIteration:
             return None
+
+    def _silence(self, attempt_id: str, decode_id: str) -> WorkerFailed:
+        """The failure of an attempt without a token for ``token_timeout_s``: whom the backend blames (``silence``: a
+        prefill worker whose Prefill has not finished, not the decode worker waiting for its K/V), else the decode
+        worker."""
+        blame = getattr(self.backend, "silence", None)
+        if blame is not None:
+            return blame(attempt_id, decode_id, self.cfg.token_timeout_s)
+        return WorkerFailed(decode_id, f"no token for {self.cfg.token_timeout_s} s")
 
     async def _pick(self, spec: RequestSpec, prompt: list[int], total_len: int, failed: dict[str, float],
                     decode_only: bool = False, kv_give_up: float | None = None, refused: str = "") -> tuple:
@@ -600,6 +633,7 @@ class Router:
         retries = request_failures = drafted = 0
         state = self._states[spec.uid] = RunningRequest(spec.uid, decision.scale, spec.budget,
                                                          pinned=spec.scale is not None)
+        scale_lock = self._scale_locks[spec.uid] = asyncio.Lock()
         finish = "length"
         kv_give_up, refused = time.monotonic() + self.cfg.kv_wait_s, ""  # waiting for KV blocks: until then
         while len(out) < params.max_new_tokens:
@@ -618,7 +652,7 @@ class Router:
                                 state.scale, left, self.tokenizer.eos_id, self.metrics.observe_phases,
                                 speculative=speculative, cache_salt=spec.cache_salt, prior_output=len(out))
             failover = self._begin_attempt(spec, prefill.worker_id, decode.worker_id)
-            self.running[req.request_id] = (state, decode.worker_id)
+            self.running[spec.uid] = (state, req.request_id, decode.worker_id)
             watched = getattr(self.backend, "watches_tokens", False)
             if watched:  # the backend ends the stream on a failover, a silent worker or the deadline
                 req = replace(req, failover=failover, token_timeout_s=self.cfg.token_timeout_s)
@@ -632,7 +666,8 @@ class Router:
                         except StopAsyncIteration:
                             break
                     else:
-                        tok = await self._next_watched(stream, spec, failover, decode.worker_id, len(out))
+                        tok = await self._next_watched(stream, spec, failover, req.request_id, decode.worker_id,
+                                                       len(out))
                         if tok is None:
                             break
                     now_ms = (time.monotonic() - spec.arrival) * 1e3
@@ -644,8 +679,9 @@ class Router:
                         if not out:  # the request's first token
                             self.metrics.prompt_tokens.inc(len(spec.prompt_ids))
                         if tok.scale != state.scale:  # a switch may have reached the worker before this attempt
-                            with contextlib.suppress(Exception):
-                                await self.backend.set_scale(decode.worker_id, req.request_id, state.scale)
+                            async with scale_lock:
+                                with contextlib.suppress(Exception):
+                                    await self.backend.set_scale(decode.worker_id, req.request_id, state.scale)
                     out.append(tok.token_id)
                     times.append(now_ms)
                     reason = stopper.add(tok.token_id)  # a partial UTF-8 character waits for the token completing it
@@ -674,7 +710,7 @@ class Router:
             finally:
                 with contextlib.suppress(Exception):
                     await stream.aclose()
-                self.running.pop(req.request_id, None)
+                self.running.pop(spec.uid, None)
                 self._end_attempt(spec, failover, prefill.worker_id, decode.worker_id)
         ttft = times[0] if times else 0.0
         total = (time.monotonic() - spec.arrival) * 1e3

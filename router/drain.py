@@ -5,7 +5,9 @@ start, both fronts refuse new requests with ``Drain.refusal`` (gRPC UNAVAILABLE,
 while they still listen, so that health probes read "shutting down" (the router's health says so on every
 interface: ``Router.stop_serving``); the requests in flight on either front get ``router.drain_s`` seconds, together,
 to finish; those still running then are cut: cancelled, they answer ``Drain.cut`` (gRPC UNAVAILABLE; HTTP 503, or an
-error event in a stream already under way). Only then do the servers stop.
+error event in a stream already under way). Only then do the servers stop. A second stop signal during the drain
+(``Drain.end``: ``colm serve`` on a second SIGTERM or Ctrl-C) ends it at once: what is still in flight is cut then, the
+same way, with a ``cut`` that says the drain was ended early.
 
 A front serves each request inside ``with drain.serving() as call:`` (on the request's task: the one the cut
 cancels), having checked ``drain.refusal`` first with no ``await`` in between, and in ``except
@@ -46,6 +48,7 @@ class Drain:
         self.cut = (f"router shutting down: the request did not finish within the drain period "
                     f"(router.drain_s={drain_s:g} s)")
         self._calls: dict[asyncio.Task, Call] = {}  # the requests in flight, by task
+        self._ended = asyncio.Event()  # set by ``end``: the drain is over now, whatever is left
 
     @property
     def in_flight(self) -> int:
@@ -78,21 +81,37 @@ class Drain:
                             f"router.drain_s={self.drain_s:g} s to finish)")
         return self.refusal
 
+    def end(self) -> None:
+        """End the drain now (a second stop signal): ``run`` cuts what is still in flight at once, with a ``cut`` that
+        says the drain was ended early; before ``run``, it cuts as soon as it starts. Call it on the drain's loop."""
+        if self._ended.is_set():
+            return
+        self.cut = (f"router shutting down: the request did not finish before a second stop signal ended the drain "
+                    f"early (router.drain_s={self.drain_s:g} s)")
+        self._ended.set()
+
     async def run(self) -> int:
-        """``begin``; wait up to ``drain_s`` for the requests in flight, then cut the rest and give them
-        ``CUT_GRACE_S`` to answer. Returns how many were cut."""
+        """``begin``; wait up to ``drain_s`` (or until ``end``) for the requests in flight, then cut the rest and give
+        them ``CUT_GRACE_S`` to answer. Returns how many were cut."""
         self.begin()
         # the requests' tasks, not their ``serving`` blocks: a stream handler that grpc stopped driving (its client
         # went away) ends its block only when the generator is collected
         tasks = [task for task in self._calls if not task.done()]
-        if tasks:
+        if tasks and not self._ended.is_set():
             log.info("shutting down: %d request(s) in flight get up to %g s to finish (router.drain_s)", len(tasks),
                      self.drain_s)
-            await asyncio.wait(tasks, timeout=self.drain_s)
+            finished = asyncio.ensure_future(asyncio.wait(tasks))  # waiting for them cancels none of them
+            ended = asyncio.ensure_future(self._ended.wait())
+            try:
+                await asyncio.wait({finished, ended}, timeout=self.drain_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                finished.cancel()
+                ended.cancel()
         left = [call for call in self._calls.values() if not call.task.done()]
         if left:
-            log.warning("shutting down: cutting %d request(s) still in flight after router.drain_s=%g s",
-                        len(left), self.drain_s)
+            why = "a second stop signal ended the drain" if self._ended.is_set() else \
+                f"router.drain_s={self.drain_s:g} s passed"
+            log.warning("shutting down: cutting %d request(s) still in flight: %s", len(left), why)
             for call in left:
                 call.cut = self.cut
                 if not call.outside:

@@ -75,6 +75,8 @@ class GrpcBackend:
         self._call_streams: dict[str, CallStream] = {}
         self.watches_tokens = token_stream == "batched"  # ends its streams on failover / silence / deadline itself
         self._subs: dict[str, TokenSubscription] = {}  # decode worker -> its Tokens stream
+        # attempt id -> (its prefill worker, its Prefill call), until its first token: whom its silence blames
+        self._prefills: dict[str, tuple[str, asyncio.Future]] = {}
         self.set_workers(workers)
 
     # ---- workers -------------------------------------------------------------------------------
@@ -195,6 +197,7 @@ class GrpcBackend:
                 decode_address=self._workers[decode_id].address, same_host=same_host, timeout_s=timeout, path=path,
                 decode_cuda=decode_cuda, decode_transports=decode_transports), kv_pb2.PrefillReply, timeout))
             task.add_done_callback(lambda t: self._count_transfer(prefill_id, t, req))
+            self._prefills[req.request_id] = (prefill_id, task)
             return task
 
         colocated = prefill_id == decode_id  # the decode worker prefills the prompt itself (Start carries it)
@@ -243,6 +246,8 @@ class GrpcBackend:
                     return
                 except grpc.aio.AioRpcError as e:
                     raise self._failure(e, decode_id) from None
+                if not streaming:
+                    self._prefills.pop(req.request_id, None)
                 streaming = True
                 report_timeline(req, "decode", ev.monotonic_s, ev.timeline_ms)  # the first event carries it
                 finished = bool(ev.finish_reason)  # before the yield: the consumer may stop at the finishing token
@@ -250,6 +255,7 @@ class GrpcBackend:
                 if finished:
                     return
         finally:
+            self._prefills.pop(req.request_id, None)
             if prefill_task is not None:  # a prefill that failed after the decode side did: its error is not news
                 if not prefill_task.done():
                     prefill_task.cancel()
@@ -319,10 +325,7 @@ class GrpcBackend:
 
                     raise DeadlineExceeded(f"request {req.request_id} passed its deadline")
                 if item is _SILENT:
-                    if not streaming and prefill_task is not None and not prefill_task.done():
-                        # no K/V yet: the decode worker waits for the prefill worker, which is the silent one
-                        raise WorkerFailed(prefill_id, f"no token for {idle} s: its prefill has not finished")
-                    raise WorkerFailed(decode_id, f"no token for {idle} s")
+                    raise self.silence(req.request_id, decode_id, idle)
                 if isinstance(item, asyncio.Future):  # a health poll took one of this attempt's workers out
                     raise WorkerFailed(item.result(), "failed its health check")
                 if isinstance(item, StreamBroken):
@@ -332,6 +335,8 @@ class GrpcBackend:
                 if isinstance(item, kv_pb2.TokenFailure):
                     code = getattr(grpc.StatusCode, item.code, grpc.StatusCode.UNKNOWN)
                     raise self._failure_of(code, item.message, decode_id)
+                if not streaming:
+                    self._prefills.pop(req.request_id, None)
                 streaming = True
                 last[0] = loop.time()
                 if item.timeline_ms:
@@ -345,6 +350,15 @@ class GrpcBackend:
             for t in timers:
                 t.cancel()
             sub.unregister(req.request_id)
+
+    def silence(self, request_id: str, decode_id: str, idle_s: float) -> WorkerFailed:
+        """The failure of attempt ``request_id`` after ``idle_s`` without a token (either token stream): its prefill
+        worker's while no token has come and its Prefill call is still out (the decode worker waits for the K/V: the
+        prefill worker is the silent one), else its decode worker's. Ask before the attempt's stream is closed."""
+        prefill = self._prefills.get(request_id)
+        if prefill is not None and not prefill[1].done():
+            return WorkerFailed(prefill[0], f"no token for {idle_s} s: its prefill has not finished")
+        return WorkerFailed(decode_id, f"no token for {idle_s} s")
 
     def _early_transport(self, prefill_id: str, decode_id: str):
         """(transport name, the pair's facts) when Reserve and Prefill may go out at once: the transport the

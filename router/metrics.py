@@ -41,6 +41,7 @@ colm's own (no vLLM equivalent: disaggregated prefill/decode, scales, worker hea
 | ``colm_worker_healthy`` | gauge | worker, role | 1 while the worker answers its health polls |
 | ``colm_worker_dead`` | gauge | worker, role | 1 once it is gone for good (Ray's restarts exhausted) |
 | ``colm_serving`` | gauge | | 1 while a request can be served |
+| ``colm_router_replicas_live`` | gauge | | the launcher's router only (``deploy/replicas.py``): routers serving the ports |
 | ``colm_worker_scrape_errors`` | gauge | worker | 1 if its metrics did not answer the router's last scrape |
 | ``colm_requests_waiting_for_kv`` | gauge | | admitted requests waiting in line for KV blocks (``router.kv_wait_s``) |
 | ``colm_http_connections`` | gauge | | open connections of the HTTP front |

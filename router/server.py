@@ -3,7 +3,8 @@
 ``RouterServer.start()`` returns once everything listens; ``addresses`` says where. ``stop()`` drains first: health
 says not serving and both fronts refuse new requests at once, the requests in flight on either front get
 ``router.drain_s`` together, and those left are cut with an error saying so (``router/drain.py``); then the servers
-stop. Used by the launcher (``colm serve``), by the GPU load test (engines as plain processes) and by tests.
+stop. ``end_drain()`` (a second stop signal) cuts the drain short. Used by the launcher (``colm serve``), by the GPU
+load test (engines as plain processes) and by tests.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class RouterServer:
             self.metrics_server[0].shutdown()
         await self.router.close()
 
+    def end_drain(self) -> None:
+        """A second stop signal: the drain (``stop``) ends now, cutting what is in flight; on the server's loop."""
+        self.drain.end()
+
 
 class ThreadedRouterServer:
     """A RouterServer on its own event loop in a background thread (benchmarks and tests).
@@ -102,6 +107,10 @@ class ThreadedRouterServer:
     @property
     def http_url(self) -> str:
         return self.addresses["http"]
+
+    def end_drain(self) -> None:
+        """``RouterServer.end_drain`` on the server's loop, from any thread (a ``stop`` in progress ends soon after)."""
+        self.loop.call_soon_threadsafe(self.server.end_drain)
 
     def stop(self) -> None:
         self.call(self.server.stop(), timeout=self.router.cfg.drain_s + 60)

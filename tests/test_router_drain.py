@@ -1,19 +1,24 @@
 """Shutdown drains both fronts alike (router/drain.py): once ``RouterServer.stop`` begins, health says not serving on
 every interface and new requests are refused on gRPC and HTTP, while the streams in flight on both fronts get
-``router.drain_s`` to finish; those still running then are cut with an error saying so."""
+``router.drain_s`` to finish; those still running then are cut with an error saying so. A second stop signal to
+``colm serve`` ends the drain at once."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 import urllib.request
+from types import SimpleNamespace
 
 import grpc
 import pytest
 import torch
 
 from colm.client import Client
+from colm.deploy.launcher import Launcher
 from colm.model import CoLM
 from colm.presets import preset
 from colm.router.config import RouterConfig
@@ -25,13 +30,17 @@ from router_helpers import BackgroundRouter, get_json, post_json, until
 STEP_S = 0.04  # each decode step of the stand-in backend takes this long: a stream of n tokens lasts n * STEP_S
 
 
-def _router(drain_s: float) -> BackgroundRouter:
+def _local_router(drain_s: float) -> Router:
     torch.manual_seed(0)
     cfg = preset("tiny-air")
     model = CoLM(cfg).reset_parameters(seed=1).eval()
     backend = LocalBackend(model, step_delay_s={k: STEP_S for k in range(1, cfg.num_chains + 1)})
     rcfg = RouterConfig(grpc_port=0, http_port=0, metrics_port=None, poll_interval_s=0.05, drain_s=drain_s)
-    return BackgroundRouter(Router(rcfg, cfg, ByteTokenizer(), backend))
+    return Router(rcfg, cfg, ByteTokenizer(), backend)
+
+
+def _router(drain_s: float) -> BackgroundRouter:
+    return BackgroundRouter(_local_router(drain_s))
 
 
 class GrpcStream(threading.Thread):
@@ -295,3 +304,92 @@ def test_a_stream_cut_while_grpc_writes_to_a_slow_reader_still_gets_the_error():
         stopper.join(30)
     assert error is not None and error[0] == grpc.StatusCode.UNAVAILABLE and "router.drain_s=0.5 s" in error[1], error
     assert 0 < tokens < 400 and not stopper.is_alive()
+
+
+class _InProcessLauncher(Launcher):
+    """``colm serve``'s launcher with its Ray parts played in this process: its own router on the serve loop, and one
+    replica (a router on a loop of its own) whose actor calls run straight on it. Its ``stop`` and ``end_drain`` are
+    the launcher's."""
+
+    made: list = []
+
+    def __init__(self, cfg, baseline: bool = False) -> None:
+        super().__init__(cfg, baseline=baseline)
+        self.model_path = "tiny-air, random weights"
+        self.made.append(self)
+
+    def prepare(self) -> str:
+        return self.model_path
+
+    async def start(self) -> dict[str, str]:
+        from colm.router.server import RouterServer
+
+        self.server = RouterServer(_local_router(self.cfg.router.drain_s))
+        self.addresses = await self.server.start()
+        self.replica = _router(self.cfg.router.drain_s)
+        self.replicas = [SimpleNamespace(end_drain=SimpleNamespace(remote=self.replica.end_drain))]  # the actor's call
+        return self.addresses
+
+    def _stop_replicas(self) -> None:  # a RouterReplica actor's stop is its ThreadedRouterServer's
+        self.replica.stop()
+        self.replicas = []
+
+
+@pytest.mark.timeout(60)
+def test_a_second_stop_signal_ends_the_drain_of_every_router_at_once(monkeypatch):
+    """``colm serve``: the first SIGTERM starts the drain (health says so, the streams in flight run on); a second
+    signal (here Ctrl-C's SIGINT) ends it at once on the launcher's router and its replica: what still runs is cut
+    with the drain's error, saying why, instead of waiting out router.drain_s (30 s)."""
+    from colm.commands import serve
+    from colm.deploy.config import ClusterConfig
+
+    cfg = ClusterConfig.from_dict({"router": {"drain_s": 30.0, "grpc_port": 0, "http_port": 0, "metrics_port": None}})
+    monkeypatch.setattr(serve, "load_config", lambda args: cfg)
+    monkeypatch.setattr("colm.deploy.launcher.Launcher", _InProcessLauncher)
+    monkeypatch.setattr("colm.gc_pauses.freeze_start_heap", lambda: None)
+    _InProcessLauncher.made.clear()
+    n = 400  # 16 s of tokens: far past the cut, well within the drain
+    seen: dict = {"signals": 0}
+
+    def signal_twice():
+        def serving() -> bool:  # then serve.run's handlers are in place: a signal stops it, never this process
+            return bool(_InProcessLauncher.made) and getattr(_InProcessLauncher.made[0], "replicas", None) != []
+
+        try:
+            assert until(serving, timeout=30)
+            launcher = _InProcessLauncher.made[0]
+            own, replica = launcher.addresses, launcher.replica
+            streams = seen["streams"] = [GrpcStream(own["grpc"], n), HttpStream(own["http"], n),
+                                         GrpcStream(replica.grpc_addr, n), HttpStream(replica.http_url, n)]
+            _in_flight(*streams)
+            os.kill(os.getpid(), signal.SIGTERM)
+            seen["signals"] += 1
+            seen["draining"] = all(until(lambda: _grpc_health(a, "") == "NOT_SERVING", timeout=2.0)
+                                   for a in (own["grpc"], replica.grpc_addr))
+            time.sleep(0.5)
+            seen["ran_on"] = all(s.is_alive() for s in streams)
+            seen["second"] = time.monotonic()
+            os.kill(os.getpid(), signal.SIGINT)
+            seen["signals"] += 1
+            for s in streams:
+                s.join(20)
+        finally:
+            if seen["signals"] == 0 and serving():
+                os.kill(os.getpid(), signal.SIGTERM)  # whatever failed above, serve.run stops
+
+    thread = threading.Thread(target=signal_twice, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    assert serve.run(SimpleNamespace(baseline=False)) == 0
+    thread.join(30)
+    assert seen["signals"] == 2 and seen["draining"] and seen["ran_on"], seen
+    assert time.monotonic() - t0 < 20.0
+    g, h, rg, rh = seen["streams"]
+    for call in (g, rg):  # gRPC: UNAVAILABLE, saying the drain was ended early
+        assert call.error is not None and call.error[0] == grpc.StatusCode.UNAVAILABLE, (call.error, call.tokens)
+        assert "second stop signal ended the drain" in call.error[1] and "did not finish" in call.error[1], call.error
+    for call in (h, rh):  # HTTP: the stream under way ends with an error event and [DONE]
+        assert call.failure is None and call.done and call.finish is None and len(call.errors) == 1, _state(call)
+        assert call.errors[0]["code"] == 503 and "second stop signal" in call.errors[0]["message"], call.errors
+    for call in (g, h, rg, rh):
+        assert 0 < call.tokens < n and call.ended_at - seen["second"] < 3.0, _state(call)

@@ -157,3 +157,36 @@ def test_two_router_replicas_share_the_ports_and_both_serve(service):
                                  headers={"Content-Type": "application/json"})
     out = json.loads(urllib.request.urlopen(req, timeout=120).read())
     assert out["choices"][0]["text"]
+
+
+def test_a_killed_router_replica_is_logged_and_started_again(service, caplog):
+    """The replica's process killed (SIGKILL): the launcher logs its death with its pid, its live-router gauge says
+    one router serves, and the replica is started again on the same ports after router.replica_restart_backoff_s
+    (deploy/replicas.py). It stayed dead, unlogged, before."""
+    import logging
+    import os
+    import signal
+
+    launcher, addrs = service
+    registry = launcher.server.router.metrics.registry
+    live = lambda: registry.get_sample_value("colm_router_replicas_live")  # noqa: E731
+    assert live() == 2
+    pid = ray.get(launcher.replicas[0].process.remote())["pid"]
+    with caplog.at_level(logging.INFO, logger="colm.serve"):
+        os.kill(pid, signal.SIGKILL)
+        end = time.time() + 30
+        while time.time() < end and live() != 1:
+            time.sleep(0.05)
+        assert live() == 1
+        deaths = [r.getMessage() for r in caplog.records if "router replica 1" in r.getMessage()
+                  and r.levelno == logging.ERROR]
+        assert deaths and f"(pid {pid}) died while serving" in deaths[0] and "starting it again" in deaths[0], deaths
+        end = time.time() + 120
+        while time.time() < end and live() != 2:
+            time.sleep(0.1)
+        assert live() == 2, [r.getMessage() for r in caplog.records]
+    again = ray.get(launcher.replicas[0].process.remote(), timeout=30)["pid"]
+    assert again != pid
+    replica = ray.get(launcher.replicas[0].addresses.remote(), timeout=30)
+    assert replica["grpc"] == addrs["grpc"] and replica["http"] == addrs["http"]
+    wait_serving(addrs["grpc"])

@@ -1,6 +1,7 @@
 """A request whose first token is late because its prefill has not finished (a prefill worker with a long queue, or
-its loop stuck) is the prefill worker's silence, not the decode worker's: the router (batched token stream, the
-default) takes the prefill worker out for it, and the decode worker, which was waiting for the K/V, stays in service.
+its loop stuck) is the prefill worker's silence, not the decode worker's: the router (either token stream: batched,
+the default, whose backend watches for silence itself, or per_request, whose silence the router's own watch finds)
+takes the prefill worker out for it, and the decode worker, which was waiting for the K/V, stays in service.
 It used to blame the decode worker ("worker decode-0 taken out of service (... no token for N s)"), so health said
 "no healthy decode worker" while the decode worker was idle and the slow prefill worker kept getting every prompt."""
 
@@ -35,7 +36,8 @@ TOKEN = "silent-prefill-token-0123456789"
 PROMPT = "def read_config(path):"
 
 
-def test_a_late_first_token_with_the_prefill_unfinished_blames_the_prefill_worker(caplog):
+@pytest.mark.parametrize("token_stream", ["batched", "per_request"])
+def test_a_late_first_token_with_the_prefill_unfinished_blames_the_prefill_worker(caplog, token_stream):
     path = str(demo_model_dir())
     decode = DecodeServer(DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=128)), TOKEN).start()
     prefill_engine = PrefillEngine.from_checkpoint(path)
@@ -52,8 +54,8 @@ def test_a_late_first_token_with_the_prefill_unfinished_blames_the_prefill_worke
     workers = [WorkerInfo("decode-0", "decode", decode.address), WorkerInfo("prefill-0", "prefill", prefill.address)]
     tok = ByteTokenizer()
     router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, token_timeout_s=1.0,
-                                 max_retries=5), checkpoint.load_config(path), tok,
-                    GrpcBackend(workers, cluster_token=TOKEN))
+                                 max_retries=5, token_stream=token_stream), checkpoint.load_config(path), tok,
+                    GrpcBackend(workers, cluster_token=TOKEN, token_stream=token_stream))
     bg = BackgroundRouter(router)
     try:
         want = generate(checkpoint.load(path).eval(), tok.encode(PROMPT), SamplingParams(max_new_tokens=8,

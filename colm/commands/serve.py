@@ -123,10 +123,19 @@ def run(args) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:  # the first stops after a drain (router.drain_s); another ends the drain at once
+            if not stop.is_set():
+                stop.set()
+                return
+            print("[colm serve] stop signal again: ending the drain now (requests still running are cut)",
+                  file=sys.stderr)
+            launcher.end_drain()
+
         # Before starting: a signal during start-up stops cleanly too. SIGTERM takes the same path as Ctrl-C
         # (the launcher keeps ray.init from replacing this handler).
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         starting = asyncio.ensure_future(launcher.start())
         stopped = asyncio.ensure_future(stop.wait())
         try:
