@@ -62,7 +62,7 @@ case "$part" in
     COLM_KERNEL_TUNE=0 timeout 400 python -m pytest -q -p no:cacheprovider -k "not interpreter" \
       tests/test_engine_gpu.py tests/test_kv_ipc_gpu.py tests/test_kv_ipc.py tests/test_kv_pool.py tests/test_kernels_chain_linear.py tests/test_kernels_fused_linear.py \
       tests/test_kernels_norm_rope.py tests/test_kernels_swiglu.py tests/test_kernels_paged_attention.py \
-      tests/test_kernels_greedy_head.py tests/test_prefill_graphs.py tests/test_kv_ready_event.py tests/test_graphed_forward.py tests/test_train_graphed.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+      tests/test_kernels_greedy_head.py tests/test_prefill_graphs.py tests/test_kv_ready_event.py tests/test_graphed_forward.py tests/test_train_graphed.py tests/test_kernels_compiled.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
   decode)
     timeout 300 python bench/engines.py --out "$OUT" --sections decode 2>&1 | grep -v Warn | tail -60
     for b in 1 8 64; do  # bench/decode_profile.py's variants side by side, against the weight-read floor

@@ -8,6 +8,8 @@ clip, AdamW) on the same random token batches, side by side in one process, time
   chain Linears run the Triton kernel on autocast's casts, ``chain_linear_autocast``);
 * ``autocast-ref``: the same with ``COLM_CHAIN_LINEAR=ref``: chain Linears as per-chain cuBLAS GEMMs, how
   autocast training ran them before the kernel took autocast's casts (the {16,16} models only);
+* ``autocast-eager``: ``autocast`` with ``COLM_COMPILE_ELEMENTWISE=0``: RMSNorm, RoPE and the SwiGLU product as eager
+  autograd ops instead of their torch.compile'd forms (``colm.kernels.compiled``), as training ran before those;
 * ``autocast-graph``: ``autocast`` with the whole step captured in one CUDA graph after two plain steps and
   replayed (``colm.train.graphed_step``, what ``run.cuda_graph: true`` runs): no Python per operation;
 * ``fsdp-bf16``: FSDP2 over a 1-rank process group with bf16 parameters and fp32 reduction (what
@@ -125,12 +127,14 @@ def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device=
     model = CoLM(cfg, device=device).reset_parameters(seed=0)
     module = TrainModule(model, loss_kind, log_all_scales=False)
     fsdp = precision == "fsdp-bf16"
-    if precision == "autocast-ref":
-        os.environ["COLM_CHAIN_LINEAR"] = "ref"
+    env = {"autocast-ref": ("COLM_CHAIN_LINEAR", "ref"), "autocast-eager": ("COLM_COMPILE_ELEMENTWISE", "0")}
+    if precision in env:
+        key, value = env[precision]
+        os.environ[key] = value
         try:
             return run_variant(name, cfg, "autocast", loss_kind, batches, steps, warmup, device, profile)
         finally:
-            os.environ.pop("COLM_CHAIN_LINEAR", None)
+            os.environ.pop(key, None)
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -181,8 +185,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="bench/results/train_throughput.json")
     ap.add_argument("--smoke", action="store_true", help="CPU check of the script on tiny models (no figures)")
-    ap.add_argument("--precisions", default="autocast,autocast-ref,autocast-graph,fsdp-bf16",
-                    help="comma list of the paths to run (autocast, autocast-ref, autocast-graph, fsdp-bf16)")
+    ap.add_argument("--precisions", default="autocast,autocast-ref,autocast-eager,autocast-graph,fsdp-bf16",
+                    help="comma list of the paths to run (autocast, autocast-ref, autocast-eager, autocast-graph, "
+                         "fsdp-bf16)")
     ap.add_argument("--profile", action="store_true", help="profile one more step of every variant (GPU only)")
     args = ap.parse_args()
     from colm.presets import preset
@@ -216,14 +221,15 @@ def main() -> None:
         batches.append((tok[:, :-1], tok[:, 1:]))
     variants = [(m, p, "final") for p in ("autocast", "fsdp-bf16") for m in models]
     variants[len(models):len(models)] = ([("{16,16}", "autocast-ref", "final"), ("{16,16} Air", "autocast-ref", "final")]
-                                         + [(m, "autocast-graph", "final") for m in models])
+                                         + [(m, p, "final") for p in ("autocast-eager", "autocast-graph") for m in models])
     variants += [("{16,16}", "fsdp-bf16", "multi_chain"), ("{16,16} Air", "fsdp-bf16", "multi_chain")]
     wanted = set(args.precisions.split(","))
     if args.smoke and args.precisions == ap.get_default("precisions"):
         wanted.discard("autocast-graph")  # CUDA graphs: GPU only
-    if wanted - {"autocast", "autocast-ref", "autocast-graph", "fsdp-bf16"} or (args.smoke and "autocast-graph" in wanted):
-        ap.error(f"--precisions: {sorted(wanted)}: allowed are autocast, autocast-ref, autocast-graph (GPU only), "
-                 f"fsdp-bf16")
+    if (wanted - {"autocast", "autocast-ref", "autocast-eager", "autocast-graph", "fsdp-bf16"}
+            or (args.smoke and "autocast-graph" in wanted)):
+        ap.error(f"--precisions: {sorted(wanted)}: allowed are autocast, autocast-ref, autocast-eager, autocast-graph "
+                 f"(GPU only), fsdp-bf16")
     # the dense model's autocast row is autocast-ref's baseline too
     variants = [v for v in variants if v[1] in wanted or (v[1] == "autocast" and "autocast-ref" in wanted
                                                            and v[0] == "{32} (Llama)")]
@@ -240,7 +246,7 @@ def main() -> None:
                 raise
             kind = "OOM" if isinstance(e, torch.OutOfMemoryError) else type(e).__name__
             rows.append({"model": mname, "precision": precision, "loss": loss_kind, "error": f"{kind}: {e}"[:300]})
-            print(f"{mname:14s} {precision:12s} {loss_kind:11s} failed: {kind}: {str(e)[:200]}", flush=True)
+            print(f"{mname:14s} {precision:14s} {loss_kind:11s} failed: {kind}: {str(e)[:200]}", flush=True)
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -254,7 +260,7 @@ def main() -> None:
                      "peak_mem_gib": mem, "losses": losses, "wall_s": time.perf_counter() - t0,
                      "bound": step_bound_ms(cfg, tokens, args.seq, loss_kind, rates),
                      **({"profile": prof} if prof else {})})
-        print(f"{mname:14s} {precision:12s} {loss_kind:11s} {med * 1e3:8.1f} ms  {tokens / med:9.0f} tok/s  "
+        print(f"{mname:14s} {precision:14s} {loss_kind:11s} {med * 1e3:8.1f} ms  {tokens / med:9.0f} tok/s  "
               f"MFU {rows[-1]['mfu']:.3f}  mem {mem:.1f} GiB", flush=True)
         if prof:
             kinds = "  ".join(f"{k} {v:.1f}" for k, v in prof["gpu_ms_by_kind"].items())
@@ -289,13 +295,13 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\n{'model':14s} {'precision':12s} {'loss':11s} {'ms/step':>8s} {'tok/s':>9s} {'MFU':>6s} {'vs {32}':>8s} "
+    print(f"\n{'model':14s} {'precision':14s} {'loss':11s} {'ms/step':>8s} {'tok/s':>9s} {'MFU':>6s} {'vs {32}':>8s} "
           f"{'bound ms':>8s} {'x bound':>7s} {'bound vs {32}':>13s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:14s} {r['precision']:12s} {r['loss']:11s} {r['error'][:60]}")
+            print(f"{r['model']:14s} {r['precision']:14s} {r['loss']:11s} {r['error'][:60]}")
             continue
-        print(f"{r['model']:14s} {r['precision']:12s} {r['loss']:11s} {r['step_ms_median']:8.1f} {r['tokens_per_s']:9.0f} "
+        print(f"{r['model']:14s} {r['precision']:14s} {r['loss']:11s} {r['step_ms_median']:8.1f} {r['tokens_per_s']:9.0f} "
               f"{r['mfu']:6.3f} {r.get('tokens_per_s_vs_llama', float('nan')):8.3f} {r['bound']['total_ms']:8.1f} "
               f"{r['step_over_bound']:7.2f} {r.get('bound_ratio_vs_llama', float('nan')):13.3f}")
     torch.distributed.destroy_process_group()

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from colm.kernels import _pdl, _tuning
+from colm.kernels import _pdl, _tuning, compiled
 
 try:
     import triton
@@ -203,18 +203,29 @@ def _use_triton(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
+def chain_add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, chain_dims: Sequence[int],
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, chain_rmsnorm_ref(h)) for h = x + residual."""
+    h = x + residual
+    return h, chain_rmsnorm_ref(h, weight, chain_dims, eps)
+
+
 def chain_rmsnorm(x: torch.Tensor, weight: torch.Tensor, chain_dims: Sequence[int], eps: float) -> torch.Tensor:
-    """x [..., sum(chain_dims)] -> same shape: Triton on CUDA bf16/fp16 without autograd, else the reference."""
+    """x [..., sum(chain_dims)] -> same shape: Triton on CUDA bf16/fp16 without autograd, the compiled reference
+    in CUDA training (``colm.kernels.compiled``), else the reference."""
     if _use_triton(x, weight):
         return chain_rmsnorm_triton(x, weight, chain_dims, eps)
+    if compiled.wants(x, weight):
+        return compiled.run("chain_rmsnorm", chain_rmsnorm_ref, x, weight, tuple(chain_dims), eps)
     return chain_rmsnorm_ref(x, weight, chain_dims, eps)
 
 
 def chain_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, chain_dims: Sequence[int],
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, norm(h)) for h = x + residual: one Triton launch on CUDA bf16/fp16 without autograd, else the
-    reference add and norm (the same roundings)."""
+    """(h, norm(h)) for h = x + residual: one Triton launch on CUDA bf16/fp16 without autograd, the compiled
+    reference in CUDA training, else the reference add and norm (the same roundings)."""
     if _use_triton(x, weight) and _use_triton(residual, weight) and residual.shape == x.shape:
         return chain_rmsnorm_triton(x, weight, chain_dims, eps, residual=residual)
-    h = x + residual
-    return h, chain_rmsnorm(h, weight, chain_dims, eps)
+    if compiled.wants(x, residual, weight):
+        return compiled.run("chain_add_rmsnorm", chain_add_rmsnorm_ref, x, residual, weight, tuple(chain_dims), eps)
+    return chain_add_rmsnorm_ref(x, residual, weight, chain_dims, eps)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from colm.kernels import _pdl, _tuning
+from colm.kernels import _pdl, _tuning, compiled
 
 try:
     import triton
@@ -241,4 +241,11 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     """(RoPE(q), RoPE(k)) for q [b, Hq, t, hd], k [b, Hkv, t, hd]: one launch where Triton applies."""
     if _use_triton(q, cos, sin) and _use_triton(k, cos, sin) and k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:]:
         return rope_qk_triton(q, k, cos, sin)
+    if compiled.wants(q, k, cos, sin):  # CUDA training: both rotations fused, forward and backward
+        return compiled.run("rope_qk", apply_rope_qk_ref, q, k, cos, sin)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def apply_rope_qk_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(apply_rope_ref(q), apply_rope_ref(k))."""
+    return apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin)

@@ -18,7 +18,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from colm.kernels import _pdl, _tuning
+from colm.kernels import _pdl, _tuning, compiled
 
 try:
     import triton
@@ -113,7 +113,10 @@ def _use_triton(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """silu(a) * b: one Triton launch on CUDA bf16 without autograd, else the reference."""
+    """silu(a) * b: one Triton launch on CUDA bf16 without autograd, the compiled reference in CUDA training
+    (``colm.kernels.compiled``), else the reference."""
     if _use_triton(a, b):
         return silu_mul_triton(a, b)
+    if compiled.wants(a, b):  # CUDA training: one fused kernel forward, one backward
+        return compiled.run("silu_mul", silu_mul_ref, a, b)
     return silu_mul_ref(a, b)
