@@ -9,9 +9,10 @@
 #   bash bench/gpu_suite.sh serve     # goodput: colocated baseline, colm, colm with prefill graphs  (~9 min)
 #   bash bench/gpu_suite.sh sweeps    # few-row chain Linear configs (1 and 8 rows, cold weights) and the
 #                                     # in-graph paged-attention split sweep                        (~6 min)
-#   bash bench/gpu_suite.sh train     # training tokens/s of the 1B shape: dense, CoLM, Air; autocast (kernel and
-#                                     # per-chain reference) and FSDP2 bf16, one process, each with one profiled step
-#                                     # (bench/train_throughput.py --profile) (~6 min)
+#   bash bench/gpu_suite.sh train     # training tokens/s of the 1B shape: dense, CoLM, Air; autocast with eager and
+#                                     # compiled elementwise ops, and the whole step graphed; one process, each with
+#                                     # one profiled step (bench/train_throughput.py --profile; PRECISIONS=... picks
+#                                     # others: autocast-ref, fsdp-bf16) (~6 min)
 #   bash bench/gpu_suite.sh compare MODEL   # train and score one model of bench/train_compare.py (a lent machine
 #                                     # starts bare: one model per call; join the reports with --merge) (<10 min)
 #   bash bench/gpu_suite.sh compare-all  # all four models in one call: the slowest model's seconds per step measured
@@ -86,7 +87,8 @@ case "$part" in
       --modes baseline,colm,colm-graphs --out "$OUT/serve_goodput" 2>&1 | grep -v Warn | grep -v retrying | tail -40
     for f in "$OUT"/serve_goodput_*.log; do [ -s "$f" ] && { echo "== $f"; tail -20 "$f"; }; done ;;
   train)
-    timeout 560 python bench/train_throughput.py --profile --out "$OUT/train_throughput.json" 2>&1 | grep -v Warn | tail -30 ;;
+    timeout 560 python bench/train_throughput.py --profile --precisions "${PRECISIONS:-autocast,autocast-compile,autocast-graph}" \
+      --out "$OUT/train_throughput.json" 2>&1 | grep -v Warn | tail -40 ;;
   compare)
     model=${2:?usage: bench/gpu_suite.sh compare compare-dense|compare-16-16|compare-16-16-air|compare-8-8-8-8-air}
     timeout 570 python bench/train_compare.py --data /tmp/compare-data --runs /tmp/compare-runs --models "$model" \

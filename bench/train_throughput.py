@@ -8,9 +8,9 @@ clip, AdamW) on the same random token batches, side by side in one process, time
   chain Linears run the Triton kernel on autocast's casts, ``chain_linear_autocast``);
 * ``autocast-ref``: the same with ``COLM_CHAIN_LINEAR=ref``: chain Linears as per-chain cuBLAS GEMMs, how
   autocast training ran them before the kernel took autocast's casts (the {16,16} models only);
-* ``autocast-eager``: ``autocast`` with ``COLM_COMPILE_ELEMENTWISE=0``: RMSNorm, RoPE and the SwiGLU product as eager
-  autograd ops instead of their torch.compile'd forms (``colm.kernels.compiled``), as training ran before those;
-* ``autocast-graph``: ``autocast`` with the whole step captured in one CUDA graph after two plain steps and
+* ``autocast-compile``: ``autocast`` with RMSNorm, RoPE and the SwiGLU product through their torch.compile'd forms
+  (``colm.kernels.compiled``, what ``run.compile_elementwise: true`` runs) instead of eager autograd ops;
+* ``autocast-graph``: ``autocast-compile`` with the whole step captured in one CUDA graph after two plain steps and
   replayed (``colm.train.graphed_step``, what ``run.cuda_graph: true`` runs): no Python per operation;
 * ``fsdp-bf16``: FSDP2 over a 1-rank process group with bf16 parameters and fp32 reduction (what
   several GPUs run; chain Linears with more than one chain use the Triton block-sparse kernel).
@@ -127,12 +127,13 @@ def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device=
     model = CoLM(cfg, device=device).reset_parameters(seed=0)
     module = TrainModule(model, loss_kind, log_all_scales=False)
     fsdp = precision == "fsdp-bf16"
-    env = {"autocast-ref": ("COLM_CHAIN_LINEAR", "ref"), "autocast-eager": ("COLM_COMPILE_ELEMENTWISE", "0")}
-    if precision in env:
-        key, value = env[precision]
+    env = {"autocast-ref": ("COLM_CHAIN_LINEAR", "ref"), "autocast-compile": ("COLM_COMPILE_ELEMENTWISE", "1")}
+    if precision in env or precision == "autocast-graph" and "COLM_COMPILE_ELEMENTWISE" not in os.environ:
+        key, value = env.get(precision, env["autocast-compile"])
         os.environ[key] = value
         try:
-            return run_variant(name, cfg, "autocast", loss_kind, batches, steps, warmup, device, profile)
+            base = "autocast-graph" if precision == "autocast-graph" else "autocast"
+            return run_variant(name, cfg, base, loss_kind, batches, steps, warmup, device, profile)
         finally:
             os.environ.pop(key, None)
     if fsdp:
@@ -185,8 +186,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="bench/results/train_throughput.json")
     ap.add_argument("--smoke", action="store_true", help="CPU check of the script on tiny models (no figures)")
-    ap.add_argument("--precisions", default="autocast,autocast-ref,autocast-eager,autocast-graph,fsdp-bf16",
-                    help="comma list of the paths to run (autocast, autocast-ref, autocast-eager, autocast-graph, "
+    ap.add_argument("--precisions", default="autocast,autocast-ref,autocast-compile,autocast-graph,fsdp-bf16",
+                    help="comma list of the paths to run (autocast, autocast-ref, autocast-compile, autocast-graph, "
                          "fsdp-bf16)")
     ap.add_argument("--profile", action="store_true", help="profile one more step of every variant (GPU only)")
     args = ap.parse_args()
@@ -221,14 +222,14 @@ def main() -> None:
         batches.append((tok[:, :-1], tok[:, 1:]))
     variants = [(m, p, "final") for p in ("autocast", "fsdp-bf16") for m in models]
     variants[len(models):len(models)] = ([("{16,16}", "autocast-ref", "final"), ("{16,16} Air", "autocast-ref", "final")]
-                                         + [(m, p, "final") for p in ("autocast-eager", "autocast-graph") for m in models])
+                                         + [(m, p, "final") for p in ("autocast-compile", "autocast-graph") for m in models])
     variants += [("{16,16}", "fsdp-bf16", "multi_chain"), ("{16,16} Air", "fsdp-bf16", "multi_chain")]
     wanted = set(args.precisions.split(","))
     if args.smoke and args.precisions == ap.get_default("precisions"):
         wanted.discard("autocast-graph")  # CUDA graphs: GPU only
-    if (wanted - {"autocast", "autocast-ref", "autocast-eager", "autocast-graph", "fsdp-bf16"}
+    if (wanted - {"autocast", "autocast-ref", "autocast-compile", "autocast-graph", "fsdp-bf16"}
             or (args.smoke and "autocast-graph" in wanted)):
-        ap.error(f"--precisions: {sorted(wanted)}: allowed are autocast, autocast-ref, autocast-eager, autocast-graph "
+        ap.error(f"--precisions: {sorted(wanted)}: allowed are autocast, autocast-ref, autocast-compile, autocast-graph "
                  f"(GPU only), fsdp-bf16")
     # the dense model's autocast row is autocast-ref's baseline too
     variants = [v for v in variants if v[1] in wanted or (v[1] == "autocast" and "autocast-ref" in wanted

@@ -8,7 +8,9 @@ hand-written Triton kernels beside the references (``rmsnorm``, ``swiglu``, ``ro
 inference only.
 
 Used where autograd records (a tensor that requires grad, grad mode on) on a device in ``DEVICES`` (CUDA) and
-``enabled()``: ``COLM_COMPILE_ELEMENTWISE=0`` keeps the eager references. The compiled functions compute what the
+``enabled()``: off unless training sets ``run.compile_elementwise: true`` (``set_enabled``) or the environment has
+``COLM_COMPILE_ELEMENTWISE=1`` (``=0`` keeps it off whatever the config says). Off by default until a GPU run has
+measured it against the eager path (``bench/train_throughput.py``'s ``autocast-compile`` rows). The compiled functions compute what the
 references compute, but Inductor keeps fp32 across a fused expression where eager rounds each op's result to the
 input dtype, so results agree with eager within the dtype's tolerance, not bit for bit. A function compiles once per
 input signature (shapes, dtypes, chain widths; ``dynamic=False``), on its first call: a training run's first step
@@ -30,11 +32,19 @@ DEVICES = ("cuda",)  # device types the compiled path serves (tests add "cpu")
 BACKEND = "inductor"  # torch.compile's backend (tests use "aot_eager": the same graphs, not code-generated)
 _compiled: dict[str, Callable] = {}
 _failed: list[str] = []  # the first failure's message, once a compile has failed
+_on = [False]  # set_enabled's choice
+
+
+def set_enabled(on: bool) -> None:
+    """Turn the compiled path on or off for this process (``run.compile_elementwise``)."""
+    _on[0] = bool(on)
 
 
 def enabled() -> bool:
-    """Whether the compiled path is on: ``COLM_COMPILE_ELEMENTWISE`` is not 0 and no compile has failed."""
-    return os.environ.get("COLM_COMPILE_ELEMENTWISE", "1") != "0" and not _failed
+    """Whether the compiled path is on: ``COLM_COMPILE_ELEMENTWISE`` (1 or 0) if set, else ``set_enabled``'s choice;
+    never after a compile has failed."""
+    env = os.environ.get("COLM_COMPILE_ELEMENTWISE")
+    return (env != "0" if env is not None else _on[0]) and not _failed
 
 
 def wants(*tensors: torch.Tensor) -> bool:
@@ -57,12 +67,13 @@ def run(name: str, ref: Callable, *args):
             raise
         _failed.append(f"{type(e).__name__}: {e}"[:500])
         log.warning("torch.compile of the training path's %s failed; eager elementwise ops from now on "
-                    "(COLM_COMPILE_ELEMENTWISE=0 skips the attempt): %s", name, _failed[0])
+                    "(run.compile_elementwise: false skips the attempt): %s", name, _failed[0])
         return ref(*args)
 
 
 def reset() -> None:
-    """Forget the compiled functions and a recorded failure (tests)."""
+    """Forget the compiled functions, a recorded failure and set_enabled's choice (tests)."""
     _compiled.clear()
     _failed.clear()
+    _on[0] = False
     torch._dynamo.reset()

@@ -27,6 +27,7 @@ def on_cpu(monkeypatch):
     monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
     monkeypatch.delenv("COLM_COMPILE_ELEMENTWISE", raising=False)
     compiled.reset()
+    compiled.set_enabled(True)
     yield
     compiled.reset()
 
@@ -44,10 +45,14 @@ def test_training_step_through_the_compiled_functions_equals_eager(on_cpu, monke
     torch.manual_seed(0)
     model = CoLM(preset(name)).reset_parameters(seed=1)
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 33))
-    monkeypatch.setenv("COLM_COMPILE_ELEMENTWISE", "0")
+    monkeypatch.setenv("COLM_COMPILE_ELEMENTWISE", "0")  # wins over set_enabled(True)
     loss_eager, grads_eager = _loss_and_grads(model, tokens)
     assert not compiled._compiled  # off: nothing compiled
     monkeypatch.delenv("COLM_COMPILE_ELEMENTWISE")
+    compiled.set_enabled(False)  # the default
+    _loss_and_grads(model, tokens)
+    assert not compiled._compiled
+    compiled.set_enabled(True)
     loss, grads = _loss_and_grads(model, tokens)
     assert set(compiled._compiled) == NAMES  # every function went the compiled way
     torch.testing.assert_close(loss, loss_eager, rtol=1e-5, atol=1e-6)
@@ -88,7 +93,7 @@ def test_a_failed_compile_falls_back_to_eager_and_stays_there(on_cpu, monkeypatc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inductor_functions_and_gradients_match_float64(dtype, monkeypatch):
     """Each compiled function and its input gradients against the float64 reference, on fresh random inputs."""
-    monkeypatch.delenv("COLM_COMPILE_ELEMENTWISE", raising=False)
+    monkeypatch.setenv("COLM_COMPILE_ELEMENTWISE", "1")
     compiled.reset()
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     g = torch.Generator(device="cuda").manual_seed(7)
@@ -118,3 +123,20 @@ def test_inductor_functions_and_gradients_match_float64(dtype, monkeypatch):
             torch.testing.assert_close(a.double(), b, **tol, msg=ref.__name__)
     assert set(compiled._compiled) == NAMES
     compiled.reset()
+
+
+def test_train_loop_config_turns_the_compiled_path_on(on_cpu, tmp_path):
+    """``run.compile_elementwise: true`` in a training run: the functions go the compiled way and the run's losses
+    are the eager run's."""
+    from colm.train.loop import train
+    from train_helpers import make_config, pydoc_data
+
+    data = pydoc_data(tmp_path / "data")
+    compiled.reset()  # the default: off
+    eager = train(make_config(data, tmp_path / "eager", steps=3))
+    assert not compiled._compiled
+    fused = train(make_config(data, tmp_path / "fused", steps=3, run={"compile_elementwise": True}))
+    assert set(compiled._compiled) == NAMES
+    assert len(fused["history"]) == 3
+    for a, b in zip(fused["history"], eager["history"]):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), (fused["history"], eager["history"])

@@ -172,6 +172,9 @@ class RunSection:
     # capture the whole step (forward, backward, clipping, AdamW) in one CUDA graph after 3 plain steps and replay
     # it (colm.train.graphed_step): one GPU, no FSDP, optim.grad_accum 1
     cuda_graph: bool = False
+    # RMSNorm, RoPE and the SwiGLU product through torch.compile'd forms on CUDA (colm.kernels.compiled): one fused
+    # kernel forward and one backward each instead of 5-15 eager ones; the first step compiles them
+    compile_elementwise: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from colm import checkpoint
+from colm.kernels import compiled
 from colm.model import CoLM
 from colm.presets import preset
 from colm.train import state as train_state
@@ -175,6 +176,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
 
         bar = tqdm(total=o.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     history = []
+    compiled.set_enabled(cfg.run.compile_elementwise)
     graphed = (GraphedTrainStep(module, optimizer, autocast_bf16=bf16, freezer=freezer)
                if cfg.run.cuda_graph else None)
     t0 = time.perf_counter()
