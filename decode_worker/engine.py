@@ -80,7 +80,7 @@ class DecodeStats:
     num_steps_dropped: int = 0         # ... and dropped (their batch or scale changed meanwhile)
     num_held_blocks: int = 0           # blocks of ended requests a cuda_pool sender may still write
     num_drafted: int = 0               # chain-1 self-speculative decoding: draft tokens proposed
-    num_draft_accepted: int = 0        # ... and accepted by the target scale
+    num_draft_accepted: int = 0        # ... accepted by the target scale and emitted (none past the request's stop)
     prefills: bool = False             # colocated_prefill: this engine computes its prompts' K/V itself
     num_prefill_queued_tokens: int = 0 # ... prompt tokens not yet scheduled
     prefill_tokens_per_s: float = 0.0  # ... recent chunks' tokens over their iterations' time
@@ -501,8 +501,8 @@ class DecodeEngine(KVIntake, ColocatedPrefill, LoopOwner):
                     if req.cancel is not None or not req.running or toks is None:
                         continue
                     self._num_drafted += gamma
-                    self._num_draft_accepted += sum(t.drafted for t in toks)
-                    for t in toks:
+                    for t in toks:  # accepted drafts past a stop (EOS, a stop token) are never emitted: not counted
+                        self._num_draft_accepted += t.drafted
                         if self._emit(req, s, t.token_id, t.logprob, t.drafted):
                             break
         self.mux.flush()  # one hand-over per step to each subscriber, whatever the batch size

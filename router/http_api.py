@@ -17,6 +17,8 @@ characters until they cannot start a stop string. A streamed chat choice's log-p
 that carries their tokens' text (a token held back, or holding part of a UTF-8 character, has its entry in that
 choice's next chunk), and a chat log-prob's ``bytes`` are the token's own bytes where the tokenizer can say them.
 With ``stream_options.include_usage``, every chunk but the last (the usage, no choices) has ``"usage": null``.
+A request asking for ``speculative`` drafts gets each token's accepted-draft flag on its choice (``drafted``; a chat
+chunk: a list, for the tokens of its text) and the usage's ``draft_accepted_tokens``, as gRPC's ``Token.drafted``.
 Request bodies are validated by the pydantic models of ``colm.router.openai_schema`` (strict types,
 finite numbers; unsupported OpenAI fields rejected unless they ask for a no-op; unknown fields ignored).
 aiohttp is chosen because Ray's default extra already installs it, it runs on the router's asyncio
@@ -317,9 +319,10 @@ class HttpApi:
         return toks, text, lps, finish, scale, plp, usage, tops
 
     @staticmethod
-    def _usage(usages: list, prompt_of: list[int]) -> dict:
-        """Totals over the choices: each prompt's tokens once (its n choices share it), every choice's output."""
-        seen, prompt, completion = set(), 0, 0
+    def _usage(usages: list, prompt_of: list[int], speculative: bool = False) -> dict:
+        """Totals over the choices: each prompt's tokens once (its n choices share it), every choice's output;
+        ``speculative`` (the request asked for drafts): the output tokens that were accepted chain-1 drafts too."""
+        seen, prompt, completion, drafted = set(), 0, 0, 0
         for u, p in zip(usages, prompt_of):
             if u is None:
                 continue
@@ -327,7 +330,11 @@ class HttpApi:
                 seen.add(p)
                 prompt += u["prompt_tokens"]
             completion += u["completion_tokens"]
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+            drafted += u.get("draft_accepted_tokens", 0)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if speculative:
+            usage["draft_accepted_tokens"] = drafted
+        return usage
 
     async def completions(self, request):
         req = parse(CompletionRequest, await self._json(request))
@@ -348,6 +355,7 @@ class HttpApi:
         created = int(time.time())
         cid = f"cmpl-{rid}"
         ids = {"id": cid, "object": "text_completion", "created": created, "model": model}
+        speculative = any(s.speculative for s in specs)  # tokens say whether they were accepted drafts
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -358,6 +366,8 @@ class HttpApi:
                 c = {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
                 if ev is not None:
                     c.update({"scale": ev.scale, "token_id": ev.token_id})
+                    if speculative:
+                        c["drafted"] = ev.drafted
                     if want_lp:
                         piece = self._piece(ev.token_id)
                         c["logprobs"] = {"tokens": [piece], "token_logprobs": [ev.logprob],
@@ -370,9 +380,9 @@ class HttpApi:
             return await self._stream(request, specs, chunk, head, [self._trimmer(req) for _ in specs],
                                       include_usage, ids, prompt_of)
         runs = await self._gather(self._run(spec, self._trimmer(req)) for spec in specs)
-        return await _off_loop(lambda: self._completion_body(specs, runs, ids, echo, want_lp, prompt_of))
+        return await _off_loop(lambda: self._completion_body(specs, runs, ids, echo, want_lp, prompt_of, speculative))
 
-    def _completion_body(self, specs, runs, ids, echo: bool, want_lp: bool, prompt_of) -> bytes:
+    def _completion_body(self, specs, runs, ids, echo: bool, want_lp: bool, prompt_of, speculative: bool) -> bytes:
         """The JSON of a non-streamed completion: every choice, its log-probs, the usage."""
         choices = []
         for i, (spec, (toks, text, lps, finish, scale, plp, _, top)) in enumerate(zip(specs, runs)):
@@ -394,7 +404,7 @@ class HttpApi:
                 choice["logprobs"] = {"tokens": [self._piece(t) for t in all_ids], "token_logprobs": token_lps,
                                       "top_logprobs": tops, "text_offset": offsets}
             choices.append(choice)
-        usage = self._usage([r[6] for r in runs], prompt_of)
+        usage = self._usage([r[6] for r in runs], prompt_of, speculative)
         return json.dumps({**ids, "choices": choices, "usage": usage}).encode()
 
     async def chat_completions(self, request):
@@ -425,6 +435,7 @@ class HttpApi:
         created, cid = int(time.time()), f"chatcmpl-{rid}"
         head = {"id": cid, "object": "chat.completion", "created": created, "model": model}
         want_lp = bool(req.logprobs)
+        speculative = any(s.speculative for s in specs)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             head["object"] = "chat.completion.chunk"
@@ -435,10 +446,13 @@ class HttpApi:
             # part of a UTF-8 character): they go out with the next chunk of that choice, the finish chunk at the
             # latest, so that a stream carries every token's entry, as the unstreamed response does
             pending: list[list[dict]] = [[] for _ in specs]
+            drafted: list[list[bool]] = [[] for _ in specs]  # speculative: the same tokens' accepted-draft flags
 
             def chunk(index, text, finish=None, ev=None, role=False):
                 if ev is not None and want_lp:
                     pending[index].append(self._chat_logprob(ev.token_id, ev.logprob, ev.top_logprobs))
+                if ev is not None and speculative:
+                    drafted[index].append(ev.drafted)
                 if not text and finish is None and not role:
                     return None
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
@@ -453,14 +467,16 @@ class HttpApi:
                     c["scale"] = ev.scale
                 if pending[index] and not role:
                     c["logprobs"], pending[index] = {"content": pending[index]}, []
+                if drafted[index] and not role:
+                    c["drafted"], drafted[index] = drafted[index], []
                 return {**head, "choices": [c], **extra}
 
             return await self._stream(request, specs, chunk, [chunk(j, "", role=True) for j in range(len(specs))],
                                       [self._trimmer(req) for _ in specs], include_usage, head, [0] * len(specs))
         runs = await self._gather(self._run(spec, self._trimmer(req)) for spec in specs)
-        return await _off_loop(lambda: self._chat_body(runs, head, want_lp, forced))
+        return await _off_loop(lambda: self._chat_body(runs, head, want_lp, forced, speculative))
 
-    def _chat_body(self, runs, head, want_lp: bool, forced) -> bytes:
+    def _chat_body(self, runs, head, want_lp: bool, forced, speculative: bool) -> bytes:
         """The JSON of a non-streamed chat completion: every choice (tool calls parsed), its log-probs, the usage."""
         choices = [{"index": j, "message": {"role": "assistant", "content": "".join(text)},
                     "logprobs": {"content": [self._chat_logprob(t, lp, alts) for t, lp, alts in zip(toks, lps, top)]}
@@ -471,8 +487,8 @@ class HttpApi:
             if calls:  # a finished call: OpenAI's form (a truncated one stays text, finish_reason "length")
                 c["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
                 c["finish_reason"] = "stop" if forced.name is not None else "tool_calls"
-        return json.dumps({**head, "choices": choices, "usage": self._usage([r[6] for r in runs],
-                                                                            [0] * len(runs))}).encode()
+        return json.dumps({**head, "choices": choices, "usage": self._usage([r[6] for r in runs], [0] * len(runs),
+                                                                            speculative)}).encode()
 
     def _chat_logprob(self, token_id: int, logprob: float, alts=()) -> dict:
         return {**self._chat_token(token_id), "logprob": logprob,
@@ -501,7 +517,8 @@ class HttpApi:
         prompt of choice i (its tokens count once in the usage)."""
         gens = [self.router.generate(s) for s in specs]
         try:
-            return await self._stream_events(request, gens, chunk, head, trims, include_usage, ids, prompt_of)
+            return await self._stream_events(request, gens, chunk, head, trims, include_usage, ids, prompt_of,
+                                             any(s.speculative for s in specs))
         except ConnectionResetError:  # the client went away mid-stream: nobody is left to answer
             return web.Response(status=499)
         finally:
@@ -544,7 +561,8 @@ class HttpApi:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _stream_events(self, request, gens, chunk, head, trims, include_usage: bool, ids: dict, prompt_of):
+    async def _stream_events(self, request, gens, chunk, head, trims, include_usage: bool, ids: dict, prompt_of,
+                             speculative: bool = False):
         for gen in gens:  # the decisions: admission and the scale decision happen here: errors become plain HTTP errors
             await anext(gen)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -583,7 +601,7 @@ class HttpApi:
                 log.error("HTTP stream failed", exc_info=e)
             await send(_error_body(msg, code.name.lower(), HTTP_STATUS[code.name]))
         if include_usage and all(u is not None for u in usages):
-            await send({**ids, "choices": [], "usage": self._usage(usages, prompt_of)})
+            await send({**ids, "choices": [], "usage": self._usage(usages, prompt_of, speculative)})
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

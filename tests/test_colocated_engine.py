@@ -216,7 +216,8 @@ def test_bad_input_and_faults_stay_per_request(setup, monkeypatch):
 
 def test_the_prefill_warm_up_runs_every_chunk_size_and_gives_its_blocks_back(setup, monkeypatch):
     """On CUDA, ``start`` with ``warmup_context`` runs a chunk of every power-of-two size up to the budget (the
-    kernels tune per size bucket); run here directly: the sizes, and the pool whole again."""
+    kernels tune per size bucket); run here directly: the sizes, the pool whole again, and nothing counted as served
+    (the stats' counters read zero)."""
     path, _ = setup
     from colm.decode_worker import chunked_prefill as engine_mod
 
@@ -231,6 +232,9 @@ def test_the_prefill_warm_up_runs_every_chunk_size_and_gives_its_blocks_back(set
     assert [e for s, e in seen if s == 0] == [1, 2, 4, 8, 16, 32, 64, 100]
     assert (64, 100) in seen  # a later chunk too
     assert de.pool.num_free == de.pool.num_blocks and not de._requests
+    s = de.stats()
+    assert (s.num_steps, s.num_finished, s.num_prefill_chunks, s.prefill_tokens_per_s) == (0, 0, 0, 0.0)
+    assert not de.iterations
 
 
 class _ReplayByCalling:

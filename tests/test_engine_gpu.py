@@ -232,6 +232,33 @@ def test_warm_up_captures_every_graph_serving_then_needs(tmp_path):
 
 
 @cuda
+@pytest.mark.parametrize("colocated", [False, True])
+def test_the_start_warm_up_serves_nothing_the_counters_show(tmp_path, colocated):
+    """The warm-up at start (every decode graph captured, and colocated: a prompt chunk of every size) is no served
+    work: every counter of the stats, as the worker's metrics serve them, reads zero, as do the recent steps."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from colm.router.metrics import CUMULATIVE_STATS, worker_registry
+
+    full, _ = _pair(torch.float32, tmp_path)
+    de = DecodeEngine(full, DecodeConfig(num_blocks=128, block_size=4, max_batch_size=4, warmup_context=64,
+                                         colocated_prefill=colocated, max_batched_tokens=64)).start()
+    try:
+        assert de.graphs.num_captures > 0
+        s = de.stats()
+        assert not {f: getattr(s, f) for f in CUMULATIVE_STATS if getattr(s, f, 0)}
+        assert (s.num_running, s.num_reserved, s.last_batch_size, s.prefill_tokens_per_s) == (0, 0, 0, 0.0)
+        assert not s.step_ms_by_scale and not s.round_ms_by_scale_gamma and not de.iterations
+        text = generate_latest(worker_registry(de, "decode", "d0")).decode()
+        counters = {x.name: x.value for f in text_string_to_metric_families(text) if f.type == "counter"
+                    and f.name.startswith("colm_decode_num_") for x in f.samples}
+        assert counters and not any(counters.values()), counters
+    finally:
+        de.stop()
+
+
+@cuda
 def test_pdl_graph_step_is_bit_equal_to_the_plain_one(tmp_path, monkeypatch):
     """Programmatic dependent launch changes when the step's kernels start, never what they compute: the
     graph's hidden states with it equal those without it bit for bit, at both scales (and it is in use on

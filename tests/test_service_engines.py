@@ -1,4 +1,5 @@
-"""Router -> real prefill/decode engines (in-process backend): reference tokens, scale switch, failover."""
+"""Router -> real prefill/decode engines (in-process backend): reference tokens, scale switch, failover, and the
+accepted-draft flags of speculative requests over gRPC and the HTTP front."""
 
 import threading
 import time
@@ -144,6 +145,46 @@ def test_speculative_requests_equal_reference_and_report_drafts(ckpt):
         stats = decode["decode-0"].stats()
         assert stats.num_draft_accepted == counted and stats.num_drafted >= counted
         assert stats.num_free_blocks == stats.num_blocks
+    finally:
+        bg.stop()
+
+
+def test_http_streams_flag_accepted_drafts_and_count_them_in_the_usage(tmp_path):
+    """speculative=4 over the OpenAI-compatible HTTP front (the openai client): a streamed completion's token chunks
+    carry `drafted` beside `token_id`, a streamed chat's chunks a `drafted` list of the tokens whose text they carry;
+    the flags add up to the usage's `draft_accepted_tokens` (streamed and not) and to the worker's count; a request
+    that asks for no drafts has neither field."""
+    openai = pytest.importorskip("openai")
+    from router_helpers import chat_router
+
+    path = tmp_path / "tiny-air"
+    checkpoint.save(CoLM(preset("tiny-air")).reset_parameters(seed=3), path, tokenizer={"kind": "byte"})
+    decode = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=128))
+    backend = EngineBackend({"prefill-0": PrefillEngine.from_checkpoint(path)}, {"decode-0": decode})
+    bg, client, _ = chat_router(checkpoint.load(path), path, backend=backend, rebalance=False)
+    assert isinstance(client, openai.OpenAI)
+    try:
+        prompt = ByteTokenizer().encode("Hello, chains")
+        kw = dict(model="colm@2", prompt=prompt, max_tokens=40, temperature=0)
+        spec = {"speculative": 4, "ignore_eos": True}
+        usage = {"stream": True, "stream_options": {"include_usage": True}}
+        chunks = list(client.completions.create(**kw, **usage, extra_body=spec))
+        toks = [c.choices[0].model_extra for c in chunks if c.choices and c.choices[0].finish_reason is None]
+        assert [t["token_id"] for t in toks] == reference(str(path), "Hello, chains", 40, 2, ignore_eos=True)
+        flags = [t["drafted"] for t in toks]
+        assert chunks[-1].usage.model_extra["draft_accepted_tokens"] == sum(flags) > 0
+        whole = client.completions.create(**kw, extra_body=spec)
+        assert whole.usage.model_extra["draft_accepted_tokens"] == sum(flags)
+        chat = list(client.chat.completions.create(model="colm@2", messages=[{"role": "user", "content": "Hi"}],
+                                                   max_completion_tokens=30, temperature=0, **usage, extra_body=spec))
+        lists = [c.choices[0].model_extra.get("drafted") for c in chat if c.choices]
+        assert lists[0] is None  # the role chunk carries no token
+        chat_flags = [f for flags_of in lists[1:] if flags_of for f in flags_of]
+        assert len(chat_flags) == 30 and chat[-1].usage.model_extra["draft_accepted_tokens"] == sum(chat_flags)
+        assert decode.stats().num_draft_accepted == 2 * sum(flags) + sum(chat_flags)
+        plain = list(client.completions.create(**kw, **usage, extra_body={"ignore_eos": True}))
+        assert not any("drafted" in c.choices[0].model_extra for c in plain if c.choices)
+        assert "draft_accepted_tokens" not in plain[-1].usage.model_extra
     finally:
         bg.stop()
 

@@ -1,7 +1,8 @@
 """Chain-1 self-speculative decoding (``decode_worker.speculative``): greedy tokens equal plain full-scale decoding
 (``colm.generate``) for many prompts and gamma in {1, 2, 4, 8}, in a batch mixed with plain requests, across a
-mid-stream scale switch and at the max_new_tokens / stop-token edges; the acceptance rule and the engine's
-sampled tokens are distributed as the target scale's (chi-square tests on a small vocabulary); pools end free."""
+mid-stream scale switch and at the max_new_tokens / stop-token edges (accepted drafts counted only where emitted);
+the acceptance rule and the engine's sampled tokens are distributed as the target scale's (chi-square tests on a
+small vocabulary); pools end free."""
 
 from __future__ import annotations
 
@@ -145,6 +146,32 @@ def test_scale_switch_and_stop_token_mid_round(engines):
     ev = list(_start(de, pe, "st", p, sp, 2, 8))
     assert [e.token_id for e in ev] == generate(full, p, sp, scale=2).token_ids
     assert ev[-1].finish_reason == "stop" and ev[-1].token_id == stop_tok
+    assert_pool_free(de)
+
+
+def test_accepted_drafts_count_only_the_tokens_emitted(engines):
+    """A stop token that is an accepted draft, followed in its round by another accepted draft: the round's tokens
+    after the stop are never emitted, and the worker's num_draft_accepted counts only the drafted tokens it emitted
+    (it counted the whole round's)."""
+    de, pe, _ = engines
+    case = None
+    for seed in range(8):  # a prompt whose output has a drafted token, first of its kind, then another drafted one
+        p = prompts([14], seed=seed)[0]
+        ev = list(_start(de, pe, f"probe{seed}", p, SamplingParams(max_new_tokens=30, ignore_eos=True), 2, 8))
+        toks = [e.token_id for e in ev]
+        k = next((k for k in range(len(ev) - 1) if ev[k].drafted and ev[k + 1].drafted and toks.index(toks[k]) == k),
+                 None)
+        if k is not None:
+            case = p, toks[k], k
+            break
+    assert case is not None, "no prompt gave a stop token inside a round of accepted drafts"
+    p, stop_tok, k = case
+    before = de.stats()
+    sp = SamplingParams(max_new_tokens=30, stop_token_ids=(stop_tok,), ignore_eos=True)
+    ev = list(_start(de, pe, "stop-in-round", p, sp, 2, 8))
+    assert len(ev) == k + 1 and ev[-1].finish_reason == "stop" and ev[-1].drafted
+    after = de.stats()
+    assert after.num_draft_accepted - before.num_draft_accepted == sum(e.drafted for e in ev)
     assert_pool_free(de)
 
 
