@@ -179,7 +179,8 @@ def test_a_switch_to_the_running_scale_counts_no_scale_change(served):
     changes = bg.router.metrics.scale_changes
     rid, seen = "switch-same", []
     with Client(bg.grpc_addr) as c:
-        for ev in c.stream("switch me", max_new_tokens=40, scale=2, ignore_eos=True, request_id=rid):
+        # long enough that the request is still running when both switches arrive (40 tokens could end first)
+        for ev in c.stream("switch me", max_new_tokens=400, scale=2, ignore_eos=True, request_id=rid):
             if ev["kind"] == "token":
                 seen.append(ev["scale"])
                 if len(seen) == 3:
@@ -188,6 +189,8 @@ def test_a_switch_to_the_running_scale_counts_no_scale_change(served):
                     assert changes._value.get() == before
                     assert c.set_scale(rid, 1) == 1
                     assert changes._value.get() == before + 1
+                    break  # the client leaves: the request is cancelled
+    assert len(seen) == 3
 
 
 def test_a_switch_between_reserve_and_start_over_grpc_workers(tmp_path):
