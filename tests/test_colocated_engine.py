@@ -398,14 +398,14 @@ def test_a_chunk_is_queued_behind_the_decode_step_before_its_tokens_are_read(set
     """Overlapped steps: the iteration's prompt chunk goes to the device right after the decode step is launched and
     before the host waits for that step's tokens, so the device runs it while the host hands the tokens out (no idle
     gap between the two). Recorded order of chunk and read; tokens still equal the reference."""
-    from colm.decode_worker import engine as engine_mod
+    from colm.decode_worker import runner as runner_mod
     from colm.decode_worker.step import LaunchedStep
 
     path, full = setup
     de = _engine(path, max_batched_tokens=24, overlap_steps=True)
     order: list[str] = []
-    launch, result, run_prefill = engine_mod.launch_step, LaunchedStep.result, de._run_prefill
-    monkeypatch.setattr(engine_mod, "launch_step", lambda *a, **k: order.append("launch") or launch(*a, **k))
+    launch, result, run_prefill = runner_mod.launch_step, LaunchedStep.result, de._run_prefill
+    monkeypatch.setattr(runner_mod, "launch_step", lambda *a, **k: order.append("launch") or launch(*a, **k))
     monkeypatch.setattr(LaunchedStep, "result", lambda self: order.append("read") or result(self))
     monkeypatch.setattr(de, "_run_prefill", lambda segs: order.append("chunk") or run_prefill(segs))
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)

@@ -175,18 +175,18 @@ def test_overlapped_steps_of_mixed_scales_match_the_reference(setup, monkeypatch
     (each row's head at its own scale, tokens fed on the device): requests at scales 1 and 2 arriving staggered,
     and one switching scale mid-stream, each equal `colm generate`; steps were launched ahead while both scales
     ran, and every block comes back."""
-    import colm.decode_worker.engine as engine_module
+    import colm.decode_worker.runner as runner_module
 
     path, full = setup
     ahead_mixed = []
-    launch = engine_module.launch_step
+    launch = runner_module.launch_step
 
     def counted(model, batch, pool, scales, graphs=None, after=None, carry=None, sample=False):
         if after is not None and len(set(scales)) > 1:
             ahead_mixed.append(list(scales))
         return launch(model, batch, pool, scales, graphs, after=after, carry=carry, sample=sample)
 
-    monkeypatch.setattr(engine_module, "launch_step", counted)
+    monkeypatch.setattr(runner_module, "launch_step", counted)
     de, pe = _engines(path, "widest", num_blocks=160, overlap_steps=True)
     try:
         batch = prompts([4, 15, 9, 26, 11, 7], seed=21)
@@ -218,7 +218,7 @@ def test_overlapped_steps_of_mixed_scales_match_the_reference(setup, monkeypatch
 def test_step_times_leave_out_steps_that_tuned_or_captured(setup, monkeypatch):
     """The router prices scales from these: a step that paid for a kernel tuning or a graph capture (a
     warm-up, hundreds of ms on a GPU) is not reported."""
-    import colm.decode_worker.engine as engine_mod
+    import colm.decode_worker.runner as runner_mod
 
     path, _ = setup
     de, pe = _engines(path)
@@ -236,7 +236,7 @@ def test_step_times_leave_out_steps_that_tuned_or_captured(setup, monkeypatch):
         assert set(stats.step_ms_by_scale) == {1} and stats.step_ms_by_scale[1] > 0
         assert stats.step_batch_by_scale == {1: 1.0}
         tunings = iter(range(10**6))
-        monkeypatch.setattr(engine_mod, "num_tuned", lambda: next(tunings))  # every step now tunes something
+        monkeypatch.setattr(runner_mod, "num_tuned", lambda: next(tunings))  # every step now tunes something
         run("st2", 2)
         assert set(de.stats().step_ms_by_scale) == {1}
     finally:
@@ -406,11 +406,11 @@ def test_graph_step_tables_follow_every_batch_across_staging_turns():
 def test_failed_step_ends_its_batch_not_the_engine(setup, monkeypatch):
     """A decode step that raises (e.g. a CUDA error, a kernel with no runnable config) fails the requests
     of that batch with a clear error and frees their blocks; the loop goes on and serves the next one."""
-    from colm.decode_worker import engine as engine_mod
+    from colm.decode_worker import runner as runner_mod
 
     path, full = setup
     de, pe = _engines(path)
-    real, calls = engine_mod.decode_step, []
+    real, calls = runner_mod.decode_step, []
 
     def flaky(*args, **kw):
         calls.append(1)
@@ -418,7 +418,7 @@ def test_failed_step_ends_its_batch_not_the_engine(setup, monkeypatch):
             raise RuntimeError("injected step failure")
         return real(*args, **kw)
 
-    monkeypatch.setattr(engine_mod, "decode_step", flaky)
+    monkeypatch.setattr(runner_mod, "decode_step", flaky)
     params = SamplingParams(max_new_tokens=5, ignore_eos=True)
     try:
         p = prompts([12])[0]

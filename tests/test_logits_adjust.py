@@ -293,12 +293,12 @@ def test_adjusted_rows_are_queued_ahead_and_grammar_rows_are_not(setup, monkeypa
     requests arriving meanwhile (their prompts completed by the chunk of that iteration) join too; a request held
     to a grammar keeps its batch off the queued path (its matcher needs each token on the host). Every row equals
     ``colm generate`` and no queued step is thrown away."""
-    import colm.decode_worker.engine as engine_module
+    import colm.decode_worker.runner as runner_module
     from colm.structured import StructuredOutput
 
     path, full = setup
     ahead_adjusted, grammar_ahead = [], []
-    launch = engine_module.launch_step
+    launch = runner_module.launch_step
 
     def counted(model, batch, pool, scales, graphs=None, after=None, carry=None, sample=False):
         if after is not None:
@@ -308,7 +308,7 @@ def test_adjusted_rows_are_queued_ahead_and_grammar_rows_are_not(setup, monkeypa
                 grammar_ahead.append(len(batch))
         return launch(model, batch, pool, scales, graphs, after=after, carry=carry, sample=sample)
 
-    monkeypatch.setattr(engine_module, "launch_step", counted)
+    monkeypatch.setattr(runner_module, "launch_step", counted)
     de = DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=200, block_size=4, colocated_prefill=True,
                                                          max_batched_tokens=24, overlap_steps=True))
     kinds = [SamplingParams(max_new_tokens=12, ignore_eos=True),

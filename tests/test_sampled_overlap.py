@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-import colm.decode_worker.engine as engine_module
+import colm.decode_worker.runner as runner_module
 import colm.decode_worker.step as step_module
 import colm.sampling as sampling_module
 from colm.decode_worker.config import DecodeConfig
@@ -60,14 +60,14 @@ PARAMS = [  # (sampling, scale)
 def test_sampled_batches_are_queued_ahead_and_match_the_reference(setup, monkeypatch):
     path, full = setup
     sampled_ahead = []
-    launch = engine_module.launch_step
+    launch = runner_module.launch_step
 
     def counted(model, batch, pool, scales, graphs=None, after=None, carry=None, sample=False):
         if after is not None and sample and any(not r.params.greedy for r in batch):
             sampled_ahead.append(len(batch))
         return launch(model, batch, pool, scales, graphs, after=after, carry=carry, sample=sample)
 
-    monkeypatch.setattr(engine_module, "launch_step", counted)
+    monkeypatch.setattr(runner_module, "launch_step", counted)
     de, pe = _engines(path)
     try:
         batch = prompts([5, 14, 9, 27, 11, 6, 18], seed=31)
