@@ -7,9 +7,8 @@ during which a CUDA graph was captured or a kernel was tuned is left out by the 
 milliseconds, once per shape, nothing like the next step). ``summary`` gives, per scale, the median
 step time and the mean batch size of the steps of the last ``window_s`` seconds. A scale with no step
 that recent is not reported at all, so the router prices it from the scales that ran (by parameter
-count) instead of from an old figure: before this, one slow early measurement kept a scale priced out
-of every budget, and with no traffic at that scale nothing ever corrected it (an H100 load test served
-all of 320 requests at scale 1 while scale 2 met the budget with room to spare).
+count) instead of from an old figure: one slow early measurement would otherwise keep a scale priced
+out of every budget, and with no traffic at that scale nothing would ever correct it.
 """
 
 from __future__ import annotations
