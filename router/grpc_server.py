@@ -29,10 +29,11 @@ from colm.proto.rpc import SERVER_OPTIONS, bind_port
 from colm.router.admission import Overloaded
 from colm.router.backend import WorkerFailed
 from colm.router.coalesce import coalesced
-from colm.router.core import DeadlineExceeded, Router, Unavailable, UnknownRequest
+from colm.router.core import Router
 from colm.router.drain import Drain
 from colm.router.placement import NoWorker
 from colm.router.policy import BudgetUnmet
+from colm.router.request import DeadlineExceeded, Unavailable, UnknownRequest
 from colm.router.stop_trim import StopTrimmer
 from colm.tokenizer import encode_prompt
 

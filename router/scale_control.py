@@ -1,0 +1,80 @@
+"""Changing the scale of running requests: a client's switch (``set_scale``, which pins the scale) and
+rebalancing (``rebalance_once``, run by the poll loop with ``router.rebalance``: lower the scale of requests whose
+per-token budget the current load breaks), and which scales this router serves at all (``router.fixed_scale``).
+
+A switch updates the request's ``RunningRequest`` state (which a retry starts from) and then sends the scale to
+the decode worker of the attempt running now (``Router.running``), under the request's scale lock, so that a
+client's switch and a rebalancing move never race at the worker and the worker ends at the scale the state says.
+
+A mixin of ``Router`` (``router/core.py``), which sets up the state it uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from colm.errors import UnknownRequestError
+from colm.router.request import UnknownRequest
+
+
+class ScaleControl:
+    async def set_scale(self, request_id: str, scale: int) -> int:
+        """A client's scale switch for its running request ``request_id`` (its own id, as echoed in responses).
+        Applies from the decode worker's next step; pins the scale. Raises UnknownRequest / ValueError."""
+        if isinstance(scale, bool) or not isinstance(scale, int):
+            raise ValueError(f"scale={scale!r}: must be an integer in 1..{self.model_cfg.num_chains}")
+        self.check_served_scale(scale)
+        uids = {u for u in self._by_client_id.get(request_id, ()) if u in self._states}
+        if not uids:
+            raise UnknownRequest(f"request_id={request_id!r}: no running request has this id")
+        moved = sum(self._states[u].scale != scale for u in uids)  # a switch to the scale it runs at moves nothing
+        for u in uids:  # every sequence the id names (a completion's n choices and batched prompts share it)
+            state = self._states[u]
+            state.scale, state.pinned = scale, True  # a retry starts at it too; rebalancing leaves it alone
+        for u in uids:
+            lock = self._scale_locks.get(u)
+            if lock is None:  # it has ended meanwhile
+                continue
+            async with lock:  # after a rebalancing move already on its way there, never beside it
+                state, attempt_id, decode_id = self.running.get(u, (None, "", ""))
+                if state is None:  # between attempts: the next one starts at the pinned scale
+                    continue
+                try:
+                    await self.backend.set_scale(decode_id, attempt_id, state.scale)
+                except UnknownRequestError:
+                    # the worker holds no such attempt: it has just ended there (its last token is on the way), or
+                    # the attempt has not reached it yet (its first token sends the switch again: ``_serve``)
+                    pass
+        self.metrics.scale_changes.inc(moved)
+        return scale
+
+    def served_scales(self) -> list[int]:
+        """The scales this router serves: ``router.fixed_scale`` alone when set (the colocated baseline), else all."""
+        return [self.cfg.fixed_scale] if self.cfg.fixed_scale else list(range(1, self.model_cfg.num_chains + 1))
+
+    def check_served_scale(self, scale: int) -> None:
+        """ValueError for a scale the model does not have, or one this router does not serve (``fixed_scale``)."""
+        self.model_cfg.check_scale(scale)
+        if self.cfg.fixed_scale and scale != self.cfg.fixed_scale:
+            raise ValueError(f"scale={scale}: this service serves scale {self.cfg.fixed_scale} only "
+                             f"(router.fixed_scale)")
+
+    async def rebalance_once(self) -> None:
+        """Lower the scale of running requests whose per-token budget the current load breaks (``policy.rebalance``).
+        Each move goes to the request's attempt running when it is sent (a retry's, after a failover), and never to a
+        request its client has pinned since (``set_scale``: the client's switch wins, also over a move on its way)."""
+        moves = self.policy.rebalance([state for state, _, _ in self.running.values()])
+        for uid, scale in moves.items():
+            lock = self._scale_locks.get(uid)
+            if lock is None:  # it has ended meanwhile
+                continue
+            async with lock:
+                state, attempt_id, decode_id = self.running.get(uid, (None, "", ""))
+                if state is None or state.pinned:  # between attempts, or its client pinned it while earlier moves went
+                    continue
+                with contextlib.suppress(Exception):
+                    await self.backend.set_scale(decode_id, attempt_id, scale)
+                    if state.pinned:  # its client switched it meanwhile: that switch, waiting for this lock, goes next
+                        continue
+                    state.scale = scale
+                    self.metrics.scale_changes.inc()
