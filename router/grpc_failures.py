@@ -24,8 +24,6 @@ from colm.router.request import DeadlineExceeded
 
 log = logging.getLogger("colm.router")
 kv_pb2, _ = load_proto("kv")
-FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
-                  grpc.StatusCode.INTERNAL}
 
 # Reserve answers that say the decode worker holds nothing for the request: an abort would hit nothing of
 # ours, or (a reused id) another request's reservation.

@@ -79,7 +79,7 @@ def test_colocated_worker_process_serves_reference_tokens(stream, monkeypatch):
     """... a request costs one call to start (its Start or StartGeneration reserves it: no Reserve), and a request
     the router ends at its finishing token (its length) costs no Abort RPC: the worker ended it."""
     aborts, calls = [], []
-    monkeypatch.setattr(GrpcBackend, "_abort_in_background", lambda self, worker, rid, attempts=3: aborts.append(rid))
+    monkeypatch.setattr(GrpcBackend, "_abort_in_background", lambda self, worker, rid, attempts=3, after=None: aborts.append(rid))
     stub_of = GrpcBackend._decode
 
     class Counted:
