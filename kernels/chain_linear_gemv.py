@@ -2,7 +2,7 @@
 
 A decode step multiplies a handful of rows (the running sequences) by every weight of the layer, so
 it is a pure weight read: the time is bytes / bandwidth once enough loads are in flight. The GEMM
-kernels of ``colm.kernels.chain_linear`` pad the rows to a 16-row MMA tile and need 32+ output
+kernels of ``colm.kernels.chain_linear_fwd`` pad the rows to a 16-row MMA tile and need 32+ output
 columns per program, which leaves a 2048-wide output with 64 programs: too few to keep HBM busy
 (measured 1.2 TB/s on an H100 at batch 1). This kernel has no MMA shape limits: a program owns
 ``BLOCK_N`` (4-16) output columns of one chain, streams that slab of ``W_i`` in ``BLOCK_K``-long
@@ -22,20 +22,19 @@ import importlib
 import torch
 
 from colm.kernels import _pdl, _tuning
-
-# the module, not the function of the same name that ``colm.kernels`` re-exports
-_cl = importlib.import_module("colm.kernels.chain_linear")
+from colm.kernels import chain_linear_jit as _jit
+from colm.kernels import chain_linear_tables as _tab
 
 MAX_ROWS = 8  # rows per launch: the [BLOCK_M, BLOCK_N, BLOCK_K] fp32 partials live in registers
 PARTIALS_PER_THREAD = 64  # fp32 registers per thread for them; BLOCK_K shrinks with the rows to keep it
 
 # (block_m is set per launch from M; block_n, block_k, num_warps, num_stages)
 GEMV_CONFIGS = [
-    _cl.GemmConfig(0, 8, 512, 4, 3, gemv=True),
-    _cl.GemmConfig(0, 4, 512, 4, 3, gemv=True),
-    _cl.GemmConfig(0, 16, 256, 4, 3, gemv=True),
-    _cl.GemmConfig(0, 8, 1024, 8, 2, gemv=True),
-    _cl.GemmConfig(0, 16, 512, 8, 2, gemv=True),
+    _tab.GemmConfig(0, 8, 512, 4, 3, gemv=True),
+    _tab.GemmConfig(0, 4, 512, 4, 3, gemv=True),
+    _tab.GemmConfig(0, 16, 256, 4, 3, gemv=True),
+    _tab.GemmConfig(0, 8, 1024, 8, 2, gemv=True),
+    _tab.GemmConfig(0, 16, 512, 8, 2, gemv=True),
 ]
 
 # One row (a batch-1 decode step): the configurations fastest with the weights cold in L2, as a decode
@@ -47,20 +46,20 @@ GEMV_CONFIGS = [
 # pieces (not in either sweep) are for the down projection's long rows, which ran at 62 % of the copy rate with
 # 1024-long pieces (4-8 dependent loads per program); the cold tuner keeps them only where they win.
 GEMV_CONFIGS_M1 = [
-    _cl.GemmConfig(0, 2, 1024, 4, 1, gemv=True),
-    _cl.GemmConfig(0, 2, 1024, 2, 3, gemv=True),
-    _cl.GemmConfig(0, 4, 1024, 2, 3, gemv=True),
-    _cl.GemmConfig(0, 4, 1024, 2, 1, gemv=True),
-    _cl.GemmConfig(0, 8, 1024, 2, 1, gemv=True),
-    _cl.GemmConfig(0, 8, 512, 4, 3, gemv=True),
-    _cl.GemmConfig(0, 8, 256, 2, 3, gemv=True),
-    _cl.GemmConfig(0, 2, 2048, 4, 1, gemv=True),
-    _cl.GemmConfig(0, 2, 2048, 8, 1, gemv=True),
-    _cl.GemmConfig(0, 4, 2048, 8, 1, gemv=True),
+    _tab.GemmConfig(0, 2, 1024, 4, 1, gemv=True),
+    _tab.GemmConfig(0, 2, 1024, 2, 3, gemv=True),
+    _tab.GemmConfig(0, 4, 1024, 2, 3, gemv=True),
+    _tab.GemmConfig(0, 4, 1024, 2, 1, gemv=True),
+    _tab.GemmConfig(0, 8, 1024, 2, 1, gemv=True),
+    _tab.GemmConfig(0, 8, 512, 4, 3, gemv=True),
+    _tab.GemmConfig(0, 8, 256, 2, 3, gemv=True),
+    _tab.GemmConfig(0, 2, 2048, 4, 1, gemv=True),
+    _tab.GemmConfig(0, 2, 2048, 8, 1, gemv=True),
+    _tab.GemmConfig(0, 4, 2048, 8, 1, gemv=True),
 ]
 
 
-if _cl.HAS_TRITON:
+if _jit.HAS_TRITON:
     import triton
     import triton.language as tl
 
@@ -101,7 +100,7 @@ if _cl.HAS_TRITON:
 
         The first K piece of the tile's weights is read before the PDL wait (no kernel writes weights or
         the table), so with PDL it is in flight while the previous kernel finishes."""
-        row, w_off, K, y_col, n_valid = _cl._fwd_tile_row(tab_ptr, tl.program_id(0), ALIGNED)
+        row, w_off, K, y_col, n_valid = _jit._fwd_tile_row(tab_ptr, tl.program_id(0), ALIGNED)
         rm = tl.arange(0, BLOCK_M)
         rn = tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -121,8 +120,8 @@ if _cl.HAS_TRITON:
             part += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         acc = tl.sum(part, axis=2)  # [BM, BN]
         if HAS_BIAS:
-            acc = _cl._with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N)
-        _cl._store_tile(y_ptr, acc, rm, rn, stride_ym, y_col, M, n_valid, EVEN_N)
+            acc = _jit._with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N)
+        _jit._store_tile(y_ptr, acc, rm, rn, stride_ym, y_col, M, n_valid, EVEN_N)
 
 
 def block_m(m: int) -> int:
@@ -144,7 +143,7 @@ def gemv_forward(x2d: torch.Tensor, weights, biases, lay, y: torch.Tensor, cfg, 
     m = x2d.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"gemv_forward: {m} rows, at most {MAX_ROWS}")
-    tab = _cl._fwd_table(lay, weights, biases, cfg.block_n, x2d.device)
+    tab = _tab._fwd_table(lay, weights, biases, cfg.block_n, x2d.device)
     launch_table(x2d, weights[0], biases[0] if biases else None, y, tab, lay.outs, lay.prefix, cfg, aligned)
 
 

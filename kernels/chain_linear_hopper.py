@@ -1,7 +1,7 @@
 """Variants of the chain Linear for Hopper-class GPUs: persistent and TMA-descriptor kernels.
 
-``colm.kernels.chain_linear`` launches one program per output tile (``_chain_fwd_kernel``,
-``_chain_bwd_input_kernel``). The configs marked ``persistent`` or ``tma`` in its ``FWD_CONFIGS`` and
+``colm.kernels.chain_linear`` launches one program per output tile (``chain_linear_fwd._chain_fwd_kernel``,
+``chain_linear_bwd._chain_bwd_input_kernel``). The configs marked ``persistent`` or ``tma`` in its ``FWD_CONFIGS`` and
 ``BWD_INPUT_CONFIGS`` run here instead:
 
 * ``_chain_fwd_persistent_kernel``: one program per SM walks tiles p, p + P, ... of the same grouped,
@@ -15,25 +15,22 @@
   ends; x gets a per-tile descriptor clipped at P_i when a prefix is not a multiple of BLOCK_K), per tile
   or persistent.
 
-They read the tile tables of ``chain_linear`` and use its jit helpers (same masking rules: never an input
-column >= P_i). ``fwd_variant`` turns a TMA config into pointer loads where the layout is not
-16-byte aligned, the GPU is older than Hopper, or this Triton has no device-side descriptors.
+They read the tile tables of ``chain_linear_tables`` and use the jit helpers of ``chain_linear_jit`` (same
+masking rules: never an input column >= P_i). ``fwd_variant`` turns a TMA config into pointer loads where the
+layout is not 16-byte aligned, the GPU is older than Hopper, or this Triton has no device-side descriptors.
 """
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from colm.kernels import _tuning
-
-# the module, not the function of the same name that ``colm.kernels`` re-exports
-_cl = importlib.import_module("colm.kernels.chain_linear")
+from colm.kernels import chain_linear_jit as _jit
+from colm.kernels import chain_linear_tables as _tab
 
 INTERPRETER_NUM_PROGRAMS = 3  # persistent grid under the interpreter: several tiles per program
 
-if _cl.HAS_TRITON:
+if _jit.HAS_TRITON:
     import triton
     import triton.language as tl
 
@@ -92,20 +89,21 @@ def launch_forward(cfg, args, flags: dict, x2d: torch.Tensor, y: torch.Tensor, n
 
 def launch_backward_input(cfg, dy, w0, dx, tiles, chunks, num_m: int, num_n: int, num_chunks: int, *, even_n: bool,
                           even_k: bool, aligned: bool, upcast: bool) -> None:
-    """The persistent input gradient (``cfg.persistent``) over ``chain_linear._bwd_input_tables``' tiles and chunks."""
+    """The persistent input gradient (``cfg.persistent``) over ``chain_linear_tables._bwd_input_tables``' tiles and
+    chunks."""
     m = dy.shape[0]
     n_prog = num_programs(dy.device, num_m * num_n)
     _chain_bwd_input_persistent_kernel[(n_prog,)](
         dy, w0, dx, tiles, chunks, m, dy.stride(0), dx.stride(0), num_m, num_n, num_chunks, n_prog,
         EVEN_N=even_n, EVEN_K=even_k, ALIGNED=aligned, UPCAST=upcast, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP=_cl.GROUP_N, CHUNK=128, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_K=cfg.block_k, GROUP=_tab.GROUP_N, CHUNK=128, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-if _cl.HAS_TRITON:
+if _jit.HAS_TRITON:
 
     @triton.jit
     def _chain_bwd_input_persistent_kernel(
-        dy_ptr, w_ptr, dx_ptr, tile_ptr, chunk_ptr,  # as chain_linear._chain_bwd_input_kernel (no chain table)
+        dy_ptr, w_ptr, dx_ptr, tile_ptr, chunk_ptr,  # as chain_linear_bwd._chain_bwd_input_kernel (no chain table)
         M, stride_dym, stride_dxm, num_m_tiles, num_n_tiles, num_chunks, num_programs,
         EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
@@ -118,7 +116,7 @@ if _cl.HAS_TRITON:
         num_steps = 0  # Σ (num_chunks - first chunk) over this program's tiles, CHUNK tiles per gather
         for first in range(pid, num_tiles, num_programs * CHUNK):
             tiles = first + tl.arange(0, CHUNK) * num_programs
-            _, rows = _cl._grouped_tile(tl.minimum(tiles, num_tiles - 1), num_m_tiles, num_n_tiles, GROUP)
+            _, rows = _jit._grouped_tile(tl.minimum(tiles, num_tiles - 1), num_m_tiles, num_n_tiles, GROUP)
             fc = tl.load(tile_ptr + rows * 4 + 2, mask=tiles < num_tiles, other=num_chunks).to(tl.int32)
             num_steps += tl.sum(num_chunks - fc)
         rn = tl.arange(0, BLOCK_N)
@@ -135,7 +133,7 @@ if _cl.HAS_TRITON:
         for _ in range(0, num_steps):
             if g == num_chunks - 1:  # next tile
                 tile += num_programs
-                pid_m, pid_n = _cl._grouped_tile(tile, num_m_tiles, num_n_tiles, GROUP)
+                pid_m, pid_n = _jit._grouped_tile(tile, num_m_tiles, num_n_tiles, GROUP)
                 row = tile_ptr + pid_n * 4
                 x_col = tl.load(row)
                 if ALIGNED:
@@ -149,14 +147,14 @@ if _cl.HAS_TRITON:
                 b_cols = x_col + rn_ld[None, :].to(tl.int64)
             else:
                 g += 1
-            acc = _cl._chunk_dot(acc, chunk_ptr, g, a_base, w_ptr, b_cols, rk, ALIGNED, EVEN_K, UPCAST)
+            acc = _jit._chunk_dot(acc, chunk_ptr, g, a_base, w_ptr, b_cols, rk, ALIGNED, EVEN_K, UPCAST)
             if g == num_chunks - 1:  # epilogue of this tile
-                _cl._store_tile(dx_ptr, acc, rm, rn, stride_dxm, x_col, M, n_valid, EVEN_N)
+                _jit._store_tile(dx_ptr, acc, rm, rn, stride_dxm, x_col, M, n_valid, EVEN_N)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     @triton.jit
     def _chain_fwd_persistent_kernel(
-        x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # as chain_linear._chain_fwd_kernel
+        x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # as chain_linear_fwd._chain_fwd_kernel
         M, stride_xm, stride_ym, num_m_tiles, num_n_tiles, num_programs,
         HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr,
@@ -172,7 +170,7 @@ if _cl.HAS_TRITON:
         num_steps = 0  # Σ cdiv(K, BLOCK_K) over this program's tiles, CHUNK tiles per gather
         for first in range(pid, num_tiles, num_programs * CHUNK):
             tiles = first + tl.arange(0, CHUNK) * num_programs
-            _, rows = _cl._grouped_tile(tl.minimum(tiles, num_tiles - 1), num_m_tiles, num_n_tiles, GROUP)
+            _, rows = _jit._grouped_tile(tl.minimum(tiles, num_tiles - 1), num_m_tiles, num_n_tiles, GROUP)
             ks = tl.load(tab_ptr + rows * 5 + 1, mask=tiles < num_tiles, other=0).to(tl.int32)
             num_steps += tl.sum(tl.cdiv(ks, BLOCK_K))
         rn = tl.arange(0, BLOCK_N)
@@ -193,8 +191,8 @@ if _cl.HAS_TRITON:
             ki = tl.where(ki == num_k - 1, 0, ki + 1)
             if ki == 0:  # next tile
                 tile += num_programs
-                pid_m, pid_n = _cl._grouped_tile(tile, num_m_tiles, num_n_tiles, GROUP)
-                row, w_off, K, y_col, n_valid = _cl._fwd_tile_row(tab_ptr, pid_n, ALIGNED)
+                pid_m, pid_n = _jit._grouped_tile(tile, num_m_tiles, num_n_tiles, GROUP)
+                row, w_off, K, y_col, n_valid = _jit._fwd_tile_row(tab_ptr, pid_n, ALIGNED)
                 num_k = tl.cdiv(K, BLOCK_K)
                 rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
                 rm_ld = (rm % M).to(tl.int64)  # clamp instead of masking; the store masks
@@ -202,18 +200,18 @@ if _cl.HAS_TRITON:
                 a_ptrs = x_ptr + rm_ld[:, None] * stride_xm + rk[None, :]
                 b_ptrs = w_ptr + w_off + rn_ld[None, :].to(tl.int64) * K + rk[:, None]
             k0 = ki * BLOCK_K
-            acc = _cl._load_dot(acc, a_ptrs, b_ptrs, rk, K - k0, EVEN_K, UPCAST)
+            acc = _jit._load_dot(acc, a_ptrs, b_ptrs, rk, K - k0, EVEN_K, UPCAST)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
             if ki == num_k - 1:  # epilogue of this tile
                 if HAS_BIAS:
-                    acc = _cl._with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N)
-                _cl._store_tile(y_ptr, acc, rm, rn, stride_ym, y_col, M, n_valid, EVEN_N)
+                    acc = _jit._with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N)
+                _jit._store_tile(y_ptr, acc, rm, rn, stride_ym, y_col, M, n_valid, EVEN_N)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     @triton.jit
     def _chain_fwd_tma_kernel(
-        x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # as chain_linear._chain_fwd_kernel; every base 16-byte aligned
+        x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # as chain_linear_fwd._chain_fwd_kernel; every base 16-byte aligned
         M, K_all, N_all, stride_xm, stride_ym, num_m_tiles, num_n_tiles, num_programs,
         HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
@@ -229,7 +227,7 @@ if _cl.HAS_TRITON:
         y_all = tl.make_tensor_descriptor(y_ptr, shape=[M, N_all], strides=[stride_ym, 1], block_shape=[BLOCK_M, BLOCK_N])
         rn = tl.arange(0, BLOCK_N)
         for tile in range(tl.program_id(0), num_m_tiles * num_n_tiles, num_programs):
-            pid_m, pid_n = _cl._grouped_tile(tile, num_m_tiles, num_n_tiles, GROUP)
+            pid_m, pid_n = _jit._grouped_tile(tile, num_m_tiles, num_n_tiles, GROUP)
             row = tab_ptr + pid_n * 5
             w_off = tl.multiple_of(tl.load(row), 8)
             K = tl.multiple_of(tl.load(row + 1).to(tl.int32), 8)
@@ -252,7 +250,7 @@ if _cl.HAS_TRITON:
                 else:
                     acc = tl.dot(a, b.T, acc)
             if HAS_BIAS:
-                acc = _cl._with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N)
+                acc = _jit._with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N)
             out = acc.to(y_ptr.dtype.element_ty)
             if EVEN_N:
                 y_all.store([off_m, y_col], out)

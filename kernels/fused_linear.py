@@ -41,6 +41,7 @@ from colm.kernels import _tuning
 from colm.kernels.swiglu import silu_mul
 
 _cl = importlib.import_module("colm.kernels.chain_linear")
+_clf = importlib.import_module("colm.kernels.chain_linear_fwd")  # the GEMM kernel's home (where a spy patches it)
 _gemv = importlib.import_module("colm.kernels.chain_linear_gemv")
 
 PER_SEGMENT_CUBLAS = _cl.PER_CHAIN_CUBLAS  # the tuner's unfused candidate: one F.linear per segment
@@ -160,7 +161,7 @@ def fused_linear_forward(x2d: torch.Tensor, segments: Sequence[Segment], config=
             return
         tab = _segments_table(segments, cfg.block_n, x2d.device)
         num_m, num_n = -(-m // cfg.block_m), tab.shape[0]
-        _cl._chain_fwd_kernel[(num_m * num_n,)](
+        _clf._chain_fwd_kernel[(num_m * num_n,)](
             x2d, weights[0], x2d, y, tab, m, x2d.stride(0), y.stride(0), num_m, num_n, ALIGNED=aligned,
             **_cl.fwd_flags(x2d, cfg, outs, prefixes, False))
 

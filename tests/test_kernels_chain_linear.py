@@ -17,6 +17,8 @@ triton = pytest.importorskip("triton")
 
 cl = importlib.import_module("colm.kernels.chain_linear")  # the module (the package re-exports the function)
 hop = importlib.import_module("colm.kernels.chain_linear_hopper")  # its persistent and TMA forward variants
+clf = importlib.import_module("colm.kernels.chain_linear_fwd")  # the kernels' homes: spies go where launches look
+clb = importlib.import_module("colm.kernels.chain_linear_bwd")
 
 INTERP = cl.GemmConfig(16, 16, 16, 1, 1)
 
@@ -110,7 +112,7 @@ def test_interpreter_input_grad_loop_variants(variant, ins, outs, tokens, monkey
     boundaries in one loop) against float64, at even and ragged shapes; the variant's own kernel ran."""
     torch.manual_seed(len(ins) + len(variant))
     cfg = BWD_INPUT_VARIANTS[variant]
-    mod, name = (hop, "_chain_bwd_input_persistent_kernel") if cfg.persistent else (cl, "_chain_bwd_input_kernel")
+    mod, name = (hop, "_chain_bwd_input_persistent_kernel") if cfg.persistent else (clb, "_chain_bwd_input_kernel")
     kernel, ran = getattr(mod, name), []
 
     class Spy:
@@ -148,7 +150,7 @@ def test_interpreter_strided_rows_and_causality():
 # The forward's Hopper variants, forced through ``config=``: persistent flat K-step loop, TMA descriptors.
 FWD_VARIANTS = {"persistent": INTERP._replace(persistent=True), "tma": INTERP._replace(tma=True),
                 "persistent-tma": INTERP._replace(persistent=True, tma=True)}
-FWD_KERNELS = {"_chain_fwd_kernel": cl, "_chain_fwd_persistent_kernel": hop, "_chain_fwd_tma_kernel": hop}
+FWD_KERNELS = {"_chain_fwd_kernel": clf, "_chain_fwd_persistent_kernel": hop, "_chain_fwd_tma_kernel": hop}
 
 
 class _LaunchSpy:
