@@ -15,7 +15,7 @@ from conftest import make_model
 TOKEN = "test-cluster-token"
 
 
-def assert_pool_free(engine, timeout: float = 5.0) -> None:
+def assert_pool_free(engine, timeout: float = 15.0) -> None:
     """A ``DecodeEngine`` of this process: every block free (waits for a grace period or a late free) and no
     request left."""
     end = time.monotonic() + timeout
