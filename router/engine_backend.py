@@ -27,6 +27,7 @@ class EngineBackend:
     def __init__(self, prefill: dict, decode: dict) -> None:
         self.prefill = dict(prefill)  # worker id -> PrefillEngine
         self.decode = dict(decode)  # worker id -> DecodeEngine
+        self._prefills: dict[str, tuple[str, object]] = {}  # attempt id -> (prefill worker, its prefill's future)
 
     async def start(self) -> None:
         for e in list(self.prefill.values()) + list(self.decode.values()):
@@ -74,6 +75,7 @@ class EngineBackend:
                                 timeout_s=req.timeout_s)
                 fut.add_done_callback(lambda f: f.exception() and de.fail_kv(req.request_id, f.exception()))
                 fut.add_done_callback(lambda f: _observe_prefill(f, req))
+                self._prefills[req.request_id] = (prefill_id, fut)
             stream = de.start_generation(req.request_id, req.prompt_ids[-1], req.params, scale=req.scale,
                                          kv_timeout_s=req.timeout_s, speculative=req.speculative,
                                          context_ids=(np.asarray(req.prompt_ids[:-1])
@@ -96,9 +98,19 @@ class EngineBackend:
                     finished = True
                     return
         finally:
+            self._prefills.pop(req.request_id, None)
             if not finished:
                 with contextlib.suppress(Exception):
                     de.abort(req.request_id)
+
+    def silence(self, request_id: str, decode_id: str, idle_s: float) -> WorkerFailed:
+        """The failure of attempt ``request_id`` after ``idle_s`` without a token: its prefill engine's while that
+        prefill has not finished (the decode engine waits for the K/V), else its decode engine's (as
+        ``GrpcBackend.silence``). Asked by the router before it closes the attempt's stream."""
+        prefill = self._prefills.get(request_id)
+        if prefill is not None and not prefill[1].done():
+            return WorkerFailed(prefill[0], f"no token for {idle_s} s: its prefill has not finished")
+        return WorkerFailed(decode_id, f"no token for {idle_s} s")
 
     async def set_scale(self, decode_id: str, request_id: str, scale: int) -> None:
         self.decode[decode_id].set_scale(request_id, scale)

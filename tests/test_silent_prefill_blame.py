@@ -81,3 +81,45 @@ def test_a_late_first_token_with_the_prefill_unfinished_blames_the_prefill_worke
         bg.stop()
         prefill.stop()
         decode.stop()
+
+
+def test_in_process_engines_blame_a_stuck_prefill_on_the_prefill_engine(caplog):
+    """The same with the engines in the router's process (``EngineBackend``): the stuck prefill engine is taken out,
+    the decode engine waiting for its K/V is not."""
+    from colm.router.engine_backend import EngineBackend
+
+    path = str(demo_model_dir())
+    prefill_engine = PrefillEngine.from_checkpoint(path)
+    release = threading.Event()
+    forward = prefill_engine._forward
+
+    def stuck_once(jobs):
+        if not release.is_set():
+            release.wait(30)
+        return forward(jobs)
+
+    prefill_engine._forward = stuck_once
+    backend = EngineBackend({"prefill-0": prefill_engine},
+                            {"decode-0": DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=128))})
+    tok = ByteTokenizer()
+    router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, token_timeout_s=1.0,
+                                 max_retries=5), checkpoint.load_config(path), tok, backend)
+    bg = BackgroundRouter(router)
+    try:
+        with caplog.at_level(logging.WARNING, logger="colm.router"), Client(bg.grpc_addr) as c:
+            got = {}
+            t = threading.Thread(target=lambda: got.update(c.complete(PROMPT, max_new_tokens=8, scale=2,
+                                                                       ignore_eos=True)))
+            t.start()
+            end = time.monotonic() + 20
+            while time.monotonic() < end and not any("taken out of service" in r.getMessage() for r in caplog.records):
+                time.sleep(0.05)
+            release.set()
+            t.join(60)
+        lines = [r.getMessage() for r in caplog.records if "taken out of service" in r.getMessage()]
+        assert lines, "the silent attempt was never failed over"
+        assert not any("worker decode-0 taken out" in m for m in lines), lines
+        assert any("worker prefill-0 taken out" in m for m in lines), lines
+    finally:
+        release.set()
+        bg.stop()
