@@ -19,9 +19,10 @@ def assert_pool_free(engine, timeout: float = 15.0) -> None:
     """A ``DecodeEngine`` of this process: every block free (waits for a grace period or a late free) and no
     request left."""
     end = time.monotonic() + timeout
-    while engine.pool.num_free != engine.pool.num_blocks and time.monotonic() < end:
+    while (engine.pool.num_free != engine.pool.num_blocks or engine._requests) and time.monotonic() < end:
         time.sleep(0.02)
-    assert engine.pool.num_free == engine.pool.num_blocks and not engine._requests
+    assert engine.pool.num_free == engine.pool.num_blocks and not engine._requests, \
+        (engine.pool.num_free, engine.pool.num_blocks, sorted(engine._requests))
 
 
 def wait_pool_free(stub, timeout: float = 10.0):
