@@ -18,12 +18,12 @@ import logging
 import grpc
 
 from colm.proto import load_proto
+from colm.proto.rpc import auth_metadata
 from colm.router.backend import WorkerFailed, WorkerInfo
 from colm.router.call_stream import CallStream
 
 log = logging.getLogger("colm.router")
 kv_pb2, kv_pb2_grpc = load_proto("kv")
-TOKEN_KEY = "x-colm-cluster-token"
 
 
 class WorkerChannels:
@@ -56,7 +56,7 @@ class WorkerChannels:
         return ch
 
     def _md(self):
-        return ((TOKEN_KEY, self.cluster_token),)
+        return auth_metadata(self.cluster_token)
 
     def _decode(self, worker_id: str):
         return kv_pb2_grpc.DecodeWorkerStub(self._channel(worker_id))
