@@ -8,7 +8,9 @@ death, the death is logged with the replica's pid and Ray's account of the exit,
 while the replica has restarts left (``router.replica_max_restarts``) a new actor of the same index (same ports, the
 current workers) starts after a backoff that doubles with each of its restarts (``router.replica_restart_backoff_s``,
 at most ``MAX_BACKOFF_S``): a replica that dies at start-up does not spin. It counts as live again once it listens.
-Its restarts spent, it stays out, and the log says so. Meanwhile the kernel spreads new connections over the routers
+Its restarts spent, it stays out, and the log says so. A replica that has served ``STABLE_S`` since its last
+start has its restarts forgiven, as a process supervisor does: the limit stops a crash loop, not a replica that
+dies once a week. Meanwhile the kernel spreads new connections over the routers
 that still listen, so the service serves on (health stays serving); the connections the dead one held are gone.
 
 Ray does not pass on an actor process's exit code or signal (a SIGKILL and an ``os._exit(3)`` read the same: "Worker
@@ -29,6 +31,7 @@ log = logging.getLogger("colm.serve")
 
 MAX_BACKOFF_S = 60.0  # a restart's wait never grows past this
 START_TIMEOUT_S = 300.0  # the first replicas must listen within this (each loads the tokenizer, maybe a scorer)
+STABLE_S = 600.0  # a replica live this long since its last start has its restart count set back to 0
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Replica:
     pid: int = 0
     restarts: int = 0
     restart_at: float = 0.0
+    live_since: float = 0.0  # when it last began to listen
 
 
 class RouterReplicas:
@@ -117,10 +121,14 @@ class RouterReplicas:
             else:  # it answered: it lives; the next call waits on it
                 r.pid = r.call.result().get("pid", r.pid)
                 r.call = r.handle.process.remote().future()
+                if r.restarts and now - r.live_since >= STABLE_S:
+                    log.info("router replica %d has served %g s since its restart: its restarts are forgiven",
+                             r.index, now - r.live_since)
+                    r.restarts = 0
         self._publish()
 
     def _listening(self, r: Replica) -> None:
-        r.state = "live"
+        r.state, r.live_since = "live", self.clock()
         r.call = r.handle.process.remote().future()  # answers the pid at once, then one call per check
 
     def _died(self, r: Replica, e: BaseException, now: float) -> None:

@@ -150,3 +150,30 @@ def test_a_replica_that_does_not_start_fails_the_launch():
     spawn.fail_next_start = True
     with pytest.raises(ActorDiedError, match="pid: 1000"):
         replicas.start()
+
+
+def test_a_replica_that_served_long_enough_since_its_restart_has_its_restarts_forgiven(caplog):
+    """The limit stops a crash loop, not a replica that dies now and then: after STABLE_S live since its restart, its
+    next death waits the first backoff again and counts as its first restart."""
+    from colm.deploy.replicas import STABLE_S
+
+    replicas, spawn, now, live = _replicas(max_restarts=1, count=2)
+    replicas.start()
+    replicas[0].die()
+    replicas.check()
+    now[0] = 1.0
+    replicas.check()
+    replicas.check()  # back, listening
+    assert live() == 2 and replicas.replicas[0].restarts == 1
+    now[0] = 1.0 + STABLE_S - 1
+    replicas[0].answer()
+    replicas.check()
+    assert replicas.replicas[0].restarts == 1  # not long enough yet
+    now[0] = 1.0 + STABLE_S
+    replicas[0].answer()
+    replicas.check()
+    assert replicas.replicas[0].restarts == 0
+    with caplog.at_level(logging.ERROR, logger="colm.serve"):
+        replicas[0].die()
+        replicas.check()
+    assert "starting it again in 1 s" in _errors(caplog)[-1]  # not "restarts are spent"
