@@ -236,6 +236,35 @@ def main() -> None:
                                                            and v[0] == "{32} (Llama)")]
     rows = []
     tokens = args.batch * args.seq
+
+    def report() -> None:
+        """The ratios over the rows so far, and the JSON written (after every row: a call cut short keeps them)."""
+        base = {r["precision"]: r for r in rows if r.get("model") == "{32} (Llama)" and "error" not in r}
+        base["autocast-ref"] = base.get("autocast")  # the dense model has no chain Linears: one autocast run serves both
+        for r in rows:
+            if "error" not in r and base.get(r["precision"]):
+                r["tokens_per_s_vs_llama"] = r["tokens_per_s"] / base[r["precision"]]["tokens_per_s"]
+                # what the ratio could be with both steps at their bounds, and how near each step is to its bound
+                r["bound_ratio_vs_llama"] = base[r["precision"]]["bound"]["total_ms"] / r["bound"]["total_ms"]
+            if "error" not in r:
+                r["step_over_bound"] = r["step_ms_median"] / r["bound"]["total_ms"]
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        result = {"bench": "train_throughput", "device": dev_name, "torch": torch.__version__, "triton": triton_version,
+                  "batch": args.batch, "seq_len": args.seq, "tokens_per_step": tokens, "timed_steps": args.steps,
+                  "warmup_steps": args.warmup, "peak_bf16_flops": peak, "measured_rates": rates,
+                  "bound_convention": f"matmul FLOPs (MFU count) at the measured GEMM rate + {STEP_BYTES_PER_PARAM} B per "
+                                      f"parameter (fused AdamW, autocast casts) + {LOGIT_BYTES} B per logit at the "
+                                      f"measured copy rate; elementwise activations left out",
+                  "mfu_convention": "6*matmul_params + 12*layers*dim*seq per token (PaLM/nanoGPT), dense bf16 peak",
+                  "rows": rows}
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
     for mname, precision, loss_kind in variants:
         cfg = models[mname]
         t0 = time.perf_counter()
@@ -251,6 +280,7 @@ def main() -> None:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            report()
             continue
         med = statistics.median(times)
         fpt = flops_per_token(cfg, args.seq, loss_kind)
@@ -270,32 +300,7 @@ def main() -> None:
             waits = "  ".join(f"{w['name']} x{w['count']} {w['cpu_ms']:.1f}" for w in prof["host_waits"])
             tops = "  ".join(f"{o['name'][:40]} x{o['count']} {o['self_cpu_ms']:.1f}" for o in prof["host_top_ops"][:8])
             print(f"    host waits: {waits or 'none'}\n    host top: {tops}", flush=True)
-    base = {r["precision"]: r for r in rows if r.get("model") == "{32} (Llama)" and "error" not in r}
-    base["autocast-ref"] = base.get("autocast")  # the dense model has no chain Linears: one autocast run serves both
-    for r in rows:
-        if "error" not in r and base.get(r["precision"]):
-            r["tokens_per_s_vs_llama"] = r["tokens_per_s"] / base[r["precision"]]["tokens_per_s"]
-            # what the ratio could be with both steps at their bounds, and how near each step is to its bound
-            r["bound_ratio_vs_llama"] = base[r["precision"]]["bound"]["total_ms"] / r["bound"]["total_ms"]
-        if "error" not in r:
-            r["step_over_bound"] = r["step_ms_median"] / r["bound"]["total_ms"]
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    result = {"bench": "train_throughput", "device": dev_name, "torch": torch.__version__, "triton": triton_version,
-              "batch": args.batch, "seq_len": args.seq, "tokens_per_step": tokens, "timed_steps": args.steps,
-              "warmup_steps": args.warmup, "peak_bf16_flops": peak, "measured_rates": rates,
-              "bound_convention": f"matmul FLOPs (MFU count) at the measured GEMM rate + {STEP_BYTES_PER_PARAM} B per "
-                                  f"parameter (fused AdamW, autocast casts) + {LOGIT_BYTES} B per logit at the "
-                                  f"measured copy rate; elementwise activations left out",
-              "mfu_convention": "6*matmul_params + 12*layers*dim*seq per token (PaLM/nanoGPT), dense bf16 peak",
-              "rows": rows}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+        report()
     print(f"\n{'model':14s} {'precision':14s} {'loss':11s} {'ms/step':>8s} {'tok/s':>9s} {'MFU':>6s} {'vs {32}':>8s} "
           f"{'bound ms':>8s} {'x bound':>7s} {'bound vs {32}':>13s}")
     for r in rows:
