@@ -78,3 +78,8 @@ class ScaleControl:
                         continue
                     state.scale = scale
                     self.metrics.scale_changes.inc()
+                    # it failed over while the move was on its way: the retry started at the old scale, and its first
+                    # token may have come (and found nothing to catch up) before the state said the new one
+                    _, now_id, now_decode = self.running.get(uid, (None, attempt_id, ""))
+                    if now_id != attempt_id:
+                        await self.backend.set_scale(now_decode, now_id, scale)

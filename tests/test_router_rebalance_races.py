@@ -2,7 +2,9 @@
 interleavings forced step by step over a scripted backend (no model, no network):
 
 * after a failover the request runs under its retry's attempt id (``<uid>.1``): a move reaches that attempt, on the
-  worker it now runs on (it was looked up by the first attempt's id, found nothing and was silently dropped);
+  worker it now runs on (it was looked up by the first attempt's id, found nothing and was silently dropped); a move
+  whose reply comes back only after the retry's first token reaches the retry too (the router took the scale as moved
+  while the retry decoded at the old one to its end);
 * a client's switch (``set_scale``) pins the scale: a move already decided for the request, or already on its way to
   the worker, never leaves the worker or the router at another scale than the client's."""
 
@@ -173,5 +175,44 @@ def test_a_request_pinned_while_an_earlier_move_of_the_round_is_on_its_way_is_no
         assert (backend.placed[other], other, 1) not in backend.calls
         await _finish(backend, first, reader_a)
         await _finish(backend, second, reader_b)
+
+    asyncio.run(main())
+
+
+def test_a_move_whose_reply_comes_after_a_failover_reaches_the_retried_attempt():
+    """A move the worker applied, whose reply comes back only after the attempt failed over and its retry (started at
+    the old scale) sent its first token: the router must not take the scale as moved while the retry runs at the old
+    one (its state said 1, the worker decoded at 2 until the end: no later round moved it, as it 'was' at 1)."""
+    async def main():
+        router, backend = await _router()
+        uid, reader = _start(router, "late-reply")
+        await _until(lambda: uid in backend.feeds)
+        backend.feeds[uid].put_nowait(65)
+        await _until(lambda: backend.feeds[uid].empty())
+        reply = asyncio.Event()
+        real = backend.set_scale
+
+        async def applied_then_late(decode_id, request_id, scale):  # the worker applies it; its reply is late
+            await real(decode_id, request_id, scale)
+            if request_id == uid:
+                await reply.wait()
+
+        backend.set_scale = applied_then_late
+        move = asyncio.ensure_future(router.rebalance_once())
+        await _until(lambda: backend.calls)
+        assert backend.scales[uid] == 1
+        backend.feeds[uid].put_nowait(WorkerFailed(backend.placed[uid], "gone"))  # fails over meanwhile
+        retry = f"{uid}.1"
+        await _until(lambda: retry in backend.placed)
+        assert backend.scales[retry] == 2  # the router's state still said 2 when the retry started
+        backend.feeds[retry].put_nowait(66)  # the retry's first token, at 2: nothing to catch up yet
+        await _until(lambda: backend.feeds[retry].empty())
+        await asyncio.sleep(0.01)
+        reply.set()
+        await asyncio.wait_for(move, 5)
+        assert router._states[uid].scale == backend.scales[retry], backend.calls
+        backend.feeds[retry].put_nowait(67)
+        events = await _finish(backend, retry, reader)
+        assert [(e.token_id, e.scale) for e in events if e.kind == "token"] == [(65, 2), (66, 2), (67, 1)]
 
     asyncio.run(main())
