@@ -118,64 +118,70 @@ def profile_step(step) -> dict:
             "host_waits": [{"name": e.key[:90], "count": e.count, "cpu_ms": e.cpu_time_total / 1e3} for e in waits]}
 
 
+def variant_env(precision: str) -> dict[str, str]:
+    """The environment a variant runs under: the chain Linear's per-chain GEMMs (autocast-ref), the compiled
+    elementwise ops (autocast-compile, and autocast-graph unless the caller's environment says otherwise)."""
+    if precision == "autocast-ref":
+        return {"COLM_CHAIN_LINEAR": "ref"}
+    if precision == "autocast-compile":
+        return {"COLM_COMPILE_ELEMENTWISE": "1"}
+    if precision == "autocast-graph":
+        return {"COLM_COMPILE_ELEMENTWISE": os.environ.get("COLM_COMPILE_ELEMENTWISE", "1")}
+    return {}
+
+
 def run_variant(name, cfg, precision, loss_kind, batches, steps, warmup, device="cuda", profile=False):
+    from unittest import mock
+
     from colm.model import CoLM
     from colm.train.step import TrainModule, build_optimizer, train_step
 
-    torch.manual_seed(0)
-    cuda = device == "cuda"
-    model = CoLM(cfg, device=device).reset_parameters(seed=0)
-    module = TrainModule(model, loss_kind, log_all_scales=False)
-    fsdp = precision == "fsdp-bf16"
-    env = {"autocast-ref": ("COLM_CHAIN_LINEAR", "ref"), "autocast-compile": ("COLM_COMPILE_ELEMENTWISE", "1")}
-    if precision in env or precision == "autocast-graph" and "COLM_COMPILE_ELEMENTWISE" not in os.environ:
-        key, value = env.get(precision, env["autocast-compile"])
-        os.environ[key] = value
-        try:
-            base = "autocast-graph" if precision == "autocast-graph" else "autocast"
-            return run_variant(name, cfg, base, loss_kind, batches, steps, warmup, device, profile)
-        finally:
-            os.environ.pop(key, None)
-    if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    with mock.patch.dict(os.environ, variant_env(precision)):  # the caller's environment back afterwards
+        torch.manual_seed(0)
+        cuda = device == "cuda"
+        model = CoLM(cfg, device=device).reset_parameters(seed=0)
+        module = TrainModule(model, loss_kind, log_all_scales=False)
+        fsdp = precision == "fsdp-bf16"
+        if fsdp:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
-        for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(module, mp_policy=mp, reshard_after_forward=False)
-    graph, stepper = precision == "autocast-graph", None
-    opt = build_optimizer(list(module.named_parameters()), 3e-4, 0.1, (0.9, 0.95), 1e-8, capturable=graph)
-    if graph:
-        from colm.train.graphed_step import GraphedTrainStep
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None, reduce_dtype=torch.float32)
+            for block in model.layers:
+                fully_shard(block, mp_policy=mp)
+            fully_shard(module, mp_policy=mp, reshard_after_forward=False)
+        graph, stepper = precision == "autocast-graph", None
+        opt = build_optimizer(list(module.named_parameters()), 3e-4, 0.1, (0.9, 0.95), 1e-8, capturable=graph)
+        if graph:
+            from colm.train.graphed_step import GraphedTrainStep
 
-        stepper = GraphedTrainStep(module, opt, autocast_bf16=True, warmup=max(1, warmup - 1))
-        run_step = lambda b: stepper([b], 1.0)  # noqa: E731 - captured on the last warm-up call, replayed after
-    else:
-        run_step = lambda b: train_step(module, opt, [b], 1.0, autocast_bf16=cuda and not fsdp)  # noqa: E731
-    times, losses = [], []
-    for i in range(warmup + steps):
+            stepper = GraphedTrainStep(module, opt, autocast_bf16=True, warmup=max(1, warmup - 1))
+            run_step = lambda b: stepper([b], 1.0)  # noqa: E731 - captured on the last warm-up call, replayed after
+        else:
+            run_step = lambda b: train_step(module, opt, [b], 1.0, autocast_bf16=cuda and not fsdp)  # noqa: E731
+        times, losses = [], []
+        for i in range(warmup + steps):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            loss, _, _ = run_step(batches[i % len(batches)])
+            if cuda:
+                end.record()
+                torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end) / 1e3 if cuda else time.perf_counter() - t0
+            losses.append(float(loss))
+            if i >= warmup:
+                times.append(elapsed)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        prof = None
+        if profile and cuda:
+            prof = profile_step(lambda: run_step(batches[0]))
+        module = model = opt = run_step = stepper = None  # noqa: F841 - frees the model (and a graph) before the next
+        gc.collect()
         if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        t0 = time.perf_counter()
-        loss, _, _ = run_step(batches[i % len(batches)])
-        if cuda:
-            end.record()
-            torch.cuda.synchronize()
-        elapsed = start.elapsed_time(end) / 1e3 if cuda else time.perf_counter() - t0
-        losses.append(float(loss))
-        if i >= warmup:
-            times.append(elapsed)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    prof = None
-    if profile and cuda:
-        prof = profile_step(lambda: run_step(batches[0]))
-    module = model = opt = run_step = stepper = None  # noqa: F841 - frees the model (and a graph) before the next
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    return times, losses, mem, prof
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        return times, losses, mem, prof
 
 
 def main() -> None:

@@ -32,19 +32,20 @@ DEVICES = ("cuda",)  # device types the compiled path serves (tests add "cpu")
 BACKEND = "inductor"  # torch.compile's backend (tests use "aot_eager": the same graphs, not code-generated)
 _compiled: dict[str, Callable] = {}
 _failed: list[str] = []  # the first failure's message, once a compile has failed
-_on = [False]  # set_enabled's choice
+_on = False  # set_enabled's choice
 
 
 def set_enabled(on: bool) -> None:
     """Turn the compiled path on or off for this process (``run.compile_elementwise``)."""
-    _on[0] = bool(on)
+    global _on
+    _on = bool(on)
 
 
 def enabled() -> bool:
     """Whether the compiled path is on: ``COLM_COMPILE_ELEMENTWISE`` (1 or 0) if set, else ``set_enabled``'s choice;
     never after a compile has failed."""
     env = os.environ.get("COLM_COMPILE_ELEMENTWISE")
-    return (env != "0" if env is not None else _on[0]) and not _failed
+    return (env != "0" if env is not None else _on) and not _failed
 
 
 def wants(*tensors: torch.Tensor) -> bool:
@@ -60,10 +61,8 @@ def run(name: str, ref: Callable, *args):
         fn = _compiled[name] = torch.compile(ref, dynamic=False, fullgraph=True, backend=BACKEND)
     try:
         return fn(*args)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # a compiler or codegen failure: the computation itself is the eager reference's
-        if not isinstance(e, (torch._dynamo.exc.TorchDynamoException, RuntimeError, OSError, ImportError)):
+    except (torch._dynamo.exc.TorchDynamoException, RuntimeError, OSError, ImportError) as e:
+        if isinstance(e, torch.OutOfMemoryError):  # the computation's own failure, not the compiler's
             raise
         _failed.append(f"{type(e).__name__}: {e}"[:500])
         log.warning("torch.compile of the training path's %s failed; eager elementwise ops from now on "
@@ -73,7 +72,8 @@ def run(name: str, ref: Callable, *args):
 
 def reset() -> None:
     """Forget the compiled functions, a recorded failure and set_enabled's choice (tests)."""
+    global _on
     _compiled.clear()
     _failed.clear()
-    _on[0] = False
+    _on = False
     torch._dynamo.reset()

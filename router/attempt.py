@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 
-from colm.router.backend import EngineToken, RequestFailed, WorkerFailed
+from colm.router.backend import EngineToken, RequestFailed, WorkerFailed, silent_worker
 from colm.router.request import DeadlineExceeded, RequestError, RequestSpec, Unavailable
 
 log = logging.getLogger("colm.router")
@@ -65,7 +65,7 @@ class Attempts:
         blame = getattr(self.backend, "silence", None)
         if blame is not None:
             return blame(attempt_id, decode_id, self.cfg.token_timeout_s)
-        return WorkerFailed(decode_id, f"no token for {self.cfg.token_timeout_s} s")
+        return silent_worker({}, attempt_id, decode_id, self.cfg.token_timeout_s)
 
     def _worker_failed(self, spec: RequestSpec, e: WorkerFailed, failed: dict[str, float], retries: int,
                        done: int) -> None:

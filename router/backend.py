@@ -30,6 +30,16 @@ class WorkerFailed(Exception):
         self.worker_id = worker_id
 
 
+def silent_worker(prefills: dict, attempt_id: str, decode_id: str, idle_s: float) -> WorkerFailed:
+    """The failure of attempt ``attempt_id`` after ``idle_s`` without a token: its prefill worker's while its prefill,
+    in ``prefills`` (attempt id -> (prefill worker, the prefill's future)), has not finished (the decode worker waits
+    for the K/V: the prefill worker is the silent one), else its decode worker's. A backend's ``silence``."""
+    prefill = prefills.get(attempt_id)
+    if prefill is not None and not prefill[1].done():
+        return WorkerFailed(prefill[0], f"no token for {idle_s} s: its prefill has not finished")
+    return WorkerFailed(decode_id, f"no token for {idle_s} s")
+
+
 class RequestFailed(Exception):
     """One request failed on a worker that serves on (its step, its transfer): retried, the worker kept."""
 

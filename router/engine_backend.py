@@ -17,7 +17,7 @@ import numpy as np
 
 from colm.errors import CapacityError, EngineDeadError, RequestAbortedError
 from colm.logits_adjust import reads_prompt
-from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo
+from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo, silent_worker
 from colm.router.placement import NoWorker
 from colm.router.metrics import report_timeline
 from colm.router.policy import WorkerReport
@@ -107,10 +107,7 @@ class EngineBackend:
         """The failure of attempt ``request_id`` after ``idle_s`` without a token: its prefill engine's while that
         prefill has not finished (the decode engine waits for the K/V), else its decode engine's (as
         ``GrpcBackend.silence``). Asked by the router before it closes the attempt's stream."""
-        prefill = self._prefills.get(request_id)
-        if prefill is not None and not prefill[1].done():
-            return WorkerFailed(prefill[0], f"no token for {idle_s} s: its prefill has not finished")
-        return WorkerFailed(decode_id, f"no token for {idle_s} s")
+        return silent_worker(self._prefills, request_id, decode_id, idle_s)
 
     async def set_scale(self, decode_id: str, request_id: str, scale: int) -> None:
         self.decode[decode_id].set_scale(request_id, scale)

@@ -23,7 +23,7 @@ from colm.logits_adjust import reads_prompt
 from colm.proto import load_proto
 from colm.proto.convert import sampling_to_decode
 from colm.proto.token_ids import pack_token_ids
-from colm.router.backend import EngineRequest, EngineToken, WorkerFailed
+from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, silent_worker
 from colm.router.grpc_failures import _REFUSED
 from colm.router.metrics import report_timeline
 
@@ -125,10 +125,7 @@ class RequestCalls:
         """The failure of attempt ``request_id`` after ``idle_s`` without a token (either token stream): its prefill
         worker's while no token has come and its Prefill call is still out (the decode worker waits for the K/V: the
         prefill worker is the silent one), else its decode worker's. Ask before the attempt's stream is closed."""
-        prefill = self._prefills.get(request_id)
-        if prefill is not None and not prefill[1].done():
-            return WorkerFailed(prefill[0], f"no token for {idle_s} s: its prefill has not finished")
-        return WorkerFailed(decode_id, f"no token for {idle_s} s")
+        return silent_worker(self._prefills, request_id, decode_id, idle_s)
 
     def _early_transport(self, prefill_id: str, decode_id: str):
         """(transport name, the pair's facts) when Reserve and Prefill may go out at once: the transport the

@@ -36,20 +36,26 @@ TOKEN = "silent-prefill-token-0123456789"
 PROMPT = "def read_config(path):"
 
 
-@pytest.mark.parametrize("token_stream", ["batched", "per_request"])
-def test_a_late_first_token_with_the_prefill_unfinished_blames_the_prefill_worker(caplog, token_stream):
-    path = str(demo_model_dir())
-    decode = DecodeServer(DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=128)), TOKEN).start()
-    prefill_engine = PrefillEngine.from_checkpoint(path)
+def _stuck_prefill(path: str) -> tuple[PrefillEngine, threading.Event]:
+    """A prefill engine whose first forward hangs until the event is set: its loop is stuck, its Stats answer."""
+    engine = PrefillEngine.from_checkpoint(path)
     release = threading.Event()
-    forward = prefill_engine._forward
+    forward = engine._forward
 
-    def stuck_once(jobs):  # the first prefill forward hangs until released: the prefill loop is stuck, Stats answer
+    def stuck_once(jobs):
         if not release.is_set():
             release.wait(30)
         return forward(jobs)
 
-    prefill_engine._forward = stuck_once
+    engine._forward = stuck_once
+    return engine, release
+
+
+@pytest.mark.parametrize("token_stream", ["batched", "per_request"])
+def test_a_late_first_token_with_the_prefill_unfinished_blames_the_prefill_worker(caplog, token_stream):
+    path = str(demo_model_dir())
+    decode = DecodeServer(DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=128)), TOKEN).start()
+    prefill_engine, release = _stuck_prefill(path)
     prefill = PrefillServer(prefill_engine, TOKEN).start()
     workers = [WorkerInfo("decode-0", "decode", decode.address), WorkerInfo("prefill-0", "prefill", prefill.address)]
     tok = ByteTokenizer()
@@ -89,16 +95,7 @@ def test_in_process_engines_blame_a_stuck_prefill_on_the_prefill_engine(caplog):
     from colm.router.engine_backend import EngineBackend
 
     path = str(demo_model_dir())
-    prefill_engine = PrefillEngine.from_checkpoint(path)
-    release = threading.Event()
-    forward = prefill_engine._forward
-
-    def stuck_once(jobs):
-        if not release.is_set():
-            release.wait(30)
-        return forward(jobs)
-
-    prefill_engine._forward = stuck_once
+    prefill_engine, release = _stuck_prefill(path)
     backend = EngineBackend({"prefill-0": prefill_engine},
                             {"decode-0": DecodeEngine.from_checkpoint(path, DecodeConfig(num_blocks=128))})
     tok = ByteTokenizer()
