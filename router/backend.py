@@ -15,6 +15,7 @@ no token came for ``router.token_timeout_s`` (else it blames the decode worker).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Protocol
 
@@ -28,6 +29,14 @@ class WorkerFailed(Exception):
     def __init__(self, worker_id: str, message: str = "") -> None:
         super().__init__(f"worker {worker_id} failed: {message}" if message else f"worker {worker_id} failed")
         self.worker_id = worker_id
+
+
+def cancelled_itself() -> bool:
+    """Whether the running task was asked to cancel (its caller, a timeout, the router stopping). A backend's call
+    may raise CancelledError without that: grpc.aio does in a task awaiting a call whose channel was closed under it.
+    Code that must outlive a failed call (the health poll loop) re-raises only its own cancellation."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def silent_worker(prefills: dict, attempt_id: str, decode_id: str, idle_s: float) -> WorkerFailed:

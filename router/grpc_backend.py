@@ -31,7 +31,7 @@ from colm.proto import load_proto
 from colm.router.backend import WorkerInfo
 from colm.router.call_stream import CallStream
 from colm.router.config import TOKEN_STREAMS, WORKER_CALLS
-from colm.router.grpc_channels import WorkerChannels
+from colm.router.grpc_channels import WorkerChannels, on_channel
 from colm.router.grpc_failures import CallFailures
 from colm.router.grpc_request import RequestCalls
 from colm.router.grpc_tokens import BatchedTokens
@@ -94,14 +94,14 @@ class GrpcBackend(WorkerChannels, CallFailures, RequestCalls, BatchedTokens):
     async def poll(self, worker_id: str) -> WorkerReport:
         w = self._workers[worker_id]
         if w.role == "decode":
-            s = await self._decode(worker_id).Stats(kv_pb2.DecodeStatsRequest(), metadata=self._md(),
-                                                    timeout=STATS_TIMEOUT_S)
+            s = await on_channel(worker_id, self._decode(worker_id).Stats(
+                kv_pb2.DecodeStatsRequest(), metadata=self._md(), timeout=STATS_TIMEOUT_S))
             self._host_ids[worker_id] = s.host_id
             self._cuda[worker_id] = s.cuda_kv
             self._transports[worker_id] = tuple(s.transports)
             return WorkerReport.of_decode(worker_id, s)
-        s = await self._prefill(worker_id).Stats(kv_pb2.PrefillStatsRequest(), metadata=self._md(),
-                                                 timeout=STATS_TIMEOUT_S)
+        s = await on_channel(worker_id, self._prefill(worker_id).Stats(
+            kv_pb2.PrefillStatsRequest(), metadata=self._md(), timeout=STATS_TIMEOUT_S))
         self._host_ids[worker_id] = s.host_id
         self._cuda[worker_id] = s.cuda
         nbytes, seconds, tokens = self._transfer.get(worker_id, (0, 0.0, 0))
@@ -121,16 +121,16 @@ class GrpcBackend(WorkerChannels, CallFailures, RequestCalls, BatchedTokens):
         await self._unary(decode_id, "Abort", kv_pb2.AbortRequest(request_id=request_id), kv_pb2.AbortReply, 2.0)
 
     async def reset_prefix_cache(self, decode_id: str) -> int:
-        r = await self._decode(decode_id).ResetPrefixCache(kv_pb2.ResetPrefixCacheRequest(), metadata=self._md(),
-                                                           timeout=10.0)
+        r = await on_channel(decode_id, self._decode(decode_id).ResetPrefixCache(
+            kv_pb2.ResetPrefixCacheRequest(), metadata=self._md(), timeout=10.0))
         return r.num_freed_blocks
 
     async def prompt_logprobs(self, decode_id: str, prompt_ids: list[int], scale: int):
         if self.scorer is not None:  # optional local copy: scores without loading a decode worker
             return await asyncio.get_running_loop().run_in_executor(None, prompt_logprobs, self.scorer, prompt_ids, scale)
         try:
-            r = await self._decode(decode_id).Score(kv_pb2.ScoreRequest(token_ids=list(prompt_ids), scale=scale),
-                                                    metadata=self._md(), timeout=60.0)
+            r = await on_channel(decode_id, self._decode(decode_id).Score(
+                kv_pb2.ScoreRequest(token_ids=list(prompt_ids), scale=scale), metadata=self._md(), timeout=60.0))
         except grpc.aio.AioRpcError as e:
             raise self._failure(e, decode_id) from None
         return list(zip(r.logprobs, r.top_token_ids, r.top_logprobs))

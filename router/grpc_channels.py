@@ -5,7 +5,10 @@ calls (Reserve, Prefill, Start, SetScale, Abort) sent over one ``Calls`` stream 
 no per-call set-up on either side; a worker without it (UNIMPLEMENTED) gets the call as a unary call, and so does
 every call with ``worker_calls="unary"``. Every call carries the cluster token (``_md``). A worker whose address
 changes or that is removed (``set_workers``: a restarted actor) loses its channel, its Calls stream and its Tokens
-stream; the calls still on them end with CANCELLED and their requests fail over.
+stream; the calls still on them end with CANCELLED and their requests fail over. grpc.aio ends a call whose channel
+is closed by raising ``asyncio.CancelledError`` in the task awaiting it, which was not cancelled itself; the calls
+here go through ``on_channel``, which turns that into the ``AioRpcError`` CANCELLED of a failed call (a task that
+read it as its own cancellation ended: the health poll loop did, and the router stopped serving after a restart).
 
 A mixin of ``GrpcBackend`` (``router/grpc_backend.py``), which sets up the state it uses.
 """
@@ -19,8 +22,8 @@ import grpc
 
 from colm.proto import load_proto
 from colm.proto.rpc import auth_metadata
-from colm.router.backend import WorkerFailed, WorkerInfo
-from colm.router.call_stream import CallStream
+from colm.router.backend import WorkerFailed, WorkerInfo, cancelled_itself
+from colm.router.call_stream import CallStream, rpc_error
 
 log = logging.getLogger("colm.router")
 kv_pb2, kv_pb2_grpc = load_proto("kv")
@@ -79,7 +82,8 @@ class WorkerChannels:
                 cs = self._call_streams[worker_id] = CallStream(lambda: stub.Calls(metadata=self._md()))
             if not cs.unsupported:  # a task: its message goes out before what the caller sends after this
                 return asyncio.ensure_future(self._on_stream(cs, worker_id, method, request, reply_cls, timeout))
-        return getattr(self._stub(worker_id), method)(request, metadata=self._md(), timeout=timeout)
+        return asyncio.ensure_future(on_channel(worker_id, getattr(self._stub(worker_id), method)(
+            request, metadata=self._md(), timeout=timeout)))
 
     async def _on_stream(self, cs: CallStream, worker_id: str, method: str, request, reply_cls: type, timeout: float):
         try:
@@ -88,7 +92,23 @@ class WorkerChannels:
             if e.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise
             log.info("worker %s: %s not on its Calls stream (%s); sending calls", worker_id, method, e.details())
-        return await getattr(self._stub(worker_id), method)(request, metadata=self._md(), timeout=timeout)
+        return await on_channel(worker_id, getattr(self._stub(worker_id), method)(request, metadata=self._md(),
+                                                                                  timeout=timeout))
+
+
+def channel_closed(worker_id: str) -> grpc.aio.AioRpcError:
+    return rpc_error(grpc.StatusCode.CANCELLED,
+                     f"worker {worker_id}: the call's channel was closed (the worker moved or was removed)")
+
+
+async def on_channel(worker_id: str, call):
+    """``await call`` (a call on ``worker_id``'s channel); the channel closed under it raises ``channel_closed``."""
+    try:
+        return await call
+    except asyncio.CancelledError:
+        if cancelled_itself():
+            raise
+        raise channel_closed(worker_id) from None
 
 
 def _loop_running() -> bool:

@@ -23,7 +23,8 @@ from colm.logits_adjust import reads_prompt
 from colm.proto import load_proto
 from colm.proto.convert import sampling_to_decode
 from colm.proto.token_ids import pack_token_ids
-from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, silent_worker
+from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, cancelled_itself, silent_worker
+from colm.router.grpc_channels import channel_closed
 from colm.router.grpc_failures import _REFUSED
 from colm.router.metrics import report_timeline
 
@@ -100,6 +101,10 @@ class RequestCalls:
                     return
                 except grpc.aio.AioRpcError as e:
                     raise self._failure(e, decode_id) from None
+                except asyncio.CancelledError:
+                    if cancelled_itself():
+                        raise
+                    raise self._failure(channel_closed(decode_id), decode_id) from None
                 if not streaming:
                     self._prefills.pop(req.request_id, None)
                 streaming = True

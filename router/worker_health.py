@@ -18,6 +18,7 @@ import asyncio
 import logging
 
 from colm.proto.rpc import error_line
+from colm.router.backend import cancelled_itself
 
 log = logging.getLogger("colm.router")
 
@@ -27,6 +28,8 @@ def _poll_failure(e: BaseException, timeout_s: float) -> str:
     ``error_line`` gives it."""
     if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
         return f"no answer within router.poll_timeout_s={timeout_s:g} s"
+    if isinstance(e, asyncio.CancelledError):
+        return "the call was cut before it answered (its channel was closed)"
     return error_line(e)[:300]
 
 
@@ -109,7 +112,9 @@ class WorkerHealth:
         async def one(w):
             try:
                 r = await asyncio.wait_for(self.backend.poll(w.worker_id), timeout=self.cfg.poll_timeout_s)
-            except Exception as e:  # any failure to answer takes the worker out until it reports again
+            except (Exception, asyncio.CancelledError) as e:  # any failure to answer takes the worker out until it
+                if isinstance(e, asyncio.CancelledError) and cancelled_itself():  # reports again; a cancellation
+                    raise  # of this round (the router stopping) ends it
                 why = _poll_failure(e, self.cfg.poll_timeout_s)
                 if w.healthy or self._poll_errors.get(w.worker_id) != why:  # once per new reason
                     log.warning("worker %s failed its health poll: %s", w.worker_id, why)
@@ -141,5 +146,7 @@ class WorkerHealth:
                 await self.poll_once()
                 if self.cfg.rebalance:
                     await self.rebalance_once()
-            except Exception:  # the loop must outlive any one bad round
+            except (Exception, asyncio.CancelledError) as e:  # the loop must outlive any one bad round; only its own
+                if isinstance(e, asyncio.CancelledError) and cancelled_itself():  # cancellation (the router stopping)
+                    raise  # ends it
                 log.exception("router poll loop")
