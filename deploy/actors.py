@@ -86,10 +86,12 @@ class StartError(RuntimeError):
 
 def _cause(e: BaseException) -> str:
     """The line of ``e``'s text that says why (an actor's creation error carries the worker's traceback: its last
-    ``SomeError: message`` line), at most 1,000 characters."""
+    ``SomeError: message`` line; an actor's death, Ray's ``The actor is dead because ...`` line after the generic
+    first one), at most 1,000 characters."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     named = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b:?", ln)]
-    return (named[-1] if named else lines[0] if lines else type(e).__name__)[:1000]
+    because = [ln for ln in lines if ln.startswith("The actor is dead because")]
+    return (named[-1] if named else because[-1] if because else lines[0] if lines else type(e).__name__)[:1000]
 
 
 class WorkerActor:
@@ -279,9 +281,10 @@ class WorkerPool:
                 self.addresses[wid], self.metrics_urls[wid] = self._endpoints(ref, timeout_s)
                 if before is not None and before != self.addresses[wid]:  # a restarted actor, on a new port
                     log.info("worker %s now listens at %s (was %s)", wid, self.addresses[wid], before)
-            except ray.exceptions.ActorDiedError as e:  # Ray will not restart it: max_restarts is exhausted
-                self.dead[wid] = (f"died and Ray will not restart it (max_restarts={self.cfg.workers.max_restarts} "
-                                  f"exhausted): {_cause(e)}")
+            except ray.exceptions.ActorDiedError as e:  # Ray will not restart it
+                # its restarts exhausted, or killed for good (ray.kill with no_restart): Ray's cause says which
+                self.dead[wid] = (f"died and Ray will not restart it (workers.max_restarts="
+                                  f"{self.cfg.workers.max_restarts}): {_cause(e)}")
                 log.error("worker %s %s", wid, self.dead[wid])
                 if require_all:
                     raise StartError(f"worker {wid} {self.dead[wid]}") from None

@@ -115,7 +115,7 @@ class GrpcBackend(WorkerChannels, CallFailures, RequestCalls, BatchedTokens):
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:  # the worker holds no such request (not yet, or no more)
                 raise UnknownRequestError(e.details()) from None
-            raise
+            raise self._failure(e, decode_id) from None  # a worker gone: WorkerFailed, as a request's calls raise
 
     async def abort(self, decode_id: str, request_id: str) -> None:
         await self._unary(decode_id, "Abort", kv_pb2.AbortRequest(request_id=request_id), kv_pb2.AbortReply, 2.0)

@@ -29,6 +29,7 @@ from colm.router.grpc_failures import _REFUSED
 from colm.router.metrics import report_timeline
 
 kv_pb2, _ = load_proto("kv")
+CALL_TIMEOUT_S = 10.0  # the bound of a request's Reserve and Start calls (and its token stream's opening)
 
 
 class RequestCalls:
@@ -65,11 +66,11 @@ class RequestCalls:
                 try:
                     reply = await _unabandoned(placing, self._unary(decode_id, "Reserve", kv_pb2.ReserveRequest(
                         request_id=req.request_id, prompt_len=len(req.prompt_ids), max_new_tokens=p.max_new_tokens,
-                        timeout_s=timeout), kv_pb2.ReserveReply, min(timeout, 10.0)))
+                        timeout_s=timeout), kv_pb2.ReserveReply, min(timeout, CALL_TIMEOUT_S)), req.failover)
                 except grpc.aio.AioRpcError as e:
                     if e.code() in _REFUSED:
                         reserved = False
-                    raise self._failure(e, decode_id) from None
+                    raise self._capped_failure(e, decode_id, timeout) from None
             reserved = True
             if prefill_task is None and not colocated:
                 same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)
@@ -180,12 +181,19 @@ def _tops(ev) -> tuple[tuple[int, float], ...]:
     return tuple(zip(ev.top_token_ids, ev.top_logprobs)) if ev.top_token_ids else ()
 
 
-async def _unabandoned(placing: list, call):
+async def _unabandoned(placing: list, call, failover=None):
     """``await call`` (a worker call that may reserve KV blocks), except that the caller's cancellation leaves the call
-    running: it is kept in ``placing`` for the abort to wait for."""
+    running: it is kept in ``placing`` for the abort to wait for. ``failover`` (the attempt's, a backend that watches
+    its own streams): a health poll that takes one of the attempt's workers out meanwhile ends the wait with
+    WorkerFailed, the call left running likewise (a hung worker's Reserve or Start held the request until the call's
+    own timeout, which then failed it with DEADLINE_EXCEEDED instead of failing it over)."""
     task = asyncio.ensure_future(call)
     placing.append(task)
     task.add_done_callback(_retrieve)
+    if failover is not None:
+        await asyncio.wait({task, failover}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and not failover.cancelled():
+            raise WorkerFailed(failover.result(), "failed its health check")
     return await asyncio.shield(task)
 
 

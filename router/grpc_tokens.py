@@ -18,6 +18,7 @@ from typing import AsyncIterator
 import grpc
 
 from colm.proto import load_proto
+from colm.router import grpc_request
 from colm.router.backend import EngineRequest, EngineToken, WorkerFailed
 from colm.router.grpc_request import _start_request, _tops, _unabandoned
 from colm.router.metrics import report_timeline
@@ -46,7 +47,7 @@ class BatchedTokens:
         ended the request, nothing is left to abort); raises as the per-request stream would."""
         sub = self._subscription(decode_id)
         try:
-            await sub.ensure_open(min(timeout, 10.0))
+            await sub.ensure_open(min(timeout, grpc_request.CALL_TIMEOUT_S))
         except grpc.aio.AioRpcError as e:
             raise self._failure(e, decode_id) from None
         except (asyncio.TimeoutError, StopAsyncIteration):
@@ -74,9 +75,9 @@ class BatchedTokens:
             try:
                 await _unabandoned(placing, self._unary(
                     decode_id, "Start", _start_request(req, timeout, sub.subscriber, prefill_task is None),
-                    kv_pb2.StartGenerationReply, min(timeout, 10.0)))
+                    kv_pb2.StartGenerationReply, min(timeout, grpc_request.CALL_TIMEOUT_S)), req.failover)
             except grpc.aio.AioRpcError as e:
-                raise self._failure(e, decode_id) from None
+                raise self._capped_failure(e, decode_id, timeout) from None
             streaming = False  # a token came: the KV is all on the decode worker, the prefill's outcome no longer matters
             while True:
                 item = await q.get()

@@ -12,9 +12,13 @@ A mixin of ``Router`` (``router/core.py``), which sets up the state it uses.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 from colm.errors import UnknownRequestError
+from colm.router.backend import WorkerFailed
 from colm.router.request import UnknownRequest
+
+log = logging.getLogger("colm.router")
 
 
 class ScaleControl:
@@ -45,6 +49,12 @@ class ScaleControl:
                     # the worker holds no such attempt: it has just ended there (its last token is on the way), or
                     # the attempt has not reached it yet (its first token sends the switch again: ``_serve``)
                     pass
+                except WorkerFailed as e:
+                    # the worker is gone (killed, restarting): out of service, and its attempts fail over now; the
+                    # retry starts at the pinned scale. The switch holds: it was answered INTERNAL with the worker's error
+                    log.warning("request %s: its scale switch did not reach its worker (%s); it fails over at scale %d",
+                                request_id, e, state.scale)
+                    self._fail_inflight(e.worker_id)
         self.metrics.scale_changes.inc(moved)
         return scale
 

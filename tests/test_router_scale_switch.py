@@ -240,3 +240,61 @@ def test_a_switch_between_reserve_and_start_over_grpc_workers(tmp_path):
     finally:
         bg.stop()
         prefill.stop(), decode.stop()
+
+
+def test_a_switch_whose_worker_is_gone_holds_and_the_request_fails_over_at_it(served, monkeypatch):
+    """A client switches a request whose decode worker has just died (a Ray actor killed): the worker's SetScale fails
+    (WorkerFailed). The switch is the router's (pinned), so it is answered, and the request fails over and goes on at
+    the new scale; it was answered with the worker's error (INTERNAL over a Ray service) and the request went on at
+    the old scale on its worker while the router recorded the new one."""
+    from colm.router.backend import WorkerFailed
+
+    bg, path = served
+
+    async def gone(decode_id, request_id, scale):
+        raise WorkerFailed(decode_id, "UNAVAILABLE: Stream removed (recvmsg:Connection reset by peer (104))")
+
+    rid, n, out, replies, finish = "switch-worker-gone", 120, [], [], {}
+    with Client(bg.grpc_addr) as c:
+        for ev in c.stream("switch me", max_new_tokens=n, scale=2, ignore_eos=True, request_id=rid):
+            if ev["kind"] == "token":
+                out.append((ev["id"], ev["scale"]))
+                if len(out) == 5:
+                    with monkeypatch.context() as m:
+                        m.setattr(bg.router.backend, "set_scale", gone)
+                        replies.append(c.set_scale(rid, 1))
+            elif ev["kind"] == "finish":
+                finish = ev
+    assert replies == [1]
+    assert finish["usage"]["retries"] >= 1  # it failed over
+    scales = [s for _, s in out]
+    at = scales.index(1)
+    assert 5 <= at < n and scales == [2] * at + [1] * (n - at), scales
+    assert [t for t, _ in out] == _reference(path, "switch me", n, lambda j: 2 if j < at else 1)
+
+
+def test_a_grpc_switch_to_a_gone_worker_raises_worker_failed():
+    """GrpcBackend.set_scale on a worker that no longer listens raises WorkerFailed naming it (the router's failure of
+    a worker), not the channel's AioRpcError (which the public API answered INTERNAL)."""
+    import asyncio
+    import socket
+
+    from colm.router.backend import WorkerFailed, WorkerInfo
+    from colm.router.grpc_backend import GrpcBackend
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def run():
+        for calls in ("stream", "unary"):
+            b = GrpcBackend([WorkerInfo("decode-0", "decode", f"127.0.0.1:{port}")], cluster_token="t" * 20,
+                            worker_calls=calls)
+            try:
+                with pytest.raises(WorkerFailed) as e:
+                    await asyncio.wait_for(b.set_scale("decode-0", "some-request", 1), 10)
+                assert e.value.worker_id == "decode-0" and "UNAVAILABLE" in str(e.value)
+            finally:
+                await b.close()
+
+    asyncio.run(run())
