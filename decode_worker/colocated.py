@@ -146,7 +146,8 @@ class ColocatedPrefill:
         one token each; ``rounds``: (scale, gamma) -> rows, gamma + 1 tokens each)."""
         decode_tokens = len(batch) + sum(len(rows) * (g + 1) for (_, g), rows in rounds.items())
         if not self._prefill_queue:
-            self.iterations.append((decode_tokens, 0))
+            if decode_tokens:  # an iteration that found nothing to do is none
+                self.iterations.append((decode_tokens, 0))
             return []
         segments = take_chunk(self._prefill_queue, self.config.max_batched_tokens - decode_tokens,
                               self.config.max_prefill_segments,

@@ -95,7 +95,7 @@ def test_inductor_functions_and_gradients_match_float64(dtype, monkeypatch):
     """Each compiled function and its input gradients against the float64 reference, on fresh random inputs."""
     monkeypatch.setenv("COLM_COMPILE_ELEMENTWISE", "1")
     compiled.reset()
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    tol = dict(rtol=1e-4, atol=1e-5)  # float32; bf16 is held to the eager bf16 error below
     g = torch.Generator(device="cuda").manual_seed(7)
 
     def leaf(*shape, d=dtype):
@@ -119,8 +119,18 @@ def test_inductor_functions_and_gradients_match_float64(dtype, monkeypatch):
         out64 = ref(*leaves64, *extra64)
         outs64 = out64 if isinstance(out64, tuple) else (out64,)
         grads64 = torch.autograd.grad(outs64, leaves64, [s.double() for s in seeds])
-        for a, b in zip(outs + grads, outs64 + grads64):
-            torch.testing.assert_close(a.double(), b, **tol, msg=ref.__name__)
+        if dtype == torch.float32:
+            for a, b in zip(outs + grads, outs64 + grads64):
+                torch.testing.assert_close(a.double(), b, **tol, msg=ref.__name__)
+            continue
+        # bf16: rounding dominates (a weight gradient sums 128 rows), so the compiled error is held to eager's
+        leaves_e = [t.detach().clone().requires_grad_() for t in leaves]
+        out_e = ref(*leaves_e, *extra)
+        outs_e = out_e if isinstance(out_e, tuple) else (out_e,)
+        grads_e = torch.autograd.grad(outs_e, leaves_e, seeds)
+        for a, e, b in zip(outs + grads, outs_e + grads_e, outs64 + grads64):
+            err, err_eager = (a.double() - b).abs().max().item(), (e.double() - b).abs().max().item()
+            assert err <= 2 * err_eager + 1e-3 * b.abs().max().item(), (ref.__name__, err, err_eager)
     assert set(compiled._compiled) == NAMES
     compiled.reset()
 
@@ -132,10 +142,12 @@ def test_train_loop_config_turns_the_compiled_path_on(on_cpu, tmp_path):
     from train_helpers import make_config, pydoc_data
 
     data = pydoc_data(tmp_path / "data")
-    compiled.reset()  # the default: off
-    eager = train(make_config(data, tmp_path / "eager", steps=3))
+    compiled.reset()
+    eager = train(make_config(data, tmp_path / "eager", steps=3, run={"compile_elementwise": False}))
     assert not compiled._compiled
-    fused = train(make_config(data, tmp_path / "fused", steps=3, run={"compile_elementwise": True}))
+    default = make_config(data, tmp_path / "fused", steps=3)
+    assert default.run.compile_elementwise  # on unless turned off
+    fused = train(default)
     assert set(compiled._compiled) == NAMES
     assert len(fused["history"]) == 3
     for a, b in zip(fused["history"], eager["history"]):
