@@ -78,6 +78,9 @@ KERNEL_KINDS = (  # (kind, name fragments), first match wins
     ("chain_linear_triton", ("chain",)),
     ("gemm_cublas", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "sm80_")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")),
+    # Inductor's generated kernels (run.compile_elementwise): triton_poi_fused_*, triton_red_fused_*, ... ("fused_"
+    # below would count them as the optimizer's)
+    ("elementwise_compiled", ("triton_poi_", "triton_red_", "triton_per_")),
     ("optimizer", ("adam", "foreach", "multi_tensor", "fused_", "clip")),
     ("softmax_loss", ("softmax", "nll", "cross_entropy", "logsumexp")),
 )
