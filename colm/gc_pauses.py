@@ -15,6 +15,7 @@ prefill or decode; workers add their ``worker`` label), the measure of what the 
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import gc
 import itertools
@@ -43,6 +44,11 @@ def freeze_start_heap() -> int:
     t0 = time.perf_counter()
     gc.collect()
     gc.freeze()
+    # At exit, hand the frozen objects back to the collector: left frozen, the interpreter's shutdown never collects
+    # them, and nanobind (Triton's bindings) then printed some 30 lines of "leaked instances/types/functions ... a
+    # reference counting issue" as `colm serve` exited.
+    atexit.unregister(gc.unfreeze)
+    atexit.register(gc.unfreeze)
     n = gc.get_freeze_count()
     logging.getLogger(__name__).info("froze the start-up heap: %d objects (%.0f ms)", n, (time.perf_counter() - t0) * 1e3)
     return n

@@ -359,10 +359,20 @@ class Launcher:
             return
         import ray
 
-        try:  # a replica's stop takes up to router.drain_s, then the servers' own stop
-            ray.get([r.stop.remote() for r in self.replicas], timeout=self.cfg.router.drain_s + 30)
-        except Exception as e:  # noqa: BLE001 - they are killed below either way
-            log.warning("router replicas did not stop cleanly: %s", e)
+        # A replica's stop takes up to router.drain_s, then the servers' own stop. Each is awaited on its own: a
+        # ray.get of them all raised at the first that failed (a replica that had died), and the kills below then cut
+        # the others' drains short.
+        stops = [r.stop.remote() for r in self.replicas]
+        done, late = [], []
+        if stops:
+            done, late = ray.wait(stops, num_returns=len(stops), timeout=self.cfg.router.drain_s + 30)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - it is killed below either way
+                log.warning("a router replica did not stop cleanly: %s", " ".join(str(e).split())[:300])
+        if late:
+            log.warning("%d router replica(s) did not stop within router.drain_s + 30 s: killing them", len(late))
         for r in self.replicas:
             ray.kill(r)
         self.replicas = []
