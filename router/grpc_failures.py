@@ -74,14 +74,12 @@ class CallFailures:
                 return WorkerFailed(decode_id, f"unreachable while {prefill_id} pushed KV: {e.details()}")
         return self._failure(e, prefill_id)
 
-    def _capped_failure(self, e: grpc.aio.AioRpcError, worker_id: str, timeout: float) -> Exception:
-        """``_failure`` of a call bounded by ``grpc_request.CALL_TIMEOUT_S`` for a request with ``timeout`` s left:
-        its DEADLINE_EXCEEDED within the request's time is the worker's silence (WorkerFailed: retried elsewhere), not
-        the request's deadline (a hung worker's Reserve failed requests with 50 s left as DEADLINE_EXCEEDED)."""
-        from colm.router.grpc_request import CALL_TIMEOUT_S
-
-        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout > CALL_TIMEOUT_S:
-            return WorkerFailed(worker_id, f"no answer within {CALL_TIMEOUT_S:g} s ({e.details()})")
+    def _capped_failure(self, e: grpc.aio.AioRpcError, worker_id: str, timeout: float, bound: float) -> Exception:
+        """``_failure`` of a call bounded by ``bound`` s for a request with ``timeout`` s left: its DEADLINE_EXCEEDED
+        before the request's own time is up is the worker's silence (WorkerFailed: retried elsewhere), not the
+        request's deadline (a hung worker's Reserve failed requests with 50 s left as DEADLINE_EXCEEDED)."""
+        if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and bound < timeout:
+            return WorkerFailed(worker_id, f"no answer within {bound:g} s ({e.details()})")
         return self._failure(e, worker_id)
 
     def _failure(self, e: grpc.aio.AioRpcError, worker_id: str) -> Exception:

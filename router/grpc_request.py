@@ -63,14 +63,15 @@ class RequestCalls:
                 prefill_task = start_prefill(early[1].same_host, early[0], early[1].decode_cuda,
                                              list(early[1].decode_transports))
             if not colocated:  # a colocated worker reserves with the Start (``_start_request``): one call fewer
+                bound = min(timeout, CALL_TIMEOUT_S)
                 try:
                     reply = await _unabandoned(placing, self._unary(decode_id, "Reserve", kv_pb2.ReserveRequest(
                         request_id=req.request_id, prompt_len=len(req.prompt_ids), max_new_tokens=p.max_new_tokens,
-                        timeout_s=timeout), kv_pb2.ReserveReply, min(timeout, CALL_TIMEOUT_S)), req.failover)
+                        timeout_s=timeout), kv_pb2.ReserveReply, bound), req.failover)
                 except grpc.aio.AioRpcError as e:
                     if e.code() in _REFUSED:
                         reserved = False
-                    raise self._capped_failure(e, decode_id, timeout) from None
+                    raise self._capped_failure(e, decode_id, timeout, bound) from None
             reserved = True
             if prefill_task is None and not colocated:
                 same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)

@@ -72,12 +72,13 @@ class BatchedTokens:
         if req.failover is not None:
             req.failover.add_done_callback(lambda f: None if f.cancelled() else q.put_nowait(f))
         try:
+            bound = min(timeout, grpc_request.CALL_TIMEOUT_S)
             try:
                 await _unabandoned(placing, self._unary(
                     decode_id, "Start", _start_request(req, timeout, sub.subscriber, prefill_task is None),
-                    kv_pb2.StartGenerationReply, min(timeout, grpc_request.CALL_TIMEOUT_S)), req.failover)
+                    kv_pb2.StartGenerationReply, bound), req.failover)
             except grpc.aio.AioRpcError as e:
-                raise self._capped_failure(e, decode_id, timeout) from None
+                raise self._capped_failure(e, decode_id, timeout, bound) from None
             streaming = False  # a token came: the KV is all on the decode worker, the prefill's outcome no longer matters
             while True:
                 item = await q.get()
