@@ -270,6 +270,8 @@ class Launcher:
 
         self.replicas = RouterReplicas(spawn, router_cfg.replicas, router_cfg.replica_max_restarts,
                                        router_cfg.replica_restart_backoff_s, self.server.router.metrics.registry)
+        if self._start_cancelled:  # a stop signal before the line above: cancel_start did not see the replicas
+            self.replicas.cancel_start()
         log.info("router replicas: %s", self.replicas.start())
 
     def _in_process_backend(self, path: str, model_cfg):
@@ -386,10 +388,13 @@ class Launcher:
             r.end_drain.remote()
 
     def cancel_start(self) -> None:
-        """A ``start`` in progress ends with ``StartError`` as soon as it next waits on the workers."""
+        """A ``start`` in progress ends with ``StartError`` as soon as it next waits on the workers or the router
+        replicas."""
         self._start_cancelled = True
         if self.pool is not None:
             self.pool.cancel_start()
+        if self.replicas:  # set by _start_replicas, which also looks at _start_cancelled once it has set it
+            self.replicas.cancel_start()
 
     async def stop(self) -> None:
         """Every router (this one and its replicas) drains at once, so that none takes new requests while another

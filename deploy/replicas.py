@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -51,8 +52,11 @@ class RouterReplicas:
     handles of those starting or live; ``len`` and ``[i]`` index them all by replica (``[0]`` is replica 1)."""
 
     def __init__(self, spawn: Callable[[int], Any], count: int, max_restarts: int, backoff_s: float,
-                 registry=None, clock: Callable[[], float] = time.monotonic) -> None:
+                 registry=None, clock: Callable[[], float] = time.monotonic,
+                 kill: Callable[[Any], None] | None = None) -> None:
         self.spawn = spawn
+        self.kill = kill  # ends an actor (ray.kill unless given)
+        self._cancel = threading.Event()
         self.max_restarts = max_restarts
         self.backoff_s = backoff_s
         self.clock = clock
@@ -84,7 +88,14 @@ class RouterReplicas:
         for r in self.replicas:
             r.handle = self.spawn(r.index)
             r.call = r.handle.addresses.remote().future()
-        _, late = concurrent.futures.wait([r.call for r in self.replicas], timeout=START_TIMEOUT_S)
+        end, late = time.monotonic() + START_TIMEOUT_S, [r.call for r in self.replicas]
+        while late and time.monotonic() < end:  # in slices: a stop signal (cancel_start) ends the wait at once
+            if self._cancel.is_set():
+                self._end_starting()
+                from colm.deploy.actors import StartError
+
+                raise StartError("stopped during start-up (router replicas were starting)")
+            _, late = concurrent.futures.wait(late, timeout=min(0.25, max(0.0, end - time.monotonic())))
         if late:
             raise TimeoutError(f"router replicas {[r.index for r in self.replicas if r.call in late]} did not listen "
                                f"within {START_TIMEOUT_S:g} s")
@@ -93,6 +104,26 @@ class RouterReplicas:
             self._listening(r)
         self._publish()
         return got
+
+    def cancel_start(self) -> None:
+        """Make a ``start`` in progress on another thread end within 0.25 s with ``StartError``, its replicas ended (a
+        stop signal while they load: ``colm serve`` stops at once, not after they listen or ``START_TIMEOUT_S``)."""
+        self._cancel.set()
+
+    def _end_starting(self) -> None:
+        kill = self.kill
+        if kill is None:
+            import ray
+
+            kill = ray.kill
+        for r in self.replicas:
+            if r.handle is not None and r.state == "starting":
+                try:
+                    kill(r.handle)
+                except Exception as e:  # noqa: BLE001 - it may be gone already
+                    log.debug("router replica %d: kill at a cancelled start failed: %s", r.index, e)
+                r.state = "out"
+        self._publish()
 
     def check(self) -> None:
         """One look at every replica (never blocks): a death is logged and its restart planned; a restart due is

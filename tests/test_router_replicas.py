@@ -177,3 +177,43 @@ def test_a_replica_that_served_long_enough_since_its_restart_has_its_restarts_fo
         replicas[0].die()
         replicas.check()
     assert "starting it again in 1 s" in _errors(caplog)[-1]  # not "restarts are spent"
+
+
+def test_a_stop_signal_while_replicas_start_ends_the_start_at_once_and_ends_them():
+    """``cancel_start`` (``colm serve``'s stop signal during start-up) ends a ``start`` still waiting for its replicas
+    to listen within a fraction of a second, with StartError, and ends the replicas it started. It waited until every
+    replica listened or ``START_TIMEOUT_S`` (300 s) passed."""
+    import threading
+    import time
+
+    from colm.deploy.actors import StartError
+
+    class Loading:  # a replica whose constructor has not finished: its addresses never come
+        def __init__(self) -> None:
+            self.fut: Future = Future()
+            self.addresses = SimpleNamespace(remote=lambda: SimpleNamespace(future=lambda: self.fut))
+
+    spawned, killed, out = [], [], {}
+
+    def spawn(index):
+        spawned.append(Loading())
+        return spawned[-1]
+
+    reps = RouterReplicas(spawn, 3, 3, 1.0, CollectorRegistry(), kill=killed.append)
+
+    def start():
+        try:
+            reps.start()
+        except StartError as e:
+            out["error"], out["at"] = e, time.monotonic()
+
+    t = threading.Thread(target=start, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    asked = time.monotonic()
+    reps.cancel_start()
+    t.join(5)
+    assert not t.is_alive() and "stopped during start-up" in str(out["error"])
+    assert out["at"] - asked < 1.0
+    assert killed == spawned and len(killed) == 2
+    assert list(reps) == [] and reps.num_live() == 1
