@@ -15,9 +15,9 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from colm.errors import CapacityError, EngineDeadError, RequestAbortedError
+from colm.errors import CapacityError, EngineDeadError, RequestAbortedError, UnknownRequestError
 from colm.logits_adjust import reads_prompt
-from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, WorkerInfo, silent_worker
+from colm.router.backend import EngineRequest, EngineToken, RequestFailed, WorkerFailed, WorkerInfo, silent_worker
 from colm.router.placement import NoWorker
 from colm.router.metrics import report_timeline
 from colm.router.policy import WorkerReport
@@ -69,19 +69,27 @@ class EngineBackend:
         finished = False
         try:
             if colocated:
-                de.prefill_kv(req.request_id, req.prompt_ids[:-1], cache_salt=req.cache_salt)
+                try:
+                    de.prefill_kv(req.request_id, req.prompt_ids[:-1], cache_salt=req.cache_salt)
+                except UnknownRequestError as e:  # gone already: as at the start below
+                    raise RequestFailed(decode_id, f"NOT_FOUND: {e}") from None
             elif len(req.prompt_ids) > 1:
                 fut = self.prefill[prefill_id].submit(req.request_id, list(req.prompt_ids), LocalKVSink(de, req.request_id),
                                 timeout_s=req.timeout_s)
                 fut.add_done_callback(lambda f: f.exception() and de.fail_kv(req.request_id, f.exception()))
                 fut.add_done_callback(lambda f: _observe_prefill(f, req))
                 self._prefills[req.request_id] = (prefill_id, fut)
-            stream = de.start_generation(req.request_id, req.prompt_ids[-1], req.params, scale=req.scale,
-                                         kv_timeout_s=req.timeout_s, speculative=req.speculative,
-                                         context_ids=(np.asarray(req.prompt_ids[:-1])
-                                                      if reads_prompt(req.params, req.prior_output) and not colocated
-                                                      else None),
-                                         prior_output=req.prior_output)
+            try:
+                stream = de.start_generation(req.request_id, req.prompt_ids[-1], req.params, scale=req.scale,
+                                             kv_timeout_s=req.timeout_s, speculative=req.speculative,
+                                             context_ids=(np.asarray(req.prompt_ids[:-1])
+                                                          if reads_prompt(req.params, req.prior_output)
+                                                          and not colocated else None),
+                                             prior_output=req.prior_output)
+            except UnknownRequestError as e:
+                # the reservation ran out before the start (its timeout is the request's time left: a deadline of a
+                # few ms), or an abort raced the start: the request's own fate, as a worker's NOT_FOUND is over gRPC
+                raise RequestFailed(decode_id, f"NOT_FOUND: {e}") from None
             it = iter(stream)
             done = object()
             while True:
