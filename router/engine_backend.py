@@ -69,27 +69,19 @@ class EngineBackend:
         finished = False
         try:
             if colocated:
-                try:
-                    de.prefill_kv(req.request_id, req.prompt_ids[:-1], cache_salt=req.cache_salt)
-                except UnknownRequestError as e:  # gone already: as at the start below
-                    raise RequestFailed(decode_id, f"NOT_FOUND: {e}") from None
+                de.prefill_kv(req.request_id, req.prompt_ids[:-1], cache_salt=req.cache_salt)
             elif len(req.prompt_ids) > 1:
-                fut = self.prefill[prefill_id].submit(req.request_id, list(req.prompt_ids), LocalKVSink(de, req.request_id),
-                                timeout_s=req.timeout_s)
+                fut = self.prefill[prefill_id].submit(req.request_id, list(req.prompt_ids),
+                                                      LocalKVSink(de, req.request_id), timeout_s=req.timeout_s)
                 fut.add_done_callback(lambda f: f.exception() and de.fail_kv(req.request_id, f.exception()))
                 fut.add_done_callback(lambda f: _observe_prefill(f, req))
                 self._prefills[req.request_id] = (prefill_id, fut)
-            try:
-                stream = de.start_generation(req.request_id, req.prompt_ids[-1], req.params, scale=req.scale,
-                                             kv_timeout_s=req.timeout_s, speculative=req.speculative,
-                                             context_ids=(np.asarray(req.prompt_ids[:-1])
-                                                          if reads_prompt(req.params, req.prior_output)
-                                                          and not colocated else None),
-                                             prior_output=req.prior_output)
-            except UnknownRequestError as e:
-                # the reservation ran out before the start (its timeout is the request's time left: a deadline of a
-                # few ms), or an abort raced the start: the request's own fate, as a worker's NOT_FOUND is over gRPC
-                raise RequestFailed(decode_id, f"NOT_FOUND: {e}") from None
+            stream = de.start_generation(req.request_id, req.prompt_ids[-1], req.params, scale=req.scale,
+                                         kv_timeout_s=req.timeout_s, speculative=req.speculative,
+                                         context_ids=(np.asarray(req.prompt_ids[:-1])
+                                                      if reads_prompt(req.params, req.prior_output)
+                                                      and not colocated else None),
+                                         prior_output=req.prior_output)
             it = iter(stream)
             done = object()
             while True:
@@ -105,6 +97,10 @@ class EngineBackend:
                 if ev.finish_reason:
                     finished = True
                     return
+        except UnknownRequestError as e:
+            # the reservation ran out before its prefill or start (its timeout is the request's time left: a deadline
+            # of a few ms), or an abort raced them: the request's own fate, as a worker's NOT_FOUND is over gRPC
+            raise RequestFailed(decode_id, f"NOT_FOUND: {e}") from None
         finally:
             self._prefills.pop(req.request_id, None)
             if not finished:

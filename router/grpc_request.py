@@ -23,8 +23,8 @@ from colm.logits_adjust import reads_prompt
 from colm.proto import load_proto
 from colm.proto.convert import sampling_to_decode
 from colm.proto.token_ids import pack_token_ids
-from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, cancelled_itself, silent_worker
-from colm.router.grpc_channels import channel_closed
+from colm.router.backend import EngineRequest, EngineToken, WorkerFailed, silent_worker
+from colm.router.grpc_channels import on_channel
 from colm.router.grpc_failures import _REFUSED
 from colm.router.metrics import report_timeline
 
@@ -89,7 +89,7 @@ class RequestCalls:
             it = call.__aiter__()
             streaming = False  # a token came: the KV is all on the decode worker, the prefill's outcome no longer matters
             while True:
-                next_tok = asyncio.ensure_future(anext(it))
+                next_tok = asyncio.ensure_future(on_channel(decode_id, anext(it)))
                 waits = {next_tok} if streaming or prefill_task is None or prefill_task.done() else {next_tok, prefill_task}
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 if (not streaming and prefill_task is not None and prefill_task.done() and not prefill_task.cancelled()
@@ -101,12 +101,8 @@ class RequestCalls:
                 except StopAsyncIteration:
                     finished = True
                     return
-                except grpc.aio.AioRpcError as e:
+                except grpc.aio.AioRpcError as e:  # a channel closed under the stream too (on_channel)
                     raise self._failure(e, decode_id) from None
-                except asyncio.CancelledError:
-                    if cancelled_itself():
-                        raise
-                    raise self._failure(channel_closed(decode_id), decode_id) from None
                 if not streaming:
                     self._prefills.pop(req.request_id, None)
                 streaming = True

@@ -51,6 +51,22 @@ def _stuck_prefill(path: str) -> tuple[PrefillEngine, threading.Event]:
     return engine, release
 
 
+def _complete_through_the_stall(caplog, addr: str, release: threading.Event, until: str) -> tuple[dict, list[str]]:
+    """Ask the router at ``addr`` for 8 tokens at scale 2 while the prefill is stuck; let the prefill go once a router
+    log line says ``until`` (or after 20 s): (the reply, the router's "taken out of service" lines)."""
+    with caplog.at_level(logging.WARNING, logger="colm.router"), Client(addr) as c:
+        got = {}
+        t = threading.Thread(target=lambda: got.update(c.complete(PROMPT, max_new_tokens=8, scale=2,
+                                                                   ignore_eos=True)))
+        t.start()
+        end = time.monotonic() + 20
+        while time.monotonic() < end and not any(until in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+        release.set()
+        t.join(60)
+    return got, [r.getMessage() for r in caplog.records if "taken out of service" in r.getMessage()]
+
+
 @pytest.mark.parametrize("token_stream", ["batched", "per_request"])
 def test_a_late_first_token_with_the_prefill_unfinished_blames_the_prefill_worker(caplog, token_stream):
     path = str(demo_model_dir())
@@ -67,17 +83,7 @@ def test_a_late_first_token_with_the_prefill_unfinished_blames_the_prefill_worke
         want = generate(checkpoint.load(path).eval(), tok.encode(PROMPT), SamplingParams(max_new_tokens=8,
                                                                                        ignore_eos=True),
                         scale=2, eos_id=tok.eos_id).token_ids
-        with caplog.at_level(logging.WARNING, logger="colm.router"), Client(bg.grpc_addr) as c:
-            got = {}
-            t = threading.Thread(target=lambda: got.update(c.complete(PROMPT, max_new_tokens=8, scale=2,
-                                                                       ignore_eos=True)))
-            t.start()
-            end = time.monotonic() + 20
-            while time.monotonic() < end and not any("no token for" in r.getMessage() for r in caplog.records):
-                time.sleep(0.05)
-            release.set()
-            t.join(60)
-        lines = [r.getMessage() for r in caplog.records if "taken out of service" in r.getMessage()]
+        got, lines = _complete_through_the_stall(caplog, bg.grpc_addr, release, "no token for")
         assert lines, "the silent attempt was never failed over"
         assert not any("worker decode-0 taken out" in m for m in lines), lines  # decode waited for the K/V
         assert any("worker prefill-0 taken out" in m for m in lines), lines
@@ -103,17 +109,7 @@ def test_in_process_engines_blame_a_stuck_prefill_on_the_prefill_engine(caplog):
                                  max_retries=5), checkpoint.load_config(path), tok, backend)
     bg = BackgroundRouter(router)
     try:
-        with caplog.at_level(logging.WARNING, logger="colm.router"), Client(bg.grpc_addr) as c:
-            got = {}
-            t = threading.Thread(target=lambda: got.update(c.complete(PROMPT, max_new_tokens=8, scale=2,
-                                                                       ignore_eos=True)))
-            t.start()
-            end = time.monotonic() + 20
-            while time.monotonic() < end and not any("taken out of service" in r.getMessage() for r in caplog.records):
-                time.sleep(0.05)
-            release.set()
-            t.join(60)
-        lines = [r.getMessage() for r in caplog.records if "taken out of service" in r.getMessage()]
+        _, lines = _complete_through_the_stall(caplog, bg.grpc_addr, release, "taken out of service")
         assert lines, "the silent attempt was never failed over"
         assert not any("worker decode-0 taken out" in m for m in lines), lines
         assert any("worker prefill-0 taken out" in m for m in lines), lines
