@@ -149,7 +149,10 @@ class ColocatedPrefill:
             if decode_tokens:  # an iteration that found nothing to do is none
                 self.iterations.append((decode_tokens, 0))
             return []
-        segments = take_chunk(self._prefill_queue, self.config.max_batched_tokens - decode_tokens,
+        # the fixed budget counts the rows' tokens too; the adaptive one (chunk_budget) is the prompt's share alone
+        self._chunk_allowed = min(self.chunk_budget.tokens(decoding=bool(decode_tokens)),
+                                  self.config.max_batched_tokens - decode_tokens)
+        segments = take_chunk(self._prefill_queue, self._chunk_allowed,
                               self.config.max_prefill_segments,
                               lambda r: self._computes(r) and not r.kv_done,
                               self._ready_to_prefill)
@@ -205,11 +208,14 @@ class ColocatedPrefill:
         if self.prefill_graphs is None or not self.prefill_graphs.run(segments):
             chunked_prefill.run_prefill_chunk(self.model, self.pool, segments, self._prefill_scale)
 
-    def _end_prefill(self, segments, failed: dict, ms: float) -> None:
-        """After the chunk (under the lock): complete prompts are ready, ended or failed requests are finalized."""
+    def _end_prefill(self, segments, failed: dict, ms: float, decoding: bool = False) -> None:
+        """After the chunk (under the lock): complete prompts are ready, ended or failed requests are finalized;
+        the iteration's time (``ms``; ``decoding``: rows ran in it) steers the next iterations' prompt budget."""
         if segments:
+            tokens = sum(s.num_tokens for s in segments)
             self._num_prefill_chunks += 1
-            self._prefill_recent.append((sum(s.num_tokens for s in segments), ms / 1000.0))
+            self._prefill_recent.append((tokens, ms / 1000.0))
+            self.chunk_budget.observe(ms, decoding, tokens, self._chunk_allowed)
         for s in segments:
             req = s.request
             req.prefilling = False

@@ -70,6 +70,12 @@ class DecodeConfig:
     max_batched_tokens: int = 2048       # colocated_prefill: tokens per loop iteration, decode rows (1 each, gamma+1
                                          # per speculative row) plus prompt chunks; a longer prompt is split
     max_prefill_segments: int = 32       # colocated_prefill: prompts (or prompt chunks) packed into one iteration
+    tpot_target_ms: float = 0.0          # colocated_prefill, > 0: while rows decode, the prompt tokens per iteration
+                                         # adapt so that an iteration (every running row's time per output token)
+                                         # takes about this long, up to max_batched_tokens (decode_worker.chunk_budget).
+                                         # 0 = the fixed max_batched_tokens
+    tpot_min_prompt_tokens: int = 512    # ... the least prompt tokens an iteration may still take (prompts progress
+                                         # however slow the decode rows alone are)
     prefix_caching: bool = True          # colocated_prefill: a prompt's full blocks whose tokens an earlier prompt
                                          # began with reuse that prompt's K/V blocks (decode_worker.prefix_cache);
                                          # only the rest is prefilled
@@ -106,6 +112,10 @@ class DecodeConfig:
             raise ValueError(f"score_graph_tokens={self.score_graph_tokens}: must be >= 0 (0 = eager)")
         if self.warmup_context < 0:
             raise ValueError(f"warmup_context={self.warmup_context}: must be >= 0 (0 = no warm-up)")
+        if self.tpot_target_ms < 0 or self.tpot_min_prompt_tokens < 1:
+            raise ValueError(f"tpot_target_ms={self.tpot_target_ms}, tpot_min_prompt_tokens="
+                             f"{self.tpot_min_prompt_tokens}: need tpot_target_ms >= 0 (0 = the fixed budget) and "
+                             "tpot_min_prompt_tokens >= 1")
         if self.max_batched_tokens < 1 or self.max_prefill_segments < 1:
             raise ValueError(f"max_batched_tokens={self.max_batched_tokens}, max_prefill_segments="
                              f"{self.max_prefill_segments}: both must be >= 1")

@@ -43,6 +43,7 @@ from colm.scoring import prompt_logprobs
 from colm.structured import compile_output
 
 from colm.decode_worker.block_pool import BlockPool, blocks_for, num_blocks_from_memory
+from colm.decode_worker.chunk_budget import ChunkBudget
 from colm.decode_worker.colocated import ColocatedPrefill
 from colm.decode_worker.config import DecodeConfig, check_speculative
 from colm.decode_worker.graphs import DecodeGraphs
@@ -117,6 +118,9 @@ class DecodeEngine(KVIntake, ColocatedPrefill, Scheduler, StepRunner, StatsRepor
         self._computing: dict[bytes, DecodeRequest] = {}  # prefix caching: a block's digest -> who will compute it
         self._prefill_recent: collections.deque = collections.deque(maxlen=32)  # (tokens, seconds) per chunk
         self._num_prefill_chunks = 0
+        self.chunk_budget = ChunkBudget(self.config.max_batched_tokens, self.config.tpot_target_ms,
+                                        self.config.tpot_min_prompt_tokens)
+        self._chunk_allowed = 0  # the prompt tokens the iteration being run was allowed
         self._prefill_scale = cfg.check_scale(self.config.prefill_scale or None)
         # colocated: prompt chunks replay CUDA graphs of the prefill that write the pool
         self.prefill_graphs = (PackedPrefillGraphs(self.model, self.pool, self.config.max_batched_tokens,

@@ -53,13 +53,13 @@ class StepRunner:
         failed = chunk[0] if chunk else {}
         dt = (time.perf_counter() - t0) * 1000.0
         with self._lock:
-            self._end_prefill(segments, failed, dt)
+            timed = self._warm_marks() == warmed  # a capture or a tuning is not a step time (nor a round)
+            self._end_prefill(segments, failed, dt, decoding=bool(size) and timed)
             if not size:
                 self.mux.flush()
                 return len(segments)
             self._num_steps += 1
             self._last_step_ms, self._last_batch = dt, size
-            timed = self._warm_marks() == warmed  # a capture or a tuning is not a step time (nor a round)
             if timed and not rounds:
                 self._step_times.record(max(scales), dt, len(batch))
             elif timed and not batch and not segments and len(rounds) == 1:

@@ -71,6 +71,7 @@ class DecodeStats:
     num_prefill_queued_tokens: int = 0 # ... prompt tokens not yet scheduled
     prefill_tokens_per_s: float = 0.0  # ... recent chunks' tokens over their iterations' time
     num_prefill_chunks: int = 0        # ... iterations that ran a prompt chunk
+    prefill_budget_tokens: int = 0     # ... the prompt tokens the next iteration may take while rows decode
     # speculative rounds: recent iterations of one (scale, gamma) round and nothing else, keyed "scale:gamma"
     round_ms_by_scale_gamma: dict[str, float] = field(default_factory=dict)
     round_batch_by_scale_gamma: dict[str, float] = field(default_factory=dict)  # their mean batch size
@@ -105,6 +106,8 @@ class StatsReport:
                 prefill_tokens_per_s=(sum(n for n, _ in self._prefill_recent) /
                                       max(1e-9, sum(t for _, t in self._prefill_recent)) if self._prefill_recent else 0.0),
                 num_prefill_chunks=self._num_prefill_chunks,
+                prefill_budget_tokens=(self.chunk_budget.tokens(decoding=True)
+                                       if self.config.colocated_prefill else 0),
                 round_ms_by_scale_gamma=round_ms, round_batch_by_scale_gamma=round_batch,
                 num_cached_blocks=self.pool.num_cached, num_prefix_query_tokens=self._num_prefix_query_tokens,
                 num_prefix_hit_tokens=self._num_prefix_hit_tokens, stall_s=stall_s, stall_requests=stall_requests)
