@@ -38,14 +38,17 @@
 #                                     # process and the load's figures side by side (bench/gc_pauses.py) (~7 min)
 #   bash bench/gpu_suite.sh ray       # colm serve on Ray (needs Ray in $WHEELS or installed), 1B Air, 160
 #                                     # clients, full scale then the budget mix (bench/serve_ray.py)    (~5 min)
+#   bash bench/gpu_suite.sh ray-ab    # the same service started SERVICES times (default 4), alternating the
+#                                     # --set options in $RAY_A and $RAY_B (A B A B ...), one full-scale pass each,
+#                                     # then one line per service (~100 s per service)
 #
 # Where the colm package is not installed (e.g. an image without our dependencies), the script maps the
 # top-level folders into colm/ the way the editable install does and puts $PWD on PYTHONPATH. Extra
 # wheels (grpcio, protobuf, crc32c) may be given in $WHEELS (a folder); they are installed to /tmp/site.
 set -uo pipefail
-part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|independent|gc|ray}
-case "$part" in tests|decode|handoff|prefill|serve|sweeps|train|compare|compare-all|spec|prefix|sampling|independent|gc|ray) ;;
-  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|independent|gc|ray" >&2
+part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|independent|gc|ray|ray-ab}
+case "$part" in tests|decode|handoff|prefill|serve|sweeps|train|compare|compare-all|spec|prefix|sampling|independent|gc|ray|ray-ab) ;;
+  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|independent|gc|ray|ray-ab" >&2
      exit 2 ;; esac
 OUT=${OUT:-bench/results/run}
 mkdir -p "$OUT"
@@ -160,6 +163,18 @@ print(max(20, int($per * 20 / r['train_seconds'])))")
       --set router.replicas=auto --concurrency 160 --ramp-s 2 --num-requests 6000 --warmup-requests 64 \
       --processes 8 --connections 8 --prompt-len 512,2048 --output-len 32,96 --slo-ttft-ms 200 --slo-tpot-ms 10 \
       --passes 'none;none=1,tpot:4=1,ttft:100=1' --out "$OUT/serve_ray_1b_air_c160" 2>&1 | grep -v Warn | tail -20 ;;
+  ray-ab)
+    for i in $(seq 1 "${SERVICES:-4}"); do
+      if [ $((i % 2)) = 1 ]; then tag=a; extra=${RAY_A:-}; else tag=b; extra=${RAY_B:-}; fi
+      # shellcheck disable=SC2086 # $extra: --set options, split on purpose
+      timeout "${SERVICE_S:-200}" python bench/serve_ray.py --set model.preset=llama-3.2-1b-16-16-air \
+        --set model.dtype=bfloat16 --set decode.num_blocks=0 --set decode.warmup_context=2200 \
+        --set decode.max_batch_size=160 --set router.replicas=auto $extra --concurrency 160 --ramp-s 2 \
+        --num-requests 6000 --warmup-requests 64 --processes 8 --connections 8 --prompt-len 512,2048 \
+        --output-len 32,96 --slo-ttft-ms 200 --slo-tpot-ms 10 --passes none \
+        --out "$OUT/serve_ray_ab_${i}_$tag" 2>&1 | grep -v Warn | grep "serve_ray\]" | tail -3
+    done
+    python bench/serve_ray_ab.py "$OUT"/serve_ray_ab_*.json --out "$OUT/serve_ray_ab.json" ;;
   sweeps)
     for m in 1 8; do
       timeout 240 python bench/gemv_sweep.py --rows $m --out "$OUT/gemv_sweep_m$m.json" 2>&1 | grep -v Warn | tail -30
