@@ -40,7 +40,8 @@
 #                                     # clients, full scale then the budget mix (bench/serve_ray.py)    (~5 min)
 #   bash bench/gpu_suite.sh ray-ab    # the same service started SERVICES times (default 4), alternating the
 #                                     # --set options in $RAY_A and $RAY_B (A B A B ...), one full-scale pass each,
-#                                     # then one line per service (~100 s per service)
+#                                     # then one line per service (~100 s per service); e.g.
+#                                     # RAY_A="--set decode.tpot_target_ms=0" compares with the fixed budget
 #
 # Where the colm package is not installed (e.g. an image without our dependencies), the script maps the
 # top-level folders into colm/ the way the editable install does and puts $PWD on PYTHONPATH. Extra
