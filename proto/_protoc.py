@@ -87,6 +87,8 @@ def generate(src: Path, out: Path) -> list[Path]:
             staged = Path(tmp) / (name + ".new")
             staged.write_text(text)
             os.replace(staged, out / name)  # a concurrent reader sees the old file or the new one, never half
+            # its bytecode goes too: a new file of the old one's size in the same second would pass the cache's check
+            Path(importlib.util.cache_from_source(str(out / name))).unlink(missing_ok=True)
             written.append(out / name)
     return written
 
