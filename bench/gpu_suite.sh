@@ -47,10 +47,12 @@
 # top-level folders into colm/ the way the editable install does and puts $PWD on PYTHONPATH. Extra
 # wheels (grpcio, protobuf, crc32c) may be given in $WHEELS (a folder); they are installed to /tmp/site.
 set -uo pipefail
-part=${1:?usage: bench/gpu_suite.sh tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|independent|gc|ray|ray-ab}
-case "$part" in tests|decode|handoff|prefill|serve|sweeps|train|compare|compare-all|spec|prefix|sampling|independent|gc|ray|ray-ab) ;;
-  *) echo "unknown part $part: tests|decode|handoff|prefill|serve|sweeps|train|compare MODEL|compare-all|spec|prefix|sampling|independent|gc|ray|ray-ab" >&2
-     exit 2 ;; esac
+parts="tests|decode|handoff|prefill|serve|sweeps|train|compare|compare-all|spec|prefix|sampling|independent|gc|ray|ray-ab"
+part=${1:?usage: bench/gpu_suite.sh $parts (compare takes a MODEL)}
+if [[ "|$parts|" != *"|$part|"* ]]; then
+  echo "unknown part $part: $parts (compare takes a MODEL)" >&2
+  exit 2
+fi
 OUT=${OUT:-bench/results/run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

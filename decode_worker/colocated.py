@@ -208,14 +208,15 @@ class ColocatedPrefill:
         if self.prefill_graphs is None or not self.prefill_graphs.run(segments):
             chunked_prefill.run_prefill_chunk(self.model, self.pool, segments, self._prefill_scale)
 
-    def _end_prefill(self, segments, failed: dict, ms: float, decoding: bool = False) -> None:
+    def _end_prefill(self, segments, failed: dict, ms: float, steer: bool = False) -> None:
         """After the chunk (under the lock): complete prompts are ready, ended or failed requests are finalized;
-        the iteration's time (``ms``; ``decoding``: rows ran in it) steers the next iterations' prompt budget."""
+        with ``steer`` (rows ran in the iteration, and no graph capture or kernel tuning), its time ``ms`` steers the
+        next iterations' prompt budget."""
         if segments:
             tokens = sum(s.num_tokens for s in segments)
             self._num_prefill_chunks += 1
             self._prefill_recent.append((tokens, ms / 1000.0))
-            self.chunk_budget.observe(ms, decoding, tokens, self._chunk_allowed)
+            self.chunk_budget.observe(ms, steer, tokens, self._chunk_allowed)
         for s in segments:
             req = s.request
             req.prefilling = False

@@ -54,7 +54,7 @@ class StepRunner:
         dt = (time.perf_counter() - t0) * 1000.0
         with self._lock:
             timed = self._warm_marks() == warmed  # a capture or a tuning is not a step time (nor a round)
-            self._end_prefill(segments, failed, dt, decoding=bool(size) and timed)
+            self._end_prefill(segments, failed, dt, steer=bool(size) and timed)
             if not size:
                 self.mux.flush()
                 return len(segments)

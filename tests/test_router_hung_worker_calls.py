@@ -19,6 +19,7 @@ from colm.proto.rpc import make_server
 from colm.router.backend import EngineRequest, WorkerFailed, WorkerInfo
 from colm.router.grpc_backend import GrpcBackend
 from colm.sampling import SamplingParams
+from _async_helpers import until
 
 kv_pb2, kv_grpc = load_proto("kv")
 TOKEN = "hung-worker-test-token"
@@ -87,14 +88,6 @@ def _request(failover, timeout_s: float = 30.0) -> EngineRequest:
                          token_timeout_s=30.0)
 
 
-async def _until_asked(decode: HungDecode) -> None:
-    for _ in range(500):
-        if decode.asked.is_set():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the call never reached the worker")
-
-
 async def _first(stream):
     async for tok in stream:
         return tok
@@ -111,7 +104,7 @@ def test_a_failover_during_a_hung_call_fails_the_attempt_over_at_once(hung):
         try:
             failover = asyncio.get_running_loop().create_future()
             task = asyncio.ensure_future(_first(b.generate(_request(failover), "prefill-0", "decode-0")))
-            await _until_asked(decode)
+            await until(decode.asked.is_set, "the call never reached the worker")
             t0 = time.monotonic()
             failover.set_result("decode-0")  # what Router._fail_inflight does when the worker fails its poll
             with pytest.raises(WorkerFailed) as e:

@@ -17,6 +17,7 @@ from colm.proto import load_proto
 from colm.proto.rpc import make_server
 from colm.router.backend import WorkerInfo
 from colm.router.grpc_backend import GrpcBackend
+from _async_helpers import until
 
 kv_pb2, kv_grpc = load_proto("kv")
 TOKEN = "worker-moved-test-token"
@@ -60,14 +61,6 @@ def workers():
         server.stop(0)
 
 
-async def _until_asked(stand_in: StandIn) -> None:
-    for _ in range(500):
-        if stand_in.asked.is_set():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the call never reached the worker")
-
-
 @pytest.mark.parametrize("call", ["poll", "score"])
 def test_a_call_cut_by_the_move_fails_as_a_call_not_as_a_cancellation(workers, call):
     old, old_port, new, new_port = workers
@@ -76,7 +69,7 @@ def test_a_call_cut_by_the_move_fails_as_a_call_not_as_a_cancellation(workers, c
         b = GrpcBackend([WorkerInfo("decode-0", "decode", f"127.0.0.1:{old_port}")], cluster_token=TOKEN)
         try:
             task = asyncio.ensure_future(b.poll("decode-0") if call == "poll" else b.prompt_logprobs("decode-0", [65, 66], 1))
-            await _until_asked(old)
+            await until(old.asked.is_set, "the call never reached the worker")
             b.set_workers([WorkerInfo("decode-0", "decode", f"127.0.0.1:{new_port}")])
             with pytest.raises(Exception) as e:  # noqa: PT011 - the kind is checked below
                 await asyncio.wait_for(task, 10)
@@ -100,7 +93,7 @@ def test_a_cancelled_poll_is_still_a_cancellation(workers):
         b = GrpcBackend([WorkerInfo("decode-0", "decode", f"127.0.0.1:{old_port}")], cluster_token=TOKEN)
         try:
             task = asyncio.ensure_future(b.poll("decode-0"))
-            await _until_asked(old)
+            await until(old.asked.is_set, "the call never reached the worker")
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -129,7 +122,7 @@ def test_the_health_poll_loop_outlives_a_worker_moving_under_its_poll(workers):
         r.registry.stale_after_s = 1.0  # a report older than this reads unhealthy
         loop_task = asyncio.ensure_future(r._poll_loop())
         try:
-            await _until_asked(old)
+            await until(old.asked.is_set, "the call never reached the worker")
             b.set_workers([WorkerInfo("decode-0", "decode", f"127.0.0.1:{new_port}")])
             for _ in range(200):  # up to 10 s
                 await asyncio.sleep(0.05)
