@@ -9,6 +9,9 @@ default without PDL, ``COLM_PDL=0``; ``unfused``: also ``COLM_DECODE_FUSION=0``,
 * the engine's whole step (``DecodeEngine.step``), the captured forward's replay alone (CUDA events),
   and the eager forward, side by side;
 * a ``torch.profiler`` table of one eager forward: GPU time per kernel name, kernel count;
+* the graph replay's kernels in order (``_timing.replay_timeline``): each kernel's marginal time (its end after
+  the previous kernel's end), summed per class (matrix-vector, attention, norm, ...), which with programmatic
+  dependent launch is what each class adds to the step;
 * the chain-linear tuner's choices for the step's shapes;
 * the weight-read floor: the model's parameter bytes plus the context's K/V bytes at the device-to-device
   copy rate measured in the same run (as ``bench/engines.py`` computes it), and each step over it.
@@ -27,7 +30,7 @@ import time
 import torch
 
 from _results import run_meta, write_result  # bench/ is sys.path[0] when a bench runs as a script
-from _timing import cuda_ms, kernel_table
+from _timing import cuda_ms, kernel_table, replay_timeline
 
 VARIANTS = {"unfused": {"COLM_DECODE_FUSION": "0", "COLM_PDL": "0", "COLM_DECODE_GLU": "0"},
             "fused": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "0", "COLM_DECODE_GLU": "1"},
@@ -116,6 +119,7 @@ def profile(model, B: int, ctx: int, scale: int) -> dict:
     g = next(iter(graphs._graphs.values())) if graphs is not None and graphs._graphs else None
     if g is not None:
         res["graph_replay_ms"] = cuda_ms(g.graph.replay, reps=50, warmup=5)
+        res["replay_timeline"] = replay_timeline(g.graph.replay)
         h = g.out[:B]
         res["logits_logsoftmax_argmax_ms"] = cuda_ms(
             lambda: torch.log_softmax(model.logits(h, scale).float(), -1).argmax(-1), reps=50, warmup=5)
@@ -139,6 +143,14 @@ def profile(model, B: int, ctx: int, scale: int) -> dict:
     print(f"engine step {res['engine_step_ms']:.3f} ms | graph replay {res.get('graph_replay_ms', float('nan')):.3f} ms"
           f" | eager fwd {res['eager_forward_ms']:.3f} ms (host {res['eager_forward_host_ms']:.3f}) | logits "
           f"{res.get('logits_logsoftmax_argmax_ms', float('nan')):.3f} ms")
+    tl_ = res.get("replay_timeline", {})
+    if "classes" in tl_:
+        print(f"graph replay under the profiler: {tl_['replay_span_us_median']:.1f} us median span, "
+              f"{tl_['kernels_per_replay']} kernels; per class: count, marginal us (adds up to the span), span us")
+        for c, v in sorted(tl_["classes"].items(), key=lambda kv: -kv[1]["marginal_us"]):
+            print(f"  {c:10s} {v['count']:4d} {v['marginal_us']:9.1f} {v['span_us']:9.1f}")
+    elif tl_:
+        print(f"graph replay timeline: {tl_.get('error')}")
     print(f"kernels per forward {res['kernels_per_forward']}, their GPU time {res['kernel_gpu_ms_total']:.3f} ms")
     print(f"{'kernel':90s} {'n':>5s} {'ms':>8s}")
     for r in res["kernels"][:40]:
