@@ -6,9 +6,7 @@ the gate product formed inside the down projection's launch, one-chain projectio
 kernel, and the step's Triton kernels launched with programmatic dependent launch (at most 8 rows);
 ``fused_pdl_noglu``: the same with the gate product as its own launch, ``COLM_DECODE_GLU=0``;
 ``fused_pdl_prefetch``: the default plus L2 prefetches before each PDL wait (``COLM_PREFETCH=1``: a matrix-vector
-program's whole weight slab, an attention program's K/V lines); ``fused_pdl_prefetch_next``: also the output
-projection's weights from the q|K/V launch and the next layer's q|K/V from the down projection
-(``COLM_PREFETCH=2``, ``colm.kernels.prefetch_plan``); ``fused``: the
+program's whole weight slab, an attention program's K/V lines); ``fused``: the
 default without PDL, ``COLM_PDL=0``; ``unfused``: also ``COLM_DECODE_FUSION=0``, the step as it was before any):
 * the engine's whole step (``DecodeEngine.step``), the captured forward's replay alone (CUDA events),
   and the eager forward, side by side;
@@ -41,9 +39,7 @@ VARIANTS = {"unfused": {"COLM_DECODE_FUSION": "0", "COLM_PDL": "0", "COLM_DECODE
             "fused_pdl_noglu": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1", "COLM_DECODE_GLU": "0", "COLM_PREFETCH": "0"},
             "fused_pdl": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1", "COLM_DECODE_GLU": "1", "COLM_PREFETCH": "0"},
             "fused_pdl_prefetch": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1", "COLM_DECODE_GLU": "1",
-                                   "COLM_PREFETCH": "1"},
-            "fused_pdl_prefetch_next": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1", "COLM_DECODE_GLU": "1",
-                                        "COLM_PREFETCH": "2"}}
+                                   "COLM_PREFETCH": "1"}}
 
 
 def main() -> None:

@@ -108,22 +108,7 @@ class CoLM(nn.Module):
         for layer in self.layers:
             layer.attn.fuse_projections()
             layer.ffn.fuse_gate_up()
-        if self.inv_freq.is_cuda:
-            self.plan_prefetch()
         return self
-
-    def plan_prefetch(self) -> None:
-        """For every scale, which weights each fused decode launch asks into L2 for a later one when
-        ``COLM_PREFETCH=2`` (``colm.kernels.prefetch_plan``): q|K/V the output projection's chains, the down
-        projection the next layer's q|K/V. Call after ``fuse_projections`` (the launches' weights are its)."""
-        from colm.kernels import prefetch_plan
-
-        for s in range(1, self.cfg.num_chains + 1):
-            qkv = [[seg.weight for seg in layer.attn._qkv_segments(s)] for layer in self.layers]
-            for i, layer in enumerate(self.layers):
-                prefetch_plan.add(qkv[i], list(layer.attn.wo.weights[:s]))
-                if i + 1 < len(self.layers):
-                    prefetch_plan.add(list(layer.ffn.w2.weights[:s]), qkv[i + 1])
 
     def logits(self, hidden: torch.Tensor, scale: int | None = None) -> torch.Tensor:
         """Scale-k logits from hidden states of any scale >= k: the head's first k chains' columns."""

@@ -16,8 +16,7 @@ Before ``wait`` a kernel may also ask for its operands to be brought into L2 (``
 matrix-vector program its whole weight slab, not only the first piece it can hold, and an attention program the
 K/V lines of its context range. A prefetch is safe even for lines the predecessor is still writing: L2 is where
 every SM's writes meet, so the later loads read the written bytes. ``COLM_PREFETCH=1`` turns it on where PDL
-is on (sm_90+, at most ``MAX_ROWS`` rows); ``COLM_PREFETCH=2`` also lets a matrix-vector launch prefetch the
-weights of a later one (``prefetch_plan``); ``prefetch_level`` says what a launch uses.
+is on (sm_90+, at most ``MAX_ROWS`` rows); ``prefetch_on`` says whether a launch uses it.
 
 That is correct for any mix of kernels: one launched without PDL starts after its predecessor as usual; the
 wait is a no-op in a kernel launched normally; and since every PDL kernel waits before it ends, a kernel
@@ -78,18 +77,10 @@ def use(t: torch.Tensor, rows: int) -> bool:
     return _triton_supports() and _device_supports(index)
 
 
-def prefetch_level(t: torch.Tensor, rows: int) -> int:
-    """What a PDL launch of ``rows`` rows prefetches into L2: 0 nothing, 1 its own operands before the wait, 2 also
-    a later launch's weights (``COLM_PREFETCH``; only where ``use``, since without an early launch there is nothing
-    to get ahead of)."""
-    level = os.environ.get("COLM_PREFETCH", "0")
-    level = int(level) if level in ("1", "2") else 0
-    return level if level and use(t, rows) else 0
-
-
 def prefetch_on(t: torch.Tensor, rows: int) -> bool:
-    """Whether a launch of ``rows`` rows prefetches its own operands (``prefetch_level`` >= 1)."""
-    return prefetch_level(t, rows) >= 1
+    """Whether a PDL launch of ``rows`` rows also prefetches its operands into L2 before the wait
+    (``COLM_PREFETCH=1``; only where ``use``, since without an early launch there is nothing to get ahead of)."""
+    return os.environ.get("COLM_PREFETCH", "0") not in ("", "0") and use(t, rows)
 
 
 def launch_options(on: bool) -> dict:
@@ -127,18 +118,3 @@ if HAS_TRITON:
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
             "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def prefetch_share(table_ptr, RANGES: tl.constexpr):
-        """This program's share of every range of a prefetch table (rows [address, bytes], each a multiple of 16
-        bytes at a 16-byte aligned address): the ranges cut into one piece per program, 16-byte aligned."""
-        pid = tl.program_id(0)
-        programs = tl.num_programs(0)
-        for r in tl.static_range(RANGES):
-            addr = tl.load(table_ptr + 2 * r)
-            nbytes = tl.load(table_ptr + 2 * r + 1)
-            piece = tl.cdiv(tl.cdiv(nbytes, programs), 16) * 16
-            start = pid * piece
-            size = tl.minimum(piece, nbytes - start)
-            if size > 0:
-                prefetch_bytes(addr + start, size.to(tl.int32))

@@ -22,7 +22,6 @@ import importlib
 import torch
 
 from colm.kernels import _pdl, _tuning
-from colm.kernels import prefetch_plan as _plan
 from colm.kernels import chain_linear_jit as _jit
 from colm.kernels import chain_linear_tables as _tab
 
@@ -91,19 +90,18 @@ if _jit.HAS_TRITON:
     @triton.jit
     def _chain_gemv_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, tab_ptr,  # x [M, P_k] (GLU: [M, glu_off + P_k], gate | up), W_1, b_1, y [M, ΣO]
-        M, stride_xm, stride_ym, glu_off, pf_ptr,  # pf_ptr: a prefetch plan's table [PF_NEXT, 2] (prefetch_plan)
+        M, stride_xm, stride_ym, glu_off,
         HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
         GLU: tl.constexpr = False, EMULATE: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-        W_BYTES: tl.constexpr = 2, PF_NEXT: tl.constexpr = 0,
+        W_BYTES: tl.constexpr = 2,
     ):
         """y[:, tile columns] = x[:, :P_i] @ W_i[tile rows]ᵀ for table row ``program_id`` (all M rows); with GLU the
         input is silu(x[:, :P_i]) * x[:, glu_off : glu_off + P_i] (the FFN's gate product, never written out).
 
         The first K piece of the tile's weights is read before the PDL wait (no kernel writes weights or
         the table), so with PDL it is in flight while the previous kernel finishes; with PREFETCH (ALIGNED
-        launches) the tile's whole weight slab, its rows being contiguous, is asked into L2 there too. With PF_NEXT,
-        after its store the program prefetches its share of a later launch's weights (``prefetch_plan``)."""
+        launches) the tile's whole weight slab, its rows being contiguous, is asked into L2 there too."""
         row, w_off, K, y_col, n_valid = _jit._fwd_tile_row(tab_ptr, tl.program_id(0), ALIGNED)
         rm = tl.arange(0, BLOCK_M)
         rn = tl.arange(0, BLOCK_N)
@@ -128,8 +126,6 @@ if _jit.HAS_TRITON:
         if HAS_BIAS:
             acc = _jit._with_bias(acc, b_ptr, row, rn, n_valid, EVEN_N)
         _jit._store_tile(y_ptr, acc, rm, rn, stride_ym, y_col, M, n_valid, EVEN_N)
-        if PF_NEXT > 0:
-            _pdl.prefetch_share(pf_ptr, PF_NEXT)
 
 
 def block_m(m: int) -> int:
@@ -161,15 +157,12 @@ def launch_table(x2d, w0, b0, y, tab, outs, prefixes, cfg, aligned: bool, glu_of
     x2d holds the FFN's gate | up halves, the up half ``glu_off`` columns on, and the input is silu(gate) * up."""
     m = x2d.shape[0]
     bm, bk = launch_blocks(m, cfg)
-    level = _pdl.prefetch_level(x2d, m)
-    plan = _plan.lookup(w0, len(outs)) if level >= 2 else None
     _chain_gemv_kernel[(tab.shape[0],)](
         x2d, w0, x2d if b0 is None else b0, y, tab, m, x2d.stride(0), y.stride(0), glu_off,
-        tab if plan is None else plan[0],
         HAS_BIAS=b0 is not None, EVEN_N=all(o % cfg.block_n == 0 for o in outs),
         EVEN_K=all(p % bk == 0 for p in prefixes), ALIGNED=aligned,
         BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk, GLU=glu_off > 0,
         EMULATE=glu_off > 0 and _tuning.interpreting() and x2d.dtype == torch.bfloat16,
-        PREFETCH=aligned and level >= 1, W_BYTES=w0.element_size(), PF_NEXT=0 if plan is None else plan[1],
+        PREFETCH=aligned and _pdl.prefetch_on(x2d, m), W_BYTES=w0.element_size(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl.kernel_kwargs(x2d, m),
     )

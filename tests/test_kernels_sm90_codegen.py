@@ -128,7 +128,7 @@ def test_chain_linear_gemv_compiles_without_spills(cfg, rows):
     """The few-row kernel at the block shape its launcher picks for ``rows``: 16-byte weight loads, no spills."""
     bm, bk = gv.launch_blocks(rows, cfg)
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tab_ptr": "*i64", "M": "i32",
-           "stride_xm": "i32", "stride_ym": "i32", "glu_off": "i32", "pf_ptr": "*i64"}
+           "stride_xm": "i32", "stride_ym": "i32", "glu_off": "i32"}
     for even, bias in ((True, False), (False, True)):
         const = dict(HAS_BIAS=bias, EVEN_N=even, EVEN_K=even, ALIGNED=True, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk)
         k = off.compile_kernel(gv._chain_gemv_kernel, sig, const, cfg.num_warps, cfg.num_stages,
@@ -145,7 +145,7 @@ def test_chain_linear_gemv_with_pdl_reads_weights_before_the_wait(cfg):
     flight while the previous kernel ends) and the input after it; it then lets its successor launch."""
     bm, bk = gv.launch_blocks(1, cfg)
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tab_ptr": "*i64", "M": "i32",
-           "stride_xm": "i32", "stride_ym": "i32", "glu_off": "i32", "pf_ptr": "*i64"}
+           "stride_xm": "i32", "stride_ym": "i32", "glu_off": "i32"}
     const = dict(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, ALIGNED=True, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk,
                  USE_PDL=True)
     k = off.compile_kernel(gv._chain_gemv_kernel, sig, const, cfg.num_warps, cfg.num_stages,
@@ -163,7 +163,7 @@ def test_chain_linear_gemv_with_the_gate_product_compiles_without_spills(cfg):
     no local memory, the weights still read before the wait, the gate and up halves after it."""
     bm, bk = gv.launch_blocks(1, cfg)
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tab_ptr": "*i64", "M": "i32",
-           "stride_xm": "i32", "stride_ym": "i32", "glu_off": "i32", "pf_ptr": "*i64"}
+           "stride_xm": "i32", "stride_ym": "i32", "glu_off": "i32"}
     const = dict(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, ALIGNED=True, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk,
                  USE_PDL=True, GLU=True)
     k = off.compile_kernel(gv._chain_gemv_kernel, sig, const, cfg.num_warps, cfg.num_stages,
@@ -184,7 +184,7 @@ def test_chain_linear_gemv_prefetches_its_weight_slab_before_the_wait(cfg):
     and without it there is none; no local memory either way."""
     bm, bk = gv.launch_blocks(1, cfg)
     sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tab_ptr": "*i64", "M": "i32",
-           "stride_xm": "i32", "stride_ym": "i32", "glu_off": "i32", "pf_ptr": "*i64"}
+           "stride_xm": "i32", "stride_ym": "i32", "glu_off": "i32"}
     for prefetch in (True, False):
         const = dict(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, ALIGNED=True, BLOCK_M=bm, BLOCK_N=cfg.block_n,
                      BLOCK_K=bk, USE_PDL=True, PREFETCH=prefetch)
@@ -196,23 +196,6 @@ def test_chain_linear_gemv_prefetches_its_weight_slab_before_the_wait(cfg):
         assert ("cp.async.bulk.prefetch.L2.global" in ptx[:wait]) == prefetch
         assert "cp.async.bulk.prefetch" not in ptx[wait:]
         assert off.resource_usage(k)["LOCAL"] == 0
-
-
-def test_chain_linear_gemv_prefetches_a_later_launchs_weights_after_its_store():
-    """With PF_NEXT the program's share of each planned range goes out as bulk prefetches after its tile's store."""
-    cfg = gv.GEMV_CONFIGS_M1[0]
-    bm, bk = gv.launch_blocks(1, cfg)
-    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tab_ptr": "*i64", "M": "i32",
-           "stride_xm": "i32", "stride_ym": "i32", "glu_off": "i32", "pf_ptr": "*i64"}
-    const = dict(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, ALIGNED=True, BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk,
-                 USE_PDL=True, PF_NEXT=3)
-    k = off.compile_kernel(gv._chain_gemv_kernel, sig, const, cfg.num_warps, cfg.num_stages,
-                           ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "tab_ptr", "stride_xm", "stride_ym"), launch_pdl=True)
-    ptx = k.asm["ptx"]
-    store = ptx.rindex("st.global")
-    assert ptx[store:].count("cp.async.bulk.prefetch.L2.global") == 3
-    assert "cp.async.bulk.prefetch" not in ptx[:store]
-    assert off.resource_usage(k)["LOCAL"] == 0
 
 
 def test_paged_decode_prefetches_its_context_before_the_wait():
