@@ -4,9 +4,7 @@ For the 1B-shape CoLM-Air {16,16} model at batch B and context C (random weights
 variant of the step in one run (``fused_pdl``: the engines' default, q|K/V and gate|up as one launch each,
 the gate product formed inside the down projection's launch, one-chain projections through the matrix-vector
 kernel, and the step's Triton kernels launched with programmatic dependent launch (at most 8 rows);
-``fused_pdl_noglu``: the same with the gate product as its own launch, ``COLM_DECODE_GLU=0``;
-``fused_pdl_prefetch``: the default plus L2 prefetches before each PDL wait (``COLM_PREFETCH=1``: a matrix-vector
-program's whole weight slab, an attention program's K/V lines); ``fused``: the
+``fused_pdl_noglu``: the same with the gate product as its own launch, ``COLM_DECODE_GLU=0``; ``fused``: the
 default without PDL, ``COLM_PDL=0``; ``unfused``: also ``COLM_DECODE_FUSION=0``, the step as it was before any):
 * the engine's whole step (``DecodeEngine.step``), the captured forward's replay alone (CUDA events),
   and the eager forward, side by side;
@@ -34,12 +32,10 @@ import torch
 from _results import run_meta, write_result  # bench/ is sys.path[0] when a bench runs as a script
 from _timing import cuda_ms, kernel_table, replay_timeline
 
-VARIANTS = {"unfused": {"COLM_DECODE_FUSION": "0", "COLM_PDL": "0", "COLM_DECODE_GLU": "0", "COLM_PREFETCH": "0"},
-            "fused": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "0", "COLM_DECODE_GLU": "1", "COLM_PREFETCH": "0"},
-            "fused_pdl_noglu": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1", "COLM_DECODE_GLU": "0", "COLM_PREFETCH": "0"},
-            "fused_pdl": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1", "COLM_DECODE_GLU": "1", "COLM_PREFETCH": "0"},
-            "fused_pdl_prefetch": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1", "COLM_DECODE_GLU": "1",
-                                   "COLM_PREFETCH": "1"}}
+VARIANTS = {"unfused": {"COLM_DECODE_FUSION": "0", "COLM_PDL": "0", "COLM_DECODE_GLU": "0"},
+            "fused": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "0", "COLM_DECODE_GLU": "1"},
+            "fused_pdl_noglu": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1", "COLM_DECODE_GLU": "0"},
+            "fused_pdl": {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1", "COLM_DECODE_GLU": "1"}}
 
 
 def main() -> None:

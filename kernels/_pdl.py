@@ -11,13 +11,6 @@ may be scheduled while its predecessor still runs. The kernels of ``colm.kernels
   anything an earlier kernel wrote or may still read, then let their own successor launch
   (``griddepcontrol.launch_dependents``).
 
-Before ``wait`` a kernel may also ask for its operands to be brought into L2 (``prefetch_bytes`` /
-``prefetch_lines``: prefetch instructions, which load nothing into registers and so need no room there): a
-matrix-vector program its whole weight slab, not only the first piece it can hold, and an attention program the
-K/V lines of its context range. A prefetch is safe even for lines the predecessor is still writing: L2 is where
-every SM's writes meet, so the later loads read the written bytes. ``COLM_PREFETCH=1`` turns it on where PDL
-is on (sm_90+, at most ``MAX_ROWS`` rows); ``prefetch_on`` says whether a launch uses it.
-
 That is correct for any mix of kernels: one launched without PDL starts after its predecessor as usual; the
 wait is a no-op in a kernel launched normally; and since every PDL kernel waits before it ends, a kernel
 that waited has every earlier kernel of the stream complete behind it. ``COLM_PDL=0`` turns it off.
@@ -77,12 +70,6 @@ def use(t: torch.Tensor, rows: int) -> bool:
     return _triton_supports() and _device_supports(index)
 
 
-def prefetch_on(t: torch.Tensor, rows: int) -> bool:
-    """Whether a PDL launch of ``rows`` rows also prefetches its operands into L2 before the wait
-    (``COLM_PREFETCH=1``; only where ``use``, since without an early launch there is nothing to get ahead of)."""
-    return os.environ.get("COLM_PREFETCH", "0") not in ("", "0") and use(t, rows)
-
-
 def launch_options(on: bool) -> dict:
     """Extra launch keywords: ``launch_pdl`` where ``on`` (absent otherwise, for Tritons without it)."""
     return {"launch_pdl": True} if on else {}
@@ -102,19 +89,3 @@ if HAS_TRITON:
         if USE_PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-
-    @triton.jit
-    def prefetch_bytes(ptr, nbytes):
-        """Bring ``nbytes`` (a multiple of 16) from ``ptr`` (16-byte aligned, global memory) into L2: one bulk
-        prefetch (sm_90 ``cp.async.bulk.prefetch.L2``) issued by the program's first thread."""
-        tl.inline_asm_elementwise(
-            "{ .reg .u32 t; .reg .pred p; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def prefetch_lines(ptrs, mask):
-        """Bring the cache lines holding ``ptrs`` (a tensor of global addresses) into L2, where ``mask``."""
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
-            "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)

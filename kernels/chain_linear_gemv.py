@@ -93,15 +93,13 @@ if _jit.HAS_TRITON:
         M, stride_xm, stride_ym, glu_off,
         HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
-        GLU: tl.constexpr = False, EMULATE: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-        W_BYTES: tl.constexpr = 2,
+        GLU: tl.constexpr = False, EMULATE: tl.constexpr = False,
     ):
         """y[:, tile columns] = x[:, :P_i] @ W_i[tile rows]ᵀ for table row ``program_id`` (all M rows); with GLU the
         input is silu(x[:, :P_i]) * x[:, glu_off : glu_off + P_i] (the FFN's gate product, never written out).
 
         The first K piece of the tile's weights is read before the PDL wait (no kernel writes weights or
-        the table), so with PDL it is in flight while the previous kernel finishes; with PREFETCH (ALIGNED
-        launches) the tile's whole weight slab, its rows being contiguous, is asked into L2 there too."""
+        the table), so with PDL it is in flight while the previous kernel finishes."""
         row, w_off, K, y_col, n_valid = _jit._fwd_tile_row(tab_ptr, tl.program_id(0), ALIGNED)
         rm = tl.arange(0, BLOCK_M)
         rn = tl.arange(0, BLOCK_N)
@@ -110,8 +108,6 @@ if _jit.HAS_TRITON:
         rn_ld = rn if EVEN_N else rn % n_valid
         x_ptrs = x_ptr + rm_ld[:, None] * stride_xm + rk[None, :]  # [BM, BK]
         w_ptrs = w_ptr + w_off + rn_ld[:, None].to(tl.int64) * K + rk[None, :]  # [BN, BK]: rows of W_i
-        if PREFETCH:  # the tile's rows [n_valid, K], one contiguous run of bytes
-            _pdl.prefetch_bytes(w_ptr + w_off, n_valid * K * W_BYTES)
         w = _k_piece(w_ptrs, rk, K, EVEN_K)
         _pdl.wait(USE_PDL)
         x = _x_piece(x_ptrs, rk, K, glu_off, EVEN_K, GLU, EMULATE)
@@ -163,6 +159,5 @@ def launch_table(x2d, w0, b0, y, tab, outs, prefixes, cfg, aligned: bool, glu_of
         EVEN_K=all(p % bk == 0 for p in prefixes), ALIGNED=aligned,
         BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=bk, GLU=glu_off > 0,
         EMULATE=glu_off > 0 and _tuning.interpreting() and x2d.dtype == torch.bfloat16,
-        PREFETCH=aligned and _pdl.prefetch_on(x2d, m), W_BYTES=w0.element_size(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl.kernel_kwargs(x2d, m),
     )

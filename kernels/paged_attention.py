@@ -131,30 +131,6 @@ def write_kv_to_pool_ref(k, v, k_pool, v_pool, slot_mapping) -> None:
 if HAS_TRITON:
 
     @triton.jit
-    def _prefetch_context(k_ptr, v_ptr, bt_ptr, lens_ptr, b, h, split, stride_btb, block_size, num_splits,
-                          num_blocks, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
-                          LINES: tl.constexpr, KV_BYTES: tl.constexpr):
-        """Prefetch into L2 the K and V lines of KV head ``h`` over split ``split`` of sequence ``b``'s context, as
-        ``_paged_decode_kernel`` will walk it. Read before the PDL wait, the length and block table only steer
-        hints: a block index is clamped into the pool, so no address leaves it."""
-        ctx = tl.load(lens_ptr + b)
-        per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_T) * BLOCK_T
-        start = split * per_split
-        end = tl.minimum(ctx, start + per_split)
-        t_local = tl.arange(0, BLOCK_T)
-        line = tl.arange(0, LINES) * (128 // KV_BYTES)  # [L] elements: one per 128-byte line
-        for t0 in range(start, end, BLOCK_T):
-            t = t0 + t_local
-            t_ok = t < end
-            blk = tl.load(bt_ptr + b * stride_btb + t // block_size, mask=t_ok, other=0)
-            blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1)
-            slot = blk.to(tl.int64) * block_size + t % block_size  # [T]
-            offs = slot[:, None] * (NUM_KV * HEAD_DIM) + h * HEAD_DIM + line[None, :]  # [T, L]
-            ok = t_ok[:, None] & (line < HEAD_DIM)[None, :]
-            _pdl.prefetch_lines(k_ptr + offs, ok)
-            _pdl.prefetch_lines(v_ptr + offs, ok)
-
-    @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_ptr, map_ptr,
         qk_scale, stride_qb, stride_qh, stride_ob, stride_oh, stride_btb,
@@ -162,16 +138,12 @@ if HAS_TRITON:
         NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         SPLIT: tl.constexpr, UPCAST: tl.constexpr, HEAD_MAP: tl.constexpr, USE_PDL: tl.constexpr = False,
-        PREFETCH: tl.constexpr = False, LINES: tl.constexpr = 1, KV_BYTES: tl.constexpr = 2, num_blocks=1,
     ):
+        _pdl.wait(USE_PDL)
         pid = tl.program_id(0)  # b * NUM_KV + kv head
         split = tl.program_id(1)
         b = pid // NUM_KV
         h = pid % NUM_KV
-        if PREFETCH:  # this program's K/V lines into L2 while the predecessor runs (addresses only: see _pdl)
-            _prefetch_context(k_ptr, v_ptr, bt_ptr, lens_ptr, b, h, split, stride_btb, block_size, num_splits,
-                              num_blocks, NUM_KV, HEAD_DIM, BLOCK_T, LINES, KV_BYTES)
-        _pdl.wait(USE_PDL)
         ctx = tl.load(lens_ptr + b)
         # this sequence's own context cut into num_splits BLOCK_T-aligned ranges (not the table width's: a
         # graph captured for a wider table still spreads a shorter context over every split)
@@ -341,17 +313,13 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens,
             if splits > 1 else out)
     upcast = _tuning.interpreting() and q.dtype == torch.bfloat16
     pdl = _pdl.kernel_kwargs(q, b)
-    prefetch = _pdl.prefetch_on(q, b)
-    lines = max(1, triton.next_power_of_2(-(-d * k_pool.element_size() // 128)))  # 128-byte lines per head row
     _paged_decode_kernel[(b * hkv, splits)](
         q, k_pool, v_pool, block_tables, context_lens, out, part, out if head_map is None else head_map,
         scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         block_size, splits,
         NUM_KV=hkv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_T=block_t, SPLIT=splits > 1, UPCAST=upcast,
-        HEAD_MAP=head_map is not None, PREFETCH=prefetch, LINES=lines, KV_BYTES=k_pool.element_size(),
-        num_blocks=k_pool.shape[0],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
+        HEAD_MAP=head_map is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl,
     )
     if splits > 1:
         _merge_splits_kernel[(b * hq,)](

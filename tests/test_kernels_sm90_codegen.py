@@ -177,46 +177,6 @@ def test_chain_linear_gemv_with_the_gate_product_compiles_without_spills(cfg):
     assert use["LOCAL"] == 0 and use["STACK"] == 0, (cfg, use)
 
 
-@pytest.mark.parametrize("cfg", gv.GEMV_CONFIGS_M1[:3] + gv.GEMV_CONFIGS[:1],
-                         ids=lambda c: f"n{c.block_n}-k{c.block_k}-w{c.num_warps}")
-def test_chain_linear_gemv_prefetches_its_weight_slab_before_the_wait(cfg):
-    """With PREFETCH the tile's weight rows are asked into L2 by one bulk prefetch before ``griddepcontrol.wait``,
-    and without it there is none; no local memory either way."""
-    bm, bk = gv.launch_blocks(1, cfg)
-    sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "tab_ptr": "*i64", "M": "i32",
-           "stride_xm": "i32", "stride_ym": "i32", "glu_off": "i32"}
-    for prefetch in (True, False):
-        const = dict(HAS_BIAS=False, EVEN_N=True, EVEN_K=True, ALIGNED=True, BLOCK_M=bm, BLOCK_N=cfg.block_n,
-                     BLOCK_K=bk, USE_PDL=True, PREFETCH=prefetch)
-        k = off.compile_kernel(gv._chain_gemv_kernel, sig, const, cfg.num_warps, cfg.num_stages,
-                               ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "tab_ptr", "stride_xm", "stride_ym"),
-                               launch_pdl=True)
-        ptx = k.asm["ptx"]
-        wait = ptx.index("griddepcontrol.wait")
-        assert ("cp.async.bulk.prefetch.L2.global" in ptx[:wait]) == prefetch
-        assert "cp.async.bulk.prefetch" not in ptx[wait:]
-        assert off.resource_usage(k)["LOCAL"] == 0
-
-
-def test_paged_decode_prefetches_its_context_before_the_wait():
-    """With PREFETCH each program's K and V lines are prefetched into L2 before ``griddepcontrol.wait``; q, which
-    the predecessor writes, is loaded after it."""
-    sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*bf16",
-           "part_ptr": "*fp32", "map_ptr": "*i32", "qk_scale": "fp32", "stride_qb": "i32", "stride_qh": "i32",
-           "stride_ob": "i32", "stride_oh": "i32", "stride_btb": "i32", "block_size": "i32", "num_splits": "i32",
-           "num_blocks": "i32"}
-    for prefetch in (True, False):
-        const = dict(NUM_KV=8, GROUP=4, GROUP_PAD=16, HEAD_DIM=64, D_PAD=64, BLOCK_T=64, SPLIT=True, UPCAST=False,
-                     HEAD_MAP=True, USE_PDL=True, PREFETCH=prefetch, LINES=1)
-        k = off.compile_kernel(pa._paged_decode_kernel, sig, const, 4, 3, ("q_ptr", "k_ptr", "v_ptr", "out_ptr"),
-                               launch_pdl=True)
-        ptx = k.asm["ptx"]
-        wait = ptx.index("griddepcontrol.wait")
-        assert ("prefetch.global.L2::evict_last" in ptx[:wait]) == prefetch
-        assert "prefetch.global" not in ptx[wait:]
-        assert off.resource_usage(k)["LOCAL"] == 0
-
-
 def test_decode_chain_kernels_wait_when_launched_with_pdl():
     """Every kernel of the decode step's chain that PDL may start early waits first; none waits without it."""
     sig = {"part_ptr": "*fp32", "out_ptr": "*bf16", "stride_ob": "i32", "stride_oh": "i32", "num_splits": "i32"}
@@ -232,7 +192,7 @@ def test_decode_chain_kernels_wait_when_launched_with_pdl():
 def test_paged_decode_kernels_compile():
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*bf16",
            "part_ptr": "*fp32", "map_ptr": "*i32", "qk_scale": "fp32", "stride_qb": "i32", "stride_qh": "i32", "stride_ob": "i32",
-           "stride_oh": "i32", "stride_btb": "i32", "block_size": "i32", "num_splits": "i32", "num_blocks": "i32"}
+           "stride_oh": "i32", "stride_btb": "i32", "block_size": "i32", "num_splits": "i32"}
     for split, head_map in ((False, False), (True, False), (True, True)):
         const = dict(NUM_KV=8, GROUP=4, GROUP_PAD=16, HEAD_DIM=64, D_PAD=64, BLOCK_T=64, SPLIT=split, UPCAST=False,
                      HEAD_MAP=head_map)
