@@ -17,7 +17,8 @@ The Triton decode kernel is split-K ("flash-decoding"): when batch × KV heads c
 each sequence's context is cut into ``num_splits`` ranges whose partial softmax states (running max,
 sum, unnormalised output) a second small kernel merges -- or, with ``COLM_ATTN_MERGE=kernel``, the split of each
 KV head that finishes last merges them in the same launch (an arrival counter per KV head), one launch fewer per
-layer. The ranges are cut from each sequence's own
+layer. With ``COLM_ATTN_PRELOAD=1`` a program reads its split's first K/V tile before the PDL wait (read again after
+it when that tile holds the newest token, the one the predecessor writes). The ranges are cut from each sequence's own
 length inside the kernel, so a launch (or a CUDA graph) sized for a wider block table still spreads a
 short context over all its splits. Both entry points use Triton on CUDA; on the CPU the write runs its
 plain-PyTorch reference and attention its batched form (``paged_decode_attention_batched``: one gather and a
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -133,6 +135,46 @@ def write_kv_to_pool_ref(k, v, k_pool, v_pool, slot_mapping) -> None:
 if HAS_TRITON:
 
     @triton.jit
+    def _split_range(lens_ptr, b, split, num_splits, BLOCK_T: tl.constexpr):
+        """[start, end) of split ``split`` of sequence ``b``: its own context cut into num_splits BLOCK_T-aligned
+        ranges (not the table width's: a graph captured for a wider table still spreads a shorter context over
+        every split)."""
+        ctx = tl.load(lens_ptr + b)
+        per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_T) * BLOCK_T
+        start = split * per_split
+        return start, tl.minimum(ctx, start + per_split)
+
+    @triton.jit
+    def _kv_tile(k_ptr, v_ptr, bt_ptr, b, t0, end, stride_btb, block_size, kv_col, d_ok, row_stride,
+                 BLOCK_T: tl.constexpr, UPCAST: tl.constexpr):
+        """K, V [T, D] of tokens t0 .. t0 + BLOCK_T of sequence ``b`` (through its block table; tokens >= end
+        read as 0) and which tokens are in range [T]."""
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < end
+        blk = tl.load(bt_ptr + b * stride_btb + t // block_size, mask=t_ok, other=0)
+        slot = blk.to(tl.int64) * block_size + t % block_size  # [T]
+        offs = slot[:, None] * row_stride + kv_col[None, :]  # [T, D]
+        kv_ok = t_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + offs, mask=kv_ok, other=0.0)
+        v = tl.load(v_ptr + offs, mask=kv_ok, other=0.0)
+        if UPCAST:  # the interpreter multiplies bf16 as raw bits
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        return k, v, t_ok
+
+    @triton.jit
+    def _online_softmax(q, k, v, t_ok, m_i, l_i, acc, qk_scale):
+        """The running (max, sum, unnormalised output) of q's heads [G] after one more K/V tile."""
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [G, T], log2 domain
+        s = tl.where(t_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_ptr, map_ptr, cnt_ptr,
         qk_scale, stride_qb, stride_qh, stride_ob, stride_oh, stride_btb,
@@ -140,24 +182,33 @@ if HAS_TRITON:
         NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         SPLIT: tl.constexpr, UPCAST: tl.constexpr, HEAD_MAP: tl.constexpr, USE_PDL: tl.constexpr = False,
-        MERGE: tl.constexpr = False, S_PAD: tl.constexpr = 2,
+        MERGE: tl.constexpr = False, S_PAD: tl.constexpr = 2, PRELOAD: tl.constexpr = False,
     ):
-        _pdl.wait(USE_PDL)
         pid = tl.program_id(0)  # b * NUM_KV + kv head
         split = tl.program_id(1)
         b = pid // NUM_KV
         h = pid % NUM_KV
-        ctx = tl.load(lens_ptr + b)
-        # this sequence's own context cut into num_splits BLOCK_T-aligned ranges (not the table width's: a
-        # graph captured for a wider table still spreads a shorter context over every split)
-        per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_T) * BLOCK_T
-        start = split * per_split
-        end = tl.minimum(ctx, start + per_split)
+        d = tl.arange(0, D_PAD)
+        d_ok = d < HEAD_DIM
+        kv_col = h * HEAD_DIM + d  # [D] within one token's [Hkv, D] row
+        if PRELOAD:
+            # before the PDL wait: the length, the table and the first tile's K/V. Every kernel before the
+            # predecessor is complete when this one starts (see _pdl), and the predecessor writes only the
+            # newest token's K/V: a first tile holding that token is read again after the wait.
+            start, end = _split_range(lens_ptr, b, split, num_splits, BLOCK_T)
+            k0, v0, ok0 = _kv_tile(k_ptr, v_ptr, bt_ptr, b, start, end, stride_btb, block_size, kv_col, d_ok,
+                                   NUM_KV * HEAD_DIM, BLOCK_T, UPCAST)
+            _pdl.wait(USE_PDL)
+            newest = tl.load(lens_ptr + b) - 1
+            if (newest >= start) & (newest < start + BLOCK_T):
+                k0, v0, ok0 = _kv_tile(k_ptr, v_ptr, bt_ptr, b, start, end, stride_btb, block_size, kv_col, d_ok,
+                                       NUM_KV * HEAD_DIM, BLOCK_T, UPCAST)
+        else:
+            _pdl.wait(USE_PDL)
+            start, end = _split_range(lens_ptr, b, split, num_splits, BLOCK_T)
 
         g = tl.arange(0, GROUP_PAD)  # local query head
-        d = tl.arange(0, D_PAD)
         g_ok = g < GROUP
-        d_ok = d < HEAD_DIM
         heads = h * GROUP + g
         if HEAD_MAP:  # the query heads this KV head serves, in any order
             heads = tl.load(map_ptr + heads, mask=g_ok, other=0)
@@ -169,29 +220,15 @@ if HAS_TRITON:
         m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
         l_i = tl.zeros((GROUP_PAD,), tl.float32)
         acc = tl.zeros((GROUP_PAD, D_PAD), tl.float32)
-        t_local = tl.arange(0, BLOCK_T)
-        kv_col = h * HEAD_DIM + d  # [D] within one token's [Hkv, D] row
-        row_stride = NUM_KV * HEAD_DIM
-        for t0 in range(start, end, BLOCK_T):
-            t = t0 + t_local
-            t_ok = t < end
-            blk = tl.load(bt_ptr + b * stride_btb + t // block_size, mask=t_ok, other=0)
-            slot = blk.to(tl.int64) * block_size + t % block_size  # [T]
-            offs = slot[:, None] * row_stride + kv_col[None, :]  # [T, D]
-            kv_ok = t_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_ptr + offs, mask=kv_ok, other=0.0)
-            v = tl.load(v_ptr + offs, mask=kv_ok, other=0.0)
-            if UPCAST:  # the interpreter multiplies bf16 as raw bits
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # [G, T], log2 domain
-            s = tl.where(t_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        first = start
+        if PRELOAD:
+            if start < end:  # an empty split has no tile (and would give exp2(-inf - -inf))
+                m_i, l_i, acc = _online_softmax(q, k0, v0, ok0, m_i, l_i, acc, qk_scale)
+            first = start + BLOCK_T
+        for t0 in range(first, end, BLOCK_T):
+            k, v, t_ok = _kv_tile(k_ptr, v_ptr, bt_ptr, b, t0, end, stride_btb, block_size, kv_col, d_ok,
+                                  NUM_KV * HEAD_DIM, BLOCK_T, UPCAST)
+            m_i, l_i, acc = _online_softmax(q, k, v, t_ok, m_i, l_i, acc, qk_scale)
 
         if SPLIT:
             # partials [B*Hq, num_splits, D_PAD + 2]: unnormalised acc, then m (log2), then l
@@ -320,8 +357,6 @@ def _counters(device, n: int) -> torch.Tensor:
 def merge_in_kernel() -> bool:
     """Whether split launches merge their partials in the attention launch (its last-arriving split per KV head)
     instead of a second launch: ``COLM_ATTN_MERGE`` = ``kernel`` or ``launch`` (the default)."""
-    import os
-
     mode = os.environ.get("COLM_ATTN_MERGE", "launch")
     if mode not in ("kernel", "launch"):
         raise ValueError(f"COLM_ATTN_MERGE={mode!r}: expected 'kernel' or 'launch'")
@@ -362,6 +397,7 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens,
     upcast = _tuning.interpreting() and q.dtype == torch.bfloat16
     pdl = _pdl.kernel_kwargs(q, b)
     merge = splits > 1 and merge_in_kernel()
+    preload = os.environ.get("COLM_ATTN_PRELOAD", "0") not in ("", "0")
     s_pad = max(2, triton.next_power_of_2(splits))
     _paged_decode_kernel[(b * hkv, splits)](
         q, k_pool, v_pool, block_tables, context_lens, out, part, out if head_map is None else head_map,
@@ -371,7 +407,7 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens,
         NUM_KV=hkv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_T=block_t, SPLIT=splits > 1, UPCAST=upcast,
         HEAD_MAP=head_map is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        MERGE=merge, S_PAD=s_pad, **pdl,
+        MERGE=merge, S_PAD=s_pad, PRELOAD=preload, **pdl,
     )
     if splits > 1 and not merge:
         _merge_splits_kernel[(b * hq,)](

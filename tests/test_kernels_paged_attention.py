@@ -156,6 +156,19 @@ def test_interpreter_decode_merging_in_the_kernel(monkeypatch, mapped):
     assert int(counters.abs().sum()) == 0
 
 
+@interp
+@pytest.mark.parametrize("merge", ["launch", "kernel"])
+def test_interpreter_decode_with_the_first_tile_preloaded(monkeypatch, merge):
+    """COLM_ATTN_PRELOAD=1 (the first K/V tile read before the PDL wait, reread when it holds the newest token):
+    the same float64 result, with splits of one tile, of several, and empty ones."""
+    monkeypatch.setenv("COLM_ATTN_PRELOAD", "1")
+    monkeypatch.setenv("COLM_ATTN_MERGE", merge)
+    torch.manual_seed(51)
+    for lens, splits in (([1, 37, 22], 1), ([3, 40, 17], 4), ([64, 16, 9], 2)):
+        _check_decode(3, 8, 2, 16, 4, lens, torch.bfloat16, "cpu", launch={"block_t": 16, "num_splits": splits},
+                      mapped=True, table_width=30)
+
+
 def test_merge_mode_is_checked(monkeypatch):
     monkeypatch.setenv("COLM_ATTN_MERGE", "both")
     with pytest.raises(ValueError, match="COLM_ATTN_MERGE='both': expected 'kernel' or 'launch'"):
@@ -293,6 +306,27 @@ def test_cuda_decode_merging_in_the_kernel(monkeypatch, mapped):
     torch.cuda.synchronize()
     assert not torch.isnan(out).any()
     assert _rel(out, want.double()) < 1e-2
+
+
+@cuda
+def test_cuda_decode_preloaded_tile_sees_the_token_its_predecessor_writes(monkeypatch):
+    """With the first tile read early, the newest token's K/V written by the launch just before is the one
+    attended: the newest slots rewritten before each attention launch in one stream, many times, each result
+    against float64 (the decode step's own chain, RoPE launched with PDL before attention, is checked by the engine's
+    GPU tests)."""
+    monkeypatch.setenv("COLM_ATTN_PRELOAD", "1")
+    torch.manual_seed(61)
+    lens = [1, 40, 64, 65, 700, 2049]
+    q, kp, vp, bt, cl = _paged_case(len(lens), 32, 8, 64, 16, lens, torch.bfloat16, "cuda")
+    newest = torch.tensor([int(bt[i, (n - 1) // 16]) * 16 + (n - 1) % 16 for i, n in enumerate(lens)],
+                          dtype=torch.int64, device="cuda")
+    for _ in range(20):
+        k_new = torch.randn(len(lens), 8, 64, device="cuda").to(torch.bfloat16) * 4
+        v_new = torch.randn(len(lens), 8, 64, device="cuda").to(torch.bfloat16) * 4
+        pa.write_kv_to_pool_triton(k_new, v_new, kp, vp, newest)
+        out = pa.paged_decode_attention_triton(q, kp, vp, bt, cl)
+        ref = pa.paged_decode_attention_ref(q.double(), kp.double(), vp.double(), bt, cl)
+        assert _rel(out, ref) < 1e-2
 
 
 @cuda

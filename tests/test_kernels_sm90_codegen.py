@@ -210,6 +210,12 @@ def test_paged_decode_kernels_compile():
     assert "bar.sync" in ptx[:ptx.index(atoms[0].strip())]  # the CTA's partial stores come before the count
     assert "ld.global.cg" in ptx
     assert off.resource_usage(k)["LOCAL"] == 0
+    const.update(MERGE=False, PRELOAD=True)
+    k = off.compile_kernel(pa._paged_decode_kernel, sig, const, 4, 3, ("q_ptr", "k_ptr", "v_ptr", "out_ptr"),
+                           launch_pdl=True)
+    ptx = k.asm["ptx"]  # the first tile's K/V loads before the wait
+    assert re.search(r"ld\.global(\.\w+)*\.b16|ld\.global(\.\w+)*\.v\d", ptx[:ptx.index("griddepcontrol.wait")])
+    assert off.resource_usage(k)["LOCAL"] == 0
     k = off.compile_kernel(pa._merge_splits_kernel, {"part_ptr": "*fp32", "out_ptr": "*bf16", "stride_ob": "i32",
                                                     "stride_oh": "i32", "num_splits": "i32"},
                            dict(NUM_HEADS=32, HEAD_DIM=64, D_PAD=64, S_PAD=32), 4, 1)
