@@ -51,3 +51,20 @@ def routed(setup):
     bg, backend = failing_engine_router(setup[0])
     yield bg, backend
     bg.stop()
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(session, config, items):
+    """The kernel modules with interpreter cases (``test_interpreter_suite``): their child runs start together at
+    the first of them (``_kernel_helpers``)."""
+    files = [os.path.realpath(str(item.path)) for item in items if item.name == "test_interpreter_suite"]
+    if files:
+        import _kernel_helpers
+
+        _kernel_helpers.SUITE_FILES[:] = list(dict.fromkeys(files))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    helpers = sys.modules.get("_kernel_helpers")
+    if helpers is not None:
+        helpers.stop_children()
