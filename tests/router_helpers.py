@@ -111,7 +111,7 @@ def wait_serving(addr: str, timeout_s: float = 300.0) -> dict:
                 return h
         except Exception as e:  # noqa: BLE001 - the router may be busy; keep asking
             h = {"error": str(e)}
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(f"not serving after {timeout_s} s: {h}")
 
 

@@ -45,7 +45,7 @@ def cluster():
         end = time.time() + 240
         while not re.search(r"\[colm serve\] http\s+\S+", log.read_text() if log.exists() else ""):
             assert proc.poll() is None and time.time() < end, log.read_text()[-4000:]
-            time.sleep(0.25)
+            time.sleep(0.1)
         yield c, f"{c.head.ip}:50051", f"http://{c.head.ip}:8000"
     finally:
         c.stop()

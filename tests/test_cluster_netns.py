@@ -43,7 +43,7 @@ def _start_service(cluster: NetnsCluster, timeout_s: float = 240.0) -> dict:
             return {"grpc": m.group(1), "http": http.group(1) if http else "", "proc": proc, "log": path}
         if proc.poll() is not None:
             raise RuntimeError(f"colm serve exited with {proc.returncode}:\n{text[-4000:]}")
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise RuntimeError(f"colm serve not ready in {timeout_s} s:\n{path.read_text()[-4000:]}")
 
 
@@ -145,7 +145,9 @@ def test_decode_node_killed_under_load_then_back(cluster):
 
     c, service = cluster
     wait_serving(service["grpc"], 60)
-    results, deadline_ms = [], 20_000
+    # node C stays down until every request has ended, and no other node may run decode: a request it stranded waits
+    # out its deadline (10 s: well past Ray's ~3 s to declare the node dead) before it ends UNAVAILABLE
+    results, deadline_ms = [], 10_000
 
     def one(i: int) -> None:
         t0 = time.time()
