@@ -160,8 +160,29 @@ def worker_procs():
             p.wait(30)
 
 
+TEXTS = [f"def f{i}(x):\n    return" + " x" * (i % 5) for i in range(16)]
+# every third request has penalties: the decode worker reads its prompt, sent with its start (context ids)
+PENALIZED = dict(repetition_penalty=1.5, frequency_penalty=0.75, presence_penalty=0.5)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The demo model and ``colm generate``'s tokens of every (text, scale, penalized): both token stream modes are
+    checked against the same reference, made once."""
+    from colm import checkpoint
+    from colm.assets import demo_model_dir
+    from colm.tokenizer import ByteTokenizer
+
+    model = checkpoint.load(str(demo_model_dir())).eval()
+    tok = ByteTokenizer()
+    want = {(t, s, a): generate(model, tok.encode(t), SamplingParams(max_new_tokens=12, ignore_eos=True,
+                                                                    **(PENALIZED if a else {})), scale=s).token_ids
+            for t in TEXTS for s in (1, 2) for a in (False, True)}
+    return model, want
+
+
 @pytest.mark.parametrize("token_stream", ["batched", "per_request"])
-def test_worker_processes_concurrent_requests_equal_the_reference(worker_procs, token_stream):
+def test_worker_processes_concurrent_requests_equal_the_reference(worker_procs, reference, token_stream):
     from colm import checkpoint
     from colm.assets import demo_model_dir
     from colm.client import Client
@@ -175,14 +196,9 @@ def test_worker_processes_concurrent_requests_equal_the_reference(worker_procs, 
     model_dir = str(demo_model_dir())
     addrs = worker_procs
     workers = [WorkerInfo("decode-0", "decode", addrs["decode"]), WorkerInfo("prefill-0", "prefill", addrs["prefill"])]
-    model = checkpoint.load(model_dir).eval()
+    model, want = reference
     tok = ByteTokenizer()
-    texts = [f"def f{i}(x):\n    return" + " x" * (i % 5) for i in range(16)]
-    # every third request has penalties: the decode worker reads its prompt, sent with its start (context ids)
-    penalized = dict(repetition_penalty=1.5, frequency_penalty=0.75, presence_penalty=0.5)
-    want = {(t, s, a): generate(model, tok.encode(t), SamplingParams(max_new_tokens=12, ignore_eos=True,
-                                                                    **(penalized if a else {})), scale=s).token_ids
-            for t in texts for s in (1, 2) for a in (False, True)}
+    texts, penalized = TEXTS, PENALIZED
     assert all(want[(t, s, True)] != want[(t, s, False)] for t in texts[:4] for s in (1, 2))
     bg = BackgroundRouter(Router(RouterConfig(grpc_port=0, http_port=None, token_stream=token_stream),
                                  checkpoint.load_config(model_dir), tok,
