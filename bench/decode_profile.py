@@ -3,11 +3,11 @@
 For the 1B-shape CoLM-Air {16,16} model at batch B and context C (random weights, random K/V), for each
 variant of the step in one run (``fused_pdl``: the engines' default, q|K/V and gate|up as one launch each,
 the gate product formed inside the down projection's launch, one-chain projections through the matrix-vector
-kernel, and the step's Triton kernels launched with programmatic dependent launch (at most 8 rows);
+kernel, and the step's Triton kernels launched with programmatic dependent launch (at most 8 rows), attention
+reading its first K/V tile before the launch's wait;
 ``fused_pdl_noglu``: the same with the gate product as its own launch, ``COLM_DECODE_GLU=0``;
-``fused_pdl_kmerge``: the default with attention's split merge done by the attention launch itself
-(``COLM_ATTN_MERGE=kernel``); ``fused_pdl_preload``: the default with attention reading its first K/V tile before
-the PDL wait (``COLM_ATTN_PRELOAD=1``); ``fused_pdl_kmerge_preload``: both; ``fused``: the
+``fused_pdl_nopreload``: the default without attention's early read of its first K/V tile
+(``COLM_ATTN_PRELOAD=0``); ``fused``: the
 default without PDL, ``COLM_PDL=0``; ``unfused``: also ``COLM_DECODE_FUSION=0``, the step as it was before any):
 * the engine's whole step (``DecodeEngine.step``), the captured forward's replay alone (CUDA events),
   and the eager forward, side by side;
@@ -35,15 +35,12 @@ import torch
 from _results import run_meta, write_result  # bench/ is sys.path[0] when a bench runs as a script
 from _timing import cuda_ms, kernel_table, replay_timeline
 
-_DEFAULT = {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1", "COLM_DECODE_GLU": "1", "COLM_ATTN_MERGE": "launch",
-            "COLM_ATTN_PRELOAD": "0"}
+_DEFAULT = {"COLM_DECODE_FUSION": "1", "COLM_PDL": "1", "COLM_DECODE_GLU": "1", "COLM_ATTN_PRELOAD": "1"}
 VARIANTS = {"unfused": dict(_DEFAULT, COLM_DECODE_FUSION="0", COLM_PDL="0", COLM_DECODE_GLU="0"),
             "fused": dict(_DEFAULT, COLM_PDL="0"),
             "fused_pdl_noglu": dict(_DEFAULT, COLM_DECODE_GLU="0"),
             "fused_pdl": dict(_DEFAULT),
-            "fused_pdl_kmerge": dict(_DEFAULT, COLM_ATTN_MERGE="kernel"),
-            "fused_pdl_preload": dict(_DEFAULT, COLM_ATTN_PRELOAD="1"),
-            "fused_pdl_kmerge_preload": dict(_DEFAULT, COLM_ATTN_MERGE="kernel", COLM_ATTN_PRELOAD="1")}
+            "fused_pdl_nopreload": dict(_DEFAULT, COLM_ATTN_PRELOAD="0")}
 
 
 def main() -> None:

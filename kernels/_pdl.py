@@ -6,7 +6,10 @@ start only after the one before has drained: a fixed ramp per kernel that no sin
 programmatic stream serialization, which a graph capture keeps as a programmatic edge -- a kernel's blocks
 may be scheduled while its predecessor still runs. The kernels of ``colm.kernels`` launched with it:
 
-* read only what no kernel writes (weights, host-built tables) before ``wait``;
+* read only what no kernel writes (weights, host-built tables) before ``wait``, or what only kernels before
+  their predecessor wrote: a kernel lets its successor launch only after its own wait, so when a kernel starts,
+  every kernel before its predecessor is complete (decode attention reads its first K/V tile early, and again
+  after the wait when that tile holds the token its predecessor writes);
 * ``wait`` (``griddepcontrol.wait``: the predecessor grid complete and its memory visible) before they touch
   anything an earlier kernel wrote or may still read, then let their own successor launch
   (``griddepcontrol.launch_dependents``).

@@ -15,10 +15,9 @@ no gathers of q and o into and out of GQA order.
 
 The Triton decode kernel is split-K ("flash-decoding"): when batch × KV heads cannot fill the GPU,
 each sequence's context is cut into ``num_splits`` ranges whose partial softmax states (running max,
-sum, unnormalised output) a second small kernel merges -- or, with ``COLM_ATTN_MERGE=kernel``, the split of each
-KV head that finishes last merges them in the same launch (an arrival counter per KV head), one launch fewer per
-layer. With ``COLM_ATTN_PRELOAD=1`` a program reads its split's first K/V tile before the PDL wait (read again after
-it when that tile holds the newest token, the one the predecessor writes). The ranges are cut from each sequence's own
+sum, unnormalised output) a second small kernel merges. Launched with PDL, a program reads its split's first K/V
+tile before the wait (read again after it when that tile holds the newest token, the one the predecessor
+writes; ``COLM_ATTN_PRELOAD=0`` turns this off). The ranges are cut from each sequence's own
 length inside the kernel, so a launch (or a CUDA graph) sized for a wider block table still spreads a
 short context over all its splits. Both entry points use Triton on CUDA; on the CPU the write runs its
 plain-PyTorch reference and attention its batched form (``paged_decode_attention_batched``: one gather and a
@@ -176,13 +175,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _paged_decode_kernel(
-        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_ptr, map_ptr, cnt_ptr,
+        q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_ptr, map_ptr,
         qk_scale, stride_qb, stride_qh, stride_ob, stride_oh, stride_btb,
         block_size, num_splits,
         NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         SPLIT: tl.constexpr, UPCAST: tl.constexpr, HEAD_MAP: tl.constexpr, USE_PDL: tl.constexpr = False,
-        MERGE: tl.constexpr = False, S_PAD: tl.constexpr = 2, PRELOAD: tl.constexpr = False,
+        PRELOAD: tl.constexpr = False,
     ):
         pid = tl.program_id(0)  # b * NUM_KV + kv head
         split = tl.program_id(1)
@@ -237,17 +236,6 @@ if HAS_TRITON:
             tl.store(base + d[None, :], acc, mask=g_ok[:, None])
             tl.store(part_ptr + row * (D_PAD + 2) + D_PAD, m_i, mask=g_ok)
             tl.store(part_ptr + row * (D_PAD + 2) + D_PAD + 1, l_i, mask=g_ok)
-            if MERGE:  # the split that arrives last merges this KV head's query heads (no merge launch)
-                tl.debug_barrier()  # every thread's partials are stored before the arrival is counted
-                arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")  # gpu scope: partials visible to the last
-                if arrived == num_splits - 1:
-                    tl.store(cnt_ptr + pid, 0)  # zero again for the next launch on this stream
-                    for gi in tl.static_range(GROUP):
-                        head = h * GROUP + gi
-                        if HEAD_MAP:
-                            head = tl.load(map_ptr + head)
-                        _merge_row(part_ptr, out_ptr, b * NUM_KV * GROUP + head, b, head, stride_ob, stride_oh,
-                                   num_splits, HEAD_DIM, D_PAD, S_PAD)
         else:
             o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context gives 0, not NaN
             tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -256,15 +244,14 @@ if HAS_TRITON:
     @triton.jit
     def _merge_row(part_ptr, out_ptr, row, b, h, stride_ob, stride_oh, num_splits,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
-        """out[b, h] from the ``num_splits`` partial states of partials row ``row`` (= b * Hq + h). The loads go to
-        L2 (.cg): other programs wrote these partials, and this SM's L1 is not kept coherent with their writes."""
+        """out[b, h] from the ``num_splits`` partial states of partials row ``row`` (= b * Hq + h)."""
         s = tl.arange(0, S_PAD)
         d = tl.arange(0, D_PAD)
         s_ok = s < num_splits
         base = part_ptr + (row * num_splits + s) * (D_PAD + 2)
-        m = tl.load(base + D_PAD, mask=s_ok, other=float("-inf"), cache_modifier=".cg")  # [S]
-        l = tl.load(base + D_PAD + 1, mask=s_ok, other=0.0, cache_modifier=".cg")
-        acc = tl.load(base[:, None] + d[None, :], mask=s_ok[:, None], other=0.0, cache_modifier=".cg")  # [S, D]
+        m = tl.load(base + D_PAD, mask=s_ok, other=float("-inf"))  # [S]
+        l = tl.load(base + D_PAD + 1, mask=s_ok, other=0.0)
+        acc = tl.load(base[:, None] + d[None, :], mask=s_ok[:, None], other=0.0)  # [S, D]
         m_max = tl.max(m, 0)
         w = tl.where(s_ok & (l > 0), tl.exp2(m - m_max), 0.0)  # empty splits carry m = -inf, l = 0
         denom = tl.sum(l * w, 0)
@@ -336,33 +323,6 @@ def _num_sms(device) -> int:
 
 MIN_SPLIT_TOKENS = 128  # a split walks at least this many tokens (two BLOCK_T tiles)
 
-# Arrival counters of the in-kernel merge, one per (sequence, KV head) of a launch, per (device, stream): zero
-# between launches (the merging program zeroes its own), so a launch needs no memset. Launches on one stream run
-# one after another; a graph keeps the counters of the stream it was captured on, so graphs captured on one stream
-# must not replay concurrently on two. Grown, never freed: a captured graph may hold any of them.
-_COUNTERS: dict = {}
-_RETIRED: list = []
-
-
-def _counters(device, n: int) -> torch.Tensor:
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
-
-
-def merge_in_kernel() -> bool:
-    """Whether split launches merge their partials in the attention launch (its last-arriving split per KV head)
-    instead of a second launch: ``COLM_ATTN_MERGE`` = ``kernel`` or ``launch`` (the default)."""
-    mode = os.environ.get("COLM_ATTN_MERGE", "launch")
-    if mode not in ("kernel", "launch"):
-        raise ValueError(f"COLM_ATTN_MERGE={mode!r}: expected 'kernel' or 'launch'")
-    return mode == "kernel"
-
-
 def _default_launch(num_programs: int, max_ctx: int, device) -> dict:
     """Split the context so that about two waves of programs cover the GPU. At batch 1 a program's
     tiles are a chain of dependent loads (block table, then K, then V), so its latency, not bandwidth,
@@ -396,23 +356,21 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens,
             if splits > 1 else out)
     upcast = _tuning.interpreting() and q.dtype == torch.bfloat16
     pdl = _pdl.kernel_kwargs(q, b)
-    merge = splits > 1 and merge_in_kernel()
-    preload = os.environ.get("COLM_ATTN_PRELOAD", "0") not in ("", "0")
-    s_pad = max(2, triton.next_power_of_2(splits))
+    # the early read pays only where the launch starts early (PDL); the interpreter runs it to test it
+    preload = (pdl["USE_PDL"] or _tuning.interpreting()) and os.environ.get("COLM_ATTN_PRELOAD", "1") not in ("", "0")
     _paged_decode_kernel[(b * hkv, splits)](
         q, k_pool, v_pool, block_tables, context_lens, out, part, out if head_map is None else head_map,
-        _counters(q.device, b * hkv) if merge else context_lens,
         scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         block_size, splits,
         NUM_KV=hkv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_T=block_t, SPLIT=splits > 1, UPCAST=upcast,
         HEAD_MAP=head_map is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        MERGE=merge, S_PAD=s_pad, PRELOAD=preload, **pdl,
+        PRELOAD=preload, **pdl,
     )
-    if splits > 1 and not merge:
+    if splits > 1:
         _merge_splits_kernel[(b * hq,)](
             part, out, out.stride(0), out.stride(1), splits,
-            NUM_HEADS=hq, HEAD_DIM=d, D_PAD=d_pad, S_PAD=s_pad, num_warps=4,
+            NUM_HEADS=hq, HEAD_DIM=d, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(splits)), num_warps=4,
             **pdl,
         )
     return out

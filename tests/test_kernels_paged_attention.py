@@ -136,43 +136,16 @@ def test_interpreter_decode_with_head_map(splits):
 
 
 @interp
-@pytest.mark.parametrize("mapped", [False, True])
-def test_interpreter_decode_merging_in_the_kernel(monkeypatch, mapped):
-    """COLM_ATTN_MERGE=kernel: the last split of each KV head merges in the attention launch. The same float64
-    result as the separate merge, launch after launch (the arrival counters are zero again after each), including
-    splits left empty by short contexts."""
-    monkeypatch.setenv("COLM_ATTN_MERGE", "kernel")
-
-    class NoLaunch:
-        def __getitem__(self, grid):
-            raise AssertionError("the merge launch ran")
-
-    monkeypatch.setattr(pa, "_merge_splits_kernel", NoLaunch())
-    torch.manual_seed(31 + mapped)
-    for lens in ([1, 37, 22], [3, 40, 17], [64, 2, 9]):
-        _check_decode(3, 8, 2, 16, 4, lens, torch.bfloat16, "cpu", launch={"block_t": 16, "num_splits": 4},
-                      mapped=mapped, table_width=30)
-    counters = pa._COUNTERS[(torch.device("cpu"), 0)]
-    assert int(counters.abs().sum()) == 0
-
-
-@interp
-@pytest.mark.parametrize("merge", ["launch", "kernel"])
-def test_interpreter_decode_with_the_first_tile_preloaded(monkeypatch, merge):
-    """COLM_ATTN_PRELOAD=1 (the first K/V tile read before the PDL wait, reread when it holds the newest token):
-    the same float64 result, with splits of one tile, of several, and empty ones."""
-    monkeypatch.setenv("COLM_ATTN_PRELOAD", "1")
-    monkeypatch.setenv("COLM_ATTN_MERGE", merge)
+@pytest.mark.parametrize("preload", ["1", "0"])
+def test_interpreter_decode_with_and_without_the_early_first_tile(monkeypatch, preload):
+    """The first K/V tile read before the PDL wait (and again when it holds the newest token; the default, which
+    the interpreter runs) and the plain loop (COLM_ATTN_PRELOAD=0): the same float64 result, with splits of one
+    tile, of several, and empty ones."""
+    monkeypatch.setenv("COLM_ATTN_PRELOAD", preload)
     torch.manual_seed(51)
     for lens, splits in (([1, 37, 22], 1), ([3, 40, 17], 4), ([64, 16, 9], 2)):
         _check_decode(3, 8, 2, 16, 4, lens, torch.bfloat16, "cpu", launch={"block_t": 16, "num_splits": splits},
                       mapped=True, table_width=30)
-
-
-def test_merge_mode_is_checked(monkeypatch):
-    monkeypatch.setenv("COLM_ATTN_MERGE", "both")
-    with pytest.raises(ValueError, match="COLM_ATTN_MERGE='both': expected 'kernel' or 'launch'"):
-        pa.merge_in_kernel()
 
 
 def test_head_map_is_checked():
@@ -279,33 +252,6 @@ def test_cuda_decode_head_dim_128_group_2():
 def test_cuda_decode_head_map(launch):
     torch.manual_seed(23)
     _check_decode(3, 32, 8, 64, 16, [7, 300, 2049], torch.bfloat16, "cuda", launch=launch, mapped=True)
-
-
-@cuda
-@pytest.mark.parametrize("mapped", [False, True])
-def test_cuda_decode_merging_in_the_kernel(monkeypatch, mapped):
-    """The in-kernel merge on the GPU: float64 agreement at the 1B shape, many launches in a row and from a CUDA
-    graph replayed many times (its counters must come back to zero after every launch for the next to merge)."""
-    monkeypatch.setenv("COLM_ATTN_MERGE", "kernel")
-    torch.manual_seed(41 + mapped)
-    lens = [1, 17, 500, 2049, 1234, 3000]
-    for _ in range(3):
-        _check_decode(len(lens), 32, 8, 64, 16, lens, torch.bfloat16, "cuda", mapped=mapped)
-    q, kp, vp, bt, cl = _paged_case(2, 32, 8, 64, 16, [700, 2500], torch.bfloat16, "cuda")
-    want = pa.paged_decode_attention_ref(q.double(), kp.double(), vp.double(), bt, cl)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        pa.paged_decode_attention_triton(q, kp, vp, bt, cl)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = pa.paged_decode_attention_triton(q, kp, vp, bt, cl)
-    for _ in range(50):
-        graph.replay()
-    torch.cuda.synchronize()
-    assert not torch.isnan(out).any()
-    assert _rel(out, want.double()) < 1e-2
 
 
 @cuda

@@ -191,7 +191,7 @@ def test_decode_chain_kernels_wait_when_launched_with_pdl():
 
 def test_paged_decode_kernels_compile():
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*bf16",
-           "part_ptr": "*fp32", "map_ptr": "*i32", "cnt_ptr": "*i32", "qk_scale": "fp32", "stride_qb": "i32", "stride_qh": "i32", "stride_ob": "i32",
+           "part_ptr": "*fp32", "map_ptr": "*i32", "qk_scale": "fp32", "stride_qb": "i32", "stride_qh": "i32", "stride_ob": "i32",
            "stride_oh": "i32", "stride_btb": "i32", "block_size": "i32", "num_splits": "i32"}
     for split, head_map in ((False, False), (True, False), (True, True)):
         const = dict(NUM_KV=8, GROUP=4, GROUP_PAD=16, HEAD_DIM=64, D_PAD=64, BLOCK_T=64, SPLIT=split, UPCAST=False,
@@ -201,16 +201,7 @@ def test_paged_decode_kernels_compile():
         assert "cp.async.cg.shared.global" in ptx, "K/V gathers are not pipelined through async copies"
         assert off.resource_usage(k)["LOCAL"] == 0
     const = dict(NUM_KV=8, GROUP=4, GROUP_PAD=16, HEAD_DIM=64, D_PAD=64, BLOCK_T=64, SPLIT=True, UPCAST=False,
-                 HEAD_MAP=True, MERGE=True, S_PAD=16, USE_PDL=True)
-    k = off.compile_kernel(pa._paged_decode_kernel, sig, const, 4, 3,
-                           ("q_ptr", "k_ptr", "v_ptr", "out_ptr"), launch_pdl=True)
-    ptx = k.asm["ptx"]  # the in-kernel merge: an acquire-release arrival count at GPU scope, partials read from L2
-    atoms = [ln for ln in ptx.splitlines() if "atom." in ln]
-    assert len(atoms) == 1 and all(w in atoms[0] for w in (".acq_rel", ".gpu", ".add", "@%p")), atoms  # one thread
-    assert "bar.sync" in ptx[:ptx.index(atoms[0].strip())]  # the CTA's partial stores come before the count
-    assert "ld.global.cg" in ptx
-    assert off.resource_usage(k)["LOCAL"] == 0
-    const.update(MERGE=False, PRELOAD=True)
+                 HEAD_MAP=True, USE_PDL=True, PRELOAD=True)
     k = off.compile_kernel(pa._paged_decode_kernel, sig, const, 4, 3, ("q_ptr", "k_ptr", "v_ptr", "out_ptr"),
                            launch_pdl=True)
     ptx = k.asm["ptx"]  # the first tile's K/V loads before the wait
