@@ -160,7 +160,9 @@ class PagedVerifyCache:
         kp, vp = _write_new(self.pool, layer_idx, k, v, self.slot_mapping)
         b, hq, t, hd = q.shape
         rows = q.transpose(1, 2).reshape(b * t, hq, hd).contiguous()  # row b * T + t
-        o = paged_decode_attention(rows, kp, vp, self.block_tables, self.context_lens, head_map=head_map)
+        # every row's context ends in this round's T new tokens, all just written
+        o = paged_decode_attention(rows, kp, vp, self.block_tables, self.context_lens, head_map=head_map,
+                                   fresh_tokens=t)
         return o.reshape(b, t, hq, hd).transpose(1, 2)
 
     def advance(self, num_tokens: int, kv_heads: int | None = None) -> None:

@@ -16,8 +16,9 @@ no gathers of q and o into and out of GQA order.
 The Triton decode kernel is split-K ("flash-decoding"): when batch × KV heads cannot fill the GPU,
 each sequence's context is cut into ``num_splits`` ranges whose partial softmax states (running max,
 sum, unnormalised output) a second small kernel merges. Launched with PDL, a program reads its split's first K/V
-tile before the wait (read again after it when that tile holds the newest token, the one the predecessor
-writes; ``COLM_ATTN_PRELOAD=0`` turns this off). The ranges are cut from each sequence's own
+tile before the wait, and again after it when that tile holds any of the row's ``fresh_tokens`` newest tokens
+(those the launches just before wrote: the decode step's one, a verify's T; ``COLM_ATTN_PRELOAD=0`` turns this
+off). The ranges are cut from each sequence's own
 length inside the kernel, so a launch (or a CUDA graph) sized for a wider block table still spreads a
 short context over all its splits. Both entry points use Triton on CUDA; on the CPU the write runs its
 plain-PyTorch reference and attention its batched form (``paged_decode_attention_batched``: one gather and a
@@ -177,7 +178,7 @@ if HAS_TRITON:
     def _paged_decode_kernel(
         q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_ptr, map_ptr,
         qk_scale, stride_qb, stride_qh, stride_ob, stride_oh, stride_btb,
-        block_size, num_splits,
+        block_size, num_splits, fresh,
         NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
         SPLIT: tl.constexpr, UPCAST: tl.constexpr, HEAD_MAP: tl.constexpr, USE_PDL: tl.constexpr = False,
@@ -192,14 +193,14 @@ if HAS_TRITON:
         kv_col = h * HEAD_DIM + d  # [D] within one token's [Hkv, D] row
         if PRELOAD:
             # before the PDL wait: the length, the table and the first tile's K/V. Every kernel before the
-            # predecessor is complete when this one starts (see _pdl), and the predecessor writes only the
-            # newest token's K/V: a first tile holding that token is read again after the wait.
+            # predecessor is complete when this one starts (see _pdl), and the launches just before write only the
+            # ``fresh`` newest tokens' K/V: a first tile holding any of them is read again after the wait.
             start, end = _split_range(lens_ptr, b, split, num_splits, BLOCK_T)
             k0, v0, ok0 = _kv_tile(k_ptr, v_ptr, bt_ptr, b, start, end, stride_btb, block_size, kv_col, d_ok,
                                    NUM_KV * HEAD_DIM, BLOCK_T, UPCAST)
             _pdl.wait(USE_PDL)
-            newest = tl.load(lens_ptr + b) - 1
-            if (newest >= start) & (newest < start + BLOCK_T):
+            fresh_from = tl.load(lens_ptr + b) - fresh
+            if (fresh_from < start + BLOCK_T) & (start < end):
                 k0, v0, ok0 = _kv_tile(k_ptr, v_ptr, bt_ptr, b, start, end, stride_btb, block_size, kv_col, d_ok,
                                        NUM_KV * HEAD_DIM, BLOCK_T, UPCAST)
         else:
@@ -333,8 +334,11 @@ def _default_launch(num_programs: int, max_ctx: int, device) -> dict:
 
 
 def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens, sm_scale=None,
-                                  launch: dict | None = None, head_map=None) -> torch.Tensor:
-    """Triton decode attention (see module docstring); ``launch`` may pin block_t/num_warps/num_stages/num_splits."""
+                                  launch: dict | None = None, head_map=None, fresh_tokens: int = 1) -> torch.Tensor:
+    """Triton decode attention (see module docstring); ``launch`` may pin block_t/num_warps/num_stages/num_splits.
+    ``fresh_tokens``: how many of each row's newest tokens the launches just before may have written (at least 1)."""
+    if fresh_tokens < 1:
+        raise ValueError(f"paged_decode_attention: fresh_tokens={fresh_tokens}, must be at least 1")
     _check_decode_args(q, k_pool, v_pool, block_tables, context_lens, head_map)
     if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
         raise ValueError("paged_decode_attention: k_pool and v_pool must be contiguous")
@@ -361,7 +365,7 @@ def paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens,
     _paged_decode_kernel[(b * hkv, splits)](
         q, k_pool, v_pool, block_tables, context_lens, out, part, out if head_map is None else head_map,
         scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        block_size, splits,
+        block_size, splits, fresh_tokens,
         NUM_KV=hkv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_T=block_t, SPLIT=splits > 1, UPCAST=upcast,
         HEAD_MAP=head_map is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -400,12 +404,12 @@ def write_kv_to_pool_triton(k, v, k_pool, v_pool, slot_mapping) -> None:
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, sm_scale=None,
-                           head_map=None) -> torch.Tensor:
+                           head_map=None, fresh_tokens: int = 1) -> torch.Tensor:
     """out [B, Hq, D]: softmax(q kᵀ · scale) v over each sequence's paged context (Triton on CUDA).
-    ``head_map``: see the module docstring."""
+    ``head_map``, ``fresh_tokens`` (each row's newest tokens just written): see the module docstring."""
     if HAS_TRITON and q.is_cuda:
         return paged_decode_attention_triton(q, k_pool, v_pool, block_tables, context_lens, sm_scale,
-                                             head_map=head_map)
+                                             head_map=head_map, fresh_tokens=fresh_tokens)
     _check_decode_args(q, k_pool, v_pool, block_tables, context_lens, head_map)
     return paged_decode_attention_batched(q, k_pool, v_pool, block_tables, context_lens, sm_scale, head_map)
 

@@ -254,6 +254,12 @@ def test_cuda_decode_head_map(launch):
     _check_decode(3, 32, 8, 64, 16, [7, 300, 2049], torch.bfloat16, "cuda", launch=launch, mapped=True)
 
 
+def test_fresh_tokens_is_checked():
+    q, kp, vp, bt, cl = _paged_case(1, 4, 2, 8, 4, [5], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="fresh_tokens=0, must be at least 1"):
+        pa.paged_decode_attention_triton(q, kp, vp, bt, cl, fresh_tokens=0)
+
+
 @cuda
 def test_cuda_decode_preloaded_tile_sees_the_token_its_predecessor_writes(monkeypatch):
     """With the first tile read early, the newest token's K/V written by the launch just before is the one

@@ -192,7 +192,7 @@ def test_decode_chain_kernels_wait_when_launched_with_pdl():
 def test_paged_decode_kernels_compile():
     sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*bf16",
            "part_ptr": "*fp32", "map_ptr": "*i32", "qk_scale": "fp32", "stride_qb": "i32", "stride_qh": "i32", "stride_ob": "i32",
-           "stride_oh": "i32", "stride_btb": "i32", "block_size": "i32", "num_splits": "i32"}
+           "stride_oh": "i32", "stride_btb": "i32", "block_size": "i32", "num_splits": "i32", "fresh": "i32"}
     for split, head_map in ((False, False), (True, False), (True, True)):
         const = dict(NUM_KV=8, GROUP=4, GROUP_PAD=16, HEAD_DIM=64, D_PAD=64, BLOCK_T=64, SPLIT=split, UPCAST=False,
                      HEAD_MAP=head_map)
