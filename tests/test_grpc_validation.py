@@ -46,11 +46,11 @@ class Cluster:
         self.addrs = addrs = {}
         try:
             for role, cfg in (("decode", f'{{"num_blocks": {num_blocks}, "block_size": {block_size}}}'),
-                              ("prefill", "{}")):
-                p = subprocess.Popen([sys.executable, "-m", "colm.deploy.worker_main", "--role", role, "--model",
-                                      model_dir, "--config", cfg, "--log-level", "WARNING"], stdout=subprocess.PIPE,
-                                     text=True, env=env)
-                self.procs[role] = p
+                              ("prefill", "{}")):  # both start at once, then each says READY
+                self.procs[role] = subprocess.Popen([sys.executable, "-m", "colm.deploy.worker_main", "--role", role,
+                                                     "--model", model_dir, "--config", cfg, "--log-level", "WARNING"],
+                                                    stdout=subprocess.PIPE, text=True, env=env)
+            for role, p in self.procs.items():
                 ready = p.stdout.readline().split()
                 assert ready[:2] == ["READY", role], ready
                 addrs[role] = ready[2]

@@ -183,12 +183,20 @@ def test_corrupted_range_fails_with_data_loss(cluster, kind):
     assert len(events) == 6
 
 
-def worker(role, model_dir, config, env):
-    proc = subprocess.Popen([sys.executable, "-m", "colm.deploy.worker_main", "--role", role, "--model", str(model_dir),
+def start_worker(role, model_dir, config, env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "colm.deploy.worker_main", "--role", role, "--model", str(model_dir),
                              "--config", config], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def ready_address(proc, role) -> str:
     ready = proc.stdout.readline().split()
     assert ready[:2] == ["READY", role], ready
-    return proc, ready[2]
+    return ready[2]
+
+
+def worker(role, model_dir, config, env):
+    proc = start_worker(role, model_dir, config, env)
+    return proc, ready_address(proc, role)
 
 
 def test_receiver_killed_mid_transfer(cluster):
@@ -235,10 +243,11 @@ def test_worker_processes_and_router_give_reference_tokens(cluster):
     env = {**os.environ, "COLM_CLUSTER_TOKEN": TOKEN}
     procs = []
     try:
-        dproc, daddr = worker("decode", path, '{"num_blocks": 128, "block_size": 4}', env)
+        dproc = start_worker("decode", path, '{"num_blocks": 128, "block_size": 4}', env)
         procs.append(dproc)
-        pproc, paddr = worker("prefill", path, '{"nixl_arena_bytes": 4194304}', env)
+        pproc = start_worker("prefill", path, '{"nixl_arena_bytes": 4194304}', env)  # both start at once
         procs.append(pproc)
+        daddr, paddr = ready_address(dproc, "decode"), ready_address(pproc, "prefill")
         d = kv_pb2_grpc.DecodeWorkerStub(make_channel(daddr))
         p = kv_pb2_grpc.PrefillWorkerStub(make_channel(paddr))
         _, reply = run(d, p, daddr, "direct", prompts([30])[0], 1)

@@ -21,13 +21,17 @@ WHY = WHY or netns_unavailable()
 pytestmark = pytest.mark.skipif(bool(WHY), reason=WHY or "-")
 
 
-def _worker(cluster, node, role, model_dir, config):
+def _worker(cluster, node, role, model_dir, config) -> subprocess.Popen:
     env = {**os.environ, "COLM_CLUSTER_TOKEN": TOKEN, "UCX_TLS": "tcp,self"}
     proc = subprocess.Popen(["ip", "netns", "exec", node.name, sys.executable, "-m", "colm.deploy.worker_main",
                              "--role", role, "--model", str(model_dir), "--host", node.ip, "--config", config,
                              "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     cluster.procs.append(proc)
+    return proc
+
+
+def _ready_address(proc, role) -> str:
     ready = proc.stdout.readline().split()
     assert ready[:2] == ["READY", role], ready
     return ready[2]
@@ -45,8 +49,9 @@ def test_nixl_between_namespaces_gives_reference_tokens(tmp_path):
     c.tmp.mkdir(parents=True, exist_ok=True)
     try:
         c.create_network()
-        daddr = _worker(c, c.nodes[1], "decode", tmp_path / "model", '{"num_blocks": 128, "block_size": 4}')
-        paddr = _worker(c, c.nodes[0], "prefill", tmp_path / "model", '{"nixl_arena_bytes": 4194304}')
+        dproc = _worker(c, c.nodes[1], "decode", tmp_path / "model", '{"num_blocks": 128, "block_size": 4}')
+        pproc = _worker(c, c.nodes[0], "prefill", tmp_path / "model", '{"nixl_arena_bytes": 4194304}')  # both at once
+        daddr, paddr = _ready_address(dproc, "decode"), _ready_address(pproc, "prefill")
         assert daddr.startswith(c.nodes[1].ip + ":") and paddr.startswith(c.nodes[0].ip + ":")
         assert_router_gives_reference_tokens(full, tmp_path / "model", daddr, paddr, TOKEN, "nixl")
         d = kv_pb2_grpc.DecodeWorkerStub(make_channel(daddr))
