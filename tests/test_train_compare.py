@@ -45,11 +45,17 @@ def test_quality_comparison_runs_reports_and_resumes(tmp_path):
     assert (tmp_path / "res.png").exists()
     subprocess.run(args, check=True, cwd=ROOT, capture_output=True, timeout=300)  # complete: nothing retrained
     assert len((tmp_path / "runs" / "compare-dense" / "calls.jsonl").read_text().splitlines()) == 1
-    # one model per report (as on a machine lent per call), joined: the same figures and ratio
+    # one model per report (as on a machine lent per call), joined: the same figures and ratio. The two reports only
+    # read the data and their own model's run: they run at once
+    reports = []
     for model in ("compare-dense", "compare-16-16-air"):
         one = [a if a != "compare-dense,compare-16-16-air" else model for a in args]
         one[one.index("--json") + 1] = str(tmp_path / f"{model}.json")
-        subprocess.run(one + ["--report-only"], check=True, cwd=ROOT, capture_output=True, timeout=300)
+        reports.append(subprocess.Popen(one + ["--report-only"], cwd=ROOT, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE))
+    for p in reports:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, (p.args, out[-2000:], err[-3000:])
     merged = tmp_path / "merged.json"
     subprocess.run([sys.executable, str(ROOT / "bench" / "train_compare.py"), "--merge",
                     f"{tmp_path / 'compare-dense.json'},{tmp_path / 'compare-16-16-air.json'}", "--json", str(merged)],
