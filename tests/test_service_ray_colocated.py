@@ -76,11 +76,14 @@ def test_one_gpu_runs_one_colocated_worker_with_the_whole_gpu(service):
 
 
 def test_the_colocated_worker_killed_mid_stream_the_stream_completes_exactly(service):
+    from concurrent.futures import ThreadPoolExecutor
+
     from colm.client import Client
 
     launcher, addrs = service
     n, toks, killed = 300, [], threading.Event()
-    with Client(addrs["grpc"], timeout_s=480) as c:
+    with ThreadPoolExecutor(1) as pool, Client(addrs["grpc"], timeout_s=480) as c:
+        reference = pool.submit(_reference, PROMPTS[0], n, 2)  # made while the stream waits for Ray's restart
         for ev in c.stream(PROMPTS[0], max_new_tokens=n, scale=2, ignore_eos=True):
             if ev["kind"] == "token":
                 toks.append(ev["id"])
@@ -89,7 +92,8 @@ def test_the_colocated_worker_killed_mid_stream_the_stream_completes_exactly(ser
                     launcher.pool.kill("decode-0", restart=True)
             elif ev["kind"] == "finish":
                 finish = ev
-    assert killed.is_set() and toks == _reference(PROMPTS[0], n, 2)
+        want = reference.result()
+    assert killed.is_set() and toks == want
     assert finish["finish_reason"] == "length" and finish["usage"]["retries"] >= 1
     wait_serving(addrs["grpc"])
 
