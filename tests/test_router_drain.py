@@ -261,7 +261,7 @@ def test_the_launcher_drains_its_router_and_its_replicas_at_once(monkeypatch):
         stopper.join(30)
     finally:
         stopper.join(30)
-        own.loop.call_soon_threadsafe(own.loop.stop)
+        own.end_loop()
     for s in streams:
         assert s.tokens == n and s.finish == "length" and getattr(s, "error", None) is None, _state(s)
     assert not stopper.is_alive() and not replica.thread.is_alive()
