@@ -165,10 +165,12 @@ TEXTS = [f"def f{i}(x):\n    return" + " x" * (i % 5) for i in range(16)]
 PENALIZED = dict(repetition_penalty=1.5, frequency_penalty=0.75, presence_penalty=0.5)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def reference():
     """The demo model and ``colm generate``'s tokens of every (text, scale, penalized): both token stream modes are
-    checked against the same reference, made once."""
+    checked against the same reference, made once. Made before the module's first test (autouse), ahead of the
+    in-process engines of ``engines``: once their threads have run torch, this process's own torch calls take ~2.7x
+    longer while they live (libgomp's wait with more OpenMP threads than cores)."""
     from colm import checkpoint
     from colm.assets import demo_model_dir
     from colm.tokenizer import ByteTokenizer
