@@ -243,9 +243,13 @@ if HAS_TRITON:
                      o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
 
     @triton.jit
-    def _merge_row(part_ptr, out_ptr, row, b, h, stride_ob, stride_oh, num_splits,
-                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr):
-        """out[b, h] from the ``num_splits`` partial states of partials row ``row`` (= b * Hq + h)."""
+    def _merge_splits_kernel(
+        part_ptr, out_ptr, stride_ob, stride_oh, num_splits,
+        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+        USE_PDL: tl.constexpr = False,
+    ):
+        _pdl.wait(USE_PDL)
+        row = tl.program_id(0)  # b * Hq + head
         s = tl.arange(0, S_PAD)
         d = tl.arange(0, D_PAD)
         s_ok = s < num_splits
@@ -257,18 +261,9 @@ if HAS_TRITON:
         w = tl.where(s_ok & (l > 0), tl.exp2(m - m_max), 0.0)  # empty splits carry m = -inf, l = 0
         denom = tl.sum(l * w, 0)
         o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+        b = row // NUM_HEADS
+        h = row % NUM_HEADS
         tl.store(out_ptr + b * stride_ob + h * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
-
-    @triton.jit
-    def _merge_splits_kernel(
-        part_ptr, out_ptr, stride_ob, stride_oh, num_splits,
-        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
-        USE_PDL: tl.constexpr = False,
-    ):
-        _pdl.wait(USE_PDL)
-        row = tl.program_id(0)  # b * Hq + head
-        _merge_row(part_ptr, out_ptr, row, row // NUM_HEADS, row % NUM_HEADS, stride_ob, stride_oh, num_splits,
-                   HEAD_DIM, D_PAD, S_PAD)
 
     @triton.jit
     def _write_kv_kernel(
@@ -323,6 +318,7 @@ def _num_sms(device) -> int:
 
 
 MIN_SPLIT_TOKENS = 128  # a split walks at least this many tokens (two BLOCK_T tiles)
+
 
 def _default_launch(num_programs: int, max_ctx: int, device) -> dict:
     """Split the context so that about two waves of programs cover the GPU. At batch 1 a program's
