@@ -112,6 +112,7 @@ class PrefillEngine(LoopOwner):
         self._runner = LoopThread(self._loop, "colm-prefill-loop", self._cv, join_timeout_s=30)
         self._runner.on_error.append(self._loop_died)
         self._finisher = ThreadPoolExecutor(max_workers=8, thread_name_prefix="colm-prefill-finish")
+        self._finishing: dict[Future, _Job] = {}  # deliveries handed to the finisher and not ended yet
         self._num_done = self._num_failed = 0
         self._num_computing = 0  # prompts of the batch the loop runs now (out of the queue)
         self._recent: collections.deque = collections.deque(maxlen=32)  # (tokens, seconds)
@@ -137,10 +138,18 @@ class PrefillEngine(LoopOwner):
         return self
 
     def stop(self) -> None:
+        """End the loop and the delivery threads: queued prompts fail, a delivery under way finishes on its thread
+        (within its request's deadline) and one not started yet fails; nothing waits here for a delivery."""
         self._runner.stop()
+        stopped = RuntimeError("prefill engine stopped")
         with self._cv:
             while self._queue:
-                self._fail(self._queue.popleft(), RuntimeError("prefill engine stopped"))
+                self._fail(self._queue.popleft(), stopped)
+        handed = list(self._finishing.items())  # a cancelled delivery leaves the map as it is cancelled
+        self._finisher.shutdown(wait=False, cancel_futures=True)
+        for fin, job in handed:
+            if fin.cancelled():
+                self._fail(job, stopped)
 
     def alive(self) -> bool:
         """The loop thread runs (started, not stopped, and not ended with an error)."""
@@ -293,7 +302,17 @@ class PrefillEngine(LoopOwner):
         self._recent.append((sum(len(j.tokens) + 1 for j in batch), compute_ms / 1000.0))
         for job in batch:
             if not job.future.done():
-                self._finisher.submit(self._complete, job, compute_ms)
+                self._finish(job, compute_ms)
+
+    def _finish(self, job: _Job, compute_ms: float) -> None:
+        """Hand a computed prompt's delivery to a finisher thread (the loop goes on to the next batch)."""
+        try:
+            fin = self._finisher.submit(self._complete, job, compute_ms)
+        except RuntimeError:  # the engine stopped while this batch ran
+            self._fail(job, RuntimeError("prefill engine stopped"))
+            return
+        self._finishing[fin] = job
+        fin.add_done_callback(lambda f: self._finishing.pop(f, None))
 
     def _complete(self, job: _Job, compute_ms: float) -> None:
         try:

@@ -322,8 +322,8 @@ class ColmServicer(pb2_grpc.ColmServicer):
         r = self.router
         out = pb2.HealthResponse(queued=r.admission.num_queued, running=r.admission.num_running)
         for w in r.registry.workers.values():
-            rep = w.report
             state = r.registry.state(w)
+            rep = w.report if state != "dead" else None  # a dead worker's last report no longer holds
             out.workers.append(pb2.WorkerHealth(worker_id=w.worker_id, role=w.role, healthy=state == "healthy",
                                                 inflight=len(w.inflight),
                                                 free_blocks=rep.free_blocks if rep else 0,

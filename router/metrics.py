@@ -116,6 +116,11 @@ class _ForModel:
             child = self._children[values] = self.metric.labels(self.model_name, *values)
         return child
 
+    def remove(self, *values: str) -> None:
+        """Drop the child of these labels (none: nothing to drop)."""
+        if self._children.pop(values, None) is not None:
+            self.metric.remove(self.model_name, *values)
+
 
 class RouterMetrics:
     def __init__(self, model_name: str = "colm") -> None:
@@ -217,6 +222,16 @@ class RouterMetrics:
         if r.role == "decode" and r.prefills:
             self._grow(self.prefix_queries.labels(wid), wid, "prefix_query_tokens", r.prefix_query_tokens)
             self._grow(self.prefix_hits.labels(wid), wid, "prefix_hit_tokens", r.prefix_hit_tokens)
+
+    def forget_load(self, wid: str) -> None:
+        """A worker out for good: its KV and queue gauges go (a dead worker holds no blocks and queues nothing); its
+        counters stay, as counters do."""
+        self.kv_usage.remove(wid)
+        for gauge in (self.kv_used, self.kv_total, self.prefill_queue):
+            try:
+                gauge.remove(wid)
+            except KeyError:  # it never reported that gauge
+                pass
 
     def _grow(self, counter, wid: str, name: str, total) -> None:
         """Add the growth of a worker's running ``total`` since its last report to ``counter``."""

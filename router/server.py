@@ -10,6 +10,8 @@ load test (engines as plain processes) and by tests.
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from colm.router.core import Router
 from colm.router.drain import CUT_GRACE_S, Drain
@@ -75,24 +77,24 @@ class RouterServer:
 
 
 class ThreadedRouterServer:
-    """A RouterServer on its own event loop in a background thread (benchmarks and tests).
+    """A RouterServer on its own event loop in a background thread (benchmarks, tests, a Ray router replica).
 
     ``call(coro)`` runs a coroutine on that loop and returns its result."""
 
     def __init__(self, router: Router) -> None:
         import asyncio
-        import threading
 
         self.router = router
         self.server = RouterServer(router)
         self.loop = asyncio.new_event_loop()
+        self.executor = ThreadPoolExecutor(thread_name_prefix="colm-router-blocking")  # the loop's run_in_executor
+        self.loop.set_default_executor(self.executor)
         self.thread = threading.Thread(target=self.loop.run_forever, name="colm-router", daemon=True)
         self.thread.start()
         try:
             self.addresses = self.call(self.server.start())
         except BaseException:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
+            self.end_loop()
             raise
 
     def call(self, coro, timeout: float = 60.0):
@@ -113,6 +115,18 @@ class ThreadedRouterServer:
         self.loop.call_soon_threadsafe(self.server.end_drain)
 
     def stop(self) -> None:
+        """Stop the server (its drain), then its loop and the loop's default executor."""
         self.call(self.server.stop(), timeout=self.router.cfg.drain_s + 60)
+        self.end_loop()
+
+    def end_loop(self) -> None:
+        """Stop the loop (of a server stopped here or another way: a launcher's ``stop`` on it) and end its default
+        executor. Its threads ran blocking work (``LocalBackend``'s model steps, tokenizing); left idle for the rest of
+        the process, each kept an OpenMP team, and with more such threads than cores libgomp stops spinning and every
+        later torch call of the process waits on futexes."""
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+        # not loop.shutdown_default_executor(): that waits for work still running (a cut request's model steps); these
+        # threads end once it is done, and queued work is cancelled
+        if not self.thread.is_alive():
+            self.executor.shutdown(wait=False, cancel_futures=True)

@@ -44,6 +44,7 @@ class WorkerHealth:
             if w.dead and not was_dead:
                 log.error("worker %s (%s) is out of service for good: %s", w.worker_id, w.role, w.dead)
                 self._fail_inflight(state.worker_id)
+                self.metrics.forget_load(w.worker_id)
             self.metrics.worker_dead.labels(w.worker_id, w.role).set(1 if w.dead else 0)
         for wid in list(self.registry.workers):
             if wid not in known:

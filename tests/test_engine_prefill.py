@@ -80,3 +80,39 @@ def test_prefill_kv_equals_full_model(tmp_path, chunk_size, bucket, monkeypatch)
             k, v = cache.layer_kv(layer)  # [1, Hkv, T, hd]
             torch.testing.assert_close(s.k[layer, :, 0], k[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(s.k[layer, :, 1], v[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_stop_ends_the_delivery_threads_and_fails_deliveries_not_started(tmp_path):
+    """Twelve computed prompts, eight finisher threads, every delivery held: ``stop`` returns at once, the four
+    deliveries that never started fail, the eight under way still deliver, and no delivery thread outlives them."""
+    import threading
+    import time
+
+    from colm.prefill_worker.sinks import NullKVSink
+
+    release = threading.Event()
+
+    class HeldSink(NullKVSink):
+        def finish(self, timeout_s):
+            release.wait(30)
+            return super().finish(timeout_s)
+
+    save_tiny_air(tmp_path)
+    eng = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig()).start()
+    futs = [eng.submit(f"r{i}", [1 + i, 2, 3], HeldSink(), timeout_s=60) for i in range(12)]
+    deadline = time.monotonic() + 30
+    while len(eng._finishing) < 12 and time.monotonic() < deadline:  # all computed, handed to the finisher
+        time.sleep(0.01)
+    assert len(eng._finishing) == 12
+    t0 = time.monotonic()
+    eng.stop()
+    assert time.monotonic() - t0 < 5  # no wait for the held deliveries
+    failed = [f for f in futs if f.done()]
+    assert len(failed) == 4 and all("prefill engine stopped" in str(f.exception()) for f in failed)
+    release.set()
+    results = [f.result(30) for f in futs if f not in failed]
+    assert len(results) == 8 and all(r.num_bytes > 0 for r in results)
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("colm-prefill-finish") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("colm-prefill-finish")]

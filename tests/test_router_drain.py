@@ -393,3 +393,16 @@ def test_a_second_stop_signal_ends_the_drain_of_every_router_at_once(monkeypatch
         assert call.errors[0]["code"] == 503 and "second stop signal" in call.errors[0]["message"], call.errors
     for call in (g, h, rg, rh):
         assert 0 < call.tokens < n and call.ended_at - seen["second"] < 3.0, _state(call)
+
+
+def test_threaded_server_stop_ends_its_blocking_threads():
+    """The threads that ran the model's steps end with the server's stop (idle ones would keep OpenMP teams)."""
+    bg = _router(drain_s=1.0)
+    try:
+        status, body = post_json(bg.http_url + "/v1/completions", {"prompt": "hi", "max_tokens": 3})
+        assert status == 200 and body["usage"]["completion_tokens"] == 3
+        assert any(t.name.startswith("colm-router-blocking") for t in threading.enumerate())
+    finally:
+        bg.stop()
+    assert not bg.thread.is_alive()
+    assert until(lambda: not any(t.name.startswith("colm-router-blocking") for t in threading.enumerate()), 10)

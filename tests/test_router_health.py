@@ -108,3 +108,24 @@ def test_a_request_failing_on_a_worker_does_not_take_the_worker_out(served):
             c.complete("Hello", max_new_tokens=4)
         assert e.value.code() == grpc.StatusCode.INTERNAL and "failed twice" in e.value.details()
         assert c.health()["serving"] and c.complete("Hello", max_new_tokens=4)["token_ids"] == r["token_ids"]
+
+
+def test_a_dead_decode_worker_shows_no_blocks_in_health_or_metrics(served):
+    """A decode worker out of restarts holds no KV any more: Health gives it no blocks and its KV gauges go."""
+    bg, backend, router = served
+    from colm.router.backend import WorkerInfo
+
+    gone = {"d0": ""}
+    backend.workers = lambda: [WorkerInfo("p0", "prefill"), WorkerInfo("d0", "decode", dead=gone["d0"])]
+    used = lambda: router.metrics.registry.get_sample_value("colm_kv_blocks_capacity", {"worker": "d0"})  # noqa: E731
+    usage = lambda: router.metrics.registry.get_sample_value(  # noqa: E731
+        "colm:kv_cache_usage_perc", {"model_name": router.cfg.served_model_name, "worker": "d0"})
+    with Client(bg.grpc_addr) as c:
+        assert until(lambda: c.health()["serving"] and used() == 1000)
+        d0 = {w["worker_id"]: w for w in c.health()["workers"]}["d0"]
+        assert d0["free_blocks"] == d0["total_blocks"] == 1000 and usage() == 0.0
+        gone["d0"] = "died and Ray will not restart it (max_restarts=3 exhausted)"
+        assert until(lambda: not c.health()["serving"])
+        d0 = {w["worker_id"]: w for w in c.health()["workers"]}["d0"]
+        assert d0["state"] == "dead" and d0["free_blocks"] == d0["total_blocks"] == 0, d0
+        assert used() is None and usage() is None
