@@ -35,11 +35,12 @@ def parse_overrides(items: list[str]) -> dict:
 
 def run(args) -> int:
     from colm.train.config import TrainConfig
+    from colm.train.distributed import leave
     from colm.train.loop import train
 
     cfg = TrainConfig.from_yaml(args.config, parse_overrides(args.overrides))
     train(cfg)
-    return 0
+    return leave(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,4 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except ValueError as e:
         print(f"colm train: error: {e}", file=sys.stderr)
-        return 2
+        from colm.train.distributed import leave
+
+        return leave(2)

@@ -9,11 +9,15 @@ mixed precision is on; a single process skips sharding entirely.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+_state: dict[str, bool] = {}  # "gloo": this process started a gloo group (``leave``)
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                device_id=dev if dev.type == "cuda" else None)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        if backend == "gloo":
+            _state["gloo"] = True
     return DistInfo(rank, world, local_rank, dev)
 
 
@@ -86,3 +92,21 @@ def barrier(info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(code: int) -> int:
+    """``code`` for the process's exit; a process that ran a gloo group ends here instead, its output flushed and
+    without the interpreter's finalization.
+
+    torch's gloo threads outlive ``destroy_process_group`` (two ``pt_gloo_runloop`` threads and the transport loop
+    are still alive after it and a ``gc.collect()``), and one that drops its last reference to a finished
+    collective's work during finalization takes the GIL there and aborts the process ("terminate called without an
+    active exception", exit -6) after the run has completed; a loaded CPU makes that likely."""
+    if not _state.get("gloo"):
+        return code
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
