@@ -82,6 +82,7 @@ class Router(WorkerHealth, ScaleControl, RequestValidation, AttemptPicking, Atte
         # uid -> held while a scale change of the request is on its way to its worker (a client's switch, a rebalancing
         # move, a retry's catch-up), so that two never race there and the worker ends at the scale the state says
         self._scale_locks: dict[str, asyncio.Lock] = {}
+        self._scale_resends: set[asyncio.Task] = set()  # switches sent again to a worker slow to answer them
         self.health_listeners: list = []  # called with the new verdict (bool) whenever it changes
         # set while the service around this router is not up yet (e.g. its router replicas do not listen yet): health
         # says not serving, with this reason, so clients that spread over the replicas do not connect to this one alone
@@ -97,9 +98,10 @@ class Router(WorkerHealth, ScaleControl, RequestValidation, AttemptPicking, Atte
         self._tasks = [asyncio.create_task(self._poll_loop())]
 
     async def close(self) -> None:
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._scale_resends]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.backend.close()

@@ -11,14 +11,17 @@ A mixin of ``Router`` (``router/core.py``), which sets up the state it uses.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
 from colm.errors import UnknownRequestError
 from colm.router.backend import WorkerFailed
-from colm.router.request import UnknownRequest
+from colm.router.request import DeadlineExceeded, UnknownRequest
 
 log = logging.getLogger("colm.router")
+
+SCALE_RESEND_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # a switch a live worker did not answer in time: sent again after
 
 
 class ScaleControl:
@@ -55,8 +58,45 @@ class ScaleControl:
                     log.warning("request %s: its scale switch did not reach its worker (%s); it fails over at scale %d",
                                 request_id, e, state.scale)
                     self._fail_inflight(e.worker_id)
+                except DeadlineExceeded as e:
+                    # a live worker slow to answer (a long iteration, a graph captured): the switch holds, is
+                    # answered, and goes to the request's attempt again until a worker answers
+                    log.warning("request %s: its worker did not answer its scale switch in time (%s); sending it "
+                                "again", request_id, e)
+                    self._resend_scale(u, request_id)
         self.metrics.scale_changes.inc(moved)
         return scale
+
+    def _resend_scale(self, uid: str, request_id: str) -> None:
+        """Send request ``uid``'s scale (the state's at each try, so a later switch is never undone) to its attempt
+        running then, after 0.5, 1, 2, 4 and 8 s, until a worker answers, the attempt has ended, or the tries run out
+        (logged)."""
+        async def run() -> None:
+            for delay in SCALE_RESEND_DELAYS_S:
+                await asyncio.sleep(delay)
+                lock = self._scale_locks.get(uid)
+                if lock is None:  # the request has ended
+                    return
+                async with lock:
+                    state, attempt_id, decode_id = self.running.get(uid, (None, "", ""))
+                    if state is None:  # between attempts: the next one starts at the state's scale
+                        return
+                    try:
+                        await self.backend.set_scale(decode_id, attempt_id, state.scale)
+                        return
+                    except UnknownRequestError:  # ended there, or not there yet (its first token sends the scale)
+                        return
+                    except WorkerFailed as e:  # gone: its attempts fail over, the retry starts at the state's scale
+                        self._fail_inflight(e.worker_id)
+                        return
+                    except DeadlineExceeded:
+                        continue
+            log.error("request %s: its worker answered none of %d scale switches; it may run at its old scale",
+                      request_id, len(SCALE_RESEND_DELAYS_S) + 1)
+
+        task = asyncio.ensure_future(run())
+        self._scale_resends.add(task)
+        task.add_done_callback(self._scale_resends.discard)
 
     def served_scales(self) -> list[int]:
         """The scales this router serves: ``router.fixed_scale`` alone when set (the colocated baseline), else all."""

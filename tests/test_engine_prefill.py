@@ -98,6 +98,7 @@ def test_stop_ends_the_delivery_threads_and_fails_deliveries_not_started(tmp_pat
             return super().finish(timeout_s)
 
     save_tiny_air(tmp_path)
+    earlier = set(threading.enumerate())  # engines of other tests may leave theirs
     eng = PrefillEngine.from_checkpoint(tmp_path, PrefillConfig()).start()
     futs = [eng.submit(f"r{i}", [1 + i, 2, 3], HeldSink(), timeout_s=60) for i in range(12)]
     deadline = time.monotonic() + 30
@@ -112,7 +113,11 @@ def test_stop_ends_the_delivery_threads_and_fails_deliveries_not_started(tmp_pat
     release.set()
     results = [f.result(30) for f in futs if f not in failed]
     assert len(results) == 8 and all(r.num_bytes > 0 for r in results)
+
+    def finishers():
+        return [t.name for t in set(threading.enumerate()) - earlier if t.name.startswith("colm-prefill-finish")]
+
     deadline = time.monotonic() + 10
-    while any(t.name.startswith("colm-prefill-finish") for t in threading.enumerate()) and time.monotonic() < deadline:
+    while finishers() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert not [t.name for t in threading.enumerate() if t.name.startswith("colm-prefill-finish")]
+    assert not finishers()

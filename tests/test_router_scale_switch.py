@@ -298,3 +298,65 @@ def test_a_grpc_switch_to_a_gone_worker_raises_worker_failed():
                 await b.close()
 
     asyncio.run(run())
+
+
+def test_a_switch_a_live_worker_answers_late_is_sent_again_and_applies(served, monkeypatch):
+    """The decode worker does not answer a client's switch in time (DEADLINE_EXCEEDED: a long iteration): the switch
+    is answered, sent again in the background, and applies without a retry of the request; a later switch made
+    meanwhile is what the resend carries (the state's scale at each try), so it is never undone."""
+    from colm.router.request import DeadlineExceeded
+
+    bg, path = served
+    real = bg.router.backend.set_scale
+    sent, late = [], {"left": 1}
+
+    async def slow_once(decode_id, request_id, scale):
+        sent.append(scale)
+        if late["left"]:
+            late["left"] -= 1
+            raise DeadlineExceeded(f"{decode_id}: Deadline Exceeded")
+        await real(decode_id, request_id, scale)
+
+    monkeypatch.setattr(bg.router.backend, "set_scale", slow_once)
+    rid, n, out, replies, finish = "switch-answered-late", 160, [], [], {}
+    with Client(bg.grpc_addr) as c:
+        for ev in c.stream("switch me", max_new_tokens=n, scale=2, ignore_eos=True, request_id=rid):
+            if ev["kind"] == "token":
+                out.append((ev["id"], ev["scale"]))
+                if len(out) == 5:
+                    replies.append(c.set_scale(rid, 1))  # not answered by the worker: sent again after 0.5 s
+            elif ev["kind"] == "finish":
+                finish = ev
+    assert replies == [1] and sent[:2] == [1, 1], sent
+    assert finish["usage"]["retries"] == 0
+    scales = [s for _, s in out]
+    at = scales.index(1)
+    assert 5 <= at < n and scales == [2] * at + [1] * (n - at), scales
+    assert [t for t, _ in out] == _reference(path, "switch me", n, lambda j: 2 if j < at else 1)
+
+
+def test_a_resend_carries_the_latest_switch(served, monkeypatch):
+    """Switch to 1 (not answered in time), then to 2 before the resend: the resend sends 2 and the request stays at 2."""
+    from colm.router.request import DeadlineExceeded
+
+    bg, _ = served
+    real = bg.router.backend.set_scale
+    sent, late = [], {"left": 1}
+
+    async def slow_once(decode_id, request_id, scale):
+        sent.append(scale)
+        if late["left"]:
+            late["left"] -= 1
+            raise DeadlineExceeded(f"{decode_id}: Deadline Exceeded")
+        await real(decode_id, request_id, scale)
+
+    monkeypatch.setattr(bg.router.backend, "set_scale", slow_once)
+    rid, out = "switch-resend-latest", []
+    with Client(bg.grpc_addr) as c:
+        for ev in c.stream("switch me", max_new_tokens=240, scale=2, ignore_eos=True, request_id=rid):
+            if ev["kind"] == "token":
+                out.append(ev["scale"])
+                if len(out) == 5:
+                    assert c.set_scale(rid, 1) == 1 and c.set_scale(rid, 2) == 2  # within the resend's 0.5 s
+    assert sent[:2] == [1, 2] and all(s == 2 for s in sent[2:]), sent
+    assert set(out) == {2}, out
