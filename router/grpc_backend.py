@@ -60,6 +60,7 @@ class GrpcBackend(WorkerChannels, CallFailures, RequestCalls, BatchedTokens):
         self._cuda: dict[str, bool] = {}  # worker -> its engine (decode: its KV pool) is on CUDA, from Stats
         self._transfer: dict[str, list] = {}  # prefill worker -> [bytes, seconds, tokens] handed to decode so far
         self._aborts: set[asyncio.Task] = set()  # background aborts of failed attempts (kept referenced)
+        self._aborts_quiet: set[str] = set()  # decode workers whose failed aborts are logged at debug (one warned)
         if token_stream not in TOKEN_STREAMS:
             raise ValueError(f"token_stream={token_stream!r}: must be one of {', '.join(TOKEN_STREAMS)}")
         # "batched": one Tokens stream per decode worker carries every request's tokens, a message per step;

@@ -51,17 +51,28 @@ class CallFailures:
                 try:
                     await self._unary(decode_id, "Abort", kv_pb2.AbortRequest(request_id=request_id),
                                       kv_pb2.AbortReply, 10.0)
+                    self._aborts_quiet.discard(decode_id)
                     return
                 except (grpc.aio.AioRpcError, WorkerFailed) as e:
                     if isinstance(e, WorkerFailed) or e.code() == grpc.StatusCode.UNAUTHENTICATED or i == attempts - 1:
                         why = " ".join(str(e).split()) if isinstance(e, WorkerFailed) else error_line(e)
-                        log.warning("abort of %s on %s failed: %s", request_id, decode_id, why)
+                        self._log_failed_abort(decode_id, request_id, why)
                         return
                     await asyncio.sleep(0.2 * (i + 1))
 
         task = asyncio.ensure_future(run())
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
+
+    def _log_failed_abort(self, decode_id: str, request_id: str, why: str) -> None:
+        """A warning for the first abort a worker fails, then debug lines until one succeeds there: a killed worker
+        fails the abort of every attempt it held, each one of the same cause."""
+        if decode_id not in self._aborts_quiet:
+            self._aborts_quiet.add(decode_id)
+            log.warning("abort of %s on %s failed: %s (further failed aborts there are logged at debug level until "
+                        "one succeeds)", request_id, decode_id, why)
+            return
+        log.debug("abort of %s on %s failed: %s", request_id, decode_id, why)
 
     async def _prefill_failure(self, e: BaseException, prefill_id: str, decode_id: str) -> Exception:
         """A failed Prefill may mean the decode worker it pushes to is gone: blame whoever does not answer."""
