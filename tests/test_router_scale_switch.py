@@ -300,24 +300,29 @@ def test_a_grpc_switch_to_a_gone_worker_raises_worker_failed():
     asyncio.run(run())
 
 
+def _first_switch_unanswered(bg, monkeypatch) -> list[int]:
+    """The router's first SetScale to its worker gets no answer in time (DEADLINE_EXCEEDED); the others go through.
+    Returns the list of the scales sent, in order."""
+    from colm.router.request import DeadlineExceeded
+
+    real, sent = bg.router.backend.set_scale, []
+
+    async def late_once(decode_id, request_id, scale):
+        sent.append(scale)
+        if len(sent) == 1:
+            raise DeadlineExceeded(f"{decode_id}: Deadline Exceeded")
+        await real(decode_id, request_id, scale)
+
+    monkeypatch.setattr(bg.router.backend, "set_scale", late_once)
+    return sent
+
+
 def test_a_switch_a_live_worker_answers_late_is_sent_again_and_applies(served, monkeypatch):
     """The decode worker does not answer a client's switch in time (DEADLINE_EXCEEDED: a long iteration): the switch
     is answered, sent again in the background, and applies without a retry of the request; a later switch made
     meanwhile is what the resend carries (the state's scale at each try), so it is never undone."""
-    from colm.router.request import DeadlineExceeded
-
     bg, path = served
-    real = bg.router.backend.set_scale
-    sent, late = [], {"left": 1}
-
-    async def slow_once(decode_id, request_id, scale):
-        sent.append(scale)
-        if late["left"]:
-            late["left"] -= 1
-            raise DeadlineExceeded(f"{decode_id}: Deadline Exceeded")
-        await real(decode_id, request_id, scale)
-
-    monkeypatch.setattr(bg.router.backend, "set_scale", slow_once)
+    sent = _first_switch_unanswered(bg, monkeypatch)
     rid, n, out, replies, finish = "switch-answered-late", 160, [], [], {}
     with Client(bg.grpc_addr) as c:
         for ev in c.stream("switch me", max_new_tokens=n, scale=2, ignore_eos=True, request_id=rid):
@@ -337,20 +342,8 @@ def test_a_switch_a_live_worker_answers_late_is_sent_again_and_applies(served, m
 
 def test_a_resend_carries_the_latest_switch(served, monkeypatch):
     """Switch to 1 (not answered in time), then to 2 before the resend: the resend sends 2 and the request stays at 2."""
-    from colm.router.request import DeadlineExceeded
-
     bg, _ = served
-    real = bg.router.backend.set_scale
-    sent, late = [], {"left": 1}
-
-    async def slow_once(decode_id, request_id, scale):
-        sent.append(scale)
-        if late["left"]:
-            late["left"] -= 1
-            raise DeadlineExceeded(f"{decode_id}: Deadline Exceeded")
-        await real(decode_id, request_id, scale)
-
-    monkeypatch.setattr(bg.router.backend, "set_scale", slow_once)
+    sent = _first_switch_unanswered(bg, monkeypatch)
     rid, out = "switch-resend-latest", []
     with Client(bg.grpc_addr) as c:
         for ev in c.stream("switch me", max_new_tokens=240, scale=2, ignore_eos=True, request_id=rid):
