@@ -73,6 +73,8 @@ class RequestCalls:
                         reserved = False
                     raise self._capped_failure(e, decode_id, timeout, bound) from None
             reserved = True
+            if not colocated and reply.transports:  # what decode receives, known before its next Stats poll
+                self._transports[decode_id] = tuple(reply.transports)
             if prefill_task is None and not colocated:
                 same_host = bool(reply.host_id) and reply.host_id == self._host_ids.get(prefill_id)
                 prefill_task = start_prefill(same_host, self.kv_path, reply.cuda_kv, list(reply.transports))

@@ -137,6 +137,40 @@ def test_a_nixl_pair_on_two_hosts_sends_prefill_before_reserve_answers(token_str
     assert not sent[0].same_host and list(sent[0].decode_transports) == ["grpc", "nixl"]
 
 
+def test_a_reserve_reply_tells_the_router_what_decode_receives(token_stream):
+    """A decode worker lists its transports in Stats only after its first Reserve; the router learns them from that
+    Reserve's reply, so the next request to the pair sends Prefill with Reserve without waiting for a poll."""
+    pytest.importorskip("nixl._api")
+
+    class FreshDecode(FakeWorkers):
+        async def Stats(self, request, metadata=None, timeout=None):  # noqa: N802
+            r = await super().Stats(request, metadata, timeout)
+            if isinstance(r, kv_pb2.DecodeStats):
+                del r.transports[:]  # not made yet
+            return r
+
+    fake = FreshDecode(cuda=False, hosts=("h1", "h2"), transports=("grpc", "nixl"))
+    b = backend_over(fake, token_stream)
+
+    async def run():
+        await b.poll("p0")
+        await b.poll("d0")
+        asyncio.get_running_loop().call_later(0.01, fake.release.set)  # the first Reserve is awaited before Prefill
+        first = EngineRequest("r1", (1, 2, 3, 4), SamplingParams(max_new_tokens=1), scale=1, timeout_s=5.0)
+        assert [t.token_id async for t in b.generate(first, "p0", "d0")] == [7]
+        fake.release.clear()
+        asyncio.get_running_loop().call_later(1.0, fake.release.set)  # a Reserve awaited first answers in 1 s
+        second = EngineRequest("r2", (1, 2, 3, 4), SamplingParams(max_new_tokens=1), scale=1, timeout_s=5.0)
+        assert [t.token_id async for t in b.generate(second, "p0", "d0")] == [7]
+
+    asyncio.run(run())
+    i = fake.log.index("prefill:auto")  # the first request: Reserve answered, then Prefill with the router's path
+    assert fake.log[i - 2:i] == ["reserve_sent", "reserve_replied"], fake.log
+    second = fake.log[fake.log.index("prefill:auto") + 1:]
+    second = second[next(k for k, e in enumerate(second) if e in ("reserve_sent", "prefill:nixl")):]
+    assert second[:3] == ["prefill:nixl", "reserve_sent", "reserve_replied"], fake.log
+
+
 def test_other_pairs_reserve_first(token_stream):
     fake = FakeWorkers(cuda=False)
     assert asyncio.run(one_request(backend_over(fake, token_stream), fake)) == [7]
