@@ -83,7 +83,11 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
         self.max_calls = max_calls  # calls running at once on one Calls stream
         self.bytes_receiver = BytesReceiver(engine)  # PushKV: grpc, shm, cuda_ipc
         self.grant_receiver = GrantReceiver(engine)  # WriteKV: cuda_pool, nixl
-        self._transports = None  # ReserveReply.transports (colm.kv.registry.receivable), made on the first Reserve
+        from colm.kv.registry import receivable
+
+        # what this worker can receive (Stats and ReserveReply): known from the start, so the router may send the first
+        # request's Prefill with its Reserve where the transport allows
+        self._transports = receivable(engine.device.type == "cuda")
 
     def Calls(self, request_iterator, context):
         """The router's short calls as messages of one stream (``colm.proto.call_stream``)."""
@@ -96,10 +100,6 @@ class DecodeService(kv_pb2_grpc.DecodeWorkerServicer):
         r = self.engine.reserve(request.request_id, int(request.prompt_len), int(request.max_new_tokens),
                                 request.timeout_s or None)
         cuda = self.engine.device.type == "cuda"
-        if self._transports is None:
-            from colm.kv.registry import receivable
-
-            self._transports = receivable(cuda)
         return kv_pb2.ReserveReply(request_id=r.request_id, num_blocks=r.num_blocks, block_size=r.block_size,
                                    host_id=r.host_id, cuda_kv=cuda, transports=self._transports)
 

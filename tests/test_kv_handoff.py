@@ -19,7 +19,7 @@ from colm.prefill_worker.service import PrefillServer
 from colm.proto import load_proto
 from colm.proto.rpc import auth_metadata, make_channel
 from colm.sampling import SamplingParams
-from _engine_helpers import TOKEN, CaptureSink, prompts, save_tiny_air
+from _engine_helpers import TOKEN, CaptureSink, decode_engine_from, prompts, save_tiny_air
 
 kv_pb2, kv_pb2_grpc = load_proto("kv")
 MD = auth_metadata(TOKEN)
@@ -164,3 +164,15 @@ def test_one_put_of_every_layer(cluster, shm):
     assert toks == generate(full, prompt, SamplingParams(max_new_tokens=4, ignore_eos=True), scale=2).token_ids
     if not shm:
         assert sink._num_chunks > 1
+
+
+def test_decode_stats_list_the_transports_before_any_reserve(tmp_path):
+    """A fresh decode worker's Stats already say what it can receive: the router's first request to it may send
+    Prefill with Reserve where that transport allows."""
+    from colm.decode_worker.service import DecodeService
+    from colm.kv.registry import receivable
+
+    save_tiny_air(tmp_path)
+    service = DecodeService(decode_engine_from(tmp_path))
+    stats = service.Stats(kv_pb2.DecodeStatsRequest(), None)
+    assert list(stats.transports) == receivable(False) and {"grpc", "shm"} <= set(stats.transports)
