@@ -321,15 +321,19 @@ def test_a_switch_a_live_worker_answers_late_is_sent_again_and_applies(served, m
     """The decode worker does not answer a client's switch in time (DEADLINE_EXCEEDED: a long iteration): the switch
     is answered, sent again in the background, and applies without a retry of the request; a later switch made
     meanwhile is what the resend carries (the state's scale at each try), so it is never undone."""
+    from colm.router import scale_control
+
     bg, path = served
     sent = _first_switch_unanswered(bg, monkeypatch)
-    rid, n, out, replies, finish = "switch-answered-late", 160, [], [], {}
+    # resent soon enough that the switch lands well before the stream's end on any machine
+    monkeypatch.setattr(scale_control, "SCALE_RESEND_DELAYS_S", (0.02, 0.05, 0.1, 0.2, 0.4))
+    rid, n, out, replies, finish = "switch-answered-late", 400, [], [], {}
     with Client(bg.grpc_addr) as c:
         for ev in c.stream("switch me", max_new_tokens=n, scale=2, ignore_eos=True, request_id=rid):
             if ev["kind"] == "token":
                 out.append((ev["id"], ev["scale"]))
                 if len(out) == 5:
-                    replies.append(c.set_scale(rid, 1))  # not answered by the worker: sent again after 0.5 s
+                    replies.append(c.set_scale(rid, 1))  # not answered by the worker: sent again after 20 ms
             elif ev["kind"] == "finish":
                 finish = ev
     assert replies == [1] and sent[:2] == [1, 1], sent
@@ -342,14 +346,22 @@ def test_a_switch_a_live_worker_answers_late_is_sent_again_and_applies(served, m
 
 def test_a_resend_carries_the_latest_switch(served, monkeypatch):
     """Switch to 1 (not answered in time), then to 2 before the resend: the resend sends 2 and the request stays at 2."""
+    import time
+
+    from colm.router import scale_control
+
     bg, _ = served
     sent = _first_switch_unanswered(bg, monkeypatch)
-    rid, out = "switch-resend-latest", []
+    monkeypatch.setattr(scale_control, "SCALE_RESEND_DELAYS_S", (0.3,))
+    rid, out, switched = "switch-resend-latest", [], []
     with Client(bg.grpc_addr) as c:
-        for ev in c.stream("switch me", max_new_tokens=240, scale=2, ignore_eos=True, request_id=rid):
+        for ev in c.stream("switch me", max_new_tokens=400, scale=2, ignore_eos=True, request_id=rid):
             if ev["kind"] == "token":
                 out.append(ev["scale"])
                 if len(out) == 5:
-                    assert c.set_scale(rid, 1) == 1 and c.set_scale(rid, 2) == 2  # within the resend's 0.5 s
-    assert sent[:2] == [1, 2] and all(s == 2 for s in sent[2:]), sent
+                    t0 = time.monotonic()
+                    assert c.set_scale(rid, 1) == 1 and c.set_scale(rid, 2) == 2
+                    switched.append(time.monotonic() - t0)
+    assert switched[0] < 0.3, switched  # both switches before the resend
+    assert sent == [1, 2, 2], sent  # the resend went, with the later switch's scale
     assert set(out) == {2}, out
