@@ -191,18 +191,19 @@ if HAS_TRITON:
         d = tl.arange(0, D_PAD)
         d_ok = d < HEAD_DIM
         kv_col = h * HEAD_DIM + d  # [D] within one token's [Hkv, D] row
+        row_stride = NUM_KV * HEAD_DIM
         if PRELOAD:
             # before the PDL wait: the length, the table and the first tile's K/V. Every kernel before the
             # predecessor is complete when this one starts (see _pdl), and the launches just before write only the
             # ``fresh`` newest tokens' K/V: a first tile holding any of them is read again after the wait.
             start, end = _split_range(lens_ptr, b, split, num_splits, BLOCK_T)
             k0, v0, ok0 = _kv_tile(k_ptr, v_ptr, bt_ptr, b, start, end, stride_btb, block_size, kv_col, d_ok,
-                                   NUM_KV * HEAD_DIM, BLOCK_T, UPCAST)
+                                   row_stride, BLOCK_T, UPCAST)
             _pdl.wait(USE_PDL)
             fresh_from = tl.load(lens_ptr + b) - fresh
             if (fresh_from < start + BLOCK_T) & (start < end):
                 k0, v0, ok0 = _kv_tile(k_ptr, v_ptr, bt_ptr, b, start, end, stride_btb, block_size, kv_col, d_ok,
-                                       NUM_KV * HEAD_DIM, BLOCK_T, UPCAST)
+                                       row_stride, BLOCK_T, UPCAST)
         else:
             _pdl.wait(USE_PDL)
             start, end = _split_range(lens_ptr, b, split, num_splits, BLOCK_T)
@@ -227,7 +228,7 @@ if HAS_TRITON:
             first = start + BLOCK_T
         for t0 in range(first, end, BLOCK_T):
             k, v, t_ok = _kv_tile(k_ptr, v_ptr, bt_ptr, b, t0, end, stride_btb, block_size, kv_col, d_ok,
-                                  NUM_KV * HEAD_DIM, BLOCK_T, UPCAST)
+                                  row_stride, BLOCK_T, UPCAST)
             m_i, l_i, acc = _online_softmax(q, k, v, t_ok, m_i, l_i, acc, qk_scale)
 
         if SPLIT:

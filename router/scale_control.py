@@ -39,33 +39,41 @@ class ScaleControl:
             state = self._states[u]
             state.scale, state.pinned = scale, True  # a retry starts at it too; rebalancing leaves it alone
         for u in uids:
-            lock = self._scale_locks.get(u)
-            if lock is None:  # it has ended meanwhile
-                continue
-            async with lock:  # after a rebalancing move already on its way there, never beside it
-                state, attempt_id, decode_id = self.running.get(u, (None, "", ""))
-                if state is None:  # between attempts: the next one starts at the pinned scale
-                    continue
-                try:
-                    await self.backend.set_scale(decode_id, attempt_id, state.scale)
-                except UnknownRequestError:
-                    # the worker holds no such attempt: it has just ended there (its last token is on the way), or
-                    # the attempt has not reached it yet (its first token sends the switch again: ``_serve``)
-                    pass
-                except WorkerFailed as e:
-                    # the worker is gone (killed, restarting): out of service, and its attempts fail over now; the
-                    # retry starts at the pinned scale. The switch holds: it was answered INTERNAL with the worker's error
-                    log.warning("request %s: its scale switch did not reach its worker (%s); it fails over at scale %d",
-                                request_id, e, state.scale)
-                    self._fail_inflight(e.worker_id)
-                except DeadlineExceeded as e:
-                    # a live worker slow to answer (a long iteration, a graph captured): the switch holds, is
-                    # answered, and goes to the request's attempt again until a worker answers
-                    log.warning("request %s: its worker did not answer its scale switch in time (%s); sending it "
-                                "again", request_id, e)
-                    self._resend_scale(u, request_id)
+            if await self._send_scale(u, request_id):
+                # a live worker slow to answer (a long iteration, a graph captured): the switch holds, is answered,
+                # and goes to the request's attempt again until a worker answers
+                log.warning("request %s: its worker did not answer its scale switch in time; sending it again",
+                            request_id)
+                self._resend_scale(u, request_id)
         self.metrics.scale_changes.inc(moved)
         return scale
+
+    async def _send_scale(self, uid: str, request_id: str) -> bool:
+        """Send request ``uid``'s scale (its state's, now) to its attempt running now, under its scale lock (after a
+        rebalancing move already on its way there, never beside it). True when the worker did not answer in time;
+        False when it answered, or there was nothing to send it to."""
+        lock = self._scale_locks.get(uid)
+        if lock is None:  # it has ended meanwhile
+            return False
+        async with lock:
+            state, attempt_id, decode_id = self.running.get(uid, (None, "", ""))
+            if state is None:  # between attempts: the next one starts at the state's scale
+                return False
+            try:
+                await self.backend.set_scale(decode_id, attempt_id, state.scale)
+            except UnknownRequestError:
+                # the worker holds no such attempt: it has just ended there (its last token is on the way), or the
+                # attempt has not reached it yet (its first token sends the switch again: ``_serve``)
+                pass
+            except WorkerFailed as e:
+                # the worker is gone (killed, restarting): out of service, and its attempts fail over now; the retry
+                # starts at the state's scale
+                log.warning("request %s: its scale switch did not reach its worker (%s); it fails over at scale %d",
+                            request_id, e, state.scale)
+                self._fail_inflight(e.worker_id)
+            except DeadlineExceeded:
+                return True
+        return False
 
     def _resend_scale(self, uid: str, request_id: str) -> None:
         """Send request ``uid``'s scale (the state's at each try, so a later switch is never undone) to its attempt
@@ -74,23 +82,8 @@ class ScaleControl:
         async def run() -> None:
             for delay in SCALE_RESEND_DELAYS_S:
                 await asyncio.sleep(delay)
-                lock = self._scale_locks.get(uid)
-                if lock is None:  # the request has ended
+                if not await self._send_scale(uid, request_id):
                     return
-                async with lock:
-                    state, attempt_id, decode_id = self.running.get(uid, (None, "", ""))
-                    if state is None:  # between attempts: the next one starts at the state's scale
-                        return
-                    try:
-                        await self.backend.set_scale(decode_id, attempt_id, state.scale)
-                        return
-                    except UnknownRequestError:  # ended there, or not there yet (its first token sends the scale)
-                        return
-                    except WorkerFailed as e:  # gone: its attempts fail over, the retry starts at the state's scale
-                        self._fail_inflight(e.worker_id)
-                        return
-                    except DeadlineExceeded:
-                        continue
             log.error("request %s: its worker answered none of %d scale switches; it may run at its old scale",
                       request_id, len(SCALE_RESEND_DELAYS_S) + 1)
 

@@ -36,9 +36,9 @@ def router_over(backend, ckpt: str):
     from colm import checkpoint
     from colm.router.config import RouterConfig
     from colm.router.core import Router
+    from colm.router.server import ThreadedRouterServer
     from colm.tokenizer import load_checkpoint_tokenizer
-    from router_helpers import BackgroundRouter
 
     router = Router(RouterConfig(grpc_port=0, http_port=None, poll_interval_s=0.05, rebalance=False),
                     checkpoint.load_config(ckpt), load_checkpoint_tokenizer(ckpt), backend)
-    return BackgroundRouter(router)
+    return ThreadedRouterServer(router)
